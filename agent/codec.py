@@ -1,0 +1,494 @@
+"""Wire encodings of record batches, chosen by CoAP Content-Format.
+
+The uplink sends batches of store records to the cloud endpoint; this module turns a batch into
+bytes and back, losslessly: ``decode_batch(encode_batch(device, records))`` gives the same
+records, with the same body bytes. Each encoding is registered under its CoAP Content-Format
+number (:func:`register`, :func:`encoding_for`); this module holds SenML-CBOR (RFC 8428, content
+format 112). Compact encodings get numbers from the experimental range (65000+) and register
+here too.
+
+SenML-CBOR profile (docs/protocol.md, "SenML-CBOR batches", is the normative text):
+
+- A telemetry record becomes one SenML record per channel: ``bn`` = ``[device "/"] sensor "/"``,
+  ``n`` = channel, ``v`` = value, and the reading's time as ``bt`` (or a relative ``t`` where it is
+  shorter and exact).
+- Alert, event and state records become one SenML record each: ``bn`` = ``[device "/"]``,
+  ``n`` = the kind, ``vd`` = the record's body bytes, time = the record's ``created``. A telemetry
+  record whose body does not map onto SenML losslessly is sent this way too.
+- Two private labels (text strings, as RFC 8428 section 6 asks of extensions; not
+  must-understand, so a generic SenML reader still sees the readings): ``"seq"`` (the record's
+  sequence number; it marks the first SenML record of each store record) and ``"cr"`` (the record's
+  ``created`` time minus its SenML time, when they differ).
+
+Bad input never raises anything but :class:`CodecError` (a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import cbor2
+
+from agent import records
+from agent.errors import AgentError
+from agent.records import Kind
+
+# CoAP Content-Format numbers (IANA "CoAP Content-Formats" registry).
+CF_CBOR = 60  # application/cbor
+CF_SENML_CBOR = 112  # application/senml+cbor
+CF_LINK_FORMAT = 40  # application/link-format
+
+# SenML CBOR labels, RFC 8428 table 6.
+BVER, BN, BT, BU, BV, BS = -1, -2, -3, -4, -5, -6
+N, U, V, VS, VB, S, T, UT, VD = 0, 1, 2, 3, 4, 5, 6, 7, 8
+SENML_VERSION = 10
+# Private labels of our profile (docs/protocol.md): text, as RFC 8428 section 6 asks.
+L_SEQ = "seq"
+L_CREATED = "cr"
+
+MAX_SEQ = 2**63 - 1  # SQLite INTEGER
+KINDS = frozenset(k.value for k in Kind)
+DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/config.py's device_id
+# RFC 8428 section 4.5.1: names use A-Z a-z 0-9 - : . / _ and start with a letter or digit.
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]*$")
+_CHANNEL = re.compile(r"^[A-Za-z0-9:./_-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:./_-]*$")
+# Labels a decoder may see and ignore: units and update time do not change any value.
+_IGNORED = frozenset({U, BU, UT})
+# Labels of SenML that this profile cannot carry: reject rather than misread.
+_UNSUPPORTED = frozenset({BV, BS, VS, VB, S})
+_START_LABELS = frozenset({BVER, BN, BT, N, V, T, VD, L_SEQ, L_CREATED})
+_NOT_CONTINUATION = _START_LABELS - {N, V, T}
+_CACHE_LIMIT = 4096
+
+
+class CodecError(AgentError, ValueError):
+    """A batch cannot be encoded (bad records) or decoded (bad bytes)."""
+
+
+class UnsupportedFormat(CodecError):
+    """No encoding is registered for a content format."""
+
+
+@dataclass(frozen=True, slots=True)
+class WireRecord:
+    """One store record as it travels: sequence number, kind, creation time, body bytes."""
+
+    seq: int
+    kind: str
+    created: float
+    body: bytes
+
+
+@runtime_checkable
+class Encoding(Protocol):
+    """A batch encoding, registered under its CoAP Content-Format number."""
+
+    content_format: int
+    name: str
+
+    def encode(self, device: str | None, records: Sequence[WireRecord]) -> bytes:
+        """The batch as bytes; :class:`CodecError` if a record cannot be carried."""
+
+    def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
+        """The device named in the batch (None if it names none) and the records."""
+
+
+_REGISTRY: dict[int, Encoding] = {}
+
+
+def register(encoding: Encoding) -> Encoding:
+    """Register ``encoding`` under its content format (replacing any earlier one)."""
+    _REGISTRY[encoding.content_format] = encoding
+    return encoding
+
+
+def encoding_for(content_format: int) -> Encoding:
+    """The encoding of ``content_format``; :class:`UnsupportedFormat` if there is none."""
+    try:
+        return _REGISTRY[content_format]
+    except KeyError:
+        raise UnsupportedFormat(f"no encoding for content format {content_format}") from None
+
+
+def content_formats() -> tuple[int, ...]:
+    """The registered content formats, in ascending order."""
+    return tuple(sorted(_REGISTRY))
+
+
+def encode_batch(
+    device: str | None, records: Sequence[WireRecord], content_format: int = CF_SENML_CBOR
+) -> bytes:
+    """Encode ``records`` of ``device`` (None: leave the device out) in ``content_format``."""
+    return encoding_for(content_format).encode(device, records)
+
+
+def decode_batch(
+    data: bytes, content_format: int = CF_SENML_CBOR
+) -> tuple[str | None, list[WireRecord]]:
+    """Decode a batch: (the device it names or None, its records)."""
+    return encoding_for(content_format).decode(data)
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal as floats, sign of zero included (both arguments finite)."""
+    return a == b and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
+
+
+def _float_size(x: float) -> int:
+    """Bytes of ``x`` in deterministic CBOR: 3 (half), 5 (single) or 9 (double)."""
+    for fmt, size in (("<e", 3), ("<f", 5)):
+        try:
+            if struct.unpack(fmt, struct.pack(fmt, x))[0] == x:
+                return size
+        except (OverflowError, struct.error):
+            pass
+    return 9
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _float(value: Any, what: str, i: int) -> float:
+    """A CBOR number as a float; :class:`CodecError` for anything else (bool, huge integer)."""
+    if not _number(value):
+        raise CodecError(f"record {i}: {what} must be a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise CodecError(f"record {i}: {what} is out of range") from None
+
+
+def _check_record(rec: WireRecord) -> None:
+    if not isinstance(rec.seq, int) or isinstance(rec.seq, bool) or not 0 <= rec.seq <= MAX_SEQ:
+        raise CodecError(f"seq must be an integer in 0..2**63-1, not {rec.seq!r}")
+    if rec.kind not in KINDS:
+        raise CodecError(f"seq {rec.seq}: unknown kind {rec.kind!r}")
+    if not _number(rec.created) or not math.isfinite(rec.created):
+        raise CodecError(f"seq {rec.seq}: created must be a finite number, not {rec.created!r}")
+    if not isinstance(rec.body, bytes | bytearray | memoryview):
+        raise CodecError(f"seq {rec.seq}: body must be bytes")
+
+
+class SenMLCBOR:
+    """SenML-CBOR (RFC 8428) batches, content format 112, in the profile of docs/protocol.md."""
+
+    content_format = CF_SENML_CBOR
+    name = "senml+cbor"
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[str, str], bool] = {}
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def _telemetry(self, rec: WireRecord) -> tuple[str, float, dict[Any, Any], float | None] | None:
+        """(sensor, time, values, created offset) when the body maps onto SenML exactly."""
+        try:
+            item = cbor2.loads(rec.body)
+        except Exception:  # any undecodable body goes as vd, byte for byte
+            return None
+        if not isinstance(item, list) or len(item) != 3:
+            return None
+        sensor, time, values = item
+        if (
+            not isinstance(sensor, str)
+            or not isinstance(time, float)
+            or not math.isfinite(time)
+            or not isinstance(values, dict)
+            or not values
+            or not _SEGMENT.match(sensor)
+        ):
+            return None
+        for channel, value in values.items():
+            if not isinstance(channel, str) or not isinstance(value, float):
+                return None
+            if not _CHANNEL.match(channel):
+                return None
+        try:
+            if cbor2.dumps(item, canonical=True) != rec.body:
+                return None
+        except Exception:
+            return None
+        created = float(rec.created)
+        if _same(created, time):
+            return sensor, time, values, None
+        offset = created - time
+        if not math.isfinite(offset) or not _same(time + offset, created):
+            return None
+        return sensor, time, values, offset
+
+    def encode(self, device: str | None, records: Sequence[WireRecord]) -> bytes:
+        if device is not None and (not isinstance(device, str) or not DEVICE_ID.match(device)):
+            raise CodecError(f"device id {device!r} is not valid (letters, digits, '_', '-', '.')")
+        prefix = f"{device}/" if device else ""
+        pack: list[dict[Any, Any]] = []
+        cur_bn = ""  # SenML's default base name
+        cur_bt: float | None = None  # None: no bt sent yet
+        seen: set[int] = set()
+        for rec in records:
+            _check_record(rec)
+            if rec.seq in seen:
+                raise CodecError(f"seq {rec.seq} appears twice in the batch")
+            seen.add(rec.seq)
+            tele = self._telemetry(rec) if rec.kind == Kind.TELEMETRY else None
+            first: dict[Any, Any] = {L_SEQ: rec.seq}
+            if tele is None:
+                time = float(rec.created)
+                count = 1
+                bn = prefix
+            else:
+                sensor, time, values, offset = tele
+                count = len(values)
+                bn = f"{prefix}{sensor}/"
+                if offset is not None:
+                    first[L_CREATED] = offset
+            if bn != cur_bn:
+                first[BN] = cur_bn = bn
+            rel: float | None = None
+            if cur_bt is None or not _same(time, cur_bt):
+                delta = time - cur_bt if cur_bt is not None else math.inf
+                size = _float_size(delta) if math.isfinite(delta) else 9
+                if size < 9 and (size + 1) * count < 10 and _same(cur_bt + delta, time):  # type: ignore[operator]
+                    rel = delta
+                else:
+                    first[BT] = cur_bt = time
+            if tele is None:
+                first[N] = rec.kind
+                first[VD] = bytes(rec.body)
+                if rel is not None:
+                    first[T] = rel
+                pack.append(first)
+                continue
+            entry = first
+            for channel, value in values.items():
+                entry[N] = channel
+                entry[V] = value
+                if rel is not None:
+                    entry[T] = rel
+                pack.append(entry)
+                entry = {}
+        return cbor2.dumps(pack, canonical=True)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def _valid_name(self, bn: str, n: str) -> bool:
+        key = (bn, n)
+        ok = self._names.get(key)
+        if ok is None:
+            ok = bool(_NAME.match(bn + n))
+            if len(self._names) >= _CACHE_LIMIT:
+                self._names.clear()
+            self._names[key] = ok
+        return ok
+
+    def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
+        try:
+            pack = records.loads(data, max_depth=8)
+        except records.RecordError as err:
+            raise CodecError(str(err)) from None
+        if not isinstance(pack, list):
+            raise CodecError("a SenML pack is a CBOR array")
+        out: list[WireRecord] = []
+        seen: set[int] = set()
+        device: str | None = None
+        device_known = False
+        bn = ""
+        bt = 0.0
+        # the telemetry record being assembled: seq, created, sensor, time, values
+        open_seq = -1
+        open_created = 0.0
+        open_sensor = ""
+        open_time = 0.0
+        open_values: dict[str, float] | None = None
+
+        def close() -> None:
+            if open_values is not None:
+                body = cbor2.dumps([open_sensor, open_time, open_values], canonical=True)
+                out.append(WireRecord(open_seq, Kind.TELEMETRY.value, open_created, body))
+
+        for i, rec in enumerate(pack):
+            if not isinstance(rec, dict):
+                raise CodecError(f"record {i}: a SenML record is a CBOR map")
+            for label in rec:
+                if label in _START_LABELS or label in _IGNORED:
+                    continue
+                if label in _UNSUPPORTED:
+                    raise CodecError(f"record {i}: label {label} is not used in this profile")
+                if isinstance(label, str) and not label.endswith("_"):
+                    continue  # RFC 8428 section 4.4: unknown labels are ignored ...
+                raise CodecError(
+                    f"record {i}: unknown label {label!r}"
+                )  # ... unless must-understand
+            if L_SEQ not in rec:
+                # continuation of a telemetry record: only n, v and t
+                if open_values is None:
+                    raise CodecError(f"record {i}: the first record of each entry carries 'seq'")
+                if not rec.keys().isdisjoint(_NOT_CONTINUATION):
+                    raise CodecError(f"record {i}: only n, v and t may follow the first record")
+                channel = rec.get(N)
+                if not isinstance(channel, str) or V not in rec:
+                    raise CodecError(f"record {i}: a reading needs a text n and a numeric v")
+                value = _float(rec[V], "v", i)
+                time = bt if T not in rec else bt + _float(rec[T], "t", i)
+                if not _same(time, open_time):
+                    raise CodecError(f"record {i}: the channels of one reading share one time")
+                if channel in open_values:
+                    raise CodecError(f"record {i}: channel {channel!r} given twice")
+                if not _CHANNEL.match(channel) or not self._valid_name(bn, channel):
+                    raise CodecError(f"record {i}: {bn + channel!r} is not a valid SenML name")
+                open_values[channel] = value
+                continue
+            close()
+            open_values = None
+            if BVER in rec and rec[BVER] != SENML_VERSION:
+                raise CodecError(f"record {i}: SenML version {rec[BVER]!r} is not supported")
+            if BN in rec:
+                bn = rec[BN]
+                if not isinstance(bn, str):
+                    raise CodecError(f"record {i}: bn must be a text string")
+            if BT in rec:
+                bt = _float(rec[BT], "bt", i)
+            time = bt if T not in rec else bt + _float(rec[T], "t", i)
+            seq = rec[L_SEQ]
+            if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+                raise CodecError(f"record {i}: seq must be an integer in 0..2**63-1")
+            if seq in seen:
+                raise CodecError(f"record {i}: seq {seq} appears twice")
+            seen.add(seq)
+            created = time if L_CREATED not in rec else time + _float(rec[L_CREATED], "cr", i)
+            if not math.isfinite(created):
+                raise CodecError(f"record {i}: the record's time is not finite")
+            name = rec.get(N)
+            if not isinstance(name, str):
+                raise CodecError(f"record {i}: n must be a text string")
+            if not self._valid_name(bn, name):
+                raise CodecError(f"record {i}: {bn + name!r} is not a valid SenML name")
+            if VD in rec:
+                if V in rec:
+                    raise CodecError(f"record {i}: a record has one value")
+                body = rec[VD]
+                if not isinstance(body, bytes):
+                    raise CodecError(f"record {i}: vd must be a byte string")
+                if name not in KINDS:
+                    raise CodecError(f"record {i}: n of a data record is one of {sorted(KINDS)}")
+                if bn == "":
+                    dev = None
+                elif bn.endswith("/") and DEVICE_ID.match(bn[:-1]):
+                    dev = bn[:-1]
+                else:
+                    raise CodecError(f"record {i}: bn of a data record is '' or 'device/'")
+                out.append(WireRecord(seq, name, created, body))
+            elif V in rec:
+                value = _float(rec[V], "v", i)
+                parts = bn.split("/")
+                if len(parts) == 2 and parts[1] == "":
+                    dev, sensor = None, parts[0]
+                elif len(parts) == 3 and parts[2] == "" and DEVICE_ID.match(parts[0]):
+                    dev, sensor = parts[0], parts[1]
+                else:
+                    raise CodecError(f"record {i}: bn of a reading is '[device/]sensor/'")
+                if not _SEGMENT.match(sensor) or not _CHANNEL.match(name):
+                    raise CodecError(f"record {i}: bad sensor or channel name")
+                if not math.isfinite(time):
+                    raise CodecError(f"record {i}: the time of a reading must be finite")
+                open_seq, open_created, open_sensor, open_time = seq, created, sensor, time
+                open_values = {name: value}
+            else:
+                raise CodecError(f"record {i}: a record needs v or vd")
+            if not device_known:
+                device, device_known = dev, True
+            elif dev != device:
+                raise CodecError(f"record {i}: a batch holds the records of one device")
+        close()
+        return device, out
+
+
+register(SenMLCBOR())
+
+
+# -- the ingest acknowledgement -----------------------------------------------------------------
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive ranges covering ``seqs``: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
+@dataclass(frozen=True)
+class IngestAck:
+    """The endpoint's answer to a batch: every sequence number now stored, and counts.
+
+    ``ranges`` are inclusive ``(first, last)`` pairs, sorted and disjoint. ``duplicate`` counts
+    records that were stored before; ``conflict`` counts those of them whose stored copy differs
+    (the endpoint keeps the first copy).
+    """
+
+    ranges: tuple[tuple[int, int], ...]
+    new: int
+    duplicate: int
+    conflict: int = 0
+
+    @classmethod
+    def for_seqs(
+        cls, seqs: Iterable[int], new: int, duplicate: int, conflict: int = 0
+    ) -> IngestAck:
+        return cls(tuple(seq_ranges(seqs)), new, duplicate, conflict)
+
+    def __contains__(self, seq: object) -> bool:
+        return isinstance(seq, int) and any(a <= seq <= b for a, b in self.ranges)
+
+    def seqs(self) -> Iterator[int]:
+        for a, b in self.ranges:
+            yield from range(a, b + 1)
+
+    def to_cbor(self) -> bytes:
+        doc: dict[str, Any] = {
+            "ack": [[a, b] for a, b in self.ranges],
+            "new": self.new,
+            "dup": self.duplicate,
+        }
+        if self.conflict:
+            doc["conflict"] = self.conflict
+        return cbor2.dumps(doc, canonical=True)
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> IngestAck:
+        try:
+            doc = records.loads(data, max_depth=8)
+        except records.RecordError as err:
+            raise CodecError(f"ack: {err}") from None
+        if not isinstance(doc, dict):
+            raise CodecError("ack: expected a map")
+
+        def count(key: str) -> int:
+            value = doc.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CodecError(f"ack: {key} must be an unsigned integer")
+            return value
+
+        raw = doc.get("ack")
+        if not isinstance(raw, list):
+            raise CodecError("ack: 'ack' must be an array of [first, last]")
+        ranges: list[tuple[int, int]] = []
+        for pair in raw:
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+                or not 0 <= pair[0] <= pair[1] <= MAX_SEQ
+            ):
+                raise CodecError("ack: each range is [first, last] with first <= last")
+            ranges.append((pair[0], pair[1]))
+        return cls(tuple(ranges), count("new"), count("dup"), count("conflict"))
