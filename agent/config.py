@@ -17,6 +17,7 @@ from typing import Any
 from agent.errors import ConfigError
 from drivers.base import OptionError, Options
 from drivers.registry import DRIVERS, driver_class
+from drivers.sim.sources import FaultEvent, parse_event
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -84,7 +85,7 @@ class SimulationConfig:
     file: Path | None = None  # the SKAB CSV for source = "skab"
     loop: bool = True
     seed: int = 1
-    events: tuple[dict[str, Any], ...] = ()  # pump model fault events, validated by the model
+    events: tuple[FaultEvent, ...] = ()  # pump model fault events
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def _parse_simulation(t: Options, base: Path) -> SimulationConfig:
             raise t.error("file", f"{file} does not exist")
     loop = t.boolean("loop", True)
     seed = t.integer("seed", 1, minimum=0)
-    events = tuple(dict(e.raw) for e in t.tables("event"))
+    events = tuple(parse_event(e) for e in t.tables("event"))
     t.finish()
     return SimulationConfig(source=source, file=file, loop=loop, seed=seed, events=events)
 
@@ -316,3 +317,25 @@ def _parse_scaling(t: Options, available: tuple[str, ...]) -> dict[str, Scaling]
         out[ch] = Scaling(source=source, inp=(inp[0], inp[1]), out=(outp[0], outp[1]), unit=unit)
     t.finish()
     return out
+
+
+def simulated(config: Config, simulation: SimulationConfig) -> Config:
+    """The same config with every sensor moved onto the simulated rig.
+
+    I2C sensors go to the simulated bus at their configured address; serial instruments to
+    ``sim:<sensor name>``. This is how the demo and the tests run the real rig config with no
+    hardware attached.
+    """
+    from dataclasses import replace
+
+    sensors = tuple(
+        replace(s, port=f"sim:{s.name}") if s.port is not None else replace(s, bus=SIM_BUS)
+        for s in config.sensors
+    )
+    return replace(config, sensors=sensors, simulation=simulation)
+
+
+def replace_data_dir(config: Config, data_dir: Path) -> Config:
+    from dataclasses import replace
+
+    return replace(config, agent=replace(config.agent, data_dir=data_dir))

@@ -1,0 +1,265 @@
+"""The ``edge-agent`` command line.
+
+edge-agent check-config FILE          validate a config file (exit 78 when it is bad)
+edge-agent run --config FILE          run the agent (--simulate pump|skab: on simulated parts)
+edge-agent selftest --config FILE     probe every sensor once and print a table
+edge-agent demo                       the reference rig on simulated parts, live readings
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from agent import config as configmod
+from agent import logsetup
+from agent.clock import Clock, RealClock
+from agent.errors import AgentError, ConfigError, DriverError
+
+EX_OK = 0
+EX_FAIL = 1
+EX_USAGE = 64
+EX_CONFIG = configmod.EX_CONFIG
+
+log = logging.getLogger("agent.cli")
+
+
+def example_config() -> Path:
+    """The packaged config of the reference pump rig."""
+    return Path(str(resources.files("agent") / "examples" / "pump-rig.toml"))
+
+
+def _load(path: str | Path) -> configmod.Config:
+    return configmod.load(path)
+
+
+def _simulation(args: argparse.Namespace) -> configmod.SimulationConfig | None:
+    source = getattr(args, "simulate", None)
+    if not source:
+        return None
+    if source == "skab":
+        file = Path(args.skab_file).resolve() if args.skab_file else None
+        if file is None or not file.is_file():
+            raise ConfigError("--skab-file", "", f"{args.skab_file or '(none)'}: no such file")
+        return configmod.SimulationConfig(source="skab", file=file, loop=True)
+    events = ()
+    if getattr(args, "fault", None):
+        from drivers.sim.sources import FaultEvent
+
+        events = (FaultEvent(args.fault, at=args.fault_at, ramp=20.0, duration=1e12),)
+    return configmod.SimulationConfig(source="pump", seed=args.seed, events=events)
+
+
+def load_config(args: argparse.Namespace) -> configmod.Config:
+    cfg = _load(args.config)
+    sim = _simulation(args)
+    if sim is not None:
+        cfg = configmod.simulated(cfg, sim)
+    if getattr(args, "data_dir", None):
+        cfg = configmod.replace_data_dir(cfg, Path(args.data_dir).resolve())
+    return cfg
+
+
+def _rig(cfg: configmod.Config, clock: Clock) -> Any:
+    if not any(s.simulated for s in cfg.sensors):
+        return None
+    from drivers.sim.rig import SimRig
+
+    return SimRig(cfg, clock)
+
+
+# ---------------------------------------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.file)
+    print(f"{args.file}: ok ({len(cfg.sensors)} sensors: {', '.join(s.name for s in cfg.sensors)})")
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.runtime import Agent
+
+    cfg = load_config(args)
+    logsetup.setup(args.log_level or cfg.agent.log_level)
+
+    async def main() -> None:
+        clock = RealClock()
+        rig = _rig(cfg, clock)
+        try:
+            await Agent(cfg, clock=clock, rig=rig).run()
+        finally:
+            if rig is not None:
+                rig.close()
+
+    asyncio.run(main())
+    return EX_OK
+
+
+async def selftest(cfg: configmod.Config, clock: Clock, rig: Any = None) -> list[dict[str, Any]]:
+    """Probe every sensor: open (identity check) and one read. Returns one row per sensor."""
+    from agent.hardware import Hardware
+    from agent.sampling import scale_values
+
+    hardware = Hardware(cfg, clock, rig)
+    rows: list[dict[str, Any]] = []
+    try:
+        for scfg in cfg.sensors:
+            row: dict[str, Any] = {
+                "sensor": scfg.name,
+                "driver": scfg.driver,
+                "location": scfg.location,
+                "required": scfg.required,
+                "identity": "",
+                "values": {},
+                "latency_ms": None,
+                "ok": False,
+                "error": "",
+            }
+            started = time.perf_counter()
+            driver = None
+            try:
+                driver = hardware.driver(scfg)
+                identity = await driver.open()
+                row["identity"] = identity.detail
+                row["values"] = scale_values(scfg, await driver.read())
+                row["ok"] = True
+            except DriverError as err:
+                row["error"] = str(err)
+            finally:
+                row["latency_ms"] = (time.perf_counter() - started) * 1000
+                if driver is not None:
+                    try:
+                        await driver.close()
+                    except DriverError as err:
+                        log.warning("sensor=%s event=close_failed error=%r", scfg.name, str(err))
+            rows.append(row)
+    finally:
+        hardware.close()
+    return rows
+
+
+def format_selftest(rows: list[dict[str, Any]]) -> str:
+    table = [("sensor", "driver", "bus/address", "identity", "value", "latency", "result")]
+    for r in rows:
+        value = ", ".join(f"{k}={v:.5g}" for k, v in r["values"].items())
+        if r["ok"]:
+            result = "ok"
+        else:
+            result = ("FAIL: " if r["required"] else "warn: ") + r["error"]
+        table.append(
+            (
+                r["sensor"],
+                r["driver"],
+                r["location"],
+                r["identity"] or "-",
+                value or "-",
+                f"{r['latency_ms']:.1f} ms",
+                result,
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(6)]
+    lines = []
+    for row in table:
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(row[:6], widths, strict=True)) + "  " + row[6]
+        )
+    return "\n".join(lines)
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    logsetup.setup("warning")
+
+    async def main() -> list[dict[str, Any]]:
+        clock = RealClock()
+        rig = _rig(cfg, clock)
+        try:
+            return await selftest(cfg, clock, rig)
+        finally:
+            if rig is not None:
+                rig.close()
+
+    rows = asyncio.run(main())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_selftest(rows))
+    failed = [r for r in rows if r["required"] and not r["ok"]]
+    return EX_FAIL if failed else EX_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------------------------------------
+def _add_sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--simulate",
+        choices=("pump", "skab"),
+        help="run every sensor on simulated parts driven by a synthetic pump or a SKAB replay",
+    )
+    p.add_argument("--skab-file", help="the SKAB CSV to replay with --simulate skab")
+    p.add_argument(
+        "--fault",
+        choices=("bearing_wear", "cavitation", "valve_closing"),
+        help="with --simulate pump: inject this fault",
+    )
+    p.add_argument("--fault-at", type=float, default=60.0, help="seconds after start (default 60)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the synthetic pump (default 1)")
+    p.add_argument("--data-dir", help="override agent.data_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edge-agent device agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("run", help="run the agent")
+    p.add_argument("--config", required=True)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    _add_sim_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("selftest", help="probe every configured sensor once")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true")
+    _add_sim_args(p)
+    p.set_defaults(func=cmd_selftest)
+
+    p = sub.add_parser("demo", help="the reference rig on simulated parts")
+    p.add_argument("--config", default=None, help="default: the packaged reference rig")
+    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: run on)")
+    _add_sim_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return EX_CONFIG
+    except AgentError as err:
+        print(f"edge-agent: {err}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Opens the buses and ports of the configured sensors and builds their drivers.
+
+A bus or port that cannot be opened does not stop start-up: the sensor's driver gets a transport
+that raises the opening error on each use and tries to open again, so the sampler marks that
+sensor degraded, retries it with backoff, and it recovers when the adapter appears.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from agent.clock import Clock
+from agent.config import SIM_BUS, Config, SensorConfig
+from agent.errors import DriverError
+from drivers.bus import AsyncI2C, AsyncSerial, I2CBus, open_i2c_bus, open_serial
+from drivers.registry import driver_class
+
+log = logging.getLogger(__name__)
+
+
+class _ReopeningBus:
+    """An I2C bus that is opened on first use, and again after it failed to open."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self._bus: I2CBus | None = None
+
+    def _get(self) -> I2CBus:
+        if self._bus is None:
+            self._bus = open_i2c_bus(self.number)  # raises DeviceNotFound with the reason
+        return self._bus
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "close":
+            return self.close
+        return getattr(self._get(), name)
+
+    def close(self) -> None:
+        if self._bus is not None:
+            self._bus.close()
+            self._bus = None
+
+
+class Hardware:
+    """Owns the buses and ports; builds one driver per configured sensor."""
+
+    def __init__(self, config: Config, clock: Clock, rig: Any = None) -> None:
+        self.config = config
+        self.clock = clock
+        self.rig = rig
+        self._i2c: dict[int | str, AsyncI2C] = {}
+        self._serial: list[AsyncSerial] = []
+
+    def i2c(self, bus: int | str) -> AsyncI2C:
+        if bus not in self._i2c:
+            if bus == SIM_BUS:
+                if self.rig is None:
+                    raise DriverError("a simulated sensor needs the simulated rig")
+                raw: Any = self.rig.bus
+                name = "sim"
+            else:
+                raw = _ReopeningBus(int(bus))
+                name = f"i2c-{bus}"
+            self._i2c[bus] = AsyncI2C(raw, self.clock, name=name)
+        return self._i2c[bus]
+
+    def serial(self, cfg: SensorConfig, timeout: float = 0.5) -> AsyncSerial:
+        assert cfg.port is not None
+        url = self.rig.serial_path(cfg.port) if cfg.simulated else cfg.port
+        port = open_serial(url, baudrate=cfg.baudrate, timeout=timeout)
+        wrapped = AsyncSerial(port, self.clock, name=cfg.port)
+        self._serial.append(wrapped)
+        return wrapped
+
+    def driver(self, cfg: SensorConfig) -> Any:
+        cls = driver_class(cfg.driver)
+        if cls.transport == "i2c":
+            assert cfg.bus is not None and cfg.address is not None
+            return cls(self.i2c(cfg.bus).device(cfg.address), cfg.options)
+        return cls(self.serial(cfg), cfg.options)
+
+    def build(
+        self, sensors: Sequence[SensorConfig] | None = None
+    ) -> list[tuple[SensorConfig, Any]]:
+        return [(cfg, self.driver(cfg)) for cfg in (sensors or self.config.sensors)]
+
+    def close(self) -> None:
+        for bus in self._i2c.values():
+            bus.close()
+        for port in self._serial:
+            port.close()
+        self._i2c.clear()
+        self._serial.clear()

@@ -1,0 +1,263 @@
+"""The sampler: reads each sensor on its own interval, scales its channels, and emits Readings.
+
+A sensor whose read fails is marked degraded and retried with exponential backoff; before each retry
+its driver is opened again (the part may have been power-cycled and lost its configuration). A
+failing sensor never stops the others: each runs in its own task. Reads are scheduled on a fixed
+grid (``start + k * interval``), so they do not drift; slots missed because a read overran are
+skipped and counted rather than bunched up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.clock import Clock
+from agent.config import SensorConfig
+from agent.errors import DriverError
+from drivers.base import Reading
+
+log = logging.getLogger(__name__)
+
+#: Backoff after a failure: first retry after BACKOFF_BASE (or the interval, if shorter), doubling
+#: with each consecutive failure up to BACKOFF_MAX seconds.
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 60.0
+#: Consecutive failures after which a degraded sensor is reported as down.
+DOWN_AFTER = 5
+
+
+class SensorState(enum.StrEnum):
+    STARTING = "starting"
+    OK = "ok"
+    DEGRADED = "degraded"
+    DOWN = "down"
+    DISABLED = "disabled"
+
+
+@dataclass
+class SensorHealth:
+    """Live health of one sensor, read by status, metrics and reported state."""
+
+    name: str
+    state: SensorState = SensorState.STARTING
+    reads: int = 0
+    errors: int = 0
+    consecutive_errors: int = 0
+    missed_slots: int = 0
+    last_error: str = ""
+    last_ok: float | None = None  # wall time of the last good read
+    last_latency: float | None = None  # seconds the last good read took
+    identity: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "reads": self.reads,
+            "errors": self.errors,
+            "consecutive_errors": self.consecutive_errors,
+            "missed_slots": self.missed_slots,
+            "last_error": self.last_error,
+            "last_ok": self.last_ok,
+            "last_latency": self.last_latency,
+            "identity": self.identity,
+        }
+
+
+def backoff_delay(
+    failures: int, interval: float, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX
+) -> float:
+    """Seconds to wait after ``failures`` consecutive failures (1 -> the first retry)."""
+    first = min(base, interval)
+    return min(cap, first * 2 ** max(0, failures - 1))
+
+
+def scale_values(cfg: SensorConfig, raw: dict[str, float]) -> dict[str, float]:
+    """The reported channels of ``cfg`` from a driver's raw channel values."""
+    out: dict[str, float] = {}
+    for ch in cfg.channels:
+        scaling = cfg.scaling.get(ch)
+        source = scaling.source if scaling else ch
+        if source not in raw:
+            raise DriverError(f"{cfg.name}: driver returned no value for channel {source!r}")
+        value = raw[source]
+        out[ch] = scaling.apply(value) if scaling else value
+    return out
+
+
+Sink = Callable[[Reading], Awaitable[None]]
+
+
+@dataclass
+class SensorTask:
+    cfg: SensorConfig
+    driver: Any
+    health: SensorHealth
+    interval: float
+    enabled: bool = True
+    opened: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Sampler:
+    """Runs one task per sensor and hands every Reading to ``sink``."""
+
+    def __init__(
+        self,
+        sensors: Sequence[tuple[SensorConfig, Any]],
+        clock: Clock,
+        sink: Sink,
+        *,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> None:
+        self.clock = clock
+        self.sink = sink
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.tasks = {
+            cfg.name: SensorTask(cfg, driver, SensorHealth(cfg.name), cfg.interval)
+            for cfg, driver in sensors
+        }
+        self._seq = 0
+        self.last_progress = clock.monotonic()
+
+    @property
+    def health(self) -> dict[str, SensorHealth]:
+        return {name: t.health for name, t in self.tasks.items()}
+
+    def set_interval(self, name: str, interval: float) -> None:
+        """Change a sensor's interval live (desired state); takes effect at the next slot."""
+        if not (math.isfinite(interval) and interval > 0):
+            raise ValueError(f"interval must be a positive number, got {interval!r}")
+        task = self.tasks[name]
+        if task.interval != interval:
+            log.info("sensor=%s event=interval_changed interval=%g", name, interval)
+            task.interval = interval
+            task.wake.set()
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        task = self.tasks[name]
+        if task.enabled != enabled:
+            log.info("sensor=%s event=%s", name, "enabled" if enabled else "disabled")
+            task.enabled = enabled
+            task.health.state = SensorState.STARTING if enabled else SensorState.DISABLED
+            task.wake.set()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for task in self.tasks.values():
+                tg.create_task(self._run_sensor(task), name=f"sensor-{task.cfg.name}")
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            try:
+                await task.driver.close()
+            except Exception as err:  # closing must not stop the others closing
+                log.warning("sensor=%s event=close_failed error=%r", task.cfg.name, str(err))
+
+    async def _sleep_until(self, task: SensorTask, deadline: float) -> None:
+        """Sleep until ``deadline`` on the clock, or until the task's settings change."""
+        delay = deadline - self.clock.monotonic()
+        if delay <= 0:
+            return
+        task.wake.clear()
+        try:
+            async with asyncio.timeout(delay):
+                await task.wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _run_sensor(self, task: SensorTask) -> None:
+        next_slot = self.clock.monotonic()
+        while True:
+            if not task.enabled:
+                task.opened = False
+                task.wake.clear()
+                if not task.enabled:
+                    await task.wake.wait()
+                next_slot = self.clock.monotonic()
+                continue
+            ok = await self.sample_once(task)
+            now = self.clock.monotonic()
+            if ok:
+                next_slot += task.interval
+                if next_slot <= now:  # overran: skip the slots we missed, keep the grid
+                    missed = math.floor((now - next_slot) / task.interval) + 1
+                    task.health.missed_slots += missed
+                    next_slot += missed * task.interval
+            else:
+                delay = backoff_delay(
+                    task.health.consecutive_errors,
+                    task.interval,
+                    self.backoff_base,
+                    self.backoff_max,
+                )
+                next_slot = now + delay
+            await self._sleep_until(task, next_slot)
+
+    async def sample_once(self, task: SensorTask) -> bool:
+        """Open (if needed) and read one sensor; update its health; emit the Reading."""
+        cfg, health = task.cfg, task.health
+        started = self.clock.monotonic()
+        try:
+            if not task.opened:
+                identity = await task.driver.open()
+                health.identity = identity.detail
+                task.opened = True
+            raw = await task.driver.read()
+            values = scale_values(cfg, raw)
+        except DriverError as err:
+            self._failed(task, err)
+            return False
+        finished = self.clock.monotonic()
+        if health.state in (SensorState.DEGRADED, SensorState.DOWN):
+            log.info(
+                "sensor=%s event=recovered after_errors=%d", cfg.name, health.consecutive_errors
+            )
+        health.state = SensorState.OK
+        health.reads += 1
+        health.consecutive_errors = 0
+        health.last_latency = finished - started
+        health.last_ok = self.clock.time()
+        self.last_progress = finished
+        self._seq += 1
+        reading = Reading(
+            sensor=cfg.name,
+            values=values,
+            seq=self._seq,
+            t_mono=finished,
+            t_wall=self.clock.time(),
+        )
+        await self.sink(reading)
+        return True
+
+    def _failed(self, task: SensorTask, err: DriverError) -> None:
+        health = task.health
+        health.errors += 1
+        health.consecutive_errors += 1
+        health.last_error = str(err)
+        task.opened = False  # re-open (re-configure) before the next try
+        self.last_progress = self.clock.monotonic()
+        previous = health.state
+        health.state = (
+            SensorState.DOWN if health.consecutive_errors >= DOWN_AFTER else SensorState.DEGRADED
+        )
+        if previous != health.state:
+            level = logging.ERROR if health.state is SensorState.DOWN else logging.WARNING
+            log.log(
+                level,
+                "sensor=%s event=%s errors=%d error=%r",
+                task.cfg.name,
+                health.state.value,
+                health.consecutive_errors,
+                str(err),
+            )
+        else:
+            log.debug("sensor=%s event=read_failed error=%r", task.cfg.name, str(err))
