@@ -1,0 +1,700 @@
+"""Modbus RTU: frame and CRC known answers, conversions, options, and the real master driver
+through pyserial on a pty against the simulated slave, with every fault knob."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.clock import RealClock
+from agent.config import loads
+from agent.errors import (
+    ConfigError,
+    DeviceDataError,
+    DeviceIOError,
+    DeviceNotFound,
+    DeviceTimeout,
+)
+from drivers.base import Options
+from drivers.bus import AsyncSerial, open_serial
+from drivers.modbus import (
+    EXCEPTION_NAMES,
+    ExceptionResponse,
+    FrameError,
+    ModbusExceptionError,
+    ModbusInstrument,
+    ReadRequest,
+    ReadResponse,
+    RegisterSpec,
+    check_response,
+    crc16,
+    crc_ok,
+    decode_value,
+    encode_value,
+    plan_reads,
+    silence_interval,
+    with_crc,
+)
+from drivers.registry import driver_class
+from drivers.sim.modbus import ModbusSlaveSim
+from drivers.sim.serialport import PtyPort
+
+# Response timeouts. Answers normally come within milliseconds, but the suite shares two cores
+# with other work, so a rig expecting answers waits up to TIMEOUT; a test that expects silence
+# (each silent attempt costs its whole timeout) uses SHORT.
+TIMEOUT = 0.5
+SHORT = 0.2
+
+REGISTERS = [
+    {"name": "flow_lpm", "table": "input", "address": 0, "type": "float32"},
+    {"name": "totalizer_l", "table": "input", "address": 2, "type": "u32", "scale": 0.1},
+    {
+        "name": "pressure_bar",
+        "table": "input",
+        "address": 4,
+        "type": "s16",
+        "scale": 0.001,
+        "offset": 1.0,
+    },
+    {"name": "level_pct", "table": "input", "address": 10, "type": "u16", "scale": 0.01},
+    {
+        "name": "setpoint",
+        "table": "holding",
+        "address": 100,
+        "type": "float32",
+        "word_order": "little",
+        "scale": 2.0,
+        "offset": -1.0,
+        "resolution": 0.01,
+    },
+    {"name": "delta", "table": "holding", "address": 102, "type": "s32", "word_order": "little"},
+]
+MAP = {"slave": 7, "timeout": TIMEOUT, "register": REGISTERS}
+
+
+def parse(raw: dict) -> object:
+    return ModbusInstrument.parse_options(Options(raw))
+
+
+class Scripted(random.Random):
+    """A Faults rng whose random() walks a fixed cycle, so intermittent faults are exact."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__(0)
+        self._cycle = itertools.cycle(values)
+
+    def random(self) -> float:
+        return next(self._cycle)
+
+
+@dataclass
+class Rig:
+    sim: ModbusSlaveSim
+    pty: PtyPort
+    port: AsyncSerial
+    driver: ModbusInstrument
+
+    def close(self) -> None:
+        self.port.close()
+        self.pty.close()
+
+    def notes(self) -> list[str]:
+        return [e.note for e in self.pty.traffic]
+
+
+@pytest.fixture
+def make_rig():
+    """Build driver + pty + simulated slave; ``sim_raw`` lets the slave differ from the driver."""
+    made: list[Rig] = []
+    clock = RealClock()
+
+    def make(raw: dict = MAP, sim_raw: dict | None = None) -> Rig:
+        options = parse(raw)
+        sim = ModbusSlaveSim(clock, parse(sim_raw) if sim_raw is not None else options)
+        pty = PtyPort(sim, clock)
+        port = AsyncSerial(open_serial(pty.path, baudrate=9600, timeout=TIMEOUT), clock)
+        rig = Rig(sim, pty, port, ModbusInstrument(port, options))
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+@pytest.fixture
+def rig(make_rig) -> Rig:
+    return make_rig()
+
+
+# --------------------------------------------------------------------------------------------
+# CRC and frames: known answers
+
+
+@pytest.mark.parametrize(
+    ("body", "crc_bytes"),
+    [
+        # the classic read request (10 holding registers from 0 of slave 1)
+        ("01 03 00 00 00 0A", "C5 CD"),
+        # MODBUS over Serial Line V1.02, Appendix B, CRC generation example
+        ("02 07", "41 12"),
+        # Wikipedia "Modbus" RTU frame example: a read input registers response
+        ("01 04 02 FF FF", "B8 80"),
+        # async-modbus docs.rs example: write single register 0x10BC = 12345 on slave 1
+        ("01 06 10 BC 30 39", "98 FC"),
+        # Beckhoff BC8x50 "Function 3: READ HOLDING REGISTERS" example
+        ("0B 03 08 00 00 02", "C6 C1"),
+    ],
+)
+def test_crc_known_frames(body: str, crc_bytes: str) -> None:
+    data = bytes.fromhex(body)
+    assert with_crc(data)[-2:] == bytes.fromhex(crc_bytes)
+    assert crc_ok(data + bytes.fromhex(crc_bytes))
+
+
+def test_crc_catalogue_check_value() -> None:
+    # CRC RevEng catalogue, CRC-16/MODBUS: check = 0x4B37 for "123456789"
+    assert crc16(b"123456789") == 0x4B37
+
+
+def test_request_frame_bytes() -> None:
+    request = ReadRequest(slave=1, function=0x03, address=0, quantity=10)
+    assert request.to_bytes() == bytes.fromhex("01 03 00 00 00 0A C5 CD")
+    assert ReadRequest.from_bytes(bytes.fromhex("01 03 00 00 00 0A C5 CD")) == request
+    assert request.response_size == 25
+    with pytest.raises(FrameError, match="CRC"):
+        ReadRequest.from_bytes(bytes.fromhex("01 03 00 00 00 0A C5 CE"))
+    with pytest.raises(FrameError, match="8 bytes"):
+        ReadRequest.from_bytes(bytes.fromhex("01 03 00 00 00 0A C5"))
+
+
+def test_response_frame_bytes() -> None:
+    frame = bytes.fromhex("01 04 02 FF FF B8 80")
+    assert ReadResponse.from_bytes(frame) == ReadResponse(1, 4, (0xFFFF,))
+    assert ReadResponse(1, 4, (0xFFFF,)).to_bytes() == frame
+    with pytest.raises(FrameError, match="byte count"):
+        ReadResponse.from_bytes(with_crc(bytes.fromhex("01 04 04 FF FF")))
+
+
+def test_exception_frame_bytes() -> None:
+    frame = bytes.fromhex("01 83 02 C0 F1")
+    assert ExceptionResponse(1, 3, 2).to_bytes() == frame
+    parsed = ExceptionResponse.from_bytes(frame)
+    assert parsed == ExceptionResponse(1, 3, 2)
+    assert parsed.name == "ILLEGAL DATA ADDRESS"
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    slave=st.integers(0, 247),
+    function=st.sampled_from([3, 4]),
+    address=st.integers(0, 0xFFFF),
+    quantity=st.integers(1, 125),
+)
+def test_request_round_trip(slave: int, function: int, address: int, quantity: int) -> None:
+    request = ReadRequest(slave, function, address, quantity)
+    frame = request.to_bytes()
+    assert len(frame) == 8
+    assert ReadRequest.from_bytes(frame) == request
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    slave=st.integers(1, 247),
+    words=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=125),
+    bit=st.integers(min_value=0),
+)
+def test_response_round_trip_and_any_bit_flip_is_caught(
+    slave: int, words: list[int], bit: int
+) -> None:
+    response = ReadResponse(slave, 3, tuple(words))
+    frame = response.to_bytes()
+    assert ReadResponse.from_bytes(frame) == response
+    request = ReadRequest(slave, 3, 0, len(words))
+    assert check_response(frame, request) == response
+    flipped = bytearray(frame)
+    bit %= len(frame) * 8
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    assert not crc_ok(flipped)  # CRC-16 detects every single-bit error
+    with pytest.raises(FrameError):
+        check_response(bytes(flipped), request)
+
+
+def test_check_response_rejects_what_does_not_answer_the_request() -> None:
+    request = ReadRequest(5, 4, 0, 2)
+    good = ReadResponse(5, 4, (1, 2)).to_bytes()
+    assert check_response(good, request) == ReadResponse(5, 4, (1, 2))
+    cases = {
+        "slave 6": ReadResponse(6, 4, (1, 2)).to_bytes(),
+        "function 0x03": ReadResponse(5, 3, (1, 2)).to_bytes(),
+        "truncated": ReadResponse(5, 4, (1,)).to_bytes(),
+        "byte count 2": with_crc(bytes([5, 4, 2, 0, 1, 0, 2])),
+        "5 of 9 bytes": good[:5],
+        "CRC mismatch": good[:-1] + bytes([good[-1] ^ 1]),
+    }
+    for expected, frame in cases.items():
+        with pytest.raises(FrameError, match=expected):
+            check_response(frame, request)
+
+
+@pytest.mark.parametrize("code", sorted(EXCEPTION_NAMES))
+def test_exception_responses_are_parsed_with_their_names(code: int) -> None:
+    request = ReadRequest(5, 3, 0, 2)
+    parsed = check_response(ExceptionResponse(5, 3, code).to_bytes(), request)
+    assert isinstance(parsed, ExceptionResponse)
+    assert parsed.code == code
+    assert parsed.name == EXCEPTION_NAMES[code]
+
+
+def test_exception_names_follow_the_spec() -> None:
+    assert EXCEPTION_NAMES[0x01] == "ILLEGAL FUNCTION"
+    assert EXCEPTION_NAMES[0x02] == "ILLEGAL DATA ADDRESS"
+    assert EXCEPTION_NAMES[0x03] == "ILLEGAL DATA VALUE"
+    assert EXCEPTION_NAMES[0x04] == "SERVER DEVICE FAILURE"
+    assert EXCEPTION_NAMES[0x0B] == "GATEWAY TARGET DEVICE FAILED TO RESPOND"
+    assert 0x09 not in EXCEPTION_NAMES
+    assert ExceptionResponse(1, 3, 0x09).name == "UNKNOWN EXCEPTION 0x09"
+
+
+def test_silence_interval() -> None:
+    # 3.5 characters of 11 bits up to 19200 baud; fixed 1.75 ms above
+    assert silence_interval(9600) == pytest.approx(3.5 * 11 / 9600)
+    assert silence_interval(19200) == pytest.approx(3.5 * 11 / 19200)
+    assert silence_interval(38400) == pytest.approx(0.00175)
+    assert silence_interval(115200) == pytest.approx(0.00175)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions (pure)
+
+
+def spec(kind: str, **kw: object) -> RegisterSpec:
+    return RegisterSpec("x", "holding", 0, kind, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("register", "words", "value"),
+    [
+        (spec("u16"), (0xFFFF,), 65535.0),
+        (spec("s16"), (0xFFFF,), -1.0),
+        (spec("s16"), (0x8000,), -32768.0),
+        (spec("u32"), (0x0001, 0x0000), 65536.0),
+        (spec("u32", word_order="little"), (0x0000, 0x0001), 65536.0),
+        (spec("s32"), (0xFFFF, 0xFFFE), -2.0),
+        (spec("s32", word_order="little"), (0xFFFE, 0xFFFF), -2.0),
+        (spec("float32"), (0x3F80, 0x0000), 1.0),
+        (spec("float32", word_order="little"), (0x0000, 0x3F80), 1.0),
+        (spec("float32"), (0xC120, 0x0000), -10.0),
+        (spec("s16", scale=0.1, offset=-40.0), (0x00FA,), -15.0),
+    ],
+)
+def test_decode_known_words(register: RegisterSpec, words: tuple[int, ...], value: float) -> None:
+    assert decode_value(register, words) == pytest.approx(value)
+    assert encode_value(register, value) == words
+
+
+def test_encode_saturates_integer_types() -> None:
+    assert encode_value(spec("u16"), -5.0) == (0,)
+    assert encode_value(spec("u16"), 1e9) == (0xFFFF,)
+    assert encode_value(spec("s16"), -1e9) == (0x8000,)
+    assert encode_value(spec("s32"), 1e12) == (0x7FFF, 0xFFFF)
+
+
+def test_plan_groups_neighbours_of_one_table() -> None:
+    options = parse(MAP)
+    plan = plan_reads(options.registers)
+    assert [(g.table, g.start, g.quantity) for g in plan] == [
+        ("holding", 100, 4),
+        ("input", 0, 5),
+        ("input", 10, 1),
+    ]
+    assert [r.name for r in plan[1].registers] == ["flow_lpm", "totalizer_l", "pressure_bar"]
+
+
+def test_plan_respects_max_registers() -> None:
+    registers = [RegisterSpec(f"r{i}", "input", 2 * i, "u32") for i in range(10)]
+    plan = plan_reads(registers, max_quantity=6)
+    assert [(g.start, g.quantity) for g in plan] == [(0, 6), (6, 6), (12, 6), (18, 2)]
+    assert sum(len(g.registers) for g in plan) == 10
+
+
+# --------------------------------------------------------------------------------------------
+# Options, through the configuration loader so the key paths are the operator's
+
+
+def config_text(registers: str, extra: str = "") -> str:
+    return f"""
+[agent]
+device_id = "pump-1"
+
+[[sensor]]
+name = "flow"
+driver = "modbus"
+interval = 1.0
+port = "/dev/ttyUSB0"
+baudrate = 19200
+channels = ["flow_lpm"]
+
+[sensor.options]
+slave = 3
+{extra}
+{registers}
+"""
+
+
+FLOW = """
+[[sensor.options.register]]
+name = "flow_lpm"
+table = "input"
+address = 0
+type = "float32"
+"""
+
+
+def test_config_builds_channels_from_the_register_map() -> None:
+    config = loads(config_text(FLOW))
+    sensor = config.sensor("flow")
+    assert driver_class("modbus") is ModbusInstrument
+    assert ModbusInstrument.transport == "serial"
+    assert ModbusInstrument.channels_for(sensor.options) == ("flow_lpm",)
+    assert sensor.options.slave == 3
+    assert sensor.options.timeout == 0.5
+    assert sensor.options.retries == 2
+    assert sensor.options.registers[0].resolution == 0.001
+
+
+@pytest.mark.parametrize(
+    ("registers", "path", "message"),
+    [
+        ("", "sensor[0].options.register", "at least one"),
+        (
+            FLOW + '[[sensor.options.register]]\nname = "flow_lpm"\naddress = 9\n',
+            "sensor[0].options.register[1].name",
+            "already used by register[0]",
+        ),
+        (
+            FLOW + '[[sensor.options.register]]\nname = "t"\ntable = "input"\naddress = 1\n',
+            "sensor[0].options.register[1].address",
+            "overlap register[0]",
+        ),
+        (
+            '[[sensor.options.register]]\nname = "flow_lpm"\naddress = 0\ntype = "f64"\n',
+            "sensor[0].options.register[0].type",
+            "not one of",
+        ),
+        (
+            '[[sensor.options.register]]\nname = "flow_lpm"\naddress = 0\nresolution = 0.5\n',
+            "sensor[0].options.register[0].resolution",
+            "float32 only",
+        ),
+        (
+            '[[sensor.options.register]]\nname = "flow_lpm"\naddress = 0\nword_order = "big"\n',
+            "sensor[0].options.register[0].word_order",
+            "32-bit types only",
+        ),
+        (
+            '[[sensor.options.register]]\nname = "flow_lpm"\naddress = 0\nscale = 0\n',
+            "sensor[0].options.register[0].scale",
+            "must not be 0",
+        ),
+        (
+            '[[sensor.options.register]]\nname = "flow_lpm"\naddress = 65535\ntype = "u32"\n',
+            "sensor[0].options.register[0].address",
+            "runs past",
+        ),
+        (
+            '[[sensor.options.register]]\nname = "flow_lpm"\naddress = 0\nunit = "l"\n',
+            "sensor[0].options.register[0].unit",
+            "unknown key",
+        ),
+    ],
+)
+def test_bad_register_entries_name_their_path(registers: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(config_text(registers))
+    assert info.value.path == path
+    assert message in info.value.message
+
+
+def test_bad_identity_and_slave_name_their_path() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(config_text(FLOW, 'identity = { table = "coil", address = 1, value = 2 }'))
+    assert info.value.path == "sensor[0].options.identity.table"
+    with pytest.raises(ConfigError) as info:
+        loads(config_text(FLOW).replace("slave = 3", "slave = 248"))
+    assert info.value.path == "sensor[0].options.slave"
+
+
+def test_resolution_per_channel(rig: Rig) -> None:
+    driver = rig.driver
+    assert driver.resolution("flow_lpm") == 0.001  # float32 default
+    assert driver.resolution("setpoint") == 0.01  # float32, configured
+    assert driver.resolution("totalizer_l") == pytest.approx(0.1)  # |scale|
+    assert driver.resolution("pressure_bar") == pytest.approx(0.001)
+    with pytest.raises(KeyError):
+        driver.resolution("nope")
+
+
+# --------------------------------------------------------------------------------------------
+# The driver against the simulated slave, through a pty
+
+F32_MAX = 1e4  # float32 channels tested over +-1e4: rounding (2^-24 relative) stays < resolution
+
+VALUES = st.fixed_dictionaries(
+    {
+        "flow_lpm": st.floats(-F32_MAX, F32_MAX),
+        "totalizer_l": st.floats(0.0, (2**32 - 1) * 0.1),
+        "pressure_bar": st.floats(-32.768 + 1.0, 32.767 + 1.0),
+        "level_pct": st.floats(0.0, 655.35),
+        "setpoint": st.floats(-F32_MAX, F32_MAX),
+        "delta": st.integers(-(2**31), 2**31 - 1).map(float),
+    }
+)
+
+
+def bound(register: RegisterSpec, value: float) -> float:
+    """How far a read may be from the value set.
+
+    Integer types round to the nearest step: half a step (|scale|/2). float32 rounds the raw
+    value to a 24-bit significand: |raw| * 2^-24 * |scale|. Plus double rounding of the scale
+    arithmetic, 1e-12 relative.
+    """
+    if register.type == "float32":
+        raw = (value - register.offset) / register.scale
+        step = abs(raw) * 2.0**-24 * abs(register.scale)
+    else:
+        step = abs(register.scale) / 2
+    return step + 1e-12 * max(1.0, abs(value))
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(values=VALUES)
+async def test_round_trip_every_type_scale_and_word_order(rig: Rig, values: dict) -> None:
+    for name, value in values.items():
+        rig.sim.set_channel(name, value)
+    got = await rig.driver.read()
+    assert list(got) == [r["name"] for r in REGISTERS]
+    for register in rig.driver.options.registers:
+        value = values[register.name]
+        assert abs(got[register.name] - value) <= bound(register, value), register.name
+        assert abs(got[register.name] - value) <= rig.driver.resolution(register.name)
+
+
+async def test_one_read_sends_one_request_per_group(rig: Rig) -> None:
+    await rig.driver.read()
+    sent = list(rig.sim.requests)
+    assert [(r.function, r.address, r.quantity) for r in sent] == [
+        (3, 100, 4),
+        (4, 0, 5),
+        (4, 10, 1),
+    ]
+    assert all(r.slave == 7 for r in sent)
+
+
+async def test_open_reads_the_map_and_reports_identity(rig: Rig) -> None:
+    identity = await rig.driver.open()
+    assert identity.part == "modbus"
+    assert "slave 7" in identity.detail
+    assert "6 registers in 3 requests" in identity.detail
+
+
+async def test_identity_register_checked_on_open(make_rig) -> None:
+    raw = {**MAP, "identity": {"table": "holding", "address": 200, "value": 0x1234}}
+    rig = make_rig(raw)
+    identity = await rig.driver.open()
+    assert "0x1234" in identity.detail
+    rig.sim.set_register("holding", 200, 0x4321)
+    with pytest.raises(DeviceNotFound, match="0x4321, expected 0x1234"):
+        await rig.driver.open()
+
+
+async def test_wrong_slave_id_is_not_found(make_rig) -> None:
+    rig = make_rig({**MAP, "slave": 8, "retries": 0, "timeout": SHORT}, sim_raw=MAP)
+    with pytest.raises(DeviceNotFound, match=r"no answer.*slave id"):
+        await rig.driver.open()
+    assert rig.sim.ignored >= 1  # the slave saw the frame and kept quiet, as it must
+
+
+async def test_unmapped_register_gives_illegal_data_address(make_rig) -> None:
+    ghost = {"name": "ghost", "table": "input", "address": 50}
+    rig = make_rig({**MAP, "register": [*REGISTERS, ghost]}, sim_raw=MAP)
+    with pytest.raises(ModbusExceptionError) as info:
+        await rig.driver.read()
+    err = info.value
+    assert isinstance(err, DeviceIOError)
+    assert err.code == 0x02
+    assert err.exception_name == "ILLEGAL DATA ADDRESS"
+    assert "ILLEGAL DATA ADDRESS" in str(err)
+    assert "input registers 50..50" in str(err)
+    assert len(rig.sim.requests) == 4  # exceptions are final: no retry
+    with pytest.raises(DeviceNotFound, match=r"ILLEGAL DATA ADDRESS.*register map"):
+        await rig.driver.open()
+
+
+def exchange(rig: Rig, frame: bytes, size: int) -> bytes:
+    """Send raw bytes to the slave through the pty and read up to ``size`` bytes back."""
+    port = rig.port.port
+    port.reset_input_buffer()
+    port.write(frame)
+    return port.read(size)
+
+
+@pytest.mark.parametrize(
+    ("frame", "answer"),
+    [
+        # write single register: not implemented by this slave -> 01 ILLEGAL FUNCTION
+        (with_crc(bytes.fromhex("07 06 00 64 00 01")), ExceptionResponse(7, 6, 1)),
+        # quantity 0 and 126 -> 03 ILLEGAL DATA VALUE
+        (ReadRequest(7, 3, 100, 0).to_bytes(), ExceptionResponse(7, 3, 3)),
+        (ReadRequest(7, 4, 0, 126).to_bytes(), ExceptionResponse(7, 4, 3)),
+        # unmapped and partly mapped ranges -> 02 ILLEGAL DATA ADDRESS
+        (ReadRequest(7, 4, 6, 1).to_bytes(), ExceptionResponse(7, 4, 2)),
+        (ReadRequest(7, 4, 4, 2).to_bytes(), ExceptionResponse(7, 4, 2)),
+        (ReadRequest(7, 3, 0, 1).to_bytes(), ExceptionResponse(7, 3, 2)),
+    ],
+)
+def test_slave_exceptions_on_the_wire(rig: Rig, frame: bytes, answer: ExceptionResponse) -> None:
+    assert exchange(rig, frame, 5) == answer.to_bytes()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        ReadRequest(7, 4, 0, 1).to_bytes()[:-1] + b"\x00",  # bad CRC
+        ReadRequest(9, 4, 0, 1).to_bytes(),  # another slave
+        ReadRequest(0, 4, 0, 1).to_bytes(),  # broadcast: reads are never answered
+        b"\x07",  # runt
+    ],
+)
+def test_slave_stays_silent(rig: Rig, frame: bytes) -> None:
+    rig.port.port.timeout = SHORT
+    assert exchange(rig, frame, 16) == b""
+    assert rig.sim.ignored == 1
+
+
+def test_slave_answers_mapped_registers_on_the_wire(rig: Rig) -> None:
+    rig.sim.set_channel("level_pct", 12.34)
+    answer = exchange(rig, ReadRequest(7, 4, 10, 1).to_bytes(), 7)
+    assert answer == ReadResponse(7, 4, (1234,)).to_bytes()
+
+
+# Fault knobs ---------------------------------------------------------------------------------
+
+
+async def test_disconnect_times_out_after_retries_then_recovers(make_rig) -> None:
+    rig = make_rig({**MAP, "timeout": SHORT})
+    rig.sim.set_channel("level_pct", 5.0)
+    rig.sim.faults.disconnect = True
+    with pytest.raises(DeviceTimeout, match="after 3 attempts"):
+        await rig.driver.read()
+    assert rig.notes().count("disconnect") == 3  # first group: 1 try + 2 retries
+    assert not rig.sim.requests
+    rig.sim.faults.clear()
+    assert (await rig.driver.read())["level_pct"] == pytest.approx(5.0)
+
+
+async def test_nack_is_no_answer(make_rig) -> None:
+    rig = make_rig({**MAP, "timeout": SHORT})
+    rig.sim.faults.nack = 1.0
+    with pytest.raises(DeviceTimeout, match="after 3 attempts"):
+        await rig.driver.read()
+    assert rig.notes().count("nack") == 3
+    rig.sim.faults.clear()
+    await rig.driver.read()
+
+
+async def test_intermittent_nack_is_recovered_by_a_retry(make_rig) -> None:
+    rig = make_rig({**MAP, "register": [REGISTERS[0]]})  # one group: one lost try
+    rig.sim.set_channel("flow_lpm", 3.25)
+    rig.sim.faults.nack = 0.5
+    rig.sim.faults.rng = Scripted([0.1, 0.9])  # the first try is lost, the retry answered
+    assert (await rig.driver.read())["flow_lpm"] == 3.25
+    assert rig.notes() == ["nack", ""]
+    assert len(rig.sim.requests) == 1
+
+
+async def test_bad_crc_is_a_data_error(rig: Rig) -> None:
+    rig.sim.faults.bad_crc = 1.0
+    with pytest.raises(DeviceDataError, match=r"CRC mismatch.*after 3 attempts"):
+        await rig.driver.read()
+    assert len(rig.sim.requests) == 3
+    rig.sim.faults.clear()
+    await rig.driver.read()
+
+
+async def test_intermittent_bad_crc_is_recovered_by_a_retry(rig: Rig) -> None:
+    rig.sim.set_channel("pressure_bar", 1.5)
+    rig.sim.faults.bad_crc = 0.5
+    rig.sim.faults.rng = Scripted([0.1, 0.9])  # every other answer corrupted
+    got = await rig.driver.read()
+    assert got["pressure_bar"] == pytest.approx(1.5)
+    assert len(rig.sim.requests) == 6  # three groups, each answered on its second try
+
+
+async def test_without_retries_one_bad_answer_fails_the_read(make_rig) -> None:
+    rig = make_rig({**MAP, "retries": 0})
+    rig.sim.faults.bad_crc = 1.0
+    with pytest.raises(DeviceDataError, match="after 1 attempts"):
+        await rig.driver.read()
+    assert len(rig.sim.requests) == 1
+
+
+async def test_bit_flip_is_caught_by_the_crc(rig: Rig) -> None:
+    rig.sim.faults.bit_flip = 1.0
+    with pytest.raises(DeviceDataError):
+        await rig.driver.read()
+    rig.sim.faults.clear()
+    rig.sim.set_channel("delta", -7.0)
+    assert (await rig.driver.read())["delta"] == -7.0
+
+
+async def test_slow_answer_beyond_the_timeout(make_rig) -> None:
+    rig = make_rig({**MAP, "retries": 0, "timeout": SHORT})
+    rig.sim.set_channel("level_pct", 1.0)
+    rig.sim.faults.slow = 3 * SHORT
+    with pytest.raises(DeviceTimeout, match=r"no answer within 0\.2 s"):
+        await rig.driver.read()
+    rig.sim.faults.clear()
+    assert await asyncio.to_thread(rig.pty.wait_idle, 5.0)
+    rig.sim.set_channel("level_pct", 2.0)
+    # the late answer sits in the input buffer now; the master flushes it before asking again
+    patient = ModbusInstrument(rig.port, parse(MAP))
+    assert (await patient.read())["level_pct"] == pytest.approx(2.0)
+
+
+async def test_slow_answer_within_the_timeout(rig: Rig) -> None:
+    rig.sim.faults.slow = TIMEOUT / 4
+    rig.sim.set_channel("level_pct", 3.0)
+    assert (await rig.driver.read())["level_pct"] == pytest.approx(3.0)
+    assert "busy" not in rig.notes()
+
+
+async def test_stuck_registers_freeze_until_cleared(rig: Rig) -> None:
+    rig.sim.set_channel("flow_lpm", 10.0)
+    assert (await rig.driver.read())["flow_lpm"] == 10.0
+    rig.sim.faults.stuck = True
+    rig.sim.set_channel("flow_lpm", 20.0)
+    assert (await rig.driver.read())["flow_lpm"] == 10.0  # the driver cannot tell by itself
+    rig.sim.set_channel("flow_lpm", 30.0)
+    assert (await rig.driver.read())["flow_lpm"] == 10.0
+    rig.sim.faults.clear()
+    assert (await rig.driver.read())["flow_lpm"] == 30.0
+
+
+async def test_stale_input_is_flushed_before_a_request(rig: Rig) -> None:
+    rig.sim.set_channel("level_pct", 4.0)
+    rig.pty.send(ReadResponse(7, 4, (9999,)).to_bytes() + b"\x00noise")
+    for _ in range(200):  # wait until the bytes sit in the driver's input buffer
+        if rig.port.port.in_waiting:
+            break
+        await asyncio.sleep(0.005)
+    assert rig.port.port.in_waiting
+    assert (await rig.driver.read())["level_pct"] == pytest.approx(4.0)
