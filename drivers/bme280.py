@@ -319,6 +319,10 @@ def decode_data(block: bytes) -> tuple[int, int, int]:
 #: Plausibility limits: the operating range (DS table 1) with a margin; values beyond come from
 #: corrupted data, not from the air around a pump.
 TEMPERATURE_LIMITS_C = (-45.0, 90.0)
+#: Typical steps before the calibration is known: DS table 3 gives 0.16 Pa for a 20-bit pressure
+#: (2.62 Pa at 16 bit, x1); the integer humidity routine moves in steps of about 0.012 %RH.
+NOMINAL_PRESSURE_STEP_PA = 0.16
+NOMINAL_HUMIDITY_STEP_RH = 0.012
 PRESSURE_LIMITS_HPA = (250.0, 1150.0)
 
 
@@ -544,15 +548,19 @@ class Bme280(BaseDriver):
         temperature_c: 0.01 degC (the compensation output step; one ADC step is finer).
         pressure_hpa, humidity_rh: found from the calibration at the last temperature read
         (25 degC before the first read): about 0.027 hPa at x1 and 0.0017 hPa at x16 or with the
-        filter; about 0.012 %RH (the humidity routine drops the lowest ADC bit). Pressure and
-        humidity need the calibration, i.e. :meth:`open`.
+        filter; about 0.012 %RH (the humidity routine drops the lowest ADC bit). Before
+        :meth:`open` has read the calibration, typical values are returned.
         """
         o = self.options
         if channel == "temperature_c":
             return 0.01
         cal = self.calibration
-        if cal is None:
-            raise RuntimeError("Bme280.resolution() needs the calibration: call open() first")
+        if cal is None:  # before open(): the typical values of DS table 3 / section 3.4
+            if channel == "pressure_hpa":
+                return NOMINAL_PRESSURE_STEP_PA * adc_step(o.oversampling_p, o.iir_filter) / 100
+            if channel == "humidity_rh":
+                return NOMINAL_HUMIDITY_STEP_RH
+            raise KeyError(channel)
         t_fine = self._t_fine if self._t_fine is not None else 25 * 5120
         key = (channel, t_fine)
         cached = self._resolution_cache.get(key)

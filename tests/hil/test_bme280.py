@@ -229,6 +229,10 @@ def test_resolution_tracks_oversampling(vclock: VirtualClock) -> None:
         await r.driver.read()
         return r.driver.resolution("pressure_hpa"), r.driver.resolution("humidity_rh")
 
+    bus = AsyncI2C(FakeSMBus(), vclock)
+    unopened = Bme280(bus.device(ADDR), Bme280Options())  # typical values until open()
+    assert [unopened.resolution(c) for c in Bme280.channels] == pytest.approx([0.01, 0.012, 0.0256])
+    bus.close()
     p1, h1 = Rig(vclock, Bme280Options()).run(go)
     p16, h16 = Rig(vclock, Bme280Options(oversampling_p=16, oversampling_h=16)).run(go)
     # DS table 3: 2.62 Pa at x1 and 0.16 Pa at x16 (20 bit). Humidity: DS quotes 0.008 %RH for
