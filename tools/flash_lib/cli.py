@@ -1,0 +1,185 @@
+"""The command line of tools/flash.
+
+  tools/flash dir ROOTDIR   --device-id ID --endpoint coap://HOST:PORT [--psk-file F] [--chroot]
+  tools/flash image FILE.img --device-id ID --endpoint coap://HOST:PORT [--psk-file F]
+  tools/flash ssh USER@HOST[:PORT] --device-id ID --endpoint URL [-i KEY] [--prefix DIR]
+  tools/flash bundle OUTDIR [--arch aarch64] [--python-version 3.11]
+
+Every target: --dry-run prints the plan and changes nothing; a second run says "nothing to do".
+Exit status 0 on success, 1 on an error (one line on stderr), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from flash_lib import bundle as bundlemod
+from flash_lib.errors import FlashError
+from flash_lib.provision import PROJECT_ROOT, TEMPLATE, Settings, provision
+from flash_lib.sshfs import parse_destination
+from flash_lib.targets import DirTarget, ImageTarget, SshTarget, Target
+
+
+def _bundle_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--arch",
+        choices=bundlemod.ARCHES,
+        help="the target's CPU (default: found from the target's python3, else this host's)",
+    )
+    p.add_argument(
+        "--python-version",
+        dest="python",
+        metavar="X.Y",
+        help="the target's Python (default: found from the target, else this host's)",
+    )
+    p.add_argument(
+        "--glibc",
+        metavar="X.Y",
+        help="the target's glibc, for the manylinux wheels of a foreign target (default 2.36)",
+    )
+    p.add_argument(
+        "--pip-python",
+        metavar="PYTHON",
+        help="the python whose pip builds the bundle (default: .venv/bin/python, else this one)",
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-id", required=True, help="the device's id (agent.device_id)")
+    p.add_argument("--endpoint", required=True, help="the cloud endpoint, coap://HOST:PORT")
+    p.add_argument("--psk-identity", default="", help="DTLS-PSK identity (default: the device id)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--psk", default="", help="DTLS pre-shared key (visible in ps: prefer --psk-file)"
+    )
+    secret.add_argument("--psk-file", type=Path, help="a file holding the pre-shared key")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        help="a wheel bundle made by `tools/flash bundle` (default: build one, cached)",
+    )
+    p.add_argument(
+        "--template",
+        type=Path,
+        default=TEMPLATE,
+        help="the agent.toml template (default: systemd/agent.toml.in)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    _bundle_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tools/flash",
+        description="Install edge-agent onto a device: a root filesystem directory, a Raspberry "
+        "Pi OS image, or a live device over SSH. Idempotent; --dry-run prints the plan.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("dir", help="into a mounted root filesystem (an SD card's rootfs)")
+    p.add_argument("root", type=Path, help="the root filesystem's directory")
+    p.add_argument(
+        "--boot", type=Path, help="the mounted boot partition (with config.txt), if not in ROOT"
+    )
+    p.add_argument(
+        "--chroot",
+        action="store_true",
+        help="build the venv now with chroot ROOT (same CPU as this host only)",
+    )
+    _common(p)
+
+    p = sub.add_parser("image", help="into a Raspberry Pi OS disk image file (no mounting)")
+    p.add_argument("image", type=Path, help="the .img file (MBR: 1 FAT bootfs, 2 ext4 rootfs)")
+    _common(p)
+
+    p = sub.add_parser("ssh", help="onto a live device over SSH")
+    p.add_argument("destination", help="USER@HOST or USER@HOST:PORT")
+    p.add_argument("-i", "--identity", type=Path, help="the SSH private key to log in with")
+    p.add_argument("--known-hosts", type=Path, help="the known_hosts file to check the host key")
+    p.add_argument(
+        "--host-key-check",
+        choices=("yes", "accept-new", "no"),
+        default="accept-new",
+        help="ssh StrictHostKeyChecking (default accept-new: a new device's key is learnt, "
+        "a changed key is refused)",
+    )
+    p.add_argument(
+        "--prefix",
+        default="/",
+        help="install under this directory of the device instead of / (for tests)",
+    )
+    p.add_argument(
+        "--no-start", action="store_true", help="do not (re)start the service afterwards"
+    )
+    _common(p)
+
+    p = sub.add_parser("bundle", help="only build the offline wheel bundle into OUTDIR")
+    p.add_argument("out", type=Path)
+    _bundle_options(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    psk = args.psk
+    if args.psk_file is not None:
+        try:
+            psk = args.psk_file.read_text().strip()
+        except OSError as err:
+            raise FlashError(f"--psk-file {args.psk_file}: {err.strerror}") from None
+    return Settings(
+        device_id=args.device_id,
+        endpoint=args.endpoint,
+        psk_identity=args.psk_identity,
+        psk=psk,
+        template=args.template,
+        bundle_dir=args.bundle,
+        arch=args.arch,
+        python=args.python,
+        glibc=args.glibc,
+        pip_python=args.pip_python,
+        dry_run=args.dry_run,
+        start=not getattr(args, "no_start", False),
+    )
+
+
+def _target(args: argparse.Namespace) -> Target:
+    if args.command == "dir":
+        return DirTarget(args.root, boot=args.boot, chroot=args.chroot)
+    if args.command == "image":
+        return ImageTarget(args.image)
+    return SshTarget(
+        parse_destination(args.destination),
+        prefix=args.prefix,
+        identity=args.identity,
+        known_hosts=args.known_hosts,
+        host_key_check=args.host_key_check,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bundle":
+            b = bundlemod.build(
+                args.out,
+                PROJECT_ROOT,
+                arch=args.arch or bundlemod.host_arch(),
+                python=args.python or bundlemod.host_python(),
+                glibc=args.glibc,
+                pip_python=args.pip_python,
+            )
+            print(
+                f"bundle: {b.dir} ({b.arch}, Python {b.python}, {len(b.files)} wheels, id {b.id})"
+            )
+            return 0
+        settings = _settings(args)
+        provision(_target(args), settings, say=lambda line: print(line, flush=True))
+        return 0
+    except FlashError as err:
+        print(f"tools/flash: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tools/flash: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,392 @@
+"""What tools/flash puts on a device, and the run that puts it there (or prints the plan).
+
+On every target: the service account (edge-agent, in groups i2c and dialout), the wheel bundle and
+its installer in /opt/edge-agent, /etc/edge-agent/agent.toml (0600 edge-agent) from the template,
+the units in /etc/systemd/system with their enable symlinks, i2c-dev loaded at boot with its
+nodes in group i2c, and ``dtparam=i2c_arm=on`` in a Pi's config.txt. The venv is built now where
+the target's python can run (SSH, ``dir --chroot``, ``dir /``), else at first boot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flash_lib import accounts, bootcfg
+from flash_lib import bundle as bundlemod
+from flash_lib.errors import FlashError
+from flash_lib.plan import Absent, Change, Dir, Entry, File, Link, Names, apply, reconcile
+from flash_lib.progress import Progress
+from flash_lib.targets import PythonFacts, Target
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SYSTEMD_DIR = PROJECT_ROOT / "systemd"
+TEMPLATE = SYSTEMD_DIR / "agent.toml.in"
+
+USER = "edge-agent"
+GROUPS = ("i2c", "dialout")
+HOME = "/var/lib/edge-agent"
+OPT = "/opt/edge-agent"
+BUNDLE = f"{OPT}/bundle"
+VENV = f"{OPT}/venv"
+INSTALLER = f"{OPT}/install-venv"
+VENV_STAMP = f"{VENV}/.bundle-id"
+CONF_DIR = "/etc/edge-agent"
+CONF = f"{CONF_DIR}/agent.toml"
+UNIT_DIR = "/etc/systemd/system"
+SERVICE = "edge-agent.service"
+INSTALL_SERVICE = "edge-agent-install.service"
+MODULES_CONF = "/etc/modules-load.d/edge-agent.conf"
+UDEV_RULES = "/etc/udev/rules.d/60-edge-agent-i2c.rules"
+ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
+
+DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # the same rule as agent/config.py
+ENDPOINT_SCHEMES = ("coap", "coaps", "coap+tcp", "coaps+tcp")
+UDEV_TEXT = (
+    "# Written by tools/flash: I2C bus nodes (/dev/i2c-*) for members of group i2c, so that\n"
+    "# edge-agent.service (SupplementaryGroups=i2c) can open them without root.\n"
+    'SUBSYSTEM=="i2c-dev", GROUP="i2c", MODE="0660"\n'
+)
+MODULES_TEXT = "# Written by tools/flash: /dev/i2c-* for edge-agent.\ni2c-dev\n"
+
+
+@dataclass(frozen=True)
+class Settings:
+    device_id: str
+    endpoint: str
+    psk_identity: str = ""
+    psk: str = ""
+    template: Path = TEMPLATE
+    bundle_dir: Path | None = None
+    arch: str | None = None
+    python: str | None = None
+    glibc: str | None = None
+    pip_python: str | None = None
+    dry_run: bool = False
+    start: bool = True
+
+
+def check_settings(s: Settings) -> None:
+    if not DEVICE_ID.match(s.device_id):
+        raise FlashError(
+            f"--device-id {s.device_id!r}: 1-63 letters, digits, '_', '-', '.', "
+            "starting with a letter"
+        )
+    parts = urlsplit(s.endpoint)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (
+        parts.scheme not in ENDPOINT_SCHEMES
+        or not parts.hostname
+        or port == -1
+        or any(c.isspace() or ord(c) < 32 for c in s.endpoint)
+    ):
+        raise FlashError(
+            f"--endpoint {s.endpoint!r}: expected coap://HOST:PORT (or coaps://, coap+tcp://)"
+        )
+    if any(ord(c) < 32 for c in s.psk + s.psk_identity):
+        raise FlashError("--psk/--psk-identity: control characters are not allowed")
+
+
+def toml_string(value: str) -> str:
+    """``value`` escaped for the inside of a TOML basic string."""
+    return json.dumps(value, ensure_ascii=False)[1:-1]
+
+
+def render_config(template: str, s: Settings) -> str:
+    values = {
+        "@DEVICE_ID@": s.device_id,
+        "@ENDPOINT@": s.endpoint,
+        "@PSK_IDENTITY@": s.psk_identity or s.device_id,
+        "@PSK@": s.psk,
+    }
+    text = template
+    for token, value in values.items():
+        text = text.replace(token, toml_string(value))
+    left = sorted(set(re.findall(r"@[A-Z_]+@", text)))
+    if left:
+        raise FlashError(f"config template: unknown placeholders {', '.join(left)}")
+    return text
+
+
+def installer_script(b: bundlemod.Bundle) -> str:
+    return f"""#!/bin/sh
+# Builds {VENV} from the offline wheel bundle beside this script: run by
+# {INSTALL_SERVICE} at first boot, or by tools/flash where the device's python can run.
+# Written by tools/flash for bundle {b.id}; it is replaced with the next bundle.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd -P)
+bundle="$here/bundle"
+venv="$here/venv"
+want="{b.id}"
+have=$(cat "$venv/.bundle-id" 2>/dev/null || true)
+if [ -x "$venv/bin/edge-agent" ] && [ "$have" = "$want" ]; then
+  echo "edge-agent-install: $venv is up to date"
+  exit 0
+fi
+py=/usr/bin/python3
+[ -x "$py" ] || py=$(command -v python3 || true)
+if [ -z "$py" ]; then
+  echo "edge-agent-install: no python3 on this device: install python3" >&2
+  exit 1
+fi
+echo "edge-agent-install: building $venv from $bundle with $py"
+rm -rf "$venv"
+"$py" -m venv --without-pip "$venv"
+PIP_CONFIG_FILE=/dev/null "$venv/bin/python" "$bundle/{b.pip}/pip" install --isolated \\
+  --no-index --find-links "$bundle" --no-cache-dir --disable-pip-version-check \\
+  --no-warn-script-location --quiet "$bundle/{b.project}"
+echo "$want" >"$venv/.bundle-id"
+echo "edge-agent-install: done"
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    changes: list[Change]
+    account_changes: list[str]
+    boot: tuple[object, bytes, str] | None  # (BootConfig, new content, description)
+    build_venv: bool
+    notes: list[str]
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes and self.boot is None and not self.build_venv
+
+
+def _facts(target: Target, s: Settings, say: Callable[[str], None]) -> tuple[str, str]:
+    facts: PythonFacts | None = target.python()
+    if facts is not None:
+        for given, found, what in ((s.arch, facts.arch, "--arch"), (s.python, facts.version, "")):
+            if given and given != found:
+                raise FlashError(
+                    f"{what or '--python-version'} {given}, but the target runs {found} "
+                    f"({facts.where})"
+                )
+        say(f"target: {target.label} ({facts.arch}, Python {facts.version}: {facts.where})")
+        return facts.arch, facts.version
+    arch = s.arch or bundlemod.host_arch()
+    python = s.python or bundlemod.host_python()
+    say(
+        f"target: {target.label}: no /usr/bin/python3 found; building for {arch}, Python "
+        f"{python} (the device needs python3 before its first boot)"
+    )
+    return arch, python
+
+
+def _bundle(s: Settings, arch: str, python: str, say: Callable[[str], None]) -> bundlemod.Bundle:
+    if s.bundle_dir is not None:
+        b = bundlemod.load(s.bundle_dir)
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        b = bundlemod.build(
+            cache / "edge-agent" / f"bundle-{arch}-py{python}",
+            PROJECT_ROOT,
+            arch=arch,
+            python=python,
+            glibc=s.glibc,
+            pip_python=s.pip_python,
+        )
+    if (b.arch, b.python) != (arch, python):
+        raise FlashError(
+            f"bundle {b.dir} is for {b.arch}, Python {b.python}, but the target runs {arch}, "
+            f"Python {python}: tools/flash bundle DIR --arch {arch} --python-version {python}"
+        )
+    size = b.total_bytes / 1e6
+    say(f"bundle: {b.dir} ({b.project}, {len(b.files)} wheels, {size:.1f} MB, id {b.id})")
+    return b
+
+
+def _read_optional(target: Target, path: str) -> str | None:
+    st = target.fs.stat(path)
+    if st is None or st["kind"] != "file":
+        return None
+    return target.fs.read(path).decode("utf-8")
+
+
+def _names(group_text: str, uid: int, gid: int) -> Names:
+    groups = {0: "root", gid: USER}
+    for line in group_text.splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[2].isdigit():
+            groups.setdefault(int(fields[2]), fields[0])
+    return Names(users={0: "root", uid: USER}, groups=groups)
+
+
+def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
+    fs = target.fs
+    arch, python = _facts(target, s, say)
+    b = _bundle(s, arch, python, say)
+    notes: list[str] = []
+
+    # The account.
+    texts = {p: _read_optional(target, p) for p in (*ACCOUNT_FILES, "/etc/login.defs")}
+    shell = next(
+        (sh for sh in accounts.NOLOGIN_SHELLS if fs.stat(sh) is not None),
+        accounts.NOLOGIN_SHELLS[0],
+    )
+    acct = accounts.plan_accounts(
+        texts,
+        user=USER,
+        home=HOME,
+        groups=GROUPS,
+        shell=shell,
+        today=int(time.time() // 86400),
+    )
+    uid, gid = acct.uid, acct.gid
+    names = _names(acct.files.get("/etc/group", texts["/etc/group"] or ""), uid, gid)
+    entries: list[Entry] = []
+    for path, text in acct.files.items():
+        st = fs.stat(path) or {"mode": 0o640 if "shadow" in path else 0o644, "uid": 0, "gid": 0}
+        entries.append(
+            File(path, text.encode(), mode=st["mode"], uid=st["uid"], gid=st["gid"], note="account")
+        )
+
+    # The bundle and its installer.
+    entries += [Dir("/opt", enforce=False), Dir(OPT), Dir(BUNDLE)]
+    wanted = set(b.files) | {bundlemod.BUNDLE_JSON}
+    if fs.stat(BUNDLE) is not None:
+        for name in fs.listdir(BUNDLE):
+            if name not in wanted:
+                entries.append(Absent(f"{BUNDLE}/{name}", "not in the new bundle"))
+    for name, digest in sorted(b.files.items()):
+        entries.append(File(f"{BUNDLE}/{name}", source=b.dir / name, digest=digest))
+    entries.append(File(f"{BUNDLE}/{bundlemod.BUNDLE_JSON}", (b.dir / "bundle.json").read_bytes()))
+    entries.append(File(INSTALLER, installer_script(b).encode(), mode=0o755))
+
+    # The configuration: it holds the credentials, so only the service user reads it.
+    try:
+        template = s.template.read_text()
+    except OSError as err:
+        raise FlashError(f"{s.template}: cannot read the config template: {err.strerror}") from None
+    config = render_config(template, s).encode()
+    entries += [
+        Dir(CONF_DIR),
+        File(CONF, config, mode=0o600, uid=uid, gid=gid, secret=True),
+    ]
+
+    # The units, enabled the way `systemctl enable` does it.
+    entries += [Dir("/etc/systemd", enforce=False), Dir(UNIT_DIR, enforce=False)]
+    for unit in (SERVICE, INSTALL_SERVICE):
+        entries.append(File(f"{UNIT_DIR}/{unit}", (SYSTEMD_DIR / unit).read_bytes()))
+    entries += [
+        Dir(f"{UNIT_DIR}/multi-user.target.wants", enforce=False),
+        Link(f"{UNIT_DIR}/multi-user.target.wants/{SERVICE}", f"{UNIT_DIR}/{SERVICE}"),
+        Dir(f"{UNIT_DIR}/{SERVICE}.requires", enforce=False),
+        Link(f"{UNIT_DIR}/{SERVICE}.requires/{INSTALL_SERVICE}", f"{UNIT_DIR}/{INSTALL_SERVICE}"),
+    ]
+
+    # /dev/i2c-*: the kernel module at boot, the nodes in group i2c.
+    entries += [
+        Dir("/etc/modules-load.d", enforce=False),
+        File(MODULES_CONF, MODULES_TEXT.encode()),
+        Dir("/etc/udev", enforce=False),
+        Dir("/etc/udev/rules.d", enforce=False),
+        File(UDEV_RULES, UDEV_TEXT.encode()),
+    ]
+
+    # The venv: current, built now, or rebuilt at first boot.
+    venv_current = fs.stat(f"{VENV}/bin/edge-agent") is not None and (
+        fs.stat(VENV_STAMP) is not None and fs.read(VENV_STAMP).decode().strip() == b.id
+    )
+    build_venv = False
+    if not venv_current:
+        if target.venv_now():
+            build_venv = True
+        elif fs.stat(f"{VENV}/bin/edge-agent") is not None:
+            entries.append(
+                Absent(f"{VENV}/bin/edge-agent", f"{INSTALL_SERVICE} rebuilds the venv at boot")
+            )
+        else:
+            notes.append(f"the venv is built at first boot by {INSTALL_SERVICE} (no internet)")
+
+    changes = reconcile(fs, entries, names)
+
+    # config.txt on a Pi.
+    boot_change = None
+    boot = target.boot_config()
+    if boot is None:
+        notes.append("no config.txt found (not a Pi, or pass --boot DIR): I2C left as it is")
+    else:
+        old = boot.read()
+        if old is None:
+            raise FlashError(f"{boot.where}: missing")
+        new, what = bootcfg.enable_i2c(old.decode("utf-8"))
+        if what is not None:
+            boot_change = (boot, new.encode("utf-8"), f"{boot.where}: {what}")
+    return Plan(changes, acct.changes, boot_change, build_venv, notes)
+
+
+def print_plan(plan: Plan, say: Callable[[str], None]) -> None:
+    n = len(plan.changes) + (plan.boot is not None) + plan.build_venv
+    say(f"plan ({n} change{'s' if n != 1 else ''}):")
+    for line in plan.account_changes:
+        say(f"  account: {line}")
+    for c in plan.changes:
+        say(f"  {c.text}")
+    if plan.boot is not None:
+        say(f"  config.txt: {plan.boot[2]}")
+    if plan.build_venv:
+        say(f"  build {VENV} on the device from {BUNDLE} (pip, offline)")
+
+
+def _run_checked(target: Target, argv: list[str], what: str) -> None:
+    result = target.run(argv)
+    if result["rc"] != 0:
+        tail = result["output"].strip().splitlines()[-15:]
+        shown = "\n  ".join(tail)
+        raise FlashError(f"{what} failed (exit {result['rc']}):\n  {shown}")
+
+
+def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -> int:
+    """Plan and (unless dry-run) apply; returns the number of changes made."""
+    check_settings(s)
+    target.open()
+    try:
+        plan = make_plan(target, s, say)
+        if plan.empty:
+            say(f"nothing to do: {target.label} is up to date")
+            return 0
+        print_plan(plan, say)
+        if s.dry_run:
+            for note in plan.notes:
+                say(f"note: {note}")
+            say("dry run: nothing was changed")
+            return 0
+        total = sum(c.size for c in plan.changes)
+        progress = Progress(f"copying to {target.label}", total or None)
+        if target.live and plan.build_venv:
+            target.run(["systemctl", "stop", SERVICE])
+        apply(target.fs, plan.changes, progress.advance)
+        progress.done()
+        if plan.boot is not None:
+            boot, data, _ = plan.boot
+            boot.write(data)  # type: ignore[attr-defined]
+        if plan.build_venv:
+            say(f"building {VENV} on the device (offline pip install; a minute or more) ...")
+            _run_checked(target, [target.on_target(INSTALLER)], "building the venv")
+        if target.live:
+            _run_checked(target, ["systemctl", "daemon-reload"], "systemctl daemon-reload")
+            target.run(["udevadm", "control", "--reload"])
+            target.run(["modprobe", "i2c-dev"])
+            if s.start:
+                _run_checked(target, ["systemctl", "restart", SERVICE], "starting edge-agent")
+                say(f"started {SERVICE} (journalctl -u edge-agent -f to follow it)")
+        n = len(plan.changes) + (plan.boot is not None) + plan.build_venv
+        say(f"done: {n} change{'s' if n != 1 else ''} on {target.label}")
+        for note in plan.notes:
+            say(f"note: {note}")
+        if plan.boot is not None:
+            say("note: I2C is on after the next boot")
+        return n
+    finally:
+        target.close()
