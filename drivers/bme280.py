@@ -15,8 +15,8 @@ data registers then read 0x80000 / 0x8000). The driver omits such a channel: it 
 channel that is configured but reads the skip marker raises DeviceDataError. Temperature cannot be
 skipped: pressure and humidity compensation need its ``t_fine``.
 
-Logging policy: debug for each conversion, info when the part is opened or closed, warning when
-it misbehaves (the error raised says what happened).
+Logging policy: debug for each conversion, info when the part is opened or closed. A part that
+misbehaves raises a DriverError saying what happened; the caller decides how loudly to log it.
 """
 
 from __future__ import annotations
@@ -319,11 +319,11 @@ def decode_data(block: bytes) -> tuple[int, int, int]:
 #: Plausibility limits: the operating range (DS table 1) with a margin; values beyond come from
 #: corrupted data, not from the air around a pump.
 TEMPERATURE_LIMITS_C = (-45.0, 90.0)
+PRESSURE_LIMITS_HPA = (250.0, 1150.0)
 #: Typical steps before the calibration is known: DS table 3 gives 0.16 Pa for a 20-bit pressure
 #: (2.62 Pa at 16 bit, x1); the integer humidity routine moves in steps of about 0.012 %RH.
 NOMINAL_PRESSURE_STEP_PA = 0.16
 NOMINAL_HUMIDITY_STEP_RH = 0.012
-PRESSURE_LIMITS_HPA = (250.0, 1150.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,10 +546,11 @@ class Bme280(BaseDriver):
         current settings (oversampling and filter set the ADC step, DS 3.4.2/3.4.3).
 
         temperature_c: 0.01 degC (the compensation output step; one ADC step is finer).
-        pressure_hpa, humidity_rh: found from the calibration at the last temperature read
-        (25 degC before the first read): about 0.027 hPa at x1 and 0.0017 hPa at x16 or with the
-        filter; about 0.012 %RH (the humidity routine drops the lowest ADC bit). Before
-        :meth:`open` has read the calibration, typical values are returned.
+        pressure_hpa, humidity_rh: found from the calibration at the last temperature read,
+        rounded to a whole degree (25 degC before the first read): about 0.027 hPa at x1 and
+        0.0017 hPa at x16 or with the filter; about 0.012 %RH (the humidity routine drops the
+        lowest ADC bit). Before :meth:`open` has read the calibration, typical values are
+        returned.
         """
         o = self.options
         if channel == "temperature_c":
@@ -561,7 +562,9 @@ class Bme280(BaseDriver):
             if channel == "humidity_rh":
                 return NOMINAL_HUMIDITY_STEP_RH
             raise KeyError(channel)
-        t_fine = self._t_fine if self._t_fine is not None else 25 * 5120
+        # The step hardly changes with temperature: evaluate it per whole degree (t_fine / 5120
+        # is degC), which also bounds the cache to the ~130 degrees of the operating range.
+        t_fine = round((self._t_fine if self._t_fine is not None else 25 * 5120) / 5120) * 5120
         key = (channel, t_fine)
         cached = self._resolution_cache.get(key)
         if cached is not None:
