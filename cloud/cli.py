@@ -1,0 +1,329 @@
+"""The ``edge-agent-cloud`` command line: run the reference endpoint and look at its data.
+
+edge-agent-cloud serve --listen HOST:PORT --data DIR [--allow-any-device]
+edge-agent-cloud devices add --data DIR ID [ID ...]
+edge-agent-cloud devices list --data DIR [--json]
+edge-agent-cloud export --data DIR --device ID [--since T] [--format csv|json] [--output FILE]
+edge-agent-cloud desired set (--data DIR | --server URI) --device ID KEY=VALUE [...]
+edge-agent-cloud desired show --data DIR --device ID
+edge-agent-cloud reported show --data DIR --device ID
+
+``desired set --data`` writes the database directly; a server running on it notices within a
+second and notifies the device's observers. ``--server coap://HOST:PORT`` sends a CoAP PUT instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agent import logsetup, records
+from agent.codec import CF_CBOR, DEVICE_ID
+from cloud import export, statedoc
+from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
+from cloud.statedoc import StateError
+from cloud.storage import DocumentTooLarge, SQLiteStorage, StorageUnavailable, UnknownDevice
+
+EX_OK = 0
+EX_FAIL = 1
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+
+REQUEST_TIMEOUT = 10.0  # seconds for `desired set --server`
+
+log = logging.getLogger("cloud.cli")
+
+
+class UsageError(Exception):
+    """A bad argument: exit 64 with the message."""
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, ``HOST`` or ``:PORT`` -> (host, port)."""
+    host, port = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"--listen {text}: missing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise UsageError(f"--listen {text}: expected [ADDR]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    host = host or DEFAULT_HOST
+    if not port:
+        return host, DEFAULT_PORT
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {text}: port must be 0..65535")
+    return host, int(port)
+
+
+def parse_since(text: str | None) -> float | None:
+    """Unix seconds, or an ISO 8601 date/time (UTC unless it names an offset)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since {text}: expected Unix seconds or ISO 8601 time") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def _device(text: str) -> str:
+    if not DEVICE_ID.match(text):
+        raise UsageError(
+            f"{text!r} is not a valid device id (a letter, then letters, digits, _ . -)"
+        )
+    return text
+
+
+def _open(data: str) -> SQLiteStorage:
+    return SQLiteStorage.in_dir(data)
+
+
+# -- serve ----------------------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen)
+    server = await CloudServer.start(args.data, host, port, allow_any_device=args.allow_any_device)
+    print(f"edge-agent-cloud listening on {server.uri}, data in {args.data}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    return EX_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve(args))
+
+
+# -- devices --------------------------------------------------------------------------------------
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    storage = _open(args.data)
+    try:
+        if args.action == "add":
+            for device in args.ids:
+                added = storage.add_device(_device(device), time.time())
+                print(f"{device}: {'registered' if added else 'already registered'}")
+            return EX_OK
+        infos = storage.devices()
+    finally:
+        storage.close()
+    if args.json:
+        json.dump([dataclasses.asdict(info) for info in infos], sys.stdout, indent=2)
+        print()
+        return EX_OK
+    print(f"{'device':<24} {'records':>8} {'last seq':>9} {'desired rev':>11}  last seen")
+    for info in infos:
+        seen = (
+            dt.datetime.fromtimestamp(info.last_seen, dt.UTC).isoformat(timespec="seconds")
+            if info.last_seen
+            else "never"
+        )
+        last = "-" if info.last_seq is None else str(info.last_seq)
+        print(f"{info.id:<24} {info.records:>8} {last:>9} {info.desired_rev:>11}  {seen}")
+    return EX_OK
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    since = parse_since(args.since)
+    storage = _open(args.data)
+    try:
+        if storage.device(device) is None:
+            raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
+        stored = storage.records(device, since)
+    finally:
+        storage.close()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8", newline="") as out:
+            count = export.write(stored, out, args.format)
+        print(f"{count} rows from {len(stored)} records -> {args.output}", file=sys.stderr)
+    else:
+        export.write(stored, sys.stdout, args.format)
+    return EX_OK
+
+
+# -- desired / reported ---------------------------------------------------------------------------
+
+
+def _print_entries(doc: dict[str, Any]) -> None:
+    json.dump(statedoc.to_json(doc), sys.stdout, indent=2, sort_keys=True)
+    print()
+
+
+async def _put_desired(uri: str, device: str, changes: dict[str, Any]) -> int:
+    import aiocoap
+    from aiocoap import Code, Message
+
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        request = Message(
+            code=Code.PUT,
+            uri=f"{uri.rstrip('/')}/state/{device}/desired",
+            payload=records.dumps(changes),
+            content_format=CF_CBOR,
+        )
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            response = await ctx.request(request).response
+    except (TimeoutError, aiocoap.error.Error, OSError) as err:
+        print(f"error: no answer from {uri}: {err or type(err).__name__}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    finally:
+        await ctx.shutdown()
+    if not response.code.is_successful():
+        text = response.payload.decode("utf-8", "replace")
+        print(f"error: {response.code}: {text}", file=sys.stderr)
+        return EX_FAIL
+    _print_entries(records.loads(response.payload))
+    return EX_OK
+
+
+def cmd_desired(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    if args.action == "set":
+        if not args.assignments:
+            raise UsageError("desired set: give at least one KEY=VALUE")
+        try:
+            changes = dict(statedoc.parse_assignment(a) for a in args.assignments)
+        except StateError as err:
+            raise UsageError(str(err)) from None
+        if args.server:
+            return asyncio.run(_put_desired(args.server, device, changes))
+        if not args.data:
+            raise UsageError("desired set: give --data DIR or --server URI")
+        storage = _open(args.data)
+        try:
+            limit = Limits().desired_doc_bytes
+            doc, changed = storage.put_desired(device, changes, time.time(), None, limit)
+        finally:
+            storage.close()
+        _print_entries({"rev": doc.rev, "changed": changed})
+        return EX_OK
+    if not args.data:
+        raise UsageError("desired show: give --data DIR")
+    storage = _open(args.data)
+    try:
+        doc = storage.desired(device)
+    finally:
+        storage.close()
+    _print_entries(records.loads(doc.to_cbor()))
+    return EX_OK
+
+
+def cmd_reported(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    storage = _open(args.data)
+    try:
+        if storage.device(device) is None:
+            raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
+        entries = storage.reported(device)
+    finally:
+        storage.close()
+    _print_entries({k: [e.version, e.value] for k, e in entries.items()})
+    return EX_OK
+
+
+# -- the parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent-cloud", description="The reference CoAP cloud endpoint of edge-agent."
+    )
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the endpoint")
+    p.add_argument("--listen", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}", help="HOST:PORT")
+    p.add_argument("--data", required=True, help="data directory (created if missing)")
+    p.add_argument(
+        "--allow-any-device", action="store_true", help="register unknown devices on first contact"
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("devices", help="the device registry")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("add", help="register devices")
+    q.add_argument("--data", required=True)
+    q.add_argument("ids", nargs="+", metavar="ID")
+    q = dsub.add_parser("list", help="list registered devices")
+    q.add_argument("--data", required=True)
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("export", help="print the records a device sent")
+    p.add_argument("--data", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--since", help="only records with time >= T (Unix seconds or ISO 8601)")
+    p.add_argument("--format", choices=export.FORMATS, default="csv")
+    p.add_argument("--output", help="write to this file instead of standard output")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("desired", help="desired state of a device")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("set", help="set desired keys (KEY=VALUE, VALUE as JSON or text)")
+    q.add_argument("--data")
+    q.add_argument("--server", help="coap://HOST:PORT of a running endpoint")
+    q.add_argument("--device", required=True)
+    q.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
+    q = dsub.add_parser("show", help="print the desired document")
+    q.add_argument("--data", required=True)
+    q.add_argument("--device", required=True)
+    p.set_defaults(func=cmd_desired)
+
+    p = sub.add_parser("reported", help="reported state of a device")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("show", help="print the reported state")
+    q.add_argument("--data", required=True)
+    q.add_argument("--device", required=True)
+    p.set_defaults(func=cmd_reported)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logsetup.setup(args.log_level)
+    try:
+        return int(args.func(args))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EX_USAGE
+    except (UnknownDevice, StorageUnavailable, StateError, DocumentTooLarge) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return EX_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,719 @@
+"""The reference cloud endpoint: an aiocoap server for ingest, device state and discovery.
+
+Resources (docs/protocol.md is the normative description):
+
+    GET  /.well-known/core                 RFC 6690 link format
+    POST /ingest/{device}                  a batch of records (SenML-CBOR, 112); answers an ack
+    GET  /state/{device}/reported          reported state
+    PUT  /state/{device}/reported          the device reports state (per-key versions)
+    GET  /state/{device}/desired           desired state; Observe (RFC 7641)
+    PUT  /state/{device}/desired           operators set desired state (If-Match supported)
+    GET  /devices/{device}                 the registry entry
+
+Use it in-process::
+
+    server = await CloudServer.start(data_dir, "127.0.0.1", 0)
+    ... server.port, await server.records("pump-01") ...
+    await server.stop()
+
+Every request that is not understood gets a 4.xx with a diagnostic payload (RFC 7252 section
+5.5.2) and the server goes on; an unavailable database gets 5.03 with Max-Age. Logging policy:
+debug per request, info for start/stop and registrations, warning for peers that send bad
+requests (rate limited), error for lost function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiocoap
+import aiocoap.error
+import aiocoap.interfaces
+from aiocoap import Message
+from aiocoap.blockwise import ContinueException
+from aiocoap.numbers.codes import Code
+from aiocoap.numbers.optionnumbers import OptionNumber
+
+from agent import codec, records
+from agent.clock import Clock, RealClock
+from agent.codec import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
+from cloud import statedoc
+from cloud.statedoc import StateError
+from cloud.storage import (
+    DocumentTooLarge,
+    PreconditionFailed,
+    SQLiteStorage,
+    Storage,
+    StorageThread,
+    StorageUnavailable,
+    UnknownDevice,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5683
+
+# Timing (seconds); tests may shorten them.
+RETRY_AFTER = 10  # Max-Age of a 5.03 answer
+DESIRED_MAX_AGE = 300  # Max-Age of desired state; observers are refreshed before it runs out
+DESIRED_REFRESH = 240.0
+POLL_INTERVAL = 1.0  # how often to look for desired state written by another process
+BLOCK1_LIFETIME = 93.0  # RFC 7252 MAX_TRANSMIT_WAIT: an unfinished Block1 upload is dropped
+WARN_WINDOW = 10.0  # at most WARN_BURST warnings about bad requests per window
+WARN_BURST = 10
+
+RESOURCE_TYPES = {
+    "ingest": "edge-agent.ingest",
+    "reported": "edge-agent.state.reported",
+    "desired": "edge-agent.state.desired",
+    "device": "edge-agent.device",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits (bytes, records). Larger requests get 4.13 with Size1 = the limit."""
+
+    batch_bytes: int = 64 * 1024
+    batch_records: int = 4096
+    state_bytes: int = 8 * 1024
+    desired_doc_bytes: int = 1024  # a notification must fit one datagram
+    open_uploads: int = 64  # Block1 uploads in progress at once
+
+
+class _Failure(Exception):
+    """An error answer: code, diagnostic text, and options."""
+
+    def __init__(self, code: Code, message: str, **options: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.options = options
+
+    def to_message(self) -> Message:
+        msg = Message(code=self.code, payload=self.message.encode("utf-8")[:200])
+        for name, value in self.options.items():
+            setattr(msg.opt, name, value)
+        return msg
+
+
+class _RenderedFailure(aiocoap.error.RenderableError):
+    """A :class:`_Failure` raised where aiocoap renders the error (Block1 reassembly)."""
+
+    def __init__(self, failure: _Failure) -> None:
+        super().__init__(failure.message)
+        self.failure = failure
+
+    def to_message(self) -> Message:
+        return self.failure.to_message()
+
+
+def _too_large(limit: int, what: str) -> _Failure:
+    return _Failure(
+        Code.REQUEST_ENTITY_TOO_LARGE, f"{what} is larger than {limit} bytes", size1=limit
+    )
+
+
+class _Block1Uploads:
+    """Block1 reassembly (RFC 7959 section 2.5) with a size limit per resource and a limit on
+    uploads in progress. It stands in for aiocoap's own spool (same ``feed_and_take``), which
+    has neither limit."""
+
+    def __init__(
+        self, limit_for: Callable[[Message], int], max_open: int, stats: Counter[str]
+    ) -> None:
+        self._limit_for = limit_for
+        self._max_open = max_open
+        self._stats = stats
+        self._open: dict[Any, tuple[Message, float]] = {}
+
+    @staticmethod
+    def _key(req: Message) -> Any:
+        ignore = [
+            OptionNumber.BLOCK1,
+            OptionNumber.BLOCK2,
+            OptionNumber.OBSERVE,
+            OptionNumber.SIZE1,
+        ]
+        return (req.remote.blockwise_key, req.code, req.get_cache_key(ignore))
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, (_, t) in self._open.items() if now - t > BLOCK1_LIFETIME]:
+            del self._open[key]
+
+    def feed_and_take(self, req: Message) -> Message:
+        block1 = req.opt.block1
+        if block1 is None:
+            return req
+        self._stats["block1_blocks"] += 1
+        limit = self._limit_for(req)
+        key = self._key(req)
+        now = time.monotonic()
+        self._expire(now)
+        if block1.block_number == 0:
+            self._open.pop(key, None)
+            if req.opt.size1 is not None and req.opt.size1 > limit:
+                raise _RenderedFailure(_too_large(limit, "the request body (Size1)"))
+            if len(req.payload) > limit:
+                raise _RenderedFailure(_too_large(limit, "the request body"))
+            if block1.more and len(self._open) >= self._max_open:
+                raise _RenderedFailure(
+                    _Failure(
+                        Code.SERVICE_UNAVAILABLE,
+                        "too many uploads in progress",
+                        max_age=RETRY_AFTER,
+                    )
+                )
+            assembled = req
+        else:
+            try:
+                assembled, _ = self._open.pop(key)
+            except KeyError:
+                raise aiocoap.error.RequestEntityIncomplete("no upload in progress") from None
+            if len(assembled.payload) + len(req.payload) > limit:
+                raise _RenderedFailure(_too_large(limit, "the request body"))
+            try:
+                assembled._append_request_block(req)
+            except ValueError:
+                raise aiocoap.error.RequestEntityIncomplete("block out of order") from None
+        if block1.more:
+            self._open[key] = (assembled, now)
+            raise ContinueException(block1)
+        self._stats["block1_uploads"] += 1
+        return assembled
+
+
+# Critical options (RFC 7252 section 5.4.1) this endpoint understands somewhere. Others: 4.02.
+_KNOWN_CRITICAL = frozenset(
+    {
+        OptionNumber.IF_MATCH,
+        OptionNumber.URI_HOST,
+        OptionNumber.URI_PORT,
+        OptionNumber.URI_PATH,
+        OptionNumber.URI_QUERY,
+        OptionNumber.ACCEPT,
+        OptionNumber.BLOCK2,
+        OptionNumber.BLOCK1,
+        OptionNumber.PROXY_URI,
+        OptionNumber.PROXY_SCHEME,
+    }
+)
+
+
+@dataclass(frozen=True)
+class _Route:
+    name: str  # wkc, ingest, reported, desired, device
+    device: str | None
+    methods: frozenset[Code]
+    queries: bool = False  # takes Uri-Query
+    conditional: bool = False  # takes If-Match
+
+
+def _route(path: tuple[str, ...]) -> _Route:
+    GET, POST, PUT = Code.GET, Code.POST, Code.PUT
+    match path:
+        case (".well-known", "core"):
+            return _Route("wkc", None, frozenset({GET}), queries=True)
+        case ("ingest", device):
+            return _Route("ingest", device, frozenset({POST}))
+        case ("state", device, "reported"):
+            return _Route("reported", device, frozenset({GET, PUT}))
+        case ("state", device, "desired"):
+            return _Route("desired", device, frozenset({GET, PUT}), conditional=True)
+        case ("devices", device):
+            return _Route("device", device, frozenset({GET}))
+    raise _Failure(Code.NOT_FOUND, "no such resource")
+
+
+class _Site(aiocoap.interfaces.ObservableResource):
+    """The endpoint's one resource tree: routes by Uri-Path, checks, and answers."""
+
+    def __init__(self, server: CloudServer) -> None:
+        super().__init__()
+        self._server = server
+        self._block1 = _Block1Uploads(self._limit_for, server.limits.open_uploads, server.stats)
+
+    def _limit_for(self, req: Message) -> int:
+        path = tuple(req.opt.uri_path)
+        if path[:1] == ("ingest",):
+            return self._server.limits.batch_bytes
+        return self._server.limits.state_bytes
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        return True
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        await aiocoap.interfaces.ObservableResource._render_to_pipe(self, pipe)
+
+    async def add_observation(self, request: Message, serverobservation: Any) -> None:
+        try:
+            route = self._server._check(request)
+        except _Failure:
+            return  # render answers the error; no observation
+        if route.name != "desired" or request.code != Code.GET or route.device is None:
+            return
+        try:
+            if not await self._server._known(route.device):
+                return
+        except StorageUnavailable:
+            return
+        self._server._observe(route.device, serverobservation)
+
+    async def render(self, request: Message) -> Message:
+        server = self._server
+        try:
+            response = await server._render(request)
+        except _Failure as failure:
+            response = failure.to_message()
+            server._bad_request(request, failure)
+        except StorageUnavailable as err:
+            log.error("event=storage_unavailable error=%s", err)
+            response = _Failure(
+                Code.SERVICE_UNAVAILABLE, "storage unavailable", max_age=RETRY_AFTER
+            ).to_message()
+        except Exception:
+            log.exception("event=internal_error path=%s", "/".join(request.opt.uri_path))
+            response = Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error")
+        server.responses[str(response.code)] += 1
+        return response
+
+
+def _link(href: str, **attrs: Any) -> str:
+    parts = [f"<{href}>"]
+    for name, value in attrs.items():
+        if value is True:
+            parts.append(name)
+        elif isinstance(value, int):
+            parts.append(f"{name}={value}")
+        else:
+            parts.append(f'{name}="{value}"')
+    return ";".join(parts)
+
+
+def _link_matches(link: dict[str, Any], queries: Iterable[str]) -> bool:
+    """RFC 6690 section 4.1 filtering: ``name=value``, a trailing ``*`` matches a prefix."""
+    for query in queries:
+        name, eq, wanted = query.partition("=")
+        have = link.get(name)
+        if have is None:
+            return False
+        if not eq:
+            continue  # a bare attribute name: present is enough
+        values = str(have).split(" ") if name in ("rt", "if") else [str(have)]
+        if wanted.endswith("*"):
+            if not any(v.startswith(wanted[:-1]) for v in values):
+                return False
+        elif wanted not in values:
+            return False
+    return True
+
+
+class CloudServer:
+    """The endpoint: a CoAP server, a storage thread, and the observers of desired state."""
+
+    def __init__(
+        self,
+        storage: StorageThread,
+        *,
+        allow_any_device: bool = False,
+        clock: Clock | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.storage = storage
+        self.allow_any_device = allow_any_device
+        self.clock = clock or RealClock()
+        self.limits = limits or Limits()
+        self.responses: Counter[str] = Counter()  # answers rendered, by code ("4.00 Bad Request")
+        self.stats: Counter[str] = Counter()  # block1_blocks, block1_uploads
+        self.host = DEFAULT_HOST
+        self.port = 0
+        self.data_dir: Path | None = None  # set by start() when the storage is SQLite in a dir
+        self._ctx: aiocoap.Context | None = None
+        self._known_devices: set[str] = set()
+        self._observers: dict[str, set[Any]] = {}
+        self._etags: dict[str, bytes] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._warned = 0
+        self._suppressed = 0
+        self._warn_window = 0.0
+
+    @classmethod
+    async def start(
+        cls,
+        data_dir: str | Path,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        allow_any_device: bool = False,
+        clock: Clock | None = None,
+        limits: Limits | None = None,
+        storage_factory: Callable[[], Storage] | None = None,
+    ) -> CloudServer:
+        """Open the storage in ``data_dir`` and listen on ``host:port`` (port 0: any free port)."""
+        factory = storage_factory or (lambda: SQLiteStorage.in_dir(data_dir))
+        thread = StorageThread(factory, clock)
+        await thread.start()
+        server = cls(thread, allow_any_device=allow_any_device, clock=clock, limits=limits)
+        server.data_dir = None if storage_factory else Path(data_dir)
+        try:
+            await server._listen(host, port)
+        except BaseException:
+            await thread.stop()
+            raise
+        return server
+
+    async def _listen(self, host: str, port: int) -> None:
+        self._ctx = await aiocoap.Context.create_server_context(
+            _Site(self), bind=(host, port), transports=["udp6"]
+        )
+        self.host = host
+        self.port = _bound_port(self._ctx) if port == 0 else port
+        self._poller = asyncio.create_task(self._poll(), name="cloud-desired-poll")
+        log.info(
+            "event=listening uri=%s allow_any_device=%s",
+            self.uri,
+            str(self.allow_any_device).lower(),
+        )
+
+    @property
+    def uri(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"coap://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        """Stop listening, end observations, close the storage."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            await ctx.shutdown()
+        self._observers.clear()
+        await self.storage.stop()
+        log.info("event=stopped")
+
+    # -- the operator and test API ---------------------------------------------------------------
+
+    async def db(self, fn: Callable[[Storage], T]) -> T:
+        """Run ``fn(storage)`` on the storage thread."""
+        return await self.storage.call(fn)
+
+    async def add_device(self, device: str) -> bool:
+        if not DEVICE_ID.match(device):
+            raise ValueError(f"{device!r} is not a valid device id")
+        now = self.clock.time()
+        added = await self.db(lambda s: s.add_device(device, now))
+        self._known_devices.add(device)
+        if added:
+            log.info("event=device_registered device=%s", device)
+        return added
+
+    async def records(self, device: str, since: float | None = None) -> list[Any]:
+        return await self.db(lambda s: s.records(device, since))
+
+    async def reported(self, device: str) -> dict[str, statedoc.Entry]:
+        return await self.db(lambda s: s.reported(device))
+
+    async def desired(self, device: str) -> statedoc.DesiredDoc:
+        return await self.db(lambda s: s.desired(device))
+
+    async def set_desired(
+        self, device: str, changes: dict[str, Any], if_match: list[bytes] | None = None
+    ) -> tuple[statedoc.DesiredDoc, list[str]]:
+        """Apply operator changes to desired state and notify the device's observers."""
+        now = self.clock.time()
+        limit = self.limits.desired_doc_bytes
+        doc, changed = await self.db(lambda s: s.put_desired(device, changes, now, if_match, limit))
+        if changed:
+            log.info(
+                "event=desired_changed device=%s rev=%d keys=%s", device, doc.rev, ",".join(changed)
+            )
+            self._desired_changed(device, doc.etag())
+        return doc, changed
+
+    # -- observation -----------------------------------------------------------------------------
+
+    def _observe(self, device: str, servobs: Any) -> None:
+        observers = self._observers.setdefault(device, set())
+        observers.add(servobs)
+
+        def cancelled() -> None:
+            observers.discard(servobs)
+            if not observers and self._observers.get(device) is observers:
+                del self._observers[device]
+
+        servobs.accept(cancelled)
+        log.debug("event=observe device=%s observers=%d", device, len(observers))
+
+    def observers(self, device: str) -> int:
+        return len(self._observers.get(device, ()))
+
+    def _desired_changed(self, device: str, etag: bytes) -> None:
+        if self._etags.get(device) == etag:
+            return
+        self._etags[device] = etag
+        for servobs in list(self._observers.get(device, ())):
+            servobs.trigger()
+
+    async def _poll(self) -> None:
+        """Notice desired state written by another process (the CLI), and refresh observers."""
+        last_version: int | None = None
+        last_refresh = self.clock.monotonic()
+        while True:
+            await self.clock.sleep(POLL_INTERVAL)
+            try:
+                version = await self.db(lambda s: s.data_version())
+                if version != last_version and last_version is not None:
+                    for device in list(self._observers):
+                        doc = await self.db(lambda s, d=device: s.desired(d))
+                        self._desired_changed(device, doc.etag())
+                last_version = version
+            except (StorageUnavailable, UnknownDevice) as err:
+                log.debug("event=poll_failed error=%s", err)
+            if self.clock.monotonic() - last_refresh >= DESIRED_REFRESH:
+                last_refresh = self.clock.monotonic()
+                for observers in list(self._observers.values()):
+                    for servobs in list(observers):
+                        servobs.trigger()
+
+    # -- request handling ------------------------------------------------------------------------
+
+    def _bad_request(self, request: Message, failure: _Failure) -> None:
+        now = time.monotonic()
+        if now - self._warn_window > WARN_WINDOW:
+            if self._suppressed:
+                log.warning("event=bad_requests_suppressed count=%d", self._suppressed)
+            self._warn_window, self._warned, self._suppressed = now, 0, 0
+        if self._warned >= WARN_BURST:
+            self._suppressed += 1
+            return
+        self._warned += 1
+        log.warning(
+            "event=bad_request peer=%s code=%s method=%s path=/%s reason=%r",
+            getattr(request.remote, "hostinfo", "?"),
+            failure.code,
+            request.code,
+            "/".join(request.opt.uri_path),
+            failure.message,
+        )
+
+    async def _known(self, device: str) -> bool:
+        if device in self._known_devices:
+            return True
+        if await self.db(lambda s: s.device(device)) is not None:
+            self._known_devices.add(device)
+            return True
+        return False
+
+    def _check(self, request: Message) -> _Route:
+        """Checks that need no storage: options, path, method, device id syntax."""
+        for option in request.opt.option_list():
+            number = option.number
+            if number.is_critical() and number not in _KNOWN_CRITICAL:
+                raise _Failure(Code.BAD_OPTION, f"critical option {int(number)} not supported")
+        if request.opt.proxy_uri is not None or request.opt.proxy_scheme is not None:
+            raise _Failure(Code.PROXYING_NOT_SUPPORTED, "this endpoint is not a proxy")
+        route = _route(tuple(request.opt.uri_path))
+        if request.code not in route.methods:
+            allowed = ", ".join(str(m) for m in sorted(route.methods, key=int))
+            raise _Failure(Code.METHOD_NOT_ALLOWED, f"allowed: {allowed}")
+        if request.opt.uri_query and not route.queries:
+            raise _Failure(Code.BAD_OPTION, "this resource takes no Uri-Query")
+        if request.opt.if_match and not (route.conditional and request.code == Code.PUT):
+            raise _Failure(Code.BAD_OPTION, "If-Match is only for PUT of desired state")
+        if route.device is not None and not DEVICE_ID.match(route.device):
+            raise _Failure(Code.NOT_FOUND, "no such device")
+        accept = request.opt.accept
+        wanted = CF_LINK_FORMAT if route.name == "wkc" else CF_CBOR
+        if accept is not None and int(accept) != wanted:
+            raise _Failure(Code.NOT_ACCEPTABLE, f"this resource is served as {wanted}")
+        return route
+
+    async def _device(self, route: _Route) -> str:
+        """The route's device if it is registered (or registered now, with allow_any_device)."""
+        device = route.device
+        assert device is not None
+        if await self._known(device):
+            return device
+        if self.allow_any_device:
+            await self.add_device(device)
+            return device
+        raise _Failure(Code.NOT_FOUND, "no such device")
+
+    def _payload(self, request: Message, formats: Iterable[int], limit: int) -> bytes:
+        cf = request.opt.content_format
+        if cf is None or int(cf) not in formats:
+            listed = ", ".join(str(f) for f in formats)
+            raise _Failure(
+                Code.UNSUPPORTED_CONTENT_FORMAT, f"Content-Format must be one of {listed}"
+            )
+        if len(request.payload) > limit:
+            raise _too_large(limit, "the request body")
+        return bytes(request.payload)
+
+    async def _render(self, request: Message) -> Message:
+        route = self._check(request)
+        log.debug(
+            "event=request method=%s route=%s device=%s", request.code, route.name, route.device
+        )
+        handler: Callable[[Message, _Route], Awaitable[Message]] = getattr(
+            self, f"_{route.name}_{str(request.code.name).lower()}"
+        )
+        return await handler(request, route)
+
+    async def _wkc_get(self, request: Message, route: _Route) -> Message:
+        devices = await self.db(lambda s: s.devices())
+        links = []
+        cfs = codec.content_formats()
+        formats: int | str = cfs[0] if len(cfs) == 1 else " ".join(str(f) for f in cfs)
+        for info in devices:
+            d = info.id
+            links += [
+                {"href": f"/ingest/{d}", "rt": RESOURCE_TYPES["ingest"], "ct": formats},
+                {"href": f"/state/{d}/reported", "rt": RESOURCE_TYPES["reported"], "ct": CF_CBOR},
+                {
+                    "href": f"/state/{d}/desired",
+                    "rt": RESOURCE_TYPES["desired"],
+                    "ct": CF_CBOR,
+                    "obs": True,
+                },
+                {"href": f"/devices/{d}", "rt": RESOURCE_TYPES["device"], "ct": CF_CBOR},
+            ]
+        queries = list(request.opt.uri_query)
+        text = ",".join(
+            _link(link.pop("href"), **link) for link in links if _link_matches(link, queries)
+        )
+        return Message(
+            code=Code.CONTENT, payload=text.encode("utf-8"), content_format=CF_LINK_FORMAT
+        )
+
+    async def _ingest_post(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        cf = request.opt.content_format
+        payload = self._payload(request, codec.content_formats(), self.limits.batch_bytes)
+        try:
+            named, records = codec.decode_batch(payload, int(cf))
+        except CodecError as err:
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
+        if named is not None and named != device:
+            raise _Failure(Code.BAD_REQUEST, f"the batch names device {named!r}, not {device!r}")
+        if len(records) > self.limits.batch_records:
+            raise _Failure(
+                Code.REQUEST_ENTITY_TOO_LARGE,
+                f"a batch holds at most {self.limits.batch_records} records",
+                size1=self.limits.batch_bytes,
+            )
+        now = self.clock.time()
+        try:
+            result = await self.db(lambda s: s.ingest(device, records, now))
+        except UnknownDevice:
+            raise _Failure(Code.NOT_FOUND, "no such device") from None
+        ack = IngestAck.for_seqs(result.seqs, result.new, result.duplicate, result.conflict)
+        log.debug(
+            "event=ingest device=%s records=%d new=%d dup=%d",
+            device,
+            len(records),
+            result.new,
+            result.duplicate,
+        )
+        return Message(code=Code.CHANGED, payload=ack.to_cbor(), content_format=CF_CBOR)
+
+    async def _reported_get(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        entries = await self.db(lambda s: s.reported(device))
+        payload = statedoc.encode_reported(entries)
+        return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
+
+    async def _reported_put(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)
+        try:
+            entries = statedoc.parse_reported(payload)
+        except StateError as err:
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
+        now = self.clock.time()
+        result = await self.db(lambda s: s.put_reported(device, entries, now))
+        if result.desired_changed:
+            log.info(
+                "event=model_blocked device=%s blocked=%s",
+                device,
+                ",".join(f"{k}@{v}" for k, v in result.desired.blocked.items()),
+            )
+            self._desired_changed(device, result.desired.etag())
+        payload = records.dumps(result.versions)
+        return Message(code=Code.CHANGED, payload=payload, content_format=CF_CBOR)
+
+    async def _desired_get(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        doc = await self.db(lambda s: s.desired(device))
+        etag = doc.etag()
+        self._etags.setdefault(device, etag)
+        if etag in request.opt.etags:
+            response = Message(code=Code.VALID)
+        else:
+            response = Message(code=Code.CONTENT, payload=doc.to_cbor(), content_format=CF_CBOR)
+        response.opt.etag = etag
+        response.opt.max_age = DESIRED_MAX_AGE
+        return response
+
+    async def _desired_put(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)
+        try:
+            changes = statedoc.parse_desired_changes(payload)
+        except StateError as err:
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
+        if_match = list(request.opt.if_match) or None
+        try:
+            doc, changed = await self.set_desired(device, changes, if_match)
+        except PreconditionFailed as err:
+            raise _Failure(Code.PRECONDITION_FAILED, str(err)) from None
+        except DocumentTooLarge as err:
+            raise _Failure(
+                Code.REQUEST_ENTITY_TOO_LARGE, str(err), size1=self.limits.desired_doc_bytes
+            ) from None
+        body = records.dumps({"rev": doc.rev, "changed": changed})
+        response = Message(code=Code.CHANGED, payload=body, content_format=CF_CBOR)
+        response.opt.etag = doc.etag()
+        return response
+
+    async def _device_get(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        info = await self.db(lambda s: s.device(device))
+        if info is None:
+            raise _Failure(Code.NOT_FOUND, "no such device")
+        doc = {
+            "id": info.id,
+            "registered": info.registered,
+            "last_seen": info.last_seen,
+            "records": info.records,
+            "last_seq": info.last_seq,
+            "desired_rev": info.desired_rev,
+        }
+        payload = records.dumps(doc)
+        return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
+
+
+def _bound_port(ctx: aiocoap.Context) -> int:
+    """The UDP port the server's socket is bound to."""
+    for interface in getattr(ctx, "request_interfaces", ()):
+        messages = getattr(getattr(interface, "token_interface", None), "message_interface", None)
+        transport = getattr(messages, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if isinstance(sock, socket.socket):
+            return int(sock.getsockname()[1])
+    raise RuntimeError("cannot find the port of the CoAP server socket")

@@ -1,0 +1,502 @@
+"""Storage of the cloud endpoint: the seam (:class:`Storage`) and its SQLite implementation.
+
+The server never touches the database itself: it calls a :class:`Storage` through a
+:class:`StorageThread`, which runs every call on one dedicated thread, off the event loop.
+The command line (export, devices, desired) opens a :class:`SQLiteStorage` directly; SQLite's WAL
+mode lets it read and write while a server runs on the same file.
+
+Every call that changes something is one transaction. Ingest stores each (device, seq) once:
+a record that is already stored is a duplicate and changes nothing (the first copy stays).
+Failures of the database (I/O error, disk full, locked for too long, closed) raise
+:class:`StorageUnavailable`; the server answers those with 5.03 and a Max-Age.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+from agent.clock import Clock, RealClock
+from agent.codec import WireRecord
+from agent.errors import AgentError
+from agent.records import body_time
+from cloud import statedoc
+from cloud.statedoc import DesiredDoc, Entry
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "cloud.sqlite3"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+
+T = TypeVar("T")
+
+
+class StorageUnavailable(AgentError):
+    """The database cannot do the work now (I/O error, full disk, locked, closed)."""
+
+
+class UnknownDevice(AgentError):
+    """The device is not registered."""
+
+
+class PreconditionFailed(AgentError):
+    """An If-Match ETag does not match the current desired document."""
+
+
+class DocumentTooLarge(AgentError):
+    """The desired document would grow beyond its size limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the desired document would be {size} bytes, over the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record as the endpoint holds it. ``time`` is the time inside the body (``created`` when
+    the body has none); ``received`` is when the endpoint stored it."""
+
+    device: str
+    seq: int
+    kind: str
+    created: float
+    time: float
+    received: float
+    body: bytes
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What a batch did: every seq of the batch (all are stored now) and the counts."""
+
+    seqs: tuple[int, ...]
+    new: int
+    duplicate: int
+    conflict: int  # duplicates whose stored copy differs from the one just received
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    id: str
+    registered: float
+    last_seen: float | None
+    records: int
+    last_seq: int | None
+    desired_rev: int
+
+
+@dataclass(frozen=True)
+class ReportedResult:
+    """The version now stored for each key of a reported PUT, and whether desired state changed
+    (a model failure blocked a desired version)."""
+
+    versions: dict[str, int]
+    desired: DesiredDoc
+    desired_changed: bool
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What the endpoint needs from a database. Calls are blocking; one thread makes them."""
+
+    def add_device(self, device: str, now: float) -> bool:
+        """Register ``device``; False if it was registered already."""
+
+    def device(self, device: str) -> DeviceInfo | None: ...
+
+    def devices(self) -> list[DeviceInfo]: ...
+
+    def ingest(
+        self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
+    ) -> IngestResult:
+        """Store each record once. Unknown device: :class:`UnknownDevice`, or register it."""
+
+    def records(
+        self, device: str, since: float | None = None, limit: int | None = None
+    ) -> list[StoredRecord]:
+        """The device's records in seq order; ``since``: only those with ``time >= since``."""
+
+    def seqs(self, device: str) -> list[int]:
+        """Every stored seq of the device, ascending."""
+
+    def reported(self, device: str) -> dict[str, Entry]: ...
+
+    def put_reported(self, device: str, entries: Mapping[str, Entry], now: float) -> ReportedResult:
+        """Merge reported entries by their keys' rules (:mod:`cloud.statedoc`)."""
+
+    def desired(self, device: str) -> DesiredDoc: ...
+
+    def put_desired(
+        self,
+        device: str,
+        changes: Mapping[str, Any],
+        now: float,
+        if_match: Sequence[bytes] | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[DesiredDoc, list[str]]:
+        """Apply operator changes; (new document, changed keys)."""
+
+    def data_version(self) -> int:
+        """A number that changes when another connection commits (to notice CLI writes)."""
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    registered REAL NOT NULL,
+    last_seen REAL,
+    desired_rev INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS records (
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    created REAL NOT NULL,
+    time REAL NOT NULL,
+    received REAL NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_by_time ON records (device, time);
+CREATE TABLE IF NOT EXISTS reported (
+    device TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (device, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS desired (
+    device TEXT NOT NULL,
+    key TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    value BLOB NOT NULL,
+    updated REAL NOT NULL,
+    blocked INTEGER,
+    PRIMARY KEY (device, key)
+) WITHOUT ROWID;
+"""
+
+
+class SQLiteStorage:
+    """:class:`Storage` on one SQLite file in WAL mode, ``synchronous=FULL``: an acknowledged
+    record survives a power cut, which is what lets the device delete it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db: sqlite3.Connection | None = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageUnavailable(
+                    f"{self.path}: schema version {version} is newer than this endpoint "
+                    f"({SCHEMA_VERSION}); upgrade edge-agent"
+                )
+            with self._tx() as db:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except (sqlite3.Error, OSError) as err:
+            raise StorageUnavailable(f"cannot open {self.path}: {err}") from err
+
+    @classmethod
+    def in_dir(cls, data_dir: str | Path) -> SQLiteStorage:
+        return cls(Path(data_dir) / DB_NAME)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StorageUnavailable("storage is closed")
+        return self._db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"{self.path}: {err}") from err
+        try:
+            yield db
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as err:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StorageUnavailable(f"{self.path}: commit failed: {err}") from err
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise StorageUnavailable(f"{self.path}: {err}") from err
+
+    # -- devices ---------------------------------------------------------------------------------
+
+    def add_device(self, device: str, now: float) -> bool:
+        with self._errors(), self._tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO devices (id, registered) VALUES (?, ?)", (device, now)
+            )
+            return cur.rowcount == 1
+
+    def device(self, device: str) -> DeviceInfo | None:
+        with self._errors():
+            row = self.db.execute(
+                "SELECT id, registered, last_seen, desired_rev FROM devices WHERE id = ?",
+                (device,),
+            ).fetchone()
+            if row is None:
+                return None
+            return self._info(row)
+
+    def _info(self, row: tuple[Any, ...]) -> DeviceInfo:
+        count, last = self.db.execute(
+            "SELECT count(*), max(seq) FROM records WHERE device = ?", (row[0],)
+        ).fetchone()
+        return DeviceInfo(row[0], row[1], row[2], count, last, row[3])
+
+    def devices(self) -> list[DeviceInfo]:
+        with self._errors():
+            rows = self.db.execute(
+                "SELECT id, registered, last_seen, desired_rev FROM devices ORDER BY id"
+            ).fetchall()
+            return [self._info(row) for row in rows]
+
+    def _require(self, db: sqlite3.Connection, device: str) -> None:
+        if db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
+            raise UnknownDevice(f"device {device!r} is not registered")
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def ingest(
+        self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
+    ) -> IngestResult:
+        new = duplicate = conflict = 0
+        with self._errors(), self._tx() as db:
+            if register:
+                db.execute(
+                    "INSERT OR IGNORE INTO devices (id, registered) VALUES (?, ?)", (device, now)
+                )
+            else:
+                self._require(db, device)
+            for rec in records:
+                body = bytes(rec.body)
+                time = body_time(rec.kind, body, rec.created)
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO records (device, seq, kind, created, time, received, "
+                    "body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (device, rec.seq, str(rec.kind), rec.created, time, now, body),
+                )
+                if cur.rowcount == 1:
+                    new += 1
+                    continue
+                duplicate += 1
+                kind, created, stored = db.execute(
+                    "SELECT kind, created, body FROM records WHERE device = ? AND seq = ?",
+                    (device, rec.seq),
+                ).fetchone()
+                if kind != rec.kind or created != rec.created or stored != body:
+                    conflict += 1
+                    log.warning(
+                        "event=seq_conflict device=%s seq=%d detail=kept_first_copy",
+                        device,
+                        rec.seq,
+                    )
+            db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+        return IngestResult(tuple(rec.seq for rec in records), new, duplicate, conflict)
+
+    def records(
+        self, device: str, since: float | None = None, limit: int | None = None
+    ) -> list[StoredRecord]:
+        sql = (
+            "SELECT device, seq, kind, created, time, received, body FROM records WHERE device = ?"
+        )
+        args: list[Any] = [device]
+        if since is not None:
+            sql += " AND time >= ?"
+            args.append(since)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._errors():
+            return [StoredRecord(*row) for row in self.db.execute(sql, args)]
+
+    def seqs(self, device: str) -> list[int]:
+        with self._errors():
+            rows = self.db.execute(
+                "SELECT seq FROM records WHERE device = ? ORDER BY seq", (device,)
+            )
+            return [row[0] for row in rows]
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def reported(self, device: str) -> dict[str, Entry]:
+        with self._errors():
+            rows = self.db.execute(
+                "SELECT key, version, value FROM reported WHERE device = ? ORDER BY key",
+                (device,),
+            ).fetchall()
+        return {key: Entry(version, statedoc.decode_value(value)) for key, version, value in rows}
+
+    def put_reported(self, device: str, entries: Mapping[str, Entry], now: float) -> ReportedResult:
+        versions: dict[str, int] = {}
+        failures: dict[str, int] = {}
+        with self._errors(), self._tx() as db:
+            self._require(db, device)
+            for key, incoming in entries.items():
+                row = db.execute(
+                    "SELECT version, value FROM reported WHERE device = ? AND key = ?",
+                    (device, key),
+                ).fetchone()
+                stored = Entry(row[0], statedoc.decode_value(row[1])) if row else None
+                merged = statedoc.merge_reported(stored, incoming, statedoc.rule_for(key))
+                if merged is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO reported (device, key, version, value, updated) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (device, key, merged.version, statedoc.encode_value(merged.value), now),
+                    )
+                    failed = statedoc.model_failure(key, merged)
+                    if failed is not None:
+                        failures[key] = failed
+                    stored = merged
+                assert stored is not None
+                versions[key] = stored.version
+            doc = self._desired(db, device)
+            blocked = statedoc.block_failures(doc, failures)
+            if blocked is not doc:
+                self._write_desired(db, device, blocked, [], now)
+        return ReportedResult(versions, blocked, blocked is not doc)
+
+    def _desired(self, db: sqlite3.Connection, device: str) -> DesiredDoc:
+        row = db.execute("SELECT desired_rev FROM devices WHERE id = ?", (device,)).fetchone()
+        if row is None:
+            raise UnknownDevice(f"device {device!r} is not registered")
+        entries: dict[str, Entry] = {}
+        blocked: dict[str, int] = {}
+        rows = db.execute(
+            "SELECT key, version, value, blocked FROM desired WHERE device = ? ORDER BY key",
+            (device,),
+        )
+        for key, version, value, block in rows:
+            entries[key] = Entry(version, statedoc.decode_value(value))
+            if block is not None:
+                blocked[key] = block
+        return DesiredDoc(row[0], entries, blocked)
+
+    def _write_desired(
+        self, db: sqlite3.Connection, device: str, doc: DesiredDoc, changed: list[str], now: float
+    ) -> None:
+        for key in changed:
+            entry = doc.entries[key]
+            db.execute(
+                "INSERT OR REPLACE INTO desired (device, key, version, value, updated, blocked) "
+                "VALUES (?, ?, ?, ?, ?, NULL)",
+                (device, key, entry.version, statedoc.encode_value(entry.value), now),
+            )
+        for key in doc.entries:
+            db.execute(
+                "UPDATE desired SET blocked = ? WHERE device = ? AND key = ?",
+                (doc.blocked.get(key), device, key),
+            )
+        db.execute("UPDATE devices SET desired_rev = ? WHERE id = ?", (doc.rev, device))
+
+    def desired(self, device: str) -> DesiredDoc:
+        with self._errors():
+            return self._desired(self.db, device)
+
+    def put_desired(
+        self,
+        device: str,
+        changes: Mapping[str, Any],
+        now: float,
+        if_match: Sequence[bytes] | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[DesiredDoc, list[str]]:
+        with self._errors(), self._tx() as db:
+            doc = self._desired(db, device)
+            if if_match is not None and doc.etag() not in if_match:
+                raise PreconditionFailed("the desired document changed (ETag does not match)")
+            new, changed = statedoc.apply_desired(doc, changes)
+            if changed:
+                size = len(new.to_cbor())
+                if max_bytes is not None and size > max_bytes:
+                    raise DocumentTooLarge(size, max_bytes)
+                self._write_desired(db, device, new, changed, now)
+        return new, changed
+
+    def data_version(self) -> int:
+        with self._errors():
+            return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            db.close()
+
+
+class StorageThread:
+    """Runs every call of a :class:`Storage` on one dedicated thread (SQLite connections belong
+    to the thread that made them)."""
+
+    def __init__(self, factory: Callable[[], Storage], clock: Clock | None = None) -> None:
+        self._factory = factory
+        self._clock = clock or RealClock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._storage: Storage | None = None
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-db")
+        try:
+            self._storage = await self._clock.run_blocking(self._executor, self._factory)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def call(self, fn: Callable[[Storage], T]) -> T:
+        """Run ``fn(storage)`` on the database thread and return its result."""
+        if self._executor is None or self._storage is None:
+            raise StorageUnavailable("storage is not running")
+        return await self._clock.run_blocking(self._executor, fn, self._storage)
+
+    async def stop(self) -> None:
+        executor, storage = self._executor, self._storage
+        self._executor = self._storage = None
+        if executor is None:
+            return
+        if storage is not None:
+            try:
+                await self._clock.run_blocking(executor, storage.close)
+            except Exception as err:  # closing must not keep the server from stopping
+                log.warning("event=storage_close_failed error=%s", err)
+        await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
