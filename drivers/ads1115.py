@@ -27,6 +27,7 @@ Characteristics" (data-rate tolerance).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -45,6 +46,8 @@ WAIT_FACTOR = 1.1
 WAKE_UP_S = 50e-6
 POLL_TRIES = 10
 POLL_FRACTION = 0.1
+# Before starting, wait at most this long for a conversion left running (the slowest, 8 SPS).
+BUSY_WAIT_S = WAIT_FACTOR / 8 + WAKE_UP_S
 
 # --------------------------------------------------------------------------------------------
 # Register map. SBAS444D "Register Map": Address Pointer register (P[1:0] selects one of four
@@ -289,8 +292,7 @@ class Ads1115(BaseDriver):
     async def read(self) -> dict[str, float]:
         inputs = self.options.inputs
         configs = self._configs
-        first = configs[inputs[0]]
-        await self.device.transact(lambda bus, addr: _write_u16(bus, addr, CONFIG, first))
+        await self._start(configs[inputs[0]])
         values: dict[str, float] = {}
         for k, ain in enumerate(inputs):
             following = configs[inputs[k + 1]] if k + 1 < len(inputs) else None
@@ -303,6 +305,29 @@ class Ads1115(BaseDriver):
                 )
             values[f"ain{ain}_v"] = code_to_volts(code, self.options.pga)
         return values
+
+    async def _start(self, config: int) -> None:
+        """Start a conversion once the part is idle: a conversion still running (left by a read
+        that failed half-way) would otherwise land in the Conversion register under the new MUX
+        setting, and a start request while busy is ignored."""
+
+        def start_if_idle(bus: I2CBus, addr: int) -> bool:
+            if not F_OS.get(_read_u16(bus, addr, CONFIG)):
+                return False
+            _write_u16(bus, addr, CONFIG, config)
+            return True
+
+        # The running conversion may be at any data rate: wait up to the slowest one.
+        interval = min(self.conversion_time, BUSY_WAIT_S / 4)
+        for attempt in range(math.ceil(BUSY_WAIT_S / interval) + 1):
+            if attempt:
+                await self.device.clock.sleep(interval)
+            if await self.device.transact(start_if_idle):
+                return
+        raise DeviceTimeout(
+            f"{self.device}: still busy with an earlier conversion after "
+            f"{BUSY_WAIT_S * 1000:.0f} ms"
+        )
 
     async def _finish(self, ain: int, following: int | None) -> int:
         """Wait for the conversion of ``ain``, read it and start ``following`` (one bus hop)."""

@@ -313,9 +313,8 @@ class Ina219(BaseDriver):
         "current_a",
         "power_w",
     )
-    addresses: ClassVar[tuple[int, ...]] = tuple(
-        range(0x40, 0x50)
-    )  # A0/A1 address pins: 16 addresses
+    # A0 and A1 each tie to GND, VS+, SDA or SCL: 16 addresses.
+    addresses: ClassVar[tuple[int, ...]] = tuple(range(0x40, 0x50))
 
     def __init__(self, device: I2CDevice, options: Ina219Options | None = None) -> None:
         self.device = device

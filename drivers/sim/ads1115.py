@@ -5,9 +5,14 @@ register, reads come from the register it points at, registers are big-endian 16
 values are 0x0000 / 0x8583 / 0x8000 / 0x7FFF. Writing the Config register with OS = 1 in
 single-shot mode starts one conversion; OS reads 0 while it runs and 1 when the device is idle.
 A conversion takes 1 / data rate (plus ``faults.slow``); MODE = 0 converts continuously. The
-result is the selected MUX input (or pair) at the PGA full scale, rounded to the nearest code and
-saturated at 0x7FFF / 0x8000. Each input voltage is first clamped to the analog input range
+result is the MUX input (or pair) at the PGA full scale set when the conversion started (new
+settings apply from the next conversion), rounded to the nearest code and saturated at
+0x7FFF / 0x8000. Each input voltage is first clamped to the analog input range
 GND - 0.3 V .. VDD + 0.3 V, as the input ESD diodes clamp it.
+
+Time is evaluated lazily: conversions that have come due land when the part is next accessed on
+the bus (or asked for its state), so a fault knob set between two accesses acts from the earlier
+one on; ``stuck`` freezes the data registers at their last landed values.
 
 ALERT/RDY: with Hi_thresh MSB = 1, Lo_thresh MSB = 0 and COMP_QUE != 11 the pin is a
 conversion-ready output: in single-shot mode it follows the OS bit (asserted when idle, active
@@ -69,6 +74,7 @@ class Ads1115Sim(SimDevice):
         self._lo = LO_THRESH.reset
         self._hi = HI_THRESH.reset
         self._conv_start: float | None = None  # a conversion is in progress since then
+        self._conv_config = self._config  # the settings that conversion runs with
 
     # ------------------------------------------------------------------------------------
     # chip state
@@ -79,7 +85,7 @@ class Ads1115Sim(SimDevice):
         return self._conv_start is not None
 
     def _period(self) -> float:
-        return 1.0 / DATA_RATES_SPS[F_DR.get(self._config)] + self.faults.slow
+        return 1.0 / DATA_RATES_SPS[F_DR.get(self._conv_config)] + self.faults.slow
 
     def _continuous(self) -> bool:
         return F_MODE.get(self._config) != MODE_SINGLE_SHOT
@@ -96,6 +102,7 @@ class Ads1115Sim(SimDevice):
         if self._continuous():
             behind = now - done
             self._conv_start = now - (behind % period) if period > 0 else now
+            self._conv_config = self._config  # new settings apply from the next conversion
         else:
             self._conv_start = None  # single shot: back to power-down
 
@@ -107,9 +114,9 @@ class Ads1115Sim(SimDevice):
             self.ready_pulses += 1
         if self.faults.stuck:
             return  # the conversion completes but the Conversion register keeps its value
-        positive, negative = MUX_PAIRS[F_MUX.get(self._config)]
+        positive, negative = MUX_PAIRS[F_MUX.get(self._conv_config)]
         volts = self._clamped(positive) - (self._clamped(negative) if negative is not None else 0)
-        code = round(volts / lsb_volts(PGA_FSR_V[F_PGA.get(self._config)]))
+        code = round(volts / lsb_volts(PGA_FSR_V[F_PGA.get(self._conv_config)]))
         self._conversion = max(CODE_MIN, min(CODE_MAX, code))
         self.conversions += 1
 
@@ -176,11 +183,11 @@ class Ads1115Sim(SimDevice):
     def _write_config(self, value: int) -> None:
         start = bool(F_OS.get(value))
         self._config = F_OS.set(value, 0)
-        if self._continuous():
-            if self._conv_start is None:
-                self._conv_start = self.clock.monotonic()
-        elif start and self._conv_start is None:
-            self._conv_start = self.clock.monotonic()  # single shot from power-down
+        if self._conv_start is not None:
+            return  # a conversion is running: it finishes with its own settings
+        if self._continuous() or start:  # continuous, or a single shot from power-down
+            self._conv_start = self.clock.monotonic()
+            self._conv_config = self._config
 
     # ------------------------------------------------------------------------------------
     # physical inputs

@@ -8,6 +8,10 @@ reading the power register or by writing a new mode), and current and power comp
 chip's integer math from the shunt voltage, bus voltage and calibration registers, with the Math
 Overflow flag.
 
+Time is evaluated lazily: conversions that have come due land when the part is next accessed on
+the bus, so a fault knob set between two accesses acts from the earlier one on; ``stuck`` freezes
+the data registers at their last landed values.
+
 Physical inputs: :meth:`Ina219Sim.set_channel` takes ``current_a`` (turned into a shunt voltage
 through :attr:`Ina219Sim.shunt_ohms`), ``shunt_voltage_v`` or ``bus_voltage_v``. ``power_w`` is
 computed by the chip and cannot be driven.

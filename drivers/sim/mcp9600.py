@@ -9,6 +9,10 @@ takes the slower of the thermocouple ADC time (320/80/20/5 ms for 18/16/14/12 bi
 cold-junction time (250 ms at 0.0625 degC, 63 ms at 0.25 degC), plus ``faults.slow``. Shutdown
 mode stops conversions; burst mode makes 2**n conversions, then sets Burst Complete and stops.
 
+Time is evaluated lazily: conversions that have come due land when the part is next accessed on
+the bus, so a fault knob set between two accesses acts from the earlier one on; ``stuck`` freezes
+the data registers at their last landed values.
+
 Physical inputs: ``set_channel("hot_junction_c", degC)`` (the thermocouple's measuring junction)
 and ``set_channel("cold_junction_c", degC)`` (the connector, which the on-chip sensor reads).
 ``delta_c`` follows from those two and cannot be driven on its own.

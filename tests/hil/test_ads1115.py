@@ -233,6 +233,22 @@ def test_saturation_and_input_clamp(vclock: VirtualClock) -> None:
     vclock.run(main())
 
 
+def test_read_waits_for_a_conversion_left_running(vclock: VirtualClock) -> None:
+    """A conversion still running (here an 8 SPS one of AIN3) finishes with its own MUX: the
+    driver waits for it instead of taking its result for AIN0."""
+
+    async def main() -> None:
+        with rig(vclock, data_rate=860, inputs=[0]) as r:
+            await r.driver.open()
+            r.sim.set_channel("ain0_v", 1.0)
+            r.sim.set_channel("ain3_v", 3.0)
+            r.smbus.write_i2c_block_data(ADDRESS, CONFIG.address, [0xF3, 0x03])  # AIN3, 8 SPS
+            assert (await r.driver.read())["ain0_v"] == pytest.approx(1.0, abs=1e-4)
+            assert word(r.smbus, CONVERSION.address) == round(1.0 / 125e-6)
+
+    vclock.run(main())
+
+
 # --------------------------------------------------------------------------------------------
 # The simulator's wire behaviour
 

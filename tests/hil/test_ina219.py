@@ -114,7 +114,7 @@ def test_adc_settings_table() -> None:
         adc_code(10, 4)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     max_current=st.floats(0.01, 500.0),
     shunt=st.sampled_from([0.0005, 0.002, 0.01, 0.05, 0.1, 0.5, 1.0]),

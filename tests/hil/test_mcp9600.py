@@ -81,7 +81,7 @@ def read_word(smbus: FakeSMBus, register: int) -> int:
 # Pure functions against the datasheet
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(upper=st.integers(0, 255), lower=st.integers(0, 255))
 def test_temperature_decoding_is_equation_5_1(upper: int, lower: int) -> None:
     """DS20005426C equation 5-1: UpperByte x 16 + LowerByte / 16, minus 4096 below 0 degC."""
