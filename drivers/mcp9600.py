@@ -324,8 +324,9 @@ class Mcp9600(BaseDriver):
             )
         if self.options.filter == 0 and not self._sums(raw):
             # TC may have been updated between the TH conversion and this read: read once more.
+            status_byte = raw.status
             raw = await self.device.transact(
-                lambda bus, addr: _read_temperatures(bus, addr, raw.status)
+                lambda bus, addr: _read_temperatures(bus, addr, status_byte)
             )
             if not self._sums(raw):
                 raise DeviceDataError(

@@ -79,11 +79,6 @@ class Ads1115Sim(SimDevice):
     # ------------------------------------------------------------------------------------
     # chip state
 
-    @property
-    def busy(self) -> bool:
-        self._tick()
-        return self._conv_start is not None
-
     def _period(self) -> float:
         return 1.0 / DATA_RATES_SPS[F_DR.get(self._conv_config)] + self.faults.slow
 
