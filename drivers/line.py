@@ -51,6 +51,8 @@ DEFAULT_COMMAND = "R\r\n"
 DEFAULT_RESOLUTION = 0.01
 #: Longest line accepted, bytes (a stream of garbage without a newline is not a line).
 MAX_LINE = 256
+#: Longest single blocking call on the port's worker thread, seconds.
+HOP = 1.0
 
 CHECKSUM_MODES = ("none", "xor", "optional")
 MODES = ("stream", "poll")
@@ -328,15 +330,16 @@ class LineSensor(BaseDriver):
             ) from err
         wire = ", ".join(k.wire for k in self.options.keys)
         logger.info("line open device=%s keys=%s", self, wire)
-        return Identity(
-            self.part, f"{self.options.mode} sensor at {self.port.name}: {len(values)} keys {wire}"
-        )
+        noun = "key" if len(values) == 1 else "keys"
+        return Identity(self.part, f"{self.options.mode} sensor at {self.port.name}: {noun} {wire}")
 
     async def read(self) -> dict[str, float]:
+        # The line timeout runs on real time: the wait is real I/O, whatever clock the agent uses.
+        deadline = time.monotonic() + self.options.timeout
         if self.options.mode == "poll":
-            line = await self.port.transact(self._poll)
+            line = await self._poll_line(deadline)
         else:
-            line = await self.port.transact(self._stream)
+            line = await self._stream_line(deadline)
         try:
             return extract(parse_fields(line, self.options.checksum), self.options.keys)
         except LineError as err:
@@ -348,44 +351,57 @@ class LineSensor(BaseDriver):
         except KeyError:
             raise KeyError(f"{channel!r} is not a channel of {self}") from None
 
-    # Blocking halves, on the port's worker thread ----------------------------------------------
-    def _poll(self, port: Any) -> bytes:
-        port.reset_input_buffer()
-        port.write(self.options.command)
-        port.flush()
-        deadline = time.monotonic() + self.options.timeout
-        line = bytearray()
-        while not line.endswith(b"\n"):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or len(line) >= MAX_LINE:
-                break
-            _set_timeout(port, remaining)
-            chunk = port.read_until(b"\n", MAX_LINE - len(line))
-            if not chunk:
-                break
-            line += chunk
+    # Each wait is cut into port-thread hops of at most HOP seconds, so a long line timeout never
+    # runs into the port's own per-call deadline (drivers.bus.AsyncSerial).
+    async def _poll_line(self, deadline: float) -> bytes:
+        line = await self.port.transact(lambda p: self._ask(p, deadline))
+        while not line.endswith(b"\n") and len(line) < MAX_LINE and time.monotonic() < deadline:
+            limit = MAX_LINE - len(line)
+            line += await self.port.transact(lambda p, n=limit: _read_line(p, deadline, n))
         if not line:
             raise DeviceTimeout(f"{self}: no answer within {self.options.timeout:g} s")
         if not line.endswith(b"\n"):
-            raise DeviceDataError(f"{self}: incomplete line {bytes(line)!r}")
-        return bytes(line)
+            raise DeviceDataError(f"{self}: incomplete line {line!r}")
+        return line
 
-    def _stream(self, port: Any) -> bytes:
-        deadline = time.monotonic() + self.options.timeout
-        buffer = self._buffer
+    async def _stream_line(self, deadline: float) -> bytes:
         while True:
+            line = await self.port.transact(lambda p: self._stream_hop(p, deadline))
+            if line is not None:
+                return line
+            if time.monotonic() >= deadline:
+                self._buffer.resync()  # the stream stopped, maybe mid-line: start clean
+                raise DeviceTimeout(f"{self}: no complete line within {self.options.timeout:g} s")
+
+    # Blocking halves, on the port's worker thread ----------------------------------------------
+    def _ask(self, port: Any, deadline: float) -> bytes:
+        port.reset_input_buffer()
+        port.write(self.options.command)
+        port.flush()
+        return _read_line(port, deadline, MAX_LINE)
+
+    def _stream_hop(self, port: Any, deadline: float) -> bytes | None:
+        buffer = self._buffer
+        waiting = port.in_waiting
+        if waiting:
+            buffer.feed(port.read(waiting))
+        line = buffer.newest()
+        if line is None:
+            buffer.feed(_read_line(port, deadline, MAX_LINE))
             waiting = port.in_waiting
             if waiting:
                 buffer.feed(port.read(waiting))
             line = buffer.newest()
-            if line is not None:
-                return line
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                buffer.resync()  # the stream stopped mid-line, maybe: start clean next time
-                raise DeviceTimeout(f"{self}: no complete line within {self.options.timeout:g} s")
-            _set_timeout(port, remaining)
-            buffer.feed(port.read_until(b"\n", MAX_LINE))
+        return line
+
+
+def _read_line(port: Any, deadline: float, limit: int) -> bytes:
+    """Bytes up to a line end, at most ``limit``, waiting until ``deadline`` or for one HOP."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return b""
+    _set_timeout(port, min(remaining, HOP))
+    return bytes(port.read_until(b"\n", limit))
 
 
 def _set_timeout(port: Any, seconds: float) -> None:

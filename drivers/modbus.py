@@ -45,9 +45,12 @@ logger = logging.getLogger(__name__)
 #: Default time to wait for the first bytes of an answer, seconds (the spec leaves it to the
 #: master; typical instruments answer within tens of milliseconds).
 RESPONSE_TIMEOUT = 0.5
-#: Largest accepted response timeout: one attempt must stay well inside the serial port's own
-#: transaction deadline (drivers.bus.AsyncSerial, 5 s by default).
-MAX_RESPONSE_TIMEOUT = 4.0
+#: Largest accepted response timeout. One attempt waits at most this plus the time the answer
+#: takes on the wire (2.3 s for 125 registers at 1200 baud): that must stay inside the serial
+#: port's own per-call deadline (drivers.bus.AsyncSerial, 5 s by default).
+MAX_RESPONSE_TIMEOUT = 2.0
+#: Shortest wait for the rest of an answer once its first bytes are in, seconds.
+MIN_READ = 0.01
 #: Default number of repeats of a request that got no answer or a garbled one.
 RETRIES = 2
 #: Bits per RTU character: start + 8 data + parity (or a second stop bit) + stop (V1.02 2.5.1).
@@ -550,7 +553,9 @@ class ModbusInstrument(BaseDriver):
         self._specs = {spec.name: spec for spec in self.options.registers}
         self._plan = plan_reads(self.options.registers, self.options.max_registers)
         baudrate = getattr(port.port, "baudrate", None)
-        self._silence = silence_interval(baudrate if isinstance(baudrate, int) else 9600)
+        baudrate = baudrate if isinstance(baudrate, int) and baudrate > 0 else 9600
+        self._silence = silence_interval(baudrate)
+        self._char_time = char_time(baudrate)
         self._last_io = 0.0  # time.monotonic() of the end of the last exchange (worker thread)
 
     def __str__(self) -> str:
@@ -606,7 +611,8 @@ class ModbusInstrument(BaseDriver):
         return Identity(
             self.part,
             f"slave {self.options.slave} at {self.port.name}: "
-            f"{len(self.options.registers)} registers in {len(self._plan)} requests{detail}",
+            f"{_count(len(self.options.registers), 'register')} in "
+            f"{_count(len(self._plan), 'request')}{detail}",
         )
 
     async def read(self) -> dict[str, float]:
@@ -668,11 +674,16 @@ class ModbusInstrument(BaseDriver):
             port.reset_input_buffer()  # stale bytes: late answers, line noise
             port.write(request.to_bytes())
             port.flush()
+            # one deadline for the whole answer: the timeout, plus the answer's time on the wire
+            deadline = (
+                time.monotonic() + self.options.timeout + request.response_size * self._char_time
+            )
             head = port.read(3)
             if len(head) < 3:
                 return bytes(head)
             size = EXCEPTION_SIZE if head[1] == request.function | EXCEPTION_BIT else 0
             size = size or request.response_size
+            port.timeout = max(deadline - time.monotonic(), MIN_READ)
             return bytes(head) + bytes(port.read(size - 3))
         finally:
             self._last_io = time.monotonic()
@@ -693,3 +704,7 @@ class ModbusInstrument(BaseDriver):
                 code=response.code,
             )
         return response
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

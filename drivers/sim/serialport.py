@@ -77,8 +77,9 @@ class Exchange:
 
     ``request`` is what the driver sent (``b""`` for a streamed line), ``response`` what went back
     (after faults; ``b""`` for none), ``note`` why nothing or something unusual happened:
-    ``""``, ``"disconnect"``, ``"nack"``, ``"busy"`` (dropped while answering slowly),
-    ``"overrun"`` (output dropped: nobody reads).
+    ``""``, ``"disconnect"``, ``"nack"``, ``"busy"`` (``request`` arrived while answering
+    slowly and was dropped), ``"overrun"`` (``response`` holds output that was dropped because
+    nobody reads and the pty buffer is full).
     """
 
     t: float
@@ -252,21 +253,22 @@ class PtyPort:
             self._log(dropped, b"", "busy")
 
     def _write(self, data: bytes, *, request: bytes, note: str) -> None:
+        # Logged first, so whoever has read the answer finds it in the traffic log.
+        self._log(request, data, note)
         view = memoryview(data)
         with self._write_lock:
             while view:
                 try:
                     n = os.write(self._master, view)
                 except BlockingIOError:
-                    note = "overrun"
                     break
                 except OSError as err:
                     if err.errno != errno.EIO:
                         raise
-                    note = "overrun"
                     break
                 view = view[n:]
-        self._log(request, data[: len(data) - len(view)], note)
+        if view:
+            self._log(b"", bytes(view), "overrun")
 
     def _log(self, request: bytes, response: bytes, note: str) -> None:
         self.traffic.append(Exchange(self.clock.monotonic(), request, response, note))

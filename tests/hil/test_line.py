@@ -33,7 +33,7 @@ from drivers.sim.serialport import PtyPort
 
 # Line timeouts: a rig expecting lines waits up to TIMEOUT (the suite shares two cores with other
 # work); a test expecting silence pays its whole timeout, so it uses SHORT.
-TIMEOUT = 0.5
+TIMEOUT = 1.0
 SHORT = 0.2
 PERIOD = 0.02  # stream period of the simulated sensor
 
@@ -552,7 +552,7 @@ async def test_slow_answer_beyond_the_timeout(make_rig) -> None:
 
 
 async def test_slow_answer_within_the_timeout(poll: Rig) -> None:
-    poll.sim.faults.slow = TIMEOUT / 4
+    poll.sim.faults.slow = SHORT / 2  # well inside TIMEOUT
     poll.sim.set_channel("P", 0.5)
     assert (await poll.driver.read())["P"] == 0.5
 
@@ -585,3 +585,24 @@ async def test_stuck_values_freeze_until_cleared(make_rig, raw: dict) -> None:
     assert await read_t() == 20.0
     rig.sim.faults.clear()
     assert await read_t() == 25.0
+
+
+async def test_long_waits_are_cut_into_hops_within_the_ports_deadline(
+    make_rig, monkeypatch
+) -> None:
+    """A line timeout longer than the port's per-call deadline still works: the driver waits in
+    hops of HOP seconds (shortened here, as the module allows)."""
+    monkeypatch.setattr("drivers.line.HOP", 0.05)
+    rig = make_rig({**POLL, "timeout": 1.5})
+    tight = AsyncSerial(rig.port.port, RealClock(), timeout=0.3)  # each call: at most 0.3 s
+    driver = LineSensor(tight, rig.driver.options)
+    rig.sim.set_channel("P", 0.125)
+    rig.sim.faults.slow = 0.6  # longer than one call may take, shorter than the line timeout
+    assert (await driver.read())["P"] == 0.125
+
+    stream = make_rig({**STREAM, "timeout": 0.6})
+    tight = AsyncSerial(stream.port.port, RealClock(), timeout=0.3)
+    driver = LineSensor(tight, stream.driver.options)
+    stream.sim.faults.disconnect = True
+    with pytest.raises(DeviceTimeout, match=r"no complete line within 0\.6 s"):
+        await driver.read()

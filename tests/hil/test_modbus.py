@@ -48,7 +48,7 @@ from drivers.sim.serialport import PtyPort
 # Response timeouts. Answers normally come within milliseconds, but the suite shares two cores
 # with other work, so a rig expecting answers waits up to TIMEOUT; a test that expects silence
 # (each silent attempt costs its whole timeout) uses SHORT.
-TIMEOUT = 0.5
+TIMEOUT = 1.0
 SHORT = 0.2
 
 REGISTERS = [
@@ -612,7 +612,8 @@ async def test_nack_is_no_answer(make_rig) -> None:
 
 
 async def test_intermittent_nack_is_recovered_by_a_retry(make_rig) -> None:
-    rig = make_rig({**MAP, "register": [REGISTERS[0]]})  # one group: one lost try
+    # one group, so one lost try; its timeout is paid in full, so keep it moderate
+    rig = make_rig({**MAP, "register": [REGISTERS[0]], "timeout": 2 * SHORT})
     rig.sim.set_channel("flow_lpm", 3.25)
     rig.sim.faults.nack = 0.5
     rig.sim.faults.rng = Scripted([0.1, 0.9])  # the first try is lost, the retry answered
@@ -671,7 +672,7 @@ async def test_slow_answer_beyond_the_timeout(make_rig) -> None:
 
 
 async def test_slow_answer_within_the_timeout(rig: Rig) -> None:
-    rig.sim.faults.slow = TIMEOUT / 4
+    rig.sim.faults.slow = SHORT / 2  # well inside TIMEOUT
     rig.sim.set_channel("level_pct", 3.0)
     assert (await rig.driver.read())["level_pct"] == pytest.approx(3.0)
     assert "busy" not in rig.notes()

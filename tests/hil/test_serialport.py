@@ -21,7 +21,7 @@ from drivers.sim.serialport import PtyPort, SerialModel
 
 # Read timeouts: answers come within milliseconds, but the suite shares two cores with other work,
 # so reads that expect an answer wait up to TIMEOUT; reads that expect silence wait SHORT.
-TIMEOUT = 0.5
+TIMEOUT = 1.0
 SHORT = 0.2
 
 
