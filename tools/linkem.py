@@ -196,8 +196,10 @@ class Impairment:
 
     @property
     def is_clear(self) -> bool:
-        """True when packets pass untouched."""
-        return self == Impairment()
+        """True when packets pass untouched (no delay, loss, duplication, reordering or cap)."""
+        model = self.loss_model()
+        loss = model.mean_loss if isinstance(model, GilbertElliott) else model
+        return not (self.delay or self.jitter or loss or self.dup or self.reorder or self.rate)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,7 +220,7 @@ class Impairment:
             elif f.name == "gilbert":
                 text = f"{value.p:.4g}:{value.r:.4g}:{value.loss_bad:.4g}:{value.loss_good:.4g}"
             else:
-                text = str(value)
+                text = f"{value:g}" if isinstance(value, float) else str(value)
             parts.append(f"{f.name}={text}")
         return " ".join(parts) or "clear"
 
@@ -608,9 +610,11 @@ class LinkEmulator:
         self._outage_state = False
         self._handles: list[asyncio.TimerHandle] = []
         self._control_server: asyncio.Server | None = None
+        self._control_writers: set[asyncio.StreamWriter] = set()
         self._control_address: str | tuple[str, int] | None = None
         self._started_at = 0.0
         self.icmp_errors = 0
+        self.flows_opened = 0
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -660,6 +664,8 @@ class LinkEmulator:
             return
         if self._control_server is not None:
             self._control_server.close()
+            for writer in list(self._control_writers):
+                writer.close()
             await self._control_server.wait_closed()
             self._control_server = None
             if isinstance(self._control_address, str):
@@ -768,6 +774,7 @@ class LinkEmulator:
             "up": self._dirs["up"].counters.as_dict(),
             "down": self._dirs["down"].counters.as_dict(),
             "flows": len(self._flows),
+            "flows_opened": self.flows_opened,
             "in_flight": len(self._heap),
             "outage": self._outage_active(now) if self._loop else False,
             "uptime": now - self._started_at if self._loop else 0.0,
@@ -830,6 +837,7 @@ class LinkEmulator:
     async def _serve_control(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        self._control_writers.add(writer)
         try:
             while line := await reader.readline():
                 try:
@@ -839,9 +847,10 @@ class LinkEmulator:
                     log.warning("linkem control bad request error=%s", err)
                 writer.write(json.dumps(response).encode() + b"\n")
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as err:
+        except (ConnectionError, ValueError) as err:  # ValueError: a line over the stream limit
             log.warning("linkem control connection error=%s", err)
         finally:
+            self._control_writers.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -926,6 +935,7 @@ class LinkEmulator:
             return None
         flow = _Flow(client, sock, self._loop.time())
         self._flows[client] = flow
+        self.flows_opened += 1
         self._loop.add_reader(sock.fileno(), self._on_upstream_readable, flow)
         log.debug(
             "linkem flow open client=%s via=%s", _fmt_addr(client), _fmt_addr(sock.getsockname())

@@ -422,6 +422,29 @@ def test_scheduled_two_minute_outage_runs_in_virtual_time(vclock: VirtualClock) 
     assert stats["outage"] is False
 
 
+def test_idle_flows_are_forgotten_like_a_nat(vclock: VirtualClock) -> None:
+    async def main() -> tuple[list[tuple[bytes, Any]], dict[str, Any]]:
+        async with rig(echo=True, flow_timeout=5.0) as r:
+            r.client.send(b"one")
+            await until(lambda: len(r.client.received) == 1, what="the echo")
+            assert r.proxy.stats()["flows"] == 1
+            await asyncio.sleep(4.0)
+            r.client.send(b"two")  # activity keeps the flow
+            await until(lambda: len(r.client.received) == 2, what="the echo")
+            await asyncio.sleep(4.0)
+            assert r.proxy.stats()["flows"] == 1
+            await asyncio.sleep(4.0)
+            assert r.proxy.stats()["flows"] == 0
+            r.client.send(b"three")  # a new flow, from a new upstream port
+            await until(lambda: len(r.client.received) == 3, what="the echo")
+            return r.server.received, r.proxy.stats()
+
+    received, stats = vclock.run(main())
+    assert [data for data, _ in received] == [b"one", b"two", b"three"]
+    assert received[0][1] == received[1][1]
+    assert stats["flows_opened"] == 2 and stats["flows"] == 1
+
+
 async def test_live_set_and_update_change_the_link() -> None:
     async with rig(echo=True) as r:
         r.client.send(b"a")
@@ -514,6 +537,23 @@ async def test_control_channel_from_another_process(tmp_path: Path) -> None:
 
     rc, _, err = await run_cli("ctl", "--control", path, "stats")
     assert rc == 69 and err.startswith("linkem: error: control channel")
+
+
+async def test_control_channel_answers_garbage_and_stops_with_a_client_connected() -> None:
+    async with rig(control=0) as r:
+        where = r.proxy.control_address
+        assert isinstance(where, tuple) and where[0] == "127.0.0.1"
+        reader, writer = await asyncio.open_connection(*where)
+        for line in [b"not json", b'"a string"', b'{"cmd": "set", "params": []}']:
+            writer.write(line + b"\n")
+            answer = json.loads(await reader.readline())
+            assert answer["ok"] is False and answer["error"]
+        writer.write(b'{"cmd": "show"}\n')
+        answer = json.loads(await reader.readline())
+        assert answer["ok"] is True and answer["impairment"]["up"]["loss"] == 0.0
+        # Leaves with the client still connected: stop() must not wait for it.
+    assert await reader.read() == b""
+    writer.close()
 
 
 async def test_cli_runs_the_proxy_controlled_over_tcp() -> None:
@@ -655,7 +695,9 @@ def test_parsers_read_human_units() -> None:
     imp = Impairment(delay=0.15, jitter=0.02, loss=0.1, burst=3, rate=32_000)
     assert imp.describe() == "delay=150ms jitter=20ms loss=10% burst=3 rate=256kbit"
     assert Impairment().describe() == "clear"
-    assert Impairment().is_clear and not imp.is_clear
+    assert Impairment().is_clear and Impairment(queue_limit=5, reorder_gap=1.0).is_clear
+    assert not imp.is_clear and not Impairment(gilbert=GilbertElliott(0.1, 0.5)).is_clear
+    assert Impairment(burst=2.5, bucket=1500).describe() == "burst=2.5 bucket=1500"
 
 
 async def test_a_coap_client_talks_to_its_server_through_the_proxy() -> None:
