@@ -43,6 +43,7 @@ import threading
 import time
 import tty
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -137,7 +138,11 @@ class PtyPort:
         self._write(data, request=b"", note="")
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
-        """Block until no answer is being prepared (a slow one included). False on timeout."""
+        """Block until no answer or streamed line is being prepared (a slow one included).
+
+        After a model's ``stream_period`` is set to None, no line is started once this returned.
+        False on timeout.
+        """
         return self._idle.wait(timeout)
 
     def close(self) -> None:
@@ -188,14 +193,23 @@ class PtyPort:
                 if pending and now - last_rx >= gap:
                     request = bytes(pending)
                     pending.clear()
-                    self._answer(request)
+                    self._guarded(self._answer, request)
                 if next_tick is not None and period is not None and now >= next_tick:
-                    self._tick()
+                    self._guarded(self._tick)
                     next_tick = max(next_tick + period, time.monotonic())
         except Exception:
             logger.exception("pty thread failed name=%s path=%s", self.name, self.path)
         finally:
             sel.close()
+
+    def _guarded(self, fn: Callable[..., None], *args: bytes) -> None:
+        """Run one event; a model that raises loses that event, not the port."""
+        try:
+            fn(*args)
+        except OSError:
+            raise
+        except Exception:
+            logger.exception("pty model failed name=%s path=%s", self.name, self.path)
 
     def _read_available(self) -> bytes:
         try:
@@ -229,14 +243,16 @@ class PtyPort:
             self._idle.set()
 
     def _tick(self) -> None:
-        faults = self.model.faults
-        if faults.disconnect:
-            return
-        if faults.nack and faults.rng.random() < faults.nack:
-            self._log(b"", b"", "nack")
-            return
-        self._idle.clear()
+        self._idle.clear()  # before looking at the period, so wait_idle() after a stop is exact
         try:
+            if getattr(self.model, "stream_period", None) is None:
+                return
+            faults = self.model.faults
+            if faults.disconnect:
+                return
+            if faults.nack and faults.rng.random() < faults.nack:
+                self._log(b"", b"", "nack")
+                return
             line = self.model.on_tick()  # type: ignore[attr-defined]
             if line:
                 self._delay(faults.slow)

@@ -153,7 +153,7 @@ def test_streaming_sends_unasked_lines(rig) -> None:
 def test_unread_output_is_dropped_not_blocking(rig) -> None:
     """Nobody reads: once the pty buffer is full, output is dropped and the thread goes on."""
     model, pty, port = rig
-    model.padding = b" " * 1000
+    model.padding = b" " * 8000
     model.stream_period = 0.001
     deadline = time.monotonic() + 10.0
     while not any(e.note == "overrun" for e in pty.traffic) and time.monotonic() < deadline:
@@ -161,6 +161,7 @@ def test_unread_output_is_dropped_not_blocking(rig) -> None:
     assert any(e.note == "overrun" for e in pty.traffic)
     model.stream_period = None
     assert pty.wait_idle(5.0)
+    port.timeout = SHORT
     while port.read(65536):  # the kernel's buffers still hold what was queued before the drop
         pass
     assert ask(port, b"still here") == b"ereh llits"
@@ -189,3 +190,18 @@ def test_context_manager_closes() -> None:
         assert ask(port, b"ok") == b"ko"
         port.close()
     assert not pty._thread.is_alive()
+
+
+def test_a_failing_model_loses_the_event_not_the_port(rig) -> None:
+    model, pty, port = rig
+    original = model.on_bytes
+
+    def broken(data: bytes) -> bytes:
+        if data == b"boom":
+            raise RuntimeError("model bug")
+        return original(data)
+
+    model.on_bytes = broken
+    assert ask(port, b"boom", SHORT) == b""
+    assert ask(port, b"fine") == b"enif"
+    assert pty._thread.is_alive()
