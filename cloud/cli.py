@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logsetup.setup(args.log_level)
+    if args.func is cmd_serve:  # the other commands print their results; they log nothing
+        logsetup.setup(args.log_level)
     try:
         return int(args.func(args))
     except UsageError as err:

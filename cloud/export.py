@@ -1,9 +1,10 @@
 """Export of what arrived at the endpoint: one row per telemetry channel, one per other record.
 
-Columns: ``seq, kind, time, sensor, channel, value``. A telemetry record gives a row per channel
-(``value`` is the number); an alert, event or state record gives one row with empty sensor and
-channel and the record's map as ``value`` (JSON text in CSV, an object in JSON). A body that does
-not decode gives ``{"raw": "<hex>"}``. ``time`` is the time inside the body (Unix seconds).
+Columns: ``seq, kind, time, sensor, channel, value``. A telemetry record gives a row per channel,
+by channel name (``value`` is the number); an alert, event or state record gives one row with
+empty sensor and channel and the record's map as ``value`` (JSON text in CSV, an object in JSON).
+A body that does not decode gives ``{"raw": "<hex>"}``. ``time`` is the time inside the body
+(Unix seconds).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def rows(records: Iterable[StoredRecord]) -> Iterator[dict[str, Any]]:
             continue
         if rec.kind == Kind.TELEMETRY:
             assert isinstance(body, TelemetryBody)
-            for channel, value in body.values.items():
+            for channel, value in sorted(body.values.items()):
                 yield _row(rec, body.time, body.sensor, channel, value)
         else:
             yield _row(rec, body.time, "", "", to_json(body.data))  # type: ignore[union-attr]

@@ -477,7 +477,7 @@ class CloudServer:
             await self.clock.sleep(POLL_INTERVAL)
             try:
                 version = await self.db(lambda s: s.data_version())
-                if version != last_version and last_version is not None:
+                if version != last_version:
                     for device in list(self._observers):
                         doc = await self.db(lambda s, d=device: s.desired(d))
                         self._desired_changed(device, doc.etag())
@@ -661,7 +661,7 @@ class CloudServer:
         device = await self._device(route)
         doc = await self.db(lambda s: s.desired(device))
         etag = doc.etag()
-        self._etags.setdefault(device, etag)
+        self._etags[device] = etag  # what observers saw last (notifications render here too)
         if etag in request.opt.etags:
             response = Message(code=Code.VALID)
         else:
