@@ -355,7 +355,11 @@ class LineSensor(BaseDriver):
     # runs into the port's own per-call deadline (drivers.bus.AsyncSerial).
     async def _poll_line(self, deadline: float) -> bytes:
         line = await self.port.transact(lambda p: self._ask(p, deadline))
-        while not line.endswith(b"\n") and len(line) < MAX_LINE and time.monotonic() < deadline:
+        while True:
+            if line.endswith(b"\n") and not line.strip():
+                line = b""  # a blank line (some sensors answer CR LF first) is not the answer
+            if line.endswith(b"\n") or len(line) >= MAX_LINE or time.monotonic() >= deadline:
+                break
             limit = MAX_LINE - len(line)
             line += await self.port.transact(lambda p, n=limit: _read_line(p, deadline, n))
         if not line:

@@ -606,3 +606,11 @@ async def test_long_waits_are_cut_into_hops_within_the_ports_deadline(
     stream.sim.faults.disconnect = True
     with pytest.raises(DeviceTimeout, match=r"no complete line within 0\.6 s"):
         await driver.read()
+
+
+async def test_poll_skips_blank_lines_before_the_answer(make_rig) -> None:
+    rig = make_rig()
+    real_line = rig.sim.line
+    rig.sim.line = lambda: b"\r\n\r\n" + real_line()  # a sensor that answers CR LF first
+    rig.sim.set_channel("P", 0.5)
+    assert (await rig.driver.read())["P"] == 0.5
