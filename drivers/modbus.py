@@ -20,6 +20,20 @@ Values: ``value = raw * scale + offset`` where ``raw`` is the register content r
 ``s16``, ``u32``, ``s32`` or ``float32`` (32-bit types span two registers; ``word_order = "big"``
 puts the high word first, ``"little"`` the low word first; bytes within a register are always
 big-endian, as Modbus sends them).
+
+Options (``[sensor.options]``):
+
+- ``slave`` (1..247, default 1); ``timeout``: seconds to wait for an answer (default 0.5, at most
+  2); ``retries``: repeats of a request that got no answer or a garbled one (default 2);
+  ``max_registers``: most registers per request (default 125); ``word_order`` (default "big"):
+  the default for 32-bit registers;
+- ``identity = {table = "holding", address = N, value = M}`` (optional): a register that must
+  hold ``M`` when the instrument is opened;
+- ``[[sensor.options.register]]`` (at least one): ``name`` (the channel), ``table`` ("holding",
+  the default, or "input"), ``address`` (0..65535), ``type`` (default "u16"), ``scale`` (default
+  1), ``offset`` (default 0), ``word_order`` (32-bit types), ``resolution`` (float32 only, channel
+  unit, default 0.001; an integer register's resolution is ``|scale|``). Registers may not
+  overlap and names may not repeat.
 """
 
 from __future__ import annotations
