@@ -488,7 +488,7 @@ class _Db:
         self.wal_limit = settings.wal_limit()
         self.target_pages = settings.db_target() // PAGE_SIZE
         self.chunk_bytes = max(PAGE_SIZE, settings.db_target() // 16)
-        self.txn_cap_bytes = max(PAGE_SIZE, self.wal_limit // 4)
+        self.txn_cap_bytes = max(PAGE_SIZE, self.wal_limit // 2)
         self.max_record_bytes = max(PAGE_SIZE, settings.db_target() // 16)
         self.keep_free_pages = max(16, self.target_pages // 4)
 
@@ -1176,6 +1176,7 @@ class _PutOp:
     alert_only: bool
     future: asyncio.Future[list[int]]
     nbytes: int
+    parked: bool = False  # counted in the memory ring (also while a retry is in flight)
 
 
 @dataclass
@@ -1327,6 +1328,8 @@ class Store:
         except BaseException as err:  # the thread itself failed: fail everything in the group
             error = err if isinstance(err, StoreError) else StoreError(f"queue write: {err}")
             for op in ops:
+                if isinstance(op, _PutOp):
+                    self._unpark(op)
                 if not op.future.done():
                     op.future.set_exception(error)
             if not isinstance(err, Exception):
@@ -1338,10 +1341,13 @@ class Store:
                 log.warning("event=disk_full path=%s", self.settings.path)
             else:
                 log.info("event=disk_space_back path=%s", self.settings.path)
+        waiting: list[_PutOp] = []
         for op, res in zip(puts, outcome.puts, strict=True):
             if res is None:
-                self._park(op)
-            elif isinstance(res, BaseException):
+                waiting.append(op)
+                continue
+            self._unpark(op)
+            if isinstance(res, BaseException):
                 if isinstance(res, StoreFull):
                     for code, *_ in op.rows:
                         self._rejected[code] += 1
@@ -1349,6 +1355,8 @@ class Store:
                     op.future.set_exception(res)
             elif not op.future.done():
                 op.future.set_result(res)
+        if waiting:
+            self._park(waiting)
         if outcome.acks_held:
             log.warning(
                 "event=acks_held count=%d reason=disk_full "
@@ -1369,8 +1377,7 @@ class Store:
         nbytes = 0
         cap = self._db.txn_cap_bytes
         while self._ring and (not group or nbytes + self._ring[0].nbytes <= cap):
-            op = self._ring.popleft()
-            self._ring_records -= len(op.rows)
+            op = self._ring.popleft()  # stays counted in _ring_records while in flight
             group.append(op)
             nbytes += op.nbytes
         while self._pending:
@@ -1382,13 +1389,23 @@ class Store:
             nbytes += size
         return group
 
-    def _park(self, op: _PutOp) -> None:
+    def _unpark(self, op: _PutOp) -> None:
+        if op.parked:
+            op.parked = False
+            self._ring_records -= len(op.rows)
+
+    def _park(self, ops: list[_PutOp]) -> None:
+        """Keep alert-only puts that found the disk full, oldest first, ahead of any that are
+        still in the ring (the group took its ring ops from the front)."""
         limit = self.settings.memory_ring
-        self._ring.append(op)
-        self._ring_records += len(op.rows)
+        for op in ops:
+            if not op.parked:
+                op.parked = True
+                self._ring_records += len(op.rows)
+        self._ring.extendleft(reversed(ops))
         while self._ring_records > limit and self._ring:
             old = self._ring.popleft()
-            self._ring_records -= len(old.rows)
+            self._unpark(old)
             self._ring_dropped_unwritten += len(old.rows)
             log.error(
                 "event=alerts_dropped count=%d reason=memory_ring_full ring=%d path=%s",
@@ -1463,12 +1480,12 @@ class Store:
         lost = 0
         while self._ring:
             op = self._ring.popleft()
+            self._unpark(op)
             lost += len(op.rows)
             if not op.future.done():
                 op.future.set_exception(
                     StoreFull(f"queue {self.settings.path} closed while the disk was full")
                 )
-        self._ring_records = 0
         if lost:
             log.error(
                 "event=alerts_lost count=%d reason=closed_while_disk_full path=%s",

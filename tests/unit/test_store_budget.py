@@ -1,0 +1,321 @@
+"""The store's disk budget and its behaviour when the disk itself is full.
+
+Budget: with a 1 MiB budget and 100 MiB put, the file (main database + WAL, measured with stat
+after every put) never exceeds the budget; eviction takes telemetry first, then state, then
+events, oldest first within a kind, and alerts only when nothing else is left; the counters are
+exact and persisted.
+
+Disk full: SQLite is made to hit SQLITE_FULL two ways, with ``PRAGMA max_page_count`` (the
+``hard_limit_bytes`` setting) and, when the test runs as root, with a real 1 MiB tmpfs that runs
+out of space (ENOSPC). Puts of anything but alerts fail with StoreFull; alerts first push out
+telemetry, and with none left wait in the memory ring until space returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.clock import VirtualClock
+from agent.errors import StoreFull
+from agent.store import Kind, NewRecord, Store, StoreSettings, read_report
+
+MIB = 1024 * 1024
+BUDGET = MIB
+# The stated margin: none. The main file is kept at budget - 2 * WAL share of live pages and the
+# WAL at one share plus one transaction, so db + WAL stays within the budget as long as no single
+# put carries more than a WAL share (budget/8) of payload.
+MARGIN = 0
+
+
+@pytest.fixture
+def qdir(tmp_path: Path) -> Iterator[Path]:
+    """A fresh directory, on tmpfs when /dev/shm is usable (these tests check the budget
+    logic; fsync latency of a busy disk would only slow them down)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="edge-agent-store-", dir=shm))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def file_bytes(settings: StoreSettings) -> int:
+    size = settings.path.stat().st_size
+    if settings.wal_path.exists():
+        size += settings.wal_path.stat().st_size
+    return size
+
+
+async def everything(st: Store) -> list[tuple[int, Kind]]:
+    return [(r.seq, r.kind) for r in await st.batch(1_000_000, 1 << 40)]
+
+
+def test_a_1_mib_budget_holds_100_times_as_much_data(qdir: Path, vclock: VirtualClock) -> None:
+    settings = StoreSettings(path=qdir / "queue.db", budget_bytes=BUDGET)
+    rng = random.Random(3)
+    put_seqs: dict[Kind, list[int]] = {k: [] for k in Kind}
+    sizes: list[int] = []
+    total = 0
+
+    def record() -> NewRecord:
+        r = rng.random()
+        kind = (
+            Kind.ALERT
+            if r < 0.004
+            else Kind.EVENT
+            if r < 0.02
+            else Kind.STATE
+            if r < 0.04
+            else Kind.TELEMETRY
+        )
+        return NewRecord(kind, rng.randbytes(rng.randint(2000, 12000)))
+
+    async def putter(st: Store) -> None:
+        nonlocal total
+        while total < 100 * BUDGET:
+            records = [record() for _ in range(rng.randint(1, 3))]
+            total += sum(len(r.payload) for r in records)
+            seqs = await st.put(records)
+            for rec, seq in zip(records, seqs, strict=True):
+                put_seqs[rec.kind].append(seq)
+            sizes.append(file_bytes(settings))  # after every put
+            assert sizes[-1] <= BUDGET + MARGIN, f"file is {sizes[-1]} bytes"
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        async with asyncio.TaskGroup() as tg:  # concurrent putters: group commit joins them
+            for _ in range(4):
+                tg.create_task(putter(st))
+        stats = await st.stats()
+        remaining = await everything(st)
+        await st.close()
+
+        assert max(sizes) > BUDGET * 0.8  # the budget was really used
+        by_kind: dict[Kind, list[int]] = {k: [] for k in Kind}
+        for seq, kind in remaining:
+            by_kind[kind].append(seq)
+        assert sorted(by_kind[Kind.ALERT]) == sorted(put_seqs[Kind.ALERT])  # all alerts survived
+        assert stats.kinds[Kind.ALERT].evicted == 0
+        for kind in Kind:
+            put = sorted(put_seqs[kind])
+            depth = stats.kinds[kind].depth
+            assert depth == len(by_kind[kind])
+            # exact counters: everything put and not queued was evicted, and counted once
+            assert stats.kinds[kind].evicted == len(put) - depth
+            # oldest first: what is left of a kind is its newest records
+            assert sorted(by_kind[kind]) == put[len(put) - depth :]
+        assert stats.kinds[Kind.TELEMETRY].evicted > 0.9 * len(put_seqs[Kind.TELEMETRY])
+
+        # the counters are persisted
+        st = await Store.open(settings, clock=vclock)
+        again = await st.stats()
+        await st.close()
+        for kind in Kind:
+            assert again.kinds[kind].evicted == stats.kinds[kind].evicted
+        report = read_report(settings)
+        assert report["kinds"]["telemetry"]["evicted"] == stats.kinds[Kind.TELEMETRY].evicted
+
+    vclock.run(main())
+
+
+def test_when_alerts_alone_fill_the_budget_the_oldest_alerts_go(
+    qdir: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = StoreSettings(path=qdir / "queue.db", budget_bytes=BUDGET)
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        seqs: list[int] = []
+        with caplog.at_level(logging.WARNING, logger="agent.store"):
+            for i in range(600):
+                seqs += await st.put([NewRecord(Kind.ALERT, bytes([i % 256]) * 8000)])
+                assert file_bytes(settings) <= BUDGET + MARGIN
+        stats = await st.stats()
+        left = [seq for seq, _ in await everything(st)]
+        await st.close()
+        assert 0 < stats.kinds[Kind.ALERT].evicted == 600 - len(left)
+        assert sorted(left) == seqs[len(seqs) - len(left) :]
+        assert any("alerts_evicted" in r.getMessage() for r in caplog.records)
+
+    vclock.run(main())
+
+
+def test_eviction_order_is_telemetry_state_event_then_alert(
+    qdir: Path, vclock: VirtualClock
+) -> None:
+    settings = StoreSettings(path=qdir / "queue.db", budget_bytes=BUDGET)
+    order = [Kind.TELEMETRY, Kind.STATE, Kind.EVENT, Kind.ALERT]
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        for i in range(150):  # about 600 KiB, interleaved
+            await st.put([NewRecord(order[i % 3], bytes(4000))])
+        seen = set()
+        for _ in range(400):
+            await st.put([NewRecord(Kind.ALERT, bytes(4000))])
+            stats = await st.stats()
+            for i, kind in enumerate(order):
+                if stats.kinds[kind].evicted:
+                    seen.add(kind)
+                    for earlier in order[:i]:  # nothing of a kind goes while a lower one is left
+                        assert stats.kinds[earlier].depth == 0, (kind, earlier)
+        await st.close()
+        assert seen == set(order)  # the test went all the way to evicting alerts
+
+    vclock.run(main())
+
+
+# --- disk full -------------------------------------------------------------------------------
+
+
+async def fill(st: Store, kind: Kind) -> StoreFull:
+    """Put ``kind`` records until the store refuses one; return the refusal."""
+    for _ in range(10_000):
+        try:
+            await st.put([NewRecord(kind, bytes(2000)) for _ in range(4)])
+        except StoreFull as err:
+            return err
+    raise AssertionError("the disk never filled up")
+
+
+def test_max_page_count_full_alerts_push_out_telemetry(qdir: Path, vclock: VirtualClock) -> None:
+    settings = StoreSettings(
+        path=qdir / "queue.db", budget_bytes=64 * MIB, hard_limit_bytes=256 * 1024
+    )
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        err = await fill(st, Kind.TELEMETRY)
+        assert "disk is full" in str(err)
+        stats = await st.stats()
+        assert stats.disk_full
+        assert stats.rejected_full[Kind.TELEMETRY] == 4
+        depth = stats.kinds[Kind.TELEMETRY].depth
+        with pytest.raises(StoreFull):  # events are not kept in memory either
+            await st.put([NewRecord(Kind.EVENT, bytes(2000)) for _ in range(4)])
+        # as much as the refused telemetry put: it fits only if telemetry makes room
+        alert = await st.put([NewRecord(Kind.ALERT, bytes(2000)) for _ in range(4)])
+        stats = await st.stats()
+        evicted = stats.kinds[Kind.TELEMETRY].evicted
+        assert evicted > 0
+        assert stats.kinds[Kind.TELEMETRY].depth == depth - evicted
+        assert (await st.batch(1, 1 << 20))[0].seq == alert[0]
+        await st.close()
+
+    vclock.run(main())
+
+
+def test_max_page_count_full_alerts_wait_in_the_ring_until_acks_free_space(
+    qdir: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = StoreSettings(
+        path=qdir / "queue.db",
+        budget_bytes=64 * MIB,
+        hard_limit_bytes=256 * 1024,
+        memory_ring=3,
+    )
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        await fill(st, Kind.EVENT)
+        with caplog.at_level(logging.ERROR, logger="agent.store"):
+            tasks = [
+                asyncio.create_task(st.put([NewRecord(Kind.ALERT, bytes([i]) * 3000)]))
+                for i in range(5)
+            ]
+            await vclock.sleep(10.0)  # ten ring retries in virtual time; still no space
+        dropped = [t for t in tasks if t.done()]
+        assert len(dropped) == 2  # the ring holds 3: the two oldest went
+        for t in dropped:
+            with pytest.raises(StoreFull, match="memory ring"):
+                t.result()
+        assert any("alerts_dropped" in r.getMessage() for r in caplog.records)
+        stats = await st.stats()
+        assert (stats.ring_depth, stats.ring_dropped, stats.disk_full) == (3, 2, True)
+
+        events = await st.batch(30, 1 << 20)
+        await st.ack([r.seq for r in events])  # delivered: space inside the file returns
+        seqs = [(await t)[0] for t in tasks[2:]]
+        stats = await st.stats()
+        assert (stats.ring_depth, stats.ring_dropped, stats.disk_full) == (0, 2, False)
+        head = await st.batch(3, 1 << 20)
+        assert [(r.seq, r.kind) for r in head] == [(s, Kind.ALERT) for s in seqs]
+        assert [r.payload[0] for r in head] == [2, 3, 4]
+        await st.close()
+
+        st = await Store.open(settings, clock=vclock)
+        assert (await st.stats()).ring_dropped == 2  # persisted
+        await st.close()
+
+    vclock.run(main())
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs (needs root and mount); unmounted afterwards."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)  # a file is still open
+
+
+def test_a_really_full_disk_no_crash_alerts_wait_until_space_returns(
+    tiny_fs: Path, vclock: VirtualClock
+) -> None:
+    settings = StoreSettings(path=tiny_fs / "queue.db", budget_bytes=64 * MIB, memory_ring=10)
+    ballast = tiny_fs / "ballast"
+
+    async def main() -> None:
+        ballast.write_bytes(bytes(256 * 1024))  # someone else's file on the same disk
+        st = await Store.open(settings, clock=vclock)
+        err = await fill(st, Kind.EVENT)
+        assert "disk is full" in str(err) and str(tiny_fs) in str(err)
+        tasks = [
+            asyncio.create_task(st.put([NewRecord(Kind.ALERT, bytes([i]) * 2000)]))
+            for i in range(4)
+        ]
+        await vclock.sleep(5.0)
+        stats = await st.stats()
+        assert stats.disk_full
+        assert stats.ring_depth == 4
+        assert not any(t.done() for t in tasks)
+
+        ballast.unlink()  # space returns
+        seqs = [(await t)[0] for t in tasks]
+        assert (await st.stats()).ring_depth == 0
+        head = await st.batch(4, 1 << 20)
+        assert [(r.seq, r.kind) for r in head] == [(s, Kind.ALERT) for s in seqs]
+        await st.put([NewRecord(Kind.EVENT, bytes(100))])  # ordinary puts work again
+        await st.close()
+
+        st = await Store.open(settings, clock=vclock)  # and the file is sound
+        assert [r.seq for r in await st.batch(4, 1 << 20)] == seqs
+        await st.close()
+
+    vclock.run(main())
