@@ -34,7 +34,7 @@ HOST_UNITS = Path("/usr/lib/systemd/system")
 EXPOSURE_LIMIT = 2.0
 
 sys.path.insert(0, str(ROOT / "tools"))
-from flash_lib.provision import Settings, render_config  # noqa: E402
+from flash_lib.provision import Settings, render_config, sensor_section  # noqa: E402
 
 analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
@@ -370,7 +370,8 @@ def _render(**overrides: str) -> dict:
         psk_identity=overrides.get("psk_identity", ""),
         psk=overrides.get("psk", 'se"cr\\et'),
     )
-    return {"text": render_config(TEMPLATE.read_text(), settings)}
+    sensors = sensor_section(RIG.read_text())
+    return {"text": render_config(TEMPLATE.read_text(), settings, sensors)}
 
 
 def test_flash_template_renders_the_reference_rig() -> None:
@@ -409,3 +410,16 @@ def test_flash_template_is_a_valid_agent_config(tmp_path: Path) -> None:
     cfg = config.load(path)
     assert cfg.agent.device_id == "pump-07"
     assert not any(s.simulated for s in cfg.sensors)
+
+
+def test_flash_sensor_section_takes_only_the_sensor_tables() -> None:
+    text = (
+        '[agent]\ndevice_id = "x"\n\n# the first part\n[[sensor]]\nname = "a"\n'
+        '[sensor.options]\nrange = 2\n[[sensor.options.register]]\nname = "r"\n\n'
+        '# the second\n[[sensor]]\nname = "b"\n\n# models, not sensors\n[models]\nx = 1\n'
+    )
+    section = sensor_section(text)
+    assert section.startswith("# the first part\n[[sensor]]")
+    assert "models" not in section and "[agent]" not in section
+    assert [s["name"] for s in tomllib.loads(section)["sensor"]] == ["a", "b"]
+    assert tomllib.loads(section)["sensor"][0]["options"]["register"] == [{"name": "r"}]

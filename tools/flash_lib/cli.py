@@ -17,7 +17,7 @@ from pathlib import Path
 
 from flash_lib import bundle as bundlemod
 from flash_lib.errors import FlashError
-from flash_lib.provision import PROJECT_ROOT, TEMPLATE, Settings, provision
+from flash_lib.provision import PROJECT_ROOT, RIG, TEMPLATE, Settings, provision
 from flash_lib.sshfs import parse_destination
 from flash_lib.targets import DirTarget, ImageTarget, SshTarget, Target
 
@@ -65,6 +65,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=TEMPLATE,
         help="the agent.toml template (default: systemd/agent.toml.in)",
+    )
+    p.add_argument(
+        "--sensors",
+        type=Path,
+        default=RIG,
+        help="copy the [[sensor]] tables from this config (default: the reference pump rig, "
+        "agent/examples/pump-rig.toml)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     _bundle_options(p)
@@ -134,6 +141,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         psk_identity=args.psk_identity,
         psk=psk,
         template=args.template,
+        sensors=args.sensors,
         bundle_dir=args.bundle,
         arch=args.arch,
         python=args.python,

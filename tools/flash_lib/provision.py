@@ -28,6 +28,7 @@ from flash_lib.targets import PythonFacts, Target
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = PROJECT_ROOT / "systemd"
 TEMPLATE = SYSTEMD_DIR / "agent.toml.in"
+RIG = PROJECT_ROOT / "agent" / "examples" / "pump-rig.toml"
 
 USER = "edge-agent"
 GROUPS = ("i2c", "dialout")
@@ -63,6 +64,7 @@ class Settings:
     psk_identity: str = ""
     psk: str = ""
     template: Path = TEMPLATE
+    sensors: Path = RIG  # the [[sensor]] tables come from this config
     bundle_dir: Path | None = None
     arch: str | None = None
     python: str | None = None
@@ -101,7 +103,32 @@ def toml_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)[1:-1]
 
 
-def render_config(template: str, s: Settings) -> str:
+_SENSOR_TABLE = re.compile(r"^\s*\[\[\s*sensor\s*\]\]")
+_ANY_TABLE = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+
+
+def sensor_section(text: str, source: str = "config") -> str:
+    """The ``[[sensor]]`` tables of a config file as text, with the comments just above them."""
+    lines = text.splitlines()
+    first = next((i for i, line in enumerate(lines) if _SENSOR_TABLE.match(line)), None)
+    if first is None:
+        raise FlashError(f"{source}: no [[sensor]] table to copy")
+    start = first
+    while start > 0 and lines[start - 1].lstrip().startswith("#"):
+        start -= 1
+    end = len(lines)
+    for i in range(first + 1, len(lines)):
+        m = _ANY_TABLE.match(lines[i])
+        if m and m.group(1) != "sensor" and not m.group(1).startswith("sensor."):
+            end = i
+            while end > first and lines[end - 1].lstrip().startswith("#"):
+                end -= 1
+            break
+    return "\n".join(lines[start:end]).rstrip() + "\n"
+
+
+def render_config(template: str, s: Settings, sensors: str = "") -> str:
+    """agent.toml from the template; ``sensors`` is the text that replaces @SENSORS@."""
     values = {
         "@DEVICE_ID@": s.device_id,
         "@ENDPOINT@": s.endpoint,
@@ -111,6 +138,7 @@ def render_config(template: str, s: Settings) -> str:
     text = template
     for token, value in values.items():
         text = text.replace(token, toml_string(value))
+    text = text.replace("@SENSORS@\n", sensors).replace("@SENSORS@", sensors)
     left = sorted(set(re.findall(r"@[A-Z_]+@", text)))
     if left:
         raise FlashError(f"config template: unknown placeholders {', '.join(left)}")
@@ -268,7 +296,11 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
         template = s.template.read_text()
     except OSError as err:
         raise FlashError(f"{s.template}: cannot read the config template: {err.strerror}") from None
-    config = render_config(template, s).encode()
+    try:
+        rig = s.sensors.read_text()
+    except OSError as err:
+        raise FlashError(f"{s.sensors}: cannot read the sensors: {err.strerror}") from None
+    config = render_config(template, s, sensor_section(rig, str(s.sensors))).encode()
     entries += [
         Dir(CONF_DIR),
         File(CONF, config, mode=0o600, uid=uid, gid=gid, secret=True),
@@ -362,6 +394,11 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
                 say(f"note: {note}")
             say("dry run: nothing was changed")
             return 0
+        if target.needs_local_root and os.geteuid() != 0:
+            raise FlashError(
+                f"setting owners in {target.label} needs root: run `sudo tools/flash ...` "
+                "(--dry-run works without)"
+            )
         total = sum(c.size for c in plan.changes)
         progress = Progress(f"copying to {target.label}", total or None)
         if target.live and plan.build_venv:

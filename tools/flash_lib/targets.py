@@ -196,6 +196,7 @@ class Target:
     label: str
     fs: TargetFS
     live: bool = False  # the target is the running system: systemctl applies
+    needs_local_root: bool = False  # setting owners needs this process to be root
 
     def open(self) -> None:
         looks_like_root(self.fs, self.label)
@@ -235,6 +236,7 @@ class DirTarget(Target):
         self.boot = boot
         self.chroot = chroot
         self.live = self.root == Path("/") and os.path.isdir("/run/systemd/system")
+        self.needs_local_root = True
 
     def open(self) -> None:
         super().open()

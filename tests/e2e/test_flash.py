@@ -1,0 +1,641 @@
+"""tools/flash end to end: into a directory, into a two-partition disk image, over SSH, and a
+flashed root filesystem whose installed agent passes its selftest in a chroot.
+
+The wheel bundle is built once for the module with ``tools/flash bundle`` (pip wheel of this
+checkout + pip download of the dependencies; pip's cache makes it quick after the first time).
+Each target is checked for the files, owners, modes and enable symlinks it must have,
+``systemd-analyze verify --root=`` where the unit's binaries exist, and a second run that says
+"nothing to do" and changes nothing. The image, SSH and chroot tests need root (sshd, chroot,
+bind mounts; owners in the image) and the Debian tools ./tools/dev setup installs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FLASH = ROOT / "tools" / "flash"
+UNIT = ROOT / "systemd" / "edge-agent.service"
+INSTALL_UNIT = ROOT / "systemd" / "edge-agent-install.service"
+RIG = ROOT / "agent" / "examples" / "pump-rig.toml"
+HOST_UNITS = Path("/usr/lib/systemd/system")
+PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
+ENDPOINT = "coap://127.0.0.1:5683"
+
+sys.path.insert(0, str(ROOT / "tools"))
+from flash_lib import accounts, bootcfg  # noqa: E402
+from flash_lib.errors import FlashError  # noqa: E402
+from flash_lib.image import check_pi_image  # noqa: E402
+from flash_lib.sshfs import Destination, parse_destination  # noqa: E402
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (owners, sshd, chroot)")
+
+
+def need(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None and shutil.which(t, path="/usr/sbin")]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (./tools/dev setup installs them)")
+
+
+def flash(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [str(FLASH), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, f"tools/flash failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def device_args(bundle: Path, device_id: str = "pump-01") -> list[str | Path]:
+    return ["--device-id", device_id, "--endpoint", ENDPOINT, "--psk", "s3cret", "--bundle", bundle]
+
+
+# -- a root filesystem to flash into -----------------------------------------------------------
+PASSWD = """root:x:0:0:root:/root:/bin/bash
+daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
+systemd-network:x:998:998:systemd Network Management:/:/usr/sbin/nologin
+pi:x:1000:1000:,,,:/home/pi:/bin/bash
+"""
+GROUP = """root:x:0:
+daemon:x:1:
+dialout:x:20:pi
+shadow:x:42:
+systemd-network:x:998:
+systemd-journal:x:999:
+pi:x:1000:
+"""
+SHADOW = "root:*:19000:0:99999:7:::\npi:!:19000:0:99999:7:::\n"
+GSHADOW = "root:*::\ndialout:*::pi\nshadow:*::\npi:!::\n"
+LOGIN_DEFS = "SYS_UID_MIN 100\nSYS_UID_MAX 999\nSYS_GID_MIN 100\nSYS_GID_MAX 999\n"
+CONFIG_TXT = """# For more options and information see http://rptl.io/configtxt
+# Uncomment some or all of these to enable the optional hardware interfaces
+#dtparam=i2c_arm=on
+#dtparam=i2s=on
+#dtparam=spi=on
+
+[cm4]
+otg_mode=1
+
+[all]
+"""
+
+
+def elf_header(machine: int = 0x3E) -> bytes:
+    """The first 64 bytes of a little-endian 64-bit ELF executable for ``machine``."""
+    head = bytearray(64)
+    head[:7] = b"\x7fELF\x02\x01\x01"
+    head[16:18] = (2).to_bytes(2, "little")
+    head[18:20] = machine.to_bytes(2, "little")
+    return bytes(head)
+
+
+def make_rootfs(root: Path, *, python: bool = True, boot: bool = True) -> Path:
+    """A directory that looks like a Raspberry Pi OS root filesystem, small."""
+    etc = root / "etc"
+    etc.mkdir(parents=True)
+    for name, text, mode in (
+        ("passwd", PASSWD, 0o644),
+        ("group", GROUP, 0o644),
+        ("shadow", SHADOW, 0o640),
+        ("gshadow", GSHADOW, 0o640),
+        ("login.defs", LOGIN_DEFS, 0o644),
+    ):
+        (etc / name).write_text(text)
+        (etc / name).chmod(mode)
+        if name.endswith("shadow") and IS_ROOT:
+            os.chown(etc / name, 0, 42)
+    for d in ("usr/bin", "usr/sbin", "var", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    (root / "usr/sbin/nologin").write_bytes(elf_header())
+    if python:  # found by its ELF header and name; never run (see the chroot test for that)
+        (root / f"usr/bin/python{PY}").write_bytes(elf_header())
+        (root / "usr/bin/python3").symlink_to(f"python{PY}")
+    if HOST_UNITS.is_dir():  # the targets edge-agent.service depends on, for verify --root
+        dest = root / "usr/lib/systemd/system"
+        dest.mkdir(parents=True)
+        for unit in HOST_UNITS.glob("*.target"):
+            shutil.copy(unit, dest / unit.name)
+    if boot:
+        (root / "boot/firmware").mkdir(parents=True)
+        (root / "boot/firmware/config.txt").write_text(CONFIG_TXT)
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every path under root with its type, mode, owner, size, mtime and link target."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = path.lstat()
+            link = os.readlink(path) if path.is_symlink() else None
+            out[str(path.relative_to(root))] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                link,
+            )
+    return out
+
+
+def passwd_entry(root: Path, name: str) -> list[str]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        if line.split(":")[0] == name:
+            return line.split(":")
+    raise AssertionError(f"no {name} in {root}/etc/passwd")
+
+
+def group_members(root: Path, name: str) -> tuple[int, list[str]]:
+    for line in (root / "etc/group").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2]), [m for m in fields[3].split(",") if m]
+    raise AssertionError(f"no group {name} in {root}/etc/group")
+
+
+def verify(root: Path, *units: str) -> None:
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={root}", *units],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+
+def assert_provisioned(root: Path, bundle: Path, *, device_id: str, venv: bool) -> None:
+    """What every target must hold after tools/flash (root: the target's / as a directory)."""
+    # The account: a system user with its own group, no login, in groups i2c and dialout.
+    user = passwd_entry(root, "edge-agent")
+    uid, gid = int(user[2]), int(user[3])
+    assert 100 <= uid <= 999 and user[5] == "/var/lib/edge-agent"
+    assert user[6] == "/usr/sbin/nologin"
+    assert group_members(root, "edge-agent")[0] == gid
+    assert "edge-agent" in group_members(root, "i2c")[1]
+    dialout_gid, dialout = group_members(root, "dialout")
+    assert dialout_gid == 20 and dialout == ["pi", "edge-agent"]
+    assert any(x.startswith("edge-agent:!:") for x in (root / "etc/shadow").read_text().split())
+    shadow = (root / "etc/shadow").stat()
+    if IS_ROOT:
+        assert (shadow.st_mode & 0o777, shadow.st_uid, shadow.st_gid) == (0o640, 0, 42)
+
+    # The config: 0600, the service user's, the device's values.
+    conf = root / "etc/edge-agent/agent.toml"
+    st = conf.stat()
+    assert st.st_mode & 0o7777 == 0o600
+    if IS_ROOT:
+        assert (st.st_uid, st.st_gid) == (uid, gid)
+    parsed = tomllib.loads(conf.read_text())
+    assert parsed["agent"]["device_id"] == device_id
+    assert parsed["sensor"] == tomllib.loads(RIG.read_text())["sensor"]
+    assert f'# endpoint = "{ENDPOINT}"' in conf.read_text()
+    assert '# psk = "s3cret"' in conf.read_text()
+
+    # The units, enabled.
+    units = root / "etc/systemd/system"
+    for unit in (UNIT, INSTALL_UNIT):
+        assert (units / unit.name).read_bytes() == unit.read_bytes()
+        assert (units / unit.name).stat().st_mode & 0o7777 == 0o644
+    wants = units / "multi-user.target.wants/edge-agent.service"
+    assert os.readlink(wants) == "/etc/systemd/system/edge-agent.service"
+    requires = units / "edge-agent.service.requires/edge-agent-install.service"
+    assert os.readlink(requires) == "/etc/systemd/system/edge-agent-install.service"
+
+    # The bundle, byte for byte, and its installer.
+    for wheel in bundle.glob("*.whl"):
+        copied = root / "opt/edge-agent/bundle" / wheel.name
+        assert hashlib.sha256(copied.read_bytes()).digest() == (
+            hashlib.sha256(wheel.read_bytes()).digest()
+        ), wheel.name
+    assert sorted(p.name for p in (root / "opt/edge-agent/bundle").iterdir()) == sorted(
+        p.name for p in bundle.iterdir()
+    )
+    assert (root / "opt/edge-agent/install-venv").stat().st_mode & 0o777 == 0o755
+    assert "i2c-dev" in (root / "etc/modules-load.d/edge-agent.conf").read_text().split()
+    assert 'GROUP="i2c"' in (root / "etc/udev/rules.d/60-edge-agent-i2c.rules").read_text()
+    assert (root / "opt/edge-agent/venv/bin/edge-agent").exists() == venv
+
+
+# -- the bundle, once ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("flash") / "bundle"
+    proc = flash("bundle", out)
+    assert "bundle:" in proc.stdout
+    return out
+
+
+# -- pure parts ----------------------------------------------------------------------------------
+def test_flash_config_txt_gets_i2c_once() -> None:
+    text, what = bootcfg.enable_i2c(CONFIG_TXT)
+    assert what is not None and "#dtparam=i2c_arm=on" in what
+    assert text.splitlines()[2] == "dtparam=i2c_arm=on"
+    assert bootcfg.enable_i2c(text) == (text, None)
+    # Only in a filtered section: it does not count; the line goes under [all].
+    text, what = bootcfg.enable_i2c("[pi4]\ndtparam=i2c_arm=on\n")
+    assert text == "[pi4]\ndtparam=i2c_arm=on\n[all]\ndtparam=i2c_arm=on\n"
+    assert bootcfg.enable_i2c("dtparam=i2c_arm=off\n")[0] == "dtparam=i2c_arm=on\n"
+    assert bootcfg.enable_i2c("")[0] == "dtparam=i2c_arm=on\n"
+
+
+def test_flash_accounts_are_added_once() -> None:
+    files: dict[str, str | None] = {
+        "/etc/passwd": PASSWD,
+        "/etc/group": GROUP,
+        "/etc/shadow": SHADOW,
+        "/etc/gshadow": GSHADOW,
+        "/etc/login.defs": LOGIN_DEFS,
+    }
+    kw = {
+        "user": "edge-agent",
+        "home": "/var/lib/edge-agent",
+        "groups": ("i2c", "dialout"),
+        "shell": "/usr/sbin/nologin",
+        "today": 20000,
+    }
+    plan = accounts.plan_accounts(files, **kw)  # type: ignore[arg-type]
+    assert (plan.uid, plan.gid) == (997, 997)  # highest system id free as both uid and gid
+    assert "edge-agent:x:997:997:edge-agent service:/var/lib/edge-agent:/usr/sbin/nologin" in (
+        plan.files["/etc/passwd"].splitlines()
+    )
+    group = plan.files["/etc/group"].splitlines()
+    assert "dialout:x:20:pi,edge-agent" in group
+    assert "i2c:x:996:edge-agent" in group
+    assert "edge-agent:!:20000::::::" in plan.files["/etc/shadow"].splitlines()
+    assert "i2c:!::edge-agent" in plan.files["/etc/gshadow"].splitlines()
+    again = accounts.plan_accounts({**files, **plan.files}, **kw)  # type: ignore[arg-type]
+    assert (again.files, again.changes, again.uid, again.gid) == ({}, [], 997, 997)
+
+
+def test_flash_ssh_destinations_parse() -> None:
+    assert parse_destination("pi@raspberrypi.local") == Destination("pi", "raspberrypi.local", None)
+    assert parse_destination("root@127.0.0.1:2222") == Destination("root", "127.0.0.1", 2222)
+    assert parse_destination("pi@[fe80::1]:22") == Destination("pi", "fe80::1", 22)
+    for bad in ("pi@host:0", "pi@host:x", "pi@", "-oProxyCommand=x"):
+        with pytest.raises(FlashError):
+            parse_destination(bad)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+def test_flash_refuses_a_directory_that_is_not_a_root_fs(tmp_path: Path, bundle: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    proc = flash("dir", tmp_path, *device_args(bundle), check=False)
+    assert proc.returncode == 1
+    assert "does not look like a root filesystem (no /usr)" in proc.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "etc"]
+    proc = flash("dir", tmp_path / "nope", *device_args(bundle), check=False)
+    assert proc.returncode == 1 and "no such directory" in proc.stderr
+
+
+def test_flash_refuses_bad_arguments(tmp_path: Path, bundle: Path) -> None:
+    root = make_rootfs(tmp_path / "root")
+    before = snapshot(root)
+    args = ["dir", root, "--bundle", bundle]
+    proc = flash(*args, "--device-id", "pump-01", "--endpoint", "http://x", check=False)
+    assert proc.returncode == 1 and "--endpoint" in proc.stderr
+    proc = flash(*args, "--device-id", "9 lives", "--endpoint", ENDPOINT, check=False)
+    assert proc.returncode == 1 and "--device-id" in proc.stderr
+    proc = flash(
+        *args, "--device-id", "pump-01", "--endpoint", ENDPOINT, "--arch", "aarch64", check=False
+    )
+    assert proc.returncode == 1
+    assert "--arch aarch64, but the target runs x86_64" in proc.stderr
+    assert snapshot(root) == before
+
+
+def test_flash_refuses_an_image_without_pi_partitions(tmp_path: Path, bundle: Path) -> None:
+    need("sfdisk")
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(1 << 20))
+    proc = flash("image", blank, *device_args(bundle), check=False)
+    assert proc.returncode == 1 and "no partition table" in proc.stderr
+    one = tmp_path / "one.img"
+    with open(one, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["sfdisk", "-q", str(one)], input="start=2048, type=83\n", text=True, check=True)
+    proc = flash("image", one, *device_args(bundle), check=False)
+    assert proc.returncode == 1
+    assert "expected partition 1 FAT (bootfs) and partition 2 ext4 (rootfs)" in proc.stderr
+    with pytest.raises(FlashError, match="partition 1"):
+        check_pi_image(one)
+
+
+def test_flash_refuses_an_unreachable_ssh_host(bundle: Path, tmp_path: Path) -> None:
+    need("ssh")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = flash(
+        "ssh",
+        f"root@127.0.0.1:{port}",
+        "--known-hosts",
+        tmp_path / "known_hosts",
+        *device_args(bundle),
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"cannot reach root@127.0.0.1:{port} over SSH" in proc.stderr
+    assert "Connection refused" in proc.stderr
+
+
+# -- (1) into a directory ------------------------------------------------------------------------
+def test_flash_into_a_root_fs_directory(tmp_path: Path, bundle: Path) -> None:
+    root = make_rootfs(tmp_path / "sdcard")
+    before = snapshot(root)
+
+    dry = flash("dir", root, *device_args(bundle), "--dry-run")
+    assert "account: add user edge-agent" in dry.stdout
+    assert "account: add group i2c" in dry.stdout
+    assert "write /etc/edge-agent/agent.toml (0600 edge-agent:edge-agent" in dry.stdout
+    assert "symlink /etc/systemd/system/multi-user.target.wants/edge-agent.service" in dry.stdout
+    assert "dtparam=i2c_arm=on" in dry.stdout
+    assert "dry run: nothing was changed" in dry.stdout
+    assert "s3cret" not in dry.stdout + dry.stderr
+    assert snapshot(root) == before
+
+    first = flash("dir", root, *device_args(bundle))
+    assert "done:" in first.stdout
+    assert "built at first boot by edge-agent-install.service" in first.stdout
+    assert_provisioned(root, bundle, device_id="pump-01", venv=False)
+    config_txt = (root / "boot/firmware/config.txt").read_text().splitlines()
+    assert config_txt.count("dtparam=i2c_arm=on") == 1
+    assert "#dtparam=i2c_arm=on" not in config_txt
+    if shutil.which("systemd-analyze"):
+        verify(root, "edge-agent-install.service")  # its ExecStart exists before first boot
+
+    after = snapshot(root)
+    second = flash("dir", root, *device_args(bundle))
+    assert "nothing to do" in second.stdout
+    assert snapshot(root) == after
+
+    # Another device id: only agent.toml changes.
+    third = flash("dir", root, *device_args(bundle, "pump-02"))
+    assert "plan (1 change)" in third.stdout
+    assert "update /etc/edge-agent/agent.toml" in third.stdout
+    assert tomllib.loads((root / "etc/edge-agent/agent.toml").read_text())["agent"] == {
+        "device_id": "pump-02",
+        "data_dir": "/var/lib/edge-agent",
+        "log_level": "info",
+    }
+
+
+# -- (2) into a disk image -----------------------------------------------------------------------
+SECTOR = 512
+BOOT_START, BOOT_SECTORS = 2048, 81920  # 40 MiB FAT32 at 1 MiB
+ROOT_START = BOOT_START + BOOT_SECTORS
+IMAGE_MIB = 192
+
+
+def make_pi_image(path: Path, tree: Path) -> int:
+    """An MBR image like Raspberry Pi OS: 1 FAT32 'bootfs' with config.txt, 2 ext4 'rootfs'."""
+    with open(path, "wb") as f:
+        f.truncate(IMAGE_MIB << 20)
+    layout = (
+        f"label: dos\nstart={BOOT_START}, size={BOOT_SECTORS}, type=c\n"
+        f"start={ROOT_START}, type=83\n"
+    )
+    subprocess.run(["sfdisk", "-q", str(path)], input=layout, text=True, check=True)
+    fat = ["mkfs.vfat", "-F", "32", "-s", "1", "-n", "BOOTFS", "--offset", str(BOOT_START)]
+    subprocess.run([*fat, str(path), str(BOOT_SECTORS // 2)], check=True, capture_output=True)
+    config = path.parent / "config.txt"
+    config.write_text(CONFIG_TXT)
+    subprocess.run(
+        ["mcopy", "-i", f"{path}@@{BOOT_START * SECTOR}", str(config), "::config.txt"],
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+        check=True,
+        capture_output=True,
+    )
+    root_kib = (IMAGE_MIB << 10) - ROOT_START * SECTOR // 1024
+    ext4 = [
+        "mkfs.ext4",
+        "-q",
+        "-L",
+        "rootfs",
+        "-d",
+        str(tree),
+        "-E",
+        f"offset={ROOT_START * SECTOR}",
+    ]
+    subprocess.run([*ext4, str(path), f"{root_kib}k"], check=True, capture_output=True)
+    return ROOT_START * SECTOR
+
+
+@needs_root
+def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path) -> None:
+    need("sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "debugfs", "e2fsck")
+    tree = make_rootfs(tmp_path / "tree", boot=False)
+    (tree / "boot/firmware").mkdir(parents=True)  # the mount point of partition 1
+    image = tmp_path / "pi.img"
+    offset = make_pi_image(image, tree)
+    device = f"{image}?offset={offset}"
+
+    first = flash("image", image, *device_args(bundle, "pump-img"))
+    assert "done:" in first.stdout and "pi.img partition 1: /config.txt" in first.stdout
+    fsck = subprocess.run(["e2fsck", "-fn", device], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+    dump = tmp_path / "dump"  # the ext4 as a directory, owners and modes kept (as root)
+    dump.mkdir()
+    subprocess.run(["debugfs", "-R", f"rdump / {dump}", device], capture_output=True, check=True)
+    assert_provisioned(dump, bundle, device_id="pump-img", venv=False)
+    if shutil.which("systemd-analyze"):
+        verify(dump, "edge-agent-install.service")
+    config_txt = subprocess.run(
+        ["mtype", "-i", f"{image}@@{BOOT_START * SECTOR}", "::config.txt"],
+        env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert config_txt.count("dtparam=i2c_arm=on") == 1
+
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    second = flash("image", image, *device_args(bundle, "pump-img"))
+    assert "nothing to do" in second.stdout
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+
+
+# -- (3) over SSH --------------------------------------------------------------------------------
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[dict[str, object]]:
+    """An sshd on a free loopback port accepting one throwaway key for root."""
+    need("sshd", "ssh", "ssh-keygen")
+    if not IS_ROOT:
+        pytest.skip("needs root: sshd and a login as root")
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    for name in ("host_key", "user_key"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True
+        )
+    shutil.copy(keys / "user_key.pub", keys / "authorized_keys")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (keys / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys / 'host_key'}\n"
+        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPidFile {keys / 'sshd.pid'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nLogLevel ERROR\n"
+    )
+    host_pub = (keys / "host_key.pub").read_text().split()
+    (keys / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    proc = subprocess.Popen(
+        [sshd_bin, "-D", "-e", "-f", str(keys / "sshd_config")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    pytest.fail(f"sshd did not start: {err}")
+                time.sleep(0.05)
+        yield {"port": port, "key": keys / "user_key", "known_hosts": keys / "known_hosts"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@needs_root
+def test_flash_over_ssh(tmp_path: Path, bundle: Path, sshd: dict[str, object]) -> None:
+    device = make_rootfs(tmp_path / "device")
+    ssh_args = [
+        "ssh",
+        f"root@127.0.0.1:{sshd['port']}",
+        "-i",
+        sshd["key"],
+        "--known-hosts",
+        sshd["known_hosts"],
+        "--host-key-check",
+        "yes",
+        "--prefix",
+        device,
+    ]
+    first = flash(*ssh_args, *device_args(bundle, "pump-ssh"))  # type: ignore[arg-type]
+    assert "build /opt/edge-agent/venv on the device" in first.stdout
+    assert "done:" in first.stdout
+    assert_provisioned(device, bundle, device_id="pump-ssh", venv=True)
+    assert (device / "opt/edge-agent/venv/.bundle-id").read_text().strip() in first.stdout
+    config_txt = (device / "boot/firmware/config.txt").read_text().splitlines()
+    assert config_txt.count("dtparam=i2c_arm=on") == 1
+    if shutil.which("systemd-analyze"):
+        verify(device, "edge-agent.service", "edge-agent-install.service")
+    # The agent installed on the device reads the config flashed beside it.
+    check = subprocess.run(
+        [
+            str(device / "opt/edge-agent/venv/bin/edge-agent"),
+            "check-config",
+            str(device / "etc/edge-agent/agent.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    after = snapshot(device)
+    second = flash(*ssh_args, *device_args(bundle, "pump-ssh"))  # type: ignore[arg-type]
+    assert "nothing to do" in second.stdout
+    assert snapshot(device) == after
+
+
+# -- the flashed agent runs ----------------------------------------------------------------------
+def in_namespace(root: Path, *argv: str | Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run argv in a private mount namespace where ``root`` has this host's /usr and /dev.
+
+    That makes ``root`` a working chroot built from the host's own Python; the bind mounts
+    vanish with the namespace.
+    """
+    script = (
+        'mount --bind -o ro /usr "$0/usr" && mount --rbind /dev "$0/dev" && mount -t proc proc '
+        '"$0/proc" && exec "$@"'
+    )
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(root)]
+        + [str(a) for a in argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@needs_root
+def test_flash_chroot_agent_passes_selftest(tmp_path: Path, bundle: Path) -> None:
+    need("unshare", "chroot")
+    if not Path(f"/usr/bin/python{PY}").exists():
+        pytest.skip(f"no /usr/bin/python{PY} on this host to build the chroot from")
+    root = tmp_path / "rootfs"
+    root.mkdir()
+    for d in ("usr", "dev", "proc"):
+        (root / d).mkdir()
+    for link in ("bin", "sbin", "lib", "lib64"):
+        if Path("/" + link).is_symlink():  # merged /usr, as on Debian 12 and Pi OS
+            (root / link).symlink_to(f"usr/{link}")
+    make_rootfs(root, python=False)
+    probe = in_namespace(root, "true")
+    if probe.returncode != 0:
+        pytest.skip(f"cannot bind-mount in a new mount namespace here: {probe.stderr.strip()}")
+
+    first = in_namespace(root, FLASH, "dir", root, "--chroot", *device_args(bundle, "pump-rig"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "build /opt/edge-agent/venv on the device" in first.stdout
+    assert_provisioned(root, bundle, device_id="pump-rig", venv=True)
+    proc = in_namespace(root, "systemd-analyze", "verify", f"--root={root}", "edge-agent.service")
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+
+    # The installed agent, as the service user, on the simulated rig with the flashed config.
+    user = passwd_entry(root, "edge-agent")
+    groups = ",".join(str(group_members(root, g)[0]) for g in ("i2c", "dialout"))
+    selftest = in_namespace(
+        root,
+        "chroot",
+        f"--userspec={user[2]}:{user[3]}",
+        f"--groups={groups}",
+        root,
+        "/opt/edge-agent/venv/bin/edge-agent",
+        "selftest",
+        "--config",
+        "/etc/edge-agent/agent.toml",
+        "--simulate",
+        "pump",
+        "--data-dir",
+        "/tmp/edge-agent",
+    )
+    assert selftest.returncode == 0, selftest.stdout + selftest.stderr
+    rows = [line for line in selftest.stdout.splitlines() if line.rstrip().endswith(" ok")]
+    names = {s["name"] for s in tomllib.loads(RIG.read_text())["sensor"]}
+    assert {row.split()[0] for row in rows} == names
+
+    after = snapshot(root)
+    second = in_namespace(root, FLASH, "dir", root, "--chroot", *device_args(bundle, "pump-rig"))
+    assert second.returncode == 0 and "nothing to do" in second.stdout, second.stderr
+    assert snapshot(root) == after
