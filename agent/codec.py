@@ -64,6 +64,7 @@ _IGNORED = frozenset({U, BU, UT})
 _UNSUPPORTED = frozenset({BV, BS, VS, VB, S})
 _START_LABELS = frozenset({BVER, BN, BT, N, V, T, VD, L_SEQ, L_CREATED})
 _NOT_CONTINUATION = _START_LABELS - {N, V, T}
+_KNOWN_LABELS = _START_LABELS | _IGNORED
 _CACHE_LIMIT = 4096
 
 
@@ -140,15 +141,58 @@ def _same(a: float, b: float) -> bool:
     return a == b and (a != 0.0 or math.copysign(1.0, a) == math.copysign(1.0, b))
 
 
-def _float_size(x: float) -> int:
-    """Bytes of ``x`` in deterministic CBOR: 3 (half), 5 (single) or 9 (double)."""
-    for fmt, size in (("<e", 3), ("<f", 5)):
-        try:
-            if struct.unpack(fmt, struct.pack(fmt, x))[0] == x:
-                return size
-        except (OverflowError, struct.error):
-            pass
-    return 9
+# -- a deterministic CBOR writer for the shapes this module sends ------------------------------
+# cbor2's canonical mode is ~10x slower than its plain mode; the pack and the telemetry bodies have
+# fixed shapes, so they are written here directly (tests check the bytes against cbor2's).
+
+_F16 = struct.Struct(">e")
+_F32 = struct.Struct(">f")
+_F64 = struct.Struct(">d")
+_NAN = b"\xf9\x7e\x00"
+
+
+def _head(major: int, n: int) -> bytes:
+    """The initial bytes of a CBOR item of ``major`` type with argument ``n``."""
+    if n < 24:
+        return bytes((major << 5 | n,))
+    if n < 0x100:
+        return bytes((major << 5 | 24, n))
+    if n < 0x10000:
+        return bytes((major << 5 | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((major << 5 | 26,)) + n.to_bytes(4, "big")
+    return bytes((major << 5 | 27,)) + n.to_bytes(8, "big")
+
+
+def _float_cbor(x: float) -> bytes:
+    """``x`` in the shortest CBOR float that holds it exactly (RFC 8949 section 4.2.2)."""
+    if x != x:
+        return _NAN
+    b = _F64.pack(x)
+    if b[4:] != b"\x00\x00\x00\x00" and int.from_bytes(b, "big") & 0x1FFFFFFF:
+        return (
+            b"\xfb" + b
+        )  # mantissa bits beyond a single's: only a double holds it (most readings)
+    try:
+        b = _F16.pack(x)
+        if _F16.unpack(b)[0] == x:
+            return b"\xf9" + b
+    except OverflowError:
+        pass
+    try:
+        b = _F32.pack(x)
+        if _F32.unpack(b)[0] == x:
+            return b"\xfa" + b
+    except OverflowError:
+        pass
+    return b"\xfb" + _F64.pack(x)
+
+
+# SenML map keys in deterministic order (shorter encodings first, then bytewise):
+# n (0), v (2), t (6), vd (8), bn (-2), bt (-3), "cr", "seq".
+_K_N, _K_V, _K_T, _K_VD, _K_BN, _K_BT = b"\x00", b"\x02", b"\x06", b"\x08", b"\x21", b"\x22"
+_K_CR = _head(3, 2) + L_CREATED.encode()
+_K_SEQ = _head(3, 3) + L_SEQ.encode()
 
 
 def _number(value: Any) -> bool:
@@ -166,6 +210,16 @@ def _float(value: Any, what: str, i: int) -> float:
 
 
 def _check_record(rec: WireRecord) -> None:
+    seq, created = rec.seq, rec.created
+    if (
+        type(seq) is int
+        and 0 <= seq <= MAX_SEQ
+        and rec.kind in KINDS
+        and type(created) is float
+        and math.isfinite(created)
+        and type(rec.body) is bytes
+    ):
+        return  # the usual case, checked fast
     if not isinstance(rec.seq, int) or isinstance(rec.seq, bool) or not 0 <= rec.seq <= MAX_SEQ:
         raise CodecError(f"seq must be an integer in 0..2**63-1, not {rec.seq!r}")
     if rec.kind not in KINDS:
@@ -184,96 +238,160 @@ class SenMLCBOR:
 
     def __init__(self) -> None:
         self._names: dict[tuple[str, str], bool] = {}
+        self._parts: dict[tuple[re.Pattern[str], str], bool] = {}
+        self._texts: dict[str, bytes] = {}
+
+    def _matches(self, pattern: re.Pattern[str], text: str) -> bool:
+        """``pattern.match(text)``, remembered (sensor and channel names repeat in every batch)."""
+        key = (pattern, text)
+        ok = self._parts.get(key)
+        if ok is None:
+            ok = bool(pattern.match(text))
+            if len(self._parts) >= _CACHE_LIMIT:
+                self._parts.clear()
+            self._parts[key] = ok
+        return ok
+
+    def _text(self, text: str) -> bytes:
+        """``text`` as a CBOR text string, remembered."""
+        out = self._texts.get(text)
+        if out is None:
+            raw = text.encode("utf-8")
+            out = _head(3, len(raw)) + raw
+            if len(self._texts) >= _CACHE_LIMIT:
+                self._texts.clear()
+            self._texts[text] = out
+        return out
+
+    def _reading(
+        self, sensor: str, time: float, values: dict[str, float]
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The telemetry body of a reading (as :meth:`TelemetryBody.to_cbor` gives it, for text
+        channels and float values), and its encoded (channel, value) pairs in body order."""
+        text = self._text
+        items = sorted([(text(k), _float_cbor(v)) for k, v in values.items()])
+        items.sort(key=lambda kv: len(kv[0]))  # stable: length first, then bytewise
+        parts = [b"\x83", text(sensor), _float_cbor(time), _head(5, len(items))]
+        for k, v in items:
+            parts.append(k)
+            parts.append(v)
+        return b"".join(parts), items
+
+    def reading_body(self, sensor: str, time: float, values: dict[str, float]) -> bytes:
+        """A telemetry body as :meth:`TelemetryBody.to_cbor` gives it (for str keys and floats)."""
+        return self._reading(sensor, time, values)[0]
 
     # -- encoding ------------------------------------------------------------------------------
 
-    def _telemetry(self, rec: WireRecord) -> tuple[str, float, dict[Any, Any], float | None] | None:
-        """(sensor, time, values, created offset) when the body maps onto SenML exactly."""
+    def _telemetry(
+        self, rec: WireRecord
+    ) -> tuple[str, float, list[tuple[bytes, bytes]], float | None] | None:
+        """(sensor, time, encoded channels and values, created offset) when the body maps onto
+        SenML exactly; None when it goes as vd."""
         try:
             item = cbor2.loads(rec.body)
         except Exception:  # any undecodable body goes as vd, byte for byte
             return None
-        if not isinstance(item, list) or len(item) != 3:
+        if type(item) is not list or len(item) != 3:
             return None
         sensor, time, values = item
         if (
-            not isinstance(sensor, str)
-            or not isinstance(time, float)
+            type(sensor) is not str
+            or type(time) is not float
             or not math.isfinite(time)
-            or not isinstance(values, dict)
+            or type(values) is not dict
             or not values
-            or not _SEGMENT.match(sensor)
+            or not self._matches(_SEGMENT, sensor)
         ):
             return None
         for channel, value in values.items():
-            if not isinstance(channel, str) or not isinstance(value, float):
+            if type(channel) is not str or type(value) is not float:
                 return None
-            if not _CHANNEL.match(channel):
+            if not self._matches(_CHANNEL, channel):
                 return None
-        try:
-            if cbor2.dumps(item, canonical=True) != rec.body:
-                return None
-        except Exception:
+        # the decoder rebuilds the body with reading_body(): send as SenML only if that is exact
+        body, items = self._reading(sensor, time, values)
+        if body != rec.body:
             return None
         created = float(rec.created)
         if _same(created, time):
-            return sensor, time, values, None
+            return sensor, time, items, None
         offset = created - time
         if not math.isfinite(offset) or not _same(time + offset, created):
             return None
-        return sensor, time, values, offset
+        return sensor, time, items, offset
 
     def encode(self, device: str | None, records: Sequence[WireRecord]) -> bytes:
         if device is not None and (not isinstance(device, str) or not DEVICE_ID.match(device)):
             raise CodecError(f"device id {device!r} is not valid (letters, digits, '_', '-', '.')")
         prefix = f"{device}/" if device else ""
-        pack: list[dict[Any, Any]] = []
+        text = self._text
+        chunks: list[bytes] = []
         cur_bn = ""  # SenML's default base name
         cur_bt: float | None = None  # None: no bt sent yet
         seen: set[int] = set()
         for rec in records:
             _check_record(rec)
-            if rec.seq in seen:
-                raise CodecError(f"seq {rec.seq} appears twice in the batch")
-            seen.add(rec.seq)
+            seq = rec.seq
+            if seq in seen:
+                raise CodecError(f"seq {seq} appears twice in the batch")
+            seen.add(seq)
             tele = self._telemetry(rec) if rec.kind == Kind.TELEMETRY else None
-            first: dict[Any, Any] = {L_SEQ: rec.seq}
             if tele is None:
                 time = float(rec.created)
                 count = 1
                 bn = prefix
+                offset = None
             else:
                 sensor, time, values, offset = tele
                 count = len(values)
                 bn = f"{prefix}{sensor}/"
-                if offset is not None:
-                    first[L_CREATED] = offset
+            # base fields of the first SenML record: bn, bt, cr, seq (in key order)
+            fields = 1
+            tail = b""
             if bn != cur_bn:
-                first[BN] = cur_bn = bn
-            rel: float | None = None
+                tail += _K_BN + text(bn)
+                fields += 1
+                cur_bn = bn
+            rel = b""
             if cur_bt is None or not _same(time, cur_bt):
                 delta = time - cur_bt if cur_bt is not None else math.inf
-                size = _float_size(delta) if math.isfinite(delta) else 9
-                if size < 9 and (size + 1) * count < 10 and _same(cur_bt + delta, time):  # type: ignore[operator]
-                    rel = delta
+                enc = _float_cbor(delta) if math.isfinite(delta) else b""
+                if 0 < len(enc) < 9 and (len(enc) + 1) * count < 10 and _same(cur_bt + delta, time):  # type: ignore[operator]
+                    rel = _K_T + enc
                 else:
-                    first[BT] = cur_bt = time
+                    tail += _K_BT + _float_cbor(time)
+                    fields += 1
+                    cur_bt = time
+            if offset is not None:
+                tail += _K_CR + _float_cbor(offset)
+                fields += 1
+            tail += _K_SEQ + _head(0, seq)
+            n_rel = 1 if rel else 0
             if tele is None:
-                first[N] = rec.kind
-                first[VD] = bytes(rec.body)
-                if rel is not None:
-                    first[T] = rel
-                pack.append(first)
+                body = bytes(rec.body)
+                chunks.append(
+                    bytes((0xA0 | (fields + 2 + n_rel),))
+                    + _K_N
+                    + text(rec.kind)
+                    + rel
+                    + _K_VD
+                    + _head(2, len(body))
+                    + body
+                    + tail
+                )
                 continue
-            entry = first
-            for channel, value in values.items():
-                entry[N] = channel
-                entry[V] = value
-                if rel is not None:
-                    entry[T] = rel
-                pack.append(entry)
-                entry = {}
-        return cbor2.dumps(pack, canonical=True)
+            head_first = bytes((0xA0 | (fields + 2 + n_rel),))
+            head_rest = bytes((0xA0 | (2 + n_rel),))
+            first = True
+            for channel, value in values:
+                item = _K_N + channel + _K_V + value + rel
+                if first:
+                    chunks.append(head_first + item + tail)
+                    first = False
+                else:
+                    chunks.append(head_rest + item)
+        return _head(4, len(chunks)) + b"".join(chunks)
 
     # -- decoding ------------------------------------------------------------------------------
 
@@ -286,6 +404,17 @@ class SenMLCBOR:
                 self._names.clear()
             self._names[key] = ok
         return ok
+
+    @staticmethod
+    def _check_labels(rec: dict[Any, Any], i: int) -> None:
+        for label in rec:
+            if label in _KNOWN_LABELS:
+                continue
+            if label in _UNSUPPORTED:
+                raise CodecError(f"record {i}: label {label} is not used in this profile")
+            if isinstance(label, str) and not label.endswith("_"):
+                continue  # RFC 8428 section 4.4: unknown labels are ignored ...
+            raise CodecError(f"record {i}: unknown label {label!r}")  # ... unless must-understand
 
     def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
         try:
@@ -309,22 +438,16 @@ class SenMLCBOR:
 
         def close() -> None:
             if open_values is not None:
-                body = cbor2.dumps([open_sensor, open_time, open_values], canonical=True)
+                body = self.reading_body(open_sensor, open_time, open_values)
                 out.append(WireRecord(open_seq, Kind.TELEMETRY.value, open_created, body))
 
         for i, rec in enumerate(pack):
             if not isinstance(rec, dict):
                 raise CodecError(f"record {i}: a SenML record is a CBOR map")
-            for label in rec:
-                if label in _START_LABELS or label in _IGNORED:
-                    continue
-                if label in _UNSUPPORTED:
-                    raise CodecError(f"record {i}: label {label} is not used in this profile")
-                if isinstance(label, str) and not label.endswith("_"):
-                    continue  # RFC 8428 section 4.4: unknown labels are ignored ...
-                raise CodecError(
-                    f"record {i}: unknown label {label!r}"
-                )  # ... unless must-understand
+            if rec.keys() <= _KNOWN_LABELS:
+                pass  # the usual case; else look at each label
+            else:
+                self._check_labels(rec, i)
             if L_SEQ not in rec:
                 # continuation of a telemetry record: only n, v and t
                 if open_values is None:
@@ -334,7 +457,9 @@ class SenMLCBOR:
                 channel = rec.get(N)
                 if not isinstance(channel, str) or V not in rec:
                     raise CodecError(f"record {i}: a reading needs a text n and a numeric v")
-                value = _float(rec[V], "v", i)
+                value = rec[V]
+                if type(value) is not float:
+                    value = _float(value, "v", i)
                 time = bt if T not in rec else bt + _float(rec[T], "t", i)
                 if not _same(time, open_time):
                     raise CodecError(f"record {i}: the channels of one reading share one time")
