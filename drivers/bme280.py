@@ -519,20 +519,28 @@ class Bme280(BaseDriver):
         assert cal is not None
         dev = self.device
         adc_p, adc_t, adc_h = decode_data(block)
-        if adc_t == SKIPPED_20BIT:
-            raise DeviceDataError(f"{dev}: BME280 temperature reads the 'skipped' marker 0x80000")
+        # DS 5.4.7-5.4.9: a skipped measurement reads 0x80000 (0x8000 for humidity), and so do
+        # the data registers after a reset. Each marker is also a valid code (0x80000 is a
+        # temperature near 20 degC with typical trimming), so only all configured channels at
+        # their marker together mean "no conversion has written these registers".
+        markers = [adc_t == SKIPPED_20BIT]
+        if self.options.oversampling_h:
+            markers.append(adc_h == SKIPPED_16BIT)
+        if self.options.oversampling_p:
+            markers.append(adc_p == SKIPPED_20BIT)
+        if all(markers):
+            raise DeviceDataError(
+                f"{dev}: BME280 data registers hold the 'skipped' marker (0x80000): "
+                "no conversion has run since the part was reset"
+            )
         t_fine, temp_c = compensate_temperature(adc_t, cal)
         if not TEMPERATURE_LIMITS_C[0] <= temp_c <= TEMPERATURE_LIMITS_C[1]:
             raise DeviceDataError(f"{dev}: BME280 temperature {temp_c:.2f} degC is impossible")
         self._t_fine = t_fine
         values = {"temperature_c": temp_c}
         if self.options.oversampling_h:
-            if adc_h == SKIPPED_16BIT:
-                raise DeviceDataError(f"{dev}: BME280 humidity reads the 'skipped' marker 0x8000")
             values["humidity_rh"] = compensate_humidity(adc_h, t_fine, cal)
         if self.options.oversampling_p:
-            if adc_p == SKIPPED_20BIT:
-                raise DeviceDataError(f"{dev}: BME280 pressure reads the 'skipped' marker 0x80000")
             hpa = compensate_pressure(adc_p, t_fine, cal)
             if not PRESSURE_LIMITS_HPA[0] <= hpa <= PRESSURE_LIMITS_HPA[1]:
                 raise DeviceDataError(f"{dev}: BME280 pressure {hpa:.2f} hPa is impossible")

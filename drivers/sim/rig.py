@@ -55,7 +55,7 @@ def input_values(cfg: SensorConfig, signals: Mapping[str, float]) -> dict[str, f
 
 
 class _RefreshingModel:
-    """Wraps a serial model so its inputs are refreshed before it answers a request."""
+    """Wraps a serial model so its inputs are refreshed before it answers or streams."""
 
     def __init__(self, model: Any, refresh: Any) -> None:
         self._model = model
@@ -64,6 +64,11 @@ class _RefreshingModel:
     def on_bytes(self, data: bytes) -> bytes:
         self._refresh()
         return self._model.on_bytes(data)
+
+    def on_tick(self) -> bytes:
+        """A streaming instrument's next line, with inputs refreshed first."""
+        self._refresh()
+        return self._model.on_tick()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)

@@ -477,3 +477,19 @@ def test_skip_marker_on_a_configured_channel_is_a_data_error(vclock: VirtualCloc
             await r.driver.read()
 
     Rig(vclock, Bme280Options(mode="normal")).run(go)
+
+
+def test_a_temperature_whose_code_equals_the_skip_marker_is_data(vclock: VirtualClock) -> None:
+    """0x80000 is also the raw code of a real temperature (about 20 degC with typical trimming):
+    with pressure and humidity converted, it must read as data, not as a skipped measurement."""
+
+    async def go(r: Rig) -> None:
+        await r.driver.open()
+        cal = r.driver.calibration
+        t_marker = chip.compensate_temperature(chip.SKIPPED_20BIT, cal)[1]
+        r.set(temperature_c=t_marker)
+        assert r.sim.adc_temperature() == chip.SKIPPED_20BIT
+        values = await r.driver.read()
+        assert values["temperature_c"] == t_marker
+
+    Rig(vclock).run(go)
