@@ -273,6 +273,10 @@ def test_empty_batch() -> None:
 
 # -- property tests ------------------------------------------------------------------------------
 
+# No timing in tests: neither hypothesis's deadline nor its too-slow check may fail a test on a
+# loaded machine.
+RELAXED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
 names = st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,8}", fullmatch=True)
 any_float = st.floats(allow_nan=True, allow_infinity=True)
 finite = st.floats(allow_nan=False, allow_infinity=False)
@@ -324,7 +328,7 @@ def _key(rec: WireRecord) -> tuple[int, str, bytes, bytes]:
     return rec.seq, rec.kind, struct.pack("<d", rec.created), rec.body
 
 
-@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow])
+@settings(RELAXED, max_examples=120)
 @given(device=st.one_of(st.none(), names), records=batches())
 def test_round_trip_is_lossless(device: str | None, records: list[WireRecord]) -> None:
     data = encode_batch(device, records)
@@ -335,6 +339,7 @@ def test_round_trip_is_lossless(device: str | None, records: list[WireRecord]) -
     assert cbor2.dumps(cbor2.loads(data), canonical=True) == data
 
 
+@RELAXED
 @given(data=st.binary(max_size=64))
 def test_decoding_random_bytes_raises_only_codec_error(data: bytes) -> None:
     try:
@@ -343,6 +348,7 @@ def test_decoding_random_bytes_raises_only_codec_error(data: bytes) -> None:
         pass
 
 
+@RELAXED
 @given(
     pack=st.lists(
         st.dictionaries(
@@ -360,7 +366,7 @@ def test_decoding_wrong_types_raises_only_codec_error(pack: list[dict[Any, Any]]
         pass
 
 
-@settings(max_examples=50, suppress_health_check=[HealthCheck.too_slow])
+@settings(RELAXED, max_examples=50)
 @given(
     records=batches(), flips=st.lists(st.tuples(st.integers(0), st.integers(1, 255)), max_size=3)
 )
@@ -377,6 +383,7 @@ def test_decoding_corrupted_batches_raises_only_codec_error(
         pass
 
 
+@RELAXED
 @given(body=st.builds(TelemetryBody, names, finite, st.dictionaries(names, finite, max_size=4)))
 def test_telemetry_body_round_trip(body: TelemetryBody) -> None:
     assert TelemetryBody.from_cbor(body.to_cbor()) == body
@@ -390,6 +397,7 @@ def test_seq_ranges() -> None:
     assert seq_ranges([]) == []
 
 
+@RELAXED
 @given(st.sets(st.integers(0, 200), max_size=40))
 def test_seq_ranges_cover_exactly(seqs: set[int]) -> None:
     ack = IngestAck.for_seqs(seqs, new=len(seqs), duplicate=0)
@@ -423,6 +431,7 @@ def test_bad_acks(doc: Any) -> None:
 # -- the hand-written deterministic CBOR writer agrees with cbor2's canonical mode -------------
 
 
+@RELAXED
 @given(
     sensor=st.text(max_size=6),
     time=any_float,
