@@ -405,10 +405,10 @@ ROOT_START = BOOT_START + BOOT_SECTORS
 IMAGE_MIB = 192
 
 
-def make_pi_image(path: Path, tree: Path) -> int:
+def make_pi_image(path: Path, tree: Path, mib: int = IMAGE_MIB) -> int:
     """An MBR image like Raspberry Pi OS: 1 FAT32 'bootfs' with config.txt, 2 ext4 'rootfs'."""
     with open(path, "wb") as f:
-        f.truncate(IMAGE_MIB << 20)
+        f.truncate(mib << 20)
     layout = (
         f"label: dos\nstart={BOOT_START}, size={BOOT_SECTORS}, type=c\n"
         f"start={ROOT_START}, type=83\n"
@@ -424,7 +424,7 @@ def make_pi_image(path: Path, tree: Path) -> int:
         check=True,
         capture_output=True,
     )
-    root_kib = (IMAGE_MIB << 10) - ROOT_START * SECTOR // 1024
+    root_kib = (mib << 10) - ROOT_START * SECTOR // 1024
     ext4 = [
         "mkfs.ext4",
         "-q",
@@ -439,6 +439,7 @@ def make_pi_image(path: Path, tree: Path) -> int:
     return ROOT_START * SECTOR
 
 
+@pytest.mark.slow
 @needs_root
 def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path) -> None:
     need("sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "debugfs", "e2fsck")
@@ -472,6 +473,21 @@ def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path) -> None:
     second = flash("image", image, *device_args(bundle, "pump-img"))
     assert "nothing to do" in second.stdout
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
+
+
+def test_flash_refuses_an_image_too_small_for_the_bundle(tmp_path: Path, bundle: Path) -> None:
+    need("sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "debugfs")
+    image = tmp_path / "small.img"
+    offset = make_pi_image(image, make_rootfs(tmp_path / "tree", boot=False), mib=72)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    proc = flash("image", image, *device_args(bundle), check=False)
+    assert proc.returncode == 1, proc.stdout
+    assert "MB free on the root filesystem" in proc.stderr and "MB needed" in proc.stderr
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == before  # refused before writing
+    listing = subprocess.run(
+        ["debugfs", "-R", "ls -p /", f"{image}?offset={offset}"], capture_output=True, text=True
+    )
+    assert "/opt/" not in listing.stdout
 
 
 # -- (3) over SSH --------------------------------------------------------------------------------
@@ -523,6 +539,7 @@ def sshd(tmp_path: Path) -> Iterator[dict[str, object]]:
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 @needs_root
 def test_flash_over_ssh(tmp_path: Path, bundle: Path, sshd: dict[str, object]) -> None:
     device = make_rootfs(tmp_path / "device")
@@ -588,6 +605,7 @@ def in_namespace(root: Path, *argv: str | Path, timeout: int = 240) -> subproces
     )
 
 
+@pytest.mark.slow
 @needs_root
 def test_flash_chroot_agent_passes_selftest(tmp_path: Path, bundle: Path) -> None:
     need("unshare", "chroot")

@@ -181,6 +181,16 @@ class Ext4FS:
                 names.append(fields[5])
         return names
 
+    def free_bytes(self) -> int:
+        """Free space of the filesystem (blocks free to root, times the block size)."""
+        out, errors = self._request("stats")
+        text = out.decode("utf-8", "replace")
+        free = re.search(r"^Free blocks:\s+(\d+)", text, re.M)
+        size = re.search(r"^Block size:\s+(\d+)", text, re.M)
+        if errors or not free or not size:
+            raise FlashError(f"image: cannot read the filesystem's free space: {errors[:1]}")
+        return int(free.group(1)) * int(size.group(1))
+
     # -- changes (queued until commit) -----------------------------------------------------
     def _queue_cmds(self, cmds: list[str], nbytes: int = 0) -> None:
         if nbytes >= BIG_WRITE or not self._queue:

@@ -400,6 +400,13 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
                 "(--dry-run works without)"
             )
         total = sum(c.size for c in plan.changes)
+        free = target.free_bytes()
+        need = int(total * 1.05) + (1 << 20)  # filesystem overhead, directories
+        if free is not None and free < need:
+            raise FlashError(
+                f"{target.label}: {free / 1e6:.0f} MB free on the root filesystem, "
+                f"{need / 1e6:.0f} MB needed: make room (an image can be grown, see docs/device.md)"
+            )
         progress = Progress(f"copying to {target.label}", total or None)
         if target.live and plan.build_venv:
             target.run(["systemctl", "stop", SERVICE])

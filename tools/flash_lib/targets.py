@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -215,6 +216,10 @@ class Target:
         """True: build the venv during flashing; False: edge-agent-install.service does it."""
         return False
 
+    def free_bytes(self) -> int | None:
+        """Free space of the root filesystem, where it is cheap to know."""
+        return None
+
     def run(self, argv: list[str]) -> dict[str, Any]:
         raise FlashError(f"{self.label}: cannot run commands on this target")
 
@@ -262,6 +267,9 @@ class DirTarget(Target):
     def venv_now(self) -> bool:
         return self.chroot or self.live
 
+    def free_bytes(self) -> int | None:
+        return shutil.disk_usage(self.root).free
+
     def run(self, argv: list[str]) -> dict[str, Any]:
         return self.fs.local.run(argv, chroot=self.chroot and not self.live)  # type: ignore[attr-defined]
 
@@ -289,6 +297,9 @@ class ImageTarget(Target):
 
     def boot_config(self) -> BootConfig | None:
         return self.fat
+
+    def free_bytes(self) -> int | None:
+        return self.ext4.free_bytes()
 
     def close(self) -> None:
         self.ext4.close()
