@@ -124,8 +124,9 @@ async def selftest(cfg: configmod.Config, clock: Clock, rig: Any = None) -> list
             started = time.perf_counter()
             driver = None
             try:
-                driver = hardware.driver(scfg)
-                identity = await driver.open()
+                opening = hardware.driver(scfg)
+                identity = await opening.open()
+                driver = opening  # opened: close it afterwards
                 row["identity"] = identity.detail
                 row["values"] = scale_values(scfg, await driver.read())
                 row["ok"] = True

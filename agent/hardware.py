@@ -43,6 +43,74 @@ class _ReopeningBus:
             self._bus = None
 
 
+class _ReopeningPort:
+    """A serial port opened on first use, and closed to be opened again after an I/O error.
+
+    A USB serial adapter that is unplugged and plugged back in gets a new file descriptor; the
+    driver keeps this one object and the next transaction after the error opens the port anew.
+    Implements the pyserial methods the serial drivers use.
+    """
+
+    def __init__(self, url: str, baudrate: int, timeout: float) -> None:
+        self.url = url
+        self.port = url
+        self.name = url
+        self.baudrate = baudrate
+        self._timeout = timeout
+        self._serial: Any = None
+
+    def _get(self) -> Any:
+        if self._serial is None:
+            self._serial = open_serial(self.url, baudrate=self.baudrate, timeout=self._timeout)
+        return self._serial
+
+    def _call(self, fn: Any) -> Any:
+        import serial
+
+        port = self._get()
+        try:
+            return fn(port)
+        except (serial.SerialException, OSError):
+            self.close()
+            raise
+
+    @property
+    def timeout(self) -> float:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._timeout = value
+        if self._serial is not None:
+            self._call(lambda p: setattr(p, "timeout", value))
+
+    @property
+    def in_waiting(self) -> int:
+        return self._call(lambda p: p.in_waiting)
+
+    def reset_input_buffer(self) -> None:
+        self._call(lambda p: p.reset_input_buffer())
+
+    def write(self, data: bytes) -> int:
+        return self._call(lambda p: p.write(data))
+
+    def flush(self) -> None:
+        self._call(lambda p: p.flush())
+
+    def read(self, size: int = 1) -> bytes:
+        return self._call(lambda p: p.read(size))
+
+    def read_until(self, expected: bytes = b"\n", size: int | None = None) -> bytes:
+        return self._call(lambda p: p.read_until(expected, size))
+
+    def close(self) -> None:
+        if self._serial is not None:
+            try:
+                self._serial.close()
+            finally:
+                self._serial = None
+
+
 class Hardware:
     """Owns the buses and ports; builds one driver per configured sensor."""
 
@@ -69,7 +137,7 @@ class Hardware:
     def serial(self, cfg: SensorConfig, timeout: float = 0.5) -> AsyncSerial:
         assert cfg.port is not None
         url = self.rig.serial_path(cfg.port) if cfg.simulated else cfg.port
-        port = open_serial(url, baudrate=cfg.baudrate, timeout=timeout)
+        port = _ReopeningPort(url, cfg.baudrate, timeout)
         wrapped = AsyncSerial(port, self.clock, name=cfg.port)
         self._serial.append(wrapped)
         return wrapped

@@ -157,6 +157,8 @@ class Sampler:
 
     async def close(self) -> None:
         for task in self.tasks.values():
+            if not task.opened:
+                continue
             try:
                 await task.driver.close()
             except Exception as err:  # closing must not stop the others closing
