@@ -89,6 +89,7 @@ class Limits:
     batch_bytes: int = 64 * 1024
     batch_records: int = 4096
     state_bytes: int = 8 * 1024
+    reported_keys: int = 256  # keys of reported state kept per device
     desired_doc_bytes: int = 1024  # a notification must fit one datagram
     open_uploads: int = 64  # Block1 uploads in progress at once
 
@@ -265,11 +266,10 @@ class _Site(aiocoap.interfaces.ObservableResource):
         if route.name != "desired" or request.code != Code.GET or route.device is None:
             return
         try:
-            if not await self._server._known(route.device):
-                return
-        except StorageUnavailable:
-            return
-        self._server._observe(route.device, serverobservation)
+            device = await self._server._device(route)  # registers it with allow_any_device
+        except (_Failure, StorageUnavailable):
+            return  # render answers the error; no observation
+        self._server._observe(device, serverobservation)
 
     async def render(self, request: Message) -> Message:
         server = self._server
@@ -646,7 +646,11 @@ class CloudServer:
         except StateError as err:
             raise _Failure(Code.BAD_REQUEST, str(err)) from None
         now = self.clock.time()
-        result = await self.db(lambda s: s.put_reported(device, entries, now))
+        limit = self.limits.reported_keys
+        try:
+            result = await self.db(lambda s: s.put_reported(device, entries, now, limit))
+        except DocumentTooLarge as err:
+            raise _Failure(Code.REQUEST_ENTITY_TOO_LARGE, str(err)) from None
         if result.desired_changed:
             log.info(
                 "event=model_blocked device=%s blocked=%s",

@@ -52,10 +52,12 @@ class PreconditionFailed(AgentError):
 
 
 class DocumentTooLarge(AgentError):
-    """The desired document would grow beyond its size limit."""
+    """A state document would grow beyond its limit (bytes of desired state, keys of reported)."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"the desired document would be {size} bytes, over the limit of {limit}")
+    def __init__(
+        self, size: int, limit: int, what: str = "the desired document", unit: str = "bytes"
+    ) -> None:
+        super().__init__(f"{what} would have {size} {unit}, over the limit of {limit}")
         self.size = size
         self.limit = limit
 
@@ -130,8 +132,11 @@ class Storage(Protocol):
 
     def reported(self, device: str) -> dict[str, Entry]: ...
 
-    def put_reported(self, device: str, entries: Mapping[str, Entry], now: float) -> ReportedResult:
-        """Merge reported entries by their keys' rules (:mod:`cloud.statedoc`)."""
+    def put_reported(
+        self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
+    ) -> ReportedResult:
+        """Merge reported entries by their keys' rules (:mod:`cloud.statedoc`);
+        :class:`DocumentTooLarge` if the device would have more than ``max_keys`` keys."""
 
     def desired(self, device: str) -> DesiredDoc: ...
 
@@ -367,11 +372,20 @@ class SQLiteStorage:
             ).fetchall()
         return {key: Entry(version, statedoc.decode_value(value)) for key, version, value in rows}
 
-    def put_reported(self, device: str, entries: Mapping[str, Entry], now: float) -> ReportedResult:
+    def put_reported(
+        self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
+    ) -> ReportedResult:
         versions: dict[str, int] = {}
         failures: dict[str, int] = {}
         with self._errors(), self._tx() as db:
             self._require(db, device)
+            if max_keys is not None:
+                known = {
+                    k for (k,) in db.execute("SELECT key FROM reported WHERE device = ?", (device,))
+                }
+                count = len(known | set(entries))
+                if count > max_keys:
+                    raise DocumentTooLarge(count, max_keys, "the reported state", "keys")
             for key, incoming in entries.items():
                 row = db.execute(
                     "SELECT version, value FROM reported WHERE device = ? AND key = ?",

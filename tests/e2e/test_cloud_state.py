@@ -130,7 +130,37 @@ async def test_counters_merge_by_max(server: CloudServer, client: aiocoap.Contex
     assert (await server.reported(DEVICE))["counter/records"] == Entry(11, 800)
 
 
+async def test_reported_keys_are_limited(tmp_path: Path, client: aiocoap.Context) -> None:
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, limits=Limits(reported_keys=3))
+    try:
+        await srv.add_device(DEVICE)
+        uri = f"{srv.uri}/state/{DEVICE}/reported"
+        three = {"a/x": [1, 1], "a/y": [1, 2], "a/z": [1, 3]}
+        assert (await request(client, Code.PUT, uri, three)).code == Code.CHANGED
+        response = await request(client, Code.PUT, uri, {"a/w": [1, 4]})
+        assert response.code == Code.REQUEST_ENTITY_TOO_LARGE
+        assert (await request(client, Code.PUT, uri, {"a/x": [2, 5]})).code == Code.CHANGED
+        assert set(await srv.reported(DEVICE)) == {"a/x", "a/y", "a/z"}
+    finally:
+        await srv.stop()
+
+
 # -- desired ---------------------------------------------------------------------------------------
+
+
+async def test_observing_registers_a_device_when_any_device_is_allowed(
+    tmp_path: Path, client: aiocoap.Context
+) -> None:
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_any_device=True)
+    observer = Observer(client, f"{srv.uri}/state/fresh-01/desired")
+    try:
+        assert await observer.start() == DesiredDoc()
+        await srv.set_desired("fresh-01", {"sensor/motor/enabled": False})
+        assert (await observer.next()).entries == {"sensor/motor/enabled": Entry(1, False)}
+        assert srv.observers("fresh-01") == 1
+    finally:
+        await observer.stop()
+        await srv.stop()
 
 
 async def test_desired_put_notifies_the_observer(

@@ -1,0 +1,68 @@
+"""`edge-agent-cloud serve` as a process: it listens, serves, and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import sys
+from pathlib import Path
+
+import aiocoap
+from aiocoap import Code, Message
+
+from agent.codec import IngestAck, WireRecord, encode_batch
+from agent.records import AlertBody
+from cloud.storage import SQLiteStorage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_serve_process(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    storage = SQLiteStorage.in_dir(data)
+    storage.add_device("pump-01", 0.0)
+    storage.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cloud.cli",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        str(data),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await proc.stdout.readline()).decode()
+        match = re.search(r"listening on (coap://\S+),", line)
+        assert match, line
+        body = AlertBody(1.7e9, {"score": 1.0}).to_cbor()
+        request = Message(
+            code=Code.POST,
+            uri=f"{match.group(1)}/ingest/pump-01",
+            payload=encode_batch("pump-01", [WireRecord(7, "alert", 1.7e9, body)]),
+            content_format=112,
+        )
+        async with asyncio.timeout(10):
+            response = await ctx.request(request).response
+        assert response.code == Code.CHANGED
+        assert IngestAck.from_cbor(response.payload).ranges == ((7, 7),)
+    finally:
+        await ctx.shutdown()
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert b"event=stopped" in err
+    storage = SQLiteStorage.in_dir(data)
+    try:
+        assert storage.seqs("pump-01") == [7]
+    finally:
+        storage.close()
