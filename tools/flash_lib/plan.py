@@ -55,7 +55,6 @@ class File:
     uid: int = 0
     gid: int = 0
     digest: str = ""
-    secret: bool = False  # never print the content
     note: str = ""  # what the change means, for the plan ("add user edge-agent")
 
     @property

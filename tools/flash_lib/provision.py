@@ -23,7 +23,7 @@ from flash_lib import bundle as bundlemod
 from flash_lib.errors import FlashError
 from flash_lib.plan import Absent, Change, Dir, Entry, File, Link, Names, apply, reconcile
 from flash_lib.progress import Progress
-from flash_lib.targets import PythonFacts, Target
+from flash_lib.targets import BootConfig, PythonFacts, Target
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = PROJECT_ROOT / "systemd"
@@ -182,7 +182,7 @@ echo "edge-agent-install: done"
 class Plan:
     changes: list[Change]
     account_changes: list[str]
-    boot: tuple[object, bytes, str] | None  # (BootConfig, new content, description)
+    boot: tuple[BootConfig, bytes, str] | None  # (where, new content, description)
     build_venv: bool
     notes: list[str]
 
@@ -303,7 +303,7 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
     config = render_config(template, s, sensor_section(rig, str(s.sensors))).encode()
     entries += [
         Dir(CONF_DIR),
-        File(CONF, config, mode=0o600, uid=uid, gid=gid, secret=True),
+        File(CONF, config, mode=0o600, uid=uid, gid=gid),
     ]
 
     # The units, enabled the way `systemctl enable` does it.
@@ -382,8 +382,8 @@ def _run_checked(target: Target, argv: list[str], what: str) -> None:
 def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -> int:
     """Plan and (unless dry-run) apply; returns the number of changes made."""
     check_settings(s)
-    target.open()
     try:
+        target.open()
         plan = make_plan(target, s, say)
         if plan.empty:
             say(f"nothing to do: {target.label} is up to date")
@@ -414,7 +414,7 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
         progress.done()
         if plan.boot is not None:
             boot, data, _ = plan.boot
-            boot.write(data)  # type: ignore[attr-defined]
+            boot.write(data)
         if plan.build_venv:
             say(f"building {VENV} on the device (offline pip install; a minute or more) ...")
             _run_checked(target, [target.on_target(INSTALLER)], "building the venv")

@@ -237,7 +237,7 @@ class DirTarget(Target):
             raise FlashError(f"{root}: no such directory")
         self.root = root.resolve()
         self.label = str(self.root)
-        self.fs = DirFS(self.root)
+        self.fs = self.dirfs = DirFS(self.root)
         self.boot = boot
         self.chroot = chroot
         self.live = self.root == Path("/") and os.path.isdir("/run/systemd/system")
@@ -271,7 +271,7 @@ class DirTarget(Target):
         return shutil.disk_usage(self.root).free
 
     def run(self, argv: list[str]) -> dict[str, Any]:
-        return self.fs.local.run(argv, chroot=self.chroot and not self.live)  # type: ignore[attr-defined]
+        return self.dirfs.local.run(argv, chroot=self.chroot and not self.live)
 
 
 class ImageTarget(Target):
