@@ -120,6 +120,7 @@ DEFAULT_PRIORITY: Mapping[Kind, int] = {
     Kind.TELEMETRY: 30,
 }
 """Default priority per kind. Lower numbers are delivered sooner; valid range 0..255."""
+_DEFAULT_BY_CODE = {_KIND_CODE[k]: p for k, p in DEFAULT_PRIORITY.items()}
 
 
 @dataclass(frozen=True)
@@ -513,6 +514,8 @@ class _Db:
                 if not clean:
                     self._quick_check()
             except (sqlite3.DatabaseError, _Corrupt) as err:
+                if not (isinstance(err, _Corrupt) or _is_corrupt(err)):
+                    raise self._open_error(err) from err
                 self._close_conn()
                 recovered = _max_opt(recovered, self._move_aside(str(err), wall_now))
                 self._create()
@@ -523,6 +526,14 @@ class _Db:
         except BaseException:
             self.close_quietly()
             raise
+
+    def _open_error(self, err: BaseException) -> StoreError:
+        """An error at open that says nothing about the file's health (I/O, lock, disk full)."""
+        if _is_full(err, self.dir):
+            return StoreFull(
+                f"cannot open the queue {self.path}: the disk is full; free space on {self.dir}"
+            )
+        return StoreError(f"cannot open the queue {self.path}: {err}")
 
     def _lock(self) -> None:
         fd = os.open(self.s.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -553,7 +564,9 @@ class _Db:
                 finally:
                     conn.close()
             except sqlite3.DatabaseError as err:
-                return f"unreadable: {err}"
+                if _is_corrupt(err):
+                    return f"unreadable: {err}"
+                raise self._open_error(err) from err
             if app != APPLICATION_ID or not {"records", "kinds", "meta"} <= tables:
                 return "not an edge-agent queue"
             if ver != SCHEMA_VERSION:
@@ -693,17 +706,29 @@ class _Db:
         rows = self._c().execute("PRAGMA quick_check").fetchall()
         if rows != [("ok",)]:
             raise _Corrupt(f"quick_check: {'; '.join(str(r[0]) for r in rows[:3])}")
-        # The mirror of counts must agree with the rows (it is written in the same transactions).
+        # The per-kind mirror is written in the same transactions as the rows, so it agrees with
+        # them; if it ever does not, the rows are the truth.
+        conn = self._c()
         actual = {
             code: (n, b)
-            for code, n, b in self._c().execute(
+            for code, n, b in conn.execute(
                 "SELECT kind, count(*), coalesce(sum(length(payload)), 0) FROM records "
                 "GROUP BY kind"
             )
         }
         for code in _CODE_KIND:
-            if actual.get(code, (0, 0)) != (self.depth[code], self.bytes[code]):
-                raise _Corrupt(f"kind counts disagree for {_CODE_KIND[code]}")
+            depth, nbytes = actual.get(code, (0, 0))
+            if (depth, nbytes) != (self.depth[code], self.bytes[code]):
+                log.warning(
+                    "event=kind_counts_repaired kind=%s depth=%d was=%d",
+                    _CODE_KIND[code],
+                    depth,
+                    self.depth[code],
+                )
+                conn.execute(
+                    "UPDATE kinds SET depth = ?, bytes = ? WHERE kind = ?", (depth, nbytes, code)
+                )
+                self.depth[code], self.bytes[code] = depth, nbytes
 
     def _start_sequence(
         self, mark: _SeqMark | None, fresh: bool, recovered: int | None, wall_now: float
@@ -1030,43 +1055,45 @@ class _Db:
     def _insert(
         self, recs: list[tuple[int, int, float, bytes]], d: _Delta, emergency: bool
     ) -> list[int]:
+        """Insert in chunks of at most ``chunk_bytes``, making room before each chunk so the
+        file does not grow past its target while evicted pages are there to be reused."""
         conn = self._c()
-        seqs: list[int] = []
+        sizes = [len(r[3]) for r in recs]
+        first_seq = d.hwm + 1
         i = 0
         while i < len(recs):
-            size = 0
-            j = i
-            while j < len(recs) and (j == i or size < self.chunk_bytes):
-                size += len(recs[j][3]) + RECORD_OVERHEAD
+            j, payload = i + 1, sizes[i]
+            while j < len(recs) and payload + RECORD_OVERHEAD * (j - i) < self.chunk_bytes:
+                payload += sizes[j]
                 j += 1
-            chunk = recs[i:j]
-            size = max(size, int(self._page_ratio(d) * sum(len(r[3]) for r in chunk)))
+            chunk = recs[i:j] if i or j < len(recs) else recs
+            codes = {r[0] for r in chunk}
+            need = max(payload + RECORD_OVERHEAD * len(chunk), int(self._page_ratio(d) * payload))
             if emergency:
                 # Disk full: make room for alerts by evicting the oldest telemetry.
                 if d.depth[3]:
                     per = max(1.0, self._used_pages() * PAGE_SIZE / max(1, sum(d.depth)))
-                    self._evict(3, max(1, math.ceil(2 * size / per)), d)
+                    self._evict(3, max(1, math.ceil(2 * need / per)), d)
             else:
-                max_rank = min(_RANK[code] for code, _, _, _ in chunk)
-                self._make_room(size, d, max_rank=max_rank)
+                self._make_room(need, d, max_rank=min(_RANK[c] for c in codes))
             base = d.hwm
-            rows = [
-                (base + k + 1, code, pri, created, payload)
-                for k, (code, pri, created, payload) in enumerate(chunk)
-            ]
             conn.executemany(
                 "INSERT INTO records (seq, kind, priority, created, payload) "
                 "VALUES (?, ?, ?, ?, ?)",
-                rows,
+                [(base + k, *row) for k, row in enumerate(chunk, 1)],
             )
             d.hwm = base + len(chunk)
-            for code, _, _, payload in chunk:
-                d.depth[code] += 1
-                d.bytes[code] += len(payload)
-                d.touched.add(code)
-            seqs.extend(range(base + 1, base + len(chunk) + 1))
+            d.touched |= codes
+            if len(codes) == 1:
+                (code,) = codes
+                d.depth[code] += len(chunk)
+                d.bytes[code] += payload
+            else:
+                for row in chunk:
+                    d.depth[row[0]] += 1
+                    d.bytes[row[0]] += len(row[3])
             i = j
-        return seqs
+        return list(range(first_seq, d.hwm + 1))
 
     def _shrink(self) -> None:
         """Truncate free pages: those beyond the target size of the main file, and, after a
@@ -1228,37 +1255,40 @@ class Store:
         if not records:
             return []
         now = self._clock.time()
-        rows: list[tuple[int, int, float, bytes]] = []
-        nbytes = 0
-        for rec in records:
-            rows.append(self._row(rec, now))
-            nbytes += len(rows[-1][3])
+        rows = [self._row(rec, now) for rec in records]
+        nbytes = sum(len(row[3]) for row in rows)
         loop = asyncio.get_running_loop()
-        op = _PutOp(rows, all(r[0] == 0 for r in rows), loop.create_future(), nbytes)
+        op = _PutOp(rows, all(row[0] == 0 for row in rows), loop.create_future(), nbytes)
         self._pending.append(op)
         self._kick()
         return await op.future
 
     def _row(self, rec: NewRecord, now: float) -> tuple[int, int, float, bytes]:
-        if not isinstance(rec, NewRecord):
+        """Validate one record (the hot path of put: plain lookups, no enum calls)."""
+        if type(rec) is not NewRecord and not isinstance(rec, NewRecord):
             raise TypeError(f"expected NewRecord, got {type(rec).__name__}")
-        kind = Kind(rec.kind)
+        code = _KIND_CODE.get(rec.kind)  # type: ignore[call-overload]
+        if code is None:
+            raise ValueError(f"unknown kind {rec.kind!r}; one of {', '.join(Kind)}")
         payload = rec.payload
-        if not isinstance(payload, bytes):
-            if isinstance(payload, bytearray | memoryview):
+        if type(payload) is not bytes:
+            if isinstance(payload, bytes | bytearray | memoryview):
                 payload = bytes(payload)
             else:
                 raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
         if len(payload) > self._db.max_record_bytes:
             raise StoreFull(
-                f"a {kind} record of {len(payload)} bytes exceeds the largest record this queue "
-                f"takes ({self._db.max_record_bytes} bytes, 1/16 of its budget); split it"
+                f"a {_CODE_KIND[code]} record of {len(payload)} bytes exceeds the largest record "
+                f"this queue takes ({self._db.max_record_bytes} bytes, 1/16 of its budget); "
+                "split it"
             )
-        pri = DEFAULT_PRIORITY[kind] if rec.priority is None else rec.priority
-        if isinstance(pri, bool) or not isinstance(pri, int) or not 0 <= pri <= MAX_PRIORITY:
+        pri = rec.priority
+        if pri is None:
+            pri = _DEFAULT_BY_CODE[code]
+        elif type(pri) is not int or not 0 <= pri <= MAX_PRIORITY:
             raise ValueError(f"priority must be an integer 0..{MAX_PRIORITY}, got {pri!r}")
         created = now if rec.created is None else float(rec.created)
-        return (_KIND_CODE[kind], pri, created, payload)
+        return (code, pri, created, payload)
 
     async def ack(self, seqs: Iterable[int]) -> None:
         """Delivered: delete them (committed when this returns; they never come back)."""
@@ -1508,6 +1538,20 @@ class Store:
 # --- `edge-agent queue` --------------------------------------------------------------------------
 
 
+def _connect_readonly(path: Path, wal: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        if wal.exists() and wal.stat().st_size:
+            raise
+    # No WAL with content, so no writer: read the file as it is without creating -wal/-shm
+    # (which a user without write access to the directory cannot).
+    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None)
+
+
 def read_report(settings: StoreSettings, wall_now: float | None = None) -> dict[str, Any]:
     """What ``edge-agent queue`` shows, read without taking the queue's lock (the agent may be
     running): depth and payload bytes by kind, eviction counters, the oldest record's age, file
@@ -1522,7 +1566,7 @@ def read_report(settings: StoreSettings, wall_now: float | None = None) -> dict[
             f"the queue {path} is damaged: {reason}; the agent moves it aside at start"
         )
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        conn = _connect_readonly(path, settings.wal_path)
         try:
             conn.execute("BEGIN")
             kinds = {
