@@ -55,6 +55,7 @@ from cloud.storage import (
     Storage,
     StorageThread,
     StorageUnavailable,
+    StoredRecord,
     UnknownDevice,
 )
 
@@ -422,8 +423,15 @@ class CloudServer:
             log.info("event=device_registered device=%s", device)
         return added
 
-    async def records(self, device: str, since: float | None = None) -> list[Any]:
-        return await self.db(lambda s: s.records(device, since))
+    async def records(
+        self, device: str, since: float | None = None, by_arrival: bool = False
+    ) -> list[StoredRecord]:
+        """The device's stored records in seq order (or in the order they arrived)."""
+        return await self.db(lambda s: s.records(device, since, None, by_arrival))
+
+    async def seqs(self, device: str) -> list[int]:
+        """Every stored seq of the device, ascending."""
+        return await self.db(lambda s: s.seqs(device))
 
     async def reported(self, device: str) -> dict[str, statedoc.Entry]:
         return await self.db(lambda s: s.reported(device))

@@ -65,7 +65,8 @@ class DocumentTooLarge(AgentError):
 @dataclass(frozen=True)
 class StoredRecord:
     """A record as the endpoint holds it. ``time`` is the time inside the body (``created`` when
-    the body has none); ``received`` is when the endpoint stored it."""
+    the body has none); ``received`` is when the endpoint stored it; ``arrival`` numbers the
+    records of all devices in the order they were stored (within a batch: batch order)."""
 
     device: str
     seq: int
@@ -73,6 +74,7 @@ class StoredRecord:
     created: float
     time: float
     received: float
+    arrival: int
     body: bytes
 
 
@@ -123,9 +125,14 @@ class Storage(Protocol):
         """Store each record once. Unknown device: :class:`UnknownDevice`, or register it."""
 
     def records(
-        self, device: str, since: float | None = None, limit: int | None = None
+        self,
+        device: str,
+        since: float | None = None,
+        limit: int | None = None,
+        by_arrival: bool = False,
     ) -> list[StoredRecord]:
-        """The device's records in seq order; ``since``: only those with ``time >= since``."""
+        """The device's records in seq order (or arrival order); ``since``: only those with
+        ``time >= since``."""
 
     def seqs(self, device: str) -> list[int]:
         """Every stored seq of the device, ascending."""
@@ -170,8 +177,13 @@ CREATE TABLE IF NOT EXISTS records (
     created REAL NOT NULL,
     time REAL NOT NULL,
     received REAL NOT NULL,
+    arrival INTEGER NOT NULL,
     body BLOB NOT NULL,
     PRIMARY KEY (device, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_by_time ON records (device, time);
 CREATE TABLE IF NOT EXISTS reported (
@@ -312,16 +324,19 @@ class SQLiteStorage:
                 )
             else:
                 self._require(db, device)
+            row = db.execute("SELECT value FROM counters WHERE name = 'arrival'").fetchone()
+            arrival = row[0] if row else 0
             for rec in records:
                 body = bytes(rec.body)
                 time = body_time(rec.kind, body, rec.created)
                 cur = db.execute(
                     "INSERT OR IGNORE INTO records (device, seq, kind, created, time, received, "
-                    "body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (device, rec.seq, str(rec.kind), rec.created, time, now, body),
+                    "arrival, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (device, rec.seq, str(rec.kind), rec.created, time, now, arrival + 1, body),
                 )
                 if cur.rowcount == 1:
                     new += 1
+                    arrival += 1
                     continue
                 duplicate += 1
                 kind, created, stored = db.execute(
@@ -336,19 +351,27 @@ class SQLiteStorage:
                         rec.seq,
                     )
             db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+            db.execute(
+                "INSERT OR REPLACE INTO counters (name, value) VALUES ('arrival', ?)", (arrival,)
+            )
         return IngestResult(tuple(rec.seq for rec in records), new, duplicate, conflict)
 
     def records(
-        self, device: str, since: float | None = None, limit: int | None = None
+        self,
+        device: str,
+        since: float | None = None,
+        limit: int | None = None,
+        by_arrival: bool = False,
     ) -> list[StoredRecord]:
         sql = (
-            "SELECT device, seq, kind, created, time, received, body FROM records WHERE device = ?"
+            "SELECT device, seq, kind, created, time, received, arrival, body FROM records "
+            "WHERE device = ?"
         )
         args: list[Any] = [device]
         if since is not None:
             sql += " AND time >= ?"
             args.append(since)
-        sql += " ORDER BY seq"
+        sql += " ORDER BY arrival" if by_arrival else " ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ?"
             args.append(limit)

@@ -96,7 +96,10 @@ async def test_overlapping_and_out_of_order_batches(
     assert a.ranges == ((0, 5),) and a.new == 6
     assert b.ranges == ((4, 7), (9, 9))
     assert (b.new, b.duplicate, b.conflict) == (3, 2, 0)
-    assert await server.db(lambda s: s.seqs(DEVICE)) == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    assert await server.seqs(DEVICE) == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    # arrival order: the first batch, then the new records of the second in batch order
+    arrived = [r.seq for r in await server.records(DEVICE, by_arrival=True)]
+    assert arrived == [0, 1, 2, 3, 4, 5, 9, 6, 7]
 
 
 async def test_reused_seq_with_other_content_is_a_conflict_and_first_copy_stays(
