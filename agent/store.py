@@ -80,6 +80,7 @@ PAGE_SIZE = 4096
 WAL_FRAME_HEADER = 24
 SEQ_BLOCK = 100_000  # sequence numbers reserved in the side file per fsync of it
 SEQ_EPOCH_SCALE = 1_000_000  # a new sequence epoch starts at the wall clock in microseconds
+BUSY_TIMEOUT_SECONDS = 5.0  # how long SQLite waits for a lock held by another connection
 RING_RETRY_SECONDS = 1.0  # how often alerts parked in the memory ring retry while the disk is full
 KEEP_CORRUPT = 3  # moved-aside corrupt files kept; older ones are deleted
 MIN_BUDGET_BYTES = 256 * 1024
@@ -490,7 +491,8 @@ class _Db:
         self.target_pages = settings.db_target() // PAGE_SIZE
         self.chunk_bytes = max(PAGE_SIZE, settings.db_target() // 16)
         self.txn_cap_bytes = max(PAGE_SIZE, self.wal_limit // 2)
-        self.max_record_bytes = max(PAGE_SIZE, settings.db_target() // 16)
+        # One record never needs more than half a WAL share, so the WAL stays in its share.
+        self.max_record_bytes = max(PAGE_SIZE, min(settings.db_target() // 16, self.wal_limit // 2))
         self.keep_free_pages = max(16, self.target_pages // 4)
 
     # -- open / create / recover -----------------------------------------------------------------
@@ -556,7 +558,9 @@ class _Db:
             raise StoreError(f"cannot read {self.path}: {err}") from err
         if reason is None:
             try:
-                conn = sqlite3.connect(self.path, isolation_level=None)
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+                )
                 try:
                     app = conn.execute("PRAGMA application_id").fetchone()[0]
                     ver = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -580,7 +584,9 @@ class _Db:
         """The highest sequence number readable from a damaged file, if any."""
         best: int | None = None
         try:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+            conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+            )
         except sqlite3.Error:
             return None
         try:
@@ -644,7 +650,7 @@ class _Db:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         try:
-            conn = sqlite3.connect(tmp, isolation_level=None)
+            conn = sqlite3.connect(tmp, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
             try:
                 conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -678,7 +684,7 @@ class _Db:
         log.info("event=queue_created path=%s", self.path)
 
     def _connect(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
         self.conn = conn
         conn.execute("PRAGMA journal_mode = WAL")
         sync = "FULL" if self.s.durability == "full" else "NORMAL"
@@ -1279,8 +1285,7 @@ class Store:
         if len(payload) > self._db.max_record_bytes:
             raise StoreFull(
                 f"a {_CODE_KIND[code]} record of {len(payload)} bytes exceeds the largest record "
-                f"this queue takes ({self._db.max_record_bytes} bytes, 1/16 of its budget); "
-                "split it"
+                f"this queue takes ({self._db.max_record_bytes} bytes for its budget); split it"
             )
         pri = rec.priority
         if pri is None:
@@ -1539,7 +1544,9 @@ class Store:
 
 
 def _connect_readonly(path: Path, wal: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    conn = sqlite3.connect(
+        f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+    )
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
@@ -1549,7 +1556,12 @@ def _connect_readonly(path: Path, wal: Path) -> sqlite3.Connection:
             raise
     # No WAL with content, so no writer: read the file as it is without creating -wal/-shm
     # (which a user without write access to the directory cannot).
-    return sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, isolation_level=None)
+    return sqlite3.connect(
+        f"file:{path}?mode=ro&immutable=1",
+        uri=True,
+        isolation_level=None,
+        timeout=BUSY_TIMEOUT_SECONDS,
+    )
 
 
 def read_report(settings: StoreSettings, wall_now: float | None = None) -> dict[str, Any]:

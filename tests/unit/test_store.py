@@ -566,3 +566,56 @@ def test_corruption_found_while_running_replaces_the_file_and_keeps_going(
         await st.close()
 
     run(vclock, main)
+
+
+def test_a_locked_database_is_an_error_not_corruption(
+    qdir: Path, vclock: VirtualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(qdir)
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_SECONDS", 0.05)
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        await st.put([rec(Kind.EVENT)])
+        await st.close()
+        other = sqlite3.connect(settings.path, isolation_level=None)
+        other.execute("PRAGMA locking_mode = EXCLUSIVE")
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(StoreError, match="cannot open") as err:
+                await Store.open(settings, clock=vclock)
+            assert not isinstance(err.value, StoreFull)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert not list(settings.path.parent.glob("queue.db.corrupt-*"))
+        st = await Store.open(settings, clock=vclock)  # the records are still there
+        assert len(await st.batch(10, 1 << 20)) == 1
+        await st.close()
+
+    run(vclock, main)
+
+
+def test_counts_are_checked_against_the_rows_after_an_unclean_stop(
+    qdir: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(qdir)
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        await st.put([rec(Kind.STATE, bytes(10)) for _ in range(3)])
+        await st.close()
+        conn = sqlite3.connect(settings.path)
+        conn.execute("UPDATE kinds SET depth = 99, bytes = 5 WHERE kind = 2")
+        conn.execute("UPDATE meta SET value = 0 WHERE key = 'clean'")
+        conn.commit()
+        conn.close()
+        with caplog.at_level(logging.WARNING, logger="agent.store"):
+            st = await Store.open(settings, clock=vclock)
+        assert any("kind_counts_repaired" in r.getMessage() for r in caplog.records)
+        state = (await st.stats()).kinds[Kind.STATE]
+        assert (state.depth, state.bytes) == (3, 30)
+        await st.close()
+        assert read_report(settings)["kinds"]["state"]["depth"] == 3  # repaired on disk too
+
+    run(vclock, main)
