@@ -485,6 +485,8 @@ class _Db:
         self.ring_dropped = 0
         self.ring_dirty = False
         self.commits = 0
+        self.meta_hwm = 0  # as read at open
+        self.clean = False  # the last session closed cleanly (as read at open)
         self.leases: dict[int, float] = {}
         self.pending_acks: set[int] = set()
         self.wal_limit = settings.wal_limit()
@@ -700,9 +702,11 @@ class _Db:
         for code, depth, nbytes, evicted in conn.execute("SELECT * FROM kinds"):
             if code in _CODE_KIND:
                 self.depth[code], self.bytes[code], self.evicted[code] = depth, nbytes, evicted
-        self.hwm = max(int(meta.get("seq_hwm", 0)), self._max_seq())
+        self.meta_hwm = int(meta.get("seq_hwm", 0))
+        self.hwm = max(self.meta_hwm, self._max_seq())
         self.ring_dropped = int(meta.get("ring_dropped", 0))
-        return bool(meta.get("clean", 0))
+        self.clean = bool(meta.get("clean", 0))
+        return self.clean
 
     def _max_seq(self) -> int:
         row = self._c().execute("SELECT max(seq) FROM records").fetchone()
@@ -753,13 +757,20 @@ class _Db:
             base, why = mark.reserved, "side file"
         if recovered is not None and recovered > base:
             base, why = recovered, "recovered"
+        # Write only what changed (fewer fsyncs at every boot): the side file when its
+        # reservation is used up or the durability mode changed, the database when the mark or
+        # the clean flag did.
+        keep = mark is not None and mark.mode == self.s.durability and mark.reserved > base
+        reserved = mark.reserved if keep and mark is not None else base + SEQ_BLOCK
         conn = self._c()
         try:
-            self.seqfile.write(_SeqMark(base + SEQ_BLOCK, self.s.durability))
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'seq_hwm'", (base,))
-            conn.execute("UPDATE meta SET value = 0 WHERE key = 'clean'")
-            conn.execute("COMMIT")
+            if not keep:
+                self.seqfile.write(_SeqMark(reserved, self.s.durability))
+            if base != self.meta_hwm or self.clean:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'seq_hwm'", (base,))
+                conn.execute("UPDATE meta SET value = 0 WHERE key = 'clean'")
+                conn.execute("COMMIT")
         except (OSError, sqlite3.Error) as err:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -768,8 +779,9 @@ class _Db:
                     f"cannot open the queue {self.path}: the disk is full; free space on {self.dir}"
                 ) from err
             raise StoreError(f"cannot open the queue {self.path}: {err}") from err
-        self.hwm = base
-        self.reserved = base + SEQ_BLOCK
+        self.hwm = self.meta_hwm = base
+        self.reserved = reserved
+        self.clean = False
         log.info(
             "event=queue_open path=%s durability=%s budget=%d depth=%d next_seq=%d from=%s",
             self.path,
@@ -954,7 +966,7 @@ class _Db:
                     )
             for recs in puts:
                 out.append(self._insert(recs, d, emergency))
-            if puts and not emergency:
+            if puts:
                 self._make_room(0, d, max_rank=3)
             if acks or puts:
                 self._shrink()

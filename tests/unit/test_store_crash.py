@@ -17,13 +17,14 @@ import signal
 import sqlite3
 import time
 import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.unit import store_writer
 
-KILLS = 56  # >= 50 SIGKILLs of the put writer
+KILLS = 50  # SIGKILLs of the put writer (the issue asks for at least 50)
 LEASE_KILLS = 12
 
 
@@ -32,6 +33,24 @@ def ctx() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([store_writer.__name__])
     return context
+
+
+@pytest.fixture
+def spawn(ctx: multiprocessing.context.BaseContext) -> Iterator[Callable[..., Writer]]:
+    """Start writers; any still running when the test ends (say, after a failed assertion)
+    is killed, so none is left filling the disk."""
+    started: list[Writer] = []
+
+    def start(directory: Path, durability: str, mode: str, seed: int) -> Writer:
+        w = Writer(ctx, directory, durability, mode, seed)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(10)
 
 
 class Writer:
@@ -104,7 +123,7 @@ class Writer:
         return any(t == tag for t, _ in self.lines)
 
 
-def inspect(path: Path) -> dict[int, tuple[int, int]]:
+def check_file(path: Path) -> dict[int, tuple[int, int]]:
     """Check the file as a plain SQLite reader; return {seq: (kind, attempts)}."""
     conn = sqlite3.connect(path)
     try:
@@ -126,14 +145,14 @@ def inspect(path: Path) -> dict[int, tuple[int, int]]:
 
 
 def test_sigkill_loses_no_committed_record_and_never_reuses_a_seq(
-    tmp_path: Path, ctx: multiprocessing.context.BaseContext
+    tmp_path: Path, spawn: Callable[..., Writer]
 ) -> None:
     rng = random.Random(20240503)
     reported: set[int] = set()
     highest_seen = 0
     for i in range(KILLS):
         durability = "full" if i % 2 == 0 else "normal"
-        w = Writer(ctx, tmp_path, durability, "put", rng.randrange(1 << 30))
+        w = spawn(tmp_path, durability, "put", rng.randrange(1 << 30))
         if rng.random() < 0.2:
             w.read_for(rng.uniform(0.0, 0.03))  # may die in open(): create, recover, check
         else:
@@ -150,7 +169,7 @@ def test_sigkill_loses_no_committed_record_and_never_reuses_a_seq(
         if not (tmp_path / "queue.db").exists():
             assert not reported  # killed before the very first queue was created
             continue
-        rows = inspect(tmp_path / "queue.db")
+        rows = check_file(tmp_path / "queue.db")
         missing = reported - rows.keys()
         assert not missing, f"committed records lost after kill {i}: {sorted(missing)[:5]}"
         highest_seen = max([highest_seen, *rows.keys(), *new])
@@ -158,12 +177,12 @@ def test_sigkill_loses_no_committed_record_and_never_reuses_a_seq(
 
 
 def test_leases_after_sigkill_acked_never_return_unacked_come_back(
-    tmp_path: Path, ctx: multiprocessing.context.BaseContext
+    tmp_path: Path, spawn: Callable[..., Writer]
 ) -> None:
     rng = random.Random(7)
     acked: set[int] = set()
     for i in range(LEASE_KILLS):
-        w = Writer(ctx, tmp_path, "full" if i % 2 else "normal", "lease", rng.randrange(1 << 30))
+        w = spawn(tmp_path, "full" if i % 2 else "normal", "lease", rng.randrange(1 << 30))
         w.read_for(30.0, until="ready")
         assert w.saw("ready")
         w.read_for(rng.uniform(0.02, 0.15))
@@ -172,12 +191,12 @@ def test_leases_after_sigkill_acked_never_return_unacked_come_back(
         attempted = set(w.seqs("acking"))
         leased_not_acked = set(w.seqs("leased")) - attempted
 
-        d = Writer(ctx, tmp_path, "full", "drain", 0)
+        d = spawn(tmp_path, "full", "drain", 0)
         d.finish()
         got = set(d.seqs("got"))
         assert not got & acked, "an acknowledged record came back"
         assert leased_not_acked <= got, "a leased, unacknowledged record was not delivered again"
         assert set(w.seqs("put")) - attempted <= got | acked
-        rows = inspect(tmp_path / "queue.db")
+        rows = check_file(tmp_path / "queue.db")
         assert got == rows.keys()  # drain leased everything in the queue
     assert acked  # the writers did acknowledge records
