@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EX_USAGE
-    except (UnknownDevice, StorageUnavailable, StateError, DocumentTooLarge) as err:
+    except (UnknownDevice, StorageUnavailable, StateError, DocumentTooLarge, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EX_FAIL
     except KeyboardInterrupt:

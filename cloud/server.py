@@ -376,6 +376,8 @@ class CloudServer:
         return server
 
     async def _listen(self, host: str, port: int) -> None:
+        if port != 0:
+            await asyncio.get_running_loop().run_in_executor(None, _check_port_free, host, port)
         self._ctx = await aiocoap.Context.create_server_context(
             _Site(self), bind=(host, port), transports=["udp6"]
         )
@@ -718,6 +720,21 @@ class CloudServer:
         }
         payload = records.dumps(doc)
         return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise OSError if another socket holds ``host:port``. aiocoap binds with SO_REUSEPORT, so a
+    second endpoint on the same port would start silently and share the requests at random."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as err:
+        raise OSError(f"cannot resolve {host}: {err}") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise OSError(err.errno, f"{host}:{port} is in use ({err.strerror})") from err
 
 
 def _bound_port(ctx: aiocoap.Context) -> int:

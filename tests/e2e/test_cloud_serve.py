@@ -1,4 +1,5 @@
-"""`edge-agent-cloud serve` as a process: it listens, serves, and stops cleanly on SIGTERM."""
+"""`edge-agent-cloud serve` as a process: it listens, serves, and stops cleanly on SIGTERM; and
+a second endpoint on a port in use is refused instead of sharing the port."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import sys
 from pathlib import Path
 
 import aiocoap
+import pytest
 from aiocoap import Code, Message
 
 from agent.codec import IngestAck, WireRecord, encode_batch
 from agent.records import AlertBody
+from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,3 +69,12 @@ async def test_serve_process(tmp_path: Path) -> None:
         assert storage.seqs("pump-01") == [7]
     finally:
         storage.close()
+
+
+async def test_a_second_endpoint_on_a_port_in_use_is_refused(tmp_path: Path) -> None:
+    first = await CloudServer.start(tmp_path / "a", "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            await CloudServer.start(tmp_path / "b", "127.0.0.1", first.port)
+    finally:
+        await first.stop()
