@@ -26,6 +26,8 @@ from agent.errors import AgentError, ConfigError, DriverError
 EX_OK = 0
 EX_FAIL = 1
 EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_NOPERM = 77
 EX_CONFIG = configmod.EX_CONFIG
 
 log = logging.getLogger("agent.cli")
@@ -195,6 +197,47 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return EX_FAIL if failed else EX_OK
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from agent.store import queue_report
+
+    cfg = _load(args.config)
+    print(asyncio.run(queue_report(cfg.store, as_json=args.json)))
+    return EX_OK
+
+
+def _status_socket(args: argparse.Namespace) -> Path:
+    from agent.status import SOCKET_NAME, socket_path
+
+    if args.socket:
+        return Path(args.socket)
+    system = Path("/run/edge-agent") / SOCKET_NAME  # RuntimeDirectory of the systemd unit
+    if args.config:
+        local = socket_path(_load(args.config).agent.data_dir)
+        return local if local.exists() or not system.exists() else system
+    return system
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.status import format_status, query
+
+    path = _status_socket(args)
+    try:
+        doc = query(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"edge-agent status: no agent is running ({path} does not answer)", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except PermissionError:
+        print(
+            f"edge-agent status: {path}: permission denied (join group edge-agent)", file=sys.stderr
+        )
+        return EX_NOPERM
+    except (OSError, ValueError) as err:
+        print(f"edge-agent status: {path}: {err}", file=sys.stderr)
+        return EX_FAIL
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_status(doc))
+    return EX_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -238,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_sim_args(p)
     p.set_defaults(func=cmd_selftest)
+
+    p = sub.add_parser("queue", help="depth, bytes and evictions of the durable queue")
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("status", help="the running agent's live state")
+    p.add_argument("--json", action="store_true")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="the agent's status socket")
+    where.add_argument("--config", help="find the socket from this config's data_dir")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="the reference rig on simulated parts")
     p.add_argument("--config", default=None, help="default: the packaged reference rig")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
+from agent.metrics import MetricsSettings
+from agent.store import StoreSettings
 from drivers.base import OptionError, Options
 from drivers.registry import DRIVERS, driver_class
 from drivers.sim.sources import FaultEvent, parse_event
@@ -100,6 +102,8 @@ class Config:
     path: Path
     agent: AgentSection
     sensors: tuple[SensorConfig, ...]
+    store: StoreSettings
+    metrics: MetricsSettings
     simulation: SimulationConfig | None = None
 
     def sensor(self, name: str) -> SensorConfig:
@@ -142,6 +146,8 @@ def _resolve(base: Path, value: str) -> Path:
 def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
     top = Options(raw)
     agent = _parse_agent(top.table("agent", required=True), base)
+    store = StoreSettings.from_options(top.table("store"), agent.data_dir)
+    metrics = MetricsSettings.from_options(top.table("metrics"), agent.data_dir)
     simulation = _parse_simulation(top.table("simulation"), base) if top.has("simulation") else None
     sensors = tuple(_parse_sensor(t) for t in top.tables("sensor"))
     if not sensors:
@@ -164,7 +170,14 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
         if s.simulated and simulation is None:
             raise OptionError(f"sensor[{i}].bus", "a simulated sensor needs a [simulation] table")
     top.finish()
-    return Config(path=path, agent=agent, sensors=sensors, simulation=simulation)
+    return Config(
+        path=path,
+        agent=agent,
+        sensors=sensors,
+        store=store,
+        metrics=metrics,
+        simulation=simulation,
+    )
 
 
 def _parse_agent(t: Options, base: Path) -> AgentSection:
@@ -336,6 +349,18 @@ def simulated(config: Config, simulation: SimulationConfig) -> Config:
 
 
 def replace_data_dir(config: Config, data_dir: Path) -> Config:
+    """The same config with another data directory (the store follows it when it was relative
+    to the old one)."""
     from dataclasses import replace
 
-    return replace(config, agent=replace(config.agent, data_dir=data_dir))
+    old = config.agent.data_dir
+
+    def moved(path: Path | None) -> Path | None:
+        if path is not None and path.is_relative_to(old):
+            return data_dir / path.relative_to(old)
+        return path
+
+    store = replace(config.store, path=moved(config.store.path))
+    metrics = replace(config.metrics, textfile=moved(config.metrics.textfile))
+    agent = replace(config.agent, data_dir=data_dir)
+    return replace(config, agent=agent, store=store, metrics=metrics)

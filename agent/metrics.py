@@ -15,7 +15,10 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from drivers.base import Options
 
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -196,3 +199,26 @@ def write_textfile(path: Path, text: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """``[metrics]``: ``textfile`` (path of the .prom file, relative to the data dir; ``""``
+    turns metrics off) and ``interval`` (seconds between writes)."""
+
+    textfile: Path | None
+    interval: float = 15.0
+
+    @classmethod
+    def from_options(cls, opts: Options, data_dir: Path) -> MetricsSettings:
+        raw = opts.string("textfile", "metrics/edge_agent.prom")
+        interval = opts.number("interval", 15.0, minimum=0.5, maximum=3600.0)
+        opts.finish()
+        if not raw.strip():
+            return cls(None, interval)
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            path = data_dir / path
+        if path.suffix != ".prom":
+            raise opts.error("textfile", "node_exporter's textfile collector reads only *.prom")
+        return cls(path, interval)

@@ -31,7 +31,11 @@ class Notifier:
             if target.startswith("@"):
                 target = "\0" + target[1:]
             self._target = target
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a receiver that does not read must never stall the event loop; a
+            # message that does not fit is dropped (the next ping follows soon).
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     @property
     def enabled(self) -> bool:
@@ -43,6 +47,9 @@ class Notifier:
         try:
             self._sock.sendto("\n".join(fields).encode(), self._target)
             return True
+        except BlockingIOError:
+            log.debug("event=notify_dropped reason=receiver_busy")
+            return False
         except OSError as err:
             log.warning("event=notify_failed socket=%s error=%r", self.address, str(err))
             return False
@@ -91,20 +98,27 @@ class Heartbeat:
 
 
 class Health:
-    """The stages' heartbeats; healthy while each beat within its deadline."""
+    """The stages' heartbeats; and stuck-checks; healthy while none reports a stuck stage."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.beats: dict[str, Heartbeat] = {}
+        self.checks: dict[str, Callable[[], bool]] = {}
 
     def register(self, name: str, deadline: float) -> Callable[[], None]:
         hb = Heartbeat(name, deadline, self.clock.monotonic())
         self.beats[name] = hb
         return lambda: hb.beat(self.clock.monotonic())
 
+    def check(self, name: str, is_stuck: Callable[[], bool]) -> None:
+        """Register a predicate that says whether a stage is stuck right now."""
+        self.checks[name] = is_stuck
+
     def stuck(self) -> list[str]:
         now = self.clock.monotonic()
-        return [hb.name for hb in self.beats.values() if now - hb.last > hb.deadline]
+        names = [hb.name for hb in self.beats.values() if now - hb.last > hb.deadline]
+        names += [name for name, is_stuck in self.checks.items() if is_stuck()]
+        return names
 
 
 async def watchdog_loop(

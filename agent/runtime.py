@@ -1,7 +1,14 @@
 """Builds the agent's stages from the config and runs them in one asyncio TaskGroup.
 
-Stages talk through the store and small in-memory queues, never through globals. SIGINT and SIGTERM
-stop the agent gracefully: the stages are cancelled, the sensors closed, the store flushed.
+Stages talk through the store and small in-memory queues, never through globals:
+
+    sampler --Reading--> telemetry writer --> store
+          \\--Reading--> (hooks: demo printer, detector)
+
+Around them: the local status socket, the Prometheus textfile, and systemd's notify protocol
+(READY=1 once the store is open and every sensor has been tried once; WATCHDOG=1 only while no
+stage is stuck). SIGINT and SIGTERM stop the agent gracefully: the sampler stops, every reading
+already taken is committed to the store, the store is closed, then the process exits 0.
 """
 
 from __future__ import annotations
@@ -10,22 +17,36 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agent import __version__
 from agent.clock import Clock, RealClock
 from agent.config import Config
 from agent.hardware import Hardware
+from agent.ingest import TelemetryWriter
+from agent.metrics import Registry, write_textfile
+from agent.notify import Health, Notifier, run_watchdog
 from agent.sampling import Sampler
+from agent.status import StatusServer, socket_path
+from agent.store import Store, StoreStats
 from drivers.base import Reading
 
 log = logging.getLogger(__name__)
 
 ReadingHook = Callable[[Reading], Awaitable[None] | None]
 
+#: A stage busy with one step (a sensor read, a store commit) for longer than this is stuck.
+STUCK_AFTER = 60.0
+#: READY=1 at the latest this long after start, even if a sensor is still being tried.
+READY_WITHIN = 30.0
+#: Seconds between refreshes of the queue statistics shown by status.
+STATS_INTERVAL = 2.0
+
 
 class Agent:
-    """The running agent: hardware, sampler and (as they are configured) the later stages."""
+    """The running agent: hardware, sampler, store and the stages around them."""
 
     def __init__(
         self,
@@ -34,54 +55,236 @@ class Agent:
         clock: Clock | None = None,
         rig: Any = None,
         on_reading: ReadingHook | None = None,
+        notifier: Notifier | None = None,
+        status_socket: bool = True,
     ) -> None:
         self.config = config
         self.clock = clock or RealClock()
         self.rig = rig
         self.on_reading = on_reading
+        self.notifier = notifier or Notifier()
         self.hardware = Hardware(config, self.clock, rig)
         self.sampler: Sampler | None = None
+        self.store: Store | None = None
+        self.writer: TelemetryWriter | None = None
+        self.health = Health(self.clock)
+        self.metrics = Registry()
         self.readings = 0
-        self._stop = asyncio.Event()
+        self.started_wall = time.time()
         self.started = self.clock.monotonic()
+        self.last_stats: StoreStats | None = None
+        self._status = (
+            StatusServer(socket_path(config.agent.data_dir), self.snapshot)
+            if status_socket
+            else None
+        )
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
 
     def request_stop(self) -> None:
         self._stop.set()
 
+    # -- stages -----------------------------------------------------------------------------
     async def _sink(self, reading: Reading) -> None:
         self.readings += 1
-        log.debug(
-            "sensor=%s seq=%d %s",
-            reading.sensor,
-            reading.seq,
-            " ".join(f"{k}={v:.6g}" for k, v in reading.values.items()),
-        )
+        if self.writer is not None:
+            self.writer.submit(reading)
         if self.on_reading is not None:
             result = self.on_reading(reading)
             if asyncio.iscoroutine(result):
                 await result
 
+    def _stuck_checks(self) -> None:
+        now = self.clock.monotonic
+
+        def sampler_busy() -> bool:
+            assert self.sampler is not None
+            return any(
+                t.busy_since is not None and now() - t.busy_since > STUCK_AFTER
+                for t in self.sampler.tasks.values()
+            )
+
+        def writer_busy() -> bool:
+            w = self.writer
+            return w is not None and w.busy_since is not None and now() - w.busy_since > STUCK_AFTER
+
+        self.health.check("sampler", sampler_busy)
+        self.health.check("store-writer", writer_busy)
+
+    async def _announce_ready(self) -> None:
+        assert self.sampler is not None
+        deadline = self.clock.monotonic() + READY_WITHIN
+        while self.clock.monotonic() < deadline and not all(
+            t.health.reads or t.health.errors for t in self.sampler.tasks.values()
+        ):
+            await self.clock.sleep(0.05)
+        self._ready.set()
+        self.notifier.ready(self.status_line())
+        log.info("event=ready sensors_ok=%d", self._sensors_ok())
+        # from now on: WATCHDOG=1 while no stage is stuck
+        await run_watchdog(self.notifier, self.health, self.clock, self.status_line)
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await self.refresh_stats()
+            await self.clock.sleep(STATS_INTERVAL)
+
+    async def _metrics_loop(self) -> None:
+        settings = self.config.metrics
+        if settings.textfile is None:
+            return
+        while True:
+            await self.refresh_stats()
+            try:
+                text = self.metrics.render()
+                await self.clock.run_blocking(None, write_textfile, settings.textfile, text)
+            except OSError as err:
+                log.warning(
+                    "event=metrics_write_failed path=%s error=%r", settings.textfile, str(err)
+                )
+            await self.clock.sleep(settings.interval)
+
+    async def refresh_stats(self) -> None:
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.last_stats = await self.store.stats()
+
+    # -- status ----------------------------------------------------------------------------
+    def _sensors_ok(self) -> int:
+        if self.sampler is None:
+            return 0
+        return sum(1 for h in self.sampler.health.values() if h.state.value == "ok")
+
+    def status_line(self) -> str:
+        n = len(self.config.sensors)
+        depth = self.last_stats.depth if self.last_stats else 0
+        return f"sensors {self._sensors_ok()}/{n} ok; queue {depth}; readings {self.readings}"
+
+    def snapshot(self) -> dict[str, Any]:
+        """The live state for `edge-agent status` (JSON-ready)."""
+        stats = self.last_stats
+        queue: dict[str, Any] = {}
+        if stats is not None:
+            queue = {
+                "depth": {k: v.depth for k, v in stats.kinds.items()},
+                "bytes": stats.file_bytes,
+                "oldest_age_s": stats.oldest_age,
+                "evicted": {k: v.evicted for k, v in stats.kinds.items()},
+                "last_seq": stats.last_seq,
+            }
+        return {
+            "device_id": self.config.agent.device_id,
+            "version": __version__,
+            "uptime_s": self.clock.monotonic() - self.started,
+            "started": self.started_wall,
+            "ready": self._ready.is_set(),
+            "readings": self.readings,
+            "sensors": [h.as_dict() for h in self.sampler.health.values()] if self.sampler else [],
+            "queue": queue,
+            "link": {"state": "n/a"},
+            "models": {},
+            "last_alert": None,
+            "stuck": self.health.stuck(),
+        }
+
+    # -- run --------------------------------------------------------------------------------
     async def run(self, *, install_signals: bool = True) -> None:
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
+        self.store = await Store.open(self.config.store, clock=self.clock)
+        self.writer = TelemetryWriter(self.store, self.clock)
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink)
+        self._stuck_checks()
+        self.metrics_setup()
+        if self._status is not None:
+            try:
+                await self._status.start()
+            except OSError as err:
+                log.warning(
+                    "event=status_socket_failed path=%s error=%r", self._status.path, str(err)
+                )
+                self._status = None
         log.info(
-            "event=start device=%s sensors=%d",
+            "event=start device=%s sensors=%d store=%s",
             self.config.agent.device_id,
             len(self.config.sensors),
+            self.config.store.path,
         )
         try:
             async with asyncio.TaskGroup() as tg:
-                sampler_task = tg.create_task(self.sampler.run(), name="sampler")
+                sampler = tg.create_task(self.sampler.run(), name="sampler")
+                writer = tg.create_task(self.writer.run(), name="store-writer")
+                others = [
+                    tg.create_task(self._announce_ready(), name="ready-watchdog"),
+                    tg.create_task(self._metrics_loop(), name="metrics"),
+                    tg.create_task(self._stats_loop(), name="stats"),
+                ]
                 await self._stop.wait()
-                sampler_task.cancel()
+                self.notifier.stopping()
+                # stop taking readings, then commit every reading already taken
+                sampler.cancel()
+                await asyncio.wait([sampler])
+                self.writer.stop()
+                await asyncio.wait([writer])
+                for task in others:
+                    task.cancel()
         finally:
+            await self._shutdown(install_signals)
+
+    async def _shutdown(self, install_signals: bool) -> None:
+        if self.sampler is not None:
             await self.sampler.close()
-            self.hardware.close()
-            if install_signals:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    with contextlib.suppress(Exception):
-                        loop.remove_signal_handler(sig)
-            log.info("event=stop readings=%d", self.readings)
+        self.hardware.close()
+        if self.store is not None:
+            await self.store.close()
+        if self._status is not None:
+            await self._status.stop()
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+        w = self.writer
+        log.info(
+            "event=stop readings=%d committed=%d dropped=%d",
+            self.readings,
+            w.committed if w else 0,
+            (w.dropped_full + w.dropped_overflow + w.backlog) if w else 0,
+        )
+
+    # -- metrics ----------------------------------------------------------------------------
+    def metrics_setup(self) -> None:
+        m = self.metrics
+        readings = m.counter("readings_total", "Readings taken, by sensor", ["sensor"])
+        errors = m.counter("sensor_errors_total", "Failed sensor reads, by sensor", ["sensor"])
+        up = m.gauge("sensor_up", "1 when the sensor's last read succeeded", ["sensor"])
+        depth = m.gauge("queue_depth", "Records queued, by kind", ["kind"])
+        qbytes = m.gauge("queue_bytes", "Payload bytes queued, by kind", ["kind"])
+        evicted = m.counter("queue_evicted_total", "Records evicted for the budget", ["kind"])
+        file_bytes = m.gauge("queue_file_bytes", "Size of the queue files on disk")
+        dropped = m.counter(
+            "telemetry_dropped_total", "Readings dropped before the store", ["reason"]
+        )
+        uptime = m.gauge("uptime_seconds", "Seconds since the agent started")
+
+        def collect() -> None:
+            assert self.sampler is not None
+            for name, h in self.sampler.health.items():
+                readings.set_total(h.reads, sensor=name)
+                errors.set_total(h.errors, sensor=name)
+                up.set(1.0 if h.state.value == "ok" else 0.0, sensor=name)
+            stats = self.last_stats
+            if stats is not None:
+                for kind, ks in stats.kinds.items():
+                    depth.set(ks.depth, kind=kind)
+                    qbytes.set(ks.bytes, kind=kind)
+                    evicted.set_total(ks.evicted, kind=kind)
+                file_bytes.set(stats.file_bytes)
+            if self.writer is not None:
+                dropped.set_total(self.writer.dropped_full, reason="store_full")
+                dropped.set_total(self.writer.dropped_overflow, reason="overflow")
+            uptime.set(self.clock.monotonic() - self.started)
+
+        m.collector(collect)

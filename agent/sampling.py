@@ -102,6 +102,7 @@ class SensorTask:
     interval: float
     enabled: bool = True
     opened: bool = False
+    busy_since: float | None = None  # clock time the current attempt started
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -208,6 +209,7 @@ class Sampler:
         """Open (if needed) and read one sensor; update its health; emit the Reading."""
         cfg, health = task.cfg, task.health
         started = self.clock.monotonic()
+        task.busy_since = started
         try:
             if not task.opened:
                 identity = await task.driver.open()
@@ -218,6 +220,8 @@ class Sampler:
         except DriverError as err:
             self._failed(task, err)
             return False
+        finally:
+            task.busy_since = None
         finished = self.clock.monotonic()
         if health.state in (SensorState.DEGRADED, SensorState.DOWN):
             log.info(

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import errno
 import fcntl
 import json
@@ -56,6 +55,7 @@ from typing import Any
 
 from agent.clock import Clock, RealClock
 from agent.errors import StoreError, StoreFull
+from agent.records import Kind  # what a record is: decides default priority and eviction order
 from drivers.base import Options
 
 log = logging.getLogger(__name__)
@@ -97,15 +97,6 @@ SQLITE_FULL = 13
 SQLITE_IOERR = 10
 SQLITE_CORRUPT = 11
 SQLITE_NOTADB = 26
-
-
-class Kind(enum.StrEnum):
-    """What a record is. The kind decides the default priority and the eviction order."""
-
-    ALERT = "alert"
-    EVENT = "event"
-    STATE = "state"
-    TELEMETRY = "telemetry"
 
 
 # Stored as small integers; the eviction rank is the reverse: telemetry goes first.
