@@ -27,11 +27,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from agent import logsetup, records
+from agent import logsetup, records, statedoc
 from agent.codec import CF_CBOR, DEVICE_ID
-from cloud import export, statedoc
+from agent.statedoc import StateError
+from cloud import export
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
-from cloud.statedoc import StateError
 from cloud.storage import DocumentTooLarge, SQLiteStorage, StorageUnavailable, UnknownDevice
 
 EX_OK = 0

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from agent.records import Kind, RecordError, TelemetryBody, decode_body
-from cloud.statedoc import to_json
+from agent.statedoc import to_json
 from cloud.storage import StoredRecord
 
 FIELDS = ("seq", "kind", "time", "sensor", "channel", "value")

@@ -43,11 +43,10 @@ from aiocoap.blockwise import ContinueException
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 
-from agent import codec, records
+from agent import codec, records, statedoc
 from agent.clock import Clock, RealClock
 from agent.codec import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
-from cloud import statedoc
-from cloud.statedoc import StateError
+from agent.statedoc import StateError
 from cloud.storage import (
     DocumentTooLarge,
     PreconditionFailed,

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+from agent import statedoc
 from agent.clock import Clock, RealClock
 from agent.codec import WireRecord
 from agent.errors import AgentError
 from agent.records import body_time
-from cloud import statedoc
-from cloud.statedoc import DesiredDoc, Entry
+from agent.statedoc import DesiredDoc, Entry
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Storage(Protocol):
     def put_reported(
         self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
     ) -> ReportedResult:
-        """Merge reported entries by their keys' rules (:mod:`cloud.statedoc`);
+        """Merge reported entries by their keys' rules (:mod:`agent.statedoc`);
         :class:`DocumentTooLarge` if the device would have more than ``max_keys`` keys."""
 
     def desired(self, device: str) -> DesiredDoc: ...

@@ -15,8 +15,8 @@ from aiocoap import Code, Message
 
 from agent.codec import IngestAck, WireRecord, encode_batch
 from agent.records import EventBody, TelemetryBody
+from agent.statedoc import DesiredDoc
 from cloud.server import CloudServer
-from cloud.statedoc import DesiredDoc
 
 COAP_CLIENT = "/usr/bin/coap-client-notls"
 DEVICE = "rig-7"

@@ -14,9 +14,10 @@ import pytest
 from aiocoap import Code, Message
 
 import cloud.server
-from cloud import cli, statedoc
+from agent import statedoc
+from agent.statedoc import DesiredDoc, Entry, Rule, StateError
+from cloud import cli
 from cloud.server import CloudServer, Limits
-from cloud.statedoc import DesiredDoc, Entry, Rule, StateError
 
 DEVICE = "pump-01"
 MODEL = {"name": "pump-ae-int8", "sha256": "ab" * 32}
