@@ -20,7 +20,7 @@ from typing import Any
 
 from agent import config as configmod
 from agent import logsetup
-from agent.clock import Clock, RealClock
+from agent.clock import Clock, RealClock, ScaledClock
 from agent.errors import AgentError, ConfigError, DriverError
 
 EX_OK = 0
@@ -90,8 +90,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     logsetup.setup(args.log_level or cfg.agent.log_level)
 
+    if args.time_scale != 1.0 and not args.simulate:
+        raise ConfigError("--time-scale", "", "only with --simulate (real parts run in real time)")
+
     async def main() -> None:
-        clock = RealClock()
+        clock = ScaledClock(args.time_scale) if args.time_scale != 1.0 else RealClock()
         rig = _rig(cfg, clock)
         try:
             await Agent(cfg, clock=clock, rig=rig).run()
@@ -273,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the agent")
     p.add_argument("--config", required=True)
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="with --simulate: run the agent's clock this many times faster than real time",
+    )
     _add_sim_args(p)
     p.set_defaults(func=cmd_run)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import math
 import selectors
 import threading
 import time
@@ -146,3 +147,40 @@ class VirtualClock:
         """Run ``coro`` to completion on a fresh event loop driven by this clock."""
         with asyncio.Runner(loop_factory=self.new_event_loop) as runner:
             return runner.run(coro)
+
+
+class ScaledClock(RealClock):
+    """Real time running ``rate`` times faster: for simulated rigs, so a long scenario (an
+    outage of minutes, hours of readings) plays out in less real time with real I/O. Network
+    deadlines inside the transport stay in real time; the agent's own intervals, backoffs and
+    timestamps follow this clock."""
+
+    def __init__(self, rate: float) -> None:
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"time scale must be a positive number, got {rate!r}")
+        self.rate = rate
+        self._real0 = time.monotonic()
+        self._wall0 = time.time()
+
+    def monotonic(self) -> float:
+        return self._real0 + (time.monotonic() - self._real0) * self.rate
+
+    def time(self) -> float:
+        return self._wall0 + (time.monotonic() - self._real0) * self.rate
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds) / self.rate)
+
+
+async def wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
+    """Wait until ``event`` is set or ``seconds`` pass on ``clock``. True if the event is set."""
+    if event.is_set():
+        return True
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        sleeper.cancel()
+    return event.is_set()

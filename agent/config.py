@@ -17,6 +17,7 @@ from typing import Any
 from agent.errors import ConfigError
 from agent.metrics import MetricsSettings
 from agent.store import StoreSettings
+from agent.uplink import UplinkSettings
 from drivers.base import OptionError, Options
 from drivers.registry import DRIVERS, driver_class
 from drivers.sim.sources import FaultEvent, parse_event
@@ -104,6 +105,7 @@ class Config:
     sensors: tuple[SensorConfig, ...]
     store: StoreSettings
     metrics: MetricsSettings
+    uplink: UplinkSettings | None = None
     simulation: SimulationConfig | None = None
 
     def sensor(self, name: str) -> SensorConfig:
@@ -148,6 +150,7 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
     agent = _parse_agent(top.table("agent", required=True), base)
     store = StoreSettings.from_options(top.table("store"), agent.data_dir)
     metrics = MetricsSettings.from_options(top.table("metrics"), agent.data_dir)
+    uplink = UplinkSettings.from_options(top.table("uplink")) if top.has("uplink") else None
     simulation = _parse_simulation(top.table("simulation"), base) if top.has("simulation") else None
     sensors = tuple(_parse_sensor(t) for t in top.tables("sensor"))
     if not sensors:
@@ -176,6 +179,7 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
         sensors=sensors,
         store=store,
         metrics=metrics,
+        uplink=uplink,
         simulation=simulation,
     )
 

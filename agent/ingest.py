@@ -13,14 +13,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from agent.clock import Clock
+from agent.codec import seq_ranges
 from agent.errors import StoreError, StoreFull
 from agent.records import TelemetryBody
 from agent.store import Kind, NewRecord, Store
 from drivers.base import Reading
 
 log = logging.getLogger(__name__)
+
+
+def format_ranges(seqs: list[int]) -> str:
+    """``1-3,7`` for [1, 2, 3, 7]: committed sequence numbers, compactly, for the log."""
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in seq_ranges(seqs))
+
 
 #: Readings held in memory while a put is in flight; beyond it the oldest are dropped (counted).
 QUEUE_LIMIT = 50_000
@@ -29,8 +37,16 @@ MAX_BATCH = 2_000
 
 
 class TelemetryWriter:
-    def __init__(self, store: Store, clock: Clock, *, limit: int = QUEUE_LIMIT) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        *,
+        limit: int = QUEUE_LIMIT,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
+        self.on_commit = on_commit
         self.clock = clock
         self.limit = limit
         self._pending: deque[Reading] = deque()
@@ -88,8 +104,11 @@ class TelemetryWriter:
         ]
         self.busy_since = self.clock.monotonic()
         try:
-            await self.store.put(records)
+            seqs = await self.store.put(records)
             self.committed += len(batch)
+            log.debug("event=committed kind=telemetry seqs=%s", format_ranges(seqs))
+            if self.on_commit is not None:
+                self.on_commit()
             if self._full:
                 log.info("event=store_writable")
                 self._full = False

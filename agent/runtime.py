@@ -31,6 +31,8 @@ from agent.notify import Health, Notifier, run_watchdog
 from agent.sampling import Sampler
 from agent.status import StatusServer, socket_path
 from agent.store import Store, StoreStats
+from agent.transport import CoapTransport, Endpoints
+from agent.uplink import Uplink
 from drivers.base import Reading
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class Agent:
         self.started_wall = time.time()
         self.started = self.clock.monotonic()
         self.last_stats: StoreStats | None = None
+        self.transport: CoapTransport | None = None
+        self.endpoints: Endpoints | None = None
+        self.uplink: Uplink | None = None
         self._status = (
             StatusServer(socket_path(config.agent.data_dir), self.snapshot)
             if status_socket
@@ -150,6 +155,21 @@ class Agent:
                 self.last_stats = await self.store.stats()
 
     # -- status ----------------------------------------------------------------------------
+    def _link_status(self) -> dict[str, Any]:
+        up = self.uplink
+        if up is None:
+            return {"state": "disabled"}
+        srtt = up.rtt.srtt
+        sent = up.stats.batches_sent
+        return {
+            "state": up.state,
+            "endpoint": self.endpoints.current if self.endpoints else None,
+            "rtt_ms": srtt * 1000 if srtt is not None else None,
+            "loss": (up.stats.retransmitted + up.stats.batches_failed) / sent if sent else None,
+            "window": up.window,
+            "uplink": up.stats.as_dict(),
+        }
+
     def _sensors_ok(self) -> int:
         if self.sampler is None:
             return 0
@@ -181,7 +201,7 @@ class Agent:
             "readings": self.readings,
             "sensors": [h.as_dict() for h in self.sampler.health.values()] if self.sampler else [],
             "queue": queue,
-            "link": {"state": "n/a"},
+            "link": self._link_status(),
             "models": {},
             "last_alert": None,
             "stuck": self.health.stuck(),
@@ -194,8 +214,11 @@ class Agent:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
         self.store = await Store.open(self.config.store, clock=self.clock)
-        self.writer = TelemetryWriter(self.store, self.clock)
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink)
+        self._build_uplink()
+        self.writer = TelemetryWriter(
+            self.store, self.clock, on_commit=self.uplink.poke if self.uplink else None
+        )
         self._stuck_checks()
         self.metrics_setup()
         if self._status is not None:
@@ -221,6 +244,8 @@ class Agent:
                     tg.create_task(self._metrics_loop(), name="metrics"),
                     tg.create_task(self._stats_loop(), name="stats"),
                 ]
+                if self.uplink is not None:
+                    others.append(tg.create_task(self.uplink.run(), name="uplink"))
                 await self._stop.wait()
                 self.notifier.stopping()
                 # stop taking readings, then commit every reading already taken
@@ -237,6 +262,8 @@ class Agent:
         if self.sampler is not None:
             await self.sampler.close()
         self.hardware.close()
+        if self.transport is not None:
+            await self.transport.close()
         if self.store is not None:
             await self.store.close()
         if self._status is not None:
@@ -254,6 +281,52 @@ class Agent:
             (w.dropped_full + w.dropped_overflow + w.backlog) if w else 0,
         )
 
+    def _build_uplink(self) -> None:
+        settings = self.config.uplink
+        if settings is None:
+            return
+        self.transport = CoapTransport(self.clock, lanes=settings.max_inflight)
+        self.endpoints = Endpoints(
+            settings.endpoints, self.clock, primary_retry=settings.primary_retry
+        )
+        self.uplink = Uplink(
+            settings,
+            self.store,
+            self.transport,
+            self.endpoints,
+            self.clock,
+            device_id=self.config.agent.device_id,
+            resolution=self.resolution,
+        )
+
+        def uplink_busy() -> bool:
+            up = self.uplink
+            now = self.clock.monotonic()
+            # an exchange has its own deadline; far beyond it the uplink is wedged
+            limit = 2 * settings.deadline + STUCK_AFTER
+            return up is not None and any(now - t > limit for t in up.busy_since.values())
+
+        self.health.check("uplink", uplink_busy)
+
+    def resolution(self, sensor: str, channel: str) -> float | None:
+        """The step of a reported channel: the config's override, else the part's resolution
+        carried through the channel's scaling."""
+        try:
+            cfg = self.config.sensor(sensor)
+        except KeyError:
+            return None
+        if channel in cfg.resolution:
+            return cfg.resolution[channel]
+        if self.sampler is None or sensor not in self.sampler.tasks:
+            return None
+        driver = self.sampler.tasks[sensor].driver
+        try:
+            step = float(driver.resolution(cfg.source_of(channel)))
+        except (KeyError, ValueError, AttributeError):
+            return None
+        scaling = cfg.scaling.get(channel)
+        return step * abs(scaling.gain) if scaling else step
+
     # -- metrics ----------------------------------------------------------------------------
     def metrics_setup(self) -> None:
         m = self.metrics
@@ -268,6 +341,12 @@ class Agent:
             "telemetry_dropped_total", "Readings dropped before the store", ["reason"]
         )
         uptime = m.gauge("uptime_seconds", "Seconds since the agent started")
+        up_bytes = m.counter("uplink_bytes_total", "Batch bytes sent to the cloud endpoint")
+        up_records = m.counter("uplink_records_total", "Records acknowledged by the endpoint")
+        up_batches = m.counter("uplink_batches_total", "Batches sent, by outcome", ["outcome"])
+        rtt = m.gauge("link_rtt_seconds", "Smoothed round-trip time to the endpoint")
+        loss = m.gauge("link_loss_ratio", "Share of exchanges retransmitted or lost")
+        link_state = m.gauge("link_state", "1 for the link's current state", ["state"])
 
         def collect() -> None:
             assert self.sampler is not None
@@ -286,5 +365,18 @@ class Agent:
                 dropped.set_total(self.writer.dropped_full, reason="store_full")
                 dropped.set_total(self.writer.dropped_overflow, reason="overflow")
             uptime.set(self.clock.monotonic() - self.started)
+            link = self._link_status()
+            for state in ("online", "offline", "disabled"):
+                link_state.set(1.0 if link["state"] == state else 0.0, state=state)
+            if self.uplink is not None:
+                st = self.uplink.stats
+                up_bytes.set_total(st.bytes_sent)
+                up_records.set_total(st.records_acked)
+                up_batches.set_total(st.batches_acked, outcome="acked")
+                up_batches.set_total(st.batches_failed, outcome="failed")
+                if link["rtt_ms"] is not None:
+                    rtt.set(link["rtt_ms"] / 1000)
+                if link["loss"] is not None:
+                    loss.set(link["loss"])
 
         m.collector(collect)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.clock import Clock
+from agent.clock import Clock, wait_event
 from agent.config import SensorConfig
 from agent.errors import DriverError
 from drivers.base import Reading
@@ -171,11 +171,7 @@ class Sampler:
         if delay <= 0:
             return
         task.wake.clear()
-        try:
-            async with asyncio.timeout(delay):
-                await task.wake.wait()
-        except TimeoutError:
-            pass
+        await wait_event(self.clock, task.wake, delay)
 
     async def _run_sensor(self, task: SensorTask) -> None:
         next_slot = self.clock.monotonic()

@@ -4,6 +4,7 @@ loopback, real driver code on simulated buses."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import pytest
 from agent.clock import VirtualClock
 
 ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+if str(TOOLS) not in sys.path:  # tools/linkem.py and the bench modules are imported by tests
+    sys.path.insert(0, str(TOOLS))
 
 
 def skab_path() -> Path:

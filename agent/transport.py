@@ -1,0 +1,232 @@
+"""The cloud transport: CoAP requests with deadlines, several lanes, and an endpoint list.
+
+CoAP lets an endpoint keep one confirmable exchange in flight towards a server (NSTART = 1, RFC
+7252 section 4.7), and aiocoap enforces it per client context. A transport here owns several
+*lanes*, each an aiocoap client context with its own UDP socket, so the uplink can keep several
+confirmable POSTs in flight on a long, thin link while each lane obeys NSTART = 1; how many lanes
+are used at once is the uplink's congestion window.
+
+Every exchange gets a deadline (aiocoap has none of its own). The retransmission timeout can be
+set per request from the measured round-trip time (``ack_timeout``), the way CoCoA (RFC 9006's
+predecessor, draft-ietf-core-cocoa) adapts it, instead of RFC 7252's fixed 2 s.
+
+:class:`Endpoints` keeps the ordered list of endpoint URIs: the first that works is used, a
+failing one is left for the next, and the primary is tried again after ``primary_retry`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from agent.clock import Clock
+from agent.errors import SyncError
+
+log = logging.getLogger(__name__)
+
+#: Default deadline of one exchange, seconds (covers CoAP's retransmissions of a CON).
+REQUEST_TIMEOUT = 30.0
+#: Bounds of an adaptive ACK_TIMEOUT, seconds.
+ACK_TIMEOUT_MIN = 0.3
+ACK_TIMEOUT_MAX = 8.0
+
+
+@dataclass(frozen=True)
+class Response:
+    code: int  # CoAP code as class * 32 + detail (2.04 -> 68)
+    payload: bytes
+    content_format: int | None = None
+    max_age: int | None = None
+    etag: bytes | None = None
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.code >> 5}.{self.code & 31:02d}"
+
+    @property
+    def success(self) -> bool:
+        return self.code >> 5 == 2
+
+
+def code(dotted: str) -> int:
+    """'2.04' -> 68."""
+    cls, _, detail = dotted.partition(".")
+    return int(cls) * 32 + int(detail)
+
+
+def _tuning(confirmable: bool, ack_timeout: float | None) -> Any:
+    """aiocoap's per-message transport parameters: CON with an adapted ACK_TIMEOUT, or NON."""
+    from aiocoap.numbers.constants import Reliable, Unreliable
+
+    if not confirmable:
+        return Unreliable()
+    if ack_timeout is None:
+        return Reliable()
+
+    class Tuned(Reliable):
+        ACK_TIMEOUT = min(ACK_TIMEOUT_MAX, max(ACK_TIMEOUT_MIN, ack_timeout))
+
+    return Tuned()
+
+
+class CoapTransport:
+    """CoAP client lanes over UDP (aiocoap)."""
+
+    def __init__(self, clock: Clock, *, lanes: int = 1) -> None:
+        if lanes < 1:
+            raise ValueError("at least one lane")
+        self.clock = clock
+        self.lanes = lanes
+        self._contexts: list[Any] = []
+        self._lock = asyncio.Lock()
+
+    async def _context(self, lane: int) -> Any:
+        import aiocoap
+
+        async with self._lock:
+            while len(self._contexts) <= lane:
+                self._contexts.append(await aiocoap.Context.create_client_context())
+        return self._contexts[lane]
+
+    async def request(
+        self,
+        method: str,
+        uri: str,
+        payload: bytes = b"",
+        *,
+        content_format: int | None = None,
+        accept: int | None = None,
+        deadline: float = REQUEST_TIMEOUT,
+        lane: int = 0,
+        ack_timeout: float | None = None,
+        confirmable: bool = True,
+    ) -> Response:
+        """One exchange; raises SyncError when it fails or misses its deadline."""
+        import aiocoap
+        from aiocoap import error as coap_error
+
+        ctx = await self._context(lane % self.lanes)
+        msg = aiocoap.Message(
+            code=getattr(aiocoap, method),
+            uri=uri,
+            payload=payload,
+            transport_tuning=_tuning(confirmable, ack_timeout),
+        )
+        if content_format is not None:
+            msg.opt.content_format = content_format
+        if accept is not None:
+            msg.opt.accept = accept
+        try:
+            req = ctx.request(msg)
+        except (coap_error.Error, ValueError, OSError) as err:
+            raise SyncError(f"{method} {uri}: {err}") from err
+        try:
+            async with asyncio.timeout(deadline):
+                resp = await req.response
+        except TimeoutError as err:
+            req.response.cancel()
+            raise SyncError(f"{method} {uri}: no answer within {deadline:g} s") from err
+        except asyncio.CancelledError:
+            req.response.cancel()
+            raise
+        except (coap_error.Error, OSError) as err:
+            raise SyncError(f"{method} {uri}: {type(err).__name__}: {err}") from err
+        return _response(resp)
+
+    async def observe(
+        self, uri: str, *, deadline: float = REQUEST_TIMEOUT, lane: int = 0
+    ) -> AsyncIterator[Response]:
+        """GET with Observe: yields the first response, then each notification. Ends (raises
+        SyncError) when the observation ends or fails; callers re-register."""
+        import aiocoap
+        from aiocoap import error as coap_error
+
+        ctx = await self._context(lane % self.lanes)
+        msg = aiocoap.Message(code=aiocoap.GET, uri=uri, observe=0)
+        req = ctx.request(msg)
+        try:
+            async with asyncio.timeout(deadline):
+                first = await req.response
+            yield _response(first)
+            if not req.observation:
+                return
+            async for notification in req.observation:
+                yield _response(notification)
+        except TimeoutError as err:
+            raise SyncError(f"observe {uri}: no answer within {deadline:g} s") from err
+        except (coap_error.Error, OSError) as err:
+            raise SyncError(f"observe {uri}: {type(err).__name__}: {err}") from err
+        finally:
+            with contextlib.suppress(Exception):
+                if req.observation is not None:
+                    req.observation.cancel()
+            req.response.cancel()
+
+    async def close(self) -> None:
+        contexts, self._contexts = self._contexts, []
+        for ctx in contexts:
+            with contextlib.suppress(Exception):
+                await ctx.shutdown()
+
+
+def _response(resp: Any) -> Response:
+    opt = resp.opt
+    cf = opt.content_format
+    return Response(
+        code=int(resp.code),
+        payload=bytes(resp.payload),
+        content_format=int(cf) if cf is not None else None,
+        max_age=opt.max_age,
+        etag=opt.etag,
+    )
+
+
+class Endpoints:
+    """The ordered endpoint list: use the first that works, fall back in order, and go back to
+    the primary once it recovers (tried again every ``primary_retry`` seconds while on a
+    fallback)."""
+
+    def __init__(self, uris: tuple[str, ...], clock: Clock, *, primary_retry: float = 60.0):
+        if not uris:
+            raise ValueError("no endpoints")
+        self.uris = uris
+        self.clock = clock
+        self.primary_retry = primary_retry
+        self.index = 0
+        self._left_primary_at: float | None = None
+
+    @property
+    def current(self) -> str:
+        return self.uris[self.index]
+
+    def failed(self, uri: str) -> None:
+        """``uri`` is not answering: move to the next endpoint (wrapping around)."""
+        if uri != self.current or len(self.uris) == 1:
+            return
+        self.index = (self.index + 1) % len(self.uris)
+        if self.index != 0 and self._left_primary_at is None:
+            self._left_primary_at = self.clock.monotonic()
+        if self.index == 0:
+            self._left_primary_at = None
+        log.warning("event=endpoint_fallback from=%s to=%s", uri, self.current)
+
+    def want_primary(self) -> bool:
+        """True when on a fallback and it is time to try the primary again."""
+        return (
+            self.index != 0
+            and self._left_primary_at is not None
+            and self.clock.monotonic() - self._left_primary_at >= self.primary_retry
+        )
+
+    def primary_ok(self) -> None:
+        if self.index != 0:
+            log.info("event=endpoint_primary_back uri=%s", self.uris[0])
+        self.index = 0
+        self._left_primary_at = None
+
+    def retried_primary_failed(self) -> None:
+        self._left_primary_at = self.clock.monotonic()

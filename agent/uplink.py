@@ -1,0 +1,459 @@
+"""The uplink: drains the durable store to the cloud endpoint.
+
+Records leave the store in priority order (alerts first), in batches, as confirmable CoAP POSTs
+to ``/ingest/{device}``; the endpoint's answer lists the sequence numbers it now holds, and only
+those are acknowledged in the store. Anything else (a timeout, a 5.xx, a lost answer) returns the
+batch to the store (nack) to be sent again; the endpoint's deduplication by (device, seq) makes a
+resent batch harmless: at-least-once delivery, exactly-once effect (docs/protocol.md).
+
+Pacing:
+
+- Several batches may be in flight at once, each on its own transport lane (one confirmable
+  exchange per lane, as CoAP's NSTART = 1 asks); how many is a congestion window, grown by one
+  per acknowledged batch and halved on a loss (AIMD), between 1 and ``max_inflight``.
+- The retransmission timeout follows the measured round-trip time (RFC 6298's SRTT/RTTVAR,
+  samples from exchanges that needed no retransmission), bounded by transport.ACK_TIMEOUT_MIN/MAX.
+- After a failure the uplink waits with exponential backoff and full jitter, capped; while the
+  link is down it sends one probe batch per backoff period and nothing else (no busy loop).
+- Endpoints are tried in order (:class:`agent.transport.Endpoints`); after ``fallback_after``
+  consecutive failures the next one is used, and the primary is tried again periodically.
+
+Answers other than 2.04 follow the table in docs/protocol.md ("what the device does").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import codec
+from agent.clock import Clock, wait_event
+from agent.codec import CF_SENML_CBOR, CodecError, IngestAck, WireRecord
+from agent.errors import StoreError, SyncError
+from agent.store import Record, Store
+from agent.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
+from drivers.base import Options
+
+log = logging.getLogger(__name__)
+
+#: Seconds between looks at the store when nobody pokes the uplink (expired leases come back).
+IDLE_POLL = 5.0
+#: Pause after the endpoint says the device is not registered (4.04).
+NOT_REGISTERED_PAUSE = 60.0
+#: The endpoint's limits (docs/protocol.md, "Limits and timing").
+MAX_BATCH_BYTES = 64 * 1024
+MAX_BATCH_RECORDS = 4096
+
+CODE_CHANGED = code("2.04")
+CODE_BAD_REQUEST = code("4.00")
+CODE_NOT_FOUND = code("4.04")
+CODE_TOO_LARGE = code("4.13")
+CODE_UNSUPPORTED_FORMAT = code("4.15")
+CODE_UNAVAILABLE = code("5.03")
+
+
+@dataclass(frozen=True)
+class UplinkSettings:
+    """``[uplink]``: where and how records leave the device."""
+
+    endpoints: tuple[str, ...]
+    batch_records: int = 1000
+    batch_bytes: int = 48 * 1024  # encoded size aimed at (the endpoint takes up to 64 KiB)
+    max_inflight: int = 8
+    deadline: float = 30.0  # per exchange
+    backoff_base: float = 1.0
+    backoff_max: float = 300.0
+    fallback_after: int = 3  # consecutive failures before the next endpoint
+    primary_retry: float = 60.0
+
+    @classmethod
+    def from_options(cls, opts: Options) -> UplinkSettings:
+        endpoints = opts.strings("endpoints")
+        if not endpoints:
+            raise opts.error("endpoints", "list at least one coap:// endpoint")
+        for i, uri in enumerate(endpoints):
+            if not (uri.startswith("coap://") or uri.startswith("coap+tcp://")):
+                raise opts.error(f"endpoints[{i}]", f"{uri!r} is not a coap:// URI")
+            if uri.rstrip("/") != uri:
+                raise opts.error(f"endpoints[{i}]", "give the endpoint without a trailing '/'")
+        settings = cls(
+            endpoints=endpoints,
+            batch_records=opts.integer("batch_records", 1000, minimum=1, maximum=MAX_BATCH_RECORDS),
+            batch_bytes=opts.integer(
+                "batch_bytes", 48 * 1024, minimum=256, maximum=MAX_BATCH_BYTES
+            ),
+            max_inflight=opts.integer("max_inflight", 8, minimum=1, maximum=64),
+            deadline=opts.number("deadline", 30.0, minimum=1.0, maximum=600.0),
+            backoff_base=opts.number("backoff_base", 1.0, minimum=0.01, maximum=60.0),
+            backoff_max=opts.number("backoff_max", 300.0, minimum=1.0, maximum=86400.0),
+            fallback_after=opts.integer("fallback_after", 3, minimum=1, maximum=100),
+            primary_retry=opts.number("primary_retry", 60.0, minimum=1.0, maximum=86400.0),
+        )
+        opts.finish()
+        return settings
+
+
+@dataclass
+class Policy:
+    """What the uplink sends now; the link policy (issue: link adaptation) changes it live."""
+
+    content_format: int = CF_SENML_CBOR
+    batch_bytes: int = 48 * 1024
+    batch_records: int = 1000
+    max_inflight: int = 8
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The outcome of one POST, for the link monitor."""
+
+    endpoint: str
+    ok: bool  # an answer came back (any code)
+    rtt: float | None  # seconds, when ok
+    retransmitted: bool  # the exchange took longer than its retransmission timeout
+    bytes_sent: int
+    records: int
+    delivered: int  # records the endpoint acknowledged
+
+
+@dataclass
+class UplinkStats:
+    batches_sent: int = 0
+    batches_acked: int = 0
+    batches_failed: int = 0
+    records_acked: int = 0
+    records_rejected: int = 0  # records the endpoint refused as undecodable (set aside)
+    bytes_sent: int = 0
+    retransmitted: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class RttEstimator:
+    """RFC 6298 smoothed RTT and variance; ``rto`` bounded for CoAP's ACK_TIMEOUT."""
+
+    def __init__(self) -> None:
+        self.srtt: float | None = None
+        self.rttvar: float = 0.0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+
+    @property
+    def rto(self) -> float | None:
+        if self.srtt is None:
+            return None
+        return min(ACK_TIMEOUT_MAX, max(ACK_TIMEOUT_MIN, self.srtt + 4 * self.rttvar))
+
+
+def full_jitter(failures: int, base: float, cap: float, rng: random.Random) -> float:
+    """AWS-style full jitter: uniform in [0, min(cap, base * 2**failures)]."""
+    return rng.uniform(0.0, min(cap, base * 2 ** min(failures, 30)))
+
+
+class Uplink:
+    def __init__(
+        self,
+        settings: UplinkSettings,
+        store: Store,
+        transport: CoapTransport,
+        endpoints: Endpoints,
+        clock: Clock,
+        *,
+        device_id: str,
+        resolution: Callable[[str, str], float | None] | None = None,
+        on_exchange: Callable[[Exchange], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.transport = transport
+        self.endpoints = endpoints
+        self.clock = clock
+        self.device_id = device_id
+        self.resolution = resolution
+        self.on_exchange = on_exchange
+        self.rng = rng or random.Random()
+        self.policy = Policy(
+            batch_bytes=settings.batch_bytes,
+            batch_records=settings.batch_records,
+            max_inflight=settings.max_inflight,
+        )
+        self.rtt = RttEstimator()
+        self.stats = UplinkStats()
+        self.window = 1.0
+        self.ssthresh = float(settings.max_inflight)
+        self.failures = 0
+        self.inflight = 0
+        self.busy_since: dict[int, float] = {}  # lane -> clock time its exchange started
+        self._free_lanes = list(range(settings.max_inflight - 1, -1, -1))
+        self._wake = asyncio.Event()
+        self._paused_until = 0.0
+        self._probing = False  # a failure happened: one batch at a time until one succeeds
+        self._expansion = 1.5  # encoded bytes per stored payload byte (learned)
+        self._singles = 0  # after a 4.00: send this many records one by one to find the bad one
+        self._fallback_cf = False
+        self.online = False
+
+    # -- control -----------------------------------------------------------------------------
+    def poke(self) -> None:
+        """New records are in the store."""
+        self._wake.set()
+
+    @property
+    def state(self) -> str:
+        return "online" if self.online else "offline"
+
+    def _limit(self) -> int:
+        if self._probing:
+            return 1
+        return max(
+            1,
+            min(
+                self.policy.max_inflight,
+                len(self._free_lanes) + self.inflight,
+                math.floor(self.window),
+            ),
+        )
+
+    async def _wait(self, seconds: float) -> None:
+        self._wake.clear()
+        await wait_event(self.clock, self._wake, seconds)
+
+    # -- main loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                now = self.clock.monotonic()
+                if now < self._paused_until:
+                    await self.clock.sleep(self._paused_until - now)
+                    continue
+                if self.inflight >= self._limit() or not self._free_lanes:
+                    await self._wait(IDLE_POLL)
+                    continue
+                batch = await self._lease()
+                if not batch:
+                    await self._wait(IDLE_POLL)
+                    continue
+                lane = self._free_lanes.pop()
+                self.inflight += 1
+                self.busy_since[lane] = self.clock.monotonic()
+                tg.create_task(self._send(batch, lane))
+
+    async def _lease(self) -> list[Record]:
+        if self._singles > 0:
+            return await self.store.batch(1, MAX_BATCH_BYTES)
+        max_bytes = max(64, int(self.policy.batch_bytes / self._expansion))
+        records = min(self.policy.batch_records, MAX_BATCH_RECORDS)
+        return await self.store.batch(records, max_bytes)
+
+    def _content_format(self) -> int:
+        return CF_SENML_CBOR if self._fallback_cf else self.policy.content_format
+
+    def _encode(self, batch: list[Record], cf: int) -> bytes:
+        wire = [WireRecord(r.seq, r.kind.value, r.created, r.payload) for r in batch]
+        if cf == CF_SENML_CBOR or self.resolution is None:
+            return codec.encode_batch(None, wire, cf)
+        return codec.encode_batch(None, wire, cf, resolution=self.resolution)
+
+    async def _send(self, batch: list[Record], lane: int) -> None:
+        seqs = [r.seq for r in batch]
+        cf = self._content_format()
+        uri = self.endpoints.current
+        probing_primary = self.endpoints.want_primary()
+        if probing_primary:
+            uri = self.endpoints.uris[0]
+        try:
+            try:
+                payload = self._encode(batch, cf)
+            except CodecError as err:
+                log.error("event=encode_failed records=%d error=%r", len(batch), str(err))
+                await self._reject(batch)
+                return
+            stored = sum(len(r.payload) for r in batch) or 1
+            self._expansion = 0.8 * self._expansion + 0.2 * (len(payload) / stored)
+            if len(payload) > MAX_BATCH_BYTES and len(batch) > 1:
+                await self.store.nack(seqs)
+                self.policy.batch_bytes = max(256, self.policy.batch_bytes // 2)
+                return
+            rto = self.rtt.rto
+            started = self.clock.monotonic()
+            self.stats.batches_sent += 1
+            self.stats.bytes_sent += len(payload)
+            try:
+                resp = await self.transport.request(
+                    "POST",
+                    f"{uri}/ingest/{self.device_id}",
+                    payload,
+                    content_format=cf,
+                    deadline=self.settings.deadline,
+                    lane=lane,
+                    ack_timeout=rto,
+                )
+            except SyncError as err:
+                await self._nack(seqs)
+                self._report(uri, False, None, False, len(payload), len(batch), 0)
+                self._failed(uri, f"{err}", probing_primary)
+                return
+            rtt = self.clock.monotonic() - started
+            # any retransmitted exchange took at least one timeout (RFC 7252's 2 s by default)
+            retransmitted = rtt >= (rto if rto is not None else 2.0)
+            if not retransmitted:
+                self.rtt.sample(rtt)
+            else:
+                self.stats.retransmitted += 1
+            dotted = resp.dotted
+            self.stats.by_code[dotted] = self.stats.by_code.get(dotted, 0) + 1
+            delivered = await self._handle(resp, batch, seqs, uri, probing_primary)
+            self._report(uri, True, rtt, retransmitted, len(payload), len(batch), delivered)
+            if delivered and retransmitted:
+                self._congestion()
+        finally:
+            self.inflight -= 1
+            self.busy_since.pop(lane, None)
+            self._free_lanes.append(lane)
+            self._wake.set()
+
+    async def _handle(
+        self, resp: Any, batch: list[Record], seqs: list[int], uri: str, probing_primary: bool
+    ) -> int:
+        if resp.code == CODE_CHANGED:
+            try:
+                ack = IngestAck.from_cbor(resp.payload)
+            except CodecError as err:
+                await self._nack(seqs)
+                self._failed(uri, f"unreadable ack: {err}", probing_primary)
+                return 0
+            acked = [s for s in seqs if s in ack]
+            missing = [s for s in seqs if s not in ack]
+            if acked:
+                await self.store.ack(acked)
+            if missing:
+                await self._nack(missing)
+            self.stats.batches_acked += 1
+            self.stats.records_acked += len(acked)
+            if self._singles:
+                self._singles = max(0, self._singles - len(batch))
+            self._succeeded(uri, probing_primary)
+            return len(acked)
+        if resp.code == CODE_TOO_LARGE:
+            await self._nack(seqs)
+            self.policy.batch_bytes = max(256, self.policy.batch_bytes // 2)
+            self.policy.batch_records = max(1, self.policy.batch_records // 2)
+            log.warning("event=batch_too_large bytes=%d", self.policy.batch_bytes)
+            return 0
+        if resp.code == CODE_UNSUPPORTED_FORMAT and not self._fallback_cf:
+            await self._nack(seqs)
+            self._fallback_cf = True
+            log.warning(
+                "event=format_refused content_format=%d fallback=112", self._content_format()
+            )
+            return 0
+        if resp.code == CODE_BAD_REQUEST:
+            if len(batch) == 1:
+                await self._reject(batch)
+            else:
+                await self._nack(seqs)
+                self._singles = len(batch)
+                log.error("event=batch_refused records=%d action=send_singly", len(batch))
+            return 0
+        await self._nack(seqs)
+        if resp.code == CODE_NOT_FOUND:
+            log.error(
+                "event=device_not_registered device=%s endpoint=%s: register it on the endpoint",
+                self.device_id,
+                uri,
+            )
+            self._pause(NOT_REGISTERED_PAUSE)
+        elif resp.code == CODE_UNAVAILABLE:
+            self._pause(float(resp.max_age if resp.max_age is not None else 10))
+        else:
+            self._failed(uri, f"answer {resp.dotted}", probing_primary)
+        return 0
+
+    async def _nack(self, seqs: list[int]) -> None:
+        try:
+            await self.store.nack(seqs)
+        except StoreError as err:  # the lease will expire and they come back anyway
+            log.warning("event=nack_failed records=%d error=%r", len(seqs), str(err))
+
+    async def _reject(self, batch: list[Record]) -> None:
+        """A record the endpoint cannot decode: set it aside (never resend it as is)."""
+        for r in batch:
+            log.error(
+                "event=record_rejected seq=%d kind=%s bytes=%d", r.seq, r.kind, len(r.payload)
+            )
+        self.stats.records_rejected += len(batch)
+        await self.store.ack([r.seq for r in batch])
+
+    def _report(
+        self,
+        uri: str,
+        ok: bool,
+        rtt: float | None,
+        retrans: bool,
+        sent: int,
+        n: int,
+        delivered: int,
+    ) -> None:
+        if self.on_exchange is not None:
+            self.on_exchange(Exchange(uri, ok, rtt, retrans, sent, n, delivered))
+
+    # -- congestion and backoff --------------------------------------------------------------
+    def _succeeded(self, uri: str, probing_primary: bool) -> None:
+        if probing_primary:
+            self.endpoints.primary_ok()
+        if not self.online:
+            log.info("event=uplink_online endpoint=%s", uri)
+        self.online = True
+        self.failures = 0
+        self._probing = False
+        if self.window < self.ssthresh:
+            self.window += 1.0  # slow start
+        else:
+            self.window += 1.0 / self.window  # congestion avoidance
+        self.window = min(self.window, float(self.policy.max_inflight))
+
+    def _congestion(self) -> None:
+        self.ssthresh = max(1.0, self.window / 2)
+        self.window = self.ssthresh
+
+    def _failed(self, uri: str, why: str, probing_primary: bool) -> None:
+        self.stats.batches_failed += 1
+        if probing_primary:
+            self.endpoints.retried_primary_failed()
+            return
+        self.failures += 1
+        self._congestion()
+        self.window = 1.0
+        self._probing = True
+        if self.failures >= self.settings.fallback_after and len(self.endpoints.uris) > 1:
+            self.endpoints.failed(uri)
+        if self.online and self.failures >= self.settings.fallback_after:
+            log.warning("event=uplink_offline endpoint=%s error=%r", uri, why)
+            self.online = False
+        delay = full_jitter(
+            self.failures, self.settings.backoff_base, self.settings.backoff_max, self.rng
+        )
+        log.debug(
+            "event=exchange_failed endpoint=%s failures=%d backoff=%.2f error=%r",
+            uri,
+            self.failures,
+            delay,
+            why,
+        )
+        self._pause(delay)
+
+    def _pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, self.clock.monotonic() + seconds)
