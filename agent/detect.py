@@ -1,0 +1,481 @@
+"""The streaming anomaly detector: rows of sensor values in, alerts out.
+
+One row of the eight SKAB channels per sample (the agent assembles them at 1 Hz). For each row:
+
+1. **Commissioning.** The first ``commissioning_samples`` rows are normal running of this device.
+   They calibrate the per-channel scaler and per-channel thresholds (:mod:`agent.features`) and
+   seed the novelty detector. No alerts during commissioning.
+2. **Features.** Causal smoothing, standardisation and a short history window (a model input).
+3. **Anomaly score.** The int8 denoising autoencoder reconstructs the window as normal running
+   would look; the score is the largest per-channel residual of the newest step,
+   ``max_c |u_c - r_c|``. The residuals say which channels contribute most.
+4. **Hysteresis.** ``raise_after`` consecutive scores above the threshold raise an alert,
+   ``clear_after`` consecutive scores at or below it clear it.
+5. **Verdict.** On a raise, the fault classifier looks at the same window: ``KNOWN_FAILURE`` with
+   the class when it is confident, ``NOVEL_ANOMALY`` when it is not (or says "normal").
+6. **Novelty.** A PCA T²+Q detector (:mod:`agent.novelty`), refitted on recent vectors judged
+   normal, scores every vector; its statistics travel with the alert.
+
+The detector does no I/O besides the interpreter: the agent runtime stores the alerts (as
+high-priority records). :meth:`Detector.feed` processes a block of rows with one batched model
+invoke and gives exactly what :meth:`Detector.push` gives row by row (the models have no state).
+
+Logging policy: info for commissioning done and for each alert raised or cleared.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import ModelError
+from agent.features import Calibration, FeatureSpec, StreamingFeatures, calibrate, transform
+from agent.inference import RUNTIMES, Inference, Manifest, TFLiteModel, load_manifest
+from agent.novelty import NoveltyDetector, NoveltyScore, NoveltySettings
+from drivers.base import Options
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "skab-ae"
+DEFAULT_CLASSIFIER = "skab-clf"
+NORMAL_CLASS = "normal"
+
+
+class Verdict(enum.StrEnum):
+    KNOWN_FAILURE = "known_failure"
+    NOVEL_ANOMALY = "novel_anomaly"
+
+
+class AlertKind(enum.StrEnum):
+    RAISE = "raise"
+    CLEAR = "clear"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An anomaly episode starting (``raise``) or ending (``clear``).
+
+    ``channels``: the channels contributing most, as (name, residual) pairs, largest first.
+    ``verdict``/``fault``/``confidence``: the classifier's view of the raising window (a clear
+    repeats its episode's verdict). ``novelty``: PCA T²+Q statistics of the same vector, if fitted.
+    """
+
+    time: float
+    kind: AlertKind
+    score: float
+    threshold: float
+    channels: tuple[tuple[str, float], ...]
+    verdict: Verdict
+    fault: str | None = None
+    confidence: float = 0.0
+    novelty: NoveltyScore | None = None
+    model: str = DEFAULT_MODEL
+
+    def to_dict(self) -> dict[str, Any]:
+        """CBOR/JSON-native dict (str, float, list, None)."""
+        return {
+            "time": self.time,
+            "kind": self.kind.value,
+            "score": self.score,
+            "threshold": self.threshold,
+            "channels": [[name, value] for name, value in self.channels],
+            "verdict": self.verdict.value,
+            "fault": self.fault,
+            "confidence": self.confidence,
+            "novelty": None if self.novelty is None else self.novelty.to_dict(),
+            "model": self.model,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Alert:
+        nov = d.get("novelty")
+        return cls(
+            time=float(d["time"]),
+            kind=AlertKind(d["kind"]),
+            score=float(d["score"]),
+            threshold=float(d["threshold"]),
+            channels=tuple((str(n), float(v)) for n, v in d["channels"]),
+            verdict=Verdict(d["verdict"]),
+            fault=None if d.get("fault") is None else str(d["fault"]),
+            confidence=float(d.get("confidence", 0.0)),
+            novelty=None if nov is None else NoveltyScore(**{k: float(v) for k, v in nov.items()}),
+            model=str(d.get("model", DEFAULT_MODEL)),
+        )
+
+
+@dataclass
+class Hysteresis:
+    """``raise_after`` consecutive exceedances raise; ``clear_after`` consecutive non-exceedances
+    clear. :meth:`update` returns the transition, if any."""
+
+    raise_after: int
+    clear_after: int
+    active: bool = False
+    _run: int = 0
+
+    def __post_init__(self) -> None:
+        if self.raise_after < 1 or self.clear_after < 1:
+            raise ValueError("raise_after and clear_after must be >= 1")
+
+    def update(self, above: bool) -> AlertKind | None:
+        if above != self.active:
+            self._run += 1
+        else:
+            self._run = 0
+        if not self.active and self._run >= self.raise_after:
+            self.active, self._run = True, 0
+            return AlertKind.RAISE
+        if self.active and self._run >= self.clear_after:
+            self.active, self._run = False, 0
+            return AlertKind.CLEAR
+        return None
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """The ``[detect]`` table of the agent's configuration.
+
+    ``threshold``, ``raise_after``, ``clear_after`` and ``commissioning_samples`` default to the
+    values the model's manifest entry was validated with (None here means "from the manifest").
+    """
+
+    models_dir: Path = Path("models")
+    model: str = DEFAULT_MODEL
+    classifier: str = DEFAULT_CLASSIFIER  # "" disables the classifier
+    runtime: str = "auto"
+    num_threads: int = 1
+    batch_mode: str = "resize"
+    threshold: float | None = None
+    raise_after: int | None = None
+    clear_after: int | None = None
+    commissioning_samples: int | None = None
+    classifier_confidence: float = 0.8
+    top_channels: int = 3
+    novelty: NoveltySettings = field(default_factory=NoveltySettings)
+
+    @classmethod
+    def from_options(cls, opts: Options, base_dir: Path | None = None) -> DetectSettings:
+        """Validate a ``[detect]`` table; errors are OptionError naming the key path.
+        A relative ``models_dir`` is taken relative to ``base_dir`` when given."""
+        d = cls()
+        models_dir = Path(opts.string("models_dir", str(d.models_dir))).expanduser()
+        if base_dir is not None and not models_dir.is_absolute():
+            models_dir = base_dir / models_dir
+        model = opts.string("model", d.model)
+        if not model:
+            raise opts.error("model", "must name a model of the manifest")
+        classifier = opts.string("classifier", d.classifier)
+        runtime = opts.choice("runtime", d.runtime, RUNTIMES)
+        num_threads = opts.integer("num_threads", d.num_threads, minimum=1, maximum=64)
+        batch_mode = opts.choice("batch_mode", d.batch_mode, ("resize", "loop"))
+        threshold = opts.number("threshold", 1.0, above=0.0) if opts.has("threshold") else None
+        raise_after = (
+            opts.integer("raise_after", 1, minimum=1, maximum=3600)
+            if opts.has("raise_after")
+            else None
+        )
+        clear_after = (
+            opts.integer("clear_after", 1, minimum=1, maximum=3600)
+            if opts.has("clear_after")
+            else None
+        )
+        commissioning = (
+            opts.integer("commissioning_samples", 400, minimum=60, maximum=1_000_000)
+            if opts.has("commissioning_samples")
+            else None
+        )
+        confidence = opts.number(
+            "classifier_confidence", d.classifier_confidence, minimum=0.0, maximum=1.0
+        )
+        top = opts.integer("top_channels", d.top_channels, minimum=1, maximum=64)
+        novelty = _novelty_from_options(opts.table("novelty"))
+        opts.finish()
+        return cls(
+            models_dir=models_dir,
+            model=model,
+            classifier=classifier,
+            runtime=runtime,
+            num_threads=num_threads,
+            batch_mode=batch_mode,
+            threshold=threshold,
+            raise_after=raise_after,
+            clear_after=clear_after,
+            commissioning_samples=commissioning,
+            classifier_confidence=confidence,
+            top_channels=top,
+            novelty=novelty,
+        )
+
+
+def _novelty_from_options(opts: Options) -> NoveltySettings:
+    d = NoveltySettings()
+    enabled = opts.boolean("enabled", d.enabled)
+    variance = opts.number("variance", d.variance, above=0.0, maximum=0.999)
+    alpha = opts.number("alpha", d.alpha, minimum=0.5, maximum=0.99999)
+    min_samples = opts.integer("min_samples", d.min_samples, minimum=10)
+    buffer = opts.integer("buffer", max(d.buffer, min_samples), minimum=min_samples)
+    retrain_every = opts.integer("retrain_every", d.retrain_every, minimum=1)
+    opts.finish()
+    return NoveltySettings(enabled, variance, alpha, buffer, min_samples, retrain_every)
+
+
+@dataclass(frozen=True)
+class FeedResult:
+    """What :meth:`Detector.feed` saw: the alerts, and per row the anomaly decision (after
+    hysteresis; False during commissioning) and the score (NaN during commissioning)."""
+
+    alerts: list[Alert]
+    anomalous: np.ndarray
+    scores: np.ndarray
+
+
+class Detector:
+    """The streaming detector of one device. See the module docstring.
+
+    ``anomaly``: the autoencoder (input: flattened window ``steps x channels``, output: its
+    reconstruction). ``classifier``: optional, output: class probabilities in ``classes`` order.
+    """
+
+    def __init__(
+        self,
+        anomaly: Inference,
+        spec: FeatureSpec,
+        *,
+        threshold: float,
+        raise_after: int,
+        clear_after: int,
+        classifier: Inference | None = None,
+        classes: Sequence[str] = (),
+        classifier_confidence: float = 0.8,
+        top_channels: int = 3,
+        novelty: NoveltySettings | None = None,
+    ) -> None:
+        if not threshold > 0:
+            raise ValueError("threshold must be > 0")
+        if classifier is not None and NORMAL_CLASS not in classes:
+            raise ValueError(f"classifier classes must include {NORMAL_CLASS!r}")
+        self.anomaly = anomaly
+        self.spec = spec
+        self.threshold = float(threshold)
+        self.hysteresis = Hysteresis(raise_after, clear_after)
+        self.classifier = classifier
+        self.classes = tuple(classes)
+        self.classifier_confidence = classifier_confidence
+        self.top_channels = top_channels
+        self.novelty = NoveltyDetector(novelty) if novelty and novelty.enabled else None
+        self.calibration: Calibration | None = None
+        self._commissioning: list[np.ndarray] = []
+        self._stream: StreamingFeatures | None = None
+        self._episode: tuple[Verdict, str | None, float] | None = None
+        self.samples = 0
+        self.last_score = math.nan
+
+    # --- construction from config ---------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: DetectSettings, manifest: Manifest | None = None) -> Detector:
+        """Load the models named in ``settings`` (verifying them) and build a detector."""
+        manifest = manifest or load_manifest(settings.models_dir)
+        anomaly = TFLiteModel.open(
+            manifest,
+            settings.model,
+            runtime=settings.runtime,
+            num_threads=settings.num_threads,
+            batch_mode=settings.batch_mode,
+        )
+        classifier = None
+        classes: Sequence[str] = ()
+        if settings.classifier:
+            classifier = TFLiteModel.open(
+                manifest,
+                settings.classifier,
+                runtime=settings.runtime,
+                num_threads=settings.num_threads,
+                batch_mode=settings.batch_mode,
+            )
+            classes = manifest.entry(settings.classifier).raw.get("classes", ())
+        return cls.from_entry(
+            anomaly,
+            manifest.entry(settings.model).raw,
+            settings=settings,
+            classifier=classifier,
+            classes=classes,
+        )
+
+    @classmethod
+    def from_entry(
+        cls,
+        anomaly: Inference,
+        entry: Mapping[str, Any],
+        *,
+        settings: DetectSettings | None = None,
+        classifier: Inference | None = None,
+        classes: Sequence[str] = (),
+    ) -> Detector:
+        """A detector with the features and threshold of a manifest entry (``raw`` dict),
+        overridden by ``settings`` where it sets them."""
+        s = settings or DetectSettings()
+        try:
+            spec = FeatureSpec.from_dict(entry["features"])
+            thr = entry["threshold"]
+            threshold = float(thr["value"]) if s.threshold is None else s.threshold
+            raise_after = int(thr["raise_after"]) if s.raise_after is None else s.raise_after
+            clear_after = int(thr["clear_after"]) if s.clear_after is None else s.clear_after
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"model {entry.get('name')!r}: bad manifest entry ({err!r})") from err
+        if s.commissioning_samples is not None:
+            try:
+                spec = spec.with_commissioning(s.commissioning_samples)
+            except ValueError as err:
+                raise ModelError(f"commissioning_samples: {err}") from err
+        return cls(
+            anomaly,
+            spec,
+            threshold=threshold,
+            raise_after=raise_after,
+            clear_after=clear_after,
+            classifier=classifier,
+            classes=classes,
+            classifier_confidence=s.classifier_confidence,
+            top_channels=s.top_channels,
+            novelty=s.novelty,
+        )
+
+    # --- state ----------------------------------------------------------------------------------
+    @property
+    def commissioned(self) -> bool:
+        return self.calibration is not None
+
+    @property
+    def anomalous(self) -> bool:
+        """The current decision (after hysteresis)."""
+        return self.hysteresis.active
+
+    # --- processing -----------------------------------------------------------------------------
+    def push(self, t: float, row: Sequence[float]) -> list[Alert]:
+        """One sample (the channel values in ``spec.channels`` order). Returns new alerts."""
+        return self.feed([t], [row]).alerts
+
+    def feed(self, times: Sequence[float], rows: Any) -> FeedResult:
+        """A block of samples, in order; same result as pushing them one by one."""
+        a = np.asarray(rows, dtype=np.float64)
+        n_ch = len(self.spec.channels)
+        if a.ndim != 2 or a.shape[1] != n_ch or len(a) != len(times):
+            raise ValueError(f"expected {len(times)} rows of {n_ch} values, got {a.shape}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError("rows must be finite numbers (a sensor without a value?)")
+        n = len(a)
+        anomalous = np.zeros(n, dtype=bool)
+        scores = np.full(n, np.nan)
+        alerts: list[Alert] = []
+        i = 0
+        while i < n and not self.commissioned:
+            self._commissioning.append(a[i])
+            self.samples += 1
+            i += 1
+            if len(self._commissioning) >= self.spec.commissioning:
+                self._finish_commissioning()
+        if i == n:
+            return FeedResult(alerts, anomalous, scores)
+        assert self._stream is not None
+        us = []
+        wins = []
+        for r in a[i:]:
+            u, win = self._stream.push(r)
+            us.append(u)
+            wins.append(win.reshape(-1))
+        flat = np.stack(wins)
+        recon = self.anomaly.predict(flat)
+        newest = recon[:, -n_ch:]
+        resid = np.abs(np.stack(us) - newest)
+        for j, res in enumerate(resid):
+            row = i + j
+            self.samples += 1
+            score = float(res.max())
+            scores[row] = score
+            self.last_score = score
+            nov = self.novelty.score(us[j]) if self.novelty is not None else None
+            change = self.hysteresis.update(score > self.threshold)
+            anomalous[row] = self.hysteresis.active
+            if change is not None:
+                alerts.append(self._alert(float(times[row]), change, score, res, flat[j], nov))
+            if self.novelty is not None and not self.hysteresis.active and score <= self.threshold:
+                self.novelty.observe(us[j])
+        return FeedResult(alerts, anomalous, scores)
+
+    def _finish_commissioning(self) -> None:
+        rows = np.stack(self._commissioning)
+        self._commissioning = []
+        try:
+            cal = calibrate(self.spec, rows)
+        except ValueError as err:  # not finite etc.: stay in commissioning, start over
+            log.warning("commissioning failed reason=%s; starting over", err)
+            return
+        self.calibration = cal
+        self._stream = StreamingFeatures(self.spec, cal)
+        self._stream.prime(rows)
+        if self.novelty is not None:
+            u = transform(self.spec, cal, rows)[self.spec.smooth + self.spec.rate_lag :]
+            self.novelty.seed(u)
+        log.info(
+            "commissioning done samples=%d scale=%s",
+            len(rows),
+            ",".join(f"{s:.3g}" for s in cal.scale),
+        )
+
+    def _alert(
+        self,
+        t: float,
+        kind: AlertKind,
+        score: float,
+        resid: np.ndarray,
+        window: np.ndarray,
+        nov: NoveltyScore | None,
+    ) -> Alert:
+        order = np.argsort(-resid, kind="stable")[: self.top_channels]
+        channels = tuple((self.spec.channels[c], float(resid[c])) for c in order)
+        if kind is AlertKind.RAISE or self._episode is None:
+            self._episode = self._classify(window)
+        verdict, fault, confidence = self._episode
+        alert = Alert(
+            time=t,
+            kind=kind,
+            score=score,
+            threshold=self.threshold,
+            channels=channels,
+            verdict=verdict,
+            fault=fault,
+            confidence=confidence,
+            novelty=nov,
+            model=getattr(self.anomaly, "name", DEFAULT_MODEL),
+        )
+        log.info(
+            "alert %s time=%.3f score=%.3g threshold=%.3g verdict=%s fault=%s top=%s",
+            kind.value,
+            t,
+            score,
+            self.threshold,
+            verdict.value,
+            fault,
+            channels[0][0] if channels else "",
+        )
+        if kind is AlertKind.CLEAR:
+            self._episode = None
+        return alert
+
+    def _classify(self, window: np.ndarray) -> tuple[Verdict, str | None, float]:
+        if self.classifier is None:
+            return Verdict.NOVEL_ANOMALY, None, 0.0
+        probs = np.asarray(self.classifier.predict(window[None]))[0]
+        best = int(np.argmax(probs))
+        confidence = float(probs[best])
+        cls = self.classes[best]
+        if cls != NORMAL_CLASS and confidence >= self.classifier_confidence:
+            return Verdict.KNOWN_FAILURE, cls, confidence
+        return Verdict.NOVEL_ANOMALY, None, confidence

@@ -1,0 +1,476 @@
+"""The one seam between the agent and a TFLite interpreter.
+
+Two runtimes implement the same low-level API (:class:`InterpreterLike`): ``ai-edge-litert``
+(preferred; ``ai_edge_litert.interpreter``) and the legacy ``tflite-runtime``
+(``tflite_runtime.interpreter``, which needs numpy<2). :func:`make_interpreter` picks one
+(``auto`` tries them in that order). On top of it :class:`TFLiteModel` is what the agent uses (the
+:class:`Inference` protocol): it verifies the file against its manifest entry (size, SHA-256,
+TFLite identifier, tensor shapes, dtypes and quantization parameters), quantizes float inputs with
+the model's own scale and zero point, invokes on batches (resizing the batch dimension, or one
+window at a time) and dequantizes the outputs.
+
+Every problem with a model (missing, truncated, not a TFLite file, checksum or shape mismatch, a
+runtime that is not installed) is a :class:`~agent.errors.ModelError` that names the file and what
+to do next. TensorFlow is never imported here.
+
+Logging policy: info when a model is loaded (name, runtime, size), debug for batch resizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from agent.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "litert", "tflite-runtime")
+BATCH_MODES = ("resize", "loop")
+MAX_BATCH = 4096  # windows per invoke when draining a backlog
+TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite file
+MANIFEST_FORMAT = 1
+
+_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "float32": np.float32}
+
+
+@runtime_checkable
+class InterpreterLike(Protocol):
+    """The subset of ``tf.lite.Interpreter`` that both runtimes provide and we use."""
+
+    def allocate_tensors(self) -> None: ...
+
+    def get_input_details(self) -> list[dict[str, Any]]: ...
+
+    def get_output_details(self) -> list[dict[str, Any]]: ...
+
+    def resize_tensor_input(
+        self, input_index: int, tensor_size: Sequence[int], strict: bool = False
+    ) -> None: ...
+
+    def set_tensor(self, tensor_index: int, value: np.ndarray) -> None: ...
+
+    def invoke(self) -> None: ...
+
+    def get_tensor(self, tensor_index: int) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Inference(Protocol):
+    """What the detector needs from a model: float windows in, float outputs out."""
+
+    name: str
+    runtime: str
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _import_runtime(runtime: str) -> Any:
+    if runtime == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+    elif runtime == "tflite-runtime":
+        from tflite_runtime.interpreter import Interpreter
+    else:
+        raise ValueError(runtime)
+    return Interpreter
+
+
+def available_runtimes() -> list[str]:
+    """The runtimes that import in this environment, preferred first."""
+    found = []
+    for r in RUNTIMES[1:]:
+        try:
+            _import_runtime(r)
+        except ImportError:
+            continue
+        found.append(r)
+    return found
+
+
+def make_interpreter(
+    content: bytes,
+    runtime: str = "auto",
+    num_threads: int = 1,
+    *,
+    delegates: bool = True,
+    label: str = "model",
+) -> tuple[InterpreterLike, str]:
+    """An interpreter over ``content`` with tensors allocated, and the runtime that built it.
+
+    ``delegates=False`` runs the runtime's built-in kernels without its default delegate
+    (ai-edge-litert applies XNNPACK by default, and XNNPACK's int8 requantization rounds like
+    the reference kernels, while tflite-runtime 2.14's built-in optimized kernels round
+    differently). Without delegates both runtimes give bit-identical int8 outputs.
+    """
+    if runtime not in RUNTIMES:
+        raise ModelError(f"{label}: unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if num_threads < 1:
+        raise ModelError(f"{label}: num_threads must be >= 1, got {num_threads}")
+    candidates = list(RUNTIMES[1:]) if runtime == "auto" else [runtime]
+    cls: Any = None
+    chosen = ""
+    errors = []
+    for r in candidates:
+        try:
+            cls = _import_runtime(r)
+            chosen = r
+            break
+        except ImportError as err:
+            errors.append(f"{r}: {err}")
+    if cls is None:
+        raise ModelError(
+            f"{label}: no TFLite runtime available ({'; '.join(errors)}); "
+            "install ai-edge-litert (or tflite-runtime with numpy<2)"
+        )
+    kwargs: dict[str, Any] = {"model_content": content, "num_threads": num_threads}
+    if not delegates:
+        resolver = sys.modules[cls.__module__].OpResolverType
+        kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    try:
+        interp = cls(**kwargs)
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as err:
+        raise ModelError(
+            f"{label}: the {chosen} interpreter refused the model ({err}); "
+            "the file is corrupt or not a TFLite model: fetch it again"
+        ) from err
+    return interp, chosen
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape, dtype and affine quantization of one input or output tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float = 0.0
+    zero_point: int = 0
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype != "float32" and self.scale > 0
+
+    @property
+    def np_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Float -> the tensor's integer type: ``round(x / scale) + zero_point``, saturated."""
+        x = np.asarray(x, dtype=np.float32)
+        if not self.quantized:
+            return x.astype(self.np_dtype)
+        info = np.iinfo(self.np_dtype)
+        q = np.round(x.astype(np.float64) / self.scale) + self.zero_point
+        return np.clip(q, info.min, info.max).astype(self.np_dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """Integer values -> float: ``(q - zero_point) * scale``."""
+        q = np.asarray(q)
+        if not self.quantized:
+            return q.astype(np.float32)
+        return ((q.astype(np.float64) - self.zero_point) * self.scale).astype(np.float32)
+
+    @property
+    def representable(self) -> tuple[float, float]:
+        """The float range the tensor can hold without saturating."""
+        if not self.quantized:
+            return (-np.inf, np.inf)
+        info = np.iinfo(self.np_dtype)
+        return (
+            (info.min - self.zero_point) * self.scale,
+            (info.max - self.zero_point) * self.scale,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "scale": self.scale,
+            "zero_point": self.zero_point,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorInfo:
+        return cls(
+            shape=tuple(int(s) for s in d["shape"]),
+            dtype=str(d["dtype"]),
+            scale=float(d.get("scale", 0.0)),
+            zero_point=int(d.get("zero_point", 0)),
+        )
+
+    @classmethod
+    def from_details(cls, d: Mapping[str, Any]) -> TensorInfo:
+        """From an interpreter's tensor details."""
+        scale, zero = d.get("quantization", (0.0, 0))
+        dtype = np.dtype(d["dtype"]).name
+        return cls(tuple(int(s) for s in d["shape"]), dtype, float(scale), int(zero))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of a manifest. ``raw`` keeps every field (features, threshold, scores...)."""
+
+    name: str
+    kind: str
+    file: str
+    sha256: str
+    size: int
+    input: TensorInfo
+    output: TensorInfo
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, label: str = "manifest") -> ModelEntry:
+        try:
+            return cls(
+                name=str(d["name"]),
+                kind=str(d["kind"]),
+                file=str(d["file"]),
+                sha256=str(d["sha256"]).lower(),
+                size=int(d["size"]),
+                input=TensorInfo.from_dict(d["input"]),
+                output=TensorInfo.from_dict(d["output"]),
+                raw=dict(d),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"{label}: malformed model entry ({err!r})") from err
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``models/manifest.json``: the models of a directory, by name."""
+
+    path: Path
+    models: Mapping[str, ModelEntry]
+    raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    def entry(self, name: str) -> ModelEntry:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelError(f"{self.path}: no model named {name!r} (known: {known})") from None
+
+    def model_path(self, name: str) -> Path:
+        return self.directory / self.entry(name).file
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read a manifest (a file, or a directory holding ``manifest.json``). Raises ModelError."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.json"
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(
+            f"{p}: no model manifest; run tools/train_models.py or fetch the models"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{p}: unreadable manifest ({err})") from err
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+        raise ModelError(f"{p}: not a model manifest (no 'models' table)")
+    if raw.get("format") != MANIFEST_FORMAT:
+        raise ModelError(f"{p}: manifest format {raw.get('format')!r}, expected {MANIFEST_FORMAT}")
+    models = {
+        name: ModelEntry.from_dict(d, label=f"{p}: models.{name}")
+        for name, d in raw["models"].items()
+    }
+    return Manifest(p, models, raw)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_model_file(path: Path, entry: ModelEntry | None = None) -> bytes:
+    """The bytes of a model file, checked against ``entry`` (size, SHA-256) and the TFLite
+    identifier. Raises ModelError."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: model file missing; fetch the models again") from None
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read the model file ({err})") from err
+    if entry is not None:
+        if len(data) != entry.size:
+            what = "truncated" if len(data) < entry.size else "longer than expected"
+            raise ModelError(
+                f"{path}: {what} ({len(data)} bytes, manifest says {entry.size}); "
+                "fetch the model again"
+            )
+        digest = sha256_bytes(data)
+        if digest != entry.sha256:
+            raise ModelError(
+                f"{path}: SHA-256 {digest[:16]}... does not match the manifest "
+                f"({entry.sha256[:16]}...); the file is corrupt or not the one the manifest names"
+            )
+    if len(data) < 8 or data[4:8] != TFLITE_IDENTIFIER:
+        raise ModelError(f"{path}: not a TFLite flatbuffer (no {TFLITE_IDENTIFIER.decode()} id)")
+    return data
+
+
+class TFLiteModel:
+    """A TFLite model with one input and one output, behind the :class:`Inference` protocol.
+
+    ``predict`` takes float inputs of shape ``(n, *input_shape[1:])`` (or one window without the
+    batch axis) and returns float outputs ``(n, *output_shape[1:])``. Quantized tensors are
+    (de)quantized with the model's own parameters. ``batch_mode="resize"`` resizes the batch
+    dimension to run a backlog in one invoke; ``"loop"`` invokes once per window.
+    """
+
+    def __init__(
+        self,
+        content: bytes,
+        *,
+        name: str = "model",
+        runtime: str = "auto",
+        num_threads: int = 1,
+        batch_mode: str = "resize",
+        delegates: bool = True,
+        entry: ModelEntry | None = None,
+        label: str | None = None,
+    ) -> None:
+        label = label or name
+        if batch_mode not in BATCH_MODES:
+            raise ModelError(f"{label}: batch_mode must be one of {', '.join(BATCH_MODES)}")
+        self.name = name
+        self.entry = entry
+        self.batch_mode = batch_mode
+        self.num_threads = num_threads
+        self.size = len(content)
+        self.delegates = delegates
+        self._interp, self.runtime = make_interpreter(
+            content, runtime, num_threads, delegates=delegates, label=label
+        )
+        ins = self._interp.get_input_details()
+        outs = self._interp.get_output_details()
+        if len(ins) != 1 or len(outs) != 1:
+            raise ModelError(
+                f"{label}: expected one input and one output tensor, got {len(ins)} and {len(outs)}"
+            )
+        self._in_index = int(ins[0]["index"])
+        self._out_index = int(outs[0]["index"])
+        self.input = TensorInfo.from_details(ins[0])
+        self.output = TensorInfo.from_details(outs[0])
+        if entry is not None:
+            for what, got, want in (
+                ("input", self.input, entry.input),
+                ("output", self.output, entry.output),
+            ):
+                _check_tensor(label, what, got, want)
+        self._batch = int(self.input.shape[0])
+
+    @classmethod
+    def open(
+        cls,
+        manifest: Manifest,
+        name: str,
+        *,
+        runtime: str = "auto",
+        num_threads: int = 1,
+        batch_mode: str = "resize",
+        delegates: bool = True,
+    ) -> TFLiteModel:
+        """Load model ``name`` of ``manifest``, verifying it. Raises ModelError."""
+        entry = manifest.entry(name)
+        path = manifest.directory / entry.file
+        data = read_model_file(path, entry)
+        model = cls(
+            data,
+            name=name,
+            runtime=runtime,
+            num_threads=num_threads,
+            batch_mode=batch_mode,
+            delegates=delegates,
+            entry=entry,
+            label=str(path),
+        )
+        log.info(
+            "model loaded name=%s runtime=%s bytes=%d threads=%d",
+            name,
+            model.runtime,
+            len(data),
+            num_threads,
+        )
+        return model
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> TFLiteModel:
+        """Load a file without a manifest (no checksum): for tools and tests."""
+        p = Path(path)
+        return cls(read_model_file(p), name=kwargs.pop("name", p.stem), label=str(p), **kwargs)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.input.shape[1:])
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(self.output.shape[1:])
+
+    def _resize(self, n: int) -> None:
+        if n != self._batch:
+            self._interp.resize_tensor_input(self._in_index, [n, *self.input_shape])
+            self._interp.allocate_tensors()
+            self._batch = n
+            log.debug("model batch resized name=%s batch=%d", self.name, n)
+
+    def invoke_raw(self, q: np.ndarray) -> np.ndarray:
+        """Run already-quantized inputs ``(n, *input_shape)``; returns the raw output tensor."""
+        n = len(q)
+        out = np.empty((n, *self.output_shape), dtype=self.output.np_dtype)
+        if self.batch_mode == "loop":
+            self._resize(1)
+            for i in range(n):
+                self._interp.set_tensor(self._in_index, q[i : i + 1])
+                self._interp.invoke()
+                out[i] = self._interp.get_tensor(self._out_index)[0]
+            return out
+        for start in range(0, n, MAX_BATCH):
+            chunk = q[start : start + MAX_BATCH]
+            self._resize(len(chunk))
+            self._interp.set_tensor(self._in_index, np.ascontiguousarray(chunk))
+            self._interp.invoke()
+            out[start : start + len(chunk)] = self._interp.get_tensor(self._out_index)
+        return out
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Float inputs -> float outputs, batched."""
+        x = np.asarray(x, dtype=np.float32)
+        single = x.shape == self.input_shape
+        if single:
+            x = x[None]
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"{self.name}: expected inputs of shape {self.input_shape}")
+        if len(x) == 0:
+            return np.zeros((0, *self.output_shape), dtype=np.float32)
+        y = self.output.dequantize(self.invoke_raw(self.input.quantize(x)))
+        return y[0] if single else y
+
+
+def _check_tensor(label: str, what: str, got: TensorInfo, want: TensorInfo) -> None:
+    if tuple(got.shape[1:]) != tuple(want.shape[1:]) or got.dtype != want.dtype:
+        raise ModelError(
+            f"{label}: {what} tensor is {got.dtype}{list(got.shape)}, the manifest says "
+            f"{want.dtype}{list(want.shape)}; the model and its manifest do not belong together"
+        )
+    if want.quantized and (
+        not np.isclose(got.scale, want.scale, rtol=1e-6) or got.zero_point != want.zero_point
+    ):
+        raise ModelError(
+            f"{label}: {what} quantization (scale {got.scale:g}, zero point {got.zero_point}) "
+            f"differs from the manifest ({want.scale:g}, {want.zero_point})"
+        )

@@ -1,0 +1,308 @@
+"""The streaming detector (agent/detect.py) with the shipped int8 models in the real interpreter.
+
+Rows are synthetic: normal running is noise around SKAB-like levels, a fault is a step on one
+channel. The real SKAB data is exercised in test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cbor2
+import numpy as np
+import pytest
+
+from agent.detect import (
+    Alert,
+    AlertKind,
+    Detector,
+    DetectSettings,
+    Hysteresis,
+    Verdict,
+)
+from agent.errors import ModelError
+from agent.features import CHANNELS, calibrate, transform, windows
+from agent.inference import TFLiteModel, load_manifest
+from agent.novelty import NoveltyScore, NoveltySettings
+from drivers.base import OptionError, Options
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+LEVEL = np.array([0.21, 0.27, 2.4, 0.1, 89.0, 28.0, 229.0, 125.0])
+NOISE = np.array([0.002, 0.002, 0.45, 0.25, 0.1, 0.01, 10.0, 0.5])
+FLOW = CHANNELS.index("Volume Flow RateRMS")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return load_manifest(MODELS)
+
+
+@pytest.fixture(scope="module")
+def models(manifest):
+    return (
+        TFLiteModel.open(manifest, "skab-ae"),
+        TFLiteModel.open(manifest, "skab-clf"),
+    )
+
+
+def make(manifest, models, **overrides) -> Detector:
+    ae, clf = models
+    settings = DetectSettings(**overrides)
+    return Detector.from_entry(
+        ae,
+        manifest.entry("skab-ae").raw,
+        settings=settings,
+        classifier=clf if settings.classifier else None,
+        classes=manifest.entry("skab-clf").raw["classes"],
+    )
+
+
+def normal_rows(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return LEVEL + rng.normal(size=(n, len(LEVEL))) * NOISE
+
+
+def fault_run(seed: int = 0, start: int = 500, end: int = 700, n: int = 900) -> np.ndarray:
+    """Normal running with the flow 15 % down between ``start`` and ``end``."""
+    rows = normal_rows(n, seed)
+    rows[start:end, FLOW] -= 0.15 * LEVEL[FLOW]
+    return rows
+
+
+# --- hysteresis ---------------------------------------------------------------------------------
+def test_hysteresis_raises_after_k_and_clears_after_m() -> None:
+    h = Hysteresis(raise_after=3, clear_after=4)
+    seq = [1, 1, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 1]
+    out = [h.update(bool(v)) for v in seq]
+    assert out[5] is AlertKind.RAISE and out[12] is AlertKind.CLEAR
+    assert [i for i, o in enumerate(out) if o] == [5, 12]
+    active = []
+    h2 = Hysteresis(3, 4)
+    for v in seq:
+        h2.update(bool(v))
+        active.append(h2.active)
+    assert active == [False] * 5 + [True] * 7 + [False, False]
+
+
+def test_hysteresis_validates() -> None:
+    with pytest.raises(ValueError):
+        Hysteresis(0, 1)
+
+
+# --- detector -----------------------------------------------------------------------------------
+def test_commissioning_gives_no_alerts(manifest, models) -> None:
+    det = make(manifest, models)
+    n = det.spec.commissioning
+    wild = normal_rows(n)
+    wild[100:150, FLOW] *= 0.5  # whatever happens during commissioning is "normal"
+    res = det.feed(np.arange(n, dtype=float), wild)
+    assert res.alerts == [] and not res.anomalous.any() and np.isnan(res.scores).all()
+    assert det.commissioned and det.calibration is not None
+    assert det.calibration.samples == n
+    # the next row is scored at once (the commissioning tail primes the features)
+    det.push(float(n), normal_rows(1, seed=9)[0])
+    assert np.isfinite(det.last_score)
+
+
+def test_commissioning_length_from_settings(manifest, models) -> None:
+    det = make(manifest, models, commissioning_samples=120)
+    det.feed(np.arange(119.0), normal_rows(119))
+    assert not det.commissioned
+    det.push(119.0, normal_rows(1)[0])
+    assert det.commissioned
+
+
+def test_normal_running_stays_quiet(manifest, models) -> None:
+    det = make(manifest, models)
+    res = det.feed(np.arange(1500.0), normal_rows(1500, seed=3))
+    assert res.alerts == []
+    assert np.nanmax(res.scores) < det.threshold
+
+
+def test_fault_raises_then_clears_with_hysteresis(manifest, models) -> None:
+    det = make(manifest, models)
+    rows = fault_run()
+    times = np.arange(len(rows), dtype=float) + 1000.0
+    res = det.feed(times, rows)
+    kinds = [a.kind for a in res.alerts]
+    assert kinds == [AlertKind.RAISE, AlertKind.CLEAR]
+    k, m = det.hysteresis.raise_after, det.hysteresis.clear_after
+    above = res.scores > det.threshold
+    raise_i = int(np.searchsorted(times, res.alerts[0].time))
+    clear_i = int(np.searchsorted(times, res.alerts[1].time))
+    # raised on the k-th consecutive exceedance, the first such run after the fault began
+    assert above[raise_i - k + 1 : raise_i + 1].all()
+    runs = [i for i in range(k - 1, len(above)) if above[i - k + 1 : i + 1].all()]
+    assert runs[0] == raise_i
+    assert 500 <= raise_i < 560
+    # cleared on the m-th consecutive non-exceedance after the fault ended
+    assert (~above[clear_i - m + 1 : clear_i + 1]).all()
+    assert 700 <= clear_i < 700 + m + 40
+    assert res.anomalous[raise_i:clear_i].all() and not res.anomalous[:raise_i].any()
+    assert not res.anomalous[clear_i:].any()
+
+
+def test_top_channel_is_the_faulty_one(manifest, models) -> None:
+    det = make(manifest, models)
+    res = det.feed(np.arange(900.0), fault_run(seed=1))
+    raised = res.alerts[0]
+    assert raised.channels[0][0] == "Volume Flow RateRMS"
+    assert raised.channels[0][1] > det.threshold
+    assert [c for c, _ in raised.channels] == sorted(
+        (c for c, _ in raised.channels), key=dict(raised.channels).get, reverse=True
+    )
+    assert len(raised.channels) == 3
+    assert raised.score == pytest.approx(raised.channels[0][1])
+
+
+def test_push_equals_feed(manifest, models) -> None:
+    rows = fault_run(seed=2)
+    a = make(manifest, models)
+    res = a.feed(np.arange(len(rows), dtype=float), rows)
+    b = make(manifest, models)
+    alerts = []
+    decided = []
+    for t, r in enumerate(rows):
+        alerts += b.push(float(t), r)
+        decided.append(b.anomalous)
+    assert [x.to_dict() for x in alerts] == [x.to_dict() for x in res.alerts]
+    np.testing.assert_array_equal(np.array(decided), res.anomalous)
+    # and in uneven blocks
+    c = make(manifest, models)
+    got = []
+    for lo, hi in ((0, 7), (7, 399), (399, 401), (401, 650), (650, len(rows))):
+        got += c.feed(np.arange(lo, hi, dtype=float), rows[lo:hi]).alerts
+    assert [x.to_dict() for x in got] == [x.to_dict() for x in res.alerts]
+
+
+def test_verdicts(manifest, models) -> None:
+    _, clf = models
+    rows = fault_run(seed=4)
+    # confidence 0: whatever fault class the classifier prefers is taken as known
+    # confidence 1: an int8 softmax never reaches 1.0, so the verdict is always "novel"
+    sure = make(manifest, models, classifier_confidence=0.0)
+    unsure = make(manifest, models, classifier_confidence=1.0)
+    no_clf = make(manifest, models, classifier="")
+    sure_alerts = sure.feed(np.arange(900.0), rows).alerts
+    a1 = sure_alerts[0]
+    a2 = unsure.feed(np.arange(900.0), rows).alerts[0]
+    a3 = no_clf.feed(np.arange(900.0), rows).alerts[0]
+    assert a2.verdict is Verdict.NOVEL_ANOMALY and a2.fault is None and 0 < a2.confidence < 1
+    assert a3.verdict is Verdict.NOVEL_ANOMALY and a3.confidence == 0.0
+    assert a1.time == a2.time == a3.time
+    # recompute the classifier's view of the raising window
+    spec = sure.spec
+    i = int(a1.time)
+    u = transform(spec, calibrate(spec, rows[:400]), rows[: i + 1])
+    probs = clf.predict(windows(spec, u)[-1].reshape(1, -1))[0]
+    classes = manifest.entry("skab-clf").raw["classes"]
+    best = classes[int(np.argmax(probs))]
+    assert a1.confidence == pytest.approx(float(probs.max()))
+    if best == "normal":
+        assert a1.verdict is Verdict.NOVEL_ANOMALY
+    else:
+        assert a1.verdict is Verdict.KNOWN_FAILURE and a1.fault == best
+    # the clear repeats its episode's verdict
+    assert sure_alerts[1].kind is AlertKind.CLEAR
+    assert (sure_alerts[1].verdict, sure_alerts[1].fault) == (a1.verdict, a1.fault)
+
+
+def test_novelty_statistics_travel_with_the_alert(manifest, models) -> None:
+    det = make(manifest, models)
+    res = det.feed(np.arange(900.0), fault_run(seed=5))
+    nov = res.alerts[0].novelty
+    assert nov is not None and nov.novel
+    assert det.novelty is not None and det.novelty.model is not None
+    quiet = make(manifest, models, novelty=NoveltySettings(enabled=False))
+    assert quiet.feed(np.arange(900.0), fault_run(seed=5)).alerts[0].novelty is None
+
+
+def test_feed_validates_rows(manifest, models) -> None:
+    det = make(manifest, models)
+    with pytest.raises(ValueError):
+        det.feed([0.0], [[1.0, 2.0]])
+    with pytest.raises(ValueError):
+        det.feed([0.0], [[np.nan] * 8])
+
+
+def test_alert_round_trip() -> None:
+    a = Alert(
+        time=1.5e9,
+        kind=AlertKind.RAISE,
+        score=2.5,
+        threshold=1.0,
+        channels=(("Volume Flow RateRMS", 2.5), ("Current", 0.25)),
+        verdict=Verdict.KNOWN_FAILURE,
+        fault="valve",
+        confidence=0.93,
+        novelty=NoveltyScore(12.0, 3.5, 9.2, 2.0),
+        model="skab-ae",
+    )
+    d = a.to_dict()
+    assert Alert.from_dict(d) == a
+    assert Alert.from_dict(cbor2.loads(cbor2.dumps(d))) == a
+    b = Alert(0.0, AlertKind.CLEAR, 0.1, 1.0, (), Verdict.NOVEL_ANOMALY)
+    assert Alert.from_dict(cbor2.loads(cbor2.dumps(b.to_dict()))) == b
+    assert d["kind"] == "raise" and d["verdict"] == "known_failure"
+
+
+# --- settings -----------------------------------------------------------------------------------
+def test_settings_defaults_and_full_table(tmp_path: Path) -> None:
+    d = DetectSettings.from_options(Options({}, prefix="detect."))
+    assert d == DetectSettings()
+    s = DetectSettings.from_options(
+        Options(
+            {
+                "models_dir": "m",
+                "model": "skab-ae-lite",
+                "classifier": "",
+                "runtime": "tflite-runtime",
+                "num_threads": 2,
+                "batch_mode": "loop",
+                "threshold": 1.2,
+                "raise_after": 3,
+                "clear_after": 30,
+                "commissioning_samples": 600,
+                "classifier_confidence": 0.9,
+                "top_channels": 2,
+                "novelty": {"enabled": False, "alpha": 0.999, "buffer": 500, "min_samples": 50},
+            },
+            prefix="detect.",
+        ),
+        base_dir=tmp_path,
+    )
+    assert s.models_dir == tmp_path / "m" and s.model == "skab-ae-lite" and s.classifier == ""
+    assert (s.threshold, s.raise_after, s.clear_after) == (1.2, 3, 30)
+    assert s.commissioning_samples == 600 and s.num_threads == 2 and s.batch_mode == "loop"
+    assert s.novelty == NoveltySettings(False, 0.9, 0.999, 500, 50, 600)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"runtime": "tensorflow"}, "detect.runtime"),
+        ({"num_threads": 0}, "detect.num_threads"),
+        ({"threshold": -1}, "detect.threshold"),
+        ({"raise_after": "3"}, "detect.raise_after"),
+        ({"commissioning_samples": 10}, "detect.commissioning_samples"),
+        ({"classifier_confidence": 1.5}, "detect.classifier_confidence"),
+        ({"novelty": {"alpha": 2.0}}, "detect.novelty.alpha"),
+        ({"novelty": {"min_samples": 100, "buffer": 50}}, "detect.novelty.buffer"),
+        ({"novelty": {"bogus": 1}}, "detect.novelty.bogus"),
+        ({"modle": "x"}, "detect.modle"),
+        ({"model": ""}, "detect.model"),
+    ],
+)
+def test_settings_errors_name_the_key(table: dict, key: str) -> None:
+    with pytest.raises(OptionError) as err:
+        DetectSettings.from_options(Options(table, prefix="detect."))
+    assert err.value.key == key
+
+
+def test_from_settings_loads_and_checks(manifest) -> None:
+    det = Detector.from_settings(DetectSettings(models_dir=MODELS))
+    assert det.threshold == manifest.entry("skab-ae").raw["threshold"]["value"]
+    assert det.classifier is not None
+    with pytest.raises(ModelError, match="no model named"):
+        Detector.from_settings(DetectSettings(models_dir=MODELS, model="nope"))

@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Score the on-device anomaly detector by SKAB's outlier-detection protocol.
+
+    tools/evaluate.py --data DIR [--model NAME] [--predictions-out OUT] [--json]
+
+Every SKAB-format CSV under DIR (recursively; ``;``-separated, a ``datetime`` column and the eight
+sensor columns, optionally ``anomaly`` and ``changepoint``) is replayed sample by sample through
+``agent.detect.Detector`` with the int8 model in the real TFLite interpreter. Each file is a fresh
+device: it commissions on its first 400 rows (no alerts there). Scoring is point-wise on the rows
+after the first 400 of each labelled file, TP/FP/FN/TN summed over all files:
+
+    F1 = TP / (TP + (FN + FP) / 2),  FAR = FP / (FP + TN) * 100,  MAR = FN / (FN + TP) * 100
+
+Files without an ``anomaly`` column still get predictions and are not scored. ``--predictions-out``
+writes, for each input file, ``datetime;anomaly`` (0/1), one row per input row, at the same relative
+path under OUT. With ``--json`` the last line is one JSON object: f1, far, mar, files, rows
+(scored files and scored rows) and a few more keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from agent.detect import Detector, DetectSettings  # noqa: E402
+from agent.features import CHANNELS  # noqa: E402
+from agent.inference import RUNTIMES, TFLiteModel, load_manifest  # noqa: E402
+
+SKIP_ROWS = 400  # SKAB: the first 400 rows of each file are the training (commissioning) part
+
+#: The SKAB outlier-detection leaderboard as quoted in issue 4 (F1, FAR %, MAR %).
+LEADERBOARD: tuple[tuple[str, float, float, float], ...] = (
+    ("Conv-AE", 0.78, 13.55, 28.02),
+    ("MSET", 0.78, 39.73, 14.13),
+    ("T²+Q (PCA)", 0.76, 26.62, 24.92),
+    ("LSTM-AE", 0.74, 29.96, 25.92),
+    ("Isolation forest", 0.29, 2.56, 82.89),
+)
+
+
+class DataError(ValueError):
+    """A CSV file is not in SKAB format."""
+
+
+@dataclass(frozen=True)
+class SkabFile:
+    """One experiment: timestamps (as written and as seconds), the channel rows, labels if any."""
+
+    path: Path
+    stamps: list[str]
+    times: np.ndarray
+    rows: np.ndarray
+    labels: np.ndarray | None
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+
+def _parse_time(stamp: str, index: int) -> float:
+    try:
+        return dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        try:
+            return float(stamp)
+        except ValueError:
+            return float(index)  # unparseable stamps: fall back to the row number (1 Hz)
+
+
+def read_skab_csv(path: str | Path, channels: Sequence[str] = CHANNELS) -> SkabFile:
+    """Read one SKAB-format CSV. Raises DataError when a channel column is missing."""
+    p = Path(path)
+    text = p.read_text(encoding="utf-8-sig")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{p}: empty file")
+    header = [h.strip() for h in lines[0].split(";")]
+    missing = [c for c in channels if c not in header]
+    if missing:
+        raise DataError(f"{p}: not a SKAB file (missing columns: {', '.join(missing)})")
+    cols = [header.index(c) for c in channels]
+    t_col = header.index("datetime") if "datetime" in header else None
+    a_col = header.index("anomaly") if "anomaly" in header else None
+    stamps: list[str] = []
+    rows = np.empty((len(lines) - 1, len(channels)))
+    labels = np.zeros(len(lines) - 1, dtype=bool) if a_col is not None else None
+    for i, line in enumerate(lines[1:]):
+        parts = line.split(";")
+        try:
+            rows[i] = [float(parts[c]) for c in cols]
+            if labels is not None:
+                labels[i] = float(parts[a_col]) > 0.5
+        except (IndexError, ValueError) as err:
+            raise DataError(f"{p}: line {i + 2}: {err}") from None
+        stamps.append(parts[t_col].strip() if t_col is not None else str(i))
+    times = np.array([_parse_time(s, i) for i, s in enumerate(stamps)])
+    return SkabFile(p, stamps, times, rows, labels)
+
+
+def _natural_key(p: Path) -> list[Any]:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", str(p))]
+
+
+def find_csv(data: Path) -> list[Path]:
+    """Every .csv under ``data`` (or ``data`` itself), in natural order."""
+    if data.is_file():
+        return [data]
+    return sorted((p for p in data.rglob("*.csv") if p.is_file()), key=_natural_key)
+
+
+@dataclass(frozen=True)
+class Confusion:
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    def __add__(self, other: Confusion) -> Confusion:
+        return Confusion(
+            self.tp + other.tp, self.fp + other.fp, self.fn + other.fn, self.tn + other.tn
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+    @property
+    def f1(self) -> float:
+        d = self.tp + (self.fn + self.fp) / 2
+        return self.tp / d if d else math.nan
+
+    @property
+    def far(self) -> float:
+        d = self.fp + self.tn
+        return self.fp / d * 100 if d else math.nan
+
+    @property
+    def mar(self) -> float:
+        d = self.fn + self.tp
+        return self.fn / d * 100 if d else math.nan
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray, skip: int = SKIP_ROWS) -> Confusion:
+    """Point-wise confusion counts on rows ``skip`` and later."""
+    y = np.asarray(labels, dtype=bool)[skip:]
+    p = np.asarray(predicted, dtype=bool)[skip:]
+    if len(y) != len(p):
+        raise ValueError("labels and predictions differ in length")
+    return Confusion(
+        int(np.sum(y & p)), int(np.sum(~y & p)), int(np.sum(y & ~p)), int(np.sum(~y & ~p))
+    )
+
+
+def write_predictions(path: Path, stamps: Sequence[str], predicted: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["datetime;anomaly"]
+    lines += [f"{s};{int(bool(v))}" for s, v in zip(stamps, predicted, strict=True)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@dataclass
+class FileResult:
+    name: str
+    rows: int
+    predicted: np.ndarray
+    scores: np.ndarray
+    alerts: int
+    confusion: Confusion | None
+
+
+@dataclass
+class Report:
+    files: list[FileResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> Confusion:
+        c = Confusion()
+        for f in self.files:
+            if f.confusion is not None:
+                c = c + f.confusion
+        return c
+
+    @property
+    def scored(self) -> list[FileResult]:
+        return [f for f in self.files if f.confusion is not None]
+
+    def summary(self) -> dict[str, Any]:
+        t = self.total
+
+        def num(v: float, nd: int) -> float | None:
+            return None if math.isnan(v) else round(v, nd)
+
+        return {
+            "f1": num(t.f1, 4),
+            "far": num(t.far, 2),
+            "mar": num(t.mar, 2),
+            "files": len(self.scored),
+            "rows": t.rows,
+            "tp": t.tp,
+            "fp": t.fp,
+            "fn": t.fn,
+            "tn": t.tn,
+            "unlabelled_files": len(self.files) - len(self.scored),
+            "skipped_files": len(self.skipped),
+        }
+
+
+DetectorFactory = Callable[[], Detector]
+
+
+def run_file(make_detector: DetectorFactory, f: SkabFile) -> FileResult:
+    """Replay one file through a fresh detector (a fresh device)."""
+    det = make_detector()
+    res = det.feed(f.times, f.rows)
+    conf = confusion(f.labels, res.anomalous) if f.labels is not None else None
+    return FileResult(f.path.name, len(f.rows), res.anomalous, res.scores, len(res.alerts), conf)
+
+
+def evaluate(
+    data: Path,
+    make_detector: DetectorFactory,
+    *,
+    predictions_out: Path | None = None,
+    files: Iterable[Path] | None = None,
+) -> Report:
+    """Replay every SKAB file under ``data`` (or the given ``files``) and score them."""
+    report = Report()
+    base = data if data.is_dir() else data.parent
+    for path in files if files is not None else find_csv(data):
+        try:
+            f = read_skab_csv(path)
+        except DataError as err:
+            report.skipped.append(str(err))
+            continue
+        r = run_file(make_detector, f)
+        r.name = str(path.relative_to(base)) if path.is_relative_to(base) else path.name
+        report.files.append(r)
+        if predictions_out is not None:
+            write_predictions(predictions_out / r.name, f.stamps, r.predicted)
+    return report
+
+
+def detector_factory(
+    models: Path,
+    model: str,
+    *,
+    runtime: str = "auto",
+    num_threads: int = 1,
+    classifier: str | None = None,
+    threshold: float | None = None,
+) -> DetectorFactory:
+    """Load the models once; each call builds a fresh detector (a fresh device) around them."""
+    manifest = load_manifest(models)
+    settings = DetectSettings(
+        models_dir=models,
+        model=model,
+        classifier=classifier or "",
+        runtime=runtime,
+        num_threads=num_threads,
+        threshold=threshold,
+    )
+    anomaly = TFLiteModel.open(manifest, model, runtime=runtime, num_threads=num_threads)
+    clf = None
+    classes: Sequence[str] = ()
+    if classifier:
+        clf = TFLiteModel.open(manifest, classifier, runtime=runtime, num_threads=num_threads)
+        classes = manifest.entry(classifier).raw.get("classes", ())
+    entry = manifest.entry(model).raw
+
+    def make() -> Detector:
+        return Detector.from_entry(
+            anomaly, entry, settings=settings, classifier=clf, classes=classes
+        )
+
+    return make
+
+
+def format_table(report: Report, label: str) -> str:
+    t = report.total
+    rows = [("method", "F1", "FAR %", "MAR %")]
+    rows.append((label, f"{t.f1:.3f}", f"{t.far:.2f}", f"{t.mar:.2f}"))
+    rows += [(n, f"{f:.2f}", f"{fa:.2f}", f"{m:.2f}") for n, f, fa, m in LEADERBOARD]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    out = []
+    for i, r in enumerate(rows):
+        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+        if i == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def format_files(report: Report) -> str:
+    lines = ["file                 rows alerts    TP    FP    FN    TN"]
+    for f in report.files:
+        c = f.confusion
+        counts = f"{c.tp:5d} {c.fp:5d} {c.fn:5d} {c.tn:5d}" if c else "  (no labels)"
+        lines.append(f"{f.name:<20} {f.rows:4d} {f.alerts:6d} {counts}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="folder of SKAB-format CSV files")
+    ap.add_argument("--models", type=Path, default=ROOT / "models", help="folder with manifest")
+    ap.add_argument("--model", default="skab-ae", help="anomaly model name in the manifest")
+    ap.add_argument("--classifier", default="", help="also run this classifier (verdicts)")
+    ap.add_argument("--threshold", type=float, default=None, help="override the threshold")
+    ap.add_argument("--runtime", choices=RUNTIMES, default="auto")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--predictions-out", type=Path, default=None)
+    ap.add_argument("--per-file", action="store_true", help="print counts per file")
+    ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    args = ap.parse_args(argv)
+    if not args.data.exists():
+        ap.error(f"{args.data}: no such file or folder")
+    make = detector_factory(
+        args.models,
+        args.model,
+        runtime=args.runtime,
+        num_threads=args.threads,
+        classifier=args.classifier or None,
+        threshold=args.threshold,
+    )
+    report = evaluate(args.data, make, predictions_out=args.predictions_out)
+    for msg in report.skipped:
+        print(f"skipped: {msg}", file=sys.stderr)
+    unlabelled = len(report.files) - len(report.scored)
+    print(
+        f"{len(report.files)} files replayed ({len(report.scored)} labelled and scored, "
+        f"{unlabelled} without labels: predictions only), {report.total.rows} rows scored "
+        f"(after the first {SKIP_ROWS} of each file)"
+    )
+    if args.per_file:
+        print(format_files(report))
+    if report.scored:
+        print(format_table(report, f"{args.model} (int8, this repo)"))
+    else:
+        print("no labelled files: nothing to score")
+    if args.predictions_out is not None:
+        print(f"predictions written under {args.predictions_out}")
+    if args.json:
+        summary = report.summary()
+        summary["model"] = args.model
+        print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
