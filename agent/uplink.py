@@ -47,6 +47,10 @@ IDLE_POLL = 5.0
 NOT_REGISTERED_PAUSE = 60.0
 #: The endpoint's limits (docs/protocol.md, "Limits and timing").
 MAX_BATCH_BYTES = 64 * 1024
+#: aiocoap's block size for request bodies that do not fit one datagram (Block1, SZX 6).
+BLOCK_SIZE = 1024
+#: Round-trip time (s) above which batches are kept to one datagram.
+LAN_RTT = 0.02
 MAX_BATCH_RECORDS = 4096
 
 CODE_CHANGED = code("2.04")
@@ -254,7 +258,14 @@ class Uplink:
     async def _lease(self) -> list[Record]:
         if self._singles > 0:
             return await self.store.batch(1, MAX_BATCH_BYTES)
-        max_bytes = max(64, int(self.policy.batch_bytes / self._expansion))
+        target = self.policy.batch_bytes
+        srtt = self.rtt.srtt
+        if srtt is None or srtt > LAN_RTT:
+            # Beyond a LAN, a batch that needs Block1 moves one block per round trip on its lane
+            # anyway; batches of one datagram each keep every lane of the window busy instead.
+            # Until the first round trip is measured, batches are one datagram too.
+            target = min(target, BLOCK_SIZE)
+        max_bytes = max(64, int(target / self._expansion))
         records = min(self.policy.batch_records, MAX_BATCH_RECORDS)
         return await self.store.batch(records, max_bytes)
 
@@ -307,16 +318,20 @@ class Uplink:
                 self._failed(uri, f"{err}", probing_primary)
                 return
             rtt = self.clock.monotonic() - started
+            # A body over one block goes as Block1 (RFC 7959): one stop-and-wait exchange per
+            # block, so the round trip of one message is the exchange's time per block.
+            blocks = max(1, math.ceil(len(payload) / BLOCK_SIZE))
+            per_message = rtt / blocks
             # any retransmitted exchange took at least one timeout (RFC 7252's 2 s by default)
-            retransmitted = rtt >= (rto if rto is not None else 2.0)
+            retransmitted = per_message >= (rto if rto is not None else 2.0)
             if not retransmitted:
-                self.rtt.sample(rtt)
+                self.rtt.sample(per_message)
             else:
                 self.stats.retransmitted += 1
             dotted = resp.dotted
             self.stats.by_code[dotted] = self.stats.by_code.get(dotted, 0) + 1
             delivered = await self._handle(resp, batch, seqs, uri, probing_primary)
-            self._report(uri, True, rtt, retransmitted, len(payload), len(batch), delivered)
+            self._report(uri, True, per_message, retransmitted, len(payload), len(batch), delivered)
             if delivered and retransmitted:
                 self._congestion()
         finally:
