@@ -15,6 +15,10 @@ One row of the eight SKAB channels per sample (the agent assembles them at 1 Hz)
    the class when it is confident, ``NOVEL_ANOMALY`` when it is not (or says "normal").
 6. **Novelty.** A PCA T²+Q detector (:mod:`agent.novelty`), refitted on recent vectors judged
    normal, scores every vector; its statistics travel with the alert.
+7. **Reference tracking.** Every ``ADAPT_EVERY`` samples the per-channel reference level moves
+   toward the samples judged normal since (an exponential average with a time constant of
+   ``track_samples``), and stays put while an alert is active: slow wear and ambient changes are
+   followed, a fault is not. :meth:`Detector.recommission` starts commissioning again.
 
 The detector does no I/O besides the interpreter: the agent runtime stores the alerts (as
 high-priority records). :meth:`Detector.feed` processes a block of rows with one batched model
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "skab-ae"
 DEFAULT_CLASSIFIER = "skab-clf"
+ADAPT_EVERY = 60  # samples between moves of the reference level (reference tracking)
 NORMAL_CLASS = "normal"
 
 
@@ -158,6 +163,7 @@ class DetectSettings:
     commissioning_samples: int | None = None
     classifier_confidence: float = 0.8
     top_channels: int = 3
+    track_samples: int = 1800  # reference tracking time constant in samples; 0 = off
     novelty: NoveltySettings = field(default_factory=NoveltySettings)
 
     @classmethod
@@ -195,6 +201,9 @@ class DetectSettings:
             "classifier_confidence", d.classifier_confidence, minimum=0.0, maximum=1.0
         )
         top = opts.integer("top_channels", d.top_channels, minimum=1, maximum=64)
+        track = opts.integer("track_samples", d.track_samples, minimum=0, maximum=10_000_000)
+        if 0 < track < ADAPT_EVERY:
+            raise opts.error("track_samples", f"must be 0 (off) or at least {ADAPT_EVERY}")
         novelty = _novelty_from_options(opts.table("novelty"))
         opts.finish()
         return cls(
@@ -210,6 +219,7 @@ class DetectSettings:
             commissioning_samples=commissioning,
             classifier_confidence=confidence,
             top_channels=top,
+            track_samples=track,
             novelty=novelty,
         )
 
@@ -256,6 +266,7 @@ class Detector:
         classifier_confidence: float = 0.8,
         top_channels: int = 3,
         novelty: NoveltySettings | None = None,
+        adapt_samples: int = 0,
     ) -> None:
         if not threshold > 0:
             raise ValueError("threshold must be > 0")
@@ -274,6 +285,10 @@ class Detector:
         self._commissioning: list[np.ndarray] = []
         self._stream: StreamingFeatures | None = None
         self._episode: tuple[Verdict, str | None, float] | None = None
+        self.adapt_samples = adapt_samples
+        self._since_adapt = 0
+        self._normal_sum = np.zeros(len(spec.channels))
+        self._normal_n = 0
         self.samples = 0
         self.last_score = math.nan
 
@@ -345,6 +360,7 @@ class Detector:
             classifier_confidence=s.classifier_confidence,
             top_channels=s.top_channels,
             novelty=s.novelty,
+            adapt_samples=s.track_samples,
         )
 
     # --- state ----------------------------------------------------------------------------------
@@ -356,6 +372,28 @@ class Detector:
     def anomalous(self) -> bool:
         """The current decision (after hysteresis)."""
         return self.hysteresis.active
+
+    def recommission(self, t: float) -> list[Alert]:
+        """Forget the calibration and commission again from the next samples (an operator's
+        or the cloud's decision after a deliberate change of the machine). An active alert is
+        cleared first."""
+        alerts = []
+        if self.hysteresis.active and self._stream is not None:
+            score = self.last_score if math.isfinite(self.last_score) else 0.0
+            resid = np.zeros(len(self.spec.channels))
+            win = np.zeros(self.spec.steps * len(self.spec.channels), dtype=np.float32)
+            alerts.append(self._alert(t, AlertKind.CLEAR, score, resid, win, None))
+        self.hysteresis = Hysteresis(self.hysteresis.raise_after, self.hysteresis.clear_after)
+        self.calibration = None
+        self._stream = None
+        self._commissioning = []
+        self._since_adapt = 0
+        self._normal_sum = np.zeros(len(self.spec.channels))
+        self._normal_n = 0
+        if self.novelty is not None:
+            self.novelty = NoveltyDetector(self.novelty.settings)
+        log.info("recommissioning samples=%d", self.spec.commissioning)
+        return alerts
 
     # --- processing -----------------------------------------------------------------------------
     def push(self, t: float, row: Sequence[float]) -> list[Alert]:
@@ -383,20 +421,39 @@ class Detector:
                 self._finish_commissioning()
         if i == n:
             return FeedResult(alerts, anomalous, scores)
+        while i < n:
+            # Segments end where the reference moves, so the model runs batched in between.
+            left = ADAPT_EVERY - self._since_adapt % ADAPT_EVERY
+            j = min(n, i + left)
+            self._run_segment(times, a, i, j, anomalous, scores, alerts)
+            i = j
+        return FeedResult(alerts, anomalous, scores)
+
+    def _run_segment(
+        self,
+        times: Sequence[float],
+        a: np.ndarray,
+        lo: int,
+        hi: int,
+        anomalous: np.ndarray,
+        scores: np.ndarray,
+        alerts: list[Alert],
+    ) -> None:
         assert self._stream is not None
+        n_ch = len(self.spec.channels)
         us = []
         wins = []
-        for r in a[i:]:
+        for r in a[lo:hi]:
             u, win = self._stream.push(r)
             us.append(u)
             wins.append(win.reshape(-1))
         flat = np.stack(wins)
-        recon = self.anomaly.predict(flat)
-        newest = recon[:, -n_ch:]
+        newest = self.anomaly.predict(flat)[:, -n_ch:]
         resid = np.abs(np.stack(us) - newest)
         for j, res in enumerate(resid):
-            row = i + j
+            row = lo + j
             self.samples += 1
+            self._since_adapt += 1
             score = float(res.max())
             scores[row] = score
             self.last_score = score
@@ -405,9 +462,25 @@ class Detector:
             anomalous[row] = self.hysteresis.active
             if change is not None:
                 alerts.append(self._alert(float(times[row]), change, score, res, flat[j], nov))
-            if self.novelty is not None and not self.hysteresis.active and score <= self.threshold:
-                self.novelty.observe(us[j])
-        return FeedResult(alerts, anomalous, scores)
+            if not self.hysteresis.active and score <= self.threshold:
+                self._normal_sum += a[row]
+                self._normal_n += 1
+                if self.novelty is not None:
+                    self.novelty.observe(us[j])
+            if self._since_adapt % ADAPT_EVERY == 0:
+                self._track_reference()
+
+    def _track_reference(self) -> None:
+        """Move the per-channel reference level toward recent samples judged normal: an
+        exponential average with a time constant of ``adapt_samples`` samples, frozen while
+        an alert is active (slow wear and seasons follow; a fault does not)."""
+        if self.adapt_samples and self._normal_n and self._stream is not None:
+            mean = self._stream.cal.mean
+            w = min(1.0, self._normal_n / self.adapt_samples)
+            self._stream.move_mean(mean + w * (self._normal_sum / self._normal_n - mean))
+            self.calibration = self._stream.cal
+        self._normal_sum = np.zeros(len(self.spec.channels))
+        self._normal_n = 0
 
     def _finish_commissioning(self) -> None:
         rows = np.stack(self._commissioning)

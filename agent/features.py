@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -304,6 +304,17 @@ class StreamingFeatures:
             return u, None
         win = np.stack([self._u[i] for i in range(0, self.spec.span + 1, self.spec.step_stride)])
         return u, np.clip(win, -self.spec.clip, self.spec.clip).astype(np.float32)
+
+    def move_mean(self, mean: np.ndarray) -> None:
+        """Replace the calibration's mean (reference tracking) and shift the buffered values,
+        so they equal what the new mean would have given."""
+        mean = np.asarray(mean, dtype=np.float64)
+        dz = (self.cal.mean - mean) / self.cal.std
+        du = np.where(self._mask, 0.0, dz / self.cal.smooth_std / self.cal.scale)
+        for buf, d in ((self._z, dz), (self._m, dz), (self._u, du)):
+            for i in range(len(buf)):
+                buf[i] = buf[i] + d
+        self.cal = replace(self.cal, mean=mean)
 
 
 def feature_names(spec: FeatureSpec) -> Sequence[str]:

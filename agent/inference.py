@@ -18,6 +18,7 @@ Logging policy: info when a model is loaded (name, runtime, size), debug for bat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -162,32 +163,37 @@ class TensorInfo:
     def np_dtype(self) -> Any:
         return _DTYPES[self.dtype]
 
+    @functools.cached_property
+    def _limits(self) -> tuple[int, int]:
+        info = np.iinfo(self.np_dtype)
+        return int(info.min), int(info.max)
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """Float -> the tensor's integer type: ``round(x / scale) + zero_point``, saturated."""
-        x = np.asarray(x, dtype=np.float32)
         if not self.quantized:
-            return x.astype(self.np_dtype)
-        info = np.iinfo(self.np_dtype)
-        q = np.round(x.astype(np.float64) / self.scale) + self.zero_point
-        return np.clip(q, info.min, info.max).astype(self.np_dtype)
+            return np.asarray(x, dtype=self.np_dtype)
+        lo, hi = self._limits
+        q = np.multiply(x, 1.0 / self.scale, dtype=np.float64)
+        np.rint(q, out=q)
+        q += self.zero_point
+        q.clip(lo, hi, out=q)
+        return q.astype(self.np_dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
         """Integer values -> float: ``(q - zero_point) * scale``."""
-        q = np.asarray(q)
         if not self.quantized:
-            return q.astype(np.float32)
-        return ((q.astype(np.float64) - self.zero_point) * self.scale).astype(np.float32)
+            return np.asarray(q, dtype=np.float32)
+        f = np.asarray(q, dtype=np.float64) - self.zero_point
+        f *= self.scale
+        return f.astype(np.float32)
 
     @property
     def representable(self) -> tuple[float, float]:
         """The float range the tensor can hold without saturating."""
         if not self.quantized:
             return (-np.inf, np.inf)
-        info = np.iinfo(self.np_dtype)
-        return (
-            (info.min - self.zero_point) * self.scale,
-            (info.max - self.zero_point) * self.scale,
-        )
+        lo, hi = self._limits
+        return ((lo - self.zero_point) * self.scale, (hi - self.zero_point) * self.scale)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -431,9 +437,14 @@ class TFLiteModel:
     def invoke_raw(self, q: np.ndarray) -> np.ndarray:
         """Run already-quantized inputs ``(n, *input_shape)``; returns the raw output tensor."""
         n = len(q)
+        if n == 1 or self.batch_mode == "loop":
+            self._resize(1)
+        if n == 1:  # the streaming path: one window
+            self._interp.set_tensor(self._in_index, np.ascontiguousarray(q))
+            self._interp.invoke()
+            return self._interp.get_tensor(self._out_index).copy()
         out = np.empty((n, *self.output_shape), dtype=self.output.np_dtype)
         if self.batch_mode == "loop":
-            self._resize(1)
             for i in range(n):
                 self._interp.set_tensor(self._in_index, q[i : i + 1])
                 self._interp.invoke()

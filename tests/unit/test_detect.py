@@ -266,6 +266,7 @@ def test_settings_defaults_and_full_table(tmp_path: Path) -> None:
                 "commissioning_samples": 600,
                 "classifier_confidence": 0.9,
                 "top_channels": 2,
+                "track_samples": 0,
                 "novelty": {"enabled": False, "alpha": 0.999, "buffer": 500, "min_samples": 50},
             },
             prefix="detect.",
@@ -275,6 +276,7 @@ def test_settings_defaults_and_full_table(tmp_path: Path) -> None:
     assert s.models_dir == tmp_path / "m" and s.model == "skab-ae-lite" and s.classifier == ""
     assert (s.threshold, s.raise_after, s.clear_after) == (1.2, 3, 30)
     assert s.commissioning_samples == 600 and s.num_threads == 2 and s.batch_mode == "loop"
+    assert s.track_samples == 0
     assert s.novelty == NoveltySettings(False, 0.9, 0.999, 500, 50, 600)
 
 
@@ -287,6 +289,7 @@ def test_settings_defaults_and_full_table(tmp_path: Path) -> None:
         ({"raise_after": "3"}, "detect.raise_after"),
         ({"commissioning_samples": 10}, "detect.commissioning_samples"),
         ({"classifier_confidence": 1.5}, "detect.classifier_confidence"),
+        ({"track_samples": 10}, "detect.track_samples"),
         ({"novelty": {"alpha": 2.0}}, "detect.novelty.alpha"),
         ({"novelty": {"min_samples": 100, "buffer": 50}}, "detect.novelty.buffer"),
         ({"novelty": {"bogus": 1}}, "detect.novelty.bogus"),
@@ -306,3 +309,58 @@ def test_from_settings_loads_and_checks(manifest) -> None:
     assert det.classifier is not None
     with pytest.raises(ModelError, match="no model named"):
         Detector.from_settings(DetectSettings(models_dir=MODELS, model="nope"))
+
+
+def drifting_rows(n: int, seed: int = 8) -> np.ndarray:
+    """Normal running whose vibration level creeps up 6 % over ``n`` samples (wear)."""
+    rows = normal_rows(n, seed)
+    ramp = np.linspace(0.0, 0.06, n)
+    rows[:, 0] *= 1 + ramp
+    rows[:, 1] *= 1 + ramp
+    return rows
+
+
+def test_reference_tracking_follows_slow_drift(manifest, models) -> None:
+    rows = drifting_rows(6000)
+    fixed = make(manifest, models, track_samples=0)
+    tracking = make(manifest, models)
+    assert tracking.adapt_samples == DetectSettings().track_samples > 0
+    r_fixed = fixed.feed(np.arange(6000.0), rows)
+    r_track = tracking.feed(np.arange(6000.0), rows)
+    assert r_fixed.anomalous[-1000:].mean() > 0.5  # a fixed reference ends up alarming
+    assert not r_track.anomalous.any()
+    moved = tracking.calibration.mean - fixed.calibration.mean
+    assert moved[0] > 0.02 * LEVEL[0] and moved[1] > 0.02 * LEVEL[1]
+    # a step fault is not absorbed: the reference stays put while the alert is active
+    step = drifting_rows(3000, seed=9)
+    step[1000:2500, FLOW] -= 0.15 * LEVEL[FLOW]
+    det = make(manifest, models)
+    res = det.feed(np.arange(3000.0), step)
+    assert res.anomalous[1100:2500].all()
+
+
+def test_push_equals_feed_across_tracking_moves(manifest, models) -> None:
+    rows = drifting_rows(700, seed=10)
+    a = make(manifest, models)
+    res = a.feed(np.arange(700.0), rows)
+    b = make(manifest, models)
+    for t, r in enumerate(rows):
+        b.push(float(t), r)
+    np.testing.assert_allclose(a.calibration.mean, b.calibration.mean, rtol=0, atol=1e-12)
+    assert not np.allclose(a.calibration.mean, calibrate(a.spec, rows[:400]).mean, atol=1e-9)
+    assert b.last_score == pytest.approx(res.scores[-1], abs=1e-9)
+
+
+def test_recommission(manifest, models) -> None:
+    det = make(manifest, models)
+    rows = fault_run(seed=11)
+    res = det.feed(np.arange(600.0), rows[:600])
+    assert det.anomalous and res.alerts[-1].kind is AlertKind.RAISE
+    cleared = det.recommission(600.0)
+    assert [a.kind for a in cleared] == [AlertKind.CLEAR]
+    assert not det.commissioned and not det.anomalous
+    # the machine now runs at the new level: it becomes the reference
+    new_level = normal_rows(600, seed=12)
+    new_level[:, FLOW] -= 0.15 * LEVEL[FLOW]
+    after = det.feed(np.arange(600.0, 1200.0), new_level)
+    assert det.commissioned and after.alerts == []

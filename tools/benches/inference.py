@@ -72,6 +72,19 @@ def latency(models: dict[str, TFLiteModel], reps: int, rounds: int = 5) -> dict[
     return out
 
 
+def invoke_latency(models: dict[str, TFLiteModel], reps: int, rounds: int = 5) -> dict[str, float]:
+    """p50 ns of the interpreter alone (inputs already in the tensor's type), interleaved."""
+    out: dict[str, list[int]] = {k: [] for k in models}
+    qs = {k: m.input.quantize(_windows(m.input_shape, 1)) for k, m in models.items()}
+    for _ in range(rounds):
+        for k, m in models.items():
+            for _ in range(reps // rounds):
+                t0 = time.perf_counter_ns()
+                m.invoke_raw(qs[k])
+                out[k].append(time.perf_counter_ns() - t0)
+    return {k: _pcts(v)[0] for k, v in out.items()}
+
+
 def throughput(m: TFLiteModel, n: int, rounds: int = 3) -> float:
     x = _windows(m.input_shape, n, seed=1)
     m.predict(x[:8])
@@ -178,6 +191,12 @@ def run(args: Any) -> Result:
         f"{p['int8'][1]:.1f} us",
         f"float32 {p['float32'][1]:.1f} us, ratio {p['int8'][1] / p['float32'][1]:.2f}",
     )
+    bare = invoke_latency(models, reps)
+    res.add(
+        "interpreter only p50 int8 (no (de)quantize)",
+        f"{bare['int8']:.1f} us",
+        f"float32 {bare['float32']:.1f} us, ratio {bare['int8'] / bare['float32']:.2f}",
+    )
     batched = throughput(models["int8"], batch_n)
     f32_batched = throughput(models["float32"], batch_n)
     looped_model = TFLiteModel.open(man, MODEL, num_threads=1, batch_mode="loop")
@@ -223,8 +242,9 @@ def run(args: Any) -> Result:
         "features + int8 AE + novelty",
     )
     res.notes.append(
-        "latency = quantize + invoke + dequantize of one window; detect latency includes features, "
-        "the int8 autoencoder, the classifier verdict, CBOR encoding and the durable commit."
+        "latency = quantize + invoke + dequantize of one window (numpy (de)quantization costs "
+        "more than the invoke of this small model); detect latency includes features, the int8 "
+        "autoencoder, the classifier verdict, CBOR encoding and the durable commit."
     )
     res.summary = {
         "latency_p50_us": round(p["int8"][0], 2),
@@ -232,6 +252,8 @@ def run(args: Any) -> Result:
         "batch_windows_per_s": round(batched),
         "detect_latency_p99_ms": round(d99, 3),
         "float32_latency_p50_us": round(p["float32"][0], 2),
+        "invoke_p50_us": round(bare["int8"], 2),
+        "float32_invoke_p50_us": round(bare["float32"], 2),
         "loop_windows_per_s": round(looped),
         "tflite_runtime_latency_p50_us": None if other is None else round(other["p50"], 2),
         "tflite_runtime_batch_windows_per_s": None if other is None else round(other["batch"]),
