@@ -10,7 +10,8 @@ Pacing:
 
 - Several batches may be in flight at once, each on its own transport lane (one confirmable
   exchange per lane, as CoAP's NSTART = 1 asks); how many is a congestion window, grown by one
-  per acknowledged batch and halved on a loss (AIMD), between 1 and ``max_inflight``.
+  per acknowledged batch and cut to 0.7x on a loss, once per round trip (AIMD), between 1 and
+  ``max_inflight``.
 - The retransmission timeout follows the measured round-trip time (RFC 6298's SRTT/RTTVAR,
   samples from exchanges that needed no retransmission), bounded by transport.ACK_TIMEOUT_MIN/MAX.
 - After a failure the uplink waits with exponential backoff and full jitter, capped; while the
@@ -51,6 +52,8 @@ MAX_BATCH_BYTES = 64 * 1024
 BLOCK_SIZE = 1024
 #: Round-trip time (s) above which batches are kept to one datagram.
 LAN_RTT = 0.02
+#: Multiplicative decrease of the congestion window on a loss (CUBIC's beta, RFC 9438).
+BETA = 0.7
 MAX_BATCH_RECORDS = 4096
 
 CODE_CHANGED = code("2.04")
@@ -198,6 +201,7 @@ class Uplink:
         self.stats = UplinkStats()
         self.window = 1.0
         self.ssthresh = float(settings.max_inflight)
+        self._last_reduction = -math.inf
         self.failures = 0
         self.inflight = 0
         self.busy_since: dict[int, float] = {}  # lane -> clock time its exchange started
@@ -331,6 +335,15 @@ class Uplink:
             dotted = resp.dotted
             self.stats.by_code[dotted] = self.stats.by_code.get(dotted, 0) + 1
             delivered = await self._handle(resp, batch, seqs, uri, probing_primary)
+            log.debug(
+                "event=exchange code=%s records=%d bytes=%d rtt=%.3f retransmitted=%s window=%.1f",
+                dotted,
+                len(batch),
+                len(payload),
+                per_message,
+                retransmitted,
+                self.window,
+            )
             self._report(uri, True, per_message, retransmitted, len(payload), len(batch), delivered)
             if delivered and retransmitted:
                 self._congestion()
@@ -441,7 +454,13 @@ class Uplink:
         self.window = min(self.window, float(self.policy.max_inflight))
 
     def _congestion(self) -> None:
-        self.ssthresh = max(1.0, self.window / 2)
+        """A loss: shrink the window, at most once per round trip (losses within one window of
+        exchanges are one congestion event, as in TCP's fast recovery)."""
+        now = self.clock.monotonic()
+        if now - self._last_reduction < (self.rtt.srtt or 0.0):
+            return
+        self._last_reduction = now
+        self.ssthresh = max(1.0, self.window * BETA)
         self.window = self.ssthresh
 
     def _failed(self, uri: str, why: str, probing_primary: bool) -> None:
@@ -451,7 +470,7 @@ class Uplink:
             return
         self.failures += 1
         self._congestion()
-        self.window = 1.0
+        self.window = 1.0  # a failed exchange (no answer at all): start again from one
         self._probing = True
         if self.failures >= self.settings.fallback_after and len(self.endpoints.uris) > 1:
             self.endpoints.failed(uri)
