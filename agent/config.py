@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.metrics import MetricsSettings
+from agent.state import StateSettings
 from agent.store import StoreSettings
 from agent.uplink import UplinkSettings
 from drivers.base import OptionError, Options
@@ -107,6 +108,7 @@ class Config:
     metrics: MetricsSettings
     uplink: UplinkSettings | None = None
     simulation: SimulationConfig | None = None
+    state: StateSettings = field(default_factory=StateSettings)  # used with [uplink]
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
@@ -151,6 +153,7 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
     store = StoreSettings.from_options(top.table("store"), agent.data_dir)
     metrics = MetricsSettings.from_options(top.table("metrics"), agent.data_dir)
     uplink = UplinkSettings.from_options(top.table("uplink")) if top.has("uplink") else None
+    state = StateSettings.from_options(top.table("state"), agent.data_dir)
     simulation = _parse_simulation(top.table("simulation"), base) if top.has("simulation") else None
     sensors = tuple(_parse_sensor(t) for t in top.tables("sensor"))
     if not sensors:
@@ -181,6 +184,7 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
         metrics=metrics,
         uplink=uplink,
         simulation=simulation,
+        state=state,
     )
 
 
@@ -366,5 +370,6 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
 
     store = replace(config.store, path=moved(config.store.path))
     metrics = replace(config.metrics, textfile=moved(config.metrics.textfile))
+    state = replace(config.state, path=moved(config.state.path))
     agent = replace(config.agent, data_dir=data_dir)
-    return replace(config, agent=agent, store=store, metrics=metrics)
+    return replace(config, agent=agent, store=store, metrics=metrics, state=state)

@@ -72,6 +72,8 @@ def test_good_config_parses_with_relative_data_dir(tmp_path: Path):
     assert [s.name for s in cfg.sensors] == ["ambient", "loop", "flow"]
     assert cfg.sensor("ambient").address == 0x76
     assert cfg.sensor("flow").port == "/dev/ttyUSB0"
+    assert cfg.state.path == tmp_path / "state" / "state.cbor"
+    assert cfg.state.report_interval == 300.0
 
 
 def _replace(old: str, new: str) -> str:
@@ -210,6 +212,18 @@ BAD = [
         "",
     ),
     ("no sensors", GOOD[: GOOD.index("[[sensor]]")], "sensor", "at least one"),
+    (
+        "state interval zero",
+        GOOD + "\n[state]\nreport_interval = 0\n",
+        "state.report_interval",
+        "below the minimum",
+    ),
+    (
+        "state coalescing above the period",
+        GOOD + "\n[state]\nreport_interval = 10\nmin_put_interval = 60\n",
+        "state.min_put_interval",
+        "above report_interval",
+    ),
 ]
 
 

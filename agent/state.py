@@ -1,0 +1,1050 @@
+"""Device state, the device's side: reported state PUT on change and periodically, desired state
+observed and applied live, both persisted (docs/protocol.md, "Device state").
+
+:class:`StateSync` runs two loops over the shared :class:`~agent.transport.CoapTransport` and
+:class:`~agent.transport.Endpoints`:
+
+- *report*: ``PUT /state/{device}/reported`` with the keys that changed (the runtime calls
+  :meth:`StateSync.changed`; changes are coalesced to one PUT per ``min_put_interval``), and every
+  key at least every ``report_interval``. Keys whose PUT did not get through stay *pending* and are
+  sent later, also after a restart.
+- *desired*: ``GET /state/{device}/desired`` with Observe. Each document is applied key by key
+  through :meth:`StateHooks.apply`; the observation is registered again after a cancellation, a
+  network error, an endpoint switch, when Max-Age runs out without a notification, or when the
+  endpoint answers again after an outage (it may have restarted and forgotten its observers).
+
+Versions
+    Every reported key carries a version from a hybrid clock, ``max(last + 1, wall-clock ms)``;
+    the last version is persisted, so versions keep increasing across restarts even when the wall
+    clock steps back, and after a lost state file they start again from the wall clock. If the
+    endpoint answers with a higher version than the one sent (our clock was behind), the clock
+    catches up and the key is sent again with a newer version.
+
+Merge rules, by key (the endpoint merges reported keys with :func:`agent.statedoc.rule_for`):
+
+==========================================  ======  ============================================
+key                                         rule    why
+==========================================  ======  ============================================
+``agent/version``, ``sensor/*/health``,     LWW     one writer (the device); the highest version
+``sensor/*/enabled|interval``,                      is the newest value, whatever the order in
+``detect/*/threshold``, ``queue/depth``,            which PUTs arrive (a delayed or repeated PUT
+``link/*``, ``desired/errors``, others              never rolls a key back)
+``counter/*``                               MAX     LWW is wrong for monotonic counters: after a
+                                                    lost state directory the version clock may
+                                                    restart lower and new counts would be
+                                                    ignored; a delayed PUT could lower a count
+``desired/rev``                             MAX     the highest desired revision processed; a
+                                                    delayed report of an older revision must not
+                                                    make the endpoint believe it was undone
+``model/<slot>``                            MODEL   LWW, except that a reported failure
+                                                    (``status: failed``, ``desired: version``)
+                                                    *blocks* that desired version: LWW alone
+                                                    would have the device retry a model that
+                                                    cannot load after every restart
+==========================================  ======  ============================================
+
+Desired keys are applied by version, never by order of arrival: a key is applied only when its
+version is higher than the version of that key last applied (or last refused), so a repeated or
+reordered notification, or a restart, never applies a change twice. Sensor enable flags
+(``sensor/<name>/enabled``) are decided by the desired version alone: what the device decides by
+itself (a part that is gone, a sensor that fails) is *reported* health, never a write to the
+desired flag, so device and operator never fight over one LWW key. A value that cannot be applied
+(it does not fit the key, or :meth:`StateHooks.apply` refuses it) keeps the previous configuration
+for that key, is logged as a warning and reported in ``desired/errors`` (``{key: {"version",
+"error"}}``); a ``model/<slot>`` failure is also reported as ``model/<slot>`` with ``status:
+failed`` so that the endpoint blocks that version. A refused version is never retried; the
+operator's next assignment (a new version) is tried. A model version the endpoint lists in
+``blocked`` is not tried either (it failed before, maybe before a reinstall).
+
+Persistence: one file (``[state] path``, deterministic CBOR), written atomically (temp file, fsync,
+rename, fsync of the directory) *after* desired keys are applied and whenever reported versions or
+pending keys change::
+
+    {"format": 1, "device": tstr, "clock": uint,            ; last reported version issued
+     "rev": uint,                                           ; highest desired rev processed
+     "reported": {key => [version, value]},                 ; last value numbered per key
+     "pending": [* key],                                    ; not yet acknowledged by the endpoint
+     "applied": {key => [version, value / null]},           ; desired keys applied
+     "failed": {key => [version, error: tstr, name: tstr / null]}}  ; desired versions refused
+
+:meth:`StateSync.restore` (at start-up, before the sensors run) applies the persisted desired
+values again, so configuration overrides survive a restart. A crash between applying a key and
+persisting it re-applies that key once after the restart (the same value, so harmless).
+
+Logging: debug for what happens under perfect conditions (each PUT, each notification, restoring
+at start-up), info for state changes (a desired key applied, observation (re)registered, endpoint
+reachable again), warning for a bad document or a refused value and for an unreachable endpoint,
+error for what loses function (the device is not registered, the state file cannot be written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+from collections.abc import Awaitable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import records, statedoc
+from agent.clock import Clock
+from agent.errors import SyncError
+from agent.records import RecordError
+from agent.statedoc import Entry, Rule, StateError
+from agent.transport import CoapTransport, Endpoints, Response, code
+from drivers.base import Options
+
+log = logging.getLogger(__name__)
+
+# -- timing (seconds); tests shorten them ---------
+#: Backoff after a failed exchange: full jitter, uniform in [BACKOFF_FLOOR, min(BACKOFF_CAP,
+#: BACKOFF_BASE * 2**failures)].
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+BACKOFF_FLOOR = 0.05
+#: Pause after the endpoint says the device is not registered (4.04).
+NOT_REGISTERED_PAUSE = 60.0
+#: Pause after a 5.03 without Max-Age (the endpoint sends Max-Age 10).
+UNAVAILABLE_PAUSE = 10.0
+#: How often the observer checks whether the endpoint in use changed.
+ENDPOINT_CHECK_INTERVAL = 1.0
+#: Max-Age assumed when a desired-state answer has none (RFC 7252 section 5.10.5).
+DEFAULT_MAX_AGE = 60.0
+#: The longest silence an observation is trusted for, whatever Max-Age says.
+OBSERVE_STALE_LIMIT = 300.0
+#: An observation the endpoint ends sooner than this counts as a failure (backoff grows), so an
+#: endpoint that keeps cancelling never makes a busy loop.
+OBSERVE_MIN_LIFETIME = 10.0
+
+# -- limits ---------
+#: Consecutive failed exchanges (PUTs and registrations) before the endpoint is reported failed.
+FALLBACK_AFTER = 3
+#: Reported PUT bodies are split to about this size (one datagram); the endpoint takes 8 KiB.
+PUT_CHUNK_BYTES = 1024
+#: Longest error text kept and reported for a refused desired value.
+ERROR_TEXT_MAX = 200
+STATE_FORMAT = 1
+
+CF_CBOR = 60
+CODE_CONTENT = code("2.05")
+CODE_CHANGED = code("2.04")
+CODE_NOT_FOUND = code("4.04")
+CODE_UNAVAILABLE = code("5.03")
+
+ERRORS_KEY = "desired/errors"
+REV_KEY = "desired/rev"
+
+
+#: The state file's default name, relative to the data directory.
+STATE_FILE = "state.cbor"
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """``[state]``: how often reported state is sent, the deadline of each exchange, and where
+    the state file lives."""
+
+    report_interval: float = 300.0  # full reported PUT at least this often
+    min_put_interval: float = 2.0  # coalesce changes: at most one PUT per this many seconds
+    deadline: float = 30.0  # per exchange
+    path: Path = Path(STATE_FILE)  # absolute once read from a config file
+
+    def __post_init__(self) -> None:
+        for name in ("report_interval", "deadline"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not (math.isfinite(self.min_put_interval) and self.min_put_interval >= 0):
+            raise ValueError(f"min_put_interval must be >= 0, got {self.min_put_interval!r}")
+
+    @classmethod
+    def from_options(cls, opts: Options, data_dir: Path) -> StateSettings:
+        """Validate the ``[state]`` table (errors name the key) and call ``opts.finish()``.
+
+        Keys: ``report_interval`` (300 s, 1..86400), ``min_put_interval`` (2 s, 0..3600, at most
+        ``report_interval``), ``deadline`` (30 s, 1..600), ``path`` (``state.cbor``, relative to
+        ``data_dir``).
+        """
+        report = opts.number("report_interval", 300.0, minimum=1.0, maximum=86400.0)
+        min_put = opts.number("min_put_interval", 2.0, minimum=0.0, maximum=3600.0)
+        deadline = opts.number("deadline", 30.0, minimum=1.0, maximum=600.0)
+        if min_put > report:
+            raise opts.error("min_put_interval", f"{min_put:g} is above report_interval")
+        raw_path = opts.string("path", STATE_FILE)
+        if not raw_path.strip():
+            raise opts.error("path", "is empty")
+        path = Path(raw_path).expanduser()
+        if not path.is_absolute():
+            path = Path(data_dir) / path
+        opts.finish()
+        return cls(report_interval=report, min_put_interval=min_put, deadline=deadline, path=path)
+
+
+class StateHooks(Protocol):
+    """What the runtime provides to :class:`StateSync`."""
+
+    def reported(self) -> dict[str, Any]:
+        """The current reported values ``{key: value}``: ``agent/version``,
+        ``sensor/<name>/health|enabled|interval``, ``detect/<name>/threshold``, ``queue/depth``,
+        ``link/state``, ``model/<slot>``, ``counter/<name>``... (docs/protocol.md)."""
+
+    def apply(self, key: str, value: Any) -> None:
+        """Apply one desired key live; ``None`` unsets it (go back to the config file's value).
+        Raise ValueError with a message when the value cannot be applied."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A desired version that could not be applied (it is not retried)."""
+
+    version: int
+    error: str
+    name: str | None = None  # the model name, for model/<slot>
+
+
+class StateFileError(ValueError):
+    """The persisted state file does not decode or does not have the expected shape."""
+
+
+def full_jitter(failures: int, rng: random.Random) -> float:
+    """Backoff before the next attempt after ``failures`` consecutive failures."""
+    top = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 30))
+    return max(BACKOFF_FLOOR, rng.uniform(0.0, top))
+
+
+class StateSync:
+    """Reported and desired state of one device (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: StateSettings,
+        transport: CoapTransport,
+        endpoints: Endpoints,
+        clock: Clock,
+        *,
+        device_id: str,
+        hooks: StateHooks,
+        state_path: Path | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.endpoints = endpoints
+        self.clock = clock
+        self.device_id = device_id
+        self.state_path = Path(state_path) if state_path is not None else settings.path
+        self.hooks = hooks
+        self.rng = random.Random()
+        # persisted
+        self._clock_ms = 0
+        self._rev = 0
+        self._reported: dict[str, Entry] = {}
+        self._pending: set[str] = set()
+        self._applied: dict[str, Entry] = {}
+        self._failed: dict[str, Failure] = {}
+        # runtime
+        self._loaded = False
+        self._restored = False
+        self._unsaved = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._wake = asyncio.Event()
+        self._dirty = True
+        self._reobserve = asyncio.Event()
+        self._bad_keys: dict[str, str] = {}
+        self._failures = 0  # consecutive failed exchanges with the current endpoint
+        self._offline = False
+        self._retry_at: float | None = None
+        self._next_full = -math.inf
+        self._last_put = -math.inf
+        self._observe_failures = 0
+        # status
+        self._observing: str | None = None
+        self._last_put_wall: float | None = None
+        self._last_put_result: str | None = None
+        self._last_doc_wall: float | None = None
+        self._documents = 0
+        self._documents_rejected = 0
+
+    # -- public ----------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Load the state file and apply the persisted desired values again (at start-up, before
+        the sensors run), so configuration overrides survive a restart."""
+        self._load()
+        if self._restored:
+            return
+        self._restored = True
+        restored = 0
+        for key, entry in sorted(self._applied.items()):
+            if entry.value is None:
+                continue  # unset: the config file's value is what the runtime starts with
+            log.debug("event=desired_restoring key=%s version=%d", key, entry.version)
+            try:
+                self.hooks.apply(key, entry.value)
+            except Exception as err:
+                text = _error_text(err)
+                log.warning(
+                    "event=desired_restore_failed key=%s version=%d error=%r",
+                    key,
+                    entry.version,
+                    text,
+                )
+                self._failed[key] = Failure(entry.version, text, _model_name(entry.value))
+                self._unsaved = True
+                continue
+            restored += 1
+        log.info(
+            "event=state_restored path=%s applied=%d pending=%d rev=%d",
+            self.state_path,
+            restored,
+            len(self._pending),
+            self._rev,
+        )
+
+    def changed(self) -> None:
+        """Something reported changed: wake the reporter (coalesced by ``min_put_interval``).
+        Call it from the event loop's thread."""
+        self._dirty = True
+        self._wake.set()
+
+    def applied_version(self, key: str) -> int | None:
+        """The version of desired ``key`` last applied (for the runtime's ``model/<slot>``
+        report, whose ``desired`` names the version a load was for)."""
+        entry = self._applied.get(key)
+        return entry.version if entry is not None else None
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready summary for ``edge-agent status``."""
+        return {
+            "endpoint": self.endpoints.current,
+            "observing": self._observing is not None,
+            "observed_endpoint": self._observing,
+            "last_notification": self._last_doc_wall,
+            "last_put": self._last_put_wall,
+            "last_put_result": self._last_put_result,
+            "pending": len(self._pending),
+            "desired_rev": self._rev,
+            "desired_applied": {k: e.version for k, e in sorted(self._applied.items())},
+            "desired_failed": {k: f.version for k, f in sorted(self._failed.items())},
+            "documents": self._documents,
+            "documents_rejected": self._documents_rejected,
+        }
+
+    async def run(self) -> None:
+        """Run the reporter and the observer of desired state until cancelled."""
+        if not self._restored:
+            self.restore()
+        try:
+            if self._unsaved:
+                await self._persist()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._report_loop(), name="state-report")
+                tg.create_task(self._desired_loop(), name="state-desired")
+        finally:
+            self._observing = None
+            executor, self._executor = self._executor, None
+            if executor is not None:  # let a write in flight finish before run() returns
+                await self.clock.run_blocking(None, executor.shutdown, True)
+
+    # -- persistence -----------------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            data = self.state_path.read_bytes()
+        except FileNotFoundError:
+            log.info("event=state_new path=%s", self.state_path)
+            return
+        except OSError as err:
+            log.error("event=state_unreadable path=%s error=%r", self.state_path, str(err))
+            return
+        try:
+            doc = decode_state(data)
+        except StateFileError as err:
+            aside = self.state_path.with_name(self.state_path.name + ".bad")
+            log.warning(
+                "event=state_file_bad path=%s error=%r moved_to=%s",
+                self.state_path,
+                str(err),
+                aside,
+            )
+            with contextlib.suppress(OSError):
+                os.replace(self.state_path, aside)
+            return
+        self._clock_ms = doc["clock"]
+        if doc["device"] != self.device_id:
+            log.warning(
+                "event=state_other_device path=%s device=%s expected=%s action=kept_clock_only",
+                self.state_path,
+                doc["device"],
+                self.device_id,
+            )
+            self._unsaved = True
+            return
+        self._rev = doc["rev"]
+        self._reported = doc["reported"]
+        self._pending = doc["pending"] & set(self._reported)
+        self._applied = doc["applied"]
+        self._failed = doc["failed"]
+
+    def _state_bytes(self) -> bytes:
+        return records.dumps(
+            {
+                "format": STATE_FORMAT,
+                "device": self.device_id,
+                "clock": self._clock_ms,
+                "rev": self._rev,
+                "reported": {k: [e.version, e.value] for k, e in self._reported.items()},
+                "pending": sorted(self._pending),
+                "applied": {k: [e.version, e.value] for k, e in self._applied.items()},
+                "failed": {k: [f.version, f.error, f.name] for k, f in self._failed.items()},
+            }
+        )
+
+    async def _persist(self) -> None:
+        """Write the state file. Writes go through one thread, in the order they were asked for,
+        so a cancelled caller never leaves two writers racing on the temporary file."""
+        data = self._state_bytes()
+        self._unsaved = False
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="state-persist")
+        try:
+            await self.clock.run_blocking(self._executor, write_atomic, self.state_path, data)
+        except OSError as err:
+            self._unsaved = True
+            log.error("event=state_persist_failed path=%s error=%r", self.state_path, str(err))
+
+    # -- reported --------------------------------------------------------------------------------
+    def _next_version(self) -> int:
+        version = max(self._clock_ms + 1, int(self.clock.time() * 1000))
+        self._clock_ms = min(version, statedoc.MAX_VERSION)
+        return self._clock_ms
+
+    def _snapshot(self) -> dict[str, Any]:
+        try:
+            values = dict(self.hooks.reported())
+        except Exception as err:
+            log.error("event=reported_hook_failed error=%r", _error_text(err))
+            values = {}
+        for key, entry in self._applied.items():
+            if entry.value is not None and key not in self._failed:
+                values.setdefault(key, entry.value)
+        values[REV_KEY] = self._rev
+        if self._failed or ERRORS_KEY in self._reported:
+            values[ERRORS_KEY] = {
+                k: {"version": f.version, "error": f.error} for k, f in sorted(self._failed.items())
+            }
+        for key, failure in self._failed.items():
+            if statedoc.rule_for(key) is Rule.MODEL:
+                report: dict[str, Any] = {
+                    "status": "failed",
+                    "desired": failure.version,
+                    "error": failure.error,
+                }
+                if failure.name is not None:
+                    report["name"] = failure.name
+                values[key] = report
+        return values
+
+    def _number(self, values: Mapping[str, Any]) -> bool:
+        """Give each changed key a new version; True if any changed."""
+        changed = False
+        for key, value in values.items():
+            old = self._reported.get(key)
+            if old is not None and _same(old.value, value):
+                continue
+            problem = _reported_problem(key, value)
+            if problem is not None:
+                if self._bad_keys.get(key) != problem:
+                    self._bad_keys[key] = problem
+                    log.warning("event=reported_key_skipped key=%r error=%r", key, problem)
+                continue
+            self._bad_keys.pop(key, None)
+            self._reported[key] = Entry(self._next_version(), value)
+            self._pending.add(key)
+            changed = True
+        return changed
+
+    def _report_due(self) -> float:
+        if self._retry_at is not None:
+            return self._retry_at  # backing off: changes wait too
+        due = self._next_full
+        if self._dirty or self._pending:
+            due = min(due, self._last_put + self.settings.min_put_interval)
+        return due
+
+    async def _report_loop(self) -> None:
+        while True:
+            now = self.clock.monotonic()
+            due = self._report_due()
+            if due > now:
+                self._wake.clear()
+                await _wait_event(self.clock, self._wake, due - now)
+                continue
+            full = now >= self._next_full
+            self._dirty = False
+            self._retry_at = None  # a failure in this cycle sets it again
+            self._last_put = now
+            if await self._report_once(full) and full:
+                self._next_full = self.clock.monotonic() + self.settings.report_interval
+
+    async def _report_once(self, full: bool) -> bool:
+        """Number the changes, then PUT the pending keys (all keys when ``full``). True when
+        every PUT got an answer that settles its keys."""
+        values = self._snapshot()
+        if self._number(values) or self._unsaved:
+            await self._persist()
+        keys = set(self._pending)
+        if full:
+            keys |= set(values) & set(self._reported)
+        if not keys:
+            return True
+        entries = {k: self._reported[k] for k in sorted(keys)}
+        log.debug("event=reported_put keys=%d full=%s", len(entries), str(full).lower())
+        for chunk in _chunks(entries, PUT_CHUNK_BYTES):
+            if not await self._put(chunk):
+                return False
+        return True
+
+    async def _put(self, chunk: dict[str, Entry]) -> bool:
+        payload = statedoc.encode_reported(chunk)
+        probing = self.endpoints.want_primary()
+        base = self.endpoints.uris[0] if probing else self.endpoints.current
+        try:
+            resp = await self._request_put(base, payload)
+        except SyncError as err:
+            if probing:  # the primary is still down: go on with the fallback
+                self.endpoints.retried_primary_failed()
+                base = self.endpoints.current
+                try:
+                    resp = await self._request_put(base, payload)
+                except SyncError as err2:
+                    self._put_failed(base, str(err2))
+                    return False
+                probing = False
+            else:
+                self._put_failed(base, str(err))
+                return False
+        if probing:
+            self.endpoints.primary_ok()
+        self._last_put_wall = self.clock.time()
+        self._last_put_result = resp.dotted
+        now = self.clock.monotonic()
+        if resp.code == CODE_CHANGED:
+            try:
+                acks = _parse_acks(resp.payload)
+            except StateError as err:
+                log.warning("event=reported_ack_unreadable endpoint=%s error=%r", base, str(err))
+                self._retry_at = now + full_jitter(self._failures, self.rng)
+                return False
+            self._exchange_ok(base, renew_observation=True)
+            if self._handle_acks(chunk, acks):
+                await self._persist()
+            return True
+        if resp.code == CODE_NOT_FOUND:
+            log.error(
+                "event=device_not_registered device=%s endpoint=%s: register it on the endpoint "
+                "(edge-agent-cloud devices add %s)",
+                self.device_id,
+                base,
+                self.device_id,
+            )
+            self._retry_at = now + NOT_REGISTERED_PAUSE
+            return False
+        if resp.code == CODE_UNAVAILABLE:
+            pause = float(resp.max_age) if resp.max_age is not None else UNAVAILABLE_PAUSE
+            self._retry_at = now + max(pause, full_jitter(self._failures, self.rng))
+            return False
+        if resp.code >> 5 == 4:
+            # the endpoint refuses these entries as they are: resending them unchanged would be
+            # refused again. They go out again when they change, or with the next full report.
+            log.error(
+                "event=reported_refused endpoint=%s code=%s keys=%s reason=%r",
+                base,
+                resp.dotted,
+                ",".join(chunk),
+                resp.payload[:200].decode("utf-8", "replace"),
+            )
+            self._pending -= set(chunk)
+            await self._persist()
+            return True
+        self._put_failed(base, f"answer {resp.dotted}")
+        return False
+
+    async def _request_put(self, base: str, payload: bytes) -> Response:
+        return await self.transport.request(
+            "PUT",
+            f"{base}/state/{self.device_id}/reported",
+            payload,
+            content_format=CF_CBOR,
+            deadline=self.settings.deadline,
+        )
+
+    def _put_failed(self, base: str, why: str) -> None:
+        self._last_put_wall = self.clock.time()
+        self._last_put_result = f"error: {why}"
+        self._exchange_failed(base, why)
+        delay = full_jitter(self._failures, self.rng)
+        self._retry_at = self.clock.monotonic() + delay
+        log.debug(
+            "event=reported_put_failed endpoint=%s failures=%d backoff=%.2f error=%r",
+            base,
+            self._failures,
+            delay,
+            why,
+        )
+
+    def _handle_acks(self, chunk: Mapping[str, Entry], acks: Mapping[str, int]) -> bool:
+        """Settle the keys the endpoint acknowledged; True if pending keys changed."""
+        changed = False
+        for key, sent in chunk.items():
+            stored = acks.get(key)
+            if stored is None:
+                continue  # not in the answer: stays pending
+            if stored > self._clock_ms:
+                self._clock_ms = min(stored, statedoc.MAX_VERSION)  # catch up with the endpoint
+                changed = True
+            current = self._reported.get(key)
+            if current is None or current.version != sent.version:
+                continue  # changed since it was sent: the new version is pending
+            if stored > sent.version and statedoc.rule_for(key) is not Rule.MAX:
+                # the endpoint holds a newer version than ours (our version clock was behind,
+                # e.g. a lost state file): number the value again so that it wins.
+                self._reported[key] = Entry(self._next_version(), sent.value)
+                log.info(
+                    "event=reported_renumbered key=%s version=%d endpoint_version=%d",
+                    key,
+                    self._reported[key].version,
+                    stored,
+                )
+                changed = True
+                continue
+            if key in self._pending:
+                self._pending.discard(key)
+                changed = True
+        return changed
+
+    # -- endpoint health -------------------------------------------------------------------------
+    def _exchange_ok(self, base: str, *, renew_observation: bool) -> None:
+        if self._failures and renew_observation:
+            # the endpoint answers again; it may have restarted and forgotten its observers
+            self._reobserve.set()
+        if self._offline:
+            log.info("event=state_online endpoint=%s", base)
+        self._offline = False
+        self._failures = 0
+
+    def _exchange_failed(self, base: str, why: str) -> None:
+        self._failures += 1
+        if self._failures >= FALLBACK_AFTER:
+            if not self._offline:
+                log.warning("event=state_offline endpoint=%s error=%r", base, why)
+                self._offline = True
+            self.endpoints.failed(base)
+
+    # -- desired ---------------------------------------------------------------------------------
+    async def _desired_loop(self) -> None:
+        while True:
+            delay = await self._observe(self.endpoints.current)
+            if delay > 0:
+                await _wait_event(self.clock, self._reobserve, delay)
+
+    async def _observe(self, base: str) -> float:
+        """One observation of desired state at ``base``, until it ends or must be renewed.
+        Returns the seconds to wait before registering again."""
+        uri = f"{base}/state/{self.device_id}/desired"
+        self._reobserve.clear()
+        started = self.clock.monotonic()
+        stream = self.transport.observe(uri, deadline=self.settings.deadline)
+        pending_next: asyncio.Future[Response] | None = None
+        stale_at: float | None = None
+        registered = False
+        log.debug("event=observe_register endpoint=%s", base)
+        try:
+            while True:
+                if pending_next is None:
+                    pending_next = asyncio.ensure_future(_anext(stream))
+                now = self.clock.monotonic()
+                timeout = ENDPOINT_CHECK_INTERVAL
+                if stale_at is not None:
+                    timeout = max(0.0, min(timeout, stale_at - now))
+                await _wait_first(self.clock, timeout, pending_next, self._reobserve)
+                if pending_next.done():
+                    future, pending_next = pending_next, None
+                    try:
+                        resp = future.result()
+                    except StopAsyncIteration:
+                        return self._observation_ended(base, started, registered, "cancelled")
+                    except SyncError as err:
+                        return self._observation_failed(base, registered, str(err))
+                    if resp.code != CODE_CONTENT:
+                        return self._observe_refused(base, resp, registered)
+                    if not registered:
+                        registered = True
+                        self._exchange_ok(base, renew_observation=False)
+                        self._observing = base
+                        log.info("event=observing endpoint=%s", base)
+                    max_age = float(resp.max_age) if resp.max_age is not None else DEFAULT_MAX_AGE
+                    stale_at = self.clock.monotonic() + min(max_age, OBSERVE_STALE_LIMIT)
+                    await self._on_desired(resp.payload, base)
+                    continue
+                reason = None
+                if self._reobserve.is_set() and not registered:
+                    self._reobserve.clear()  # the registration in flight is new enough
+                elif self._reobserve.is_set():
+                    reason = "endpoint_back"
+                elif self.endpoints.current != base:
+                    reason = "endpoint_switch"
+                elif stale_at is not None and self.clock.monotonic() >= stale_at:
+                    reason = "max_age"
+                if reason is not None:
+                    log.info("event=observe_renew endpoint=%s reason=%s", base, reason)
+                    self._observe_failures = 0
+                    return 0.0
+        finally:
+            self._observing = None
+            if pending_next is not None and not pending_next.done():
+                pending_next.cancel()
+                await asyncio.gather(pending_next, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    def _observation_ended(self, base: str, started: float, registered: bool, why: str) -> float:
+        lifetime = self.clock.monotonic() - started
+        if registered and lifetime >= OBSERVE_MIN_LIFETIME:
+            self._observe_failures = 0
+            log.info("event=observe_renew endpoint=%s reason=%s", base, why)
+            return 0.0
+        self._observe_failures += 1
+        delay = full_jitter(self._observe_failures, self.rng)
+        log.info(
+            "event=observe_renew endpoint=%s reason=%s lifetime=%.1f backoff=%.2f",
+            base,
+            why,
+            lifetime,
+            delay,
+        )
+        return delay
+
+    def _observation_failed(self, base: str, registered: bool, why: str) -> float:
+        if registered:
+            # it worked and then broke (a network error mid-observation): register again soon
+            self._observe_failures = 0
+            log.info("event=observe_renew endpoint=%s reason=network_error error=%r", base, why)
+            return full_jitter(0, self.rng)
+        self._exchange_failed(base, why)
+        self._observe_failures += 1
+        delay = full_jitter(self._observe_failures, self.rng)
+        log.debug(
+            "event=observe_failed endpoint=%s failures=%d backoff=%.2f error=%r",
+            base,
+            self._observe_failures,
+            delay,
+            why,
+        )
+        return delay
+
+    def _observe_refused(self, base: str, resp: Response, registered: bool) -> float:
+        self._exchange_ok(base, renew_observation=False)  # it answered
+        if resp.code == CODE_NOT_FOUND:
+            log.error(
+                "event=device_not_registered device=%s endpoint=%s: register it on the endpoint",
+                self.device_id,
+                base,
+            )
+            return NOT_REGISTERED_PAUSE
+        self._observe_failures += 1
+        delay = full_jitter(self._observe_failures, self.rng)
+        if resp.code == CODE_UNAVAILABLE:
+            pause = float(resp.max_age) if resp.max_age is not None else UNAVAILABLE_PAUSE
+            delay = max(delay, pause)
+        log.warning(
+            "event=observe_refused endpoint=%s code=%s registered=%s backoff=%.2f reason=%r",
+            base,
+            resp.dotted,
+            str(registered).lower(),
+            delay,
+            resp.payload[:200].decode("utf-8", "replace"),
+        )
+        return delay
+
+    async def _on_desired(self, payload: bytes, base: str) -> None:
+        """Apply one desired-state document: every key newer than what was applied."""
+        self._documents += 1
+        self._last_doc_wall = self.clock.time()
+        try:
+            rev, entries, blocked, problems = parse_desired_document(payload)
+        except StateError as err:
+            self._documents_rejected += 1
+            log.warning("event=desired_document_rejected endpoint=%s error=%r", base, str(err))
+            return
+        log.debug("event=desired_document endpoint=%s rev=%d keys=%d", base, rev, len(entries))
+        for where, problem in problems:
+            log.warning("event=desired_key_rejected key=%s error=%r", where, problem)
+        changed = False
+        for key, entry in sorted(entries.items(), key=lambda item: (item[1].version, item[0])):
+            if entry.version <= self._seen_version(key):
+                continue
+            changed = True
+            if blocked.get(key) == entry.version:
+                self._failed[key] = Failure(
+                    entry.version,
+                    "blocked by the endpoint: loading this version failed before",
+                    _model_name(entry.value),
+                )
+                log.info("event=desired_blocked key=%s version=%d", key, entry.version)
+                continue
+            error: str | None = None
+            try:
+                statedoc.check_desired(key, entry.value)
+                self.hooks.apply(key, entry.value)
+            except (StateError, ValueError) as err:
+                error = _error_text(err)
+            except Exception as err:  # a bug in the runtime's hook: refuse, keep running
+                error = _error_text(err)
+                log.error("event=desired_apply_crashed key=%s error=%r", key, error)
+            if error is not None:
+                self._failed[key] = Failure(entry.version, error, _model_name(entry.value))
+                log.warning(
+                    "event=desired_rejected key=%s version=%d error=%r action=kept_previous",
+                    key,
+                    entry.version,
+                    error,
+                )
+                continue
+            self._applied[key] = entry
+            self._failed.pop(key, None)
+            log.info(
+                "event=desired_applied key=%s version=%d value=%s",
+                key,
+                entry.version,
+                _show(entry.value),
+            )
+        if rev > self._rev:
+            self._rev = rev
+            changed = True
+        if changed:
+            await self._persist()
+            self.changed()
+
+    def _seen_version(self, key: str) -> int:
+        applied = self._applied.get(key)
+        failed = self._failed.get(key)
+        return max(applied.version if applied else 0, failed.version if failed else 0)
+
+
+# -- helpers ---------
+
+
+def parse_desired_document(
+    payload: bytes,
+) -> tuple[int, dict[str, Entry], dict[str, int], list[tuple[str, str]]]:
+    """A desired document, leniently: ``(rev, entries, blocked, problems)``.
+
+    A document that does not decode, or is not ``{rev, keys, ? blocked}``, raises
+    :class:`StateError`. An entry without a usable ``[version, value]`` is left out and named in
+    ``problems`` so that the other keys still apply; values are checked per key by the caller.
+    """
+    try:
+        doc = records.loads(payload, max_depth=16)
+    except RecordError as err:
+        raise StateError(f"desired document: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
+        raise StateError("desired document: expected {rev, keys, ? blocked}")
+    rev = doc.get("rev")
+    if not _is_version(rev):
+        raise StateError(f"desired document: rev must be an unsigned integer, got {rev!r}")
+    entries: dict[str, Entry] = {}
+    problems: list[tuple[str, str]] = []
+    for key, item in doc["keys"].items():
+        if not isinstance(key, str):
+            problems.append((repr(key), "a key is not text"))
+        elif not (isinstance(item, list) and len(item) == 2 and _is_version(item[0])):
+            problems.append((key, f"expected [version, value], got {item!r}"[:ERROR_TEXT_MAX]))
+        else:
+            entries[key] = Entry(item[0], item[1])
+    blocked: dict[str, int] = {}
+    raw_blocked = doc.get("blocked", {})
+    if isinstance(raw_blocked, dict):
+        blocked = {k: v for k, v in raw_blocked.items() if isinstance(k, str) and _is_version(v)}
+    else:
+        problems.append(("blocked", "expected a map of key => version"))
+    return rev, entries, blocked, problems
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    """The persisted state file, checked; :class:`StateFileError` if it is not one."""
+    try:
+        doc = records.loads(data)
+    except RecordError as err:
+        raise StateFileError(str(err)) from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise StateFileError(f"not a state file of format {STATE_FORMAT}")
+    if not isinstance(doc.get("device"), str):
+        raise StateFileError("device: expected text")
+    for name in ("clock", "rev"):
+        if not _is_version(doc.get(name)):
+            raise StateFileError(f"{name}: expected an unsigned integer")
+
+    def entries(name: str) -> dict[str, Entry]:
+        raw = doc.get(name)
+        if not isinstance(raw, dict):
+            raise StateFileError(f"{name}: expected a map")
+        out: dict[str, Entry] = {}
+        for key, item in raw.items():
+            if not (
+                isinstance(key, str)
+                and isinstance(item, list)
+                and len(item) == 2
+                and _is_version(item[0])
+            ):
+                raise StateFileError(f"{name}: {key!r}: expected [version, value]")
+            out[key] = Entry(item[0], item[1])
+        return out
+
+    pending = doc.get("pending")
+    if not isinstance(pending, list) or not all(isinstance(k, str) for k in pending):
+        raise StateFileError("pending: expected a list of keys")
+    failed: dict[str, Failure] = {}
+    raw_failed = doc.get("failed")
+    if not isinstance(raw_failed, dict):
+        raise StateFileError("failed: expected a map")
+    for key, item in raw_failed.items():
+        if not (
+            isinstance(key, str)
+            and isinstance(item, list)
+            and len(item) == 3
+            and _is_version(item[0])
+            and isinstance(item[1], str)
+            and (item[2] is None or isinstance(item[2], str))
+        ):
+            raise StateFileError(f"failed: {key!r}: expected [version, error, name]")
+        failed[key] = Failure(item[0], item[1], item[2])
+    return {
+        "device": doc["device"],
+        "clock": doc["clock"],
+        "rev": doc["rev"],
+        "reported": entries("reported"),
+        "pending": set(pending),
+        "applied": entries("applied"),
+        "failed": failed,
+    }
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_version(value: Any) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 0 <= value <= statedoc.MAX_VERSION
+    )
+
+
+def _parse_acks(payload: bytes) -> dict[str, int]:
+    try:
+        doc = records.loads(payload, max_depth=4)
+    except RecordError as err:
+        raise StateError(f"reported ack: {err}") from None
+    if not isinstance(doc, dict) or not all(
+        isinstance(k, str) and _is_version(v) for k, v in doc.items()
+    ):
+        raise StateError("reported ack: expected a map of key => version")
+    return doc
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return statedoc.encode_value(a) == statedoc.encode_value(b)
+    except StateError:
+        return False
+
+
+def _reported_problem(key: str, value: Any) -> str | None:
+    """Why the endpoint would refuse ``key: value`` in a reported PUT (its own check), or None."""
+    try:
+        statedoc.parse_reported(statedoc.encode_reported({key: Entry(0, value)}))
+    except (StateError, RecordError) as err:
+        return str(err)
+    return None
+
+
+def _chunks(entries: Mapping[str, Entry], limit: int) -> Iterator[dict[str, Entry]]:
+    chunk: dict[str, Entry] = {}
+    size = 1
+    for key, entry in entries.items():
+        n = len(statedoc.encode_reported({key: entry}))
+        if chunk and size + n > limit:
+            yield chunk
+            chunk, size = {}, 1
+        chunk[key] = entry
+        size += n
+    if chunk:
+        yield chunk
+
+
+def _model_name(value: Any) -> str | None:
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"]
+    return None
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text[:ERROR_TEXT_MAX]
+
+
+def _show(value: Any) -> str:
+    return repr(value)[:ERROR_TEXT_MAX]
+
+
+async def _anext(stream: Any) -> Response:
+    result: Response = await stream.__anext__()
+    return result
+
+
+async def _wait_first(
+    clock: Clock, seconds: float, future: Awaitable[Any], event: asyncio.Event
+) -> None:
+    """Wait until ``future`` is done, ``event`` is set, or ``seconds`` pass on ``clock``."""
+    if event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({future, waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        sleeper.cancel()
+
+
+async def _wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``event`` is set or ``seconds`` pass on ``clock``."""
+    if event.is_set():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        sleeper.cancel()
