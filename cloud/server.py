@@ -9,6 +9,8 @@ Resources (docs/protocol.md is the normative description):
     GET  /state/{device}/desired           desired state; Observe (RFC 7641)
     PUT  /state/{device}/desired           operators set desired state (If-Match supported)
     GET  /devices/{device}                 the registry entry
+    POST /infer/{device}                   full-precision inference on a window (cloud/inference.py)
+    POST /validate/{device}                a verdict on an edge alert, stored per (device, seq)
 
 Use it in-process::
 
@@ -46,7 +48,16 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from agent import codec, records, statedoc
 from agent.clock import Clock, RealClock
 from agent.codec import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
+from agent.errors import ModelError
 from agent.statedoc import StateError
+from cloud.inference import (
+    DEFAULT_MODELS_DIR,
+    CloudInference,
+    InferenceError,
+    InferRequest,
+    NoSuchModel,
+    ValidateRequest,
+)
 from cloud.storage import (
     DocumentTooLarge,
     PreconditionFailed,
@@ -79,6 +90,8 @@ RESOURCE_TYPES = {
     "reported": "edge-agent.state.reported",
     "desired": "edge-agent.state.desired",
     "device": "edge-agent.device",
+    "infer": "edge-agent.infer",
+    "validate": "edge-agent.validate",
 }
 
 
@@ -235,6 +248,10 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("desired", device, frozenset({GET, PUT}), conditional=True)
         case ("devices", device):
             return _Route("device", device, frozenset({GET}))
+        case ("infer", device):
+            return _Route("infer", device, frozenset({POST}))
+        case ("validate", device):
+            return _Route("validate", device, frozenset({POST}))
     raise _Failure(Code.NOT_FOUND, "no such resource")
 
 
@@ -340,6 +357,7 @@ class CloudServer:
         self.host = DEFAULT_HOST
         self.port = 0
         self.data_dir: Path | None = None  # set by start() when the storage is SQLite in a dir
+        self.inference = CloudInference(DEFAULT_MODELS_DIR)  # start() keeps verdicts in data_dir
         self._ctx: aiocoap.Context | None = None
         self._known_devices: set[str] = set()
         self._observers: dict[str, set[Any]] = {}
@@ -360,16 +378,23 @@ class CloudServer:
         clock: Clock | None = None,
         limits: Limits | None = None,
         storage_factory: Callable[[], Storage] | None = None,
+        models_dir: str | Path | None = None,
     ) -> CloudServer:
-        """Open the storage in ``data_dir`` and listen on ``host:port`` (port 0: any free port)."""
+        """Open the storage in ``data_dir`` and listen on ``host:port`` (port 0: any free port).
+        ``models_dir``: the full-precision models of /infer and /validate (models/cloud)."""
         factory = storage_factory or (lambda: SQLiteStorage.in_dir(data_dir))
         thread = StorageThread(factory, clock)
         await thread.start()
         server = cls(thread, allow_any_device=allow_any_device, clock=clock, limits=limits)
         server.data_dir = None if storage_factory else Path(data_dir)
+        server.inference = CloudInference(
+            Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR, server.data_dir
+        )
         try:
+            await server.inference.start()
             await server._listen(host, port)
         except BaseException:
+            await server.inference.close()
             await thread.stop()
             raise
         return server
@@ -405,6 +430,7 @@ class CloudServer:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
         self._observers.clear()
+        await self.inference.close()
         await self.storage.stop()
         log.info("event=stopped")
 
@@ -601,6 +627,8 @@ class CloudServer:
                     "obs": True,
                 },
                 {"href": f"/devices/{d}", "rt": RESOURCE_TYPES["device"], "ct": CF_CBOR},
+                {"href": f"/infer/{d}", "rt": RESOURCE_TYPES["infer"], "ct": CF_CBOR},
+                {"href": f"/validate/{d}", "rt": RESOURCE_TYPES["validate"], "ct": CF_CBOR},
             ]
         queries = list(request.opt.uri_query)
         text = ",".join(
@@ -719,6 +747,45 @@ class CloudServer:
         }
         payload = records.dumps(doc)
         return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
+
+    async def _inference_body(self, request: Message) -> Any:
+        payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)
+        try:
+            return records.loads(payload)
+        except records.RecordError as err:
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
+
+    async def _run_inference(self, work: Awaitable[dict[str, Any]]) -> Message:
+        try:
+            result = await work
+        except NoSuchModel as err:
+            raise _Failure(Code.NOT_FOUND, str(err)) from None
+        except InferenceError as err:
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
+        except ModelError as err:
+            log.error("event=model_unavailable error=%s", err)
+            raise _Failure(
+                Code.SERVICE_UNAVAILABLE, "model unavailable", max_age=RETRY_AFTER
+            ) from None
+        return Message(code=Code.CONTENT, payload=records.dumps(result), content_format=CF_CBOR)
+
+    async def _infer_post(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        body = await self._inference_body(request)
+        try:
+            req = InferRequest.parse(body)
+        except InferenceError as err:
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
+        return await self._run_inference(self.inference.infer(device, req))
+
+    async def _validate_post(self, request: Message, route: _Route) -> Message:
+        device = await self._device(route)
+        body = await self._inference_body(request)
+        try:
+            req = ValidateRequest.parse(body)
+        except InferenceError as err:
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
+        return await self._run_inference(self.inference.validate(device, req))
 
 
 def _check_port_free(host: str, port: int) -> None:

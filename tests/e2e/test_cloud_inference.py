@@ -1,0 +1,178 @@
+"""The endpoint's full-precision inference (/infer) and alert validation (/validate) over real CoAP
+on loopback, with the float32 models of models/cloud in the real interpreter."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import cbor2
+import numpy as np
+import pytest
+
+from agent.clock import RealClock
+from agent.codec import CF_CBOR
+from agent.inference import TFLiteModel, load_manifest
+from agent.transport import CoapTransport, Response, code
+from cloud.server import CloudServer, Limits
+
+DEVICE = "pump-11"
+ROOT = Path(__file__).resolve().parents[2]
+CLOUD_MODELS = ROOT / "models" / "cloud"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def window(seed: int, fault: bool) -> list[float]:
+    """A model input (4 steps x 8 channels, standardised): noise, or the flow channel far
+    below its reference in the newest three steps."""
+    w = np.random.default_rng(seed).normal(0.0, 0.3, (4, 8))
+    if fault:
+        w[1:, 7] = -5.0
+    return [float(v) for v in w.reshape(-1).astype(np.float32)]
+
+
+def alert(confidence: float = 0.5) -> dict:
+    return {
+        "time": 1_700_000_000.0,
+        "kind": "raise",
+        "score": 1.4,
+        "threshold": 1.0,
+        "channels": [["Volume Flow RateRMS", 1.4]],
+        "verdict": "novel_anomaly",
+        "fault": None,
+        "confidence": confidence,
+        "novelty": None,
+        "model": "skab-ae",
+    }
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    await srv.add_device(DEVICE)
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[CoapTransport]:
+    t = CoapTransport(RealClock(), lanes=4)
+    yield t
+    await t.close()
+
+
+async def post(
+    t: CoapTransport,
+    srv: CloudServer,
+    path: str,
+    body: object,
+    *,
+    cf: int | None = CF_CBOR,
+    lane: int = 0,
+    raw: bytes | None = None,
+) -> Response:
+    payload = raw if raw is not None else cbor2.dumps(body)
+    return await t.request(
+        "POST", f"{srv.uri}{path}", payload, content_format=cf, deadline=20.0, lane=lane
+    )
+
+
+async def test_infer_answers_the_full_precision_output(
+    server: CloudServer, transport: CoapTransport
+) -> None:
+    w = window(1, fault=True)
+    resp = await post(transport, server, f"/infer/{DEVICE}", {"model": "skab-ae", "window": w})
+    assert resp.dotted == "2.05" and resp.content_format == CF_CBOR
+    got = cbor2.loads(resp.payload)
+    ref = TFLiteModel.open(load_manifest(CLOUD_MODELS), "skab-ae")
+    want = ref.predict(np.asarray(w, dtype=np.float32))
+    assert got["model"] == "skab-ae" and got["precision"] == "float32"
+    np.testing.assert_allclose(got["output"], want, rtol=1e-5, atol=1e-6)
+    newest = np.abs(np.asarray(w[-8:]) - want[-8:]).max()
+    assert got["score"] == pytest.approx(float(newest), rel=1e-5)
+
+    resp = await post(transport, server, f"/infer/{DEVICE}", {"model": "skab-clf", "window": w})
+    probs = cbor2.loads(resp.payload)
+    assert probs["classes"] == ["normal", "valve", "other"]
+    assert sum(probs["output"]) == pytest.approx(1.0, abs=1e-4)
+    assert server.inference.infer_runs == 2
+
+
+async def test_validate_runs_the_model_once_per_alert(
+    server: CloudServer, transport: CoapTransport, tmp_path: Path
+) -> None:
+    body = {"seq": 41, "alert": alert(), "window": window(2, fault=True)}
+    first = cbor2.loads((await post(transport, server, f"/validate/{DEVICE}", body)).payload)
+    assert first["seq"] == 41 and first["anomalous"] is True and first["score"] > 1.0
+    assert first["verdict"] in ("known_failure", "novel_anomaly")
+    assert first["model"] == "skab-ae" and first["precision"] == "float32"
+    # repeated, and concurrently from other sockets: the stored verdict, no second run
+    answers = await asyncio.gather(
+        *(post(transport, server, f"/validate/{DEVICE}", body, lane=i) for i in range(4))
+    )
+    assert all(cbor2.loads(a.payload) == first for a in answers)
+    assert server.inference.validation_runs == {(DEVICE, 41): 1}
+    assert server.inference.repeats == 4
+
+    # a normal window: not anomalous under the full model
+    calm = {"seq": 42, "alert": alert(), "window": window(3, fault=False)}
+    verdict = cbor2.loads((await post(transport, server, f"/validate/{DEVICE}", calm)).payload)
+    assert verdict["anomalous"] is False and verdict["verdict"] == "false_alarm"
+
+    # the verdicts outlive the endpoint
+    await server.stop()
+    again = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    try:
+        resp = await post(transport, again, f"/validate/{DEVICE}", body)
+        assert cbor2.loads(resp.payload) == first
+        assert again.inference.validation_runs == {}
+        assert await again.inference.verdict(DEVICE, 42) == verdict
+    finally:
+        await again.stop()
+
+
+async def test_bad_requests_get_4xx_and_the_endpoint_keeps_serving(
+    server: CloudServer, transport: CoapTransport
+) -> None:
+    good = {"seq": 7, "alert": alert(), "window": window(4, fault=True)}
+    v = f"/validate/{DEVICE}"
+    cases: list[tuple[str, dict, str]] = [
+        ("4.15", {"path": v, "body": good, "cf": None}, "no Content-Format"),
+        ("4.15", {"path": v, "body": good, "cf": 112}, "SenML is not a request body here"),
+        ("4.00", {"path": v, "raw": b"\xff\x00garbage"}, "not CBOR"),
+        ("4.00", {"path": v, "body": [1, 2, 3]}, "not a map"),
+        ("4.00", {"path": v, "body": {**good, "window": []}}, "empty window"),
+        ("4.00", {"path": v, "body": {**good, "window": ["x"] * 32}}, "window of text"),
+        ("4.00", {"path": v, "body": {**good, "window": [0.1] * 31}}, "wrong window length"),
+        ("4.00", {"path": v, "body": {**good, "seq": -1}}, "negative seq"),
+        ("4.00", {"path": v, "body": {**good, "extra": 1}}, "unknown key"),
+        ("4.00", {"path": v, "body": {**good, "alert": {"model": "skab-ae", "threshold": 0}}}, ""),
+        ("4.04", {"path": v, "body": {**good, "alert": {**alert(), "model": "nope"}}}, "model"),
+        ("4.04", {"path": "/validate/ghost-1", "body": good}, "unregistered device"),
+        ("4.04", {"path": "/infer/ghost-1", "body": {"model": "skab-ae", "window": []}}, ""),
+        ("4.04", {"path": f"/infer/{DEVICE}", "body": {"model": "nope", "window": [0.0]}}, ""),
+        ("4.00", {"path": f"/infer/{DEVICE}", "body": {"model": 3, "window": [0.0]}}, ""),
+        (
+            "4.13",
+            {"path": v, "raw": b"\xa0" * (Limits().state_bytes + 100)},
+            "larger than the limit",
+        ),
+    ]
+    for want, case, why in cases:
+        resp = await post(
+            transport,
+            server,
+            case["path"],
+            case.get("body"),
+            cf=case.get("cf", CF_CBOR),
+            raw=case.get("raw"),
+        )
+        assert resp.dotted == want, (why, case["path"], resp.payload)
+    resp = await transport.request("GET", f"{server.uri}{v}", deadline=10.0)
+    assert resp.code == code("4.05")
+    assert server.inference.validation_runs == {}
+    resp = await post(transport, server, v, good)
+    assert resp.dotted == "2.05"
+    assert server.inference.validation_runs == {(DEVICE, 7): 1}
