@@ -29,6 +29,7 @@ from agent.ingest import TelemetryWriter
 from agent.metrics import Registry, write_textfile
 from agent.notify import Health, Notifier, run_watchdog
 from agent.sampling import Sampler
+from agent.state import AgentHooks, StateSync
 from agent.status import StatusServer, socket_path
 from agent.store import Store, StoreStats
 from agent.transport import CoapTransport, Endpoints
@@ -45,6 +46,8 @@ STUCK_AFTER = 60.0
 READY_WITHIN = 30.0
 #: Seconds between refreshes of the queue statistics shown by status.
 STATS_INTERVAL = 2.0
+#: Seconds between checks for sensor health or link changes to report.
+STATE_WATCH_INTERVAL = 1.0
 
 
 class Agent:
@@ -78,6 +81,7 @@ class Agent:
         self.transport: CoapTransport | None = None
         self.endpoints: Endpoints | None = None
         self.uplink: Uplink | None = None
+        self.state: StateSync | None = None
         self._status = (
             StatusServer(socket_path(config.agent.data_dir), self.snapshot)
             if status_socket
@@ -202,6 +206,7 @@ class Agent:
             "sensors": [h.as_dict() for h in self.sampler.health.values()] if self.sampler else [],
             "queue": queue,
             "link": self._link_status(),
+            "state": self.state.status if self.state is not None else None,
             "models": {},
             "last_alert": None,
             "stuck": self.health.stuck(),
@@ -219,6 +224,7 @@ class Agent:
         self.writer = TelemetryWriter(
             self.store, self.clock, on_commit=self.uplink.poke if self.uplink else None
         )
+        self._build_state()
         self._stuck_checks()
         self.metrics_setup()
         if self._status is not None:
@@ -246,6 +252,9 @@ class Agent:
                 ]
                 if self.uplink is not None:
                     others.append(tg.create_task(self.uplink.run(), name="uplink"))
+                if self.state is not None:
+                    others.append(tg.create_task(self.state.run(), name="state"))
+                    others.append(tg.create_task(self._watch_state(), name="state-watch"))
                 await self._stop.wait()
                 self.notifier.stopping()
                 # stop taking readings, then commit every reading already taken
@@ -307,6 +316,42 @@ class Agent:
             return up is not None and any(now - t > limit for t in up.busy_since.values())
 
         self.health.check("uplink", uplink_busy)
+
+    def _build_state(self) -> None:
+        """Device state (reported and desired) over the uplink's transport; restores the desired
+        values persisted by the last run before any sensor is read."""
+        if self.transport is None or self.endpoints is None or self.sampler is None:
+            return  # no [uplink]: nowhere to report to
+        hooks = AgentHooks(
+            self.sampler,
+            version=__version__,
+            queue_depth=lambda: self.last_stats.depth if self.last_stats else None,
+            link=self._link_status,
+            analyzer=lambda: getattr(self, "analyzer", None),
+        )
+        self.state = StateSync(
+            self.config.state,
+            self.transport,
+            self.endpoints,
+            self.clock,
+            device_id=self.config.agent.device_id,
+            hooks=hooks,
+        )
+        self.state.restore()
+
+    async def _watch_state(self) -> None:
+        """Wake the state reporter when a sensor's health or the link state changes."""
+        assert self.sampler is not None and self.state is not None
+        last = None
+        while True:
+            seen = (
+                tuple((name, h.state.value) for name, h in self.sampler.health.items()),
+                self._link_status().get("state"),
+            )
+            if last is not None and seen != last:
+                self.state.changed()
+            last = seen
+            await self.clock.sleep(STATE_WATCH_INTERVAL)
 
     def resolution(self, sensor: str, channel: str) -> float | None:
         """The step of a reported channel: the config's override, else the part's resolution

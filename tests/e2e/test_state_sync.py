@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +26,21 @@ import pytest
 from aiocoap import Code, Message
 
 import cloud.server
+from agent import __version__ as agent_version
+from agent import config as configmod
 from agent import records
 from agent import state as state_mod
+from agent.cli import example_config
 from agent.clock import RealClock
+from agent.runtime import Agent
 from agent.state import StateSettings, StateSync, decode_state, parse_desired_document
 from agent.statedoc import StateError
 from agent.transport import CoapTransport, Endpoints
+from agent.uplink import UplinkSettings
 from cloud.server import CloudServer
 from cloud.storage import DB_NAME
 from drivers.base import OptionError, Options
+from drivers.sim.rig import SimRig
 
 DEVICE = "pump-01"
 FAST = StateSettings(report_interval=0.5, min_put_interval=0.02, deadline=2.0)
@@ -654,3 +662,104 @@ async def _value_is(server: CloudServer, key: str, value: Any) -> bool:
 
 async def _blocked(server: CloudServer, key: str, version: int) -> bool:
     return (await server.desired(DEVICE)).blocked.get(key) == version
+
+
+# -- through the agent's runtime -----------------------------------------------------------------
+
+
+def agent_config(tmp_path: Path, server: CloudServer) -> Any:
+    """The shipped rig config on the simulated rig, with [uplink] to ``server`` and fast
+    [state] timing."""
+    cfg = configmod.simulated(
+        configmod.load(example_config()), configmod.SimulationConfig(source="pump", seed=5)
+    )
+    cfg = configmod.replace_data_dir(cfg, tmp_path / "agent")
+    agent_section = replace(cfg.agent, device_id=DEVICE)
+    state = replace(cfg.state, report_interval=1.0, min_put_interval=0.05, deadline=2.0)
+    uplink = UplinkSettings(endpoints=(server.uri,))
+    return replace(cfg, agent=agent_section, uplink=uplink, state=state)
+
+
+class RunningAgent:
+    """An Agent on the simulated rig run as a task; records the motor's reading times."""
+
+    def __init__(self, cfg: Any) -> None:
+        clock = RealClock()
+        self.motor_times: list[float] = []
+        self.agent = Agent(
+            cfg, clock=clock, rig=SimRig(cfg, clock), on_reading=self._seen, status_socket=False
+        )
+        self.task = asyncio.create_task(self.agent.run(install_signals=False))
+
+    def _seen(self, reading: Any) -> None:
+        if reading.sensor == "motor":
+            self.motor_times.append(reading.t_mono)
+
+    def motor_every(self, most: float, n: int = 4) -> bool:
+        """True when the last ``n`` motor readings came at most ``most`` seconds apart."""
+        t = self.motor_times[-(n + 1) :]
+        return len(t) == n + 1 and all(b - a <= most for a, b in itertools.pairwise(t))
+
+    def state(self) -> dict[str, Any]:
+        sync = self.agent.state
+        return sync.status if sync is not None else {}
+
+    async def stop(self) -> None:
+        self.agent.request_stop()
+        await asyncio.wait_for(self.task, 20)
+
+
+def applications(caplog: pytest.LogCaptureFixture, key: str) -> int:
+    return sum(f"event=desired_applied key={key} " in r.getMessage() for r in caplog.records)
+
+
+async def test_agent_applies_desired_interval_live_once_and_keeps_it_on_a_bad_value(
+    server: CloudServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a restarted agent's observation can be dropped by the endpoint (see the restore test):
+    # Max-Age renews it
+    monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 0.5)
+    caplog.set_level(logging.INFO, logger="agent.state")
+    key = "sensor/motor/interval"
+    cfg = agent_config(tmp_path, server)
+    assert cfg.sensor("motor").interval == 1.0
+
+    first = RunningAgent(cfg)
+    try:
+        await wait_for(lambda: _value_is(server, key, 1.0), "configured interval reported")
+        await wait_for(lambda: _has(server, "sensor/vib_pump/health"), "sensor health reported")
+        assert (await reported(server))["agent/version"] == agent_version
+        await wait_for(lambda: first.state().get("observing"), "observing desired")
+        doc, _ = await server.set_desired(DEVICE, {key: 0.2})
+        # applied live: the motor is read five times as often, the other sensors untouched
+        await wait_for(lambda: first.motor_every(0.5), "motor read at the new interval")
+        assert first.agent.sampler.tasks["vib_pump"].interval == 1.0
+        await wait_for(lambda: _value_is(server, key, 0.2), "new interval reported")
+        assert applications(caplog, key) == 1
+        status = first.agent.snapshot()["state"]
+        assert status["desired_applied"][key] == doc.rev
+    finally:
+        await first.stop()
+
+    # a restart starts with the persisted value and does not apply the change again
+    second = RunningAgent(cfg)
+    try:
+        await wait_for(lambda: second.state().get("documents", 0) >= 1, "desired read")
+        assert second.agent.sampler.tasks["motor"].interval == 0.2
+        await wait_for(lambda: second.motor_every(0.5), "motor read at the restored interval")
+        assert applications(caplog, key) == 1
+
+        # a value the agent cannot use: refused with a warning, the previous interval stays
+        rev = await write_desired_raw(server, {key: "fast"})
+        await wait_for(lambda: _has(server, "desired/errors"), "refusal reported")
+        errors = (await reported(server))["desired/errors"]
+        assert errors[key]["version"] == rev
+        assert "event=desired_rejected key=sensor/motor/interval" in caplog.text
+        assert second.agent.sampler.tasks["motor"].interval == 0.2
+        assert (await reported(server))[key] == 0.2
+        assert applications(caplog, key) == 1
+    finally:
+        await second.stop()
