@@ -7,6 +7,9 @@ edge-agent-cloud export --data DIR --device ID [--since T] [--format csv|json] [
 edge-agent-cloud desired set (--data DIR | --server URI) --device ID KEY=VALUE [...]
 edge-agent-cloud desired show --data DIR --device ID
 edge-agent-cloud reported show --data DIR --device ID
+edge-agent-cloud models keygen (--data DIR | --out KEYFILE)
+edge-agent-cloud models publish --data DIR FILE --name N --version V [--key KEYFILE] [--entry E]
+edge-agent-cloud models list --data DIR [--json]
 
 ``desired set --data`` writes the database directly; a server running on it notices within a
 second and notifies the device's observers. ``--server coap://HOST:PORT`` sends a CoAP PUT instead.
@@ -25,6 +28,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from agent import logsetup, records, statedoc
@@ -40,6 +44,7 @@ EX_USAGE = 64
 EX_UNAVAILABLE = 69
 
 REQUEST_TIMEOUT = 10.0  # seconds for `desired set --server`
+KEY_FILE = "signing.key"  # models keygen/publish: the default key under DATA/models
 
 log = logging.getLogger("cloud.cli")
 
@@ -253,6 +258,55 @@ def cmd_reported(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+# -- models ---------------------------------------------------------------------------------------
+
+
+def _signing_key(args: argparse.Namespace) -> Path:
+    if args.key:
+        return Path(args.key)
+    return Path(args.data) / "models" / KEY_FILE
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from agent.errors import ModelError
+    from agent.modelcache import load_private_key, write_keypair
+    from cloud.models import ModelRegistry, entry_for
+
+    try:
+        if args.action == "keygen":
+            if not (args.out or args.data):
+                raise UsageError("models keygen: give --out KEYFILE or --data DIR")
+            out = Path(args.out) if args.out else Path(args.data) / "models" / KEY_FILE
+            if out.exists():
+                raise UsageError(f"{out} exists; not overwritten (move it away first)")
+            private, public = write_keypair(out)
+            print(f"signing key {private} (keep it secret), public key {public} (for devices)")
+            return EX_OK
+        registry = ModelRegistry(Path(args.data) / "models")
+        if args.action == "publish":
+            file = Path(args.file)
+            data = file.read_bytes()
+            manifest_path = Path(args.manifest) if args.manifest else None
+            entry = entry_for(file, manifest_path, args.entry)
+            key = load_private_key(_signing_key(args))
+            m = registry.publish(data, args.name, args.version, entry, key)
+            print(f"published {m.name} {m.version}: {m.size} bytes, sha256 {m.sha256}, key {m.key}")
+            return EX_OK
+        items = registry.list()
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EX_FAIL
+    if args.json:
+        json.dump([p.to_dict() for p in items], sys.stdout, indent=2)
+        print()
+        return EX_OK
+    print(f"{'model':<24} {'version':<12} {'bytes':>9} {'sha256':<16} {'key':<16} published")
+    for p in items:
+        when = dt.datetime.fromtimestamp(p.published, dt.UTC).isoformat(timespec="seconds")
+        print(f"{p.name:<24} {p.version:<12} {p.size:>9} {p.sha256[:16]} {p.key:<16} {when}")
+    return EX_OK
+
+
 # -- the parser -----------------------------------------------------------------------------------
 
 
@@ -307,6 +361,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", required=True)
     q.add_argument("--device", required=True)
     p.set_defaults(func=cmd_reported)
+
+    p = sub.add_parser("models", help="the model registry (signed, versioned models)")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("keygen", help="make an Ed25519 signing key (KEYFILE and KEYFILE.pub)")
+    q.add_argument("--data", help="default KEYFILE: DIR/models/signing.key")
+    q.add_argument("--out", help="the private key file to write (not overwritten)")
+    q = dsub.add_parser("publish", help="sign a model file and publish it as NAME VERSION")
+    q.add_argument("file", metavar="FILE")
+    q.add_argument("--data", required=True)
+    q.add_argument("--name", required=True)
+    q.add_argument("--version", required=True)
+    q.add_argument("--key", help="signing key (default: DIR/models/signing.key)")
+    q.add_argument("--manifest", help="manifest.json with the model's entry (default: beside FILE)")
+    q.add_argument("--entry", help="the entry's name in that manifest (default: by file name)")
+    q = dsub.add_parser("list", help="published model versions")
+    q.add_argument("--data", required=True)
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
     return parser
 
 

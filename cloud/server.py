@@ -11,6 +11,7 @@ Resources (docs/protocol.md is the normative description):
     GET  /devices/{device}                 the registry entry
     POST /infer/{device}                   full-precision inference on a window (cloud/inference.py)
     POST /validate/{device}                a verdict on an edge alert, stored per (device, seq)
+    GET  /models[/{name}[/{version}/manifest|file]]   model registry (cloud/models.py; Block2)
 
 Use it in-process::
 
@@ -58,6 +59,7 @@ from cloud.inference import (
     NoSuchModel,
     ValidateRequest,
 )
+from cloud.models import ModelRegistry, ModelRequestError
 from cloud.storage import (
     DocumentTooLarge,
     PreconditionFailed,
@@ -92,6 +94,7 @@ RESOURCE_TYPES = {
     "device": "edge-agent.device",
     "infer": "edge-agent.infer",
     "validate": "edge-agent.validate",
+    "models": "edge-agent.models",
 }
 
 
@@ -248,6 +251,8 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("desired", device, frozenset({GET, PUT}), conditional=True)
         case ("devices", device):
             return _Route("device", device, frozenset({GET}))
+        case ("models", *_):
+            return _Route("models", None, frozenset({GET}))
         case ("infer", device):
             return _Route("infer", device, frozenset({POST}))
         case ("validate", device):
@@ -270,7 +275,9 @@ class _Site(aiocoap.interfaces.ObservableResource):
         return self._server.limits.state_bytes
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
-        return True
+        # Model files answer any Block2 number themselves (stateless, resumable).
+        path = tuple(request.opt.uri_path)
+        return not (len(path) == 4 and path[0] == "models" and path[3] == "file")
 
     async def render_to_pipe(self, pipe: Any) -> None:
         await aiocoap.interfaces.ObservableResource._render_to_pipe(self, pipe)
@@ -357,6 +364,7 @@ class CloudServer:
         self.host = DEFAULT_HOST
         self.port = 0
         self.data_dir: Path | None = None  # set by start() when the storage is SQLite in a dir
+        self.models: ModelRegistry | None = None  # DATA/models, set by start()
         self.inference = CloudInference(DEFAULT_MODELS_DIR)  # start() keeps verdicts in data_dir
         self._ctx: aiocoap.Context | None = None
         self._known_devices: set[str] = set()
@@ -387,6 +395,7 @@ class CloudServer:
         await thread.start()
         server = cls(thread, allow_any_device=allow_any_device, clock=clock, limits=limits)
         server.data_dir = None if storage_factory else Path(data_dir)
+        server.models = ModelRegistry(Path(data_dir) / "models")
         server.inference = CloudInference(
             Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR, server.data_dir
         )
@@ -574,7 +583,7 @@ class CloudServer:
             raise _Failure(Code.NOT_FOUND, "no such device")
         accept = request.opt.accept
         wanted = CF_LINK_FORMAT if route.name == "wkc" else CF_CBOR
-        if accept is not None and int(accept) != wanted:
+        if accept is not None and int(accept) != wanted and route.name != "models":
             raise _Failure(Code.NOT_ACCEPTABLE, f"this resource is served as {wanted}")
         return route
 
@@ -630,6 +639,8 @@ class CloudServer:
                 {"href": f"/infer/{d}", "rt": RESOURCE_TYPES["infer"], "ct": CF_CBOR},
                 {"href": f"/validate/{d}", "rt": RESOURCE_TYPES["validate"], "ct": CF_CBOR},
             ]
+        if self.models is not None:
+            links.append({"href": "/models", "rt": RESOURCE_TYPES["models"], "ct": CF_CBOR})
         queries = list(request.opt.uri_query)
         text = ",".join(
             _link(link.pop("href"), **link) for link in links if _link_matches(link, queries)
@@ -731,6 +742,14 @@ class CloudServer:
         response = Message(code=Code.CHANGED, payload=body, content_format=CF_CBOR)
         response.opt.etag = doc.etag()
         return response
+
+    async def _models_get(self, request: Message, route: _Route) -> Message:
+        if self.models is None:
+            raise _Failure(Code.NOT_FOUND, "no model registry")
+        try:
+            return self.models.render(request, tuple(request.opt.uri_path))
+        except ModelRequestError as err:
+            raise _Failure(err.code, err.message) from None
 
     async def _device_get(self, request: Message, route: _Route) -> Message:
         device = await self._device(route)

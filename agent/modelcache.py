@@ -1,0 +1,1254 @@
+"""The model cache: signed, versioned models fetched from the endpoint, kept within budgets.
+
+Two tiers, each bounded and each evicted least-recently-used first:
+
+- **disk**: verified model files under ``cache_dir`` (``files/NAME@VERSION.tflite`` beside the
+  signed manifest ``files/NAME@VERSION.manifest``), bounded by ``disk_budget``;
+- **memory**: loaded interpreters (:class:`~agent.inference.TFLiteModel`), bounded by
+  ``memory_budget``. The memory estimate of a loaded model is its **file size**: the interpreter
+  holds a copy of the flatbuffer (``model_content``), and the activation arena of the shipped
+  MLPs is a few hundred bytes next to it.
+
+A model that is *pinned* (the current policy needs it: :meth:`ModelCache.set_pins`) or *in use*
+(:meth:`ModelCache.acquire` until :meth:`ModelCache.release`) is never evicted from either tier;
+when only such models are left the cache stays over its budget and says so in a warning.
+
+:meth:`ModelCache.get` is a local hit or a download:
+
+1. a cached ``(name, version)`` is a hit;
+2. a model of the shipped directory (``models/manifest.json``) with that name and version is
+   used in place (shipped models come with the agent and are trusted like its code; they do not
+   count against the disk budget) -- so with an empty cache and no link the agent runs from them;
+3. otherwise the signed manifest is fetched (``GET /models/NAME/VERSION/manifest``) and its
+   Ed25519 signature checked with the public key provisioned on the device, then the file is
+   fetched block by block (``GET /models/NAME/VERSION/file`` with Block2, RFC 7959). The partial
+   file is kept in ``partial/``: after an interruption (or a restart) the download resumes from
+   the last whole block it holds, by Block2 number. The whole file is then checked (size,
+   SHA-256 against the signed manifest, TFLite identifier) and installed atomically (fsync, rename,
+   fsync of the directory). Anything that does not verify is refused with a
+   :class:`~agent.errors.ModelError` and nothing already cached or running changes.
+
+Link failures raise :class:`~agent.errors.SyncError` (try again later; the partial file stays);
+refusals raise :class:`~agent.errors.ModelError` (do not retry that version).
+
+The index (``index.json``) is written atomically on every install, eviction and pin change, and
+on :meth:`ModelCache.close` (last use times). A missing or corrupt index is rebuilt from the files:
+each file is verified again (SHA-256 and signature) and the ones that fail are deleted.
+
+The signed manifest (docs/protocol.md, "Models"): the Ed25519 signature covers the canonical CBOR
+encoding (RFC 7049 section 3.9: shortest forms, map keys sorted length-first, as
+``cbor2.dumps(..., canonical=True)``) of the array
+``["edge-agent model v1", name, version, size, sha256 (32 bytes), entry]`` where ``entry`` is the
+model's manifest entry (kind, tensors, features, threshold, classes...).
+
+Logging policy: info for a model installed, evicted, refused or loaded; debug per block; warning
+when the cache cannot get under its budget or a cached file fails its check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.errors import ModelError, SyncError
+from agent.inference import (
+    TFLITE_IDENTIFIER,
+    Manifest,
+    ModelEntry,
+    TFLiteModel,
+    load_manifest,
+    read_model_file,
+)
+from drivers.base import Options
+
+log = logging.getLogger(__name__)
+
+# Timing and sizes; tests may shorten them.
+BLOCK_SZX = 6  # Block2 size exponent: 2 ** (6 + 4) = 1024-byte blocks
+BLOCK_DEADLINE = 60.0  # seconds for one block exchange (covers CoAP retransmissions)
+MANIFEST_DEADLINE = 60.0  # seconds for the manifest (block-wise too)
+
+INDEX_FORMAT = 1
+SIGNATURE_CONTEXT = "edge-agent model v1"
+CF_OCTET_STREAM = 42
+MAX_MANIFEST_BYTES = 64 * 1024
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+DEFAULT_MEMORY_BUDGET_MB = 16.0
+DEFAULT_DISK_BUDGET_MB = 64.0
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelsSettings:
+    """The ``[models]`` table: where the cache lives, its budgets, the key, the resource path."""
+
+    cache_dir: Path = Path("/var/lib/edge-agent/models")
+    memory_budget: int = int(DEFAULT_MEMORY_BUDGET_MB * 1024 * 1024)
+    disk_budget: int = int(DEFAULT_DISK_BUDGET_MB * 1024 * 1024)
+    public_key: Path | None = None  # without it, downloads are refused
+    endpoint_path: str = "models"
+
+    @classmethod
+    def from_options(
+        cls, opts: Options, data_dir: Path, base_dir: Path | None = None
+    ) -> ModelsSettings:
+        """Validate a ``[models]`` table (errors name the key) and call ``opts.finish()``.
+
+        Keys: ``cache_dir`` (default ``models`` under ``data_dir``), ``memory_budget_mb`` (16),
+        ``disk_budget_mb`` (64), ``public_key`` (a path, relative to the config file's
+        directory; PEM, raw 32 bytes or 64 hex digits), ``endpoint_path`` ("models")."""
+        raw = opts.string("cache_dir", "models")
+        if not raw.strip():
+            raise opts.error("cache_dir", "is empty")
+        cache_dir = Path(raw).expanduser()
+        if not cache_dir.is_absolute():
+            cache_dir = Path(data_dir) / cache_dir
+        memory = opts.number("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB, above=0.0)
+        disk = opts.number("disk_budget_mb", DEFAULT_DISK_BUDGET_MB, above=0.0)
+        public_key = None
+        if opts.has("public_key"):
+            key = Path(opts.string("public_key")).expanduser()
+            if base_dir is not None and not key.is_absolute():
+                key = base_dir / key
+            if not key.is_file():
+                raise opts.error("public_key", f"{key} does not exist")
+            try:
+                load_public_key(key)
+            except ModelError as err:
+                raise opts.error("public_key", str(err)) from None
+            public_key = key
+        path = opts.string("endpoint_path", "models").strip("/")
+        if not path or not all(NAME_RE.match(seg) for seg in path.split("/")):
+            raise opts.error("endpoint_path", f"{path!r} is not a resource path like 'models'")
+        opts.finish()
+        return cls(
+            cache_dir=cache_dir,
+            memory_budget=int(memory * 1024 * 1024),
+            disk_budget=int(disk * 1024 * 1024),
+            public_key=public_key,
+            endpoint_path=path,
+        )
+
+
+# -- keys and signatures --------------------------------------------------------------------------
+
+
+def _key_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read the {what} ({err})") from err
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file, 32 raw bytes or 64 hex digits. Raises ModelError."""
+    p = Path(path)
+    data = _key_bytes(p, "public key")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_public_key(data)
+            if not isinstance(key, Ed25519PublicKey):
+                raise ModelError(f"{p}: not an Ed25519 public key")
+            return key
+        text = data.strip()
+        raw = bytes.fromhex(text.decode("ascii")) if len(text) == 64 else data
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelError(
+            f"{p}: not an Ed25519 public key (PEM, 32 bytes or 64 hex digits): {err}"
+        ) from err
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM (PKCS#8) file, 32 raw bytes or 64 hex digits."""
+    p = Path(path)
+    data = _key_bytes(p, "signing key")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            key = serialization.load_pem_private_key(data, password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise ModelError(f"{p}: not an Ed25519 private key")
+            return key
+        text = data.strip()
+        raw = bytes.fromhex(text.decode("ascii")) if len(text) == 64 else data
+        return Ed25519PrivateKey.from_private_bytes(raw)
+    except (ValueError, TypeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{p}: not an Ed25519 private key: {err}") from err
+
+
+def public_bytes(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """A short name of a public key: the first 8 bytes of SHA-256 of its raw form, in hex."""
+    return hashlib.sha256(public_bytes(key)).hexdigest()[:16]
+
+
+def write_keypair(path: str | Path) -> tuple[Path, Path]:
+    """A new Ed25519 key pair: ``path`` (private, PKCS#8 PEM, mode 0600) and ``path.pub``."""
+    p = Path(path)
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(private)
+    pub = p.with_name(p.name + ".pub")
+    write_atomic(pub, public)
+    return p, pub
+
+
+def check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ModelError(
+            f"model {what} {value!r}: use 1-64 letters, digits, '_', '.', '+', '-' "
+            "(starting with a letter or digit)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class SignedManifest:
+    """One model version as the registry publishes it; see the module docstring."""
+
+    name: str
+    version: str
+    size: int
+    sha256: str  # 64 lower-case hex digits
+    entry: Mapping[str, Any]
+    signature: bytes = b""
+    key: str = ""  # key_id of the signing key (informational; not signed)
+
+    def signed_bytes(self) -> bytes:
+        """The canonical encoding the signature covers."""
+        return cbor2.dumps(
+            [
+                SIGNATURE_CONTEXT,
+                self.name,
+                self.version,
+                self.size,
+                bytes.fromhex(self.sha256),
+                dict(self.entry),
+            ],
+            canonical=True,
+        )
+
+    @classmethod
+    def sign(
+        cls,
+        name: str,
+        version: str,
+        data: bytes,
+        entry: Mapping[str, Any],
+        key: Ed25519PrivateKey,
+    ) -> SignedManifest:
+        """Sign ``data`` as ``name`` ``version``; the entry's file/size/sha256/version follow
+        the data."""
+        sha = hashlib.sha256(data).hexdigest()
+        full = dict(entry)
+        full.update(
+            name=name,
+            version=version,
+            file=f"{name}@{version}.tflite",
+            size=len(data),
+            sha256=sha,
+        )
+        check_name("name", name)
+        check_name("version", version)
+        unsigned = cls(name, version, len(data), sha, full)
+        signature = key.sign(unsigned.signed_bytes())
+        return cls(name, version, len(data), sha, full, signature, key_id(key.public_key()))
+
+    def verify(self, key: Ed25519PublicKey, label: str = "") -> None:
+        """ModelError unless the signature verifies with ``key`` and the entry agrees."""
+        where = label or f"model {self.name} {self.version}"
+        try:
+            key.verify(self.signature, self.signed_bytes())
+        except InvalidSignature:
+            raise ModelError(
+                f"{where}: the signature does not verify with the provisioned public key "
+                f"(key {key_id(key)}; manifest says {self.key or 'unknown'}); refused"
+            ) from None
+        if int(self.entry.get("size", -1)) != self.size or (
+            str(self.entry.get("sha256", "")).lower() != self.sha256
+        ):
+            raise ModelError(f"{where}: the manifest entry disagrees with its size or SHA-256")
+
+    def model_entry(self) -> ModelEntry:
+        return ModelEntry.from_dict(self.entry, label=f"model {self.name} {self.version}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "size": self.size,
+            "sha256": self.sha256,
+            "entry": dict(self.entry),
+            "signature": self.signature,
+            "key": self.key,
+        }
+
+    def to_cbor(self) -> bytes:
+        return cbor2.dumps(self.to_dict(), canonical=True)
+
+    @classmethod
+    def from_cbor(cls, data: bytes, label: str = "manifest") -> SignedManifest:
+        try:
+            d = cbor2.loads(data)
+            if not isinstance(d, dict):
+                raise ValueError("not a map")
+            sha = str(d["sha256"]).lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise ValueError("sha256 is not 64 hex digits")
+            size = d["size"]
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError("size is not a byte count")
+            entry = d["entry"]
+            if not isinstance(entry, dict):
+                raise ValueError("entry is not a map")
+            signature = d["signature"]
+            if not isinstance(signature, bytes):
+                raise ValueError("signature is not bytes")
+            return cls(
+                check_name("name", d["name"]),
+                check_name("version", d["version"]),
+                size,
+                sha,
+                entry,
+                signature,
+                str(d.get("key", "")),
+            )
+        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"{label}: malformed model manifest ({err})") from err
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse O_RDONLY on directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: temporary file, fsync, rename, fsync of the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+# -- the fetcher ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FetchStats:
+    """What one download did."""
+
+    resumed_from: int = 0  # bytes already in the partial file
+    blocks: int = 0  # blocks fetched now
+    bytes: int = 0  # payload bytes fetched now
+    seconds: float = 0.0
+
+
+def _tuning(ack_timeout: float | None) -> Any:
+    from aiocoap.numbers.constants import Reliable
+
+    if ack_timeout is None:
+        return Reliable()
+
+    class Tuned(Reliable):
+        ACK_TIMEOUT = ack_timeout
+
+    return Tuned()
+
+
+class ModelFetcher:
+    """Fetches signed manifests and model files from the endpoint's registry over CoAP.
+
+    ``base_uri``: ``coap://host:port`` or a callable giving the current endpoint (the runtime's
+    :class:`~agent.transport.Endpoints`). One aiocoap client context, one block in flight
+    (NSTART = 1); blocks are requested by number, so a download resumes where it stopped.
+    """
+
+    def __init__(
+        self,
+        base_uri: str | Callable[[], str],
+        *,
+        endpoint_path: str = "models",
+        szx: int = BLOCK_SZX,
+        block_deadline: float | None = None,
+        manifest_deadline: float | None = None,
+        ack_timeout: float | None = None,
+    ) -> None:
+        self._base = base_uri
+        self.endpoint_path = endpoint_path.strip("/")
+        self.szx = szx
+        self.block_deadline = block_deadline or BLOCK_DEADLINE
+        self.manifest_deadline = manifest_deadline or MANIFEST_DEADLINE
+        self.ack_timeout = ack_timeout
+        self._ctx: Any = None
+        self._lock = asyncio.Lock()
+
+    def uri(self, name: str, version: str, what: str) -> str:
+        base = self._base() if callable(self._base) else self._base
+        return f"{base.rstrip('/')}/{self.endpoint_path}/{name}/{version}/{what}"
+
+    async def _context(self) -> Any:
+        import aiocoap
+
+        async with self._lock:
+            if self._ctx is None:
+                self._ctx = await aiocoap.Context.create_client_context()
+        return self._ctx
+
+    async def close(self) -> None:
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            with contextlib.suppress(Exception):
+                await ctx.shutdown()
+
+    async def _exchange(self, uri: str, deadline: float, block: int | None = None) -> Any:
+        import aiocoap
+        from aiocoap import error as coap_error
+        from aiocoap.optiontypes import BlockOption
+
+        ctx = await self._context()
+        msg = aiocoap.Message(code=aiocoap.GET, uri=uri, transport_tuning=_tuning(self.ack_timeout))
+        if block is not None:
+            msg.opt.block2 = BlockOption.BlockwiseTuple(block, False, self.szx)
+        try:
+            req = ctx.request(msg, handle_blockwise=block is None)
+        except (coap_error.Error, ValueError, OSError) as err:
+            raise SyncError(f"GET {uri}: {err}") from err
+        try:
+            async with asyncio.timeout(deadline):
+                return await req.response
+        except TimeoutError as err:
+            req.response.cancel()
+            raise SyncError(f"GET {uri}: no answer within {deadline:g} s") from err
+        except asyncio.CancelledError:
+            req.response.cancel()
+            raise
+        except (coap_error.Error, OSError) as err:
+            raise SyncError(f"GET {uri}: {type(err).__name__}: {err}") from err
+
+    @staticmethod
+    def _check_code(resp: Any, uri: str, what: str) -> None:
+        code = int(resp.code)
+        if code >> 5 == 2:
+            return
+        text = bytes(resp.payload[:200]).decode("utf-8", "replace")
+        dotted = f"{code >> 5}.{code & 31:02d}"
+        if code >> 5 == 4:  # the registry does not have it, or refuses: not worth retrying
+            raise ModelError(f"GET {uri}: {dotted} {text}; the registry does not serve this {what}")
+        raise SyncError(f"GET {uri}: {dotted} {text}")
+
+    async def manifest(self, name: str, version: str) -> SignedManifest:
+        uri = self.uri(name, version, "manifest")
+        resp = await self._exchange(uri, self.manifest_deadline)
+        self._check_code(resp, uri, "model version")
+        if len(resp.payload) > MAX_MANIFEST_BYTES:
+            raise ModelError(f"GET {uri}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        m = SignedManifest.from_cbor(bytes(resp.payload), label=f"GET {uri}")
+        if (m.name, m.version) != (name, version):
+            raise ModelError(f"GET {uri}: the manifest is for {m.name} {m.version}; refused")
+        return m
+
+    async def download(
+        self,
+        manifest: SignedManifest,
+        part: Path,
+        on_block: Callable[[int, int], None] | None = None,
+    ) -> FetchStats:
+        """Fetch the file into ``part``, resuming from the whole blocks it already holds.
+        Raises SyncError (link; ``part`` keeps what arrived) or ModelError (refused)."""
+        uri = self.uri(manifest.name, manifest.version, "file")
+        bsize = 2 ** (self.szx + 4)
+        etag = bytes.fromhex(manifest.sha256)[:8]
+        out, have = _open_part(part, bsize, manifest.size)
+        stats = FetchStats(resumed_from=have)
+        started = time.perf_counter()
+        num = have // bsize
+        if have:
+            log.info(
+                "model download resumed name=%s version=%s from_block=%d bytes=%d",
+                manifest.name,
+                manifest.version,
+                num,
+                have,
+            )
+        with out:
+            while True:
+                resp = await self._exchange(uri, self.block_deadline, num)
+                self._check_code(resp, uri, "model file")
+                payload = bytes(resp.payload)
+                block = resp.opt.block2
+                if resp.opt.etag is not None and resp.opt.etag != etag:
+                    raise ModelError(
+                        f"GET {uri}: the endpoint serves another file (ETag {resp.opt.etag.hex()}, "
+                        f"manifest {etag.hex()}); refused"
+                    )
+                size2 = resp.opt.size2
+                if size2 is not None and size2 != manifest.size:
+                    what = "truncated" if size2 < manifest.size else "size mismatch"
+                    raise ModelError(
+                        f"GET {uri}: {what}: the endpoint serves {size2} bytes, the signed "
+                        f"manifest says {manifest.size}; refused"
+                    )
+                if block is None:
+                    if num != 0:
+                        raise SyncError(f"GET {uri}: block {num} answered without Block2")
+                    more = False
+                else:
+                    if block.block_number != num or block.size_exponent != self.szx:
+                        raise SyncError(
+                            f"GET {uri}: asked for block {num}/{bsize}, got "
+                            f"{block.block_number}/{block.size}"
+                        )
+                    more = bool(block.more)
+                    if more and len(payload) != bsize:
+                        raise SyncError(f"GET {uri}: block {num} is {len(payload)} bytes")
+                if have + len(payload) > manifest.size:
+                    raise ModelError(
+                        f"GET {uri}: size mismatch: the file is longer than the {manifest.size} "
+                        "bytes the signed manifest says; refused"
+                    )
+                out.write(payload)
+                have += len(payload)
+                stats.blocks += 1
+                stats.bytes += len(payload)
+                log.debug("model block name=%s num=%d bytes=%d", manifest.name, num, have)
+                if on_block is not None:
+                    out.flush()
+                    on_block(num, have)
+                if not more:
+                    break
+                num += 1
+            out.flush()
+            os.fsync(out.fileno())
+        stats.seconds = time.perf_counter() - started
+        if have != manifest.size:
+            raise ModelError(
+                f"GET {uri}: truncated: the transfer ended at {have} bytes, the signed manifest "
+                f"says {manifest.size}; refused"
+            )
+        return stats
+
+
+def _open_part(part: Path, bsize: int, size: int) -> tuple[Any, int]:
+    """The partial file, cut to the whole blocks it holds (never past the last whole block of
+    ``size``), positioned at its end."""
+    have = part.stat().st_size if part.exists() else 0
+    have -= have % bsize
+    have = min(have, size - size % bsize)
+    out = open(part, "r+b" if part.exists() else "w+b")  # noqa: SIM115 - closed by the caller
+    out.truncate(have)
+    out.seek(have)
+    return out, have
+
+
+# -- the cache ------------------------------------------------------------------------------------
+
+
+Ref = tuple[str, str]  # (name, version)
+
+
+@dataclass
+class _Record:
+    """One cached file, as the index keeps it."""
+
+    name: str
+    version: str
+    size: int
+    sha256: str
+    installed: float
+    last_used: float
+    seq: int  # the use counter when it was last used (LRU order; wall time may tie or step)
+    pinned: bool = False
+
+    @property
+    def ref(self) -> Ref:
+        return (self.name, self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "size": self.size,
+            "sha256": self.sha256,
+            "installed": self.installed,
+            "last_used": self.last_used,
+            "seq": self.seq,
+            "pinned": self.pinned,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> _Record:
+        return cls(
+            name=check_name("name", d["name"]),
+            version=check_name("version", d["version"]),
+            size=int(d["size"]),
+            sha256=str(d["sha256"]),
+            installed=float(d["installed"]),
+            last_used=float(d["last_used"]),
+            seq=int(d["seq"]),
+            pinned=bool(d.get("pinned", False)),
+        )
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """A model ready to load: its file, its manifest entry, where it came from."""
+
+    name: str
+    version: str
+    path: Path
+    entry: ModelEntry
+    source: str  # "cache" | "shipped" | "download"
+    manifest: SignedManifest | None = None
+
+    @property
+    def ref(self) -> Ref:
+        return (self.name, self.version)
+
+    @property
+    def size(self) -> int:
+        return self.entry.size
+
+
+@dataclass
+class _Loaded:
+    model: TFLiteModel
+    estimate: int
+    seq: int
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    shipped: int = 0
+    downloads: int = 0
+    refused: int = 0
+    evicted_files: int = 0
+    evicted_loaded: int = 0
+    loads: int = 0
+    load_hits: int = 0
+    last_fetch: FetchStats | None = None
+    refusals: list[str] = field(default_factory=list)
+
+
+class ModelCache:
+    """See the module docstring. Build with :meth:`open`; call :meth:`close` at the end."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        memory_budget: int,
+        disk_budget: int,
+        public_key: Ed25519PublicKey | None = None,
+        shipped: Manifest | None = None,
+        fetcher: ModelFetcher | None = None,
+        runtime: str = "auto",
+        num_threads: int = 1,
+        batch_mode: str = "resize",
+    ) -> None:
+        self.directory = Path(directory)
+        self.files = self.directory / "files"
+        self.partial = self.directory / "partial"
+        self.index_path = self.directory / "index.json"
+        self.memory_budget = memory_budget
+        self.disk_budget = disk_budget
+        self.public_key = public_key
+        self.shipped = shipped
+        self.fetcher = fetcher
+        self.runtime = runtime
+        self.num_threads = num_threads
+        self.batch_mode = batch_mode
+        self.stats = CacheStats()
+        self.rebuilt = False  # the index was rebuilt from the files at open
+        self._records: dict[Ref, _Record] = {}
+        self._loaded: dict[Ref, _Loaded] = {}
+        self._in_use: Counter[Ref] = Counter()
+        self._pins: set[Ref] = set()
+        self._seq = 0
+        self._dirty = False
+        self._locks: dict[Ref, asyncio.Lock] = {}
+
+    @classmethod
+    def open(
+        cls,
+        settings: ModelsSettings,
+        *,
+        shipped_dir: Path | None = None,
+        fetcher: ModelFetcher | None = None,
+        runtime: str = "auto",
+        num_threads: int = 1,
+        batch_mode: str = "resize",
+    ) -> ModelCache:
+        """Open (or create) the cache of ``settings``; a corrupt index is rebuilt."""
+        key = load_public_key(settings.public_key) if settings.public_key else None
+        shipped = None
+        if shipped_dir is not None and (Path(shipped_dir) / "manifest.json").is_file():
+            shipped = load_manifest(shipped_dir)
+        cache = cls(
+            settings.cache_dir,
+            memory_budget=settings.memory_budget,
+            disk_budget=settings.disk_budget,
+            public_key=key,
+            shipped=shipped,
+            fetcher=fetcher,
+            runtime=runtime,
+            num_threads=num_threads,
+            batch_mode=batch_mode,
+        )
+        cache._open()
+        return cache
+
+    # -- index ------------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            self.files.mkdir(parents=True, exist_ok=True)
+            self.partial.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ModelError(f"{self.directory}: cannot create the model cache ({err})") from err
+        try:
+            raw = json.loads(self.index_path.read_text(encoding="utf-8"))
+            if raw.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}")
+            records = [_Record.from_dict(d) for d in raw["models"]]
+            self._seq = int(raw.get("seq", 0))
+            for rec in records:
+                if (
+                    not self._file(rec.ref).is_file()
+                    or self._file(rec.ref).stat().st_size != rec.size
+                ):
+                    log.warning("model cache file missing name=%s version=%s; dropped", *rec.ref)
+                    self._dirty = True
+                    continue
+                self._records[rec.ref] = rec
+                if rec.pinned:
+                    self._pins.add(rec.ref)
+        except FileNotFoundError:
+            self._rebuild(missing=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelError) as err:
+            log.warning(
+                "model cache index unreadable path=%s error=%r; rebuilding",
+                self.index_path,
+                str(err),
+            )
+            self._rebuild(missing=False)
+        self._sweep_orphans()
+        if self._dirty:
+            self._write_index()
+
+    def _rebuild(self, missing: bool) -> None:
+        """Rebuild the index from the files, verifying each one (size, SHA-256, signature)."""
+        self._records.clear()
+        found = sorted(self.files.glob("*.manifest"), key=lambda p: p.stat().st_mtime)
+        for mpath in found:
+            try:
+                manifest = SignedManifest.from_cbor(mpath.read_bytes(), label=str(mpath))
+                if self.public_key is None:
+                    raise ModelError("no public key provisioned to verify it")
+                manifest.verify(self.public_key, label=str(mpath))
+                path = self._file((manifest.name, manifest.version))
+                read_model_file(path, manifest.model_entry())
+            except (OSError, ModelError) as err:
+                log.warning("model cache file refused path=%s error=%r; deleted", mpath, str(err))
+                self._delete_files(mpath)
+                continue
+            self._seq += 1
+            mtime = mpath.stat().st_mtime
+            rec = _Record(
+                manifest.name,
+                manifest.version,
+                manifest.size,
+                manifest.sha256,
+                mtime,
+                mtime,
+                self._seq,
+            )
+            self._records[rec.ref] = rec
+        self.rebuilt = not missing or bool(self._records)
+        self._dirty = True
+        if self.rebuilt:
+            log.info("model cache index rebuilt models=%d", len(self._records))
+
+    def _sweep_orphans(self) -> None:
+        """Files the index does not know (a crash between rename and index write)."""
+        known = {self._file(r).name for r in self._records} | {
+            self._manifest_path(r).name for r in self._records
+        }
+        for p in self.files.iterdir():
+            hidden = p.name.startswith(".")
+            if (not hidden and p.name not in known) or (hidden and p.name.endswith(".tmp")):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    def _write_index(self) -> None:
+        doc = {
+            "format": INDEX_FORMAT,
+            "seq": self._seq,
+            "models": [r.to_dict() for r in sorted(self._records.values(), key=lambda r: r.seq)],
+        }
+        data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+        try:
+            write_atomic(self.index_path, data)
+        except OSError as err:
+            raise ModelError(
+                f"{self.index_path}: cannot write the model cache index ({err})"
+            ) from err
+        self._dirty = False
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._write_index()
+
+    async def close(self) -> None:
+        self.flush()
+        if self.fetcher is not None:
+            await self.fetcher.close()
+
+    # -- paths ------------------------------------------------------------------------------------
+
+    def _file(self, ref: Ref) -> Path:
+        return self.files / f"{ref[0]}@{ref[1]}.tflite"
+
+    def _manifest_path(self, ref: Ref) -> Path:
+        return self.files / f"{ref[0]}@{ref[1]}.manifest"
+
+    def _part(self, ref: Ref) -> Path:
+        return self.partial / f"{ref[0]}@{ref[1]}.part"
+
+    def _part_meta(self, ref: Ref) -> Path:
+        return self.partial / f"{ref[0]}@{ref[1]}.json"
+
+    def _delete_files(self, manifest_path: Path) -> None:
+        for p in (manifest_path, manifest_path.with_suffix(".tflite")):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    # -- use bookkeeping --------------------------------------------------------------------------
+
+    def _touch(self, ref: Ref) -> int:
+        self._seq += 1
+        rec = self._records.get(ref)
+        if rec is not None:
+            rec.seq = self._seq
+            rec.last_used = time.time()
+            self._dirty = True
+        return self._seq
+
+    def set_pins(self, refs: Iterable[Ref]) -> None:
+        """The models the current policy needs; they are never evicted."""
+        pins = set(refs)
+        if pins == self._pins:
+            return
+        self._pins = pins
+        for rec in self._records.values():
+            rec.pinned = rec.ref in pins
+        self._write_index()
+        self._evict_files()
+        self._evict_loaded()
+
+    @property
+    def pins(self) -> frozenset[Ref]:
+        return frozenset(self._pins)
+
+    def acquire(self, ref: Ref) -> None:
+        """Mark ``ref`` in use (a detector runs it) until :meth:`release`."""
+        self._in_use[ref] += 1
+
+    def release(self, ref: Ref) -> None:
+        if self._in_use[ref] <= 1:
+            self._in_use.pop(ref, None)
+        else:
+            self._in_use[ref] -= 1
+        self._evict_loaded()
+        self._evict_files()
+
+    def _protected(self, ref: Ref) -> bool:
+        return ref in self._pins or self._in_use.get(ref, 0) > 0
+
+    # -- disk tier --------------------------------------------------------------------------------
+
+    def cached(self) -> list[Ref]:
+        """Cached refs, least recently used first."""
+        return [r.ref for r in sorted(self._records.values(), key=lambda r: r.seq)]
+
+    @property
+    def disk_used(self) -> int:
+        return sum(r.size for r in self._records.values())
+
+    def _evict_files(self, keep: Ref | None = None) -> None:
+        while self.disk_used > self.disk_budget:
+            victims = [
+                r
+                for r in sorted(self._records.values(), key=lambda r: r.seq)
+                if not self._protected(r.ref) and r.ref != keep
+            ]
+            if not victims:
+                log.warning(
+                    "model cache over its disk budget used=%d budget=%d (only pinned or in-use "
+                    "models left)",
+                    self.disk_used,
+                    self.disk_budget,
+                )
+                return
+            victim = victims[0]
+            del self._records[victim.ref]
+            self._loaded.pop(victim.ref, None)
+            self._delete_files(self._manifest_path(victim.ref))
+            self.stats.evicted_files += 1
+            self._write_index()
+            log.info(
+                "model evicted tier=disk name=%s version=%s bytes=%d",
+                victim.name,
+                victim.version,
+                victim.size,
+            )
+
+    def _shipped(self, name: str, version: str | None) -> CachedModel | None:
+        if self.shipped is None or name not in self.shipped.models:
+            return None
+        entry = self.shipped.entry(name)
+        shipped_version = str(entry.raw.get("version", ""))
+        if version is not None and version != shipped_version:
+            return None
+        return CachedModel(
+            name, shipped_version or "shipped", self.shipped.model_path(name), entry, "shipped"
+        )
+
+    def lookup(self, name: str, version: str | None = None) -> CachedModel | None:
+        """A local hit (cache or shipped), without fetching; None if there is none."""
+        if version is None:
+            shipped = self._shipped(name, None)
+            if shipped is not None:
+                return shipped
+            mine = [r for r in self._records.values() if r.name == name]
+            if not mine:
+                return None
+            version = max(mine, key=lambda r: r.seq).version
+        rec = self._records.get((name, version))
+        if rec is not None:
+            return self._cached_model(rec)
+        return self._shipped(name, version)
+
+    def _cached_model(self, rec: _Record) -> CachedModel:
+        manifest = SignedManifest.from_cbor(
+            self._manifest_path(rec.ref).read_bytes(), label=str(self._manifest_path(rec.ref))
+        )
+        return CachedModel(
+            rec.name, rec.version, self._file(rec.ref), manifest.model_entry(), "cache", manifest
+        )
+
+    async def get(
+        self,
+        name: str,
+        version: str | None = None,
+        *,
+        sha256: str | None = None,
+        on_block: Callable[[int, int], None] | None = None,
+    ) -> CachedModel:
+        """A local hit, or the model fetched, verified and installed. ``sha256``: the digest the
+        assignment names (refused if the model differs). Raises ModelError (refused: keep what
+        runs) or SyncError (the link failed: try later)."""
+        check_name("name", name)
+        if version is not None:
+            check_name("version", version)
+        hit = self.lookup(name, version)
+        if hit is not None:
+            if sha256 is not None and hit.entry.sha256 != sha256.lower():
+                raise ModelError(
+                    f"model {name} {hit.version}: SHA-256 {hit.entry.sha256[:16]}... is not the "
+                    f"assigned {sha256[:16]}...; refused"
+                )
+            if hit.source == "cache":
+                self._touch(hit.ref)
+                self.stats.hits += 1
+            else:
+                self.stats.shipped += 1
+            return hit
+        if version is None:
+            raise ModelError(
+                f"model {name}: not cached and not shipped; assign a version to download"
+            )
+        if self.fetcher is None:
+            raise SyncError(f"model {name} {version}: not cached and no endpoint configured")
+        ref = (name, version)
+        lock = self._locks.setdefault(ref, asyncio.Lock())
+        async with lock:
+            rec = self._records.get(ref)
+            if rec is not None:  # another task installed it meanwhile
+                self._touch(ref)
+                return self._cached_model(rec)
+            try:
+                return await self._download(name, version, sha256, on_block)
+            except ModelError as err:
+                self.stats.refused += 1
+                self.stats.refusals.append(str(err))
+                log.warning(
+                    "model refused name=%s version=%s error=%r action=kept_previous",
+                    name,
+                    version,
+                    str(err),
+                )
+                raise
+
+    async def _download(
+        self,
+        name: str,
+        version: str,
+        sha256: str | None,
+        on_block: Callable[[int, int], None] | None,
+    ) -> CachedModel:
+        assert self.fetcher is not None
+        ref = (name, version)
+        if self.public_key is None:
+            raise ModelError(
+                f"model {name} {version}: no public key provisioned ([models] public_key); "
+                "a downloaded model cannot be verified, so it is refused"
+            )
+        manifest = await self.fetcher.manifest(name, version)
+        manifest.verify(self.public_key)
+        entry = manifest.model_entry()
+        if sha256 is not None and manifest.sha256 != sha256.lower():
+            raise ModelError(
+                f"model {name} {version}: the signed manifest's SHA-256 {manifest.sha256[:16]}... "
+                f"is not the assigned {sha256[:16]}...; refused"
+            )
+        part, meta = self._part(ref), self._part_meta(ref)
+        identity = {
+            "name": name,
+            "version": version,
+            "sha256": manifest.sha256,
+            "size": manifest.size,
+        }
+        try:
+            previous = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if previous != identity:  # another file under that name, or no record: start over
+            with contextlib.suppress(OSError):
+                part.unlink()
+            write_atomic(meta, json.dumps(identity, sort_keys=True).encode("utf-8"))
+        try:
+            fstats = await self.fetcher.download(manifest, part, on_block)
+        except ModelError:
+            self._drop_partial(ref)
+            raise
+        self.stats.last_fetch = fstats
+        try:
+            data = read_model_file(part, entry)
+        except ModelError as err:
+            self._drop_partial(ref)
+            raise ModelError(
+                f"model {name} {version}: {str(err).removeprefix(str(part) + ': ')}"
+                "; refused (tampered or corrupt in transit)"
+            ) from None
+        if data[4:8] != TFLITE_IDENTIFIER:  # read_model_file checks it too; belt and braces
+            self._drop_partial(ref)
+            raise ModelError(f"model {name} {version}: not a TFLite file; refused")
+        # Install: manifest first (an orphan manifest without its file is swept at open),
+        # then the file by rename, then the index.
+        write_atomic(self._manifest_path(ref), manifest.to_cbor())
+        os.replace(part, self._file(ref))
+        fsync_dir(self.files)
+        with contextlib.suppress(OSError):
+            meta.unlink()
+        now = time.time()
+        self._seq += 1
+        self._records[ref] = _Record(
+            name, version, manifest.size, manifest.sha256, now, now, self._seq, ref in self._pins
+        )
+        self._write_index()
+        self.stats.downloads += 1
+        log.info(
+            "model installed name=%s version=%s bytes=%d blocks=%d resumed_from=%d key=%s",
+            name,
+            version,
+            manifest.size,
+            fstats.blocks,
+            fstats.resumed_from,
+            manifest.key,
+        )
+        self._evict_files(keep=ref)
+        return CachedModel(name, version, self._file(ref), entry, "download", manifest)
+
+    def _drop_partial(self, ref: Ref) -> None:
+        for p in (self._part(ref), self._part_meta(ref)):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+    def partial_bytes(self, name: str, version: str) -> int:
+        """Bytes of an interrupted download kept for resuming (0: none)."""
+        p = self._part((name, version))
+        return p.stat().st_size if p.exists() else 0
+
+    # -- memory tier ------------------------------------------------------------------------------
+
+    @property
+    def memory_used(self) -> int:
+        return sum(m.estimate for m in self._loaded.values())
+
+    def loaded(self) -> list[Ref]:
+        return [ref for ref, _ in sorted(self._loaded.items(), key=lambda kv: kv[1].seq)]
+
+    def load(self, model: CachedModel) -> TFLiteModel:
+        """The loaded interpreter of ``model`` (a hit, or read, verified and loaded)."""
+        ref = model.ref
+        seq = self._touch(ref) if ref in self._records else self._next_seq()
+        hit = self._loaded.get(ref)
+        if hit is not None:
+            hit.seq = seq
+            self.stats.load_hits += 1
+            return hit.model
+        data = read_model_file(model.path, model.entry)
+        tfl = TFLiteModel(
+            data,
+            name=model.name,
+            runtime=self.runtime,
+            num_threads=self.num_threads,
+            batch_mode=self.batch_mode,
+            entry=model.entry,
+            label=f"{model.path}",
+        )
+        self._loaded[ref] = _Loaded(tfl, len(data), seq)
+        self.stats.loads += 1
+        log.info(
+            "model loaded name=%s version=%s source=%s runtime=%s bytes=%d",
+            model.name,
+            model.version,
+            model.source,
+            tfl.runtime,
+            len(data),
+        )
+        self._evict_loaded(keep=ref)
+        return tfl
+
+    def unload(self, ref: Ref) -> None:
+        if not self._protected(ref):
+            self._loaded.pop(ref, None)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _evict_loaded(self, keep: Ref | None = None) -> None:
+        while self.memory_used > self.memory_budget:
+            victims = [
+                ref
+                for ref, m in sorted(self._loaded.items(), key=lambda kv: kv[1].seq)
+                if not self._protected(ref) and ref != keep
+            ]
+            if not victims:
+                log.warning(
+                    "model cache over its memory budget used=%d budget=%d (only pinned or in-use "
+                    "models loaded)",
+                    self.memory_used,
+                    self.memory_budget,
+                )
+                return
+            gone = self._loaded.pop(victims[0])
+            self.stats.evicted_loaded += 1
+            log.info(
+                "model evicted tier=memory name=%s version=%s bytes=%d",
+                victims[0][0],
+                victims[0][1],
+                gone.estimate,
+            )
+
+    # -- listing ----------------------------------------------------------------------------------
+
+    def listing(self, verify: bool = True) -> list[dict[str, Any]]:
+        """One row per cached (and shipped) model, for ``edge-agent models``."""
+        rows: list[dict[str, Any]] = []
+        for rec in sorted(self._records.values(), key=lambda r: -r.seq):
+            status = "verified at install"
+            if verify:
+                status = self._signature_status(rec)
+            rows.append(
+                {
+                    "name": rec.name,
+                    "version": rec.version,
+                    "source": "cache",
+                    "size": rec.size,
+                    "sha256": rec.sha256,
+                    "installed": rec.installed,
+                    "last_used": rec.last_used,
+                    "pinned": rec.ref in self._pins,
+                    "loaded": rec.ref in self._loaded,
+                    "in_use": self._in_use.get(rec.ref, 0) > 0,
+                    "signature": status,
+                }
+            )
+        if self.shipped is not None:
+            for name, entry in sorted(self.shipped.models.items()):
+                ref = (name, str(entry.raw.get("version", "shipped")))
+                rows.append(
+                    {
+                        "name": name,
+                        "version": ref[1],
+                        "source": "shipped",
+                        "size": entry.size,
+                        "sha256": entry.sha256,
+                        "installed": None,
+                        "last_used": None,
+                        "pinned": ref in self._pins,
+                        "loaded": ref in self._loaded,
+                        "in_use": self._in_use.get(ref, 0) > 0,
+                        "signature": "shipped (trusted with the agent)",
+                    }
+                )
+        return rows
+
+    def _signature_status(self, rec: _Record) -> str:
+        try:
+            manifest = SignedManifest.from_cbor(self._manifest_path(rec.ref).read_bytes())
+        except (OSError, ModelError):
+            return "BAD: manifest unreadable"
+        if self.public_key is None:
+            return f"unchecked (no public key; signed by {manifest.key or '?'})"
+        try:
+            manifest.verify(self.public_key)
+            read_model_file(self._file(rec.ref), manifest.model_entry())
+        except ModelError as err:
+            return f"BAD: {err}"
+        return f"ok (key {manifest.key})"
