@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -67,6 +67,8 @@ _NOT_CONTINUATION = _START_LABELS - {N, V, T}
 _KNOWN_LABELS = _START_LABELS | _IGNORED
 _CACHE_LIMIT = 4096
 
+Resolution = Callable[[str, str], float | None]  # (sensor, channel) -> step, None: unknown
+
 
 class CodecError(AgentError, ValueError):
     """A batch cannot be encoded (bad records) or decoded (bad bytes)."""
@@ -93,8 +95,16 @@ class Encoding(Protocol):
     content_format: int
     name: str
 
-    def encode(self, device: str | None, records: Sequence[WireRecord]) -> bytes:
-        """The batch as bytes; :class:`CodecError` if a record cannot be carried."""
+    def encode(
+        self,
+        device: str | None,
+        records: Sequence[WireRecord],
+        *,
+        resolution: Resolution | None = None,
+    ) -> bytes:
+        """The batch as bytes; :class:`CodecError` if a record cannot be carried.
+        ``resolution(sensor, channel)`` is a channel's step (None: unknown), for encodings that
+        quantize; others ignore it."""
 
     def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
         """The device named in the batch (None if it names none) and the records."""
@@ -123,10 +133,18 @@ def content_formats() -> tuple[int, ...]:
 
 
 def encode_batch(
-    device: str | None, records: Sequence[WireRecord], content_format: int = CF_SENML_CBOR
+    device: str | None,
+    records: Sequence[WireRecord],
+    content_format: int = CF_SENML_CBOR,
+    *,
+    resolution: Resolution | None = None,
 ) -> bytes:
-    """Encode ``records`` of ``device`` (None: leave the device out) in ``content_format``."""
-    return encoding_for(content_format).encode(device, records)
+    """Encode ``records`` of ``device`` (None: leave the device out) in ``content_format``;
+    ``resolution(sensor, channel)`` gives each channel's step to encodings that quantize."""
+    encoding = encoding_for(content_format)
+    if resolution is None:
+        return encoding.encode(device, records)
+    return encoding.encode(device, records, resolution=resolution)
 
 
 def decode_batch(
@@ -321,7 +339,13 @@ class SenMLCBOR:
             return None
         return sensor, time, items, offset
 
-    def encode(self, device: str | None, records: Sequence[WireRecord]) -> bytes:
+    def encode(
+        self,
+        device: str | None,
+        records: Sequence[WireRecord],
+        *,
+        resolution: Resolution | None = None,
+    ) -> bytes:
         if device is not None and (not isinstance(device, str) or not DEVICE_ID.match(device)):
             raise CodecError(f"device id {device!r} is not valid (letters, digits, '_', '-', '.')")
         prefix = f"{device}/" if device else ""
@@ -617,3 +641,6 @@ class IngestAck:
                 raise CodecError("ack: each range is [first, last] with first <= last")
             ranges.append((pair[0], pair[1]))
         return cls(tuple(ranges), count("new"), count("dup"), count("conflict"))
+
+
+from agent import compact  # noqa: E402, F401  (registers the compact encodings)

@@ -1,0 +1,1017 @@
+"""Compact columnar batch encodings for poor links (content formats 65000, 65001, 65002).
+
+A batch of store records becomes columns: the readings of each (sensor, channel set) are one
+group, with a time column (milliseconds, delta-of-delta), a created column, and one column per
+channel of integers at the channel's resolution, coded against a predictor chosen per column and
+batch. Other records (alerts, events, state, telemetry that does not fit) travel with their body
+bytes unchanged. The batch is self-describing: names, resolutions and predictors are in it, so the
+endpoint decodes it knowing nothing of the device. docs/protocol.md ("Compact batches") is the
+normative text; in short:
+
+- 65000 ``compact``: the columns as zigzag varints, no compression;
+- 65001 ``compact+deflate``: value residuals split into a token byte (deflate codes it) and raw
+  extra bits (incompressible, appended after the raw deflate stream);
+- 65002 ``compact+deflate+dict``: as 65001 with a preset deflate dictionary (zlib ``zdict``)
+  named by its id in the first byte, so small batches need not spell out names and structure.
+
+What a round trip keeps:
+
+- seq, kind, and for non-telemetry records ``created`` and body bytes: exactly;
+- a reading's time and ``created``: to the millisecond, ``decoded == round(t * 1000) / 1000``;
+- a value ``x`` of a channel with resolution ``r``: ``q = round(x / r)`` steps of ``r``, decoded
+  as the double nearest to ``q * r`` where ``r`` is the shortest decimal that reads back as the
+  same double (:func:`quantize`; 17 steps of 0.1 give 1.7, not ``17 * 0.1``), so within
+  ``r / 2`` (plus one rounding) of ``x``;
+- a value of a channel with no resolution: exactly (a float64, XOR of the previous one's bits).
+
+A telemetry record whose body is not a canonical ``telemetry-body``, or holds a non-finite value
+or one too large for its resolution (``|x / r| > 2**53``), is sent with its body bytes, exactly.
+
+The encoder needs each channel's resolution: ``resolution(sensor, channel)`` returns the step
+(or None: unknown). ``<channel>/min``, ``/mean`` and ``/max`` (the aggregates of downsampled
+telemetry at the low link level) fall back to the resolution of ``<channel>``.
+Names longer than :data:`MAX_NAME` bytes also go as bodies.
+
+Decoding is bounded whatever the bytes: at most :data:`MAX_INFLATED` bytes inflated,
+:data:`MAX_RECORDS` records and :data:`MAX_DECODED` bytes of rebuilt telemetry bodies; every count
+in a batch is checked against the bytes left before anything is allocated for it.
+
+Bad input never raises anything but :class:`~agent.codec.CodecError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+import cbor2
+
+from agent.codec import (
+    DEVICE_ID,
+    MAX_SEQ,
+    CodecError,
+    Resolution,
+    SenMLCBOR,
+    WireRecord,
+    _check_record,
+    register,
+)
+from agent.compact_dict import DICTIONARIES
+from agent.records import Kind
+
+CF_COMPACT = 65000
+CF_COMPACT_DEFLATE = 65001
+CF_COMPACT_DICT = 65002
+
+FORMAT_VERSION = 1
+FLAG_SPLIT = 0x01  # value residuals as token bytes + extra bits after the byte section
+TIME_UNIT = 1000  # time resolution: 1/TIME_UNIT s (1 ms)
+DEFAULT_DICTIONARY = 1
+DEFLATE_LEVEL = 9
+MAX_INFLATED = 4 * 1024 * 1024  # a compressed batch may not inflate to more (a bomb otherwise)
+MAX_RECORDS = 65536  # records in a batch (the endpoint takes 4096 by default)
+MAX_DECODED = 16 * 1024 * 1024  # bytes of telemetry bodies a batch may rebuild
+MAX_NAME = 255  # bytes of a sensor or channel name in the group table
+AGGREGATE_SUFFIXES = ("/min", "/mean", "/max")
+
+# Group ids of records that travel with their body bytes; columnar groups follow from 4.
+_OPAQUE_KINDS = (Kind.ALERT.value, Kind.EVENT.value, Kind.STATE.value, Kind.TELEMETRY.value)
+_OPAQUE_ID = {k: i for i, k in enumerate(_OPAQUE_KINDS)}
+_FIRST_GROUP = len(_OPAQUE_KINDS)
+
+# Predictors of a value column: residual = q - prediction (palette: the value's index).
+P_DELTA = 0  # the previous value (0 before the first)
+P_LINEAR = 1  # 2 * previous - the one before (delta-of-delta)
+P_MEAN = 2  # a constant, written in the column header
+P_LOCAL = 3  # the rounded mean of the last k values; k (1..64) in the column header
+P_PALETTE = 4  # the index into a list of values written in the column header
+P_FLOAT = 5  # no resolution: float64 bits XOR the previous value's bits
+_LOCAL_WINDOWS = (2, 4, 8)
+_MAX_LOCAL = 64
+_MAX_PALETTE = 32  # palettes are tried for columns with at most this many distinct values
+_SAMPLE = 512  # predictors are chosen on the first values of a column
+_MAX_Q = 2**53  # |round(x / r)| above this is not exact as a float: such readings go as bodies
+_MAX_VALUE = 1e300  # larger values go as bodies (their steps could overflow a double)
+_MAX_MS = 2**62
+_MAX_EXP = 400  # decimal exponent of a resolution
+
+_F64 = struct.Struct(">d")
+_Q64 = struct.Struct(">Q")
+_MASK64 = (1 << 64) - 1
+
+
+# -- varints, zigzag, tokens --------------------------------------------------------------------
+
+
+def zigzag(n: int) -> int:
+    """Signed to unsigned: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ..."""
+    return n << 1 if n >= 0 else ((-n) << 1) - 1
+
+
+def unzigzag(u: int) -> int:
+    return (u >> 1) if not u & 1 else -((u + 1) >> 1)
+
+
+def _varint(out: bytearray, u: int) -> None:
+    while u >= 0x80:
+        out.append((u & 0x7F) | 0x80)
+        u >>= 7
+    out.append(u)
+
+
+def _varints(out: bytearray, values: Iterable[int]) -> None:
+    for u in values:
+        while u >= 0x80:
+            out.append((u & 0x7F) | 0x80)
+            u >>= 7
+        out.append(u)
+
+
+def _varint_len(u: int) -> int:
+    return max(1, (u.bit_length() + 6) // 7)
+
+
+def _token(u: int) -> tuple[int, int]:
+    """The token of ``u`` and how many extra bits follow: 0-3 stand for themselves; above, the
+    token names the bit length and the bit below the leading one, the extra bits the rest (as
+    deflate codes distances)."""
+    if u < 4:
+        return u, 0
+    b = u.bit_length()
+    return 2 * b - 2 + ((u >> (b - 2)) & 1), b - 2
+
+
+_MAX_TOKEN = 2 * 65 - 1  # u < 2**65
+_MAX_SHIFT = 63
+
+
+def _shift(residuals: Sequence[int]) -> int:
+    """How many low bits of each residual to send raw: log2 of the median, so that the tokens
+    of every column have about the same distribution (deflate codes them all with one table)."""
+    if not residuals:
+        return 0
+    median = sorted(residuals)[len(residuals) // 2]
+    return min(_MAX_SHIFT, (median + 1).bit_length() - 1)
+
+
+class _BitWriter:
+    """Bits, least significant first, packed into bytes."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self._acc = 0
+        self._n = 0
+
+    def write(self, value: int, nbits: int) -> None:
+        self._acc |= value << self._n
+        self._n += nbits
+        while self._n >= 64:
+            self.out += (self._acc & _MASK64).to_bytes(8, "little")
+            self._acc >>= 64
+            self._n -= 64
+
+    def finish(self) -> bytes:
+        return bytes(self.out) + self._acc.to_bytes((self._n + 7) // 8, "little")
+
+
+class _BitReader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+        self.total = len(data) * 8
+
+    def read(self, nbits: int) -> int:
+        end = self.pos + nbits
+        if end > self.total:
+            raise CodecError("the extra bits end early")
+        start = self.pos >> 3
+        chunk = int.from_bytes(self.data[start : (end + 7) >> 3], "little")
+        value = (chunk >> (self.pos & 7)) & ((1 << nbits) - 1)
+        self.pos = end
+        return value
+
+    def finish(self) -> None:
+        left = self.total - self.pos
+        if left >= 8:
+            raise CodecError(f"{left // 8} bytes after the extra bits")
+        if left and self.read(left):
+            raise CodecError("the padding of the extra bits is not zero")
+
+
+class _Reader:
+    """Reads the byte section; every problem is a :class:`CodecError`."""
+
+    def __init__(self, data: bytes, pos: int = 0) -> None:
+        self.data = data
+        self.pos = pos
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise CodecError("the batch ends early")
+        b = self.data[self.pos]
+        self.pos += 1
+        return b
+
+    def varint(self, limit: int = _MASK64) -> int:
+        data, pos = self.data, self.pos
+        shift = result = 0
+        while True:
+            if pos >= len(data):
+                raise CodecError("the batch ends inside a number")
+            b = data[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+            if shift > 63:
+                raise CodecError("a number is longer than 10 bytes")
+        self.pos = pos
+        if result > limit:
+            raise CodecError(f"a number is out of range ({result} > {limit})")
+        return result
+
+    def count(self, what: str) -> int:
+        """A count that cannot exceed the bytes left (each counted item takes at least one)."""
+        n = self.varint()
+        if n > self.left:
+            raise CodecError(f"{what}: {n} is more than the batch can hold")
+        return n
+
+    def take(self, n: int) -> bytes:
+        if n > self.left:
+            raise CodecError("the batch ends early")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def text(self, what: str) -> str:
+        size = self.count(what)
+        if size > MAX_NAME:
+            raise CodecError(f"{what} is longer than {MAX_NAME} bytes")
+        raw = self.take(size)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"{what} is not UTF-8") from None
+
+
+def _put_text(out: bytearray, text: str) -> None:
+    raw = text.encode("utf-8")
+    _varint(out, len(raw))
+    out += raw
+
+
+# -- resolutions -------------------------------------------------------------------------------
+
+
+def _decimal(res: float) -> tuple[int, int]:
+    """``res`` as ``(m, e)`` with ``res == m / 10**e`` (or ``m * 10**-e``) exactly: the shortest
+    decimal that gives back the same double, which a correctly rounded division reproduces."""
+    sign, digits, exp = Decimal(repr(res)).as_tuple()
+    assert isinstance(exp, int) and not sign
+    m = int("".join(map(str, digits)))
+    return m, -exp
+
+
+def _from_decimal(m: int, e: int) -> float:
+    try:
+        return m / 10**e if e >= 0 else float(m * 10**-e)
+    except OverflowError:
+        raise CodecError("a resolution is out of range") from None
+
+
+def _ratio(m: int, e: int) -> tuple[int, int]:
+    """The resolution ``m * 10**-e`` as an exact fraction (numerator, denominator)."""
+    return (m, 10**e) if e >= 0 else (m * 10**-e, 1)
+
+
+def dequantize(q: int, num: int, den: int) -> float:
+    """``q`` steps of ``num / den``: the double nearest to the exact product (Python's int
+    division is correctly rounded), so 17 steps of 0.1 give 1.7, not 1.7000000000000002."""
+    return q * num / den
+
+
+def step_ratio(res: float) -> tuple[int, int]:
+    """The resolution ``res`` as the exact fraction a batch carries (its shortest decimal)."""
+    return _ratio(*_decimal(res))
+
+
+def quantize(x: float, res: float) -> float:
+    """What a round trip makes of value ``x`` at resolution ``res`` (finite, not too large)."""
+    return dequantize(round(x / res), *step_ratio(res))
+
+
+def _check_resolution(res: Any, sensor: str, channel: str) -> float | None:
+    if res is None:
+        return None
+    if isinstance(res, bool) or not isinstance(res, int | float):
+        raise CodecError(f"resolution of {sensor}/{channel} must be a number, not {res!r}")
+    res = float(res)
+    if not (math.isfinite(res) and res > 0.0):
+        raise CodecError(f"resolution of {sensor}/{channel} must be finite and > 0, not {res!r}")
+    m, e = _decimal(res)
+    if abs(e) > _MAX_EXP or _from_decimal(m, e) != res:
+        raise CodecError(f"resolution {res!r} of {sensor}/{channel} cannot be sent exactly")
+    return res
+
+
+def _lookup(resolution: Resolution | None, sensor: str, channel: str) -> float | None:
+    if resolution is None:
+        return None
+    try:
+        res = resolution(sensor, channel)
+        if res is None:
+            for suffix in AGGREGATE_SUFFIXES:
+                if channel.endswith(suffix) and len(channel) > len(suffix):
+                    res = resolution(sensor, channel[: -len(suffix)])
+                    break
+    except Exception as err:  # the caller's function: its failure is this batch's failure
+        raise CodecError(f"resolution({sensor!r}, {channel!r}) failed: {err!r}") from err
+    return _check_resolution(res, sensor, channel)
+
+
+def table_bytes(groups: Sequence[tuple[str, Sequence[str], Sequence[float | None]]]) -> bytes:
+    """The group table of a batch: for each (sensor, channels, resolutions), in order."""
+    out = bytearray()
+    _varint(out, len(groups))
+    for sensor, channels, steps in groups:
+        _put_text(out, sensor)
+        _varint(out, len(channels))
+        for channel, res in zip(channels, steps, strict=True):
+            _put_text(out, channel)
+            if res is None:
+                out.append(0)
+            else:
+                m, e = _decimal(res)
+                out.append(1)
+                _varint(out, m)
+                _varint(out, zigzag(e))
+    return bytes(out)
+
+
+# -- predictors --------------------------------------------------------------------------------
+
+
+def _local_residuals(q: Sequence[int], k: int) -> list[int]:
+    out = []
+    s = 0
+    for i, v in enumerate(q):
+        cnt = i if i < k else k
+        p = (2 * s + cnt) // (2 * cnt) if cnt else 0  # mean of the last cnt values, half up
+        out.append(zigzag(v - p))
+        s += v
+        if i >= k:
+            s -= q[i - k]
+    return out
+
+
+def _residuals(q: Sequence[int], pred: int, param: Any) -> list[int]:
+    """The unsigned residuals of ``q`` under a predictor."""
+    if pred == P_DELTA:
+        prev = 0
+        out = []
+        for v in q:
+            out.append(zigzag(v - prev))
+            prev = v
+        return out
+    if pred == P_LINEAR:
+        a = b = 0  # q[i-2], q[i-1]
+        out = []
+        for i, v in enumerate(q):
+            p = b if i < 2 else 2 * b - a
+            out.append(zigzag(v - p))
+            a, b = b, v
+        return out
+    if pred == P_MEAN:
+        return [zigzag(v - param) for v in q]
+    if pred == P_LOCAL:
+        return _local_residuals(q, param)
+    if pred == P_PALETTE:
+        index = {v: i for i, v in enumerate(param)}
+        return [index[v] for v in q]
+    raise AssertionError(pred)
+
+
+def _palette(q: Sequence[int]) -> list[int] | None:
+    counts = Counter(q)
+    if len(counts) > _MAX_PALETTE or 2 * len(counts) > len(q):
+        return None
+    return [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _params_bytes(pred: int, param: Any) -> bytes:
+    out = bytearray((pred,))
+    if pred == P_MEAN:
+        _varint(out, zigzag(param))
+    elif pred == P_LOCAL:
+        out.append(param)
+    elif pred == P_PALETTE:
+        _varint(out, len(param))
+        prev = 0
+        for v in param:
+            _varint(out, zigzag(v - prev))
+            prev = v
+    return bytes(out)
+
+
+def _cost(residuals: Sequence[int], split: bool) -> float:
+    """Estimated bits of a residual stream: varint bytes, or token entropy + extra bits."""
+    if not split:
+        return 8.0 * sum(_varint_len(u) for u in residuals)
+    tokens: Counter[int] = Counter()
+    extra = 0
+    for u in residuals:
+        t, nb = _token(u)
+        tokens[t] += 1
+        extra += nb
+    n = len(residuals)
+    entropy = -sum(c * math.log2(c / n) for c in tokens.values())
+    return entropy + extra + 6.0 * len(tokens)
+
+
+def _choose(q: Sequence[int], split: bool) -> tuple[int, Any]:
+    """The predictor (and its parameter) that codes a sample of ``q`` in the fewest bits."""
+    sample = q[:_SAMPLE]
+    candidates: list[tuple[int, Any]] = [(P_DELTA, None), (P_LINEAR, None)]
+    candidates.append((P_MEAN, (2 * sum(sample) + len(sample)) // (2 * len(sample))))
+    candidates += [(P_LOCAL, k) for k in _LOCAL_WINDOWS if k < len(sample)]
+    palette = _palette(sample)
+    if palette is not None and len(set(q)) <= _MAX_PALETTE:
+        candidates.append((P_PALETTE, _palette(q)))
+    best: tuple[float, int, Any] | None = None
+    for pred, param in candidates:
+        cost = 8 * len(_params_bytes(pred, param)) + _cost(_residuals(sample, pred, param), split)
+        if best is None or cost < best[0]:
+            best = (cost, pred, param)
+    assert best is not None
+    return best[1], best[2]
+
+
+# -- the encoding ------------------------------------------------------------------------------
+
+
+class _Group:
+    """The columnar readings of one (sensor, channels) in a batch."""
+
+    __slots__ = ("channels", "created", "key", "res", "sensor", "times", "values")
+
+    def __init__(self, sensor: str, channels: tuple[str, ...]) -> None:
+        self.key = (sensor, channels)
+        self.sensor = sensor
+        self.channels = channels
+        self.res: list[float | None] = []
+        self.times: list[int] = []
+        self.created: list[int] = []
+        self.values: list[list[Any]] = [[] for _ in channels]  # q (int) or float
+
+
+def _short(name: str) -> bool:
+    """Whether ``name`` fits the group table (at most MAX_NAME bytes in UTF-8)."""
+    return len(name) <= MAX_NAME // 4 or len(name.encode("utf-8")) <= MAX_NAME
+
+
+def _check_decoded_size(groups: Iterable[tuple[str, Sequence[str], int]]) -> None:
+    """:class:`CodecError` unless the telemetry bodies of (sensor, channels, rows) groups fit
+    MAX_DECODED bytes (an upper bound of each body: names, a double per value, CBOR heads)."""
+    total = 0
+    for sensor, channels, rows in groups:
+        row = 17 + len(sensor.encode()) + sum(11 + len(ch.encode()) for ch in channels)
+        total += rows * row
+    if total > MAX_DECODED:
+        raise CodecError(f"the batch would decode to more than {MAX_DECODED} bytes")
+
+
+def _ms(t: float) -> int | None:
+    """``t`` in whole milliseconds, or None when it does not fit."""
+    if not math.isfinite(t):
+        return None
+    ms = round(t * TIME_UNIT)
+    return ms if -_MAX_MS <= ms <= _MAX_MS else None
+
+
+class CompactEncoding:
+    """The compact columnar batch format under one content format (docs/protocol.md)."""
+
+    def __init__(
+        self,
+        content_format: int,
+        name: str,
+        *,
+        deflate: bool,
+        dictionary: int | None = None,
+        dictionaries: Mapping[int, bytes] = DICTIONARIES,
+    ) -> None:
+        if dictionary is not None and (not deflate or dictionary not in dictionaries):
+            raise ValueError(f"dictionary {dictionary} needs deflate and must be known")
+        self.content_format = content_format
+        self.name = name
+        self.deflate = deflate
+        self.dictionary = dictionary
+        self.dictionaries = dict(dictionaries)
+        self._bodies = SenMLCBOR()  # writes canonical telemetry bodies
+
+    # -- encoding ------------------------------------------------------------------------------
+
+    def _reading(self, rec: WireRecord) -> tuple[str, float, dict[str, float]] | None:
+        """(sensor, time, values) of a canonical telemetry body; None if it goes as a body."""
+        try:
+            item = cbor2.loads(rec.body)
+        except Exception:  # any undecodable body goes as it is
+            return None
+        if type(item) is not list or len(item) != 3:
+            return None
+        sensor, time, values = item
+        if type(sensor) is not str or type(time) is not float or type(values) is not dict:
+            return None
+        if not values or not all(type(k) is str and type(v) is float for k, v in values.items()):
+            return None
+        try:
+            canonical = self._bodies.reading_body(sensor, time, values) == rec.body
+        except (UnicodeEncodeError, ValueError):
+            return None
+        return (sensor, time, values) if canonical else None
+
+    def encode(
+        self,
+        device: str | None,
+        records: Sequence[WireRecord],
+        *,
+        resolution: Resolution | None = None,
+    ) -> bytes:
+        body, tail = self.sections(device, records, resolution=resolution)
+        if not self.deflate:
+            return body
+        if self.dictionary is not None:
+            head = bytearray()
+            _varint(head, self.dictionary)
+            zdict = self.dictionaries[self.dictionary]
+            comp = zlib.compressobj(
+                DEFLATE_LEVEL, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict
+            )
+            return bytes(head) + comp.compress(body) + comp.flush() + tail
+        comp = zlib.compressobj(DEFLATE_LEVEL, zlib.DEFLATED, -15, 9)
+        return comp.compress(body) + comp.flush() + tail
+
+    def sections(
+        self,
+        device: str | None,
+        records: Sequence[WireRecord],
+        *,
+        resolution: Resolution | None = None,
+    ) -> tuple[bytes, bytes]:
+        """The batch before compression: the byte section (what deflate compresses) and the
+        extra bits (empty unless the encoding deflates)."""
+        if device is not None and (not isinstance(device, str) or not DEVICE_ID.match(device)):
+            raise CodecError(f"device id {device!r} is not valid (letters, digits, '_', '-', '.')")
+        if len(records) > MAX_RECORDS:
+            raise CodecError(f"a batch holds at most {MAX_RECORDS} records, not {len(records)}")
+        split = self.deflate
+        groups: dict[tuple[str, tuple[str, ...]], tuple[int, _Group]] = {}
+        ids: list[int] = []
+        seqs: list[int] = []
+        opaque: list[WireRecord] = []
+        seen: set[int] = set()
+        res_cache: dict[tuple[str, str], float | None] = {}
+        for rec in records:
+            _check_record(rec)
+            if rec.seq in seen:
+                raise CodecError(f"seq {rec.seq} appears twice in the batch")
+            seen.add(rec.seq)
+            seqs.append(rec.seq)
+            row = self._row(rec, groups, res_cache, resolution)
+            if row is None:
+                ids.append(_OPAQUE_ID[rec.kind])
+                opaque.append(rec)
+            else:
+                ids.append(_FIRST_GROUP + row)
+        # groups in name order: the table is the same whichever reading came first
+        order = sorted(groups)
+        final = {groups[key][0]: _FIRST_GROUP + i for i, key in enumerate(order)}
+        ids = [final[i - _FIRST_GROUP] if i >= _FIRST_GROUP else i for i in ids]
+        table = [groups[key][1] for key in order]
+        _check_decoded_size((g.sensor, g.channels, len(g.times)) for g in table)
+
+        out = bytearray((FORMAT_VERSION, FLAG_SPLIT if split else 0))
+        out += table_bytes([(g.sensor, g.channels, g.res) for g in table])
+        _put_text(out, device or "")
+        _varint(out, len(ids))
+        base = table[0].times[0] if table else 0
+        _varint(out, zigzag(base))
+        _varints(out, ids)
+        if seqs:
+            _varint(out, seqs[0])
+            _varints(out, (zigzag(b - a - 1) for a, b in itertools.pairwise(seqs)))
+        for rec in opaque:
+            out += _F64.pack(rec.created)
+            _varint(out, len(rec.body))
+            out += rec.body
+        bits = _BitWriter()
+        for g in table:
+            self._group_columns(out, bits, g, base, split)
+        return bytes(out), bits.finish()
+
+    def _row(
+        self,
+        rec: WireRecord,
+        groups: dict[tuple[str, tuple[str, ...]], tuple[int, _Group]],
+        res_cache: dict[tuple[str, str], float | None],
+        resolution: Resolution | None,
+    ) -> int | None:
+        """Add a telemetry record to its group; the group's index in order of appearance, or
+        None when the record goes with its body."""
+        if rec.kind != Kind.TELEMETRY:
+            return None
+        reading = self._reading(rec)
+        if reading is None:
+            return None
+        sensor, time, values = reading
+        t_ms = _ms(time)
+        c_ms = _ms(rec.created)
+        if t_ms is None or c_ms is None:
+            return None
+        channels = tuple(values)
+        key = (sensor, channels)
+        entry = groups.get(key)
+        if entry is None:
+            if not _short(sensor) or not all(_short(ch) for ch in channels):
+                return None
+            res = []
+            for ch in channels:
+                rk = (sensor, ch)
+                if rk not in res_cache:
+                    res_cache[rk] = _lookup(resolution, sensor, ch)
+                res.append(res_cache[rk])
+            g = _Group(sensor, channels)
+            g.res = res
+        else:
+            g = entry[1]
+        row: list[Any] = []
+        for ch, r in zip(channels, g.res, strict=True):
+            x = values[ch]
+            if r is None:
+                row.append(x)
+                continue
+            q = x / r
+            if not (abs(x) <= _MAX_VALUE and abs(q) <= _MAX_Q):  # NaN fails too
+                return None
+            row.append(round(q))
+        if entry is None:
+            entry = groups[key] = (len(groups), g)
+        g.times.append(t_ms)
+        g.created.append(c_ms)
+        for column, v in zip(g.values, row, strict=True):
+            column.append(v)
+        return entry[0]
+
+    def _group_columns(
+        self, out: bytearray, bits: _BitWriter, g: _Group, base: int, split: bool
+    ) -> None:
+        times = g.times
+        _varint(out, zigzag(times[0] - base))
+        if len(times) > 1:
+            d = times[1] - times[0]
+            _varint(out, zigzag(d))
+            for a, b in itertools.pairwise(times[1:]):
+                _varint(out, zigzag(b - a - d))
+                d = b - a
+        _varints(out, (zigzag(c - t) for c, t in zip(g.created, times, strict=True)))
+        for column, res in zip(g.values, g.res, strict=True):
+            if res is None:
+                out.append(P_FLOAT)
+                prev = 0
+                residuals = []
+                for x in column:
+                    u = _Q64.unpack(_F64.pack(x))[0]
+                    residuals.append(u ^ prev)
+                    prev = u
+            else:
+                pred, param = _choose(column, split)
+                out += _params_bytes(pred, param)
+                residuals = _residuals(column, pred, param)
+            if not split:
+                _varints(out, residuals)
+                continue
+            k = _shift(residuals)
+            out.append(k)
+            low = (1 << k) - 1
+            for u in residuals:
+                h = u >> k
+                if h < 4:
+                    out.append(h)
+                    if k:
+                        bits.write(u & low, k)
+                    continue
+                nb = h.bit_length() - 2
+                out.append(2 * nb + 2 + ((h >> nb) & 1))
+                bits.write(((h & ((1 << nb) - 1)) << k) | (u & low), nb + k)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
+        try:
+            data = bytes(data)
+        except TypeError:
+            raise CodecError("a batch is bytes") from None
+        if not self.deflate:
+            return self._parse(_Reader(data), None)
+        pos = 0
+        zdict = None
+        if self.dictionary is not None:
+            head = _Reader(data)
+            ident = head.varint()
+            zdict = self.dictionaries.get(ident)
+            if zdict is None:
+                raise CodecError(f"unknown preset dictionary {ident}")
+            pos = head.pos
+        try:
+            inflater = (
+                zlib.decompressobj(-15, zdict) if zdict is not None else zlib.decompressobj(-15)
+            )
+            body = inflater.decompress(data[pos:], MAX_INFLATED)
+        except zlib.error as err:
+            raise CodecError(f"deflate stream: {err}") from None
+        if not inflater.eof:
+            if inflater.unconsumed_tail or len(body) >= MAX_INFLATED:
+                raise CodecError(f"the batch inflates to more than {MAX_INFLATED} bytes")
+            raise CodecError("the deflate stream ends early")
+        bits = _BitReader(inflater.unused_data)
+        device, records = self._parse(_Reader(body), bits)
+        bits.finish()
+        return device, records
+
+    def _parse(self, r: _Reader, bits: _BitReader | None) -> tuple[str | None, list[WireRecord]]:
+        if r.byte() != FORMAT_VERSION:
+            raise CodecError("not a compact batch of version 1")
+        flags = r.byte()
+        if flags & ~FLAG_SPLIT:
+            raise CodecError(f"unknown flags 0x{flags:02x}")
+        split = bool(flags & FLAG_SPLIT)
+        if split and bits is None:
+            raise CodecError(f"content format {self.content_format} carries no extra bits")
+        table = []
+        for _ in range(r.count("groups")):
+            sensor = r.text("sensor name")
+            channels: list[str] = []
+            res: list[tuple[int, int] | None] = []
+            for _ in range(r.count("channels")):
+                name = r.text("channel name")
+                if name in channels:
+                    raise CodecError(f"channel {name!r} twice in a group")
+                channels.append(name)
+                tag = r.byte()
+                if tag == 0:
+                    res.append(None)
+                elif tag == 1:
+                    m = r.varint()
+                    e = unzigzag(r.varint())
+                    if m == 0 or abs(e) > _MAX_EXP:
+                        raise CodecError("a resolution is out of range")
+                    step = _from_decimal(m, e)
+                    if not (math.isfinite(step) and step > 0.0):
+                        raise CodecError("a resolution is out of range")
+                    res.append(_ratio(m, e))
+                else:
+                    raise CodecError(f"unknown resolution tag {tag}")
+            if not channels:
+                raise CodecError("a group without channels")
+            table.append((sensor, channels, res))
+        device_text = r.text("device id")
+        device: str | None = None
+        if device_text:
+            if not DEVICE_ID.match(device_text):
+                raise CodecError(f"device id {device_text!r} is not valid")
+            device = device_text
+        n = r.count("records")
+        if n > MAX_RECORDS:
+            raise CodecError(f"a batch holds at most {MAX_RECORDS} records, not {n}")
+        base = unzigzag(r.varint())
+        ids = [r.varint() for _ in range(n)]
+        limit = _FIRST_GROUP + len(table)
+        rows = [0] * len(table)
+        for i in ids:
+            if i >= limit:
+                raise CodecError(f"group {i} is not in the table")
+            if i >= _FIRST_GROUP:
+                rows[i - _FIRST_GROUP] += 1
+        if not all(rows):
+            raise CodecError("a group without readings")
+        seqs: list[int] = []
+        seen: set[int] = set()
+        if n:
+            seq = r.varint(MAX_SEQ)
+            seqs.append(seq)
+            seen.add(seq)
+            for _ in range(n - 1):
+                seq += unzigzag(r.varint()) + 1
+                if not 0 <= seq <= MAX_SEQ:
+                    raise CodecError("a seq is out of range")
+                if seq in seen:
+                    raise CodecError(f"seq {seq} appears twice")
+                seen.add(seq)
+                seqs.append(seq)
+        opaque: list[tuple[float, bytes]] = []
+        for i in ids:
+            if i < _FIRST_GROUP:
+                (created,) = _F64.unpack(r.take(8))
+                if not math.isfinite(created):
+                    raise CodecError("a record's created time is not finite")
+                opaque.append((created, r.take(r.count("body length"))))
+        _check_decoded_size(
+            (sensor, channels, count)
+            for (sensor, channels, _), count in zip(table, rows, strict=True)
+        )
+        bodies = []
+        for (sensor, channels, res), count in zip(table, rows, strict=True):
+            bodies.append(self._parse_group(r, bits, sensor, channels, res, count, base, split))
+        if r.left:
+            raise CodecError(f"{r.left} bytes after the batch")
+        out: list[WireRecord] = []
+        next_row = [0] * len(table)
+        opaque_iter = iter(opaque)
+        for i, seq in zip(ids, seqs, strict=True):
+            if i < _FIRST_GROUP:
+                created, body = next(opaque_iter)
+                out.append(WireRecord(seq, _OPAQUE_KINDS[i], created, body))
+            else:
+                gi = i - _FIRST_GROUP
+                created, body = bodies[gi][next_row[gi]]
+                next_row[gi] += 1
+                out.append(WireRecord(seq, Kind.TELEMETRY.value, created, body))
+        return device, out
+
+    def _parse_group(
+        self,
+        r: _Reader,
+        bits: _BitReader | None,
+        sensor: str,
+        channels: list[str],
+        res: list[float | None],
+        n: int,
+        base: int,
+        split: bool,
+    ) -> list[tuple[float, bytes]]:
+        times = [base + unzigzag(r.varint())]
+        if n > 1:
+            d = unzigzag(r.varint())
+            times.append(times[0] + d)
+            for _ in range(n - 2):
+                d += unzigzag(r.varint())
+                times.append(times[-1] + d)
+        created = [t + unzigzag(r.varint()) for t in times]
+        if any(abs(t) > _MAX_MS for t in times) or any(abs(c) > _MAX_MS for c in created):
+            raise CodecError(f"{sensor}: a time is out of range")
+        columns = [
+            self._parse_column(r, bits, sensor, ch, step, n, split)
+            for ch, step in zip(channels, res, strict=True)
+        ]
+        out = []
+        body = self._bodies.reading_body
+        for i in range(n):
+            t = times[i] / TIME_UNIT
+            c = created[i] / TIME_UNIT
+            values = {ch: col[i] for ch, col in zip(channels, columns, strict=True)}
+            try:
+                out.append((c, body(sensor, t, values)))
+            except (UnicodeEncodeError, ValueError) as err:
+                raise CodecError(f"{sensor}: cannot write the reading: {err}") from None
+        return out
+
+    def _parse_column(
+        self,
+        r: _Reader,
+        bits: _BitReader | None,
+        sensor: str,
+        channel: str,
+        step: tuple[int, int] | None,
+        n: int,
+        split: bool,
+    ) -> list[float]:
+        pred = r.byte()
+        param: Any = None
+        if (pred == P_FLOAT) != (step is None):
+            raise CodecError(f"{sensor}/{channel}: predictor {pred} does not fit the resolution")
+        if pred == P_MEAN:
+            param = unzigzag(r.varint())
+        elif pred == P_LOCAL:
+            param = r.byte()
+            if not 1 <= param <= _MAX_LOCAL:
+                raise CodecError(f"{sensor}/{channel}: window {param} is out of range")
+        elif pred == P_PALETTE:
+            size = r.count("palette")
+            if size == 0:
+                raise CodecError(f"{sensor}/{channel}: an empty palette")
+            param = []
+            prev = 0
+            for _ in range(size):
+                prev += unzigzag(r.varint())
+                param.append(prev)
+        elif pred not in (P_DELTA, P_LINEAR, P_FLOAT):
+            raise CodecError(f"{sensor}/{channel}: unknown predictor {pred}")
+        residuals = self._read_residuals(r, bits, n, split)
+        if pred == P_FLOAT:
+            out = []
+            prev = 0
+            for u in residuals:
+                prev ^= u
+                if prev > _MASK64:
+                    raise CodecError(f"{sensor}/{channel}: a float is longer than 64 bits")
+                out.append(_F64.unpack(_Q64.pack(prev))[0])
+            return out
+        assert step is not None
+        q = _unpredict(residuals, pred, param, sensor, channel)
+        values = []
+        for v in q:
+            if abs(v) > _MAX_Q:
+                raise CodecError(f"{sensor}/{channel}: a value is out of range")
+            try:
+                values.append(dequantize(v, *step))
+            except OverflowError:
+                raise CodecError(f"{sensor}/{channel}: a value is out of range") from None
+        return values
+
+    @staticmethod
+    def _read_residuals(r: _Reader, bits: _BitReader | None, n: int, split: bool) -> list[int]:
+        if not split:
+            return [r.varint() for _ in range(n)]
+        assert bits is not None
+        k = r.byte()
+        if k > _MAX_SHIFT:
+            raise CodecError(f"shift {k} is out of range")
+        raw = r.take(n)
+        out = []
+        read = bits.read
+        for t in raw:
+            if t < 4:
+                out.append((t << k) | read(k) if k else t)
+                continue
+            if t > _MAX_TOKEN:
+                raise CodecError(f"unknown token {t}")
+            nb = (t - 2) // 2
+            v = read(nb + k)
+            out.append(((((2 | (t & 1)) << nb) | (v >> k)) << k) | (v & ((1 << k) - 1)))
+        return out
+
+
+def _unpredict(
+    residuals: Sequence[int], pred: int, param: Any, sensor: str, channel: str
+) -> list[int]:
+    if pred == P_PALETTE:
+        try:
+            return [param[u] for u in residuals]
+        except IndexError:
+            raise CodecError(f"{sensor}/{channel}: a palette index is out of range") from None
+    out: list[int] = []
+    if pred == P_DELTA:
+        prev = 0
+        for u in residuals:
+            prev += unzigzag(u)
+            out.append(prev)
+            if abs(prev) > _MAX_Q:
+                raise CodecError(f"{sensor}/{channel}: a value is out of range")
+        return out
+    if pred == P_LINEAR:
+        a = b = 0
+        for i, u in enumerate(residuals):
+            p = b if i < 2 else 2 * b - a
+            v = p + unzigzag(u)
+            if abs(v) > _MAX_Q:
+                raise CodecError(f"{sensor}/{channel}: a value is out of range")
+            out.append(v)
+            a, b = b, v
+        return out
+    if pred == P_MEAN:
+        return [param + unzigzag(u) for u in residuals]
+    # P_LOCAL
+    k = param
+    s = 0
+    for i, u in enumerate(residuals):
+        cnt = i if i < k else k
+        p = (2 * s + cnt) // (2 * cnt) if cnt else 0
+        v = p + unzigzag(u)
+        if abs(v) > _MAX_Q:
+            raise CodecError(f"{sensor}/{channel}: a value is out of range")
+        out.append(v)
+        s += v
+        if i >= k:
+            s -= out[i - k]
+    return out
+
+
+COMPACT = register(CompactEncoding(CF_COMPACT, "compact", deflate=False))
+COMPACT_DEFLATE = register(CompactEncoding(CF_COMPACT_DEFLATE, "compact+deflate", deflate=True))
+COMPACT_DICT = register(
+    CompactEncoding(
+        CF_COMPACT_DICT, "compact+deflate+dict", deflate=True, dictionary=DEFAULT_DICTIONARY
+    )
+)
