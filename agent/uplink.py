@@ -113,6 +113,7 @@ class Policy:
     batch_bytes: int = 48 * 1024
     batch_records: int = 1000
     max_inflight: int = 8
+    hold: bool = False  # queue only: lease nothing (the link is offline)
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ class Uplink:
                 if now < self._paused_until:
                     await self.clock.sleep(self._paused_until - now)
                     continue
-                if self.inflight >= self._limit() or not self._free_lanes:
+                if self.policy.hold or self.inflight >= self._limit() or not self._free_lanes:
                     await self._wait(IDLE_POLL)
                     continue
                 batch = await self._lease()
