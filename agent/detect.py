@@ -395,6 +395,80 @@ class Detector:
         log.info("recommissioning samples=%d", self.spec.commissioning)
         return alerts
 
+    # --- hot swap -------------------------------------------------------------------------------
+    def swap_models(
+        self,
+        anomaly: Inference | None = None,
+        *,
+        entry: Mapping[str, Any] | None = None,
+        classifier: Inference | None = None,
+        classes: Sequence[str] | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        """Replace the anomaly model and/or the classifier between two feeds (hot swap).
+
+        Everything the stream has learned stays (calibration, feature buffers, hysteresis,
+        novelty, reference level), so the next sample is scored by the new model and no sample
+        is dropped or scored twice. Decision: the new anomaly model must read the same features
+        -- its manifest ``entry`` must give this detector's :class:`FeatureSpec` (the
+        commissioning length aside); a model with other features is refused with ModelError.
+        Such a model needs its own detector commissioned from kept rows (the analyzer's tiers)
+        or :meth:`recommission`.
+
+        Both models are warmed up on the newest model input (zeros before commissioning ends);
+        one that raises, or gives output of the wrong shape or non-finite output, is refused
+        and nothing changes (the running models stay). ``threshold``: the new anomaly
+        threshold (default: the entry's calibrated one; pass the configured override).
+        """
+        n_in = self.spec.steps * len(self.spec.channels)
+        window = np.asarray(getattr(self, "last_window", ()), dtype=np.float32).reshape(-1)
+        if window.size != n_in or not np.all(np.isfinite(window)):
+            window = np.zeros(n_in, dtype=np.float32)
+        new_threshold = self.threshold
+        if anomaly is not None:
+            label = f"model {getattr(anomaly, 'name', '?')}"
+            if entry is not None:
+                try:
+                    spec = FeatureSpec.from_dict(entry["features"])
+                    entry_threshold = float(entry["threshold"]["value"])
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ModelError(f"{label}: bad manifest entry ({err!r}); refused") from err
+                if spec.with_commissioning(self.spec.commissioning) != self.spec:
+                    raise ModelError(
+                        f"{label}: its features differ from the running model's (steps "
+                        f"{spec.steps}x{spec.step_stride}, smooth {spec.smooth}, channels "
+                        f"{len(spec.channels)}); a hot swap needs the same features: refused "
+                        "(switch tiers or recommission instead)"
+                    )
+                new_threshold = entry_threshold
+            _warm(anomaly, window, (n_in,), label)
+        if threshold is not None:
+            new_threshold = float(threshold)
+        if not new_threshold > 0 or not math.isfinite(new_threshold):
+            raise ModelError(f"threshold {new_threshold!r} is not a positive number; refused")
+        new_classes = tuple(self.classes if classes is None else classes)
+        if classifier is not None:
+            label = f"classifier {getattr(classifier, 'name', '?')}"
+            if NORMAL_CLASS not in new_classes:
+                raise ModelError(f"{label}: classes must include {NORMAL_CLASS!r}; refused")
+            _warm(classifier, window, (len(new_classes),), label)
+        if anomaly is not None:
+            old = getattr(self.anomaly, "name", "?")
+            self.anomaly = anomaly
+            self.threshold = new_threshold
+            log.info(
+                "model swapped role=anomaly from=%s to=%s threshold=%.3g",
+                old,
+                getattr(anomaly, "name", "?"),
+                self.threshold,
+            )
+        elif threshold is not None:
+            self.threshold = new_threshold
+        if classifier is not None:
+            self.classifier = classifier
+            self.classes = new_classes
+            log.info("model swapped role=classifier to=%s", getattr(classifier, "name", "?"))
+
     # --- processing -----------------------------------------------------------------------------
     def push(self, t: float, row: Sequence[float]) -> list[Alert]:
         """One sample (the channel values in ``spec.channels`` order). Returns new alerts."""
@@ -552,3 +626,16 @@ class Detector:
         if cls != NORMAL_CLASS and confidence >= self.classifier_confidence:
             return Verdict.KNOWN_FAILURE, cls, confidence
         return Verdict.NOVEL_ANOMALY, None, confidence
+
+def _warm(model: Inference, window: np.ndarray, shape: tuple[int, ...], label: str) -> None:
+    """One invoke on ``window``: ModelError unless it gives finite output of ``shape``."""
+    try:
+        out = np.asarray(model.predict(window[None]))
+    except (ValueError, RuntimeError, ModelError) as err:
+        raise ModelError(f"{label}: failed on the warm-up window ({err}); refused") from err
+    if out.shape != (1, *shape):
+        raise ModelError(
+            f"{label}: warm-up output has shape {out.shape[1:]}, expected {shape}; refused"
+        )
+    if not np.all(np.isfinite(out)):
+        raise ModelError(f"{label}: non-finite output on the warm-up window; refused")

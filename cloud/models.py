@@ -12,8 +12,8 @@ version).
 
 Resources (docs/protocol.md, "Models"), all GET:
 
-    /models                           CBOR array of {name, version, size, sha256, key}
-    /models/NAME                      the same, for the versions of NAME
+    /models/NAME                      CBOR array of {name, version, size, sha256, key,
+                                      published}: the published versions of NAME
     /models/NAME/VERSION/manifest     the signed manifest (CBOR; block-wise when large)
     /models/NAME/VERSION/file         the file (Content-Format 42), Block2 by number (RFC 7959)
 
@@ -192,13 +192,11 @@ class ModelRegistry:
         """Answer a GET under ``/models``; raises ModelRequestError."""
         accept = request.opt.accept
         match path:
-            case ("models",) | ("models", _):
+            case ("models", name):
                 self._accept(accept, CF_CBOR)
-                name = path[1] if len(path) == 2 else None
-                if name is not None:
-                    self._check(name, "name")
+                self._check(name, "name")
                 items = [p.to_dict() for p in self.list(name)]
-                if name is not None and not items:
+                if not items:
                     raise ModelRequestError(Code.NOT_FOUND, "no such model")
                 payload = cbor2.dumps(items, canonical=True)
                 return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)

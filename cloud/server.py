@@ -11,7 +11,7 @@ Resources (docs/protocol.md is the normative description):
     GET  /devices/{device}                 the registry entry
     POST /infer/{device}                   full-precision inference on a window (cloud/inference.py)
     POST /validate/{device}                a verdict on an edge alert, stored per (device, seq)
-    GET  /models[/{name}[/{version}/manifest|file]]   model registry (cloud/models.py; Block2)
+    GET  /models/{name}[/{version}/manifest|file]  model registry (cloud/models.py; Block2)
 
 Use it in-process::
 
@@ -94,7 +94,6 @@ RESOURCE_TYPES = {
     "device": "edge-agent.device",
     "infer": "edge-agent.infer",
     "validate": "edge-agent.validate",
-    "models": "edge-agent.models",
 }
 
 
@@ -251,7 +250,7 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("desired", device, frozenset({GET, PUT}), conditional=True)
         case ("devices", device):
             return _Route("device", device, frozenset({GET}))
-        case ("models", *_):
+        case ("models", _) | ("models", _, _, "manifest" | "file"):
             return _Route("models", None, frozenset({GET}))
         case ("infer", device):
             return _Route("infer", device, frozenset({POST}))
@@ -639,8 +638,6 @@ class CloudServer:
                 {"href": f"/infer/{d}", "rt": RESOURCE_TYPES["infer"], "ct": CF_CBOR},
                 {"href": f"/validate/{d}", "rt": RESOURCE_TYPES["validate"], "ct": CF_CBOR},
             ]
-        if self.models is not None:
-            links.append({"href": "/models", "rt": RESOURCE_TYPES["models"], "ct": CF_CBOR})
         queries = list(request.opt.uri_query)
         text = ",".join(
             _link(link.pop("href"), **link) for link in links if _link_matches(link, queries)

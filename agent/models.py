@@ -1,0 +1,250 @@
+"""Model assignment: the cloud names a model version per role, the agent fetches and swaps it in.
+
+Roles: ``anomaly`` (the detector's autoencoder), ``classifier`` (the fault classifier) and
+``lightweight`` (the lite anomaly model the policy switches to on a slow device or a poor link).
+Desired state carries them as ``model/<role>`` = ``{"name", "version", ? "sha256"}``.
+
+:meth:`ModelManager.assign` does, for one role:
+
+1. **fetch** -- :meth:`ModelCache.get <agent.modelcache.ModelCache.get>`: a local hit, a shipped
+   model, or a verified download (refused models raise ModelError; link failures SyncError);
+2. **load** -- the interpreter, from the cache's memory tier;
+3. **warm up** -- one invoke on a zero window: finite output of the manifest's shape;
+4. **swap** -- ``anomaly`` and ``classifier`` go into the running detector with
+   :meth:`Detector.swap_models <agent.detect.Detector.swap_models>` between two feeds, which warms
+   them up again on the newest real window; ``lightweight`` is kept loaded and pinned, ready for a
+   tier switch (``on_ready`` tells the runtime).
+
+Any failure before the swap is a **rollback**: the running model stays, nothing is pinned for the
+refused version, and :meth:`ModelManager.reported` says ``status: failed`` with the error (the
+runtime puts it into reported state as ``model/<role>``, so the endpoint blocks that version). A
+link failure is not a refusal: :meth:`assign` raises SyncError and the runtime tries again later.
+
+The manager pins the models every role uses now, so the cache never evicts them, and marks the
+detector's models in use.
+
+Logging policy: info for an assignment applied or rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.detect import Detector
+from agent.errors import ModelError
+from agent.inference import TFLiteModel
+from agent.modelcache import CachedModel, ModelCache, Ref
+
+log = logging.getLogger(__name__)
+
+ROLES = ("anomaly", "classifier", "lightweight")
+_KIND = {"anomaly": "anomaly", "classifier": "classifier", "lightweight": "anomaly"}
+
+
+@dataclass(frozen=True)
+class Assignment:
+    role: str
+    name: str
+    version: str | None = None
+    sha256: str | None = None
+    desired: int | None = None  # the desired-state version of model/<role>, for the report
+
+    @classmethod
+    def from_desired(cls, role: str, value: Mapping[str, Any], desired: int | None = None):
+        """From a desired ``model/<role>`` value ``{"name", ? "version", ? "sha256"}``."""
+        if role not in ROLES:
+            raise ValueError(f"model/{role}: unknown role; use one of {', '.join(ROLES)}")
+        if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
+            raise ValueError(f"model/{role}: expected {{name, ? version, ? sha256}}")
+        version = value.get("version")
+        sha = value.get("sha256")
+        return cls(role, value["name"], None if version is None else str(version), sha, desired)
+
+
+@dataclass
+class RoleState:
+    """What ``model/<role>`` reports."""
+
+    name: str
+    version: str
+    status: str = "active"  # active | loading | failed
+    error: str | None = None
+    desired: int | None = None
+    failed: tuple[str, str | None] | None = None  # the refused (name, version)
+
+    def to_report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "version": self.version, "status": self.status}
+        if self.desired is not None:
+            out["desired"] = self.desired
+        if self.error:
+            out["error"] = self.error[:200]
+        if self.failed is not None:
+            out["refused"] = f"{self.failed[0]} {self.failed[1] or ''}".strip()
+        return out
+
+
+@dataclass
+class Prepared:
+    """A model fetched, loaded and warmed up, ready to swap in."""
+
+    assignment: Assignment
+    cached: CachedModel
+    model: TFLiteModel
+
+    @property
+    def ref(self) -> Ref:
+        return self.cached.ref
+
+    @property
+    def entry(self) -> Mapping[str, Any]:
+        return self.cached.entry.raw
+
+
+@dataclass
+class ManagerStats:
+    applied: int = 0
+    rolled_back: int = 0
+    swaps: list[str] = field(default_factory=list)
+
+
+class ModelManager:
+    """Applies model assignments to a running detector. See the module docstring.
+
+    ``detector``: gives the detector running now (the analyzer may replace it on a tier
+    switch). ``threshold_override``: the configured threshold, if any (it stays over a swap).
+    ``on_ready(role, prepared)``: called after a swap (and for ``lightweight``, when the model is
+    ready), so the runtime can update what it keeps (e.g. the analyzer's tier models).
+    """
+
+    def __init__(
+        self,
+        cache: ModelCache,
+        detector: Callable[[], Detector],
+        *,
+        threshold_override: Callable[[], float | None] | None = None,
+        on_ready: Callable[[str, Prepared], None] | None = None,
+    ) -> None:
+        self.cache = cache
+        self._detector = detector
+        self._threshold_override = threshold_override
+        self._on_ready = on_ready
+        self.roles: dict[str, RoleState] = {}
+        self.current: dict[str, Ref] = {}
+        self.ready: dict[str, Prepared] = {}  # lightweight models, loaded and warm
+        self.stats = ManagerStats()
+
+    def started_with(self, role: str, name: str, version: str) -> None:
+        """Record a model the detector was built with (from the config), pin and use it."""
+        ref = (name, version)
+        self.current[role] = ref
+        self.roles[role] = RoleState(name, version)
+        if role in ("anomaly", "classifier"):
+            self.cache.acquire(ref)
+        self._pin()
+
+    def _pin(self) -> None:
+        self.cache.set_pins(self.current.values())
+
+    async def prepare(self, a: Assignment) -> Prepared:
+        """Fetch, load and warm up; ModelError (refused) or SyncError (link)."""
+        if a.role not in ROLES:
+            raise ModelError(f"model/{a.role}: unknown role; use one of {', '.join(ROLES)}")
+        cached = await self.cache.get(a.name, a.version, sha256=a.sha256)
+        kind = cached.entry.kind
+        if kind != _KIND[a.role]:
+            raise ModelError(
+                f"model {cached.name} {cached.version}: a {kind} model cannot take the "
+                f"{a.role} role; refused"
+            )
+        model = self.cache.load(cached)
+        x = np.zeros((1, *model.input_shape), dtype=np.float32)
+        try:
+            out = np.asarray(model.predict(x))
+        except (ValueError, RuntimeError) as err:
+            raise ModelError(
+                f"model {cached.name} {cached.version}: warm-up failed ({err})"
+            ) from err
+        if not np.all(np.isfinite(out)):
+            raise ModelError(
+                f"model {cached.name} {cached.version}: non-finite output on warm-up; refused"
+            )
+        return Prepared(a, cached, model)
+
+    def commit(self, p: Prepared) -> None:
+        """Swap a prepared model in (synchronous: runs between two detector feeds)."""
+        role = p.assignment.role
+        if role == "anomaly":
+            override = self._threshold_override() if self._threshold_override else None
+            self._detector().swap_models(p.model, entry=p.entry, threshold=override)
+        elif role == "classifier":
+            classes = p.entry.get("classes")
+            if not isinstance(classes, list | tuple):
+                raise ModelError(f"classifier {p.cached.name}: its entry names no classes; refused")
+            self._detector().swap_models(classifier=p.model, classes=classes)
+        else:
+            self.ready[role] = p
+        old = self.current.get(role)
+        self.current[role] = p.ref
+        if role in ("anomaly", "classifier"):
+            self.cache.acquire(p.ref)
+            if old is not None:
+                self.cache.release(old)
+        self._pin()
+        self.stats.swaps.append(f"{role}:{p.cached.name}@{p.cached.version}")
+        if self._on_ready is not None:
+            self._on_ready(role, p)
+
+    async def assign(self, a: Assignment) -> RoleState:
+        """Apply one assignment. Returns the role's state (``failed`` after a rollback);
+        raises SyncError when the link failed (nothing changed: try again later)."""
+        previous = self.roles.get(a.role)
+        if previous is not None and previous.status == "active":
+            version = a.version or previous.version
+            if (a.name, version) == (previous.name, previous.version):
+                previous.desired = a.desired
+                return previous
+        try:
+            prepared = await self.prepare(a)
+            self.commit(prepared)
+        except ModelError as err:
+            self.stats.rolled_back += 1
+            keep = previous or RoleState(a.name, a.version or "", status="failed")
+            state = RoleState(
+                keep.name,
+                keep.version,
+                status="failed",
+                error=str(err),
+                desired=a.desired,
+                failed=(a.name, a.version),
+            )
+            self.roles[a.role] = state
+            log.warning(
+                "model assignment rolled back role=%s name=%s version=%s kept=%s@%s error=%r",
+                a.role,
+                a.name,
+                a.version,
+                keep.name,
+                keep.version,
+                str(err),
+            )
+            return state
+        state = RoleState(prepared.cached.name, prepared.cached.version, desired=a.desired)
+        self.roles[a.role] = state
+        self.stats.applied += 1
+        log.info(
+            "model assignment applied role=%s name=%s version=%s source=%s",
+            a.role,
+            state.name,
+            state.version,
+            prepared.cached.source,
+        )
+        return state
+
+    def reported(self) -> dict[str, Any]:
+        """``{"model/<role>": value}`` for reported state."""
+        return {f"model/{role}": state.to_report() for role, state in sorted(self.roles.items())}
