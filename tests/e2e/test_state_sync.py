@@ -568,6 +568,52 @@ async def test_silent_observation_registered_again_when_max_age_runs_out(
         await server.stop()
 
 
+class EndingDesired(aiocoap.resource.ObservableResource):
+    """A desired resource whose second answer is an error: that notification ends (cancels) the
+    observation on the device's side; later answers are documents again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = 0
+
+    def next(self) -> None:
+        self.updated_state()
+
+    async def render_get(self, request: Message) -> Message:
+        self.answers += 1
+        if self.answers == 2:
+            return Message(code=Code.SERVICE_UNAVAILABLE, payload=b"going away", max_age=0)
+        doc = {"rev": self.answers, "keys": {"detect/motor/threshold": [self.answers, 0.5]}}
+        return Message(code=Code.CONTENT, payload=records.dumps(doc), content_format=60)
+
+
+async def test_observation_registered_again_after_the_endpoint_cancels_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.state")
+    desired = EndingDesired()
+    site = aiocoap.resource.Site()
+    site.add_resource(["state", DEVICE, "desired"], desired)
+    site.add_resource(["state", DEVICE, "reported"], Reported())
+    port = free_port()
+    ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    hooks = Hooks()
+    device = Device((f"coap://127.0.0.1:{port}",), tmp_path / "state.cbor", hooks).start()
+    try:
+        await wait_for(lambda: hooks.applied == [("detect/motor/threshold", 0.5)], "first doc")
+        desired.next()  # the error notification ends the observation
+        await wait_for(lambda: desired.answers >= 3, "registered again")
+        await wait_for(lambda: device.sync.status["desired_rev"] == 3, "document after it")
+        # aiocoap ends the observation with the error, or as a plain end of the notifications
+        ended = ("event=observe_refused", "event=observe_renew")
+        assert any(e in caplog.text for e in ended), caplog.text
+        assert caplog.text.count("event=observing ") == 2
+        assert hooks.applied == [("detect/motor/threshold", 0.5)] * 2  # each version once
+    finally:
+        await device.stop()
+        await ctx.shutdown()
+
+
 async def test_observation_follows_the_endpoint_fallback_and_back(tmp_path: Path) -> None:
     port_a = free_port()
     a = await start_server(tmp_path / "a", port_a)
