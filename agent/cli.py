@@ -4,6 +4,7 @@ edge-agent check-config FILE          validate a config file (exit 78 when it is
 edge-agent run --config FILE          run the agent (--simulate pump|skab: on simulated parts)
 edge-agent selftest --config FILE     probe every sensor once and print a table
 edge-agent demo                       the reference rig on simulated parts, live readings
+edge-agent models [--config FILE]     cached models: size, last use, pin, signature status
 """
 
 from __future__ import annotations
@@ -241,6 +242,50 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def format_models(rows: list[dict[str, Any]]) -> str:
+    def when(t: float | None) -> str:
+        if t is None:
+            return "-"
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    table = [("model", "version", "source", "bytes", "last use", "pin", "signature")]
+    for r in rows:
+        table.append(
+            (
+                r["name"],
+                r["version"],
+                r["source"],
+                str(r["size"]),
+                when(r["last_used"]),
+                "pinned" if r["pinned"] else "-",
+                r["signature"],
+            )
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(6)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row[:6], widths, strict=True)) + "  " + row[6]
+        for row in table
+    )
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from agent.modelcache import ModelCache
+
+    cfg = _load(args.config or example_config())
+    shipped = cfg.detect.detect.models_dir if cfg.detect is not None else None
+    cache = ModelCache.open(cfg.models, shipped_dir=shipped, readonly=True)
+    rows = cache.listing(verify=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(
+            f"model cache {cfg.models.cache_dir}: {cache.disk_used} of "
+            f"{cfg.models.disk_budget} bytes on disk"
+        )
+        print(format_models(rows))
+    return EX_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -302,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", help="the agent's status socket")
     where.add_argument("--config", help="find the socket from this config's data_dir")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("models", help="cached models: size, last use, pin, signature")
+    p.add_argument("--config", default=None, help="default: the packaged reference rig")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("demo", help="the reference rig on simulated parts")
     p.add_argument("--config", default=None, help="default: the packaged reference rig")

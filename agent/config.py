@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.metrics import MetricsSettings
+from agent.modelcache import ModelsSettings
 from agent.state import StateSettings
 from agent.store import StoreSettings
 from agent.uplink import UplinkSettings
@@ -109,6 +110,7 @@ class Config:
     uplink: UplinkSettings | None = None
     simulation: SimulationConfig | None = None
     state: StateSettings = field(default_factory=StateSettings)  # used with [uplink]
+    models: ModelsSettings = field(default_factory=ModelsSettings)  # load() puts it in data_dir
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
@@ -154,6 +156,7 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
     metrics = MetricsSettings.from_options(top.table("metrics"), agent.data_dir)
     uplink = UplinkSettings.from_options(top.table("uplink")) if top.has("uplink") else None
     state = StateSettings.from_options(top.table("state"), agent.data_dir)
+    models = ModelsSettings.from_options(top.table("models"), agent.data_dir, base)
     simulation = _parse_simulation(top.table("simulation"), base) if top.has("simulation") else None
     sensors = tuple(_parse_sensor(t) for t in top.tables("sensor"))
     if not sensors:
@@ -185,6 +188,7 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
         uplink=uplink,
         simulation=simulation,
         state=state,
+        models=models,
     )
 
 
@@ -371,5 +375,6 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
     store = replace(config.store, path=moved(config.store.path))
     metrics = replace(config.metrics, textfile=moved(config.metrics.textfile))
     state = replace(config.state, path=moved(config.state.path))
+    models = replace(config.models, cache_dir=moved(config.models.cache_dir))
     agent = replace(config.agent, data_dir=data_dir)
-    return replace(config, agent=agent, store=store, metrics=metrics, state=state)
+    return replace(config, agent=agent, store=store, metrics=metrics, state=state, models=models)

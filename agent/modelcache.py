@@ -702,6 +702,7 @@ class ModelCache:
         self.batch_mode = batch_mode
         self.stats = CacheStats()
         self.rebuilt = False  # the index was rebuilt from the files at open
+        self.readonly = False
         self._records: dict[Ref, _Record] = {}
         self._loaded: dict[Ref, _Loaded] = {}
         self._in_use: Counter[Ref] = Counter()
@@ -709,6 +710,7 @@ class ModelCache:
         self._seq = 0
         self._dirty = False
         self._locks: dict[Ref, asyncio.Lock] = {}
+        self._known: dict[Ref, CachedModel] = {}  # parsed manifests of cached files
 
     @classmethod
     def open(
@@ -720,8 +722,10 @@ class ModelCache:
         runtime: str = "auto",
         num_threads: int = 1,
         batch_mode: str = "resize",
+        readonly: bool = False,
     ) -> ModelCache:
-        """Open (or create) the cache of ``settings``; a corrupt index is rebuilt."""
+        """Open (or create) the cache of ``settings``; a corrupt index is rebuilt.
+        ``readonly``: only look (``edge-agent models``): create, delete and write nothing."""
         key = load_public_key(settings.public_key) if settings.public_key else None
         shipped = None
         if shipped_dir is not None and (Path(shipped_dir) / "manifest.json").is_file():
@@ -737,6 +741,7 @@ class ModelCache:
             num_threads=num_threads,
             batch_mode=batch_mode,
         )
+        cache.readonly = readonly
         cache._open()
         return cache
 
@@ -744,8 +749,9 @@ class ModelCache:
 
     def _open(self) -> None:
         try:
-            self.files.mkdir(parents=True, exist_ok=True)
-            self.partial.mkdir(parents=True, exist_ok=True)
+            if not self.readonly:
+                self.files.mkdir(parents=True, exist_ok=True)
+                self.partial.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ModelError(f"{self.directory}: cannot create the model cache ({err})") from err
         try:
@@ -774,6 +780,8 @@ class ModelCache:
                 str(err),
             )
             self._rebuild(missing=False)
+        if self.readonly:
+            return
         self._sweep_orphans()
         if self._dirty:
             self._write_index()
@@ -782,6 +790,7 @@ class ModelCache:
         """Rebuild the index from the files, verifying each one (size, SHA-256, signature)."""
         self._records.clear()
         found = sorted(self.files.glob("*.manifest"), key=lambda p: p.stat().st_mtime)
+        found = [p for p in found if p.is_file()]
         for mpath in found:
             try:
                 manifest = SignedManifest.from_cbor(mpath.read_bytes(), label=str(mpath))
@@ -823,6 +832,8 @@ class ModelCache:
                     p.unlink()
 
     def _write_index(self) -> None:
+        if self.readonly:
+            return
         doc = {
             "format": INDEX_FORMAT,
             "seq": self._seq,
@@ -861,6 +872,8 @@ class ModelCache:
         return self.partial / f"{ref[0]}@{ref[1]}.json"
 
     def _delete_files(self, manifest_path: Path) -> None:
+        if self.readonly:
+            return
         for p in (manifest_path, manifest_path.with_suffix(".tflite")):
             with contextlib.suppress(OSError):
                 p.unlink()
@@ -935,6 +948,7 @@ class ModelCache:
             victim = victims[0]
             del self._records[victim.ref]
             self._loaded.pop(victim.ref, None)
+            self._known.pop(victim.ref, None)
             self._delete_files(self._manifest_path(victim.ref))
             self.stats.evicted_files += 1
             self._write_index()
@@ -972,12 +986,17 @@ class ModelCache:
         return self._shipped(name, version)
 
     def _cached_model(self, rec: _Record) -> CachedModel:
+        known = self._known.get(rec.ref)
+        if known is not None:
+            return known
         manifest = SignedManifest.from_cbor(
             self._manifest_path(rec.ref).read_bytes(), label=str(self._manifest_path(rec.ref))
         )
-        return CachedModel(
+        model = CachedModel(
             rec.name, rec.version, self._file(rec.ref), manifest.model_entry(), "cache", manifest
         )
+        self._known[rec.ref] = model
+        return model
 
     async def get(
         self,
@@ -1131,15 +1150,17 @@ class ModelCache:
     def loaded(self) -> list[Ref]:
         return [ref for ref, _ in sorted(self._loaded.items(), key=lambda kv: kv[1].seq)]
 
-    def load(self, model: CachedModel) -> TFLiteModel:
-        """The loaded interpreter of ``model`` (a hit, or read, verified and loaded)."""
-        ref = model.ref
+    def _hit(self, ref: Ref) -> TFLiteModel | None:
         seq = self._touch(ref) if ref in self._records else self._next_seq()
         hit = self._loaded.get(ref)
-        if hit is not None:
-            hit.seq = seq
-            self.stats.load_hits += 1
-            return hit.model
+        if hit is None:
+            return None
+        hit.seq = seq
+        self.stats.load_hits += 1
+        return hit.model
+
+    def _build(self, model: CachedModel) -> tuple[TFLiteModel, int]:
+        """Read, verify and build the interpreter (no shared state: runs in a worker thread)."""
         data = read_model_file(model.path, model.entry)
         tfl = TFLiteModel(
             data,
@@ -1150,7 +1171,29 @@ class ModelCache:
             entry=model.entry,
             label=f"{model.path}",
         )
-        self._loaded[ref] = _Loaded(tfl, len(data), seq)
+        return tfl, len(data)
+
+    def load(self, model: CachedModel) -> TFLiteModel:
+        """The loaded interpreter of ``model`` (a hit, or read, verified and loaded)."""
+        hit = self._hit(model.ref)
+        if hit is not None:
+            return hit
+        return self._register(model, *self._build(model))
+
+    async def load_async(self, model: CachedModel) -> TFLiteModel:
+        """:meth:`load` with the read and the interpreter build in a worker thread, so the
+        event loop (and the detector's feeds) go on meanwhile."""
+        hit = self._hit(model.ref)
+        if hit is not None:
+            return hit
+        tfl, size = await asyncio.to_thread(self._build, model)
+        hit = self._hit(model.ref)
+        return hit if hit is not None else self._register(model, tfl, size)
+
+    def _register(self, model: CachedModel, tfl: TFLiteModel, size: int) -> TFLiteModel:
+        ref = model.ref
+        data_len = size
+        self._loaded[ref] = _Loaded(tfl, data_len, self._next_seq())
         self.stats.loads += 1
         log.info(
             "model loaded name=%s version=%s source=%s runtime=%s bytes=%d",
@@ -1158,7 +1201,7 @@ class ModelCache:
             model.version,
             model.source,
             tfl.runtime,
-            len(data),
+            data_len,
         )
         self._evict_loaded(keep=ref)
         return tfl

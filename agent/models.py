@@ -161,7 +161,7 @@ class ModelManager:
                 f"model {cached.name} {cached.version}: a {kind} model cannot take the "
                 f"{a.role} role; refused"
             )
-        model = self.cache.load(cached)
+        model = await self.cache.load_async(cached)
         x = np.zeros((1, *model.input_shape), dtype=np.float32)
         try:
             out = np.asarray(model.predict(x))

@@ -1,0 +1,478 @@
+"""Model cache and signed model distribution: the real endpoint on loopback (its registry), the
+impairment proxy, real cache files and the real interpreter on the shipped models.
+
+Test names contain ``modelcache``, ``signature`` or ``hot_swap`` (``-k`` selects them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from linkem import Impairment, LinkEmulator
+
+from agent.detect import Detector, DetectSettings
+from agent.errors import ModelError, SyncError
+from agent.features import CHANNELS
+from agent.inference import load_manifest
+from agent.modelcache import ModelCache, ModelFetcher, ModelsSettings, SignedManifest
+from agent.models import Assignment, ModelManager
+from cloud.models import MANIFEST_FILE, MODEL_FILE, ModelRegistry, entry_for
+from cloud.server import CloudServer
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+FLOAT_AE = MODELS / "cloud" / "skab-ae.float32.tflite"  # same features as skab-ae, float32
+LEVEL = np.array([0.21, 0.27, 2.4, 0.1, 89.0, 28.0, 229.0, 125.0])
+NOISE = np.array([0.002, 0.002, 0.45, 0.25, 0.1, 0.01, 10.0, 0.5])
+FAST = {"ack_timeout": 0.2, "block_deadline": 4.0, "manifest_deadline": 8.0}
+
+
+def _key(seed: int) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32)
+
+
+def _write_pub(key: Ed25519PrivateKey, path: Path) -> Path:
+    path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+def _rows(n: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return LEVEL + NOISE * rng.standard_normal((n, len(CHANNELS)))
+
+
+class Rig:
+    """An endpoint with a registry in ``tmp/cloud`` and a device cache in ``tmp/dev``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.key = _key(7)
+        self.pub = _write_pub(self.key, tmp / "fleet.pub")
+        self.registry = ModelRegistry(tmp / "cloud" / "models")
+        self.server: CloudServer | None = None
+
+    def publish(self, file: Path, name: str, version: str, key=None, entry: str | None = None):
+        data = file.read_bytes()
+        e = entry_for(file, None, entry)
+        return self.registry.publish(data, name, version, e, key or self.key)
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return self.registry.directory / name / version
+
+    async def start(self) -> CloudServer:
+        self.server = await CloudServer.start(self.tmp / "cloud", "127.0.0.1", 0)
+        return self.server
+
+    def cache(self, uri: str | None = None, *, shipped: bool = True, **budgets) -> ModelCache:
+        settings = ModelsSettings(cache_dir=self.tmp / "dev", public_key=self.pub, **budgets)
+        fetcher = ModelFetcher(uri, **FAST) if uri else None
+        return ModelCache.open(settings, shipped_dir=MODELS if shipped else None, fetcher=fetcher)
+
+
+@pytest.fixture
+async def rig(tmp_path):
+    r = Rig(tmp_path)
+    yield r
+    if r.server is not None:
+        await r.server.stop()
+
+
+def _detector() -> Detector:
+    manifest = load_manifest(MODELS)
+    return Detector.from_settings(DetectSettings(models_dir=MODELS), manifest)
+
+
+def _commissioned(det: Detector) -> None:
+    det.feed(list(range(det.spec.commissioning)), _rows(det.spec.commissioning))
+    assert det.commissioned
+
+
+# -- download, resume, restart ------------------------------------------------------------------
+
+
+async def test_modelcache_download_through_lossy_link_resumes_after_interruption(rig):
+    manifest = rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    assert manifest.size > 8 * 1024  # several blocks
+    server = await rig.start()
+    async with LinkEmulator(
+        listen=("127.0.0.1", 0),
+        target=("127.0.0.1", server.port),
+        impairment=Impairment(loss=0.1),
+        seed=5,
+    ) as proxy:
+        uri = f"coap://127.0.0.1:{proxy.port}"
+        cache = rig.cache(uri)
+        cut_after = 4  # blocks 0..4 arrive, then the link goes down
+
+        def on_block(num: int, have: int) -> None:
+            if num == cut_after:
+                proxy.outage(True)
+
+        with pytest.raises(SyncError):
+            await cache.get("skab-ae", "3.0.0", on_block=on_block)
+        assert cache.partial_bytes("skab-ae", "3.0.0") == (cut_after + 1) * 1024
+        assert cache.lookup("skab-ae", "3.0.0") is None
+        await cache.close()
+
+        # The agent restarts; the link comes back; the download resumes from block 5.
+        proxy.outage(False)
+        cache = rig.cache(uri)
+        got = await cache.get("skab-ae", "3.0.0")
+        fetch = cache.stats.last_fetch
+        assert fetch is not None
+        assert fetch.resumed_from == (cut_after + 1) * 1024
+        assert fetch.blocks == -(-manifest.size // 1024) - (cut_after + 1)
+        assert got.source == "download"
+        assert got.path.read_bytes() == FLOAT_AE.read_bytes()
+        assert cache.partial_bytes("skab-ae", "3.0.0") == 0
+        assert proxy.counters("up").dropped["loss"] + proxy.counters("down").dropped["loss"] > 0
+        model = cache.load(got)
+        assert np.all(np.isfinite(model.predict(np.zeros((1, 32), dtype=np.float32))))
+        await cache.close()
+
+
+async def test_modelcache_restart_keeps_index_and_rebuilds_a_corrupt_one(rig):
+    rig.publish(MODELS / "skab-ae.tflite", "skab-ae", "2.0.0")
+    rig.publish(MODELS / "skab-clf.tflite", "skab-clf", "2.0.0")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    await cache.get("skab-ae", "2.0.0")
+    await cache.get("skab-clf", "2.0.0")
+    cache.set_pins([("skab-clf", "2.0.0")])
+    order = cache.cached()
+    await cache.close()
+
+    again = rig.cache(None)  # offline: no endpoint at all
+    assert not again.rebuilt
+    assert again.cached() == order
+    assert again.pins == {("skab-clf", "2.0.0")}
+    hit = await again.get("skab-ae", "2.0.0")
+    assert hit.source == "cache"
+    rows = {(r["name"], r["version"]): r for r in again.listing()}
+    assert rows[("skab-ae", "2.0.0")]["signature"].startswith("ok")
+    assert rows[("skab-clf", "2.0.0")]["pinned"]
+    await again.close()
+
+    # A corrupt index is rebuilt from the files, each verified; a tampered file is dropped.
+    (rig.tmp / "dev" / "index.json").write_text("{not json")
+    tampered = rig.tmp / "dev" / "files" / "skab-clf@2.0.0.tflite"
+    data = bytearray(tampered.read_bytes())
+    data[100] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    rebuilt = rig.cache(None)
+    assert rebuilt.rebuilt
+    assert rebuilt.cached() == [("skab-ae", "2.0.0")]
+    assert not tampered.exists()
+    assert json.loads((rig.tmp / "dev" / "index.json").read_text())["format"] == 1
+    await rebuilt.close()
+
+
+async def test_modelcache_offline_runs_from_shipped_models(rig):
+    cache = rig.cache("coap://127.0.0.1:9")  # nothing answers there
+    cache.fetcher.block_deadline = cache.fetcher.manifest_deadline = 1.0
+    got = await cache.get("skab-ae", "1.0.0")
+    assert got.source == "shipped"
+    assert got.path == MODELS / "skab-ae.tflite"
+    assert (await cache.get("skab-clf")).source == "shipped"
+    with pytest.raises(SyncError):
+        await cache.get("skab-ae", "9.0.0")
+    model = cache.load(got)
+    assert model.input_shape == (32,)
+    await cache.close()
+
+
+# -- refusals -----------------------------------------------------------------------------------
+
+
+def _tamper(rig: Rig, name: str, version: str) -> None:
+    path = rig.version_dir(name, version) / MODEL_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(rig: Rig, name: str, version: str) -> None:
+    path = rig.version_dir(name, version) / MODEL_FILE
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+def _sign_short_size(rig: Rig, name: str, version: str) -> None:
+    """A manifest correctly signed, but over a size (and digest) the file does not have."""
+    vdir = rig.version_dir(name, version)
+    old = SignedManifest.from_cbor((vdir / MANIFEST_FILE).read_bytes())
+    data = (vdir / MODEL_FILE).read_bytes()
+    m = SignedManifest.sign(name, version, data[:-100], old.entry, rig.key)
+    (vdir / MANIFEST_FILE).write_bytes(m.to_cbor())
+
+
+def _edit_size_field(rig: Rig, name: str, version: str) -> None:
+    """The size field edited after signing."""
+    vdir = rig.version_dir(name, version)
+    old = SignedManifest.from_cbor((vdir / MANIFEST_FILE).read_bytes())
+    entry = dict(old.entry, size=old.size + 1)
+    forged = SignedManifest(name, version, old.size + 1, old.sha256, entry, old.signature, old.key)
+    (vdir / MANIFEST_FILE).write_bytes(forged.to_cbor())
+
+
+REFUSALS = {
+    "tampered": (_tamper, "SHA-256"),
+    "wrong_signature": (None, "signature does not verify"),
+    "truncated": (_truncate, "truncated"),
+    "manifest_size_mismatch": (_sign_short_size, "size mismatch"),
+    "manifest_size_edited": (_edit_size_field, "signature does not verify"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+async def test_signature_and_integrity_refusals_keep_the_running_model(rig, case):
+    damage, message = REFUSALS[case]
+    key = _key(9) if case == "wrong_signature" else None
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", key=key, entry="skab-ae")
+    if damage is not None:
+        damage(rig, "skab-ae", "3.0.0")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    det = _detector()
+    _commissioned(det)
+    running = det.anomaly
+    manager = ModelManager(cache, lambda: det)
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+
+    state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0", desired=42))
+    assert state.status == "failed"
+    assert message in (state.error or "")
+    assert (state.name, state.version) == ("skab-ae", "1.0.0")  # the running model is kept
+    report = manager.reported()["model/anomaly"]
+    assert report["status"] == "failed" and report["desired"] == 42
+    assert det.anomaly is running
+    assert cache.lookup("skab-ae", "3.0.0") is None
+    assert cache.partial_bytes("skab-ae", "3.0.0") == 0
+    assert not list((rig.tmp / "dev" / "files").glob("skab-ae@3.0.0*"))
+    res = det.feed([1000.0, 1001.0], _rows(2, seed=3))  # it goes on scoring
+    assert np.all(np.isfinite(res.scores))
+    with pytest.raises(ModelError, match=message):  # and a direct get says the same
+        await cache.get("skab-ae", "3.0.0")
+    await cache.close()
+
+
+async def test_signature_missing_public_key_refuses_downloads(rig):
+    rig.publish(MODELS / "skab-ae.tflite", "skab-ae", "2.0.0")
+    server = await rig.start()
+    settings = ModelsSettings(cache_dir=rig.tmp / "dev")
+    cache = ModelCache.open(settings, fetcher=ModelFetcher(server.uri, **FAST))
+    with pytest.raises(ModelError, match="no public key"):
+        await cache.get("skab-ae", "2.0.0")
+    await cache.close()
+
+
+# -- LRU ----------------------------------------------------------------------------------------
+
+
+async def test_modelcache_lru_budget_for_two_of_three_evicts_by_recency_never_pinned(rig):
+    files = {
+        "skab-ae": MODELS / "skab-ae.tflite",  # 7992 bytes
+        "skab-clf": MODELS / "skab-clf.tflite",  # 5520
+        "skab-ae-lite": MODELS / "skab-ae-lite.tflite",  # 3904
+    }
+    for name, file in files.items():
+        rig.publish(file, name, "2.0.0")
+    server = await rig.start()
+    budget = 14_000  # any two fit (at most 13 512 bytes), all three (17 416) do not
+    cache = rig.cache(server.uri, disk_budget=budget, memory_budget=budget)
+    ae, clf, lite = ("skab-ae", "2.0.0"), ("skab-clf", "2.0.0"), ("skab-ae-lite", "2.0.0")
+
+    await cache.get(*ae)
+    await cache.get(*clf)
+    await cache.get(*lite)  # over budget: the least recently used (ae) goes
+    assert cache.cached() == [clf, lite]
+    await cache.get(*clf)  # clf is now the most recent
+    await cache.get(*ae)  # lite is the least recent and goes
+    assert cache.cached() == [clf, ae]
+    assert cache.disk_used <= budget
+
+    cache.set_pins([clf])
+    await cache.get(*ae)  # ae most recent, clf least recent but pinned
+    await cache.get(*lite)  # must evict: clf is pinned, so ae goes although more recent
+    assert set(cache.cached()) == {clf, lite}
+    assert cache.stats.evicted_files == 3
+
+    # Memory tier: the same budget holds two loaded interpreters; pinned and in-use stay.
+    cache.set_pins([])
+    await cache.get(*ae)  # (evicts clf from disk: now ae and lite)
+    m_ae = cache.load(cache.lookup(*ae))
+    cache.acquire(ae)  # the detector runs it
+    cache.load(cache.lookup(*lite))
+    await cache.get(*clf)  # disk evicts lite (ae is in use)
+    assert set(cache.cached()) == {ae, clf}
+    cache.load(cache.lookup(*clf))
+    assert ae in cache.loaded()
+    assert cache.memory_used <= budget
+    assert cache.load(cache.lookup(*ae)) is m_ae  # a memory hit: the same interpreter
+    cache.release(ae)
+    await cache.close()
+
+
+# -- hot swap -----------------------------------------------------------------------------------
+
+
+async def test_hot_swap_mid_stream_scores_every_window_exactly_once(rig):
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    det = _detector()
+    reference = _detector()
+    _commissioned(det)
+    _commissioned(reference)
+    old = det.anomaly
+    manager = ModelManager(cache, lambda: det)
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+
+    rows = _rows(600, seed=11)
+    scored_by: list[object] = []
+    scores: list[float] = []
+    swapped = asyncio.Event()
+
+    async def feeder() -> None:
+        for i, row in enumerate(rows):
+            model = det.anomaly  # the model that scores this row
+            res = det.feed([2000.0 + i], [row])
+            scored_by.append(model)
+            scores.extend(res.scores.tolist())
+            if i >= 300 and not swapped.is_set():
+                await asyncio.wait_for(swapped.wait(), 20)  # hold the stream for a mid-swap
+            await asyncio.sleep(0)
+
+    async def assign() -> None:
+        await asyncio.sleep(0.01)  # let the stream run first
+        state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))
+        assert state.status == "active", state.error
+        swapped.set()
+
+    await asyncio.gather(feeder(), assign())
+    new = det.anomaly
+    assert new is not old
+    n_old = sum(m is old for m in scored_by)
+    n_new = sum(m is new for m in scored_by)
+    assert 0 < n_old < len(rows) and n_new > 0
+    assert n_old + n_new == len(rows)  # every window scored once, by one model
+    assert len(scores) == len(rows) and np.all(np.isfinite(scores))
+    # Up to the swap the stream is exactly the one of a detector that never swapped.
+    ref = reference.feed([2000.0 + i for i in range(len(rows))], rows).scores
+    np.testing.assert_array_equal(scores[:n_old], ref[:n_old])
+    assert not np.array_equal(scores[n_old:], ref[n_old:])  # the float model scores now
+    assert det.samples == reference.samples
+    assert manager.reported()["model/anomaly"]["version"] == "3.0.0"
+    assert ("skab-ae", "3.0.0") in cache.pins
+    await cache.close()
+
+
+async def test_hot_swap_refuses_other_features_and_non_finite_models(rig):
+    rig.publish(MODELS / "skab-ae-lite.tflite", "skab-ae-lite", "2.0.0")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    det = _detector()
+    _commissioned(det)
+    running = det.anomaly
+    manager = ModelManager(cache, lambda: det)
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+    state = await manager.assign(Assignment("anomaly", "skab-ae-lite", "2.0.0"))
+    assert state.status == "failed" and "features differ" in (state.error or "")
+    assert det.anomaly is running
+    # A classifier model cannot take the anomaly role.
+    state = await manager.assign(Assignment("anomaly", "skab-clf", "1.0.0"))
+    assert state.status == "failed" and "classifier" in (state.error or "")
+
+    class NaNModel:  # a model whose output is not finite (the Inference seam)
+        name = "nan"
+        runtime = "test"
+
+        def predict(self, x):
+            return np.full((len(x), 32), np.nan, dtype=np.float32)
+
+    entry = load_manifest(MODELS).entry("skab-ae").raw
+    with pytest.raises(ModelError, match="non-finite"):
+        det.swap_models(NaNModel(), entry=entry)
+    assert det.anomaly is running
+    res = det.feed([5000.0], _rows(1, seed=4))
+    assert np.isfinite(res.scores[0])
+    await cache.close()
+
+
+def test_modelcache_settings_from_config(tmp_path):
+    from agent import config as configmod
+    from agent.errors import ConfigError
+
+    pub = _write_pub(_key(3), tmp_path / "fleet.pub")
+    base = f"""
+[agent]
+device_id = "pump-01"
+data_dir = "{tmp_path / "data"}"
+[[sensor]]
+name = "ambient"
+driver = "bme280"
+bus = 1
+address = 0x76
+interval = 5.0
+channels = ["temperature_c"]
+"""
+    cfg = configmod.loads(base + '[models]\npublic_key = "fleet.pub"\n', path=tmp_path / "a.toml")
+    assert cfg.models.cache_dir == tmp_path / "data" / "models"
+    assert cfg.models.public_key == pub
+    bad = base + "[models]\nmemory_budget_mb = -1\n"
+    with pytest.raises(ConfigError, match=r"a.toml: models.memory_budget_mb"):
+        configmod.loads(bad, path=tmp_path / "a.toml")
+    bad = base + '[models]\npublic_key = "nope.pub"\n'
+    with pytest.raises(ConfigError, match=r"models.public_key: .*does not exist"):
+        configmod.loads(bad, path=tmp_path / "a.toml")
+    shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+async def test_modelcache_cli_lists_cached_models(rig, capsys):
+    from agent import cli
+
+    rig.publish(MODELS / "skab-ae.tflite", "skab-ae", "2.0.0")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    await cache.get("skab-ae", "2.0.0")
+    cache.set_pins([("skab-ae", "2.0.0")])
+    await cache.close()
+    config = rig.tmp / "agent.toml"
+    config.write_text(
+        f"""
+[agent]
+device_id = "pump-01"
+data_dir = "{rig.tmp}"
+[[sensor]]
+name = "ambient"
+driver = "bme280"
+bus = 1
+address = 0x76
+interval = 5.0
+channels = ["temperature_c"]
+[models]
+cache_dir = "dev"
+public_key = "fleet.pub"
+"""
+    )
+    assert cli.main(["models", "--config", str(config), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    (row,) = [r for r in rows if r["source"] == "cache"]
+    assert (row["name"], row["version"], row["size"]) == ("skab-ae", "2.0.0", 7992)
+    assert row["pinned"] and row["signature"].startswith("ok (key ")
+    assert row["last_used"] is not None
+    assert cli.main(["models", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "skab-ae" in text and "pinned" in text
