@@ -4,6 +4,7 @@ edge-agent check-config FILE          validate a config file (exit 78 when it is
 edge-agent run --config FILE          run the agent (--simulate pump|skab: on simulated parts)
 edge-agent selftest --config FILE     probe every sensor once and print a table
 edge-agent demo                       the reference rig on simulated parts, live readings
+edge-agent plan --profile FILE        cost of edge-only, cloud-only and hybrid inference
 edge-agent models [--config FILE]     cached models: size, last use, pin, signature status
 """
 
@@ -286,6 +287,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from agent.planner import format_plan, plan
+
+    result = plan(args.profile, args.measured)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return EX_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
@@ -352,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="default: the packaged reference rig")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("plan", help="cost of edge-only, cloud-only and hybrid inference")
+    p.add_argument("--profile", required=True, help="the workload and price profile (TOML)")
+    p.add_argument(
+        "--measured", help="saved bench results (default: bench-results/ of the checkout)"
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("demo", help="the reference rig on simulated parts")
     p.add_argument("--config", default=None, help="default: the packaged reference rig")

@@ -5,17 +5,24 @@ Each benchmark lives in ``tools/benches/NAME.py`` and defines ``run(args) -> Res
 ours and the baseline (or the limit) named in its issue side by side in the same run and prints a
 table of the figures with their ratios. With ``--json`` the last line of output is one JSON object
 with the keys the issue names.
+
+Every run also saves its JSON summary to ``bench-results/NAME.json`` (``NAME.quick.json`` for
+``--quick`` runs, which are not kept in git): the cost planner (``edge-agent plan``) reads the
+measured latency and bytes from there. ``--no-save`` skips it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,11 +51,40 @@ def render(name: str, result: Result) -> str:
     return "\n".join(lines)
 
 
+def results_dir() -> Path:
+    """Where runs are saved: $EDGE_AGENT_BENCH_RESULTS, else bench-results/ in the checkout."""
+    env = os.environ.get("EDGE_AGENT_BENCH_RESULTS")
+    return Path(env) if env else ROOT / "bench-results"
+
+
+def save(name: str, result: Result, *, quick: bool, elapsed: float) -> Path:
+    """Write the run's summary (atomically) to the results directory."""
+    doc: dict[str, Any] = {
+        "bench": name,
+        "quick": quick,
+        "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": f"{platform.machine()} {platform.python_implementation()} "
+        f"{platform.python_version()}",
+        "elapsed_s": round(elapsed, 1),
+        "summary": result.summary,
+    }
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{'.quick' if quick else ''}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./tools/dev bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", help="benchmark name, or 'list'")
     parser.add_argument("--json", action="store_true", help="print the JSON summary as last line")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument(
+        "--no-save", action="store_true", help="do not save the summary to bench-results/"
+    )
     args, rest = parser.parse_known_args(argv)
     if args.name == "list":
         print("\n".join(available()))
@@ -65,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(host: {platform.machine()}, {platform.python_implementation()} "
         f"{platform.python_version()}; ran {elapsed:.1f} s)"
     )
+    if not args.no_save and result.summary:
+        path = save(args.name, result, quick=args.quick, elapsed=elapsed)
+        print(f"(summary saved to {path})")
     if args.json:
         print(json.dumps(result.summary, sort_keys=True))
     return 0
