@@ -56,6 +56,8 @@ failed`` so that the endpoint blocks that version. A refused version is never re
 operator's next assignment (a new version) is tried. A model version the endpoint lists in
 ``blocked`` is not tried either (it failed before, maybe before a reinstall).
 
+The runtime's side is :class:`AgentHooks` (what is reported, how desired keys are applied).
+
 Persistence: one file (``[state] path``, deterministic CBOR), written atomically (temp file, fsync,
 rename, fsync of the directory) *after* desired keys are applied and whenever reported versions or
 pending keys change::
@@ -92,7 +94,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import records, statedoc
-from agent.clock import Clock
+from agent.clock import Clock, wait_event
 from agent.errors import SyncError
 from agent.records import RecordError
 from agent.statedoc import Entry, Rule, StateError
@@ -310,12 +312,6 @@ class StateSync:
         self._dirty = True
         self._wake.set()
 
-    def applied_version(self, key: str) -> int | None:
-        """The version of desired ``key`` last applied (for the runtime's ``model/<slot>``
-        report, whose ``desired`` names the version a load was for)."""
-        entry = self._applied.get(key)
-        return entry.version if entry is not None else None
-
     @property
     def status(self) -> dict[str, Any]:
         """A JSON-ready summary for ``edge-agent status``."""
@@ -484,7 +480,7 @@ class StateSync:
             due = self._report_due()
             if due > now:
                 self._wake.clear()
-                await _wait_event(self.clock, self._wake, due - now)
+                await wait_event(self.clock, self._wake, due - now)
                 continue
             full = now >= self._next_full
             self._dirty = False
@@ -652,7 +648,7 @@ class StateSync:
         while True:
             delay = await self._observe(self.endpoints.current)
             if delay > 0:
-                await _wait_event(self.clock, self._reobserve, delay)
+                await wait_event(self.clock, self._reobserve, delay)
 
     async def _observe(self, base: str) -> float:
         """One observation of desired state at ``base``, until it ends or must be renewed.
@@ -1147,19 +1143,6 @@ async def _wait_first(
     sleeper = asyncio.ensure_future(clock.sleep(seconds))
     try:
         await asyncio.wait({future, waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-        sleeper.cancel()
-
-
-async def _wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> None:
-    """Wait until ``event`` is set or ``seconds`` pass on ``clock``."""
-    if event.is_set():
-        return
-    waiter = asyncio.ensure_future(event.wait())
-    sleeper = asyncio.ensure_future(clock.sleep(seconds))
-    try:
-        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
         sleeper.cancel()
