@@ -21,7 +21,8 @@ when only such models are left the cache stays over its budget and says so in a 
    count against the disk budget) -- so with an empty cache and no link the agent runs from them;
 3. otherwise the signed manifest is fetched (``GET /models/NAME/VERSION/manifest``) and its
    Ed25519 signature checked with the public key provisioned on the device, then the file is
-   fetched block by block (``GET /models/NAME/VERSION/file`` with Block2, RFC 7959). The partial
+   fetched block by block (``GET /models/NAME/VERSION/file`` with Block2, RFC 7959; a small window
+   of blocks in flight, written in order). The partial
    file is kept in ``partial/``: after an interruption (or a restart) the download resumes from
    the last whole block it holds, by Block2 number. The whole file is then checked (size,
    SHA-256 against the signed manifest, TFLite identifier) and installed atomically (fsync, rename,
@@ -81,6 +82,7 @@ log = logging.getLogger(__name__)
 
 # Timing and sizes; tests may shorten them.
 BLOCK_SZX = 6  # Block2 size exponent: 2 ** (6 + 4) = 1024-byte blocks
+BLOCK_WINDOW = 2  # blocks in flight at once (one per client context)
 BLOCK_DEADLINE = 60.0  # seconds for one block exchange (covers CoAP retransmissions)
 MANIFEST_DEADLINE = 60.0  # seconds for the manifest (block-wise too)
 
@@ -401,8 +403,10 @@ class ModelFetcher:
     """Fetches signed manifests and model files from the endpoint's registry over CoAP.
 
     ``base_uri``: ``coap://host:port`` or a callable giving the current endpoint (the runtime's
-    :class:`~agent.transport.Endpoints`). One aiocoap client context, one block in flight
-    (NSTART = 1); blocks are requested by number, so a download resumes where it stopped.
+    :class:`~agent.transport.Endpoints`). Blocks are requested by number, so a download resumes
+    where it stopped. ``window`` blocks are in flight at once, each on its own aiocoap client
+    context (a *lane*: CoAP allows one confirmable exchange in flight per endpoint pair, NSTART =
+    1), so a long thin link stays busy while a block crosses it; they are written in order.
     """
 
     def __init__(
@@ -411,43 +415,49 @@ class ModelFetcher:
         *,
         endpoint_path: str = "models",
         szx: int = BLOCK_SZX,
+        window: int = BLOCK_WINDOW,
         block_deadline: float | None = None,
         manifest_deadline: float | None = None,
         ack_timeout: float | None = None,
     ) -> None:
+        if window < 1:
+            raise ValueError("window must be >= 1")
         self._base = base_uri
         self.endpoint_path = endpoint_path.strip("/")
         self.szx = szx
+        self.window = window
         self.block_deadline = block_deadline or BLOCK_DEADLINE
         self.manifest_deadline = manifest_deadline or MANIFEST_DEADLINE
         self.ack_timeout = ack_timeout
-        self._ctx: Any = None
+        self._ctxs: list[Any] = []
         self._lock = asyncio.Lock()
 
     def uri(self, name: str, version: str, what: str) -> str:
         base = self._base() if callable(self._base) else self._base
         return f"{base.rstrip('/')}/{self.endpoint_path}/{name}/{version}/{what}"
 
-    async def _context(self) -> Any:
+    async def _context(self, lane: int = 0) -> Any:
         import aiocoap
 
         async with self._lock:
-            if self._ctx is None:
-                self._ctx = await aiocoap.Context.create_client_context()
-        return self._ctx
+            while len(self._ctxs) <= lane:
+                self._ctxs.append(await aiocoap.Context.create_client_context())
+        return self._ctxs[lane]
 
     async def close(self) -> None:
-        ctx, self._ctx = self._ctx, None
-        if ctx is not None:
+        ctxs, self._ctxs = self._ctxs, []
+        for ctx in ctxs:
             with contextlib.suppress(Exception):
                 await ctx.shutdown()
 
-    async def _exchange(self, uri: str, deadline: float, block: int | None = None) -> Any:
+    async def _exchange(
+        self, uri: str, deadline: float, block: int | None = None, lane: int = 0
+    ) -> Any:
         import aiocoap
         from aiocoap import error as coap_error
         from aiocoap.optiontypes import BlockOption
 
-        ctx = await self._context()
+        ctx = await self._context(lane)
         msg = aiocoap.Message(code=aiocoap.GET, uri=uri, transport_tuning=_tuning(self.ack_timeout))
         if block is not None:
             msg.opt.block2 = BlockOption.BlockwiseTuple(block, False, self.szx)
@@ -496,71 +506,61 @@ class ModelFetcher:
         on_block: Callable[[int, int], None] | None = None,
     ) -> FetchStats:
         """Fetch the file into ``part``, resuming from the whole blocks it already holds.
-        Raises SyncError (link; ``part`` keeps what arrived) or ModelError (refused)."""
+        Raises SyncError (link; ``part`` keeps the blocks written in order) or ModelError
+        (refused). ``on_block(num, bytes_written)`` is called after each block is written."""
         uri = self.uri(manifest.name, manifest.version, "file")
         bsize = 2 ** (self.szx + 4)
-        etag = bytes.fromhex(manifest.sha256)[:8]
-        out, have = _open_part(part, bsize, manifest.size)
+        last = max(0, -(-manifest.size // bsize) - 1)
+        out, have = _open_part(part, bsize, last)
         stats = FetchStats(resumed_from=have)
         started = time.perf_counter()
-        num = have // bsize
+        next_write = next_ask = have // bsize
         if have:
             log.info(
                 "model download resumed name=%s version=%s from_block=%d bytes=%d",
                 manifest.name,
                 manifest.version,
-                num,
+                next_write,
                 have,
             )
-        with out:
-            while True:
-                resp = await self._exchange(uri, self.block_deadline, num)
-                self._check_code(resp, uri, "model file")
-                payload = bytes(resp.payload)
-                block = resp.opt.block2
-                if resp.opt.etag is not None and resp.opt.etag != etag:
-                    raise ModelError(
-                        f"GET {uri}: the endpoint serves another file (ETag {resp.opt.etag.hex()}, "
-                        f"manifest {etag.hex()}); refused"
-                    )
-                size2 = resp.opt.size2
-                if size2 is not None and size2 != manifest.size:
-                    what = "truncated" if size2 < manifest.size else "size mismatch"
-                    raise ModelError(
-                        f"GET {uri}: {what}: the endpoint serves {size2} bytes, the signed "
-                        f"manifest says {manifest.size}; refused"
-                    )
-                if block is None:
-                    if num != 0:
-                        raise SyncError(f"GET {uri}: block {num} answered without Block2")
-                    more = False
-                else:
-                    if block.block_number != num or block.size_exponent != self.szx:
-                        raise SyncError(
-                            f"GET {uri}: asked for block {num}/{bsize}, got "
-                            f"{block.block_number}/{block.size}"
+        pending: dict[asyncio.Task[Any], tuple[int, int]] = {}  # task -> (block, lane)
+        lanes = list(range(self.window))
+        arrived: dict[int, bytes] = {}
+        try:
+            with out:
+                while next_write <= last:
+                    while lanes and next_ask <= last and next_ask - next_write < 4 * self.window:
+                        lane = lanes.pop(0)
+                        task = asyncio.create_task(
+                            self._exchange(uri, self.block_deadline, next_ask, lane)
                         )
-                    more = bool(block.more)
-                    if more and len(payload) != bsize:
-                        raise SyncError(f"GET {uri}: block {num} is {len(payload)} bytes")
-                if have + len(payload) > manifest.size:
-                    raise ModelError(
-                        f"GET {uri}: size mismatch: the file is longer than the {manifest.size} "
-                        "bytes the signed manifest says; refused"
-                    )
-                out.write(payload)
-                have += len(payload)
-                stats.blocks += 1
-                stats.bytes += len(payload)
-                log.debug("model block name=%s num=%d bytes=%d", manifest.name, num, have)
-                if on_block is not None:
-                    out.flush()
-                    on_block(num, have)
-                if not more:
-                    break
-                num += 1
-            out.flush()
-            os.fsync(out.fileno())
+                        pending[task] = (next_ask, lane)
+                        next_ask += 1
+                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in sorted(done, key=lambda t: pending[t][0]):
+                        num, lane = pending.pop(task)
+                        lanes.append(lane)
+                        arrived[num] = self._check_block(task.result(), uri, manifest, num, last)
+                    while next_write in arrived:
+                        payload = arrived.pop(next_write)
+                        out.write(payload)
+                        have += len(payload)
+                        stats.blocks += 1
+                        stats.bytes += len(payload)
+                        log.debug(
+                            "model block name=%s num=%d bytes=%d", manifest.name, next_write, have
+                        )
+                        if on_block is not None:
+                            out.flush()
+                            on_block(next_write, have)
+                        next_write += 1
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         stats.seconds = time.perf_counter() - started
         if have != manifest.size:
             raise ModelError(
@@ -569,13 +569,65 @@ class ModelFetcher:
             )
         return stats
 
+    def _check_block(
+        self, resp: Any, uri: str, manifest: SignedManifest, num: int, last: int
+    ) -> bytes:
+        """The payload of block ``num``, or SyncError/ModelError."""
+        self._check_code(resp, uri, "model file")
+        payload = bytes(resp.payload)
+        etag = bytes.fromhex(manifest.sha256)[:8]
+        if resp.opt.etag is not None and resp.opt.etag != etag:
+            raise ModelError(
+                f"GET {uri}: the endpoint serves another file (ETag {resp.opt.etag.hex()}, "
+                f"manifest {etag.hex()}); refused"
+            )
+        size2 = resp.opt.size2
+        if size2 is not None and size2 != manifest.size:
+            what = "truncated" if size2 < manifest.size else "size mismatch"
+            raise ModelError(
+                f"GET {uri}: {what}: the endpoint serves {size2} bytes, the signed "
+                f"manifest says {manifest.size}; refused"
+            )
+        bsize = 2 ** (self.szx + 4)
+        block = resp.opt.block2
+        if block is None:
+            if num != 0:
+                raise SyncError(f"GET {uri}: block {num} answered without Block2")
+            more = False
+        else:
+            if block.block_number != num or block.size_exponent != self.szx:
+                raise SyncError(
+                    f"GET {uri}: asked for block {num}/{bsize}, got "
+                    f"{block.block_number}/{block.size}"
+                )
+            more = bool(block.more)
+        expected = bsize if num < last else manifest.size - last * bsize
+        if len(payload) > expected or (num < last and len(payload) < bsize):
+            if num * bsize + len(payload) > manifest.size:
+                raise ModelError(
+                    f"GET {uri}: size mismatch: the file is longer than the {manifest.size} "
+                    "bytes the signed manifest says; refused"
+                )
+            raise SyncError(f"GET {uri}: block {num} is {len(payload)} bytes")
+        if num < last and not more:
+            raise ModelError(
+                f"GET {uri}: truncated: the file ends at block {num}, the signed manifest "
+                f"says {manifest.size} bytes; refused"
+            )
+        if num == last and (more or len(payload) != expected):
+            raise ModelError(
+                f"GET {uri}: size mismatch: the last block does not end at the "
+                f"{manifest.size} bytes the signed manifest says; refused"
+            )
+        return payload
 
-def _open_part(part: Path, bsize: int, size: int) -> tuple[Any, int]:
-    """The partial file, cut to the whole blocks it holds (never past the last whole block of
-    ``size``), positioned at its end."""
+
+def _open_part(part: Path, bsize: int, last: int) -> tuple[Any, int]:
+    """The partial file, cut to the whole blocks it holds (at most up to block ``last``, which is
+    always fetched again), positioned at its end."""
     have = part.stat().st_size if part.exists() else 0
     have -= have % bsize
-    have = min(have, size - size % bsize)
+    have = min(have, last * bsize)
     out = open(part, "r+b" if part.exists() else "w+b")  # noqa: SIM115 - closed by the caller
     out.truncate(have)
     out.seek(have)

@@ -123,18 +123,20 @@ async def test_modelcache_download_through_lossy_link_resumes_after_interruption
 
         with pytest.raises(SyncError):
             await cache.get("skab-ae", "3.0.0", on_block=on_block)
-        assert cache.partial_bytes("skab-ae", "3.0.0") == (cut_after + 1) * 1024
+        # Blocks already on their way when the link went down may have been written too.
+        kept = cache.partial_bytes("skab-ae", "3.0.0")
+        assert kept % 1024 == 0 and (cut_after + 1) * 1024 <= kept < manifest.size
         assert cache.lookup("skab-ae", "3.0.0") is None
         await cache.close()
 
-        # The agent restarts; the link comes back; the download resumes from block 5.
+        # The agent restarts; the link comes back; the download resumes after the last block.
         proxy.outage(False)
         cache = rig.cache(uri)
         got = await cache.get("skab-ae", "3.0.0")
         fetch = cache.stats.last_fetch
         assert fetch is not None
-        assert fetch.resumed_from == (cut_after + 1) * 1024
-        assert fetch.blocks == -(-manifest.size // 1024) - (cut_after + 1)
+        assert fetch.resumed_from == kept
+        assert fetch.blocks == -(-manifest.size // 1024) - kept // 1024
         assert got.source == "download"
         assert got.path.read_bytes() == FLOAT_AE.read_bytes()
         assert cache.partial_bytes("skab-ae", "3.0.0") == 0
