@@ -329,62 +329,40 @@ SMALL_PLAIN = bytes.fromhex(
     "01"  # version 1
     "00"  # flags: residuals as varints (65000)
     "01"  # 1 group:
-    "016d"  # sensor "m"
+    "01 6d"  # sensor "m"
     "02"  # 2 channels
-    "0161"
-    "01"
-    "01"
-    "04"  # "a", resolution: tag 1, 1 * 10**-2 (exponent zigzag(2) = 4)
-    "0176"
-    "01"
-    "01"
-    "02"  # "v", resolution 1 * 10**-1
-    "026431"  # device "d1"
+    "01 61  01 01 04"  # "a", resolution: tag 1, 1 * 10**-2 (exponent zigzag(2) = 4)
+    "01 76  01 01 02"  # "v", resolution 1 * 10**-1
+    "02 6431"  # device "d1"
     "03"  # 3 records
     "80a0abfef962"  # base time: zigzag(1700000000000 ms)
-    "04"
-    "04"
-    "00"  # group ids: group 0 (id 4), group 0, an alert (id 0)
-    "0a"
-    "00"
-    "00"  # seqs: 10, then zigzag(delta - 1) = 0 twice
+    "04 04 00"  # group ids: group 0 (id 4), group 0, an alert (id 0)
+    "0a 00 00"  # seqs: 10, then zigzag(delta - 1) = 0 twice
     "41d954fc40600000"  # the alert: created, float64 big-endian (1700000001.5)
-    "14"
-    "82fb41d954fc40400000a16573636f7265f93800"  # its body: length 20, the bytes
+    "14 82fb41d954fc40400000a16573636f7265f93800"  # its body: length 20, the bytes
     # group 0, 2 rows:
-    "00"
-    "d00f"  # time: zigzag(first - base) = 0, first delta zigzag(1000 ms)
-    "00"
-    "00"  # created - time, zigzag, per row
-    "00"
-    "ac02"
-    "04"  # "a": predictor 0 (delta), residuals zigzag(150), zigzag(2)
-    "00"
-    "e623"
-    "00"  # "v": predictor 0 (delta), residuals zigzag(2291), zigzag(0)
+    "00"  # its own time columns (not those of an earlier group)
+    "00 d00f"  # time: zigzag(first - base) = 0, first delta zigzag(1000 ms)
+    "00 00"  # created - time, zigzag, per row
+    "00 ac02 04"  # "a": predictor 0 (delta), residuals zigzag(150), zigzag(2)
+    "00 e623 00"  # "v": predictor 0 (delta), residuals zigzag(2291), zigzag(0)
 )
 SMALL_SPLIT = bytes.fromhex(
-    "01"
-    "01"  # version 1, flags: split residuals (65001, 65002)
+    "01 01"  # version 1, flags: split residuals (65001, 65002)
     + SMALL_PLAIN.hex()[4:-16]  # the same up to the value columns
-    + "00"
-    "08"
-    "01"
-    "00"  # "a": delta, shift 8, tokens 300 >> 8 = 1 and 4 >> 8 = 0
-    "02"
-    "e623"
-    "00"
-    "00"
-    "00"  # "v": mean (zigzag 2291), shift 0, tokens 0 0
+    + "00 06  04 00"  # "a": delta, shift 6, tokens of 300 >> 6 = 4 and of 4 >> 6 = 0
+    "02 e623  00  00 00"  # "v": mean (zigzag 2291), shift 0, tokens 0 0
 )
-SMALL_BITS = bytes.fromhex("2c04")  # extra bits of "a", LSB first: 300 & 255 = 44, then 4
+# The extra bits of "a", LSB first: of 300 = 0b100_101100 the bit below the leading one and
+# the 6 low bits (7 bits: 44), then the 6 low bits of 4.
+SMALL_BITS = bytes.fromhex("2c02")
 SMALL_DEFLATE = bytes.fromhex(
     "63646464cc65624c646464612c636464624a31646e58b0fadfcf241616062e0606c79b217f1c121818449a7e8399"
-    "0e0c0c0b538b93f38b527f5a30305ce0676060e06064607aa60c6400002c04"
+    "0e0c0c0b538b93f38b527f5a3030305ce007126c2c0c4ccf94810c002c02"
 )
 SMALL_DICT = bytes.fromhex(
-    "010335467299181381f6339681822ac590b961c16a607f8c8585818b81c1f166c81f8704060691a6df60a60303c3"
-    "c2d4e2e4fca2d49f16d0ecc3014c89cf94810c002c04"
+    "0103a645c65c26c644a0fd8cc05e0313538a2173c382d5c0262b300971313038de0cf9e390c0c020d2f41bcc7460"
+    "6058985a9c9c5f94fad382015afc00330ed333652003002c02"
 )
 FIXED_ZLIB = "1.2.13"  # the zlib that made the deflate bytes above (others may deflate otherwise)
 
@@ -561,3 +539,25 @@ def test_deflate_framing_errors(cf: int) -> None:
         decode_batch(good[:-2], cf)
     with pytest.raises(CodecError, match="carries no extra bits"):
         decode_batch(SMALL_SPLIT, CF_COMPACT)
+
+
+def test_groups_taken_together_share_their_time_columns() -> None:
+    records = []
+    for i in range(50):
+        for sensor in ("a", "b", "c"):
+            body = TelemetryBody(sensor, T0 + i, {"x": float(i % 7)}).to_cbor()
+            records.append(WireRecord(len(records), "telemetry", T0 + i, body))
+    one = encode_batch(None, [r for r in records if b"\x61a" in r.body[:3]], CF_COMPACT)
+    three = encode_batch(None, records, CF_COMPACT, resolution=lambda s, c: 1.0)
+    # the groups b and c say "the clock of 1 back" in one byte instead of ~ 100 bytes of times
+    assert len(three) < 3 * len(one)
+    assert [_key(r) for r in decode_batch(three, CF_COMPACT)[1]] == [_key(r) for r in records]
+
+
+def test_a_shared_clock_must_have_as_many_readings() -> None:
+    section = bytearray(SMALL_PLAIN)
+    pos = len(section) - 14  # the group's "own clock" byte: 14 bytes from the end
+    assert section[pos : pos + 3] == b"\x00\x00\xd0"
+    section[pos] = 1  # "the clock of the group 1 back": there is none
+    with pytest.raises(CodecError, match="no earlier group"):
+        decode_batch(bytes(section), CF_COMPACT)

@@ -1,19 +1,22 @@
 """Bench of the batch encodings (agent/codec.py, agent/compact.py) on a SKAB replay.
 
-Every SKAB CSV (``--skab DIR``, else $EDGE_AGENT_SKAB, else ../shared/data/skab) is replayed as the
-reference rig (agent/examples/pump-rig.toml) would record it: one telemetry record per sensor per
-row (the seven sensors that have a SKAB signal; the ambient BME280 has none), the row's datetime as
-the reading time, sequence numbers from wall-clock microseconds as the store assigns them. Every
-channel is at its real resolution: the driver's ``resolution(channel)`` times the scaling gain,
-as tests/hil/test_rig.py computes it (a ``[sensor.resolution]`` override wins).
+Every SKAB CSV (``--data DIR``, else $EDGE_AGENT_SKAB, else ../shared/data/skab beside the
+checkout) is replayed as the reference rig (agent/examples/pump-rig.toml) would record it: one
+telemetry record per sensor per row (the seven sensors that have a SKAB signal; the ambient BME280
+has none), the row's datetime as the reading time, sequence numbers from wall-clock microseconds
+as the store assigns them. Every channel is at its real resolution: the driver's
+``resolution(channel)`` times the scaling gain, as tests/hil/test_rig.py computes it (a
+``[sensor.resolution]`` override wins).
 
 Measured side by side in one run, as bytes per reading (one channel value):
 
 - high: SenML-CBOR (112) in batches of up to 64 KiB;
 - medium: compact + deflate (65001) in batches of up to 8 KiB;
 - low: compact + deflate + preset dictionary (65002) in batches of up to 1 KiB;
+- compact (65000) without deflate, in batches of up to 1 KiB (what deflate and the dictionary add);
 
-(each batch as many records as fit its size, at most 4,096 records, the endpoint's limit), against
+(the batch sizes of the link policy, issue 6; each batch as many records as fit its size, at most
+4,096 records, the endpoint's limit), against
 
 - JSON: one JSON object per channel value (device, sensor, channel, time, value; compact
   separators, one per line), the value as the CSV gives it;
@@ -22,10 +25,11 @@ Measured side by side in one run, as bytes per reading (one channel value):
   three layouts (int64 values, int64 deltas, zigzag varint deltas): the smallest is the bound.
 
 Every batch is decoded and checked: seqs and kinds, times to the millisecond, and each value equal
-to ``round(x / r)`` steps of ``r`` (``agent.compact.dequantize``), within ``r / 2`` of the CSV.
+to ``round(x / r)`` steps of ``r`` (``agent.compact.quantize``), within ``r / 2`` of the CSV.
 Encode and decode speeds are readings per second of CPU time on this host.
 
-Options (after the bench name): ``--skab DIR``; ``--quick`` (the valve1 files only).
+Without SKAB data the bench reports that it skipped, and why. Options (after the bench name):
+``--data DIR``; ``--quick`` (two files of valve1).
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import argparse
 import itertools
 import json
 import lzma
-import math
 import os
 import struct
 import time
@@ -48,7 +51,7 @@ from agent import config as configmod
 from agent.cli import example_config
 from agent.clock import VirtualClock
 from agent.codec import CF_SENML_CBOR, WireRecord
-from agent.compact import CF_COMPACT_DEFLATE, CF_COMPACT_DICT, dequantize, zigzag
+from agent.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT, quantize, zigzag
 from agent.hardware import Hardware
 from agent.records import TelemetryBody
 from benches import Result
@@ -61,6 +64,7 @@ LEVELS = (  # name, content format, batch bytes
     ("high", CF_SENML_CBOR, 64 * 1024),
     ("medium", CF_COMPACT_DEFLATE, 8 * 1024),
     ("low", CF_COMPACT_DICT, 1024),
+    ("compact", CF_COMPACT, 1024),
 )
 ACCEPT_REDUCTION = 0.95  # the issue's acceptance at the low level
 ACCEPT_XZ_RATIO = 1.3
@@ -86,8 +90,8 @@ def rig_resolutions(cfg: configmod.Config) -> dict[tuple[str, str], float]:
 
 
 def skab_dir(extra: argparse.Namespace) -> Path:
-    if extra.skab:
-        return Path(extra.skab)
+    if extra.data:
+        return Path(extra.data)
     env = os.environ.get("EDGE_AGENT_SKAB")
     return Path(env) if env else ROOT.parent / "shared" / "data" / "skab"
 
@@ -168,9 +172,6 @@ def check_batches(batches: Sequence[bytes], cf: int, rep: Replay, exact: bool) -
     decoded = [codec.decode_batch(b, cf)[1] for b in batches]
     elapsed = time.process_time() - started
     i = 0
-    ratios = {
-        k: (codec_ratio(r)) for k, r in rep.resolution.items()
-    }  # exact fractions of the steps
     for batch in decoded:
         for got in batch:
             want = rep.records[i]
@@ -189,22 +190,13 @@ def check_batches(batches: Sequence[bytes], cf: int, rep: Replay, exact: bool) -
                 raise AssertionError(f"record {i}: channels differ")
             for ch, x in orig.values.items():
                 step = rep.resolution[(orig.sensor, ch)]
-                num, den = ratios[(orig.sensor, ch)]
-                q = round(x / step)
-                if body.values[ch] != dequantize(q, num, den):
-                    raise AssertionError(f"record {i} {ch}: {body.values[ch]!r} is not {q} steps")
+                if body.values[ch] != quantize(x, step):
+                    raise AssertionError(f"record {i} {ch}: {body.values[ch]!r} is not at {step}")
                 if abs(body.values[ch] - x) > step / 2 * (1 + 1e-9):
                     raise AssertionError(f"record {i} {ch}: more than half a step from {x!r}")
     if i != len(rep.records):
         raise AssertionError(f"decoded {i} records of {len(rep.records)}")
     return i, elapsed
-
-
-def codec_ratio(step: float) -> tuple[int, int]:
-    """The exact fraction the compact encodings send for ``step`` (its shortest decimal)."""
-    from agent.compact import _decimal, _ratio
-
-    return _ratio(*_decimal(step))
 
 
 def json_bytes(rep: Replay) -> int:
@@ -245,7 +237,7 @@ def xz_bound(rep: Replay) -> tuple[int, dict[str, int]]:
 
 def parse(args: argparse.Namespace) -> tuple[argparse.Namespace, bool]:
     p = argparse.ArgumentParser(prog="bench codec")
-    p.add_argument("--skab", help="the SKAB data folder")
+    p.add_argument("--data", "--skab", dest="data", help="the SKAB data folder")
     extra, _ = p.parse_known_args(getattr(args, "extra", []))
     return extra, bool(getattr(args, "quick", False))
 
@@ -256,9 +248,9 @@ def run(args: argparse.Namespace) -> Result:
     folder = skab_dir(extra)
     paths = sorted(folder.glob("*/*.csv"), key=lambda p: (p.parent.name, len(p.stem), p.stem))
     if quick:
-        paths = [p for p in paths if p.parent.name == "valve1"]
+        paths = [p for p in paths if p.parent.name == "valve1"][:2]
     if not paths:
-        result.add("skipped", "no SKAB data", str(folder))
+        result.add("skipped: no SKAB data", str(folder), "pass --data DIR")
         result.notes.append(f"SKAB data not found at {folder}: pass --data DIR")
         result.summary = {"skipped": f"no SKAB data at {folder}"}
         return result
@@ -284,7 +276,6 @@ def run(args: argparse.Namespace) -> Result:
 
         batches = fit_batches(rep.records, enc, limit)
         total = sum(len(b) for b in batches)
-        started = time.process_time()
         bounds = []
         i = 0
         for b in batches:
@@ -299,14 +290,14 @@ def run(args: argparse.Namespace) -> Result:
         per = total / rep.values
         per_level[name] = per
         result.add(
-            f"{name}: {codec.encoding_for(cf).name} ({cf}), <= {limit // 1024} KiB",
+            f"{name}: {codec.encoding_for(cf).name} ({cf}), batches <= {limit // 1024} KiB",
             f"{per:.3f} B/reading",
             f"{per / per_json:.4f} x JSON, {per / per_xz:.2f} x xz",
         )
         result.add(
-            f"{name}: batches, mean size, records",
+            f"{name}: batches, mean size",
             f"{len(batches)}, {total / len(batches):.0f} B",
-            f"{len(rep.records) / len(batches):.0f} records a batch",
+            f"{len(rep.records) / len(batches):.0f} records a batch (<= {MAX_RECORDS})",
         )
         result.add(
             f"{name}: encode / decode",
@@ -338,5 +329,4 @@ def run(args: argparse.Namespace) -> Result:
         "json_bytes_per_reading": round(per_json, 3),
         "xz_bytes_per_reading": round(per_xz, 4),
     }
-    _ = math
     return result
