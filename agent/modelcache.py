@@ -34,7 +34,8 @@ refusals raise :class:`~agent.errors.ModelError` (do not retry that version).
 
 The index (``index.json``) is written atomically on every install, eviction and pin change, and
 on :meth:`ModelCache.close` (last use times). A missing or corrupt index is rebuilt from the files:
-each file is verified again (SHA-256 and signature) and the ones that fail are deleted.
+each file is verified again (SHA-256, and the signature when a public key is configured) and the
+ones that fail are deleted.
 
 The signed manifest (docs/protocol.md, "Models"): the Ed25519 signature covers the canonical CBOR
 encoding (RFC 7049 section 3.9: shortest forms, map keys sorted length-first, as
@@ -846,9 +847,9 @@ class ModelCache:
         for mpath in found:
             try:
                 manifest = SignedManifest.from_cbor(mpath.read_bytes(), label=str(mpath))
-                if self.public_key is None:
-                    raise ModelError("no public key provisioned to verify it")
-                manifest.verify(self.public_key, label=str(mpath))
+                # Without a key only the digest is checked (the listing says "unchecked").
+                if self.public_key is not None:
+                    manifest.verify(self.public_key, label=str(mpath))
                 path = self._file((manifest.name, manifest.version))
                 read_model_file(path, manifest.model_entry())
             except (OSError, ModelError) as err:

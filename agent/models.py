@@ -55,7 +55,9 @@ class Assignment:
     desired: int | None = None  # the desired-state version of model/<role>, for the report
 
     @classmethod
-    def from_desired(cls, role: str, value: Mapping[str, Any], desired: int | None = None):
+    def from_desired(
+        cls, role: str, value: Mapping[str, Any], desired: int | None = None
+    ) -> Assignment:
         """From a desired ``model/<role>`` value ``{"name", ? "version", ? "sha256"}``."""
         if role not in ROLES:
             raise ValueError(f"model/{role}: unknown role; use one of {', '.join(ROLES)}")
