@@ -32,8 +32,16 @@ from agent import records
 from agent import state as state_mod
 from agent.cli import example_config
 from agent.clock import RealClock
+from agent.hardware import Hardware
 from agent.runtime import Agent
-from agent.state import StateSettings, StateSync, decode_state, parse_desired_document
+from agent.sampling import Sampler
+from agent.state import (
+    AgentHooks,
+    StateSettings,
+    StateSync,
+    decode_state,
+    parse_desired_document,
+)
 from agent.statedoc import StateError
 from agent.transport import CoapTransport, Endpoints
 from agent.uplink import UplinkSettings
@@ -713,7 +721,7 @@ async def _blocked(server: CloudServer, key: str, version: int) -> bool:
 # -- through the agent's runtime -----------------------------------------------------------------
 
 
-def agent_config(tmp_path: Path, server: CloudServer) -> Any:
+def agent_config(tmp_path: Path, uri: str) -> Any:
     """The shipped rig config on the simulated rig, with [uplink] to ``server`` and fast
     [state] timing."""
     cfg = configmod.simulated(
@@ -722,7 +730,7 @@ def agent_config(tmp_path: Path, server: CloudServer) -> Any:
     cfg = configmod.replace_data_dir(cfg, tmp_path / "agent")
     agent_section = replace(cfg.agent, device_id=DEVICE)
     state = replace(cfg.state, report_interval=1.0, min_put_interval=0.05, deadline=2.0)
-    uplink = UplinkSettings(endpoints=(server.uri,))
+    uplink = UplinkSettings(endpoints=(uri,))
     return replace(cfg, agent=agent_section, uplink=uplink, state=state)
 
 
@@ -770,7 +778,7 @@ async def test_agent_applies_desired_interval_live_once_and_keeps_it_on_a_bad_va
     monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 0.5)
     caplog.set_level(logging.INFO, logger="agent.state")
     key = "sensor/motor/interval"
-    cfg = agent_config(tmp_path, server)
+    cfg = agent_config(tmp_path, server.uri)
     assert cfg.sensor("motor").interval == 1.0
 
     first = RunningAgent(cfg)
@@ -809,3 +817,46 @@ async def test_agent_applies_desired_interval_live_once_and_keeps_it_on_a_bad_va
         assert applications(caplog, key) == 1
     finally:
         await second.stop()
+
+
+async def test_agent_hooks_report_the_sampler_and_refuse_what_they_cannot_apply(
+    tmp_path: Path,
+) -> None:
+    cfg = agent_config(tmp_path, "coap://127.0.0.1:9")
+    clock = RealClock()
+    hardware = Hardware(cfg, clock, SimRig(cfg, clock))
+
+    async def sink(reading: Any) -> None:
+        return None
+
+    sampler = Sampler(hardware.build(), clock, sink)
+    link = {"state": "offline", "rtt_ms": 151.234, "loss": None}
+    hooks = AgentHooks(sampler, version=agent_version, queue_depth=lambda: 7, link=lambda: link)
+    try:
+        got = hooks.reported()
+        assert got["agent/version"] == agent_version
+        assert got["sensor/motor/interval"] == 1.0 and got["sensor/motor/enabled"] is True
+        assert got["sensor/motor/health"] == "starting"
+        assert got["queue/depth"] == 7
+        assert got["link/state"] == "offline" and got["link/rtt_ms"] == 151.2
+        assert "link/loss" not in got and not any(k.startswith("model/") for k in got)
+
+        hooks.apply("sensor/motor/interval", 0.25)
+        hooks.apply("sensor/flow/enabled", False)
+        assert sampler.tasks["motor"].interval == 0.25
+        assert hooks.reported()["sensor/flow/health"] == "disabled"
+        assert sampler.tasks["vib_pump"].interval == 1.0  # the others untouched
+        hooks.apply("sensor/motor/interval", None)  # unset: the config file's value
+        hooks.apply("sensor/flow/enabled", None)
+        assert sampler.tasks["motor"].interval == 1.0 and sampler.tasks["flow"].enabled
+
+        refused = {
+            "sensor/ghost/interval": (2.0, "no sensor named 'ghost'"),
+            "detect/skab-ae/threshold": (0.5, "no detector runs"),
+            "model/main": ({"name": "x"}, "this agent applies only"),
+        }
+        for key, (value, message) in refused.items():
+            with pytest.raises(ValueError, match=message):
+                hooks.apply(key, value)
+    finally:
+        hardware.close()
