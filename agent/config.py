@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.analyzer import AnalyzerSettings
 from agent.errors import ConfigError
+from agent.link import LinkSettings
 from agent.metrics import MetricsSettings
 from agent.modelcache import ModelsSettings
+from agent.routing import RoutingSettings
 from agent.state import StateSettings
 from agent.store import StoreSettings
 from agent.uplink import UplinkSettings
@@ -110,7 +113,10 @@ class Config:
     uplink: UplinkSettings | None = None
     simulation: SimulationConfig | None = None
     state: StateSettings = field(default_factory=StateSettings)  # used with [uplink]
+    detect: AnalyzerSettings | None = None
+    link: LinkSettings = field(default_factory=LinkSettings)  # used with [uplink]
     models: ModelsSettings = field(default_factory=ModelsSettings)  # load() puts it in data_dir
+    routing: RoutingSettings = field(default_factory=RoutingSettings)  # state in data_dir
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
@@ -157,6 +163,8 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
     uplink = UplinkSettings.from_options(top.table("uplink")) if top.has("uplink") else None
     state = StateSettings.from_options(top.table("state"), agent.data_dir)
     models = ModelsSettings.from_options(top.table("models"), agent.data_dir, base)
+    routing = RoutingSettings.from_options(top.table("routing"), agent.data_dir)
+    link = LinkSettings.from_options(top.table("link"))
     simulation = _parse_simulation(top.table("simulation"), base) if top.has("simulation") else None
     sensors = tuple(_parse_sensor(t) for t in top.tables("sensor"))
     if not sensors:
@@ -178,6 +186,11 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
         places[key] = i
         if s.simulated and simulation is None:
             raise OptionError(f"sensor[{i}].bus", "a simulated sensor needs a [simulation] table")
+    detect = (
+        AnalyzerSettings.from_options(top.table("detect"), base, sensors)
+        if top.has("detect")
+        else None
+    )
     top.finish()
     return Config(
         path=path,
@@ -188,7 +201,10 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
         uplink=uplink,
         simulation=simulation,
         state=state,
+        detect=detect,
+        link=link,
         models=models,
+        routing=routing,
     )
 
 
@@ -375,6 +391,15 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
     store = replace(config.store, path=moved(config.store.path))
     metrics = replace(config.metrics, textfile=moved(config.metrics.textfile))
     state = replace(config.state, path=moved(config.state.path))
+    routing = replace(config.routing, state_path=moved(config.routing.state_path))
     models = replace(config.models, cache_dir=moved(config.models.cache_dir))
     agent = replace(config.agent, data_dir=data_dir)
-    return replace(config, agent=agent, store=store, metrics=metrics, state=state, models=models)
+    return replace(
+        config,
+        agent=agent,
+        store=store,
+        metrics=metrics,
+        state=state,
+        models=models,
+        routing=routing,
+    )

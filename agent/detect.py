@@ -291,6 +291,7 @@ class Detector:
         self._normal_n = 0
         self.samples = 0
         self.last_score = math.nan
+        self.last_window: np.ndarray = np.zeros(0, dtype=np.float32)  # newest model input
 
     # --- construction from config ---------------------------------------------------------------
     @classmethod
@@ -522,6 +523,7 @@ class Detector:
             us.append(u)
             wins.append(win.reshape(-1))
         flat = np.stack(wins)
+        self.last_window = flat[-1]
         newest = self.anomaly.predict(flat)[:, -n_ch:]
         resid = np.abs(np.stack(us) - newest)
         for j, res in enumerate(resid):
@@ -626,6 +628,7 @@ class Detector:
         if cls != NORMAL_CLASS and confidence >= self.classifier_confidence:
             return Verdict.KNOWN_FAILURE, cls, confidence
         return Verdict.NOVEL_ANOMALY, None, confidence
+
 
 def _warm(model: Inference, window: np.ndarray, shape: tuple[int, ...], label: str) -> None:
     """One invoke on ``window``: ModelError unless it gives finite output of ``shape``."""

@@ -22,10 +22,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import __version__
+from agent.analyzer import Analyzer
 from agent.clock import Clock, RealClock
 from agent.config import Config
+from agent.errors import ModelError
 from agent.hardware import Hardware
 from agent.ingest import TelemetryWriter
+from agent.link import CoapProbe, LinkMonitor
 from agent.metrics import Registry, write_textfile
 from agent.notify import Health, Notifier, run_watchdog
 from agent.sampling import Sampler
@@ -81,7 +84,10 @@ class Agent:
         self.transport: CoapTransport | None = None
         self.endpoints: Endpoints | None = None
         self.uplink: Uplink | None = None
+        self.link: LinkMonitor | None = None
         self.state: StateSync | None = None
+        self.analyzer: Analyzer | None = None
+        self.model_error: str | None = None
         self._status = (
             StatusServer(socket_path(config.agent.data_dir), self.snapshot)
             if status_socket
@@ -98,6 +104,8 @@ class Agent:
         self.readings += 1
         if self.writer is not None:
             self.writer.submit(reading)
+        if self.analyzer is not None:
+            self.analyzer.observe(reading)
         if self.on_reading is not None:
             result = self.on_reading(reading)
             if asyncio.iscoroutine(result):
@@ -117,8 +125,13 @@ class Agent:
             w = self.writer
             return w is not None and w.busy_since is not None and now() - w.busy_since > STUCK_AFTER
 
+        def detector_busy() -> bool:
+            a = self.analyzer
+            return a is not None and a.busy_since is not None and now() - a.busy_since > STUCK_AFTER
+
         self.health.check("sampler", sampler_busy)
         self.health.check("store-writer", writer_busy)
+        self.health.check("detector", detector_busy)
 
     async def _announce_ready(self) -> None:
         assert self.sampler is not None
@@ -165,7 +178,7 @@ class Agent:
             return {"state": "disabled"}
         srtt = up.rtt.srtt
         sent = up.stats.batches_sent
-        return {
+        status = {
             "state": up.state,
             "endpoint": self.endpoints.current if self.endpoints else None,
             "rtt_ms": srtt * 1000 if srtt is not None else None,
@@ -173,6 +186,10 @@ class Agent:
             "window": up.window,
             "uplink": up.stats.as_dict(),
         }
+        if self.link is not None:  # the link monitor's state (high/medium/low/offline) and measures
+            status.update(self.link.status())
+            status["uplink_state"] = up.state
+        return status
 
     def _sensors_ok(self) -> int:
         if self.sampler is None:
@@ -207,10 +224,42 @@ class Agent:
             "queue": queue,
             "link": self._link_status(),
             "state": self.state.status if self.state is not None else None,
-            "models": {},
-            "last_alert": None,
+            "models": self._models_status(),
+            "detect": self.analyzer.status() if self.analyzer else None,
+            "last_alert": self._last_alert(),
             "stuck": self.health.stuck(),
         }
+
+    def _last_alert(self) -> dict[str, Any] | None:
+        last = self.analyzer.last_alert if self.analyzer else None
+        if last is None:
+            return None
+        return {**last, "age_s": max(0.0, self.clock.time() - last["time"])}
+
+    def _models_status(self) -> dict[str, Any]:
+        if self.analyzer is not None:
+            return self.analyzer.models()
+        if self.model_error is not None:
+            return {"error": self.model_error}
+        return {}
+
+    def _load_analyzer(self) -> None:
+        """Load the detector's models. A model that cannot be used is logged and reported in
+        status; the agent keeps sampling and storing telemetry without detection."""
+        settings = self.config.detect
+        if settings is None:
+            return
+        assert self.store is not None
+        try:
+            self.analyzer = Analyzer.load(
+                settings,
+                self.store,
+                self.clock,
+                on_commit=self.uplink.poke if self.uplink else None,
+            )
+        except ModelError as err:
+            self.model_error = str(err)
+            log.error("event=detect_disabled error=%r", str(err))
 
     # -- run --------------------------------------------------------------------------------
     async def run(self, *, install_signals: bool = True) -> None:
@@ -221,6 +270,7 @@ class Agent:
         self.store = await Store.open(self.config.store, clock=self.clock)
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink)
         self._build_uplink()
+        self._load_analyzer()
         self.writer = TelemetryWriter(
             self.store, self.clock, on_commit=self.uplink.poke if self.uplink else None
         )
@@ -245,6 +295,11 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 sampler = tg.create_task(self.sampler.run(), name="sampler")
                 writer = tg.create_task(self.writer.run(), name="store-writer")
+                detector = (
+                    tg.create_task(self.analyzer.run(), name="detector")
+                    if self.analyzer is not None
+                    else None
+                )
                 others = [
                     tg.create_task(self._announce_ready(), name="ready-watchdog"),
                     tg.create_task(self._metrics_loop(), name="metrics"),
@@ -252,6 +307,8 @@ class Agent:
                 ]
                 if self.uplink is not None:
                     others.append(tg.create_task(self.uplink.run(), name="uplink"))
+                if self.link is not None:
+                    others.append(tg.create_task(self.link.run(), name="link"))
                 if self.state is not None:
                     others.append(tg.create_task(self.state.run(), name="state"))
                     others.append(tg.create_task(self._watch_state(), name="state-watch"))
@@ -262,6 +319,9 @@ class Agent:
                 await asyncio.wait([sampler])
                 self.writer.stop()
                 await asyncio.wait([writer])
+                if detector is not None:  # stops scoring, commits the alerts already made
+                    detector.cancel()
+                    await asyncio.wait([detector])
                 for task in others:
                     task.cancel()
         finally:
@@ -294,7 +354,8 @@ class Agent:
         settings = self.config.uplink
         if settings is None:
             return
-        self.transport = CoapTransport(self.clock, lanes=settings.max_inflight)
+        # one lane per outstanding batch, and one more for the link monitor's probes
+        self.transport = CoapTransport(self.clock, lanes=settings.max_inflight + 1)
         self.endpoints = Endpoints(
             settings.endpoints, self.clock, primary_retry=settings.primary_retry
         )
@@ -307,6 +368,20 @@ class Agent:
             device_id=self.config.agent.device_id,
             resolution=self.resolution,
         )
+        probe = CoapProbe(
+            self.transport,
+            self.endpoints,
+            self.config.agent.device_id,
+            lane=settings.max_inflight,
+        )
+        self.link = LinkMonitor(
+            self.config.link,
+            self.clock,
+            uplink=self.uplink,
+            probe=probe,
+            analyzer=lambda: getattr(self, "analyzer", None),
+        )
+        self.uplink.on_exchange = self.link.observe
 
         def uplink_busy() -> bool:
             up = self.uplink
@@ -411,7 +486,7 @@ class Agent:
                 dropped.set_total(self.writer.dropped_overflow, reason="overflow")
             uptime.set(self.clock.monotonic() - self.started)
             link = self._link_status()
-            for state in ("online", "offline", "disabled"):
+            for state in ("high", "medium", "low", "offline", "disabled"):
                 link_state.set(1.0 if link["state"] == state else 0.0, state=state)
             if self.uplink is not None:
                 st = self.uplink.stats
@@ -425,3 +500,5 @@ class Agent:
                     loss.set(link["loss"])
 
         m.collector(collect)
+        if self.analyzer is not None:
+            m.collector(self.analyzer.register_metrics(m))

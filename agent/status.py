@@ -114,18 +114,31 @@ def format_status(doc: dict[str, Any]) -> str:
         + (f"   oldest {_age(queue.get('oldest_age_s'))}" if queue.get("oldest_age_s") else "")
     )
     models = doc.get("models") or {}
-    lines.append(
-        "models    "
-        + (
-            ", ".join(f"{role} {m.get('name')}@{m.get('version')}" for role, m in models.items())
-            or "n/a"
+    if "error" in models:
+        lines.append(f"models    none: {models['error']}")
+    else:
+        lines.append(
+            "models    "
+            + (
+                ", ".join(
+                    f"{role} {m.get('name')}@{m.get('version')}"
+                    + (" (active)" if m.get("active") else "")
+                    for role, m in models.items()
+                    if isinstance(m, dict)
+                )
+                or "n/a"
+            )
         )
-    )
     alert = doc.get("last_alert")
     if alert:
+        top = ", ".join(
+            str(c[0]) if isinstance(c, list | tuple) else str(c)
+            for c in alert.get("channels", [])[:3]
+        )
+        fault = f" ({alert['fault']})" if alert.get("fault") else ""
         lines.append(
-            f"alert     {alert.get('verdict', '?')} score {alert.get('score', 0):.3g} "
-            f"{_age(alert.get('age_s'))} ago   {', '.join(alert.get('channels', [])[:3])}"
+            f"alert     {alert.get('kind', '?')} {alert.get('verdict', '?')}{fault} "
+            f"score {alert.get('score', 0):.3g}   {_age(alert.get('age_s'))} ago   {top}"
         )
     else:
         lines.append("alert     none")
