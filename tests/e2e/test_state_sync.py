@@ -3,8 +3,10 @@
 Reported state is PUT on change and periodically, with versions that keep increasing across
 restarts; desired state is observed and applied live exactly once per version, restored at
 start-up, and a bad document or a refused value keeps the previous configuration; the observation
-is registered again after the endpoint restarts and follows an endpoint fallback; reported keys
-that could not be sent survive a restart while the endpoint is down.
+is registered again after the endpoint restarts or ends it and follows an endpoint fallback;
+reported keys that could not be sent survive a restart while the endpoint is down. Through the
+agent's runtime on the simulated rig: an operator's sensor interval and detector threshold are
+applied live and reported, kept (not applied again) across a restart, and a bad value is refused.
 """
 
 from __future__ import annotations
@@ -795,6 +797,14 @@ async def test_agent_applies_desired_interval_live_once_and_keeps_it_on_a_bad_va
         assert applications(caplog, key) == 1
         status = first.agent.snapshot()["state"]
         assert status["desired_applied"][key] == doc.rev
+
+        # the detector's threshold, through the analyzer (the rig config runs one)
+        analyzer = first.agent.analyzer
+        assert analyzer is not None
+        assert (await reported(server))["model/anomaly"]["status"] == "active"
+        await server.set_desired(DEVICE, {"detect/anomaly/threshold": 2.5})
+        await wait_for(lambda: analyzer.detector.threshold == 2.5, "threshold applied")
+        await wait_for(lambda: _value_is(server, "detect/anomaly/threshold", 2.5), "reported")
     finally:
         await first.stop()
 
@@ -803,6 +813,8 @@ async def test_agent_applies_desired_interval_live_once_and_keeps_it_on_a_bad_va
     try:
         await wait_for(lambda: second.state().get("documents", 0) >= 1, "desired read")
         assert second.agent.sampler.tasks["motor"].interval == 0.2
+        assert second.agent.analyzer is not None
+        assert second.agent.analyzer.detector.threshold == 2.5
         await wait_for(lambda: second.motor_every(0.5), "motor read at the restored interval")
         assert applications(caplog, key) == 1
 
