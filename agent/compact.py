@@ -1,18 +1,19 @@
 """Compact columnar batch encodings for poor links (content formats 65000, 65001, 65002).
 
 A batch of store records becomes columns: the readings of each (sensor, channel set) are one
-group, with a time column (milliseconds, delta-of-delta), a created column, and one column per
-channel of integers at the channel's resolution, coded against a predictor chosen per column and
-batch. Other records (alerts, events, state, telemetry that does not fit) travel with their body
-bytes unchanged. The batch is self-describing: names, resolutions and predictors are in it, so the
-endpoint decodes it knowing nothing of the device. docs/protocol.md ("Compact batches") is the
+group, with a time column (milliseconds, delta-of-delta) and a created column (both shared by
+groups read at the same times), and one column per channel of integers at the channel's
+resolution, coded against a predictor chosen per column and batch. Other records (alerts,
+events, state, telemetry that does not fit) travel with their body bytes unchanged. The batch is
+self-describing: names, resolutions and predictors are in it, so the endpoint decodes it knowing
+nothing of the device. docs/protocol.md ("Compact batches") is the
 normative text; in short:
 
 - 65000 ``compact``: the columns as zigzag varints, no compression;
 - 65001 ``compact+deflate``: value residuals split into a token byte (deflate codes it) and raw
   extra bits (incompressible, appended after the raw deflate stream);
 - 65002 ``compact+deflate+dict``: as 65001 with a preset deflate dictionary (zlib ``zdict``)
-  named by its id in the first byte, so small batches need not spell out names and structure.
+  named by its id (a varint) first, so small batches need not spell out names and structure.
 
 What a round trip keeps:
 
