@@ -6,8 +6,7 @@ groups read at the same times), and one column per channel of integers at the ch
 resolution, coded against a predictor chosen per column and batch. Other records (alerts,
 events, state, telemetry that does not fit) travel with their body bytes unchanged. The batch is
 self-describing: names, resolutions and predictors are in it, so the endpoint decodes it knowing
-nothing of the device. docs/protocol.md ("Compact batches") is the
-normative text; in short:
+nothing of the device. docs/protocol.md ("Compact batches") is the normative text; in short:
 
 - 65000 ``compact``: the columns as zigzag varints, no compression;
 - 65001 ``compact+deflate``: value residuals split into a token byte (deflate codes it) and raw
