@@ -23,7 +23,9 @@ detector is commissioned and primed from the last rows the stage keeps (``histor
 default twice the commissioning length; alerts from that replay are discarded), so it scores the
 next sample with a warm stream and no sample is dropped or scored twice. Until that history is
 long enough to commission, the switch waits (``pending_tier`` in status). Both models are loaded
-and warmed up at start, so a switch costs no I/O.
+and warmed up at start, so a switch costs no I/O. The classifier reads the full model's window,
+so on the lite tier alerts carry no fault class (``novel_anomaly``). An exception while scoring is
+logged and counted (``errors``), the row is skipped, and the stage returns to the full tier.
 
 Logging policy: info for the models loaded, tier changes and threshold changes; the alerts
 themselves are logged by the detector; warning when a frame cannot be assembled after it could
@@ -75,7 +77,7 @@ class AnalyzerSettings:
     inputs: Mapping[str, tuple[str, str]]  # model channel -> (sensor, channel)
     detect: DetectSettings = field(default_factory=DetectSettings)
     period: float = 1.0
-    max_age: float = 3.0
+    max_age: float = 3.0  # default: the larger of 3 periods and 2 intervals of the slowest input
     lite_model: str = "skab-ae-lite"  # "" = no lightweight tier
     tier: str = "full"
 
@@ -87,7 +89,7 @@ class AnalyzerSettings:
         name one of their channels. Without ``[detect.inputs]`` each model channel is taken from
         the sensor channel whose ``signals`` entry names it."""
         period = opts.number("period", 1.0, minimum=0.05, maximum=3600.0)
-        max_age = opts.number("max_age", max(3.0, 3 * period), above=0.0)
+        max_age = opts.number("max_age", 1.0, above=0.0) if opts.has("max_age") else None
         lite = opts.string("lite_model", "skab-ae-lite")
         tier = opts.choice("tier", "full", TIERS)
         inputs_t = opts.table("inputs")
@@ -118,6 +120,11 @@ class AnalyzerSettings:
                 f"no input for model channel(s) {', '.join(missing)}: map each to a "
                 "'sensor/channel'",
             )
+        if max_age is None:  # two reads of the slowest input may be missed
+            slowest = max(
+                s.interval for s in sensors if any(s.name == i[0] for i in inputs.values())
+            )
+            max_age = max(3 * period, 2 * slowest + period)
         if tier == "lite" and not lite:
             raise opts.error("tier", "'lite' needs a lite_model")
         return cls(
@@ -173,6 +180,9 @@ class Analyzer:
     ) -> None:
         self.settings = settings
         self.detector = detector
+        self.classifier = detector.classifier
+        self.classes = detector.classes
+        self.errors = 0
         self.tiers = dict(tiers)
         self.store = store
         self.clock = clock
@@ -259,12 +269,14 @@ class Analyzer:
             return
         loaded = self.tiers[tier]
         d = self.settings.detect
+        clf = self.classifier
+        fits = clf is not None and tuple(clf.input_shape) == tuple(loaded.model.input_shape)
         det = Detector.from_entry(
             loaded.model,
             loaded.entry,
             settings=d,
-            classifier=self.detector.classifier,
-            classes=self.detector.classes,
+            classifier=clf if fits else None,  # the classifier reads the full model's window
+            classes=self.classes if fits else (),
         )
         needed = det.spec.commissioning + det.spec.smooth + det.spec.rate_lag + det.spec.span + 1
         if len(self._history) < min(needed, self._history.maxlen or needed):
@@ -332,7 +344,13 @@ class Analyzer:
                     next_t = self.clock.monotonic()
                     delay = 0.0
                 await self.clock.sleep(max(0.0, delay))
-                self.step(self.clock.monotonic(), self.clock.time())
+                try:
+                    self.step(self.clock.monotonic(), self.clock.time())
+                except Exception as err:  # a model fault must not stop sampling and storage
+                    self.errors += 1
+                    log.exception("event=detect_failed tier=%s error=%r", self.tier, str(err))
+                    if self.tier != "full":
+                        self.set_tier("full")
         finally:
             self._pending.put_nowait(None)
             await asyncio.shield(committer)
@@ -434,6 +452,7 @@ class Analyzer:
             "samples": d.samples,
             "last_score": None if math.isnan(d.last_score) else round(d.last_score, 4),
             "frames_incomplete": self.frames_incomplete,
+            "errors": self.errors,
             "alerts": self.alerts_committed,
         }
 

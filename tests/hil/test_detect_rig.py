@@ -141,3 +141,19 @@ def test_detect_inputs_are_checked_against_the_model_and_the_sensors(tmp_path: P
             configmod.loads(text, path=tmp_path / "agent.toml", label="agent.toml")
         assert f"agent.toml: {key}:" in str(err.value)
         assert words in str(err.value)
+
+
+@pytest.mark.timeout(180)
+def test_lite_tier_raises_alerts_without_the_classifier(tmp_path: Path):
+    cfg = rig(tmp_path, FaultEvent("valve_closing", at=FAULT_AT, ramp=30.0))
+
+    def to_lite(agent: Agent) -> None:
+        assert agent.analyzer is not None
+        agent.analyzer.set_tier("lite")
+
+    agent = run(cfg, FAULT_AT + 120, during=(FAULT_AT - 40, to_lite))
+    assert agent.analyzer is not None and agent.analyzer.errors == 0
+    raises = [a for _, a in stored_alerts(cfg) if a["kind"] == "raise"]
+    assert raises and all(a["model"] == "skab-ae-lite" for a in raises)
+    assert raises[0]["verdict"] == "novel_anomaly" and raises[0]["fault"] is None
+    assert len(raises[0]["window"]) == 8
