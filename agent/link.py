@@ -1,8 +1,8 @@
 """The link monitor: measures the uplink's link, classifies it, and applies the policy of its state.
 
 Measurements come from the uplink's real exchanges (:class:`agent.uplink.Exchange`, one per POST)
-and, when nothing has been exchanged for ``probe_idle`` seconds, from light probes (a confirmable
-GET of the device's registry entry on a lane of its own):
+and, when nothing has been exchanged for ``probe_idle`` seconds, from light probes (a
+non-confirmable GET of the device's registry entry on a lane of its own):
 
 - RTT: smoothed, with its variance (RFC 6298's estimator with a faster gain, so a change of link
   shows within a few exchanges); samples only from exchanges that needed no retransmission (Karn);
@@ -54,16 +54,11 @@ TIERS = ("full", "lite")
 RTT_GAIN = 0.25
 VAR_GAIN = 0.25
 #: Answered exchanges in a row, all retransmitted, that give one (ambiguous) RTT sample.
-WEAK_RUN = 3
+WEAK_RUN = 2
 #: z of the one-sided 95 % confidence bounds on the loss rate (Wilson score interval).
 LOSS_Z = 1.645
 #: Seconds of traffic over which goodput is measured.
 GOODPUT_SPAN = 60.0
-#: Retransmission timeout of a probe before any RTT is known (RFC 7252's ACK_TIMEOUT).
-PROBE_ACK_TIMEOUT = 2.0
-#: Bounds of a probe's retransmission timeout (seconds).
-PROBE_RTO_MIN = 0.3
-PROBE_RTO_MAX = 8.0
 #: CoAP content formats of the compact encodings (agent/compact.py registers them).
 CF_COMPACT_DEFLATE = 65001
 CF_COMPACT_DICT = 65002
@@ -177,7 +172,12 @@ def _parse_policy(t: Options, d: LinkPolicy) -> LinkPolicy:
 
 
 class CoapProbe:
-    """A light probe: a confirmable GET of the device's registry entry (any answer will do)."""
+    """A light probe: a non-confirmable GET of the device's registry entry (any answer will do).
+
+    Non-confirmable, so that its round trip is never ambiguous (no retransmission) and a lost one
+    does not hold its lane for CoAP's retransmission schedule: a probe without an answer within
+    its deadline is simply lost.
+    """
 
     def __init__(self, transport: Any, endpoints: Any, device_id: str, *, lane: int = 0) -> None:
         self.transport = transport
@@ -189,14 +189,14 @@ class CoapProbe:
     def endpoint(self) -> str:
         return self.endpoints.current
 
-    async def __call__(self, ack_timeout: float, deadline: float) -> None:
+    async def __call__(self, deadline: float) -> None:
         """Returns when an answer came; raises SyncError otherwise."""
         await self.transport.request(
             "GET",
             f"{self.endpoint}/devices/{self.device_id}",
             deadline=deadline,
             lane=self.lane,
-            ack_timeout=ack_timeout,
+            confirmable=False,
         )
 
 
@@ -277,11 +277,6 @@ class LinkMonitor:
         while self._delivered and now - self._delivered[0][0] > GOODPUT_SPAN:
             self._delivered.popleft()
 
-    def _rto(self) -> float:
-        if self.srtt is None:
-            return PROBE_ACK_TIMEOUT
-        return min(PROBE_RTO_MAX, max(PROBE_RTO_MIN, self.srtt + 4 * self.rttvar))
-
     def observe(self, ex: Exchange) -> None:
         """One exchange of the uplink ended (the uplink's ``on_exchange``)."""
         now = self.clock.monotonic()
@@ -293,7 +288,8 @@ class LinkMonitor:
     def _record(self, now: float, answered: bool, rtt: float | None, retrans: bool) -> None:
         self.exchanges += 1
         self.last_exchange = now
-        self._outcomes.append((answered, retrans or not answered))
+        if answered or self.state != OFFLINE:  # loss is measured on a link that is up
+            self._outcomes.append((answered, retrans or not answered))
         if answered:
             self.failures = 0
             self.last_answer = now
@@ -432,11 +428,10 @@ class LinkMonitor:
 
     async def _probe_once(self) -> None:
         assert self.probe is not None
-        rto = self._rto()
         self.probes += 1
         started = self.clock.monotonic()
         try:
-            await self.probe(rto, self.settings.probe_timeout)
+            await self.probe(self.settings.probe_timeout)
         except SyncError as err:
             self.probes_failed += 1
             log.debug("event=probe_failed endpoint=%s error=%r", self.probe.endpoint, str(err))
@@ -444,7 +439,7 @@ class LinkMonitor:
             return
         rtt = self.clock.monotonic() - started
         log.debug("event=probe endpoint=%s rtt=%.3f", self.probe.endpoint, rtt)
-        self._record(self.clock.monotonic(), True, rtt, rtt >= rto)
+        self._record(self.clock.monotonic(), True, rtt, False)
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

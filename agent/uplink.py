@@ -145,11 +145,17 @@ class UplinkStats:
 
 
 class RttEstimator:
-    """RFC 6298 smoothed RTT and variance; ``rto`` bounded for CoAP's ACK_TIMEOUT."""
+    """RFC 6298 smoothed RTT and variance; ``rto`` bounded for CoAP's ACK_TIMEOUT.
+
+    Karn's algorithm (RFC 6298 section 5.5): a retransmitted exchange gives no sample, and the
+    timeout stays backed off (doubled) until an exchange without retransmission gives one, so a
+    round trip that outgrew the timeout is measured again instead of every exchange being sent
+    twice."""
 
     def __init__(self) -> None:
         self.srtt: float | None = None
         self.rttvar: float = 0.0
+        self.backoff = 1.0
 
     def sample(self, rtt: float) -> None:
         if self.srtt is None:
@@ -157,12 +163,21 @@ class RttEstimator:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.backoff = 1.0
+
+    def retransmitted(self, rto: float | None) -> None:
+        """An exchange sent with timeout ``rto`` needed a retransmission: back off, once for all
+        the exchanges sent with the same timeout."""
+        current = self.rto
+        if rto is not None and current is not None and rto >= current:
+            self.backoff = min(self.backoff * 2, ACK_TIMEOUT_MAX / ACK_TIMEOUT_MIN)
 
     @property
     def rto(self) -> float | None:
         if self.srtt is None:
             return None
-        return min(ACK_TIMEOUT_MAX, max(ACK_TIMEOUT_MIN, self.srtt + 4 * self.rttvar))
+        rto = (self.srtt + 4 * self.rttvar) * self.backoff
+        return min(ACK_TIMEOUT_MAX, max(ACK_TIMEOUT_MIN, rto))
 
 
 def full_jitter(failures: int, base: float, cap: float, rng: random.Random) -> float:
@@ -210,7 +225,9 @@ class Uplink:
         self._wake = asyncio.Event()
         self._paused_until = 0.0
         self._probing = False  # a failure happened: one batch at a time until one succeeds
-        self._expansion = 1.5  # encoded bytes per stored payload byte (learned)
+        # encoded bytes per stored payload byte, learned per content format (the link policy
+        # switches formats, and SenML-CBOR and the compact ones differ several-fold)
+        self._expansion: dict[int, float] = {}
         self._singles = 0  # after a 4.00: send this many records one by one to find the bad one
         self._fallback_cf = False
         self.online = False
@@ -270,7 +287,7 @@ class Uplink:
             # anyway; batches of one datagram each keep every lane of the window busy instead.
             # Until the first round trip is measured, batches are one datagram too.
             target = min(target, BLOCK_SIZE)
-        max_bytes = max(64, int(target / self._expansion))
+        max_bytes = max(64, int(target / self._expansion.get(self._content_format(), 1.5)))
         records = min(self.policy.batch_records, MAX_BATCH_RECORDS)
         return await self.store.batch(records, max_bytes)
 
@@ -298,7 +315,9 @@ class Uplink:
                 await self._reject(batch)
                 return
             stored = sum(len(r.payload) for r in batch) or 1
-            self._expansion = 0.8 * self._expansion + 0.2 * (len(payload) / stored)
+            ratio = len(payload) / stored
+            learned = self._expansion.get(cf)
+            self._expansion[cf] = ratio if learned is None else 0.8 * learned + 0.2 * ratio
             if len(payload) > MAX_BATCH_BYTES and len(batch) > 1:
                 await self.store.nack(seqs)
                 self.policy.batch_bytes = max(256, self.policy.batch_bytes // 2)
@@ -333,6 +352,7 @@ class Uplink:
                 self.rtt.sample(per_message)
             else:
                 self.stats.retransmitted += 1
+                self.rtt.retransmitted(rto)
             dotted = resp.dotted
             self.stats.by_code[dotted] = self.stats.by_code.get(dotted, 0) + 1
             delivered = await self._handle(resp, batch, seqs, uri, probing_primary)
