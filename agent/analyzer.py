@@ -413,7 +413,7 @@ class Analyzer:
                 continue
             self.alerts_committed += 1
             self.last_alert = {"seq": seq, **alert.to_dict()}
-            log.debug("event=committed kind=alert seq=%d alert=%s", seq, alert.kind.value)
+            log.debug("event=committed kind=alert seqs=%d alert=%s", seq, alert.kind.value)
             if self.on_commit is not None:
                 self.on_commit()
             for listener in self._listeners:
