@@ -373,6 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the reference rig on simulated parts")
     p.add_argument("--config", default=None, help="default: the packaged reference rig")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: run on)")
+    p.add_argument(
+        "--link",
+        choices=("clean", "lossy", "poor"),
+        default="clean",
+        help="lossy: 5%% loss, 150 ms RTT; poor: 30%% loss, 600 ms RTT (the impairment proxy)",
+    )
+    p.add_argument("--no-cloud", action="store_true", help="no local endpoint: readings only")
     _add_sim_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
