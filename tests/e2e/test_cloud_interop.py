@@ -13,7 +13,7 @@ import cbor2
 import pytest
 from aiocoap import Code, Message
 
-from agent.codec import IngestAck, WireRecord, encode_batch
+from agent.codec import IngestAck, WireRecord, content_formats, encode_batch
 from agent.records import EventBody, TelemetryBody
 from agent.statedoc import DesiredDoc
 from cloud.server import CloudServer
@@ -102,7 +102,8 @@ async def test_coap_client_gets_desired_state_and_discovery(
     rc, text = await coap_client("-m", "get", "-o", str(wkc), f"{server.uri}/.well-known/core")
     assert rc == 0, text
     links = wkc.read_text().strip().split(",")
-    assert f'</ingest/{DEVICE}>;rt="edge-agent.ingest";ct=112' in links
+    formats = " ".join(str(cf) for cf in content_formats())  # 112 and the compact encodings
+    assert f'</ingest/{DEVICE}>;rt="edge-agent.ingest";ct="{formats}"' in links
     assert f'</state/{DEVICE}/desired>;rt="edge-agent.state.desired";ct=60;obs' in links
 
     rc, text = await coap_client(

@@ -207,7 +207,7 @@ def assert_provisioned(root: Path, bundle: Path, *, device_id: str, venv: bool) 
     parsed = tomllib.loads(conf.read_text())
     assert parsed["agent"]["device_id"] == device_id
     assert parsed["sensor"] == tomllib.loads(RIG.read_text())["sensor"]
-    assert f'# endpoint = "{ENDPOINT}"' in conf.read_text()
+    assert f'endpoints = ["{ENDPOINT}"]' in conf.read_text()
     assert '# psk = "s3cret"' in conf.read_text()
 
     # The units, enabled.

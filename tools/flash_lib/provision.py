@@ -48,7 +48,7 @@ UDEV_RULES = "/etc/udev/rules.d/60-edge-agent-i2c.rules"
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
 
 DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # the same rule as agent/config.py
-ENDPOINT_SCHEMES = ("coap", "coaps", "coap+tcp", "coaps+tcp")
+ENDPOINT_SCHEMES = ("coap", "coap+tcp")  # what the agent's uplink speaks (agent/uplink.py)
 UDEV_TEXT = (
     "# Written by tools/flash: I2C bus nodes (/dev/i2c-*) for members of group i2c, so that\n"
     "# edge-agent.service (SupplementaryGroups=i2c) can open them without root.\n"
@@ -89,10 +89,11 @@ def check_settings(s: Settings) -> None:
         parts.scheme not in ENDPOINT_SCHEMES
         or not parts.hostname
         or port == -1
+        or parts.path not in ("", "/")
         or any(c.isspace() or ord(c) < 32 for c in s.endpoint)
     ):
         raise FlashError(
-            f"--endpoint {s.endpoint!r}: expected coap://HOST:PORT (or coaps://, coap+tcp://)"
+            f"--endpoint {s.endpoint!r}: expected coap://HOST:PORT (or coap+tcp://HOST:PORT)"
         )
     if any(ord(c) < 32 for c in s.psk + s.psk_identity):
         raise FlashError("--psk/--psk-identity: control characters are not allowed")
