@@ -16,21 +16,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from agent import __version__
-from agent.analyzer import Analyzer
+from agent.analyzer import Analyzer, LoadedModel
 from agent.clock import Clock, RealClock
 from agent.config import Config
-from agent.errors import ModelError
+from agent.detect import Detector
+from agent.errors import ModelError, SyncError
 from agent.hardware import Hardware
 from agent.ingest import TelemetryWriter
 from agent.link import CoapProbe, LinkMonitor
 from agent.metrics import Registry, write_textfile
+from agent.modelcache import ModelCache, ModelFetcher
+from agent.models import Assignment, ModelManager, Prepared
 from agent.notify import Health, Notifier, run_watchdog
+from agent.routing import Router
 from agent.sampling import Sampler
 from agent.state import AgentHooks, StateSync
 from agent.status import StatusServer, socket_path
@@ -51,6 +58,142 @@ READY_WITHIN = 30.0
 STATS_INTERVAL = 2.0
 #: Seconds between checks for sensor health or link changes to report.
 STATE_WATCH_INTERVAL = 1.0
+#: Retry delays (seconds; exponential, full jitter) of a model assignment the link interrupted.
+MODEL_RETRY_BASE = 5.0
+MODEL_RETRY_MAX = 300.0
+
+
+class ModelAssignments:
+    """Desired ``model/<role>`` values, applied by a :class:`~agent.models.ModelManager` in the
+    background (the state hooks' ``apply`` is synchronous).
+
+    :meth:`apply` checks the value and starts one task per role; a newer value for a role cancels
+    the task still running for it (a partial download stays in the cache and resumes). Unset
+    (None) goes back to the configured model. A link failure (SyncError) is not a refusal: the
+    assignment is tried again with exponential backoff and full jitter and reported ``loading``
+    meanwhile, never ``failed`` (a failed report blocks that version at the endpoint). A refused
+    model (ModelError) is reported ``failed`` with its desired version, the running model kept.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        clock: Clock,
+        *,
+        configured: Mapping[str, Assignment],
+        desired_version: Callable[[str], int | None],
+        changed: Callable[[], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.manager = manager
+        self.clock = clock
+        self.configured = dict(configured)
+        self.desired_version = desired_version
+        self.changed = changed
+        self.rng = rng or random.Random()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.loading: dict[str, tuple[Assignment, str | None]] = {}  # role -> (it, last error)
+
+    def apply(self, role: str, value: Any) -> None:
+        if value is None:
+            a = self.configured.get(role)
+            if a is None:
+                raise ValueError(f"model/{role}: no model is configured for this role")
+        else:
+            a = Assignment.from_desired(role, value)
+        old = self.tasks.pop(role, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.get_running_loop().create_task(self._assign(a), name=f"model-{role}")
+        self.tasks[role] = task
+        task.add_done_callback(lambda t: self._done(role, t))
+
+    def _done(self, role: str, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(role) is task:
+            del self.tasks[role]
+            self.loading.pop(role, None)
+
+    async def _assign(self, a: Assignment) -> None:
+        key = f"model/{a.role}"
+        attempt = 0
+        error: str | None = None
+        while True:
+            a = replace(a, desired=self.desired_version(key))
+            self.loading[a.role] = (a, error)
+            self.changed()
+            try:
+                state = await self.manager.assign(a)
+                break
+            except SyncError as err:
+                error = str(err)
+                delay = self.rng.uniform(0.0, min(MODEL_RETRY_MAX, MODEL_RETRY_BASE * 2**attempt))
+                attempt += 1
+                log.info(
+                    "event=model_assignment_deferred role=%s name=%s version=%s attempt=%d "
+                    "retry_in=%.1f error=%r",
+                    a.role,
+                    a.name,
+                    a.version,
+                    attempt,
+                    delay,
+                    error,
+                )
+            except Exception:  # a bug: keep what runs, report nothing as refused
+                log.exception("event=model_assignment_crashed role=%s name=%s", a.role, a.name)
+                self.loading.pop(a.role, None)
+                self.changed()
+                return
+            self.loading[a.role] = (a, error)
+            self.changed()
+            await self.clock.sleep(delay)
+        self.loading.pop(a.role, None)
+        log.info(
+            "event=model_assignment role=%s status=%s model=%s@%s desired=%s",
+            a.role,
+            state.status,
+            state.name,
+            state.version,
+            a.desired,
+        )
+        self.changed()
+
+    def reported(self) -> dict[str, Any]:
+        """``{"model/<role>": report}``: the manager's, ``loading`` while one is fetched."""
+        out = self.manager.reported()
+        for role, (a, error) in self.loading.items():
+            key = f"model/{role}"
+            report = {**out.get(key, {}), "status": "loading", "desired": a.desired}
+            report["loading"] = f"{a.name} {a.version or ''}".strip()
+            report.pop("refused", None)
+            report.pop("error", None)
+            if error:
+                report["error"] = error[:200]
+            if a.desired is None:
+                del report["desired"]
+            out[key] = report
+        return out
+
+    def status(self) -> dict[str, Any]:
+        cache = self.manager.cache
+        st = cache.stats
+        return {
+            "applied": self.manager.stats.applied,
+            "rolled_back": self.manager.stats.rolled_back,
+            "cached": [f"{n}@{v}" for n, v in cache.cached()],
+            "pinned": sorted(f"{n}@{v}" for n, v in cache.pins),
+            "disk_bytes": cache.disk_used,
+            "memory_bytes": cache.memory_used,
+            "downloads": st.downloads,
+            "refused": st.refused,
+            "hits": st.hits,
+        }
+
+    async def close(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
 
 class Agent:
@@ -88,6 +231,10 @@ class Agent:
         self.state: StateSync | None = None
         self.analyzer: Analyzer | None = None
         self.model_error: str | None = None
+        self.router: Router | None = None
+        self.router_transport: CoapTransport | None = None
+        self.model_cache: ModelCache | None = None
+        self.assignments: ModelAssignments | None = None
         self._status = (
             StatusServer(socket_path(config.agent.data_dir), self.snapshot)
             if status_socket
@@ -225,7 +372,9 @@ class Agent:
             "link": self._link_status(),
             "state": self.state.status if self.state is not None else None,
             "models": self._models_status(),
+            "model_cache": self.assignments.status() if self.assignments else None,
             "detect": self.analyzer.status() if self.analyzer else None,
+            "routing": self.router.snapshot() if self.router else None,
             "last_alert": self._last_alert(),
             "stuck": self.health.stuck(),
         }
@@ -238,7 +387,12 @@ class Agent:
 
     def _models_status(self) -> dict[str, Any]:
         if self.analyzer is not None:
-            return self.analyzer.models()
+            models = self.analyzer.models()
+            if self.assignments is not None:  # the assignment of each role (status, desired)
+                for key, report in self.assignments.reported().items():
+                    role = key.partition("/")[2]
+                    models.setdefault(role, {})["assignment"] = report
+            return models
         if self.model_error is not None:
             return {"error": self.model_error}
         return {}
@@ -271,6 +425,8 @@ class Agent:
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink)
         self._build_uplink()
         self._load_analyzer()
+        self._build_router()
+        self._build_models()
         self.writer = TelemetryWriter(
             self.store, self.clock, on_commit=self.uplink.poke if self.uplink else None
         )
@@ -309,6 +465,8 @@ class Agent:
                     others.append(tg.create_task(self.uplink.run(), name="uplink"))
                 if self.link is not None:
                     others.append(tg.create_task(self.link.run(), name="link"))
+                if self.router is not None:
+                    others.append(tg.create_task(self.router.run(), name="routing"))
                 if self.state is not None:
                     others.append(tg.create_task(self.state.run(), name="state"))
                     others.append(tg.create_task(self._watch_state(), name="state-watch"))
@@ -331,6 +489,14 @@ class Agent:
         if self.sampler is not None:
             await self.sampler.close()
         self.hardware.close()
+        if self.assignments is not None:
+            await self.assignments.close()
+        if self.model_cache is not None:
+            await self.model_cache.close()
+        if self.router is not None:  # pending validations and verdicts survive the restart
+            await self.router.save()
+        if self.router_transport is not None:
+            await self.router_transport.close()
         if self.transport is not None:
             await self.transport.close()
         if self.store is not None:
@@ -392,6 +558,174 @@ class Agent:
 
         self.health.check("uplink", uplink_busy)
 
+    def _edge_models(self) -> dict[str, Any]:
+        """The analyzer's models by name (the full tier first): the router's edge models."""
+        a = self.analyzer
+        if a is None:
+            return {}
+        models = {t.name: t.model for _, t in sorted(a.tiers.items(), key=lambda i: i[0] != "full")}
+        if a.classifier is not None:
+            models.setdefault(getattr(a.classifier, "name", "classifier"), a.classifier)
+        return models
+
+    def _cloud_allowed(self) -> bool:
+        """The link policy allows cloud validation (the link monitor's state)."""
+        return self.link is None or self.link.cloud_validation
+
+    def _build_router(self) -> None:
+        """Routing (hybrid inference, cloud validation of unsure alerts) on a transport of its
+        own; only with [uplink] and a running detector."""
+        if self.analyzer is None or self.endpoints is None or self.store is None:
+            return
+        endpoints = self.endpoints
+        self.router_transport = CoapTransport(self.clock, lanes=1)
+        router = self.router = Router(
+            self.config.routing,
+            device_id=self.config.agent.device_id,
+            store=self.store,
+            transport=self.router_transport,
+            endpoint=lambda: endpoints.current,
+            edge=self._edge_models(),
+            link_allows_cloud=self._cloud_allowed,
+            clock=self.clock,
+        )
+        self.analyzer.add_alert_listener(router.on_alert)
+        limit = 2 * self.config.routing.validation_deadline + STUCK_AFTER
+
+        def router_busy() -> bool:
+            since = router.busy_since
+            return since is not None and self.clock.monotonic() - since > limit
+
+        self.health.check("routing", router_busy)
+
+    def _build_models(self) -> None:
+        """Model assignment (desired ``model/<role>``): signed models fetched from the endpoint
+        into the model cache and swapped into the running analyzer; only with [uplink] and a
+        running detector. A cache that cannot be opened disables assignment, not detection."""
+        a = self.analyzer
+        if a is None or self.endpoints is None or self.config.detect is None:
+            return
+        d = self.config.detect.detect
+        endpoints = self.endpoints
+        fetcher = ModelFetcher(
+            lambda: endpoints.current, endpoint_path=self.config.models.endpoint_path
+        )
+        try:
+            cache = ModelCache.open(
+                self.config.models,
+                shipped_dir=d.models_dir,
+                fetcher=fetcher,
+                runtime=d.runtime,
+                num_threads=d.num_threads,
+                batch_mode=d.batch_mode,
+            )
+        except ModelError as err:
+            log.error("event=model_assignment_disabled error=%r", str(err))
+            return
+        self.model_cache = cache
+        manager = ModelManager(
+            cache,
+            self._assignable_detector,
+            threshold_override=lambda: a.threshold_override,
+            on_ready=self._model_ready,
+        )
+        configured: dict[str, Assignment] = {}
+        lite = a.tiers.get("lite")
+        running = [("anomaly", a.tiers["full"].name), ("lightweight", lite.name if lite else "")]
+        if a.classifier is not None and d.classifier:
+            running.append(("classifier", d.classifier))
+        for role, name in running:
+            version = self._shipped_version(cache, name) if name else None
+            if name and version:
+                manager.started_with(role, name, version)
+                configured[role] = Assignment(role, name, version)
+        self.assignments = ModelAssignments(
+            manager,
+            self.clock,
+            configured=configured,
+            desired_version=self._desired_version,
+            changed=self._state_changed,
+        )
+
+    def _desired_version(self, key: str) -> int | None:
+        return self.state.applied_version(key) if self.state is not None else None
+
+    def _state_changed(self) -> None:
+        if self.state is not None:
+            self.state.changed()
+
+    @staticmethod
+    def _shipped_version(cache: ModelCache, name: str) -> str | None:
+        if cache.shipped is None:
+            return None
+        try:
+            version = cache.shipped.entry(name).raw.get("version")
+        except (ModelError, KeyError):
+            return None
+        return None if version is None else str(version)
+
+    def _assignable_detector(self) -> Detector:
+        """The detector a model assignment swaps into. On the full tier the running one. On
+        the lite tier a stand-in of the full tier (its model, features and classifier): an
+        anomaly model is checked against the full tier's features and reaches only
+        ``tiers["full"]`` (through :meth:`_model_ready`), never the running lite detector."""
+        a = self.analyzer
+        assert a is not None
+        if a.tier == "full":
+            return a.detector
+        full = a.tiers["full"]
+        return Detector.from_entry(
+            full.model,
+            full.entry,
+            settings=a.settings.detect,
+            classifier=a.classifier,
+            classes=a.classes,
+        )
+
+    def _model_ready(self, role: str, p: Prepared) -> None:
+        """A model was swapped in (or, lightweight, made ready): keep the analyzer's tiers and
+        classifier in step, so a later tier switch uses it, and the router's edge models."""
+        a = self.analyzer
+        assert a is not None
+        if role == "classifier":
+            a.classifier = p.model
+            a.classes = tuple(p.entry.get("classes") or a.classes)
+        else:
+            tier = "full" if role == "anomaly" else "lite"
+            entry = {**p.entry, "version": p.cached.version}
+            if tier == "lite":
+                want = a.tiers["full"].entry.get("features", {}).get("channels")
+                got = entry.get("features", {}).get("channels")
+                if list(got or ()) != list(want or ()):
+                    raise ModelError(
+                        f"lite model {p.cached.name} {p.cached.version}: channels {got} differ "
+                        f"from the full tier's {want}; refused"
+                    )
+            value = (entry.get("threshold") or {}).get("value")
+            a.tiers[tier] = LoadedModel(
+                name=p.cached.name,
+                model=p.model,
+                entry=entry,
+                threshold=float(value) if isinstance(value, int | float) else math.nan,
+                size=p.cached.size,
+                sha256=p.cached.entry.sha256,
+                loaded_at=time.time(),
+            )
+            if tier == "lite" and a.tier == "lite":  # the running lite detector takes it now
+                try:
+                    a.detector.swap_models(p.model, entry=p.entry, threshold=a.threshold_override)
+                except ModelError:  # other features: a new detector primed from the kept rows
+                    a.pending_tier = "lite"
+        if self.router is not None:
+            self.router.edge = self._edge_models()
+        log.info(
+            "event=model_ready role=%s model=%s version=%s tier=%s",
+            role,
+            p.cached.name,
+            p.cached.version,
+            a.tier,
+        )
+
     def _build_state(self) -> None:
         """Device state (reported and desired) over the uplink's transport; restores the desired
         values persisted by the last run before any sensor is read."""
@@ -403,6 +737,7 @@ class Agent:
             queue_depth=lambda: self.last_stats.depth if self.last_stats else None,
             link=self._link_status,
             analyzer=lambda: getattr(self, "analyzer", None),
+            models=self.assignments,
         )
         self.state = StateSync(
             self.config.state,

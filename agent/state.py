@@ -306,6 +306,11 @@ class StateSync:
             self._rev,
         )
 
+    def applied_version(self, key: str) -> int | None:
+        """The desired version of ``key`` applied last (None if none was)."""
+        entry = self._applied.get(key)
+        return None if entry is None else entry.version
+
     def changed(self) -> None:
         """Something reported changed: wake the reporter (coalesced by ``min_put_interval``).
         Call it from the event loop's thread."""
@@ -843,7 +848,10 @@ class AgentHooks:
     once one was set. Applied live: ``sensor/<name>/interval`` and ``sensor/<name>/enabled`` on
     the sampler (the other sensors go on untouched; unset goes back to the config file's interval,
     or to enabled), and ``detect/<model>/threshold`` through the analyzer's ``set_threshold``.
-    Every other key is refused.
+    With ``models`` (the runtime's model assignments: ``apply(role, value)`` checks the value and
+    starts the assignment in the background; ``reported()`` gives ``{"model/<role>": report}``),
+    ``model/<role>`` is applied too and its report (active, or failed with the desired version)
+    is merged over the analyzer's view. Every other key is refused.
     """
 
     def __init__(
@@ -854,12 +862,14 @@ class AgentHooks:
         queue_depth: Callable[[], int | None],
         link: Callable[[], Mapping[str, Any]],
         analyzer: Callable[[], Any] = lambda: None,
+        models: Any = None,
     ) -> None:
         self.sampler = sampler
         self.version = version
         self.queue_depth = queue_depth
         self.link = link
         self.analyzer = analyzer
+        self.models = models
         self._thresholds: dict[str, float] = {}
 
     def reported(self) -> dict[str, Any]:
@@ -882,6 +892,9 @@ class AgentHooks:
             report = _model_report(info)
             if report is not None:
                 out[f"model/{slot}"] = report
+        if self.models is not None:  # the assignment's view wins (status, desired, error)
+            for key, report in self.models.reported().items():
+                out[key] = {**out.get(key, {}), **report}
         for model, value in self._thresholds.items():
             out[f"detect/{model}/threshold"] = value
         return out
@@ -903,9 +916,13 @@ class AgentHooks:
         if kind == "detect" and leaf == "threshold" and name:
             self._set_threshold(name, value)
             return
+        if kind == "model" and self.models is not None:
+            self.models.apply(rest, value)  # checked here; fetched and swapped in a task
+            return
+        also = ", model/<role>" if self.models is not None else ""
         raise ValueError(
-            f"{key}: this agent applies only sensor/<name>/interval, sensor/<name>/enabled "
-            "and detect/<model>/threshold"
+            f"{key}: this agent applies only sensor/<name>/interval, sensor/<name>/enabled"
+            f"{also} and detect/<model>/threshold"
         )
 
     def _set_threshold(self, model: str, value: Any) -> None:

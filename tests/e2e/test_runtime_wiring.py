@@ -1,0 +1,273 @@
+"""The running agent with its model assignment and routing stages wired in (agent/runtime.py):
+the simulated rig, the real endpoint on loopback with [uplink], real store, cache and interpreter.
+
+- ``hot_swap``: an operator publishes a signed model version with the endpoint's registry and
+  assigns it through desired state ``model/anomaly``; the agent downloads, verifies and swaps it
+  in without stopping (on the lite tier only the full tier's model changes) and reports it; an
+  assignment signed with a key the device does not trust, and one whose file was tampered with,
+  are refused, the running model kept and ``failed`` reported with the desired version.
+- ``routing``: with routing set to validate every raised alert, a valve fault on the rig raises
+  an alert, exactly one validation reaches the endpoint and the verdict event is committed.
+
+The agent runs on a :class:`~agent.clock.ScaledClock` (real sockets, agent time 10x), so
+commissioning (60 samples) and the fault take seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+import cloud.server
+from agent import config as configmod
+from agent import records
+from agent import state as state_mod
+from agent.cli import example_config
+from agent.clock import ScaledClock
+from agent.link import with_policy
+from agent.runtime import Agent
+from agent.uplink import UplinkSettings
+from cloud.models import MODEL_FILE, entry_for
+from cloud.server import CloudServer
+from drivers.sim.rig import SimRig
+from drivers.sim.sources import FaultEvent
+
+pytestmark = pytest.mark.timeout(90)
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOAT_AE = ROOT / "models" / "cloud" / "skab-ae.float32.tflite"  # skab-ae's features, float32
+DEVICE = "pump-01"
+RATE = 10.0  # agent seconds per real second
+COMMISSIONING = 60
+FAULT_AT = 120.0  # agent seconds after start
+
+
+@pytest.fixture(autouse=True)
+def fast_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(state_mod, "BACKOFF_BASE", 0.02)
+    monkeypatch.setattr(state_mod, "BACKOFF_CAP", 0.2)
+    monkeypatch.setattr(state_mod, "ENDPOINT_CHECK_INTERVAL", 0.02)
+    monkeypatch.setattr(cloud.server, "POLL_INTERVAL", 0.05)
+
+
+def _key(seed: int) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(bytes([seed]) * 32)
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> Any:
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    await srv.add_device(DEVICE)
+    yield srv
+    await srv.stop()
+
+
+def agent_config(tmp_path: Path, uri: str, *events: FaultEvent, **routing: Any) -> Any:
+    """The shipped rig config on the simulated rig with [uplink] to ``uri``, short
+    commissioning, the fleet's public key and fast [state] timing."""
+    sim = configmod.SimulationConfig(source="pump", seed=3, events=events)
+    cfg = configmod.simulated(configmod.load(example_config()), sim)
+    cfg = configmod.replace_data_dir(cfg, tmp_path / "agent")
+    assert cfg.detect is not None
+    pub = tmp_path / "fleet.pub"
+    pub.write_bytes(
+        _key(7)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    detect = replace(
+        cfg.detect, detect=replace(cfg.detect.detect, commissioning_samples=COMMISSIONING)
+    )
+    return replace(
+        cfg,
+        agent=replace(cfg.agent, device_id=DEVICE),
+        uplink=UplinkSettings(endpoints=(uri,)),
+        state=replace(cfg.state, report_interval=5.0, min_put_interval=0.2, deadline=2.0),
+        link=with_policy(cfg.link, "low", model="full"),  # the test switches tiers itself
+        detect=detect,
+        models=replace(cfg.models, public_key=pub),
+        routing=replace(cfg.routing, **routing),
+    )
+
+
+class RunningAgent:
+    def __init__(self, cfg: Any) -> None:
+        clock = ScaledClock(RATE)
+        self.rig = SimRig(cfg, clock)
+        self.agent = Agent(cfg, clock=clock, rig=self.rig, status_socket=False)
+        self.task = asyncio.create_task(self.agent.run(install_signals=False))
+
+    async def stop(self) -> None:
+        self.agent.request_stop()
+        try:
+            await asyncio.wait_for(self.task, 20)
+        finally:
+            self.rig.close()
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[bool]] | Callable[[], bool], what: str, limit: float = 30
+) -> None:
+    """Poll ``condition`` until it holds (a bound on waiting, not a timing assertion)."""
+    try:
+        async with asyncio.timeout(limit):
+            while True:
+                result = condition()
+                if asyncio.iscoroutine(result):
+                    result = await result
+                if result:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for: {what}") from None
+
+
+async def reported(server: CloudServer, key: str) -> Any:
+    entry = (await server.reported(DEVICE)).get(key)
+    return None if entry is None else entry.value
+
+
+def publish(server: CloudServer, version: str, key: Ed25519PrivateKey) -> Any:
+    """What ``edge-agent-cloud models publish`` does: sign and store one version."""
+    entry = entry_for(FLOAT_AE, None, "skab-ae")
+    return server.models.publish(FLOAT_AE.read_bytes(), "skab-ae", version, entry, key)
+
+
+async def test_hot_swap_of_an_assigned_signed_model_and_refusals_keep_the_running_one(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    good = publish(server, "3.0.0", _key(7))
+    publish(server, "3.0.1", _key(9))  # signed, but not with the fleet's key
+    publish(server, "3.0.2", _key(7))
+    tampered = server.models.directory / "skab-ae" / "3.0.2" / MODEL_FILE
+    data = bytearray(tampered.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+
+    running = RunningAgent(agent_config(tmp_path, server.uri))
+    try:
+        agent = running.agent
+        await wait_for(lambda: agent.analyzer is not None and agent.analyzer.frames > 0, "scoring")
+        a = agent.analyzer
+        assert a is not None and agent.assignments is not None
+        await wait_for(lambda: agent.state is not None and agent.state.status["observing"], "obs")
+        shipped = await reported(server, "model/anomaly")
+        assert shipped["name"] == "skab-ae" and shipped["status"] == "active"
+
+        # on the lite tier: the assignment replaces only the full tier's model
+        a.set_tier("lite")
+        await wait_for(lambda: a.tier == "lite", "lite tier active (primed from kept rows)")
+        lite_detector, lite_model = a.detector, a.detector.anomaly
+        doc, _ = await server.set_desired(
+            DEVICE, {"model/anomaly": {"name": "skab-ae", "version": "3.0.0"}}
+        )
+        want = {"name": "skab-ae", "version": "3.0.0", "status": "active"}
+
+        async def reported_good() -> bool:
+            r = await reported(server, "model/anomaly") or {}
+            return {k: r.get(k) for k in want} == want and r.get("desired") == doc.rev
+
+        await wait_for(reported_good, "3.0.0 reported active")
+        assert a.tiers["full"].sha256 == good.sha256 and a.tiers["full"].name == "skab-ae"
+        assert a.detector is lite_detector and a.detector.anomaly is lite_model
+        assert agent.model_cache is not None
+        assert agent.model_cache.lookup("skab-ae", "3.0.0") is not None  # downloaded, verified
+        frames = a.frames
+        await wait_for(lambda: a.frames > frames + 5, "still scoring on the lite tier")
+
+        # back on the full tier the detector runs the assigned model
+        a.set_tier("full")
+        await wait_for(lambda: a.tier == "full", "full tier active (primed from kept rows)")
+        swapped = a.tiers["full"].model
+        assert a.detector.anomaly is swapped
+        frames = a.frames
+        await wait_for(lambda: a.frames > frames + 5, "scoring with 3.0.0")
+        snap = agent.snapshot()
+        assert snap["models"]["anomaly"]["version"] == "3.0.0"
+        assert snap["models"]["anomaly"]["assignment"]["status"] == "active"
+        assert snap["model_cache"]["downloads"] == 1
+
+        # refused: a signature the device does not trust, then a tampered file
+        for version, words in (("3.0.1", "signature"), ("3.0.2", "SHA-256")):
+            doc, _ = await server.set_desired(
+                DEVICE, {"model/anomaly": {"name": "skab-ae", "version": version}}
+            )
+
+            async def reported_failed(rev: int = doc.rev) -> bool:
+                r = await reported(server, "model/anomaly") or {}
+                return r.get("status") == "failed" and r.get("desired") == rev
+
+            await wait_for(reported_failed, f"{version} reported failed")
+            report = await reported(server, "model/anomaly")
+            assert words in report["error"]
+            assert (report["name"], report["version"]) == ("skab-ae", "3.0.0")  # kept
+            assert a.detector.anomaly is swapped and a.tiers["full"].model is swapped
+            assert (await server.desired(DEVICE)).blocked.get("model/anomaly") == doc.rev
+            seen = a.frames
+            await wait_for(lambda n=seen: a.frames > n + 5, f"still scoring after {version}")
+        assert agent.model_cache.lookup("skab-ae", "3.0.2") is None
+        assert agent.snapshot()["model_cache"]["refused"] == 2
+    finally:
+        await running.stop()
+
+
+def _verdict_events(stored: list[Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in stored:
+        if r.kind == "event":
+            data = records.EventBody.from_cbor(r.body).data
+            if data.get("type") == "verdict":
+                out.append(data)
+    return out
+
+
+async def test_routing_validates_a_raised_alert_once_and_commits_the_verdict(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    fault = FaultEvent("valve_closing", at=FAULT_AT, ramp=20.0)
+    # every raised alert is validated (its classifier confidence is below 1)
+    cfg = agent_config(tmp_path, server.uri, fault, confidence_threshold=1.0)
+    running = RunningAgent(cfg)
+    committed: list[int] = []
+    try:
+        agent = running.agent
+        await wait_for(lambda: agent.router is not None, "router built")
+        router = agent.router
+        assert router is not None
+        router.add_verdict_listener(lambda seq, verdict: committed.append(seq))
+        await wait_for(lambda: committed, "a verdict committed as an event", limit=45)
+        seq = committed[0]
+        assert agent.snapshot()["routing"]["latest"][0]["seq"] == seq
+
+        async def delivered() -> bool:
+            got = await server.records(DEVICE)
+            return any(v["seq"] == seq for v in _verdict_events(got))
+
+        await wait_for(delivered, "the verdict event reached the endpoint")
+    finally:
+        await running.stop()
+
+    stored = await server.records(DEVICE)
+    raises = {
+        r.seq: data
+        for r in stored
+        if r.kind == "alert"
+        and (data := records.AlertBody.from_cbor(r.body).data)["kind"] == "raise"
+    }
+    assert seq in raises and raises[seq]["confidence"] < 1.0
+    # the endpoint ran its model once per validated alert, and was asked once
+    runs = server.inference.validation_runs
+    assert runs[(DEVICE, seq)] == 1
+    assert set(runs.values()) == {1} and server.inference.repeats == 0
+    assert router.stats.counts["validations_sent"] == len(runs)
+    assert {s for _, s in runs} <= set(raises)
+    verdict = next(v for v in _verdict_events(stored) if v["seq"] == seq)
+    assert verdict["edge"]["confidence"] == raises[seq]["confidence"]
+    assert verdict == router.verdicts[seq] | {"type": "verdict"}
