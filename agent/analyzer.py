@@ -27,6 +27,13 @@ and warmed up at start, so a switch costs no I/O. The classifier reads the full 
 so on the lite tier alerts carry no fault class (``novel_anomaly``). An exception while scoring is
 logged and counted (``errors``), the row is skipped, and the stage returns to the full tier.
 
+Calibration survives restarts: once commissioning is done, and every ``SAVE_EVERY`` seconds while
+reference tracking moves it, the full tier's calibration is written atomically to
+``calibration_path`` (with the model's sha256 and the inputs it was learnt from). At start a saved
+calibration that matches is restored: the detector only refills its window (about half a minute)
+instead of commissioning again, which matters when the machine is already misbehaving at the
+restart. A file that does not match or does not decode is logged and ignored.
+
 Logging policy: info for the models loaded, tier changes and threshold changes; the alerts
 themselves are logged by the detector; warning when a frame cannot be assembled after it could
 (an input went stale) and when it can again; error when an alert cannot be committed.
@@ -35,6 +42,7 @@ themselves are logged by the detector; warning when a frame cannot be assembled 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import sys
@@ -50,9 +58,11 @@ import numpy as np
 from agent.clock import Clock
 from agent.detect import Alert, Detector, DetectSettings
 from agent.errors import ModelError, StoreError, StoreFull
+from agent.features import Calibration
 from agent.inference import TFLiteModel, load_manifest
 from agent.metrics import Registry
 from agent.records import AlertBody
+from agent.state import write_atomic
 from agent.store import Kind, NewRecord, Store
 from drivers.base import Options, Reading
 
@@ -66,6 +76,9 @@ MODEL_DIRS = (
 )
 #: How long a failed alert commit waits before it is tried again (the store is recovering).
 RETRY_SECONDS = 1.0
+#: Seconds between saves of the calibration (reference tracking moves it slowly).
+SAVE_EVERY = 600.0
+CALIBRATION_FILE = "detect-calibration.json"
 
 AlertListener = Callable[[Alert, int, np.ndarray], None]
 
@@ -177,8 +190,11 @@ class Analyzer:
         clock: Clock,
         *,
         on_commit: Callable[[], None] | None = None,
+        calibration_path: Path | None = None,
     ) -> None:
         self.settings = settings
+        self.calibration_path = calibration_path
+        self._saved_at: float | None = None
         self.detector = detector
         self.classifier = detector.classifier
         self.classes = detector.classes
@@ -216,6 +232,7 @@ class Analyzer:
         clock: Clock,
         *,
         on_commit: Callable[[], None] | None = None,
+        calibration_path: Path | None = None,
     ) -> Analyzer:
         """Load and warm up the models (ModelError when one is missing, corrupt or gives
         non-finite output) and build the stage."""
@@ -250,7 +267,53 @@ class Analyzer:
                 loaded.size,
                 loaded.threshold,
             )
-        return cls(settings, detector, tiers, store, clock, on_commit=on_commit)
+        analyzer = cls(
+            settings,
+            detector,
+            tiers,
+            store,
+            clock,
+            on_commit=on_commit,
+            calibration_path=calibration_path,
+        )
+        analyzer.restore_calibration()
+        return analyzer
+
+    # -- calibration across restarts ------------------------------------------------------------
+    def _calibration_key(self) -> dict[str, Any]:
+        full = self.tiers["full"]
+        inputs = {c: f"{s}/{ch}" for c, (s, ch) in self.settings.inputs.items()}
+        return {"model": full.name, "sha256": full.sha256, "inputs": inputs}
+
+    def restore_calibration(self) -> bool:
+        """Start the full tier from the saved calibration if it matches (see the module doc)."""
+        path = self.calibration_path
+        if path is None or not path.exists() or self.tier != "full":
+            return False
+        try:
+            doc = json.loads(path.read_text())
+            if {k: doc.get(k) for k in ("model", "sha256", "inputs")} != self._calibration_key():
+                log.info("event=calibration_ignored path=%s reason=other model or inputs", path)
+                return False
+            self.detector.restore(Calibration.from_dict(doc["calibration"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("event=calibration_ignored path=%s error=%r", path, str(err))
+            return False
+        self._saved_at = self.clock.monotonic()
+        log.info("event=calibration_restored path=%s", path)
+        return True
+
+    def save_calibration(self) -> None:
+        path = self.calibration_path
+        cal = self.detector.calibration
+        if path is None or cal is None or self.tier != "full":
+            return
+        doc = {**self._calibration_key(), "saved": self.clock.time(), "calibration": cal.to_dict()}
+        try:
+            write_atomic(path, json.dumps(doc).encode())
+        except OSError as err:
+            log.warning("event=calibration_not_saved path=%s error=%r", path, str(err))
+        self._saved_at = self.clock.monotonic()
 
     # -- control ---------------------------------------------------------------------------------
     def set_tier(self, tier: str) -> None:
@@ -373,6 +436,10 @@ class Analyzer:
         self.inference_seconds.append(time.perf_counter() - t0)
         self.frames += 1
         self._history.append((wall, row))
+        if self.detector.commissioned and (
+            self._saved_at is None or now - self._saved_at >= SAVE_EVERY
+        ):
+            self.save_calibration()
         if self.pending_tier is not None:
             self._switch()
         if alerts:

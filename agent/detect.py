@@ -292,6 +292,7 @@ class Detector:
         self.samples = 0
         self.last_score = math.nan
         self.last_window: np.ndarray = np.zeros(0, dtype=np.float32)  # newest model input
+        self._restored: Calibration | None = None
 
     # --- construction from config ---------------------------------------------------------------
     @classmethod
@@ -470,6 +471,24 @@ class Detector:
             self.classes = new_classes
             log.info("model swapped role=classifier to=%s", getattr(classifier, "name", "?"))
 
+    def restore(self, cal: Calibration) -> None:
+        """Start from a calibration this device saved earlier (a restart): instead of commissioning
+        again, the detector only fills its window (``warmup_samples`` rows) and then scores."""
+        if self.commissioned or self._commissioning:
+            raise ValueError("restore() before the first sample")
+        n = len(self.spec.channels)
+        arrays = (cal.mean, cal.std, cal.smooth_std, cal.drift, cal.scale)
+        if any(np.shape(x) != (n,) or not np.all(np.isfinite(x)) for x in arrays):
+            raise ValueError(f"calibration does not fit {n} channels")
+        self._restored = cal
+
+    @property
+    def warmup_samples(self) -> int:
+        """Rows needed before scoring: commissioning, or only the window after :meth:`restore`."""
+        if self._restored is None:
+            return self.spec.commissioning
+        return self.spec.smooth + self.spec.rate_lag + self.spec.span + 1
+
     # --- processing -----------------------------------------------------------------------------
     def push(self, t: float, row: Sequence[float]) -> list[Alert]:
         """One sample (the channel values in ``spec.channels`` order). Returns new alerts."""
@@ -492,7 +511,7 @@ class Detector:
             self._commissioning.append(a[i])
             self.samples += 1
             i += 1
-            if len(self._commissioning) >= self.spec.commissioning:
+            if len(self._commissioning) >= self.warmup_samples:
                 self._finish_commissioning()
         if i == n:
             return FeedResult(alerts, anomalous, scores)
@@ -561,6 +580,13 @@ class Detector:
     def _finish_commissioning(self) -> None:
         rows = np.stack(self._commissioning)
         self._commissioning = []
+        if self._restored is not None:
+            cal, self._restored = self._restored, None
+            self.calibration = cal
+            self._stream = StreamingFeatures(self.spec, cal)
+            self._stream.prime(rows)
+            log.info("calibration restored samples=%d warmup=%d", cal.samples, len(rows))
+            return
         try:
             cal = calibrate(self.spec, rows)
         except ValueError as err:  # not finite etc.: stay in commissioning, start over

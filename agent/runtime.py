@@ -25,7 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from agent import __version__
-from agent.analyzer import Analyzer, LoadedModel
+from agent.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
 from agent.clock import Clock, RealClock
 from agent.config import Config
 from agent.detect import Detector
@@ -410,6 +410,7 @@ class Agent:
                 self.store,
                 self.clock,
                 on_commit=self.uplink.poke if self.uplink else None,
+                calibration_path=self.config.agent.data_dir / CALIBRATION_FILE,
             )
         except ModelError as err:
             self.model_error = str(err)

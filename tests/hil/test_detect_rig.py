@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from agent import config as configmod
+from agent.analyzer import CALIBRATION_FILE
 from agent.cli import example_config
 from agent.clock import VirtualClock
 from agent.errors import ConfigError
@@ -157,3 +158,21 @@ def test_lite_tier_raises_alerts_without_the_classifier(tmp_path: Path):
     assert raises and all(a["model"] == "skab-ae-lite" for a in raises)
     assert raises[0]["verdict"] == "novel_anomaly" and raises[0]["fault"] is None
     assert len(raises[0]["window"]) == 8
+
+
+@pytest.mark.timeout(180)
+def test_calibration_survives_a_restart_so_a_fault_soon_after_is_caught(tmp_path: Path):
+    run(rig(tmp_path), COMMISSIONING + 60)  # commissions, saves the calibration
+    saved = tmp_path / CALIBRATION_FILE
+    assert saved.exists()
+    # the restarted agent meets a fault 60 s in: before its own commissioning would end
+    cfg = rig(tmp_path, FaultEvent("valve_closing", at=60.0, ramp=10.0))
+    agent = run(cfg, 150)
+    assert agent.analyzer is not None and agent.analyzer.detector.commissioned
+    t0 = agent.clock.time() - (agent.clock.monotonic() - agent.started)
+    raises = [a for _, a in stored_alerts(cfg) if a["kind"] == "raise"]
+    assert raises and 60 <= raises[0]["time"] - t0 < COMMISSIONING
+    # a calibration of another model or other inputs is not used
+    saved.write_text(saved.read_text().replace('"sha256": "', '"sha256": "00'))
+    agent = run(rig(tmp_path), 30)
+    assert agent.analyzer is not None and not agent.analyzer.detector.commissioned
