@@ -5,6 +5,11 @@ Stages talk through the store and small in-memory queues, never through globals:
     sampler --Reading--> telemetry writer --> store
           \\--Reading--> (hooks: demo printer, detector)
 
+With ``[uplink]`` and a detector, two more stages: the router (agent/routing.py; the detector's
+alerts it is unsure of are validated by the endpoint, on a transport of its own, while the link
+policy allows it) and model assignment (:class:`ModelAssignments`: desired ``model/<role>`` is
+fetched into the model cache, verified and swapped into the running detector).
+
 Around them: the local status socket, the Prometheus textfile, and systemd's notify protocol
 (READY=1 once the store is open and every sensor has been tried once; WATCHDOG=1 only while no
 stage is stuck). SIGINT and SIGTERM stop the agent gracefully: the sampler stops, every reading

@@ -5,7 +5,8 @@ the simulated rig, the real endpoint on loopback with [uplink], real store, cach
   assigns it through desired state ``model/anomaly``; the agent downloads, verifies and swaps it
   in without stopping (on the lite tier only the full tier's model changes) and reports it; an
   assignment signed with a key the device does not trust, and one whose file was tampered with,
-  are refused, the running model kept and ``failed`` reported with the desired version.
+  are refused, the running model kept and ``failed`` reported with the desired version; a link
+  failure is retried and reported ``loading``, never ``failed``, until the endpoint answers.
 - ``routing``: with routing set to validate every raised alert, a valve fault on the rig raises
   an alert, exactly one validation reaches the endpoint and the verdict event is committed.
 
@@ -16,6 +17,7 @@ commissioning (60 samples) and the fault take seconds.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,11 +29,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import cloud.server
 from agent import config as configmod
-from agent import records
+from agent import records, runtime
 from agent import state as state_mod
 from agent.cli import example_config
-from agent.clock import ScaledClock
+from agent.clock import RealClock, ScaledClock
+from agent.detect import Detector, DetectSettings
+from agent.inference import load_manifest
 from agent.link import with_policy
+from agent.modelcache import ModelCache, ModelFetcher
+from agent.models import Assignment, ModelManager
 from agent.runtime import Agent
 from agent.uplink import UplinkSettings
 from cloud.models import MODEL_FILE, entry_for
@@ -271,3 +277,62 @@ async def test_routing_validates_a_raised_alert_once_and_commits_the_verdict(
     verdict = next(v for v in _verdict_events(stored) if v["seq"] == seq)
     assert verdict["edge"]["confidence"] == raises[seq]["confidence"]
     assert verdict == router.verdicts[seq] | {"type": "verdict"}
+
+
+async def test_hot_swap_assignment_waits_out_a_link_failure_without_reporting_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "MODEL_RETRY_BASE", 0.2)
+    monkeypatch.setattr(runtime, "MODEL_RETRY_MAX", 0.5)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # nothing listens here yet
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cfg = agent_config(tmp_path, f"coap://127.0.0.1:{port}")
+    fetcher = ModelFetcher(
+        f"coap://127.0.0.1:{port}", ack_timeout=0.1, manifest_deadline=0.5, block_deadline=2.0
+    )
+    cache = ModelCache.open(cfg.models, shipped_dir=ROOT / "models", fetcher=fetcher)
+    detector = Detector.from_settings(
+        DetectSettings(models_dir=ROOT / "models"), load_manifest(ROOT / "models")
+    )
+    running = detector.anomaly
+    manager = ModelManager(cache, lambda: detector)
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+    changes: list[dict[str, Any]] = []
+    assignments = runtime.ModelAssignments(
+        manager,
+        RealClock(),
+        configured={"anomaly": Assignment("anomaly", "skab-ae", "1.0.0")},
+        desired_version=lambda key: 17,
+        changed=lambda: changes.append(assignments.reported()["model/anomaly"]),
+    )
+    server = None
+    try:
+        assignments.apply("anomaly", {"name": "skab-ae", "version": "3.0.0"})
+        await wait_for(lambda: any(c.get("error") for c in changes), "a link failure")
+        report = assignments.reported()["model/anomaly"]
+        assert report["status"] == "loading" and report["desired"] == 17
+        assert report["loading"] == "skab-ae 3.0.0"
+        assert (report["name"], report["version"]) == ("skab-ae", "1.0.0")  # still running
+        assert detector.anomaly is running
+
+        # the endpoint comes up: the next retry fetches, verifies and swaps it in
+        server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", port)
+        good = publish(server, "3.0.0", _key(7))
+        await wait_for(lambda: changes[-1]["status"] == "active", "applied after the link")
+        assert not any(c["status"] == "failed" for c in changes)  # never reported failed
+        assert changes[-1] == {"name": "skab-ae", "version": "3.0.0", "status": "active"} | {
+            "desired": 17
+        }
+        assert detector.anomaly is not running
+        assert cache.lookup("skab-ae", "3.0.0").entry.sha256 == good.sha256
+
+        with pytest.raises(ValueError, match="unknown role"):
+            assignments.apply("main", {"name": "skab-ae"})
+        with pytest.raises(ValueError, match="expected"):
+            assignments.apply("anomaly", {"version": "3.0.0"})
+    finally:
+        await assignments.close()
+        await cache.close()
+        if server is not None:
+            await server.stop()
