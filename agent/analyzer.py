@@ -59,10 +59,10 @@ from agent.clock import Clock
 from agent.detect import Alert, Detector, DetectSettings
 from agent.errors import ModelError, StoreError, StoreFull
 from agent.features import Calibration
+from agent.files import write_atomic
 from agent.inference import TFLiteModel, load_manifest
 from agent.metrics import Registry
 from agent.records import AlertBody
-from agent.state import write_atomic
 from agent.store import Kind, NewRecord, Store
 from drivers.base import Options, Reading
 

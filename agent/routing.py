@@ -62,6 +62,7 @@ from agent.clock import Clock, RealClock, wait_event
 from agent.codec import CF_CBOR
 from agent.detect import Alert, AlertKind
 from agent.errors import StoreError, SyncError
+from agent.files import write_atomic
 from agent.records import EventBody, Kind
 from agent.store import NewRecord, Store
 from agent.transport import Response, code
@@ -297,21 +298,6 @@ class Router:
         }
         return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
-    @staticmethod
-    def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     async def save(self) -> bool:
         """Write the state file if anything changed. False if the write failed."""
         path = self.settings.state_path
@@ -324,7 +310,7 @@ class Router:
             self._dirty = False
             data = self._document()
             try:
-                await self.clock.run_blocking(None, self._write, path, data)
+                await self.clock.run_blocking(None, write_atomic, path, data)
             except OSError as err:
                 self._dirty = True
                 log.error("event=routing_state_write_failed path=%s error=%r", path, str(err))

@@ -96,6 +96,7 @@ from typing import Any, Protocol
 from agent import records, statedoc
 from agent.clock import Clock, wait_event
 from agent.errors import SyncError
+from agent.files import write_atomic
 from agent.records import RecordError
 from agent.statedoc import Entry, Rule, StateError
 from agent.transport import CoapTransport, Endpoints, Response, code
@@ -1062,22 +1063,6 @@ def decode_state(data: bytes) -> dict[str, Any]:
         "applied": entries("applied"),
         "failed": failed,
     }
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync of the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _is_version(value: Any) -> bool:
