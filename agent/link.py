@@ -39,7 +39,7 @@ from agent import codec
 from agent.clock import Clock, wait_event
 from agent.codec import CF_SENML_CBOR
 from agent.errors import SyncError
-from agent.uplink import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Exchange, Uplink
+from agent.uplink import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Exchange, Uplink, network_time
 from drivers.base import Options
 
 log = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ class LinkMonitor:
     async def _probe_once(self) -> None:
         assert self.probe is not None
         self.probes += 1
-        started = self.clock.monotonic()
+        started = network_time()
         try:
             await self.probe(self.settings.probe_timeout)
         except SyncError as err:
@@ -437,7 +437,7 @@ class LinkMonitor:
             log.debug("event=probe_failed endpoint=%s error=%r", self.probe.endpoint, str(err))
             self._record(self.clock.monotonic(), False, None, False)
             return
-        rtt = self.clock.monotonic() - started
+        rtt = network_time() - started
         log.debug("event=probe endpoint=%s rtt=%.3f", self.probe.endpoint, rtt)
         self._record(self.clock.monotonic(), True, rtt, False)
 

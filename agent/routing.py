@@ -63,6 +63,7 @@ from agent.codec import CF_CBOR
 from agent.detect import Alert, AlertKind
 from agent.errors import StoreError, SyncError
 from agent.files import write_atomic
+from agent.ingest import format_ranges
 from agent.records import EventBody, Kind
 from agent.store import NewRecord, Store
 from agent.transport import Response, code
@@ -488,10 +489,11 @@ class Router:
             for s in seqs
         ]
         try:
-            await self.store.put(recs)
+            committed = await self.store.put(recs)
         except StoreError as err:
             log.error("event=verdict_commit_failed seqs=%s error=%r", seqs, str(err))
             return
+        log.debug("event=committed kind=event seqs=%s", format_ranges(committed))
         self._uncommitted.difference_update(seqs)
         self._dirty = True
         await self.save()

@@ -28,6 +28,7 @@ import asyncio
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,13 @@ LAN_RTT = 0.02
 #: Multiplicative decrease of the congestion window on a loss (CUBIC's beta, RFC 9438).
 BETA = 0.7
 MAX_BATCH_RECORDS = 4096
+
+
+def network_time() -> float:
+    """Round trips are the network's: timed in real seconds, like aiocoap's retransmission
+    timers, also when the agent's clock runs scaled on a simulated rig."""
+    return time.monotonic()
+
 
 CODE_CHANGED = code("2.04")
 CODE_BAD_REQUEST = code("4.00")
@@ -323,7 +331,7 @@ class Uplink:
                 self.policy.batch_bytes = max(256, self.policy.batch_bytes // 2)
                 return
             rto = self.rtt.rto
-            started = self.clock.monotonic()
+            started = network_time()
             self.stats.batches_sent += 1
             self.stats.bytes_sent += len(payload)
             try:
@@ -341,7 +349,7 @@ class Uplink:
                 self._report(uri, False, None, False, len(payload), len(batch), 0)
                 self._failed(uri, f"{err}", probing_primary)
                 return
-            rtt = self.clock.monotonic() - started
+            rtt = network_time() - started
             # A body over one block goes as Block1 (RFC 7959): one stop-and-wait exchange per
             # block, so the round trip of one message is the exchange's time per block.
             blocks = max(1, math.ceil(len(payload) / BLOCK_SIZE))
@@ -477,7 +485,7 @@ class Uplink:
     def _congestion(self) -> None:
         """A loss: shrink the window, at most once per round trip (losses within one window of
         exchanges are one congestion event, as in TCP's fast recovery)."""
-        now = self.clock.monotonic()
+        now = network_time()
         if now - self._last_reduction < (self.rtt.srtt or 0.0):
             return
         self._last_reduction = now
