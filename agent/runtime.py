@@ -526,8 +526,8 @@ class Agent:
         settings = self.config.uplink
         if settings is None:
             return
-        # one lane per outstanding batch, and one more for the link monitor's probes
-        self.transport = CoapTransport(self.clock, lanes=settings.max_inflight + 1)
+        # one lane per outstanding batch, one for the link monitor's probes, one for state
+        self.transport = CoapTransport(self.clock, lanes=settings.max_inflight + 2)
         self.endpoints = Endpoints(
             settings.endpoints, self.clock, primary_retry=settings.primary_retry
         )
@@ -752,6 +752,7 @@ class Agent:
             self.clock,
             device_id=self.config.agent.device_id,
             hooks=hooks,
+            lane=self.config.uplink.max_inflight + 1 if self.config.uplink else 0,
         )
         self.state.restore()
 

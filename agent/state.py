@@ -233,9 +233,11 @@ class StateSync:
         device_id: str,
         hooks: StateHooks,
         state_path: Path | None = None,
+        lane: int = 0,
     ) -> None:
         self.settings = settings
         self.transport = transport
+        self.lane = lane  # the transport lane for state exchanges (the uplink keeps its own)
         self.endpoints = endpoints
         self.clock = clock
         self.device_id = device_id
@@ -585,6 +587,7 @@ class StateSync:
             payload,
             content_format=CF_CBOR,
             deadline=self.settings.deadline,
+            lane=self.lane,
         )
 
     def _put_failed(self, base: str, why: str) -> None:
@@ -662,7 +665,7 @@ class StateSync:
         uri = f"{base}/state/{self.device_id}/desired"
         self._reobserve.clear()
         started = self.clock.monotonic()
-        stream = self.transport.observe(uri, deadline=self.settings.deadline)
+        stream = self.transport.observe(uri, deadline=self.settings.deadline, lane=self.lane)
         pending_next: asyncio.Future[Response] | None = None
         stale_at: float | None = None
         registered = False

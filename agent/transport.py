@@ -83,6 +83,8 @@ class CoapTransport:
         self.lanes = lanes
         self._contexts: list[Any] = []
         self._lock = asyncio.Lock()
+        self._observing: dict[int, int] = {}  # lane -> observations running on it
+        self._retired: set[asyncio.Task[None]] = set()  # contexts shutting down
 
     async def _context(self, lane: int) -> Any:
         import aiocoap
@@ -129,6 +131,8 @@ class CoapTransport:
                 resp = await req.response
         except TimeoutError as err:
             req.response.cancel()
+            if confirmable:
+                await self._reset_lane(lane % self.lanes, ctx)
             raise SyncError(f"{method} {uri}: no answer within {deadline:g} s") from err
         except asyncio.CancelledError:
             req.response.cancel()
@@ -136,6 +140,26 @@ class CoapTransport:
         except (coap_error.Error, OSError) as err:
             raise SyncError(f"{method} {uri}: {type(err).__name__}: {err}") from err
         return _response(resp)
+
+    async def _reset_lane(self, lane: int, ctx: Any) -> None:
+        """Give ``lane`` a fresh client context after a confirmable request missed its deadline.
+
+        aiocoap keeps retransmitting a confirmable message whose request was cancelled, and
+        holds every later confirmable message to the same server behind it (NSTART = 1) until
+        its retransmissions run out, which can take a minute. A new context (a new socket) drops
+        that exchange. A lane with an observation on it is left alone."""
+        import aiocoap
+
+        if self._observing.get(lane):
+            return
+        async with self._lock:
+            if lane >= len(self._contexts) or self._contexts[lane] is not ctx:
+                return  # already replaced
+            self._contexts[lane] = await aiocoap.Context.create_client_context()
+        task = asyncio.get_running_loop().create_task(_shutdown(ctx))
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+        log.debug("event=lane_reset lane=%d", lane)
 
     async def observe(
         self, uri: str, *, deadline: float = REQUEST_TIMEOUT, lane: int = 0
@@ -145,9 +169,11 @@ class CoapTransport:
         import aiocoap
         from aiocoap import error as coap_error
 
-        ctx = await self._context(lane % self.lanes)
+        lane %= self.lanes
+        ctx = await self._context(lane)
         msg = aiocoap.Message(code=aiocoap.GET, uri=uri, observe=0)
         req = ctx.request(msg)
+        self._observing[lane] = self._observing.get(lane, 0) + 1
         try:
             async with asyncio.timeout(deadline):
                 first = await req.response
@@ -161,6 +187,7 @@ class CoapTransport:
         except (coap_error.Error, OSError) as err:
             raise SyncError(f"observe {uri}: {type(err).__name__}: {err}") from err
         finally:
+            self._observing[lane] -= 1
             with contextlib.suppress(Exception):
                 if req.observation is not None:
                     req.observation.cancel()
@@ -169,8 +196,14 @@ class CoapTransport:
     async def close(self) -> None:
         contexts, self._contexts = self._contexts, []
         for ctx in contexts:
-            with contextlib.suppress(Exception):
-                await ctx.shutdown()
+            await _shutdown(ctx)
+        if self._retired:
+            await asyncio.gather(*self._retired, return_exceptions=True)
+
+
+async def _shutdown(ctx: Any) -> None:
+    with contextlib.suppress(Exception):
+        await ctx.shutdown()
 
 
 def _response(resp: Any) -> Response:
