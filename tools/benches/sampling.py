@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 from agent import config as configmod
@@ -28,9 +29,10 @@ from drivers.sim.rig import SimRig
 
 
 def _config() -> configmod.Config:
-    return configmod.simulated(
+    cfg = configmod.simulated(
         configmod.load(example_config()), configmod.SimulationConfig(source="pump", seed=7)
     )
+    return replace(cfg, detect=None)  # the sampling path only (bench inference has the detector)
 
 
 class _Recorder:
