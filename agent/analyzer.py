@@ -198,6 +198,7 @@ class Analyzer:
         self.detector = detector
         self.classifier = detector.classifier
         self.classes = detector.classes
+        self.classifier_info: dict[str, Any] = {}  # name, version, sha256, bytes of the shipped one
         self.errors = 0
         self.tiers = dict(tiers)
         self.store = store
@@ -276,6 +277,14 @@ class Analyzer:
             on_commit=on_commit,
             calibration_path=calibration_path,
         )
+        if detector.classifier is not None:
+            e = manifest.entry(d.classifier)
+            analyzer.classifier_info = {
+                "name": d.classifier,
+                "version": e.raw.get("version"),
+                "sha256": e.sha256,
+                "bytes": e.size,
+            }
         analyzer.restore_calibration()
         return analyzer
 
@@ -502,9 +511,12 @@ class Analyzer:
                 "threshold": loaded.threshold,
                 "active": tier == self.tier,
             }
-        clf = self.detector.classifier
+        clf = self.classifier
         if clf is not None:
-            out["classifier"] = {"name": getattr(clf, "name", "?")}
+            name = getattr(clf, "name", "?")
+            info = self.classifier_info if self.classifier_info.get("name") == name else {}
+            out["classifier"] = {"name": name, "version": info.get("version"), **info}
+            out["classifier"]["active"] = self.detector.classifier is clf
         return out
 
     def status(self) -> dict[str, Any]:
