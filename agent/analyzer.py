@@ -354,7 +354,9 @@ class Analyzer:
         if len(self._history) < min(needed, self._history.maxlen or needed):
             return  # not enough rows yet: try again after the next sample
         times = [t for t, _ in self._history]
+        det.log_alerts = False  # the replay's alerts are about the past: discarded, not logged
         det.feed(times, np.asarray([row for _, row in self._history], dtype=np.float64))
+        det.log_alerts = True
         if self.threshold_override is not None:
             det.threshold = self.threshold_override
         if self.detector.anomalous and not det.anomalous:

@@ -293,6 +293,7 @@ class Detector:
         self.last_score = math.nan
         self.last_window: np.ndarray = np.zeros(0, dtype=np.float32)  # newest model input
         self._restored: Calibration | None = None
+        self.log_alerts = True  # False while replaying history (a tier switch primes a detector)
 
     # --- construction from config ---------------------------------------------------------------
     @classmethod
@@ -630,7 +631,7 @@ class Detector:
             novelty=nov,
             model=getattr(self.anomaly, "name", DEFAULT_MODEL),
         )
-        log.info(
+        (log.info if self.log_alerts else log.debug)(
             "alert %s time=%.3f score=%.3g threshold=%.3g verdict=%s fault=%s top=%s",
             kind.value,
             t,
