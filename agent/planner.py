@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,8 +80,10 @@ SPLITS = ("edge-only", "hybrid", "cloud-only")  # tie order: least dependent on 
 
 
 def default_measured_dir() -> Path:
-    """bench-results/ of the checkout this module runs from."""
-    return Path(__file__).resolve().parent.parent / "bench-results"
+    """bench-results/ of the checkout this module runs from, else the installed package's."""
+    checkout = Path(__file__).resolve().parent.parent / "bench-results"
+    installed = Path(sys.prefix) / "share" / "edge-agent" / "bench-results"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
 
 
 @dataclass(frozen=True)
