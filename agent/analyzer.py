@@ -58,7 +58,7 @@ import numpy as np
 from agent.clock import Clock
 from agent.detect import Alert, Detector, DetectSettings
 from agent.errors import ModelError, StoreError, StoreFull
-from agent.features import Calibration
+from agent.features import Calibration, FeatureSpec
 from agent.files import write_atomic
 from agent.inference import TFLiteModel, load_manifest
 from agent.metrics import Registry
@@ -207,9 +207,10 @@ class Analyzer:
         self.tier = "full"
         self.pending_tier: str | None = None
         self.threshold_override: float | None = settings.detect.threshold
-        spec = detector.spec
-        history = 2 * (spec.commissioning + spec.smooth + spec.rate_lag + spec.span + 1)
-        self._history: deque[tuple[float, list[float]]] = deque(maxlen=history)
+        # recent rows, to prime the other tier's detector on a switch (kept only with two tiers)
+        self._history: deque[tuple[float, list[float]]] = deque(
+            maxlen=2 * self._rows_to_prime(detector.spec)
+        )
         self._latest: dict[tuple[str, str], tuple[float, float]] = {}  # -> (t_mono, value)
         self._columns = list(settings.inputs.items())
         self._wanted = set(settings.inputs.values())
@@ -312,17 +313,24 @@ class Analyzer:
         log.info("event=calibration_restored path=%s", path)
         return True
 
-    def save_calibration(self) -> None:
-        path = self.calibration_path
-        cal = self.detector.calibration
+    def _save_due(self) -> bool:
+        if self.calibration_path is None or self.tier != "full":
+            return False
+        if not self.detector.commissioned:
+            return False
+        return self._saved_at is None or self.clock.monotonic() - self._saved_at >= SAVE_EVERY
+
+    async def save_calibration(self) -> None:
+        """Write the full tier's calibration (the file write runs off the event loop)."""
+        path, cal = self.calibration_path, self.detector.calibration
         if path is None or cal is None or self.tier != "full":
             return
+        self._saved_at = self.clock.monotonic()
         doc = {**self._calibration_key(), "saved": self.clock.time(), "calibration": cal.to_dict()}
         try:
-            write_atomic(path, json.dumps(doc).encode())
+            await self.clock.run_blocking(None, write_atomic, path, json.dumps(doc).encode())
         except OSError as err:
             log.warning("event=calibration_not_saved path=%s error=%r", path, str(err))
-        self._saved_at = self.clock.monotonic()
 
     # -- control ---------------------------------------------------------------------------------
     def set_tier(self, tier: str) -> None:
@@ -340,19 +348,22 @@ class Analyzer:
         if tier is None:
             return
         loaded = self.tiers[tier]
-        d = self.settings.detect
+        try:
+            spec = FeatureSpec.from_dict(loaded.entry["features"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelError(f"model {loaded.name!r}: bad features in its manifest entry") from err
+        needed = self._rows_to_prime(spec)
+        if len(self._history) < min(needed, self._history.maxlen or needed):
+            return  # not enough rows yet: try again after the next sample
         clf = self.classifier
         fits = clf is not None and tuple(clf.input_shape) == tuple(loaded.model.input_shape)
         det = Detector.from_entry(
             loaded.model,
             loaded.entry,
-            settings=d,
+            settings=self.settings.detect,
             classifier=clf if fits else None,  # the classifier reads the full model's window
             classes=self.classes if fits else (),
         )
-        needed = det.spec.commissioning + det.spec.smooth + det.spec.rate_lag + det.spec.span + 1
-        if len(self._history) < min(needed, self._history.maxlen or needed):
-            return  # not enough rows yet: try again after the next sample
         times = [t for t, _ in self._history]
         det.log_alerts = False  # the replay's alerts are about the past: discarded, not logged
         det.feed(times, np.asarray([row for _, row in self._history], dtype=np.float64))
@@ -368,6 +379,11 @@ class Analyzer:
         self.detector = det
         self.tier = tier
         self.pending_tier = None
+
+    def _rows_to_prime(self, spec: FeatureSpec) -> int:
+        """Rows that commission a detector of ``spec`` and leave it one row to score."""
+        commissioning = self.settings.detect.commissioning_samples or spec.commissioning
+        return commissioning + spec.history + 1
 
     def set_threshold(self, value: float | None) -> None:
         """Set the anomaly threshold (None: the model's calibrated one) from the next sample."""
@@ -405,8 +421,8 @@ class Analyzer:
 
     # -- run -------------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Assemble and score a row every ``period``; commit alerts in order. Cancel to stop
-        the scoring; then :meth:`drain` commits the alerts already made."""
+        """Assemble and score a row every ``period``; commit alerts in order. Cancelled, it stops
+        scoring and returns once the alerts already made are committed."""
         committer = asyncio.create_task(self._commit_loop(), name="alert-commit")
         try:
             period = self.settings.period
@@ -425,6 +441,8 @@ class Analyzer:
                     log.exception("event=detect_failed tier=%s error=%r", self.tier, str(err))
                     if self.tier != "full":
                         self.set_tier("full")
+                if self._save_due():
+                    await self.save_calibration()
         finally:
             self._pending.put_nowait(None)
             await asyncio.shield(committer)
@@ -446,11 +464,8 @@ class Analyzer:
         alerts = self.detector.push(wall, row)
         self.inference_seconds.append(time.perf_counter() - t0)
         self.frames += 1
-        self._history.append((wall, row))
-        if self.detector.commissioned and (
-            self._saved_at is None or now - self._saved_at >= SAVE_EVERY
-        ):
-            self.save_calibration()
+        if len(self.tiers) > 1:
+            self._history.append((wall, row))
         if self.pending_tier is not None:
             self._switch()
         if alerts:

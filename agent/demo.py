@@ -130,7 +130,7 @@ async def _main(
         if proxy is not None:
             await proxy.stop()
         if server is not None:
-            out.write(_cloud_line(agent, await _stored(server, cfg.agent.device_id), clock) + "\n")
+            out.write(_cloud_line(agent, await server.counts(cfg.agent.device_id), clock) + "\n")
             await server.stop()
     out.write(f"edge-agent demo: stopped after {agent.readings} readings\n")
 
@@ -149,13 +149,6 @@ async def _start_proxy(link: str, port: int) -> Any:
     return proxy
 
 
-async def _stored(server: Any, device: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for rec in await server.records(device):
-        counts[rec.kind] = counts.get(rec.kind, 0) + 1
-    return counts
-
-
 def _cloud_line(agent: Any, stored: dict[str, int], clock: RealClock) -> str:
     link = agent.snapshot().get("link") or {}
     queue = agent.last_stats.depth if agent.last_stats else 0
@@ -171,15 +164,16 @@ async def _report(agent: Any, server: Any, out: TextIO, clock: RealClock) -> Non
     """Every few seconds: what the endpoint holds, and each new alert as it arrives there."""
     device = agent.config.agent.device_id
     seen_alerts: set[int] = set()
+    since: float | None = None  # alerts before this time have been shown
     while True:
         await asyncio.sleep(REPORT_EVERY)
-        records = await server.records(device)
-        stored: dict[str, int] = {}
-        for rec in records:
-            stored[rec.kind] = stored.get(rec.kind, 0) + 1
-            if rec.kind == "alert" and rec.seq not in seen_alerts:
-                seen_alerts.add(rec.seq)
-                out.write(_alert_line(agent, rec, clock) + "\n")
+        stored = await server.counts(device)
+        if stored.get("alert", 0) > len(seen_alerts):  # only then read records
+            for rec in await server.records(device, since=since):
+                if rec.kind == "alert" and rec.seq not in seen_alerts:
+                    seen_alerts.add(rec.seq)
+                    since = rec.time if since is None else max(since, rec.time)
+                    out.write(_alert_line(agent, rec, clock) + "\n")
         out.write(_cloud_line(agent, stored, clock) + "\n")
         out.flush()
 

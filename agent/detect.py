@@ -488,7 +488,7 @@ class Detector:
         """Rows needed before scoring: commissioning, or only the window after :meth:`restore`."""
         if self._restored is None:
             return self.spec.commissioning
-        return self.spec.smooth + self.spec.rate_lag + self.spec.span + 1
+        return self.spec.history + 1
 
     # --- processing -----------------------------------------------------------------------------
     def push(self, t: float, row: Sequence[float]) -> list[Alert]:

@@ -468,6 +468,10 @@ class CloudServer:
         """Every stored seq of the device, ascending."""
         return await self.db(lambda s: s.seqs(device))
 
+    async def counts(self, device: str) -> dict[str, int]:
+        """The device's stored records by kind."""
+        return await self.db(lambda s: s.counts(device))
+
     async def reported(self, device: str) -> dict[str, statedoc.Entry]:
         return await self.db(lambda s: s.reported(device))
 

@@ -137,6 +137,9 @@ class Storage(Protocol):
     def seqs(self, device: str) -> list[int]:
         """Every stored seq of the device, ascending."""
 
+    def counts(self, device: str) -> dict[str, int]:
+        """How many records of each kind the device has stored."""
+
     def reported(self, device: str) -> dict[str, Entry]: ...
 
     def put_reported(
@@ -384,6 +387,13 @@ class SQLiteStorage:
                 "SELECT seq FROM records WHERE device = ? ORDER BY seq", (device,)
             )
             return [row[0] for row in rows]
+
+    def counts(self, device: str) -> dict[str, int]:
+        with self._errors():
+            rows = self.db.execute(
+                "SELECT kind, COUNT(*) FROM records WHERE device = ? GROUP BY kind", (device,)
+            )
+            return {kind: n for kind, n in rows}
 
     # -- state -----------------------------------------------------------------------------------
 
