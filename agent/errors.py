@@ -1,15 +1,35 @@
-"""The error family of the agent.
+"""The agent's kinds of error, below the one root in ``drivers/errors.py``.
 
-One root, :class:`AgentError`, and a few kinds that callers act on differently. OS and library
-errors are wrapped at the boundary (``raise DeviceIOError(...) from err``). Messages are written for
-an operator: they say what failed and, where it helps, what to do next.
+The root (:class:`AgentError`) and the errors of parts and buses live with the drivers, which import
+nothing from the agent; they are named here too so agent code has one place to import errors from.
+Callers act on each kind differently. OS and library errors are wrapped at the boundary
+(``raise StoreError(...) from err``); messages say what failed and what to do next.
 """
 
 from __future__ import annotations
 
+from drivers.errors import (
+    AgentError,
+    DeviceDataError,
+    DeviceIOError,
+    DeviceNotFound,
+    DeviceTimeout,
+    DriverError,
+)
 
-class AgentError(Exception):
-    """Root of every error the agent raises on purpose."""
+__all__ = [
+    "AgentError",
+    "ConfigError",
+    "DeviceDataError",
+    "DeviceIOError",
+    "DeviceNotFound",
+    "DeviceTimeout",
+    "DriverError",
+    "ModelError",
+    "StoreError",
+    "StoreFull",
+    "SyncError",
+]
 
 
 class ConfigError(AgentError):
@@ -24,26 +44,6 @@ class ConfigError(AgentError):
         self.message = message
         where = f"{file}: {path}" if path else file
         super().__init__(f"{where}: {message}")
-
-
-class DriverError(AgentError):
-    """A sensor part or its bus misbehaved."""
-
-
-class DeviceNotFound(DriverError):
-    """Nothing answers at the configured address or port, or the identity check failed."""
-
-
-class DeviceIOError(DriverError):
-    """A transfer with a part failed (NACK mid-read, bus error, port error)."""
-
-
-class DeviceDataError(DeviceIOError):
-    """A part answered, but with data that fails a check (CRC, checksum, range, framing)."""
-
-
-class DeviceTimeout(DriverError):
-    """A part did not answer, or did not finish a conversion, within its deadline."""
 
 
 class StoreError(AgentError):

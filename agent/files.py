@@ -28,3 +28,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def resolve_path(base: Path, value: str) -> Path:
+    """``value`` (``~`` expanded) relative to ``base`` unless it is absolute."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (base / p)

@@ -15,8 +15,8 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
-from agent.records import Kind, RecordError, TelemetryBody, decode_body
-from agent.statedoc import to_json
+from agent.wire.records import Kind, RecordError, TelemetryBody, decode_body
+from agent.wire.statedoc import to_json
 from cloud.storage import StoredRecord
 
 FIELDS = ("seq", "kind", "time", "sensor", "channel", "value")

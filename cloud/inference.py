@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from agent import records
+from agent.detect.inference import Manifest, ModelEntry, TFLiteModel, load_manifest
 from agent.errors import ModelError
-from agent.inference import Manifest, ModelEntry, TFLiteModel, load_manifest
+from agent.wire import records
 
 log = logging.getLogger(__name__)
 

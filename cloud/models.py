@@ -3,7 +3,7 @@
 Layout under ``DATA/models`` (one directory per published version, never changed afterwards)::
 
     NAME/VERSION/model.tflite      the model file
-    NAME/VERSION/manifest.cbor     the signed manifest (agent.modelcache.SignedManifest)
+    NAME/VERSION/manifest.cbor     the signed manifest (agent.modelstore.cache.SignedManifest)
 
 :meth:`ModelRegistry.publish` writes both into a temporary directory, fsyncs them and renames the
 directory into place, so a server running on the same directory sees a version either complete
@@ -43,10 +43,10 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.codec import CF_CBOR
+from agent.detect.inference import TFLITE_IDENTIFIER, load_manifest
 from agent.errors import ModelError
-from agent.inference import TFLITE_IDENTIFIER, load_manifest
-from agent.modelcache import CF_OCTET_STREAM, SignedManifest, check_name, fsync_dir
+from agent.modelstore.cache import CF_OCTET_STREAM, SignedManifest, check_name, fsync_dir
+from agent.wire.codec import CF_CBOR
 
 log = logging.getLogger(__name__)
 

@@ -46,11 +46,10 @@ from aiocoap.blockwise import ContinueException
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 
-from agent import codec, records, statedoc
-from agent.clock import Clock, RealClock
-from agent.codec import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
 from agent.errors import ModelError
-from agent.statedoc import StateError
+from agent.wire import codec, records, statedoc
+from agent.wire.codec import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
+from agent.wire.statedoc import StateError
 from cloud.inference import (
     DEFAULT_MODELS_DIR,
     CloudInference,
@@ -70,6 +69,7 @@ from cloud.storage import (
     StoredRecord,
     UnknownDevice,
 )
+from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from agent import statedoc
-from agent.clock import Clock, RealClock
-from agent.codec import WireRecord
 from agent.errors import AgentError
-from agent.records import body_time
-from agent.statedoc import DesiredDoc, Entry
+from agent.wire import statedoc
+from agent.wire.codec import WireRecord
+from agent.wire.records import body_time
+from agent.wire.statedoc import DesiredDoc, Entry
+from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Storage(Protocol):
     def put_reported(
         self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
     ) -> ReportedResult:
-        """Merge reported entries by their keys' rules (:mod:`agent.statedoc`);
+        """Merge reported entries by their keys' rules (:mod:`agent.wire.statedoc`);
         :class:`DocumentTooLarge` if the device would have more than ``max_keys`` keys."""
 
     def desired(self, device: str) -> DesiredDoc: ...

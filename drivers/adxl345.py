@@ -30,9 +30,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers.base import BaseDriver, Identity, Options
 from drivers.bus import I2CBus, I2CDevice
+from drivers.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers.regmap import Field, Register, RegisterMap
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from agent.errors import (
+from drivers.errors import (
     DeviceDataError,
     DeviceIOError,
     DeviceNotFound,

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers.base import BaseDriver, Identity, Options
 from drivers.bus import I2CBus, I2CDevice
+from drivers.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers.regmap import Field, Register, RegisterMap
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from agent.clock import Clock
-from agent.errors import DeviceIOError, DeviceNotFound, DeviceTimeout, DriverError
+from drivers.clock import Clock
+from drivers.errors import DeviceIOError, DeviceNotFound, DeviceTimeout, DriverError
 
 T = TypeVar("T")
 

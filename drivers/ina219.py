@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout, DriverError
 from drivers.base import BaseDriver, Identity, Options
 from drivers.bus import I2CBus, I2CDevice
+from drivers.errors import DeviceDataError, DeviceNotFound, DeviceTimeout, DriverError
 from drivers.regmap import Field, Register, RegisterMap
 
 log = logging.getLogger(__name__)

@@ -38,9 +38,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers.base import BaseDriver, Identity, Options
 from drivers.bus import AsyncSerial
+from drivers.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 
 logger = logging.getLogger(__name__)
 

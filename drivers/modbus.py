@@ -47,9 +47,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agent.errors import DeviceDataError, DeviceIOError, DeviceNotFound, DeviceTimeout
 from drivers.base import BaseDriver, Identity, Options
 from drivers.bus import AsyncSerial
+from drivers.errors import DeviceDataError, DeviceIOError, DeviceNotFound, DeviceTimeout
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.clock import VirtualClock
+from drivers.clock import VirtualClock
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"

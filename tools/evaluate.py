@@ -5,8 +5,9 @@
 
 Every SKAB-format CSV under DIR (recursively; ``;``-separated, a ``datetime`` column and the eight
 sensor columns, optionally ``anomaly`` and ``changepoint``) is replayed sample by sample through
-``agent.detect.Detector`` with the int8 model in the real TFLite interpreter. Each file is a fresh
-device: it commissions on its first 400 rows (no alerts there). Scoring is point-wise on the rows
+``agent.detect.detector.Detector`` with the int8 model in the real TFLite interpreter. Each
+file is a fresh device: it commissions on its first 400 rows (no alerts there). Scoring is
+point-wise on the rows
 after the first 400 of each labelled file, TP/FP/FN/TN summed over all files:
 
     F1 = TP / (TP + (FN + FP) / 2),  FAR = FP / (FP + TN) * 100,  MAR = FN / (FN + TP) * 100
@@ -36,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.detect import Detector, DetectSettings  # noqa: E402
-from agent.features import CHANNELS  # noqa: E402
-from agent.inference import RUNTIMES, TFLiteModel, load_manifest  # noqa: E402
+from agent.detect.detector import Detector, DetectSettings  # noqa: E402
+from agent.detect.features import CHANNELS  # noqa: E402
+from agent.detect.inference import RUNTIMES, TFLiteModel, load_manifest  # noqa: E402
 
 SKIP_ROWS = 400  # SKAB: the first 400 rows of each file are the training (commissioning) part
 

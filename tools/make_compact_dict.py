@@ -40,17 +40,17 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from benches.codec import rig_resolutions  # noqa: E402
 
-from agent import config as configmod  # noqa: E402
-from agent.cli import example_config  # noqa: E402
-from agent.codec import WireRecord  # noqa: E402
-from agent.compact import (  # noqa: E402
+from agent.service import config as configmod  # noqa: E402
+from agent.service.cli import example_config  # noqa: E402
+from agent.wire.codec import WireRecord  # noqa: E402
+from agent.wire.compact import (  # noqa: E402
     FLAG_SPLIT,
     FORMAT_VERSION,
     CompactEncoding,
     Resolution,
     table_bytes,
 )
-from agent.records import TelemetryBody  # noqa: E402
+from agent.wire.records import TelemetryBody  # noqa: E402
 from drivers.sim.sources import PumpModel  # noqa: E402
 
 OUT = ROOT / "agent" / "compact_dict.py"

@@ -60,8 +60,8 @@ from evaluate import (  # noqa: E402
     read_skab_csv,
 )
 
-from agent.detect import Hysteresis  # noqa: E402
-from agent.features import (  # noqa: E402
+from agent.detect.detector import Hysteresis  # noqa: E402
+from agent.detect.features import (  # noqa: E402
     CHANNELS,
     FeatureSpec,
     calibrate,
@@ -70,7 +70,7 @@ from agent.features import (  # noqa: E402
     transform,
     windows,
 )
-from agent.inference import MANIFEST_FORMAT, TensorInfo, TFLiteModel, sha256_bytes  # noqa: E402
+from agent.detect.inference import MANIFEST_FORMAT, TensorInfo, TFLiteModel, sha256_bytes  # noqa: E402
 
 VERSION = "1.0.0"
 ANOMALY, LITE, CLASSIFIER = "skab-ae", "skab-ae-lite", "skab-clf"

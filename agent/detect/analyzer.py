@@ -3,8 +3,8 @@
 The sampler hands every reading to :meth:`Analyzer.observe`, which keeps the newest value of each
 channel the model needs (``[detect.inputs]`` maps a model channel such as ``Current`` to a
 reported ``sensor/channel``). Every ``period`` seconds the stage assembles one row from those
-values and pushes it through the :class:`~agent.detect.Detector`. A row is assembled only when
-every input has a value younger than ``max_age``; otherwise it is skipped and counted
+values and pushes it through the :class:`~agent.detect.detector.Detector`. A row is assembled
+only when every input has a value younger than ``max_age``; otherwise it is skipped and counted
 (``frames_incomplete``), so a sensor that is down never feeds the model stale numbers for long.
 
 Alerts (raise and clear) are committed to the store as ALERT records, the kind with the highest
@@ -18,8 +18,8 @@ its window.
 
 Model tiers: ``full`` (the ``model`` of ``[detect]``) and ``lite`` (``lite_model``, for slow
 devices and poor links). The two models read different windows, so each tier has its own
-:class:`~agent.detect.Detector`. :meth:`set_tier` switches between two samples: the new tier's
-detector is commissioned and primed from the last rows the stage keeps (``history`` rows, by
+:class:`~agent.detect.detector.Detector`. :meth:`set_tier` switches between two samples: the new
+tier's detector is commissioned and primed from the last rows the stage keeps (``history`` rows, by
 default twice the commissioning length; alerts from that replay are discarded), so it scores the
 next sample with a warm stream and no sample is dropped or scored twice. Until that history is
 long enough to commission, the switch waits (``pending_tier`` in status). Both models are loaded
@@ -55,23 +55,23 @@ from typing import Any
 
 import numpy as np
 
-from agent.clock import Clock
-from agent.detect import Alert, Detector, DetectSettings
+from agent.detect.detector import Alert, Detector, DetectSettings
+from agent.detect.features import Calibration, FeatureSpec
+from agent.detect.inference import TFLiteModel, load_manifest
 from agent.errors import ModelError, StoreError, StoreFull
-from agent.features import Calibration, FeatureSpec
 from agent.files import write_atomic
-from agent.inference import TFLiteModel, load_manifest
 from agent.metrics import Registry
-from agent.records import AlertBody
-from agent.store import Kind, NewRecord, Store
+from agent.store.queue import Kind, NewRecord, Store
+from agent.wire.records import AlertBody
 from drivers.base import Options, Reading
+from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
 
 TIERS = ("full", "lite")
 #: Where the shipped models are looked for: a checkout's models/, then the installed wheel's.
 MODEL_DIRS = (
-    Path(__file__).resolve().parent.parent / "models",
+    Path(__file__).resolve().parents[2] / "models",
     Path(sys.prefix) / "share" / "edge-agent" / "models",
 )
 #: How long a failed alert commit waits before it is tried again (the store is recovering).

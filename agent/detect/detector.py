@@ -3,8 +3,8 @@
 One row of the eight SKAB channels per sample (the agent assembles them at 1 Hz). For each row:
 
 1. **Commissioning.** The first ``commissioning_samples`` rows are normal running of this device.
-   They calibrate the per-channel scaler and per-channel thresholds (:mod:`agent.features`) and
-   seed the novelty detector. No alerts during commissioning.
+   They calibrate the per-channel scaler and per-channel thresholds
+   (:mod:`agent.detect.features`) and    seed the novelty detector. No alerts during commissioning.
 2. **Features.** Causal smoothing, standardisation and a short history window (a model input).
 3. **Anomaly score.** The int8 denoising autoencoder reconstructs the window as normal running
    would look; the score is the largest per-channel residual of the newest step,
@@ -13,7 +13,7 @@ One row of the eight SKAB channels per sample (the agent assembles them at 1 Hz)
    ``clear_after`` consecutive scores at or below it clear it.
 5. **Verdict.** On a raise, the fault classifier looks at the same window: ``KNOWN_FAILURE`` with
    the class when it is confident, ``NOVEL_ANOMALY`` when it is not (or says "normal").
-6. **Novelty.** A PCA T²+Q detector (:mod:`agent.novelty`), refitted on recent vectors judged
+6. **Novelty.** A PCA T²+Q detector (:mod:`agent.detect.novelty`), refitted on recent vectors judged
    normal, scores every vector; its statistics travel with the alert.
 7. **Reference tracking.** Every ``ADAPT_EVERY`` samples the per-channel reference level moves
    toward the samples judged normal since (an exponential average with a time constant of
@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from agent.detect.features import Calibration, FeatureSpec, StreamingFeatures, calibrate, transform
+from agent.detect.inference import RUNTIMES, Inference, Manifest, TFLiteModel, load_manifest
+from agent.detect.novelty import NoveltyDetector, NoveltyScore, NoveltySettings
 from agent.errors import ModelError
-from agent.features import Calibration, FeatureSpec, StreamingFeatures, calibrate, transform
-from agent.inference import RUNTIMES, Inference, Manifest, TFLiteModel, load_manifest
-from agent.novelty import NoveltyDetector, NoveltyScore, NoveltySettings
 from drivers.base import Options
 
 log = logging.getLogger(__name__)

@@ -6,13 +6,15 @@ Desired state carries them as ``model/<role>`` = ``{"name", "version", ? "sha256
 
 :meth:`ModelManager.assign` does, for one role:
 
-1. **fetch** -- :meth:`ModelCache.get <agent.modelcache.ModelCache.get>`: a local hit, a shipped
-   model, or a verified download (refused models raise ModelError; link failures SyncError);
+1. **fetch** -- :meth:`ModelCache.get <agent.modelstore.cache.ModelCache.get>`: a local hit,
+   a shipped model, or a verified download (refused models raise ModelError; link failures
+   SyncError);
 2. **load** -- the interpreter, from the cache's memory tier;
 3. **warm up** -- one invoke on a zero window: finite output of the manifest's shape;
 4. **swap** -- ``anomaly`` and ``classifier`` go into the running detector with
-   :meth:`Detector.swap_models <agent.detect.Detector.swap_models>` between two feeds, which warms
-   them up again on the newest real window; ``lightweight`` is kept loaded and pinned, ready for a
+   :meth:`Detector.swap_models <agent.detect.detector.Detector.swap_models>` between two feeds,
+   which warms them up again on the newest real window; ``lightweight`` is kept loaded and
+   pinned, ready for a
    tier switch (``on_ready`` tells the runtime).
 
 Any failure before the swap is a **rollback**: the running model stays, nothing is pinned for the
@@ -35,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from agent.detect import Detector
+from agent.detect.detector import Detector
+from agent.detect.inference import TFLiteModel
 from agent.errors import ModelError
-from agent.inference import TFLiteModel
-from agent.modelcache import CachedModel, ModelCache, Ref
+from agent.modelstore.cache import CachedModel, ModelCache, Ref
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Two tiers, each bounded and each evicted least-recently-used first:
 
 - **disk**: verified model files under ``cache_dir`` (``files/NAME@VERSION.tflite`` beside the
   signed manifest ``files/NAME@VERSION.manifest``), bounded by ``disk_budget``;
-- **memory**: loaded interpreters (:class:`~agent.inference.TFLiteModel`), bounded by
+- **memory**: loaded interpreters (:class:`~agent.detect.inference.TFLiteModel`), bounded by
   ``memory_budget``. The memory estimate of a loaded model is its **file size**: the interpreter
   holds a copy of the flatbuffer (``model_content``), and the activation arena of the shipped
   MLPs is a few hundred bytes next to it.
@@ -68,9 +68,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.errors import ModelError, SyncError
-from agent.files import fsync_dir, write_atomic
-from agent.inference import (
+from agent.detect.inference import (
     TFLITE_IDENTIFIER,
     Manifest,
     ModelEntry,
@@ -78,6 +76,8 @@ from agent.inference import (
     load_manifest,
     read_model_file,
 )
+from agent.errors import ModelError, SyncError
+from agent.files import fsync_dir, write_atomic
 from drivers.base import Options
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class ModelFetcher:
     """Fetches signed manifests and model files from the endpoint's registry over CoAP.
 
     ``base_uri``: ``coap://host:port`` or a callable giving the current endpoint (the runtime's
-    :class:`~agent.transport.Endpoints`). Blocks are requested by number, so a download resumes
+    :class:`~agent.sync.transport.Endpoints`). Blocks are requested by number, so a download resumes
     where it stopped. ``window`` blocks are in flight at once, each on its own aiocoap client
     context (a *lane*: CoAP allows one confirmable exchange in flight per endpoint pair, NSTART =
     1), so a long thin link stays busy while a block crosses it; they are written in order.

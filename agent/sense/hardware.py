@@ -11,10 +11,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from agent.clock import Clock
-from agent.config import SIM_BUS, Config, SensorConfig
 from agent.errors import DriverError
+from agent.sense.settings import SIM_BUS, RigConfig, SensorConfig
 from drivers.bus import AsyncI2C, AsyncSerial, I2CBus, open_i2c_bus, open_serial
+from drivers.clock import Clock
 from drivers.registry import driver_class
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class _ReopeningPort:
 class Hardware:
     """Owns the buses and ports; builds one driver per configured sensor."""
 
-    def __init__(self, config: Config, clock: Clock, rig: Any = None) -> None:
+    def __init__(self, config: RigConfig, clock: Clock, rig: Any = None) -> None:
         self.config = config
         self.clock = clock
         self.rig = rig

@@ -15,19 +15,14 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from agent.clock import Clock
-from agent.codec import seq_ranges
 from agent.errors import StoreError, StoreFull
-from agent.records import TelemetryBody
-from agent.store import Kind, NewRecord, Store
+from agent.store.queue import Kind, NewRecord, Store
+from agent.wire.codec import format_ranges
+from agent.wire.records import TelemetryBody
 from drivers.base import Reading
+from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
-
-
-def format_ranges(seqs: list[int]) -> str:
-    """``1-3,7`` for [1, 2, 3, 7]: committed sequence numbers, compactly, for the log."""
-    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in seq_ranges(seqs))
 
 
 #: Readings held in memory while a put is in flight; beyond it the oldest are dropped (counted).

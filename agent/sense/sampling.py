@@ -17,10 +17,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.clock import Clock, wait_event
-from agent.config import SensorConfig
 from agent.errors import DriverError
+from agent.sense.settings import SensorConfig
 from drivers.base import Reading
+from drivers.clock import Clock, wait_event
 
 log = logging.getLogger(__name__)
 

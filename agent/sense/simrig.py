@@ -15,11 +15,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from agent.clock import Clock
-from agent.config import Config, SensorConfig
-
-from .smbus import FakeSMBus, SimDevice
-from .sources import SignalSource, build_source
+from agent.sense.settings import RigConfig, SensorConfig
+from drivers.clock import Clock
+from drivers.sim.smbus import FakeSMBus, SimDevice
+from drivers.sim.sources import SignalSource, build_source
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class _RefreshingModel:
 class SimRig:
     """Builds and feeds the simulated parts for the simulated sensors of a config."""
 
-    def __init__(self, config: Config, clock: Clock, source: SignalSource | None = None) -> None:
+    def __init__(self, config: RigConfig, clock: Clock, source: SignalSource | None = None) -> None:
         if config.simulation is None and source is None:
             raise ValueError("a simulated rig needs a [simulation] table or a source")
         self.config = config

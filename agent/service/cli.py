@@ -20,10 +20,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from agent import config as configmod
 from agent import logsetup
-from agent.clock import Clock, RealClock, ScaledClock
 from agent.errors import AgentError, ConfigError, DriverError
+from agent.service import config as configmod
+from drivers.clock import Clock, RealClock, ScaledClock
 
 EX_OK = 0
 EX_FAIL = 1
@@ -32,7 +32,7 @@ EX_UNAVAILABLE = 69
 EX_NOPERM = 77
 EX_CONFIG = configmod.EX_CONFIG
 
-log = logging.getLogger("agent.cli")
+log = logging.getLogger("agent.service.cli")
 
 
 def example_config() -> Path:
@@ -74,7 +74,7 @@ def load_config(args: argparse.Namespace) -> configmod.Config:
 def _rig(cfg: configmod.Config, clock: Clock) -> Any:
     if not any(s.simulated for s in cfg.sensors):
         return None
-    from drivers.sim.rig import SimRig
+    from agent.sense.simrig import SimRig
 
     return SimRig(cfg, clock)
 
@@ -87,7 +87,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.runtime import Agent
+    from agent.service.runtime import Agent
 
     cfg = load_config(args)
     logsetup.setup(args.log_level or cfg.agent.log_level)
@@ -110,8 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def selftest(cfg: configmod.Config, clock: Clock, rig: Any = None) -> list[dict[str, Any]]:
     """Probe every sensor: open (identity check) and one read. Returns one row per sensor."""
-    from agent.hardware import Hardware
-    from agent.sampling import scale_values
+    from agent.sense.hardware import Hardware
+    from agent.sense.sampling import scale_values
 
     hardware = Hardware(cfg, clock, rig)
     rows: list[dict[str, Any]] = []
@@ -203,7 +203,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from agent.store import queue_report
+    from agent.store.queue import queue_report
 
     cfg = _load(args.config)
     print(asyncio.run(queue_report(cfg.store, as_json=args.json)))
@@ -211,7 +211,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _status_socket(args: argparse.Namespace) -> Path:
-    from agent.status import SOCKET_NAME, socket_path
+    from agent.service.status import SOCKET_NAME, socket_path
 
     if args.socket:
         return Path(args.socket)
@@ -223,7 +223,7 @@ def _status_socket(args: argparse.Namespace) -> Path:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.status import format_status, query
+    from agent.service.status import format_status, query
 
     path = _status_socket(args)
     try:
@@ -270,7 +270,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from agent.modelcache import ModelCache
+    from agent.modelstore.cache import ModelCache
 
     cfg = _load(args.config or example_config())
     shipped = cfg.detect.detect.models_dir if cfg.detect is not None else None
@@ -288,7 +288,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from agent.planner import format_plan, plan
+    from agent.service.planner import format_plan, plan
 
     result = plan(args.profile, args.measured)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
@@ -296,7 +296,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.service.demo import run_demo
 
     return run_demo(args)
 

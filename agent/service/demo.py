@@ -18,16 +18,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent import config as configmod
 from agent import logsetup
-from agent.clock import RealClock
 from agent.errors import ConfigError
-from agent.uplink import UplinkSettings
+from agent.service import config as configmod
+from agent.sync.uplink import UplinkSettings
 from drivers.base import Reading
+from drivers.clock import RealClock
 
 DEMO_COMMISSIONING = 60  # samples (seconds) of normal running before the detector scores
 REPORT_EVERY = 5.0  # seconds between cloud lines
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 #: --link: what the impairment proxy does to each direction
 LINKS: dict[str, dict[str, float]] = {
     "lossy": {"delay": 0.075, "jitter": 0.01, "loss": 0.05},
@@ -62,7 +62,7 @@ class ReadingPrinter:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from agent.cli import example_config
+    from agent.service.cli import example_config
 
     path = Path(args.config) if args.config else example_config()
     if not args.simulate:
@@ -87,8 +87,8 @@ def run_demo(args: argparse.Namespace) -> int:
 async def _main(
     args: argparse.Namespace, cfg: configmod.Config, workdir: Path, out: TextIO
 ) -> None:
-    from agent.runtime import Agent
-    from drivers.sim.rig import SimRig
+    from agent.sense.simrig import SimRig
+    from agent.service.runtime import Agent
 
     clock = RealClock()
     server = proxy = None
@@ -179,7 +179,7 @@ async def _report(agent: Any, server: Any, out: TextIO, clock: RealClock) -> Non
 
 
 def _alert_line(agent: Any, rec: Any, clock: RealClock) -> str:
-    from agent.records import AlertBody
+    from agent.wire.records import AlertBody
 
     try:
         a = AlertBody.from_cbor(rec.body).data
@@ -195,7 +195,7 @@ def _alert_line(agent: Any, rec: Any, clock: RealClock) -> str:
 
 
 def _simulation(args: argparse.Namespace) -> configmod.SimulationConfig:
-    from agent.cli import _simulation as from_args
+    from agent.service.cli import _simulation as from_args
 
     sim = from_args(args)
     assert sim is not None

@@ -15,7 +15,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.clock import Clock
+from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
 

@@ -67,8 +67,8 @@ from typing import Any
 
 import numpy as np
 
-from agent import records
 from agent.errors import ConfigError
+from agent.wire import records
 from drivers.base import OptionError, Options
 
 DAYS_PER_MONTH = 30
@@ -81,7 +81,7 @@ SPLITS = ("edge-only", "hybrid", "cloud-only")  # tie order: least dependent on 
 
 def default_measured_dir() -> Path:
     """bench-results/ of the checkout this module runs from, else the installed package's."""
-    checkout = Path(__file__).resolve().parent.parent / "bench-results"
+    checkout = Path(__file__).resolve().parents[2] / "bench-results"
     installed = Path(sys.prefix) / "share" / "edge-agent" / "bench-results"
     return checkout if checkout.is_dir() or not installed.is_dir() else installed
 

@@ -30,26 +30,26 @@ from dataclasses import replace
 from typing import Any
 
 from agent import __version__
-from agent.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
-from agent.clock import Clock, RealClock
-from agent.config import Config
-from agent.detect import Detector
+from agent.detect.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
+from agent.detect.detector import Detector
 from agent.errors import ModelError, SyncError
-from agent.hardware import Hardware
-from agent.ingest import TelemetryWriter
-from agent.link import CoapProbe, LinkMonitor
 from agent.metrics import Registry, write_textfile
-from agent.modelcache import ModelCache, ModelFetcher
-from agent.models import Assignment, ModelManager, Prepared
-from agent.notify import Health, Notifier, run_watchdog
-from agent.routing import Router
-from agent.sampling import Sampler
-from agent.state import AgentHooks, StateSync
-from agent.status import StatusServer, socket_path
-from agent.store import Store, StoreStats
-from agent.transport import CoapTransport, Endpoints
-from agent.uplink import Uplink
+from agent.modelstore.assignment import Assignment, ModelManager, Prepared
+from agent.modelstore.cache import ModelCache, ModelFetcher
+from agent.sense.hardware import Hardware
+from agent.sense.ingest import TelemetryWriter
+from agent.sense.sampling import Sampler
+from agent.service.config import Config
+from agent.service.notify import Health, Notifier, run_watchdog
+from agent.service.status import StatusServer, socket_path
+from agent.store.queue import Store, StoreStats
+from agent.sync.link import CoapProbe, LinkMonitor
+from agent.sync.routing import Router
+from agent.sync.state import AgentHooks, StateSync
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.sync.uplink import Uplink
 from drivers.base import Reading
+from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ MODEL_RETRY_MAX = 300.0
 
 
 class ModelAssignments:
-    """Desired ``model/<role>`` values, applied by a :class:`~agent.models.ModelManager` in the
-    background (the state hooks' ``apply`` is synchronous).
+    """Desired ``model/<role>`` values, applied by a
+    :class:`~agent.modelstore.assignment.ModelManager` in the background (the state hooks'
+    ``apply`` is synchronous).
 
     :meth:`apply` checks the value and starts one task per role; a newer value for a role cancels
     the task still running for it (a partial download stays in the cache and resumes). Unset

@@ -53,10 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.clock import Clock, RealClock
 from agent.errors import StoreError, StoreFull
-from agent.records import Kind  # what a record is: decides default priority and eviction order
+from agent.wire.records import Kind  # what a record is: decides default priority and eviction order
 from drivers.base import Options
+from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The link monitor: measures the uplink's link, classifies it, and applies the policy of its state.
 
-Measurements come from the uplink's real exchanges (:class:`agent.uplink.Exchange`, one per POST)
-and, when nothing has been exchanged for ``probe_idle`` seconds, from light probes (a
+Measurements come from the uplink's real exchanges (:class:`agent.sync.uplink.Exchange`, one per
+POST) and, when nothing has been exchanged for ``probe_idle`` seconds, from light probes (a
 non-confirmable GET of the device's registry entry on a lane of its own):
 
 - RTT: smoothed, with its variance (RFC 6298's estimator with a faster gain, so a change of link
@@ -35,12 +35,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from agent import codec
-from agent.clock import Clock, wait_event
-from agent.codec import CF_SENML_CBOR
 from agent.errors import SyncError
-from agent.uplink import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Exchange, Uplink, network_time
+from agent.sync.uplink import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Exchange, Uplink, network_time
+from agent.wire import codec
+from agent.wire.codec import CF_SENML_CBOR
 from drivers.base import Options
+from drivers.clock import Clock, wait_event
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ Rules (issue 6, "Routing"):
    router hears of it, and the router never delays, changes or withdraws it. Its alert listener
    (:meth:`Router.on_alert`) only notes work to do and returns at once, cloud up or down.
 2. **Low-confidence alerts are validated in the cloud, asynchronously, once.** A raised alert
-   whose confidence (the fault classifier's probability, :class:`agent.detect.Alert`) is below
-   ``confidence_threshold`` is sent with its raising window to ``POST /validate/{device}``.
+   whose confidence (the fault classifier's probability, :class:`agent.detect.detector.Alert`) is
+   below    ``confidence_threshold`` is sent with its raising window to ``POST /validate/{device}``.
 
    - *Durable.* The request is derived from the durable alert record: its key is the alert
      record's sequence number, its body the alert and window the record holds. The router keeps
@@ -57,17 +57,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent import records
-from agent.clock import Clock, RealClock, wait_event
-from agent.codec import CF_CBOR
-from agent.detect import Alert, AlertKind
+from agent.detect.detector import Alert, AlertKind
 from agent.errors import StoreError, SyncError
 from agent.files import write_atomic
-from agent.ingest import format_ranges
-from agent.records import EventBody, Kind
-from agent.store import NewRecord, Store
-from agent.transport import Response, code
+from agent.store.queue import NewRecord, Store
+from agent.sync.transport import Response, code
+from agent.wire import records
+from agent.wire.codec import CF_CBOR, format_ranges
+from agent.wire.records import EventBody, Kind
 from drivers.base import Options
+from drivers.clock import Clock, RealClock, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,7 @@ FINAL_CODES = frozenset({code("4.00"), code("4.05"), code("4.13"), code("4.15")}
 
 
 class Transport(Protocol):
-    """What the router needs of :class:`agent.transport.CoapTransport`."""
+    """What the router needs of :class:`agent.sync.transport.CoapTransport`."""
 
     async def request(
         self,
@@ -205,8 +204,8 @@ class Router:
 
     ``edge``: the edge models by name (the first is the default of :meth:`infer`).
     ``endpoint``: the endpoint's base URI, or a callable giving the current one (the uplink's
-    :class:`~agent.transport.Endpoints`: ``lambda: endpoints.current``). ``transport``: its own
-    :class:`~agent.transport.CoapTransport` (one lane), not the uplink's lanes.
+    :class:`~agent.sync.transport.Endpoints`: ``lambda: endpoints.current``). ``transport``: its own
+    :class:`~agent.sync.transport.CoapTransport` (one lane), not the uplink's lanes.
     """
 
     def __init__(

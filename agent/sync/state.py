@@ -1,8 +1,8 @@
 """Device state, the device's side: reported state PUT on change and periodically, desired state
 observed and applied live, both persisted (docs/protocol.md, "Device state").
 
-:class:`StateSync` runs two loops over the shared :class:`~agent.transport.CoapTransport` and
-:class:`~agent.transport.Endpoints`:
+:class:`StateSync` runs two loops over the shared :class:`~agent.sync.transport.CoapTransport` and
+:class:`~agent.sync.transport.Endpoints`:
 
 - *report*: ``PUT /state/{device}/reported`` with the keys that changed (the runtime calls
   :meth:`StateSync.changed`; changes are coalesced to one PUT per ``min_put_interval``), and every
@@ -20,7 +20,7 @@ Versions
     endpoint answers with a higher version than the one sent (our clock was behind), the clock
     catches up and the key is sent again with a newer version.
 
-Merge rules, by key (the endpoint merges reported keys with :func:`agent.statedoc.rule_for`):
+Merge rules, by key (the endpoint merges reported keys with :func:`agent.wire.statedoc.rule_for`):
 
 ==========================================  ======  ============================================
 key                                         rule    why
@@ -93,14 +93,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import records, statedoc
-from agent.clock import Clock, wait_event
 from agent.errors import SyncError
 from agent.files import write_atomic
-from agent.records import RecordError
-from agent.statedoc import Entry, Rule, StateError
-from agent.transport import CoapTransport, Endpoints, Response, code
+from agent.sync.transport import CoapTransport, Endpoints, Response, code
+from agent.wire import records, statedoc
+from agent.wire.records import RecordError
+from agent.wire.statedoc import Entry, Rule, StateError
 from drivers.base import Options
+from drivers.clock import Clock, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -844,7 +844,7 @@ class StateSync:
 
 
 class AgentHooks:
-    """:class:`StateHooks` over the running agent's parts (built by :mod:`agent.runtime`).
+    """:class:`StateHooks` over the running agent's parts (built by :mod:`agent.service.runtime`).
 
     Reported: ``agent/version``; per sensor its ``health`` and the ``enabled`` flag and
     ``interval`` in effect; ``queue/depth``; ``link/state`` (``link/rtt_ms`` and ``link/loss``

@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.clock import Clock
 from agent.errors import SyncError
+from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
 

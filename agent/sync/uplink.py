@@ -16,7 +16,7 @@ Pacing:
   samples from exchanges that needed no retransmission), bounded by transport.ACK_TIMEOUT_MIN/MAX.
 - After a failure the uplink waits with exponential backoff and full jitter, capped; while the
   link is down it sends one probe batch per backoff period and nothing else (no busy loop).
-- Endpoints are tried in order (:class:`agent.transport.Endpoints`); after ``fallback_after``
+- Endpoints are tried in order (:class:`agent.sync.transport.Endpoints`); after ``fallback_after``
   consecutive failures the next one is used, and the primary is tried again periodically.
 
 Answers other than 2.04 follow the table in docs/protocol.md ("what the device does").
@@ -33,13 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import codec
-from agent.clock import Clock, wait_event
-from agent.codec import CF_SENML_CBOR, CodecError, IngestAck, WireRecord
 from agent.errors import StoreError, SyncError
-from agent.store import Record, Store
-from agent.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
+from agent.store.queue import Record, Store
+from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
+from agent.wire import codec
+from agent.wire.codec import CF_SENML_CBOR, CodecError, IngestAck, WireRecord
 from drivers.base import Options
+from drivers.clock import Clock, wait_event
 
 log = logging.getLogger(__name__)
 

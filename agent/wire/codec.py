@@ -34,9 +34,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import cbor2
 
-from agent import records
 from agent.errors import AgentError
-from agent.records import Kind
+from agent.wire import records
+from agent.wire.records import Kind
 
 # CoAP Content-Format numbers (IANA "CoAP Content-Formats" registry).
 CF_CBOR = 60  # application/cbor
@@ -575,6 +575,11 @@ def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
     return ranges
 
 
+def format_ranges(seqs: list[int]) -> str:
+    """``1-3,7`` for [1, 2, 3, 7]: committed sequence numbers, compactly, for the log."""
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in seq_ranges(seqs))
+
+
 @dataclass(frozen=True)
 class IngestAck:
     """The endpoint's answer to a batch: every sequence number now stored, and counts.
@@ -643,4 +648,4 @@ class IngestAck:
         return cls(tuple(ranges), count("new"), count("dup"), count("conflict"))
 
 
-from agent import compact  # noqa: E402, F401  (registers the compact encodings)
+from agent.wire import compact  # noqa: E402, F401  (registers the compact encodings)

@@ -36,7 +36,7 @@ Decoding is bounded whatever the bytes: at most :data:`MAX_INFLATED` bytes infla
 :data:`MAX_RECORDS` records and :data:`MAX_DECODED` bytes of rebuilt telemetry bodies; every count
 in a batch is checked against the bytes left before anything is allocated for it.
 
-Bad input never raises anything but :class:`~agent.codec.CodecError`.
+Bad input never raises anything but :class:`~agent.wire.codec.CodecError`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any
 
 import cbor2
 
-from agent.codec import (
+from agent.wire.codec import (
     DEVICE_ID,
     MAX_SEQ,
     CodecError,
@@ -62,8 +62,8 @@ from agent.codec import (
     _check_record,
     register,
 )
-from agent.compact_dict import DICTIONARIES
-from agent.records import Kind
+from agent.wire.compact_dict import DICTIONARIES
+from agent.wire.records import Kind
 
 CF_COMPACT = 65000
 CF_COMPACT_DEFLATE = 65001

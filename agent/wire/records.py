@@ -2,7 +2,8 @@
 
 A store record carries a ``kind`` (alert, event, state, telemetry) and a payload of CBOR bytes.
 This module defines the body of each kind as a small frozen dataclass with ``to_cbor()`` and
-``from_cbor()``; the wire codec (:mod:`agent.codec`) and the cloud endpoint decode the same bytes.
+``from_cbor()``; the wire codec (:mod:`agent.wire.codec`) and the cloud endpoint decode the same
+bytes.
 
 Encoding (CDDL, see docs/protocol.md "Record bodies")::
 

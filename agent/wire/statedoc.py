@@ -27,8 +27,8 @@ from typing import Any
 
 import cbor2
 
-from agent import records
 from agent.errors import AgentError
+from agent.wire import records
 
 MAX_VERSION = 2**63 - 1
 MAX_KEY_LENGTH = 128

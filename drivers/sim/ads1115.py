@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.clock import Clock
 from drivers.ads1115 import (
     CODE_MAX,
     CODE_MIN,
@@ -52,6 +51,7 @@ from drivers.ads1115 import (
     PGA_FSR_V,
     lsb_volts,
 )
+from drivers.clock import Clock
 from drivers.sim.smbus import SimDevice
 
 INPUT_MARGIN_V = 0.3  # the analog inputs clamp 0.3 V beyond the supply rails

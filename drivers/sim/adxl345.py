@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.clock import Clock
 from drivers import adxl345 as chip
 from drivers.adxl345 import REGISTERS
+from drivers.clock import Clock
 from drivers.sim.smbus import SimDevice
 
 PERIOD = 32  # samples per vibration period

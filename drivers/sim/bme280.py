@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.clock import Clock
 from drivers import bme280 as chip
 from drivers.bme280 import REGISTERS, Calibration
+from drivers.clock import Clock
 from drivers.sim.smbus import SimDevice
 
 #: Realistic trimming constants (the magnitudes of a production part), negative where real parts

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.clock import Clock
+from drivers.clock import Clock
 from drivers.ina219 import (
     BUS,
     BUS_FULL_SCALE_COUNTS,

@@ -18,7 +18,7 @@ import logging
 import math
 import threading
 
-from agent.clock import Clock
+from drivers.clock import Clock
 from drivers.line import LineOptions, format_line
 
 from .faults import Faults

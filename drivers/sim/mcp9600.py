@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.clock import Clock
+from drivers.clock import Clock
 from drivers.mcp9600 import (
     ADC_BITS,
     ADC_LSB_UV,

@@ -25,7 +25,7 @@ import logging
 import threading
 from collections import deque
 
-from agent.clock import Clock
+from drivers.clock import Clock
 from drivers.modbus import (
     EXCEPTION_BIT,
     FUNCTION_TABLES,

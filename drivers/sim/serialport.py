@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from agent.clock import Clock
+from drivers.clock import Clock
 
 from .faults import Faults
 

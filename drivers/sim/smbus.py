@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-from agent.clock import Clock
+from drivers.clock import Clock
 
 from .faults import Faults, nack_error
 

@@ -281,7 +281,7 @@ class PumpModel:
 
 
 def build_source(simulation: Any) -> SignalSource:
-    """The source a ``[simulation]`` config asks for (agent.config.SimulationConfig)."""
+    """The source a ``[simulation]`` config asks for (agent.service.config.SimulationConfig)."""
     if simulation.source == "skab":
         return SkabReplay.from_file(simulation.file, loop=simulation.loop)
     return PumpModel(seed=simulation.seed, events=simulation.events)

@@ -16,8 +16,8 @@ from aiocoap import Code, Message
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import BlockOption, OpaqueOption
 
-from agent.codec import IngestAck, WireRecord, encode_batch
-from agent.records import TelemetryBody
+from agent.wire.codec import IngestAck, WireRecord, encode_batch
+from agent.wire.records import TelemetryBody
 from cloud.server import CloudServer, Limits
 
 DEVICE = "pump-01"

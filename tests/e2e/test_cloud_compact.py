@@ -14,9 +14,9 @@ import aiocoap
 import pytest
 from aiocoap import Code, Message
 
-from agent.codec import IngestAck, WireRecord, decode_batch, encode_batch
-from agent.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT
-from agent.records import AlertBody, EventBody, TelemetryBody
+from agent.wire.codec import IngestAck, WireRecord, decode_batch, encode_batch
+from agent.wire.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT
+from agent.wire.records import AlertBody, EventBody, TelemetryBody
 from cloud.server import CloudServer
 
 T0 = 1_700_000_000.0

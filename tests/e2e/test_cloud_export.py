@@ -12,8 +12,8 @@ import aiocoap
 import pytest
 from aiocoap import Code, Message
 
-from agent.codec import WireRecord, encode_batch
-from agent.records import AlertBody, EventBody, TelemetryBody
+from agent.wire.codec import WireRecord, encode_batch
+from agent.wire.records import AlertBody, EventBody, TelemetryBody
 from cloud import cli
 from cloud.server import CloudServer
 

@@ -11,11 +11,11 @@ import cbor2
 import numpy as np
 import pytest
 
-from agent.clock import RealClock
-from agent.codec import CF_CBOR
-from agent.inference import TFLiteModel, load_manifest
-from agent.transport import CoapTransport, Response, code
+from agent.detect.inference import TFLiteModel, load_manifest
+from agent.sync.transport import CoapTransport, Response, code
+from agent.wire.codec import CF_CBOR
 from cloud.server import CloudServer, Limits
+from drivers.clock import RealClock
 
 DEVICE = "pump-11"
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ import cbor2
 import pytest
 from aiocoap import Code, Message
 
-from agent.codec import IngestAck, WireRecord, encode_batch
-from agent.records import AlertBody, TelemetryBody
+from agent.wire.codec import IngestAck, WireRecord, encode_batch
+from agent.wire.records import AlertBody, TelemetryBody
 from cloud.server import CloudServer, Limits
 from cloud.storage import SQLiteStorage
 

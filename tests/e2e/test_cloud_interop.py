@@ -13,9 +13,9 @@ import cbor2
 import pytest
 from aiocoap import Code, Message
 
-from agent.codec import IngestAck, WireRecord, content_formats, encode_batch
-from agent.records import EventBody, TelemetryBody
-from agent.statedoc import DesiredDoc
+from agent.wire.codec import IngestAck, WireRecord, content_formats, encode_batch
+from agent.wire.records import EventBody, TelemetryBody
+from agent.wire.statedoc import DesiredDoc
 from cloud.server import CloudServer
 
 COAP_CLIENT = "/usr/bin/coap-client-notls"

@@ -13,8 +13,8 @@ import aiocoap
 import pytest
 from aiocoap import Code, Message
 
-from agent.codec import IngestAck, WireRecord, encode_batch
-from agent.records import AlertBody
+from agent.wire.codec import IngestAck, WireRecord, encode_batch
+from agent.wire.records import AlertBody
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage
 

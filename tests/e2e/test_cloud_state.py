@@ -14,8 +14,8 @@ import pytest
 from aiocoap import Code, Message
 
 import cloud.server
-from agent import statedoc
-from agent.statedoc import DesiredDoc, Entry, Rule, StateError
+from agent.wire import statedoc
+from agent.wire.statedoc import DesiredDoc, Entry, Rule, StateError
 from cloud import cli
 from cloud.server import CloudServer, Limits
 

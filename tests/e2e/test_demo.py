@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
-from agent.cli import example_config, selftest
-from agent.clock import RealClock
-from drivers.sim.rig import SimRig
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service.cli import example_config, selftest
+from drivers.clock import RealClock
 
 PARTS = {"adxl345", "ina219", "ads1115", "mcp9600", "bme280", "modbus", "line"}
 
 
 def _demo(tmp_path: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "demo", "--data-dir", str(tmp_path), *extra],
+        [sys.executable, "-m", "agent.service.cli", "demo", "--data-dir", str(tmp_path), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -65,7 +65,7 @@ def test_demo_prints_all_seven_parts_and_stops_cleanly(tmp_path: Path, sig: sign
 
 
 def test_selftest_cli_passes_on_the_simulated_rig():
-    cmd = [sys.executable, "-m", "agent.cli", "selftest", "--config", str(example_config())]
+    cmd = [sys.executable, "-m", "agent.service.cli", "selftest", "--config", str(example_config())]
     result = subprocess.run(
         [*cmd, "--simulate", "pump"],
         capture_output=True,

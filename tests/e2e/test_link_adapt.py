@@ -22,18 +22,18 @@ from pathlib import Path
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from agent import config as configmod
-from agent import uplink as uplink_mod
-from agent.cli import example_config
-from agent.clock import RealClock
-from agent.link import HIGH, LOW, OFFLINE
-from agent.records import Kind, TelemetryBody
-from agent.runtime import Agent
-from agent.store import NewRecord, Store
-from agent.transport import CoapTransport, Endpoints
-from agent.uplink import Uplink
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service.cli import example_config
+from agent.service.runtime import Agent
+from agent.store.queue import NewRecord, Store
+from agent.sync import uplink as uplink_mod
+from agent.sync.link import HIGH, LOW, OFFLINE
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.sync.uplink import Uplink
+from agent.wire.records import Kind, TelemetryBody
 from cloud.server import CloudServer
-from drivers.sim.rig import SimRig
+from drivers.clock import RealClock
 
 DEVICE = "pump-rig-01"
 T0 = 1_700_000_000.0

@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from linkem import Impairment, LinkEmulator
 
-from agent.detect import Detector, DetectSettings
+from agent.detect.detector import Detector, DetectSettings
+from agent.detect.features import CHANNELS
+from agent.detect.inference import load_manifest
 from agent.errors import ModelError, SyncError
-from agent.features import CHANNELS
-from agent.inference import load_manifest
-from agent.modelcache import ModelCache, ModelFetcher, ModelsSettings, SignedManifest
-from agent.models import Assignment, ModelManager
+from agent.modelstore.assignment import Assignment, ModelManager
+from agent.modelstore.cache import ModelCache, ModelFetcher, ModelsSettings, SignedManifest
 from cloud.models import MANIFEST_FILE, MODEL_FILE, ModelRegistry, entry_for
 from cloud.server import CloudServer
 
@@ -414,8 +414,8 @@ async def test_hot_swap_refuses_other_features_and_non_finite_models(rig):
 
 
 def test_modelcache_settings_from_config(tmp_path):
-    from agent import config as configmod
     from agent.errors import ConfigError
+    from agent.service import config as configmod
 
     pub = _write_pub(_key(3), tmp_path / "fleet.pub")
     base = f"""
@@ -443,7 +443,7 @@ channels = ["temperature_c"]
 
 
 async def test_modelcache_cli_lists_cached_models(rig, capsys):
-    from agent import cli
+    from agent.service import cli
 
     rig.publish(MODELS / "skab-ae.tflite", "skab-ae", "2.0.0")
     server = await rig.start()

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
-from agent import runtime as runtime_mod
-from agent.cli import example_config
-from agent.clock import RealClock
-from agent.notify import Notifier
-from agent.records import TelemetryBody
-from agent.runtime import Agent
-from agent.store import Store
-from drivers.sim.rig import SimRig
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service import runtime as runtime_mod
+from agent.service.cli import example_config
+from agent.service.notify import Notifier
+from agent.service.runtime import Agent
+from agent.store.queue import Store
+from agent.wire.records import TelemetryBody
+from drivers.clock import RealClock
 
 TIMEOUT_STOP_SEC = 20.0  # systemd/edge-agent.service
 
@@ -138,7 +138,7 @@ def test_status_shows_every_field_of_a_running_agent(tmp_path: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RUNTIME_DIRECTORY", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "demo", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "agent.service.cli", "demo", "--data-dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -151,7 +151,15 @@ def test_status_shows_every_field_of_a_running_agent(tmp_path: Path):
         while time.monotonic() < deadline:
             if sock.exists():
                 out = subprocess.run(
-                    [sys.executable, "-m", "agent.cli", "status", "--socket", str(sock), "--json"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "agent.service.cli",
+                        "status",
+                        "--socket",
+                        str(sock),
+                        "--json",
+                    ],
                     capture_output=True,
                     text=True,
                     timeout=30,
@@ -168,7 +176,7 @@ def test_status_shows_every_field_of_a_running_agent(tmp_path: Path):
         assert all(s["state"] == "ok" for s in doc["sensors"])
         assert doc["queue"]["depth"]["telemetry"] > 0
         text = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "status", "--socket", str(sock)],
+            [sys.executable, "-m", "agent.service.cli", "status", "--socket", str(sock)],
             capture_output=True,
             text=True,
             timeout=30,
@@ -180,7 +188,7 @@ def test_status_shows_every_field_of_a_running_agent(tmp_path: Path):
         proc.communicate(timeout=30)
     assert proc.returncode == 0
     gone = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "status", "--socket", str(sock)],
+        [sys.executable, "-m", "agent.service.cli", "status", "--socket", str(sock)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -277,7 +285,7 @@ def test_sigterm_during_heavy_ingest_exits_0_in_time_with_nothing_lost(tmp_path:
     cfg_text = cfg_text.replace("window = 256", "window = 32")
     cfg_path = tmp_path / "agent.toml"
     cfg_path.write_text(cfg_text)
-    cmd = [sys.executable, "-m", "agent.cli", "run", "--config", str(cfg_path)]
+    cmd = [sys.executable, "-m", "agent.service.cli", "run", "--config", str(cfg_path)]
     proc = subprocess.Popen(
         [*cmd, "--simulate", "pump", "--log-level", "info"],
         stdout=subprocess.DEVNULL,

@@ -10,7 +10,7 @@ the simulated rig, the real endpoint on loopback with [uplink], real store, cach
 - ``routing``: with routing set to validate every raised alert, a valve fault on the rig raises
   an alert, exactly one validation reaches the endpoint and the verdict event is committed.
 
-The agent runs on a :class:`~agent.clock.ScaledClock` (real sockets, agent time 10x), so
+The agent runs on a :class:`~drivers.clock.ScaledClock` (real sockets, agent time 10x), so
 commissioning (60 samples) and the fault take seconds.
 """
 
@@ -28,21 +28,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import cloud.server
-from agent import config as configmod
-from agent import records, runtime
-from agent import state as state_mod
-from agent.cli import example_config
-from agent.clock import RealClock, ScaledClock
-from agent.detect import Detector, DetectSettings
-from agent.inference import load_manifest
-from agent.link import with_policy
-from agent.modelcache import ModelCache, ModelFetcher
-from agent.models import Assignment, ModelManager
-from agent.runtime import Agent
-from agent.uplink import UplinkSettings
+from agent.detect.detector import Detector, DetectSettings
+from agent.detect.inference import load_manifest
+from agent.modelstore.assignment import Assignment, ModelManager
+from agent.modelstore.cache import ModelCache, ModelFetcher
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service import runtime
+from agent.service.cli import example_config
+from agent.service.runtime import Agent
+from agent.sync import state as state_mod
+from agent.sync.link import with_policy
+from agent.sync.uplink import UplinkSettings
+from agent.wire import records
 from cloud.models import MODEL_FILE, entry_for
 from cloud.server import CloudServer
-from drivers.sim.rig import SimRig
+from drivers.clock import RealClock, ScaledClock
 from drivers.sim.sources import FaultEvent
 
 pytestmark = pytest.mark.timeout(90)

@@ -29,28 +29,28 @@ from aiocoap import Code, Message
 
 import cloud.server
 from agent import __version__ as agent_version
-from agent import config as configmod
-from agent import records
-from agent import state as state_mod
-from agent.cli import example_config
-from agent.clock import RealClock
-from agent.hardware import Hardware
-from agent.runtime import Agent
-from agent.sampling import Sampler
-from agent.state import (
+from agent.sense.hardware import Hardware
+from agent.sense.sampling import Sampler
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service.cli import example_config
+from agent.service.runtime import Agent
+from agent.sync import state as state_mod
+from agent.sync.state import (
     AgentHooks,
     StateSettings,
     StateSync,
     decode_state,
     parse_desired_document,
 )
-from agent.statedoc import StateError
-from agent.transport import CoapTransport, Endpoints
-from agent.uplink import UplinkSettings
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.sync.uplink import UplinkSettings
+from agent.wire import records
+from agent.wire.statedoc import StateError
 from cloud.server import CloudServer
 from cloud.storage import DB_NAME
 from drivers.base import OptionError, Options
-from drivers.sim.rig import SimRig
+from drivers.clock import RealClock
 
 DEVICE = "pump-01"
 FAST = StateSettings(report_interval=0.5, min_put_interval=0.02, deadline=2.0)
@@ -251,7 +251,7 @@ async def test_versions_increase_across_a_restart_even_if_the_wall_clock_steps_b
         await first.stop()
     v1 = (await versions(server))["sensor/motor/health"]
 
-    caplog.set_level(logging.INFO, logger="agent.state")
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
     hooks.values["sensor/motor/health"] = "down"
     second = Device((server.uri,), path, hooks, clock=BehindClock()).start()
     try:
@@ -276,7 +276,7 @@ async def test_lost_state_file_with_the_clock_behind_still_wins_by_renumbering(
         await first.stop()
     path.unlink()  # the state directory is lost
 
-    caplog.set_level(logging.INFO, logger="agent.state")
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
     hooks.values["sensor/motor/health"] = "down"
     second = Device((server.uri,), path, hooks, clock=BehindClock()).start()
     try:
@@ -356,7 +356,7 @@ async def test_desired_change_applied_live_once_and_restored_at_start_up(
     # (the protocol's rule), so that limit is short here. A document seen again is not
     # applied again.
     monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 0.5)
-    caplog.set_level(logging.INFO, logger="agent.state")
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
     path = tmp_path / "state.cbor"
     key = "sensor/motor/interval"
     first = Device((server.uri,), path, Hooks()).start()
@@ -557,7 +557,7 @@ async def test_silent_observation_registered_again_when_max_age_runs_out(
     """The endpoint restarts between two reports: nothing fails on the device's side, the
     observation just goes quiet; it is registered again when Max-Age runs out."""
     monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 0.5)
-    caplog.set_level(logging.INFO, logger="agent.state")
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
     port = free_port()
     server = await start_server(cloud_dir, port)
     hooks = Hooks()
@@ -600,7 +600,7 @@ class EndingDesired(aiocoap.resource.ObservableResource):
 async def test_observation_registered_again_after_the_endpoint_cancels_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent.state")
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
     desired = EndingDesired()
     site = aiocoap.resource.Site()
     site.add_resource(["state", DEVICE, "desired"], desired)
@@ -778,7 +778,7 @@ async def test_agent_applies_desired_interval_live_once_and_keeps_it_on_a_bad_va
     # a restarted agent's observation can be dropped by the endpoint (see the restore test):
     # Max-Age renews it
     monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 0.5)
-    caplog.set_level(logging.INFO, logger="agent.state")
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
     key = "sensor/motor/interval"
     cfg = agent_config(tmp_path, server.uri)
     assert cfg.sensor("motor").interval == 1.0

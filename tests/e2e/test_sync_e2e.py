@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from agent.cli import example_config
+from agent.service.cli import example_config
 from cloud.server import CloudServer
 
 DEVICE = "pump-rig-01"
@@ -60,7 +60,7 @@ class AgentProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "agent.cli",
+            "agent.service.cli",
             "run",
             "--config",
             str(self.config),

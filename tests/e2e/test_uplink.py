@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from agent import uplink as uplink_mod
-from agent.clock import RealClock
-from agent.records import AlertBody, Kind, TelemetryBody
-from agent.store import NewRecord, Store, StoreSettings
-from agent.transport import CoapTransport, Endpoints
-from agent.uplink import Uplink, UplinkSettings
+from agent.store.queue import NewRecord, Store, StoreSettings
+from agent.sync import uplink as uplink_mod
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.sync.uplink import Uplink, UplinkSettings
+from agent.wire.records import AlertBody, Kind, TelemetryBody
 from cloud.server import CloudServer, Limits
+from drivers.clock import RealClock
 
 DEVICE = "pump-07"
 T0 = 1_700_000_000.0

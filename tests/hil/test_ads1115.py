@@ -15,7 +15,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.clock import VirtualClock
 from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers.ads1115 import (
     CONFIG,
@@ -33,6 +32,7 @@ from drivers.ads1115 import (
 )
 from drivers.base import OptionError, Options
 from drivers.bus import AsyncI2C
+from drivers.clock import VirtualClock
 from drivers.sim.ads1115 import Ads1115Sim
 from drivers.sim.ina219 import Ina219Sim
 from drivers.sim.smbus import FakeSMBus

@@ -24,12 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.clock import VirtualClock
 from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers import adxl345 as chip
 from drivers.adxl345 import Adxl345, Adxl345Options
 from drivers.base import OptionError, Options
 from drivers.bus import AsyncI2C
+from drivers.clock import VirtualClock
 from drivers.sim.adxl345 import Adxl345Sim
 from drivers.sim.bme280 import Bme280Sim
 from drivers.sim.smbus import FakeSMBus

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.clock import VirtualClock
 from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers import bme280 as chip
 from drivers.base import OptionError, Options
 from drivers.bme280 import Bme280, Bme280Options, Calibration
 from drivers.bus import AsyncI2C
+from drivers.clock import VirtualClock
 from drivers.sim.bme280 import DEFAULT_CALIBRATION, Bme280Sim, encode_calibration
 from drivers.sim.smbus import FakeSMBus
 

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from agent import config as configmod
-from agent.analyzer import CALIBRATION_FILE
-from agent.cli import example_config
-from agent.clock import VirtualClock
+from agent.detect.analyzer import CALIBRATION_FILE
 from agent.errors import ConfigError
-from agent.records import AlertBody
-from agent.runtime import Agent
-from agent.store import Kind, Store
-from drivers.sim.rig import SimRig
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service.cli import example_config
+from agent.service.runtime import Agent
+from agent.store.queue import Kind, Store
+from agent.wire.records import AlertBody
+from drivers.clock import VirtualClock
 from drivers.sim.sources import FaultEvent
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.clock import RealClock
-from agent.config import loads
 from agent.errors import ConfigError, DeviceDataError, DeviceNotFound, DeviceTimeout
+from agent.service.config import loads
 from drivers.base import OptionError, Options
 from drivers.bus import AsyncSerial, open_serial
+from drivers.clock import RealClock
 from drivers.line import (
     LineBuffer,
     LineError,

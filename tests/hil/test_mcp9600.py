@@ -18,10 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.clock import VirtualClock
 from agent.errors import DeviceDataError, DeviceNotFound, DeviceTimeout
 from drivers.base import OptionError, Options
 from drivers.bus import AsyncI2C
+from drivers.clock import VirtualClock
 from drivers.mcp9600 import (
     ADC_BITS,
     COLD_RESOLUTIONS,

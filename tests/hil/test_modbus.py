@@ -12,8 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.clock import RealClock
-from agent.config import loads
 from agent.errors import (
     ConfigError,
     DeviceDataError,
@@ -21,8 +19,10 @@ from agent.errors import (
     DeviceNotFound,
     DeviceTimeout,
 )
+from agent.service.config import loads
 from drivers.base import Options
 from drivers.bus import AsyncSerial, open_serial
+from drivers.clock import RealClock
 from drivers.modbus import (
     EXCEPTION_NAMES,
     ExceptionResponse,

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
-from agent.cli import example_config
-from agent.clock import VirtualClock
-from agent.hardware import Hardware
-from agent.runtime import Agent
-from agent.sampling import BACKOFF_MAX, SensorState, backoff_delay
+from agent.sense.hardware import Hardware
+from agent.sense.sampling import BACKOFF_MAX, SensorState, backoff_delay
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service.cli import example_config
+from agent.service.runtime import Agent
 from drivers.base import Reading
-from drivers.sim.rig import SimRig
+from drivers.clock import VirtualClock
 from drivers.sim.sources import SKAB_CHANNELS, SkabReplay, read_skab_csv
 
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from agent.clock import RealClock
 from agent.errors import DeviceNotFound
 from drivers.bus import open_serial
+from drivers.clock import RealClock
 from drivers.sim.faults import Faults
 from drivers.sim.serialport import PtyPort, SerialModel
 

@@ -25,7 +25,7 @@ Measured side by side in one run, as bytes per reading (one channel value):
   three layouts (int64 values, int64 deltas, zigzag varint deltas): the smallest is the bound.
 
 Every batch is decoded and checked: seqs and kinds, times to the millisecond, and each value equal
-to ``round(x / r)`` steps of ``r`` (``agent.compact.quantize``), within ``r / 2`` of the CSV.
+to ``round(x / r)`` steps of ``r`` (``agent.wire.compact.quantize``), within ``r / 2`` of the CSV.
 Encode and decode speeds are readings per second of CPU time on this host.
 
 Without SKAB data the bench reports that it skipped, and why. Options (after the bench name):
@@ -46,15 +46,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent import codec
-from agent import config as configmod
-from agent.cli import example_config
-from agent.clock import VirtualClock
-from agent.codec import CF_SENML_CBOR, WireRecord
-from agent.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT, quantize, zigzag
-from agent.hardware import Hardware
-from agent.records import TelemetryBody
+from agent.sense.hardware import Hardware
+from agent.service import config as configmod
+from agent.service.cli import example_config
+from agent.wire import codec
+from agent.wire.codec import CF_SENML_CBOR, WireRecord
+from agent.wire.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT, quantize, zigzag
+from agent.wire.records import TelemetryBody
 from benches import Result
+from drivers.clock import VirtualClock
 from drivers.sim.sources import SKAB_CHANNELS, SkabFile, read_skab_csv
 
 ROOT = Path(__file__).resolve().parent.parent.parent

@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 
-from agent.detect import Detector, DetectSettings
-from agent.features import CHANNELS
-from agent.inference import TFLiteModel, load_manifest
-from agent.records import AlertBody
-from agent.store import Kind, NewRecord, Store, StoreSettings
+from agent.detect.detector import Detector, DetectSettings
+from agent.detect.features import CHANNELS
+from agent.detect.inference import TFLiteModel, load_manifest
+from agent.store.queue import Kind, NewRecord, Store, StoreSettings
+from agent.wire.records import AlertBody
 from benches import Result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +100,7 @@ _SUB = """
 import json, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1] + "/tools")
-from agent.inference import TFLiteModel, load_manifest
+from agent.detect.detector.inference import TFLiteModel, load_manifest
 from benches.inference import latency, throughput, _pcts
 man = load_manifest(sys.argv[1] + "/models")
 reps, n = int(sys.argv[2]), int(sys.argv[3])

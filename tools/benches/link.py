@@ -107,8 +107,8 @@ class Namespaces:
 
 
 def _records(n_bytes: int) -> list:
-    from agent.records import Kind, TelemetryBody
-    from agent.store import NewRecord
+    from agent.store.queue import NewRecord
+    from agent.wire.records import Kind, TelemetryBody
 
     t0 = 1_700_000_000.0
     rng = random.Random(7)
@@ -124,7 +124,7 @@ def _records(n_bytes: int) -> list:
 
 
 async def _prefill(path: Path, n_bytes: int) -> int:
-    from agent.store import Store, StoreSettings
+    from agent.store.queue import Store, StoreSettings
 
     store = await Store.open(StoreSettings(path=path, budget_bytes=1 << 30))
     try:
@@ -138,10 +138,10 @@ async def _prefill(path: Path, n_bytes: int) -> int:
 
 # -- the agent side (inside the device namespace) ------------------------------------------------
 async def _drain(store_path: Path, uri: str, max_inflight: int) -> dict:
-    from agent.clock import RealClock
-    from agent.store import Store, StoreSettings
-    from agent.transport import CoapTransport, Endpoints
-    from agent.uplink import Exchange, Uplink, UplinkSettings
+    from agent.store.queue import Store, StoreSettings
+    from agent.sync.transport import CoapTransport, Endpoints
+    from agent.sync.uplink import Exchange, Uplink, UplinkSettings
+    from drivers.clock import RealClock
 
     clock = RealClock()
     store = await Store.open(StoreSettings(path=store_path, budget_bytes=1 << 30))

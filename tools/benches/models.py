@@ -35,10 +35,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from linkem import Impairment, LinkEmulator
 
-from agent.detect import Detector, DetectSettings
-from agent.features import CHANNELS
-from agent.inference import TFLiteModel, load_manifest
-from agent.modelcache import ModelCache, ModelFetcher, ModelsSettings
+from agent.detect.detector import Detector, DetectSettings
+from agent.detect.features import CHANNELS
+from agent.detect.inference import TFLiteModel, load_manifest
+from agent.modelstore.cache import ModelCache, ModelFetcher, ModelsSettings
 from benches import Result
 from cloud.models import ModelRegistry, entry_for
 from cloud.server import CloudServer

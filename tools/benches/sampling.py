@@ -20,12 +20,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from agent import config as configmod
-from agent.cli import example_config
-from agent.clock import VirtualClock
-from agent.runtime import Agent
+from agent.sense.simrig import SimRig
+from agent.service import config as configmod
+from agent.service.cli import example_config
+from agent.service.runtime import Agent
 from benches import Result
-from drivers.sim.rig import SimRig
+from drivers.clock import VirtualClock
 
 
 def _config() -> configmod.Config:

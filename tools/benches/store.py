@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import store as store_mod
-from agent.store import Kind, NewRecord, Store, StoreSettings
+from agent.store import queue as store_mod
+from agent.store.queue import Kind, NewRecord, Store, StoreSettings
 from benches import Result
 
 PAYLOAD = bytes(range(128))

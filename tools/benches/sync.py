@@ -27,12 +27,12 @@ from pathlib import Path
 
 from linkem import Impairment, LinkEmulator
 
-from agent.clock import RealClock
-from agent.records import Kind, TelemetryBody
-from agent.store import NewRecord, Store, StoreSettings
-from agent.transport import CoapTransport, Endpoints
-from agent.uplink import Uplink, UplinkSettings
+from agent.store.queue import NewRecord, Store, StoreSettings
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.sync.uplink import Uplink, UplinkSettings
+from agent.wire.records import Kind, TelemetryBody
 from benches import Result
+from drivers.clock import RealClock
 
 DEVICE = "bench-01"
 

@@ -12,7 +12,7 @@ import cbor2
 import numpy as np
 import pytest
 
-from agent.detect import (
+from agent.detect.detector import (
     Alert,
     AlertKind,
     Detector,
@@ -20,10 +20,10 @@ from agent.detect import (
     Hysteresis,
     Verdict,
 )
+from agent.detect.features import CHANNELS, calibrate, transform, windows
+from agent.detect.inference import TFLiteModel, load_manifest
+from agent.detect.novelty import NoveltyScore, NoveltySettings
 from agent.errors import ModelError
-from agent.features import CHANNELS, calibrate, transform, windows
-from agent.inference import TFLiteModel, load_manifest
-from agent.novelty import NoveltyScore, NoveltySettings
 from drivers.base import OptionError, Options
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,14 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.errors import ModelError
-from agent.inference import (
+from agent.detect.inference import (
     TensorInfo,
     TFLiteModel,
     available_runtimes,
     load_manifest,
     make_interpreter,
 )
+from agent.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -111,7 +111,7 @@ _TFLITE_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from agent.inference import TFLiteModel, load_manifest
+    from agent.detect.detector.inference import TFLiteModel, load_manifest
     models, work = sys.argv[1], sys.argv[2]
     man = load_manifest(models)
     info = {"numpy": np.__version__}
@@ -263,7 +263,8 @@ def test_bad_runtime_and_threads() -> None:
 
 def test_no_tensorflow_on_the_device_path() -> None:
     code = (
-        "import sys, agent.detect, agent.inference, agent.features, agent.novelty; "
+        "import sys, agent.detect.detector, agent.detect.inference, agent.detect.features, "
+        "agent.detect.novelty; "
         "print('tensorflow' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

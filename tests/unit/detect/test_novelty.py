@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.novelty import (
+from agent.detect.novelty import (
     NoveltyDetector,
     NoveltySettings,
     chi2_quantile,

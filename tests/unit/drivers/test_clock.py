@@ -1,7 +1,7 @@
 import asyncio
 import time
 
-from agent.clock import RealClock, VirtualClock
+from drivers.clock import RealClock, VirtualClock
 
 
 def test_virtual_clock_runs_an_hour_of_sleeps_at_once():

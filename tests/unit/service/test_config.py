@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import config
-from agent.cli import example_config
 from agent.errors import ConfigError
+from agent.service import config
+from agent.service.cli import example_config
 
 GOOD = """
 [agent]
@@ -248,7 +248,10 @@ def test_missing_file_is_a_config_error(tmp_path: Path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "agent.service.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
 from agent.errors import ConfigError
-from agent.planner import DAYS_PER_MONTH, format_plan, plan, validation_bytes
+from agent.service import cli
+from agent.service.planner import DAYS_PER_MONTH, format_plan, plan, validation_bytes
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -395,7 +395,7 @@ def test_flash_template_renders_the_reference_rig() -> None:
     reason="the rig's drivers are not there yet",
 )
 def test_flash_template_is_a_valid_agent_config(tmp_path: Path) -> None:
-    from agent import config
+    from agent.service import config
 
     path = tmp_path / "agent.toml"
     path.write_text(_render()["text"])

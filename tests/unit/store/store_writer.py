@@ -11,7 +11,7 @@ event, so the test can SIGKILL it at any moment and check the file afterwards:
 Every line goes out in one os.write shorter than PIPE_BUF, so a kill never leaves half a line.
 Payloads carry a CRC32 of their body so the test can check them. The tests start it from a
 multiprocessing forkserver with this module preloaded (a fork is much cheaper than a new
-interpreter), and it also runs as a script: ``python tests/unit/store_writer.py DIR DURABILITY
+interpreter), and it also runs as a script: ``python tests/unit/store/store_writer.py DIR DURABILITY
 MODE SEED`` reports on stdout.
 """
 
@@ -27,9 +27,9 @@ from pathlib import Path
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import agent.store as store
-from agent.clock import RealClock
-from agent.store import Kind, NewRecord, Store, StoreSettings
+import agent.store.queue as store
+from agent.store.queue import Kind, NewRecord, Store, StoreSettings
+from drivers.clock import RealClock
 
 KINDS = (Kind.TELEMETRY, Kind.TELEMETRY, Kind.TELEMETRY, Kind.STATE, Kind.EVENT, Kind.ALERT)
 

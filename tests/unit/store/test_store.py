@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 
-import agent.store as store_mod
-from agent.clock import VirtualClock
+import agent.store.queue as store_mod
 from agent.errors import StoreError, StoreFull
-from agent.store import (
+from agent.store.queue import (
     DEFAULT_PRIORITY,
     Kind,
     NewRecord,
@@ -34,6 +33,7 @@ from agent.store import (
     read_report,
 )
 from drivers.base import OptionError, Options
+from drivers.clock import VirtualClock
 
 
 @pytest.fixture
@@ -489,7 +489,7 @@ def test_a_corrupt_database_is_moved_aside_and_a_new_one_starts_above_old_seqs(
         await st.close()
         damage(settings.path)
 
-        with caplog.at_level(logging.ERROR, logger="agent.store"):
+        with caplog.at_level(logging.ERROR, logger="agent.store.queue"):
             st = await Store.open(settings, clock=vclock)
         aside = [p for p in settings.path.parent.glob("queue.db.corrupt-*") if "-wal" not in p.name]
         assert len(aside) == 1
@@ -555,7 +555,7 @@ def test_corruption_found_while_running_replaces_the_file_and_keeps_going(
             f.write(b"\x5a" * (settings.path.stat().st_size - 4096 * 8))
         conn.execute("PRAGMA user_version = 1")
         conn.close()
-        with caplog.at_level(logging.ERROR, logger="agent.store"):
+        with caplog.at_level(logging.ERROR, logger="agent.store.queue"):
             got = await st.batch(10_000, 1 << 30)
         assert got == []  # the records went with the corrupt file
         aside = [p for p in settings.path.parent.glob("queue.db.corrupt-*") if "-wal" not in p.name]
@@ -610,7 +610,7 @@ def test_counts_are_checked_against_the_rows_after_an_unclean_stop(
         conn.execute("UPDATE meta SET value = 0 WHERE key = 'clean'")
         conn.commit()
         conn.close()
-        with caplog.at_level(logging.WARNING, logger="agent.store"):
+        with caplog.at_level(logging.WARNING, logger="agent.store.queue"):
             st = await Store.open(settings, clock=vclock)
         assert any("kind_counts_repaired" in r.getMessage() for r in caplog.records)
         state = (await st.stats()).kinds[Kind.STATE]

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.clock import VirtualClock
 from agent.errors import StoreFull
-from agent.store import Kind, NewRecord, Store, StoreSettings, read_report
+from agent.store.queue import Kind, NewRecord, Store, StoreSettings, read_report
+from drivers.clock import VirtualClock
 
 MIB = 1024 * 1024
 BUDGET = MIB
@@ -139,7 +139,7 @@ def test_when_alerts_alone_fill_the_budget_the_oldest_alerts_go(
     async def main() -> None:
         st = await Store.open(settings, clock=vclock)
         seqs: list[int] = []
-        with caplog.at_level(logging.WARNING, logger="agent.store"):
+        with caplog.at_level(logging.WARNING, logger="agent.store.queue"):
             for i in range(600):
                 seqs += await st.put([NewRecord(Kind.ALERT, bytes([i % 256]) * 8000)])
                 assert file_bytes(settings) <= BUDGET + MARGIN
@@ -231,7 +231,7 @@ def test_max_page_count_full_alerts_wait_in_the_ring_until_acks_free_space(
     async def main() -> None:
         st = await Store.open(settings, clock=vclock)
         await fill(st, Kind.EVENT)
-        with caplog.at_level(logging.ERROR, logger="agent.store"):
+        with caplog.at_level(logging.ERROR, logger="agent.store.queue"):
             tasks = [
                 asyncio.create_task(st.put([NewRecord(Kind.ALERT, bytes([i]) * 3000)]))
                 for i in range(5)

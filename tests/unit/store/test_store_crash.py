@@ -1,7 +1,7 @@
-"""Crash tests of the store: a real writer process (tests/unit/store_writer.py) is SIGKILLed at
-random moments, again and again, and after every kill the queue file must hold every sequence
-number the writer was told was committed, exactly once, with intact payloads, a database that
-passes integrity_check, and sequence numbers that only ever grow.
+"""Crash tests of the store: a real writer process (tests/unit/store/store_writer.py) is
+SIGKILLed at random moments, again and again, and after every kill the queue file must hold every
+sequence number the writer was told was committed, exactly once, with intact payloads, a database
+that passes integrity_check, and sequence numbers that only ever grow.
 
 The writers are forked from a multiprocessing forkserver that has the writer module loaded, so
 each of the many restarts costs a fork rather than a new interpreter.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit import store_writer
+from tests.unit.store import store_writer
 
 KILLS = 50  # SIGKILLs of the put writer (the issue asks for at least 50)
 LEASE_KILLS = 12

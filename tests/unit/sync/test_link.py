@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as configmod
-from agent.cli import example_config
-from agent.clock import VirtualClock
 from agent.errors import ConfigError
-from agent.link import HIGH, LOW, MEDIUM, OFFLINE, LinkMonitor, LinkSettings, wilson
-from agent.store import Store, StoreSettings
-from agent.transport import CoapTransport, Endpoints
-from agent.uplink import Exchange, Uplink, UplinkSettings
+from agent.service import config as configmod
+from agent.service.cli import example_config
+from agent.store.queue import Store, StoreSettings
+from agent.sync.link import HIGH, LOW, MEDIUM, OFFLINE, LinkMonitor, LinkSettings, wilson
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.sync.uplink import Exchange, Uplink, UplinkSettings
+from drivers.clock import VirtualClock
 
 
 def ex(rtt: float = 0.01, *, ok: bool = True, retrans: bool = False) -> Exchange:

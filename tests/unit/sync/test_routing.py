@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from agent import routing as routing_mod
-from agent.clock import Clock, RealClock, VirtualClock
-from agent.detect import Alert, AlertKind, Detector, DetectSettings, Verdict
-from agent.features import calibrate, transform, windows
-from agent.inference import TFLiteModel, load_manifest
-from agent.records import AlertBody, EventBody, Kind
-from agent.routing import Router, RoutingSettings
-from agent.store import NewRecord, Store, StoreSettings
-from agent.transport import CoapTransport
+from agent.detect.detector import Alert, AlertKind, Detector, DetectSettings, Verdict
+from agent.detect.features import calibrate, transform, windows
+from agent.detect.inference import TFLiteModel, load_manifest
+from agent.store.queue import NewRecord, Store, StoreSettings
+from agent.sync import routing as routing_mod
+from agent.sync.routing import Router, RoutingSettings
+from agent.sync.transport import CoapTransport
+from agent.wire.records import AlertBody, EventBody, Kind
 from cloud.server import CloudServer
 from drivers.base import OptionError, Options
+from drivers.clock import Clock, RealClock, VirtualClock
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import evaluate as ev  # noqa: E402
 
-from agent.features import CHANNELS  # noqa: E402
+from agent.detect.features import CHANNELS  # noqa: E402
 
 HEADER = "datetime;" + ";".join(CHANNELS)
 LEVEL = np.array([0.21, 0.27, 2.4, 0.1, 89.0, 28.0, 229.0, 125.0])

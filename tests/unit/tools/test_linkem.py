@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent.clock import VirtualClock
+from drivers.clock import VirtualClock
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))

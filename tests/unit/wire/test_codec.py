@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import codec
-from agent.codec import (
+from agent.wire import codec
+from agent.wire.codec import (
     CF_SENML_CBOR,
     CodecError,
     IngestAck,
@@ -22,7 +22,7 @@ from agent.codec import (
     encode_batch,
     seq_ranges,
 )
-from agent.records import (
+from agent.wire.records import (
     AlertBody,
     EventBody,
     Kind,

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import codec
-from agent.codec import CF_SENML_CBOR, CodecError, WireRecord, decode_batch, encode_batch
-from agent.compact import (
+from agent.wire import codec
+from agent.wire.codec import CF_SENML_CBOR, CodecError, WireRecord, decode_batch, encode_batch
+from agent.wire.compact import (
     CF_COMPACT,
     CF_COMPACT_DEFLATE,
     CF_COMPACT_DICT,
@@ -34,8 +34,8 @@ from agent.compact import (
     MAX_RECORDS,
     quantize,
 )
-from agent.compact_dict import DICTIONARIES
-from agent.records import AlertBody, EventBody, StateBody, TelemetryBody
+from agent.wire.compact_dict import DICTIONARIES
+from agent.wire.records import AlertBody, EventBody, StateBody, TelemetryBody
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_700_000_000.0
