@@ -33,7 +33,7 @@ from typing import Any
 
 from agent import logsetup
 from agent.wire import records, statedoc
-from agent.wire.codec import CF_CBOR, DEVICE_ID
+from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.statedoc import StateError
 from cloud import export
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
@@ -270,7 +270,7 @@ def _signing_key(args: argparse.Namespace) -> Path:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from agent.errors import ModelError
-    from agent.modelstore.cache import load_private_key, write_keypair
+    from agent.modelstore.signing import load_private_key, write_keypair
     from cloud.models import ModelRegistry, entry_for
 
     try:

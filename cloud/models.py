@@ -3,7 +3,7 @@
 Layout under ``DATA/models`` (one directory per published version, never changed afterwards)::
 
     NAME/VERSION/model.tflite      the model file
-    NAME/VERSION/manifest.cbor     the signed manifest (agent.modelstore.cache.SignedManifest)
+    NAME/VERSION/manifest.cbor     the signed manifest (agent.modelstore.signing.SignedManifest)
 
 :meth:`ModelRegistry.publish` writes both into a temporary directory, fsyncs them and renames the
 directory into place, so a server running on the same directory sees a version either complete
@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.detect.inference import TFLITE_IDENTIFIER, load_manifest
 from agent.errors import ModelError
-from agent.modelstore.cache import CF_OCTET_STREAM, SignedManifest, check_name, fsync_dir
-from agent.wire.codec import CF_CBOR
+from agent.files import fsync_dir
+from agent.modelstore.signing import CF_OCTET_STREAM, SignedManifest, check_name
+from agent.wire.batch import CF_CBOR
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,7 @@ class Published:
     published: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "size": self.size,
-            "sha256": self.sha256,
-            "key": self.key,
-            "published": self.published,
-        }
+        return asdict(self)
 
 
 def entry_for(file: Path, manifest: Path | None = None, entry_name: str | None = None) -> dict:
@@ -180,7 +174,7 @@ class ModelRegistry:
                 if vdir.name.startswith("."):
                     continue
                 with contextlib.suppress(OSError, ModelError):
-                    m = SignedManifest.from_cbor((vdir / MANIFEST_FILE).read_bytes())
+                    m = SignedManifest.read(vdir / MANIFEST_FILE)
                     published = (vdir / MANIFEST_FILE).stat().st_mtime
                     out.append(Published(m.name, m.version, m.size, m.sha256, m.key, published))
         out.sort(key=lambda p: (p.name, p.published))

@@ -42,13 +42,11 @@ import aiocoap
 import aiocoap.error
 import aiocoap.interfaces
 from aiocoap import Message
-from aiocoap.blockwise import ContinueException
 from aiocoap.numbers.codes import Code
-from aiocoap.numbers.optionnumbers import OptionNumber
 
 from agent.errors import ModelError
 from agent.wire import codec, records, statedoc
-from agent.wire.codec import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
+from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
 from agent.wire.statedoc import StateError
 from cloud.inference import (
     DEFAULT_MODELS_DIR,
@@ -59,6 +57,17 @@ from cloud.inference import (
     ValidateRequest,
 )
 from cloud.models import ModelRegistry, ModelRequestError
+from cloud.protocol import (
+    _KNOWN_CRITICAL,
+    RETRY_AFTER,
+    _Block1Uploads,
+    _Failure,
+    _link,
+    _link_matches,
+    _Route,
+    _route,
+    _too_large,
+)
 from cloud.storage import (
     DocumentTooLarge,
     PreconditionFailed,
@@ -79,11 +88,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5683
 
 # Timing (seconds); tests may shorten them.
-RETRY_AFTER = 10  # Max-Age of a 5.03 answer
 DESIRED_MAX_AGE = 300  # Max-Age of desired state; observers are refreshed before it runs out
 DESIRED_REFRESH = 240.0
 POLL_INTERVAL = 1.0  # how often to look for desired state written by another process
-BLOCK1_LIFETIME = 93.0  # RFC 7252 MAX_TRANSMIT_WAIT: an unfinished Block1 upload is dropped
 WARN_WINDOW = 10.0  # at most WARN_BURST warnings about bad requests per window
 WARN_BURST = 10
 
@@ -107,156 +114,6 @@ class Limits:
     reported_keys: int = 256  # keys of reported state kept per device
     desired_doc_bytes: int = 1024  # a notification must fit one datagram
     open_uploads: int = 64  # Block1 uploads in progress at once
-
-
-class _Failure(Exception):
-    """An error answer: code, diagnostic text, and options."""
-
-    def __init__(self, code: Code, message: str, **options: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.options = options
-
-    def to_message(self) -> Message:
-        msg = Message(code=self.code, payload=self.message.encode("utf-8")[:200])
-        for name, value in self.options.items():
-            setattr(msg.opt, name, value)
-        return msg
-
-
-class _RenderedFailure(aiocoap.error.RenderableError):
-    """A :class:`_Failure` raised where aiocoap renders the error (Block1 reassembly)."""
-
-    def __init__(self, failure: _Failure) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
-
-    def to_message(self) -> Message:
-        return self.failure.to_message()
-
-
-def _too_large(limit: int, what: str) -> _Failure:
-    return _Failure(
-        Code.REQUEST_ENTITY_TOO_LARGE, f"{what} is larger than {limit} bytes", size1=limit
-    )
-
-
-class _Block1Uploads:
-    """Block1 reassembly (RFC 7959 section 2.5) with a size limit per resource and a limit on
-    uploads in progress. It stands in for aiocoap's own spool (same ``feed_and_take``), which
-    has neither limit."""
-
-    def __init__(
-        self, limit_for: Callable[[Message], int], max_open: int, stats: Counter[str]
-    ) -> None:
-        self._limit_for = limit_for
-        self._max_open = max_open
-        self._stats = stats
-        self._open: dict[Any, tuple[Message, float]] = {}
-
-    @staticmethod
-    def _key(req: Message) -> Any:
-        ignore = [
-            OptionNumber.BLOCK1,
-            OptionNumber.BLOCK2,
-            OptionNumber.OBSERVE,
-            OptionNumber.SIZE1,
-        ]
-        return (req.remote.blockwise_key, req.code, req.get_cache_key(ignore))
-
-    def _expire(self, now: float) -> None:
-        for key in [k for k, (_, t) in self._open.items() if now - t > BLOCK1_LIFETIME]:
-            del self._open[key]
-
-    def feed_and_take(self, req: Message) -> Message:
-        block1 = req.opt.block1
-        if block1 is None:
-            return req
-        self._stats["block1_blocks"] += 1
-        limit = self._limit_for(req)
-        key = self._key(req)
-        now = time.monotonic()
-        self._expire(now)
-        if block1.block_number == 0:
-            self._open.pop(key, None)
-            if req.opt.size1 is not None and req.opt.size1 > limit:
-                raise _RenderedFailure(_too_large(limit, "the request body (Size1)"))
-            if len(req.payload) > limit:
-                raise _RenderedFailure(_too_large(limit, "the request body"))
-            if block1.more and len(self._open) >= self._max_open:
-                raise _RenderedFailure(
-                    _Failure(
-                        Code.SERVICE_UNAVAILABLE,
-                        "too many uploads in progress",
-                        max_age=RETRY_AFTER,
-                    )
-                )
-            assembled = req
-        else:
-            try:
-                assembled, _ = self._open.pop(key)
-            except KeyError:
-                raise aiocoap.error.RequestEntityIncomplete("no upload in progress") from None
-            if len(assembled.payload) + len(req.payload) > limit:
-                raise _RenderedFailure(_too_large(limit, "the request body"))
-            try:
-                assembled._append_request_block(req)
-            except ValueError:
-                raise aiocoap.error.RequestEntityIncomplete("block out of order") from None
-        if block1.more:
-            self._open[key] = (assembled, now)
-            raise ContinueException(block1)
-        self._stats["block1_uploads"] += 1
-        return assembled
-
-
-# Critical options (RFC 7252 section 5.4.1) this endpoint understands somewhere. Others: 4.02.
-_KNOWN_CRITICAL = frozenset(
-    {
-        OptionNumber.IF_MATCH,
-        OptionNumber.URI_HOST,
-        OptionNumber.URI_PORT,
-        OptionNumber.URI_PATH,
-        OptionNumber.URI_QUERY,
-        OptionNumber.ACCEPT,
-        OptionNumber.BLOCK2,
-        OptionNumber.BLOCK1,
-        OptionNumber.PROXY_URI,
-        OptionNumber.PROXY_SCHEME,
-    }
-)
-
-
-@dataclass(frozen=True)
-class _Route:
-    name: str  # wkc, ingest, reported, desired, device
-    device: str | None
-    methods: frozenset[Code]
-    queries: bool = False  # takes Uri-Query
-    conditional: bool = False  # takes If-Match
-
-
-def _route(path: tuple[str, ...]) -> _Route:
-    GET, POST, PUT = Code.GET, Code.POST, Code.PUT
-    match path:
-        case (".well-known", "core"):
-            return _Route("wkc", None, frozenset({GET}), queries=True)
-        case ("ingest", device):
-            return _Route("ingest", device, frozenset({POST}))
-        case ("state", device, "reported"):
-            return _Route("reported", device, frozenset({GET, PUT}))
-        case ("state", device, "desired"):
-            return _Route("desired", device, frozenset({GET, PUT}), conditional=True)
-        case ("devices", device):
-            return _Route("device", device, frozenset({GET}))
-        case ("models", _) | ("models", _, _, "manifest" | "file"):
-            return _Route("models", None, frozenset({GET}))
-        case ("infer", device):
-            return _Route("infer", device, frozenset({POST}))
-        case ("validate", device):
-            return _Route("validate", device, frozenset({POST}))
-    raise _Failure(Code.NOT_FOUND, "no such resource")
 
 
 class _Site(aiocoap.interfaces.ObservableResource):
@@ -311,36 +168,6 @@ class _Site(aiocoap.interfaces.ObservableResource):
             response = Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error")
         server.responses[str(response.code)] += 1
         return response
-
-
-def _link(href: str, **attrs: Any) -> str:
-    parts = [f"<{href}>"]
-    for name, value in attrs.items():
-        if value is True:
-            parts.append(name)
-        elif isinstance(value, int):
-            parts.append(f"{name}={value}")
-        else:
-            parts.append(f'{name}="{value}"')
-    return ";".join(parts)
-
-
-def _link_matches(link: dict[str, Any], queries: Iterable[str]) -> bool:
-    """RFC 6690 section 4.1 filtering: ``name=value``, a trailing ``*`` matches a prefix."""
-    for query in queries:
-        name, eq, wanted = query.partition("=")
-        have = link.get(name)
-        if have is None:
-            return False
-        if not eq:
-            continue  # a bare attribute name: present is enough
-        values = str(have).split(" ") if name in ("rt", "if") else [str(have)]
-        if wanted.endswith("*"):
-            if not any(v.startswith(wanted[:-1]) for v in values):
-                return False
-        elif wanted not in values:
-            return False
-    return True
 
 
 class CloudServer:

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from agent.errors import AgentError
 from agent.wire import statedoc
-from agent.wire.codec import WireRecord
+from agent.wire.batch import WireRecord
 from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
 from drivers.clock import Clock, RealClock

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from benches.codec import rig_resolutions  # noqa: E402
 
 from agent.service import config as configmod  # noqa: E402
-from agent.service.cli import example_config  # noqa: E402
-from agent.wire.codec import WireRecord  # noqa: E402
+from agent.service.config import example_config  # noqa: E402
+from agent.wire.batch import WireRecord  # noqa: E402
 from agent.wire.compact import (  # noqa: E402
     FLAG_SPLIT,
     FORMAT_VERSION,
@@ -53,7 +53,7 @@ from agent.wire.compact import (  # noqa: E402
 from agent.wire.records import TelemetryBody  # noqa: E402
 from drivers.sim.sources import PumpModel  # noqa: E402
 
-OUT = ROOT / "agent" / "compact_dict.py"
+OUT = ROOT / "agent" / "wire" / "compact_dict.py"
 DICTIONARY_ID = 1
 SEED = 20240601
 START = 1_700_000_000.0  # wall time of the synthetic run

@@ -61,8 +61,8 @@ from agent.detect.inference import TFLiteModel, load_manifest
 from agent.errors import ModelError, StoreError, StoreFull
 from agent.files import write_atomic
 from agent.metrics import Registry
-from agent.store.queue import Kind, NewRecord, Store
-from agent.wire.records import AlertBody
+from agent.store.queue import NewRecord, Store
+from agent.wire.records import AlertBody, Kind
 from drivers.base import Options, Reading
 from drivers.clock import Clock
 

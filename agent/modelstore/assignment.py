@@ -30,17 +30,21 @@ Logging policy: info for an assignment applied or rolled back.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from agent.detect.detector import Detector
 from agent.detect.inference import TFLiteModel
-from agent.errors import ModelError
+from agent.errors import ModelError, SyncError
 from agent.modelstore.cache import CachedModel, ModelCache, Ref
+from agent.sync.backoff import full_jitter
+from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +256,142 @@ class ModelManager:
     def reported(self) -> dict[str, Any]:
         """``{"model/<role>": value}`` for reported state."""
         return {f"model/{role}": state.to_report() for role, state in sorted(self.roles.items())}
+
+
+#: Retry delays (seconds; exponential, full jitter) of a model assignment the link interrupted.
+MODEL_RETRY_BASE = 5.0
+MODEL_RETRY_MAX = 300.0
+
+
+class ModelAssignments:
+    """Desired ``model/<role>`` values, applied by a
+    :class:`~agent.modelstore.assignment.ModelManager` in the background (the state hooks'
+    ``apply`` is synchronous).
+
+    :meth:`apply` checks the value and starts one task per role; a newer value for a role cancels
+    the task still running for it (a partial download stays in the cache and resumes). Unset
+    (None) goes back to the configured model. A link failure (SyncError) is not a refusal: the
+    assignment is tried again with exponential backoff and full jitter and reported ``loading``
+    meanwhile, never ``failed`` (a failed report blocks that version at the endpoint). A refused
+    model (ModelError) is reported ``failed`` with its desired version, the running model kept.
+    """
+
+    def __init__(
+        self,
+        manager: ModelManager,
+        clock: Clock,
+        *,
+        configured: Mapping[str, Assignment],
+        desired_version: Callable[[str], int | None],
+        changed: Callable[[], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.manager = manager
+        self.clock = clock
+        self.configured = dict(configured)
+        self.desired_version = desired_version
+        self.changed = changed
+        self.rng = rng or random.Random()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.loading: dict[str, tuple[Assignment, str | None]] = {}  # role -> (it, last error)
+
+    def apply(self, role: str, value: Any) -> None:
+        if value is None:
+            a = self.configured.get(role)
+            if a is None:
+                raise ValueError(f"model/{role}: no model is configured for this role")
+        else:
+            a = Assignment.from_desired(role, value)
+        old = self.tasks.pop(role, None)
+        if old is not None:
+            old.cancel()
+        task = asyncio.get_running_loop().create_task(self._assign(a), name=f"model-{role}")
+        self.tasks[role] = task
+        task.add_done_callback(lambda t: self._done(role, t))
+
+    def _done(self, role: str, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(role) is task:
+            del self.tasks[role]
+            self.loading.pop(role, None)
+
+    async def _assign(self, a: Assignment) -> None:
+        key = f"model/{a.role}"
+        attempt = 0
+        error: str | None = None
+        while True:
+            a = replace(a, desired=self.desired_version(key))
+            self.loading[a.role] = (a, error)
+            self.changed()
+            try:
+                state = await self.manager.assign(a)
+                break
+            except SyncError as err:
+                error = str(err)
+                delay = full_jitter(attempt, MODEL_RETRY_BASE, MODEL_RETRY_MAX, self.rng)
+                attempt += 1
+                log.info(
+                    "event=model_assignment_deferred role=%s name=%s version=%s attempt=%d "
+                    "retry_in=%.1f error=%r",
+                    a.role,
+                    a.name,
+                    a.version,
+                    attempt,
+                    delay,
+                    error,
+                )
+            except Exception:  # a bug: keep what runs, report nothing as refused
+                log.exception("event=model_assignment_crashed role=%s name=%s", a.role, a.name)
+                self.loading.pop(a.role, None)
+                self.changed()
+                return
+            self.loading[a.role] = (a, error)
+            self.changed()
+            await self.clock.sleep(delay)
+        self.loading.pop(a.role, None)
+        log.info(
+            "event=model_assignment role=%s status=%s model=%s@%s desired=%s",
+            a.role,
+            state.status,
+            state.name,
+            state.version,
+            a.desired,
+        )
+        self.changed()
+
+    def reported(self) -> dict[str, Any]:
+        """``{"model/<role>": report}``: the manager's, ``loading`` while one is fetched."""
+        out = self.manager.reported()
+        for role, (a, error) in self.loading.items():
+            key = f"model/{role}"
+            report = {**out.get(key, {}), "status": "loading", "desired": a.desired}
+            report["loading"] = f"{a.name} {a.version or ''}".strip()
+            report.pop("refused", None)
+            report.pop("error", None)
+            if error:
+                report["error"] = error[:200]
+            if a.desired is None:
+                del report["desired"]
+            out[key] = report
+        return out
+
+    def status(self) -> dict[str, Any]:
+        cache = self.manager.cache
+        st = cache.stats
+        return {
+            "applied": self.manager.stats.applied,
+            "rolled_back": self.manager.stats.rolled_back,
+            "cached": [f"{n}@{v}" for n, v in cache.cached()],
+            "pinned": sorted(f"{n}@{v}" for n, v in cache.pins),
+            "disk_bytes": cache.disk_used,
+            "memory_bytes": cache.memory_used,
+            "downloads": st.downloads,
+            "refused": st.refused,
+            "hits": st.hits,
+        }
+
+    async def close(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,4 +1,4 @@
-"""The model cache: signed, versioned models fetched from the endpoint, kept within budgets.
+"""The model cache: signed, versioned models kept on disk and loaded, within budgets, LRU.
 
 Two tiers, each bounded and each evicted least-recently-used first:
 
@@ -19,15 +19,13 @@ when only such models are left the cache stays over its budget and says so in a 
 2. a model of the shipped directory (``models/manifest.json``) with that name and version is
    used in place (shipped models come with the agent and are trusted like its code; they do not
    count against the disk budget) -- so with an empty cache and no link the agent runs from them;
-3. otherwise the signed manifest is fetched (``GET /models/NAME/VERSION/manifest``) and its
-   Ed25519 signature checked with the public key provisioned on the device, then the file is
-   fetched block by block (``GET /models/NAME/VERSION/file`` with Block2, RFC 7959; a small window
-   of blocks in flight, written in order). The partial
-   file is kept in ``partial/``: after an interruption (or a restart) the download resumes from
-   the last whole block it holds, by Block2 number. The whole file is then checked (size,
-   SHA-256 against the signed manifest, TFLite identifier) and installed atomically (fsync, rename,
-   fsync of the directory). Anything that does not verify is refused with a
-   :class:`~agent.errors.ModelError` and nothing already cached or running changes.
+3. otherwise the signed manifest is fetched and its Ed25519 signature checked with the public key
+   provisioned on the device (:mod:`agent.modelstore.signing`), then the file is fetched block by
+   block into ``partial/`` (:class:`~agent.modelstore.fetch.ModelFetcher`; an interrupted
+   download, also across a restart, resumes from the last whole block). The whole file is then
+   checked (size, SHA-256 against the signed manifest, TFLite identifier) and installed
+   atomically (fsync, rename, fsync of the directory). Anything that does not verify is refused
+   with a :class:`~agent.errors.ModelError` and nothing already cached or running changes.
 
 Link failures raise :class:`~agent.errors.SyncError` (try again later; the partial file stays);
 refusals raise :class:`~agent.errors.ModelError` (do not retry that version).
@@ -37,36 +35,25 @@ on :meth:`ModelCache.close` (last use times). A missing or corrupt index is rebu
 each file is verified again (SHA-256, and the signature when a public key is configured) and the
 ones that fail are deleted.
 
-The signed manifest (docs/protocol.md, "Models"): the Ed25519 signature covers the canonical CBOR
-encoding (RFC 7049 section 3.9: shortest forms, map keys sorted length-first, as
-``cbor2.dumps(..., canonical=True)``) of the array
-``["edge-agent model v1", name, version, size, sha256 (32 bytes), entry]`` where ``entry`` is the
-model's manifest entry (kind, tensors, features, threshold, classes...).
-
-Logging policy: info for a model installed, evicted, refused or loaded; debug per block; warning
-when the cache cannot get under its budget or a cached file fails its check.
+Logging policy: info for a model installed, evicted, refused or loaded; warning when the cache
+cannot get under its budget or a cached file fails its check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cbor2
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.detect.inference import (
     TFLITE_IDENTIFIER,
@@ -78,542 +65,13 @@ from agent.detect.inference import (
 )
 from agent.errors import ModelError, SyncError
 from agent.files import fsync_dir, write_atomic
-from drivers.base import Options
+from agent.modelstore.fetch import FetchStats, ModelFetcher
+from agent.modelstore.settings import ModelsSettings
+from agent.modelstore.signing import SignedManifest, check_name, load_public_key
 
 log = logging.getLogger(__name__)
 
-# Timing and sizes; tests may shorten them.
-BLOCK_SZX = 6  # Block2 size exponent: 2 ** (6 + 4) = 1024-byte blocks
-BLOCK_WINDOW = 2  # blocks in flight at once (one per client context)
-BLOCK_DEADLINE = 60.0  # seconds for one block exchange (covers CoAP retransmissions)
-MANIFEST_DEADLINE = 60.0  # seconds for the manifest (block-wise too)
-
 INDEX_FORMAT = 1
-SIGNATURE_CONTEXT = "edge-agent model v1"
-CF_OCTET_STREAM = 42
-MAX_MANIFEST_BYTES = 64 * 1024
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-
-DEFAULT_MEMORY_BUDGET_MB = 16.0
-DEFAULT_DISK_BUDGET_MB = 64.0
-
-
-# -- settings -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelsSettings:
-    """The ``[models]`` table: where the cache lives, its budgets, the key, the resource path."""
-
-    cache_dir: Path = Path("/var/lib/edge-agent/models")
-    memory_budget: int = int(DEFAULT_MEMORY_BUDGET_MB * 1024 * 1024)
-    disk_budget: int = int(DEFAULT_DISK_BUDGET_MB * 1024 * 1024)
-    public_key: Path | None = None  # without it, downloads are refused
-    endpoint_path: str = "models"
-
-    @classmethod
-    def from_options(
-        cls, opts: Options, data_dir: Path, base_dir: Path | None = None
-    ) -> ModelsSettings:
-        """Validate a ``[models]`` table (errors name the key) and call ``opts.finish()``.
-
-        Keys: ``cache_dir`` (default ``models`` under ``data_dir``), ``memory_budget_mb`` (16),
-        ``disk_budget_mb`` (64), ``public_key`` (a path, relative to the config file's
-        directory; PEM, raw 32 bytes or 64 hex digits), ``endpoint_path`` ("models")."""
-        raw = opts.string("cache_dir", "models")
-        if not raw.strip():
-            raise opts.error("cache_dir", "is empty")
-        cache_dir = Path(raw).expanduser()
-        if not cache_dir.is_absolute():
-            cache_dir = Path(data_dir) / cache_dir
-        memory = opts.number("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB, above=0.0)
-        disk = opts.number("disk_budget_mb", DEFAULT_DISK_BUDGET_MB, above=0.0)
-        public_key = None
-        if opts.has("public_key"):
-            key = Path(opts.string("public_key")).expanduser()
-            if base_dir is not None and not key.is_absolute():
-                key = base_dir / key
-            if not key.is_file():
-                raise opts.error("public_key", f"{key} does not exist")
-            try:
-                load_public_key(key)
-            except ModelError as err:
-                raise opts.error("public_key", str(err)) from None
-            public_key = key
-        path = opts.string("endpoint_path", "models").strip("/")
-        if not path or not all(NAME_RE.match(seg) for seg in path.split("/")):
-            raise opts.error("endpoint_path", f"{path!r} is not a resource path like 'models'")
-        opts.finish()
-        return cls(
-            cache_dir=cache_dir,
-            memory_budget=int(memory * 1024 * 1024),
-            disk_budget=int(disk * 1024 * 1024),
-            public_key=public_key,
-            endpoint_path=path,
-        )
-
-
-# -- keys and signatures --------------------------------------------------------------------------
-
-
-def _key_bytes(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        raise ModelError(f"{path}: cannot read the {what} ({err})") from err
-
-
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    """An Ed25519 public key from a PEM file, 32 raw bytes or 64 hex digits. Raises ModelError."""
-    p = Path(path)
-    data = _key_bytes(p, "public key")
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            key = serialization.load_pem_public_key(data)
-            if not isinstance(key, Ed25519PublicKey):
-                raise ModelError(f"{p}: not an Ed25519 public key")
-            return key
-        text = data.strip()
-        raw = bytes.fromhex(text.decode("ascii")) if len(text) == 64 else data
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ModelError(
-            f"{p}: not an Ed25519 public key (PEM, 32 bytes or 64 hex digits): {err}"
-        ) from err
-
-
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    """An Ed25519 private key from a PEM (PKCS#8) file, 32 raw bytes or 64 hex digits."""
-    p = Path(path)
-    data = _key_bytes(p, "signing key")
-    try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            key = serialization.load_pem_private_key(data, password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise ModelError(f"{p}: not an Ed25519 private key")
-            return key
-        text = data.strip()
-        raw = bytes.fromhex(text.decode("ascii")) if len(text) == 64 else data
-        return Ed25519PrivateKey.from_private_bytes(raw)
-    except (ValueError, TypeError, UnicodeDecodeError) as err:
-        raise ModelError(f"{p}: not an Ed25519 private key: {err}") from err
-
-
-def public_bytes(key: Ed25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def key_id(key: Ed25519PublicKey) -> str:
-    """A short name of a public key: the first 8 bytes of SHA-256 of its raw form, in hex."""
-    return hashlib.sha256(public_bytes(key)).hexdigest()[:16]
-
-
-def write_keypair(path: str | Path) -> tuple[Path, Path]:
-    """A new Ed25519 key pair: ``path`` (private, PKCS#8 PEM, mode 0600) and ``path.pub``."""
-    p = Path(path)
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(private)
-    pub = p.with_name(p.name + ".pub")
-    write_atomic(pub, public)
-    return p, pub
-
-
-def check_name(what: str, value: str) -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise ModelError(
-            f"model {what} {value!r}: use 1-64 letters, digits, '_', '.', '+', '-' "
-            "(starting with a letter or digit)"
-        )
-    return value
-
-
-@dataclass(frozen=True)
-class SignedManifest:
-    """One model version as the registry publishes it; see the module docstring."""
-
-    name: str
-    version: str
-    size: int
-    sha256: str  # 64 lower-case hex digits
-    entry: Mapping[str, Any]
-    signature: bytes = b""
-    key: str = ""  # key_id of the signing key (informational; not signed)
-
-    def signed_bytes(self) -> bytes:
-        """The canonical encoding the signature covers."""
-        return cbor2.dumps(
-            [
-                SIGNATURE_CONTEXT,
-                self.name,
-                self.version,
-                self.size,
-                bytes.fromhex(self.sha256),
-                dict(self.entry),
-            ],
-            canonical=True,
-        )
-
-    @classmethod
-    def sign(
-        cls,
-        name: str,
-        version: str,
-        data: bytes,
-        entry: Mapping[str, Any],
-        key: Ed25519PrivateKey,
-    ) -> SignedManifest:
-        """Sign ``data`` as ``name`` ``version``; the entry's file/size/sha256/version follow
-        the data."""
-        sha = hashlib.sha256(data).hexdigest()
-        full = dict(entry)
-        full.update(
-            name=name,
-            version=version,
-            file=f"{name}@{version}.tflite",
-            size=len(data),
-            sha256=sha,
-        )
-        check_name("name", name)
-        check_name("version", version)
-        unsigned = cls(name, version, len(data), sha, full)
-        signature = key.sign(unsigned.signed_bytes())
-        return cls(name, version, len(data), sha, full, signature, key_id(key.public_key()))
-
-    def verify(self, key: Ed25519PublicKey, label: str = "") -> None:
-        """ModelError unless the signature verifies with ``key`` and the entry agrees."""
-        where = label or f"model {self.name} {self.version}"
-        try:
-            key.verify(self.signature, self.signed_bytes())
-        except InvalidSignature:
-            raise ModelError(
-                f"{where}: the signature does not verify with the provisioned public key "
-                f"(key {key_id(key)}; manifest says {self.key or 'unknown'}); refused"
-            ) from None
-        if int(self.entry.get("size", -1)) != self.size or (
-            str(self.entry.get("sha256", "")).lower() != self.sha256
-        ):
-            raise ModelError(f"{where}: the manifest entry disagrees with its size or SHA-256")
-
-    def model_entry(self) -> ModelEntry:
-        return ModelEntry.from_dict(self.entry, label=f"model {self.name} {self.version}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "size": self.size,
-            "sha256": self.sha256,
-            "entry": dict(self.entry),
-            "signature": self.signature,
-            "key": self.key,
-        }
-
-    def to_cbor(self) -> bytes:
-        return cbor2.dumps(self.to_dict(), canonical=True)
-
-    @classmethod
-    def from_cbor(cls, data: bytes, label: str = "manifest") -> SignedManifest:
-        try:
-            d = cbor2.loads(data)
-            if not isinstance(d, dict):
-                raise ValueError("not a map")
-            sha = str(d["sha256"]).lower()
-            if not re.fullmatch(r"[0-9a-f]{64}", sha):
-                raise ValueError("sha256 is not 64 hex digits")
-            size = d["size"]
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ValueError("size is not a byte count")
-            entry = d["entry"]
-            if not isinstance(entry, dict):
-                raise ValueError("entry is not a map")
-            signature = d["signature"]
-            if not isinstance(signature, bytes):
-                raise ValueError("signature is not bytes")
-            return cls(
-                check_name("name", d["name"]),
-                check_name("version", d["version"]),
-                size,
-                sha,
-                entry,
-                signature,
-                str(d.get("key", "")),
-            )
-        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError) as err:
-            raise ModelError(f"{label}: malformed model manifest ({err})") from err
-
-
-# -- files ----------------------------------------------------------------------------------------
-
-
-# -- the fetcher ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FetchStats:
-    """What one download did."""
-
-    resumed_from: int = 0  # bytes already in the partial file
-    blocks: int = 0  # blocks fetched now
-    bytes: int = 0  # payload bytes fetched now
-    seconds: float = 0.0
-
-
-def _tuning(ack_timeout: float | None) -> Any:
-    from aiocoap.numbers.constants import Reliable
-
-    if ack_timeout is None:
-        return Reliable()
-
-    class Tuned(Reliable):
-        ACK_TIMEOUT = ack_timeout
-
-    return Tuned()
-
-
-class ModelFetcher:
-    """Fetches signed manifests and model files from the endpoint's registry over CoAP.
-
-    ``base_uri``: ``coap://host:port`` or a callable giving the current endpoint (the runtime's
-    :class:`~agent.sync.transport.Endpoints`). Blocks are requested by number, so a download resumes
-    where it stopped. ``window`` blocks are in flight at once, each on its own aiocoap client
-    context (a *lane*: CoAP allows one confirmable exchange in flight per endpoint pair, NSTART =
-    1), so a long thin link stays busy while a block crosses it; they are written in order.
-    """
-
-    def __init__(
-        self,
-        base_uri: str | Callable[[], str],
-        *,
-        endpoint_path: str = "models",
-        szx: int = BLOCK_SZX,
-        window: int = BLOCK_WINDOW,
-        block_deadline: float | None = None,
-        manifest_deadline: float | None = None,
-        ack_timeout: float | None = None,
-    ) -> None:
-        if window < 1:
-            raise ValueError("window must be >= 1")
-        self._base = base_uri
-        self.endpoint_path = endpoint_path.strip("/")
-        self.szx = szx
-        self.window = window
-        self.block_deadline = block_deadline or BLOCK_DEADLINE
-        self.manifest_deadline = manifest_deadline or MANIFEST_DEADLINE
-        self.ack_timeout = ack_timeout
-        self._ctxs: list[Any] = []
-        self._lock = asyncio.Lock()
-
-    def uri(self, name: str, version: str, what: str) -> str:
-        base = self._base() if callable(self._base) else self._base
-        return f"{base.rstrip('/')}/{self.endpoint_path}/{name}/{version}/{what}"
-
-    async def _context(self, lane: int = 0) -> Any:
-        import aiocoap
-
-        async with self._lock:
-            while len(self._ctxs) <= lane:
-                self._ctxs.append(await aiocoap.Context.create_client_context())
-        return self._ctxs[lane]
-
-    async def close(self) -> None:
-        ctxs, self._ctxs = self._ctxs, []
-        for ctx in ctxs:
-            with contextlib.suppress(Exception):
-                await ctx.shutdown()
-
-    async def _exchange(
-        self, uri: str, deadline: float, block: int | None = None, lane: int = 0
-    ) -> Any:
-        import aiocoap
-        from aiocoap import error as coap_error
-        from aiocoap.optiontypes import BlockOption
-
-        ctx = await self._context(lane)
-        msg = aiocoap.Message(code=aiocoap.GET, uri=uri, transport_tuning=_tuning(self.ack_timeout))
-        if block is not None:
-            msg.opt.block2 = BlockOption.BlockwiseTuple(block, False, self.szx)
-        try:
-            req = ctx.request(msg, handle_blockwise=block is None)
-        except (coap_error.Error, ValueError, OSError) as err:
-            raise SyncError(f"GET {uri}: {err}") from err
-        try:
-            async with asyncio.timeout(deadline):
-                return await req.response
-        except TimeoutError as err:
-            req.response.cancel()
-            raise SyncError(f"GET {uri}: no answer within {deadline:g} s") from err
-        except asyncio.CancelledError:
-            req.response.cancel()
-            raise
-        except (coap_error.Error, OSError) as err:
-            raise SyncError(f"GET {uri}: {type(err).__name__}: {err}") from err
-
-    @staticmethod
-    def _check_code(resp: Any, uri: str, what: str) -> None:
-        code = int(resp.code)
-        if code >> 5 == 2:
-            return
-        text = bytes(resp.payload[:200]).decode("utf-8", "replace")
-        dotted = f"{code >> 5}.{code & 31:02d}"
-        if code >> 5 == 4:  # the registry does not have it, or refuses: not worth retrying
-            raise ModelError(f"GET {uri}: {dotted} {text}; the registry does not serve this {what}")
-        raise SyncError(f"GET {uri}: {dotted} {text}")
-
-    async def manifest(self, name: str, version: str) -> SignedManifest:
-        uri = self.uri(name, version, "manifest")
-        resp = await self._exchange(uri, self.manifest_deadline)
-        self._check_code(resp, uri, "model version")
-        if len(resp.payload) > MAX_MANIFEST_BYTES:
-            raise ModelError(f"GET {uri}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        m = SignedManifest.from_cbor(bytes(resp.payload), label=f"GET {uri}")
-        if (m.name, m.version) != (name, version):
-            raise ModelError(f"GET {uri}: the manifest is for {m.name} {m.version}; refused")
-        return m
-
-    async def download(
-        self,
-        manifest: SignedManifest,
-        part: Path,
-        on_block: Callable[[int, int], None] | None = None,
-    ) -> FetchStats:
-        """Fetch the file into ``part``, resuming from the whole blocks it already holds.
-        Raises SyncError (link; ``part`` keeps the blocks written in order) or ModelError
-        (refused). ``on_block(num, bytes_written)`` is called after each block is written."""
-        uri = self.uri(manifest.name, manifest.version, "file")
-        bsize = 2 ** (self.szx + 4)
-        last = max(0, -(-manifest.size // bsize) - 1)
-        out, have = _open_part(part, bsize, last)
-        stats = FetchStats(resumed_from=have)
-        started = time.perf_counter()
-        next_write = next_ask = have // bsize
-        if have:
-            log.info(
-                "model download resumed name=%s version=%s from_block=%d bytes=%d",
-                manifest.name,
-                manifest.version,
-                next_write,
-                have,
-            )
-        pending: dict[asyncio.Task[Any], tuple[int, int]] = {}  # task -> (block, lane)
-        lanes = list(range(self.window))
-        arrived: dict[int, bytes] = {}
-        try:
-            with out:
-                while next_write <= last:
-                    while lanes and next_ask <= last and next_ask - next_write < 4 * self.window:
-                        lane = lanes.pop(0)
-                        task = asyncio.create_task(
-                            self._exchange(uri, self.block_deadline, next_ask, lane)
-                        )
-                        pending[task] = (next_ask, lane)
-                        next_ask += 1
-                    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for task in sorted(done, key=lambda t: pending[t][0]):
-                        num, lane = pending.pop(task)
-                        lanes.append(lane)
-                        arrived[num] = self._check_block(task.result(), uri, manifest, num, last)
-                    while next_write in arrived:
-                        payload = arrived.pop(next_write)
-                        out.write(payload)
-                        have += len(payload)
-                        stats.blocks += 1
-                        stats.bytes += len(payload)
-                        log.debug(
-                            "model block name=%s num=%d bytes=%d", manifest.name, next_write, have
-                        )
-                        if on_block is not None:
-                            out.flush()
-                            on_block(next_write, have)
-                        next_write += 1
-                out.flush()
-                os.fsync(out.fileno())
-        finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-        stats.seconds = time.perf_counter() - started
-        if have != manifest.size:
-            raise ModelError(
-                f"GET {uri}: truncated: the transfer ended at {have} bytes, the signed manifest "
-                f"says {manifest.size}; refused"
-            )
-        return stats
-
-    def _check_block(
-        self, resp: Any, uri: str, manifest: SignedManifest, num: int, last: int
-    ) -> bytes:
-        """The payload of block ``num``, or SyncError/ModelError."""
-        self._check_code(resp, uri, "model file")
-        payload = bytes(resp.payload)
-        etag = bytes.fromhex(manifest.sha256)[:8]
-        if resp.opt.etag is not None and resp.opt.etag != etag:
-            raise ModelError(
-                f"GET {uri}: the endpoint serves another file (ETag {resp.opt.etag.hex()}, "
-                f"manifest {etag.hex()}); refused"
-            )
-        size2 = resp.opt.size2
-        if size2 is not None and size2 != manifest.size:
-            what = "truncated" if size2 < manifest.size else "size mismatch"
-            raise ModelError(
-                f"GET {uri}: {what}: the endpoint serves {size2} bytes, the signed "
-                f"manifest says {manifest.size}; refused"
-            )
-        bsize = 2 ** (self.szx + 4)
-        block = resp.opt.block2
-        if block is None:
-            if num != 0:
-                raise SyncError(f"GET {uri}: block {num} answered without Block2")
-            more = False
-        else:
-            if block.block_number != num or block.size_exponent != self.szx:
-                raise SyncError(
-                    f"GET {uri}: asked for block {num}/{bsize}, got "
-                    f"{block.block_number}/{block.size}"
-                )
-            more = bool(block.more)
-        expected = bsize if num < last else manifest.size - last * bsize
-        if len(payload) > expected or (num < last and len(payload) < bsize):
-            if num * bsize + len(payload) > manifest.size:
-                raise ModelError(
-                    f"GET {uri}: size mismatch: the file is longer than the {manifest.size} "
-                    "bytes the signed manifest says; refused"
-                )
-            raise SyncError(f"GET {uri}: block {num} is {len(payload)} bytes")
-        if num < last and not more:
-            raise ModelError(
-                f"GET {uri}: truncated: the file ends at block {num}, the signed manifest "
-                f"says {manifest.size} bytes; refused"
-            )
-        if num == last and (more or len(payload) != expected):
-            raise ModelError(
-                f"GET {uri}: size mismatch: the last block does not end at the "
-                f"{manifest.size} bytes the signed manifest says; refused"
-            )
-        return payload
-
-
-def _open_part(part: Path, bsize: int, last: int) -> tuple[Any, int]:
-    """The partial file, cut to the whole blocks it holds (at most up to block ``last``, which is
-    always fetched again), positioned at its end."""
-    have = part.stat().st_size if part.exists() else 0
-    have -= have % bsize
-    have = min(have, last * bsize)
-    out = open(part, "r+b" if part.exists() else "w+b")  # noqa: SIM115 - closed by the caller
-    out.truncate(have)
-    out.seek(have)
-    return out, have
 
 
 # -- the cache ------------------------------------------------------------------------------------
@@ -640,16 +98,7 @@ class _Record:
         return (self.name, self.version)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "size": self.size,
-            "sha256": self.sha256,
-            "installed": self.installed,
-            "last_used": self.last_used,
-            "seq": self.seq,
-            "pinned": self.pinned,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> _Record:
@@ -827,7 +276,7 @@ class ModelCache:
         found = [p for p in found if p.is_file()]
         for mpath in found:
             try:
-                manifest = SignedManifest.from_cbor(mpath.read_bytes(), label=str(mpath))
+                manifest = SignedManifest.read(mpath)
                 # Without a key only the digest is checked (the listing says "unchecked").
                 if self.public_key is not None:
                     manifest.verify(self.public_key, label=str(mpath))
@@ -1023,9 +472,7 @@ class ModelCache:
         known = self._known.get(rec.ref)
         if known is not None:
             return known
-        manifest = SignedManifest.from_cbor(
-            self._manifest_path(rec.ref).read_bytes(), label=str(self._manifest_path(rec.ref))
-        )
+        manifest = SignedManifest.read(self._manifest_path(rec.ref))
         model = CachedModel(
             rec.name, rec.version, self._file(rec.ref), manifest.model_entry(), "cache", manifest
         )
@@ -1318,7 +765,7 @@ class ModelCache:
 
     def _signature_status(self, rec: _Record) -> str:
         try:
-            manifest = SignedManifest.from_cbor(self._manifest_path(rec.ref).read_bytes())
+            manifest = SignedManifest.read(self._manifest_path(rec.ref))
         except (OSError, ModelError):
             return "BAD: manifest unreadable"
         if self.public_key is None:

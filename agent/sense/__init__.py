@@ -1,1 +1,3 @@
-"""PLACEHOLDER"""
+"""Sensing: opening the configured hardware (real or simulated), sampling it, and writing the
+readings to the store.
+"""

@@ -16,9 +16,9 @@ from collections import deque
 from collections.abc import Callable
 
 from agent.errors import StoreError, StoreFull
-from agent.store.queue import Kind, NewRecord, Store
-from agent.wire.codec import format_ranges
-from agent.wire.records import TelemetryBody
+from agent.store.queue import NewRecord, Store
+from agent.wire.batch import format_ranges
+from agent.wire.records import Kind, TelemetryBody
 from drivers.base import Reading
 from drivers.clock import Clock
 

@@ -102,7 +102,7 @@ class SimRig:
             self.bus.attach(cfg.address, part)
             self._by_address[cfg.address] = cfg
         else:
-            from .serialport import PtyPort
+            from drivers.sim.serialport import PtyPort
 
             assert cfg.port is not None
             model = _RefreshingModel(part, lambda c=cfg: self.refresh(c))

@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,35 +34,13 @@ EX_CONFIG = configmod.EX_CONFIG
 log = logging.getLogger("agent.service.cli")
 
 
-def example_config() -> Path:
-    """The packaged config of the reference pump rig."""
-    return Path(str(resources.files("agent") / "examples" / "pump-rig.toml"))
-
-
 def _load(path: str | Path) -> configmod.Config:
     return configmod.load(path)
 
 
-def _simulation(args: argparse.Namespace) -> configmod.SimulationConfig | None:
-    source = getattr(args, "simulate", None)
-    if not source:
-        return None
-    if source == "skab":
-        file = Path(args.skab_file).resolve() if args.skab_file else None
-        if file is None or not file.is_file():
-            raise ConfigError("--skab-file", "", f"{args.skab_file or '(none)'}: no such file")
-        return configmod.SimulationConfig(source="skab", file=file, loop=True)
-    events = ()
-    if getattr(args, "fault", None):
-        from drivers.sim.sources import FaultEvent
-
-        events = (FaultEvent(args.fault, at=args.fault_at, ramp=20.0, duration=1e12),)
-    return configmod.SimulationConfig(source="pump", seed=args.seed, events=events)
-
-
 def load_config(args: argparse.Namespace) -> configmod.Config:
     cfg = _load(args.config)
-    sim = _simulation(args)
+    sim = configmod.simulation_from_args(args)
     if sim is not None:
         cfg = configmod.simulated(cfg, sim)
     if getattr(args, "data_dir", None):
@@ -203,7 +180,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from agent.store.queue import queue_report
+    from agent.store.report import queue_report
 
     cfg = _load(args.config)
     print(asyncio.run(queue_report(cfg.store, as_json=args.json)))
@@ -272,7 +249,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
 def cmd_models(args: argparse.Namespace) -> int:
     from agent.modelstore.cache import ModelCache
 
-    cfg = _load(args.config or example_config())
+    cfg = _load(args.config or configmod.example_config())
     shipped = cfg.detect.detect.models_dir if cfg.detect is not None else None
     cache = ModelCache.open(cfg.models, shipped_dir=shipped, readonly=True)
     rows = cache.listing(verify=True)

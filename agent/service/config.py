@@ -7,8 +7,10 @@ Relative paths in the file are taken relative to the file's own directory.
 
 from __future__ import annotations
 
+import argparse
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from agent.detect.analyzer import AnalyzerSettings
 from agent.errors import ConfigError
 from agent.files import resolve_path
 from agent.metrics import MetricsSettings
-from agent.modelstore.cache import ModelsSettings
+from agent.modelstore.settings import ModelsSettings
 from agent.sense.settings import (
     NAME_RE,
     SIM_BUS,
@@ -25,10 +27,10 @@ from agent.sense.settings import (
     parse_sensor,
     parse_simulation,
 )
-from agent.store.queue import StoreSettings
+from agent.store.settings import StoreSettings
 from agent.sync.link import LinkSettings
 from agent.sync.routing import RoutingSettings
-from agent.sync.state import StateSettings
+from agent.sync.statedata import StateSettings
 from agent.sync.uplink import UplinkSettings
 from drivers.base import OptionError, Options
 
@@ -195,3 +197,26 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
         models=models,
         routing=routing,
     )
+
+
+def example_config() -> Path:
+    """The packaged config of the reference pump rig."""
+    return Path(str(resources.files("agent") / "examples" / "pump-rig.toml"))
+
+
+def simulation_from_args(args: argparse.Namespace) -> SimulationConfig | None:
+    """The simulation asked for on the command line (``--simulate`` and its options), or None."""
+    source = getattr(args, "simulate", None)
+    if not source:
+        return None
+    if source == "skab":
+        file = Path(args.skab_file).resolve() if args.skab_file else None
+        if file is None or not file.is_file():
+            raise ConfigError("--skab-file", "", f"{args.skab_file or '(none)'}: no such file")
+        return SimulationConfig(source="skab", file=file, loop=True)
+    events = ()
+    if getattr(args, "fault", None):
+        from drivers.sim.sources import FaultEvent
+
+        events = (FaultEvent(args.fault, at=args.fault_at, ramp=20.0, duration=1e12),)
+    return SimulationConfig(source="pump", seed=args.seed, events=events)

@@ -62,9 +62,7 @@ class ReadingPrinter:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from agent.service.cli import example_config
-
-    path = Path(args.config) if args.config else example_config()
+    path = Path(args.config) if args.config else configmod.example_config()
     if not args.simulate:
         args.simulate = "pump"
     cfg = configmod.load(path)
@@ -195,8 +193,6 @@ def _alert_line(agent: Any, rec: Any, clock: RealClock) -> str:
 
 
 def _simulation(args: argparse.Namespace) -> configmod.SimulationConfig:
-    from agent.service.cli import _simulation as from_args
-
-    sim = from_args(args)
+    sim = configmod.simulation_from_args(args)
     assert sim is not None
     return sim

@@ -22,30 +22,31 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent import __version__
 from agent.detect.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
 from agent.detect.detector import Detector
-from agent.errors import ModelError, SyncError
+from agent.errors import ModelError
 from agent.metrics import Registry, write_textfile
-from agent.modelstore.assignment import Assignment, ModelManager, Prepared
-from agent.modelstore.cache import ModelCache, ModelFetcher
+from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager, Prepared
+from agent.modelstore.cache import ModelCache
+from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.sense.hardware import Hardware
 from agent.sense.ingest import TelemetryWriter
 from agent.sense.sampling import Sampler
+from agent.service.agentmetrics import register_metrics
 from agent.service.config import Config
+from agent.service.hooks import AgentHooks
 from agent.service.notify import Health, Notifier, run_watchdog
 from agent.service.status import StatusServer, socket_path
 from agent.store.queue import Store, StoreStats
 from agent.sync.link import CoapProbe, LinkMonitor
 from agent.sync.routing import Router
-from agent.sync.state import AgentHooks, StateSync
+from agent.sync.state import StateSync
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Uplink
 from drivers.base import Reading
@@ -63,143 +64,6 @@ READY_WITHIN = 30.0
 STATS_INTERVAL = 2.0
 #: Seconds between checks for sensor health or link changes to report.
 STATE_WATCH_INTERVAL = 1.0
-#: Retry delays (seconds; exponential, full jitter) of a model assignment the link interrupted.
-MODEL_RETRY_BASE = 5.0
-MODEL_RETRY_MAX = 300.0
-
-
-class ModelAssignments:
-    """Desired ``model/<role>`` values, applied by a
-    :class:`~agent.modelstore.assignment.ModelManager` in the background (the state hooks'
-    ``apply`` is synchronous).
-
-    :meth:`apply` checks the value and starts one task per role; a newer value for a role cancels
-    the task still running for it (a partial download stays in the cache and resumes). Unset
-    (None) goes back to the configured model. A link failure (SyncError) is not a refusal: the
-    assignment is tried again with exponential backoff and full jitter and reported ``loading``
-    meanwhile, never ``failed`` (a failed report blocks that version at the endpoint). A refused
-    model (ModelError) is reported ``failed`` with its desired version, the running model kept.
-    """
-
-    def __init__(
-        self,
-        manager: ModelManager,
-        clock: Clock,
-        *,
-        configured: Mapping[str, Assignment],
-        desired_version: Callable[[str], int | None],
-        changed: Callable[[], None],
-        rng: random.Random | None = None,
-    ) -> None:
-        self.manager = manager
-        self.clock = clock
-        self.configured = dict(configured)
-        self.desired_version = desired_version
-        self.changed = changed
-        self.rng = rng or random.Random()
-        self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.loading: dict[str, tuple[Assignment, str | None]] = {}  # role -> (it, last error)
-
-    def apply(self, role: str, value: Any) -> None:
-        if value is None:
-            a = self.configured.get(role)
-            if a is None:
-                raise ValueError(f"model/{role}: no model is configured for this role")
-        else:
-            a = Assignment.from_desired(role, value)
-        old = self.tasks.pop(role, None)
-        if old is not None:
-            old.cancel()
-        task = asyncio.get_running_loop().create_task(self._assign(a), name=f"model-{role}")
-        self.tasks[role] = task
-        task.add_done_callback(lambda t: self._done(role, t))
-
-    def _done(self, role: str, task: asyncio.Task[None]) -> None:
-        if self.tasks.get(role) is task:
-            del self.tasks[role]
-            self.loading.pop(role, None)
-
-    async def _assign(self, a: Assignment) -> None:
-        key = f"model/{a.role}"
-        attempt = 0
-        error: str | None = None
-        while True:
-            a = replace(a, desired=self.desired_version(key))
-            self.loading[a.role] = (a, error)
-            self.changed()
-            try:
-                state = await self.manager.assign(a)
-                break
-            except SyncError as err:
-                error = str(err)
-                delay = self.rng.uniform(0.0, min(MODEL_RETRY_MAX, MODEL_RETRY_BASE * 2**attempt))
-                attempt += 1
-                log.info(
-                    "event=model_assignment_deferred role=%s name=%s version=%s attempt=%d "
-                    "retry_in=%.1f error=%r",
-                    a.role,
-                    a.name,
-                    a.version,
-                    attempt,
-                    delay,
-                    error,
-                )
-            except Exception:  # a bug: keep what runs, report nothing as refused
-                log.exception("event=model_assignment_crashed role=%s name=%s", a.role, a.name)
-                self.loading.pop(a.role, None)
-                self.changed()
-                return
-            self.loading[a.role] = (a, error)
-            self.changed()
-            await self.clock.sleep(delay)
-        self.loading.pop(a.role, None)
-        log.info(
-            "event=model_assignment role=%s status=%s model=%s@%s desired=%s",
-            a.role,
-            state.status,
-            state.name,
-            state.version,
-            a.desired,
-        )
-        self.changed()
-
-    def reported(self) -> dict[str, Any]:
-        """``{"model/<role>": report}``: the manager's, ``loading`` while one is fetched."""
-        out = self.manager.reported()
-        for role, (a, error) in self.loading.items():
-            key = f"model/{role}"
-            report = {**out.get(key, {}), "status": "loading", "desired": a.desired}
-            report["loading"] = f"{a.name} {a.version or ''}".strip()
-            report.pop("refused", None)
-            report.pop("error", None)
-            if error:
-                report["error"] = error[:200]
-            if a.desired is None:
-                del report["desired"]
-            out[key] = report
-        return out
-
-    def status(self) -> dict[str, Any]:
-        cache = self.manager.cache
-        st = cache.stats
-        return {
-            "applied": self.manager.stats.applied,
-            "rolled_back": self.manager.stats.rolled_back,
-            "cached": [f"{n}@{v}" for n, v in cache.cached()],
-            "pinned": sorted(f"{n}@{v}" for n, v in cache.pins),
-            "disk_bytes": cache.disk_used,
-            "memory_bytes": cache.memory_used,
-            "downloads": st.downloads,
-            "refused": st.refused,
-            "hits": st.hits,
-        }
-
-    async def close(self) -> None:
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
 
 
 class Agent:
@@ -325,7 +189,7 @@ class Agent:
                 self.last_stats = await self.store.stats()
 
     # -- status ----------------------------------------------------------------------------
-    def _link_status(self) -> dict[str, Any]:
+    def link_status(self) -> dict[str, Any]:
         up = self.uplink
         if up is None:
             return {"state": "disabled"}
@@ -375,7 +239,7 @@ class Agent:
             "readings": self.readings,
             "sensors": [h.as_dict() for h in self.sampler.health.values()] if self.sampler else [],
             "queue": queue,
-            "link": self._link_status(),
+            "link": self.link_status(),
             "state": self.state.status if self.state is not None else None,
             "models": self._models_status(),
             "model_cache": self.assignments.status() if self.assignments else None,
@@ -439,7 +303,7 @@ class Agent:
         )
         self._build_state()
         self._stuck_checks()
-        self.metrics_setup()
+        register_metrics(self, self.metrics)
         if self._status is not None:
             try:
                 await self._status.start()
@@ -614,8 +478,10 @@ class Agent:
             return
         d = self.config.detect.detect
         endpoints = self.endpoints
-        fetcher = ModelFetcher(
-            lambda: endpoints.current, endpoint_path=self.config.models.endpoint_path
+        fetcher = ModelFetcher(  # a transport of its own, closed with the cache on stop
+            CoapTransport(self.clock, lanes=BLOCK_WINDOW),
+            lambda: endpoints.current,
+            endpoint_path=self.config.models.endpoint_path,
         )
         try:
             cache = ModelCache.open(
@@ -742,7 +608,7 @@ class Agent:
             self.sampler,
             version=__version__,
             queue_depth=lambda: self.last_stats.depth if self.last_stats else None,
-            link=self._link_status,
+            link=self.link_status,
             analyzer=lambda: getattr(self, "analyzer", None),
             models=self.assignments,
         )
@@ -764,7 +630,7 @@ class Agent:
         while True:
             seen = (
                 tuple((name, h.state.value) for name, h in self.sampler.health.items()),
-                self._link_status().get("state"),
+                self.link_status().get("state"),
             )
             if last is not None and seen != last:
                 self.state.changed()
@@ -789,59 +655,3 @@ class Agent:
             return None
         scaling = cfg.scaling.get(channel)
         return step * abs(scaling.gain) if scaling else step
-
-    # -- metrics ----------------------------------------------------------------------------
-    def metrics_setup(self) -> None:
-        m = self.metrics
-        readings = m.counter("readings_total", "Readings taken, by sensor", ["sensor"])
-        errors = m.counter("sensor_errors_total", "Failed sensor reads, by sensor", ["sensor"])
-        up = m.gauge("sensor_up", "1 when the sensor's last read succeeded", ["sensor"])
-        depth = m.gauge("queue_depth", "Records queued, by kind", ["kind"])
-        qbytes = m.gauge("queue_bytes", "Payload bytes queued, by kind", ["kind"])
-        evicted = m.counter("queue_evicted_total", "Records evicted for the budget", ["kind"])
-        file_bytes = m.gauge("queue_file_bytes", "Size of the queue files on disk")
-        dropped = m.counter(
-            "telemetry_dropped_total", "Readings dropped before the store", ["reason"]
-        )
-        uptime = m.gauge("uptime_seconds", "Seconds since the agent started")
-        up_bytes = m.counter("uplink_bytes_total", "Batch bytes sent to the cloud endpoint")
-        up_records = m.counter("uplink_records_total", "Records acknowledged by the endpoint")
-        up_batches = m.counter("uplink_batches_total", "Batches sent, by outcome", ["outcome"])
-        rtt = m.gauge("link_rtt_seconds", "Smoothed round-trip time to the endpoint")
-        loss = m.gauge("link_loss_ratio", "Share of exchanges retransmitted or lost")
-        link_state = m.gauge("link_state", "1 for the link's current state", ["state"])
-
-        def collect() -> None:
-            assert self.sampler is not None
-            for name, h in self.sampler.health.items():
-                readings.set_total(h.reads, sensor=name)
-                errors.set_total(h.errors, sensor=name)
-                up.set(1.0 if h.state.value == "ok" else 0.0, sensor=name)
-            stats = self.last_stats
-            if stats is not None:
-                for kind, ks in stats.kinds.items():
-                    depth.set(ks.depth, kind=kind)
-                    qbytes.set(ks.bytes, kind=kind)
-                    evicted.set_total(ks.evicted, kind=kind)
-                file_bytes.set(stats.file_bytes)
-            if self.writer is not None:
-                dropped.set_total(self.writer.dropped_full, reason="store_full")
-                dropped.set_total(self.writer.dropped_overflow, reason="overflow")
-            uptime.set(self.clock.monotonic() - self.started)
-            link = self._link_status()
-            for state in ("high", "medium", "low", "offline", "disabled"):
-                link_state.set(1.0 if link["state"] == state else 0.0, state=state)
-            if self.uplink is not None:
-                st = self.uplink.stats
-                up_bytes.set_total(st.bytes_sent)
-                up_records.set_total(st.records_acked)
-                up_batches.set_total(st.batches_acked, outcome="acked")
-                up_batches.set_total(st.batches_failed, outcome="failed")
-                if link["rtt_ms"] is not None:
-                    rtt.set(link["rtt_ms"] / 1000)
-                if link["loss"] is not None:
-                    loss.set(link["loss"])
-
-        m.collector(collect)
-        if self.analyzer is not None:
-            m.collector(self.analyzer.register_metrics(m))

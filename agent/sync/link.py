@@ -38,7 +38,7 @@ from typing import Any
 from agent.errors import SyncError
 from agent.sync.uplink import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Exchange, Uplink, network_time
 from agent.wire import codec
-from agent.wire.codec import CF_SENML_CBOR
+from agent.wire.batch import CF_SENML_CBOR
 from drivers.base import Options
 from drivers.clock import Clock, wait_event
 

@@ -61,9 +61,10 @@ from agent.detect.detector import Alert, AlertKind
 from agent.errors import StoreError, SyncError
 from agent.files import write_atomic
 from agent.store.queue import NewRecord, Store
+from agent.sync.backoff import full_jitter
 from agent.sync.transport import Response, code
 from agent.wire import records
-from agent.wire.codec import CF_CBOR, format_ranges
+from agent.wire.batch import CF_CBOR, format_ranges
 from agent.wire.records import EventBody, Kind
 from drivers.base import Options
 from drivers.clock import Clock, RealClock, wait_event
@@ -389,8 +390,9 @@ class Router:
             await self._commit_verdicts()
 
     def _backoff(self, attempts: int) -> float:
-        cap = min(self.settings.backoff_max, self.settings.backoff_base * 2 ** min(attempts, 30))
-        return self.rng.uniform(0.0, cap)
+        return full_jitter(
+            attempts, self.settings.backoff_base, self.settings.backoff_max, self.rng
+        )
 
     async def _validate(self, p: _Pending) -> None:
         uri = f"{self._endpoint()}/validate/{self.device_id}"

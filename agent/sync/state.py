@@ -56,19 +56,10 @@ failed`` so that the endpoint blocks that version. A refused version is never re
 operator's next assignment (a new version) is tried. A model version the endpoint lists in
 ``blocked`` is not tried either (it failed before, maybe before a reinstall).
 
-The runtime's side is :class:`AgentHooks` (what is reported, how desired keys are applied).
+The runtime's side is :class:`agent.service.hooks.AgentHooks` (what is reported, how desired
+keys are applied).
 
-Persistence: one file (``[state] path``, deterministic CBOR), written atomically (temp file, fsync,
-rename, fsync of the directory) *after* desired keys are applied and whenever reported versions or
-pending keys change::
-
-    {"format": 1, "device": tstr, "clock": uint,            ; last reported version issued
-     "rev": uint,                                           ; highest desired rev processed
-     "reported": {key => [version, value]},                 ; last value numbered per key
-     "pending": [* key],                                    ; not yet acknowledged by the endpoint
-     "applied": {key => [version, value / null]},           ; desired keys applied
-     "failed": {key => [version, error: tstr, name: tstr / null]}}  ; desired versions refused
-
+Persistence: one file (``[state] path``, format in :mod:`agent.sync.statedata`).
 :meth:`StateSync.restore` (at start-up, before the sensors run) applies the persisted desired
 values again, so configuration overrides survive a restart. A crash between applying a key and
 persisting it re-applies that key once after the restart (the same value, so harmless).
@@ -87,19 +78,33 @@ import logging
 import math
 import os
 import random
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from agent.errors import SyncError
 from agent.files import write_atomic
+from agent.sync.backoff import full_jitter
+from agent.sync.statedata import (
+    STATE_FORMAT,
+    Failure,
+    StateFileError,
+    StateHooks,
+    StateSettings,
+    chunks,
+    decode_state,
+    error_text,
+    model_name,
+    parse_acks,
+    parse_desired_document,
+    reported_problem,
+    same_value,
+    show,
+)
 from agent.sync.transport import CoapTransport, Endpoints, Response, code
 from agent.wire import records, statedoc
-from agent.wire.records import RecordError
 from agent.wire.statedoc import Entry, Rule, StateError
-from drivers.base import Options
 from drivers.clock import Clock, wait_event
 
 log = logging.getLogger(__name__)
@@ -129,9 +134,6 @@ OBSERVE_MIN_LIFETIME = 10.0
 FALLBACK_AFTER = 3
 #: Reported PUT bodies are split to about this size (one datagram); the endpoint takes 8 KiB.
 PUT_CHUNK_BYTES = 1024
-#: Longest error text kept and reported for a refused desired value.
-ERROR_TEXT_MAX = 200
-STATE_FORMAT = 1
 
 CF_CBOR = 60
 CODE_CONTENT = code("2.05")
@@ -143,81 +145,9 @@ ERRORS_KEY = "desired/errors"
 REV_KEY = "desired/rev"
 
 
-#: The state file's default name, relative to the data directory.
-STATE_FILE = "state.cbor"
-
-
-@dataclass(frozen=True)
-class StateSettings:
-    """``[state]``: how often reported state is sent, the deadline of each exchange, and where
-    the state file lives."""
-
-    report_interval: float = 300.0  # full reported PUT at least this often
-    min_put_interval: float = 2.0  # coalesce changes: at most one PUT per this many seconds
-    deadline: float = 30.0  # per exchange
-    path: Path = Path(STATE_FILE)  # absolute once read from a config file
-
-    def __post_init__(self) -> None:
-        for name in ("report_interval", "deadline"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not (math.isfinite(self.min_put_interval) and self.min_put_interval >= 0):
-            raise ValueError(f"min_put_interval must be >= 0, got {self.min_put_interval!r}")
-
-    @classmethod
-    def from_options(cls, opts: Options, data_dir: Path) -> StateSettings:
-        """Validate the ``[state]`` table (errors name the key) and call ``opts.finish()``.
-
-        Keys: ``report_interval`` (300 s, 1..86400), ``min_put_interval`` (2 s, 0..3600, at most
-        ``report_interval``), ``deadline`` (30 s, 1..600), ``path`` (``state.cbor``, relative to
-        ``data_dir``).
-        """
-        report = opts.number("report_interval", 300.0, minimum=1.0, maximum=86400.0)
-        min_put = opts.number("min_put_interval", 2.0, minimum=0.0, maximum=3600.0)
-        deadline = opts.number("deadline", 30.0, minimum=1.0, maximum=600.0)
-        if min_put > report:
-            raise opts.error("min_put_interval", f"{min_put:g} is above report_interval")
-        raw_path = opts.string("path", STATE_FILE)
-        if not raw_path.strip():
-            raise opts.error("path", "is empty")
-        path = Path(raw_path).expanduser()
-        if not path.is_absolute():
-            path = Path(data_dir) / path
-        opts.finish()
-        return cls(report_interval=report, min_put_interval=min_put, deadline=deadline, path=path)
-
-
-class StateHooks(Protocol):
-    """What the runtime provides to :class:`StateSync`."""
-
-    def reported(self) -> dict[str, Any]:
-        """The current reported values ``{key: value}``: ``agent/version``,
-        ``sensor/<name>/health|enabled|interval``, ``detect/<name>/threshold``, ``queue/depth``,
-        ``link/state``, ``model/<slot>``, ``counter/<name>``... (docs/protocol.md)."""
-
-    def apply(self, key: str, value: Any) -> None:
-        """Apply one desired key live; ``None`` unsets it (go back to the config file's value).
-        Raise ValueError with a message when the value cannot be applied."""
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A desired version that could not be applied (it is not retried)."""
-
-    version: int
-    error: str
-    name: str | None = None  # the model name, for model/<slot>
-
-
-class StateFileError(ValueError):
-    """The persisted state file does not decode or does not have the expected shape."""
-
-
-def full_jitter(failures: int, rng: random.Random) -> float:
+def _jitter(failures: int, rng: random.Random) -> float:
     """Backoff before the next attempt after ``failures`` consecutive failures."""
-    top = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(failures, 30))
-    return max(BACKOFF_FLOOR, rng.uniform(0.0, top))
+    return full_jitter(failures, BACKOFF_BASE, BACKOFF_CAP, rng, floor=BACKOFF_FLOOR)
 
 
 class StateSync:
@@ -290,14 +220,14 @@ class StateSync:
             try:
                 self.hooks.apply(key, entry.value)
             except Exception as err:
-                text = _error_text(err)
+                text = error_text(err)
                 log.warning(
                     "event=desired_restore_failed key=%s version=%d error=%r",
                     key,
                     entry.version,
                     text,
                 )
-                self._failed[key] = Failure(entry.version, text, _model_name(entry.value))
+                self._failed[key] = Failure(entry.version, text, model_name(entry.value))
                 self._unsaved = True
                 continue
             restored += 1
@@ -433,7 +363,7 @@ class StateSync:
         try:
             values = dict(self.hooks.reported())
         except Exception as err:
-            log.error("event=reported_hook_failed error=%r", _error_text(err))
+            log.error("event=reported_hook_failed error=%r", error_text(err))
             values = {}
         for key, entry in self._applied.items():
             if entry.value is not None and key not in self._failed:
@@ -460,9 +390,9 @@ class StateSync:
         changed = False
         for key, value in values.items():
             old = self._reported.get(key)
-            if old is not None and _same(old.value, value):
+            if old is not None and same_value(old.value, value):
                 continue
-            problem = _reported_problem(key, value)
+            problem = reported_problem(key, value)
             if problem is not None:
                 if self._bad_keys.get(key) != problem:
                     self._bad_keys[key] = problem
@@ -510,7 +440,7 @@ class StateSync:
             return True
         entries = {k: self._reported[k] for k in sorted(keys)}
         log.debug("event=reported_put keys=%d full=%s", len(entries), str(full).lower())
-        for chunk in _chunks(entries, PUT_CHUNK_BYTES):
+        for chunk in chunks(entries, PUT_CHUNK_BYTES):
             if not await self._put(chunk):
                 return False
         return True
@@ -541,10 +471,10 @@ class StateSync:
         now = self.clock.monotonic()
         if resp.code == CODE_CHANGED:
             try:
-                acks = _parse_acks(resp.payload)
+                acks = parse_acks(resp.payload)
             except StateError as err:
                 log.warning("event=reported_ack_unreadable endpoint=%s error=%r", base, str(err))
-                self._retry_at = now + full_jitter(self._failures, self.rng)
+                self._retry_at = now + _jitter(self._failures, self.rng)
                 return False
             self._exchange_ok(base, renew_observation=True)
             if self._handle_acks(chunk, acks):
@@ -562,7 +492,7 @@ class StateSync:
             return False
         if resp.code == CODE_UNAVAILABLE:
             pause = float(resp.max_age) if resp.max_age is not None else UNAVAILABLE_PAUSE
-            self._retry_at = now + max(pause, full_jitter(self._failures, self.rng))
+            self._retry_at = now + max(pause, _jitter(self._failures, self.rng))
             return False
         if resp.code >> 5 == 4:
             # the endpoint refuses these entries as they are: resending them unchanged would be
@@ -594,7 +524,7 @@ class StateSync:
         self._last_put_wall = self.clock.time()
         self._last_put_result = f"error: {why}"
         self._exchange_failed(base, why)
-        delay = full_jitter(self._failures, self.rng)
+        delay = _jitter(self._failures, self.rng)
         self._retry_at = self.clock.monotonic() + delay
         log.debug(
             "event=reported_put_failed endpoint=%s failures=%d backoff=%.2f error=%r",
@@ -726,7 +656,7 @@ class StateSync:
             log.info("event=observe_renew endpoint=%s reason=%s", base, why)
             return 0.0
         self._observe_failures += 1
-        delay = full_jitter(self._observe_failures, self.rng)
+        delay = _jitter(self._observe_failures, self.rng)
         log.info(
             "event=observe_renew endpoint=%s reason=%s lifetime=%.1f backoff=%.2f",
             base,
@@ -741,10 +671,10 @@ class StateSync:
             # it worked and then broke (a network error mid-observation): register again soon
             self._observe_failures = 0
             log.info("event=observe_renew endpoint=%s reason=network_error error=%r", base, why)
-            return full_jitter(0, self.rng)
+            return _jitter(0, self.rng)
         self._exchange_failed(base, why)
         self._observe_failures += 1
-        delay = full_jitter(self._observe_failures, self.rng)
+        delay = _jitter(self._observe_failures, self.rng)
         log.debug(
             "event=observe_failed endpoint=%s failures=%d backoff=%.2f error=%r",
             base,
@@ -764,7 +694,7 @@ class StateSync:
             )
             return NOT_REGISTERED_PAUSE
         self._observe_failures += 1
-        delay = full_jitter(self._observe_failures, self.rng)
+        delay = _jitter(self._observe_failures, self.rng)
         if resp.code == CODE_UNAVAILABLE:
             pause = float(resp.max_age) if resp.max_age is not None else UNAVAILABLE_PAUSE
             delay = max(delay, pause)
@@ -800,7 +730,7 @@ class StateSync:
                 self._failed[key] = Failure(
                     entry.version,
                     "blocked by the endpoint: loading this version failed before",
-                    _model_name(entry.value),
+                    model_name(entry.value),
                 )
                 log.info("event=desired_blocked key=%s version=%d", key, entry.version)
                 continue
@@ -809,12 +739,12 @@ class StateSync:
                 statedoc.check_desired(key, entry.value)
                 self.hooks.apply(key, entry.value)
             except (StateError, ValueError) as err:
-                error = _error_text(err)
+                error = error_text(err)
             except Exception as err:  # a bug in the runtime's hook: refuse, keep running
-                error = _error_text(err)
+                error = error_text(err)
                 log.error("event=desired_apply_crashed key=%s error=%r", key, error)
             if error is not None:
-                self._failed[key] = Failure(entry.version, error, _model_name(entry.value))
+                self._failed[key] = Failure(entry.version, error, model_name(entry.value))
                 log.warning(
                     "event=desired_rejected key=%s version=%d error=%r action=kept_previous",
                     key,
@@ -828,7 +758,7 @@ class StateSync:
                 "event=desired_applied key=%s version=%d value=%s",
                 key,
                 entry.version,
-                _show(entry.value),
+                show(entry.value),
             )
         if rev > self._rev:
             self._rev = rev
@@ -841,296 +771,6 @@ class StateSync:
         applied = self._applied.get(key)
         failed = self._failed.get(key)
         return max(applied.version if applied else 0, failed.version if failed else 0)
-
-
-class AgentHooks:
-    """:class:`StateHooks` over the running agent's parts (built by :mod:`agent.service.runtime`).
-
-    Reported: ``agent/version``; per sensor its ``health`` and the ``enabled`` flag and
-    ``interval`` in effect; ``queue/depth``; ``link/state`` (``link/rtt_ms`` and ``link/loss``
-    once measured); ``model/<slot>`` from the analyzer's ``models()``; ``detect/<model>/threshold``
-    once one was set. Applied live: ``sensor/<name>/interval`` and ``sensor/<name>/enabled`` on
-    the sampler (the other sensors go on untouched; unset goes back to the config file's interval,
-    or to enabled), and ``detect/<model>/threshold`` through the analyzer's ``set_threshold``.
-    With ``models`` (the runtime's model assignments: ``apply(role, value)`` checks the value and
-    starts the assignment in the background; ``reported()`` gives ``{"model/<role>": report}``),
-    ``model/<role>`` is applied too and its report (active, or failed with the desired version)
-    is merged over the analyzer's view. Every other key is refused.
-    """
-
-    def __init__(
-        self,
-        sampler: Any,
-        *,
-        version: str,
-        queue_depth: Callable[[], int | None],
-        link: Callable[[], Mapping[str, Any]],
-        analyzer: Callable[[], Any] = lambda: None,
-        models: Any = None,
-    ) -> None:
-        self.sampler = sampler
-        self.version = version
-        self.queue_depth = queue_depth
-        self.link = link
-        self.analyzer = analyzer
-        self.models = models
-        self._thresholds: dict[str, float] = {}
-
-    def reported(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"agent/version": self.version}
-        for name, task in self.sampler.tasks.items():
-            out[f"sensor/{name}/health"] = task.health.state.value
-            out[f"sensor/{name}/enabled"] = task.enabled
-            out[f"sensor/{name}/interval"] = task.interval
-        depth = self.queue_depth()
-        if depth is not None:
-            out["queue/depth"] = depth
-        link = self.link()
-        if link.get("state") is not None:
-            out["link/state"] = link["state"]
-        if link.get("rtt_ms") is not None:
-            out["link/rtt_ms"] = round(float(link["rtt_ms"]), 1)
-        if link.get("loss") is not None:
-            out["link/loss"] = round(float(link["loss"]), 3)
-        for slot, info in self._models().items():
-            report = _model_report(info)
-            if report is not None:
-                out[f"model/{slot}"] = report
-        if self.models is not None:  # the assignment's view wins (status, desired, error)
-            for key, report in self.models.reported().items():
-                out[key] = {**out.get(key, {}), **report}
-        for model, value in self._thresholds.items():
-            out[f"detect/{model}/threshold"] = value
-        return out
-
-    def apply(self, key: str, value: Any) -> None:
-        kind, _, rest = key.partition("/")
-        name, _, leaf = rest.rpartition("/")
-        if kind == "sensor" and leaf in ("interval", "enabled"):
-            task = self.sampler.tasks.get(name)
-            if task is None:
-                known = ", ".join(sorted(self.sampler.tasks))
-                raise ValueError(f"no sensor named {name!r} in this agent's config ({known})")
-            if leaf == "interval":
-                seconds = task.cfg.interval if value is None else float(value)
-                self.sampler.set_interval(name, seconds)
-            else:
-                self.sampler.set_enabled(name, True if value is None else bool(value))
-            return
-        if kind == "detect" and leaf == "threshold" and name:
-            self._set_threshold(name, value)
-            return
-        if kind == "model" and self.models is not None:
-            self.models.apply(rest, value)  # checked here; fetched and swapped in a task
-            return
-        also = ", model/<role>" if self.models is not None else ""
-        raise ValueError(
-            f"{key}: this agent applies only sensor/<name>/interval, sensor/<name>/enabled"
-            f"{also} and detect/<model>/threshold"
-        )
-
-    def _set_threshold(self, model: str, value: Any) -> None:
-        analyzer = self.analyzer()
-        if analyzer is None or not callable(getattr(analyzer, "set_threshold", None)):
-            raise ValueError("no detector runs on this agent: there is no threshold to set")
-        models = self._models()
-        names = {str(slot) for slot in models}
-        names |= {v if isinstance(v, str) else _model_name(v) or "" for v in models.values()}
-        names.discard("")
-        if models and model not in names:
-            raise ValueError(f"no model {model!r} runs here ({', '.join(sorted(names))})")
-        analyzer.set_threshold(None if value is None else float(value))  # None: calibrated
-        if value is None:
-            self._thresholds.pop(model, None)
-        else:
-            self._thresholds[model] = float(value)
-
-    def _models(self) -> dict[str, Any]:
-        models = getattr(self.analyzer(), "models", None)
-        if not callable(models):
-            return {}
-        try:
-            return dict(models())
-        except Exception as err:  # a status read must never stop the reports
-            log.warning("event=models_unreadable error=%r", _error_text(err))
-            return {}
-
-
-def _model_report(info: Any) -> dict[str, Any] | None:
-    """A ``model/<slot>`` report from what the analyzer says of a slot: a name, or a dict with
-    ``name`` (``sha256``, ``active``: the one in use, ``status``, ``desired``, ``error``)."""
-    if isinstance(info, str):
-        return {"name": info, "status": "active"}
-    if not isinstance(info, Mapping):
-        return None
-    report = {k: info[k] for k in ("name", "sha256", "status", "desired", "error") if k in info}
-    report.setdefault("status", "active")  # loaded and ready
-    if isinstance(info.get("active"), bool):
-        report["in_use"] = info["active"]
-    return report
-
-
-# -- helpers ---------
-
-
-def parse_desired_document(
-    payload: bytes,
-) -> tuple[int, dict[str, Entry], dict[str, int], list[tuple[str, str]]]:
-    """A desired document, leniently: ``(rev, entries, blocked, problems)``.
-
-    A document that does not decode, or is not ``{rev, keys, ? blocked}``, raises
-    :class:`StateError`. An entry without a usable ``[version, value]`` is left out and named in
-    ``problems`` so that the other keys still apply; values are checked per key by the caller.
-    """
-    try:
-        doc = records.loads(payload, max_depth=16)
-    except RecordError as err:
-        raise StateError(f"desired document: {err}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
-        raise StateError("desired document: expected {rev, keys, ? blocked}")
-    rev = doc.get("rev")
-    if not _is_version(rev):
-        raise StateError(f"desired document: rev must be an unsigned integer, got {rev!r}")
-    entries: dict[str, Entry] = {}
-    problems: list[tuple[str, str]] = []
-    for key, item in doc["keys"].items():
-        if not isinstance(key, str):
-            problems.append((repr(key), "a key is not text"))
-        elif not (isinstance(item, list) and len(item) == 2 and _is_version(item[0])):
-            problems.append((key, f"expected [version, value], got {item!r}"[:ERROR_TEXT_MAX]))
-        else:
-            entries[key] = Entry(item[0], item[1])
-    blocked: dict[str, int] = {}
-    raw_blocked = doc.get("blocked", {})
-    if isinstance(raw_blocked, dict):
-        blocked = {k: v for k, v in raw_blocked.items() if isinstance(k, str) and _is_version(v)}
-    else:
-        problems.append(("blocked", "expected a map of key => version"))
-    return rev, entries, blocked, problems
-
-
-def decode_state(data: bytes) -> dict[str, Any]:
-    """The persisted state file, checked; :class:`StateFileError` if it is not one."""
-    try:
-        doc = records.loads(data)
-    except RecordError as err:
-        raise StateFileError(str(err)) from None
-    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
-        raise StateFileError(f"not a state file of format {STATE_FORMAT}")
-    if not isinstance(doc.get("device"), str):
-        raise StateFileError("device: expected text")
-    for name in ("clock", "rev"):
-        if not _is_version(doc.get(name)):
-            raise StateFileError(f"{name}: expected an unsigned integer")
-
-    def entries(name: str) -> dict[str, Entry]:
-        raw = doc.get(name)
-        if not isinstance(raw, dict):
-            raise StateFileError(f"{name}: expected a map")
-        out: dict[str, Entry] = {}
-        for key, item in raw.items():
-            if not (
-                isinstance(key, str)
-                and isinstance(item, list)
-                and len(item) == 2
-                and _is_version(item[0])
-            ):
-                raise StateFileError(f"{name}: {key!r}: expected [version, value]")
-            out[key] = Entry(item[0], item[1])
-        return out
-
-    pending = doc.get("pending")
-    if not isinstance(pending, list) or not all(isinstance(k, str) for k in pending):
-        raise StateFileError("pending: expected a list of keys")
-    failed: dict[str, Failure] = {}
-    raw_failed = doc.get("failed")
-    if not isinstance(raw_failed, dict):
-        raise StateFileError("failed: expected a map")
-    for key, item in raw_failed.items():
-        if not (
-            isinstance(key, str)
-            and isinstance(item, list)
-            and len(item) == 3
-            and _is_version(item[0])
-            and isinstance(item[1], str)
-            and (item[2] is None or isinstance(item[2], str))
-        ):
-            raise StateFileError(f"failed: {key!r}: expected [version, error, name]")
-        failed[key] = Failure(item[0], item[1], item[2])
-    return {
-        "device": doc["device"],
-        "clock": doc["clock"],
-        "rev": doc["rev"],
-        "reported": entries("reported"),
-        "pending": set(pending),
-        "applied": entries("applied"),
-        "failed": failed,
-    }
-
-
-def _is_version(value: Any) -> bool:
-    return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and 0 <= value <= statedoc.MAX_VERSION
-    )
-
-
-def _parse_acks(payload: bytes) -> dict[str, int]:
-    try:
-        doc = records.loads(payload, max_depth=4)
-    except RecordError as err:
-        raise StateError(f"reported ack: {err}") from None
-    if not isinstance(doc, dict) or not all(
-        isinstance(k, str) and _is_version(v) for k, v in doc.items()
-    ):
-        raise StateError("reported ack: expected a map of key => version")
-    return doc
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return statedoc.encode_value(a) == statedoc.encode_value(b)
-    except StateError:
-        return False
-
-
-def _reported_problem(key: str, value: Any) -> str | None:
-    """Why the endpoint would refuse ``key: value`` in a reported PUT (its own check), or None."""
-    try:
-        statedoc.parse_reported(statedoc.encode_reported({key: Entry(0, value)}))
-    except (StateError, RecordError) as err:
-        return str(err)
-    return None
-
-
-def _chunks(entries: Mapping[str, Entry], limit: int) -> Iterator[dict[str, Entry]]:
-    chunk: dict[str, Entry] = {}
-    size = 1
-    for key, entry in entries.items():
-        n = len(statedoc.encode_reported({key: entry}))
-        if chunk and size + n > limit:
-            yield chunk
-            chunk, size = {}, 1
-        chunk[key] = entry
-        size += n
-    if chunk:
-        yield chunk
-
-
-def _model_name(value: Any) -> str | None:
-    if isinstance(value, dict) and isinstance(value.get("name"), str):
-        return value["name"]
-    return None
-
-
-def _error_text(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
-    return text[:ERROR_TEXT_MAX]
-
-
-def _show(value: Any) -> str:
-    return repr(value)[:ERROR_TEXT_MAX]
 
 
 async def _anext(stream: Any) -> Response:

@@ -42,6 +42,8 @@ class Response:
     content_format: int | None = None
     max_age: int | None = None
     etag: bytes | None = None
+    size2: int | None = None
+    block2: tuple[int, bool, int] | None = None  # Block2 of the answer: (num, more, szx)
 
     @property
     def dotted(self) -> str:
@@ -106,10 +108,15 @@ class CoapTransport:
         lane: int = 0,
         ack_timeout: float | None = None,
         confirmable: bool = True,
+        block2: tuple[int, int] | None = None,
     ) -> Response:
-        """One exchange; raises SyncError when it fails or misses its deadline."""
+        """One exchange; raises SyncError when it fails or misses its deadline.
+
+        ``block2``: (block number, szx) asks for that one block (RFC 7959), without aiocoap's
+        automatic block-wise transfer (the default); the answer's Block2 is ``Response.block2``."""
         import aiocoap
         from aiocoap import error as coap_error
+        from aiocoap.optiontypes import BlockOption
 
         ctx = await self._context(lane % self.lanes)
         msg = aiocoap.Message(
@@ -122,8 +129,10 @@ class CoapTransport:
             msg.opt.content_format = content_format
         if accept is not None:
             msg.opt.accept = accept
+        if block2 is not None:
+            msg.opt.block2 = BlockOption.BlockwiseTuple(block2[0], False, block2[1])
         try:
-            req = ctx.request(msg)
+            req = ctx.request(msg, handle_blockwise=block2 is None)
         except (coap_error.Error, ValueError, OSError) as err:
             raise SyncError(f"{method} {uri}: {err}") from err
         try:
@@ -209,12 +218,15 @@ async def _shutdown(ctx: Any) -> None:
 def _response(resp: Any) -> Response:
     opt = resp.opt
     cf = opt.content_format
+    b2 = opt.block2
     return Response(
         code=int(resp.code),
         payload=bytes(resp.payload),
         content_format=int(cf) if cf is not None else None,
         max_age=opt.max_age,
         etag=opt.etag,
+        size2=opt.size2,
+        block2=None if b2 is None else (b2.block_number, bool(b2.more), b2.size_exponent),
     )
 
 

@@ -35,9 +35,10 @@ from typing import Any
 
 from agent.errors import StoreError, SyncError
 from agent.store.queue import Record, Store
+from agent.sync.backoff import full_jitter
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
 from agent.wire import codec
-from agent.wire.codec import CF_SENML_CBOR, CodecError, IngestAck, WireRecord
+from agent.wire.batch import CF_SENML_CBOR, CodecError, IngestAck, WireRecord
 from drivers.base import Options
 from drivers.clock import Clock, wait_event
 
@@ -186,11 +187,6 @@ class RttEstimator:
             return None
         rto = (self.srtt + 4 * self.rttvar) * self.backoff
         return min(ACK_TIMEOUT_MAX, max(ACK_TIMEOUT_MIN, rto))
-
-
-def full_jitter(failures: int, base: float, cap: float, rng: random.Random) -> float:
-    """AWS-style full jitter: uniform in [0, min(cap, base * 2**failures)]."""
-    return rng.uniform(0.0, min(cap, base * 2 ** min(failures, 30)))
 
 
 class Uplink:

@@ -36,7 +36,7 @@ Decoding is bounded whatever the bytes: at most :data:`MAX_INFLATED` bytes infla
 :data:`MAX_RECORDS` records and :data:`MAX_DECODED` bytes of rebuilt telemetry bodies; every count
 in a batch is checked against the bytes left before anything is allocated for it.
 
-Bad input never raises anything but :class:`~agent.wire.codec.CodecError`.
+Bad input never raises anything but :class:`~agent.wire.batch.CodecError`.
 """
 
 from __future__ import annotations
@@ -45,25 +45,49 @@ import itertools
 import math
 import struct
 import zlib
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from decimal import Decimal
 from typing import Any
 
 import cbor2
 
-from agent.wire.codec import (
-    DEVICE_ID,
-    MAX_SEQ,
-    CodecError,
-    Resolution,
-    SenMLCBOR,
-    WireRecord,
-    _check_record,
-    register,
-)
+from agent.wire.batch import DEVICE_ID, MAX_SEQ, CodecError, Resolution, WireRecord, _check_record
 from agent.wire.compact_dict import DICTIONARIES
+from agent.wire.packing import (
+    _MASK64,
+    _MAX_SHIFT,
+    _MAX_TOKEN,
+    MAX_NAME,
+    _BitReader,
+    _BitWriter,
+    _put_text,
+    _Reader,
+    _shift,
+    _varint,
+    _varints,
+    unzigzag,
+    zigzag,
+)
+from agent.wire.predict import (
+    _MAX_EXP,
+    _MAX_LOCAL,
+    _MAX_Q,
+    P_DELTA,
+    P_FLOAT,
+    P_LINEAR,
+    P_LOCAL,
+    P_MEAN,
+    P_PALETTE,
+    _choose,
+    _decimal,
+    _from_decimal,
+    _params_bytes,
+    _ratio,
+    _residuals,
+    _unpredict,
+    dequantize,
+)
 from agent.wire.records import Kind
+from agent.wire.senml import SenMLCBOR
 
 CF_COMPACT = 65000
 CF_COMPACT_DEFLATE = 65001
@@ -77,7 +101,6 @@ DEFLATE_LEVEL = 9
 MAX_INFLATED = 4 * 1024 * 1024  # a compressed batch may not inflate to more (a bomb otherwise)
 MAX_RECORDS = 65536  # records in a batch (the endpoint takes 4096 by default)
 MAX_DECODED = 16 * 1024 * 1024  # bytes of telemetry bodies a batch may rebuild
-MAX_NAME = 255  # bytes of a sensor or channel name in the group table
 AGGREGATE_SUFFIXES = ("/min", "/mean", "/max")
 
 # Group ids of records that travel with their body bytes; columnar groups follow from 4.
@@ -85,244 +108,14 @@ _OPAQUE_KINDS = (Kind.ALERT.value, Kind.EVENT.value, Kind.STATE.value, Kind.TELE
 _OPAQUE_ID = {k: i for i, k in enumerate(_OPAQUE_KINDS)}
 _FIRST_GROUP = len(_OPAQUE_KINDS)
 
-# Predictors of a value column: residual = q - prediction (palette: the value's index).
-P_DELTA = 0  # the previous value (0 before the first)
-P_LINEAR = 1  # 2 * previous - the one before (delta-of-delta)
-P_MEAN = 2  # a constant, written in the column header
-P_LOCAL = 3  # the rounded mean of the last k values; k (1..64) in the column header
-P_PALETTE = 4  # the index into a list of values written in the column header
-P_FLOAT = 5  # no resolution: float64 bits XOR the previous value's bits
-_LOCAL_WINDOWS = (2, 4, 8)
-_MAX_LOCAL = 64
-_MAX_PALETTE = 32  # palettes are tried for columns with at most this many distinct values
-_SAMPLE = 512  # predictors are chosen on the first values of a column
-_MAX_Q = 2**53  # |round(x / r)| above this is not exact as a float: such readings go as bodies
 _MAX_VALUE = 1e300  # larger values go as bodies (their steps could overflow a double)
 _MAX_MS = 2**62
-_MAX_EXP = 400  # decimal exponent of a resolution
 
 _F64 = struct.Struct(">d")
 _Q64 = struct.Struct(">Q")
-_MASK64 = (1 << 64) - 1
-
-
-# -- varints, zigzag, tokens --------------------------------------------------------------------
-
-
-def zigzag(n: int) -> int:
-    """Signed to unsigned: 0, -1, 1, -2, 2 ... -> 0, 1, 2, 3, 4 ..."""
-    return n << 1 if n >= 0 else ((-n) << 1) - 1
-
-
-def unzigzag(u: int) -> int:
-    return (u >> 1) if not u & 1 else -((u + 1) >> 1)
-
-
-def _varint(out: bytearray, u: int) -> None:
-    while u >= 0x80:
-        out.append((u & 0x7F) | 0x80)
-        u >>= 7
-    out.append(u)
-
-
-def _varints(out: bytearray, values: Iterable[int]) -> None:
-    for u in values:
-        while u >= 0x80:
-            out.append((u & 0x7F) | 0x80)
-            u >>= 7
-        out.append(u)
-
-
-def _varint_len(u: int) -> int:
-    return max(1, (u.bit_length() + 6) // 7)
-
-
-# A residual u is split at a shift k into a token byte for h = u >> k and extra bits: h < 4 is
-# its own token; above, the token names h's bit length and the bit below the leading one, and the
-# extra bits hold the rest of h and the k low bits of u (as deflate codes distances).
-_MAX_TOKEN = 2 * 65 - 1  # u < 2**65
-_MAX_SHIFT = 63
-
-
-def _split_cost(residuals: Sequence[int], k: int, per_token: float = 0.0) -> float:
-    """Estimated bits of ``residuals`` split at shift ``k``: token entropy plus extra bits (plus
-    ``per_token`` bits for each distinct token, a share of the Huffman table)."""
-    tokens: Counter[int] = Counter()
-    extra = 0
-    for u in residuals:
-        h = u >> k
-        if h < 4:
-            tokens[h] += 1
-            extra += k
-        else:
-            nb = h.bit_length() - 2
-            tokens[2 * nb + 2 + ((h >> nb) & 1)] += 1
-            extra += nb + k
-    n = len(residuals)
-    return extra - sum(c * math.log2(c / n) for c in tokens.values()) + per_token * len(tokens)
-
-
-def _shift(residuals: Sequence[int]) -> int:
-    """How many low bits of each residual to send raw: about log2 of the median (so that the
-    tokens of every column have about the same distribution: deflate codes them all with one
-    table), the one of the four around it with the fewest estimated bits."""
-    if not residuals:
-        return 0
-    median = sorted(residuals)[len(residuals) // 2]
-    k0 = min(_MAX_SHIFT - 1, (median + 1).bit_length() - 1)
-    return min(range(max(0, k0 - 2), k0 + 2), key=lambda k: _split_cost(residuals, k))
-
-
-class _BitWriter:
-    """Bits, least significant first, packed into bytes."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self._acc = 0
-        self._n = 0
-
-    def write(self, value: int, nbits: int) -> None:
-        self._acc |= value << self._n
-        self._n += nbits
-        while self._n >= 64:
-            self.out += (self._acc & _MASK64).to_bytes(8, "little")
-            self._acc >>= 64
-            self._n -= 64
-
-    def finish(self) -> bytes:
-        return bytes(self.out) + self._acc.to_bytes((self._n + 7) // 8, "little")
-
-
-class _BitReader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-        self.total = len(data) * 8
-
-    def read(self, nbits: int) -> int:
-        end = self.pos + nbits
-        if end > self.total:
-            raise CodecError("the extra bits end early")
-        start = self.pos >> 3
-        chunk = int.from_bytes(self.data[start : (end + 7) >> 3], "little")
-        value = (chunk >> (self.pos & 7)) & ((1 << nbits) - 1)
-        self.pos = end
-        return value
-
-    def finish(self) -> None:
-        left = self.total - self.pos
-        if left >= 8:
-            raise CodecError(f"{left // 8} bytes after the extra bits")
-        if left and self.read(left):
-            raise CodecError("the padding of the extra bits is not zero")
-
-
-class _Reader:
-    """Reads the byte section; every problem is a :class:`CodecError`."""
-
-    def __init__(self, data: bytes, pos: int = 0) -> None:
-        self.data = data
-        self.pos = pos
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise CodecError("the batch ends early")
-        b = self.data[self.pos]
-        self.pos += 1
-        return b
-
-    def varint(self, limit: int = _MASK64) -> int:
-        data, pos = self.data, self.pos
-        shift = result = 0
-        while True:
-            if pos >= len(data):
-                raise CodecError("the batch ends inside a number")
-            b = data[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
-            if shift > 63:
-                raise CodecError("a number is longer than 10 bytes")
-        self.pos = pos
-        if result > limit:
-            raise CodecError(f"a number is out of range ({result} > {limit})")
-        return result
-
-    def count(self, what: str) -> int:
-        """A count that cannot exceed the bytes left (each counted item takes at least one)."""
-        n = self.varint()
-        if n > self.left:
-            raise CodecError(f"{what}: {n} is more than the batch can hold")
-        return n
-
-    def take(self, n: int) -> bytes:
-        if n > self.left:
-            raise CodecError("the batch ends early")
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def text(self, what: str) -> str:
-        size = self.count(what)
-        if size > MAX_NAME:
-            raise CodecError(f"{what} is longer than {MAX_NAME} bytes")
-        raw = self.take(size)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError(f"{what} is not UTF-8") from None
-
-
-def _put_text(out: bytearray, text: str) -> None:
-    raw = text.encode("utf-8")
-    _varint(out, len(raw))
-    out += raw
 
 
 # -- resolutions -------------------------------------------------------------------------------
-
-
-def _decimal(res: float) -> tuple[int, int]:
-    """``res`` as ``(m, e)`` with ``res == m / 10**e`` (or ``m * 10**-e``) exactly: the shortest
-    decimal that gives back the same double, which a correctly rounded division reproduces."""
-    sign, digits, exp = Decimal(repr(res)).as_tuple()
-    assert isinstance(exp, int) and not sign
-    m = int("".join(map(str, digits)))
-    return m, -exp
-
-
-def _from_decimal(m: int, e: int) -> float:
-    try:
-        return m / 10**e if e >= 0 else float(m * 10**-e)
-    except OverflowError:
-        raise CodecError("a resolution is out of range") from None
-
-
-def _ratio(m: int, e: int) -> tuple[int, int]:
-    """The resolution ``m * 10**-e`` as an exact fraction (numerator, denominator)."""
-    return (m, 10**e) if e >= 0 else (m * 10**-e, 1)
-
-
-def dequantize(q: int, num: int, den: int) -> float:
-    """``q`` steps of ``num / den``: the double nearest to the exact product (Python's int
-    division is correctly rounded), so 17 steps of 0.1 give 1.7, not 1.7000000000000002."""
-    return q * num / den
-
-
-def step_ratio(res: float) -> tuple[int, int]:
-    """The resolution ``res`` as the exact fraction a batch carries (its shortest decimal)."""
-    return _ratio(*_decimal(res))
-
-
-def quantize(x: float, res: float) -> float:
-    """What a round trip makes of value ``x`` at resolution ``res`` (finite, not too large)."""
-    return dequantize(round(x / res), *step_ratio(res))
 
 
 def _check_resolution(res: Any, sensor: str, channel: str) -> float | None:
@@ -371,96 +164,6 @@ def table_bytes(groups: Sequence[tuple[str, Sequence[str], Sequence[float | None
                 _varint(out, m)
                 _varint(out, zigzag(e))
     return bytes(out)
-
-
-# -- predictors --------------------------------------------------------------------------------
-
-
-def _local_residuals(q: Sequence[int], k: int) -> list[int]:
-    out = []
-    s = 0
-    for i, v in enumerate(q):
-        cnt = i if i < k else k
-        p = (2 * s + cnt) // (2 * cnt) if cnt else 0  # mean of the last cnt values, half up
-        out.append(zigzag(v - p))
-        s += v
-        if i >= k:
-            s -= q[i - k]
-    return out
-
-
-def _residuals(q: Sequence[int], pred: int, param: Any) -> list[int]:
-    """The unsigned residuals of ``q`` under a predictor."""
-    if pred == P_DELTA:
-        prev = 0
-        out = []
-        for v in q:
-            out.append(zigzag(v - prev))
-            prev = v
-        return out
-    if pred == P_LINEAR:
-        a = b = 0  # q[i-2], q[i-1]
-        out = []
-        for i, v in enumerate(q):
-            p = b if i < 2 else 2 * b - a
-            out.append(zigzag(v - p))
-            a, b = b, v
-        return out
-    if pred == P_MEAN:
-        return [zigzag(v - param) for v in q]
-    if pred == P_LOCAL:
-        return _local_residuals(q, param)
-    if pred == P_PALETTE:
-        index = {v: i for i, v in enumerate(param)}
-        return [index[v] for v in q]
-    raise AssertionError(pred)
-
-
-def _palette(q: Sequence[int]) -> list[int] | None:
-    counts = Counter(q)
-    if len(counts) > _MAX_PALETTE or 2 * len(counts) > len(q):
-        return None
-    return [v for v, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-
-
-def _params_bytes(pred: int, param: Any) -> bytes:
-    out = bytearray((pred,))
-    if pred == P_MEAN:
-        _varint(out, zigzag(param))
-    elif pred == P_LOCAL:
-        out.append(param)
-    elif pred == P_PALETTE:
-        _varint(out, len(param))
-        prev = 0
-        for v in param:
-            _varint(out, zigzag(v - prev))
-            prev = v
-    return bytes(out)
-
-
-def _cost(residuals: Sequence[int], split: bool) -> float:
-    """Estimated bits of a residual stream: varint bytes, or token entropy + extra bits."""
-    if not split:
-        return 8.0 * sum(_varint_len(u) for u in residuals)
-    return _split_cost(residuals, 0, per_token=6.0)
-
-
-def _choose(q: Sequence[int], split: bool) -> tuple[int, Any]:
-    """The predictor (and its parameter) that codes a sample of ``q`` in the fewest bits."""
-    sample = q[:_SAMPLE]
-    candidates: list[tuple[int, Any]] = [(P_DELTA, None), (P_LINEAR, None)]
-    candidates.append((P_MEAN, (2 * sum(sample) + len(sample)) // (2 * len(sample))))
-    candidates += [(P_LOCAL, k) for k in _LOCAL_WINDOWS if k < len(sample)]
-    palette = _palette(sample)
-    if palette is not None and len(set(q)) <= _MAX_PALETTE:
-        candidates.append((P_PALETTE, _palette(q)))
-    best: tuple[float, int, Any] | None = None
-    for pred, param in candidates:
-        cost = 8 * len(_params_bytes(pred, param)) + _cost(_residuals(sample, pred, param), split)
-        if best is None or cost < best[0]:
-            best = (cost, pred, param)
-    assert best is not None
-    return best[1], best[2]
 
 
 # -- the encoding ------------------------------------------------------------------------------
@@ -543,7 +246,7 @@ def _read_times(r: _Reader, n: int, base: int) -> tuple[list[int], list[int]]:
 
 def _ms(t: float) -> int | None:
     """``t`` in whole milliseconds, or None when it does not fit."""
-    if not math.isfinite(t):
+    if not math.isfinite(t) or abs(t) > _MAX_MS / TIME_UNIT:  # t * TIME_UNIT could overflow
         return None
     ms = round(t * TIME_UNIT)
     return ms if -_MAX_MS <= ms <= _MAX_MS else None
@@ -1006,55 +709,8 @@ class CompactEncoding:
         return out
 
 
-def _unpredict(
-    residuals: Sequence[int], pred: int, param: Any, sensor: str, channel: str
-) -> list[int]:
-    if pred == P_PALETTE:
-        try:
-            return [param[u] for u in residuals]
-        except IndexError:
-            raise CodecError(f"{sensor}/{channel}: a palette index is out of range") from None
-    out: list[int] = []
-    if pred == P_DELTA:
-        prev = 0
-        for u in residuals:
-            prev += unzigzag(u)
-            out.append(prev)
-            if abs(prev) > _MAX_Q:
-                raise CodecError(f"{sensor}/{channel}: a value is out of range")
-        return out
-    if pred == P_LINEAR:
-        a = b = 0
-        for i, u in enumerate(residuals):
-            p = b if i < 2 else 2 * b - a
-            v = p + unzigzag(u)
-            if abs(v) > _MAX_Q:
-                raise CodecError(f"{sensor}/{channel}: a value is out of range")
-            out.append(v)
-            a, b = b, v
-        return out
-    if pred == P_MEAN:
-        return [param + unzigzag(u) for u in residuals]
-    # P_LOCAL
-    k = param
-    s = 0
-    for i, u in enumerate(residuals):
-        cnt = i if i < k else k
-        p = (2 * s + cnt) // (2 * cnt) if cnt else 0
-        v = p + unzigzag(u)
-        if abs(v) > _MAX_Q:
-            raise CodecError(f"{sensor}/{channel}: a value is out of range")
-        out.append(v)
-        s += v
-        if i >= k:
-            s -= out[i - k]
-    return out
-
-
-COMPACT = register(CompactEncoding(CF_COMPACT, "compact", deflate=False))
-COMPACT_DEFLATE = register(CompactEncoding(CF_COMPACT_DEFLATE, "compact+deflate", deflate=True))
-COMPACT_DICT = register(
-    CompactEncoding(
-        CF_COMPACT_DICT, "compact+deflate+dict", deflate=True, dictionary=DEFAULT_DICTIONARY
-    )
+COMPACT = CompactEncoding(CF_COMPACT, "compact", deflate=False)
+COMPACT_DEFLATE = CompactEncoding(CF_COMPACT_DEFLATE, "compact+deflate", deflate=True)
+COMPACT_DICT = CompactEncoding(
+    CF_COMPACT_DICT, "compact+deflate+dict", deflate=True, dictionary=DEFAULT_DICTIONARY
 )

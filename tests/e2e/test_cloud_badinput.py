@@ -16,7 +16,8 @@ from aiocoap import Code, Message
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import BlockOption, OpaqueOption
 
-from agent.wire.codec import IngestAck, WireRecord, encode_batch
+from agent.wire.batch import IngestAck, WireRecord
+from agent.wire.codec import encode_batch
 from agent.wire.records import TelemetryBody
 from cloud.server import CloudServer, Limits
 

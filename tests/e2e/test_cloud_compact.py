@@ -14,7 +14,8 @@ import aiocoap
 import pytest
 from aiocoap import Code, Message
 
-from agent.wire.codec import IngestAck, WireRecord, decode_batch, encode_batch
+from agent.wire.batch import IngestAck, WireRecord
+from agent.wire.codec import decode_batch, encode_batch
 from agent.wire.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT
 from agent.wire.records import AlertBody, EventBody, TelemetryBody
 from cloud.server import CloudServer

@@ -12,7 +12,8 @@ import aiocoap
 import pytest
 from aiocoap import Code, Message
 
-from agent.wire.codec import WireRecord, encode_batch
+from agent.wire.batch import WireRecord
+from agent.wire.codec import encode_batch
 from agent.wire.records import AlertBody, EventBody, TelemetryBody
 from cloud import cli
 from cloud.server import CloudServer

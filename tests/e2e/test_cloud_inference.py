@@ -13,7 +13,7 @@ import pytest
 
 from agent.detect.inference import TFLiteModel, load_manifest
 from agent.sync.transport import CoapTransport, Response, code
-from agent.wire.codec import CF_CBOR
+from agent.wire.batch import CF_CBOR
 from cloud.server import CloudServer, Limits
 from drivers.clock import RealClock
 

@@ -12,7 +12,8 @@ import cbor2
 import pytest
 from aiocoap import Code, Message
 
-from agent.wire.codec import IngestAck, WireRecord, encode_batch
+from agent.wire.batch import IngestAck, WireRecord
+from agent.wire.codec import encode_batch
 from agent.wire.records import AlertBody, TelemetryBody
 from cloud.server import CloudServer, Limits
 from cloud.storage import SQLiteStorage

@@ -13,7 +13,8 @@ import cbor2
 import pytest
 from aiocoap import Code, Message
 
-from agent.wire.codec import IngestAck, WireRecord, content_formats, encode_batch
+from agent.wire.batch import IngestAck, WireRecord
+from agent.wire.codec import content_formats, encode_batch
 from agent.wire.records import EventBody, TelemetryBody
 from agent.wire.statedoc import DesiredDoc
 from cloud.server import CloudServer

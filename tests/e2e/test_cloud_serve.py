@@ -13,7 +13,8 @@ import aiocoap
 import pytest
 from aiocoap import Code, Message
 
-from agent.wire.codec import IngestAck, WireRecord, encode_batch
+from agent.wire.batch import IngestAck, WireRecord
+from agent.wire.codec import encode_batch
 from agent.wire.records import AlertBody
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage

@@ -24,7 +24,7 @@ from linkem import Impairment, LinkEmulator
 
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from agent.service.runtime import Agent
 from agent.store.queue import NewRecord, Store
 from agent.sync import uplink as uplink_mod

@@ -22,9 +22,14 @@ from agent.detect.features import CHANNELS
 from agent.detect.inference import load_manifest
 from agent.errors import ModelError, SyncError
 from agent.modelstore.assignment import Assignment, ModelManager
-from agent.modelstore.cache import ModelCache, ModelFetcher, ModelsSettings, SignedManifest
+from agent.modelstore.cache import ModelCache
+from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.modelstore.settings import ModelsSettings
+from agent.modelstore.signing import SignedManifest
+from agent.sync.transport import CoapTransport
 from cloud.models import MANIFEST_FILE, MODEL_FILE, ModelRegistry, entry_for
 from cloud.server import CloudServer
+from drivers.clock import RealClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,6 +39,10 @@ FLOAT_AE = MODELS / "cloud" / "skab-ae.float32.tflite"  # same features as skab-
 LEVEL = np.array([0.21, 0.27, 2.4, 0.1, 89.0, 28.0, 229.0, 125.0])
 NOISE = np.array([0.002, 0.002, 0.45, 0.25, 0.1, 0.01, 10.0, 0.5])
 FAST = {"ack_timeout": 0.2, "block_deadline": 4.0, "manifest_deadline": 8.0}
+
+
+def _fetcher(uri: str) -> ModelFetcher:
+    return ModelFetcher(CoapTransport(RealClock(), lanes=BLOCK_WINDOW), uri, **FAST)
 
 
 def _key(seed: int) -> Ed25519PrivateKey:
@@ -78,7 +87,7 @@ class Rig:
 
     def cache(self, uri: str | None = None, *, shipped: bool = True, **budgets) -> ModelCache:
         settings = ModelsSettings(cache_dir=self.tmp / "dev", public_key=self.pub, **budgets)
-        fetcher = ModelFetcher(uri, **FAST) if uri else None
+        fetcher = _fetcher(uri) if uri else None
         return ModelCache.open(settings, shipped_dir=MODELS if shipped else None, fetcher=fetcher)
 
 
@@ -274,7 +283,7 @@ async def test_signature_missing_public_key_refuses_downloads(rig):
     rig.publish(MODELS / "skab-ae.tflite", "skab-ae", "2.0.0")
     server = await rig.start()
     settings = ModelsSettings(cache_dir=rig.tmp / "dev")
-    cache = ModelCache.open(settings, fetcher=ModelFetcher(server.uri, **FAST))
+    cache = ModelCache.open(settings, fetcher=_fetcher(server.uri))
     with pytest.raises(ModelError, match="no public key"):
         await cache.get("skab-ae", "2.0.0")
     await cache.close()

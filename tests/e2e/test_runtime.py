@@ -27,7 +27,7 @@ import pytest
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
 from agent.service import runtime as runtime_mod
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from agent.service.notify import Notifier
 from agent.service.runtime import Agent
 from agent.store.queue import Store

@@ -30,15 +30,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import cloud.server
 from agent.detect.detector import Detector, DetectSettings
 from agent.detect.inference import load_manifest
+from agent.modelstore import assignment
 from agent.modelstore.assignment import Assignment, ModelManager
-from agent.modelstore.cache import ModelCache, ModelFetcher
+from agent.modelstore.cache import ModelCache
+from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
 from agent.service import runtime
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from agent.service.runtime import Agent
 from agent.sync import state as state_mod
 from agent.sync.link import with_policy
+from agent.sync.transport import CoapTransport
 from agent.sync.uplink import UplinkSettings
 from agent.wire import records
 from cloud.models import MODEL_FILE, entry_for
@@ -283,14 +286,18 @@ async def test_routing_validates_a_raised_alert_once_and_commits_the_verdict(
 async def test_hot_swap_assignment_waits_out_a_link_failure_without_reporting_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime, "MODEL_RETRY_BASE", 0.2)
-    monkeypatch.setattr(runtime, "MODEL_RETRY_MAX", 0.5)
+    monkeypatch.setattr(assignment, "MODEL_RETRY_BASE", 0.2)
+    monkeypatch.setattr(assignment, "MODEL_RETRY_MAX", 0.5)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # nothing listens here yet
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     cfg = agent_config(tmp_path, f"coap://127.0.0.1:{port}")
     fetcher = ModelFetcher(
-        f"coap://127.0.0.1:{port}", ack_timeout=0.1, manifest_deadline=0.5, block_deadline=2.0
+        CoapTransport(RealClock(), lanes=BLOCK_WINDOW),
+        f"coap://127.0.0.1:{port}",
+        ack_timeout=0.1,
+        manifest_deadline=0.5,
+        block_deadline=2.0,
     )
     cache = ModelCache.open(cfg.models, shipped_dir=ROOT / "models", fetcher=fetcher)
     detector = Detector.from_settings(

@@ -33,16 +33,12 @@ from agent.sense.hardware import Hardware
 from agent.sense.sampling import Sampler
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
-from agent.service.cli import example_config
+from agent.service.config import example_config
+from agent.service.hooks import AgentHooks
 from agent.service.runtime import Agent
 from agent.sync import state as state_mod
-from agent.sync.state import (
-    AgentHooks,
-    StateSettings,
-    StateSync,
-    decode_state,
-    parse_desired_document,
-)
+from agent.sync.state import StateSync
+from agent.sync.statedata import StateSettings, decode_state, parse_desired_document
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import UplinkSettings
 from agent.wire import records

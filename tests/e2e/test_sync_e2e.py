@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from cloud.server import CloudServer
 
 DEVICE = "pump-rig-01"

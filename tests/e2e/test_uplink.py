@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from agent.store.queue import NewRecord, Store, StoreSettings
+from agent.store.queue import NewRecord, Store
+from agent.store.settings import StoreSettings
 from agent.sync import uplink as uplink_mod
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Uplink, UplinkSettings

@@ -15,10 +15,10 @@ from agent.detect.analyzer import CALIBRATION_FILE
 from agent.errors import ConfigError
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from agent.service.runtime import Agent
-from agent.store.queue import Kind, Store
-from agent.wire.records import AlertBody
+from agent.store.queue import Store
+from agent.wire.records import AlertBody, Kind
 from drivers.clock import VirtualClock
 from drivers.sim.sources import FaultEvent
 

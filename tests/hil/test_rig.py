@@ -21,7 +21,7 @@ from agent.sense.hardware import Hardware
 from agent.sense.sampling import BACKOFF_MAX, SensorState, backoff_delay
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from agent.service.runtime import Agent
 from drivers.base import Reading
 from drivers.clock import VirtualClock

@@ -48,10 +48,12 @@ from pathlib import Path
 
 from agent.sense.hardware import Hardware
 from agent.service import config as configmod
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from agent.wire import codec
-from agent.wire.codec import CF_SENML_CBOR, WireRecord
-from agent.wire.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT, quantize, zigzag
+from agent.wire.batch import CF_SENML_CBOR, WireRecord
+from agent.wire.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT
+from agent.wire.packing import zigzag
+from agent.wire.predict import quantize
 from agent.wire.records import TelemetryBody
 from benches import Result
 from drivers.clock import VirtualClock

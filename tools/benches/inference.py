@@ -32,8 +32,9 @@ import numpy as np
 from agent.detect.detector import Detector, DetectSettings
 from agent.detect.features import CHANNELS
 from agent.detect.inference import TFLiteModel, load_manifest
-from agent.store.queue import Kind, NewRecord, Store, StoreSettings
-from agent.wire.records import AlertBody
+from agent.store.queue import NewRecord, Store
+from agent.store.settings import StoreSettings
+from agent.wire.records import AlertBody, Kind
 from benches import Result
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -124,7 +124,8 @@ def _records(n_bytes: int) -> list:
 
 
 async def _prefill(path: Path, n_bytes: int) -> int:
-    from agent.store.queue import Store, StoreSettings
+    from agent.store.queue import Store
+    from agent.store.settings import StoreSettings
 
     store = await Store.open(StoreSettings(path=path, budget_bytes=1 << 30))
     try:
@@ -138,7 +139,8 @@ async def _prefill(path: Path, n_bytes: int) -> int:
 
 # -- the agent side (inside the device namespace) ------------------------------------------------
 async def _drain(store_path: Path, uri: str, max_inflight: int) -> dict:
-    from agent.store.queue import Store, StoreSettings
+    from agent.store.queue import Store
+    from agent.store.settings import StoreSettings
     from agent.sync.transport import CoapTransport, Endpoints
     from agent.sync.uplink import Exchange, Uplink, UplinkSettings
     from drivers.clock import RealClock

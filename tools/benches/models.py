@@ -38,10 +38,14 @@ from linkem import Impairment, LinkEmulator
 from agent.detect.detector import Detector, DetectSettings
 from agent.detect.features import CHANNELS
 from agent.detect.inference import TFLiteModel, load_manifest
-from agent.modelstore.cache import ModelCache, ModelFetcher, ModelsSettings
+from agent.modelstore.cache import ModelCache
+from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.modelstore.settings import ModelsSettings
+from agent.sync.transport import CoapTransport
 from benches import Result
 from cloud.models import ModelRegistry, entry_for
 from cloud.server import CloudServer
+from drivers.clock import RealClock
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -110,7 +114,8 @@ async def _download(tmp: Path, runs: int) -> dict:
             uri = f"coap://127.0.0.1:{proxy.port}"
             for i in range(runs):
                 settings = ModelsSettings(cache_dir=tmp / f"dev{i}", public_key=pub)
-                cache = ModelCache.open(settings, fetcher=ModelFetcher(uri))
+                fetcher = ModelFetcher(CoapTransport(RealClock(), lanes=BLOCK_WINDOW), uri)
+                cache = ModelCache.open(settings, fetcher=fetcher)
                 t0 = time.perf_counter()
                 got = await cache.get("skab-ae", f"3.0.{i}")
                 elapsed.append(time.perf_counter() - t0)

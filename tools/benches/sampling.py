@@ -22,7 +22,7 @@ from typing import Any
 
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
-from agent.service.cli import example_config
+from agent.service.config import example_config
 from agent.service.runtime import Agent
 from benches import Result
 from drivers.clock import VirtualClock

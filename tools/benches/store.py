@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.store import queue as store_mod
-from agent.store.queue import Kind, NewRecord, Store, StoreSettings
+from agent.store import dbfile as store_mod
+from agent.store.queue import NewRecord, Store
+from agent.store.settings import StoreSettings
+from agent.wire.records import Kind
 from benches import Result
 
 PAYLOAD = bytes(range(128))

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from linkem import Impairment, LinkEmulator
 
-from agent.store.queue import NewRecord, Store, StoreSettings
+from agent.store.queue import NewRecord, Store
+from agent.store.settings import StoreSettings
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Uplink, UplinkSettings
 from agent.wire.records import Kind, TelemetryBody

@@ -26,7 +26,7 @@ from agent.detect.novelty import NoveltyScore, NoveltySettings
 from agent.errors import ModelError
 from drivers.base import OptionError, Options
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "models"
 LEVEL = np.array([0.21, 0.27, 2.4, 0.1, 89.0, 28.0, 229.0, 125.0])
 NOISE = np.array([0.002, 0.002, 0.45, 0.25, 0.1, 0.01, 10.0, 0.5])

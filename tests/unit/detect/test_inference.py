@@ -29,7 +29,7 @@ from agent.detect.inference import (
 )
 from agent.errors import ModelError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "models"
 NAMES = ("skab-ae", "skab-ae-lite", "skab-clf")
 

@@ -11,7 +11,7 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.service import config
-from agent.service.cli import example_config
+from agent.service.config import example_config
 
 GOOD = """
 [agent]

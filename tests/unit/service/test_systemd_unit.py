@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 UNIT = ROOT / "systemd" / "edge-agent.service"
 INSTALL_UNIT = ROOT / "systemd" / "edge-agent-install.service"
 TEMPLATE = ROOT / "systemd" / "agent.toml.in"

@@ -25,10 +25,12 @@ import zlib
 from pathlib import Path
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-import agent.store.queue as store
-from agent.store.queue import Kind, NewRecord, Store, StoreSettings
+import agent.store.database as database
+from agent.store.queue import NewRecord, Store
+from agent.store.settings import StoreSettings
+from agent.wire.records import Kind
 from drivers.clock import RealClock
 
 KINDS = (Kind.TELEMETRY, Kind.TELEMETRY, Kind.TELEMETRY, Kind.STATE, Kind.EVENT, Kind.ALERT)
@@ -71,7 +73,7 @@ async def leaser(st: Store, rng: random.Random, out: Reporter) -> None:
 
 async def work(out: Reporter, directory: Path, durability: str, mode: str, seed: int) -> None:
     rng = random.Random(seed)
-    store.SEQ_BLOCK = 50  # cross side-file reservations often, so kills land there too
+    database.SEQ_BLOCK = 50  # cross side-file reservations often, so kills land there too
     settings = StoreSettings(
         path=directory / "queue.db",
         budget_bytes=64 * 1024 * 1024,

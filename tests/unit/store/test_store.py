@@ -21,17 +21,12 @@ from typing import Any
 
 import pytest
 
-import agent.store.queue as store_mod
+import agent.store.settings as store_mod
 from agent.errors import StoreError, StoreFull
-from agent.store.queue import (
-    DEFAULT_PRIORITY,
-    Kind,
-    NewRecord,
-    Store,
-    StoreSettings,
-    queue_report,
-    read_report,
-)
+from agent.store.queue import NewRecord, Store
+from agent.store.report import queue_report, read_report
+from agent.store.settings import DEFAULT_PRIORITY, StoreSettings
+from agent.wire.records import Kind
 from drivers.base import OptionError, Options
 from drivers.clock import VirtualClock
 
@@ -489,7 +484,7 @@ def test_a_corrupt_database_is_moved_aside_and_a_new_one_starts_above_old_seqs(
         await st.close()
         damage(settings.path)
 
-        with caplog.at_level(logging.ERROR, logger="agent.store.queue"):
+        with caplog.at_level(logging.ERROR, logger="agent.store.dbfile"):
             st = await Store.open(settings, clock=vclock)
         aside = [p for p in settings.path.parent.glob("queue.db.corrupt-*") if "-wal" not in p.name]
         assert len(aside) == 1
@@ -555,7 +550,7 @@ def test_corruption_found_while_running_replaces_the_file_and_keeps_going(
             f.write(b"\x5a" * (settings.path.stat().st_size - 4096 * 8))
         conn.execute("PRAGMA user_version = 1")
         conn.close()
-        with caplog.at_level(logging.ERROR, logger="agent.store.queue"):
+        with caplog.at_level(logging.ERROR, logger="agent.store"):
             got = await st.batch(10_000, 1 << 30)
         assert got == []  # the records went with the corrupt file
         aside = [p for p in settings.path.parent.glob("queue.db.corrupt-*") if "-wal" not in p.name]
@@ -572,7 +567,8 @@ def test_a_locked_database_is_an_error_not_corruption(
     qdir: Path, vclock: VirtualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = make_settings(qdir)
-    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_SECONDS", 0.05)
+    monkeypatch.setattr("agent.store.database.BUSY_TIMEOUT_SECONDS", 0.05)
+    monkeypatch.setattr("agent.store.dbfile.BUSY_TIMEOUT_SECONDS", 0.05)
 
     async def main() -> None:
         st = await Store.open(settings, clock=vclock)
@@ -610,7 +606,7 @@ def test_counts_are_checked_against_the_rows_after_an_unclean_stop(
         conn.execute("UPDATE meta SET value = 0 WHERE key = 'clean'")
         conn.commit()
         conn.close()
-        with caplog.at_level(logging.WARNING, logger="agent.store.queue"):
+        with caplog.at_level(logging.WARNING, logger="agent.store.database"):
             st = await Store.open(settings, clock=vclock)
         assert any("kind_counts_repaired" in r.getMessage() for r in caplog.records)
         state = (await st.stats()).kinds[Kind.STATE]

@@ -26,7 +26,10 @@ from pathlib import Path
 import pytest
 
 from agent.errors import StoreFull
-from agent.store.queue import Kind, NewRecord, Store, StoreSettings, read_report
+from agent.store.queue import NewRecord, Store
+from agent.store.report import read_report
+from agent.store.settings import StoreSettings
+from agent.wire.records import Kind
 from drivers.clock import VirtualClock
 
 MIB = 1024 * 1024
@@ -139,7 +142,7 @@ def test_when_alerts_alone_fill_the_budget_the_oldest_alerts_go(
     async def main() -> None:
         st = await Store.open(settings, clock=vclock)
         seqs: list[int] = []
-        with caplog.at_level(logging.WARNING, logger="agent.store.queue"):
+        with caplog.at_level(logging.WARNING, logger="agent.store.database"):
             for i in range(600):
                 seqs += await st.put([NewRecord(Kind.ALERT, bytes([i % 256]) * 8000)])
                 assert file_bytes(settings) <= BUDGET + MARGIN

@@ -12,8 +12,9 @@ import pytest
 
 from agent.errors import ConfigError
 from agent.service import config as configmod
-from agent.service.cli import example_config
-from agent.store.queue import Store, StoreSettings
+from agent.service.config import example_config
+from agent.store.queue import Store
+from agent.store.settings import StoreSettings
 from agent.sync.link import HIGH, LOW, MEDIUM, OFFLINE, LinkMonitor, LinkSettings, wilson
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Exchange, Uplink, UplinkSettings

@@ -19,7 +19,8 @@ from linkem import Impairment, LinkEmulator
 from agent.detect.detector import Alert, AlertKind, Detector, DetectSettings, Verdict
 from agent.detect.features import calibrate, transform, windows
 from agent.detect.inference import TFLiteModel, load_manifest
-from agent.store.queue import NewRecord, Store, StoreSettings
+from agent.store.queue import NewRecord, Store
+from agent.store.settings import StoreSettings
 from agent.sync import routing as routing_mod
 from agent.sync.routing import Router, RoutingSettings
 from agent.sync.transport import CoapTransport
@@ -28,7 +29,7 @@ from cloud.server import CloudServer
 from drivers.base import OptionError, Options
 from drivers.clock import Clock, RealClock, VirtualClock
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "models"
 DEVICE = "pump-21"
 LEVEL = np.array([0.21, 0.27, 2.4, 0.1, 89.0, 28.0, 229.0, 125.0])

@@ -24,7 +24,7 @@ import pytest
 
 from drivers.clock import VirtualClock
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
+TOOLS = Path(__file__).resolve().parents[3] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import linkem  # noqa: E402

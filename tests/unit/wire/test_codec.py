@@ -11,17 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.wire import codec
-from agent.wire.codec import (
+from agent.wire import batch, codec, senml
+from agent.wire.batch import (
     CF_SENML_CBOR,
     CodecError,
     IngestAck,
     UnsupportedFormat,
     WireRecord,
-    decode_batch,
-    encode_batch,
     seq_ranges,
 )
+from agent.wire.codec import decode_batch, encode_batch
 from agent.wire.records import (
     AlertBody,
     EventBody,
@@ -133,7 +132,7 @@ def test_senml_batch_fixed_bytes() -> None:
 def test_registry() -> None:
     assert CF_SENML_CBOR in codec.content_formats()
     assert codec.encoding_for(112).name == "senml+cbor"
-    assert isinstance(codec.encoding_for(112), codec.Encoding)
+    assert isinstance(codec.encoding_for(112), batch.Encoding)
     with pytest.raises(UnsupportedFormat):
         codec.encoding_for(64999)
     with pytest.raises(UnsupportedFormat):
@@ -298,7 +297,7 @@ data_maps = st.dictionaries(st.text(max_size=6), cbor_values, max_size=4)
 
 @st.composite
 def wire_records(draw: st.DrawFn, seq: int) -> WireRecord:
-    kind = draw(st.sampled_from(sorted(codec.KINDS)))
+    kind = draw(st.sampled_from(sorted(batch.KINDS)))
     created = draw(times)
     how = draw(st.integers(0, 9))
     if how == 0:
@@ -320,7 +319,7 @@ def wire_records(draw: st.DrawFn, seq: int) -> WireRecord:
 
 @st.composite
 def batches(draw: st.DrawFn) -> list[WireRecord]:
-    seqs = draw(st.lists(st.integers(0, codec.MAX_SEQ), unique=True, max_size=12))
+    seqs = draw(st.lists(st.integers(0, batch.MAX_SEQ), unique=True, max_size=12))
     return [draw(wire_records(seq)) for seq in seqs]
 
 
@@ -440,7 +439,7 @@ def test_bad_acks(doc: Any) -> None:
 def test_reading_body_is_telemetry_body_to_cbor(
     sensor: str, time: float, values: dict[str, float]
 ) -> None:
-    senml = codec.encoding_for(CF_SENML_CBOR)
-    assert isinstance(senml, codec.SenMLCBOR)
+    encoding = codec.encoding_for(CF_SENML_CBOR)
+    assert isinstance(encoding, senml.SenMLCBOR)
     expected = TelemetryBody(sensor, time, values).to_cbor()
-    assert senml.reading_body(sensor, time, values) == expected
+    assert encoding.reading_body(sensor, time, values) == expected

@@ -1,0 +1,213 @@
+"""The queue's database file as a file, outside any open connection: the schema and a new empty
+file, the cheap header check, what an SQLite error means (disk full, corrupt), and moving a
+damaged file aside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import sqlite3
+import struct
+import time
+from pathlib import Path
+
+from agent.errors import StoreError, StoreFull
+from agent.files import fsync_dir
+from agent.store.settings import (
+    APPLICATION_ID,
+    BUSY_TIMEOUT_SECONDS,
+    CODE_KIND,
+    KEEP_CORRUPT,
+    PAGE_SIZE,
+    SCHEMA_VERSION,
+)
+
+log = logging.getLogger(__name__)
+
+SQLITE_FULL = 13
+SQLITE_IOERR = 10
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
+
+
+def is_full(err: BaseException, directory: Path) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    if code & 0xFF == SQLITE_FULL:
+        return True
+    if code & 0xFF == SQLITE_IOERR:  # a failed write/truncate/shm map: full if the disk is
+        try:
+            st = os.statvfs(directory)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 4 * PAGE_SIZE
+    return False
+
+
+def is_corrupt(err: BaseException) -> bool:
+    code = getattr(err, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def examine_header(path: Path) -> str | None:
+    """Cheap checks of the main file; returns why it is unusable, or None."""
+    size = path.stat().st_size
+    if size < 100:
+        return f"truncated ({size} bytes)"
+    with path.open("rb") as f:
+        header = f.read(100)
+    if header[:16] != b"SQLite format 3\x00":
+        return "not an SQLite database"
+    page_size = struct.unpack(">H", header[16:18])[0]
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return "bad page size in header"
+    if size % page_size:
+        return f"truncated ({size} bytes is not a whole number of {page_size}-byte pages)"
+    change_counter, pages = struct.unpack(">II", header[24:32])
+    valid_for = struct.unpack(">I", header[92:96])[0]
+    if change_counter == valid_for and pages * page_size > size:
+        return f"truncated ({size} bytes, header says {pages * page_size})"
+    return None
+
+
+_SCHEMA = (
+    "CREATE TABLE records ("
+    " seq INTEGER PRIMARY KEY,"
+    " kind INTEGER NOT NULL,"
+    " priority INTEGER NOT NULL,"
+    " created REAL NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0,"
+    " payload BLOB NOT NULL)",
+    "CREATE INDEX records_order ON records(priority, seq)",
+    "CREATE TABLE kinds ("
+    " kind INTEGER PRIMARY KEY, depth INTEGER NOT NULL, bytes INTEGER NOT NULL,"
+    " evicted INTEGER NOT NULL)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+)
+
+
+def _recover_hwm(path: Path) -> int | None:
+    """The highest sequence number readable from a damaged file, if any."""
+    best: int | None = None
+    try:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+        )
+    except sqlite3.Error:
+        return None
+    try:
+        for query in (
+            "SELECT value FROM meta WHERE key = 'seq_hwm'",
+            "SELECT max(seq) FROM records",
+        ):
+            try:
+                row = conn.execute(query).fetchone()
+            except sqlite3.Error:
+                continue
+            if row and isinstance(row[0], int):
+                best = max_opt(best, row[0])
+    finally:
+        conn.close()
+    return best
+
+
+def move_aside(path: Path, wal: Path, reason: str, wall_now: float) -> int | None:
+    """Move a damaged queue file (and its WAL) aside as ``<name>.corrupt-<UTC time>``; returns the
+    highest sequence number still readable from it, if any."""
+    recovered = _recover_hwm(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall_now))
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    try:
+        os.replace(path, target)
+        if wal.exists():
+            os.replace(wal, target.with_name(target.name + "-wal"))
+        shm = path.with_name(path.name + "-shm")
+        with contextlib.suppress(FileNotFoundError):
+            shm.unlink()
+        fsync_dir(path.parent)
+    except OSError as err:
+        raise StoreError(f"cannot move corrupt queue {path} aside: {err}") from err
+    log.error(
+        "event=queue_corrupt path=%s moved_to=%s reason=%r recovered_seq=%s",
+        path,
+        target,
+        reason,
+        recovered,
+    )
+    _prune_corrupt(path)
+    return recovered
+
+
+def _prune_corrupt(path: Path) -> None:
+    aside = sorted(
+        p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith("-wal")
+    )
+    for old in aside[:-KEEP_CORRUPT] if KEEP_CORRUPT else aside:
+        for p in (old, old.with_name(old.name + "-wal")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                log.warning("event=corrupt_copy_deleted path=%s keep=%d", p, KEEP_CORRUPT)
+
+
+def create(path: Path) -> None:
+    """Build a new empty queue beside ``path`` and rename it into place."""
+    tmp = path.with_name(path.name + ".new")
+    for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+        try:
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.executemany("INSERT INTO kinds VALUES (?, 0, 0, 0)", [(c,) for c in CODE_KIND])
+            conn.executemany(
+                "INSERT INTO meta VALUES (?, ?)",
+                [("seq_hwm", 0), ("clean", 1), ("ring_dropped", 0)],
+            )
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except (OSError, sqlite3.Error) as err:
+        if is_full(err, path.parent):
+            raise StoreFull(
+                f"cannot create the queue {path}: the disk is full; free space on {path.parent}"
+            ) from err
+        raise StoreError(f"cannot create the queue {path}: {err}") from err
+    log.info("event=queue_created path=%s", path)
+
+
+def max_opt(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)

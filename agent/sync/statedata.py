@@ -1,0 +1,260 @@
+"""State sync's data: its settings, the hooks it calls, the persisted state file's format, and
+the parsing and checks of the documents it exchanges with the endpoint (no I/O here).
+
+Persistence: one file (``[state] path``, deterministic CBOR), written atomically (temp file, fsync,
+rename, fsync of the directory) *after* desired keys are applied and whenever reported versions or
+pending keys change::
+
+    {"format": 1, "device": tstr, "clock": uint,            ; last reported version issued
+     "rev": uint,                                           ; highest desired rev processed
+     "reported": {key => [version, value]},                 ; last value numbered per key
+     "pending": [* key],                                    ; not yet acknowledged by the endpoint
+     "applied": {key => [version, value / null]},           ; desired keys applied
+     "failed": {key => [version, error: tstr, name: tstr / null]}}  ; desired versions refused
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.wire import records, statedoc
+from agent.wire.records import RecordError
+from agent.wire.statedoc import Entry, StateError
+from drivers.base import Options
+
+#: Longest error text kept and reported for a refused desired value.
+ERROR_TEXT_MAX = 200
+STATE_FORMAT = 1
+#: The state file's default name, relative to the data directory.
+STATE_FILE = "state.cbor"
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    """``[state]``: how often reported state is sent, the deadline of each exchange, and where
+    the state file lives."""
+
+    report_interval: float = 300.0  # full reported PUT at least this often
+    min_put_interval: float = 2.0  # coalesce changes: at most one PUT per this many seconds
+    deadline: float = 30.0  # per exchange
+    path: Path = Path(STATE_FILE)  # absolute once read from a config file
+
+    def __post_init__(self) -> None:
+        for name in ("report_interval", "deadline"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not (math.isfinite(self.min_put_interval) and self.min_put_interval >= 0):
+            raise ValueError(f"min_put_interval must be >= 0, got {self.min_put_interval!r}")
+
+    @classmethod
+    def from_options(cls, opts: Options, data_dir: Path) -> StateSettings:
+        """Validate the ``[state]`` table (errors name the key) and call ``opts.finish()``.
+
+        Keys: ``report_interval`` (300 s, 1..86400), ``min_put_interval`` (2 s, 0..3600, at most
+        ``report_interval``), ``deadline`` (30 s, 1..600), ``path`` (``state.cbor``, relative to
+        ``data_dir``).
+        """
+        report = opts.number("report_interval", 300.0, minimum=1.0, maximum=86400.0)
+        min_put = opts.number("min_put_interval", 2.0, minimum=0.0, maximum=3600.0)
+        deadline = opts.number("deadline", 30.0, minimum=1.0, maximum=600.0)
+        if min_put > report:
+            raise opts.error("min_put_interval", f"{min_put:g} is above report_interval")
+        raw_path = opts.string("path", STATE_FILE)
+        if not raw_path.strip():
+            raise opts.error("path", "is empty")
+        path = Path(raw_path).expanduser()
+        if not path.is_absolute():
+            path = Path(data_dir) / path
+        opts.finish()
+        return cls(report_interval=report, min_put_interval=min_put, deadline=deadline, path=path)
+
+
+class StateHooks(Protocol):
+    """What the runtime provides to :class:`StateSync`."""
+
+    def reported(self) -> dict[str, Any]:
+        """The current reported values ``{key: value}``: ``agent/version``,
+        ``sensor/<name>/health|enabled|interval``, ``detect/<name>/threshold``, ``queue/depth``,
+        ``link/state``, ``model/<slot>``, ``counter/<name>``... (docs/protocol.md)."""
+
+    def apply(self, key: str, value: Any) -> None:
+        """Apply one desired key live; ``None`` unsets it (go back to the config file's value).
+        Raise ValueError with a message when the value cannot be applied."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A desired version that could not be applied (it is not retried)."""
+
+    version: int
+    error: str
+    name: str | None = None  # the model name, for model/<slot>
+
+
+class StateFileError(ValueError):
+    """The persisted state file does not decode or does not have the expected shape."""
+
+
+def parse_desired_document(
+    payload: bytes,
+) -> tuple[int, dict[str, Entry], dict[str, int], list[tuple[str, str]]]:
+    """A desired document, leniently: ``(rev, entries, blocked, problems)``.
+
+    A document that does not decode, or is not ``{rev, keys, ? blocked}``, raises
+    :class:`StateError`. An entry without a usable ``[version, value]`` is left out and named in
+    ``problems`` so that the other keys still apply; values are checked per key by the caller.
+    """
+    try:
+        doc = records.loads(payload, max_depth=16)
+    except RecordError as err:
+        raise StateError(f"desired document: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
+        raise StateError("desired document: expected {rev, keys, ? blocked}")
+    rev = doc.get("rev")
+    if not is_version(rev):
+        raise StateError(f"desired document: rev must be an unsigned integer, got {rev!r}")
+    entries: dict[str, Entry] = {}
+    problems: list[tuple[str, str]] = []
+    for key, item in doc["keys"].items():
+        if not isinstance(key, str):
+            problems.append((repr(key), "a key is not text"))
+        elif not (isinstance(item, list) and len(item) == 2 and is_version(item[0])):
+            problems.append((key, f"expected [version, value], got {item!r}"[:ERROR_TEXT_MAX]))
+        else:
+            entries[key] = Entry(item[0], item[1])
+    blocked: dict[str, int] = {}
+    raw_blocked = doc.get("blocked", {})
+    if isinstance(raw_blocked, dict):
+        blocked = {k: v for k, v in raw_blocked.items() if isinstance(k, str) and is_version(v)}
+    else:
+        problems.append(("blocked", "expected a map of key => version"))
+    return rev, entries, blocked, problems
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    """The persisted state file, checked; :class:`StateFileError` if it is not one."""
+    try:
+        doc = records.loads(data)
+    except RecordError as err:
+        raise StateFileError(str(err)) from None
+    if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+        raise StateFileError(f"not a state file of format {STATE_FORMAT}")
+    if not isinstance(doc.get("device"), str):
+        raise StateFileError("device: expected text")
+    for name in ("clock", "rev"):
+        if not is_version(doc.get(name)):
+            raise StateFileError(f"{name}: expected an unsigned integer")
+
+    def entries(name: str) -> dict[str, Entry]:
+        raw = doc.get(name)
+        if not isinstance(raw, dict):
+            raise StateFileError(f"{name}: expected a map")
+        out: dict[str, Entry] = {}
+        for key, item in raw.items():
+            if not (
+                isinstance(key, str)
+                and isinstance(item, list)
+                and len(item) == 2
+                and is_version(item[0])
+            ):
+                raise StateFileError(f"{name}: {key!r}: expected [version, value]")
+            out[key] = Entry(item[0], item[1])
+        return out
+
+    pending = doc.get("pending")
+    if not isinstance(pending, list) or not all(isinstance(k, str) for k in pending):
+        raise StateFileError("pending: expected a list of keys")
+    failed: dict[str, Failure] = {}
+    raw_failed = doc.get("failed")
+    if not isinstance(raw_failed, dict):
+        raise StateFileError("failed: expected a map")
+    for key, item in raw_failed.items():
+        if not (
+            isinstance(key, str)
+            and isinstance(item, list)
+            and len(item) == 3
+            and is_version(item[0])
+            and isinstance(item[1], str)
+            and (item[2] is None or isinstance(item[2], str))
+        ):
+            raise StateFileError(f"failed: {key!r}: expected [version, error, name]")
+        failed[key] = Failure(item[0], item[1], item[2])
+    return {
+        "device": doc["device"],
+        "clock": doc["clock"],
+        "rev": doc["rev"],
+        "reported": entries("reported"),
+        "pending": set(pending),
+        "applied": entries("applied"),
+        "failed": failed,
+    }
+
+
+def is_version(value: Any) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and 0 <= value <= statedoc.MAX_VERSION
+    )
+
+
+def parse_acks(payload: bytes) -> dict[str, int]:
+    try:
+        doc = records.loads(payload, max_depth=4)
+    except RecordError as err:
+        raise StateError(f"reported ack: {err}") from None
+    if not isinstance(doc, dict) or not all(
+        isinstance(k, str) and is_version(v) for k, v in doc.items()
+    ):
+        raise StateError("reported ack: expected a map of key => version")
+    return doc
+
+
+def same_value(a: Any, b: Any) -> bool:
+    try:
+        return statedoc.encode_value(a) == statedoc.encode_value(b)
+    except StateError:
+        return False
+
+
+def reported_problem(key: str, value: Any) -> str | None:
+    """Why the endpoint would refuse ``key: value`` in a reported PUT (its own check), or None."""
+    try:
+        statedoc.parse_reported(statedoc.encode_reported({key: Entry(0, value)}))
+    except (StateError, RecordError) as err:
+        return str(err)
+    return None
+
+
+def chunks(entries: Mapping[str, Entry], limit: int) -> Iterator[dict[str, Entry]]:
+    chunk: dict[str, Entry] = {}
+    size = 1
+    for key, entry in entries.items():
+        n = len(statedoc.encode_reported({key: entry}))
+        if chunk and size + n > limit:
+            yield chunk
+            chunk, size = {}, 1
+        chunk[key] = entry
+        size += n
+    if chunk:
+        yield chunk
+
+
+def model_name(value: Any) -> str | None:
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"]
+    return None
+
+
+def error_text(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text[:ERROR_TEXT_MAX]
+
+
+def show(value: Any) -> str:
+    return repr(value)[:ERROR_TEXT_MAX]

@@ -1,0 +1,188 @@
+"""What every batch encoding shares: content-format numbers, the record as it travels
+(:class:`WireRecord`), the encoding protocol, the codec's error, and the endpoint's
+acknowledgement of a batch (:class:`IngestAck`, with the sequence-number ranges it covers).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import cbor2
+
+from agent.errors import AgentError
+from agent.wire import records
+from agent.wire.records import Kind
+
+# CoAP Content-Format numbers (IANA "CoAP Content-Formats" registry).
+CF_CBOR = 60  # application/cbor
+
+
+CF_SENML_CBOR = 112  # application/senml+cbor
+
+
+CF_LINK_FORMAT = 40  # application/link-format
+
+
+MAX_SEQ = 2**63 - 1  # SQLite INTEGER
+
+
+KINDS = frozenset(k.value for k in Kind)
+
+
+DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/config.py's device_id
+
+
+Resolution = Callable[[str, str], float | None]  # (sensor, channel) -> step, None: unknown
+
+
+class CodecError(AgentError, ValueError):
+    """A batch cannot be encoded (bad records) or decoded (bad bytes)."""
+
+
+class UnsupportedFormat(CodecError):
+    """No encoding is registered for a content format."""
+
+
+@dataclass(frozen=True, slots=True)
+class WireRecord:
+    """One store record as it travels: sequence number, kind, creation time, body bytes."""
+
+    seq: int
+    kind: str
+    created: float
+    body: bytes
+
+
+@runtime_checkable
+class Encoding(Protocol):
+    """A batch encoding, registered under its CoAP Content-Format number."""
+
+    content_format: int
+    name: str
+
+    def encode(
+        self,
+        device: str | None,
+        records: Sequence[WireRecord],
+        *,
+        resolution: Resolution | None = None,
+    ) -> bytes:
+        """The batch as bytes; :class:`CodecError` if a record cannot be carried.
+        ``resolution(sensor, channel)`` is a channel's step (None: unknown), for encodings that
+        quantize; others ignore it."""
+
+    def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
+        """The device named in the batch (None if it names none) and the records."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_record(rec: WireRecord) -> None:
+    seq, created = rec.seq, rec.created
+    if (
+        type(seq) is int
+        and 0 <= seq <= MAX_SEQ
+        and rec.kind in KINDS
+        and type(created) is float
+        and math.isfinite(created)
+        and type(rec.body) is bytes
+    ):
+        return  # the usual case, checked fast
+    if not isinstance(rec.seq, int) or isinstance(rec.seq, bool) or not 0 <= rec.seq <= MAX_SEQ:
+        raise CodecError(f"seq must be an integer in 0..2**63-1, not {rec.seq!r}")
+    if rec.kind not in KINDS:
+        raise CodecError(f"seq {rec.seq}: unknown kind {rec.kind!r}")
+    if not _number(rec.created) or not math.isfinite(rec.created):
+        raise CodecError(f"seq {rec.seq}: created must be a finite number, not {rec.created!r}")
+    if not isinstance(rec.body, bytes | bytearray | memoryview):
+        raise CodecError(f"seq {rec.seq}: body must be bytes")
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive ranges covering ``seqs``: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
+def format_ranges(seqs: list[int]) -> str:
+    """``1-3,7`` for [1, 2, 3, 7]: committed sequence numbers, compactly, for the log."""
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in seq_ranges(seqs))
+
+
+@dataclass(frozen=True)
+class IngestAck:
+    """The endpoint's answer to a batch: every sequence number now stored, and counts.
+
+    ``ranges`` are inclusive ``(first, last)`` pairs, sorted and disjoint. ``duplicate`` counts
+    records that were stored before; ``conflict`` counts those of them whose stored copy differs
+    (the endpoint keeps the first copy).
+    """
+
+    ranges: tuple[tuple[int, int], ...]
+    new: int
+    duplicate: int
+    conflict: int = 0
+
+    @classmethod
+    def for_seqs(
+        cls, seqs: Iterable[int], new: int, duplicate: int, conflict: int = 0
+    ) -> IngestAck:
+        return cls(tuple(seq_ranges(seqs)), new, duplicate, conflict)
+
+    def __contains__(self, seq: object) -> bool:
+        return isinstance(seq, int) and any(a <= seq <= b for a, b in self.ranges)
+
+    def seqs(self) -> Iterator[int]:
+        for a, b in self.ranges:
+            yield from range(a, b + 1)
+
+    def to_cbor(self) -> bytes:
+        doc: dict[str, Any] = {
+            "ack": [[a, b] for a, b in self.ranges],
+            "new": self.new,
+            "dup": self.duplicate,
+        }
+        if self.conflict:
+            doc["conflict"] = self.conflict
+        return cbor2.dumps(doc, canonical=True)
+
+    @classmethod
+    def from_cbor(cls, data: bytes) -> IngestAck:
+        try:
+            doc = records.loads(data, max_depth=8)
+        except records.RecordError as err:
+            raise CodecError(f"ack: {err}") from None
+        if not isinstance(doc, dict):
+            raise CodecError("ack: expected a map")
+
+        def count(key: str) -> int:
+            value = doc.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CodecError(f"ack: {key} must be an unsigned integer")
+            return value
+
+        raw = doc.get("ack")
+        if not isinstance(raw, list):
+            raise CodecError("ack: 'ack' must be an array of [first, last]")
+        ranges: list[tuple[int, int]] = []
+        for pair in raw:
+            if (
+                not isinstance(pair, list)
+                or len(pair) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+                or not 0 <= pair[0] <= pair[1] <= MAX_SEQ
+            ):
+                raise CodecError("ack: each range is [first, last] with first <= last")
+            ranges.append((pair[0], pair[1]))
+        return cls(tuple(ranges), count("new"), count("dup"), count("conflict"))
