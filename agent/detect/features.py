@@ -41,17 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from drivers.sim.sources import SKAB_CHANNELS
+
 #: The SKAB channels, in the order of the CSV columns and of every model's last axis.
-CHANNELS: tuple[str, ...] = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "Volume Flow RateRMS",
-)
+CHANNELS: tuple[str, ...] = SKAB_CHANNELS
 #: Slow thermal states: their level wanders with load and ambient, their rate of change does not.
 RATE_CHANNELS: tuple[str, ...] = ("Temperature", "Thermocouple")
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.detect.analyzer import AnalyzerSettings
 from agent.errors import ConfigError
@@ -33,6 +34,8 @@ from agent.sync.routing import RoutingSettings
 from agent.sync.statedata import StateSettings
 from agent.sync.uplink import UplinkSettings
 from drivers.base import OptionError, Options
+
+T = TypeVar("T")
 
 EX_CONFIG = 78  # sysexits.h: configuration error
 
@@ -69,24 +72,33 @@ class Config:
 def load(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError (one line) on any problem."""
     path = Path(path)
-    label = path.name
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(str(path), "", "no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(str(path), "", f"cannot read: {err}") from None
-    return loads(text, path=path, label=label)
+    return loads(read_text(path), path=path, label=path.name)
 
 
 def loads(text: str, *, path: Path = Path("agent.toml"), label: str | None = None) -> Config:
     label = label or path.name
+    return parse_toml(text, label, lambda raw: _parse(raw, path.resolve().parent, path))
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text; ConfigError ``FILE: problem`` when it is missing or unreadable."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), "", f"cannot read: {err}") from None
+
+
+def parse_toml(text: str, label: str, parse: Callable[[dict[str, Any]], T]) -> T:
+    """``parse`` of the TOML document ``text``; every problem is one ConfigError line
+    ``LABEL: key.path: message``."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(label, "", f"not valid TOML: {err}") from None
     try:
-        return _parse(raw, path.resolve().parent, path)
+        return parse(raw)
     except OptionError as err:
         raise ConfigError(label, err.key, err.message) from None
 

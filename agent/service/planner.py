@@ -60,7 +60,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +67,9 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ConfigError
+from agent.service.config import parse_toml, read_text
 from agent.wire import records
-from drivers.base import OptionError, Options
+from drivers.base import Options
 
 DAYS_PER_MONTH = 30
 #: CoAP header, token and options of one message, and the UDP/IP headers are not counted (as
@@ -156,20 +156,7 @@ class Profile:
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile. Raises ConfigError ``FILE: key.path: message``."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(str(path), "", "no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(str(path), "", f"cannot read: {err}") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(path.name, "", f"not valid TOML: {err}") from None
-    try:
-        return Profile.from_options(Options(raw))
-    except OptionError as err:
-        raise ConfigError(path.name, err.key, err.message) from None
+    return parse_toml(read_text(path), path.name, lambda raw: Profile.from_options(Options(raw)))
 
 
 class Measured:

@@ -388,16 +388,11 @@ class Db:
         for attempt in range(2):
             try:
                 return self._apply(puts, alert_only, acks, nacks, ring_dropped)
-            except (sqlite3.DatabaseError, _Corrupt) as err:
+            except (sqlite3.DatabaseError, _Corrupt, OSError) as err:
                 if attempt == 0 and (is_corrupt(err) or isinstance(err, _Corrupt)):
                     self._recover_runtime(err, wall_now)
                     acks, nacks = set(), set()
                     continue
-                wrapped = StoreError(f"queue {self.path}: write failed: {err}")
-                wrapped.__cause__ = err
-                log.error("event=write_failed path=%s error=%s", self.path, err)
-                return _Outcome(puts=[wrapped] * len(puts), error=wrapped)
-            except OSError as err:
                 wrapped = StoreError(f"queue {self.path}: write failed: {err}")
                 wrapped.__cause__ = err
                 log.error("event=write_failed path=%s error=%s", self.path, err)

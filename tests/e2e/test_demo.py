@@ -16,7 +16,8 @@ import pytest
 
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
-from agent.service.config import example_config, selftest
+from agent.service.cli import selftest
+from agent.service.config import example_config
 from drivers.clock import RealClock
 
 PARTS = {"adxl345", "ina219", "ads1115", "mcp9600", "bme280", "modbus", "line"}
