@@ -17,28 +17,34 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent import logsetup
+from agent import __version__, logsetup
 from agent.errors import AgentError, ConfigError, DriverError
-from agent.service import config as configmod
 from drivers.clock import Clock, RealClock, ScaledClock
+
+if TYPE_CHECKING:
+    from agent.service import config as configmod
 
 EX_OK = 0
 EX_FAIL = 1
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 EX_NOPERM = 77
-EX_CONFIG = configmod.EX_CONFIG
+EX_CONFIG = 78  # sysexits.h: configuration error (as agent.service.config.EX_CONFIG)
 
 log = logging.getLogger("agent.service.cli")
 
 
 def _load(path: str | Path) -> configmod.Config:
+    from agent.service import config as configmod
+
     return configmod.load(path)
 
 
 def load_config(args: argparse.Namespace) -> configmod.Config:
+    from agent.service import config as configmod
+
     cfg = _load(args.config)
     sim = configmod.simulation_from_args(args)
     if sim is not None:
@@ -64,6 +70,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.service.cpu import pin_to_one_cpu
     from agent.service.runtime import Agent
 
     cfg = load_config(args)
@@ -71,6 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.time_scale != 1.0 and not args.simulate:
         raise ConfigError("--time-scale", "", "only with --simulate (real parts run in real time)")
+    if cfg.agent.cpu_affinity == "single":  # before any thread starts: they inherit it
+        pin_to_one_cpu()
 
     async def main() -> None:
         clock = ScaledClock(args.time_scale) if args.time_scale != 1.0 else RealClock()
@@ -248,6 +257,7 @@ def format_models(rows: list[dict[str, Any]]) -> str:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from agent.modelstore.cache import ModelCache
+    from agent.service import config as configmod
 
     cfg = _load(args.config or configmod.example_config())
     shipped = cfg.detect.detect.models_dir if cfg.detect is not None else None
@@ -298,6 +308,7 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description="edge-agent device agent")
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check-config", help="validate a config file")

@@ -45,6 +45,7 @@ class AgentSection:
     device_id: str
     data_dir: Path
     log_level: str = "info"
+    cpu_affinity: str = "single"  # "single": the process on one CPU (agent/service/cpu.py); "all"
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,11 @@ def _parse_agent(t: Options, base: Path) -> AgentSection:
         raise t.error("device_id", f"{device_id!r} must be 1-63 letters, digits, '_', '-', '.'")
     data_dir = resolve_path(base, t.string("data_dir", "/var/lib/edge-agent"))
     level = t.choice("log_level", "info", ("debug", "info", "warning", "error"))
+    affinity = t.choice("cpu_affinity", "single", ("single", "all"))
     t.finish()
-    return AgentSection(device_id=device_id, data_dir=data_dir, log_level=level)
+    return AgentSection(
+        device_id=device_id, data_dir=data_dir, log_level=level, cpu_affinity=affinity
+    )
 
 
 def simulated(config: Config, simulation: SimulationConfig) -> Config:

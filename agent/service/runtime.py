@@ -392,7 +392,9 @@ class Agent:
         if settings is None:
             return
         # one lane per outstanding batch, one for the link monitor's probes, one for state
-        self.transport = CoapTransport(self.clock, lanes=settings.max_inflight + 2)
+        self.transport = CoapTransport(
+            self.clock, lanes=settings.max_inflight + 2, uris=settings.endpoints
+        )
         self.endpoints = Endpoints(
             settings.endpoints, self.clock, primary_retry=settings.primary_retry
         )
@@ -449,7 +451,7 @@ class Agent:
         if self.analyzer is None or self.endpoints is None or self.store is None:
             return
         endpoints = self.endpoints
-        self.router_transport = CoapTransport(self.clock, lanes=1)
+        self.router_transport = CoapTransport(self.clock, lanes=1, uris=endpoints.uris)
         router = self.router = Router(
             self.config.routing,
             device_id=self.config.agent.device_id,
@@ -479,7 +481,7 @@ class Agent:
         d = self.config.detect.detect
         endpoints = self.endpoints
         fetcher = ModelFetcher(  # a transport of its own, closed with the cache on stop
-            CoapTransport(self.clock, lanes=BLOCK_WINDOW),
+            CoapTransport(self.clock, lanes=BLOCK_WINDOW, uris=endpoints.uris),
             lambda: endpoints.current,
             endpoint_path=self.config.models.endpoint_path,
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,26 +75,61 @@ def _tuning(confirmable: bool, ack_timeout: float | None) -> Any:
     return Tuned()
 
 
-class CoapTransport:
-    """CoAP client lanes over UDP (aiocoap)."""
+#: aiocoap's client transport for each URI scheme the agent accepts.
+SCHEME_TRANSPORTS = {
+    "coap": "udp6",
+    "coap+tcp": "tcpclient",
+    "coaps": "tinydtls",
+    "coaps+tcp": "tlsclient",
+}
 
-    def __init__(self, clock: Clock, *, lanes: int = 1) -> None:
+
+def transports_for(uris: Iterable[str]) -> list[str]:
+    """The aiocoap client transports that the schemes of ``uris`` need, and only those.
+
+    aiocoap's default loads every transport it can (TCP, TLS, WebSockets, DTLS, OSCORE), which
+    costs the device about 8 MB of memory for sockets and code it never uses."""
+    out: list[str] = []
+    for uri in uris:
+        scheme = uri.partition(":")[0].lower()
+        transport = SCHEME_TRANSPORTS.get(scheme)
+        if transport is None:
+            raise SyncError(
+                f"{uri}: unsupported scheme {scheme!r} ({', '.join(SCHEME_TRANSPORTS)})"
+            )
+        if transport not in out:
+            out.append(transport)
+    return out
+
+
+class CoapTransport:
+    """CoAP client lanes (aiocoap), one client context per lane.
+
+    ``uris``: the endpoints this transport will talk to; their schemes choose the aiocoap
+    transports loaded (:func:`transports_for`). Without them aiocoap loads all it has."""
+
+    def __init__(self, clock: Clock, *, lanes: int = 1, uris: Iterable[str] = ()) -> None:
         if lanes < 1:
             raise ValueError("at least one lane")
         self.clock = clock
         self.lanes = lanes
+        self.transports = transports_for(uris) or None
         self._contexts: list[Any] = []
         self._lock = asyncio.Lock()
         self._observing: dict[int, int] = {}  # lane -> observations running on it
         self._retired: set[asyncio.Task[None]] = set()  # contexts shutting down
 
     async def _context(self, lane: int) -> Any:
-        import aiocoap
 
         async with self._lock:
             while len(self._contexts) <= lane:
-                self._contexts.append(await aiocoap.Context.create_client_context())
+                self._contexts.append(await self._new_context())
         return self._contexts[lane]
+
+    async def _new_context(self) -> Any:
+        import aiocoap
+
+        return await aiocoap.Context.create_client_context(transports=self.transports)
 
     async def request(
         self,
@@ -157,14 +192,13 @@ class CoapTransport:
         holds every later confirmable message to the same server behind it (NSTART = 1) until
         its retransmissions run out, which can take a minute. A new context (a new socket) drops
         that exchange. A lane with an observation on it is left alone."""
-        import aiocoap
 
         if self._observing.get(lane):
             return
         async with self._lock:
             if lane >= len(self._contexts) or self._contexts[lane] is not ctx:
                 return  # already replaced
-            self._contexts[lane] = await aiocoap.Context.create_client_context()
+            self._contexts[lane] = await self._new_context()
         task = asyncio.get_running_loop().create_task(_shutdown(ctx))
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)

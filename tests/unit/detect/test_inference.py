@@ -111,7 +111,7 @@ _TFLITE_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from agent.detect.detector.inference import TFLiteModel, load_manifest
+    from agent.detect.inference import TFLiteModel, load_manifest
     models, work = sys.argv[1], sys.argv[2]
     man = load_manifest(models)
     info = {"numpy": np.__version__}

@@ -1,0 +1,199 @@
+"""Bench of the device's footprint: the real agent process on the simulated reference rig.
+
+One run starts a local endpoint (``edge-agent-cloud serve``, its own process) and the agent as
+systemd would run it (``edge-agent run`` with ``NOTIFY_SOCKET`` set, the packaged reference rig
+with every sensor simulated, the detector and its models, and an [uplink] to the endpoint), for
+``--seconds`` of rig time (120 by default) at ``--time-scale`` (4 by default). Measured:
+
+- ``ready_s``: process start to the ``READY=1`` datagram on the notify socket;
+- ``rss_mb``: peak resident memory of the agent (``VmHWM``), everything loaded; beside it the
+  limit (60 MB) and the figure the issue compares with (Greengrass stream manager, >= 70 MB);
+- ``cpu_percent``: CPU time of the agent after READY, per second of rig time, in percent of one
+  core (so the figure is for the reference rig's rates whatever the time scale);
+- ``import_ms``: wall time of ``edge-agent --version`` (median of 5), beside the bare interpreter
+  start (``python -c pass``) measured in the same run;
+- ``records_acked``: what the endpoint stored meanwhile (proves the uplink ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from agent.service.config import example_config
+from benches import Result
+from cloud.storage import DB_NAME
+
+DEVICE = "pump-rig-01"
+RSS_LIMIT_MB = 60.0
+GREENGRASS_MB = 70.0
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _script(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise SystemExit(f"bench footprint: {name} is not installed beside {sys.executable}")
+    return found
+
+
+def _status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS"):
+                out[key] = int(value.split()[0])  # kB
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def _median_ms(cmd: list[str], runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _stored(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
+
+
+def run(args: argparse.Namespace) -> Result:
+    parser = argparse.ArgumentParser(prog="bench footprint")
+    parser.add_argument("--seconds", type=float, default=30.0 if args.quick else 120.0)
+    parser.add_argument("--time-scale", type=float, default=4.0)
+    opts = parser.parse_args(args.extra)
+    agent_cmd, cloud_cmd = _script("edge-agent"), _script("edge-agent-cloud")
+    result = Result()
+    with tempfile.TemporaryDirectory(prefix="bench-footprint-") as tmp:
+        tmp_path = Path(tmp)
+        cloud_dir = tmp_path / "cloud"
+        subprocess.run(
+            [cloud_cmd, "devices", "add", "--data", str(cloud_dir), DEVICE],
+            check=True,
+            capture_output=True,
+        )
+        port = _free_udp_port()
+        server = subprocess.Popen(
+            [cloud_cmd, "serve", "--listen", f"127.0.0.1:{port}", "--data", str(cloud_dir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        text = example_config().read_text()
+        text = text.replace(
+            'data_dir = "/var/lib/edge-agent"', f'data_dir = "{tmp_path / "agent"}"'
+        )
+        text += f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\n'
+        config = tmp_path / "agent.toml"
+        config.write_text(text)
+        notify_path = str(tmp_path / "notify.sock")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(0.2)
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+        cmd = [agent_cmd, "run", "--config", str(config), "--simulate", "pump"]
+        cmd += ["--time-scale", str(opts.time_scale), "--log-level", "warning"]
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        ready_s = cpu_at_ready = None
+        t_ready = 0.0
+        try:
+            deadline = started + 120
+            while ready_s is None and time.perf_counter() < deadline and proc.poll() is None:
+                try:
+                    msg = notify.recv(4096).decode(errors="replace")
+                except TimeoutError:
+                    continue
+                if "READY=1" in msg.split("\n"):
+                    t_ready = time.perf_counter()
+                    ready_s = t_ready - started
+                    cpu_at_ready = _cpu_seconds(proc.pid)
+            if ready_s is None:
+                err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None else ""
+                raise SystemExit(f"bench footprint: the agent never sent READY=1\n{err[-2000:]}")
+            end = t_ready + opts.seconds / opts.time_scale
+            peak_rss = 0
+            while time.perf_counter() < end and proc.poll() is None:
+                time.sleep(0.5)
+                peak_rss = max(peak_rss, _status(proc.pid).get("VmRSS", 0))
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")
+                raise SystemExit(f"bench footprint: the agent exited early\n{err[-2000:]}")
+            hwm_kb = _status(proc.pid)["VmHWM"]
+            cpu = _cpu_seconds(proc.pid) - (cpu_at_ready or 0.0)
+            rig_seconds = (time.perf_counter() - t_ready) * opts.time_scale
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            notify.close()
+            stored = _stored(cloud_dir / DB_NAME)
+            server.terminate()
+            server.wait(10)
+    import_ms = _median_ms([agent_cmd, "--version"])
+    python_ms = _median_ms([sys.executable, "-c", "pass"])
+    rss_mb = hwm_kb / 1024
+    cpu_percent = 100.0 * cpu / rig_seconds
+    result.add("ready_s (start -> READY=1)", f"{ready_s:.2f} s", "")
+    result.add(
+        "rss_mb (peak, models loaded, uplink on)",
+        f"{rss_mb:.1f} MB",
+        f"limit {RSS_LIMIT_MB:.0f} MB: {rss_mb / RSS_LIMIT_MB:.2f}x; Greengrass stream manager "
+        f">= {GREENGRASS_MB:.0f} MB: {rss_mb / GREENGRASS_MB:.2f}x",
+    )
+    result.add(
+        "cpu_percent (of one core, reference rig rates)",
+        f"{cpu_percent:.2f} %",
+        f"{cpu:.2f} s CPU over {rig_seconds:.0f} s of rig time at {opts.time_scale:g}x",
+    )
+    result.add(
+        "import_ms (edge-agent --version)",
+        f"{import_ms:.0f} ms",
+        f"bare interpreter {python_ms:.0f} ms: {import_ms / python_ms:.1f}x",
+    )
+    result.add("records stored by the endpoint during the run", f"{stored}", "")
+    if rss_mb > RSS_LIMIT_MB:
+        result.notes.append(f"NOT MET: rss_mb {rss_mb:.1f} > {RSS_LIMIT_MB:.0f} MB")
+    result.summary = {
+        "ready_s": round(ready_s, 3),
+        "rss_mb": round(rss_mb, 1),
+        "rss_limit_mb": RSS_LIMIT_MB,
+        "rss_ratio_to_limit": round(rss_mb / RSS_LIMIT_MB, 3),
+        "cpu_percent": round(cpu_percent, 2),
+        "import_ms": round(import_ms, 1),
+        "python_start_ms": round(python_ms, 1),
+        "records_stored": stored,
+        "rig_seconds": round(rig_seconds, 1),
+        "time_scale": opts.time_scale,
+    }
+    return result
