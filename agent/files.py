@@ -17,12 +17,15 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temporary file beside it, fsync, rename, fsync of the
-    directory. A crash leaves the old file or the new one, never a mix."""
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data``: temporary file beside it (created with ``mode``), fsync,
+    rename, fsync of the directory. A crash leaves the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a leftover of a crash: O_EXCL below must create it anew with ``mode``
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())

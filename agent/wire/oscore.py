@@ -1,0 +1,219 @@
+"""OSCORE (RFC 8613) security contexts as both sides keep them: derived from a credential and an
+ID Context, with sender sequence numbers reserved on disk so that no nonce is ever used twice.
+
+How contexts are established (docs/security.md has the whole argument):
+
+- Each principal shares a master secret and salt with the endpoint (its credential). A device
+  that starts without context state (first start, reflashed, state lost) picks a random 8-byte
+  **ID Context** and derives fresh keys from it (RFC 8613 section 3.2.1), so its sequence numbers
+  can start at 0 again without reusing a nonce under any earlier key. This is the device half of
+  Appendix B.2; aiocoap 0.4.17 has no B.2 exchange, so the endpoint's half is an RFC 9175 Echo
+  round trip instead: the endpoint derives the context for an ID Context it has not verified with
+  an uninitialised replay window, answers the first request with 4.01 + Echo, and accepts requests
+  only once one comes back with that Echo (a replayed message of an old boot cannot).
+- Sender sequence numbers come from a :class:`Sequence`, reserved ahead in a state file
+  (:data:`RESERVE` numbers per write, the file written atomically with an fsync of the file and of
+  its directory) before a number of the reservation is used; after a crash or a power cut the
+  side continues above the reservation.
+- The endpoint keeps one :class:`Sequence` per principal for all of that principal's contexts, so
+  even a context derived again for an old ID Context never repeats one of the endpoint's nonces.
+
+A state file is JSON: ``{"id_context": HEX, "seq_reserved": N, "replay": {...} | null}``
+(``replay`` null: the window was in use when the process stopped, so the next request goes through
+Echo). Contexts are used from the event loop thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiocoap import oscore
+
+from agent.files import write_atomic
+from agent.wire.credentials import Credential
+
+log = logging.getLogger(__name__)
+
+#: Sequence numbers reserved per write of the state file (one fsync per this many messages).
+RESERVE = 256
+#: Replay window size (RFC 8613 section 7.4: at least 32).
+WINDOW = 32
+ID_CONTEXT_BYTES = 8
+STATE_MAX_BYTES = 4096
+MAX_SEQNO = 2**40 - 1  # RFC 8613 section 7.2.1
+
+
+class StateFileError(ValueError):
+    """The context state file is malformed."""
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The state file's document, or None when there is none."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) > STATE_MAX_BYTES:
+        raise StateFileError(f"{path}: too large for a context state file")
+    try:
+        doc = json.loads(data)
+        int(doc["seq_reserved"])
+        bytes.fromhex(doc["id_context"])
+        replay = doc.get("replay")
+        if replay is not None:
+            doc["replay"] = {"index": int(replay["index"]), "bitfield": int(replay["bitfield"])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise StateFileError(f"{path}: not a context state file: {err!r}") from None
+    return doc  # type: ignore[no-any-return]
+
+
+def write_state(path: Path, doc: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(doc).encode(), mode=0o600)
+
+
+class Sequence:
+    """Sender sequence numbers, reserved ahead: ``persist()`` is called (and must make the new
+    ``reserved`` durable) before any number at or above the old reservation is handed out."""
+
+    def __init__(self, start: int, persist: Callable[[], None], reserve: int = RESERVE) -> None:
+        self.next = start
+        self.reserved = start  # numbers below this may have been used
+        self._persist = persist
+        self._reserve = reserve
+
+    def take(self) -> int:
+        n = self.next
+        if n >= MAX_SEQNO:
+            raise oscore.ContextUnavailable("sequence numbers exhausted: re-key this principal")
+        if n >= self.reserved:
+            self.reserved = n + 1 + self._reserve
+            self._persist()
+        self.next = n + 1
+        return n
+
+    def release(self) -> None:
+        """Clean stop: the next start may begin at the next number."""
+        self.reserved = self.next
+
+
+class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
+    """An OSCORE context drawing its sender sequence numbers from a durable :class:`Sequence`.
+
+    ``replay``: the persisted replay window, or None (uninitialised: the next accepted request
+    needs an Echo round trip). ``on_accept(ctx)`` is called when a message was accepted (the
+    first call means the context is verified). ``claims`` is what the endpoint's resources see
+    as ``request.remote.authenticated_claims``.
+    """
+
+    def __init__(
+        self,
+        credential: Credential,
+        sequence: Sequence,
+        *,
+        sender_id: bytes,
+        recipient_id: bytes,
+        id_context: bytes,
+        replay: dict[str, int] | None = None,
+        on_accept: Callable[[PersistentContext], None] | None = None,
+        claims: list[Any] | None = None,
+    ) -> None:
+        self.alg_aead = oscore.algorithms[credential.aead]
+        self.hashfun = oscore.hashfunctions[credential.hkdf]
+        self.sender_id = sender_id
+        self.recipient_id = recipient_id
+        self.id_context = id_context
+        self.derive_keys(credential.master_salt, credential.master_secret)
+        self.authenticated_claims = list(claims or [])  # never the class-level shared list
+        self.echo_recovery = secrets.token_bytes(8)  # a fresh Echo value per loaded context
+        self.recipient_replay_window = oscore.ReplayWindow(WINDOW, self._accepted)
+        if replay is not None:
+            self.recipient_replay_window.initialize_from_persisted(replay)
+        self.sequence = sequence
+        self.on_accept = on_accept
+        self.accepted = 0
+
+    @property
+    def sender_sequence_number(self) -> int:  # type: ignore[override]
+        return self.sequence.next
+
+    @sender_sequence_number.setter
+    def sender_sequence_number(self, value: int) -> None:
+        self.sequence.next = max(self.sequence.next, value)
+
+    def new_sequence_number(self) -> int:
+        return self.sequence.take()
+
+    def post_seqnoincrease(self) -> None:
+        """Not used: :class:`Sequence` reserves before it hands out a number."""
+
+    def _accepted(self) -> None:
+        self.accepted += 1
+        if self.on_accept is not None:
+            self.on_accept(self)
+
+    def replay_state(self) -> dict[str, int] | None:
+        window = self.recipient_replay_window
+        return window.persist() if window.is_initialized() else None
+
+    def __repr__(self) -> str:
+        return (
+            f"<PersistentContext kid={self.sender_id.hex()} peer={self.recipient_id.hex()} "
+            f"ctx={self.id_context.hex()} seq={self.sequence.next}>"
+        )
+
+
+class ClientContext:
+    """A principal's own (client) context and its state file.
+
+    From the state file, or with a new random ID Context when there is none (first start,
+    reflash, lost or unreadable state). The window checks only the endpoint's notifications
+    (numbered from the endpoint's counter) and is written after each, so a replayed old
+    notification is refused after a restart too.
+    """
+
+    def __init__(self, credential: Credential, state_path: Path) -> None:
+        self.path = state_path
+        try:
+            doc = read_state(state_path)
+        except StateFileError as err:
+            log.warning("event=oscore_state_unreadable path=%s error=%s", state_path, err)
+            doc = None
+        if doc is None:
+            id_context, seq, replay = secrets.token_bytes(ID_CONTEXT_BYTES), 0, None
+            log.info("event=oscore_new_context id_context=%s", id_context.hex())
+        else:
+            id_context, seq, replay = bytes.fromhex(doc["id_context"]), doc["seq_reserved"], None
+            replay = doc.get("replay")
+        self.sequence = Sequence(int(seq), self.save)
+        self.context = PersistentContext(
+            credential,
+            self.sequence,
+            sender_id=credential.sender_id,
+            recipient_id=credential.recipient_id,
+            id_context=id_context,
+            replay=replay,
+            on_accept=lambda _ctx: self.save(),
+        )
+        if replay is None:
+            self.context.recipient_replay_window.initialize_empty()
+        self.save()  # the ID Context is on disk before any message uses it
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "id_context": self.context.id_context.hex(),
+            "seq_reserved": self.sequence.reserved,
+            "replay": self.context.replay_state(),
+        }
+
+    def save(self) -> None:
+        write_state(self.path, self.state())
+
+    def close(self) -> None:
+        """Clean stop: the exact next number, so no numbers are skipped."""
+        self.sequence.release()
+        self.save()

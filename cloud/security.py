@@ -1,0 +1,244 @@
+"""Who is asking: the endpoint's principals (devices and operators), their OSCORE contexts and
+DTLS pre-shared keys, and the rule of what each may do.
+
+- :class:`Principals` holds every registered credential in memory, indexed by OSCORE key id, and
+  answers aiocoap's context lookup (``get_oscore_context_for``) for incoming requests: the
+  verified context of the principal for its current ID Context, or a candidate context for a new
+  ID Context (a device that restarted without state) whose replay window starts uninitialised, so
+  aiocoap answers 4.01 + Echo and the candidate is adopted only when a request comes back with
+  the Echo (agent/wire/oscore.py). Revoked principals and unknown key ids get no context (4.01).
+  The endpoint's sender sequence numbers are one durable counter per principal
+  (``DATA/oscore/<principal>.json``).
+- :func:`identity` turns a request's authenticated claims (OSCORE, or DTLS-PSK) into a
+  :class:`Principal`, or None for an unauthenticated request.
+- :func:`allowed` is the access rule: a device reaches only its own resources (and model files);
+  operators set desired state, read any device's state and registry entry, and read model files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiocoap import oscore
+
+from agent.wire.credentials import ENDPOINT_KID, Credential
+from agent.wire.oscore import (
+    PersistentContext,
+    Sequence,
+    StateFileError,
+    read_state,
+    write_state,
+)
+
+log = logging.getLogger(__name__)
+
+#: Candidate contexts (new ID Contexts not yet verified by Echo) kept per principal.
+MAX_CANDIDATES = 2
+
+
+class Principal(str):
+    """An authenticated identity: the principal's name (a str) and its role."""
+
+    role: str
+
+    def __new__(cls, name: str, role: str) -> Principal:
+        obj = super().__new__(cls, name)
+        obj.role = role
+        return obj
+
+    def __repr__(self) -> str:
+        return f"Principal({str(self)!r}, {self.role!r})"
+
+
+def identity(request: Any) -> Principal | None:
+    """The authenticated principal of ``request``, or None."""
+    remote = getattr(request, "remote", None)
+    for claim in getattr(remote, "authenticated_claims", ()) or ():
+        if isinstance(claim, Principal):
+            return claim
+    return None
+
+
+#: route name -> method -> who may: "own" (the device named in the path), "operator", "any"
+#: (any authenticated principal), "public" (anyone).
+ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
+    "wkc": {"GET": ("public",)},
+    "ingest": {"POST": ("own",)},
+    "reported": {"GET": ("own", "operator"), "PUT": ("own",)},
+    "desired": {"GET": ("own", "operator"), "PUT": ("operator",)},
+    "device": {"GET": ("own", "operator")},
+    "models": {"GET": ("any",)},
+    "infer": {"POST": ("own",)},
+    "validate": {"POST": ("own",)},
+}
+
+
+def allowed(route: str, method: str, device: str | None, who: Principal | None) -> int:
+    """0 when ``who`` may, else the refusal: 401 (not authenticated) or 403 (not this one)."""
+    rules = ACCESS.get(route, {}).get(method, ())
+    if "public" in rules:
+        return 0
+    if who is None:
+        return 401
+    if "any" in rules:
+        return 0
+    if "operator" in rules and who.role == "operator":
+        return 0
+    if "own" in rules and who.role == "device" and device is not None and who == device:
+        return 0
+    return 403
+
+
+@dataclass
+class _Entry:
+    credential: Credential
+    revoked: bool = False
+
+
+class _PrincipalState:
+    """One principal's contexts at the endpoint: the verified one and candidates."""
+
+    def __init__(self, entry: _Entry, path: Path) -> None:
+        self.entry = entry
+        self.path = path
+        try:
+            doc = read_state(path)
+        except StateFileError as err:
+            log.warning("event=oscore_state_unreadable path=%s error=%s", path, err)
+            doc = None
+        self.id_context: bytes | None = None
+        self.replay: dict[str, int] | None = None
+        start = 0
+        if doc is not None:
+            self.id_context = bytes.fromhex(doc["id_context"])
+            start = int(doc["seq_reserved"])
+            self.replay = doc.get("replay")
+        self.sequence = Sequence(start, self.save)
+        self.current: PersistentContext | None = None
+        self.candidates: dict[bytes, PersistentContext] = {}
+
+    def _make(self, id_context: bytes, replay: dict[str, int] | None) -> PersistentContext:
+        cred = self.entry.credential
+        return PersistentContext(
+            cred,
+            self.sequence,
+            sender_id=ENDPOINT_KID,
+            recipient_id=cred.sender_id,
+            id_context=id_context,
+            replay=replay,
+            on_accept=self._accepted,
+            claims=[Principal(cred.principal, cred.role)],
+        )
+
+    def context_for(self, id_context: bytes) -> PersistentContext:
+        if self.current is None and self.id_context is not None:
+            # after a restart the window is unknown unless it was saved on a clean stop
+            self.current = self._make(self.id_context, self.replay)
+            self.replay = None
+        if self.current is not None and self.current.id_context == id_context:
+            return self.current
+        ctx = self.candidates.get(id_context)
+        if ctx is None:
+            if len(self.candidates) >= MAX_CANDIDATES:
+                self.candidates.pop(next(iter(self.candidates)))
+            ctx = self.candidates[id_context] = self._make(id_context, None)
+        return ctx
+
+    def _accepted(self, ctx: PersistentContext) -> None:
+        if ctx is not self.current:  # a candidate proved fresh (Echo): it is the context now
+            self.candidates.pop(ctx.id_context, None)
+            self.current = ctx
+            self.id_context = ctx.id_context
+            log.info(
+                "event=oscore_context principal=%s id_context=%s",
+                self.entry.credential.principal,
+                ctx.id_context.hex(),
+            )
+            self.save()
+        elif ctx.accepted == 1:
+            self.save()  # the window is in use now: after a crash, Echo again
+
+    def state(self, clean: bool = False) -> dict[str, Any]:
+        cur = self.current
+        return {
+            "id_context": (self.id_context or b"").hex(),
+            "seq_reserved": self.sequence.reserved,
+            "replay": cur.replay_state() if (clean and cur is not None) else None,
+        }
+
+    def save(self, clean: bool = False) -> None:
+        if self.id_context is None and not self.sequence.reserved:
+            return
+        write_state(self.path, self.state(clean))
+
+    def close(self) -> None:
+        self.sequence.release()
+        self.save(clean=True)
+
+
+class Principals:
+    """The registered principals, for aiocoap's OSCORE context lookup and the PSK lookup.
+
+    Put into the server's credentials map as one entry; aiocoap calls
+    :meth:`get_oscore_context_for` with the unprotected header of each OSCORE request."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._by_kid: dict[bytes, _Entry] = {}
+        self._by_name: dict[str, _Entry] = {}
+        self._states: dict[str, _PrincipalState] = {}
+
+    def load(self, credentials: list[tuple[Credential, bool]]) -> None:
+        """Replace the registry with ``(credential, revoked)`` pairs (from the storage)."""
+        by_kid: dict[bytes, _Entry] = {}
+        by_name: dict[str, _Entry] = {}
+        for cred, revoked in credentials:
+            entry = _Entry(cred, revoked)
+            by_kid[cred.sender_id] = entry
+            by_name[cred.principal] = entry
+        for name, state in list(self._states.items()):
+            new = by_name.get(name)
+            if new is None or new.revoked or new.credential != state.entry.credential:
+                state.close()  # re-keyed or revoked: its contexts go
+                del self._states[name]
+        self._by_kid, self._by_name = by_kid, by_name
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def credential(self, name: str) -> Credential | None:
+        entry = self._by_name.get(name)
+        return None if entry is None or entry.revoked else entry.credential
+
+    def psk(self, identity_: bytes) -> bytes | None:
+        """The DTLS PSK of the principal named ``identity_``, or None."""
+        cred = self.credential(identity_.decode("utf-8", "replace"))
+        return cred.psk if cred is not None and cred.psk else None
+
+    # -- aiocoap's duck-typed lookup -------------------------------------------------------------
+
+    def get_oscore_context_for(self, unprotected: dict[Any, Any]) -> PersistentContext | None:
+        kid = unprotected.get(oscore.COSE_KID)
+        id_context = unprotected.get(oscore.COSE_KID_CONTEXT)
+        entry = self._by_kid.get(kid) if isinstance(kid, bytes) else None
+        if entry is None or entry.revoked or not isinstance(id_context, bytes):
+            return None
+        if not 1 <= len(id_context) <= 16:
+            return None
+        name = entry.credential.principal
+        state = self._states.get(name)
+        if state is None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            state = self._states[name] = _PrincipalState(entry, self.state_dir / f"{name}.json")
+        return state.context_for(id_context)
+
+    def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
+        return set()  # every context here has an ID Context; nothing for EDHOC to avoid
+
+    def close(self) -> None:
+        for state in self._states.values():
+            state.close()
+        self._states.clear()
