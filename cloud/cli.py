@@ -34,8 +34,10 @@ from typing import Any
 from agent import logsetup
 from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
+from agent.wire.credentials import PSK_BYTES
 from agent.wire.statedoc import StateError
 from cloud import export
+from cloud.security import issue_credential
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
 from cloud.storage import DocumentTooLarge, SQLiteStorage, StorageUnavailable, UnknownDevice
 
@@ -109,7 +111,13 @@ def _open(data: str) -> SQLiteStorage:
 
 async def _serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
-    server = await CloudServer.start(args.data, host, port, allow_any_device=args.allow_any_device)
+    server = await CloudServer.start(
+        args.data,
+        host,
+        port,
+        allow_any_device=args.allow_any_device,
+        allow_plain=args.insecure,
+    )
     print(f"edge-agent-cloud listening on {server.uri}, data in {args.data}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -130,14 +138,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- devices --------------------------------------------------------------------------------------
 
 
-def cmd_devices(args: argparse.Namespace) -> int:
+def _credential_path(args: argparse.Namespace, name: str, many: bool) -> Path:
+    """Where a principal's credential file goes: --credential-out (a directory when several
+    principals are named), else DATA/credentials/NAME.json."""
+    out = getattr(args, "credential_out", None)
+    if out is None:
+        return Path(args.data) / "credentials" / f"{name}.json"
+    return Path(out) / f"{name}.json" if many else Path(out)
+
+
+def _issue(
+    args: argparse.Namespace, storage: SQLiteStorage, name: str, role: str, many: bool
+) -> None:
+    cred = issue_credential(storage, name, role, time.time())
+    psk_file = getattr(args, "psk_file", None)
+    if psk_file is not None:
+        psk = Path(psk_file).read_bytes().strip()
+        if not 1 <= len(psk) <= PSK_BYTES:
+            raise UsageError(f"{psk_file}: a PSK is 1 to {PSK_BYTES} bytes, not {len(psk)}")
+        cred = dataclasses.replace(cred, psk=psk)
+        storage.put_credential(cred, time.time())
+    path = _credential_path(args, name, many)
+    cred.write(path)
+    print(f"{name}: credential (generation {cred.generation}) written to {path}")
+
+
+def cmd_principals(args: argparse.Namespace) -> int:
+    """devices add|rekey|revoke and operators add|rekey|revoke."""
+    role = "operator" if args.command == "operators" else "device"
+    names = [_device(n) for n in args.ids]
     storage = _open(args.data)
     try:
-        if args.action == "add":
-            for device in args.ids:
-                added = storage.add_device(_device(device), time.time())
-                print(f"{device}: {'registered' if added else 'already registered'}")
-            return EX_OK
+        known = {c.principal: revoked for c, revoked in storage.credentials()}
+        for name in names:
+            if args.action == "revoke":
+                done = storage.revoke(name, time.time())
+                print(f"{name}: {'revoked' if done else 'has no credential'}")
+                continue
+            if role == "device" and args.action == "add":
+                added = storage.add_device(name, time.time())
+                if not added and name in known and not known[name]:
+                    print(f"{name}: already registered (devices rekey {name} makes a new one)")
+                    continue
+            elif args.action == "add" and name in known and not known[name]:
+                print(f"{name}: already has a credential (operators rekey {name})")
+                continue
+            if args.action == "rekey" and name not in known:
+                raise UsageError(f"{name} has no credential to re-key; use add")
+            _issue(args, storage, name, role, len(names) > 1)
+    finally:
+        storage.close()
+    return EX_OK
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    if args.action in ("add", "rekey", "revoke"):
+        return cmd_principals(args)
+    storage = _open(args.data)
+    try:
         infos = storage.devices()
     finally:
         storage.close()
@@ -311,6 +369,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 # -- the parser -----------------------------------------------------------------------------------
 
 
+def _principal_actions(dsub: Any, role: str) -> None:
+    what = "devices" if role == "device" else "operators"
+    for action, text in (
+        ("add", f"register {what} and write each one's credential file"),
+        ("rekey", "new credentials (the old ones are refused from now on)"),
+        ("revoke", "refuse the principal from now on"),
+    ):
+        q = dsub.add_parser(action, help=text)
+        q.add_argument("--data", required=True)
+        q.add_argument("ids", nargs="+", metavar="ID")
+        if action != "revoke":
+            q.add_argument(
+                "--credential-out",
+                help="the credential file (a directory with several IDs); "
+                "default DATA/credentials/ID.json",
+            )
+            if role == "device":
+                q.add_argument(
+                    "--psk-file", help="this DTLS PSK (1-16 bytes) instead of a random one"
+                )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent-cloud", description="The reference CoAP cloud endpoint of edge-agent."
@@ -324,17 +404,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-any-device", action="store_true", help="register unknown devices on first contact"
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="also serve unauthenticated plain CoAP as if from the device named in the path "
+        '(agents with security = "none"; closed test networks only)',
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("devices", help="the device registry")
     dsub = p.add_subparsers(dest="action", required=True)
-    q = dsub.add_parser("add", help="register devices")
-    q.add_argument("--data", required=True)
-    q.add_argument("ids", nargs="+", metavar="ID")
+    _principal_actions(dsub, "device")
     q = dsub.add_parser("list", help="list registered devices")
     q.add_argument("--data", required=True)
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("operators", help="operators' credentials (desired state over the network)")
+    dsub = p.add_subparsers(dest="action", required=True)
+    _principal_actions(dsub, "operator")
+    p.set_defaults(func=cmd_principals)
 
     p = sub.add_parser("export", help="print the records a device sent")
     p.add_argument("--data", required=True)

@@ -242,3 +242,25 @@ class Principals:
         for state in self._states.values():
             state.close()
         self._states.clear()
+
+
+def issue_credential(storage: Any, principal: str, role: str, now: float) -> Credential:
+    """A new credential for ``principal`` (a re-key when it had one: new key id, new secrets,
+    the next generation), stored; returns the principal's side."""
+    import secrets
+
+    from agent.wire.credentials import KID_BYTES
+    from cloud.storage import DuplicateKeyId
+
+    old = {c.principal: c for c, _ in storage.credentials()}.get(principal)
+    generation = old.generation + 1 if old is not None else 1
+    for _ in range(16):
+        cred = Credential.generate(
+            principal, role, secrets.token_bytes(KID_BYTES), generation=generation
+        )
+        try:
+            storage.put_credential(cred, now)
+            return cred
+        except DuplicateKeyId:
+            continue
+    raise RuntimeError("no free OSCORE key id after 16 tries")

@@ -42,11 +42,14 @@ import aiocoap
 import aiocoap.error
 import aiocoap.interfaces
 from aiocoap import Message
+from aiocoap.credentials import CredentialsMap
 from aiocoap.numbers.codes import Code
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from agent.errors import ModelError
 from agent.wire import codec, records, statedoc
 from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
+from agent.wire.credentials import Credential
 from agent.wire.statedoc import StateError
 from cloud.inference import (
     DEFAULT_MODELS_DIR,
@@ -60,6 +63,7 @@ from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
     _KNOWN_CRITICAL,
     RETRY_AFTER,
+    SecureFront,
     _Block1Uploads,
     _Failure,
     _link,
@@ -67,7 +71,9 @@ from cloud.protocol import (
     _Route,
     _route,
     _too_large,
+    limit_amplification,
 )
+from cloud.security import Principal, Principals, allowed, identity, issue_credential
 from cloud.storage import (
     DocumentTooLarge,
     PreconditionFailed,
@@ -141,6 +147,7 @@ class _Site(aiocoap.interfaces.ObservableResource):
     async def add_observation(self, request: Message, serverobservation: Any) -> None:
         try:
             route = self._server._check(request)
+            self._server._authorize(request, route)
         except _Failure:
             return  # render answers the error; no observation
         if route.name != "desired" or request.code != Code.GET or route.device is None:
@@ -166,6 +173,8 @@ class _Site(aiocoap.interfaces.ObservableResource):
         except Exception:
             log.exception("event=internal_error path=%s", "/".join(request.opt.uri_path))
             response = Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error")
+        if identity(request) is None:
+            response = limit_amplification(request, response)
         server.responses[str(response.code)] += 1
         return response
 
@@ -178,11 +187,15 @@ class CloudServer:
         storage: StorageThread,
         *,
         allow_any_device: bool = False,
+        allow_plain: bool = False,
         clock: Clock | None = None,
         limits: Limits | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.storage = storage
         self.allow_any_device = allow_any_device
+        self.allow_plain = allow_plain  # unauthenticated requests may do what a device may
+        self.principals = Principals(state_dir or Path("oscore"))
         self.clock = clock or RealClock()
         self.limits = limits or Limits()
         self.responses: Counter[str] = Counter()  # answers rendered, by code ("4.00 Bad Request")
@@ -209,6 +222,7 @@ class CloudServer:
         port: int = DEFAULT_PORT,
         *,
         allow_any_device: bool = False,
+        allow_plain: bool = False,
         clock: Clock | None = None,
         limits: Limits | None = None,
         storage_factory: Callable[[], Storage] | None = None,
@@ -219,13 +233,21 @@ class CloudServer:
         factory = storage_factory or (lambda: SQLiteStorage.in_dir(data_dir))
         thread = StorageThread(factory, clock)
         await thread.start()
-        server = cls(thread, allow_any_device=allow_any_device, clock=clock, limits=limits)
+        server = cls(
+            thread,
+            allow_any_device=allow_any_device,
+            allow_plain=allow_plain,
+            clock=clock,
+            limits=limits,
+            state_dir=Path(data_dir) / "oscore",
+        )
         server.data_dir = None if storage_factory else Path(data_dir)
         server.models = ModelRegistry(Path(data_dir) / "models")
         server.inference = CloudInference(
             Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR, server.data_dir
         )
         try:
+            server.principals.load(await thread.call(lambda s: s.credentials()))
             await server.inference.start()
             await server._listen(host, port)
         except BaseException:
@@ -237,17 +259,28 @@ class CloudServer:
     async def _listen(self, host: str, port: int) -> None:
         if port != 0:
             await asyncio.get_running_loop().run_in_executor(None, _check_port_free, host, port)
+        creds = CredentialsMap()
+        creds[":principals"] = self.principals
+        site = SecureFront(OscoreSiteWrapper(_Site(self), creds), self._bad_request)
         self._ctx = await aiocoap.Context.create_server_context(
-            _Site(self), bind=(host, port), transports=["udp6"]
+            site, bind=(host, port), transports=["udp6"], server_credentials=creds
         )
         self.host = host
         self.port = _bound_port(self._ctx) if port == 0 else port
         self._poller = asyncio.create_task(self._poll(), name="cloud-desired-poll")
         log.info(
-            "event=listening uri=%s allow_any_device=%s",
+            "event=listening uri=%s principals=%d allow_any_device=%s allow_plain=%s",
             self.uri,
+            len(self.principals),
             str(self.allow_any_device).lower(),
+            str(self.allow_plain).lower(),
         )
+        if self.allow_plain:
+            log.warning(
+                "event=plain_access_allowed uri=%s: unauthenticated peers may post and read "
+                "device data (security = none); use it only on a closed test network",
+                self.uri,
+            )
 
     @property
     def uri(self) -> str:
@@ -265,6 +298,7 @@ class CloudServer:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
         self._observers.clear()
+        self.principals.close()
         await self.inference.close()
         await self.storage.stop()
         log.info("event=stopped")
@@ -284,6 +318,28 @@ class CloudServer:
         if added:
             log.info("event=device_registered device=%s", device)
         return added
+
+    async def register(self, principal: str, role: str = "device") -> Credential:
+        """Make (or re-make: re-key) the principal's credential; a device is registered too.
+        Returns the principal's side of it (what its credential file holds)."""
+        if role == "device":
+            await self.add_device(principal)
+        now = self.clock.time()
+        cred = await self.db(lambda s: issue_credential(s, principal, role, now))
+        await self.reload_principals()
+        log.info("event=credential_issued principal=%s role=%s", principal, role)
+        return cred
+
+    async def revoke(self, principal: str) -> bool:
+        now = self.clock.time()
+        done = await self.db(lambda s: s.revoke(principal, now))
+        await self.reload_principals()
+        if done:
+            log.info("event=credential_revoked principal=%s", principal)
+        return done
+
+    async def reload_principals(self) -> None:
+        self.principals.load(await self.db(lambda s: s.credentials()))
 
     async def records(
         self, device: str, since: float | None = None, by_arrival: bool = False
@@ -351,6 +407,8 @@ class CloudServer:
             await self.clock.sleep(POLL_INTERVAL)
             try:
                 version = await self.db(lambda s: s.data_version())
+                if version != last_version and last_version is not None:
+                    await self.reload_principals()  # registered or revoked by the CLI
                 if version != last_version:
                     for device in list(self._observers):
                         doc = await self.db(lambda s, d=device: s.desired(d))
@@ -439,8 +497,21 @@ class CloudServer:
             raise _too_large(limit, "the request body")
         return bytes(request.payload)
 
+    def _authorize(self, request: Message, route: _Route) -> Principal | None:
+        """The principal asking, if it may; else 4.01 (not authenticated) or 4.03."""
+        who = identity(request)
+        if who is None and self.allow_plain:
+            return None
+        refusal = allowed(route.name, str(request.code.name), route.device, who)
+        if refusal == 401:
+            raise _Failure(Code.UNAUTHORIZED, "")
+        if refusal == 403:
+            raise _Failure(Code.FORBIDDEN, "not this principal's resource")
+        return who
+
     async def _render(self, request: Message) -> Message:
         route = self._check(request)
+        self._authorize(request, route)
         log.debug(
             "event=request method=%s route=%s device=%s", request.code, route.name, route.device
         )
@@ -450,7 +521,15 @@ class CloudServer:
         return await handler(request, route)
 
     async def _wkc_get(self, request: Message, route: _Route) -> Message:
+        who = identity(request)
+        if who is None and not self.allow_plain:
+            # nothing device-specific for an unauthenticated peer (and a small answer)
+            return Message(
+                code=Code.CONTENT, payload=b"</.well-known/core>", content_format=CF_LINK_FORMAT
+            )
         devices = await self.db(lambda s: s.devices())
+        if who is not None and who.role == "device":
+            devices = [d for d in devices if d.id == who]
         links = []
         cfs = codec.content_formats()
         formats: int | str = cfs[0] if len(cfs) == 1 else " ".join(str(f) for f in cfs)

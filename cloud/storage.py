@@ -14,6 +14,7 @@ Failures of the database (I/O error, disk full, locked for too long, closed) rai
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from agent.errors import AgentError
 from agent.wire import statedoc
 from agent.wire.batch import WireRecord
+from agent.wire.credentials import Credential, CredentialError
 from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
 from drivers.clock import Clock, RealClock
@@ -41,6 +43,10 @@ T = TypeVar("T")
 
 class StorageUnavailable(AgentError):
     """The database cannot do the work now (I/O error, full disk, locked, closed)."""
+
+
+class DuplicateKeyId(AgentError):
+    """A new credential's OSCORE key id belongs to another principal (make another)."""
 
 
 class UnknownDevice(AgentError):
@@ -163,6 +169,16 @@ class Storage(Protocol):
     def data_version(self) -> int:
         """A number that changes when another connection commits (to notice CLI writes)."""
 
+    def put_credential(self, credential: Credential, now: float) -> None:
+        """Register or replace (re-key) a principal's credential; :class:`DuplicateKeyId` when
+        its key id belongs to another principal."""
+
+    def revoke(self, principal: str, now: float) -> bool:
+        """Refuse the principal from now on; False if it has no credential."""
+
+    def credentials(self) -> list[tuple[Credential, bool]]:
+        """Every credential, with whether it is revoked."""
+
     def close(self) -> None: ...
 
 
@@ -196,6 +212,14 @@ CREATE TABLE IF NOT EXISTS reported (
     value BLOB NOT NULL,
     updated REAL NOT NULL,
     PRIMARY KEY (device, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS credentials (
+    principal TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    kid BLOB NOT NULL UNIQUE,
+    doc TEXT NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS desired (
     device TEXT NOT NULL,
@@ -504,6 +528,44 @@ class SQLiteStorage:
     def data_version(self) -> int:
         with self._errors():
             return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    # -- credentials -----------------------------------------------------------------------------
+
+    def put_credential(self, credential: Credential, now: float) -> None:
+        doc = json.dumps(credential.to_json(), sort_keys=True)
+        with self._errors(), self._tx() as db:
+            row = db.execute(
+                "SELECT principal FROM credentials WHERE kid = ?", (credential.sender_id,)
+            ).fetchone()
+            if row is not None and row[0] != credential.principal:
+                raise DuplicateKeyId(f"key id {credential.sender_id.hex()} is taken")
+            db.execute(
+                "INSERT INTO credentials (principal, role, kid, doc, created)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (principal) DO UPDATE SET"
+                " role = excluded.role, kid = excluded.kid, doc = excluded.doc,"
+                " created = excluded.created, revoked = NULL",
+                (credential.principal, credential.role, credential.sender_id, doc, now),
+            )
+
+    def revoke(self, principal: str, now: float) -> bool:
+        with self._errors(), self._tx() as db:
+            cur = db.execute(
+                "UPDATE credentials SET revoked = ? WHERE principal = ?", (now, principal)
+            )
+            return cur.rowcount == 1
+
+    def credentials(self) -> list[tuple[Credential, bool]]:
+        with self._errors():
+            rows = self.db.execute(
+                "SELECT doc, revoked FROM credentials ORDER BY principal"
+            ).fetchall()
+        out = []
+        for doc, revoked in rows:
+            try:
+                out.append((Credential.from_json(json.loads(doc)), revoked is not None))
+            except (ValueError, CredentialError) as err:
+                log.error("event=credential_unreadable error=%s", err)
+        return out
 
     def close(self) -> None:
         if self._db is not None:

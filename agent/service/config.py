@@ -109,7 +109,11 @@ def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
     agent = _parse_agent(top.table("agent", required=True), base)
     store = StoreSettings.from_options(top.table("store"), agent.data_dir)
     metrics = MetricsSettings.from_options(top.table("metrics"), agent.data_dir)
-    uplink = UplinkSettings.from_options(top.table("uplink")) if top.has("uplink") else None
+    uplink = (
+        UplinkSettings.from_options(top.table("uplink"), agent.data_dir, base)
+        if top.has("uplink")
+        else None
+    )
     state = StateSettings.from_options(top.table("state"), agent.data_dir)
     models = ModelsSettings.from_options(top.table("models"), agent.data_dir, base)
     routing = RoutingSettings.from_options(top.table("routing"), agent.data_dir)
@@ -202,6 +206,13 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
     metrics = replace(config.metrics, textfile=moved(config.metrics.textfile))
     state = replace(config.state, path=moved(config.state.path))
     routing = replace(config.routing, state_path=moved(config.routing.state_path))
+    uplink = config.uplink
+    if uplink is not None:
+        uplink = replace(
+            uplink,
+            credential=moved(uplink.credential),
+            security_state=moved(uplink.security_state),
+        )
     models = replace(config.models, cache_dir=moved(config.models.cache_dir))
     agent = replace(config.agent, data_dir=data_dir)
     return replace(
@@ -212,6 +223,7 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
         state=state,
         models=models,
         routing=routing,
+        uplink=uplink,
     )
 
 

@@ -94,14 +94,16 @@ async def _main(
         from cloud.server import CloudServer
 
         server = await CloudServer.start(workdir / "cloud", "127.0.0.1", 0)
-        await server.add_device(cfg.agent.device_id)
+        credential = workdir / "credential.json"  # what tools/flash puts on a device
+        (await server.register(cfg.agent.device_id)).write(credential)
         port = server.port
         if args.link != "clean":
             proxy = await _start_proxy(args.link, port)
             port = proxy.port
-        cfg = replace(cfg, uplink=UplinkSettings(endpoints=(f"coap://127.0.0.1:{port}",)))
+        uplink = UplinkSettings(endpoints=(f"coap://127.0.0.1:{port}",), credential=credential)
+        cfg = replace(cfg, uplink=uplink)
         out.write(
-            f"edge-agent demo: cloud endpoint coap://127.0.0.1:{server.port} (data in "
+            f"edge-agent demo: cloud endpoint coap://127.0.0.1:{server.port}, OSCORE (data in "
             f"{workdir / 'cloud'}), link {args.link}"
             + (f" through the impairment proxy on port {proxy.port}" if proxy else "")
             + "\n"

@@ -46,6 +46,7 @@ from agent.service.status import StatusServer, socket_path
 from agent.store.queue import Store, StoreStats
 from agent.sync.link import CoapProbe, LinkMonitor
 from agent.sync.routing import Router
+from agent.sync.security import ClientSecurity
 from agent.sync.state import StateSync
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Uplink
@@ -103,6 +104,7 @@ class Agent:
         self.model_error: str | None = None
         self.router: Router | None = None
         self.router_transport: CoapTransport | None = None
+        self.security: ClientSecurity | None = None  # with [uplink]
         self.model_cache: ModelCache | None = None
         self.assignments: ModelAssignments | None = None
         self._status = (
@@ -370,6 +372,8 @@ class Agent:
             await self.router_transport.close()
         if self.transport is not None:
             await self.transport.close()
+        if self.security is not None:
+            self.security.close()
         if self.store is not None:
             await self.store.close()
         if self._status is not None:
@@ -391,9 +395,19 @@ class Agent:
         settings = self.config.uplink
         if settings is None:
             return
+        data = self.config.agent.data_dir
+        self.security = ClientSecurity.open(
+            settings.security,
+            settings.endpoints,
+            settings.credential or data / "credential.json",
+            settings.security_state or data / "oscore.json",
+        )
         # one lane per outstanding batch, one for the link monitor's probes, one for state
         self.transport = CoapTransport(
-            self.clock, lanes=settings.max_inflight + 2, uris=settings.endpoints
+            self.clock,
+            lanes=settings.max_inflight + 2,
+            uris=settings.endpoints,
+            security=self.security,
         )
         self.endpoints = Endpoints(
             settings.endpoints, self.clock, primary_retry=settings.primary_retry
@@ -451,7 +465,9 @@ class Agent:
         if self.analyzer is None or self.endpoints is None or self.store is None:
             return
         endpoints = self.endpoints
-        self.router_transport = CoapTransport(self.clock, lanes=1, uris=endpoints.uris)
+        self.router_transport = CoapTransport(
+            self.clock, lanes=1, uris=endpoints.uris, security=self.security
+        )
         router = self.router = Router(
             self.config.routing,
             device_id=self.config.agent.device_id,
@@ -481,7 +497,9 @@ class Agent:
         d = self.config.detect.detect
         endpoints = self.endpoints
         fetcher = ModelFetcher(  # a transport of its own, closed with the cache on stop
-            CoapTransport(self.clock, lanes=BLOCK_WINDOW, uris=endpoints.uris),
+            CoapTransport(
+                self.clock, lanes=BLOCK_WINDOW, uris=endpoints.uris, security=self.security
+            ),
             lambda: endpoints.current,
             endpoint_path=self.config.models.endpoint_path,
         )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import SyncError
+from agent.sync.security import ClientSecurity
 from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -106,14 +107,24 @@ class CoapTransport:
     """CoAP client lanes (aiocoap), one client context per lane.
 
     ``uris``: the endpoints this transport will talk to; their schemes choose the aiocoap
-    transports loaded (:func:`transports_for`). Without them aiocoap loads all it has."""
+    transports loaded (:func:`transports_for`). Without them aiocoap loads all it has.
+    ``security``: the protection of every request (OSCORE, DTLS-PSK; None: plain CoAP)."""
 
-    def __init__(self, clock: Clock, *, lanes: int = 1, uris: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        lanes: int = 1,
+        uris: Iterable[str] = (),
+        security: ClientSecurity | None = None,
+    ) -> None:
         if lanes < 1:
             raise ValueError("at least one lane")
         self.clock = clock
         self.lanes = lanes
-        self.transports = transports_for(uris) or None
+        self.security = security
+        own = transports_for(uris)
+        self.transports = ([*security.transports, *own] if security else own) or None
         self._contexts: list[Any] = []
         self._lock = asyncio.Lock()
         self._observing: dict[int, int] = {}  # lane -> observations running on it
@@ -129,7 +140,10 @@ class CoapTransport:
     async def _new_context(self) -> Any:
         import aiocoap
 
-        return await aiocoap.Context.create_client_context(transports=self.transports)
+        ctx = await aiocoap.Context.create_client_context(transports=self.transports)
+        if self.security is not None:
+            self.security.configure(ctx)
+        return ctx
 
     async def request(
         self,

@@ -31,9 +31,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent.errors import StoreError, SyncError
+from agent.files import resolve_path
 from agent.store.queue import Record, Store
 from agent.sync.backoff import full_jitter
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
@@ -86,17 +88,33 @@ class UplinkSettings:
     backoff_max: float = 300.0
     fallback_after: int = 3  # consecutive failures before the next endpoint
     primary_retry: float = 60.0
+    security: str = "oscore"  # "oscore" | "dtls" (coaps://) | "none" (agent/sync/security.py)
+    credential: Path | None = None  # the device's credential file (default DATA/credential.json)
+    security_state: Path | None = None  # the OSCORE context's state (default DATA/oscore.json)
 
     @classmethod
-    def from_options(cls, opts: Options) -> UplinkSettings:
+    def from_options(
+        cls, opts: Options, data_dir: Path | None = None, base: Path | None = None
+    ) -> UplinkSettings:
+        data_dir = data_dir or Path(".")
         endpoints = opts.strings("endpoints")
         if not endpoints:
             raise opts.error("endpoints", "list at least one coap:// endpoint")
+        security = opts.choice("security", "oscore", ("oscore", "dtls", "none"))
+        schemes = ("coaps://",) if security == "dtls" else ("coap://", "coap+tcp://")
         for i, uri in enumerate(endpoints):
-            if not (uri.startswith("coap://") or uri.startswith("coap+tcp://")):
-                raise opts.error(f"endpoints[{i}]", f"{uri!r} is not a coap:// URI")
+            if not uri.startswith(schemes):
+                want = " or ".join(schemes)
+                raise opts.error(
+                    f"endpoints[{i}]", f"{uri!r}: with security = {security!r} give {want} URIs"
+                )
             if uri.rstrip("/") != uri:
                 raise opts.error(f"endpoints[{i}]", "give the endpoint without a trailing '/'")
+        credential = (
+            resolve_path(base or Path("."), opts.string("credential"))
+            if opts.has("credential")
+            else data_dir / "credential.json"
+        )
         settings = cls(
             endpoints=endpoints,
             batch_records=opts.integer("batch_records", 1000, minimum=1, maximum=MAX_BATCH_RECORDS),
@@ -109,6 +127,9 @@ class UplinkSettings:
             backoff_max=opts.number("backoff_max", 300.0, minimum=1.0, maximum=86400.0),
             fallback_after=opts.integer("fallback_after", 3, minimum=1, maximum=100),
             primary_retry=opts.number("primary_retry", 60.0, minimum=1.0, maximum=86400.0),
+            security=security,
+            credential=credential,
+            security_state=data_dir / "oscore.json",
         )
         opts.finish()
         return settings

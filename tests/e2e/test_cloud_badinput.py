@@ -30,7 +30,7 @@ LIMITS = Limits(batch_bytes=8 * 1024, state_bytes=2 * 1024)
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, limits=LIMITS)
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, limits=LIMITS, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()

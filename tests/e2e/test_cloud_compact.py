@@ -57,7 +57,7 @@ def rig_records(first_seq: int, rows: int) -> list[WireRecord]:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()

@@ -26,7 +26,7 @@ T0 = 1_700_000_000.0
 async def data_dir(tmp_path: Path) -> Path:
     """A data directory holding what a device sent over CoAP: readings, an alert, an event, and
     a telemetry record whose body is not CBOR."""
-    server = await CloudServer.start(tmp_path, "127.0.0.1", 0)
+    server = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_plain=True)
     ctx = await aiocoap.Context.create_client_context()
     try:
         await server.add_device(DEVICE)

@@ -50,7 +50,7 @@ def alert(confidence: float = 0.5) -> dict:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()
@@ -123,7 +123,7 @@ async def test_validate_runs_the_model_once_per_alert(
 
     # the verdicts outlive the endpoint
     await server.stop()
-    again = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    again = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     try:
         resp = await post(transport, again, f"/validate/{DEVICE}", body)
         assert cbor2.loads(resp.payload) == first

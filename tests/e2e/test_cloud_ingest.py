@@ -34,7 +34,7 @@ def alert(seq: int) -> WireRecord:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()
@@ -148,7 +148,7 @@ async def test_large_batch_goes_block_wise(server: CloudServer, client: aiocoap.
 
 async def test_oversize_batch_gets_413_with_size1(tmp_path: Path, client: aiocoap.Context) -> None:
     limits = Limits(batch_bytes=4096, batch_records=50)
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, limits=limits)
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, limits=limits, allow_plain=True)
     try:
         await srv.add_device(DEVICE)
         big = encode_batch(DEVICE, [telemetry(s) for s in range(200)])
@@ -169,14 +169,16 @@ async def test_oversize_batch_gets_413_with_size1(tmp_path: Path, client: aiocoa
 async def test_unknown_device_is_404_unless_any_device_is_allowed(
     tmp_path: Path, client: aiocoap.Context
 ) -> None:
-    strict = await CloudServer.start(tmp_path / "a", "127.0.0.1", 0)
+    strict = await CloudServer.start(tmp_path / "a", "127.0.0.1", 0, allow_plain=True)
     try:
         response = await post(client, strict, encode_batch("stranger", [alert(1)]), "stranger")
         assert response.code == Code.NOT_FOUND
         assert await strict.db(lambda s: s.device("stranger")) is None
     finally:
         await strict.stop()
-    open_ = await CloudServer.start(tmp_path / "b", "127.0.0.1", 0, allow_any_device=True)
+    open_ = await CloudServer.start(
+        tmp_path / "b", "127.0.0.1", 0, allow_any_device=True, allow_plain=True
+    )
     try:
         response = await post(client, open_, encode_batch("stranger", [alert(1)]), "stranger")
         assert response.code == Code.CHANGED
@@ -212,11 +214,11 @@ async def test_storage_unavailable_is_503_with_max_age_and_serving_goes_on(
 
 
 async def test_device_entry_and_restart_keeps_data(tmp_path: Path, client: aiocoap.Context) -> None:
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     await post(client, srv, encode_batch(DEVICE, [telemetry(1), telemetry(2)]))
     await srv.stop()
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_plain=True)
     try:
         msg = Message(code=Code.GET, uri=f"{srv.uri}/devices/{DEVICE}")
         async with asyncio.timeout(10):

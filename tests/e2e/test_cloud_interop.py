@@ -31,7 +31,7 @@ needs_libcoap = pytest.mark.skipif(
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()

@@ -73,9 +73,9 @@ async def test_serve_process(tmp_path: Path) -> None:
 
 
 async def test_a_second_endpoint_on_a_port_in_use_is_refused(tmp_path: Path) -> None:
-    first = await CloudServer.start(tmp_path / "a", "127.0.0.1", 0)
+    first = await CloudServer.start(tmp_path / "a", "127.0.0.1", 0, allow_plain=True)
     try:
         with pytest.raises(OSError, match="in use"):
-            await CloudServer.start(tmp_path / "b", "127.0.0.1", first.port)
+            await CloudServer.start(tmp_path / "b", "127.0.0.1", first.port, allow_plain=True)
     finally:
         await first.stop()

@@ -26,7 +26,7 @@ MODEL = {"name": "pump-ae-int8", "sha256": "ab" * 32}
 @pytest.fixture
 async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[CloudServer]:
     monkeypatch.setattr(cloud.server, "POLL_INTERVAL", 0.05)
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()
@@ -132,7 +132,9 @@ async def test_counters_merge_by_max(server: CloudServer, client: aiocoap.Contex
 
 
 async def test_reported_keys_are_limited(tmp_path: Path, client: aiocoap.Context) -> None:
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, limits=Limits(reported_keys=3))
+    srv = await CloudServer.start(
+        tmp_path, "127.0.0.1", 0, limits=Limits(reported_keys=3), allow_plain=True
+    )
     try:
         await srv.add_device(DEVICE)
         uri = f"{srv.uri}/state/{DEVICE}/reported"
@@ -152,7 +154,7 @@ async def test_reported_keys_are_limited(tmp_path: Path, client: aiocoap.Context
 async def test_observing_registers_a_device_when_any_device_is_allowed(
     tmp_path: Path, client: aiocoap.Context
 ) -> None:
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_any_device=True)
+    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_any_device=True, allow_plain=True)
     observer = Observer(client, f"{srv.uri}/state/fresh-01/desired")
     try:
         assert await observer.start() == DesiredDoc()
@@ -223,7 +225,9 @@ async def test_if_match_and_etag(server: CloudServer, client: aiocoap.Context) -
 
 
 async def test_desired_document_limit(tmp_path: Path, client: aiocoap.Context) -> None:
-    srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, limits=Limits(desired_doc_bytes=120))
+    srv = await CloudServer.start(
+        tmp_path, "127.0.0.1", 0, limits=Limits(desired_doc_bytes=120), allow_plain=True
+    )
     try:
         await srv.add_device(DEVICE)
         uri = f"{srv.uri}/state/{DEVICE}/desired"

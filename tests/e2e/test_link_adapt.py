@@ -91,7 +91,7 @@ async def test_link_state_follows_the_link_policy_changes_and_nothing_is_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     monkeypatch.setattr(uplink_mod, "IDLE_POLL", 0.2)
-    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await server.add_device(DEVICE)
     proxy = LinkEmulator(listen=("127.0.0.1", 0), target=("127.0.0.1", server.port), seed=6)
     await proxy.start()

@@ -82,7 +82,7 @@ class Rig:
         return self.registry.directory / name / version
 
     async def start(self) -> CloudServer:
-        self.server = await CloudServer.start(self.tmp / "cloud", "127.0.0.1", 0)
+        self.server = await CloudServer.start(self.tmp / "cloud", "127.0.0.1", 0, allow_plain=True)
         return self.server
 
     def cache(self, uri: str | None = None, *, shipped: bool = True, **budgets) -> ModelCache:

@@ -73,7 +73,7 @@ def _key(seed: int) -> Ed25519PrivateKey:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> Any:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()
@@ -325,7 +325,7 @@ async def test_hot_swap_assignment_waits_out_a_link_failure_without_reporting_fa
         assert detector.anomaly is running
 
         # the endpoint comes up: the next retry fetches, verifies and swaps it in
-        server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", port)
+        server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", port, allow_plain=True)
         good = publish(server, "3.0.0", _key(7))
         await wait_for(lambda: changes[-1]["status"] == "active", "applied after the link")
         assert not any(c["status"] == "failed" for c in changes)  # never reported failed

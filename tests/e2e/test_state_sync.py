@@ -107,7 +107,7 @@ def free_port() -> int:
 
 
 async def start_server(data_dir: Path, port: int) -> CloudServer:
-    server = await CloudServer.start(data_dir, "127.0.0.1", port)
+    server = await CloudServer.start(data_dir, "127.0.0.1", port, allow_plain=True)
     await server.add_device(DEVICE)
     return server
 
@@ -323,7 +323,7 @@ async def test_pending_reported_keys_survive_a_restart_while_the_endpoint_is_dow
 async def test_unregistered_device_is_reported_once_it_is_registered(
     cloud_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = await CloudServer.start(cloud_dir, "127.0.0.1", free_port())
+    server = await CloudServer.start(cloud_dir, "127.0.0.1", free_port(), allow_plain=True)
     device = Device((server.uri,), tmp_path / "state.cbor", Hooks()).start()
     try:
         await wait_for(lambda: device.sync.status["last_put_result"] == "4.04", "4.04 answer")

@@ -97,7 +97,7 @@ class AgentProcess:
 async def test_every_committed_record_arrives_exactly_once_through_outage_and_kills(
     tmp_path: Path,
 ):
-    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await server.add_device(DEVICE)
     imp = Impairment(delay=0.15, jitter=0.02, loss=0.10, dup=0.01, reorder=0.01)
     proxy = LinkEmulator(

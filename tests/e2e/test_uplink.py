@@ -44,7 +44,7 @@ def fast_idle(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()
@@ -159,8 +159,8 @@ async def test_outage_backs_off_without_busy_loop_then_delivers(server: CloudSer
 async def test_falls_back_to_the_next_endpoint_and_returns_to_the_primary(
     tmp_path: Path, store: Store
 ):
-    primary = await CloudServer.start(tmp_path / "primary", "127.0.0.1", 0)
-    secondary = await CloudServer.start(tmp_path / "secondary", "127.0.0.1", 0)
+    primary = await CloudServer.start(tmp_path / "primary", "127.0.0.1", 0, allow_plain=True)
+    secondary = await CloudServer.start(tmp_path / "secondary", "127.0.0.1", 0, allow_plain=True)
     for srv in (primary, secondary):
         await srv.add_device(DEVICE)
     async with LinkEmulator(
@@ -208,7 +208,7 @@ async def _true(value: bool) -> bool:
 async def test_unregistered_device_pauses_and_too_large_batches_shrink(
     tmp_path: Path, store: Store
 ):
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     try:
         await store.put([telemetry(i) for i in range(20)])
         run = start_uplink(store, [srv.uri])
@@ -232,7 +232,7 @@ async def test_unregistered_device_pauses_and_too_large_batches_shrink(
 
 async def test_batches_shrink_when_the_endpoint_says_too_large(tmp_path: Path, store: Store):
     srv = await CloudServer.start(
-        tmp_path / "cloud", "127.0.0.1", 0, limits=Limits(batch_records=16)
+        tmp_path / "cloud", "127.0.0.1", 0, limits=Limits(batch_records=16), allow_plain=True
     )
     try:
         await srv.add_device(DEVICE)

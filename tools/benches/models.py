@@ -103,7 +103,7 @@ async def _download(tmp: Path, runs: int) -> dict:
     entry = entry_for(FLOAT_AE, None, "skab-ae")
     for i in range(runs):
         registry.publish(data, "skab-ae", f"3.0.{i}", entry, key)
-    server = await CloudServer.start(tmp / "cloud", "127.0.0.1", 0)
+    server = await CloudServer.start(tmp / "cloud", "127.0.0.1", 0, allow_plain=True)
     imp = Impairment(delay=DELAY, rate=RATE)
     elapsed: list[float] = []
     blocks = 0

@@ -65,7 +65,7 @@ def black_hole() -> Iterator[str]:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv
     await srv.stop()
@@ -222,7 +222,7 @@ async def test_routing_critical_decision_is_made_on_the_edge_with_the_cloud_down
         await worker.stop()
 
     # the endpoint comes back: the verdict is merged, the alert record is untouched
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     try:
         router2 = make_router(tmp_path, store, srv.uri, transport, confidence_threshold=1.0)
