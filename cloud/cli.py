@@ -1,7 +1,7 @@
 """The ``edge-agent-cloud`` command line: run the reference endpoint and look at its data.
 
-edge-agent-cloud serve --listen HOST:PORT --data DIR [--allow-any-device]
-edge-agent-cloud devices add --data DIR ID [ID ...]
+edge-agent-cloud serve --listen HOST:PORT [--dtls-listen HOST:PORT] --data DIR [--allow-any-device]
+edge-agent-cloud devices add --data DIR ID [ID ...] [--psk-file FILE]
 edge-agent-cloud devices list --data DIR [--json]
 edge-agent-cloud export --data DIR --device ID [--since T] [--format csv|json] [--output FILE]
 edge-agent-cloud desired set (--data DIR | --server URI) --device ID KEY=VALUE [...]
@@ -13,6 +13,9 @@ edge-agent-cloud models list --data DIR [--json]
 
 ``desired set --data`` writes the database directly; a server running on it notices within a
 second and notifies the device's observers. ``--server coap://HOST:PORT`` sends a CoAP PUT instead.
+
+``serve --dtls-listen HOST:PORT`` also serves coaps:// with each principal's DTLS PSK (identity =
+the device id; docs/dtls.md). A device's PSK is random unless ``devices add --psk-file`` gives one.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from typing import Any
 from agent import logsetup
 from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
-from agent.wire.credentials import PSK_BYTES
+from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
 from cloud import export
+from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
 from cloud.security import issue_credential
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
 from cloud.storage import DocumentTooLarge, SQLiteStorage, StorageUnavailable, UnknownDevice
@@ -46,6 +50,7 @@ EX_FAIL = 1
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 
+DTLS_PORT = 5684  # coaps:// (RFC 7252)
 REQUEST_TIMEOUT = 10.0  # seconds for `desired set --server`
 KEY_FILE = "signing.key"  # models keygen/publish: the default key under DATA/models
 
@@ -56,24 +61,26 @@ class UsageError(Exception):
     """A bad argument: exit 64 with the message."""
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(
+    text: str, flag: str = "--listen", default_port: int = DEFAULT_PORT
+) -> tuple[str, int]:
     """``HOST:PORT``, ``[V6ADDR]:PORT``, ``HOST`` or ``:PORT`` -> (host, port)."""
     host, port = text, ""
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise UsageError(f"--listen {text}: missing ']'")
+            raise UsageError(f"{flag} {text}: missing ']'")
         host, rest = text[1:end], text[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise UsageError(f"--listen {text}: expected [ADDR]:PORT")
+            raise UsageError(f"{flag} {text}: expected [ADDR]:PORT")
         port = rest[1:]
     elif text.count(":") == 1:
         host, port = text.split(":")
     host = host or DEFAULT_HOST
     if not port:
-        return host, DEFAULT_PORT
+        return host, default_port
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--listen {text}: port must be 0..65535")
+        raise UsageError(f"{flag} {text}: port must be 0..65535")
     return host, int(port)
 
 
@@ -111,14 +118,28 @@ def _open(data: str) -> SQLiteStorage:
 
 async def _serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
+    dtls = None
+    if args.dtls_listen is not None:
+        dtls = parse_listen(args.dtls_listen, "--dtls-listen", DTLS_PORT)
+        try:
+            check_listen(dtls[0])
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        try:
+            require_dtlssocket()
+        except DtlsUnavailable as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EX_UNAVAILABLE
     server = await CloudServer.start(
         args.data,
         host,
         port,
         allow_any_device=args.allow_any_device,
         allow_plain=args.insecure,
+        dtls_listen=dtls,
     )
-    print(f"edge-agent-cloud listening on {server.uri}, data in {args.data}", flush=True)
+    uris = server.uri if server.dtls is None else f"{server.uri}, {server.dtls.uri}"
+    print(f"edge-agent-cloud listening on {uris}, data in {args.data}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -161,6 +182,11 @@ def _issue(
     path = _credential_path(args, name, many)
     cred.write(path)
     print(f"{name}: credential (generation {cred.generation}) written to {path}")
+    if len(name.encode()) > PSK_IDENTITY_BYTES:
+        print(
+            f"{name}: note: longer than {PSK_IDENTITY_BYTES} bytes, the longest DTLS PSK "
+            "identity tinydtls takes: it can use OSCORE, not coaps://"
+        )
 
 
 def cmd_principals(args: argparse.Namespace) -> int:
@@ -245,11 +271,30 @@ def _print_entries(doc: dict[str, Any]) -> None:
     print()
 
 
-async def _put_desired(uri: str, device: str, changes: dict[str, Any]) -> int:
+async def _put_desired(
+    uri: str, device: str, changes: dict[str, Any], credential: str | None
+) -> int:
+    """PUT over the network as an operator: OSCORE with the operator's credential file (its
+    context state beside it, FILE.oscore.json); plain CoAP only without one (an endpoint
+    started with --insecure)."""
     import aiocoap
     from aiocoap import Code, Message
 
-    ctx = await aiocoap.Context.create_client_context()
+    from agent.wire.credentials import Credential, CredentialError
+    from agent.wire.oscore import ClientContext
+
+    client = None
+    if credential is not None:
+        try:
+            cred = Credential.read(Path(credential))
+        except CredentialError as err:
+            raise UsageError(str(err)) from None
+        client = ClientContext(cred, Path(credential + ".oscore.json"))
+    ctx = await aiocoap.Context.create_client_context(
+        transports=["oscore", "udp6"] if client else ["udp6"]
+    )
+    if client is not None:
+        ctx.client_credentials[f"{uri.rstrip('/')}/*"] = client.context
     try:
         request = Message(
             code=Code.PUT,
@@ -264,6 +309,8 @@ async def _put_desired(uri: str, device: str, changes: dict[str, Any]) -> int:
         return EX_UNAVAILABLE
     finally:
         await ctx.shutdown()
+        if client is not None:
+            client.close()
     if not response.code.is_successful():
         text = response.payload.decode("utf-8", "replace")
         print(f"error: {response.code}: {text}", file=sys.stderr)
@@ -282,7 +329,7 @@ def cmd_desired(args: argparse.Namespace) -> int:
         except StateError as err:
             raise UsageError(str(err)) from None
         if args.server:
-            return asyncio.run(_put_desired(args.server, device, changes))
+            return asyncio.run(_put_desired(args.server, device, changes, args.credential))
         if not args.data:
             raise UsageError("desired set: give --data DIR or --server URI")
         storage = _open(args.data)
@@ -402,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=f"{DEFAULT_HOST}:{DEFAULT_PORT}", help="HOST:PORT")
     p.add_argument("--data", required=True, help="data directory (created if missing)")
     p.add_argument(
+        "--dtls-listen",
+        metavar="HOST:PORT",
+        help="also serve coaps:// (DTLS-PSK, identity = device id) on this address and port; "
+        "a concrete address, not 0.0.0.0 or ::",
+    )
+    p.add_argument(
         "--allow-any-device", action="store_true", help="register unknown devices on first contact"
     )
     p.add_argument(
@@ -438,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("set", help="set desired keys (KEY=VALUE, VALUE as JSON or text)")
     q.add_argument("--data")
     q.add_argument("--server", help="coap://HOST:PORT of a running endpoint")
+    q.add_argument("--credential", help="with --server: the operator's credential file")
     q.add_argument("--device", required=True)
     q.add_argument("assignments", nargs="*", metavar="KEY=VALUE")
     q = dsub.add_parser("show", help="print the desired document")

@@ -8,13 +8,18 @@ inference"):
   anomaly score, or the class probabilities). Nothing is stored; every request runs the model.
 - **validate**: an edge alert the device was unsure of (its raising window and the alert) in, a
   verdict back: is the window anomalous under the full model, and which fault. The verdict is
-  stored per ``(device, seq)`` (``seq`` = the alert record's sequence number), so a repeated or
-  duplicated request gets the stored verdict and the model runs once per alert. Requests for the
-  same key that arrive while the first one is running wait for its answer.
+  stored per ``(device, seq, digest)`` (``seq`` = the alert record's sequence number, ``digest``
+  = :func:`agent.wire.validation.window_digest` of the window) and carries that digest, so a
+  repeated or duplicated request gets the stored verdict and the model runs once per alert, and
+  a window posted by anyone else for the same ``seq`` gets a verdict of its own, never the one of
+  the device's window. Requests for the same key that arrive while the first one is running wait
+  for its answer.
 
 The models run on one worker thread (an interpreter is not thread-safe, and the event loop must
-not block); verdicts live in ``verdicts.db`` (SQLite) in the endpoint's data directory, or in
-memory when the endpoint has none.
+not block); verdicts live in ``verdicts.db`` (SQLite, table ``window_verdicts``) in the endpoint's
+data directory, or in memory when the endpoint has none. Verdicts of an older endpoint (table
+``verdicts``, not bound to a window) are left alone and no longer answered: asked again, such an
+alert is judged once more.
 
 Logging policy: debug per request, info when a model is loaded and for each verdict stored.
 """
@@ -37,6 +42,7 @@ import numpy as np
 from agent.detect.inference import Manifest, ModelEntry, TFLiteModel, load_manifest
 from agent.errors import ModelError
 from agent.wire import records
+from agent.wire.validation import DIGEST_KEY, window_digest
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +105,13 @@ class InferRequest:
 
 @dataclass(frozen=True)
 class ValidateRequest:
-    """``{"seq": uint, "alert": {...Alert.to_dict()}, "window": [* float]}``."""
+    """``{"seq": uint, "alert": {...Alert.to_dict()}, "window": [* float]}``; ``digest`` is the
+    window's (of the values as sent, before the float32 conversion of ``window``)."""
 
     seq: int
     alert: Mapping[str, Any]
     window: np.ndarray
+    digest: str
 
     @classmethod
     def parse(cls, body: Any) -> ValidateRequest:
@@ -128,14 +136,15 @@ class ValidateRequest:
             or not (math.isfinite(threshold) and threshold > 0)
         ):
             raise InferenceError("alert.threshold must be a positive number")
-        return cls(seq, alert, _window(body.get("window")))
+        window = _window(body.get("window"))
+        return cls(seq, alert, window, window_digest(body["window"]))
 
 
 class CloudInference:
     """The endpoint's full-precision models and its stored validation verdicts.
 
-    ``validation_runs`` counts the model runs per ``(device, seq)`` (one per alert, however
-    often it is asked); ``infer_runs`` counts the runs of ``/infer``.
+    ``validation_runs`` counts the model runs per ``(device, seq)`` (one per alert and window,
+    however often it is asked); ``infer_runs`` counts the runs of ``/infer``.
     """
 
     def __init__(
@@ -157,8 +166,8 @@ class CloudInference:
         self._manifest: Manifest | None = None
         self._models: dict[str, TFLiteModel] = {}
         self._db: sqlite3.Connection | None = None
-        self._memory: dict[tuple[str, int], dict[str, Any]] = {}
-        self._inflight: dict[tuple[str, int], asyncio.Future[dict[str, Any]]] = {}
+        self._memory: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self._inflight: dict[tuple[str, int, str], asyncio.Future[dict[str, Any]]] = {}
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -180,27 +189,35 @@ class CloudInference:
         db = sqlite3.connect(self.data_dir / VERDICTS_FILE, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(
-            "CREATE TABLE IF NOT EXISTS verdicts (device TEXT NOT NULL, seq INTEGER NOT NULL, "
-            "body BLOB NOT NULL, PRIMARY KEY (device, seq)) WITHOUT ROWID"
+            "CREATE TABLE IF NOT EXISTS window_verdicts (device TEXT NOT NULL, "
+            "seq INTEGER NOT NULL, digest TEXT NOT NULL, body BLOB NOT NULL, "
+            "PRIMARY KEY (device, seq, digest))"
         )
         db.commit()
         self._db = db
 
-    def _load(self, key: tuple[str, int]) -> dict[str, Any] | None:
+    def _load(self, key: tuple[str, int, str | None]) -> dict[str, Any] | None:
+        """The verdict stored under ``key``; a digest of None: the first one of the seq."""
+        device, seq, digest = key
         if self._db is None:
-            return self._memory.get(key)
-        row = self._db.execute(
-            "SELECT body FROM verdicts WHERE device = ? AND seq = ?", key
-        ).fetchone()
+            if digest is not None:
+                return self._memory.get((device, seq, digest))
+            return next((v for k, v in self._memory.items() if k[:2] == (device, seq)), None)
+        sql = "SELECT body FROM window_verdicts WHERE device = ? AND seq = ?"
+        args: tuple[Any, ...] = (device, seq)
+        if digest is not None:
+            sql, args = sql + " AND digest = ?", (*args, digest)
+        row = self._db.execute(sql + " ORDER BY rowid LIMIT 1", args).fetchone()
         return None if row is None else dict(records.loads(row[0]))
 
-    def _save(self, key: tuple[str, int], verdict: dict[str, Any]) -> None:
+    def _save(self, key: tuple[str, int, str], verdict: dict[str, Any]) -> None:
         if self._db is None:
-            self._memory[key] = verdict
+            self._memory.setdefault(key, verdict)
             return
         with self._db:
             self._db.execute(
-                "INSERT OR IGNORE INTO verdicts (device, seq, body) VALUES (?, ?, ?)",
+                "INSERT OR IGNORE INTO window_verdicts (device, seq, digest, body) "
+                "VALUES (?, ?, ?, ?)",
                 (*key, records.dumps(verdict)),
             )
 
@@ -275,6 +292,7 @@ class CloudInference:
             "model": name,
             "classifier": clf_name,
             "precision": ae["precision"],
+            DIGEST_KEY: req.digest,
         }
 
     # -- the two resources -----------------------------------------------------------------------
@@ -287,9 +305,9 @@ class CloudInference:
         return result
 
     async def validate(self, device: str, req: ValidateRequest) -> dict[str, Any]:
-        """The verdict on an alert: the stored one if there is one, else run the models once
-        and store it. Requests for the same (device, seq) share one run."""
-        key = (device, req.seq)
+        """The verdict on an alert's window: the stored one if there is one, else run the
+        models once and store it. Requests for the same (device, seq, digest) share one run."""
+        key = (device, req.seq, req.digest)
         running = self._inflight.get(key)
         if running is not None:
             self.repeats += 1
@@ -304,11 +322,12 @@ class CloudInference:
             else:
                 verdict = await self._call(self._validate, req)
                 await self._call(self._save, key, verdict)
-                self.validation_runs[key] += 1
+                self.validation_runs[(device, req.seq)] += 1
                 log.info(
-                    "event=verdict device=%s seq=%d anomalous=%s verdict=%s score=%.3g",
+                    "event=verdict device=%s seq=%d digest=%s anomalous=%s verdict=%s score=%.3g",
                     device,
                     req.seq,
+                    req.digest[:16],
                     str(verdict["anomalous"]).lower(),
                     verdict["verdict"],
                     verdict["score"],
@@ -322,9 +341,12 @@ class CloudInference:
         finally:
             del self._inflight[key]
 
-    async def verdict(self, device: str, seq: int) -> dict[str, Any] | None:
-        """The stored verdict of an alert (for operators and tests)."""
-        return await self._call(self._load, (device, seq))
+    async def verdict(
+        self, device: str, seq: int, digest: str | None = None
+    ) -> dict[str, Any] | None:
+        """The stored verdict of an alert's window (for operators and tests); without a
+        digest, the first one stored for the seq."""
+        return await self._call(self._load, (device, seq, digest))
 
 
 __all__ = [

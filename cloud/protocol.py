@@ -4,6 +4,9 @@ assembled per peer, the route table of the resource paths, and link-format for d
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -245,14 +248,40 @@ AMPLIFICATION_LIMIT = 3
 _HEADER_BYTES = 4  # a response's fixed header; the token is counted with the request's
 
 
-def limit_amplification(request: Message, response: Message) -> Message:
-    """``response``, or a bare answer with the same code (a 4.01 for a success) when it would be
-    more than :data:`AMPLIFICATION_LIMIT` times the request's size on the wire."""
-    budget = AMPLIFICATION_LIMIT * wire_size(request)
-    if wire_size(response, request.token) <= budget:
-        return response
-    bare = Message(code=Code.UNAUTHORIZED if response.code.is_successful() else response.code)
-    return bare
+class Amplification:
+    """RFC 9175 section 2.4 for unauthenticated peers: an answer more than
+    :data:`AMPLIFICATION_LIMIT` times the request's size is sent only to a peer that showed it
+    receives at its address, by repeating the request with the Echo value of a 4.01 (a MAC of
+    its address and the minute, valid for two minutes). libcoap and aiocoap clients repeat such
+    requests by themselves."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._key = secrets.token_bytes(32)
+        self._clock = clock
+
+    def _echo(self, peer: str, minute: int) -> bytes:
+        msg = f"{peer}|{minute}".encode()
+        return hmac.new(self._key, msg, hashlib.sha256).digest()[:8]
+
+    def verified(self, request: Message) -> bool:
+        echo = request.opt.echo
+        if not echo:
+            return False
+        peer = str(getattr(request.remote, "hostinfo", ""))
+        minute = int(self._clock() // 60)
+        return any(hmac.compare_digest(echo, self._echo(peer, m)) for m in (minute, minute - 1))
+
+    def limit(self, request: Message, response: Message) -> Message:
+        """``response``, or a bare 4.01 with an Echo to repeat the request with."""
+        if self.verified(request):
+            return response
+        if wire_size(response, request.token) <= AMPLIFICATION_LIMIT * wire_size(request):
+            return response
+        bare = Message(code=Code.UNAUTHORIZED)
+        bare.opt.echo = self._echo(
+            str(getattr(request.remote, "hostinfo", "")), int(self._clock() // 60)
+        )
+        return bare
 
 
 def wire_size(msg: Message, token: bytes | None = None) -> int:
@@ -260,3 +289,37 @@ def wire_size(msg: Message, token: bytes | None = None) -> int:
     tok = msg.token if token is None else token
     payload = len(msg.payload) + 1 if msg.payload else 0
     return _HEADER_BYTES + len(tok or b"") + len(msg.opt.encode()) + payload
+
+
+class DatagramGuard:
+    """aiocoap 0.4.17's UDP transport decodes each datagram in an event loop callback and catches
+    only the errors it expects: a string option with invalid UTF-8 (and a few other malformed
+    options) escapes as UnicodeDecodeError/ValueError, and asyncio logs a traceback per datagram.
+    Installed as the loop's exception handler while the endpoint runs, this turns exactly those
+    into ``on_bad(error)`` (a rate-limited warning) and passes everything else on."""
+
+    def __init__(self, on_bad: Callable[[BaseException], None]) -> None:
+        self._on_bad = on_bad
+        self._loop: Any = None
+        self._previous: Any = None
+
+    def install(self, loop: Any) -> None:
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self._handle)
+
+    def remove(self) -> None:
+        if self._loop is not None and self._loop.get_exception_handler() == self._handle:
+            self._loop.set_exception_handler(self._previous)
+        self._loop = None
+
+    def _handle(self, loop: Any, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        where = repr(context.get("handle", ""))
+        if isinstance(error, ValueError) and "RecvmsgSelectorDatagramTransport" in where:
+            self._on_bad(error)  # UnicodeDecodeError is a ValueError
+            return
+        if self._previous is not None:
+            self._previous(loop, context)
+        else:
+            loop.default_exception_handler(context)

@@ -191,8 +191,10 @@ class Principals:
         self._by_name: dict[str, _Entry] = {}
         self._states: dict[str, _PrincipalState] = {}
 
-    def load(self, credentials: list[tuple[Credential, bool]]) -> None:
-        """Replace the registry with ``(credential, revoked)`` pairs (from the storage)."""
+    def load(self, credentials: list[tuple[Credential, bool]]) -> set[str]:
+        """Replace the registry with ``(credential, revoked)`` pairs (from the storage). Returns
+        the principals whose credential was re-keyed, revoked or removed: sessions that were
+        authenticated with the old one (DTLS) must end."""
         by_kid: dict[bytes, _Entry] = {}
         by_name: dict[str, _Entry] = {}
         for cred, revoked in credentials:
@@ -204,7 +206,13 @@ class Principals:
             if new is None or new.revoked or new.credential != state.entry.credential:
                 state.close()  # re-keyed or revoked: its contexts go
                 del self._states[name]
+        gone = set()
+        for name, old in self._by_name.items():
+            new = by_name.get(name)
+            if not old.revoked and (new is None or new.revoked or new.credential != old.credential):
+                gone.add(name)
         self._by_kid, self._by_name = by_kid, by_name
+        return gone
 
     def __len__(self) -> int:
         return len(self._by_name)

@@ -51,6 +51,7 @@ from agent.wire import codec, records, statedoc
 from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
 from agent.wire.credentials import Credential
 from agent.wire.statedoc import StateError
+from cloud.dtls import DtlsEndpoint
 from cloud.inference import (
     DEFAULT_MODELS_DIR,
     CloudInference,
@@ -63,6 +64,8 @@ from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
     _KNOWN_CRITICAL,
     RETRY_AFTER,
+    Amplification,
+    DatagramGuard,
     SecureFront,
     _Block1Uploads,
     _Failure,
@@ -71,7 +74,6 @@ from cloud.protocol import (
     _Route,
     _route,
     _too_large,
-    limit_amplification,
 )
 from cloud.security import Principal, Principals, allowed, identity, issue_credential
 from cloud.storage import (
@@ -173,8 +175,8 @@ class _Site(aiocoap.interfaces.ObservableResource):
         except Exception:
             log.exception("event=internal_error path=%s", "/".join(request.opt.uri_path))
             response = Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error")
-        if identity(request) is None:
-            response = limit_amplification(request, response)
+        if identity(request) is None and not server.allow_plain:
+            response = server.amplification.limit(request, response)
         server.responses[str(response.code)] += 1
         return response
 
@@ -196,6 +198,7 @@ class CloudServer:
         self.allow_any_device = allow_any_device
         self.allow_plain = allow_plain  # unauthenticated requests may do what a device may
         self.principals = Principals(state_dir or Path("oscore"))
+        self.amplification = Amplification()
         self.clock = clock or RealClock()
         self.limits = limits or Limits()
         self.responses: Counter[str] = Counter()  # answers rendered, by code ("4.00 Bad Request")
@@ -206,10 +209,12 @@ class CloudServer:
         self.models: ModelRegistry | None = None  # DATA/models, set by start()
         self.inference = CloudInference(DEFAULT_MODELS_DIR)  # start() keeps verdicts in data_dir
         self._ctx: aiocoap.Context | None = None
+        self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
         self._known_devices: set[str] = set()
         self._observers: dict[str, set[Any]] = {}
         self._etags: dict[str, bytes] = {}
         self._poller: asyncio.Task[None] | None = None
+        self._guard: DatagramGuard | None = None
         self._warned = 0
         self._suppressed = 0
         self._warn_window = 0.0
@@ -227,9 +232,11 @@ class CloudServer:
         limits: Limits | None = None,
         storage_factory: Callable[[], Storage] | None = None,
         models_dir: str | Path | None = None,
+        dtls_listen: tuple[str, int] | None = None,
     ) -> CloudServer:
         """Open the storage in ``data_dir`` and listen on ``host:port`` (port 0: any free port).
-        ``models_dir``: the full-precision models of /infer and /validate (models/cloud)."""
+        ``models_dir``: the full-precision models of /infer and /validate (models/cloud).
+        ``dtls_listen``: also serve coaps:// (DTLS-PSK) on this (host, port) (cloud/dtls.py)."""
         factory = storage_factory or (lambda: SQLiteStorage.in_dir(data_dir))
         thread = StorageThread(factory, clock)
         await thread.start()
@@ -249,14 +256,14 @@ class CloudServer:
         try:
             server.principals.load(await thread.call(lambda s: s.credentials()))
             await server.inference.start()
-            await server._listen(host, port)
+            await server._listen(host, port, dtls_listen)
         except BaseException:
             await server.inference.close()
             await thread.stop()
             raise
         return server
 
-    async def _listen(self, host: str, port: int) -> None:
+    async def _listen(self, host: str, port: int, dtls: tuple[str, int] | None = None) -> None:
         if port != 0:
             await asyncio.get_running_loop().run_in_executor(None, _check_port_free, host, port)
         creds = CredentialsMap()
@@ -267,10 +274,19 @@ class CloudServer:
         )
         self.host = host
         self.port = _bound_port(self._ctx) if port == 0 else port
+        if dtls is not None:  # after the plain socket, so that the DTLS port check sees it
+            try:
+                self.dtls = await DtlsEndpoint.start(site, self.principals, dtls, _check_port_free)
+            except BaseException:
+                await self._ctx.shutdown()
+                raise
+        self._guard = DatagramGuard(self._bad_datagram)
+        self._guard.install(asyncio.get_running_loop())
         self._poller = asyncio.create_task(self._poll(), name="cloud-desired-poll")
         log.info(
-            "event=listening uri=%s principals=%d allow_any_device=%s allow_plain=%s",
+            "event=listening uri=%s dtls=%s principals=%d allow_any_device=%s allow_plain=%s",
             self.uri,
+            self.dtls.uri if self.dtls is not None else "-",
             len(self.principals),
             str(self.allow_any_device).lower(),
             str(self.allow_plain).lower(),
@@ -294,10 +310,16 @@ class CloudServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        if self.dtls is not None:
+            dtls, self.dtls = self.dtls, None
+            await dtls.stop()
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
         self._observers.clear()
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
         self.principals.close()
         await self.inference.close()
         await self.storage.stop()
@@ -339,7 +361,9 @@ class CloudServer:
         return done
 
     async def reload_principals(self) -> None:
-        self.principals.load(await self.db(lambda s: s.credentials()))
+        gone = self.principals.load(await self.db(lambda s: s.credentials()))
+        if gone and self.dtls is not None:
+            self.dtls.end_sessions(gone)  # sessions made with a key that is no longer valid
 
     async def records(
         self, device: str, since: float | None = None, by_arrival: bool = False
@@ -424,7 +448,8 @@ class CloudServer:
 
     # -- request handling ------------------------------------------------------------------------
 
-    def _bad_request(self, request: Message, failure: _Failure) -> None:
+    def _may_warn(self) -> bool:
+        """The rate limit of warnings about bad input: WARN_BURST per WARN_WINDOW seconds."""
         now = time.monotonic()
         if now - self._warn_window > WARN_WINDOW:
             if self._suppressed:
@@ -432,16 +457,25 @@ class CloudServer:
             self._warn_window, self._warned, self._suppressed = now, 0, 0
         if self._warned >= WARN_BURST:
             self._suppressed += 1
-            return
+            return False
         self._warned += 1
-        log.warning(
-            "event=bad_request peer=%s code=%s method=%s path=/%s reason=%r",
-            getattr(request.remote, "hostinfo", "?"),
-            failure.code,
-            request.code,
-            "/".join(request.opt.uri_path),
-            failure.message,
-        )
+        return True
+
+    def _bad_request(self, request: Message, failure: _Failure) -> None:
+        if self._may_warn():
+            log.warning(
+                "event=bad_request peer=%s code=%s method=%s path=/%s reason=%r",
+                getattr(request.remote, "hostinfo", "?"),
+                failure.code,
+                request.code,
+                "/".join(request.opt.uri_path),
+                failure.message,
+            )
+
+    def _bad_datagram(self, error: BaseException) -> None:
+        self.stats["undecodable_datagrams"] += 1
+        if self._may_warn():
+            log.warning("event=bad_datagram reason=%r", f"{type(error).__name__}: {error}"[:200])
 
     async def _known(self, device: str) -> bool:
         if device in self._known_devices:
@@ -577,13 +611,22 @@ class CloudServer:
             result = await self.db(lambda s: s.ingest(device, records, now))
         except UnknownDevice:
             raise _Failure(Code.NOT_FOUND, "no such device") from None
-        ack = IngestAck.for_seqs(result.seqs, result.new, result.duplicate, result.conflict)
+        # a conflicting seq is never acknowledged: the device must keep that record
+        ack = IngestAck.for_seqs(
+            result.seqs,
+            result.new,
+            result.duplicate,
+            result.conflict,
+            conflicts=result.conflicts,
+            last=result.last,
+        )
         log.debug(
-            "event=ingest device=%s records=%d new=%d dup=%d",
+            "event=ingest device=%s records=%d new=%d dup=%d conflict=%d",
             device,
             len(records),
             result.new,
             result.duplicate,
+            result.conflict,
         )
         return Message(code=Code.CHANGED, payload=ack.to_cbor(), content_format=CF_CBOR)
 

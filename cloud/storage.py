@@ -20,7 +20,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -92,6 +92,8 @@ class IngestResult:
     new: int
     duplicate: int
     conflict: int  # duplicates whose stored copy differs from the one just received
+    conflicts: tuple[int, ...] = ()  # their seqs: not acknowledged (another record holds them)
+    last: int | None = None  # the highest seq stored for the device, after this batch
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class ReportedResult:
     versions: dict[str, int]
     desired: DesiredDoc
     desired_changed: bool
+    refused: dict[str, int] = field(default_factory=dict)  # key => version beyond the limit
 
 
 @runtime_checkable
@@ -152,7 +155,9 @@ class Storage(Protocol):
         self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
     ) -> ReportedResult:
         """Merge reported entries by their keys' rules (:mod:`agent.wire.statedoc`);
-        :class:`DocumentTooLarge` if the device would have more than ``max_keys`` keys."""
+        :class:`DocumentTooLarge` if the device would have more than ``max_keys`` keys. An entry
+        whose version is above :func:`agent.wire.statedoc.version_limit` is refused (left out
+        of ``versions``, named in ``refused``); the others are merged."""
 
     def desired(self, device: str) -> DesiredDoc: ...
 
@@ -343,7 +348,8 @@ class SQLiteStorage:
     def ingest(
         self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
     ) -> IngestResult:
-        new = duplicate = conflict = 0
+        new = duplicate = 0
+        conflicts: list[int] = []
         with self._errors(), self._tx() as db:
             if register:
                 db.execute(
@@ -371,7 +377,7 @@ class SQLiteStorage:
                     (device, rec.seq),
                 ).fetchone()
                 if kind != rec.kind or created != rec.created or stored != body:
-                    conflict += 1
+                    conflicts.append(rec.seq)
                     log.warning(
                         "event=seq_conflict device=%s seq=%d detail=kept_first_copy",
                         device,
@@ -381,7 +387,11 @@ class SQLiteStorage:
             db.execute(
                 "INSERT OR REPLACE INTO counters (name, value) VALUES ('arrival', ?)", (arrival,)
             )
-        return IngestResult(tuple(rec.seq for rec in records), new, duplicate, conflict)
+            (last,) = db.execute(
+                "SELECT max(seq) FROM records WHERE device = ?", (device,)
+            ).fetchone()
+        seqs = tuple(rec.seq for rec in records)
+        return IngestResult(seqs, new, duplicate, len(conflicts), tuple(conflicts), last)
 
     def records(
         self,
@@ -434,6 +444,7 @@ class SQLiteStorage:
     ) -> ReportedResult:
         versions: dict[str, int] = {}
         failures: dict[str, int] = {}
+        refused: dict[str, int] = {}
         with self._errors(), self._tx() as db:
             self._require(db, device)
             if max_keys is not None:
@@ -449,6 +460,17 @@ class SQLiteStorage:
                     (device, key),
                 ).fetchone()
                 stored = Entry(row[0], statedoc.decode_value(row[1])) if row else None
+                limit = statedoc.version_limit(now, stored)
+                if incoming.version > limit:
+                    refused[key] = incoming.version
+                    log.warning(
+                        "event=reported_version_refused device=%s key=%s version=%d limit=%d",
+                        device,
+                        key,
+                        incoming.version,
+                        limit,
+                    )
+                    continue
                 merged = statedoc.merge_reported(stored, incoming, statedoc.rule_for(key))
                 if merged is not None:
                     db.execute(
@@ -466,7 +488,7 @@ class SQLiteStorage:
             blocked = statedoc.block_failures(doc, failures)
             if blocked is not doc:
                 self._write_desired(db, device, blocked, [], now)
-        return ReportedResult(versions, blocked, blocked is not doc)
+        return ReportedResult(versions, blocked, blocked is not doc, refused)
 
     def _desired(self, db: sqlite3.Connection, device: str) -> DesiredDoc:
         row = db.execute("SELECT desired_rev FROM devices WHERE id = ?", (device,)).fetchone()

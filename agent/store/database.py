@@ -40,6 +40,7 @@ from agent.store.settings import (
     SEQ_EPOCH_SCALE,
     StoreSettings,
 )
+from agent.wire.batch import MAX_SEQ
 from agent.wire.records import Kind
 
 log = logging.getLogger(__name__)
@@ -518,6 +519,54 @@ class Db:
             self.leases.pop(seq, None)
         self.ring_dirty = False
         return out
+
+    def renumber(self, seqs: Sequence[int], floor: int) -> dict[int, int]:
+        """Move the queued records ``seqs`` to fresh numbers above ``floor`` and above every
+        number issued so far, in one transaction (a new epoch when ``floor`` is higher); later
+        puts number above them. The new high-water mark is reserved in the side file before the
+        commit, as for puts, so no number repeats after a crash or a lost database."""
+        conn = self._c()
+        limit = MAX_SEQ - SEQ_BLOCK - len(seqs)
+        if floor > limit:
+            log.error(
+                "event=seq_space_exhausted floor=%d limit=%d action=renumber_above_own",
+                floor,
+                limit,
+            )
+            floor = 0
+        base = max(self.hwm, floor)
+        reserved = self.reserved
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            present: list[int] = []
+            for chunk in _chunks(sorted(set(seqs))):
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT seq FROM records WHERE seq IN ({marks})", chunk)
+                present += [row[0] for row in rows]
+            moved = {old: base + i for i, old in enumerate(sorted(present), 1)}
+            conn.executemany(
+                "UPDATE records SET seq = ?, attempts = attempts + 1 WHERE seq = ?",
+                [(new, old) for old, new in moved.items()],
+            )
+            hwm = base + len(moved)
+            if hwm != self.hwm:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'seq_hwm'", (hwm,))
+                if hwm > reserved:
+                    reserved = hwm + SEQ_BLOCK
+                    self.seqfile.write(SeqMark(reserved, self.s.durability))
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as err:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if is_full(err, self.dir):
+                raise StoreFull(f"queue {self.path}: renumbering: the disk is full") from err
+            raise StoreError(f"queue {self.path}: renumbering failed: {err}") from err
+        self.hwm, self.reserved = hwm, reserved
+        self.commits += 1
+        for old in moved:
+            self.leases.pop(old, None)
+        return moved
 
     def _delete(self, seqs: Sequence[int], d: _Delta) -> None:
         conn = self._c()

@@ -12,7 +12,8 @@ Guarantees
 - Group commit: puts, acks and nacks that arrive while a transaction runs join the next one.
 - Sequence numbers increase strictly and are never issued twice for this queue, across crashes,
   restarts and a lost or corrupt database (the cloud deduplicates by ``(device, seq)``): see
-  :class:`agent.store.seqfile.SeqFile` and docs/store.md.
+  :class:`agent.store.seqfile.SeqFile` and docs/store.md. ``renumber()`` moves queued records to
+  fresh numbers (a new epoch above a floor) when the endpoint holds other records under theirs.
 - ``batch()`` leases records in priority order (lower number = sooner), then by sequence number.
   Leases live in memory only: they expire after ``lease_seconds``, and after a restart every record
   that was leased and not acked is available again. Acked records are deleted in a committed
@@ -259,6 +260,32 @@ class Store:
     async def nack(self, seqs: Iterable[int]) -> None:
         """Not delivered: release the leases now and count an attempt."""
         await self._ack_op(seqs, nack=True)
+
+    async def renumber(self, seqs: Iterable[int], floor: int = 0) -> dict[int, int]:
+        """Give the queued records ``seqs`` new sequence numbers above ``floor`` and above every
+        number issued so far, atomically; ``floor`` above the last issued number starts a new
+        epoch there, and later puts number above it too (``seqs`` may be empty for just that).
+        Returns ``{old: new}`` for the records still queued (acked or evicted ones are skipped);
+        their leases end, so they are due again. The numbers are reserved in the side file
+        before the commit: never issued twice, also after a crash.
+
+        For records the endpoint holds *another* record under (docs/protocol.md, "Delivery
+        semantics"): a record that may have reached the endpoint under its own number must not
+        be renumbered, or it would be stored twice."""
+        self._check_open()
+        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+            raise ValueError(f"floor must be a sequence number, got {floor!r}")
+        wanted = sorted({int(s) for s in seqs})
+        moved: dict[int, int] = await self._clock.run_blocking(
+            self._executor, self._db.renumber, wanted, floor
+        )
+        return moved
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number issued (0: none yet); the next put numbers above it. A
+        snapshot: it only grows."""
+        return self._db.hwm
 
     async def _ack_op(self, seqs: Iterable[int], *, nack: bool) -> None:
         self._check_open()

@@ -25,7 +25,8 @@ class SeqFile:
     """``queue.db.seq``: one line, replaced atomically (write, fsync, rename, fsync dir).
 
     Every issued sequence number is <= ``reserved``: before a transaction commits a number above
-    it, the file is rewritten with ``reserved = hwm + SEQ_BLOCK``. So when the database is lost or
+    it (a put, or a renumbering into a new epoch), the file is rewritten with
+    ``reserved = hwm + SEQ_BLOCK``. So when the database is lost or
     corrupt, a new one starts above ``reserved`` and never reissues a number. It is also the
     answer to power loss with ``synchronous=NORMAL``: commits may roll back, so a session after a
     NORMAL one starts above ``reserved`` rather than at the database's own high-water mark.

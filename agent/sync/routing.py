@@ -18,7 +18,12 @@ Rules (issue 6, "Routing"):
    - *Once.* One worker sends one request at a time, so a validation in flight is never sent
      twice by this process; after a restart, or when an answer is lost, the request is sent
      again with the same ``seq`` and the endpoint answers its stored verdict without running the
-     model again (it keys verdicts by ``(device, seq)``). The model runs once per alert.
+     model again (it keys verdicts by ``(device, seq, digest)``). The model runs once per alert.
+   - *Bound to the window.* A verdict names the digest of the window it judged
+     (:func:`agent.wire.validation.window_digest`); the router accepts it only when that is the
+     digest of the window it sent. Anything else (a verdict on a window someone else posted for
+     the same ``seq``, an endpoint that does not bind verdicts) is logged
+     (``event=verdict_digest_mismatch``) and treated as no verdict: the request is retried.
    - *Merged.* The verdict is kept with the alert: in :attr:`Router.verdicts` (persisted with
      the pending requests, shown by ``status``) and as an EVENT record ``{type: "verdict", seq,
      ...}`` committed to the store, so the cloud history holds it next to the alert. A crash
@@ -66,6 +71,7 @@ from agent.sync.transport import Response, code
 from agent.wire import records
 from agent.wire.batch import CF_CBOR, format_ranges
 from agent.wire.records import EventBody, Kind
+from agent.wire.validation import DIGEST_KEY, window_digest
 from drivers.base import Options
 from drivers.clock import Clock, RealClock, wait_event
 
@@ -420,6 +426,17 @@ class Router:
                     raise records.RecordError("not a verdict for this alert")
             except records.RecordError as err:
                 self._retry(p, f"bad verdict: {err}")
+                return
+            digest = window_digest(p.window)
+            if verdict.get(DIGEST_KEY) != digest:
+                self.stats.counts["verdicts_unbound"] += 1
+                log.warning(
+                    "event=verdict_digest_mismatch seq=%d digest=%s expected=%s action=retry",
+                    p.seq,
+                    str(verdict.get(DIGEST_KEY))[:64],
+                    digest,
+                )
+                self._retry(p, "a verdict on another window")
                 return
             self._merge(p, verdict)
             return

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
-from agent.wire.credentials import Credential, CredentialError
+from agent.wire.credentials import PSK_IDENTITY_BYTES, Credential, CredentialError
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,13 @@ class ClientSecurity:
             raise ConfigError("[uplink]", "credential", str(err)) from None
         if mode == "dtls" and not credential.psk:
             raise ConfigError("[uplink]", "credential", f"{credential_path}: has no DTLS PSK")
+        if mode == "dtls" and len(credential.principal.encode()) > PSK_IDENTITY_BYTES:
+            raise ConfigError(
+                "[uplink]",
+                "security",
+                f"the device id {credential.principal!r} is longer than {PSK_IDENTITY_BYTES} "
+                'bytes, the longest DTLS PSK identity tinydtls takes: use security = "oscore"',
+            )
         return cls(mode, uris, credential, state)
 
     @property

@@ -125,6 +125,7 @@ class CoapTransport:
         self.security = security
         own = transports_for(uris)
         self.transports = ([*security.transports, *own] if security else own) or None
+        self._sessions = "tinydtls" in own  # DTLS: a session the endpoint may have lost
         self._contexts: list[Any] = []
         self._lock = asyncio.Lock()
         self._observing: dict[int, int] = {}  # lane -> observations running on it
@@ -205,9 +206,13 @@ class CoapTransport:
         aiocoap keeps retransmitting a confirmable message whose request was cancelled, and
         holds every later confirmable message to the same server behind it (NSTART = 1) until
         its retransmissions run out, which can take a minute. A new context (a new socket) drops
-        that exchange. A lane with an observation on it is left alone."""
+        that exchange, and a DTLS session the endpoint no longer knows (it restarted: it drops
+        the old session's records silently, and aiocoap never makes a new handshake by itself).
+        A lane with an observation on it is left alone, unless it runs over DTLS: then the
+        observation is most likely dead too, and ends with the old context (callers register
+        again)."""
 
-        if self._observing.get(lane):
+        if self._observing.get(lane) and not self._sessions:
             return
         async with self._lock:
             if lane >= len(self._contexts) or self._contexts[lane] is not ctx:
@@ -231,6 +236,7 @@ class CoapTransport:
         msg = aiocoap.Message(code=aiocoap.GET, uri=uri, observe=0)
         req = ctx.request(msg)
         self._observing[lane] = self._observing.get(lane, 0) + 1
+        missed = False
         try:
             async with asyncio.timeout(deadline):
                 first = await req.response
@@ -240,6 +246,7 @@ class CoapTransport:
             async for notification in req.observation:
                 yield _response(notification)
         except TimeoutError as err:
+            missed = True
             raise SyncError(f"observe {uri}: no answer within {deadline:g} s") from err
         except (coap_error.Error, OSError) as err:
             raise SyncError(f"observe {uri}: {type(err).__name__}: {err}") from err
@@ -249,6 +256,8 @@ class CoapTransport:
                 if req.observation is not None:
                     req.observation.cancel()
             req.response.cancel()
+            if missed:  # as for a request: a new context (and a new DTLS session)
+                await self._reset_lane(lane, ctx)
 
     async def close(self) -> None:
         contexts, self._contexts = self._contexts, []

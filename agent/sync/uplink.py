@@ -20,6 +20,13 @@ Pacing:
   consecutive failures the next one is used, and the primary is tried again periodically.
 
 Answers other than 2.04 follow the table in docs/protocol.md ("what the device does").
+
+Conflicts: a seq the ack lists in ``conflicts`` (the endpoint holds another record under it: a
+forged batch, or an earlier life of this device) is never acknowledged. The record stays, is
+counted (``records_conflicted``), logged (``event=ack_conflict``) and moved by
+:meth:`agent.store.queue.Store.renumber` to a new epoch above the endpoint's ``last``, then sent
+again. An ack whose ``last`` is at or above the store's next seq (a reflashed device, a clock
+behind) moves the store to that epoch too before more is numbered (``seq_epochs``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from agent.store.queue import Record, Store
 from agent.sync.backoff import full_jitter
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
 from agent.wire import codec
-from agent.wire.batch import CF_SENML_CBOR, CodecError, IngestAck, WireRecord
+from agent.wire.batch import CF_SENML_CBOR, CodecError, IngestAck, WireRecord, format_ranges
 from drivers.base import Options
 from drivers.clock import Clock, wait_event
 
@@ -166,6 +173,8 @@ class UplinkStats:
     batches_failed: int = 0
     records_acked: int = 0
     records_rejected: int = 0  # records the endpoint refused as undecodable (set aside)
+    records_conflicted: int = 0  # records whose seq the endpoint holds another record under
+    seq_epochs: int = 0  # times the store moved to a new epoch above the endpoint's last seq
     bytes_sent: int = 0
     retransmitted: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
@@ -255,6 +264,7 @@ class Uplink:
         self._expansion: dict[int, float] = {}
         self._singles = 0  # after a 4.00: send this many records one by one to find the bad one
         self._fallback_cf = False
+        self._unreachable_last: int | None = None  # an endpoint "last" no epoch can go above
         self.online = False
 
     # -- control -----------------------------------------------------------------------------
@@ -409,10 +419,27 @@ class Uplink:
                 await self._nack(seqs)
                 self._failed(uri, f"unreadable ack: {err}", probing_primary)
                 return 0
-            acked = [s for s in seqs if s in ack]
-            missing = [s for s in seqs if s not in ack]
+            if ack.conflict > sum(b - a + 1 for a, b in ack.conflicts):
+                # counted but not named (an older endpoint): which seqs are ours there is
+                # unknown, so nothing of the batch may be deleted
+                await self._nack(seqs)
+                log.error(
+                    "event=ack_conflict_unnamed endpoint=%s records=%d conflict=%d "
+                    "action=kept_batch: upgrade the endpoint",
+                    uri,
+                    len(batch),
+                    ack.conflict,
+                )
+                self._pause(NOT_REGISTERED_PAUSE)
+                return 0
+            conflicts = [s for s in seqs if ack.in_conflict(s)]
+            acked = [s for s in seqs if s in ack]  # never a conflicting seq
+            missing = [s for s in seqs if s not in ack and not ack.in_conflict(s)]
             if acked:
                 await self.store.ack(acked)
+            ahead = ack.last is not None and ack.last > self.store.last_seq
+            if conflicts or (ahead and ack.last != self._unreachable_last):
+                await self._new_epoch(conflicts, ack.last, uri)
             if missing:
                 await self._nack(missing)
             self.stats.batches_acked += 1
@@ -455,6 +482,44 @@ class Uplink:
         else:
             self._failed(uri, f"answer {resp.dotted}", probing_primary)
         return 0
+
+    async def _new_epoch(self, conflicts: list[int], last: int | None, uri: str) -> None:
+        """The endpoint holds other records under ``conflicts`` (forged, or an earlier life of
+        this device), or numbers at or above our next one (``last``): number above ``last`` from
+        now on, and send the conflicting records again under new numbers. They are kept: the
+        endpoint does not hold them under any number yet, so each is stored once, under its new
+        one. Records that may have reached it under their own numbers are never renumbered."""
+        floor = max(last or 0, max(conflicts, default=0))
+        before = self.store.last_seq
+        try:
+            moved = await self.store.renumber(conflicts, floor)
+        except StoreError as err:
+            log.error("event=renumber_failed records=%d error=%r", len(conflicts), str(err))
+            await self._nack(conflicts)
+            return
+        if self.store.last_seq < floor:  # beyond the sequence space (the store logged it)
+            self._unreachable_last = floor
+        elif floor > before:
+            self.stats.seq_epochs += 1
+        if not conflicts:
+            log.warning(
+                "event=seq_epoch endpoint=%s endpoint_last=%d next_seq=%d was=%d",
+                uri,
+                floor,
+                self.store.last_seq + 1,
+                before + 1,
+            )
+            return
+        self.stats.records_conflicted += len(conflicts)
+        log.warning(
+            "event=ack_conflict endpoint=%s records=%d seqs=%s endpoint_last=%s new_seqs=%s "
+            "action=resend_renumbered",
+            uri,
+            len(conflicts),
+            format_ranges(conflicts),
+            "none" if last is None else last,
+            format_ranges(list(moved.values())) or "none",
+        )
 
     async def _nack(self, seqs: list[int]) -> None:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import cbor2
@@ -124,24 +124,55 @@ def format_ranges(seqs: list[int]) -> str:
 class IngestAck:
     """The endpoint's answer to a batch: every sequence number now stored, and counts.
 
-    ``ranges`` are inclusive ``(first, last)`` pairs, sorted and disjoint. ``duplicate`` counts
-    records that were stored before; ``conflict`` counts those of them whose stored copy differs
-    (the endpoint keeps the first copy).
+    ``ranges`` are inclusive ``(first, last)`` pairs, sorted and disjoint: the seqs acknowledged
+    (stored, new or identical duplicates). ``duplicate`` counts records that were stored before;
+    ``conflict`` counts those of them whose stored copy differs (the endpoint keeps the first
+    copy). ``conflicts`` names those seqs as ranges: they are *not* acknowledged (the endpoint
+    holds another record under that number), and a seq in both ``conflicts`` and ``ranges`` is
+    a conflict. ``last`` is the highest seq the endpoint holds for the device (None: none, or an
+    endpoint that does not say).
     """
 
     ranges: tuple[tuple[int, int], ...]
     new: int
     duplicate: int
     conflict: int = 0
+    conflicts: tuple[tuple[int, int], ...] = ()
+    # the endpoint's state, not this batch's outcome: two acks of one batch are equal without it
+    last: int | None = field(default=None, compare=False)
 
     @classmethod
     def for_seqs(
-        cls, seqs: Iterable[int], new: int, duplicate: int, conflict: int = 0
+        cls,
+        seqs: Iterable[int],
+        new: int,
+        duplicate: int,
+        conflict: int = 0,
+        *,
+        conflicts: Iterable[int] = (),
+        last: int | None = None,
     ) -> IngestAck:
-        return cls(tuple(seq_ranges(seqs)), new, duplicate, conflict)
+        """The ack of a batch of ``seqs``, of which ``conflicts`` are not acknowledged."""
+        bad = set(conflicts)
+        return cls(
+            tuple(seq_ranges(s for s in seqs if s not in bad)),
+            new,
+            duplicate,
+            max(conflict, len(bad)),
+            tuple(seq_ranges(bad)),
+            last,
+        )
 
     def __contains__(self, seq: object) -> bool:
-        return isinstance(seq, int) and any(a <= seq <= b for a, b in self.ranges)
+        return (
+            isinstance(seq, int)
+            and any(a <= seq <= b for a, b in self.ranges)
+            and not self.in_conflict(seq)
+        )
+
+    def in_conflict(self, seq: int) -> bool:
+        """The endpoint holds another record under ``seq``: it is not acknowledged."""
+        return any(a <= seq <= b for a, b in self.conflicts)
 
     def seqs(self) -> Iterator[int]:
         for a, b in self.ranges:
@@ -155,6 +186,10 @@ class IngestAck:
         }
         if self.conflict:
             doc["conflict"] = self.conflict
+        if self.conflicts:
+            doc["conflicts"] = [[a, b] for a, b in self.conflicts]
+        if self.last is not None:
+            doc["last"] = self.last
         return cbor2.dumps(doc, canonical=True)
 
     @classmethod
@@ -172,17 +207,31 @@ class IngestAck:
                 raise CodecError(f"ack: {key} must be an unsigned integer")
             return value
 
-        raw = doc.get("ack")
-        if not isinstance(raw, list):
-            raise CodecError("ack: 'ack' must be an array of [first, last]")
-        ranges: list[tuple[int, int]] = []
-        for pair in raw:
-            if (
-                not isinstance(pair, list)
-                or len(pair) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
-                or not 0 <= pair[0] <= pair[1] <= MAX_SEQ
-            ):
-                raise CodecError("ack: each range is [first, last] with first <= last")
-            ranges.append((pair[0], pair[1]))
-        return cls(tuple(ranges), count("new"), count("dup"), count("conflict"))
+        def ranges(key: str, raw: Any) -> tuple[tuple[int, int], ...]:
+            if not isinstance(raw, list):
+                raise CodecError(f"ack: {key!r} must be an array of [first, last]")
+            out: list[tuple[int, int]] = []
+            for pair in raw:
+                if (
+                    not isinstance(pair, list)
+                    or len(pair) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+                    or not 0 <= pair[0] <= pair[1] <= MAX_SEQ
+                ):
+                    raise CodecError(f"ack: each {key} range is [first, last] with first <= last")
+                out.append((pair[0], pair[1]))
+            return tuple(out)
+
+        last = doc.get("last")
+        if last is not None and (
+            not isinstance(last, int) or isinstance(last, bool) or not 0 <= last <= MAX_SEQ
+        ):
+            raise CodecError("ack: last must be a sequence number")
+        return cls(
+            ranges("ack", doc.get("ack")),
+            count("new"),
+            count("dup"),
+            count("conflict"),
+            ranges("conflicts", doc.get("conflicts", [])),
+            last,
+        )

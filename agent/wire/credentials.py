@@ -9,9 +9,10 @@ A credential file is JSON, mode 0600, one per principal::
      "psk": HEX(16)}
 
 ``sender_id`` is the principal's OSCORE key id (unique at the endpoint), ``recipient_id`` the
-endpoint's. ``psk`` is the DTLS pre-shared key of the interop profile (PSK identity = the
-principal's name); tinydtls takes at most 16 bytes. ``generation`` counts re-keyings: a re-keyed
-principal gets a new key id and new secrets, so contexts of the old credential are refused.
+endpoint's. ``psk`` is the DTLS pre-shared key of the interop profile, at most 16 bytes; its PSK
+identity is the principal's name (tinydtls takes identities of up to 32 bytes, keys of up to 16).
+``generation`` counts re-keyings: a re-keyed principal gets a new key id and new secrets, so
+contexts of the old credential are refused.
 """
 
 from __future__ import annotations
@@ -37,8 +38,15 @@ KID_BYTES = 4
 SECRET_BYTES = 32
 SALT_BYTES = 8
 PSK_BYTES = 16  # tinydtls copies a PSK into a 16-byte buffer: never longer
+PSK_IDENTITY_BYTES = 32  # the longest PSK identity (principal name) tinydtls takes
 MAX_FILE_BYTES = 4096
 PRINCIPAL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as a device id
+
+
+def generate_psk() -> bytes:
+    """A random DTLS PSK: 16 printable characters (96 bits), so that it can be handed to tools
+    that take the key as a command-line argument (libcoap's ``coap-client -k``)."""
+    return secrets.token_urlsafe(12).encode("ascii")
 
 
 class CredentialError(AgentError, ValueError):
@@ -83,7 +91,7 @@ class Credential:
             master_secret=secrets.token_bytes(SECRET_BYTES),
             master_salt=secrets.token_bytes(SALT_BYTES),
             sender_id=kid,
-            psk=secrets.token_bytes(PSK_BYTES),
+            psk=generate_psk(),
             generation=generation,
         )
 

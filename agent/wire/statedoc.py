@@ -8,6 +8,9 @@ Two documents per device (docs/protocol.md, "Device state"):
   document's next revision. Served as ``{"rev": uint, "keys": {key => [version, value]},
   ? "blocked": {key => version}}``.
 
+Reported versions may run at most :data:`MAX_VERSION_AHEAD` ms ahead of the endpoint's clock
+(:func:`version_limit`); the endpoint refuses an entry beyond it and merges the others.
+
 Merge rules (:class:`Rule`): last-writer-wins by version for most keys; ``counter/...`` keys merge
 by maximum; ``model/...`` keys are last-writer-wins too, and a device's report that it failed to
 load the desired model version *blocks* that version: the desired document says so, the device
@@ -31,6 +34,12 @@ from agent.errors import AgentError
 from agent.wire import records
 
 MAX_VERSION = 2**63 - 1
+#: How far (ms) a reported version may run ahead of the endpoint's wall clock in ms. A device
+#: numbers versions ``max(last + 1, its wall clock in ms)`` (agent/sync/state.py), so it stays
+#: below this while its clock is less than this ahead of the endpoint's and it numbers fewer than
+#: one version per millisecond on average; a version far ahead would freeze the key (every later
+#: version of the device would be lower), so the endpoint refuses it.
+MAX_VERSION_AHEAD = 30 * 86_400_000
 MAX_KEY_LENGTH = 128
 MAX_INTERVAL = 86_400.0
 MIN_INTERVAL = 0.001
@@ -152,6 +161,16 @@ def merge_reported(stored: Entry | None, incoming: Entry, rule: Rule) -> Entry |
             return None
         return Entry(version, value)
     return incoming if incoming.version > stored.version else None
+
+
+def version_limit(now: float, stored: Entry | None) -> int:
+    """The highest version the endpoint takes for a reported key at its wall time ``now`` (s):
+    :data:`MAX_VERSION_AHEAD` above its clock in ms, or one above the version it holds already
+    (so a key stored before the limit existed can still be overtaken)."""
+    limit = int(now * 1000) + MAX_VERSION_AHEAD
+    if stored is not None:
+        limit = max(limit, stored.version + 1)
+    return min(limit, MAX_VERSION)
 
 
 def model_failure(key: str, entry: Entry) -> int | None:

@@ -27,7 +27,7 @@ async def data_dir(tmp_path: Path) -> Path:
     """A data directory holding what a device sent over CoAP: readings, an alert, an event, and
     a telemetry record whose body is not CBOR."""
     server = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_plain=True)
-    ctx = await aiocoap.Context.create_client_context()
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
         await server.add_device(DEVICE)
         records = [
@@ -153,7 +153,14 @@ def test_export_to_file_and_errors(
 def test_devices_add_and_list(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = run(capsys, "devices", "add", "--data", str(data_dir), "rig-2", DEVICE)
     assert rc == 0
-    assert out.splitlines() == ["rig-2: registered", f"{DEVICE}: already registered"]
+    creds = data_dir / "credentials"
+    assert out.splitlines() == [  # DEVICE was registered before credentials existed: it gets one
+        f"rig-2: credential (generation 1) written to {creds / 'rig-2.json'}",
+        f"{DEVICE}: credential (generation 1) written to {creds / (DEVICE + '.json')}",
+    ]
+    assert (creds / "rig-2.json").stat().st_mode & 0o777 == 0o600
+    rc, out = run(capsys, "devices", "add", "--data", str(data_dir), "rig-2")
+    assert out.splitlines() == ["rig-2: already registered (devices rekey rig-2 makes a new one)"]
     rc, out = run(capsys, "devices", "list", "--data", str(data_dir), "--json")
     listed = {d["id"]: d for d in json.loads(out)}
     assert listed[DEVICE]["records"] == 5 and listed[DEVICE]["last_seq"] == 5

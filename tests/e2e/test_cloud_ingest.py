@@ -42,7 +42,7 @@ async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
 
 @pytest.fixture
 async def client() -> AsyncIterator[aiocoap.Context]:
-    ctx = await aiocoap.Context.create_client_context()
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     yield ctx
     await ctx.shutdown()
 

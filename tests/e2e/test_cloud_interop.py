@@ -127,7 +127,7 @@ async def test_coap_client_gets_a_clear_404(server: CloudServer) -> None:
 
 
 async def test_aiocoap_stock_client(server: CloudServer) -> None:
-    ctx = await aiocoap.Context.create_client_context()
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
         async with asyncio.timeout(20):
             wkc = await ctx.request(

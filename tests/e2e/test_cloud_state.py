@@ -34,7 +34,7 @@ async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
 
 @pytest.fixture
 async def client() -> AsyncIterator[aiocoap.Context]:
-    ctx = await aiocoap.Context.create_client_context()
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     yield ctx
     await ctx.shutdown()
 
@@ -174,7 +174,7 @@ async def test_desired_put_notifies_the_observer(
     try:
         initial = await observer.start()
         assert initial == DesiredDoc(0, {}, {})
-        operator = await aiocoap.Context.create_client_context()
+        operator = await aiocoap.Context.create_client_context(transports=["udp6"])
         try:
             response = await request(
                 operator,

@@ -2,16 +2,21 @@
 flashed root filesystem whose installed agent passes its selftest in a chroot.
 
 The wheel bundle is built once for the module with ``tools/flash bundle`` (pip wheel of this
-checkout + pip download of the dependencies; pip's cache makes it quick after the first time).
-Each target is checked for the files, owners, modes and enable symlinks it must have,
+checkout + pip download of the dependencies; pip's cache makes it quick after the first time),
+and the keys the way an operator makes them: each device's credential with ``edge-agent-cloud
+devices add --credential-out``, the model signing key with ``edge-agent-cloud models keygen``.
+Each target is checked for the files, owners, modes and enable symlinks it must have (the
+credential 0600 and the service user's, the model key behind ``[models] public_key``),
 ``systemd-analyze verify --root=`` where the unit's binaries exist, and a second run that says
 "nothing to do" and changes nothing. The image, SSH and chroot tests need root (sshd, chroot,
-bind mounts; owners in the image) and the Debian tools ./tools/dev setup installs.
+bind mounts; owners in the image); the Debian tools they use must be installed (./tools/dev setup
+installs them): a missing one fails the test.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -20,6 +25,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,6 +38,8 @@ RIG = ROOT / "agent" / "examples" / "pump-rig.toml"
 HOST_UNITS = Path("/usr/lib/systemd/system")
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 ENDPOINT = "coap://127.0.0.1:5683"
+CREDENTIAL = "/var/lib/edge-agent/credential.json"  # where tools/flash puts the credential
+MODEL_KEY = "/etc/edge-agent/models.pub"  # and the model public key
 
 sys.path.insert(0, str(ROOT / "tools"))
 from flash_lib import accounts, bootcfg  # noqa: E402
@@ -39,14 +47,19 @@ from flash_lib.errors import FlashError  # noqa: E402
 from flash_lib.image import check_pi_image  # noqa: E402
 from flash_lib.sshfs import Destination, parse_destination  # noqa: E402
 
+from agent.wire.credentials import Credential  # noqa: E402
+
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (owners, sshd, chroot)")
 
 
 def need(*tools: str) -> None:
-    missing = [t for t in tools if shutil.which(t) is None and shutil.which(t, path="/usr/sbin")]
+    """Fail, not skip, unless every tool is installed (on PATH or in /usr/sbin)."""
+    missing = [
+        t for t in tools if shutil.which(t) is None and shutil.which(t, path="/usr/sbin") is None
+    ]
     if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (./tools/dev setup installs them)")
+        pytest.fail(f"not installed: {', '.join(missing)} (./tools/dev setup installs them)")
 
 
 def flash(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -62,8 +75,48 @@ def flash(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[
     return proc
 
 
-def device_args(bundle: Path, device_id: str = "pump-01") -> list[str | Path]:
-    return ["--device-id", device_id, "--endpoint", ENDPOINT, "--psk", "s3cret", "--bundle", bundle]
+def cloud(*argv: str | Path) -> None:
+    """edge-agent-cloud, in this process."""
+    from cloud.cli import main
+
+    assert main([str(a) for a in argv]) == 0, argv
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What the operator makes with edge-agent-cloud for the devices it flashes."""
+
+    dir: Path
+
+    def credential(self, device_id: str, *add_args: str | Path) -> Path:
+        """The device's credential file (``devices add --credential-out``), made once."""
+        path = self.dir / f"{device_id}.json"
+        if not path.exists():
+            data = self.dir / "cloud"
+            cloud("devices", "add", "--data", data, device_id, "--credential-out", path, *add_args)
+        return path
+
+    @property
+    def model_key(self) -> Path:
+        """The public half of the model signing key (``models keygen`` writes KEYFILE.pub)."""
+        if not (self.dir / "signing.key").exists():
+            cloud("models", "keygen", "--out", self.dir / "signing.key")
+        return self.dir / "signing.key.pub"
+
+
+def device_args(bundle: Path, keys: Keys, device_id: str = "pump-01") -> list[str | Path]:
+    return [
+        "--device-id",
+        device_id,
+        "--endpoint",
+        ENDPOINT,
+        "--credential",
+        keys.credential(device_id),
+        "--model-key",
+        keys.model_key,
+        "--bundle",
+        bundle,
+    ]
 
 
 # -- a root filesystem to flash into -----------------------------------------------------------
@@ -182,7 +235,7 @@ def verify(root: Path, *units: str) -> None:
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
 
-def assert_provisioned(root: Path, bundle: Path, *, device_id: str, venv: bool) -> None:
+def assert_provisioned(root: Path, bundle: Path, keys: Keys, *, device_id: str, venv: bool) -> None:
     """What every target must hold after tools/flash (root: the target's / as a directory)."""
     # The account: a system user with its own group, no login, in groups i2c and dialout.
     user = passwd_entry(root, "edge-agent")
@@ -207,8 +260,26 @@ def assert_provisioned(root: Path, bundle: Path, *, device_id: str, venv: bool) 
     parsed = tomllib.loads(conf.read_text())
     assert parsed["agent"]["device_id"] == device_id
     assert parsed["sensor"] == tomllib.loads(RIG.read_text())["sensor"]
-    assert f'endpoints = ["{ENDPOINT}"]' in conf.read_text()
-    assert '# psk = "s3cret"' in conf.read_text()
+    assert parsed["uplink"] == {
+        "endpoints": [ENDPOINT],
+        "security": "oscore",
+        "credential": CREDENTIAL,
+    }
+    assert parsed["models"] == {"public_key": "models.pub"}  # MODEL_KEY, beside agent.toml
+
+    # The device's own credential, as issued, in the data directory: 0600, the service user's.
+    credential = root / CREDENTIAL.lstrip("/")
+    st, data_dir = credential.stat(), credential.parent.stat()
+    assert st.st_mode & 0o7777 == 0o600 and data_dir.st_mode & 0o7777 == 0o755
+    if IS_ROOT:
+        assert (st.st_uid, st.st_gid) == (uid, gid)
+        assert (data_dir.st_uid, data_dir.st_gid) == (uid, gid)
+    assert credential.read_bytes() == keys.credential(device_id).read_bytes()
+    assert Credential.read(credential).principal == device_id  # as the agent reads it
+    # The model public key, for [models] public_key.
+    model_key = root / MODEL_KEY.lstrip("/")
+    assert model_key.read_bytes() == keys.model_key.read_bytes()
+    assert model_key.stat().st_mode & 0o7777 == 0o644
 
     # The units, enabled.
     units = root / "etc/systemd/system"
@@ -242,6 +313,11 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = flash("bundle", out)
     assert "bundle:" in proc.stdout
     return out
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    return Keys(tmp_path_factory.mktemp("keys"))
 
 
 # -- pure parts ----------------------------------------------------------------------------------
@@ -296,17 +372,19 @@ def test_flash_ssh_destinations_parse() -> None:
 
 
 # -- refusals ------------------------------------------------------------------------------------
-def test_flash_refuses_a_directory_that_is_not_a_root_fs(tmp_path: Path, bundle: Path) -> None:
+def test_flash_refuses_a_directory_that_is_not_a_root_fs(
+    tmp_path: Path, bundle: Path, keys: Keys
+) -> None:
     (tmp_path / "etc").mkdir()
-    proc = flash("dir", tmp_path, *device_args(bundle), check=False)
+    proc = flash("dir", tmp_path, *device_args(bundle, keys), check=False)
     assert proc.returncode == 1
     assert "does not look like a root filesystem (no /usr)" in proc.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "etc"]
-    proc = flash("dir", tmp_path / "nope", *device_args(bundle), check=False)
+    proc = flash("dir", tmp_path / "nope", *device_args(bundle, keys), check=False)
     assert proc.returncode == 1 and "no such directory" in proc.stderr
 
 
-def test_flash_refuses_bad_arguments(tmp_path: Path, bundle: Path) -> None:
+def test_flash_refuses_bad_arguments(tmp_path: Path, bundle: Path, keys: Keys) -> None:
     root = make_rootfs(tmp_path / "root")
     before = snapshot(root)
     args = ["dir", root, "--bundle", bundle]
@@ -315,31 +393,93 @@ def test_flash_refuses_bad_arguments(tmp_path: Path, bundle: Path) -> None:
     proc = flash(*args, "--device-id", "9 lives", "--endpoint", ENDPOINT, check=False)
     assert proc.returncode == 1 and "--device-id" in proc.stderr
     proc = flash(
-        *args, "--device-id", "pump-01", "--endpoint", ENDPOINT, "--arch", "aarch64", check=False
+        *args,
+        *("--device-id", "pump-01", "--endpoint", ENDPOINT),
+        *("--credential", keys.credential("pump-01"), "--arch", "aarch64"),
+        check=False,
     )
     assert proc.returncode == 1
     assert "--arch aarch64, but the target runs x86_64" in proc.stderr
     assert snapshot(root) == before
 
 
-def test_flash_refuses_an_image_without_pi_partitions(tmp_path: Path, bundle: Path) -> None:
+def test_flash_refuses_without_the_device_credential(
+    tmp_path: Path, bundle: Path, keys: Keys
+) -> None:
+    root = make_rootfs(tmp_path / "root")
+    before = snapshot(root)
+    credential = keys.credential("pump-01")
+
+    def refused(*args: str | Path, says: str) -> str:
+        proc = flash("dir", root, "--bundle", bundle, "--device-id", "pump-01", *args, check=False)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        error = proc.stderr.strip()
+        assert len(error.splitlines()) == 1 and says in error, error
+        return error
+
+    # OSCORE (the default) and DTLS need the credential; the one line names how to make it.
+    error = refused("--endpoint", ENDPOINT, says="--security oscore needs the device's credential")
+    assert "`edge-agent-cloud devices add --data DIR pump-01 --credential-out" in error
+    assert "--credential pump-01.json" in error
+    refused(
+        *("--endpoint", "coaps://127.0.0.1:5684", "--security", "dtls"),
+        says="edge-agent-cloud devices add",
+    )
+    # Each device gets its own.
+    refused(
+        *("--endpoint", ENDPOINT, "--credential", keys.credential("pump-02")),
+        says="the credential of 'pump-02', not of --device-id 'pump-01'",
+    )
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"format": 1, "principal": "pump-01"}')
+    refused("--endpoint", ENDPOINT, "--credential", junk, says="not a credential file")
+    refused(
+        *("--endpoint", ENDPOINT, "--credential", tmp_path / "none.json"),
+        says="No such file or directory",
+    )
+    # The model key is the public half, not the signing key beside it.
+    refused(
+        *("--endpoint", ENDPOINT, "--credential", credential),
+        *("--model-key", keys.model_key.with_suffix("")),
+        says="a private key: give the public one",
+    )
+    # coaps:// goes with DTLS, and DTLS with coaps:// only.
+    refused(
+        *("--endpoint", "coaps://127.0.0.1:5684", "--credential", credential),
+        says="coaps:// with --security dtls",
+    )
+    refused(
+        *("--endpoint", ENDPOINT, "--security", "dtls", "--credential", credential),
+        says="expected coaps://HOST:PORT",
+    )
+    # The PSK options of earlier versions say where the PSK went.
+    refused(
+        *("--endpoint", ENDPOINT, "--credential", credential, "--psk-file", junk),
+        says="--psk-file: the DTLS PSK is in the device's credential file now",
+    )
+    assert snapshot(root) == before
+
+
+def test_flash_refuses_an_image_without_pi_partitions(
+    tmp_path: Path, bundle: Path, keys: Keys
+) -> None:
     need("sfdisk")
     blank = tmp_path / "blank.img"
     blank.write_bytes(bytes(1 << 20))
-    proc = flash("image", blank, *device_args(bundle), check=False)
+    proc = flash("image", blank, *device_args(bundle, keys), check=False)
     assert proc.returncode == 1 and "no partition table" in proc.stderr
     one = tmp_path / "one.img"
     with open(one, "wb") as f:
         f.truncate(8 << 20)
     subprocess.run(["sfdisk", "-q", str(one)], input="start=2048, type=83\n", text=True, check=True)
-    proc = flash("image", one, *device_args(bundle), check=False)
+    proc = flash("image", one, *device_args(bundle, keys), check=False)
     assert proc.returncode == 1
     assert "expected partition 1 FAT (bootfs) and partition 2 ext4 (rootfs)" in proc.stderr
     with pytest.raises(FlashError, match="partition 1"):
         check_pi_image(one)
 
 
-def test_flash_refuses_an_unreachable_ssh_host(bundle: Path, tmp_path: Path) -> None:
+def test_flash_refuses_an_unreachable_ssh_host(bundle: Path, keys: Keys, tmp_path: Path) -> None:
     need("ssh")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -349,7 +489,7 @@ def test_flash_refuses_an_unreachable_ssh_host(bundle: Path, tmp_path: Path) -> 
         f"root@127.0.0.1:{port}",
         "--known-hosts",
         tmp_path / "known_hosts",
-        *device_args(bundle),
+        *device_args(bundle, keys),
         check=False,
     )
     assert proc.returncode == 1
@@ -358,24 +498,28 @@ def test_flash_refuses_an_unreachable_ssh_host(bundle: Path, tmp_path: Path) -> 
 
 
 # -- (1) into a directory ------------------------------------------------------------------------
-def test_flash_into_a_root_fs_directory(tmp_path: Path, bundle: Path) -> None:
+def test_flash_into_a_root_fs_directory(tmp_path: Path, bundle: Path, keys: Keys) -> None:
     root = make_rootfs(tmp_path / "sdcard")
     before = snapshot(root)
 
-    dry = flash("dir", root, *device_args(bundle), "--dry-run")
+    dry = flash("dir", root, *device_args(bundle, keys), "--dry-run")
     assert "account: add user edge-agent" in dry.stdout
     assert "account: add group i2c" in dry.stdout
     assert "write /etc/edge-agent/agent.toml (0600 edge-agent:edge-agent" in dry.stdout
+    assert f"write {CREDENTIAL} (0600 edge-agent:edge-agent" in dry.stdout
+    assert f"write {MODEL_KEY} (0644 root:root" in dry.stdout
     assert "symlink /etc/systemd/system/multi-user.target.wants/edge-agent.service" in dry.stdout
     assert "dtparam=i2c_arm=on" in dry.stdout
     assert "dry run: nothing was changed" in dry.stdout
-    assert "s3cret" not in dry.stdout + dry.stderr
+    secrets = json.loads(keys.credential("pump-01").read_text())
+    for secret in (secrets["oscore"]["master_secret"], secrets["psk"]):
+        assert secret not in dry.stdout + dry.stderr
     assert snapshot(root) == before
 
-    first = flash("dir", root, *device_args(bundle))
+    first = flash("dir", root, *device_args(bundle, keys))
     assert "done:" in first.stdout
     assert "built at first boot by edge-agent-install.service" in first.stdout
-    assert_provisioned(root, bundle, device_id="pump-01", venv=False)
+    assert_provisioned(root, bundle, keys, device_id="pump-01", venv=False)
     config_txt = (root / "boot/firmware/config.txt").read_text().splitlines()
     assert config_txt.count("dtparam=i2c_arm=on") == 1
     assert "#dtparam=i2c_arm=on" not in config_txt
@@ -383,19 +527,71 @@ def test_flash_into_a_root_fs_directory(tmp_path: Path, bundle: Path) -> None:
         verify(root, "edge-agent-install.service")  # its ExecStart exists before first boot
 
     after = snapshot(root)
-    second = flash("dir", root, *device_args(bundle))
+    second = flash("dir", root, *device_args(bundle, keys))
     assert "nothing to do" in second.stdout
     assert snapshot(root) == after
 
-    # Another device id: only agent.toml changes.
-    third = flash("dir", root, *device_args(bundle, "pump-02"))
-    assert "plan (1 change)" in third.stdout
+    # Another device id: only agent.toml and the credential change.
+    third = flash("dir", root, *device_args(bundle, keys, "pump-02"))
+    assert "plan (2 changes)" in third.stdout
     assert "update /etc/edge-agent/agent.toml" in third.stdout
+    assert f"update {CREDENTIAL}" in third.stdout
+    assert Credential.read(root / CREDENTIAL.lstrip("/")).principal == "pump-02"
     assert tomllib.loads((root / "etc/edge-agent/agent.toml").read_text())["agent"] == {
         "device_id": "pump-02",
         "data_dir": "/var/lib/edge-agent",
         "log_level": "info",
     }
+
+
+def test_flash_dtls_and_plain_coap_only_as_asked(tmp_path: Path, bundle: Path, keys: Keys) -> None:
+    from agent.service import config
+
+    root = make_rootfs(tmp_path / "sdcard")
+    conf = root / "etc/edge-agent/agent.toml"
+    credential = root / CREDENTIAL.lstrip("/")
+
+    # DTLS to a coaps:// endpoint: the same credential file, with the PSK the operator chose.
+    psk = tmp_path / "pump-dtls.psk"
+    psk.write_bytes(b"the-key-for-pump")
+    issued = keys.credential("pump-dtls", "--psk-file", psk)
+    assert json.loads(issued.read_text())["psk"] == b"the-key-for-pump".hex()
+    coaps = "coaps://127.0.0.1:5684"
+    args = ["dir", root, "--bundle", bundle, "--device-id", "pump-dtls"]
+    first = flash(*args, "--endpoint", coaps, "--security", "dtls", "--credential", issued)
+    assert "no --model-key: the device refuses model downloads" in first.stdout
+    assert "--security dtls: the agent needs DTLSSocket" in first.stdout
+    parsed = tomllib.loads(conf.read_text())
+    assert parsed["uplink"] == {"endpoints": [coaps], "security": "dtls", "credential": CREDENTIAL}
+    assert parsed["models"] == {}  # no --model-key: public_key commented out
+    assert credential.read_bytes() == issued.read_bytes()
+    assert credential.stat().st_mode & 0o7777 == 0o600
+    cfg = config.load(conf)
+    assert cfg.uplink is not None and cfg.uplink.endpoints == (coaps,)
+    assert (cfg.uplink.security, cfg.uplink.credential) == ("dtls", Path(CREDENTIAL))
+
+    # The device id is the PSK identity: tinydtls takes 32 bytes at most.
+    long_id = "pump-" + "x" * 28
+    proc = flash(
+        *("dir", root, "--bundle", bundle, "--device-id", long_id, "--endpoint", coaps),
+        *("--security", "dtls", "--credential", keys.credential(long_id)),
+        check=False,
+    )
+    assert proc.returncode == 1 and "longer than 32 bytes" in proc.stderr, proc.stderr
+
+    # Plain CoAP only with --security none, and then the config says so, with a comment.
+    flash(*args, "--endpoint", ENDPOINT, "--security", "none")
+    text = conf.read_text()
+    assert tomllib.loads(text)["uplink"] == {"endpoints": [ENDPOINT], "security": "none"}
+    lines = text.splitlines()
+    at = lines.index('security = "none"')
+    start = at
+    while lines[start - 1].startswith("#"):
+        start -= 1
+    comment = " ".join(lines[start:at])
+    assert "unauthenticated" in comment and "the agent warns at every start" in comment
+    cfg = config.load(conf)
+    assert cfg.uplink is not None and cfg.uplink.security == "none"
 
 
 # -- (2) into a disk image -----------------------------------------------------------------------
@@ -441,7 +637,7 @@ def make_pi_image(path: Path, tree: Path, mib: int = IMAGE_MIB) -> int:
 
 @pytest.mark.slow
 @needs_root
-def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path) -> None:
+def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path, keys: Keys) -> None:
     need("sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "debugfs", "e2fsck")
     tree = make_rootfs(tmp_path / "tree", boot=False)
     (tree / "boot/firmware").mkdir(parents=True)  # the mount point of partition 1
@@ -449,7 +645,7 @@ def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path) -> None:
     offset = make_pi_image(image, tree)
     device = f"{image}?offset={offset}"
 
-    first = flash("image", image, *device_args(bundle, "pump-img"))
+    first = flash("image", image, *device_args(bundle, keys, "pump-img"))
     assert "done:" in first.stdout and "pi.img partition 1: /config.txt" in first.stdout
     fsck = subprocess.run(["e2fsck", "-fn", device], capture_output=True, text=True, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
@@ -457,7 +653,7 @@ def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path) -> None:
     dump = tmp_path / "dump"  # the ext4 as a directory, owners and modes kept (as root)
     dump.mkdir()
     subprocess.run(["debugfs", "-R", f"rdump / {dump}", device], capture_output=True, check=True)
-    assert_provisioned(dump, bundle, device_id="pump-img", venv=False)
+    assert_provisioned(dump, bundle, keys, device_id="pump-img", venv=False)
     if shutil.which("systemd-analyze"):
         verify(dump, "edge-agent-install.service")
     config_txt = subprocess.run(
@@ -470,17 +666,19 @@ def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path) -> None:
     assert config_txt.count("dtparam=i2c_arm=on") == 1
 
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    second = flash("image", image, *device_args(bundle, "pump-img"))
+    second = flash("image", image, *device_args(bundle, keys, "pump-img"))
     assert "nothing to do" in second.stdout
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
 
 
-def test_flash_refuses_an_image_too_small_for_the_bundle(tmp_path: Path, bundle: Path) -> None:
+def test_flash_refuses_an_image_too_small_for_the_bundle(
+    tmp_path: Path, bundle: Path, keys: Keys
+) -> None:
     need("sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "debugfs")
     image = tmp_path / "small.img"
     offset = make_pi_image(image, make_rootfs(tmp_path / "tree", boot=False), mib=72)
     before = hashlib.sha256(image.read_bytes()).hexdigest()
-    proc = flash("image", image, *device_args(bundle), check=False)
+    proc = flash("image", image, *device_args(bundle, keys), check=False)
     assert proc.returncode == 1, proc.stdout
     assert "MB free on the root filesystem" in proc.stderr and "MB needed" in proc.stderr
     assert hashlib.sha256(image.read_bytes()).hexdigest() == before  # refused before writing
@@ -541,7 +739,7 @@ def sshd(tmp_path: Path) -> Iterator[dict[str, object]]:
 
 @pytest.mark.slow
 @needs_root
-def test_flash_over_ssh(tmp_path: Path, bundle: Path, sshd: dict[str, object]) -> None:
+def test_flash_over_ssh(tmp_path: Path, bundle: Path, keys: Keys, sshd: dict[str, object]) -> None:
     device = make_rootfs(tmp_path / "device")
     ssh_args = [
         "ssh",
@@ -555,10 +753,10 @@ def test_flash_over_ssh(tmp_path: Path, bundle: Path, sshd: dict[str, object]) -
         "--prefix",
         device,
     ]
-    first = flash(*ssh_args, *device_args(bundle, "pump-ssh"))  # type: ignore[arg-type]
+    first = flash(*ssh_args, *device_args(bundle, keys, "pump-ssh"))  # type: ignore[arg-type]
     assert "build /opt/edge-agent/venv on the device" in first.stdout
     assert "done:" in first.stdout
-    assert_provisioned(device, bundle, device_id="pump-ssh", venv=True)
+    assert_provisioned(device, bundle, keys, device_id="pump-ssh", venv=True)
     assert (device / "opt/edge-agent/venv/.bundle-id").read_text().strip() in first.stdout
     config_txt = (device / "boot/firmware/config.txt").read_text().splitlines()
     assert config_txt.count("dtparam=i2c_arm=on") == 1
@@ -579,7 +777,7 @@ def test_flash_over_ssh(tmp_path: Path, bundle: Path, sshd: dict[str, object]) -
     assert check.returncode == 0, check.stdout + check.stderr
 
     after = snapshot(device)
-    second = flash(*ssh_args, *device_args(bundle, "pump-ssh"))  # type: ignore[arg-type]
+    second = flash(*ssh_args, *device_args(bundle, keys, "pump-ssh"))  # type: ignore[arg-type]
     assert "nothing to do" in second.stdout
     assert snapshot(device) == after
 
@@ -607,7 +805,7 @@ def in_namespace(root: Path, *argv: str | Path, timeout: int = 240) -> subproces
 
 @pytest.mark.slow
 @needs_root
-def test_flash_chroot_agent_passes_selftest(tmp_path: Path, bundle: Path) -> None:
+def test_flash_chroot_agent_passes_selftest(tmp_path: Path, bundle: Path, keys: Keys) -> None:
     need("unshare", "chroot")
     if not Path(f"/usr/bin/python{PY}").exists():
         pytest.skip(f"no /usr/bin/python{PY} on this host to build the chroot from")
@@ -623,10 +821,12 @@ def test_flash_chroot_agent_passes_selftest(tmp_path: Path, bundle: Path) -> Non
     if probe.returncode != 0:
         pytest.skip(f"cannot bind-mount in a new mount namespace here: {probe.stderr.strip()}")
 
-    first = in_namespace(root, FLASH, "dir", root, "--chroot", *device_args(bundle, "pump-rig"))
+    first = in_namespace(
+        root, FLASH, "dir", root, "--chroot", *device_args(bundle, keys, "pump-rig")
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     assert "build /opt/edge-agent/venv on the device" in first.stdout
-    assert_provisioned(root, bundle, device_id="pump-rig", venv=True)
+    assert_provisioned(root, bundle, keys, device_id="pump-rig", venv=True)
     proc = in_namespace(root, "systemd-analyze", "verify", f"--root={root}", "edge-agent.service")
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
@@ -654,6 +854,8 @@ def test_flash_chroot_agent_passes_selftest(tmp_path: Path, bundle: Path) -> Non
     assert {row.split()[0] for row in rows} == names
 
     after = snapshot(root)
-    second = in_namespace(root, FLASH, "dir", root, "--chroot", *device_args(bundle, "pump-rig"))
+    second = in_namespace(
+        root, FLASH, "dir", root, "--chroot", *device_args(bundle, keys, "pump-rig")
+    )
     assert second.returncode == 0 and "nothing to do" in second.stdout, second.stderr
     assert snapshot(root) == after

@@ -41,6 +41,7 @@ T0 = 1_700_000_000.0
 LINK_TOML = """
 [uplink]
 endpoints = ["coap://127.0.0.1:{port}"]
+security = "none"  # the link policy is under test here; tests/e2e/test_sync_e2e.py is OSCORE
 deadline = 20.0
 backoff_base = 0.1
 backoff_max = 2.0

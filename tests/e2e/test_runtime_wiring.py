@@ -98,7 +98,7 @@ def agent_config(tmp_path: Path, uri: str, *events: FaultEvent, **routing: Any) 
     return replace(
         cfg,
         agent=replace(cfg.agent, device_id=DEVICE),
-        uplink=UplinkSettings(endpoints=(uri,)),
+        uplink=UplinkSettings(endpoints=(uri,), security="none"),
         state=replace(cfg.state, report_interval=5.0, min_put_interval=0.2, deadline=2.0),
         link=with_policy(cfg.link, "low", model="full"),  # the test switches tiers itself
         detect=detect,

@@ -728,7 +728,7 @@ def agent_config(tmp_path: Path, uri: str) -> Any:
     cfg = configmod.replace_data_dir(cfg, tmp_path / "agent")
     agent_section = replace(cfg.agent, device_id=DEVICE)
     state = replace(cfg.state, report_interval=1.0, min_put_interval=0.05, deadline=2.0)
-    uplink = UplinkSettings(endpoints=(uri,))
+    uplink = UplinkSettings(endpoints=(uri,), security="none")
     return replace(cfg, agent=agent_section, uplink=uplink, state=state)
 
 

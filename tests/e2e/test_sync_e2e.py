@@ -1,5 +1,5 @@
-"""Issue 5's end-to-end acceptance: the agent on the simulated rig sends through the impairment
-proxy (10 % loss, 150 ms delay, 20 ms jitter, 1 % duplication and reordering) to the endpoint.
+"""Issue 5's end-to-end acceptance, over OSCORE (the default security): the agent on the
+simulated rig, registered with its own credential, sends through the impairment proxy (10 % loss, 150 ms delay, 20 ms jitter, 1 % duplication and reordering) to the endpoint.
 During the run there is a 2-minute outage (agent time: the agent runs 8x faster than real time
 on the simulated rig, so it is 15 s of real time) and the agent is SIGKILLed and restarted twice.
 The simulated pump's valve starts closing 60 s into each run: only the third run lives long
@@ -97,8 +97,8 @@ class AgentProcess:
 async def test_every_committed_record_arrives_exactly_once_through_outage_and_kills(
     tmp_path: Path,
 ):
-    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
-    await server.add_device(DEVICE)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)  # OSCORE required
+    (await server.register(DEVICE)).write(tmp_path / "agent" / "credential.json")
     imp = Impairment(delay=0.15, jitter=0.02, loss=0.10, dup=0.01, reorder=0.01)
     proxy = LinkEmulator(
         listen=("127.0.0.1", 0), target=("127.0.0.1", server.port), impairment=imp, seed=11

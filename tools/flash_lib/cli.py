@@ -1,9 +1,12 @@
 """The command line of tools/flash.
 
-  tools/flash dir ROOTDIR   --device-id ID --endpoint coap://HOST:PORT [--psk-file F] [--chroot]
-  tools/flash image FILE.img --device-id ID --endpoint coap://HOST:PORT [--psk-file F]
-  tools/flash ssh USER@HOST[:PORT] --device-id ID --endpoint URL [-i KEY] [--prefix DIR]
+  tools/flash dir ROOTDIR   --device-id ID --endpoint URL --credential F [--model-key F] [--chroot]
+  tools/flash image FILE.img --device-id ID --endpoint URL --credential F [--model-key F]
+  tools/flash ssh USER@HOST[:PORT] --device-id ID --endpoint URL --credential F [-i KEY]
   tools/flash bundle OUTDIR [--arch aarch64] [--python-version 3.11]
+
+URL is coap://HOST:PORT (or coap+tcp://), coaps://HOST:PORT with --security dtls. The credential
+is the device's file from `edge-agent-cloud devices add`; --security none (plain CoAP) needs none.
 
 Every target: --dry-run prints the plan and changes nothing; a second run says "nothing to do".
 Exit status 0 on success, 1 on an error (one line on stderr), 2 on bad usage.
@@ -17,7 +20,7 @@ from pathlib import Path
 
 from flash_lib import bundle as bundlemod
 from flash_lib.errors import FlashError
-from flash_lib.provision import PROJECT_ROOT, RIG, TEMPLATE, Settings, provision
+from flash_lib.provision import PROJECT_ROOT, RIG, SECURITY, TEMPLATE, Settings, provision
 from flash_lib.sshfs import parse_destination
 from flash_lib.targets import DirTarget, ImageTarget, SshTarget, Target
 
@@ -46,15 +49,43 @@ def _bundle_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+#: Options of earlier versions: the DTLS PSK is in the device's credential file now.
+GONE = ("--psk", "--psk-file", "--psk-identity")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-id", required=True, help="the device's id (agent.device_id)")
-    p.add_argument("--endpoint", required=True, help="the cloud endpoint, coap://HOST:PORT")
-    p.add_argument("--psk-identity", default="", help="DTLS-PSK identity (default: the device id)")
-    secret = p.add_mutually_exclusive_group()
-    secret.add_argument(
-        "--psk", default="", help="DTLS pre-shared key (visible in ps: prefer --psk-file)"
+    p.add_argument(
+        "--endpoint",
+        required=True,
+        help="the cloud endpoint: coap://HOST:PORT (or coap+tcp://), coaps://HOST:PORT with "
+        "--security dtls",
     )
-    secret.add_argument("--psk-file", type=Path, help="a file holding the pre-shared key")
+    p.add_argument(
+        "--security",
+        choices=SECURITY,
+        default="oscore",
+        help="how the agent protects its requests ([uplink] security): oscore (default), dtls "
+        "(coaps:// endpoints) or none (plain CoAP, unauthenticated; only when asked for)",
+    )
+    p.add_argument(
+        "--credential",
+        type=Path,
+        metavar="FILE",
+        help="the device's credential file from `edge-agent-cloud devices add --data DIR ID "
+        "--credential-out FILE`; installed as /var/lib/edge-agent/credential.json (0600, "
+        "edge-agent). Required unless --security none",
+    )
+    p.add_argument(
+        "--model-key",
+        type=Path,
+        metavar="FILE",
+        help="the model registry's public key, the KEYFILE.pub of `edge-agent-cloud models "
+        "keygen`; installed as /etc/edge-agent/models.pub ([models] public_key). Without it, "
+        "the device refuses model downloads",
+    )
+    for gone in GONE:
+        p.add_argument(gone, dest=f"gone_{gone[2:].replace('-', '_')}", help=argparse.SUPPRESS)
     p.add_argument(
         "--bundle",
         type=Path,
@@ -129,17 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    psk = args.psk
-    if args.psk_file is not None:
-        try:
-            psk = args.psk_file.read_text().strip()
-        except OSError as err:
-            raise FlashError(f"--psk-file {args.psk_file}: {err.strerror}") from None
+    for gone in GONE:
+        if getattr(args, f"gone_{gone[2:].replace('-', '_')}") is not None:
+            raise FlashError(
+                f"{gone}: the DTLS PSK is in the device's credential file now: "
+                "`edge-agent-cloud devices add --data DIR ID --psk-file FILE --credential-out "
+                "ID.json`, then tools/flash --credential ID.json --security dtls"
+            )
     return Settings(
         device_id=args.device_id,
         endpoint=args.endpoint,
-        psk_identity=args.psk_identity,
-        psk=psk,
+        security=args.security,
+        credential=args.credential,
+        model_key=args.model_key,
         template=args.template,
         sensors=args.sensors,
         bundle_dir=args.bundle,

@@ -2,15 +2,19 @@
 
 On every target: the service account (edge-agent, in groups i2c and dialout), the wheel bundle and
 its installer in /opt/edge-agent, /etc/edge-agent/agent.toml (0600 edge-agent) from the template,
-the units in /etc/systemd/system with their enable symlinks, i2c-dev loaded at boot with its
-nodes in group i2c, and ``dtparam=i2c_arm=on`` in a Pi's config.txt. The venv is built now where
-the target's python can run (SSH, ``dir --chroot``, ``dir /``), else at first boot.
+the device's credential in /var/lib/edge-agent/credential.json (0600 edge-agent), the model
+public key in /etc/edge-agent/models.pub, the units in /etc/systemd/system with their enable
+symlinks, i2c-dev loaded at boot with its nodes in group i2c, and ``dtparam=i2c_arm=on`` in a
+Pi's config.txt. The venv is built now where the target's python can run (SSH, ``dir --chroot``,
+``dir /``), else at first boot.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import posixpath
 import re
 import time
 from collections.abc import Callable
@@ -32,7 +36,8 @@ RIG = PROJECT_ROOT / "agent" / "examples" / "pump-rig.toml"
 
 USER = "edge-agent"
 GROUPS = ("i2c", "dialout")
-HOME = "/var/lib/edge-agent"
+HOME = "/var/lib/edge-agent"  # also the agent's data_dir (the unit's StateDirectory=)
+CREDENTIAL = f"{HOME}/credential.json"
 OPT = "/opt/edge-agent"
 BUNDLE = f"{OPT}/bundle"
 VENV = f"{OPT}/venv"
@@ -40,6 +45,7 @@ INSTALLER = f"{OPT}/install-venv"
 VENV_STAMP = f"{VENV}/.bundle-id"
 CONF_DIR = "/etc/edge-agent"
 CONF = f"{CONF_DIR}/agent.toml"
+MODEL_KEY = f"{CONF_DIR}/models.pub"
 UNIT_DIR = "/etc/systemd/system"
 SERVICE = "edge-agent.service"
 INSTALL_SERVICE = "edge-agent-install.service"
@@ -48,7 +54,17 @@ UDEV_RULES = "/etc/udev/rules.d/60-edge-agent-i2c.rules"
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
 
 DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # the same rule as agent/config.py
-ENDPOINT_SCHEMES = ("coap", "coap+tcp")  # what the agent's uplink speaks (agent/uplink.py)
+SECURITY = ("oscore", "dtls", "none")  # [uplink] security (agent/sync/security.py)
+# What the agent's uplink speaks with each (agent/sync/uplink.py).
+ENDPOINT_SCHEMES = {
+    "oscore": ("coap", "coap+tcp"),
+    "dtls": ("coaps",),
+    "none": ("coap", "coap+tcp"),
+}
+CREDENTIAL_MAX_BYTES = 4096  # as agent/wire/credentials.py
+CREDENTIAL_FORMAT = 1
+PSK_IDENTITY_BYTES = 32  # the longest DTLS PSK identity (the device id) tinydtls takes
+ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")  # a PEM public key's DER, before the key
 UDEV_TEXT = (
     "# Written by tools/flash: I2C bus nodes (/dev/i2c-*) for members of group i2c, so that\n"
     "# edge-agent.service (SupplementaryGroups=i2c) can open them without root.\n"
@@ -61,8 +77,9 @@ MODULES_TEXT = "# Written by tools/flash: /dev/i2c-* for edge-agent.\ni2c-dev\n"
 class Settings:
     device_id: str
     endpoint: str
-    psk_identity: str = ""
-    psk: str = ""
+    security: str = "oscore"
+    credential: Path | None = None  # the device's file from `edge-agent-cloud devices add`
+    model_key: Path | None = None  # the KEYFILE.pub of `edge-agent-cloud models keygen`
     template: Path = TEMPLATE
     sensors: Path = RIG  # the [[sensor]] tables come from this config
     bundle_dir: Path | None = None
@@ -75,28 +92,118 @@ class Settings:
 
 
 def check_settings(s: Settings) -> None:
+    """Refuse bad settings (one line each) before the target is touched."""
     if not DEVICE_ID.match(s.device_id):
         raise FlashError(
             f"--device-id {s.device_id!r}: 1-63 letters, digits, '_', '-', '.', "
             "starting with a letter"
         )
+    if s.security not in SECURITY:
+        raise FlashError(f"--security {s.security!r}: one of {', '.join(SECURITY)}")
     parts = urlsplit(s.endpoint)
     try:
         port = parts.port
     except ValueError:
         port = -1
     if (
-        parts.scheme not in ENDPOINT_SCHEMES
+        parts.scheme not in ENDPOINT_SCHEMES[s.security]
         or not parts.hostname
         or port == -1
         or parts.path not in ("", "/")
         or any(c.isspace() or ord(c) < 32 for c in s.endpoint)
     ):
-        raise FlashError(
-            f"--endpoint {s.endpoint!r}: expected coap://HOST:PORT (or coap+tcp://HOST:PORT)"
+        want = (
+            "coaps://HOST:PORT (with --security dtls)"
+            if s.security == "dtls"
+            else "coap://HOST:PORT (or coap+tcp://HOST:PORT; coaps:// with --security dtls)"
         )
-    if any(ord(c) < 32 for c in s.psk + s.psk_identity):
-        raise FlashError("--psk/--psk-identity: control characters are not allowed")
+        raise FlashError(f"--endpoint {s.endpoint!r}: expected {want}")
+    if s.security == "dtls" and len(s.device_id.encode()) > PSK_IDENTITY_BYTES:
+        raise FlashError(
+            f"--device-id {s.device_id!r}: longer than {PSK_IDENTITY_BYTES} bytes, the longest "
+            "DTLS PSK identity tinydtls takes: use --security oscore"
+        )
+    if s.credential is None and s.security != "none":
+        raise FlashError(
+            f"--security {s.security} needs the device's credential: register the device with "
+            f"`edge-agent-cloud devices add --data DIR {s.device_id} --credential-out "
+            f"{s.device_id}.json` and pass --credential {s.device_id}.json"
+        )
+    read_credential(s)
+    read_model_key(s)
+
+
+def read_credential(s: Settings) -> bytes | None:
+    """The credential file's bytes, checked: a device credential of ``s.device_id`` with the
+    secrets ``s.security`` needs (agent/wire/credentials.py has the format)."""
+    if s.credential is None:
+        return None
+    where = f"--credential {s.credential}"
+    try:
+        with open(s.credential, "rb") as f:
+            data = f.read(CREDENTIAL_MAX_BYTES + 1)
+    except OSError as err:
+        raise FlashError(f"{where}: {err.strerror}") from None
+    try:
+        doc = json.loads(data) if len(data) <= CREDENTIAL_MAX_BYTES else None
+        osc = doc["oscore"]
+        if doc["format"] != CREDENTIAL_FORMAT or not all(
+            bytes.fromhex(osc[k]) for k in ("master_secret", "sender_id")
+        ):
+            raise ValueError
+        principal, role = str(doc["principal"]), str(doc.get("role", "device"))
+        psk = bytes.fromhex(doc.get("psk", ""))
+    except (ValueError, KeyError, TypeError):
+        raise FlashError(
+            f"{where}: not a credential file (the JSON file `edge-agent-cloud devices add "
+            "--credential-out FILE` writes)"
+        ) from None
+    if role != "device":
+        raise FlashError(f"{where}: the credential of {role} {principal!r}, not of a device")
+    if principal != s.device_id:
+        raise FlashError(
+            f"{where}: the credential of {principal!r}, not of --device-id {s.device_id!r}: "
+            f"`edge-agent-cloud devices add --data DIR {s.device_id}` makes the device's own"
+        )
+    if s.security == "dtls" and not psk:
+        raise FlashError(
+            f"{where}: no DTLS PSK in it: `edge-agent-cloud devices rekey --data DIR "
+            f"{s.device_id} --psk-file FILE` makes one with a PSK"
+        )
+    return data
+
+
+def read_model_key(s: Settings) -> bytes | None:
+    """The model public key's bytes, checked to be an Ed25519 public key in a form the agent
+    reads (PEM, 32 raw bytes or 64 hex digits; agent/modelstore/signing.py)."""
+    if s.model_key is None:
+        return None
+    where = f"--model-key {s.model_key}"
+    try:
+        data = s.model_key.read_bytes()
+    except OSError as err:
+        raise FlashError(f"{where}: {err.strerror}") from None
+    if b"PRIVATE KEY" in data:
+        raise FlashError(
+            f"{where}: a private key: give the public one, the KEYFILE.pub that "
+            "`edge-agent-cloud models keygen` wrote beside it"
+        )
+    text = data.strip()
+    if text.startswith(b"-----BEGIN PUBLIC KEY-----"):
+        try:
+            der = base64.b64decode(b"".join(text.splitlines()[1:-1]), validate=True)
+        except ValueError:
+            der = b""
+        ok = text.endswith(b"-----END PUBLIC KEY-----") and der.startswith(ED25519_SPKI)
+        ok = ok and len(der) == len(ED25519_SPKI) + 32
+    else:
+        ok = len(data) == 32 or re.fullmatch(rb"[0-9A-Fa-f]{64}", text) is not None
+    if not ok:
+        raise FlashError(
+            f"{where}: not an Ed25519 public key (PEM, 32 bytes or 64 hex digits): give the "
+            "KEYFILE.pub of `edge-agent-cloud models keygen`"
+        )
+    return data
 
 
 def toml_string(value: str) -> str:
@@ -128,18 +235,46 @@ def sensor_section(text: str, source: str = "config") -> str:
     return "\n".join(lines[start:end]).rstrip() + "\n"
 
 
+def security_lines(s: Settings) -> str:
+    """The ``[uplink]`` lines for ``s.security`` (what replaces @SECURITY@)."""
+    if s.security == "none":
+        lines = [
+            "# Plain CoAP (tools/flash --security none): requests go unauthenticated and",
+            "# unencrypted, and the agent warns at every start. Flash with --credential FILE",
+            "# (--security oscore, the default) to protect them.",
+            'security = "none"',
+        ]
+    else:
+        lines = [f'security = "{s.security}"']
+    if s.credential is not None:
+        lines.append(f'credential = "{toml_string(CREDENTIAL)}"')
+    return "\n".join(lines) + "\n"
+
+
+def public_key_line(s: Settings) -> str:
+    """The ``[models]`` line for the model key (what replaces @PUBLIC_KEY@)."""
+    name = toml_string(posixpath.basename(MODEL_KEY))
+    if s.model_key is None:
+        return f'# public_key = "{name}"   # not flashed: tools/flash --model-key KEYFILE.pub\n'
+    return f'public_key = "{name}"     # {MODEL_KEY}\n'
+
+
 def render_config(template: str, s: Settings, sensors: str = "") -> str:
     """agent.toml from the template; ``sensors`` is the text that replaces @SENSORS@."""
     values = {
         "@DEVICE_ID@": s.device_id,
         "@ENDPOINT@": s.endpoint,
-        "@PSK_IDENTITY@": s.psk_identity or s.device_id,
-        "@PSK@": s.psk,
+    }
+    blocks = {
+        "@SENSORS@": sensors,
+        "@SECURITY@": security_lines(s),
+        "@PUBLIC_KEY@": public_key_line(s),
     }
     text = template
     for token, value in values.items():
         text = text.replace(token, toml_string(value))
-    text = text.replace("@SENSORS@\n", sensors).replace("@SENSORS@", sensors)
+    for token, block in blocks.items():
+        text = text.replace(token + "\n", block).replace(token, block)
     left = sorted(set(re.findall(r"@[A-Z_]+@", text)))
     if left:
         raise FlashError(f"config template: unknown placeholders {', '.join(left)}")
@@ -292,7 +427,7 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
     entries.append(File(f"{BUNDLE}/{bundlemod.BUNDLE_JSON}", (b.dir / "bundle.json").read_bytes()))
     entries.append(File(INSTALLER, installer_script(b).encode(), mode=0o755))
 
-    # The configuration: it holds the credentials, so only the service user reads it.
+    # The configuration: only the service user reads it.
     try:
         template = s.template.read_text()
     except OSError as err:
@@ -306,6 +441,31 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
         Dir(CONF_DIR),
         File(CONF, config, mode=0o600, uid=uid, gid=gid),
     ]
+    model_key = read_model_key(s)
+    if model_key is not None:
+        entries.append(File(MODEL_KEY, model_key, note="model public key"))
+    else:
+        notes.append(
+            "no --model-key: the device refuses model downloads until [models] public_key "
+            "names the KEYFILE.pub of `edge-agent-cloud models keygen`"
+        )
+
+    # The device's credential, in the data directory the unit's StateDirectory= makes (made
+    # here the way systemd makes it, so that the file is there before the first start).
+    if s.security == "dtls":
+        notes.append(
+            "--security dtls: the agent needs DTLSSocket (aiocoap's tinydtls), which the offline "
+            "bundle does not carry (it has no wheels, it builds from source): install it into "
+            f"{VENV} on the device"
+        )
+    credential = read_credential(s)
+    if credential is not None:
+        entries += [
+            Dir("/var", enforce=False),
+            Dir("/var/lib", enforce=False),
+            Dir(HOME, mode=0o755, uid=uid, gid=gid),
+            File(CREDENTIAL, credential, mode=0o600, uid=uid, gid=gid, note="device credential"),
+        ]
 
     # The units, enabled the way `systemctl enable` does it.
     entries += [Dir("/etc/systemd", enforce=False), Dir(UNIT_DIR, enforce=False)]

@@ -363,13 +363,20 @@ def test_systemd_memory_deny_write_execute_keeps_numpy_and_litert_working(
 
 
 # ---------------------------------------------------------------------------------------------
-def _render(**overrides: str) -> dict:
-    settings = Settings(
-        device_id=overrides.get("device_id", "pump-07"),
-        endpoint=overrides.get("endpoint", "coap://cloud.example:5683"),
-        psk_identity=overrides.get("psk_identity", ""),
-        psk=overrides.get("psk", 'se"cr\\et'),
-    )
+CREDENTIAL = "/var/lib/edge-agent/credential.json"  # where tools/flash puts it
+
+
+def _render(**overrides: object) -> dict:
+    """The template rendered as tools/flash does: by default OSCORE with a credential and the
+    model key (only whether they are given matters to the template, not their content)."""
+    kw: dict[str, object] = {
+        "device_id": "pump-07",
+        "endpoint": "coap://cloud.example:5683",
+        "credential": Path("pump-07.json"),
+        "model_key": Path("signing.key.pub"),
+        **overrides,
+    }
+    settings = Settings(**kw)  # type: ignore[arg-type]
     sensors = sensor_section(RIG.read_text())
     return {"text": render_config(TEMPLATE.read_text(), settings, sensors)}
 
@@ -382,12 +389,38 @@ def test_flash_template_renders_the_reference_rig() -> None:
     assert rendered["agent"]["data_dir"] == "/var/lib/edge-agent"  # StateDirectory=edge-agent
     assert rendered["sensor"] == rig["sensor"]
     assert all(s.get("bus", 1) == 1 for s in rendered["sensor"])
-    assert rendered["uplink"] == {"endpoints": ["coap://cloud.example:5683"]}
-    # the DTLS credentials are kept, commented, under [uplink] (the agent speaks coap:// only)
+    assert rendered["uplink"] == {
+        "endpoints": ["coap://cloud.example:5683"],
+        "security": "oscore",
+        "credential": CREDENTIAL,
+    }
+    assert rendered["models"] == {"public_key": "models.pub"}  # beside agent.toml
+    # The secrets are in the credential file, not in the config: no PSK lines, live or commented.
+    assert not re.findall(r"^[#\s]*psk\w*\s*=", text, re.MULTILINE)
+    assert not re.findall(r"@[A-Z_]+@", text)
+
+
+def test_flash_template_security_modes() -> None:
+    dtls = tomllib.loads(_render(security="dtls", endpoint="coaps://cloud.example:5684")["text"])
+    assert dtls["uplink"] == {
+        "endpoints": ["coaps://cloud.example:5684"],
+        "security": "dtls",
+        "credential": CREDENTIAL,
+    }
+    # Plain CoAP only as asked, said so in the config, with no credential.
+    text = _render(security="none", credential=None)["text"]
+    assert tomllib.loads(text)["uplink"] == {
+        "endpoints": ["coap://cloud.example:5683"],
+        "security": "none",
+    }
     lines = text.splitlines()
-    creds = lines[lines.index("[uplink]") + 2 : lines.index("[uplink]") + 4]
-    kept = tomllib.loads("\n".join(line.removeprefix("# ") for line in creds))
-    assert kept == {"psk_identity": "pump-07", "psk": 'se"cr\\et'}
+    at = lines.index('security = "none"')
+    comment = " ".join(lines[lines.index("[uplink]") + 2 : at])
+    assert comment.startswith("#") and "unauthenticated" in comment and "warns" in comment
+    # Without the model key: [models] is there with the key commented out, and says why.
+    text = _render(model_key=None)["text"]
+    assert tomllib.loads(text)["models"] == {}
+    assert any(line.startswith('# public_key = "models.pub"') for line in text.splitlines())
 
 
 @pytest.mark.skipif(
@@ -395,13 +428,25 @@ def test_flash_template_renders_the_reference_rig() -> None:
     reason="the rig's drivers are not there yet",
 )
 def test_flash_template_is_a_valid_agent_config(tmp_path: Path) -> None:
+    from agent.modelstore.signing import write_keypair
     from agent.service import config
 
+    _, public = write_keypair(tmp_path / "keys" / "signing.key")
+    (tmp_path / "models.pub").write_bytes(public.read_bytes())  # where tools/flash puts it
     path = tmp_path / "agent.toml"
     path.write_text(_render()["text"])
     cfg = config.load(path)
     assert cfg.agent.device_id == "pump-07"
     assert not any(s.simulated for s in cfg.sensors)
+    assert cfg.uplink is not None and cfg.uplink.security == "oscore"
+    assert cfg.uplink.credential == Path(CREDENTIAL)
+    assert cfg.models.public_key == tmp_path / "models.pub"
+    for mode, endpoint in (("dtls", "coaps://cloud.example:5684"), ("none", None)):
+        path.write_text(
+            _render(security=mode, endpoint=endpoint or "coap://cloud.example:5683")["text"]
+        )
+        uplink = config.load(path).uplink
+        assert uplink is not None and uplink.security == mode
 
 
 def test_flash_sensor_section_takes_only_the_sensor_tables() -> None:

@@ -721,7 +721,7 @@ async def test_a_coap_client_talks_to_its_server_through_the_proxy() -> None:
     reverse = Reverse()
     site.add_resource(["rev"], reverse)
     server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
-    client = await aiocoap.Context.create_client_context()
+    client = await aiocoap.Context.create_client_context(transports=["udp6"])
     # Every answer arrives twice and late: CoAP's deduplication sorts that out.
     proxy = LinkEmulator(("127.0.0.1", 0), ("127.0.0.1", port), Impairment(delay=0.01), seed=1)
     proxy.set(down=Impairment(delay=0.01, jitter=0.005, dup=1.0))
