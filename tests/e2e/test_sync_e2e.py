@@ -1,5 +1,6 @@
 """Issue 5's end-to-end acceptance, over OSCORE (the default security): the agent on the
-simulated rig, registered with its own credential, sends through the impairment proxy (10 % loss, 150 ms delay, 20 ms jitter, 1 % duplication and reordering) to the endpoint.
+simulated rig, registered with its own credential, sends through the impairment proxy (10 % loss,
+150 ms delay, 20 ms jitter, 1 % duplication and reordering) to the endpoint.
 During the run there is a 2-minute outage (agent time: the agent runs 8x faster than real time
 on the simulated rig, so it is 15 s of real time) and the agent is SIGKILLed and restarted twice.
 The simulated pump's valve starts closing 60 s into each run: only the third run lives long
