@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the preset deflate dictionary of the compact batch encoding (content format 65002).
 
-    .venv/bin/python tools/make_compact_dict.py            # rewrites agent/compact_dict.py
+    .venv/bin/python tools/make_compact_dict.py            # rewrites agent/wire/compact_dict.py
     .venv/bin/python tools/make_compact_dict.py --check    # exit 1 if the shipped one differs
 
 What a dictionary can do for a 1 KiB batch: deflate may copy strings from it (LZ77 history, up to
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     text = module_text(build())
     if args.check:
         same = OUT.read_text(encoding="utf-8") == text
-        print("agent/compact_dict.py is " + ("up to date" if same else "OUT OF DATE"))
+        print("agent/wire/compact_dict.py is " + ("up to date" if same else "OUT OF DATE"))
         return 0 if same else 1
     OUT.write_text(text, encoding="utf-8")
     print(f"wrote {OUT.relative_to(ROOT)}")

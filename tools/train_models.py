@@ -6,7 +6,8 @@
 Needs TensorFlow (``pip install -e '.[train]'``); the device never does. Writes into ``--out``:
 
 - ``skab-ae.tflite``: the anomaly model, a denoising autoencoder over a short history of feature
-  vectors (agent/features.py), trained on normal running only: the anomaly-free recording plus the
+  vectors (agent/detect/features.py), trained on normal running only: the anomaly-free recording
+  plus the
   first 400 rows of each labelled file whose first 400 rows are labelled normal. Inputs are
   corrupted during training (one channel shifted by a random offset) and the target is the clean
   window, so the model learns to reconstruct *normal* running and not to copy a fault through.

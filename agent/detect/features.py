@@ -1,4 +1,5 @@
-"""Feature extraction shared by training (tools/train_models.py) and the device (agent/detect.py).
+"""Feature extraction shared by training (tools/train_models.py) and the device
+(agent/detect/detector.py).
 
 The anomaly models never see raw sensor values. Every device first *commissions*: from its first
 ``commissioning`` samples of normal running (SKAB's first 400 rows) it learns, per channel:

@@ -20,7 +20,7 @@ The splits (per day; a month is 30 days):
   Cost ``N * (cloud_per_inference + records_per_inference * bytes_per_record * per_mb / 1e6)``;
   latency: RTT + cloud model time + the upload's serialization at ``link.rate_kbit`` (if given).
 - **hybrid**: the edge decides every inference; the low-confidence share is validated in the
-  cloud afterwards (agent/routing.py). Cost ``N * edge_per_inference + N * share *
+  cloud afterwards (agent/sync/routing.py). Cost ``N * edge_per_inference + N * share *
   (cloud_per_inference + validation_bytes * per_mb / 1e6)``; latency: the edge's.
   ``validation_bytes`` is computed from the wire format of a validation (request and verdict).
 
@@ -216,7 +216,7 @@ class Measured:
 
 def validation_bytes() -> int:
     """Bytes of one validation exchange: the request (seq, alert, window) and the verdict, in
-    the wire format of agent/routing.py and cloud/inference.py, plus CoAP message overhead."""
+    the wire format of agent/sync/routing.py and cloud/inference.py, plus CoAP message overhead."""
     alert = {
         "time": 1_700_000_000.0,
         "kind": "raise",

@@ -5,7 +5,7 @@ Stages talk through the store and small in-memory queues, never through globals:
     sampler --Reading--> telemetry writer --> store
           \\--Reading--> (hooks: demo printer, detector)
 
-With ``[uplink]`` and a detector, two more stages: the router (agent/routing.py; the detector's
+With ``[uplink]`` and a detector, two more stages: the router (agent/sync/routing.py; the detector's
 alerts it is unsure of are validated by the endpoint, on a transport of its own, while the link
 policy allows it) and model assignment (:class:`ModelAssignments`: desired ``model/<role>`` is
 fetched into the model cache, verified and swapped into the running detector).

@@ -59,7 +59,7 @@ WEAK_RUN = 2
 LOSS_Z = 1.645
 #: Seconds of traffic over which goodput is measured.
 GOODPUT_SPAN = 60.0
-#: CoAP content formats of the compact encodings (agent/compact.py registers them).
+#: CoAP content formats of the compact encodings (agent/wire/compact.py registers them).
 CF_COMPACT_DEFLATE = 65001
 CF_COMPACT_DICT = 65002
 

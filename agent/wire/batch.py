@@ -33,7 +33,7 @@ MAX_SEQ = 2**63 - 1  # SQLite INTEGER
 KINDS = frozenset(k.value for k in Kind)
 
 
-DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/config.py's device_id
+DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/sense/settings.py's device_id
 
 
 Resolution = Callable[[str, str], float | None]  # (sensor, channel) -> step, None: unknown

@@ -88,7 +88,12 @@ def wrong_cbor_types(rng: random.Random) -> tuple[Message, Code]:
 
 def wrong_content_format(rng: random.Random) -> tuple[Message, Code]:
     cf = rng.choice([None, 0, 40, 41, 42, 50, 60, 110, 111, 113, 64999, rng.randrange(1, 65535)])
-    if cf in (112, 65000, 65001, 65002):  # registered formats (agent/codec.py, agent/compact.py)
+    if cf in (
+        112,
+        65000,
+        65001,
+        65002,
+    ):  # registered (agent/wire/codec.py)
         cf = 60
     return _msg(
         Code.POST, f"/ingest/{DEVICE}", good_batch(rng), cf

@@ -1,4 +1,5 @@
-"""The running agent with its model assignment and routing stages wired in (agent/runtime.py):
+"""The running agent with its model assignment and routing stages wired in
+(agent/service/runtime.py):
 the simulated rig, the real endpoint on loopback with [uplink], real store, cache and interpreter.
 
 - ``hot_swap``: an operator publishes a signed model version with the endpoint's registry and

@@ -1,4 +1,4 @@
-"""Device state sync (agent/state.py) against the real endpoint over CoAP on loopback.
+"""Device state sync (agent/sync/state.py) against the real endpoint over CoAP on loopback.
 
 Reported state is PUT on change and periodically, with versions that keep increasing across
 restarts; desired state is observed and applied live exactly once per version, restored at

@@ -1,4 +1,4 @@
-"""Bench of the batch encodings (agent/codec.py, agent/compact.py) on a SKAB replay.
+"""Bench of the batch encodings (agent/wire/codec.py, agent/wire/compact.py) on a SKAB replay.
 
 Every SKAB CSV (``--data DIR``, else $EDGE_AGENT_SKAB, else ../shared/data/skab beside the
 checkout) is replayed as the reference rig (agent/examples/pump-rig.toml) would record it: one

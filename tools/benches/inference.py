@@ -1,4 +1,4 @@
-"""Bench of on-device inference and detection (agent/inference.py, agent/detect.py).
+"""Bench of on-device inference and detection (agent/detect/inference.py, agent/detect/detector.py).
 
 Measured side by side in one run, on the shipped models (models/manifest.json) and their float32
 references (models/cloud/):
@@ -10,7 +10,7 @@ references (models/cloud/):
 - ai-edge-litert against tflite-runtime: the same measurements in a subprocess run with
   ``$EDGE_AGENT_TFLITE_PYTHON`` (the .venv-tflite of ./tools/dev; skipped when unset);
 - end-to-end detection latency: from the push of the sample that ends the raising window to the
-  alert committed in the durable store (agent/store.py, synchronous=FULL, a real file), p50/p99.
+  alert committed in the durable store (agent/store/, synchronous=FULL, a real file), p50/p99.
 
 Options: ``--quick`` (fewer repetitions).
 """

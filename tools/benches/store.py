@@ -1,4 +1,4 @@
-"""Bench of the durable queue (agent/store.py), 128-byte payloads, on a real file.
+"""Bench of the durable queue (agent/store/), 128-byte payloads, on a real file.
 
 Measured side by side in one run:
 - durable puts/s in batches of 1, 100 and 1000, with synchronous=FULL and NORMAL;

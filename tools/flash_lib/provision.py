@@ -53,7 +53,7 @@ MODULES_CONF = "/etc/modules-load.d/edge-agent.conf"
 UDEV_RULES = "/etc/udev/rules.d/60-edge-agent-i2c.rules"
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
 
-DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # the same rule as agent/config.py
+DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/sense/settings.py
 SECURITY = ("oscore", "dtls", "none")  # [uplink] security (agent/sync/security.py)
 # What the agent's uplink speaks with each (agent/sync/uplink.py).
 ENDPOINT_SCHEMES = {

@@ -1,4 +1,5 @@
-"""The streaming detector (agent/detect.py) with the shipped int8 models in the real interpreter.
+"""The streaming detector (agent/detect/detector.py) with the shipped int8 models in the real
+interpreter.
 
 Rows are synthetic: normal running is noise around SKAB-like levels, a fault is a step on one
 channel. The real SKAB data is exercised in test_evaluate.py.

@@ -1,4 +1,4 @@
-"""The interpreter seam (agent/inference.py) on the shipped models, against both runtimes.
+"""The interpreter seam (agent/detect/inference.py) on the shipped models, against both runtimes.
 
 ai-edge-litert runs in this process; tflite-runtime (which needs numpy<2) runs in a subprocess
 with ``$EDGE_AGENT_TFLITE_PYTHON`` (set by ``./tools/dev test``) on the same inputs, and the raw

@@ -1,4 +1,4 @@
-"""The PCA T²+Q novelty detector (agent/novelty.py) on synthetic data with a known answer."""
+"""The PCA T²+Q novelty detector (agent/detect/novelty.py) on synthetic data with a known answer."""
 
 from __future__ import annotations
 

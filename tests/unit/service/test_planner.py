@@ -1,4 +1,5 @@
-"""The cost planner (agent/planner.py, `edge-agent plan`) on profiles and bench results written
+"""The cost planner (agent/service/planner.py, `edge-agent plan`) on profiles and bench results
+written
 here, and the bench runner saving the results it reads."""
 
 from __future__ import annotations

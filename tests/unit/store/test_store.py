@@ -1,4 +1,4 @@
-"""Contract tests of the durable queue (agent/store.py) on real SQLite files.
+"""Contract tests of the durable queue (agent/store/) on real SQLite files.
 
 The contract suite runs against both durability modes. Time is virtual: leases expire by
 advancing the clock, never by sleeping. The files live on a tmpfs (/dev/shm) when there is one:

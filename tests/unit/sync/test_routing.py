@@ -1,4 +1,5 @@
-"""Hybrid inference (agent/routing.py) with the real detector and int8 models, real store files,
+"""Hybrid inference (agent/sync/routing.py) with the real detector and int8 models, real store
+files,
 the real endpoint on loopback and the impairment proxy (tools/linkem.py).
 
 A "cloud down" endpoint is a UDP socket that never answers (a black hole)."""

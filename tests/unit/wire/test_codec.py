@@ -1,4 +1,4 @@
-"""Record bodies (agent/records.py) and the SenML-CBOR batch codec (agent/codec.py)."""
+"""Record bodies (agent/wire/records.py) and the SenML-CBOR batch codec (agent/wire/codec.py)."""
 
 from __future__ import annotations
 

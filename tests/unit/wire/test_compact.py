@@ -1,4 +1,4 @@
-"""The compact columnar batch encodings (agent/compact.py): 65000, 65001, 65002.
+"""The compact columnar batch encodings (agent/wire/compact.py): 65000, 65001, 65002.
 
 One contract runs over every batch encoding (SenML-CBOR too, where it applies): what a round
 trip keeps is exactly what docs/protocol.md ("Compact batches") promises. Then fixed bytes of one
