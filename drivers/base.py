@@ -1,4 +1,5 @@
-"""What every driver shares: the Driver protocol, the Reading record, option parsing and errors."""
+"""What every driver shares: the Driver protocol, the Reading record and option parsing (the
+errors are in drivers/errors.py)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from drivers.errors import (
-    DeviceDataError,
-    DeviceIOError,
-    DeviceNotFound,
-    DeviceTimeout,
-    DriverError,
-)
-
-__all__ = [
-    "DeviceDataError",
-    "DeviceIOError",
-    "DeviceNotFound",
-    "DeviceTimeout",
-    "Driver",
-    "DriverError",
-    "Identity",
-    "OptionError",
-    "Options",
-    "Reading",
-]
+__all__ = ["Driver", "Identity", "OptionError", "Options", "Reading"]
 
 
 @dataclass(frozen=True, slots=True)
