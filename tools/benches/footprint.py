@@ -2,7 +2,8 @@
 
 One run starts a local endpoint (``edge-agent-cloud serve``, its own process) and the agent as
 systemd would run it (``edge-agent run`` with ``NOTIFY_SOCKET`` set, the packaged reference rig
-with every sensor simulated, the detector and its models, and an [uplink] to the endpoint), for
+with every sensor simulated, the detector and its models, and an [uplink] to the endpoint over
+OSCORE with the device's credential, as it runs by default), for
 ``--seconds`` of rig time (120 by default) at ``--time-scale`` (4 by default). Measured:
 
 - ``ready_s``: process start to the ``READY=1`` datagram on the notify socket;
@@ -95,8 +96,18 @@ def run(args: argparse.Namespace) -> Result:
     with tempfile.TemporaryDirectory(prefix="bench-footprint-") as tmp:
         tmp_path = Path(tmp)
         cloud_dir = tmp_path / "cloud"
+        credential = tmp_path / "credential.json"
         subprocess.run(
-            [cloud_cmd, "devices", "add", "--data", str(cloud_dir), DEVICE],
+            [
+                cloud_cmd,
+                "devices",
+                "add",
+                "--data",
+                str(cloud_dir),
+                DEVICE,
+                "--credential-out",
+                str(credential),
+            ],
             check=True,
             capture_output=True,
         )
@@ -110,7 +121,9 @@ def run(args: argparse.Namespace) -> Result:
         text = text.replace(
             'data_dir = "/var/lib/edge-agent"', f'data_dir = "{tmp_path / "agent"}"'
         )
-        text += f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\n'
+        text += (
+            f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\ncredential = "{credential}"\n'
+        )
         config = tmp_path / "agent.toml"
         config.write_text(text)
         notify_path = str(tmp_path / "notify.sock")

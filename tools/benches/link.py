@@ -292,6 +292,7 @@ def run(args: argparse.Namespace) -> Result:
                 f"{SRV_IP}:{SERVER_PORT}",
                 "--data",
                 str(cloud),
+                "--insecure",  # plain CoAP measured here; bench security compares OSCORE
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             ),

@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> Result:
             capture_output=True,
         )
         serve = [sys.executable, "-m", "cloud.cli", "serve", "--listen", f"127.0.0.1:{port}"]
+        serve.append("--insecure")  # plain CoAP measured here; bench security compares OSCORE
         server = subprocess.Popen(
             [*serve, "--data", str(tmp_path / "cloud")],
             stdout=subprocess.DEVNULL,
