@@ -1,5 +1,6 @@
 """DTLS-PSK (``coaps://``): the endpoint's interop profile, on aiocoap 0.4.17's ``tinydtls_server``
-transport (DTLSSocket; TLS_PSK_WITH_AES_128_CCM_8, the only suite tinydtls offers).
+transport (DTLSSocket; TLS_PSK_WITH_AES_128_CCM_8, the only suite tinydtls offers). docs/dtls.md
+has the commands.
 
 :class:`DtlsEndpoint` is a second aiocoap server context beside the plain one, serving the same
 resource tree (the same site object) on exactly the port asked for. Its PSK lookup is
@@ -10,28 +11,34 @@ returns are a :class:`~cloud.security.Principal`, which aiocoap puts into the re
 ``authenticated_claims``, so :func:`cloud.security.identity` and the access rule treat a DTLS
 request like an OSCORE one.
 
-What aiocoap's DTLS server does not do by itself, and what is done here (docs/dtls.md):
+What aiocoap's DTLS server does not do by itself, and what is done here:
 
 - Established sessions outlive the key they were made with: :meth:`DtlsEndpoint.end_sessions`
   ends those of re-keyed and revoked principals (close_notify, then the state goes), called
   whenever the registry is reloaded.
+- Peer state is never freed (every source address, junk included, gets a tinydtls context, and
+  a session that ends with a warning-level close_notify keeps it): a front before the server
+  socket (asyncio's ``transport.set_protocol``) ends the least recently active peer when a new
+  address would make more than :data:`MAX_PEERS`, and the "Unhandled alert level 1 code 0"
+  warning of each normal session end is dropped from the log.
+- The state of an address remembers the identity of its first handshake, and refuses another
+  one for good ("DTLS stack tried accessing different keys", a traceback): a client restarted
+  on the same port, or a NAT mapping reused for another device. The front starts from fresh
+  state when a ClientHello (epoch 0) comes from an address whose state got as far as the PSK
+  lookup (earlier would break the cookie exchange: tinydtls keeps its cookie secret per state).
 - A restarted endpoint does not know the sessions of the old one, and clients do not notice:
   :meth:`DtlsEndpoint.stop` sends each client a close_notify, so it makes a new handshake with
   its next request (after a crash the agent's missed deadline does it, agent/sync/transport.py).
-- Peer state is never freed (a session ending with a warning-level close_notify is only logged;
-  every source address, junk included, gets a tinydtls context): a sweep every
-  :data:`SWEEP_INTERVAL` seconds ends the least recently active peers beyond :data:`MAX_PEERS`
-  (the transport keeps its peers in LRU order), and the "Unhandled alert level 1 code 0" warning
-  of each normal session end is dropped from the log.
 - A PSK longer than 16 bytes overruns tinydtls' buffer and crashes the process: registration
   refuses them (agent/wire/credentials.py) and the lookup refuses any that got through; so are
   identities longer than tinydtls' 32 bytes.
 - Unknown, revoked or malformed identities are logged (rate-limited). A wrong key is not visible
   to the server: tinydtls drops the client's Finished silently.
 
-Ending peers uses two internals of the transport (its ``_connections`` table and each peer's
-``_inject_error``, the way its own shutdown does it); if they are not found (another aiocoap), a
-warning says so once and the endpoint serves on without the sweep.
+The front and the ending of peers use internals of the transport (its socket's asyncio protocol,
+its ``_connections`` table, each peer's ``_psk_store`` claims and ``_inject_error``, the way its
+own shutdown ends peers); if they are not found (another aiocoap), a warning says so and the
+endpoint serves on without them.
 """
 
 from __future__ import annotations
@@ -49,14 +56,11 @@ from aiocoap.credentials import CredentialsMap
 
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from cloud.security import Principal, Principals
-from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
 
 #: Peer states (DTLS sessions, handshakes, junk senders) kept at most; about 2.3 KB each.
 MAX_PEERS = 4096
-#: Seconds between sweeps of the peer table.
-SWEEP_INTERVAL = 5.0
 WARN_WINDOW = 10.0  # at most WARN_BURST warnings about refused identities per window
 WARN_BURST = 10
 #: The logger of the DTLS context (aiocoap's transport logs through it).
@@ -86,7 +90,7 @@ def require_dtlssocket() -> None:
     if missing:
         raise DtlsUnavailable(
             f"DTLS needs the Python module(s) {', '.join(missing)}: run ./tools/dev setup, or "
-            "pip install 'edge-agent[dtls]' (builds from source with autoconf and automake)"
+            "pip install -e '.[dtls]' (it builds from source, with autoconf and automake)"
         )
 
 
@@ -159,20 +163,55 @@ class _SessionEndFilter(logging.Filter):
 _SESSION_END_FILTER = _SessionEndFilter()
 
 
+def _client_hello(data: bytes) -> bool:
+    """Whether ``data`` starts with a DTLS record holding a ClientHello at epoch 0 (RFC 6347
+    4.1: content type 22, version, epoch, sequence, length; then the handshake type, 1)."""
+    return len(data) >= 25 and data[0] == 22 and data[3:5] == b"\0\0" and data[13] == 1
+
+
+def _claims(peer: Any) -> Any:
+    """What the peer authenticated as (its PSK identity's Principal), or None."""
+    return getattr(getattr(peer, "_psk_store", None), "_claims", None)
+
+
+class _Front:
+    """In front of aiocoap's DTLS server socket (asyncio's ``transport.set_protocol``): sees
+    each datagram before the transport does, to keep its peer table bounded and to start from
+    fresh state when a new handshake comes from an address whose old state authenticated."""
+
+    def __init__(self, endpoint: DtlsEndpoint, pool: Any) -> None:
+        self._endpoint = endpoint
+        self._pool = pool
+
+    def datagram_received(self, data: bytes, sockaddr: Any) -> None:
+        table = self._pool._connections
+        peer = table.get(sockaddr)
+        if peer is None:
+            self._endpoint._evict(MAX_PEERS - 1, "peer table full")
+        elif _client_hello(data) and _claims(peer) is not None:
+            # the client restarted on the same port, or a NAT gave the port to another device:
+            # the old state would refuse another identity ("different keys") for good
+            self._endpoint.restarted += 1
+            self._endpoint._end(table, sockaddr, peer, "new handshake", notify=False)
+        self._pool.datagram_received(data, sockaddr)
+
+    def __getattr__(self, name: str) -> Any:  # error_received, connection_lost, ...
+        return getattr(self._pool, name)
+
+
 class DtlsEndpoint:
     """``coaps://host:port``: a server context with aiocoap's tinydtls_server transport."""
 
-    def __init__(self, principals: Principals, clock: Clock | None = None) -> None:
+    def __init__(self, principals: Principals) -> None:
         self.principals = principals
         self.credentials = PrincipalPsks(principals)
-        self.clock = clock or RealClock()
         self.host = ""
         self.port = 0
-        self.evicted = 0  # peers ended by the sweep
+        self.evicted = 0  # peers ended because the table was full
+        self.restarted = 0  # peers whose state went for a new handshake from their address
         self.ended = 0  # sessions ended because their principal was re-keyed or revoked
         self._ctx: aiocoap.Context | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._warned_internals = False
+        self._table: Any = None  # the transport's peer table: ip:port -> peer, LRU first
 
     @classmethod
     async def start(
@@ -181,7 +220,6 @@ class DtlsEndpoint:
         principals: Principals,
         listen: tuple[str, int],
         check_free: Callable[[str, int], None] | None = None,
-        clock: Clock | None = None,
     ) -> DtlsEndpoint:
         """Serve ``site`` on ``coaps://HOST:PORT`` (``listen``; port 0: any free port).
         ``check_free(host, port)`` raises OSError when another socket holds the port (aiocoap
@@ -191,7 +229,7 @@ class DtlsEndpoint:
         require_dtlssocket()
         if port != 0 and check_free is not None:
             await asyncio.get_running_loop().run_in_executor(None, check_free, host, port)
-        self = cls(principals, clock)
+        self = cls(principals)
         logger = logging.getLogger(AIOCOAP_LOGGER)
         if _SESSION_END_FILTER not in logger.filters:
             logger.addFilter(_SESSION_END_FILTER)
@@ -207,69 +245,53 @@ class DtlsEndpoint:
             await self._ctx.shutdown()
             raise RuntimeError("aiocoap did not keep the DTLS credentials object")
         self.host = host
-        self.port = port or self._bound_port()
-        self._sweeper = asyncio.create_task(self._sweep_loop(), name="cloud-dtls-sweep")
+        pool = self._pool()
+        transport = getattr(pool, "_transport", None)
+        self.port = port or int(transport.get_extra_info("sockname")[1])
+        table = getattr(pool, "_connections", None)
+        if transport.get_protocol() is pool and hasattr(table, "move_to_end"):
+            self._table = table
+            transport.set_protocol(_Front(self, pool))
+        else:
+            log.warning(
+                "event=dtls_peer_table_unavailable: this aiocoap's DTLS server is not built the "
+                "way 0.4.17's is; its peers are not bounded and sessions of re-keyed or revoked "
+                "principals are not ended (check cloud/dtls.py against the new aiocoap)"
+            )
         return self
+
+    def _pool(self) -> Any:
+        """aiocoap's DTLS server socket (its asyncio protocol)."""
+        for interface in getattr(self._ctx, "request_interfaces", ()):
+            messages = getattr(
+                getattr(interface, "token_interface", None), "message_interface", None
+            )
+            if hasattr(messages, "_pool"):
+                return messages._pool
+        raise RuntimeError("cannot find aiocoap's DTLS server socket")
 
     @property
     def uri(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"coaps://{host}:{self.port}"
 
+    @property
+    def peers(self) -> int:
+        """Peer states held now (sessions, handshakes, senders of junk)."""
+        return 0 if self._table is None else len(self._table)
+
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
         if self._ctx is not None:
             # close_notify to every client with a session: it makes a new handshake with its
             # next request (a restarted endpoint does not know the old session)
-            self._evict(0, "endpoint stopping")
+            self._evict(0, "endpoint stopping", count=False)
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
 
     # -- the peer table ----------------------------------------------------------------------------
 
-    def _server(self) -> Any:
-        """aiocoap's DTLS server message interface, or None."""
-        for interface in getattr(self._ctx, "request_interfaces", ()):
-            messages = getattr(
-                getattr(interface, "token_interface", None), "message_interface", None
-            )
-            if hasattr(messages, "_pool"):
-                return messages
-        return None
-
-    def _bound_port(self) -> int:
-        pool = getattr(self._server(), "_pool", None)
-        transport = getattr(pool, "_transport", None)
-        if transport is None:
-            raise RuntimeError("cannot find the port of the DTLS server socket")
-        return int(transport.get_extra_info("sockname")[1])
-
-    def _peers(self) -> Any:
-        """The transport's peer table (ip:port -> peer, least recently active first), or None."""
-        table = getattr(getattr(self._server(), "_pool", None), "_connections", None)
-        if table is None or not hasattr(table, "move_to_end"):
-            if not self._warned_internals and self._ctx is not None:
-                self._warned_internals = True
-                log.warning(
-                    "event=dtls_sweep_unavailable: this aiocoap's DTLS server has no peer table "
-                    "where 0.4.17 had it; peers are not bounded and sessions of revoked "
-                    "principals are not ended (check cloud/dtls.py against the new aiocoap)"
-                )
-            return None
-        return table
-
-    @property
-    def peers(self) -> int:
-        """Peer states held now."""
-        table = self._peers()
-        return 0 if table is None else len(table)
-
-    def _end(self, table: Any, key: Any, peer: Any, why: str) -> None:
-        if getattr(getattr(peer, "_psk_store", None), "_claims", None) is not None:
+    def _end(self, table: Any, key: Any, peer: Any, why: str, notify: bool = True) -> None:
+        if notify and _claims(peer) is not None:
             # a handshake got as far as the key: tell the client (close_notify), so that it
             # starts a new handshake at once instead of timing out
             with contextlib.suppress(Exception):
@@ -280,35 +302,27 @@ class DtlsEndpoint:
             log.debug("event=dtls_end_failed peer=%s error=%r", key, err)
         if table.get(key) is peer:
             del table[key]
+        log.debug("event=dtls_peer_ended peer=%s reason=%s", key, why)
 
-    def sweep(self) -> int:
-        """End the least recently active peers beyond MAX_PEERS; returns how many."""
-        ended = self._evict(MAX_PEERS, "peer table full")
-        if ended:
-            self.evicted += ended
-            log.info("event=dtls_peers_evicted count=%d peers=%d", ended, self.peers)
-        return ended
-
-    def _evict(self, limit: int, why: str) -> int:
-        table = self._peers()
+    def _evict(self, limit: int, why: str, count: bool = True) -> int:
+        """End the least recently active peers beyond ``limit``."""
+        table = self._table
         ended = 0
         while table is not None and len(table) > limit:
             key, peer = next(iter(table.items()))
             self._end(table, key, peer, why)
             ended += 1
+        if count:
+            self.evicted += ended
         return ended
 
     def end_sessions(self, principals: Iterable[str]) -> int:
         """End the sessions authenticated as any of ``principals`` (re-keyed or revoked)."""
         names = set(principals)
-        table = self._peers()
+        table = self._table
         if not names or table is None:
             return 0
-        doomed = [
-            (key, peer)
-            for key, peer in table.items()
-            if getattr(getattr(peer, "_psk_store", None), "_claims", None) in names
-        ]
+        doomed = [(key, peer) for key, peer in table.items() if _claims(peer) in names]
         for key, peer in doomed:
             self._end(table, key, peer, "credential re-keyed or revoked")
         if doomed:
@@ -319,11 +333,3 @@ class DtlsEndpoint:
                 len(doomed),
             )
         return len(doomed)
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await self.clock.sleep(SWEEP_INTERVAL)
-            try:
-                self.sweep()
-            except Exception:
-                log.exception("event=dtls_sweep_failed")

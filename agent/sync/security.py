@@ -90,6 +90,17 @@ class ClientSecurity:
                 f"the device id {credential.principal!r} is longer than {PSK_IDENTITY_BYTES} "
                 'bytes, the longest DTLS PSK identity tinydtls takes: use security = "oscore"',
             )
+        if mode == "dtls":
+            from aiocoap.defaults import dtls_missing_modules
+
+            missing = dtls_missing_modules()
+            if missing:
+                raise ConfigError(
+                    "[uplink]",
+                    "security",
+                    f'"dtls" needs the Python module {", ".join(missing)}, which is not '
+                    "installed (pip install DTLSSocket; it builds with autoconf and automake)",
+                )
         return cls(mode, uris, credential, state)
 
     @property
