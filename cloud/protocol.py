@@ -211,10 +211,16 @@ class SecureFront(aiocoap.interfaces.Resource):
     logged traceback (its OSCORE site wrapper catches only a missing option); everything else
     goes to ``inner`` (the OSCORE site wrapper around the resource tree)."""
 
-    def __init__(self, inner: Any, on_bad: Callable[[Message, _Failure], None]) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        on_bad: Callable[[Message, _Failure], None],
+        limit: Callable[[Message, Message], Message] | None = None,
+    ) -> None:
         super().__init__()
         self._inner = inner
         self._on_bad = on_bad
+        self._limit = limit
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         return False  # the inner site decides, after unprotecting
@@ -237,9 +243,48 @@ class SecureFront(aiocoap.interfaces.Resource):
             failure = _Failure(Code.BAD_OPTION, "malformed OSCORE option")
             self._on_bad(request, failure)
             if request.mtype == aiocoap.CON:
-                pipe.add_response(failure.to_message(), is_last=True)
+                answer = failure.to_message()
+                pipe.add_response(self._limit(request, answer) if self._limit else answer, True)
             return
-        await self._inner.render_to_pipe(pipe)
+        if self._limit is None:
+            await self._inner.render_to_pipe(pipe)
+            return
+        limited = _LimitedPipe(pipe, request, self._limit)
+        try:
+            await self._inner.render_to_pipe(limited)
+        except aiocoap.error.RenderableError as err:  # the OSCORE layer's refusals are raised
+            message = err.to_message()
+            if message is None:
+                raise
+            reason = bytes(message.payload).decode("utf-8", "replace")
+            self._on_bad(request, _Failure(message.code, reason or type(err).__name__))
+            limited.add_response(message, is_last=True)
+
+
+class _LimitedPipe:
+    """A pipe whose unprotected answers (those to unauthenticated peers, and the OSCORE layer's
+    own refusals, which aiocoap raises as errors) pass through the amplification limit."""
+
+    def __init__(self, pipe: Any, request: Message, limit: Callable[[Message, Message], Message]):
+        self._pipe = pipe
+        self._request = request
+        self._limit = limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def add_response(self, response: Message, is_last: bool = False) -> None:
+        if response.opt.object_security is None:  # not protected: the peer is not known
+            response = self._limit(self._request, response)
+        self._pipe.add_response(response, is_last)
+
+    def add_exception(self, exception: BaseException) -> None:
+        if isinstance(exception, aiocoap.error.RenderableError):
+            message = exception.to_message()
+            if message is not None:
+                self.add_response(message, is_last=True)
+                return
+        self._pipe.add_exception(exception)
 
 
 #: An unauthenticated request gets at most this many times its own size back (RFC 9175 2.4:
@@ -272,16 +317,25 @@ class Amplification:
         return any(hmac.compare_digest(echo, self._echo(peer, m)) for m in (minute, minute - 1))
 
     def limit(self, request: Message, response: Message) -> Message:
-        """``response``, or a bare 4.01 with an Echo to repeat the request with."""
+        """``response``; else the same error without its diagnostic payload; else (a success,
+        or still too large) a bare 4.01 with an Echo to repeat the request with, or without the
+        Echo when even that is too large for so small a request."""
         if self.verified(request):
             return response
-        if wire_size(response, request.token) <= AMPLIFICATION_LIMIT * wire_size(request):
+        budget = AMPLIFICATION_LIMIT * wire_size(request)
+        if wire_size(response, request.token) <= budget:
             return response
+        if not response.code.is_successful():
+            bare = Message(code=response.code)
+            if wire_size(bare, request.token) <= budget:
+                return bare
         bare = Message(code=Code.UNAUTHORIZED)
         bare.opt.echo = self._echo(
             str(getattr(request.remote, "hostinfo", "")), int(self._clock() // 60)
         )
-        return bare
+        if wire_size(bare, request.token) <= budget:
+            return bare
+        return Message(code=Code.UNAUTHORIZED)
 
 
 def wire_size(msg: Message, token: bytes | None = None) -> int:

@@ -144,6 +144,11 @@ class _Site(aiocoap.interfaces.ObservableResource):
         return not (len(path) == 4 and path[0] == "models" and path[3] == "file")
 
     async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        unknown = identity(request) is None and not self._server.allow_plain
+        if request.opt.block1 is not None and unknown:  # no spooling for unknown peers
+            pipe.add_response(Message(code=Code.UNAUTHORIZED), is_last=True)
+            return
         await aiocoap.interfaces.ObservableResource._render_to_pipe(self, pipe)
 
     async def add_observation(self, request: Message, serverobservation: Any) -> None:
@@ -175,8 +180,6 @@ class _Site(aiocoap.interfaces.ObservableResource):
         except Exception:
             log.exception("event=internal_error path=%s", "/".join(request.opt.uri_path))
             response = Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error")
-        if identity(request) is None and not server.allow_plain:
-            response = server.amplification.limit(request, response)
         server.responses[str(response.code)] += 1
         return response
 
@@ -268,7 +271,8 @@ class CloudServer:
             await asyncio.get_running_loop().run_in_executor(None, _check_port_free, host, port)
         creds = CredentialsMap()
         creds[":principals"] = self.principals
-        site = SecureFront(OscoreSiteWrapper(_Site(self), creds), self._bad_request)
+        limit = None if self.allow_plain else self.amplification.limit
+        site = SecureFront(OscoreSiteWrapper(_Site(self), creds), self._bad_request, limit)
         self._ctx = await aiocoap.Context.create_server_context(
             site, bind=(host, port), transports=["udp6"], server_credentials=creds
         )

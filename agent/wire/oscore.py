@@ -135,6 +135,7 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
             self.recipient_replay_window.initialize_from_persisted(replay)
         self.sequence = sequence
         self.on_accept = on_accept
+        self._label = f"<PersistentContext kid={sender_id.hex()} peer={recipient_id.hex()}>"
         self.accepted = 0
 
     @property
@@ -160,11 +161,8 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
         window = self.recipient_replay_window
         return window.persist() if window.is_initialized() else None
 
-    def __repr__(self) -> str:
-        return (
-            f"<PersistentContext kid={self.sender_id.hex()} peer={self.recipient_id.hex()} "
-            f"ctx={self.id_context.hex()} seq={self.sequence.next}>"
-        )
+    def __repr__(self) -> str:  # aiocoap formats it into a task name on every request: cheap
+        return self._label
 
 
 class ClientContext:

@@ -484,3 +484,42 @@ async def test_operator_sets_desired_state_over_the_network_with_its_credential(
     assert rc != 0 and "4.01" in out, out
     rc, out = await desired_set("--credential", str(dev))
     assert rc != 0 and "4.03" in out, out
+
+
+@pytest.mark.timeout(60)
+async def test_the_smallest_hostile_datagrams_get_no_more_than_three_times_back(
+    server: CloudServer,
+) -> None:
+    """Raw datagrams without a token: a bare GET of /, POSTs with an empty, a malformed and an
+    unknown OSCORE option, a Block1 upload: each answer is at most 3x the datagram."""
+    mid = iter(range(1, 1000))
+
+    def con(code: int, options: bytes = b"", payload: bytes = b"") -> bytes:
+        head = bytes([0x40, code]) + next(mid).to_bytes(2, "big")  # CON, no token
+        return head + options + (b"\xff" + payload if payload else b"")
+
+    ingest = b"\xb6ingest\x07" + A.encode()  # Uri-Path (11) "ingest", then the device
+    datagrams = [
+        con(0x01),  # GET /
+        con(0x02, b"\x90"),  # POST, OSCORE option (9) empty
+        con(0x02, b"\x91\xff"),  # POST, OSCORE flags with reserved bits
+        con(0x02, b"\x94\x09\x00\x99\x99"),  # POST, OSCORE: PIV 0, an unknown kid
+        con(0x02, ingest + b"\xd1\x0e\x08", b"x" * 16),  # POST Block1 (27) #0 more
+    ]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        for data in datagrams:
+            sock.sendto(data, ("127.0.0.1", server.port))
+            answer = await asyncio.wait_for(loop.sock_recv(sock, 2048), 5)
+            assert len(answer) <= AMPLIFICATION_LIMIT * len(data), (data.hex(), answer.hex())
+            assert Message.decode(answer).code in (
+                Code.UNAUTHORIZED,
+                Code.BAD_OPTION,
+                Code.BAD_REQUEST,
+                Code.NOT_FOUND,  # GET /: no such resource, 4 bytes
+            )
+    finally:
+        sock.close()
+    assert server.stats["block1_uploads"] == 0  # nothing spooled for an unknown peer

@@ -17,7 +17,7 @@ agent with security "oscore" and the device's credential). Measured in one run:
   low level (compact + deflate + dictionary, 1 KiB batches) and at its high level; the level's
   policy is put in force by the real link monitor (``LinkMonitor``, its initial state);
 - handshake: wall time from a fresh device (credential read, no OSCORE state file: a new ID
-  Context) to its first 2.05 (GET of its registry entry, through the clean proxy), which includes
+  Context) to its first 2.05 (GET of its desired state, through the clean proxy), which includes
   the endpoint's 4.01 + Echo round trip that verifies the new context; median over fresh devices,
   beside the same first request of a plain device and the steady-state round trip of both;
 - amplification: every kind of unauthenticated request (each method on each route of
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import secrets
 import select
@@ -127,6 +128,12 @@ class _Endpoint:
                 return
         raise RuntimeError(f"the {self.mode} endpoint did not listen within {START_TIMEOUT:g} s")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the endpoint's process so far (Linux /proc)."""
+        assert self._proc is not None
+        stat = Path(f"/proc/{self._proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
     def __exit__(self, *exc: object) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -148,6 +155,8 @@ class Drain:
     wire_bytes: int
     datagrams: int
     stats: UplinkStats
+    cpu_agent: float  # s of this process (uplink, store, linkem) during the drain
+    cpu_endpoint: float  # s of the endpoint's process during the drain
 
     @property
     def rate(self) -> float:
@@ -214,7 +223,9 @@ async def _drain(
             rng=random.Random(seed),
         )
         LinkMonitor(LinkSettings(initial=level), clock, uplink=uplink)  # the level's policy
+        cpu0 = (time.process_time(), ep.cpu_seconds())
         elapsed = await _until_delivered(uplink, n, 60.0 + n / 20)
+        cpu = (time.process_time() - cpu0[0], ep.cpu_seconds() - cpu0[1])
         if (left := (await store.stats()).depth) != 0:
             raise RuntimeError(f"{left} records left in the store after the drain")
         counters = [proxy.counters(d) for d in ("up", "down")]
@@ -225,6 +236,7 @@ async def _drain(
         sum(c.bytes_in for c in counters),
         sum(c.packets_in for c in counters),
         uplink.stats,
+        *cpu,
     )
 
 
@@ -252,6 +264,14 @@ class Paired:
     @property
     def bytes_ratio(self) -> float:
         return self.per_record("oscore") / self.per_record("plain")
+
+    @property
+    def runs(self) -> str:
+        return f"median of {len(self.plain)} runs" if len(self.plain) > 1 else "1 run"
+
+    def cpu_ms(self, mode: str, which: str) -> float:
+        """Median CPU ms per 1,000 records delivered, of ``which`` ("agent" or "endpoint")."""
+        return self._median(getattr(self, mode), f"cpu_{which}") * 1e6 / self.plain[0].records
 
     def rates(self, mode: str) -> str:
         return ", ".join(f"{d.rate:,.0f}" for d in getattr(self, mode))
@@ -298,7 +318,9 @@ async def _handshakes(ep: _Endpoint, workdir: Path, fresh: int, steady: int) -> 
     out = Handshakes(ep.mode)
     async with LinkEmulator((HOST, 0), (HOST, ep.port), Impairment(), seed=1) as proxy:
         uri = f"coap://{HOST}:{proxy.port}"
-        resource = f"{uri}/devices/{DEVICE}"
+        # desired state: what a device reads at start; its cost does not grow with the records
+        # stored (GET /devices/ID counts them)
+        resource = f"{uri}/state/{DEVICE}/desired"
         for i in range(fresh):
             before = sum(proxy.counters(d).packets_in for d in ("up", "down"))
             t0 = time.perf_counter()
@@ -319,8 +341,10 @@ async def _handshakes(ep: _Endpoint, workdir: Path, fresh: int, steady: int) -> 
                 if i == fresh - 1:
                     for _ in range(steady):
                         t = time.perf_counter()
-                        await transport.request("GET", resource, deadline=10.0)
+                        resp = await transport.request("GET", resource, deadline=10.0)
                         out.steady_ms.append((time.perf_counter() - t) * 1000)
+                        if not resp.success:
+                            raise RuntimeError(f"steady request ({ep.mode}): {resp.dotted}")
             finally:
                 await transport.close()
                 security.close()
@@ -516,13 +540,13 @@ def run(args: argparse.Namespace) -> Result:
         fs = _fs_type(root)
         with _Endpoint(root, secure=False) as plain_ep, _Endpoint(root, secure=True) as sec_ep:
             eps = (plain_ep, sec_ep)
-            high = _measure(eps, root, "high", n_clean, HIGH, Impairment(), rounds)
-            low = _measure(eps, root, "low", n_clean, LOW, Impairment(), rounds)
-            lossy = _measure(eps, root, "lossy", n_lossy, HIGH, LOSSY, 1)
             (root / "hs-plain").mkdir()
             (root / "hs-oscore").mkdir()
             hs_plain = asyncio.run(_handshakes(plain_ep, root / "hs-plain", fresh, steady))
             hs_oscore = asyncio.run(_handshakes(sec_ep, root / "hs-oscore", fresh, steady))
+            high = _measure(eps, root, "high", n_clean, HIGH, Impairment(), rounds)
+            low = _measure(eps, root, "low", n_clean, LOW, Impairment(), rounds)
+            lossy = _measure(eps, root, "lossy", n_lossy, HIGH, LOSSY, rounds)
             answers = _amplification(sec_ep.port, Credential.read(sec_ep.credential))
     return _report(root, fs, high, low, lossy, hs_plain, hs_oscore, answers)
 
@@ -540,7 +564,6 @@ def _report(
     res = Result()
     missed: list[str] = []
     n_clean, n_lossy = high.plain[0].records, lossy.plain[0].records
-    runs = f"median of {len(high.plain)}" if len(high.plain) > 1 else "1 run"
     for label, p, n, name in (
         ("clean loopback", high, n_clean, "throughput_ratio"),
         ("5% loss + 100 ms each way", lossy, n_lossy, "throughput_ratio_lossy"),
@@ -549,7 +572,7 @@ def _report(
         res.add(
             f"records/s plain, {label}",
             f"{p.rate('plain'):,.0f}",
-            f"{n} records, {runs if len(p.plain) > 1 else '1 run'} ({p.rates('plain')})",
+            f"{n} records, {p.runs} ({p.rates('plain')})",
         )
         ratio = f"{p.ratio:.3f}x plain"
         if name:
@@ -564,6 +587,12 @@ def _report(
             f"{p.rate('oscore'):,.0f}",
             f"{ratio}; runs {p.rates('oscore')}",
         )
+    res.add(
+        "CPU ms per 1,000 records, OSCORE, clean (agent / endpoint)",
+        f"{high.cpu_ms('oscore', 'agent'):.0f} / {high.cpu_ms('oscore', 'endpoint'):.0f}",
+        f"plain {high.cpu_ms('plain', 'agent'):.0f} / {high.cpu_ms('plain', 'endpoint'):.0f}; "
+        "agent: this process (uplink, store, linkem)",
+    )
     for label, p, name in (("low", low, "bytes_ratio"), ("high", high, "")):
         d = p.plain[0]
         res.add(
@@ -603,7 +632,7 @@ def _report(
         f"{hs_oscore.median('steady_ms'):.2f}",
         f"plain {hs_plain.median('steady_ms'):.2f} ms "
         f"({hs_oscore.median('steady_ms') / hs_plain.median('steady_ms'):.2f}x); median of "
-        f"{len(hs_oscore.steady_ms)} GETs",
+        f"{len(hs_oscore.steady_ms)} GETs of desired state",
     )
     worst = max(answers, key=lambda a: a.worst)
     worst_total = max(answers, key=lambda a: a.total)
@@ -634,6 +663,11 @@ def _report(
         "link policy's defaults, put in force by LinkMonitor (high: SenML-CBOR 64 KiB batches; "
         "low: compact + deflate + dictionary, 1 KiB batches)."
     )
+    res.notes.append(
+        f"Amplification: {len(answers)} kinds of unauthenticated request (CON and NON, empty "
+        "token: the worst case), each from a fresh UDP socket straight to the secure endpoint; "
+        "a ratio is one response datagram's bytes over the request datagram's (UDP payloads)."
+    )
     for a in sorted(over, key=lambda a: -a.worst)[:12]:
         res.notes.append(
             f"  above {AMPLIFICATION_LIMIT}x: {a.kind}: {a.request} B -> "
@@ -657,6 +691,10 @@ def _report(
         "bytes_per_record_plain_high": round(high.per_record("plain"), 2),
         "bytes_per_record_oscore_high": round(high.per_record("oscore"), 2),
         "bytes_ratio_high": round(high.bytes_ratio, 3),
+        "cpu_ms_per_1000_agent_plain": round(high.cpu_ms("plain", "agent"), 1),
+        "cpu_ms_per_1000_agent_oscore": round(high.cpu_ms("oscore", "agent"), 1),
+        "cpu_ms_per_1000_endpoint_plain": round(high.cpu_ms("plain", "endpoint"), 1),
+        "cpu_ms_per_1000_endpoint_oscore": round(high.cpu_ms("oscore", "endpoint"), 1),
         "handshake_ms": round(hs_oscore.median("first_ms"), 1),
         "handshake_ms_plain": round(hs_plain.median("first_ms"), 1),
         "request_rtt_ms_oscore": round(hs_oscore.median("steady_ms"), 2),
