@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from agent.errors import AgentError
 from agent.wire import statedoc
-from agent.wire.batch import WireRecord
+from agent.wire.batch import WireRecord, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
@@ -376,7 +376,7 @@ class SQLiteStorage:
                     "SELECT kind, created, body FROM records WHERE device = ? AND seq = ?",
                     (device, rec.seq),
                 ).fetchone()
-                if kind != rec.kind or created != rec.created or stored != body:
+                if not same_record(kind, created, stored, rec):
                     conflicts.append(rec.seq)
                     log.warning(
                         "event=seq_conflict device=%s seq=%d detail=kept_first_copy",

@@ -19,6 +19,7 @@ from typing import Any
 
 from agent.errors import DriverError
 from agent.sense.settings import SensorConfig
+from agent.wire.predict import quantize
 from drivers.base import Reading
 from drivers.clock import Clock, wait_event
 
@@ -78,8 +79,23 @@ def backoff_delay(
     return min(cap, first * 2 ** max(0, failures - 1))
 
 
-def scale_values(cfg: SensorConfig, raw: dict[str, float]) -> dict[str, float]:
-    """The reported channels of ``cfg`` from a driver's raw channel values."""
+def channel_resolution(cfg: SensorConfig, driver: Any, channel: str) -> float | None:
+    """The step of a reported channel: the config's override, else the part's resolution
+    carried through the channel's scaling (None: unknown)."""
+    if channel in cfg.resolution:
+        return cfg.resolution[channel]
+    try:
+        step = float(driver.resolution(cfg.source_of(channel)))
+    except (KeyError, ValueError, AttributeError, TypeError):
+        return None
+    scaling = cfg.scaling.get(channel)
+    return step * abs(scaling.gain) if scaling else step
+
+
+def scale_values(cfg: SensorConfig, raw: dict[str, float], driver: Any = None) -> dict[str, float]:
+    """The reported channels of ``cfg`` from a driver's raw channel values. A scaled channel, or
+    one with a resolution override, is reported on its resolution's grid (what the compact
+    encodings carry exactly, so every encoding of a reading agrees)."""
     out: dict[str, float] = {}
     for ch in cfg.channels:
         scaling = cfg.scaling.get(ch)
@@ -87,7 +103,12 @@ def scale_values(cfg: SensorConfig, raw: dict[str, float]) -> dict[str, float]:
         if source not in raw:
             raise DriverError(f"{cfg.name}: driver returned no value for channel {source!r}")
         value = raw[source]
-        out[ch] = scaling.apply(value) if scaling else value
+        if scaling or ch in cfg.resolution:
+            value = scaling.apply(value) if scaling else value
+            step = channel_resolution(cfg, driver, ch) if driver is not None else None
+            if step and math.isfinite(value) and abs(value / step) < 2**53:
+                value = quantize(value, step) + 0.0  # + 0.0: never -0.0
+        out[ch] = value
     return out
 
 
@@ -212,7 +233,7 @@ class Sampler:
                 health.identity = identity.detail
                 task.opened = True
             raw = await task.driver.read()
-            values = scale_values(cfg, raw)
+            values = scale_values(cfg, raw, task.driver)
         except DriverError as err:
             self._failed(task, err)
             return False

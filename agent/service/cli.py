@@ -121,7 +121,7 @@ async def selftest(cfg: configmod.Config, clock: Clock, rig: Any = None) -> list
                 identity = await opening.open()
                 driver = opening  # opened: close it afterwards
                 row["identity"] = identity.detail
-                row["values"] = scale_values(scfg, await driver.read())
+                row["values"] = scale_values(scfg, await driver.read(), driver)
                 row["ok"] = True
             except DriverError as err:
                 row["error"] = str(err)

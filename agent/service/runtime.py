@@ -37,7 +37,7 @@ from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.sense.hardware import Hardware
 from agent.sense.ingest import TelemetryWriter
-from agent.sense.sampling import Sampler
+from agent.sense.sampling import Sampler, channel_resolution
 from agent.service.agentmetrics import register_metrics
 from agent.service.config import Config
 from agent.service.hooks import AgentHooks
@@ -658,20 +658,11 @@ class Agent:
             await self.clock.sleep(STATE_WATCH_INTERVAL)
 
     def resolution(self, sensor: str, channel: str) -> float | None:
-        """The step of a reported channel: the config's override, else the part's resolution
-        carried through the channel's scaling."""
+        """The step of a reported channel (agent/sense/sampling.py channel_resolution)."""
         try:
             cfg = self.config.sensor(sensor)
         except KeyError:
             return None
-        if channel in cfg.resolution:
-            return cfg.resolution[channel]
         if self.sampler is None or sensor not in self.sampler.tasks:
-            return None
-        driver = self.sampler.tasks[sensor].driver
-        try:
-            step = float(driver.resolution(cfg.source_of(channel)))
-        except (KeyError, ValueError, AttributeError):
-            return None
-        scaling = cfg.scaling.get(channel)
-        return step * abs(scaling.gain) if scaling else step
+            return cfg.resolution.get(channel)
+        return channel_resolution(cfg, self.sampler.tasks[sensor].driver, channel)

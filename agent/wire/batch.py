@@ -235,3 +235,29 @@ class IngestAck:
             ranges("conflicts", doc.get("conflicts", [])),
             last,
         )
+
+
+#: Times two encodings of one record may disagree by: the compact encodings carry times in whole
+#: milliseconds (agent/wire/compact.py TIME_UNIT), SenML-CBOR exactly.
+TIME_TOLERANCE = 0.0005 + 1e-6
+
+
+def same_record(kind: str, created: float, body: bytes, other: WireRecord) -> bool:
+    """Whether ``other`` is the record stored as (kind, created, body), perhaps sent again in
+    another encoding: identical bytes, or for telemetry the same sensor, time (to the
+    millisecond: the compact encodings carry whole milliseconds) and values. Anything else under
+    the same seq is another record (a conflict). A value off its channel's resolution grid that a
+    compact encoding rounded is a conflict too: the record is then resent under a new seq (stored
+    twice, never lost)."""
+    if kind != other.kind or abs(created - other.created) > TIME_TOLERANCE:
+        return False
+    if bytes(other.body) == body:
+        return True
+    if kind != Kind.TELEMETRY.value:
+        return False
+    try:
+        a = records.TelemetryBody.from_cbor(body)
+        b = records.TelemetryBody.from_cbor(bytes(other.body))
+    except records.RecordError:
+        return False
+    return a.sensor == b.sensor and a.values == b.values and abs(a.time - b.time) <= TIME_TOLERANCE

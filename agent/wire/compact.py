@@ -85,6 +85,7 @@ from agent.wire.predict import (
     _residuals,
     _unpredict,
     dequantize,
+    step_ratio,
 )
 from agent.wire.records import Kind
 from agent.wire.senml import SenMLCBOR
@@ -188,13 +189,14 @@ def _deflate(data: bytes, zdict: bytes) -> bytes:
 class _Group:
     """The columnar readings of one (sensor, channels) in a batch."""
 
-    __slots__ = ("channels", "created", "key", "res", "sensor", "times", "values")
+    __slots__ = ("channels", "created", "key", "res", "sensor", "steps", "times", "values")
 
     def __init__(self, sensor: str, channels: tuple[str, ...]) -> None:
         self.key = (sensor, channels)
         self.sensor = sensor
         self.channels = channels
         self.res: list[float | None] = []
+        self.steps: list[tuple[int, int] | None] = []  # each resolution as an exact fraction
         self.times: list[int] = []
         self.created: list[int] = []
         self.values: list[list[Any]] = [[] for _ in channels]  # q (int) or float
@@ -411,18 +413,22 @@ class CompactEncoding:
                 res.append(res_cache[rk])
             g = _Group(sensor, channels)
             g.res = res
+            g.steps = [None if r is None else step_ratio(r) for r in res]
         else:
             g = entry[1]
         row: list[Any] = []
-        for ch, r in zip(channels, g.res, strict=True):
+        for ch, r, step in zip(channels, g.res, g.steps, strict=True):
             x = values[ch]
-            if r is None:
+            if r is None or step is None:
                 row.append(x)
                 continue
             q = x / r
             if not (abs(x) <= _MAX_VALUE and abs(q) <= _MAX_Q):  # NaN fails too
                 return None
-            row.append(round(q))
+            n = round(q)
+            if dequantize(n, *step) != x or (n == 0 and math.copysign(1.0, x) < 0.0):
+                return None  # off the resolution grid: the record goes with its body, exactly
+            row.append(n)
         if entry is None:
             entry = groups[key] = (len(groups), g)
         g.times.append(t_ms)

@@ -17,6 +17,7 @@ from aiocoap import Code, Message
 from agent.wire.batch import IngestAck, WireRecord
 from agent.wire.codec import decode_batch, encode_batch
 from agent.wire.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT
+from agent.wire.predict import quantize
 from agent.wire.records import AlertBody, EventBody, TelemetryBody
 from cloud.server import CloudServer
 
@@ -40,7 +41,9 @@ def rig_records(first_seq: int, rows: int) -> list[WireRecord]:
             ("accel", {"x_g": rng.gauss(0, 0.2), "vibration_rms_g": 0.3 + rng.random() / 10}),
             ("thermo", {"hot_junction_c": 61.0 + i / 100}),
         ]
-        for sensor, values in readings:
+        for sensor, raw in readings:
+            # as the sampler reports them: on each channel's resolution grid
+            values = {k: quantize(v, STEPS[k]) if k in STEPS else v for k, v in raw.items()}
             body = TelemetryBody(sensor, t, values).to_cbor()
             out.append(WireRecord(seq, "telemetry", t + 0.002, body))
             seq += 1
@@ -99,7 +102,7 @@ async def test_compact_dict_batch_is_stored_as_it_decodes(
     # the alert, the event and the NaN reading arrive byte for byte
     exact = [r for r in records if r.kind != "telemetry" or b"\xf9\x7e\x00" in r.body]
     assert len(exact) == 3 and set(_rows(exact)) <= set(_rows(stored))
-    # the readings at their resolution (the thermocouple's exactly) and their time to the ms
+    # the readings exactly (on their grid) and their time to the ms
     by_seq = {r.seq: r for r in stored}
     for rec in records[:30]:
         got = TelemetryBody.from_cbor(by_seq[rec.seq].body)
@@ -107,11 +110,7 @@ async def test_compact_dict_batch_is_stored_as_it_decodes(
         assert got.time == round(want.time * 1000) / 1000
         for channel, x in want.values.items():
             step = STEPS.get(channel)
-            assert (
-                got.values[channel] == x
-                if step is None
-                else abs(got.values[channel] - x) <= step / 2 * (1 + 1e-9)
-            )
+            assert got.values[channel] == x, (channel, step)
 
 
 async def test_endpoint_announces_the_compact_formats(
