@@ -256,6 +256,9 @@ class SecureFront(aiocoap.interfaces.Resource):
             message = err.to_message()
             if message is None:
                 raise
+            if message.opt.oscore is not None:  # a protected answer (Echo recovery): as it is
+                pipe.add_response(message, is_last=True)
+                return
             reason = bytes(message.payload).decode("utf-8", "replace")
             self._on_bad(request, _Failure(message.code, reason or type(err).__name__))
             limited.add_response(message, is_last=True)
@@ -274,7 +277,7 @@ class _LimitedPipe:
         return getattr(self._pipe, name)
 
     def add_response(self, response: Message, is_last: bool = False) -> None:
-        if response.opt.object_security is None:  # not protected: the peer is not known
+        if response.opt.oscore is None:  # not protected: the peer is not known
             response = self._limit(self._request, response)
         self._pipe.add_response(response, is_last)
 

@@ -144,6 +144,8 @@ class CoapTransport:
         ctx = await aiocoap.Context.create_client_context(transports=self.transports)
         if self.security is not None:
             self.security.configure(ctx)
+            if "oscore" in (self.transports or ()):
+                _quiet_cancelled_oscore(asyncio.get_running_loop())
         return ctx
 
     async def request(
@@ -332,3 +334,28 @@ class Endpoints:
 
     def retried_primary_failed(self) -> None:
         self._left_primary_at = self.clock.monotonic()
+
+
+def _quiet_cancelled_oscore(loop: asyncio.AbstractEventLoop) -> None:
+    """aiocoap 0.4.17's OSCORE client transport fails in a task's done callback when a context is
+    shut down with a request in flight (a lane reset, a stop: the request is cancelled or gets
+    LibraryShutdown, and passing that on fails again), and asyncio logs it with a traceback.
+    This loop exception handler (installed once) turns exactly those into a debug line and
+    passes everything else on."""
+    if getattr(loop, "_edge_agent_oscore_quiet", False):
+        return
+    previous = loop.get_exception_handler()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        where = repr(context.get("handle", ""))
+        if error is not None and "TransportOSCORE.request.<locals>.done" in where:
+            log.debug("event=oscore_request_ended_on_shutdown error=%r", type(error).__name__)
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    loop._edge_agent_oscore_quiet = True  # type: ignore[attr-defined]
