@@ -4,9 +4,9 @@ Every SKAB CSV (``--data DIR``, else $EDGE_AGENT_SKAB, else ../shared/data/skab 
 checkout) is replayed as the reference rig (agent/examples/pump-rig.toml) would record it: one
 telemetry record per sensor per row (the seven sensors that have a SKAB signal; the ambient BME280
 has none), the row's datetime as the reading time, sequence numbers from wall-clock microseconds
-as the store assigns them. Every channel is at its real resolution: the driver's
-``resolution(channel)`` times the scaling gain, as tests/hil/test_rig.py computes it (a
-``[sensor.resolution]`` override wins).
+as the store assigns them. Every value is on its channel's real resolution grid, as the sampler
+reports it: the driver's ``resolution(channel)`` times the scaling gain, as tests/hil/test_rig.py
+computes it (a ``[sensor.resolution]`` override wins).
 
 Measured side by side in one run, as bytes per reading (one channel value):
 
@@ -19,13 +19,14 @@ Measured side by side in one run, as bytes per reading (one channel value):
 4,096 records, the endpoint's limit), against
 
 - JSON: one JSON object per channel value (device, sensor, channel, time, value; compact
-  separators, one per line), the value as the CSV gives it;
+  separators, one per line);
 - the xz bound: ``xz -9e`` (lzma, preset 9 | PRESET_EXTREME) of the same quantized columns (the
   integers at each channel's resolution and the time in ms, whole replay, column by column), in
   three layouts (int64 values, int64 deltas, zigzag varint deltas): the smallest is the bound.
 
-Every batch is decoded and checked: seqs and kinds, times to the millisecond, and each value equal
-to ``round(x / r)`` steps of ``r`` (``agent.wire.compact.quantize``), within ``r / 2`` of the CSV.
+Every batch is decoded and checked: seqs and kinds, times to the millisecond, and each value
+exactly as sent (``round(x / r)`` steps of ``r``, ``agent.wire.compact.quantize``, within ``r / 2``
+of the CSV).
 Encode and decode speeds are readings per second of CPU time on this host.
 
 Without SKAB data the bench reports that it skipped, and why. Options (after the bench name):
@@ -126,7 +127,10 @@ def replay(files: Sequence[SkabFile], cfg: configmod.Config) -> Replay:
                 seq = int(t * 1_000_000)  # the store starts at wall-clock microseconds
             rows += 1
             for s in sensors:
-                reading = {ch: by_signal[s.signals[ch]] for ch in s.channels}
+                # as the sampler reports them: on each channel's resolution grid
+                reading = {
+                    ch: quantize(by_signal[s.signals[ch]], res[(s.name, ch)]) for ch in s.channels
+                }
                 body = TelemetryBody(s.name, t, reading).to_cbor()
                 records.append(WireRecord(seq, "telemetry", t, body))
                 seq += 1
