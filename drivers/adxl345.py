@@ -386,7 +386,9 @@ class Adxl345(BaseDriver):
 
         For ``vibration_rms_g``: one eighth of that step (0.975 mg at the defaults), the bound on
         |RMS read - vibration RMS| the simulator's synthesis keeps for RMS values from
-        max(5 mg, step / 2) up to 2 g without clipping, windows being whole multiples of 32.
+        max(5 mg, step) up to 2 g without clipping, windows being whole multiples of 32. (Near
+        half a step, with the axes offset by a fraction of a step, samples quantize to 0 or one
+        step and the error reaches 0.18 step: measured at 16 g, 10 bits, 6.25 and 12.5 Hz.)
         """
         o = self.options
         step = output_step_g(o.data_rate_hz, o.range_g, o.full_resolution)

@@ -93,9 +93,9 @@ def channel_resolution(cfg: SensorConfig, driver: Any, channel: str) -> float | 
 
 
 def scale_values(cfg: SensorConfig, raw: dict[str, float], driver: Any = None) -> dict[str, float]:
-    """The reported channels of ``cfg`` from a driver's raw channel values. A scaled channel, or
-    one with a resolution override, is reported on its resolution's grid (what the compact
-    encodings carry exactly, so every encoding of a reading agrees)."""
+    """The reported channels of ``cfg`` from a driver's raw channel values, each on its
+    resolution's grid when it has one (what the compact encodings carry exactly, so every
+    encoding of a reading agrees)."""
     out: dict[str, float] = {}
     for ch in cfg.channels:
         scaling = cfg.scaling.get(ch)
@@ -103,11 +103,11 @@ def scale_values(cfg: SensorConfig, raw: dict[str, float], driver: Any = None) -
         if source not in raw:
             raise DriverError(f"{cfg.name}: driver returned no value for channel {source!r}")
         value = raw[source]
-        if scaling or ch in cfg.resolution:
-            value = scaling.apply(value) if scaling else value
-            step = channel_resolution(cfg, driver, ch) if driver is not None else None
-            if step and math.isfinite(value) and abs(value / step) < 2**53:
-                value = quantize(value, step) + 0.0  # + 0.0: never -0.0
+        if scaling:
+            value = scaling.apply(value)
+        step = channel_resolution(cfg, driver, ch) if driver is not None else None
+        if step and math.isfinite(value) and abs(value / step) < 2**53:
+            value = quantize(value, step) + 0.0  # + 0.0: never -0.0
         out[ch] = value
     return out
 
