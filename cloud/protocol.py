@@ -16,10 +16,12 @@ from typing import Any
 import aiocoap
 import aiocoap.error
 import aiocoap.interfaces
-from aiocoap import Message
+from aiocoap import Message, oscore
 from aiocoap.blockwise import ContinueException
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
+
+from agent.loopfilter import ExceptionFilter
 
 RETRY_AFTER = 10  # Max-Age of a 5.03 answer
 BLOCK1_LIFETIME = 93.0  # RFC 7252 MAX_TRANSMIT_WAIT: an unfinished Block1 upload is dropped
@@ -232,8 +234,6 @@ class SecureFront(aiocoap.interfaces.Resource):
         return self._inner.get_resources_as_linkheader()
 
     async def render_to_pipe(self, pipe: Any) -> None:
-        from aiocoap import oscore
-
         request = pipe.request
         try:
             oscore.verify_start(request)
@@ -348,35 +348,15 @@ def wire_size(msg: Message, token: bytes | None = None) -> int:
     return _HEADER_BYTES + len(tok or b"") + len(msg.opt.encode()) + payload
 
 
-class DatagramGuard:
+def datagram_guard(on_bad: Callable[[BaseException], None]) -> ExceptionFilter:
     """aiocoap 0.4.17's UDP transport decodes each datagram in an event loop callback and catches
     only the errors it expects: a string option with invalid UTF-8 (and a few other malformed
     options) escapes as UnicodeDecodeError/ValueError, and asyncio logs a traceback per datagram.
-    Installed as the loop's exception handler while the endpoint runs, this turns exactly those
-    into ``on_bad(error)`` (a rate-limited warning) and passes everything else on."""
-
-    def __init__(self, on_bad: Callable[[BaseException], None]) -> None:
-        self._on_bad = on_bad
-        self._loop: Any = None
-        self._previous: Any = None
-
-    def install(self, loop: Any) -> None:
-        self._loop = loop
-        self._previous = loop.get_exception_handler()
-        loop.set_exception_handler(self._handle)
-
-    def remove(self) -> None:
-        if self._loop is not None and self._loop.get_exception_handler() == self._handle:
-            self._loop.set_exception_handler(self._previous)
-        self._loop = None
-
-    def _handle(self, loop: Any, context: dict[str, Any]) -> None:
-        error = context.get("exception")
-        where = repr(context.get("handle", ""))
-        if isinstance(error, ValueError) and "RecvmsgSelectorDatagramTransport" in where:
-            self._on_bad(error)  # UnicodeDecodeError is a ValueError
-            return
-        if self._previous is not None:
-            self._previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
+    Installed while the endpoint runs, this filter turns exactly those into ``on_bad(error)`` (a
+    rate-limited warning)."""
+    return ExceptionFilter(
+        lambda error, where: (
+            isinstance(error, ValueError) and "RecvmsgSelectorDatagramTransport" in where
+        ),
+        on_bad,
+    )

@@ -18,13 +18,14 @@ DTLS pre-shared keys, and the rule of what each may do.
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiocoap import oscore
 
-from agent.wire.credentials import ENDPOINT_KID, Credential
+from agent.wire.credentials import ENDPOINT_KID, KID_BYTES, Credential
 from agent.wire.oscore import (
     PersistentContext,
     Sequence,
@@ -32,6 +33,7 @@ from agent.wire.oscore import (
     read_state,
     write_state,
 )
+from cloud.storage import DuplicateKeyId
 
 log = logging.getLogger(__name__)
 
@@ -255,11 +257,6 @@ class Principals:
 def issue_credential(storage: Any, principal: str, role: str, now: float) -> Credential:
     """A new credential for ``principal`` (a re-key when it had one: new key id, new secrets,
     the next generation), stored; returns the principal's side."""
-    import secrets
-
-    from agent.wire.credentials import KID_BYTES
-    from cloud.storage import DuplicateKeyId
-
     old = {c.principal: c for c, _ in storage.credentials()}.get(principal)
     generation = old.generation + 1 if old is not None else 1
     for _ in range(16):

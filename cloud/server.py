@@ -47,6 +47,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from agent.errors import ModelError
+from agent.loopfilter import ExceptionFilter
 from agent.wire import codec, records, statedoc
 from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
 from agent.wire.credentials import Credential
@@ -65,7 +66,6 @@ from cloud.protocol import (
     _KNOWN_CRITICAL,
     RETRY_AFTER,
     Amplification,
-    DatagramGuard,
     SecureFront,
     _Block1Uploads,
     _Failure,
@@ -74,6 +74,7 @@ from cloud.protocol import (
     _Route,
     _route,
     _too_large,
+    datagram_guard,
 )
 from cloud.security import Principal, Principals, allowed, identity, issue_credential
 from cloud.storage import (
@@ -217,7 +218,7 @@ class CloudServer:
         self._observers: dict[str, set[Any]] = {}
         self._etags: dict[str, bytes] = {}
         self._poller: asyncio.Task[None] | None = None
-        self._guard: DatagramGuard | None = None
+        self._guard: ExceptionFilter | None = None
         self._warned = 0
         self._suppressed = 0
         self._warn_window = 0.0
@@ -284,7 +285,7 @@ class CloudServer:
             except BaseException:
                 await self._ctx.shutdown()
                 raise
-        self._guard = DatagramGuard(self._bad_datagram)
+        self._guard = datagram_guard(self._bad_datagram)
         self._guard.install(asyncio.get_running_loop())
         self._poller = asyncio.create_task(self._poll(), name="cloud-desired-poll")
         log.info(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import SyncError
+from agent.loopfilter import ExceptionFilter
 from agent.sync.security import ClientSecurity
 from drivers.clock import Clock
 
@@ -340,22 +341,13 @@ def _quiet_cancelled_oscore(loop: asyncio.AbstractEventLoop) -> None:
     """aiocoap 0.4.17's OSCORE client transport fails in a task's done callback when a context is
     shut down with a request in flight (a lane reset, a stop: the request is cancelled or gets
     LibraryShutdown, and passing that on fails again), and asyncio logs it with a traceback.
-    This loop exception handler (installed once) turns exactly those into a debug line and
-    passes everything else on."""
+    A loop exception filter (installed once per loop) turns exactly those into a debug line."""
     if getattr(loop, "_edge_agent_oscore_quiet", False):
         return
-    previous = loop.get_exception_handler()
-
-    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        error = context.get("exception")
-        where = repr(context.get("handle", ""))
-        if error is not None and "TransportOSCORE.request.<locals>.done" in where:
-            log.debug("event=oscore_request_ended_on_shutdown error=%r", type(error).__name__)
-            return
-        if previous is not None:
-            previous(lp, context)
-        else:
-            lp.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
+    ExceptionFilter(
+        lambda _error, where: "TransportOSCORE.request.<locals>.done" in where,
+        lambda error: log.debug(
+            "event=oscore_request_ended_on_shutdown error=%r", type(error).__name__
+        ),
+    ).install(loop)
     loop._edge_agent_oscore_quiet = True  # type: ignore[attr-defined]

@@ -185,7 +185,7 @@ class ClientContext:
             id_context, seq, replay = secrets.token_bytes(ID_CONTEXT_BYTES), 0, None
             log.info("event=oscore_new_context id_context=%s", id_context.hex())
         else:
-            id_context, seq, replay = bytes.fromhex(doc["id_context"]), doc["seq_reserved"], None
+            id_context, seq = bytes.fromhex(doc["id_context"]), doc["seq_reserved"]
             replay = doc.get("replay")
         self.sequence = Sequence(int(seq), self.save)
         self.context = PersistentContext(

@@ -14,8 +14,7 @@ import logging
 import os
 import shutil
 import sqlite3
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +28,6 @@ from agent.store.settings import DEFAULT_PRIORITY, StoreSettings
 from agent.wire.records import Kind
 from drivers.base import OptionError, Options
 from drivers.clock import VirtualClock
-
-
-@pytest.fixture
-def qdir(tmp_path: Path) -> Iterator[Path]:
-    """A fresh directory, on tmpfs when /dev/shm is usable."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="edge-agent-store-", dir=shm))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(params=["full", "normal"])

@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,21 +37,6 @@ BUDGET = MIB
 # WAL at one share plus one transaction, so db + WAL stays within the budget as long as no single
 # put carries more than a WAL share (budget/8) of payload.
 MARGIN = 0
-
-
-@pytest.fixture
-def qdir(tmp_path: Path) -> Iterator[Path]:
-    """A fresh directory, on tmpfs when /dev/shm is usable (these tests check the budget
-    logic; fsync latency of a busy disk would only slow them down)."""
-    shm = Path("/dev/shm")
-    if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="edge-agent-store-", dir=shm))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def file_bytes(settings: StoreSettings) -> int:
