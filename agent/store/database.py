@@ -19,27 +19,28 @@ from typing import Any
 from agent.errors import StoreError, StoreFull
 from agent.store.dbfile import (
     create,
-    examine_header,
+    examine,
     file_size,
     is_corrupt,
     is_full,
     max_opt,
     move_aside,
+    open_error,
 )
+from agent.store.salvage import Damaged, copy
 from agent.store.seqfile import SeqFile, SeqMark
 from agent.store.settings import (
-    APPLICATION_ID,
     BUSY_TIMEOUT_SECONDS,
     CODE_KIND,
     EVICT_ORDER,
     PAGE_SIZE,
     RANK,
     RECORD_OVERHEAD,
-    SCHEMA_VERSION,
     SEQ_BLOCK,
     SEQ_EPOCH_SCALE,
     StoreSettings,
 )
+from agent.store.space import Reserve, cap_budget, reserve_path
 from agent.wire.batch import MAX_SEQ
 from agent.wire.records import Kind
 
@@ -110,8 +111,15 @@ class Db:
         self.commits = 0
         self.meta_hwm = 0  # as read at open
         self.clean = False  # the last session closed cleanly (as read at open)
+        self.salvaged = 0  # rows copied out of corrupt files by this process
+        self.lost = 0  # rows a corrupt file held that could not be read
         self.leases: dict[int, float] = {}
         self.pending_acks: set[int] = set()
+        self._derive()
+
+    def _derive(self) -> None:
+        """Sizes that follow from the budget (again after open capped it to the filesystem)."""
+        settings = self.s
         self.wal_limit = settings.wal_limit()
         self.target_pages = settings.db_target() // PAGE_SIZE
         self.chunk_bytes = max(PAGE_SIZE, settings.db_target() // 16)
@@ -119,50 +127,66 @@ class Db:
         # One record never needs more than half a WAL share, so the WAL stays in its share.
         self.max_record_bytes = max(PAGE_SIZE, min(settings.db_target() // 16, self.wal_limit // 2))
         self.keep_free_pages = max(16, self.target_pages // 4)
+        self.reserve = Reserve(reserve_path(settings), self.wal_limit)
 
     # -- open / create / recover -----------------------------------------------------------------
 
     def open(self, wall_now: float) -> None:
+        """Open the queue, or recover it: a file found corrupt at any step (header, schema,
+        load, check, sequence start) is moved aside, a new one is created, and every readable
+        row of the old one is salvaged into it with its sequence number."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
+            self.s = cap_budget(self.s)
+            self._derive()
             mark = self.seqfile.read()
-            fresh = False
-            recovered: int | None = None
-            corrupt_reason = self._examine()
+            damaged: list[Damaged] = []
+            corrupt_reason = examine(self.path)
             if corrupt_reason is not None:
-                recovered = move_aside(self.path, self.s.wal_path, corrupt_reason, wall_now)
-            if not self.path.exists():
-                create(self.path)
-                fresh = True
-            try:
-                self._connect()
-                clean = self._load()
-                if not clean:
-                    self._quick_check()
-            except (sqlite3.DatabaseError, _Corrupt) as err:
-                if not (isinstance(err, _Corrupt) or is_corrupt(err)):
-                    raise self._open_error(err) from err
-                self._close_conn()
-                recovered = max_opt(
-                    recovered, move_aside(self.path, self.s.wal_path, str(err), wall_now)
-                )
-                create(self.path)
-                fresh = True
-                self._connect()
-                self._load()
-            self._start_sequence(mark, fresh, recovered, wall_now)
+                damaged.append(move_aside(self.path, self.s.wal_path, corrupt_reason, wall_now))
+            for attempt in range(3):
+                fresh = not self.path.exists()
+                try:
+                    if fresh:
+                        create(self.path)
+                    self._connect()
+                    if not self._load():
+                        self._quick_check()
+                    recovered = self._salvage(damaged, None)
+                    self._start_sequence(mark, fresh, recovered, wall_now)
+                    self.reserve.ensure(time.monotonic())
+                    return
+                except (sqlite3.DatabaseError, _Corrupt) as err:
+                    if attempt == 2 or not (isinstance(err, _Corrupt) or is_corrupt(err)):
+                        raise open_error(self.path, err) from err
+                    self._close_conn()
+                    damaged.append(move_aside(self.path, self.s.wal_path, str(err), wall_now))
         except BaseException:
             self.close_quietly()
             raise
 
-    def _open_error(self, err: BaseException) -> StoreError:
-        """An error at open that says nothing about the file's health (I/O, lock, disk full)."""
-        if is_full(err, self.dir):
-            return StoreFull(
-                f"cannot open the queue {self.path}: the disk is full; free space on {self.dir}"
+    def _salvage(self, damaged: list[Damaged], known: int | None) -> int | None:
+        """Copy every readable row of the moved-aside files into the open (new) queue; returns
+        the highest sequence number seen in them. ``known``: records the caller knows were
+        queued (at run time), when the files' own counters cannot say."""
+        hwm: int | None = None
+        for d in damaged:
+            got = copy(d.path, MAX_SEQ if d.hwm is None else d.hwm, self._c())
+            lost = got.lost if got.lost is not None or known is None else known - got.salvaged
+            hwm = max_opt(max_opt(hwm, d.hwm), got.hwm)
+            self.salvaged += got.salvaged
+            self.lost += max(0, lost or 0)
+            log.error(
+                "event=queue_salvaged from=%s salvaged=%d lost=%s unreadable_spans=%d",
+                d.path,
+                got.salvaged,
+                "unknown" if lost is None else max(0, lost),
+                got.unreadable_spans,
             )
-        return StoreError(f"cannot open the queue {self.path}: {err}")
+        if damaged:
+            self._load()
+        return hwm
 
     def _lock(self) -> None:
         fd = os.open(self.s.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -175,37 +199,6 @@ class Db:
                 "stop the other edge-agent or give this one its own [store] path"
             ) from err
         self.lock_fd = fd
-
-    def _examine(self) -> str | None:
-        if not self.path.exists():
-            return None
-        try:
-            reason = examine_header(self.path)
-        except OSError as err:
-            raise StoreError(f"cannot read {self.path}: {err}") from err
-        if reason is None:
-            try:
-                conn = sqlite3.connect(
-                    self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
-                )
-                try:
-                    app = conn.execute("PRAGMA application_id").fetchone()[0]
-                    ver = conn.execute("PRAGMA user_version").fetchone()[0]
-                    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-                finally:
-                    conn.close()
-            except sqlite3.DatabaseError as err:
-                if is_corrupt(err):
-                    return f"unreadable: {err}"
-                raise self._open_error(err) from err
-            if app != APPLICATION_ID or not {"records", "kinds", "meta"} <= tables:
-                return "not an edge-agent queue"
-            if ver != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has queue schema version {ver}, this agent knows "
-                    f"{SCHEMA_VERSION}; run the matching edge-agent or move the file away"
-                )
-        return reason
 
     def _connect(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
@@ -295,7 +288,10 @@ class Db:
                 conn.execute("COMMIT")
         except (OSError, sqlite3.Error) as err:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if is_corrupt(err):
+                raise  # the caller moves the file aside and salvages it
             if is_full(err, self.dir):
                 raise StoreFull(
                     f"cannot open the queue {self.path}: the disk is full; free space on {self.dir}"
@@ -347,21 +343,30 @@ class Db:
             self.lock_fd = None
 
     def _recover_runtime(self, err: BaseException, wall_now: float) -> None:
-        """The open database went corrupt: move it aside and go on with a new one."""
+        """The open database went corrupt: move it aside, salvage its readable rows into a new
+        one, and go on."""
         self._close_conn()
-        move_aside(self.path, self.s.wal_path, f"runtime: {err}", wall_now)
+        damaged = move_aside(self.path, self.s.wal_path, f"runtime: {err}", wall_now)
         create(self.path)
         self._connect()
-        lost = sum(self.depth)
+        known = sum(self.depth)
         hwm = max(self.hwm, self.reserved)
         evicted, ring_dropped = list(self.evicted), self.ring_dropped
         self.leases.clear()
-        self.pending_acks.clear()
         self._load()
+        salvaged_hwm = self._salvage([damaged], known)
         self.evicted, self.ring_dropped = evicted, ring_dropped
-        self._start_sequence(SeqMark(hwm, self.s.durability), True, None, wall_now)
+        self._start_sequence(
+            SeqMark(max(hwm, salvaged_hwm or 0), self.s.durability), True, None, wall_now
+        )
         self._write_counters()
-        log.error("event=queue_recreated path=%s records_lost=%d", self.path, lost)
+        log.error("event=queue_recreated path=%s", self.path)
+
+    def _checkpoint_truncate(self) -> None:
+        try:
+            self._c().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as err:
+            log.warning("event=checkpoint_failed path=%s error=%s", self.path, err)
 
     def _write_counters(self) -> None:
         conn = self._c()
@@ -392,7 +397,7 @@ class Db:
             except (sqlite3.DatabaseError, _Corrupt, OSError) as err:
                 if attempt == 0 and (is_corrupt(err) or isinstance(err, _Corrupt)):
                     self._recover_runtime(err, wall_now)
-                    acks, nacks = set(), set()
+                    nacks = set()  # leases ended; acks apply to the salvaged rows
                     continue
                 wrapped = StoreError(f"queue {self.path}: write failed: {err}")
                 wrapped.__cause__ = err
@@ -411,6 +416,8 @@ class Db:
         try:
             seqs = self._txn(puts, acks, nacks, ring_dropped=ring_dropped)
             self.pending_acks.clear()
+            if not self.reserve.present:
+                self.reserve.ensure(time.monotonic())
             return _Outcome(puts=list(seqs))
         except _Full:
             pass
@@ -438,15 +445,22 @@ class Db:
                 pass
         held = 0
         if acks or nacks or ring_dropped:
-            try:
-                self._txn([], acks, nacks, ring_dropped=ring_dropped)
-                self.pending_acks.clear()
-                ring_dropped = 0
-            except _Full:
-                self.pending_acks = set(acks)
-                held = len(acks)
-                for seq in nacks:
-                    self.leases.pop(seq, None)
+            for attempt in range(2):
+                try:
+                    self._txn([], acks, nacks, ring_dropped=ring_dropped)
+                    self.pending_acks.clear()
+                    ring_dropped = 0
+                    if attempt:  # written with the reserve's room: give the WAL's space back
+                        self._checkpoint_truncate()
+                    break
+                except _Full:
+                    if attempt == 0 and acks and self.reserve.release():
+                        continue
+                    self.pending_acks = set(acks)
+                    held = len(acks)
+                    for seq in nacks:
+                        self.leases.pop(seq, None)
+                    break
         if ring_dropped:
             self.ring_dropped += ring_dropped  # persisted with the next successful transaction
             self.ring_dirty = True
@@ -764,4 +778,6 @@ class Db:
             "free_pages": free,
             "ring_dropped": self.ring_dropped,
             "commits": self.commits,
+            "salvaged": self.salvaged,
+            "salvage_lost": self.lost,
         }

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agent.errors import StoreError, StoreFull
 from agent.files import fsync_dir
+from agent.store.salvage import Damaged
 from agent.store.settings import (
     APPLICATION_ID,
     BUSY_TIMEOUT_SECONDS,
@@ -84,6 +85,48 @@ def examine_header(path: Path) -> str | None:
     return None
 
 
+def open_error(path: Path, err: BaseException) -> StoreError:
+    """An error at open that says nothing about the file's health (I/O, lock, disk full)."""
+    if is_full(err, path.parent):
+        return StoreFull(
+            f"cannot open the queue {path}: the disk is full; free space on {path.parent}"
+        )
+    return StoreError(f"cannot open the queue {path}: {err}")
+
+
+def examine(path: Path) -> str | None:
+    """Why the queue file at ``path`` cannot be used as it is (corrupt, not ours), or None (it
+    looks sound, or there is none). A newer schema is refused with StoreError, not moved aside."""
+    if not path.exists():
+        return None
+    try:
+        reason = examine_header(path)
+    except OSError as err:
+        raise StoreError(f"cannot read {path}: {err}") from err
+    if reason is not None:
+        return reason
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
+        try:
+            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            ver = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        if is_corrupt(err):
+            return f"unreadable: {err}"
+        raise open_error(path, err) from err
+    if app != APPLICATION_ID or not {"records", "kinds", "meta"} <= tables:
+        return "not an edge-agent queue"
+    if ver != SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has queue schema version {ver}, this agent knows "
+            f"{SCHEMA_VERSION}; run the matching edge-agent or move the file away"
+        )
+    return None
+
+
 _SCHEMA = (
     "CREATE TABLE records ("
     " seq INTEGER PRIMARY KEY,"
@@ -125,9 +168,10 @@ def _recover_hwm(path: Path) -> int | None:
     return best
 
 
-def move_aside(path: Path, wal: Path, reason: str, wall_now: float) -> int | None:
-    """Move a damaged queue file (and its WAL) aside as ``<name>.corrupt-<UTC time>``; returns the
-    highest sequence number still readable from it, if any."""
+def move_aside(path: Path, wal: Path, reason: str, wall_now: float) -> Damaged:
+    """Move a damaged queue file (and its WAL) aside as ``<name>.corrupt-<UTC time>``; returns
+    where it went and the highest sequence number still readable from it (for
+    :mod:`agent.store.salvage`)."""
     recovered = _recover_hwm(path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall_now))
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
@@ -153,14 +197,14 @@ def move_aside(path: Path, wal: Path, reason: str, wall_now: float) -> int | Non
         recovered,
     )
     _prune_corrupt(path)
-    return recovered
+    return Damaged(target, recovered)
 
 
 def _prune_corrupt(path: Path) -> None:
     aside = sorted(
         p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith("-wal")
     )
-    for old in aside[:-KEEP_CORRUPT] if KEEP_CORRUPT else aside:
+    for old in aside[: -max(1, KEEP_CORRUPT)]:  # the newest stays until it is salvaged
         for p in (old, old.with_name(old.name + "-wal")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

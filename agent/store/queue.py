@@ -119,6 +119,8 @@ class StoreStats:
     rejected_full: Mapping[Kind, int]  # records refused with StoreFull in this process
     disk_full: bool
     commits: int  # write transactions committed by this process (group commit joins puts)
+    salvaged: int = 0  # rows copied out of corrupt files by this process
+    salvage_lost: int = 0  # rows corrupt files held that could not be read (where known)
 
     @property
     def depth(self) -> int:
@@ -155,6 +157,8 @@ class StoreStats:
             "rejected_full": {str(k): v for k, v in self.rejected_full.items()},
             "disk_full": self.disk_full,
             "commits": self.commits,
+            "salvaged": self.salvaged,
+            "salvage_lost": self.salvage_lost,
         }
 
 
@@ -205,6 +209,7 @@ class Store:
         except BaseException:
             store._executor.shutdown(wait=False)
             raise
+        store.settings = store._db.s  # the budget as capped by the filesystem's room
         return store
 
     # -- writes ----------------------------------------------------------------------------------
@@ -487,6 +492,8 @@ class Store:
             rejected_full={kind: self._rejected[c] for kind, c in KIND_CODE.items()},
             disk_full=self._disk_full,
             commits=raw["commits"],
+            salvaged=raw["salvaged"],
+            salvage_lost=raw["salvage_lost"],
         )
 
     async def close(self) -> None:

@@ -464,19 +464,35 @@ def test_a_corrupt_database_is_moved_aside_and_a_new_one_starts_above_old_seqs(
 
     async def main() -> None:
         st = await Store.open(settings, clock=vclock)
+        payloads: dict[int, bytes] = {}
         for _ in range(20):
-            old = await st.put([rec(Kind.TELEMETRY, os.urandom(400)) for _ in range(20)])
+            batch = [rec(Kind.TELEMETRY, os.urandom(400)) for _ in range(20)]
+            old = await st.put(batch)
+            payloads.update(zip(old, (r.payload for r in batch), strict=True))
         await st.close()
         damage(settings.path)
 
-        with caplog.at_level(logging.ERROR, logger="agent.store.dbfile"):
+        with caplog.at_level(logging.ERROR, logger="agent.store"):
             st = await Store.open(settings, clock=vclock)
-        aside = [p for p in settings.path.parent.glob("queue.db.corrupt-*") if "-wal" not in p.name]
+        aside = [
+            p
+            for p in settings.path.parent.glob("queue.db.corrupt-*")
+            if not p.name.endswith(("-wal", "-shm"))
+        ]
         assert len(aside) == 1
         assert any(str(aside[0]) in r.getMessage() for r in caplog.records)
         new = await st.put([rec(Kind.ALERT)])
         assert new[0] > old[-1]
-        assert [r.seq for r in await st.batch(100, 1 << 20)] == new
+        got = await st.batch(1000, 1 << 30)
+        assert got[0].seq == new[0]
+        salvaged = got[1:]
+        # every row that came back is one that was put, under its own number, unchanged
+        assert all(payloads.get(r.seq) == r.payload for r in salvaged)
+        assert [r.seq for r in salvaged] == sorted(r.seq for r in salvaged)
+        if damage is _truncated:  # half the pages survive: rows on them are salvaged
+            assert 0 < len(salvaged) < len(payloads)
+        elif damage is not _zeroed_pages:
+            assert salvaged == []  # nothing readable was left
         await st.close()
 
     run(vclock, main)
@@ -537,7 +553,10 @@ def test_corruption_found_while_running_replaces_the_file_and_keeps_going(
         conn.close()
         with caplog.at_level(logging.ERROR, logger="agent.store"):
             got = await st.batch(10_000, 1 << 30)
-        assert got == []  # the records went with the corrupt file
+        # the rows on the pages that were not overwritten are salvaged, under their numbers
+        assert 0 < len(got) < len(old)
+        assert {r.seq for r in got} <= set(old)
+        assert any("salvaged=" in r.getMessage() for r in caplog.records)
         aside = [p for p in settings.path.parent.glob("queue.db.corrupt-*") if "-wal" not in p.name]
         assert len(aside) == 1
         new = await st.put([rec(Kind.ALERT)])

@@ -272,6 +272,78 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mnt)], check=False)  # a file is still open
 
 
+def _ballast(path: Path, leave: int) -> None:
+    """Another program's file, leaving ``leave`` bytes free on the filesystem."""
+    st = os.statvfs(path.parent)
+    path.write_bytes(bytes(max(0, st.f_bavail * st.f_frsize - leave)))
+
+
+def _fill_disk(path: Path) -> None:
+    """Another program writes until the filesystem is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_a_budget_larger_than_the_filesystem_is_capped_and_the_wal_stays_bounded(
+    tiny_fs: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = StoreSettings(path=tiny_fs / "queue.db")  # the default 256 MB budget on 1 MiB
+
+    async def main() -> None:
+        with caplog.at_level(logging.WARNING, logger="agent.store"):
+            st = await Store.open(settings, clock=vclock)
+        assert any("event=budget_capped" in r.getMessage() for r in caplog.records)
+        assert st.settings.budget_bytes <= 0.8 * MIB
+        for _ in range(300):  # 2.4 MB of telemetry through a 1 MiB filesystem
+            await st.put([NewRecord(Kind.TELEMETRY, os.urandom(2000)) for _ in range(4)])
+            stats = await st.stats()
+            assert stats.file_bytes <= st.settings.budget_bytes
+            assert not stats.disk_full
+        assert stats.kinds[Kind.TELEMETRY].evicted > 0  # the budget, not the disk, said no
+        await st.close()
+
+    vclock.run(main())
+
+
+def test_hostile_disk_acks_on_a_full_disk_free_space_through_the_reserve(
+    tiny_fs: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = StoreSettings(path=tiny_fs / "queue.db")
+    ballast = tiny_fs / "ballast"
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        assert (tiny_fs / "queue.db.reserve").exists()
+        seqs: list[int] = []
+        for _ in range(40):
+            seqs += await st.put([NewRecord(Kind.EVENT, os.urandom(1500)) for _ in range(4)])
+        _fill_disk(ballast)
+        with pytest.raises(StoreFull):
+            await st.put([NewRecord(Kind.EVENT, os.urandom(1500)) for _ in range(40)])
+        free_before = os.statvfs(tiny_fs).f_bavail
+        with caplog.at_level(logging.WARNING, logger="agent.store"):
+            for i in range(0, len(seqs), 40):  # the endpoint answers: every ack is written
+                await st.batch(40, 1 << 20)
+                await st.ack(seqs[i : i + 40])
+        assert not any("acks_held" in r.getMessage() for r in caplog.records)
+        assert any("reserve_released" in r.getMessage() for r in caplog.records)
+        assert (await st.stats()).depth == 0
+        assert os.statvfs(tiny_fs).f_bavail > free_before  # the drained queue gave space back
+        await st.put([NewRecord(Kind.EVENT, b"after")])  # and puts work again
+        await st.close()
+        st = await Store.open(settings, clock=vclock)  # nothing acked comes back
+        assert [r.payload for r in await st.batch(100, 1 << 20)] == [b"after"]
+        await st.close()
+
+    vclock.run(main())
+
+
 def test_a_really_full_disk_no_crash_alerts_wait_until_space_returns(
     tiny_fs: Path, vclock: VirtualClock
 ) -> None:
@@ -279,8 +351,9 @@ def test_a_really_full_disk_no_crash_alerts_wait_until_space_returns(
     ballast = tiny_fs / "ballast"
 
     async def main() -> None:
-        ballast.write_bytes(bytes(256 * 1024))  # someone else's file on the same disk
         st = await Store.open(settings, clock=vclock)
+        assert st.settings.budget_bytes < MIB  # capped to the filesystem's room
+        _ballast(ballast, leave=200 * 1024)  # someone else's file fills most of the disk
         err = await fill(st, Kind.EVENT)
         assert "disk is full" in str(err) and str(tiny_fs) in str(err)
         tasks = [

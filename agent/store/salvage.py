@@ -1,0 +1,287 @@
+"""Salvage: every row still readable from a queue file that was moved aside as corrupt, copied
+into the new queue with its own sequence number, and counted.
+
+A damaged SQLite file usually fails on some pages only. The scan walks the ``records`` table in
+sequence order through one cursor; when a step fails it records the last good sequence number and
+looks for the next position where a seek succeeds (doubling the distance, then halving it back to
+the first readable key), so one bad page costs the rows on that page, not the rest of the file.
+The damaged copy is opened read-only and stays on disk (``KEEP_CORRUPT`` copies are kept) for an
+operator who wants to look at it.
+
+Salvaged rows keep their sequence numbers: a row that the endpoint already stored under its number
+is deduplicated there, and one that it did not is delivered once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.store.settings import BUSY_TIMEOUT_SECONDS, CODE_KIND
+
+log = logging.getLogger(__name__)
+
+Row = tuple[int, int, int, float, int, bytes]
+"""(seq, kind code, priority, created, attempts, payload), as the records table holds them."""
+
+MAX_SPANS = 10_000  # damaged spans skipped before the rest of a file is given up on
+MAX_LOOKUPS = 100_000  # point lookups per damaged span
+_CHUNK = 256  # rows per range read
+_COLUMNS = "SELECT seq, kind, priority, created, attempts, payload FROM records"
+_SELECT = f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?"
+_ONE = f"{_COLUMNS} WHERE seq = ?"
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A queue file moved aside: where it went and what its metadata still says."""
+
+    path: Path  # the moved-aside copy (its WAL, if any, beside it as ``<name>-wal``)
+    hwm: int | None  # the highest sequence number readable from it
+
+
+@dataclass(frozen=True)
+class Salvage:
+    """What a salvage recovered: ``lost`` is None when the damaged file did not say how many
+    records it held."""
+
+    salvaged: int
+    lost: int | None
+    unreadable_spans: int  # places where the scan had to skip forward
+    hwm: int | None  # the highest sequence number salvaged
+
+
+def _valid(row: tuple[object, ...]) -> bool:
+    seq, code, pri, created, attempts, payload = row
+    return (
+        isinstance(seq, int)
+        and seq > 0
+        and code in CODE_KIND
+        and isinstance(pri, int)
+        and isinstance(created, int | float)
+        and isinstance(attempts, int)
+        and isinstance(payload, bytes)
+    )
+
+
+def _first_after(conn: sqlite3.Connection, pos: int) -> int | None:
+    """The first sequence number above ``pos`` that a range seek reaches: -1 when the seek works
+    and finds nothing beyond, None when the seek itself fails."""
+    try:
+        got = conn.execute(
+            "SELECT seq FROM records WHERE seq > ? ORDER BY seq LIMIT 1", (pos,)
+        ).fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return int(got[0]) if got and isinstance(got[0], int) else -1
+
+
+def _skip(conn: sqlite3.Connection, pos: int, stop: int) -> int | None:
+    """After a range scan failed past ``pos``: the smallest position from which a range seek
+    works again (doubling the distance, then bisecting back), or None when none does up to
+    ``stop``. Rows in between may still be readable by point lookups (a seek can fail on a
+    damaged neighbour page that a lookup of the key itself never visits)."""
+    step = 1
+    fail = pos
+    found: int | None = None
+    while pos + step <= stop:
+        got = _first_after(conn, pos + step)
+        if got is not None:
+            found = pos + step
+            break
+        fail = pos + step
+        step *= 2
+    if found is None:
+        return None
+    lo, hi = fail, found  # a seek from lo fails, from hi works: narrow it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _first_after(conn, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _lookups(conn: sqlite3.Connection, first: int, last: int) -> list[Row]:
+    """Point lookups of every sequence number in ``first..last`` (bounded by
+    :data:`MAX_LOOKUPS`): the queue numbers its rows densely, so a damaged span is short."""
+    out: list[Row] = []
+    for seq in range(first, min(last, first + MAX_LOOKUPS - 1) + 1):
+        try:
+            row = conn.execute(_ONE, (seq,)).fetchone()
+        except sqlite3.DatabaseError:
+            continue
+        if row is not None and _valid(row):
+            out.append(row)
+    return out
+
+
+def _untruncate(path: Path) -> None:
+    """A file cut short (not a whole number of pages, or shorter than its header says) is made
+    readable where it can be: cut to whole pages, and its in-header size marked stale so SQLite
+    counts pages from the file's size. Changes only the moved-aside copy."""
+    try:
+        with path.open("r+b") as f:
+            header = f.read(100)
+            if len(header) < 100 or header[:16] != b"SQLite format 3\x00":
+                return
+            page = struct.unpack(">H", header[16:18])[0]
+            page = 65536 if page == 1 else page
+            if page < 512 or page & (page - 1):
+                return
+            size = f.seek(0, 2)
+            counter, pages = struct.unpack(">II", header[24:32])
+            if size % page == 0 and pages * page <= size:
+                return
+            f.truncate(size - size % page)
+            f.seek(92)
+            f.write(struct.pack(">I", (counter + 1) & 0xFFFFFFFF))  # "valid-for" != counter
+    except OSError as err:
+        log.warning("event=salvage_untruncate_failed path=%s error=%s", path, err)
+
+
+def copy(path: Path, stop: int, into: sqlite3.Connection) -> Salvage:
+    """Copy every valid row readable from the damaged queue file at ``path`` (sequence numbers up
+    to ``stop``) into the new queue ``into``, streaming (a committed transaction per chunk, so
+    memory stays bounded and a disk that fills keeps what went in), then bring the new queue's
+    per-kind counters and high-water mark up to date. The read-only connections' shared memory
+    file is removed afterwards."""
+    _untruncate(path)
+    done = spans = 0
+    hwm: int | None = None
+    try:
+        with _reader(path) as conn:
+            if conn is not None:
+                scan = _Scan(conn, stop)
+                try:
+                    for chunk in scan:
+                        if not _insert(into, chunk):
+                            break
+                        done += len(chunk)
+                        hwm = max(hwm or 0, chunk[-1][0])
+                except sqlite3.Error as err:  # not a page error: give up on the rest
+                    log.warning("event=salvage_stopped path=%s error=%s", path, err)
+                spans = scan.spans
+        expected = expected_rows(path)
+    finally:
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + "-shm").unlink()
+    _recount(into)
+    lost = None if expected is None else max(0, expected - done)
+    return Salvage(done, lost, spans, hwm)
+
+
+class _Scan:
+    """The rows of a damaged file in sequence order, in chunks; ``spans`` counts the damaged
+    places skipped."""
+
+    def __init__(self, conn: sqlite3.Connection, stop: int) -> None:
+        self.conn = conn
+        self.stop = stop
+        self.spans = 0
+
+    def __iter__(self) -> Iterator[list[Row]]:
+        conn = self.conn
+        pos = 0
+        single = 0  # after a failed range read: rows read one at a time, to find the damage
+        while self.spans < MAX_SPANS:
+            limit = 1 if single else _CHUNK
+            try:
+                chunk = conn.execute(_SELECT, (pos, limit)).fetchall()
+            except sqlite3.DatabaseError:
+                if limit > 1:
+                    single = _CHUNK
+                    continue
+                self.spans += 1
+                resume = _skip(conn, pos, self.stop)
+                found = _lookups(conn, pos + 1, self.stop if resume is None else resume)
+                if found:
+                    yield found
+                if resume is None:
+                    return
+                pos = resume
+                continue
+            if not chunk:
+                return
+            good = [r for r in chunk if _valid(r)]
+            if good:
+                yield good
+            last = chunk[-1][0]
+            if not isinstance(last, int) or last <= pos:
+                return
+            pos = last
+            single = max(0, single - 1)
+
+
+@contextlib.contextmanager
+def _reader(path: Path) -> Iterator[sqlite3.Connection | None]:
+    try:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+        )
+    except sqlite3.Error as err:
+        log.warning("event=salvage_unreadable path=%s error=%s", path, err)
+        yield None
+        return
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            conn.close()
+
+
+def expected_rows(path: Path) -> int | None:
+    """How many records the file's own per-kind counters say it held, if they are readable."""
+    try:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+        )
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT sum(depth) FROM kinds").fetchone()
+        return int(row[0]) if row and isinstance(row[0], int) else None
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
+
+def _insert(conn: sqlite3.Connection, chunk: list[Row]) -> bool:
+    """One committed chunk of salvaged rows; False when the disk is full or failing (what went
+    in stays)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT OR IGNORE INTO records (seq, kind, priority, created, attempts, payload) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            chunk,
+        )
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as err:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        log.error("event=salvage_incomplete error=%s", err)
+        return False
+    return True
+
+
+def _recount(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(
+        "UPDATE kinds SET depth = (SELECT count(*) FROM records r WHERE r.kind = kinds.kind), "
+        "bytes = (SELECT coalesce(sum(length(payload)), 0) FROM records r "
+        "WHERE r.kind = kinds.kind)"
+    )
+    conn.execute(
+        "UPDATE meta SET value = max(value, (SELECT coalesce(max(seq), 0) FROM records)) "
+        "WHERE key = 'seq_hwm'"
+    )
+    conn.execute("COMMIT")

@@ -1,0 +1,135 @@
+"""Disk space for the queue: the budget capped by what the filesystem can hold, and a reserve
+file that is given back when the disk fills, so the deletes that acks make can still be written.
+
+- At open, a budget larger than the filesystem's room for the queue (its free space plus the
+  queue's own files) is capped to :data:`FS_SHARE` of that room, with a warning: a 256 MB default
+  on a 2 MiB partition would otherwise fill it with the WAL alone.
+- The reserve (``queue.db.reserve``, one WAL's worth of allocated blocks) exists while there is
+  room. SQLite needs free pages to delete rows in WAL mode; when an ack finds the disk full, the
+  reserve is deleted, the ack is written, and the WAL is checkpointed and truncated, so a full disk
+  drains as soon as the endpoint answers. The reserve is recreated once the disk has room again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from agent.store.settings import MIN_BUDGET_BYTES, StoreSettings
+
+log = logging.getLogger(__name__)
+
+FS_SHARE = 0.8  # of the filesystem's room the queue's budget may take
+RESERVE_RETRY_SECONDS = 10.0  # how often a missing reserve is tried again
+_CHUNK = 64 * 1024
+
+
+def room_for(settings: StoreSettings) -> int | None:
+    """Bytes the queue could occupy on its filesystem: free space plus its own files (None when
+    the filesystem cannot say)."""
+    try:
+        st = os.statvfs(settings.path.parent)
+    except OSError:
+        return None
+    ours = 0
+    for p in (settings.path, settings.wal_path, reserve_path(settings)):
+        with contextlib.suppress(OSError):
+            ours += p.stat().st_size
+    return st.f_bavail * st.f_frsize + ours
+
+
+def cap_budget(settings: StoreSettings) -> StoreSettings:
+    """``settings`` with the budget capped by the filesystem's room (warned once at open)."""
+    room = room_for(settings)
+    if room is None:
+        return settings
+    cap = int(room * FS_SHARE)
+    if settings.budget_bytes <= cap:
+        return settings
+    budget = max(MIN_BUDGET_BYTES, cap)
+    log.warning(
+        "event=budget_capped path=%s budget=%d filesystem_room=%d capped_to=%d "
+        "note=the [store] budget_mb is larger than this filesystem can hold",
+        settings.path,
+        settings.budget_bytes,
+        room,
+        budget,
+    )
+    return replace(settings, budget_bytes=budget)
+
+
+def reserve_path(settings: StoreSettings) -> Path:
+    return settings.path.with_name(settings.path.name + ".reserve")
+
+
+class Reserve:
+    """A file of ``size`` allocated bytes, deleted to give SQLite room on a full disk."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.present = False
+        self._next_try = 0.0
+
+    def ensure(self, now: float) -> bool:
+        """Make the reserve exist (at most every :data:`RESERVE_RETRY_SECONDS` after a failure,
+        and only with twice its size free, so it never takes the last space a put needs)."""
+        if self.present:
+            return True
+        if now < self._next_try:
+            return False
+        self._next_try = now + RESERVE_RETRY_SECONDS
+        try:
+            if self.path.exists() and self.path.stat().st_size >= self.size:
+                self.present = True
+                return True
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 2 * self.size:
+                return False
+            self._write()
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("event=reserve_failed path=%s error=%s", self.path, err)
+            return False
+        self.present = True
+        log.debug("event=reserve_made path=%s bytes=%d", self.path, self.size)
+        return True
+
+    def _write(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            except OSError as err:  # not supported here: write the blocks
+                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                zeros = bytes(_CHUNK)
+                left = self.size
+                while left > 0:
+                    left -= os.write(fd, zeros[: min(left, _CHUNK)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def release(self) -> bool:
+        """Delete the reserve; True when there was one to give back."""
+        if not self.present and not self.path.exists():
+            return False
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.error("event=reserve_release_failed path=%s error=%s", self.path, err)
+            return False
+        self.present = False
+        log.warning(
+            "event=reserve_released path=%s bytes=%d reason=disk_full", self.path, self.size
+        )
+        return True
