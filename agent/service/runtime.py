@@ -1,4 +1,6 @@
-"""Builds the agent's stages from the config and runs them in one asyncio TaskGroup.
+"""Builds the agent's stages from the config and runs each under the stage supervisor
+(agent/service/supervise.py: a failing stage is restarted with backoff, never takes the others
+down, and stops the systemd watchdog when it stays down).
 
 Stages talk through the store and small in-memory queues, never through globals:
 
@@ -43,6 +45,7 @@ from agent.service.config import Config
 from agent.service.hooks import AgentHooks
 from agent.service.notify import Health, Notifier, run_watchdog
 from agent.service.status import StatusServer, socket_path
+from agent.service.supervise import Supervisor
 from agent.store.queue import Store, StoreStats
 from agent.sync.link import CoapProbe, LinkMonitor
 from agent.sync.routing import Router
@@ -90,6 +93,7 @@ class Agent:
         self.store: Store | None = None
         self.writer: TelemetryWriter | None = None
         self.health = Health(self.clock)
+        self.supervisor = Supervisor(self.clock, self.health)
         self.metrics = Registry()
         self.readings = 0
         self.started_wall = time.time()
@@ -231,6 +235,8 @@ class Agent:
                 "oldest_age_s": stats.oldest_age,
                 "evicted": {k: v.evicted for k, v in stats.kinds.items()},
                 "last_seq": stats.last_seq,
+                "salvaged": stats.salvaged,
+                "salvage_lost": stats.salvage_lost,
             }
         return {
             "device_id": self.config.agent.device_id,
@@ -249,6 +255,7 @@ class Agent:
             "routing": self.router.snapshot() if self.router else None,
             "last_alert": self._last_alert(),
             "stuck": self.health.stuck(),
+            "stages": self.supervisor.status(),
         }
 
     def _last_alert(self) -> dict[str, Any] | None:
@@ -320,41 +327,38 @@ class Agent:
             len(self.config.sensors),
             self.config.store.path,
         )
+        sup = self.supervisor
         try:
-            async with asyncio.TaskGroup() as tg:
-                sampler = tg.create_task(self.sampler.run(), name="sampler")
-                writer = tg.create_task(self.writer.run(), name="store-writer")
-                detector = (
-                    tg.create_task(self.analyzer.run(), name="detector")
-                    if self.analyzer is not None
-                    else None
-                )
-                others = [
-                    tg.create_task(self._announce_ready(), name="ready-watchdog"),
-                    tg.create_task(self._metrics_loop(), name="metrics"),
-                    tg.create_task(self._stats_loop(), name="stats"),
-                ]
-                if self.uplink is not None:
-                    others.append(tg.create_task(self.uplink.run(), name="uplink"))
-                if self.link is not None:
-                    others.append(tg.create_task(self.link.run(), name="link"))
-                if self.router is not None:
-                    others.append(tg.create_task(self.router.run(), name="routing"))
-                if self.state is not None:
-                    others.append(tg.create_task(self.state.run(), name="state"))
-                    others.append(tg.create_task(self._watch_state(), name="state-watch"))
-                await self._stop.wait()
-                self.notifier.stopping()
-                # stop taking readings, then commit every reading already taken
-                sampler.cancel()
-                await asyncio.wait([sampler])
-                self.writer.stop()
-                await asyncio.wait([writer])
-                if detector is not None:  # stops scoring, commits the alerts already made
-                    detector.cancel()
-                    await asyncio.wait([detector])
-                for task in others:
-                    task.cancel()
+            sampler = sup.start("sampler", self.sampler.run)
+            writer = sup.start("store-writer", self.writer.run)
+            detector = sup.start("detector", self.analyzer.run) if self.analyzer else None
+            others = [
+                sup.start("ready-watchdog", self._announce_ready),
+                sup.start("metrics", self._metrics_loop),
+                sup.start("stats", self._stats_loop),
+            ]
+            if self.uplink is not None:
+                others.append(sup.start("uplink", self.uplink.run))
+            if self.link is not None:
+                others.append(sup.start("link", self.link.run))
+            if self.router is not None:
+                others.append(sup.start("routing", self.router.run))
+            if self.state is not None:
+                others.append(sup.start("state", self.state.run))
+                others.append(sup.start("state-watch", self._watch_state))
+            await self._stop.wait()
+            self.notifier.stopping()
+            # stop taking readings, then commit every reading already taken
+            sampler.cancel()
+            await asyncio.wait([sampler])
+            self.writer.stop()
+            await asyncio.wait([writer])
+            if detector is not None:  # stops scoring, commits the alerts already made
+                detector.cancel()
+                await asyncio.wait([detector])
+            for task in others:
+                task.cancel()
+            await asyncio.wait(others)
         finally:
             await self._shutdown(install_signals)
 
