@@ -76,6 +76,7 @@ MODEL_DIRS = (
 )
 #: How long a failed alert commit waits before it is tried again (the store is recovering).
 RETRY_SECONDS = 1.0
+LATENCY_RING = 4096  # detector latencies kept for the metrics histogram between scrapes
 #: Seconds between saves of the calibration (reference tracking moves it slowly).
 SAVE_EVERY = 600.0
 CALIBRATION_FILE = "detect-calibration.json"
@@ -223,7 +224,8 @@ class Analyzer:
         self.alerts_committed = 0
         self.last_alert: dict[str, Any] | None = None
         self.busy_since: float | None = None
-        self.inference_seconds: list[float] = []  # drained by the metrics collector
+        # drained by the metrics collector; a ring, so it stays bounded when nobody collects
+        self.inference_seconds: deque[float] = deque(maxlen=LATENCY_RING)
         self.set_tier(settings.tier)
 
     @classmethod
@@ -560,7 +562,8 @@ class Analyzer:
         )
 
         def collect() -> None:
-            samples, self.inference_seconds = self.inference_seconds, []
+            samples = list(self.inference_seconds)
+            self.inference_seconds.clear()
             for s in samples:
                 latency.observe(s)
             alerts.set_total(self.alerts_committed)

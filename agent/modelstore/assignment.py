@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,6 +50,7 @@ from drivers.clock import Clock
 log = logging.getLogger(__name__)
 
 ROLES = ("anomaly", "classifier", "lightweight")
+HISTORY = 32  # swaps kept for status
 _KIND = {"anomaly": "anomaly", "classifier": "classifier", "lightweight": "anomaly"}
 
 
@@ -117,7 +119,7 @@ class Prepared:
 class ManagerStats:
     applied: int = 0
     rolled_back: int = 0
-    swaps: list[str] = field(default_factory=list)
+    swaps: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY))  # the latest
 
 
 class ModelManager:
@@ -183,16 +185,27 @@ class ModelManager:
             )
         return Prepared(a, cached, model)
 
-    def commit(self, p: Prepared) -> None:
-        """Swap a prepared model in (synchronous: runs between two detector feeds)."""
+    async def commit(self, p: Prepared) -> None:
+        """Swap a prepared model in. Durable first: the new version is pinned beside the running
+        one and the cache index written (off the loop) before the swap, so a failure there
+        leaves the previous model running and is reported as a refusal. The swap itself is
+        synchronous (between two detector feeds); what follows it is bookkeeping, and a
+        failure to write it is logged, never reported as ``failed`` for a running version."""
         role = p.assignment.role
+        classes = p.entry.get("classes")
+        if role == "classifier" and not isinstance(classes, list | tuple):
+            raise ModelError(f"classifier {p.cached.name}: its entry names no classes; refused")
+        self.cache.set_pins([*self.current.values(), p.ref])
+        try:
+            await self.cache.sync()
+        except ModelError:
+            self._pin()  # nothing swapped: back to the pins of the running models
+            raise
         if role == "anomaly":
             override = self._threshold_override() if self._threshold_override else None
             self._detector().swap_models(p.model, entry=p.entry, threshold=override)
         elif role == "classifier":
-            classes = p.entry.get("classes")
-            if not isinstance(classes, list | tuple):
-                raise ModelError(f"classifier {p.cached.name}: its entry names no classes; refused")
+            assert isinstance(classes, list | tuple)
             self._detector().swap_models(classifier=p.model, classes=classes)
         else:
             self.ready[role] = p
@@ -206,6 +219,12 @@ class ModelManager:
         self.stats.swaps.append(f"{role}:{p.cached.name}@{p.cached.version}")
         if self._on_ready is not None:
             self._on_ready(role, p)
+        try:
+            await self.cache.sync()
+        except ModelError as err:  # the new model runs; the index catches up at the next sync
+            log.warning(
+                "model cache index not written after a swap role=%s error=%r", role, str(err)
+            )
 
     async def assign(self, a: Assignment) -> RoleState:
         """Apply one assignment. Returns the role's state (``failed`` after a rollback);
@@ -218,7 +237,7 @@ class ModelManager:
                 return previous
         try:
             prepared = await self.prepare(a)
-            self.commit(prepared)
+            await self.commit(prepared)
         except ModelError as err:
             self.stats.rolled_back += 1
             keep = previous or RoleState(a.name, a.version or "", status="failed")

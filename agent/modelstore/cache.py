@@ -47,8 +47,9 @@ import json
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,15 @@ from agent.detect.inference import (
 from agent.errors import ModelError, SyncError
 from agent.files import fsync_dir, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
+from agent.modelstore.listing import cache_listing
 from agent.modelstore.settings import ModelsSettings
 from agent.modelstore.signing import SignedManifest, check_name, load_public_key
+from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
 
 INDEX_FORMAT = 1
+HISTORY = 32  # refusals kept for status
 
 
 # -- the cache ------------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ class CacheStats:
     loads: int = 0
     load_hits: int = 0
     last_fetch: FetchStats | None = None
-    refusals: list[str] = field(default_factory=list)
+    refusals: deque[str] = field(default_factory=lambda: deque(maxlen=HISTORY))  # the latest
 
 
 class ModelCache:
@@ -170,8 +174,13 @@ class ModelCache:
         runtime: str = "auto",
         num_threads: int = 1,
         batch_mode: str = "resize",
+        clock: Clock | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.clock = clock or RealClock()
+        # disk work (hashing, fsync, index writes, deletes) runs here, in order, off the loop
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-cache-io")
+        self._doomed: list[Path] = []  # files evicted in memory, deleted by the next sync()
         self.files = self.directory / "files"
         self.partial = self.directory / "partial"
         self.index_path = self.directory / "index.json"
@@ -206,6 +215,7 @@ class ModelCache:
         num_threads: int = 1,
         batch_mode: str = "resize",
         readonly: bool = False,
+        clock: Clock | None = None,
     ) -> ModelCache:
         """Open (or create) the cache of ``settings``; a corrupt index is rebuilt.
         ``readonly``: only look (``edge-agent models``): create, delete and write nothing."""
@@ -223,6 +233,7 @@ class ModelCache:
             runtime=runtime,
             num_threads=num_threads,
             batch_mode=batch_mode,
+            clock=clock,
         )
         cache.readonly = readonly
         cache._open()
@@ -314,29 +325,52 @@ class ModelCache:
                 with contextlib.suppress(OSError):
                     p.unlink()
 
-    def _write_index(self) -> None:
-        if self.readonly:
-            return
+    def _index_bytes(self) -> bytes:
         doc = {
             "format": INDEX_FORMAT,
             "seq": self._seq,
             "models": [r.to_dict() for r in sorted(self._records.values(), key=lambda r: r.seq)],
         }
-        data = json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+        return json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")
+
+    def _write_index(self, data: bytes | None = None) -> None:
+        """Write the index now (blocking: at open, or on the cache's I/O thread)."""
+        if self.readonly:
+            return
         try:
-            write_atomic(self.index_path, data)
+            write_atomic(self.index_path, self._index_bytes() if data is None else data)
         except OSError as err:
             raise ModelError(
                 f"{self.index_path}: cannot write the model cache index ({err})"
             ) from err
-        self._dirty = False
 
-    def flush(self) -> None:
-        if self._dirty:
-            self._write_index()
+    def _persist(self, data: bytes | None, doomed: list[Path]) -> None:
+        for manifest_path in doomed:
+            self._delete_files(manifest_path)
+        if data is not None:
+            self._write_index(data)
+
+    async def sync(self) -> None:
+        """Make the disk agree with the cache's state: evicted files deleted, the index written
+        (atomically, on the cache's I/O thread). ModelError when the index cannot be written."""
+        if self.readonly or not (self._dirty or self._doomed):
+            return
+        data = self._index_bytes() if self._dirty else None
+        doomed, self._doomed = self._doomed, []
+        self._dirty = False
+        try:
+            await self.clock.run_blocking(self._io, self._persist, data, doomed)
+        except ModelError:
+            self._dirty = True
+            raise
 
     async def close(self) -> None:
-        self.flush()
+        try:
+            await self.sync()
+        except ModelError as err:
+            log.error("model cache index not written at close error=%r", str(err))
+        finally:
+            self._io.shutdown(wait=True)
         if self.fetcher is not None:
             await self.fetcher.close()
 
@@ -380,7 +414,7 @@ class ModelCache:
         self._pins = pins
         for rec in self._records.values():
             rec.pinned = rec.ref in pins
-        self._write_index()
+        self._dirty = True  # written by the next sync()
         self._evict_files()
         self._evict_loaded()
 
@@ -432,9 +466,9 @@ class ModelCache:
             del self._records[victim.ref]
             self._loaded.pop(victim.ref, None)
             self._known.pop(victim.ref, None)
-            self._delete_files(self._manifest_path(victim.ref))
+            self._doomed.append(self._manifest_path(victim.ref))
             self.stats.evicted_files += 1
-            self._write_index()
+            self._dirty = True
             log.info(
                 "model evicted tier=disk name=%s version=%s bytes=%d",
                 victim.name,
@@ -561,20 +595,54 @@ class ModelCache:
             "sha256": manifest.sha256,
             "size": manifest.size,
         }
-        try:
-            previous = json.loads(meta.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            previous = None
-        if previous != identity:  # another file under that name, or no record: start over
-            with contextlib.suppress(OSError):
-                part.unlink()
-            write_atomic(meta, json.dumps(identity, sort_keys=True).encode("utf-8"))
+        if not await self.clock.run_blocking(self._io, self._same_partial, meta, identity):
+            # another file under that name, or no record: start over
+            await self.clock.run_blocking(self._io, self._start_partial, part, meta, identity)
         try:
             fstats = await self.fetcher.download(manifest, part, on_block)
         except ModelError:
-            self._drop_partial(ref)
+            await self.clock.run_blocking(self._io, self._drop_partial, ref)
             raise
         self.stats.last_fetch = fstats
+        # hashing and the atomic install (fsync, rename, fsync of the directory) off the loop
+        await self.clock.run_blocking(self._io, self._install, ref, manifest, entry)
+        now = time.time()
+        self._seq += 1
+        self._records[ref] = _Record(
+            name, version, manifest.size, manifest.sha256, now, now, self._seq, ref in self._pins
+        )
+        self._dirty = True
+        self._evict_files(keep=ref)
+        await self.sync()
+        self.stats.downloads += 1
+        log.info(
+            "model installed name=%s version=%s bytes=%d blocks=%d resumed_from=%d key=%s",
+            name,
+            version,
+            manifest.size,
+            fstats.blocks,
+            fstats.resumed_from,
+            manifest.key,
+        )
+        return CachedModel(name, version, self._file(ref), entry, "download", manifest)
+
+    @staticmethod
+    def _same_partial(meta: Path, identity: dict[str, Any]) -> bool:
+        try:
+            return bool(json.loads(meta.read_text(encoding="utf-8")) == identity)
+        except (OSError, ValueError):
+            return False
+
+    @staticmethod
+    def _start_partial(part: Path, meta: Path, identity: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        write_atomic(meta, json.dumps(identity, sort_keys=True).encode("utf-8"))
+
+    def _install(self, ref: Ref, manifest: SignedManifest, entry: Any) -> None:
+        """On the I/O thread: check the whole downloaded file, then install it atomically."""
+        name, version = ref
+        part, meta = self._part(ref), self._part_meta(ref)
         try:
             data = read_model_file(part, entry)
         except ModelError as err:
@@ -587,30 +655,12 @@ class ModelCache:
             self._drop_partial(ref)
             raise ModelError(f"model {name} {version}: not a TFLite file; refused")
         # Install: manifest first (an orphan manifest without its file is swept at open),
-        # then the file by rename, then the index.
+        # then the file by rename; the index follows (sync).
         write_atomic(self._manifest_path(ref), manifest.to_cbor())
         os.replace(part, self._file(ref))
         fsync_dir(self.files)
         with contextlib.suppress(OSError):
             meta.unlink()
-        now = time.time()
-        self._seq += 1
-        self._records[ref] = _Record(
-            name, version, manifest.size, manifest.sha256, now, now, self._seq, ref in self._pins
-        )
-        self._write_index()
-        self.stats.downloads += 1
-        log.info(
-            "model installed name=%s version=%s bytes=%d blocks=%d resumed_from=%d key=%s",
-            name,
-            version,
-            manifest.size,
-            fstats.blocks,
-            fstats.resumed_from,
-            manifest.key,
-        )
-        self._evict_files(keep=ref)
-        return CachedModel(name, version, self._file(ref), entry, "download", manifest)
 
     def _drop_partial(self, ref: Ref) -> None:
         for p in (self._part(ref), self._part_meta(ref)):
@@ -723,56 +773,4 @@ class ModelCache:
 
     def listing(self, verify: bool = True) -> list[dict[str, Any]]:
         """One row per cached (and shipped) model, for ``edge-agent models``."""
-        rows: list[dict[str, Any]] = []
-        for rec in sorted(self._records.values(), key=lambda r: -r.seq):
-            status = "verified at install"
-            if verify:
-                status = self._signature_status(rec)
-            rows.append(
-                {
-                    "name": rec.name,
-                    "version": rec.version,
-                    "source": "cache",
-                    "size": rec.size,
-                    "sha256": rec.sha256,
-                    "installed": rec.installed,
-                    "last_used": rec.last_used,
-                    "pinned": rec.ref in self._pins,
-                    "loaded": rec.ref in self._loaded,
-                    "in_use": self._in_use.get(rec.ref, 0) > 0,
-                    "signature": status,
-                }
-            )
-        if self.shipped is not None:
-            for name, entry in sorted(self.shipped.models.items()):
-                ref = (name, str(entry.raw.get("version", "shipped")))
-                rows.append(
-                    {
-                        "name": name,
-                        "version": ref[1],
-                        "source": "shipped",
-                        "size": entry.size,
-                        "sha256": entry.sha256,
-                        "installed": None,
-                        "last_used": None,
-                        "pinned": ref in self._pins,
-                        "loaded": ref in self._loaded,
-                        "in_use": self._in_use.get(ref, 0) > 0,
-                        "signature": "shipped (trusted with the agent)",
-                    }
-                )
-        return rows
-
-    def _signature_status(self, rec: _Record) -> str:
-        try:
-            manifest = SignedManifest.read(self._manifest_path(rec.ref))
-        except (OSError, ModelError):
-            return "BAD: manifest unreadable"
-        if self.public_key is None:
-            return f"unchecked (no public key; signed by {manifest.key or '?'})"
-        try:
-            manifest.verify(self.public_key)
-            read_model_file(self._file(rec.ref), manifest.model_entry())
-        except ModelError as err:
-            return f"BAD: {err}"
-        return f"ok (key {manifest.key})"
+        return cache_listing(self, verify)

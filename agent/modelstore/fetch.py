@@ -180,7 +180,7 @@ class ModelFetcher:
                             on_block(next_write, have)
                         next_write += 1
                 out.flush()
-                os.fsync(out.fileno())
+                await asyncio.to_thread(os.fsync, out.fileno())  # a slow card: off the loop
         finally:
             for task in pending:
                 task.cancel()

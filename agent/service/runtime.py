@@ -510,6 +510,7 @@ class Agent:
         try:
             cache = ModelCache.open(
                 self.config.models,
+                clock=self.clock,
                 shipped_dir=d.models_dir,
                 fetcher=fetcher,
                 runtime=d.runtime,

@@ -10,6 +10,7 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,6 +248,17 @@ REFUSALS = {
 }
 
 
+async def _running_manager(rig: Any) -> tuple[ModelCache, Any, ModelManager]:
+    """The endpoint up, a cache, and a commissioned detector running skab-ae 1.0.0."""
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    det = _detector()
+    _commissioned(det)
+    manager = ModelManager(cache, lambda: det)
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+    return cache, det, manager
+
+
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 async def test_signature_and_integrity_refusals_keep_the_running_model(rig, case):
     damage, message = REFUSALS[case]
@@ -254,13 +266,8 @@ async def test_signature_and_integrity_refusals_keep_the_running_model(rig, case
     rig.publish(FLOAT_AE, "skab-ae", "3.0.0", key=key, entry="skab-ae")
     if damage is not None:
         damage(rig, "skab-ae", "3.0.0")
-    server = await rig.start()
-    cache = rig.cache(server.uri)
-    det = _detector()
-    _commissioned(det)
+    cache, det, manager = await _running_manager(rig)
     running = det.anomaly
-    manager = ModelManager(cache, lambda: det)
-    manager.started_with("anomaly", "skab-ae", "1.0.0")
 
     state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0", desired=42))
     assert state.status == "failed"
@@ -277,6 +284,32 @@ async def test_signature_and_integrity_refusals_keep_the_running_model(rig, case
     with pytest.raises(ModelError, match=message):  # and a direct get says the same
         await cache.get("skab-ae", "3.0.0")
     await cache.close()
+
+
+async def test_hostile_disk_index_unwritable_reports_failed_only_while_the_old_model_runs(rig):
+    """The cache index cannot be written (here: a directory where index.json goes): the swap
+    does not happen and ``failed`` is true; once the disk is sound the same assignment applies,
+    and what is reported always matches the model that runs."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    cache, det, manager = await _running_manager(rig)
+    running = det.anomaly
+    cache.index_path.unlink(missing_ok=True)
+    cache.index_path.mkdir()
+
+    state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0", desired=7))
+    assert state.status == "failed" and "index" in (state.error or "")
+    assert (state.name, state.version) == ("skab-ae", "1.0.0")
+    assert det.anomaly is running  # reported failed: the old model is the one running
+
+    cache.index_path.rmdir()
+    state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0", desired=8))
+    assert state.status == "active" and state.version == "3.0.0"
+    assert det.anomaly is not running
+    assert manager.current["anomaly"] == ("skab-ae", "3.0.0")
+    await cache.close()
+    index = json.loads(cache.index_path.read_text())
+    pinned = {(m["name"], m["version"]) for m in index["models"] if m["pinned"]}
+    assert ("skab-ae", "3.0.0") in pinned
 
 
 async def test_signature_missing_public_key_refuses_downloads(rig):
@@ -392,13 +425,8 @@ async def test_hot_swap_mid_stream_scores_every_window_exactly_once(rig):
 
 async def test_hot_swap_refuses_other_features_and_non_finite_models(rig):
     rig.publish(MODELS / "skab-ae-lite.tflite", "skab-ae-lite", "2.0.0")
-    server = await rig.start()
-    cache = rig.cache(server.uri)
-    det = _detector()
-    _commissioned(det)
+    cache, det, manager = await _running_manager(rig)
     running = det.anomaly
-    manager = ModelManager(cache, lambda: det)
-    manager.started_with("anomaly", "skab-ae", "1.0.0")
     state = await manager.assign(Assignment("anomaly", "skab-ae-lite", "2.0.0"))
     assert state.status == "failed" and "features differ" in (state.error or "")
     assert det.anomaly is running
