@@ -1,7 +1,7 @@
 """Modbus RTU master for register-mapped serial instruments (flow meters, transmitters on RS-485).
 
-The frame code here is shared by the master (:class:`ModbusInstrument`) and the slave simulator
-(``drivers.sim.modbus``), so both sides speak exactly the same bytes:
+The slave simulator (``drivers.sim.modbus``) is written from the specifications on its own;
+``tests/hil/test_sim_protocols.py`` checks both sides against published frames. This side follows:
 
 - CRC-16/MODBUS (reflected polynomial 0xA001, initial value 0xFFFF, low byte sent first):
   "MODBUS over Serial Line Specification and Implementation Guide V1.02", section 2.5.1.2 and

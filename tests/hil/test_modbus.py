@@ -550,8 +550,10 @@ def exchange(rig: Rig, frame: bytes, size: int) -> bytes:
 @pytest.mark.parametrize(
     ("frame", "answer"),
     [
-        # write single register: not implemented by this slave -> 01 ILLEGAL FUNCTION
-        (with_crc(bytes.fromhex("07 06 00 64 00 01")), ExceptionResponse(7, 6, 1)),
+        # read coils: this slave has no coils -> 01 ILLEGAL FUNCTION
+        (with_crc(bytes.fromhex("07 01 00 00 00 08")), ExceptionResponse(7, 1, 1)),
+        # write single register to an unmapped holding register -> 02 ILLEGAL DATA ADDRESS
+        (with_crc(bytes.fromhex("07 06 00 00 00 01")), ExceptionResponse(7, 6, 2)),
         # quantity 0 and 126 -> 03 ILLEGAL DATA VALUE
         (ReadRequest(7, 3, 100, 0).to_bytes(), ExceptionResponse(7, 3, 3)),
         (ReadRequest(7, 4, 0, 126).to_bytes(), ExceptionResponse(7, 4, 3)),
