@@ -4,7 +4,7 @@ Reference: Bosch Sensortec BME280 datasheet BST-BME280-DS002 rev 1.6 (cited belo
 
 The module holds three things, as every driver here does:
 
-- the register map as data (shared with the simulator in :mod:`drivers.sim.bme280`);
+- the register map as data (the simulator in :mod:`drivers.sim.bme280` has its own);
 - pure conversion functions: calibration decoding and Bosch's integer compensation routines
   (DS section 4.2.3: 32-bit temperature, 64-bit pressure, 32-bit humidity), no I/O;
 - :class:`Bme280`, a thin async driver on an :class:`drivers.bus.I2CDevice`.

@@ -1,8 +1,9 @@
-"""Register maps as data, shared by each driver and the simulator of its part.
+"""Register maps as data, for the drivers.
 
 A :class:`Register` names an address and how its bytes make an integer; a :class:`Field` names a
-bit field inside a register. Drivers use them to build and decode transfers, simulators use the
-same objects to lay out their register files, so the two sides cannot drift apart.
+bit field inside a register. Drivers use them to build and decode transfers. The simulators in
+:mod:`drivers.sim` keep their own register tables, written from the datasheets, so a mistake in a
+map cannot hide in a simulator that shares it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""A register-level ADXL345 simulator, built on the register map of :mod:`drivers.adxl345`.
+"""A register-level ADXL345 simulator, written from the data sheet alone.
 
-It behaves like the part on the wire (ADXL345 data sheet rev. D, "DS"):
+Source: Analog Devices ADXL345 data sheet rev. D ("DS"). The register table, the data formats and
+the rate table below are this module's own transcription of the data sheet; nothing comes from
+the driver (:mod:`drivers.adxl345`), so a mistake there shows up as a disagreement here.
 
-- DEVID 0xE5, reset values (BW_RATE 0x0A, INT_SOURCE 0x02), multi-byte reads and writes that
-  auto-increment;
+On the wire it behaves like the part:
+
+- DEVID 0xE5, reset values (BW_RATE 0x0A, INT_SOURCE 0x02; DS table 19), multi-byte reads and
+  writes that auto-increment;
 - measurement starts when POWER_CTL.MEASURE is set: samples are taken at the BW_RATE output data
   rate from ``clock.monotonic()`` (sample n is ready at start + (n + 1) / rate, plus
   ``faults.slow``);
@@ -13,9 +17,15 @@ It behaves like the part on the wire (ADXL345 data sheet rev. D, "DS"):
   entry (DS "FIFO": read all six bytes in one burst); with the FIFO empty the data registers keep
   the last entry. FIFO_STATUS reports the entries; INT_SOURCE has DATA_READY, watermark
   (entries >= FIFO_CTL.SAMPLES) and overrun, cleared by reading the data registers;
-- output words as DATA_FORMAT says: range, full resolution or 10 bits, right or left justified,
-  saturating at full scale; at 1600/3200 Hz in full resolution or 10-bit +-2 g the LSB is 0 (DS
-  "Data formatting of upper data rates"); OFSX/OFSY/OFSZ offsets (15.6 mg/LSB) are added.
+- output words as DATA_FORMAT says (DS register 0x31): the range, full resolution (10 to 13 bits
+  at 3.9 mg/LSB) or 10 bits (3.9 mg/LSB times range / 2), right justified with sign extension or
+  left justified, saturating at full scale; at 1600/3200 Hz in full resolution or 10-bit +-2 g
+  the LSB is 0 (DS "Data formatting of upper data rates"); OFSX/OFSY/OFSZ offsets (15.6 mg/LSB)
+  are added.
+
+Forward conversion: code = round(acceleration / scale factor), with the typical scale factor of
+DS table 1 (3.9 mg/LSB; the sensitivity row of the same table gives 256 LSB/g, 0.16 % apart and
+far inside the part-to-part spread of 230..282 LSB/g).
 
 Physical signal: a static acceleration (gravity; ``x_g``, ``y_g``, ``z_g``, default 0, 0, 1 g)
 plus a vibration in the x-y plane: an elliptical orbit (a rotating imbalance), periodic with
@@ -23,9 +33,9 @@ plus a vibration in the x-y plane: an elliptical orbit (a rotating imbalance), p
 ``set_channel("vibration_rms_g", v)``. Because the part quantises to 3.9 mg (7.8 mg at the top
 rates) and SKAB's vibration is only a few LSB, the amplitude, phase and ellipse ratio are chosen
 by :func:`tune_vibration` so that the RMS of the *quantised* period equals ``v`` as closely as the
-codes allow: within 1/8 of the output step (0.975 mg at the driver's defaults; typically under
+codes allow: within 1/8 of the output step (0.975 mg at 3200 Hz, full resolution; typically under
 0.2 mg) for v from max(5 mg, step / 2) to 2 g, without clipping. Any window of a multiple of 32
-consecutive samples holds whole periods, so the driver's RMS over it equals the tuned value.
+consecutive samples holds whole periods, so the RMS over it equals the tuned value.
 
 Fault knobs: ``stuck`` stops new samples entering the FIFO (the data registers keep their last
 values, DATA_READY and FIFO entries stay at 0 once drained: the driver sees a stall);
@@ -41,10 +51,106 @@ from typing import Any
 
 import numpy as np
 
-from drivers import adxl345 as chip
-from drivers.adxl345 import REGISTERS
 from drivers.clock import Clock
 from drivers.sim.smbus import SimDevice
+
+# --------------------------------------------------------------------------------------------
+# Register table (DS table 19 and "Register definitions")
+
+DEVID = 0xE5
+#: name -> (address, access, reset value). 0x01..0x1C are reserved.
+REGISTERS: dict[str, tuple[int, str, int]] = {
+    "DEVID": (0x00, "r", DEVID),
+    "THRESH_TAP": (0x1D, "rw", 0x00),
+    "OFSX": (0x1E, "rw", 0x00),
+    "OFSY": (0x1F, "rw", 0x00),
+    "OFSZ": (0x20, "rw", 0x00),
+    "DUR": (0x21, "rw", 0x00),
+    "LATENT": (0x22, "rw", 0x00),
+    "WINDOW": (0x23, "rw", 0x00),
+    "THRESH_ACT": (0x24, "rw", 0x00),
+    "THRESH_INACT": (0x25, "rw", 0x00),
+    "TIME_INACT": (0x26, "rw", 0x00),
+    "ACT_INACT_CTL": (0x27, "rw", 0x00),
+    "THRESH_FF": (0x28, "rw", 0x00),
+    "TIME_FF": (0x29, "rw", 0x00),
+    "TAP_AXES": (0x2A, "rw", 0x00),
+    "ACT_TAP_STATUS": (0x2B, "r", 0x00),
+    "BW_RATE": (0x2C, "rw", 0x0A),
+    "POWER_CTL": (0x2D, "rw", 0x00),
+    "INT_ENABLE": (0x2E, "rw", 0x00),
+    "INT_MAP": (0x2F, "rw", 0x00),
+    "INT_SOURCE": (0x30, "r", 0x02),
+    "DATA_FORMAT": (0x31, "rw", 0x00),
+    "DATAX0": (0x32, "r", 0x00),
+    "DATAX1": (0x33, "r", 0x00),
+    "DATAY0": (0x34, "r", 0x00),
+    "DATAY1": (0x35, "r", 0x00),
+    "DATAZ0": (0x36, "r", 0x00),
+    "DATAZ1": (0x37, "r", 0x00),
+    "FIFO_CTL": (0x38, "rw", 0x00),
+    "FIFO_STATUS": (0x39, "r", 0x00),
+}
+ADDRESS = {name: spec[0] for name, spec in REGISTERS.items()}
+BY_ADDRESS = {spec[0]: name for name, spec in REGISTERS.items()}
+DATA = range(ADDRESS["DATAX0"], ADDRESS["DATAZ1"] + 1)  # X, Y, Z words, LSB first
+
+#: Fields: name -> (register, mask), DS "Register definitions".
+FIELDS: dict[str, tuple[str, int]] = {
+    "RATE": ("BW_RATE", 0x0F),
+    "MEASURE": ("POWER_CTL", 0x08),
+    "FULL_RES": ("DATA_FORMAT", 0x08),
+    "JUSTIFY": ("DATA_FORMAT", 0x04),
+    "RANGE": ("DATA_FORMAT", 0x03),
+    "FIFO_MODE": ("FIFO_CTL", 0xC0),
+    "SAMPLES": ("FIFO_CTL", 0x1F),
+    "DATA_READY": ("INT_SOURCE", 0x80),
+    "WATERMARK": ("INT_SOURCE", 0x02),
+    "OVERRUN": ("INT_SOURCE", 0x01),
+    "ENTRIES": ("FIFO_STATUS", 0x3F),
+}
+
+FIFO_DEPTH = 32  # DS "FIFO"
+#: DS table 22: FIFO modes.
+FIFO_BYPASS, FIFO_FIFO, FIFO_STREAM, FIFO_TRIGGER = 0b00, 0b01, 0b10, 0b11
+#: DS table 21: g range by the RANGE bits.
+RANGE_G = (2, 4, 8, 16)
+#: DS table 1: scale factor, full resolution (every range) and 10-bit +-2 g, g per LSB.
+SCALE_G_PER_LSB = 0.0039
+#: DS registers 0x1E-0x20: offset registers, two's complement, 15.6 mg/LSB.
+OFFSET_G_PER_LSB = 0.0156
+
+
+def field_get(name: str, byte: int) -> int:
+    mask = FIELDS[name][1]
+    return (byte & mask) >> ((mask & -mask).bit_length() - 1)
+
+
+def field_put(name: str, byte: int, value: int) -> int:
+    mask = FIELDS[name][1]
+    return (byte & ~mask) | ((value << ((mask & -mask).bit_length() - 1)) & mask)
+
+
+def output_data_rate(code: int) -> float:
+    """DS table 7: 3200 Hz at rate code 1111, halving with each code below (0.10 Hz at 0000)."""
+    return 3200.0 / (1 << (15 - code))
+
+
+def word_format(range_g: int, full_resolution: bool) -> tuple[int, float]:
+    """``(significant bits, g per LSB)`` of an output word (DS register 0x31, table 1): full
+    resolution keeps 3.9 mg/LSB and grows from 10 bits at +-2 g to 13 bits at +-16 g; 10-bit mode
+    spans the range with 10 bits (3.9, 7.8, 15.6, 31.2 mg/LSB)."""
+    steps = RANGE_G.index(range_g)  # 0 at +-2 g ... 3 at +-16 g
+    if full_resolution:
+        return 10 + steps, SCALE_G_PER_LSB
+    return 10, SCALE_G_PER_LSB * (1 << steps)
+
+
+def lsb_is_zero(rate_hz: float, range_g: int, full_resolution: bool) -> bool:
+    """DS "Data formatting of upper data rates": at 3200 and 1600 Hz the LSB of the word is
+    always 0 in full resolution and in 10-bit +-2 g mode."""
+    return rate_hz >= 1600.0 and (full_resolution or range_g == 2)
+
 
 PERIOD = 32  # samples per vibration period
 #: Ellipse ratios (y amplitude / x amplitude) the tuning tries, in order.
@@ -54,25 +160,6 @@ PHASES = 16
 #: The tuning stops early once the error is below this fraction of the output step.
 GOOD_ENOUGH = 1 / 64
 
-_A = {reg.name: reg.address for reg in REGISTERS}
-_DATA = range(chip.DATA_START, chip.DATA_START + chip.DATA_LEN)
-_F = {
-    name: REGISTERS.field(reg, name)
-    for reg, name in (
-        ("BW_RATE", "RATE"),
-        ("POWER_CTL", "MEASURE"),
-        ("DATA_FORMAT", "FULL_RES"),
-        ("DATA_FORMAT", "JUSTIFY"),
-        ("DATA_FORMAT", "RANGE"),
-        ("FIFO_CTL", "FIFO_MODE"),
-        ("FIFO_CTL", "SAMPLES"),
-        ("INT_SOURCE", "DATA_READY"),
-        ("INT_SOURCE", "WATERMARK"),
-        ("INT_SOURCE", "OVERRUN"),
-        ("FIFO_STATUS", "ENTRIES"),
-    )
-}
-_RANGE_BY_CODE = {code: g for g, code in chip.RANGE_CODES.items()}
 _THETA = 2 * np.pi * np.arange(PERIOD) / PERIOD
 
 
@@ -131,17 +218,17 @@ class Adxl345Sim(SimDevice):
 
     part = "adxl345"
 
-    def __init__(self, clock: Clock, options: Any = None, *, devid: int = chip.DEVID) -> None:
+    def __init__(self, clock: Clock, options: Any = None, *, devid: int = DEVID) -> None:
         super().__init__(clock)
         self.devid = devid
         self.static_g = [0.0, 0.0, 1.0]
         self.vibration_rms_g = 0.0
         self.samples_taken = 0
         self._regs = bytearray(0x40)
-        for reg in REGISTERS:
-            self._regs[reg.address] = reg.reset & 0xFF
+        for address, _access, reset in REGISTERS.values():
+            self._regs[address] = reset
         self._fifo: deque[bytes] = deque()
-        self._output = bytes(chip.DATA_LEN)  # the data registers
+        self._output = bytes(len(DATA))  # the data registers
         self._ready = False  # bypass mode: an unread sample in the data registers
         self._overrun = False
         self._start: float | None = None  # time the sample count starts from (measure on)
@@ -150,32 +237,33 @@ class Adxl345Sim(SimDevice):
         self._table: list[bytes] = []
 
     # -- settings ------------------------------------------------------------------------
+    def _reg(self, name: str) -> int:
+        return self._regs[ADDRESS[name]]
+
     def _rate(self) -> float:
-        return chip.rate_hz(_F["RATE"].get(self._regs[_A["BW_RATE"]]))
+        return output_data_rate(field_get("RATE", self._reg("BW_RATE")))
 
     def _format(self) -> tuple[int, bool, bool]:
-        fmt = self._regs[_A["DATA_FORMAT"]]
+        fmt = self._reg("DATA_FORMAT")
         return (
-            _RANGE_BY_CODE[_F["RANGE"].get(fmt)],
-            bool(_F["FULL_RES"].get(fmt)),
-            bool(_F["JUSTIFY"].get(fmt)),
+            RANGE_G[field_get("RANGE", fmt)],
+            bool(field_get("FULL_RES", fmt)),
+            bool(field_get("JUSTIFY", fmt)),
         )
 
     def _fifo_mode(self) -> int:
-        return _F["FIFO_MODE"].get(self._regs[_A["FIFO_CTL"]])
+        return field_get("FIFO_MODE", self._reg("FIFO_CTL"))
 
     def _period_table(self) -> list[bytes]:
         """The 32 encoded samples of one vibration period with the current settings."""
         range_g, full, left = self._format()
-        rate = self._rate()
         offsets = [
-            REGISTERS[n].decode([self._regs[_A[n]]]) * chip.OFFSET_G_PER_LSB
-            for n in ("OFSX", "OFSY", "OFSZ")
+            int.from_bytes([self._reg(name)], "little", signed=True) * OFFSET_G_PER_LSB
+            for name in ("OFSX", "OFSY", "OFSZ")
         ]
         static = tuple(float(s + o) for s, o in zip(self.static_g, offsets, strict=True))
-        bits = chip.data_bits(range_g, full)
-        scale = chip.scale_g(range_g, full)
-        step = 2 if chip.lsb_always_zero(rate, range_g, full) else 1
+        bits, scale = word_format(range_g, full)
+        step = 2 if lsb_is_zero(self._rate(), range_g, full) else 1
         key = (static, self.vibration_rms_g, bits, scale, step, left)
         if key != self._table_key:
             amp, phase, ratio = tune_vibration(self.vibration_rms_g, static, scale, step, bits)
@@ -185,6 +273,8 @@ class Adxl345Sim(SimDevice):
                 quantize(y[0, 0], scale, step, bits),
                 quantize(np.full(PERIOD, static[2]), scale, step, bits),
             )
+            # Right justified: the two's complement code sign-extended to 16 bits; left
+            # justified: the code in the top bits, the unused low bits 0 (DS register 0x31).
             shift = 16 - bits if left else 0
             self._table = [
                 b"".join(int(axis[k] << shift).to_bytes(2, "little", signed=True) for axis in axes)
@@ -205,8 +295,8 @@ class Adxl345Sim(SimDevice):
         if self.faults.stuck:
             self._next = due  # nothing reaches the FIFO or the data registers
             return
-        first = max(self._next, due - (chip.FIFO_DEPTH + 1))
-        if first > self._next and self._fifo_mode() != chip.FIFO_BYPASS:
+        first = max(self._next, due - (FIFO_DEPTH + 1))
+        if first > self._next and self._fifo_mode() != FIFO_BYPASS:
             self._overrun = True  # samples came and went while the FIFO was full
         table = self._period_table()
         for n in range(first, due):
@@ -216,14 +306,14 @@ class Adxl345Sim(SimDevice):
 
     def _push(self, entry: bytes) -> None:
         mode = self._fifo_mode()
-        if mode == chip.FIFO_BYPASS:
+        if mode == FIFO_BYPASS:
             if self._ready:
                 self._overrun = True
             self._output = entry
             self._ready = True
-        elif len(self._fifo) < chip.FIFO_DEPTH:
+        elif len(self._fifo) < FIFO_DEPTH:
             self._fifo.append(entry)
-        elif mode == chip.FIFO_FIFO:
+        elif mode == FIFO_FIFO:
             self._overrun = True  # FIFO mode stops collecting when full
         else:  # stream (and trigger, simulated as stream): the oldest entry goes
             self._fifo.popleft()
@@ -231,7 +321,7 @@ class Adxl345Sim(SimDevice):
             self._overrun = True
 
     def _restart_sampling(self) -> None:
-        measuring = _F["MEASURE"].get(self._regs[_A["POWER_CTL"]])
+        measuring = field_get("MEASURE", self._reg("POWER_CTL"))
         self._start = self.clock.monotonic() if measuring else None
         self._next = 0
 
@@ -239,23 +329,24 @@ class Adxl345Sim(SimDevice):
     def read_registers(self, register: int, length: int) -> bytes:
         self._catch_up()
         start = max(register, 0)
-        touches_data = start < _DATA.stop and start + length > _DATA.start
+        touches_data = start < DATA.stop and start + length > DATA.start
         entry = self._fifo[0] if (self._fifo and touches_data) else self._output
         out = bytearray()
-        for addr in range(start, start + length):
-            if addr in _DATA:
-                out.append(entry[addr - _DATA.start])
-            elif addr == _A["DEVID"]:
+        for address in range(start, start + length):
+            name = BY_ADDRESS.get(address)
+            if address in DATA:
+                out.append(entry[address - DATA.start])
+            elif name == "DEVID":
                 out.append(self.devid)
-            elif addr == _A["INT_SOURCE"]:
+            elif name == "INT_SOURCE":
                 out.append(self._int_source())
-            elif addr == _A["FIFO_STATUS"]:
-                entries = 0 if self._fifo_mode() == chip.FIFO_BYPASS else len(self._fifo)
-                out.append(_F["ENTRIES"].set(0, entries))
-            elif addr == _A["ACT_TAP_STATUS"] or addr >= len(self._regs):
-                out.append(0)
+            elif name == "FIFO_STATUS":
+                entries = 0 if self._fifo_mode() == FIFO_BYPASS else len(self._fifo)
+                out.append(field_put("ENTRIES", 0, entries))
+            elif name is None or name == "ACT_TAP_STATUS":
+                out.append(0)  # reserved addresses, and no tap or activity is simulated
             else:
-                out.append(self._regs[addr])
+                out.append(self._regs[address])
         if touches_data:
             if self._fifo:
                 self._output = self._fifo.popleft()
@@ -264,14 +355,14 @@ class Adxl345Sim(SimDevice):
         return bytes(out)
 
     def _int_source(self) -> int:
-        if self._fifo_mode() == chip.FIFO_BYPASS:
+        if self._fifo_mode() == FIFO_BYPASS:
             ready, entries = self._ready, 0
         else:
             ready, entries = bool(self._fifo), len(self._fifo)
-        value = _F["DATA_READY"].set(0, int(ready))
-        watermark = entries >= _F["SAMPLES"].get(self._regs[_A["FIFO_CTL"]])
-        value = _F["WATERMARK"].set(value, int(watermark))
-        return _F["OVERRUN"].set(value, int(self._overrun))
+        value = field_put("DATA_READY", 0, int(ready))
+        watermark = entries >= field_get("SAMPLES", self._reg("FIFO_CTL"))
+        value = field_put("WATERMARK", value, int(watermark))
+        return field_put("OVERRUN", value, int(self._overrun))
 
     def write_registers(self, register: int | None, data: bytes) -> None:
         self._catch_up()
@@ -280,21 +371,21 @@ class Adxl345Sim(SimDevice):
         for offset, value in enumerate(data):  # multi-byte writes auto-increment
             self._write(register + offset, value)
 
-    def _write(self, addr: int, value: int) -> None:
-        reg = REGISTERS.at(addr)
-        if reg is None or reg.access == "r" or addr >= len(self._regs):
-            return
-        old = self._regs[addr]
-        self._regs[addr] = value
-        if addr == _A["POWER_CTL"]:
-            if _F["MEASURE"].get(old) != _F["MEASURE"].get(value):
+    def _write(self, address: int, value: int) -> None:
+        name = BY_ADDRESS.get(address)
+        if name is None or REGISTERS[name][1] == "r":
+            return  # reserved or read-only: ignored
+        old = self._regs[address]
+        self._regs[address] = value
+        if name == "POWER_CTL":
+            if field_get("MEASURE", old) != field_get("MEASURE", value):
                 self._restart_sampling()
-        elif addr == _A["BW_RATE"]:
+        elif name == "BW_RATE":
             if self._start is not None and value != old:
                 self._restart_sampling()
-        elif addr == _A["FIFO_CTL"] and (
-            _F["FIFO_MODE"].get(value) == chip.FIFO_BYPASS
-            or _F["FIFO_MODE"].get(old) != _F["FIFO_MODE"].get(value)
+        elif name == "FIFO_CTL" and (
+            field_get("FIFO_MODE", value) == FIFO_BYPASS
+            or field_get("FIFO_MODE", old) != field_get("FIFO_MODE", value)
         ):
             # Entering bypass (or switching modes) empties the FIFO.
             self._fifo.clear()
