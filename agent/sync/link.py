@@ -59,6 +59,7 @@ WEAK_RUN = 2
 LOSS_Z = 1.645
 #: Seconds of traffic over which goodput is measured.
 GOODPUT_SPAN = 60.0
+TRANSITIONS_KEPT = 256  # link state changes remembered for status (a flapping link: years)
 #: CoAP content formats of the compact encodings (agent/wire/compact.py registers them).
 CF_COMPACT_DEFLATE = 65001
 CF_COMPACT_DICT = 65002
@@ -230,7 +231,9 @@ class LinkMonitor:
         self.exchanges = 0  # exchanges observed (data and probes)
         self.probes = 0
         self.probes_failed = 0
-        self.transitions: list[tuple[str, str, int]] = []  # (from, to, exchanges at the change)
+        # (from, to, exchanges at the change): the latest TRANSITIONS_KEPT; a count of them all
+        self.transitions: deque[tuple[str, str, int]] = deque(maxlen=TRANSITIONS_KEPT)
+        self.transition_count = 0
         self._pending: str | None = None
         self._pending_count = 0
         self._tier_applied: str | None = None
@@ -371,6 +374,7 @@ class LinkMonitor:
             self.exchanges,
         )
         self.transitions.append((old, new, self.exchanges))
+        self.transition_count += 1
         self.state = new
         self.since = now
         self._pending, self._pending_count = None, 0
@@ -455,7 +459,7 @@ class LinkMonitor:
             "exchanges": self.exchanges,
             "probes": self.probes,
             "probes_failed": self.probes_failed,
-            "transitions": len(self.transitions),
+            "transitions": self.transition_count,
             "policy": self.policy.as_dict(),
         }
 

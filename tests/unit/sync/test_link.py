@@ -66,7 +66,7 @@ def test_no_flapping_under_a_steady_loss_of_ten_percent_of_exchanges(seed: int):
     rng = random.Random(seed)
     for _ in range(5000):  # 5 % packet loss each way: about 10 % of exchanges retransmitted
         m.observe(ex(retrans=rng.random() < 0.0975))
-    assert m.transitions == []
+    assert list(m.transitions) == []
 
 
 def test_offline_needs_failures_and_silence_and_ends_at_the_first_answer():
