@@ -1,11 +1,14 @@
 """The endpoint's request plumbing: failures answered as 4.xx/5.xx messages, Block1 uploads
-assembled per peer, the route table of the resource paths, and link-format for discovery.
+assembled per peer, the route table of the resource paths, link-format for discovery, and the
+guards that keep hostile datagrams to one rate-limited log line (:class:`SecureFront`,
+:func:`datagram_guard`, :class:`PeerLogFilter`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections import Counter
@@ -208,10 +211,11 @@ def _link_matches(link: dict[str, Any], queries: Iterable[str]) -> bool:
 
 
 class SecureFront(aiocoap.interfaces.Resource):
-    """The outermost site: OSCORE requests whose OSCORE option cannot even be parsed get 4.02
-    (nothing for a NON), through the rate-limited warning, instead of aiocoap 0.4.17's 5.00 with a
-    logged traceback (its OSCORE site wrapper catches only a missing option); everything else
-    goes to ``inner`` (the OSCORE site wrapper around the resource tree)."""
+    """The outermost site: OSCORE requests whose OSCORE option cannot even be parsed (a
+    DecodeError, or an IndexError for an option cut short) get 4.02 (nothing for a NON), through
+    the rate-limited warning, instead of aiocoap 0.4.17's 5.00 with a logged traceback (its
+    OSCORE site wrapper catches only a missing option); everything else goes to ``inner`` (the
+    OSCORE site wrapper around the resource tree)."""
 
     def __init__(
         self,
@@ -239,17 +243,14 @@ class SecureFront(aiocoap.interfaces.Resource):
             oscore.verify_start(request)
         except oscore.NotAProtectedMessage:
             pass
-        except oscore.DecodeError:
+        except (oscore.DecodeError, IndexError, ValueError):  # IndexError: a truncated option
             failure = _Failure(Code.BAD_OPTION, "malformed OSCORE option")
             self._on_bad(request, failure)
             if request.mtype == aiocoap.CON:
                 answer = failure.to_message()
                 pipe.add_response(self._limit(request, answer) if self._limit else answer, True)
             return
-        if self._limit is None:
-            await self._inner.render_to_pipe(pipe)
-            return
-        limited = _LimitedPipe(pipe, request, self._limit)
+        limited = _LimitedPipe(pipe, request, self._limit) if self._limit else pipe
         try:
             await self._inner.render_to_pipe(limited)
         except aiocoap.error.RenderableError as err:  # the OSCORE layer's refusals are raised
@@ -262,6 +263,16 @@ class SecureFront(aiocoap.interfaces.Resource):
             reason = bytes(message.payload).decode("utf-8", "replace")
             self._on_bad(request, _Failure(message.code, reason or type(err).__name__))
             limited.add_response(message, is_last=True)
+        except aiocoap.error.Error:
+            raise  # aiocoap's own (some are ValueErrors too): as aiocoap handles them
+        except ValueError as err:
+            # an OSCORE-protected request whose inner options do not decode (invalid UTF-8 in a
+            # string option) escapes aiocoap 0.4.17's unprotection as a ValueError; the
+            # resource tree below answers every error of its own
+            failure = _Failure(Code.BAD_REQUEST, f"undecodable request: {type(err).__name__}")
+            self._on_bad(request, failure)
+            if request.mtype == aiocoap.CON:
+                limited.add_response(failure.to_message(), is_last=True)
 
 
 class _LimitedPipe:
@@ -360,3 +371,37 @@ def datagram_guard(on_bad: Callable[[BaseException], None]) -> ExceptionFilter:
         ),
         on_bad,
     )
+
+
+#: The loggers of aiocoap's server side: the context's (``create_server_context``'s default
+#: name) and its OSCORE site wrapper's.
+AIOCOAP_SERVER_LOGGERS = ("coap-server", "coap-server.oscore-site")
+
+
+class PeerLogFilter(logging.Filter):
+    """aiocoap 0.4.17 logs a warning about many a datagram it cannot use ("Ignoring unparsable
+    message", a code that does not fit its type, a new request before the last was
+    acknowledged), and an info line about each exchange (an ACK, an RST, a rendered error): a
+    peer sending junk would fill the log. Installed on :data:`AIOCOAP_SERVER_LOGGERS` while the
+    endpoint runs, this filter passes aiocoap's warnings through the endpoint's rate limit
+    (``may_warn``), keeps its info and debug lines only when the endpoint itself logs at debug
+    (they are per message: debug by the endpoint's policy), and passes its errors."""
+
+    def __init__(self, may_warn: Callable[[], bool]) -> None:
+        super().__init__()
+        self._may_warn = may_warn
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        if record.levelno >= logging.WARNING:
+            return self._may_warn()
+        return logging.getLogger("cloud").isEnabledFor(logging.DEBUG)
+
+    def install(self) -> None:
+        for name in AIOCOAP_SERVER_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def remove(self) -> None:
+        for name in AIOCOAP_SERVER_LOGGERS:
+            logging.getLogger(name).removeFilter(self)

@@ -28,7 +28,6 @@ requests (rate limited), error for lost function.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -41,6 +40,7 @@ from typing import Any, TypeVar
 import aiocoap
 import aiocoap.error
 import aiocoap.interfaces
+import aiocoap.resource
 from aiocoap import Message
 from aiocoap.credentials import CredentialsMap
 from aiocoap.numbers.codes import Code
@@ -52,6 +52,7 @@ from agent.wire import codec, records, statedoc
 from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
 from agent.wire.credentials import Credential
 from agent.wire.statedoc import StateError
+from cloud.desired import DesiredObservers, render_document
 from cloud.dtls import DtlsEndpoint
 from cloud.inference import (
     DEFAULT_MODELS_DIR,
@@ -66,6 +67,7 @@ from cloud.protocol import (
     _KNOWN_CRITICAL,
     RETRY_AFTER,
     Amplification,
+    PeerLogFilter,
     SecureFront,
     _Block1Uploads,
     _Failure,
@@ -96,10 +98,7 @@ T = TypeVar("T")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5683
 
-# Timing (seconds); tests may shorten them.
-DESIRED_MAX_AGE = 300  # Max-Age of desired state; observers are refreshed before it runs out
-DESIRED_REFRESH = 240.0
-POLL_INTERVAL = 1.0  # how often to look for desired state written by another process
+# Timing (seconds); tests may shorten them (those of desired state are in cloud/desired.py).
 WARN_WINDOW = 10.0  # at most WARN_BURST warnings about bad requests per window
 WARN_BURST = 10
 
@@ -125,8 +124,9 @@ class Limits:
     open_uploads: int = 64  # Block1 uploads in progress at once
 
 
-class _Site(aiocoap.interfaces.ObservableResource):
-    """The endpoint's one resource tree: routes by Uri-Path, checks, and answers."""
+class _Site(aiocoap.resource.ObservableResource):
+    """The endpoint's one resource tree: routes by Uri-Path, checks, and answers. Served through
+    aiocoap's public resource API (``render_to_pipe``, ``render``, ``add_observation``)."""
 
     def __init__(self, server: CloudServer) -> None:
         super().__init__()
@@ -140,9 +140,12 @@ class _Site(aiocoap.interfaces.ObservableResource):
         return self._server.limits.state_bytes
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
-        # Model files answer any Block2 number themselves (stateless, resumable).
+        # Model files answer any Block2 number themselves (stateless, resumable); so does desired
+        # state (cloud/desired.py), whose notifications may be block-wise too.
         path = tuple(request.opt.uri_path)
-        return not (len(path) == 4 and path[0] == "models" and path[3] == "file")
+        if len(path) == 4 and path[0] == "models" and path[3] == "file":
+            return False
+        return not _is_desired_get(request)
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
@@ -150,21 +153,28 @@ class _Site(aiocoap.interfaces.ObservableResource):
         if request.opt.block1 is not None and unknown:  # no spooling for unknown peers
             pipe.add_response(Message(code=Code.UNAUTHORIZED), is_last=True)
             return
-        await aiocoap.interfaces.ObservableResource._render_to_pipe(self, pipe)
+        if request.opt.observe is not None and not _is_desired_get(request):
+            # only desired state is observable: anything else is served as a plain request
+            # (RFC 7641 section 4.1), Block1 reassembly included
+            request.opt.observe = None
+        try:
+            await super().render_to_pipe(pipe)
+        except aiocoap.error.RenderableError as err:  # from block-wise handling: 4.08, 4.13...
+            message = err.to_message()
+            if message is None:
+                raise
+            if not message.code.is_successful():  # 2.31 Continue is not a refusal
+                reason = bytes(message.payload).decode("utf-8", "replace") or type(err).__name__
+                self._server._bad_request(request, _Failure(message.code, reason))
+            self._server.responses[str(message.code)] += 1
+            pipe.add_response(message, is_last=True)
 
     async def add_observation(self, request: Message, serverobservation: Any) -> None:
-        try:
-            route = self._server._check(request)
-            self._server._authorize(request, route)
-        except _Failure:
-            return  # render answers the error; no observation
-        if route.name != "desired" or request.code != Code.GET or route.device is None:
-            return
-        try:
-            device = await self._server._device(route)  # registers it with allow_any_device
-        except (_Failure, StorageUnavailable):
-            return  # render answers the error; no observation
-        self._server._observe(device, serverobservation)
+        device = await self._server._observable(request)
+        if device is None:
+            DesiredObservers.refuse(serverobservation)  # render answers it (or the error)
+        else:
+            self._server._observers.add(device, serverobservation)
 
     async def render(self, request: Message) -> Message:
         server = self._server
@@ -215,10 +225,9 @@ class CloudServer:
         self._ctx: aiocoap.Context | None = None
         self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
         self._known_devices: set[str] = set()
-        self._observers: dict[str, set[Any]] = {}
-        self._etags: dict[str, bytes] = {}
-        self._poller: asyncio.Task[None] | None = None
+        self._observers = DesiredObservers(self.db, self.clock, self.reload_principals)
         self._guard: ExceptionFilter | None = None
+        self._peer_logs = PeerLogFilter(self._may_warn)
         self._warned = 0
         self._suppressed = 0
         self._warn_window = 0.0
@@ -287,7 +296,8 @@ class CloudServer:
                 raise
         self._guard = datagram_guard(self._bad_datagram)
         self._guard.install(asyncio.get_running_loop())
-        self._poller = asyncio.create_task(self._poll(), name="cloud-desired-poll")
+        self._peer_logs.install()  # aiocoap's lines about each bad datagram: rate limited
+        self._observers.start()
         log.info(
             "event=listening uri=%s dtls=%s principals=%d allow_any_device=%s allow_plain=%s",
             self.uri,
@@ -310,18 +320,14 @@ class CloudServer:
 
     async def stop(self) -> None:
         """Stop listening, end observations, close the storage."""
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        await self._observers.stop()
         if self.dtls is not None:
             dtls, self.dtls = self.dtls, None
             await dtls.stop()
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             await ctx.shutdown()
-        self._observers.clear()
+        self._peer_logs.remove()
         if self._guard is not None:
             self._guard.remove()
             self._guard = None
@@ -401,55 +407,28 @@ class CloudServer:
             log.info(
                 "event=desired_changed device=%s rev=%d keys=%s", device, doc.rev, ",".join(changed)
             )
-            self._desired_changed(device, doc.etag())
+            self._observers.changed(device, doc.etag())
         return doc, changed
 
-    # -- observation -----------------------------------------------------------------------------
-
-    def _observe(self, device: str, servobs: Any) -> None:
-        observers = self._observers.setdefault(device, set())
-        observers.add(servobs)
-
-        def cancelled() -> None:
-            observers.discard(servobs)
-            if not observers and self._observers.get(device) is observers:
-                del self._observers[device]
-
-        servobs.accept(cancelled)
-        log.debug("event=observe device=%s observers=%d", device, len(observers))
-
     def observers(self, device: str) -> int:
-        return len(self._observers.get(device, ()))
+        """How many observe ``device``'s desired state."""
+        return self._observers.count(device)
 
-    def _desired_changed(self, device: str, etag: bytes) -> None:
-        if self._etags.get(device) == etag:
-            return
-        self._etags[device] = etag
-        for servobs in list(self._observers.get(device, ())):
-            servobs.trigger()
-
-    async def _poll(self) -> None:
-        """Notice desired state written by another process (the CLI), and refresh observers."""
-        last_version: int | None = None
-        last_refresh = self.clock.monotonic()
-        while True:
-            await self.clock.sleep(POLL_INTERVAL)
-            try:
-                version = await self.db(lambda s: s.data_version())
-                if version != last_version and last_version is not None:
-                    await self.reload_principals()  # registered or revoked by the CLI
-                if version != last_version:
-                    for device in list(self._observers):
-                        doc = await self.db(lambda s, d=device: s.desired(d))
-                        self._desired_changed(device, doc.etag())
-                last_version = version
-            except (StorageUnavailable, UnknownDevice) as err:
-                log.debug("event=poll_failed error=%s", err)
-            if self.clock.monotonic() - last_refresh >= DESIRED_REFRESH:
-                last_refresh = self.clock.monotonic()
-                for observers in list(self._observers.values()):
-                    for servobs in list(observers):
-                        servobs.trigger()
+    async def _observable(self, request: Message) -> str | None:
+        """The device whose desired state ``request`` may observe, or None (the request is then
+        answered as a plain one: its error, or its document once)."""
+        try:
+            route = self._check(request)
+            self._authorize(request, route)
+            block2 = request.opt.block2
+            if route.name != "desired" or route.device is None or (block2 and block2.block_number):
+                return None  # (a later block of a document is fetched, never observed)
+            return await self._device(route)  # registers it with allow_any_device
+        except (_Failure, StorageUnavailable):
+            return None
+        except Exception as err:
+            log.error("event=internal_error where=observe error=%r", f"{type(err).__name__}: {err}")
+            return None
 
     # -- request handling ------------------------------------------------------------------------
 
@@ -660,28 +639,23 @@ class CloudServer:
                 device,
                 ",".join(f"{k}@{v}" for k, v in result.desired.blocked.items()),
             )
-            self._desired_changed(device, result.desired.etag())
+            self._observers.changed(device, result.desired.etag())
         payload = records.dumps(result.versions)
         return Message(code=Code.CHANGED, payload=payload, content_format=CF_CBOR)
 
     async def _desired_get(self, request: Message, route: _Route) -> Message:
         device = await self._device(route)
         doc = await self.db(lambda s: s.desired(device))
-        etag = doc.etag()
-        self._etags[device] = etag  # what observers saw last (notifications render here too)
-        if etag in request.opt.etags:
-            response = Message(code=Code.VALID)
-        else:
-            response = Message(code=Code.CONTENT, payload=doc.to_cbor(), content_format=CF_CBOR)
-        response.opt.etag = etag
-        response.opt.max_age = DESIRED_MAX_AGE
-        return response
+        self._observers.seen(device, doc.etag())  # notifications render here too
+        return render_document(request, doc)
 
     async def _desired_put(self, request: Message, route: _Route) -> Message:
         device = await self._device(route)
         payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)
         try:
             changes = statedoc.parse_desired_changes(payload)
+        except statedoc.ValueTooLarge as err:
+            raise _Failure(Code.REQUEST_ENTITY_TOO_LARGE, str(err)) from None
         except StateError as err:
             raise _Failure(Code.BAD_REQUEST, str(err)) from None
         if_match = list(request.opt.if_match) or None
@@ -693,6 +667,8 @@ class CloudServer:
             raise _Failure(
                 Code.REQUEST_ENTITY_TOO_LARGE, str(err), size1=self.limits.desired_doc_bytes
             ) from None
+        except StateError as err:  # set_desired checks the values again (the command line's way)
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
         body = records.dumps({"rev": doc.rev, "changed": changed})
         response = Message(code=Code.CHANGED, payload=body, content_format=CF_CBOR)
         response.opt.etag = doc.etag()
@@ -786,3 +762,11 @@ def _bound_port(ctx: aiocoap.Context) -> int:
         if isinstance(sock, socket.socket):
             return int(sock.getsockname()[1])
     raise RuntimeError("cannot find the port of the CoAP server socket")
+
+
+def _is_desired_get(request: Message) -> bool:
+    """A GET of some device's desired state (the one observable resource)."""
+    path = request.opt.uri_path
+    return (
+        request.code == Code.GET and len(path) == 3 and (path[0], path[2]) == ("state", "desired")
+    )

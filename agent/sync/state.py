@@ -87,14 +87,15 @@ from agent.errors import SyncError
 from agent.files import write_atomic
 from agent.sync.backoff import full_jitter
 from agent.sync.statedata import (
-    STATE_FORMAT,
     Failure,
     StateFileError,
     StateHooks,
     StateSettings,
     chunks,
     decode_state,
+    encode_state,
     error_text,
+    errors_report,
     model_name,
     parse_acks,
     parse_desired_document,
@@ -103,7 +104,7 @@ from agent.sync.statedata import (
     show,
 )
 from agent.sync.transport import CoapTransport, Endpoints, Response, code
-from agent.wire import records, statedoc
+from agent.wire import statedoc
 from agent.wire.statedoc import Entry, Rule, StateError
 from drivers.clock import Clock, wait_event
 
@@ -326,24 +327,18 @@ class StateSync:
         self._applied = doc["applied"]
         self._failed = doc["failed"]
 
-    def _state_bytes(self) -> bytes:
-        return records.dumps(
-            {
-                "format": STATE_FORMAT,
-                "device": self.device_id,
-                "clock": self._clock_ms,
-                "rev": self._rev,
-                "reported": {k: [e.version, e.value] for k, e in self._reported.items()},
-                "pending": sorted(self._pending),
-                "applied": {k: [e.version, e.value] for k, e in self._applied.items()},
-                "failed": {k: [f.version, f.error, f.name] for k, f in self._failed.items()},
-            }
-        )
-
     async def _persist(self) -> None:
         """Write the state file. Writes go through one thread, in the order they were asked for,
         so a cancelled caller never leaves two writers racing on the temporary file."""
-        data = self._state_bytes()
+        data = encode_state(
+            self.device_id,
+            self._clock_ms,
+            self._rev,
+            self._reported,
+            self._pending,
+            self._applied,
+            self._failed,
+        )
         self._unsaved = False
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="state-persist")
@@ -370,9 +365,7 @@ class StateSync:
                 values.setdefault(key, entry.value)
         values[REV_KEY] = self._rev
         if self._failed or ERRORS_KEY in self._reported:
-            values[ERRORS_KEY] = {
-                k: {"version": f.version, "error": f.error} for k, f in sorted(self._failed.items())
-            }
+            values[ERRORS_KEY] = errors_report(self._failed)
         for key, failure in self._failed.items():
             if statedoc.rule_for(key) is Rule.MODEL:
                 report: dict[str, Any] = {
@@ -709,63 +702,76 @@ class StateSync:
         return delay
 
     async def _on_desired(self, payload: bytes, base: str) -> None:
-        """Apply one desired-state document: every key newer than what was applied."""
+        """Apply one desired-state document: every key newer than what was applied. Keys are
+        judged one by one: a bad key is refused (and reported), the others apply."""
         self._documents += 1
         self._last_doc_wall = self.clock.time()
         try:
-            rev, entries, blocked, problems = parse_desired_document(payload)
+            doc = parse_desired_document(payload)
         except StateError as err:
             self._documents_rejected += 1
             log.warning("event=desired_document_rejected endpoint=%s error=%r", base, str(err))
             return
-        log.debug("event=desired_document endpoint=%s rev=%d keys=%d", base, rev, len(entries))
-        for where, problem in problems:
+        log.debug(
+            "event=desired_document endpoint=%s rev=%d keys=%d refused=%d",
+            base,
+            doc.rev,
+            len(doc.entries),
+            len(doc.refused),
+        )
+        for where, problem in doc.problems:
             log.warning("event=desired_key_rejected key=%s error=%r", where, problem)
+        # (version, key, entry or None, the refusal of a value that did not even decode)
+        keys = [(e.version, k, e, None) for k, e in doc.entries.items()]
+        keys += [(r.version, k, None, r.error) for k, r in doc.refused.items()]
         changed = False
-        for key, entry in sorted(entries.items(), key=lambda item: (item[1].version, item[0])):
-            if entry.version <= self._seen_version(key):
+        for version, key, entry, error in sorted(keys, key=lambda item: item[:2]):
+            if version <= self._seen_version(key):
                 continue
             changed = True
-            if blocked.get(key) == entry.version:
+            value = None if entry is None else entry.value
+            if doc.blocked.get(key) == version:
                 self._failed[key] = Failure(
-                    entry.version,
+                    version,
                     "blocked by the endpoint: loading this version failed before",
-                    model_name(entry.value),
+                    model_name(value),
                 )
-                log.info("event=desired_blocked key=%s version=%d", key, entry.version)
+                log.info("event=desired_blocked key=%s version=%d", key, version)
                 continue
-            error: str | None = None
-            try:
-                statedoc.check_desired(key, entry.value)
-                self.hooks.apply(key, entry.value)
-            except (StateError, ValueError) as err:
-                error = error_text(err)
-            except Exception as err:  # a bug in the runtime's hook: refuse, keep running
-                error = error_text(err)
-                log.error("event=desired_apply_crashed key=%s error=%r", key, error)
+            if error is None:
+                error = self._apply(key, value)
             if error is not None:
-                self._failed[key] = Failure(entry.version, error, model_name(entry.value))
+                error = error_text(error)
+                self._failed[key] = Failure(version, error, model_name(value))
                 log.warning(
                     "event=desired_rejected key=%s version=%d error=%r action=kept_previous",
                     key,
-                    entry.version,
+                    version,
                     error,
                 )
                 continue
+            assert entry is not None
             self._applied[key] = entry
             self._failed.pop(key, None)
-            log.info(
-                "event=desired_applied key=%s version=%d value=%s",
-                key,
-                entry.version,
-                show(entry.value),
-            )
-        if rev > self._rev:
-            self._rev = rev
+            log.info("event=desired_applied key=%s version=%d value=%s", key, version, show(value))
+        if doc.rev > self._rev:
+            self._rev = doc.rev
             changed = True
         if changed:
             await self._persist()
             self.changed()
+
+    def _apply(self, key: str, value: Any) -> str | None:
+        """Check ``key: value`` against the key's rules and apply it; why not, or None."""
+        try:
+            statedoc.check_desired(key, value)
+            self.hooks.apply(key, value)
+        except (StateError, ValueError) as err:
+            return error_text(err)
+        except Exception as err:  # a bug in the runtime's hook: refuse, keep running
+            log.error("event=desired_apply_crashed key=%s error=%r", key, error_text(err))
+            return error_text(err)
+        return None
 
     def _seen_version(self, key: str) -> int:
         applied = self._applied.get(key)

@@ -28,6 +28,10 @@ from drivers.base import Options
 
 #: Longest error text kept and reported for a refused desired value.
 ERROR_TEXT_MAX = 200
+#: ``desired/errors`` is kept to this many bytes of CBOR (the newest refusals first), so that
+#: the reported PUT that carries it stays well below the endpoint's 8 KiB body limit whatever a
+#: document held.
+ERRORS_REPORT_BYTES = 4096
 STATE_FORMAT = 1
 #: The state file's default name, relative to the data directory.
 STATE_FILE = "state.cbor"
@@ -100,40 +104,37 @@ class StateFileError(ValueError):
     """The persisted state file does not decode or does not have the expected shape."""
 
 
-def parse_desired_document(
-    payload: bytes,
-) -> tuple[int, dict[str, Entry], dict[str, int], list[tuple[str, str]]]:
-    """A desired document, leniently: ``(rev, entries, blocked, problems)``.
+def parse_desired_document(payload: bytes) -> statedoc.DesiredParse:
+    """A served desired document, read key by key (:func:`agent.wire.statedoc.parse_desired_
+    document`): :class:`StateError` only when there is no document at all; an entry without a
+    usable key or version is named in ``problems``; a value over the limits, or one that does not
+    decode, is in ``refused`` with its version, and costs no other key. Values that decoded are
+    checked against their key's rules by the caller."""
+    return statedoc.parse_desired_document(payload)
 
-    A document that does not decode, or is not ``{rev, keys, ? blocked}``, raises
-    :class:`StateError`. An entry without a usable ``[version, value]`` is left out and named in
-    ``problems`` so that the other keys still apply; values are checked per key by the caller.
-    """
-    try:
-        doc = records.loads(payload, max_depth=16)
-    except RecordError as err:
-        raise StateError(f"desired document: {err}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
-        raise StateError("desired document: expected {rev, keys, ? blocked}")
-    rev = doc.get("rev")
-    if not is_version(rev):
-        raise StateError(f"desired document: rev must be an unsigned integer, got {rev!r}")
-    entries: dict[str, Entry] = {}
-    problems: list[tuple[str, str]] = []
-    for key, item in doc["keys"].items():
-        if not isinstance(key, str):
-            problems.append((repr(key), "a key is not text"))
-        elif not (isinstance(item, list) and len(item) == 2 and is_version(item[0])):
-            problems.append((key, f"expected [version, value], got {item!r}"[:ERROR_TEXT_MAX]))
-        else:
-            entries[key] = Entry(item[0], item[1])
-    blocked: dict[str, int] = {}
-    raw_blocked = doc.get("blocked", {})
-    if isinstance(raw_blocked, dict):
-        blocked = {k: v for k, v in raw_blocked.items() if isinstance(k, str) and is_version(v)}
-    else:
-        problems.append(("blocked", "expected a map of key => version"))
-    return rev, entries, blocked, problems
+
+def encode_state(
+    device: str,
+    clock: int,
+    rev: int,
+    reported: Mapping[str, Entry],
+    pending: set[str],
+    applied: Mapping[str, Entry],
+    failed: Mapping[str, Failure],
+) -> bytes:
+    """The persisted state file (the module docstring has its format; :func:`decode_state`)."""
+    return records.dumps(
+        {
+            "format": STATE_FORMAT,
+            "device": device,
+            "clock": clock,
+            "rev": rev,
+            "reported": {k: [e.version, e.value] for k, e in reported.items()},
+            "pending": sorted(pending),
+            "applied": {k: [e.version, e.value] for k, e in applied.items()},
+            "failed": {k: [f.version, f.error, f.name] for k, f in failed.items()},
+        }
+    )
 
 
 def decode_state(data: bytes) -> dict[str, Any]:
@@ -245,14 +246,29 @@ def chunks(entries: Mapping[str, Entry], limit: int) -> Iterator[dict[str, Entry
         yield chunk
 
 
+def errors_report(failed: Mapping[str, Failure]) -> dict[str, dict[str, Any]]:
+    """The ``desired/errors`` value: ``{key: {"version", "error"}}`` of the refused desired
+    versions, newest first up to :data:`ERRORS_REPORT_BYTES` (the oldest are left out)."""
+    out: dict[str, dict[str, Any]] = {}
+    size = 1
+    for key, failure in sorted(failed.items(), key=lambda kv: (-kv[1].version, kv[0])):
+        entry = {"version": failure.version, "error": failure.error[:ERROR_TEXT_MAX]}
+        size += len(records.dumps({key: entry}))
+        if size > ERRORS_REPORT_BYTES:
+            break
+        out[key] = entry
+    return dict(sorted(out.items()))
+
+
 def model_name(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("name"), str):
         return value["name"]
     return None
 
 
-def error_text(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
+def error_text(err: BaseException | str) -> str:
+    """The reason kept and reported for a refused desired value, at most ERROR_TEXT_MAX long."""
+    text = err if isinstance(err, str) else str(err) or type(err).__name__
     return text[:ERROR_TEXT_MAX]
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import warnings
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -246,8 +247,14 @@ class CoapTransport:
             yield _response(first)
             if not req.observation:
                 return
-            async for notification in req.observation:
-                yield _response(notification)
+            notifications = _subscribe(req.observation)
+            while True:
+                item = await notifications.get()
+                if isinstance(item, coap_error.NotObservable | coap_error.ObservationCancelled):
+                    return  # the endpoint ended it
+                if isinstance(item, BaseException):
+                    raise item
+                yield _response(item)
         except TimeoutError as err:
             missed = True
             raise SyncError(f"observe {uri}: no answer within {deadline:g} s") from err
@@ -268,6 +275,23 @@ class CoapTransport:
             await _shutdown(ctx)
         if self._retired:
             await asyncio.gather(*self._retired, return_exceptions=True)
+
+
+def _subscribe(observation: Any) -> asyncio.Queue[Any]:
+    """A queue of the observation's notifications and of the error that ends it.
+
+    aiocoap 0.4.17's ``async for`` iterator over an observation re-raises, from its ``__del__``,
+    any error that ended it other than a cancellation (a network error, or ResourceChanged when
+    a block-wise notification changes between its blocks): an "Exception ignored" traceback on
+    stderr whenever it is collected, although the error was handled here. Its callback interface
+    (deprecated in favour of the iterator, still there in the pinned 0.4.17) has no such
+    finalizer."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        observation.register_callback(queue.put_nowait)
+        observation.register_errback(queue.put_nowait)
+    return queue
 
 
 async def _shutdown(ctx: Any) -> None:

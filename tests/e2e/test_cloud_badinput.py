@@ -1,9 +1,12 @@
-"""1,000 generated bad requests (fixed seed) over UDP: each gets the 4.xx it deserves, nothing of
-them is stored, and the endpoint keeps serving."""
+"""Bad input over UDP: 1,000 generated bad requests (fixed seed) each get the 4.xx they deserve,
+nothing of them is stored, and the endpoint keeps serving; Observe where it means nothing gets one
+answer; 2,000 malformed datagrams (tools/hostile.py) leave a handful of log lines, never a
+traceback."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +18,10 @@ import pytest
 from aiocoap import Code, Message
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import BlockOption, OpaqueOption
+from hostile import DATAGRAM_KINDS, malformed_datagrams
 
+import cloud.server
+from agent import logsetup
 from agent.wire.batch import IngestAck, WireRecord
 from agent.wire.codec import encode_batch
 from agent.wire.records import TelemetryBody
@@ -264,3 +270,96 @@ async def test_thousand_bad_requests_get_4xx_and_the_endpoint_keeps_serving(
         assert server.responses["5.00 Internal Server Error"] == 0
     finally:
         await ctx.shutdown()
+
+
+# -- Observe where it means nothing ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_observe_on_resources_that_are_not_observable_gets_one_answer_and_no_traceback(
+    server: CloudServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Observe on anything but desired state is answered once, as a plain request, by aiocoap's
+    public observation API: no ``'ServerObservation' object has no attribute
+    '_cancellation_callback'`` traceback per request."""
+    cases = [
+        (Code.GET, f"/devices/{DEVICE}", None, Code.CONTENT),
+        (Code.GET, f"/state/{DEVICE}/reported", None, Code.CONTENT),
+        (Code.GET, "/.well-known/core", None, Code.CONTENT),
+        (Code.GET, "/no/such/thing", None, Code.NOT_FOUND),
+        (Code.GET, "/state/ghost-1/desired", None, Code.NOT_FOUND),
+        (Code.GET, f"/ingest/{DEVICE}", None, Code.METHOD_NOT_ALLOWED),
+        (Code.POST, f"/ingest/{DEVICE}", (b"\x80", 112), Code.CHANGED),  # an empty batch
+        (Code.PUT, f"/state/{DEVICE}/desired", (cbor2.dumps({"x": 1}), 60), Code.BAD_REQUEST),
+    ]
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        for code, path, body, expected in cases * 5:
+            msg = Message(code=code, uri=f"{server.uri}{path}", observe=0)
+            if body is not None:
+                msg.payload, msg.opt.content_format = body
+            request = ctx.request(msg)
+            async with asyncio.timeout(10):
+                response = await request.response
+                assert (response.code, response.opt.observe) == (expected, None), path
+                assert [n async for n in request.observation] == []  # ended: not observable
+        # desired state is still observable
+        desired = ctx.request(
+            Message(code=Code.GET, uri=f"{server.uri}/state/{DEVICE}/desired", observe=0)
+        )
+        async with asyncio.timeout(10):
+            assert (await desired.response).opt.observe is not None
+        assert server.observers(DEVICE) == 1
+        desired.observation.cancel()
+    finally:
+        await ctx.shutdown()
+    tracebacks = [r.getMessage()[:100] for r in caplog.records if r.exc_info]
+    assert tracebacks == []
+    assert server.responses["5.00 Internal Server Error"] == 0
+
+
+# -- malformed datagrams --------------------------------------------------------------------------
+
+MALFORMED = 2000
+
+
+@pytest.mark.timeout(120)
+async def test_two_thousand_malformed_datagrams_of_every_kind_log_a_handful_of_lines(
+    server: CloudServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2,000 malformed datagrams of every kind tools/hostile.py makes, over plain UDP: the
+    endpoint answers a valid request afterwards, no log line carries a traceback, and its
+    rate-limited warnings keep the log to a handful of lines (the product's target: at most 20
+    bytes of log per bad datagram on average)."""
+    datagrams = malformed_datagrams(MALFORMED, seed=20240611, device=DEVICE)
+    assert {d.kind for d in datagrams} == set(DATAGRAM_KINDS)
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=("127.0.0.1", server.port)
+    )
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        for start in range(0, MALFORMED, 40):
+            for datagram in datagrams[start : start + 40]:
+                transport.sendto(datagram.data)
+            await asyncio.sleep(0.005)  # pacing, so that the socket buffers do not overflow
+        for _ in range(2):  # a valid request afterwards is served (the second one after it all)
+            valid = Message(code=Code.GET, uri=f"{server.uri}/devices/{DEVICE}")
+            async with asyncio.timeout(10):
+                assert (await ctx.request(valid).response).code == Code.CONTENT
+    finally:
+        transport.close()
+        await ctx.shutdown()
+    records_ = list(caplog.records)
+    formatter = logging.Formatter(logsetup.FORMAT)
+    logged = sum(len(formatter.format(r)) + 1 for r in records_)
+    lines = [f"{r.levelname} {r.name} {r.getMessage()[:90]}" for r in records_]
+    assert [line for line, r in zip(lines, records_, strict=True) if r.exc_info] == []
+    assert not any("Traceback" in r.getMessage() for r in records_)
+    assert len(records_) <= 3 * cloud.server.WARN_BURST, "\n".join(lines)
+    assert logged / MALFORMED <= 20, f"{logged} bytes of log for {MALFORMED} datagrams"
+    assert server.responses["5.00 Internal Server Error"] == 0
+    assert server.stats["undecodable_datagrams"] > 0  # counted, if not logged
+    assert await server.records(DEVICE) == []  # nothing of them was stored

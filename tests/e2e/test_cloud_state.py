@@ -13,7 +13,7 @@ import cbor2
 import pytest
 from aiocoap import Code, Message
 
-import cloud.server
+import cloud.desired
 from agent.wire import statedoc
 from agent.wire.statedoc import DesiredDoc, Entry, Rule, StateError
 from cloud import cli
@@ -25,7 +25,7 @@ MODEL = {"name": "pump-ae-int8", "sha256": "ab" * 32}
 
 @pytest.fixture
 async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[CloudServer]:
-    monkeypatch.setattr(cloud.server, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(cloud.desired, "POLL_INTERVAL", 0.05)
     srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)
     yield srv

@@ -28,7 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import cloud.server
+import cloud.desired
 from agent.detect.detector import Detector, DetectSettings
 from agent.detect.inference import load_manifest
 from agent.modelstore import assignment
@@ -65,7 +65,7 @@ def fast_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(state_mod, "BACKOFF_BASE", 0.02)
     monkeypatch.setattr(state_mod, "BACKOFF_CAP", 0.2)
     monkeypatch.setattr(state_mod, "ENDPOINT_CHECK_INTERVAL", 0.02)
-    monkeypatch.setattr(cloud.server, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(cloud.desired, "POLL_INTERVAL", 0.05)
 
 
 def _key(seed: int) -> Ed25519PrivateKey:

@@ -19,6 +19,8 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap import Code, Message, oscore
+from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.optiontypes import OpaqueOption
 
 from agent.errors import SyncError
 from agent.sync.security import ClientSecurity
@@ -523,3 +525,37 @@ async def test_the_smallest_hostile_datagrams_get_no_more_than_three_times_back(
     finally:
         sock.close()
     assert server.stats["block1_uploads"] == 0  # nothing spooled for an unknown peer
+
+
+@pytest.mark.timeout(60)
+async def test_protected_request_with_invalid_utf8_inside_gets_4_00_and_no_traceback(
+    server: CloudServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device's own OSCORE request whose inner Uri-Path is not UTF-8 (bytes 0xff 0xfe, only
+    visible after decryption): aiocoap 0.4.17's unprotection raises a UnicodeDecodeError; the
+    endpoint answers 4.00 through its rate-limited warning, and serves the device on."""
+    a = await Principal(server, tmp_path, A).open()
+    try:
+        assert (await a.req("GET", f"devices/{A}")).dotted == "2.05"
+        assert a.security is not None
+        context = a.security.context
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            for i in range(3):
+                inner = Message(code=Code.GET)
+                inner.opt.add_option(OpaqueOption(OptionNumber.URI_PATH, b"devices"))
+                inner.opt.add_option(OpaqueOption(OptionNumber.URI_PATH, b"\xff\xfe"))
+                outer, _ = context.protect(inner)
+                outer.mid, outer.token, outer.mtype = 4000 + i, bytes([i + 1]), aiocoap.CON
+                sock.sendto(outer.encode(), ("127.0.0.1", server.port))
+                answer = Message.decode(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5))
+                assert answer.code == Code.BAD_REQUEST
+        finally:
+            sock.close()
+        assert (await a.req("GET", f"devices/{A}")).dotted == "2.05"
+    finally:
+        await a.close()
+    assert [r.getMessage()[:100] for r in caplog.records if r.exc_info] == []
+    assert "undecodable request: UnicodeDecodeError" in caplog.text

@@ -27,7 +27,7 @@ import aiocoap.resource
 import pytest
 from aiocoap import Code, Message
 
-import cloud.server
+import cloud.desired
 from agent import __version__ as agent_version
 from agent.sense.hardware import Hardware
 from agent.sense.sampling import Sampler
@@ -70,7 +70,7 @@ def fast_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 60.0)
     monkeypatch.setattr(state_mod, "OBSERVE_MIN_LIFETIME", 0.2)
     monkeypatch.setattr(state_mod, "FALLBACK_AFTER", 1)
-    monkeypatch.setattr(cloud.server, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(cloud.desired, "POLL_INTERVAL", 0.05)
 
 
 class Hooks:
@@ -670,18 +670,19 @@ def test_settings_from_options(tmp_path: Path) -> None:
 
 
 def test_desired_document_parsing_is_lenient_per_key() -> None:
-    rev, entries, blocked, problems = parse_desired_document(
+    doc = parse_desired_document(
         records.dumps(
             {
                 "rev": 4,
-                "keys": {"a/b": [4, 1.0], "c/d": "x", "e/f": [-1, 2]},
+                "keys": {"a/b": [4, 1.0], "c/d": "x", "e/f": [-1, 2], "g/h": [3, [[[[[1]]]]]]},
                 "blocked": {"model/m": 2},
             }
         )
     )
-    assert rev == 4 and list(entries) == ["a/b"] and entries["a/b"].value == 1.0
-    assert blocked == {"model/m": 2}
-    assert sorted(k for k, _ in problems) == ["c/d", "e/f"]
+    assert doc.rev == 4 and list(doc.entries) == ["a/b"] and doc.entries["a/b"].value == 1.0
+    assert doc.blocked == {"model/m": 2}
+    assert sorted(k for k, _ in doc.problems) == ["c/d", "e/f"]
+    assert doc.refused["g/h"].version == 3 and "nested 5 deep" in doc.refused["g/h"].error
     for bad in (b"\xff", records.dumps([1]), records.dumps({"rev": -1, "keys": {}})):
         with pytest.raises(StateError):
             parse_desired_document(bad)
