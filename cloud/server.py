@@ -220,6 +220,7 @@ class CloudServer:
         self.host = DEFAULT_HOST
         self.port = 0
         self.data_dir: Path | None = None  # set by start() when the storage is SQLite in a dir
+        self.store_id: str | None = None  # the storage's identity (acks and desired state say it)
         self.models: ModelRegistry | None = None  # DATA/models, set by start()
         self.inference = CloudInference(DEFAULT_MODELS_DIR)  # start() keeps verdicts in data_dir
         self._ctx: aiocoap.Context | None = None
@@ -268,6 +269,7 @@ class CloudServer:
         )
         try:
             server.principals.load(await thread.call(lambda s: s.credentials()))
+            server.store_id = await thread.call(lambda s: s.storage_id())
             await server.inference.start()
             await server._listen(host, port, dtls_listen)
         except BaseException:
@@ -603,6 +605,7 @@ class CloudServer:
             result.conflict,
             conflicts=result.conflicts,
             last=result.last,
+            store=self.store_id,
         )
         log.debug(
             "event=ingest device=%s records=%d new=%d dup=%d conflict=%d",

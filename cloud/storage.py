@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +185,10 @@ class Storage(Protocol):
     def credentials(self) -> list[tuple[Credential, bool]]:
         """Every credential, with whether it is revoked."""
 
+    def storage_id(self) -> str:
+        """This storage's identity: endpoints that share it are one deployment (a device may
+        fall back between them); another storage is another deployment."""
+
     def close(self) -> None: ...
 
 
@@ -244,6 +249,7 @@ class SQLiteStorage:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._store: str | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -263,8 +269,16 @@ class SQLiteStorage:
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                db.execute(
+                    "INSERT OR IGNORE INTO counters (name, value) VALUES ('storage_id', ?)",
+                    (secrets.randbits(63),),
+                )
         except (sqlite3.Error, OSError) as err:
             raise StorageUnavailable(f"cannot open {self.path}: {err}") from err
+
+    def storage_id(self) -> str:
+        with self._errors():
+            return self._store_id(self.db)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> SQLiteStorage:
@@ -517,7 +531,13 @@ class SQLiteStorage:
                 continue
             if block is not None:
                 blocked[key] = block
-        return DesiredDoc(row[0], entries, blocked)
+        return DesiredDoc(row[0], entries, blocked, self._store_id(db))
+
+    def _store_id(self, db: sqlite3.Connection) -> str:
+        if self._store is None:
+            row = db.execute("SELECT value FROM counters WHERE name = 'storage_id'").fetchone()
+            self._store = f"{int(row[0]):016x}"
+        return self._store
 
     def _write_desired(
         self, db: sqlite3.Connection, device: str, doc: DesiredDoc, changed: list[str], now: float

@@ -66,6 +66,8 @@ STUCK_AFTER = 60.0
 READY_WITHIN = 30.0
 #: Seconds between refreshes of the queue statistics shown by status.
 STATS_INTERVAL = 2.0
+#: The storage identity of the device's endpoints, in the data directory (agent/sync/transport.py).
+STORE_FILE = "endpoint-store.json"
 #: Seconds between checks for sensor health or link changes to report.
 STATE_WATCH_INTERVAL = 1.0
 
@@ -414,7 +416,10 @@ class Agent:
             security=self.security,
         )
         self.endpoints = Endpoints(
-            settings.endpoints, self.clock, primary_retry=settings.primary_retry
+            settings.endpoints,
+            self.clock,
+            primary_retry=settings.primary_retry,
+            store_path=data / STORE_FILE,
         )
         self.uplink = Uplink(
             settings,

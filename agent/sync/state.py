@@ -20,28 +20,7 @@ Versions
     endpoint answers with a higher version than the one sent (our clock was behind), the clock
     catches up and the key is sent again with a newer version.
 
-Merge rules, by key (the endpoint merges reported keys with :func:`agent.wire.statedoc.rule_for`):
-
-==========================================  ======  ============================================
-key                                         rule    why
-==========================================  ======  ============================================
-``agent/version``, ``sensor/*/health``,     LWW     one writer (the device); the highest version
-``sensor/*/enabled|interval``,                      is the newest value, whatever the order in
-``detect/*/threshold``, ``queue/depth``,            which PUTs arrive (a delayed or repeated PUT
-``link/*``, ``desired/errors``, others              never rolls a key back)
-``counter/*``                               MAX     LWW is wrong for monotonic counters: after a
-                                                    lost state directory the version clock may
-                                                    restart lower and new counts would be
-                                                    ignored; a delayed PUT could lower a count
-``desired/rev``                             MAX     the highest desired revision processed; a
-                                                    delayed report of an older revision must not
-                                                    make the endpoint believe it was undone
-``model/<slot>``                            MODEL   LWW, except that a reported failure
-                                                    (``status: failed``, ``desired: version``)
-                                                    *blocks* that desired version: LWW alone
-                                                    would have the device retry a model that
-                                                    cannot load after every restart
-==========================================  ======  ============================================
+Merge rules, by key: the endpoint merges reported keys as :mod:`agent.wire.statedoc` says.
 
 Desired keys are applied by version, never by order of arrival: a key is applied only when its
 version is higher than the version of that key last applied (or last refused), so a repeated or
@@ -712,6 +691,8 @@ class StateSync:
             self._documents_rejected += 1
             log.warning("event=desired_document_rejected endpoint=%s error=%r", base, str(err))
             return
+        if not await self.endpoints.check_store(base, doc.store):
+            return  # another deployment's desired state: its versions mean nothing here
         log.debug(
             "event=desired_document endpoint=%s rev=%d keys=%d refused=%d",
             base,

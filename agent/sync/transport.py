@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.errors import SyncError
+from agent.files import write_atomic
 from agent.loopfilter import ExceptionFilter
 from agent.sync.security import ClientSecurity
 from drivers.clock import Clock
@@ -317,9 +320,23 @@ def _response(resp: Any) -> Response:
 class Endpoints:
     """The ordered endpoint list: use the first that works, fall back in order, and go back to
     the primary once it recovers (tried again every ``primary_retry`` seconds while on a
-    fallback)."""
+    fallback).
 
-    def __init__(self, uris: tuple[str, ...], clock: Clock, *, primary_retry: float = 60.0):
+    A fallback is the same deployment behind another address: endpoint processes that share one
+    storage (docs/protocol.md, "Fallback endpoints"). Acks and desired-state documents name the
+    storage they come from; the first storage any endpoint names is this device's (kept in
+    ``store_path``), and an endpoint that names another is refused: records it acknowledged stay
+    queued for the device's own storage, and its desired state is not applied, so records never
+    split across storages and desired versions are never compared across them."""
+
+    def __init__(
+        self,
+        uris: tuple[str, ...],
+        clock: Clock,
+        *,
+        primary_retry: float = 60.0,
+        store_path: Path | None = None,
+    ):
         if not uris:
             raise ValueError("no endpoints")
         self.uris = uris
@@ -327,31 +344,44 @@ class Endpoints:
         self.primary_retry = primary_retry
         self.index = 0
         self._left_primary_at: float | None = None
+        self.store_path = store_path
+        self.home = _read_home(store_path)
+        self.refused: dict[str, str] = {}  # uri -> the other storage it named
 
     @property
     def current(self) -> str:
         return self.uris[self.index]
 
+    def _next(self) -> None:
+        for _ in range(len(self.uris)):
+            self.index = (self.index + 1) % len(self.uris)
+            if self.uris[self.index] not in self.refused:
+                return
+
     def failed(self, uri: str) -> None:
         """``uri`` is not answering: move to the next endpoint (wrapping around)."""
         if uri != self.current or len(self.uris) == 1:
             return
-        self.index = (self.index + 1) % len(self.uris)
+        self._next()
         if self.index != 0 and self._left_primary_at is None:
             self._left_primary_at = self.clock.monotonic()
         if self.index == 0:
             self._left_primary_at = None
-        log.warning("event=endpoint_fallback from=%s to=%s", uri, self.current)
+        if self.current != uri:
+            log.warning("event=endpoint_fallback from=%s to=%s", uri, self.current)
 
     def want_primary(self) -> bool:
         """True when on a fallback and it is time to try the primary again."""
         return (
             self.index != 0
+            and self.uris[0] not in self.refused
             and self._left_primary_at is not None
             and self.clock.monotonic() - self._left_primary_at >= self.primary_retry
         )
 
     def primary_ok(self) -> None:
+        if self.uris[0] in self.refused:
+            return
         if self.index != 0:
             log.info("event=endpoint_primary_back uri=%s", self.uris[0])
         self.index = 0
@@ -359,6 +389,57 @@ class Endpoints:
 
     def retried_primary_failed(self) -> None:
         self._left_primary_at = self.clock.monotonic()
+
+    async def check_store(self, uri: str, store: str | None) -> bool:
+        """Whether ``uri``, which named the storage ``store`` (None: an endpoint that names
+        none), belongs to this device's deployment. The first storage named becomes the
+        device's (written to ``store_path``); an endpoint naming another is refused."""
+        if store is None:
+            return uri not in self.refused
+        if self.home is None:
+            self.home = store
+            log.info("event=endpoint_storage store=%s uri=%s", store, uri)
+            if self.store_path is not None:
+                data = (json.dumps({"store": store}) + "\n").encode()
+                try:
+                    await self.clock.run_blocking(None, write_atomic, self.store_path, data)
+                except OSError as err:
+                    log.error(
+                        "event=endpoint_storage_not_saved path=%s error=%r",
+                        self.store_path,
+                        str(err),
+                    )
+        if store == self.home:
+            self.refused.pop(uri, None)  # reconfigured onto the device's storage
+            return True
+        if self.refused.get(uri) != store:
+            log.error(
+                "event=endpoint_refused uri=%s reason=other_storage store=%s device_store=%s "
+                "note=a fallback endpoint must share the primary's storage (docs/protocol.md); "
+                "records stay queued for the device's own",
+                uri,
+                store,
+                self.home,
+            )
+        self.refused[uri] = store
+        if uri == self.current and len(self.uris) > 1:
+            self._next()
+        return False
+
+
+def _read_home(path: Path | None) -> str | None:
+    """The device's storage identity, as recorded (None: none yet, or unreadable)."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("event=endpoint_storage_unreadable path=%s error=%r", path, str(err))
+        return None
+    store = doc.get("store") if isinstance(doc, dict) else None
+    return store if isinstance(store, str) and store else None
 
 
 def _quiet_cancelled_oscore(loop: asyncio.AbstractEventLoop) -> None:

@@ -419,6 +419,12 @@ class Uplink:
                 await self._nack(seqs)
                 self._failed(uri, f"unreadable ack: {err}", probing_primary)
                 return 0
+            if not await self.endpoints.check_store(uri, ack.store):
+                # another deployment's storage: it may hold a copy, the device's own storage
+                # gets every record (docs/protocol.md, "Fallback endpoints")
+                await self._nack(seqs)
+                self._failed(uri, f"endpoint of another storage ({ack.store})", probing_primary)
+                return 0
             if ack.conflict > sum(b - a + 1 for a, b in ack.conflicts):
                 # counted but not named (an older endpoint): which seqs are ours there is
                 # unknown, so nothing of the batch may be deleted

@@ -28,6 +28,7 @@ CF_LINK_FORMAT = 40  # application/link-format
 
 
 MAX_SEQ = 2**63 - 1  # SQLite INTEGER
+MAX_STORE_ID = 64  # characters of a storage identity in an ack
 
 
 KINDS = frozenset(k.value for k in Kind)
@@ -140,6 +141,8 @@ class IngestAck:
     conflicts: tuple[tuple[int, int], ...] = ()
     # the endpoint's state, not this batch's outcome: two acks of one batch are equal without it
     last: int | None = field(default=None, compare=False)
+    # the identity of the storage behind the endpoint (None: an endpoint that does not say)
+    store: str | None = field(default=None, compare=False)
 
     @classmethod
     def for_seqs(
@@ -151,6 +154,7 @@ class IngestAck:
         *,
         conflicts: Iterable[int] = (),
         last: int | None = None,
+        store: str | None = None,
     ) -> IngestAck:
         """The ack of a batch of ``seqs``, of which ``conflicts`` are not acknowledged."""
         bad = set(conflicts)
@@ -161,6 +165,7 @@ class IngestAck:
             max(conflict, len(bad)),
             tuple(seq_ranges(bad)),
             last,
+            store,
         )
 
     def __contains__(self, seq: object) -> bool:
@@ -190,6 +195,8 @@ class IngestAck:
             doc["conflicts"] = [[a, b] for a, b in self.conflicts]
         if self.last is not None:
             doc["last"] = self.last
+        if self.store is not None:
+            doc["store"] = self.store
         return cbor2.dumps(doc, canonical=True)
 
     @classmethod
@@ -227,6 +234,9 @@ class IngestAck:
             not isinstance(last, int) or isinstance(last, bool) or not 0 <= last <= MAX_SEQ
         ):
             raise CodecError("ack: last must be a sequence number")
+        store = doc.get("store")
+        if store is not None and not (isinstance(store, str) and 0 < len(store) <= MAX_STORE_ID):
+            raise CodecError(f"ack: store must be a text of 1..{MAX_STORE_ID} characters")
         return cls(
             ranges("ack", doc.get("ack")),
             count("new"),
@@ -234,6 +244,7 @@ class IngestAck:
             count("conflict"),
             ranges("conflicts", doc.get("conflicts", [])),
             last,
+            store,
         )
 
 

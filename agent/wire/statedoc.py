@@ -18,10 +18,28 @@ in its key's range (:data:`DESIRED_RANGES`). The endpoint refuses a write that b
 its keys before decoding any value (:func:`parse_desired_document`, with
 :mod:`agent.wire.cborscan`), so a hostile value costs only its own key.
 
-Merge rules (:class:`Rule`): last-writer-wins by version for most keys; ``counter/...`` keys merge
-by maximum; ``model/...`` keys are last-writer-wins too, and a device's report that it failed to
-load the desired model version *blocks* that version: the desired document says so, the device
-does not retry it, and an operator's next assignment (a new version) lifts the block.
+Merge rules (:class:`Rule`, by key: :func:`rule_for`):
+
+==========================================  ======  ============================================
+key                                         rule    why
+==========================================  ======  ============================================
+``agent/version``, ``sensor/*/health``,     LWW     one writer (the device); the highest version
+``sensor/*/enabled|interval``,                      is the newest value, whatever the order in
+``detect/*/threshold``, ``queue/depth``,            which PUTs arrive (a delayed or repeated PUT
+``link/*``, ``desired/errors``, others              never rolls a key back)
+``counter/*``                               MAX     LWW is wrong for monotonic counters: after a
+                                                    lost state directory the version clock may
+                                                    restart lower and new counts would be
+                                                    ignored; a delayed PUT could lower a count
+``desired/rev``                             MAX     the highest desired revision processed; a
+                                                    delayed report of an older revision must not
+                                                    make the endpoint believe it was undone
+``model/<slot>``                            MODEL   LWW, except that a reported failure
+                                                    (``status: failed``, ``desired: version``)
+                                                    *blocks* that desired version: LWW alone
+                                                    would have the device retry a model that
+                                                    cannot load after every restart
+==========================================  ======  ============================================
 """
 
 from __future__ import annotations
@@ -39,6 +57,7 @@ import cbor2
 
 from agent.errors import AgentError
 from agent.wire import cborscan, records
+from agent.wire.batch import MAX_STORE_ID
 from agent.wire.cborscan import ScanError, Span
 
 MAX_VERSION = 2**63 - 1
@@ -472,6 +491,7 @@ class DesiredParse:
     blocked: dict[str, int]
     problems: list[tuple[str, str]]
     refused: dict[str, Refusal]
+    store: str | None = None  # the storage identity the endpoint names, if any
 
 
 def _small(data: bytes, span: Span, what: str) -> Any:
@@ -559,7 +579,20 @@ def parse_desired_document(payload: bytes) -> DesiredParse:
                 continue
             if _is_version(version):
                 blocked[key] = version
-    return DesiredParse(rev, entries, blocked, problems, refused)
+    return DesiredParse(rev, entries, blocked, problems, refused, _store(payload, fields))
+
+
+def _store(payload: bytes, fields: Mapping[str, Span]) -> str | None:
+    """The storage identity a document names (anything else there is ignored, as an older
+    endpoint names none)."""
+    span = fields.get("store")
+    if span is None or len(span) > MAX_STORE_ID + 2:
+        return None
+    try:
+        named = records.loads(span.of(payload), max_depth=1)
+    except records.RecordError:
+        return None
+    return named if isinstance(named, str) and 0 < len(named) <= MAX_STORE_ID else None
 
 
 def _show_span(data: bytes, span: Span) -> str:
@@ -583,6 +616,7 @@ class DesiredDoc:
     rev: int = 0
     entries: dict[str, Entry] = field(default_factory=dict)
     blocked: dict[str, int] = field(default_factory=dict)
+    store: str | None = None  # the identity of the endpoint's storage (docs/protocol.md)
 
     def to_cbor(self) -> bytes:
         doc: dict[str, Any] = {
@@ -591,6 +625,8 @@ class DesiredDoc:
         }
         if self.blocked:
             doc["blocked"] = dict(self.blocked)
+        if self.store is not None:
+            doc["store"] = self.store
         return _dumps(doc)
 
     def etag(self) -> bytes:
@@ -608,7 +644,7 @@ class DesiredDoc:
         entries = dict(parsed.entries)
         for key, refusal in parsed.refused.items():
             entries[key] = Entry(refusal.version, RawValue(refusal.data))
-        return cls(parsed.rev, dict(sorted(entries.items())), parsed.blocked)
+        return cls(parsed.rev, dict(sorted(entries.items())), parsed.blocked, parsed.store)
 
 
 def apply_desired(doc: DesiredDoc, changes: Mapping[str, Any]) -> tuple[DesiredDoc, list[str]]:
@@ -639,7 +675,7 @@ def apply_desired(doc: DesiredDoc, changes: Mapping[str, Any]) -> tuple[DesiredD
         changed.append(key)
     if not changed:
         return doc, []
-    return DesiredDoc(version, entries, blocked), changed
+    return DesiredDoc(version, entries, blocked, doc.store), changed
 
 
 def block_failures(doc: DesiredDoc, failures: Mapping[str, int]) -> DesiredDoc:
@@ -651,7 +687,7 @@ def block_failures(doc: DesiredDoc, failures: Mapping[str, int]) -> DesiredDoc:
             blocked[key] = version
     if blocked == doc.blocked:
         return doc
-    return DesiredDoc(doc.rev, doc.entries, blocked)
+    return DesiredDoc(doc.rev, doc.entries, blocked, doc.store)
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:

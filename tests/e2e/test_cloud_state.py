@@ -157,7 +157,7 @@ async def test_observing_registers_a_device_when_any_device_is_allowed(
     srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_any_device=True, allow_plain=True)
     observer = Observer(client, f"{srv.uri}/state/fresh-01/desired")
     try:
-        assert await observer.start() == DesiredDoc()
+        assert await observer.start() == DesiredDoc(store=srv.store_id)
         await srv.set_desired("fresh-01", {"sensor/motor/enabled": False})
         assert (await observer.next()).entries == {"sensor/motor/enabled": Entry(1, False)}
         assert srv.observers("fresh-01") == 1
@@ -173,7 +173,7 @@ async def test_desired_put_notifies_the_observer(
     observer = Observer(client, uri)
     try:
         initial = await observer.start()
-        assert initial == DesiredDoc(0, {}, {})
+        assert initial == DesiredDoc(0, {}, {}, server.store_id)
         operator = await aiocoap.Context.create_client_context(transports=["udp6"])
         try:
             response = await request(

@@ -621,9 +621,11 @@ async def test_observation_registered_again_after_the_endpoint_cancels_it(
 
 
 async def test_observation_follows_the_endpoint_fallback_and_back(tmp_path: Path) -> None:
+    """The fallback is another endpoint process on the primary's storage (docs/protocol.md,
+    "Fallback endpoints")."""
     port_a = free_port()
-    a = await start_server(tmp_path / "a", port_a)
-    b = await start_server(tmp_path / "b", free_port())
+    a = await start_server(tmp_path / "cloud", port_a)
+    b = await start_server(tmp_path / "cloud", free_port())
     hooks = Hooks()
     device = Device((a.uri, b.uri), tmp_path / "state.cbor", hooks, primary_retry=0.3).start()
     try:
@@ -637,7 +639,7 @@ async def test_observation_follows_the_endpoint_fallback_and_back(tmp_path: Path
         await wait_for(lambda: ("detect/motor/threshold", 0.8) in hooks.applied, "from fallback")
         await wait_for(lambda: _value_is(b, "detect/motor/threshold", 0.8), "reported to b")
 
-        a = await start_server(tmp_path / "a", port_a)  # the primary is back
+        a = await start_server(tmp_path / "cloud", port_a)  # the primary is back
         await device.observing(a.uri)
         await a.set_desired(DEVICE, {"sensor/motor/enabled": False})
         await wait_for(lambda: ("sensor/motor/enabled", False) in hooks.applied, "primary again")
@@ -645,6 +647,28 @@ async def test_observation_follows_the_endpoint_fallback_and_back(tmp_path: Path
     finally:
         await device.stop()
         await a.stop()
+        await b.stop()
+
+
+async def test_hostile_config_desired_state_of_another_storage_is_never_applied(
+    tmp_path: Path,
+) -> None:
+    """A "fallback" with its own storage numbers desired versions on its own: its document is
+    refused as a whole (the endpoint is refused) and nothing of it is applied."""
+    a = await start_server(tmp_path / "a", free_port())
+    b = await start_server(tmp_path / "b", free_port())
+    await b.set_desired(DEVICE, {"detect/motor/threshold": 0.9, "sensor/motor/interval": 9.0})
+    hooks = Hooks()
+    device = Device((a.uri, b.uri), tmp_path / "state.cbor", hooks, primary_retry=0.3).start()
+    try:
+        await device.observing(a.uri)
+        await a.set_desired(DEVICE, {"sensor/motor/interval": 0.5})
+        await wait_for(lambda: len(hooks.applied) == 1, "applied from the primary")
+        await a.stop()  # the endpoints fall back to b, which names another storage
+        await wait_for(lambda: b.uri in device.endpoints.refused, "b refused")
+        assert hooks.applied == [("sensor/motor/interval", 0.5)]  # nothing of b's
+    finally:
+        await device.stop()
         await b.stop()
 
 

@@ -156,13 +156,15 @@ async def test_outage_backs_off_without_busy_loop_then_delivers(server: CloudSer
     assert len(await server.seqs(DEVICE)) == 200
 
 
-async def test_falls_back_to_the_next_endpoint_and_returns_to_the_primary(
+async def test_falls_back_to_an_endpoint_on_the_same_storage_and_returns_to_the_primary(
     tmp_path: Path, store: Store
 ):
-    primary = await CloudServer.start(tmp_path / "primary", "127.0.0.1", 0, allow_plain=True)
-    secondary = await CloudServer.start(tmp_path / "secondary", "127.0.0.1", 0, allow_plain=True)
-    for srv in (primary, secondary):
-        await srv.add_device(DEVICE)
+    """A fallback is the same deployment behind another address: a second endpoint process on
+    the primary's storage. Every record lands in that one storage, once."""
+    primary = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
+    secondary = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
+    await primary.add_device(DEVICE)
+    assert primary.store_id == secondary.store_id
     async with LinkEmulator(
         listen=("127.0.0.1", 0), target=("127.0.0.1", primary.port), seed=5
     ) as proxy:
@@ -177,10 +179,9 @@ async def test_falls_back_to_the_next_endpoint_and_returns_to_the_primary(
             primary_retry=2.0,
         )
         try:
-            await store.put([telemetry(i) for i in range(50)])
+            first = await store.put([telemetry(i) for i in range(50)])
             run.uplink.poke()
             await until(lambda: drained(store), within=30)
-            assert len(await secondary.seqs(DEVICE)) == 50
             assert run.uplink.endpoints.index == 1
             proxy.outage(False)  # the primary recovers
             await asyncio.sleep(2.5)
@@ -193,12 +194,54 @@ async def test_falls_back_to_the_next_endpoint_and_returns_to_the_primary(
             await until(lambda: drained(store), within=30)
         finally:
             await run.stop()
-    primary_seqs = set(await primary.seqs(DEVICE))
-    secondary_seqs = set(await secondary.seqs(DEVICE))
-    assert set(later) <= primary_seqs
-    assert set(more) <= primary_seqs | secondary_seqs
+    assert await primary.seqs(DEVICE) == sorted(first + more + later)  # one storage, once each
+    assert not run.uplink.endpoints.refused
     await primary.stop()
     await secondary.stop()
+
+
+async def test_hostile_config_fallback_on_another_storage_is_refused_and_nothing_splits(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+):
+    """A "fallback" that is another deployment (its own storage): the device refuses it once
+    it names its storage, keeps what it acknowledged queued, and delivers everything to its own
+    storage when that is back. The other storage holds at most the one batch it was sent."""
+    own = await CloudServer.start(tmp_path / "own", "127.0.0.1", 0, allow_plain=True)
+    other = await CloudServer.start(tmp_path / "other", "127.0.0.1", 0, allow_plain=True)
+    for srv in (own, other):
+        await srv.add_device(DEVICE)
+    assert own.store_id != other.store_id
+    async with LinkEmulator(
+        listen=("127.0.0.1", 0), target=("127.0.0.1", own.port), seed=6
+    ) as proxy:
+        run = start_uplink(
+            store,
+            [f"coap://127.0.0.1:{proxy.port}", other.uri],
+            deadline=1.0,
+            backoff_base=0.05,
+            backoff_max=0.2,
+            fallback_after=2,
+            primary_retry=2.0,
+            batch_records=10,
+        )
+        try:
+            first = await store.put([telemetry(i) for i in range(20)])
+            run.uplink.poke()
+            await until(lambda: drained(store), within=30)  # the device's storage is known now
+            proxy.outage(True)
+            more = await store.put([telemetry(100 + i) for i in range(40)])
+            run.uplink.poke()
+            await until(lambda: _true(other.uri in run.uplink.endpoints.refused), within=30)
+            assert (await store.stats()).depth == 40  # nothing the other storage took is gone
+            proxy.outage(False)
+            await until(lambda: drained(store), within=60)
+        finally:
+            await run.stop()
+    assert await own.seqs(DEVICE) == sorted(first + more)
+    assert len(await other.seqs(DEVICE)) <= 10  # at most the one batch that revealed it
+    assert any("event=endpoint_refused" in r.getMessage() for r in caplog.records)
+    await own.stop()
+    await other.stop()
 
 
 async def _true(value: bool) -> bool:
