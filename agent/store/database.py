@@ -12,7 +12,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,12 +21,14 @@ from agent.store.dbfile import (
     create,
     examine,
     file_size,
+    in_chunks,
     is_corrupt,
     is_full,
     max_opt,
     move_aside,
     open_error,
 )
+from agent.store.renumber import renumber
 from agent.store.salvage import Damaged, copy
 from agent.store.seqfile import SeqFile, SeqMark
 from agent.store.settings import (
@@ -40,13 +42,14 @@ from agent.store.settings import (
     SEQ_EPOCH_SCALE,
     StoreSettings,
 )
-from agent.store.space import Reserve, cap_budget, reserve_path
+from agent.store.space import Reserve, cap_budget, free_bytes, reserve_path
 from agent.wire.batch import MAX_SEQ
 from agent.wire.records import Kind
 
 log = logging.getLogger(__name__)
 
-_IN_CHUNK = 500  # sequence numbers per "IN (...)" statement
+ACK_STEP = 8  # acks per transaction on a full disk with no reserve left
+
 
 Leased = tuple[int, Kind, int, float, bytes, int]
 """A leased row: (seq, kind, priority, created, payload, attempts), the fields of a Record."""
@@ -58,11 +61,6 @@ class _Full(Exception):
 
 class _Corrupt(Exception):
     """The open database turned out corrupt."""
-
-
-def _chunks(items: Sequence[int], size: int = _IN_CHUNK) -> Iterable[Sequence[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 # --- the thread-confined database side -----------------------------------------------------------
@@ -140,12 +138,14 @@ class Db:
         try:
             self.s = cap_budget(self.s)
             self._derive()
+            if free_bytes(self.dir) < self.reserve.size:  # a full disk: open with its room
+                self.reserve.release()
             mark = self.seqfile.read()
             damaged: list[Damaged] = []
             corrupt_reason = examine(self.path)
             if corrupt_reason is not None:
                 damaged.append(move_aside(self.path, self.s.wal_path, corrupt_reason, wall_now))
-            for attempt in range(3):
+            for attempt in range(4):
                 fresh = not self.path.exists()
                 try:
                     if fresh:
@@ -157,8 +157,16 @@ class Db:
                     self._start_sequence(mark, fresh, recovered, wall_now)
                     self.reserve.ensure(time.monotonic())
                     return
+                except StoreFull:
+                    # a full disk at start: the reserve gives the room to open (once)
+                    self._close_conn()
+                    if attempt == 3 or not self.reserve.release():
+                        raise
                 except (sqlite3.DatabaseError, _Corrupt) as err:
-                    if attempt == 2 or not (isinstance(err, _Corrupt) or is_corrupt(err)):
+                    if attempt == 3 or not (isinstance(err, _Corrupt) or is_corrupt(err)):
+                        if is_full(err, self.dir) and attempt < 3 and self.reserve.release():
+                            self._close_conn()
+                            continue
                         raise open_error(self.path, err) from err
                     self._close_conn()
                     damaged.append(move_aside(self.path, self.s.wal_path, str(err), wall_now))
@@ -362,6 +370,20 @@ class Db:
         self._write_counters()
         log.error("event=queue_recreated path=%s", self.path)
 
+    def _acks_in_steps(self, acks: set[int]) -> set[int]:
+        """On a full disk with no reserve left: acks in small transactions, each followed by a
+        checkpoint that restarts the WAL, so every one reuses the blocks the WAL already has.
+        Returns the acks still not written."""
+        left = sorted(acks)
+        for i in range(0, len(left), ACK_STEP):
+            try:
+                self._txn([], set(left[i : i + ACK_STEP]), set(), shrink=False)
+            except _Full:
+                return set(left[i:])
+            with contextlib.suppress(sqlite3.Error):
+                self._c().execute("PRAGMA wal_checkpoint(RESTART)")
+        return set()
+
     def _checkpoint_truncate(self) -> None:
         try:
             self._c().execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -456,8 +478,8 @@ class Db:
                 except _Full:
                     if attempt == 0 and acks and self.reserve.release():
                         continue
-                    self.pending_acks = set(acks)
-                    held = len(acks)
+                    self.pending_acks = self._acks_in_steps(acks)
+                    held = len(self.pending_acks)
                     for seq in nacks:
                         self.leases.pop(seq, None)
                     break
@@ -480,6 +502,7 @@ class Db:
         *,
         emergency: bool = False,
         ring_dropped: int = 0,
+        shrink: bool = True,
     ) -> list[list[int]]:
         conn = self._c()
         d = _Delta(list(self.depth), list(self.bytes), list(self.evicted), self.hwm)
@@ -490,7 +513,7 @@ class Db:
             if acks:
                 self._delete(sorted(acks), d)
             if nacks:
-                for chunk in _chunks(sorted(nacks)):
+                for chunk in in_chunks(sorted(nacks)):
                     marks = ",".join("?" * len(chunk))
                     conn.execute(
                         f"UPDATE records SET attempts = attempts + 1 WHERE seq IN ({marks})", chunk
@@ -499,7 +522,7 @@ class Db:
                 out.append(self._insert(recs, d, emergency))
             if puts:
                 self._make_room(0, d, max_rank=3)
-            if acks or puts:
+            if shrink and (acks or puts):
                 self._shrink()
             if d.touched:
                 conn.executemany(
@@ -535,56 +558,12 @@ class Db:
         return out
 
     def renumber(self, seqs: Sequence[int], floor: int) -> dict[int, int]:
-        """Move the queued records ``seqs`` to fresh numbers above ``floor`` and above every
-        number issued so far, in one transaction (a new epoch when ``floor`` is higher); later
-        puts number above them. The new high-water mark is reserved in the side file before the
-        commit, as for puts, so no number repeats after a crash or a lost database."""
-        conn = self._c()
-        limit = MAX_SEQ - SEQ_BLOCK - len(seqs)
-        if floor > limit:
-            log.error(
-                "event=seq_space_exhausted floor=%d limit=%d action=renumber_above_own",
-                floor,
-                limit,
-            )
-            floor = 0
-        base = max(self.hwm, floor)
-        reserved = self.reserved
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            present: list[int] = []
-            for chunk in _chunks(sorted(set(seqs))):
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(f"SELECT seq FROM records WHERE seq IN ({marks})", chunk)
-                present += [row[0] for row in rows]
-            moved = {old: base + i for i, old in enumerate(sorted(present), 1)}
-            conn.executemany(
-                "UPDATE records SET seq = ?, attempts = attempts + 1 WHERE seq = ?",
-                [(new, old) for old, new in moved.items()],
-            )
-            hwm = base + len(moved)
-            if hwm != self.hwm:
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'seq_hwm'", (hwm,))
-                if hwm > reserved:
-                    reserved = hwm + SEQ_BLOCK
-                    self.seqfile.write(SeqMark(reserved, self.s.durability))
-            conn.execute("COMMIT")
-        except (sqlite3.Error, OSError) as err:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            if is_full(err, self.dir):
-                raise StoreFull(f"queue {self.path}: renumbering: the disk is full") from err
-            raise StoreError(f"queue {self.path}: renumbering failed: {err}") from err
-        self.hwm, self.reserved = hwm, reserved
-        self.commits += 1
-        for old in moved:
-            self.leases.pop(old, None)
-        return moved
+        """See :func:`agent.store.renumber.renumber`."""
+        return renumber(self, seqs, floor)
 
     def _delete(self, seqs: Sequence[int], d: _Delta) -> None:
         conn = self._c()
-        for chunk in _chunks(seqs):
+        for chunk in in_chunks(seqs):
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(
                 f"DELETE FROM records WHERE seq IN ({marks}) RETURNING seq, kind, length(payload)",

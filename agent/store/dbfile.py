@@ -12,6 +12,7 @@ import os
 import sqlite3
 import struct
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from agent.errors import StoreError, StoreFull
@@ -85,6 +86,10 @@ def examine_header(path: Path) -> str | None:
     return None
 
 
+def _wal_has_frames(path: Path) -> bool:
+    return file_size(path.with_name(path.name + "-wal")) > 32  # more than the WAL header
+
+
 def open_error(path: Path, err: BaseException) -> StoreError:
     """An error at open that says nothing about the file's health (I/O, lock, disk full)."""
     if is_full(err, path.parent):
@@ -103,8 +108,11 @@ def examine(path: Path) -> str | None:
         reason = examine_header(path)
     except OSError as err:
         raise StoreError(f"cannot read {path}: {err}") from err
-    if reason is not None:
+    if reason is not None and not (reason.startswith("truncated") and _wal_has_frames(path)):
         return reason
+    # A main file shorter than its header says, with a WAL beside it, is what a checkpoint cut
+    # short by a full disk or a crash leaves: the WAL still holds those pages and SQLite reads
+    # them from it. Not corrupt; the checks below and quick_check (after an unclean stop) judge.
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS)
         try:
@@ -247,6 +255,14 @@ def create(path: Path) -> None:
             ) from err
         raise StoreError(f"cannot create the queue {path}: {err}") from err
     log.info("event=queue_created path=%s", path)
+
+
+IN_CHUNK = 500  # sequence numbers per "IN (...)" statement
+
+
+def in_chunks(items: Sequence[int], size: int = IN_CHUNK) -> Iterator[Sequence[int]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def max_opt(a: int | None, b: int | None) -> int | None:

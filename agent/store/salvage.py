@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.store.settings import BUSY_TIMEOUT_SECONDS, CODE_KIND
+from agent.wire.batch import MAX_SEQ
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,12 @@ def _skip(conn: sqlite3.Connection, pos: int, stop: int) -> int | None:
     step = 1
     fail = pos
     found: int | None = None
-    while pos + step <= stop:
-        got = _first_after(conn, pos + step)
-        if got is not None:
-            found = pos + step
+    while fail < stop:
+        probe = min(pos + step, stop)  # the last probe is ``stop`` itself
+        if _first_after(conn, probe) is not None:
+            found = probe
             break
-        fail = pos + step
+        fail = probe
         step *= 2
     if found is None:
         return None
@@ -106,6 +107,15 @@ def _skip(conn: sqlite3.Connection, pos: int, stop: int) -> int | None:
         else:
             hi = mid
     return hi
+
+
+def _bound(conn: sqlite3.Connection, which: str) -> int | None:
+    """min(seq) or max(seq), where the file still gives it (None: not readable)."""
+    try:
+        row = conn.execute(f"SELECT {which}(seq) FROM records").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return int(row[0]) if row and isinstance(row[0], int) else None
 
 
 def _lookups(conn: sqlite3.Connection, first: int, last: int) -> list[Row]:
@@ -188,7 +198,16 @@ class _Scan:
 
     def __iter__(self) -> Iterator[list[Row]]:
         conn = self.conn
-        pos = 0
+        # start just below the smallest key and end at the largest, where they can be read:
+        # sequence numbers start at an epoch (about 2**50), far from 0
+        first, last = _bound(conn, "min"), _bound(conn, "max")
+        if first is not None:
+            pos = first - 1
+        elif self.stop < MAX_SEQ:  # the high-water mark is known: the keys lie just below it
+            pos = max(0, self.stop - MAX_LOOKUPS)
+        else:
+            pos = 0
+        self.stop = max(self.stop, last or 0)
         single = 0  # after a failed range read: rows read one at a time, to find the damage
         while self.spans < MAX_SPANS:
             limit = 1 if single else _CHUNK
@@ -200,7 +219,13 @@ class _Scan:
                     continue
                 self.spans += 1
                 resume = _skip(conn, pos, self.stop)
-                found = _lookups(conn, pos + 1, self.stop if resume is None else resume)
+                # the damaged keys lie just above pos and just below resume (dense numbering)
+                if resume is None:
+                    found = _lookups(conn, pos + 1, min(self.stop, pos + MAX_LOOKUPS))
+                else:
+                    found = _lookups(conn, pos + 1, min(resume, pos + MAX_LOOKUPS // 2))
+                    low = max(pos + MAX_LOOKUPS // 2 + 1, resume - MAX_LOOKUPS // 2 + 1)
+                    found += _lookups(conn, low, resume)
                 if found:
                     yield found
                 if resume is None:

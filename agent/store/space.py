@@ -28,6 +28,15 @@ RESERVE_RETRY_SECONDS = 10.0  # how often a missing reserve is tried again
 _CHUNK = 64 * 1024
 
 
+def free_bytes(directory: Path) -> int:
+    """Bytes free for an unprivileged writer on ``directory``'s filesystem (0: unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
 def room_for(settings: StoreSettings) -> int | None:
     """Bytes the queue could occupy on its filesystem: free space plus its own files (None when
     the filesystem cannot say)."""

@@ -379,3 +379,25 @@ def test_a_really_full_disk_no_crash_alerts_wait_until_space_returns(
         await st.close()
 
     vclock.run(main())
+
+
+def test_hostile_disk_a_queue_opens_on_a_disk_another_program_filled(
+    tiny_fs: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent restarted (after a SIGKILL) on a full disk opens its queue with the reserve's
+    room instead of exiting, which under systemd would be a restart loop with no data."""
+    settings = StoreSettings(path=tiny_fs / "queue.db")
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        seqs = await st.put([NewRecord(Kind.EVENT, os.urandom(1500)) for _ in range(40)])
+        await st.close()
+        _fill_disk(tiny_fs / "ballast")
+        with caplog.at_level(logging.WARNING, logger="agent.store"):
+            st = await Store.open(settings, clock=vclock)
+        assert [r.seq for r in await st.batch(100, 1 << 20)] == seqs
+        await st.ack(seqs)  # and the endpoint's acks drain it
+        assert (await st.stats()).depth == 0
+        await st.close()
+
+    vclock.run(main())
