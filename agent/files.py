@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -37,3 +38,20 @@ def resolve_path(base: Path, value: str) -> Path:
     """``value`` (``~`` expanded) relative to ``base`` unless it is absolute."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) if missing and check that this process can create files
+    in it, by creating and deleting one. Raises OSError whose ``filename`` is ``path``."""
+    import tempfile
+
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        err.filename = str(path)  # the directory, not the probe file in it
+        raise

@@ -1,8 +1,10 @@
 """The ``edge-agent-cloud`` command line: run the reference endpoint and look at its data.
 
 edge-agent-cloud serve --listen HOST:PORT [--dtls-listen HOST:PORT] --data DIR [--allow-any-device]
+                      [--http HOST:PORT [--http-cert FILE --http-key FILE]]
 edge-agent-cloud devices add --data DIR ID [ID ...] [--psk-file FILE]
 edge-agent-cloud devices list --data DIR [--json]
+edge-agent-cloud operators add|rekey|revoke|token --data DIR NAME
 edge-agent-cloud export --data DIR --device ID [--since T] [--format csv|json] [--output FILE]
 edge-agent-cloud desired set (--data DIR | --server URI) --device ID KEY=VALUE [...]
 edge-agent-cloud desired show --data DIR --device ID
@@ -16,6 +18,10 @@ second and notifies the device's observers. ``--server coap://HOST:PORT`` sends 
 
 ``serve --dtls-listen HOST:PORT`` also serves coaps:// with each principal's DTLS PSK (identity =
 the device id; docs/dtls.md). A device's PSK is random unless ``devices add --psk-file`` gives one.
+
+``serve --http HOST:PORT`` also serves the read-only web dashboard (docs/dashboard.md): on
+loopback without a password; elsewhere only over TLS and to operators, whose password
+``operators token NAME`` prints.
 """
 
 from __future__ import annotations
@@ -35,20 +41,41 @@ from pathlib import Path
 from typing import Any
 
 from agent import logsetup
+from agent.exits import (
+    EX_CANTCREAT,
+    EX_DATAERR,
+    EX_FAIL,
+    EX_IOERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_OK,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    CommandError,
+    UsageParser,
+    os_error_code,
+    os_error_line,
+    stdout_closed,
+)
+from agent.files import ensure_writable_dir
 from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
 from cloud import export
+from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
+from cloud.dashboard import Dashboard, DashboardRefused
 from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
 from cloud.security import issue_credential
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
-from cloud.storage import DocumentTooLarge, SQLiteStorage, StorageUnavailable, UnknownDevice
-
-EX_OK = 0
-EX_FAIL = 1
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
+from cloud.storage import (
+    DB_NAME,
+    DocumentTooLarge,
+    SQLiteStorage,
+    StorageUnavailable,
+    UnknownDevice,
+)
+from cloud.webauth import dashboard_token
 
 DTLS_PORT = 5684  # coaps:// (RFC 7252)
 REQUEST_TIMEOUT = 10.0  # seconds for `desired set --server`
@@ -109,8 +136,31 @@ def _device(text: str) -> str:
     return text
 
 
-def _open(data: str) -> SQLiteStorage:
-    return SQLiteStorage.in_dir(data)
+def _open(data: str, *, existing: bool = False) -> SQLiteStorage:
+    """The endpoint's storage in ``data``. ``existing``: only look (export, list, show): the
+    directory must hold an endpoint's data already. Otherwise it is created if missing."""
+    path = Path(data)
+    if existing and not (path / DB_NAME).is_file():
+        raise CommandError(
+            EX_NOINPUT,
+            f"error: {path}: no endpoint data here (no {DB_NAME}); give the --data DIR that "
+            "`edge-agent-cloud serve` and `devices add` use",
+        )
+    if not existing:
+        writable_dir(path)
+    return SQLiteStorage.in_dir(path)
+
+
+def writable_dir(path: Path, what: str = "data directory", fix: str = "") -> None:
+    """Create ``path`` if missing and check that this user can write in it: CommandError (one
+    line with the fix, 77 or 73) when not."""
+    try:
+        ensure_writable_dir(path)
+    except OSError as err:
+        raise CommandError(
+            os_error_code(err),
+            "error: " + os_error_line(err, what, fix or "choose a writable --data DIR"),
+        ) from None
 
 
 # -- serve ----------------------------------------------------------------------------------------
@@ -130,6 +180,9 @@ async def _serve(args: argparse.Namespace) -> int:
         except DtlsUnavailable as err:
             print(f"error: {err}", file=sys.stderr)
             return EX_UNAVAILABLE
+    http = parse_listen(args.http, "--http", HTTP_PORT) if args.http is not None else None
+    if http is None and (args.http_cert or args.http_key):
+        raise UsageError("--http-cert and --http-key go with --http")
     server = await CloudServer.start(
         args.data,
         host,
@@ -138,8 +191,18 @@ async def _serve(args: argparse.Namespace) -> int:
         allow_plain=args.insecure,
         dtls_listen=dtls,
     )
+    if http is not None:
+        try:
+            await Dashboard.start(server, *http, tls_cert=args.http_cert, tls_key=args.http_key)
+        except BaseException as err:
+            await server.stop()
+            if isinstance(err, DashboardRefused):
+                raise UsageError(str(err)) from None
+            raise
     uris = server.uri if server.dtls is None else f"{server.uri}, {server.dtls.uri}"
     print(f"edge-agent-cloud listening on {uris}, data in {args.data}", flush=True)
+    if server.dashboard is not None:
+        print(f"dashboard on {server.dashboard.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,6 +216,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    writable_dir(Path(args.data))
     return asyncio.run(_serve(args))
 
 
@@ -189,12 +253,30 @@ def _issue(
         )
 
 
+def _print_tokens(storage: SQLiteStorage, names: list[str]) -> int:
+    """operators token: each operator's dashboard password (cloud/webauth.py)."""
+    creds = {c.principal: (c, revoked) for c, revoked in storage.credentials()}
+    for name in names:
+        cred, revoked = creds.get(name, (None, True))
+        if cred is None or revoked or cred.role != "operator":
+            print(f"error: {name} is not an operator with a valid credential", file=sys.stderr)
+            return EX_FAIL
+        print(dashboard_token(cred) if len(names) == 1 else f"{name} {dashboard_token(cred)}")
+    return EX_OK
+
+
 def cmd_principals(args: argparse.Namespace) -> int:
-    """devices add|rekey|revoke and operators add|rekey|revoke."""
+    """devices add|rekey|revoke and operators add|rekey|revoke|token."""
     role = "operator" if args.command == "operators" else "device"
     names = [_device(n) for n in args.ids]
+    out = getattr(args, "credential_out", None)
+    if out is not None:  # before anything is registered: a credential that cannot be written
+        folder = Path(out) if len(names) > 1 else Path(out).parent
+        writable_dir(folder, "--credential-out directory", "choose a writable path")
     storage = _open(args.data)
     try:
+        if args.action == "token":
+            return _print_tokens(storage, names)
         known = {c.principal: revoked for c, revoked in storage.credentials()}
         for name in names:
             if args.action == "revoke":
@@ -220,7 +302,7 @@ def cmd_principals(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     if args.action in ("add", "rekey", "revoke"):
         return cmd_principals(args)
-    storage = _open(args.data)
+    storage = _open(args.data, existing=True)
     try:
         infos = storage.devices()
     finally:
@@ -247,7 +329,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     device = _device(args.device)
     since = parse_since(args.since)
-    storage = _open(args.data)
+    storage = _open(args.data, existing=True)
     try:
         if storage.device(device) is None:
             raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
@@ -255,7 +337,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     if args.output:
-        with open(args.output, "w", encoding="utf-8", newline="") as out:
+        try:
+            out = open(args.output, "w", encoding="utf-8", newline="")  # noqa: SIM115
+        except OSError as err:
+            raise CommandError(
+                os_error_code(err), "error: " + os_error_line(err, "--output", "choose another")
+            ) from None
+        with out:
             count = export.write(stored, out, args.format)
         print(f"{count} rows from {len(stored)} records -> {args.output}", file=sys.stderr)
     else:
@@ -314,7 +402,7 @@ async def _put_desired(
     if not response.code.is_successful():
         text = response.payload.decode("utf-8", "replace")
         print(f"error: {response.code}: {text}", file=sys.stderr)
-        return EX_FAIL
+        return EX_NOPERM if response.code in (Code.UNAUTHORIZED, Code.FORBIDDEN) else EX_DATAERR
     _print_entries(records.loads(response.payload))
     return EX_OK
 
@@ -342,7 +430,7 @@ def cmd_desired(args: argparse.Namespace) -> int:
         return EX_OK
     if not args.data:
         raise UsageError("desired show: give --data DIR")
-    storage = _open(args.data)
+    storage = _open(args.data, existing=True)
     try:
         doc = storage.desired(device)
     finally:
@@ -353,7 +441,7 @@ def cmd_desired(args: argparse.Namespace) -> int:
 
 def cmd_reported(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    storage = _open(args.data)
+    storage = _open(args.data, existing=True)
     try:
         if storage.device(device) is None:
             raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
@@ -384,7 +472,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 raise UsageError("models keygen: give --out KEYFILE or --data DIR")
             out = Path(args.out) if args.out else Path(args.data) / "models" / KEY_FILE
             if out.exists():
-                raise UsageError(f"{out} exists; not overwritten (move it away first)")
+                raise CommandError(
+                    EX_CANTCREAT, f"error: {out} exists; not overwritten (move it away first)"
+                )
             private, public = write_keypair(out)
             print(f"signing key {private} (keep it secret), public key {public} (for devices)")
             return EX_OK
@@ -401,7 +491,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         items = registry.list()
     except ModelError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EX_FAIL
+        cause = err.__cause__
+        return os_error_code(cause) if isinstance(cause, OSError) else EX_DATAERR
     if args.json:
         json.dump([p.to_dict() for p in items], sys.stdout, indent=2)
         print()
@@ -439,7 +530,7 @@ def _principal_actions(dsub: Any, role: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog="edge-agent-cloud", description="The reference CoAP cloud endpoint of edge-agent."
     )
     parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
@@ -463,6 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve unauthenticated plain CoAP as if from the device named in the path "
         '(agents with security = "none"; closed test networks only)',
     )
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the read-only web dashboard (docs/dashboard.md), e.g. 127.0.0.1:8080; "
+        "a network address needs an operator and --http-cert/--http-key",
+    )
+    p.add_argument("--http-cert", metavar="FILE", help="the dashboard's TLS certificate (PEM)")
+    p.add_argument("--http-key", metavar="FILE", help="the dashboard's TLS private key (PEM)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("devices", help="the device registry")
@@ -476,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("operators", help="operators' credentials (desired state over the network)")
     dsub = p.add_subparsers(dest="action", required=True)
     _principal_actions(dsub, "operator")
+    q = dsub.add_parser("token", help="print operators' dashboard passwords (serve --http)")
+    q.add_argument("--data", required=True)
+    q.add_argument("ids", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_principals)
 
     p = sub.add_parser("export", help="print the records a device sent")
@@ -527,17 +629,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes (agent/exits.py, sysexits.h): 0 done, 1 a refused principal (operators
+    token), 64 usage, 65 bad data (a refused request, a corrupt model), 66 a missing input (no
+    endpoint data, an unknown device, a missing file), 69 unavailable (no answer, an address not
+    of this host), 73 cannot create, 74 I/O error, 75 an address or database in use, 77
+    permission denied, 141 standard output closed early (``... | head``)."""
     args = build_parser().parse_args(argv)
     if args.func is cmd_serve:  # the other commands print their results; they log nothing
         logsetup.setup(args.log_level)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `export ... | head`: the reader has what it wanted
+        return stdout_closed()
+    except CommandError as err:
+        print(err, file=sys.stderr)
+        return err.code
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EX_USAGE
-    except (UnknownDevice, StorageUnavailable, StateError, DocumentTooLarge, OSError) as err:
+    except UnknownDevice as err:
+        data, device = getattr(args, "data", None) or "DIR", getattr(args, "device", None) or "ID"
+        print(
+            f"error: {err}; register it: edge-agent-cloud devices add --data {data} {device}",
+            file=sys.stderr,
+        )
+        return EX_NOINPUT
+    except (StateError, DocumentTooLarge) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EX_FAIL
+        return EX_DATAERR
+    except StorageUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        cause = err.__cause__
+        return os_error_code(cause) if isinstance(cause, OSError) else EX_IOERR
+    except OSError as err:
+        # a message made for the operator already (listen errors), else the file and errno
+        text = err.strerror if err.filename is None and err.strerror else os_error_line(err)
+        print(f"error: {text}", file=sys.stderr)
+        return os_error_code(err)
     except KeyboardInterrupt:
         return EX_OK
 

@@ -28,6 +28,7 @@ requests (rate limited), error for lost function.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import time
@@ -52,6 +53,7 @@ from agent.wire import codec, records, statedoc
 from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
 from agent.wire.credentials import Credential
 from agent.wire.statedoc import StateError
+from cloud.dashboard import Dashboard
 from cloud.desired import DesiredObservers, render_document
 from cloud.dtls import DtlsEndpoint
 from cloud.inference import (
@@ -225,6 +227,7 @@ class CloudServer:
         self.inference = CloudInference(DEFAULT_MODELS_DIR)  # start() keeps verdicts in data_dir
         self._ctx: aiocoap.Context | None = None
         self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
+        self.dashboard: Dashboard | None = None  # the web page: Dashboard.start(server, ...)
         self._known_devices: set[str] = set()
         self._observers = DesiredObservers(self.db, self.clock, self.reload_principals)
         self._guard: ExceptionFilter | None = None
@@ -322,6 +325,8 @@ class CloudServer:
 
     async def stop(self) -> None:
         """Stop listening, end observations, close the storage."""
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self._observers.stop()
         if self.dtls is not None:
             dtls, self.dtls = self.dtls, None
@@ -753,7 +758,25 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as err:
-            raise OSError(err.errno, f"{host}:{port} is in use ({err.strerror})") from err
+            raise OSError(err.errno, listen_error(host, port, err)) from err
+
+
+def listen_error(host: str, port: int, err: OSError) -> str:
+    """One line for an address the endpoint cannot listen on: what is wrong, what to do."""
+    where = f"{host}:{port}"
+    if err.errno == errno.EADDRINUSE:
+        return f"{where} is in use by another process; stop it or choose another port"
+    if err.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{where}: {host} is not an address of this host; listen on one of its addresses "
+            "(ip -brief address), or 0.0.0.0 for all of them"
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"{where}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE: "
+            "choose a port from 1024 up"
+        )
+    return f"cannot listen on {where}: {err.strerror}"
 
 
 def _bound_port(ctx: aiocoap.Context) -> int:

@@ -31,6 +31,7 @@ from agent.wire.batch import WireRecord, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
+from cloud import linkhistory
 from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS records_by_time ON records (device, time);
+CREATE INDEX IF NOT EXISTS records_alerts ON records (device, time) WHERE kind = 'alert';
 CREATE TABLE IF NOT EXISTS reported (
     device TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -265,7 +267,7 @@ class SQLiteStorage:
                     f"({SCHEMA_VERSION}); upgrade edge-agent"
                 )
             with self._tx() as db:
-                for statement in _SCHEMA.split(";"):
+                for statement in (_SCHEMA + linkhistory.SCHEMA).split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -459,6 +461,7 @@ class SQLiteStorage:
         versions: dict[str, int] = {}
         failures: dict[str, int] = {}
         refused: dict[str, int] = {}
+        taken: list[tuple[str, int, Any]] = []  # merged entries, for the link history
         with self._errors(), self._tx() as db:
             self._require(db, device)
             if max_keys is not None:
@@ -492,12 +495,14 @@ class SQLiteStorage:
                         "VALUES (?, ?, ?, ?, ?)",
                         (device, key, merged.version, statedoc.encode_value(merged.value), now),
                     )
+                    taken.append((key, merged.version, merged.value))
                     failed = statedoc.model_failure(key, merged)
                     if failed is not None:
                         failures[key] = failed
                     stored = merged
                 assert stored is not None
                 versions[key] = stored.version
+            linkhistory.append(db, device, taken, now)
             doc = self._desired(db, device)
             blocked = statedoc.block_failures(doc, failures)
             if blocked is not doc:

@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Timing constants (module level so tests can shorten them)
 
-#: Entries to let the FIFO collect between drains (of its 32): leaves slack for sleep jitter.
-DRAIN_ENTRIES = 24
+#: Entries to let the FIFO collect between drains: half of its 32, so the other half is slack
+#: for the event loop's and the shared bus's latency (20 ms at 800 Hz; with 24 the 10 ms left
+#: were overrun now and then on the reference rig, two ADXL345s on one bus beside the detector).
+DRAIN_ENTRIES = 16
 #: A read fails with DeviceTimeout when no sample arrives for this many sample periods ...
 STALL_SAMPLE_PERIODS = 40
 #: ... or for this many seconds, whichever is longer.

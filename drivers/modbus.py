@@ -1,16 +1,45 @@
 """Modbus RTU master for register-mapped serial instruments (flow meters, transmitters on RS-485).
 
-The slave simulator (``drivers.sim.modbus``) is written from the specifications on its own;
-``tests/hil/test_sim_protocols.py`` checks both sides against published frames. This side follows:
+The wire protocol is minimalmodbus's: this module keeps the register map (which registers, how
+they are grouped into requests, how their words become channel values), the options, the retry
+policy and the errors. minimalmodbus does the rest, on the port the agent opened:
 
-- CRC-16/MODBUS (reflected polynomial 0xA001, initial value 0xFFFF, low byte sent first):
-  "MODBUS over Serial Line Specification and Implementation Guide V1.02", section 2.5.1.2 and
-  Appendix B (its worked example: ``02 07`` carries the CRC bytes ``41 12``).
-- RTU framing: 11-bit characters, a frame is preceded and ended by at least 3.5 character times of
-  silence; above 19200 baud the spec fixes that silence at 1.750 ms (V1.02, section 2.5.1.1).
-- Functions 0x03 Read Holding Registers and 0x04 Read Input Registers, quantity 1..125 (0x7D):
-  "MODBUS Application Protocol Specification V1.1b3", sections 6.3 and 6.4.
-- Exception responses (function code | 0x80, one exception code byte): V1.1b3 section 7.
+- RTU framing and CRC-16/MODBUS (reflected polynomial 0xA001, preset 0xFFFF, low byte first:
+  "MODBUS over Serial Line Specification and Implementation Guide V1.02", section 2.5.1 and
+  Appendix B), the checks of an answer (length, CRC, slave address, function code, byte count);
+- the inter-frame silence t3.5 (3.5 characters of 11 bits, 1.750 ms above 19200 baud, V1.02
+  section 2.5.1.1): it sleeps before a request until the line has been quiet that long;
+- exception responses (function code | 0x80, one exception code byte: "MODBUS Application
+  Protocol Specification V1.1b3", section 7).
+
+Only functions 0x03 Read Holding Registers and 0x04 Read Input Registers are used, quantity
+1..125 (V1.1b3 sections 6.3 and 6.4). The slave simulator (``drivers.sim.modbus``) is written from
+the specifications on its own; ``tests/hil/test_sim_protocols.py`` checks the frames this driver
+puts on the wire, and the answers it accepts, against published ones.
+
+Why minimalmodbus (2.1, Apache-2.0 like this project) and not pymodbus (BSD-3-Clause):
+
+- footprint: one pure-Python module (a 32 kB wheel) whose only dependency is pyserial, which the
+  agent has anyway; pymodbus is several times larger and brings client, server, simulator and
+  framers we would not use;
+- the threading model: its calls block, which is what the agent's one worker thread per bus wants
+  (``AsyncSerial.transact`` runs the whole exchange off the event loop); pymodbus is asyncio-first,
+  and its synchronous client is a layer over that design;
+- ports: it accepts an already opened pyserial port (since 2.1), so the port stays the one
+  ``drivers.bus.open_serial`` opened with ``serial.serial_for_url``: a device path, a URL handler
+  or the simulator's pty. pymodbus's serial client opens the port itself;
+- Python 3.8 to 3.12 (3.11 here). Maintenance: pymodbus is far more active (frequent releases),
+  but its API moves within 3.x (``unit=`` became ``slave=``, then ``device_id=``); minimalmodbus
+  changes rarely (2.1.1, 2023), which suits a protocol that does not change, and a single module
+  is easy to vendor should it stop being maintained.
+
+What minimalmodbus does not give, this module adds: the exception code itself (the library
+raises one class for codes 01 to 03 and lets 05 ACKNOWLEDGE through as a wrong function code),
+read from the answer it already validated; the read deadline (the library reads the predicted
+answer size in one read within the port's timeout, so the timeout is stretched by the answer's
+time on the wire). An exception answer is shorter than the predicted size, so it is complete only
+when that deadline passes: a refusal costs one timeout, which for SERVER DEVICE BUSY doubles as
+the pause before the retry.
 
 The register map comes from the configuration, so the instrument's channels do too: each
 ``[[sensor.options.register]]`` entry is one channel named by its ``name``. Registers of the same
@@ -24,9 +53,9 @@ big-endian, as Modbus sends them).
 Options (``[sensor.options]``):
 
 - ``slave`` (1..247, default 1); ``timeout``: seconds to wait for an answer (default 0.5, at most
-  2); ``retries``: repeats of a request that got no answer or a garbled one (default 2);
-  ``max_registers``: most registers per request (default 125); ``word_order`` (default "big"):
-  the default for 32-bit registers;
+  2); ``retries``: repeats of a request that got no answer, a garbled one or SERVER DEVICE BUSY
+  (default 2); ``max_registers``: most registers per request (default 125); ``word_order``
+  (default "big"): the default for 32-bit registers;
 - ``identity = {table = "holding", address = N, value = M}`` (optional): a register that must
   hold ``M`` when the instrument is opened;
 - ``[[sensor.options.register]]`` (at least one): ``name`` (the channel), ``table`` ("holding",
@@ -42,10 +71,11 @@ import logging
 import math
 import re
 import struct
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+import minimalmodbus
 
 from drivers.base import BaseDriver, Identity, Options
 from drivers.bus import AsyncSerial
@@ -63,14 +93,14 @@ RESPONSE_TIMEOUT = 0.5
 #: takes on the wire (2.3 s for 125 registers at 1200 baud): that must stay inside the serial
 #: port's own per-call deadline (drivers.bus.AsyncSerial, 5 s by default).
 MAX_RESPONSE_TIMEOUT = 2.0
-#: Shortest wait for the rest of an answer once its first bytes are in, seconds.
-MIN_READ = 0.01
-#: Default number of repeats of a request that got no answer or a garbled one.
+#: Default number of repeats of a request that got no answer, a garbled one or BUSY.
 RETRIES = 2
 #: Bits per RTU character: start + 8 data + parity (or a second stop bit) + stop (V1.02 2.5.1).
 CHAR_BITS = 11
-#: Inter-frame silence above 19200 baud, fixed by V1.02 section 2.5.1.1.
-FAST_SILENCE = 0.00175
+#: Bytes of a read answer besides the register data: slave, function, byte count, CRC (2).
+ANSWER_OVERHEAD = 5
+#: Most answer bytes quoted in an error message.
+QUOTED_BYTES = 16
 
 READ_HOLDING_REGISTERS = 0x03
 READ_INPUT_REGISTERS = 0x04
@@ -82,9 +112,8 @@ TABLE_FUNCTIONS: dict[str, int] = {
 FUNCTION_TABLES = {code: table for table, code in TABLE_FUNCTIONS.items()}
 #: Quantity of registers one read request may ask for (V1.1b3 sections 6.3 and 6.4).
 MAX_QUANTITY = 125
+#: An exception answer carries the request's function code with this bit set (V1.1b3 7).
 EXCEPTION_BIT = 0x80
-REQUEST_SIZE = 8  # slave, function, address (2), quantity (2), CRC (2)
-EXCEPTION_SIZE = 5  # slave, function | 0x80, code, CRC (2)
 
 #: Exception codes, V1.1b3 section 7. 07 is not in V1.1b3; its name comes from the Modicon
 #: protocol reference PI-MBUS-300, where older devices still use it. 09 is undefined.
@@ -106,6 +135,18 @@ ILLEGAL_DATA_VALUE = 0x03
 #: Exceptions worth repeating the request for: the slave is busy, try again later.
 RETRYABLE_EXCEPTIONS = frozenset({0x06})
 
+#: minimalmodbus's InvalidResponseError messages (2.1) by how they start -> what failed, in
+#: this driver's words. Anything else is quoted as the library says it.
+INVALID_ANSWERS: tuple[tuple[str, str], ...] = (
+    ("Checksum error", "CRC mismatch"),
+    ("Too short", "truncated answer"),
+    ("Wrong return slave address", "answer from another slave"),
+    ("Wrong functioncode", "answer to another function"),
+    ("Wrong given number of bytes", "byte count does not match the answer"),
+    ("The register data length is wrong", "register count does not match the request"),
+)
+WRONG_FUNCTION = "answer to another function"
+
 #: Register types: name -> registers used.
 TYPES: dict[str, int] = {"u16": 1, "s16": 1, "u32": 2, "s32": 2, "float32": 2}
 WORD_ORDERS = ("big", "little")
@@ -119,211 +160,9 @@ def exception_name(code: int) -> str:
     return EXCEPTION_NAMES.get(code, f"UNKNOWN EXCEPTION 0x{code:02X}")
 
 
-# --------------------------------------------------------------------------------------------
-# CRC and timing
-
-
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc16(data: bytes | bytearray) -> int:
-    """CRC-16/MODBUS of ``data`` (the value; on the wire its low byte goes first)."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
-    return crc
-
-
-def with_crc(body: bytes | bytearray) -> bytes:
-    """``body`` followed by its CRC, low byte first."""
-    return bytes(body) + crc16(body).to_bytes(2, "little")
-
-
-def crc_ok(frame: bytes | bytearray) -> bool:
-    return len(frame) >= 3 and crc16(frame[:-2]) == int.from_bytes(frame[-2:], "little")
-
-
-def char_time(baudrate: int) -> float:
-    """Seconds to send one 11-bit RTU character."""
-    return CHAR_BITS / baudrate
-
-
-def silence_interval(baudrate: int) -> float:
-    """The inter-frame silence t3.5: 3.5 characters, or 1.75 ms above 19200 baud."""
-    return FAST_SILENCE if baudrate > 19200 else 3.5 * char_time(baudrate)
-
-
-# --------------------------------------------------------------------------------------------
-# Frames
-
-
-class FrameError(ValueError):
-    """Bytes that are not a valid frame (length, CRC, fields)."""
-
-
-def _check_byte(name: str, value: int) -> None:
-    if not 0 <= value <= 0xFF:
-        raise ValueError(f"{name} {value} does not fit in a byte")
-
-
-def _check_word(name: str, value: int) -> None:
-    if not 0 <= value <= 0xFFFF:
-        raise ValueError(f"{name} {value} does not fit in 16 bits")
-
-
-@dataclass(frozen=True, slots=True)
-class ReadRequest:
-    """A 0x03/0x04 request: read ``quantity`` registers from ``address`` of ``slave``.
-
-    The quantity is not range-checked here (a slave answers a bad one with exception 03).
-    """
-
-    slave: int
-    function: int
-    address: int
-    quantity: int
-
-    def __post_init__(self) -> None:
-        _check_byte("slave", self.slave)
-        _check_byte("function", self.function)
-        _check_word("address", self.address)
-        _check_word("quantity", self.quantity)
-
-    @property
-    def response_size(self) -> int:
-        return 5 + 2 * self.quantity
-
-    def to_bytes(self) -> bytes:
-        return with_crc(
-            bytes([self.slave, self.function])
-            + self.address.to_bytes(2, "big")
-            + self.quantity.to_bytes(2, "big")
-        )
-
-    @classmethod
-    def from_bytes(cls, frame: bytes) -> ReadRequest:
-        if len(frame) != REQUEST_SIZE:
-            raise FrameError(f"a read request has {REQUEST_SIZE} bytes, got {len(frame)}")
-        if not crc_ok(frame):
-            raise FrameError("CRC mismatch")
-        if frame[1] not in FUNCTION_TABLES:
-            raise FrameError(f"function 0x{frame[1]:02X} is not a register read")
-        return cls(
-            frame[0],
-            frame[1],
-            int.from_bytes(frame[2:4], "big"),
-            int.from_bytes(frame[4:6], "big"),
-        )
-
-    def describe(self) -> str:
-        table = FUNCTION_TABLES.get(self.function, f"function 0x{self.function:02X}")
-        last = self.address + self.quantity - 1
-        return f"{table} registers {self.address}..{last}"
-
-
-@dataclass(frozen=True, slots=True)
-class ReadResponse:
-    """The answer to a 0x03/0x04 request: the register words, in order."""
-
-    slave: int
-    function: int
-    registers: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        _check_byte("slave", self.slave)
-        _check_byte("function", self.function)
-        if not 0 < len(self.registers) <= MAX_QUANTITY:
-            raise ValueError(f"{len(self.registers)} registers do not fit in one response")
-        for word in self.registers:
-            _check_word("register", word)
-
-    def to_bytes(self) -> bytes:
-        data = b"".join(w.to_bytes(2, "big") for w in self.registers)
-        return with_crc(bytes([self.slave, self.function, len(data)]) + data)
-
-    @classmethod
-    def from_bytes(cls, frame: bytes) -> ReadResponse:
-        if len(frame) < 7:
-            raise FrameError(f"a read response has at least 7 bytes, got {len(frame)}")
-        if not crc_ok(frame):
-            raise FrameError("CRC mismatch")
-        count = frame[2]
-        if count != len(frame) - 5 or count % 2:
-            raise FrameError(f"byte count {count} does not match a {len(frame)}-byte frame")
-        data = frame[3:-2]
-        words = tuple(int.from_bytes(data[i : i + 2], "big") for i in range(0, count, 2))
-        return cls(frame[0], frame[1], words)
-
-
-@dataclass(frozen=True, slots=True)
-class ExceptionResponse:
-    """A slave's refusal: ``function`` is the request's function code (without the 0x80 bit)."""
-
-    slave: int
-    function: int
-    code: int
-
-    def __post_init__(self) -> None:
-        _check_byte("slave", self.slave)
-        if not 0 <= self.function < EXCEPTION_BIT:
-            raise ValueError(f"function 0x{self.function:02X} is not a request function")
-        _check_byte("code", self.code)
-
-    @property
-    def name(self) -> str:
-        return exception_name(self.code)
-
-    def to_bytes(self) -> bytes:
-        return with_crc(bytes([self.slave, self.function | EXCEPTION_BIT, self.code]))
-
-    @classmethod
-    def from_bytes(cls, frame: bytes) -> ExceptionResponse:
-        if len(frame) != EXCEPTION_SIZE:
-            raise FrameError(f"an exception response has 5 bytes, got {len(frame)}")
-        if not crc_ok(frame):
-            raise FrameError("CRC mismatch")
-        if not frame[1] & EXCEPTION_BIT:
-            raise FrameError(f"function 0x{frame[1]:02X} lacks the exception bit")
-        return cls(frame[0], frame[1] & ~EXCEPTION_BIT & 0xFF, frame[2])
-
-
-def check_response(frame: bytes, request: ReadRequest) -> ReadResponse | ExceptionResponse:
-    """Validate the bytes that came back for ``request``. Raises FrameError naming the fault."""
-    shown = frame.hex(" ")
-    if len(frame) < EXCEPTION_SIZE:
-        raise FrameError(f"truncated answer ({len(frame)} bytes: {shown})")
-    function = frame[1]
-    if function == request.function and len(frame) < request.response_size:
-        raise FrameError(f"truncated answer ({len(frame)} of {request.response_size} bytes)")
-    if not crc_ok(frame):
-        carried = int.from_bytes(frame[-2:], "little")
-        raise FrameError(
-            f"CRC mismatch: frame carries 0x{carried:04X}, computed 0x{crc16(frame[:-2]):04X}"
-        )
-    if frame[0] != request.slave:
-        raise FrameError(f"answer from slave {frame[0]}, expected slave {request.slave}")
-    if function == request.function | EXCEPTION_BIT:
-        return ExceptionResponse.from_bytes(frame)
-    if function != request.function:
-        raise FrameError(
-            f"function 0x{function:02X} in the answer to function 0x{request.function:02X}"
-        )
-    response = ReadResponse.from_bytes(frame)
-    if len(response.registers) != request.quantity:
-        raise FrameError(
-            f"{len(response.registers)} registers in the answer, asked for {request.quantity}"
-        )
-    return response
+def read_deadline(timeout: float, quantity: int, baudrate: int) -> float:
+    """Seconds one read may take: ``timeout`` plus the answer's time on the wire."""
+    return timeout + (ANSWER_OVERHEAD + 2 * quantity) * CHAR_BITS / baudrate
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +253,9 @@ class ReadGroup:
     @property
     def function(self) -> int:
         return TABLE_FUNCTIONS[self.table]
+
+    def describe(self) -> str:
+        return f"{self.table} registers {self.start}..{self.start + self.quantity - 1}"
 
 
 def plan_reads(
@@ -551,6 +393,67 @@ class ModbusExceptionError(DeviceIOError):
         self.exception_name = exception_name(code)
 
 
+class _LibraryPort:
+    """The serial port as minimalmodbus 2.1 uses it, over the port the agent hands the driver.
+
+    That port may be a pyserial port or one with only the methods the serial drivers use
+    (``agent.sense.hardware`` hands over a port that opens itself on first use and again after
+    an I/O error). So the library is told the port is open and never opens or closes it itself:
+    a port that is really closed fails the write, which ``AsyncSerial`` reports as a
+    DeviceIOError. The library reads an answer with one ``read``; the bytes are kept here, for
+    the exception code of a refusal (the library reports it by class and message only) and for
+    the bytes an error message quotes.
+    """
+
+    is_open = True
+
+    def __init__(self, port: Any) -> None:
+        self.wrapped = port
+        self.answer = b""
+
+    @property
+    def port(self) -> Any:  # the library's key for the time of the last answer on this line
+        return getattr(self.wrapped, "port", None) or getattr(self.wrapped, "name", None)
+
+    @property
+    def baudrate(self) -> int:
+        return _baudrate(self.wrapped)
+
+    @property
+    def timeout(self) -> float:
+        return self.wrapped.timeout
+
+    def open(self) -> None:
+        """Never called (``is_open``); present because the library checks for it."""
+
+    def close(self) -> None:
+        """Never called (the library keeps the port open); the port is the agent's to close."""
+
+    def reset_input_buffer(self) -> None:
+        self.wrapped.reset_input_buffer()
+
+    def reset_output_buffer(self) -> None:
+        reset = getattr(self.wrapped, "reset_output_buffer", None)
+        if reset is not None:
+            reset()
+
+    def write(self, data: bytes) -> int | None:
+        return self.wrapped.write(data)
+
+    def flush(self) -> None:
+        self.wrapped.flush()
+
+    def read(self, size: int = 1) -> bytes:
+        data = bytes(self.wrapped.read(size))
+        self.answer = data
+        return data
+
+
+def _baudrate(port: Any) -> int:
+    baudrate = getattr(port, "baudrate", None)
+    return baudrate if isinstance(baudrate, int) and baudrate > 0 else 9600
+
+
 class ModbusInstrument(BaseDriver):
     """A Modbus RTU slave whose registers are mapped to channels by the configuration.
 
@@ -566,11 +469,7 @@ class ModbusInstrument(BaseDriver):
         self.options = options if options is not None else parse_modbus_options(Options({}))
         self._specs = {spec.name: spec for spec in self.options.registers}
         self._plan = plan_reads(self.options.registers, self.options.max_registers)
-        baudrate = getattr(port.port, "baudrate", None)
-        baudrate = baudrate if isinstance(baudrate, int) and baudrate > 0 else 9600
-        self._silence = silence_interval(baudrate)
-        self._char_time = char_time(baudrate)
-        self._last_io = 0.0  # time.monotonic() of the end of the last exchange (worker thread)
+        self._line, self._instrument = self._instrument_on(port.port)
 
     def __str__(self) -> str:
         return f"{self.port.name} slave {self.options.slave}"
@@ -594,10 +493,8 @@ class ModbusInstrument(BaseDriver):
         detail = ""
         try:
             if identity is not None:
-                request = ReadRequest(
-                    self.options.slave, TABLE_FUNCTIONS[identity.table], identity.address, 1
-                )
-                found = (await self._request(request)).registers[0]
+                probe = ReadGroup(identity.table, identity.address, 1, ())
+                found = (await self._request(probe))[0]
                 if found != identity.value:
                     raise DeviceNotFound(
                         f"{self}: {identity.table} register {identity.address} holds "
@@ -632,8 +529,7 @@ class ModbusInstrument(BaseDriver):
     async def read(self) -> dict[str, float]:
         values: dict[str, float] = {}
         for group in self._plan:
-            request = ReadRequest(self.options.slave, group.function, group.start, group.quantity)
-            words = (await self._request(request)).registers
+            words = await self._request(group)
             for spec in group.registers:
                 at = spec.address - group.start
                 values[spec.name] = decode_value(spec, words[at : at + spec.count])
@@ -646,14 +542,13 @@ class ModbusInstrument(BaseDriver):
             raise KeyError(f"{channel!r} is not a channel of {self}") from None
 
     # ----------------------------------------------------------------------------------------
-    async def _request(self, request: ReadRequest) -> ReadResponse:
-        """Send ``request`` and return the validated answer, repeating it ``retries`` times."""
+    async def _request(self, group: ReadGroup) -> tuple[int, ...]:
+        """Read ``group``'s registers, repeating the request ``retries`` times."""
         attempts = 1 + self.options.retries
         last: DeviceTimeout | DeviceIOError | None = None
         for attempt in range(1, attempts + 1):
             try:
-                frame = await self.port.transact(lambda p: self._exchange(p, request))
-                return self._check(frame, request)
+                return await self.port.transact(lambda p: self._exchange(p, group))
             except ModbusExceptionError as err:
                 if err.code not in RETRYABLE_EXCEPTIONS:
                     raise
@@ -665,9 +560,9 @@ class ModbusInstrument(BaseDriver):
                     "modbus retry device=%s function=0x%02X address=%d quantity=%d "
                     "attempt=%d/%d error=%s",
                     self,
-                    request.function,
-                    request.address,
-                    request.quantity,
+                    group.function,
+                    group.start,
+                    group.quantity,
                     attempt,
                     attempts,
                     last,
@@ -677,47 +572,64 @@ class ModbusInstrument(BaseDriver):
             raise last
         raise type(last)(f"{last} (gave up after {attempts} attempts)") from last
 
-    def _exchange(self, port: Any, request: ReadRequest) -> bytes:
-        """One request and its answer, on the port's worker thread (blocking)."""
-        if port.timeout != self.options.timeout:
-            port.timeout = self.options.timeout
-        quiet = time.monotonic() - self._last_io
-        if quiet < self._silence:
-            time.sleep(self._silence - quiet)
+    def _exchange(self, port: Any, group: ReadGroup) -> tuple[int, ...]:
+        """One request and its answer through minimalmodbus, on the port's worker thread."""
+        deadline = read_deadline(self.options.timeout, group.quantity, _baudrate(port))
+        if port.timeout != deadline:
+            port.timeout = deadline
+        where = f"{self}: {group.describe()}"
+        if port is not self._line.wrapped:
+            self._line, self._instrument = self._instrument_on(port)
+        self._line.answer = b""
         try:
-            port.reset_input_buffer()  # stale bytes: late answers, line noise
-            port.write(request.to_bytes())
-            port.flush()
-            # one deadline for the whole answer: the timeout, plus the answer's time on the wire
-            deadline = (
-                time.monotonic() + self.options.timeout + request.response_size * self._char_time
+            words = self._instrument.read_registers(group.start, group.quantity, group.function)
+        except minimalmodbus.NoResponseError as err:
+            raise DeviceTimeout(f"{where}: no answer within {self.options.timeout:g} s") from err
+        except minimalmodbus.SlaveReportedException as err:
+            raise self._refusal(where, group, str(err)) from err
+        except minimalmodbus.InvalidResponseError as err:
+            message = str(err)
+            kind = next(
+                (ours for theirs, ours in INVALID_ANSWERS if message.startswith(theirs)), ""
             )
-            head = port.read(3)
-            if len(head) < 3:
-                return bytes(head)
-            size = EXCEPTION_SIZE if head[1] == request.function | EXCEPTION_BIT else 0
-            size = size or request.response_size
-            port.timeout = max(deadline - time.monotonic(), MIN_READ)
-            return bytes(head) + bytes(port.read(size - 3))
-        finally:
-            self._last_io = time.monotonic()
+            if kind == WRONG_FUNCTION and self._refused(group):
+                # 05 ACKNOWLEDGE: minimalmodbus lets it through, then finds the function wrong
+                raise self._refusal(where, group, message) from err
+            raise DeviceDataError(f"{where}: {kind or message}{self._quote()}") from err
+        except minimalmodbus.ModbusException as err:  # any other kind the library may add
+            raise DeviceIOError(f"{where}: {err}") from err
+        return tuple(words)
 
-    def _check(self, frame: bytes, request: ReadRequest) -> ReadResponse:
-        where = f"{self}: {request.describe()}"
-        if not frame:
-            raise DeviceTimeout(f"{where}: no answer within {self.options.timeout:g} s")
-        try:
-            response = check_response(frame, request)
-        except FrameError as err:
-            raise DeviceDataError(f"{where}: {err}") from err
-        if isinstance(response, ExceptionResponse):
-            raise ModbusExceptionError(
-                f"{where}: exception 0x{response.code:02X} {response.name}",
-                slave=response.slave,
-                function=response.function,
-                code=response.code,
-            )
-        return response
+    def _instrument_on(self, port: Any) -> tuple[_LibraryPort, minimalmodbus.Instrument]:
+        """The library's instrument on ``port`` (no I/O: the port is used at the first read)."""
+        line = _LibraryPort(port)
+        instrument = minimalmodbus.Instrument(line, self.options.slave)
+        instrument.clear_buffers_before_each_transaction = True  # late answers, line noise
+        return line, instrument
+
+    def _refused(self, group: ReadGroup) -> bool:
+        """Whether the last answer is an exception answer to ``group``'s request."""
+        answer = self._line.answer
+        return len(answer) >= 3 and answer[1] == group.function | EXCEPTION_BIT
+
+    def _refusal(self, where: str, group: ReadGroup, message: str) -> DeviceIOError:
+        """The error for an exception answer the library validated (CRC, slave address)."""
+        if not self._refused(group):  # an exception answer, but to another function
+            return DeviceDataError(f"{where}: {WRONG_FUNCTION} ({message}){self._quote()}")
+        code = self._line.answer[2]
+        return ModbusExceptionError(
+            f"{where}: exception 0x{code:02X} {exception_name(code)}",
+            slave=self.options.slave,
+            function=group.function,
+            code=code,
+        )
+
+    def _quote(self) -> str:
+        answer = self._line.answer
+        if not answer:
+            return ""
+        more = " ..." if len(answer) > QUOTED_BYTES else ""
+        return f" ({len(answer)} bytes: {answer[:QUOTED_BYTES].hex(' ')}{more})"
 
 
 def _count(n: int, noun: str) -> str:

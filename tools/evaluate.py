@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Score the on-device anomaly detector by SKAB's outlier-detection protocol.
 
-    tools/evaluate.py --data DIR [--model NAME] [--predictions-out OUT] [--json]
+    tools/evaluate.py --data DIR [--model NAME] [--predictions-out OUT] [--plot DIR] [--json]
 
 Every SKAB-format CSV under DIR (recursively; ``;``-separated, a ``datetime`` column and the eight
 sensor columns, optionally ``anomaly`` and ``changepoint``) is replayed sample by sample through
@@ -14,8 +14,11 @@ after the first 400 of each labelled file, TP/FP/FN/TN summed over all files:
 
 Files without an ``anomaly`` column still get predictions and are not scored. ``--predictions-out``
 writes, for each input file, ``datetime;anomaly`` (0/1), one row per input row, at the same relative
-path under OUT. With ``--json`` the last line is one JSON object: f1, far, mar, files, rows
-(scored files and scored rows) and a few more keys.
+path under OUT. ``--plot DIR`` draws, for each input file, a PNG at the same relative path under
+DIR (``.png`` for ``.csv``): the eight channels, the anomaly score with its threshold, and the
+predicted and true anomaly spans shaded (matplotlib, from the ``dev`` extra; the agent never needs
+it). With ``--json`` the last line is one JSON object: f1, far, mar, files, rows (scored files and
+scored rows) and a few more keys.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ class FileResult:
     scores: np.ndarray
     alerts: int
     confusion: Confusion | None
+    threshold: float = math.nan  # the detector's anomaly threshold (scores above it count)
 
 
 @dataclass
@@ -229,7 +233,9 @@ def run_file(make_detector: DetectorFactory, f: SkabFile) -> FileResult:
     det = make_detector()
     res = det.feed(f.times, f.rows)
     conf = confusion(f.labels, res.anomalous) if f.labels is not None else None
-    return FileResult(f.path.name, len(f.rows), res.anomalous, res.scores, len(res.alerts), conf)
+    return FileResult(
+        f.path.name, len(f.rows), res.anomalous, res.scores, len(res.alerts), conf, det.threshold
+    )
 
 
 def evaluate(
@@ -237,9 +243,11 @@ def evaluate(
     make_detector: DetectorFactory,
     *,
     predictions_out: Path | None = None,
+    plot_dir: Path | None = None,
     files: Iterable[Path] | None = None,
 ) -> Report:
-    """Replay every SKAB file under ``data`` (or the given ``files``) and score them."""
+    """Replay every SKAB file under ``data`` (or the given ``files``) and score them; write
+    predictions under ``predictions_out`` and plots under ``plot_dir`` when given."""
     report = Report()
     base = data if data.is_dir() else data.parent
     for path in files if files is not None else find_csv(data):
@@ -253,7 +261,103 @@ def evaluate(
         report.files.append(r)
         if predictions_out is not None:
             write_predictions(predictions_out / r.name, f.stamps, r.predicted)
+        if plot_dir is not None:
+            plot_file(plot_dir / Path(r.name).with_suffix(".png"), f, r)
     return report
+
+
+# --- plots ------------------------------------------------------------------------------------
+PLOT_WIDTH = 12.0  # inches; at PLOT_DPI a plot is 1200 px wide
+PLOT_DPI = 100
+TRUE_COLOUR = "tab:red"
+PREDICTED_COLOUR = "tab:blue"
+
+
+def spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of True in ``mask`` as ``(start, stop)`` row ranges (stop exclusive)."""
+    m = np.concatenate(([False], np.asarray(mask, dtype=bool), [False]))
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _minor_log_label(value: float, _pos: int) -> str:
+    """Label the 2s and 5s of a log axis (plain numbers), leave the other minor ticks bare."""
+    if not value > 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
+
+
+def plot_file(path: Path, f: SkabFile, r: FileResult) -> Path:
+    """Draw one replayed file to the PNG ``path``: channels, score and threshold, spans.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no display, no global figure state).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter
+
+    n = len(f.rows)
+    minutes = (f.times - f.times[0]) / 60.0 if n else np.zeros(0)
+    step = float(np.median(np.diff(minutes))) if n > 1 else 1 / 60
+    edges = np.append(minutes, minutes[-1] + step) if n else np.zeros(1)  # row i: edges[i..i+1]
+    true_spans = spans(f.labels) if f.labels is not None else []
+    predicted_spans = spans(r.predicted)
+
+    channels = f.rows.shape[1]
+    fig = Figure(figsize=(PLOT_WIDTH, 1.1 * channels + 2.6), dpi=PLOT_DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(
+        channels + 1, 1, sharex=True, gridspec_kw={"height_ratios": [1] * channels + [2]}
+    )
+    for ax in axes:
+        for a, b in true_spans:
+            ax.axvspan(edges[a], edges[b], color=TRUE_COLOUR, alpha=0.15, lw=0)
+        for a, b in predicted_spans:
+            ax.axvspan(edges[a], edges[b], ymax=0.5, color=PREDICTED_COLOUR, alpha=0.25, lw=0)
+        if n > SKIP_ROWS:
+            ax.axvline(minutes[SKIP_ROWS], color="0.4", lw=0.8, ls="--")
+    for i, ax in enumerate(axes[:-1]):
+        ax.plot(minutes, f.rows[:, i], color="0.15", lw=0.7)
+        ax.set_ylabel(
+            CHANNELS[i] if i < len(CHANNELS) else f"ch{i}",
+            rotation=0,
+            ha="right",
+            va="center",
+            fontsize=7,
+        )
+        ax.tick_params(labelsize=7)
+    ax = axes[-1]
+    scores = np.asarray(r.scores, dtype=float)
+    finite = scores[np.isfinite(scores)]
+    ax.plot(minutes, scores, color="black", lw=0.8, label="anomaly score")
+    if math.isfinite(r.threshold):
+        ax.axhline(r.threshold, color="tab:orange", lw=1.2, label=f"threshold {r.threshold:.3g}")
+    if finite.size and finite.min() > 0:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
+    ax.set_ylabel("score", rotation=0, ha="right", va="center", fontsize=8)
+    ax.set_xlabel("minutes from the first row")
+    ax.tick_params(which="both", labelsize=7)
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [
+        Patch(color=TRUE_COLOUR, alpha=0.3, label="true anomaly"),
+        Patch(color=PREDICTED_COLOUR, alpha=0.4, label="predicted anomaly (lower half)"),
+    ]
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=4, fontsize=8)
+    c = r.confusion
+    counts = f"TP {c.tp}  FP {c.fp}  FN {c.fn}  TN {c.tn}  F1 {c.f1:.3f}" if c else "no labels"
+    fig.suptitle(
+        f"{r.name}: {r.rows} rows, {r.alerts} alerts; {counts} "
+        f"(scored after row {SKIP_ROWS}, dashed line)",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
 
 
 def detector_factory(
@@ -324,11 +428,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", choices=RUNTIMES, default="auto")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--predictions-out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None, metavar="DIR", help="a PNG per file")
     ap.add_argument("--per-file", action="store_true", help="print counts per file")
     ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = ap.parse_args(argv)
     if not args.data.exists():
         ap.error(f"{args.data}: no such file or folder")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib: pip install -e '.[dev]'")
     make = detector_factory(
         args.models,
         args.model,
@@ -337,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier=args.classifier or None,
         threshold=args.threshold,
     )
-    report = evaluate(args.data, make, predictions_out=args.predictions_out)
+    report = evaluate(args.data, make, predictions_out=args.predictions_out, plot_dir=args.plot)
     for msg in report.skipped:
         print(f"skipped: {msg}", file=sys.stderr)
     unlabelled = len(report.files) - len(report.scored)
@@ -354,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no labelled files: nothing to score")
     if args.predictions_out is not None:
         print(f"predictions written under {args.predictions_out}")
+    if args.plot is not None:
+        print(f"{len(report.files)} plots written under {args.plot}")
     if args.json:
         summary = report.summary()
         summary["model"] = args.model

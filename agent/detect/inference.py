@@ -13,17 +13,25 @@ Every problem with a model (missing, truncated, not a TFLite file, checksum or s
 runtime that is not installed) is a :class:`~agent.errors.ModelError` that names the file and what
 to do next. TensorFlow is never imported here.
 
-Logging policy: info when a model is loaded (name, runtime, size), debug for batch resizes.
+Logging policy: info when a model is loaded (name, runtime, size), debug for batch resizes. The
+runtimes' C++ banner on stderr (``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.``,
+printed by TFLite's minimal logger, which ``TF_CPP_MIN_LOG_LEVEL`` does not reach) is filtered
+out around interpreter creation (:func:`native_banner_filtered`); anything else written to stderr
+meanwhile is passed on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import os
+import re
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -39,6 +47,12 @@ BATCH_MODES = ("resize", "loop")
 MAX_BATCH = 4096  # windows per invoke when draining a backlog
 TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite file
 MANIFEST_FORMAT = 1
+
+#: Lines the runtimes' C++ code prints on stderr when an interpreter is made, filtered out.
+NATIVE_BANNER = re.compile(
+    rb"^INFO: (Created TensorFlow Lite \S+ delegate for \S+"
+    rb"|Initialized TensorFlow Lite runtime)\.?\s*$"
+)
 
 _DTYPES = {"int8": np.int8, "uint8": np.uint8, "int16": np.int16, "float32": np.float32}
 
@@ -136,14 +150,45 @@ def make_interpreter(
         resolver = sys.modules[cls.__module__].OpResolverType
         kwargs["experimental_op_resolver_type"] = resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
-        interp = cls(**kwargs)
-        interp.allocate_tensors()
+        with native_banner_filtered():
+            interp = cls(**kwargs)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as err:
         raise ModelError(
             f"{label}: the {chosen} interpreter refused the model ({err}); "
             "the file is corrupt or not a TFLite model: fetch it again"
         ) from err
     return interp, chosen
+
+
+@contextlib.contextmanager
+def native_banner_filtered() -> Iterator[None]:
+    """File descriptor 2 goes to a temporary file for the block; afterwards every line of it
+    but :data:`NATIVE_BANNER`'s is written to the real stderr (other threads' output included:
+    delayed, never lost). Without a usable fd 2 the block simply runs."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = b"".join(
+                line for line in tmp.read().splitlines(True) if not NATIVE_BANNER.match(line)
+            )
+            if kept:
+                with contextlib.suppress(OSError):
+                    os.write(2, kept)
 
 
 @dataclass(frozen=True)

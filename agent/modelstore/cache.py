@@ -187,6 +187,7 @@ class ModelCache:
         self.memory_budget = memory_budget
         self.disk_budget = disk_budget
         self.public_key = public_key
+        self.key_path: Path | None = None  # [models] public_key, read when it appears
         self.shipped = shipped
         self.fetcher = fetcher
         self.runtime = runtime
@@ -219,7 +220,16 @@ class ModelCache:
     ) -> ModelCache:
         """Open (or create) the cache of ``settings``; a corrupt index is rebuilt.
         ``readonly``: only look (``edge-agent models``): create, delete and write nothing."""
-        key = load_public_key(settings.public_key) if settings.public_key else None
+        key = None
+        if settings.public_key is not None and settings.public_key.exists():
+            key = load_public_key(settings.public_key)
+        elif settings.public_key is not None:
+            log.warning(
+                "event=model_key_missing path=%s: model downloads are refused until it exists: "
+                "copy the registry's public key there (the KEYFILE.pub of `edge-agent-cloud "
+                "models keygen`)",
+                settings.public_key,
+            )
         shipped = None
         if shipped_dir is not None and (Path(shipped_dir) / "manifest.json").is_file():
             shipped = load_manifest(shipped_dir)
@@ -236,6 +246,7 @@ class ModelCache:
             clock=clock,
         )
         cache.readonly = readonly
+        cache.key_path = settings.public_key
         cache._open()
         return cache
 
@@ -575,10 +586,13 @@ class ModelCache:
     ) -> CachedModel:
         assert self.fetcher is not None
         ref = (name, version)
+        if self.public_key is None and self.key_path is not None and self.key_path.is_file():
+            self.public_key = load_public_key(self.key_path)  # copied there since the start
         if self.public_key is None:
+            where = f" ({self.key_path} does not exist)" if self.key_path is not None else ""
             raise ModelError(
-                f"model {name} {version}: no public key provisioned ([models] public_key); "
-                "a downloaded model cannot be verified, so it is refused"
+                f"model {name} {version}: no public key provisioned ([models] public_key"
+                f"{where}); a downloaded model cannot be verified, so it is refused"
             )
         manifest = await self.fetcher.manifest(name, version)
         manifest.verify(self.public_key)

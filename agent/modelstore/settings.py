@@ -32,7 +32,8 @@ class ModelsSettings:
 
         Keys: ``cache_dir`` (default ``models`` under ``data_dir``), ``memory_budget_mb`` (16),
         ``disk_budget_mb`` (64), ``public_key`` (a path, relative to the config file's
-        directory; PEM, raw 32 bytes or 64 hex digits), ``endpoint_path`` ("models")."""
+        directory; PEM, raw 32 bytes or 64 hex digits: checked when it exists; a key not there
+        yet refuses downloads until it is), ``endpoint_path`` ("models")."""
         raw = opts.string("cache_dir", "models")
         if not raw.strip():
             raise opts.error("cache_dir", "is empty")
@@ -44,12 +45,13 @@ class ModelsSettings:
             key = Path(opts.string("public_key")).expanduser()
             if base_dir is not None and not key.is_absolute():
                 key = base_dir / key
-            if not key.is_file():
-                raise opts.error("public_key", f"{key} does not exist")
-            try:
-                load_public_key(key)
-            except ModelError as err:
-                raise opts.error("public_key", str(err)) from None
+            if key.exists():  # a key not there yet: downloads are refused until it is
+                if not key.is_file():
+                    raise opts.error("public_key", f"{key} is not a file")
+                try:
+                    load_public_key(key)
+                except ModelError as err:
+                    raise opts.error("public_key", str(err)) from None
             public_key = key
         path = opts.string("endpoint_path", "models").strip("/")
         if not path or not all(NAME_RE.match(seg) for seg in path.split("/")):

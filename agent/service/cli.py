@@ -6,6 +6,13 @@ edge-agent selftest --config FILE     probe every sensor once and print a table
 edge-agent demo                       the reference rig on simulated parts, live readings
 edge-agent plan --profile FILE        cost of edge-only, cloud-only and hybrid inference
 edge-agent models [--config FILE]     cached models: size, last use, pin, signature status
+edge-agent example-config             print the packaged reference rig's config
+edge-agent config-reference           every config key, from the parsers (docs/config.md)
+
+Exit codes (agent/exits.py, sysexits.h): 0 done, 1 a check failed (selftest), 64 usage, 65 bad
+data, 66 a missing input, 69 unavailable (no agent answers), 70 a bug, 73 cannot create, 74 I/O
+error, 75 try again (in use by another process), 77 permission denied, 78 bad configuration, 141
+standard output closed early. Every error is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,24 +21,36 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__, logsetup
-from agent.errors import AgentError, ConfigError, DriverError
+from agent.errors import AgentError, ConfigError, DriverError, ModelError, StoreError, SyncError
+from agent.exits import (
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_FAIL,
+    EX_IOERR,
+    EX_NOINPUT,
+    EX_NOPERM,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    CommandError,
+    UsageParser,
+    os_error_code,
+    os_error_line,
+    stdout_closed,
+)
 from drivers.clock import Clock, RealClock, ScaledClock
 
 if TYPE_CHECKING:
     from agent.service import config as configmod
-
-EX_OK = 0
-EX_FAIL = 1
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_NOPERM = 77
-EX_CONFIG = 78  # sysexits.h: configuration error (as agent.service.config.EX_CONFIG)
 
 log = logging.getLogger("agent.service.cli")
 
@@ -64,20 +83,25 @@ def _rig(cfg: configmod.Config, clock: Clock) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.service.config import notes
+
     cfg = _load(args.file)
     print(f"{args.file}: ok ({len(cfg.sensors)} sensors: {', '.join(s.name for s in cfg.sensors)})")
+    for note in notes(cfg):
+        print(f"{args.file}: note: {note}")
     return EX_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.service.cpu import pin_to_one_cpu
+    from agent.service.datadir import prepare_data_dir
     from agent.service.runtime import Agent
 
     cfg = load_config(args)
-    logsetup.setup(args.log_level or cfg.agent.log_level)
-
     if args.time_scale != 1.0 and not args.simulate:
-        raise ConfigError("--time-scale", "", "only with --simulate (real parts run in real time)")
+        raise CommandError(EX_USAGE, "edge-agent run: --time-scale is only for --simulate")
+    prepare_data_dir(cfg)
+    logsetup.setup(args.log_level or cfg.agent.log_level)
     if cfg.agent.cpu_affinity == "single":  # before any thread starts: they inherit it
         pin_to_one_cpu()
 
@@ -192,39 +216,94 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from agent.store.report import queue_report
 
     cfg = _load(args.config)
+    if not cfg.store.path.exists():
+        raise CommandError(
+            EX_NOINPUT,
+            f"edge-agent queue: no queue at {cfg.store.path}: the agent has not run with "
+            f"{args.config} yet (give the --config it runs with)",
+        )
     print(asyncio.run(queue_report(cfg.store, as_json=args.json)))
     return EX_OK
 
 
-def _status_socket(args: argparse.Namespace) -> Path:
-    from agent.service.status import SOCKET_NAME, socket_path
+#: The agent's status socket as systemd runs it: RuntimeDirectory=edge-agent.
+SYSTEM_RUNTIME_DIR = Path("/run/edge-agent")
+#: The config tools/flash installs (its data_dir is where an agent run without systemd's
+#: RuntimeDirectory listens).
+SYSTEM_CONFIG = Path("/etc/edge-agent/agent.toml")
+
+
+def status_sockets(args: argparse.Namespace) -> list[Path]:
+    """Where a running agent's status socket may be, most likely first: ``--socket``;
+    ``--config``'s or ``--data-dir``'s; else systemd's directories ($RUNTIME_DIRECTORY,
+    /run/edge-agent, $STATE_DIRECTORY) and the data_dir of the installed config
+    (/etc/edge-agent/agent.toml) and of the packaged one (/var/lib/edge-agent)."""
+    from agent.service import config as configmod
+    from agent.service.status import SOCKET_NAME
 
     if args.socket:
-        return Path(args.socket)
-    system = Path("/run/edge-agent") / SOCKET_NAME  # RuntimeDirectory of the systemd unit
+        return [Path(args.socket)]
+    if args.data_dir:
+        return [Path(args.data_dir) / SOCKET_NAME]
+    dirs: list[Path] = []
     if args.config:
-        local = socket_path(_load(args.config).agent.data_dir)
-        return local if local.exists() or not system.exists() else system
-    return system
+        dirs.append(_load(args.config).agent.data_dir)
+    for var in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY"):
+        dirs += [Path(d) for d in os.environ.get(var, "").split(":") if d]
+    dirs.append(SYSTEM_RUNTIME_DIR)
+    if not args.config:
+        for config in (SYSTEM_CONFIG, configmod.example_config()):
+            data_dir = _data_dir_of(config)
+            if data_dir is not None:
+                dirs.append(data_dir)
+    return [d / SOCKET_NAME for d in dict.fromkeys(dirs)]
+
+
+def _data_dir_of(config: Path) -> Path | None:
+    """``[agent] data_dir`` of a config file, if it can be read (nothing else is checked)."""
+    import tomllib
+
+    from agent.files import resolve_path
+
+    try:
+        doc = tomllib.loads(config.read_text(encoding="utf-8"))
+        return resolve_path(config.resolve().parent, str(doc["agent"]["data_dir"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.service.status import format_status, query
 
-    path = _status_socket(args)
-    try:
-        doc = query(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        print(f"edge-agent status: no agent is running ({path} does not answer)", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except PermissionError:
-        print(
-            f"edge-agent status: {path}: permission denied (join group edge-agent)", file=sys.stderr
+    paths = status_sockets(args)
+    denied: Path | None = None
+    doc = None
+    for path in paths:
+        try:
+            doc = query(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
+            continue
+        except PermissionError:
+            denied = denied or path
+        except (OSError, ValueError) as err:  # a socket that answers with something else
+            raise CommandError(
+                EX_UNAVAILABLE, f"edge-agent status: {path}: no status answer ({err})"
+            ) from None
+    if doc is None:
+        if denied is not None:
+            raise CommandError(
+                EX_NOPERM,
+                f"edge-agent status: {denied}: permission denied; run it as a member of the "
+                "agent's group (sudo usermod -aG edge-agent $USER) or with sudo",
+            )
+        tried = ", ".join(str(p) for p in paths)
+        raise CommandError(
+            EX_UNAVAILABLE,
+            f"edge-agent status: no agent is running (none answers at {tried}); start one "
+            "(systemctl start edge-agent) or name its socket: --socket PATH, --config FILE or "
+            "--data-dir DIR",
         )
-        return EX_NOPERM
-    except (OSError, ValueError) as err:
-        print(f"edge-agent status: {path}: {err}", file=sys.stderr)
-        return EX_FAIL
     print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_status(doc))
     return EX_OK
 
@@ -282,6 +361,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_example_config(args: argparse.Namespace) -> int:
+    from agent.service.config import example_config
+
+    sys.stdout.write(example_config().read_text(encoding="utf-8"))
+    return EX_OK
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from agent.service.configref import ReferenceError, render
+
+    try:
+        text = render()
+    except ReferenceError as err:
+        raise CommandError(EX_SOFTWARE, f"edge-agent config-reference: {err}") from None
+    sys.stdout.write(text)
+    return EX_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.service.demo import run_demo
 
@@ -307,7 +404,7 @@ def _add_sim_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description="edge-agent device agent")
+    parser = UsageParser(prog="edge-agent", description="edge-agent device agent")
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -343,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", help="the agent's status socket")
     where.add_argument("--config", help="find the socket from this config's data_dir")
+    where.add_argument("--data-dir", help="the agent's data directory (as run --data-dir)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("models", help="cached models: size, last use, pin, signature")
@@ -358,6 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser(
+        "example-config", help="print the packaged reference rig's config (pump-rig.toml)"
+    )
+    p.set_defaults(func=cmd_example_config)
+
+    p = sub.add_parser(
+        "config-reference", help="every config table and key, as Markdown (docs/config.md)"
+    )
+    p.set_defaults(func=cmd_config_reference)
+
     p = sub.add_parser("demo", help="the reference rig on simulated parts")
     p.add_argument("--config", default=None, help="default: the packaged reference rig")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: run on)")
@@ -368,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="lossy: 5%% loss, 150 ms RTT; poor: 30%% loss, 600 ms RTT (the impairment proxy)",
     )
     p.add_argument("--no-cloud", action="store_true", help="no local endpoint: readings only")
+    p.add_argument(
+        "--verbose", action="store_true", help="print every reading (default: a line a second)"
+    )
     _add_sim_args(p)
     p.set_defaults(func=cmd_demo)
     return parser
@@ -377,15 +488,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # `edge-agent ... | head`: the reader has what it wanted
+        return stdout_closed()
+    except CommandError as err:
+        print(err, file=sys.stderr)
+        return err.code
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return EX_CONFIG
     except AgentError as err:
         print(f"edge-agent: {err}", file=sys.stderr)
-        return EX_FAIL
+        return error_code(err)
+    except OSError as err:
+        print(f"edge-agent {args.command}: {os_error_line(err)}", file=sys.stderr)
+        return os_error_code(err)
     except KeyboardInterrupt:
         return EX_OK
+
+
+def error_code(err: AgentError) -> int:
+    """The exit code of an agent error: from the OS error behind it when there is one."""
+    cause = err.__cause__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return EX_TEMPFAIL if "in use by another process" in str(err) else os_error_code(cause)
+    if isinstance(err, StoreError):
+        return EX_IOERR
+    if isinstance(err, ModelError):
+        return EX_DATAERR
+    if isinstance(err, SyncError):
+        return EX_UNAVAILABLE
+    return EX_SOFTWARE
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Relative paths in the file are taken relative to the file's own directory.
 from __future__ import annotations
 
 import argparse
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ def load(path: str | Path) -> Config:
 
 def loads(text: str, *, path: Path = Path("agent.toml"), label: str | None = None) -> Config:
     label = label or path.name
-    return parse_toml(text, label, lambda raw: _parse(raw, path.resolve().parent, path))
+    return parse_toml(text, label, lambda raw: parse_config(raw, path.resolve().parent, path))
 
 
 def read_text(path: Path) -> str:
@@ -87,6 +88,13 @@ def read_text(path: Path) -> str:
         return path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), "", "no such file") from None
+    except PermissionError:
+        raise ConfigError(
+            str(path),
+            "",
+            "cannot read: permission denied (an installed agent.toml is the service user's, "
+            f"mode 0600: sudo -u edge-agent edge-agent check-config {path})",
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(str(path), "", f"cannot read: {err}") from None
 
@@ -104,8 +112,12 @@ def parse_toml(text: str, label: str, parse: Callable[[dict[str, Any]], T]) -> T
         raise ConfigError(label, err.key, err.message) from None
 
 
-def _parse(raw: dict[str, Any], base: Path, path: Path) -> Config:
-    top = Options(raw)
+def parse_config(
+    raw: dict[str, Any], base: Path, path: Path, *, top: Options | None = None
+) -> Config:
+    """The Config of a decoded TOML document (``base``: where relative paths start). ``top``
+    reads ``raw`` (agent/service/configref.py passes one that records every key read)."""
+    top = Options(raw) if top is None else top
     agent = _parse_agent(top.table("agent", required=True), base)
     store = StoreSettings.from_options(top.table("store"), agent.data_dir)
     metrics = MetricsSettings.from_options(top.table("metrics"), agent.data_dir)
@@ -230,6 +242,53 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
 def example_config() -> Path:
     """The packaged config of the reference pump rig."""
     return Path(str(resources.files("agent") / "examples" / "pump-rig.toml"))
+
+
+def notes(config: Config) -> list[str]:
+    """What a valid config still leaves to do (``check-config`` prints them; the agent says the
+    same at start): files it names that are not there yet, and records that cannot leave."""
+    from agent.wire.credentials import register_command
+
+    out = []
+    up = config.uplink
+    if up is None:
+        out.append(
+            "no [uplink]: readings and alerts stay queued on the device (docs/config.md, [uplink])"
+        )
+    elif up.security != "none" and up.credential is not None and not up.credential.exists():
+        out.append(
+            f"uplink.credential: {up.credential} does not exist yet: nothing is sent until it "
+            f"does ({register_command(config.agent.device_id, str(up.credential))})"
+        )
+    key = config.models.public_key
+    if key is not None and not key.exists():
+        registry = key.parent.parent if key.parent.name == "models" else Path("DIR")
+        out.append(
+            f"models.public_key: {key} does not exist yet: model downloads are refused until it "
+            f"does (edge-agent-cloud models keygen --data {registry} writes "
+            f"{registry}/models/signing.key.pub; copy it there)"
+        )
+    return out
+
+
+def strip_tables(text: str, *names: str) -> str:
+    """A config's text without the top-level tables ``names`` (with their sub-tables and the
+    comment lines just above them): for tools and tests that put their own ``[uplink]`` into
+    the packaged example."""
+    header = re.compile(r"^\s*\[\[?\s*([A-Za-z0-9_.-]+)\s*\]\]?")
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    skipping = False
+    for line in lines:
+        m = header.match(line)
+        if m:
+            skipping = m.group(1).split(".")[0] in names
+            if skipping:
+                while out and out[-1].lstrip().startswith("#"):
+                    out.pop()
+        if not skipping:
+            out.append(line)
+    return "".join(out)
 
 
 def simulation_from_args(args: argparse.Namespace) -> SimulationConfig | None:

@@ -40,6 +40,7 @@ from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.sense.hardware import Hardware
 from agent.sense.ingest import TelemetryWriter
 from agent.sense.sampling import Sampler, channel_resolution
+from agent.service.advice import UplinkAdvisor, missing_credential
 from agent.service.agentmetrics import register_metrics
 from agent.service.config import Config
 from agent.service.hooks import AgentHooks
@@ -111,6 +112,7 @@ class Agent:
         self.router: Router | None = None
         self.router_transport: CoapTransport | None = None
         self.security: ClientSecurity | None = None  # with [uplink]
+        self.uplink_disabled: str | None = None  # why the configured uplink is off this run
         self.model_cache: ModelCache | None = None
         self.assignments: ModelAssignments | None = None
         self._status = (
@@ -200,6 +202,8 @@ class Agent:
     def link_status(self) -> dict[str, Any]:
         up = self.uplink
         if up is None:
+            if self.uplink_disabled is not None:
+                return {"state": "disabled", "reason": self.uplink_disabled}
             return {"state": "disabled"}
         srtt = up.rtt.srtt
         sent = up.stats.batches_sent
@@ -339,6 +343,7 @@ class Agent:
                 sup.start("metrics", self._metrics_loop),
                 sup.start("stats", self._stats_loop),
             ]
+            others.append(sup.start("uplink-advice", self._advisor().run))
             if self.uplink is not None:
                 others.append(sup.start("uplink", self.uplink.run))
             if self.link is not None:
@@ -397,15 +402,34 @@ class Agent:
             (w.dropped_full + w.dropped_overflow + w.backlog) if w else 0,
         )
 
+    def _advisor(self) -> UplinkAdvisor:
+        """Says when records stay on the device, and what to do (agent/service/advice.py)."""
+        cfg = self.config
+        return UplinkAdvisor(
+            self.clock,
+            device_id=cfg.agent.device_id,
+            config_path=cfg.path,
+            configured=cfg.uplink is not None,
+            uplink=self.uplink,
+            disabled=self.uplink_disabled,
+            credential=cfg.uplink.credential if cfg.uplink else None,
+            queued=lambda: self.last_stats.depth if self.last_stats else None,
+        )
+
     def _build_uplink(self) -> None:
         settings = self.config.uplink
         if settings is None:
             return
         data = self.config.agent.data_dir
+        credential = settings.credential or data / "credential.json"
+        if settings.security != "none" and not credential.exists():
+            # not provisioned yet: sample and queue, and say what to do (the advisor)
+            self.uplink_disabled = missing_credential(credential, self.config.agent.device_id)
+            return
         self.security = ClientSecurity.open(
             settings.security,
             settings.endpoints,
-            settings.credential or data / "credential.json",
+            credential,
             settings.security_state or data / "oscore.json",
         )
         # one lane per outstanding batch, one for the link monitor's probes, one for state

@@ -84,6 +84,7 @@ from agent.sync.statedata import (
 )
 from agent.sync.transport import CoapTransport, Endpoints, Response, code
 from agent.wire import statedoc
+from agent.wire.credentials import register_command
 from agent.wire.statedoc import Entry, Rule, StateError
 from drivers.clock import Clock, wait_event
 
@@ -171,6 +172,7 @@ class StateSync:
         self._reobserve = asyncio.Event()
         self._bad_keys: dict[str, str] = {}
         self._failures = 0  # consecutive failed exchanges with the current endpoint
+        self._said_not_registered = False  # logged once until the device is known
         self._offline = False
         self._retry_at: float | None = None
         self._next_full = -math.inf
@@ -442,6 +444,7 @@ class StateSync:
         self._last_put_result = resp.dotted
         now = self.clock.monotonic()
         if resp.code == CODE_CHANGED:
+            self._said_not_registered = False
             try:
                 acks = parse_acks(resp.payload)
             except StateError as err:
@@ -453,13 +456,7 @@ class StateSync:
                 await self._persist()
             return True
         if resp.code == CODE_NOT_FOUND:
-            log.error(
-                "event=device_not_registered device=%s endpoint=%s: register it on the endpoint "
-                "(edge-agent-cloud devices add %s)",
-                self.device_id,
-                base,
-                self.device_id,
-            )
+            self._not_registered(base)
             self._retry_at = now + NOT_REGISTERED_PAUSE
             return False
         if resp.code == CODE_UNAVAILABLE:
@@ -537,6 +534,19 @@ class StateSync:
         return changed
 
     # -- endpoint health -------------------------------------------------------------------------
+    def _not_registered(self, base: str) -> None:
+        """The endpoint does not know the device: said once (the uplink says it too), then the
+        reporter and the observer retry quietly every NOT_REGISTERED_PAUSE."""
+        (log.debug if self._said_not_registered else log.warning)(
+            "event=device_not_registered device=%s endpoint=%s retry_in=%gs: register it "
+            "on the endpoint (%s)",
+            self.device_id,
+            base,
+            NOT_REGISTERED_PAUSE,
+            register_command(self.device_id),
+        )
+        self._said_not_registered = True
+
     def _exchange_ok(self, base: str, *, renew_observation: bool) -> None:
         if self._failures and renew_observation:
             # the endpoint answers again; it may have restarted and forgotten its observers
@@ -659,11 +669,7 @@ class StateSync:
     def _observe_refused(self, base: str, resp: Response, registered: bool) -> float:
         self._exchange_ok(base, renew_observation=False)  # it answered
         if resp.code == CODE_NOT_FOUND:
-            log.error(
-                "event=device_not_registered device=%s endpoint=%s: register it on the endpoint",
-                self.device_id,
-                base,
-            )
+            self._not_registered(base)
             return NOT_REGISTERED_PAUSE
         self._observe_failures += 1
         delay = _jitter(self._observe_failures, self.rng)

@@ -204,6 +204,12 @@ class CoapTransport:
             req.response.cancel()
             raise
         except (coap_error.Error, OSError) as err:
+            plain = getattr(err, "plain_message", None)  # an unprotected answer to OSCORE
+            if plain is not None and getattr(plain, "code", None) is not None:
+                raise SyncError(
+                    f"{method} {uri}: answer {plain.code.dotted} without OSCORE "
+                    f"({type(err).__name__}: the endpoint refuses this credential's context)"
+                ) from err
             raise SyncError(f"{method} {uri}: {type(err).__name__}: {err}") from err
         return _response(resp)
 

@@ -48,6 +48,7 @@ from agent.sync.backoff import full_jitter
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
 from agent.wire import codec
 from agent.wire.batch import CF_SENML_CBOR, CodecError, IngestAck, WireRecord, format_ranges
+from agent.wire.credentials import register_command
 from drivers.base import Options
 from drivers.clock import Clock, wait_event
 
@@ -266,6 +267,9 @@ class Uplink:
         self._fallback_cf = False
         self._unreachable_last: int | None = None  # an endpoint "last" no epoch can go above
         self.online = False
+        #: why the last exchange failed ("" after a success): "answer 4.01", "timeout", ...
+        self.last_error = ""
+        self.not_registered = False  # the endpoint answered 4.04 and nothing succeeded since
 
     # -- control -----------------------------------------------------------------------------
     def poke(self) -> None:
@@ -477,11 +481,17 @@ class Uplink:
             return 0
         await self._nack(seqs)
         if resp.code == CODE_NOT_FOUND:
-            log.error(
-                "event=device_not_registered device=%s endpoint=%s: register it on the endpoint",
+            self.last_error = "answer 4.04 (device not registered)"
+            # said once, with the pause; the next tries go quietly until one succeeds
+            (log.debug if self.not_registered else log.error)(
+                "event=device_not_registered device=%s endpoint=%s retry_in=%gs: register it on "
+                "the endpoint (%s), then records go out at the next try",
                 self.device_id,
                 uri,
+                NOT_REGISTERED_PAUSE,
+                register_command(self.device_id),
             )
+            self.not_registered = True
             self._pause(NOT_REGISTERED_PAUSE)
         elif resp.code == CODE_UNAVAILABLE:
             self._pause(float(resp.max_age if resp.max_age is not None else 10))
@@ -559,10 +569,19 @@ class Uplink:
     def _succeeded(self, uri: str, probing_primary: bool) -> None:
         if probing_primary:
             self.endpoints.primary_ok()
+        if self.not_registered:
+            log.info(
+                "event=device_registered device=%s endpoint=%s: the endpoint accepts the device "
+                "now; sending what is queued",
+                self.device_id,
+                uri,
+            )
+            self.not_registered = False
         if not self.online:
             log.info("event=uplink_online endpoint=%s", uri)
         self.online = True
         self.failures = 0
+        self.last_error = ""
         self._probing = False
         if self.window < self.ssthresh:
             self.window += 1.0  # slow start
@@ -582,6 +601,7 @@ class Uplink:
 
     def _failed(self, uri: str, why: str, probing_primary: bool) -> None:
         self.stats.batches_failed += 1
+        self.last_error = why
         if probing_primary:
             self.endpoints.retried_primary_failed()
             return

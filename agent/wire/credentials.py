@@ -43,6 +43,12 @@ MAX_FILE_BYTES = 4096
 PRINCIPAL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as a device id
 
 
+def register_command(principal: str = "ID", credential: str = "FILE") -> str:
+    """The endpoint's command that registers a device and writes its credential file: the fix
+    every "not registered" and "no credential" message names."""
+    return f"edge-agent-cloud devices add --data DIR {principal} --credential-out {credential}"
+
+
 def generate_psk() -> bytes:
     """A random DTLS PSK: 16 printable characters (96 bits), so that it can be handed to tools
     that take the key as a command-line argument (libcoap's ``coap-client -k``)."""
@@ -152,8 +158,8 @@ class Credential:
         except FileNotFoundError:
             raise CredentialError(
                 f"{path}: no credential file; register the device on the endpoint "
-                "(edge-agent-cloud devices add --data DIR ID --credential-out FILE) and copy "
-                "the file here (tools/flash does it)"
+                f"({register_command('ID', str(path))}; DIR is the endpoint's --data) or copy "
+                "its file here (tools/flash does it)"
             ) from None
         except OSError as err:
             raise CredentialError(f"{path}: cannot read the credential: {err}") from None

@@ -144,7 +144,7 @@ def test_export_to_file_and_errors(
         capsys, "export", "--data", str(data_dir), "--device", DEVICE, "--output", str(target)
     )
     assert rc == 0 and len(target.read_text().splitlines()) == 7
-    assert run(capsys, "export", "--data", str(data_dir), "--device", "nobody")[0] == cli.EX_FAIL
+    assert run(capsys, "export", "--data", str(data_dir), "--device", "nobody")[0] == cli.EX_NOINPUT
     assert run(capsys, "export", "--data", str(data_dir), "--device=-x")[0] == cli.EX_USAGE
     args = ("export", "--data", str(data_dir), "--device", DEVICE, "--since", "yesterday")
     assert run(capsys, *args)[0] == cli.EX_USAGE

@@ -322,6 +322,24 @@ async def test_signature_missing_public_key_refuses_downloads(rig):
     await cache.close()
 
 
+async def test_public_key_copied_after_the_start_is_used_from_then_on(rig):
+    """[models] public_key names a file that is not there yet (the packaged example before
+    `models keygen`): downloads are refused, naming it; once it is copied there they verify."""
+    rig.publish(MODELS / "skab-ae.tflite", "skab-ae", "2.0.0")
+    server = await rig.start()
+    later = rig.tmp / "later.pub"
+    settings = ModelsSettings(cache_dir=rig.tmp / "dev", public_key=later)
+    cache = ModelCache.open(settings, fetcher=_fetcher(server.uri))
+    try:
+        with pytest.raises(ModelError, match=r"no public key .*later.pub does not exist"):
+            await cache.get("skab-ae", "2.0.0")
+        shutil.copyfile(rig.pub, later)
+        got = await cache.get("skab-ae", "2.0.0")
+        assert got is not None
+    finally:
+        await cache.close()
+
+
 # -- LRU ----------------------------------------------------------------------------------------
 
 
@@ -473,8 +491,15 @@ channels = ["temperature_c"]
     bad = base + "[models]\nmemory_budget_mb = -1\n"
     with pytest.raises(ConfigError, match=r"a.toml: models.memory_budget_mb"):
         configmod.loads(bad, path=tmp_path / "a.toml")
-    bad = base + '[models]\npublic_key = "nope.pub"\n'
-    with pytest.raises(ConfigError, match=r"models.public_key: .*does not exist"):
+    # a key not there yet is accepted (downloads are refused until it is); one that is there
+    # must be a key
+    later = base + '[models]\npublic_key = "later.pub"\n'
+    assert configmod.loads(later, path=tmp_path / "a.toml").models.public_key == (
+        tmp_path / "later.pub"
+    )
+    (tmp_path / "bad.pub").write_text("not a key\n")
+    bad = base + '[models]\npublic_key = "bad.pub"\n'
+    with pytest.raises(ConfigError, match=r"models.public_key: .*not an Ed25519"):
         configmod.loads(bad, path=tmp_path / "a.toml")
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
 

@@ -3,7 +3,10 @@
 The serial simulators (``drivers.sim.modbus``, ``drivers.sim.line``) are written from the
 specifications without the drivers' code; here every published frame, check value and line is
 checked against the simulator *and* against the driver (``drivers.modbus``, ``drivers.line``), so
-a mistake on either side fails, whichever side made it.
+a mistake on either side fails, whichever side made it. The Modbus driver has no frame code of its
+own (minimalmodbus frames, checks and times its exchanges), so its side is checked on the wire:
+the bytes it sends are captured by the pty and compared with the published requests, and the
+published answers are sent to it and must be decoded (or refused) as published.
 
 Sources:
 
@@ -30,15 +33,21 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import minimalmodbus
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import drivers.line as drv_line
 import drivers.modbus as drv
 import drivers.sim.line as sim_line
 import drivers.sim.modbus as sim
+from drivers.base import Options
+from drivers.bus import AsyncSerial, open_serial
 from drivers.clock import RealClock
+from drivers.errors import DeviceDataError, DriverError
+from drivers.sim.faults import Faults
+from drivers.sim.serialport import Exchange, PtyPort
 
 ROOT = Path(__file__).resolve().parents[2]
 #: What a serial simulator may import besides the standard library (CONVENTIONS.md, "Drivers").
@@ -71,6 +80,12 @@ def frame(text: str) -> bytes:
     return bytes.fromhex(text)
 
 
+#: Answer timeouts on the pty: generous where an answer is expected (the suite shares two cores),
+#: short where the answer is shorter than a read answer (the driver waits out its deadline).
+TIMEOUT = 1.0
+SHORT = 0.2
+
+
 def slave_sim(slave: int, **registers: dict[int, int]) -> sim.ModbusSlaveSim:
     """A slave with no configured channels and the given raw registers per table."""
     slave_ = sim.ModbusSlaveSim(RealClock(), SimpleNamespace(slave=slave, registers=()))
@@ -80,19 +95,59 @@ def slave_sim(slave: int, **registers: dict[int, int]) -> sim.ModbusSlaveSim:
     return slave_
 
 
+def u16_map(
+    slave: int, table: str, start: int, quantity: int, timeout: float = TIMEOUT
+) -> drv.ModbusOptions:
+    """The driver's options for ``quantity`` u16 registers from ``start``: one request."""
+    registers = [{"name": f"r{i}", "table": table, "address": start + i} for i in range(quantity)]
+    raw = {"slave": slave, "timeout": timeout, "retries": 0, "register": registers}
+    return drv.parse_modbus_options(Options(raw))
+
+
+class Canned:
+    """An instrument that answers every request with the same bytes (it checks nothing)."""
+
+    part = "canned"
+
+    def __init__(self, answer: bytes) -> None:
+        self.faults = Faults()
+        self.answer = answer
+        self.frame_gap = sim.t35(9600)
+
+    def on_bytes(self, data: bytes) -> bytes:
+        return self.answer
+
+
+async def driver_read(
+    model: object, options: drv.ModbusOptions
+) -> tuple[dict[str, float] | DriverError, list[Exchange]]:
+    """One read by the real driver, over a pty, from ``model``: the values (or the error) and
+    the traffic the instrument saw."""
+    clock = RealClock()
+    with PtyPort(model, clock) as pty:  # type: ignore[arg-type]
+        port = AsyncSerial(open_serial(pty.path, baudrate=9600, timeout=TIMEOUT), clock)
+        try:
+            result: dict[str, float] | DriverError = await drv.ModbusInstrument(
+                port, options
+            ).read()
+        except DriverError as err:
+            result = err
+        finally:
+            port.close()
+        return result, list(pty.traffic)
+
+
 # --------------------------------------------------------------------------------------------
-# CRC-16/MODBUS
+# CRC-16/MODBUS (the driver's side: the frames it sends and accepts, below)
 
 
 def test_crc_check_value() -> None:
     assert sim.crc16(b"123456789") == 0x4B37
-    assert drv.crc16(b"123456789") == 0x4B37
 
 
 def test_crc_serial_line_appendix_b() -> None:
     # SL Appendix B: the CRC of 02 07 is 0x1241, its low byte 41 sent first
     assert sim.adu(0x02, b"\x07") == frame("02 07 41 12")
-    assert drv.with_crc(frame("02 07")) == frame("02 07 41 12")
 
 
 PUBLISHED_FRAMES = {
@@ -118,11 +173,8 @@ def test_published_frames_carry_their_crc(text: str) -> None:
     adu = frame(text)
     assert sim.adu(adu[0], adu[1:-2]) == adu
     assert sim.crc_matches(adu)
-    assert drv.with_crc(adu[:-2]) == adu
-    assert drv.crc_ok(adu)
     broken = adu[:-1] + bytes([adu[-1] ^ 0x01])
     assert not sim.crc_matches(broken)
-    assert not drv.crc_ok(broken)
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +194,7 @@ READS = [
 @pytest.mark.parametrize(
     ("slave", "function", "table", "start", "words", "asked_hex", "answer_hex"), READS
 )
-def test_read_known_answers_both_sides(
+async def test_read_known_answers_both_sides(
     slave: int,
     function: int,
     table: str,
@@ -151,16 +203,36 @@ def test_read_known_answers_both_sides(
     asked_hex: str,
     answer_hex: str,
 ) -> None:
-    # the driver encodes the request and decodes the response as published
-    asked = drv.ReadRequest(slave, function, start, len(words))
-    assert asked.to_bytes() == frame(asked_hex)
-    assert asked.response_size == len(frame(answer_hex))
-    assert drv.check_response(frame(answer_hex), asked) == drv.ReadResponse(slave, function, words)
-    assert drv.ReadResponse(slave, function, words).to_bytes() == frame(answer_hex)
     # the simulator answers the published request with the published response
     slave_ = slave_sim(slave, **{table: {start + i: w for i, w in enumerate(words)}})
     assert slave_.on_bytes(frame(asked_hex)) == frame(answer_hex)
     assert slave_.requests[-1] == sim.Request(slave, function, start, len(words))
+    # the driver sends the published request and decodes the published response, on the wire
+    slave_ = slave_sim(slave, **{table: {start + i: w for i, w in enumerate(words)}})
+    got, traffic = await driver_read(slave_, u16_map(slave, table, start, len(words)))
+    assert got == {f"r{i}": float(w) for i, w in enumerate(words)}
+    assert [(e.request, e.response) for e in traffic] == [(frame(asked_hex), frame(answer_hex))]
+
+
+@pytest.mark.parametrize(
+    ("slave", "function", "table", "start", "words", "asked_hex", "answer_hex"), READS
+)
+async def test_driver_refuses_a_published_answer_with_a_broken_crc(
+    slave: int,
+    function: int,
+    table: str,
+    start: int,
+    words: tuple[int, ...],
+    asked_hex: str,
+    answer_hex: str,
+) -> None:
+    answer = frame(answer_hex)
+    options = u16_map(slave, table, start, len(words))
+    got, _ = await driver_read(Canned(answer), options)
+    assert got == {f"r{i}": float(w) for i, w in enumerate(words)}
+    got, _ = await driver_read(Canned(answer[:-1] + bytes([answer[-1] ^ 0x01])), options)
+    assert isinstance(got, DeviceDataError)
+    assert "CRC mismatch" in str(got)
 
 
 def test_two_requests_in_one_quiet_period_get_two_answers() -> None:
@@ -213,13 +285,15 @@ def test_write_refusals_follow_the_state_diagrams(pdu: str, code: int) -> None:
 # Exception responses: codes, layout, names (AP 7)
 
 
-def test_exception_frame_known_answer_both_sides() -> None:
-    published = frame("0A 81 02 B0 53")
-    assert sim.exception_frame(10, 0x01, 0x02) == published
-    parsed = drv.ExceptionResponse.from_bytes(published)
-    assert parsed == drv.ExceptionResponse(10, 0x01, 0x02)
-    assert parsed.name == "ILLEGAL DATA ADDRESS"
-    assert parsed.to_bytes() == published
+async def test_exception_frame_known_answer_both_sides() -> None:
+    assert sim.exception_frame(10, 0x01, 0x02) == frame("0A 81 02 B0 53")  # Simply Modbus
+    # the driver reads holding registers (function 03): the published refusal of that, slave 1
+    published = frame("01 83 02 C0 F1")
+    assert sim.exception_frame(1, 0x03, 0x02) == published
+    got, _ = await driver_read(Canned(published), u16_map(1, "holding", 0, 1, timeout=SHORT))
+    assert isinstance(got, drv.ModbusExceptionError)
+    assert (got.slave, got.function, got.code) == (1, 0x03, 0x02)
+    assert got.exception_name == "ILLEGAL DATA ADDRESS"
 
 
 @pytest.mark.parametrize(
@@ -235,32 +309,36 @@ def test_exception_frame_known_answer_both_sides() -> None:
         ("03 00 00 00 01 00", 0x03, "ILLEGAL DATA VALUE"),  # PDU longer than a read
     ],
 )
-def test_simulator_exceptions_are_what_the_driver_names(
+async def test_simulator_exceptions_are_what_the_driver_names(
     request_pdu: str, code: int, name: str
 ) -> None:
     slave_ = slave_sim(1, holding={0x6B: 1, 0xFFFF: 2})
     pdu = frame(request_pdu)
     answer = slave_.handle(sim.adu(1, pdu))
     assert answer == sim.adu(1, bytes([pdu[0] | 0x80, code]))
-    asked = drv.ReadRequest(1, pdu[0], 0, 1)  # check_response needs the function only
-    parsed = drv.check_response(answer, asked)
-    assert isinstance(parsed, drv.ExceptionResponse)
-    assert (parsed.function, parsed.code, parsed.name) == (pdu[0], code, name)
+    assert drv.exception_name(code) == name
+    # the same refusal of the driver's own request (a holding register read), on the wire
+    refusal = sim.exception_frame(1, 0x03, code)
+    got, _ = await driver_read(Canned(refusal), u16_map(1, "holding", 0x6B, 1, timeout=SHORT))
+    assert isinstance(got, drv.ModbusExceptionError)
+    assert (got.function, got.code, got.exception_name) == (0x03, code, name)
 
 
-def test_refuse_with_answers_every_request_with_that_exception() -> None:
+async def test_refuse_with_answers_every_request_with_that_exception() -> None:
     slave_ = slave_sim(1, holding={0x6B: 1, 0x6C: 2, 0x6D: 3})
     request = frame("01 03 00 6B 00 03 74 17")
     slave_.refuse_with = 0x04
-    answer = slave_.on_bytes(request)
-    assert answer == sim.adu(1, bytes([0x83, 0x04]))
-    parsed = drv.check_response(answer, drv.ReadRequest(1, 3, 0x6B, 3))
-    assert isinstance(parsed, drv.ExceptionResponse)
-    assert parsed.name == "SERVER DEVICE FAILURE"
-    slave_.refuse_with = 0x06
-    assert drv.check_response(slave_.on_bytes(request), drv.ReadRequest(1, 3, 0x6B, 3)).code == 6
+    assert slave_.on_bytes(request) == sim.adu(1, bytes([0x83, 0x04]))
+    options = u16_map(1, "holding", 0x6B, 3, timeout=SHORT)
+    for code, name in ((0x04, "SERVER DEVICE FAILURE"), (0x06, "SERVER DEVICE BUSY")):
+        slave_.refuse_with = code
+        got, traffic = await driver_read(slave_, options)
+        assert isinstance(got, drv.ModbusExceptionError)
+        assert (got.code, got.exception_name) == (code, name)
+        assert traffic[-1].request == request
     slave_.refuse_with = None
     assert slave_.on_bytes(request) == sim.adu(1, frame("03 06 00 01 00 02 00 03"))
+    assert (await driver_read(slave_, options))[0] == {"r0": 1.0, "r1": 2.0, "r2": 3.0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +387,10 @@ def test_slave_stays_silent(adu: bytes) -> None:
 )
 def test_t35(baudrate: int, seconds: float) -> None:
     assert sim.t35(baudrate) == pytest.approx(seconds, rel=1e-5)
-    assert drv.silence_interval(baudrate) == pytest.approx(seconds, rel=1e-5)
+    # the driver's silence is minimalmodbus's (a private function of the library: should it be
+    # renamed in a new release, point this at its successor)
+    silence = minimalmodbus._calculate_minimum_silent_period(baudrate)
+    assert silence == pytest.approx(seconds, rel=1e-5)
     assert sim.ModbusSlaveSim(
         RealClock(), SimpleNamespace(slave=1, registers=()), baudrate=baudrate
     ).frame_gap == pytest.approx(seconds, rel=1e-5)
@@ -355,33 +436,29 @@ def test_register_encoding_saturates_like_an_instrument_output() -> None:
 # Properties: the two independent implementations agree everywhere
 
 
-@settings(max_examples=200, deadline=None)
-@given(data=st.binary(max_size=64))
-def test_crc_implementations_agree(data: bytes) -> None:
-    assert sim.crc16(data) == drv.crc16(data)
-
-
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     slave=st.integers(1, 247),
     function=st.sampled_from([0x03, 0x04]),
     start=st.integers(0, 0xFFFF),
     words=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=125),
 )
-def test_any_read_the_driver_sends_the_simulator_answers(
+@example(slave=247, function=0x04, start=0xFFFF, words=[0xFFFF])
+@example(slave=1, function=0x03, start=0, words=[0x0000] * 125)
+async def test_any_read_the_driver_sends_the_simulator_answers(
     slave: int, function: int, start: int, words: list[int]
 ) -> None:
+    """Random requests (the library's CRC) and random answers (the simulator's), on the wire."""
     table = "holding" if function == 0x03 else "input"
+    start = min(start, 0x10000 - len(words))  # the driver refuses registers past 0xFFFF
     slave_ = slave_sim(slave)
-    mapped = words[: 0x10000 - start]  # registers past 0xFFFF do not exist
-    for i, word in enumerate(mapped):
+    for i, word in enumerate(words):
         slave_.set_register(table, start + i, word)
-    asked = drv.ReadRequest(slave, function, start, len(words))
-    parsed = drv.check_response(slave_.on_bytes(asked.to_bytes()), asked)
-    if len(mapped) == len(words):
-        assert parsed == drv.ReadResponse(slave, function, tuple(words))
-    else:
-        assert parsed == drv.ExceptionResponse(slave, function, 0x02)
+    got, traffic = await driver_read(slave_, u16_map(slave, table, start, len(words)))
+    assert got == {f"r{i}": float(w) for i, w in enumerate(words)}
+    assert slave_.requests[-1] == sim.Request(slave, function, start, len(words))
+    assert slave_.ignored == 0  # every request the driver sent had a good CRC
+    assert len(traffic) == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.service.config import example_config
+from agent.service.config import example_config, strip_tables
 from benches import Result
 from cloud.storage import DB_NAME
 
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> Result:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        text = example_config().read_text()
+        text = strip_tables(example_config().read_text(), "uplink")
         text = text.replace(
             'data_dir = "/var/lib/edge-agent"', f'data_dir = "{tmp_path / "agent"}"'
         )

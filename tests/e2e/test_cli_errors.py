@@ -1,0 +1,298 @@
+"""Every error of the command lines is one line on stderr naming the thing and the fix, with the
+documented exit code (README "Commands", agent/exits.py), and never a traceback (issue 14).
+
+The commands run as processes, as an operator runs them. Permission cases run as ``nobody``
+(``setpriv``) when the tests run as root, whom permissions do not stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import exits
+from agent.service import cli
+from agent.service.config import example_config
+from agent.wire.batch import WireRecord
+from agent.wire.records import TelemetryBody
+from cloud.storage import SQLiteStorage
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "pump-rig-01"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def agent(*args: str, env: dict[str, str] | None = None, user: bool = False, **kw):
+    return _run([sys.executable, "-m", "agent.service.cli", *args], env, user, **kw)
+
+
+def cloud(*args: str, user: bool = False, **kw):
+    return _run([sys.executable, "-m", "cloud.cli", *args], None, user, **kw)
+
+
+def _run(cmd: list[str], env: dict[str, str] | None, user: bool, **kw):
+    if user:
+        cmd = as_other_user(cmd)
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=45,
+        cwd=kw.pop("cwd", ROOT),
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        **kw,
+    )
+
+
+def as_other_user(cmd: list[str]) -> list[str]:
+    """Run as nobody when root (root passes every permission check)."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) runs the permission cases as nobody"
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+
+
+def one_line(result: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
+    """stderr is exactly one line holding ``words``; the exit code is ``code``."""
+    err = result.stderr
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert result.returncode == code, (result.returncode, err)
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def rig_config(tmp_path: Path, data_dir: Path) -> Path:
+    text = (
+        example_config()
+        .read_text()
+        .replace('data_dir = "/var/lib/edge-agent"', f'data_dir = "{data_dir}"')
+    )
+    path = tmp_path / "rig.toml"
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def world_readable(tmp_path: Path) -> None:
+    """nobody must reach the files of the test (pytest's tmp_path is 0700)."""
+    for p in (tmp_path, *tmp_path.parents):
+        if p == Path("/"):
+            break
+        if p.stat().st_uid == os.geteuid():
+            p.chmod(p.stat().st_mode | 0o005)
+
+
+# -- edge-agent ------------------------------------------------------------------------------
+def test_run_with_a_data_directory_it_may_not_write_is_one_line_77(tmp_path: Path):
+    """Was a 37-line traceback ending in PermissionError: .../queue.db.lock."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o555)
+    world_readable(tmp_path)
+    result = agent(
+        "run", "--config", str(rig_config(tmp_path, data)), "--simulate", "pump", user=True
+    )
+    line = one_line(result, exits.EX_NOPERM, f"data directory {data}", "permission denied")
+    assert "chown" in line and "--data-dir DIR" in line
+
+
+def test_run_with_a_data_directory_that_cannot_be_made_is_one_line_73(tmp_path: Path):
+    (tmp_path / "a-file").write_text("")
+    data = tmp_path / "a-file" / "data"
+    result = agent("run", "--config", str(rig_config(tmp_path, data)), "--simulate", "pump")
+    line = one_line(result, exits.EX_CANTCREAT, f"data directory {data}", "not a directory")
+    assert "install -d" in line
+
+
+def test_run_time_scale_without_simulate_is_usage_64(tmp_path: Path):
+    result = agent(
+        "run", "--config", str(rig_config(tmp_path, tmp_path / "d")), "--time-scale", "4"
+    )
+    one_line(result, exits.EX_USAGE, "--time-scale", "--simulate")
+
+
+def test_a_bad_config_is_one_line_78(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(example_config().read_text().replace("interval = 1.0", "interval = -1", 1))
+    one_line(agent("check-config", str(bad)), exits.EX_CONFIG, "bad.toml: sensor[0].interval")
+
+
+def test_queue_before_the_agent_ran_is_no_input_66(tmp_path: Path):
+    result = agent("queue", "--config", str(rig_config(tmp_path, tmp_path / "never")))
+    one_line(result, exits.EX_NOINPUT, "no queue at", "has not run")
+
+
+def test_status_without_an_agent_is_unavailable_69_naming_where_it_looked(tmp_path: Path):
+    result = agent("status", env={"RUNTIME_DIRECTORY": str(tmp_path / "run")})
+    line = one_line(result, exits.EX_UNAVAILABLE, "no agent is running", "--socket PATH")
+    assert str(tmp_path / "run" / "status.sock") in line
+    assert "/run/edge-agent/status.sock" in line and "/var/lib/edge-agent/status.sock" in line
+
+
+def test_status_finds_the_agent_where_systemd_runs_it_without_options(tmp_path: Path):
+    """`edge-agent status` with no option said "no agent is running" while one was: it looks
+    in systemd's directories ($RUNTIME_DIRECTORY, /run/edge-agent, $STATE_DIRECTORY) and the
+    data_dir of the installed and the packaged config (/var/lib/edge-agent)."""
+    data = tmp_path / "state"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.service.cli",
+            "run",
+            "--config",
+            str(example_config()),
+            "--simulate",
+            "pump",
+            "--data-dir",
+            str(data),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        env = {"STATE_DIRECTORY": str(data)}  # as systemd sets it for StateDirectory=
+        deadline = time.monotonic() + 30
+        while True:
+            result = agent("status", env=env)
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert result.returncode == 0, result.stderr
+        assert "pump-rig-01" in result.stdout
+        # the agent's socket is 0660: another user is told what to do
+        world_readable(tmp_path)
+        data.chmod(0o755)
+        denied = agent("status", "--data-dir", str(data), user=True)
+        if os.geteuid() == 0:
+            one_line(denied, exits.EX_NOPERM, "permission denied", "group")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_status_sockets_follow_the_systemd_unit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[agent]\ndevice_id = "d"\ndata_dir = "/srv/edge"\n')
+    monkeypatch.setattr(cli, "SYSTEM_CONFIG", conf)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/a:/run/b")
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/x")
+    args = cli.build_parser().parse_args(["status"])
+    assert [str(p) for p in cli.status_sockets(args)] == [
+        "/run/a/status.sock",
+        "/run/b/status.sock",
+        "/var/lib/x/status.sock",
+        "/run/edge-agent/status.sock",
+        "/srv/edge/status.sock",
+        "/var/lib/edge-agent/status.sock",  # the packaged config's data_dir
+    ]
+
+
+# -- edge-agent-cloud ------------------------------------------------------------------------
+def test_serve_on_an_address_not_of_this_host_says_so_69():
+    """Was `10.99.99.99:5683 is in use (Cannot assign requested address)`: EADDRNOTAVAIL is
+    not EADDRINUSE. 192.0.2.1 is TEST-NET-1 (RFC 5737), never a host's address."""
+    result = cloud("serve", "--listen", "192.0.2.1:5683", "--data", "/tmp/unused-cloud-data")
+    line = one_line(result, exits.EX_UNAVAILABLE, "192.0.2.1 is not an address of this host")
+    assert "is in use" not in line and "0.0.0.0" in line
+
+
+def test_serve_on_a_port_in_use_says_in_use_75(tmp_path: Path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        result = cloud("serve", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path / "c"))
+    one_line(result, exits.EX_TEMPFAIL, f"127.0.0.1:{port} is in use by another process")
+
+
+def test_cloud_data_directory_it_may_not_write_is_one_line_77(tmp_path: Path):
+    data = tmp_path / "cloud"
+    data.mkdir(mode=0o555)
+    world_readable(tmp_path)
+    result = cloud("devices", "add", "--data", str(data), DEVICE, user=True)
+    one_line(result, exits.EX_NOPERM, f"data directory {data}", "permission denied")
+    result = cloud("serve", "--listen", "127.0.0.1:0", "--data", str(data), user=True)
+    one_line(result, exits.EX_NOPERM, f"data directory {data}", "permission denied")
+
+
+def test_export_of_no_data_or_an_unknown_device_is_no_input_66(tmp_path: Path):
+    result = cloud("export", "--data", str(tmp_path / "nothing"), "--device", DEVICE)
+    one_line(result, exits.EX_NOINPUT, "no endpoint data here", "--data DIR")
+    assert not (tmp_path / "nothing").exists()  # looking creates nothing
+    storage = SQLiteStorage.in_dir(tmp_path / "cloud")
+    storage.close()
+    result = cloud("export", "--data", str(tmp_path / "cloud"), "--device", DEVICE)
+    one_line(
+        result,
+        exits.EX_NOINPUT,
+        "not registered",
+        f"edge-agent-cloud devices add --data {tmp_path / 'cloud'} {DEVICE}",
+    )
+
+
+def test_export_into_head_closes_quietly_141(tmp_path: Path):
+    """`export ... | head` printed `Broken pipe` (and an ignored exception) when head left."""
+    storage = SQLiteStorage.in_dir(tmp_path / "cloud")
+    t0 = 1_700_000_000.0
+    records = [
+        WireRecord(i, "telemetry", t0 + i, TelemetryBody("motor", t0 + i, {"a": i}).to_cbor())
+        for i in range(1, 20_001)  # far more than a pipe holds
+    ]
+    storage.ingest(DEVICE, records, t0, register=True)
+    storage.close()
+    cmd = [sys.executable, "-m", "cloud.cli", "export", "--data", str(tmp_path / "cloud")]
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f'{" ".join(cmd)} --device {DEVICE} | head -3; echo "rc=${{PIPESTATUS[0]}}"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=45,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    out = result.stdout.splitlines()
+    assert out[0] == "seq,kind,time,sensor,channel,value" and len(out) == 4, result.stdout
+    assert out[-1] == f"rc={exits.EX_SIGPIPE}"
+    assert result.stderr == ""  # no "Broken pipe", no "Exception ignored"
+
+
+def test_a_credential_that_cannot_be_written_registers_nothing(tmp_path: Path):
+    """Checked before the device is registered: a second try must not find it half-done
+    (registered, its credential lost)."""
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "pump.json"
+    data = tmp_path / "cloud"
+    result = cloud("devices", "add", "--data", str(data), DEVICE, "--credential-out", str(out))
+    one_line(result, exits.EX_CANTCREAT, "--credential-out directory", "not a directory")
+    result = cloud(
+        "devices",
+        "add",
+        "--data",
+        str(data),
+        DEVICE,
+        "--credential-out",
+        str(tmp_path / "pump.json"),
+    )
+    assert result.returncode == 0 and "credential (generation 1) written" in result.stdout
+
+
+def test_a_bad_command_line_is_one_line_64():
+    """argparse's own: the usage, the error and exit 2."""
+    one_line(agent("run"), exits.EX_USAGE, "--config", "edge-agent run --help")
+    one_line(cloud("export", "--data", "x"), exits.EX_USAGE, "--device")
