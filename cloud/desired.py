@@ -109,9 +109,19 @@ class DesiredObservers:
     # -- observations ----------------------------------------------------------------------------
 
     def add(self, device: str, servobs: Any) -> None:
-        """Accept an observation (aiocoap's ServerObservation) of ``device``'s desired state."""
+        """Accept an observation (aiocoap's ServerObservation) of ``device``'s desired state.
+
+        A device observes its desired state once: a new registration (after a lost notification,
+        a Max-Age renewal, an endpoint switch) replaces the older ones, which are deregistered.
+        Kept, they would pile up, and notifications would go to tokens the device has given up
+        (it acknowledges them and waits for the new one in vain until its next renewal)."""
         observers = self._observers.setdefault(device, set())
+        older = list(observers)
+        observers.clear()
         observers.add(servobs)
+        for old in older:
+            with contextlib.suppress(Exception):  # aiocoap's own bookkeeping; never fatal here
+                old.deregister()
 
         def cancelled() -> None:
             observers.discard(servobs)
