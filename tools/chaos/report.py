@@ -219,7 +219,8 @@ class Report:
             (
                 "tracebacks in the logs",
                 str(s["tracebacks"]),
-                f"target 0: {verdict(s['tracebacks'] == 0)}; {len(self.tracebacks)} log files",
+                f"target 0: {verdict(s['tracebacks'] == 0)}; "
+                f"log files with one: {len(self.tracebacks)}",
             ),
             (
                 "log bytes per bad datagram",
