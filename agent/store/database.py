@@ -138,7 +138,8 @@ class Db:
         try:
             self.s = cap_budget(self.s)
             self._derive()
-            if free_bytes(self.dir) < self.reserve.size:  # a full disk: open with its room
+            free = free_bytes(self.dir)
+            if free is not None and free < self.reserve.size:  # a full disk: open with its room
                 self.reserve.release()
             mark = self.seqfile.read()
             damaged: list[Damaged] = []

@@ -28,27 +28,26 @@ RESERVE_RETRY_SECONDS = 10.0  # how often a missing reserve is tried again
 _CHUNK = 64 * 1024
 
 
-def free_bytes(directory: Path) -> int:
-    """Bytes free for an unprivileged writer on ``directory``'s filesystem (0: unknown)."""
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free for an unprivileged writer on ``directory``'s filesystem (None: unknown)."""
     try:
         st = os.statvfs(directory)
     except OSError:
-        return 0
+        return None
     return st.f_bavail * st.f_frsize
 
 
 def room_for(settings: StoreSettings) -> int | None:
     """Bytes the queue could occupy on its filesystem: free space plus its own files (None when
     the filesystem cannot say)."""
-    try:
-        st = os.statvfs(settings.path.parent)
-    except OSError:
+    free = free_bytes(settings.path.parent)
+    if free is None:
         return None
     ours = 0
     for p in (settings.path, settings.wal_path, reserve_path(settings)):
         with contextlib.suppress(OSError):
             ours += p.stat().st_size
-    return st.f_bavail * st.f_frsize + ours
+    return free + ours
 
 
 def cap_budget(settings: StoreSettings) -> StoreSettings:
@@ -96,8 +95,8 @@ class Reserve:
             if self.path.exists() and self.path.stat().st_size >= self.size:
                 self.present = True
                 return True
-            st = os.statvfs(self.path.parent)
-            if st.f_bavail * st.f_frsize < 2 * self.size:
+            free = free_bytes(self.path.parent)
+            if free is None or free < 2 * self.size:
                 return False
             self._write()
         except OSError as err:
