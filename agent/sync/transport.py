@@ -147,6 +147,7 @@ class CoapTransport:
         import aiocoap
 
         ctx = await aiocoap.Context.create_client_context(transports=self.transports)
+        _BlockwiseRaceFilter.install()
         if self.security is not None:
             self.security.configure(ctx)
             if "oscore" in (self.transports or ()):
@@ -446,6 +447,29 @@ def _read_home(path: Path | None) -> str | None:
         return None
     store = doc.get("store") if isinstance(doc, dict) else None
     return store if isinstance(store, str) and store else None
+
+
+class _BlockwiseRaceFilter(logging.Filter):
+    """aiocoap 0.4.17's block-wise requester logs, with a traceback, an ``InvalidStateError`` from
+    its "should be unreachable" branch when a block-wise observation ends (the document changed
+    between blocks, or the observation was cancelled for a re-registration) while a block
+    request is still running: it sets a result on a future that is already done. The agent has
+    already moved on (it re-registers); the record becomes one debug line."""
+
+    MESSAGE = "Exception in BlockwiseRequest runner neither went to response nor to observation"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncio.InvalidStateError) and record.msg.startswith(self.MESSAGE):
+            log.debug("event=blockwise_observation_ended_mid_block error=InvalidStateError")
+            return False
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        logger = logging.getLogger("coap.blockwise-requester")
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
 
 
 def _quiet_cancelled_oscore(loop: asyncio.AbstractEventLoop) -> None:
