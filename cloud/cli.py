@@ -62,18 +62,22 @@ from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
-from cloud import export
+from cloud import export, processes
 from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
 from cloud.dashboard import Dashboard, DashboardRefused
 from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
+from cloud.listen import check_port_free
 from cloud.security import issue_credential
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
 from cloud.storage import (
     DB_NAME,
     DocumentTooLarge,
     SQLiteStorage,
+    Storage,
     StorageUnavailable,
     UnknownDevice,
+    describe_storage,
+    open_storage,
 )
 from cloud.webauth import dashboard_token
 
@@ -136,9 +140,12 @@ def _device(text: str) -> str:
     return text
 
 
-def _open(data: str, *, existing: bool = False) -> SQLiteStorage:
-    """The endpoint's storage in ``data``. ``existing``: only look (export, list, show): the
-    directory must hold an endpoint's data already. Otherwise it is created if missing."""
+def _open(data: str, *, existing: bool = False, storage: str | None = None) -> Storage:
+    """The endpoint's storage: ``storage`` (``--storage``, e.g. postgresql://...) or SQLite in
+    ``data``. ``existing``: only look (export, list, show): the directory must hold an
+    endpoint's data already. Otherwise it is created if missing."""
+    if storage is not None:
+        return open_storage(storage)
     path = Path(data)
     if existing and not (path / DB_NAME).is_file():
         raise CommandError(
@@ -190,6 +197,8 @@ async def _serve(args: argparse.Namespace) -> int:
         allow_any_device=args.allow_any_device,
         allow_plain=args.insecure,
         dtls_listen=dtls,
+        storage=args.storage,
+        worker=args.worker,
     )
     if http is not None:
         try:
@@ -200,7 +209,10 @@ async def _serve(args: argparse.Namespace) -> int:
                 raise UsageError(str(err)) from None
             raise
     uris = server.uri if server.dtls is None else f"{server.uri}, {server.dtls.uri}"
-    print(f"edge-agent-cloud listening on {uris}, data in {args.data}", flush=True)
+    if args.worker:
+        processes.signal_ready(args.ready_fd)
+    else:
+        print(f"edge-agent-cloud listening on {uris}, {_where(args)}", flush=True)
     if server.dashboard is not None:
         print(f"dashboard on {server.dashboard.url}", flush=True)
     stop = asyncio.Event()
@@ -215,9 +227,50 @@ async def _serve(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _where(args: argparse.Namespace) -> str:
+    if args.storage is None:
+        return f"data in {args.data}"
+    return f"storage {describe_storage(args.storage)}, files in {args.data}"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     writable_dir(Path(args.data))
-    return asyncio.run(_serve(args))
+    if args.processes < 1:
+        raise UsageError("--processes must be 1 or more")
+    if args.processes == 1 or args.worker:
+        return asyncio.run(_serve(args))
+    if args.dtls_listen is not None:
+        raise UsageError("--dtls-listen is served by one process: run coaps:// without --processes")
+    host, port = parse_listen(args.listen)
+    if port == 0:
+        raise UsageError("--processes needs a fixed port in --listen (they share it)")
+    check_port_free(host, port)
+
+    def command(index: int, ready_fd: int) -> list[str]:
+        argv = [sys.executable, "-m", "cloud.cli", "--log-level", args.log_level, "serve"]
+        argv += ["--listen", args.listen, "--data", args.data, "--worker"]
+        argv += ["--ready-fd", str(ready_fd)]
+        if args.storage is not None:
+            argv += ["--storage", args.storage]
+        argv += ["--allow-any-device"] if args.allow_any_device else []
+        argv += ["--insecure"] if args.insecure else []
+        if index == 0 and args.http is not None:  # one dashboard, in the first worker
+            argv += ["--http", args.http]
+            argv += ["--http-cert", args.http_cert] if args.http_cert else []
+            argv += ["--http-key", args.http_key] if args.http_key else []
+        return argv
+
+    def announce() -> None:
+        uri = f"coap://{f'[{host}]' if ':' in host else host}:{port}"
+        print(
+            f"edge-agent-cloud listening on {uri} ({args.processes} processes), {_where(args)}",
+            flush=True,
+        )
+
+    try:
+        return processes.run(args.processes, command, announce)
+    except RuntimeError as err:
+        raise CommandError(EX_UNAVAILABLE, f"error: {err}") from None
 
 
 # -- devices --------------------------------------------------------------------------------------
@@ -273,7 +326,7 @@ def cmd_principals(args: argparse.Namespace) -> int:
     if out is not None:  # before anything is registered: a credential that cannot be written
         folder = Path(out) if len(names) > 1 else Path(out).parent
         writable_dir(folder, "--credential-out directory", "choose a writable path")
-    storage = _open(args.data)
+    storage = _open(args.data, storage=args.storage)
     try:
         if args.action == "token":
             return _print_tokens(storage, names)
@@ -302,7 +355,7 @@ def cmd_principals(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     if args.action in ("add", "rekey", "revoke"):
         return cmd_principals(args)
-    storage = _open(args.data, existing=True)
+    storage = _open(args.data, existing=True, storage=args.storage)
     try:
         infos = storage.devices()
     finally:
@@ -329,7 +382,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     device = _device(args.device)
     since = parse_since(args.since)
-    storage = _open(args.data, existing=True)
+    storage = _open(args.data, existing=True, storage=args.storage)
     try:
         if storage.device(device) is None:
             raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
@@ -420,7 +473,7 @@ def cmd_desired(args: argparse.Namespace) -> int:
             return asyncio.run(_put_desired(args.server, device, changes, args.credential))
         if not args.data:
             raise UsageError("desired set: give --data DIR or --server URI")
-        storage = _open(args.data)
+        storage = _open(args.data, storage=args.storage)
         try:
             limit = Limits().desired_doc_bytes
             doc, changed = storage.put_desired(device, changes, time.time(), None, limit)
@@ -430,7 +483,7 @@ def cmd_desired(args: argparse.Namespace) -> int:
         return EX_OK
     if not args.data:
         raise UsageError("desired show: give --data DIR")
-    storage = _open(args.data, existing=True)
+    storage = _open(args.data, existing=True, storage=args.storage)
     try:
         doc = storage.desired(device)
     finally:
@@ -441,7 +494,7 @@ def cmd_desired(args: argparse.Namespace) -> int:
 
 def cmd_reported(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    storage = _open(args.data, existing=True)
+    storage = _open(args.data, existing=True, storage=args.storage)
     try:
         if storage.device(device) is None:
             raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
@@ -562,6 +615,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--http-cert", metavar="FILE", help="the dashboard's TLS certificate (PEM)")
     p.add_argument("--http-key", metavar="FILE", help="the dashboard's TLS private key (PEM)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N endpoint processes on the one --listen address (SO_REUSEPORT; docs/fleet.md)",
+    )
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("devices", help="the device registry")
@@ -625,7 +687,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", required=True)
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+    _storage_option(parser)
     return parser
+
+
+def _storage_option(parser: argparse.ArgumentParser) -> None:
+    """``--storage SPEC`` beside every ``--data`` (the database; --data keeps the files)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _storage_option(sub)
+    if any("--data" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--storage",
+            metavar="SPEC",
+            help="the database: postgresql://USER@HOST/DB (docs/fleet.md) or sqlite:DIR; "
+            "default: SQLite in --data",
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

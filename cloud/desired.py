@@ -4,9 +4,10 @@ is served (docs/protocol.md "Desired state").
 - :class:`DesiredObservers` keeps the observations of each device's desired state (registered
   through aiocoap's public observation API: ``add_observation``, ``accept``, ``trigger``), and
   runs the poller that notices desired state written by another process (``edge-agent-cloud
-  desired set --data``, a credential change) and re-sends every document before its Max-Age
-  runs out. Nothing a device, an operator or the database holds stops the poller: a round that
-  fails is logged and the next one runs.
+  desired set --data``, another endpoint process on the same storage, a credential change:
+  :meth:`cloud.storage.Storage.changes`, PostgreSQL's LISTEN/NOTIFY) and re-sends every
+  document before its Max-Age runs out. Nothing a device, an operator or the database holds
+  stops the poller: a round that fails is logged and the next one runs.
 - :func:`render_document` answers a GET (or renders a notification) with the document, its ETag
   and Max-Age, block-wise when it is larger than one block (RFC 7959): block 0 carries Block2
   and Size2, and the client (aiocoap does this for notifications too) fetches the other blocks
@@ -176,12 +177,12 @@ class DesiredObservers:
 
     async def _run(self) -> None:
         """Notice desired state written by another process, and refresh observers."""
-        last_version: int | None = None
+        token: object | None = None
         last_refresh = self._clock.monotonic()
         while True:
             await self._clock.sleep(POLL_INTERVAL)
             try:
-                last_version = await self._poll(last_version)
+                token = await self._poll(token)
             except StorageUnavailable as err:
                 log.debug("event=poll_failed error=%s", err)
             except Exception as err:  # whatever it was, the next round runs
@@ -192,14 +193,19 @@ class DesiredObservers:
                     for servobs in list(observers):
                         servobs.trigger()
 
-    async def _poll(self, last_version: int | None) -> int:
-        version: int = await self._db(lambda s: s.data_version())
-        if version == last_version:
-            return version
-        if last_version is not None:
+    async def _poll(self, token: object | None) -> object:
+        """One round: what changed since ``token`` (:meth:`cloud.storage.Storage.changes`:
+        the devices named, or all when the storage cannot tell) is read again and notified."""
+        new, devices, credentials = await self._db(lambda s: s.changes(token))
+        if token is None:  # the first round: whatever was observed before it is read again
+            devices, credentials = None, False
+        if credentials:
             await self._credentials_changed()  # registered or revoked by the command line
+        observed = list(self._observers)
+        if devices is not None:
+            observed = [d for d in observed if d in devices]
         clean = True
-        for device in list(self._observers):
+        for device in observed:
             try:
                 doc: DesiredDoc = await self._db(lambda s, d=device: s.desired(d))
             except StorageUnavailable:
@@ -211,7 +217,7 @@ class DesiredObservers:
             self.changed(device, doc.etag())
         if clean:
             self._failure = None
-        return version
+        return new
 
     def _failed(self, device: str, err: Exception) -> None:
         text = f"{type(err).__name__}: {err}"[:200]

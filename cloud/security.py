@@ -7,8 +7,12 @@ DTLS pre-shared keys, and the rule of what each may do.
   ID Context (a device that restarted without state) whose replay window starts uninitialised, so
   aiocoap answers 4.01 + Echo and the candidate is adopted only when a request comes back with
   the Echo (agent/wire/oscore.py). Revoked principals and unknown key ids get no context (4.01).
-  The endpoint's sender sequence numbers are one durable counter per principal
-  (``DATA/oscore/<principal>.json``).
+  The endpoint's sender sequence numbers come from one counter in the storage
+  (:class:`SharedSequence`), in blocks: every endpoint process and host that shares the storage
+  takes disjoint blocks, each above all earlier ones, so no two processes ever use one nonce and
+  each peer sees the endpoint's numbers grow. What a process keeps in ``DATA/oscore/`` (with one
+  process per data directory) is the verified ID Context and, after a clean stop, the replay
+  window; without it (several processes, or a lost file) a peer goes through Echo once.
 - :func:`identity` turns a request's authenticated claims (OSCORE, or DTLS-PSK) into a
   :class:`Principal`, or None for an unauthenticated request.
 - :func:`allowed` is the access rule: a device reaches only its own resources (and model files);
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from aiocoap import oscore
 
 from agent.wire.credentials import ENDPOINT_KID, KID_BYTES, Credential
 from agent.wire.oscore import (
+    MAX_SEQNO,
     PersistentContext,
     Sequence,
     StateFileError,
@@ -39,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: Candidate contexts (new ID Contexts not yet verified by Echo) kept per principal.
 MAX_CANDIDATES = 2
+#: The endpoint's sender sequence numbers taken from the storage at a time (one transaction).
+SEQUENCE_BLOCK = 4096
+#: The storage's name of that counter (:meth:`cloud.storage.Storage.reserve_sequence`).
+ENDPOINT_SEQUENCE = "endpoint"
 
 
 class Principal(str):
@@ -94,6 +104,36 @@ def allowed(route: str, method: str, device: str | None, who: Principal | None) 
     return 403
 
 
+class SharedSequence(Sequence):
+    """The endpoint's sender sequence numbers, for all principals: blocks of ``block`` numbers
+    from ``allocate(count) -> start``, which returns a block above every block it returned
+    before to any process, durably. Numbers a process did not use before it stopped are skipped,
+    never reused (RFC 8613 only asks that a number is never used twice under one key, and a
+    peer's replay window only that they grow)."""
+
+    def __init__(self, allocate: Callable[[int], int], block: int = SEQUENCE_BLOCK) -> None:
+        super().__init__(0, _nothing)
+        self._allocate = allocate
+        self._block = block
+
+    def take(self) -> int:
+        while self.next >= self.reserved:
+            start = self._allocate(self._block)
+            if start + self._block > MAX_SEQNO:
+                raise oscore.ContextUnavailable("sequence numbers exhausted: re-key the endpoint")
+            self.next, self.reserved = max(self.next, start), start + self._block
+        n = self.next
+        self.next = n + 1
+        return n
+
+    def release(self) -> None:
+        """Nothing to keep: the next block is above this one whatever was used of it."""
+
+
+def _nothing() -> None:
+    """A :class:`SharedSequence` persists through its allocator."""
+
+
 @dataclass
 class _Entry:
     credential: Credential
@@ -103,22 +143,21 @@ class _Entry:
 class _PrincipalState:
     """One principal's contexts at the endpoint: the verified one and candidates."""
 
-    def __init__(self, entry: _Entry, path: Path) -> None:
+    def __init__(self, entry: _Entry, path: Path | None, sequence: SharedSequence) -> None:
         self.entry = entry
         self.path = path
-        try:
-            doc = read_state(path)
-        except StateFileError as err:
-            log.warning("event=oscore_state_unreadable path=%s error=%s", path, err)
-            doc = None
+        doc = None
+        if path is not None:
+            try:
+                doc = read_state(path)
+            except StateFileError as err:
+                log.warning("event=oscore_state_unreadable path=%s error=%s", path, err)
         self.id_context: bytes | None = None
         self.replay: dict[str, int] | None = None
-        start = 0
         if doc is not None:
             self.id_context = bytes.fromhex(doc["id_context"])
-            start = int(doc["seq_reserved"])
             self.replay = doc.get("replay")
-        self.sequence = Sequence(start, self.save)
+        self.sequence = sequence
         self.current: PersistentContext | None = None
         self.candidates: dict[bytes, PersistentContext] = {}
 
@@ -167,17 +206,16 @@ class _PrincipalState:
         cur = self.current
         return {
             "id_context": (self.id_context or b"").hex(),
-            "seq_reserved": self.sequence.reserved,
+            "seq_reserved": self.sequence.reserved,  # read by older releases; not used here
             "replay": cur.replay_state() if (clean and cur is not None) else None,
         }
 
     def save(self, clean: bool = False) -> None:
-        if self.id_context is None and not self.sequence.reserved:
+        if self.path is None or self.id_context is None:
             return
         write_state(self.path, self.state(clean))
 
     def close(self) -> None:
-        self.sequence.release()
         self.save(clean=True)
 
 
@@ -187,11 +225,25 @@ class Principals:
     Put into the server's credentials map as one entry; aiocoap calls
     :meth:`get_oscore_context_for` with the unprotected header of each OSCORE request."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self, state_dir: Path | None, allocate: Callable[[int, int], int] | None = None
+    ) -> None:
+        """``state_dir``: where each principal's verified ID Context and clean-stop replay
+        window are kept (None: nowhere, for endpoints that share a data directory).
+        ``allocate(count, at_least)``: a block of the endpoint's sequence numbers from the
+        storage (None: a counter in memory, for tests that never restart)."""
         self.state_dir = state_dir
         self._by_kid: dict[bytes, _Entry] = {}
         self._by_name: dict[str, _Entry] = {}
         self._states: dict[str, _PrincipalState] = {}
+        self._allocate = allocate or _InMemory()
+        self._floor: int | None = None  # the highest number older releases reserved in files
+        self.sequence = SharedSequence(self._take_block)
+
+    def _take_block(self, count: int) -> int:
+        if self._floor is None:
+            self._floor = legacy_floor(self.state_dir)
+        return self._allocate(count, self._floor)
 
     def load(self, credentials: list[tuple[Credential, bool]]) -> set[str]:
         """Replace the registry with ``(credential, revoked)`` pairs (from the storage). Returns
@@ -241,8 +293,11 @@ class Principals:
         name = entry.credential.principal
         state = self._states.get(name)
         if state is None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            state = self._states[name] = _PrincipalState(entry, self.state_dir / f"{name}.json")
+            path = None
+            if self.state_dir is not None:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                path = self.state_dir / f"{name}.json"
+            state = self._states[name] = _PrincipalState(entry, path, self.sequence)
         return state.context_for(id_context)
 
     def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
@@ -252,6 +307,34 @@ class Principals:
         for state in self._states.values():
             state.close()
         self._states.clear()
+
+
+class _InMemory:
+    """Blocks of sequence numbers from a counter in memory (one process, never restarted)."""
+
+    def __init__(self) -> None:
+        self.reserved = 0
+
+    def __call__(self, count: int, at_least: int) -> int:
+        start = max(self.reserved, at_least)
+        self.reserved = start + count
+        return start
+
+
+def legacy_floor(state_dir: Path | None) -> int:
+    """The highest sender sequence number reserved in the per-principal state files of releases
+    that kept one counter per principal: the shared counter starts above it."""
+    floor = 0
+    if state_dir is None or not state_dir.is_dir():
+        return floor
+    for path in state_dir.glob("*.json"):
+        try:
+            doc = read_state(path)
+        except (StateFileError, OSError):
+            continue
+        if doc is not None:
+            floor = max(floor, int(doc["seq_reserved"]))
+    return floor
 
 
 def issue_credential(storage: Any, principal: str, role: str, now: float) -> Credential:

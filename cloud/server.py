@@ -28,9 +28,7 @@ requests (rate limited), error for lost function.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -64,6 +62,8 @@ from cloud.inference import (
     NoSuchModel,
     ValidateRequest,
 )
+from cloud.ingest import GroupCommit
+from cloud.listen import bound_port, check_port_free
 from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
     _KNOWN_CRITICAL,
@@ -80,7 +80,14 @@ from cloud.protocol import (
     _too_large,
     datagram_guard,
 )
-from cloud.security import Principal, Principals, allowed, identity, issue_credential
+from cloud.security import (
+    ENDPOINT_SEQUENCE,
+    Principal,
+    Principals,
+    allowed,
+    identity,
+    issue_credential,
+)
 from cloud.storage import (
     DocumentTooLarge,
     PreconditionFailed,
@@ -90,6 +97,7 @@ from cloud.storage import (
     StorageUnavailable,
     StoredRecord,
     UnknownDevice,
+    open_storage,
 )
 from drivers.clock import Clock, RealClock
 
@@ -211,9 +219,10 @@ class CloudServer:
         state_dir: Path | None = None,
     ) -> None:
         self.storage = storage
+        self.ingest = GroupCommit(storage, clock or RealClock())  # batches, many per commit
         self.allow_any_device = allow_any_device
         self.allow_plain = allow_plain  # unauthenticated requests may do what a device may
-        self.principals = Principals(state_dir or Path("oscore"))
+        self.principals = Principals(state_dir, self._sequence_block)
         self.amplification = Amplification()
         self.clock = clock or RealClock()
         self.limits = limits or Limits()
@@ -225,6 +234,7 @@ class CloudServer:
         self.store_id: str | None = None  # the storage's identity (acks and desired state say it)
         self.models: ModelRegistry | None = None  # DATA/models, set by start()
         self.inference = CloudInference(DEFAULT_MODELS_DIR)  # start() keeps verdicts in data_dir
+        self.worker = False  # one of several processes on one address (start(worker=True))
         self._ctx: aiocoap.Context | None = None
         self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
         self.dashboard: Dashboard | None = None  # the web page: Dashboard.start(server, ...)
@@ -248,14 +258,26 @@ class CloudServer:
         clock: Clock | None = None,
         limits: Limits | None = None,
         storage_factory: Callable[[], Storage] | None = None,
+        storage: str | None = None,
         models_dir: str | Path | None = None,
         dtls_listen: tuple[str, int] | None = None,
+        worker: bool = False,
     ) -> CloudServer:
-        """Open the storage in ``data_dir`` and listen on ``host:port`` (port 0: any free port).
-        ``models_dir``: the full-precision models of /infer and /validate (models/cloud).
-        ``dtls_listen``: also serve coaps:// (DTLS-PSK) on this (host, port) (cloud/dtls.py)."""
-        factory = storage_factory or (lambda: SQLiteStorage.in_dir(data_dir))
-        thread = StorageThread(factory, clock)
+        """Open the storage (``storage``: a spec for :func:`cloud.storage.open_storage`, e.g.
+        ``postgresql://...``; default: SQLite in ``data_dir``) and listen on ``host:port``
+        (port 0: any free port). ``models_dir``: the full-precision models of /infer and
+        /validate (models/cloud). ``dtls_listen``: also serve coaps:// (DTLS-PSK) on this
+        (host, port) (cloud/dtls.py). ``worker``: one of several processes on this address
+        (``serve --processes N``, cloud/processes.py): the port is shared on purpose (no check
+        that it is free), and no OSCORE context state is kept in ``data_dir`` (the processes
+        would overwrite each other's; a peer goes through Echo once per process instead)."""
+        if storage_factory is None:
+            storage_factory = (
+                (lambda: open_storage(storage))
+                if storage is not None
+                else (lambda: SQLiteStorage.in_dir(data_dir))
+            )
+        thread = StorageThread(storage_factory, clock)
         await thread.start()
         server = cls(
             thread,
@@ -263,9 +285,10 @@ class CloudServer:
             allow_plain=allow_plain,
             clock=clock,
             limits=limits,
-            state_dir=Path(data_dir) / "oscore",
+            state_dir=None if worker else Path(data_dir) / "oscore",
         )
-        server.data_dir = None if storage_factory else Path(data_dir)
+        server.worker = worker
+        server.data_dir = Path(data_dir)
         server.models = ModelRegistry(Path(data_dir) / "models")
         server.inference = CloudInference(
             Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR, server.data_dir
@@ -282,8 +305,8 @@ class CloudServer:
         return server
 
     async def _listen(self, host: str, port: int, dtls: tuple[str, int] | None = None) -> None:
-        if port != 0:
-            await asyncio.get_running_loop().run_in_executor(None, _check_port_free, host, port)
+        if port != 0 and not self.worker:
+            await asyncio.get_running_loop().run_in_executor(None, check_port_free, host, port)
         creds = CredentialsMap()
         creds[":principals"] = self.principals
         limit = None if self.allow_plain else self.amplification.limit
@@ -292,10 +315,10 @@ class CloudServer:
             site, bind=(host, port), transports=["udp6"], server_credentials=creds
         )
         self.host = host
-        self.port = _bound_port(self._ctx) if port == 0 else port
+        self.port = bound_port(self._ctx) if port == 0 else port
         if dtls is not None:  # after the plain socket, so that the DTLS port check sees it
             try:
-                self.dtls = await DtlsEndpoint.start(site, self.principals, dtls, _check_port_free)
+                self.dtls = await DtlsEndpoint.start(site, self.principals, dtls, check_port_free)
             except BaseException:
                 await self._ctx.shutdown()
                 raise
@@ -338,6 +361,7 @@ class CloudServer:
         if self._guard is not None:
             self._guard.remove()
             self._guard = None
+        await self.ingest.stop()
         self.principals.close()
         await self.inference.close()
         await self.storage.stop()
@@ -348,6 +372,14 @@ class CloudServer:
     async def db(self, fn: Callable[[Storage], T]) -> T:
         """Run ``fn(storage)`` on the storage thread."""
         return await self.storage.call(fn)
+
+    def _sequence_block(self, count: int, at_least: int) -> int:
+        """A block of the endpoint's OSCORE sender sequence numbers (cloud/security.py). Called
+        by aiocoap while it protects a message, on the event loop: it waits for the storage
+        thread (once per SEQUENCE_BLOCK messages that need a number of their own)."""
+        return self.storage.call_sync(
+            lambda s: s.reserve_sequence(ENDPOINT_SEQUENCE, count, at_least)
+        )
 
     async def add_device(self, device: str) -> bool:
         if not DEVICE_ID.match(device):
@@ -597,9 +629,8 @@ class CloudServer:
                 f"a batch holds at most {self.limits.batch_records} records",
                 size1=self.limits.batch_bytes,
             )
-        now = self.clock.time()
         try:
-            result = await self.db(lambda s: s.ingest(device, records, now))
+            result = await self.ingest.ingest(device, records)
         except UnknownDevice:
             raise _Failure(Code.NOT_FOUND, "no such device") from None
         # a conflicting seq is never acknowledged: the device must keep that record
@@ -744,50 +775,6 @@ class CloudServer:
         except InferenceError as err:
             raise _Failure(Code.BAD_REQUEST, str(err)) from None
         return await self._run_inference(self.inference.validate(device, req))
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Raise OSError if another socket holds ``host:port``. aiocoap binds with SO_REUSEPORT, so a
-    second endpoint on the same port would start silently and share the requests at random."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as err:
-        raise OSError(f"cannot resolve {host}: {err}") from err
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        try:
-            probe.bind(address)
-        except OSError as err:
-            raise OSError(err.errno, listen_error(host, port, err)) from err
-
-
-def listen_error(host: str, port: int, err: OSError) -> str:
-    """One line for an address the endpoint cannot listen on: what is wrong, what to do."""
-    where = f"{host}:{port}"
-    if err.errno == errno.EADDRINUSE:
-        return f"{where} is in use by another process; stop it or choose another port"
-    if err.errno == errno.EADDRNOTAVAIL:
-        return (
-            f"{where}: {host} is not an address of this host; listen on one of its addresses "
-            "(ip -brief address), or 0.0.0.0 for all of them"
-        )
-    if err.errno in (errno.EACCES, errno.EPERM):
-        return (
-            f"{where}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE: "
-            "choose a port from 1024 up"
-        )
-    return f"cannot listen on {where}: {err.strerror}"
-
-
-def _bound_port(ctx: aiocoap.Context) -> int:
-    """The UDP port the server's socket is bound to."""
-    for interface in getattr(ctx, "request_interfaces", ()):
-        messages = getattr(getattr(interface, "token_interface", None), "message_interface", None)
-        transport = getattr(messages, "transport", None)
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if isinstance(sock, socket.socket):
-            return int(sock.getsockname()[1])
-    raise RuntimeError("cannot find the port of the CoAP server socket")
 
 
 def _is_desired_get(request: Message) -> bool:

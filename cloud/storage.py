@@ -1,9 +1,12 @@
-"""Storage of the cloud endpoint: the seam (:class:`Storage`) and its SQLite implementation.
+"""Storage of the cloud endpoint: the SQLite implementation of the seam
+(:class:`cloud.storebase.Storage`, re-exported here with its values and exceptions), the thread
+that runs a storage's calls, and :func:`open_storage`, which picks the implementation.
 
 The server never touches the database itself: it calls a :class:`Storage` through a
 :class:`StorageThread`, which runs every call on one dedicated thread, off the event loop.
 The command line (export, devices, desired) opens a :class:`SQLiteStorage` directly; SQLite's WAL
-mode lets it read and write while a server runs on the same file.
+mode lets it read and write while a server runs on the same file. ``BEGIN IMMEDIATE`` makes every
+write transaction exclusive, so ``arrival`` numbers have no gaps here and follow commit order.
 
 Every call that changes something is one transaction. Ingest stores each (device, seq) once:
 a record that is already stored is a duplicate and changes nothing (the first copy stays).
@@ -18,12 +21,14 @@ import json
 import logging
 import secrets
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 from agent.errors import AgentError
 from agent.wire import statedoc
@@ -32,165 +37,56 @@ from agent.wire.credentials import Credential, CredentialError
 from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import linkhistory
+from cloud.storebase import (
+    Batch,
+    DeviceInfo,
+    DocumentTooLarge,
+    DuplicateKeyId,
+    IngestResult,
+    PreconditionFailed,
+    ReportedResult,
+    Storage,
+    StorageUnavailable,
+    StoredRecord,
+    UnknownDevice,
+    check_block,
+    describe,
+    merge_reported,
+    records_query,
+)
 from drivers.clock import Clock, RealClock
+
+__all__ = [
+    "DB_NAME",
+    "Batch",
+    "DeviceInfo",
+    "DocumentTooLarge",
+    "DuplicateKeyId",
+    "IngestResult",
+    "PreconditionFailed",
+    "ReportedResult",
+    "SQLiteStorage",
+    "Storage",
+    "StorageThread",
+    "StorageUnavailable",
+    "StoredRecord",
+    "UnknownDevice",
+    "describe",
+    "describe_storage",
+    "open_storage",
+]
 
 log = logging.getLogger(__name__)
 
 DB_NAME = "cloud.sqlite3"
+#: PRAGMA user_version. A table added with CREATE TABLE IF NOT EXISTS (oscore_sequence) needs no
+#: new version: an older endpoint still opens the file and leaves that table alone.
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
+SYNC_TIMEOUT = 30.0  # seconds StorageThread.call_sync waits for the database thread
+WAL_RETRY = 0.01  # seconds between tries of PRAGMA journal_mode=WAL (see _wal)
 
 T = TypeVar("T")
-
-
-class StorageUnavailable(AgentError):
-    """The database cannot do the work now (I/O error, full disk, locked, closed)."""
-
-
-class DuplicateKeyId(AgentError):
-    """A new credential's OSCORE key id belongs to another principal (make another)."""
-
-
-class UnknownDevice(AgentError):
-    """The device is not registered."""
-
-
-class PreconditionFailed(AgentError):
-    """An If-Match ETag does not match the current desired document."""
-
-
-class DocumentTooLarge(AgentError):
-    """A state document would grow beyond its limit (bytes of desired state, keys of reported)."""
-
-    def __init__(
-        self, size: int, limit: int, what: str = "the desired document", unit: str = "bytes"
-    ) -> None:
-        super().__init__(f"{what} would have {size} {unit}, over the limit of {limit}")
-        self.size = size
-        self.limit = limit
-
-
-@dataclass(frozen=True)
-class StoredRecord:
-    """A record as the endpoint holds it. ``time`` is the time inside the body (``created`` when
-    the body has none); ``received`` is when the endpoint stored it; ``arrival`` numbers the
-    records of all devices in the order they were stored (within a batch: batch order)."""
-
-    device: str
-    seq: int
-    kind: str
-    created: float
-    time: float
-    received: float
-    arrival: int
-    body: bytes
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    """What a batch did: every seq of the batch (all are stored now) and the counts."""
-
-    seqs: tuple[int, ...]
-    new: int
-    duplicate: int
-    conflict: int  # duplicates whose stored copy differs from the one just received
-    conflicts: tuple[int, ...] = ()  # their seqs: not acknowledged (another record holds them)
-    last: int | None = None  # the highest seq stored for the device, after this batch
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    id: str
-    registered: float
-    last_seen: float | None
-    records: int
-    last_seq: int | None
-    desired_rev: int
-
-
-@dataclass(frozen=True)
-class ReportedResult:
-    """The version now stored for each key of a reported PUT, and whether desired state changed
-    (a model failure blocked a desired version)."""
-
-    versions: dict[str, int]
-    desired: DesiredDoc
-    desired_changed: bool
-    refused: dict[str, int] = field(default_factory=dict)  # key => version beyond the limit
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """What the endpoint needs from a database. Calls are blocking; one thread makes them."""
-
-    def add_device(self, device: str, now: float) -> bool:
-        """Register ``device``; False if it was registered already."""
-
-    def device(self, device: str) -> DeviceInfo | None: ...
-
-    def devices(self) -> list[DeviceInfo]: ...
-
-    def ingest(
-        self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
-    ) -> IngestResult:
-        """Store each record once. Unknown device: :class:`UnknownDevice`, or register it."""
-
-    def records(
-        self,
-        device: str,
-        since: float | None = None,
-        limit: int | None = None,
-        by_arrival: bool = False,
-    ) -> list[StoredRecord]:
-        """The device's records in seq order (or arrival order); ``since``: only those with
-        ``time >= since``."""
-
-    def seqs(self, device: str) -> list[int]:
-        """Every stored seq of the device, ascending."""
-
-    def counts(self, device: str) -> dict[str, int]:
-        """How many records of each kind the device has stored."""
-
-    def reported(self, device: str) -> dict[str, Entry]: ...
-
-    def put_reported(
-        self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
-    ) -> ReportedResult:
-        """Merge reported entries by their keys' rules (:mod:`agent.wire.statedoc`);
-        :class:`DocumentTooLarge` if the device would have more than ``max_keys`` keys. An entry
-        whose version is above :func:`agent.wire.statedoc.version_limit` is refused (left out
-        of ``versions``, named in ``refused``); the others are merged."""
-
-    def desired(self, device: str) -> DesiredDoc: ...
-
-    def put_desired(
-        self,
-        device: str,
-        changes: Mapping[str, Any],
-        now: float,
-        if_match: Sequence[bytes] | None = None,
-        max_bytes: int | None = None,
-    ) -> tuple[DesiredDoc, list[str]]:
-        """Apply operator changes; (new document, changed keys)."""
-
-    def data_version(self) -> int:
-        """A number that changes when another connection commits (to notice CLI writes)."""
-
-    def put_credential(self, credential: Credential, now: float) -> None:
-        """Register or replace (re-key) a principal's credential; :class:`DuplicateKeyId` when
-        its key id belongs to another principal."""
-
-    def revoke(self, principal: str, now: float) -> bool:
-        """Refuse the principal from now on; False if it has no credential."""
-
-    def credentials(self) -> list[tuple[Credential, bool]]:
-        """Every credential, with whether it is revoked."""
-
-    def storage_id(self) -> str:
-        """This storage's identity: endpoints that share it are one deployment (a device may
-        fall back between them); another storage is another deployment."""
-
-    def close(self) -> None: ...
 
 
 _SCHEMA = """
@@ -242,7 +138,26 @@ CREATE TABLE IF NOT EXISTS desired (
     blocked INTEGER,
     PRIMARY KEY (device, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS oscore_sequence (
+    principal TEXT PRIMARY KEY,
+    reserved INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+
+
+def _wal(db: sqlite3.Connection) -> None:
+    """Put the file in WAL mode. Several processes opening a new file at once may race on it:
+    SQLite then answers "database is locked" at once, without its busy handler, so the pragma is
+    tried again within the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY)
 
 
 class SQLiteStorage:
@@ -257,7 +172,7 @@ class SQLiteStorage:
             self._db: sqlite3.Connection | None = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _wal(self._db)
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -364,50 +279,71 @@ class SQLiteStorage:
     def ingest(
         self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
     ) -> IngestResult:
-        new = duplicate = 0
-        conflicts: list[int] = []
+        result = self.ingest_many([(device, records, register)], now)[0]
+        if isinstance(result, AgentError):
+            raise result
+        return result
+
+    def ingest_many(self, batches: Sequence[Batch], now: float) -> list[IngestResult | AgentError]:
+        if not batches:
+            return []
+        out: list[IngestResult | AgentError] = []
         with self._errors(), self._tx() as db:
-            if register:
-                db.execute(
-                    "INSERT OR IGNORE INTO devices (id, registered) VALUES (?, ?)", (device, now)
-                )
-            else:
-                self._require(db, device)
             row = db.execute("SELECT value FROM counters WHERE name = 'arrival'").fetchone()
             arrival = row[0] if row else 0
-            for rec in records:
-                body = bytes(rec.body)
-                time = body_time(rec.kind, body, rec.created)
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO records (device, seq, kind, created, time, received, "
-                    "arrival, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (device, rec.seq, str(rec.kind), rec.created, time, now, arrival + 1, body),
-                )
-                if cur.rowcount == 1:
-                    new += 1
-                    arrival += 1
-                    continue
-                duplicate += 1
-                kind, created, stored = db.execute(
-                    "SELECT kind, created, body FROM records WHERE device = ? AND seq = ?",
-                    (device, rec.seq),
-                ).fetchone()
-                if not same_record(kind, created, stored, rec):
-                    conflicts.append(rec.seq)
-                    log.warning(
-                        "event=seq_conflict device=%s seq=%d detail=kept_first_copy",
-                        device,
-                        rec.seq,
+            for device, records, register in batches:
+                if register:
+                    db.execute(
+                        "INSERT OR IGNORE INTO devices (id, registered) VALUES (?, ?)",
+                        (device, now),
                     )
-            db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+                elif db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
+                    out.append(UnknownDevice(f"device {device!r} is not registered"))
+                    continue
+                result, arrival = self._ingest_one(db, device, records, now, arrival)
+                out.append(result)
             db.execute(
                 "INSERT OR REPLACE INTO counters (name, value) VALUES ('arrival', ?)", (arrival,)
             )
-            (last,) = db.execute(
-                "SELECT max(seq) FROM records WHERE device = ?", (device,)
+        return out
+
+    def _ingest_one(
+        self,
+        db: sqlite3.Connection,
+        device: str,
+        records: Sequence[WireRecord],
+        now: float,
+        arrival: int,
+    ) -> tuple[IngestResult, int]:
+        new = duplicate = 0
+        conflicts: list[int] = []
+        for rec in records:
+            body = bytes(rec.body)
+            when = body_time(rec.kind, body, rec.created)
+            cur = db.execute(
+                "INSERT OR IGNORE INTO records (device, seq, kind, created, time, received, "
+                "arrival, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (device, rec.seq, str(rec.kind), rec.created, when, now, arrival + 1, body),
+            )
+            if cur.rowcount == 1:
+                new += 1
+                arrival += 1
+                continue
+            duplicate += 1
+            kind, created, stored = db.execute(
+                "SELECT kind, created, body FROM records WHERE device = ? AND seq = ?",
+                (device, rec.seq),
             ).fetchone()
+            if not same_record(kind, created, stored, rec):
+                conflicts.append(rec.seq)
+                log.warning(
+                    "event=seq_conflict device=%s seq=%d detail=kept_first_copy", device, rec.seq
+                )
+        db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+        (last,) = db.execute("SELECT max(seq) FROM records WHERE device = ?", (device,)).fetchone()
         seqs = tuple(rec.seq for rec in records)
-        return IngestResult(seqs, new, duplicate, len(conflicts), tuple(conflicts), last)
+        result = IngestResult(seqs, new, duplicate, len(conflicts), tuple(conflicts), last)
+        return result, arrival
 
     def records(
         self,
@@ -416,18 +352,7 @@ class SQLiteStorage:
         limit: int | None = None,
         by_arrival: bool = False,
     ) -> list[StoredRecord]:
-        sql = (
-            "SELECT device, seq, kind, created, time, received, arrival, body FROM records "
-            "WHERE device = ?"
-        )
-        args: list[Any] = [device]
-        if since is not None:
-            sql += " AND time >= ?"
-            args.append(since)
-        sql += " ORDER BY arrival" if by_arrival else " ORDER BY seq"
-        if limit is not None:
-            sql += " LIMIT ?"
-            args.append(limit)
+        sql, args = records_query("?", device, since, limit, by_arrival)
         with self._errors():
             return [StoredRecord(*row) for row in self.db.execute(sql, args)]
 
@@ -458,56 +383,34 @@ class SQLiteStorage:
     def put_reported(
         self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
     ) -> ReportedResult:
-        versions: dict[str, int] = {}
-        failures: dict[str, int] = {}
-        refused: dict[str, int] = {}
-        taken: list[tuple[str, int, Any]] = []  # merged entries, for the link history
         with self._errors(), self._tx() as db:
             self._require(db, device)
+            rows = db.execute(
+                "SELECT key, version, value FROM reported WHERE device = ?", (device,)
+            ).fetchall()
             if max_keys is not None:
-                known = {
-                    k for (k,) in db.execute("SELECT key FROM reported WHERE device = ?", (device,))
-                }
-                count = len(known | set(entries))
+                count = len({row[0] for row in rows} | set(entries))
                 if count > max_keys:
                     raise DocumentTooLarge(count, max_keys, "the reported state", "keys")
-            for key, incoming in entries.items():
-                row = db.execute(
-                    "SELECT version, value FROM reported WHERE device = ? AND key = ?",
-                    (device, key),
-                ).fetchone()
-                stored = Entry(row[0], statedoc.decode_value(row[1])) if row else None
-                limit = statedoc.version_limit(now, stored)
-                if incoming.version > limit:
-                    refused[key] = incoming.version
-                    log.warning(
-                        "event=reported_version_refused device=%s key=%s version=%d limit=%d",
-                        device,
-                        key,
-                        incoming.version,
-                        limit,
-                    )
-                    continue
-                merged = statedoc.merge_reported(stored, incoming, statedoc.rule_for(key))
-                if merged is not None:
-                    db.execute(
-                        "INSERT OR REPLACE INTO reported (device, key, version, value, updated) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (device, key, merged.version, statedoc.encode_value(merged.value), now),
-                    )
-                    taken.append((key, merged.version, merged.value))
-                    failed = statedoc.model_failure(key, merged)
-                    if failed is not None:
-                        failures[key] = failed
-                    stored = merged
-                assert stored is not None
-                versions[key] = stored.version
+            stored = {
+                key: Entry(version, statedoc.decode_value(value))
+                for key, version, value in rows
+                if key in entries
+            }
+            merge = merge_reported(device, stored, entries, now)
+            for key, entry in merge.writes:
+                db.execute(
+                    "INSERT OR REPLACE INTO reported (device, key, version, value, updated) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (device, key, entry.version, statedoc.encode_value(entry.value), now),
+                )
+            taken = [(key, entry.version, entry.value) for key, entry in merge.writes]
             linkhistory.append(db, device, taken, now)
             doc = self._desired(db, device)
-            blocked = statedoc.block_failures(doc, failures)
+            blocked = statedoc.block_failures(doc, merge.failures)
             if blocked is not doc:
                 self._write_desired(db, device, blocked, [], now)
-        return ReportedResult(versions, blocked, blocked is not doc, refused)
+        return ReportedResult(merge.versions, blocked, blocked is not doc, merge.refused)
 
     def _desired(self, db: sqlite3.Connection, device: str) -> DesiredDoc:
         row = db.execute("SELECT desired_rev FROM devices WHERE id = ?", (device,)).fetchone()
@@ -591,6 +494,26 @@ class SQLiteStorage:
         with self._errors():
             return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
+    def changes(self, token: object | None) -> tuple[object, frozenset[str] | None, bool]:
+        """SQLite tells only that another connection committed (``PRAGMA data_version``), not
+        what: any commit is (None, True), re-read everything."""
+        version = self.data_version()
+        if token is None or token == version:
+            return version, frozenset(), False
+        return version, None, True
+
+    def reserve_sequence(self, principal: str, count: int, at_least: int = 0) -> int:
+        check_block(count, at_least)
+        with self._errors(), self._tx() as db:
+            (start,) = db.execute(
+                "INSERT INTO oscore_sequence (principal, reserved) VALUES (?, ? + ?)"
+                " ON CONFLICT (principal) DO UPDATE"
+                " SET reserved = max(reserved, excluded.reserved - ?) + ?"
+                " RETURNING reserved - ?",
+                (principal, at_least, count, count, count, count),
+            ).fetchone()
+        return int(start)
+
     # -- credentials -----------------------------------------------------------------------------
 
     def put_credential(self, credential: Credential, now: float) -> None:
@@ -644,9 +567,15 @@ class StorageThread:
         self._clock = clock or RealClock()
         self._executor: ThreadPoolExecutor | None = None
         self._storage: Storage | None = None
+        self._thread: int | None = None  # the ident of the database thread
+
+    def _started(self) -> None:
+        self._thread = threading.get_ident()
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-db")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="cloud-db", initializer=self._started
+        )
         try:
             self._storage = await self._clock.run_blocking(self._executor, self._factory)
         except BaseException:
@@ -660,6 +589,20 @@ class StorageThread:
             raise StorageUnavailable("storage is not running")
         return await self._clock.run_blocking(self._executor, fn, self._storage)
 
+    def call_sync(self, fn: Callable[[Storage], T], timeout: float | None = SYNC_TIMEOUT) -> T:
+        """Run ``fn(storage)`` on the database thread and wait for it, blocking the caller (for
+        a synchronous callback on the event loop; rare and short). On the database thread
+        itself it runs at once. :class:`StorageUnavailable` if no answer within ``timeout``."""
+        executor, storage = self._executor, self._storage
+        if executor is None or storage is None:
+            raise StorageUnavailable("storage is not running")
+        if threading.get_ident() == self._thread:
+            return fn(storage)
+        try:
+            return executor.submit(fn, storage).result(timeout)
+        except FutureTimeout as err:
+            raise StorageUnavailable(f"the storage did not answer within {timeout} s") from err
+
     async def stop(self) -> None:
         executor, storage = self._executor, self._storage
         self._executor = self._storage = None
@@ -671,3 +614,31 @@ class StorageThread:
             except Exception as err:  # closing must not keep the server from stopping
                 log.warning("event=storage_close_failed error=%s", err)
         await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
+
+
+# -- choosing a storage --------------------------------------------------------------------------
+
+
+#: :func:`describe` under the name the command line uses.
+describe_storage = describe
+
+
+def open_storage(spec: str | Path, pool_size: int | None = None) -> Storage:
+    """The storage ``spec`` names: ``postgresql://...`` or ``postgres://...`` (a libpq URL) is a
+    :class:`cloud.pgstorage.PostgresStorage` (``pool_size`` connections at most); ``sqlite:DIR``
+    or a plain directory is the :class:`SQLiteStorage` in that directory."""
+    text = str(spec)
+    if text.startswith(("postgresql://", "postgres://")):
+        try:
+            from cloud.pgstorage import DEFAULT_POOL_SIZE, PostgresStorage
+        except ImportError as err:
+            raise StorageUnavailable(
+                f"{describe(text)}: PostgreSQL storage needs psycopg ({err}): "
+                "pip install 'edge-agent[fleet]'"
+            ) from err
+        return PostgresStorage(text, pool_size or DEFAULT_POOL_SIZE)
+    if text.startswith("sqlite:"):
+        text = text[len("sqlite:") :]
+    if not text:
+        raise StorageUnavailable("no storage given (a directory, sqlite:DIR or postgresql://...)")
+    return SQLiteStorage.in_dir(text)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from drivers.clock import VirtualClock
+from tests.pg import pg_cluster, pg_dsn  # noqa: F401  (PostgreSQL fixtures for every test)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "tools"

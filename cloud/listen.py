@@ -1,0 +1,53 @@
+"""Where the endpoint listens: a check that its UDP port is free, one line for each reason it is
+not, and the port a socket bound to port 0 got."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import aiocoap
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError if another socket holds ``host:port``. aiocoap binds with SO_REUSEPORT, so a
+    second endpoint on the same port would start silently and share the requests at random."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as err:
+        raise OSError(f"cannot resolve {host}: {err}") from err
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise OSError(err.errno, listen_error(host, port, err)) from err
+
+
+def listen_error(host: str, port: int, err: OSError) -> str:
+    """One line for an address the endpoint cannot listen on: what is wrong, what to do."""
+    where = f"{host}:{port}"
+    if err.errno == errno.EADDRINUSE:
+        return f"{where} is in use by another process; stop it or choose another port"
+    if err.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"{where}: {host} is not an address of this host; listen on one of its addresses "
+            "(ip -brief address), or 0.0.0.0 for all of them"
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"{where}: permission denied; ports below 1024 need root or CAP_NET_BIND_SERVICE: "
+            "choose a port from 1024 up"
+        )
+    return f"cannot listen on {where}: {err.strerror}"
+
+
+def bound_port(ctx: aiocoap.Context) -> int:
+    """The UDP port the server's socket is bound to."""
+    for interface in getattr(ctx, "request_interfaces", ()):
+        messages = getattr(getattr(interface, "token_interface", None), "message_interface", None)
+        transport = getattr(messages, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if isinstance(sock, socket.socket):
+            return int(sock.getsockname()[1])
+    raise RuntimeError("cannot find the port of the CoAP server socket")

@@ -1,0 +1,318 @@
+"""The storage seam of the cloud endpoint: the :class:`Storage` Protocol, the values it returns
+and its exceptions. Two implementations: :class:`cloud.storage.SQLiteStorage` (the default, one
+file) and :class:`cloud.pgstorage.PostgresStorage` (a fleet: several endpoint processes and hosts
+on one database). :func:`cloud.storage.open_storage` picks one from a spec.
+
+The contract both keep (tests/unit/cloud/test_storage_contract.py runs it against each):
+
+- Every call that changes something is one transaction; :meth:`Storage.ingest_many` is one
+  transaction for all its batches (group commit).
+- Ingest stores each (device, seq) once: a record that is already stored is a duplicate and
+  changes nothing (the first copy stays); a duplicate whose content differs is a conflict.
+- ``arrival`` numbers are unique and strictly increasing in the order records are stored: in
+  batch order within a call, and from one call to any call that starts after it returned. They
+  may have gaps (PostgreSQL: a rolled-back transaction uses numbers up), and two calls that
+  overlap in time (two processes) may commit in either order.
+- A failure of the database (I/O error, full disk, connection refused or lost, locked for too
+  long, closed) raises :class:`StorageUnavailable` with one line saying what happened, never an
+  exception of the database library; the server answers it with 5.03 and a Max-Age.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from agent.errors import AgentError
+from agent.wire import statedoc
+from agent.wire.batch import WireRecord
+from agent.wire.credentials import Credential
+from agent.wire.statedoc import DesiredDoc, Entry
+
+log = logging.getLogger("cloud.storage")
+
+
+class StorageUnavailable(AgentError):
+    """The database cannot do the work now (I/O error, full disk, locked, closed)."""
+
+
+class DuplicateKeyId(AgentError):
+    """A new credential's OSCORE key id belongs to another principal (make another)."""
+
+
+class UnknownDevice(AgentError):
+    """The device is not registered."""
+
+
+class PreconditionFailed(AgentError):
+    """An If-Match ETag does not match the current desired document."""
+
+
+class DocumentTooLarge(AgentError):
+    """A state document would grow beyond its limit (bytes of desired state, keys of reported)."""
+
+    def __init__(
+        self, size: int, limit: int, what: str = "the desired document", unit: str = "bytes"
+    ) -> None:
+        super().__init__(f"{what} would have {size} {unit}, over the limit of {limit}")
+        self.size = size
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record as the endpoint holds it. ``time`` is the time inside the body (``created`` when
+    the body has none); ``received`` is when the endpoint stored it; ``arrival`` numbers the
+    records of all devices in the order they were stored (within a batch: batch order)."""
+
+    device: str
+    seq: int
+    kind: str
+    created: float
+    time: float
+    received: float
+    arrival: int
+    body: bytes
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What a batch did: every seq of the batch (all are stored now) and the counts."""
+
+    seqs: tuple[int, ...]
+    new: int
+    duplicate: int
+    conflict: int  # duplicates whose stored copy differs from the one just received
+    conflicts: tuple[int, ...] = ()  # their seqs: not acknowledged (another record holds them)
+    last: int | None = None  # the highest seq stored for the device, after this batch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    id: str
+    registered: float
+    last_seen: float | None
+    records: int
+    last_seq: int | None
+    desired_rev: int
+
+
+@dataclass(frozen=True)
+class ReportedResult:
+    """The version now stored for each key of a reported PUT, and whether desired state changed
+    (a model failure blocked a desired version)."""
+
+    versions: dict[str, int]
+    desired: DesiredDoc
+    desired_changed: bool
+    refused: dict[str, int] = field(default_factory=dict)  # key => version beyond the limit
+
+
+#: The highest number :meth:`Storage.reserve_sequence` hands out (a signed 64-bit column).
+MAX_SEQUENCE = 2**63 - 1
+
+#: One batch of :meth:`Storage.ingest_many`: (device, records, register the device if unknown).
+Batch = tuple[str, Sequence[WireRecord], bool]
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What the endpoint needs from a database. Calls are blocking; one thread makes them."""
+
+    def add_device(self, device: str, now: float) -> bool:
+        """Register ``device``; False if it was registered already."""
+
+    def device(self, device: str) -> DeviceInfo | None: ...
+
+    def devices(self) -> list[DeviceInfo]: ...
+
+    def ingest(
+        self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
+    ) -> IngestResult:
+        """Store each record once. Unknown device: :class:`UnknownDevice`, or register it.
+        The same as ``ingest_many([(device, records, register)], now)[0]``, raised if an error."""
+
+    def ingest_many(self, batches: Sequence[Batch], now: float) -> list[IngestResult | AgentError]:
+        """Store several batches in ONE transaction and one commit (group commit), each as
+        :meth:`ingest` would, in order (a record sent twice within the call is a duplicate the
+        second time). Each slot of the answer is the batch's :class:`IngestResult`, or the
+        :class:`UnknownDevice` of a batch for an unregistered device (``register`` False), which
+        stores nothing while the others commit. A failure of the database raises
+        :class:`StorageUnavailable` and nothing is stored."""
+
+    def records(
+        self,
+        device: str,
+        since: float | None = None,
+        limit: int | None = None,
+        by_arrival: bool = False,
+    ) -> list[StoredRecord]:
+        """The device's records in seq order (or arrival order); ``since``: only those with
+        ``time >= since``."""
+
+    def seqs(self, device: str) -> list[int]:
+        """Every stored seq of the device, ascending."""
+
+    def counts(self, device: str) -> dict[str, int]:
+        """How many records of each kind the device has stored."""
+
+    def reported(self, device: str) -> dict[str, Entry]: ...
+
+    def put_reported(
+        self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
+    ) -> ReportedResult:
+        """Merge reported entries by their keys' rules (:mod:`agent.wire.statedoc`);
+        :class:`DocumentTooLarge` if the device would have more than ``max_keys`` keys. An entry
+        whose version is above :func:`agent.wire.statedoc.version_limit` is refused (left out
+        of ``versions``, named in ``refused``); the others are merged."""
+
+    def desired(self, device: str) -> DesiredDoc: ...
+
+    def put_desired(
+        self,
+        device: str,
+        changes: Mapping[str, Any],
+        now: float,
+        if_match: Sequence[bytes] | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[DesiredDoc, list[str]]:
+        """Apply operator changes; (new document, changed keys)."""
+
+    def data_version(self) -> int:
+        """A number that changes when another connection commits (to notice CLI writes)."""
+
+    def changes(self, token: object | None) -> tuple[object, frozenset[str] | None, bool]:
+        """What others changed since ``token`` (a token an earlier call returned): (the new
+        token, the devices whose desired document may have changed, whether credentials may have
+        changed). The devices are None when unknown: re-read every observed device. ``token``
+        None (the first call) only starts: ``(token, frozenset(), False)``. A change made
+        through this same object may or may not be reported."""
+
+    def reserve_sequence(self, principal: str, count: int, at_least: int = 0) -> int:
+        """The start ``s`` of a block ``[s, s + count)`` of OSCORE sender sequence numbers for
+        ``principal``: above every block returned before for it (by any process or host sharing
+        this storage), ``>= at_least``, and committed before it returns."""
+
+    def put_credential(self, credential: Credential, now: float) -> None:
+        """Register or replace (re-key) a principal's credential; :class:`DuplicateKeyId` when
+        its key id belongs to another principal."""
+
+    def revoke(self, principal: str, now: float) -> bool:
+        """Refuse the principal from now on; False if it has no credential."""
+
+    def credentials(self) -> list[tuple[Credential, bool]]:
+        """Every credential, with whether it is revoked."""
+
+    def storage_id(self) -> str:
+        """This storage's identity: endpoints that share it are one deployment (a device may
+        fall back between them); another storage is another deployment. 16 hex digits of a
+        random 63-bit number chosen when the storage was made."""
+
+    def close(self) -> None: ...
+
+
+def check_block(count: int, at_least: int) -> None:
+    """The arguments of :meth:`Storage.reserve_sequence` are sane (ValueError if not)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be a positive integer, not {count!r}")
+    if isinstance(at_least, bool) or not isinstance(at_least, int) or at_least < 0:
+        raise ValueError(f"at_least must be a non-negative integer, not {at_least!r}")
+    if at_least + count > MAX_SEQUENCE:
+        raise ValueError(f"a block of {count} from {at_least} is beyond {MAX_SEQUENCE}")
+
+
+@dataclass
+class ReportedMerge:
+    """What a reported PUT changes (:func:`merge_reported`); the storage writes ``writes``."""
+
+    versions: dict[str, int] = field(default_factory=dict)  # key => version stored after
+    refused: dict[str, int] = field(default_factory=dict)  # key => version beyond the limit
+    failures: dict[str, int] = field(default_factory=dict)  # model key => failed desired version
+    writes: list[tuple[str, Entry]] = field(default_factory=list)  # merged entries to store
+
+
+def merge_reported(
+    device: str, stored: Mapping[str, Entry], entries: Mapping[str, Entry], now: float
+) -> ReportedMerge:
+    """Merge reported ``entries`` into the ``stored`` ones by their keys' rules, refusing
+    versions above :func:`agent.wire.statedoc.version_limit` (both storages use this)."""
+    out = ReportedMerge()
+    for key, incoming in entries.items():
+        current = stored.get(key)
+        limit = statedoc.version_limit(now, current)
+        if incoming.version > limit:
+            out.refused[key] = incoming.version
+            log.warning(
+                "event=reported_version_refused device=%s key=%s version=%d limit=%d",
+                device,
+                key,
+                incoming.version,
+                limit,
+            )
+            continue
+        merged = statedoc.merge_reported(current, incoming, statedoc.rule_for(key))
+        if merged is not None:
+            out.writes.append((key, merged))
+            failed = statedoc.model_failure(key, merged)
+            if failed is not None:
+                out.failures[key] = failed
+            current = merged
+        assert current is not None
+        out.versions[key] = current.version
+    return out
+
+
+_SECRET_WORDS = re.compile(r"(?i)\b(password|passfile|sslpassword)(\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def describe(spec: str | Path) -> str:
+    """``spec`` fit for a log line or an error message: any password in it is masked."""
+    text = str(spec)
+    if not text.startswith(("postgresql://", "postgres://")):
+        return _SECRET_WORDS.sub(r"\1\2***", text)
+    try:
+        parts = urlsplit(text)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hosts = netloc.rpartition("@")
+            if ":" in userinfo:
+                userinfo = userinfo.split(":", 1)[0] + ":***"
+            netloc = f"{userinfo}@{hosts}"
+        query = [
+            (k, "***" if k.lower() in ("password", "passfile", "sslpassword") else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), ""))
+    except ValueError:
+        return f"{text.split(':', 1)[0]}://***"
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line for a log or a :class:`StorageUnavailable`: its kind and text."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:limit] if text else type(err).__name__
+
+
+def records_query(
+    mark: str, device: str, since: float | None, limit: int | None, by_arrival: bool
+) -> tuple[str, list[Any]]:
+    """The SELECT of :meth:`Storage.records` and its arguments, with ``mark`` as the
+    placeholder (``?`` for SQLite, ``%s`` for psycopg)."""
+    sql = (
+        "SELECT device, seq, kind, created, time, received, arrival, body FROM records"
+        f" WHERE device = {mark}"
+    )
+    args: list[Any] = [device]
+    if since is not None:
+        sql += f" AND time >= {mark}"
+        args.append(since)
+    sql += " ORDER BY arrival" if by_arrival else " ORDER BY seq"
+    if limit is not None:
+        sql += f" LIMIT {mark}"
+        args.append(limit)
+    return sql, args

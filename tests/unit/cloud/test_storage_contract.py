@@ -1,0 +1,713 @@
+"""The contract of the endpoint's storage (cloud/storebase.py), run against both implementations:
+SQLite in a temporary directory and PostgreSQL in a fresh database of the session's private
+cluster (tests/pg.py). Two storage objects on one database stand for two endpoint processes.
+
+Real databases only. Where the two must differ (SQLite knows only *that* another connection
+committed, PostgreSQL's notices say *what*), the test says which answer each gives. Nothing here
+waits on a clock; notices between PostgreSQL sessions are asynchronous, so a test that needs one
+polls for it a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from agent.wire.batch import WireRecord
+from agent.wire.credentials import Credential
+from agent.wire.records import AlertBody, TelemetryBody
+from agent.wire.statedoc import MAX_VERSION_AHEAD, Entry
+from cloud.storage import (
+    DocumentTooLarge,
+    DuplicateKeyId,
+    IngestResult,
+    PreconditionFailed,
+    SQLiteStorage,
+    Storage,
+    StorageThread,
+    StorageUnavailable,
+    UnknownDevice,
+    describe,
+    open_storage,
+)
+
+T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+DAY = 86_400.0
+DEV = "pump-01"
+NOTICE_POLLS = 200  # rounds of 20 ms a test waits at most for a PostgreSQL notice
+
+
+def telemetry(seq: int, value: float = 1.0, device_time: float | None = None) -> WireRecord:
+    when = T0 + seq if device_time is None else device_time
+    body = TelemetryBody("motor", when, {"current_a": value})
+    return WireRecord(seq, "telemetry", when + 0.001, body.to_cbor())
+
+
+def alert(seq: int) -> WireRecord:
+    body = AlertBody(T0 + seq, {"score": 0.97, "verdict": "anomaly", "raise": True})
+    return WireRecord(seq, "alert", T0 + seq, body.to_cbor())
+
+
+@dataclass
+class Backend:
+    """One implementation under test: ``open()`` opens another storage object on the same
+    database (closed after the test); ``sql()`` runs a statement on a connection of its own."""
+
+    name: str
+    target: str  # the SQLite file, or the PostgreSQL DSN
+    opened: list[Storage] = field(default_factory=list)
+
+    def open(self) -> Storage:
+        storage: Storage
+        if self.name == "sqlite":
+            storage = SQLiteStorage(self.target)
+        else:
+            from cloud.pgstorage import PostgresStorage
+
+            storage = PostgresStorage(self.target)
+        self.opened.append(storage)
+        return storage
+
+    def sql(self, statement: str) -> list[tuple[Any, ...]]:
+        if self.name == "sqlite":
+            db = sqlite3.connect(self.target, isolation_level=None)
+            try:
+                return db.execute(statement).fetchall()
+            finally:
+                db.close()
+        import psycopg
+
+        with psycopg.connect(self.target, autocommit=True) as conn:
+            cur = conn.execute(statement)
+            return cur.fetchall() if cur.description else []
+
+    def set_schema_version(self, version: int) -> None:
+        if self.name == "sqlite":
+            self.sql(f"PRAGMA user_version = {version}")
+        else:
+            self.sql(f"INSERT INTO schema_version VALUES ({version}, 0)")
+
+    def fail_inserts_of(self, device: str) -> None:
+        """Every insert of a record of ``device`` fails inside the database (a stand-in for a
+        disk that fills in the middle of a transaction)."""
+        if self.name == "sqlite":
+            self.sql(
+                f"CREATE TRIGGER boom BEFORE INSERT ON records WHEN NEW.device = '{device}' "
+                "BEGIN SELECT RAISE(ABORT, 'could not extend file: No space left'); END"
+            )
+        else:
+            self.sql(
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'could not extend file: No space left' USING ERRCODE = '53100';"
+                " END $$"
+            )
+            self.sql(
+                "CREATE TRIGGER boom BEFORE INSERT ON records FOR EACH ROW "
+                f"WHEN (NEW.device = '{device}') EXECUTE FUNCTION boom()"
+            )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        target = str(tmp_path / "cloud" / "cloud.sqlite3")
+    else:
+        target = request.getfixturevalue("pg_dsn")
+    found = Backend(request.param, target)
+    yield found
+    for storage in found.opened:
+        storage.close()
+
+
+@pytest.fixture
+def storage(backend: Backend) -> Storage:
+    s = backend.open()
+    s.add_device(DEV, T0)
+    return s
+
+
+def poll_changes(
+    storage: Storage, token: object, want: Callable[[frozenset[str] | None, bool], bool]
+) -> tuple[object, frozenset[str] | None, bool]:
+    """changes() until ``want(devices, credentials)`` (PostgreSQL notices are asynchronous)."""
+    for _ in range(NOTICE_POLLS):
+        token, devices, creds = storage.changes(token)
+        if want(devices, creds):
+            return token, devices, creds
+        time.sleep(0.02)
+    raise AssertionError(f"no change reported (last: {devices}, {creds})")
+
+
+# -- devices and records -------------------------------------------------------------------------
+
+
+def test_both_are_a_storage(storage: Storage) -> None:
+    assert isinstance(storage, Storage)
+
+
+def test_devices_are_registered_once(backend: Backend) -> None:
+    s = backend.open()
+    assert s.add_device("b-2", T0) is True
+    assert s.add_device("a-1", T0 + 1) is True
+    assert s.add_device("b-2", T0 + 2) is False
+    assert s.device("nope") is None
+    info = s.device("b-2")
+    assert info is not None
+    assert (info.id, info.registered, info.last_seen, info.records, info.last_seq) == (
+        "b-2",
+        T0,
+        None,
+        0,
+        None,
+    )
+    assert [d.id for d in s.devices()] == ["a-1", "b-2"]  # byte order, as SQLite
+
+
+def test_a_batch_is_stored_once_and_acknowledged_twice(storage: Storage) -> None:
+    batch = [telemetry(s) for s in range(10, 20)]
+    first = storage.ingest(DEV, batch, T0 + 100)
+    second = storage.ingest(DEV, batch, T0 + 200)
+    assert first == IngestResult(tuple(range(10, 20)), 10, 0, 0, (), 19)
+    assert second == IngestResult(tuple(range(10, 20)), 0, 10, 0, (), 19)
+    assert storage.seqs(DEV) == list(range(10, 20))
+    stored = storage.records(DEV)
+    assert [(r.seq, r.kind, r.created, r.body) for r in stored] == [
+        (r.seq, r.kind, r.created, r.body) for r in batch
+    ]
+    assert {r.received for r in stored} == {T0 + 100}  # the first copy stays
+    assert stored[0].time == T0 + 10  # the time in the body
+    info = storage.device(DEV)
+    assert info is not None
+    assert (info.records, info.last_seq, info.last_seen) == (10, 19, T0 + 200)
+
+
+def test_a_reused_seq_with_other_content_is_a_conflict_and_the_first_copy_stays(
+    storage: Storage,
+) -> None:
+    storage.ingest(DEV, [telemetry(1, 1.0)], T0)
+    result = storage.ingest(DEV, [telemetry(1, 9.0), telemetry(2)], T0 + 1)
+    assert (result.new, result.duplicate, result.conflict, result.conflicts) == (1, 1, 1, (1,))
+    [first, _] = storage.records(DEV)
+    assert TelemetryBody.from_cbor(first.body).values["current_a"] == 1.0
+
+
+def test_a_seq_twice_in_one_batch_is_new_then_a_duplicate(storage: Storage) -> None:
+    result = storage.ingest(DEV, [telemetry(5), telemetry(5), telemetry(5, 7.0)], T0)
+    assert (result.new, result.duplicate, result.conflicts) == (1, 2, (5,))
+    assert storage.seqs(DEV) == [5]
+
+
+def test_last_is_the_highest_seq_after_each_batch(storage: Storage) -> None:
+    assert storage.ingest(DEV, [telemetry(7), telemetry(3)], T0).last == 7
+    assert storage.ingest(DEV, [telemetry(4)], T0).last == 7
+    assert storage.ingest(DEV, [], T0).last == 7
+    [a, b] = storage.ingest_many([(DEV, [telemetry(9)], False), (DEV, [telemetry(12)], False)], T0)
+    assert (a, b) == (
+        IngestResult((9,), 1, 0, 0, (), 9),
+        IngestResult((12,), 1, 0, 0, (), 12),
+    )
+    assert storage.ingest("new-1", [], T0, register=True).last is None
+
+
+def test_arrival_is_strictly_increasing_in_store_order(backend: Backend, storage: Storage) -> None:
+    storage.add_device("other", T0)
+    storage.ingest(DEV, [telemetry(s) for s in range(0, 6)], T0)
+    storage.ingest("other", [telemetry(1)], T0)
+    # alerts first, a gap, out of order, overlapping the first batch
+    storage.ingest(DEV, [alert(9), telemetry(4), telemetry(5), telemetry(6), telemetry(7)], T0)
+    again = backend.open()  # another process stores after this one
+    again.ingest("other", [telemetry(2)], T0)
+    storage.ingest(DEV, [telemetry(8)], T0)
+    arrived = storage.records(DEV, by_arrival=True)
+    assert [r.seq for r in arrived] == [0, 1, 2, 3, 4, 5, 9, 6, 7, 8]
+    everything = sorted(
+        (r.arrival, r.device, r.seq) for d in (DEV, "other") for r in storage.records(d)
+    )
+    assert [(d, s) for _, d, s in everything] == [
+        *[(DEV, s) for s in range(6)],
+        ("other", 1),
+        (DEV, 9),
+        (DEV, 6),
+        (DEV, 7),
+        ("other", 2),
+        (DEV, 8),
+    ]
+    arrivals = [a for a, _, _ in everything]
+    assert len(set(arrivals)) == len(arrivals)
+
+
+def test_records_since_limit_and_counts(storage: Storage) -> None:
+    storage.ingest(DEV, [telemetry(1), alert(2), telemetry(3), telemetry(4)], T0)
+    assert [r.seq for r in storage.records(DEV, since=T0 + 2.5)] == [3, 4]
+    assert [r.seq for r in storage.records(DEV, limit=2)] == [1, 2]
+    assert [r.seq for r in storage.records(DEV, since=T0 + 2, limit=1)] == [2]
+    assert storage.counts(DEV) == {"telemetry": 3, "alert": 1}
+    assert storage.counts("nobody") == {}
+    assert storage.records("nobody") == []
+
+
+def test_an_unknown_device_is_refused_unless_registered(storage: Storage) -> None:
+    with pytest.raises(UnknownDevice):
+        storage.ingest("stranger", [telemetry(1)], T0)
+    assert storage.device("stranger") is None
+    result = storage.ingest("stranger", [telemetry(1)], T0, register=True)
+    assert result.new == 1
+    info = storage.device("stranger")
+    assert info is not None and info.registered == T0
+
+
+def test_ingest_many_commits_all_but_the_unknown_device(backend: Backend, storage: Storage) -> None:
+    storage.ingest(DEV, [telemetry(1)], T0)
+    results = storage.ingest_many(
+        [
+            (DEV, [telemetry(1), telemetry(2)], False),
+            ("stranger", [telemetry(1)], False),
+            ("newcomer", [telemetry(5)], True),
+            (DEV, [telemetry(2), telemetry(3, 4.0)], False),  # a retransmission in the group
+            (DEV, [telemetry(3, 5.0)], False),  # reuses 3 with other content
+        ],
+        T0 + 10,
+    )
+    assert results[0] == IngestResult((1, 2), 1, 1, 0, (), 2)
+    assert isinstance(results[1], UnknownDevice)
+    assert results[2] == IngestResult((5,), 1, 0, 0, (), 5)
+    assert results[3] == IngestResult((2, 3), 1, 1, 0, (), 3)
+    assert results[4] == IngestResult((3,), 0, 1, 1, (3,), 3)
+    other = backend.open()  # committed: another process sees it
+    assert other.seqs(DEV) == [1, 2, 3]
+    assert other.seqs("newcomer") == [5]
+    assert other.device("stranger") is None
+    assert other.seqs("stranger") == []
+    assert storage.ingest_many([], T0) == []
+
+
+def test_ingest_many_that_fails_in_the_database_stores_nothing(
+    backend: Backend, storage: Storage
+) -> None:
+    """Attack/fault: the disk fills in the middle of a group commit."""
+    storage.add_device("doomed", T0)
+    storage.ingest(DEV, [telemetry(1)], T0)
+    backend.fail_inserts_of("doomed")
+    with pytest.raises(StorageUnavailable) as caught:
+        storage.ingest_many(
+            [
+                (DEV, [telemetry(2)], False),
+                ("newcomer", [telemetry(1)], True),
+                ("doomed", [telemetry(1)], False),
+            ],
+            T0 + 5,
+        )
+    assert "\n" not in str(caught.value)
+    assert type(caught.value.__cause__).__module__.split(".")[0] in ("sqlite3", "psycopg")
+    assert storage.seqs(DEV) == [1]
+    assert storage.device("newcomer") is None
+    info = storage.device(DEV)
+    assert info is not None and info.last_seen == T0
+    assert storage.ingest(DEV, [telemetry(2)], T0 + 6).new == 1  # the storage goes on
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+def test_reported_merges_by_rule_and_refuses_versions_far_ahead(storage: Storage) -> None:
+    ahead = int(T0 * 1000) + MAX_VERSION_AHEAD + 1
+    first = storage.put_reported(
+        DEV,
+        {"link/state": Entry(5, "up"), "counter/boots": Entry(1, 3), "fw/version": Entry(ahead, 1)},
+        T0,
+    )
+    assert first.versions == {"link/state": 5, "counter/boots": 1}
+    assert first.refused == {"fw/version": ahead}
+    assert not first.desired_changed
+    second = storage.put_reported(
+        DEV, {"link/state": Entry(4, "down"), "counter/boots": Entry(2, 2)}, T0 + 1
+    )
+    assert second.versions == {"link/state": 5, "counter/boots": 2}
+    assert storage.reported(DEV) == {
+        "counter/boots": Entry(2, 3),  # MAX: the highest value stays
+        "link/state": Entry(5, "up"),  # LWW: the older version changes nothing
+    }
+    with pytest.raises(DocumentTooLarge):
+        storage.put_reported(DEV, {"a/b": Entry(1, 1), "c/d": Entry(1, 1)}, T0, max_keys=3)
+    assert set(storage.reported(DEV)) == {"counter/boots", "link/state"}
+    with pytest.raises(UnknownDevice):
+        storage.put_reported("stranger", {"link/state": Entry(1, "up")}, T0)
+
+
+def test_reported_link_values_go_to_the_link_history(backend: Backend, storage: Storage) -> None:
+    storage.put_reported(DEV, {"link/state": Entry(1, "up"), "link/rtt_ms": Entry(1, 40)}, T0)
+    storage.put_reported(DEV, {"link/state": Entry(2, "up")}, T0 + 1)  # same value: not kept
+    storage.put_reported(DEV, {"link/state": Entry(3, "down")}, T0 + 2)
+    storage.put_reported(DEV, {"link/rtt_ms": Entry(2, 50)}, T0 + 3)  # too soon after 40
+    rows = backend.sql(f"SELECT time, key FROM link_history WHERE device = '{DEV}'")
+    assert sorted(rows) == [(T0, "link/rtt_ms"), (T0, "link/state"), (T0 + 2, "link/state")]
+
+
+def test_a_reported_model_failure_blocks_the_desired_version(
+    backend: Backend, storage: Storage
+) -> None:
+    doc, changed = storage.put_desired(DEV, {"model/main": {"name": "m1"}}, T0)
+    assert changed == ["model/main"] and doc.rev == 1
+    failed = {"name": "m1", "status": "failed", "desired": 1}
+    result = storage.put_reported(DEV, {"model/main": Entry(10, failed)}, T0 + 1)
+    assert result.desired_changed
+    assert result.desired.blocked == {"model/main": 1}
+    assert backend.open().desired(DEV).blocked == {"model/main": 1}
+    # assigning it again is a retry: a new version, unblocked
+    retry, changed = storage.put_desired(DEV, {"model/main": {"name": "m1"}}, T0 + 2)
+    assert changed == ["model/main"] and retry.blocked == {} and retry.rev == 2
+
+
+def test_desired_if_match_and_size_limit(storage: Storage) -> None:
+    empty = storage.desired(DEV)
+    assert (empty.rev, empty.entries) == (0, {})
+    assert empty.store == storage.storage_id()
+    doc, changed = storage.put_desired(
+        DEV, {"sensor/motor/interval": 5}, T0, if_match=[empty.etag()]
+    )
+    assert changed == ["sensor/motor/interval"] and doc.rev == 1
+    with pytest.raises(PreconditionFailed):
+        storage.put_desired(DEV, {"sensor/motor/interval": 6}, T0, if_match=[empty.etag()])
+    same, changed = storage.put_desired(DEV, {"sensor/motor/interval": 5}, T0)
+    assert changed == [] and same == doc  # no change: no new version
+    assert storage.desired(DEV) == doc
+    size = len(doc.to_cbor())
+    with pytest.raises(DocumentTooLarge):  # grows beyond the limit
+        storage.put_desired(DEV, {"detect/motor/threshold": 1.0}, T0, max_bytes=size + 5)
+    assert storage.desired(DEV) == doc
+    # a document over a (new, lower) limit may still shrink
+    shrunk, changed = storage.put_desired(DEV, {"sensor/motor/interval": None}, T0, max_bytes=1)
+    assert changed == ["sensor/motor/interval"]
+    assert shrunk.entries["sensor/motor/interval"] == Entry(2, None)
+    info = storage.device(DEV)
+    assert info is not None and info.desired_rev == 2
+    with pytest.raises(UnknownDevice):
+        storage.put_desired("stranger", {"sensor/motor/interval": 5}, T0)
+    with pytest.raises(UnknownDevice):
+        storage.desired("stranger")
+
+
+# -- credentials, identity, sequence numbers ----------------------------------------------------
+
+
+def test_credentials_duplicate_key_ids_rekey_and_revoke(backend: Backend, storage: Storage) -> None:
+    a = Credential.generate("dev-a", "device", b"\x01")
+    b = Credential.generate("dev-b", "device", b"\x02")
+    storage.put_credential(a, T0)
+    storage.put_credential(b, T0)
+    with pytest.raises(DuplicateKeyId):
+        storage.put_credential(Credential.generate("dev-c", "device", b"\x01"), T0)
+    assert storage.revoke("dev-a", T0 + 1) is True
+    assert storage.revoke("nobody", T0 + 1) is False
+    assert backend.open().credentials() == [(a, True), (b, False)]
+    rekeyed = Credential.generate("dev-a", "device", b"\x03", generation=2)
+    storage.put_credential(rekeyed, T0 + 2)  # re-key: a new key id, no longer revoked
+    storage.put_credential(Credential.generate("dev-c", "operator", b"\x01"), T0)  # freed
+    assert [(c.principal, c.sender_id, r) for c, r in storage.credentials()] == [
+        ("dev-a", b"\x03", False),
+        ("dev-b", b"\x02", False),
+        ("dev-c", b"\x01", False),
+    ]
+
+
+def test_storage_id_is_random_stored_once_and_kept(backend: Backend, tmp_path: Path) -> None:
+    s = backend.open()
+    ident = s.storage_id()
+    assert len(ident) == 16 and int(ident, 16) < 2**63
+    s.close()
+    assert backend.open().storage_id() == ident
+    other = SQLiteStorage(tmp_path / "elsewhere" / "cloud.sqlite3")
+    try:
+        assert other.storage_id() != ident
+    finally:
+        other.close()
+
+
+def test_reserve_sequence_blocks_are_disjoint_across_processes(backend: Backend) -> None:
+    blocks: list[tuple[int, int]] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def process() -> None:
+        try:
+            s = backend.open()  # SQLite: a connection belongs to its thread
+            for n in range(1, 26):
+                start = s.reserve_sequence("dev-a", n)
+                with lock:
+                    blocks.append((start, start + n))
+            s.close()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=process) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    blocks.sort()
+    assert len(blocks) == 75
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(blocks))
+    assert blocks[0][0] == 0
+
+
+def test_reserve_sequence_is_monotone_across_reopen_and_honours_at_least(
+    backend: Backend,
+) -> None:
+    s = backend.open()
+    assert s.reserve_sequence("dev-a", 10) == 0
+    assert s.reserve_sequence("dev-a", 10, at_least=5) == 10
+    assert s.reserve_sequence("dev-b", 1, at_least=1000) == 1000  # per principal
+    s.close()
+    again = backend.open()
+    assert again.reserve_sequence("dev-a", 1) == 20
+    assert again.reserve_sequence("dev-a", 1, at_least=500) == 500
+    assert again.reserve_sequence("dev-a", 1) == 501
+    assert again.reserve_sequence("dev-b", 1) == 1001
+    for bad in ((0, 0), (-1, 0), (1, -1), (2**63, 0)):
+        with pytest.raises(ValueError):
+            again.reserve_sequence("dev-a", *bad)
+
+
+# -- changes made by another process -------------------------------------------------------------
+
+
+def test_changes_sees_desired_state_written_by_another_process(backend: Backend) -> None:
+    server = backend.open()
+    server.add_device(DEV, T0)
+    server.add_device("quiet", T0)
+    token, devices, creds = server.changes(None)
+    assert (devices, creds) == (frozenset(), False)
+    token, devices, creds = server.changes(token)
+    assert (devices, creds) == (frozenset(), False)  # nothing happened
+    cli = backend.open()
+    cli.put_desired(DEV, {"sensor/motor/interval": 5}, T0)
+    token, devices, creds = poll_changes(server, token, lambda d, c: d != frozenset())
+    if backend.name == "postgresql":
+        assert devices == frozenset({DEV})  # names the device (and no credential)
+        assert creds is False
+    else:
+        assert (devices, creds) == (None, True)  # SQLite: something, re-read everything
+    token, devices, creds = server.changes(token)
+    assert (devices, creds) == (frozenset(), False)  # reported once
+    version = server.data_version()
+    cli.put_credential(Credential.generate("dev-a", "device", b"\x01"), T0)
+    token, devices, creds = poll_changes(server, token, lambda d, c: c)
+    assert devices in (None, frozenset())
+    assert server.data_version() != version
+
+
+def test_changes_sees_a_desired_version_blocked_by_another_process(backend: Backend) -> None:
+    server = backend.open()
+    server.add_device(DEV, T0)
+    server.put_desired(DEV, {"model/main": {"name": "m1"}}, T0)
+    token, _, _ = server.changes(None)
+    failed = {"name": "m1", "status": "failed", "desired": 1}
+    assert backend.open().put_reported(DEV, {"model/main": Entry(3, failed)}, T0).desired_changed
+    _, devices, _ = poll_changes(server, token, lambda d, c: d != frozenset())
+    assert devices == (frozenset({DEV}) if backend.name == "postgresql" else None)
+
+
+# -- schema, failures ----------------------------------------------------------------------------
+
+
+def test_a_schema_newer_than_the_code_is_refused(backend: Backend) -> None:
+    backend.open().close()
+    backend.set_schema_version(99)
+    with pytest.raises(StorageUnavailable) as caught:
+        backend.open()
+    assert "99" in str(caught.value) and "(1)" in str(caught.value)
+    assert "upgrade edge-agent" in str(caught.value)
+
+
+def test_storages_opened_at_once_migrate_once(backend: Backend) -> None:
+    """Many endpoint processes start at once on an empty database."""
+    barrier = threading.Barrier(4)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            s = backend.open()
+            ids.append(s.storage_id())
+            s.close()
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(set(ids)) == 1
+    if backend.name == "postgresql":
+        assert backend.sql("SELECT version FROM schema_version ORDER BY version") == [(1,)]
+        assert backend.sql("SELECT count(*) FROM meta WHERE name = 'storage_id'") == [(1,)]
+
+
+def test_a_database_that_cannot_be_reached_is_unavailable(backend: Backend, tmp_path: Path) -> None:
+    if backend.name == "sqlite":
+        (tmp_path / "file").write_text("not a directory")
+        target = str(tmp_path / "file" / "cloud.sqlite3")
+        with pytest.raises(StorageUnavailable) as caught:
+            SQLiteStorage(target)
+    else:
+        import socket
+
+        from cloud.pgstorage import PostgresStorage
+
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        target = f"postgresql://edge:s3cret-pass@127.0.0.1:{port}/edge"
+        with pytest.raises(StorageUnavailable) as caught:
+            PostgresStorage(target)
+        assert "s3cret-pass" not in str(caught.value)
+        assert "refused" in str(caught.value).lower()
+    assert "\n" not in str(caught.value)
+
+
+def test_a_closed_storage_is_unavailable(backend: Backend) -> None:
+    s = backend.open()
+    s.close()
+    for call in (
+        lambda: s.device(DEV),
+        lambda: s.ingest_many([(DEV, [telemetry(1)], True)], T0),
+        lambda: s.reserve_sequence("a", 1),
+        lambda: s.changes(None),
+    ):
+        with pytest.raises(StorageUnavailable):
+            call()
+    s.close()  # twice is fine
+
+
+# -- PostgreSQL only: partitions, lost connections ------------------------------------------------
+
+
+@pytest.fixture
+def pg(pg_dsn: str) -> Iterator[Backend]:
+    """PostgreSQL alone (what SQLite has no counterpart of)."""
+    found = Backend("postgresql", pg_dsn)
+    yield found
+    for storage in found.opened:
+        storage.close()
+
+
+def test_records_of_another_day_go_to_another_partition_and_stay_unique(pg: Backend) -> None:
+    s = pg.open()
+    s.add_device(DEV, T0)
+    s.ingest(DEV, [telemetry(1), telemetry(2)], T0)  # 2023-11-14 (UTC)
+    later = s.ingest(DEV, [telemetry(2), telemetry(3)], T0 + 3 * DAY)  # 2023-11-17
+    assert (later.new, later.duplicate) == (1, 1)
+    where = pg.sql("SELECT seq, tableoid::regclass::text FROM records ORDER BY seq")
+    assert where == [(1, "records_20231114"), (2, "records_20231114"), (3, "records_20231117")]
+    assert s.seqs(DEV) == [1, 2, 3]
+    assert s.records(DEV)[1].received == T0  # the first copy, in its own partition
+
+
+def test_a_partition_that_went_away_is_made_again(pg: Backend) -> None:
+    s = pg.open()
+    s.add_device(DEV, T0)
+    s.ingest(DEV, [telemetry(1)], T0 + 10 * DAY)
+    pg.sql("DROP TABLE records_20231124")  # retention dropped it behind the storage's back
+    result = s.ingest(DEV, [telemetry(2)], T0 + 10 * DAY)
+    assert result.new == 1
+    assert pg.sql("SELECT seq FROM records_20231124") == [(2,)]
+    assert s.ingest(DEV, [telemetry(1)], T0).duplicate == 1  # its key outlived its body
+
+
+def test_a_lost_connection_fails_one_call_and_the_next_reconnects(pg: Backend) -> None:
+    s = pg.open()
+    s.add_device(DEV, T0)
+    token, _, _ = s.changes(None)
+    pg.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'edge-agent-cloud' AND pid <> pg_backend_pid()"
+    )
+    with pytest.raises(StorageUnavailable):
+        s.device(DEV)
+    assert s.device(DEV) is not None
+    token, devices, creds = s.changes(token)  # notices may have been missed meanwhile
+    assert (devices, creds) == (None, True)
+    assert s.changes(token)[1:] == (frozenset(), False)
+
+
+def test_a_token_of_another_storage_object_is_unknown(pg: Backend) -> None:
+    token, _, _ = pg.open().changes(None)
+    assert pg.open().changes(token)[1:] == (None, True)
+
+
+# -- the storage thread --------------------------------------------------------------------------
+
+
+async def test_the_storage_thread_runs_every_call_on_one_thread(backend: Backend) -> None:
+    thread = StorageThread(backend.open)
+    await thread.start()
+    try:
+        assert await thread.call(lambda s: s.add_device(DEV, T0)) is True
+        where = await thread.call(lambda s: threading.get_ident())
+        # a synchronous caller on the event loop waits for the database thread
+        assert thread.call_sync(lambda s: (threading.get_ident(), s.reserve_sequence("e", 4))) == (
+            where,
+            0,
+        )
+        # and on the database thread itself it runs at once (no deadlock)
+        inner = await thread.call(lambda s: thread.call_sync(lambda t: t.reserve_sequence("e", 4)))
+        assert inner == 4
+    finally:
+        await thread.stop()
+    with pytest.raises(StorageUnavailable):
+        thread.call_sync(lambda s: s.device(DEV))
+    with pytest.raises(StorageUnavailable):
+        await thread.call(lambda s: s.device(DEV))
+
+
+# -- choosing a storage --------------------------------------------------------------------------
+
+
+def test_open_storage_picks_the_backend(backend: Backend, tmp_path: Path) -> None:
+    if backend.name == "sqlite":
+        for spec in (f"sqlite:{tmp_path / 'a'}", str(tmp_path / "b"), tmp_path / "c"):
+            s = open_storage(spec)
+            backend.opened.append(s)
+            assert isinstance(s, SQLiteStorage)
+        assert (tmp_path / "a" / "cloud.sqlite3").is_file()
+    else:
+        from cloud.pgstorage import PostgresStorage
+
+        for spec in (backend.target, backend.target.replace("postgresql://", "postgres://", 1)):
+            s = open_storage(spec)
+            backend.opened.append(s)
+            assert isinstance(s, PostgresStorage)
+            password = urlsplit(backend.target).password
+            assert password and password not in s.where and "***" in s.where
+
+
+@pytest.mark.parametrize(
+    ("spec", "shown"),
+    [
+        ("postgresql://edge:pw@db:5432/edge", "postgresql://edge:***@db:5432/edge"),
+        (
+            "postgres://edge:p%40ss@db/edge?sslmode=require",
+            "postgres://edge:***@db/edge?sslmode=require",
+        ),
+        ("postgresql://db/edge?password=pw&user=u", "postgresql://db/edge?password=***&user=u"),
+        ("postgresql://edge@db/edge", "postgresql://edge@db/edge"),
+        ("host=db password=pw user=edge", "host=db password=*** user=edge"),
+        ("host=db password = 'p w' user=edge", "host=db password = *** user=edge"),
+        ("/var/lib/edge-agent", "/var/lib/edge-agent"),
+    ],
+)
+def test_describe_masks_passwords(spec: str, shown: str) -> None:
+    assert describe(spec) == shown
