@@ -21,6 +21,7 @@ DTLS pre-shared keys, and the rule of what each may do.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from typing import Any
 
 from aiocoap import oscore
 
+from agent.files import fsync_dir, write_atomic
 from agent.wire.credentials import ENDPOINT_KID, KID_BYTES, Credential
 from agent.wire.oscore import (
     MAX_SEQNO,
@@ -37,7 +39,6 @@ from agent.wire.oscore import (
     Sequence,
     StateFileError,
     read_state,
-    write_state,
 )
 from cloud.storage import DuplicateKeyId
 
@@ -49,6 +50,9 @@ MAX_CANDIDATES = 2
 SEQUENCE_BLOCK = 4096
 #: The storage's name of that counter (:meth:`cloud.storage.Storage.reserve_sequence`).
 ENDPOINT_SEQUENCE = "endpoint"
+#: Where a clean stop keeps the verified contexts' replay windows (in the state directory).
+CLEAN_STOP_FILE = "clean-stop.json"
+CLEAN_STOP_MAX_BYTES = 64 * 1024 * 1024
 
 
 class Principal(str):
@@ -141,22 +145,19 @@ class _Entry:
 
 
 class _PrincipalState:
-    """One principal's contexts at the endpoint: the verified one and candidates."""
+    """One principal's contexts at the endpoint: the verified one and candidates. ``saved``:
+    the verified ID Context and replay window the last clean stop left (:func:`take_clean_stop`),
+    with which the principal carries on without an Echo round trip."""
 
-    def __init__(self, entry: _Entry, path: Path | None, sequence: SharedSequence) -> None:
+    def __init__(
+        self,
+        entry: _Entry,
+        saved: tuple[bytes, dict[str, int]] | None,
+        sequence: SharedSequence,
+    ) -> None:
         self.entry = entry
-        self.path = path
-        doc = None
-        if path is not None:
-            try:
-                doc = read_state(path)
-            except StateFileError as err:
-                log.warning("event=oscore_state_unreadable path=%s error=%s", path, err)
-        self.id_context: bytes | None = None
-        self.replay: dict[str, int] | None = None
-        if doc is not None:
-            self.id_context = bytes.fromhex(doc["id_context"])
-            self.replay = doc.get("replay")
+        self.id_context: bytes | None = saved[0] if saved else None
+        self.replay: dict[str, int] | None = saved[1] if saved else None
         self.sequence = sequence
         self.current: PersistentContext | None = None
         self.candidates: dict[bytes, PersistentContext] = {}
@@ -176,7 +177,6 @@ class _PrincipalState:
 
     def context_for(self, id_context: bytes) -> PersistentContext:
         if self.current is None and self.id_context is not None:
-            # after a restart the window is unknown unless it was saved on a clean stop
             self.current = self._make(self.id_context, self.replay)
             self.replay = None
         if self.current is not None and self.current.id_context == id_context:
@@ -198,25 +198,18 @@ class _PrincipalState:
                 self.entry.credential.principal,
                 ctx.id_context.hex(),
             )
-            self.save()
-        elif ctx.accepted == 1:
-            self.save()  # the window is in use now: after a crash, Echo again
 
-    def state(self, clean: bool = False) -> dict[str, Any]:
+    def clean_stop(self) -> dict[str, Any] | None:
+        """What a clean stop keeps of this principal: its verified context's window, if any."""
         cur = self.current
-        return {
-            "id_context": (self.id_context or b"").hex(),
-            "seq_reserved": self.sequence.reserved,  # read by older releases; not used here
-            "replay": cur.replay_state() if (clean and cur is not None) else None,
-        }
-
-    def save(self, clean: bool = False) -> None:
-        if self.path is None or self.id_context is None:
-            return
-        write_state(self.path, self.state(clean))
-
-    def close(self) -> None:
-        self.save(clean=True)
+        if cur is not None:
+            window = cur.replay_state()
+            return (
+                None if window is None else {"id_context": cur.id_context.hex(), "replay": window}
+            )
+        if self.id_context is not None and self.replay is not None:  # saved, not used since
+            return {"id_context": self.id_context.hex(), "replay": self.replay}
+        return None
 
 
 class Principals:
@@ -228,8 +221,8 @@ class Principals:
     def __init__(
         self, state_dir: Path | None, allocate: Callable[[int, int], int] | None = None
     ) -> None:
-        """``state_dir``: where each principal's verified ID Context and clean-stop replay
-        window are kept (None: nowhere, for endpoints that share a data directory).
+        """``state_dir``: where a clean stop keeps the verified ID Contexts and replay windows
+        (:data:`CLEAN_STOP_FILE`; None: nowhere, for endpoints that share a data directory).
         ``allocate(count, at_least)``: a block of the endpoint's sequence numbers from the
         storage (None: a counter in memory, for tests that never restart)."""
         self.state_dir = state_dir
@@ -239,6 +232,7 @@ class Principals:
         self._allocate = allocate or _InMemory()
         self._floor: int | None = None  # the highest number older releases reserved in files
         self.sequence = SharedSequence(self._take_block)
+        self._saved = take_clean_stop(state_dir)  # principal -> (ID Context, replay window)
 
     def _take_block(self, count: int) -> int:
         if self._floor is None:
@@ -258,8 +252,11 @@ class Principals:
         for name, state in list(self._states.items()):
             new = by_name.get(name)
             if new is None or new.revoked or new.credential != state.entry.credential:
-                state.close()  # re-keyed or revoked: its contexts go
-                del self._states[name]
+                del self._states[name]  # re-keyed or revoked: its contexts go
+        for name in list(self._saved):
+            new, old = by_name.get(name), self._by_name.get(name)
+            if new is None or new.revoked or (old is not None and new.credential != old.credential):
+                del self._saved[name]
         gone = set()
         for name, old in self._by_name.items():
             new = by_name.get(name)
@@ -293,20 +290,37 @@ class Principals:
         name = entry.credential.principal
         state = self._states.get(name)
         if state is None:
-            path = None
-            if self.state_dir is not None:
-                self.state_dir.mkdir(parents=True, exist_ok=True)
-                path = self.state_dir / f"{name}.json"
-            state = self._states[name] = _PrincipalState(entry, path, self.sequence)
+            saved = self._saved.pop(name, None)
+            state = self._states[name] = _PrincipalState(entry, saved, self.sequence)
         return state.context_for(id_context)
 
     def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
         return set()  # every context here has an ID Context; nothing for EDHOC to avoid
 
     def close(self) -> None:
-        for state in self._states.values():
-            state.close()
+        """Clean stop: every verified context's window, in one file (:func:`take_clean_stop`
+        reads it at the next start), so the principals carry on without an Echo round trip."""
+        kept: dict[str, Any] = {
+            name: {"id_context": ctx.hex(), "replay": replay}
+            for name, (ctx, replay) in self._saved.items()
+        }
+        for name, state in self._states.items():
+            doc = state.clean_stop()
+            if doc is not None:
+                kept[name] = doc
         self._states.clear()
+        self._saved.clear()
+        if self.state_dir is None or not kept:
+            return
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(
+                self.state_dir / CLEAN_STOP_FILE,
+                json.dumps({"principals": kept}).encode(),
+                mode=0o600,
+            )
+        except OSError as err:  # the next start goes through Echo: slower, never unsafe
+            log.warning("event=oscore_clean_stop_unsaved error=%s", err)
 
 
 class _InMemory:
@@ -321,6 +335,42 @@ class _InMemory:
         return start
 
 
+def take_clean_stop(state_dir: Path | None) -> dict[str, tuple[bytes, dict[str, int]]]:
+    """The windows the last clean stop saved, and the file removed (durably) before anything
+    is served: after a crash there is none, and every principal goes through Echo, because a
+    window saved at an earlier clean stop would let messages accepted since be replayed."""
+    if state_dir is None:
+        return {}
+    path = state_dir / CLEAN_STOP_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        log.warning("event=oscore_clean_stop_unreadable path=%s error=%s", path, err)
+        data = b""
+    out: dict[str, tuple[bytes, dict[str, int]]] = {}
+    try:
+        if len(data) > CLEAN_STOP_MAX_BYTES:
+            raise ValueError(f"over {CLEAN_STOP_MAX_BYTES} bytes")
+        for name, doc in json.loads(data)["principals"].items():
+            replay = {
+                "index": int(doc["replay"]["index"]),
+                "bitfield": int(doc["replay"]["bitfield"]),
+            }
+            out[str(name)] = (bytes.fromhex(doc["id_context"]), replay)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("event=oscore_clean_stop_unreadable path=%s error=%r", path, str(err)[:200])
+        out = {}
+    try:
+        path.unlink()
+        fsync_dir(state_dir)
+    except OSError as err:  # it cannot be trusted after a crash: serve nothing without Echo
+        log.error("event=oscore_clean_stop_not_removed path=%s error=%s", path, err)
+        return {}
+    return out
+
+
 def legacy_floor(state_dir: Path | None) -> int:
     """The highest sender sequence number reserved in the per-principal state files of releases
     that kept one counter per principal: the shared counter starts above it."""
@@ -328,6 +378,8 @@ def legacy_floor(state_dir: Path | None) -> int:
     if state_dir is None or not state_dir.is_dir():
         return floor
     for path in state_dir.glob("*.json"):
+        if path.name == CLEAN_STOP_FILE:
+            continue
         try:
             doc = read_state(path)
         except (StateFileError, OSError):
