@@ -12,6 +12,7 @@ edge-agent-cloud reported show --data DIR --device ID
 edge-agent-cloud models keygen (--data DIR | --out KEYFILE)
 edge-agent-cloud models publish --data DIR FILE --name N --version V [--key KEYFILE] [--entry E]
 edge-agent-cloud models list --data DIR [--json]
+edge-agent-cloud migrate --from sqlite:DIR --to postgresql://...   (cloud/migrate.py)
 
 ``desired set --data`` writes the database directly; a server running on it notices within a
 second and notifies the device's observers. ``--server coap://HOST:PORT`` sends a CoAP PUT instead.
@@ -62,7 +63,7 @@ from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
-from cloud import export, processes
+from cloud import export, migrate, processes
 from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
 from cloud.dashboard import Dashboard, DashboardRefused
 from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
@@ -517,7 +518,7 @@ def _signing_key(args: argparse.Namespace) -> Path:
 def cmd_models(args: argparse.Namespace) -> int:
     from agent.errors import ModelError
     from agent.modelstore.signing import load_private_key, write_keypair
-    from cloud.models import ModelRegistry, entry_for
+    from cloud.models import Direct, ModelRegistry, entry_for
 
     try:
         if args.action == "keygen":
@@ -531,17 +532,24 @@ def cmd_models(args: argparse.Namespace) -> int:
             private, public = write_keypair(out)
             print(f"signing key {private} (keep it secret), public key {public} (for devices)")
             return EX_OK
-        registry = ModelRegistry(Path(args.data) / "models")
-        if args.action == "publish":
-            file = Path(args.file)
-            data = file.read_bytes()
-            manifest_path = Path(args.manifest) if args.manifest else None
-            entry = entry_for(file, manifest_path, args.entry)
-            key = load_private_key(_signing_key(args))
-            m = registry.publish(data, args.name, args.version, entry, key)
-            print(f"published {m.name} {m.version}: {m.size} bytes, sha256 {m.sha256}, key {m.key}")
-            return EX_OK
-        items = registry.list()
+        # without --storage the store is SQLite's in --data: its model files (cloud/models.py)
+        storage = None if args.storage is None else _open(args.data, storage=args.storage)
+        registry = ModelRegistry(Path(args.data) / "models", storage and Direct(storage))
+        try:
+            if args.action == "publish":
+                file = Path(args.file)
+                data = file.read_bytes()
+                manifest_path = Path(args.manifest) if args.manifest else None
+                entry = entry_for(file, manifest_path, args.entry)
+                key = load_private_key(_signing_key(args))
+                m = registry.publish(data, args.name, args.version, entry, key)
+                sha = f"sha256 {m.sha256}, key {m.key}"
+                print(f"published {m.name} {m.version}: {m.size} bytes, {sha}")
+                return EX_OK
+            items = registry.list()
+        finally:
+            if storage is not None:
+                storage.close()
     except ModelError as err:
         print(f"error: {err}", file=sys.stderr)
         cause = err.__cause__
@@ -687,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data", required=True)
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+    migrate.add_parser(sub)
     _storage_option(parser)
     return parser
 

@@ -2,7 +2,10 @@
 series, its alerts and anomaly threshold, and its link over time.
 
 Every function here runs on the storage thread (``CloudServer.db(fn)``) and returns JSON-ready
-dicts of bounded size, whatever the database holds:
+dicts of bounded size, whatever the database holds. The SQL is written once, with ``?``
+placeholders, in what SQLite and PostgreSQL share (row values, ``LIKE``, integer ``%``,
+``LIMIT``/``OFFSET``), and runs through :meth:`cloud.storebase.Storage.reader` on either
+storage; only the placeholders (and link_history's value columns) differ by dialect:
 
 - a series holds at most :data:`MAX_POINTS` points: a longer one is cut into ``MAX_POINTS / 2``
   time buckets and keeps each bucket's lowest and highest value (spikes stay visible);
@@ -23,13 +26,12 @@ effect on the device), the desired one, or the one the newest alert carries.
 from __future__ import annotations
 
 import math
-import sqlite3
 from typing import Any
 
 from agent.wire import statedoc
 from agent.wire.records import AlertBody, RecordError, TelemetryBody
 from cloud import linkhistory
-from cloud.storage import SQLiteStorage, Storage, StorageUnavailable
+from cloud.storage import Sql, Storage
 
 MAX_POINTS = 600  # per series
 MAX_SCAN = 10_000  # telemetry records read for one window
@@ -42,14 +44,9 @@ ALERT_DAY = 86_400.0  # the fleet view counts alerts over this many seconds
 #: Reported keys the fleet view shows (prefixes end in "/").
 FLEET_KEYS = ("queue/depth", "agent/version", "link/", "model/", "sensor/", "detect/")
 
-# A hash of the seq in SQLite integer arithmetic (no overflow): a Lehmer step modulo a prime.
+# A hash of the seq in 64-bit integer arithmetic (no overflow, the same in SQLite and
+# PostgreSQL): a Lehmer step modulo a prime.
 _HASH = "(((seq % 1048573) * 48271) % 1048573)"
-
-
-def connection(storage: Storage) -> sqlite3.Connection:
-    if not isinstance(storage, SQLiteStorage):
-        raise StorageUnavailable("the dashboard reads the SQLite storage only")
-    return storage.db
 
 
 def _num(value: Any) -> float | None:
@@ -86,8 +83,10 @@ def _plain(value: Any, depth: int = 0) -> Any:
     return None
 
 
-def _reported(db: sqlite3.Connection, devices: list[str] | None) -> dict[str, dict[str, Any]]:
+def _reported(db: Sql, devices: list[str] | None) -> dict[str, dict[str, Any]]:
     """Reported values of :data:`FLEET_KEYS`, per device (values that do not decode: left out)."""
+    if devices == []:  # "IN ()" is SQLite's only
+        return {}
     where = " OR ".join("key LIKE ?" if k.endswith("/") else "key = ?" for k in FLEET_KEYS)
     args: list[Any] = [k + "%" if k.endswith("/") else k for k in FLEET_KEYS]
     sql = f"SELECT device, key, value FROM reported WHERE ({where})"
@@ -97,7 +96,7 @@ def _reported(db: sqlite3.Connection, devices: list[str] | None) -> dict[str, di
     out: dict[str, dict[str, Any]] = {}
     for device, key, raw in db.execute(sql, args):
         try:
-            value = statedoc.decode_value(raw)
+            value = statedoc.decode_value(bytes(raw))
         except Exception:  # a value corrupted at rest: not shown
             continue
         out.setdefault(device, {})[key] = _plain(value)
@@ -139,7 +138,7 @@ def _summary(reported: dict[str, Any]) -> dict[str, Any]:
 
 def _alert_fields(seq: int, time: float, body: bytes) -> dict[str, Any] | None:
     try:
-        data = AlertBody.from_cbor(body).data
+        data = AlertBody.from_cbor(bytes(body)).data
     except RecordError:
         return None
     channels = data.get("channels")
@@ -162,7 +161,7 @@ def _alert_fields(seq: int, time: float, body: bytes) -> dict[str, Any] | None:
     }
 
 
-def _last_alert(db: sqlite3.Connection, device: str, before: float | None = None) -> Any:
+def _last_alert(db: Sql, device: str, before: float | None = None) -> Any:
     sql = "SELECT seq, time, body FROM records WHERE device = ? AND kind = 'alert'"
     args: list[Any] = [device]
     if before is not None:
@@ -174,7 +173,11 @@ def _last_alert(db: sqlite3.Connection, device: str, before: float | None = None
 
 def fleet(storage: Storage, now: float) -> dict[str, Any]:
     """Every registered device (up to :data:`MAX_DEVICES`) with what it last reported."""
-    db = connection(storage)
+    with storage.reader() as db:
+        return _fleet(db, now)
+
+
+def _fleet(db: Sql, now: float) -> dict[str, Any]:
     rows = db.execute(
         "SELECT id, registered, last_seen FROM devices ORDER BY id LIMIT ?", (MAX_DEVICES + 1,)
     ).fetchall()
@@ -207,19 +210,20 @@ def fleet(storage: Storage, now: float) -> dict[str, Any]:
 
 
 def registered(storage: Storage, device: str) -> bool:
-    db = connection(storage)
-    return db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is not None
+    with storage.reader() as db:
+        return db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is not None
 
 
 def device(storage: Storage, device: str, now: float) -> dict[str, Any] | None:
     """One device's registry entry and reported summary; None when it is not registered."""
-    db = connection(storage)
-    row = db.execute(
-        "SELECT id, registered, last_seen, desired_rev FROM devices WHERE id = ?", (device,)
-    ).fetchone()
-    if row is None:
-        return None
-    last = _last_alert(db, device)
+    with storage.reader() as db:
+        row = db.execute(
+            "SELECT id, registered, last_seen, desired_rev FROM devices WHERE id = ?", (device,)
+        ).fetchone()
+        if row is None:
+            return None
+        last = _last_alert(db, device)
+        reported = _reported(db, [device]).get(device, {})
     return {
         "id": row[0],
         "registered": _num(row[1]),
@@ -228,7 +232,7 @@ def device(storage: Storage, device: str, now: float) -> dict[str, Any] | None:
         "last_alert": last,
         "alert_active": last is not None and last["kind"] == "raise",
         "now": now,
-        **_summary(_reported(db, [device]).get(device, {})),
+        **_summary(reported),
     }
 
 
@@ -236,12 +240,12 @@ def window_end(storage: Storage, device: str, now: float, window: float) -> tupl
     """Where a window that was not given an end ends: now, or (when the device sent no
     telemetry in the window ending now) at its newest telemetry, so that a silent device still
     shows its last data. Returns (until, "now" | "latest")."""
-    db = connection(storage)
-    row = db.execute(
-        "SELECT time FROM records WHERE device = ? AND kind = 'telemetry' "
-        "ORDER BY time DESC LIMIT 1",
-        (device,),
-    ).fetchone()
+    with storage.reader() as db:
+        row = db.execute(
+            "SELECT time FROM records WHERE device = ? AND kind = 'telemetry' "
+            "ORDER BY time DESC LIMIT 1",
+            (device,),
+        ).fetchone()
     if row is not None and math.isfinite(row[0]) and row[0] < now - window:
         return float(row[0]), "latest"
     return now, "now"
@@ -283,7 +287,11 @@ def minmax(
 
 def series(storage: Storage, device: str, since: float, until: float) -> dict[str, Any]:
     """The telemetry of ``device`` in ``[since, until]``: one series per (sensor, channel)."""
-    db = connection(storage)
+    with storage.reader() as db:
+        return _series(db, device, since, until)
+
+
+def _series(db: Sql, device: str, since: float, until: float) -> dict[str, Any]:
     (count,) = db.execute(
         "SELECT count(*) FROM records WHERE device = ? AND time >= ? AND time <= ?",
         (device, since, until),
@@ -301,7 +309,7 @@ def series(storage: Storage, device: str, since: float, until: float) -> dict[st
     undecodable = dropped = 0
     for time, body in db.execute(sql + " ORDER BY time", args):
         try:
-            reading = TelemetryBody.from_cbor(body)
+            reading = TelemetryBody.from_cbor(bytes(body))
         except RecordError:
             undecodable += 1
             continue
@@ -335,15 +343,16 @@ def series(storage: Storage, device: str, since: float, until: float) -> dict[st
 def alerts(storage: Storage, device: str, since: float, until: float) -> dict[str, Any]:
     """The alerts of ``device`` in ``[since, until]`` (the newest :data:`MAX_ALERTS`, ascending),
     whether an alert was active at ``since``, and the threshold to draw."""
-    db = connection(storage)
-    rows = db.execute(
-        "SELECT seq, time, body FROM records WHERE device = ? AND kind = 'alert' "
-        "AND time >= ? AND time <= ? ORDER BY time DESC LIMIT ?",
-        (device, since, until, MAX_ALERTS + 1),
-    ).fetchall()
+    with storage.reader() as db:
+        rows = db.execute(
+            "SELECT seq, time, body FROM records WHERE device = ? AND kind = 'alert' "
+            "AND time >= ? AND time <= ? ORDER BY time DESC LIMIT ?",
+            (device, since, until, MAX_ALERTS + 1),
+        ).fetchall()
+        before = _last_alert(db, device, since)
+        reported = _reported(db, [device]).get(device, {})
     truncated = len(rows) > MAX_ALERTS
     items = [a for a in (_alert_fields(*r) for r in reversed(rows[:MAX_ALERTS])) if a]
-    before = _last_alert(db, device, since)
     return {
         "device": device,
         "since": since,
@@ -351,14 +360,16 @@ def alerts(storage: Storage, device: str, since: float, until: float) -> dict[st
         "alerts": items,
         "truncated": truncated,
         "active_at_start": before is not None and before["kind"] == "raise",
-        **thresholds(storage, device, items[-1] if items else before),
+        **thresholds(storage, device, items[-1] if items else before, reported),
     }
 
 
-def thresholds(storage: Storage, device: str, newest: dict[str, Any] | None) -> dict[str, Any]:
-    """Every known threshold (reported, desired, the newest alert's) and the one to draw."""
+def thresholds(
+    storage: Storage, device: str, newest: dict[str, Any] | None, reported: dict[str, Any]
+) -> dict[str, Any]:
+    """Every known threshold (``reported`` values, desired, the newest alert's) and the one to
+    draw."""
     known: list[dict[str, Any]] = []
-    reported = _reported(connection(storage), [device]).get(device, {})
     for key, value in sorted(reported.items()):
         if key.startswith("detect/") and key.endswith("/threshold") and _num(value) is not None:
             known.append({"model": key.split("/")[1], "value": _num(value), "source": "reported"})
@@ -384,8 +395,9 @@ def thresholds(storage: Storage, device: str, newest: dict[str, Any] | None) -> 
 def link(storage: Storage, device: str, since: float, until: float) -> dict[str, Any]:
     """The reported link over ``[since, until]`` (cloud/linkhistory.py): state changes and RTT
     and loss, with the newest reported values."""
-    db = connection(storage)
-    hist = linkhistory.history(db, device, since, until)
+    with storage.reader() as db:
+        hist = linkhistory.history(db, device, since, until)
+        reported = _reported(db, [device]).get(device, {})
     out: dict[str, Any] = {}
     for key, (times, values) in hist.items():
         name = key.partition("/")[2]
@@ -397,5 +409,5 @@ def link(storage: Storage, device: str, since: float, until: float) -> dict[str,
             vs = [v for _, v in pairs if v is not None]
             t, v = minmax(ts, vs, since, until, MAX_POINTS)
             out[name] = {"t": t, "v": v}
-    current = _summary(_reported(db, [device]).get(device, {}))["link"]
+    current = _summary(reported)["link"]
     return {"device": device, "since": since, "until": until, "history": out, "current": current}

@@ -16,10 +16,16 @@ inference"):
   for its answer.
 
 The models run on one worker thread (an interpreter is not thread-safe, and the event loop must
-not block); verdicts live in ``verdicts.db`` (SQLite, table ``window_verdicts``) in the endpoint's
-data directory, or in memory when the endpoint has none. Verdicts of an older endpoint (table
-``verdicts``, not bound to a window) are left alone and no longer answered: asked again, such an
-alert is judged once more.
+not block). Verdicts live in the endpoint's storage (:meth:`cloud.storebase.Storage.verdict`,
+:meth:`~cloud.storebase.Storage.put_verdicts`, called through the server's storage thread), so
+that every endpoint process and host sharing a storage finds a verdict any of them stored: two
+hosts that judge one window at once both store theirs, the first one stays and both answer it.
+Without a storage (a CloudInference on its own) they are kept in memory.
+
+An endpoint before verdicts moved into the storage kept them in ``verdicts.db`` in its data
+directory: :meth:`CloudInference.start` imports that file once into the storage and renames it
+``verdicts.db.imported``. Verdicts of a still older endpoint (table ``verdicts``, not bound to a
+window) are left alone and no longer answered: asked again, such an alert is judged once more.
 
 Logging policy: debug per request, info when a model is loaded and for each verdict stored.
 """
@@ -29,13 +35,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import sqlite3
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,12 +50,13 @@ from agent.detect.inference import Manifest, ModelEntry, TFLiteModel, load_manif
 from agent.errors import ModelError
 from agent.wire import records
 from agent.wire.validation import DIGEST_KEY, window_digest
+from cloud.storebase import Storage, StorageUnavailable, Verdict
 
 log = logging.getLogger(__name__)
 
 #: Where the float32 references live in a checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models" / "cloud"
-VERDICTS_FILE = "verdicts.db"
+VERDICTS_FILE = "verdicts.db"  # where older endpoints kept verdicts: imported once at start
 #: A fault class is taken as known above this probability (as the device's default).
 CLASSIFIER_CONFIDENCE = 0.8
 DEFAULT_CLASSIFIER = "skab-clf"
@@ -60,6 +68,11 @@ MAX_SEQ = 2**63 - 1
 FALSE_ALARM = "false_alarm"
 KNOWN_FAILURE = "known_failure"
 NOVEL_ANOMALY = "novel_anomaly"
+
+
+T = TypeVar("T")
+#: How the verdicts are reached: ``CloudServer.db`` (runs ``fn(storage)`` on its storage thread).
+StorageCall = Callable[[Callable[[Storage], Any]], Awaitable[Any]]
 
 
 class InferenceError(ValueError):
@@ -151,6 +164,7 @@ class CloudInference:
         self,
         models_dir: Path | None = None,
         data_dir: Path | None = None,
+        db: StorageCall | None = None,
         *,
         classifier: str = DEFAULT_CLASSIFIER,
         classifier_confidence: float = CLASSIFIER_CONFIDENCE,
@@ -165,61 +179,20 @@ class CloudInference:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloud-inference")
         self._manifest: Manifest | None = None
         self._models: dict[str, TFLiteModel] = {}
-        self._db: sqlite3.Connection | None = None
-        self._memory: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self._db: StorageCall = db or _MemoryVerdicts().call
         self._inflight: dict[tuple[str, int, str], asyncio.Future[dict[str, Any]]] = {}
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def start(self) -> None:
+        """Import the ``verdicts.db`` of an older endpoint in the data directory, once."""
         if self.data_dir is not None:
-            await self._call(self._open_db)
+            path = self.data_dir / VERDICTS_FILE
+            await self._db(lambda s: import_legacy_verdicts(s, path))
 
     async def close(self) -> None:
-        if self._db is not None:
-            await self._call(self._db.close)
-            self._db = None
         self._executor.shutdown(wait=False)
-
-    # -- storage (worker thread) -----------------------------------------------------------------
-    def _open_db(self) -> None:
-        assert self.data_dir is not None
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.data_dir / VERDICTS_FILE, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS window_verdicts (device TEXT NOT NULL, "
-            "seq INTEGER NOT NULL, digest TEXT NOT NULL, body BLOB NOT NULL, "
-            "PRIMARY KEY (device, seq, digest))"
-        )
-        db.commit()
-        self._db = db
-
-    def _load(self, key: tuple[str, int, str | None]) -> dict[str, Any] | None:
-        """The verdict stored under ``key``; a digest of None: the first one of the seq."""
-        device, seq, digest = key
-        if self._db is None:
-            if digest is not None:
-                return self._memory.get((device, seq, digest))
-            return next((v for k, v in self._memory.items() if k[:2] == (device, seq)), None)
-        sql = "SELECT body FROM window_verdicts WHERE device = ? AND seq = ?"
-        args: tuple[Any, ...] = (device, seq)
-        if digest is not None:
-            sql, args = sql + " AND digest = ?", (*args, digest)
-        row = self._db.execute(sql + " ORDER BY rowid LIMIT 1", args).fetchone()
-        return None if row is None else dict(records.loads(row[0]))
-
-    def _save(self, key: tuple[str, int, str], verdict: dict[str, Any]) -> None:
-        if self._db is None:
-            self._memory.setdefault(key, verdict)
-            return
-        with self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO window_verdicts (device, seq, digest, body) "
-                "VALUES (?, ?, ?, ?)",
-                (*key, records.dumps(verdict)),
-            )
 
     # -- models (worker thread) ------------------------------------------------------------------
     def _model(self, name: str) -> tuple[TFLiteModel, ModelEntry]:
@@ -315,13 +288,15 @@ class CloudInference:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            stored = await self._call(self._load, key)
+            stored = await self._db(lambda s: s.verdict(device, req.seq, req.digest))
             if stored is not None:
                 self.repeats += 1
-                verdict = stored
+                verdict = dict(records.loads(stored))
             else:
                 verdict = await self._call(self._validate, req)
-                await self._call(self._save, key, verdict)
+                item = (device, req.seq, req.digest, records.dumps(verdict))
+                [kept] = await self._db(lambda s: s.put_verdicts([item]))
+                verdict = dict(records.loads(kept))  # another host's, if it stored one first
                 self.validation_runs[(device, req.seq)] += 1
                 log.info(
                     "event=verdict device=%s seq=%d digest=%s anomalous=%s verdict=%s score=%.3g",
@@ -346,14 +321,71 @@ class CloudInference:
     ) -> dict[str, Any] | None:
         """The stored verdict of an alert's window (for operators and tests); without a
         digest, the first one stored for the seq."""
-        return await self._call(self._load, (device, seq, digest))
+        stored = await self._db(lambda s: s.verdict(device, seq, digest))
+        return None if stored is None else dict(records.loads(stored))
+
+
+def import_legacy_verdicts(storage: Storage, path: Path, chunk: int = 1000) -> int:
+    """Copy the verdicts of an older endpoint's ``verdicts.db`` (table ``window_verdicts``, in
+    the order they were stored) into ``storage`` (:meth:`Storage.put_verdicts`: one stored
+    already stays) and rename the file to ``verdicts.db.imported``, so that it is read once.
+    Returns how many verdicts it held; 0 when there is no such file."""
+    if not path.is_file():
+        return 0
+    try:
+        db = sqlite3.connect(path)
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # its WAL into the file, then gone
+            known = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'window_verdicts'"
+            ).fetchone()
+            rows: list[Verdict] = []
+            if known is not None:
+                rows = [
+                    (str(d), int(s), str(g), bytes(b))
+                    for d, s, g, b in db.execute(
+                        "SELECT device, seq, digest, body FROM window_verdicts ORDER BY rowid"
+                    )
+                ]
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        raise StorageUnavailable(f"{path}: cannot read the verdicts there: {err}") from err
+    for start in range(0, len(rows), chunk):
+        storage.put_verdicts(rows[start : start + chunk])
+    done = path.with_name(path.name + ".imported")
+    try:
+        os.replace(path, done)
+    except OSError as err:  # imported all the same; the next start imports again (no change)
+        log.warning("event=legacy_verdicts_not_renamed path=%s error=%s", path, err)
+    log.info("event=legacy_verdicts_imported path=%s verdicts=%d", path, len(rows))
+    return len(rows)
+
+
+class _MemoryVerdicts:
+    """The verdict methods of a storage, in memory: a CloudInference without a storage."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, int, str], bytes] = {}  # in the order they were stored
+
+    async def call(self, fn: Callable[[Any], T]) -> T:
+        return fn(self)
+
+    def verdict(self, device: str, seq: int, digest: str | None = None) -> bytes | None:
+        found = (v for (d, s, g), v in self._kept.items() if (d, s) == (device, seq))
+        return self._kept.get((device, seq, digest)) if digest is not None else next(found, None)
+
+    def put_verdicts(self, items: Sequence[Verdict]) -> list[bytes]:
+        return [self._kept.setdefault((d, s, g), body) for d, s, g, body in items]
 
 
 __all__ = [
+    "VERDICTS_FILE",
     "CloudInference",
     "InferRequest",
     "InferenceError",
     "ModelError",
     "NoSuchModel",
     "ValidateRequest",
+    "import_legacy_verdicts",
 ]

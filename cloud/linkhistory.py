@@ -2,9 +2,11 @@
 over time, a bounded number of values per device and key, for the dashboard's link chart.
 
 Reported state keeps only the newest value of a key (docs/protocol.md, "Device state"); this
-table keeps the values as they were taken. :class:`cloud.storage.SQLiteStorage` appends to it in
-the same transaction that merges a reported PUT (:func:`append`), so it holds exactly the values
-the endpoint accepted. Rules:
+table keeps the values as they were taken. Both storages append to it in the same transaction
+that merges a reported PUT (:func:`append`, written once over :class:`cloud.storebase.Sql`), so
+it holds exactly the values the endpoint accepted. The one difference between the two: SQLite
+keeps a value in one untyped column ``value``, PostgreSQL in ``value_text`` or ``value_num``
+(:func:`value_columns`). Rules:
 
 - Times are the endpoint's clock when the value was taken (the device's versions are only
   ordered, not a clock).
@@ -18,9 +20,11 @@ the endpoint accepted. Rules:
 from __future__ import annotations
 
 import math
-import sqlite3
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud.storebase import Sql
 
 KEYS = ("link/state", "link/rtt_ms", "link/loss")
 MAX_ROWS = 4096  # values per device and key
@@ -39,6 +43,24 @@ CREATE INDEX IF NOT EXISTS link_history_by_key ON link_history (device, key, tim
 """
 
 
+def value_columns(dialect: str) -> tuple[str, ...]:
+    """The columns that hold a value: one untyped column in SQLite; a text and a number in
+    PostgreSQL (cloud/pgschema.py), of which one is set."""
+    return ("value",) if dialect == "sqlite" else ("value_text", "value_num")
+
+
+def pack(dialect: str, value: Any) -> tuple[Any, ...]:
+    """``value`` as the :func:`value_columns` of ``dialect`` hold it."""
+    if dialect == "sqlite":
+        return (value,)
+    return (value, None) if isinstance(value, str) else (None, value)
+
+
+def unpack(columns: Sequence[Any]) -> Any:
+    """The value from what :func:`value_columns` held (the one that is not null)."""
+    return next((v for v in columns if v is not None), None)
+
+
 def _keepable(key: str, value: Any) -> Any:
     """The value as stored, or None when it is not kept."""
     if key == "link/state":
@@ -48,11 +70,11 @@ def _keepable(key: str, value: Any) -> Any:
     return float(value) if math.isfinite(value) else None
 
 
-def append(
-    db: sqlite3.Connection, device: str, entries: Iterable[tuple[str, int, Any]], now: float
-) -> int:
+def append(db: Sql, device: str, entries: Iterable[tuple[str, int, Any]], now: float) -> int:
     """Keep the link values of a reported PUT, ``(key, version, value)`` as merged; inside the
     caller's transaction. Returns how many were kept."""
+    columns = value_columns(db.dialect)
+    values = ", ".join(columns)
     kept = 0
     for key, version, raw in entries:
         if key not in KEYS:
@@ -61,18 +83,19 @@ def append(
         if value is None:
             continue
         last = db.execute(
-            "SELECT time, value FROM link_history WHERE device = ? AND key = ? "
+            f"SELECT time, {values} FROM link_history WHERE device = ? AND key = ? "
             "ORDER BY time DESC LIMIT 1",
             (device, key),
         ).fetchone()
         if last is not None:
-            if last[1] == value:
+            if unpack(last[1:]) == value:
                 continue
             if key != "link/state" and now - last[0] < MIN_SPACING:
                 continue
         db.execute(
-            "INSERT INTO link_history (device, key, time, version, value) VALUES (?, ?, ?, ?, ?)",
-            (device, key, now, version, value),
+            f"INSERT INTO link_history (device, key, time, version, {values}) "
+            f"VALUES (?, ?, ?, ?{', ?' * len(columns)})",
+            (device, key, now, version, *pack(db.dialect, value)),
         )
         db.execute(
             "DELETE FROM link_history WHERE device = ? AND key = ? AND time < ("
@@ -85,29 +108,30 @@ def append(
 
 
 def history(
-    db: sqlite3.Connection, device: str, since: float, until: float
+    db: Sql, device: str, since: float, until: float
 ) -> dict[str, tuple[list[float], list[Any]]]:
     """Per key, the kept values in ``[since, until]`` (times ascending), starting with the last
     value before ``since`` placed at ``since`` (so that a step line starts at the left edge)."""
+    values = ", ".join(value_columns(db.dialect))
     out: dict[str, tuple[list[float], list[Any]]] = {}
     for key in KEYS:
         times: list[float] = []
-        values: list[Any] = []
+        found: list[Any] = []
         before = db.execute(
-            "SELECT value FROM link_history WHERE device = ? AND key = ? AND time < ? "
+            f"SELECT {values} FROM link_history WHERE device = ? AND key = ? AND time < ? "
             "ORDER BY time DESC LIMIT 1",
             (device, key, since),
         ).fetchone()
         if before is not None:
             times.append(since)
-            values.append(before[0])
+            found.append(unpack(before))
         rows = db.execute(
-            "SELECT time, value FROM link_history WHERE device = ? AND key = ? "
+            f"SELECT time, {values} FROM link_history WHERE device = ? AND key = ? "
             "AND time >= ? AND time <= ? ORDER BY time LIMIT ?",
             (device, key, since, until, MAX_ROWS),
         )
-        for time, value in rows:
-            times.append(float(time))
-            values.append(value)
-        out[key] = (times, values)
+        for row in rows:
+            times.append(float(row[0]))
+            found.append(unpack(row[1:]))
+        out[key] = (times, found)
     return out

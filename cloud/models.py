@@ -1,14 +1,18 @@
-"""The endpoint's model registry: signed, versioned model files and their CoAP resources.
+"""The endpoint's model registry: signed, versioned model versions and their CoAP resources.
 
-Layout under ``DATA/models`` (one directory per published version, never changed afterwards)::
+The storage holds the published versions (:meth:`cloud.storebase.Storage.put_model`: the signed
+manifest and the file; PostgreSQL in a table, SQLite as the files under ``DATA/models`` it has
+always used, cloud/modelfiles.py), so a version published through any endpoint or the command
+line is served by every endpoint on that storage. A published version is immutable: publishing
+it again is refused (give it a new version).
 
-    NAME/VERSION/model.tflite      the model file
-    NAME/VERSION/manifest.cbor     the signed manifest (agent.modelstore.signing.SignedManifest)
-
-:meth:`ModelRegistry.publish` writes both into a temporary directory, fsyncs them and renames the
-directory into place, so a server running on the same directory sees a version either complete
-or not at all. A published version is immutable: publishing it again is refused (give it a new
-version).
+Each endpoint serves a version's file from its local cache, ``DATA/models`` (the layout of
+cloud/modelfiles.py), so that a block is a file read. The cache is filled on demand: the first
+request for a version's file in a process compares the cached manifest with the storage's, and
+when they differ (or there is no copy) fetches the file from the storage, checks its size and
+SHA-256 against the signed manifest, and only then renames it into place. With SQLite in the
+same ``--data`` the cache is the storage itself and nothing is copied: a file is served as it
+is stored (the device checks the signature and the SHA-256 of everything it downloads).
 
 Resources (docs/protocol.md, "Models"), all GET:
 
@@ -22,20 +26,22 @@ device resumes an interrupted download from its last whole block, also after the
 restarted. Every block carries Size2 (the file's size) and an ETag (the first 8 bytes of the
 file's SHA-256), so a device notices a file that is not the one its manifest names.
 
-Logging: info for a version published; requests are logged by the server.
+Logging: info for a version published and for a version cached; error for a stored file that
+does not match its manifest; requests are logged by the server.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import hashlib
 import json
 import logging
 import os
-import shutil
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import cbor2
 from aiocoap import Message
@@ -45,15 +51,39 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.detect.inference import TFLITE_IDENTIFIER, load_manifest
 from agent.errors import ModelError
-from agent.files import fsync_dir
 from agent.modelstore.signing import CF_OCTET_STREAM, SignedManifest, check_name
 from agent.wire.batch import CF_CBOR
+from cloud.modelfiles import MANIFEST_FILE, MODEL_FILE, ModelFiles
+from cloud.storebase import ModelVersion
 
 log = logging.getLogger(__name__)
 
 MAX_SZX = 6  # blocks of at most 1024 bytes
-MODEL_FILE = "model.tflite"
-MANIFEST_FILE = "manifest.cbor"
+__all__ = ["MANIFEST_FILE", "MODEL_FILE", "ModelRegistry", "Published", "entry_for"]
+
+T = TypeVar("T")
+
+
+class StorageCalls(Protocol):
+    """How the registry reaches the storage: :class:`cloud.storage.StorageThread` (the server),
+    or :class:`Direct` (the command line, or a directory of files on its own)."""
+
+    async def call(self, fn: Callable[[Any], T]) -> T: ...
+
+    def call_sync(self, fn: Callable[[Any], T], timeout: float | None = ...) -> T: ...
+
+
+class Direct:
+    """Calls made at once on ``target`` (a storage, or a :class:`ModelFiles`), blocking."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    async def call(self, fn: Callable[[Any], T]) -> T:
+        return fn(self.target)
+
+    def call_sync(self, fn: Callable[[Any], T], timeout: float | None = None) -> T:
+        return fn(self.target)
 
 
 class ModelRequestError(Exception):
@@ -96,13 +126,15 @@ def entry_for(file: Path, manifest: Path | None = None, entry_name: str | None =
 
 
 class ModelRegistry:
-    """The published model versions in one directory."""
+    """The published model versions of a storage, served from the cache in ``directory``.
+    Without ``storage`` the directory is the store itself (a SQLite endpoint's layout)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, storage: StorageCalls | None = None) -> None:
         self.directory = Path(directory)
-
-    def _dir(self, name: str, version: str) -> Path:
-        return self.directory / check_name("name", name) / check_name("version", version)
+        self.cache = ModelFiles(self.directory)
+        self.storage: StorageCalls = storage or Direct(self.cache)
+        self._ready: dict[tuple[str, str], SignedManifest] = {}  # cached and checked
+        self._filling = asyncio.Lock()
 
     def publish(
         self,
@@ -113,32 +145,21 @@ class ModelRegistry:
         key: Ed25519PrivateKey,
     ) -> SignedManifest:
         """Sign and store one version. Raises ModelError (exists, not a model, bad entry)."""
-        target = self._dir(name, version)
-        if target.exists():
-            raise ModelError(
-                f"model {name} {version} is already published; versions are immutable, "
-                "publish a new version"
-            )
+        check_name("name", name)
+        check_name("version", version)
+        exists = ModelError(
+            f"model {name} {version} is already published; versions are immutable, "
+            "publish a new version"
+        )
+        if self.storage.call_sync(lambda s: s.model(name, version)) is not None:
+            raise exists
         if len(data) < 8 or data[4:8] != TFLITE_IDENTIFIER:
             raise ModelError(f"model {name} {version}: not a TFLite file")
         manifest = SignedManifest.sign(name, version, data, entry, key)
         manifest.model_entry()  # the entry must describe a model the device can load
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{version}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            for fname, content in ((MODEL_FILE, data), (MANIFEST_FILE, manifest.to_cbor())):
-                with open(tmp / fname, "wb") as out:
-                    out.write(content)
-                    out.flush()
-                    os.fsync(out.fileno())
-            fsync_dir(tmp)
-            os.rename(tmp, target)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ModelError(f"{target}: cannot publish ({err})") from err
-        fsync_dir(target.parent)
+        body, now = manifest.to_cbor(), time.time()
+        if not self.storage.call_sync(lambda s: s.put_model(name, version, body, data, now)):
+            raise exists
         log.info(
             "event=model_published name=%s version=%s bytes=%d key=%s",
             name,
@@ -148,48 +169,67 @@ class ModelRegistry:
         )
         return manifest
 
-    def manifest_bytes(self, name: str, version: str) -> bytes | None:
-        try:
-            return (self._dir(name, version) / MANIFEST_FILE).read_bytes()
-        except (OSError, ModelError):
-            return None
-
-    def manifest(self, name: str, version: str) -> SignedManifest | None:
-        data = self.manifest_bytes(name, version)
-        return None if data is None else SignedManifest.from_cbor(data)
-
     def file_path(self, name: str, version: str) -> Path:
-        return self._dir(name, version) / MODEL_FILE
+        """Where the cache keeps a version's file."""
+        return self.cache.file_path(name, version)
 
     def list(self, name: str | None = None) -> list[Published]:
-        out = []
-        if not self.directory.is_dir():
-            return out
-        names = [name] if name is not None else sorted(p.name for p in self.directory.iterdir())
-        for n in names:
-            base = self.directory / n
-            if n.startswith(".") or not base.is_dir():
-                continue
-            for vdir in sorted(base.iterdir()):
-                if vdir.name.startswith("."):
-                    continue
-                with contextlib.suppress(OSError, ModelError):
-                    m = SignedManifest.read(vdir / MANIFEST_FILE)
-                    published = (vdir / MANIFEST_FILE).stat().st_mtime
-                    out.append(Published(m.name, m.version, m.size, m.sha256, m.key, published))
-        out.sort(key=lambda p: (p.name, p.published))
-        return out
+        """The published versions (of ``name``), by name and time of publication."""
+        return _published(self.storage.call_sync(lambda s: s.models(name)))
+
+    async def _cached(self, name: str, version: str) -> SignedManifest:
+        """The version's manifest, once its file is in the cache as the storage has it (the
+        module docstring); ModelRequestError 4.04 when it is not published."""
+        ready = self._ready.get((name, version))
+        if ready is not None:
+            return ready
+        async with self._filling:  # one fill at a time; a second request finds it done
+            ready = self._ready.get((name, version))
+            if ready is not None:
+                return ready
+            stored = await self.storage.call(lambda s: s.model(name, version))
+            manifest = _manifest(stored)
+            if stored is None or manifest is None:
+                raise ModelRequestError(Code.NOT_FOUND, "no such model version")
+            cached = self.cache.model(name, version)
+            if (
+                cached is None
+                or cached.manifest != stored.manifest
+                or not self.file_path(name, version).is_file()
+            ):
+                data = await self.storage.call(lambda s: s.model_file(name, version))
+                if data is None:
+                    raise ModelRequestError(Code.NOT_FOUND, "no such model version")
+                if len(data) != manifest.size or hashlib.sha256(data).hexdigest() != (
+                    manifest.sha256
+                ):
+                    log.error(
+                        "event=stored_model_corrupt name=%s version=%s bytes=%d action=refused",
+                        name,
+                        version,
+                        len(data),
+                    )
+                    raise ModelRequestError(
+                        Code.SERVICE_UNAVAILABLE, "the stored model does not match its manifest"
+                    )
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.cache.install, name, version, stored.manifest, data
+                )
+                log.info("event=model_cached name=%s version=%s bytes=%d", name, version, len(data))
+            self._ready[(name, version)] = manifest
+            return manifest
 
     # -- CoAP ------------------------------------------------------------------------------------
 
-    def render(self, request: Message, path: tuple[str, ...]) -> Message:
+    async def render(self, request: Message, path: tuple[str, ...]) -> Message:
         """Answer a GET under ``/models``; raises ModelRequestError."""
         accept = request.opt.accept
         match path:
             case ("models", name):
                 self._accept(accept, CF_CBOR)
                 self._check(name, "name")
-                items = [p.to_dict() for p in self.list(name)]
+                found = await self.storage.call(lambda s: s.models(name))
+                items = [p.to_dict() for p in _published(found)]
                 if not items:
                     raise ModelRequestError(Code.NOT_FOUND, "no such model")
                 payload = cbor2.dumps(items, canonical=True)
@@ -198,15 +238,21 @@ class ModelRegistry:
                 self._accept(accept, CF_CBOR)
                 self._check(name, "name")
                 self._check(version, "version")
-                data = self.manifest_bytes(name, version)
-                if data is None:
+                stored = await self.storage.call(lambda s: s.model(name, version))
+                if stored is None:
                     raise ModelRequestError(Code.NOT_FOUND, "no such model version")
-                return Message(code=Code.CONTENT, payload=data, content_format=CF_CBOR)
+                return Message(code=Code.CONTENT, payload=stored.manifest, content_format=CF_CBOR)
             case ("models", name, version, "file"):
                 self._accept(accept, CF_OCTET_STREAM)
                 self._check(name, "name")
                 self._check(version, "version")
-                return self._block(request, name, version)
+                manifest = await self._cached(name, version)
+                try:
+                    return self._block(request, name, version, manifest)
+                except FileNotFoundError:  # the cached copy went away: fetch it again
+                    self._ready.pop((name, version), None)
+                    manifest = await self._cached(name, version)
+                    return self._block(request, name, version, manifest)
         raise ModelRequestError(Code.NOT_FOUND, "no such resource")
 
     @staticmethod
@@ -221,11 +267,10 @@ class ModelRegistry:
         except ModelError:
             raise ModelRequestError(Code.NOT_FOUND, f"no such model {what}") from None
 
-    def _block(self, request: Message, name: str, version: str) -> Message:
-        manifest = self.manifest(name, version)
+    def _block(
+        self, request: Message, name: str, version: str, manifest: SignedManifest
+    ) -> Message:
         path = self.file_path(name, version)
-        if manifest is None or not path.is_file():
-            raise ModelRequestError(Code.NOT_FOUND, "no such model version")
         block2 = request.opt.block2
         szx = MAX_SZX if block2 is None else min(block2.size_exponent, MAX_SZX)
         num = 0 if block2 is None else block2.block_number
@@ -247,6 +292,32 @@ class ModelRegistry:
         response.opt.size2 = total
         response.opt.etag = bytes.fromhex(manifest.sha256)[:8]
         return response
+
+
+def _manifest(stored: ModelVersion | None) -> SignedManifest | None:
+    """The signed manifest of a stored version; None when there is none or it does not read."""
+    if stored is None:
+        return None
+    try:
+        return SignedManifest.from_cbor(stored.manifest)
+    except (ModelError, ValueError) as err:
+        log.warning(
+            "event=manifest_unreadable name=%s version=%s error=%s",
+            stored.name,
+            stored.version,
+            err,
+        )
+        return None
+
+
+def _published(found: list[ModelVersion]) -> list[Published]:
+    out = []
+    for stored in found:
+        m = _manifest(stored)
+        if m is not None:
+            out.append(Published(m.name, m.version, m.size, m.sha256, m.key, stored.published))
+    out.sort(key=lambda p: (p.name, p.published))
+    return out
 
 
 def published_json(items: list[Published]) -> str:

@@ -119,8 +119,32 @@ _V1 = (
     "CREATE INDEX link_history_by_key ON link_history (device, key, time)",
 )
 
+#: Version 2: validation verdicts (cloud/inference.py; ``n`` is the order they were stored in,
+#: the first verdict of a seq is its lowest) and published models, file bytes and all
+#: (cloud/models.py: every endpoint caches the versions it serves in its own --data).
+_V2 = (
+    "CREATE SEQUENCE verdict_order AS BIGINT",
+    """CREATE TABLE window_verdicts (
+        n BIGINT PRIMARY KEY DEFAULT nextval('verdict_order'),
+        device TEXT COLLATE "C" NOT NULL,
+        seq BIGINT NOT NULL,
+        digest TEXT COLLATE "C" NOT NULL,
+        body BYTEA NOT NULL,
+        UNIQUE (device, seq, digest)
+    )""",
+    "ALTER SEQUENCE verdict_order OWNED BY window_verdicts.n",
+    """CREATE TABLE models (
+        name TEXT COLLATE "C" NOT NULL,
+        version TEXT COLLATE "C" NOT NULL,
+        manifest BYTEA NOT NULL,
+        data BYTEA NOT NULL,
+        published DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (name, version)
+    )""",
+)
+
 #: Every migration, in order: migration ``i`` (from 1) takes the schema from version i-1 to i.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -57,6 +57,7 @@ from agent.wire.credentials import Credential, CredentialError
 from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import linkhistory, pgschema
+from cloud.pgextra import PostgresExtras
 from cloud.storebase import (
     Batch,
     DeviceInfo,
@@ -65,6 +66,7 @@ from cloud.storebase import (
     IngestResult,
     PreconditionFailed,
     ReportedResult,
+    Sql,
     StorageUnavailable,
     StoredRecord,
     UnknownDevice,
@@ -110,9 +112,10 @@ def _no_partition(err: BaseException) -> bool:
     return isinstance(err, pgerrors.CheckViolation) and "no partition" in str(err)
 
 
-class PostgresStorage:
+class PostgresStorage(PostgresExtras):
     """:class:`cloud.storebase.Storage` on PostgreSQL (module docstring). ``dsn`` is a libpq
-    connection string or ``postgresql://`` URL."""
+    connection string or ``postgresql://`` URL. Verdicts, models, the dashboard's reader and
+    the bulk copy: :class:`cloud.pgextra.PostgresExtras`."""
 
     def __init__(self, dsn: str, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self._dsn = dsn
@@ -489,7 +492,7 @@ class PostgresStorage:
                     ),
                 )
             taken = [(key, entry.version, entry.value) for key, entry in merge.writes]
-            self._append_links(conn, device, taken, now)
+            linkhistory.append(Sql(conn, "postgresql"), device, taken, now)
             doc = self._desired(conn, device)
             blocked = statedoc.block_failures(doc, merge.failures)
             if blocked is not doc:
@@ -497,40 +500,6 @@ class PostgresStorage:
             return ReportedResult(merge.versions, blocked, blocked is not doc, merge.refused)
 
         return self._run(tx)
-
-    @staticmethod
-    def _append_links(
-        conn: Conn, device: str, entries: Sequence[tuple[str, int, Any]], now: float
-    ) -> None:
-        """:func:`cloud.linkhistory.append`, the same rules, on this database."""
-        for key, version, raw in entries:
-            if key not in linkhistory.KEYS:
-                continue
-            value = linkhistory._keepable(key, raw)
-            if value is None:
-                continue
-            last = conn.execute(
-                "SELECT time, value_text, value_num FROM link_history"
-                " WHERE device = %s AND key = %s ORDER BY time DESC LIMIT 1",
-                (device, key),
-            ).fetchone()
-            if last is not None:
-                if (last[1] if last[1] is not None else last[2]) == value:
-                    continue
-                if key != "link/state" and now - last[0] < linkhistory.MIN_SPACING:
-                    continue
-            text, number = (value, None) if isinstance(value, str) else (None, value)
-            conn.execute(
-                "INSERT INTO link_history (device, key, time, version, value_text, value_num)"
-                " VALUES (%s, %s, %s, %s, %s, %s)",
-                (device, key, now, version, text, number),
-            )
-            conn.execute(
-                "DELETE FROM link_history WHERE device = %s AND key = %s AND time < ("
-                " SELECT time FROM link_history WHERE device = %s AND key = %s"
-                " ORDER BY time DESC LIMIT 1 OFFSET %s)",
-                (device, key, device, key, linkhistory.MAX_ROWS - 1),
-            )
 
     def _desired(self, conn: Conn, device: str, lock: bool = False) -> DesiredDoc:
         if lock:

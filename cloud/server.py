@@ -289,9 +289,11 @@ class CloudServer:
         )
         server.worker = worker
         server.data_dir = Path(data_dir)
-        server.models = ModelRegistry(Path(data_dir) / "models")
+        server.models = ModelRegistry(Path(data_dir) / "models", thread)
         server.inference = CloudInference(
-            Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR, server.data_dir
+            Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR,
+            server.data_dir,
+            server.db,
         )
         try:
             server.principals.load(await thread.call(lambda s: s.credentials()))
@@ -717,7 +719,7 @@ class CloudServer:
         if self.models is None:
             raise _Failure(Code.NOT_FOUND, "no model registry")
         try:
-            return self.models.render(request, tuple(request.opt.uri_path))
+            return await self.models.render(request, tuple(request.opt.uri_path))
         except ModelRequestError as err:
             raise _Failure(err.code, err.message) from None
 

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import AgentError
 from agent.wire import statedoc
@@ -38,13 +38,16 @@ from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import linkhistory
 from cloud.storebase import (
+    TABLES,
     Batch,
     DeviceInfo,
     DocumentTooLarge,
     DuplicateKeyId,
     IngestResult,
+    ModelVersion,
     PreconditionFailed,
     ReportedResult,
+    Sql,
     Storage,
     StorageUnavailable,
     StoredRecord,
@@ -54,7 +57,11 @@ from cloud.storebase import (
     merge_reported,
     records_query,
 )
+from cloud.storesql import Row, SharedStorage, insert, missing
 from drivers.clock import Clock, RealClock
+
+if TYPE_CHECKING:
+    from cloud.modelfiles import ModelFiles
 
 __all__ = [
     "DB_NAME",
@@ -79,8 +86,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DB_NAME = "cloud.sqlite3"
-#: PRAGMA user_version. A table added with CREATE TABLE IF NOT EXISTS (oscore_sequence) needs no
-#: new version: an older endpoint still opens the file and leaves that table alone.
+MODELS_DIR = "models"  # the published models, beside the database (cloud/modelfiles.py)
+#: PRAGMA user_version. A table added with CREATE TABLE IF NOT EXISTS (oscore_sequence,
+#: window_verdicts) needs no new version: an older endpoint still opens the file and leaves that
+#: table alone.
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
 SYNC_TIMEOUT = 30.0  # seconds StorageThread.call_sync waits for the database thread
@@ -142,6 +151,14 @@ CREATE TABLE IF NOT EXISTS oscore_sequence (
     principal TEXT PRIMARY KEY,
     reserved INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS window_verdicts (
+    n INTEGER PRIMARY KEY,  -- the order they were stored in
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    body BLOB NOT NULL,
+    UNIQUE (device, seq, digest)
+);
 """
 
 
@@ -160,13 +177,18 @@ def _wal(db: sqlite3.Connection) -> None:
             time.sleep(WAL_RETRY)
 
 
-class SQLiteStorage:
+class SQLiteStorage(SharedStorage):
     """:class:`Storage` on one SQLite file in WAL mode, ``synchronous=FULL``: an acknowledged
-    record survives a power cut, which is what lets the device delete it."""
+    record survives a power cut, which is what lets the device delete it. Published models are
+    files in ``models/`` beside it (cloud/modelfiles.py), as they always were."""
+
+    _DIALECT = "sqlite"
+    _META = "counters"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._store: str | None = None
+        self._files: ModelFiles | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -405,7 +427,7 @@ class SQLiteStorage:
                     (device, key, entry.version, statedoc.encode_value(entry.value), now),
                 )
             taken = [(key, entry.version, entry.value) for key, entry in merge.writes]
-            linkhistory.append(db, device, taken, now)
+            linkhistory.append(Sql(db, "sqlite"), device, taken, now)
             doc = self._desired(db, device)
             blocked = statedoc.block_failures(doc, merge.failures)
             if blocked is not doc:
@@ -551,6 +573,59 @@ class SQLiteStorage:
             except (ValueError, CredentialError) as err:
                 log.error("event=credential_unreadable error=%s", err)
         return out
+
+    # -- what storesql.SharedStorage writes once for both databases -----------------------------
+
+    def _read(self, fn: Callable[[Sql], T]) -> T:
+        with self._errors():
+            return fn(Sql(self.db, "sqlite"))
+
+    def _write(self, fn: Callable[[Sql], T]) -> T:
+        with self._errors(), self._tx() as db:
+            return fn(Sql(db, "sqlite"))
+
+    @contextmanager
+    def reader(self) -> Iterator[Sql]:
+        with self._errors():
+            yield Sql(self.db, "sqlite")
+
+    def _load_records(self, rows: Sequence[Row]) -> int:
+        def tx(db: Sql) -> int:
+            new = missing(db, TABLES["records"], rows)
+            insert(db, "records", ", ".join(TABLES["records"].columns), new)
+            top = max(row[6] for row in rows)
+            db.execute(
+                "INSERT INTO counters (name, value) VALUES ('arrival', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)",
+                (top,),
+            )
+            return len(new)
+
+        return self._write(tx)
+
+    # -- published models: files beside the database ---------------------------------------------
+
+    @property
+    def model_files(self) -> ModelFiles:
+        if self._files is None:
+            from cloud.modelfiles import ModelFiles
+
+            self._files = ModelFiles(self.path.parent / MODELS_DIR)
+        return self._files
+
+    def put_model(
+        self, name: str, version: str, manifest: bytes, data: bytes, published: float
+    ) -> bool:
+        return self.model_files.put_model(name, version, manifest, data, published)
+
+    def models(self, name: str | None = None) -> list[ModelVersion]:
+        return self.model_files.models(name)
+
+    def model(self, name: str, version: str) -> ModelVersion | None:
+        return self.model_files.model(name, version)
+
+    def model_file(self, name: str, version: str) -> bytes | None:
+        return self.model_files.model_file(name, version)
 
     def close(self) -> None:
         if self._db is not None:

@@ -16,6 +16,11 @@ The contract both keep (tests/unit/cloud/test_storage_contract.py runs it agains
 - A failure of the database (I/O error, full disk, connection refused or lost, locked for too
   long, closed) raises :class:`StorageUnavailable` with one line saying what happened, never an
   exception of the database library; the server answers it with 5.03 and a Max-Age.
+- Validation verdicts are stored once per (device, seq, window digest): the first copy stays,
+  whichever process or host stored it. Published model versions are immutable.
+- :meth:`Storage.dump` and :meth:`Storage.load` copy a storage table by table (:data:`TABLES`,
+  the same rows on both) for ``edge-agent-cloud migrate`` (cloud/migrate.py). What both
+  implementations do alike is written once, over :class:`Sql`, in cloud/storesql.py.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -119,6 +125,101 @@ MAX_SEQUENCE = 2**63 - 1
 #: One batch of :meth:`Storage.ingest_many`: (device, records, register the device if unknown).
 Batch = tuple[str, Sequence[WireRecord], bool]
 
+#: One verdict of :meth:`Storage.put_verdicts`: (device, seq, window digest, the verdict's CBOR).
+Verdict = tuple[str, int, str, bytes]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A published model version: its signed manifest (CBOR) and when it was published."""
+
+    name: str
+    version: str
+    manifest: bytes
+    published: float
+
+
+@dataclass(frozen=True)
+class Table:
+    """A logical table of :meth:`Storage.dump` and :meth:`Storage.load`: its columns in row
+    order, the columns of its key (unique, the order of a dump), and whether a stored row may
+    change (``mutable``: a load replaces it) or is written once."""
+
+    name: str
+    columns: tuple[str, ...]
+    key: tuple[str, ...]
+    mutable: bool = False
+
+
+#: Every logical table of a storage, in the order a migrate copies them. ``verdicts``: ``n``
+#: numbers them in the order they were stored (the first verdict of a seq is the lowest);
+#: ``sequences``: the OSCORE sender sequence counters (:meth:`Storage.reserve_sequence`);
+#: ``link_history``: ``value`` is a text (link/state) or a number.
+TABLES: dict[str, Table] = {
+    t.name: t
+    for t in (
+        Table("devices", ("id", "registered", "last_seen", "desired_rev"), ("id",), True),
+        Table(
+            "credentials",
+            ("principal", "role", "kid", "doc", "created", "revoked"),
+            ("principal",),
+            True,
+        ),
+        Table(
+            "records",
+            ("device", "seq", "kind", "created", "time", "received", "arrival", "body"),
+            ("device", "seq"),
+        ),
+        Table(
+            "reported",
+            ("device", "key", "version", "value", "updated"),
+            ("device", "key"),
+            True,
+        ),
+        Table(
+            "desired",
+            ("device", "key", "version", "value", "updated", "blocked"),
+            ("device", "key"),
+            True,
+        ),
+        Table(
+            "link_history",
+            ("device", "key", "time", "version", "value"),
+            ("device", "key", "time", "version"),
+        ),
+        Table("verdicts", ("n", "device", "seq", "digest", "body"), ("n",)),
+        Table("models", ("name", "version", "manifest", "data", "published"), ("name", "version")),
+        Table("sequences", ("principal", "reserved"), ("principal",)),
+    )
+}
+
+
+class Sql:
+    """A database connection (sqlite3 or psycopg: both have ``execute``) that takes SQL with
+    ``?`` placeholders in either dialect, so that code reading both storages is written once.
+    ``dialect`` is ``"sqlite"`` or ``"postgresql"``; only the placeholders are translated (and
+    a ``%`` doubled for psycopg), so the SQL itself must be common to both."""
+
+    def __init__(self, conn: Any, dialect: str) -> None:
+        self.conn = conn
+        self.dialect = dialect
+
+    def text(self, sql: str) -> str:
+        if self.dialect == "sqlite":
+            return sql
+        return sql.replace("%", "%%").replace("?", "%s")
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        """The cursor of ``sql``: ``fetchone()``, ``fetchall()``, iteration, ``rowcount``."""
+        return self.conn.execute(self.text(sql), args)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if self.dialect == "sqlite":
+            self.conn.executemany(sql, rows)
+        else:
+            with self.conn.cursor() as cur:
+                cur.executemany(self.text(sql), rows)
+
 
 @runtime_checkable
 class Storage(Protocol):
@@ -211,7 +312,67 @@ class Storage(Protocol):
     def storage_id(self) -> str:
         """This storage's identity: endpoints that share it are one deployment (a device may
         fall back between them); another storage is another deployment. 16 hex digits of a
-        random 63-bit number chosen when the storage was made."""
+        random 63-bit number chosen when the storage was made (or taken over from the storage
+        a migrate copied: :meth:`set_migration`)."""
+
+    # -- validation verdicts (cloud/inference.py) ------------------------------------------------
+
+    def verdict(self, device: str, seq: int, digest: str | None = None) -> bytes | None:
+        """The stored verdict (its CBOR) of the alert ``seq`` on the window ``digest``; with
+        ``digest`` None, the first one stored for the seq."""
+
+    def put_verdicts(self, items: Sequence[Verdict]) -> list[bytes]:
+        """Store each (device, seq, digest) verdict once, in ONE transaction: one already stored
+        stays (the first copy wins, also when another host stored it meanwhile). Returns, for
+        each item, the verdict that is stored now."""
+
+    # -- published models (cloud/models.py) ------------------------------------------------------
+
+    def put_model(
+        self, name: str, version: str, manifest: bytes, data: bytes, published: float
+    ) -> bool:
+        """Publish a model version (its signed manifest and its file); False, and nothing
+        changed, when that version is published already (versions are immutable)."""
+
+    def models(self, name: str | None = None) -> list[ModelVersion]:
+        """The published versions (of ``name``), by name then version; without their files."""
+
+    def model(self, name: str, version: str) -> ModelVersion | None: ...
+
+    def model_file(self, name: str, version: str) -> bytes | None:
+        """The file of a published version, as it is stored (the caller verifies it)."""
+
+    # -- the dashboard's queries (cloud/dashdata.py) ---------------------------------------------
+
+    def reader(self) -> AbstractContextManager[Sql]:
+        """Read-only SQL on this storage's tables for the dashboard: ``?`` placeholders, the
+        dialect named by ``Sql.dialect``. Errors of the database are :class:`StorageUnavailable`.
+        """
+
+    # -- bulk copy (cloud/migrate.py) ------------------------------------------------------------
+
+    def table_count(self, table: str) -> int:
+        """How many rows the logical ``table`` (one of :data:`TABLES`) holds."""
+
+    def dump(self, table: str, after: tuple[Any, ...] | None, limit: int) -> list[tuple[Any, ...]]:
+        """At most ``limit`` rows of ``table`` (its :data:`TABLES` columns) whose key comes
+        after ``after`` (None: from the first), in key order (keyset pagination: bounded memory
+        and a restart from any key)."""
+
+    def load(self, table: str, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Write rows as :meth:`dump` gives them, in ONE transaction. A row whose key is stored
+        already is replaced when the table is ``mutable`` (devices, credentials, state: the copy
+        follows the source) and left as it is otherwise (records, link history, verdicts,
+        models are written once: nothing is copied twice); of the OSCORE sequence counters the
+        larger stays. Keeps the counters above what was loaded: the arrival numbers and the
+        verdicts' order. Returns how many rows were written."""
+
+    def migration(self) -> str | None:
+        """The storage id of the source an unfinished migrate is filling this storage from."""
+
+    def set_migration(self, source_id: str, done: bool = False) -> None:
+        """Mark this storage as being filled by a migrate from the storage ``source_id``; with
+        ``done``, end it: this storage takes ``source_id`` as its own id and the mark goes."""
 
     def close(self) -> None: ...
 

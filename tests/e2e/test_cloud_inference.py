@@ -4,6 +4,8 @@ on loopback, with the float32 models of models/cloud in the real interpreter."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import pytest
 
 from agent.detect.inference import TFLiteModel, load_manifest
 from agent.sync.transport import CoapTransport, Response, code
+from agent.wire import records
 from agent.wire.batch import CF_CBOR
+from agent.wire.validation import window_digest
 from cloud.server import CloudServer, Limits
 from drivers.clock import RealClock
 
@@ -176,3 +180,66 @@ async def test_bad_requests_get_4xx_and_the_endpoint_keeps_serving(
     resp = await post(transport, server, v, good)
     assert resp.dotted == "2.05"
     assert server.inference.validation_runs == {(DEVICE, 7): 1}
+
+
+# -- verdicts in the storage ---------------------------------------------------------------------
+
+
+async def test_verdicts_of_an_older_endpoint_are_imported_once(
+    tmp_path: Path, transport: CoapTransport
+) -> None:
+    """An endpoint before verdicts moved into the storage kept them in DATA/verdicts.db: the
+    next start imports them (and answers them) and renames the file."""
+    w = window(5, fault=True)
+    legacy = {"seq": 41, "verdict": "known_failure", "digest": window_digest(w), "old": True}
+    data, old = tmp_path / "cloud", tmp_path / "old"
+    data.mkdir()
+    old.mkdir()
+    db = sqlite3.connect(old / "verdicts.db")  # as the older endpoint had it: WAL mode
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(
+        "CREATE TABLE window_verdicts (device TEXT NOT NULL, seq INTEGER NOT NULL, "
+        "digest TEXT NOT NULL, body BLOB NOT NULL, PRIMARY KEY (device, seq, digest))"
+    )
+    db.execute(
+        "INSERT INTO window_verdicts VALUES (?, ?, ?, ?)",
+        (DEVICE, 41, window_digest(w), records.dumps(legacy)),
+    )
+    db.commit()
+    for name in ("verdicts.db", "verdicts.db-wal"):  # the older endpoint killed: its WAL stays
+        shutil.copy(old / name, data / name)
+    db.close()
+    srv = await CloudServer.start(data, "127.0.0.1", 0, allow_plain=True)
+    try:
+        await srv.add_device(DEVICE)
+        assert not (data / "verdicts.db").exists() and (data / "verdicts.db.imported").is_file()
+        assert not (data / "verdicts.db-wal").exists()
+        body = {"seq": 41, "alert": alert(), "window": w}
+        resp = await post(transport, srv, f"/validate/{DEVICE}", body)
+        assert cbor2.loads(resp.payload) == legacy
+        assert srv.inference.validation_runs == {}
+        assert await srv.db(lambda s: s.table_count("verdicts")) == 1
+    finally:
+        await srv.stop()
+
+
+async def test_a_verdict_stored_through_one_host_is_answered_by_another(
+    tmp_path: Path, transport: CoapTransport, pg_dsn: str
+) -> None:
+    """Two endpoint hosts (each its own --data) on one PostgreSQL storage."""
+    hosts = [
+        await CloudServer.start(tmp_path / name, "127.0.0.1", 0, allow_plain=True, storage=pg_dsn)
+        for name in ("host-a", "host-b")
+    ]
+    try:
+        await hosts[0].add_device(DEVICE)
+        body = {"seq": 3, "alert": alert(), "window": window(6, fault=True)}
+        first = cbor2.loads((await post(transport, hosts[0], f"/validate/{DEVICE}", body)).payload)
+        again = cbor2.loads((await post(transport, hosts[1], f"/validate/{DEVICE}", body)).payload)
+        assert again == first and first["anomalous"] is True
+        assert hosts[0].inference.validation_runs == {(DEVICE, 3): 1}
+        assert hosts[1].inference.validation_runs == {} and hosts[1].inference.repeats == 1
+        assert await hosts[1].inference.verdict(DEVICE, 3) == first
+    finally:
+        for srv in hosts:
+            await srv.stop()

@@ -119,14 +119,23 @@ LINK_STEPS = [  # (seconds before now, state, rtt_ms, loss)
 ]
 
 
+#: The data endpoints run on both storages: the dashboard's SQL is written once for both.
+BOTH_STORAGES = pytest.mark.parametrize("cloud", ["sqlite", "postgresql"], indirect=True)
+
+
 @pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[tuple[CloudServer, dict[str, float]]]:
+async def cloud(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[CloudServer, dict[str, float]]]:
     """An endpoint (plain CoAP allowed, so the test posts as the device) with a dashboard on
     loopback and ten minutes of a device's data: telemetry, three alerts, reported state and a
-    link that changed state five times."""
+    link that changed state five times. On SQLite in its --data, or (parameter "postgresql") on
+    a PostgreSQL database of its own."""
     clock = ShiftedClock()
+    kind = getattr(request, "param", "sqlite")
+    storage = request.getfixturevalue("pg_dsn") if kind == "postgresql" else None
     server = await CloudServer.start(
-        tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True, clock=clock
+        tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True, clock=clock, storage=storage
     )
     ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
@@ -215,6 +224,7 @@ async def get_json(server: CloudServer, path: str) -> Any:
 # -- the JSON API ---------------------------------------------------------------------------------
 
 
+@BOTH_STORAGES
 @pytest.mark.timeout(120)
 async def test_fleet_lists_devices_with_queue_link_models_and_alerts(cloud: Any) -> None:
     server, times = cloud
@@ -238,6 +248,7 @@ async def test_fleet_lists_devices_with_queue_link_models_and_alerts(cloud: Any)
     assert idle["queue_depth"] is None and idle["link"]["state"] is None
 
 
+@BOTH_STORAGES
 @pytest.mark.timeout(120)
 async def test_device_series_hold_what_the_device_sent(cloud: Any) -> None:
     server, times = cloud
@@ -256,6 +267,7 @@ async def test_device_series_hold_what_the_device_sent(cloud: Any) -> None:
     assert all(t >= minute["since"] for s in minute["series"] for t in s["t"])
 
 
+@BOTH_STORAGES
 @pytest.mark.timeout(120)
 async def test_long_windows_are_downsampled_server_side(
     cloud: Any, monkeypatch: pytest.MonkeyPatch
@@ -278,6 +290,7 @@ async def test_long_windows_are_downsampled_server_side(
         assert 0.05 * SECONDS < s["points"] < 0.3 * SECONDS
 
 
+@BOTH_STORAGES
 @pytest.mark.timeout(120)
 async def test_alerts_carry_scores_and_the_threshold_source(cloud: Any) -> None:
     server, times = cloud
@@ -311,6 +324,7 @@ async def test_alerts_carry_scores_and_the_threshold_source(cloud: Any) -> None:
     assert {t["source"] for t in reported["thresholds"]} == {"reported", "desired", "alert"}
 
 
+@BOTH_STORAGES
 @pytest.mark.timeout(120)
 async def test_link_history_is_kept_and_bounded(
     cloud: Any, monkeypatch: pytest.MonkeyPatch
@@ -337,16 +351,18 @@ async def test_link_history_is_kept_and_bounded(
             await put_reported(ctx, server, {"link/rtt_ms": 100.0 + i}, version + i)
     finally:
         await ctx.shutdown()
-    count = await server.db(
-        lambda s: s.db.execute(
-            "SELECT count(*) FROM link_history WHERE device = ? AND key = 'link/rtt_ms'", (DEVICE,)
-        ).fetchone()[0]
-    )
-    assert count == 3
+
+    def count(s: Any) -> int:
+        with s.reader() as db:
+            sql = "SELECT count(*) FROM link_history WHERE device = ? AND key = 'link/rtt_ms'"
+            return int(db.execute(sql, (DEVICE,)).fetchone()[0])
+
+    assert await server.db(count) == 3
     bounded = await get_json(server, f"/api/devices/{DEVICE}/link?window=900")
     assert bounded["history"]["rtt_ms"]["v"][-3:] == [103.0, 104.0, 105.0]
 
 
+@BOTH_STORAGES
 @pytest.mark.timeout(60)
 async def test_api_refusals(cloud: Any) -> None:
     server, _ = cloud
@@ -542,14 +558,18 @@ def test_serve_refuses_a_network_dashboard_without_operators(tmp_path: Path) -> 
     assert "listening" not in done.stdout
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 @pytest.mark.timeout(90)
-async def test_serve_http_as_a_process(tmp_path: Path) -> None:
-    """`serve --http 127.0.0.1:0` prints the dashboard's address, serves it, and stops cleanly
-    on SIGTERM with the endpoint."""
+async def test_serve_http_as_a_process(
+    tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """`serve --http 127.0.0.1:0` (and `--storage postgresql://...`) prints the dashboard's
+    address, serves it, and stops cleanly on SIGTERM with the endpoint."""
+    storage = ["--storage", request.getfixturevalue("pg_dsn")] if kind == "postgresql" else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "cloud.cli", "serve", "--listen", "127.0.0.1:0", "--data", str(tmp_path)),
-        *("--http", "127.0.0.1:0"),
+        *("--http", "127.0.0.1:0", *storage),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

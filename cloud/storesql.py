@@ -1,0 +1,277 @@
+"""Storage methods written once for both databases, over :class:`cloud.storebase.Sql`: the
+validation verdicts, the dashboard's reader, and the bulk copy of ``edge-agent-cloud migrate``
+(dump, load, counts, the migration mark). :class:`cloud.storage.SQLiteStorage` and
+:class:`cloud.pgstorage.PostgresStorage` inherit :class:`SharedStorage` and supply how one read
+and one write transaction run (``_read``, ``_write``) and what they do differently:
+
+- the table of named numbers (storage id, arrival counter, migration mark): ``counters`` in
+  SQLite, ``meta`` in PostgreSQL (``_META``);
+- loading records (``_load_records``): SQLite writes one table and its arrival counter;
+  PostgreSQL writes ``record_keys`` too, makes the day partitions and moves its SEQUENCE;
+- PostgreSQL numbers verdicts with a SEQUENCE, which a load moves past what it loaded
+  (``_loaded``);
+- published models: files in SQLite's directory (cloud/modelfiles.py), a table in PostgreSQL;
+  their bulk copy here goes through the model methods of the Protocol, so it is one code path.
+
+Keyset pagination: a dump reads the rows after a key in key order, so memory stays bounded by a
+chunk. Text keys compare byte-wise in both (SQLite's BINARY collation, PostgreSQL's
+``COLLATE "C"``), so both give one order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+from cloud import linkhistory
+from cloud.storebase import TABLES, ModelVersion, Sql, Table, Verdict
+
+log = logging.getLogger("cloud.storage")
+
+T = TypeVar("T")
+Row = tuple[Any, ...]
+
+#: Logical table -> the table that holds it (where the names differ).
+PHYSICAL = {"verdicts": "window_verdicts", "sequences": "oscore_sequence"}
+MIGRATING = "migrating_from"  # the name of the migration mark among the named numbers
+STORAGE_ID = "storage_id"
+
+
+def table(name: str) -> Table:
+    found = TABLES.get(name)
+    if found is None:
+        raise ValueError(f"no table {name!r} (one of {', '.join(TABLES)})")
+    return found
+
+
+def _select(spec: Table, dialect: str) -> str:
+    """The column list of a dump (link_history's value: the dialect's columns)."""
+    if spec.name != "link_history":
+        return ", ".join(spec.columns)
+    return ", ".join([*spec.columns[:-1], *linkhistory.value_columns(dialect)])
+
+
+def _row(spec: Table, row: Sequence[Any]) -> Row:
+    """A stored row as :meth:`Storage.dump` gives it (bytes, one link value)."""
+    if spec.name == "link_history":
+        return (*row[:4], linkhistory.unpack(row[4:]))
+    return tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
+
+
+def _key_sql(spec: Table) -> tuple[str, str]:
+    """``(k1, k2)`` and ``(?, ?)`` for a row-value comparison of the key."""
+    return f"({', '.join(spec.key)})", f"({', '.join('?' * len(spec.key))})"
+
+
+def key_of(spec: Table, row: Row) -> Row:
+    return tuple(row[spec.columns.index(k)] for k in spec.key)
+
+
+def id_number(storage_id: str) -> int:
+    """The number a storage id (16 hex digits) stands for."""
+    number = int(storage_id, 16)
+    if not 0 <= number < 2**63:
+        raise ValueError(f"{storage_id!r} is not a storage id")
+    return number
+
+
+class SharedStorage:
+    """The methods of :class:`cloud.storebase.Storage` that are the same on both databases."""
+
+    _DIALECT = ""
+    _META = ""
+    _store: str | None
+
+    def _read(self, fn: Callable[[Sql], T]) -> T:
+        raise NotImplementedError
+
+    def _write(self, fn: Callable[[Sql], T]) -> T:
+        raise NotImplementedError
+
+    def _load_records(self, rows: Sequence[Row]) -> int:
+        raise NotImplementedError
+
+    def _loaded(self, db: Sql, table: str) -> None:
+        """After a load of ``table``, in its transaction: move what numbers that table."""
+
+    def reader(self) -> AbstractContextManager[Sql]:
+        raise NotImplementedError
+
+    def put_model(
+        self, name: str, version: str, manifest: bytes, data: bytes, published: float
+    ) -> bool:
+        raise NotImplementedError
+
+    def models(self, name: str | None = None) -> list[ModelVersion]:
+        raise NotImplementedError
+
+    def model_file(self, name: str, version: str) -> bytes | None:
+        raise NotImplementedError
+
+    # -- verdicts --------------------------------------------------------------------------------
+
+    def verdict(self, device: str, seq: int, digest: str | None = None) -> bytes | None:
+        sql = "SELECT body FROM window_verdicts WHERE device = ? AND seq = ?"
+        args: tuple[Any, ...] = (device, seq)
+        if digest is not None:
+            sql, args = sql + " AND digest = ?", (*args, digest)
+        row = self._read(lambda db: db.execute(sql + " ORDER BY n LIMIT 1", args).fetchone())
+        return None if row is None else bytes(row[0])
+
+    def put_verdicts(self, items: Sequence[Verdict]) -> list[bytes]:
+        def tx(db: Sql) -> list[bytes]:
+            out = []
+            for device, seq, digest, body in items:
+                db.execute(
+                    "INSERT INTO window_verdicts (device, seq, digest, body) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (device, seq, digest, body),
+                )
+                row = db.execute(
+                    "SELECT body FROM window_verdicts WHERE device = ? AND seq = ? AND digest = ?",
+                    (device, seq, digest),
+                ).fetchone()
+                out.append(bytes(row[0]))
+            return out
+
+        return self._write(tx) if items else []
+
+    # -- bulk copy -------------------------------------------------------------------------------
+
+    def table_count(self, name: str) -> int:
+        table(name)  # a known table, or ValueError
+        if name == "models":
+            return len(self.models())
+        phys = PHYSICAL.get(name, name)
+        return int(self._read(lambda db: db.execute(f"SELECT count(*) FROM {phys}").fetchone())[0])
+
+    def dump(self, name: str, after: Row | None, limit: int) -> list[Row]:
+        spec = table(name)
+        if name == "models":
+            return list(self._dump_models(after, limit))
+        cols, marks = _key_sql(spec)
+        where = f" WHERE {cols} > {marks}" if after is not None else ""
+
+        def read(db: Sql) -> list[Row]:
+            sql = (
+                f"SELECT {_select(spec, db.dialect)} FROM {PHYSICAL.get(name, name)}{where}"
+                f" ORDER BY {', '.join(spec.key)} LIMIT ?"
+            )
+            rows = db.execute(sql, (*(after or ()), limit)).fetchall()
+            return [_row(spec, row) for row in rows]
+
+        return self._read(read)
+
+    def _dump_models(self, after: Row | None, limit: int) -> Iterator[Row]:
+        for m in self.models():
+            if after is not None and (m.name, m.version) <= tuple(after):
+                continue
+            if limit <= 0:
+                return
+            data = self.model_file(m.name, m.version)
+            if data is None:  # a version whose file went away: nothing to copy
+                log.warning("event=model_file_missing name=%s version=%s", m.name, m.version)
+                continue
+            limit -= 1
+            yield (m.name, m.version, m.manifest, data, m.published)
+
+    def load(self, name: str, rows: Sequence[Row]) -> int:
+        spec = table(name)
+        if not rows:
+            return 0
+        if name == "models":
+            return sum(self.put_model(*row) for row in rows)
+        if name == "records":
+            return self._load_records(rows)
+        if name == "sequences":
+            return self._write(lambda db: self._load_sequences(db, rows))
+
+        def tx(db: Sql) -> int:
+            if spec.mutable:
+                _upsert(db, spec, rows)
+                return len(rows)
+            new = missing(db, spec, rows)
+            if name == "link_history":
+                new = [(*r[:4], *linkhistory.pack(db.dialect, r[4])) for r in new]
+            insert(db, PHYSICAL.get(name, name), _select(spec, db.dialect), new)
+            self._loaded(db, name)
+            return len(new)
+
+        return self._write(tx)
+
+    def _load_sequences(self, db: Sql, rows: Sequence[Row]) -> int:
+        """The OSCORE counters: the larger of the two stays (never a number handed out twice)."""
+        larger = "max" if db.dialect == "sqlite" else "greatest"
+        new = len(missing(db, table("sequences"), rows))
+        db.executemany(
+            "INSERT INTO oscore_sequence (principal, reserved) VALUES (?, ?)"
+            " ON CONFLICT (principal) DO UPDATE"
+            f" SET reserved = {larger}(oscore_sequence.reserved, excluded.reserved)",
+            rows,
+        )
+        return new
+
+    # -- the migration mark ----------------------------------------------------------------------
+
+    def migration(self) -> str | None:
+        sql = f"SELECT value FROM {self._META} WHERE name = ?"
+        row = self._read(lambda db: db.execute(sql, (MIGRATING,)).fetchone())
+        return None if row is None else f"{int(row[0]):016x}"
+
+    def set_migration(self, source_id: str, done: bool = False) -> None:
+        number = id_number(source_id)
+        upsert = (
+            f"INSERT INTO {self._META} (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+        )
+
+        def tx(db: Sql) -> None:
+            if done:
+                db.execute(upsert, (STORAGE_ID, number))
+                db.execute(f"DELETE FROM {self._META} WHERE name = ?", (MIGRATING,))
+            else:
+                db.execute(upsert, (MIGRATING, number))
+
+        self._write(tx)
+        if done:
+            self._store = None  # read again: the id taken over
+
+
+def missing(db: Sql, spec: Table, rows: Sequence[Row]) -> list[Row]:
+    """The rows (in key order, as a dump gives them) whose keys are not stored yet: one range
+    query over the chunk's keys (a table without a unique constraint, link_history, too)."""
+    cols, marks = _key_sql(spec)
+    keys = [key_of(spec, row) for row in rows]
+    first, last = min(keys), max(keys)
+    stored = {
+        tuple(r)
+        for r in db.execute(
+            f"SELECT {', '.join(spec.key)} FROM {PHYSICAL.get(spec.name, spec.name)}"
+            f" WHERE {cols} >= {marks} AND {cols} <= {marks}",
+            (*first, *last),
+        )
+    }
+    return [row for row, key in zip(rows, keys, strict=True) if key not in stored]
+
+
+def _upsert(db: Sql, spec: Table, rows: Sequence[Row]) -> None:
+    """A mutable table's rows: new ones inserted, stored ones replaced."""
+    sets = ", ".join(f"{c} = excluded.{c}" for c in spec.columns if c not in spec.key)
+    db.executemany(
+        f"INSERT INTO {spec.name} ({', '.join(spec.columns)})"
+        f" VALUES ({', '.join('?' * len(spec.columns))})"
+        f" ON CONFLICT ({', '.join(spec.key)}) DO UPDATE SET {sets}",
+        rows,
+    )
+
+
+def insert(db: Sql, name: str, columns: str, rows: Sequence[Row]) -> None:
+    """INSERT ``rows`` into ``name`` (``columns``: "a, b, c"), a row whose key is there already
+    left out (``ON CONFLICT DO NOTHING``)."""
+    if rows:
+        marks = ", ".join("?" * len(columns.split(", ")))
+        db.executemany(
+            f"INSERT INTO {name} ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows
+        )
