@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import gc
 import json
 import logging
 import signal
@@ -210,6 +211,9 @@ async def _serve(args: argparse.Namespace) -> int:
                 raise UsageError(str(err)) from None
             raise
     uris = server.uri if server.dtls is None else f"{server.uri}, {server.dtls.uri}"
+    # what exists now (modules, principals, models) lives as long as the process: kept out of
+    # the collector's full passes, which then scan only what requests create
+    gc.freeze()
     if args.worker:
         processes.signal_ready(args.ready_fd)
     else:

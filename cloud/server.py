@@ -63,7 +63,7 @@ from cloud.inference import (
     ValidateRequest,
 )
 from cloud.ingest import GroupCommit
-from cloud.listen import bound_port, check_port_free
+from cloud.listen import bound_port, check_port_free, enlarge_receive_buffer
 from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
     _KNOWN_CRITICAL,
@@ -235,6 +235,7 @@ class CloudServer:
         self.models: ModelRegistry | None = None  # DATA/models, set by start()
         self.inference = CloudInference(DEFAULT_MODELS_DIR)  # start() keeps verdicts in data_dir
         self.worker = False  # one of several processes on one address (start(worker=True))
+        self.receive_buffer = 0  # bytes, as the kernel granted them
         self._ctx: aiocoap.Context | None = None
         self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
         self.dashboard: Dashboard | None = None  # the web page: Dashboard.start(server, ...)
@@ -318,6 +319,7 @@ class CloudServer:
         )
         self.host = host
         self.port = bound_port(self._ctx) if port == 0 else port
+        self.receive_buffer = enlarge_receive_buffer(self._ctx)
         if dtls is not None:  # after the plain socket, so that the DTLS port check sees it
             try:
                 self.dtls = await DtlsEndpoint.start(site, self.principals, dtls, check_port_free)
@@ -329,12 +331,14 @@ class CloudServer:
         self._peer_logs.install()  # aiocoap's lines about each bad datagram: rate limited
         self._observers.start()
         log.info(
-            "event=listening uri=%s dtls=%s principals=%d allow_any_device=%s allow_plain=%s",
+            "event=listening uri=%s dtls=%s principals=%d allow_any_device=%s allow_plain=%s "
+            "rcvbuf=%d",
             self.uri,
             self.dtls.uri if self.dtls is not None else "-",
             len(self.principals),
             str(self.allow_any_device).lower(),
             str(self.allow_plain).lower(),
+            self.receive_buffer,
         )
         if self.allow_plain:
             log.warning(
