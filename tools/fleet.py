@@ -435,14 +435,17 @@ def _impairment(args: argparse.Namespace) -> Impairment | None:
     )
 
 
-def _storage(data: Path) -> Any:
-    from cloud.storage import SQLiteStorage
+def _storage(spec: Path | str) -> Any:
+    """The endpoint's storage: a data directory, sqlite:DIR or postgresql://..."""
+    from cloud.storage import open_storage
 
-    return SQLiteStorage.in_dir(data)
+    return open_storage(spec if isinstance(spec, str) else f"sqlite:{spec}")
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    storage = _storage(Path(args.data))
+    if not (args.data or args.storage):
+        raise FleetError("give --data DIR or --storage SPEC")
+    storage = _storage(args.storage or Path(args.data))
     try:
         started = time.perf_counter()
         creds = provision(storage, args.devices, args.prefix)
@@ -476,7 +479,7 @@ async def _run(args: argparse.Namespace) -> tuple[FleetReport, Verification | No
         endpoint_pid=args.endpoint_pid,
     )
     endpoint = None
-    data = Path(args.data) if args.data else None
+    data: Path | str | None = args.storage or (Path(args.data) if args.data else None)
     if args.serve:
         data = Path(args.serve)
         if (data / "cloud.sqlite3").exists():
@@ -535,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("provision", help="register devices and write their credentials")
-    p.add_argument("--data", required=True, help="the endpoint's data directory")
+    p.add_argument("--data", help="the endpoint's data directory (its SQLite storage)")
+    p.add_argument("--storage", help="or the endpoint's storage: postgresql://... or sqlite:DIR")
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--prefix", default="fleet", help="device names: PREFIX-00001...")
     p.add_argument("--creds", required=True, help="the credentials file to write (0600)")
@@ -563,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-seed", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--data", help="verify against the endpoint's data directory afterwards")
+    p.add_argument("--storage", help="or against this storage (postgresql://... or sqlite:DIR)")
     p.add_argument("--endpoint-pid", type=int, help="measure this endpoint process's CPU")
     p.add_argument(
         "--serve",

@@ -95,7 +95,17 @@ def free_port() -> int:
 class Cluster:
     """A PostgreSQL cluster in ``directory`` (a new temporary one when None)."""
 
-    def __init__(self, directory: str | Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        port: int | None = None,
+        listen: tuple[str, ...] = (),
+        clients: tuple[str, ...] = (),
+    ) -> None:
+        """``listen``: addresses to listen on besides 127.0.0.1; ``clients``: networks (CIDR)
+        allowed to connect over TCP besides loopback (with the password)."""
+        self.listen = listen
+        self.clients = clients
         self.bindir = find_bindir()
         self.as_root = os.geteuid() == 0
         if self.as_root:
@@ -127,10 +137,10 @@ class Cluster:
     def dsn_file(self) -> Path:
         return self.dir / "dsn"
 
-    def dsn(self, database: str = DATABASE) -> str:
-        """``postgresql://`` URL of ``database`` over TCP on loopback (with the password)."""
+    def dsn(self, database: str = DATABASE, host: str = "127.0.0.1") -> str:
+        """``postgresql://`` URL of ``database`` over TCP on ``host`` (with the password)."""
         return (
-            f"postgresql://{SUPERUSER}:{quote(self.password, safe='')}@127.0.0.1:{self.port}/"
+            f"postgresql://{SUPERUSER}:{quote(self.password, safe='')}@{host}:{self.port}/"
             f"{quote(database, safe='')}"
         )
 
@@ -201,7 +211,11 @@ class Cluster:
                 **SETTINGS,
                 "port": str(self.port),
                 "unix_socket_directories": f"'{self.dir}'",
+                "listen_addresses": "'" + ",".join(("127.0.0.1", *self.listen)) + "'",
             }
+            if self.clients:
+                with open(self.data / "pg_hba.conf", "a", encoding="utf-8") as hba:
+                    hba.writelines(f"host all all {net} scram-sha-256\n" for net in self.clients)
             with open(self.data / "postgresql.conf", "a", encoding="utf-8") as conf:
                 conf.write("\n# tools/pgcluster.py\n")
                 conf.writelines(f"{k} = {v}\n" for k, v in settings.items())

@@ -42,6 +42,12 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5.0 if args.quick else 20.0)
     parser.add_argument("--processes", default="1,2" if args.quick else "1,2,4")
     parser.add_argument("--sim-processes", type=int, default=2)
+    parser.add_argument(
+        "--light-devices",
+        type=int,
+        default=150 if args.quick else 4_000,
+        help="a second PostgreSQL run with this many devices: the latency below saturation",
+    )
     parser.add_argument("--dir", help="where the SQLite files go (default: a temporary directory)")
     return parser.parse_args(args.extra)
 
@@ -62,9 +68,15 @@ def _pg_tree_cpu(cluster: Any) -> float:
 
 
 async def _one(
-    opts: argparse.Namespace, workdir: Path, name: str, storage: str | None, processes: int
+    opts: argparse.Namespace,
+    workdir: Path,
+    name: str,
+    storage: str | None,
+    processes: int,
+    devices: int | None = None,
 ) -> dict[str, Any]:
     """Provision a fresh storage, start the endpoint, run the fleet, verify, stop."""
+    opts = argparse.Namespace(**{**vars(opts), "devices": devices or opts.devices})
     from fleet import EndpointProcess, FleetConfig, run_fleet
     from fleetlib.provision import provision
     from fleetlib.report import verify
@@ -109,6 +121,7 @@ async def _one(
     cores = cpu / report.window_s if report.window_s else 0.0
     return {
         "name": name,
+        "devices": opts.devices,
         "storage": "postgresql" if storage else "sqlite",
         "processes": processes,
         "records_per_s": round(report.records_per_s, 1),
@@ -135,12 +148,15 @@ async def _all(opts: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, 
     runs: list[dict[str, Any]] = []
     with Cluster() as cluster:  # its own directory, which the postgres user may enter
         pg_cpu = 0.0
-        for n in [int(x) for x in opts.processes.split(",")]:
-            db = f"fleet_p{n}"
+        plan = [(n, None) for n in (int(x) for x in opts.processes.split(","))]
+        plan.append((2, opts.light_devices))
+        for n, devices in plan:
+            db = f"fleet_p{n}_{devices or opts.devices}"
             with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
                 admin.execute(f'CREATE DATABASE "{db}"')
             before = _pg_tree_cpu(cluster)
-            runs.append(await _one(opts, workdir, f"pg-{n}", cluster.dsn(db), n))
+            name = f"pg-{n}" + (f"-{devices}" if devices else "")
+            runs.append(await _one(opts, workdir, name, cluster.dsn(db), n, devices))
             used = _pg_tree_cpu(cluster) - before
             runs[-1]["postgres_cpu_s"] = round(used, 1)
             pg_cpu += used
@@ -160,7 +176,8 @@ def run(args: argparse.Namespace) -> Result:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     sqlite = runs[-1]
-    pg_runs = [r for r in runs if r["storage"] == "postgresql"]
+    light = runs[-2]
+    pg_runs = [r for r in runs if r["storage"] == "postgresql" and r is not light]
     clean = [r for r in pg_runs if r["lost"] == 0 and r["duplicated"] == 0] or pg_runs
     best = max(clean, key=lambda r: r["records_per_s"])
     offered = opts.devices * opts.batch / opts.interval
@@ -178,10 +195,13 @@ def run(args: argparse.Namespace) -> Result:
     result.add("offered records/s", f"{offered:.0f}", f"{offered / opts.batch:.0f} requests/s")
     for r in runs:
         label = f"{r['storage']} x{r['processes']}"
+        if r is light:
+            label += f", {r['devices']} devices"
+        load = r["devices"] * opts.batch / opts.interval
         result.add(
             f"{label}: records/s sustained",
             f"{r['records_per_s']:.0f}",
-            f"{r['records_per_s'] / offered:.2f} of offered",
+            f"{r['records_per_s'] / load:.2f} of offered ({load:.0f})",
         )
         result.add(
             f"{label}: ack p50 / p99 ms",
@@ -234,7 +254,8 @@ def run(args: argparse.Namespace) -> Result:
         "ratio_vs_sqlite": round(ratio, 3) if ratio else None,
         "per_core_ratio_vs_sqlite": round(per_core, 3) if per_core else None,
         "target_met": met,
-        "scaling": {f"{r['storage']}_x{r['processes']}": r for r in runs},
+        "scaling": {f"{r['storage']}_x{r['processes']}": r for r in runs if r is not light},
+        "light_load": light,
         "cores": os.cpu_count(),
         "dir": str(base or tempfile.gettempdir()),
         "fs_type": where,
