@@ -274,8 +274,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         return processes.run(args.processes, command, announce)
-    except RuntimeError as err:
-        raise CommandError(EX_UNAVAILABLE, f"error: {err}") from None
+    except processes.WorkerFailed as err:
+        raise CommandError(err.code if err.code > 0 else EX_UNAVAILABLE, f"error: {err}") from None
 
 
 # -- devices --------------------------------------------------------------------------------------

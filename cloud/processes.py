@@ -40,6 +40,15 @@ STABLE_AFTER = 60.0  # a worker that ran this long has its pause reset
 READY_LINE = b"ready\n"
 
 
+class WorkerFailed(RuntimeError):
+    """A worker did not start: ``code`` is its exit status (its own error line says why), 0
+    when it did not answer in time."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class _Worker:
     index: int
@@ -86,15 +95,15 @@ class WorkerSet:
         deadline = time.monotonic() + READY_TIMEOUT
         while not all(w.ready for w in self.workers):
             for worker in self.workers:
-                if worker.proc is not None and worker.proc.poll() is not None and not worker.ready:
+                code = worker.proc.poll() if worker.proc is not None else None
+                if code is not None and not worker.ready:
                     self.stop()
-                    raise RuntimeError(
-                        f"worker {worker.index} exited with {worker.proc.returncode} "
-                        "before it listened"
+                    raise WorkerFailed(
+                        code, f"worker {worker.index} exited with {code} before it listened"
                     )
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the workers did not listen within {READY_TIMEOUT:.0f} s")
+                raise WorkerFailed(0, f"the workers did not listen within {READY_TIMEOUT:.0f} s")
             self._read_ready(0.2)
 
     def _read_ready(self, timeout: float) -> None:

@@ -186,3 +186,24 @@ async def test_processes_share_one_address(
             assert set(storage.seqs(d.name)) == d.acked == set(range(1, d.next_seq))
     finally:
         storage.close()
+
+
+async def test_workers_that_cannot_start_end_the_parent_with_their_code(tmp_path: Path) -> None:
+    """The storage is unreachable: the workers exit 74 with one line each; the parent stops the
+    others and exits 74 too, no traceback anywhere."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "cloud.cli", "serve", "--listen", f"127.0.0.1:{free_port()}"),
+        *("--data", str(tmp_path / "data"), "--processes", "2"),
+        *("--storage", "postgresql://edge:secret@127.0.0.1:1/edge"),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    text = err.decode()
+    assert proc.returncode == 74, text
+    assert "exited with 74 before it listened" in text
+    assert "Traceback" not in text and "secret" not in text  # the password is never printed
+    assert out == b""
