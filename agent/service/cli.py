@@ -5,6 +5,7 @@ edge-agent run --config FILE          run the agent (--simulate pump|skab: on si
 edge-agent selftest --config FILE     probe every sensor once and print a table
 edge-agent demo                       the reference rig on simulated parts, live readings
 edge-agent plan --profile FILE        cost of edge-only, cloud-only and hybrid inference
+edge-agent bench --quick [--json]     this device's fsync, store, int8 latency, codec bytes
 edge-agent models [--config FILE]     cached models: size, last use, pin, signature status
 edge-agent example-config             print the packaged reference rig's config
 edge-agent config-reference           every config key, from the parsers (docs/config.md)
@@ -353,11 +354,87 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def default_config() -> Path:
+    """The config a command uses without ``--config``: the installed one, else the packaged
+    reference rig's."""
+    from agent.service.config import example_config
+
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else example_config()
+
+
+def device_results(args: argparse.Namespace) -> Path | None:
+    """This device's ``bench --quick`` summary for ``plan``: in ``--data-dir``'s or
+    ``--config``'s data directory; without either (and without ``--measured``) in the installed
+    config's, else the packaged one's (/var/lib/edge-agent), whichever has one."""
+    from agent.service.quickbench import result_path
+
+    if args.data_dir:
+        return result_path(Path(args.data_dir))
+    if args.config:
+        return result_path(_load(args.config).agent.data_dir)
+    if args.measured:
+        return None
+    from agent.service.config import example_config
+
+    for config in (SYSTEM_CONFIG, example_config()):
+        data_dir = _data_dir_of(config)
+        if data_dir is not None and result_path(data_dir).is_file():
+            return result_path(data_dir)
+    return None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from agent.service.planner import format_plan, plan
 
-    result = plan(args.profile, args.measured)
+    result = plan(args.profile, args.measured, device_results(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return EX_OK
+
+
+def _writable_dir(path: Path, what: str, fix: str) -> None:
+    from agent.files import ensure_writable_dir
+
+    try:
+        ensure_writable_dir(path)
+    except OSError as err:
+        raise CommandError(
+            os_error_code(err), "edge-agent bench: " + os_error_line(err, what, fix)
+        ) from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from agent.service import quickbench
+
+    if not args.quick:
+        raise CommandError(
+            EX_USAGE,
+            "edge-agent bench: give --quick (this device's quick bench, seconds); the full "
+            "benches are ./tools/dev bench NAME in a checkout",
+        )
+    durability, single_cpu = "full", True
+    data_dir = Path(args.data_dir).resolve() if args.data_dir else None
+    if args.config or data_dir is None:
+        cfg = _load(args.config or default_config())
+        data_dir = data_dir or cfg.agent.data_dir
+        durability = cfg.store.durability
+        single_cpu = cfg.agent.cpu_affinity == "single"
+    where = Path(args.dir).resolve() if args.dir else data_dir
+    fix = (
+        "run it as the agent's user (sudo -u edge-agent edge-agent bench --quick) or name "
+        "another: --data-dir DIR (results), --dir DIR (where it runs)"
+    )
+    results = quickbench.result_path(data_dir)
+    _writable_dir(results.parent, "bench results directory", fix)
+    _writable_dir(where, "bench directory", fix)
+    doc = quickbench.run_quick(
+        quickbench.QuickSettings(where=where, durability=durability, single_cpu=single_cpu)
+    )
+    saved = quickbench.save(doc, data_dir)
+    if args.json:
+        print(json.dumps({**doc, "saved": str(saved)}, indent=2, sort_keys=True))
+    else:
+        print(quickbench.format_report(doc))
+        print(f"\nsaved to {saved}: edge-agent plan reads these figures first")
     return EX_OK
 
 
@@ -451,10 +528,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="cost of edge-only, cloud-only and hybrid inference")
     p.add_argument("--profile", required=True, help="the workload and price profile (TOML)")
     p.add_argument(
-        "--measured", help="saved bench results (default: bench-results/ of the checkout)"
+        "--measured",
+        help="use the bench runs saved in this directory instead of the bundled ones (and no "
+        "device results unless --config or --data-dir names them)",
     )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        help="read this device's `bench --quick` results from this config's data_dir first "
+        "(default: /etc/edge-agent/agent.toml, else the packaged rig's)",
+    )
+    where.add_argument("--data-dir", help="read them from this data directory")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "bench", help="measure this device (--quick): fsync, store puts, int8 latency, codec bytes"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the quick bench (seconds); results go to DATA/bench/quick.json for `plan`",
+    )
+    p.add_argument("--json", action="store_true", help="print the saved JSON document")
+    p.add_argument(
+        "--dir",
+        help="run in a new directory made in DIR (default: the agent's data directory); its "
+        "filesystem's fsync sets the durable rates",
+    )
+    p.add_argument(
+        "--config",
+        help="the agent's config: data_dir, [store] durability, cpu_affinity (default: "
+        "/etc/edge-agent/agent.toml, else the packaged rig's)",
+    )
+    p.add_argument("--data-dir", help="override agent.data_dir (where the results are saved)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
         "example-config", help="print the packaged reference rig's config (pump-rig.toml)"

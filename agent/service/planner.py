@@ -1,15 +1,30 @@
 """The cost planner: what edge-only, cloud-only and hybrid inference would cost a fleet's device,
 and the cheapest split that meets the latency requirement (``edge-agent plan --profile FILE``).
 
-Inputs come from a profile (TOML, below) and from what the benchmarks measured on this build
-(``bench-results/NAME.json``, written by ``./tools/dev bench NAME``):
+Inputs come from a profile (TOML, below) and from what was measured, each figure from the first
+of these sources that has it, and each cites its source in the plan:
 
-- edge decision latency: ``bench inference`` ``detect_latency_p99_ms`` (sample in, alert committed);
-  ``latency_p99_us`` (one int8 invoke with (de)quantization) is shown beside it;
-- cloud model time: ``bench inference`` ``float32_latency_p50_us`` (unless the profile sets it);
-- bytes per record: ``bench sync`` ``bytes_per_record`` (SenML-CBOR on the wire, both directions,
-  the bench's 2-channel records), or a ``bench codec`` level's ``bytes_per_reading`` times the
-  channels per record (``link.encoding``), unless the profile sets ``link.bytes_per_record``;
+1. this device: the summary ``edge-agent bench --quick`` saved in the agent's data directory
+   (``DATA/bench/quick.json``, agent/service/quickbench.py; ``--config FILE`` or ``--data-dir
+   DIR`` name it; source "measured on this device TIME: bench --quick KEY");
+2. bundled: the build machine's full runs (``bench-results/NAME.json``, written by ``./tools/dev
+   bench NAME``; the wheel carries them; source "bundled: build machine HOST TIME: bench NAME
+   KEY"), or with ``--measured DIR`` only the runs saved in DIR (no device results).
+
+- edge decision latency (sample in, alert committed): ``detect.latency_p99_ms`` of this device,
+  else ``bench inference`` ``detect_latency_p99_ms``; one int8 invoke with (de)quantization
+  (``inference.latency_p99_us``, else ``latency_p99_us``) is shown beside it;
+- cloud model time: ``bench inference`` ``float32_latency_p50_us`` (the cloud's, not the
+  device's: bundled only), unless the profile sets it;
+- bytes per record, unless the profile sets ``link.bytes_per_record``: with ``link.encoding`` a
+  codec level (high, medium, low, compact), that level's bytes per reading times
+  ``workload.channels_per_record`` (``codec.bytes_per_reading.LEVEL`` of this device, else
+  ``bench codec`` ``bytes_per_reading.LEVEL``); with ``"senml"`` this device's SenML-CBOR level
+  (``codec.bytes_per_reading.high``) times the channels, else ``bench sync`` ``bytes_per_record``
+  (SenML-CBOR on the wire, both directions, the bench's 2-channel records);
+- the store's durable puts per second one at a time (``store.puts_per_s_batch1``, else ``bench
+  store`` ``puts_per_s_batch1``) and this device's fsync rate (``fsync.per_s``): shown, and a
+  warning when the workload's records per second exceed the store's rate;
 - the round trip to the endpoint: the profile's ``link.rtt_ms`` (p99).
 
 The splits (per day; a month is 30 days):
@@ -48,7 +63,7 @@ Profile (every key under its table; unknown keys are errors)::
     [link]
     rtt_ms = 120                    # required
     rate_kbit = 256                 # optional: adds serialization time to cloud-only latency
-    encoding = "senml"              # or a bench codec level (high, medium, low)
+    encoding = "senml"              # or a codec level (high, medium, low, compact)
     bytes_per_record = 67.2         # optional: overrides the measured figure
 
     [cloud]
@@ -72,6 +87,7 @@ from agent.wire import records
 from drivers.base import Options
 
 DAYS_PER_MONTH = 30
+SECONDS_PER_DAY = 86400
 #: CoAP header, token and options of one message, and the UDP/IP headers are not counted (as
 #: in bench sync, which counts UDP payloads).
 COAP_MESSAGE_OVERHEAD = 32
@@ -80,7 +96,8 @@ SPLITS = ("edge-only", "hybrid", "cloud-only")  # tie order: least dependent on 
 
 
 def default_measured_dir() -> Path:
-    """bench-results/ of the checkout this module runs from, else the installed package's."""
+    """bench-results/ of the checkout this module runs from, else the installed package's: the
+    build machine's figures, the fallback after this device's own (``DeviceResults``)."""
     checkout = Path(__file__).resolve().parents[2] / "bench-results"
     installed = Path(sys.prefix) / "share" / "edge-agent" / "bench-results"
     return checkout if checkout.is_dir() or not installed.is_dir() else installed
@@ -88,7 +105,8 @@ def default_measured_dir() -> Path:
 
 @dataclass(frozen=True)
 class Value:
-    """A number with where it came from (``profile``, ``bench NAME: key``, ``computed``)."""
+    """A number with where it came from (``profile``, ``measured on this device ...``,
+    ``bundled: build machine ...``, ``computed``)."""
 
     value: float
     source: str
@@ -159,52 +177,64 @@ def load_profile(path: str | Path) -> Profile:
     return parse_toml(read_text(path), path.name, lambda raw: Profile.from_options(Options(raw)))
 
 
-class Measured:
-    """The benchmarks' saved summaries in a directory (``bench-results/NAME.json``)."""
+def _finite(value: Any, file: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(file, key, f"expected a number, got {value!r}")
+    return float(value)
 
-    def __init__(self, directory: Path) -> None:
+
+def _lookup(summary: Any, key: str) -> Any:
+    value = summary
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _read_doc(path: Path) -> dict[str, Any] | None:
+    """A saved bench run: None when the file does not exist, ConfigError when it is not one."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(str(path), "", f"unreadable bench result ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("summary"), dict):
+        raise ConfigError(str(path), "summary", "missing: not a saved bench run")
+    return doc
+
+
+class Measured:
+    """The benchmarks' saved summaries in a directory (``bench-results/NAME.json``): the bundled
+    ones (``bundled=True``: the build machine's) or those of ``--measured DIR``."""
+
+    def __init__(self, directory: Path, *, bundled: bool = False) -> None:
         self.directory = Path(directory)
+        self.bundled = bundled
         self._docs: dict[str, dict[str, Any] | None] = {}
 
     def doc(self, bench: str) -> dict[str, Any] | None:
         if bench not in self._docs:
-            path = self.directory / f"{bench}.json"
-            try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                doc = None
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise ConfigError(str(path), "", f"unreadable bench result ({err})") from None
-            if doc is not None and not isinstance(doc.get("summary"), dict):
-                raise ConfigError(str(path), "summary", "missing: not a saved bench run")
-            self._docs[bench] = doc
+            self._docs[bench] = _read_doc(self.directory / f"{bench}.json")
         return self._docs[bench]
 
     def get(self, bench: str, key: str) -> Any:
         doc = self.doc(bench)
-        if doc is None:
-            return None
-        value: Any = doc["summary"]
-        for part in key.split("."):
-            if not isinstance(value, dict) or part not in value:
-                return None
-            value = value[part]
-        return value
+        return None if doc is None else _lookup(doc["summary"], key)
 
     def number(self, bench: str, key: str) -> Value | None:
         value = self.get(bench, key)
         if value is None:
             return None
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            path = self.directory / f"{bench}.json"
-            raise ConfigError(str(path), f"summary.{key}", f"expected a number, got {value!r}")
+        path = str(self.directory / f"{bench}.json")
         doc = self.doc(bench) or {}
         quick = " (quick run)" if doc.get("quick") else ""
-        return Value(float(value), f"bench {bench}: {key}{quick}")
+        where = "bundled: build machine" if self.bundled else "--measured:"
+        run = f"{doc.get('host', '?')} {doc.get('finished', '?')}"
+        return Value(
+            _finite(value, path, f"summary.{key}"), f"{where} {run}: bench {bench} {key}{quick}"
+        )
 
     def provenance(self) -> dict[str, str]:
         return {
@@ -212,6 +242,54 @@ class Measured:
             for name, doc in sorted(self._docs.items())
             if doc is not None
         }
+
+
+class DeviceResults:
+    """What ``edge-agent bench --quick`` measured on this device (``DATA/bench/quick.json``,
+    agent/service/quickbench.py); every figure is absent when the file is."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._doc = _read_doc(self.path)
+
+    @property
+    def present(self) -> bool:
+        return self._doc is not None
+
+    def get(self, key: str) -> Any:
+        return None if self._doc is None else _lookup(self._doc["summary"], key)
+
+    def number(self, key: str) -> Value | None:
+        value = self.get(key)
+        if value is None or self._doc is None:
+            return None
+        finished = self._doc.get("finished", "?")
+        return Value(
+            _finite(value, str(self.path), f"summary.{key}"),
+            f"measured on this device {finished}: bench --quick {key}",
+        )
+
+    def fs_warning(self) -> str | None:
+        """Said when the run's directory was on tmpfs or ramfs (its store rates are RAM's)."""
+        d = self._doc or {}
+        if not d.get("no_fsync"):
+            return None
+        where = f"{d.get('fs_type', '?')} ({d.get('dir', '?')})"
+        return (
+            f"this device's figures were measured on {where}: durable there involves no fsync; "
+            "run edge-agent bench --quick --dir DIR on the agent's storage"
+        )
+
+    def provenance(self) -> str:
+        d = self._doc or {}
+        return (
+            f"{self.path} ({d.get('finished', '?')}, {d.get('host', '?')}, in {d.get('dir', '?')}"
+            f" on {d.get('fs_type', '?')})"
+        )
+
+
+def _first(*values: Value | None) -> Value | None:
+    return next((v for v in values if v is not None), None)
 
 
 def validation_bytes() -> int:
@@ -271,6 +349,8 @@ class Plan:
     splits: list[Split] = field(default_factory=list)
     choice: str | None = None
     measured: dict[str, str] = field(default_factory=dict)
+    device_results: str | None = None  # this device's bench --quick summary, when read
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,22 +362,33 @@ def _need(value: Value | None, file: str, key: str, how: str) -> Value:
     return value
 
 
-def plan(profile_path: str | Path, measured_dir: str | Path | None = None) -> Plan:
-    """Load the profile and the measurements and compute the three splits."""
+def plan(
+    profile_path: str | Path,
+    measured_dir: str | Path | None = None,
+    device_results: str | Path | None = None,
+) -> Plan:
+    """Load the profile and the measurements and compute the three splits. ``device_results``:
+    this device's ``bench --quick`` summary (read first when it exists); ``measured_dir``: the
+    saved bench runs to fall back on (default: the bundled ones)."""
     profile_path = Path(profile_path)
     label = profile_path.name
     prof = load_profile(profile_path)
     mdir = Path(measured_dir) if measured_dir is not None else default_measured_dir()
-    m = Measured(mdir)
-    hint = f"no measured value in {mdir}"
+    m = Measured(mdir, bundled=measured_dir is None)
+    device = DeviceResults(Path(device_results)) if device_results is not None else None
+
+    def dev(key: str) -> Value | None:
+        return device.number(key) if device is not None else None
+
+    hint = f"no measured value in {mdir}" + (f" or {device.path}" if device is not None else "")
 
     edge_ms = _need(
-        m.number("inference", "detect_latency_p99_ms"),
+        _first(dev("detect.latency_p99_ms"), m.number("inference", "detect_latency_p99_ms")),
         str(mdir / "inference.json"),
         "summary.detect_latency_p99_ms",
-        "run ./tools/dev bench inference",
+        "run edge-agent bench --quick on the device (./tools/dev bench inference in a checkout)",
     )
-    invoke_us = m.number("inference", "latency_p99_us")
+    invoke_us = _first(dev("inference.latency_p99_us"), m.number("inference", "latency_p99_us"))
     if prof.cloud_inference_ms is not None:
         cloud_ms = Value(prof.cloud_inference_ms, "profile")
     else:
@@ -309,29 +400,36 @@ def plan(profile_path: str | Path, measured_dir: str | Path | None = None) -> Pl
         )
         cloud_ms = Value(us.value / 1000.0, us.source)
 
+    ch = prof.channels_per_record
     if prof.bytes_per_record is not None:
         bpr = Value(prof.bytes_per_record, "profile")
     elif prof.encoding == "senml":
-        bpr = _need(
-            m.number("sync", "bytes_per_record"),
-            label,
-            "link.bytes_per_record",
-            f"{hint} (bench sync bytes_per_record); set it or run ./tools/dev bench sync",
-        )
+        per_dev = dev("codec.bytes_per_reading.high")  # SenML-CBOR is the high level
+        if per_dev is not None:
+            bpr = Value(per_dev.value * ch, f"{per_dev.source} (SenML-CBOR) x {ch}")
+        else:
+            bpr = _need(
+                m.number("sync", "bytes_per_record"),
+                label,
+                "link.bytes_per_record",
+                f"{hint} (bench sync bytes_per_record); set it or run edge-agent bench --quick",
+            )
     else:
-        levels = m.get("codec", "bytes_per_reading")
-        if isinstance(levels, dict) and prof.encoding not in levels:
+        found = [m.get("codec", "bytes_per_reading")]
+        if device is not None:
+            found.append(device.get("codec.bytes_per_reading"))
+        levels = {name for f in found if isinstance(f, dict) for name in f}
+        if levels and prof.encoding not in levels:
             known = ", ".join(["senml", *sorted(levels)])
             raise ConfigError(label, "link.encoding", f"{prof.encoding!r} is not one of {known}")
+        key = f"bytes_per_reading.{prof.encoding}"
         per = _need(
-            m.number("codec", f"bytes_per_reading.{prof.encoding}"),
+            _first(dev(f"codec.{key}"), m.number("codec", key)),
             label,
             "link.bytes_per_record",
-            f"{hint} (bench codec bytes_per_reading); set it or run ./tools/dev bench codec",
+            f"{hint} (bench codec bytes_per_reading); set it or run edge-agent bench --quick",
         )
-        bpr = Value(
-            per.value * prof.channels_per_record, f"{per.source} x {prof.channels_per_record}"
-        )
+        bpr = Value(per.value * ch, f"{per.source} x {ch}")
 
     if prof.low_confidence_share is not None:
         share = Value(prof.low_confidence_share, "profile")
@@ -343,6 +441,8 @@ def plan(profile_path: str | Path, measured_dir: str | Path | None = None) -> Pl
             f"{hint} (bench inference low_confidence_share); set it in the profile",
         )
     vbytes = Value(float(validation_bytes()), "computed from the wire format")
+    store_rate = _first(dev("store.puts_per_s_batch1"), m.number("store", "puts_per_s_batch1"))
+    fsync_rate = dev("fsync.per_s")
 
     n = prof.daily_inferences
     up_bytes = prof.records_per_inference * bpr.value
@@ -409,17 +509,32 @@ def plan(profile_path: str | Path, measured_dir: str | Path | None = None) -> Pl
     }
     if invoke_us is not None:
         inputs["edge_invoke_p99_us"] = asdict(invoke_us)
+    warnings = []
+    if device is not None and device.fs_warning():
+        warnings.append(str(device.fs_warning()))
+    if store_rate is not None:
+        inputs["store_puts_per_s_batch1"] = asdict(store_rate)
+        needed = n * prof.records_per_inference / SECONDS_PER_DAY
+        if needed > store_rate.value:
+            warnings.append(
+                f"the workload stores {needed:.3g} records/s, more than the store's "
+                f"{store_rate.value:.3g} durable puts/s one at a time: the device must batch them"
+            )
+    if fsync_rate is not None:
+        inputs["fsync_per_s"] = asdict(fsync_rate)
     if serialization_ms:
         inputs["upload_serialization_ms"] = asdict(Value(serialization_ms, "computed"))
     return Plan(
         profile=str(profile_path),
         measured_dir=str(mdir),
+        device_results=(device.provenance() if device is not None and device.present else None),
         currency=prof.currency,
         requirement_ms=req,
         inputs=inputs,
         splits=splits,
         choice=choice,
         measured=m.provenance(),
+        warnings=warnings,
     )
 
 
@@ -430,9 +545,13 @@ def _money(value: float, currency: str) -> str:
 
 def format_plan(p: Plan) -> str:
     cur = p.currency
-    lines = [f"profile {p.profile}; measured {p.measured_dir}"]
+    lines = [f"profile {p.profile}"]
+    if p.device_results is not None:
+        lines.append(f"measured on this device: {p.device_results}")
+    fallback = "fallback " if p.device_results is not None else ""
+    lines.append(f"{fallback}bench runs in {p.measured_dir}")
     if p.measured:
-        lines.append("bench runs: " + ", ".join(f"{k} {v}" for k, v in p.measured.items()))
+        lines.append("  read: " + ", ".join(f"{k} {v}" for k, v in p.measured.items()))
     lines.append("inputs:")
     for key, v in p.inputs.items():
         lines.append(f"  {key:<24} {v['value']:>14,.6g}  ({v['source']})")
@@ -456,6 +575,7 @@ def format_plan(p: Plan) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
+    lines += [f"warning: {w}" for w in p.warnings]
     if p.choice is None:
         lines.append("no split meets the requirement")
     else:

@@ -45,7 +45,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 from flash_lib import accounts, bootcfg  # noqa: E402
 from flash_lib.errors import FlashError  # noqa: E402
 from flash_lib.image import check_pi_image  # noqa: E402
+from flash_lib.provision import bench_command  # noqa: E402
 from flash_lib.sshfs import Destination, parse_destination  # noqa: E402
+from flash_lib.targets import DirTarget, SshTarget  # noqa: E402
 
 from agent.wire.credentials import Credential  # noqa: E402
 
@@ -362,6 +364,26 @@ def test_flash_accounts_are_added_once() -> None:
     assert (again.files, again.changes, again.uid, again.gid) == ({}, [], 997, 997)
 
 
+def test_flash_bench_runs_the_installed_agent_where_commands_run(tmp_path: Path) -> None:
+    """--bench: the installed agent with the flashed config, results in its data directory,
+    every path as the target names it (under --prefix over SSH)."""
+    ssh = SshTarget(parse_destination("root@pump.local"), prefix="/srv/dev")
+    assert ssh.can_run()
+    assert bench_command(ssh) == [
+        "/srv/dev/opt/edge-agent/venv/bin/edge-agent",
+        "bench",
+        "--quick",
+        "--config",
+        "/srv/dev/etc/edge-agent/agent.toml",
+        "--data-dir",
+        "/srv/dev/var/lib/edge-agent",
+    ]
+    root = make_rootfs(tmp_path / "rootfs")
+    assert DirTarget(root, chroot=True).can_run()
+    assert bench_command(DirTarget(root, chroot=True))[0] == "/opt/edge-agent/venv/bin/edge-agent"
+    assert not DirTarget(root).can_run()  # a foreign root without --chroot: skipped, with a note
+
+
 def test_flash_ssh_destinations_parse() -> None:
     assert parse_destination("pi@raspberrypi.local") == Destination("pi", "raspberrypi.local", None)
     assert parse_destination("root@127.0.0.1:2222") == Destination("root", "127.0.0.1", 2222)
@@ -502,7 +524,8 @@ def test_flash_into_a_root_fs_directory(tmp_path: Path, bundle: Path, keys: Keys
     root = make_rootfs(tmp_path / "sdcard")
     before = snapshot(root)
 
-    dry = flash("dir", root, *device_args(bundle, keys), "--dry-run")
+    dry = flash("dir", root, *device_args(bundle, keys), "--dry-run", "--bench")
+    assert "--bench: skipped: commands cannot run on" in dry.stdout  # no --chroot
     assert "account: add user edge-agent" in dry.stdout
     assert "account: add group i2c" in dry.stdout
     assert "write /etc/edge-agent/agent.toml (0600 edge-agent:edge-agent" in dry.stdout
@@ -666,8 +689,11 @@ def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path, keys: Keys) -> N
     assert config_txt.count("dtparam=i2c_arm=on") == 1
 
     digest = hashlib.sha256(image.read_bytes()).hexdigest()
-    second = flash("image", image, *device_args(bundle, keys, "pump-img"))
+    second = flash("image", image, *device_args(bundle, keys, "pump-img"), "--bench")
     assert "nothing to do" in second.stdout
+    # an image cannot run the agent: --bench says so and what to run after the first boot
+    assert "--bench: skipped: commands cannot run on" in second.stdout
+    assert "edge-agent bench --quick" in second.stdout
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
 
 
@@ -753,10 +779,19 @@ def test_flash_over_ssh(tmp_path: Path, bundle: Path, keys: Keys, sshd: dict[str
         "--prefix",
         device,
     ]
-    first = flash(*ssh_args, *device_args(bundle, keys, "pump-ssh"))  # type: ignore[arg-type]
+    first = flash(*ssh_args, *device_args(bundle, keys, "pump-ssh"), "--bench")  # type: ignore[arg-type]
     assert "build /opt/edge-agent/venv on the device" in first.stdout
     assert "done:" in first.stdout
     assert_provisioned(device, bundle, keys, device_id="pump-ssh", venv=True)
+    # --bench: the installed agent measured the device once, into its data directory, and the
+    # results belong to the agent's user (the bench ran as root over SSH)
+    assert f"bench: {device}/opt/edge-agent/venv/bin/edge-agent bench --quick" in first.stdout
+    quick = device / "var/lib/edge-agent/bench/quick.json"
+    assert f"saved to {quick}" in first.stdout
+    doc = json.loads(quick.read_text())
+    assert doc["summary"]["detect"]["alerts"] > 0 and doc["fs_type"]
+    uid = int(passwd_entry(device, "edge-agent")[2])
+    assert quick.stat().st_uid == uid and quick.parent.stat().st_uid == uid
     assert (device / "opt/edge-agent/venv/.bundle-id").read_text().strip() in first.stdout
     config_txt = (device / "boot/firmware/config.txt").read_text().splitlines()
     assert config_txt.count("dtparam=i2c_arm=on") == 1

@@ -9,6 +9,8 @@ URL is coap://HOST:PORT (or coap+tcp://), coaps://HOST:PORT with --security dtls
 is the device's file from `edge-agent-cloud devices add`; --security none (plain CoAP) needs none.
 
 Every target: --dry-run prints the plan and changes nothing; a second run says "nothing to do".
+--bench runs `edge-agent bench --quick` on the device once after the install (SSH, dir --chroot,
+dir /; an image cannot run commands: it says so and skips).
 Exit status 0 on success, 1 on an error (one line on stderr), 2 on bad usage.
 """
 
@@ -105,6 +107,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "agent/examples/pump-rig.toml)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument(
+        "--bench",
+        action="store_true",
+        help="after the install, run `edge-agent bench --quick` once on the device (seconds; "
+        "its figures go to /var/lib/edge-agent/bench/quick.json, which `edge-agent plan` reads "
+        "first). Over SSH, with dir --chroot and into dir /; an image cannot run it: it says so "
+        "and skips",
+    )
     _bundle_options(p)
 
 
@@ -182,6 +192,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         pip_python=args.pip_python,
         dry_run=args.dry_run,
         start=not getattr(args, "no_start", False),
+        bench=args.bench,
     )
 
 

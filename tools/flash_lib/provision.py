@@ -89,6 +89,7 @@ class Settings:
     pip_python: str | None = None
     dry_run: bool = False
     start: bool = True
+    bench: bool = False  # run `edge-agent bench --quick` on the device after the install
 
 
 def check_settings(s: Settings) -> None:
@@ -532,6 +533,46 @@ def print_plan(plan: Plan, say: Callable[[str], None]) -> None:
         say(f"  build {VENV} on the device from {BUNDLE} (pip, offline)")
 
 
+def bench_command(target: Target) -> list[str]:
+    """``edge-agent bench --quick`` of the installed agent with the flashed config, as the target
+    names its paths; the results go to the agent's data directory (HOME/bench/quick.json), where
+    `edge-agent plan` on the device reads them first."""
+    return [
+        target.on_target(f"{VENV}/bin/edge-agent"),
+        "bench",
+        "--quick",
+        "--config",
+        target.on_target(CONF),
+        "--data-dir",
+        target.on_target(HOME),
+    ]
+
+
+def run_bench(target: Target, s: Settings, say: Callable[[str], None]) -> None:
+    """``--bench``: run the quick bench once where the target can run commands; say why not
+    where it cannot (a disk image, a foreign root directory)."""
+    if not target.can_run():
+        say(
+            f"note: --bench: skipped: commands cannot run on {target.label} (an image, or a "
+            "root directory without --chroot); after the first boot run on the device: "
+            f"sudo -u {USER} {VENV}/bin/edge-agent bench --quick"
+        )
+        return
+    argv = bench_command(target)
+    if s.dry_run:
+        say(f"--bench: would run {' '.join(argv)}")
+        return
+    say(f"bench: {' '.join(argv)} (seconds) ...")
+    result = target.run(argv)
+    for line in result["output"].rstrip().splitlines():
+        say(f"  {line}")
+    if result["rc"] != 0:
+        raise FlashError(
+            f"installed, but `edge-agent bench --quick` failed on {target.label} "
+            f"(exit {result['rc']}): see its output above"
+        )
+
+
 def _run_checked(target: Target, argv: list[str], what: str) -> None:
     result = target.run(argv)
     if result["rc"] != 0:
@@ -548,11 +589,15 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
         plan = make_plan(target, s, say)
         if plan.empty:
             say(f"nothing to do: {target.label} is up to date")
+            if s.bench:
+                run_bench(target, s, say)
             return 0
         print_plan(plan, say)
         if s.dry_run:
             for note in plan.notes:
                 say(f"note: {note}")
+            if s.bench:
+                run_bench(target, s, say)
             say("dry run: nothing was changed")
             return 0
         if target.needs_local_root and os.geteuid() != 0:
@@ -583,9 +628,11 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
             _run_checked(target, ["systemctl", "daemon-reload"], "systemctl daemon-reload")
             target.run(["udevadm", "control", "--reload"])
             target.run(["modprobe", "i2c-dev"])
-            if s.start:
-                _run_checked(target, ["systemctl", "restart", SERVICE], "starting edge-agent")
-                say(f"started {SERVICE} (journalctl -u edge-agent -f to follow it)")
+        if s.bench:  # before the (re)start: the agent's own load stays out of the figures
+            run_bench(target, s, say)
+        if target.live and s.start:
+            _run_checked(target, ["systemctl", "restart", SERVICE], "starting edge-agent")
+            say(f"started {SERVICE} (journalctl -u edge-agent -f to follow it)")
         n = len(plan.changes) + (plan.boot is not None) + plan.build_venv
         say(f"done: {n} change{'s' if n != 1 else ''} on {target.label}")
         for note in plan.notes:

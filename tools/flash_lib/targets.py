@@ -216,6 +216,11 @@ class Target:
         """True: build the venv during flashing; False: edge-agent-install.service does it."""
         return False
 
+    def can_run(self) -> bool:
+        """True when :meth:`run` can run the installed agent (``--bench``): SSH, ``dir --chroot``
+        and ``dir /``; not a disk image, nor a foreign root directory without ``--chroot``."""
+        return self.venv_now()
+
     def free_bytes(self) -> int | None:
         """Free space of the root filesystem, where it is cheap to know."""
         return None
