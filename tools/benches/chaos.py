@@ -9,7 +9,8 @@ rows the deliberate corruption destroyed), ``duplicated`` 0, ``salvaged_ratio`` 
 of the damaged queue that reached the endpoint / readable rows, counted by independent point
 lookups), ``crashes`` 0, ``tracebacks`` 0, ``log_bytes_per_bad_datagram`` <= 20 (growth of the
 endpoint's log over the floods / datagrams sent). ``--quick`` runs the short (CI) plan. The run's
-files stay in a directory under /tmp when a target is missed (named in the notes).
+files stay in their directory (inside ``--dir``, tools/benches/__init__.py) when a target is
+missed (named in the notes).
 """
 
 from __future__ import annotations
@@ -19,13 +20,26 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from benches import Result
+from benches import Result, describe, locate
 from tools.chaos import LONG, SHORT, run_chaos
+
+MEASURES = (
+    "records lost or duplicated, salvage ratio, crashes, tracebacks and log bytes per bad "
+    "datagram under SIGKILLs, power cuts, queue corruption, a full disk and hostile floods "
+    "(needs root)"
+)
+BASELINE = (
+    "the targets (0 lost, 0 duplicated, salvage 1.0, 0 crashes, <= 20 log bytes per bad "
+    "datagram); nothing to race"
+)
 
 
 def run(args: argparse.Namespace) -> Result:
     plan = SHORT if args.quick else LONG
-    workdir = Path(tempfile.mkdtemp(prefix="bench-chaos-"))
+    base, _ = locate(getattr(args, "dir", None))
+    base.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-chaos-", dir=base))
+    where = describe(workdir, "--dir" if getattr(args, "dir", None) else "default")
     report = run_chaos(plan, workdir)
     res = Result()
     for metric, value, reference in report.rows():
@@ -37,4 +51,4 @@ def run(args: argparse.Namespace) -> Result:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     res.summary = report.summary()
-    return res
+    return where.stamp(res)

@@ -56,9 +56,15 @@ from agent.wire.compact import CF_COMPACT, CF_COMPACT_DEFLATE, CF_COMPACT_DICT
 from agent.wire.packing import zigzag
 from agent.wire.predict import quantize
 from agent.wire.records import TelemetryBody
-from benches import Result
+from benches import Result, workdir
 from drivers.clock import VirtualClock
 from drivers.sim.sources import SKAB_CHANNELS, SkabFile, read_skab_csv
+
+MEASURES = (
+    "bytes per reading of the SKAB replay at each link level (SenML-CBOR, compact+deflate, "
+    "compact+deflate+dictionary), every value decoded back"
+)
+BASELINE = "one JSON object per reading, and the xz -9e bound of the same quantized columns"
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEVICE = "pump-rig-01"
@@ -249,6 +255,11 @@ def parse(args: argparse.Namespace) -> tuple[argparse.Namespace, bool]:
 
 
 def run(args: argparse.Namespace) -> Result:
+    with workdir(args, "codec") as wd:  # writes nothing: stated for the record
+        return wd.stamp(_run(args))
+
+
+def _run(args: argparse.Namespace) -> Result:
     extra, quick = parse(args)
     result = Result()
     folder = skab_dir(extra)

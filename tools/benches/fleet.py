@@ -28,6 +28,12 @@ from typing import Any
 
 from benches import Result
 
+MEASURES = (
+    "endpoint ingest from simulated devices (real OSCORE): records/s, ack p99 and records/s per"
+    " endpoint core on PostgreSQL with 1, 2, 4 processes"
+)
+BASELINE = "the same load on one SQLite endpoint process"
+
 TARGET_DEVICES = 10_000  # the load: 10,000 devices, 10 readings each every 10 s
 TOOLS = Path(__file__).resolve().parents[1]
 ROOT = TOOLS.parent

@@ -27,15 +27,20 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+MEASURES = (
+    "uplink goodput draining a backlog over 256 kbit/s, 100 ms RTT, 2 % loss (network "
+    "namespaces, tc; needs root)"
+)
+BASELINE = "the same uplink stop-and-wait (max_inflight = 1), same link, same run"
 
 ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":  # the agent side, run inside its namespace
     sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from benches import Result  # noqa: E402
+from benches import Result, workdir  # noqa: E402
 
 DEVICE = "bench-link-01"
 RATE_BITS = 256_000
@@ -272,7 +277,8 @@ def _measure(ns: Namespaces, workdir: Path, n_bytes: int, max_inflight: int) -> 
 def run(args: argparse.Namespace) -> Result:
     backlog = (1 if args.quick else 10) * 1_000_000
     saw_backlog = (128 if args.quick else 512) * 1000
-    with tempfile.TemporaryDirectory(prefix="bench-link-") as tmp, Namespaces() as ns:
+    with workdir(args, "link") as wd, Namespaces() as ns:
+        tmp = str(wd.path)
         tmp_path = Path(tmp)
         cloud = tmp_path / "cloud"
         subprocess.run(
@@ -363,7 +369,7 @@ def run(args: argparse.Namespace) -> Result:
         "goodput_kbps": round(ours["goodput_bps"] / 1000, 1),
         "backlog_bytes": backlog,
     }
-    return res
+    return wd.stamp(res)
 
 
 if __name__ == "__main__":

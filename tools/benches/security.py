@@ -45,7 +45,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,10 +60,16 @@ from agent.sync.security import ClientSecurity
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Exchange, Uplink, UplinkSettings, UplinkStats
 from agent.wire.credentials import Credential
-from benches import Result
+from benches import Result, workdir
 from benches.sync import _free_udp_port, _records
 from cloud.protocol import AMPLIFICATION_LIMIT
 from drivers.clock import RealClock
+
+MEASURES = (
+    "OSCORE against plain CoAP: records/s clean and lossy, bytes per record, handshake time, "
+    "unauthenticated amplification"
+)
+BASELINE = "a plain (--insecure) endpoint, the same uplink and link, alternating in the same run"
 
 HOST = "127.0.0.1"
 DEVICE = "bench-sec-01"
@@ -535,7 +540,8 @@ def run(args: argparse.Namespace) -> Result:
     n_lossy = 1000 if args.quick else 4000
     rounds = 1 if args.quick else 3
     fresh, steady = (10, 20) if args.quick else (20, 50)
-    with tempfile.TemporaryDirectory(prefix="bench-security-") as tmp:
+    with workdir(args, "security") as wd:
+        tmp = str(wd.path)
         root = Path(tmp)
         fs = _fs_type(root)
         with _Endpoint(root, secure=False) as plain_ep, _Endpoint(root, secure=True) as sec_ep:
@@ -548,7 +554,7 @@ def run(args: argparse.Namespace) -> Result:
             low = _measure(eps, root, "low", n_clean, LOW, Impairment(), rounds)
             lossy = _measure(eps, root, "lossy", n_lossy, HIGH, LOSSY, rounds)
             answers = _amplification(sec_ep.port, Credential.read(sec_ep.credential))
-    return _report(root, fs, high, low, lossy, hs_plain, hs_oscore, answers)
+    return wd.stamp(_report(root, fs, high, low, lossy, hs_plain, hs_oscore, answers))
 
 
 def _report(
