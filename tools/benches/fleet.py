@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benches import Result
+from benches import workdir as bench_workdir
 
 MEASURES = (
     "endpoint ingest from simulated devices (real OSCORE): records/s, ack p99 and records/s per"
@@ -56,13 +54,6 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
     )
     parser.add_argument("--dir", help="where the SQLite files go (default: a temporary directory)")
     return parser.parse_args(args.extra)
-
-
-def fs_type(path: Path) -> str:
-    done = subprocess.run(
-        ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=False
-    )
-    return done.stdout.strip() or "unknown"
 
 
 def _pg_tree_cpu(cluster: Any) -> float:
@@ -172,15 +163,10 @@ async def _all(opts: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, 
 
 def run(args: argparse.Namespace) -> Result:
     opts = _options(args)
-    base = Path(opts.dir) if opts.dir else None
-    workdir = Path(tempfile.mkdtemp(prefix="bench-fleet-", dir=base))
-    try:
+    with bench_workdir(opts, "fleet") as where:
         started = time.perf_counter()
-        runs, _ = asyncio.run(_all(opts, workdir))
+        runs, _ = asyncio.run(_all(opts, where.path))
         elapsed = time.perf_counter() - started
-        where = fs_type(workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     sqlite = runs[-1]
     light = runs[-2]
     pg_runs = [r for r in runs if r["storage"] == "postgresql" and r is not light]
@@ -243,7 +229,8 @@ def run(args: argparse.Namespace) -> Result:
     )
     result.notes.append(
         f"(the simulator ran {opts.sim_processes} processes on the same {os.cpu_count()} cores; "
-        f"{elapsed:.0f} s; files on {where})"
+        f"{elapsed:.0f} s; the SQLite files and each endpoint's --data in the directory below, "
+        "PostgreSQL in its own cluster directory on the system temp directory)"
     )
     result.summary = {
         "devices": opts.devices,
@@ -263,10 +250,8 @@ def run(args: argparse.Namespace) -> Result:
         "scaling": {f"{r['storage']}_x{r['processes']}": r for r in runs if r is not light},
         "light_load": light,
         "cores": os.cpu_count(),
-        "dir": str(base or tempfile.gettempdir()),
-        "fs_type": where,
     }
-    return result
+    return where.stamp(result)
 
 
 if __name__ == "__main__":
