@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Score the on-device anomaly detector by SKAB's outlier-detection protocol.
+"""Score the on-device anomaly detector by SKAB's outlier- and changepoint-detection protocols.
 
-    tools/evaluate.py --data DIR [--model NAME] [--predictions-out OUT] [--plot DIR] [--json]
+    tools/evaluate.py --data DIR [--task outlier|changepoint] [--model NAME]
+                      [--predictions-out OUT] [--plot DIR] [--per-file] [--json]
 
 Every SKAB-format CSV under DIR (recursively; ``;``-separated, a ``datetime`` column and the eight
 sensor columns, optionally ``anomaly`` and ``changepoint``) is replayed sample by sample through
@@ -19,6 +20,16 @@ DIR (``.png`` for ``.csv``): the eight channels, the anomaly score with its thre
 predicted and true anomaly spans shaded (matplotlib, from the ``dev`` extra; the agent never needs
 it). With ``--json`` the last line is one JSON object: f1, far, mar, files, rows (scored files and
 scored rows) and a few more keys.
+
+``--task changepoint`` scores the detector's ``change`` alerts instead, by SKAB's changepoint
+leaderboard: the NAB score with a 60 s window to the right of each true changepoint (column
+``changepoint``, rows after the first 400), standard, LowFP and LowFN profiles (tools/nab.py,
+tools/cpscore.py). A detection counts at the time the detector raised it. ``--json`` then gives
+nab_standard, nab_lowfp, nab_lowfn, missed, false_positives, files, median_time_to_detect_s and
+more; ``--predictions-out`` writes ``datetime;changepoint`` (1 on the rows where a change was
+raised) per input file; ``--per-file`` lists each changepoint with the delay of its first
+detection and every alert (change, raise, clear) with its own time to detect. The anomaly
+decisions, and so the outlier task's scores, are the same either way.
 """
 
 from __future__ import annotations
@@ -40,7 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from agent.detect.detector import Detector, DetectSettings  # noqa: E402
+import cpscore  # noqa: E402
+
+from agent.detect.changepoint import ChangeSettings  # noqa: E402
+from agent.detect.detector import Alert, AlertKind, Detector, DetectSettings  # noqa: E402
 from agent.detect.features import CHANNELS  # noqa: E402
 from agent.detect.inference import RUNTIMES, TFLiteModel, load_manifest  # noqa: E402
 
@@ -62,13 +76,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class SkabFile:
-    """One experiment: timestamps (as written and as seconds), the channel rows, labels if any."""
+    """One experiment: timestamps (as written and as seconds), the channel rows, labels if any
+    (``labels``: the ``anomaly`` column, ``changepoints``: the ``changepoint`` column)."""
 
     path: Path
     stamps: list[str]
     times: np.ndarray
     rows: np.ndarray
     labels: np.ndarray | None
+    changepoints: np.ndarray | None = None
 
     @property
     def labelled(self) -> bool:
@@ -99,20 +115,24 @@ def read_skab_csv(path: str | Path, channels: Sequence[str] = CHANNELS) -> SkabF
     cols = [header.index(c) for c in channels]
     t_col = header.index("datetime") if "datetime" in header else None
     a_col = header.index("anomaly") if "anomaly" in header else None
+    c_col = header.index("changepoint") if "changepoint" in header else None
     stamps: list[str] = []
     rows = np.empty((len(lines) - 1, len(channels)))
     labels = np.zeros(len(lines) - 1, dtype=bool) if a_col is not None else None
+    cps = np.zeros(len(lines) - 1, dtype=bool) if c_col is not None else None
     for i, line in enumerate(lines[1:]):
         parts = line.split(";")
         try:
             rows[i] = [float(parts[c]) for c in cols]
             if labels is not None:
                 labels[i] = float(parts[a_col]) > 0.5
+            if cps is not None:
+                cps[i] = float(parts[c_col]) > 0.5
         except (IndexError, ValueError) as err:
             raise DataError(f"{p}: line {i + 2}: {err}") from None
         stamps.append(parts[t_col].strip() if t_col is not None else str(i))
     times = np.array([_parse_time(s, i) for i, s in enumerate(stamps)])
-    return SkabFile(p, stamps, times, rows, labels)
+    return SkabFile(p, stamps, times, rows, labels, cps)
 
 
 def _natural_key(p: Path) -> list[Any]:
@@ -185,6 +205,7 @@ class FileResult:
     alerts: int
     confusion: Confusion | None
     threshold: float = math.nan  # the detector's anomaly threshold (scores above it count)
+    events: list[Alert] = field(default_factory=list)  # every alert, changes included
 
 
 @dataclass
@@ -233,8 +254,16 @@ def run_file(make_detector: DetectorFactory, f: SkabFile) -> FileResult:
     det = make_detector()
     res = det.feed(f.times, f.rows)
     conf = confusion(f.labels, res.anomalous) if f.labels is not None else None
+    episodes = sum(a.kind is not AlertKind.CHANGE for a in res.alerts)  # raises and clears
     return FileResult(
-        f.path.name, len(f.rows), res.anomalous, res.scores, len(res.alerts), conf, det.threshold
+        f.path.name,
+        len(f.rows),
+        res.anomalous,
+        res.scores,
+        episodes,
+        conf,
+        det.threshold,
+        list(res.alerts),
     )
 
 
@@ -245,9 +274,12 @@ def evaluate(
     predictions_out: Path | None = None,
     plot_dir: Path | None = None,
     files: Iterable[Path] | None = None,
+    changes: cpscore.ChangeReport | None = None,
 ) -> Report:
     """Replay every SKAB file under ``data`` (or the given ``files``) and score them; write
-    predictions under ``predictions_out`` and plots under ``plot_dir`` when given."""
+    predictions under ``predictions_out`` and plots under ``plot_dir`` when given. With
+    ``changes``, each file with a ``changepoint`` column is added to it, and the predictions
+    written are the changepoint ones."""
     report = Report()
     base = data if data.is_dir() else data.parent
     for path in files if files is not None else find_csv(data):
@@ -259,7 +291,14 @@ def evaluate(
         r = run_file(make_detector, f)
         r.name = str(path.relative_to(base)) if path.is_relative_to(base) else path.name
         report.files.append(r)
-        if predictions_out is not None:
+        fc = None
+        if changes is not None and f.changepoints is not None:
+            fc = cpscore.file_changes(r.name, f.times, f.changepoints, f.labels, r.events)
+            changes.files.append(fc)
+        if predictions_out is not None and changes is not None:
+            fc = fc or cpscore.file_changes(r.name, f.times, np.zeros(0), None, r.events)
+            cpscore.write_predictions(predictions_out / r.name, f.stamps, f.times, fc)
+        elif predictions_out is not None:
             write_predictions(predictions_out / r.name, f.stamps, r.predicted)
         if plot_dir is not None:
             plot_file(plot_dir / Path(r.name).with_suffix(".png"), f, r)
@@ -368,8 +407,11 @@ def detector_factory(
     num_threads: int = 1,
     classifier: str | None = None,
     threshold: float | None = None,
+    changepoint: ChangeSettings | None = None,
 ) -> DetectorFactory:
-    """Load the models once; each call builds a fresh detector (a fresh device) around them."""
+    """Load the models once; each call builds a fresh detector (a fresh device) around them.
+    Change alerts are on (``changepoint``: the CUSUM's settings; they do not touch the anomaly
+    decisions)."""
     manifest = load_manifest(models)
     settings = DetectSettings(
         models_dir=models,
@@ -378,6 +420,7 @@ def detector_factory(
         runtime=runtime,
         num_threads=num_threads,
         threshold=threshold,
+        changepoint=changepoint or ChangeSettings(alerts=True),
     )
     anomaly = TFLiteModel.open(manifest, model, runtime=runtime, num_threads=num_threads)
     clf = None
@@ -421,6 +464,12 @@ def format_files(report: Report) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True, help="folder of SKAB-format CSV files")
+    ap.add_argument(
+        "--task",
+        choices=("outlier", "changepoint"),
+        default="outlier",
+        help="SKAB leaderboard to score by: outlier (F1/FAR/MAR) or changepoint (NAB)",
+    )
     ap.add_argument("--models", type=Path, default=ROOT / "models", help="folder with manifest")
     ap.add_argument("--model", default="skab-ae", help="anomaly model name in the manifest")
     ap.add_argument("--classifier", default="", help="also run this classifier (verdicts)")
@@ -447,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         classifier=args.classifier or None,
         threshold=args.threshold,
     )
-    report = evaluate(args.data, make, predictions_out=args.predictions_out, plot_dir=args.plot)
+    changes = cpscore.ChangeReport() if args.task == "changepoint" else None
+    report = evaluate(
+        args.data, make, predictions_out=args.predictions_out, plot_dir=args.plot, changes=changes
+    )
+    if changes is not None:
+        return _report_changes(args, report, changes)
     for msg in report.skipped:
         print(f"skipped: {msg}", file=sys.stderr)
     unlabelled = len(report.files) - len(report.scored)
@@ -470,6 +524,38 @@ def main(argv: list[str] | None = None) -> int:
         summary = report.summary()
         summary["model"] = args.model
         print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def _report_changes(args: argparse.Namespace, report: Report, changes: cpscore.ChangeReport) -> int:
+    for msg in report.skipped:
+        print(f"skipped: {msg}", file=sys.stderr)
+    print(
+        f"{len(report.files)} files replayed ({len(changes.files)} with changepoint labels and "
+        f"scored by NAB, window {cpscore.nab.WINDOW_SECONDS:.0f} s right of each changepoint "
+        f"after row {SKIP_ROWS})"
+    )
+    if args.per_file:
+        print(cpscore.format_files(changes))
+    summary = changes.summary() if changes.files else None
+    if summary is not None:
+        print(cpscore.format_table(summary, f"{args.model} change alerts (int8, this repo)"))
+        print(
+            f"time to detect: median {summary['median_time_to_detect_s']} s from a true "
+            f"changepoint to its first detection; median {summary['median_onset_to_change_s']} s "
+            f"from a fault's onset to the first change alert, "
+            f"{summary['median_onset_to_raise_s']} s to the raise"
+        )
+    else:
+        print("no files with changepoint labels: nothing to score")
+    if args.predictions_out is not None:
+        print(f"changepoint predictions written under {args.predictions_out}")
+    if args.plot is not None:
+        print(f"{len(report.files)} plots written under {args.plot}")
+    if args.json:
+        out = summary or {"files": 0}
+        out["model"] = args.model
+        print(json.dumps(out, sort_keys=True))
     return 0
 
 

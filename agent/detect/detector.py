@@ -19,12 +19,19 @@ One row of the eight SKAB channels per sample (the agent assembles them at 1 Hz)
    toward the samples judged normal since (an exponential average with a time constant of
    ``track_samples``), and stays put while an alert is active: slow wear and ambient changes are
    followed, a fault is not. :meth:`Detector.recommission` starts commissioning again.
+8. **Changepoints.** A per-channel CUSUM on the signed residuals ``u - r``
+   (:mod:`agent.detect.changepoint`) notes when the process changed and which channels moved:
+   also the changes inside an episode (end of a transient, start of a recovery) that the anomaly
+   state does not show. With ``ChangeSettings.alerts`` each change is an alert of kind
+   ``change``; either way a raise or clear carries the change that caused it (``change_time``,
+   and ``time_to_detect``: seconds from that change to the alert). docs/detection.md has both
+   SKAB leaderboards.
 
 The detector does no I/O besides the interpreter: the agent runtime stores the alerts (as
 high-priority records). :meth:`Detector.feed` processes a block of rows with one batched model
 invoke and gives exactly what :meth:`Detector.push` gives row by row (the models have no state).
 
-Logging policy: info for commissioning done and for each alert raised or cleared.
+Logging policy: info for commissioning done and for each alert raised, cleared or changed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.detect.changepoint import ChangeDetector, ChangePoint, ChangeSettings
 from agent.detect.features import Calibration, FeatureSpec, StreamingFeatures, calibrate, transform
 from agent.detect.inference import RUNTIMES, Inference, Manifest, TFLiteModel, load_manifest
 from agent.detect.novelty import NoveltyDetector, NoveltyScore, NoveltySettings
@@ -56,20 +64,27 @@ NORMAL_CLASS = "normal"
 class Verdict(enum.StrEnum):
     KNOWN_FAILURE = "known_failure"
     NOVEL_ANOMALY = "novel_anomaly"
+    NORMAL = "normal"  # a change outside an anomaly episode
 
 
 class AlertKind(enum.StrEnum):
     RAISE = "raise"
     CLEAR = "clear"
+    CHANGE = "change"  # a changepoint: the process changed (inside an episode or not)
 
 
 @dataclass(frozen=True)
 class Alert:
-    """An anomaly episode starting (``raise``) or ending (``clear``).
+    """An anomaly episode starting (``raise``) or ending (``clear``), or a changepoint
+    (``change``).
 
-    ``channels``: the channels contributing most, as (name, residual) pairs, largest first.
-    ``verdict``/``fault``/``confidence``: the classifier's view of the raising window (a clear
-    repeats its episode's verdict). ``novelty``: PCA T²+Q statistics of the same vector, if fitted.
+    ``channels``: for a raise or clear, the channels contributing most, as (name, residual)
+    pairs, largest first; for a change, the channels that moved, as (name, shift of the
+    residual's level). ``verdict``/``fault``/``confidence``: the classifier's view of the raising
+    window (a clear, and a change inside an episode, repeat its episode's verdict; a change outside
+    one is ``normal``). ``novelty``: PCA T²+Q statistics of the same vector, if fitted.
+    ``change_time``: the estimated time the process changed (a change's own estimate; for a raise
+    or clear, that of the change behind it, :meth:`ChangeDetector.cause`), None when unknown.
     """
 
     time: float
@@ -82,6 +97,12 @@ class Alert:
     confidence: float = 0.0
     novelty: NoveltyScore | None = None
     model: str = DEFAULT_MODEL
+    change_time: float | None = None
+
+    @property
+    def time_to_detect(self) -> float | None:
+        """Seconds from the estimated change to this alert, when the change is known."""
+        return None if self.change_time is None else self.time - self.change_time
 
     def to_dict(self) -> dict[str, Any]:
         """CBOR/JSON-native dict (str, float, list, None)."""
@@ -96,6 +117,8 @@ class Alert:
             "confidence": self.confidence,
             "novelty": None if self.novelty is None else self.novelty.to_dict(),
             "model": self.model,
+            "change_time": self.change_time,
+            "time_to_detect": self.time_to_detect,
         }
 
     @classmethod
@@ -112,6 +135,7 @@ class Alert:
             confidence=float(d.get("confidence", 0.0)),
             novelty=None if nov is None else NoveltyScore(**{k: float(v) for k, v in nov.items()}),
             model=str(d.get("model", DEFAULT_MODEL)),
+            change_time=None if d.get("change_time") is None else float(d["change_time"]),
         )
 
 
@@ -165,6 +189,8 @@ class DetectSettings:
     top_channels: int = 3
     track_samples: int = 1800  # reference tracking time constant in samples; 0 = off
     novelty: NoveltySettings = field(default_factory=NoveltySettings)
+    #: not a config key yet: change alerts stay off until the endpoint's dashboard knows them
+    changepoint: ChangeSettings = field(default_factory=ChangeSettings)
 
     @classmethod
     def from_options(cls, opts: Options, base_dir: Path | None = None) -> DetectSettings:
@@ -267,6 +293,7 @@ class Detector:
         top_channels: int = 3,
         novelty: NoveltySettings | None = None,
         adapt_samples: int = 0,
+        changepoint: ChangeSettings | None = None,
     ) -> None:
         if not threshold > 0:
             raise ValueError("threshold must be > 0")
@@ -281,10 +308,12 @@ class Detector:
         self.classifier_confidence = classifier_confidence
         self.top_channels = top_channels
         self.novelty = NoveltyDetector(novelty) if novelty and novelty.enabled else None
+        self.changes = ChangeDetector(spec.channels, changepoint)
         self.calibration: Calibration | None = None
         self._commissioning: list[np.ndarray] = []
         self._stream: StreamingFeatures | None = None
         self._episode: tuple[Verdict, str | None, float] | None = None
+        self._transition = -math.inf  # time of the last raise or clear
         self.adapt_samples = adapt_samples
         self._since_adapt = 0
         self._normal_sum = np.zeros(len(spec.channels))
@@ -364,6 +393,7 @@ class Detector:
             top_channels=s.top_channels,
             novelty=s.novelty,
             adapt_samples=s.track_samples,
+            changepoint=s.changepoint,
         )
 
     # --- state ----------------------------------------------------------------------------------
@@ -395,6 +425,8 @@ class Detector:
         self._normal_n = 0
         if self.novelty is not None:
             self.novelty = NoveltyDetector(self.novelty.settings)
+        self.changes.reset()
+        self._transition = -math.inf
         log.info("recommissioning samples=%d", self.spec.commissioning)
         return alerts
 
@@ -459,6 +491,7 @@ class Detector:
             old = getattr(self.anomaly, "name", "?")
             self.anomaly = anomaly
             self.threshold = new_threshold
+            self.changes.reset(relearn=True)  # the residuals are the new model's from here
             log.info(
                 "model swapped role=anomaly from=%s to=%s threshold=%.3g",
                 old,
@@ -545,19 +578,24 @@ class Detector:
         flat = np.stack(wins)
         self.last_window = flat[-1]
         newest = self.anomaly.predict(flat)[:, -n_ch:]
-        resid = np.abs(np.stack(us) - newest)
+        signed = np.stack(us) - newest
+        resid = np.abs(signed)
         for j, res in enumerate(resid):
             row = lo + j
+            t = float(times[row])
             self.samples += 1
             self._since_adapt += 1
             score = float(res.max())
             scores[row] = score
             self.last_score = score
             nov = self.novelty.score(us[j]) if self.novelty is not None else None
+            cp = self.changes.update(t, signed[j])
+            if cp is not None and self.changes.settings.alerts:
+                alerts.append(self._change_alert(cp, score, nov))
             change = self.hysteresis.update(score > self.threshold)
             anomalous[row] = self.hysteresis.active
             if change is not None:
-                alerts.append(self._alert(float(times[row]), change, score, res, flat[j], nov))
+                alerts.append(self._alert(t, change, score, res, flat[j], nov))
             if not self.hysteresis.active and score <= self.threshold:
                 self._normal_sum += a[row]
                 self._normal_n += 1
@@ -619,6 +657,7 @@ class Detector:
         if kind is AlertKind.RAISE or self._episode is None:
             self._episode = self._classify(window)
         verdict, fault, confidence = self._episode
+        cause = self.changes.cause(t, self._transition)
         alert = Alert(
             time=t,
             kind=kind,
@@ -630,9 +669,13 @@ class Detector:
             confidence=confidence,
             novelty=nov,
             model=getattr(self.anomaly, "name", DEFAULT_MODEL),
+            change_time=None if cause is None else cause.change_time,
         )
+        self._transition = t
+        ttd = alert.time_to_detect
         (log.info if self.log_alerts else log.debug)(
-            "alert %s time=%.3f score=%.3g threshold=%.3g verdict=%s fault=%s top=%s",
+            "alert %s time=%.3f score=%.3g threshold=%.3g verdict=%s fault=%s top=%s "
+            "time_to_detect=%s",
             kind.value,
             t,
             score,
@@ -640,9 +683,39 @@ class Detector:
             verdict.value,
             fault,
             channels[0][0] if channels else "",
+            "unknown" if ttd is None else f"{ttd:.1f}",
         )
         if kind is AlertKind.CLEAR:
             self._episode = None
+        return alert
+
+    def _change_alert(self, cp: ChangePoint, score: float, nov: NoveltyScore | None) -> Alert:
+        """A changepoint as an alert: inside an episode it repeats the episode's verdict."""
+        episode = self._episode if self.hysteresis.active else None
+        verdict, fault, confidence = episode or (Verdict.NORMAL, None, 0.0)
+        alert = Alert(
+            time=cp.time,
+            kind=AlertKind.CHANGE,
+            score=score,
+            threshold=self.threshold,
+            channels=cp.channels[: self.top_channels],
+            verdict=verdict,
+            fault=fault,
+            confidence=confidence,
+            novelty=nov,
+            model=getattr(self.anomaly, "name", DEFAULT_MODEL),
+            change_time=cp.change_time,
+        )
+        (log.info if self.log_alerts else log.debug)(
+            "alert change time=%.3f change_time=%.3f time_to_detect=%.1f statistic=%.3g "
+            "anomalous=%s moved=%s",
+            cp.time,
+            cp.change_time,
+            cp.delay,
+            cp.statistic,
+            self.hysteresis.active,
+            ",".join(name for name, _ in cp.channels[: self.top_channels]),
+        )
         return alert
 
     def _classify(self, window: np.ndarray) -> tuple[Verdict, str | None, float]:
