@@ -161,6 +161,14 @@ def _alert_fields(seq: int, time: float, body: bytes) -> dict[str, Any] | None:
     }
 
 
+def _active(alert: dict[str, Any] | None) -> bool:
+    """An episode is on after ``alert``: it raised one, or it is a changepoint inside one (a
+    change repeats its episode's verdict, ``normal`` outside one)."""
+    if alert is None:
+        return False
+    return alert["kind"] == "raise" or (alert["kind"] == "change" and alert["verdict"] != "normal")
+
+
 def _last_alert(db: Sql, device: str, before: float | None = None) -> Any:
     sql = "SELECT seq, time, body FROM records WHERE device = ? AND kind = 'alert'"
     args: list[Any] = [device]
@@ -202,7 +210,7 @@ def _fleet(db: Sql, now: float) -> dict[str, Any]:
                 "last_seq": last_seq,
                 "alerts_24h": alerts,
                 "last_alert": last,
-                "alert_active": last is not None and last["kind"] == "raise",
+                "alert_active": _active(last),
                 **_summary(reported.get(device, {})),
             }
         )
@@ -230,7 +238,7 @@ def device(storage: Storage, device: str, now: float) -> dict[str, Any] | None:
         "last_seen": _num(row[2]),
         "desired_rev": row[3],
         "last_alert": last,
-        "alert_active": last is not None and last["kind"] == "raise",
+        "alert_active": _active(last),
         "now": now,
         **_summary(reported),
     }
@@ -359,7 +367,7 @@ def alerts(storage: Storage, device: str, since: float, until: float) -> dict[st
         "until": until,
         "alerts": items,
         "truncated": truncated,
-        "active_at_start": before is not None and before["kind"] == "raise",
+        "active_at_start": _active(before),
         **thresholds(storage, device, items[-1] if items else before, reported),
     }
 

@@ -60,7 +60,7 @@ class ChangeSettings:
     track: float = 0.01  # per-sample rate at which the reference follows slow drift
     hold: int = 10  # samples after a change before the next can be raised
     settle: int = 5  # samples whose mean is the new reference after a change
-    alerts: bool = False
+    alerts: bool = True
 
     def __post_init__(self) -> None:
         if not (self.drift >= 0 and self.threshold > 0 and 0 <= self.track < 1):

@@ -40,7 +40,7 @@ import enum
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,7 @@ class DetectSettings:
         if 0 < track < ADAPT_EVERY:
             raise opts.error("track_samples", f"must be 0 (off) or at least {ADAPT_EVERY}")
         novelty = _novelty_from_options(opts.table("novelty"))
+        change_alerts = opts.boolean("change_alerts", d.changepoint.alerts)
         opts.finish()
         return cls(
             models_dir=models_dir,
@@ -247,6 +248,7 @@ class DetectSettings:
             top_channels=top,
             track_samples=track,
             novelty=novelty,
+            changepoint=replace(d.changepoint, alerts=change_alerts),
         )
 
 

@@ -399,6 +399,10 @@ KEYS |= {
         '`"resize"`: a backlog is scored in one invoke; `"loop"`: one invoke per window.'
     ),
     "detect.threshold": "Anomaly score threshold; unset: the model manifest's.",
+    "detect.change_alerts": (
+        "Send each changepoint the detector finds (the process changed; docs/detection.md) as "
+        "an alert of kind `change`."
+    ),
     "detect.raise_after": "Rows above the threshold before an alert; unset: the manifest's.",
     "detect.clear_after": "Rows below it before the alert clears; unset: the manifest's.",
     "detect.commissioning_samples": (

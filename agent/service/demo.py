@@ -321,6 +321,10 @@ def alert_text(body: bytes | Mapping[str, Any], names: Mapping[str, str]) -> str
     if a.get("kind") == "clear":
         return "cleared"
     top = ", ".join(names.get(str(c[0]), str(c[0])) for c in a.get("channels", [])[:3])
+    if a.get("kind") == "change":
+        when = a.get("time_to_detect")
+        since = f", {when:.0f} s after it began" if isinstance(when, int | float) else ""
+        return f"process changed{since} ({a.get('verdict')}); moved: {top}"
     fault = f" ({a['fault']})" if a.get("fault") else ""
     return (
         f"{a.get('verdict')}{fault} score {a.get('score', 0):.2f} > "

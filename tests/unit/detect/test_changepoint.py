@@ -213,13 +213,13 @@ def test_a_fault_gives_changes_at_its_start_and_end_and_the_alerts_carry_them(
     assert not any(a.time < 1500.0 for a in res.alerts)  # quiet before the fault
 
 
-def test_change_alerts_are_off_by_default_and_the_anomaly_decisions_never_depend_on_them(
+def test_change_alerts_are_on_by_default_and_the_anomaly_decisions_never_depend_on_them(
     manifest, models
 ) -> None:
     rows = fault_run(seed=3)
     on = make(manifest, models).feed(np.arange(900.0), rows)
     off_det = make(manifest, models, alerts=False)
-    assert DetectSettings().changepoint.alerts is False
+    assert DetectSettings().changepoint.alerts is True  # [detect] change_alerts = true
     off = off_det.feed(np.arange(900.0), rows)
     assert [a.kind for a in off.alerts] == [AlertKind.RAISE, AlertKind.CLEAR]
     assert [a.to_dict() for a in off.alerts] == [

@@ -13,6 +13,7 @@ import cbor2
 import numpy as np
 import pytest
 
+from agent.detect.changepoint import ChangeSettings
 from agent.detect.detector import (
     Alert,
     AlertKind,
@@ -48,7 +49,10 @@ def models(manifest):
 
 
 def make(manifest, models, **overrides) -> Detector:
+    """A detector on the shipped models. These tests are about anomaly episodes (raise and
+    clear); change alerts, on by default, are tested in test_changepoint.py."""
     ae, clf = models
+    overrides.setdefault("changepoint", ChangeSettings(alerts=False))
     settings = DetectSettings(**overrides)
     return Detector.from_entry(
         ae,
