@@ -264,14 +264,6 @@ class PostgresStorage(PostgresExtras):
 
     # -- records ---------------------------------------------------------------------------------
 
-    def ingest(
-        self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
-    ) -> IngestResult:
-        result = self.ingest_many([(device, records, register)], now)[0]
-        if isinstance(result, AgentError):
-            raise result
-        return result
-
     def ingest_many(self, batches: Sequence[Batch], now: float) -> list[IngestResult | AgentError]:
         if not batches:
             return []

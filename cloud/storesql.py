@@ -25,8 +25,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
+from agent.errors import AgentError
+from agent.wire.batch import WireRecord
 from cloud import linkhistory
-from cloud.storebase import TABLES, ModelVersion, Sql, Table, Verdict
+from cloud.storebase import (
+    TABLES,
+    Batch,
+    IngestResult,
+    ModelVersion,
+    Sql,
+    Table,
+    Verdict,
+)
 
 log = logging.getLogger("cloud.storage")
 
@@ -95,6 +105,18 @@ class SharedStorage:
 
     def _loaded(self, db: Sql, table: str) -> None:
         """After a load of ``table``, in its transaction: move what numbers that table."""
+
+    def ingest(
+        self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
+    ) -> IngestResult:
+        """:meth:`ingest_many` of one batch; its error raised."""
+        result = self.ingest_many([(device, records, register)], now)[0]
+        if isinstance(result, AgentError):
+            raise result
+        return result
+
+    def ingest_many(self, batches: Sequence[Batch], now: float) -> list[IngestResult | AgentError]:
+        raise NotImplementedError  # each backend's
 
     def reader(self) -> AbstractContextManager[Sql]:
         raise NotImplementedError

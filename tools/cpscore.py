@@ -213,7 +213,12 @@ def format_table(summary: dict[str, Any], label: str) -> str:
         (f"{n} (published, 34 files)", f"{a:.2f}", f"{b:.2f}", f"{c:.2f}", str(m), str(fp))
         for n, a, b, c, m, fp in LEADERBOARD
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    return markdown_table(rows)
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` (the first is the header) as a Markdown table with aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for i, r in enumerate(rows):
         out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")

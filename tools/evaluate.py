@@ -443,13 +443,7 @@ def format_table(report: Report, label: str) -> str:
     rows = [("method", "F1", "FAR %", "MAR %")]
     rows.append((label, f"{t.f1:.3f}", f"{t.far:.2f}", f"{t.mar:.2f}"))
     rows += [(n, f"{f:.2f}", f"{fa:.2f}", f"{m:.2f}") for n, f, fa, m in LEADERBOARD]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    out = []
-    for i, r in enumerate(rows):
-        out.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
-        if i == 0:
-            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return cpscore.markdown_table(rows)
 
 
 def format_files(report: Report) -> str:
