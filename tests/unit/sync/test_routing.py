@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from linkem import Impairment, LinkEmulator
 
+from agent.detect.changepoint import ChangeSettings
 from agent.detect.detector import Alert, AlertKind, Detector, DetectSettings, Verdict
 from agent.detect.features import calibrate, transform, windows
 from agent.detect.inference import TFLiteModel, load_manifest
@@ -80,7 +81,9 @@ def fault_rows(n: int = 900, start: int = 500, end: int = 700, seed: int = 0) ->
 
 def detector(manifest, models, **overrides) -> Detector:
     ae, clf = models
-    # no reference tracking: the raising window can be recomputed from the rows exactly
+    # no reference tracking: the raising window can be recomputed from the rows exactly; no
+    # change alerts: these tests route raise and clear (change alerts: test_changepoint.py)
+    overrides.setdefault("changepoint", ChangeSettings(alerts=False))
     settings = DetectSettings(track_samples=0, **overrides)
     return Detector.from_entry(
         ae,
