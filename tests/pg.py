@@ -2,9 +2,8 @@
 when a test asks for it) and a fresh, empty database per test (``pg_dsn``). Registered in
 tests/conftest.py, so a test in any directory may ask for ``pg_dsn`` or ``pg_cluster``.
 
-Without PostgreSQL (no Debian package, no psycopg) the tests that need it are skipped, saying
-why; ``./tools/dev setup`` installs both, so in CI they run. A cluster that is installed but does
-not start fails them."""
+``./tools/dev setup`` installs PostgreSQL (Debian's package, as root) and psycopg (the dev
+extra); without them the tests that need it fail, saying so: they never skip."""
 
 from __future__ import annotations
 
@@ -21,14 +20,13 @@ _numbers = itertools.count(1)
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Any]:
     """The session's cluster (a ``pgcluster.Cluster``): ``dsn(database)`` and the superuser."""
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install -e '.[dev]')")
     from pgcluster import Cluster, ClusterUnavailable  # tools/ is on sys.path (conftest)
 
     try:
         cluster = Cluster()  # finds the binaries and the user to run them as
-    except ClusterUnavailable as err:
-        pytest.skip(f"no PostgreSQL: {err}")
-    cluster.start()  # installed but failing to start is an error, not a skip
+    except ClusterUnavailable as err:  # ./tools/dev setup installs it: a test that needs it fails
+        pytest.fail(f"no PostgreSQL: {err} (./tools/dev setup installs it, as root)")
+    cluster.start()
     try:
         yield cluster
     finally:
