@@ -72,6 +72,7 @@ from cloud.storebase import (
     UnknownDevice,
     check_block,
     describe,
+    desired_doc,
     merge_reported,
     one_line,
     records_query,
@@ -503,28 +504,11 @@ class PostgresStorage(PostgresExtras):
             if row is None:
                 raise UnknownDevice(f"device {device!r} is not registered")
             rev = int(row[0])
-        entries: dict[str, Entry] = {}
-        blocked: dict[str, int] = {}
         rows = conn.execute(
             "SELECT key, version, value, blocked FROM desired WHERE device = %s ORDER BY key",
             (device,),
         ).fetchall()
-        for key, version, value, block in rows:
-            try:  # as SQLiteStorage._desired: an unreadable value never hides the document
-                entries[key] = Entry(int(version), statedoc.decode_stored(bytes(value)))
-            except statedoc.StateError as err:
-                log.warning(
-                    "event=desired_value_unreadable device=%s key=%r version=%s error=%r "
-                    "action=left_out",
-                    device,
-                    key,
-                    version,
-                    str(err)[:200],
-                )
-                continue
-            if block is not None:
-                blocked[key] = int(block)
-        return DesiredDoc(rev, entries, blocked, self._store_id(conn))
+        return desired_doc(device, rev, rows, self._store_id(conn))
 
     def _store_id(self, conn: Conn) -> str:
         if self._store is None:

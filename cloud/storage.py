@@ -54,6 +54,7 @@ from cloud.storebase import (
     UnknownDevice,
     check_block,
     describe,
+    desired_doc,
     merge_reported,
     records_query,
 )
@@ -430,30 +431,11 @@ class SQLiteStorage(SharedStorage):
         row = db.execute("SELECT desired_rev FROM devices WHERE id = ?", (device,)).fetchone()
         if row is None:
             raise UnknownDevice(f"device {device!r} is not registered")
-        entries: dict[str, Entry] = {}
-        blocked: dict[str, int] = {}
         rows = db.execute(
             "SELECT key, version, value, blocked FROM desired WHERE device = ? ORDER BY key",
             (device,),
-        )
-        for key, version, value, block in rows:
-            # a value written around the endpoint's checks (too deep to decode: served as its
-            # bytes, and the device refuses that key) never makes the document unreadable
-            try:
-                entries[key] = Entry(version, statedoc.decode_stored(value))
-            except statedoc.StateError as err:  # not CBOR at all: corrupted at rest
-                log.warning(
-                    "event=desired_value_unreadable device=%s key=%r version=%s error=%r "
-                    "action=left_out",
-                    device,
-                    key,
-                    version,
-                    str(err)[:200],
-                )
-                continue
-            if block is not None:
-                blocked[key] = block
-        return DesiredDoc(row[0], entries, blocked, self._store_id(db))
+        ).fetchall()
+        return desired_doc(device, row[0], rows, self._store_id(db))
 
     def _store_id(self, db: sqlite3.Connection) -> str:
         if self._store is None:

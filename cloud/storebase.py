@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,3 +477,30 @@ def records_query(
         sql += f" LIMIT {mark}"
         args.append(limit)
     return sql, args
+
+
+def desired_doc(
+    device: str, rev: int, rows: Iterable[tuple[Any, Any, Any, Any]], store: str
+) -> DesiredDoc:
+    """The desired document from its ``(key, version, value, blocked)`` rows. A value written
+    around the endpoint's checks (too deep to decode: served as its bytes, and the device refuses
+    that key) never makes the document unreadable; one that is not CBOR at all (corrupted at
+    rest) is left out, with a warning."""
+    entries: dict[str, Entry] = {}
+    blocked: dict[str, int] = {}
+    for key, version, value, block in rows:
+        try:
+            entries[key] = Entry(version, statedoc.decode_stored(value))
+        except statedoc.StateError as err:
+            log.warning(
+                "event=desired_value_unreadable device=%s key=%r version=%s error=%r "
+                "action=left_out",
+                device,
+                key,
+                version,
+                str(err)[:200],
+            )
+            continue
+        if block is not None:
+            blocked[key] = block
+    return DesiredDoc(rev, entries, blocked, store)
