@@ -201,6 +201,7 @@ async def _serve(args: argparse.Namespace) -> int:
         dtls_listen=dtls,
         storage=args.storage,
         worker=args.worker,
+        fast_path=not args.no_fast_path,
     )
     if http is not None:
         try:
@@ -259,6 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             argv += ["--storage", args.storage]
         argv += ["--allow-any-device"] if args.allow_any_device else []
         argv += ["--insecure"] if args.insecure else []
+        argv += ["--no-fast-path"] if args.no_fast_path else []
         if index == 0 and args.http is not None:  # one dashboard, in the first worker
             argv += ["--http", args.http]
             argv += ["--http-cert", args.http_cert] if args.http_cert else []
@@ -633,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="N endpoint processes on the one --listen address (SO_REUSEPORT; docs/fleet.md)",
+    )
+    p.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="answer single-datagram OSCORE ingest through aiocoap's generic path too "
+        "(cloud/fastpath.py; for comparison)",
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from typing import Any
 
 import aiocoap
 
@@ -42,15 +43,22 @@ def listen_error(host: str, port: int, err: OSError) -> str:
     return f"cannot listen on {where}: {err.strerror}"
 
 
-def server_socket(ctx: aiocoap.Context) -> socket.socket:
-    """The UDP socket of the server context (through the transport's ``get_extra_info``)."""
+def server_protocol(ctx: aiocoap.Context) -> Any:
+    """The transport protocol (aiocoap's ``MessageInterfaceUDP6``) of the server context's UDP
+    socket: it receives every datagram (``datagram_msg_received``) and holds the transport."""
     for interface in getattr(ctx, "request_interfaces", ()):
         messages = getattr(getattr(interface, "token_interface", None), "message_interface", None)
-        transport = getattr(messages, "transport", None)
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if isinstance(sock, socket.socket):
-            return sock
+        if getattr(messages, "transport", None) is not None:
+            return messages
     raise RuntimeError("cannot find the CoAP server socket")
+
+
+def server_socket(ctx: aiocoap.Context) -> socket.socket:
+    """The UDP socket of the server context (through the transport's ``get_extra_info``)."""
+    sock = server_protocol(ctx).transport.get_extra_info("socket")
+    if not isinstance(sock, socket.socket):
+        raise RuntimeError("cannot find the CoAP server socket")
+    return sock
 
 
 def bound_port(ctx: aiocoap.Context) -> int:

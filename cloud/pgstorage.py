@@ -52,9 +52,8 @@ from psycopg_pool import ConnectionPool
 
 from agent.errors import AgentError
 from agent.wire import statedoc
-from agent.wire.batch import WireRecord, same_record
+from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
-from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import linkhistory, pgschema
 from cloud.pgextra import PostgresExtras
@@ -335,7 +334,7 @@ class PostgresStorage(PostgresExtras):
                     key[1],
                     str(rec.kind),
                     rec.created,
-                    body_time(rec.kind, body, rec.created),
+                    record_time(rec),
                     arrival,
                     body,
                 )

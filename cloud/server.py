@@ -54,6 +54,7 @@ from agent.wire.statedoc import StateError
 from cloud.dashboard import Dashboard
 from cloud.desired import DesiredObservers, render_document
 from cloud.dtls import DtlsEndpoint
+from cloud.fastpath import IngestFastPath
 from cloud.inference import (
     DEFAULT_MODELS_DIR,
     CloudInference,
@@ -63,7 +64,7 @@ from cloud.inference import (
     ValidateRequest,
 )
 from cloud.ingest import GroupCommit
-from cloud.listen import bound_port, check_port_free, enlarge_receive_buffer
+from cloud.listen import bound_port, check_port_free, enlarge_receive_buffer, server_protocol
 from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
     _KNOWN_CRITICAL,
@@ -237,6 +238,7 @@ class CloudServer:
         self.worker = False  # one of several processes on one address (start(worker=True))
         self.receive_buffer = 0  # bytes, as the kernel granted them
         self._ctx: aiocoap.Context | None = None
+        self.fast_path: IngestFastPath | None = None  # single-datagram OSCORE ingest (fastpath.py)
         self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
         self.dashboard: Dashboard | None = None  # the web page: Dashboard.start(server, ...)
         self._known_devices: set[str] = set()
@@ -263,6 +265,7 @@ class CloudServer:
         models_dir: str | Path | None = None,
         dtls_listen: tuple[str, int] | None = None,
         worker: bool = False,
+        fast_path: bool = True,
     ) -> CloudServer:
         """Open the storage (``storage``: a spec for :func:`cloud.storage.open_storage`, e.g.
         ``postgresql://...``; default: SQLite in ``data_dir``) and listen on ``host:port``
@@ -271,7 +274,8 @@ class CloudServer:
         (host, port) (cloud/dtls.py). ``worker``: one of several processes on this address
         (``serve --processes N``, cloud/processes.py): the port is shared on purpose (no check
         that it is free), and no OSCORE context state is kept in ``data_dir`` (the processes
-        would overwrite each other's; a peer goes through Echo once per process instead)."""
+        would overwrite each other's; a peer goes through Echo once per process instead).
+        ``fast_path``: answer single-datagram OSCORE ingest below aiocoap (cloud/fastpath.py)."""
         if storage_factory is None:
             storage_factory = (
                 (lambda: open_storage(storage))
@@ -300,23 +304,29 @@ class CloudServer:
             server.principals.load(await thread.call(lambda s: s.credentials()))
             server.store_id = await thread.call(lambda s: s.storage_id())
             await server.inference.start()
-            await server._listen(host, port, dtls_listen)
+            await server._listen(host, port, dtls_listen, fast_path)
         except BaseException:
             await server.inference.close()
             await thread.stop()
             raise
         return server
 
-    async def _listen(self, host: str, port: int, dtls: tuple[str, int] | None = None) -> None:
+    async def _listen(
+        self, host: str, port: int, dtls: tuple[str, int] | None = None, fast: bool = True
+    ) -> None:
         if port != 0 and not self.worker:
             await asyncio.get_running_loop().run_in_executor(None, check_port_free, host, port)
         creds = CredentialsMap()
         creds[":principals"] = self.principals
         limit = None if self.allow_plain else self.amplification.limit
-        site = SecureFront(OscoreSiteWrapper(_Site(self), creds), self._bad_request, limit)
+        resources = _Site(self)
+        site = SecureFront(OscoreSiteWrapper(resources, creds), self._bad_request, limit)
         self._ctx = await aiocoap.Context.create_server_context(
             site, bind=(host, port), transports=["udp6"], server_credentials=creds
         )
+        if fast:
+            self.fast_path = IngestFastPath(self.principals, resources.render)
+            self.fast_path.install(server_protocol(self._ctx))
         self.host = host
         self.port = bound_port(self._ctx) if port == 0 else port
         self.receive_buffer = enlarge_receive_buffer(self._ctx)
@@ -362,6 +372,9 @@ class CloudServer:
             await dtls.stop()
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
+            if self.fast_path is not None:
+                await self.fast_path.close()
+                log.info("event=fast_path %s", self.fast_path.summary())
             await ctx.shutdown()
         self._peer_logs.remove()
         if self._guard is not None:

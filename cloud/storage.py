@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.errors import AgentError
 from agent.wire import statedoc
-from agent.wire.batch import WireRecord, same_record
+from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
-from agent.wire.records import body_time
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import linkhistory
 from cloud.storebase import (
@@ -334,7 +333,7 @@ class SQLiteStorage(SharedStorage):
         conflicts: list[int] = []
         for rec in records:
             body = bytes(rec.body)
-            when = body_time(rec.kind, body, rec.created)
+            when = record_time(rec)
             cur = db.execute(
                 "INSERT OR IGNORE INTO records (device, seq, kind, created, time, received, "
                 "arrival, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -371,12 +371,18 @@ class EndpointProcess:
     ``storage``: its ``--storage`` (default SQLite in DIR); ``processes``: ``--processes``."""
 
     def __init__(
-        self, data: Path, insecure: bool, storage: str | None = None, processes: int = 1
+        self,
+        data: Path,
+        insecure: bool,
+        storage: str | None = None,
+        processes: int = 1,
+        fast_path: bool = True,
     ) -> None:
         self.data = data.resolve()  # the child runs in the checkout
         self.insecure = insecure
         self.storage = storage
         self.processes = processes
+        self.fast_path = fast_path
         self.port = 0
         self.proc: asyncio.subprocess.Process | None = None
 
@@ -392,6 +398,7 @@ class EndpointProcess:
         cmd += ["--listen", f"127.0.0.1:{self.port}"] + (["--insecure"] if self.insecure else [])
         cmd += ["--storage", self.storage] if self.storage else []
         cmd += ["--processes", str(self.processes)] if self.processes > 1 else []
+        cmd += [] if self.fast_path else ["--no-fast-path"]
         log = _append(self.data / "endpoint.log")
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -490,7 +497,9 @@ async def _run(args: argparse.Namespace) -> tuple[FleetReport, Verification | No
             creds = provision(storage, args.devices, args.prefix)
         finally:
             storage.close()
-        endpoint = EndpointProcess(data, insecure=args.security == "none")
+        endpoint = EndpointProcess(
+            data, insecure=args.security == "none", fast_path=not args.no_fast_path
+        )
         await endpoint.start()
         assert endpoint.proc is not None
         config = replace(config, target=endpoint.uri, endpoint_pid=endpoint.proc.pid)
@@ -573,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve",
         metavar="DIR",
         help="provision into a new DIR, run `edge-agent-cloud serve` on it for the run, verify",
+    )
+    p.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="with --serve: the endpoint answers every request through aiocoap (serve "
+        "--no-fast-path)",
     )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_run)

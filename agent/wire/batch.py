@@ -50,12 +50,24 @@ class UnsupportedFormat(CodecError):
 
 @dataclass(frozen=True, slots=True)
 class WireRecord:
-    """One store record as it travels: sequence number, kind, creation time, body bytes."""
+    """One store record as it travels: sequence number, kind, creation time, body bytes.
+
+    ``time``: the wall time inside the body, when whoever made the record already knows it (a
+    decoder that built the body from it); None: read it from the body when needed
+    (:func:`record_time`). Not part of the record's identity (equality ignores it)."""
 
     seq: int
     kind: str
     created: float
     body: bytes
+    time: float | None = field(default=None, compare=False)
+
+
+def record_time(rec: WireRecord) -> float:
+    """The wall time in ``rec``'s body (its ``created`` time when the body has none usable)."""
+    if rec.time is not None and math.isfinite(rec.time):
+        return rec.time
+    return records.body_time(rec.kind, bytes(rec.body), rec.created)
 
 
 @runtime_checkable

@@ -89,13 +89,6 @@ class Principal:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
-    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
 async def plain() -> AsyncIterator[aiocoap.Context]:
     ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     yield ctx

@@ -30,7 +30,10 @@ MEASURES = (
     "endpoint ingest from simulated devices (real OSCORE): records/s, ack p99 and records/s per"
     " endpoint core on PostgreSQL with 1, 2, 4 processes"
 )
-BASELINE = "the same load on one SQLite endpoint process"
+BASELINE = (
+    "the same load on one SQLite endpoint process; and on PostgreSQL x2 with every request"
+    " through aiocoap's generic path (serve --no-fast-path)"
+)
 
 TARGET_DEVICES = 10_000  # the issue's load: 10,000 devices, 10 readings each every 10 s
 TOOLS = Path(__file__).resolve().parents[1]
@@ -71,6 +74,7 @@ async def _one(
     storage: str | None,
     processes: int,
     devices: int | None = None,
+    fast_path: bool = True,
 ) -> dict[str, Any]:
     """Provision a fresh storage, start the endpoint, run the fleet, verify, stop."""
     opts = argparse.Namespace(**{**vars(opts), "devices": devices or opts.devices})
@@ -90,7 +94,9 @@ async def _one(
         provision_s = time.perf_counter() - started
     finally:
         store.close()
-    endpoint = EndpointProcess(data, insecure=False, storage=storage, processes=processes)
+    endpoint = EndpointProcess(
+        data, insecure=False, storage=storage, processes=processes, fast_path=fast_path
+    )
     await endpoint.start()
     assert endpoint.proc is not None
     config = FleetConfig(
@@ -121,6 +127,7 @@ async def _one(
         "devices": opts.devices,
         "storage": "postgresql" if storage else "sqlite",
         "processes": processes,
+        "fast_path": fast_path,
         "records_per_s": round(report.records_per_s, 1),
         "requests_per_s": round(report.requests_per_s, 1),
         "ack_p50_ms": report.ack_p50_ms,
@@ -145,15 +152,16 @@ async def _all(opts: argparse.Namespace, workdir: Path) -> tuple[list[dict[str, 
     runs: list[dict[str, Any]] = []
     with Cluster() as cluster:  # its own directory, which the postgres user may enter
         pg_cpu = 0.0
-        plan = [(n, None) for n in (int(x) for x in opts.processes.split(","))]
-        plan.append((2, opts.light_devices))
-        for n, devices in plan:
-            db = f"fleet_p{n}_{devices or opts.devices}"
+        plan = [(n, None, True) for n in (int(x) for x in opts.processes.split(","))]
+        plan.append((2, opts.light_devices, True))
+        plan.append((2, None, False))  # the same load, every request through aiocoap's path
+        for n, devices, fast in plan:
+            db = f"fleet_p{n}_{devices or opts.devices}" + ("" if fast else "_aiocoap")
             with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
                 admin.execute(f'CREATE DATABASE "{db}"')
             before = _pg_tree_cpu(cluster)
-            name = f"pg-{n}" + (f"-{devices}" if devices else "")
-            runs.append(await _one(opts, workdir, name, cluster.dsn(db), n, devices))
+            name = f"pg-{n}" + (f"-{devices}" if devices else "") + ("" if fast else "-aiocoap")
+            runs.append(await _one(opts, workdir, name, cluster.dsn(db), n, devices, fast))
             used = _pg_tree_cpu(cluster) - before
             runs[-1]["postgres_cpu_s"] = round(used, 1)
             pg_cpu += used
@@ -168,8 +176,8 @@ def run(args: argparse.Namespace) -> Result:
         runs, _ = asyncio.run(_all(opts, where.path))
         elapsed = time.perf_counter() - started
     sqlite = runs[-1]
-    light = runs[-2]
-    pg_runs = [r for r in runs if r["storage"] == "postgresql" and r is not light]
+    light, generic = runs[-3], runs[-2]
+    pg_runs = [r for r in runs if r["storage"] == "postgresql" and r not in (light, generic)]
     clean = [r for r in pg_runs if r["lost"] == 0 and r["duplicated"] == 0] or pg_runs
     best = max(clean, key=lambda r: r["records_per_s"])
     offered = opts.devices * opts.batch / opts.interval
@@ -189,6 +197,8 @@ def run(args: argparse.Namespace) -> Result:
         label = f"{r['storage']} x{r['processes']}"
         if r is light:
             label += f", {r['devices']} devices"
+        if not r["fast_path"]:
+            label += ", aiocoap path"
         load = r["devices"] * opts.batch / opts.interval
         result.add(
             f"{label}: records/s sustained",
@@ -215,6 +225,18 @@ def run(args: argparse.Namespace) -> Result:
         best["records_per_s_per_core"] / sqlite["records_per_s_per_core"]
         if best["records_per_s_per_core"] and sqlite["records_per_s_per_core"]
         else None
+    )
+    fast = next(r for r in pg_runs if r["processes"] == generic["processes"])
+    cpu_ratio = (
+        fast["endpoint_cpu_ms_per_request"] / generic["endpoint_cpu_ms_per_request"]
+        if fast["endpoint_cpu_ms_per_request"] and generic["endpoint_cpu_ms_per_request"]
+        else None
+    )
+    result.add(
+        f"postgresql x{fast['processes']}: CPU per request, short way / aiocoap path",
+        f"{cpu_ratio:.3f}" if cpu_ratio else "-",
+        f"{fast['endpoint_cpu_ms_per_request']} / {generic['endpoint_cpu_ms_per_request']} ms"
+        " (cloud/fastpath.py)",
     )
     result.add(
         "best postgresql vs sqlite x1: records/s, per core",
@@ -247,8 +269,12 @@ def run(args: argparse.Namespace) -> Result:
         "ratio_vs_sqlite": round(ratio, 3) if ratio else None,
         "per_core_ratio_vs_sqlite": round(per_core, 3) if per_core else None,
         "target_met": met,
-        "scaling": {f"{r['storage']}_x{r['processes']}": r for r in runs if r is not light},
+        "fast_path_cpu_ratio": round(cpu_ratio, 3) if cpu_ratio else None,
+        "scaling": {
+            f"{r['storage']}_x{r['processes']}": r for r in runs if r not in (light, generic)
+        },
         "light_load": light,
+        "aiocoap_path": generic,
         "cores": os.cpu_count(),
     }
     return where.stamp(result)

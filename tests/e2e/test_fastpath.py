@@ -1,0 +1,219 @@
+"""The endpoint's short way for single-datagram OSCORE ingest (cloud/fastpath.py), against a real
+endpoint on loopback, with raw UDP on the device's side so that every datagram is chosen by the
+test: which requests it answers itself and which it leaves to aiocoap, duplicates, replays, a
+tampered request, a request for another device's resource, a copy that arrives while its batch
+is being committed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+from aiocoap import Code, Message
+from aiocoap.numbers.types import Type
+
+from agent.wire import codec
+from agent.wire.batch import IngestAck, WireRecord
+from agent.wire.records import TelemetryBody
+from cloud.server import CloudServer
+from tools.fleetlib.device import OscoreSession
+
+T0 = 1_700_000_000.0
+A, B = "pump-01", "pump-02"
+CF_COMPACT = 65001
+
+
+def ingest(device: str, seqs: range) -> Message:
+    recs = [
+        WireRecord(
+            s, "telemetry", T0 + s, TelemetryBody("motor", T0 + s, {"current_a": s}).to_cbor()
+        )
+        for s in seqs
+    ]
+    payload = codec.encode_batch(None, recs, CF_COMPACT, resolution=lambda _s, _c: 0.001)
+    return Message(
+        code=Code.POST, uri_path=("ingest", device), content_format=CF_COMPACT, payload=payload
+    )
+
+
+class RawDevice:
+    """A device's OSCORE context and a UDP socket: each datagram built and sent by hand."""
+
+    def __init__(self, server: CloudServer, session: OscoreSession) -> None:
+        self.session = session
+        self.addr = (server.host, server.port)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.connect(self.addr)
+        self.mid = 100
+
+    def protect(self, inner: Message, echo: bytes | None = None) -> tuple[bytes, object]:
+        outer, request_id = self.session.protect(inner, echo)
+        outer.mtype, outer.mid, outer.token = Type.CON, self.mid, self.mid.to_bytes(2, "big")
+        self.mid += 1
+        return outer.encode(), request_id
+
+    async def send_raw(self, data: bytes) -> bytes:
+        """Send one datagram; the answer's bytes."""
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.sock, data)
+        async with asyncio.timeout(20):
+            return await loop.sock_recv(self.sock, 4096)
+
+    async def send(self, data: bytes) -> Message:
+        return Message.decode(await self.send_raw(data))
+
+    async def ask(self, inner: Message) -> Message:
+        """Protect, send, open the answer (going through Echo first if the endpoint asks)."""
+        data, request_id = self.protect(inner)
+        answer = self.session.unprotect(await self.send(data), request_id)
+        if answer.code == Code.UNAUTHORIZED and answer.opt.echo:
+            data, request_id = self.protect(inner, answer.opt.echo)
+            answer = self.session.unprotect(await self.send(data), request_id)
+        return answer
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+async def dev(server: CloudServer) -> AsyncIterator[RawDevice]:
+    """Device A, past its Echo round trip, records 1 and 2 stored (both through aiocoap)."""
+    device = RawDevice(server, OscoreSession(await server.register(A)))
+    try:
+        first = await device.ask(ingest(A, range(1, 3)))
+        assert first.code == Code.CHANGED
+        yield device
+    finally:
+        device.close()
+
+
+def with_mid(data: bytes, mid: int) -> bytes:
+    """The same datagram under another message ID (bytes 2 and 3 of the header)."""
+    return data[:2] + (mid & 0xFFFF).to_bytes(2, "big") + data[4:]
+
+
+def acked(answer: Message) -> list[int]:
+    assert answer.code == Code.CHANGED, (answer.code, answer.payload)
+    ack = IngestAck.from_cbor(answer.payload)
+    return [s for first, last in ack.ranges for s in range(first, last + 1)]
+
+
+@pytest.mark.timeout(60)
+async def test_ingest_is_answered_by_the_short_way_after_the_echo_round_trip(
+    server: CloudServer, dev: RawDevice
+) -> None:
+    fast = server.fast_path
+    assert fast is not None
+    assert fast.handled == 0  # the Echo exchange and the first batch went through aiocoap
+    for n in range(3, 30, 3):
+        assert acked(await dev.ask(ingest(A, range(n, n + 3)))) == [n, n + 1, n + 2]
+    assert fast.handled == 9
+    assert await server.seqs(A) == list(range(1, 30))
+    stored = await server.records(A)
+    assert TelemetryBody.from_cbor(stored[-1].body).values == {"current_a": 29}
+
+
+@pytest.mark.timeout(60)
+async def test_duplicate_datagram_gets_the_same_answer_and_is_stored_once(
+    server: CloudServer, dev: RawDevice
+) -> None:
+    data, request_id = dev.protect(ingest(A, range(3, 6)))
+    first = await dev.send_raw(data)
+    again = await dev.send_raw(data)  # the same datagram: a retransmission of the exchange
+    assert first == again
+    assert acked(dev.session.unprotect(Message.decode(first), request_id)) == [3, 4, 5]
+    assert server.fast_path is not None and server.fast_path.duplicates == 1
+    assert await server.seqs(A) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.timeout(60)
+async def test_replayed_request_under_a_new_message_id_is_refused(
+    server: CloudServer, dev: RawDevice
+) -> None:
+    data, request_id = dev.protect(ingest(A, range(3, 6)))
+    acked(dev.session.unprotect(await dev.send(data), request_id))
+    answer = await dev.send(with_mid(data, dev.mid + 1000))  # an attacker's copy
+    assert answer.code == Code.UNAUTHORIZED and answer.opt.oscore is None
+    assert b"Replay" in answer.payload
+    assert await server.seqs(A) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.timeout(60)
+async def test_requests_it_does_not_take_reach_aiocoap_with_their_sequence_number_unused(
+    server: CloudServer, dev: RawDevice
+) -> None:
+    fast = server.fast_path
+    assert fast is not None
+    handed_on = fast.handed_on
+    # a protected GET: unprotected here, put back, unprotected again by aiocoap
+    desired = await dev.ask(Message(code=Code.GET, uri_path=("state", A, "desired")))
+    assert desired.code == Code.CONTENT
+    # Block1 inside: aiocoap's block-wise reassembly takes it
+    big = ingest(A, range(3, 5))
+    big.opt.block1 = (0, False, 6)
+    assert (await dev.ask(big)).code == Code.CHANGED
+    assert fast.handed_on == handed_on + 2
+    assert fast.handled == 0
+    assert acked(await dev.ask(ingest(A, range(5, 7)))) == [5, 6]
+    assert fast.handled == 1
+
+
+@pytest.mark.timeout(60)
+async def test_tampered_request_is_refused_and_does_not_burn_its_sequence_number(
+    server: CloudServer, dev: RawDevice
+) -> None:
+    data, request_id = dev.protect(ingest(A, range(3, 6)))
+    tampered = bytearray(data)
+    tampered[-3] ^= 0x01  # a bit of the ciphertext (or its tag) flipped on the way
+    answer = await dev.send(bytes(tampered))
+    assert answer.code == Code.BAD_REQUEST and answer.opt.oscore is None
+    genuine = with_mid(data, dev.mid)  # the genuine request, sent again later
+    dev.mid += 1
+    assert acked(dev.session.unprotect(await dev.send(genuine), request_id)) == [3, 4, 5]
+    assert await server.seqs(A) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.timeout(60)
+async def test_a_device_posting_to_another_devices_ingest_gets_4_03(
+    server: CloudServer, dev: RawDevice
+) -> None:
+    await server.register(B)
+    answer = await dev.ask(ingest(B, range(1, 3)))
+    assert answer.code == Code.FORBIDDEN
+    assert server.fast_path is not None and server.fast_path.handled == 1
+    assert await server.seqs(B) == []
+
+
+@pytest.mark.timeout(60)
+async def test_copy_arriving_while_the_batch_commits_is_dropped_and_answered_once(
+    server: CloudServer, dev: RawDevice
+) -> None:
+    release = threading.Event()
+    try:
+        # hold the storage thread: the next batch waits for its commit
+        held = asyncio.ensure_future(server.db(lambda _s: release.wait(20)))
+        data, request_id = dev.protect(ingest(A, range(3, 6)))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(dev.sock, data)
+        await loop.sock_sendall(dev.sock, data)  # the device retransmits before any answer
+        fast = server.fast_path
+        assert fast is not None
+        for _ in range(2000):  # the endpoint's loop reads both copies (this loop is its loop)
+            if fast.duplicates:
+                break
+            await asyncio.sleep(0.01)
+        assert fast.duplicates == 1
+        assert fast.handled == 0  # nothing answered while the commit waits
+        release.set()
+        await held
+        async with asyncio.timeout(20):
+            answer = Message.decode(await loop.sock_recv(dev.sock, 4096))
+        assert acked(dev.session.unprotect(answer, request_id)) == [3, 4, 5]
+        assert fast.handled == 1 and fast.duplicates == 1
+        assert await server.seqs(A) == [1, 2, 3, 4, 5]
+    finally:
+        release.set()
