@@ -121,10 +121,10 @@ def _float_cbor(x: float) -> bytes:
     if x != x:
         return _NAN
     b = _F64.pack(x)
-    if b[4:] != b"\x00\x00\x00\x00" and int.from_bytes(b, "big") & 0x1FFFFFFF:
-        return (
-            b"\xfb" + b
-        )  # mantissa bits beyond a single's: only a double holds it (most readings)
+    # mantissa bits beyond a single's: only a double holds it (most readings; this implies the
+    # low 4 bytes are not all zero)
+    if int.from_bytes(b, "big") & 0x1FFFFFFF:
+        return b"\xfb" + b
     try:
         b = _F16.pack(x)
         if _F16.unpack(b)[0] == x:
@@ -374,7 +374,9 @@ class SenMLCBOR:
         def close() -> None:
             if open_values is not None:
                 body = self.reading_body(open_sensor, open_time, open_values)
-                out.append(WireRecord(open_seq, Kind.TELEMETRY.value, open_created, body))
+                out.append(
+                    WireRecord(open_seq, Kind.TELEMETRY.value, open_created, body, open_time)
+                )
 
         for i, rec in enumerate(pack):
             if not isinstance(rec, dict):

@@ -7,6 +7,7 @@ small batch per compact encoding, and decoding of random, truncated and mutated 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import struct
@@ -23,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.wire import batch, codec, compact
-from agent.wire.batch import CF_SENML_CBOR, CodecError, WireRecord
+from agent.wire import batch, codec, compact, packing, predict
+from agent.wire.batch import CF_SENML_CBOR, CodecError, WireRecord, record_time
 from agent.wire.codec import decode_batch, encode_batch
 from agent.wire.compact import (
     CF_COMPACT,
@@ -37,7 +38,8 @@ from agent.wire.compact import (
 from agent.wire.compact_dict import DICTIONARIES
 from agent.wire.packing import MAX_NAME
 from agent.wire.predict import quantize
-from agent.wire.records import AlertBody, EventBody, StateBody, TelemetryBody
+from agent.wire.records import AlertBody, EventBody, StateBody, TelemetryBody, body_time
+from agent.wire.senml import SenMLCBOR
 
 ROOT = Path(__file__).resolve().parents[3]
 T0 = 1_700_000_000.0
@@ -200,6 +202,9 @@ def test_round_trip_keeps_what_is_promised(
     assert got_device == (device if records or cf != CF_SENML_CBOR else None)
     want = [expected(r, cf, rig_resolution) for r in records]
     assert [_key(r) for r in got] == [_key(r) for r in want]
+    # a decoder that states the time in a body states it right (the storage trusts it)
+    for r in got:
+        assert record_time(r) == body_time(r.kind, r.body, r.created)
 
 
 @pytest.mark.parametrize("cf", COMPACT)
@@ -595,3 +600,242 @@ def test_a_record_resent_in_another_encoding_is_the_same_record(cf: int) -> None
         body = TelemetryBody(sensor, T0 + t, {"current_a": value, "supply_v": 230.1}).to_cbor()
         assert not batch.same_record(rec.kind, rec.created, rec.body, replace(back, body=body))
     assert not batch.same_record("alert", rec.created, rec.body, back)
+
+
+# -- the encoder's shortcuts give what their definitions give ------------------------------------
+# (agent/wire/packing.py, predict.py, compact.py compute costs, choices, tokens and layouts with
+# less work than their definitions; the definitions are written out here as the references.)
+
+
+def _ref_split_cost(residuals: list[int], k: int, per_token: float = 0.0) -> float:
+    tokens: dict[int, int] = {}
+    extra = 0
+    for u in residuals:
+        h = u >> k
+        if h < 4:
+            tokens[h] = tokens.get(h, 0) + 1
+            extra += k
+        else:
+            nb = h.bit_length() - 2
+            t = 2 * nb + 2 + ((h >> nb) & 1)
+            tokens[t] = tokens.get(t, 0) + 1
+            extra += nb + k
+    n = len(residuals)
+    return extra - sum(c * math.log2(c / n) for c in tokens.values()) + per_token * len(tokens)
+
+
+def _ref_shift(residuals: list[int]) -> int:
+    if not residuals:
+        return 0
+    median = sorted(residuals)[len(residuals) // 2]
+    k0 = min(62, (median + 1).bit_length() - 1)
+    return min(range(max(0, k0 - 2), k0 + 2), key=lambda k: _ref_split_cost(residuals, k))
+
+
+def _ref_residuals(q: list[int], pred: int, param: Any) -> list[int]:
+    out = []
+    if pred == predict.P_PALETTE:
+        return [param.index(v) for v in q]
+    s = 0
+    for i, v in enumerate(q):
+        if pred == predict.P_DELTA:
+            p = q[i - 1] if i else 0
+        elif pred == predict.P_LINEAR:
+            p = q[i - 1] if i < 2 and i else (2 * q[i - 1] - q[i - 2] if i else 0)
+        elif pred == predict.P_MEAN:
+            p = param
+        else:  # P_LOCAL
+            cnt = min(i, param)
+            p = (2 * s + cnt) // (2 * cnt) if cnt else 0
+            s += v - (q[i - param] if i >= param else 0)
+        out.append(packing.zigzag(v - p))
+    return out
+
+
+def _ref_choose(q: list[int], split: bool) -> tuple[int, Any]:
+    sample = q[:512]
+    n = len(sample)
+    candidates: list[tuple[int, Any]] = [(predict.P_DELTA, None), (predict.P_LINEAR, None)]
+    candidates.append((predict.P_MEAN, (2 * sum(sample) + n) // (2 * n)))
+    candidates += [(predict.P_LOCAL, k) for k in (2, 4, 8) if k < n]
+    counts = collections.Counter(sample)
+    if len(counts) <= 32 and 2 * len(counts) <= n and len(set(q)) <= 32:
+        full = collections.Counter(q)
+        palette = [v for v, _ in sorted(full.items(), key=lambda kv: (-kv[1], kv[0]))]
+        candidates.append((predict.P_PALETTE, palette))
+    best: tuple[float, int, Any] | None = None
+    for pred, param in candidates:
+        residuals = _ref_residuals(sample, pred, param)
+        if split:
+            cost = _ref_split_cost(residuals, 0, 6.0)
+        else:
+            cost = 8.0 * sum(max(1, (u.bit_length() + 6) // 7) for u in residuals)
+        cost += 8 * len(predict._params_bytes(pred, param))
+        if best is None or cost < best[0]:
+            best = (cost, pred, param)
+    assert best is not None
+    return best[1], best[2]
+
+
+residual_lists = st.lists(
+    st.one_of(
+        st.integers(0, 3),
+        st.integers(0, 300),
+        st.integers(0, 2**20),
+        st.integers(0, 2**64 - 1),
+    ),
+    max_size=80,
+)
+
+
+@settings(RELAXED, max_examples=300)
+@given(residuals=residual_lists, k=st.integers(0, 62), per_token=st.sampled_from([0.0, 6.0]))
+def test_split_costs_and_shifts_are_those_of_their_definition(
+    residuals: list[int], k: int, per_token: float
+) -> None:
+    # the same float (not merely a close one): the choices compare them
+    assert packing._split_cost(residuals, k, per_token) == _ref_split_cost(residuals, k, per_token)
+    tokens0 = packing._tokens0(residuals)
+    assert packing._shift(residuals) == _ref_shift(residuals)
+    assert packing._shift(residuals, packing._count(tokens0)) == _ref_shift(residuals)
+    # a split column's token bytes and extra bits, as the encoder wrote them value by value
+    token_at, extra_at = packing._shift_tables(k)
+    want, bits = bytearray(), packing._BitWriter()
+    for u in residuals:
+        h = u >> k
+        if h < 4:
+            want.append(h)
+            bits.write(u & ((1 << k) - 1), k)
+        else:
+            nb = h.bit_length() - 2
+            want.append(2 * nb + 2 + ((h >> nb) & 1))
+            bits.write(((h & ((1 << nb) - 1)) << k) | (u & ((1 << k) - 1)), nb + k)
+    fast = packing._BitWriter()
+    fast.write(5, 3)  # not on a byte boundary
+    fast.write_low(residuals, [extra_at[t] for t in tokens0])
+    slow = packing._BitWriter()
+    slow.write(5, 3)
+    slow.write(int.from_bytes(bits.finish(), "little"), sum(extra_at[t] for t in tokens0))
+    assert bytes(token_at[t] for t in tokens0) == want
+    assert fast.finish() == slow.finish()
+
+
+columns = st.one_of(
+    st.lists(st.integers(-5, 5), min_size=1, max_size=40),
+    st.lists(st.integers(-(2**53), 2**53), min_size=1, max_size=20),
+    st.builds(
+        lambda start, step, noise: [start + step * i + d for i, d in enumerate(noise)],
+        st.integers(-(10**6), 10**6),
+        st.integers(-300, 300),
+        st.lists(st.integers(-3, 3), min_size=1, max_size=700),
+    ),
+    st.lists(st.sampled_from([7, 9, -2, 1000]), min_size=1, max_size=600),
+)
+
+
+@settings(RELAXED, max_examples=300)
+@given(q=columns)
+def test_predictor_choices_are_those_of_their_definition(q: list[int]) -> None:
+    for split in (False, True):
+        pred, param, residuals, tokens0, counts = predict._choose_column(q, split)
+        assert (pred, param) == _ref_choose(q, split) == predict._choose(q, split)
+        assert residuals == _ref_residuals(q, pred, param) == predict._residuals(q, pred, param)
+        assert tokens0 == packing._tokens0(residuals)
+        assert counts == (dict(collections.Counter(tokens0)) if split else None)
+        if split:
+            assert list(counts) == list(collections.Counter(tokens0))  # same order
+
+
+@settings(RELAXED, max_examples=150)
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.binary(max_size=5000),
+        st.builds(
+            lambda b, n: (b * n)[:6000], st.binary(min_size=1, max_size=40), st.integers(1, 400)
+        ),
+        st.lists(st.integers(0, 6), max_size=1200).map(bytes),
+    ),
+    dictionary=st.booleans(),
+)
+def test_small_deflate_parameters_make_the_same_stream(data: bytes, dictionary: bool) -> None:
+    zdict = DICTIONARIES[1] if dictionary else b""
+    wbits, mem = compact._deflate_params(len(data), len(zdict))
+    for strategy in compact._STRATEGIES:
+        want = zlib.compressobj(9, zlib.DEFLATED, -15, 9, strategy, zdict)
+        got = zlib.compressobj(9, zlib.DEFLATED, wbits, mem, strategy, zdict)
+        assert got.compress(data) + got.flush() == want.compress(data) + want.flush()
+
+
+float_values = st.one_of(
+    st.floats(-1e6, 1e6),
+    st.sampled_from([0.0, -0.0, 1.5, 1000.0, 65504.0, 1e-8, 3.0e38, 1e300, math.inf, math.nan]),
+    st.integers(-3000, 3000).map(lambda i: i / 4),
+)
+
+
+@settings(RELAXED, max_examples=200)
+@given(
+    sensor=st.sampled_from(["motor", "m", "ambient"]),
+    time=float_values,
+    values=st.dictionaries(
+        st.sampled_from(["a", "bb", "current_a", "x/mean"]), float_values, min_size=1
+    ),
+)
+def test_canonical_bodies_are_read_as_cbor_reads_them(
+    sensor: str, time: float, values: dict[str, float]
+) -> None:
+    """The layouts of known bodies (compact._Layout) read what cbor2 reads, and only from bodies
+    that SenMLCBOR writes (the canonical ones)."""
+    enc = compact.CompactEncoding(CF_COMPACT, "test", deflate=False)
+    canonical = TelemetryBody(sensor, time, values).to_cbor()
+    other = cbor2.dumps([sensor, time, values])  # not canonical when a float fits fewer bytes
+    for body in (canonical, other):
+        rec = WireRecord(1, "telemetry", T0, body)
+        item = cbor2.loads(body)
+        want = None
+        if SenMLCBOR().reading_body(*item) == body:
+            want = (sensor, item[1], tuple(item[2]), tuple(item[2].values()))
+        for _ in range(2):  # the first reading learns the layout, the second uses it
+            got = enc._reading(rec)
+            assert (got is None) == (want is None)
+            if got is not None and want is not None:
+                assert (got[0], got[2]) == (want[0], want[2])
+                # the same floats, bit for bit (NaN too)
+                floats = [got[1], *got[3]]
+                assert struct.pack(f">{len(floats)}d", *floats) == struct.pack(
+                    f">{len(floats)}d", want[1], *want[3]
+                )
+
+
+@settings(RELAXED, max_examples=200)
+@given(
+    xs=st.lists(float_values, min_size=1, max_size=30),
+    step=st.sampled_from([0.1, 0.25, 1e-7, 1000.0, 1e290, 3e-300]),
+)
+def test_columns_are_quantized_as_readings_are(xs: list[float], step: float) -> None:
+    num, den = predict.step_ratio(step)
+    on_grid = [
+        predict.quantize(x, step) if math.isfinite(x) and abs(x / step) < 2**53 else x for x in xs
+    ]
+    for column in (xs, on_grid):
+        rows = [compact.CompactEncoding._quantize_row([x], [(step, num, den)]) for x in column]
+        want = None if None in rows else [row[0] for row in rows if row is not None]
+        assert compact._quantize(column, step, num, den) == want
+
+
+def test_bodies_with_a_nan_in_8_bytes_are_not_canonical() -> None:
+    """SenMLCBOR writes NaN in 3 bytes: a body with one in 8 goes as a body, whether its layout
+    is known or not."""
+    enc = compact.CompactEncoding(CF_COMPACT, "test", deflate=False)
+    good = TelemetryBody("m", T0 + 0.123, {"a": 2.412, "bb": 229.004}).to_cbor()
+    assert enc._reading(WireRecord(1, "telemetry", T0, good)) is not None  # learns the layout
+    nan = b"\xfb" + struct.pack(">Q", 0x7FF8000000000001)
+    for at in (good.index(b"\xfb"), len(good) - 9):  # the time, the last value
+        body = good[:at] + nan + good[at + 9 :]
+        assert len(body) == len(good)
+        assert enc._reading(WireRecord(1, "telemetry", T0, body)) is None
+        assert (
+            encode_batch(None, [WireRecord(1, "telemetry", T0, body)], CF_COMPACT)[-len(body) :]
+            == body
+        )  # with its body bytes
