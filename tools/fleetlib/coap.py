@@ -18,6 +18,13 @@ for the bytes. One :class:`CoapEndpoint` is one UDP socket, connected to the tar
   copy the endpoint retransmits (the copies are recognised by ID and token and answered, not
   delivered twice). An RST ends the exchange. A CON that matches no exchange gets an RST.
 
+Cost per request (a worker runs hundreds a second beside its encoder): no task, future or
+asyncio timer of its own. :meth:`CoapEndpoint.send` calls back when the exchange ends (the
+:class:`Outcome` is the exchange itself); the retransmission and response deadlines of all
+exchanges live in one :class:`Timers` heap (shared with the worker's device ticks), which keeps
+one asyncio timer for its earliest entry, and an exchange that ends only marks its deadline
+cancelled. :meth:`CoapEndpoint.request` is the same as a future, for tests and single requests.
+
 A request's :class:`Outcome` says what came back and when: ``first_sent`` to ``finished`` is the
 exchange's latency, retransmissions included. Logging: none per message (thousands a second);
 the counters in :class:`LinkStats` say what happened.
@@ -27,11 +34,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import math
 import random
 import socket
+import struct
+import time
 from array import array
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from heapq import heappop, heappush
 from typing import Any
 
 from aiocoap import Message
@@ -67,6 +80,66 @@ RCVBUF = 1 << 20  # best effort: room for a burst of answers
 
 _CON, _NON, _ACK, _RST = Type.CON, Type.NON, Type.ACK, Type.RST
 _EMPTY = Code.EMPTY
+_TOKEN_MASK = (1 << (8 * TOKEN_BYTES)) - 1
+_EMPTY_HEADER = struct.Struct("!BBH")  # an empty message: version 1, type, no token; code 0.00
+#: asyncio runs a timer this much before its time (its clock's resolution): so does Timers
+_EARLY = time.get_clock_info("monotonic").resolution
+
+
+class Timers:
+    """Many timers on one asyncio timer: a heap of ``[when, n, callback, arg]`` entries (compared
+    in C, unlike asyncio's TimerHandles) with one ``loop.call_at`` for the earliest. Due entries
+    run in time order, ``callback(arg)``; :meth:`cancel` only marks an entry, which leaves the
+    heap when it comes to the top (so a cancelled entry costs no wake-up unless it was the
+    earliest when the timer was set)."""
+
+    __slots__ = ("_armed", "_count", "_handle", "_heap", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._heap: list[list[Any]] = []
+        self._count = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed = math.inf  # when the asyncio timer is set for
+
+    def call_at(self, when: float, callback: Callable[[Any], None], arg: Any) -> list[Any]:
+        """Run ``callback(arg)`` at loop time ``when``; the entry is for :meth:`cancel`."""
+        entry = [when, next(self._count), callback, arg]
+        heappush(self._heap, entry)
+        if when < self._armed:
+            self._arm(when)
+        return entry
+
+    @staticmethod
+    def cancel(entry: list[Any]) -> None:
+        entry[2] = None
+        entry[3] = None
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._armed = -math.inf  # entries added by the callbacks wait for the end
+        heap = self._heap
+        try:
+            now = self._loop.time() + _EARLY
+            while heap:
+                entry = heap[0]
+                if entry[2] is None:
+                    heappop(heap)
+                elif entry[0] <= now:
+                    heappop(heap)
+                    entry[2](entry[3])
+                else:
+                    break
+        finally:
+            self._armed = math.inf
+            if heap:
+                self._arm(heap[0][0])
 
 
 @dataclass
@@ -123,36 +196,43 @@ class Outcome:
         return self.finished - self.first_sent
 
 
-class _Exchange:
-    __slots__ = (
-        "acked",
-        "data",
-        "first_sent",
-        "future",
-        "mid",
-        "timeout",
-        "timer",
-        "token",
-        "transmissions",
-    )
+#: ``callback(arg, outcome)``: how :meth:`CoapEndpoint.send` reports the end of an exchange
+Callback = Callable[[Any, Outcome], None]
 
-    def __init__(self, mid: int, token: bytes, data: bytes, future: asyncio.Future[Outcome]):
+
+class _Exchange(Outcome):
+    """One CON request in flight; once it ends, its own :class:`Outcome`."""
+
+    __slots__ = ("acked", "arg", "callback", "data", "mid", "timeout", "timer", "token")
+
+    def __init__(self, mid: int, token: bytes, data: bytes, callback: Callback, arg: Any):
         self.mid = mid
         self.token = token
         self.data = data
-        self.future = future
+        self.callback: Callback | None = callback
+        self.arg = arg
+        self.response = None
+        self.error = ""
         self.first_sent = 0.0
-        self.timeout = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.finished = 0.0
         self.transmissions = 0
+        self.separate = False
+        self.timeout = 0.0
+        self.timer: list[Any] | None = None  # the Timers entry of the next deadline
         self.acked = False
+
+
+def _resolve(future: asyncio.Future[Outcome], outcome: Outcome) -> None:
+    if not future.done():
+        future.set_result(outcome)
 
 
 class CoapEndpoint(asyncio.DatagramProtocol):
     """One UDP socket towards one peer, carrying the confirmable requests of many devices.
 
     ``ack_timeout``: RFC 7252's ACK_TIMEOUT for this socket's requests (tests shorten it).
-    ``stats``: the counters to add to (shared by a worker's sockets)."""
+    ``stats``: the counters to add to (shared by a worker's sockets). ``timers``: the heap
+    of deadlines (a worker shares one between its sockets and its devices; default: its own)."""
 
     def __init__(
         self,
@@ -160,14 +240,17 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         *,
         ack_timeout: float = ACK_TIMEOUT,
         stats: LinkStats | None = None,
+        timers: Timers | None = None,
     ) -> None:
         self._rng = rng
         self.ack_timeout = ack_timeout
+        self._random_span = ack_timeout * (ACK_RANDOM_FACTOR - 1.0)
         self.response_timeout = max_transmit_wait(ack_timeout)
         self.lifetime = max_transmit_span(ack_timeout) + 2 * MAX_LATENCY + ack_timeout
         self.stats = stats if stats is not None else LinkStats()
         self._transport: asyncio.DatagramTransport | None = None
         self._loop = asyncio.get_running_loop()
+        self._timers = timers if timers is not None else Timers(self._loop)
         self._mid = rng.randrange(MID_SPACE)
         self._token = rng.randrange(1 << (8 * TOKEN_BYTES))
         # loop time each block of MID_BLOCK IDs was last entered (a cheap check of reuse)
@@ -186,11 +269,13 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         *,
         ack_timeout: float = ACK_TIMEOUT,
         stats: LinkStats | None = None,
+        timers: Timers | None = None,
     ) -> CoapEndpoint:
         """A socket connected to ``remote`` (host, port)."""
         loop = asyncio.get_running_loop()
         _, endpoint = await loop.create_datagram_endpoint(
-            lambda: cls(rng, ack_timeout=ack_timeout, stats=stats), remote_addr=remote
+            lambda: cls(rng, ack_timeout=ack_timeout, stats=stats, timers=timers),
+            remote_addr=remote,
         )
         return endpoint
 
@@ -221,10 +306,11 @@ class CoapEndpoint(asyncio.DatagramProtocol):
 
     # -- requests --------------------------------------------------------------------------------
 
-    def request(self, message: Message) -> asyncio.Future[Outcome]:
+    def send(self, message: Message, callback: Callback, arg: Any = None) -> Outcome:
         """Send ``message`` (a request, its options and payload set) as a CON with this socket's
-        next ID and token; the future ends with the :class:`Outcome`. Cancelling it abandons the
-        exchange (nothing more is sent)."""
+        next ID and token; ``callback(arg, outcome)`` runs once, when the exchange ends (from
+        the loop's callbacks: the answer's datagram, a deadline). The returned exchange is the
+        outcome to be, and what :meth:`abandon` takes."""
         if self._transport is None:
             raise ConnectionError("the socket is closed")
         mid = self._next_mid()
@@ -232,16 +318,31 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         message.mtype = _CON
         message.mid = mid
         message.token = token
-        future: asyncio.Future[Outcome] = self._loop.create_future()
-        ex = _Exchange(mid, token, message.encode(), future)
+        ex = _Exchange(mid, token, message.encode(), callback, arg)
         self._by_mid[mid] = ex
         self._by_token[token] = ex
         now = self._loop.time()
         ex.first_sent = now
-        ex.timeout = self.ack_timeout * (1.0 + self._rng.random() * (ACK_RANDOM_FACTOR - 1.0))
-        ex.timer = self._loop.call_at(now + ex.timeout, self._retransmit, ex)
-        self._send(ex)
+        ex.timeout = timeout = self.ack_timeout + self._rng.random() * self._random_span
+        ex.timer = self._timers.call_at(now + timeout, self._retransmit, ex)
+        ex.transmissions = 1
+        self.stats.datagrams_sent += 1
+        self._transport.sendto(ex.data)
+        return ex
+
+    def request(self, message: Message) -> asyncio.Future[Outcome]:
+        """:meth:`send` with a future for the :class:`Outcome`. Cancelling it abandons the
+        exchange (nothing more is sent)."""
+        future: asyncio.Future[Outcome] = self._loop.create_future()
+        ex = self.send(message, _resolve, future)
+        future.add_done_callback(lambda f: self.abandon(ex) if f.cancelled() else None)
         return future
+
+    def abandon(self, outcome: Outcome) -> None:
+        """Give up an exchange of :meth:`send`: nothing more is sent, its callback never runs."""
+        if isinstance(outcome, _Exchange) and outcome.callback is not None:
+            outcome.callback = outcome.arg = None
+            self._forget(outcome)
 
     def _next_mid(self) -> int:
         mid = self._mid
@@ -255,40 +356,38 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         old = self._by_mid.get(mid)
         if old is not None:  # still in flight after 65535 newer messages: give it up
             self.stats.mid_reused_early += 1
-            self._finish(old, None, "timeout")
+            self._forget(old)
+            self._loop.call_soon(self._finish, old, None, "timeout")  # not inside send()
         return mid
 
     def _next_token(self) -> bytes:
-        self._token = (self._token + 1) & ((1 << (8 * TOKEN_BYTES)) - 1)
-        return self._token.to_bytes(TOKEN_BYTES, "big")
-
-    def _send(self, ex: _Exchange) -> None:
-        ex.transmissions += 1
-        self.stats.datagrams_sent += 1
-        if self._transport is not None:
-            self._transport.sendto(ex.data)
+        self._token = token = (self._token + 1) & _TOKEN_MASK
+        return token.to_bytes(TOKEN_BYTES, "big")
 
     def _retransmit(self, ex: _Exchange) -> None:
-        if ex.future.done():  # abandoned by its caller
-            self._forget(ex)
-            return
+        ex.timer = None
         if ex.transmissions > MAX_RETRANSMIT:
             self.stats.timeouts += 1
             self._finish(ex, None, "timeout")
             return
-        self.stats.retransmissions += 1
-        self._send(ex)  # the same bytes, the same message ID
+        st = self.stats
+        st.retransmissions += 1
+        ex.transmissions += 1
+        st.datagrams_sent += 1
+        if self._transport is not None:
+            self._transport.sendto(ex.data)  # the same bytes, the same message ID
         ex.timeout *= 2
-        ex.timer = self._loop.call_later(ex.timeout, self._retransmit, ex)
+        ex.timer = self._timers.call_at(self._loop.time() + ex.timeout, self._retransmit, ex)
 
     def _no_response(self, ex: _Exchange) -> None:
         """An empty ACK came, the separate response did not."""
+        ex.timer = None
         self.stats.timeouts += 1
         self._finish(ex, None, "timeout")
 
     def _forget(self, ex: _Exchange) -> None:
         if ex.timer is not None:
-            ex.timer.cancel()
+            Timers.cancel(ex.timer)
             ex.timer = None
         if self._by_mid.get(ex.mid) is ex:
             del self._by_mid[ex.mid]
@@ -299,11 +398,15 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         self, ex: _Exchange, response: Message | None, error: str, separate: bool = False
     ) -> None:
         self._forget(ex)
-        if not ex.future.done():
-            outcome = Outcome(
-                response, error, ex.first_sent, self._loop.time(), ex.transmissions, separate
-            )
-            ex.future.set_result(outcome)
+        callback = ex.callback
+        if callback is not None:
+            ex.response = response
+            ex.error = error
+            ex.separate = separate
+            ex.finished = self._loop.time()
+            arg = ex.arg
+            ex.callback = ex.arg = None
+            callback(arg, ex)
 
     # -- answers ---------------------------------------------------------------------------------
 
@@ -326,8 +429,8 @@ class CoapEndpoint(asyncio.DatagramProtocol):
                     ex.acked = True
                     st.empty_acks += 1
                     if ex.timer is not None:
-                        ex.timer.cancel()
-                    ex.timer = self._loop.call_at(
+                        Timers.cancel(ex.timer)
+                    ex.timer = self._timers.call_at(
                         ex.first_sent + self.response_timeout, self._no_response, ex
                     )
                 return
@@ -369,12 +472,10 @@ class CoapEndpoint(asyncio.DatagramProtocol):
             self._finish(ex, None, "reset")
 
     def _reply(self, mtype: Type, mid: int) -> None:
-        empty = Message(code=_EMPTY)
-        empty.mtype = mtype
-        empty.mid = mid
+        """An empty ACK or RST (4 bytes: version 1, the type, no token, code 0.00, the ID)."""
         self.stats.datagrams_sent += 1
         if self._transport is not None:
-            self._transport.sendto(empty.encode())
+            self._transport.sendto(_EMPTY_HEADER.pack(0x40 | (mtype << 4), 0, mid))
 
     def _remember(self, key: tuple[int, bytes]) -> None:
         now = self._loop.time()

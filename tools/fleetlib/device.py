@@ -30,13 +30,14 @@ from typing import Any
 
 from aiocoap import Message, oscore
 from aiocoap.numbers.codes import Code
+from aiocoap.numbers.types import Type
 
 from agent.wire import codec
 from agent.wire.batch import CF_SENML_CBOR, IngestAck, WireRecord
 from agent.wire.credentials import Credential
 from agent.wire.oscore import ID_CONTEXT_BYTES, PersistentContext, Sequence
 from agent.wire.predict import dequantize, step_ratio
-from agent.wire.records import Kind, TelemetryBody
+from agent.wire.records import Kind, dumps
 
 #: The agent's content format at start (agent/sync/link.py: the initial "medium" policy).
 DEFAULT_CONTENT_FORMAT = 65001
@@ -77,6 +78,33 @@ class Unprotected(Exception):
     def __init__(self, code: Code) -> None:
         super().__init__(f"{code.dotted} without OSCORE")
         self.code = code
+
+
+class InnerRequest(Message):
+    """A request before OSCORE protects it. The protection copies the message it is given
+    (:meth:`aiocoap.Message.copy` deep-copies every option: most of protect's cost); this
+    copy shares the option objects instead, which nothing changes in place (setting an option
+    replaces them), so the copy, and the protected bytes, are the same."""
+
+    def copy(self, **kwargs: Any) -> InnerRequest:
+        new = InnerRequest(
+            code=kwargs.pop("code", self.code),
+            payload=kwargs.pop("payload", self.payload),
+            transport_tuning=kwargs.pop("transport_tuning", self.transport_tuning),
+        )
+        new.mtype = Type(kwargs.pop("mtype")) if "mtype" in kwargs else self.mtype
+        new.mid = kwargs.pop("mid", self.mid)
+        new.token = kwargs.pop("token", self.token)
+        new.remote = kwargs.pop("remote", self.remote)
+        new.direction = self.direction
+        opt = new.opt
+        for option in self.opt.option_list():
+            opt.add_option(option)
+        if "uri" in kwargs:
+            new.set_request_uri(kwargs.pop("uri"))
+        for key, value in kwargs.items():
+            setattr(opt, key, value)
+        return new
 
 
 class OscoreSession:
@@ -129,11 +157,24 @@ class Device:
         self.max_records = max(batch, max_records)
         self.session = OscoreSession(credential) if credential is not None else None
         self.path = ("ingest", name)
+        # the request's options (Uri-Path, Content-Format), made once
+        self._options = tuple(
+            Message(uri_path=self.path, content_format=content_format).opt.option_list()
+        )
         self._rng = rng
-        # each device its own operating point: a per-device offset of each channel's mean
-        self._means = [
-            [mean + rng.gauss(0.0, 8 * noise) for _, mean, noise, _ in chans]
-            for _, chans in SENSORS
+        # each device its own operating point: a per-device offset of each channel's mean;
+        # per sensor: its name and (channel, mean, noise, resolution, its exact fraction)
+        self._sensors = [
+            (
+                sensor,
+                tuple(
+                    (ch, mean + rng.gauss(0.0, 8 * noise), noise, res, num, den)
+                    for (ch, mean, noise, _), (_, _, res, (num, den)) in zip(
+                        chans, channels, strict=True
+                    )
+                ),
+            )
+            for (sensor, chans), channels in zip(SENSORS, _CHANNELS, strict=True)
         ]
         self._reading = 0
         self.next_seq = 1
@@ -153,20 +194,25 @@ class Device:
         """``batch`` readings taken over the ``interval`` seconds up to ``wall``."""
         n = self.batch
         step = interval / n
+        start = wall - interval
         gauss = self._rng.gauss
+        sensors = self._sensors
+        count = len(sensors)
+        pending = self.pending
+        reading, seq = self._reading, self.next_seq
         for i in range(n):
-            t = wall - interval + (i + 1) * step
-            which = self._reading % len(SENSORS)
-            self._reading += 1
-            means = self._means[which]
+            t = start + (i + 1) * step
+            sensor, channels = sensors[reading % count]
+            reading += 1
             # on each channel's grid, as predict.quantize() puts them (its fraction computed once)
             values = {
-                ch: dequantize(round((means[k] + gauss(0.0, noise)) / res), num, den)
-                for k, (ch, noise, res, (num, den)) in enumerate(_CHANNELS[which])
+                ch: dequantize(round((mean + gauss(0.0, noise)) / res), num, den)
+                for ch, mean, noise, res, num, den in channels
             }
-            body = TelemetryBody(SENSORS[which][0], t, values).to_cbor()
-            self.pending.append(WireRecord(self.next_seq, TELEMETRY, t, body))
-            self.next_seq += 1
+            # TelemetryBody(sensor, t, values).to_cbor(), its time and values floats already
+            pending.append(WireRecord(seq, TELEMETRY, t, dumps([sensor, t, values])))
+            seq += 1
+        self._reading, self.next_seq = reading, seq
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -184,9 +230,10 @@ class Device:
             n //= 2
         seqs = [r.seq for r in records]
         self.sent = max(self.sent, seqs[-1])
-        msg = Message(
-            code=Code.POST, uri_path=self.path, content_format=self.content_format, payload=payload
-        )
+        msg = InnerRequest(code=Code.POST, payload=payload)
+        opt = msg.opt
+        for option in self._options:
+            opt.add_option(option)
         return msg, seqs
 
     def _encode(self, records: list[WireRecord]) -> bytes:
@@ -202,8 +249,17 @@ class Device:
         done: set[int] = set()
         first = last = -1
         count = 0
+        ranges = ack.ranges
+        # the usual ack: one range over all of them, no conflicts: each seq is acknowledged
+        everything = (
+            bool(seqs)
+            and not ack.conflicts
+            and len(ranges) == 1
+            and ranges[0][0] <= seqs[0]
+            and seqs[-1] <= ranges[0][1]
+        )
         for seq in seqs:
-            if seq in ack:
+            if everything or seq in ack:
                 done.add(seq)
                 count += 1
                 if first >= 0 and seq == last + 1:

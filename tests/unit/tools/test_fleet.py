@@ -1,11 +1,14 @@
 """tools/fleet.py's parts on their own: the hand-made CoAP message layer against a fake UDP peer
-on loopback (a dropped first transmission, duplicated answers, separate responses, a dead peer),
-a simulated device's store and forward, bulk provisioning and the verification against a real
-SQLite storage. The fleet against a real endpoint: tests/e2e/test_fleet.py."""
+on loopback (a dropped first transmission, duplicated answers, separate responses, a dead peer,
+abandoned exchanges) and its timer heap, one worker's device loops against a fake peer that acks
+(or holds them off with 5.03, or never answers), a simulated device's store and forward, bulk
+provisioning and the verification against a real SQLite storage. The fleet against a real
+endpoint: tests/e2e/test_fleet.py."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 import stat
@@ -18,10 +21,16 @@ import pytest
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
-from fleetlib.coap import MAX_RETRANSMIT, CoapEndpoint, LinkStats
-from fleetlib.device import DEFAULT_CONTENT_FORMAT, MAX_PAYLOAD, Device, resolution
+from fleetlib.coap import MAX_RETRANSMIT, CoapEndpoint, LinkStats, Outcome, Timers
+from fleetlib.device import (
+    DEFAULT_CONTENT_FORMAT,
+    MAX_PAYLOAD,
+    Device,
+    InnerRequest,
+    resolution,
+)
 from fleetlib.report import FleetReport
-from fleetlib.worker import DeviceResult, WorkerResult
+from fleetlib.worker import DeviceResult, Worker, WorkerResult, WorkerSpec
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -191,6 +200,193 @@ async def test_message_ids_and_tokens_differ_between_requests(link: Callable[...
     assert len({m.mid for m in sent}) == 50 and len({m.token for m in sent}) == 50
 
 
+@pytest.mark.timeout(10)
+async def test_send_calls_back_once_and_abandon_stops_the_retransmissions(
+    link: Callable[..., Any],
+) -> None:
+    """The callback form: one call with the outcome, none for a late copy of the answer; an
+    abandoned exchange sends nothing more and never calls back."""
+    retransmitted = asyncio.Event()
+
+    def behave(peer: Peer, msg: Message, addr: Any) -> None:
+        if msg.opt.uri_path[-1] == "answered":
+            reply = answer(Type.ACK, msg.mid, Code.CHANGED, msg.token, b"ok")
+            peer.send(reply, addr)
+            peer.send(reply, addr)
+        elif len(peer.received) == 3:  # the abandoned one's first transmission and a repeat
+            retransmitted.set()
+
+    peer, ep = await link(behave)
+    got: list[tuple[str, Outcome]] = []
+    done = asyncio.Event()
+
+    def callback(arg: str, outcome: Outcome) -> None:
+        got.append((arg, outcome))
+        done.set()
+
+    req = Message(code=Code.POST, uri_path=("ingest", "answered"), payload=b"batch")
+    ep.send(req, callback, "first")
+    await asyncio.wait_for(done.wait(), 5)
+    await asyncio.sleep(2 * ACK_TIMEOUT)
+    assert [(arg, o.error, o.response.code, o.transmissions) for arg, o in got] == [
+        ("first", "", Code.CHANGED, 1)
+    ]
+    assert ep.stats.stray == 1 and ep.in_flight == 0
+
+    dead = ep.send(request(), callback, "abandoned")
+    await asyncio.wait_for(retransmitted.wait(), 5)
+    ep.abandon(dead)
+    assert ep.in_flight == 0
+    await asyncio.sleep(8 * ACK_TIMEOUT)
+    assert len(peer.received) == 3 and len(got) == 1
+
+
+@pytest.mark.timeout(10)
+async def test_cancelled_request_sends_nothing_more(link: Callable[..., Any]) -> None:
+    peer, ep = await link(lambda *_: None)
+    future = ep.request(request())
+    await asyncio.sleep(0)
+    future.cancel()
+    await asyncio.sleep(6 * ACK_TIMEOUT)
+    assert len(peer.received) == 1 and ep.in_flight == 0 and ep.stats.retransmissions == 0
+
+
+@pytest.mark.timeout(10)
+async def test_timers_run_in_order_and_a_later_entry_does_not_delay_an_earlier_one() -> None:
+    """Entries run in time order, not before their time; a cancelled one never runs; an entry
+    added (far ahead) while others run leaves the next one on time."""
+    loop = asyncio.get_running_loop()
+    timers = Timers(loop)
+    ran: list[tuple[str, float, float]] = []
+    t0 = loop.time()
+
+    def note(name: str) -> None:
+        ran.append((name, loop.time() - t0, when[name]))
+        if name == "first":
+            timers.call_at(t0 + 30.0, note, "far")
+
+    when = {"zeroth": 0.01, "first": 0.02, "cancelled": 0.04, "second": 0.06, "far": 30.0}
+    timers.call_at(t0 + when["first"], note, "first")
+    timers.call_at(t0 + when["second"], note, "second")
+    Timers.cancel(timers.call_at(t0 + when["cancelled"], note, "cancelled"))
+    timers.call_at(t0 + when["zeroth"], note, "zeroth")  # earlier than the armed one
+    await asyncio.sleep(0.5)
+    assert [name for name, _, _ in ran] == ["zeroth", "first", "second"]
+    assert all(at >= due - 1e-6 for _, at, due in ran)
+    assert ran[-1][1] < 0.4  # not waiting for "far"
+
+
+# -- one worker against a fake peer ------------------------------------------------------------
+
+
+class NoBarrier:
+    def wait(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def acknowledge(peer: Peer, msg: Message, addr: Any) -> None:
+    """The endpoint's usual answer: 2.04 with every record of the batch acknowledged."""
+    if msg.mtype is not Type.CON:
+        return
+    _, records = codec.decode_batch(bytes(msg.payload), msg.opt.content_format)
+    ack = IngestAck.for_seqs([r.seq for r in records], len(records), 0)
+    peer.send(answer(Type.ACK, msg.mid, Code.CHANGED, msg.token, ack.to_cbor()), addr)
+
+
+def batches(peer: Peer) -> dict[str, list[list[int]]]:
+    """Per device, the seqs of each request it sent (retransmissions not)."""
+    out: dict[str, list[list[int]]] = {}
+    seen = set()
+    for msg in peer.messages():
+        if msg.mtype is Type.CON and msg.mid not in seen:
+            seen.add(msg.mid)
+            _, records = codec.decode_batch(bytes(msg.payload), msg.opt.content_format)
+            out.setdefault(msg.opt.uri_path[-1], []).append([r.seq for r in records])
+    return out
+
+
+async def run_worker(
+    behave: Callable[[Peer, Message, Any], None], devices: int = 3, **spec: Any
+) -> tuple[Peer, WorkerResult]:
+    """One worker's devices (plain CoAP, 5 readings every 0.2 s) against a fake peer."""
+    loop = asyncio.get_running_loop()
+    transport, peer = await loop.create_datagram_endpoint(
+        lambda: Peer(behave), local_addr=("127.0.0.1", 0)
+    )
+    settings = WorkerSpec(
+        index=0,
+        target=("127.0.0.1", transport.get_extra_info("sockname")[1]),
+        devices=tuple((i, f"fleet-{i + 1:05d}", None) for i in range(devices)),
+        fleet_size=devices,
+        interval=0.2,
+        batch=5,
+        duration=1.0,
+        warmup=0.2,
+        drain=2.0,
+        content_format=DEFAULT_CONTENT_FORMAT,
+        max_records=100,
+        devices_per_socket=2,
+        ack_timeout=ACK_TIMEOUT,
+        seed=1,
+    )
+    try:
+        result = await Worker(dataclasses.replace(settings, **spec)).run(NoBarrier())
+    finally:
+        transport.close()
+    return peer, result
+
+
+@pytest.mark.timeout(20)
+async def test_worker_devices_post_each_tick_and_everything_is_acknowledged() -> None:
+    peer, result = await run_worker(acknowledge)
+    assert result.errors == {} and result.abandoned == 0 and result.sockets == 2
+    assert result.requests_sent == result.requests_acked == len(peer.received)
+    assert result.records_acked == 3 * 5 * 5  # five ticks in the second, five readings each
+    for d in result.devices:
+        assert d.generated == d.sent == 25 and d.acked == ((1, 25),)
+    for seqs in batches(peer).values():
+        assert seqs[0] == [1, 2, 3, 4, 5] and sorted(itertools.chain(*seqs)) == list(range(1, 26))
+    assert len(result.tick_lag_ms) > 0 and len(result.latencies_ms) > 0
+    assert sum(result.sent_per_s) == result.requests_sent
+    assert sum(result.acked_per_s) == result.requests_acked
+    assert result.link.retransmissions == 0 and result.link.timeouts == 0
+
+
+@pytest.mark.timeout(20)
+async def test_worker_device_holds_its_posts_for_max_age_after_503_and_makes_up_later() -> None:
+    """The first request of each device gets 5.03 with Max-Age 1: no post for a second while
+    readings go on; then one request with everything since, acknowledged."""
+    refused: set[str] = set()
+
+    def behave(peer: Peer, msg: Message, addr: Any) -> None:
+        name = msg.opt.uri_path[-1]
+        if msg.mtype is Type.CON and name not in refused:
+            refused.add(name)
+            reply = answer(Type.ACK, msg.mid, Code.SERVICE_UNAVAILABLE, msg.token)
+            reply.opt.max_age = 1
+            peer.send(reply, addr)
+            return
+        acknowledge(peer, msg, addr)
+
+    peer, result = await run_worker(behave, devices=2, duration=1.8)
+    assert result.errors == {"5.03": 2} and result.abandoned == 0
+    for d in result.devices:
+        assert d.generated == 45 and d.acked == ((1, 45),)
+    for seqs in batches(peer).values():
+        assert seqs[0] == [1, 2, 3, 4, 5]  # refused
+        assert seqs[1][0] == 1 and len(seqs[1]) >= 25  # a second later, all of it
+
+
+@pytest.mark.timeout(20)
+async def test_worker_abandons_requests_still_out_when_the_drain_ends() -> None:
+    peer, result = await run_worker(lambda *_: None, devices=2, duration=0.3, drain=0.2)
+    assert result.abandoned == 2 and result.requests_acked == 0
+    assert result.link.retransmissions > 0 and result.errors == {}
+    sent = len(peer.received)
+    await asyncio.sleep(0.5)  # nothing more goes out
+    assert len(peer.received) == sent
+
+
 # -- the simulated device --------------------------------------------------------------------------
 
 
@@ -214,6 +410,31 @@ def test_device_readings_decode_to_what_was_made() -> None:
         assert a.sensor == b.sensor and a.values == b.values
         for ch, value in b.values.items():  # on the channel's grid, as a sampler reports
             assert value == quantize(value, resolution(b.sensor, ch))  # type: ignore[arg-type]
+
+
+def test_device_bodies_are_the_agents_telemetry_bodies() -> None:
+    d = device()
+    d.produce(1_700_000_010.0, 10.0)
+    for record in d.pending:
+        body = TelemetryBody.from_cbor(record.body)
+        assert body.to_cbor() == record.body and body.time == record.created
+
+
+def test_inner_request_copy_is_message_copy_without_sharing_changes() -> None:
+    """OSCORE protects a copy of the inner request: the cheap copy has the same bytes as
+    aiocoap's, and setting an option on it leaves the original alone."""
+    d = device()
+    d.produce(1_700_000_010.0, 10.0)
+    inner, _ = d.next_request()  # type: ignore[misc]
+    assert isinstance(inner, InnerRequest)
+    for kwargs in ({}, {"echo": b"\x01" * 8}, {"uri_host": None, "proxy_uri": None}):
+        ours, theirs = inner.copy(**kwargs), Message.copy(inner, **kwargs)
+        for m in (ours, theirs):
+            m.mtype, m.mid, m.token = Type.CON, 1, b"t"
+        assert ours.encode() == theirs.encode()
+    copy = inner.copy(echo=b"\x02" * 8)
+    copy.opt.uri_path = ("elsewhere",)
+    assert inner.opt.echo is None and inner.opt.uri_path == ("ingest", "fleet-00001")
 
 
 def test_device_keeps_unacknowledged_records_and_sends_them_first() -> None:
