@@ -2,6 +2,7 @@
 
 edge-agent-cloud serve --listen HOST:PORT [--dtls-listen HOST:PORT] --data DIR [--allow-any-device]
                       [--http HOST:PORT [--http-cert FILE --http-key FILE]]
+                      [--storage SPEC] [--processes N] [--no-fast-path]
 edge-agent-cloud devices add --data DIR ID [ID ...] [--psk-file FILE]
 edge-agent-cloud devices list --data DIR [--json]
 edge-agent-cloud operators add|rekey|revoke|token --data DIR NAME

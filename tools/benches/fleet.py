@@ -6,7 +6,10 @@ Issue target: 10,000 devices, a batch of 10 readings every 10 s each (1,000 requ
 records/s) with ``ack_p99_ms`` <= 200 and nothing lost. On this machine the simulator and the
 endpoint share the same cores, so besides what was sustained the bench reports what the endpoint
 used: ``records_per_s_per_core`` is records per second per core of endpoint CPU (its processes
-together, over the steady window), the figure that scales to a machine of its own.
+together, over the steady window), the figure that scales to a machine of its own. The same full
+load runs once more on PostgreSQL x2 with ``serve --no-fast-path`` (every request through
+aiocoap's generic path): ``fast_path_cpu_ratio`` is the endpoint's CPU per request with the short
+way for ingest (cloud/fastpath.py) over that.
 
 Options after the name: ``--devices N --interval S --batch N --duration S --warmup S
 --processes 1,2,4``; ``--quick`` runs a small fleet (300 devices, 15 s) for a smoke run.
@@ -45,8 +48,10 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=300 if args.quick else 10_000)
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--duration", type=float, default=15.0 if args.quick else 60.0)
-    parser.add_argument("--warmup", type=float, default=5.0 if args.quick else 20.0)
+    # the steady window starts once the fleet's cold start is over: every device's first
+    # request goes through the Echo round trip (aiocoap's path) within the first interval
+    parser.add_argument("--duration", type=float, default=15.0 if args.quick else 70.0)
+    parser.add_argument("--warmup", type=float, default=5.0 if args.quick else 30.0)
     parser.add_argument("--processes", default="1,2" if args.quick else "1,2,4")
     parser.add_argument("--sim-processes", type=int, default=2)
     parser.add_argument(
@@ -179,8 +184,16 @@ def run(args: argparse.Namespace) -> Result:
     light, generic = runs[-3], runs[-2]
     pg_runs = [r for r in runs if r["storage"] == "postgresql" and r not in (light, generic)]
     clean = [r for r in pg_runs if r["lost"] == 0 and r["duplicated"] == 0] or pg_runs
-    best = max(clean, key=lambda r: r["records_per_s"])
     offered = opts.devices * opts.batch / opts.interval
+    # the best run kept up with the load (a run still draining its cold start's backlog in the
+    # window stores more than is offered: not a better run), then has the lowest ack p99
+    best = min(
+        clean,
+        key=lambda r: (
+            r["records_per_s"] < 0.99 * offered,
+            r["ack_p99_ms"] if r["ack_p99_ms"] is not None else float("inf"),
+        ),
+    )
     met = (
         opts.devices >= TARGET_DEVICES
         and best["records_per_s"] >= 0.99 * offered
