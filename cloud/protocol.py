@@ -405,3 +405,11 @@ class PeerLogFilter(logging.Filter):
     def remove(self) -> None:
         for name in AIOCOAP_SERVER_LOGGERS:
             logging.getLogger(name).removeFilter(self)
+
+
+def _is_desired_get(request: Message) -> bool:
+    """A GET of some device's desired state (the one observable resource)."""
+    path = request.opt.uri_path
+    return (
+        request.code == Code.GET and len(path) == 3 and (path[0], path[2]) == ("state", "desired")
+    )

@@ -74,6 +74,7 @@ from cloud.protocol import (
     SecureFront,
     _Block1Uploads,
     _Failure,
+    _is_desired_get,
     _link,
     _link_matches,
     _Route,
@@ -794,11 +795,3 @@ class CloudServer:
         except InferenceError as err:
             raise _Failure(Code.BAD_REQUEST, str(err)) from None
         return await self._run_inference(self.inference.validate(device, req))
-
-
-def _is_desired_get(request: Message) -> bool:
-    """A GET of some device's desired state (the one observable resource)."""
-    path = request.opt.uri_path
-    return (
-        request.code == Code.GET and len(path) == 3 and (path[0], path[2]) == ("state", "desired")
-    )

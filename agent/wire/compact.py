@@ -48,82 +48,83 @@ import operator
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cbor2
 
-from agent.wire.batch import DEVICE_ID, MAX_SEQ, CodecError, Resolution, WireRecord, _check_record
+from agent.wire.batch import DEVICE_ID, CodecError, Resolution, WireRecord, _check_record
 from agent.wire.compact_dict import DICTIONARIES
+from agent.wire.compact_format import (
+    _F64,
+    _FIRST_GROUP,
+    _HUGE_STEP,
+    _MAX_MS,
+    _MAX_SECONDS,
+    _MAX_VALUE,
+    _OPAQUE_ID,
+    AGGREGATE_SUFFIXES,
+    CF_COMPACT,
+    CF_COMPACT_DEFLATE,
+    CF_COMPACT_DICT,
+    DEFAULT_DICTIONARY,
+    DEFLATE_LEVEL,
+    FLAG_SPLIT,
+    FORMAT_VERSION,
+    MAX_DECODED,
+    MAX_INFLATED,
+    MAX_RECORDS,
+    TIME_UNIT,
+    _check_decoded_size,
+    _short,
+    _write_times,
+)
+from agent.wire.compact_read import CompactDecoding
 from agent.wire.packing import (
-    _MASK64,
-    _MAX_SHIFT,
-    _MAX_TOKEN,
-    MAX_NAME,
-    _BitReader,
     _BitWriter,
     _count,
     _put_text,
-    _Reader,
     _shift,
     _shift_tables,
     _tokens0,
     _varint,
     _varints,
     _zigzags,
-    unzigzag,
     zigzag,
 )
 from agent.wire.predict import (
     _MAX_EXP,
-    _MAX_LOCAL,
     _MAX_Q,
-    P_DELTA,
     P_FLOAT,
-    P_LINEAR,
-    P_LOCAL,
-    P_MEAN,
-    P_PALETTE,
     _choose_column,
     _decimal,
     _from_decimal,
     _params_bytes,
-    _ratio,
-    _unpredict,
-    dequantize,
     step_ratio,
 )
 from agent.wire.records import Kind
 from agent.wire.senml import SenMLCBOR, _float_cbor, _head
 
-CF_COMPACT = 65000
-CF_COMPACT_DEFLATE = 65001
-CF_COMPACT_DICT = 65002
-
-FORMAT_VERSION = 1
-FLAG_SPLIT = 0x01  # value residuals as token bytes + extra bits after the byte section
-TIME_UNIT = 1000  # time resolution: 1/TIME_UNIT s (1 ms)
-DEFAULT_DICTIONARY = 1
-DEFLATE_LEVEL = 9
-MAX_INFLATED = 4 * 1024 * 1024  # a compressed batch may not inflate to more (a bomb otherwise)
-MAX_RECORDS = 65536  # records in a batch (the endpoint takes 4096 by default)
-MAX_DECODED = 16 * 1024 * 1024  # bytes of telemetry bodies a batch may rebuild
-AGGREGATE_SUFFIXES = ("/min", "/mean", "/max")
-
-# Group ids of records that travel with their body bytes; columnar groups follow from 4.
-_OPAQUE_KINDS = (Kind.ALERT.value, Kind.EVENT.value, Kind.STATE.value, Kind.TELEMETRY.value)
-_OPAQUE_ID = {k: i for i, k in enumerate(_OPAQUE_KINDS)}
-_FIRST_GROUP = len(_OPAQUE_KINDS)
-
-_MAX_VALUE = 1e300  # larger values go as bodies (their steps could overflow a double)
-# A value on the grid of a step up to this, at most 2**53 steps from 0, is within _MAX_VALUE
-# (|n * r| <= 2**53 * r, and the division rounds it by less than a factor 1 + 2**-52).
-_HUGE_STEP = _MAX_VALUE / 2**54
-_MAX_MS = 2**62
-
-_F64 = struct.Struct(">d")
-_Q64 = struct.Struct(">Q")
-
+__all__ = [  # what other modules take from here (the format's constants live in compact_format)
+    "AGGREGATE_SUFFIXES",
+    "CF_COMPACT",
+    "CF_COMPACT_DEFLATE",
+    "CF_COMPACT_DICT",
+    "COMPACT",
+    "COMPACT_DEFLATE",
+    "COMPACT_DICT",
+    "DEFAULT_DICTIONARY",
+    "DEFLATE_LEVEL",
+    "FLAG_SPLIT",
+    "FORMAT_VERSION",
+    "MAX_DECODED",
+    "MAX_INFLATED",
+    "MAX_RECORDS",
+    "TIME_UNIT",
+    "CompactEncoding",
+    "Resolution",
+    "table_bytes",
+]
 
 # -- resolutions -------------------------------------------------------------------------------
 
@@ -369,58 +370,7 @@ def _quantize(xs: Sequence[float], r: float, num: int, den: int) -> list[int] | 
     return ns
 
 
-def _short(name: str) -> bool:
-    """Whether ``name`` fits the group table (at most MAX_NAME bytes in UTF-8)."""
-    return len(name) <= MAX_NAME // 4 or len(name.encode("utf-8")) <= MAX_NAME
-
-
-def _check_decoded_size(groups: Iterable[tuple[str, Sequence[str], int]]) -> None:
-    """:class:`CodecError` unless the telemetry bodies of (sensor, channels, rows) groups fit
-    MAX_DECODED bytes (an upper bound of each body: names, a double per value, CBOR heads)."""
-    total = 0
-    for sensor, channels, rows in groups:
-        total += rows * _body_bound(sensor, tuple(channels))
-    if total > MAX_DECODED:
-        raise CodecError(f"the batch would decode to more than {MAX_DECODED} bytes")
-
-
-@functools.lru_cache(maxsize=1024)
-def _body_bound(sensor: str, channels: tuple[str, ...]) -> int:
-    """The upper bound of one telemetry body's size of :func:`_check_decoded_size`."""
-    return 17 + len(sensor.encode()) + sum(11 + len(ch.encode()) for ch in channels)
-
-
-def _write_times(out: bytearray, times: Sequence[int], created: Sequence[int], base: int) -> None:
-    """A group's time column (ms: the first against the batch's base, then the first delta, then
-    delta-of-delta) and its created column (against the time)."""
-    _varint(out, zigzag(times[0] - base))
-    if len(times) > 1:
-        deltas = list(map(operator.sub, itertools.islice(times, 1, None), times))
-        _varint(out, zigzag(deltas[0]))
-        # each delta minus the one before
-        _varints(out, _zigzags(map(operator.sub, itertools.islice(deltas, 1, None), deltas)))
-    _varints(out, _zigzags(map(operator.sub, created, times)))
-
-
-def _read_times(r: _Reader, n: int, base: int) -> tuple[list[int], list[int]]:
-    """The time and created columns of a group of ``n`` readings (ms)."""
-    times = [base + unzigzag(r.varint())]
-    if n > 1:
-        d = unzigzag(r.varint())
-        times.append(times[0] + d)
-        for _ in range(n - 2):
-            d += unzigzag(r.varint())
-            times.append(times[-1] + d)
-    created = [t + unzigzag(r.varint()) for t in times]
-    if any(abs(t) > _MAX_MS for t in times) or any(abs(c) > _MAX_MS for c in created):
-        raise CodecError("a time is out of range")
-    return times, created
-
-
-_MAX_SECONDS = _MAX_MS / TIME_UNIT
-
-
-class CompactEncoding:
+class CompactEncoding(CompactDecoding):
     """The compact columnar batch format under one content format (docs/protocol.md)."""
 
     def __init__(
@@ -733,253 +683,6 @@ class CompactEncoding:
             token_at, extra_at = _shift_tables(k)
             out += bytes(map(token_at.__getitem__, tokens0))
             bits.write_low(residuals, map(extra_at.__getitem__, tokens0))
-
-    # -- decoding ------------------------------------------------------------------------------
-
-    def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
-        try:
-            data = bytes(data)
-        except TypeError:
-            raise CodecError("a batch is bytes") from None
-        if not self.deflate:
-            return self._parse(_Reader(data), None)
-        pos = 0
-        zdict = None
-        if self.dictionary is not None:
-            head = _Reader(data)
-            ident = head.varint()
-            zdict = self.dictionaries.get(ident)
-            if zdict is None:
-                raise CodecError(f"unknown preset dictionary {ident}")
-            pos = head.pos
-        try:
-            inflater = (
-                zlib.decompressobj(-15, zdict) if zdict is not None else zlib.decompressobj(-15)
-            )
-            body = inflater.decompress(data[pos:], MAX_INFLATED)
-        except zlib.error as err:
-            raise CodecError(f"deflate stream: {err}") from None
-        if not inflater.eof:
-            if inflater.unconsumed_tail or len(body) >= MAX_INFLATED:
-                raise CodecError(f"the batch inflates to more than {MAX_INFLATED} bytes")
-            raise CodecError("the deflate stream ends early")
-        bits = _BitReader(inflater.unused_data)
-        device, records = self._parse(_Reader(body), bits)
-        bits.finish()
-        return device, records
-
-    def _parse(self, r: _Reader, bits: _BitReader | None) -> tuple[str | None, list[WireRecord]]:
-        if r.byte() != FORMAT_VERSION:
-            raise CodecError("not a compact batch of version 1")
-        flags = r.byte()
-        if flags & ~FLAG_SPLIT:
-            raise CodecError(f"unknown flags 0x{flags:02x}")
-        split = bool(flags & FLAG_SPLIT)
-        if split and bits is None:
-            raise CodecError(f"content format {self.content_format} carries no extra bits")
-        table = []
-        for _ in range(r.count("groups")):
-            sensor = r.text("sensor name")
-            channels: list[str] = []
-            res: list[tuple[int, int] | None] = []
-            for _ in range(r.count("channels")):
-                name = r.text("channel name")
-                if name in channels:
-                    raise CodecError(f"channel {name!r} twice in a group")
-                channels.append(name)
-                tag = r.byte()
-                if tag == 0:
-                    res.append(None)
-                elif tag == 1:
-                    m = r.varint()
-                    e = unzigzag(r.varint())
-                    if m == 0 or abs(e) > _MAX_EXP:
-                        raise CodecError("a resolution is out of range")
-                    step = _from_decimal(m, e)
-                    if not (math.isfinite(step) and step > 0.0):
-                        raise CodecError("a resolution is out of range")
-                    res.append(_ratio(m, e))
-                else:
-                    raise CodecError(f"unknown resolution tag {tag}")
-            if not channels:
-                raise CodecError("a group without channels")
-            table.append((sensor, channels, res))
-        device_text = r.text("device id")
-        device: str | None = None
-        if device_text:
-            if not DEVICE_ID.match(device_text):
-                raise CodecError(f"device id {device_text!r} is not valid")
-            device = device_text
-        n = r.count("records")
-        if n > MAX_RECORDS:
-            raise CodecError(f"a batch holds at most {MAX_RECORDS} records, not {n}")
-        base = unzigzag(r.varint())
-        ids = [r.varint() for _ in range(n)]
-        limit = _FIRST_GROUP + len(table)
-        rows = [0] * len(table)
-        for i in ids:
-            if i >= limit:
-                raise CodecError(f"group {i} is not in the table")
-            if i >= _FIRST_GROUP:
-                rows[i - _FIRST_GROUP] += 1
-        if not all(rows):
-            raise CodecError("a group without readings")
-        seqs: list[int] = []
-        seen: set[int] = set()
-        if n:
-            seq = r.varint(MAX_SEQ)
-            seqs.append(seq)
-            seen.add(seq)
-            for _ in range(n - 1):
-                seq += unzigzag(r.varint()) + 1
-                if not 0 <= seq <= MAX_SEQ:
-                    raise CodecError("a seq is out of range")
-                if seq in seen:
-                    raise CodecError(f"seq {seq} appears twice")
-                seen.add(seq)
-                seqs.append(seq)
-        opaque: list[tuple[float, bytes]] = []
-        for i in ids:
-            if i < _FIRST_GROUP:
-                (created,) = _F64.unpack(r.take(8))
-                if not math.isfinite(created):
-                    raise CodecError("a record's created time is not finite")
-                opaque.append((created, r.take(r.count("body length"))))
-        _check_decoded_size(
-            (sensor, channels, count)
-            for (sensor, channels, _), count in zip(table, rows, strict=True)
-        )
-        bodies = []
-        clocks: list[tuple[list[int], list[int]]] = []
-        for i, ((sensor, channels, res), count) in enumerate(zip(table, rows, strict=True)):
-            same = r.varint()
-            if same == 0:
-                clock = _read_times(r, count, base)
-            elif same <= i and len(clocks[i - same][0]) == count:
-                clock = clocks[i - same]
-            else:
-                raise CodecError(f"{sensor}: no earlier group of {count} readings {same} back")
-            clocks.append(clock)
-            bodies.append(self._parse_group(r, bits, sensor, channels, res, clock, split))
-        if r.left:
-            raise CodecError(f"{r.left} bytes after the batch")
-        out: list[WireRecord] = []
-        next_row = [0] * len(table)
-        opaque_iter = iter(opaque)
-        for i, seq in zip(ids, seqs, strict=True):
-            if i < _FIRST_GROUP:
-                created, body = next(opaque_iter)
-                out.append(WireRecord(seq, _OPAQUE_KINDS[i], created, body))
-            else:
-                gi = i - _FIRST_GROUP
-                created, body, t = bodies[gi][next_row[gi]]
-                next_row[gi] += 1
-                out.append(WireRecord(seq, Kind.TELEMETRY.value, created, body, t))
-        return device, out
-
-    def _parse_group(
-        self,
-        r: _Reader,
-        bits: _BitReader | None,
-        sensor: str,
-        channels: list[str],
-        res: list[tuple[int, int] | None],
-        clock: tuple[list[int], list[int]],
-        split: bool,
-    ) -> list[tuple[float, bytes, float]]:
-        """The group's readings: (created, body, the time in the body) each."""
-        times, created = clock
-        n = len(times)
-        columns = [
-            self._parse_column(r, bits, sensor, ch, step, n, split)
-            for ch, step in zip(channels, res, strict=True)
-        ]
-        out = []
-        body = self._bodies.reading_body
-        for i in range(n):
-            t = times[i] / TIME_UNIT
-            c = created[i] / TIME_UNIT
-            values = {ch: col[i] for ch, col in zip(channels, columns, strict=True)}
-            try:
-                out.append((c, body(sensor, t, values), t))
-            except (UnicodeEncodeError, ValueError) as err:
-                raise CodecError(f"{sensor}: cannot write the reading: {err}") from None
-        return out
-
-    def _parse_column(
-        self,
-        r: _Reader,
-        bits: _BitReader | None,
-        sensor: str,
-        channel: str,
-        step: tuple[int, int] | None,
-        n: int,
-        split: bool,
-    ) -> list[float]:
-        pred = r.byte()
-        param: Any = None
-        if (pred == P_FLOAT) != (step is None):
-            raise CodecError(f"{sensor}/{channel}: predictor {pred} does not fit the resolution")
-        if pred == P_MEAN:
-            param = unzigzag(r.varint())
-        elif pred == P_LOCAL:
-            param = r.byte()
-            if not 1 <= param <= _MAX_LOCAL:
-                raise CodecError(f"{sensor}/{channel}: window {param} is out of range")
-        elif pred == P_PALETTE:
-            size = r.count("palette")
-            if size == 0:
-                raise CodecError(f"{sensor}/{channel}: an empty palette")
-            param = []
-            prev = 0
-            for _ in range(size):
-                prev += unzigzag(r.varint())
-                param.append(prev)
-        elif pred not in (P_DELTA, P_LINEAR, P_FLOAT):
-            raise CodecError(f"{sensor}/{channel}: unknown predictor {pred}")
-        residuals = self._read_residuals(r, bits, n, split)
-        if pred == P_FLOAT:
-            out = []
-            prev = 0
-            for u in residuals:
-                prev ^= u
-                if prev > _MASK64:
-                    raise CodecError(f"{sensor}/{channel}: a float is longer than 64 bits")
-                out.append(_F64.unpack(_Q64.pack(prev))[0])
-            return out
-        assert step is not None
-        q = _unpredict(residuals, pred, param, sensor, channel)
-        values = []
-        for v in q:
-            if abs(v) > _MAX_Q:
-                raise CodecError(f"{sensor}/{channel}: a value is out of range")
-            try:
-                values.append(dequantize(v, *step))
-            except OverflowError:
-                raise CodecError(f"{sensor}/{channel}: a value is out of range") from None
-        return values
-
-    @staticmethod
-    def _read_residuals(r: _Reader, bits: _BitReader | None, n: int, split: bool) -> list[int]:
-        if not split:
-            return [r.varint() for _ in range(n)]
-        assert bits is not None
-        k = r.byte()
-        if k > _MAX_SHIFT:
-            raise CodecError(f"shift {k} is out of range")
-        raw = r.take(n)
-        out = []
-        read = bits.read
-        for t in raw:
-            if t < 4:
-                out.append((t << k) | read(k) if k else t)
-                continue
-            if t > _MAX_TOKEN:
-                raise CodecError(f"unknown token {t}")
-            nb = (t - 2) // 2
-            v = read(nb + k)
-            out.append(((((2 | (t & 1)) << nb) | (v >> k)) << k) | (v & ((1 << k) - 1)))
-        return out
 
 
 COMPACT = CompactEncoding(CF_COMPACT, "compact", deflate=False)

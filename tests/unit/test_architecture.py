@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "agent.store": {"agent.wire", "agent", "drivers"},
     "agent.detect": {"agent.store", "agent.wire", "agent", "drivers"},
     "agent.sense": {"agent.store", "agent.wire", "agent", "drivers"},
+    "agent.learn": {"agent.detect", "agent.store", "agent.wire", "agent", "drivers"},
     "agent.sync": {"agent.detect", "agent.store", "agent.wire", "agent", "drivers"},
     "agent.modelstore": {"agent.sync", "agent.detect", "agent.wire", "agent", "drivers"},
     "agent.service": {
