@@ -37,7 +37,7 @@ from agent.wire.batch import CF_SENML_CBOR, IngestAck, WireRecord
 from agent.wire.credentials import Credential
 from agent.wire.oscore import ID_CONTEXT_BYTES, PersistentContext, Sequence
 from agent.wire.predict import dequantize, step_ratio
-from agent.wire.records import Kind, dumps
+from agent.wire.records import Kind, TelemetryBody
 
 #: The agent's content format at start (agent/sync/link.py: the initial "medium" policy).
 DEFAULT_CONTENT_FORMAT = 65001
@@ -209,8 +209,8 @@ class Device:
                 ch: dequantize(round((mean + gauss(0.0, noise)) / res), num, den)
                 for ch, mean, noise, res, num, den in channels
             }
-            # TelemetryBody(sensor, t, values).to_cbor(), its time and values floats already
-            pending.append(WireRecord(seq, TELEMETRY, t, dumps([sensor, t, values])))
+            body = TelemetryBody(sensor, t, values).to_cbor()
+            pending.append(WireRecord(seq, TELEMETRY, t, body))
             seq += 1
         self._reading, self.next_seq = reading, seq
 
