@@ -42,6 +42,8 @@ from typing import Any
 
 from psycopg import Connection, sql
 
+from cloud import learnstore
+
 #: Advisory lock keys (pg_advisory_xact_lock): "edgeschm" and "edgepart" as 64-bit numbers.
 MIGRATION_LOCK = int.from_bytes(b"edgeschm", "big") - 2**63
 PARTITION_LOCK = int.from_bytes(b"edgepart", "big") - 2**63
@@ -144,7 +146,10 @@ _V2 = (
 )
 
 #: Every migration, in order: migration ``i`` (from 1) takes the schema from version i-1 to i.
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+#: Version 3: federated learning's jobs, masters and uploads (cloud/learnstore.py).
+_V3 = learnstore.PG_MIGRATION
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -177,6 +177,10 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("infer", device, frozenset({POST}))
         case ("validate", device):
             return _Route("validate", device, frozenset({POST}))
+        case ("learn", "masters", _):
+            return _Route("masters", None, frozenset({GET}))
+        case ("learn", device):
+            return _Route("learn", device, frozenset({POST}))
     raise _Failure(Code.NOT_FOUND, "no such resource")
 
 

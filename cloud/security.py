@@ -89,6 +89,8 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "models": {"GET": ("any",)},
     "infer": {"POST": ("own",)},
     "validate": {"POST": ("own",)},
+    "learn": {"POST": ("own",)},
+    "masters": {"GET": ("any",)},
 }
 
 

@@ -45,24 +45,17 @@ from aiocoap.credentials import CredentialsMap
 from aiocoap.numbers.codes import Code
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
-from agent.errors import ModelError
 from agent.loopfilter import ExceptionFilter
 from agent.wire import codec, records, statedoc
 from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
 from agent.wire.credentials import Credential
+from agent.wire.learning import MAX_BODY_BYTES
 from agent.wire.statedoc import StateError
 from cloud.dashboard import Dashboard
 from cloud.desired import DesiredObservers, render_document
 from cloud.dtls import DtlsEndpoint
 from cloud.fastpath import IngestFastPath
-from cloud.inference import (
-    DEFAULT_MODELS_DIR,
-    CloudInference,
-    InferenceError,
-    InferRequest,
-    NoSuchModel,
-    ValidateRequest,
-)
+from cloud.inference import DEFAULT_MODELS_DIR, CloudInference
 from cloud.ingest import GroupCommit
 from cloud.listen import bound_port, check_port_free, enlarge_receive_buffer, server_protocol
 from cloud.models import ModelRegistry, ModelRequestError
@@ -90,6 +83,7 @@ from cloud.security import (
     identity,
     issue_credential,
 )
+from cloud.serverroutes import ComputeRoutes
 from cloud.storage import (
     DocumentTooLarge,
     PreconditionFailed,
@@ -121,6 +115,7 @@ RESOURCE_TYPES = {
     "device": "edge-agent.device",
     "infer": "edge-agent.infer",
     "validate": "edge-agent.validate",
+    "learn": "edge-agent.learn",
 }
 
 
@@ -149,6 +144,8 @@ class _Site(aiocoap.resource.ObservableResource):
         path = tuple(req.opt.uri_path)
         if path[:1] == ("ingest",):
             return self._server.limits.batch_bytes
+        if path[:1] == ("learn",):
+            return MAX_BODY_BYTES
         return self._server.limits.state_bytes
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
@@ -207,7 +204,7 @@ class _Site(aiocoap.resource.ObservableResource):
         return response
 
 
-class CloudServer:
+class CloudServer(ComputeRoutes):
     """The endpoint: a CoAP server, a storage thread, and the observers of desired state."""
 
     def __init__(
@@ -756,42 +753,3 @@ class CloudServer:
         }
         payload = records.dumps(doc)
         return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
-
-    async def _inference_body(self, request: Message) -> Any:
-        payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)
-        try:
-            return records.loads(payload)
-        except records.RecordError as err:
-            raise _Failure(Code.BAD_REQUEST, str(err)) from None
-
-    async def _run_inference(self, work: Awaitable[dict[str, Any]]) -> Message:
-        try:
-            result = await work
-        except NoSuchModel as err:
-            raise _Failure(Code.NOT_FOUND, str(err)) from None
-        except InferenceError as err:
-            raise _Failure(Code.BAD_REQUEST, str(err)) from None
-        except ModelError as err:
-            log.error("event=model_unavailable error=%s", err)
-            raise _Failure(
-                Code.SERVICE_UNAVAILABLE, "model unavailable", max_age=RETRY_AFTER
-            ) from None
-        return Message(code=Code.CONTENT, payload=records.dumps(result), content_format=CF_CBOR)
-
-    async def _infer_post(self, request: Message, route: _Route) -> Message:
-        device = await self._device(route)
-        body = await self._inference_body(request)
-        try:
-            req = InferRequest.parse(body)
-        except InferenceError as err:
-            raise _Failure(Code.BAD_REQUEST, str(err)) from None
-        return await self._run_inference(self.inference.infer(device, req))
-
-    async def _validate_post(self, request: Message, route: _Route) -> Message:
-        device = await self._device(route)
-        body = await self._inference_body(request)
-        try:
-            req = ValidateRequest.parse(body)
-        except InferenceError as err:
-            raise _Failure(Code.BAD_REQUEST, str(err)) from None
-        return await self._run_inference(self.inference.validate(device, req))

@@ -35,7 +35,7 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import linkhistory
+from cloud import learnstore, linkhistory
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -204,7 +204,8 @@ class SQLiteStorage(SharedStorage):
                     f"({SCHEMA_VERSION}); upgrade edge-agent"
                 )
             with self._tx() as db:
-                for statement in (_SCHEMA + linkhistory.SCHEMA).split(";"):
+                schema = _SCHEMA + linkhistory.SCHEMA + learnstore.SQLITE_SCHEMA
+                for statement in schema.split(";"):
                     if statement.strip():
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

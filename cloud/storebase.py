@@ -190,6 +190,14 @@ TABLES: dict[str, Table] = {
         Table("verdicts", ("n", "device", "seq", "digest", "body"), ("n",)),
         Table("models", ("name", "version", "manifest", "data", "published"), ("name", "version")),
         Table("sequences", ("principal", "reserved"), ("principal",)),
+        # federated learning (cloud/learnstore.py)
+        Table("learn_jobs", ("id", "model", "doc", "rev", "created", "updated"), ("id",), True),
+        Table("learn_blobs", ("sha", "data"), ("sha",)),
+        Table(
+            "learn_updates",
+            ("job", "round", "device", "body", "received"),
+            ("job", "round", "device"),
+        ),
     )
 }
 

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from agent.errors import AgentError
 from agent.wire.batch import WireRecord
 from cloud import linkhistory
+from cloud.learnstore import LearnTables
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -87,7 +88,7 @@ def id_number(storage_id: str) -> int:
     return number
 
 
-class SharedStorage:
+class SharedStorage(LearnTables):
     """The methods of :class:`cloud.storebase.Storage` that are the same on both databases."""
 
     _DIALECT = ""

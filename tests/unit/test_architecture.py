@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
 #: Single modules a package (or one module) may import beyond its allowed packages.
 ALLOWED_MODULES: dict[str, set[str]] = {
     # model files: the endpoint signs manifests and runs the full-precision models
-    "cloud": {"agent.modelstore.signing", "agent.detect.inference"},
+    "cloud": {"agent.modelstore.signing", "agent.detect.inference", "agent.learn.autoencoder"},
     # the demo starts a local endpoint beside the agent (imported lazily, never on a device)
     "agent.service.demo": {"cloud.server"},
 }

@@ -620,6 +620,10 @@ def filled(storage: Storage) -> None:
     storage.put_verdicts([(DEV, 9, "d1", b"v1"), (DEV, 9, "d0", b"v0")])
     storage.put_model("m", "1", b"manifest", b"data", T0)
     storage.reserve_sequence("endpoint", 4096)
+    job = storage.create_learn_job("m", lambda n: b"job %d" % n, T0)
+    storage.put_learn_blob("ab" * 32, b"masters")
+    storage.put_learn_update(job, 1, DEV, b"u1", T0)
+    storage.put_learn_update(job, 1, "b-2", b"u2", T0 + 1)
 
 
 def copy_all(source: Storage, target: Storage, chunk: int = 2) -> dict[str, int]:
@@ -910,3 +914,33 @@ def test_open_storage_picks_the_backend(backend: Backend, tmp_path: Path) -> Non
 )
 def test_describe_masks_passwords(spec: str, shown: str) -> None:
     assert describe(spec) == shown
+
+
+def test_learning_jobs_are_numbered_and_replaced_only_by_their_reader(storage: Storage) -> None:
+    """A job's document is replaced only by a writer that read its current rev (two
+    coordinators, or a coordinator and ``learn stop``, never lose each other's change)."""
+    first = storage.create_learn_job("skab-ae", lambda n: b"doc %d" % n, T0)
+    second = storage.create_learn_job("skab-ae", lambda n: b"doc %d" % n, T0 + 1)
+    assert (first, second) == (1, 2)
+    row = storage.learn_job(first)
+    assert row is not None and (row.model, row.doc, row.rev) == ("skab-ae", b"doc 1", 1)
+    assert storage.update_learn_job(first, 1, b"round 2", T0 + 5)
+    assert not storage.update_learn_job(first, 1, b"stale writer", T0 + 6)  # read rev 1: refused
+    row = storage.learn_job(first)
+    assert row is not None and (row.doc, row.rev, row.updated) == (b"round 2", 2, T0 + 5)
+    assert [j.id for j in storage.learn_jobs()] == [1, 2]
+    assert storage.learn_job(99) is None
+
+
+def test_learning_uploads_are_stored_once_per_device_and_round(storage: Storage) -> None:
+    assert storage.put_learn_update(1, 1, "dev-b", b"b", T0)
+    assert storage.put_learn_update(1, 1, DEV, b"a", T0)
+    assert not storage.put_learn_update(1, 1, DEV, b"a retried, other bytes", T0 + 1)
+    assert storage.put_learn_update(1, 2, DEV, b"next round", T0 + 2)
+    assert storage.learn_updates(1, 1) == [("dev-b", b"b"), (DEV, b"a")]  # by device
+    assert storage.learn_update_devices(1, 2) == [DEV]
+    assert storage.learn_updates(2, 1) == []
+    storage.put_learn_blob("cd" * 32, b"masters")
+    storage.put_learn_blob("cd" * 32, b"masters")  # content-addressed: a second put is harmless
+    assert storage.learn_blob("cd" * 32) == b"masters"
+    assert storage.learn_blob("ef" * 32) is None

@@ -1,0 +1,459 @@
+"""Federated training rounds at the endpoint: the job document, the round coordinator, and the
+two resources devices use (docs/learning.md).
+
+A *job* (``edge-agent-cloud learn start``) trains one published model for ``rounds`` rounds. Its
+state is one CBOR document in storage (cloud/learnstore.py), replaced by compare-and-set, so the
+coordinator keeps nothing in memory that a restart would lose: ``learn start`` (or ``learn
+resume JOB``) runs :meth:`Coordinator.run`, which calls :meth:`Coordinator.tick` until the job
+ends; each tick makes at most one transition:
+
+- **open a round**: pick ``max(min_devices, ceil(fraction * eligible))`` devices at random
+  (seeded by job, round and attempt) and write each the desired value ``learn/<model>``
+  (agent.wire.learning.RoundTask): the masters' SHA-256, the deadline, the local recipe.
+- **close a round** when every selected device uploaded, or at the deadline when at least
+  ``min_devices`` did (stragglers and devices that went offline are left out; their late uploads
+  are refused 4.03). Fewer by the deadline: the round opens again with a new selection (uploads
+  already received for it still count), at most :data:`MAX_ATTEMPTS` times, then the job fails.
+- closing: FedAvg of the uploads weighted by their sample counts (cloud/fedavg.py), the
+  federated threshold from their score summaries, the new float weights written into the
+  template int8 model (cloud/tflitepatch.py: no TensorFlow), signed and published as version
+  ``<base>+fl<job>.<round>`` and assigned (desired ``model/<role>``) to every eligible device;
+  the new float weights are the next round's masters.
+
+Devices fetch masters with ``GET /learn/masters/<sha256>`` (any device: content-addressed, the
+SHA-256 comes from their authenticated desired state) and upload with ``POST /learn/<device>``
+(the device itself, and only while it is selected in the open round, before the deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.errors import AgentError, ModelError
+from agent.learn.autoencoder import DenseAutoencoder
+from agent.wire import records
+from agent.wire.learning import (
+    LearningError,
+    Masters,
+    ModelUpdate,
+    RoundTask,
+    learn_key,
+    parameter_count,
+)
+from agent.wire.statedoc import MODEL_NAME
+from cloud import tflitepatch
+from cloud.learnstore import JobRow
+from cloud.models import ModelRegistry
+from cloud.storebase import Storage
+
+log = logging.getLogger("cloud.learning")
+
+#: A round whose quorum is not met by its deadline opens again at most this many times.
+MAX_ATTEMPTS = 3
+#: Seconds between ticks of :meth:`Coordinator.run`.
+TICK = 1.0
+STATES = ("running", "done", "failed", "stopped")
+
+
+class JobError(AgentError):
+    """A job cannot start or go on (the message says why)."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What an operator asked for."""
+
+    model: str
+    role: str
+    base: str  # the published version the job starts from (its file is the int8 template)
+    rounds: int
+    fraction: float
+    min_devices: int
+    round_seconds: float
+    epochs: int = 2
+    lr: float = 2e-3
+    mu: float = 0.01
+    clip: float = 1.0
+    noise: float = 1.0
+    devices: tuple[str, ...] = ()  # empty: every registered device
+
+    def check(self) -> None:
+        if not MODEL_NAME.match(self.model) or not MODEL_NAME.match(self.base):
+            raise JobError("model and version must be model names")
+        if not 1 <= self.rounds <= 10_000:
+            raise JobError("rounds must be 1..10000")
+        if not 0.0 < self.fraction <= 1.0:
+            raise JobError("fraction must be in (0, 1]")
+        if self.min_devices < 1:
+            raise JobError("min-devices must be at least 1")
+        if not 1.0 <= self.round_seconds <= 7 * 86400:
+            raise JobError("the round deadline must be 1 s .. 7 days")
+        task = RoundTask(
+            1, 1, self.base, "0" * 64, 0, self.epochs, self.lr, self.mu, self.clip, self.noise
+        )
+        try:
+            RoundTask.from_value(task.to_value())
+        except LearningError as err:
+            raise JobError(f"the local recipe is out of range: {err}") from None
+        if self.noise <= 0:
+            raise JobError("noise must be > 0: updates leave devices only with noise added")
+
+
+@dataclass
+class JobState:
+    """Where a job is."""
+
+    state: str = "running"
+    round: int = 0  # the open (or last) round; 0 before the first
+    open: bool = False
+    attempt: int = 0
+    selected: list[str] = field(default_factory=list)
+    deadline: float = 0.0
+    masters: str = ""  # SHA-256 of the current masters (learn_blobs)
+    version: str = ""  # the version assigned after the last closed round ("" before)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class Job:
+    id: int
+    spec: JobSpec
+    st: JobState
+    rev: int = 0
+
+    def to_cbor(self) -> bytes:
+        spec = asdict(self.spec)
+        spec["devices"] = list(self.spec.devices)
+        return records.dumps({"spec": spec, "state": asdict(self.st)})
+
+    @classmethod
+    def from_row(cls, row: JobRow) -> Job:
+        d = records.loads(row.doc)
+        spec = dict(d["spec"])
+        spec["devices"] = tuple(spec["devices"])
+        return cls(row.id, JobSpec(**spec), JobState(**d["state"]), row.rev)
+
+    def summary(self) -> dict[str, Any]:
+        return {"job": self.id, **asdict(self.spec), **asdict(self.st)}
+
+
+def masters_of(model: DenseAutoencoder, name: str) -> Masters:
+    return Masters(name, model.sizes, model.to_vector().astype(np.float32))
+
+
+def version_for(base: str, job: int, rnd: int) -> str:
+    return f"{base.split('+')[0]}+fl{job}.{rnd}"
+
+
+class Coordinator:
+    """Runs jobs over a storage (blocking calls; the CLI's process), a registry and a key."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        registry: ModelRegistry,
+        key: Ed25519PrivateKey,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.registry = registry
+        self.key = key
+        self.clock = clock
+
+    # -- starting -------------------------------------------------------------------------------
+    def start(self, spec: JobSpec, masters: DenseAutoencoder) -> Job:
+        """Record a new job whose first masters are ``masters`` (the float weights of ``spec``'s
+        base version). Raises JobError."""
+        spec.check()
+        found = self.storage.model(spec.model, spec.base)
+        if found is None:
+            raise JobError(f"model {spec.model} {spec.base} is not published here")
+        template = self.storage.model_file(spec.model, spec.base)
+        if template is None:
+            raise JobError(f"model {spec.model} {spec.base}: its file is missing")
+        try:  # the template must take these weights: same graph, same widths
+            tflitepatch.quantize_layers(template, _layers(masters))
+        except ModelError as err:
+            raise JobError(f"the masters do not fit {spec.model} {spec.base}: {err}") from None
+        doc = masters_of(masters, spec.model)
+        sha = doc.sha256()
+        self.storage.put_learn_blob(sha, doc.to_cbor())
+        st = JobState(masters=sha)
+        now = self.clock()
+        job_id = self.storage.create_learn_job(
+            spec.model, lambda n: Job(n, spec, st).to_cbor(), now
+        )
+        log.info(
+            "event=learn_job_started job=%d model=%s base=%s rounds=%d",
+            job_id,
+            spec.model,
+            spec.base,
+            spec.rounds,
+        )
+        return self.job(job_id)
+
+    def job(self, job_id: int) -> Job:
+        row = self.storage.learn_job(job_id)
+        if row is None:
+            raise JobError(f"no learning job {job_id}")
+        return Job.from_row(row)
+
+    def stop(self, job_id: int) -> Job:
+        while True:
+            job = self.job(job_id)
+            if job.st.state != "running":
+                return job
+            job.st.state, job.st.open, job.st.error = "stopped", False, "stopped by an operator"
+            if self._save(job):
+                return self.job(job_id)
+
+    # -- the loop -------------------------------------------------------------------------------
+    async def run(
+        self, job_id: int, tick: float = TICK, progress: Callable[[Job], None] | None = None
+    ) -> Job:
+        """Tick the job until it ends (done, failed or stopped)."""
+        while True:
+            job = await asyncio.to_thread(self.tick, job_id)
+            if progress is not None:
+                progress(job)
+            if job.st.state != "running":
+                return job
+            await asyncio.sleep(tick)
+
+    def tick(self, job_id: int) -> Job:
+        """At most one transition of the job (see the module docstring)."""
+        job = self.job(job_id)
+        if job.st.state != "running":
+            return job
+        now = self.clock()
+        if not job.st.open:
+            if job.st.round >= job.spec.rounds:
+                job.st.state = "done"
+            else:
+                self._open(job, job.st.round + 1, 0, now)
+            self._save(job)
+            return self.job(job_id)
+        received = set(self.storage.learn_update_devices(job.id, job.st.round))
+        selected = set(job.st.selected)
+        if selected <= received or (
+            now >= job.st.deadline and len(received) >= job.spec.min_devices
+        ):
+            self._close(job, now)
+        elif now >= job.st.deadline:
+            if job.st.attempt + 1 >= MAX_ATTEMPTS:
+                job.st.state, job.st.open = "failed", False
+                job.st.error = (
+                    f"round {job.st.round}: {len(received)} uploads by the deadline, "
+                    f"{job.spec.min_devices} needed, {MAX_ATTEMPTS} attempts"
+                )
+                log.warning("event=learn_job_failed job=%d error=%r", job.id, job.st.error)
+            else:
+                log.info(
+                    "event=learn_round_reopened job=%d round=%d received=%d needed=%d",
+                    job.id,
+                    job.st.round,
+                    len(received),
+                    job.spec.min_devices,
+                )
+                self._open(job, job.st.round, job.st.attempt + 1, now)
+        else:
+            return job
+        self._save(job)
+        return self.job(job_id)
+
+    def _save(self, job: Job) -> bool:
+        ok = self.storage.update_learn_job(job.id, job.rev, job.to_cbor(), self.clock())
+        if not ok:
+            log.info("event=learn_job_changed job=%d action=read_again", job.id)
+        return ok
+
+    def eligible(self, spec: JobSpec) -> list[str]:
+        known = {d.id for d in self.storage.devices()}
+        if spec.devices:
+            return sorted(d for d in spec.devices if d in known)
+        return sorted(known)
+
+    def _open(self, job: Job, rnd: int, attempt: int, now: float) -> None:
+        spec = job.spec
+        pool = self.eligible(spec)
+        if len(pool) < spec.min_devices:
+            job.st.state, job.st.open = "failed", False
+            job.st.error = f"{len(pool)} eligible devices, {spec.min_devices} needed"
+            return
+        want = min(len(pool), max(spec.min_devices, math.ceil(spec.fraction * len(pool))))
+        chosen = sorted(random.Random(f"{job.id}:{rnd}:{attempt}").sample(pool, want))
+        deadline = now + spec.round_seconds
+        task = RoundTask(
+            job.id,
+            rnd,
+            spec.base,
+            job.st.masters,
+            deadline,
+            spec.epochs,
+            spec.lr,
+            spec.mu,
+            spec.clip,
+            spec.noise,
+        )
+        value = task.to_value()
+        for device in chosen:
+            self.storage.put_desired(device, {learn_key(spec.model): value}, now)
+        job.st.round, job.st.attempt, job.st.open = rnd, attempt, True
+        job.st.selected, job.st.deadline = chosen, float(task.deadline)
+        log.info(
+            "event=learn_round_opened job=%d round=%d attempt=%d selected=%d deadline=%d",
+            job.id,
+            rnd,
+            attempt,
+            len(chosen),
+            task.deadline,
+        )
+
+    def _close(self, job: Job, now: float) -> None:
+        spec, rnd = job.spec, job.st.round
+        blob = self.storage.learn_blob(job.st.masters)
+        if blob is None:
+            raise JobError(f"job {job.id}: the masters {job.st.masters[:12]} are missing")
+        masters = Masters.from_cbor(blob, job.st.masters)
+        count = parameter_count(masters.sizes)
+        updates, refused = [], []
+        for device, body in self.storage.learn_updates(job.id, rnd):
+            try:
+                u = ModelUpdate.from_cbor(body, count)
+            except LearningError as err:  # stored only after these checks; kept for safety
+                refused.append(device)
+                log.warning(
+                    "event=learn_update_refused job=%d device=%s error=%r", job.id, device, str(err)
+                )
+                continue
+            updates.append(u)
+        if not updates:
+            job.st.state, job.st.open, job.st.error = "failed", False, "no usable uploads"
+            return
+        from cloud import fedavg  # numpy-heavy, only when a round closes
+
+        vector = fedavg.fedavg(masters.weights, updates)
+        threshold = fedavg.fleet_threshold([u.scores for u in updates])
+        model = DenseAutoencoder.from_vector(vector, masters.sizes)
+        version = version_for(spec.base, job.id, rnd)
+        published = self._publish(spec, model, threshold, version, job.id, rnd, updates)
+        assignment = {"name": spec.model, "version": version, "sha256": published}
+        for device in self.eligible(spec):
+            self.storage.put_desired(device, {f"model/{spec.role}": assignment}, now)
+        new = masters_of(model, spec.model)
+        self.storage.put_learn_blob(new.sha256(), new.to_cbor())
+        job.st.history.append(
+            {
+                "round": rnd,
+                "attempts": job.st.attempt + 1,
+                "selected": len(job.st.selected),
+                "uploads": len(updates),
+                "refused": refused,
+                "missing": sorted(
+                    set(job.st.selected) - {d for d, _ in self.storage.learn_updates(job.id, rnd)}
+                ),
+                "samples": int(sum(u.samples for u in updates)),
+                "threshold": threshold,
+                "version": version,
+                "closed": now,
+            }
+        )
+        job.st.masters, job.st.version, job.st.open = new.sha256(), version, False
+        if rnd >= spec.rounds:
+            job.st.state = "done"
+        log.info(
+            "event=learn_round_closed job=%d round=%d uploads=%d version=%s threshold=%.4g",
+            job.id,
+            rnd,
+            len(updates),
+            version,
+            threshold,
+        )
+
+    def _publish(
+        self,
+        spec: JobSpec,
+        model: DenseAutoencoder,
+        threshold: float,
+        version: str,
+        job: int,
+        rnd: int,
+        updates: Sequence[ModelUpdate],
+    ) -> str:
+        template = self.storage.model_file(spec.model, spec.base)
+        base = self.storage.model(spec.model, spec.base)
+        if template is None or base is None:
+            raise JobError(f"model {spec.model} {spec.base} is gone")
+        from agent.modelstore.signing import SignedManifest
+
+        entry = dict(SignedManifest.from_cbor(base.manifest).entry)
+        data = tflitepatch.quantize_layers(template, _layers(model))
+        entry["version"] = version
+        entry["threshold"] = {**dict(entry.get("threshold", {})), "value": round(threshold, 6)}
+        entry["federated"] = {
+            "job": job,
+            "round": rnd,
+            "devices": len(updates),
+            "samples": int(sum(u.samples for u in updates)),
+        }
+        for stale in ("sha256", "size", "scores"):
+            entry.pop(stale, None)
+        existing = self.storage.model(spec.model, version)
+        if existing is not None:  # published before a crash: the same round, keep it
+            return SignedManifest.from_cbor(existing.manifest).sha256
+        return self.registry.publish(data, spec.model, version, entry, self.key).sha256
+
+
+def _layers(model: DenseAutoencoder) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [
+        (np.asarray(w), np.asarray(b)) for w, b in zip(model.weights, model.biases, strict=True)
+    ]
+
+
+# -- the device-facing resources ------------------------------------------------------------------
+class UploadRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # "4.00", "4.03", "4.04"
+        self.message = message
+
+
+def accept_upload(storage: Storage, device: str, body: bytes, now: float) -> bool:
+    """Check and store one upload (blocking; the endpoint's storage thread). True if new.
+    Raises :class:`UploadRefused`."""
+    try:
+        head = ModelUpdate.from_cbor(body)
+    except LearningError as err:
+        raise UploadRefused("4.00", str(err)) from None
+    row = storage.learn_job(head.job)
+    if row is None:
+        raise UploadRefused("4.04", f"no learning job {head.job}")
+    job = Job.from_row(row)
+    st = job.st
+    if st.state != "running" or not st.open or st.round != head.round:
+        raise UploadRefused("4.03", f"job {job.id} round {head.round} is not open")
+    if device not in st.selected:
+        raise UploadRefused("4.03", f"{device} is not selected in round {st.round}")
+    if now > st.deadline:
+        raise UploadRefused("4.03", f"round {st.round} closed at its deadline")
+    blob = storage.learn_blob(st.masters)
+    if blob is None:
+        raise UploadRefused("4.04", "the round's masters are missing")
+    count = parameter_count(Masters.from_cbor(blob).sizes)
+    try:
+        ModelUpdate.from_cbor(body, count)
+    except LearningError as err:
+        raise UploadRefused("4.00", str(err)) from None
+    return storage.put_learn_update(job.id, head.round, device, body, now)
