@@ -65,7 +65,7 @@ from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
-from cloud import export, migrate, processes
+from cloud import export, learncli, migrate, processes
 from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
 from cloud.dashboard import Dashboard, DashboardRefused
 from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
@@ -395,6 +395,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if storage.device(device) is None:
             raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
         stored = storage.records(device, since)
+        feats = storage.features(device, since)
     finally:
         storage.close()
     if args.output:
@@ -405,10 +406,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                 os_error_code(err), "error: " + os_error_line(err, "--output", "choose another")
             ) from None
         with out:
-            count = export.write(stored, out, args.format)
+            count = export.write(stored, out, args.format, feats)
         print(f"{count} rows from {len(stored)} records -> {args.output}", file=sys.stderr)
     else:
-        export.write(stored, sys.stdout, args.format)
+        export.write(stored, sys.stdout, args.format, feats)
     return EX_OK
 
 
@@ -709,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
     migrate.add_parser(sub)
+    learncli.add_parser(sub, _open, _signing_key)
     _storage_option(parser)
     return parser
 

@@ -5,49 +5,84 @@ by channel name (``value`` is the number); an alert, event or state record gives
 empty sensor and channel and the record's map as ``value`` (JSON text in CSV, an object in JSON).
 A body that does not decode gives ``{"raw": "<hex>"}``. ``time`` is the time inside the body
 (Unix seconds).
+
+A features record (cloud/featurestore.py) gives a row per channel, kind ``features``, at its
+first seq and the time of its last reading; ``value`` is an object with ``first_seq``,
+``last_seq``, ``count``, ``t0``, ``t1``, the statistics (``mean``, ``min``, ``max``, ``rms``,
+``std``, ``kurtosis``, ``crest``) and ``bands`` (JSON text in CSV). Rows come in seq order.
 """
 
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
+from agent.wire.batch import FEATURES, CodecError
+from agent.wire.features import STATS
 from agent.wire.records import Kind, RecordError, TelemetryBody, decode_body
 from agent.wire.statedoc import to_json
+from cloud.featurestore import StoredFeatures
 from cloud.storage import StoredRecord
 
 FIELDS = ("seq", "kind", "time", "sensor", "channel", "value")
 FORMATS = ("csv", "json")
 
 
-def rows(records: Iterable[StoredRecord]) -> Iterator[dict[str, Any]]:
-    """The export rows of ``records`` (in the order given)."""
-    for rec in records:
-        try:
-            body = decode_body(rec.kind, rec.body)
-        except RecordError:
-            yield _row(rec, rec.time, "", "", {"raw": rec.body.hex()})
-            continue
-        if rec.kind == Kind.TELEMETRY:
-            assert isinstance(body, TelemetryBody)
-            for channel, value in sorted(body.values.items()):
-                yield _row(rec, body.time, body.sensor, channel, value)
+def rows(
+    records: Iterable[StoredRecord], features: Iterable[StoredFeatures] = ()
+) -> Iterator[dict[str, Any]]:
+    """The export rows of ``records`` and ``features`` (each in seq order), merged by seq."""
+    merged = heapq.merge(((r.seq, 0, r) for r in records), ((f.first_seq, 1, f) for f in features))
+    for _, _, item in merged:
+        if isinstance(item, StoredFeatures):
+            yield from _feature_rows(item)
         else:
-            yield _row(rec, body.time, "", "", to_json(body.data))  # type: ignore[union-attr]
+            yield from _record_rows(item)
+
+
+def _feature_rows(f: StoredFeatures) -> Iterator[dict[str, Any]]:
+    try:
+        body = f.decoded()
+    except CodecError:
+        yield {**_head(f.first_seq, FEATURES, f.t1, f.sensor, ""), "value": {"raw": f.body.hex()}}
+        return
+    for channel, feats in sorted(body.channels.items()):
+        value = {
+            "first_seq": body.first,
+            "last_seq": body.last,
+            "count": body.count,
+            "t0": body.t0,
+            "t1": body.t1,
+            **{name: getattr(feats, name) for name in STATS},
+            "bands": list(feats.bands),
+        }
+        yield {**_head(body.first, FEATURES, body.t1, body.sensor, channel), "value": value}
+
+
+def _head(seq: int, kind: str, time: float, sensor: str, channel: str) -> dict[str, Any]:
+    return {"seq": seq, "kind": kind, "time": time, "sensor": sensor, "channel": channel}
+
+
+def _record_rows(rec: StoredRecord) -> Iterator[dict[str, Any]]:
+    try:
+        body = decode_body(rec.kind, rec.body)
+    except RecordError:
+        yield _row(rec, rec.time, "", "", {"raw": rec.body.hex()})
+        return
+    if rec.kind == Kind.TELEMETRY:
+        assert isinstance(body, TelemetryBody)
+        for channel, value in sorted(body.values.items()):
+            yield _row(rec, body.time, body.sensor, channel, value)
+    else:
+        yield _row(rec, body.time, "", "", to_json(body.data))  # type: ignore[union-attr]
 
 
 def _row(rec: StoredRecord, time: float, sensor: str, channel: str, value: Any) -> dict[str, Any]:
-    return {
-        "seq": rec.seq,
-        "kind": str(rec.kind),
-        "time": time,
-        "sensor": sensor,
-        "channel": channel,
-        "value": value,
-    }
+    return {**_head(rec.seq, str(rec.kind), time, sensor, channel), "value": value}
 
 
 def _number(value: float) -> Any:
@@ -85,10 +120,16 @@ def write_json(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
     return count
 
 
-def write(records: Iterable[StoredRecord], out: TextIO, fmt: str = "csv") -> int:
-    """Write ``records`` as ``fmt`` (csv or json) to ``out``; the number of rows."""
+def write(
+    records: Iterable[StoredRecord],
+    out: TextIO,
+    fmt: str = "csv",
+    features: Iterable[StoredFeatures] = (),
+) -> int:
+    """Write ``records`` and ``features`` as ``fmt`` (csv or json) to ``out``; the number of
+    rows."""
     if fmt == "csv":
-        return write_csv(rows(records), out)
+        return write_csv(rows(records, features), out)
     if fmt == "json":
-        return write_json(rows(records), out)
+        return write_json(rows(records, features), out)
     raise ValueError(f"format must be one of {', '.join(FORMATS)}")

@@ -27,7 +27,6 @@ SHA-256 comes from their authenticated desired state) and upload with ``POST /le
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import random
@@ -60,6 +59,9 @@ log = logging.getLogger("cloud.learning")
 
 #: A round whose quorum is not met by its deadline opens again at most this many times.
 MAX_ATTEMPTS = 3
+#: The most an update's (un-noised, claimed) sample count weighs in FedAvg: a device trains on at
+#: most agent.learn.local.MAX_WINDOWS windows, so a larger claim is a lie.
+MAX_SAMPLES_WEIGHT = 2048
 #: Seconds between ticks of :meth:`Coordinator.run`.
 TICK = 1.0
 STATES = ("running", "done", "failed", "stopped")
@@ -80,11 +82,12 @@ class JobSpec:
     fraction: float
     min_devices: int
     round_seconds: float
-    epochs: int = 2
+    # the recipe of ./tools/dev bench federated (tools/benches/federated.py says how it was chosen)
+    epochs: int = 10
     lr: float = 2e-3
     mu: float = 0.01
-    clip: float = 1.0
-    noise: float = 1.0
+    clip: float = 0.3
+    noise: float = 0.5
     devices: tuple[str, ...] = ()  # empty: every registered device
 
     def check(self) -> None:
@@ -162,8 +165,8 @@ class Coordinator:
     def __init__(
         self,
         storage: Storage,
-        registry: ModelRegistry,
-        key: Ed25519PrivateKey,
+        registry: ModelRegistry | None = None,
+        key: Ed25519PrivateKey | None = None,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -220,17 +223,18 @@ class Coordinator:
                 return self.job(job_id)
 
     # -- the loop -------------------------------------------------------------------------------
-    async def run(
+    def run(
         self, job_id: int, tick: float = TICK, progress: Callable[[Job], None] | None = None
     ) -> Job:
-        """Tick the job until it ends (done, failed or stopped)."""
+        """Tick the job until it ends (done, failed or stopped). Blocking: the storage is used
+        from this thread only (SQLite's connection belongs to the thread that opened it)."""
         while True:
-            job = await asyncio.to_thread(self.tick, job_id)
+            job = self.tick(job_id)
             if progress is not None:
                 progress(job)
             if job.st.state != "running":
                 return job
-            await asyncio.sleep(tick)
+            time.sleep(tick)
 
     def tick(self, job_id: int) -> Job:
         """At most one transition of the job (see the module docstring)."""
@@ -344,7 +348,7 @@ class Coordinator:
             return
         from cloud import fedavg  # numpy-heavy, only when a round closes
 
-        vector = fedavg.fedavg(masters.weights, updates)
+        vector = fedavg.fedavg(masters.weights, updates, max_samples=MAX_SAMPLES_WEIGHT)
         threshold = fedavg.fleet_threshold([u.scores for u in updates])
         model = DenseAutoencoder.from_vector(vector, masters.sizes)
         version = version_for(spec.base, job.id, rnd)
@@ -392,6 +396,8 @@ class Coordinator:
         rnd: int,
         updates: Sequence[ModelUpdate],
     ) -> str:
+        if self.registry is None or self.key is None:
+            raise JobError("closing a round needs the registry and the signing key")
         template = self.storage.model_file(spec.model, spec.base)
         base = self.storage.model(spec.model, spec.base)
         if template is None or base is None:

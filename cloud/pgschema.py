@@ -42,7 +42,7 @@ from typing import Any
 
 from psycopg import Connection, sql
 
-from cloud import learnstore
+from cloud import featurestore, learnstore
 
 #: Advisory lock keys (pg_advisory_xact_lock): "edgeschm" and "edgepart" as 64-bit numbers.
 MIGRATION_LOCK = int.from_bytes(b"edgeschm", "big") - 2**63
@@ -149,7 +149,10 @@ _V2 = (
 #: Version 3: federated learning's jobs, masters and uploads (cloud/learnstore.py).
 _V3 = learnstore.PG_MIGRATION
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+#: Version 4: features records (cloud/featurestore.py, docs/protocol.md "Features records").
+_V4 = featurestore.PG_MIGRATION
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

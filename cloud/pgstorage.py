@@ -52,10 +52,10 @@ from psycopg_pool import ConnectionPool
 
 from agent.errors import AgentError
 from agent.wire import statedoc
-from agent.wire.batch import WireRecord, record_time, same_record
+from agent.wire.batch import FEATURES, WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import linkhistory, pgschema
+from cloud import featurestore, linkhistory, pgschema
 from cloud.pgextra import PostgresExtras
 from cloud.storebase import (
     Batch,
@@ -271,7 +271,38 @@ class PostgresStorage(PostgresExtras):
             (device, [(rec, bytes(rec.body)) for rec in records], register)
             for device, records, register in batches
         ]
-        return self._run(lambda conn: self._ingest(conn, prepared, now), self._ensure_day(now))
+        return self._run(
+            lambda conn: self._ingest_features(conn, prepared, now), self._ensure_day(now)
+        )
+
+    def _ingest_features(
+        self,
+        conn: Conn,
+        batches: list[tuple[str, list[tuple[WireRecord, bytes]], bool]],
+        now: float,
+    ) -> list[IngestResult | AgentError]:
+        """:meth:`_ingest` of the batches' records, features records by the rules of
+        cloud/featurestore.py around it (in the same transaction)."""
+        db = Sql(conn, "postgresql")
+        featured = featurestore.devices_with_features(db, [b[0] for b in batches])
+        if not featured and not any(r.kind == FEATURES for _, recs, _ in batches for r, _ in recs):
+            return self._ingest(conn, batches, now)  # the common case: nothing to do
+        passes = []
+        plain_batches = []
+        for device, recs, register in batches:
+            plain, feats, outcome = featurestore.prepass(
+                db, device, [r for r, _ in recs], device in featured
+            )
+            passes.append((feats, outcome))
+            plain_batches.append((device, [(r, bytes(r.body)) for r in plain], register))
+        results = self._ingest(conn, plain_batches, now)
+        out: list[IngestResult | AgentError] = []
+        for (device, _, _), (feats, outcome), result in zip(batches, passes, results, strict=True):
+            if isinstance(result, IngestResult):
+                featurestore.store(db, device, feats, now, outcome)
+                result = featurestore.merge(db, device, result, outcome)
+            out.append(result)
+        return out
 
     def _ingest(
         self,

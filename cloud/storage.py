@@ -35,7 +35,7 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import learnstore, linkhistory
+from cloud import featurestore, learnstore, linkhistory
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -204,7 +204,12 @@ class SQLiteStorage(SharedStorage):
                     f"({SCHEMA_VERSION}); upgrade edge-agent"
                 )
             with self._tx() as db:
-                schema = _SCHEMA + linkhistory.SCHEMA + learnstore.SQLITE_SCHEMA
+                schema = (
+                    _SCHEMA
+                    + linkhistory.SCHEMA
+                    + learnstore.SQLITE_SCHEMA
+                    + featurestore.SQLITE_SCHEMA
+                )
                 for statement in schema.split(";"):
                     if statement.strip():
                         db.execute(statement)
@@ -306,6 +311,8 @@ class SQLiteStorage(SharedStorage):
         with self._errors(), self._tx() as db:
             row = db.execute("SELECT value FROM counters WHERE name = 'arrival'").fetchone()
             arrival = row[0] if row else 0
+            sql = Sql(db, "sqlite")
+            featured = featurestore.devices_with_features(sql, [b[0] for b in batches])
             for device, records, register in batches:
                 if register:
                     db.execute(
@@ -315,8 +322,14 @@ class SQLiteStorage(SharedStorage):
                 elif db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
                     out.append(UnknownDevice(f"device {device!r} is not registered"))
                     continue
-                result, arrival = self._ingest_one(db, device, records, now, arrival)
-                out.append(result)
+                plain, feats, outcome = featurestore.prepass(
+                    sql, device, records, device in featured
+                )
+                result, arrival = self._ingest_one(db, device, plain, now, arrival)
+                featurestore.store(sql, device, feats, now, outcome)
+                if feats:
+                    featured.add(device)
+                out.append(featurestore.merge(sql, device, result, outcome))
             db.execute(
                 "INSERT OR REPLACE INTO counters (name, value) VALUES ('arrival', ?)", (arrival,)
             )

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from agent.errors import AgentError
@@ -39,6 +39,9 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord
 from agent.wire.credentials import Credential
 from agent.wire.statedoc import DesiredDoc, Entry
+
+if TYPE_CHECKING:
+    from cloud.featurestore import StoredFeatures
 
 log = logging.getLogger("cloud.storage")
 
@@ -190,6 +193,22 @@ TABLES: dict[str, Table] = {
         Table("verdicts", ("n", "device", "seq", "digest", "body"), ("n",)),
         Table("models", ("name", "version", "manifest", "data", "published"), ("name", "version")),
         Table("sequences", ("principal", "reserved"), ("principal",)),
+        # features records (cloud/featurestore.py)
+        Table(
+            "features",
+            (
+                "device",
+                "first_seq",
+                "last_seq",
+                "sensor",
+                "t0",
+                "t1",
+                "count",
+                "received",
+                "body",
+            ),
+            ("device", "first_seq"),
+        ),
         # federated learning (cloud/learnstore.py)
         Table("learn_jobs", ("id", "model", "doc", "rev", "created", "updated"), ("id",), True),
         Table("learn_blobs", ("sha", "data"), ("sha",)),
@@ -263,6 +282,12 @@ class Storage(Protocol):
     ) -> list[StoredRecord]:
         """The device's records in seq order (or arrival order); ``since``: only those with
         ``time >= since``."""
+
+    def features(
+        self, device: str, since: float | None = None, limit: int | None = None
+    ) -> list[StoredFeatures]:
+        """The device's features records (cloud/featurestore.py) in seq order; ``since``: only
+        those whose last reading is at or after it."""
 
     def seqs(self, device: str) -> list[int]:
         """Every stored seq of the device, ascending."""

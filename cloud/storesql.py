@@ -27,7 +27,8 @@ from typing import Any, TypeVar
 
 from agent.errors import AgentError
 from agent.wire.batch import WireRecord
-from cloud import linkhistory
+from cloud import featurestore, linkhistory
+from cloud.featurestore import StoredFeatures
 from cloud.learnstore import LearnTables
 from cloud.storebase import (
     TABLES,
@@ -132,6 +133,14 @@ class SharedStorage(LearnTables):
 
     def model_file(self, name: str, version: str) -> bytes | None:
         raise NotImplementedError
+
+    # -- features records (cloud/featurestore.py) ------------------------------------------------
+
+    def features(
+        self, device: str, since: float | None = None, limit: int | None = None
+    ) -> list[StoredFeatures]:
+        """The device's features records in seq order (``since``: last reading at or after)."""
+        return self._read(lambda db: featurestore.read(db, device, since, limit))
 
     # -- verdicts --------------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ from agent.detect.features import (  # noqa: E402
     windows,
 )
 from agent.detect.inference import MANIFEST_FORMAT, TensorInfo, TFLiteModel, sha256_bytes  # noqa: E402
+from agent.learn.local import corrupt  # noqa: E402  (the denoising corruption devices use too)
 
 VERSION = "1.0.0"
 ANOMALY, LITE, CLASSIFIER = "skab-ae", "skab-ae-lite", "skab-clf"
@@ -88,8 +89,6 @@ NORMAL_QUANTILE = 0.95  # normal_scale: this quantile of |level| in the anomaly-
 AF_HORIZON = 800  # rows after commissioning used from each anomaly-free pseudo-device
 AF_STEP_SCALE = 50  # start spacing of pseudo-devices when learning normal_scale
 AF_STEP_TRAIN = 100  # ... and when drawing training windows
-CORRUPT_P = 0.95  # fraction of training windows with a corrupted channel
-CORRUPT_MAX = 10.0  # offsets are log-uniform in [1, CORRUPT_MAX], random sign
 EPOCHS = 20
 BATCH = 128
 LEARNING_RATE = 2e-3
@@ -193,20 +192,6 @@ def normal_windows(spec: FeatureSpec, skab: Skab, files: Sequence[SkabFile]) -> 
         out.append(windows(spec, transform(spec, calibrate(spec, part), part)[start:]))
     w = np.concatenate(out)
     return w.reshape(len(w), -1)
-
-
-def corrupt(y: np.ndarray, rng: np.random.Generator, channels: int, clip: float) -> np.ndarray:
-    """One channel of most windows shifted by a log-uniform offset over all its steps."""
-    x = y.copy()
-    n = len(x)
-    steps = x.shape[1] // channels
-    hit = rng.random(n) < CORRUPT_P
-    ch = rng.integers(0, channels, n)
-    mag = np.exp(rng.uniform(0.0, np.log(CORRUPT_MAX), n)) * rng.choice([-1.0, 1.0], n)
-    rows = np.nonzero(hit)[0]
-    for s in range(steps):
-        x[rows, s * channels + ch[rows]] += mag[rows]
-    return np.clip(x, -clip, clip)
 
 
 # --- TensorFlow -----------------------------------------------------------------------------------

@@ -84,6 +84,16 @@ CALIBRATION_FILE = "detect-calibration.json"
 AlertListener = Callable[[Alert, int, np.ndarray], None]
 
 
+def alert_doc(doc: dict[str, Any], window: Any, private: frozenset[str]) -> dict[str, Any]:
+    """An alert record's content: the alert and its raising window, unless the model reads a
+    ``private`` (local) channel: then no window, and no per-channel detail of those channels
+    (``window_withheld`` says so)."""
+    if not private:
+        return {**doc, "window": window.tolist()}
+    channels = [c for c in doc.get("channels", []) if c[0] not in private]
+    return {**doc, "channels": channels, "window_withheld": True}
+
+
 @dataclass(frozen=True)
 class AnalyzerSettings:
     """``[detect]``: the detector's models and settings plus where its inputs come from."""
@@ -205,6 +215,9 @@ class Analyzer:
         self.store = store
         self.clock = clock
         self.on_commit = on_commit
+        #: model channels read from ``local`` sensor channels ([data]): their values never go
+        #: into an alert record (the runtime sets it)
+        self.private: frozenset[str] = frozenset()
         self.tier = "full"
         self.pending_tier: str | None = None
         self.threshold_override: float | None = settings.detect.threshold
@@ -378,6 +391,7 @@ class Analyzer:
         elif det.anomalous and not self.detector.anomalous:
             det.hysteresis.active = False  # raised in the replay: raise it again if it persists
         log.info("event=model_tier from=%s to=%s model=%s", self.tier, tier, loaded.name)
+        det.normal_sink = self.detector.normal_sink  # federated learning's windows go on
         self.detector = det
         self.tier = tier
         self.pending_tier = None
@@ -487,7 +501,7 @@ class Analyzer:
             if item is None:
                 return
             alert, window = item
-            body = AlertBody(alert.time, {**alert.to_dict(), "window": window.tolist()})
+            body = AlertBody(alert.time, alert_doc(alert.to_dict(), window, self.private))
             record = NewRecord(Kind.ALERT, body.to_cbor(), created=alert.time)
             while True:
                 self.busy_since = self.clock.monotonic()

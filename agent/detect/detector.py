@@ -39,7 +39,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,23 @@ DEFAULT_MODEL = "skab-ae"
 DEFAULT_CLASSIFIER = "skab-clf"
 ADAPT_EVERY = 60  # samples between moves of the reference level (reference tracking)
 NORMAL_CLASS = "normal"
+
+
+def newest_residuals(u: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """The signed residuals ``u - r`` at the newest step of each window: ``u`` the feature
+    vectors of the rows where the windows end, shape ``(n, channels)``; ``reconstruction`` the
+    anomaly model's output for those windows, shape ``(n, steps * channels)``, newest step last."""
+    u = np.asarray(u)
+    r = np.asarray(reconstruction)
+    if u.ndim != 2 or r.ndim != 2 or len(u) != len(r) or r.shape[1] % max(u.shape[1], 1):
+        raise ValueError(f"feature vectors {u.shape} do not match reconstructions {r.shape}")
+    return u - r[:, r.shape[1] - u.shape[1] :]
+
+
+def anomaly_scores(residuals: np.ndarray) -> np.ndarray:
+    """The anomaly score of each row of :func:`newest_residuals`: ``max_c |u_c - r_c|``. The one
+    definition of the score, shared by the detector and federated learning's score summaries."""
+    return np.abs(np.asarray(residuals)).max(axis=1)
 
 
 class Verdict(enum.StrEnum):
@@ -323,6 +340,9 @@ class Detector:
         self.samples = 0
         self.last_score = math.nan
         self.last_window: np.ndarray = np.zeros(0, dtype=np.float32)  # newest model input
+        #: Called with each model input (flattened window) of a row judged normal outside an
+        #: episode: agent/learn keeps the recent ones to train on.
+        self.normal_sink: Callable[[np.ndarray], None] | None = None
         self._restored: Calibration | None = None
         self.log_alerts = True  # False while replaying history (a tier switch primes a detector)
 
@@ -570,7 +590,6 @@ class Detector:
         alerts: list[Alert],
     ) -> None:
         assert self._stream is not None
-        n_ch = len(self.spec.channels)
         us = []
         wins = []
         for r in a[lo:hi]:
@@ -579,15 +598,15 @@ class Detector:
             wins.append(win.reshape(-1))
         flat = np.stack(wins)
         self.last_window = flat[-1]
-        newest = self.anomaly.predict(flat)[:, -n_ch:]
-        signed = np.stack(us) - newest
+        signed = newest_residuals(np.stack(us), self.anomaly.predict(flat))
         resid = np.abs(signed)
+        batch_scores = anomaly_scores(signed)
         for j, res in enumerate(resid):
             row = lo + j
             t = float(times[row])
             self.samples += 1
             self._since_adapt += 1
-            score = float(res.max())
+            score = float(batch_scores[j])
             scores[row] = score
             self.last_score = score
             nov = self.novelty.score(us[j]) if self.novelty is not None else None
@@ -601,6 +620,8 @@ class Detector:
             if not self.hysteresis.active and score <= self.threshold:
                 self._normal_sum += a[row]
                 self._normal_n += 1
+                if self.normal_sink is not None:  # federated learning's normal windows
+                    self.normal_sink(flat[j])
                 if self.novelty is not None:
                     self.novelty.observe(us[j])
             if self._since_adapt % ADAPT_EVERY == 0:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from agent.detect.analyzer import AnalyzerSettings
 from agent.errors import ConfigError
 from agent.files import resolve_path
+from agent.learn.settings import LearnSettings
 from agent.metrics import MetricsSettings
 from agent.modelstore.settings import ModelsSettings
 from agent.sense.settings import (
@@ -30,6 +31,7 @@ from agent.sense.settings import (
     parse_simulation,
 )
 from agent.store.settings import StoreSettings
+from agent.sync.datapolicy import DataSettings
 from agent.sync.link import LinkSettings
 from agent.sync.routing import RoutingSettings
 from agent.sync.statedata import StateSettings
@@ -63,6 +65,8 @@ class Config:
     link: LinkSettings = field(default_factory=LinkSettings)  # used with [uplink]
     models: ModelsSettings = field(default_factory=ModelsSettings)  # load() puts it in data_dir
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # state in data_dir
+    learn: LearnSettings = field(default_factory=LearnSettings)  # federated rounds
+    data: DataSettings = field(default_factory=DataSettings)  # what of each channel leaves
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
@@ -130,6 +134,7 @@ def parse_config(
     models = ModelsSettings.from_options(top.table("models"), agent.data_dir, base)
     routing = RoutingSettings.from_options(top.table("routing"), agent.data_dir)
     link = LinkSettings.from_options(top.table("link"))
+    learn = LearnSettings.from_options(top.table("learn"))
     simulation = parse_simulation(top.table("simulation"), base) if top.has("simulation") else None
     sensors = tuple(parse_sensor(t) for t in top.tables("sensor"))
     if not sensors:
@@ -151,6 +156,7 @@ def parse_config(
         places[key] = i
         if s.simulated and simulation is None:
             raise OptionError(f"sensor[{i}].bus", "a simulated sensor needs a [simulation] table")
+    data = DataSettings.from_options(top.table("data"), sensors)
     detect = (
         AnalyzerSettings.from_options(top.table("detect"), base, sensors)
         if top.has("detect")
@@ -170,6 +176,8 @@ def parse_config(
         link=link,
         models=models,
         routing=routing,
+        data=data,
+        learn=learn,
     )
 
 

@@ -27,11 +27,21 @@ TYPES: dict[str, str] = {
     "link.medium.max_inflight": "integer",
     "link.low.max_inflight": "integer",
     "link.offline.max_inflight": "integer",
+    "data.policy": "table of strings",
+    "data.high.policy": "table of strings",
+    "data.medium.policy": "table of strings",
+    "data.low.policy": "table of strings",
+    "data.offline.policy": "table of strings",
 }
 
 _POLICY = (
     "What the uplink does while the link monitor classifies the link as {state} "
     "(agent/sync/link.py, docs/link.md); every key defaults to the built-in policy of {state}."
+)
+
+_DATA = (
+    "The policy while the link is {state}: `raw` or `features` per channel, over `[data]`'s "
+    "(a `local` or `drop` channel stays so at every level)."
 )
 
 SECTIONS: dict[str, str] = {
@@ -57,6 +67,10 @@ SECTIONS: dict[str, str] = {
         "The cache of models assigned through desired state, downloaded from the endpoint's "
         "signed registry (agent/modelstore/)."
     ),
+    "learn": (
+        "Federated rounds (docs/learning.md): whether this device trains when the endpoint "
+        "selects it, on how many of its recent normal windows, within what memory."
+    ),
     "routing": (
         "Where inference runs: which alerts the endpoint's full-precision model validates, and "
         "cloud inference (agent/sync/routing.py); used with `[uplink]` and `[detect]`."
@@ -65,6 +79,14 @@ SECTIONS: dict[str, str] = {
         "The link monitor: thresholds of its classification (high, medium, low, offline), "
         "probing, and one table of policy per state (docs/link.md); used with `[uplink]`."
     ),
+    "data": (
+        "What of each channel leaves the device (agent/sync/datapolicy.py, docs/protocol.md "
+        "'Features records'): `raw`, windowed `features`, `local` (the detector only) or `drop`."
+    ),
+    "data.high": _DATA.format(state="high"),
+    "data.medium": _DATA.format(state="medium"),
+    "data.low": _DATA.format(state="low"),
+    "data.offline": _DATA.format(state="offline"),
     "link.high": _POLICY.format(state="high"),
     "link.medium": _POLICY.format(state="medium"),
     "link.low": _POLICY.format(state="low"),
@@ -204,6 +226,16 @@ KEYS: dict[str, str] = {
     ),
     "models.endpoint_path": "The registry's resource path on the endpoint.",
     # [routing]
+    "learn.enabled": "Take part in federated rounds when the endpoint selects this device.",
+    "learn.windows": (
+        "Recent normal windows (model inputs of rows the detector judged normal) kept in memory "
+        "to train on."
+    ),
+    "learn.min_windows": "A round is trained only once this many normal windows are kept.",
+    "learn.memory_mb": "Address space of the training process (it fails, the agent does not).",
+    "learn.max_lag_ms": (
+        "Training pauses (SIGSTOP) while the agent's event loop runs later than this, ms."
+    ),
     "routing.confidence_threshold": (
         "Alerts whose confidence is below this are validated by the endpoint (0: never)."
     ),
@@ -234,7 +266,23 @@ KEYS: dict[str, str] = {
     "link.initial": "The state assumed at start.",
 }
 
+KEYS |= {
+    "data.policy": (
+        'Channel => `"raw"`, `"features"`, `"local"` or `"drop"`; a key is a channel name (that '
+        "channel of every sensor) or `sensor/channel`. Unnamed channels are raw. The channels a "
+        "sensor sends are all features or all raw at each link level."
+    ),
+    "data.window": "Seconds of readings one features record summarizes (windows of the epoch).",
+    "data.window_samples": "More than 0: readings per features record instead of `window`.",
+    "data.bands": "FFT band energies of each vibration (ADXL345) channel in a features record.",
+}
+
 for _state in ("high", "medium", "low", "offline"):
+    KEYS |= {
+        f"data.{_state}.policy": (
+            f'Channel => `"raw"` or `"features"` while the link is {_state}, over `[data]`.'
+        )
+    }
     KEYS |= {
         f"link.{_state}.content_format": (
             "The batches' encoding: 112 SenML-CBOR, 65000 compact, 65001 compact+deflate, "

@@ -276,6 +276,13 @@ def sample(work: Path) -> dict[str, Any]:
         "event": [{"fault": "valve_closing", "at": 60.0, "ramp": 20.0, "duration": 600.0}],
     }
     raw["link"] = {"low": {"max_inflight": 2}}
+    raw["data"] = {
+        "policy": {"vibration_rms_g": "raw", "motor/supply_v": "local"},
+        "window": 60.0,
+        "window_samples": 0,
+        "bands": 8,
+        "low": {"policy": {"vibration_rms_g": "features"}},
+    }
     raw["detect"].update(
         models_dir=str(shipped_models_dir()),
         max_age=3.0,

@@ -27,7 +27,8 @@ class AgentHooks:
     With ``models`` (the runtime's model assignments: ``apply(role, value)`` checks the value and
     starts the assignment in the background; ``reported()`` gives ``{"model/<role>": report}``),
     ``model/<role>`` is applied too and its report (active, or failed with the desired version)
-    is merged over the analyzer's view. Every other key is refused.
+    is merged over the analyzer's view. With ``learner`` (agent/learn/client.py), ``learn/<model>``
+    (a federated round's task) is applied and reported. Every other key is refused.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class AgentHooks:
         link: Callable[[], Mapping[str, Any]],
         analyzer: Callable[[], Any] = lambda: None,
         models: Any = None,
+        learner: Any = None,
     ) -> None:
         self.sampler = sampler
         self.version = version
@@ -46,6 +48,7 @@ class AgentHooks:
         self.link = link
         self.analyzer = analyzer
         self.models = models
+        self.learner = learner  # agent.learn.client.LearningClient: learn/<model>
         self._thresholds: dict[str, float] = {}
 
     def reported(self) -> dict[str, Any]:
@@ -73,6 +76,8 @@ class AgentHooks:
                 out[key] = {**out.get(key, {}), **report}
         for model, value in self._thresholds.items():
             out[f"detect/{model}/threshold"] = value
+        if self.learner is not None:
+            out.update(self.learner.reported())
         return out
 
     def apply(self, key: str, value: Any) -> None:
@@ -95,7 +100,11 @@ class AgentHooks:
         if kind == "model" and self.models is not None:
             self.models.apply(rest, value)  # checked here; fetched and swapped in a task
             return
+        if kind == "learn" and self.learner is not None and rest:
+            self.learner.apply(rest, value)
+            return
         also = ", model/<role>" if self.models is not None else ""
+        also += ", learn/<model>" if self.learner is not None else ""
         raise ValueError(
             f"{key}: this agent applies only sensor/<name>/interval, sensor/<name>/enabled"
             f"{also} and detect/<model>/threshold"

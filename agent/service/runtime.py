@@ -33,6 +33,7 @@ from agent import __version__
 from agent.detect.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
 from agent.detect.detector import Detector
 from agent.errors import ModelError
+from agent.learn.client import LearningClient
 from agent.metrics import Registry, write_textfile
 from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager, Prepared
 from agent.modelstore.cache import ModelCache
@@ -107,6 +108,7 @@ class Agent:
         self.uplink: Uplink | None = None
         self.link: LinkMonitor | None = None
         self.state: StateSync | None = None
+        self.learner: LearningClient | None = None  # federated rounds (agent/learn/client.py)
         self.analyzer: Analyzer | None = None
         self.model_error: str | None = None
         self.router: Router | None = None
@@ -129,10 +131,12 @@ class Agent:
     # -- stages -----------------------------------------------------------------------------
     async def _sink(self, reading: Reading) -> None:
         self.readings += 1
-        if self.writer is not None:
-            self.writer.submit(reading)
-        if self.analyzer is not None:
-            self.analyzer.observe(reading)
+        # [data]: drop channels go nowhere, local ones to the detector only
+        seen, queued = self.config.data.at_source(reading)
+        if self.writer is not None and queued is not None:
+            self.writer.submit(queued)
+        if self.analyzer is not None and seen is not None:
+            self.analyzer.observe(seen)
         if self.on_reading is not None:
             result = self.on_reading(reading)
             if asyncio.iscoroutine(result):
@@ -255,6 +259,7 @@ class Agent:
             "queue": queue,
             "link": self.link_status(),
             "state": self.state.status if self.state is not None else None,
+            "learn": self.learner.status() if self.learner is not None else None,
             "models": self._models_status(),
             "model_cache": self.assignments.status() if self.assignments else None,
             "detect": self.analyzer.status() if self.analyzer else None,
@@ -296,6 +301,10 @@ class Agent:
                 self.clock,
                 on_commit=self.uplink.poke if self.uplink else None,
                 calibration_path=self.config.agent.data_dir / CALIBRATION_FILE,
+            )
+            local = self.config.data.local_channels
+            self.analyzer.private = frozenset(
+                m for m, key in settings.inputs.items() if key in local
             )
         except ModelError as err:
             self.model_error = str(err)
@@ -353,6 +362,8 @@ class Agent:
             if self.state is not None:
                 others.append(sup.start("state", self.state.run))
                 others.append(sup.start("state-watch", self._watch_state))
+            if self.learner is not None:
+                others.append(sup.start("learn", self.learner.run))
             await self._stop.wait()
             self.notifier.stopping()
             # stop taking readings, then commit every reading already taken
@@ -453,6 +464,7 @@ class Agent:
             self.clock,
             device_id=self.config.agent.device_id,
             resolution=self.resolution,
+            data=self.config.data,
         )
         probe = CoapProbe(
             self.transport,
@@ -496,6 +508,12 @@ class Agent:
         """Routing (hybrid inference, cloud validation of unsure alerts) on a transport of its
         own; only with [uplink] and a running detector."""
         if self.analyzer is None or self.endpoints is None or self.store is None:
+            return
+        if self.analyzer.private:  # windows of local channels never leave ([data])
+            log.info(
+                "event=cloud_routing_off reason=local_inputs channels=%s",
+                ",".join(sorted(self.analyzer.private)),
+            )
             return
         endpoints = self.endpoints
         self.router_transport = CoapTransport(
@@ -665,6 +683,7 @@ class Agent:
             link=self.link_status,
             analyzer=lambda: getattr(self, "analyzer", None),
             models=self.assignments,
+            learner=self._build_learner(),
         )
         self.state = StateSync(
             self.config.state,
@@ -676,6 +695,36 @@ class Agent:
             lane=self.config.uplink.max_inflight + 1 if self.config.uplink else 0,
         )
         self.state.restore()
+
+    def _build_learner(self) -> LearningClient | None:
+        """Federated rounds (agent/learn/client.py): with a detector, an uplink and [learn]."""
+        a = self.analyzer
+        if a is None or self.transport is None or self.endpoints is None:
+            return None
+        if not self.config.learn.enabled:
+            return None
+        if a.private:  # the model reads a `local` channel: nothing derived from it leaves
+            log.info("event=learn_disabled reason=local_channels channels=%s", ",".join(a.private))
+            return None
+
+        def shape() -> tuple[int, int] | None:
+            spec = a.detector.spec
+            return (spec.steps, len(spec.channels))
+
+        self.learner = LearningClient(
+            self.config.learn,
+            self.transport,
+            self.endpoints,
+            self.clock,
+            device_id=self.config.agent.device_id,
+            data_dir=self.config.agent.data_dir,
+            window_shape=shape,
+            link_state=lambda: self.link_status().get("state"),
+            changed=lambda: self.state.changed() if self.state is not None else None,
+            lane=self.config.uplink.max_inflight + 1 if self.config.uplink else 0,
+        )
+        a.detector.normal_sink = self.learner.ring.add
+        return self.learner
 
     async def _watch_state(self) -> None:
         """Wake the state reporter when a sensor's health or the link state changes."""

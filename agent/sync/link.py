@@ -400,6 +400,7 @@ class LinkMonitor:
             p.batch_records = policy.batch_records
             p.max_inflight = min(limit, policy.max_inflight or limit)
             p.hold = not policy.send
+            p.level = self.state
         self._apply_tier()
 
     def _apply_tier(self) -> None:

@@ -45,6 +45,8 @@ from agent.errors import StoreError, SyncError
 from agent.files import resolve_path
 from agent.store.queue import Record, Store
 from agent.sync.backoff import full_jitter
+from agent.sync.datapolicy import DataSettings
+from agent.sync.featurize import fold
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
 from agent.wire import codec
 from agent.wire.batch import CF_SENML_CBOR, CodecError, IngestAck, WireRecord, format_ranges
@@ -152,6 +154,7 @@ class Policy:
     batch_records: int = 1000
     max_inflight: int = 8
     hold: bool = False  # queue only: lease nothing (the link is offline)
+    level: str | None = None  # the link level: picks the [data] policy of each channel
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ class Uplink:
         resolution: Callable[[str, str], float | None] | None = None,
         on_exchange: Callable[[Exchange], None] | None = None,
         rng: random.Random | None = None,
+        data: DataSettings | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -241,6 +245,7 @@ class Uplink:
         self.clock = clock
         self.device_id = device_id
         self.resolution = resolution
+        self.data = data  # [data]: readings sent as features at some link levels
         self.on_exchange = on_exchange
         self.rng = rng or random.Random()
         self.policy = Policy(
@@ -334,7 +339,11 @@ class Uplink:
         return CF_SENML_CBOR if self._fallback_cf else self.policy.content_format
 
     def _encode(self, batch: list[Record], cf: int) -> bytes:
-        wire = [WireRecord(r.seq, r.kind.value, r.created, r.payload) for r in batch]
+        level = self.policy.level
+        if self.data is not None and self.data.features_at(level):
+            wire = fold(batch, self.data, level)  # the readings' seqs are acked with them
+        else:
+            wire = [WireRecord(r.seq, r.kind.value, r.created, r.payload) for r in batch]
         if cf == CF_SENML_CBOR or self.resolution is None:
             return codec.encode_batch(None, wire, cf)
         return codec.encode_batch(None, wire, cf, resolution=self.resolution)

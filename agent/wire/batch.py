@@ -31,7 +31,12 @@ MAX_SEQ = 2**63 - 1  # SQLite INTEGER
 MAX_STORE_ID = 64  # characters of a storage identity in an ack
 
 
-KINDS = frozenset(k.value for k in Kind)
+#: A record kind that only travels, never stored on the device: a features record
+#: (agent/wire/features.py), which stands for readings of the queue.
+FEATURES = "features"
+
+
+KINDS = frozenset(k.value for k in Kind) | {FEATURES}
 
 
 DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/sense/settings.py's device_id

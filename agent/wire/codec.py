@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agent.wire import features
 from agent.wire.batch import CF_SENML_CBOR, Encoding, Resolution, UnsupportedFormat, WireRecord
 from agent.wire.compact import COMPACT, COMPACT_DEFLATE, COMPACT_DICT
 from agent.wire.senml import SenMLCBOR
@@ -55,8 +56,12 @@ def encode_batch(
 def decode_batch(
     data: bytes, content_format: int = CF_SENML_CBOR
 ) -> tuple[str | None, list[WireRecord]]:
-    """Decode a batch: (the device it names or None, its records)."""
-    return encoding_for(content_format).decode(data)
+    """Decode a batch: (the device it names or None, its records). Features records are
+    checked too (:func:`agent.wire.features.check_batch`): a batch with a bad one does not
+    decode."""
+    device, records = encoding_for(content_format).decode(data)
+    features.check_batch(records)
+    return device, records
 
 
 for _encoding in (SenMLCBOR(), COMPACT, COMPACT_DEFLATE, COMPACT_DICT):

@@ -53,7 +53,14 @@ from typing import Any
 
 import cbor2
 
-from agent.wire.batch import DEVICE_ID, CodecError, Resolution, WireRecord, _check_record
+from agent.wire.batch import (
+    DEVICE_ID,
+    FEATURES,
+    CodecError,
+    Resolution,
+    WireRecord,
+    _check_record,
+)
 from agent.wire.compact_dict import DICTIONARIES
 from agent.wire.compact_format import (
     _F64,
@@ -69,6 +76,7 @@ from agent.wire.compact_format import (
     CF_COMPACT_DICT,
     DEFAULT_DICTIONARY,
     DEFLATE_LEVEL,
+    FLAG_FEATURES,
     FLAG_SPLIT,
     FORMAT_VERSION,
     MAX_DECODED,
@@ -513,8 +521,10 @@ class CompactEncoding(CompactDecoding):
                 groups[key] = g
         # groups in name order: the table is the same whichever reading came first
         table = [groups[key] for key in sorted(groups)]
+        features = any(rec.kind == FEATURES for rec in records)
+        first_group = _FIRST_GROUP + features  # features records take id 4 (FLAG_FEATURES)
         for i, g in enumerate(table):
-            g.number = _FIRST_GROUP + i
+            g.number = first_group + i
         if not any(g.failed for g in pending.values() if g is not None):
             pairs = list(zip(records, slots, strict=True))
             ids = [_OPAQUE_ID[rec.kind] if g is None else g.number for rec, g in pairs]
@@ -529,7 +539,8 @@ class CompactEncoding(CompactDecoding):
                     ids.append(g.number)
         _check_decoded_size((g.sensor, g.channels, len(g.times)) for g in table)
 
-        out = bytearray((FORMAT_VERSION, FLAG_SPLIT if split else 0))
+        flags = (FLAG_SPLIT if split else 0) | (FLAG_FEATURES if features else 0)
+        out = bytearray((FORMAT_VERSION, flags))
         _varint(out, len(table))  # the group table (table_bytes)
         for g in table:
             out += _table_entry(g.sensor, g.channels, tuple(g.res))

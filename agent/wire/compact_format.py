@@ -11,7 +11,7 @@ import operator
 import struct
 from collections.abc import Iterable, Sequence
 
-from agent.wire.batch import CodecError
+from agent.wire.batch import FEATURES, CodecError
 from agent.wire.packing import (
     MAX_NAME,
     _Reader,
@@ -29,6 +29,7 @@ CF_COMPACT_DICT = 65002
 
 FORMAT_VERSION = 1
 FLAG_SPLIT = 0x01  # value residuals as token bytes + extra bits after the byte section
+FLAG_FEATURES = 0x02  # the batch holds features records: id 4 = features, columnar groups from 5
 TIME_UNIT = 1000  # time resolution: 1/TIME_UNIT s (1 ms)
 DEFAULT_DICTIONARY = 1
 DEFLATE_LEVEL = 9
@@ -41,6 +42,9 @@ AGGREGATE_SUFFIXES = ("/min", "/mean", "/max")
 _OPAQUE_KINDS = (Kind.ALERT.value, Kind.EVENT.value, Kind.STATE.value, Kind.TELEMETRY.value)
 _OPAQUE_ID = {k: i for i, k in enumerate(_OPAQUE_KINDS)}
 _FIRST_GROUP = len(_OPAQUE_KINDS)
+# With FLAG_FEATURES: features records (agent/wire/features.py) travel with their body as id 4.
+_OPAQUE_KINDS_FEATURES = (*_OPAQUE_KINDS, FEATURES)
+_OPAQUE_ID[FEATURES] = len(_OPAQUE_KINDS)
 
 _MAX_VALUE = 1e300  # larger values go as bodies (their steps could overflow a double)
 # A value on the grid of a step up to this, at most 2**53 steps from 0, is within _MAX_VALUE

@@ -13,7 +13,9 @@ from agent.wire.compact_format import (
     _F64,
     _FIRST_GROUP,
     _OPAQUE_KINDS,
+    _OPAQUE_KINDS_FEATURES,
     _Q64,
+    FLAG_FEATURES,
     FLAG_SPLIT,
     FORMAT_VERSION,
     MAX_INFLATED,
@@ -95,9 +97,12 @@ class CompactDecoding:
         if r.byte() != FORMAT_VERSION:
             raise CodecError("not a compact batch of version 1")
         flags = r.byte()
-        if flags & ~FLAG_SPLIT:
+        if flags & ~(FLAG_SPLIT | FLAG_FEATURES):
             raise CodecError(f"unknown flags 0x{flags:02x}")
         split = bool(flags & FLAG_SPLIT)
+        # with features records, id 4 is theirs and the groups start at 5
+        first_group = _FIRST_GROUP + bool(flags & FLAG_FEATURES)
+        kinds = _OPAQUE_KINDS_FEATURES if flags & FLAG_FEATURES else _OPAQUE_KINDS
         if split and bits is None:
             raise CodecError(f"content format {self.content_format} carries no extra bits")
         table = []
@@ -138,13 +143,13 @@ class CompactDecoding:
             raise CodecError(f"a batch holds at most {MAX_RECORDS} records, not {n}")
         base = unzigzag(r.varint())
         ids = [r.varint() for _ in range(n)]
-        limit = _FIRST_GROUP + len(table)
+        limit = first_group + len(table)
         rows = [0] * len(table)
         for i in ids:
             if i >= limit:
                 raise CodecError(f"group {i} is not in the table")
-            if i >= _FIRST_GROUP:
-                rows[i - _FIRST_GROUP] += 1
+            if i >= first_group:
+                rows[i - first_group] += 1
         if not all(rows):
             raise CodecError("a group without readings")
         seqs: list[int] = []
@@ -163,7 +168,7 @@ class CompactDecoding:
                 seqs.append(seq)
         opaque: list[tuple[float, bytes]] = []
         for i in ids:
-            if i < _FIRST_GROUP:
+            if i < first_group:
                 (created,) = _F64.unpack(r.take(8))
                 if not math.isfinite(created):
                     raise CodecError("a record's created time is not finite")
@@ -190,11 +195,11 @@ class CompactDecoding:
         next_row = [0] * len(table)
         opaque_iter = iter(opaque)
         for i, seq in zip(ids, seqs, strict=True):
-            if i < _FIRST_GROUP:
+            if i < first_group:
                 created, body = next(opaque_iter)
-                out.append(WireRecord(seq, _OPAQUE_KINDS[i], created, body))
+                out.append(WireRecord(seq, kinds[i], created, body))
             else:
-                gi = i - _FIRST_GROUP
+                gi = i - first_group
                 created, body, t = bodies[gi][next_row[gi]]
                 next_row[gi] += 1
                 out.append(WireRecord(seq, Kind.TELEMETRY.value, created, body, t))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self
@@ -29,8 +30,10 @@ import numpy as np
 
 from agent.errors import AgentError
 from agent.wire.records import RecordError, dumps, loads
-from agent.wire.statedoc import MODEL_NAME, SHA256_HEX
 
+#: Model names and versions, SHA-256 in hex (as agent.wire.statedoc, which imports this module).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 #: The desired key of a round for ``model``: ``learn/<model>``.
 KEY_PREFIX = "learn/"
 #: Quantile probabilities of a score summary (fixed, so summaries of devices combine).

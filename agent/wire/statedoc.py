@@ -59,6 +59,7 @@ from agent.errors import AgentError
 from agent.wire import cborscan, records
 from agent.wire.batch import MAX_STORE_ID
 from agent.wire.cborscan import ScanError, Span
+from agent.wire.learning import LearningError, RoundTask
 
 MAX_VERSION = 2**63 - 1
 #: How far (ms) a reported version may run ahead of the endpoint's wall clock in ms. A device
@@ -329,11 +330,20 @@ def _model(value: Any) -> str | None:
     return None
 
 
+def _learn(value: Any) -> str | None:
+    try:
+        RoundTask.from_value(value)
+    except LearningError as err:
+        return f"a round task (docs/learning.md): {err}"
+    return None
+
+
 DESIRED_KEYS: tuple[tuple[re.Pattern[str], Any, str], ...] = (
     (re.compile(rf"^sensor/{_SEG}/enabled$"), _bool, "sensor/<name>/enabled"),
     (re.compile(rf"^sensor/{_SEG}/interval$"), _interval, "sensor/<name>/interval"),
     (re.compile(rf"^detect/{_SEG}/threshold$"), _threshold, "detect/<name>/threshold"),
     (re.compile(rf"^model/{_SEG}$"), _model, "model/<slot>"),
+    (re.compile(rf"^learn/{_SEG}$"), _learn, "learn/<model>"),
 )
 
 

@@ -24,6 +24,7 @@ import pytest
 
 from agent.wire.batch import WireRecord
 from agent.wire.credentials import Credential
+from agent.wire.features import ChannelFeatures, FeaturesBody
 from agent.wire.records import AlertBody, TelemetryBody
 from agent.wire.statedoc import MAX_VERSION_AHEAD, Entry
 from cloud.storage import (
@@ -609,6 +610,10 @@ def filled(storage: Storage) -> None:
     storage.add_device("b-2", T0 + 1)
     storage.ingest(DEV, [telemetry(s) for s in (5, 1, 3)] + [alert(9)], T0 + 10)
     storage.ingest("b-2", [telemetry(2)], T0 + DAY)  # another day (another partition)
+    cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
+    for first in (20, 30):  # features records (cloud/featurestore.py)
+        feats = FeaturesBody("vib", (first, first + 2), T0, T0 + 1, {"x_g": cf})
+        storage.ingest(DEV, [feats.to_record()], T0 + 10)
     storage.put_reported(DEV, {"link/state": Entry(1, "up"), "link/rtt_ms": Entry(1, 40.5)}, T0)
     storage.put_reported(DEV, {"link/state": Entry(2, "down")}, T0 + 60)
     storage.put_desired(DEV, {"model/main": {"name": "m1"}, "detect/ae/threshold": 1.5}, T0)

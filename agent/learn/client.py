@@ -1,0 +1,362 @@
+"""The device's part in federated rounds (docs/learning.md).
+
+The endpoint selects a device by writing the desired value ``learn/<model>``
+(agent.wire.learning.RoundTask); :meth:`LearningClient.apply` takes it (StateSync calls it like
+any desired key) and :meth:`LearningClient.run` does the round:
+
+1. the masters ``GET /learn/masters/<sha256>``, checked against the SHA-256 the task names;
+2. training on the device's own normal windows: the model inputs of the rows the detector judged
+   normal, the most recent ``[learn] windows`` of them (:class:`WindowRing`, fed by
+   ``Detector.normal_sink``), in a separate process (agent/learn/worker.py) at nice 19 with a
+   bounded address space, paused (SIGSTOP) while the agent's event loop runs late by more than
+   ``max_lag_ms`` and killed at the round's deadline: a round never holds up sampling or
+   detection;
+3. the upload ``POST /learn/<device>`` over the same CoAP transport and OSCORE context as
+   everything else, only while the link is not offline, retried until the deadline.
+
+The upload is kept on disk (``learn-<job>-<round>.cbor`` in the data directory) until the endpoint
+answered it, and rounds already done are remembered (``learn.json``): a restart re-sends the same
+noisy update (no new privacy cost) and never trains a round twice. The reported key
+``learn/<model>`` says where the device is: ``{job, round, status[, samples]}``, status one of
+``waiting`` (too few windows yet), ``training``, ``uploading``, ``uploaded``, ``refused``,
+``expired``, ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import SyncError
+from agent.files import write_atomic
+from agent.learn.settings import LearnSettings
+from agent.learn.worker import write_job
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.wire.batch import CF_CBOR
+from agent.wire.learning import KEY_PREFIX, LearningError, Masters, RoundTask
+from drivers.clock import Clock
+
+log = logging.getLogger("agent.learn")
+
+# Timing (seconds); tests may shorten them.
+RETRY = 5.0  # between attempts of a fetch or an upload that failed
+WAIT_WINDOWS = 10.0  # between looks at the ring while it holds too few windows
+LAG_PROBE = 0.25  # the event loop's lateness is measured this often
+PAUSE_HOLD = 2.0  # a paused worker stays paused at least this long
+REQUEST_DEADLINE = 60.0
+DONE_FILE = "learn.json"
+FINAL = ("uploaded", "refused", "expired", "failed")
+
+
+class WindowRing:
+    """The most recent ``capacity`` normal windows (flattened model inputs), in order."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: np.ndarray | None = None
+        self._next = 0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, window: np.ndarray) -> None:
+        w = np.asarray(window, dtype=np.float32).reshape(-1)
+        if self._data is None or self._data.shape[1] != w.size:
+            if self._data is not None:
+                log.info("event=learn_windows_reset width=%d was=%d", w.size, self._data.shape[1])
+            self._data = np.zeros((self.capacity, w.size), dtype=np.float32)
+            self._next = self._count = 0  # another model's inputs: start again
+        self._data[self._next] = w
+        self._next = (self._next + 1) % self.capacity
+        self._count = min(self._count + 1, self.capacity)
+
+    def snapshot(self) -> np.ndarray:
+        """A copy, oldest first."""
+        if self._data is None or self._count == 0:
+            return np.zeros((0, 0), dtype=np.float32)
+        if self._count < self.capacity:
+            return self._data[: self._count].copy()
+        return np.concatenate([self._data[self._next :], self._data[: self._next]])
+
+
+class LearningClient:
+    """One device's rounds (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: LearnSettings,
+        transport: CoapTransport,
+        endpoints: Endpoints,
+        clock: Clock,
+        *,
+        device_id: str,
+        data_dir: Path,
+        window_shape: Callable[[], tuple[int, int] | None],
+        link_state: Callable[[], str | None] = lambda: None,
+        changed: Callable[[], None] = lambda: None,
+        lane: int = 0,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.endpoints = endpoints
+        self.clock = clock
+        self.device_id = device_id
+        self.data_dir = Path(data_dir)
+        self.window_shape = window_shape  # (steps, channels) of the running anomaly model
+        self.link_state = link_state
+        self.changed = changed  # tell StateSync the reported learn/<model> moved
+        self.lane = lane
+        self.ring = WindowRing(settings.windows)
+        self._tasks: dict[str, RoundTask] = {}
+        self._status: dict[str, dict[str, Any]] = {}
+        self._wake = asyncio.Event()
+        self._lag_ms = 0.0
+        self.paused = 0  # times the worker was paused under load
+        self.rounds = 0  # rounds uploaded since start
+        self._load_done()
+
+    # -- state -----------------------------------------------------------------------------------
+    def _load_done(self) -> None:
+        try:
+            raw = json.loads((self.data_dir / DONE_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        if isinstance(raw, dict):
+            for model, st in raw.items():
+                if isinstance(st, dict) and isinstance(st.get("job"), int):
+                    self._status[str(model)] = st
+
+    def _set(self, model: str, task: RoundTask, status: str, **extra: Any) -> None:
+        self._status[model] = {"job": task.job, "round": task.round, "status": status, **extra}
+        if status in FINAL:
+            text = json.dumps(self._status, sort_keys=True).encode()
+            try:
+                write_atomic(self.data_dir / DONE_FILE, text)
+            except OSError as err:
+                log.warning("event=learn_state_unsaved error=%r", str(err))
+        self.changed()
+
+    def _done(self, model: str, task: RoundTask) -> bool:
+        st = self._status.get(model)
+        return (
+            st is not None
+            and st.get("status") in FINAL
+            and (st["job"], st["round"]) >= (task.job, task.round)
+        )
+
+    def reported(self) -> dict[str, Any]:
+        return {KEY_PREFIX + m: dict(st) for m, st in self._status.items()}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "windows": len(self.ring),
+            "rounds": self.rounds,
+            "paused": self.paused,
+            "models": {m: dict(st) for m, st in self._status.items()},
+        }
+
+    # -- desired state ---------------------------------------------------------------------------
+    def apply(self, model: str, value: Any) -> None:
+        """A desired ``learn/<model>``: None ends taking part; raises ValueError if malformed."""
+        if value is None:
+            self._tasks.pop(model, None)
+            return
+        if not self.settings.enabled:
+            raise ValueError("[learn] enabled = false: this device takes no part in rounds")
+        try:
+            task = RoundTask.from_value(value)
+        except LearningError as err:
+            raise ValueError(str(err)) from None
+        self._tasks[model] = task
+        self._wake.set()
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        lag = asyncio.create_task(self._measure_lag())
+        try:
+            while True:
+                for model, task in list(self._tasks.items()):
+                    if not self._done(model, task):
+                        await self._round(model, task)
+                self._wake.clear()
+                if not any(not self._done(m, t) for m, t in self._tasks.items()):
+                    await self._wake.wait()
+        finally:
+            lag.cancel()
+
+    async def _measure_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_PROBE)
+            self._lag_ms = max(0.0, (loop.time() - start - LAG_PROBE) * 1000.0)
+
+    @staticmethod
+    def _expired(task: RoundTask) -> bool:
+        # the deadline is the endpoint's wall clock, not the agent's (scaled in simulations)
+        return time.time() > task.deadline
+
+    async def _round(self, model: str, task: RoundTask) -> None:
+        out = self.data_dir / f"learn-{task.job}-{task.round}.cbor"
+        done = await asyncio.to_thread(out.exists)
+        if not done and not await self._train(model, task, out):
+            return
+        await self._upload(model, task, out)
+
+    async def _train(self, model: str, task: RoundTask, out: Path) -> bool:
+        while len(self.ring) < self.settings.min_windows:
+            if self._expired(task):
+                self._set(model, task, "expired", windows=len(self.ring))
+                return False
+            if self._status.get(model, {}).get("status") != "waiting":
+                self._set(model, task, "waiting", windows=len(self.ring))
+            await self.clock.sleep(WAIT_WINDOWS)
+        masters = await self._masters(model, task)
+        if masters is None:
+            return False
+        shape = self.window_shape()
+        windows = self.ring.snapshot()
+        if len(windows) < self.settings.min_windows:  # the ring started again meanwhile
+            return await self._train(model, task, out)
+        if shape is None or windows.shape[1] != shape[0] * shape[1]:
+            self._set(model, task, "failed", error="the running model's windows do not fit")
+            return False
+        if masters.sizes[0] != windows.shape[1]:
+            self._set(model, task, "failed", error="the masters do not take these windows")
+            return False
+        self._set(model, task, "training", windows=len(windows))
+        job = self.data_dir / f"learn-{task.job}-{task.round}.npz"
+        await asyncio.to_thread(
+            write_job,
+            job,
+            masters.weights,
+            masters.sizes,
+            windows.reshape(len(windows), *shape),
+            task.to_value(),
+            secrets.randbits(63),
+        )
+        try:
+            ok = await self._run_worker(task, job, out)
+        finally:
+            with contextlib.suppress(OSError):
+                job.unlink()
+        if not ok:
+            self._set(model, task, "expired" if self._expired(task) else "failed")
+        return ok
+
+    async def _masters(self, model: str, task: RoundTask) -> Masters | None:
+        while not self._expired(task):
+            if self.link_state() != "offline":
+                uri = f"{self.endpoints.current}/learn/masters/{task.masters}"
+                try:
+                    resp = await self.transport.request(
+                        "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane
+                    )
+                    if resp.success:
+                        return Masters.from_cbor(resp.payload, task.masters)
+                    log.warning("event=learn_masters_refused code=%s", resp.dotted)
+                except SyncError as err:
+                    log.info("event=learn_masters_failed error=%r", str(err))
+                except LearningError as err:
+                    self._set(model, task, "failed", error=str(err)[:120])
+                    return None
+            await self.clock.sleep(RETRY)
+        self._set(model, task, "expired")
+        return None
+
+    async def _run_worker(self, task: RoundTask, job: Path, out: Path) -> bool:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.learn.worker",
+            str(job),
+            str(out),
+            "--memory-mb",
+            str(self.settings.memory_mb),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stopped = False
+        try:
+            while proc.returncode is None:
+                if self._expired(task):
+                    proc.kill()
+                    break
+                busy = self._lag_ms > self.settings.max_lag_ms
+                if busy and not stopped:
+                    proc.send_signal(signal.SIGSTOP)
+                    stopped, self.paused = True, self.paused + 1
+                    log.info("event=learn_paused lag_ms=%.0f", self._lag_ms)
+                elif stopped and not busy:
+                    proc.send_signal(signal.SIGCONT)
+                    stopped = False
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PAUSE_HOLD if stopped else LAG_PROBE):
+                        await proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        finally:
+            if stopped and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGCONT)
+        err = (await proc.stderr.read()).decode("utf-8", "replace").strip() if proc.stderr else ""
+        code = await proc.wait()
+        if code != 0 or not await asyncio.to_thread(out.exists):
+            log.warning("event=learn_training_failed code=%s error=%r", code, err[-200:])
+            return False
+        return True
+
+    async def _upload(self, model: str, task: RoundTask, out: Path) -> None:
+        body = await asyncio.to_thread(out.read_bytes)
+        self._set(model, task, "uploading", bytes=len(body))
+        while not self._expired(task):
+            if self.link_state() != "offline":
+                uri = f"{self.endpoints.current}/learn/{self.device_id}"
+                try:
+                    resp = await self.transport.request(
+                        "POST",
+                        uri,
+                        body,
+                        content_format=CF_CBOR,
+                        deadline=REQUEST_DEADLINE,
+                        lane=self.lane,
+                    )
+                except SyncError as err:
+                    log.info("event=learn_upload_failed error=%r", str(err))
+                else:
+                    if resp.success:
+                        self.rounds += 1
+                        self._set(model, task, "uploaded", bytes=len(body))
+                        log.info(
+                            "event=learn_uploaded job=%d round=%d bytes=%d",
+                            task.job,
+                            task.round,
+                            len(body),
+                        )
+                        break
+                    if 128 <= resp.code < 160:  # 4.xx: this round will not take it
+                        why = resp.payload.decode("utf-8", "replace")[:120]
+                        self._set(model, task, "refused", code=resp.dotted, error=why)
+                        log.warning("event=learn_upload_refused code=%s error=%r", resp.dotted, why)
+                        break
+            await self.clock.sleep(RETRY)
+        else:
+            self._set(model, task, "expired")
+        with contextlib.suppress(OSError):
+            os.unlink(out)
