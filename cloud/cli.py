@@ -6,6 +6,7 @@ edge-agent-cloud serve --listen HOST:PORT [--dtls-listen HOST:PORT] --data DIR [
 edge-agent-cloud devices add --data DIR ID [ID ...] [--psk-file FILE]
 edge-agent-cloud devices list --data DIR [--json]
 edge-agent-cloud operators add|rekey|revoke|token --data DIR NAME
+edge-agent-cloud gateways add|rekey|revoke|attach|detach|list --data DIR ...  (cloud/gatewaycli.py)
 edge-agent-cloud export --data DIR --device ID [--since T] [--format csv|json] [--output FILE]
 edge-agent-cloud desired set (--data DIR | --server URI) --device ID KEY=VALUE [...]
 edge-agent-cloud desired show --data DIR --device ID
@@ -65,7 +66,7 @@ from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
-from cloud import export, learncli, migrate, processes
+from cloud import export, gatewaycli, learncli, migrate, processes
 from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
 from cloud.dashboard import Dashboard, DashboardRefused
 from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
@@ -327,8 +328,8 @@ def _print_tokens(storage: SQLiteStorage, names: list[str]) -> int:
 
 
 def cmd_principals(args: argparse.Namespace) -> int:
-    """devices add|rekey|revoke and operators add|rekey|revoke|token."""
-    role = "operator" if args.command == "operators" else "device"
+    """devices, operators and gateways add|rekey|revoke; operators token."""
+    role = {"operators": "operator", "gateways": "gateway"}.get(args.command, "device")
     names = [_device(n) for n in args.ids]
     out = getattr(args, "credential_out", None)
     if out is not None:  # before anything is registered: a credential that cannot be written
@@ -350,7 +351,7 @@ def cmd_principals(args: argparse.Namespace) -> int:
                     print(f"{name}: already registered (devices rekey {name} makes a new one)")
                     continue
             elif args.action == "add" and name in known and not known[name]:
-                print(f"{name}: already has a credential (operators rekey {name})")
+                print(f"{name}: already has a credential ({args.command} rekey {name})")
                 continue
             if args.action == "rekey" and name not in known:
                 raise UsageError(f"{name} has no credential to re-key; use add")
@@ -577,7 +578,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _principal_actions(dsub: Any, role: str) -> None:
-    what = "devices" if role == "device" else "operators"
+    what = f"{role}s"
     for action, text in (
         ("add", f"register {what} and write each one's credential file"),
         ("rekey", "new credentials (the old ones are refused from now on)"),
@@ -711,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
     migrate.add_parser(sub)
     learncli.add_parser(sub, _open, _signing_key)
+    gatewaycli.add_parser(sub, _open, cmd_principals, _principal_actions)
     _storage_option(parser)
     return parser
 

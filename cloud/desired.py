@@ -197,8 +197,8 @@ class DesiredObservers:
         """One round: what changed since ``token`` (:meth:`cloud.storage.Storage.changes`:
         the devices named, or all when the storage cannot tell) is read again and notified."""
         new, devices, credentials = await self._db(lambda s: s.changes(token))
-        if token is None:  # the first round: whatever was observed before it is read again
-            devices, credentials = None, False
+        if token is None:  # the first round: whatever was observed or loaded before it (the
+            devices, credentials = None, True  # principals, at start) is read again
         if credentials:
             await self._credentials_changed()  # registered or revoked by the command line
         observed = list(self._observers)

@@ -5,7 +5,8 @@ What is copied: every logical table of :data:`cloud.storebase.TABLES` (devices w
 registration time, last contact and desired revision; credentials, revoked ones too; records
 with their seq, kind, times, body and arrival number, so their arrival order is kept; reported
 and desired state with versions and blocked markers; the link history; validation verdicts in
-the order they were stored; published models), then the storage's identity.
+the order they were stored; published models; which gateway each device is behind), then the
+storage's identity.
 
 - **Streaming**: each table is read in chunks in key order (:meth:`Storage.dump`) and each chunk
   is written in one transaction (:meth:`Storage.load`): memory is bounded by a chunk, whatever

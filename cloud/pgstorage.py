@@ -714,6 +714,10 @@ class PostgresStorage(PostgresExtras):
 
         return self._run(tx)
 
+    def _principals_changed(self, db: Sql, principal: str) -> None:
+        """A gateway's attachments changed: other processes reload their principals."""
+        db.execute("SELECT pg_notify(?, ?)", (CHANNEL_CREDENTIALS, principal))
+
     def credentials(self) -> list[tuple[Credential, bool]]:
         def tx(conn: Conn) -> list[tuple[Any, ...]]:
             return conn.execute(

@@ -151,8 +151,8 @@ _KNOWN_CRITICAL = frozenset(
 
 @dataclass(frozen=True)
 class _Route:
-    name: str  # wkc, ingest, reported, desired, device
-    device: str | None
+    name: str  # wkc, ingest, reported, desired, device, ... (security.py ACCESS)
+    device: str | None  # the principal the path names (a device; a gateway for relay)
     methods: frozenset[Code]
     queries: bool = False  # takes Uri-Query
     conditional: bool = False  # takes If-Match
@@ -181,6 +181,8 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("masters", None, frozenset({GET}))
         case ("learn", device):
             return _Route("learn", device, frozenset({POST}))
+        case ("relay", gateway):
+            return _Route("relay", gateway, frozenset({POST}))
     raise _Failure(Code.NOT_FOUND, "no such resource")
 
 

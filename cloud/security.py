@@ -16,7 +16,9 @@ DTLS pre-shared keys, and the rule of what each may do.
 - :func:`identity` turns a request's authenticated claims (OSCORE, or DTLS-PSK) into a
   :class:`Principal`, or None for an unauthenticated request.
 - :func:`allowed` is the access rule: a device reaches only its own resources (and model files);
-  operators set desired state, read any device's state and registry entry, and read model files.
+  operators set desired state, read any device's state and registry entry, and read model files;
+  a gateway does for each device attached to it what that device may do with its own resources,
+  and posts to its own ``/relay`` (docs/security.md "Gateways").
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +80,9 @@ def identity(request: Any) -> Principal | None:
     return None
 
 
-#: route name -> method -> who may: "own" (the device named in the path), "operator", "any"
-#: (any authenticated principal), "public" (anyone).
+#: route name -> method -> who may: "own" (the device named in the path, or the gateway it is
+#: attached to), "operator", "gateway" (the gateway named in the path), "any" (any authenticated
+#: principal), "public" (anyone).
 ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "wkc": {"GET": ("public",)},
     "ingest": {"POST": ("own",)},
@@ -91,11 +94,20 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "validate": {"POST": ("own",)},
     "learn": {"POST": ("own",)},
     "masters": {"GET": ("any",)},
+    "relay": {"POST": ("gateway",)},
 }
 
 
-def allowed(route: str, method: str, device: str | None, who: Principal | None) -> int:
-    """0 when ``who`` may, else the refusal: 401 (not authenticated) or 403 (not this one)."""
+def allowed(
+    route: str,
+    method: str,
+    device: str | None,
+    who: Principal | None,
+    relays: Mapping[str, str] | None = None,
+) -> int:
+    """0 when ``who`` may, else the refusal: 401 (not authenticated) or 403 (not this one).
+    ``device``: the principal the path names; ``relays``: device -> the gateway it is attached
+    to (a gateway acts for those devices only)."""
     rules = ACCESS.get(route, {}).get(method, ())
     if "public" in rules:
         return 0
@@ -105,7 +117,13 @@ def allowed(route: str, method: str, device: str | None, who: Principal | None) 
         return 0
     if "operator" in rules and who.role == "operator":
         return 0
-    if "own" in rules and who.role == "device" and device is not None and who == device:
+    if device is None:
+        return 403
+    if "own" in rules and who.role == "device" and who == device:
+        return 0
+    if "own" in rules and who.role == "gateway" and relays and relays.get(device) == who:
+        return 0
+    if "gateway" in rules and who.role == "gateway" and who == device:
         return 0
     return 403
 

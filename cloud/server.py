@@ -11,6 +11,7 @@ Resources (docs/protocol.md is the normative description):
     GET  /devices/{device}                 the registry entry
     POST /infer/{device}                   full-precision inference on a window (cloud/inference.py)
     POST /validate/{device}                a verdict on an edge alert, stored per (device, seq)
+    POST /relay/{gateway}                  several devices' batches from their gateway (relayroutes)
     GET  /models/{name}[/{version}/manifest|file]  model registry (cloud/models.py; Block2)
 
 Use it in-process::
@@ -46,8 +47,8 @@ from aiocoap.numbers.codes import Code
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from agent.loopfilter import ExceptionFilter
-from agent.wire import codec, records, statedoc
-from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck
+from agent.wire import codec, records, relay, statedoc
+from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck, WireRecord
 from agent.wire.credentials import Credential
 from agent.wire.learning import MAX_BODY_BYTES
 from agent.wire.statedoc import StateError
@@ -75,6 +76,7 @@ from cloud.protocol import (
     _too_large,
     datagram_guard,
 )
+from cloud.relayroutes import RelayRoutes
 from cloud.security import (
     ENDPOINT_SEQUENCE,
     Principal,
@@ -116,6 +118,7 @@ RESOURCE_TYPES = {
     "infer": "edge-agent.infer",
     "validate": "edge-agent.validate",
     "learn": "edge-agent.learn",
+    "relay": "edge-agent.relay",
 }
 
 
@@ -129,6 +132,8 @@ class Limits:
     reported_keys: int = 256  # keys of reported state kept per device
     desired_doc_bytes: int = 1024  # a notification must fit one datagram
     open_uploads: int = 64  # Block1 uploads in progress at once
+    relay_bytes: int = relay.MAX_BODY_BYTES  # a /relay request body
+    relay_records: int = 4 * 4096  # records of all the batches of one /relay request
 
 
 class _Site(aiocoap.resource.ObservableResource):
@@ -146,6 +151,8 @@ class _Site(aiocoap.resource.ObservableResource):
             return self._server.limits.batch_bytes
         if path[:1] == ("learn",):
             return MAX_BODY_BYTES
+        if path[:1] == ("relay",):
+            return self._server.limits.relay_bytes
         return self._server.limits.state_bytes
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
@@ -204,7 +211,7 @@ class _Site(aiocoap.resource.ObservableResource):
         return response
 
 
-class CloudServer(ComputeRoutes):
+class CloudServer(ComputeRoutes, RelayRoutes):
     """The endpoint: a CoAP server, a storage thread, and the observers of desired state."""
 
     def __init__(
@@ -240,6 +247,7 @@ class CloudServer(ComputeRoutes):
         self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
         self.dashboard: Dashboard | None = None  # the web page: Dashboard.start(server, ...)
         self._known_devices: set[str] = set()
+        self.relays: dict[str, str] = {}  # device -> the gateway it is attached to
         self._observers = DesiredObservers(self.db, self.clock, self.reload_principals)
         self._guard: ExceptionFilter | None = None
         self._peer_logs = PeerLogFilter(self._may_warn)
@@ -299,7 +307,7 @@ class CloudServer(ComputeRoutes):
             server.db,
         )
         try:
-            server.principals.load(await thread.call(lambda s: s.credentials()))
+            await server.reload_principals()
             server.store_id = await thread.call(lambda s: s.storage_id())
             await server.inference.start()
             await server._listen(host, port, dtls_listen, fast_path)
@@ -428,7 +436,9 @@ class CloudServer(ComputeRoutes):
         return done
 
     async def reload_principals(self) -> None:
+        """Credentials and gateway attachments, as the storage holds them now."""
         gone = self.principals.load(await self.db(lambda s: s.credentials()))
+        self.relays = await self.db(lambda s: s.relays())
         if gone and self.dtls is not None:
             self.dtls.end_sessions(gone)  # sessions made with a key that is no longer valid
 
@@ -551,8 +561,11 @@ class CloudServer(ComputeRoutes):
 
     async def _device(self, route: _Route) -> str:
         """The route's device if it is registered (or registered now, with allow_any_device)."""
-        device = route.device
-        assert device is not None
+        assert route.device is not None
+        return await self._registered(route.device)
+
+    async def _registered(self, device: str) -> str:
+        """``device`` if it is registered (or registered now, with allow_any_device); else 4.04."""
         if await self._known(device):
             return device
         if self.allow_any_device:
@@ -562,21 +575,25 @@ class CloudServer(ComputeRoutes):
 
     def _payload(self, request: Message, formats: Iterable[int], limit: int) -> bytes:
         cf = request.opt.content_format
-        if cf is None or int(cf) not in formats:
+        return self._content(None if cf is None else int(cf), request.payload, formats, limit)
+
+    def _content(self, cf: int | None, payload: bytes, formats: Iterable[int], limit: int) -> bytes:
+        """``payload`` if its content format is one of ``formats`` and it fits ``limit``."""
+        if cf is None or cf not in formats:
             listed = ", ".join(str(f) for f in formats)
             raise _Failure(
                 Code.UNSUPPORTED_CONTENT_FORMAT, f"Content-Format must be one of {listed}"
             )
-        if len(request.payload) > limit:
+        if len(payload) > limit:
             raise _too_large(limit, "the request body")
-        return bytes(request.payload)
+        return bytes(payload)
 
     def _authorize(self, request: Message, route: _Route) -> Principal | None:
         """The principal asking, if it may; else 4.01 (not authenticated) or 4.03."""
         who = identity(request)
         if who is None and self.allow_plain:
             return None
-        refusal = allowed(route.name, str(request.code.name), route.device, who)
+        refusal = allowed(route.name, str(request.code.name), route.device, who, self.relays)
         if refusal == 401:
             raise _Failure(Code.UNAUTHORIZED, "")
         if refusal == 403:
@@ -604,6 +621,8 @@ class CloudServer(ComputeRoutes):
         devices = await self.db(lambda s: s.devices())
         if who is not None and who.role == "device":
             devices = [d for d in devices if d.id == who]
+        elif who is not None and who.role == "gateway":  # its devices' resources, and its relay
+            devices = [d for d in devices if self.relays.get(d.id) == who]
         links = []
         cfs = codec.content_formats()
         formats: int | str = cfs[0] if len(cfs) == 1 else " ".join(str(f) for f in cfs)
@@ -622,6 +641,8 @@ class CloudServer(ComputeRoutes):
                 {"href": f"/infer/{d}", "rt": RESOURCE_TYPES["infer"], "ct": CF_CBOR},
                 {"href": f"/validate/{d}", "rt": RESOURCE_TYPES["validate"], "ct": CF_CBOR},
             ]
+        if who is not None and who.role == "gateway":
+            links.append({"href": f"/relay/{who}", "rt": RESOURCE_TYPES["relay"], "ct": CF_CBOR})
         queries = list(request.opt.uri_query)
         text = ",".join(
             _link(link.pop("href"), **link) for link in links if _link_matches(link, queries)
@@ -633,9 +654,17 @@ class CloudServer(ComputeRoutes):
     async def _ingest_post(self, request: Message, route: _Route) -> Message:
         device = await self._device(route)
         cf = request.opt.content_format
-        payload = self._payload(request, codec.content_formats(), self.limits.batch_bytes)
+        batch = self._decode_batch(device, None if cf is None else int(cf), request.payload)
+        ack = await self._store_batch(device, batch)
+        return Message(code=Code.CHANGED, payload=ack.to_cbor(), content_format=CF_CBOR)
+
+    def _decode_batch(self, device: str, cf: int | None, payload: bytes) -> list[WireRecord]:
+        """The records of a batch for ``device`` (/ingest's body, or a /relay entry's), checked
+        as /ingest checks them; else the refusal (a :class:`_Failure`)."""
+        payload = self._content(cf, payload, codec.content_formats(), self.limits.batch_bytes)
+        assert cf is not None
         try:
-            named, records = codec.decode_batch(payload, int(cf))
+            named, records = codec.decode_batch(payload, cf)
         except CodecError as err:
             raise _Failure(Code.BAD_REQUEST, str(err)) from None
         if named is not None and named != device:
@@ -646,6 +675,10 @@ class CloudServer(ComputeRoutes):
                 f"a batch holds at most {self.limits.batch_records} records",
                 size1=self.limits.batch_bytes,
             )
+        return records
+
+    async def _store_batch(self, device: str, records: list[WireRecord]) -> IngestAck:
+        """Store a decoded batch through the group commit; its ack once committed."""
         try:
             result = await self.ingest.ingest(device, records)
         except UnknownDevice:
@@ -668,7 +701,7 @@ class CloudServer(ComputeRoutes):
             result.duplicate,
             result.conflict,
         )
-        return Message(code=Code.CHANGED, payload=ack.to_cbor(), content_format=CF_CBOR)
+        return ack
 
     async def _reported_get(self, request: Message, route: _Route) -> Message:
         device = await self._device(route)

@@ -35,7 +35,7 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import featurestore, learnstore, linkhistory
+from cloud import featurestore, learnstore, linkhistory, relaystore
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -209,6 +209,7 @@ class SQLiteStorage(SharedStorage):
                     + linkhistory.SCHEMA
                     + learnstore.SQLITE_SCHEMA
                     + featurestore.SQLITE_SCHEMA
+                    + relaystore.SQLITE_SCHEMA
                 )
                 for statement in schema.split(";"):
                     if statement.strip():

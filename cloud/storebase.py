@@ -217,6 +217,8 @@ TABLES: dict[str, Table] = {
             ("job", "round", "device", "body", "received"),
             ("job", "round", "device"),
         ),
+        # which gateway each device is behind (cloud/relaystore.py)
+        Table("relays", ("device", "gateway", "updated"), ("device",), True),
     )
 }
 
@@ -341,6 +343,19 @@ class Storage(Protocol):
 
     def credentials(self) -> list[tuple[Credential, bool]]:
         """Every credential, with whether it is revoked."""
+
+    # -- gateways (cloud/relaystore.py) ----------------------------------------------------------
+
+    def attach(self, gateway: str, devices: Sequence[str], now: float) -> dict[str, str | None]:
+        """Put registered ``devices`` behind ``gateway`` (one transaction; the gateway each was
+        behind before); :class:`UnknownDevice` for one that is not registered. Noticed by
+        :meth:`changes` as a credential change."""
+
+    def detach(self, devices: Sequence[str]) -> dict[str, str]:
+        """Take ``devices`` from behind their gateways; the gateway each was behind."""
+
+    def relays(self) -> dict[str, str]:
+        """Every attached device -> the gateway it is behind."""
 
     def storage_id(self) -> str:
         """This storage's identity: endpoints that share it are one deployment (a device may

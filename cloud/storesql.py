@@ -30,6 +30,7 @@ from agent.wire.batch import WireRecord
 from cloud import featurestore, linkhistory
 from cloud.featurestore import StoredFeatures
 from cloud.learnstore import LearnTables
+from cloud.relaystore import RelayTables
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -89,7 +90,7 @@ def id_number(storage_id: str) -> int:
     return number
 
 
-class SharedStorage(LearnTables):
+class SharedStorage(LearnTables, RelayTables):
     """The methods of :class:`cloud.storebase.Storage` that are the same on both databases."""
 
     _DIALECT = ""

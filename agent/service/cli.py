@@ -93,6 +93,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from agent.gateway.service import run_gateway
+    from agent.gateway.settings import load_gateway_config
+
+    try:
+        config = load_gateway_config(args.config)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return EX_CONFIG
+    logsetup.setup(args.log_level)
+    return run_gateway(config)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.service.cpu import pin_to_one_cpu
     from agent.service.datadir import prepare_data_dir
@@ -500,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sim_args(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("gateway", help="serve devices behind this one (docs/gateway.md)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("selftest", help="probe every configured sensor once")
     p.add_argument("--config", required=True)

@@ -1,5 +1,5 @@
-"""Credentials: what the endpoint makes when it registers a principal (a device or an operator),
-and what that principal keeps in its credential file.
+"""Credentials: what the endpoint makes when it registers a principal (a device, an operator or a
+gateway), and what that principal keeps in its credential file.
 
 A credential file is JSON, mode 0600, one per principal::
 
@@ -31,7 +31,9 @@ from agent.files import write_atomic
 FORMAT = 1
 AEAD = "AES-CCM-16-64-128"
 HKDF = "sha256"
-ROLES = ("device", "operator")
+#: A gateway serves the device protocol to the devices attached to it and forwards for them
+#: (docs/security.md "Gateways"); its credential is its own, like an operator's.
+ROLES = ("device", "operator", "gateway")
 #: The endpoint's OSCORE key id, the same in every principal's context (the keys differ).
 ENDPOINT_KID = b""
 KID_BYTES = 4

@@ -15,7 +15,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from agent.modelstore.signing import SignedManifest
 from agent.wire.learning import ModelUpdate
 from cloud.learning import Job
 from cloud.storage import SQLiteStorage
+from tests.e2e.test_gateway import until as _until
 from tools.chaos.harness import agent_config, free_udp_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -135,16 +135,6 @@ def _serve(tmp: Path, port: int) -> subprocess.Popen[bytes]:
         stdout=open(tmp / "endpoint.log", "ab"),
         stderr=subprocess.STDOUT,
     )
-
-
-async def _until(check, within: float, what: str):
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        found = await asyncio.to_thread(check)
-        if found:
-            return found
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"timed out: {what}")
 
 
 async def test_three_rounds_with_a_device_killed_mid_round(tmp_path: Path) -> None:

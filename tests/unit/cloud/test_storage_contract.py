@@ -629,6 +629,8 @@ def filled(storage: Storage) -> None:
     storage.put_learn_blob("ab" * 32, b"masters")
     storage.put_learn_update(job, 1, DEV, b"u1", T0)
     storage.put_learn_update(job, 1, "b-2", b"u2", T0 + 1)
+    storage.put_credential(Credential.generate("gw-1", "gateway", b"\x09"), T0)
+    storage.attach("gw-1", [DEV, "b-2"], T0 + 2)  # gateways (cloud/relaystore.py)
 
 
 def copy_all(source: Storage, target: Storage, chunk: int = 2) -> dict[str, int]:
@@ -949,3 +951,29 @@ def test_learning_uploads_are_stored_once_per_device_and_round(storage: Storage)
     storage.put_learn_blob("cd" * 32, b"masters")  # content-addressed: a second put is harmless
     assert storage.learn_blob("cd" * 32) == b"masters"
     assert storage.learn_blob("ef" * 32) is None
+
+
+# -- gateways (cloud/relaystore.py) --------------------------------------------------------------
+
+
+def test_a_device_is_behind_one_gateway_and_other_processes_notice(backend: Backend) -> None:
+    """Attachments decide what a gateway may do: another process hears of them as of a
+    credential change (and reloads both). A device is behind one gateway at most; an attach
+    that names an unregistered device changes nothing."""
+    server = backend.open()
+    for device in (DEV, "b-2"):
+        server.add_device(device, T0)
+    token, _, _ = server.changes(None)
+    cli = backend.open()
+    assert cli.attach("gw-1", [DEV, "b-2"], T0) == {DEV: None, "b-2": None}
+    token, _, _ = poll_changes(server, token, lambda d, c: c)
+    assert server.relays() == {DEV: "gw-1", "b-2": "gw-1"}
+    assert cli.attach("gw-2", ["b-2"], T0 + 1) == {"b-2": "gw-1"}  # moved
+    with pytest.raises(UnknownDevice):
+        cli.attach("gw-2", [DEV, "ghost"], T0 + 2)
+    assert server.relays() == {DEV: "gw-1", "b-2": "gw-2"}  # nothing of the refused attach
+    assert cli.detach([DEV, "ghost"]) == {DEV: "gw-1"}
+    token, _, _ = poll_changes(server, token, lambda d, c: c)
+    assert server.relays() == {"b-2": "gw-2"}
+    assert server.dump("relays", None, 10) == [("b-2", "gw-2", T0 + 1)]
+    assert cli.detach([DEV]) == {}

@@ -1,0 +1,327 @@
+"""The gateway's way up: records, reported state, desired state and models between the gateway's
+own store and the cloud endpoint (docs/gateway.md).
+
+- :class:`RecordForwarder`: every record a device's batch committed to the gateway's store
+  (cloud.storage, SQLite) is forwarded to the cloud under the device's name and sequence number,
+  in the order the gateway stored them, alerts of a pass first, many devices' records in one
+  request per pass (``POST /relay/<gateway>``: one compact+deflate batch per device). The
+  forwarding cursor (the store's arrival counter) moves, and is written to disk, only after the
+  cloud acknowledged everything before it: a SIGKILL or an outage sends some records twice, which
+  the cloud stores once (it deduplicates by device and seq), and never skips one.
+- :class:`StateRelay`: reported state the devices PUT to the gateway is PUT to the cloud with the
+  devices' own versions; each device's desired document is read from the cloud and mirrored into
+  the gateway's store with the cloud's versions, revision and storage identity, so a device sees
+  the same document from the gateway or the cloud and can fall back from one to the other; the
+  model versions it assigns are fetched once into the gateway's registry (the cloud's signed
+  manifest kept byte for byte: devices still verify the signature).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError, ModelError, SyncError
+from agent.files import write_atomic
+from agent.modelstore.fetch import ModelFetcher
+from agent.sync.transport import CoapTransport
+from agent.wire import codec, statedoc
+from agent.wire.batch import CF_CBOR, IngestAck, WireRecord
+from agent.wire.compact_format import CF_COMPACT_DEFLATE
+from agent.wire.relay import (
+    MAX_ENTRIES,
+    RelayEntry,
+    RelayRefusal,
+    decode_relay_answer,
+    encode_relay,
+)
+from agent.wire.statedoc import DesiredDoc, StateError
+
+log = logging.getLogger("agent.gateway")
+
+CURSOR_FILE = "forward.json"
+REQUEST_DEADLINE = 60.0
+MAX_BATCH_RECORDS = 4096  # per device and request (the endpoint's limit)
+
+Db = Callable[
+    [Callable[[Any], Any]], Awaitable[Any]
+]  # CloudServer.db: run fn(storage) on its thread
+
+
+def _pending(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord]]:
+    """Records stored after arrival ``after``: (arrival, device, record), in arrival order."""
+    rows = s.db.execute(
+        "SELECT arrival, device, seq, kind, created, body FROM records WHERE arrival > ?"
+        " ORDER BY arrival LIMIT ?",
+        (after, limit),
+    ).fetchall()
+    return [(int(a), d, WireRecord(int(q), k, float(c), bytes(b))) for a, d, q, k, c, b in rows]
+
+
+class RecordForwarder:
+    """Forwards the gateway's stored records to the cloud (module docstring)."""
+
+    def __init__(
+        self,
+        db: Db,
+        transport: CoapTransport,
+        base: Callable[[], str],
+        data_dir: Path,
+        *,
+        name: str,
+        records: int = 2000,
+        lane: int = 0,
+    ) -> None:
+        self.name = name  # the gateway's principal: POST /relay/<name>
+        self.db = db
+        self.transport = transport
+        self.base = base
+        self.path = Path(data_dir) / CURSOR_FILE
+        self.records = records
+        self.lane = lane
+        self.cursor = self._load()
+        self.forwarded = 0  # records the cloud acknowledged (new or duplicate)
+        self.requests = 0
+        self.bytes_up = 0  # request payload bytes sent upstream
+        self.conflicts = 0
+
+    def _load(self) -> int:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            return int(doc["arrival"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    async def _save(self) -> None:
+        data = (json.dumps({"arrival": self.cursor}) + "\n").encode()
+        await asyncio.to_thread(write_atomic, self.path, data)
+
+    async def forward_once(self) -> int:
+        """One pass: forward what is pending (at most ``records``) in one ``POST /relay``; the
+        records acknowledged. Raises SyncError when the cloud did not take them all (the cursor
+        stays: the next pass sends them again, and the cloud stores each once)."""
+        cursor, limit = self.cursor, self.records
+        rows = await self.db(lambda s: _pending(s, cursor, limit))
+        if not rows:
+            return 0
+        by_device: dict[str, list[WireRecord]] = {}
+        # alerts first: a device's alerts of this pass lead its entry
+        for _, device, rec in sorted(rows, key=lambda r: (r[2].kind != "alert", r[0])):
+            by_device.setdefault(device, []).append(rec)
+        parts = [
+            (device, recs[i : i + MAX_BATCH_RECORDS])
+            for device, recs in sorted(by_device.items(), key=lambda kv: _first_alert(kv[1]))
+            for i in range(0, len(recs), MAX_BATCH_RECORDS)
+        ]
+        done = 0
+        for i in range(0, len(parts), MAX_ENTRIES):
+            done += await self._relay(parts[i : i + MAX_ENTRIES])
+        self.cursor = max(a for a, _, _ in rows)
+        await self._save()
+        self.forwarded += done
+        return done
+
+    async def _relay(self, parts: Sequence[tuple[str, Sequence[WireRecord]]]) -> int:
+        entries = [
+            RelayEntry(
+                device, CF_COMPACT_DEFLATE, codec.encode_batch(None, recs, CF_COMPACT_DEFLATE)
+            )
+            for device, recs in parts
+        ]
+        body = encode_relay(entries)
+        uri = f"{self.base()}/relay/{self.name}"
+        resp = await self.transport.request(
+            "POST", uri, body, content_format=CF_CBOR, accept=CF_CBOR,
+            deadline=REQUEST_DEADLINE, lane=self.lane,
+        )  # fmt: skip
+        self.requests += 1
+        self.bytes_up += len(body)
+        if not resp.success:
+            raise SyncError(f"POST {uri}: {resp.dotted} {resp.payload[:120]!r}")
+        try:
+            answers = decode_relay_answer(resp.payload, len(entries))
+        except AgentError as err:
+            raise SyncError(f"POST {uri}: the answer does not decode: {err}") from None
+        done = 0
+        for (device, recs), answer in zip(parts, answers, strict=True):
+            if isinstance(answer, RelayRefusal):  # e.g. 4.03: not attached to this gateway
+                raise SyncError(
+                    f"POST {uri}: {device}: {answer.dotted} {answer.message} (its records stay "
+                    "at the gateway; attach it: edge-agent-cloud gateways attach)"
+                )
+            done += self._acked(device, recs, answer, uri)
+        return done
+
+    def _acked(self, device: str, recs: Sequence[WireRecord], ack: IngestAck, uri: str) -> int:
+        missing = [r.seq for r in recs if r.seq not in ack and not ack.in_conflict(r.seq)]
+        if missing:
+            raise SyncError(f"POST {uri}: {device}: {len(missing)} records not acknowledged")
+        conflicts = [r.seq for r in recs if ack.in_conflict(r.seq)]
+        if conflicts:  # the cloud holds other records under these numbers: it keeps its own
+            self.conflicts += len(conflicts)
+            log.warning("event=forward_conflict device=%s seqs=%d", device, len(conflicts))
+        return len(recs) - len(conflicts)
+
+
+def _first_alert(recs: Sequence[WireRecord]) -> int:
+    """0 for a device with an alert in the pass (its entry goes first), else 1."""
+    return 0 if recs and recs[0].kind == "alert" else 1
+
+
+class StateRelay:
+    """Reported state up, desired state (and the models it assigns) down (module docstring)."""
+
+    def __init__(
+        self,
+        db: Db,
+        transport: CoapTransport,
+        base: Callable[[], str],
+        devices: Callable[[], Sequence[str]],
+        *,
+        on_desired: Callable[[str, DesiredDoc], None],
+        fetcher: ModelFetcher,
+        put_model: Callable[[str, str, bytes, bytes], Awaitable[bool]],
+        has_model: Callable[[str, str], Awaitable[bool]],
+        lane: int = 0,
+    ) -> None:
+        self.db = db
+        self.transport = transport
+        self.base = base
+        self.devices = devices
+        self.on_desired = on_desired
+        self.fetcher = fetcher
+        self.put_model = put_model
+        self.has_model = has_model
+        self.lane = lane
+        self._sent: dict[str, dict[str, int]] = {}  # device -> key -> version PUT to the cloud
+        self._mirrored: dict[str, bytes] = {}  # device -> ETag of the desired doc mirrored
+        self.model_fetches: dict[tuple[str, str], int] = {}  # (name, version) -> downloads
+
+    # -- reported: devices -> cloud ------------------------------------------------------------
+    async def reported_once(self) -> int:
+        """PUT every reported key whose version the cloud has not had from us; keys sent."""
+        sent = 0
+        for device in self.devices():
+            entries = await self.db(lambda s, d=device: s.reported(d))
+            done = self._sent.setdefault(device, {})
+            changed = {k: e for k, e in entries.items() if done.get(k) != e.version}
+            if not changed:
+                continue
+            uri = f"{self.base()}/state/{device}/reported"
+            payload = statedoc.encode_reported(changed)
+            resp = await self.transport.request(
+                "PUT", uri, payload, content_format=CF_CBOR, deadline=REQUEST_DEADLINE,
+                lane=self.lane,
+            )  # fmt: skip
+            if not resp.success:
+                raise SyncError(f"PUT {uri}: {resp.dotted}")
+            done.update({k: e.version for k, e in changed.items()})
+            sent += len(changed)
+        return sent
+
+    # -- desired: cloud -> gateway -------------------------------------------------------------
+    async def desired_once(self) -> int:
+        """Read each device's desired document from the cloud; mirror those that changed."""
+        changed = 0
+        for device in self.devices():
+            uri = f"{self.base()}/state/{device}/desired"
+            resp = await self.transport.request(
+                "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane
+            )
+            if not resp.success:
+                raise SyncError(f"GET {uri}: {resp.dotted}")
+            try:
+                doc = DesiredDoc.from_cbor(resp.payload)
+            except StateError as err:
+                log.warning("event=desired_refused device=%s error=%r", device, str(err))
+                continue
+            if self._mirrored.get(device) == doc.etag():
+                continue
+            await self._models_of(doc)  # before the devices see the assignment
+            self.on_desired(device, doc)
+            self._mirrored[device] = doc.etag()
+            changed += 1
+        return changed
+
+    async def _models_of(self, doc: DesiredDoc) -> None:
+        for key, entry in doc.entries.items():
+            value = entry.value
+            if not key.startswith("model/") or not isinstance(value, dict):
+                continue
+            name, version = value.get("name"), value.get("version")
+            if not isinstance(name, str) or not isinstance(version, str):
+                continue  # "the newest": devices ask the registry's listing
+            if await self.has_model(name, version):
+                continue
+            await self.fetch_model(name, version)
+
+    async def fetch_model(self, name: str, version: str) -> None:
+        """One download of a version from the cloud into the gateway's registry."""
+        manifest = await self.fetcher.manifest(name, version)
+        with tempfile.TemporaryDirectory(prefix="edge-gateway-model-") as tmp:
+            part = Path(tmp) / "file.part"
+            await self.fetcher.download(manifest, part)
+            data = await asyncio.to_thread(part.read_bytes)
+        if await self.put_model(name, version, manifest.to_cbor(), data):
+            key = (name, version)
+            self.model_fetches[key] = self.model_fetches.get(key, 0) + 1
+            log.info(
+                "event=gateway_model_cached name=%s version=%s bytes=%d", name, version, len(data)
+            )
+
+
+def mirror_desired(s: Any, device: str, doc: DesiredDoc, now: float) -> DesiredDoc:
+    """Make the gateway's stored desired document of ``device`` the cloud's ``doc``: the same
+    keys, versions, revision and blocked versions (SQLite storage of the gateway; one
+    transaction). The document the gateway then serves is ``doc`` (its storage has the cloud's
+    identity, so ``store`` is the same too)."""
+    with s._tx() as db:
+        db.execute("DELETE FROM desired WHERE device = ?", (device,))
+        for key, entry in doc.entries.items():
+            db.execute(
+                "INSERT INTO desired (device, key, version, value, updated, blocked)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    device,
+                    key,
+                    entry.version,
+                    statedoc.encode_value(entry.value),
+                    now,
+                    doc.blocked.get(key),
+                ),
+            )
+        db.execute("UPDATE devices SET desired_rev = ? WHERE id = ?", (doc.rev, device))
+    return s.desired(device)
+
+
+async def run_every(
+    seconds: float, work: Callable[[], Awaitable[Any]], what: str, clock_sleep: Any = None
+) -> None:
+    """``work()`` every ``seconds``; a failure is logged (once per outage) and retried."""
+    failing = False
+    sleep = clock_sleep or asyncio.sleep
+    while True:
+        try:
+            await work()
+        except (SyncError, ModelError, StateError, OSError) as err:
+            if not failing:
+                log.warning("event=gateway_upstream_failed what=%s error=%r", what, str(err))
+            failing = True
+        else:
+            if failing:
+                log.info("event=gateway_upstream_ok what=%s", what)
+            failing = False
+        await sleep(seconds)
+
+
+@contextlib.contextmanager
+def timed() -> Any:
+    started = time.perf_counter()
+    yield lambda: time.perf_counter() - started

@@ -1,0 +1,264 @@
+"""``edge-agent gateway --config FILE``: the tier between devices and the cloud (docs/gateway.md).
+
+A gateway serves the device protocol to the devices behind it with the endpoint's own server
+(cloud.server.CloudServer over an SQLite store in the gateway's data directory): OSCORE with each
+device's credential, ingest committed before the ack, reported and desired state, the model
+registry, validation inference. Toward the cloud it is one principal of role ``gateway``
+(its own credential, ``[uplink]``), attached by an operator to the devices it serves
+(``edge-agent-cloud gateways attach``), and it forwards for them (agent/gateway/relay.py).
+
+Start-up: the device credentials in ``[gateway] credentials`` (the files ``edge-agent-cloud
+devices add`` wrote, one JSON per device) are registered in the gateway's store; before it
+listens, the gateway takes the cloud's storage identity (from a desired document it reads as
+that device's gateway), so that acks and desired documents name one storage wherever a device
+gets them, and a device can fall back between gateway and cloud. With the cloud unreachable on
+the very first start the gateway waits for it (it has nothing to answer for yet); after that it
+starts and serves from its store whatever the cloud's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from agent.errors import AgentError, ConfigError, SyncError
+from agent.gateway.peers import PeerServer, PeerState, PeerSync
+from agent.gateway.relay import RecordForwarder, StateRelay, mirror_desired, run_every
+from agent.gateway.settings import GatewayConfig
+from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.sync.security import ClientSecurity
+from agent.sync.transport import CoapTransport, Endpoints
+from agent.wire.batch import CF_CBOR
+from agent.wire.credentials import Credential, CredentialError
+from agent.wire.statedoc import DesiredDoc, StateError
+from cloud.server import CloudServer
+from cloud.storage import SQLiteStorage
+from drivers.clock import Clock, RealClock
+
+log = logging.getLogger("agent.gateway")
+
+STORE_RETRY = 5.0  # seconds between tries to learn the cloud's storage identity on first start
+STORE_DIR = "store"  # the gateway's endpoint data (SQLite, models, OSCORE state) under data_dir
+
+
+class Gateway:
+    """One gateway process's parts (see the module docstring)."""
+
+    def __init__(self, config: GatewayConfig, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or RealClock()
+        self.store_dir = config.data_dir / STORE_DIR
+        self.server: CloudServer | None = None
+        self.devices: list[str] = []
+        up = config.uplink
+        credential = up.credential or config.data_dir / "credential.json"
+        self.security = ClientSecurity.open(
+            up.security,
+            up.endpoints,
+            credential,
+            up.security_state or config.data_dir / "oscore.json",
+        )
+        self.transport = CoapTransport(
+            self.clock, lanes=3, uris=up.endpoints, security=self.security
+        )
+        self.endpoints = Endpoints(up.endpoints, self.clock, primary_retry=up.primary_retry)
+        fetch_transport = CoapTransport(
+            self.clock, lanes=BLOCK_WINDOW, uris=up.endpoints, security=self.security
+        )
+        self.fetcher = ModelFetcher(fetch_transport, lambda: self.endpoints.current)
+        self.peer_state: PeerState | None = None  # [gateway.peers]
+        self.peer_server: PeerServer | None = None
+        self.peer_sync: PeerSync | None = None
+        self.forwarder: RecordForwarder | None = None
+        self.state: StateRelay | None = None
+        self._stop = asyncio.Event()
+        self._writes: list[asyncio.Future[None]] = []  # desired documents being mirrored
+
+    # -- start-up -------------------------------------------------------------------------------
+    def _credentials(self) -> list[Credential]:
+        folder = self.config.gateway.credentials
+        try:
+            files = sorted(folder.glob("*.json"))
+        except OSError as err:
+            raise ConfigError(str(self.config.path), "gateway.credentials", str(err)) from None
+        out = []
+        for f in files:
+            try:
+                cred = Credential.read(f)
+            except CredentialError as err:
+                raise ConfigError(str(f), "", str(err)) from None
+            if cred.role != "device":
+                raise ConfigError(str(f), "", f"a {cred.role} credential; devices only")
+            out.append(cred)
+        return out
+
+    def _register(self, creds: list[Credential], store_id: str | None) -> str:
+        """The devices and their credentials into the gateway's store; its storage identity
+        becomes ``store_id`` (the cloud's) when given. Returns the identity it has."""
+        s = SQLiteStorage.in_dir(self.store_dir)
+        try:
+            now = time.time()
+            for cred in creds:
+                s.add_device(cred.principal, now)
+                s.put_credential(cred, now)
+            if store_id is not None and s.storage_id() != store_id:
+                s.set_migration(store_id, done=True)
+                log.info("event=gateway_storage store=%s (the cloud's)", store_id)
+            return s.storage_id()
+        finally:
+            s.close()
+
+    async def _cloud_store(self) -> str:
+        """The cloud's storage identity, from a desired document read upstream."""
+        while True:
+            uri = f"{self.endpoints.current}/state/{self.devices[0]}/desired"
+            try:
+                resp = await self.transport.request("GET", uri, accept=CF_CBOR, deadline=30.0)
+                if resp.success:
+                    store = DesiredDoc.from_cbor(resp.payload).store
+                    if store is not None:
+                        return store
+                log.warning("event=gateway_cloud_refused uri=%s code=%s", uri, resp.dotted)
+            except (SyncError, StateError) as err:
+                log.warning("event=gateway_waiting_for_cloud error=%r", str(err))
+            self.endpoints.failed(self.endpoints.current)
+            await self.clock.sleep(STORE_RETRY)
+
+    async def start(self) -> CloudServer:
+        creds = await asyncio.to_thread(self._credentials)
+        if not creds:
+            raise ConfigError(
+                str(self.config.path), "gateway.credentials",
+                f"no device credentials in {self.config.gateway.credentials}",
+            )  # fmt: skip
+        self.devices = [c.principal for c in creds]
+        known = await asyncio.to_thread(self._register, creds, None)
+        marker = self.store_dir / "cloud-store"
+        if not marker.exists() or marker.read_text().strip() != known:
+            store = await self._cloud_store()
+            await asyncio.to_thread(self._register, [], store)
+            marker.write_text(store + "\n")
+        g = self.config.gateway
+        self.server = await CloudServer.start(self.store_dir, g.host, g.port)
+        server = self.server
+        self.forwarder = RecordForwarder(
+            server.db, self.transport, lambda: self.endpoints.current, self.config.data_dir,
+            name=self.config.name, records=g.forward_records, lane=1,
+        )  # fmt: skip
+        self.state = StateRelay(
+            server.db, self.transport, lambda: self.endpoints.current, lambda: self.devices,
+            on_desired=self._mirror, fetcher=self.fetcher, put_model=self._put_model,
+            has_model=self._has_model, lane=2,
+        )  # fmt: skip
+        if g.peers is not None:
+            p = g.peers
+            self.peer_state = PeerState(self.config.name, p.state, self.clock)
+            self.peer_server = await PeerServer.start(self.peer_state, p.host, p.port)
+            peer_transport = CoapTransport(self.clock, lanes=1, uris=p.peers)
+            self.peer_sync = PeerSync(self.peer_state, p.peers, peer_transport, period=p.period)
+        log.info(
+            "event=gateway_listening uri=%s devices=%d upstream=%s",
+            server.uri, len(self.devices), ",".join(self.config.uplink.endpoints),
+        )  # fmt: skip
+        return server
+
+    # -- the registry and desired state ---------------------------------------------------------
+    async def _has_model(self, name: str, version: str) -> bool:
+        assert self.server is not None
+        return await self.server.db(lambda s: s.model(name, version) is not None)
+
+    async def _put_model(self, name: str, version: str, manifest: bytes, data: bytes) -> bool:
+        assert self.server is not None
+        now = time.time()
+        return bool(await self.server.db(lambda s: s.put_model(name, version, manifest, data, now)))
+
+    def _mirror(self, device: str, doc: DesiredDoc) -> None:
+        server = self.server
+        assert server is not None
+
+        async def write() -> None:
+            served = await server.db(lambda s: mirror_desired(s, device, doc, time.time()))
+            server._observers.changed(device, served.etag())
+            log.info(
+                "event=gateway_desired device=%s rev=%d keys=%d", device, doc.rev, len(doc.entries)
+            )
+
+        self._writes.append(asyncio.ensure_future(write()))
+
+    # -- running --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.start()
+        assert self.forwarder is not None and self.state is not None
+        g = self.config.gateway
+
+        async def desired() -> None:
+            await self.state.desired_once()  # type: ignore[union-attr]
+            writes, self._writes = self._writes, []
+            await asyncio.gather(*writes)
+
+        tasks = [
+            asyncio.create_task(run_every(g.forward_interval, self._forward, "records")),
+            asyncio.create_task(
+                run_every(g.forward_interval, self.state.reported_once, "reported")
+            ),
+            asyncio.create_task(run_every(g.desired_poll, desired, "desired")),
+        ]
+        if self.peer_sync is not None:
+            tasks.append(asyncio.create_task(self.peer_sync.run()))
+        try:
+            await self._stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
+
+    async def _forward(self) -> None:
+        assert self.forwarder is not None
+        while await self.forwarder.forward_once():
+            pass  # drain the backlog, then wait for the next pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def close(self) -> None:
+        if self.peer_server is not None:
+            await self.peer_server.stop()
+        if self.peer_state is not None:
+            await self.peer_state.flush()
+        if self.server is not None:
+            await self.server.stop()
+        await self.transport.close()
+        await self.fetcher.close()
+
+    def status(self) -> dict[str, Any]:
+        f, st = self.forwarder, self.state
+        return {
+            "devices": len(self.devices),
+            "forwarded": f.forwarded if f else 0,
+            "requests_up": f.requests if f else 0,
+            "bytes_up": f.bytes_up if f else 0,
+            "model_fetches": dict(st.model_fetches) if st else {},
+        }
+
+
+def run_gateway(config: GatewayConfig) -> int:
+    """The ``edge-agent gateway`` command: run until SIGINT/SIGTERM. Exit code."""
+    import signal
+
+    async def main() -> None:
+        gw = Gateway(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, gw.stop)
+        await gw.run()
+
+    try:
+        asyncio.run(main())
+    except (AgentError, OSError) as err:
+        log.error("event=gateway_failed error=%r", str(err))
+        print(f"edge-agent gateway: {err}")
+        return 1
+    return 0

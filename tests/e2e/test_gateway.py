@@ -1,0 +1,262 @@
+"""The gateway tier with real processes: the cloud endpoint (``edge-agent-cloud serve``), one
+gateway (``edge-agent gateway``) and agents on the simulated rig whose only endpoint is the
+gateway (``edge-agent run``).
+
+- every record a device committed is stored exactly once in the cloud, through a SIGKILL of the
+  gateway and an outage of the cloud;
+- a desired change made while the cloud is down (written to its database) reaches the devices
+  once the cloud is back, through the gateway, and their reported state comes back up with it;
+- a model version assigned to every device is fetched by the gateway once and installed by all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.modelstore.signing import SignedManifest
+from cloud.storage import SQLiteStorage
+from tools.chaos.harness import agent_config, free_udp_port
+
+pytestmark = pytest.mark.timeout(420)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICES = ("pump-a", "pump-b", "pump-c")
+GATEWAY = "gw-1"
+TIME_SCALE = 5
+
+
+def cloud(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "cloud.cli", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def spawn(tmp: Path, name: str, *argv: str, prefix: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """``python -m ARGV`` logging to ``tmp/NAME.log`` (``prefix``: e.g. ``ip netns exec NS``)."""
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", *argv],
+        cwd=ROOT,
+        stdout=open(tmp / f"{name}.log", "ab"),  # the child keeps it
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(p: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(sig)
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
+
+
+async def until(check: Callable[[], Any], within: float, what: str) -> Any:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        found = await asyncio.to_thread(check)
+        if found:
+            return found
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"timed out: {what}")
+
+
+class Site:
+    """The cloud, the gateway and the devices of one test, in ``tmp``."""
+
+    devices: tuple[str, ...] = DEVICES
+    site_prefix: Sequence[str] = ()
+    time_scale: float = TIME_SCALE  # how the gateway and the devices are started (a namespace)
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.data = tmp / "cloud-data"  # the example config's [models] public_key is beside it
+        self.cloud_port = free_udp_port()
+        self.gw_port = free_udp_port()
+        self.gw_dir = tmp / "gateway"
+        self.cloud_proc: subprocess.Popen[bytes] | None = None
+        self.gw_proc: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+
+    def setup(self) -> None:
+        cloud("models", "keygen", "--data", str(self.data))
+        cloud("models", "publish", str(ROOT / "models" / "skab-ae.tflite"), "--data",
+              str(self.data), "--name", "skab-ae", "--version", "1.0.0")  # fmt: skip
+        (self.gw_dir / "devices").mkdir(parents=True)
+        for d in self.devices:
+            (self.tmp / d).mkdir()
+            cred = self.tmp / d / "credential.json"
+            cloud("devices", "add", "--data", str(self.data), "--credential-out", str(cred), d)
+            shutil.copy(cred, self.gw_dir / "devices" / f"{d}.json")
+            text = agent_config(d, self.tmp / d, self.gw_port, 1.0)
+            (self.tmp / f"{d}.toml").write_text(text)
+        cloud("gateways", "add", "--data", str(self.data), "--credential-out",
+              str(self.gw_dir / "credential.json"), GATEWAY)  # fmt: skip
+        cloud("gateways", "attach", "--data", str(self.data), GATEWAY, *self.devices)
+        (self.tmp / "gateway.toml").write_text(
+            f'[agent]\ndevice_id = "{GATEWAY}"\ndata_dir = "{self.gw_dir}"\n'
+            f'[uplink]\nendpoints = ["{self.upstream()}"]\n'
+            f'[gateway]\nlisten = "127.0.0.1:{self.gw_port}"\nforward_interval = 0.5\n'
+            "desired_poll = 1.0\n"
+        )
+
+    def upstream(self) -> str:
+        """The cloud as the gateway reaches it."""
+        return f"coap://127.0.0.1:{self.cloud_port}"
+
+    def start_cloud(self) -> None:
+        self.cloud_proc = spawn(
+            self.tmp, "cloud", "cloud.cli", "serve", "--listen",
+            f"127.0.0.1:{self.cloud_port}", "--data", str(self.data),
+        )  # fmt: skip
+
+    def start_gateway(self) -> None:
+        self.gw_proc = spawn(
+            self.tmp, "gateway", "agent.service.cli", "gateway", "--config",
+            str(self.tmp / "gateway.toml"), prefix=self.site_prefix,
+        )  # fmt: skip
+
+    def start_agent(self, d: str) -> None:
+        self.agents[d] = spawn(
+            self.tmp, d, "agent.service.cli", "run", "--config", str(self.tmp / f"{d}.toml"),
+            "--simulate", "pump", "--time-scale", str(self.time_scale), prefix=self.site_prefix,
+        )  # fmt: skip
+
+    def start_site(self) -> None:
+        """The gateway and every device."""
+        self.start_gateway()
+        for d in self.devices:
+            self.start_agent(d)
+
+    async def records_in_cloud(self, least: int, within: float) -> None:
+        await until(
+            lambda: all(len(self.cloud_seqs(d)) > least for d in self.devices), within,
+            "every device's records in the cloud through the gateway",
+        )  # fmt: skip
+
+    async def kill_gateway(self, down: float) -> None:
+        """SIGKILL the gateway, start it again ``down`` seconds later."""
+        stop(self.gw_proc, signal.SIGKILL)
+        await asyncio.sleep(down)
+        self.start_gateway()
+
+    async def drained(self) -> None:
+        """After the devices stopped: the gateway forwarded everything, and nothing is lost."""
+        await until(
+            lambda: all(self.cloud_seqs(d) >= self.gateway_seqs(d) for d in self.devices), 300,
+            "the gateway's backlog forwarded",
+        )  # fmt: skip
+        self.check_delivery()
+
+    def close(self) -> None:
+        for p in self.agents.values():
+            stop(p)
+        stop(self.gw_proc)
+        stop(self.cloud_proc)
+
+    # -- what is where ----------------------------------------------------------------------------
+    def cloud_seqs(self, device: str) -> set[int]:
+        s = SQLiteStorage(self.data / "cloud.sqlite3")
+        try:
+            return set(s.seqs(device))
+        finally:
+            s.close()
+
+    def gateway_seqs(self, device: str) -> set[int]:
+        s = SQLiteStorage(self.gw_dir / "store" / "cloud.sqlite3")
+        try:
+            return set(s.seqs(device))
+        finally:
+            s.close()
+
+    def queued(self, device: str) -> set[int]:
+        """The seqs still in the device's queue (committed, not acknowledged to it)."""
+        with sqlite3.connect(self.tmp / device / "queue.db") as db:
+            return {int(r[0]) for r in db.execute("SELECT seq FROM records")}
+
+    def check_delivery(self) -> None:
+        """Every record a device committed in this run is in the cloud or still in its queue
+        (waiting for the next start): its seqs, numbered one after another, show no gap."""
+        for d in self.devices:
+            cloud_seqs, queued = self.cloud_seqs(d), self.queued(d)
+            seen = cloud_seqs | queued
+            gaps = set(range(min(seen), max(seen) + 1)) - seen
+            assert not gaps, f"{d}: records lost: {sorted(gaps)[:10]}"
+            assert self.cloud_seqs(d) == self.gateway_seqs(d), d
+
+    def reported(self, device: str, key: str) -> Any:
+        s = SQLiteStorage(self.data / "cloud.sqlite3")
+        try:
+            entry = s.reported(device).get(key)
+            return None if entry is None else entry.value
+        finally:
+            s.close()
+
+
+async def test_gateway_relays_records_state_and_models_exactly_once(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    site.setup()
+    site.start_cloud()
+    try:
+        site.start_site()
+        await site.records_in_cloud(50, 120)
+        # a SIGKILL of the gateway: devices queue meanwhile, nothing is lost or doubled
+        await site.kill_gateway(3)
+        # the cloud goes away: the gateway acks its devices and keeps what it cannot forward
+        stop(site.cloud_proc)
+        before = {d: len(site.gateway_seqs(d)) for d in DEVICES}
+        await until(lambda: all(len(site.gateway_seqs(d)) > before[d] + 20 for d in DEVICES), 60,
+                    "the gateway answering for its devices while the cloud is down")  # fmt: skip
+        # a desired change made while the cloud is down
+        cloud("desired", "set", "--data", str(site.data), "--device", DEVICES[0],
+              "sensor/motor/interval=2")  # fmt: skip
+        site.start_cloud()
+        await until(lambda: site.reported(DEVICES[0], "sensor/motor/interval") == 2.0, 90,
+                    "the desired change applied on the device and reported back up")  # fmt: skip
+        # a model version assigned to every device: one download by the gateway
+        cloud("models", "publish", str(ROOT / "models" / "skab-ae.tflite"), "--data",
+              str(site.data), "--name", "skab-ae", "--version", "1.0.1")  # fmt: skip
+        for d in DEVICES:
+            cloud("desired", "set", "--data", str(site.data), "--device", d,
+                  'model/anomaly={"name": "skab-ae", "version": "1.0.1"}')  # fmt: skip
+        s = SQLiteStorage(site.data / "cloud.sqlite3")
+        try:
+            published = s.model("skab-ae", "1.0.1")
+            assert published is not None
+            sha = SignedManifest.from_cbor(published.manifest).sha256
+        finally:
+            s.close()
+
+        def installed() -> bool:
+            for d in DEVICES:
+                value = site.reported(d, "model/anomaly") or {}
+                if value.get("sha256") != sha or value.get("status") != "active":
+                    return False
+            return True
+
+        await until(installed, 120, "the new version active on every device")
+        log = (tmp_path / "gateway.log").read_text()
+        assert log.count("event=gateway_model_cached name=skab-ae version=1.0.1") == 1
+        # stop the devices, let the gateway drain: every committed record is in the cloud once
+        for d in DEVICES:
+            stop(site.agents[d])
+        await site.drained()
+        for name in ("gateway", "cloud", *DEVICES):
+            assert "Traceback" not in (tmp_path / f"{name}.log").read_text(), name
+    finally:
+        site.close()

@@ -1,0 +1,321 @@
+"""Gateways at the endpoint (docs/security.md "Gateways", docs/protocol.md "Gateways"): a real
+endpoint on loopback as it runs by default (OSCORE required), each principal with its real
+credential and the agent's real transport. A gateway acts for the devices attached to it and for
+nothing else; ``POST /relay/<gateway>`` answers each device's batch as ``/ingest`` would; an
+attachment made by the command line takes effect on the running endpoint; hostile relay bodies get
+a 4.xx and never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import cbor2
+import pytest
+from aiocoap import Code, Message
+
+from agent.wire import codec, records
+from agent.wire.batch import IngestAck, WireRecord
+from agent.wire.features import ChannelFeatures, FeaturesBody
+from agent.wire.records import TelemetryBody
+from agent.wire.relay import (
+    MAX_ENTRIES,
+    RelayEntry,
+    RelayRefusal,
+    decode_relay_answer,
+    encode_relay,
+)
+from cloud import cli
+from cloud.server import CloudServer, Limits
+from tests.e2e.test_fastpath import RawDevice, acked, ingest
+from tests.e2e.test_security import T0, Principal, batch
+from tools.fleetlib.device import OscoreSession
+
+A, B, C = "pump-01", "pump-02", "pump-03"
+GW, OTHER = "gw-1", "gw-2"
+POLLS = 400  # rounds of 25 ms a test waits at most for the endpoint to notice a CLI write
+
+
+async def gateway(server: CloudServer, tmp_path: Path, *attached: str) -> Principal:
+    """The gateway GW with its credential, ``attached`` behind it."""
+    gw = await Principal(server, tmp_path, GW).open("gateway")
+    if attached:
+        await server.attach(GW, attached)
+    return gw
+
+
+async def relay(p: Principal, entries: list[RelayEntry], to: str = GW) -> list[object]:
+    resp = await p.req("POST", f"relay/{to}", encode_relay(entries), 60)
+    assert resp.dotted == "2.04", (resp.dotted, resp.payload)
+    return list(decode_relay_answer(resp.payload, len(entries)))
+
+
+def senml(device: str, seqs: range) -> RelayEntry:
+    return RelayEntry(device, 112, batch(device, seqs))
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Poll ``check`` a bounded number of times (the endpoint notices CLI writes by polling)."""
+    for _ in range(POLLS):
+        if check():
+            return
+        await asyncio.sleep(0.025)
+    raise AssertionError("the endpoint did not notice the change")
+
+
+def run_cli(*argv: str) -> Awaitable[int]:
+    return asyncio.to_thread(cli.main, list(argv))
+
+
+@pytest.mark.timeout(90)
+async def test_a_gateway_ingests_for_an_attached_device_and_nothing_else(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """Its batch for A is stored under A with A's ack; the retry is a duplicate. Another
+    device's ingest, desired PUT, another gateway's /relay, a device's or an operator's POST to
+    its /relay: 4.03, nothing stored."""
+    for device in (A, B):
+        await server.add_device(device)
+    gw = await gateway(server, tmp_path, A)
+    other = await Principal(server, tmp_path, OTHER).open("gateway")
+    dev_a = await Principal(server, tmp_path, A).open()
+    op = await Principal(server, tmp_path, "alice").open("operator")
+    try:
+        first = await gw.req("POST", f"ingest/{A}", batch(A, range(1, 4)), 112)
+        assert first.dotted == "2.04"
+        ack = IngestAck.from_cbor(first.payload)
+        assert (list(ack.seqs()), ack.new, ack.duplicate, ack.last) == ([1, 2, 3], 3, 0, 3)
+        assert ack.store == server.store_id
+        retry = await gw.req("POST", f"ingest/{A}", batch(A, range(1, 4)), 112)
+        again = IngestAck.from_cbor(retry.payload)
+        assert (list(again.seqs()), again.new, again.duplicate) == ([1, 2, 3], 0, 3)
+        assert await server.seqs(A) == [1, 2, 3]
+        stored = await server.records(A)
+        assert TelemetryBody.from_cbor(stored[0].body).values == {"current_a": 1.0}
+        desired = records.dumps({"sensor/motor/interval": 9.0})
+        for who, method, path, body, cf in [
+            (gw, "POST", f"ingest/{B}", batch(B, range(1, 4)), 112),
+            (gw, "GET", f"state/{B}/desired", b"", None),
+            (gw, "PUT", f"state/{B}/reported", records.dumps({"queue/depth": [1, 5]}), 60),
+            (gw, "POST", f"validate/{B}", records.dumps({"seq": 1}), 60),
+            (gw, "PUT", f"state/{A}/desired", desired, 60),  # an operator's, never a gateway's
+            (gw, "POST", f"relay/{OTHER}", encode_relay([senml(A, range(7, 9))]), 60),
+            (gw, "POST", f"relay/{A}", encode_relay([senml(A, range(7, 9))]), 60),
+            (other, "POST", f"ingest/{A}", batch(A, range(7, 9)), 112),  # A is not behind it
+            (other, "POST", f"relay/{GW}", encode_relay([senml(A, range(7, 9))]), 60),
+            (dev_a, "POST", f"relay/{GW}", encode_relay([senml(A, range(7, 9))]), 60),
+            (op, "POST", f"relay/{GW}", encode_relay([senml(A, range(7, 9))]), 60),
+        ]:
+            resp = await who.req(method, path, body, cf)
+            assert resp.dotted == "4.03", (who.name, method, path, resp.dotted, resp.payload)
+        assert await server.seqs(A) == [1, 2, 3] and await server.seqs(B) == []
+        assert (await server.desired(A)).rev == 0
+        wkc = await gw.req("GET", ".well-known/core")
+        assert f"</ingest/{A}>".encode() in wkc.payload and f"</relay/{GW}>".encode() in wkc.payload
+        assert f"/{B}>".encode() not in wkc.payload
+    finally:
+        for p in (gw, other, dev_a, op):
+            await p.close()
+
+
+@pytest.mark.timeout(90)
+async def test_relay_answers_each_device_as_ingest_would(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """Three devices, B not attached: two acks and one [4.03, ...]; A's batch in SenML, C's
+    compact with a features record; stored under each device with /ingest's dedup (a resend
+    through /relay or /ingest is a duplicate)."""
+    for device in (A, B, C):
+        await server.add_device(device)
+    gw = await gateway(server, tmp_path, A, C)
+    cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
+    feats = FeaturesBody("vib", (20, 21, 22), T0, T0 + 1, {"x_g": cf}).to_record()
+    reading = WireRecord(5, "telemetry", T0, TelemetryBody("m", T0, {"a": 1.5}).to_cbor())
+    compact = codec.encode_batch(C, [reading, feats], 65001, resolution=lambda _s, _c: 0.5)
+    entries = [senml(A, range(1, 4)), senml(B, range(1, 4)), RelayEntry(C, 65001, compact)]
+    try:
+        transactions = server.ingest.transactions
+        first = await relay(gw, entries)
+        assert server.ingest.transactions == transactions + 1  # A's and C's, committed together
+        assert isinstance(first[0], IngestAck) and list(first[0].seqs()) == [1, 2, 3]
+        assert first[0].new == 3 and first[0].store == server.store_id
+        assert isinstance(first[1], RelayRefusal) and first[1].dotted == "4.03"
+        assert B in first[1].message
+        assert isinstance(first[2], IngestAck) and list(first[2].seqs()) == [5, 20, 21, 22]
+        assert first[2].new == 4  # the readings the features record stands for, counted
+        assert await server.seqs(A) == [1, 2, 3] and await server.seqs(B) == []
+        assert await server.seqs(C) == [5]
+        assert [(f.first_seq, f.last_seq) for f in await server.db(lambda s: s.features(C))] == [
+            (20, 22)
+        ]
+        again = await relay(gw, entries)
+        assert isinstance(again[0], IngestAck) and (again[0].new, again[0].duplicate) == (0, 3)
+        assert isinstance(again[2], IngestAck) and (again[2].new, again[2].duplicate) == (0, 4)
+        direct = await gw.req("POST", f"ingest/{A}", batch(A, range(2, 5)), 112)
+        ack = IngestAck.from_cbor(direct.payload)
+        assert (list(ack.seqs()), ack.new, ack.duplicate) == ([2, 3, 4], 1, 2)
+        assert await server.seqs(A) == [1, 2, 3, 4]
+        assert await relay(gw, []) == []
+    finally:
+        await gw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_gateways_made_and_attached_by_the_command_line_take_effect_without_restart(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    data = str(server.data_dir)
+    await server.add_device(A)
+    gw = Principal(server, tmp_path, GW)
+    cred = str(gw.dir / "credential.json")
+    assert await run_cli("gateways", "add", "--data", data, GW, "--credential-out", cred) == 0
+    await until(lambda: server.principals.credential(GW) is not None)
+    gw.connect()
+    try:
+        assert (await gw.req("POST", f"ingest/{A}", batch(A, range(1, 3)), 112)).dotted == "4.03"
+        assert await run_cli("gateways", "attach", "--data", data, GW, A) == 0
+        await until(lambda: server.relays.get(A) == GW)
+        resp = await gw.req("POST", f"ingest/{A}", batch(A, range(1, 3)), 112)
+        assert resp.dotted == "2.04" and list(IngestAck.from_cbor(resp.payload).seqs()) == [1, 2]
+        assert await run_cli("gateways", "detach", "--data", data, A) == 0
+        await until(lambda: A not in server.relays)
+        assert (await gw.req("POST", f"ingest/{A}", batch(A, range(3, 5)), 112)).dotted == "4.03"
+        assert await server.seqs(A) == [1, 2]
+    finally:
+        await gw.close()
+
+
+@pytest.mark.timeout(90)
+async def test_state_through_a_gateway_keeps_the_devices_versions(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """Reported PUT by the gateway: stored under the device with the device's versions, as the
+    device itself reads them. Desired GET and Observe: the device's own document (versions,
+    ETag); a desired change notifies the gateway's observation."""
+    dev = await Principal(server, tmp_path, A).open()
+    gw = await gateway(server, tmp_path, A)
+    op = await Principal(server, tmp_path, "alice").open("operator")
+    try:
+        put = await gw.req(
+            "PUT", f"state/{A}/reported", records.dumps({"agent/version": [1234567, "1.2"]}), 60
+        )
+        assert put.dotted == "2.04" and records.loads(put.payload) == {"agent/version": 1234567}
+        own = await dev.req("GET", f"state/{A}/reported")
+        assert records.loads(own.payload) == {"agent/version": [1234567, "1.2"]}
+        assert (await server.reported(A))["agent/version"].version == 1234567
+        body = records.dumps({"sensor/motor/interval": 2.0})
+        assert (await op.req("PUT", f"state/{A}/desired", body, 60)).dotted == "2.04"
+        mine = await dev.req("GET", f"state/{A}/desired")
+        theirs = await gw.req("GET", f"state/{A}/desired")
+        assert theirs.dotted == "2.05" and theirs.payload == mine.payload
+        assert theirs.etag == mine.etag
+        doc = records.loads(theirs.payload)
+        assert doc["rev"] == 1 and doc["keys"] == {"sensor/motor/interval": [1, 2.0]}
+        assert gw.transport is not None
+        notes = gw.transport.observe(f"{server.uri}/state/{A}/desired", deadline=20)
+        assert records.loads((await anext(notes)).payload)["rev"] == 1
+        await server.set_desired(A, {"sensor/motor/interval": 3.0})
+        note = await asyncio.wait_for(anext(notes), 20)
+        assert records.loads(note.payload)["keys"]["sensor/motor/interval"] == [2, 3.0]
+        await notes.aclose()
+    finally:
+        for p in (dev, gw, op):
+            await p.close()
+
+
+@pytest.mark.timeout(60)
+async def test_single_datagram_ingest_of_a_gateway_goes_the_short_way_with_the_same_rule(
+    server: CloudServer,
+) -> None:
+    """cloud/fastpath.py renders through the same authorisation: A's batch (attached) is
+    stored, B's (not attached) is 4.03, both answered below aiocoap."""
+    for device in (A, B):
+        await server.add_device(device)
+    raw = RawDevice(server, OscoreSession(await server.register(GW, "gateway")))
+    await server.attach(GW, [A])
+    try:
+        assert acked(await raw.ask(ingest(A, range(1, 3)))) == [1, 2]  # through Echo: aiocoap
+        fast = server.fast_path
+        assert fast is not None
+        handled = fast.handled
+        assert acked(await raw.ask(ingest(A, range(3, 5)))) == [3, 4]
+        assert (await raw.ask(ingest(B, range(1, 3)))).code == Code.FORBIDDEN
+        assert fast.handled == handled + 2
+        assert await server.seqs(A) == [1, 2, 3, 4] and await server.seqs(B) == []
+    finally:
+        raw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_hostile_relay_bodies_get_4xx_and_never_a_traceback(
+    server: CloudServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not an array, wrong entry shapes, lying lengths, huge arrays, a body over the limit,
+    another content format: the request is refused whole (4.00, 4.13, 4.15). Bad batches, a
+    batch naming another device, an entry over the batch limit, records over the request's
+    budget: that entry is refused, the others stored. The endpoint serves on."""
+    caplog.set_level(logging.INFO)
+    for device in (A, B):
+        await server.add_device(device)
+    gw = await gateway(server, tmp_path, A, B)
+    whole = [
+        (cbor2.dumps({A: [112, b""]}), 60, "4.00"),
+        (cbor2.dumps([[A, 112]]), 60, "4.00"),
+        (cbor2.dumps([[1, 112, b"\x80"]]), 60, "4.00"),
+        (cbor2.dumps([[A, "112", b"\x80"]]), 60, "4.00"),
+        (cbor2.dumps([[A, 112, "\x80"]]), 60, "4.00"),
+        (bytes.fromhex("9bffffffffffffffff"), 60, "4.00"),  # declares 2**64 entries
+        (bytes.fromhex("81835bffffffffffffffff"), 60, "4.00"),  # a device of 2**64 bytes
+        (b"\x81" * 5000, 60, "4.00"),  # nested 5,000 deep
+        (b"\xff\x00", 60, "4.00"),
+        (b"", 60, "4.00"),
+        (cbor2.dumps([[A, 112, b"\x80"]] * (MAX_ENTRIES + 1)), 60, "4.13"),
+        (cbor2.dumps([[A, 112, bytes(300 * 1024)]]), 60, "4.13"),  # over 256 KiB (Block1)
+        (encode_relay([senml(A, range(1, 3))]), 112, "4.15"),
+    ]
+    try:
+        for body, cf, code in whole:
+            resp = await gw.req("POST", f"relay/{GW}", body, cf)
+            assert resp.dotted == code, (body[:16].hex(), resp.dotted, resp.payload)
+        server.limits = Limits(relay_records=4)
+        mixed = [
+            RelayEntry(A, 112, b"\x81\xa1"),  # a batch that does not decode
+            RelayEntry(A, 112, batch(B, range(1, 3))),  # names another device
+            RelayEntry(A, 60, b"\x80"),  # not an ingest content format
+            RelayEntry(A, 112, bytes(65 * 1024)),  # over the batch limit
+            RelayEntry("not a device!", 112, b"\x80"),
+            senml(A, range(1, 4)),  # 3 records: within the request's budget of 4
+            senml(B, range(1, 3)),  # 2 more: over it
+            senml(B, range(9, 10)),  # 1 more: within it
+        ]
+        results = await relay(gw, mixed)
+        codes = [r.dotted if isinstance(r, RelayRefusal) else "ack" for r in results]
+        assert codes == ["4.00", "4.00", "4.15", "4.13", "4.03", "ack", "4.13", "ack"]
+        assert await server.seqs(A) == [1, 2, 3] and await server.seqs(B) == [9]
+        server.limits = Limits()
+        assert (await relay(gw, [senml(B, range(1, 3))]))[0] == IngestAck.for_seqs([1, 2], 2, 0)
+    finally:
+        await gw.close()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert server.responses["5.00 Internal Server Error"] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_an_unauthenticated_relay_is_refused(server: CloudServer) -> None:
+    import aiocoap
+
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        msg = Message(
+            code=Code.POST,
+            uri=f"{server.uri}/relay/{GW}",
+            payload=encode_relay([senml(A, range(1, 3))]),
+            content_format=60,
+        )
+        async with asyncio.timeout(20):
+            resp = await ctx.request(msg).response
+        assert resp.code == Code.UNAUTHORIZED
+    finally:
+        await ctx.shutdown()
