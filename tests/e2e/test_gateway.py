@@ -22,10 +22,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 
 from agent.modelstore.signing import SignedManifest
+from agent.sync.security import ClientSecurity
+from agent.sync.transport import CoapTransport
+from agent.wire.batch import CF_CBOR
 from cloud.storage import SQLiteStorage
+from drivers.clock import RealClock
 from tools.chaos.harness import agent_config, free_udp_port
 
 pytestmark = pytest.mark.timeout(420)
@@ -33,6 +38,7 @@ pytestmark = pytest.mark.timeout(420)
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = ("pump-a", "pump-b", "pump-c")
 GATEWAY = "gw-1"
+PROBE = "probe-1"
 TIME_SCALE = 5
 
 
@@ -107,13 +113,21 @@ class Site:
             (self.tmp / f"{d}.toml").write_text(text)
         cloud("gateways", "add", "--data", str(self.data), "--credential-out",
               str(self.gw_dir / "credential.json"), GATEWAY)  # fmt: skip
-        cloud("gateways", "attach", "--data", str(self.data), GATEWAY, *self.devices)
+        # a device with no agent: the test speaks for it (validation inference at the gateway)
+        probe = self.tmp / "probe-credential.json"
+        cloud("devices", "add", "--data", str(self.data), "--credential-out", str(probe), PROBE)
+        shutil.copy(probe, self.gw_dir / "devices" / f"{PROBE}.json")
+        cloud("gateways", "attach", "--data", str(self.data), GATEWAY, *self.devices, PROBE)
         (self.tmp / "gateway.toml").write_text(
             f'[agent]\ndevice_id = "{GATEWAY}"\ndata_dir = "{self.gw_dir}"\n'
             f'[uplink]\nendpoints = ["{self.upstream()}"]\n'
             f'[gateway]\nlisten = "127.0.0.1:{self.gw_port}"\nforward_interval = 0.5\n'
             "desired_poll = 1.0\n"
         )
+
+    @property
+    def gateway_uri(self) -> str:
+        return f"coap://127.0.0.1:{self.gw_port}"
 
     def upstream(self) -> str:
         """The cloud as the gateway reaches it."""
@@ -215,6 +229,20 @@ async def test_gateway_relays_records_state_and_models_exactly_once(tmp_path: Pa
     try:
         site.start_site()
         await site.records_in_cloud(50, 120)
+        # an edge decision one LAN hop away: the gateway's full-precision model answers /infer
+        sec = ClientSecurity.open(
+            "oscore", [site.gateway_uri], tmp_path / "probe-credential.json",
+            tmp_path / "probe-oscore.json",
+        )  # fmt: skip
+        t = CoapTransport(RealClock(), lanes=1, uris=[site.gateway_uri], security=sec)
+        try:
+            body = cbor2.dumps({"model": "skab-ae", "window": [0.1] * 32})
+            resp = await t.request("POST", f"{site.gateway_uri}/infer/{PROBE}", body,
+                                   content_format=CF_CBOR, deadline=20.0)  # fmt: skip
+        finally:
+            await t.close()
+        assert resp.dotted == "2.05", resp
+        assert cbor2.loads(resp.payload)["precision"] == "float32"
         # a SIGKILL of the gateway: devices queue meanwhile, nothing is lost or doubled
         await site.kill_gateway(3)
         # the cloud goes away: the gateway acks its devices and keeps what it cannot forward
