@@ -243,6 +243,8 @@ class CloudServer(ComputeRoutes, RelayRoutes):
         self.worker = False  # one of several processes on one address (start(worker=True))
         self.receive_buffer = 0  # bytes, as the kernel granted them
         self._ctx: aiocoap.Context | None = None
+        #: called with (device, content format, body) of every batch that decoded
+        self.batch_observer: Callable[[str, int, bytes], None] | None = None
         self.fast_path: IngestFastPath | None = None  # single-datagram OSCORE ingest (fastpath.py)
         self.dtls: DtlsEndpoint | None = None  # coaps://, with start(dtls_listen=...)
         self.dashboard: Dashboard | None = None  # the web page: Dashboard.start(server, ...)
@@ -675,6 +677,8 @@ class CloudServer(ComputeRoutes, RelayRoutes):
                 f"a batch holds at most {self.limits.batch_records} records",
                 size1=self.limits.batch_bytes,
             )
+        if self.batch_observer is not None:  # a gateway learns its devices' resolutions
+            self.batch_observer(device, cf, payload)
         return records
 
     async def _store_batch(self, device: str, records: list[WireRecord]) -> IngestAck:

@@ -47,12 +47,20 @@ from agent.wire.statedoc import DesiredDoc, StateError
 log = logging.getLogger("agent.gateway")
 
 CURSOR_FILE = "forward.json"
+RESOLUTIONS_FILE = "resolutions.json"
 REQUEST_DEADLINE = 60.0
 MAX_BATCH_RECORDS = 4096  # per device and request (the endpoint's limit)
 
 Db = Callable[
     [Callable[[Any], Any]], Awaitable[Any]
 ]  # CloudServer.db: run fn(storage) on its thread
+
+
+def _alerts_waiting(s: Any, after: int) -> bool:
+    row = s.db.execute(
+        "SELECT 1 FROM records WHERE arrival > ? AND kind = 'alert' LIMIT 1", (after,)
+    ).fetchone()
+    return row is not None
 
 
 def _pending(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord]]:
@@ -63,6 +71,53 @@ def _pending(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord]
         (after, limit),
     ).fetchall()
     return [(int(a), d, WireRecord(int(q), k, float(c), bytes(b))) for a, d, q, k, c, b in rows]
+
+
+class Resolutions:
+    """The step each device quantizes each channel to, learned from its compact batches
+    (:meth:`CompactDecoding.resolutions`), so the forwarder encodes the same readings as
+    compactly as the device did (values decoded from a device's grid are on it: re-encoding is
+    lossless). A channel never seen in a compact batch is sent exactly. Kept in a file so a
+    restarted gateway need not learn again; losing it costs bytes, never data."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / RESOLUTIONS_FILE
+        self.steps: dict[str, dict[tuple[str, str], float]] = {}
+        self.dirty = False
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            for device, rows in raw.items():
+                self.steps[device] = {(s, c): float(v) for s, c, v in rows}
+        except (OSError, ValueError, TypeError):
+            self.steps = {}
+
+    def observe(self, device: str, cf: int, payload: bytes) -> None:
+        """A batch the gateway's server decoded (CloudServer.batch_observer)."""
+        encoding = codec.encoding_for(cf)
+        read = getattr(encoding, "resolutions", None)
+        if read is None:
+            return  # SenML: no resolutions in it
+        try:
+            found = read(payload)
+        except AgentError:
+            return
+        known = self.steps.setdefault(device, {})
+        for key, step in found.items():
+            if known.get(key) != step:
+                known[key] = step
+                self.dirty = True
+
+    def of(self, device: str) -> Callable[[str, str], float | None]:
+        steps = self.steps.get(device, {})
+        return lambda sensor, channel: steps.get((sensor, channel))
+
+    async def save(self) -> None:
+        if not self.dirty:
+            return
+        self.dirty = False
+        doc = {d: [[s, c, v] for (s, c), v in sorted(t.items())] for d, t in self.steps.items()}
+        data = (json.dumps(doc, sort_keys=True) + "\n").encode()
+        await asyncio.to_thread(write_atomic, self.path, data)
 
 
 class RecordForwarder:
@@ -76,10 +131,11 @@ class RecordForwarder:
         data_dir: Path,
         *,
         name: str,
-        records: int = 2000,
+        records: int = 20_000,
         lane: int = 0,
     ) -> None:
         self.name = name  # the gateway's principal: POST /relay/<name>
+        self.resolutions = Resolutions(data_dir)
         self.db = db
         self.transport = transport
         self.base = base
@@ -102,6 +158,10 @@ class RecordForwarder:
     async def _save(self) -> None:
         data = (json.dumps({"arrival": self.cursor}) + "\n").encode()
         await asyncio.to_thread(write_atomic, self.path, data)
+
+    async def alerts_waiting(self) -> bool:
+        cursor = self.cursor
+        return bool(await self.db(lambda s: _alerts_waiting(s, cursor)))
 
     async def forward_once(self) -> int:
         """One pass: forward what is pending (at most ``records``) in one ``POST /relay``; the
@@ -129,9 +189,14 @@ class RecordForwarder:
         return done
 
     async def _relay(self, parts: Sequence[tuple[str, Sequence[WireRecord]]]) -> int:
+        await self.resolutions.save()
         entries = [
             RelayEntry(
-                device, CF_COMPACT_DEFLATE, codec.encode_batch(None, recs, CF_COMPACT_DEFLATE)
+                device,
+                CF_COMPACT_DEFLATE,
+                codec.encode_batch(
+                    None, recs, CF_COMPACT_DEFLATE, resolution=self.resolutions.of(device)
+                ),
             )
             for device, recs in parts
         ]
@@ -232,9 +297,13 @@ class StateRelay:
         changed = 0
         for device in self.devices():
             uri = f"{self.base()}/state/{device}/desired"
+            mirrored = self._mirrored.get(device)
             resp = await self.transport.request(
-                "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane
-            )
+                "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane,
+                etags=(mirrored,) if mirrored else (),
+            )  # fmt: skip
+            if resp.dotted == "2.03":  # Valid: the document mirrored is the cloud's
+                continue
             if not resp.success:
                 raise SyncError(f"GET {uri}: {resp.dotted}")
             try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -41,6 +42,7 @@ log = logging.getLogger("agent.gateway")
 
 STORE_RETRY = 5.0  # seconds between tries to learn the cloud's storage identity on first start
 STORE_DIR = "store"  # the gateway's endpoint data (SQLite, models, OSCORE state) under data_dir
+ALERT_CHECK = 0.5  # seconds between looks for an alert waiting to be forwarded
 
 
 class Gateway:
@@ -75,6 +77,7 @@ class Gateway:
         self.state: StateRelay | None = None
         self._stop = asyncio.Event()
         self._writes: list[asyncio.Future[None]] = []  # desired documents being mirrored
+        self._last_pass = -math.inf  # monotonic time of the last forwarding pass
 
     # -- start-up -------------------------------------------------------------------------------
     def _credentials(self) -> list[Credential]:
@@ -147,6 +150,7 @@ class Gateway:
             server.db, self.transport, lambda: self.endpoints.current, self.config.data_dir,
             name=self.config.name, records=g.forward_records, lane=1,
         )  # fmt: skip
+        server.batch_observer = self.forwarder.resolutions.observe
         self.state = StateRelay(
             server.db, self.transport, lambda: self.endpoints.current, lambda: self.devices,
             on_desired=self._mirror, fetcher=self.fetcher, put_model=self._put_model,
@@ -199,7 +203,7 @@ class Gateway:
             await asyncio.gather(*writes)
 
         tasks = [
-            asyncio.create_task(run_every(g.forward_interval, self._forward, "records")),
+            asyncio.create_task(run_every(ALERT_CHECK, self._forward, "records")),
             asyncio.create_task(
                 run_every(g.forward_interval, self.state.reported_once, "reported")
             ),
@@ -216,9 +220,19 @@ class Gateway:
             await self.close()
 
     async def _forward(self) -> None:
+        """A pass when ``forward_interval`` has passed since the last (readings merge into
+        larger, better-compressed batches meanwhile), or at once when an alert waits."""
         assert self.forwarder is not None
-        while await self.forwarder.forward_once():
-            pass  # drain the backlog, then wait for the next pass
+        now = self.clock.monotonic()
+        due = now - self._last_pass >= self.config.gateway.forward_interval
+        if not due and not await self.forwarder.alerts_waiting():
+            return
+        self._last_pass = now
+        limit = self.config.gateway.forward_records
+        # one pass per interval (what arrives meanwhile waits for the next: larger batches);
+        # a full pass means a backlog (after an outage): go on until it is drained
+        while await self.forwarder.forward_once() >= limit:
+            pass
 
     def stop(self) -> None:
         self._stop.set()

@@ -7,9 +7,9 @@ credential, role ``gateway``) and its own ``[gateway]`` table::
     [gateway]
     listen = "0.0.0.0:5683"        # where devices reach it (coap://)
     credentials = "devices"        # the credential files of its devices (relative: data_dir)
-    forward_interval = 2.0         # seconds between forwarding passes
-    forward_records = 2000         # records per pass at most
-    desired_poll = 5.0             # seconds between looks at the cloud's desired documents
+    forward_interval = 30.0        # seconds between forwarding passes (alerts: at once)
+    forward_records = 20000        # records per pass at most
+    desired_poll = 30.0            # seconds between (conditional) looks at desired documents
 
     [gateway.peers]                # optional: the site's replicated state (agent/gateway/peers.py)
     listen = "0.0.0.0:5690"
@@ -38,9 +38,9 @@ class GatewaySettings:
     host: str = "0.0.0.0"
     port: int = DEFAULT_PORT
     credentials: Path = Path("devices")
-    forward_interval: float = 2.0
-    forward_records: int = 2000
-    desired_poll: float = 5.0
+    forward_interval: float = 30.0
+    forward_records: int = 20_000
+    desired_poll: float = 30.0
     peers: PeerSettings | None = None  # [gateway.peers]: the site's replicated state
 
     @classmethod
@@ -50,9 +50,9 @@ class GatewaySettings:
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
             raise opts.error("listen", f"{listen!r}: expected HOST:PORT")
         creds = resolve_path(data_dir, opts.string("credentials", "devices"))
-        interval = opts.number("forward_interval", 2.0, minimum=0.05, maximum=3600.0)
-        records = opts.integer("forward_records", 2000, minimum=1, maximum=100_000)
-        poll = opts.number("desired_poll", 5.0, minimum=0.1, maximum=3600.0)
+        interval = opts.number("forward_interval", 30.0, minimum=0.05, maximum=3600.0)
+        records = opts.integer("forward_records", 20_000, minimum=1, maximum=100_000)
+        poll = opts.number("desired_poll", 30.0, minimum=0.1, maximum=3600.0)
         peers = (
             PeerSettings.from_options(opts.table("peers"), data_dir) if opts.has("peers") else None
         )

@@ -167,8 +167,10 @@ class CoapTransport:
         ack_timeout: float | None = None,
         confirmable: bool = True,
         block2: tuple[int, int] | None = None,
+        etags: tuple[bytes, ...] = (),
     ) -> Response:
         """One exchange; raises SyncError when it fails or misses its deadline.
+        ``etags``: the request's ETag options (a GET answered 2.03 Valid when one is current).
 
         ``block2``: (block number, szx) asks for that one block (RFC 7959), without aiocoap's
         automatic block-wise transfer (the default); the answer's Block2 is ``Response.block2``."""
@@ -189,6 +191,8 @@ class CoapTransport:
             msg.opt.accept = accept
         if block2 is not None:
             msg.opt.block2 = BlockOption.BlockwiseTuple(block2[0], False, block2[1])
+        if etags:
+            msg.opt.etags = etags
         try:
             req = ctx.request(msg, handle_blockwise=block2 is None)
         except (coap_error.Error, ValueError, OSError) as err:

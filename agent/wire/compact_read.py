@@ -62,12 +62,33 @@ class CompactDecoding:
     _bodies: SenMLCBOR
 
     def decode(self, data: bytes) -> tuple[str | None, list[WireRecord]]:
+        r, bits = self._open(data)
+        device, records = self._parse(r, bits)
+        if bits is not None:
+            bits.finish()
+        return device, records
+
+    def resolutions(self, data: bytes) -> dict[tuple[str, str], float]:
+        """The step of each (sensor, channel) the batch quantizes to, from its group table
+        only: what an encoder needs to send the same readings as compactly again (a gateway
+        forwarding them). Channels sent exactly are not in it. Raises CodecError."""
+        r, _ = self._open(data)
+        self._flags(r)
+        return {
+            (sensor, ch): step
+            for sensor, channels, _, steps in self._table(r)
+            for ch, step in zip(channels, steps, strict=True)
+            if step is not None
+        }
+
+    def _open(self, data: bytes) -> tuple[_Reader, _BitReader | None]:
+        """The batch's (inflated) body and, with deflate, the extra bits after it."""
         try:
             data = bytes(data)
         except TypeError:
             raise CodecError("a batch is bytes") from None
         if not self.deflate:
-            return self._parse(_Reader(data), None)
+            return _Reader(data), None
         pos = 0
         zdict = None
         if self.dictionary is not None:
@@ -88,28 +109,29 @@ class CompactDecoding:
             if inflater.unconsumed_tail or len(body) >= MAX_INFLATED:
                 raise CodecError(f"the batch inflates to more than {MAX_INFLATED} bytes")
             raise CodecError("the deflate stream ends early")
-        bits = _BitReader(inflater.unused_data)
-        device, records = self._parse(_Reader(body), bits)
-        bits.finish()
-        return device, records
+        return _Reader(body), _BitReader(inflater.unused_data)
 
-    def _parse(self, r: _Reader, bits: _BitReader | None) -> tuple[str | None, list[WireRecord]]:
+    @staticmethod
+    def _flags(r: _Reader) -> int:
         if r.byte() != FORMAT_VERSION:
             raise CodecError("not a compact batch of version 1")
         flags = r.byte()
         if flags & ~(FLAG_SPLIT | FLAG_FEATURES):
             raise CodecError(f"unknown flags 0x{flags:02x}")
-        split = bool(flags & FLAG_SPLIT)
-        # with features records, id 4 is theirs and the groups start at 5
-        first_group = _FIRST_GROUP + bool(flags & FLAG_FEATURES)
-        kinds = _OPAQUE_KINDS_FEATURES if flags & FLAG_FEATURES else _OPAQUE_KINDS
-        if split and bits is None:
-            raise CodecError(f"content format {self.content_format} carries no extra bits")
+        return flags
+
+    @staticmethod
+    def _table(
+        r: _Reader,
+    ) -> list[tuple[str, list[str], list[tuple[int, int] | None], list[float | None]]]:
+        """The group table: (sensor, channels, each channel's resolution as a ratio and as a
+        step) per group."""
         table = []
         for _ in range(r.count("groups")):
             sensor = r.text("sensor name")
             channels: list[str] = []
             res: list[tuple[int, int] | None] = []
+            steps: list[float | None] = []
             for _ in range(r.count("channels")):
                 name = r.text("channel name")
                 if name in channels:
@@ -118,6 +140,7 @@ class CompactDecoding:
                 tag = r.byte()
                 if tag == 0:
                     res.append(None)
+                    steps.append(None)
                 elif tag == 1:
                     m = r.varint()
                     e = unzigzag(r.varint())
@@ -127,11 +150,23 @@ class CompactDecoding:
                     if not (math.isfinite(step) and step > 0.0):
                         raise CodecError("a resolution is out of range")
                     res.append(_ratio(m, e))
+                    steps.append(step)
                 else:
                     raise CodecError(f"unknown resolution tag {tag}")
             if not channels:
                 raise CodecError("a group without channels")
-            table.append((sensor, channels, res))
+            table.append((sensor, channels, res, steps))
+        return table
+
+    def _parse(self, r: _Reader, bits: _BitReader | None) -> tuple[str | None, list[WireRecord]]:
+        flags = self._flags(r)
+        split = bool(flags & FLAG_SPLIT)
+        # with features records, id 4 is theirs and the groups start at 5
+        first_group = _FIRST_GROUP + bool(flags & FLAG_FEATURES)
+        kinds = _OPAQUE_KINDS_FEATURES if flags & FLAG_FEATURES else _OPAQUE_KINDS
+        if split and bits is None:
+            raise CodecError(f"content format {self.content_format} carries no extra bits")
+        table = [(sensor, channels, res) for sensor, channels, res, _ in self._table(r)]
         device_text = r.text("device id")
         device: str | None = None
         if device_text:
