@@ -184,6 +184,36 @@ class Site:
         )  # fmt: skip
         self.check_delivery()
 
+    async def model_everywhere(self, version: str, within: float) -> None:
+        """Publish ``version`` of skab-ae, assign it to every device: it becomes active on all
+        of them, and the gateway downloaded it once."""
+        # the float32 reference of skab-ae: same features, another file (another SHA-256 than
+        # the version the devices run, so "active with this SHA-256" means they switched)
+        cloud("models", "publish", str(ROOT / "models" / "cloud" / "skab-ae.float32.tflite"),
+              "--data", str(self.data), "--name", "skab-ae", "--version", version,
+              "--entry", "skab-ae")  # fmt: skip
+        for d in self.devices:
+            cloud("desired", "set", "--data", str(self.data), "--device", d,
+                  f'model/anomaly={{"name": "skab-ae", "version": "{version}"}}')  # fmt: skip
+        s = SQLiteStorage(self.data / "cloud.sqlite3")
+        try:
+            published = s.model("skab-ae", version)
+            assert published is not None
+            sha = SignedManifest.from_cbor(published.manifest).sha256
+        finally:
+            s.close()
+
+        def installed() -> bool:
+            for d in self.devices:
+                value = self.reported(d, "model/anomaly") or {}
+                if value.get("sha256") != sha or value.get("status") != "active":
+                    return False
+            return True
+
+        await until(installed, within, f"skab-ae {version} active on every device")
+        log = (self.tmp / "gateway.log").read_text()
+        assert log.count(f"event=gateway_model_cached name=skab-ae version={version}") == 1
+
     def close(self) -> None:
         for p in self.agents.values():
             stop(p)
@@ -267,29 +297,7 @@ async def test_gateway_relays_records_state_and_models_exactly_once(tmp_path: Pa
         await until(lambda: site.reported(DEVICES[0], "sensor/motor/interval") == 2.0, 90,
                     "the desired change applied on the device and reported back up")  # fmt: skip
         # a model version assigned to every device: one download by the gateway
-        cloud("models", "publish", str(ROOT / "models" / "skab-ae.tflite"), "--data",
-              str(site.data), "--name", "skab-ae", "--version", "1.0.1")  # fmt: skip
-        for d in DEVICES:
-            cloud("desired", "set", "--data", str(site.data), "--device", d,
-                  'model/anomaly={"name": "skab-ae", "version": "1.0.1"}')  # fmt: skip
-        s = SQLiteStorage(site.data / "cloud.sqlite3")
-        try:
-            published = s.model("skab-ae", "1.0.1")
-            assert published is not None
-            sha = SignedManifest.from_cbor(published.manifest).sha256
-        finally:
-            s.close()
-
-        def installed() -> bool:
-            for d in DEVICES:
-                value = site.reported(d, "model/anomaly") or {}
-                if value.get("sha256") != sha or value.get("status") != "active":
-                    return False
-            return True
-
-        await until(installed, 120, "the new version active on every device")
-        log = (tmp_path / "gateway.log").read_text()
-        assert log.count("event=gateway_model_cached name=skab-ae version=1.0.1") == 1
+        await site.model_everywhere("1.0.1", 120)
         # the gateway goes away for longer: a device that lists the cloud second falls back to it
         # and returns to the gateway once it is back (one storage identity: both are accepted)
         stop(site.gw_proc)
