@@ -36,6 +36,7 @@ from agent.wire import codec, statedoc
 from agent.wire.batch import CF_CBOR, IngestAck, WireRecord
 from agent.wire.compact_format import CF_COMPACT_DEFLATE
 from agent.wire.relay import (
+    MAX_BODY_BYTES,
     MAX_ENTRIES,
     RelayEntry,
     RelayRefusal,
@@ -49,7 +50,10 @@ log = logging.getLogger("agent.gateway")
 CURSOR_FILE = "forward.json"
 RESOLUTIONS_FILE = "resolutions.json"
 REQUEST_DEADLINE = 60.0
-MAX_BATCH_RECORDS = 4096  # per device and request (the endpoint's limit)
+MAX_BATCH_RECORDS = 4096  # per device and entry (the endpoint's limit of a batch)
+RELAY_RECORDS = 4 * 4096  # per /relay request (the endpoint's Limits.relay_records)
+RELAY_BYTES = MAX_BODY_BYTES - 4096  # batches per /relay request (a body under the limit)
+RELAY_ENTRY_OVERHEAD = 80  # CBOR of an entry around its batch: device name, format, lengths
 
 Db = Callable[
     [Callable[[Any], Any]], Awaitable[Any]
@@ -180,26 +184,24 @@ class RecordForwarder:
             for device, recs in sorted(by_device.items(), key=lambda kv: _first_alert(kv[1]))
             for i in range(0, len(recs), MAX_BATCH_RECORDS)
         ]
+        await self.resolutions.save()
+        encoded = [(device, recs, self._entry(device, recs)) for device, recs in parts]
         done = 0
-        for i in range(0, len(parts), MAX_ENTRIES):
-            done += await self._relay(parts[i : i + MAX_ENTRIES])
+        for request in _requests(encoded):
+            done += await self._relay(request)
         self.cursor = max(a for a, _, _ in rows)
         await self._save()
         self.forwarded += done
         return done
 
-    async def _relay(self, parts: Sequence[tuple[str, Sequence[WireRecord]]]) -> int:
-        await self.resolutions.save()
-        entries = [
-            RelayEntry(
-                device,
-                CF_COMPACT_DEFLATE,
-                codec.encode_batch(
-                    None, recs, CF_COMPACT_DEFLATE, resolution=self.resolutions.of(device)
-                ),
-            )
-            for device, recs in parts
-        ]
+    def _entry(self, device: str, recs: Sequence[WireRecord]) -> RelayEntry:
+        batch = codec.encode_batch(
+            None, recs, CF_COMPACT_DEFLATE, resolution=self.resolutions.of(device)
+        )
+        return RelayEntry(device, CF_COMPACT_DEFLATE, batch)
+
+    async def _relay(self, parts: Sequence[tuple[str, Sequence[WireRecord], RelayEntry]]) -> int:
+        entries = [entry for _, _, entry in parts]
         body = encode_relay(entries)
         uri = f"{self.base()}/relay/{self.name}"
         resp = await self.transport.request(
@@ -215,7 +217,7 @@ class RecordForwarder:
         except AgentError as err:
             raise SyncError(f"POST {uri}: the answer does not decode: {err}") from None
         done = 0
-        for (device, recs), answer in zip(parts, answers, strict=True):
+        for (device, recs, _), answer in zip(parts, answers, strict=True):
             if isinstance(answer, RelayRefusal):  # e.g. 4.03: not attached to this gateway
                 raise SyncError(
                     f"POST {uri}: {device}: {answer.dotted} {answer.message} (its records stay "
@@ -233,6 +235,28 @@ class RecordForwarder:
             self.conflicts += len(conflicts)
             log.warning("event=forward_conflict device=%s seqs=%d", device, len(conflicts))
         return len(recs) - len(conflicts)
+
+
+def _requests(
+    parts: Sequence[tuple[str, Sequence[WireRecord], RelayEntry]],
+) -> list[list[tuple[str, Sequence[WireRecord], RelayEntry]]]:
+    """The encoded parts of a pass cut into requests the endpoint takes: at most MAX_ENTRIES
+    entries, RELAY_RECORDS records and RELAY_BYTES of batches each (more is refused 4.13)."""
+    out: list[list[tuple[str, Sequence[WireRecord], RelayEntry]]] = []
+    records = size = 0
+    for part in parts:
+        n, b = len(part[1]), len(part[2].batch) + RELAY_ENTRY_OVERHEAD
+        if (
+            not out
+            or len(out[-1]) >= MAX_ENTRIES
+            or records + n > RELAY_RECORDS
+            or (size + b > RELAY_BYTES)
+        ):
+            out.append([])
+            records = size = 0
+        out[-1].append(part)
+        records, size = records + n, size + b
+    return out
 
 
 def _first_alert(recs: Sequence[WireRecord]) -> int:

@@ -1,0 +1,43 @@
+"""How the gateway's forwarder cuts a pass into /relay requests the endpoint takes: at most
+MAX_ENTRIES entries, RELAY_RECORDS records and RELAY_BYTES of batches per request (a backlog after
+an outage is larger than one request; more than that is refused 4.13 and would never drain)."""
+
+from __future__ import annotations
+
+from agent.gateway.relay import RELAY_BYTES, RELAY_RECORDS, _requests
+from agent.wire.batch import WireRecord
+from agent.wire.relay import MAX_ENTRIES, RelayEntry
+
+
+def _part(device: str, records: int, size: int) -> tuple[str, list[WireRecord], RelayEntry]:
+    recs = [WireRecord(i + 1, "telemetry", 0.0, b"\xa0") for i in range(records)]
+    return device, recs, RelayEntry(device, 65001, b"x" * size)
+
+
+def _check(requests: list) -> None:
+    for req in requests:
+        assert 1 <= len(req) <= MAX_ENTRIES
+        assert sum(len(p[1]) for p in req) <= RELAY_RECORDS
+        assert sum(len(p[2].batch) for p in req) <= RELAY_BYTES
+
+
+def test_a_backlog_of_many_records_is_cut_by_records() -> None:
+    parts = [_part(f"d{i}", 4096, 1000) for i in range(10)]  # 40,960 records
+    reqs = _requests(parts)
+    _check(reqs)
+    assert [len(r) for r in reqs] == [4, 4, 2]
+    assert [p for r in reqs for p in r] == parts  # all of them, in order
+
+
+def test_large_batches_are_cut_by_bytes_and_many_devices_by_entries() -> None:
+    big = [_part(f"b{i}", 100, 100_000) for i in range(6)]
+    _check(_requests(big))
+    assert len(_requests(big)) == 3
+    many = [_part(f"m{i}", 1, 10) for i in range(600)]
+    reqs = _requests(many)
+    _check(reqs)
+    assert [len(r) for r in reqs] == [256, 256, 88]
+
+
+def test_an_empty_pass_is_no_request() -> None:
+    assert _requests([]) == []
