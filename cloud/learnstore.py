@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cloud.storebase import Sql
+from cloud.storebase import Sql, SqlTables
 
 T = TypeVar("T")
 
@@ -92,14 +92,8 @@ def _job(row: Any) -> JobRow:
 _JOB_COLUMNS = "id, model, doc, rev, created, updated"
 
 
-class LearnTables:
+class LearnTables(SqlTables):
     """Storage methods of the learning tables (both dialects)."""
-
-    def _read(self, fn: Callable[[Sql], T]) -> T:
-        raise NotImplementedError
-
-    def _write(self, fn: Callable[[Sql], T]) -> T:
-        raise NotImplementedError
 
     def create_learn_job(self, model: str, doc: Callable[[int], bytes], now: float) -> int:
         """A new job numbered one above every job so far; ``doc(id)`` its document."""

@@ -270,28 +270,33 @@ class ModelRegistry:
     def _block(
         self, request: Message, name: str, version: str, manifest: SignedManifest
     ) -> Message:
-        path = self.file_path(name, version)
-        block2 = request.opt.block2
-        szx = MAX_SZX if block2 is None else min(block2.size_exponent, MAX_SZX)
-        num = 0 if block2 is None else block2.block_number
-        if block2 is not None and block2.size_exponent > MAX_SZX:
-            # RFC 7959 section 2.4: answer with a smaller block that starts at the same place.
-            num *= 2 ** (block2.size_exponent - MAX_SZX)
-        size = 2 ** (szx + 4)
-        with open(path, "rb") as f:
-            total = os.fstat(f.fileno()).st_size
-            offset = num * size
-            if offset > total or (offset == total and total > 0):
-                raise ModelRequestError(Code.BAD_REQUEST, f"block {num} is past the end")
-            f.seek(offset)
-            payload = f.read(size)
-        more = offset + len(payload) < total
-        response = Message(code=Code.CONTENT, payload=payload, content_format=CF_OCTET_STREAM)
-        if block2 is not None or more:
-            response.opt.block2 = BlockOption.BlockwiseTuple(num, more, szx)
-        response.opt.size2 = total
-        response.opt.etag = bytes.fromhex(manifest.sha256)[:8]
-        return response
+        return block_response(request, self.file_path(name, version), manifest.sha256)
+
+
+def block_response(request: Message, path: Path, sha256: str) -> Message:
+    """One Block2 block of the file ``path`` (by the request's block number; RFC 7959), with
+    Size2 and an ETag of the first 8 bytes of ``sha256``. FileNotFoundError when it is gone."""
+    block2 = request.opt.block2
+    szx = MAX_SZX if block2 is None else min(block2.size_exponent, MAX_SZX)
+    num = 0 if block2 is None else block2.block_number
+    if block2 is not None and block2.size_exponent > MAX_SZX:
+        # RFC 7959 section 2.4: answer with a smaller block that starts at the same place.
+        num *= 2 ** (block2.size_exponent - MAX_SZX)
+    size = 2 ** (szx + 4)
+    with open(path, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        offset = num * size
+        if offset > total or (offset == total and total > 0):
+            raise ModelRequestError(Code.BAD_REQUEST, f"block {num} is past the end")
+        f.seek(offset)
+        payload = f.read(size)
+    more = offset + len(payload) < total
+    response = Message(code=Code.CONTENT, payload=payload, content_format=CF_OCTET_STREAM)
+    if block2 is not None or more:
+        response.opt.block2 = BlockOption.BlockwiseTuple(num, more, szx)
+    response.opt.size2 = total
+    response.opt.etag = bytes.fromhex(sha256)[:8]
+    return response
 
 
 def _manifest(stored: ModelVersion | None) -> SignedManifest | None:

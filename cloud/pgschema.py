@@ -42,7 +42,7 @@ from typing import Any
 
 from psycopg import Connection, sql
 
-from cloud import featurestore, learnstore, relaystore
+from cloud import commandstore, featurestore, learnstore, relaystore
 
 #: Advisory lock keys (pg_advisory_xact_lock): "edgeschm" and "edgepart" as 64-bit numbers.
 MIGRATION_LOCK = int.from_bytes(b"edgeschm", "big") - 2**63
@@ -155,7 +155,10 @@ _V4 = featurestore.PG_MIGRATION
 #: Version 5: which gateway each device is behind (cloud/relaystore.py, docs/security.md).
 _V5 = relaystore.PG_MIGRATION
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5)
+#: Version 6: remote commands and log uploads (cloud/commandstore.py).
+_V6 = commandstore.PG_MIGRATION
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

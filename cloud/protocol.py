@@ -173,6 +173,8 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("device", device, frozenset({GET}))
         case ("models", _) | ("models", _, _, "manifest" | "file"):
             return _Route("models", None, frozenset({GET}))
+        case ("releases",) | ("releases", _, "manifest" | "file"):  # cloud/releases.py
+            return _Route("releases", None, frozenset({GET}))
         case ("infer", device):
             return _Route("infer", device, frozenset({POST}))
         case ("validate", device):
@@ -181,6 +183,8 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("masters", None, frozenset({GET}))
         case ("learn", device):
             return _Route("learn", device, frozenset({POST}))
+        case ("logs", device):  # cloud/logroutes.py
+            return _Route("logs", device, frozenset({POST}))
         case ("relay", gateway):
             return _Route("relay", gateway, frozenset({POST}))
     raise _Failure(Code.NOT_FOUND, "no such resource")

@@ -12,10 +12,10 @@ map of them with its principals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
-from cloud.storebase import Sql, UnknownDevice
+from cloud.storebase import Sql, SqlTables, UnknownDevice
 
 T = TypeVar("T")
 
@@ -38,14 +38,8 @@ PG_MIGRATION = (
 )
 
 
-class RelayTables:
+class RelayTables(SqlTables):
     """Storage methods of the ``relays`` table (both dialects)."""
-
-    def _read(self, fn: Callable[[Sql], T]) -> T:
-        raise NotImplementedError
-
-    def _write(self, fn: Callable[[Sql], T]) -> T:
-        raise NotImplementedError
 
     def _principals_changed(self, db: Sql, principal: str) -> None:
         """Tell other endpoint processes that what ``principal`` may do changed, in the

@@ -90,9 +90,11 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "desired": {"GET": ("own", "operator"), "PUT": ("operator",)},
     "device": {"GET": ("own", "operator")},
     "models": {"GET": ("any",)},
+    "releases": {"GET": ("any",)},
     "infer": {"POST": ("own",)},
     "validate": {"POST": ("own",)},
     "learn": {"POST": ("own",)},
+    "logs": {"POST": ("own",)},
     "masters": {"GET": ("any",)},
     "relay": {"POST": ("gateway",)},
 }

@@ -52,6 +52,7 @@ from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, Ing
 from agent.wire.credentials import Credential
 from agent.wire.learning import MAX_BODY_BYTES
 from agent.wire.statedoc import StateError
+from cloud import commandstore
 from cloud.dashboard import Dashboard
 from cloud.desired import DesiredObservers, render_document
 from cloud.dtls import DtlsEndpoint
@@ -59,6 +60,7 @@ from cloud.fastpath import IngestFastPath
 from cloud.inference import DEFAULT_MODELS_DIR, CloudInference
 from cloud.ingest import GroupCommit
 from cloud.listen import bound_port, check_port_free, enlarge_receive_buffer, server_protocol
+from cloud.logroutes import LogRoutes
 from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
     _KNOWN_CRITICAL,
@@ -77,6 +79,7 @@ from cloud.protocol import (
     datagram_guard,
 )
 from cloud.relayroutes import RelayRoutes
+from cloud.releases import ReleaseRoutes
 from cloud.security import (
     ENDPOINT_SEQUENCE,
     Principal,
@@ -149,7 +152,7 @@ class _Site(aiocoap.resource.ObservableResource):
         path = tuple(req.opt.uri_path)
         if path[:1] == ("ingest",):
             return self._server.limits.batch_bytes
-        if path[:1] == ("learn",):
+        if path[:1] in (("learn",), ("logs",)):  # logs: cloud/logroutes.py checks its own
             return MAX_BODY_BYTES
         if path[:1] == ("relay",):
             return self._server.limits.relay_bytes
@@ -159,7 +162,7 @@ class _Site(aiocoap.resource.ObservableResource):
         # Model files answer any Block2 number themselves (stateless, resumable); so does desired
         # state (cloud/desired.py), whose notifications may be block-wise too.
         path = tuple(request.opt.uri_path)
-        if len(path) == 4 and path[0] == "models" and path[3] == "file":
+        if path[-1:] == ("file",) and path[:1] in (("models",), ("releases",)):
             return False
         return not _is_desired_get(request)
 
@@ -211,7 +214,7 @@ class _Site(aiocoap.resource.ObservableResource):
         return response
 
 
-class CloudServer(ComputeRoutes, RelayRoutes):
+class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes):
     """The endpoint: a CoAP server, a storage thread, and the observers of desired state."""
 
     def __init__(
@@ -557,7 +560,8 @@ class CloudServer(ComputeRoutes, RelayRoutes):
             raise _Failure(Code.NOT_FOUND, "no such device")
         accept = request.opt.accept
         wanted = CF_LINK_FORMAT if route.name == "wkc" else CF_CBOR
-        if accept is not None and int(accept) != wanted and route.name != "models":
+        own_format = route.name in ("models", "releases")  # they check Accept themselves
+        if accept is not None and int(accept) != wanted and not own_format:
             raise _Failure(Code.NOT_ACCEPTABLE, f"this resource is served as {wanted}")
         return route
 
@@ -726,6 +730,8 @@ class CloudServer(ComputeRoutes, RelayRoutes):
             result = await self.db(lambda s: s.put_reported(device, entries, now, limit))
         except DocumentTooLarge as err:
             raise _Failure(Code.REQUEST_ENTITY_TOO_LARGE, str(err)) from None
+        if done := commandstore.taken_results(entries, result.versions):  # command history
+            await self.db(lambda s: s.note_command_results(device, done, now))
         if result.desired_changed:
             log.info(
                 "event=model_blocked device=%s blocked=%s",

@@ -37,10 +37,10 @@ log = logging.getLogger("cloud.server")
 _REFUSALS = {"4.00": Code.BAD_REQUEST, "4.03": Code.FORBIDDEN, "4.04": Code.NOT_FOUND}
 
 
-class ComputeRoutes:
-    """Handlers of the computing resources (see the module docstring)."""
+class RouteHost:
+    """What a mixin of route handlers uses of :class:`cloud.server.CloudServer` (the mixins
+    here, cloud/relayroutes.py, cloud/logroutes.py)."""
 
-    inference: CloudInference
     clock: Clock
 
     async def _device(self, route: _Route) -> str:
@@ -51,6 +51,12 @@ class ComputeRoutes:
 
     async def db(self, fn: Callable[[Storage], Any]) -> Any:
         raise NotImplementedError
+
+
+class ComputeRoutes(RouteHost):
+    """Handlers of the computing resources (see the module docstring)."""
+
+    inference: CloudInference
 
     async def _inference_body(self, request: Message) -> Any:
         payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)

@@ -35,7 +35,7 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import featurestore, learnstore, linkhistory, relaystore
+from cloud import commandstore, featurestore, learnstore, linkhistory, relaystore
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -210,6 +210,7 @@ class SQLiteStorage(SharedStorage):
                     + learnstore.SQLITE_SCHEMA
                     + featurestore.SQLITE_SCHEMA
                     + relaystore.SQLITE_SCHEMA
+                    + commandstore.SQLITE_SCHEMA
                 )
                 for statement in schema.split(";"):
                     if statement.strip():

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from agent.errors import AgentError
@@ -39,6 +39,8 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord
 from agent.wire.credentials import Credential
 from agent.wire.statedoc import DesiredDoc, Entry
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from cloud.featurestore import StoredFeatures
@@ -219,6 +221,18 @@ TABLES: dict[str, Table] = {
         ),
         # which gateway each device is behind (cloud/relaystore.py)
         Table("relays", ("device", "gateway", "updated"), ("device",), True),
+        # remote commands (cloud/commandstore.py)
+        Table(
+            "commands",
+            ("device", "id", "name", "args", "sent", "status", "result", "at", "updated"),
+            ("device", "id"),
+            True,
+        ),
+        Table(
+            "logs",
+            ("device", "n", "received", "since", "count", "left_out", "body"),
+            ("device", "n"),
+        ),
     )
 }
 
@@ -248,6 +262,18 @@ class Sql:
         else:
             with self.conn.cursor() as cur:
                 cur.executemany(self.text(sql), rows)
+
+
+class SqlTables:
+    """Base of the mixins that add tables to both storages (cloud/learnstore.py,
+    relaystore.py, commandstore.py): how one read and one write transaction run, which
+    :class:`cloud.storesql.SharedStorage`'s backends supply."""
+
+    def _read(self, fn: Callable[[Sql], T]) -> T:
+        raise NotImplementedError
+
+    def _write(self, fn: Callable[[Sql], T]) -> T:
+        raise NotImplementedError
 
 
 @runtime_checkable

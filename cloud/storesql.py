@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from agent.errors import AgentError
 from agent.wire.batch import WireRecord
 from cloud import featurestore, linkhistory
+from cloud.commandstore import CommandTables
 from cloud.featurestore import StoredFeatures
 from cloud.learnstore import LearnTables
 from cloud.relaystore import RelayTables
@@ -90,7 +91,7 @@ def id_number(storage_id: str) -> int:
     return number
 
 
-class SharedStorage(LearnTables, RelayTables):
+class SharedStorage(LearnTables, RelayTables, CommandTables):
     """The methods of :class:`cloud.storebase.Storage` that are the same on both databases."""
 
     _DIALECT = ""

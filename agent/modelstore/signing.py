@@ -134,6 +134,20 @@ def check_name(what: str, value: str) -> str:
     return value
 
 
+def digest_and_size(d: Any) -> tuple[str, int]:
+    """The ``sha256`` (64 hex digits, lower case) and ``size`` of a decoded manifest map;
+    ValueError or KeyError when they are not that."""
+    if not isinstance(d, dict):
+        raise ValueError("not a map")
+    sha = str(d["sha256"]).lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ValueError("sha256 is not 64 hex digits")
+    size = d["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ValueError("size is not a byte count")
+    return sha, size
+
+
 @dataclass(frozen=True)
 class SignedManifest:
     """One model version as the registry publishes it; see the module docstring."""
@@ -227,14 +241,7 @@ class SignedManifest:
     def from_cbor(cls, data: bytes, label: str = "manifest") -> SignedManifest:
         try:
             d = cbor2.loads(data)
-            if not isinstance(d, dict):
-                raise ValueError("not a map")
-            sha = str(d["sha256"]).lower()
-            if not re.fullmatch(r"[0-9a-f]{64}", sha):
-                raise ValueError("sha256 is not 64 hex digits")
-            size = d["size"]
-            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-                raise ValueError("size is not a byte count")
+            sha, size = digest_and_size(d)
             entry = d["entry"]
             if not isinstance(entry, dict):
                 raise ValueError("entry is not a map")

@@ -119,17 +119,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg.agent.cpu_affinity == "single":  # before any thread starts: they inherit it
         pin_to_one_cpu()
 
-    async def main() -> None:
+    async def main() -> int:
         clock = ScaledClock(args.time_scale) if args.time_scale != 1.0 else RealClock()
         rig = _rig(cfg, clock)
         try:
-            await Agent(cfg, clock=clock, rig=rig).run()
+            agent = Agent(cfg, clock=clock, rig=rig)
+            await agent.run()
+            return agent.exit_code  # 75 after a restart command: systemd starts it again
         finally:
             if rig is not None:
                 rig.close()
 
-    asyncio.run(main())
-    return EX_OK
+    return asyncio.run(main())
 
 
 async def selftest(cfg: configmod.Config, clock: Clock, rig: Any = None) -> list[dict[str, Any]]:

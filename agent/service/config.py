@@ -22,6 +22,7 @@ from agent.files import resolve_path
 from agent.learn.settings import LearnSettings
 from agent.metrics import MetricsSettings
 from agent.modelstore.settings import ModelsSettings
+from agent.ota.settings import UpdateSettings
 from agent.sense.settings import (
     NAME_RE,
     SIM_BUS,
@@ -30,6 +31,7 @@ from agent.sense.settings import (
     parse_sensor,
     parse_simulation,
 )
+from agent.service.logring import LogSettings
 from agent.store.settings import StoreSettings
 from agent.sync.datapolicy import DataSettings
 from agent.sync.link import LinkSettings
@@ -67,6 +69,8 @@ class Config:
     routing: RoutingSettings = field(default_factory=RoutingSettings)  # state in data_dir
     learn: LearnSettings = field(default_factory=LearnSettings)  # federated rounds
     data: DataSettings = field(default_factory=DataSettings)  # what of each channel leaves
+    logs: LogSettings = field(default_factory=LogSettings)  # the ring of recent log lines
+    update: UpdateSettings | None = None  # [update]: signed agent releases (docs/ota.md)
 
     def sensor(self, name: str) -> SensorConfig:
         for s in self.sensors:
@@ -135,6 +139,8 @@ def parse_config(
     routing = RoutingSettings.from_options(top.table("routing"), agent.data_dir)
     link = LinkSettings.from_options(top.table("link"))
     learn = LearnSettings.from_options(top.table("learn"))
+    logs = LogSettings.from_options(top.table("logs"))
+    update = UpdateSettings.from_options(top.table("update"), base) if top.has("update") else None
     simulation = parse_simulation(top.table("simulation"), base) if top.has("simulation") else None
     sensors = tuple(parse_sensor(t) for t in top.tables("sensor"))
     if not sensors:
@@ -178,6 +184,8 @@ def parse_config(
         routing=routing,
         data=data,
         learn=learn,
+        logs=logs,
+        update=update,
     )
 
 

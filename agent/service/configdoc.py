@@ -67,6 +67,14 @@ SECTIONS: dict[str, str] = {
         "The cache of models assigned through desired state, downloaded from the endpoint's "
         "signed registry (agent/modelstore/)."
     ),
+    "update": (
+        "Signed agent releases (docs/ota.md): where the A/B releases live and the key that "
+        "signs them. Without this table `agent/version` in desired state is refused."
+    ),
+    "logs": (
+        "The ring of recent log lines kept in memory, which the `logs` remote command uploads "
+        "(agent/service/logring.py, docs/ops.md)."
+    ),
     "learn": (
         "Federated rounds (docs/learning.md): whether this device trains when the endpoint "
         "selects it, on how many of its recent normal windows, within what memory."
@@ -236,6 +244,18 @@ KEYS: dict[str, str] = {
     "learn.max_lag_ms": (
         "Training pauses (SIGSTOP) while the agent's event loop runs later than this, ms."
     ),
+    "update.root": (
+        "The release root: releases/<version>, the current and previous links, update.json "
+        "(docs/ota.md)."
+    ),
+    "update.public_key": (
+        "The release key's public half (the KEYFILE.pub of `edge-agent-cloud releases keygen`; "
+        "not the model key); relative to this file. Until it exists every release is refused."
+    ),
+    "update.disk_budget_mb": "Data-directory space a downloaded release may take.",
+    "update.max_attempts": "Starts of a new release without READY before it is rolled back.",
+    "logs.ring_lines": "Log lines kept in memory (the oldest go first).",
+    "logs.ring_bytes": "Bytes of log text kept in memory (the oldest lines go first).",
     "routing.confidence_threshold": (
         "Alerts whose confidence is below this are validated by the endpoint (0: never)."
     ),

@@ -276,6 +276,7 @@ def sample(work: Path) -> dict[str, Any]:
         "event": [{"fault": "valve_closing", "at": 60.0, "ramp": 20.0, "duration": 600.0}],
     }
     raw["link"] = {"low": {"max_inflight": 2}}
+    raw["update"] = {"public_key": str(work / "release.key.pub")}
     raw["data"] = {
         "policy": {"vibration_rms_g": "raw", "motor/supply_v": "local"},
         "window": 60.0,

@@ -28,7 +28,10 @@ class AgentHooks:
     starts the assignment in the background; ``reported()`` gives ``{"model/<role>": report}``),
     ``model/<role>`` is applied too and its report (active, or failed with the desired version)
     is merged over the analyzer's view. With ``learner`` (agent/learn/client.py), ``learn/<model>``
-    (a federated round's task) is applied and reported. Every other key is refused.
+    (a federated round's task) is applied and reported. With ``commands``
+    (agent/service/commands.py), ``command/<name>`` is run once per id and its outcome reported.
+    With ``updates`` (agent/ota/controller.py), ``agent/version`` stages a signed release.
+    Every other key is refused.
     """
 
     def __init__(
@@ -41,6 +44,8 @@ class AgentHooks:
         analyzer: Callable[[], Any] = lambda: None,
         models: Any = None,
         learner: Any = None,
+        commands: Any = None,
+        updates: Any = None,
     ) -> None:
         self.sampler = sampler
         self.version = version
@@ -49,6 +54,8 @@ class AgentHooks:
         self.analyzer = analyzer
         self.models = models
         self.learner = learner  # agent.learn.client.LearningClient: learn/<model>
+        self.commands = commands  # agent.service.commands.CommandRunner: command/<name>
+        self.updates = updates  # agent.ota.controller.UpdateController: agent/version
         self._thresholds: dict[str, float] = {}
 
     def reported(self) -> dict[str, Any]:
@@ -78,6 +85,10 @@ class AgentHooks:
             out[f"detect/{model}/threshold"] = value
         if self.learner is not None:
             out.update(self.learner.reported())
+        if self.commands is not None:
+            out.update(self.commands.reported())
+        if self.updates is not None:
+            out.update(self.updates.reported())
         return out
 
     def apply(self, key: str, value: Any) -> None:
@@ -103,8 +114,15 @@ class AgentHooks:
         if kind == "learn" and self.learner is not None and rest:
             self.learner.apply(rest, value)
             return
+        if kind == "command" and self.commands is not None and rest:
+            self.commands.apply(rest, value)
+            return
+        if key == "agent/version" and self.updates is not None:
+            self.updates.apply(value)  # checked here; staged in the controller's task
+            return
         also = ", model/<role>" if self.models is not None else ""
         also += ", learn/<model>" if self.learner is not None else ""
+        also += ", agent/version" if self.updates is not None else ""
         raise ValueError(
             f"{key}: this agent applies only sensor/<name>/interval, sensor/<name>/enabled"
             f"{also} and detect/<model>/threshold"

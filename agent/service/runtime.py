@@ -38,11 +38,13 @@ from agent.metrics import Registry, write_textfile
 from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager, Prepared
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.ota.controller import UpdateController, build_updates
 from agent.sense.hardware import Hardware
 from agent.sense.ingest import TelemetryWriter
 from agent.sense.sampling import Sampler, channel_resolution
 from agent.service.advice import UplinkAdvisor, missing_credential
 from agent.service.agentmetrics import register_metrics
+from agent.service.commands import CommandRunner, build_commands
 from agent.service.config import Config
 from agent.service.hooks import AgentHooks
 from agent.service.notify import Health, Notifier, run_watchdog
@@ -124,6 +126,9 @@ class Agent:
         )
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
+        self.exit_code = 0  # agent/service/commands.py EXIT_RESTART after a restart command
+        self.commands: CommandRunner | None = None  # remote commands (with [uplink])
+        self.updates: UpdateController | None = None  # [update]: agent releases (agent/ota/)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -173,6 +178,8 @@ class Agent:
             await self.clock.sleep(0.05)
         self._ready.set()
         self.notifier.ready(self.status_line())
+        if self.updates is not None:
+            self.updates.ready()
         log.info("event=ready sensors_ok=%d", self._sensors_ok())
         # from now on: WATCHDOG=1 while no stage is stuck
         await run_watchdog(self.notifier, self.health, self.clock, self.status_line)
@@ -364,6 +371,10 @@ class Agent:
                 others.append(sup.start("state-watch", self._watch_state))
             if self.learner is not None:
                 others.append(sup.start("learn", self.learner.run))
+            if self.commands is not None:
+                others.append(sup.start("commands", self.commands.run))
+            if self.updates is not None:
+                others.append(sup.start("update", self.updates.run))
             await self._stop.wait()
             self.notifier.stopping()
             # stop taking readings, then commit every reading already taken
@@ -684,6 +695,8 @@ class Agent:
             analyzer=lambda: getattr(self, "analyzer", None),
             models=self.assignments,
             learner=self._build_learner(),
+            commands=self._build_commands(),
+            updates=self._build_updates(),
         )
         self.state = StateSync(
             self.config.state,
@@ -695,6 +708,14 @@ class Agent:
             lane=self.config.uplink.max_inflight + 1 if self.config.uplink else 0,
         )
         self.state.restore()
+
+    def _build_updates(self) -> UpdateController | None:
+        self.updates = build_updates(self)
+        return self.updates
+
+    def _build_commands(self) -> CommandRunner:
+        self.commands = build_commands(self)
+        return self.commands
 
     def _build_learner(self) -> LearningClient | None:
         """Federated rounds (agent/learn/client.py): with a detector, an uplink and [learn]."""

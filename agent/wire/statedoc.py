@@ -56,7 +56,7 @@ from typing import Any
 import cbor2
 
 from agent.errors import AgentError
-from agent.wire import cborscan, records
+from agent.wire import cborscan, commands, records
 from agent.wire.batch import MAX_STORE_ID
 from agent.wire.cborscan import ScanError, Span
 from agent.wire.learning import LearningError, RoundTask
@@ -338,12 +338,28 @@ def _learn(value: Any) -> str | None:
     return None
 
 
+def agent_version(value: Any) -> str | None:
+    """``agent/version``: a signed release (docs/ota.md); None when ``value`` is one."""
+    if (
+        isinstance(value, dict)
+        and set(value) == {"version", "sha256"}
+        and isinstance(value["version"], str)
+        and MODEL_NAME.match(value["version"])
+        and isinstance(value["sha256"], str)
+        and SHA256_HEX.match(value["sha256"])
+    ):
+        return None
+    return '{"version": release version, "sha256": 64 hex digits} (edge-agent-cloud releases list)'
+
+
 DESIRED_KEYS: tuple[tuple[re.Pattern[str], Any, str], ...] = (
     (re.compile(rf"^sensor/{_SEG}/enabled$"), _bool, "sensor/<name>/enabled"),
     (re.compile(rf"^sensor/{_SEG}/interval$"), _interval, "sensor/<name>/interval"),
     (re.compile(rf"^detect/{_SEG}/threshold$"), _threshold, "detect/<name>/threshold"),
     (re.compile(rf"^model/{_SEG}$"), _model, "model/<slot>"),
     (re.compile(rf"^learn/{_SEG}$"), _learn, "learn/<model>"),
+    (re.compile(r"^agent/version$"), agent_version, "agent/version"),
+    (re.compile(f"^command/({'|'.join(commands.NAMES)})$"), commands.check_value, "command/<name>"),
 )
 
 

@@ -6,10 +6,12 @@ Twenty agents on the simulated rig and the gateway run in a network namespace (t
 network); the cloud endpoint runs in the root namespace (beyond the uplink). The uplink is the
 namespace's veth shaped with tc tbf (256 kbit/s) plus the impairment proxy (tools/linkem.py: 5 %
 loss, 40 ms each way) in front of the endpoint. The gateway is SIGKILLed and restarted, then the
-uplink is cut for two minutes. At the end every record each device committed is stored in the
-cloud exactly once (acknowledged by the gateway, which acknowledges after its commit) or still
-queued on the device for its next start, with no gap in any device's sequence numbers, and the
-cloud holds exactly the gateway's records.
+uplink is cut for two minutes, during which an operator changes a device's desired state (it
+reaches the device once the uplink returns). Then a model version is assigned to all twenty:
+the gateway downloads it once and every device installs it. At the end every record each device
+committed is stored in the cloud exactly once (acknowledged by the gateway, which acknowledges
+after its commit) or still queued on the device for its next start, with no gap in any device's
+sequence numbers, and the cloud holds exactly the gateway's records.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from tests.e2e.test_gateway import Site, stop
+from tests.e2e.test_gateway import Site, cloud, stop, until
 from tools.fleetnet import Topology, available
 
 pytestmark = [pytest.mark.long, pytest.mark.timeout(900)]
@@ -71,11 +73,22 @@ async def test_twenty_devices_behind_a_gateway_through_a_sigkill_and_a_two_minut
                 await asyncio.sleep(10)
                 proxy.outage(True)
                 before = {d: len(site.gateway_seqs(d)) for d in DEVICES}
-                await asyncio.sleep(OUTAGE)
+                await asyncio.sleep(OUTAGE / 2)
+                # a desired change made while the uplink is down
+                cloud("desired", "set", "--data", str(site.data), "--device", DEVICES[0],
+                      "sensor/motor/interval=2")  # fmt: skip
+                await asyncio.sleep(OUTAGE / 2)
                 grew = {d: len(site.gateway_seqs(d)) - before[d] for d in DEVICES}
                 assert all(n > 0 for n in grew.values()), grew  # the site kept working
+                assert site.reported(DEVICES[0], "sensor/motor/interval") != 2.0
                 proxy.outage(False)
-                await asyncio.sleep(20)
+                await until(
+                    lambda: site.reported(DEVICES[0], "sensor/motor/interval") == 2.0,
+                    180,
+                    "the change made during the outage applied and reported",
+                )
+                # a model version for all twenty: one download over the uplink
+                await site.model_everywhere("1.0.1", 300)
                 for d in DEVICES:
                     stop(site.agents[d])
                 await site.drained()

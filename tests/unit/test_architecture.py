@@ -45,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
         "drivers",
     },
     "agent.service": {
+        "agent.ota",
         "agent.gateway",
         "agent.learn",
         "agent.modelstore",
@@ -56,12 +57,25 @@ ALLOWED: dict[str, set[str]] = {
         "agent",
         "drivers",
     },
+    "agent.ota": {
+        "agent.modelstore",
+        "agent.sync",
+        "agent.store",
+        "agent.wire",
+        "agent",
+        "drivers",
+    },
     "cloud": {"agent.wire", "agent", "drivers"},
 }
 #: Single modules a package (or one module) may import beyond its allowed packages.
 ALLOWED_MODULES: dict[str, set[str]] = {
     # model files: the endpoint signs manifests and runs the full-precision models
-    "cloud": {"agent.modelstore.signing", "agent.detect.inference", "agent.learn.autoencoder"},
+    "cloud": {
+        "agent.modelstore.signing",
+        "agent.ota.release",
+        "agent.detect.inference",
+        "agent.learn.autoencoder",
+    },
     # the demo starts a local endpoint beside the agent (imported lazily, never on a device)
     "agent.service.demo": {"cloud.server"},
 }

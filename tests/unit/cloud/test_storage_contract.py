@@ -631,6 +631,12 @@ def filled(storage: Storage) -> None:
     storage.put_learn_update(job, 1, "b-2", b"u2", T0 + 1)
     storage.put_credential(Credential.generate("gw-1", "gateway", b"\x09"), T0)
     storage.attach("gw-1", [DEV, "b-2"], T0 + 2)  # gateways (cloud/relaystore.py)
+    sent = storage.add_command(DEV, "selftest", {}, T0 + 3)  # commands (cloud/commandstore.py)
+    storage.add_command("b-2", "logs", {"since": T0}, T0 + 4)
+    done = {"id": sent, "status": "ok", "result": {"ok": True}, "at": T0 + 5}
+    storage.note_command_results(DEV, {"command/selftest": Entry(9, done)}, T0 + 6)
+    storage.put_log_upload(DEV, T0, 2, 0, b"upload 1", T0 + 7)  # log uploads (the same module)
+    storage.put_log_upload(DEV, None, 3, 1, b"upload 2", T0 + 8)
 
 
 def copy_all(source: Storage, target: Storage, chunk: int = 2) -> dict[str, int]:
@@ -977,3 +983,80 @@ def test_a_device_is_behind_one_gateway_and_other_processes_notice(backend: Back
     assert server.relays() == {"b-2": "gw-2"}
     assert server.dump("relays", None, 10) == [("b-2", "gw-2", T0 + 1)]
     assert cli.detach([DEV]) == {}
+
+
+def test_commands_are_kept_sent_then_updated_by_the_reported_result(storage: Storage) -> None:
+    """cloud/commandstore.py: a command is recorded `sent` under an id above every earlier id
+    of the device, the device's reported outcome updates it, an outcome of an id never sent
+    (a desired key set over the network) is recorded too, and the newest come first."""
+    from cloud.storage import UnknownDevice
+
+    first = storage.add_command(DEV, "selftest", {}, T0)
+    second = storage.add_command(DEV, "logs", {"since": T0 - 60}, T0)  # same ms: still above
+    assert second > first >= int(T0 * 1000)
+    rows = storage.commands(DEV)
+    assert [(r.id, r.name, r.status, r.args) for r in rows] == [
+        (second, "logs", "sent", {"since": T0 - 60}),
+        (first, "selftest", "sent", {}),
+    ]
+    result = {"id": first, "status": "failed", "result": {"failing": ["motor"]}, "at": T0 + 2}
+    stranger = {"id": 5, "status": "refused", "result": {"error": "no"}, "at": T0 + 3}
+    entries = {
+        "command/selftest": Entry(3, result),
+        "command/flush": Entry(3, stranger),
+        "command/bogus": Entry(3, stranger),  # not a command: ignored
+        "command/logs": Entry(3, {"id": "x"}),  # not an outcome: ignored
+        "link/state": Entry(3, "up"),
+    }
+    assert storage.note_command_results(DEV, entries, T0 + 4) == 2
+    rows = {r.id: r for r in storage.commands(DEV)}
+    assert (rows[first].status, rows[first].result, rows[first].at) == (
+        "failed",
+        {"failing": ["motor"]},
+        T0 + 2,
+    )
+    assert rows[first].args == {} and rows[first].sent == T0
+    assert (rows[5].name, rows[5].status, rows[5].sent, rows[5].args) == (
+        "flush",
+        "refused",
+        None,
+        None,
+    )
+    assert rows[second].status == "sent"
+    assert [r.id for r in storage.commands(DEV, 2)] == [second, first]
+    storage.drop_command(DEV, second)
+    assert second not in {r.id for r in storage.commands(DEV)}
+    with pytest.raises(UnknownDevice):
+        storage.add_command("nobody", "selftest", {}, T0)
+    assert storage.commands("nobody") == []
+
+
+def test_log_uploads_are_numbered_per_device_and_the_newest_kept(storage: Storage) -> None:
+    from cloud.commandstore import LOGS_KEPT
+
+    assert storage.last_log_upload(DEV) is None
+    for i in range(LOGS_KEPT + 3):
+        assert storage.put_log_upload(DEV, T0 + i, i, 0, b"body %d" % i, T0 + 100 + i) == i + 1
+    storage.put_log_upload("b-2", None, 1, 2, b"other", T0)
+    kept = storage.log_uploads(DEV, 100)
+    assert [u["n"] for u in kept] == list(range(LOGS_KEPT + 3, 3, -1))
+    assert kept[0]["body"] == b"body %d" % (LOGS_KEPT + 2)
+    last = LOGS_KEPT + 2
+    assert storage.last_log_upload(DEV) == {
+        "n": last + 1,
+        "received": T0 + 100 + last,
+        "since": T0 + last,
+        "count": last,
+        "left_out": 0,
+    }
+    assert storage.log_uploads("b-2") == [
+        {
+            "device": "b-2",
+            "n": 1,
+            "received": T0,
+            "since": None,
+            "count": 1,
+            "left_out": 2,
+            "body": b"other",
+        }
+    ]

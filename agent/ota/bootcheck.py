@@ -1,0 +1,316 @@
+"""The A/B release switch and the boot counter: standard library only, so it also runs as a plain
+script with the system's ``python3 -I`` when a release's own Python or venv is broken.
+
+Layout under the release root (default /opt/edge-agent; docs/ota.md)::
+
+    releases/<version>/      a venv built from the verified bundle, plus COMPLETE when it is whole
+    current -> releases/V    the release the service runs (``venv -> current`` for the unit)
+    previous -> releases/U   the release to go back to
+    update.json              {"pending", "from", "attempts", "max_attempts", "step", "outcome"}
+
+Every change is a step that leaves the tree bootable: a symlink is made under a temporary name
+and renamed over the old one (``os.replace``), update.json is written to a temporary file,
+fsynced, renamed, and the directory fsynced. :func:`resolve` finishes or undoes a switch that a
+power cut interrupted, and is run by every :func:`start`.
+
+The boot counter (``start``, the unit's ExecStartPre): while a version is pending (switched to,
+not yet confirmed), each start counts one attempt; the start after ``max_attempts`` failed ones
+puts ``previous`` back and records ``rolled_back`` with the reason. The agent confirms its version
+(:func:`confirm`) once it is READY (sensors read, queue open, a sync exchange succeeded); a
+READY marker written in the data directory (:func:`ready_marker`) counts as a confirmation too,
+for an agent that cannot write the release root. ``failed`` (the OnFailure unit) rolls a pending
+version back at once.
+
+Logging: one ``key=value`` line on stderr per decision (journald keeps it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "update.json"
+RELEASES = "releases"
+CURRENT = "current"
+PREVIOUS = "previous"
+VENV = "venv"  # the path the unit runs: venv -> current (or a plain venv before the first update)
+COMPLETE = "COMPLETE"
+MAX_ATTEMPTS = 3
+READY_DIR = "ota"  # DATA/ota/ready-<version>: the agent's READY marker
+
+
+class BootError(Exception):
+    """A release root that cannot be switched (missing release, bad name)."""
+
+
+# -- durable small files ---------------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(doc, out, sort_keys=True)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def set_link(root: Path, name: str, target: str) -> None:
+    """``root/name`` -> ``target`` (relative), replaced atomically."""
+    tmp = root / f".{name}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, root / name)
+    fsync_dir(root)
+
+
+def link_version(root: Path, name: str) -> str | None:
+    """The version ``root/name`` points at (None when it is no link into releases/)."""
+    try:
+        target = os.readlink(root / name)
+    except OSError:
+        return None
+    parts = Path(target).parts
+    if len(parts) == 2 and parts[0] == RELEASES:
+        return parts[1]
+    return None
+
+
+def is_complete(root: Path, version: str) -> bool:
+    return (root / RELEASES / version / COMPLETE).is_file()
+
+
+def mark_complete(root: Path, version: str) -> None:
+    """Written last by the installer, after everything in the release is fsynced."""
+    rel = root / RELEASES / version
+    path = rel / COMPLETE
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(version + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    fsync_dir(rel)
+
+
+# -- the state file ---------------------------------------------------------------------------
+
+
+def load(root: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
+        if isinstance(doc, dict):
+            return doc
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
+def save(root: Path, doc: dict[str, Any]) -> None:
+    _write_json(root / STATE_FILE, doc)
+
+
+def _log(event: str, **fields: Any) -> None:
+    items = " ".join(f"{k}={v}" for k, v in fields.items())
+    print(f"event={event} {items}".rstrip(), file=sys.stderr, flush=True)
+
+
+def _outcome(version: str | None, result: str, reason: str = "", **extra: Any) -> dict[str, Any]:
+    return {"version": version, "result": result, "reason": reason, "at": time.time(), **extra}
+
+
+# -- steps -----------------------------------------------------------------------------------------
+
+
+def adopt(root: Path, version: str) -> None:
+    """Before the first switch: a plain ``venv`` directory becomes ``releases/<version>`` and
+    ``venv`` a link to ``current``. Each step leaves ``venv`` usable, or :func:`resolve` mends
+    it."""
+    venv = root / VENV
+    rel = root / RELEASES / version
+    (root / RELEASES).mkdir(parents=True, exist_ok=True)
+    if venv.is_dir() and not venv.is_symlink():
+        if rel.exists():
+            raise BootError(f"{rel} exists; cannot adopt {venv} as release {version}")
+        os.rename(venv, rel)
+        fsync_dir(root)
+        mark_complete(root, version)
+    if link_version(root, CURRENT) is None and is_complete(root, version):
+        set_link(root, CURRENT, f"{RELEASES}/{version}")
+    if not venv.is_symlink():
+        set_link(root, VENV, CURRENT)
+
+
+def switch(root: Path, version: str, max_attempts: int = MAX_ATTEMPTS) -> None:
+    """Make ``version`` (installed and COMPLETE) current, the running one previous, and pending
+    until confirmed. Steps: state ``switching`` -> previous -> current -> state ``switched``."""
+    if not is_complete(root, version):
+        raise BootError(f"release {version} is not installed completely under {root / RELEASES}")
+    running = link_version(root, CURRENT)
+    if running == version:
+        raise BootError(f"release {version} is already current")
+    doc = load(root)
+    doc.update(pending=version, attempts=0, max_attempts=max_attempts, step="switching")
+    doc["from"] = running
+    doc["switched_at"] = time.time()
+    save(root, doc)
+    if running is not None:
+        set_link(root, PREVIOUS, f"{RELEASES}/{running}")
+    set_link(root, CURRENT, f"{RELEASES}/{version}")
+    doc["step"] = "switched"
+    save(root, doc)
+    _log("release_switched", version=version, previous=running)
+
+
+def rollback(root: Path, reason: str) -> str | None:
+    """Put ``previous`` back as ``current``; record ``rolled_back``. The version now current."""
+    doc = load(root)
+    bad = doc.get("pending") or link_version(root, CURRENT)
+    back = link_version(root, PREVIOUS) or doc.get("from")
+    if back is None or not is_complete(root, back):
+        _log("rollback_impossible", version=bad, reason=reason)
+        return link_version(root, CURRENT)
+    doc["step"] = "rolling_back"
+    save(root, doc)
+    set_link(root, CURRENT, f"{RELEASES}/{back}")
+    doc.update(pending=None, attempts=0, step="idle")
+    doc["outcome"] = _outcome(bad, "rolled_back", reason, restored=back)
+    save(root, doc)
+    _log("release_rolled_back", version=bad, restored=back, reason=reason.replace(" ", "_"))
+    return back
+
+
+def ready_marker(data_dir: Path, version: str) -> Path:
+    return data_dir / READY_DIR / f"ready-{version}"
+
+
+def confirm(root: Path, version: str) -> bool:
+    """The agent on ``version`` is READY: the pending switch is done. True when it was pending."""
+    doc = load(root)
+    if doc.get("pending") != version or link_version(root, CURRENT) != version:
+        return False
+    doc.update(pending=None, attempts=0, step="idle")
+    doc["outcome"] = _outcome(version, "updated", previous=doc.get("from"))
+    save(root, doc)
+    _log("release_confirmed", version=version)
+    return True
+
+
+def resolve(root: Path) -> str | None:
+    """Finish or undo what a power cut interrupted; the version now current."""
+    venv = root / VENV
+    if venv.is_dir() and not venv.is_symlink() and not (root / RELEASES).exists():
+        return None  # never updated: the first install's plain venv
+    doc = load(root)
+    current = link_version(root, CURRENT)
+    pending = doc.get("pending")
+    step = doc.get("step")
+    if step == "switching" and pending and current != pending:
+        # cut before the current link moved: the old release still runs; forget the switch
+        doc.update(pending=None, attempts=0, step="idle")
+        doc["outcome"] = _outcome(pending, "aborted", "interrupted before the switch")
+        save(root, doc)
+        _log("release_switch_aborted", version=pending)
+    elif step == "switching" and pending == current:
+        doc["step"] = "switched"  # cut after the link moved, before the state said so
+        save(root, doc)
+    elif step == "rolling_back" and pending:
+        rollback(root, str((doc.get("outcome") or {}).get("reason") or "interrupted rollback"))
+    current = link_version(root, CURRENT)
+    if current is None or not is_complete(root, current):
+        # no usable current (a cut during adoption): the newest complete release, previous first
+        complete = sorted(
+            (p.name for p in (root / RELEASES).glob("*") if (p / COMPLETE).is_file()),
+            key=lambda n: (root / RELEASES / n).stat().st_mtime,
+            reverse=True,
+        )
+        candidates = [link_version(root, PREVIOUS), *complete]
+        found = next((v for v in candidates if v and is_complete(root, v)), None)
+        if found is not None:
+            set_link(root, CURRENT, f"{RELEASES}/{found}")
+            current = found
+    if current is not None and not venv.is_symlink() and not venv.exists():
+        set_link(root, VENV, CURRENT)
+    return current
+
+
+def start(root: Path, data_dir: Path | None = None) -> str | None:
+    """ExecStartPre: resolve, then count this start of a pending version (or roll it back)."""
+    current = resolve(root)
+    doc = load(root)
+    pending = doc.get("pending")
+    if not pending or pending != current:
+        return current
+    if data_dir is not None and ready_marker(data_dir, pending).is_file():
+        confirm(root, pending)
+        return current
+    attempts = int(doc.get("attempts") or 0)
+    limit = int(doc.get("max_attempts") or MAX_ATTEMPTS)
+    if attempts >= limit:
+        return rollback(root, f"did not reach READY in {attempts} starts")
+    doc["attempts"] = attempts + 1
+    save(root, doc)
+    _log("release_start", version=pending, attempt=attempts + 1, of=limit)
+    return current
+
+
+def failed(root: Path, data_dir: Path | None = None) -> str | None:
+    """OnFailure: the service gave up (start limit, or exit codes that are not restarted)."""
+    current = resolve(root)
+    pending = load(root).get("pending")
+    if pending and pending == current:
+        if data_dir is not None and ready_marker(data_dir, pending).is_file():
+            confirm(root, pending)
+            return current
+        return rollback(root, "the service failed while the release was pending")
+    return current
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent-bootcheck", description=__doc__)
+    parser.add_argument("action", choices=("start", "failed", "resolve", "rollback", "status"))
+    parser.add_argument("--root", default="/opt/edge-agent")
+    parser.add_argument("--data-dir", default=None, help="the agent's data dir (READY marker)")
+    parser.add_argument("--restart-unit", default=None, help="failed: start it after a rollback")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    data = Path(args.data_dir) if args.data_dir else None
+    try:
+        if args.action == "start":
+            start(root, data)
+        elif args.action == "failed":
+            before = link_version(root, CURRENT)
+            if failed(root, data) != before and args.restart_unit:
+                # the unit gave up on the bad release: start it again on the restored one
+                for cmd in (["reset-failed"], ["--no-block", "start"]):
+                    subprocess.run(["systemctl", *cmd, args.restart_unit], check=False)
+        elif args.action == "resolve":
+            resolve(root)
+        elif args.action == "rollback":
+            rollback(root, "rolled back by the operator")
+        else:
+            print(json.dumps({"current": link_version(root, CURRENT), **load(root)}, indent=1))
+    except (OSError, BootError) as err:
+        # never stop the service from starting: it runs whatever current is
+        _log("bootcheck_error", error=str(err).replace(" ", "_"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Updates in the running agent: desired ``agent/version``, staging, READY, reported state.
+
+- ``agent/version`` = ``{"version": V, "sha256": 64 hex}`` (set by an operator for a device or a
+  group) names a release; a version other than the running one is staged in the background
+  (agent/ota/updater.py :func:`~agent.ota.updater.stage`: signed manifest, disk budget, resumable
+  download, SHA-256). The root helper (edge-agent-update.service) installs and switches it and
+  restarts the service; the agent itself never writes the release root.
+- Once this process is READY (sensors read, the queue open: READY=1) and a sync exchange has
+  succeeded (a batch acknowledged), it writes the READY marker of the running version
+  (:func:`~agent.ota.updater.mark_ready`): the boot counter then confirms the release instead
+  of rolling it back.
+- Reported: ``agent/version`` (the running release) and ``agent/update`` (the last outcome:
+  ``staged``, ``refused`` with the reason, ``updated``, ``rolled_back`` with the reason, and
+  ``pending`` while a new release has not confirmed yet).
+
+A refused release (bad signature, wrong SHA-256, over the budget) is not tried again until the
+desired value changes; a link failure is retried with backoff, resuming the download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ModelError, SyncError
+from agent.modelstore.fetch import BLOCK_WINDOW
+from agent.modelstore.signing import load_public_key
+from agent.ota import bootcheck
+from agent.ota.release import ReleaseError
+from agent.ota.settings import UpdateSettings
+from agent.ota.updater import ReleaseFetcher, mark_ready, report, stage
+from agent.wire.statedoc import agent_version
+
+log = logging.getLogger(__name__)
+
+RETRY_BASE = 30.0  # seconds before a failed download is tried again (doubled up to RETRY_MAX)
+RETRY_MAX = 1800.0
+ACK_POLL = 1.0  # seconds between looks at the uplink's acknowledged batches (before READY)
+
+
+def check_value(value: Any) -> tuple[str, str] | None:
+    """(version, sha256) of a desired ``agent/version``; None for null (no assignment).
+    ValueError names what is expected."""
+    if value is None:
+        return None
+    expected = agent_version(value)
+    if expected is not None:
+        raise ValueError(f"agent/version: expected {expected}")
+    return value["version"], value["sha256"]
+
+
+class UpdateController:
+    """The agent's part of an update (module docstring)."""
+
+    def __init__(
+        self,
+        settings: UpdateSettings,
+        data_dir: Path,
+        fetcher: Callable[[], ReleaseFetcher],
+        clock: Any,
+        acked: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self._fetcher = fetcher
+        self.clock = clock
+        self._acked = acked
+        self._wanted: tuple[str, str] | None = None
+        self._refused: tuple[str, str] | None = None
+        self._wake = asyncio.Event()
+        self._ready = asyncio.Event()
+        self.outcome: dict[str, Any] | None = None  # this process's last staging outcome
+        # the release this process runs: read once, since a switch moves ``current`` under it
+        self.running = bootcheck.link_version(settings.root, bootcheck.CURRENT)
+
+    def apply(self, value: Any) -> None:
+        wanted = check_value(value)
+        if wanted is not None and self.settings.public_key is None:
+            raise ValueError("agent/version: this agent has no [update] public_key")
+        self._wanted = wanted
+        self._wake.set()
+
+    def ready(self) -> None:
+        """READY=1 was sent (sensors read, queue open)."""
+        self._ready.set()
+
+    def reported(self) -> dict[str, Any]:
+        state = report(self.settings.root)
+        outcomes = [o for o in (self.outcome, state.get("outcome")) if isinstance(o, dict)]
+        outcome = max(outcomes, key=lambda o: o.get("at") or 0.0) if outcomes else None
+        if state.get("pending"):
+            outcome = {"version": state["pending"], "result": "pending"}
+        return {"agent/version": self.running, "agent/update": outcome}
+
+    async def run(self) -> None:
+        await asyncio.gather(self._confirm(), self._stage_loop())
+
+    async def _confirm(self) -> None:
+        await self._ready.wait()
+        while not self._acked():
+            await self.clock.sleep(ACK_POLL)
+        version = self.running
+        if version is not None:
+            pending = mark_ready(self.settings.root, self.data_dir, version)
+            log.info("event=release_ready version=%s was_pending=%s", version, pending)
+
+    async def _stage_loop(self) -> None:
+        delay = RETRY_BASE
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            wanted = self._wanted
+            if wanted is None or wanted[0] == self.running or wanted == self._refused:
+                continue
+            try:
+                await self._stage(*wanted)
+                delay = RETRY_BASE
+            except ReleaseError as err:
+                self._refused = wanted
+                self.outcome = {
+                    "version": wanted[0],
+                    "result": "refused",
+                    "reason": str(err),
+                    "at": time.time(),
+                }
+                log.error("event=release_refused version=%s error=%s", wanted[0], err)
+            except (SyncError, ModelError, OSError) as err:
+                log.warning("event=release_download_failed version=%s error=%s", wanted[0], err)
+                await self.clock.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                self._wake.set()
+
+    async def _stage(self, version: str, sha256: str) -> None:
+        assert self.settings.public_key is not None
+        try:
+            key = load_public_key(self.settings.public_key)
+        except ModelError as err:
+            raise ReleaseError(str(err)) from err
+        fetcher = self._fetcher()
+        try:
+            staged = await stage(
+                fetcher,
+                version=version,
+                sha256=sha256,
+                key=key,
+                data_dir=self.data_dir,
+                budget_bytes=self.settings.disk_budget,
+            )
+        finally:
+            await fetcher.close()
+        self.outcome = {
+            "version": version,
+            "result": "staged",
+            "bytes": staged.manifest.size,
+            "at": time.time(),
+        }
+
+
+def build_updates(agent: Any) -> UpdateController | None:
+    """The runtime's controller: with ``[update]`` and an uplink (agent/service/runtime.py)."""
+    from agent.sync.transport import CoapTransport
+
+    settings = agent.config.update
+    endpoints = agent.endpoints
+    if settings is None or endpoints is None:
+        return None
+
+    def fetcher() -> ReleaseFetcher:
+        transport = CoapTransport(
+            agent.clock, lanes=BLOCK_WINDOW, uris=endpoints.uris, security=agent.security
+        )
+        return ReleaseFetcher(transport, lambda: endpoints.current)
+
+    def acked() -> bool:
+        uplink = agent.uplink
+        return uplink is not None and uplink.stats.batches_acked > 0
+
+    return UpdateController(settings, agent.config.agent.data_dir, fetcher, agent.clock, acked)

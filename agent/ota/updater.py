@@ -1,0 +1,254 @@
+"""The device side of an update: fetch a release, verify it, install it beside the running one,
+switch (docs/ota.md).
+
+:class:`ReleaseFetcher` is the model fetcher (agent/modelstore/fetch.py: Block2 by number, a
+window of lanes, resumable from the last whole block) pointed at ``/releases/V/manifest|file``.
+An update is done in steps that each refuse before anything changes, split by privilege:
+
+The agent (:func:`stage`; its sandbox cannot write /opt/edge-agent):
+
+1. the manifest: its version is the one asked for, its signature verifies with the release
+   public key (``[update] public_key``), its SHA-256 is the one the operator set;
+2. the disk budget: the file must fit in what the budget and the disk leave;
+3. the download into ``DATA/ota/<version>.part`` (resumed after a cut or a SIGKILL), then its
+   size and SHA-256 against the signed manifest; it becomes ``<version>.release`` beside
+   ``<version>.manifest``, and ``staged.json`` names it.
+
+The root helper (:func:`apply_staged`, ``python -m agent.ota.updater apply`` run by
+edge-agent-update.service when edge-agent-update.path sees ``staged.json``):
+
+4. the signature and the file checked again (the data directory is the agent's), then the
+   install (agent/ota/install.py) into ``releases/<version>``, and the new release asked with
+   its own Python whether it reads the data directory (agent/ota/compat.py);
+5. the switch (agent/ota/bootcheck.py) and a restart of edge-agent.service into the new release,
+   where the boot counter takes over.
+
+Refusals raise :class:`~agent.ota.release.ReleaseError` (that release is not tried again); link
+failures raise SyncError (the partial file stays, the next attempt resumes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.errors import ModelError
+from agent.files import write_atomic
+from agent.modelstore.fetch import FetchStats, ModelFetcher
+from agent.ota import bootcheck
+from agent.ota.install import install
+from agent.ota.release import ReleaseError, ReleaseManifest, check_file
+
+log = logging.getLogger(__name__)
+
+OTA_DIR = "ota"  # in the agent's data directory: partial downloads, the READY marker
+STAGED_FILE = "staged.json"  # DATA/ota/staged.json: what edge-agent-update.path waits for
+INITIAL_VERSION = "initial"  # the release name of the first install's venv (bootcheck.adopt)
+
+
+class ReleaseFetcher(ModelFetcher):
+    """Fetches release manifests and files (``/releases/V/...``) with the model fetcher's
+    block-wise, resumable download."""
+
+    def uri(self, name: str, version: str, what: str) -> str:
+        base = self._base() if callable(self._base) else self._base
+        return f"{base.rstrip('/')}/releases/{version}/{what}"
+
+    async def release_manifest(self, version: str) -> ReleaseManifest:
+        uri = self.uri("", version, "manifest")
+        resp = await self._get(uri, self.manifest_deadline)
+        self._check_code(resp, uri, "release")
+        m = ReleaseManifest.from_cbor(resp.payload, label=f"GET {uri}")
+        if m.version != version:
+            raise ReleaseError(f"GET {uri}: the manifest is for release {m.version}; refused")
+        return m
+
+
+@dataclass
+class Staged:
+    """A release downloaded and verified in ``DATA/ota``, waiting for the root helper."""
+
+    version: str
+    manifest: ReleaseManifest
+    file: Path
+    stats: FetchStats
+
+
+def partial_path(data_dir: Path, version: str) -> Path:
+    return data_dir / OTA_DIR / f"{version}.part"
+
+
+async def stage(
+    fetcher: ReleaseFetcher,
+    *,
+    version: str,
+    sha256: str | None,
+    key: Ed25519PublicKey,
+    data_dir: Path,
+    budget_bytes: int | None = None,
+) -> Staged:
+    """Steps 1-3 of the module docstring, as the agent (unprivileged) does them: the verified
+    file ends in ``DATA/ota/<version>.release`` beside its manifest and ``staged.json``."""
+    manifest = await fetcher.release_manifest(version)
+    manifest.verify(key)
+    if sha256 is not None and manifest.sha256 != sha256.lower():
+        raise ReleaseError(
+            f"release {version}: the endpoint serves SHA-256 {manifest.sha256[:16]}..., the "
+            f"desired agent/version says {sha256[:16]}...; refused"
+        )
+    part = partial_path(data_dir, version)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if budget_bytes is not None:
+        free = shutil.disk_usage(part.parent).free
+        if manifest.size - have > min(budget_bytes, free):
+            raise ReleaseError(
+                f"release {version}: {manifest.size} bytes do not fit the disk budget "
+                f"({budget_bytes} bytes, {free} free); refused"
+            )
+    log.info("event=release_download version=%s bytes=%d resume=%d", version, manifest.size, have)
+    try:
+        stats = await fetcher.download(manifest, part)  # type: ignore[arg-type]
+    except ModelError as err:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise err if isinstance(err, ReleaseError) else ReleaseError(str(err)) from err
+    try:
+        check_file(manifest, part)
+    except ReleaseError:
+        part.unlink()
+        raise
+    ota = data_dir / OTA_DIR
+    write_atomic(ota / f"{version}.manifest", manifest.to_cbor())
+    file = ota / f"{version}.release"
+    os.replace(part, file)
+    write_atomic(ota / STAGED_FILE, json.dumps({"version": version}).encode())
+    log.info("event=release_staged version=%s bytes=%d", version, manifest.size)
+    return Staged(version, manifest, file, stats)
+
+
+def apply_staged(
+    root: Path,
+    data_dir: Path,
+    key: Ed25519PublicKey,
+    *,
+    python: str | None = None,
+    site: Sequence[Path] = (),
+    max_attempts: int = bootcheck.MAX_ATTEMPTS,
+) -> str | None:
+    """Steps 4-5, as the root helper does them (edge-agent-update.service): verify the staged
+    release again, install it, switch. The version switched to; None when nothing is staged.
+    A refusal is recorded as the outcome ``refused`` and the staged files are removed."""
+    ota = data_dir / OTA_DIR
+    try:
+        version = str(json.loads((ota / STAGED_FILE).read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    file = ota / f"{version}.release"
+    try:
+        manifest = ReleaseManifest.from_cbor((ota / f"{version}.manifest").read_bytes())
+        if manifest.version != version:
+            raise ReleaseError(f"staged release {version}: the manifest is for {manifest.version}")
+        manifest.verify(key)
+        check_file(manifest, file)
+        if not (root / bootcheck.CURRENT).is_symlink():
+            bootcheck.adopt(root, INITIAL_VERSION)
+        rel = install(root, manifest, file, python=python, site=site)
+        _check_data(rel, version, data_dir)
+        bootcheck.switch(root, version, max_attempts)
+    except (ReleaseError, bootcheck.BootError, OSError) as err:
+        log.error("event=release_refused version=%s error=%s", version, err)
+        doc = bootcheck.load(root)
+        doc["outcome"] = {
+            "version": version,
+            "result": "refused",
+            "reason": str(err),
+            "at": time.time(),
+        }
+        if root.is_dir():
+            bootcheck.save(root, doc)
+        return None
+    finally:
+        for leftover in (file, ota / f"{version}.manifest", ota / STAGED_FILE):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    return version
+
+
+def _check_data(rel: Path, version: str, data_dir: Path) -> None:
+    """ReleaseError unless the new release, asked with its own Python, reads the data directory
+    as it is (agent/ota/compat.py): decided before the switch."""
+    cmd = [str(rel / "bin" / "python"), "-I", "-m", "agent.ota.compat", "--data-dir", str(data_dir)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ReleaseError(f"release {version}: cannot ask it about the data ({err})") from err
+    if proc.returncode != 0:
+        said = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines()[-1:]
+        text = "; ".join(said) or f"exit status {proc.returncode}"
+        raise ReleaseError(f"release {version} cannot read the data directory: {text}; refused")
+
+
+def mark_ready(root: Path, data_dir: Path, version: str) -> bool:
+    """The agent on ``version`` is READY: the marker in the data directory, then the
+    confirmation in the release root when it can write there. True when it was pending."""
+    marker = bootcheck.ready_marker(data_dir, version)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(version + "\n")
+    try:
+        return bootcheck.confirm(root, version)
+    except OSError:
+        return False
+
+
+def report(root: Path) -> dict[str, object]:
+    """``agent/version`` and ``agent/update`` for the reported state."""
+    doc = bootcheck.load(root)
+    return {
+        "version": bootcheck.link_version(root, bootcheck.CURRENT),
+        "pending": doc.get("pending"),
+        "outcome": doc.get("outcome"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m agent.ota.updater apply --root R --data-dir D --public-key K``."""
+    import argparse
+
+    from agent.modelstore.signing import load_public_key
+
+    parser = argparse.ArgumentParser(prog="edge-agent-update")
+    parser.add_argument("action", choices=("apply",))
+    parser.add_argument("--root", default="/opt/edge-agent")
+    parser.add_argument("--data-dir", default="/var/lib/edge-agent")
+    parser.add_argument("--public-key", default="/etc/edge-agent/release.pub")
+    parser.add_argument("--restart-unit", default=None, help="systemctl restart it after a switch")
+    parser.add_argument(
+        "--site", action="append", default=[], help="a directory the new venv also sees (tests)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        key = load_public_key(args.public_key)
+    except ModelError as err:
+        log.error("event=release_key_unreadable error=%s", err)
+        return 1
+    site = [Path(s) for s in args.site]
+    version = apply_staged(Path(args.root), Path(args.data_dir), key, site=site)
+    if version is not None and args.restart_unit:
+        subprocess.run(["systemctl", "--no-block", "restart", args.restart_unit], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

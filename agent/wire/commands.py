@@ -1,0 +1,105 @@
+"""Remote commands as both sides speak them (docs/protocol.md "Remote commands and logs"; pure
+functions, no I/O).
+
+An operator sends a command by setting the desired key ``command/<name>`` to
+``{"id": uint, ? "args": {* tstr => scalar}}``; the device runs each new ``id`` once and reports
+``command/<name>`` = ``{"id", "status": "ok" / "failed" / "refused", "result": {...}, "at": time}``.
+
+The endpoint checks the shape (:func:`check_value`, part of the desired key's rule in
+:mod:`agent.wire.statedoc`) and the command line checks the arguments too (:func:`check_args`);
+the device checks the arguments again and reports a command it will not run as ``refused``, so a
+value written around the endpoint is answered, never run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+#: The commands a device knows, by name.
+NAMES = ("selftest", "restart", "flush", "rotate", "logs")
+STATUSES = ("ok", "failed", "refused")
+MAX_ID = 2**63 - 1
+MAX_ARG_NAME = 32
+#: The text of an argument or a reason is cut to this many characters.
+MAX_TEXT = 200
+#: The arguments each command takes: name -> (what it is, its check).
+ARGS: dict[str, dict[str, str]] = {
+    "selftest": {},
+    "restart": {},
+    "flush": {},
+    "rotate": {},
+    "logs": {"since": "a Unix time in seconds (number >= 0)"},
+}
+
+
+class CommandError(ValueError):
+    """A command value or its arguments are not what the command takes."""
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
+
+
+def check_value(value: Any) -> str | None:
+    """Why ``value`` is not a command value (``{"id", ? "args"}``), or None."""
+    expected = '{"id": integer 1..2**63-1, ? "args": {name: number / text / bool}}'
+    if not isinstance(value, dict) or not set(value) <= {"id", "args"}:
+        return expected
+    if not _is_id(value.get("id")):
+        return expected
+    args = value.get("args", {})
+    if not isinstance(args, dict):
+        return expected
+    for key, item in args.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_ARG_NAME:
+            return expected
+        if not isinstance(item, int | float | str | bool):
+            return expected
+    return None
+
+
+def check_args(name: str, args: Any) -> dict[str, Any]:
+    """The arguments of command ``name``, checked (:class:`CommandError` says what is wrong)."""
+    if name not in ARGS:
+        raise CommandError(f"unknown command {name[:MAX_ARG_NAME]!r} (known: {', '.join(NAMES)})")
+    if args is None:
+        args = {}
+    if not isinstance(args, dict):
+        raise CommandError(f"{name}: the arguments must be a map")
+    takes = ARGS[name]
+    for key in args:
+        if key not in takes:
+            known = ", ".join(takes) or "none"
+            raise CommandError(f"{name}: no argument {str(key)[:MAX_ARG_NAME]!r} (takes: {known})")
+    if name == "logs" and "since" in args:
+        since = args["since"]
+        ok = isinstance(since, int | float) and not isinstance(since, bool)
+        if not ok or not math.isfinite(since) or since < 0:
+            raise CommandError(f"logs: since must be {ARGS['logs']['since']}")
+    return dict(args)
+
+
+def new_id(last: int | None, now: float | None = None) -> int:
+    """A fresh command id: milliseconds of the wall clock, above ``last``."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return min(MAX_ID, max(ms, (last or 0) + 1))
+
+
+def result_value(command_id: int, status: str, result: dict[str, Any], at: float) -> dict[str, Any]:
+    """The reported ``command/<name>`` value."""
+    return {"id": command_id, "status": status, "result": result, "at": at}
+
+
+def parse_result(value: Any) -> tuple[int, str, Any, float | None] | None:
+    """(id, status, result, at) of a reported ``command/<name>`` value, or None if it is not
+    one (the endpoint keeps it as reported state all the same)."""
+    if not isinstance(value, dict) or not _is_id(value.get("id")):
+        return None
+    status = value.get("status")
+    if status not in STATUSES:
+        return None
+    at = value.get("at")
+    ok_at = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
+    return value["id"], status, value.get("result"), float(at) if ok_at else None

@@ -1,0 +1,256 @@
+"""Remote commands end to end (agent/service/commands.py, cloud/commandstore.py,
+cloud/commandcli.py): an operator's ``selftest`` reaches an agent on the simulated rig behind a
+link that loses 30 % of the datagrams each way, runs once, and its result is stored at the
+endpoint and printed by ``devices show``; a device's own credential cannot send a command (4.03);
+hostile command values are refused at the endpoint, never a traceback; the ``logs`` command
+uploads the lines since T, which ``logs show`` prints, and hostile log uploads are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from linkem import Impairment, LinkEmulator
+
+from agent.service.commands import EXIT_RESTART
+from agent.sync import state as state_mod
+from agent.sync.uplink import UplinkSettings
+from agent.wire import records
+from agent.wire.logupload import UPLOAD_BODY_BYTES, encode_upload
+from cloud import cli as cloud_cli
+from cloud.server import CloudServer
+from tests.e2e.test_security import Principal
+from tests.e2e.test_state_sync import (  # noqa: F401
+    DEVICE,
+    RunningAgent,
+    agent_config,
+    fast_timing,
+    wait_for,
+)
+
+
+@pytest.fixture
+async def endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[CloudServer]:
+    """An endpoint that also takes plain CoAP (agents with security = "none"), DEVICE registered;
+    a restarted agent's observation is renewed quickly."""
+    monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 1.0)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
+    await server.add_device(DEVICE)
+    yield server
+    await server.stop()
+
+
+async def run_cli(*argv: str) -> tuple[int, str]:
+    """``edge-agent-cloud ARGV`` in a thread (it opens the storage the endpoint runs on)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+
+    def call() -> int:
+        with contextlib.redirect_stdout(out):
+            return cloud_cli.main(list(argv))
+
+    code = await asyncio.to_thread(call)
+    return code, out.getvalue()
+
+
+async def outcome(server: CloudServer, command_id: int) -> Any:
+    rows = await server.db(lambda s: s.commands(DEVICE))
+    for row in rows:
+        if row.id == command_id and row.status != "sent":
+            return row
+    return None
+
+
+@pytest.mark.timeout(240)
+async def test_selftest_round_trip_through_30_percent_loss_and_devices_show_prints_it(
+    endpoint: CloudServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.service.commands")
+    server, data = endpoint, tmp_path / "cloud"
+    lossy = Impairment(delay=0.005, loss=0.3)
+    async with LinkEmulator(
+        listen=("127.0.0.1", 0), target=("127.0.0.1", server.port), impairment=lossy, seed=3
+    ) as proxy:
+        cfg = agent_config(tmp_path, f"coap://127.0.0.1:{proxy.port}")
+        cfg = replace(
+            cfg,
+            uplink=UplinkSettings(endpoints=cfg.uplink.endpoints, security="none"),
+            state=replace(cfg.state, deadline=20.0),
+        )
+        agent = RunningAgent(cfg)
+        try:
+            await wait_for(lambda: agent.state().get("observing"), "observing", 120)
+            code, out = await run_cli(
+                "commands", "send", "--data", str(data), "--device", DEVICE, "selftest"
+            )
+            assert code == 0, out
+            command_id = json.loads(out)["id"]
+            await wait_for(lambda: outcome(server, command_id), "selftest result", 180)
+            row = await outcome(server, command_id)
+            assert row.name == "selftest" and row.status in ("ok", "failed")
+            assert set(row.result["sensors"]) == set(agent.agent.sampler.tasks)
+            assert row.at is not None
+            # the device's own record of it: run once
+            assert agent.agent.commands is not None
+            assert agent.agent.commands.last_id("selftest") == command_id
+        finally:
+            await agent.stop()
+        stats = proxy.stats()  # the link really lost datagrams both ways
+        assert stats["up"]["dropped_total"] > 0 and stats["down"]["dropped_total"] > 0
+    code, out = await run_cli("devices", "show", "--data", str(data), DEVICE)
+    assert code == 0
+    assert str(command_id) in out and "selftest" in out and row.status in out
+    code, out = await run_cli("devices", "show", "--data", str(data), DEVICE, "--json")
+    page = json.loads(out)
+    assert page["commands"][0]["id"] == command_id
+    assert page["commands"][0]["result"]["sensors"] == row.result["sensors"]
+    assert caplog.text.count(f"event=command_start name=selftest id={command_id}") == 1
+
+
+@pytest.mark.timeout(90)
+async def test_a_command_from_a_device_credential_is_refused_4_03(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """Forged command: a device (its own valid credential, not an operator) PUTs command/restart
+    on its own desired state: 4.03 and nothing stored; an operator's PUT is taken."""
+    device = await Principal(server, tmp_path, DEVICE).open()
+    op = await Principal(server, tmp_path, "alice").open("operator")
+    try:
+        body = records.dumps({"command/restart": {"id": 7}})
+        resp = await device.req("PUT", f"state/{DEVICE}/desired", body, 60)
+        assert resp.dotted == "4.03", resp.payload
+        assert "command/restart" not in (await server.desired(DEVICE)).entries
+        resp = await op.req("PUT", f"state/{DEVICE}/desired", body, 60)
+        assert resp.dotted == "2.04", resp.payload
+        assert (await server.desired(DEVICE)).entries["command/restart"].value == {"id": 7}
+    finally:
+        for p in (device, op):
+            await p.close()
+
+
+@pytest.mark.timeout(90)
+async def test_hostile_command_values_are_refused_at_the_endpoint(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """Unknown command names, malformed and huge arguments, from an operator: 4.00 or 4.13 with
+    the reason, nothing stored, and the endpoint goes on."""
+    op = await Principal(server, tmp_path, "alice").open("operator")
+    await server.register(DEVICE)
+    try:
+        for value, code in [
+            ({"command/reboot": {"id": 1}}, "4.00"),  # unknown command
+            ({"command/selftest": {"id": -1}}, "4.00"),
+            ({"command/selftest": {"id": True}}, "4.00"),
+            ({"command/selftest": {"id": 1, "args": [1]}}, "4.00"),
+            ({"command/logs": {"id": 1, "args": {"since": {"a": [1]}}}}, "4.00"),
+            ({"command/logs": {"id": 1, "extra": 1}}, "4.00"),
+            ({"command/logs": {"id": 1, "args": {"since": "x" * 400}}}, "4.13"),
+        ]:
+            resp = await op.req("PUT", f"state/{DEVICE}/desired", records.dumps(value), 60)
+            assert resp.dotted == code, (value, resp.dotted, resp.payload)
+        assert not (await server.desired(DEVICE)).entries
+        ok = records.dumps({"command/flush": {"id": 2}})
+        assert (await op.req("PUT", f"state/{DEVICE}/desired", ok, 60)).dotted == "2.04"
+    finally:
+        await op.close()
+
+
+@pytest.mark.timeout(120)
+async def test_logs_command_uploads_the_lines_since_t_and_logs_show_prints_them(
+    endpoint: CloudServer, tmp_path: Path
+) -> None:
+    server, data = endpoint, tmp_path / "cloud"
+    test_log = logging.getLogger("tests.commands")
+    agent = RunningAgent(agent_config(tmp_path, server.uri))
+    try:
+        await wait_for(lambda: agent.state().get("observing"), "observing", 60)
+        test_log.warning("event=marker_before")
+        await asyncio.sleep(0.05)
+        since = time.time()
+        test_log.warning("event=marker_after")
+        code, out = await run_cli(
+            "commands",
+            "send",
+            "--data",
+            str(data),
+            "--device",
+            DEVICE,
+            "logs",
+            f"since={since}",
+        )
+        assert code == 0, out
+        command_id = json.loads(out)["id"]
+        await wait_for(lambda: outcome(server, command_id), "logs result", 60)
+        row = await outcome(server, command_id)
+        assert row.status == "ok", row.result
+        assert row.result["lines"] >= 1 and row.result["left_out"] == 0
+    finally:
+        await agent.stop()
+    code, out = await run_cli("logs", "show", "--data", str(data), "--device", DEVICE)
+    assert code == 0
+    assert "event=marker_after" in out and "event=marker_before" not in out
+    code, out = await run_cli("devices", "show", "--data", str(data), DEVICE, "--json")
+    assert json.loads(out)["last_logs"]["count"] == row.result["lines"]
+
+
+@pytest.mark.timeout(90)
+async def test_hostile_log_uploads_are_refused(server: CloudServer, tmp_path: Path) -> None:
+    """Another device's logs (4.03), a zlib bomb and a body that is not an upload (4.00), a body
+    over the limit (4.13): nothing kept; the device's own upload is taken."""
+    a = await Principal(server, tmp_path, DEVICE).open()
+    b = await Principal(server, tmp_path, "pump-02").open()
+    try:
+        good = encode_upload(None, [(1.0, "event=one"), (2.0, "event=two")], 0)
+        assert (await b.req("POST", f"logs/{DEVICE}", good, 60)).dotted == "4.03"
+        bomb = records.dumps({"count": 1, "left_out": 0, "z": zlib.compress(b"a" * 2_000_000)})
+        for body, code in [
+            (bomb, "4.00"),
+            (records.dumps([1, 2]), "4.00"),
+            (b"\x00" * (UPLOAD_BODY_BYTES + 10), "4.13"),
+        ]:
+            resp = await a.req("POST", f"logs/{DEVICE}", body, 60)
+            assert resp.dotted == code, (resp.dotted, resp.payload[:80])
+        assert await server.db(lambda s: s.log_uploads(DEVICE)) == []
+        assert (await a.req("POST", f"logs/{DEVICE}", good, 60)).dotted == "2.04"
+        (kept,) = await server.db(lambda s: s.log_uploads(DEVICE))
+        assert kept["count"] == 2 and kept["body"] == good
+    finally:
+        for p in (a, b):
+            await p.close()
+
+
+@pytest.mark.timeout(120)
+async def test_restart_stops_the_agent_with_exit_75_once_and_the_next_start_does_not_loop(
+    endpoint: CloudServer, tmp_path: Path
+) -> None:
+    server, data = endpoint, tmp_path / "cloud"
+    cfg = agent_config(tmp_path, server.uri)
+    first = RunningAgent(cfg)
+    await wait_for(lambda: first.state().get("observing"), "observing", 60)
+    code, out = await run_cli(
+        "commands", "send", "--data", str(data), "--device", DEVICE, "restart"
+    )
+    assert code == 0, out
+    command_id = json.loads(out)["id"]
+    await asyncio.wait_for(first.task, 60)  # it stops by itself
+    assert first.agent.exit_code == EXIT_RESTART == 75
+    # as systemd would: start it again; it reports the restart done and keeps running
+    second = RunningAgent(cfg)
+    try:
+        await wait_for(lambda: outcome(server, command_id), "restart reported", 60)
+        await wait_for(lambda: second.state().get("documents", 0) >= 1, "desired read", 60)
+        assert not second.task.done() and second.agent.exit_code == 0
+        assert (await outcome(server, command_id)).result == {"restarting": True}
+    finally:
+        await second.stop()
+    assert second.agent.exit_code == 0

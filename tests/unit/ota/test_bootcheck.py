@@ -1,0 +1,196 @@
+"""The A/B switch and the boot counter (agent/ota/bootcheck.py) on a real directory: a power cut
+after each step of a switch, a rollback, an adoption, leaves ``current`` on a complete release,
+and the next start resolves it; a pending release that does not confirm is rolled back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.ota import bootcheck as bc
+
+pytestmark = pytest.mark.timeout(30)
+
+BOOTCHECK = Path(bc.__file__)
+
+
+def make_release(root: Path, version: str) -> None:
+    rel = root / bc.RELEASES / version
+    (rel / "bin").mkdir(parents=True)
+    (rel / "bin" / "edge-agent").write_text(version)
+    bc.mark_complete(root, version)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "opt"
+    r.mkdir()
+    make_release(r, "1.0")
+    bc.set_link(r, bc.CURRENT, "releases/1.0")
+    bc.set_link(r, bc.VENV, bc.CURRENT)
+    make_release(r, "2.0")
+    return r
+
+
+def running(root: Path) -> str:
+    return (root / bc.VENV / "bin" / "edge-agent").read_text()
+
+
+def test_switch_confirm(root: Path) -> None:
+    bc.switch(root, "2.0")
+    assert running(root) == "2.0"
+    assert bc.link_version(root, bc.PREVIOUS) == "1.0"
+    assert bc.start(root) == "2.0"
+    assert bc.confirm(root, "2.0")
+    doc = bc.load(root)
+    assert doc["pending"] is None
+    assert doc["outcome"]["result"] == "updated"
+    assert doc["outcome"]["previous"] == "1.0"
+    bc.start(root)  # a confirmed release is not counted any more
+    assert bc.load(root)["attempts"] == 0
+
+
+def test_boot_counter_rolls_back_after_max_attempts(root: Path) -> None:
+    bc.switch(root, "2.0", max_attempts=2)
+    assert bc.start(root) == "2.0"
+    assert bc.start(root) == "2.0"
+    assert bc.load(root)["attempts"] == 2
+    assert bc.start(root) == "1.0"  # the third start: two failed ones before it
+    assert running(root) == "1.0"
+    outcome = bc.load(root)["outcome"]
+    assert outcome["result"] == "rolled_back"
+    assert outcome["version"] == "2.0"
+    assert outcome["restored"] == "1.0"
+    assert "did not reach READY in 2 starts" in outcome["reason"]
+
+
+def test_ready_marker_confirms_at_next_start(root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bc.switch(root, "2.0", max_attempts=1)
+    bc.start(root, data)
+    marker = bc.ready_marker(data, "2.0")
+    marker.parent.mkdir(parents=True)
+    marker.write_text("2.0\n")
+    assert bc.start(root, data) == "2.0"  # READY reached: not rolled back though attempts == max
+    assert bc.load(root)["outcome"]["result"] == "updated"
+
+
+def test_failed_unit_rolls_back_at_once(root: Path) -> None:
+    bc.switch(root, "2.0")
+    bc.start(root)
+    assert bc.failed(root) == "1.0"
+    assert bc.load(root)["outcome"]["reason"] == "the service failed while the release was pending"
+
+
+def test_switch_refuses_an_incomplete_release(root: Path) -> None:
+    (root / bc.RELEASES / "3.0" / "bin").mkdir(parents=True)  # an install cut short
+    with pytest.raises(bc.BootError, match="not installed completely"):
+        bc.switch(root, "3.0")
+    assert running(root) == "1.0"
+
+
+class Cut(Exception):
+    """The power cut, raised in place of the Nth durable step."""
+
+
+def steps_with_cut(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Let ``n`` durable steps (state writes and link renames) happen, then cut."""
+    count = {"n": 0}
+    real_replace = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if count["n"] >= n:
+            raise Cut(f"cut before step {n + 1} ({dst})")
+        count["n"] += 1
+        real_replace(src, dst)
+
+    monkeypatch.setattr(bc.os, "replace", replace)
+
+
+@pytest.mark.parametrize("cut_after", range(5))
+def test_power_cut_during_switch(
+    root: Path, monkeypatch: pytest.MonkeyPatch, cut_after: int
+) -> None:
+    # the switch's durable steps: state "switching", previous, current, state "switched"
+    with monkeypatch.context() as m:
+        steps_with_cut(m, cut_after)
+        try:
+            bc.switch(root, "2.0")
+        except Cut:
+            pass
+    # whatever the cut left, current is a complete release and the agent can start
+    assert bc.is_complete(root, bc.link_version(root, bc.CURRENT) or "")
+    version = bc.start(root)
+    assert running(root) == version
+    doc = bc.load(root)
+    if cut_after <= 2:  # current had not moved: the switch is forgotten, 1.0 runs
+        assert version == "1.0"
+        if cut_after >= 1:
+            assert doc["outcome"]["result"] == "aborted"
+    else:  # current moved: 2.0 runs, pending, counted
+        assert version == "2.0"
+        assert doc["pending"] == "2.0" and doc["attempts"] == 1
+
+
+@pytest.mark.parametrize("cut_after", range(3))
+def test_power_cut_during_rollback(
+    root: Path, monkeypatch: pytest.MonkeyPatch, cut_after: int
+) -> None:
+    bc.switch(root, "2.0", max_attempts=1)
+    bc.start(root)
+    with monkeypatch.context() as m:
+        steps_with_cut(m, cut_after)
+        try:
+            bc.rollback(root, "test")
+        except Cut:
+            pass
+    assert bc.is_complete(root, bc.link_version(root, bc.CURRENT) or "")
+    assert bc.start(root) == "1.0"  # the next start finishes the rollback
+    assert running(root) == "1.0"
+    assert bc.load(root)["outcome"]["result"] == "rolled_back"
+
+
+@pytest.mark.parametrize("cut_after", range(3))
+def test_power_cut_during_adoption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_after: int
+) -> None:
+    """The first install's plain venv becomes a release; a cut leaves a runnable ``venv``."""
+    root = tmp_path / "opt"
+    (root / bc.VENV / "bin").mkdir(parents=True)
+    (root / bc.VENV / "bin" / "edge-agent").write_text("initial")
+    with monkeypatch.context() as m:
+        steps_with_cut(m, cut_after)
+        try:
+            bc.adopt(root, "initial")
+        except Cut:
+            pass
+    bc.start(root)
+    assert running(root) == "initial"
+    assert (root / bc.VENV).is_symlink()
+
+
+def test_script_runs_with_the_system_python_alone(root: Path, tmp_path: Path) -> None:
+    """ExecStartPre runs the file with ``python3 -I``: no venv, no agent package."""
+    bc.switch(root, "2.0", max_attempts=1)
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    for expected in ("2.0", "1.0"):
+        subprocess.run(
+            [python, "-I", str(BOOTCHECK), "start", "--root", str(root)],
+            check=True,
+            cwd=tmp_path,
+            timeout=20,
+        )
+        assert running(root) == expected
+    status = subprocess.run(
+        [python, "-I", str(BOOTCHECK), "status", "--root", str(root)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert json.loads(status.stdout)["outcome"]["result"] == "rolled_back"
