@@ -3,7 +3,8 @@ gateway (``edge-agent gateway``) and agents on the simulated rig whose only endp
 gateway (``edge-agent run``).
 
 - every record a device committed is stored exactly once in the cloud, through a SIGKILL of the
-  gateway and an outage of the cloud;
+  gateway and an outage of the cloud, with 5 % loss and 1 % duplication on both links (the
+  impairment proxy between devices and gateway, and between gateway and cloud);
 - a desired change made while the cloud is down (written to its database) reaches the devices
   once the cloud is back, through the gateway, and their reported state comes back up with it;
 - a model version assigned to every device is fetched by the gateway once and installed by all.
@@ -24,6 +25,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from linkem import Impairment, LinkEmulator
 
 from agent.modelstore.signing import SignedManifest
 from agent.sync.security import ClientSecurity
@@ -95,6 +97,8 @@ class Site:
         self.data = tmp / "cloud-data"  # the example config's [models] public_key is beside it
         self.cloud_port = free_udp_port()
         self.gw_port = free_udp_port()
+        self.lan_port = self.gw_port  # where the devices reach the gateway (a proxy may sit there)
+        self.up_port = self.cloud_port  # where the gateway reaches the cloud (likewise)
         self.gw_dir = tmp / "gateway"
         self.cloud_proc: subprocess.Popen[bytes] | None = None
         self.gw_proc: subprocess.Popen[bytes] | None = None
@@ -110,9 +114,9 @@ class Site:
             cred = self.tmp / d / "credential.json"
             cloud("devices", "add", "--data", str(self.data), "--credential-out", str(cred), d)
             shutil.copy(cred, self.gw_dir / "devices" / f"{d}.json")
-            text = agent_config(d, self.tmp / d, self.gw_port, 1.0)
+            text = agent_config(d, self.tmp / d, self.lan_port, 1.0)
             if d == FALLBACK:  # the gateway first, the cloud second; back to the gateway soon
-                gw = f'"coap://127.0.0.1:{self.gw_port}"'
+                gw = f'"coap://127.0.0.1:{self.lan_port}"'
                 text = text.replace(
                     f"endpoints = [{gw}]", f'endpoints = [{gw}, "{self.upstream()}"]'
                 )
@@ -137,8 +141,8 @@ class Site:
         return f"coap://127.0.0.1:{self.gw_port}"
 
     def upstream(self) -> str:
-        """The cloud as the gateway reaches it."""
-        return f"coap://127.0.0.1:{self.cloud_port}"
+        """The cloud as the gateway (and a device's fallback) reaches it."""
+        return f"coap://127.0.0.1:{self.up_port}"
 
     def start_cloud(self) -> None:
         self.cloud_proc = spawn(
@@ -264,6 +268,19 @@ class Site:
 
 async def test_gateway_relays_records_state_and_models_exactly_once(tmp_path: Path) -> None:
     site = Site(tmp_path)
+    # both links lose datagrams: devices -> gateway and gateway -> cloud through the proxy
+    lossy = Impairment(loss=0.05, dup=0.01)
+    async with (
+        LinkEmulator(listen=("127.0.0.1", 0), target=("127.0.0.1", site.gw_port),
+                     impairment=lossy, seed=3) as lan,
+        LinkEmulator(listen=("127.0.0.1", 0), target=("127.0.0.1", site.cloud_port),
+                     impairment=lossy, seed=4) as up,
+    ):  # fmt: skip
+        site.lan_port, site.up_port = lan.port, up.port
+        await _run(site, tmp_path)
+
+
+async def _run(site: Site, tmp_path: Path) -> None:
     site.setup()
     site.start_cloud()
     try:

@@ -5,7 +5,8 @@ Run it with ``./tools/dev test -m long tests/e2e/test_gateway_site.py`` (root: n
 Twenty agents on the simulated rig and the gateway run in a network namespace (the plant
 network); the cloud endpoint runs in the root namespace (beyond the uplink). The uplink is the
 namespace's veth shaped with tc tbf (256 kbit/s) plus the impairment proxy (tools/linkem.py: 5 %
-loss, 40 ms each way) in front of the endpoint. The gateway is SIGKILLed and restarted, then the
+loss, 40 ms each way) in front of the endpoint; the devices reach the gateway through another
+proxy in the namespace (3 % loss, 1 % duplication). The gateway is SIGKILLed and restarted, then the
 uplink is cut for two minutes, during which an operator changes a device's desired state (it
 reaches the device once the uplink returns). Then a model version is assigned to all twenty:
 the gateway downloads it once and every device installs it. At the end every record each device
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from tests.e2e.test_gateway import Site, cloud, stop, until
+from tests.e2e.test_gateway import ROOT, Site, cloud, stop, until
+from tools.chaos.harness import free_udp_port
 from tools.fleetnet import Topology, available
 
 pytestmark = [pytest.mark.long, pytest.mark.timeout(900)]
@@ -43,8 +46,24 @@ class NamespaceSite(Site):
         self.site_prefix = ("ip", "netns", "exec", net.names["dev"])
         self.proxy_port = 0
 
+        self.lan_port = free_udp_port()  # the devices' side: the impairment proxy in the namespace
+        self.lan_proxy: subprocess.Popen[bytes] | None = None
+
     def upstream(self) -> str:
         return f"coap://{self.net.root_addr('dev')}:{self.proxy_port}"
+
+    def start_site(self) -> None:
+        """The LAN too loses datagrams: the devices reach the gateway through the proxy."""
+        argv = [sys.executable, str(ROOT / "tools" / "linkem.py"), "run", "--listen",
+                f"127.0.0.1:{self.lan_port}", "--target", f"127.0.0.1:{self.gw_port}",
+                "--loss", "3%", "--dup", "1%", "--seed", "11"]  # fmt: skip
+        self.lan_proxy = self.net.popen("dev", argv, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)  # fmt: skip
+        super().start_site()
+
+    def close(self) -> None:
+        super().close()
+        stop(self.lan_proxy)
 
 
 async def test_twenty_devices_behind_a_gateway_through_a_sigkill_and_a_two_minute_outage(
