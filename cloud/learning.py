@@ -332,8 +332,9 @@ class Coordinator:
             raise JobError(f"job {job.id}: the masters {job.st.masters[:12]} are missing")
         masters = Masters.from_cbor(blob, job.st.masters)
         count = parameter_count(masters.sizes)
-        updates, refused = [], []
+        updates, refused, uploaded = [], [], set()
         for device, body in self.storage.learn_updates(job.id, rnd):
+            uploaded.add(device)
             try:
                 u = ModelUpdate.from_cbor(body, count)
             except LearningError as err:  # stored only after these checks; kept for safety
@@ -365,9 +366,7 @@ class Coordinator:
                 "selected": len(job.st.selected),
                 "uploads": len(updates),
                 "refused": refused,
-                "missing": sorted(
-                    set(job.st.selected) - {d for d, _ in self.storage.learn_updates(job.id, rnd)}
-                ),
+                "missing": sorted(set(job.st.selected) - uploaded),
                 "samples": int(sum(u.samples for u in updates)),
                 "threshold": threshold,
                 "version": version,

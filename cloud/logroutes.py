@@ -10,7 +10,6 @@ is kept as it came (cloud/commandstore.py ``logs``) and answered 2.04.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
@@ -19,9 +18,6 @@ from agent.wire.batch import CF_CBOR
 from agent.wire.logupload import UPLOAD_BODY_BYTES, LogUploadError, decode_upload
 from cloud.protocol import _Failure, _Route
 from cloud.serverroutes import RouteHost
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("cloud.server")
 

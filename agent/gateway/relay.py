@@ -19,11 +19,9 @@ own store and the cloud endpoint (docs/gateway.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import tempfile
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -395,11 +393,14 @@ def mirror_desired(s: Any, device: str, doc: DesiredDoc, now: float) -> DesiredD
 
 
 async def run_every(
-    seconds: float, work: Callable[[], Awaitable[Any]], what: str, clock_sleep: Any = None
+    seconds: float,
+    work: Callable[[], Awaitable[Any]],
+    what: str,
+    sleep: Callable[[float], Awaitable[None]],
 ) -> None:
-    """``work()`` every ``seconds``; a failure is logged (once per outage) and retried."""
+    """``work()`` every ``seconds`` (``sleep``: the clock's); a failure is logged (once per
+    outage) and retried."""
     failing = False
-    sleep = clock_sleep or asyncio.sleep
     while True:
         try:
             await work()
@@ -412,9 +413,3 @@ async def run_every(
                 log.info("event=gateway_upstream_ok what=%s", what)
             failing = False
         await sleep(seconds)
-
-
-@contextlib.contextmanager
-def timed() -> Any:
-    started = time.perf_counter()
-    yield lambda: time.perf_counter() - started

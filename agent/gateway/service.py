@@ -202,12 +202,13 @@ class Gateway:
             writes, self._writes = self._writes, []
             await asyncio.gather(*writes)
 
+        sleep = self.clock.sleep
         tasks = [
-            asyncio.create_task(run_every(ALERT_CHECK, self._forward, "records")),
+            asyncio.create_task(run_every(ALERT_CHECK, self._forward, "records", sleep)),
             asyncio.create_task(
-                run_every(g.forward_interval, self.state.reported_once, "reported")
+                run_every(g.forward_interval, self.state.reported_once, "reported", sleep)
             ),
-            asyncio.create_task(run_every(g.desired_poll, desired, "desired")),
+            asyncio.create_task(run_every(g.desired_poll, desired, "desired", sleep)),
         ]
         if self.peer_sync is not None:
             tasks.append(asyncio.create_task(self.peer_sync.run()))

@@ -218,6 +218,15 @@ class Site:
         log = (self.tmp / "gateway.log").read_text()
         assert log.count(f"event=gateway_model_cached name=skab-ae version={version}") == 1
 
+    async def finish(self) -> None:
+        """Stop the devices, let the gateway drain (:meth:`drained`), and no process logged a
+        traceback."""
+        for d in self.devices:
+            stop(self.agents[d])
+        await self.drained()
+        for name in ("gateway", "cloud", *self.devices):
+            assert "Traceback" not in (self.tmp / f"{name}.log").read_text(), name
+
     def close(self) -> None:
         for p in self.agents.values():
             stop(p)
@@ -327,10 +336,6 @@ async def _run(site: Site, tmp_path: Path) -> None:
         await until(lambda: len(site.gateway_seqs(FALLBACK)) > mark + 20, 120,
                     "the device back on the gateway")  # fmt: skip
         # stop the devices, let the gateway drain: every committed record is in the cloud once
-        for d in DEVICES:
-            stop(site.agents[d])
-        await site.drained()
-        for name in ("gateway", "cloud", *DEVICES):
-            assert "Traceback" not in (tmp_path / f"{name}.log").read_text(), name
+        await site.finish()
     finally:
         site.close()
