@@ -14,8 +14,9 @@ Test releases (:func:`build_wheels`): a bundle holds this checkout's wheel (``pi
 running venv through a ``.pth`` (:func:`deps_site`: a directory of links to them, without the
 agent itself), so an install is ``python -m venv --without-pip`` plus the bundle's pip
 installing the agent wheel offline, the same commands as on a device, in seconds rather than the
-minutes numpy and LiteRT take. A release that crashes at start and one that never sends READY=1
-are the agent's wheel with its ``edge-agent`` console script made to do that.
+minutes numpy and LiteRT take. A release that crashes at start, one that never sends READY=1 and
+one that sends it and then never syncs are the agent's wheel with its ``edge-agent`` console
+script made to do that.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def broken_wheel(agent: Path, out: Path, tag: str, body: str) -> Path:
 
 
 def build_wheels(work: Path) -> dict[str, Path]:
-    """This checkout's wheel, pip's, and the two broken releases' wheels, in ``work``."""
+    """This checkout's wheel, pip's, and the three broken releases' wheels, in ``work``."""
     src = work / "src"
     for rel in _source_files(ROOT):
         dest = src / rel
@@ -117,7 +118,17 @@ def build_wheels(work: Path) -> dict[str, Path]:
     hang = broken_wheel(
         agent, work / "hang", "hang", "    import time\n    while True:\n        time.sleep(1)"
     )
-    return {"agent": agent, "pip": pip, "crash": crash, "hang": hang}
+    # READY=1 at once, then nothing: no sensor read, no sync exchange, never confirmed
+    silent = broken_wheel(
+        agent,
+        work / "silent",
+        "silent",
+        "    import os, socket, time\n"
+        "    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "    s.sendto(b'READY=1', os.environ['NOTIFY_SOCKET'])\n"
+        "    while True:\n        time.sleep(1)",
+    )
+    return {"agent": agent, "pip": pip, "crash": crash, "hang": hang, "silent": silent}
 
 
 def deps_site(out: Path) -> Path:
@@ -173,11 +184,11 @@ class World:
         transport = CoapTransport(RealClock(), lanes=2)
         return ReleaseFetcher(transport, f"coap://127.0.0.1:{self.server.port}", **FAST)
 
-    async def stage(self, version: str, sha: str | None = None) -> Any:
+    async def stage(self, version: str, sha: str | None = None, **limits: int) -> Any:
         fetcher = self.fetcher()
         try:
             return await stage(
-                fetcher, version=version, sha256=sha, key=self.key, data_dir=self.data
+                fetcher, version=version, sha256=sha, key=self.key, data_dir=self.data, **limits
             )
         finally:
             await fetcher.close()
@@ -200,6 +211,7 @@ class World:
         )
         text = text.replace('credential = "pump-rig-01.json"', f'credential = "{credential}"')
         text += f'\n[update]\nroot = "{self.root}"\npublic_key = "{self.etc / "release.pub"}"\n'
+        text += "max_attempts = 2\nhealth_window_s = 120\n"  # the root helper must take these
         path = self.etc / "agent.toml"
         path.write_text(text)
         return path

@@ -6,7 +6,8 @@ Layout under the release root (default /opt/edge-agent; docs/ota.md)::
     releases/<version>/      a venv built from the verified bundle, plus COMPLETE when it is whole
     current -> releases/V    the release the service runs (``venv -> current`` for the unit)
     previous -> releases/U   the release to go back to
-    update.json              {"pending", "from", "attempts", "max_attempts", "step", "outcome"}
+    update.json              {"pending", "from", "attempts", "max_attempts", "health_window",
+                              "pending_s", "step", "outcome"}
 
 Every change is a step that leaves the tree bootable: a symlink is made under a temporary name
 and renamed over the old one (``os.replace``), update.json is written to a temporary file,
@@ -20,6 +21,15 @@ puts ``previous`` back and records ``rolled_back`` with the reason. The agent co
 READY marker written in the data directory (:func:`ready_marker`) counts as a confirmation too,
 for an agent that cannot write the release root. ``failed`` (the OnFailure unit) rolls a pending
 version back at once.
+
+The health window (``health``, edge-agent-health.timer every ``--interval`` seconds): a pending
+release that starts and keeps running but never confirms (it sends READY=1 and then never gets a
+sync exchange through, or hangs after it) is not caught by the boot counter, which only counts
+starts. Each run of the timer while the pending version is current and has started adds
+``--interval`` to ``pending_s``; once that reaches the ``health_window`` the switch recorded
+(``[update] health_window_s``), the previous release is put back and the service restarted.
+Elapsed time is counted in timer periods (a monotonic timer), never from the wall clock, which a
+device without a real-time clock may set back or forward at any time.
 
 Logging: one ``key=value`` line on stderr per decision (journald keeps it).
 """
@@ -43,6 +53,9 @@ PREVIOUS = "previous"
 VENV = "venv"  # the path the unit runs: venv -> current (or a plain venv before the first update)
 COMPLETE = "COMPLETE"
 MAX_ATTEMPTS = 3
+MAX_ATTEMPTS_LIMIT = 100
+HEALTH_WINDOW = 600  # seconds a pending release has to confirm once it runs
+MIN_HEALTH_WINDOW, MAX_HEALTH_WINDOW = 60, 86400  # [update] health_window_s may be in between
 READY_DIR = "ota"  # DATA/ota/ready-<version>: the agent's READY marker
 
 
@@ -157,7 +170,12 @@ def adopt(root: Path, version: str) -> None:
         set_link(root, VENV, CURRENT)
 
 
-def switch(root: Path, version: str, max_attempts: int = MAX_ATTEMPTS) -> None:
+def switch(
+    root: Path,
+    version: str,
+    max_attempts: int = MAX_ATTEMPTS,
+    health_window: int = HEALTH_WINDOW,
+) -> None:
     """Make ``version`` (installed and COMPLETE) current, the running one previous, and pending
     until confirmed. Steps: state ``switching`` -> previous -> current -> state ``switched``."""
     if not is_complete(root, version):
@@ -167,6 +185,7 @@ def switch(root: Path, version: str, max_attempts: int = MAX_ATTEMPTS) -> None:
         raise BootError(f"release {version} is already current")
     doc = load(root)
     doc.update(pending=version, attempts=0, max_attempts=max_attempts, step="switching")
+    doc.update(health_window=health_window, pending_s=0)
     doc["from"] = running
     doc["switched_at"] = time.time()
     save(root, doc)
@@ -282,12 +301,56 @@ def failed(root: Path, data_dir: Path | None = None) -> str | None:
     return current
 
 
+def _number(doc: dict[str, Any], key: str, default: int) -> int:
+    value = doc.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def health(root: Path, data_dir: Path | None, interval: int) -> str | None:
+    """edge-agent-health.timer: one period of ``interval`` seconds passed (module docstring).
+    The version now current."""
+    current = resolve(root)
+    doc = load(root)
+    pending = doc.get("pending")
+    if not pending or pending != current or _number(doc, "attempts", 0) < 1:
+        return current  # nothing pending, or switched but not started yet
+    if data_dir is not None and ready_marker(data_dir, pending).is_file():
+        confirm(root, pending)
+        return current
+    window = _number(doc, "health_window", HEALTH_WINDOW)
+    waited = _number(doc, "pending_s", 0) + interval
+    if waited >= window:
+        return rollback(
+            root,
+            f"not READY within the health window ({window} s: sensors read, queue open, "
+            "a sync exchange)",
+        )
+    doc["pending_s"] = waited
+    save(root, doc)
+    _log("release_health_wait", version=pending, waited_s=waited, window_s=window)
+    return current
+
+
+def _restart(unit: str | None, *commands: list[str]) -> None:
+    """The service runs the bad release: start it again on the restored one."""
+    if unit:
+        for cmd in commands:
+            subprocess.run(["systemctl", *cmd, unit], check=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-agent-bootcheck", description=__doc__)
-    parser.add_argument("action", choices=("start", "failed", "resolve", "rollback", "status"))
+    parser.add_argument(
+        "action", choices=("start", "failed", "health", "resolve", "rollback", "status")
+    )
     parser.add_argument("--root", default="/opt/edge-agent")
     parser.add_argument("--data-dir", default=None, help="the agent's data dir (READY marker)")
-    parser.add_argument("--restart-unit", default=None, help="failed: start it after a rollback")
+    parser.add_argument(
+        "--restart-unit", default=None, help="failed, health: start it after a rollback"
+    )
+    parser.add_argument(
+        "--interval", type=int, default=60, help="health: seconds since the timer's last run"
+    )
     args = parser.parse_args(argv)
     root = Path(args.root)
     data = Path(args.data_dir) if args.data_dir else None
@@ -296,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             start(root, data)
         elif args.action == "failed":
             before = link_version(root, CURRENT)
-            if failed(root, data) != before and args.restart_unit:
-                # the unit gave up on the bad release: start it again on the restored one
-                for cmd in (["reset-failed"], ["--no-block", "start"]):
-                    subprocess.run(["systemctl", *cmd, args.restart_unit], check=False)
+            if failed(root, data) != before:
+                _restart(args.restart_unit, ["reset-failed"], ["--no-block", "start"])
+        elif args.action == "health":
+            before = link_version(root, CURRENT)
+            if health(root, data, max(1, args.interval)) != before:
+                _restart(args.restart_unit, ["--no-block", "restart"])
         elif args.action == "resolve":
             resolve(root)
         elif args.action == "rollback":

@@ -1,51 +1,224 @@
-"""Can a release read the data directory as it is? Decided before the switch (docs/ota.md).
+"""Which data formats a release reads and writes; can it run on the data directory as it is, and
+can the release before it run on what it will write? Both decided before the switch (docs/ota.md).
 
-The root helper runs this module with the *new* release's Python (``releases/V/bin/python -I -m
-agent.ota.compat --data-dir DATA``) after the install and before the switch, so the question is
-answered by the code that will run: the durable queue's schema version (the SQLite header's
-``user_version``, read from the file's first 100 bytes: nothing is opened for writing, no
-journal is touched) must be one this release reads. A release that cannot read the queue is
-refused and the running one stays; the calibration, state and model cache files are JSON and
-CBOR documents that every release reads field by field (unknown fields are ignored).
+Every durable kind of data in the data directory has a format version:
 
-Exit status 0: readable; 1: not (one line per problem on stdout).
+- ``queue``: the durable queue's SQLite schema (``PRAGMA user_version``, read from the file's
+  first 100 bytes: nothing is opened for writing, no journal is touched);
+- ``state``: the reported/desired state and command files (agent/sync/statedata.py and
+  agent/service/commands.py), ``calibration``: the detector's commissioning statistics,
+  ``models``: the model cache and its index, ``security``: the credential and the OSCORE
+  sequence state, ``learning``: a federated round's files.
+
+A release states the versions it reads (:data:`READS`, a range per kind) and the one it writes
+(:data:`WRITES`). The agent records, in ``DATA/formats.json`` and before it writes anything, the
+versions it writes and where its queue is (:func:`stamp`); at start it refuses a data directory
+holding a version outside what it reads (:func:`check_and_stamp`: a release installed by hand
+over newer data).
+
+Before a switch the root helper (agent/ota/updater.py) asks two releases, each with its own
+Python (``releases/V/bin/python -I -m agent.ota.compat``):
+
+1. the new one, ``--data-dir DATA``: does it read every version on disk (forward);
+2. both, ``--describe``: the new release's :data:`WRITES` must be within the running release's
+   :data:`READS`, so that a rollback finds data it reads (backward). A format therefore changes
+   in two releases: one that reads the new version while still writing the old, then one that
+   writes it (expand, then contract); a release that skips the first step is refused before
+   the switch, and the running one stays.
+
+Exit status 0: readable (``--describe``: the JSON printed); 1: not (one line per problem).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
+from agent.errors import ConfigError
+from agent.files import write_atomic
 from agent.store.settings import APPLICATION_ID, SCHEMA_VERSION
 
+log = logging.getLogger(__name__)
+
 QUEUE_FILE = "queue.db"  # [store] path's default, relative to the data directory
+FORMATS_FILE = "formats.json"  # DATA/formats.json: what the last release to run writes
+
+#: kind -> the oldest and newest version this release reads
+READS: dict[str, tuple[int, int]] = {
+    "queue": (SCHEMA_VERSION, SCHEMA_VERSION),
+    "state": (1, 1),
+    "calibration": (1, 1),
+    "models": (1, 1),
+    "security": (1, 1),
+    "learning": (1, 1),
+}
+#: kind -> the version this release writes
+WRITES: dict[str, int] = {
+    "queue": SCHEMA_VERSION,
+    "state": 1,
+    "calibration": 1,
+    "models": 1,
+    "security": 1,
+    "learning": 1,
+}
+MAX_KINDS = 64  # formats.json is the agent's file; a larger map is not one it wrote
 
 
-def problems(data_dir: Path, queue: Path | None = None) -> list[str]:
-    """What this release cannot read in ``data_dir``; empty when it can read everything."""
-    path = queue or data_dir / QUEUE_FILE
+def _version(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def queue_version(path: Path) -> int | None:
+    """The queue file's schema version; None when there is none (no file, or not the store's)."""
     try:
         with open(path, "rb") as f:
             header = f.read(100)
-    except FileNotFoundError:
-        return []  # no queue yet: the release makes its own
-    except OSError as err:
-        return [f"{path}: cannot read ({err})"]
+    except OSError:
+        return None
     if len(header) < 100 or header[:16] != b"SQLite format 3\x00":
-        return []  # not a database the store can use at all: it moves it aside at start
+        return None  # not a database the store can use at all: it moves it aside at start
     version, app = struct.unpack(">I", header[60:64])[0], struct.unpack(">I", header[68:72])[0]
-    if app not in (0, APPLICATION_ID) or version == SCHEMA_VERSION:
-        return []
-    return [f"{path}: queue schema version {version}, this release reads {SCHEMA_VERSION}"]
+    if app not in (0, APPLICATION_ID):
+        return None
+    return version
+
+
+def recorded(data_dir: Path) -> tuple[dict[str, int], Path | None]:
+    """``DATA/formats.json``: the versions the last release wrote, and its queue file. Missing
+    or unreadable: nothing recorded (a data directory from before the record, or a fresh one)."""
+    try:
+        doc = json.loads((data_dir / FORMATS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}, None
+    if not isinstance(doc, dict):
+        return {}, None
+    formats = doc.get("formats")
+    found: dict[str, int] = {}
+    if isinstance(formats, dict) and len(formats) <= MAX_KINDS:
+        for kind, value in formats.items():
+            version = _version(value)
+            if isinstance(kind, str) and version is not None:
+                found[kind] = version
+    queue = doc.get("queue")
+    return found, Path(queue) if isinstance(queue, str) and queue else None
+
+
+def on_disk(data_dir: Path, queue: Path | None = None) -> tuple[dict[str, int], Path]:
+    """The format versions in ``data_dir``: the record, and the queue's own header (which wins:
+    it is the file itself); and the queue file read."""
+    found, recorded_queue = recorded(data_dir)
+    path = queue or recorded_queue or data_dir / QUEUE_FILE
+    version = queue_version(path)
+    if version is not None:
+        found["queue"] = version
+    return found, path
+
+
+def problems(data_dir: Path, queue: Path | None = None) -> list[str]:
+    """What this release cannot read in ``data_dir``; empty when it can read everything. A kind
+    this release does not know is data it would ignore, not a reason to refuse."""
+    out = []
+    found, path = on_disk(data_dir, queue)
+    for kind, version in sorted(found.items()):
+        low, high = READS.get(kind, (version, version))
+        if not low <= version <= high:
+            where = f"{path}: queue schema" if kind == "queue" else kind
+            out.append(f"{where} version {version}, this release reads {low}..{high}")
+    return out
+
+
+def rollback_problems(writes: dict[str, int], reads: dict[str, tuple[int, int]]) -> list[str]:
+    """What a release writing ``writes`` would leave that one reading ``reads`` cannot read."""
+    out = []
+    for kind, version in sorted(writes.items()):
+        low, high = reads.get(kind, (version, version))
+        if not low <= version <= high:
+            out.append(
+                f"it writes {kind} version {version}, which the running release (reads "
+                f"{low}..{high}) cannot read after a rollback"
+            )
+    return out
+
+
+def describe() -> dict[str, Any]:
+    return {"reads": {k: list(v) for k, v in READS.items()}, "writes": dict(WRITES)}
+
+
+def parse_description(text: str) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """(writes, reads) from ``--describe`` output; ValueError when it is not one."""
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    reads_doc, writes_doc = doc.get("reads"), doc.get("writes")
+    if not isinstance(reads_doc, dict) or not isinstance(writes_doc, dict):
+        raise ValueError("no reads/writes")
+    writes: dict[str, int] = {}
+    for kind, value in writes_doc.items():
+        version = _version(value)
+        if version is None:
+            raise ValueError(f"writes {kind!r}: not a version")
+        writes[str(kind)] = version
+    reads: dict[str, tuple[int, int]] = {}
+    for kind, pair in reads_doc.items():
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ValueError(f"reads {kind!r}: not a range")
+        low, high = _version(pair[0]), _version(pair[1])
+        if low is None or high is None or low > high:
+            raise ValueError(f"reads {kind!r}: not a range")
+        reads[str(kind)] = (low, high)
+    return writes, reads
+
+
+def stamp(data_dir: Path, queue: Path) -> None:
+    """Record this release's :data:`WRITES` and its queue file (before it writes anything).
+    Rewritten only when it differs, so a start costs no write in the common case."""
+    doc = {"formats": dict(WRITES), "queue": str(queue)}
+    path = data_dir / FORMATS_FILE
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == doc:
+            return
+    except (OSError, ValueError):
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(doc, sort_keys=True).encode())
+
+
+def check_and_stamp(data_dir: Path, queue: Path) -> None:
+    """At the agent's start, before the queue opens: ConfigError (exit 78: restarting does not
+    help) when the data directory holds a version this release does not read; else
+    :func:`stamp`. A record that cannot be written (a full or read-only disk) is logged: the
+    store has its own answers to those, and the agent must still start."""
+    found = problems(data_dir, queue)
+    if found:
+        raise ConfigError(
+            str(data_dir / FORMATS_FILE),
+            "",
+            "; ".join(found) + ": written by a newer release; run that release, or move the "
+            "data directory away",
+        )
+    try:
+        stamp(data_dir, queue)
+    except OSError as err:
+        log.warning("event=formats_not_recorded path=%s error=%r", data_dir / FORMATS_FILE, err)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agent.ota.compat")
-    parser.add_argument("--data-dir", required=True)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data-dir", help="can this release read it")
+    what.add_argument(
+        "--describe", action="store_true", help="print the versions it reads and writes (JSON)"
+    )
     parser.add_argument("--queue", default=None, help=f"the queue file (default DATA/{QUEUE_FILE})")
     args = parser.parse_args(argv)
+    if args.describe:
+        print(json.dumps(describe(), sort_keys=True))
+        return 0
     found = problems(Path(args.data_dir), Path(args.queue) if args.queue else None)
     for line in found:
         print(line)

@@ -149,6 +149,8 @@ class UpdateController:
                 key=key,
                 data_dir=self.data_dir,
                 budget_bytes=self.settings.disk_budget,
+                max_attempts=self.settings.max_attempts,
+                health_window=self.settings.health_window,
             )
         finally:
             await fetcher.close()

@@ -18,8 +18,10 @@ The root helper (:func:`apply_staged`, ``python -m agent.ota.updater apply`` run
 edge-agent-update.service when edge-agent-update.path sees ``staged.json``):
 
 4. the signature and the file checked again (the data directory is the agent's), then the
-   install (agent/ota/install.py) into ``releases/<version>``, and the new release asked with
-   its own Python whether it reads the data directory (agent/ota/compat.py);
+   install (agent/ota/install.py) into ``releases/<version>``, the new release asked with its
+   own Python whether it reads the data directory, and both releases which data formats they
+   read and write: the running one must read what the new one writes, or a rollback would
+   strand the data (agent/ota/compat.py);
 5. the switch (agent/ota/bootcheck.py) and a restart of edge-agent.service into the new release,
    where the boot counter takes over.
 
@@ -39,6 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -46,6 +49,7 @@ from agent.errors import ModelError
 from agent.files import write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
 from agent.ota import bootcheck
+from agent.ota.compat import parse_description, rollback_problems
 from agent.ota.install import install
 from agent.ota.release import ReleaseError, ReleaseManifest, check_file
 
@@ -96,9 +100,13 @@ async def stage(
     key: Ed25519PublicKey,
     data_dir: Path,
     budget_bytes: int | None = None,
+    max_attempts: int = bootcheck.MAX_ATTEMPTS,
+    health_window: int = bootcheck.HEALTH_WINDOW,
 ) -> Staged:
     """Steps 1-3 of the module docstring, as the agent (unprivileged) does them: the verified
-    file ends in ``DATA/ota/<version>.release`` beside its manifest and ``staged.json``."""
+    file ends in ``DATA/ota/<version>.release`` beside its manifest and ``staged.json``, which
+    also carries the ``[update]`` limits the root helper's switch records for the boot counter
+    and the health window (the helper does not read agent.toml)."""
     manifest = await fetcher.release_manifest(version)
     manifest.verify(key)
     if sha256 is not None and manifest.sha256 != sha256.lower():
@@ -132,7 +140,8 @@ async def stage(
     write_atomic(ota / f"{version}.manifest", manifest.to_cbor())
     file = ota / f"{version}.release"
     os.replace(part, file)
-    write_atomic(ota / STAGED_FILE, json.dumps({"version": version}).encode())
+    staged = {"version": version, "max_attempts": max_attempts, "health_window": health_window}
+    write_atomic(ota / STAGED_FILE, json.dumps(staged).encode())
     log.info("event=release_staged version=%s bytes=%d", version, manifest.size)
     return Staged(version, manifest, file, stats)
 
@@ -144,16 +153,27 @@ def apply_staged(
     *,
     python: str | None = None,
     site: Sequence[Path] = (),
-    max_attempts: int = bootcheck.MAX_ATTEMPTS,
 ) -> str | None:
     """Steps 4-5, as the root helper does them (edge-agent-update.service): verify the staged
     release again, install it, switch. The version switched to; None when nothing is staged.
     A refusal is recorded as the outcome ``refused`` and the staged files are removed."""
     ota = data_dir / OTA_DIR
     try:
-        version = str(json.loads((ota / STAGED_FILE).read_text())["version"])
+        staged = json.loads((ota / STAGED_FILE).read_text())
+        version = str(staged["version"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    # the agent's [update] limits, within the ranges its settings allow (agent/ota/settings.py)
+    max_attempts = _limit(
+        staged, "max_attempts", bootcheck.MAX_ATTEMPTS, 1, bootcheck.MAX_ATTEMPTS_LIMIT
+    )
+    health_window = _limit(
+        staged,
+        "health_window",
+        bootcheck.HEALTH_WINDOW,
+        bootcheck.MIN_HEALTH_WINDOW,
+        bootcheck.MAX_HEALTH_WINDOW,
+    )
     file = ota / f"{version}.release"
     try:
         manifest = ReleaseManifest.from_cbor((ota / f"{version}.manifest").read_bytes())
@@ -164,8 +184,8 @@ def apply_staged(
         if not (root / bootcheck.CURRENT).is_symlink():
             bootcheck.adopt(root, INITIAL_VERSION)
         rel = install(root, manifest, file, python=python, site=site)
-        _check_data(rel, version, data_dir)
-        bootcheck.switch(root, version, max_attempts)
+        _check_data(root, rel, version, data_dir)
+        bootcheck.switch(root, version, max_attempts, health_window)
     except (ReleaseError, bootcheck.BootError, OSError) as err:
         log.error("event=release_refused version=%s error=%s", version, err)
         doc = bootcheck.load(root)
@@ -185,18 +205,55 @@ def apply_staged(
     return version
 
 
-def _check_data(rel: Path, version: str, data_dir: Path) -> None:
-    """ReleaseError unless the new release, asked with its own Python, reads the data directory
-    as it is (agent/ota/compat.py): decided before the switch."""
-    cmd = [str(rel / "bin" / "python"), "-I", "-m", "agent.ota.compat", "--data-dir", str(data_dir)]
+def _limit(doc: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """``doc[key]`` when it is an integer in [low, high], else ``default``: staged.json is
+    written by the unprivileged agent, so the root helper takes nothing from it unchecked."""
+    value = doc.get(key) if isinstance(doc, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return value
+    return default
+
+
+def _ask(python: Path, version: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(python), "-I", "-m", "agent.ota.compat", *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
         raise ReleaseError(f"release {version}: cannot ask it about the data ({err})") from err
+
+
+def _said(proc: subprocess.CompletedProcess[str]) -> str:
+    said = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines()[-1:]
+    return "; ".join(said) or f"exit status {proc.returncode}"
+
+
+def _description(python: Path, version: str) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    proc = _ask(python, version, "--describe")
+    try:
+        if proc.returncode != 0:
+            raise ValueError(_said(proc))
+        return parse_description(proc.stdout)
+    except ValueError as err:
+        raise ReleaseError(f"release {version} does not describe its data formats ({err})") from err
+
+
+def _check_data(root: Path, rel: Path, version: str, data_dir: Path) -> None:
+    """ReleaseError unless the new release, asked with its own Python, reads the data directory
+    as it is, and the running release reads what the new one writes (agent/ota/compat.py):
+    both decided before the switch."""
+    proc = _ask(rel / "bin" / "python", version, "--data-dir", str(data_dir))
     if proc.returncode != 0:
-        said = proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines()[-1:]
-        text = "; ".join(said) or f"exit status {proc.returncode}"
-        raise ReleaseError(f"release {version} cannot read the data directory: {text}; refused")
+        raise ReleaseError(
+            f"release {version} cannot read the data directory: {_said(proc)}; refused"
+        )
+    writes, _ = _description(rel / "bin" / "python", version)
+    running = bootcheck.link_version(root, bootcheck.CURRENT)
+    if running is None:
+        return  # the first release on this device: there is nothing to roll back to
+    _, reads = _description(root / bootcheck.CURRENT / "bin" / "python", running)
+    found = rollback_problems(writes, reads)
+    if found:
+        raise ReleaseError(f"release {version}: {'; '.join(found)}; refused")
 
 
 def mark_ready(root: Path, data_dir: Path, version: str) -> bool:

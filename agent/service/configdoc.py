@@ -254,6 +254,10 @@ KEYS: dict[str, str] = {
     ),
     "update.disk_budget_mb": "Data-directory space a downloaded release may take.",
     "update.max_attempts": "Starts of a new release without READY before it is rolled back.",
+    "update.health_window_s": (
+        "Seconds a new release that runs has to confirm (READY and a sync exchange) before "
+        "edge-agent-health.timer rolls it back."
+    ),
     "logs.ring_lines": "Log lines kept in memory (the oldest go first).",
     "logs.ring_bytes": "Bytes of log text kept in memory (the oldest lines go first).",
     "routing.confidence_threshold": (

@@ -38,6 +38,7 @@ from agent.metrics import Registry, write_textfile
 from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager, Prepared
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.ota.compat import check_and_stamp
 from agent.ota.controller import UpdateController, build_updates
 from agent.sense.hardware import Hardware
 from agent.sense.ingest import TelemetryWriter
@@ -323,6 +324,7 @@ class Agent:
         if install_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self.request_stop)
+        check_and_stamp(self.config.agent.data_dir, self.config.store.path)  # docs/ota.md
         self.store = await Store.open(self.config.store, clock=self.clock)
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink)
         self._build_uplink()

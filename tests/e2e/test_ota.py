@@ -103,6 +103,8 @@ async def test_update_through_desired_state_loses_no_reading(world: World) -> No
         assert proc.returncode == 0, err.decode()
         assert bc.link_version(world.root, bc.CURRENT) == "1.1"
         assert bc.link_version(world.root, bc.PREVIOUS) == "1.0"
+        switched = bc.load(world.root)  # the agent's [update] limits reached the root helper
+        assert (switched["max_attempts"], switched["health_window"]) == (2, 120)
         assert service.proc is not None and service.proc.returncode is None  # 1.0 still runs
         # the restart the helper asks systemd for
         assert await service.stop() == 0
@@ -160,6 +162,46 @@ async def test_a_release_that_never_reaches_ready_is_rolled_back(
 
         await until(reported_rollback, 120, "the rollback was not reported")
         assert await reported(world, "agent/version") == "1.0"
+    finally:
+        if service.proc is not None and service.proc.returncode is None:
+            service.proc.kill()
+            await service.proc.wait()
+
+
+async def test_a_release_that_runs_but_never_syncs_is_rolled_back_by_the_health_window(
+    world: World,
+) -> None:
+    """READY=1 at start, then no sync exchange: the boot counter sees one good start; the
+    health timer's periods (its unit's command line, run as the timer would) roll it back."""
+    service = await running_service(world)
+    try:
+        await world.stage("1.2", world.publish("1.2", "silent"), health_window=120)
+        applied = await asyncio.to_thread(
+            apply_staged, world.root, world.data, world.key, site=[world.deps]
+        )
+        assert applied == "1.2"
+        assert await service.stop() == 0
+        assert await service.run_until_ready() == ["1.2:ready"]
+        health = unit_command(SYSTEMD / "edge-agent-health.service", "ExecStart", world)
+        health = health[: health.index("--restart-unit")]  # no systemctl here: the rig restarts
+        for period in (1, 2):
+            proc = await asyncio.create_subprocess_exec(*health, env=clean_env(), cwd=world.tmp)
+            assert await proc.wait() == 0
+            current = bc.link_version(world.root, bc.CURRENT)
+            assert current == ("1.2" if period == 1 else "1.0"), period
+        outcome = bc.load(world.root)["outcome"]
+        assert outcome["result"] == "rolled_back" and outcome["version"] == "1.2"
+        assert outcome["reason"].startswith("not READY within the health window (120 s")
+        assert service.proc is not None
+        service.proc.kill()  # the restart the health unit asks systemd for
+        await service.proc.wait()
+        assert await service.run_until_ready() == ["1.0:ready"]
+
+        async def reported_rollback() -> bool:
+            update = await reported(world, "agent/update")
+            return (update or {}).get("result") == "rolled_back"
+
+        await until(reported_rollback, 120, "the rollback was not reported")
     finally:
         if service.proc is not None and service.proc.returncode is None:
             service.proc.kill()

@@ -37,6 +37,12 @@ def root(tmp_path: Path) -> Path:
     return r
 
 
+def write_ready(data: Path, version: str) -> None:
+    marker = bc.ready_marker(data, version)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(version + "\n")
+
+
 def running(root: Path) -> str:
     return (root / bc.VENV / "bin" / "edge-agent").read_text()
 
@@ -69,13 +75,66 @@ def test_boot_counter_rolls_back_after_max_attempts(root: Path) -> None:
     assert "did not reach READY in 2 starts" in outcome["reason"]
 
 
+def test_health_window_rolls_back_a_release_that_runs_but_never_confirms(
+    root: Path, tmp_path: Path
+) -> None:
+    """Started once (READY=1 sent, say) and then never confirmed: the boot counter never sees
+    another start, the health timer's periods do. Window 180 s, period 60 s: the third period
+    rolls back; periods before the first start and after a rollback count nothing."""
+    data = tmp_path / "data"
+    bc.switch(root, "2.0", health_window=180)
+    assert bc.health(root, data, 60) == "2.0"  # switched, not started yet: not counted
+    assert bc.load(root)["pending_s"] == 0
+    bc.start(root, data)
+    assert bc.health(root, data, 60) == "2.0"
+    assert bc.health(root, data, 60) == "2.0"
+    assert bc.load(root)["pending_s"] == 120
+    assert bc.health(root, data, 60) == "1.0"
+    assert running(root) == "1.0"
+    outcome = bc.load(root)["outcome"]
+    assert outcome["result"] == "rolled_back" and outcome["version"] == "2.0"
+    assert outcome["reason"].startswith("not READY within the health window (180 s")
+    assert bc.health(root, data, 60) == "1.0"  # nothing pending any more
+    assert bc.load(root)["outcome"] == outcome
+
+
+def test_health_confirms_a_release_that_wrote_its_ready_marker(root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bc.switch(root, "2.0", health_window=60)
+    bc.start(root, data)
+    write_ready(data, "2.0")
+    assert bc.health(root, data, 600) == "2.0"  # the window is over, but READY was reached
+    assert bc.load(root)["outcome"]["result"] == "updated"
+
+
+def test_health_ignores_a_forged_window(root: Path, tmp_path: Path) -> None:
+    """update.json is root's; a value of the wrong type falls back to the default window."""
+    bc.switch(root, "2.0")
+    bc.start(root)
+    doc = bc.load(root)
+    doc.update(health_window="0", pending_s=True)
+    bc.save(root, doc)
+    assert bc.health(root, None, 60) == "2.0"
+    assert bc.load(root)["pending_s"] == 60
+
+
+def test_health_command_line_restarts_nothing_without_a_rollback(root: Path) -> None:
+    """The unit's command line as a process with the system's python (no systemctl is called
+    unless a rollback happened; a missing systemctl is logged, never raised)."""
+    bc.switch(root, "2.0", health_window=60)
+    bc.start(root)
+    cmd = [sys.executable, "-I", str(BOOTCHECK), "health", "--root", str(root), "--interval"]
+    proc = subprocess.run([*cmd, "60"], capture_output=True, text=True, timeout=20, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "event=release_rolled_back version=2.0 restored=1.0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_ready_marker_confirms_at_next_start(root: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     bc.switch(root, "2.0", max_attempts=1)
     bc.start(root, data)
-    marker = bc.ready_marker(data, "2.0")
-    marker.parent.mkdir(parents=True)
-    marker.write_text("2.0\n")
+    write_ready(data, "2.0")
     assert bc.start(root, data) == "2.0"  # READY reached: not rolled back though attempts == max
     assert bc.load(root)["outcome"]["result"] == "updated"
 

@@ -1,7 +1,7 @@
 """The OTA units (systemd/edge-agent.service.d/ota.conf, edge-agent-rollback.service,
-edge-agent-update.path/.service) pass ``systemd-analyze verify`` beside edge-agent.service in a
-root tree where their binaries exist, the drop-in is really read, and the commands they run are
-the ones tests/e2e/test_ota.py drives."""
+edge-agent-update.path/.service, edge-agent-health.timer/.service) pass ``systemd-analyze
+verify`` beside edge-agent.service in a root tree where their binaries exist, the drop-in is
+really read, and the commands they run are the ones tests/e2e/test_ota.py drives."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ UNITS = [
     "edge-agent-rollback.service",
     "edge-agent-update.service",
     "edge-agent-update.path",
+    "edge-agent-health.service",
+    "edge-agent-health.timer",
 ]
 DROPIN = SYSTEMD / "edge-agent.service.d" / "ota.conf"
 HOST_UNITS = Path("/usr/lib/systemd/system")
@@ -98,6 +100,14 @@ def test_units_run_the_bootcheck_and_the_updater() -> None:
     (apply,) = exec_lines(SYSTEMD / "edge-agent-update.service", "ExecStart")
     assert apply[0] == "/opt/edge-agent/venv/bin/python"
     assert apply[1:5] == ["-I", "-m", "agent.ota.updater", "apply"]
+    (health,) = exec_lines(SYSTEMD / "edge-agent-health.service", "ExecStart")
+    assert health[:4] == ["/usr/bin/python3", "-I", "/opt/edge-agent/ota-bootcheck.py", "health"]
+    assert health[-2:] == ["--restart-unit", "edge-agent.service"]
+    # each run counts --interval seconds: the timer's period
+    interval = int(health[health.index("--interval") + 1])
+    timer = (SYSTEMD / "edge-agent-health.timer").read_text()
+    period = timer.split("OnUnitActiveSec=")[1].split()[0]
+    assert period.endswith("min") and int(period[:-3]) * 60 == interval
     (start,) = exec_lines(SYSTEMD / "edge-agent.service", "ExecStart")
     assert start[0] == "/opt/edge-agent/venv/bin/edge-agent"  # venv -> current -> releases/V
     text = (SYSTEMD / "edge-agent.service").read_text()
