@@ -14,7 +14,7 @@ edge-agent-cloud reported show --data DIR --device ID
 edge-agent-cloud models keygen (--data DIR | --out KEYFILE)
 edge-agent-cloud models publish --data DIR FILE --name N --version V [--key KEYFILE] [--entry E]
 edge-agent-cloud models list --data DIR [--json]
-edge-agent-cloud releases keygen|publish|list --data DIR ...  (cloud/releasecli.py, docs/ota.md)
+edge-agent-cloud releases keygen|publish|list|assign, groups add|remove|list  (docs/ota.md)
 edge-agent-cloud migrate --from sqlite:DIR --to postgresql://...   (cloud/migrate.py)
 
 ``desired set --data`` writes the database directly; a server running on it notices within a
@@ -67,7 +67,7 @@ from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
-from cloud import commandcli, export, gatewaycli, learncli, migrate, processes, releasecli
+from cloud import commandcli, export, gatewaycli, groupcli, learncli, migrate, processes, releasecli
 from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
 from cloud.dashboard import Dashboard, DashboardRefused
 from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
@@ -716,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     learncli.add_parser(sub, _open, _signing_key)
     gatewaycli.add_parser(sub, _open, cmd_principals, _principal_actions)
     commandcli.add_parser(sub, _open)
-    releasecli.add_parser(sub)
+    releasecli.add_parser(sub, _open, _put_desired)
+    groupcli.add_parser(sub, _open)  # groups of devices for releases
     _storage_option(parser)
     return parser
 

@@ -24,6 +24,7 @@ from agent.wire import statedoc
 from agent.wire.batch import DEVICE_ID
 from agent.wire.logupload import LogUploadError, decode_upload
 from agent.wire.statedoc import Entry
+from cloud.releasecli import release_lines, release_page
 
 #: Desired-document limit of a ``commands send`` (as the endpoint's, cloud/server.py Limits).
 DESIRED_DOC_BYTES = 1024
@@ -145,13 +146,8 @@ def command_lines(rows: list[Any]) -> list[str]:
 
 
 def release_history(storage: Any, device: str, reported: dict[str, Entry]) -> dict[str, Any]:
-    """Over-the-air updates of ``device``: its release history and last update outcome.
-
-    RELEASES: the place for the over-the-air work (agent/ota/, cloud/releases*) to fill in, e.g.
-    from a releases table and the reported key ``agent/update``. Until then it shows what the
-    device reports under ``agent/update``, if anything."""
-    entry = reported.get("agent/update")
-    return {} if entry is None else {"last_update": statedoc.to_json(entry.value)}
+    """Over-the-air updates of ``device``: cloud/releasecli.py :func:`release_page`."""
+    return release_page(storage, device, reported)
 
 
 def device_page(storage: Any, device: str) -> dict[str, Any]:
@@ -206,8 +202,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"version      {page['version'] or '-'}")
     for slot, model in sorted(page["models"].items()):
         print(f"model/{slot:<6} {json.dumps(model)}")
-    for key, value in sorted(page["releases"].items()):
-        print(f"{key:<12} {json.dumps(value)}")
+    for line in release_lines(page["releases"]):  # cloud/releasecli.py
+        print(line)
     if page.get("last_logs"):
         print(f"last logs    {json.dumps(page['last_logs'])}")
     print("commands")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from agent.errors import ModelError
@@ -24,6 +25,56 @@ from cloud.storebase import ModelVersion, StorageUnavailable
 
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.cbor"
+
+
+def write_version(
+    target: Path, files: Mapping[str, bytes | Path], published: float | None, what: str
+) -> bool:
+    """Write a version directory: ``files`` (name -> its bytes, or a file to move in from the
+    same file system) into a temporary directory beside ``target``, each fsynced, the manifest's
+    mtime set to ``published``, renamed into place. False when a version is there already
+    (nothing changed); :class:`StorageUnavailable` when it cannot be written. Also the layout
+    of cloud/releasefiles.py."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for fname, content in files.items():
+            if isinstance(content, Path):
+                os.replace(content, tmp / fname)
+            else:
+                (tmp / fname).write_bytes(content)
+            fd = os.open(tmp / fname, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if published is not None:
+            os.utime(tmp / MANIFEST_FILE, (published, published))
+        fsync_dir(tmp)
+        os.rename(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise StorageUnavailable(f"{target}: cannot write the {what} ({err})") from err
+    fsync_dir(target.parent)
+    return True
+
+
+def set_aside(target: Path) -> Path:
+    """Rename a stale version directory out of the way (to be removed once its replacement is
+    in place); where it went."""
+    old = target.parent / f".{target.name}.{os.getpid()}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(target, old)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StorageUnavailable(f"{target}: cannot replace ({err})") from err
+    return old
 
 
 class ModelFiles:
@@ -53,41 +104,15 @@ class ModelFiles:
         if not self._write(target, manifest, data, None):
             if self._read(target / MANIFEST_FILE) == manifest:
                 return  # another process put the same version in place meanwhile
-            old = target.parent / f".{version}.{os.getpid()}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.rename(target, old)
-            except FileNotFoundError:
-                pass
-            except OSError as err:
-                raise StorageUnavailable(f"{target}: cannot replace ({err})") from err
+            old = set_aside(target)
             self._write(target, manifest, data, None)
             shutil.rmtree(old, ignore_errors=True)
 
     def _write(self, target: Path, manifest: bytes, data: bytes, published: float | None) -> bool:
         """The version written beside ``target`` and renamed into place; False when a version
         is there already (nothing changed)."""
-        tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            for fname, content in ((MODEL_FILE, data), (MANIFEST_FILE, manifest)):
-                with open(tmp / fname, "wb") as out:
-                    out.write(content)
-                    out.flush()
-                    os.fsync(out.fileno())
-            if published is not None:
-                os.utime(tmp / MANIFEST_FILE, (published, published))
-            fsync_dir(tmp)
-            os.rename(tmp, target)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                return False
-            raise StorageUnavailable(f"{target}: cannot write the model ({err})") from err
-        fsync_dir(target.parent)
-        return True
+        files = {MODEL_FILE: data, MANIFEST_FILE: manifest}
+        return write_version(target, files, published, "model")
 
     @staticmethod
     def _read(path: Path) -> bytes | None:

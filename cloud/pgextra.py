@@ -2,8 +2,9 @@
 (:class:`cloud.storesql.SharedStorage`): its transactions as :class:`cloud.storebase.Sql`, the
 dashboard's reader (a pooled connection in a read-only transaction), loading records (their keys
 in ``record_keys``, the day partitions they need, the ``record_arrival`` SEQUENCE moved past
-what was loaded) and the published models (table ``models``, file bytes in ``bytea``: a model
-file is small). Kept apart so that cloud/pgstorage.py stays about ingest, state and notices.
+what was loaded), the published models (table ``models``, file bytes in ``bytea``: a model
+file is small) and the published releases (:class:`cloud.releasestore.ReleaseBlobs`: in
+blocks). Kept apart so that cloud/pgstorage.py stays about ingest, state and notices.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 from psycopg import Connection
 
 from cloud import pgschema
+from cloud.releasestore import ReleaseBlobs
 from cloud.storebase import ModelVersion, Sql, StorageUnavailable
 from cloud.storesql import Row, SharedStorage
 
@@ -23,7 +25,7 @@ Conn = Connection[Any]
 DIALECT = "postgresql"
 
 
-class PostgresExtras(SharedStorage):
+class PostgresExtras(ReleaseBlobs, SharedStorage):
     """Mixed into :class:`cloud.pgstorage.PostgresStorage`, whose ``_run``, ``_errors``,
     ``_pool`` and ``_days`` it uses."""
 

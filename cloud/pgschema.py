@@ -42,7 +42,7 @@ from typing import Any
 
 from psycopg import Connection, sql
 
-from cloud import commandstore, featurestore, learnstore, relaystore
+from cloud import commandstore, featurestore, learnstore, relaystore, releasestore
 
 #: Advisory lock keys (pg_advisory_xact_lock): "edgeschm" and "edgepart" as 64-bit numbers.
 MIGRATION_LOCK = int.from_bytes(b"edgeschm", "big") - 2**63
@@ -158,7 +158,10 @@ _V5 = relaystore.PG_MIGRATION
 #: Version 6: remote commands and log uploads (cloud/commandstore.py).
 _V6 = commandstore.PG_MIGRATION
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6)
+#: Version 7: agent releases in blocks, groups of devices, release history (cloud/releasestore.py).
+_V7 = releasestore.PG_MIGRATION
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -55,7 +55,7 @@ from agent.wire import statedoc
 from agent.wire.batch import FEATURES, WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import featurestore, linkhistory, pgschema
+from cloud import featurestore, linkhistory, pgschema, releasestore
 from cloud.pgextra import PostgresExtras
 from cloud.storebase import (
     Batch,
@@ -516,6 +516,7 @@ class PostgresStorage(PostgresExtras):
                 )
             taken = [(key, entry.version, entry.value) for key, entry in merge.writes]
             linkhistory.append(Sql(conn, "postgresql"), device, taken, now)
+            releasestore.note_outcomes(Sql(conn, "postgresql"), device, taken, now)
             doc = self._desired(conn, device)
             blocked = statedoc.block_failures(doc, merge.failures)
             if blocked is not doc:

@@ -1,28 +1,41 @@
-"""``edge-agent-cloud releases keygen|publish|list``: signed agent releases (cloud/releases.py,
-docs/ota.md).
+"""``edge-agent-cloud releases keygen|publish|list|assign``: signed agent releases
+(cloud/releases.py, docs/ota.md).
 
 ``keygen`` makes the release key (``DATA/releases/release.key`` and ``.pub``; its own role: the
-model key cannot sign a release). ``publish BUNDLE --version V`` signs and stores the offline
-wheel bundle that ``tools/flash bundle`` builds. ``list`` prints the published releases.
+model key cannot sign a release). ``publish BUNDLE --version V`` signs the offline wheel bundle
+that ``tools/flash bundle`` builds and stores it in the storage (``--storage SPEC``, or SQLite's
+files in ``--data``). ``list`` prints the published releases. ``assign V (--device ID... |
+--group NAME)`` sets desired ``agent/version`` to the release and its SHA-256 (from the stored
+manifest) on those devices (cloud/groupcli.py): in the storage (a running endpoint on it notifies
+the devices within a second), or with ``--server URI [--credential FILE]`` by a PUT to a running
+endpoint, as ``desired set --server`` does (the release and the group still come from the
+storage).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ModelError
-from agent.exits import EX_CANTCREAT, EX_DATAERR, EX_OK, EX_USAGE
+from agent.exits import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_OK, EX_USAGE, CommandError
 from agent.modelstore.signing import load_private_key, write_keypair
+from agent.wire import statedoc
+from cloud import groupcli
+from cloud.models import Direct
 from cloud.releases import KEY_FILE, RELEASES_DIR, ReleaseRegistry
+from cloud.releasestore import UnknownGroup
 
 
-def add_parser(sub: Any) -> None:
-    """The ``releases`` subcommand of cloud/cli.py."""
+def add_parser(sub: Any, open_storage: Any, put_desired: Any) -> None:
+    """The ``releases`` subcommand of cloud/cli.py; ``open_storage`` and ``put_desired`` (the
+    PUT of ``desired set --server``) are cloud/cli.py's (passed in: it imports this module)."""
     p = sub.add_parser("releases", help="signed agent releases (docs/ota.md)")
     dsub = p.add_subparsers(dest="action", required=True)
     q = dsub.add_parser("keygen", help="make the release signing key (KEYFILE and KEYFILE.pub)")
@@ -36,7 +49,15 @@ def add_parser(sub: Any) -> None:
     q = dsub.add_parser("list", help="published releases")
     q.add_argument("--data", required=True)
     q.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_releases)
+    q = dsub.add_parser("assign", help="set desired agent/version to VERSION on devices")
+    q.add_argument("version", metavar="VERSION")
+    who = q.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", action="append", metavar="ID", help="a device (repeatable)")
+    who.add_argument("--group", metavar="NAME", help="every member, and members added later")
+    q.add_argument("--data", required=True)
+    q.add_argument("--server", help="set it through this running endpoint (coap://HOST:PORT)")
+    q.add_argument("--credential", help="with --server: the operator's credential file")
+    p.set_defaults(func=cmd_releases, open_storage=open_storage, put_desired=put_desired)
 
 
 def cmd_releases(args: argparse.Namespace) -> int:
@@ -52,13 +73,25 @@ def cmd_releases(args: argparse.Namespace) -> int:
             private, public = write_keypair(out)
             print(f"release key {private} (keep it secret), public key {public} (for devices)")
             return EX_OK
-        registry = ReleaseRegistry(Path(args.data) / RELEASES_DIR)
-        if args.action == "publish":
-            key_path = Path(args.key) if args.key else Path(args.data) / RELEASES_DIR / KEY_FILE
-            m = registry.publish(Path(args.bundle), args.version, load_private_key(key_path))
-            print(f"published release {m.version}: {m.size} bytes, sha256 {m.sha256}, key {m.key}")
-            return EX_OK
-        items = registry.list()
+        if args.action == "assign":
+            return cmd_assign(args)
+        # without --storage the store is SQLite's files in --data (cloud/releases.py)
+        storage = (
+            None if args.storage is None else args.open_storage(args.data, storage=args.storage)
+        )
+        try:
+            registry = ReleaseRegistry(Path(args.data) / RELEASES_DIR, storage and Direct(storage))
+            if args.action == "publish":
+                version = groupcli.check("release version", args.version)
+                key_path = Path(args.key) if args.key else Path(args.data) / RELEASES_DIR / KEY_FILE
+                m, new = registry.publish(Path(args.bundle), version, load_private_key(key_path))
+                done = "published release" if new else "already published, the same file:"
+                print(f"{done} {m.version}: {m.size} bytes, sha256 {m.sha256}, key {m.key}")
+                return EX_OK
+            items = registry.list()
+        finally:
+            if storage is not None:
+                storage.close()
     except ModelError as err:
         print(f"error: {err}", file=sys.stderr)
         return EX_DATAERR
@@ -71,3 +104,78 @@ def cmd_releases(args: argparse.Namespace) -> int:
         when = dt.datetime.fromtimestamp(p.published, dt.UTC).isoformat(timespec="seconds")
         print(f"{p.version:<16} {p.size:>11} {p.sha256[:16]} {p.key:<16} {p.arch:<8} {when}")
     return EX_OK
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    """``releases assign`` (the module docstring)."""
+    version = groupcli.check("release version", args.version)
+    group = None if args.group is None else groupcli.check("group", args.group)
+    devices = groupcli.devices_of(args.device or [])
+    storage = args.open_storage(args.data, existing=True, storage=args.storage)
+    try:
+        manifest = ReleaseRegistry(Path(args.data) / RELEASES_DIR, Direct(storage)).stored(version)
+        if manifest is None:
+            raise CommandError(
+                EX_NOINPUT,
+                f"error: release {version} is not published (edge-agent-cloud releases list "
+                f"--data {args.data}); publish it first",
+            )
+        now = time.time()
+        if group is not None:
+            try:
+                found = storage.set_group_release(group, version, manifest.sha256, now)
+            except UnknownGroup as err:
+                raise groupcli.group_error(err, group) from None
+            devices, reason = list(found.members), f"group {group}"
+        else:
+            groupcli.require_devices(storage, devices)
+            reason = "device"
+        write = None if args.server is None else _through(args)
+        revs = groupcli.assign(storage, devices, version, manifest.sha256, reason, now, write)
+    finally:
+        storage.close()
+    out = {"version": version, "sha256": manifest.sha256, "group": group, "revs": revs}
+    print(json.dumps(out))
+    return EX_OK
+
+
+def _through(args: argparse.Namespace) -> Any:
+    """The desired write of ``releases assign --server``: ``desired set --server``'s PUT."""
+
+    def write(device: str, changes: dict[str, Any]) -> None:
+        code = asyncio.run(args.put_desired(args.server, device, changes, args.credential))
+        if code != EX_OK:
+            raise CommandError(code, f"error: {device}: {args.server} did not take agent/version")
+
+    return write
+
+
+def release_page(storage: Any, device: str, reported: dict[str, Any]) -> dict[str, Any]:
+    """The releases part of ``devices show``: the last outcome the device reports, its groups
+    and its release history (reported outcomes and assignments, newest first)."""
+    entry = reported.get("agent/update")
+    return {
+        "last_update": None if entry is None else statedoc.to_json(entry.value),
+        "groups": storage.device_groups(device),
+        "history": [row.to_json() for row in storage.release_history(device)],
+    }
+
+
+def release_lines(page: dict[str, Any]) -> list[str]:
+    """``devices show``'s lines for :func:`release_page`."""
+    out = [f"groups       {' '.join(page['groups']) or '-'}"]
+    if page["last_update"] is not None:
+        out.append(f"last update  {json.dumps(page['last_update'])}")
+    out.append("releases" if page["history"] else "releases     (no history)")
+    for row in page["history"]:
+        when = row["at"] if row["at"] is not None else row["received"]
+        line = f"  {_when(when):<25} {row['version']:<16} {row['result']:<12} {row['reason'] or ''}"
+        out.append(line.rstrip())
+    return out
+
+
+def _when(t: float) -> str:
+    try:
+        return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):  # a device's clock far off
+        return f"{t:.0f}"

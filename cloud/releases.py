@@ -2,13 +2,20 @@
 
 ``edge-agent-cloud releases publish BUNDLE --version V`` packs the bundle tools/flash builds
 (agent/ota/release.py: one tar of ``bundle.json`` and the wheels), signs its manifest with the
-release key (a role of its own: ``DATA/releases/release.key``, never the model key) and stores::
+release key (a role of its own: ``DATA/releases/release.key``, never the model key) and stores
+both in the storage (:meth:`cloud.storebase.Storage.put_release`): PostgreSQL in the tables of
+cloud/releasestore.py, SQLite as the files ``DATA/releases/V/release.tar`` and
+``manifest.cbor`` it always used (cloud/releasefiles.py). So every endpoint on that storage
+serves a release published through any of them or the command line. A version is immutable:
+publishing it again with other bytes is refused, with the same bytes it changes nothing. A
+release file is at most :data:`cloud.releasestore.MAX_RELEASE_BYTES`.
 
-    DATA/releases/V/release.tar     the release file
-    DATA/releases/V/manifest.cbor   the signed manifest
-
-written into a temporary directory, fsynced and renamed, so a reader sees a version whole or not
-at all; a published version is immutable. Every endpoint on the same ``--data`` serves it.
+Each endpoint process serves a version's file from its local cache, ``DATA/releases`` (the layout
+of cloud/releasefiles.py), filled the first time a device asks for that version's file: the file
+is written from the storage into a temporary file beside the cache (block by block, never whole
+in memory), its size and SHA-256 checked against the signed manifest (a file that does not match
+is refused with 5.03 and never cached) and moved into place; a cached copy whose manifest differs
+from the storage's is replaced. With SQLite the cache is the storage itself and nothing is copied.
 
 Resources (docs/ota.md), all GET, for any authenticated principal:
 
@@ -18,15 +25,18 @@ Resources (docs/ota.md), all GET, for any authenticated principal:
                                    Size2 and an ETag (first 8 bytes of its SHA-256): stateless,
                                    so a device resumes from its last whole block
 
-Logging: info for a release published.
+Logging: info for a release published and for a release cached; error for a stored file that
+does not match its manifest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,19 +47,20 @@ from aiocoap.numbers.codes import Code
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import ModelError
-from agent.files import fsync_dir
 from agent.modelstore.signing import CF_OCTET_STREAM, check_name
-from agent.ota.release import ReleaseError, ReleaseManifest, pack
+from agent.ota.release import ReleaseError, ReleaseManifest, check_file, pack
 from agent.wire.batch import CF_CBOR
-from cloud.models import ModelRequestError, block_response
+from cloud.models import Direct, ModelRequestError, StorageCalls, block_response
 from cloud.protocol import _Failure
+from cloud.releasefiles import MANIFEST_FILE, RELEASE_FILE, ReleaseFiles
+from cloud.releasestore import MAX_RELEASE_BYTES
+from cloud.storebase import ReleaseVersion
 
 log = logging.getLogger(__name__)
 
 RELEASES_DIR = "releases"
 KEY_FILE = "release.key"
-RELEASE_FILE = "release.tar"
-MANIFEST_FILE = "manifest.cbor"
+__all__ = ["KEY_FILE", "MANIFEST_FILE", "RELEASES_DIR", "RELEASE_FILE", "ReleaseRegistry"]
 
 
 @dataclass(frozen=True)
@@ -66,125 +77,189 @@ class PublishedRelease:
         return asdict(self)
 
 
-class ReleaseRegistry:
-    """The published releases under ``directory`` (``DATA/releases``)."""
+def read_manifest(stored: ReleaseVersion | None) -> ReleaseManifest | None:
+    """The signed manifest of a stored release; None when there is none or it does not read."""
+    if stored is None:
+        return None
+    try:
+        return ReleaseManifest.from_cbor(stored.manifest)
+    except ReleaseError as err:
+        log.warning("event=release_manifest_unreadable version=%s error=%s", stored.version, err)
+        return None
 
-    def __init__(self, directory: str | Path) -> None:
+
+class ReleaseRegistry:
+    """The published releases of a storage, served from the cache in ``directory``
+    (``DATA/releases``). Without ``storage`` the directory is the store itself (a SQLite
+    endpoint's layout)."""
+
+    def __init__(self, directory: str | Path, storage: StorageCalls | None = None) -> None:
         self.directory = Path(directory)
+        self.cache = ReleaseFiles(self.directory)
+        self.storage: StorageCalls = storage or Direct(self.cache)
+        self._ready: dict[str, ReleaseManifest] = {}  # cached and checked
+        self._filling = asyncio.Lock()
 
     def version_dir(self, version: str) -> Path:
-        return self.directory / check_name("version", version)
+        return self.cache.version_dir(version)
 
-    def publish(self, bundle: Path, version: str, key: Ed25519PrivateKey) -> ReleaseManifest:
-        """Pack, sign and store the bundle in ``bundle`` as ``version``. Raises ReleaseError."""
-        target = self.version_dir(version)
-        if target.exists():
-            raise ReleaseError(
-                f"release {version} is already published; releases are immutable, "
-                "publish a new version"
-            )
+    def publish(
+        self, bundle: Path, version: str, key: Ed25519PrivateKey
+    ) -> tuple[ReleaseManifest, bool]:
+        """Pack, sign and store the bundle in ``bundle`` as ``version``: (its manifest, whether
+        it was stored now; False: the same file was published already). Raises ReleaseError
+        (not a bundle, too large, the version published with other bytes)."""
+        check_name("version", version)
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.directory))
         try:
             meta = pack(bundle, tmp / RELEASE_FILE)
             manifest = ReleaseManifest.sign(version, tmp / RELEASE_FILE, meta, key)
-            (tmp / MANIFEST_FILE).write_bytes(manifest.to_cbor())
-            for name in (RELEASE_FILE, MANIFEST_FILE):
-                fd = os.open(tmp / name, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            os.chmod(tmp, 0o755)
-            fsync_dir(tmp)
-            try:
-                os.rename(tmp, target)
-            except OSError as err:
-                raise ReleaseError(f"release {version}: cannot store it ({err})") from err
-            fsync_dir(self.directory)
+            if manifest.size > MAX_RELEASE_BYTES:
+                raise ReleaseError(
+                    f"release {version}: {manifest.size} bytes, over the limit of "
+                    f"{MAX_RELEASE_BYTES}"
+                )
+            stored = self.stored(version)
+            if stored is None:
+                body, now, file = manifest.to_cbor(), time.time(), tmp / RELEASE_FILE
+                if self.storage.call_sync(lambda s: s.put_release(version, body, file, now)):
+                    log.info(
+                        "event=release_published version=%s bytes=%d key=%s",
+                        version,
+                        manifest.size,
+                        manifest.key,
+                    )
+                    return manifest, True
+                stored = self.stored(version)  # published meanwhile by another
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info(
-            "event=release_published version=%s bytes=%d key=%s",
-            version,
-            manifest.size,
-            manifest.key,
+        if stored is not None and stored.sha256 == manifest.sha256:
+            return stored, False
+        raise ReleaseError(
+            f"release {version} is already published with other bytes; releases are immutable, "
+            "publish a new version"
         )
-        return manifest
 
-    def manifest(self, version: str) -> ReleaseManifest | None:
-        try:
-            data = (self.version_dir(version) / MANIFEST_FILE).read_bytes()
-        except (OSError, ModelError):
-            return None
-        try:
-            return ReleaseManifest.from_cbor(data)
-        except ReleaseError as err:
-            log.warning("event=release_manifest_unreadable version=%s error=%s", version, err)
-            return None
+    def stored(self, version: str) -> ReleaseManifest | None:
+        """The manifest of a published version (None: not published)."""
+        return read_manifest(self.storage.call_sync(lambda s: s.release(version)))
 
     def list(self) -> list[PublishedRelease]:
-        out = []
-        if not self.directory.is_dir():
-            return out
-        for vdir in self.directory.iterdir():
-            if vdir.name.startswith(".") or not vdir.is_dir():
-                continue
-            m = self.manifest(vdir.name)
-            if m is None:
-                continue
-            published = (vdir / MANIFEST_FILE).stat().st_mtime
-            arch, python = str(m.bundle.get("arch", "")), str(m.bundle.get("python", ""))
-            item = PublishedRelease(m.version, m.size, m.sha256, m.key, published, arch, python)
-            out.append(item)
-        out.sort(key=lambda p: p.published)
-        return out
+        """The published releases, by time of publication."""
+        return _published(self.storage.call_sync(lambda s: s.releases()))
+
+    async def _cached(self, version: str) -> ReleaseManifest:
+        """The version's manifest, once its file is in the cache as the storage has it (the
+        module docstring); ModelRequestError 4.04 when it is not published."""
+        ready = self._ready.get(version)
+        if ready is not None:
+            return ready
+        async with self._filling:  # one fill at a time; a second request finds it done
+            ready = self._ready.get(version)
+            if ready is not None:
+                return ready
+            stored = await self.storage.call(lambda s: s.release(version))
+            manifest = read_manifest(stored)
+            if stored is None or manifest is None:
+                raise ModelRequestError(Code.NOT_FOUND, "no such release")
+            cached = self.cache.release(version)
+            if (
+                cached is None
+                or cached.manifest != stored.manifest
+                or not self.cache.file_path(version).is_file()
+            ):
+                await self._fill(version, stored.manifest, manifest)
+            self._ready[version] = manifest
+            return manifest
+
+    async def _fill(self, version: str, body: bytes, manifest: ReleaseManifest) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        part = self.directory / f".{version}.{os.getpid()}.fill"
+        try:
+            size = await self.storage.call(lambda s: s.release_file(version, part))
+            if size is None:
+                raise ModelRequestError(Code.NOT_FOUND, "no such release")
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(None, check_file, manifest, part)
+            except ReleaseError:
+                log.error(
+                    "event=stored_release_corrupt version=%s bytes=%d action=refused",
+                    version,
+                    size,
+                )
+                raise ModelRequestError(
+                    Code.SERVICE_UNAVAILABLE, "the stored release does not match its manifest"
+                ) from None
+            await loop.run_in_executor(None, self.cache.install, version, body, part)
+            log.info("event=release_cached version=%s bytes=%d", version, size)
+        finally:
+            part.unlink(missing_ok=True)
 
     async def render(self, request: Message, path: tuple[str, ...]) -> Message:
         """Answer a GET under ``/releases``; raises ModelRequestError."""
         match path:
             case ("releases",):
-                items = [p.to_dict() for p in self.list()]
+                found = await self.storage.call(lambda s: s.releases())
+                items = [p.to_dict() for p in _published(found)]
                 payload = cbor2.dumps(items, canonical=True)
                 return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
             case ("releases", version, "manifest"):
-                m = self._found(version)
-                payload = (self.version_dir(version) / MANIFEST_FILE).read_bytes()
-                del m
-                return Message(code=Code.CONTENT, payload=payload, content_format=CF_CBOR)
+                _check(version)
+                stored = await self.storage.call(lambda s: s.release(version))
+                if stored is None:
+                    raise ModelRequestError(Code.NOT_FOUND, "no such release")
+                return Message(code=Code.CONTENT, payload=stored.manifest, content_format=CF_CBOR)
             case ("releases", version, "file"):
-                m = self._found(version)
+                _check(version)
                 accept = request.opt.accept
                 if accept is not None and int(accept) != CF_OCTET_STREAM:
                     raise ModelRequestError(Code.NOT_ACCEPTABLE, "served as 42")
+                m = await self._cached(version)
                 try:
-                    return block_response(
-                        request, self.version_dir(version) / RELEASE_FILE, m.sha256
-                    )
-                except FileNotFoundError:
-                    raise ModelRequestError(Code.NOT_FOUND, "no such release") from None
+                    return block_response(request, self.cache.file_path(version), m.sha256)
+                except FileNotFoundError:  # the cached copy went away: fetch it again
+                    self._ready.pop(version, None)
+                    m = await self._cached(version)
+                    return block_response(request, self.cache.file_path(version), m.sha256)
         raise ModelRequestError(Code.NOT_FOUND, "no such resource")
 
-    def _found(self, version: str) -> ReleaseManifest:
-        try:
-            check_name("version", version)
-        except ModelError:
-            raise ModelRequestError(Code.NOT_FOUND, "no such release") from None
-        m = self.manifest(version)
-        if m is None:
-            raise ModelRequestError(Code.NOT_FOUND, "no such release")
-        return m
+
+def _check(version: str) -> None:
+    try:
+        check_name("version", version)
+    except ModelError:
+        raise ModelRequestError(Code.NOT_FOUND, "no such release") from None
+
+
+def _published(found: list[ReleaseVersion]) -> list[PublishedRelease]:
+    out = []
+    for stored in found:
+        m = read_manifest(stored)
+        if m is not None:
+            arch, python = str(m.bundle.get("arch", "")), str(m.bundle.get("python", ""))
+            out.append(
+                PublishedRelease(m.version, m.size, m.sha256, m.key, stored.published, arch, python)
+            )
+    out.sort(key=lambda p: (p.published, p.version))
+    return out
 
 
 class ReleaseRoutes:
     """The ``/releases`` handler of :class:`cloud.server.CloudServer` (a mixin)."""
 
     data_dir: Path | None
+    storage: StorageCalls
+    _release_registry: ReleaseRegistry | None = None
 
     async def _releases_get(self, request: Message, route: Any) -> Message:
         if self.data_dir is None:
             raise _Failure(Code.NOT_FOUND, "no release registry")
-        registry = ReleaseRegistry(self.data_dir / RELEASES_DIR)
+        registry = self._release_registry
+        if registry is None:  # one per server: it remembers what it cached and checked
+            registry = ReleaseRegistry(self.data_dir / RELEASES_DIR, self.storage)
+            self._release_registry = registry
         try:
             return await registry.render(request, tuple(request.opt.uri_path))
         except ModelRequestError as err:

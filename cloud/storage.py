@@ -35,7 +35,7 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import commandstore, featurestore, learnstore, linkhistory, relaystore
+from cloud import commandstore, featurestore, learnstore, linkhistory, relaystore, releasestore
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -45,6 +45,7 @@ from cloud.storebase import (
     IngestResult,
     ModelVersion,
     PreconditionFailed,
+    ReleaseVersion,
     ReportedResult,
     Sql,
     Storage,
@@ -62,6 +63,7 @@ from drivers.clock import Clock, RealClock
 
 if TYPE_CHECKING:
     from cloud.modelfiles import ModelFiles
+    from cloud.releasefiles import ReleaseFiles
 
 __all__ = [
     "DB_NAME",
@@ -87,6 +89,7 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "cloud.sqlite3"
 MODELS_DIR = "models"  # the published models, beside the database (cloud/modelfiles.py)
+RELEASES_DIR = "releases"  # the published agent releases, beside it (cloud/releasefiles.py)
 #: PRAGMA user_version. A table added with CREATE TABLE IF NOT EXISTS (oscore_sequence,
 #: window_verdicts) needs no new version: an older endpoint still opens the file and leaves that
 #: table alone.
@@ -189,6 +192,7 @@ class SQLiteStorage(SharedStorage):
         self.path = Path(path)
         self._store: str | None = None
         self._files: ModelFiles | None = None
+        self._releases: ReleaseFiles | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db: sqlite3.Connection | None = sqlite3.connect(
@@ -211,6 +215,7 @@ class SQLiteStorage(SharedStorage):
                     + featurestore.SQLITE_SCHEMA
                     + relaystore.SQLITE_SCHEMA
                     + commandstore.SQLITE_SCHEMA
+                    + releasestore.SQLITE_SCHEMA
                 )
                 for statement in schema.split(";"):
                     if statement.strip():
@@ -436,6 +441,7 @@ class SQLiteStorage(SharedStorage):
                 )
             taken = [(key, entry.version, entry.value) for key, entry in merge.writes]
             linkhistory.append(Sql(db, "sqlite"), device, taken, now)
+            releasestore.note_outcomes(Sql(db, "sqlite"), device, taken, now)
             doc = self._desired(db, device)
             blocked = statedoc.block_failures(doc, merge.failures)
             if blocked is not doc:
@@ -615,6 +621,28 @@ class SQLiteStorage(SharedStorage):
 
     def model_file(self, name: str, version: str) -> bytes | None:
         return self.model_files.model_file(name, version)
+
+    # -- published releases: files beside the database too ---------------------------------------
+
+    @property
+    def release_files(self) -> ReleaseFiles:
+        if self._releases is None:
+            from cloud.releasefiles import ReleaseFiles
+
+            self._releases = ReleaseFiles(self.path.parent / RELEASES_DIR)
+        return self._releases
+
+    def put_release(self, version: str, manifest: bytes, file: Path, published: float) -> bool:
+        return self.release_files.put_release(version, manifest, file, published)
+
+    def releases(self) -> list[ReleaseVersion]:
+        return self.release_files.releases()
+
+    def release(self, version: str) -> ReleaseVersion | None:
+        return self.release_files.release(version)
+
+    def release_file(self, version: str, out: Path) -> int | None:
+        return self.release_files.release_file(version, out)
 
     def close(self) -> None:
         if self._db is not None:

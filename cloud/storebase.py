@@ -17,7 +17,7 @@ The contract both keep (tests/unit/cloud/test_storage_contract.py runs it agains
   long, closed) raises :class:`StorageUnavailable` with one line saying what happened, never an
   exception of the database library; the server answers it with 5.03 and a Max-Age.
 - Validation verdicts are stored once per (device, seq, window digest): the first copy stays,
-  whichever process or host stored it. Published model versions are immutable.
+  whichever process or host stored it. Published model versions and agent releases are immutable.
 - :meth:`Storage.dump` and :meth:`Storage.load` copy a storage table by table (:data:`TABLES`,
   the same rows on both) for ``edge-agent-cloud migrate`` (cloud/migrate.py). What both
   implementations do alike is written once, over :class:`Sql`, in cloud/storesql.py.
@@ -145,6 +145,15 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class ReleaseVersion:
+    """A published agent release: its signed manifest (CBOR) and when it was published."""
+
+    version: str
+    manifest: bytes
+    published: float
+
+
+@dataclass(frozen=True)
 class Table:
     """A logical table of :meth:`Storage.dump` and :meth:`Storage.load`: its columns in row
     order, the columns of its key (unique, the order of a dump), and whether a stored row may
@@ -231,6 +240,15 @@ TABLES: dict[str, Table] = {
         Table(
             "logs",
             ("device", "n", "received", "since", "count", "left_out", "body"),
+            ("device", "n"),
+        ),
+        # groups and the release history (cloud/releasestore.py); the releases themselves are
+        # not copied (docs/ota.md: publish them again on the target)
+        Table("release_groups", ("name", "version", "sha256", "updated"), ("name",), True),
+        Table("group_members", ("grp", "device", "added"), ("grp", "device")),
+        Table(
+            "release_history",
+            ("device", "n", "version", "result", "at", "reason", "received"),
             ("device", "n"),
         ),
     )
@@ -415,6 +433,40 @@ class Storage(Protocol):
 
     def model_file(self, name: str, version: str) -> bytes | None:
         """The file of a published version, as it is stored (the caller verifies it)."""
+
+    # -- agent releases, groups, release history (cloud/releasestore.py) -------------------------
+
+    def put_release(self, version: str, manifest: bytes, file: Path, published: float) -> bool:
+        """Publish a release: its signed manifest and the file at ``file`` (read in blocks, never
+        whole); False, and nothing changed, when that version is published already."""
+
+    def releases(self) -> list[ReleaseVersion]:
+        """The published releases, by version; without their files."""
+
+    def release(self, version: str) -> ReleaseVersion | None: ...
+
+    def release_file(self, version: str, out: Path) -> int | None:
+        """Write the stored file of ``version`` to ``out`` as it is stored (the caller verifies
+        it); its size, None when the version is not published."""
+
+    def group_add(self, name: str, devices: Sequence[str], now: float) -> tuple[Any, list[str]]:
+        """Add registered devices to a group (made when new): (the group, the new members)."""
+
+    def group_remove(self, name: str, devices: Sequence[str]) -> list[str]:
+        """Take devices out of a group: the ones that were members."""
+
+    def groups(self, name: str | None = None) -> list[Any]:
+        """Every group (or the one named) with its members and release."""
+
+    def device_groups(self, device: str) -> list[str]: ...
+
+    def set_group_release(self, name: str, version: str, sha256: str, now: float) -> Any:
+        """Assign a release to a group; the group."""
+
+    def note_assignment(self, device: str, version: str, reason: str, now: float) -> None: ...
+
+    def release_history(self, device: str, limit: int = ...) -> list[Any]:
+        """The device's reported update outcomes and assignments, newest first."""
 
     # -- the dashboard's queries (cloud/dashdata.py) ---------------------------------------------
 

@@ -32,6 +32,7 @@ from cloud.commandstore import CommandTables
 from cloud.featurestore import StoredFeatures
 from cloud.learnstore import LearnTables
 from cloud.relaystore import RelayTables
+from cloud.releasestore import ReleaseTables
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -91,7 +92,7 @@ def id_number(storage_id: str) -> int:
     return number
 
 
-class SharedStorage(LearnTables, RelayTables, CommandTables):
+class SharedStorage(LearnTables, RelayTables, CommandTables, ReleaseTables):
     """The methods of :class:`cloud.storebase.Storage` that are the same on both databases."""
 
     _DIALECT = ""

@@ -4,13 +4,16 @@ flashed root filesystem whose installed agent passes its selftest in a chroot.
 The wheel bundle is built once for the module with ``tools/flash bundle`` (pip wheel of this
 checkout + pip download of the dependencies; pip's cache makes it quick after the first time),
 and the keys the way an operator makes them: each device's credential with ``edge-agent-cloud
-devices add --credential-out``, the model signing key with ``edge-agent-cloud models keygen``.
-Each target is checked for the files, owners, modes and enable symlinks it must have (the
-credential 0600 and the service user's, the model key behind ``[models] public_key``),
-``systemd-analyze verify --root=`` where the unit's binaries exist, and a second run that says
-"nothing to do" and changes nothing. The image, SSH and chroot tests need root (sshd, chroot,
-bind mounts; owners in the image); the Debian tools they use must be installed (./tools/dev setup
-installs them): a missing one fails the test.
+devices add --credential-out``, the model signing key with ``edge-agent-cloud models keygen``, the
+release key with ``edge-agent-cloud releases keygen``. Each target is checked for the files,
+owners, modes and enable symlinks it must have (the credential 0600 and the service user's, the
+model key behind ``[models] public_key``, the over-the-air update pieces: every edge-agent unit
+of systemd/ and its drop-in, enabled exactly where its ``[Install]`` says, ota-bootcheck.py, the
+release key behind ``[update] public_key`` as the agent's own config loader reads it),
+``systemd-analyze verify --root=`` on every installed unit whose binaries exist, and a second run
+that says "nothing to do" and changes nothing. The image, SSH and chroot tests need root (sshd,
+chroot, bind mounts; owners in the image); the Debian tools they use must be installed
+(./tools/dev setup installs them): a missing one fails the test.
 """
 
 from __future__ import annotations
@@ -32,19 +35,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FLASH = ROOT / "tools" / "flash"
-UNIT = ROOT / "systemd" / "edge-agent.service"
-INSTALL_UNIT = ROOT / "systemd" / "edge-agent-install.service"
+SYSTEMD = ROOT / "systemd"
+BOOTCHECK_SOURCE = ROOT / "agent" / "ota" / "bootcheck.py"
 RIG = ROOT / "agent" / "examples" / "pump-rig.toml"
 HOST_UNITS = Path("/usr/lib/systemd/system")
 PY = f"{sys.version_info[0]}.{sys.version_info[1]}"
 ENDPOINT = "coap://127.0.0.1:5683"
 CREDENTIAL = "/var/lib/edge-agent/credential.json"  # where tools/flash puts the credential
 MODEL_KEY = "/etc/edge-agent/models.pub"  # and the model public key
+RELEASE_KEY = "/etc/edge-agent/release.pub"  # the release public key (edge-agent-update.service)
+BOOTCHECK = "/opt/edge-agent/ota-bootcheck.py"  # the boot counter (the drop-in's ExecStartPre)
+UNIT_DIR = "etc/systemd/system"
 
 sys.path.insert(0, str(ROOT / "tools"))
-from flash_lib import accounts, bootcfg  # noqa: E402
+from flash_lib import accounts, bootcfg, units  # noqa: E402
 from flash_lib.errors import FlashError  # noqa: E402
 from flash_lib.image import check_pi_image  # noqa: E402
+from flash_lib.keys import raw_public_key  # noqa: E402
 from flash_lib.provision import bench_command  # noqa: E402
 from flash_lib.sshfs import Destination, parse_destination  # noqa: E402
 from flash_lib.targets import DirTarget, SshTarget  # noqa: E402
@@ -105,6 +112,13 @@ class Keys:
             cloud("models", "keygen", "--out", self.dir / "signing.key")
         return self.dir / "signing.key.pub"
 
+    @property
+    def release_key(self) -> Path:
+        """The public half of the release signing key (``releases keygen`` writes KEYFILE.pub)."""
+        if not (self.dir / "release.key").exists():
+            cloud("releases", "keygen", "--out", self.dir / "release.key")
+        return self.dir / "release.key.pub"
+
 
 def device_args(bundle: Path, keys: Keys, device_id: str = "pump-01") -> list[str | Path]:
     return [
@@ -116,6 +130,8 @@ def device_args(bundle: Path, keys: Keys, device_id: str = "pump-01") -> list[st
         keys.credential(device_id),
         "--model-key",
         keys.model_key,
+        "--release-key",
+        keys.release_key,
         "--bundle",
         bundle,
     ]
@@ -181,6 +197,7 @@ def make_rootfs(root: Path, *, python: bool = True, boot: bool = True) -> Path:
     (root / "usr/sbin/nologin").write_bytes(elf_header())
     if python:  # found by its ELF header and name; never run (see the chroot test for that)
         (root / f"usr/bin/python{PY}").write_bytes(elf_header())
+        (root / f"usr/bin/python{PY}").chmod(0o755)  # for verify: the OTA units run it
         (root / "usr/bin/python3").symlink_to(f"python{PY}")
     if HOST_UNITS.is_dir():  # the targets edge-agent.service depends on, for verify --root
         dest = root / "usr/lib/systemd/system"
@@ -227,9 +244,75 @@ def group_members(root: Path, name: str) -> tuple[int, list[str]]:
     raise AssertionError(f"no group {name} in {root}/etc/group")
 
 
-def verify(root: Path, *units: str) -> None:
+def project_units() -> list[Path]:
+    """The unit files tools/flash must install: every edge-agent unit in systemd/."""
+    return sorted(
+        p for p in SYSTEMD.glob("edge-agent*") if p.suffix in (".service", ".path", ".timer")
+    )
+
+
+def enable_links(unit: Path) -> set[str]:
+    """The symlinks ``systemctl enable`` makes for ``unit`` (under /etc/systemd/system), from
+    its [Install] section: none for a unit without one."""
+    section, links = "", set()
+    for line in unit.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+            continue
+        key, _, value = line.partition("=")
+        kind = {"WantedBy": "wants", "RequiredBy": "requires"}.get(key.strip())
+        if section == "[Install]" and kind:
+            links |= {f"{target}.{kind}/{unit.name}" for target in value.split()}
+    return links
+
+
+def symlinks(directory: Path) -> dict[str, str]:
+    """Every symlink under ``directory``: its path relative to it -> its target."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            if path.is_symlink():
+                out[str(path.relative_to(directory))] = os.readlink(path)
+    return out
+
+
+def in_root(root: Path, path: str) -> Path:
+    """``path`` of the target as a path of this machine, symlinks followed inside ``root``."""
+    for _ in range(16):
+        here = root / path.lstrip("/")
+        if not here.is_symlink():
+            break
+        target = os.readlink(here)
+        path = target if target.startswith("/") else os.path.join(os.path.dirname(path), target)
+    return here
+
+
+def runnable_units(root: Path) -> list[str]:
+    """The installed units (and drop-ins) whose Exec*= binaries are executables in ``root``:
+    ``systemd-analyze verify`` checks them, and before the first boot the venv's are missing."""
+    out = []
+    for unit in project_units():
+        copy = root / UNIT_DIR / unit.name
+        texts = [copy.read_text()] + [
+            c.read_text() for c in copy.parent.glob(f"{unit.name}.d/*.conf")
+        ]
+        commands = [
+            line.partition("=")[2].lstrip("-+@!:").split()[0]
+            for text in texts
+            for line in text.splitlines()
+            if line.startswith("Exec")
+        ]
+        if all(os.access(in_root(root, c), os.X_OK) for c in commands):
+            out.append(unit.name)
+    return out
+
+
+def verify(root: Path, *names: str) -> None:
+    need("systemd-analyze")
     proc = subprocess.run(
-        ["systemd-analyze", "verify", f"--root={root}", *units],
+        ["systemd-analyze", "verify", f"--root={root}", *names],
         capture_output=True,
         text=True,
         check=False,
@@ -237,8 +320,38 @@ def verify(root: Path, *units: str) -> None:
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
 
+def assert_units(root: Path) -> None:
+    """Every edge-agent unit of systemd/ and its drop-ins installed (0644, root's), and enabled
+    exactly as their [Install] sections say: no link for a unit without one."""
+    installed = root / UNIT_DIR
+    names = [unit.name for unit in project_units()]
+    assert {"edge-agent.service", "edge-agent-rollback.service", "edge-agent-update.path"} <= set(
+        names
+    )
+    dropins = sorted(SYSTEMD.glob("edge-agent*.d/*.conf"))
+    assert SYSTEMD / "edge-agent.service.d" / "ota.conf" in dropins
+    for path in [*project_units(), *dropins]:
+        copy = installed / path.relative_to(SYSTEMD)
+        assert copy.read_bytes() == path.read_bytes(), copy
+        st = copy.stat()
+        assert st.st_mode & 0o7777 == 0o644
+        if IS_ROOT:
+            assert (st.st_uid, st.st_gid) == (0, 0)
+    links = set().union(*map(enable_links, project_units()))
+    assert {
+        "multi-user.target.wants/edge-agent.service",
+        "edge-agent.service.requires/edge-agent-install.service",
+        "multi-user.target.wants/edge-agent-update.path",
+    } <= links
+    if (SYSTEMD / "edge-agent-health.timer").exists():
+        assert "timers.target.wants/edge-agent-health.timer" in links
+    assert symlinks(installed) == {link: f"/etc/systemd/system/{Path(link).name}" for link in links}
+
+
 def assert_provisioned(root: Path, bundle: Path, keys: Keys, *, device_id: str, venv: bool) -> None:
     """What every target must hold after tools/flash (root: the target's / as a directory)."""
+    from agent.service import config
+
     # The account: a system user with its own group, no login, in groups i2c and dialout.
     user = passwd_entry(root, "edge-agent")
     uid, gid = int(user[2]), int(user[3])
@@ -268,6 +381,10 @@ def assert_provisioned(root: Path, bundle: Path, keys: Keys, *, device_id: str, 
         "credential": CREDENTIAL,
     }
     assert parsed["models"] == {"public_key": "models.pub"}  # MODEL_KEY, beside agent.toml
+    assert parsed["update"] == {"public_key": "release.pub"}  # RELEASE_KEY, beside agent.toml
+    cfg = config.load(conf)  # as the agent reads it: the keys are there and are Ed25519 keys
+    assert cfg.models.public_key == conf.parent / "models.pub"
+    assert cfg.update is not None and cfg.update.public_key == conf.parent / "release.pub"
 
     # The device's own credential, as issued, in the data directory: 0600, the service user's.
     credential = root / CREDENTIAL.lstrip("/")
@@ -282,16 +399,19 @@ def assert_provisioned(root: Path, bundle: Path, keys: Keys, *, device_id: str, 
     model_key = root / MODEL_KEY.lstrip("/")
     assert model_key.read_bytes() == keys.model_key.read_bytes()
     assert model_key.stat().st_mode & 0o7777 == 0o644
+    # The release public key, for [update] public_key and edge-agent-update.service.
+    release_key = root / RELEASE_KEY.lstrip("/")
+    assert release_key.read_bytes() == keys.release_key.read_bytes()
+    assert release_key.stat().st_mode & 0o7777 == 0o644
 
-    # The units, enabled.
-    units = root / "etc/systemd/system"
-    for unit in (UNIT, INSTALL_UNIT):
-        assert (units / unit.name).read_bytes() == unit.read_bytes()
-        assert (units / unit.name).stat().st_mode & 0o7777 == 0o644
-    wants = units / "multi-user.target.wants/edge-agent.service"
-    assert os.readlink(wants) == "/etc/systemd/system/edge-agent.service"
-    requires = units / "edge-agent.service.requires/edge-agent-install.service"
-    assert os.readlink(requires) == "/etc/systemd/system/edge-agent-install.service"
+    assert_units(root)
+    # The boot counter the drop-in and the rollback run with the system's python3.
+    bootcheck = root / BOOTCHECK.lstrip("/")
+    assert bootcheck.read_bytes() == BOOTCHECK_SOURCE.read_bytes()
+    st = bootcheck.stat()
+    assert st.st_mode & 0o7777 == 0o755
+    if IS_ROOT:
+        assert (st.st_uid, st.st_gid) == (0, 0)
 
     # The bundle, byte for byte, and its installer.
     for wheel in bundle.glob("*.whl"):
@@ -362,6 +482,84 @@ def test_flash_accounts_are_added_once() -> None:
     assert "i2c:!::edge-agent" in plan.files["/etc/gshadow"].splitlines()
     again = accounts.plan_accounts({**files, **plan.files}, **kw)  # type: ignore[arg-type]
     assert (again.files, again.changes, again.uid, again.gid) == ({}, [], 997, 997)
+
+
+def test_flash_key_check_accepts_what_the_agent_loads(tmp_path: Path) -> None:
+    """tools/flash checks a public key with the standard library (it runs with the system
+    python3): it must accept exactly the files the agent's load_public_key accepts."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from agent.errors import ModelError
+    from agent.modelstore.signing import load_public_key, public_bytes, write_keypair
+
+    private, public = write_keypair(tmp_path / "k" / "release.key")
+    pem = public.read_bytes()
+    raw = public_bytes(load_public_key(public))
+    other = ec.generate_private_key(ec.SECP256R1()).public_key()
+    samples = {
+        "pem": pem,
+        "pem, CRLF": pem.replace(b"\n", b"\r\n"),
+        "pem, no final newline": pem.rstrip(),
+        "raw": raw,
+        "raw, all spaces": b" " * 32,
+        "hex": raw.hex().encode(),
+        "hex, upper case, newline": raw.hex().upper().encode() + b"\n",
+        "private pem": private.read_bytes(),
+        "pem, truncated": pem[:-30],
+        "pem, 3 bytes of the key dropped": pem.replace(
+            pem.splitlines()[1], pem.splitlines()[1][:-4]
+        ),
+        "pem, not base64": pem.replace(pem.splitlines()[1][:4], b"!!!!"),
+        "pem, P-256": other.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        "31 bytes": raw[:31],
+        "33 bytes": raw + b"\0",
+        "hex, 63 digits": raw.hex()[:63].encode(),
+        "hex, not hex": b"g" * 64,
+        "empty": b"",
+    }
+    for name, data in samples.items():
+        path = tmp_path / f"{name}.pub"
+        path.write_bytes(data)
+        try:
+            load_public_key(path)
+            loads = True
+        except ModelError:
+            loads = False
+        assert (raw_public_key(data) is not None) == loads, name
+        if loads:
+            assert raw_public_key(data) == public_bytes(load_public_key(path)), name
+
+
+def test_flash_enables_units_as_their_install_section_says() -> None:
+    text = (
+        "[Unit]\nDescription=x\nWantedBy=not-in-install.target\n\n[Install]\n"
+        "# a comment\nWantedBy=a.target\\\nb.target\nRequiredBy=c.service\nAlias=y.service\n"
+        "WantedBy=\nWantedBy=timers.target\n"
+    )
+    assert units.install_section(text.replace("WantedBy=\n", "")) == {
+        "WantedBy": ["a.target", "b.target", "timers.target"],  # continued, then one more
+        "RequiredBy": ["c.service"],
+        "Alias": ["y.service"],
+    }
+    assert units.install_section(text) == {
+        "WantedBy": ["timers.target"],  # the empty assignment reset the list
+        "RequiredBy": ["c.service"],
+        "Alias": ["y.service"],
+    }
+    entries = units.enable_links("x.timer", text, "/etc/systemd/system")
+    assert [e.path for e in entries] == [
+        "/etc/systemd/system/timers.target.wants",
+        "/etc/systemd/system/timers.target.wants/x.timer",
+        "/etc/systemd/system/c.service.requires",
+        "/etc/systemd/system/c.service.requires/x.timer",
+        "/etc/systemd/system/y.service",
+    ]
+    assert units.enable_links("x.service", "[Service]\nExecStart=/bin/true\n", "/u") == []
+    with pytest.raises(FlashError, match="Foo= is not something tools/flash can enable"):
+        units.enable_links("x.service", "[Install]\nFoo=bar\n", "/u")
 
 
 def test_flash_bench_runs_the_installed_agent_where_commands_run(tmp_path: Path) -> None:
@@ -465,6 +663,31 @@ def test_flash_refuses_without_the_device_credential(
         *("--model-key", keys.model_key.with_suffix("")),
         says="a private key: give the public one",
     )
+    # So is the release key; and it is not the model key (a device given that one would refuse
+    # every release signed with the release key).
+    release_args = ["--endpoint", ENDPOINT, "--credential", credential, "--release-key"]
+    refused(*release_args, keys.release_key.with_suffix(""), says="a private key: give the public")
+    refused(*release_args, junk, says="not an Ed25519 public key")
+    error = refused(*release_args, tmp_path / "none.pub", says="No such file or directory")
+    assert error.startswith(f"tools/flash: error: --release-key {tmp_path / 'none.pub'}: ")
+    error = refused(
+        *release_args,
+        keys.model_key,
+        "--model-key",
+        keys.model_key,
+        says="the same key as --model-key",
+    )
+    assert "`edge-agent-cloud releases keygen`" in error
+    # A template of its own needs the place for the [update] table --release-key fills in.
+    template = tmp_path / "agent.toml.in"
+    template.write_text((SYSTEMD / "agent.toml.in").read_text().replace("@UPDATE@", ""))
+    refused(
+        *release_args,
+        keys.release_key,
+        "--template",
+        template,
+        says="config template: no @UPDATE@",
+    )
     # coaps:// goes with DTLS, and DTLS with coaps:// only.
     refused(
         *("--endpoint", "coaps://127.0.0.1:5684", "--credential", credential),
@@ -532,6 +755,17 @@ def test_flash_into_a_root_fs_directory(tmp_path: Path, bundle: Path, keys: Keys
     assert f"write {CREDENTIAL} (0600 edge-agent:edge-agent" in dry.stdout
     assert f"write {MODEL_KEY} (0644 root:root" in dry.stdout
     assert "symlink /etc/systemd/system/multi-user.target.wants/edge-agent.service" in dry.stdout
+    # the over-the-air update pieces, listed like the rest
+    assert f"write {BOOTCHECK} (0755 root:root" in dry.stdout
+    assert f"write {RELEASE_KEY} (0644 root:root" in dry.stdout
+    assert "write /etc/systemd/system/edge-agent-rollback.service (0644 root:root" in dry.stdout
+    assert "mkdir /etc/systemd/system/edge-agent.service.d (0755 root:root)" in dry.stdout
+    assert "write /etc/systemd/system/edge-agent.service.d/ota.conf (0644 root:root" in dry.stdout
+    assert (
+        "symlink /etc/systemd/system/multi-user.target.wants/edge-agent-update.path" in dry.stdout
+    )
+    assert "edge-agent-rollback.service ->" not in dry.stdout  # no [Install]: not enabled
+    assert "no --release-key" not in dry.stdout
     assert "dtparam=i2c_arm=on" in dry.stdout
     assert "dry run: nothing was changed" in dry.stdout
     secrets = json.loads(keys.credential("pump-01").read_text())
@@ -546,13 +780,38 @@ def test_flash_into_a_root_fs_directory(tmp_path: Path, bundle: Path, keys: Keys
     config_txt = (root / "boot/firmware/config.txt").read_text().splitlines()
     assert config_txt.count("dtparam=i2c_arm=on") == 1
     assert "#dtparam=i2c_arm=on" not in config_txt
-    if shutil.which("systemd-analyze"):
-        verify(root, "edge-agent-install.service")  # its ExecStart exists before first boot
+    # Before the first boot the venv is missing: the units that run without it are checked.
+    runnable = runnable_units(root)
+    assert {"edge-agent-install.service", "edge-agent-rollback.service"} <= set(runnable)
+    assert "edge-agent-update.path" in runnable and "edge-agent.service" not in runnable
+    verify(root, *runnable)
 
     after = snapshot(root)
     second = flash("dir", root, *device_args(bundle, keys))
     assert "nothing to do" in second.stdout
     assert snapshot(root) == after
+
+    # A device that has taken a release over the air (venv -> current -> releases/V, no bundle
+    # stamp): flashing again leaves its release alone, and so does the first-boot installer.
+    opt = root / "opt/edge-agent"
+    release = opt / "releases/1.1/bin"
+    release.mkdir(parents=True)
+    (release / "edge-agent").write_text("#!/bin/sh\n")
+    (opt / "current").symlink_to("releases/1.1")
+    (opt / "venv").symlink_to("current")
+    ab = snapshot(root)
+    again = flash("dir", root, *device_args(bundle, keys))
+    assert "nothing to do" in again.stdout
+    assert "/opt/edge-agent/venv is a link to an over-the-air release" in again.stdout
+    installer = subprocess.run(
+        ["sh", str(opt / "install-venv")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert installer.returncode == 0, installer.stderr
+    assert "is an over-the-air release (A/B): left as it is" in installer.stdout
+    assert snapshot(root) == ab and os.readlink(opt / "venv") == "current"
+    for link in ("venv", "current"):
+        (opt / link).unlink()
+    shutil.rmtree(opt / "releases")
 
     # Another device id: only agent.toml and the credential change.
     third = flash("dir", root, *device_args(bundle, keys, "pump-02"))
@@ -583,13 +842,22 @@ def test_flash_dtls_and_plain_coap_only_as_asked(tmp_path: Path, bundle: Path, k
     args = ["dir", root, "--bundle", bundle, "--device-id", "pump-dtls"]
     first = flash(*args, "--endpoint", coaps, "--security", "dtls", "--credential", issued)
     assert "no --model-key: the device refuses model downloads" in first.stdout
+    assert "no --release-key: the device refuses every agent release" in first.stdout
     assert "--security dtls: the agent needs DTLSSocket" in first.stdout
     parsed = tomllib.loads(conf.read_text())
     assert parsed["uplink"] == {"endpoints": [coaps], "security": "dtls", "credential": CREDENTIAL}
     assert parsed["models"] == {}  # no --model-key: public_key commented out
+    # No --release-key: no key and no [update] table (every release refused), but the units and
+    # the boot counter are there (harmless without a pending release).
+    assert "update" not in parsed
+    assert '# public_key = "release.pub"' in conf.read_text()
+    assert not (root / RELEASE_KEY.lstrip("/")).exists()
+    assert (root / BOOTCHECK.lstrip("/")).read_bytes() == BOOTCHECK_SOURCE.read_bytes()
+    assert_units(root)
     assert credential.read_bytes() == issued.read_bytes()
     assert credential.stat().st_mode & 0o7777 == 0o600
     cfg = config.load(conf)
+    assert cfg.update is None
     assert cfg.uplink is not None and cfg.uplink.endpoints == (coaps,)
     assert (cfg.uplink.security, cfg.uplink.credential) == ("dtls", Path(CREDENTIAL))
 
@@ -615,6 +883,15 @@ def test_flash_dtls_and_plain_coap_only_as_asked(tmp_path: Path, bundle: Path, k
     assert "unauthenticated" in comment and "the agent warns at every start" in comment
     cfg = config.load(conf)
     assert cfg.uplink is not None and cfg.uplink.security == "none"
+
+    # The release key flashed later: the key and the [update] table, nothing else.
+    later = flash(
+        *args, "--endpoint", ENDPOINT, "--security", "none", "--release-key", keys.release_key
+    )
+    assert "plan (2 changes)" in later.stdout, later.stdout
+    assert f"write {RELEASE_KEY} (0644 root:root" in later.stdout
+    cfg = config.load(conf)
+    assert cfg.update is not None and cfg.update.public_key == conf.parent / "release.pub"
 
 
 # -- (2) into a disk image -----------------------------------------------------------------------
@@ -677,8 +954,7 @@ def test_flash_into_a_pi_os_image(tmp_path: Path, bundle: Path, keys: Keys) -> N
     dump.mkdir()
     subprocess.run(["debugfs", "-R", f"rdump / {dump}", device], capture_output=True, check=True)
     assert_provisioned(dump, bundle, keys, device_id="pump-img", venv=False)
-    if shutil.which("systemd-analyze"):
-        verify(dump, "edge-agent-install.service")
+    verify(dump, *runnable_units(dump))
     config_txt = subprocess.run(
         ["mtype", "-i", f"{image}@@{BOOT_START * SECTOR}", "::config.txt"],
         env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
@@ -795,8 +1071,8 @@ def test_flash_over_ssh(tmp_path: Path, bundle: Path, keys: Keys, sshd: dict[str
     assert (device / "opt/edge-agent/venv/.bundle-id").read_text().strip() in first.stdout
     config_txt = (device / "boot/firmware/config.txt").read_text().splitlines()
     assert config_txt.count("dtparam=i2c_arm=on") == 1
-    if shutil.which("systemd-analyze"):
-        verify(device, "edge-agent.service", "edge-agent-install.service")
+    assert runnable_units(device) == [unit.name for unit in project_units()]  # the venv is built
+    verify(device, *runnable_units(device))
     # The agent installed on the device reads the config flashed beside it.
     check = subprocess.run(
         [
@@ -862,7 +1138,8 @@ def test_flash_chroot_agent_passes_selftest(tmp_path: Path, bundle: Path, keys: 
     assert first.returncode == 0, first.stdout + first.stderr
     assert "build /opt/edge-agent/venv on the device" in first.stdout
     assert_provisioned(root, bundle, keys, device_id="pump-rig", venv=True)
-    proc = in_namespace(root, "systemd-analyze", "verify", f"--root={root}", "edge-agent.service")
+    every_unit = [unit.name for unit in project_units()]
+    proc = in_namespace(root, "systemd-analyze", "verify", f"--root={root}", *every_unit)
     assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
 
     # The installed agent, as the service user, on the simulated rig with the flashed config.

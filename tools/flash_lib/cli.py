@@ -1,7 +1,9 @@
 """The command line of tools/flash.
 
-  tools/flash dir ROOTDIR   --device-id ID --endpoint URL --credential F [--model-key F] [--chroot]
+  tools/flash dir ROOTDIR   --device-id ID --endpoint URL --credential F [--model-key F]
+                            [--release-key F] [--chroot]
   tools/flash image FILE.img --device-id ID --endpoint URL --credential F [--model-key F]
+                            [--release-key F]
   tools/flash ssh USER@HOST[:PORT] --device-id ID --endpoint URL --credential F [-i KEY]
   tools/flash bundle OUTDIR [--arch aarch64] [--python-version 3.11]
 
@@ -85,6 +87,15 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="the model registry's public key, the KEYFILE.pub of `edge-agent-cloud models "
         "keygen`; installed as /etc/edge-agent/models.pub ([models] public_key). Without it, "
         "the device refuses model downloads",
+    )
+    p.add_argument(
+        "--release-key",
+        type=Path,
+        metavar="PUBFILE",
+        help="the agent release key's public half, the KEYFILE.pub of `edge-agent-cloud "
+        "releases keygen` (DATA/releases/release.key.pub); installed as "
+        "/etc/edge-agent/release.pub ([update] public_key). Without it, the device refuses "
+        "every over-the-air agent release",
     )
     for gone in GONE:
         p.add_argument(gone, dest=f"gone_{gone[2:].replace('-', '_')}", help=argparse.SUPPRESS)
@@ -183,6 +194,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         security=args.security,
         credential=args.credential,
         model_key=args.model_key,
+        release_key=args.release_key,
         template=args.template,
         sensors=args.sensors,
         bundle_dir=args.bundle,

@@ -3,15 +3,18 @@
 On every target: the service account (edge-agent, in groups i2c and dialout), the wheel bundle and
 its installer in /opt/edge-agent, /etc/edge-agent/agent.toml (0600 edge-agent) from the template,
 the device's credential in /var/lib/edge-agent/credential.json (0600 edge-agent), the model
-public key in /etc/edge-agent/models.pub, the units in /etc/systemd/system with their enable
-symlinks, i2c-dev loaded at boot with its nodes in group i2c, and ``dtparam=i2c_arm=on`` in a
-Pi's config.txt. The venv is built now where the target's python can run (SSH, ``dir --chroot``,
-``dir /``), else at first boot.
+public key in /etc/edge-agent/models.pub, every ``edge-agent*`` unit of systemd/ and its drop-ins
+in /etc/systemd/system with their enable symlinks (flash_lib.units), the over-the-air update
+pieces (flash_lib.ota: /opt/edge-agent/ota-bootcheck.py, and with ``--release-key`` the release
+public key in /etc/edge-agent/release.pub and agent.toml's ``[update]`` table), i2c-dev loaded at
+boot with its nodes in group i2c, and ``dtparam=i2c_arm=on`` in a Pi's config.txt. The venv is
+built now where the target's python can run (SSH, ``dir --chroot``, ``dir /``), else at first
+boot; on a live system the service is restarted and the enabled ``.path``/``.timer`` units
+started.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import posixpath
@@ -22,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flash_lib import accounts, bootcfg
+from flash_lib import accounts, bootcfg, ota, units
 from flash_lib import bundle as bundlemod
 from flash_lib.errors import FlashError
-from flash_lib.plan import Absent, Change, Dir, Entry, File, Link, Names, apply, reconcile
+from flash_lib.keys import read_public_key
+from flash_lib.plan import Absent, Change, Dir, Entry, File, Names, apply, reconcile
 from flash_lib.progress import Progress
 from flash_lib.targets import BootConfig, PythonFacts, Target
 
@@ -64,7 +68,6 @@ ENDPOINT_SCHEMES = {
 CREDENTIAL_MAX_BYTES = 4096  # as agent/wire/credentials.py
 CREDENTIAL_FORMAT = 1
 PSK_IDENTITY_BYTES = 32  # the longest DTLS PSK identity (the device id) tinydtls takes
-ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")  # a PEM public key's DER, before the key
 UDEV_TEXT = (
     "# Written by tools/flash: I2C bus nodes (/dev/i2c-*) for members of group i2c, so that\n"
     "# edge-agent.service (SupplementaryGroups=i2c) can open them without root.\n"
@@ -80,6 +83,7 @@ class Settings:
     security: str = "oscore"
     credential: Path | None = None  # the device's file from `edge-agent-cloud devices add`
     model_key: Path | None = None  # the KEYFILE.pub of `edge-agent-cloud models keygen`
+    release_key: Path | None = None  # the KEYFILE.pub of `edge-agent-cloud releases keygen`
     template: Path = TEMPLATE
     sensors: Path = RIG  # the [[sensor]] tables come from this config
     bundle_dir: Path | None = None
@@ -131,7 +135,7 @@ def check_settings(s: Settings) -> None:
             f"{s.device_id}.json` and pass --credential {s.device_id}.json"
         )
     read_credential(s)
-    read_model_key(s)
+    ota.read_release_key(s.release_key, read_model_key(s))
 
 
 def read_credential(s: Settings) -> bytes | None:
@@ -176,35 +180,10 @@ def read_credential(s: Settings) -> bytes | None:
 
 def read_model_key(s: Settings) -> bytes | None:
     """The model public key's bytes, checked to be an Ed25519 public key in a form the agent
-    reads (PEM, 32 raw bytes or 64 hex digits; agent/modelstore/signing.py)."""
+    reads (flash_lib.keys)."""
     if s.model_key is None:
         return None
-    where = f"--model-key {s.model_key}"
-    try:
-        data = s.model_key.read_bytes()
-    except OSError as err:
-        raise FlashError(f"{where}: {err.strerror}") from None
-    if b"PRIVATE KEY" in data:
-        raise FlashError(
-            f"{where}: a private key: give the public one, the KEYFILE.pub that "
-            "`edge-agent-cloud models keygen` wrote beside it"
-        )
-    text = data.strip()
-    if text.startswith(b"-----BEGIN PUBLIC KEY-----"):
-        try:
-            der = base64.b64decode(b"".join(text.splitlines()[1:-1]), validate=True)
-        except ValueError:
-            der = b""
-        ok = text.endswith(b"-----END PUBLIC KEY-----") and der.startswith(ED25519_SPKI)
-        ok = ok and len(der) == len(ED25519_SPKI) + 32
-    else:
-        ok = len(data) == 32 or re.fullmatch(rb"[0-9A-Fa-f]{64}", text) is not None
-    if not ok:
-        raise FlashError(
-            f"{where}: not an Ed25519 public key (PEM, 32 bytes or 64 hex digits): give the "
-            "KEYFILE.pub of `edge-agent-cloud models keygen`"
-        )
-    return data
+    return read_public_key(s.model_key, "--model-key", "edge-agent-cloud models keygen")
 
 
 def toml_string(value: str) -> str:
@@ -270,7 +249,13 @@ def render_config(template: str, s: Settings, sensors: str = "") -> str:
         "@SENSORS@": sensors,
         "@SECURITY@": security_lines(s),
         "@PUBLIC_KEY@": public_key_line(s),
+        "@UPDATE@": ota.update_table(s.release_key is not None),
     }
+    if s.release_key is not None and "@UPDATE@" not in template:
+        raise FlashError(
+            "config template: no @UPDATE@, where --release-key puts the [update] table: add it "
+            "(systemd/agent.toml.in has it)"
+        )
     text = template
     for token, value in values.items():
         text = text.replace(token, toml_string(value))
@@ -293,6 +278,10 @@ bundle="$here/bundle"
 venv="$here/venv"
 want="{b.id}"
 have=$(cat "$venv/.bundle-id" 2>/dev/null || true)
+if [ -L "$venv" ]; then
+  echo "edge-agent-install: $venv is an over-the-air release (A/B): left as it is"
+  exit 0
+fi
 if [ -x "$venv/bin/edge-agent" ] && [ "$have" = "$want" ]; then
   echo "edge-agent-install: $venv is up to date"
   exit 0
@@ -450,6 +439,10 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
             "no --model-key: the device refuses model downloads until [models] public_key "
             "names the KEYFILE.pub of `edge-agent-cloud models keygen`"
         )
+    release_key = ota.read_release_key(s.release_key, model_key)
+    entries += ota.entries(PROJECT_ROOT, release_key)
+    if release_key is None:
+        notes.append(ota.NO_KEY_NOTE)
 
     # The device's credential, in the data directory the unit's StateDirectory= makes (made
     # here the way systemd makes it, so that the file is there before the first start).
@@ -468,16 +461,9 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
             File(CREDENTIAL, credential, mode=0o600, uid=uid, gid=gid, note="device credential"),
         ]
 
-    # The units, enabled the way `systemctl enable` does it.
+    # The units and their drop-ins, enabled the way `systemctl enable` does it.
     entries += [Dir("/etc/systemd", enforce=False), Dir(UNIT_DIR, enforce=False)]
-    for unit in (SERVICE, INSTALL_SERVICE):
-        entries.append(File(f"{UNIT_DIR}/{unit}", (SYSTEMD_DIR / unit).read_bytes()))
-    entries += [
-        Dir(f"{UNIT_DIR}/multi-user.target.wants", enforce=False),
-        Link(f"{UNIT_DIR}/multi-user.target.wants/{SERVICE}", f"{UNIT_DIR}/{SERVICE}"),
-        Dir(f"{UNIT_DIR}/{SERVICE}.requires", enforce=False),
-        Link(f"{UNIT_DIR}/{SERVICE}.requires/{INSTALL_SERVICE}", f"{UNIT_DIR}/{INSTALL_SERVICE}"),
-    ]
+    entries += units.entries(SYSTEMD_DIR, UNIT_DIR)
 
     # /dev/i2c-*: the kernel module at boot, the nodes in group i2c.
     entries += [
@@ -488,9 +474,19 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
         File(UDEV_RULES, UDEV_TEXT.encode()),
     ]
 
-    # The venv: current, built now, or rebuilt at first boot.
-    venv_current = fs.stat(f"{VENV}/bin/edge-agent") is not None and (
-        fs.stat(VENV_STAMP) is not None and fs.read(VENV_STAMP).decode().strip() == b.id
+    # The venv: current, built now, or rebuilt at first boot. A link is the A/B layout of a
+    # device that has taken a release over the air (docs/ota.md): the release it runs is left
+    # alone, and the agent is changed by assigning another release, not by flashing.
+    ota_managed = (fs.stat(VENV) or {}).get("kind") == "link"
+    if ota_managed:
+        notes.append(
+            f"{VENV} is a link to an over-the-air release: left as it is (change the agent "
+            "with `edge-agent-cloud releases assign`, docs/ota.md)"
+        )
+    venv_current = ota_managed or (
+        fs.stat(f"{VENV}/bin/edge-agent") is not None
+        and fs.stat(VENV_STAMP) is not None
+        and fs.read(VENV_STAMP).decode().strip() == b.id
     )
     build_venv = False
     if not venv_current:
@@ -589,6 +585,8 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
         plan = make_plan(target, s, say)
         if plan.empty:
             say(f"nothing to do: {target.label} is up to date")
+            for note in plan.notes:
+                say(f"note: {note}")
             if s.bench:
                 run_bench(target, s, say)
             return 0
@@ -633,6 +631,10 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
         if target.live and s.start:
             _run_checked(target, ["systemctl", "restart", SERVICE], "starting edge-agent")
             say(f"started {SERVICE} (journalctl -u edge-agent -f to follow it)")
+            started = units.triggers(SYSTEMD_DIR)
+            if started:
+                _run_checked(target, ["systemctl", "start", *started], "starting the triggers")
+                say(f"started {', '.join(started)}")
         n = len(plan.changes) + (plan.boot is not None) + plan.build_venv
         say(f"done: {n} change{'s' if n != 1 else ''} on {target.label}")
         for note in plan.notes:

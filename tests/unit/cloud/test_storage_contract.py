@@ -637,6 +637,11 @@ def filled(storage: Storage) -> None:
     storage.note_command_results(DEV, {"command/selftest": Entry(9, done)}, T0 + 6)
     storage.put_log_upload(DEV, T0, 2, 0, b"upload 1", T0 + 7)  # log uploads (the same module)
     storage.put_log_upload(DEV, None, 3, 1, b"upload 2", T0 + 8)
+    storage.group_add("line-1", [DEV, "b-2"], T0 + 9)  # groups (cloud/releasestore.py)
+    storage.set_group_release("line-1", "1.0", "ab" * 32, T0 + 9)
+    storage.note_assignment(DEV, "1.0", "group line-1", T0 + 9)  # and the release history
+    staged = {"result": "staged", "version": "1.0", "at": T0 + 10}
+    storage.put_reported(DEV, {"agent/update": Entry(4, staged)}, T0 + 10)
 
 
 def copy_all(source: Storage, target: Storage, chunk: int = 2) -> dict[str, int]:
@@ -1060,3 +1065,108 @@ def test_log_uploads_are_numbered_per_device_and_the_newest_kept(storage: Storag
             "body": b"other",
         }
     ]
+
+
+# -- agent releases, groups, release history (cloud/releasestore.py) -----------------------------
+
+
+def test_releases_are_published_once_in_blocks_and_read_back(
+    backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cloud import releasestore
+
+    monkeypatch.setattr(releasestore, "BLOCK_BYTES", 1000)  # several blocks of a small file
+    first, other = tmp_path / "first.tar", tmp_path / "other.tar"
+    first.write_bytes(bytes(range(256)) * 10 + b"tail")  # 2564 bytes: three blocks
+    other.write_bytes(b"other bytes")
+    s = backend.open()
+    assert s.releases() == [] and s.release("1.0") is None
+    assert s.release_file("1.0", tmp_path / "none") is None and not (tmp_path / "none").exists()
+    assert s.put_release("1.0", b"manifest-1.0", first, T0) is True
+    assert s.put_release("0.9", b"manifest-0.9", other, T0 + 1) is True
+    assert s.put_release("1.0", b"forged", other, T0 + 9) is False  # immutable: the first stays
+    reader = backend.open()  # another endpoint process
+    assert [(r.version, r.manifest, r.published) for r in reader.releases()] == [
+        ("0.9", b"manifest-0.9", T0 + 1),
+        ("1.0", b"manifest-1.0", T0),
+    ]
+    found = reader.release("1.0")
+    assert found is not None and found.manifest == b"manifest-1.0"
+    out = tmp_path / "out.tar"
+    out.write_bytes(b"stale longer content " * 200)  # replaced, not appended to
+    assert reader.release_file("1.0", out) == 2564 and out.read_bytes() == first.read_bytes()
+    # attack: versions that would climb out of SQLite's release directory find nothing
+    assert reader.release("..") is None and reader.release("../cloud.sqlite3") is None
+    assert reader.release_file("../releases", tmp_path / "x") is None
+
+
+def test_groups_keep_members_and_their_release(storage: Storage) -> None:
+    from cloud.releasestore import UnknownGroup
+
+    storage.add_device("b-2", T0)
+    with pytest.raises(UnknownDevice):  # nothing changed: not even the group made
+        storage.group_add("line-1", [DEV, "nobody"], T0)
+    assert storage.groups() == [] and storage.groups("line-1") == []
+    group, added = storage.group_add("line-1", [DEV, DEV], T0)
+    assert (group.members, group.version, added) == ((DEV,), None, [DEV])
+    group, added = storage.group_add("line-1", [DEV, "b-2"], T0 + 1)
+    assert (group.members, added) == (("b-2", DEV), ["b-2"])  # members by id
+    storage.group_add("all", ["b-2"], T0)
+    with pytest.raises(UnknownGroup):
+        storage.set_group_release("nope", "1.0", "ab" * 32, T0)
+    group = storage.set_group_release("line-1", "1.0", "ab" * 32, T0 + 2)
+    assert group.assignment() == {"version": "1.0", "sha256": "ab" * 32}
+    assert [(g.name, g.members, g.version) for g in storage.groups()] == [
+        ("all", ("b-2",), None),
+        ("line-1", ("b-2", DEV), "1.0"),
+    ]
+    assert storage.device_groups("b-2") == ["all", "line-1"] and storage.device_groups("x") == []
+    assert storage.group_remove("line-1", ["b-2", "nobody"]) == ["b-2"]
+    (kept,) = storage.groups("line-1")
+    assert (kept.members, kept.sha256) == ((DEV,), "ab" * 32)  # the release stays the group's
+    with pytest.raises(UnknownGroup):
+        storage.group_remove("nope", [DEV])
+
+
+def test_reported_update_outcomes_become_a_bounded_history_once_each(
+    backend: Backend, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The history is written where reported state is merged, by either storage (and so by any
+    endpoint process); an outcome reported again (after a restart: a new entry version, the same
+    value) is kept once; what a hostile device sends instead of an outcome is left out."""
+    from cloud import releasestore
+
+    def report(version: int, value: Any) -> None:
+        storage.put_reported(DEV, {"agent/update": Entry(version, value)}, T0 + version)
+
+    staged = {"result": "staged", "version": "1.1", "bytes": 10, "at": T0 + 1}
+    report(1, staged)
+    report(2, {"result": "pending", "version": "1.1"})  # no time: once per version
+    report(3, staged)  # the same outcome again
+    report(4, {"result": "pending", "version": "1.1"})
+    hostile = [
+        None,
+        "updated",
+        {"result": "updated", "version": "../../etc"},
+        {"result": "owned", "version": "1.1", "at": T0},
+        {"result": "updated", "version": ["1.1"], "at": T0},
+        {"result": "refused", "version": "1.2", "at": float("nan"), "reason": "x" * 5000},
+    ]
+    for i, value in enumerate(hostile):
+        report(10 + i, value)
+    report(20, {"result": "updated", "version": "1.1", "previous": "1.0", "at": T0 + 30})
+    storage.note_assignment(DEV, "1.2", "group line-1", T0 + 40)
+    rows = backend.open().release_history(DEV)
+    assert [(r.version, r.result, r.at) for r in rows] == [
+        ("1.2", "assigned", T0 + 40),
+        ("1.1", "updated", T0 + 30),
+        ("1.2", "refused", None),  # a time that is not one is dropped; the reason is cut
+        ("1.1", "pending", None),
+        ("1.1", "staged", T0 + 1),
+    ]
+    assert len(rows[2].reason or "") == releasestore.REASON_CHARS and rows[1].reason is None
+    assert rows[0].to_json()["reason"] == "group line-1"
+    monkeypatch.setattr(releasestore, "HISTORY_KEPT", 3)
+    report(30, {"result": "staged", "version": "1.3", "at": T0 + 50})
+    assert [r.result for r in storage.release_history(DEV)] == ["staged", "assigned", "updated"]
+    assert storage.release_history("nobody") == []

@@ -39,8 +39,13 @@ def test_list_and_immutability(data: Path, tmp_path: Path, capsys: pytest.Captur
     assert item["version"] == "1" and item["size"] == stored.stat().st_size
     assert item["sha256"] == hashlib.sha256(stored.read_bytes()).hexdigest()
     again = ["releases", "publish", str(tmp_path / "bundle"), "--data", str(data)]
-    assert cloud_main([*again, "--version", "1"]) != 0
-    assert "already published" in capsys.readouterr().err
+    assert cloud_main([*again, "--version", "1"]) == 0  # the same bytes again: nothing changes
+    assert "already published, the same file" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    (tmp_path / "bundle" / "bundle.json").write_text(json.dumps({**meta, "python": "3.12"}))
+    assert cloud_main([*again, "--version", "1"]) != 0  # other bytes under that version
+    assert "already published with other bytes" in capsys.readouterr().err
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == item["sha256"]  # the first stays
     assert cloud_main(["releases", "keygen", "--data", str(data)]) != 0  # never overwritten
 
 
@@ -71,3 +76,39 @@ async def test_blocks_carry_size_and_etag(data: Path) -> None:
     assert resp.payload == stored[:1024]
     assert resp.opt.size2 == len(stored)
     assert resp.opt.etag == hashlib.sha256(stored).digest()[:8]
+
+
+async def test_the_cache_is_filled_from_the_storage_checked_and_a_stale_copy_replaced(
+    data: Path, tmp_path: Path
+) -> None:
+    """An endpoint whose --data is not the store (a PostgreSQL fleet's host): the first GET of
+    the file fills DATA/releases from the storage; a cached copy under another manifest (a
+    stale one) is replaced; a stored file that does not match its manifest is refused with 5.03
+    and not cached (cloud/releases.py)."""
+    from cloud.models import Direct
+    from cloud.releasefiles import ReleaseFiles
+
+    store = ReleaseFiles(data / "releases")  # stands for the storage
+    cache_dir = tmp_path / "host" / "releases"
+    stale = ReleaseFiles(cache_dir)
+    (tmp_path / "stale.tar").write_bytes(b"stale")
+    stale.put_release("1", b"an older manifest", tmp_path / "stale.tar", 0.0)
+    registry = ReleaseRegistry(cache_dir, Direct(store))
+    path = ("releases", "1", "file")
+    resp = await registry.render(Message(code=Code.GET, uri_path=path), path)
+    stored = (data / "releases" / "1" / "release.tar").read_bytes()
+    assert resp.payload == stored[:1024] and resp.opt.size2 == len(stored)
+    assert (cache_dir / "1" / "release.tar").read_bytes() == stored
+    assert (cache_dir / "1" / "manifest.cbor").read_bytes() == (
+        data / "releases" / "1" / "manifest.cbor"
+    ).read_bytes()
+    assert [p.name for p in cache_dir.iterdir()] == ["1"]  # nothing left beside it
+    # corrupted at rest in the storage: another host refuses it and caches nothing
+    altered = bytearray(stored)
+    altered[600] ^= 0xFF
+    (data / "releases" / "1" / "release.tar").write_bytes(bytes(altered))
+    other = ReleaseRegistry(tmp_path / "other" / "releases", Direct(store))
+    with pytest.raises(ModelRequestError) as err:
+        await other.render(Message(code=Code.GET, uri_path=path), path)
+    assert err.value.code == Code.SERVICE_UNAVAILABLE
+    assert list((tmp_path / "other" / "releases").iterdir()) == []
