@@ -5,7 +5,15 @@ the ``logs`` command.
 - :class:`LogRing` is a :class:`logging.Handler` on the root logger: the formatted lines
   (``key=value``, as on stderr, which systemd puts in journald) of the last ``[logs] ring_lines``
   records, at most ``ring_bytes`` of text; the oldest go first. journald keeps the long history
-  where it runs; the ring is what the agent itself can send, with or without journald.
+  where it runs; the ring is what the agent itself can send, with or without journald (the
+  service's sandbox does not let it read the journal).
+- With a directory (``DATA/logs``), the ring is also kept on disk, so the lines before a crash
+  or a restart can still be sent after it: two segment files of at most ``ring_bytes / 2``
+  each, appended line by line (flushed, not fsynced: a process crash keeps every line, a power
+  cut may lose the last ones), the older segment truncated and reused when the newer is full.
+  At start the segments are read back into the ring (a torn or malformed line is skipped); a
+  disk that fails or fills stops the writing (the ring goes on in memory) and it is tried again
+  :data:`PERSIST_RETRY` lines later.
 - :class:`LogUploader` sends the lines since a time: the newest that fit
   :data:`UPLOAD_TEXT_BYTES` (older ones are left out and counted), zlib-compressed, in one CBOR
   body, ``POST /logs/<device>`` (Block1 when it is larger than a block). It is the lowest
@@ -20,10 +28,13 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from agent.wire.batch import CF_CBOR
 from agent.wire.logupload import UPLOAD_TEXT_BYTES, encode_upload
@@ -38,6 +49,10 @@ IDLE_WAIT = 600.0
 IDLE_POLL = 0.5
 UPLOAD_DEADLINE = 120.0
 LOGS_PATH = "logs"
+#: The ring's files in its directory: appended to in turn (module docstring).
+SEGMENTS = ("ring.0", "ring.1")
+#: Lines after a failed write before the files are tried again.
+PERSIST_RETRY = 500
 
 
 @dataclass(frozen=True)
@@ -59,10 +74,30 @@ class LogSettings:
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 
-class LogRing(logging.Handler):
-    """The last lines logged, bounded by count and by bytes of text."""
+def _line_bytes(line: str) -> int:
+    return len(line.encode("utf-8", "replace")) + 1
 
-    def __init__(self, settings: LogSettings | None = None) -> None:
+
+def parse_segment(data: bytes) -> list[tuple[float, str]]:
+    """The ``created<TAB>line`` lines of a segment file; a torn last line (no newline), a bad
+    time or an overlong line is skipped."""
+    out = []
+    for raw in data.split(b"\n")[:-1]:  # the part after the last newline is torn
+        stamp, tab, text = raw.decode("utf-8", "replace").partition("\t")
+        try:
+            created = float(stamp)
+        except ValueError:
+            continue
+        if tab and math.isfinite(created) and len(text) <= LINE_MAX:
+            out.append((created, text))
+    return out
+
+
+class LogRing(logging.Handler):
+    """The last lines logged, bounded by count and by bytes of text; also on disk when given a
+    directory (module docstring)."""
+
+    def __init__(self, settings: LogSettings | None = None, directory: Path | None = None) -> None:
         super().__init__(logging.DEBUG)
         self.settings = settings or LogSettings()
         self.setFormatter(logging.Formatter(FORMAT))
@@ -70,6 +105,104 @@ class LogRing(logging.Handler):
         self._bytes = 0
         self.dropped = 0  # lines pushed out by the bounds, ever
         self._mutex = threading.Lock()
+        self.directory = directory
+        self._file: IO[bytes] | None = None
+        self._active = 0  # the segment appended to
+        self._written = 0  # its size
+        self._retry = 0  # lines until the files are tried again after a failure
+        self.persist_error: str | None = None  # why the files are not written, if they are not
+        if directory is not None:
+            self._load()
+
+    # -- the files ---------------------------------------------------------------------------
+
+    def _segment_limit(self) -> int:
+        return max(LINE_MAX + 64, self.settings.ring_bytes // 2)
+
+    def _load(self) -> None:
+        """Read the segments back (older first) and open the newer one for appending."""
+        assert self.directory is not None
+        found = []
+        for i, name in enumerate(SEGMENTS):
+            try:
+                with open(self.directory / name, "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    start = max(0, size - self._segment_limit() - LINE_MAX - 64)
+                    f.seek(start)
+                    data = f.read()
+                if start > 0:  # a larger file than this ring keeps: from a whole line on
+                    data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                self.persist_error = f"{self.directory / name}: {err}"
+                continue
+            items = parse_segment(data)
+            if items:
+                found.append((items[-1][0], i, size, items))
+        found.sort()  # by the time of its last line: the newest segment last
+        for _, _, _, items in found:
+            for created, line in items:
+                self._remember(created, line)
+        if found:
+            _, self._active, self._written, _ = found[-1]
+        self._open(truncate=False)
+
+    def _open(self, truncate: bool) -> None:
+        assert self.directory is not None
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = self.directory / SEGMENTS[self._active]
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o600)
+            self._file = os.fdopen(fd, "ab")
+            self._written = 0 if truncate else self._file.seek(0, os.SEEK_END)
+            self.persist_error = None
+        except OSError as err:
+            self._failed(err)
+
+    def _failed(self, err: OSError) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        self._file = None
+        self._retry = PERSIST_RETRY
+        self.persist_error = str(err)
+
+    def _persist(self, created: float, line: str) -> None:
+        if self.directory is None:
+            return
+        if self._file is None:
+            self._retry -= 1
+            if self._retry > 0:
+                return
+            self._open(truncate=False)
+            if self._file is None:
+                return
+        data = f"{created!r}\t{line}\n".encode("utf-8", "replace")
+        try:
+            if self._written + len(data) > self._segment_limit():
+                self._file.close()
+                self._active = 1 - self._active
+                self._open(truncate=True)
+                if self._file is None:
+                    return
+            self._file.write(data)
+            self._file.flush()
+            self._written += len(data)
+        except OSError as err:
+            self._failed(err)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._file is not None:
+                try:
+                    self._file.close()
+                except OSError:
+                    pass
+                self._file = None
+        super().close()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -79,17 +212,19 @@ class LogRing(logging.Handler):
         self.add(record.created, line)
 
     def add(self, created: float, line: str) -> None:
-        size = len(line.encode("utf-8", "replace")) + 1
         with self._mutex:
-            self._lines.append((created, line))
-            self._bytes += size
-            while self._lines and (
-                len(self._lines) > self.settings.ring_lines
-                or self._bytes > self.settings.ring_bytes
-            ):
-                _, old = self._lines.popleft()
-                self._bytes -= len(old.encode("utf-8", "replace")) + 1
-                self.dropped += 1
+            self._remember(created, line)
+            self._persist(created, line)
+
+    def _remember(self, created: float, line: str) -> None:
+        self._lines.append((created, line))
+        self._bytes += _line_bytes(line)
+        while self._lines and (
+            len(self._lines) > self.settings.ring_lines or self._bytes > self.settings.ring_bytes
+        ):
+            _, old = self._lines.popleft()
+            self._bytes -= _line_bytes(old)
+            self.dropped += 1
 
     def __len__(self) -> int:
         return len(self._lines)
@@ -112,7 +247,7 @@ def window(
     kept: list[tuple[float, str]] = []
     size = 0
     for item in reversed(lines):
-        n = len(item[1].encode("utf-8", "replace")) + 1
+        n = _line_bytes(item[1])
         if size + n > limit:
             break
         kept.append(item)
@@ -169,17 +304,26 @@ class LogUploader:
         return {"lines": len(lines), "left_out": left_out, "bytes": len(body)}
 
 
-def coap_post(transport: Any, endpoints: Any, device: str, lane: int) -> Any:
-    """``post(body)`` over the agent's transport to its current endpoint."""
+def coap_post(
+    transport: Any,
+    endpoints: Any,
+    device: str,
+    lane: int,
+    *,
+    path: str = LOGS_PATH,
+    deadline: float = UPLOAD_DEADLINE,
+) -> Any:
+    """``post(body)`` over the agent's transport to ``/<path>/<device>`` at its current
+    endpoint (the log upload's; the credential rotation's too, agent/sync/rotation.py)."""
 
     async def post(body: bytes) -> str:
-        uri = f"{endpoints.current.rstrip('/')}/{LOGS_PATH}/{device}"
+        uri = f"{endpoints.current.rstrip('/')}/{path}/{device}"
         resp = await transport.request(
             "POST",
             uri,
             body,
             content_format=CF_CBOR,
-            deadline=UPLOAD_DEADLINE,
+            deadline=deadline,
             lane=lane,
         )
         return str(resp.dotted)
