@@ -185,6 +185,8 @@ def _route(path: tuple[str, ...]) -> _Route:
             return _Route("learn", device, frozenset({POST}))
         case ("logs", device):  # cloud/logroutes.py
             return _Route("logs", device, frozenset({POST}))
+        case ("credential", device):  # cloud/credroutes.py
+            return _Route("credential", device, frozenset({POST}))
         case ("relay", gateway):
             return _Route("relay", gateway, frozenset({POST}))
     raise _Failure(Code.NOT_FOUND, "no such resource")

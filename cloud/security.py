@@ -81,8 +81,9 @@ def identity(request: Any) -> Principal | None:
 
 
 #: route name -> method -> who may: "own" (the device named in the path, or the gateway it is
-#: attached to), "operator", "gateway" (the gateway named in the path), "any" (any authenticated
-#: principal), "public" (anyone).
+#: attached to), "self" (the device named in the path only, never its gateway), "operator",
+#: "gateway" (the gateway named in the path), "any" (any authenticated principal), "public"
+#: (anyone).
 ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "wkc": {"GET": ("public",)},
     "ingest": {"POST": ("own",)},
@@ -95,6 +96,7 @@ ACCESS: dict[str, dict[str, tuple[str, ...]]] = {
     "validate": {"POST": ("own",)},
     "learn": {"POST": ("own",)},
     "logs": {"POST": ("own",)},
+    "credential": {"POST": ("self",)},  # cloud/credroutes.py: a device's own rotation
     "masters": {"GET": ("any",)},
     "relay": {"POST": ("gateway",)},
 }
@@ -121,7 +123,7 @@ def allowed(
         return 0
     if device is None:
         return 403
-    if "own" in rules and who.role == "device" and who == device:
+    if ("own" in rules or "self" in rules) and who.role == "device" and who == device:
         return 0
     if "own" in rules and who.role == "gateway" and relays and relays.get(device) == who:
         return 0

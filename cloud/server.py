@@ -53,6 +53,7 @@ from agent.wire.credentials import Credential
 from agent.wire.learning import MAX_BODY_BYTES
 from agent.wire.statedoc import StateError
 from cloud import commandstore
+from cloud.credroutes import CredentialRoutes
 from cloud.dashboard import Dashboard
 from cloud.desired import DesiredObservers, render_document
 from cloud.dtls import DtlsEndpoint
@@ -214,7 +215,7 @@ class _Site(aiocoap.resource.ObservableResource):
         return response
 
 
-class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes):
+class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, CredentialRoutes):
     """The endpoint: a CoAP server, a storage thread, and the observers of desired state."""
 
     def __init__(

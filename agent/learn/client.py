@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -41,6 +42,7 @@ import numpy as np
 
 from agent.errors import SyncError
 from agent.files import write_atomic
+from agent.learn.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from agent.learn.settings import LearnSettings
 from agent.learn.worker import write_job
 from agent.sync.transport import CoapTransport, Endpoints
@@ -120,6 +122,9 @@ class LearningClient:
         self.changed = changed  # tell StateSync the reported learn/<model> moved
         self.lane = lane
         self.ring = WindowRing(settings.windows)
+        self.ledger = PrivacyLedger(
+            self.data_dir / LEDGER_FILE, settings.epsilon_budget, settings.delta
+        )
         self._tasks: dict[str, RoundTask] = {}
         self._status: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
@@ -157,14 +162,21 @@ class LearningClient:
             and (st["job"], st["round"]) >= (task.job, task.round)
         )
 
+    def _epsilon(self) -> float | None:
+        spent = self.ledger.spent()
+        return round(spent, 4) if math.isfinite(spent) else None  # None: unknown or unbounded
+
     def reported(self) -> dict[str, Any]:
-        return {KEY_PREFIX + m: dict(st) for m, st in self._status.items()}
+        eps = self._epsilon()
+        return {KEY_PREFIX + m: {**st, "epsilon_spent": eps} for m, st in self._status.items()}
 
     def status(self) -> dict[str, Any]:
         return {
             "windows": len(self.ring),
             "rounds": self.rounds,
             "paused": self.paused,
+            "epsilon_spent": self._epsilon(),
+            "epsilon_budget": self.settings.epsilon_budget,
             "models": {m: dict(st) for m, st in self._status.items()},
         }
 
@@ -211,10 +223,30 @@ class LearningClient:
 
     async def _round(self, model: str, task: RoundTask) -> None:
         out = self.data_dir / f"learn-{task.job}-{task.round}.cbor"
+        try:
+            self.ledger.check(task.job, task.round, task.noise)  # before any training
+        except BudgetExceeded as err:
+            self._refuse(model, task, out, str(err))
+            return
         done = await asyncio.to_thread(out.exists)
         if not done and not await self._train(model, task, out):
             return
+        try:  # durably charged before the first byte of the update leaves
+            await asyncio.to_thread(self.ledger.charge, task.job, task.round, task.noise)
+        except BudgetExceeded as err:
+            self._refuse(model, task, out, str(err))
+            return
+        except OSError as err:
+            log.warning("event=learn_budget_unsaved error=%r", str(err))
+            self._set(model, task, "failed", error=f"privacy ledger not written: {err}")
+            return
         await self._upload(model, task, out)
+
+    def _refuse(self, model: str, task: RoundTask, out: Path, why: str) -> None:
+        log.warning("event=learn_round_refused job=%d round=%d error=%r", task.job, task.round, why)
+        self._set(model, task, "refused", error=why)
+        with contextlib.suppress(OSError):
+            out.unlink()
 
     async def _train(self, model: str, task: RoundTask, out: Path) -> bool:
         while len(self.ring) < self.settings.min_windows:

@@ -14,8 +14,12 @@ The outcome is reported as ``command/<name>`` = ``{"id", "status", "result", "at
   EX_TEMPFAIL), which systemd's ``Restart=on-failure`` restarts; so it can never loop.
 - ``flush``: wakes the uplink now and reports the queue depth before and after (at most
   :data:`FLUSH_WAIT` seconds later).
-- ``rotate``: refused: the device has no credential rotation of its own (docs/security.md:
-  rekey at the endpoint and copy the new file with tools/flash).
+- ``rotate``: the device makes a new credential itself (new random secrets, generation + 1),
+  keeps it as ``<credential>.next``, posts it to the endpoint under its current OSCORE context
+  and, once the endpoint confirmed that it stored it, is recorded done (``{"generation": N}``,
+  never a secret), replaces its credential file, drops its OSCORE state and restarts like
+  ``restart`` (agent/sync/rotation.py has the steps and the recovery after a crash). Refused
+  without an OSCORE-protected uplink.
 - ``logs``: uploads the log ring's lines since ``args.since`` (agent/service/logring.py) at the
   lowest priority; refused without an uplink.
 
@@ -34,7 +38,14 @@ from typing import Any
 
 from agent.exits import EX_TEMPFAIL
 from agent.files import write_atomic
-from agent.service.logring import LogRing, LogUploader, coap_post
+from agent.service.logring import LOG_DIR, LogRing, LogUploader, coap_post
+from agent.sync.rotation import (
+    CREDENTIAL_PATH,
+    ROTATE_DEADLINE,
+    RotationFailed,
+    Rotator,
+    coap_send_with,
+)
 from agent.wire import commands as wire
 from agent.wire.records import Kind
 
@@ -48,8 +59,8 @@ COMMANDS_FILE = "commands.json"
 FLUSH_WAIT = 30.0
 FLUSH_POLL = 0.5
 ROTATE_REFUSAL = (
-    "not supported: rekey with edge-agent-cloud devices rekey and reflash the credential "
-    "(tools/flash --credential)"
+    'not supported without [uplink] security = "oscore": rekey with edge-agent-cloud devices '
+    "rekey and reflash the credential (tools/flash --credential)"
 )
 
 Probe = Callable[[], Awaitable[dict[str, Any]]]
@@ -60,8 +71,9 @@ class CommandRunner:
 
     Collaborators (each optional: a command whose part is missing is refused): ``selftest()``
     and ``flush()`` coroutines giving the result map, ``restart()`` to stop the agent for a
-    restart, ``logs(since)`` a coroutine uploading the log ring's lines since a time.
-    ``changed()`` wakes the state reporter."""
+    restart, ``logs(since)`` a coroutine uploading the log ring's lines since a time,
+    ``rotator`` the credential's :class:`~agent.sync.rotation.Rotator` (``rotate`` needs
+    ``restart`` too). ``changed()`` wakes the state reporter."""
 
     def __init__(
         self,
@@ -74,6 +86,7 @@ class CommandRunner:
         logs: Callable[[float | None], Awaitable[dict[str, Any]]] | None = None,
         changed: Callable[[], None] = lambda: None,
         ring: logging.Handler | None = None,
+        rotator: Rotator | None = None,
     ) -> None:
         self.ring = ring  # installed on the root logger from now until run() ends
         if ring is not None:
@@ -85,6 +98,7 @@ class CommandRunner:
         self.restart = restart
         self.logs = logs
         self.changed = changed
+        self.rotator = rotator
         self.done: dict[str, dict[str, Any]] = self._load()
         self._queue: asyncio.Queue[tuple[str, int, dict[str, Any]]] = asyncio.Queue()
         self._queued: dict[str, int] = {}
@@ -122,30 +136,43 @@ class CommandRunner:
     # -- the stage --------------------------------------------------------------------------------
     async def run(self) -> None:
         """Run queued commands one at a time until cancelled (then the log ring comes off the
-        root logger)."""
+        root logger); meanwhile settle a credential rotation a crash left pending."""
         if self.ring is not None:
             logging.getLogger().addHandler(self.ring)  # again after a restart of the stage
+        settle = None
+        if self.rotator is not None and self.restart is not None:
+            settle = asyncio.get_running_loop().create_task(self._settle(self.rotator))
         try:
             while True:
                 name, command_id, args = await self._queue.get()
                 await self.execute(name, command_id, args)
         finally:
+            if settle is not None:
+                settle.cancel()
             if self.ring is not None:
                 logging.getLogger().removeHandler(self.ring)
+
+    async def _settle(self, rotator: Rotator) -> None:
+        promoted = await rotator.settle_loop()
+        if promoted is not None and self.restart is not None:
+            log.warning(
+                "event=restart_requested reason=credential_rotated exit_code=%d", EXIT_RESTART
+            )
+            self.restart()
 
     async def execute(self, name: str, command_id: int, args: dict[str, Any]) -> None:
         log.info("event=command_start name=%s id=%d", name, command_id)
         try:
-            status, result = await self._dispatch(name, command_id, args)
+            outcome = await self._dispatch(name, command_id, args)
         except Exception as err:  # a command that breaks is reported, the agent goes on
             log.warning("event=command_crashed name=%s id=%d error=%r", name, command_id, str(err))
-            status, result = "failed", {"error": (str(err) or type(err).__name__)[:200]}
-        if name != "restart":
-            self._finish(name, command_id, status, result)
+            outcome = "failed", {"error": (str(err) or type(err).__name__)[:200]}
+        if outcome is not None:  # None: recorded done already (it stops the agent)
+            self._finish(name, command_id, *outcome)
 
     async def _dispatch(
         self, name: str, command_id: int, args: dict[str, Any]
-    ) -> tuple[str, dict[str, Any]]:
+    ) -> tuple[str, dict[str, Any]] | None:
         if name == "selftest" and self.selftest is not None:
             result = await self.selftest()
             return ("ok" if result.get("ok") else "failed"), result
@@ -155,13 +182,32 @@ class CommandRunner:
             # done before the stop: the restarted agent sees this id done and never loops
             self._finish(name, command_id, "ok", {"restarting": True})
             self.restart()
-            return "ok", {"restarting": True}
+            return None
         if name == "logs" and self.logs is not None:
             result = await self.logs(args.get("since"))
             return ("ok" if not result.get("error") else "failed"), result
+        if name == "rotate" and self.rotator is not None and self.restart is not None:
+            return await self._rotate(self.rotator, command_id)
         if name == "rotate":
             return "refused", {"error": ROTATE_REFUSAL}
         return "refused", {"error": f"not supported by this agent: {name}"}
+
+    async def _rotate(self, rotator: Rotator, command_id: int) -> tuple[str, dict[str, Any]] | None:
+        """Confirmed by the endpoint: recorded done, then the file replaced, then the restart
+        (a crash before the replacement leaves ``.next``, which the next start promotes)."""
+        assert self.restart is not None
+        try:
+            nxt = await rotator.rotate()
+        except RotationFailed as err:
+            return "failed", {"error": str(err)[:200]}
+        self._finish("rotate", command_id, "ok", {"generation": nxt.generation})
+        try:
+            rotator.promote(nxt)
+        except OSError as err:  # the next start confirms and promotes the pending .next
+            log.error("event=credential_promote_failed error=%r", str(err))
+        log.warning("event=restart_requested reason=credential_rotated exit_code=%d", EXIT_RESTART)
+        self.restart()
+        return None
 
     def _finish(self, name: str, command_id: int, status: str, result: dict[str, Any]) -> None:
         self.done[name] = wire.result_value(command_id, status, result, round(self.time(), 3))
@@ -258,7 +304,7 @@ def build_commands(agent: Any) -> CommandRunner:
         agent.request_stop()
 
     uplink = agent.uplink
-    ring = LogRing(agent.config.logs)
+    ring = LogRing(agent.config.logs, agent.config.agent.data_dir / LOG_DIR)
     uploader = None
     if agent.transport is not None and agent.endpoints is not None:
 
@@ -290,4 +336,26 @@ def build_commands(agent: Any) -> CommandRunner:
         logs=None if uploader is None else uploader.upload,
         changed=lambda: agent.state.changed() if agent.state is not None else None,
         ring=ring,
+        rotator=_rotator(agent),
     )
+
+
+def _rotator(agent: Any) -> Rotator | None:
+    """The credential rotation of an agent whose uplink is protected with OSCORE."""
+    security = agent.security
+    if security is None or security.mode != "oscore" or security.credential_path is None:
+        return None
+    if agent.transport is None or agent.endpoints is None or agent.config.uplink is None:
+        return None
+    device = agent.config.agent.device_id
+    lane = agent.config.uplink.max_inflight + 1
+    send = coap_post(
+        agent.transport,
+        agent.endpoints,
+        device,
+        lane,
+        path=CREDENTIAL_PATH,
+        deadline=ROTATE_DEADLINE,
+    )
+    send_with = coap_send_with(agent.clock, agent.endpoints, device, security.state)
+    return Rotator(security, send, send_with, agent.clock.sleep)

@@ -244,6 +244,11 @@ KEYS: dict[str, str] = {
     "learn.max_lag_ms": (
         "Training pauses (SIGSTOP) while the agent's event loop runs later than this, ms."
     ),
+    "learn.epsilon_budget": (
+        "The device's differential-privacy budget over every job: a round that would take its "
+        "epsilon above this is refused and never trained (docs/learning.md)."
+    ),
+    "learn.delta": "The delta of the device's (epsilon, delta) privacy guarantee.",
     "update.root": (
         "The release root: releases/<version>, the current and previous links, update.json "
         "(docs/ota.md)."

@@ -49,7 +49,8 @@ IDLE_WAIT = 600.0
 IDLE_POLL = 0.5
 UPLOAD_DEADLINE = 120.0
 LOGS_PATH = "logs"
-#: The ring's files in its directory: appended to in turn (module docstring).
+#: The ring's directory in the data directory, and its files there (module docstring).
+LOG_DIR = "logs"
 SEGMENTS = ("ring.0", "ring.1")
 #: Lines after a failed write before the files are tried again.
 PERSIST_RETRY = 500

@@ -56,6 +56,8 @@ class ClientSecurity:
         self.mode = mode
         self.uris = uris
         self.credential = credential
+        self.state = state
+        self.credential_path: Path | None = None  # the file it was read from (open)
         self._client: Any = None
         if mode == "oscore":
             from agent.wire.oscore import ClientContext
@@ -101,7 +103,9 @@ class ClientSecurity:
                     f'"dtls" needs the Python module {", ".join(missing)}, which is not '
                     "installed (pip install DTLSSocket; it builds with autoconf and automake)",
                 )
-        return cls(mode, uris, credential, state)
+        security = cls(mode, uris, credential, state)
+        security.credential_path = credential_path
+        return security
 
     @property
     def transports(self) -> list[str]:
@@ -130,6 +134,13 @@ class ClientSecurity:
             ctx.client_credentials.load_from_dict(
                 {p: entry for uri in self.uris for p in uri_patterns(uri)}
             )
+
+    def retire(self) -> None:
+        """The credential file was replaced (a rotation): the running context's state is not
+        written again (the new credential starts a new context); requests still sent under it
+        are refused by the endpoint until the agent restarts."""
+        if self._client is not None:
+            self._client.retire()
 
     def close(self) -> None:
         """Clean stop: the exact sequence number on disk."""

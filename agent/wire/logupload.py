@@ -100,10 +100,8 @@ def _count(doc: dict[str, Any], name: str) -> int:
 def decode_upload(data: bytes) -> LogUpload:
     """A body as received; :class:`LogUploadError` says what is wrong (the text is inflated and
     checked too)."""
-    if len(data) > UPLOAD_BODY_BYTES:
-        raise LogUploadError(f"log upload: {len(data)} bytes, at most {UPLOAD_BODY_BYTES}")
     try:
-        doc = records.loads(data, max_depth=2)
+        doc = records.loads_bounded(data, UPLOAD_BODY_BYTES, max_depth=2)
     except records.RecordError as err:
         raise LogUploadError(f"log upload: {err}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("z"), bytes):

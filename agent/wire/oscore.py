@@ -176,6 +176,7 @@ class ClientContext:
 
     def __init__(self, credential: Credential, state_path: Path) -> None:
         self.path = state_path
+        self.retired = False
         try:
             doc = read_state(state_path)
         except StateFileError as err:
@@ -209,7 +210,14 @@ class ClientContext:
         }
 
     def save(self) -> None:
-        write_state(self.path, self.state())
+        if not self.retired:
+            write_state(self.path, self.state())
+
+    def retire(self) -> None:
+        """The credential was replaced (agent/sync/rotation.py): this context's state is never
+        written again, so the new credential starts a new context. Its key is never used again
+        either, so numbers it hands out from here on need no reservation."""
+        self.retired = True
 
     def close(self) -> None:
         """Clean stop: the exact next number, so no numbers are skipped."""

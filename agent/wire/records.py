@@ -54,6 +54,13 @@ def dumps(obj: Any) -> bytes:
         raise RecordError(f"cannot encode as CBOR: {err}") from err
 
 
+def loads_bounded(data: bytes, limit: int, max_depth: int = 64) -> Any:
+    """:func:`loads` of a body that may be at most ``limit`` bytes (checked before decoding)."""
+    if len(data) > limit:
+        raise RecordError(f"{len(data)} bytes, at most {limit}")
+    return loads(data, max_depth)
+
+
 def loads(data: bytes, max_depth: int = 64) -> Any:
     """Decode exactly one CBOR item, strictly: trailing bytes, duplicate map keys and nesting
     deeper than ``max_depth`` are errors. Every problem is a :class:`RecordError`."""

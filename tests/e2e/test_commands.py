@@ -3,7 +3,8 @@ cloud/commandcli.py): an operator's ``selftest`` reaches an agent on the simulat
 link that loses 30 % of the datagrams each way, runs once, and its result is stored at the
 endpoint and printed by ``devices show``; a device's own credential cannot send a command (4.03);
 hostile command values are refused at the endpoint, never a traceback; the ``logs`` command
-uploads the lines since T, which ``logs show`` prints, and hostile log uploads are refused."""
+uploads the lines since T, which ``logs show`` prints, and hostile log uploads are refused;
+``rotate`` renews the device's credential over OSCORE and restarts the agent into it."""
 
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from typing import Any
 import pytest
 from linkem import Impairment, LinkEmulator
 
+from agent.errors import SyncError
 from agent.service.commands import EXIT_RESTART
 from agent.sync import state as state_mod
+from agent.sync.rotation import Rotator
 from agent.sync.uplink import UplinkSettings
 from agent.wire import records
+from agent.wire.credentials import Credential
 from agent.wire.logupload import UPLOAD_BODY_BYTES, encode_upload
 from cloud import cli as cloud_cli
 from cloud.server import CloudServer
@@ -254,3 +258,119 @@ async def test_restart_stops_the_agent_with_exit_75_once_and_the_next_start_does
     finally:
         await second.stop()
     assert second.agent.exit_code == 0
+
+
+async def oscore_agent(server: CloudServer, tmp_path: Path) -> tuple[Any, Path, Credential]:
+    """DEVICE registered, and the config of an agent that talks OSCORE to ``server`` with its
+    credential file in place: (config, credential path, credential)."""
+    cred = await server.register(DEVICE)
+    cfg = agent_config(tmp_path, server.uri)
+    cfg = replace(cfg, uplink=UplinkSettings(endpoints=(server.uri,), security="oscore"))
+    cred_path = cfg.agent.data_dir / "credential.json"
+    cred.write(cred_path)
+    return cfg, cred_path, cred
+
+
+async def send_command(data: Path, name: str) -> int:
+    code, out = await run_cli("commands", "send", "--data", str(data), "--device", DEVICE, name)
+    assert code == 0, out
+    return int(json.loads(out)["id"])
+
+
+async def stored_credential(server: CloudServer) -> Credential:
+    return {c.principal: c for c, _ in await server.db(lambda s: s.credentials())}[DEVICE]
+
+
+async def contiguous_beyond(server: CloudServer, last: int) -> bool:
+    """The endpoint holds the device's records above ``last`` and no seq is missing."""
+    seqs = await server.seqs(DEVICE)
+    return bool(seqs) and seqs[-1] > last and seqs == list(range(seqs[0], seqs[-1] + 1))
+
+
+@pytest.mark.timeout(180)
+async def test_rotate_renews_the_credential_restarts_into_it_and_the_old_one_is_refused(
+    server: CloudServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The real stack over OSCORE: ``rotate`` makes generation 2 on the device, the endpoint
+    stores it, the agent records it done and stops with 75; started again (as systemd would) it
+    reports ``{"generation": 2}`` under the new credential and goes on sending records with no
+    seq missing; the old credential file is refused; no secret in any log line or result."""
+    monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 1.0)
+    caplog.set_level(logging.DEBUG)
+    cfg, cred_path, old = await oscore_agent(server, tmp_path)
+    thief = Principal(server, tmp_path, "stolen")
+    old.write(thief.dir / "credential.json")  # what someone copied before the rotation
+    first = RunningAgent(cfg)
+    await wait_for(lambda: first.state().get("observing"), "observing", 60)
+    await wait_for(lambda: contiguous_beyond(server, -1), "records delivered", 60)
+    command_id = await send_command(tmp_path / "cloud", "rotate")
+    await asyncio.wait_for(first.task, 90)  # it stops by itself, into the new credential
+    assert first.agent.exit_code == EXIT_RESTART
+    new = Credential.read(cred_path)
+    assert (
+        new == await stored_credential(server)
+        and new.generation == 2
+        and new.sender_id == old.sender_id
+    )
+    assert new.master_secret != old.master_secret and new.psk != old.psk
+    assert not cred_path.with_name("credential.json.next").exists()
+    before = (await server.seqs(DEVICE))[-1]
+    second = RunningAgent(cfg)  # as systemd would
+    try:
+        await wait_for(lambda: outcome(server, command_id), "rotate reported", 60)
+        row = await outcome(server, command_id)
+        assert row.status == "ok" and row.result == {"generation": 2}
+        await wait_for(lambda: contiguous_beyond(server, before + 5), "records after it", 60)
+        assert not second.task.done() and second.agent.exit_code == 0
+    finally:
+        await second.stop()
+    assert second.agent.exit_code == 0
+    thief.connect()
+    try:
+        with pytest.raises(SyncError, match="refuses this credential"):
+            await thief.req("GET", f"devices/{DEVICE}")
+    finally:
+        await thief.close()
+    text = caplog.text
+    for secret in (old.master_secret, new.master_secret, old.psk, new.psk):
+        assert secret.hex() not in text and repr(secret) not in text
+        assert secret.hex() not in json.dumps(row.result)
+    assert "event=credential_rotated device=pump-01 generation=2 stored=new" in text
+
+
+@pytest.mark.timeout(180)
+async def test_a_crash_between_the_commit_and_the_file_replacement_is_settled_at_the_next_start(
+    server: CloudServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power cut after the endpoint stored generation 2 and the command was recorded done, before
+    the credential file was replaced: on disk the old credential, its OSCORE state and the
+    pending ``.next``. The next start confirms ``.next`` under the new context, promotes it and
+    restarts (75); the start after runs on generation 2 and no record is lost."""
+    monkeypatch.setattr(state_mod, "OBSERVE_STALE_LIMIT", 1.0)
+    cfg, cred_path, old = await oscore_agent(server, tmp_path)
+    first = RunningAgent(cfg)
+    with monkeypatch.context() as crash:  # the files stay as they were at the commit
+        crash.setattr(Rotator, "promote", lambda self, nxt: None)
+        await wait_for(lambda: first.state().get("observing"), "observing", 60)
+        await send_command(tmp_path / "cloud", "rotate")
+        await asyncio.wait_for(first.task, 90)
+    assert first.agent.exit_code == EXIT_RESTART
+    nxt = Credential.read(cred_path.with_name("credential.json.next"))
+    stored = await stored_credential(server)
+    assert Credential.read(cred_path) == old and nxt == stored and nxt.generation == 2
+    second = RunningAgent(cfg)  # settles the pending .next and restarts into it
+    await asyncio.wait_for(second.task, 90)
+    assert second.agent.exit_code == EXIT_RESTART
+    assert Credential.read(cred_path) == nxt
+    assert not cred_path.with_name("credential.json.next").exists()
+    before = (await server.seqs(DEVICE) or [-1])[-1]
+    third = RunningAgent(cfg)
+    try:
+        await wait_for(lambda: contiguous_beyond(server, before + 5), "records after it", 60)
+        assert not third.task.done()
+    finally:
+        await third.stop()
+    assert third.agent.exit_code == 0

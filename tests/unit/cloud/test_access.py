@@ -18,6 +18,8 @@ ROUTES = [(route, method) for route, methods in ACCESS.items() for method in met
 
 @pytest.mark.parametrize(("route", "method"), ROUTES)
 def test_a_gateway_does_for_its_device_what_the_device_may(route: str, method: str) -> None:
+    if "self" in ACCESS[route][method]:
+        return  # the device's own credential (below): never its gateway
     for device in ("pump-01", None):
         assert allowed(route, method, device, GATEWAY, RELAYS) == allowed(
             route, method, device, DEVICE, RELAYS
@@ -51,3 +53,16 @@ def test_operators_rights_are_not_a_gateways() -> None:
     assert allowed("desired", "PUT", "pump-01", GATEWAY, RELAYS) == 403
     assert allowed("reported", "GET", "pump-02", OPERATOR, RELAYS) == 0
     assert allowed("reported", "GET", "pump-02", GATEWAY, RELAYS) == 403
+
+
+def test_a_credential_rotation_is_the_device_itself_only() -> None:
+    """``POST /credential/ID`` (cloud/credroutes.py): not its gateway, not another device, not
+    an operator, not an unauthenticated peer."""
+    assert ACCESS["credential"] == {"POST": ("self",)}
+    assert allowed("credential", "POST", "pump-01", DEVICE, RELAYS) == 0
+    assert allowed("credential", "POST", "pump-01", GATEWAY, RELAYS) == 403
+    assert allowed("credential", "POST", "pump-01", OPERATOR, RELAYS) == 403
+    assert allowed("credential", "POST", "pump-02", DEVICE, RELAYS) == 403
+    assert allowed("credential", "POST", "pump-01", Principal("pump-01", "gateway"), {}) == 403
+    assert allowed("credential", "POST", "pump-01", Principal("pump-01", "operator"), {}) == 403
+    assert allowed("credential", "POST", "pump-01", None, RELAYS) == 401

@@ -95,7 +95,7 @@ async def test_each_id_runs_once_and_the_outcome_is_reported(tmp_path: Path) -> 
         ("logs", {"id": 3, "args": {"since": float("nan")}}, "since must be"),
         ("selftest", {"id": 3, "args": {"verbose": True}}, "no argument 'verbose'"),
         ("flush", {"id": 3, "args": {"x" * 30: "y" * 10_000}}, "no argument"),  # huge
-        ("rotate", {"id": 3}, "not supported: rekey with edge-agent-cloud devices rekey"),
+        ("rotate", {"id": 3}, 'not supported without [uplink] security = "oscore": rekey'),
     ],
 )
 async def test_hostile_and_unsupported_commands_are_reported_refused_never_run(

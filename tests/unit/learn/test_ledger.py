@@ -1,0 +1,84 @@
+"""The device's privacy budget across jobs (agent/learn/ledger.py): rounds compose by RDP into
+the same epsilon the per-job accountant states, a round is charged once and durably before its
+upload, a round over the budget or without noise is refused, and a ledger that cannot be read
+spends everything."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from agent.learn.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
+from agent.learn.privacy import Accountant
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_rounds_of_several_jobs_compose_like_one_accountant(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE, budget=1e6, delta=1e-5)
+    assert ledger.spent() == 0.0
+    for job in (1, 2):
+        for r in range(5):
+            ledger.charge(job, r, 0.5)
+    reference = Accountant(0.5, 1e-5)
+    reference.step(10)
+    assert ledger.spent() == pytest.approx(reference.epsilon(), rel=1e-9)
+    # the same round again costs nothing more (the same noisy update, sent again)
+    ledger.charge(2, 4, 0.5)
+    assert ledger.spent() == pytest.approx(reference.epsilon(), rel=1e-9)
+    # a restart reads the same ledger back
+    again = PrivacyLedger(tmp_path / LEDGER_FILE, budget=1e6, delta=1e-5)
+    assert again.spent() == pytest.approx(reference.epsilon(), rel=1e-9)
+    assert again.charged == [f"{j}:{r}" for j in (1, 2) for r in range(5)]
+
+
+def test_a_round_over_the_budget_or_without_noise_is_refused_and_not_charged(
+    tmp_path: Path,
+) -> None:
+    one = Accountant(0.5, 1e-5)
+    one.step(3)
+    budget = one.epsilon() + 1e-9  # exactly three rounds at noise 0.5 fit
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE, budget=budget, delta=1e-5)
+    for r in range(3):
+        ledger.check(7, r, 0.5)
+        ledger.charge(7, r, 0.5)
+    with pytest.raises(BudgetExceeded, match=r"above \[learn\] epsilon_budget"):
+        ledger.check(7, 3, 0.5)
+    ledger.check(7, 2, 0.5)  # a round already charged is never refused
+    with pytest.raises(BudgetExceeded, match="no noise"):
+        PrivacyLedger(tmp_path / "other.json", budget=1e6, delta=1e-5).check(1, 0, 0.0)
+    assert json.loads((tmp_path / LEDGER_FILE).read_text())["charged"] == ["7:0", "7:1", "7:2"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "not json",
+        "[]",
+        '{"rdp": [1, 2], "charged": []}',
+        '{"rdp": "x", "charged": []}',
+        '{"charged": ["1:0"]}',
+    ],
+)
+def test_an_unreadable_ledger_spends_everything(tmp_path: Path, text: str) -> None:
+    path = tmp_path / LEDGER_FILE
+    path.write_text(text)
+    ledger = PrivacyLedger(path, budget=1e6, delta=1e-5)
+    assert ledger.spent() == math.inf
+    with pytest.raises(BudgetExceeded, match="privacy ledger unreadable"):
+        ledger.check(1, 0, 10.0)
+    with pytest.raises(BudgetExceeded):
+        ledger.charge(1, 0, 10.0)
+    assert path.read_text() == text  # left for the operator to look at
+
+
+def test_a_charge_that_cannot_be_written_is_not_counted(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    ledger = PrivacyLedger(path, budget=1e6, delta=1e-5)
+    path.mkdir()  # the rename onto it fails: the disk said no
+    with pytest.raises(OSError):
+        ledger.charge(1, 0, 0.5)
+    assert ledger.spent() == 0.0 and ledger.charged == []
