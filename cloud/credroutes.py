@@ -80,6 +80,9 @@ class CredentialRoutes(RouteHost):
 
     relays: dict[str, str]
     _rotation_lock: asyncio.Lock | None = None
+    #: set by a gateway on its own server (agent/gateway/service.py): it holds copies of its
+    #: devices' credentials, the cloud the originals, so a rotation there would split them
+    rotation_refusal: str | None = None
 
     async def reload_principals(self) -> None:
         raise NotImplementedError
@@ -88,6 +91,8 @@ class CredentialRoutes(RouteHost):
         device = await self._device(route)
         if identity(request) is None:  # only on an endpoint that takes plain CoAP
             raise _Failure(Code.UNAUTHORIZED, "a credential is posted under the device's OSCORE")
+        if self.rotation_refusal is not None:
+            raise _Failure(Code.FORBIDDEN, self.rotation_refusal)
         gateway = self.relays.get(device)
         if gateway is not None:
             raise _Failure(

@@ -146,6 +146,10 @@ class Gateway:
         g = self.config.gateway
         self.server = await CloudServer.start(self.store_dir, g.host, g.port)
         server = self.server
+        server.rotation_refusal = (
+            f"gateway {self.config.name} holds a copy of this device's credential: rotate it at "
+            "the cloud (devices rekey) and give the gateway the new file"
+        )
         self.forwarder = RecordForwarder(
             server.db, self.transport, lambda: self.endpoints.current, self.config.data_dir,
             name=self.config.name, records=g.forward_records, lane=1,

@@ -93,6 +93,15 @@ async def test_nobody_but_the_device_itself_may_post_its_credential(
         assert resp.dotted == "4.03"
         resp = await device.req("POST", PATH, body, 60)
         assert resp.dotted == "4.03" and b"attached to gateway gw-1" in resp.payload
+        # a gateway's own server (its copy of the credentials) refuses every rotation
+        await endpoint.db(lambda s: s.detach([DEVICE]))
+        await endpoint.reload_principals()
+        endpoint.rotation_refusal = "gateway gw-1 holds a copy of this device's credential"
+        try:
+            resp = await device.req("POST", PATH, body, 60)
+        finally:
+            endpoint.rotation_refusal = None
+        assert resp.dotted == "4.03" and b"holds a copy" in resp.payload
         assert await stored(endpoint) == before
     finally:
         for p in (device, other, op, gw):
