@@ -32,13 +32,14 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
+
+from ports import free_port  # tools/ is on sys.path: as a script, and in tests (conftest)
 
 PG_USER = "postgres"  # the system user Debian's package creates; used when running as root
 SUPERUSER = "edge"  # the cluster's superuser (initdb -U)
@@ -84,12 +85,6 @@ def find_bindir() -> Path:
         "PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on the PATH): "
         "apt-get install postgresql, or set EDGE_AGENT_PG_BIN"
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Cluster:

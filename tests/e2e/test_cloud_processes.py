@@ -12,7 +12,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -26,16 +25,11 @@ from agent.wire.codec import encode_batch
 from agent.wire.records import AlertBody
 from cloud.storage import open_storage
 from drivers.clock import RealClock
+from tools.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = [f"pump-{i:02d}" for i in range(8)]
 WORKERS = 3
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def sockets_on(port: int) -> int:

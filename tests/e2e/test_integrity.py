@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from agent.wire.records import AlertBody, Kind, TelemetryBody
 from agent.wire.validation import window_digest
 from cloud.server import CloudServer
 from drivers.clock import Clock, RealClock
+from tools.ports import free_port
 
 DEVICE = "pump-31"
 T0 = 1_700_000_000.0
@@ -356,9 +356,7 @@ async def test_the_device_refuses_a_verdict_that_names_another_window(
     caplog.set_level(logging.WARNING, logger="agent.sync.routing")
     site = aiocoap.resource.Site()
     site.add_resource(["validate", DEVICE], _UnboundVerdicts())
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
     transport = CoapTransport(RealClock())
     try:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from tools.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -50,17 +51,11 @@ def strip_comment(line: str) -> str:
     return line.strip()
 
 
-def free_port() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 class Walk:
     def __init__(self, tmp: Path) -> None:
         self.cwd = tmp
         self.tmp = tmp
-        self.port = free_port()
+        self.port = str(free_port())
         self.env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
         self.env.pop("VIRTUAL_ENV", None)
         self.jobs: list[subprocess.Popen[str]] = []

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -47,6 +46,7 @@ from cloud.server import CloudServer
 from cloud.storage import DB_NAME
 from drivers.base import OptionError, Options
 from drivers.clock import RealClock
+from tools.ports import free_port
 
 DEVICE = "pump-01"
 FAST = StateSettings(report_interval=0.5, min_put_interval=0.02, deadline=2.0)
@@ -98,12 +98,6 @@ class Hooks:
             raise ValueError(f"model {value['name']!r} is not in the model cache")
         self.applied.append((key, value))
         self.values[key] = CONFIG.get(key) if value is None else value
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def start_server(data_dir: Path, port: int) -> CloudServer:

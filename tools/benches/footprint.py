@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from ports import free_port
+
 from agent.service.config import example_config, strip_tables
 from benches import Result, workdir
 from cloud.storage import DB_NAME
@@ -49,9 +51,7 @@ GREENGRASS_MB = 70.0
 
 
 def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def _script(name: str) -> str:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from linkem import Impairment, LinkEmulator
+from ports import free_port
 
 from agent.store.queue import NewRecord, Store
 from agent.store.settings import StoreSettings
@@ -56,9 +56,7 @@ CLAIM_OVER_STOP_AND_WAIT_LOSSY = 1.0  # ours delivers faster than stop-and-wait 
 
 
 def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _records(n: int) -> list[NewRecord]:

@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import time
 import traceback
@@ -45,6 +44,7 @@ from tools.chaos.queuedamage import damage
 from tools.chaos.report import Books, Report
 from tools.hostile import Datagram, hostile_desired_documents, malformed_datagrams
 from tools.linkem import Impairment, LinkEmulator
+from tools.ports import free_port
 from tools.powercut import PowerCutFS
 
 DEVICE = "pump-rig-01"
@@ -56,9 +56,7 @@ GRACE = 10.0  # seconds a record committed before a drain gave up had to be deli
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 def agent_config(device: str, data_dir: Path, port: int, interval: float) -> str:
