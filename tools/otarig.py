@@ -221,14 +221,15 @@ def unit_command(path: Path, key: str, world: World, config: Path | None = None)
     """The unit's command line with the device's paths mapped into the test's directory."""
     line = next(x for x in path.read_text().splitlines() if x.startswith(f"{key}="))
     argv = shlex.split(line.partition("=")[2].lstrip("-+@!:"))
-    out = []
-    for arg in argv:
-        arg = arg.replace("/etc/edge-agent/agent.toml", str(config or "/nonexistent"))
-        arg = arg.replace("/etc/edge-agent/release.pub", str(world.etc / "release.pub"))
-        arg = arg.replace("/opt/edge-agent", str(world.root))
-        arg = arg.replace("/var/lib/edge-agent", str(world.data))
-        out.append(arg)
-    return out
+    mapped = {
+        "/etc/edge-agent/agent.toml": str(config or "/nonexistent"),
+        "/etc/edge-agent/release.pub": str(world.etc / "release.pub"),
+        "/opt/edge-agent": str(world.root),
+        "/var/lib/edge-agent": str(world.data),
+    }
+    # one pass: a mapped path may itself lie under /var/lib/edge-agent (a bench's directory)
+    device_path = re.compile("|".join(re.escape(k) for k in mapped))
+    return [device_path.sub(lambda m: mapped[m.group(0)], arg) for arg in argv]
 
 
 class Service:
