@@ -276,6 +276,7 @@ class StateRelay:
         fetcher: ModelFetcher,
         put_model: Callable[[str, str, bytes, bytes], Awaitable[bool]],
         has_model: Callable[[str, str], Awaitable[bool]],
+        releases: Callable[[DesiredDoc], Awaitable[None]] | None = None,
         lane: int = 0,
     ) -> None:
         self.db = db
@@ -286,6 +287,7 @@ class StateRelay:
         self.fetcher = fetcher
         self.put_model = put_model
         self.has_model = has_model
+        self.releases = releases  # the release a document assigns (agent/gateway/releases.py)
         self.lane = lane
         self._sent: dict[str, dict[str, int]] = {}  # device -> key -> version PUT to the cloud
         self._mirrored: dict[str, bytes] = {}  # device -> ETag of the desired doc mirrored
@@ -336,6 +338,8 @@ class StateRelay:
             if self._mirrored.get(device) == doc.etag():
                 continue
             await self._models_of(doc)  # before the devices see the assignment
+            if self.releases is not None:
+                await self.releases(doc)
             self.on_desired(device, doc)
             self._mirrored[device] = doc.etag()
             changed += 1

@@ -27,8 +27,10 @@ from typing import Any
 from agent.errors import AgentError, ConfigError, SyncError
 from agent.gateway.peers import PeerServer, PeerState, PeerSync
 from agent.gateway.relay import RecordForwarder, StateRelay, mirror_desired, run_every
+from agent.gateway.releases import ReleaseMirror
 from agent.gateway.settings import GatewayConfig
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.ota.updater import ReleaseFetcher
 from agent.sync.security import ClientSecurity
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.wire.batch import CF_CBOR
@@ -70,6 +72,8 @@ class Gateway:
             self.clock, lanes=BLOCK_WINDOW, uris=up.endpoints, security=self.security
         )
         self.fetcher = ModelFetcher(fetch_transport, lambda: self.endpoints.current)
+        self.release_fetcher = ReleaseFetcher(fetch_transport, lambda: self.endpoints.current)
+        self.releases: ReleaseMirror | None = None
         self.peer_state: PeerState | None = None  # [gateway.peers]
         self.peer_server: PeerServer | None = None
         self.peer_sync: PeerSync | None = None
@@ -155,10 +159,11 @@ class Gateway:
             name=self.config.name, records=g.forward_records, lane=1,
         )  # fmt: skip
         server.batch_observer = self.forwarder.resolutions.observe
+        self.releases = ReleaseMirror(self.release_fetcher, server.db, self.config.data_dir / "ota")
         self.state = StateRelay(
             server.db, self.transport, lambda: self.endpoints.current, lambda: self.devices,
             on_desired=self._mirror, fetcher=self.fetcher, put_model=self._put_model,
-            has_model=self._has_model, lane=2,
+            has_model=self._has_model, releases=self.releases.of, lane=2,
         )  # fmt: skip
         if g.peers is not None:
             p = g.peers
@@ -260,6 +265,7 @@ class Gateway:
             "requests_up": f.requests if f else 0,
             "bytes_up": f.bytes_up if f else 0,
             "model_fetches": dict(st.model_fetches) if st else {},
+            "release_fetches": dict(self.releases.fetches) if self.releases else {},
         }
 
 

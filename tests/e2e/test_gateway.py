@@ -27,13 +27,16 @@ import cbor2
 import pytest
 from linkem import Impairment, LinkEmulator
 
-from agent.modelstore.signing import SignedManifest
+from agent.modelstore.signing import SignedManifest, load_public_key
+from agent.ota.updater import ReleaseFetcher, stage
 from agent.sync.security import ClientSecurity
 from agent.sync.transport import CoapTransport
 from agent.wire.batch import CF_CBOR
 from cloud.storage import SQLiteStorage
 from drivers.clock import RealClock
 from tools.chaos.harness import agent_config, free_udp_port
+
+from ..unit.ota.test_release import make_bundle
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -266,6 +269,52 @@ class Site:
             else:
                 assert cloud_seqs == self.gateway_seqs(d), d
 
+    async def release_through_gateway(self, version: str) -> None:
+        """An agent release assigned to a device behind the gateway: the gateway fetches it
+        from the cloud once, before the device sees the assignment, and serves it; the device's
+        own staging code (agent/ota/updater.py) downloads it from the gateway and verifies the
+        signature with the release key."""
+        cloud("releases", "keygen", "--data", str(self.data))
+        bundle = make_bundle(self.tmp / f"bundle-{version}")
+        cloud("releases", "publish", str(bundle), "--version", version, "--data", str(self.data))
+        cloud("releases", "assign", version, "--device", PROBE, "--data", str(self.data))
+
+        def at_gateway() -> tuple[Any, bool] | None:
+            """The probe's agent/version as the gateway serves it, and whether it has the
+            release; None until the assignment is mirrored."""
+            gw = SQLiteStorage(self.gw_dir / "store" / "cloud.sqlite3")
+            try:
+                entry = gw.desired(PROBE).entries.get("agent/version")
+                if entry is None or entry.value["version"] != version:
+                    return None
+                return entry.value, gw.release(version) is not None
+            finally:
+                gw.close()
+
+        value, has_release = await until(at_gateway, 120, "the assignment at the gateway")
+        assert has_release  # the document reached the gateway's store after the release did
+        sha = value["sha256"]
+        sec = ClientSecurity.open(
+            "oscore", [self.gateway_uri], self.tmp / "probe-credential.json",
+            self.tmp / "probe-oscore.json",
+        )  # fmt: skip
+        transport = CoapTransport(RealClock(), lanes=2, uris=[self.gateway_uri], security=sec)
+        fetcher = ReleaseFetcher(transport, self.gateway_uri, ack_timeout=0.3, block_deadline=20.0)
+        try:
+            key = load_public_key(self.data / "releases" / "release.key.pub")
+            staged = await stage(
+                fetcher, version=version, sha256=sha, key=key, data_dir=self.tmp / "probe-data"
+            )
+        finally:
+            await transport.close()
+        assert staged.manifest.sha256 == sha
+        cached = (
+            (self.tmp / "gateway.log")
+            .read_text()
+            .count(f"event=gateway_release_cached version={version} ")
+        )
+        assert cached == 1, cached  # one download from the cloud
+
     def reported(self, device: str, key: str) -> Any:
         s = SQLiteStorage(self.data / "cloud.sqlite3")
         try:
@@ -324,6 +373,8 @@ async def _run(site: Site, tmp_path: Path) -> None:
                     "the desired change applied on the device and reported back up")  # fmt: skip
         # a model version assigned to every device: one download by the gateway
         await site.model_everywhere("1.0.1", 120)
+        # an agent release for a device behind it: one download by the gateway, served by it
+        await site.release_through_gateway("2.0.0")
         # the gateway goes away for longer: a device that lists the cloud second falls back to it
         # and returns to the gateway once it is back (one storage identity: both are accepted)
         stop(site.gw_proc)

@@ -37,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     # a gateway serves its devices with the endpoint's own server and store (docs/gateway.md)
     "agent.gateway": {
         "cloud",
+        "agent.ota",  # releases relayed to the devices behind it
         "agent.modelstore",
         "agent.sync",
         "agent.store",
