@@ -452,14 +452,15 @@ async def test_agent_uplink_over_coaps_delivers_exactly_once_across_restarts(
     try:
         seqs += await store.put([telemetry(i) for i in range(300)])
         await drained(store)
-        # a clean restart (close_notify to the agent), then a crash (the agent's sessions go
-        # stale without a word: its lanes get new contexts after a missed deadline)
+        # a clean restart (close_notify to the agent), then a crash: the agent's sessions go
+        # stale without a word, and it recovers either with new contexts after a missed deadline
+        # (event=lane_reset) or with a new handshake when its transport saw the port closed
+        # while the endpoint was down, whichever the timing gives; what must hold either way is
+        # below: every record delivered, once
         for n, sig in enumerate((signal.SIGTERM, signal.SIGKILL), start=1):
-            caplog.clear()
             srv = await asyncio.to_thread(srv.restart, sig)
             seqs += await store.put([telemetry(1000 * n + i) for i in range(300)])
             await drained(store, within=90)
-        assert "event=lane_reset" in caplog.text  # after the crash: new contexts, new sessions
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
