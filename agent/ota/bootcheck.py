@@ -301,9 +301,12 @@ def failed(root: Path, data_dir: Path | None = None) -> str | None:
     return current
 
 
-def _number(doc: dict[str, Any], key: str, default: int) -> int:
-    value = doc.get(key)
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
+def number(doc: Any, key: str, default: int, low: int = 0, high: int | None = None) -> int:
+    """``doc[key]`` when it is an integer in [low, high], else ``default``: update.json and
+    staged.json are read as untrusted (a damaged file, or the unprivileged agent's)."""
+    value = doc.get(key) if isinstance(doc, dict) else None
+    ok = isinstance(value, int) and not isinstance(value, bool) and low <= value
+    return value if ok and (high is None or value <= high) else default
 
 
 def health(root: Path, data_dir: Path | None, interval: int) -> str | None:
@@ -312,13 +315,13 @@ def health(root: Path, data_dir: Path | None, interval: int) -> str | None:
     current = resolve(root)
     doc = load(root)
     pending = doc.get("pending")
-    if not pending or pending != current or _number(doc, "attempts", 0) < 1:
+    if not pending or pending != current or number(doc, "attempts", 0) < 1:
         return current  # nothing pending, or switched but not started yet
     if data_dir is not None and ready_marker(data_dir, pending).is_file():
         confirm(root, pending)
         return current
-    window = _number(doc, "health_window", HEALTH_WINDOW)
-    waited = _number(doc, "pending_s", 0) + interval
+    window = number(doc, "health_window", HEALTH_WINDOW)
+    waited = number(doc, "pending_s", 0) + interval
     if waited >= window:
         return rollback(
             root,

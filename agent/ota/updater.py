@@ -41,7 +41,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -164,10 +163,10 @@ def apply_staged(
     except (OSError, ValueError, KeyError, TypeError):
         return None
     # the agent's [update] limits, within the ranges its settings allow (agent/ota/settings.py)
-    max_attempts = _limit(
+    max_attempts = bootcheck.number(
         staged, "max_attempts", bootcheck.MAX_ATTEMPTS, 1, bootcheck.MAX_ATTEMPTS_LIMIT
     )
-    health_window = _limit(
+    health_window = bootcheck.number(
         staged,
         "health_window",
         bootcheck.HEALTH_WINDOW,
@@ -203,15 +202,6 @@ def apply_staged(
             with contextlib.suppress(OSError):
                 leftover.unlink()
     return version
-
-
-def _limit(doc: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
-    """``doc[key]`` when it is an integer in [low, high], else ``default``: staged.json is
-    written by the unprivileged agent, so the root helper takes nothing from it unchecked."""
-    value = doc.get(key) if isinstance(doc, dict) else None
-    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
-        return value
-    return default
 
 
 def _ask(python: Path, version: str, *args: str) -> subprocess.CompletedProcess[str]:

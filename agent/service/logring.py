@@ -27,6 +27,7 @@ The upload body is :mod:`agent.wire.logupload`'s.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -140,13 +141,13 @@ class LogRing(logging.Handler):
                 continue
             items = parse_segment(data)
             if items:
-                found.append((items[-1][0], i, size, items))
+                found.append((items[-1][0], i, items))
         found.sort()  # by the time of its last line: the newest segment last
-        for _, _, _, items in found:
+        for _, _, items in found:
             for created, line in items:
                 self._remember(created, line)
         if found:
-            _, self._active, self._written, _ = found[-1]
+            self._active = found[-1][1]  # appended to from its end on (_open measures it)
         self._open(truncate=False)
 
     def _open(self, truncate: bool) -> None:
@@ -161,13 +162,14 @@ class LogRing(logging.Handler):
         except OSError as err:
             self._failed(err)
 
-    def _failed(self, err: OSError) -> None:
+    def _close_file(self) -> None:
         if self._file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._file.close()
-            except OSError:
-                pass
-        self._file = None
+            self._file = None
+
+    def _failed(self, err: OSError) -> None:
+        self._close_file()
         self._retry = PERSIST_RETRY
         self.persist_error = str(err)
 
@@ -184,7 +186,7 @@ class LogRing(logging.Handler):
         data = f"{created!r}\t{line}\n".encode("utf-8", "replace")
         try:
             if self._written + len(data) > self._segment_limit():
-                self._file.close()
+                self._close_file()
                 self._active = 1 - self._active
                 self._open(truncate=True)
                 if self._file is None:
@@ -197,12 +199,7 @@ class LogRing(logging.Handler):
 
     def close(self) -> None:
         with self._mutex:
-            if self._file is not None:
-                try:
-                    self._file.close()
-                except OSError:
-                    pass
-                self._file = None
+            self._close_file()
         super().close()
 
     def emit(self, record: logging.LogRecord) -> None:
