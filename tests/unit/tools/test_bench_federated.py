@@ -24,6 +24,9 @@ KEYS = (
     "far_centralized",
     "f1_local_only",
     "far_local_only",
+    "f1_no_learning",
+    "far_no_learning",
+    "f1_federated_minus_local_only",
     "bytes_per_device_per_round",
     "raw_bytes_sent",
     "epsilon",
@@ -53,7 +56,7 @@ def check(summary: dict[str, Any], devices: int, scored: int, rounds: int) -> No
     assert summary["noise_multiplier"] > 0  # DP is on in the reported figures
     # 2404 float16 weights and the small fields
     assert 2 * 2404 < summary["bytes_per_device_per_round"] < 2 * 2404 + 400
-    for regime in ("federated", "centralized", "local_only"):
+    for regime in ("federated", "centralized", "local_only", "no_learning"):
         f1 = summary[f"f1_{regime}"]
         assert f1 is None or 0.0 <= f1 <= 1.0
 
