@@ -76,6 +76,7 @@ from cloud.security import issue_credential
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
 from cloud.storage import (
     DB_NAME,
+    CredentialChanged,
     DocumentTooLarge,
     SQLiteStorage,
     Storage,
@@ -305,7 +306,7 @@ def _issue(
         if not 1 <= len(psk) <= PSK_BYTES:
             raise UsageError(f"{psk_file}: a PSK is 1 to {PSK_BYTES} bytes, not {len(psk)}")
         cred = dataclasses.replace(cred, psk=psk)
-        storage.put_credential(cred, time.time())
+        storage.put_credential(cred, time.time(), replaces=cred.generation)
     path = _credential_path(args, name, many)
     cred.write(path)
     print(f"{name}: credential (generation {cred.generation}) written to {path}")
@@ -765,7 +766,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EX_NOINPUT
-    except (StateError, DocumentTooLarge) as err:
+    except (StateError, DocumentTooLarge, CredentialChanged) as err:
         print(f"error: {err}", file=sys.stderr)
         return EX_DATAERR
     except StorageUnavailable as err:

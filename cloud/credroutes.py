@@ -33,6 +33,7 @@ from agent.wire.rotation import BODY_BYTES, Rotation, RotationBodyError, decode_
 from cloud.protocol import _Failure, _Route
 from cloud.security import identity
 from cloud.serverroutes import RouteHost
+from cloud.storebase import CredentialChanged
 
 log = logging.getLogger("cloud.server")
 
@@ -48,7 +49,9 @@ class RotationRefused(Exception):
 def store_rotation(storage: Any, device: str, rotation: Rotation, now: float) -> bool:
     """Store ``rotation`` as ``device``'s credential if it is the next generation (True), or
     confirm it if it is stored already (False); :class:`RotationRefused` otherwise. Runs on the
-    storage thread: the check and the write are not interleaved with another request's."""
+    storage thread, and the write is conditional on the generation read and on the credential
+    still being valid, so a ``devices rekey`` or ``revoke`` of another process at the same moment
+    wins or loses whole (never a rotation over a rekey, never a revoked credential made valid)."""
     stored = {c.principal: (c, revoked) for c, revoked in storage.credentials()}.get(device)
     if stored is None or stored[1]:
         raise RotationRefused(Code.UNAUTHORIZED, "no valid credential")
@@ -67,7 +70,15 @@ def store_rotation(storage: Any, device: str, rotation: Rotation, now: float) ->
             f"the stored generation is {current.generation}: a rotation names "
             f"{current.generation + 1}, not {rotation.generation}",
         )
-    storage.put_credential(rotation.apply(current), now)
+    try:  # the check above and this write are one condition in one transaction
+        storage.put_credential(
+            rotation.apply(current), now, replaces=current.generation, unrevoke=False
+        )
+    except CredentialChanged:
+        raise RotationRefused(
+            Code.CONFLICT,
+            f"generation {current.generation} was rekeyed, rotated or revoked meanwhile",
+        ) from None
     return True
 
 

@@ -415,15 +415,16 @@ def legacy_floor(state_dir: Path | None) -> int:
 
 def issue_credential(storage: Any, principal: str, role: str, now: float) -> Credential:
     """A new credential for ``principal`` (a re-key when it had one: new key id, new secrets,
-    the next generation), stored; returns the principal's side."""
+    the next generation), stored only if nobody stored another since it was read
+    (:class:`~cloud.storebase.CredentialChanged`); returns the principal's side."""
     old = {c.principal: c for c, _ in storage.credentials()}.get(principal)
-    generation = old.generation + 1 if old is not None else 1
+    replaces = old.generation if old is not None else 0
     for _ in range(16):
         cred = Credential.generate(
-            principal, role, secrets.token_bytes(KID_BYTES), generation=generation
+            principal, role, secrets.token_bytes(KID_BYTES), generation=replaces + 1
         )
-        try:
-            storage.put_credential(cred, now)
+        try:  # CredentialChanged: another process rekeyed or rotated it since the read
+            storage.put_credential(cred, now, replaces=replaces)
             return cred
         except DuplicateKeyId:
             continue

@@ -39,6 +39,7 @@ from cloud import commandstore, featurestore, learnstore, linkhistory, relaystor
 from cloud.storebase import (
     TABLES,
     Batch,
+    CredentialChanged,
     DeviceInfo,
     DocumentTooLarge,
     DuplicateKeyId,
@@ -53,6 +54,8 @@ from cloud.storebase import (
     StoredRecord,
     UnknownDevice,
     check_block,
+    credential_changed,
+    credential_guard,
     describe,
     desired_doc,
     merge_reported,
@@ -68,6 +71,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DB_NAME",
     "Batch",
+    "CredentialChanged",
     "DeviceInfo",
     "DocumentTooLarge",
     "DuplicateKeyId",
@@ -533,7 +537,14 @@ class SQLiteStorage(SharedStorage):
 
     # -- credentials -----------------------------------------------------------------------------
 
-    def put_credential(self, credential: Credential, now: float) -> None:
+    def put_credential(
+        self,
+        credential: Credential,
+        now: float,
+        *,
+        replaces: int | None = None,
+        unrevoke: bool = True,
+    ) -> None:
         doc = json.dumps(credential.to_json(), sort_keys=True)
         with self._errors(), self._tx() as db:
             row = db.execute(
@@ -541,13 +552,18 @@ class SQLiteStorage(SharedStorage):
             ).fetchone()
             if row is not None and row[0] != credential.principal:
                 raise DuplicateKeyId(f"key id {credential.sender_id.hex()} is taken")
-            db.execute(
+            guard, params = credential_guard(
+                replaces, unrevoke, "json_extract(credentials.doc, '$.generation')", "?"
+            )
+            cur = db.execute(
                 "INSERT INTO credentials (principal, role, kid, doc, created)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (principal) DO UPDATE SET"
                 " role = excluded.role, kid = excluded.kid, doc = excluded.doc,"
-                " created = excluded.created, revoked = NULL",
-                (credential.principal, credential.role, credential.sender_id, doc, now),
+                f" created = excluded.created, revoked = NULL WHERE {guard}",
+                (credential.principal, credential.role, credential.sender_id, doc, now, *params),
             )
+            if cur.rowcount != 1:
+                raise credential_changed(credential.principal, replaces)
 
     def revoke(self, principal: str, now: float) -> bool:
         with self._errors(), self._tx() as db:

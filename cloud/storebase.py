@@ -56,6 +56,32 @@ class DuplicateKeyId(AgentError):
     """A new credential's OSCORE key id belongs to another principal (make another)."""
 
 
+class CredentialChanged(AgentError):
+    """A conditional credential write found another generation stored, or a revocation, than the
+    caller read: another process rekeyed, rotated or revoked it meanwhile; nothing was written."""
+
+
+def credential_guard(
+    replaces: int | None, unrevoke: bool, generation_sql: str, placeholder: str
+) -> tuple[str, tuple[int, ...]]:
+    """The condition of a credential upsert's ``DO UPDATE`` (``put_credential``'s
+    ``replaces``/``unrevoke``) and its parameters; ``generation_sql`` reads the stored
+    document's generation in the backend's SQL."""
+    if replaces is None:
+        return "TRUE", ()
+    clause = f"{generation_sql} = {placeholder}"
+    if not unrevoke:
+        clause += " AND credentials.revoked IS NULL"
+    return clause, (replaces,)
+
+
+def credential_changed(principal: str, replaces: int | None) -> CredentialChanged:
+    return CredentialChanged(
+        f"{principal}: the stored credential is no longer generation {replaces} and valid "
+        "(rekeyed, rotated or revoked meanwhile); nothing written, read it again"
+    )
+
+
 class UnknownDevice(AgentError):
     """The device is not registered."""
 
@@ -378,9 +404,23 @@ class Storage(Protocol):
         ``principal``: above every block returned before for it (by any process or host sharing
         this storage), ``>= at_least``, and committed before it returns."""
 
-    def put_credential(self, credential: Credential, now: float) -> None:
+    def put_credential(
+        self,
+        credential: Credential,
+        now: float,
+        *,
+        replaces: int | None = None,
+        unrevoke: bool = True,
+    ) -> None:
         """Register or replace (re-key) a principal's credential; :class:`DuplicateKeyId` when
-        its key id belongs to another principal."""
+        its key id belongs to another principal.
+
+        ``replaces``: write only if the stored credential is of that generation (0: none is
+        stored), in the same transaction as the check, and, unless ``unrevoke``, only if it is
+        not revoked; :class:`CredentialChanged` otherwise. A read-then-write caller (a rekey, a
+        rotation) passes the generation it read, so two of them, or one and a revocation, in
+        different processes cannot both take effect. A replaced credential is valid again
+        (a rekey of a revoked principal re-admits it): a rotation passes ``unrevoke=False``."""
 
     def revoke(self, principal: str, now: float) -> bool:
         """Refuse the principal from now on; False if it has no credential."""

@@ -8,16 +8,22 @@ secrets 4.09; hostile bodies 4.00 / 4.13 / 4.15."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiocoap.numbers.codes import Code
 
 from agent.errors import SyncError
 from agent.sync.rotation import fresh
 from agent.wire import records
 from agent.wire.credentials import Credential
 from agent.wire.rotation import BODY_BYTES, Rotation
+from cloud.credroutes import RotationRefused, store_rotation
+from cloud.security import issue_credential
 from cloud.server import CloudServer
+from cloud.storage import SQLiteStorage
 from tests.e2e.test_security import Principal
 
 DEVICE = "pump-01"
@@ -133,3 +139,47 @@ async def test_hostile_rotation_bodies_are_refused_and_nothing_is_stored(
         assert (await device.req("POST", PATH, good, 60)).dotted == "2.04"
     finally:
         await device.close()
+
+
+class _RekeyedBetween:
+    """A storage whose credential is rekeyed (or revoked) by "another process" after the rotation
+    has read it and before it writes: the interleaving that the conditional write closes."""
+
+    def __init__(self, storage: SQLiteStorage, meanwhile: Callable[[SQLiteStorage], None]):
+        self.storage, self.meanwhile = storage, meanwhile
+
+    def credentials(self) -> list[tuple[Credential, bool]]:
+        read = self.storage.credentials()
+        self.meanwhile(self.storage)
+        return read
+
+    def put_credential(self, *args: Any, **kwargs: Any) -> None:
+        self.storage.put_credential(*args, **kwargs)
+
+
+@pytest.mark.parametrize("meanwhile", ["rekey", "revoke"])
+def test_a_rotation_never_overwrites_a_rekey_or_revocation_made_meanwhile(
+    tmp_path: Path, meanwhile: str
+) -> None:
+    storage = SQLiteStorage(tmp_path / "cloud.sqlite3")
+    try:
+        old = issue_credential(storage, DEVICE, "device", 1.0)
+        rekeyed: list[Credential] = []
+
+        def other_process(s: SQLiteStorage) -> None:
+            if meanwhile == "rekey":
+                rekeyed.append(issue_credential(s, DEVICE, "device", 2.0))
+            else:
+                assert s.revoke(DEVICE, 2.0)
+
+        racing = _RekeyedBetween(storage, other_process)
+        with pytest.raises(RotationRefused, match="meanwhile") as refused:
+            store_rotation(racing, DEVICE, Rotation.of(fresh(old)), 3.0)
+        assert refused.value.code == Code.CONFLICT
+        ((kept, revoked),) = storage.credentials()
+        if meanwhile == "rekey":
+            assert kept == rekeyed[0] and not revoked  # the operator's rekey stands
+        else:
+            assert kept == old and revoked  # still refused
+    finally:
+        storage.close()

@@ -28,6 +28,7 @@ from agent.wire.features import ChannelFeatures, FeaturesBody
 from agent.wire.records import AlertBody, TelemetryBody
 from agent.wire.statedoc import MAX_VERSION_AHEAD, Entry
 from cloud.storage import (
+    CredentialChanged,
     DocumentTooLarge,
     DuplicateKeyId,
     IngestResult,
@@ -424,6 +425,62 @@ def test_credentials_duplicate_key_ids_rekey_and_revoke(backend: Backend, storag
         ("dev-b", b"\x02", False),
         ("dev-c", b"\x01", False),
     ]
+
+
+def test_conditional_credential_writes_take_effect_whole_or_not_at_all(
+    backend: Backend, storage: Storage
+) -> None:
+    """A rekey or rotation writes only over the generation it read (0: none), and a rotation
+    (``unrevoke=False``) never over a revocation; a refused write changes nothing."""
+    first = Credential.generate("dev-a", "device", b"\x01")
+    storage.put_credential(first, T0, replaces=0)
+    with pytest.raises(CredentialChanged):  # a second "add" of the same principal
+        storage.put_credential(Credential.generate("dev-a", "device", b"\x02"), T0, replaces=0)
+    second = Credential.generate("dev-a", "device", b"\x03", generation=2)
+    storage.put_credential(second, T0 + 1, replaces=1)
+    stale = Credential.generate("dev-a", "device", b"\x04", generation=2)
+    with pytest.raises(CredentialChanged):  # read generation 1 before the write above
+        storage.put_credential(stale, T0 + 2, replaces=1)
+    assert storage.revoke("dev-a", T0 + 3)
+    third = Credential.generate("dev-a", "device", b"\x05", generation=3)
+    with pytest.raises(CredentialChanged):  # a rotation does not make a revoked one valid
+        storage.put_credential(third, T0 + 4, replaces=2, unrevoke=False)
+    assert backend.open().credentials() == [(second, True)]
+    storage.put_credential(third, T0 + 5, replaces=2)  # a rekey re-admits it
+    assert backend.open().credentials() == [(third, False)]
+    storage.put_credential(second, T0 + 6)  # unconditional (a gateway's copy, a migration)
+    assert backend.open().credentials() == [(second, False)]
+
+
+def test_conditional_credential_writes_race_across_connections(backend: Backend) -> None:
+    """Eight connections (threads; processes on PostgreSQL share nothing else) read generation
+    1 and each writes its own generation 2: exactly one takes effect."""
+    setup = backend.open()
+    setup.put_credential(Credential.generate("dev-a", "device", b"\x01"), T0)
+    won: list[Credential] = []
+    lost: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def writer(i: int) -> None:
+        s = backend.open()
+        mine = Credential.generate("dev-a", "device", bytes([0x10 + i]), generation=2)
+        barrier.wait()
+        try:
+            s.put_credential(mine, T0 + 1, replaces=1, unrevoke=False)
+            won.append(mine)
+        except CredentialChanged as err:
+            lost.append(err)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == 7
+    assert setup.credentials() == [(won[0], False)]
+    setup.close()
 
 
 def test_storage_id_is_random_stored_once_and_kept(backend: Backend, tmp_path: Path) -> None:
