@@ -5,8 +5,9 @@ What is copied: every logical table of :data:`cloud.storebase.TABLES` (devices w
 registration time, last contact and desired revision; credentials, revoked ones too; records
 with their seq, kind, times, body and arrival number, so their arrival order is kept; reported
 and desired state with versions and blocked markers; the link history; validation verdicts in
-the order they were stored; published models; which gateway each device is behind), then the
-storage's identity.
+the order they were stored; published models; which gateway each device is behind; groups and
+the release history), the published agent releases (:func:`copy_releases`), then the storage's
+identity.
 
 - **Streaming**: each table is read in chunks in key order (:meth:`Storage.dump`) and each chunk
   is written in one transaction (:meth:`Storage.load`): memory is bounded by a chunk, whatever
@@ -26,6 +27,12 @@ storage's identity.
   first acknowledged them (agent/sync, ``endpoint-store.json``) and refuse an endpoint naming
   another one, so a target with a new id would strand every device's queue. Stop the endpoints
   on the source before migrating, and never run both afterwards.
+- **Releases**: each published release the target does not hold is written to a scratch file
+  (never whole in memory: a release is up to tens of MB), checked against its signed manifest
+  and published on the target with the same manifest and time, one release per transaction; a
+  release whose stored file no longer matches its manifest (it could not be served either) is
+  not copied and is named in the output. A version the target holds with another manifest is
+  refused (exit 73).
 - **Verification**: at the end every table's row count is compared (exit 75 and "run it again"
   when the source changed meanwhile: an endpoint still running on it).
 
@@ -37,13 +44,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 from agent.exits import EX_CANTCREAT, EX_NOINPUT, EX_OK, EX_TEMPFAIL, EX_USAGE, CommandError
+from agent.ota.release import ReleaseError, check_file
 from cloud.inference import VERDICTS_FILE, import_legacy_verdicts
+from cloud.releases import read_manifest
 from cloud.storage import DB_NAME, Storage, describe_storage, open_storage
 from cloud.storebase import TABLES
 from cloud.storesql import key_of
@@ -125,6 +135,7 @@ def migrate(
         )
     if mark is None:
         held = {name: target.table_count(name) for name in TABLES if name != "sequences"}
+        held["releases"] = len(target.releases())
         if any(held.values()):
             what = ", ".join(f"{name} {n}" for name, n in held.items() if n)
             raise CommandError(
@@ -136,7 +147,8 @@ def migrate(
     else:
         say(f"resuming the unfinished migrate from storage {source_id}")
     copied = {name: _copy(source, target, name, chunk, say) for name in TABLES}
-    _verify(source, target, say)
+    copied["releases"], unusable = copy_releases(source, target, say)
+    _verify(source, target, say, unusable)
     target.set_migration(source_id, done=True)
     say(f"done: the target is storage {source_id} (the source's id: the same deployment)")
     return copied
@@ -165,7 +177,39 @@ def _copy(source: Storage, target: Storage, name: str, chunk: int, say: Say) -> 
     return copied
 
 
-def _verify(source: Storage, target: Storage, say: Say) -> None:
+def copy_releases(source: Storage, target: Storage, say: Say) -> tuple[int, set[str]]:
+    """The published releases the target does not hold, each through a scratch file checked
+    against its manifest (module docstring): (releases copied, versions left out because their
+    stored file does not match their manifest)."""
+    held = {r.version: r.manifest for r in target.releases()}
+    copied, unusable = 0, set()
+    with tempfile.TemporaryDirectory(prefix="edge-agent-migrate-") as scratch:
+        part = Path(scratch) / "release"
+        for stored in source.releases():
+            if stored.version in held:
+                if held[stored.version] != stored.manifest:
+                    raise CommandError(
+                        EX_CANTCREAT,
+                        f"error: the target holds release {stored.version} with another "
+                        "manifest; migrate copies into an empty storage only",
+                    )
+                continue
+            manifest = read_manifest(stored)
+            size = source.release_file(stored.version, part)
+            try:
+                if manifest is None or size is None:
+                    raise ReleaseError("its manifest or file is missing or does not read")
+                check_file(manifest, part)
+            except ReleaseError as err:
+                unusable.add(stored.version)
+                say(f"release {stored.version}: not copied, {err} (publish it again)")
+                continue
+            copied += target.put_release(stored.version, stored.manifest, part, stored.published)
+    say(f"{'releases':<13} {copied:>10} copied")
+    return copied, unusable
+
+
+def _verify(source: Storage, target: Storage, say: Say, unusable: Collection[str] = ()) -> None:
     differ = []
     for name in TABLES:
         if name == "sequences":
@@ -173,6 +217,10 @@ def _verify(source: Storage, target: Storage, say: Say) -> None:
         have, want = target.table_count(name), source.table_count(name)
         if have != want:
             differ.append(f"{name}: source {want}, target {have}")
+    want_releases = {r.version for r in source.releases()} - unusable
+    have_releases = {r.version for r in target.releases()}
+    if want_releases - have_releases:
+        differ.append(f"releases missing: {', '.join(sorted(want_releases - have_releases))}")
     mine = dict(_all(target, "sequences"))
     for principal, reserved in _all(source, "sequences"):
         have = mine.get(principal)
@@ -186,7 +234,7 @@ def _verify(source: Storage, target: Storage, say: Say) -> None:
             "copy the rest",
         )
     counts = ", ".join(f"{name} {source.table_count(name)}" for name in TABLES)
-    say(f"verified: {counts}")
+    say(f"verified: {counts}, releases {len(want_releases)}")
 
 
 def _all(storage: Storage, name: str) -> list[tuple[Any, ...]]:

@@ -269,7 +269,7 @@ TABLES: dict[str, Table] = {
             ("device", "n"),
         ),
         # groups and the release history (cloud/releasestore.py); the releases themselves are
-        # not copied (docs/ota.md: publish them again on the target)
+        # copied file by file after the tables (cloud/migrate.py copy_releases)
         Table("release_groups", ("name", "version", "sha256", "updated"), ("name",), True),
         Table("group_members", ("grp", "device", "added"), ("grp", "device")),
         Table(

@@ -6,7 +6,9 @@ again, a source that changes meanwhile."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage, Storage, StorageUnavailable, open_storage
 from cloud.storebase import TABLES
 from drivers.clock import RealClock
+from tests.unit.ota.test_release import make_bundle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,6 +48,7 @@ FLOAT_AE = ROOT / "models" / "cloud" / "skab-ae.float32.tflite"
 T0 = 1_700_000_000.0
 DAY = 86_400.0
 DEVICES = ("pump-01", "pump-02", "fan-9")
+RELEASES = ("1.0", "1.1")
 
 
 def telemetry(seq: int, when: float) -> WireRecord:
@@ -94,6 +98,11 @@ async def fill(data: Path, tmp: Path) -> None:
     finally:
         await transport.close()
         await server.stop()
+    assert cloud_main(["releases", "keygen", "--data", str(data)]) == EX_OK
+    bundle = make_bundle(tmp / "bundle")
+    for version in RELEASES:
+        publish = ["releases", "publish", str(bundle), "--data", str(data), "--version", version]
+        assert cloud_main(publish) == EX_OK
     s = SQLiteStorage.in_dir(data)
     try:
         for i, device in enumerate(DEVICES):
@@ -137,6 +146,8 @@ def reads(s: Storage) -> dict[str, Any]:
         "links": s.dump("link_history", None, 1000),
         "verdicts": s.dump("verdicts", None, 1000),
         "counts": {name: s.table_count(name) for name in TABLES},
+        "releases": s.releases(),
+        "release_files": [release_file(s, v) for v in (*RELEASES, "9")],
     }
     for device in (*DEVICES, "nobody"):
         out[device] = {
@@ -152,6 +163,14 @@ def reads(s: Storage) -> dict[str, Any]:
         if device != "nobody":
             out[device]["desired"] = s.desired(device)
     return out
+
+
+def release_file(s: Storage, version: str) -> tuple[int, str] | None:
+    """The size and SHA-256 of a release's stored file (None: not published)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "release"
+        size = s.release_file(version, out)
+        return None if size is None else (size, hashlib.sha256(out.read_bytes()).hexdigest())
 
 
 @pytest.fixture
@@ -173,6 +192,8 @@ async def test_a_sqlite_storage_moves_to_postgresql_and_every_read_answers_the_s
         want, got = reads(old), reads(new)
         assert got == want  # the storage id too: the same deployment, moved
         assert got["counts"]["verdicts"] == 2 and got["counts"]["models"] == 2
+        assert [r.version for r in got["releases"]] == list(RELEASES)
+        assert all(f is not None for f in got["release_files"][:2])
         assert got["pump-01"]["desired"].blocked == {"model/anomaly": 1}
         assert new.migration() is None
         # never a nonce twice, never an arrival number twice
@@ -240,6 +261,15 @@ async def test_a_target_that_holds_data_is_refused_and_left_alone(
         assert [d.id for d in target.devices()] == ["stranger"]
     finally:
         target.close()
+    # nor one that holds only a published release
+    bundle = make_bundle(source.parent / "other-bundle")
+    lone = source.parent / "lone"
+    assert cloud_main(["releases", "keygen", "--data", str(lone)]) == EX_OK
+    publish = ["releases", "publish", str(bundle), "--data", str(lone), "--version", "7"]
+    assert cloud_main(publish) == EX_OK
+    capsys.readouterr()
+    assert cloud_main(["migrate", "--from", f"sqlite:{source}", "--to", f"sqlite:{lone}"]) == 73
+    assert "(releases 1)" in capsys.readouterr().err
     # a finished migrate is not run twice either
     empty = source.parent / "empty"
     assert cloud_main(["migrate", "--from", f"sqlite:{source}", "--to", f"sqlite:{empty}"]) == 0
@@ -321,3 +351,25 @@ async def test_an_interrupted_migrate_resumes_and_a_changing_source_is_caught(
     finally:
         old.close()
         new.close()
+
+
+def test_a_release_whose_stored_file_is_damaged_is_named_and_left_out(
+    source: Path, tmp_path: Path, capsys: Any
+) -> None:
+    """The rest is copied and verified; the damaged release could not be served either."""
+    stored = source / "releases" / RELEASES[1] / "release.tar"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    target = tmp_path / "target"
+    capsys.readouterr()
+    assert cloud_main(["migrate", "--from", f"sqlite:{source}", "--to", f"sqlite:{target}"]) == 0
+    out = capsys.readouterr().out
+    assert f"release {RELEASES[1]}: not copied" in out and "publish it again" in out
+    assert "releases               1 copied" in out and "releases 1" in out
+    moved = SQLiteStorage.in_dir(target)
+    try:
+        assert [r.version for r in moved.releases()] == [RELEASES[0]]
+        assert release_file(moved, RELEASES[0]) is not None
+    finally:
+        moved.close()
