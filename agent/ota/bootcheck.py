@@ -29,7 +29,9 @@ starts. Each run of the timer while the pending version is current and has start
 ``--interval`` to ``pending_s``; once that reaches the ``health_window`` the switch recorded
 (``[update] health_window_s``), the previous release is put back and the service restarted.
 Elapsed time is counted in timer periods (a monotonic timer), never from the wall clock, which a
-device without a real-time clock may set back or forward at any time.
+device without a real-time clock may set back or forward at any time. A period in which the
+service does not run (``systemctl is-active`` of ``--restart-unit`` says inactive or failed: an
+operator stopped it) is not counted: the window is the time the release had to prove itself.
 
 Logging: one ``key=value`` line on stderr per decision (journald keeps it).
 """
@@ -309,9 +311,12 @@ def number(doc: Any, key: str, default: int, low: int = 0, high: int | None = No
     return value if ok and (high is None or value <= high) else default
 
 
-def health(root: Path, data_dir: Path | None, interval: int) -> str | None:
+def health(
+    root: Path, data_dir: Path | None, interval: int, running: bool | None = None
+) -> str | None:
     """edge-agent-health.timer: one period of ``interval`` seconds passed (module docstring).
-    The version now current."""
+    ``running``: whether the service runs (:func:`service_running`; None: not known, counted as
+    running). The version now current."""
     current = resolve(root)
     doc = load(root)
     pending = doc.get("pending")
@@ -319,6 +324,9 @@ def health(root: Path, data_dir: Path | None, interval: int) -> str | None:
         return current  # nothing pending, or switched but not started yet
     if data_dir is not None and ready_marker(data_dir, pending).is_file():
         confirm(root, pending)
+        return current
+    if running is False:  # stopped by an operator: the window waits for the next start
+        _log("release_health_paused", version=pending, waited_s=number(doc, "pending_s", 0))
         return current
     window = number(doc, "health_window", HEALTH_WINDOW)
     waited = number(doc, "pending_s", 0) + interval
@@ -332,6 +340,28 @@ def health(root: Path, data_dir: Path | None, interval: int) -> str | None:
     save(root, doc)
     _log("release_health_wait", version=pending, waited_s=waited, window_s=window)
     return current
+
+
+#: ``systemctl is-active`` states in which the service runs (or is starting or reloading), and
+#: those in which it does not; anything else (no systemd, an unknown unit) is not known.
+RUNNING_STATES = frozenset({"active", "activating", "reloading", "refreshing"})
+STOPPED_STATES = frozenset({"inactive", "failed", "deactivating", "maintenance"})
+
+
+def service_running(unit: str | None) -> bool | None:
+    """Whether ``unit`` runs, as ``systemctl is-active`` says; None when it cannot say."""
+    if not unit:
+        return None
+    try:
+        proc = subprocess.run(
+            ["systemctl", "is-active", unit], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    state = proc.stdout.strip()
+    if state in RUNNING_STATES:
+        return True
+    return False if state in STOPPED_STATES else None
 
 
 def _restart(unit: str | None, *commands: list[str]) -> None:
@@ -366,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 _restart(args.restart_unit, ["reset-failed"], ["--no-block", "start"])
         elif args.action == "health":
             before = link_version(root, CURRENT)
-            if health(root, data, max(1, args.interval)) != before:
+            running = service_running(args.restart_unit)
+            if health(root, data, max(1, args.interval), running) != before:
                 _restart(args.restart_unit, ["--no-block", "restart"])
         elif args.action == "resolve":
             resolve(root)

@@ -118,6 +118,51 @@ def test_health_ignores_a_forged_window(root: Path, tmp_path: Path) -> None:
     assert bc.load(root)["pending_s"] == 60
 
 
+def test_health_window_waits_while_the_service_is_stopped(root: Path, tmp_path: Path) -> None:
+    """An operator stops the service for a while: those periods are not the release's to prove
+    itself in; running or not known (no systemd) counts."""
+    bc.switch(root, "2.0", health_window=180)
+    bc.start(root, tmp_path)
+    assert bc.health(root, tmp_path, 60, running=True) == "2.0"
+    for _ in range(10):
+        assert bc.health(root, tmp_path, 60, running=False) == "2.0"
+    assert bc.load(root)["pending_s"] == 60
+    assert bc.health(root, tmp_path, 60, running=None) == "2.0"
+    assert bc.health(root, tmp_path, 60, running=True) == "1.0"
+
+
+def fake_systemctl(bin_dir: Path, state: str) -> Path:
+    """A ``systemctl`` that answers ``is-active`` with ``state`` and logs every call."""
+    bin_dir.mkdir(exist_ok=True)
+    log = bin_dir / "calls"
+    script = bin_dir / "systemctl"
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n'
+        f'if [ "$1" = is-active ]; then echo {state}; [ {state} = active ]; fi\n'
+    )
+    script.chmod(0o755)
+    return log
+
+
+@pytest.mark.parametrize(
+    ("state", "counted"), [("active", 60), ("inactive", 0), ("failed", 0), ("bogus", 60)]
+)
+def test_health_command_line_asks_systemd_whether_the_service_runs(
+    root: Path, tmp_path: Path, state: str, counted: int
+) -> None:
+    bc.switch(root, "2.0", health_window=600)
+    bc.start(root)
+    calls = fake_systemctl(tmp_path / "bin", state)
+    cmd = [sys.executable, "-I", str(BOOTCHECK), "health", "--root", str(root)]
+    cmd += ["--interval", "60", "--restart-unit", "edge-agent.service"]
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert bc.load(root)["pending_s"] == counted
+    assert calls.read_text().splitlines() == ["is-active edge-agent.service"]  # no restart
+    assert ("event=release_health_paused" in proc.stderr) == (counted == 0)
+
+
 def test_health_command_line_restarts_nothing_without_a_rollback(root: Path) -> None:
     """The unit's command line as a process with the system's python (no systemctl is called
     unless a rollback happened; a missing systemctl is logged, never raised)."""
