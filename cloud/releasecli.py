@@ -1,4 +1,4 @@
-"""``edge-agent-cloud releases keygen|publish|list|assign``: signed agent releases
+"""``edge-agent-cloud releases keygen|publish|list|assign|status``: signed agent releases
 (cloud/releases.py, docs/ota.md).
 
 ``keygen`` makes the release key (``DATA/releases/release.key`` and ``.pub``; its own role: the
@@ -9,7 +9,8 @@ files in ``--data``). ``list`` prints the published releases. ``assign V (--devi
 manifest) on those devices (cloud/groupcli.py): in the storage (a running endpoint on it notifies
 the devices within a second), or with ``--server URI [--credential FILE]`` by a PUT to a running
 endpoint, as ``desired set --server`` does (the release and the group still come from the
-storage).
+storage). ``assign V --group NAME --percent P [--force]`` is a staged roll-out and ``status V
+[--group NAME]`` says where a release stands (cloud/rollout.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from agent.errors import ModelError
 from agent.exits import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_OK, EX_USAGE, CommandError
 from agent.modelstore.signing import load_private_key, write_keypair
 from agent.wire import statedoc
-from cloud import groupcli
+from cloud import groupcli, rollout
 from cloud.models import Direct
 from cloud.releases import KEY_FILE, RELEASES_DIR, ReleaseRegistry
 from cloud.releasestore import UnknownGroup
@@ -54,9 +55,22 @@ def add_parser(sub: Any, open_storage: Any, put_desired: Any) -> None:
     who = q.add_mutually_exclusive_group(required=True)
     who.add_argument("--device", action="append", metavar="ID", help="a device (repeatable)")
     who.add_argument("--group", metavar="NAME", help="every member, and members added later")
+    q.add_argument(
+        "--percent",
+        type=float,
+        help="with --group: a staged roll-out to this share of the members (docs/ota.md)",
+    )
+    q.add_argument(
+        "--force", action="store_true", help="with --group: go on although devices rolled back"
+    )
     q.add_argument("--data", required=True)
     q.add_argument("--server", help="set it through this running endpoint (coap://HOST:PORT)")
     q.add_argument("--credential", help="with --server: the operator's credential file")
+    q = dsub.add_parser("status", help="where VERSION stands on the devices (of a group)")
+    q.add_argument("version", metavar="VERSION")
+    q.add_argument("--group", metavar="NAME", help="the group's members only")
+    q.add_argument("--data", required=True)
+    q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_releases, open_storage=open_storage, put_desired=put_desired)
 
 
@@ -75,6 +89,8 @@ def cmd_releases(args: argparse.Namespace) -> int:
             return EX_OK
         if args.action == "assign":
             return cmd_assign(args)
+        if args.action == "status":
+            return cmd_status(args)
         # without --storage the store is SQLite's files in --data (cloud/releases.py)
         storage = (
             None if args.storage is None else args.open_storage(args.data, storage=args.storage)
@@ -111,6 +127,9 @@ def cmd_assign(args: argparse.Namespace) -> int:
     version = groupcli.check("release version", args.version)
     group = None if args.group is None else groupcli.check("group", args.group)
     devices = groupcli.devices_of(args.device or [])
+    if (args.percent is not None or args.force) and group is None:
+        raise CommandError(EX_USAGE, "error: --percent and --force go with --group")
+    percent = 100.0 if args.percent is None else rollout.check_percent(args.percent)
     storage = args.open_storage(args.data, existing=True, storage=args.storage)
     try:
         manifest = ReleaseRegistry(Path(args.data) / RELEASES_DIR, Direct(storage)).stored(version)
@@ -122,11 +141,8 @@ def cmd_assign(args: argparse.Namespace) -> int:
             )
         now = time.time()
         if group is not None:
-            try:
-                found = storage.set_group_release(group, version, manifest.sha256, now)
-            except UnknownGroup as err:
-                raise groupcli.group_error(err, group) from None
-            devices, reason = list(found.members), f"group {group}"
+            devices = _group_step(storage, args, group, version, manifest.sha256, percent, now)
+            reason = f"group {group}" + ("" if percent == 100 else f" {percent:g}%")
         else:
             groupcli.require_devices(storage, devices)
             reason = "device"
@@ -135,7 +151,59 @@ def cmd_assign(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     out = {"version": version, "sha256": manifest.sha256, "group": group, "revs": revs}
+    if group is not None:
+        out["percent"] = percent
     print(json.dumps(out))
+    return EX_OK
+
+
+def _group_step(
+    storage: Any,
+    args: argparse.Namespace,
+    group: str,
+    version: str,
+    sha256: str,
+    percent: float,
+    now: float,
+) -> list[str]:
+    """The members a ``--group`` assignment sets (cloud/rollout.py): all at 100 % (and the group
+    takes the release), the staged share below; refused when members rolled it back."""
+    found = storage.groups(group)
+    if not found:
+        raise groupcli.group_error(UnknownGroup(f"no group {group!r}"), group)
+    members = list(found[0].members)
+    latest = rollout.standing(storage.release_outcomes(version), members)
+    stop = rollout.stoppers(latest)
+    if stop and not args.force:
+        raise rollout.refuse_to_go_on(version, group, stop)
+    if percent < 100:
+        return rollout.staged(members, version, percent)
+    try:
+        return list(storage.set_group_release(group, version, sha256, now).members)
+    except UnknownGroup as err:  # removed meanwhile
+        raise groupcli.group_error(err, group) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``releases status`` (cloud/rollout.py)."""
+    version = groupcli.check("release version", args.version)
+    group = None if args.group is None else groupcli.check("group", args.group)
+    storage = args.open_storage(args.data, existing=True, storage=args.storage)
+    try:
+        members = None
+        if group is not None:
+            found = storage.groups(group)
+            if not found:
+                raise groupcli.group_error(UnknownGroup(f"no group {group!r}"), group)
+            members = list(found[0].members)
+        latest = rollout.standing(storage.release_outcomes(version), members)
+    finally:
+        storage.close()
+    s = rollout.summary(version, latest, members)
+    if args.json:
+        print(json.dumps({**s, "group": group}, indent=2))
+    else:
+        print("\n".join(rollout.status_lines(s, group)))
     return EX_OK
 
 

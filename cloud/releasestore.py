@@ -159,6 +159,16 @@ class HistoryRow:
         return {c: getattr(self, c) for c in HISTORY_COLUMNS}
 
 
+@dataclass(frozen=True)
+class Standing:
+    """A device's latest history row of one version (``releases status``, cloud/rollout.py)."""
+
+    device: str
+    result: str
+    at: float | None
+    reason: str | None
+
+
 def outcome_row(value: Any) -> tuple[str, str, float | None, str | None] | None:
     """(version, result, at, reason) of a reported ``agent/update`` value; None for a value that
     is not an outcome (null, or what a hostile device sent instead)."""
@@ -315,6 +325,17 @@ class ReleaseTables(SqlTables):
         """Put an operator's assignment of ``version`` in the device's history."""
         row = (version, ASSIGNED, now, reason[:REASON_CHARS])
         self._write(lambda db: _append(db, device, [row], now))
+
+    def release_outcomes(self, version: str) -> list[Standing]:
+        """Each device's latest history row of ``version`` (an assignment or an outcome it
+        reported), by device: one query however many devices."""
+        sql = (
+            "SELECT h.device, h.result, h.at, h.reason FROM release_history h"
+            " WHERE h.version = ? AND h.n = (SELECT max(n) FROM release_history"
+            " WHERE device = h.device AND version = ?) ORDER BY h.device"
+        )
+        rows = self._read(lambda db: db.execute(sql, (version, version)).fetchall())
+        return [Standing(*r) for r in rows]
 
     def release_history(self, device: str, limit: int = HISTORY_KEPT) -> list[HistoryRow]:
         """The device's release history, newest first."""

@@ -508,6 +508,9 @@ class Storage(Protocol):
     def release_history(self, device: str, limit: int = ...) -> list[Any]:
         """The device's reported update outcomes and assignments, newest first."""
 
+    def release_outcomes(self, version: str) -> list[Any]:
+        """Each device's latest history row of ``version``, by device."""
+
     # -- the dashboard's queries (cloud/dashdata.py) ---------------------------------------------
 
     def reader(self) -> AbstractContextManager[Sql]:

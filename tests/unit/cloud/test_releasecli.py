@@ -6,6 +6,7 @@ gets one line and an exit code, never a traceback."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from agent.wire.statedoc import Entry
+from cloud import rollout
 from cloud.cli import main as cloud_main
 from cloud.storage import Storage, open_storage
 
@@ -135,6 +137,65 @@ def test_devices_show_prints_the_release_history_newest_first(cli: Cli) -> None:
     assert code == 0 and "(no history)" in out
 
 
+def report(cli: Cli, device: str, version: int, value: dict[str, Any]) -> None:
+    """What the endpoint stores when the device reports ``agent/update``."""
+    storage = cli.storage()
+    try:
+        storage.put_reported(device, {"agent/update": Entry(version, value)}, T0 + version)
+    finally:
+        storage.close()
+
+
+def test_a_staged_roll_out_extends_its_set_and_stops_at_a_rollback(cli: Cli) -> None:
+    fleet = [f"fan-{i:02d}" for i in range(20)]
+    for device in fleet:
+        assert cli.run("devices", "add", device)[0] == 0
+    cli.json("groups", "add", "fans", *fleet)
+    first = cli.json("releases", "assign", "1.1", "--group", "fans", "--percent", "10")
+    assert len(first["revs"]) == 2 and first["percent"] == 10
+    wave = set(first["revs"])
+    assert sum(desired_release(cli, d) is not None for d in fleet) == 2
+    (group,) = cli.json("groups", "list", "fans", "--json")
+    assert group["release"] is None  # the group takes the release only at 100 %
+    status = cli.json("releases", "status", "1.1", "--group", "fans", "--json")
+    assert status["counts"] == {"assigned": 2, "not assigned": 18}
+    report(cli, sorted(wave)[0], 1, {"result": "updated", "version": "1.1", "at": T0})
+    second = cli.json("releases", "assign", "1.1", "--group", "fans", "--percent", "25")
+    assert len(second["revs"]) == 5 and wave <= set(second["revs"])  # extends, never swaps
+    assert cli.json("releases", "assign", "1.1", "--group", "fans", "--percent", "25")["revs"]
+    # one of the wave rolls it back: the next step is refused with the device and the reason
+    bad = sorted(wave)[1]
+    failed = {"result": "rolled_back", "version": "1.1", "reason": "no READY", "at": T0 + 5}
+    report(cli, bad, 2, failed)
+    code, _, err = cli.run("releases", "assign", "1.1", "--group", "fans", "--percent", "50")
+    assert code == 65 and f"{bad} rolled_back (no READY)" in err and "--force" in err
+    code, _, err = cli.run("releases", "assign", "1.1", "--group", "fans")
+    assert code == 65  # nor all at once
+    assert sum(desired_release(cli, d) is not None for d in fleet) == 5
+    code, out, _ = cli.run("releases", "status", "1.1", "--group", "fans")
+    assert code == 0 and "release 1.1 in group fans: 20 device(s)" in out
+    assert f"  {bad}: no READY" in out
+    status = cli.json("releases", "status", "1.1", "--json")  # every device with a row
+    assert status["counts"] == {"updated": 1, "assigned": 3, "rolled_back": 1}
+    # the operator goes on anyway: everyone, and the group keeps the release
+    done = cli.json("releases", "assign", "1.1", "--group", "fans", "--force")
+    assert len(done["revs"]) == 20 and done["percent"] == 100
+    assert all(desired_release(cli, d) is not None for d in fleet)
+    (group,) = cli.json("groups", "list", "fans", "--json")
+    assert group["release"]["version"] == "1.1"
+
+
+def test_staged_members_are_stable_monotone_and_differ_by_version() -> None:
+    members = [f"d{i:03d}" for i in range(200)]
+    sets = [set(rollout.staged(members, "2.0", p)) for p in (1, 5, 10, 50, 99, 100)]
+    assert [len(s) for s in sets] == [2, 10, 20, 100, 198, 200]
+    assert all(a <= b for a, b in itertools.pairwise(sets))
+    assert rollout.staged(members, "2.0", 10) == rollout.staged(list(members), "2.0", 10)
+    assert set(rollout.staged(members, "2.1", 10)) != sets[2]
+    assert rollout.staged(["only"], "2.0", 0.5) == ["only"]  # at least one
+    assert rollout.staged([], "2.0", 50) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "code", "says"),
     [
@@ -145,6 +206,12 @@ def test_devices_show_prints_the_release_history_newest_first(cli: Cli) -> None:
         (("releases", "assign", "1.1", "--group", "nope"), 66, "no group 'nope'"),
         (("releases", "assign", "1.1", "--group", "x" * 65), 64, "group"),
         (("releases", "assign", "1.1"), 64, "--device"),
+        (("releases", "assign", "1.1", "--device", "pump-01", "--percent", "5"), 64, "--group"),
+        (("releases", "assign", "1.1", "--group", "line-1", "--percent", "0"), 64, "--percent"),
+        (("releases", "assign", "1.1", "--group", "line-1", "--percent", "nan"), 64, "--percent"),
+        (("releases", "assign", "1.1", "--group", "line-1", "--percent", "101"), 64, "--percent"),
+        (("releases", "status", "1.1", "--group", "nope"), 66, "no group 'nope'"),
+        (("releases", "status", "../1.1"), 64, "release version"),
         (("groups", "add", "line-1", "nobody"), 66, "not registered"),
         (("groups", "add", "../line", "pump-01"), 64, "group"),
         (("groups", "remove", "nope", "pump-01"), 66, "no group 'nope'"),
