@@ -24,6 +24,7 @@ from agent.wire import statedoc
 from agent.wire.batch import DEVICE_ID
 from agent.wire.logupload import LogUploadError, decode_upload
 from agent.wire.statedoc import Entry
+from cloud import terminal
 from cloud.releasecli import release_lines, release_page
 
 #: Desired-document limit of a ``commands send`` (as the endpoint's, cloud/server.py Limits).
@@ -239,5 +240,5 @@ def cmd_logs(args: argparse.Namespace) -> int:
         f"lines since {_when(upload['since'])}, {upload['left_out']} older left out"
     )
     for line in lines:
-        print(line)
+        print(terminal.safe(line))  # the device's text: no escape sequence reaches the terminal
     return EX_OK

@@ -28,7 +28,7 @@ from agent.errors import ModelError
 from agent.exits import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_OK, EX_USAGE, CommandError
 from agent.modelstore.signing import load_private_key, write_keypair
 from agent.wire import statedoc
-from cloud import groupcli, rollout
+from cloud import groupcli, rollout, terminal
 from cloud.models import Direct
 from cloud.releases import KEY_FILE, RELEASES_DIR, ReleaseRegistry
 from cloud.releasestore import UnknownGroup
@@ -237,7 +237,8 @@ def release_lines(page: dict[str, Any]) -> list[str]:
     out.append("releases" if page["history"] else "releases     (no history)")
     for row in page["history"]:
         when = row["at"] if row["at"] is not None else row["received"]
-        line = f"  {_when(when):<25} {row['version']:<16} {row['result']:<12} {row['reason'] or ''}"
+        reason = terminal.safe(row["reason"] or "")  # the device's words
+        line = f"  {_when(when):<25} {row['version']:<16} {row['result']:<12} {reason}"
         out.append(line.rstrip())
     return out
 

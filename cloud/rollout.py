@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from agent.exits import EX_DATAERR, EX_USAGE, CommandError
+from cloud import terminal
 
 #: Outcomes after which a roll-out does not go on by itself.
 STOPS = ("rolled_back", "refused")
@@ -69,7 +70,7 @@ def stoppers(latest: dict[str, Any]) -> dict[str, Any]:
 
 def refuse_to_go_on(version: str, group: str, stop: dict[str, Any]) -> CommandError:
     shown = "; ".join(
-        f"{d} {row.result}" + (f" ({row.reason})" if row.reason else "")
+        f"{d} {row.result}" + (f" ({terminal.safe(row.reason)})" if row.reason else "")
         for d, row in sorted(stop.items())[:5]
     )
     more = f" and {len(stop) - 5} more" if len(stop) > 5 else ""
@@ -108,5 +109,5 @@ def status_lines(s: dict[str, Any], group: str | None) -> list[str]:
         out.append(f"  {result:<13} {len(devices):>5}  {shown}")
     for device, reason in s["reasons"].items():
         if device in s["by_result"].get("rolled_back", []) + s["by_result"].get("refused", []):
-            out.append(f"  {device}: {reason}")
+            out.append(f"  {device}: {terminal.safe(reason)}")
     return out

@@ -228,9 +228,15 @@ async def test_hostile_log_uploads_are_refused(server: CloudServer, tmp_path: Pa
         assert (await a.req("POST", f"logs/{DEVICE}", good, 60)).dotted == "2.04"
         (kept,) = await server.db(lambda s: s.log_uploads(DEVICE))
         assert kept["count"] == 2 and kept["body"] == good
+        # the device's own lines are its words: kept as sent, shown without escape sequences
+        sly = encode_upload(None, [(3.0, "event=x \x1b]52;c;ZXZpbA==\x07\x1b[2J")], 0)
+        assert (await a.req("POST", f"logs/{DEVICE}", sly, 60)).dotted == "2.04"
     finally:
         for p in (a, b):
             await p.close()
+    code, out = await run_cli("logs", "show", "--data", str(tmp_path / "cloud"), "--device", DEVICE)
+    assert code == 0 and "event=x \\x1b]52;c;ZXZpbA==\\x07\\x1b[2J" in out
+    assert "\x1b" not in out and "\x07" not in out
 
 
 @pytest.mark.timeout(120)

@@ -167,6 +167,10 @@ def test_a_staged_roll_out_extends_its_set_and_stops_at_a_rollback(cli: Cli) -> 
     bad = sorted(wave)[1]
     failed = {"result": "rolled_back", "version": "1.1", "reason": "no READY", "at": T0 + 5}
     report(cli, bad, 2, failed)
+    hostile = {"result": "refused", "version": "1.1", "reason": "\x1b]0;pwned\x07", "at": T0}
+    report(cli, "pump-01", 3, hostile)  # not a member: its words still never reach a terminal
+    code, out, _ = cli.run("devices", "show", "pump-01")
+    assert code == 0 and "\\x1b]0;pwned\\x07" in out and "\x1b" not in out
     code, _, err = cli.run("releases", "assign", "1.1", "--group", "fans", "--percent", "50")
     assert code == 65 and f"{bad} rolled_back (no READY)" in err and "--force" in err
     code, _, err = cli.run("releases", "assign", "1.1", "--group", "fans")
@@ -176,7 +180,9 @@ def test_a_staged_roll_out_extends_its_set_and_stops_at_a_rollback(cli: Cli) -> 
     assert code == 0 and "release 1.1 in group fans: 20 device(s)" in out
     assert f"  {bad}: no READY" in out
     status = cli.json("releases", "status", "1.1", "--json")  # every device with a row
-    assert status["counts"] == {"updated": 1, "assigned": 3, "rolled_back": 1}
+    assert status["counts"] == {"updated": 1, "assigned": 3, "refused": 1, "rolled_back": 1}
+    code, out, _ = cli.run("releases", "status", "1.1")
+    assert code == 0 and "pump-01: \\x1b]0;pwned\\x07" in out and "\x1b" not in out
     # the operator goes on anyway: everyone, and the group keeps the release
     done = cli.json("releases", "assign", "1.1", "--group", "fans", "--force")
     assert len(done["revs"]) == 20 and done["percent"] == 100
