@@ -296,17 +296,26 @@ def _credential_path(args: argparse.Namespace, name: str, many: bool) -> Path:
     return Path(out) / f"{name}.json" if many else Path(out)
 
 
-def _issue(
-    args: argparse.Namespace, storage: SQLiteStorage, name: str, role: str, many: bool
-) -> None:
-    cred = issue_credential(storage, name, role, time.time())
+def _psk(args: argparse.Namespace) -> bytes | None:
+    """The DTLS PSK of ``--psk-file``, read and checked before anything is registered."""
     psk_file = getattr(args, "psk_file", None)
-    if psk_file is not None:
-        psk = Path(psk_file).read_bytes().strip()
-        if not 1 <= len(psk) <= PSK_BYTES:
-            raise UsageError(f"{psk_file}: a PSK is 1 to {PSK_BYTES} bytes, not {len(psk)}")
-        cred = dataclasses.replace(cred, psk=psk)
-        storage.put_credential(cred, time.time(), replaces=cred.generation)
+    if psk_file is None:
+        return None
+    psk = Path(psk_file).read_bytes().strip()
+    if not 1 <= len(psk) <= PSK_BYTES:
+        raise UsageError(f"{psk_file}: a PSK is 1 to {PSK_BYTES} bytes, not {len(psk)}")
+    return psk
+
+
+def _issue(
+    args: argparse.Namespace,
+    storage: SQLiteStorage,
+    name: str,
+    role: str,
+    many: bool,
+    psk: bytes | None,
+) -> None:
+    cred = issue_credential(storage, name, role, time.time(), psk=psk)
     path = _credential_path(args, name, many)
     cred.write(path)
     print(f"{name}: credential (generation {cred.generation}) written to {path}")
@@ -337,6 +346,7 @@ def cmd_principals(args: argparse.Namespace) -> int:
     if out is not None:  # before anything is registered: a credential that cannot be written
         folder = Path(out) if len(names) > 1 else Path(out).parent
         writable_dir(folder, "--credential-out directory", "choose a writable path")
+    psk = _psk(args) if args.action in ("add", "rekey") else None
     storage = _open(args.data, storage=args.storage)
     try:
         if args.action == "token":
@@ -357,7 +367,7 @@ def cmd_principals(args: argparse.Namespace) -> int:
                 continue
             if args.action == "rekey" and name not in known:
                 raise UsageError(f"{name} has no credential to re-key; use add")
-            _issue(args, storage, name, role, len(names) > 1)
+            _issue(args, storage, name, role, len(names) > 1, psk)
     finally:
         storage.close()
     return EX_OK

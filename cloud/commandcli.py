@@ -200,7 +200,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"registered   {_when(page['registered'])}")
     print(f"last seen    {_when(page['last_seen'])}")
     print(f"records      {page['records']} (last seq {page['last_seq']})")
-    print(f"version      {page['version'] or '-'}")
+    version = page["version"]  # as the device reports it
+    shown = version if isinstance(version, str) else "-" if version is None else json.dumps(version)
+    print(f"version      {terminal.safe(shown)}")
     for slot, model in sorted(page["models"].items()):
         print(f"model/{slot:<6} {json.dumps(model)}")
     for line in release_lines(page["releases"]):  # cloud/releasecli.py

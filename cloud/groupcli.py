@@ -89,7 +89,9 @@ def assign(
         if write is None:
             doc, keys = storage.put_desired(device, {KEY: value}, now, None, DESIRED_DOC_BYTES)
             revs[device], changed = doc.rev, bool(keys)
-        else:
+        else:  # the endpoint writes the same storage: changed unless it holds the value
+            entry = storage.desired(device).entries.get(KEY)
+            changed = entry is None or entry.value != value
             write(device, {KEY: value})
             revs[device] = None
         if changed:

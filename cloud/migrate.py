@@ -28,11 +28,11 @@ identity.
   another one, so a target with a new id would strand every device's queue. Stop the endpoints
   on the source before migrating, and never run both afterwards.
 - **Releases**: each published release the target does not hold is written to a scratch file
-  (never whole in memory: a release is up to tens of MB), checked against its signed manifest
-  and published on the target with the same manifest and time, one release per transaction; a
-  release whose stored file no longer matches its manifest (it could not be served either) is
-  not copied and is named in the output. A version the target holds with another manifest is
-  refused (exit 73).
+  in ``$TMPDIR`` (never whole in memory: a release is up to tens of MB), checked against its
+  signed manifest and published on the target with the same manifest and time, one release per
+  transaction; a release whose stored file no longer matches its manifest (it could not be
+  served either) is not copied and is named in the output. A version the target holds with
+  another manifest is refused (exit 73).
 - **Verification**: at the end every table's row count is compared (exit 75 and "run it again"
   when the source changed meanwhile: an endpoint still running on it).
 
@@ -198,11 +198,14 @@ def copy_releases(source: Storage, target: Storage, say: Say) -> tuple[int, set[
             size = source.release_file(stored.version, part)
             try:
                 if manifest is None or size is None:
-                    raise ReleaseError("its manifest or file is missing or does not read")
+                    raise ReleaseError("missing or unreadable")
                 check_file(manifest, part)
-            except ReleaseError as err:
+            except ReleaseError:
                 unusable.add(stored.version)
-                say(f"release {stored.version}: not copied, {err} (publish it again)")
+                say(
+                    f"release {stored.version}: not copied, its stored file does not match its "
+                    "signed manifest (publish it again)"
+                )
                 continue
             copied += target.put_release(stored.version, stored.manifest, part, stored.published)
     say(f"{'releases':<13} {copied:>10} copied")

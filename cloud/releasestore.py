@@ -327,8 +327,9 @@ class ReleaseTables(SqlTables):
         self._write(lambda db: _append(db, device, [row], now))
 
     def release_outcomes(self, version: str) -> list[Standing]:
-        """Each device's latest history row of ``version`` (an assignment or an outcome it
-        reported), by device: one query however many devices."""
+        """Each device's latest history row of ``version`` (an outcome it reported, or an
+        assignment: one is noted only when it changed the device's desired value, so the
+        device tries the release again), by device: one query however many devices."""
         sql = (
             "SELECT h.device, h.result, h.at, h.reason FROM release_history h"
             " WHERE h.version = ? AND h.n = (SELECT max(n) FROM release_history"

@@ -97,7 +97,9 @@ def summary(version: str, latest: dict[str, Any], devices: Sequence[str] | None)
         "devices": sum(len(v) for v in by.values()),
         "counts": {r: len(by[r]) for r in results},
         "by_result": {r: by[r] for r in results},
-        "reasons": {d: row.reason for d, row in sorted(latest.items()) if row.reason},
+        "reasons": {
+            d: row.reason for d, row in sorted(latest.items()) if row.reason and row.result in STOPS
+        },
     }
 
 
@@ -107,7 +109,6 @@ def status_lines(s: dict[str, Any], group: str | None) -> list[str]:
     for result, devices in s["by_result"].items():
         shown = " ".join(devices[:12]) + (f" (+{len(devices) - 12})" if len(devices) > 12 else "")
         out.append(f"  {result:<13} {len(devices):>5}  {shown}")
-    for device, reason in s["reasons"].items():
-        if device in s["by_result"].get("rolled_back", []) + s["by_result"].get("refused", []):
-            out.append(f"  {device}: {terminal.safe(reason)}")
+    for device, reason in s["reasons"].items():  # of rollbacks and refusals
+        out.append(f"  {device}: {terminal.safe(reason)}")
     return out

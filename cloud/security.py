@@ -23,6 +23,7 @@ DTLS pre-shared keys, and the rule of what each may do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -413,7 +414,9 @@ def legacy_floor(state_dir: Path | None) -> int:
     return floor
 
 
-def issue_credential(storage: Any, principal: str, role: str, now: float) -> Credential:
+def issue_credential(
+    storage: Any, principal: str, role: str, now: float, *, psk: bytes | None = None
+) -> Credential:
     """A new credential for ``principal`` (a re-key when it had one: new key id, new secrets,
     the next generation), stored only if nobody stored another since it was read
     (:class:`~cloud.storebase.CredentialChanged`); returns the principal's side."""
@@ -423,6 +426,8 @@ def issue_credential(storage: Any, principal: str, role: str, now: float) -> Cre
         cred = Credential.generate(
             principal, role, secrets.token_bytes(KID_BYTES), generation=replaces + 1
         )
+        if psk is not None:  # the operator's DTLS PSK (--psk-file) instead of a random one
+            cred = dataclasses.replace(cred, psk=psk)
         try:  # CredentialChanged: another process rekeyed or rotated it since the read
             storage.put_credential(cred, now, replaces=replaces)
             return cred

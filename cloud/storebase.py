@@ -416,11 +416,13 @@ class Storage(Protocol):
         its key id belongs to another principal.
 
         ``replaces``: write only if the stored credential is of that generation (0: none is
-        stored), in the same transaction as the check, and, unless ``unrevoke``, only if it is
-        not revoked; :class:`CredentialChanged` otherwise. A read-then-write caller (a rekey, a
-        rotation) passes the generation it read, so two of them, or one and a revocation, in
-        different processes cannot both take effect. A replaced credential is valid again
-        (a rekey of a revoked principal re-admits it): a rotation passes ``unrevoke=False``."""
+        stored; a principal with none stored is registered whatever the number, credentials
+        are never deleted), in the same transaction as the check, and, unless ``unrevoke``,
+        only if it is not revoked; :class:`CredentialChanged` otherwise. A read-then-write
+        caller (a rekey, a rotation) passes the generation it read, so two of them, or one
+        and a revocation, in different processes cannot both take effect. A replaced
+        credential is valid again (a rekey of a revoked principal re-admits it): a rotation
+        passes ``unrevoke=False``."""
 
     def revoke(self, principal: str, now: float) -> bool:
         """Refuse the principal from now on; False if it has no credential."""

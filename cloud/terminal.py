@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import re
 
-#: C0 controls but tab, DEL, C1 controls, and the bidirectional embedding/override/isolate marks.
-UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: C0 controls but tab, DEL, C1 controls, the bidirectional marks (Arabic letter mark, LRM/RLM,
+#: embeddings, overrides, isolates) and the line/paragraph separators.
+UNSAFE = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def _escape(m: re.Match[str]) -> str:

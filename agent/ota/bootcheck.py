@@ -7,7 +7,7 @@ Layout under the release root (default /opt/edge-agent; docs/ota.md)::
     current -> releases/V    the release the service runs (``venv -> current`` for the unit)
     previous -> releases/U   the release to go back to
     update.json              {"pending", "from", "attempts", "max_attempts", "health_window",
-                              "pending_s", "step", "outcome"}
+                              "pending_s", "paused_s", "step", "outcome"}
 
 Every change is a step that leaves the tree bootable: a symlink is made under a temporary name
 and renamed over the old one (``os.replace``), update.json is written to a temporary file,
@@ -30,8 +30,11 @@ starts. Each run of the timer while the pending version is current and has start
 (``[update] health_window_s``), the previous release is put back and the service restarted.
 Elapsed time is counted in timer periods (a monotonic timer), never from the wall clock, which a
 device without a real-time clock may set back or forward at any time. A period in which the
-service does not run (``systemctl is-active`` of ``--restart-unit`` says inactive or failed: an
-operator stopped it) is not counted: the window is the time the release had to prove itself.
+service does not run (``systemctl is-active`` of ``--restart-unit`` says inactive: an operator
+stopped it, or the release exited by itself with status 0, which systemd does not restart) is
+not counted, for at most one more window (``paused_s``): the window is the time the release ran
+to prove itself, and a release that stops by itself is still rolled back, after twice the
+window. ``failed`` counts (``OnFailure=`` rolls back at once anyway).
 
 Logging: one ``key=value`` line on stderr per decision (journald keeps it).
 """
@@ -187,7 +190,7 @@ def switch(
         raise BootError(f"release {version} is already current")
     doc = load(root)
     doc.update(pending=version, attempts=0, max_attempts=max_attempts, step="switching")
-    doc.update(health_window=health_window, pending_s=0)
+    doc.update(health_window=health_window, pending_s=0, paused_s=0)
     doc["from"] = running
     doc["switched_at"] = time.time()
     save(root, doc)
@@ -325,10 +328,18 @@ def health(
     if data_dir is not None and ready_marker(data_dir, pending).is_file():
         confirm(root, pending)
         return current
-    if running is False:  # stopped by an operator: the window waits for the next start
-        _log("release_health_paused", version=pending, waited_s=number(doc, "pending_s", 0))
-        return current
     window = number(doc, "health_window", HEALTH_WINDOW)
+    paused = number(doc, "paused_s", 0)
+    if running is False and paused < window:  # stopped: the window waits, one window at most
+        doc["paused_s"] = paused + interval
+        save(root, doc)
+        _log(
+            "release_health_paused",
+            version=pending,
+            waited_s=number(doc, "pending_s", 0),
+            paused_s=paused + interval,
+        )
+        return current
     waited = number(doc, "pending_s", 0) + interval
     if waited >= window:
         return rollback(
@@ -345,7 +356,7 @@ def health(
 #: ``systemctl is-active`` states in which the service runs (or is starting or reloading), and
 #: those in which it does not; anything else (no systemd, an unknown unit) is not known.
 RUNNING_STATES = frozenset({"active", "activating", "reloading", "refreshing"})
-STOPPED_STATES = frozenset({"inactive", "failed", "deactivating", "maintenance"})
+STOPPED_STATES = frozenset({"inactive", "deactivating", "maintenance"})
 
 
 def service_running(unit: str | None) -> bool | None:

@@ -61,7 +61,7 @@ def provision(
                 continue
             cred = Credential.generate(name, "device", kid, generation=generation)
             try:
-                storage.put_credential(cred, when)
+                storage.put_credential(cred, when, replaces=generation - 1)
             except DuplicateKeyId:  # another writer took it meanwhile
                 kids.add(kid)
                 continue

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from aiocoap import oscore
 
 from agent.wire.credentials import Credential
+from cloud.cli import main as cloud_main
 from cloud.security import (
     CLEAN_STOP_FILE,
     ENDPOINT_SEQUENCE,
@@ -120,3 +122,35 @@ def test_an_unreadable_clean_stop_file_is_removed_and_ignored(tmp_path: Path) ->
         assert not (state / CLEAN_STOP_FILE).exists()
     assert take_clean_stop(state) == {}  # none at all
     assert take_clean_stop(None) == {}
+
+
+def test_a_psk_file_is_checked_before_anything_is_registered_or_rekeyed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``devices add|rekey --psk-file``: a file that is not a PSK leaves the storage as it was
+    (no device registered, no credential replaced); a good one is the stored credential's PSK."""
+    data, bad, good = tmp_path / "cloud", tmp_path / "empty", tmp_path / "psk"
+    bad.write_bytes(b"  \n")
+    good.write_bytes(b"0123456789abcdef\n")
+    assert cloud_main(["devices", "add", "pump-01", "--data", str(data), "--psk-file", str(bad)])
+    assert "a PSK is 1 to" in capsys.readouterr().err
+    storage = SQLiteStorage.in_dir(data)
+    try:
+        assert storage.devices() == [] and storage.credentials() == []
+    finally:
+        storage.close()
+    add = ["devices", "add", "pump-01", "--data", str(data), "--psk-file", str(good)]
+    assert cloud_main(add) == 0
+    storage = SQLiteStorage.in_dir(data)
+    try:
+        ((first, revoked),) = storage.credentials()
+        assert first.psk == b"0123456789abcdef" and first.generation == 1 and not revoked
+    finally:
+        storage.close()
+    rekey = ["devices", "rekey", "pump-01", "--data", str(data), "--psk-file", str(bad)]
+    assert cloud_main(rekey) != 0
+    storage = SQLiteStorage.in_dir(data)
+    try:
+        assert storage.credentials() == [(first, False)]  # the device is not locked out
+    finally:
+        storage.close()

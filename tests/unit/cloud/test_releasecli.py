@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from agent.wire.statedoc import Entry
+from cloud import cli as cloud_cli
 from cloud import rollout
 from cloud.cli import main as cloud_main
 from cloud.storage import Storage, open_storage
@@ -162,15 +163,22 @@ def test_a_staged_roll_out_extends_its_set_and_stops_at_a_rollback(cli: Cli) -> 
     report(cli, sorted(wave)[0], 1, {"result": "updated", "version": "1.1", "at": T0})
     second = cli.json("releases", "assign", "1.1", "--group", "fans", "--percent", "25")
     assert len(second["revs"]) == 5 and wave <= set(second["revs"])  # extends, never swaps
-    assert cli.json("releases", "assign", "1.1", "--group", "fans", "--percent", "25")["revs"]
+    again = cli.json("releases", "assign", "1.1", "--group", "fans", "--percent", "25")
+    assert set(again["revs"]) == set(second["revs"])  # the same step again: the same devices
     # one of the wave rolls it back: the next step is refused with the device and the reason
     bad = sorted(wave)[1]
     failed = {"result": "rolled_back", "version": "1.1", "reason": "no READY", "at": T0 + 5}
     report(cli, bad, 2, failed)
     hostile = {"result": "refused", "version": "1.1", "reason": "\x1b]0;pwned\x07", "at": T0}
     report(cli, "pump-01", 3, hostile)  # not a member: its words still never reach a terminal
+    storage = cli.storage()
+    try:  # a reported agent/version is the device's word too
+        storage.put_reported("pump-01", {"agent/version": Entry(1, "9\x1b[2J")}, T0)
+    finally:
+        storage.close()
     code, out, _ = cli.run("devices", "show", "pump-01")
     assert code == 0 and "\\x1b]0;pwned\\x07" in out and "\x1b" not in out
+    assert "version      9\\x1b[2J" in out
     code, _, err = cli.run("releases", "assign", "1.1", "--group", "fans", "--percent", "50")
     assert code == 65 and f"{bad} rolled_back (no READY)" in err and "--force" in err
     code, _, err = cli.run("releases", "assign", "1.1", "--group", "fans")
@@ -189,6 +197,36 @@ def test_a_staged_roll_out_extends_its_set_and_stops_at_a_rollback(cli: Cli) -> 
     assert all(desired_release(cli, d) is not None for d in fleet)
     (group,) = cli.json("groups", "list", "fans", "--json")
     assert group["release"]["version"] == "1.1"
+
+
+def test_a_roll_out_through_a_running_endpoint_still_stops_at_a_rollback(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--server``: the desired write is the endpoint's PUT (here: the same storage write, as a
+    running endpoint on it makes); a step that changes nothing for a device notes no assignment,
+    so a device that rolled the release back keeps stopping the roll-out after a forced step."""
+
+    async def put(server: str, device: str, changes: dict[str, Any], cred: Any) -> int:
+        storage = cli.storage()
+        try:
+            storage.put_desired(device, changes, T0, None, 1024)
+        finally:
+            storage.close()
+        return 0
+
+    monkeypatch.setattr(cloud_cli, "_put_desired", put)
+    cli.json("groups", "add", "line-1", "pump-01", "pump-02", "pump-03")
+    (first,) = cli.json("releases", "assign", "1.1", "--group", "line-1", "--percent", "30")["revs"]
+    failed = {"result": "rolled_back", "version": "1.1", "reason": "no READY", "at": T0}
+    report(cli, first, 1, failed)
+    step = ("releases", "assign", "1.1", "--group", "line-1", "--server", "coap://[::1]")
+    assert cli.run(*step, "--percent", "60")[0] == 65
+    assert len(cli.json(*step, "--percent", "60", "--force")["revs"]) == 2
+    status = cli.json("releases", "status", "1.1", "--group", "line-1", "--json")
+    assert status["counts"] == {"assigned": 1, "rolled_back": 1, "not assigned": 1}
+    assert status["reasons"] == {first: "no READY"}
+    code, _, err = cli.run(*step)
+    assert code == 65 and f"{first} rolled_back (no READY)" in err
 
 
 def test_staged_members_are_stable_monotone_and_differ_by_version() -> None:

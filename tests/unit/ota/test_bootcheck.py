@@ -124,11 +124,25 @@ def test_health_window_waits_while_the_service_is_stopped(root: Path, tmp_path: 
     bc.switch(root, "2.0", health_window=180)
     bc.start(root, tmp_path)
     assert bc.health(root, tmp_path, 60, running=True) == "2.0"
-    for _ in range(10):
+    for _ in range(2):
         assert bc.health(root, tmp_path, 60, running=False) == "2.0"
-    assert bc.load(root)["pending_s"] == 60
+    assert (bc.load(root)["pending_s"], bc.load(root)["paused_s"]) == (60, 120)
     assert bc.health(root, tmp_path, 60, running=None) == "2.0"
     assert bc.health(root, tmp_path, 60, running=True) == "1.0"
+
+
+def test_a_release_that_stops_by_itself_is_still_rolled_back(root: Path, tmp_path: Path) -> None:
+    """READY=1 and then exit 0 before confirming: systemd does not restart it (Restart=on-
+    failure) and the unit stays inactive. The pause lasts one window at most; then the periods
+    count again and the release is rolled back after twice the window."""
+    bc.switch(root, "2.0", health_window=180)
+    bc.start(root, tmp_path)
+    results = [bc.health(root, tmp_path, 60, running=False) for _ in range(6)]
+    assert results == ["2.0"] * 5 + ["1.0"]
+    assert bc.load(root)["outcome"]["result"] == "rolled_back"
+    # the next pending release starts with a fresh pause allowance
+    bc.switch(root, "2.0", health_window=180)
+    assert bc.load(root)["paused_s"] == 0
 
 
 def fake_systemctl(bin_dir: Path, state: str) -> Path:
@@ -145,7 +159,7 @@ def fake_systemctl(bin_dir: Path, state: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("state", "counted"), [("active", 60), ("inactive", 0), ("failed", 0), ("bogus", 60)]
+    ("state", "counted"), [("active", 60), ("inactive", 0), ("failed", 60), ("bogus", 60)]
 )
 def test_health_command_line_asks_systemd_whether_the_service_runs(
     root: Path, tmp_path: Path, state: str, counted: int
