@@ -91,8 +91,12 @@ class Sequence:
         if n >= MAX_SEQNO:
             raise oscore.ContextUnavailable("sequence numbers exhausted: re-key this principal")
         if n >= self.reserved:
-            self.reserved = n + 1 + self._reserve
-            self._persist()
+            old, self.reserved = self.reserved, n + 1 + self._reserve
+            try:
+                self._persist()
+            except BaseException:  # not durable (a full disk): not reserved, nothing handed out
+                self.reserved = old
+                raise
         self.next = n + 1
         return n
 

@@ -1,0 +1,73 @@
+"""agent/wire/oscore.py: a device's sender sequence numbers are handed out only below a
+reservation that is on disk, also when the disk is full or failing (a number used before a
+crash and again after it would reuse an AES-CCM nonce under the same key)."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.wire.credentials import Credential
+from agent.wire.oscore import ClientContext, Sequence
+
+
+class Disk:
+    """A persist() whose writes fail while ``full``; ``durable`` is the last reservation
+    written."""
+
+    def __init__(self, seq: Sequence | None = None) -> None:
+        self.full = False
+        self.durable = 0
+        self.seq = seq
+
+    def persist(self) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        assert self.seq is not None
+        self.durable = self.seq.reserved
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=300), st.integers(1, 20))
+def test_every_number_handed_out_is_below_the_durable_reservation(
+    fullness: list[bool], reserve: int
+) -> None:
+    disk = Disk()
+    seq = Sequence(0, disk.persist, reserve=reserve)
+    disk.seq = seq
+    handed: list[int] = []
+    for full in fullness:
+        disk.full = full
+        try:
+            handed.append(seq.take())
+        except OSError:
+            continue
+        assert handed[-1] < disk.durable  # a crash now restarts at >= durable: never reused
+    assert handed == sorted(set(handed))
+
+
+def test_a_client_context_on_a_full_disk_sends_nothing_past_its_reservation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cred = Credential.generate("pump-01", "device", b"\x01")
+    path = tmp_path / "oscore.json"
+    client = ClientContext(cred, path)
+    on_disk = json.loads(path.read_text())["seq_reserved"]
+    taken = [client.sequence.take() for _ in range(on_disk)]  # the reservation, used up
+    assert taken == list(range(on_disk))
+
+    def full(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("agent.wire.oscore.write_state", full)
+    for _ in range(3):
+        with pytest.raises(OSError):
+            client.sequence.take()
+    assert client.sequence.reserved == on_disk and client.sequence.next == on_disk
+    monkeypatch.undo()  # space again: the next number is reserved on disk first
+    assert client.sequence.take() == on_disk
+    assert json.loads(path.read_text())["seq_reserved"] > on_disk
