@@ -53,6 +53,8 @@ GOOD_KEY = "sensor/motor/interval"  # the valid key of every hostile document
 LATE_ARRIVALS = 3.0  # seconds to wait, after the stop, for batches already on their way
 POLL = 0.5  # seconds between looks at the endpoint's records while draining
 GRACE = 10.0  # seconds a record committed before a drain gave up had to be delivered
+RETRY_MAX = 8.0  # the agents' [uplink] backoff_max (agent_config)
+EXCHANGE_DEADLINE = 10.0  # the agents' [uplink] deadline
 
 
 def free_udp_port() -> int:
@@ -70,7 +72,15 @@ def agent_config(device: str, data_dir: Path, port: int, interval: float) -> str
         .replace("interval = 1.0", f"interval = {interval}")
     )
     text += "commissioning_samples = 60\n"  # the [detect] table ends the example
-    text += f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\nbackoff_max = 30.0\n'
+    # Retries stay well inside the drain's stall timeout (plan.stall_timeout, 30 s) even across
+    # an outage (plan.backlog_seconds, 8 s): at most RETRY_MAX between two attempts and
+    # EXCHANGE_DEADLINE for one exchange whose datagrams were lost (with 30 s each, one unlucky
+    # backoff after an endpoint restart, then an outage, outlasted the stall timeout while every
+    # record sat safely in the queue).
+    text += (
+        f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\n'
+        f"backoff_max = {RETRY_MAX}\ndeadline = {EXCHANGE_DEADLINE}\n"
+    )
     return text
 
 
