@@ -26,6 +26,7 @@ import base64
 import contextlib
 import ensurepip
 import hashlib
+import io
 import json
 import os
 import re
@@ -154,6 +155,13 @@ def make_bundle(out: Path, project: Path, pip: Path) -> Path:
     return out
 
 
+def _quiet(argv: list[str]) -> int:
+    """``edge-agent-cloud ARGV`` in this process, its report kept off this process's stdout
+    (the bench's table and JSON line are what its stdout carries)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return cloud_main(argv)
+
+
 class World:
     """The endpoint with its release key, the device's root and data directory, the config."""
 
@@ -166,7 +174,7 @@ class World:
         self.root.mkdir()
         self.etc.mkdir()
         shutil.copy(bc.__file__, self.root / "ota-bootcheck.py")  # what tools/flash installs
-        assert cloud_main(["releases", "keygen", "--data", str(self.cloud)]) == 0
+        assert _quiet(["releases", "keygen", "--data", str(self.cloud)]) == 0
         self.pub = self.cloud / "releases" / "release.key.pub"
         shutil.copy(self.pub, self.etc / "release.pub")
         self.key = load_public_key(self.pub)
@@ -174,7 +182,7 @@ class World:
     def publish(self, version: str, wheel: str) -> str:
         bundle = make_bundle(self.tmp / f"bundle-{version}", self.wheels[wheel], self.wheels["pip"])
         args = ["releases", "publish", str(bundle), "--data", str(self.cloud), "--version", version]
-        assert cloud_main(args) == 0
+        assert _quiet(args) == 0
         m = ReleaseManifest.from_cbor(
             (self.cloud / "releases" / version / MANIFEST_FILE).read_bytes()
         )
