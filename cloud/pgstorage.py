@@ -70,8 +70,6 @@ from cloud.storebase import (
     StoredRecord,
     UnknownDevice,
     check_block,
-    credential_changed,
-    credential_guard,
     describe,
     desired_doc,
     merge_reported,
@@ -682,48 +680,14 @@ class PostgresStorage(PostgresExtras):
 
     # -- credentials -----------------------------------------------------------------------------
 
-    def put_credential(
-        self,
-        credential: Credential,
-        now: float,
-        *,
-        replaces: int | None = None,
-        unrevoke: bool = True,
-    ) -> None:
-        doc = json.dumps(credential.to_json(), sort_keys=True)
-        taken = DuplicateKeyId(f"key id {credential.sender_id.hex()} is taken")
-        guard, params = credential_guard(
-            replaces, unrevoke, "(credentials.doc::jsonb ->> 'generation')::bigint", "%s"
-        )
-
-        def tx(conn: Conn) -> None:
-            row = conn.execute(
-                "SELECT principal FROM credentials WHERE kid = %s", (credential.sender_id,)
-            ).fetchone()
-            if row is not None and row[0] != credential.principal:
-                raise taken
-            try:
-                cur = conn.execute(
-                    "INSERT INTO credentials (principal, role, kid, doc, created)"
-                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (principal) DO UPDATE SET"
-                    " role = excluded.role, kid = excluded.kid, doc = excluded.doc,"
-                    f" created = excluded.created, revoked = NULL WHERE {guard}",
-                    (
-                        credential.principal,
-                        credential.role,
-                        credential.sender_id,
-                        doc,
-                        now,
-                        *params,
-                    ),
-                )
-            except pgerrors.UniqueViolation as err:  # taken meanwhile by another process
-                raise taken from err
-            if cur.rowcount != 1:
-                raise credential_changed(credential.principal, replaces)
-            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL_CREDENTIALS, credential.principal))
-
-        self._run(tx)
+    def put_credential(self, credential: Credential, now: float, **condition: Any) -> None:
+        """The shared write (cloud/storesql.py); ``condition``: its ``replaces``/``unrevoke``."""
+        try:
+            super().put_credential(credential, now, **condition)
+        except StorageUnavailable as err:  # the key id taken meanwhile by another process
+            if isinstance(err.__cause__, pgerrors.UniqueViolation):
+                raise DuplicateKeyId(f"key id {credential.sender_id.hex()} is taken") from err
+            raise
 
     def revoke(self, principal: str, now: float) -> bool:
         def tx(conn: Conn) -> bool:

@@ -141,7 +141,9 @@ def cmd_assign(args: argparse.Namespace) -> int:
             )
         now = time.time()
         if group is not None:
-            devices = _group_step(storage, args, group, version, manifest.sha256, percent, now)
+            devices = _group_step(
+                storage, group, version, manifest.sha256, percent, args.force, now
+            )
             reason = f"group {group}" + ("" if percent == 100 else f" {percent:g}%")
         else:
             groupcli.require_devices(storage, devices)
@@ -157,24 +159,29 @@ def cmd_assign(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _members(storage: Any, group: str) -> list[str]:
+    """The members of ``group``; the operator's error when there is no such group."""
+    found = storage.groups(group)
+    if not found:
+        raise groupcli.group_error(UnknownGroup(f"no group {group!r}"), group)
+    return list(found[0].members)
+
+
 def _group_step(
     storage: Any,
-    args: argparse.Namespace,
     group: str,
     version: str,
     sha256: str,
     percent: float,
+    force: bool,
     now: float,
 ) -> list[str]:
     """The members a ``--group`` assignment sets (cloud/rollout.py): all at 100 % (and the group
     takes the release), the staged share below; refused when members rolled it back."""
-    found = storage.groups(group)
-    if not found:
-        raise groupcli.group_error(UnknownGroup(f"no group {group!r}"), group)
-    members = list(found[0].members)
+    members = _members(storage, group)
     latest = rollout.standing(storage.release_outcomes(version), members)
     stop = rollout.stoppers(latest)
-    if stop and not args.force:
+    if stop and not force:
         raise rollout.refuse_to_go_on(version, group, stop)
     if percent < 100:
         return rollout.staged(members, version, percent)
@@ -190,12 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     group = None if args.group is None else groupcli.check("group", args.group)
     storage = args.open_storage(args.data, existing=True, storage=args.storage)
     try:
-        members = None
-        if group is not None:
-            found = storage.groups(group)
-            if not found:
-                raise groupcli.group_error(UnknownGroup(f"no group {group!r}"), group)
-            members = list(found[0].members)
+        members = None if group is None else _members(storage, group)
         latest = rollout.standing(storage.release_outcomes(version), members)
     finally:
         storage.close()

@@ -54,8 +54,6 @@ from cloud.storebase import (
     StoredRecord,
     UnknownDevice,
     check_block,
-    credential_changed,
-    credential_guard,
     describe,
     desired_doc,
     merge_reported,
@@ -536,34 +534,6 @@ class SQLiteStorage(SharedStorage):
         return int(start)
 
     # -- credentials -----------------------------------------------------------------------------
-
-    def put_credential(
-        self,
-        credential: Credential,
-        now: float,
-        *,
-        replaces: int | None = None,
-        unrevoke: bool = True,
-    ) -> None:
-        doc = json.dumps(credential.to_json(), sort_keys=True)
-        with self._errors(), self._tx() as db:
-            row = db.execute(
-                "SELECT principal FROM credentials WHERE kid = ?", (credential.sender_id,)
-            ).fetchone()
-            if row is not None and row[0] != credential.principal:
-                raise DuplicateKeyId(f"key id {credential.sender_id.hex()} is taken")
-            guard, params = credential_guard(
-                replaces, unrevoke, "json_extract(credentials.doc, '$.generation')", "?"
-            )
-            cur = db.execute(
-                "INSERT INTO credentials (principal, role, kid, doc, created)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (principal) DO UPDATE SET"
-                " role = excluded.role, kid = excluded.kid, doc = excluded.doc,"
-                f" created = excluded.created, revoked = NULL WHERE {guard}",
-                (credential.principal, credential.role, credential.sender_id, doc, now, *params),
-            )
-            if cur.rowcount != 1:
-                raise credential_changed(credential.principal, replaces)
 
     def revoke(self, principal: str, now: float) -> bool:
         with self._errors(), self._tx() as db:

@@ -61,27 +61,6 @@ class CredentialChanged(AgentError):
     caller read: another process rekeyed, rotated or revoked it meanwhile; nothing was written."""
 
 
-def credential_guard(
-    replaces: int | None, unrevoke: bool, generation_sql: str, placeholder: str
-) -> tuple[str, tuple[int, ...]]:
-    """The condition of a credential upsert's ``DO UPDATE`` (``put_credential``'s
-    ``replaces``/``unrevoke``) and its parameters; ``generation_sql`` reads the stored
-    document's generation in the backend's SQL."""
-    if replaces is None:
-        return "TRUE", ()
-    clause = f"{generation_sql} = {placeholder}"
-    if not unrevoke:
-        clause += " AND credentials.revoked IS NULL"
-    return clause, (replaces,)
-
-
-def credential_changed(principal: str, replaces: int | None) -> CredentialChanged:
-    return CredentialChanged(
-        f"{principal}: the stored credential is no longer generation {replaces} and valid "
-        "(rekeyed, rotated or revoked meanwhile); nothing written, read it again"
-    )
-
-
 class UnknownDevice(AgentError):
     """The device is not registered."""
 

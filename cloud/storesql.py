@@ -20,6 +20,7 @@ chunk. Text keys compare byte-wise in both (SQLite's BINARY collation, PostgreSQ
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 
 from agent.errors import AgentError
 from agent.wire.batch import WireRecord
+from agent.wire.credentials import Credential
 from cloud import featurestore, linkhistory
 from cloud.commandstore import CommandTables
 from cloud.featurestore import StoredFeatures
@@ -36,6 +38,8 @@ from cloud.releasestore import ReleaseTables
 from cloud.storebase import (
     TABLES,
     Batch,
+    CredentialChanged,
+    DuplicateKeyId,
     IngestResult,
     ModelVersion,
     Sql,
@@ -52,6 +56,11 @@ Row = tuple[Any, ...]
 PHYSICAL = {"verdicts": "window_verdicts", "sequences": "oscore_sequence"}
 MIGRATING = "migrating_from"  # the name of the migration mark among the named numbers
 STORAGE_ID = "storage_id"
+#: The stored credential document's generation, in each dialect (``doc`` is TEXT on both).
+GENERATION_SQL = {
+    "sqlite": "json_extract(credentials.doc, '$.generation')",
+    "postgresql": "(credentials.doc::jsonb ->> 'generation')::bigint",
+}
 
 
 def table(name: str) -> Table:
@@ -110,6 +119,46 @@ class SharedStorage(LearnTables, RelayTables, CommandTables, ReleaseTables):
 
     def _loaded(self, db: Sql, table: str) -> None:
         """After a load of ``table``, in its transaction: move what numbers that table."""
+
+    def put_credential(
+        self,
+        credential: Credential,
+        now: float,
+        *,
+        replaces: int | None = None,
+        unrevoke: bool = True,
+    ) -> None:
+        """:meth:`cloud.storebase.Storage.put_credential`: the key-id check, and the upsert whose
+        ``DO UPDATE`` condition is ``replaces``/``unrevoke``, in one transaction."""
+        doc = json.dumps(credential.to_json(), sort_keys=True)
+
+        def tx(db: Sql) -> None:
+            row = db.execute(
+                "SELECT principal FROM credentials WHERE kid = ?", (credential.sender_id,)
+            ).fetchone()
+            if row is not None and row[0] != credential.principal:
+                raise DuplicateKeyId(f"key id {credential.sender_id.hex()} is taken")
+            guard, params = "TRUE", ()
+            if replaces is not None:
+                guard, params = f"{GENERATION_SQL[db.dialect]} = ?", (replaces,)
+                if not unrevoke:
+                    guard += " AND credentials.revoked IS NULL"
+            cur = db.execute(
+                "INSERT INTO credentials (principal, role, kid, doc, created)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (principal) DO UPDATE SET"
+                " role = excluded.role, kid = excluded.kid, doc = excluded.doc,"
+                f" created = excluded.created, revoked = NULL WHERE {guard}",
+                (credential.principal, credential.role, credential.sender_id, doc, now, *params),
+            )
+            if cur.rowcount != 1:
+                raise CredentialChanged(
+                    f"{credential.principal}: the stored credential is no longer generation "
+                    f"{replaces} and valid (rekeyed, rotated or revoked meanwhile); nothing "
+                    "written, read it again"
+                )
+            self._principals_changed(db, credential.principal)
+
+        self._write(tx)
 
     def ingest(
         self, device: str, records: Sequence[WireRecord], now: float, register: bool = False
