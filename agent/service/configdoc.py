@@ -290,7 +290,10 @@ KEYS: dict[str, str] = {
     "link.offline_silence": (
         "Seconds since the last answer that, with offline_failures, mean offline."
     ),
-    "link.probe_idle": "Probe when no exchange ended for this long, seconds (also the period).",
+    "link.probe_idle": (
+        "Probe when no exchange ended for this long, seconds (also the period; offline: the "
+        "longest backoff between probes)."
+    ),
     "link.probe_timeout": "Deadline of one probe, seconds.",
     "link.initial": "The state assumed at start.",
 }

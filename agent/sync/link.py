@@ -1,7 +1,8 @@
 """The link monitor: measures the uplink's link, classifies it, and applies the policy of its state.
 
 Measurements come from the uplink's real exchanges (:class:`agent.sync.uplink.Exchange`, one per
-POST) and, when nothing has been exchanged for ``probe_idle`` seconds, from light probes (a
+POST) and, when nothing has been exchanged for ``probe_idle`` seconds (sooner while offline, and
+towards the next endpoint or back to the primary: :class:`CoapProbe`), from light probes (a
 non-confirmable GET of the device's registry entry on a lane of its own):
 
 - RTT: smoothed, with its variance (RFC 6298's estimator with a faster gain, so a change of link
@@ -30,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.errors import SyncError
+from agent.sync.backoff import full_jitter
 from agent.sync.uplink import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, Exchange, Uplink, network_time
 from agent.wire import codec
 from agent.wire.batch import CF_SENML_CBOR
@@ -43,6 +46,11 @@ from drivers.base import Options
 from drivers.clock import Clock, wait_event
 
 log = logging.getLogger(__name__)
+
+#: While offline the link is probed after this many seconds, doubling with each probe that gets
+#: no answer up to ``probe_idle`` (full jitter, as the uplink's retries), so a device notices an
+#: endpoint that is back within seconds, and a fleet's probes spread out over a long outage.
+OFFLINE_PROBE_BASE = 1.0
 
 HIGH, MEDIUM, LOW, OFFLINE = "high", "medium", "low", "offline"
 STATES = (HIGH, MEDIUM, LOW, OFFLINE)
@@ -178,6 +186,11 @@ class CoapProbe:
     Non-confirmable, so that its round trip is never ambiguous (no retransmission) and a lost one
     does not hold its lane for CoAP's retransmission schedule: a probe without an answer within
     its deadline is simply lost.
+
+    A probe also keeps the endpoint list moving while the uplink holds (offline, it sends
+    nothing): on a fallback it goes to the primary once ``primary_retry`` has passed (an answer
+    takes the device back to it), and a probe of the current endpoint that fails while offline
+    moves the list on to the next one, so an offline device finds whichever endpoint answers.
     """
 
     def __init__(self, transport: Any, endpoints: Any, device_id: str, *, lane: int = 0) -> None:
@@ -185,20 +198,29 @@ class CoapProbe:
         self.endpoints = endpoints
         self.device_id = device_id
         self.lane = lane
+        self.endpoint: str = endpoints.current  # the one probed last
 
-    @property
-    def endpoint(self) -> str:
-        return self.endpoints.current
-
-    async def __call__(self, deadline: float) -> None:
+    async def __call__(self, deadline: float, *, offline: bool = False) -> None:
         """Returns when an answer came; raises SyncError otherwise."""
-        await self.transport.request(
-            "GET",
-            f"{self.endpoint}/devices/{self.device_id}",
-            deadline=deadline,
-            lane=self.lane,
-            confirmable=False,
-        )
+        eps = self.endpoints
+        primary = eps.want_primary()
+        uri = self.endpoint = eps.uris[0] if primary else eps.current
+        try:
+            await self.transport.request(
+                "GET",
+                f"{uri}/devices/{self.device_id}",
+                deadline=deadline,
+                lane=self.lane,
+                confirmable=False,
+            )
+        except SyncError:
+            if primary:
+                eps.retried_primary_failed()
+            elif offline:
+                eps.failed(uri)
+            raise
+        if primary:
+            eps.primary_ok()
 
 
 class LinkMonitor:
@@ -212,8 +234,10 @@ class LinkMonitor:
         uplink: Uplink | None = None,
         probe: CoapProbe | None = None,
         analyzer: Callable[[], Any] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
+        self.rng = rng or random.Random()
         self.clock = clock
         self.uplink = uplink
         self.probe = probe
@@ -231,6 +255,8 @@ class LinkMonitor:
         self.exchanges = 0  # exchanges observed (data and probes)
         self.probes = 0
         self.probes_failed = 0
+        self._offline_probes_failed = 0  # in a row, while offline (their backoff)
+        self._offline_period = OFFLINE_PROBE_BASE
         # (from, to, exchanges at the change): the latest TRANSITIONS_KEPT; a count of them all
         self.transitions: deque[tuple[str, str, int]] = deque(maxlen=TRANSITIONS_KEPT)
         self.transition_count = 0
@@ -417,31 +443,52 @@ class LinkMonitor:
 
     # -- probing ------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Probes the link when it is idle; applies the model tier once the analyzer exists."""
-        s = self.settings
+        """Probes the link when it is idle (offline: at a backoff from ``OFFLINE_PROBE_BASE`` up
+        to ``probe_idle`` seconds, with full jitter); applies the model tier once the analyzer
+        exists."""
         last_probe = -math.inf
         while True:
             self._apply_tier()
             now = self.clock.monotonic()
+            period = self.probe_period
             idle_for = now - max(self.last_exchange, last_probe)
-            if self.probe is not None and idle_for >= s.probe_idle:
+            if self.probe is not None and idle_for >= period:
                 last_probe = now
                 await self._probe_once()
                 continue
             self._wake.clear()
-            await wait_event(self.clock, self._wake, max(0.05, s.probe_idle - idle_for))
+            await wait_event(self.clock, self._wake, max(0.05, period - idle_for))
+
+    @property
+    def probe_period(self) -> float:
+        """Seconds of idleness before the next probe."""
+        if self.state == OFFLINE:
+            return min(self._offline_period, self.settings.probe_idle)
+        return self.settings.probe_idle
 
     async def _probe_once(self) -> None:
         assert self.probe is not None
         self.probes += 1
+        offline = self.state == OFFLINE
         started = network_time()
         try:
-            await self.probe(self.settings.probe_timeout)
+            await self.probe(self.settings.probe_timeout, offline=offline)
         except SyncError as err:
             self.probes_failed += 1
             log.debug("event=probe_failed endpoint=%s error=%r", self.probe.endpoint, str(err))
+            if offline:
+                self._offline_probes_failed += 1
+                self._offline_period = full_jitter(
+                    self._offline_probes_failed,
+                    OFFLINE_PROBE_BASE,
+                    self.settings.probe_idle,
+                    self.rng,
+                    floor=OFFLINE_PROBE_BASE / 2,
+                )
             self._record(self.clock.monotonic(), False, None, False)
             return
+        self._offline_probes_failed = 0
+        self._offline_period = OFFLINE_PROBE_BASE
         rtt = network_time() - started
         log.debug("event=probe endpoint=%s rtt=%.3f", self.probe.endpoint, rtt)
         self._record(self.clock.monotonic(), True, rtt, False)

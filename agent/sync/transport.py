@@ -39,6 +39,10 @@ REQUEST_TIMEOUT = 30.0
 #: Bounds of an adaptive ACK_TIMEOUT, seconds.
 ACK_TIMEOUT_MIN = 0.3
 ACK_TIMEOUT_MAX = 8.0
+#: An OSCORE request answered with an unprotected 4.01 is sent once more under a new sequence
+#: number (an endpoint refuses a number below its replay window as a replay, and after a restart
+#: its window starts at the first request that came back with its Echo).
+STALE_RETRIES = 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class CoapTransport:
         self._contexts: list[Any] = []
         self._lock = asyncio.Lock()
         self._observing: dict[int, int] = {}  # lane -> observations running on it
+        self.stale_retries = 0  # requests sent again after an unprotected 4.01 (STALE_RETRIES)
         self._retired: set[asyncio.Task[None]] = set()  # contexts shutting down
 
     async def _context(self, lane: int) -> Any:
@@ -179,44 +184,57 @@ class CoapTransport:
         from aiocoap.optiontypes import BlockOption
 
         ctx = await self._context(lane % self.lanes)
-        msg = aiocoap.Message(
-            code=getattr(aiocoap, method),
-            uri=uri,
-            payload=payload,
-            transport_tuning=_tuning(confirmable, ack_timeout),
-        )
-        if content_format is not None:
-            msg.opt.content_format = content_format
-        if accept is not None:
-            msg.opt.accept = accept
-        if block2 is not None:
-            msg.opt.block2 = BlockOption.BlockwiseTuple(block2[0], False, block2[1])
-        if etags:
-            msg.opt.etags = etags
-        try:
-            req = ctx.request(msg, handle_blockwise=block2 is None)
-        except (coap_error.Error, ValueError, OSError) as err:
-            raise SyncError(f"{method} {uri}: {err}") from err
-        try:
-            async with asyncio.timeout(deadline):
-                resp = await req.response
-        except TimeoutError as err:
-            req.response.cancel()
-            if confirmable:
-                await self._reset_lane(lane % self.lanes, ctx)
-            raise SyncError(f"{method} {uri}: no answer within {deadline:g} s") from err
-        except asyncio.CancelledError:
-            req.response.cancel()
-            raise
-        except (coap_error.Error, OSError) as err:
-            plain = getattr(err, "plain_message", None)  # an unprotected answer to OSCORE
-            if plain is not None and getattr(plain, "code", None) is not None:
+        end = asyncio.get_running_loop().time() + deadline
+        retries = 0
+        while True:
+            msg = aiocoap.Message(
+                code=getattr(aiocoap, method),
+                uri=uri,
+                payload=payload,
+                transport_tuning=_tuning(confirmable, ack_timeout),
+            )
+            if content_format is not None:
+                msg.opt.content_format = content_format
+            if accept is not None:
+                msg.opt.accept = accept
+            if block2 is not None:
+                msg.opt.block2 = BlockOption.BlockwiseTuple(block2[0], False, block2[1])
+            if etags:
+                msg.opt.etags = etags
+            try:
+                req = ctx.request(msg, handle_blockwise=block2 is None)
+            except (coap_error.Error, ValueError, OSError) as err:
+                raise SyncError(f"{method} {uri}: {err}") from err
+            try:
+                async with asyncio.timeout_at(end):
+                    resp = await req.response
+            except TimeoutError as err:
+                req.response.cancel()
+                if confirmable:
+                    await self._reset_lane(lane % self.lanes, ctx)
+                raise SyncError(f"{method} {uri}: no answer within {deadline:g} s") from err
+            except asyncio.CancelledError:
+                req.response.cancel()
+                raise
+            except (coap_error.Error, OSError) as err:
+                plain = getattr(err, "plain_message", None)  # an unprotected answer to OSCORE
+                code = getattr(plain, "code", None)
+                if code is None:
+                    raise SyncError(f"{method} {uri}: {type(err).__name__}: {err}") from err
+                if code == aiocoap.UNAUTHORIZED and retries < STALE_RETRIES:
+                    # the endpoint took this request's sequence number for a replay: it came
+                    # in behind a newer one (another lane's, or the request that set up the
+                    # endpoint's window after a restart); the same request under a fresh
+                    # number is new to it (a refused context answers that 4.01 too)
+                    retries += 1
+                    self.stale_retries += 1
+                    log.debug("event=oscore_stale_retry method=%s uri=%s", method, uri)
+                    continue
                 raise SyncError(
-                    f"{method} {uri}: answer {plain.code.dotted} without OSCORE "
+                    f"{method} {uri}: answer {code.dotted} without OSCORE "
                     f"({type(err).__name__}: the endpoint refuses this credential's context)"
                 ) from err
-            raise SyncError(f"{method} {uri}: {type(err).__name__}: {err}") from err
-        return _response(resp)
+            return _response(resp)
 
     async def _reset_lane(self, lane: int, ctx: Any) -> None:
         """Give ``lane`` a fresh client context after a confirmable request missed its deadline.

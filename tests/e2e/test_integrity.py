@@ -357,7 +357,9 @@ async def test_the_device_refuses_a_verdict_that_names_another_window(
     site = aiocoap.resource.Site()
     site.add_resource(["validate", DEVICE], _UnboundVerdicts())
     port = free_port()
-    ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    ctx = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", port), transports=["udp6"]
+    )
     transport = CoapTransport(RealClock())
     try:
         rt = router(tmp_path, f"coap://127.0.0.1:{port}", transport)

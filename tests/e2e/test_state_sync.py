@@ -490,7 +490,9 @@ async def test_document_that_does_not_decode_is_rejected_and_the_next_one_applie
     site.add_resource(["state", DEVICE, "desired"], junk)
     site.add_resource(["state", DEVICE, "reported"], Reported())
     port = free_port()
-    ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    ctx = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", port), transports=["udp6"]
+    )
     hooks = Hooks()
     device = Device((f"coap://127.0.0.1:{port}",), tmp_path / "state.cbor", hooks).start()
     try:
@@ -596,7 +598,9 @@ async def test_observation_registered_again_after_the_endpoint_cancels_it(
     site.add_resource(["state", DEVICE, "desired"], desired)
     site.add_resource(["state", DEVICE, "reported"], Reported())
     port = free_port()
-    ctx = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    ctx = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", port), transports=["udp6"]
+    )
     hooks = Hooks()
     device = Device((f"coap://127.0.0.1:{port}",), tmp_path / "state.cbor", hooks).start()
     try:

@@ -720,7 +720,9 @@ async def test_a_coap_client_talks_to_its_server_through_the_proxy() -> None:
     site = resource.Site()
     reverse = Reverse()
     site.add_resource(["rev"], reverse)
-    server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    server = await aiocoap.Context.create_server_context(
+        site, bind=("127.0.0.1", port), transports=["udp6"]
+    )
     client = await aiocoap.Context.create_client_context(transports=["udp6"])
     # Every answer arrives twice and late: CoAP's deduplication sorts that out.
     proxy = LinkEmulator(("127.0.0.1", 0), ("127.0.0.1", port), Impairment(delay=0.01), seed=1)
