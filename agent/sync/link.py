@@ -200,27 +200,39 @@ class CoapProbe:
         self.lane = lane
         self.endpoint: str = endpoints.current  # the one probed last
 
-    async def __call__(self, deadline: float, *, offline: bool = False) -> None:
-        """Returns when an answer came; raises SyncError otherwise."""
+    async def __call__(self, deadline: float, *, offline: bool = False) -> float:
+        """The round trip of the answer from the current endpoint (or the primary, when it is
+        time to try it again); raises SyncError when none came. A primary that does not answer
+        is not the link the device uses: the current endpoint is probed after it, and only that
+        outcome counts."""
         eps = self.endpoints
-        primary = eps.want_primary()
-        uri = self.endpoint = eps.uris[0] if primary else eps.current
-        try:
-            await self.transport.request(
-                "GET",
-                f"{uri}/devices/{self.device_id}",
-                deadline=deadline,
-                lane=self.lane,
-                confirmable=False,
-            )
-        except SyncError:
-            if primary:
+        if eps.want_primary():
+            self.endpoint = eps.uris[0]
+            try:
+                rtt = await self._get(eps.uris[0], deadline)
+            except SyncError:
                 eps.retried_primary_failed()
-            elif offline:
+            else:
+                eps.primary_ok()
+                return rtt
+        uri = self.endpoint = eps.current
+        try:
+            return await self._get(uri, deadline)
+        except SyncError:
+            if offline:
                 eps.failed(uri)
             raise
-        if primary:
-            eps.primary_ok()
+
+    async def _get(self, uri: str, deadline: float) -> float:
+        started = network_time()
+        await self.transport.request(
+            "GET",
+            f"{uri}/devices/{self.device_id}",
+            deadline=deadline,
+            lane=self.lane,
+            confirmable=False,
+        )
+        return network_time() - started
 
 
 class LinkMonitor:
@@ -404,6 +416,9 @@ class LinkMonitor:
         self.state = new
         self.since = now
         self._pending, self._pending_count = None, 0
+        if OFFLINE in (old, new):  # each outage's probes back off from the start
+            self._offline_probes_failed = 0
+            self._offline_period = OFFLINE_PROBE_BASE
         if new == OFFLINE:
             # what is measured after the outage belongs to the link that comes back
             self._outcomes.clear()
@@ -470,9 +485,8 @@ class LinkMonitor:
         assert self.probe is not None
         self.probes += 1
         offline = self.state == OFFLINE
-        started = network_time()
         try:
-            await self.probe(self.settings.probe_timeout, offline=offline)
+            rtt = await self.probe(self.settings.probe_timeout, offline=offline)
         except SyncError as err:
             self.probes_failed += 1
             log.debug("event=probe_failed endpoint=%s error=%r", self.probe.endpoint, str(err))
@@ -489,7 +503,6 @@ class LinkMonitor:
             return
         self._offline_probes_failed = 0
         self._offline_period = OFFLINE_PROBE_BASE
-        rtt = network_time() - started
         log.debug("event=probe endpoint=%s rtt=%.3f", self.probe.endpoint, rtt)
         self._record(self.clock.monotonic(), True, rtt, False)
 

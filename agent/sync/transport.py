@@ -54,6 +54,7 @@ class Response:
     etag: bytes | None = None
     size2: int | None = None
     block2: tuple[int, bool, int] | None = None  # Block2 of the answer: (num, more, szx)
+    attempts: int = 1  # 2: sent again after an unprotected 4.01 (STALE_RETRIES): two round trips
 
     @property
     def dotted(self) -> str:
@@ -183,10 +184,10 @@ class CoapTransport:
         from aiocoap import error as coap_error
         from aiocoap.optiontypes import BlockOption
 
-        ctx = await self._context(lane % self.lanes)
         end = asyncio.get_running_loop().time() + deadline
         retries = 0
         while True:
+            ctx = await self._context(lane % self.lanes)  # a retry: the lane's current context
             msg = aiocoap.Message(
                 code=getattr(aiocoap, method),
                 uri=uri,
@@ -234,7 +235,7 @@ class CoapTransport:
                     f"{method} {uri}: answer {code.dotted} without OSCORE "
                     f"({type(err).__name__}: the endpoint refuses this credential's context)"
                 ) from err
-            return _response(resp)
+            return _response(resp, attempts=1 + retries)
 
     async def _reset_lane(self, lane: int, ctx: Any) -> None:
         """Give ``lane`` a fresh client context after a confirmable request missed its deadline.
@@ -331,7 +332,7 @@ async def _shutdown(ctx: Any) -> None:
         await ctx.shutdown()
 
 
-def _response(resp: Any) -> Response:
+def _response(resp: Any, attempts: int = 1) -> Response:
     opt = resp.opt
     cf = opt.content_format
     b2 = opt.block2
@@ -343,6 +344,7 @@ def _response(resp: Any) -> Response:
         etag=opt.etag,
         size2=opt.size2,
         block2=None if b2 is None else (b2.block_number, bool(b2.more), b2.size_exponent),
+        attempts=attempts,
     )
 
 

@@ -396,7 +396,10 @@ class Uplink:
             per_message = rtt / blocks
             # any retransmitted exchange took at least one timeout (RFC 7252's 2 s by default)
             retransmitted = per_message >= (rto if rto is not None else 2.0)
-            if not retransmitted:
+            retried = resp.attempts > 1  # two round trips (a stale OSCORE number): no sample
+            if retried:
+                retransmitted = False
+            elif not retransmitted:
                 self.rtt.sample(per_message)
             else:
                 self.stats.retransmitted += 1
@@ -413,7 +416,8 @@ class Uplink:
                 retransmitted,
                 self.window,
             )
-            self._report(uri, True, per_message, retransmitted, len(payload), len(batch), delivered)
+            measured = None if retried else per_message
+            self._report(uri, True, measured, retransmitted, len(payload), len(batch), delivered)
             if delivered and retransmitted:
                 self._congestion()
         finally:

@@ -61,17 +61,58 @@ async def _until_online(m: LinkMonitor, clock: VirtualClock) -> None:
 
 def test_an_offline_device_on_a_dead_fallback_returns_to_its_primary(vclock: VirtualClock) -> None:
     async def main() -> None:
-        eps = Endpoints((GW, CLOUD), vclock, primary_retry=5.0)
-        eps.failed(GW)  # the gateway was down a moment: the device went to the cloud
-        assert eps.current == CLOUD
+        eps = Endpoints((GW, CLOUD), vclock, primary_retry=600.0)
         net = Net(vclock, {GW})  # the gateway is back, the cloud has gone away
         m = monitor(vclock, net, eps)
         await _offline(m, vclock)
+        eps.failed(GW)  # the gateway was down a moment: the device went to the cloud
+        assert eps.current == CLOUD
         left = vclock.monotonic()
         await _until_online(m, vclock)
+        # long before primary_retry: the cloud did not answer a probe, the list moved on
         assert m.state == LOW and eps.current == GW
-        back = next(t for t, uri in net.sent if uri == GW)
-        assert back - left <= 5.0 + 2.0  # at primary_retry, not at probe_idle (30 s)
+        assert [uri for _, uri in net.sent] == [CLOUD, GW]
+        assert net.sent[-1][0] - left < 10.0  # not at the next probe_idle (30 s)
+
+    vclock.run(main())
+
+
+def test_an_idle_device_on_a_fallback_returns_to_the_primary_at_primary_retry(
+    vclock: VirtualClock,
+) -> None:
+    async def main() -> None:
+        eps = Endpoints((GW, CLOUD), vclock, primary_retry=100.0)
+        eps.failed(GW)
+        left = vclock.monotonic()
+        net = Net(vclock, {GW, CLOUD})  # both answer: online all along, the uplink idle
+        m = monitor(vclock, net, eps)
+        task = asyncio.get_running_loop().create_task(m.run())
+        await vclock.sleep(200.0)
+        task.cancel()
+        assert eps.current == GW and m.state != OFFLINE
+        first = next(t for t, uri in net.sent if uri == GW)
+        assert 100.0 <= first - left <= 100.0 + 30.0 + 1.0  # the first idle probe after it
+        assert all(uri == CLOUD for t, uri in net.sent if t < first)
+
+    vclock.run(main())
+
+
+def test_a_dead_primary_probed_again_does_not_take_a_working_fallback_offline(
+    vclock: VirtualClock,
+) -> None:
+    async def main() -> None:
+        eps = Endpoints((GW, CLOUD), vclock, primary_retry=5.0)
+        eps.failed(GW)
+        net = Net(vclock, {CLOUD})
+        m = monitor(vclock, net, eps)
+        task = asyncio.get_running_loop().create_task(m.run())
+        await vclock.sleep(3600.0)
+        task.cancel()
+        sent = [uri for _, uri in net.sent]
+        assert sent.count(GW) > 50 and sent.count(CLOUD) > 50  # the primary tried at each probe
+        # the link measured is the cloud's: it never went offline (nor lost anything)
+        assert all(to != OFFLINE for _, to, _ in m.transitions) and m.state != OFFLINE
+        assert m.probes_failed == 0 and eps.current == CLOUD
 
     vclock.run(main())
 
@@ -115,7 +156,7 @@ def test_offline_probes_back_off_with_jitter_up_to_probe_idle_and_reset_on_an_an
             assert max(gaps) > 8.0  # it backs off (2**4 s caps the fifth)
             assert len(times) < 600 / 8  # a long outage: a probe every ~15 s on average at most
             net.up.add(GW)
-            await vclock.sleep(31.0)
+            await vclock.sleep(30.0 + 2.0 + 1.0)  # the longest wait, a probe, a margin
             assert m.state == LOW
             task.cancel()
             assert m.probe_period == m.settings.probe_idle  # online: the idle period again

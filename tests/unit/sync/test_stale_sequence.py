@@ -43,8 +43,10 @@ async def test_a_request_behind_the_endpoints_window_is_sent_again_and_succeeds(
         assert device.transport is not None and device.transport.stale_retries == 0
         _lag_once(device, 36)
         resp = await device.req("GET", f"devices/{DEVICE}")
-        assert resp.dotted == "2.05"
+        assert resp.dotted == "2.05" and resp.attempts == 2  # two round trips: not an RTT sample
         assert device.transport.stale_retries == 1
+        again = await device.req("GET", f"devices/{DEVICE}")
+        assert again.attempts == 1 and device.transport.stale_retries == 1
     finally:
         await device.close()
 
