@@ -501,8 +501,6 @@ class LinkMonitor:
                 )
             self._record(self.clock.monotonic(), False, None, False)
             return
-        self._offline_probes_failed = 0
-        self._offline_period = OFFLINE_PROBE_BASE
         log.debug("event=probe endpoint=%s rtt=%.3f", self.probe.endpoint, rtt)
         self._record(self.clock.monotonic(), True, rtt, False)
 

@@ -394,14 +394,13 @@ class Uplink:
             # block, so the round trip of one message is the exchange's time per block.
             blocks = max(1, math.ceil(len(payload) / BLOCK_SIZE))
             per_message = rtt / blocks
-            # any retransmitted exchange took at least one timeout (RFC 7252's 2 s by default)
-            retransmitted = per_message >= (rto if rto is not None else 2.0)
-            retried = resp.attempts > 1  # two round trips (a stale OSCORE number): no sample
-            if retried:
-                retransmitted = False
-            elif not retransmitted:
+            # any retransmitted exchange took at least one timeout (RFC 7252's 2 s by default);
+            # a retried one (a stale OSCORE number) took two round trips: no sample, no loss
+            retried = resp.attempts > 1
+            retransmitted = not retried and per_message >= (rto if rto is not None else 2.0)
+            if not (retried or retransmitted):
                 self.rtt.sample(per_message)
-            else:
+            elif retransmitted:
                 self.stats.retransmitted += 1
                 self.rtt.retransmitted(rto)
             dotted = resp.dotted

@@ -49,6 +49,13 @@ async def _offline(m: LinkMonitor, clock: VirtualClock) -> None:
     assert m.state == OFFLINE
 
 
+async def _run_for(m: LinkMonitor, clock: VirtualClock, seconds: float) -> None:
+    """The monitor runs (probes) for ``seconds`` of virtual time."""
+    task = asyncio.get_running_loop().create_task(m.run())
+    await clock.sleep(seconds)
+    task.cancel()
+
+
 async def _until_online(m: LinkMonitor, clock: VirtualClock) -> None:
     """The monitor runs (probes) until it leaves offline, a minute at most."""
     task = asyncio.get_running_loop().create_task(m.run())
@@ -86,9 +93,7 @@ def test_an_idle_device_on_a_fallback_returns_to_the_primary_at_primary_retry(
         left = vclock.monotonic()
         net = Net(vclock, {GW, CLOUD})  # both answer: online all along, the uplink idle
         m = monitor(vclock, net, eps)
-        task = asyncio.get_running_loop().create_task(m.run())
-        await vclock.sleep(200.0)
-        task.cancel()
+        await _run_for(m, vclock, 200.0)
         assert eps.current == GW and m.state != OFFLINE
         first = next(t for t, uri in net.sent if uri == GW)
         assert 100.0 <= first - left <= 100.0 + 30.0 + 1.0  # the first idle probe after it
@@ -105,9 +110,7 @@ def test_a_dead_primary_probed_again_does_not_take_a_working_fallback_offline(
         eps.failed(GW)
         net = Net(vclock, {CLOUD})
         m = monitor(vclock, net, eps)
-        task = asyncio.get_running_loop().create_task(m.run())
-        await vclock.sleep(3600.0)
-        task.cancel()
+        await _run_for(m, vclock, 3600.0)
         sent = [uri for _, uri in net.sent]
         assert sent.count(GW) > 50 and sent.count(CLOUD) > 50  # the primary tried at each probe
         # the link measured is the cloud's: it never went offline (nor lost anything)
@@ -148,9 +151,8 @@ def test_offline_probes_back_off_with_jitter_up_to_probe_idle_and_reset_on_an_an
             task = asyncio.get_running_loop().create_task(m.run())
             await vclock.sleep(600.0)
             times = [t for t, _ in net.sent]
-            gaps = [
-                b - a - 2.0 for a, b in itertools.pairwise(times)
-            ]  # minus each probe's deadline
+            # from the end of one probe to the start of the next (each waits its 2 s deadline)
+            gaps = [b - a - 2.0 for a, b in itertools.pairwise(times)]
             assert gaps and all(0.5 - 1e-9 <= g <= 30.05 + 1e-6 for g in gaps), gaps
             assert times[0] - start <= 1.0 + 1e-6  # the first within a second
             assert max(gaps) > 8.0  # it backs off (2**4 s caps the fifth)
