@@ -64,7 +64,18 @@ class RawDevice:
             return await loop.sock_recv(self.sock, 4096)
 
     async def send(self, data: bytes) -> Message:
-        return Message.decode(await self.send_raw(data))
+        """Send one request; its response. An empty ACK first (the endpoint took longer than
+        aiocoap's empty-ACK delay, as under load) announces a separate response (RFC 7252
+        5.2.2): that one is awaited, and acknowledged when confirmable."""
+        answer = Message.decode(await self.send_raw(data))
+        if answer.mtype == Type.ACK and answer.code == Code.EMPTY:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(20):
+                answer = Message.decode(await loop.sock_recv(self.sock, 4096))
+            if answer.mtype == Type.CON:
+                ack = Message(mtype=Type.ACK, code=Code.EMPTY, mid=answer.mid)
+                await loop.sock_sendall(self.sock, ack.encode())
+        return answer
 
     async def ask(self, inner: Message) -> Message:
         """Protect, send, open the answer (going through Echo first if the endpoint asks)."""
