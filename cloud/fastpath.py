@@ -8,21 +8,29 @@ in front of aiocoap's UDP transport (it wraps the transport protocol's ``datagra
 and answers that one kind of request itself, with the same security context objects, the same
 checks and the same resource code (``_Site.render``: path, method, options, authorisation, the
 codec, the group commit), for about a third of the CPU. Everything else (other methods and
-resources, Block1/Block2, Observe, NON, plain CoAP, a peer whose replay window is not initialised
-yet, anything that fails to decode or decrypt) is handed to aiocoap untouched, which answers it as
-before.
+resources, Block1/Block2, Observe, NON, plain CoAP, anything that fails to decode or decrypt) is
+handed to aiocoap untouched, which answers it as before. The Echo round trip (RFC 9175) of a peer
+whose replay window is not initialised (every device once after an endpoint restart, or when it
+comes with a new ID Context) is answered here too: it is what a fleet sends all at once when its
+endpoint comes back.
 
 What the short way does, by RFC 7252 and RFC 8613:
 
 - It looks at a datagram only when its header says CON and POST and its outer options are only
   OSCORE, Uri-Host and Uri-Port. The OSCORE option names the security context
   (``Principals.get_oscore_context_for``, the same lookup aiocoap makes); its partial IV must be
-  valid in that context's initialised replay window, else aiocoap takes it (Echo recovery, replay
-  refusal).
+  valid in that context's replay window, else aiocoap takes it (replay refusal).
 - Unprotecting strikes the sequence number out of the replay window. The inner request is taken
   only if it is a POST to ``ingest`` without Block1, Block2, Observe, No-Response or proxy
-  options; otherwise the window is put back as it was (``persist``/``initialize_from_persisted``)
-  and the datagram goes to aiocoap, which unprotects it again: nothing is consumed twice.
+  options; otherwise the window is put back as it was (``ReplayWindow.state``/``put_back``,
+  agent/wire/oscore.py) and the datagram goes to aiocoap, which unprotects it again: nothing is
+  consumed twice.
+- A window that is not initialised: unprotecting (which decrypts and verifies first) raises
+  aiocoap's ``ReplayErrorWithEcho`` unless the request carries the context's Echo value, and
+  that error's own protected 4.01 + Echo is the answer, piggybacked (any inner request: the
+  refusal does not depend on it), as aiocoap's path sends it. A request that carries the Echo
+  initialises the window (aiocoap's unprotect does it) and is taken as above when it is a plain
+  ingest, else the window goes back to not initialised and aiocoap takes it.
 - The answer is protected with the request's nonce (no new sequence number, as aiocoap does for a
   response that is not a notification) and piggybacked on the ACK once the group commit holding
   the batch has committed: the ack a device gets always means "stored".
@@ -90,6 +98,7 @@ class IngestFastPath:
         self._exchanges: OrderedDict[tuple[Any, int], tuple[float, bytes | None]] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0  # requests answered here
+        self.echoes = 0  # of which 4.01 + Echo challenges (RFC 9175) to peers without a window
         self.duplicates = 0  # copies of those requests (answered again, or dropped in flight)
         self.handed_on = 0  # CON POSTs looked at and left to aiocoap
 
@@ -114,8 +123,8 @@ class IngestFastPath:
     def summary(self) -> str:
         """One log line's worth: what was answered here and what was left to aiocoap."""
         return (
-            f"handled={self.handled} duplicates={self.duplicates} handed_on={self.handed_on} "
-            f"remembered={self.remembered}"
+            f"handled={self.handled} echoes={self.echoes} duplicates={self.duplicates} "
+            f"handed_on={self.handed_on} remembered={self.remembered}"
         )
 
     # -- the datagram -----------------------------------------------------------------------------
@@ -150,17 +159,19 @@ class IngestFastPath:
         if ctx is None or not isinstance(piv, bytes) or not piv:
             return False
         window = ctx.recipient_replay_window
-        if not window.is_initialized() or not window.is_valid(int.from_bytes(piv, "big")):
-            return False
-        before, accepted = window.persist(), ctx.accepted
+        if window.is_initialized() and not window.is_valid(int.from_bytes(piv, "big")):
+            return False  # a replay: aiocoap's path refuses it
+        before, accepted = window.state(), ctx.accepted
         outer.direction = Direction.INCOMING
         try:
             inner, request_id = ctx.unprotect(outer)
             ok = _plain_ingest(inner)
+        except oscore.ReplayErrorWithEcho as challenge:  # decrypted, verified, no window yet
+            return self._challenge(challenge, outer, ancdata, key)
         except Exception:
             ok = False
         if not ok:  # as if never looked at: aiocoap unprotects it again
-            window.initialize_from_persisted(before)
+            window.put_back(before)
             ctx.accepted = accepted
             return False
         remote = UDP6EndpointAddress(address, self._protocol, pktinfo=_pktinfo(ancdata))
@@ -171,6 +182,24 @@ class IngestFastPath:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _challenge(
+        self, challenge: Any, outer: Message, ancdata: Any, key: tuple[Any, int]
+    ) -> bool:
+        """Answer ``outer`` with ``challenge``'s protected 4.01 + Echo; False: aiocoap should."""
+        try:
+            answer = challenge.to_message()
+            answer.mtype = Type.ACK
+            answer.mid = outer.mid
+            answer.token = outer.token
+            data = answer.encode()
+        except Exception:  # e.g. no sequence number left: aiocoap's path answers (or logs) it
+            return False
+        self.handled += 1
+        self.echoes += 1
+        self._remember(key, data)
+        self._send(data, ancdata, key[0])
         return True
 
     async def _answer(

@@ -105,6 +105,23 @@ class Sequence:
         self.reserved = self.next
 
 
+class ReplayWindow(oscore.ReplayWindow):
+    """aiocoap's replay window, whose whole state (not initialised included) can be taken and put
+    back: the endpoint's short way (cloud/fastpath.py) unprotects a request and, when it leaves
+    the request to aiocoap, puts the window back as it was."""
+
+    def state(self) -> dict[str, int] | None:
+        """``persist()``'s document, or None while not initialised."""
+        return self.persist() if self.is_initialized() else None
+
+    def put_back(self, state: dict[str, int] | None) -> None:
+        """Back to ``state`` (of :meth:`state`): None makes the window not initialised."""
+        if state is None:
+            self._index = self._bitfield = None
+        else:
+            self.initialize_from_persisted(state)
+
+
 class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
     """An OSCORE context drawing its sender sequence numbers from a durable :class:`Sequence`.
 
@@ -134,7 +151,7 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
         self.derive_keys(credential.master_salt, credential.master_secret)
         self.authenticated_claims = list(claims or [])  # never the class-level shared list
         self.echo_recovery = secrets.token_bytes(8)  # a fresh Echo value per loaded context
-        self.recipient_replay_window = oscore.ReplayWindow(WINDOW, self._accepted)
+        self.recipient_replay_window = ReplayWindow(WINDOW, self._accepted)
         if replay is not None:
             self.recipient_replay_window.initialize_from_persisted(replay)
         self.sequence = sequence
@@ -162,8 +179,7 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
             self.on_accept(self)
 
     def replay_state(self) -> dict[str, int] | None:
-        window = self.recipient_replay_window
-        return window.persist() if window.is_initialized() else None
+        return self.recipient_replay_window.state()
 
     def __repr__(self) -> str:  # aiocoap formats it into a task name on every request: cheap
         return self._label

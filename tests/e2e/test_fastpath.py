@@ -18,6 +18,7 @@ from aiocoap.numbers.types import Type
 from agent.wire import codec
 from agent.wire.batch import IngestAck, WireRecord
 from agent.wire.records import TelemetryBody
+from cloud.fastpath import IngestFastPath
 from cloud.server import CloudServer
 from tools.fleetlib.device import OscoreSession
 
@@ -92,7 +93,7 @@ class RawDevice:
 
 @pytest.fixture
 async def dev(server: CloudServer) -> AsyncIterator[RawDevice]:
-    """Device A, past its Echo round trip, records 1 and 2 stored (both through aiocoap)."""
+    """Device A, past its Echo round trip, records 1 and 2 stored (both by the short way)."""
     device = RawDevice(server, OscoreSession(await server.register(A)))
     try:
         first = await device.ask(ingest(A, range(1, 3)))
@@ -100,6 +101,18 @@ async def dev(server: CloudServer) -> AsyncIterator[RawDevice]:
         yield device
     finally:
         device.close()
+
+
+def short_way(server: CloudServer) -> IngestFastPath:
+    assert server.fast_path is not None
+    return server.fast_path
+
+
+def tamper(data: bytes) -> bytes:
+    """``data`` with a bit of its ciphertext (or tag) flipped, as on the way."""
+    tampered = bytearray(data)
+    tampered[-3] ^= 0x01
+    return bytes(tampered)
 
 
 def with_mid(data: bytes, mid: int) -> bytes:
@@ -114,15 +127,15 @@ def acked(answer: Message) -> list[int]:
 
 
 @pytest.mark.timeout(60)
-async def test_ingest_is_answered_by_the_short_way_after_the_echo_round_trip(
+async def test_the_echo_round_trip_and_ingest_are_answered_by_the_short_way(
     server: CloudServer, dev: RawDevice
 ) -> None:
-    fast = server.fast_path
-    assert fast is not None
-    assert fast.handled == 0  # the Echo exchange and the first batch went through aiocoap
+    fast = short_way(server)
+    # the fixture's first request: 4.01 + Echo, then the request with the Echo, stored
+    assert (fast.handled, fast.echoes, fast.handed_on) == (2, 1, 0)
     for n in range(3, 30, 3):
         assert acked(await dev.ask(ingest(A, range(n, n + 3)))) == [n, n + 1, n + 2]
-    assert fast.handled == 9
+    assert (fast.handled, fast.echoes, fast.handed_on) == (11, 1, 0)
     assert await server.seqs(A) == list(range(1, 30))
     stored = await server.records(A)
     assert TelemetryBody.from_cbor(stored[-1].body).values == {"current_a": 29}
@@ -137,7 +150,7 @@ async def test_duplicate_datagram_gets_the_same_answer_and_is_stored_once(
     again = await dev.send_raw(data)  # the same datagram: a retransmission of the exchange
     assert first == again
     assert acked(dev.session.unprotect(Message.decode(first), request_id)) == [3, 4, 5]
-    assert server.fast_path is not None and server.fast_path.duplicates == 1
+    assert short_way(server).duplicates == 1
     assert await server.seqs(A) == [1, 2, 3, 4, 5]
 
 
@@ -157,9 +170,8 @@ async def test_replayed_request_under_a_new_message_id_is_refused(
 async def test_requests_it_does_not_take_reach_aiocoap_with_their_sequence_number_unused(
     server: CloudServer, dev: RawDevice
 ) -> None:
-    fast = server.fast_path
-    assert fast is not None
-    handed_on = fast.handed_on
+    fast = short_way(server)
+    handled, handed_on = fast.handled, fast.handed_on
     # a protected GET: unprotected here, put back, unprotected again by aiocoap
     desired = await dev.ask(Message(code=Code.GET, uri_path=("state", A, "desired")))
     assert desired.code == Code.CONTENT
@@ -168,9 +180,9 @@ async def test_requests_it_does_not_take_reach_aiocoap_with_their_sequence_numbe
     big.opt.block1 = (0, False, 6)
     assert (await dev.ask(big)).code == Code.CHANGED
     assert fast.handed_on == handed_on + 2
-    assert fast.handled == 0
+    assert fast.handled == handled
     assert acked(await dev.ask(ingest(A, range(5, 7)))) == [5, 6]
-    assert fast.handled == 1
+    assert fast.handled == handled + 1
 
 
 @pytest.mark.timeout(60)
@@ -178,9 +190,7 @@ async def test_tampered_request_is_refused_and_does_not_burn_its_sequence_number
     server: CloudServer, dev: RawDevice
 ) -> None:
     data, request_id = dev.protect(ingest(A, range(3, 6)))
-    tampered = bytearray(data)
-    tampered[-3] ^= 0x01  # a bit of the ciphertext (or its tag) flipped on the way
-    answer = await dev.send(bytes(tampered))
+    answer = await dev.send(tamper(data))
     assert answer.code == Code.BAD_REQUEST and answer.opt.oscore is None
     genuine = with_mid(data, dev.mid)  # the genuine request, sent again later
     dev.mid += 1
@@ -193,9 +203,11 @@ async def test_a_device_posting_to_another_devices_ingest_gets_4_03(
     server: CloudServer, dev: RawDevice
 ) -> None:
     await server.register(B)
+    fast = short_way(server)
+    handled = fast.handled
     answer = await dev.ask(ingest(B, range(1, 3)))
     assert answer.code == Code.FORBIDDEN
-    assert server.fast_path is not None and server.fast_path.handled == 1
+    assert fast.handled == handled + 1
     assert await server.seqs(B) == []
 
 
@@ -211,20 +223,95 @@ async def test_copy_arriving_while_the_batch_commits_is_dropped_and_answered_onc
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(dev.sock, data)
         await loop.sock_sendall(dev.sock, data)  # the device retransmits before any answer
-        fast = server.fast_path
-        assert fast is not None
+        fast = short_way(server)
+        handled = fast.handled
         for _ in range(2000):  # the endpoint's loop reads both copies (this loop is its loop)
             if fast.duplicates:
                 break
             await asyncio.sleep(0.01)
         assert fast.duplicates == 1
-        assert fast.handled == 0  # nothing answered while the commit waits
+        assert fast.handled == handled  # nothing answered while the commit waits
         release.set()
         await held
         async with asyncio.timeout(20):
             answer = Message.decode(await loop.sock_recv(dev.sock, 4096))
         assert acked(dev.session.unprotect(answer, request_id)) == [3, 4, 5]
-        assert fast.handled == 1 and fast.duplicates == 1
+        assert fast.handled == handled + 1 and fast.duplicates == 1
         assert await server.seqs(A) == [1, 2, 3, 4, 5]
     finally:
         release.set()
+
+
+@pytest.fixture
+async def new(server: CloudServer) -> AsyncIterator[RawDevice]:
+    """Device A before its first request: the endpoint has no replay window for it yet."""
+    device = RawDevice(server, OscoreSession(await server.register(A)))
+    try:
+        yield device
+    finally:
+        device.close()
+
+
+def challenge(dev: RawDevice, answer: Message, request_id: object) -> bytes:
+    """The Echo value of a protected 4.01 + Echo (RFC 9175)."""
+    assert answer.mtype == Type.ACK and answer.opt.oscore is not None
+    inner = dev.session.unprotect(answer, request_id)
+    assert inner.code == Code.UNAUTHORIZED and inner.opt.echo
+    return bytes(inner.opt.echo)
+
+
+@pytest.mark.timeout(60)
+async def test_a_copy_of_the_first_request_gets_the_same_challenge(
+    server: CloudServer, new: RawDevice
+) -> None:
+    fast = short_way(server)
+    data, request_id = new.protect(ingest(A, range(1, 3)))
+    first = await new.send_raw(data)
+    again = await new.send_raw(data)  # a retransmission before the device saw the answer
+    assert first == again
+    echo = challenge(new, Message.decode(first), request_id)
+    assert (fast.echoes, fast.duplicates) == (1, 1)
+    data, request_id = new.protect(ingest(A, range(1, 3)), echo)
+    assert acked(new.session.unprotect(await new.send(data), request_id)) == [1, 2]
+    assert (fast.handled, fast.echoes, fast.handed_on) == (2, 1, 0)
+    assert await server.seqs(A) == [1, 2]
+
+
+@pytest.mark.timeout(60)
+async def test_a_wrong_echo_gets_a_new_challenge_and_stores_nothing(
+    server: CloudServer, new: RawDevice
+) -> None:
+    fast = short_way(server)
+    data, request_id = new.protect(ingest(A, range(1, 3)), b"\x00" * 8)
+    echo = challenge(new, await new.send(data), request_id)
+    assert echo != b"\x00" * 8
+    assert await server.seqs(A) == []
+    data, request_id = new.protect(ingest(A, range(1, 3)), echo)
+    assert acked(new.session.unprotect(await new.send(data), request_id)) == [1, 2]
+    assert (fast.echoes, fast.handed_on) == (1, 0)
+
+
+@pytest.mark.timeout(60)
+async def test_a_first_request_that_does_not_decrypt_gets_no_challenge(
+    server: CloudServer, new: RawDevice
+) -> None:
+    fast = short_way(server)
+    data, _ = new.protect(ingest(A, range(1, 3)))
+    answer = await new.send(tamper(data))
+    assert answer.code == Code.BAD_REQUEST and answer.opt.oscore is None  # aiocoap's refusal
+    assert (fast.echoes, fast.handed_on) == (0, 1)
+    assert acked(await new.ask(ingest(A, range(1, 3)))) == [1, 2]  # the genuine one still works
+
+
+@pytest.mark.timeout(60)
+async def test_a_first_request_that_is_not_ingest_is_challenged_here_and_served_by_aiocoap(
+    server: CloudServer, new: RawDevice
+) -> None:
+    fast = short_way(server)
+    desired = await new.ask(Message(code=Code.GET, uri_path=("state", A, "desired")))
+    assert desired.code == Code.CONTENT
+    # the challenge here; the GET with the Echo left to aiocoap, which initialised the window
+    # from it (the short way had put it back as not initialised)
+    assert (fast.handled, fast.echoes, fast.handed_on) == (1, 1, 1)
+    assert acked(await new.ask(ingest(A, range(1, 3)))) == [1, 2]
+    assert (fast.handled, fast.echoes, fast.handed_on) == (2, 1, 1)  # no second challenge

@@ -49,7 +49,7 @@ def _options(args: argparse.Namespace) -> argparse.Namespace:
     parser.add_argument("--interval", type=float, default=10.0)
     parser.add_argument("--batch", type=int, default=10)
     # the steady window starts once the fleet's cold start is over: every device's first
-    # request goes through the Echo round trip (aiocoap's path) within the first interval
+    # request goes through the Echo round trip within the first interval
     parser.add_argument("--duration", type=float, default=15.0 if args.quick else 70.0)
     parser.add_argument("--warmup", type=float, default=5.0 if args.quick else 30.0)
     parser.add_argument("--processes", default="1,2" if args.quick else "1,2,4")
