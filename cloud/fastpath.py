@@ -10,9 +10,9 @@ checks and the same resource code (``_Site.render``: path, method, options, auth
 codec, the group commit), for about a third of the CPU. Everything else (other methods and
 resources, Block1/Block2, Observe, NON, plain CoAP, anything that fails to decode or decrypt) is
 handed to aiocoap untouched, which answers it as before. The Echo round trip (RFC 9175) of a peer
-whose replay window is not initialised (every device once after an endpoint restart, or when it
-comes with a new ID Context) is answered here too: it is what a fleet sends all at once when its
-endpoint comes back.
+whose replay window is not initialised is answered here too: a device with a new ID Context, and
+every device once after an endpoint crash or a restart of several processes (a clean stop of one
+process keeps the windows), which is a whole fleet within one interval.
 
 What the short way does, by RFC 7252 and RFC 8613:
 
@@ -27,13 +27,19 @@ What the short way does, by RFC 7252 and RFC 8613:
   consumed twice.
 - A window that is not initialised: unprotecting (which decrypts and verifies first) raises
   aiocoap's ``ReplayErrorWithEcho`` unless the request carries the context's Echo value, and
-  that error's own protected 4.01 + Echo is the answer, piggybacked (any inner request: the
-  refusal does not depend on it), as aiocoap's path sends it. A request that carries the Echo
-  initialises the window (aiocoap's unprotect does it) and is taken as above when it is a plain
-  ingest, else the window goes back to not initialised and aiocoap takes it.
+  that error's own protected 4.01 + Echo is the answer, piggybacked on the ACK (whatever the
+  inner request: the refusal does not depend on it). It is made once per context and request
+  sequence number and sent again to every copy, so a captured request replayed under new
+  message IDs costs a decryption, no sequence number and no remembered exchange. A request that
+  carries the Echo initialises the window (aiocoap's unprotect does it) and is taken as above
+  when it is a plain ingest; else the window goes back to not initialised, aiocoap takes the
+  request, and the context's next requests go to aiocoap too until the window is initialised
+  (aiocoap unprotects in a task: a later request taken here first would start the window above
+  it).
 - The answer is protected with the request's nonce (no new sequence number, as aiocoap does for a
-  response that is not a notification) and piggybacked on the ACK once the group commit holding
-  the batch has committed: the ack a device gets always means "stored".
+  response that is not a notification; a request that came with the Echo is answered under a
+  new one, as aiocoap does) and piggybacked on the ACK once the group commit holding the batch
+  has committed: the ack a device gets always means "stored".
 - Duplicates: each (peer, message ID) is remembered for EXCHANGE_LIFETIME (247 s, at most
   :data:`MAX_EXCHANGES` of them): a copy that arrives while the batch is being committed is
   dropped (the answer follows), a copy after the answer gets the same answer bytes again, and the
@@ -47,6 +53,7 @@ import asyncio
 import logging
 import socket
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -64,6 +71,8 @@ log = logging.getLogger(__name__)
 EXCHANGE_LIFETIME = 247.0
 #: Exchanges remembered at most (1,000 requests/s for 247 s, with room): the oldest go first.
 MAX_EXCHANGES = 1 << 19
+#: 4.01 + Echo answers remembered (one per context and request sequence number), at most.
+MAX_CHALLENGES = 1 << 14
 
 _CON_POST_FIRST = 0x40  # version 1, type CON (the token length is masked off)
 _POST = int(Code.POST)
@@ -96,6 +105,10 @@ class IngestFastPath:
         self._protocol: Any = None
         self._aiocoap: Any = None  # the transport protocol's own datagram_msg_received
         self._exchanges: OrderedDict[tuple[Any, int], tuple[float, bytes | None]] = OrderedDict()
+        # (recipient ID, ID Context, Echo value, partial IV) -> the 4.01 + Echo sent for it
+        self._challenges: OrderedDict[tuple[bytes, bytes, bytes, bytes], Message] = OrderedDict()
+        # contexts whose request with the Echo went to aiocoap, until their window is initialised
+        self._echo_in_aiocoap: weakref.WeakSet[Any] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[None]] = set()
         self.handled = 0  # requests answered here
         self.echoes = 0  # of which 4.01 + Echo challenges (RFC 9175) to peers without a window
@@ -159,18 +172,24 @@ class IngestFastPath:
         if ctx is None or not isinstance(piv, bytes) or not piv:
             return False
         window = ctx.recipient_replay_window
-        if window.is_initialized() and not window.is_valid(int.from_bytes(piv, "big")):
-            return False  # a replay: aiocoap's path refuses it
+        if window.is_initialized():
+            self._echo_in_aiocoap.discard(ctx)
+            if not window.is_valid(int.from_bytes(piv, "big")):
+                return False  # a replay: aiocoap's path refuses it
+        elif ctx in self._echo_in_aiocoap:
+            return False  # aiocoap initialises the window from an earlier request: keep the order
         before, accepted = window.state(), ctx.accepted
         outer.direction = Direction.INCOMING
         try:
             inner, request_id = ctx.unprotect(outer)
             ok = _plain_ingest(inner)
         except oscore.ReplayErrorWithEcho as challenge:  # decrypted, verified, no window yet
-            return self._challenge(challenge, outer, ancdata, key)
+            return self._challenge(ctx, piv, challenge, outer, ancdata, address)
         except Exception:
             ok = False
         if not ok:  # as if never looked at: aiocoap unprotects it again
+            if before is None and window.is_initialized():  # it came with the Echo
+                self._echo_in_aiocoap.add(ctx)
             window.put_back(before)
             ctx.accepted = accepted
             return False
@@ -185,21 +204,31 @@ class IngestFastPath:
         return True
 
     def _challenge(
-        self, challenge: Any, outer: Message, ancdata: Any, key: tuple[Any, int]
+        self, ctx: Any, piv: bytes, challenge: Any, outer: Message, ancdata: Any, address: Any
     ) -> bool:
-        """Answer ``outer`` with ``challenge``'s protected 4.01 + Echo; False: aiocoap should."""
+        """Answer ``outer`` with ``challenge``'s protected 4.01 + Echo; False: aiocoap should.
+
+        The answer to a (context, sequence number) is made once and sent again, under the
+        request's message ID and token, to every copy: a retransmission, or a captured request
+        replayed under other message IDs, costs a decryption and no sequence number, and stays
+        out of the exchanges remembered for fresh requests."""
+        key = (ctx.recipient_id, ctx.id_context, ctx.echo_recovery, piv)
+        challenges = self._challenges
         try:
-            answer = challenge.to_message()
+            answer = challenges.get(key) or challenge.to_message()
             answer.mtype = Type.ACK
             answer.mid = outer.mid
             answer.token = outer.token
             data = answer.encode()
         except Exception:  # e.g. no sequence number left: aiocoap's path answers (or logs) it
             return False
+        challenges[key] = answer
+        challenges.move_to_end(key)
+        while len(challenges) > MAX_CHALLENGES:
+            challenges.popitem(last=False)
         self.handled += 1
         self.echoes += 1
-        self._remember(key, data)
-        self._send(data, ancdata, key[0])
+        self._send(data, ancdata, address)
         return True
 
     async def _answer(

@@ -78,6 +78,20 @@ class RawDevice:
                 await loop.sock_sendall(self.sock, ack.encode())
         return answer
 
+    async def receive(self, tokens: list[bytes]) -> list[Message]:
+        """The responses with these tokens, in that order (separate ones acknowledged)."""
+        loop = asyncio.get_running_loop()
+        answers: dict[bytes, Message] = {}
+        async with asyncio.timeout(20):
+            while len(answers) < len(tokens):
+                answer = Message.decode(await loop.sock_recv(self.sock, 4096))
+                if answer.mtype == Type.CON:
+                    ack = Message(mtype=Type.ACK, code=Code.EMPTY, mid=answer.mid)
+                    await loop.sock_sendall(self.sock, ack.encode())
+                if answer.code != Code.EMPTY:
+                    answers[answer.token] = answer
+        return [answers[t] for t in tokens]
+
     async def ask(self, inner: Message) -> Message:
         """Protect, send, open the answer (going through Echo first if the endpoint asks)."""
         data, request_id = self.protect(inner)
@@ -261,19 +275,29 @@ def challenge(dev: RawDevice, answer: Message, request_id: object) -> bytes:
 
 
 @pytest.mark.timeout(60)
-async def test_a_copy_of_the_first_request_gets_the_same_challenge(
+async def test_copies_and_replays_of_the_first_request_get_the_same_challenge(
     server: CloudServer, new: RawDevice
 ) -> None:
     fast = short_way(server)
     data, request_id = new.protect(ingest(A, range(1, 3)))
     first = await new.send_raw(data)
     again = await new.send_raw(data)  # a retransmission before the device saw the answer
+    replayed = await new.send_raw(with_mid(data, new.mid + 500))  # an attacker's copy
     assert first == again
+    # the same answer, same sequence number (the OSCORE option), under the copy's message ID
+    assert replayed == with_mid(first, new.mid + 500)
     echo = challenge(new, Message.decode(first), request_id)
-    assert (fast.echoes, fast.duplicates) == (1, 1)
+    assert (fast.echoes, fast.duplicates) == (3, 0)
+    assert fast.remembered == 0  # challenges are not exchanges of fresh requests
     data, request_id = new.protect(ingest(A, range(1, 3)), echo)
-    assert acked(new.session.unprotect(await new.send(data), request_id)) == [1, 2]
-    assert (fast.handled, fast.echoes, fast.handed_on) == (2, 1, 0)
+    answered = await new.send(data)
+    assert acked(new.session.unprotect(answered, request_id)) == [1, 2]
+    assert (fast.handled, fast.echoes, fast.handed_on) == (4, 3, 0)
+    assert await server.seqs(A) == [1, 2]
+    # the request that came with the Echo, replayed: the window refuses it (aiocoap's path)
+    refused = await new.send(with_mid(data, new.mid + 600))
+    assert refused.code == Code.UNAUTHORIZED and refused.opt.oscore is None
+    assert b"Replay" in refused.payload
     assert await server.seqs(A) == [1, 2]
 
 
@@ -300,7 +324,9 @@ async def test_a_first_request_that_does_not_decrypt_gets_no_challenge(
     answer = await new.send(tamper(data))
     assert answer.code == Code.BAD_REQUEST and answer.opt.oscore is None  # aiocoap's refusal
     assert (fast.echoes, fast.handed_on) == (0, 1)
-    assert acked(await new.ask(ingest(A, range(1, 3)))) == [1, 2]  # the genuine one still works
+    # the window is still not initialised: a genuine request is challenged, then stored
+    assert acked(await new.ask(ingest(A, range(1, 3)))) == [1, 2]
+    assert (fast.echoes, fast.handed_on) == (1, 1)
 
 
 @pytest.mark.timeout(60)
@@ -315,3 +341,31 @@ async def test_a_first_request_that_is_not_ingest_is_challenged_here_and_served_
     assert (fast.handled, fast.echoes, fast.handed_on) == (1, 1, 1)
     assert acked(await new.ask(ingest(A, range(1, 3)))) == [1, 2]
     assert (fast.handled, fast.echoes, fast.handed_on) == (2, 1, 1)  # no second challenge
+
+
+@pytest.mark.timeout(60)
+async def test_requests_after_one_left_to_aiocoap_with_the_echo_keep_their_order(
+    server: CloudServer, new: RawDevice
+) -> None:
+    """A GET with the Echo goes to aiocoap, which unprotects it in a task; an ingest with the
+    Echo that the endpoint reads before that task runs must not start the window above the
+    GET's number (both datagrams are given to the endpoint in one step of its loop)."""
+    fast = short_way(server)
+    get = Message(code=Code.GET, uri_path=("state", A, "desired"))
+    data, request_id = new.protect(get)
+    echo = challenge(new, await new.send(data), request_id)
+    first, get_id = new.protect(get, echo)
+    second, ingest_id = new.protect(ingest(A, range(1, 3)), echo)
+    host, port = new.sock.getsockname()
+    peer = (f"::ffff:{host}", port, 0, 0)  # as the endpoint's IPv6 socket sees the device
+    # IPV6_PKTINFO: the address the datagram came to (in6_pktinfo: address, interface index)
+    to = socket.inet_pton(socket.AF_INET6, f"::ffff:{server.host}") + bytes(4)
+    ancdata = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, to)]
+    for datagram in (first, second):
+        fast._datagram(datagram, ancdata, 0, peer)  # what the transport calls for each
+    assert fast.handed_on == 2  # both to aiocoap, which unprotects them in order
+    answers = await new.receive([Message.decode(first).token, Message.decode(second).token])
+    assert new.session.unprotect(answers[0], get_id).code == Code.CONTENT
+    assert acked(new.session.unprotect(answers[1], ingest_id)) == [1, 2]
+    assert acked(await new.ask(ingest(A, range(3, 5)))) == [3, 4]
+    assert fast.handed_on == 2  # the window is initialised: the short way again
