@@ -29,13 +29,13 @@ What the short way does, by RFC 7252 and RFC 8613:
   aiocoap's ``ReplayErrorWithEcho`` unless the request carries the context's Echo value, and
   that error's own protected 4.01 + Echo is the answer, piggybacked on the ACK (whatever the
   inner request: the refusal does not depend on it). It is made once per context and request
-  sequence number and sent again to every copy, so a captured request replayed under new
-  message IDs costs a decryption, no sequence number and no remembered exchange. A request that
-  carries the Echo initialises the window (aiocoap's unprotect does it) and is taken as above
-  when it is a plain ingest; else the window goes back to not initialised, aiocoap takes the
-  request, and the context's next requests go to aiocoap too until the window is initialised
-  (aiocoap unprotects in a task: a later request taken here first would start the window above
-  it).
+  sequence number and sent again to every copy: the device's retransmissions are answered as
+  duplicates (below), a captured request replayed under new message IDs costs a decryption, no
+  sequence number and no remembered exchange. A request that carries the Echo initialises the
+  window (aiocoap's unprotect does it) and is taken as above when it is a plain ingest; else the
+  window goes back to not initialised, aiocoap takes the request, and the context's next
+  requests go to aiocoap too until the window is initialised (aiocoap unprotects in a task: a
+  later request taken here first would start the window above it).
 - The answer is protected with the request's nonce (no new sequence number, as aiocoap does for a
   response that is not a notification; a request that came with the Echo is answered under a
   new one, as aiocoap does) and piggybacked on the ACK once the group commit holding the batch
@@ -184,7 +184,7 @@ class IngestFastPath:
             inner, request_id = ctx.unprotect(outer)
             ok = _plain_ingest(inner)
         except oscore.ReplayErrorWithEcho as challenge:  # decrypted, verified, no window yet
-            return self._challenge(ctx, piv, challenge, outer, ancdata, address)
+            return self._challenge(ctx, piv, challenge, outer, ancdata, key)
         except Exception:
             ok = False
         if not ok:  # as if never looked at: aiocoap unprotects it again
@@ -204,18 +204,26 @@ class IngestFastPath:
         return True
 
     def _challenge(
-        self, ctx: Any, piv: bytes, challenge: Any, outer: Message, ancdata: Any, address: Any
+        self,
+        ctx: Any,
+        piv: bytes,
+        challenge: Any,
+        outer: Message,
+        ancdata: Any,
+        exchange: tuple[Any, int],
     ) -> bool:
         """Answer ``outer`` with ``challenge``'s protected 4.01 + Echo; False: aiocoap should.
 
         The answer to a (context, sequence number) is made once and sent again, under the
-        request's message ID and token, to every copy: a retransmission, or a captured request
-        replayed under other message IDs, costs a decryption and no sequence number, and stays
-        out of the exchanges remembered for fresh requests."""
+        request's message ID and token, to every copy. The exchange of the datagram that made
+        it is remembered as a fresh request's, so the device's retransmissions of it are
+        answered from there; a captured request replayed under other message IDs costs a
+        decryption, no sequence number and no remembered exchange."""
         key = (ctx.recipient_id, ctx.id_context, ctx.echo_recovery, piv)
         challenges = self._challenges
+        made = challenges.get(key)
         try:
-            answer = challenges.get(key) or challenge.to_message()
+            answer = made or challenge.to_message()
             answer.mtype = Type.ACK
             answer.mid = outer.mid
             answer.token = outer.token
@@ -226,9 +234,11 @@ class IngestFastPath:
         challenges.move_to_end(key)
         while len(challenges) > MAX_CHALLENGES:
             challenges.popitem(last=False)
+        if made is None:
+            self._remember(exchange, data)
         self.handled += 1
         self.echoes += 1
-        self._send(data, ancdata, address)
+        self._send(data, ancdata, exchange[0])
         return True
 
     async def _answer(
