@@ -217,6 +217,7 @@ async def test_three_rounds_with_a_device_killed_mid_round(tmp_path: Path) -> No
         assert final == "1.0.0+fl1.3"
         # the new model reaches every device, which reports it active
         s = SQLiteStorage(data / "cloud.sqlite3")
+        took_part: set[str] = set()
         try:
             for rnd in (1, 2, 3):
                 for device, body in s.learn_updates(job.id, rnd):
@@ -224,8 +225,10 @@ async def test_three_rounds_with_a_device_killed_mid_round(tmp_path: Path) -> No
                     assert (u.job, u.round) == (job.id, rnd) and u.samples >= 16, (
                         device
                     )  # windows less the held-out
+                    took_part.add(device)
         finally:
             s.close()
+        assert took_part == set(DEVICES)  # the killed device too, in a later round
 
         def installed() -> bool:
             s = SQLiteStorage(data / "cloud.sqlite3")
@@ -247,7 +250,12 @@ async def test_three_rounds_with_a_device_killed_mid_round(tmp_path: Path) -> No
             st = status(agents.config(device))
             # detection went on (the restarted device's counter started again at its restart)
             assert st["detect"]["samples"] > (0 if device == KILLED else before[device])
-            assert st["learn"]["models"]["skab-ae"]["status"] == "uploaded"
+            # its last round: uploaded, or refused because the round had closed at its deadline
+            # (training yields to sampling and detection: under load a device can run late)
+            last = st["learn"]["models"]["skab-ae"]
+            assert last["status"] == "uploaded" or (
+                last["status"] == "refused" and "is not open" in last.get("error", "")
+            ), last
         for device in ("pump-a", "pump-b"):  # alive throughout: scored every row since
             assert status(agents.config(device))["detect"]["samples"] > before[device] + 100
     finally:
