@@ -173,7 +173,8 @@ class IngestFastPath:
             return False
         window = ctx.recipient_replay_window
         if window.is_initialized():
-            self._echo_in_aiocoap.discard(ctx)
+            if self._echo_in_aiocoap:  # nearly always empty: no lookup per ingest
+                self._echo_in_aiocoap.discard(ctx)
             if not window.is_valid(int.from_bytes(piv, "big")):
                 return False  # a replay: aiocoap's path refuses it
         elif ctx in self._echo_in_aiocoap:

@@ -65,21 +65,14 @@ class RawDevice:
             return await loop.sock_recv(self.sock, 4096)
 
     async def send(self, data: bytes) -> Message:
-        """Send one request; its response. An empty ACK first (the endpoint took longer than
-        aiocoap's empty-ACK delay, as under load) announces a separate response (RFC 7252
-        5.2.2): that one is awaited, and acknowledged when confirmable."""
-        answer = Message.decode(await self.send_raw(data))
-        if answer.mtype == Type.ACK and answer.code == Code.EMPTY:
-            loop = asyncio.get_running_loop()
-            async with asyncio.timeout(20):
-                answer = Message.decode(await loop.sock_recv(self.sock, 4096))
-            if answer.mtype == Type.CON:
-                ack = Message(mtype=Type.ACK, code=Code.EMPTY, mid=answer.mid)
-                await loop.sock_sendall(self.sock, ack.encode())
-        return answer
+        """Send one request; its response (a separate one after an empty ACK, as when the
+        endpoint took longer than aiocoap's empty-ACK delay under load: :meth:`receive`)."""
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        return (await self.receive([Message.decode(data).token]))[0]
 
     async def receive(self, tokens: list[bytes]) -> list[Message]:
-        """The responses with these tokens, in that order (separate ones acknowledged)."""
+        """The responses with these tokens, in that order. An empty ACK announces a separate
+        response (RFC 7252 5.2.2), which is awaited and acknowledged when confirmable."""
         loop = asyncio.get_running_loop()
         answers: dict[bytes, Message] = {}
         async with asyncio.timeout(20):
