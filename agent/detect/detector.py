@@ -291,6 +291,17 @@ class FeedResult:
     scores: np.ndarray
 
 
+@dataclass(frozen=True)
+class CheckedSwap:
+    """Models :meth:`Detector.check_swap` passed, for :meth:`Detector.install`."""
+
+    detector: Detector
+    anomaly: Inference | None
+    threshold: float | None  # None: unchanged
+    classifier: Inference | None
+    classes: tuple[str, ...]
+
+
 class Detector:
     """The streaming detector of one device. See the module docstring.
 
@@ -453,7 +464,15 @@ class Detector:
         return alerts
 
     # --- hot swap -------------------------------------------------------------------------------
-    def swap_models(
+    def swap_models(self, anomaly: Inference | None = None, **options: Any) -> None:
+        """Replace the anomaly model and/or the classifier between two feeds (hot swap):
+        :meth:`check_swap` (its keywords: ``entry``, ``classifier``, ``classes``,
+        ``threshold``), then :meth:`install`. Everything the stream has learned stays
+        (calibration, feature buffers, hysteresis, novelty, reference level), so the next sample
+        is scored by the new model and no sample is dropped or scored twice."""
+        self.install(self.check_swap(anomaly, **options))
+
+    def check_swap(
         self,
         anomaly: Inference | None = None,
         *,
@@ -461,21 +480,18 @@ class Detector:
         classifier: Inference | None = None,
         classes: Sequence[str] | None = None,
         threshold: float | None = None,
-    ) -> None:
-        """Replace the anomaly model and/or the classifier between two feeds (hot swap).
+    ) -> CheckedSwap:
+        """Check models for :meth:`install` (which may follow later: the check changes nothing).
 
-        Everything the stream has learned stays (calibration, feature buffers, hysteresis,
-        novelty, reference level), so the next sample is scored by the new model and no sample
-        is dropped or scored twice. Decision: the new anomaly model must read the same features
-        -- its manifest ``entry`` must give this detector's :class:`FeatureSpec` (the
-        commissioning length aside); a model with other features is refused with ModelError.
-        Such a model needs its own detector commissioned from kept rows (the analyzer's tiers)
-        or :meth:`recommission`.
+        The new anomaly model must read the same features -- its manifest ``entry`` must give
+        this detector's :class:`FeatureSpec` (the commissioning length aside); a model with other
+        features is refused with ModelError. Such a model needs its own detector commissioned
+        from kept rows (the analyzer's tiers) or :meth:`recommission`.
 
         Both models are warmed up on the newest model input (zeros before commissioning ends);
-        one that raises, or gives output of the wrong shape or non-finite output, is refused
-        and nothing changes (the running models stay). ``threshold``: the new anomaly
-        threshold (default: the entry's calibrated one; pass the configured override).
+        one that raises, or gives output of the wrong shape or non-finite output, is refused.
+        ``threshold``: the new anomaly threshold (default: the entry's calibrated one; pass the
+        configured override).
         """
         n_in = self.spec.steps * len(self.spec.channels)
         window = np.asarray(getattr(self, "last_window", ()), dtype=np.float32).reshape(-1)
@@ -509,23 +525,33 @@ class Detector:
             if NORMAL_CLASS not in new_classes:
                 raise ModelError(f"{label}: classes must include {NORMAL_CLASS!r}; refused")
             _warm(classifier, window, (len(new_classes),), label)
-        if anomaly is not None:
+        changed = anomaly is not None or threshold is not None
+        return CheckedSwap(
+            self, anomaly, new_threshold if changed else None, classifier, new_classes
+        )
+
+    def install(self, checked: CheckedSwap) -> None:
+        """Put in models :meth:`check_swap` of this detector passed: a few assignments, no I/O."""
+        if checked.detector is not self:
+            raise ValueError("install() takes models checked by this detector")
+        if checked.anomaly is not None:
             old = getattr(self.anomaly, "name", "?")
-            self.anomaly = anomaly
-            self.threshold = new_threshold
+            self.anomaly = checked.anomaly
             self.changes.reset(relearn=True)  # the residuals are the new model's from here
             log.info(
                 "model swapped role=anomaly from=%s to=%s threshold=%.3g",
                 old,
-                getattr(anomaly, "name", "?"),
-                self.threshold,
+                getattr(checked.anomaly, "name", "?"),
+                checked.threshold,
             )
-        elif threshold is not None:
-            self.threshold = new_threshold
-        if classifier is not None:
-            self.classifier = classifier
-            self.classes = new_classes
-            log.info("model swapped role=classifier to=%s", getattr(classifier, "name", "?"))
+        if checked.threshold is not None:
+            self.threshold = checked.threshold
+        if checked.classifier is not None:
+            self.classifier = checked.classifier
+            self.classes = checked.classes
+            log.info(
+                "model swapped role=classifier to=%s", getattr(checked.classifier, "name", "?")
+            )
 
     def restore(self, cal: Calibration) -> None:
         """Start from a calibration this device saved earlier (a restart): instead of commissioning

@@ -12,10 +12,11 @@ Desired state carries them as ``model/<role>`` = ``{"name", "version", ? "sha256
 2. **load** -- the interpreter, from the cache's memory tier;
 3. **warm up** -- one invoke on a zero window: finite output of the manifest's shape;
 4. **swap** -- ``anomaly`` and ``classifier`` go into the running detector with
-   :meth:`Detector.swap_models <agent.detect.detector.Detector.swap_models>` between two feeds,
-   which warms them up again on the newest real window; ``lightweight`` is kept loaded and
-   pinned, ready for a
-   tier switch (``on_ready`` tells the runtime).
+   :meth:`Detector.check_swap <agent.detect.detector.Detector.check_swap>` warms them up again
+   on the newest real window before the cache index is written, and
+   :meth:`Detector.install <agent.detect.detector.Detector.install>` puts them in between two
+   feeds; ``lightweight`` is kept loaded and pinned, ready for a tier switch (``on_ready`` tells
+   the runtime).
 
 Any failure before the swap is a **rollback**: the running model stays, nothing is pinned for the
 refused version, and :meth:`ModelManager.reported` says ``status: failed`` with the error (the
@@ -40,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.detect.detector import Detector
+from agent.detect.detector import CheckedSwap, Detector
 from agent.detect.inference import TFLiteModel
 from agent.errors import ModelError, SyncError
 from agent.modelstore.cache import CachedModel, ModelCache, Ref
@@ -186,27 +187,35 @@ class ModelManager:
         return Prepared(a, cached, model)
 
     async def commit(self, p: Prepared) -> None:
-        """Swap a prepared model in. Durable first: the new version is pinned beside the running
-        one and the cache index written (off the loop) before the swap, so a failure there
-        leaves the previous model running and is reported as a refusal. The swap itself is
-        synchronous (between two detector feeds); what follows it is bookkeeping, and a
-        failure to write it is logged, never reported as ``failed`` for a running version."""
+        """Swap a prepared model in. Checked first (the detector's warm-up on its newest window),
+        then durable: the new version is pinned beside the running one and the cache index
+        written (off the loop) before the swap, so a failure there leaves the previous model
+        running and is reported as a refusal. The swap itself is a few assignments between two
+        detector feeds; what follows it is bookkeeping, and a failure to write it is logged,
+        never reported as ``failed`` for a running version. Each step holds the loop about as
+        long as one row's scoring; the detector scores between them and during the writes."""
         role = p.assignment.role
         classes = p.entry.get("classes")
         if role == "classifier" and not isinstance(classes, list | tuple):
             raise ModelError(f"classifier {p.cached.name}: its entry names no classes; refused")
+        checked = self._check(p, self._detector())  # the newest window; ModelError: no change
+        await asyncio.sleep(0)  # the detector scores between the check and the pins
         self.cache.set_pins([*self.current.values(), p.ref])
         try:
             await self.cache.sync()
         except ModelError:
             self._pin()  # nothing swapped: back to the pins of the running models
             raise
-        if role == "anomaly":
-            override = self._threshold_override() if self._threshold_override else None
-            self._detector().swap_models(p.model, entry=p.entry, threshold=override)
-        elif role == "classifier":
-            assert isinstance(classes, list | tuple)
-            self._detector().swap_models(classifier=p.model, classes=classes)
+        if checked is not None:  # the swap: a few assignments
+            det = self._detector()
+            if checked.detector is not det:  # replaced meanwhile (a tier switch): check again
+                try:
+                    checked = self._check(p, det)
+                except ModelError:
+                    self._pin()
+                    raise
+                assert checked is not None
+            det.install(checked)
         else:
             self.ready[role] = p
         old = self.current.get(role)
@@ -219,12 +228,27 @@ class ModelManager:
         self.stats.swaps.append(f"{role}:{p.cached.name}@{p.cached.version}")
         if self._on_ready is not None:
             self._on_ready(role, p)
+        # The state is whole here; the detector scores before the index is encoded and handed
+        # to the I/O thread (a loop step of its own: a swap holds the loop for the swap only).
+        await asyncio.sleep(0)
         try:
             await self.cache.sync()
         except ModelError as err:  # the new model runs; the index catches up at the next sync
             log.warning(
                 "model cache index not written after a swap role=%s error=%r", role, str(err)
             )
+
+    def _check(self, p: Prepared, det: Detector) -> CheckedSwap | None:
+        """``det``'s check of an anomaly model or classifier (None: another role)."""
+        role = p.assignment.role
+        if role == "anomaly":
+            override = self._threshold_override() if self._threshold_override else None
+            return det.check_swap(p.model, entry=p.entry, threshold=override)
+        if role == "classifier":
+            classes = p.entry.get("classes")
+            assert isinstance(classes, list | tuple)
+            return det.check_swap(classifier=p.model, classes=classes)
+        return None
 
     async def assign(self, a: Assignment) -> RoleState:
         """Apply one assignment. Returns the role's state (``failed`` after a rollback);

@@ -468,6 +468,51 @@ async def test_hot_swap_refuses_other_features_and_non_finite_models(rig):
     await cache.close()
 
 
+async def test_commit_checks_first_and_installs_into_the_detector_running_after_the_index(rig):
+    """A commit checks the model on the newest window before anything is pinned, lets the
+    detector score while the cache index is written, and installs into the detector running
+    then: one that replaced the checked one meanwhile (a tier switch) checks it again."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    rig.publish(MODELS / "skab-ae-lite.tflite", "skab-ae-lite", "2.0.0")
+    cache, det, manager = await _running_manager(rig)
+    running = det.anomaly
+    refused = await manager.prepare(Assignment("anomaly", "skab-ae-lite", "2.0.0"))
+    with pytest.raises(ModelError, match="features differ"):
+        await manager.commit(refused)
+    assert ("skab-ae-lite", "2.0.0") not in cache.pins  # refused before the pins changed
+    assert det.anomaly is running
+
+    prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.0"))
+    first = det.check_swap(prepared.model, entry=prepared.entry)
+    other = _detector()
+    _commissioned(other)
+    with pytest.raises(ValueError, match="checked by this detector"):
+        other.install(first)  # a check is of one detector's features and window
+    assert other.anomaly is not prepared.model and det.anomaly is running
+
+    detectors = [det]
+    manager._detector = lambda: detectors[-1]
+    checks: list[Detector] = []
+    for d in (det, other):
+        inner = d.check_swap
+
+        def check(*a, _inner=inner, _d=d, **kw):
+            checks.append(_d)
+            return _inner(*a, **kw)
+
+        d.check_swap = check  # type: ignore[method-assign]
+    commit = asyncio.ensure_future(manager.commit(prepared))
+    await asyncio.sleep(0)  # the commit checked on det and yields before the pins
+    assert checks == [det]
+    detectors.append(other)  # a tier switch while the commit waits for the index
+    await commit
+    assert checks == [det, other]
+    assert other.anomaly is prepared.model and det.anomaly is running
+    assert manager.current["anomaly"] == ("skab-ae", "3.0.0")
+    assert ("skab-ae", "3.0.0") in cache.pins and ("skab-ae", "1.0.0") not in cache.pins
+    await cache.close()
+
+
 def test_modelcache_settings_from_config(tmp_path):
     from agent.errors import ConfigError
     from agent.service import config as configmod
