@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -147,6 +147,7 @@ class ModelManager:
         self.roles: dict[str, RoleState] = {}
         self.current: dict[str, Ref] = {}
         self.ready: dict[str, Prepared] = {}  # lightweight models, loaded and warm
+        self._committing: Counter[Ref] = Counter()  # pinned beside the running ones meanwhile
         self.stats = ManagerStats()
 
     def started_with(self, role: str, name: str, version: str) -> None:
@@ -159,7 +160,7 @@ class ModelManager:
         self._pin()
 
     def _pin(self) -> None:
-        self.cache.set_pins(self.current.values())
+        self.cache.set_pins([*self.current.values(), *self._committing])
 
     async def prepare(self, a: Assignment) -> Prepared:
         """Fetch, load and warm up; ModelError (refused) or SyncError (link)."""
@@ -202,7 +203,8 @@ class ModelManager:
         override = self._override()
         checked = self._check(p, self._detector(), override)  # ModelError: nothing changes
         await asyncio.sleep(0)  # the detector scores between the check and the pins
-        self.cache.set_pins([*self.current.values(), p.ref])
+        self._committing[p.ref] += 1  # another role's commit meanwhile keeps it pinned
+        self._pin()
         try:
             await self.cache.sync()
             if checked is not None:
@@ -213,7 +215,7 @@ class ModelManager:
                     checked = self._check(p, det, self._override())
                     assert checked is not None
         except BaseException:  # a refusal, or cancelled: back to the pins of the running models
-            self._pin()  # (on disk at the next sync)
+            self._done_committing(p.ref)  # (on disk at the next sync)
             raise
         if checked is not None:  # the swap: a few assignments
             checked.detector.install(checked)
@@ -225,7 +227,7 @@ class ModelManager:
             self.cache.acquire(p.ref)
             if old is not None:
                 self.cache.release(old)
-        self._pin()
+        self._done_committing(p.ref)
         self.stats.swaps.append(f"{role}:{p.cached.name}@{p.cached.version}")
         if self._on_ready is not None:
             self._on_ready(role, p)
@@ -248,6 +250,12 @@ class ModelManager:
             log.warning(
                 "model cache index not written after a swap role=%s error=%r", role, str(err)
             )
+
+    def _done_committing(self, ref: Ref) -> None:
+        self._committing[ref] -= 1
+        if self._committing[ref] <= 0:
+            del self._committing[ref]
+        self._pin()
 
     def _override(self) -> float | None:
         return self._threshold_override() if self._threshold_override else None

@@ -516,7 +516,8 @@ async def test_commit_checks_first_and_installs_into_the_detector_running_after_
 async def test_a_commit_keeps_a_threshold_set_meanwhile_and_a_cancelled_one_its_state(rig):
     """A threshold override set while the commit writes the index is the one installed; a
     commit cancelled before the swap leaves the running model and its pins, and one cancelled
-    after it has recorded the new version as the role's state (what the device reports)."""
+    after it has recorded the new version as the role's state (what the device reports); a
+    commit of another role meanwhile keeps the first one's version pinned."""
     rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
     rig.publish(FLOAT_AE, "skab-ae", "3.0.1", entry="skab-ae")
     server = await rig.start()
@@ -555,6 +556,20 @@ async def test_a_commit_keeps_a_threshold_set_meanwhile_and_a_cancelled_one_its_
     assert det.anomaly is second.model and (state.version, state.status) == ("3.0.1", "active")
     assert manager.current["anomaly"] == ("skab-ae", "3.0.1")
     assert ("skab-ae", "3.0.1") in cache.pins
+
+    # Two roles at once: the classifier's commit keeps the anomaly model's version pinned while
+    # that one's index is written, and both end pinned.
+    manager._on_ready = None
+    rig.publish(MODELS / "skab-clf.tflite", "skab-clf", "2.0.0")
+    clf = await manager.prepare(Assignment("classifier", "skab-clf", "2.0.0"))
+    commit = asyncio.ensure_future(manager.commit(first))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # 3.0.0 pinned, its index on the I/O thread
+    await manager.commit(clf)
+    assert ("skab-ae", "3.0.0") in cache.pins
+    await commit
+    assert {("skab-ae", "3.0.0"), ("skab-clf", "2.0.0")} <= cache.pins
+    assert ("skab-ae", "3.0.1") not in cache.pins and not manager._committing
     await cache.close()
 
 
