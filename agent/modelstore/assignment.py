@@ -11,7 +11,7 @@ Desired state carries them as ``model/<role>`` = ``{"name", "version", ? "sha256
    SyncError);
 2. **load** -- the interpreter, from the cache's memory tier;
 3. **warm up** -- one invoke on a zero window: finite output of the manifest's shape;
-4. **swap** -- ``anomaly`` and ``classifier`` go into the running detector with
+4. **swap** -- ``anomaly`` and ``classifier`` go into the running detector:
    :meth:`Detector.check_swap <agent.detect.detector.Detector.check_swap>` warms them up again
    on the newest real window before the cache index is written, and
    :meth:`Detector.install <agent.detect.detector.Detector.install>` puts them in between two
@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -147,6 +147,7 @@ class ModelManager:
         self.roles: dict[str, RoleState] = {}
         self.current: dict[str, Ref] = {}
         self.ready: dict[str, Prepared] = {}  # lightweight models, loaded and warm
+        self._committing: Counter[Ref] = Counter()  # pinned beside the running ones meanwhile
         self.stats = ManagerStats()
 
     def started_with(self, role: str, name: str, version: str) -> None:
@@ -159,7 +160,7 @@ class ModelManager:
         self._pin()
 
     def _pin(self) -> None:
-        self.cache.set_pins(self.current.values())
+        self.cache.set_pins([*self.current.values(), *self._committing])
 
     async def prepare(self, a: Assignment) -> Prepared:
         """Fetch, load and warm up; ModelError (refused) or SyncError (link)."""
@@ -189,33 +190,35 @@ class ModelManager:
     async def commit(self, p: Prepared) -> None:
         """Swap a prepared model in. Checked first (the detector's warm-up on its newest window),
         then durable: the new version is pinned beside the running one and the cache index
-        written (off the loop) before the swap, so a failure there leaves the previous model
-        running and is reported as a refusal. The swap itself is a few assignments between two
-        detector feeds; what follows it is bookkeeping, and a failure to write it is logged,
-        never reported as ``failed`` for a running version. Each step holds the loop about as
-        long as one row's scoring; the detector scores between them and during the writes."""
+        written (off the loop) before the swap, so a failure there, or a cancellation, leaves
+        the previous model running (a failure is reported as a refusal). The swap itself is a
+        few assignments between two detector feeds, and the role's state is recorded with it;
+        what follows is the index written again, and a failure to write it is logged, never
+        reported as ``failed`` for a running version. Each step holds the loop about as long as
+        one row's scoring; the detector scores between them and during the writes."""
         role = p.assignment.role
         classes = p.entry.get("classes")
         if role == "classifier" and not isinstance(classes, list | tuple):
             raise ModelError(f"classifier {p.cached.name}: its entry names no classes; refused")
-        checked = self._check(p, self._detector())  # the newest window; ModelError: no change
+        override = self._override()
+        checked = self._check(p, self._detector(), override)  # ModelError: nothing changes
         await asyncio.sleep(0)  # the detector scores between the check and the pins
-        self.cache.set_pins([*self.current.values(), p.ref])
+        self._committing[p.ref] += 1  # another role's commit meanwhile keeps it pinned
+        self._pin()
         try:
             await self.cache.sync()
-        except ModelError:
-            self._pin()  # nothing swapped: back to the pins of the running models
+            if checked is not None:
+                det = self._detector()
+                # Replaced meanwhile (a tier switch), or the threshold override changed while
+                # the index was written: check again, on the detector running now.
+                if checked.detector is not det or self._override() != override:
+                    checked = self._check(p, det, self._override())
+                    assert checked is not None
+        except BaseException:  # a refusal, or cancelled: back to the pins of the running models
+            self._done_committing(p.ref)  # (on disk at the next sync)
             raise
         if checked is not None:  # the swap: a few assignments
-            det = self._detector()
-            if checked.detector is not det:  # replaced meanwhile (a tier switch): check again
-                try:
-                    checked = self._check(p, det)
-                except ModelError:
-                    self._pin()
-                    raise
-                assert checked is not None
-            det.install(checked)
+            checked.detector.install(checked)
         else:
             self.ready[role] = p
         old = self.current.get(role)
@@ -224,10 +227,20 @@ class ModelManager:
             self.cache.acquire(p.ref)
             if old is not None:
                 self.cache.release(old)
-        self._pin()
+        self._done_committing(p.ref)
         self.stats.swaps.append(f"{role}:{p.cached.name}@{p.cached.version}")
         if self._on_ready is not None:
             self._on_ready(role, p)
+        state = RoleState(p.cached.name, p.cached.version, desired=p.assignment.desired)
+        self.roles[role] = state  # recorded with the swap: a cancellation from here on is late
+        self.stats.applied += 1
+        log.info(
+            "model assignment applied role=%s name=%s version=%s source=%s",
+            role,
+            state.name,
+            state.version,
+            p.cached.source,
+        )
         # The state is whole here; the detector scores before the index is encoded and handed
         # to the I/O thread (a loop step of its own: a swap holds the loop for the swap only).
         await asyncio.sleep(0)
@@ -238,11 +251,20 @@ class ModelManager:
                 "model cache index not written after a swap role=%s error=%r", role, str(err)
             )
 
-    def _check(self, p: Prepared, det: Detector) -> CheckedSwap | None:
-        """``det``'s check of an anomaly model or classifier (None: another role)."""
+    def _done_committing(self, ref: Ref) -> None:
+        self._committing[ref] -= 1
+        if self._committing[ref] <= 0:
+            del self._committing[ref]
+        self._pin()
+
+    def _override(self) -> float | None:
+        return self._threshold_override() if self._threshold_override else None
+
+    def _check(self, p: Prepared, det: Detector, override: float | None) -> CheckedSwap | None:
+        """``det``'s check of an anomaly model (with the threshold ``override``) or of a
+        classifier; None for another role."""
         role = p.assignment.role
         if role == "anomaly":
-            override = self._threshold_override() if self._threshold_override else None
             return det.check_swap(p.model, entry=p.entry, threshold=override)
         if role == "classifier":
             classes = p.entry.get("classes")
@@ -260,8 +282,7 @@ class ModelManager:
                 previous.desired = a.desired
                 return previous
         try:
-            prepared = await self.prepare(a)
-            await self.commit(prepared)
+            await self.commit(await self.prepare(a))
         except ModelError as err:
             self.stats.rolled_back += 1
             keep = previous or RoleState(a.name, a.version or "", status="failed")
@@ -284,17 +305,7 @@ class ModelManager:
                 str(err),
             )
             return state
-        state = RoleState(prepared.cached.name, prepared.cached.version, desired=a.desired)
-        self.roles[a.role] = state
-        self.stats.applied += 1
-        log.info(
-            "model assignment applied role=%s name=%s version=%s source=%s",
-            a.role,
-            state.name,
-            state.version,
-            prepared.cached.source,
-        )
-        return state
+        return self.roles[a.role]
 
     def reported(self) -> dict[str, Any]:
         """``{"model/<role>": value}`` for reported state."""

@@ -113,6 +113,7 @@ class Agent:
         self.state: StateSync | None = None
         self.learner: LearningClient | None = None  # federated rounds (agent/learn/client.py)
         self.analyzer: Analyzer | None = None
+        self._stand_in: tuple[Any, Any, tuple[str, ...], Detector] | None = None  # lite tier
         self.model_error: str | None = None
         self.router: Router | None = None
         self.router_transport: CoapTransport | None = None
@@ -632,13 +633,22 @@ class Agent:
         if a.tier == "full":
             return a.detector
         full = a.tiers["full"]
-        return Detector.from_entry(
-            full.model,
-            full.entry,
-            settings=a.settings.detect,
-            classifier=a.classifier,
-            classes=a.classes,
-        )
+        kept = self._stand_in  # the same stand-in while the full tier's models stay
+        if (
+            kept is None
+            or kept[0] is not full
+            or kept[1] is not a.classifier
+            or kept[2] != tuple(a.classes)
+        ):
+            stand_in = Detector.from_entry(
+                full.model,
+                full.entry,
+                settings=a.settings.detect,
+                classifier=a.classifier,
+                classes=a.classes,
+            )
+            self._stand_in = kept = (full, a.classifier, tuple(a.classes), stand_in)
+        return kept[3]
 
     def _model_ready(self, role: str, p: Prepared) -> None:
         """A model was swapped in (or, lightweight, made ready): keep the analyzer's tiers and

@@ -504,12 +504,72 @@ async def test_commit_checks_first_and_installs_into_the_detector_running_after_
     commit = asyncio.ensure_future(manager.commit(prepared))
     await asyncio.sleep(0)  # the commit checked on det and yields before the pins
     assert checks == [det]
-    detectors.append(other)  # a tier switch while the commit waits for the index
+    detectors.append(other)  # a tier switch before the pins and the index are written
     await commit
     assert checks == [det, other]
     assert other.anomaly is prepared.model and det.anomaly is running
     assert manager.current["anomaly"] == ("skab-ae", "3.0.0")
     assert ("skab-ae", "3.0.0") in cache.pins and ("skab-ae", "1.0.0") not in cache.pins
+    await cache.close()
+
+
+async def test_a_commit_keeps_a_threshold_set_meanwhile_and_a_cancelled_one_its_state(rig):
+    """A threshold override set while the commit writes the index is the one installed; a
+    commit cancelled before the swap leaves the running model and its pins, and one cancelled
+    after it has recorded the new version as the role's state (what the device reports); a
+    commit of another role meanwhile keeps the first one's version pinned."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.1", entry="skab-ae")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    det = _detector()
+    _commissioned(det)
+    overrides: list[float | None] = [None]
+    manager = ModelManager(cache, lambda: det, threshold_override=lambda: overrides[-1])
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+    running = det.anomaly
+    first = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.0"))
+    second = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.1"))
+
+    commit = asyncio.ensure_future(manager.commit(first))
+    await asyncio.sleep(0)  # checked with no override; yields before the pins
+    await asyncio.sleep(0)  # pins set, the index on the I/O thread
+    assert ("skab-ae", "3.0.0") in cache.pins
+    commit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    assert det.anomaly is running and ("skab-ae", "3.0.0") not in cache.pins
+    assert manager.roles["anomaly"].version == "1.0.0"
+
+    commit = asyncio.ensure_future(manager.commit(first))
+    await asyncio.sleep(0)
+    overrides.append(2.5)  # as a desired threshold is applied while the index is written
+    det.threshold = 2.5
+    await commit
+    assert det.anomaly is first.model and det.threshold == 2.5
+
+    commit = asyncio.ensure_future(manager.commit(second))
+    manager._on_ready = lambda role, p: commit.cancel()  # at the swap: raised at the next await
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    state = manager.roles["anomaly"]
+    assert det.anomaly is second.model and (state.version, state.status) == ("3.0.1", "active")
+    assert manager.current["anomaly"] == ("skab-ae", "3.0.1")
+    assert ("skab-ae", "3.0.1") in cache.pins
+
+    # Two roles at once: the classifier's commit keeps the anomaly model's version pinned while
+    # that one's index is written, and both end pinned.
+    manager._on_ready = None
+    rig.publish(MODELS / "skab-clf.tflite", "skab-clf", "2.0.0")
+    clf = await manager.prepare(Assignment("classifier", "skab-clf", "2.0.0"))
+    commit = asyncio.ensure_future(manager.commit(first))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # 3.0.0 pinned, its index on the I/O thread
+    await manager.commit(clf)
+    assert ("skab-ae", "3.0.0") in cache.pins
+    await commit
+    assert {("skab-ae", "3.0.0"), ("skab-clf", "2.0.0")} <= cache.pins
+    assert ("skab-ae", "3.0.1") not in cache.pins and not manager._committing
     await cache.close()
 
 

@@ -176,6 +176,8 @@ async def test_hot_swap_of_an_assigned_signed_model_and_refusals_keep_the_runnin
         a.set_tier("lite")
         await wait_for(lambda: a.tier == "lite", "lite tier active (primed from kept rows)")
         lite_detector, lite_model = a.detector, a.detector.anomaly
+        stand_in = agent._assignable_detector()  # the full tier's, checked against
+        assert stand_in is not lite_detector and agent._assignable_detector() is stand_in
         doc, _ = await server.set_desired(
             DEVICE, {"model/anomaly": {"name": "skab-ae", "version": "3.0.0"}}
         )
@@ -188,6 +190,8 @@ async def test_hot_swap_of_an_assigned_signed_model_and_refusals_keep_the_runnin
         await wait_for(reported_good, "3.0.0 reported active")
         assert a.tiers["full"].sha256 == good.sha256 and a.tiers["full"].name == "skab-ae"
         assert a.detector is lite_detector and a.detector.anomaly is lite_model
+        assert agent._assignable_detector() is not stand_in  # the full tier's model changed
+        assert agent._assignable_detector().anomaly is a.tiers["full"].model
         assert agent.model_cache is not None
         assert agent.model_cache.lookup("skab-ae", "3.0.0") is not None  # downloaded, verified
         frames = a.frames
