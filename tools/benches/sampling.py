@@ -19,7 +19,12 @@ written to /var/lib/edge-agent:
     config's settings in the bench's directory, timed, times the commits per reading (the
     agent's own store counted its commits);
   - **sampler bookkeeping**: the rest (drivers' conversions, asyncio scheduling, the sampler,
-    the telemetry writer, the metrics file and the status socket): total minus the three above.
+    the telemetry writer, the metrics file and the status socket): total minus the three above;
+
+- and, measured in the agent's own run, how its event loop spent the time: waiting in its
+  selector (under the virtual clock it waits only while a worker thread has a call in flight: the
+  bus transactions, the store's commits and the threads' wake-ups) and running Python (the rest);
+  the largest part of the overhead is reported, not assumed.
 
 - ``overhead_ratio`` = time per reading through the agent / time per reading of bare bus calls.
 
@@ -53,9 +58,6 @@ BASELINE = (
     "the bare bus transactions (the same transfers replayed synchronously on fresh simulated parts)"
 )
 
-
-# What the README claims (checked by the run; a shortfall prints NOT MET)
-CLAIM_HOP_DOMINATES = True  # "one worker-thread hop per bus transaction dominates" the overhead
 HOPS = 2000  # worker-thread hops timed
 COMMITS_MAX = 200  # store commits timed
 
@@ -110,13 +112,43 @@ class _Recorder:
             model.on_bytes = rec  # type: ignore[method-assign]
 
 
+class _Waits:
+    """Real seconds the event loop sat in its selector waiting (under the virtual clock it waits
+    only while a worker thread has a call in flight: a bus transaction, a store commit)."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.seconds = 0.0
+        make = clock.new_event_loop
+
+        def new_event_loop() -> asyncio.AbstractEventLoop:
+            loop = make()
+            inner = loop._selector._inner  # type: ignore[attr-defined]
+            select = inner.select
+
+            def timed(timeout: float | None = None) -> Any:
+                if timeout == 0:
+                    return select(0)
+                t0 = time.perf_counter()
+                try:
+                    return select(timeout)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+
+            inner.select = timed
+            return loop
+
+        clock.new_event_loop = new_event_loop  # type: ignore[method-assign]
+
+
 def _run_agent(
     data_dir: Path, seconds: float, record: bool
-) -> tuple[int, float, _Recorder | None, int]:
-    """Run the agent; (readings, real seconds, recorder, store commits)."""
+) -> tuple[int, float, _Recorder | None, int, float]:
+    """Run the agent; (readings, real seconds, recorder, store commits, seconds the loop
+    waited on worker threads)."""
     data_dir.mkdir(parents=True)
     cfg = _config(data_dir)
     clock = VirtualClock()
+    waits = _Waits(clock)
     count = 0
     commits = 0
     recorder: _Recorder | None = None
@@ -147,7 +179,7 @@ def _run_agent(
 
     started = time.perf_counter()
     clock.run(main())
-    return count, time.perf_counter() - started, recorder, commits
+    return count, time.perf_counter() - started, recorder, commits, waits.seconds
 
 
 def _hop_seconds(n: int) -> float:
@@ -239,8 +271,8 @@ def run(args: argparse.Namespace) -> Result:
 def _run(base: Path, seconds: float) -> Result:
     # warm up imports, caches and the vibration synthesis once
     _run_agent(base / "warm", 5.0, record=False)
-    readings, elapsed, _, commits = _run_agent(base / "agent", seconds, record=False)
-    readings_rec, _, recorder, _ = _run_agent(base / "recorded", seconds, record=True)
+    readings, elapsed, _, commits, waited = _run_agent(base / "agent", seconds, record=False)
+    readings_rec, _, recorder, _, _ = _run_agent(base / "recorded", seconds, record=True)
     assert recorder is not None
     bare = _replay_bare(base / "bare", recorder)
     transactions = len(recorder.i2c) + len(recorder.serial)
@@ -253,6 +285,8 @@ def _run(base: Path, seconds: float) -> Result:
     store_per_reading = commit * commits / readings
     rest = per_reading - bare_per_reading - hop_per_reading - store_per_reading
     ratio = per_reading / bare_per_reading
+    wait_per_reading = waited / readings  # the loop idle, a worker thread's call in flight
+    busy_per_reading = per_reading - wait_per_reading  # Python on the loop
     parts = {
         "driver transaction (bare bus calls, the baseline)": bare_per_reading,
         "worker-thread hop": hop_per_reading,
@@ -282,16 +316,31 @@ def _run(base: Path, seconds: float) -> Result:
         f"{commits} commits, {per_commit} record(s) each on average",
     )
     res.add("overhead ratio (agent / bare)", f"{ratio:.2f}x", "lower is better")
+    res.add(
+        "  in the agent: the loop running Python",
+        f"{busy_per_reading * 1e3:.3f} ms",
+        f"{busy_per_reading / per_reading:.0%} of the total: drivers' conversions, sampler, "
+        "writer, the hops' and commits' own scheduling",
+    )
+    res.add(
+        "  in the agent: the loop waiting on worker threads",
+        f"{wait_per_reading * 1e3:.3f} ms",
+        f"{wait_per_reading / per_reading:.0%} of the total: the bus transactions, the store's "
+        f"commits, the threads' wake-ups; beyond the bare transactions "
+        f"{(wait_per_reading - bare_per_reading) * 1e3:.3f} ms",
+    )
     overhead = {k: v for k, v in parts.items() if not k.startswith("driver")}
     biggest = max(overhead, key=lambda k: overhead[k])
-    res.claim(
-        "one worker-thread hop per bus transaction dominates the overhead",
-        f"largest part {biggest} ({overhead[biggest] * 1e3:.3f} ms per reading)",
-        biggest == "worker-thread hop" or not CLAIM_HOP_DOMINATES,
+    res.add(
+        "largest part of the overhead",
+        biggest,
+        f"{overhead[biggest] * 1e3:.3f} ms per reading",
     )
     res.notes.append(
         "Each part is measured on its own in this run except the bookkeeping, which is the "
-        "total less the other three."
+        "total less the other three. The loop's split is measured in the agent's own run: the "
+        "time its selector waited (under the virtual clock it waits only while a worker thread "
+        "has a call in flight) and the rest."
     )
     res.summary = {
         "readings_per_s": round(readings / elapsed, 1),
@@ -301,6 +350,8 @@ def _run(base: Path, seconds: float) -> Result:
         "worker_hop_ms_per_reading": round(hop_per_reading * 1e3, 4),
         "store_commit_ms_per_reading": round(store_per_reading * 1e3, 4),
         "sampler_bookkeeping_ms_per_reading": round(rest * 1e3, 4),
+        "loop_busy_ms_per_reading": round(busy_per_reading * 1e3, 4),
+        "loop_waiting_on_threads_ms_per_reading": round(wait_per_reading * 1e3, 4),
         "worker_hop_us": round(hop * 1e6, 2),
         "store_commit_ms": round(commit * 1e3, 4),
         "store_commits": commits,
