@@ -55,6 +55,7 @@ import aiocoap.error
 from aiocoap.credentials import CredentialsMap
 
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
+from cloud.listen import free_port
 from cloud.security import Principal, Principals
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,9 @@ class DtlsEndpoint:
         host, port = listen
         check_listen(host)
         require_dtlssocket()
-        if port != 0 and check_free is not None:
+        if port == 0:  # any free port: one no other socket holds (SO_REUSEPORT, cloud/listen.py)
+            port = free_port(host)
+        elif check_free is not None:
             await asyncio.get_running_loop().run_in_executor(None, check_free, host, port)
         self = cls(principals)
         logger = logging.getLogger(AIOCOAP_LOGGER)

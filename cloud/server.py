@@ -60,7 +60,13 @@ from cloud.dtls import DtlsEndpoint
 from cloud.fastpath import IngestFastPath
 from cloud.inference import DEFAULT_MODELS_DIR, CloudInference
 from cloud.ingest import GroupCommit
-from cloud.listen import bound_port, check_port_free, enlarge_receive_buffer, server_protocol
+from cloud.listen import (
+    bound_port,
+    check_port_free,
+    enlarge_receive_buffer,
+    free_port,
+    server_protocol,
+)
 from cloud.logroutes import LogRoutes
 from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
@@ -326,7 +332,9 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
     async def _listen(
         self, host: str, port: int, dtls: tuple[str, int] | None = None, fast: bool = True
     ) -> None:
-        if port != 0 and not self.worker:
+        if port == 0 and not self.worker:  # any free port: one no other socket holds
+            port = free_port(host)
+        elif not self.worker:
             await asyncio.get_running_loop().run_in_executor(None, check_port_free, host, port)
         creds = CredentialsMap()
         creds[":principals"] = self.principals
@@ -340,7 +348,7 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
             self.fast_path = IngestFastPath(self.principals, resources.render)
             self.fast_path.install(server_protocol(self._ctx))
         self.host = host
-        self.port = bound_port(self._ctx) if port == 0 else port
+        self.port = bound_port(self._ctx) if port == 0 else port  # 0: a worker's
         self.receive_buffer = enlarge_receive_buffer(self._ctx)
         if dtls is not None:  # after the plain socket, so that the DTLS port check sees it
             try:

@@ -76,6 +76,7 @@ from agent.gateway.crdt import (
 from agent.gateway.hlc import MAX_DRIFT, ClockError, HybridClock, Timestamp, check_node
 from agent.sync.transport import CoapTransport, transports_for
 from agent.wire import records
+from cloud.listen import free_port
 from drivers.base import Options
 from drivers.clock import Clock
 
@@ -442,12 +443,13 @@ class PeerServer:
     async def start(cls, state: PeerState, host: str = "127.0.0.1", port: int = 0) -> PeerServer:
         site = PeerSite(state)
         try:
+            port = port or free_port(host)  # aiocoap's SO_REUSEPORT may share a port-0 bind
             ctx = await aiocoap.Context.create_server_context(
                 site, bind=(host, port), transports=["udp6"]
             )
         except OSError as err:
             raise SyncError(f"cannot serve the peer state on {host}:{port}: {err}") from err
-        server = cls(ctx, site, host, port or _bound_port(ctx))
+        server = cls(ctx, site, host, port)
         log.info("event=peer_server_listening uri=%s node=%s", server.uri, state.node)
         if not _loopback(host):
             log.warning(
@@ -471,16 +473,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
-
-
-def _bound_port(ctx: Any) -> int:
-    """The UDP port aiocoap's server socket got (asked for port 0)."""
-    for interface in getattr(ctx, "request_interfaces", ()):
-        tokens = getattr(interface, "token_interface", None)
-        transport = getattr(getattr(tokens, "message_interface", None), "transport", None)
-        if transport is not None:
-            return int(transport.get_extra_info("socket").getsockname()[1])
-    raise SyncError("cannot find the port of the peer server's socket")
 
 
 @dataclass
