@@ -13,6 +13,21 @@ import aiocoap
 def check_port_free(host: str, port: int) -> None:
     """Raise OSError if another socket holds ``host:port``. aiocoap binds with SO_REUSEPORT, so a
     second endpoint on the same port would start silently and share the requests at random."""
+    _probe(host, port)
+
+
+def free_port(host: str) -> int:
+    """A UDP port no socket holds at ``host`` now, for a server asked for port 0. Linux gives a
+    SO_REUSEPORT socket bound to port 0 a port that another such socket of the same user may
+    already hold (the two then share its datagrams at random: of 3,000 such sockets bound at
+    once, 175 got a port another one held); aiocoap's server sockets set SO_REUSEPORT, so the
+    port is taken by a probe without it, which gets one no socket holds, and bound explicitly."""
+    return _probe(host, 0)
+
+
+def _probe(host: str, port: int) -> int:
+    """Bind a UDP socket without SO_REUSEPORT to ``host:port``; the port it got. OSError (one
+    line saying why) when it cannot."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except socket.gaierror as err:
@@ -23,24 +38,6 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as err:
             raise OSError(err.errno, listen_error(host, port, err)) from err
-
-
-def free_port(host: str) -> int:
-    """A UDP port no socket holds at ``host`` now, for a server asked for port 0. Linux gives a
-    SO_REUSEPORT socket bound to port 0 a port that another such socket of the same user may
-    already hold (the two then share its datagrams at random: of 3,000 such sockets bound at
-    once, 175 got a port another one held); aiocoap's server sockets set SO_REUSEPORT, so the
-    port is taken by a probe without it, which gets one no socket holds, and bound explicitly."""
-    try:
-        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_DGRAM)
-    except socket.gaierror as err:
-        raise OSError(f"cannot resolve {host}: {err}") from err
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        try:
-            probe.bind(address)
-        except OSError as err:
-            raise OSError(err.errno, listen_error(host, 0, err)) from err
         return int(probe.getsockname()[1])
 
 
