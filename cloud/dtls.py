@@ -43,11 +43,10 @@ endpoint serves on without them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import aiocoap
@@ -55,7 +54,7 @@ import aiocoap.error
 from aiocoap.credentials import CredentialsMap
 
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
-from cloud.listen import free_port
+from cloud.listen import port_to_bind
 from cloud.security import Principal, Principals
 
 log = logging.getLogger(__name__)
@@ -220,18 +219,14 @@ class DtlsEndpoint:
         site: Any,
         principals: Principals,
         listen: tuple[str, int],
-        check_free: Callable[[str, int], None] | None = None,
     ) -> DtlsEndpoint:
-        """Serve ``site`` on ``coaps://HOST:PORT`` (``listen``; port 0: any free port).
-        ``check_free(host, port)`` raises OSError when another socket holds the port (aiocoap
-        binds with SO_REUSEPORT: a second endpoint would share the port silently)."""
+        """Serve ``site`` on ``coaps://HOST:PORT`` (``listen``; port 0: any free port). A port
+        another socket holds is refused (aiocoap binds with SO_REUSEPORT: a second endpoint
+        would share the port silently; cloud/listen.py)."""
         host, port = listen
         check_listen(host)
         require_dtlssocket()
-        if port == 0:  # any free port: one no other socket holds (SO_REUSEPORT, cloud/listen.py)
-            port = free_port(host)
-        elif check_free is not None:
-            await asyncio.get_running_loop().run_in_executor(None, check_free, host, port)
+        port = await port_to_bind(host, port)
         self = cls(principals)
         logger = logging.getLogger(AIOCOAP_LOGGER)
         if _SESSION_END_FILTER not in logger.filters:

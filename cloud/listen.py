@@ -3,6 +3,7 @@ not, and the port a socket bound to port 0 got."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from typing import Any
@@ -23,6 +24,16 @@ def free_port(host: str) -> int:
     once, 175 got a port another one held); aiocoap's server sockets set SO_REUSEPORT, so the
     port is taken by a probe without it, which gets one no socket holds, and bound explicitly."""
     return _probe(host, 0)
+
+
+async def port_to_bind(host: str, port: int) -> int:
+    """The port a server on ``host:port`` binds: port 0, a :func:`free_port`; another, checked
+    free (:func:`check_port_free`, off the loop)."""
+    loop = asyncio.get_running_loop()
+    if port == 0:
+        return await loop.run_in_executor(None, free_port, host)
+    await loop.run_in_executor(None, check_port_free, host, port)
+    return port
 
 
 def _probe(host: str, port: int) -> int:

@@ -60,13 +60,7 @@ from cloud.dtls import DtlsEndpoint
 from cloud.fastpath import IngestFastPath
 from cloud.inference import DEFAULT_MODELS_DIR, CloudInference
 from cloud.ingest import GroupCommit
-from cloud.listen import (
-    bound_port,
-    check_port_free,
-    enlarge_receive_buffer,
-    free_port,
-    server_protocol,
-)
+from cloud.listen import bound_port, enlarge_receive_buffer, port_to_bind, server_protocol
 from cloud.logroutes import LogRoutes
 from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
@@ -332,10 +326,8 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
     async def _listen(
         self, host: str, port: int, dtls: tuple[str, int] | None = None, fast: bool = True
     ) -> None:
-        if port == 0 and not self.worker:  # any free port: one no other socket holds
-            port = free_port(host)
-        elif not self.worker:
-            await asyncio.get_running_loop().run_in_executor(None, check_port_free, host, port)
+        if not self.worker:  # workers share the port their parent checked
+            port = await port_to_bind(host, port)
         creds = CredentialsMap()
         creds[":principals"] = self.principals
         limit = None if self.allow_plain else self.amplification.limit
@@ -352,7 +344,7 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
         self.receive_buffer = enlarge_receive_buffer(self._ctx)
         if dtls is not None:  # after the plain socket, so that the DTLS port check sees it
             try:
-                self.dtls = await DtlsEndpoint.start(site, self.principals, dtls, check_port_free)
+                self.dtls = await DtlsEndpoint.start(site, self.principals, dtls)
             except BaseException:
                 await self._ctx.shutdown()
                 raise
