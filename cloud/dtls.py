@@ -245,7 +245,7 @@ class DtlsEndpoint:
         self.host = host
         pool = self._pool()
         transport = getattr(pool, "_transport", None)
-        self.port = port or int(transport.get_extra_info("sockname")[1])
+        self.port = port
         table = getattr(pool, "_connections", None)
         if transport.get_protocol() is pool and hasattr(table, "move_to_end"):
             self._table = table

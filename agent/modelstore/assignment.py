@@ -208,11 +208,11 @@ class ModelManager:
         try:
             await self.cache.sync()
             if checked is not None:
-                det = self._detector()
+                det, now = self._detector(), self._override()
                 # Replaced meanwhile (a tier switch), or the threshold override changed while
                 # the index was written: check again, on the detector running now.
-                if checked.detector is not det or self._override() != override:
-                    checked = self._check(p, det, self._override())
+                if checked.detector is not det or now != override:
+                    checked = self._check(p, det, now)
                     assert checked is not None
         except BaseException:  # a refusal, or cancelled: back to the pins of the running models
             self._done_committing(p.ref)  # (on disk at the next sync)
