@@ -154,10 +154,9 @@ class CoapTransport:
 
         ctx = await aiocoap.Context.create_client_context(transports=self.transports)
         _BlockwiseRaceFilter.install()
+        _quiet_aiocoap_races(asyncio.get_running_loop())
         if self.security is not None:
             self.security.configure(ctx)
-            if "oscore" in (self.transports or ()):
-                _quiet_cancelled_oscore(asyncio.get_running_loop())
         return ctx
 
     async def request(
@@ -473,40 +472,59 @@ def _read_home(path: Path | None) -> str | None:
     return store if isinstance(store, str) and store else None
 
 
-class _BlockwiseRaceFilter(logging.Filter):
-    """aiocoap 0.4.17's block-wise requester logs, with a traceback, an ``InvalidStateError`` from
-    its "should be unreachable" branch when a block-wise observation ends (the document changed
-    between blocks, or the observation was cancelled for a re-registration) while a block
-    request is still running: it sets a result on a future that is already done. The agent has
-    already moved on (it re-registers); the record becomes one debug line."""
+def _late_response(error: BaseException) -> bool:
+    """aiocoap 0.4.17 sets a result on a request's response future that is already done when a
+    response arrives for a request given up on in the same loop step: a block request of a
+    block-wise transfer that was cancelled (the document changed between blocks, an observation
+    cancelled for a re-registration) before its cancellation callback ran, or the assembled
+    response of a block-wise observation that ended meanwhile. Both raise ``InvalidStateError``
+    from a ``_run`` in aiocoap/protocol.py; the request was already given up, nothing is lost."""
+    if not isinstance(error, asyncio.InvalidStateError) or error.__traceback__ is None:
+        return False
+    tb = error.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    where = Path(code.co_filename).parts[-2:]
+    return code.co_name == "_run" and where == ("aiocoap", "protocol.py")
 
-    MESSAGE = "Exception in BlockwiseRequest runner neither went to response nor to observation"
+
+class _BlockwiseRaceFilter(logging.Filter):
+    """aiocoap logs a late response (``_late_response``) with a traceback: the block-wise
+    requester from its "should be unreachable" branch, the UDP transport when the error passes
+    through ``dispatch_message``. The agent has already moved on (it re-registers, or asks
+    again); the record becomes one debug line."""
+
+    LOGGERS = ("coap", "coap.blockwise-requester")
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, asyncio.InvalidStateError) and record.msg.startswith(self.MESSAGE):
-            log.debug("event=blockwise_observation_ended_mid_block error=InvalidStateError")
+        if error is not None and _late_response(error):
+            log.debug("event=coap_response_after_request_ended logger=%s", record.name)
             return False
         return True
 
     @classmethod
     def install(cls) -> None:
-        logger = logging.getLogger("coap.blockwise-requester")
-        if not any(isinstance(f, cls) for f in logger.filters):
-            logger.addFilter(cls())
+        for name in cls.LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(cls())
 
 
-def _quiet_cancelled_oscore(loop: asyncio.AbstractEventLoop) -> None:
-    """aiocoap 0.4.17's OSCORE client transport fails in a task's done callback when a context is
-    shut down with a request in flight (a lane reset, a stop: the request is cancelled or gets
-    LibraryShutdown, and passing that on fails again), and asyncio logs it with a traceback.
-    A loop exception filter (installed once per loop) turns exactly those into a debug line."""
-    if getattr(loop, "_edge_agent_oscore_quiet", False):
+def _quiet_aiocoap_races(loop: asyncio.AbstractEventLoop) -> None:
+    """Two aiocoap 0.4.17 failures reach the event loop's exception handler, which logs them with
+    a traceback: a late response (``_late_response``), which the UDP transport raises on after
+    logging it; and the OSCORE client transport failing in a task's done callback when a context
+    is shut down with a request in flight (a lane reset, a stop: the request is cancelled or gets
+    LibraryShutdown, and passing that on fails again). A loop exception filter (installed once
+    per loop) turns exactly those into a debug line."""
+    if getattr(loop, "_edge_agent_aiocoap_quiet", False):
         return
     ExceptionFilter(
-        lambda _error, where: "TransportOSCORE.request.<locals>.done" in where,
-        lambda error: log.debug(
-            "event=oscore_request_ended_on_shutdown error=%r", type(error).__name__
+        lambda error, where: (
+            _late_response(error) or "TransportOSCORE.request.<locals>.done" in where
         ),
+        lambda error: log.debug("event=coap_request_ended_race error=%r", type(error).__name__),
     ).install(loop)
-    loop._edge_agent_oscore_quiet = True  # type: ignore[attr-defined]
+    loop._edge_agent_aiocoap_quiet = True  # type: ignore[attr-defined]

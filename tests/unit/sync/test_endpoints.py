@@ -60,37 +60,3 @@ def test_an_unreadable_store_file_starts_afresh(tmp_path: Path, vclock: VirtualC
     path.write_bytes(b"\xff{not json")
     eps = Endpoints(URIS, vclock, store_path=path)
     assert eps.home is None
-
-
-def test_aiocoaps_blockwise_race_record_becomes_a_debug_line_and_others_pass(
-    caplog: object,
-) -> None:
-    import asyncio
-    import logging
-
-    from agent.sync.transport import _BlockwiseRaceFilter
-
-    _BlockwiseRaceFilter.install()
-    _BlockwiseRaceFilter.install()  # once only
-    logger = logging.getLogger("coap.blockwise-requester")
-    assert sum(isinstance(f, _BlockwiseRaceFilter) for f in logger.filters) == 1
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    handler = Keep()
-    logger.addHandler(handler)
-    try:
-        try:
-            raise asyncio.InvalidStateError("invalid state")
-        except asyncio.InvalidStateError:
-            logger.error(_BlockwiseRaceFilter.MESSAGE + ": %s", "invalid state", exc_info=True)
-        try:
-            raise ValueError("something else")
-        except ValueError:
-            logger.error(_BlockwiseRaceFilter.MESSAGE + ": %s", "other", exc_info=True)
-    finally:
-        logger.removeHandler(handler)
-    assert [r.exc_info[1].__class__ for r in records if r.exc_info] == [ValueError]
