@@ -153,7 +153,6 @@ class CoapTransport:
         import aiocoap
 
         ctx = await aiocoap.Context.create_client_context(transports=self.transports)
-        _BlockwiseRaceFilter.install()
         _quiet_aiocoap_races(asyncio.get_running_loop())
         if self.security is not None:
             self.security.configure(ctx)
@@ -489,7 +488,7 @@ def _late_response(error: BaseException) -> bool:
     return code.co_name == "_run" and where == ("aiocoap", "protocol.py")
 
 
-class _BlockwiseRaceFilter(logging.Filter):
+class _LateResponseFilter(logging.Filter):
     """aiocoap logs a late response (``_late_response``) with a traceback: the block-wise
     requester from its "should be unreachable" branch, the UDP transport when the error passes
     through ``dispatch_message``. The agent has already moved on (it re-registers, or asks
@@ -518,7 +517,9 @@ def _quiet_aiocoap_races(loop: asyncio.AbstractEventLoop) -> None:
     logging it; and the OSCORE client transport failing in a task's done callback when a context
     is shut down with a request in flight (a lane reset, a stop: the request is cancelled or gets
     LibraryShutdown, and passing that on fails again). A loop exception filter (installed once
-    per loop) turns exactly those into a debug line."""
+    per loop) turns exactly those into a debug line; :class:`_LateResponseFilter` (once per
+    process) quiets aiocoap's own log records of a late response."""
+    _LateResponseFilter.install()
     if getattr(loop, "_edge_agent_aiocoap_quiet", False):
         return
     ExceptionFilter(
