@@ -145,7 +145,13 @@ class LearningClient:
                     self._status[str(model)] = st
 
     def _set(self, model: str, task: RoundTask, status: str, **extra: Any) -> None:
-        self._status[model] = {"job": task.job, "round": task.round, "status": status, **extra}
+        self._status[model] = {
+            "job": task.job,
+            "round": task.round,
+            "deadline": math.ceil(task.deadline),
+            "status": status,
+            **extra,
+        }
         if status in FINAL:
             text = json.dumps(self._status, sort_keys=True).encode()
             try:
@@ -155,12 +161,21 @@ class LearningClient:
         self.changed()
 
     def _done(self, model: str, task: RoundTask) -> bool:
+        """Whether ``task`` needs nothing more: a later round ended here, or this one did. An
+        attempt of this round that expired or failed is tried again when the endpoint opens the
+        round again (it does, with a later deadline, while too few devices uploaded); an upload
+        or a refusal stands."""
         st = self._status.get(model)
-        return (
-            st is not None
-            and st.get("status") in FINAL
-            and (st["job"], st["round"]) >= (task.job, task.round)
-        )
+        if st is None or st.get("status") not in FINAL:
+            return False
+        if (st["job"], st["round"]) != (task.job, task.round):
+            return bool((st["job"], st["round"]) > (task.job, task.round))
+        if st["status"] in ("uploaded", "refused"):
+            return True
+        ended = st.get("deadline")  # absent in a file an older release wrote: that round stands
+        if not isinstance(ended, (int, float)) or isinstance(ended, bool):
+            return True
+        return ended >= math.ceil(task.deadline)
 
     def _epsilon(self) -> float | None:
         spent = self.ledger.spent()
