@@ -76,7 +76,7 @@ from agent.gateway.crdt import (
 from agent.gateway.hlc import MAX_DRIFT, ClockError, HybridClock, Timestamp, check_node
 from agent.sync.transport import CoapTransport, transports_for
 from agent.wire import records
-from cloud.listen import free_port
+from cloud.listen import port_to_bind
 from drivers.base import Options
 from drivers.clock import Clock
 
@@ -431,7 +431,9 @@ class PeerSite(aiocoap.resource.Resource):
 
 
 class PeerServer:
-    """A CoAP server for :class:`PeerSite` on ``host:port`` (port 0: any free port)."""
+    """A CoAP server for :class:`PeerSite` on ``host:port`` (port 0: any free port; another,
+    refused while another socket holds it, as the endpoint's: aiocoap binds with SO_REUSEPORT,
+    so a second server on the port would start and the peers' requests split between them)."""
 
     def __init__(self, ctx: Any, site: PeerSite, host: str, port: int) -> None:
         self._ctx = ctx
@@ -443,7 +445,10 @@ class PeerServer:
     async def start(cls, state: PeerState, host: str = "127.0.0.1", port: int = 0) -> PeerServer:
         site = PeerSite(state)
         try:
-            port = port or free_port(host)  # aiocoap's SO_REUSEPORT may share a port-0 bind
+            port = await port_to_bind(host, port)
+        except OSError as err:  # one line that names the address and what to do
+            raise SyncError(f"cannot serve the peer state: {err.strerror or err}") from err
+        try:
             ctx = await aiocoap.Context.create_server_context(
                 site, bind=(host, port), transports=["udp6"]
             )

@@ -148,7 +148,13 @@ class Gateway:
             await asyncio.to_thread(self._register, [], store)
             marker.write_text(store + "\n")
         g = self.config.gateway
-        self.server = await CloudServer.start(self.store_dir, g.host, g.port)
+        try:
+            self.server = await CloudServer.start(self.store_dir, g.host, g.port)
+        except OSError as err:
+            if err.filename is not None or not err.strerror:
+                raise
+            # the listen check's line, made for the operator (cloud/listen.py listen_error)
+            raise SyncError(f"cannot serve the devices: {err.strerror}") from err
         server = self.server
         server.rotation_refusal = (
             f"gateway {self.config.name} holds a copy of this device's credential: rotate it at "
@@ -270,7 +276,9 @@ class Gateway:
 
 
 def run_gateway(config: GatewayConfig) -> int:
-    """The ``edge-agent gateway`` command: run until SIGINT/SIGTERM. Exit code."""
+    """The ``edge-agent gateway`` command: run until SIGINT/SIGTERM; 0 when stopped. An error
+    that stops it is logged and raised on: the command line prints it as one line and exits with
+    its code (``edge-agent`` main: a port in use 75, a store error 74, ...), as ``run`` does."""
     import signal
 
     async def main() -> None:
@@ -284,6 +292,5 @@ def run_gateway(config: GatewayConfig) -> int:
         asyncio.run(main())
     except (AgentError, OSError) as err:
         log.error("event=gateway_failed error=%r", str(err))
-        print(f"edge-agent gateway: {err}")
-        return 1
+        raise
     return 0

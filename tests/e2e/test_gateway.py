@@ -36,6 +36,7 @@ from cloud.storage import SQLiteStorage
 from drivers.clock import RealClock
 from tools.chaos.harness import agent_config, free_udp_port
 
+from ..unit.cloud.test_listen import reuseport_sockets
 from ..unit.ota.test_release import make_bundle
 
 pytestmark = pytest.mark.timeout(420)
@@ -390,3 +391,42 @@ async def _run(site: Site, tmp_path: Path) -> None:
         await site.finish()
     finally:
         site.close()
+
+
+class BareSite(Site):
+    """The cloud and the gateway, no devices."""
+
+    devices = ()
+
+
+@pytest.mark.parametrize("table", ["gateway", "gateway.peers"])
+async def test_a_gateway_on_a_port_in_use_exits_75_with_one_line(tmp_path: Path, table: str):
+    """The device-facing port and the peers' port are checked free as the endpoint's is (another
+    server holds it with SO_REUSEPORT, as aiocoap binds): one line on stderr naming the address,
+    exit 75 (EX_TEMPFAIL, systemd restarts it later), no traceback. Before, the device-facing
+    port's line went to stdout with exit 1, and a server started on the peers' port."""
+    site = BareSite(tmp_path)
+    site.setup()
+    config = tmp_path / "gateway.toml"
+    with reuseport_sockets(1) as held:
+        (port,) = held
+        text = config.read_text()
+        if table == "gateway":
+            text = text.replace(f"127.0.0.1:{site.gw_port}", f"127.0.0.1:{port}")
+        else:
+            text += f'[gateway.peers]\nlisten = "127.0.0.1:{port}"\npeers = []\n'
+        config.write_text(text)
+        site.start_cloud()
+        try:
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "agent.service.cli", "gateway", "--config", str(config)],
+                cwd=ROOT, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+        finally:
+            site.close()
+    assert result.returncode == 75, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("edge-agent") and "event=" not in last, last
+    assert f"127.0.0.1:{port} is in use by another process" in last, last

@@ -1,4 +1,5 @@
-"""A server asked for port 0 gets a port no other socket holds.
+"""A server asked for port 0 gets a port no other socket holds; one asked for a port another
+socket holds is refused.
 
 aiocoap's server sockets set SO_REUSEPORT, and Linux may give a SO_REUSEPORT socket bound to port 0
 a port another SO_REUSEPORT socket of the same user already holds; the two then share its
@@ -11,6 +12,9 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from agent.errors import SyncError
 from agent.gateway.peers import PeerServer, PeerState
 from cloud.listen import free_port
 from cloud.server import CloudServer
@@ -54,3 +58,21 @@ async def test_servers_on_port_0_take_a_port_of_their_own(tmp_path: Path) -> Non
             assert peers.port not in held
         finally:
             await peers.stop()
+
+
+async def test_a_peer_server_on_a_port_another_socket_holds_is_refused(tmp_path: Path) -> None:
+    """The gateway's peer server checks a configured port free as the endpoint does: a second
+    server on it would start (SO_REUSEPORT) and the peers' requests split between the two."""
+    with reuseport_sockets(1) as held:
+        (port,) = held
+        with pytest.raises(SyncError, match=f"127.0.0.1:{port} is in use by another process"):
+            await PeerServer.start(
+                PeerState("gw-1", tmp_path / "gw-1.cbor", RealClock()), "127.0.0.1", port
+            )
+    peers = await PeerServer.start(
+        PeerState("gw-1", tmp_path / "gw-1.cbor", RealClock()), "127.0.0.1", port
+    )  # the port once free
+    try:
+        assert peers.port == port
+    finally:
+        await peers.stop()
