@@ -1,11 +1,21 @@
-"""Durable file replacement, shared by every module that keeps a small state file."""
+"""Durable file replacement and the reading of JSON state files and TOML documents, shared by
+every module that keeps a small state file or reads a config."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import tomllib
 from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+#: The largest JSON state file read whole (the agent's are kilobytes): a larger one is refused as
+#: unreadable instead of read into memory.
+MAX_JSON_BYTES = 16 << 20
 
 
 def fsync_dir(path: Path) -> None:
@@ -55,3 +65,35 @@ def ensure_writable_dir(path: Path) -> None:
     except OSError as err:
         err.filename = str(path)  # the directory, not the probe file in it
         raise
+
+
+def loads_json(data: str | bytes) -> Any:
+    """``json.loads``, with a document nested deeper than the parser's stack (``[[[...]]]``, a few
+    kilobytes) refused as ValueError like any other malformed JSON: the standard library raises
+    RecursionError there, which a reader that handles ValueError would let through."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("not JSON: nested too deep") from None
+
+
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """The JSON document in ``path``: OSError as reading raises (FileNotFoundError when there is
+    none); ValueError when the file is more than ``limit`` bytes, not UTF-8, not JSON, or nested
+    too deep (:func:`loads_json`)."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"more than {limit} bytes: not a state file")
+    return loads_json(data)
+
+
+def toml_document(text: str, label: str) -> dict[str, Any]:
+    """The TOML document ``text``; ConfigError ``LABEL: not valid TOML: ...`` when it is not one,
+    arrays nested deeper than the parser's stack included (tomllib raises RecursionError)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(label, "", f"not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(label, "", "not valid TOML: nested too deep") from None

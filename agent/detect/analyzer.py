@@ -59,7 +59,7 @@ from agent.detect.detector import Alert, Detector, DetectSettings
 from agent.detect.features import Calibration, FeatureSpec
 from agent.detect.inference import TFLiteModel, load_manifest
 from agent.errors import ModelError, StoreError, StoreFull
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.metrics import Registry
 from agent.store.queue import NewRecord, Store
 from agent.wire.records import AlertBody, Kind
@@ -316,7 +316,9 @@ class Analyzer:
         if path is None or not path.exists() or self.tier != "full":
             return False
         try:
-            doc = json.loads(path.read_text())
+            doc = read_json(path)
+            if not isinstance(doc, dict) or not isinstance(doc.get("calibration"), dict):
+                raise ValueError("not a calibration document")
             if {k: doc.get(k) for k in ("model", "sha256", "inputs")} != self._calibration_key():
                 log.info("event=calibration_ignored path=%s reason=other model or inputs", path)
                 return False

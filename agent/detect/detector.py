@@ -562,6 +562,8 @@ class Detector:
         arrays = (cal.mean, cal.std, cal.smooth_std, cal.drift, cal.scale)
         if any(np.shape(x) != (n,) or not np.all(np.isfinite(x)) for x in arrays):
             raise ValueError(f"calibration does not fit {n} channels")
+        if not all(np.all(x > 0) for x in (cal.std, cal.smooth_std, cal.scale)):
+            raise ValueError("calibration divides by a scale that is not positive")
         self._restored = cal
 
     @property

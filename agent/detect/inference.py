@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from agent.errors import ModelError
+from agent.files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -324,12 +324,12 @@ def load_manifest(path: str | Path) -> Manifest:
     if p.is_dir():
         p = p / "manifest.json"
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
+        raw = read_json(p)
     except FileNotFoundError:
         raise ModelError(
             f"{p}: no model manifest; run tools/train_models.py or fetch the models"
         ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise ModelError(f"{p}: unreadable manifest ({err})") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
         raise ModelError(f"{p}: not a model manifest (no 'models' table)")

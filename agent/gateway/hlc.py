@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from agent.errors import AgentError
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class HybridClock:
         if self.path is None:
             return 0
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            doc = read_json(self.path)
             ceiling = doc["ceiling"] if isinstance(doc, dict) else None
             return _bounded(ceiling, WALL_LIMIT, "the ceiling")
         except FileNotFoundError:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, ModelError, SyncError
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.transport import CoapTransport
 from agent.wire import codec, statedoc
@@ -65,6 +65,12 @@ def _alerts_waiting(s: Any, after: int) -> bool:
     return row is not None
 
 
+def _newest_arrival(s: Any) -> int:
+    """The last arrival number the gateway's store handed out (cloud/storage.py)."""
+    row = s.db.execute("SELECT value FROM counters WHERE name = 'arrival'").fetchone()
+    return int(row[0]) if row else 0
+
+
 def _pending(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord]]:
     """Records stored after arrival ``after``: (arrival, device, record), in arrival order."""
     rows = s.db.execute(
@@ -87,10 +93,17 @@ class Resolutions:
         self.steps: dict[str, dict[tuple[str, str], float]] = {}
         self.dirty = False
         try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
+            raw = read_json(self.path)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
             for device, rows in raw.items():
-                self.steps[device] = {(s, c): float(v) for s, c, v in rows}
-        except (OSError, ValueError, TypeError):
+                self.steps[str(device)] = {(str(s), str(c)): float(v) for s, c, v in rows}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, TypeError) as err:  # relearned from the next batches
+            log.warning(
+                "event=gateway_resolutions_unreadable path=%s error=%r", self.path, str(err)
+            )
             self.steps = {}
 
     def observe(self, device: str, cf: int, payload: bytes) -> None:
@@ -145,17 +158,41 @@ class RecordForwarder:
         self.records = records
         self.lane = lane
         self.cursor = self._load()
+        self._cursor_checked = False
         self.forwarded = 0  # records the cloud acknowledged (new or duplicate)
         self.requests = 0
         self.bytes_up = 0  # request payload bytes sent upstream
         self.conflicts = 0
 
     def _load(self) -> int:
+        """The cursor saved; 0 (forward everything again: the cloud stores each record once) when
+        there is none or it is unreadable."""
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
-            return int(doc["arrival"])
-        except (OSError, ValueError, KeyError, TypeError):
+            doc = read_json(self.path)
+            arrival = doc["arrival"] if isinstance(doc, dict) else None
+            if isinstance(arrival, bool) or not isinstance(arrival, int) or arrival < 0:
+                raise ValueError(f"arrival: not a cursor: {arrival!r}")
+            return arrival
+        except FileNotFoundError:
             return 0
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("event=forward_cursor_unreadable path=%s error=%r", self.path, str(err))
+            return 0
+
+    async def _check_cursor(self) -> None:
+        """Once, before the first pass: a cursor beyond the newest record stored (a store moved
+        away or replaced while the cursor file stayed, or a corrupt number) would hold back every
+        record until arrivals pass it; forwarding starts again from the beginning instead."""
+        self._cursor_checked = True
+        newest = await self.db(_newest_arrival)
+        if self.cursor > newest:
+            log.warning(
+                "event=forward_cursor_reset cursor=%d newest=%d path=%s note=forwarding every "
+                "stored record again; the cloud stores each once",
+                self.cursor, newest, self.path,
+            )  # fmt: skip
+            self.cursor = 0
+            await self._save()
 
     async def _save(self) -> None:
         data = (json.dumps({"arrival": self.cursor}) + "\n").encode()
@@ -169,6 +206,8 @@ class RecordForwarder:
         """One pass: forward what is pending (at most ``records``) in one ``POST /relay``; the
         records acknowledged. Raises SyncError when the cloud did not take them all (the cursor
         stays: the next pass sends them again, and the cloud stores each once)."""
+        if not self._cursor_checked:
+            await self._check_cursor()
         cursor, limit = self.cursor, self.records
         rows = await self.db(lambda s: _pending(s, cursor, limit))
         if not rows:

@@ -143,7 +143,7 @@ class Gateway:
         self.devices = [c.principal for c in creds]
         known = await asyncio.to_thread(self._register, creds, None)
         marker = self.store_dir / "cloud-store"
-        if not marker.exists() or marker.read_text().strip() != known:
+        if not marker.exists() or marker.read_text(errors="replace").strip() != known:
             store = await self._cloud_store()
             await asyncio.to_thread(self._register, [], store)
             marker.write_text(store + "\n")

@@ -20,12 +20,11 @@ Every other key is an error (the key's path in the message), as in the agent's c
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.files import resolve_path
+from agent.files import resolve_path, toml_document
 from agent.gateway.peers import PeerSettings
 from agent.sync.uplink import UplinkSettings
 from drivers.base import OptionError, Options
@@ -74,11 +73,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     p = Path(path)
     label = str(p)
     try:
-        raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+        text = p.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(label, "", f"cannot read: {err}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(label, "", f"not valid TOML: {err}") from None
+    raw = toml_document(text, label)
     top = Options(raw)
     try:
         agent = top.table("agent", required=True)

@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 
 from agent.errors import SyncError
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.learn.ledger import LEDGER_FILE, BudgetExceeded, PrivacyLedger
 from agent.learn.settings import LearnSettings
 from agent.learn.worker import write_job
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.wire.batch import CF_CBOR
-from agent.wire.learning import KEY_PREFIX, LearningError, Masters, RoundTask
+from agent.wire.learning import KEY_PREFIX, LearningError, Masters, ModelUpdate, RoundTask
 from drivers.clock import Clock
 
 log = logging.getLogger("agent.learn")
@@ -60,6 +60,7 @@ PAUSE_HOLD = 2.0  # a paused worker stays paused at least this long
 REQUEST_DEADLINE = 60.0
 DONE_FILE = "learn.json"
 FINAL = ("uploaded", "refused", "expired", "failed")
+MAX_DETAILS = 16  # keys of one learn.json entry that are read
 
 
 class WindowRing:
@@ -92,6 +93,44 @@ class WindowRing:
         if self._count < self.capacity:
             return self._data[: self._count].copy()
         return np.concatenate([self._data[self._next :], self._data[: self._next]])
+
+
+def _trained(out: Path, task: RoundTask) -> bool:
+    """Whether ``out`` holds this round's update, trained before a restart: it is uploaded as it
+    is. A file that is not one (damaged at rest, another round's) is removed and the round
+    trained again: nothing leaves the device in a training exchange but a checked update."""
+    try:
+        update = ModelUpdate.from_cbor(out.read_bytes())
+        if (update.job, update.round) != (task.job, task.round):
+            raise LearningError(f"the update of job {update.job} round {update.round}")
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, LearningError) as err:
+        log.warning("event=learn_update_unreadable path=%s error=%r", out, str(err)[:200])
+        with contextlib.suppress(OSError):
+            out.unlink()
+        return False
+
+
+def _ended_round(st: Any) -> dict[str, Any] | None:
+    """A ``learn.json`` entry as :meth:`LearningClient._set` writes it (job, round, an ended
+    status, the deadline and a few plain details), or None when it is not one."""
+    if not isinstance(st, dict) or st.get("status") not in FINAL:
+        return None
+    if not all(_whole(st.get(k)) for k in ("job", "round")):
+        return None
+    kept: dict[str, Any] = {}
+    for key, value in list(st.items())[:MAX_DETAILS]:
+        if isinstance(value, str):
+            kept[str(key)[:32]] = value[:200]
+        elif _whole(value) or (isinstance(value, float) and math.isfinite(value)):
+            kept[str(key)[:32]] = value
+    return kept
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53
 
 
 class LearningClient:
@@ -135,14 +174,26 @@ class LearningClient:
 
     # -- state -----------------------------------------------------------------------------------
     def _load_done(self) -> None:
+        """The rounds that ended here (``learn.json``), each as :meth:`_set` wrote it; an entry
+        that is not one is dropped (its round may be taken again: an upload is charged to the
+        privacy ledger, which is kept apart and refuses what it has charged)."""
+        path = self.data_dir / DONE_FILE
         try:
-            raw = json.loads((self.data_dir / DONE_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            raw = read_json(path)
+        except FileNotFoundError:
             return
-        if isinstance(raw, dict):
-            for model, st in raw.items():
-                if isinstance(st, dict) and isinstance(st.get("job"), int):
-                    self._status[str(model)] = st
+        except (OSError, ValueError) as err:
+            log.warning("event=learn_state_unreadable path=%s error=%r", path, str(err))
+            return
+        entries = raw.items() if isinstance(raw, dict) else ()
+        for model, st in entries:
+            kept = _ended_round(st)
+            if kept is None:
+                log.warning("event=learn_state_dropped path=%s model=%.64r", path, model)
+            else:
+                self._status[str(model)] = kept
+        if not isinstance(raw, dict):
+            log.warning("event=learn_state_unreadable path=%s error='not a JSON object'", path)
 
     def _set(self, model: str, task: RoundTask, status: str, **extra: Any) -> None:
         self._status[model] = {
@@ -243,7 +294,7 @@ class LearningClient:
         except BudgetExceeded as err:
             self._refuse(model, task, out, str(err))
             return
-        done = await asyncio.to_thread(out.exists)
+        done = await asyncio.to_thread(_trained, out, task)
         if not done and not await self._train(model, task, out):
             return
         try:  # durably charged before the first byte of the update leaves

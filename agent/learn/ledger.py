@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.learn.privacy import ORDERS, gaussian_rdp, rdp_to_epsilon
 
 LEDGER_FILE = "learn-privacy.json"
@@ -50,7 +50,7 @@ class PrivacyLedger:
 
     def _load(self) -> None:
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            doc = read_json(self.path)
         except FileNotFoundError:
             return
         except (OSError, ValueError) as err:

@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+from agent.files import loads_json
+
 EX_DATAERR, EX_SOFTWARE = 65, 70
 
 
@@ -70,7 +72,7 @@ def run(job: Path, out: Path) -> int:
             sizes = tuple(int(v) for v in z["sizes"])
             masters = DenseAutoencoder.from_vector(z["masters"].astype(np.float32), sizes)
             windows = z["windows"].astype(np.float32)
-            task = RoundTask.from_value(json.loads(bytes(z["task"]).decode()))
+            task = RoundTask.from_value(loads_json(bytes(z["task"])))
             seed = int(z["seed"][0])
         update = local_update(masters, windows, task, np.random.default_rng(seed))
     except (OSError, ValueError, KeyError, LearningError) as err:

@@ -65,7 +65,7 @@ from agent.detect.inference import (
     read_model_file,
 )
 from agent.errors import ModelError, SyncError
-from agent.files import fsync_dir, write_atomic
+from agent.files import fsync_dir, read_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
 from agent.modelstore.listing import cache_listing
 from agent.modelstore.settings import ModelsSettings
@@ -260,7 +260,7 @@ class ModelCache:
         except OSError as err:
             raise ModelError(f"{self.directory}: cannot create the model cache ({err})") from err
         try:
-            raw = json.loads(self.index_path.read_text(encoding="utf-8"))
+            raw = read_json(self.index_path)
             if raw.get("format") != INDEX_FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}")
             records = [_Record.from_dict(d) for d in raw["models"]]
@@ -646,7 +646,7 @@ class ModelCache:
     @staticmethod
     def _same_partial(meta: Path, identity: dict[str, Any]) -> bool:
         try:
-            return bool(json.loads(meta.read_text(encoding="utf-8")) == identity)
+            return bool(read_json(meta) == identity)
         except (OSError, ValueError):
             return False
 

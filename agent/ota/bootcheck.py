@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,6 +62,9 @@ MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 100
 HEALTH_WINDOW = 600  # seconds a pending release has to confirm once it runs
 MIN_HEALTH_WINDOW, MAX_HEALTH_WINDOW = 60, 86400  # [update] health_window_s may be in between
+#: A release name, as agent/modelstore/signing.py NAME_RE checks a signed manifest's version
+#: (this module runs with the standard library only, so it keeps its own copy)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 READY_DIR = "ota"  # DATA/ota/ready-<version>: the agent's READY marker
 
 
@@ -131,13 +135,19 @@ def mark_complete(root: Path, version: str) -> None:
 
 
 def load(root: Path) -> dict[str, Any]:
+    """update.json; empty when there is none, or (with a line saying so) when it is unreadable:
+    the next change writes it anew. Its fields are read with :func:`number` and :func:`name`."""
+    path = root / STATE_FILE
     try:
-        doc = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
-        if isinstance(doc, dict):
-            return doc
-    except (OSError, ValueError):
-        pass
-    return {}
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        return doc
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as err:
+        _log("update_state_unreadable", path=path, error=str(err)[:200].replace(" ", "_"))
+        return {}
 
 
 def save(root: Path, doc: dict[str, Any]) -> None:
@@ -205,8 +215,8 @@ def switch(
 def rollback(root: Path, reason: str) -> str | None:
     """Put ``previous`` back as ``current``; record ``rolled_back``. The version now current."""
     doc = load(root)
-    bad = doc.get("pending") or link_version(root, CURRENT)
-    back = link_version(root, PREVIOUS) or doc.get("from")
+    bad = name(doc, "pending") or link_version(root, CURRENT)
+    back = link_version(root, PREVIOUS) or name(doc, "from")
     if back is None or not is_complete(root, back):
         _log("rollback_impossible", version=bad, reason=reason)
         return link_version(root, CURRENT)
@@ -227,7 +237,7 @@ def ready_marker(data_dir: Path, version: str) -> Path:
 def confirm(root: Path, version: str) -> bool:
     """The agent on ``version`` is READY: the pending switch is done. True when it was pending."""
     doc = load(root)
-    if doc.get("pending") != version or link_version(root, CURRENT) != version:
+    if name(doc, "pending") != version or link_version(root, CURRENT) != version:
         return False
     doc.update(pending=None, attempts=0, step="idle")
     doc["outcome"] = _outcome(version, "updated", previous=doc.get("from"))
@@ -243,7 +253,7 @@ def resolve(root: Path) -> str | None:
         return None  # never updated: the first install's plain venv
     doc = load(root)
     current = link_version(root, CURRENT)
-    pending = doc.get("pending")
+    pending = name(doc, "pending")
     step = doc.get("step")
     if step == "switching" and pending and current != pending:
         # cut before the current link moved: the old release still runs; forget the switch
@@ -255,7 +265,9 @@ def resolve(root: Path) -> str | None:
         doc["step"] = "switched"  # cut after the link moved, before the state said so
         save(root, doc)
     elif step == "rolling_back" and pending:
-        rollback(root, str((doc.get("outcome") or {}).get("reason") or "interrupted rollback"))
+        outcome = doc.get("outcome")
+        reason = outcome.get("reason") if isinstance(outcome, dict) else None
+        rollback(root, str(reason or "interrupted rollback")[:200])
     current = link_version(root, CURRENT)
     if current is None or not is_complete(root, current):
         # no usable current (a cut during adoption): the newest complete release, previous first
@@ -278,14 +290,14 @@ def start(root: Path, data_dir: Path | None = None) -> str | None:
     """ExecStartPre: resolve, then count this start of a pending version (or roll it back)."""
     current = resolve(root)
     doc = load(root)
-    pending = doc.get("pending")
+    pending = name(doc, "pending")
     if not pending or pending != current:
         return current
     if data_dir is not None and ready_marker(data_dir, pending).is_file():
         confirm(root, pending)
         return current
-    attempts = int(doc.get("attempts") or 0)
-    limit = int(doc.get("max_attempts") or MAX_ATTEMPTS)
+    attempts = number(doc, "attempts", 0)
+    limit = number(doc, "max_attempts", MAX_ATTEMPTS, 1, MAX_ATTEMPTS_LIMIT)
     if attempts >= limit:
         return rollback(root, f"did not reach READY in {attempts} starts")
     doc["attempts"] = attempts + 1
@@ -297,13 +309,20 @@ def start(root: Path, data_dir: Path | None = None) -> str | None:
 def failed(root: Path, data_dir: Path | None = None) -> str | None:
     """OnFailure: the service gave up (start limit, or exit codes that are not restarted)."""
     current = resolve(root)
-    pending = load(root).get("pending")
+    pending = name(load(root), "pending")
     if pending and pending == current:
         if data_dir is not None and ready_marker(data_dir, pending).is_file():
             confirm(root, pending)
             return current
         return rollback(root, "the service failed while the release was pending")
     return current
+
+
+def name(doc: Any, key: str) -> str | None:
+    """``doc[key]`` when it is a release name (a version: letters, digits, '_', '.', '+', '-',
+    starting with a letter or digit; never a path), else None: read as :func:`number` reads."""
+    value = doc.get(key) if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and _NAME.fullmatch(value) else None
 
 
 def number(doc: Any, key: str, default: int, low: int = 0, high: int | None = None) -> int:
@@ -322,7 +341,7 @@ def health(
     running). The version now current."""
     current = resolve(root)
     doc = load(root)
-    pending = doc.get("pending")
+    pending = name(doc, "pending")
     if not pending or pending != current or number(doc, "attempts", 0) < 1:
         return current  # nothing pending, or switched but not started yet
     if data_dir is not None and ready_marker(data_dir, pending).is_file():

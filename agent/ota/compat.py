@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.files import write_atomic
+from agent.files import loads_json, read_json, write_atomic
 from agent.store.settings import APPLICATION_ID, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def recorded(data_dir: Path) -> tuple[dict[str, int], Path | None]:
     """``DATA/formats.json``: the versions the last release wrote, and its queue file. Missing
     or unreadable: nothing recorded (a data directory from before the record, or a fresh one)."""
     try:
-        doc = json.loads((data_dir / FORMATS_FILE).read_text(encoding="utf-8"))
+        doc = read_json(data_dir / FORMATS_FILE)
     except (OSError, ValueError):
         return {}, None
     if not isinstance(doc, dict):
@@ -151,7 +151,7 @@ def describe() -> dict[str, Any]:
 
 def parse_description(text: str) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
     """(writes, reads) from ``--describe`` output; ValueError when it is not one."""
-    doc = json.loads(text)
+    doc = loads_json(text)
     if not isinstance(doc, dict):
         raise ValueError("not a JSON object")
     reads_doc, writes_doc = doc.get("reads"), doc.get("writes")
@@ -180,7 +180,7 @@ def stamp(data_dir: Path, queue: Path) -> None:
     doc = {"formats": dict(WRITES), "queue": str(queue)}
     path = data_dir / FORMATS_FILE
     try:
-        if json.loads(path.read_text(encoding="utf-8")) == doc:
+        if read_json(path) == doc:
             return
     except (OSError, ValueError):
         pass

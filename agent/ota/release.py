@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 import tarfile
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import ModelError
+from agent.files import read_json
 from agent.modelstore.signing import MAX_MANIFEST_BYTES, check_name, digest_and_size, key_id
 
 SIGNATURE_CONTEXT = "edge-agent release v1"
@@ -52,7 +52,7 @@ def _sha256(path: Path) -> str:
 def read_bundle(directory: Path) -> dict[str, Any]:
     """The bundle description of ``directory`` (tools/flash_lib/bundle.py), checked."""
     try:
-        meta = json.loads((directory / BUNDLE_JSON).read_text())
+        meta = read_json(directory / BUNDLE_JSON)
         files = {str(k): str(v) for k, v in meta["files"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ReleaseError(f"{directory}: not a wheel bundle ({BUNDLE_JSON}: {err})") from err

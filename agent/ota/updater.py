@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -45,8 +46,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import ModelError
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
+from agent.modelstore.signing import NAME_RE
 from agent.ota import bootcheck
 from agent.ota.compat import parse_description, rollback_problems
 from agent.ota.install import install
@@ -158,9 +160,17 @@ def apply_staged(
     A refusal is recorded as the outcome ``refused`` and the staged files are removed."""
     ota = data_dir / OTA_DIR
     try:
-        staged = json.loads((ota / STAGED_FILE).read_text())
-        version = str(staged["version"])
-    except (OSError, ValueError, KeyError, TypeError):
+        staged = read_json(ota / STAGED_FILE)
+        version = staged["version"] if isinstance(staged, dict) else None
+        if not isinstance(version, str) or not NAME_RE.match(version):
+            # the file names paths this helper (root) reads and removes: only a release name
+            raise ValueError(f"version: not a release name: {version!r}"[:200])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as err:
+        log.error("event=release_staged_unreadable path=%s error=%s", ota / STAGED_FILE, err)
+        with contextlib.suppress(OSError):
+            (ota / STAGED_FILE).unlink()  # the agent stages again when next asked to
         return None
     # the agent's [update] limits, within the ranges its settings allow (agent/ota/settings.py)
     max_attempts = bootcheck.number(
@@ -263,9 +273,31 @@ def report(root: Path) -> dict[str, object]:
     doc = bootcheck.load(root)
     return {
         "version": bootcheck.link_version(root, bootcheck.CURRENT),
-        "pending": doc.get("pending"),
-        "outcome": doc.get("outcome"),
+        "pending": bootcheck.name(doc, "pending"),
+        "outcome": _plain_outcome(doc.get("outcome")),
     }
+
+
+#: The fields of an outcome in update.json (bootcheck._outcome) that are reported
+OUTCOME_FIELDS = ("version", "result", "reason", "at", "restored", "previous")
+
+
+def _plain_outcome(outcome: object) -> dict[str, object] | None:
+    """The outcome as bootcheck wrote it, its known fields of plain values only (update.json is
+    read as untrusted, and the outcome goes into the reported state; ``at`` a number, which the
+    controller compares); None when it is none."""
+    if not isinstance(outcome, dict):
+        return None
+    plain: dict[str, object] = {}
+    for key in OUTCOME_FIELDS:
+        value = outcome.get(key)
+        if isinstance(value, str) and key != "at":
+            plain[key] = value[:200]
+        elif (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ):
+            plain[key] = value
+    return plain
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,7 +283,7 @@ def _data_dir_of(config: Path) -> Path | None:
     try:
         doc = tomllib.loads(config.read_text(encoding="utf-8"))
         return resolve_path(config.resolve().parent, str(doc["agent"]["data_dir"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

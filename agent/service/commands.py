@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.exits import EX_TEMPFAIL
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.service.logring import LOG_DIR, LogRing, LogUploader, coap_post
 from agent.sync.rotation import (
     CREDENTIAL_PATH,
@@ -219,7 +219,7 @@ class CommandRunner:
     # -- persistence -----------------------------------------------------------------------------
     def _load(self) -> dict[str, dict[str, Any]]:
         try:
-            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            doc = read_json(self.path)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as err:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 
 from agent.detect.analyzer import AnalyzerSettings
 from agent.errors import ConfigError
-from agent.files import resolve_path
+from agent.files import resolve_path, toml_document
 from agent.learn.settings import LearnSettings
 from agent.metrics import MetricsSettings
 from agent.modelstore.settings import ModelsSettings
@@ -110,10 +109,7 @@ def read_text(path: Path) -> str:
 def parse_toml(text: str, label: str, parse: Callable[[dict[str, Any]], T]) -> T:
     """``parse`` of the TOML document ``text``; every problem is one ConfigError line
     ``LABEL: key.path: message``."""
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(label, "", f"not valid TOML: {err}") from None
+    raw = toml_document(text, label)
     try:
         return parse(raw)
     except OptionError as err:

@@ -72,7 +72,6 @@ Profile (every key under its table; unknown keys are errors)::
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -82,6 +81,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ConfigError
+from agent.files import read_json
 from agent.service.config import parse_toml, read_text
 from agent.wire import records
 from drivers.base import Options
@@ -195,10 +195,10 @@ def _lookup(summary: Any, key: str) -> Any:
 def _read_doc(path: Path) -> dict[str, Any] | None:
     """A saved bench run: None when the file does not exist, ConfigError when it is not one."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise ConfigError(str(path), "", f"unreadable bench result ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("summary"), dict):
         raise ConfigError(str(path), "summary", "missing: not a saved bench run")

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.files import loads_json
+
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "status.sock"
@@ -76,7 +78,7 @@ def query(path: Path, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
             if not chunk:
                 break
             chunks.append(chunk)
-    return json.loads(b"".join(chunks))
+    return loads_json(b"".join(chunks))
 
 
 def _age(seconds: float | None) -> str:

@@ -64,7 +64,7 @@ import numpy as np
 
 from agent.detect.detector import Alert, AlertKind
 from agent.errors import StoreError, SyncError
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.store.queue import NewRecord, Store
 from agent.sync.backoff import full_jitter
 from agent.sync.transport import Response, code
@@ -252,7 +252,7 @@ class Router:
     # -- persistence -----------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json(path)
             if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
                 raise ValueError(f"format {raw.get('format') if isinstance(raw, dict) else raw!r}")
             for p in raw.get("pending", []):

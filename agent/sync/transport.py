@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import SyncError
-from agent.files import write_atomic
+from agent.files import read_json, write_atomic
 from agent.loopfilter import ExceptionFilter
 from agent.sync.security import ClientSecurity
 from drivers.clock import Clock
@@ -461,7 +461,7 @@ def _read_home(path: Path | None) -> str | None:
     if path is None:
         return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:

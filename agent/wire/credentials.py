@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
-from agent.files import write_atomic
+from agent.files import loads_json, write_atomic
 
 FORMAT = 1
 AEAD = "AES-CCM-16-64-128"
@@ -170,7 +170,7 @@ class Credential:
         if mode & 0o077:
             raise CredentialError(f"{path}: readable by others (mode {mode & 0o777:o}); chmod 600")
         try:
-            doc = json.loads(data)
+            doc = loads_json(data)
         except ValueError as err:
             raise CredentialError(f"{path}: not JSON: {err}") from None
         try:

@@ -34,7 +34,7 @@ from typing import Any
 
 from aiocoap import oscore
 
-from agent.files import write_atomic
+from agent.files import loads_json, write_atomic
 from agent.wire.credentials import Credential
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,26 @@ def read_state(path: Path) -> dict[str, Any] | None:
     if len(data) > STATE_MAX_BYTES:
         raise StateFileError(f"{path}: too large for a context state file")
     try:
-        doc = json.loads(data)
-        int(doc["seq_reserved"])
+        doc = loads_json(data)
+        _whole(doc["seq_reserved"], MAX_SEQNO, "seq_reserved")
         bytes.fromhex(doc["id_context"])
         replay = doc.get("replay")
         if replay is not None:
-            doc["replay"] = {"index": int(replay["index"]), "bitfield": int(replay["bitfield"])}
+            doc["replay"] = {
+                "index": _whole(replay["index"], MAX_SEQNO, "replay index"),
+                "bitfield": _whole(replay["bitfield"], (1 << WINDOW) - 1, "replay bitfield"),
+            }
     except (ValueError, KeyError, TypeError) as err:
         raise StateFileError(f"{path}: not a context state file: {err!r}") from None
     return doc  # type: ignore[no-any-return]
+
+
+def _whole(value: Any, most: int, what: str) -> int:
+    """``value`` if it is an integer in [0, ``most``]; ValueError otherwise (a number out of range
+    would hand out sequence numbers past the limit, or fail every request until re-keyed)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise ValueError(f"{what}: an integer in [0, {most}] is required, not {value!r}")
+    return value
 
 
 def write_state(path: Path, doc: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ committed in the store (virtual time, real drivers, real interpreter, real store
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -173,6 +174,15 @@ def test_calibration_survives_a_restart_so_a_fault_soon_after_is_caught(tmp_path
     raises = [a for _, a in stored_alerts(cfg) if a["kind"] == "raise"]
     assert raises and 60 <= raises[0]["time"] - t0 < COMMISSIONING
     # a calibration of another model or other inputs is not used
-    saved.write_text(saved.read_text().replace('"sha256": "', '"sha256": "00'))
+    good = saved.read_text()
+    saved.write_text(good.replace('"sha256": "', '"sha256": "00'))
     agent = run(rig(tmp_path), 30)
     assert agent.analyzer is not None and not agent.analyzer.detector.commissioned
+    # nor a file of another shape (was an AttributeError at every start: a crash loop), nor one
+    # whose scales divide by zero: the agent commissions again
+    zero = json.loads(good)
+    zero["calibration"]["scale"] = [0.0] * len(zero["calibration"]["scale"])
+    for doc in ([], json.loads(good) | {"calibration": []}, zero):
+        saved.write_text(json.dumps(doc))
+        agent = run(rig(tmp_path), 30)
+        assert agent.analyzer is not None and not agent.analyzer.detector.commissioned

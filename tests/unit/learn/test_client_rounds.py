@@ -6,12 +6,16 @@ ended is kept in its data directory across restarts."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from agent.learn.client import DONE_FILE, LearningClient
+import numpy as np
+import pytest
+
+from agent.learn.client import DONE_FILE, LearningClient, _trained
 from agent.learn.settings import LearnSettings
-from agent.wire.learning import RoundTask
+from agent.wire.learning import ModelUpdate, RoundTask, ScoreSummary
 from drivers.clock import RealClock
 
 SHA = "ab" * 32
@@ -73,3 +77,67 @@ def test_a_done_file_without_or_with_a_bad_deadline_keeps_its_round_ended(tmp_pa
             st["deadline"] = deadline
         (data_dir / DONE_FILE).write_text(json.dumps({"skab-ae": st}))
         assert client(data_dir)._done("skab-ae", task(deadline=1_015.0))
+
+
+DEEP = "[" * 5000 + "]" * 5000  # deeper than the JSON parser's stack
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        DEEP,
+        "\xff not json",
+        "[]",
+        json.dumps({"skab-ae": {"job": 1, "status": "uploaded"}}),  # no round
+        json.dumps({"skab-ae": {"job": 1, "round": [3], "status": "uploaded"}}),
+        json.dumps({"skab-ae": {"job": True, "round": 3, "status": "uploaded"}}),
+        json.dumps({"skab-ae": {"job": 1, "round": 3, "status": "training"}}),  # never written
+        '{"skab-ae": {"job": 1, "ro',  # torn
+    ],
+)
+def test_a_damaged_done_file_is_dropped_with_a_line_and_never_stops_the_client(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: a KeyError or TypeError in every _done() (the learn stage restarting forever), or a
+    RecursionError at start; now the entry or file is dropped, said in one line, and the round
+    is taken (the privacy ledger, kept apart, refuses what it has charged)."""
+    (tmp_path / DONE_FILE).write_text(text, encoding="utf-8", errors="surrogateescape")
+    with caplog.at_level(logging.WARNING):
+        c = client(tmp_path)
+    assert not c._done("skab-ae", task())
+    assert c.status()["models"] == {}
+    assert "event=learn_state_" in caplog.text
+
+
+def test_an_entry_keeps_only_plain_details(tmp_path: Path) -> None:
+    st = {"job": 1, "round": 3, "status": "refused", "deadline": 1000, "error": "e" * 999}
+    st |= {"nested": {"a": [1]}, "nan": float("nan"), "k" * 99: 1}
+    (tmp_path / DONE_FILE).write_text(json.dumps({"skab-ae": st}))
+    c = client(tmp_path)
+    assert c._done("skab-ae", task())
+    kept = c.status()["models"]["skab-ae"]
+    assert kept["error"] == "e" * 200 and "nested" not in kept and "nan" not in kept
+    assert kept["k" * 32] == 1
+
+
+@pytest.mark.parametrize("what", ["garbage", "other round", "missing"])
+def test_an_update_file_of_a_restart_is_uploaded_only_if_it_is_this_rounds(
+    tmp_path: Path, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An update trained before a restart is uploaded as it is; a file damaged at rest, or of
+    another round, is removed and the round trained again: only a checked update leaves."""
+    out = tmp_path / "learn-1-3.cbor"
+    good = ModelUpdate(1, 3, 10, np.zeros(8, np.float32), ScoreSummary.of(np.ones(20)), 0.1)
+    assert _trained(out, task()) is False
+    out.write_bytes(good.to_cbor())
+    assert _trained(out, task()) is True and out.exists()
+    if what == "garbage":
+        out.write_bytes(b"\x00" * 64 + good.to_cbor())
+    elif what == "other round":
+        out.write_bytes(ModelUpdate(1, 2, 10, good.delta, good.scores, 0.1).to_cbor())
+    else:
+        out.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert _trained(out, task()) is False
+    assert not out.exists()
+    assert ("event=learn_update_unreadable" in caplog.text) == (what != "missing")

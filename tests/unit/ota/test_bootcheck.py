@@ -312,3 +312,57 @@ def test_script_runs_with_the_system_python_alone(root: Path, tmp_path: Path) ->
         timeout=20,
     )
     assert json.loads(status.stdout)["outcome"]["result"] == "rolled_back"
+
+
+def _edit_state(root: Path, **fields: object) -> None:
+    doc = bc.load(root)
+    doc.update(fields)
+    (root / bc.STATE_FILE).write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("attempts", ["x", 1e999, -4, True, [1]])
+def test_a_damaged_attempt_count_still_counts_and_rolls_back(root: Path, attempts: object) -> None:
+    """Was a ValueError or OverflowError at every start ("x", 1e999): the start was never counted
+    and a release that never reached READY was never rolled back by the counter."""
+    bc.switch(root, "2.0", max_attempts=2)
+    _edit_state(root, attempts=attempts)
+    assert bc.start(root) == "2.0"
+    assert bc.load(root)["attempts"] == 1  # counted again from 0
+    bc.start(root)
+    assert bc.start(root) == "1.0"
+    assert bc.load(root)["outcome"]["result"] == "rolled_back"
+
+
+@pytest.mark.parametrize("outcome", ["x", [1], None])
+def test_an_interrupted_rollback_with_a_damaged_outcome_is_finished(
+    root: Path, outcome: object
+) -> None:
+    """Was an AttributeError in start and in failed (OnFailure could not roll back)."""
+    bc.switch(root, "2.0")
+    _edit_state(root, step="rolling_back", outcome=outcome)
+    assert bc.start(root) == "1.0"
+    assert bc.load(root)["outcome"]["reason"] == "interrupted rollback"
+
+
+@pytest.mark.parametrize("pending", ["../../etc", ["2.0"], 2.0, ""])
+def test_a_pending_version_that_is_not_a_release_name_is_not_pending(
+    root: Path, pending: object
+) -> None:
+    bc.switch(root, "2.0")
+    bc.confirm(root, "2.0")
+    _edit_state(root, pending=pending, step="switched", attempts=9, **{"from": "../../x"})
+    assert bc.start(root) == "2.0" and bc.failed(root) == "2.0"
+    assert running(root) == "2.0"
+
+
+@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, '{"pending": "2.0", "att', "\xff", "[]"])
+def test_an_unreadable_state_file_is_said_and_written_anew(
+    root: Path, text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bc.switch(root, "2.0")
+    (root / bc.STATE_FILE).write_text(text, errors="surrogateescape")
+    assert bc.start(root) == "2.0"  # nothing pending is known: the current release runs
+    assert "event=update_state_unreadable" in capsys.readouterr().err
+    bc.rollback(root, "by the operator")
+    assert bc.load(root)["outcome"]["result"] == "rolled_back"  # written anew
+    assert running(root) == "1.0"

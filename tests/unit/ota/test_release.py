@@ -118,3 +118,56 @@ def test_smuggled_member_is_refused(signed: tuple, tmp_path: Path, member: str) 
 def test_malformed_manifest_is_refused() -> None:
     with pytest.raises(ReleaseError, match="malformed"):
         ReleaseManifest.from_cbor(b"\xa1\x01\x02")
+
+
+@pytest.mark.parametrize(
+    "staged",
+    [
+        {"version": "../../victim"},  # was: the root helper removed DATA/../victim.manifest
+        {"version": "/etc/victim"},
+        {"version": ["1.0"]},
+        [],
+        "[" * 5000 + "]" * 5000,
+        '{"version": "2.',
+    ],
+)
+def test_apply_staged_refuses_a_staged_file_that_names_no_release(
+    tmp_path: Path, staged: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """staged.json is the unprivileged agent's file, read by the root helper: its version names
+    the paths the helper reads and removes, so only a release name is taken. Anything else is
+    said in one line and the file removed; nothing outside DATA/ota is touched."""
+    from agent.ota.updater import OTA_DIR, STAGED_FILE, apply_staged
+
+    data = tmp_path / "data"
+    (data / OTA_DIR).mkdir(parents=True)
+    victims = [tmp_path / "victim.manifest", tmp_path / "victim.release"]
+    for v in victims:
+        v.write_text("keep")
+    text = staged if isinstance(staged, str) else json.dumps(staged)
+    (data / OTA_DIR / STAGED_FILE).write_text(text)
+    key = Ed25519PrivateKey.generate().public_key()
+    assert apply_staged(tmp_path / "opt", data, key) is None
+    assert all(v.read_text() == "keep" for v in victims)
+    assert not (data / OTA_DIR / STAGED_FILE).exists()
+    assert "event=release_staged_unreadable" in caplog.text
+    assert not (tmp_path / "opt").exists()  # the release root untouched
+
+
+def test_the_reported_update_takes_only_plain_known_fields_of_update_json(tmp_path: Path) -> None:
+    """update.json's outcome goes into the reported state and is compared by time; a damaged
+    one (a string time was a TypeError in every report) gives its plain known fields only."""
+    from agent.ota.bootcheck import STATE_FILE
+    from agent.ota.updater import report
+
+    root = tmp_path / "opt"
+    root.mkdir()
+    outcome = {"version": "2.0", "result": "refused", "at": "x", "reason": {"a": [1]}, "z": 1}
+    (root / STATE_FILE).write_text(json.dumps({"pending": ["2.0"], "outcome": outcome}))
+    assert report(root) == {
+        "version": None,
+        "pending": None,
+        "outcome": {"version": "2.0", "result": "refused"},
+    }
+    (root / STATE_FILE).write_text(json.dumps({"outcome": "x"}))
+    assert report(root)["outcome"] is None

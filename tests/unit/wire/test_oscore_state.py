@@ -71,3 +71,47 @@ def test_a_client_context_on_a_full_disk_sends_nothing_past_its_reservation(
     monkeypatch.undo()  # space again: the next number is reserved on disk first
     assert client.sequence.take() == on_disk
     assert json.loads(path.read_text())["seq_reserved"] > on_disk
+
+
+GOOD = {"id_context": "00112233aabbccdd", "seq_reserved": 512, "replay": None}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seq_reserved": 1e999},  # was OverflowError at start: a crash loop
+        {"seq_reserved": 1e300},  # was every request refused, "sequence numbers exhausted"
+        {"seq_reserved": -5},  # was every request failing until the counter passed 0
+        {"seq_reserved": 2**40},
+        {"seq_reserved": "512"},
+        {"seq_reserved": True},
+        {"replay": {"index": -1, "bitfield": 0}},
+        {"replay": {"index": 0, "bitfield": 1 << 32}},
+        {"replay": {"index": 0.5, "bitfield": 0}},
+        {"replay": [[[[]]]]},
+    ],
+)
+def test_a_state_file_out_of_range_starts_a_new_context(
+    tmp_path: Path, change: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new ID Context derives new keys, so starting at sequence number 0 reuses no nonce."""
+    cred = Credential.generate("pump-01", "device", b"\x01")
+    path = tmp_path / "oscore.json"
+    path.write_text(json.dumps(GOOD))
+    assert ClientContext(cred, path).sequence.next == 512  # the file as it should be: taken
+    path.write_text(json.dumps(GOOD | change))
+    client = ClientContext(cred, path)
+    assert client.sequence.next == 0
+    assert client.context.id_context.hex() != GOOD["id_context"]
+    assert "event=oscore_state_unreadable" in caplog.text
+    assert client.sequence.take() == 0
+
+
+def test_a_state_file_nested_too_deep_starts_a_new_context(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cred = Credential.generate("pump-01", "device", b"\x01")
+    path = tmp_path / "oscore.json"
+    path.write_text("[" * 2000 + "]" * 2000)  # within the file's 4096 bytes
+    assert ClientContext(cred, path).sequence.next == 0
+    assert "nested too deep" in caplog.text
