@@ -36,11 +36,16 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()  # a leftover of a crash: O_EXCL below must create it anew with ``mode``
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, ``path`` a directory: no copy of the data left beside it
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
 
 

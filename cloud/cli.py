@@ -47,7 +47,6 @@ from typing import Any
 
 from agent import logsetup
 from agent.exits import (
-    EX_CANTCREAT,
     EX_DATAERR,
     EX_FAIL,
     EX_IOERR,
@@ -67,7 +66,17 @@ from agent.wire import records, statedoc
 from agent.wire.batch import CF_CBOR, DEVICE_ID
 from agent.wire.credentials import PSK_BYTES, PSK_IDENTITY_BYTES
 from agent.wire.statedoc import StateError
-from cloud import commandcli, export, gatewaycli, groupcli, learncli, migrate, processes, releasecli
+from cloud import (
+    commandcli,
+    export,
+    gatewaycli,
+    groupcli,
+    learncli,
+    migrate,
+    modelcli,
+    processes,
+    releasecli,
+)
 from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
 from cloud.dashboard import Dashboard, DashboardRefused
 from cloud.dtls import DtlsUnavailable, check_listen, require_dtlssocket
@@ -76,6 +85,7 @@ from cloud.security import issue_credential
 from cloud.server import DEFAULT_HOST, DEFAULT_PORT, CloudServer, Limits
 from cloud.storage import (
     DB_NAME,
+    STORAGE_SCHEMES,
     CredentialChanged,
     DocumentTooLarge,
     SQLiteStorage,
@@ -89,7 +99,6 @@ from cloud.webauth import dashboard_token
 
 DTLS_PORT = 5684  # coaps:// (RFC 7252)
 REQUEST_TIMEOUT = 10.0  # seconds for `desired set --server`
-KEY_FILE = "signing.key"  # models keygen/publish: the default key under DATA/models
 
 log = logging.getLogger("cloud.cli")
 
@@ -293,7 +302,7 @@ def _credential_path(args: argparse.Namespace, name: str, many: bool) -> Path:
     out = getattr(args, "credential_out", None)
     if out is None:
         return Path(args.data) / "credentials" / f"{name}.json"
-    return Path(out) / f"{name}.json" if many else Path(out)
+    return Path(out) / f"{name}.json" if many or Path(out).is_dir() else Path(out)
 
 
 def _psk(args: argparse.Namespace) -> bytes | None:
@@ -317,7 +326,18 @@ def _issue(
 ) -> None:
     cred = issue_credential(storage, name, role, time.time(), psk=psk)
     path = _credential_path(args, name, many)
-    cred.write(path)
+    try:
+        cred.write(path)
+    except OSError as err:  # issued (the old one is replaced): say how to get a file
+        raise CommandError(
+            os_error_code(err),
+            "error: "
+            + os_error_line(
+                err,
+                f"{name}: the credential was issued but not written:",
+                f"fix that, then {args.command} rekey {name} issues one and writes it",
+            ),
+        ) from None
     print(f"{name}: credential (generation {cred.generation}) written to {path}")
     if len(name.encode()) > PSK_IDENTITY_BYTES:
         print(
@@ -344,10 +364,13 @@ def cmd_principals(args: argparse.Namespace) -> int:
     names = [_device(n) for n in args.ids]
     out = getattr(args, "credential_out", None)
     if out is not None:  # before anything is registered: a credential that cannot be written
-        folder = Path(out) if len(names) > 1 else Path(out).parent
+        folder = Path(out) if len(names) > 1 or Path(out).is_dir() else Path(out).parent
         writable_dir(folder, "--credential-out directory", "choose a writable path")
     psk = _psk(args) if args.action in ("add", "rekey") else None
-    storage = _open(args.data, storage=args.storage)
+    # only add creates an endpoint's data: the others act on principals it holds already (a
+    # mistyped --data was an empty endpoint created and "has no credential", exit 0)
+    existing = args.action != "add"
+    storage = _open(args.data, existing=existing, storage=args.storage)
     try:
         if args.action == "token":
             return _print_tokens(storage, names)
@@ -527,65 +550,6 @@ def cmd_reported(args: argparse.Namespace) -> int:
     return EX_OK
 
 
-# -- models ---------------------------------------------------------------------------------------
-
-
-def _signing_key(args: argparse.Namespace) -> Path:
-    if args.key:
-        return Path(args.key)
-    return Path(args.data) / "models" / KEY_FILE
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from agent.errors import ModelError
-    from agent.modelstore.signing import load_private_key, write_keypair
-    from cloud.models import Direct, ModelRegistry, entry_for
-
-    try:
-        if args.action == "keygen":
-            if not (args.out or args.data):
-                raise UsageError("models keygen: give --out KEYFILE or --data DIR")
-            out = Path(args.out) if args.out else Path(args.data) / "models" / KEY_FILE
-            if out.exists():
-                raise CommandError(
-                    EX_CANTCREAT, f"error: {out} exists; not overwritten (move it away first)"
-                )
-            private, public = write_keypair(out)
-            print(f"signing key {private} (keep it secret), public key {public} (for devices)")
-            return EX_OK
-        # without --storage the store is SQLite's in --data: its model files (cloud/models.py)
-        storage = None if args.storage is None else _open(args.data, storage=args.storage)
-        registry = ModelRegistry(Path(args.data) / "models", storage and Direct(storage))
-        try:
-            if args.action == "publish":
-                file = Path(args.file)
-                data = file.read_bytes()
-                manifest_path = Path(args.manifest) if args.manifest else None
-                entry = entry_for(file, manifest_path, args.entry)
-                key = load_private_key(_signing_key(args))
-                m = registry.publish(data, args.name, args.version, entry, key)
-                sha = f"sha256 {m.sha256}, key {m.key}"
-                print(f"published {m.name} {m.version}: {m.size} bytes, {sha}")
-                return EX_OK
-            items = registry.list()
-        finally:
-            if storage is not None:
-                storage.close()
-    except ModelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        cause = err.__cause__
-        return os_error_code(cause) if isinstance(cause, OSError) else EX_DATAERR
-    if args.json:
-        json.dump([p.to_dict() for p in items], sys.stdout, indent=2)
-        print()
-        return EX_OK
-    print(f"{'model':<24} {'version':<12} {'bytes':>9} {'sha256':<16} {'key':<16} published")
-    for p in items:
-        when = dt.datetime.fromtimestamp(p.published, dt.UTC).isoformat(timespec="seconds")
-        print(f"{p.name:<24} {p.version:<12} {p.size:>9} {p.sha256[:16]} {p.key:<16} {when}")
-    return EX_OK
-
-
 # -- the parser -----------------------------------------------------------------------------------
 
 
@@ -615,7 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog="edge-agent-cloud", description="The reference CoAP cloud endpoint of edge-agent."
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument(
+        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the endpoint")
@@ -706,25 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", required=True)
     p.set_defaults(func=cmd_reported)
 
-    p = sub.add_parser("models", help="the model registry (signed, versioned models)")
-    dsub = p.add_subparsers(dest="action", required=True)
-    q = dsub.add_parser("keygen", help="make an Ed25519 signing key (KEYFILE and KEYFILE.pub)")
-    q.add_argument("--data", help="default KEYFILE: DIR/models/signing.key")
-    q.add_argument("--out", help="the private key file to write (not overwritten)")
-    q = dsub.add_parser("publish", help="sign a model file and publish it as NAME VERSION")
-    q.add_argument("file", metavar="FILE")
-    q.add_argument("--data", required=True)
-    q.add_argument("--name", required=True)
-    q.add_argument("--version", required=True)
-    q.add_argument("--key", help="signing key (default: DIR/models/signing.key)")
-    q.add_argument("--manifest", help="manifest.json with the model's entry (default: beside FILE)")
-    q.add_argument("--entry", help="the entry's name in that manifest (default: by file name)")
-    q = dsub.add_parser("list", help="published model versions")
-    q.add_argument("--data", required=True)
-    q.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
+    modelcli.add_parser(sub, _open)
     migrate.add_parser(sub)
-    learncli.add_parser(sub, _open, _signing_key)
+    learncli.add_parser(sub, _open, modelcli.signing_key)
     gatewaycli.add_parser(sub, _open, cmd_principals, _principal_actions)
     commandcli.add_parser(sub, _open)
     releasecli.add_parser(sub, _open, _put_desired)
@@ -743,9 +693,21 @@ def _storage_option(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--storage",
             metavar="SPEC",
+            type=_storage_spec,
             help="the database: postgresql://USER@HOST/DB (docs/fleet.md) or sqlite:DIR; "
             "default: SQLite in --data",
         )
+
+
+def _storage_spec(text: str) -> str:
+    """An argparse type: a --storage a user means (a mistyped scheme, ``mysql://x``, was taken as
+    a directory of that name and an empty endpoint created in it)."""
+    if "://" in text and not text.startswith(STORAGE_SCHEMES):
+        raise argparse.ArgumentTypeError(
+            f"{text.partition('://')[0]}://: not a storage; give postgresql://USER@HOST/DB or "
+            "sqlite:DIR"
+        )
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

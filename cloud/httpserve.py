@@ -43,6 +43,8 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from cloud.listen import listen_failure
+
 log = logging.getLogger(__name__)
 
 # Limits and timing (tests may shorten them).
@@ -136,15 +138,18 @@ class HttpServer:
         self.answered: dict[int, int] = {}  # status -> count (tests and metrics)
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
-        self._server = await asyncio.start_server(
-            self._connection,
-            host,
-            port,
-            limit=MAX_LINE,
-            ssl=tls,
-            ssl_handshake_timeout=HEAD_TIMEOUT if tls is not None else None,
-            reuse_address=True,
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._connection,
+                host,
+                port,
+                limit=MAX_LINE,
+                ssl=tls,
+                ssl_handshake_timeout=HEAD_TIMEOUT if tls is not None else None,
+                reuse_address=True,
+            )
+        except OSError as err:  # one line naming the address and what to do
+            raise listen_failure(host, port, err) from err
         self.host = host
         self.port = int(self._server.sockets[0].getsockname()[1])
 

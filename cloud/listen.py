@@ -42,14 +42,26 @@ def _probe(host: str, port: int) -> int:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except socket.gaierror as err:
-        raise OSError(f"cannot resolve {host}: {err}") from err
+        raise listen_failure(host, port, err) from err
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         try:
             probe.bind(address)
         except OSError as err:
-            raise OSError(err.errno, listen_error(host, port, err)) from err
+            raise listen_failure(host, port, err) from err
         return int(probe.getsockname()[1])
+
+
+def listen_failure(host: str, port: int, err: OSError) -> OSError:
+    """``err`` of binding ``host:port`` (or resolving ``host``) as an OSError whose strerror is
+    the operator's line (:func:`listen_error`) and whose errno gives the exit code."""
+    if isinstance(err, socket.gaierror):
+        return OSError(
+            errno.EADDRNOTAVAIL,
+            f"{host}:{port}: cannot resolve {host} ({err.strerror}); listen on an address of "
+            "this host (ip -brief address), or 0.0.0.0 for all of them",
+        )
+    return OSError(err.errno, listen_error(host, port, err))
 
 
 def listen_error(host: str, port: int, err: OSError) -> str:

@@ -19,16 +19,15 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from agent.errors import ModelError
-from agent.exits import EX_CANTCREAT, EX_DATAERR, EX_NOINPUT, EX_OK, EX_USAGE, CommandError
-from agent.modelstore.signing import load_private_key, write_keypair
+from agent.exits import EX_NOINPUT, EX_OK, EX_USAGE, CommandError
+from agent.modelstore.signing import load_private_key
 from agent.wire import statedoc
-from cloud import groupcli, rollout, terminal
+from cloud import groupcli, modelcli, rollout, terminal
 from cloud.models import Direct
 from cloud.releases import KEY_FILE, RELEASES_DIR, ReleaseRegistry
 from cloud.releasestore import UnknownGroup
@@ -39,9 +38,7 @@ def add_parser(sub: Any, open_storage: Any, put_desired: Any) -> None:
     PUT of ``desired set --server``) are cloud/cli.py's (passed in: it imports this module)."""
     p = sub.add_parser("releases", help="signed agent releases (docs/ota.md)")
     dsub = p.add_subparsers(dest="action", required=True)
-    q = dsub.add_parser("keygen", help="make the release signing key (KEYFILE and KEYFILE.pub)")
-    q.add_argument("--data", help="default KEYFILE: DIR/releases/release.key")
-    q.add_argument("--out", help="the private key file to write (not overwritten)")
+    modelcli.add_keygen(dsub, "the release signing key", f"{RELEASES_DIR}/{KEY_FILE}")
     q = dsub.add_parser("publish", help="sign a wheel bundle (tools/flash bundle) as VERSION")
     q.add_argument("bundle", metavar="BUNDLE")
     q.add_argument("--data", required=True)
@@ -77,25 +74,13 @@ def add_parser(sub: Any, open_storage: Any, put_desired: Any) -> None:
 def cmd_releases(args: argparse.Namespace) -> int:
     try:
         if args.action == "keygen":
-            if not (args.out or args.data):
-                print("error: releases keygen: give --out KEYFILE or --data DIR", file=sys.stderr)
-                return EX_USAGE
-            out = Path(args.out) if args.out else Path(args.data) / RELEASES_DIR / KEY_FILE
-            if out.exists():
-                print(f"error: {out} exists; not overwritten (move it away first)", file=sys.stderr)
-                return EX_CANTCREAT
-            private, public = write_keypair(out)
-            print(f"release key {private} (keep it secret), public key {public} (for devices)")
-            return EX_OK
+            return modelcli.keygen(args, "releases", Path(RELEASES_DIR) / KEY_FILE, "release key")
         if args.action == "assign":
             return cmd_assign(args)
         if args.action == "status":
             return cmd_status(args)
         # without --storage the store is SQLite's files in --data (cloud/releases.py)
-        storage = (
-            None if args.storage is None else args.open_storage(args.data, storage=args.storage)
-        )
-        try:
+        with modelcli.registry_storage(args) as storage:
             registry = ReleaseRegistry(Path(args.data) / RELEASES_DIR, storage and Direct(storage))
             if args.action == "publish":
                 version = groupcli.check("release version", args.version)
@@ -105,21 +90,16 @@ def cmd_releases(args: argparse.Namespace) -> int:
                 print(f"{done} {m.version}: {m.size} bytes, sha256 {m.sha256}, key {m.key}")
                 return EX_OK
             items = registry.list()
-        finally:
-            if storage is not None:
-                storage.close()
     except ModelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EX_DATAERR
-    if args.json:
-        json.dump([p.to_dict() for p in items], sys.stdout, indent=2)
-        print()
-        return EX_OK
-    print(f"{'version':<16} {'bytes':>11} {'sha256':<16} {'key':<16} {'arch':<8} published")
-    for p in items:
-        when = dt.datetime.fromtimestamp(p.published, dt.UTC).isoformat(timespec="seconds")
-        print(f"{p.version:<16} {p.size:>11} {p.sha256[:16]} {p.key:<16} {p.arch:<8} {when}")
-    return EX_OK
+        return modelcli.model_error(err)
+    return modelcli.print_published(
+        items,
+        args.json,
+        f"{'version':<16} {'bytes':>11} {'sha256':<16} {'key':<16} {'arch':<8} published",
+        lambda p, when: (
+            f"{p.version:<16} {p.size:>11} {p.sha256[:16]} {p.key:<16} {p.arch:<8} {when}"
+        ),
+    )
 
 
 def cmd_assign(args: argparse.Namespace) -> int:

@@ -701,12 +701,16 @@ class StorageThread:
 describe_storage = describe
 
 
+#: The URL schemes of a PostgreSQL storage (libpq's)
+STORAGE_SCHEMES = ("postgresql://", "postgres://")
+
+
 def open_storage(spec: str | Path, pool_size: int | None = None) -> Storage:
     """The storage ``spec`` names: ``postgresql://...`` or ``postgres://...`` (a libpq URL) is a
     :class:`cloud.pgstorage.PostgresStorage` (``pool_size`` connections at most); ``sqlite:DIR``
     or a plain directory is the :class:`SQLiteStorage` in that directory."""
     text = str(spec)
-    if text.startswith(("postgresql://", "postgres://")):
+    if text.startswith(STORAGE_SCHEMES):
         try:
             from cloud.pgstorage import DEFAULT_POOL_SIZE, PostgresStorage
         except ImportError as err:
@@ -715,6 +719,10 @@ def open_storage(spec: str | Path, pool_size: int | None = None) -> Storage:
                 "pip install 'edge-agent[fleet]'"
             ) from err
         return PostgresStorage(text, pool_size or DEFAULT_POOL_SIZE)
+    if "://" in text:
+        raise StorageUnavailable(
+            f"{describe(text)}: not a storage (postgresql://... or sqlite:DIR)"
+        )
     if text.startswith("sqlite:"):
         text = text[len("sqlite:") :]
     if not text:

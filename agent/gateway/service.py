@@ -24,7 +24,7 @@ import math
 import time
 from typing import Any
 
-from agent.errors import AgentError, ConfigError, SyncError
+from agent.errors import ConfigError, SyncError
 from agent.gateway.peers import PeerServer, PeerState, PeerSync
 from agent.gateway.relay import RecordForwarder, StateRelay, mirror_desired, run_every
 from agent.gateway.releases import ReleaseMirror
@@ -208,7 +208,21 @@ class Gateway:
 
     # -- running --------------------------------------------------------------------------------
     async def run(self) -> None:
-        await self.start()
+        starting = asyncio.create_task(self.start())
+        stopping = asyncio.create_task(self._stop.wait())
+        try:  # a stop while it starts (the cloud's storage identity, waited for) ends it at once
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                starting.cancel()
+            await asyncio.gather(starting, stopping, return_exceptions=True)
+        if starting.cancelled() or starting.exception() is not None:
+            await self.close()
+            if not starting.cancelled():
+                starting.result()  # raises what stopped the start
+            log.info("event=gateway_stopped while=starting")
+            return
         assert self.forwarder is not None and self.state is not None
         g = self.config.gateway
 
@@ -277,8 +291,8 @@ class Gateway:
 
 def run_gateway(config: GatewayConfig) -> int:
     """The ``edge-agent gateway`` command: run until SIGINT/SIGTERM; 0 when stopped. An error
-    that stops it is logged and raised on: the command line prints it as one line and exits with
-    its code (``edge-agent`` main: a port in use 75, a store error 74, ...), as ``run`` does."""
+    that stops it is raised on: the command line prints it as one line and exits with its code
+    (``edge-agent`` main: a port in use 75, a store error 74, ...), as ``run`` does."""
     import signal
 
     async def main() -> None:
@@ -288,9 +302,5 @@ def run_gateway(config: GatewayConfig) -> int:
             loop.add_signal_handler(sig, gw.stop)
         await gw.run()
 
-    try:
-        asyncio.run(main())
-    except (AgentError, OSError) as err:
-        log.error("event=gateway_failed error=%r", str(err))
-        raise
+    asyncio.run(main())
     return 0

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -319,7 +320,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             "(systemctl start edge-agent) or name its socket: --socket PATH, --config FILE or "
             "--data-dir DIR",
         )
-    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_status(doc))
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return EX_OK
+    try:
+        text = format_status(doc)
+    except (TypeError, ValueError, AttributeError, KeyError) as err:  # a peer of another kind
+        raise CommandError(
+            EX_UNAVAILABLE, f"edge-agent status: {path}: no status answer (not the agent's: {err})"
+        ) from None
+    print(text)
     return EX_OK
 
 
@@ -508,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     p.add_argument(
         "--time-scale",
-        type=float,
+        type=_positive_number,
         default=1.0,
         help="with --simulate: run the agent's clock this many times faster than real time",
     )
@@ -634,6 +644,17 @@ def main(argv: list[str] | None = None) -> int:
         return os_error_code(err)
     except KeyboardInterrupt:
         return EX_OK
+
+
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (argparse makes anything else exit 64)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a finite number greater than 0 is needed")
+    return value
 
 
 def error_code(err: AgentError) -> int:

@@ -312,6 +312,12 @@ def simulation_from_args(args: argparse.Namespace) -> SimulationConfig | None:
         file = Path(args.skab_file).resolve() if args.skab_file else None
         if file is None or not file.is_file():
             raise ConfigError("--skab-file", "", f"{args.skab_file or '(none)'}: no such file")
+        from drivers.sim.sources import read_skab_csv
+
+        try:  # read once here: a file that is not a SKAB recording is one line, not a traceback
+            read_skab_csv(file).seconds()
+        except (OSError, ValueError) as err:
+            raise ConfigError("--skab-file", "", f"not a SKAB recording: {err}") from None
         return SimulationConfig(source="skab", file=file, loop=True)
     events = ()
     if getattr(args, "fault", None):

@@ -78,7 +78,10 @@ def query(path: Path, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
             if not chunk:
                 break
             chunks.append(chunk)
-    return loads_json(b"".join(chunks))
+    doc = loads_json(b"".join(chunks))
+    if not isinstance(doc, dict):
+        raise ValueError("not a status document (a JSON object)")
+    return doc
 
 
 def _age(seconds: float | None) -> str:

@@ -6,6 +6,7 @@ The commands run as processes, as an operator runs them. Permission cases run as
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -95,6 +96,30 @@ def world_readable(tmp_path: Path) -> None:
 
 
 # -- edge-agent ------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", ["0", "-2", "nan", "inf", "fast"])
+def test_a_time_scale_that_is_not_a_positive_number_is_one_line_64(tmp_path: Path, scale: str):
+    """Was a 25-line traceback ending in the clock's ValueError, exit 1."""
+    config = rig_config(tmp_path, tmp_path / "data")
+    result = agent("run", "--config", str(config), "--simulate", "pump", "--time-scale", scale)
+    one_line(result, exits.EX_USAGE, "--time-scale", scale)
+
+
+@pytest.mark.parametrize(
+    "content", [b"a,b\n1,2\n", b"\x89PNG\r\n\x1a\n\x00\x00", b"datetime;Pressure\n"]
+)
+def test_a_skab_file_that_is_not_a_skab_recording_is_one_line_78(tmp_path: Path, content: bytes):
+    """Was a traceback (ValueError, UnicodeDecodeError) from the replay, exit 1, at every start
+    of run, selftest or demo."""
+    config = rig_config(tmp_path, tmp_path / "data")
+    bad = tmp_path / "small.csv"
+    bad.write_bytes(content)
+    for command in ("run", "selftest"):
+        result = agent(
+            command, "--config", str(config), "--simulate", "skab", "--skab-file", str(bad)
+        )
+        one_line(result, exits.EX_CONFIG, "--skab-file", "not a SKAB recording")
+
+
 def test_run_with_a_data_directory_it_may_not_write_is_one_line_77(tmp_path: Path):
     """Was a 37-line traceback ending in PermissionError: .../queue.db.lock."""
     data = tmp_path / "data"
@@ -219,6 +244,63 @@ def test_serve_on_a_port_in_use_says_in_use_75(tmp_path: Path):
     one_line(result, exits.EX_TEMPFAIL, f"127.0.0.1:{port} is in use by another process")
 
 
+def test_serve_on_a_host_that_does_not_resolve_says_so_69(tmp_path: Path):
+    """Was exit 74 with "the operating system: cannot resolve ...; free space on the disk"."""
+    result = cloud("serve", "--listen", "nosuchhost.invalid:5683", "--data", str(tmp_path / "c"))
+    one_line(result, exits.EX_UNAVAILABLE, "nosuchhost.invalid:5683: cannot resolve", "0.0.0.0")
+
+
+def test_a_dashboard_port_in_use_says_which_address_75(tmp_path: Path):
+    """Was asyncio's "error while attempting to bind on address (...)" text."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = cloud(
+            "serve", "--listen", "127.0.0.1:0", "--data", str(tmp_path / "c"),
+            "--http", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    assert result.returncode == exits.EX_TEMPFAIL and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last == f"error: 127.0.0.1:{port} is in use by another process; stop it or choose "
+        "another port"
+    ), last
+
+
+@pytest.mark.parametrize(
+    ("option", "argv"),
+    [
+        ("--log-level", ["--log-level", "bogus", "devices", "list"]),  # was taken as info
+        ("--storage", ["devices", "list", "--storage", "mysql://x"]),  # was ./mysql:/x created
+    ],
+)
+def test_an_option_value_it_does_not_know_is_one_line_64(
+    tmp_path: Path, option: str, argv: list[str]
+):
+    result = cloud(*argv, "--data", str(tmp_path / "c"), cwd=tmp_path)
+    one_line(result, exits.EX_USAGE, option)
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["devices", "revoke", "--data", "TYPO", "pump-1"],  # was "has no credential", exit 0
+        ["devices", "rekey", "--data", "TYPO", "pump-1"],
+        ["operators", "token", "--data", "TYPO", "op-1"],
+        ["models", "list", "--data", "TYPO"],  # was an empty list, exit 0
+        ["releases", "list", "--data", "TYPO"],
+    ],
+)
+def test_a_mistyped_data_directory_is_one_line_66_and_creates_nothing(
+    tmp_path: Path, argv: list[str]
+):
+    result = cloud(*argv, cwd=tmp_path)
+    one_line(result, exits.EX_NOINPUT, "TYPO")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cloud_data_directory_it_may_not_write_is_one_line_77(tmp_path: Path):
     data = tmp_path / "cloud"
     data.mkdir(mode=0o555)
@@ -292,7 +374,49 @@ def test_a_credential_that_cannot_be_written_registers_nothing(tmp_path: Path):
     assert result.returncode == 0 and "credential (generation 1) written" in result.stdout
 
 
+def test_a_credential_out_that_is_a_directory_gets_the_file_in_it(tmp_path: Path):
+    """Was exit 73 with the secret left in ``DIR/../.DIR.tmp`` (the atomic write's temporary
+    file, beside the directory) and the device registered without a file; now, as ``cp``
+    does, the file goes into the directory."""
+    out = tmp_path / "creds"
+    out.mkdir()
+    data = tmp_path / "cloud"
+    result = cloud("devices", "add", "--data", str(data), DEVICE, "--credential-out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"written to {out / (DEVICE + '.json')}" in result.stdout
+    assert json.loads((out / f"{DEVICE}.json").read_text())["principal"] == DEVICE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cloud", "creds"]  # nothing beside
+
+
 def test_a_bad_command_line_is_one_line_64():
     """argparse's own: the usage, the error and exit 2."""
     one_line(agent("run"), exits.EX_USAGE, "--config", "edge-agent run --help")
     one_line(cloud("export", "--data", "x"), exits.EX_USAGE, "--device")
+
+
+@pytest.mark.parametrize(
+    "answer", [b"[1, 2]", b'{"uptime_s": "x", "sensors": 5}', b"\xff\xfe", b"[" * 5000]
+)
+def test_status_from_a_socket_that_is_not_the_agents_is_one_line_69(tmp_path: Path, answer):
+    """Was a traceback (AttributeError in format_status, exit 1) for JSON that is not the
+    agent's status document."""
+    import threading
+
+    path = tmp_path / "status.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def answer_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(answer)
+
+    t = threading.Thread(target=answer_once, daemon=True)
+    t.start()
+    try:
+        result = agent("status", "--socket", str(path))
+    finally:
+        t.join(10)
+        server.close()
+    one_line(result, exits.EX_UNAVAILABLE, str(path), "no status answer")

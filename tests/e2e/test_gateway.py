@@ -430,3 +430,26 @@ async def test_a_gateway_on_a_port_in_use_exits_75_with_one_line(tmp_path: Path,
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("edge-agent") and "event=" not in last, last
     assert f"127.0.0.1:{port} is in use by another process" in last, last
+
+
+async def test_a_gateway_waiting_for_the_cloud_at_its_first_start_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """Before it first listens the gateway waits for the cloud's storage identity; a SIGTERM
+    meanwhile was ignored (it retried every 5 s until killed), so systemd's stop timed out."""
+    site = BareSite(tmp_path)
+    site.setup()  # the cloud is never started
+    site.start_gateway()
+    assert site.gw_proc is not None
+    try:
+        log = tmp_path / "gateway.log"
+        await until(
+            lambda: "event=gateway_waiting_for_cloud" in log.read_text(), 60, "the first wait"
+        )
+        site.gw_proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(site.gw_proc.wait, 20)
+    finally:
+        site.close()
+    assert code == 0
+    text = log.read_text()
+    assert "event=gateway_stopped while=starting" in text and "Traceback" not in text
