@@ -102,3 +102,29 @@ def toml_document(text: str, label: str) -> dict[str, Any]:
         raise ConfigError(label, "", f"not valid TOML: {err}") from None
     except RecursionError:
         raise ConfigError(label, "", "not valid TOML: nested too deep") from None
+
+
+#: The largest config file read (the packaged one is a few kilobytes): /dev/zero, or a log file
+#: named by mistake, is refused instead of read into memory
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_text(path: Path) -> str:
+    """A UTF-8 file's text; ConfigError ``FILE: problem`` when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(str(path), "", f"larger than {MAX_CONFIG_BYTES} bytes: not a config")
+        return data.decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "no such file") from None
+    except PermissionError:
+        raise ConfigError(
+            str(path),
+            "",
+            "cannot read: permission denied (an installed agent.toml is the service user's, "
+            f"mode 0600: sudo -u edge-agent edge-agent check-config {path})",
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), "", f"cannot read: {err}") from None

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ConfigError
-from agent.files import resolve_path, toml_document
+from agent.files import read_config_text, resolve_path, toml_document
 from agent.gateway.peers import PeerSettings
 from agent.sync.uplink import UplinkSettings
 from drivers.base import OptionError, Options
@@ -72,11 +72,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     """Parse and check the file; ConfigError ``FILE: key.path: problem``."""
     p = Path(path)
     label = str(p)
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(label, "", f"cannot read: {err}") from None
-    raw = toml_document(text, label)
+    raw = toml_document(read_config_text(p), label)
     top = Options(raw)
     try:
         agent = top.table("agent", required=True)

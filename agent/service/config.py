@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 from agent.detect.analyzer import AnalyzerSettings
 from agent.errors import ConfigError
-from agent.files import resolve_path, toml_document
+from agent.exits import EX_USAGE, CommandError
+from agent.files import read_config_text, resolve_path, toml_document
 from agent.learn.settings import LearnSettings
 from agent.metrics import MetricsSettings
 from agent.modelstore.settings import ModelsSettings
@@ -81,29 +82,12 @@ class Config:
 def load(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError (one line) on any problem."""
     path = Path(path)
-    return loads(read_text(path), path=path, label=path.name)
+    return loads(read_config_text(path), path=path, label=path.name)
 
 
 def loads(text: str, *, path: Path = Path("agent.toml"), label: str | None = None) -> Config:
     label = label or path.name
     return parse_toml(text, label, lambda raw: parse_config(raw, path.resolve().parent, path))
-
-
-def read_text(path: Path) -> str:
-    """A UTF-8 file's text; ConfigError ``FILE: problem`` when it is missing or unreadable."""
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(str(path), "", "no such file") from None
-    except PermissionError:
-        raise ConfigError(
-            str(path),
-            "",
-            "cannot read: permission denied (an installed agent.toml is the service user's, "
-            f"mode 0600: sudo -u edge-agent edge-agent check-config {path})",
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(str(path), "", f"cannot read: {err}") from None
 
 
 def parse_toml(text: str, label: str, parse: Callable[[dict[str, Any]], T]) -> T:
@@ -306,6 +290,8 @@ def strip_tables(text: str, *names: str) -> str:
 def simulation_from_args(args: argparse.Namespace) -> SimulationConfig | None:
     """The simulation asked for on the command line (``--simulate`` and its options), or None."""
     source = getattr(args, "simulate", None)
+    if getattr(args, "fault", None) and source != "pump":
+        raise CommandError(EX_USAGE, "edge-agent: --fault goes with --simulate pump")
     if not source:
         return None
     if source == "skab":

@@ -81,8 +81,8 @@ from typing import Any
 import numpy as np
 
 from agent.errors import ConfigError
-from agent.files import read_json
-from agent.service.config import parse_toml, read_text
+from agent.files import read_config_text, read_json
+from agent.service.config import parse_toml
 from agent.wire import records
 from drivers.base import Options
 
@@ -174,7 +174,9 @@ class Profile:
 def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile. Raises ConfigError ``FILE: key.path: message``."""
     path = Path(path)
-    return parse_toml(read_text(path), path.name, lambda raw: Profile.from_options(Options(raw)))
+    return parse_toml(
+        read_config_text(path), path.name, lambda raw: Profile.from_options(Options(raw))
+    )
 
 
 def _finite(value: Any, file: str, key: str) -> float:

@@ -104,6 +104,20 @@ def test_a_time_scale_that_is_not_a_positive_number_is_one_line_64(tmp_path: Pat
     one_line(result, exits.EX_USAGE, "--time-scale", scale)
 
 
+def test_a_config_that_never_ends_is_one_line_78():
+    """/dev/zero (or a log file named by mistake) was read whole: a MemoryError traceback under
+    a memory limit."""
+    one_line(agent("check-config", "/dev/zero"), exits.EX_CONFIG, "/dev/zero", "not a config")
+
+
+def test_a_fault_without_the_simulated_pump_is_one_line_64(tmp_path: Path):
+    """Was ignored: the agent ran on the real hardware (selftest failed there, exit 1)."""
+    config = rig_config(tmp_path, tmp_path / "data")
+    for argv in (["run"], ["selftest"], ["run", "--simulate", "skab", "--skab-file", "x.csv"]):
+        result = agent(*argv, "--config", str(config), "--fault", "cavitation")
+        one_line(result, exits.EX_USAGE, "--fault goes with --simulate pump")
+
+
 @pytest.mark.parametrize(
     "content", [b"a,b\n1,2\n", b"\x89PNG\r\n\x1a\n\x00\x00", b"datetime;Pressure\n"]
 )
