@@ -39,6 +39,7 @@ import gc
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -429,7 +430,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     storage = _open(args.data, existing=True, storage=args.storage)
     try:
         if storage.device(device) is None:
-            raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
+            raise UnknownDevice.of(device, args.data)
         stored = storage.records(device, since)
         feats = storage.features(device, since)
     finally:
@@ -542,7 +543,7 @@ def cmd_reported(args: argparse.Namespace) -> int:
     storage = _open(args.data, existing=True, storage=args.storage)
     try:
         if storage.device(device) is None:
-            raise UnknownDevice(f"device {device!r} is not registered in {args.data}")
+            raise UnknownDevice.of(device, args.data)
         entries = storage.reported(device)
     finally:
         storage.close()
@@ -710,12 +711,27 @@ def _storage_spec(text: str) -> str:
     return text
 
 
+def storage_error_code(cause: BaseException | None) -> int:
+    """The exit code of a storage that cannot be used, by what is behind it: the OS error's; a
+    file that is not a database 65; a database server that does not answer 69; else 74."""
+    if isinstance(cause, OSError):
+        return os_error_code(cause)
+    if isinstance(cause, sqlite3.DatabaseError) and (
+        "not a database" in str(cause) or "malformed" in str(cause)
+    ):
+        return EX_DATAERR
+    if type(cause).__module__.startswith("psycopg") and "connection" in str(cause):
+        return EX_UNAVAILABLE
+    return EX_IOERR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes (agent/exits.py, sysexits.h): 0 done, 1 a refused principal (operators
-    token), 64 usage, 65 bad data (a refused request, a corrupt model), 66 a missing input (no
-    endpoint data, an unknown device, a missing file), 69 unavailable (no answer, an address not
-    of this host), 73 cannot create, 74 I/O error, 75 an address or database in use, 77
-    permission denied, 141 standard output closed early (``... | head``)."""
+    token), 64 usage, 65 bad data (a refused request, a corrupt model or database), 66 a missing
+    input (no endpoint data, an unknown device, a missing file), 69 unavailable (no answer, an
+    address not of this host, a database server that does not answer), 73 cannot create, 74 I/O
+    error, 75 an address or database in use, 77 permission denied, 141 standard output closed
+    early (``... | head``)."""
     args = build_parser().parse_args(argv)
     if args.func is cmd_serve:  # the other commands print their results; they log nothing
         logsetup.setup(args.log_level)
@@ -732,7 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EX_USAGE
     except UnknownDevice as err:
-        data, device = getattr(args, "data", None) or "DIR", getattr(args, "device", None) or "ID"
+        data = getattr(args, "data", None) or "DIR"
+        device = err.device or getattr(args, "device", None) or "ID"
         print(
             f"error: {err}; register it: edge-agent-cloud devices add --data {data} {device}",
             file=sys.stderr,
@@ -743,8 +760,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_DATAERR
     except StorageUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
-        cause = err.__cause__
-        return os_error_code(cause) if isinstance(cause, OSError) else EX_IOERR
+        return storage_error_code(err.__cause__)
     except OSError as err:
         # a message made for the operator already (listen errors), else the file and errno
         text = err.strerror if err.filename is None and err.strerror else os_error_line(err)

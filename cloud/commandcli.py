@@ -26,6 +26,7 @@ from agent.wire.logupload import LogUploadError, decode_upload
 from agent.wire.statedoc import Entry
 from cloud import terminal
 from cloud.releasecli import release_lines, release_page
+from cloud.storebase import UnknownDevice
 
 #: Desired-document limit of a ``commands send`` (as the endpoint's, cloud/server.py Limits).
 DESIRED_DOC_BYTES = 1024
@@ -155,11 +156,7 @@ def device_page(storage: Any, device: str) -> dict[str, Any]:
     """Everything ``devices show`` prints, as JSON-ready data."""
     info = storage.device(device)
     if info is None:
-        raise CommandError(
-            EX_NOINPUT,
-            f"error: device {device!r} is not registered; register it: "
-            f"edge-agent-cloud devices add --data DIR {device}",
-        )
+        raise UnknownDevice.of(device)  # the command line says how to register it
     reported = storage.reported(device)
     version = reported.get("agent/version")
     models = {

@@ -127,7 +127,7 @@ class CommandTables(SqlTables):
 
         def tx(db: Sql) -> int:
             if db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
-                raise UnknownDevice(f"device {device!r} is not registered")
+                raise UnknownDevice.of(device)
             row = db.execute("SELECT max(id) FROM commands WHERE device = ?", (device,))
             found = row.fetchone()
             command_id = wire.new_id(found[0] if found else None, now)

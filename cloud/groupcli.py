@@ -103,7 +103,7 @@ def require_devices(storage: Any, devices: Sequence[str]) -> None:
     """UnknownDevice for the first of ``devices`` that is not registered (nothing written)."""
     for device in devices:
         if storage.device(device) is None:
-            raise UnknownDevice(f"device {device!r} is not registered")
+            raise UnknownDevice.of(device)
 
 
 def cmd_groups(args: argparse.Namespace) -> int:

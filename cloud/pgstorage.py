@@ -259,7 +259,7 @@ class PostgresStorage(PostgresExtras):
             "SELECT desired_rev FROM devices WHERE id = %s FOR UPDATE", (device,)
         ).fetchone()
         if row is None:
-            raise UnknownDevice(f"device {device!r} is not registered")
+            raise UnknownDevice.of(device)
         return int(row[0])
 
     # -- records ---------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ class PostgresStorage(PostgresExtras):
         out: list[IngestResult | AgentError] = []
         for i, (device, recs, _) in enumerate(batches):
             if device not in known:
-                out.append(UnknownDevice(f"device {device!r} is not registered"))
+                out.append(UnknownDevice.of(device))
                 continue
             n_new = duplicate = 0
             conflicts: list[int] = []
@@ -533,7 +533,7 @@ class PostgresStorage(PostgresExtras):
                 "SELECT desired_rev FROM devices WHERE id = %s", (device,)
             ).fetchone()
             if row is None:
-                raise UnknownDevice(f"device {device!r} is not registered")
+                raise UnknownDevice.of(device)
             rev = int(row[0])
         rows = conn.execute(
             "SELECT key, version, value, blocked FROM desired WHERE device = %s ORDER BY key",

@@ -55,7 +55,7 @@ class RelayTables(SqlTables):
             before: dict[str, str | None] = {}
             for device in devices:
                 if db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
-                    raise UnknownDevice(f"device {device!r} is not registered")
+                    raise UnknownDevice.of(device)
                 row = db.execute("SELECT gateway FROM relays WHERE device = ?", (device,))
                 found = row.fetchone()
                 before[device] = None if found is None else found[0]

@@ -249,7 +249,7 @@ class ReleaseTables(SqlTables):
         def tx(db: Sql) -> tuple[Group, list[str]]:
             for device in devices:
                 if db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
-                    raise UnknownDevice(f"device {device!r} is not registered")
+                    raise UnknownDevice.of(device)
             db.execute(
                 "INSERT INTO release_groups (name, updated) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 (name, now),

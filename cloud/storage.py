@@ -309,7 +309,7 @@ class SQLiteStorage(SharedStorage):
 
     def _require(self, db: sqlite3.Connection, device: str) -> None:
         if db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
-            raise UnknownDevice(f"device {device!r} is not registered")
+            raise UnknownDevice.of(device)
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -329,7 +329,7 @@ class SQLiteStorage(SharedStorage):
                         (device, now),
                     )
                 elif db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
-                    out.append(UnknownDevice(f"device {device!r} is not registered"))
+                    out.append(UnknownDevice.of(device))
                     continue
                 plain, feats, outcome = featurestore.prepass(
                     sql, device, records, device in featured
@@ -453,7 +453,7 @@ class SQLiteStorage(SharedStorage):
     def _desired(self, db: sqlite3.Connection, device: str) -> DesiredDoc:
         row = db.execute("SELECT desired_rev FROM devices WHERE id = ?", (device,)).fetchone()
         if row is None:
-            raise UnknownDevice(f"device {device!r} is not registered")
+            raise UnknownDevice.of(device)
         rows = db.execute(
             "SELECT key, version, value, blocked FROM desired WHERE device = ? ORDER BY key",
             (device,),

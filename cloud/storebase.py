@@ -64,6 +64,14 @@ class CredentialChanged(AgentError):
 class UnknownDevice(AgentError):
     """The device is not registered."""
 
+    device: str | None = None  # which one, for the command line's fix
+
+    @classmethod
+    def of(cls, device: str, where: str = "") -> UnknownDevice:
+        err = cls(f"device {device!r} is not registered" + (f" in {where}" if where else ""))
+        err.device = device
+        return err
+
 
 class PreconditionFailed(AgentError):
     """An If-Match ETag does not match the current desired document."""

@@ -315,6 +315,44 @@ def test_a_mistyped_data_directory_is_one_line_66_and_creates_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["devices", "show", "--data", "D", "nosuch"],  # said "--data DIR"
+        ["export", "--data", "D", "--device", "nosuch"],
+        ["groups", "add", "--data", "D", "g1", "nosuch"],
+    ],
+)
+def test_an_unknown_device_says_the_command_that_registers_it_66(tmp_path: Path, argv):
+    data = tmp_path / "c"
+    assert cloud("devices", "add", "--data", str(data), "pump-1").returncode == 0
+    result = cloud(*[str(data) if a == "D" else a for a in argv])
+    one_line(
+        result, exits.EX_NOINPUT, f"register it: edge-agent-cloud devices add --data {data} nosuch"
+    )
+
+
+def test_a_database_that_is_not_one_or_does_not_answer_says_so(tmp_path: Path):
+    """Were 74 (an I/O error) both: a file that is not a database is bad data (65), a database
+    server that refuses the connection is unavailable (69)."""
+    data = tmp_path / "c"
+    data.mkdir()
+    (data / "cloud.sqlite3").write_bytes(bytes(range(256)) * 20)
+    one_line(cloud("devices", "list", "--data", str(data)), exits.EX_DATAERR, "not a database")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: the connection is refused
+        result = cloud(
+            "devices",
+            "list",
+            "--data",
+            str(data),
+            "--storage",
+            f"postgresql://x@127.0.0.1:{port}/db",
+        )
+    one_line(result, exits.EX_UNAVAILABLE, f"127.0.0.1:{port}/db")
+
+
 def test_cloud_data_directory_it_may_not_write_is_one_line_77(tmp_path: Path):
     data = tmp_path / "cloud"
     data.mkdir(mode=0o555)
