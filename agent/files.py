@@ -123,8 +123,8 @@ def read_config_text(path: Path) -> str:
         raise ConfigError(
             str(path),
             "",
-            "cannot read: permission denied (an installed agent.toml is the service user's, "
-            f"mode 0600: sudo -u edge-agent edge-agent check-config {path})",
+            "cannot read: permission denied (an installed config is the service user's, mode "
+            f"0600: read it as that user, e.g. sudo -u edge-agent edge-agent check-config {path})",
         ) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(str(path), "", f"cannot read: {err}") from None

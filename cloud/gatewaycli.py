@@ -54,7 +54,10 @@ def add_parser(
 
     def command(args: argparse.Namespace) -> int:
         if args.action in ("add", "rekey", "revoke"):
-            _only_gateways(open_storage(args.data, storage=args.storage), args.ids)
+            existing = args.action != "add"  # revoke, rekey: a --data that holds an endpoint
+            _only_gateways(
+                open_storage(args.data, existing=existing, storage=args.storage), args.ids
+            )
             return principals(args)
         storage = open_storage(args.data, existing=True, storage=args.storage)
         try:

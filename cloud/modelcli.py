@@ -132,11 +132,12 @@ def registry_storage(args: argparse.Namespace) -> Iterator[Storage | None]:
             storage.close()
 
 
-def model_error(err: ModelError) -> int:
-    """A signing or registry error: one line, the code of the OS error behind it, else 65."""
+def model_error(err: ModelError, by_cause: bool = True) -> int:
+    """A signing or registry error: one line; the code of the OS error behind it (``by_cause``),
+    else 65 (releases: a directory that is not a bundle is bad data, docs/ota.md)."""
     print(f"error: {err}", file=sys.stderr)
     cause = err.__cause__
-    return os_error_code(cause) if isinstance(cause, OSError) else EX_DATAERR
+    return os_error_code(cause) if by_cause and isinstance(cause, OSError) else EX_DATAERR
 
 
 def print_published(

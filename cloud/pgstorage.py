@@ -35,7 +35,6 @@ installs psycopg, which the agent on a device never needs.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import secrets
 import threading
@@ -53,7 +52,7 @@ from psycopg_pool import ConnectionPool
 from agent.errors import AgentError
 from agent.wire import statedoc
 from agent.wire.batch import FEATURES, WireRecord, record_time, same_record
-from agent.wire.credentials import Credential, CredentialError
+from agent.wire.credentials import Credential
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import featurestore, linkhistory, pgschema, releasestore
 from cloud.pgextra import PostgresExtras
@@ -70,6 +69,7 @@ from cloud.storebase import (
     StoredRecord,
     UnknownDevice,
     check_block,
+    credentials_of,
     describe,
     desired_doc,
     merge_reported,
@@ -710,13 +710,7 @@ class PostgresStorage(PostgresExtras):
                 "SELECT doc, revoked FROM credentials ORDER BY principal"
             ).fetchall()
 
-        out = []
-        for doc, revoked in self._run(tx):
-            try:
-                out.append((Credential.from_json(json.loads(doc)), revoked is not None))
-            except (ValueError, CredentialError) as err:
-                log.error("event=credential_unreadable error=%s", err)
-        return out
+        return credentials_of(self._run(tx))
 
     def storage_id(self) -> str:
         return self._store or self._run(self._store_id)

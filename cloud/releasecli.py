@@ -91,7 +91,7 @@ def cmd_releases(args: argparse.Namespace) -> int:
                 return EX_OK
             items = registry.list()
     except ModelError as err:
-        return modelcli.model_error(err)
+        return modelcli.model_error(err, by_cause=False)
     return modelcli.print_published(
         items,
         args.json,

@@ -34,14 +34,16 @@ from typing import Any
 
 from aiocoap import oscore
 
-from agent.files import fsync_dir, write_atomic
+from agent.files import fsync_dir, loads_json, write_atomic
 from agent.wire.credentials import ENDPOINT_KID, KID_BYTES, Credential
 from agent.wire.oscore import (
     MAX_SEQNO,
+    WINDOW,
     PersistentContext,
     Sequence,
     StateFileError,
     read_state,
+    whole_number,
 )
 from cloud.storage import DuplicateKeyId
 
@@ -378,10 +380,12 @@ def take_clean_stop(state_dir: Path | None) -> dict[str, tuple[bytes, dict[str, 
     try:
         if len(data) > CLEAN_STOP_MAX_BYTES:
             raise ValueError(f"over {CLEAN_STOP_MAX_BYTES} bytes")
-        for name, doc in json.loads(data)["principals"].items():
+        for name, doc in loads_json(data)["principals"].items():
             replay = {
-                "index": int(doc["replay"]["index"]),
-                "bitfield": int(doc["replay"]["bitfield"]),
+                "index": whole_number(doc["replay"]["index"], MAX_SEQNO, "replay index"),
+                "bitfield": whole_number(
+                    doc["replay"]["bitfield"], (1 << WINDOW) - 1, "replay bitfield"
+                ),
             }
             out[str(name)] = (bytes.fromhex(doc["id_context"]), replay)
     except (ValueError, KeyError, TypeError, AttributeError) as err:

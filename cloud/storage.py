@@ -17,7 +17,6 @@ Failures of the database (I/O error, disk full, locked for too long, closed) rai
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import sqlite3
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from agent.errors import AgentError
 from agent.wire import statedoc
 from agent.wire.batch import WireRecord, record_time, same_record
-from agent.wire.credentials import Credential, CredentialError
+from agent.wire.credentials import Credential
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import commandstore, featurestore, learnstore, linkhistory, relaystore, releasestore
 from cloud.storebase import (
@@ -54,6 +53,7 @@ from cloud.storebase import (
     StoredRecord,
     UnknownDevice,
     check_block,
+    credentials_of,
     describe,
     desired_doc,
     merge_reported,
@@ -547,13 +547,7 @@ class SQLiteStorage(SharedStorage):
             rows = self.db.execute(
                 "SELECT doc, revoked FROM credentials ORDER BY principal"
             ).fetchall()
-        out = []
-        for doc, revoked in rows:
-            try:
-                out.append((Credential.from_json(json.loads(doc)), revoked is not None))
-            except (ValueError, CredentialError) as err:
-                log.error("event=credential_unreadable error=%s", err)
-        return out
+        return credentials_of(rows)
 
     # -- what storesql.SharedStorage writes once for both databases -----------------------------
 

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from agent.errors import AgentError
+from agent.files import loads_json
 from agent.wire import statedoc
 from agent.wire.batch import WireRecord
-from agent.wire.credentials import Credential
+from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
 
 T = TypeVar("T")
@@ -662,3 +663,15 @@ def desired_doc(
         if block is not None:
             blocked[key] = block
     return DesiredDoc(rev, entries, blocked, store)
+
+
+def credentials_of(rows: Iterable[tuple[Any, Any]]) -> list[tuple[Credential, bool]]:
+    """The credentials table's rows (doc, revoked) as (credential, revoked); a row that does not
+    decode (a damaged database) is logged and left out, never raised at the endpoint's start."""
+    out = []
+    for doc, revoked in rows:
+        try:
+            out.append((Credential.from_json(loads_json(doc)), revoked is not None))
+        except (ValueError, CredentialError) as err:
+            log.error("event=credential_unreadable error=%s", err)
+    return out

@@ -323,7 +323,7 @@ class Analyzer:
                 log.info("event=calibration_ignored path=%s reason=other model or inputs", path)
                 return False
             self.detector.restore(Calibration.from_dict(doc["calibration"]))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
             log.warning("event=calibration_ignored path=%s error=%r", path, str(err))
             return False
         self._saved_at = self.clock.monotonic()

@@ -32,6 +32,7 @@ from agent.modelstore.fetch import ModelFetcher
 from agent.sync.transport import CoapTransport
 from agent.wire import codec, statedoc
 from agent.wire.batch import CF_CBOR, IngestAck, WireRecord
+from agent.wire.compact import check_resolution
 from agent.wire.compact_format import CF_COMPACT_DEFLATE
 from agent.wire.relay import (
     MAX_BODY_BYTES,
@@ -97,10 +98,13 @@ class Resolutions:
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
             for device, rows in raw.items():
-                self.steps[str(device)] = {(str(s), str(c)): float(v) for s, c, v in rows}
+                steps = {(str(s), str(c)): v for s, c, v in rows}
+                for (s, c), v in steps.items():  # a step the encoder refuses fails every pass
+                    check_resolution(v, s, c)
+                self.steps[str(device)] = steps
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, TypeError) as err:  # relearned from the next batches
+        except (OSError, ValueError, TypeError) as err:  # CodecError too: relearned from batches
             log.warning(
                 "event=gateway_resolutions_unreadable path=%s error=%r", self.path, str(err)
             )

@@ -77,6 +77,7 @@ class Gateway:
         self.peer_state: PeerState | None = None  # [gateway.peers]
         self.peer_server: PeerServer | None = None
         self.peer_sync: PeerSync | None = None
+        self.peer_transport: CoapTransport | None = None
         self.forwarder: RecordForwarder | None = None
         self.state: StateRelay | None = None
         self._stop = asyncio.Event()
@@ -175,8 +176,10 @@ class Gateway:
             p = g.peers
             self.peer_state = PeerState(self.config.name, p.state, self.clock)
             self.peer_server = await PeerServer.start(self.peer_state, p.host, p.port)
-            peer_transport = CoapTransport(self.clock, lanes=1, uris=p.peers)
-            self.peer_sync = PeerSync(self.peer_state, p.peers, peer_transport, period=p.period)
+            self.peer_transport = CoapTransport(self.clock, lanes=1, uris=p.peers)
+            self.peer_sync = PeerSync(
+                self.peer_state, p.peers, self.peer_transport, period=p.period
+            )
         log.info(
             "event=gateway_listening uri=%s devices=%d upstream=%s",
             server.uri, len(self.devices), ",".join(self.config.uplink.endpoints),
@@ -208,21 +211,34 @@ class Gateway:
 
     # -- running --------------------------------------------------------------------------------
     async def run(self) -> None:
+        try:
+            if await self._started():
+                await self._serve()
+        finally:
+            try:
+                await self.close()
+            except Exception as err:  # never hides what stopped it
+                log.warning("event=gateway_close_failed error=%r", str(err))
+
+    async def _started(self) -> bool:
+        """Start, unless a stop comes first (the start waits for the cloud's storage identity at
+        the first start): False then. What stops the start is raised."""
         starting = asyncio.create_task(self.start())
         stopping = asyncio.create_task(self._stop.wait())
-        try:  # a stop while it starts (the cloud's storage identity, waited for) ends it at once
+        try:
             await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
             if not starting.done():
                 starting.cancel()
             await asyncio.gather(starting, stopping, return_exceptions=True)
-        if starting.cancelled() or starting.exception() is not None:
-            await self.close()
-            if not starting.cancelled():
-                starting.result()  # raises what stopped the start
+        if starting.cancelled():
             log.info("event=gateway_stopped while=starting")
-            return
+            return False
+        starting.result()  # raises what stopped the start
+        return True
+
+    async def _serve(self) -> None:
         assert self.forwarder is not None and self.state is not None
         g = self.config.gateway
 
@@ -247,7 +263,6 @@ class Gateway:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await self.close()
 
     async def _forward(self) -> None:
         """A pass when ``forward_interval`` has passed since the last (readings merge into
@@ -274,6 +289,8 @@ class Gateway:
             await self.peer_state.flush()
         if self.server is not None:
             await self.server.stop()
+        if self.peer_transport is not None:
+            await self.peer_transport.close()
         await self.transport.close()
         await self.fetcher.close()
 

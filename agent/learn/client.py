@@ -15,8 +15,10 @@ any desired key) and :meth:`LearningClient.run` does the round:
    everything else, only while the link is not offline, retried until the deadline.
 
 The upload is kept on disk (``learn-<job>-<round>.cbor`` in the data directory) until the endpoint
-answered it, and rounds already done are remembered (``learn.json``): a restart re-sends the same
-noisy update (no new privacy cost) and never trains a round twice. The reported key
+answered it (an attempt that expired keeps it for the round opened again, until a later round
+starts), and rounds already done are remembered (``learn.json``): a restart or a re-opened
+attempt re-sends the same noisy update (no new privacy cost), and a round charged to the privacy
+ledger is never trained twice. The reported key
 ``learn/<model>`` says where the device is: ``{job, round, status[, samples]}``, status one of
 ``waiting`` (too few windows yet), ``training``, ``uploading``, ``uploaded``, ``refused``,
 ``expired``, ``failed``.
@@ -47,7 +49,14 @@ from agent.learn.settings import LearnSettings
 from agent.learn.worker import write_job
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.wire.batch import CF_CBOR
-from agent.wire.learning import KEY_PREFIX, LearningError, Masters, ModelUpdate, RoundTask
+from agent.wire.learning import (
+    KEY_PREFIX,
+    MAX_BODY_BYTES,
+    LearningError,
+    Masters,
+    ModelUpdate,
+    RoundTask,
+)
 from drivers.clock import Clock
 
 log = logging.getLogger("agent.learn")
@@ -95,12 +104,22 @@ class WindowRing:
         return np.concatenate([self._data[self._next :], self._data[: self._next]])
 
 
+def _drop_other_updates(data_dir: Path, keep: Path) -> None:
+    """Updates of earlier rounds kept for a re-opened attempt: a new round ends their use."""
+    for old in data_dir.glob("learn-*-*.cbor"):
+        if old != keep:
+            with contextlib.suppress(OSError):
+                old.unlink()
+
+
 def _trained(out: Path, task: RoundTask) -> bool:
     """Whether ``out`` holds this round's update, trained before a restart: it is uploaded as it
-    is. A file that is not one (damaged at rest, another round's) is removed and the round
-    trained again: nothing leaves the device in a training exchange but a checked update."""
+    is. A file that is not one (damaged at rest, another round's) is removed: nothing leaves the
+    device in a training exchange but a checked update."""
     try:
-        update = ModelUpdate.from_cbor(out.read_bytes())
+        with open(out, "rb") as f:
+            data = f.read(MAX_BODY_BYTES + 1)
+        update = ModelUpdate.from_cbor(data)
         if (update.job, update.round) != (task.job, task.round):
             raise LearningError(f"the update of job {update.job} round {update.round}")
         return True
@@ -113,15 +132,16 @@ def _trained(out: Path, task: RoundTask) -> bool:
         return False
 
 
-def _ended_round(st: Any) -> dict[str, Any] | None:
-    """A ``learn.json`` entry as :meth:`LearningClient._set` writes it (job, round, an ended
-    status, the deadline and a few plain details), or None when it is not one."""
-    if not isinstance(st, dict) or st.get("status") not in FINAL:
-        return None
+def _ended_round(st: dict[str, Any]) -> dict[str, Any] | None:
+    """A ``learn.json`` entry of an ended round as :meth:`LearningClient._set` writes it (job,
+    round, the status, the deadline, and at most MAX_DETAILS plain details), or None when it is
+    not one."""
     if not all(_whole(st.get(k)) for k in ("job", "round")):
         return None
-    kept: dict[str, Any] = {}
+    kept: dict[str, Any] = {"job": st["job"], "round": st["round"], "status": st["status"]}
     for key, value in list(st.items())[:MAX_DETAILS]:
+        if key in kept:
+            continue
         if isinstance(value, str):
             kept[str(key)[:32]] = value[:200]
         elif _whole(value) or (isinstance(value, float) and math.isfinite(value)):
@@ -175,8 +195,8 @@ class LearningClient:
     # -- state -----------------------------------------------------------------------------------
     def _load_done(self) -> None:
         """The rounds that ended here (``learn.json``), each as :meth:`_set` wrote it; an entry
-        that is not one is dropped (its round may be taken again: an upload is charged to the
-        privacy ledger, which is kept apart and refuses what it has charged)."""
+        that is not one is dropped, with a line (its round may be taken again; one the privacy
+        ledger has charged is not trained again, :meth:`_round`)."""
         path = self.data_dir / DONE_FILE
         try:
             raw = read_json(path)
@@ -187,7 +207,9 @@ class LearningClient:
             return
         entries = raw.items() if isinstance(raw, dict) else ()
         for model, st in entries:
-            kept = _ended_round(st)
+            if isinstance(st, dict) and st.get("status") not in FINAL:
+                continue  # a round in progress when it was saved: taken up again
+            kept = _ended_round(st) if isinstance(st, dict) else None
             if kept is None:
                 log.warning("event=learn_state_dropped path=%s model=%.64r", path, model)
             else:
@@ -289,12 +311,18 @@ class LearningClient:
 
     async def _round(self, model: str, task: RoundTask) -> None:
         out = self.data_dir / f"learn-{task.job}-{task.round}.cbor"
+        await asyncio.to_thread(_drop_other_updates, self.data_dir, out)
         try:
             self.ledger.check(task.job, task.round, task.noise)  # before any training
         except BudgetExceeded as err:
             self._refuse(model, task, out, str(err))
             return
         done = await asyncio.to_thread(_trained, out, task)
+        if not done and self.ledger.key(task.job, task.round) in self.ledger.charged:
+            # charged, so an update of it may have left already: a second one, trained and
+            # noised anew, would spend privacy the ledger does not count
+            self._set(model, task, "failed", error="charged already; its update is gone")
+            return
         if not done and not await self._train(model, task, out):
             return
         try:  # durably charged before the first byte of the update leaves
@@ -455,6 +483,9 @@ class LearningClient:
                         break
             await self.clock.sleep(RETRY)
         else:
+            # kept: if the endpoint opens the round again, this same update goes (it may have
+            # left already; another one, noised anew, would spend privacy twice)
             self._set(model, task, "expired")
+            return
         with contextlib.suppress(OSError):
             os.unlink(out)

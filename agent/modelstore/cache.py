@@ -278,7 +278,9 @@ class ModelCache:
                     self._pins.add(rec.ref)
         except FileNotFoundError:
             self._rebuild(missing=True)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelError) as err:
+        except (
+            OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, ModelError
+        ) as err:  # fmt: skip
             log.warning(
                 "model cache index unreadable path=%s error=%r; rebuilding",
                 self.index_path,

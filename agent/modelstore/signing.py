@@ -31,7 +31,7 @@ from agent.files import write_atomic
 SIGNATURE_CONTEXT = "edge-agent model v1"
 CF_OCTET_STREAM = 42  # the Content-Format of a model file resource
 MAX_MANIFEST_BYTES = 64 * 1024
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 
 
 # -- keys -----------------------------------------------------------------------------------------

@@ -146,8 +146,14 @@ def load(root: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, RecursionError) as err:
-        _log("update_state_unreadable", path=path, error=str(err)[:200].replace(" ", "_"))
+        said = str(err)[:200].replace(" ", "_")
+        if said not in _SAID:  # once per process: the agent reads it at every report
+            _SAID.add(said)
+            _log("update_state_unreadable", path=path, error=said)
         return {}
+
+
+_SAID: set[str] = set()  # unreadable update.json errors logged by this process
 
 
 def save(root: Path, doc: dict[str, Any]) -> None:

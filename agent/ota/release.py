@@ -34,7 +34,7 @@ from agent.modelstore.signing import MAX_MANIFEST_BYTES, check_name, digest_and_
 
 SIGNATURE_CONTEXT = "edge-agent release v1"
 BUNDLE_JSON = "bundle.json"
-_MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}$")
+_MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\Z")
 
 
 class ReleaseError(ModelError):

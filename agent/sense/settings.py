@@ -20,7 +20,7 @@ from drivers.registry import DRIVERS, driver_class
 from drivers.sim.sources import FaultEvent, parse_event
 
 #: Sensor and device names: a letter, then letters, digits, '_', '-', '.' (63 at most).
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}\Z")
 SIM_BUS = "sim"
 
 

@@ -67,17 +67,24 @@ class StatusServer:
             self.path.unlink()
 
 
+#: The largest status answer read (the agent's is a few kilobytes)
+MAX_ANSWER_BYTES = 4 << 20
+
+
 def query(path: Path, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
     """Read the status document from the socket at ``path`` (blocking)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        chunks = []
+        chunks, size = [], 0
         while True:
             chunk = s.recv(65536)
             if not chunk:
                 break
             chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:  # a peer that never stops is not the agent
+                raise ValueError(f"more than {MAX_ANSWER_BYTES} bytes")
     doc = loads_json(b"".join(chunks))
     if not isinstance(doc, dict):
         raise ValueError("not a status document (a JSON object)")

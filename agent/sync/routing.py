@@ -267,7 +267,7 @@ class Router:
                     self._uncommitted.add(seq)
         except FileNotFoundError:
             return
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
             aside = path.with_name(path.name + ".corrupt")
             with contextlib.suppress(OSError):
                 os.replace(path, aside)

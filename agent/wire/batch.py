@@ -39,7 +39,7 @@ FEATURES = "features"
 KINDS = frozenset(k.value for k in Kind) | {FEATURES}
 
 
-DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/sense/settings.py's device_id
+DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}\Z")  # as agent/sense/settings.py's device_id
 
 
 Resolution = Callable[[str, str], float | None]  # (sensor, channel) -> step, None: unknown

@@ -137,10 +137,10 @@ __all__ = [  # what other modules take from here (the format's constants live in
 # -- resolutions -------------------------------------------------------------------------------
 
 
-_GOOD_RESOLUTIONS: set[float] = set()  # floats that passed _check_resolution (a few, every batch)
+_GOOD_RESOLUTIONS: set[float] = set()  # floats that passed check_resolution (a few, every batch)
 
 
-def _check_resolution(res: Any, sensor: str, channel: str) -> float | None:
+def check_resolution(res: Any, sensor: str, channel: str) -> float | None:
     if res is None:
         return None
     if type(res) is float and res in _GOOD_RESOLUTIONS:  # > 0, so == is the same double
@@ -170,7 +170,7 @@ def _lookup(resolution: Resolution | None, sensor: str, channel: str) -> float |
                     break
     except Exception as err:  # the caller's function: its failure is this batch's failure
         raise CodecError(f"resolution({sensor!r}, {channel!r}) failed: {err!r}") from err
-    return _check_resolution(res, sensor, channel)
+    return check_resolution(res, sensor, channel)
 
 
 def table_bytes(groups: Sequence[tuple[str, Sequence[str], Sequence[float | None]]]) -> bytes:

@@ -42,7 +42,7 @@ SALT_BYTES = 8
 PSK_BYTES = 16  # tinydtls copies a PSK into a 16-byte buffer: never longer
 PSK_IDENTITY_BYTES = 32  # the longest PSK identity (principal name) tinydtls takes
 MAX_FILE_BYTES = 4096
-PRINCIPAL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as a device id
+PRINCIPAL = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}\Z")  # as a device id
 
 
 def register_command(principal: str = "ID", credential: str = "FILE") -> str:

@@ -32,8 +32,8 @@ from agent.errors import AgentError
 from agent.wire.records import RecordError, dumps, loads
 
 #: Model names and versions, SHA-256 in hex (as agent.wire.statedoc, which imports this module).
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 #: The desired key of a round for ``model``: ``learn/<model>``.
 KEY_PREFIX = "learn/"
 #: Quantile probabilities of a score summary (fixed, so summaries of devices combine).

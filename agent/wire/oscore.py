@@ -55,27 +55,29 @@ class StateFileError(ValueError):
 def read_state(path: Path) -> dict[str, Any] | None:
     """The state file's document, or None when there is none."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(STATE_MAX_BYTES + 1)
     except FileNotFoundError:
         return None
     if len(data) > STATE_MAX_BYTES:
         raise StateFileError(f"{path}: too large for a context state file")
     try:
         doc = loads_json(data)
-        _whole(doc["seq_reserved"], MAX_SEQNO, "seq_reserved")
+        # Sequence.take reserves up to RESERVE numbers past the last one it may hand out
+        whole_number(doc["seq_reserved"], MAX_SEQNO + RESERVE, "seq_reserved")
         bytes.fromhex(doc["id_context"])
         replay = doc.get("replay")
         if replay is not None:
             doc["replay"] = {
-                "index": _whole(replay["index"], MAX_SEQNO, "replay index"),
-                "bitfield": _whole(replay["bitfield"], (1 << WINDOW) - 1, "replay bitfield"),
+                "index": whole_number(replay["index"], MAX_SEQNO, "replay index"),
+                "bitfield": whole_number(replay["bitfield"], (1 << WINDOW) - 1, "replay bitfield"),
             }
     except (ValueError, KeyError, TypeError) as err:
         raise StateFileError(f"{path}: not a context state file: {err!r}") from None
     return doc  # type: ignore[no-any-return]
 
 
-def _whole(value: Any, most: int, what: str) -> int:
+def whole_number(value: Any, most: int, what: str) -> int:
     """``value`` if it is an integer in [0, ``most``]; ValueError otherwise (a number out of range
     would hand out sequence numbers past the limit, or fail every request until re-keyed)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:

@@ -54,13 +54,13 @@ L_CREATED = "cr"
 
 
 # RFC 8428 section 4.5.1: names use A-Z a-z 0-9 - : . / _ and start with a letter or digit.
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]*$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]*\Z")
 
 
-_CHANNEL = re.compile(r"^[A-Za-z0-9:./_-]+$")
+_CHANNEL = re.compile(r"^[A-Za-z0-9:./_-]+\Z")
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:./_-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:./_-]*\Z")
 
 
 # Labels a decoder may see and ignore: units and update time do not change any value.

@@ -87,10 +87,10 @@ DESIRED_RANGES = {
 }
 
 _SEG = r"[A-Za-z][A-Za-z0-9_.-]{0,62}"
-REPORTED_KEY = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.-]{1,63}){0,4}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+REPORTED_KEY = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.-]{1,63}){0,4}\Z")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 #: Model names and versions (as agent.modelstore.signing.NAME_RE, which agent.wire cannot import).
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 MODEL_STATUS = ("active", "loading", "failed")
 
 
@@ -358,7 +358,7 @@ DESIRED_KEYS: tuple[tuple[re.Pattern[str], Any, str], ...] = (
     (re.compile(rf"^detect/{_SEG}/threshold$"), _threshold, "detect/<name>/threshold"),
     (re.compile(rf"^model/{_SEG}$"), _model, "model/<slot>"),
     (re.compile(rf"^learn/{_SEG}$"), _learn, "learn/<model>"),
-    (re.compile(r"^agent/version$"), agent_version, "agent/version"),
+    (re.compile(r"^agent/version\Z"), agent_version, "agent/version"),
     (re.compile(f"^command/({'|'.join(commands.NAMES)})$"), commands.check_value, "command/<name>"),
 )
 

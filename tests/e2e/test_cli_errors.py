@@ -303,6 +303,8 @@ def test_an_option_value_it_does_not_know_is_one_line_64(
         ["devices", "revoke", "--data", "TYPO", "pump-1"],  # was "has no credential", exit 0
         ["devices", "rekey", "--data", "TYPO", "pump-1"],
         ["operators", "token", "--data", "TYPO", "op-1"],
+        ["gateways", "revoke", "--data", "TYPO", "gw-1"],
+        ["gateways", "rekey", "--data", "TYPO", "gw-1"],
         ["models", "list", "--data", "TYPO"],  # was an empty list, exit 0
         ["releases", "list", "--data", "TYPO"],
     ],

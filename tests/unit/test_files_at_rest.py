@@ -72,21 +72,22 @@ def test_a_config_nested_too_deep_is_one_config_error() -> None:
 
 
 #: Modules that parse JSON or TOML text themselves: bootcheck runs with the standard library
-#: alone (it handles RecursionError itself), statedoc and commandcli parse command-line values
-#: (they handle it too), the CLI peeks at a config's data_dir (any error: None), configref reads
-#: the packaged example.
+#: alone (it handles RecursionError itself), statedoc and cloud's commandcli parse command-line
+#: values (they handle it too), the CLI peeks at a config's data_dir (any error: None),
+#: configref reads the packaged example.
 PARSES_ITSELF = {
     "agent/files.py",
     "agent/ota/bootcheck.py",
     "agent/wire/statedoc.py",
     "agent/service/cli.py",
     "agent/service/configref.py",
+    "cloud/commandcli.py",
 }
 
 
 def test_state_files_are_parsed_only_through_the_shared_readers() -> None:
     found = []
-    for path in sorted((ROOT / "agent").rglob("*.py")):
+    for path in sorted([*(ROOT / "agent").rglob("*.py"), *(ROOT / "cloud").rglob("*.py")]):
         rel = str(path.relative_to(ROOT))
         if rel in PARSES_ITSELF:
             continue
@@ -156,9 +157,40 @@ def _resolutions(tmp: Path) -> Any:
     return Resolutions(tmp).steps == {}
 
 
+def _routing_overflow(tmp: Path) -> Any:
+    """1e999 is an OverflowError, not a ValueError, in int(): it stopped the Router's start."""
+    path = tmp / "agent" / "routing.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": 1, "pending": [{"seq": 1e999}]}')
+    Router(routing_settings(tmp), device_id=DEVICE, store=None, transport=None, endpoint="coap://x")
+    return (path.parent / "routing.json.corrupt").exists()
+
+
+def _clean_stop(tmp: Path) -> Any:
+    """The endpoint's replay windows of its last clean stop (cloud/security.py)."""
+    from cloud.security import CLEAN_STOP_FILE, take_clean_stop
+
+    for text in (DEEP, '{"principals": {"d": {"id_context": "00", "replay": '
+                 '{"index": 1e300, "bitfield": -5}}}}'):  # fmt: skip
+        (tmp / CLEAN_STOP_FILE).write_text(text)
+        assert take_clean_stop(tmp) == {}  # every principal goes through Echo
+    return True
+
+
 @pytest.mark.parametrize(
     "reader",
-    [_ledger, _commands, _endpoint_store, _routing, _hlc, _formats, _credential, _resolutions],
+    [
+        _ledger,
+        _commands,
+        _endpoint_store,
+        _routing,
+        _routing_overflow,
+        _hlc,
+        _formats,
+        _credential,
+        _resolutions,
+        _clean_stop,
+    ],
 )
 def test_a_state_file_nested_too_deep_is_refused_or_recovered(
     tmp_path: Path, reader: Any, caplog: pytest.LogCaptureFixture
@@ -169,14 +201,26 @@ def test_a_state_file_nested_too_deep_is_refused_or_recovered(
 
 # -- the gateway's forwarding state ---------------------------------------------------------------
 @pytest.mark.parametrize(
-    "text", ["[]", '{"d": 5}', '{"d": [["s", "c"]]}', '{"d": [["s", "c", "x"]]}', "\xff"]
+    "text",
+    [
+        b"[]",
+        b'{"d": 5}',
+        b'{"d": [["s", "c"]]}',
+        b'{"d": [["s", "c", "x"]]}',
+        b'{"d": [["s", "c", 0]]}',  # steps the encoder refuses: every pass failed on them
+        b'{"d": [["s", "c", -0.5]]}',
+        b'{"d": [["s", "c", 1e999]]}',
+        b'{"d": [["s", "c", 0.1], ["s", "v", NaN]]}',
+        b"\xff",
+    ],
 )
 def test_a_resolutions_file_of_another_shape_is_learned_again(
-    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, text: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Was an AttributeError out of the gateway's start for ``[]``: losing the file costs bytes
-    (the forwarder sends a channel exactly until a batch shows its step), never data."""
-    (tmp_path / RESOLUTIONS_FILE).write_text(text, errors="surrogateescape")
+    """Was an AttributeError out of the gateway's start for ``[]``, and a step of 0 or NaN failed
+    every forwarding pass: losing the file costs bytes (the forwarder sends a channel exactly
+    until a batch shows its step), never data."""
+    (tmp_path / RESOLUTIONS_FILE).write_bytes(text)
     with caplog.at_level(logging.WARNING):
         assert Resolutions(tmp_path).steps == {}
     assert "event=gateway_resolutions_unreadable" in caplog.text
@@ -187,7 +231,7 @@ def _telemetry(seq: int) -> WireRecord:
     return WireRecord(seq, "telemetry", 1_700_000_000.0 + seq, body)
 
 
-@pytest.mark.parametrize("cursor", ["1e999", "-3", '"7"', "true", "5000", None])
+@pytest.mark.parametrize("cursor", ["1e999", "-3", '"7"', "true", "5000", None, "2"])
 async def test_a_forward_cursor_past_the_store_or_unreadable_forwards_everything_again(
     tmp_path: Path, cursor: str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,10 +257,12 @@ async def test_a_forward_cursor_past_the_store_or_unreadable_forwards_everything
             return sum(len(recs) for _, recs, _ in parts)
 
         forwarder._relay = relay  # type: ignore[method-assign]
-        assert await forwarder.forward_once() == 3
-    assert seen == [1, 2, 3]
+        assert await forwarder.forward_once() == (1 if cursor == "2" else 3)
+    assert seen == ([3] if cursor == "2" else [1, 2, 3])  # a cursor in range is kept
     assert read_json(tmp_path / CURSOR_FILE) == {"arrival": 3}
-    if cursor == "5000":
+    if cursor == "2":
+        assert "event=forward_cursor" not in caplog.text
+    elif cursor == "5000":
         assert "event=forward_cursor_reset cursor=5000 newest=3" in caplog.text
     elif cursor is not None:
         assert "event=forward_cursor_unreadable" in caplog.text

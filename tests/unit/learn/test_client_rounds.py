@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.learn.client import DONE_FILE, LearningClient, _trained
+from agent.learn.client import DONE_FILE, LearningClient, _drop_other_updates, _trained
 from agent.learn.settings import LearnSettings
 from agent.wire.learning import ModelUpdate, RoundTask, ScoreSummary
 from drivers.clock import RealClock
@@ -86,22 +86,26 @@ DEEP = "[" * 5000 + "]" * 5000  # deeper than the JSON parser's stack
     "text",
     [
         DEEP,
-        "\xff not json",
+        b"\xff not json",
         "[]",
         json.dumps({"skab-ae": {"job": 1, "status": "uploaded"}}),  # no round
         json.dumps({"skab-ae": {"job": 1, "round": [3], "status": "uploaded"}}),
         json.dumps({"skab-ae": {"job": True, "round": 3, "status": "uploaded"}}),
-        json.dumps({"skab-ae": {"job": 1, "round": 3, "status": "training"}}),  # never written
+        json.dumps({"skab-ae": {"status": "uploaded", **{f"k{i}": i for i in range(20)}}}),
+        json.dumps(
+            {"skab-ae": {"status": "uploaded", **{f"k{i}": i for i in range(20)}, "job": 1}}
+        ),
         '{"skab-ae": {"job": 1, "ro',  # torn
     ],
 )
 def test_a_damaged_done_file_is_dropped_with_a_line_and_never_stops_the_client(
-    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, text: str | bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Was: a KeyError or TypeError in every _done() (the learn stage restarting forever), or a
     RecursionError at start; now the entry or file is dropped, said in one line, and the round
     is taken (the privacy ledger, kept apart, refuses what it has charged)."""
-    (tmp_path / DONE_FILE).write_text(text, encoding="utf-8", errors="surrogateescape")
+    path = tmp_path / DONE_FILE
+    path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     with caplog.at_level(logging.WARNING):
         c = client(tmp_path)
     assert not c._done("skab-ae", task())
@@ -141,3 +145,60 @@ def test_an_update_file_of_a_restart_is_uploaded_only_if_it_is_this_rounds(
         assert _trained(out, task()) is False
     assert not out.exists()
     assert ("event=learn_update_unreadable" in caplog.text) == (what != "missing")
+
+
+def test_job_round_and_status_are_kept_wherever_they_are_in_the_entry(tmp_path: Path) -> None:
+    """Only MAX_DETAILS details are read, but never at the cost of the fields _done() needs (a
+    status first and job, round after 16 other keys was a KeyError in every pass)."""
+    st = {"status": "uploaded", **{f"k{i}": i for i in range(20)}, "job": 1, "round": 3}
+    (tmp_path / DONE_FILE).write_text(json.dumps({"skab-ae": st}))
+    c = client(tmp_path)
+    assert c._done("skab-ae", task())
+    kept = c.status()["models"]["skab-ae"]
+    assert (kept["job"], kept["round"], kept["status"]) == (1, 3, "uploaded")
+
+
+def test_a_round_in_progress_when_saved_is_taken_up_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    c = client(tmp_path)
+    c._set("skab-ae", task(rnd=2), "uploaded")  # saved, with the other models' entries
+    c._set("skab-ae", task(), "training")
+    c._set("other", task(), "refused")
+    with caplog.at_level(logging.WARNING):
+        again = client(tmp_path)
+    assert "event=learn_state" not in caplog.text
+    assert not again._done("skab-ae", task()) and again._done("other", task())
+
+
+async def test_a_charged_round_whose_update_is_gone_is_not_trained_again(
+    tmp_path: Path,
+) -> None:
+    """The ledger charged it, so an update of it may have left: a second one, noised anew, would
+    spend privacy the ledger does not count. The round fails instead."""
+    c = client(tmp_path)
+    c.ledger.charge(1, 3, 0.5)
+
+    async def never(*_a: Any) -> bool:
+        raise AssertionError("trained again")
+
+    c._train = never  # type: ignore[method-assign]
+    await c._round("skab-ae", task())
+    st = c.status()["models"]["skab-ae"]
+    assert st["status"] == "failed" and "charged already" in st["error"]
+
+
+async def test_an_attempt_that_expired_while_uploading_keeps_its_update_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """The same noisy update goes again when the round is opened again; a later round removes
+    it."""
+    c = client(tmp_path)
+    out = tmp_path / "learn-1-3.cbor"
+    update = ModelUpdate(1, 3, 10, np.zeros(8, np.float32), ScoreSummary.of(np.ones(20)), 0.1)
+    out.write_bytes(update.to_cbor())
+    await c._upload("skab-ae", task(deadline=0.0), out)  # expired: nothing sent
+    assert c.status()["models"]["skab-ae"]["status"] == "expired" and out.exists()
+    assert _trained(out, task(deadline=2e9))  # the re-opened attempt uploads this one
+    _drop_other_updates(tmp_path, tmp_path / "learn-1-4.cbor")  # the next round
+    assert not out.exists()

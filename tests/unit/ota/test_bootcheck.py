@@ -355,14 +355,28 @@ def test_a_pending_version_that_is_not_a_release_name_is_not_pending(
     assert running(root) == "2.0"
 
 
-@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, '{"pending": "2.0", "att', "\xff", "[]"])
+@pytest.mark.parametrize(
+    "text", [b"[" * 5000 + b"]" * 5000, b'{"pending": "2.0", "att', b"\xff", b"[]"]
+)
 def test_an_unreadable_state_file_is_said_and_written_anew(
-    root: Path, text: str, capsys: pytest.CaptureFixture[str]
+    root: Path, text: bytes, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(bc, "_SAID", set())  # said once per process: this test's own
     bc.switch(root, "2.0")
-    (root / bc.STATE_FILE).write_text(text, errors="surrogateescape")
+    (root / bc.STATE_FILE).write_bytes(text)
     assert bc.start(root) == "2.0"  # nothing pending is known: the current release runs
     assert "event=update_state_unreadable" in capsys.readouterr().err
     bc.rollback(root, "by the operator")
     assert bc.load(root)["outcome"]["result"] == "rolled_back"  # written anew
     assert running(root) == "1.0"
+
+
+def test_an_unreadable_state_file_is_said_once_per_process(
+    root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent reads update.json at every report of its state: one line, not one a tick."""
+    monkeypatch.setattr(bc, "_SAID", set())
+    (root / bc.STATE_FILE).write_bytes(b"{torn")
+    for _ in range(5):
+        bc.load(root)
+    assert capsys.readouterr().err.count("event=update_state_unreadable") == 1

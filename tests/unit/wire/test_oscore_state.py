@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.wire.credentials import Credential
-from agent.wire.oscore import ClientContext, Sequence
+from agent.wire.oscore import MAX_SEQNO, RESERVE, ClientContext, Sequence
 
 
 class Disk:
@@ -82,7 +82,7 @@ GOOD = {"id_context": "00112233aabbccdd", "seq_reserved": 512, "replay": None}
         {"seq_reserved": 1e999},  # was OverflowError at start: a crash loop
         {"seq_reserved": 1e300},  # was every request refused, "sequence numbers exhausted"
         {"seq_reserved": -5},  # was every request failing until the counter passed 0
-        {"seq_reserved": 2**40},
+        {"seq_reserved": 2**40 + RESERVE},  # past the most Sequence.take reserves
         {"seq_reserved": "512"},
         {"seq_reserved": True},
         {"replay": {"index": -1, "bitfield": 0}},
@@ -115,3 +115,16 @@ def test_a_state_file_nested_too_deep_starts_a_new_context(
     path.write_text("[" * 2000 + "]" * 2000)  # within the file's 4096 bytes
     assert ClientContext(cred, path).sequence.next == 0
     assert "nested too deep" in caplog.text
+
+
+def test_the_largest_reservation_the_writer_makes_is_read_back(tmp_path: Path) -> None:
+    """Sequence.take reserves RESERVE numbers past the one it hands out, so a context near the
+    end of its numbers holds up to MAX_SEQNO + RESERVE; the reader takes it (and the context
+    says it is exhausted) instead of starting a new context."""
+    cred = Credential.generate("pump-01", "device", b"\x01")
+    path = tmp_path / "oscore.json"
+    path.write_text(json.dumps(GOOD | {"seq_reserved": MAX_SEQNO + RESERVE}))
+    client = ClientContext(cred, path)
+    assert client.context.id_context.hex() == GOOD["id_context"]
+    with pytest.raises(Exception, match="exhausted"):
+        client.sequence.take()
