@@ -458,6 +458,30 @@ def _print_entries(doc: dict[str, Any]) -> None:
     print()
 
 
+def _operator_client(uri: str, credential: str | None) -> Any:
+    """The checked --server and the operator's OSCORE context of --credential (None without
+    one): 64 for a --server that is no coap:// URI, 66 for a missing file, 65 for one that is
+    not a credential."""
+    from agent.wire.credentials import Credential, CredentialError
+    from agent.wire.oscore import ClientContext
+
+    if not uri.startswith("coap://") or not uri.removeprefix("coap://").strip("/"):
+        raise UsageError(f"--server {uri}: give the endpoint as coap://HOST:PORT")
+    if credential is None:
+        return None
+    if not Path(credential).is_file():
+        raise CommandError(
+            EX_NOINPUT,
+            f"error: --credential {credential}: no such file; an operator's credential comes "
+            "from `edge-agent-cloud operators add --credential-out FILE`",
+        )
+    try:
+        cred = Credential.read(Path(credential))
+    except CredentialError as err:
+        raise CommandError(EX_DATAERR, f"error: --credential {err}") from None
+    return ClientContext(cred, Path(credential + ".oscore.json"))
+
+
 async def _put_desired(
     uri: str, device: str, changes: dict[str, Any], credential: str | None
 ) -> int:
@@ -467,16 +491,7 @@ async def _put_desired(
     import aiocoap
     from aiocoap import Code, Message
 
-    from agent.wire.credentials import Credential, CredentialError
-    from agent.wire.oscore import ClientContext
-
-    client = None
-    if credential is not None:
-        try:
-            cred = Credential.read(Path(credential))
-        except CredentialError as err:
-            raise UsageError(str(err)) from None
-        client = ClientContext(cred, Path(credential + ".oscore.json"))
+    client = _operator_client(uri, credential)
     ctx = await aiocoap.Context.create_client_context(
         transports=["oscore", "udp6"] if client else ["udp6"]
     )
@@ -500,8 +515,15 @@ async def _put_desired(
             client.close()
     if not response.code.is_successful():
         text = response.payload.decode("utf-8", "replace")
-        print(f"error: {response.code}: {text}", file=sys.stderr)
-        return EX_NOPERM if response.code in (Code.UNAUTHORIZED, Code.FORBIDDEN) else EX_DATAERR
+        refused = response.code in (Code.UNAUTHORIZED, Code.FORBIDDEN)
+        fix = (
+            "; the endpoint takes desired state from an operator's credential only: "
+            "--credential FILE of `edge-agent-cloud operators add`"
+            if refused
+            else ""
+        )
+        print(f"error: {response.code}: {text}{fix}", file=sys.stderr)
+        return EX_NOPERM if refused else EX_DATAERR
     _print_entries(records.loads(response.payload))
     return EX_OK
 

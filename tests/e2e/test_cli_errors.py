@@ -355,6 +355,26 @@ def test_a_database_that_is_not_one_or_does_not_answer_says_so(tmp_path: Path):
     one_line(result, exits.EX_UNAVAILABLE, f"127.0.0.1:{port}/db")
 
 
+@pytest.mark.parametrize(
+    ("server", "credential", "code", "said"),
+    [
+        ("notauri", None, exits.EX_USAGE, "--server notauri: give the endpoint as coap://"),
+        ("coap://127.0.0.1:9", "missing.json", exits.EX_NOINPUT, "no such file"),
+        ("coap://127.0.0.1:9", "garbage.json", exits.EX_DATAERR, "--credential"),
+    ],
+)
+def test_desired_set_over_the_network_with_a_bad_server_or_credential_says_which(
+    tmp_path: Path, server: str, credential: str | None, code: int, said: str
+):
+    """Were 69 for a --server that is no URI and 64 for a missing or corrupt credential file."""
+    (tmp_path / "garbage.json").write_text("{not json")
+    (tmp_path / "garbage.json").chmod(0o600)
+    argv = ["desired", "set", "--server", server, "--device", "pump-1", "sensor/x/interval=1"]
+    if credential is not None:
+        argv += ["--credential", str(tmp_path / credential)]
+    one_line(cloud(*argv), code, said)
+
+
 def test_cloud_data_directory_it_may_not_write_is_one_line_77(tmp_path: Path):
     data = tmp_path / "cloud"
     data.mkdir(mode=0o555)

@@ -183,8 +183,8 @@ async def test_processes_share_one_address(
 
 
 async def test_workers_that_cannot_start_end_the_parent_with_their_code(tmp_path: Path) -> None:
-    """The storage is unreachable: the workers exit 74 with one line each; the parent stops the
-    others and exits 74 too, no traceback anywhere."""
+    """The storage is unreachable: the workers exit 69 with one line each; the parent stops the
+    others and exits 69 too, no traceback anywhere."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         *("-m", "cloud.cli", "serve", "--listen", f"127.0.0.1:{free_port()}"),
@@ -197,7 +197,7 @@ async def test_workers_that_cannot_start_end_the_parent_with_their_code(tmp_path
     async with asyncio.timeout(60):
         out, err = await proc.communicate()
     text = err.decode()
-    assert proc.returncode == 74, text
-    assert "exited with 74 before it listened" in text
+    assert proc.returncode == 69, text
+    assert "exited with 69 before it listened" in text
     assert "Traceback" not in text and "secret" not in text  # the password is never printed
     assert out == b""

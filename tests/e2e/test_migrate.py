@@ -23,6 +23,7 @@ from agent.exits import (
     EX_NOINPUT,
     EX_OK,
     EX_TEMPFAIL,
+    EX_UNAVAILABLE,
     EX_USAGE,
     CommandError,
 )
@@ -292,7 +293,7 @@ def test_usage_and_missing_or_unreachable_storages(tmp_path: Path, capsys: Any) 
         port = sock.getsockname()[1]
     nowhere = f"postgresql://edge:secret@127.0.0.1:{port}/edge"
     assert cloud_main(["migrate", "--from", f"sqlite:{tmp_path / 'src'}", "--to", nowhere]) == (
-        EX_IOERR
+        EX_UNAVAILABLE  # a database server that refuses the connection
     )
     err = capsys.readouterr().err
     assert "secret" not in err and "refused" in err.lower()
