@@ -311,6 +311,8 @@ def _psk(args: argparse.Namespace) -> bytes | None:
     psk_file = getattr(args, "psk_file", None)
     if psk_file is None:
         return None
+    if not Path(psk_file).is_file():
+        raise CommandError(EX_NOINPUT, f"error: --psk-file {psk_file}: not a file")
     psk = Path(psk_file).read_bytes().strip()
     if not 1 <= len(psk) <= PSK_BYTES:
         raise UsageError(f"{psk_file}: a PSK is 1 to {PSK_BYTES} bytes, not {len(psk)}")

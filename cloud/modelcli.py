@@ -92,6 +92,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             registry = ModelRegistry(Path(args.data) / "models", storage and Direct(storage))
             if args.action == "publish":
                 file = Path(args.file)
+                if not file.is_file():
+                    raise CommandError(EX_NOINPUT, f"error: {file}: no such file (a model file)")
                 data = file.read_bytes()
                 manifest_path = Path(args.manifest) if args.manifest else None
                 entry = entry_for(file, manifest_path, args.entry)

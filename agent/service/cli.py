@@ -605,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the reference rig on simulated parts")
     p.add_argument("--config", default=None, help="default: the packaged reference rig")
-    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: run on)")
+    p.add_argument("--seconds", type=_seconds, default=0.0, help="stop after this long (0: run on)")
     p.add_argument(
         "--link",
         choices=("clean", "lossy", "poor"),
@@ -648,12 +648,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def _positive_number(text: str) -> float:
     """An argparse type: a finite number > 0 (argparse makes anything else exit 64)."""
+    return _finite_number(text, zero=False)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number >= 0 of seconds (0: no limit)."""
+    return _finite_number(text, zero=True)
+
+
+def _finite_number(text: str, *, zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a finite number greater than 0 is needed")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        need = "0 or more" if zero else "greater than 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: a finite number {need} is needed")
     return value
 
 

@@ -104,6 +104,11 @@ def test_a_time_scale_that_is_not_a_positive_number_is_one_line_64(tmp_path: Pat
     one_line(result, exits.EX_USAGE, "--time-scale", scale)
 
 
+def test_a_demo_of_negative_seconds_is_one_line_64():
+    """Was a demo that stopped at once with 0."""
+    one_line(agent("demo", "--seconds", "-1"), exits.EX_USAGE, "--seconds")
+
+
 def test_a_config_that_never_ends_is_one_line_78():
     """/dev/zero (or a log file named by mistake) was read whole: a MemoryError traceback under
     a memory limit."""
@@ -373,6 +378,15 @@ def test_desired_set_over_the_network_with_a_bad_server_or_credential_says_which
     if credential is not None:
         argv += ["--credential", str(tmp_path / credential)]
     one_line(cloud(*argv), code, said)
+
+
+def test_an_input_file_that_is_a_directory_is_one_line_66(tmp_path: Path):
+    """Were 73 with "is a directory; choose a writable directory" (advice for an output)."""
+    data = str(tmp_path / "c")
+    argv = ["devices", "add", "--data", data, "pump-1", "--psk-file", str(tmp_path)]
+    one_line(cloud(*argv), exits.EX_NOINPUT, "--psk-file", "not a file")
+    argv = ["models", "publish", str(tmp_path), "--data", data, "--name", "m", "--version", "1"]
+    one_line(cloud(*argv), exits.EX_NOINPUT, "no such file")
 
 
 def test_cloud_data_directory_it_may_not_write_is_one_line_77(tmp_path: Path):
