@@ -223,7 +223,7 @@ async def _serve(args: argparse.Namespace) -> int:
         except BaseException as err:
             await server.stop()
             if isinstance(err, DashboardRefused):
-                raise UsageError(str(err)) from None
+                raise CommandError(err.code, f"error: {err}") from None
             raise
     uris = server.uri if server.dtls is None else f"{server.uri}, {server.dtls.uri}"
     # what exists now (modules, principals, models) lives as long as the process: kept out of
@@ -439,13 +439,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         storage.close()
     if args.output:
         try:
-            out = open(args.output, "w", encoding="utf-8", newline="")  # noqa: SIM115
-        except OSError as err:
+            with open(args.output, "w", encoding="utf-8", newline="") as out:
+                count = export.write(stored, out, args.format, feats)
+        except OSError as err:  # opening, or writing (a full disk): name the file
+            err.filename = err.filename or args.output
             raise CommandError(
                 os_error_code(err), "error: " + os_error_line(err, "--output", "choose another")
             ) from None
-        with out:
-            count = export.write(stored, out, args.format, feats)
         print(f"{count} rows from {len(stored)} records -> {args.output}", file=sys.stderr)
     else:
         export.write(stored, sys.stdout, args.format, feats)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError
+from agent.exits import EX_DATAERR, EX_USAGE, os_error_code, os_error_line
 from agent.wire.batch import DEVICE_ID
 from cloud import dashdata, webauth
 from cloud.httpserve import HttpError, HttpServer, Request, Response
@@ -75,7 +76,13 @@ SECURITY_HEADERS = {
 
 
 class DashboardRefused(AgentError):
-    """The dashboard may not be served as asked; the message says what to do."""
+    """The dashboard may not be served as asked; the message says what to do, ``code`` is the
+    exit code (64 for a refused address, 66 for a TLS file that is missing, 65 for one that is
+    not what it should be)."""
+
+    def __init__(self, message: str, code: int = EX_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def is_loopback(host: str) -> bool:
@@ -110,13 +117,32 @@ def exposure(host: str, operators: int, tls: bool) -> bool:
     return True
 
 
+#: What each TLS file must hold (PEM): its flag and a line the file has.
+_PEM = {"--http-cert": b"-----BEGIN CERTIFICATE-----", "--http-key": b"PRIVATE KEY-----"}
+
+
 def tls_context(cert: str | Path, key: str | Path) -> ssl.SSLContext:
+    """The dashboard's TLS context; :class:`DashboardRefused` names the file at fault."""
+    for flag, path in (("--http-cert", cert), ("--http-key", key)):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+        except OSError as err:
+            raise DashboardRefused(os_error_line(err, flag), os_error_code(err)) from None
+        if _PEM[flag] not in head:
+            kind = "certificate" if flag == "--http-cert" else "private key"
+            raise DashboardRefused(f"{flag} {path}: no PEM {kind} in it", EX_DATAERR)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as err:
-        raise DashboardRefused(f"--http-cert {cert} --http-key {key}: {err}") from err
+        reason = getattr(err, "reason", None)
+        if reason == "KEY_VALUES_MISMATCH":
+            line = f"--http-key {key} is not the private key of --http-cert {cert}"
+        else:
+            line = f"--http-cert {cert} --http-key {key}: {reason or err}"
+        raise DashboardRefused(line, EX_DATAERR) from None
     return context
 
 

@@ -20,7 +20,7 @@ from agent.errors import ModelError
 from agent.exits import EX_DATAERR, EX_NOINPUT, EX_OK, EX_SOFTWARE, CommandError
 from agent.learn.autoencoder import DenseAutoencoder
 from cloud import tflitepatch
-from cloud.learning import Coordinator, Job, JobError, JobSpec
+from cloud.learning import Coordinator, Job, JobError, JobSpec, UnknownJob
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models" / "cloud"
 
@@ -163,6 +163,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         final = coordinator.run(job_id, args.tick, progress)
         return EX_OK if final.st.state == "done" else EX_SOFTWARE
     except JobError as err:
-        raise CommandError(EX_DATAERR, f"error: {err}") from None
+        code = EX_NOINPUT if isinstance(err, UnknownJob) else EX_DATAERR
+        raise CommandError(code, f"error: {err}") from None
     finally:
         storage.close()

@@ -71,6 +71,10 @@ class JobError(AgentError):
     """A job cannot start or go on (the message says why)."""
 
 
+class UnknownJob(JobError):
+    """No job has that number."""
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What an operator asked for."""
@@ -210,7 +214,7 @@ class Coordinator:
     def job(self, job_id: int) -> Job:
         row = self.storage.learn_job(job_id)
         if row is None:
-            raise JobError(f"no learning job {job_id}")
+            raise UnknownJob(f"no learning job {job_id}")
         return Job.from_row(row)
 
     def stop(self, job_id: int) -> Job:

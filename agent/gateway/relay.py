@@ -4,10 +4,12 @@ own store and the cloud endpoint (docs/gateway.md).
 - :class:`RecordForwarder`: every record a device's batch committed to the gateway's store
   (cloud.storage, SQLite) is forwarded to the cloud under the device's name and sequence number,
   in the order the gateway stored them, alerts of a pass first, many devices' records in one
-  request per pass (``POST /relay/<gateway>``: one compact+deflate batch per device). The
-  forwarding cursor (the store's arrival counter) moves, and is written to disk, only after the
-  cloud acknowledged everything before it: a SIGKILL or an outage sends some records twice, which
-  the cloud stores once (it deduplicates by device and seq), and never skips one.
+  request per pass (``POST /relay/<gateway>``: one compact+deflate batch per device). Features
+  records (stored in their own table) go too, from a queue a trigger fills in the ingest's
+  transaction (:func:`prepare_store`). The forwarding cursors (the store's arrival counter, the
+  queue's number) move, and are written to disk, only after the cloud acknowledged everything
+  before them: a SIGKILL or an outage sends some records twice, which the cloud stores once (it
+  deduplicates by device and seq), and never skips one.
 - :class:`StateRelay`: reported state the devices PUT to the gateway is PUT to the cloud with the
   devices' own versions; each device's desired document is read from the cloud and mirrored into
   the gateway's store with the cloud's versions, revision and storage identity, so a device sees
@@ -31,9 +33,10 @@ from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.transport import CoapTransport
 from agent.wire import codec, statedoc
-from agent.wire.batch import CF_CBOR, IngestAck, WireRecord
+from agent.wire.batch import CF_CBOR, FEATURES, CodecError, IngestAck, WireRecord
 from agent.wire.compact import check_resolution
 from agent.wire.compact_format import CF_COMPACT_DEFLATE
+from agent.wire.features import FeaturesBody
 from agent.wire.relay import (
     MAX_BODY_BYTES,
     MAX_ENTRIES,
@@ -70,6 +73,76 @@ def _newest_arrival(s: Any) -> int:
     """The last arrival number the gateway's store handed out (cloud/storage.py)."""
     row = s.db.execute("SELECT value FROM counters WHERE name = 'arrival'").fetchone()
     return int(row[0]) if row else 0
+
+
+def prepare_store(s: Any) -> None:
+    """The gateway's own parts of its store (the schema is the endpoint's, cloud/storage.py):
+    an index on ``records.arrival`` for the forwarding passes, and the queue of features records
+    to forward, a row per features record stored, written by a trigger in the ingest's own
+    transaction (the one that acknowledges the record to its device). Created once; the features
+    records stored before it are queued then (an earlier gateway stored them and never forwarded
+    them)."""
+    db = s.db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE INDEX IF NOT EXISTS records_by_arrival ON records (arrival)")
+        queued = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_features'"
+        ).fetchone()
+        if queued is None:
+            db.execute(
+                "CREATE TABLE relay_features (n INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "device TEXT NOT NULL, first_seq INTEGER NOT NULL)"
+            )
+            db.execute(
+                "INSERT INTO relay_features (device, first_seq) SELECT device, first_seq "
+                "FROM features ORDER BY received, device, first_seq"
+            )
+            db.execute(
+                "CREATE TRIGGER relay_features_queued AFTER INSERT ON features BEGIN "
+                "INSERT INTO relay_features (device, first_seq) VALUES (NEW.device, NEW.first_seq);"
+                " END"
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def _newest_queued(s: Any) -> int:
+    """The last number the features queue handed out."""
+    row = s.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'relay_features'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _pending_features(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord | None]]:
+    """Features records queued after ``after``: (number, device, record as the device sent it,
+    None for one no longer stored or that does not decode), in the order they were stored."""
+    rows = s.db.execute(
+        "SELECT q.n, q.device, f.body FROM relay_features AS q LEFT JOIN features AS f "
+        "ON f.device = q.device AND f.first_seq = q.first_seq WHERE q.n > ? ORDER BY q.n LIMIT ?",
+        (after, limit),
+    ).fetchall()
+    out: list[tuple[int, str, WireRecord | None]] = []
+    for n, device, body in rows:
+        rec = None
+        if body is not None:
+            try:
+                f = FeaturesBody.from_cbor(bytes(body))  # the device's bytes go, as it sent them
+                rec = WireRecord(f.first, FEATURES, float(f.t1), bytes(body), float(f.t1))
+            except CodecError as err:  # the store held it decoded once: damaged at rest
+                log.warning(
+                    "event=forward_features_unreadable device=%s error=%r", device, str(err)
+                )
+        out.append((int(n), device, rec))
+    return out
+
+
+def _seqs(rec: WireRecord) -> tuple[int, ...]:
+    """The readings a record stands for: its own seq, or a features record's."""
+    if rec.kind == FEATURES:
+        return FeaturesBody.from_cbor(bytes(rec.body)).seqs
+    return (rec.seq,)
 
 
 def _pending(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord]]:
@@ -161,46 +234,53 @@ class RecordForwarder:
         self.path = Path(data_dir) / CURSOR_FILE
         self.records = records
         self.lane = lane
-        self.cursor = self._load()
+        self.cursor, self.features_cursor = self._load()
         self._cursor_checked = False
         self.forwarded = 0  # records the cloud acknowledged (new or duplicate)
         self.requests = 0
         self.bytes_up = 0  # request payload bytes sent upstream
         self.conflicts = 0
 
-    def _load(self) -> int:
-        """The cursor saved; 0 (forward everything again: the cloud stores each record once) when
-        there is none or it is unreadable."""
+    def _load(self) -> tuple[int, int]:
+        """The cursors saved (arrival, features queue); 0 (forward everything again: the cloud
+        stores each record once) for one that is missing or unreadable."""
         try:
             doc = read_json(self.path)
-            arrival = doc["arrival"] if isinstance(doc, dict) else None
-            if isinstance(arrival, bool) or not isinstance(arrival, int) or arrival < 0:
-                raise ValueError(f"arrival: not a cursor: {arrival!r}")
-            return arrival
+            if not isinstance(doc, dict):
+                raise ValueError("not a JSON object")
+            arrival, features = doc["arrival"], doc.get("features", 0)
+            for name, value in (("arrival", arrival), ("features", features)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{name}: not a cursor: {value!r}")
+            return arrival, features
         except FileNotFoundError:
-            return 0
+            return 0, 0
         except (OSError, ValueError, KeyError) as err:
             log.warning("event=forward_cursor_unreadable path=%s error=%r", self.path, str(err))
-            return 0
+            return 0, 0
 
     async def _check_cursor(self) -> None:
-        """Once, before the first pass: a cursor beyond the newest record stored (a store moved
-        away or replaced while the cursor file stayed, or a corrupt number) would hold back every
-        record until arrivals pass it; forwarding starts again from the beginning instead."""
+        """Once, before the first pass: the store's gateway parts (:func:`prepare_store`), and a
+        cursor beyond the newest record stored (a store moved away or replaced while the cursor
+        file stayed, or a corrupt number), which would hold back every record until arrivals
+        pass it: forwarding starts again from the beginning instead."""
+        await self.db(prepare_store)
         self._cursor_checked = True
         newest = await self.db(_newest_arrival)
-        if self.cursor > newest:
+        queued = await self.db(_newest_queued)
+        if self.cursor > newest or self.features_cursor > queued:
             log.warning(
-                "event=forward_cursor_reset cursor=%d newest=%d path=%s note=forwarding every "
-                "stored record again; the cloud stores each once",
-                self.cursor, newest, self.path,
+                "event=forward_cursor_reset cursor=%d newest=%d features=%d queued=%d path=%s "
+                "note=forwarding every stored record again; the cloud stores each once",
+                self.cursor, newest, self.features_cursor, queued, self.path,
             )  # fmt: skip
-            self.cursor = 0
+            self.cursor = 0 if self.cursor > newest else self.cursor
+            self.features_cursor = 0 if self.features_cursor > queued else self.features_cursor
             await self._save()
 
     async def _save(self) -> None:
-        data = (json.dumps({"arrival": self.cursor}) + "\n").encode()
-        await asyncio.to_thread(write_atomic, self.path, data)
+        doc = {"arrival": self.cursor, "features": self.features_cursor}
+        await asyncio.to_thread(write_atomic, self.path, (json.dumps(doc) + "\n").encode())
 
     async def alerts_waiting(self) -> bool:
         cursor = self.cursor
@@ -212,14 +292,18 @@ class RecordForwarder:
         stays: the next pass sends them again, and the cloud stores each once)."""
         if not self._cursor_checked:
             await self._check_cursor()
-        cursor, limit = self.cursor, self.records
+        cursor, fcursor, limit = self.cursor, self.features_cursor, self.records
         rows = await self.db(lambda s: _pending(s, cursor, limit))
-        if not rows:
+        feats = await self.db(lambda s: _pending_features(s, fcursor, limit))
+        if not rows and not feats:
             return 0
         by_device: dict[str, list[WireRecord]] = {}
-        # alerts first: a device's alerts of this pass lead its entry
+        # alerts first: a device's alerts of this pass lead its entry; its features records last
         for _, device, rec in sorted(rows, key=lambda r: (r[2].kind != "alert", r[0])):
             by_device.setdefault(device, []).append(rec)
+        for _, device, frec in feats:
+            if frec is not None:
+                by_device.setdefault(device, []).append(frec)
         parts = [
             (device, recs[i : i + MAX_BATCH_RECORDS])
             for device, recs in sorted(by_device.items(), key=lambda kv: _first_alert(kv[1]))
@@ -230,7 +314,8 @@ class RecordForwarder:
         done = 0
         for request in _requests(encoded):
             done += await self._relay(request)
-        self.cursor = max(a for a, _, _ in rows)
+        self.cursor = max((a for a, _, _ in rows), default=self.cursor)
+        self.features_cursor = max((n for n, _, _ in feats), default=self.features_cursor)
         await self._save()
         self.forwarded += done
         return done
@@ -268,14 +353,29 @@ class RecordForwarder:
         return done
 
     def _acked(self, device: str, recs: Sequence[WireRecord], ack: IngestAck, uri: str) -> int:
-        missing = [r.seq for r in recs if r.seq not in ack and not ack.in_conflict(r.seq)]
+        missing = conflicts = 0
+        for rec in recs:
+            seqs = _seqs(rec)
+            taken = [q for q in seqs if q in ack or ack.in_conflict(q)]
+            if not taken:
+                missing += 1
+            elif any(ack.in_conflict(q) for q in seqs):
+                conflicts += 1
+            elif len(taken) < len(seqs):
+                # a features record of which the cloud holds some readings in another form (sent
+                # to it directly): it acknowledges those and, as to a device, not the others,
+                # which only the device could send again. Said, never sent again in a loop.
+                conflicts += 1
+                log.warning(
+                    "event=forward_features_partial device=%s first=%d readings=%d taken=%d",
+                    device, seqs[0], len(seqs), len(taken),
+                )  # fmt: skip
         if missing:
-            raise SyncError(f"POST {uri}: {device}: {len(missing)} records not acknowledged")
-        conflicts = [r.seq for r in recs if ack.in_conflict(r.seq)]
+            raise SyncError(f"POST {uri}: {device}: {missing} records not acknowledged")
         if conflicts:  # the cloud holds other records under these numbers: it keeps its own
-            self.conflicts += len(conflicts)
-            log.warning("event=forward_conflict device=%s seqs=%d", device, len(conflicts))
-        return len(recs) - len(conflicts)
+            self.conflicts += conflicts
+            log.warning("event=forward_conflict device=%s seqs=%d", device, conflicts)
+        return len(recs) - conflicts
 
 
 def _requests(

@@ -393,6 +393,12 @@ def device_results(args: argparse.Namespace) -> Path | None:
     from agent.service.quickbench import result_path
 
     if args.data_dir:
+        if not Path(args.data_dir).is_dir():
+            raise CommandError(
+                EX_NOINPUT,
+                f"edge-agent plan: --data-dir {args.data_dir}: no such directory; give the "
+                "agent's data directory (where bench --quick saved its results)",
+            )
         return result_path(Path(args.data_dir))
     if args.config:
         return result_path(_load(args.config).agent.data_dir)

@@ -442,6 +442,26 @@ def test_export_into_head_closes_quietly_141(tmp_path: Path):
     assert result.stderr == ""  # no "Broken pipe", no "Exception ignored"
 
 
+def test_export_to_a_full_disk_names_the_output_74(tmp_path: Path):
+    """A write that fails (here /dev/full) said only "No space left on device"."""
+    storage = SQLiteStorage.in_dir(tmp_path / "cloud")
+    t0 = 1_700_000_000.0
+    body = TelemetryBody("motor", t0, {"a": 1.0}).to_cbor()
+    storage.ingest(DEVICE, [WireRecord(1, "telemetry", t0, body)], t0, register=True)
+    storage.close()
+    args = ("export", "--data", str(tmp_path / "cloud"), "--device", DEVICE)
+    result = cloud(*args, "--output", "/dev/full")
+    one_line(result, exits.EX_IOERR, "--output /dev/full", "no space left on the device")
+
+
+def test_a_learning_job_that_does_not_exist_is_66_for_every_action(tmp_path: Path):
+    """`learn stop 99` and `learn resume 99` were 65 where `learn status 99` is 66."""
+    SQLiteStorage.in_dir(tmp_path / "cloud").close()
+    for action in ("status", "stop"):
+        result = cloud("learn", action, "99", "--data", str(tmp_path / "cloud"))
+        one_line(result, exits.EX_NOINPUT, "no learning job 99")
+
+
 def test_a_credential_that_cannot_be_written_registers_nothing(tmp_path: Path):
     """Checked before the device is registered: a second try must not find it half-done
     (registered, its credential lost)."""

@@ -32,7 +32,7 @@ from agent.wire.codec import encode_batch
 from agent.wire.records import AlertBody, TelemetryBody
 from cloud import dashdata, httpserve, linkhistory
 from cloud.cli import main as cloud_main
-from cloud.dashboard import Dashboard, DashboardRefused, exposure, is_loopback
+from cloud.dashboard import Dashboard, DashboardRefused, exposure, is_loopback, tls_context
 from cloud.server import CloudServer
 from cloud.webauth import dashboard_token
 from drivers.clock import RealClock
@@ -630,6 +630,25 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def test_a_tls_file_at_fault_is_named_with_its_code(tmp_path: Path) -> None:
+    """The refusal named both files with OpenSSL's text ("[SSL] PEM lib") and was always 64."""
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = self_signed(tmp_path / "other")
+    assert tls_context(cert, key) is not None
+    cases = [
+        (tmp_path / "missing.crt", key, 66, f"--http-cert {tmp_path / 'missing.crt'}: "),
+        (cert, tmp_path / "missing.key", 66, f"--http-key {tmp_path / 'missing.key'}: "),
+        (key, key, 65, f"--http-cert {key}: no PEM certificate in it"),
+        (cert, cert, 65, f"--http-key {cert}: no PEM private key in it"),
+        (cert, other_key, 65, f"--http-key {other_key} is not the private key of --http-cert"),
+    ]
+    for c, k, code, line in cases:
+        with pytest.raises(DashboardRefused) as refused:
+            tls_context(c, k)
+        assert refused.value.code == code and str(refused.value).startswith(line), refused.value
 
 
 @pytest.mark.timeout(120)

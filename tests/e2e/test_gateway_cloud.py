@@ -11,11 +11,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 from aiocoap import Code, Message
 
+from agent.gateway.relay import RecordForwarder
 from agent.wire import codec, records
 from agent.wire.batch import IngestAck, WireRecord
 from agent.wire.features import ChannelFeatures, FeaturesBody
@@ -29,6 +31,7 @@ from agent.wire.relay import (
 )
 from cloud import cli
 from cloud.server import CloudServer, Limits
+from cloud.storage import SQLiteStorage
 from tests.e2e.test_fastpath import RawDevice, acked, ingest
 from tests.e2e.test_security import T0, Principal, batch
 from tools.fleetlib.device import OscoreSession
@@ -159,6 +162,51 @@ async def test_relay_answers_each_device_as_ingest_would(
         assert await server.seqs(A) == [1, 2, 3, 4]
         assert await relay(gw, []) == []
     finally:
+        await gw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_the_gateways_forwarder_takes_features_records_up_too(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """A features record a device's batch committed at the gateway (acknowledged to the device
+    there) reaches the cloud, once, with the readings it stands for. The forwarder read the
+    records table only: features records were acknowledged to the device and never left the
+    gateway. Those a gateway stored before it queued them go at its first pass."""
+    await server.add_device(C)
+    gw = await gateway(server, tmp_path, C)
+    site = SQLiteStorage.in_dir(tmp_path / "gw-store")  # the gateway's store, as its server has it
+
+    async def db(fn: Callable[[SQLiteStorage], Any]) -> Any:
+        return fn(site)
+
+    def features(first: int) -> WireRecord:
+        cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
+        return FeaturesBody(
+            "vib", tuple(range(first, first + 3)), T0, T0 + 1, {"x_g": cf}
+        ).to_record()
+
+    reading = WireRecord(5, "telemetry", T0, TelemetryBody("m", T0, {"a": 1.5}).to_cbor())
+    data_dir = tmp_path / "gw-data"
+    data_dir.mkdir()
+    try:
+        site.ingest_many([(C, [reading, features(20)], True)], T0)  # before the queue exists
+        forwarder = RecordForwarder(db, gw.transport, lambda: server.uri, data_dir, name=GW)
+        assert await forwarder.forward_once() == 2
+        assert await server.seqs(C) == [5]
+        stored = await server.db(lambda s: s.features(C))
+        assert [(f.first_seq, f.last_seq) for f in stored] == [(20, 22)]
+        site.ingest_many([(C, [features(23)], False)], T0 + 2)  # queued by the trigger
+        assert await forwarder.forward_once() == 1
+        stored = await server.db(lambda s: s.features(C))
+        assert [(f.first_seq, f.last_seq) for f in stored] == [(20, 22), (23, 25)]
+        assert await forwarder.forward_once() == 0
+        again = RecordForwarder(db, gw.transport, lambda: server.uri, data_dir, name=GW)
+        assert (again.cursor, again.features_cursor) == (1, 2)
+        assert await again.forward_once() == 0  # nothing twice after a restart
+        assert forwarder.conflicts == 0
+    finally:
+        site.close()
         await gw.close()
 
 

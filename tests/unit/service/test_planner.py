@@ -243,6 +243,11 @@ def test_plan_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert cli.main(["plan", "--profile", str(bad), "--measured", str(measured)]) == 78
     err = capsys.readouterr().err.strip()
     assert err == "bad.toml: link.rtt_ms: is required"
+    # a --data-dir that does not exist is named (it fell back to the bundled results silently)
+    missing = tmp_path / "no-such-dir"
+    assert cli.main(["plan", "--profile", str(profile), "--data-dir", str(missing)]) == 66
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"edge-agent plan: --data-dir {missing}: no such directory")
 
 
 DEVICE_FINISHED = "2026-01-02T03:04:05+00:00"
