@@ -259,7 +259,7 @@ async def test_a_forward_cursor_past_the_store_or_unreadable_forwards_everything
         forwarder._relay = relay  # type: ignore[method-assign]
         assert await forwarder.forward_once() == (1 if cursor == "2" else 3)
     assert seen == ([3] if cursor == "2" else [1, 2, 3])  # a cursor in range is kept
-    assert read_json(tmp_path / CURSOR_FILE) == {"arrival": 3}
+    assert read_json(tmp_path / CURSOR_FILE) == {"arrival": 3, "features": 0}
     if cursor == "2":
         assert "event=forward_cursor" not in caplog.text
     elif cursor == "5000":
