@@ -7,6 +7,14 @@ DTLS pre-shared keys, and the rule of what each may do.
   ID Context (a device that restarted without state) whose replay window starts uninitialised, so
   aiocoap answers 4.01 + Echo and the candidate is adopted only when a request comes back with
   the Echo (agent/wire/oscore.py). Revoked principals and unknown key ids get no context (4.01).
+  Anyone who knows a key id (it is sent in clear) can make candidates, so they are few per
+  principal and the oldest goes; what they cannot do is keep a device from coming back: the
+  Echo value is a MAC over the key id, the ID Context and the principal's epoch
+  (:class:`~agent.wire.oscore.EchoKey`), not something the dropped candidate took with it, so
+  the candidate derived again when the device's request comes back accepts that Echo. Adopting
+  a context starts a new epoch and drops the candidates: no Echo value handed out before is
+  good any more, so a request of a replaced context that came back with its Echo cannot be
+  accepted again by a candidate derived anew for its ID Context.
   The endpoint's sender sequence numbers come from one counter in the storage
   (:class:`SharedSequence`), in blocks: every endpoint process and host that shares the storage
   takes disjoint blocks, each above all earlier ones, so no two processes ever use one nonce and
@@ -24,10 +32,11 @@ DTLS pre-shared keys, and the rule of what each may do.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ from agent.wire.credentials import ENDPOINT_KID, KID_BYTES, Credential
 from agent.wire.oscore import (
     MAX_SEQNO,
     WINDOW,
+    EchoKey,
     PersistentContext,
     Sequence,
     StateFileError,
@@ -49,7 +59,8 @@ from cloud.storage import DuplicateKeyId
 
 log = logging.getLogger(__name__)
 
-#: Candidate contexts (new ID Contexts not yet verified by Echo) kept per principal.
+#: Candidate contexts (new ID Contexts not yet verified by Echo) kept per principal; the oldest
+#: goes, and is derived again (accepting the same Echo) if its device comes back with the Echo.
 MAX_CANDIDATES = 2
 #: The endpoint's sender sequence numbers taken from the storage at a time (one transaction).
 SEQUENCE_BLOCK = 4096
@@ -174,13 +185,16 @@ class _Entry:
 class _PrincipalState:
     """One principal's contexts at the endpoint: the verified one and candidates. ``saved``:
     the verified ID Context and replay window the last clean stop left (:func:`take_clean_stop`),
-    with which the principal carries on without an Echo round trip."""
+    with which the principal carries on without an Echo round trip. ``epochs``: the endpoint's
+    counter of Echo epochs (one for all principals: a state made again never reuses one)."""
 
     def __init__(
         self,
         entry: _Entry,
         saved: tuple[bytes, dict[str, int]] | None,
         sequence: SharedSequence,
+        echo: EchoKey,
+        epochs: Iterator[int],
     ) -> None:
         self.entry = entry
         self.id_context: bytes | None = saved[0] if saved else None
@@ -188,6 +202,9 @@ class _PrincipalState:
         self.sequence = sequence
         self.current: PersistentContext | None = None
         self.candidates: dict[bytes, PersistentContext] = {}
+        self._echo = echo
+        self._epochs = epochs
+        self.epoch = next(epochs)  # the Echo values of this principal's candidates are bound to it
 
     def _make(self, id_context: bytes, replay: dict[str, int] | None) -> PersistentContext:
         cred = self.entry.credential
@@ -200,6 +217,8 @@ class _PrincipalState:
             replay=replay,
             on_accept=self._accepted,
             claims=[Principal(cred.principal, cred.role)],
+            echo=self._echo,
+            echo_epoch=self.epoch,
         )
 
     def context_for(self, id_context: bytes) -> PersistentContext:
@@ -210,6 +229,8 @@ class _PrincipalState:
             return self.current
         ctx = self.candidates.get(id_context)
         if ctx is None:
+            # unauthenticated: anyone with the key id gets here, so the set is bounded and the
+            # oldest goes; dropping one loses nothing (no window, and its Echo is a MAC)
             if len(self.candidates) >= MAX_CANDIDATES:
                 self.candidates.pop(next(iter(self.candidates)))
             ctx = self.candidates[id_context] = self._make(id_context, None)
@@ -217,7 +238,11 @@ class _PrincipalState:
 
     def _accepted(self, ctx: PersistentContext) -> None:
         if ctx is not self.current:  # a candidate proved fresh (Echo): it is the context now
-            self.candidates.pop(ctx.id_context, None)
+            # from the request that came back with the Echo on (the window starts there), so
+            # no unauthenticated datagram can drop it; a new epoch voids every Echo value handed
+            # out so far, and the candidates made under the old one go
+            self.candidates.clear()
+            self.epoch = next(self._epochs)
             self.current = ctx
             self.id_context = ctx.id_context
             log.info(
@@ -246,12 +271,17 @@ class Principals:
     :meth:`get_oscore_context_for` with the unprotected header of each OSCORE request."""
 
     def __init__(
-        self, state_dir: Path | None, allocate: Callable[[int, int], int] | None = None
+        self,
+        state_dir: Path | None,
+        allocate: Callable[[int, int], int] | None = None,
+        *,
+        echo: EchoKey | None = None,
     ) -> None:
         """``state_dir``: where a clean stop keeps the verified ID Contexts and replay windows
         (:data:`CLEAN_STOP_FILE`; None: nowhere, for endpoints that share a data directory).
         ``allocate(count, at_least)``: a block of the endpoint's sequence numbers from the
-        storage (None: a counter in memory, for tests that never restart)."""
+        storage (None: a counter in memory, for tests that never restart). ``echo``: the Echo
+        values' key and clock (None: a new key, the monotonic clock)."""
         self.state_dir = state_dir
         self._by_kid: dict[bytes, _Entry] = {}
         self._by_name: dict[str, _Entry] = {}
@@ -260,6 +290,8 @@ class Principals:
         self._floor: int | None = None  # the highest number older releases reserved in files
         self.sequence = SharedSequence(self._take_block)
         self._saved = take_clean_stop(state_dir)  # principal -> (ID Context, replay window)
+        self._echo = echo or EchoKey()  # the Echo values of all principals' candidates
+        self._epochs = itertools.count(1)
 
     def _take_block(self, count: int) -> int:
         if self._floor is None:
@@ -318,7 +350,9 @@ class Principals:
         state = self._states.get(name)
         if state is None:
             saved = self._saved.pop(name, None)
-            state = self._states[name] = _PrincipalState(entry, saved, self.sequence)
+            state = self._states[name] = _PrincipalState(
+                entry, saved, self.sequence, self._echo, self._epochs
+            )
         return state.context_for(id_context)
 
     def find_all_used_contextless_oscore_kid(self) -> set[bytes]:

@@ -10,7 +10,10 @@ How contexts are established (docs/security.md has the whole argument):
   Appendix B.2; aiocoap 0.4.17 has no B.2 exchange, so the endpoint's half is an RFC 9175 Echo
   round trip instead: the endpoint derives the context for an ID Context it has not verified with
   an uninitialised replay window, answers the first request with 4.01 + Echo, and accepts requests
-  only once one comes back with that Echo (a replayed message of an old boot cannot).
+  only once one comes back with that Echo (a replayed message of an old boot cannot). The
+  endpoint's Echo values are an :class:`EchoKey` MAC over the context, not state of the context
+  object: a context derived again for the same ID Context (its predecessor dropped to bound
+  memory) accepts the Echo its predecessor handed out.
 - Sender sequence numbers come from a :class:`Sequence`, reserved ahead in a state file
   (:data:`RESERVE` numbers per write, the file written atomically with an fsync of the file and of
   its directory) before a number of the reservation is used; after a crash or a power cut the
@@ -25,14 +28,17 @@ Echo). Contexts are used from the event loop thread only.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiocoap import oscore
+from aiocoap import Message, oscore
 
 from agent.files import loads_json, write_atomic
 from agent.wire.credentials import Credential
@@ -46,6 +52,10 @@ WINDOW = 32
 ID_CONTEXT_BYTES = 8
 STATE_MAX_BYTES = 4096
 MAX_SEQNO = 2**40 - 1  # RFC 8613 section 7.2.1
+#: An endpoint's Echo value (RFC 9175) is good in the period of this many seconds it was made in
+#: and the next one (60 to 120 s: a device repeats its request as soon as the 4.01 arrives).
+ECHO_PERIOD = 60.0
+ECHO_BYTES = 8
 
 
 class StateFileError(ValueError):
@@ -121,7 +131,13 @@ class Sequence:
 class ReplayWindow(oscore.ReplayWindow):
     """aiocoap's replay window, whose whole state (not initialised included) can be taken and put
     back: the endpoint's short way (cloud/fastpath.py) unprotects a request and, when it leaves
-    the request to aiocoap, puts the window back as it was."""
+    the request to aiocoap, puts the window back as it was. A window started by a request that
+    came back with the Echo (aiocoap's ``initialize_from_freshlyseen``, which marks that request
+    seen) counts as an accepted message, as a window struck out by any later one does."""
+
+    def initialize_from_freshlyseen(self, seen: int) -> None:
+        super().initialize_from_freshlyseen(seen)
+        self.strike_out_callback()
 
     def state(self) -> dict[str, int] | None:
         """``persist()``'s document, or None while not initialised."""
@@ -135,13 +151,71 @@ class ReplayWindow(oscore.ReplayWindow):
             self.initialize_from_persisted(state)
 
 
+class EchoKey:
+    """Echo values (RFC 9175) for the Echo round trip of a context whose replay window is not
+    initialised, kept in no object: a MAC under a key of this process over the context's
+    recipient ID and ID Context, an ``epoch`` its owner picks (a new one voids every Echo value
+    handed out under the old one), and the period of ``clock`` (:data:`ECHO_PERIOD`). A value
+    is fresh in the period it was made in and the next one. The key lives as long as the
+    process, so a restarted endpoint accepts no Echo value of its predecessor."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, period: float = ECHO_PERIOD
+    ) -> None:
+        self._key = secrets.token_bytes(32)
+        self._clock = clock
+        self._period = period
+
+    @staticmethod
+    def binding(recipient_id: bytes, id_context: bytes, epoch: int) -> bytes:
+        """What a value is bound to, unambiguously (each part with its length)."""
+        return b"".join(
+            (
+                len(recipient_id).to_bytes(2, "big"),
+                recipient_id,
+                len(id_context).to_bytes(2, "big"),
+                id_context,
+                epoch.to_bytes(8, "big"),
+            )
+        )
+
+    def _mac(self, binding: bytes, period: int) -> bytes:
+        msg = binding + period.to_bytes(8, "big", signed=True)
+        return hmac.new(self._key, msg, hashlib.sha256).digest()[:ECHO_BYTES]
+
+    def _period_now(self) -> int:
+        return int(self._clock() // self._period)
+
+    def value(self, binding: bytes) -> bytes:
+        """The Echo value to hand out now."""
+        return self._mac(binding, self._period_now())
+
+    def fresh(self, binding: bytes, echo: bytes) -> bool:
+        """``echo`` was made for ``binding`` in this period or the last one."""
+        now = self._period_now()
+        return any(hmac.compare_digest(echo, self._mac(binding, p)) for p in (now, now - 1))
+
+
+def _inner_echo(plaintext: bytes) -> bytes | None:
+    """The Echo option of a decrypted OSCORE plaintext (code, options, payload), or None."""
+    try:
+        inner = Message(code=plaintext[0])
+        inner.opt.decode(plaintext[1:])
+        echo = inner.opt.echo
+    except Exception:  # aiocoap's own decoding of the plaintext refuses it right after this
+        return None
+    return bytes(echo) if echo is not None else None
+
+
 class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityContextUtils):
     """An OSCORE context drawing its sender sequence numbers from a durable :class:`Sequence`.
 
     ``replay``: the persisted replay window, or None (uninitialised: the next accepted request
     needs an Echo round trip). ``on_accept(ctx)`` is called when a message was accepted (the
-    first call means the context is verified). ``claims`` is what the endpoint's resources see
-    as ``request.remote.authenticated_claims``.
+    first call means the context is verified: the request that came back with the Echo).
+    ``claims`` is what the endpoint's resources see as ``request.remote.authenticated_claims``.
+    ``echo``: where the endpoint's Echo values come from (bound to ``echo_epoch``); without it
+    (a device's context, whose window is always initialised) a random value per object.
     """
 
     def __init__(
@@ -155,6 +229,8 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
         replay: dict[str, int] | None = None,
         on_accept: Callable[[PersistentContext], None] | None = None,
         claims: list[Any] | None = None,
+        echo: EchoKey | None = None,
+        echo_epoch: int = 0,
     ) -> None:
         self.alg_aead = oscore.algorithms[credential.aead]
         self.hashfun = oscore.hashfunctions[credential.hkdf]
@@ -163,7 +239,13 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
         self.id_context = id_context
         self.derive_keys(credential.master_salt, credential.master_secret)
         self.authenticated_claims = list(claims or [])  # never the class-level shared list
-        self.echo_recovery = secrets.token_bytes(8)  # a fresh Echo value per loaded context
+        self._echo = echo
+        self._echo_binding = EchoKey.binding(recipient_id, id_context, echo_epoch)
+        # aiocoap compares a request's Echo with this (and sends it in the 4.01); with ``echo``
+        # it is set again for each request before that (_post_decrypt_checks)
+        self.echo_recovery = (
+            echo.value(self._echo_binding) if echo is not None else secrets.token_bytes(ECHO_BYTES)
+        )
         self.recipient_replay_window = ReplayWindow(WINDOW, self._accepted)
         if replay is not None:
             self.recipient_replay_window.initialize_from_persisted(replay)
@@ -185,6 +267,23 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
 
     def post_seqnoincrease(self) -> None:
         """Not used: :class:`Sequence` reserves before it hands out a number."""
+
+    def _post_decrypt_checks(
+        self, aad: bytes, plaintext: bytes, protected_message: Any, request_id: Any
+    ) -> None:
+        """aiocoap's hook after a message decrypted and verified, just before it compares the
+        request's Echo with ``echo_recovery`` (only while the window is not initialised): the
+        request's own Echo when it is fresh for this context, else the one to hand out now."""
+        super()._post_decrypt_checks(aad, plaintext, protected_message, request_id)
+        if self._echo is None or self.recipient_replay_window.is_initialized():
+            return
+        if not protected_message.code.is_request():
+            return
+        echo = _inner_echo(plaintext)
+        if echo is not None and self._echo.fresh(self._echo_binding, echo):
+            self.echo_recovery = echo
+        else:
+            self.echo_recovery = self._echo.value(self._echo_binding)
 
     def _accepted(self) -> None:
         self.accepted += 1
