@@ -198,6 +198,13 @@ def decode_samples(
     return codes
 
 
+def full_scale_codes(bits: int, even: bool) -> tuple[int, int]:
+    """The lowest and highest output codes: the part saturates there at full scale (DS "Data
+    formatting"), so a sample at either end is clipped. The highest is even where the LSB is
+    always 0."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - (2 if even else 1)
+
+
 def window_stats(codes: np.ndarray, scale: float) -> tuple[float, float, float, float]:
     """``(vibration RMS, mean x, mean y, mean z)`` in g of an ``(n, 3)`` array of codes."""
     accel = codes.astype(np.float64) * scale
@@ -376,6 +383,11 @@ class Adxl345(BaseDriver):
                 self.overruns,
             )
         self.samples += len(codes)
+        lo, hi = full_scale_codes(self._bits, self._even)
+        if np.any((codes <= lo) | (codes >= hi)):  # clipped: the mean and the RMS are wrong
+            raise DeviceDataError(
+                f"{dev}: ADXL345 samples clipped at +-{o.range_g} g: use a larger range_g"
+            )
         rms, mx, my, mz = window_stats(codes, self._scale)
         log.debug("adxl345 window device=%s n=%d rms_g=%.5f", dev, len(codes), rms)
         return {"vibration_rms_g": rms, "x_g": mx, "y_g": my, "z_g": mz}

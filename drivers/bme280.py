@@ -56,6 +56,9 @@ BMP280_IDS = (0x56, 0x57, 0x58)
 SOFT_RESET = 0xB6  # DS 5.4.2: writing 0xB6 to "reset" performs a power-on reset
 SKIPPED_20BIT = 0x80000  # DS 5.4.7/5.4.8: output of a skipped temperature/pressure measurement
 SKIPPED_16BIT = 0x8000  # DS 5.4.9: output of a skipped humidity measurement
+#: DS 5.4.9: hum_msb/hum_lsb hold an unsigned 16-bit code; 0x0000 and 0xFFFF are the ends of its
+#: range, a saturated (wet or failed) humidity element rather than a measurement.
+HUMIDITY_ADC_MAX = 0xFFFF
 
 # Calibration NVM, DS section 4.2.2, table 16: calib00..calib25 at 0x88..0xA1 and
 # calib26..calib41 at 0xE1..0xF0 (only 0xE1..0xE7 are used). Words are little-endian.
@@ -439,7 +442,10 @@ class Bme280(BaseDriver):
         block1, block2 = await dev.transact(load)
         if all(b == 0x00 for b in block1) or all(b == 0xFF for b in block1):
             raise DeviceDataError(f"{dev}: BME280 calibration NVM reads blank; replace the part")
-        cal = decode_calibration(block1, block2)
+        try:
+            cal = decode_calibration(block1, block2)
+        except ValueError as err:  # a short block read
+            raise DeviceDataError(f"{dev}: BME280 {err}; check the wiring and pull-ups") from err
         if cal.dig_T1 == 0 or cal.dig_P1 == 0:
             raise DeviceDataError(f"{dev}: BME280 calibration is invalid (dig_T1/dig_P1 zero)")
         self.calibration = cal
@@ -532,6 +538,11 @@ class Bme280(BaseDriver):
             raise DeviceDataError(
                 f"{dev}: BME280 data registers hold the 'skipped' marker (0x80000): "
                 "no conversion has run since the part was reset"
+            )
+        if self.options.oversampling_h and adc_h in (0, HUMIDITY_ADC_MAX):
+            raise DeviceDataError(
+                f"{dev}: BME280 humidity ADC at the end of its range (0x{adc_h:04x}): the "
+                "humidity element may be wet or failed; check the part"
             )
         t_fine, temp_c = compensate_temperature(adc_t, cal)
         if not TEMPERATURE_LIMITS_C[0] <= temp_c <= TEMPERATURE_LIMITS_C[1]:

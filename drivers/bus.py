@@ -4,20 +4,31 @@ Bus calls block. Each bus gets one worker thread, so transfers on a bus are seri
 wire serialises them, and the event loop never waits on hardware. A driver builds a whole
 transaction as a plain function and runs it with :meth:`AsyncI2C.transact`, paying one thread hop
 per transaction instead of one per register.
+
+A transfer that never returns (a hung adapter) holds only its worker: when a transaction misses
+its deadline the bus is marked wedged, the queued transfers move to a fresh worker, and the bus or
+port is closed so that its next transfer opens it again (when it can: the agent's reopening
+wrappers have ``reopen()``). Workers are daemon threads, so a stuck one never blocks process exit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import queue
+import termios
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from drivers.clock import Clock
 from drivers.errors import DeviceIOError, DeviceNotFound, DeviceTimeout, DriverError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 #: Default deadline for one bus transaction, seconds (a stuck bus must not stall a sensor forever).
 TRANSACTION_TIMEOUT = 2.0
@@ -65,12 +76,122 @@ def open_i2c_bus(number: int) -> I2CBus:
         ) from err
 
 
-def describe_os_error(err: OSError) -> str:
+class BusWorker(Executor):
+    """One daemon thread that runs a bus's transfers in the order they were submitted."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._shutdown = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self._shutdown:
+            raise RuntimeError(f"{self.name}: the bus is closed")
+        future: Future[T] = Future()
+        self._queue.put((future, lambda: fn(*args, **kwargs)))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, call = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = call()
+            except BaseException as err:  # handed to the waiting coroutine, as the pool does
+                future.set_exception(err)
+            else:
+                future.set_result(result)
+
+    def _take_queued(self) -> list[tuple[Future[Any], Callable[[], Any]]]:
+        """Stop taking transfers; the ones queued and not started, taken off the queue."""
+        self._shutdown = True
+        taken = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return taken
+            if item is not None:
+                taken.append(item)
+
+    def hand_over(self, successor: BusWorker) -> None:
+        """Give the transfers still queued to ``successor`` and stop once the current one ends
+        (if it ever does)."""
+        for item in self._take_queued():
+            successor._queue.put(item)
+        self._queue.put(None)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        queued = self._take_queued()
+        for future, call in queued:
+            if cancel_futures:
+                future.cancel()
+            else:
+                self._queue.put((future, call))
+        self._queue.put(None)
+        if wait and threading.current_thread() is not self.thread:
+            self.thread.join()
+
+
+class _Worked:
+    """The worker thread of a bus or port, replaced when a transfer wedges it."""
+
+    name: str
+    timeout: float
+    _executor: BusWorker
+
+    def _start_worker(self) -> None:
+        self._executor = BusWorker(f"bus-{self.name}")
+
+    def _wedged(self, worker: BusWorker, device: Any, where: str) -> None:
+        """``worker`` missed a deadline: leave it, move the queue to a fresh worker and have the
+        device closed there, so the next transfer opens it again."""
+        if worker is not self._executor:  # queued behind the stuck transfer: already handled
+            return
+        log.error(
+            "bus=%s event=bus_wedged at=%s timeout=%g: a transfer never returned; its thread is "
+            "abandoned and the bus goes on with a fresh thread, opened anew; if this repeats, "
+            "power-cycle the adapter",
+            self.name,
+            where,
+            self.timeout,
+        )
+        self._start_worker()
+        reopen = getattr(device, "reopen", None)
+        if callable(reopen):  # first, before the transfers that were queued
+            self._executor.submit(reopen)
+        worker.hand_over(self._executor)
+
+    def close_worker(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def describe_os_error(err: OSError | termios.error) -> str:
+    """``strerror (ENAME)`` of an OS error, or of a termios.error (which carries the same
+    ``(errno, strerror)`` pair but is no OSError)."""
+    if isinstance(err, termios.error):
+        if len(err.args) != 2:
+            return str(err)
+        err = OSError(*err.args)
     name = errno.errorcode.get(err.errno or 0, "")
     return f"{err.strerror or err} ({name})" if name else str(err)
 
 
-class AsyncI2C:
+def port_errors() -> tuple[type[BaseException], ...]:
+    """What a pyserial port raises when its device fails: SerialException and OSError, and
+    termios.error from the tty ioctls (``reset_input_buffer``, ``flush``) of a port whose
+    device hung up (a USB adapter unplugged)."""
+    import serial
+
+    return (serial.SerialException, OSError, termios.error)
+
+
+class AsyncI2C(_Worked):
     """An I2C bus driven from asyncio through one worker thread."""
 
     def __init__(
@@ -85,7 +206,7 @@ class AsyncI2C:
         self.clock = clock
         self.name = name
         self.timeout = timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"bus-{name}")
+        self._start_worker()
 
     async def transact(self, address: int, fn: Callable[[I2CBus], T]) -> T:
         """Run ``fn(bus)`` on the bus thread; map OS errors to DriverErrors naming the address."""
@@ -93,20 +214,28 @@ class AsyncI2C:
         def call() -> T:
             return fn(self.bus)
 
+        deadline = asyncio.timeout(self.timeout)
+        worker = self._executor
         try:
-            async with asyncio.timeout(self.timeout):
-                return await self.clock.run_blocking(self._executor, call)
-        except TimeoutError as err:
-            raise DeviceTimeout(
-                f"{self.name} 0x{address:02x}: no answer within {self.timeout:g} s"
-            ) from err
+            async with deadline:
+                return await self.clock.run_blocking(worker, call)
         except DriverError:
             raise
-        except OSError as err:
+        except OSError as err:  # TimeoutError too: our deadline's, or the adapter's ETIMEDOUT
+            if deadline.expired():
+                self._wedged(worker, self.bus, f"0x{address:02x}")
+                raise DeviceTimeout(
+                    f"{self.name} 0x{address:02x}: no answer within {self.timeout:g} s"
+                ) from err
             if err.errno in NACK_ERRNOS:
                 raise DeviceNotFound(
                     f"{self.name} 0x{address:02x}: no acknowledge ({describe_os_error(err)}); "
                     "check wiring, power and the address"
+                ) from err
+            if err.errno == errno.ETIMEDOUT:
+                raise DeviceIOError(
+                    f"{self.name} 0x{address:02x}: the adapter gave up ({describe_os_error(err)}); "
+                    "a part may hold the clock low: check wiring and pull-ups"
                 ) from err
             raise DeviceIOError(f"{self.name} 0x{address:02x}: {describe_os_error(err)}") from err
 
@@ -114,7 +243,7 @@ class AsyncI2C:
         return I2CDevice(self, address)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.close_worker()
         self.bus.close()
 
 
@@ -174,7 +303,7 @@ def open_serial(url: str, *, baudrate: int = 9600, timeout: float = 0.5, **kwarg
         ) from err
 
 
-class AsyncSerial:
+class AsyncSerial(_Worked):
     """A serial port driven from asyncio through one worker thread."""
 
     def __init__(
@@ -184,25 +313,32 @@ class AsyncSerial:
         self.clock = clock
         self.name = name or getattr(port, "port", None) or "serial"
         self.timeout = timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serial")
+        self._start_worker()
 
     async def transact(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(port)`` on the port's thread; map serial errors to DriverErrors."""
-        import serial
 
         def call() -> T:
             return fn(self.port)
 
+        deadline = asyncio.timeout(self.timeout)
+        worker = self._executor
         try:
-            async with asyncio.timeout(self.timeout):
-                return await self.clock.run_blocking(self._executor, call)
-        except TimeoutError as err:
-            raise DeviceTimeout(f"{self.name}: no answer within {self.timeout:g} s") from err
+            async with deadline:
+                return await self.clock.run_blocking(worker, call)
         except DriverError:
             raise
-        except (serial.SerialException, OSError) as err:
+        except termios.error as err:
+            raise DeviceIOError(
+                f"{self.name}: port failed ({describe_os_error(err)}); "
+                "check the adapter and its cable"
+            ) from err
+        except port_errors() as err:  # TimeoutError too: our deadline's, or an errno timeout
+            if deadline.expired():
+                self._wedged(worker, self.port, "port")
+                raise DeviceTimeout(f"{self.name}: no answer within {self.timeout:g} s") from err
             raise DeviceIOError(f"{self.name}: {err}") from err
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.close_worker()
         self.port.close()

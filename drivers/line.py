@@ -61,6 +61,8 @@ _CHANNEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 _WIRE_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
 _SEPARATORS = re.compile(r"[,\s]+")
 _HEX2 = re.compile(r"^[0-9A-Fa-f]{2}$")
+#: A value on the wire: a decimal number, optionally with an exponent (no 1_0, nan, inf, 0x1p3).
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class LineError(ValueError):
@@ -138,11 +140,10 @@ def extract(fields: Mapping[str, str], keys: Sequence[LineKey]) -> dict[str, flo
         if text is None:
             present = ", ".join(fields) or "none"
             raise LineError(f"key {key.wire!r} is missing (keys in the line: {present})")
-        try:
-            value = float(text)
-        except ValueError:
-            raise LineError(f"{key.wire}={text!r} is not a number") from None
-        if not math.isfinite(value):
+        if not _NUMBER.fullmatch(text):  # float() would also take 1_0, nan, inf and spaces
+            raise LineError(f"{key.wire}={text!r} is not a number")
+        value = float(text)
+        if not math.isfinite(value):  # 1e999
             raise LineError(f"{key.wire}={text!r} is not a finite number")
         values[key.channel] = value
     return values

@@ -212,8 +212,18 @@ def raw_value(spec: RegisterSpec, words: Sequence[int]) -> int | float:
 
 
 def decode_value(spec: RegisterSpec, words: Sequence[int]) -> float:
-    """Channel value from register words: ``raw * scale + offset``."""
-    return raw_value(spec, words) * spec.scale + spec.offset
+    """Channel value from register words: ``raw * scale + offset``.
+
+    Raises ValueError naming the register when the value is NaN or infinite: float32 registers
+    hold NaN as an instrument's "no value", and a large raw value can overflow the scale.
+    """
+    raw = raw_value(spec, words)
+    if not math.isfinite(raw):
+        raise ValueError(f"{spec.name}: register holds {raw!r}")
+    value = raw * spec.scale + spec.offset
+    if not math.isfinite(value):
+        raise ValueError(f"{spec.name}: {raw!r} * {spec.scale:g} + {spec.offset:g} overflows")
+    return value
 
 
 def _int_limits(spec: RegisterSpec) -> tuple[int, int]:
@@ -502,7 +512,8 @@ class ModbusInstrument(BaseDriver):
                         "answers at this slave id; check the slave id and [sensor.options.identity]"
                     )
                 detail = f", {identity.table} register {identity.address} = 0x{found:04X}"
-            await self.read()
+            for group in self._plan:  # every request answers (a NaN value is read()'s to report)
+                await self._request(group)
         except ModbusExceptionError as err:
             raise DeviceNotFound(f"{err}; check the register map in [sensor.options]") from err
         except DeviceTimeout as err:
@@ -532,7 +543,12 @@ class ModbusInstrument(BaseDriver):
             words = await self._request(group)
             for spec in group.registers:
                 at = spec.address - group.start
-                values[spec.name] = decode_value(spec, words[at : at + spec.count])
+                try:
+                    values[spec.name] = decode_value(spec, words[at : at + spec.count])
+                except ValueError as err:
+                    raise DeviceDataError(
+                        f"{self}: {err}; check the instrument for a fault, and the register map"
+                    ) from err
         return {spec.name: values[spec.name] for spec in self.options.registers}
 
     def resolution(self, channel: str) -> float:

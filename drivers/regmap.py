@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
+from drivers.errors import DeviceDataError
+
 
 @dataclass(frozen=True, slots=True)
 class Register:
@@ -25,8 +27,11 @@ class Register:
 
     def decode(self, data: bytes | bytearray | list[int]) -> int:
         raw = bytes(data)
-        if len(raw) != self.width:
-            raise ValueError(f"{self.name}: expected {self.width} bytes, got {len(raw)}")
+        if len(raw) != self.width:  # a short block read: the part or the adapter cut it off
+            raise DeviceDataError(
+                f"register {self.name}: read {len(raw)} bytes, expected {self.width}; "
+                "check the wiring and the pull-ups"
+            )
         return int.from_bytes(raw, self.endian, signed=self.signed)
 
     def encode(self, value: int) -> bytes:

@@ -8,12 +8,21 @@ sensor degraded, retries it with backoff, and it recovers when the adapter appea
 from __future__ import annotations
 
 import logging
+import termios
 from collections.abc import Sequence
 from typing import Any
 
-from agent.errors import DriverError
+from agent.errors import DeviceIOError, DriverError
 from agent.sense.settings import SIM_BUS, RigConfig, SensorConfig
-from drivers.bus import AsyncI2C, AsyncSerial, I2CBus, open_i2c_bus, open_serial
+from drivers.bus import (
+    AsyncI2C,
+    AsyncSerial,
+    I2CBus,
+    describe_os_error,
+    open_i2c_bus,
+    open_serial,
+    port_errors,
+)
 from drivers.clock import Clock
 from drivers.registry import driver_class
 
@@ -42,6 +51,10 @@ class _ReopeningBus:
             self._bus.close()
             self._bus = None
 
+    def reopen(self) -> None:
+        """Let go of the adapter (a transfer hung on it); the next transfer opens it again."""
+        self.close()
+
 
 class _ReopeningPort:
     """A serial port opened on first use, and closed to be opened again after an I/O error.
@@ -65,12 +78,16 @@ class _ReopeningPort:
         return self._serial
 
     def _call(self, fn: Any) -> Any:
-        import serial
-
         port = self._get()
         try:
             return fn(port)
-        except (serial.SerialException, OSError):
+        except termios.error as err:  # tty ioctls of a hung-up port: no OSError, no SerialException
+            self.close()
+            raise DeviceIOError(
+                f"{self.url}: port hung up ({describe_os_error(err)}): the adapter was unplugged "
+                "or lost power; it is opened again when it is back"
+            ) from err
+        except port_errors():
             self.close()
             raise
 
@@ -109,6 +126,10 @@ class _ReopeningPort:
                 self._serial.close()
             finally:
                 self._serial = None
+
+    def reopen(self) -> None:
+        """Let go of the port (a transfer hung on it); the next transfer opens it again."""
+        self.close()
 
 
 class Hardware:

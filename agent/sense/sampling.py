@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import DriverError
+from agent.errors import DeviceDataError, DriverError
 from agent.sense.settings import SensorConfig
 from agent.wire.predict import quantize
 from drivers.base import Reading
@@ -105,8 +105,14 @@ def scale_values(cfg: SensorConfig, raw: dict[str, float], driver: Any = None) -
         value = raw[source]
         if scaling:
             value = scaling.apply(value)
+        if not math.isfinite(value):
+            scaled = f" ({source}={raw[source]!r} scaled)" if scaling else ""
+            raise DeviceDataError(
+                f"{cfg.name}: channel {ch!r} is {value!r}{scaled}; a reading must be a finite "
+                "number: check the part and the channel's scaling"
+            )
         step = channel_resolution(cfg, driver, ch) if driver is not None else None
-        if step and math.isfinite(value) and abs(value / step) < 2**53:
+        if step and abs(value / step) < 2**53:
             value = quantize(value, step) + 0.0  # + 0.0: never -0.0
         out[ch] = value
     return out
@@ -237,6 +243,9 @@ class Sampler:
         except DriverError as err:
             self._failed(task, err)
             return False
+        except Exception as err:  # a driver's bug: it must never cancel the other sensors
+            self._failed(task, f"{type(err).__name__}: {err}", bug=True)
+            return False
         finally:
             task.busy_since = None
         finished = self.clock.monotonic()
@@ -261,7 +270,9 @@ class Sampler:
         await self.sink(reading)
         return True
 
-    def _failed(self, task: SensorTask, err: DriverError) -> None:
+    def _failed(self, task: SensorTask, err: DriverError | str, *, bug: bool = False) -> None:
+        """Count a failed attempt and log the sensor's change of state (``bug``: the driver
+        raised something other than a DriverError, said as such)."""
         health = task.health
         health.errors += 1
         health.consecutive_errors += 1
@@ -272,7 +283,17 @@ class Sampler:
         health.state = (
             SensorState.DOWN if health.consecutive_errors >= DOWN_AFTER else SensorState.DEGRADED
         )
-        if previous != health.state:
+        if bug and previous != health.state:
+            log.error(
+                "sensor=%s driver=%s event=driver_bug state=%s errors=%d error=%r: a driver "
+                "bug; the sensor is opened again and retried: report this line",
+                task.cfg.name,
+                task.cfg.driver,
+                health.state.value,
+                health.consecutive_errors,
+                str(err),
+            )
+        elif previous != health.state:
             level = logging.ERROR if health.state is SensorState.DOWN else logging.WARNING
             log.log(
                 level,

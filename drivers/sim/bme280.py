@@ -502,13 +502,15 @@ class Bme280Sim(SimDevice):
     def adc_humidity(self, t_fine: int) -> int:
         """The raw 16-bit code nearest the physical humidity at fine temperature ``t_fine``."""
         cal = self.calibration
-        return search_code(
-            lambda adc: humidity_int32(adc, t_fine, cal) / 1024.0,
-            self.humidity_rh,
-            1,
-            1 << 16,
-            rising=True,
-        )
+
+        def humidity(adc: int) -> float:
+            return humidity_int32(adc, t_fine, cal) / 1024.0
+
+        if self.humidity_rh <= 0:
+            # The compensation reads 0 %RH for every code below the element's zero; a dry
+            # element sits at that zero (the highest such code), not at the end of the range.
+            return max(0, search_code(humidity, 1 / 1024, 1, 1 << 16, rising=True) - 1)
+        return search_code(humidity, self.humidity_rh, 1, 1 << 16, rising=True)
 
     # -- the wire ------------------------------------------------------------------------
     def read_registers(self, register: int, length: int) -> bytes:

@@ -486,3 +486,26 @@ def test_slow_samples_are_waited_for_then_time_out(vclock: VirtualClock) -> None
         assert_close(await r.driver.read(), r.driver, TRUTH)
 
     Rig(vclock).run(go)
+
+
+@pytest.mark.parametrize(("range_g", "z_g"), [(2, 5.0), (2, -5.0), (4, 4.5)])
+def test_samples_clipped_at_full_scale_are_refused(
+    vclock: VirtualClock, range_g: int, z_g: float
+) -> None:
+    """Hostile input: beyond full scale the part saturates, so the window's mean and RMS would
+    be wrong numbers read as good ones."""
+
+    async def go(r: Rig) -> None:
+        await r.driver.open()
+        r.set(**{**TRUTH, "z_g": z_g})
+        with pytest.raises(DeviceDataError, match=rf"clipped at \+-{range_g} g: use a larger"):
+            await r.driver.read()
+        r.set(**TRUTH)  # back inside the range: read as before
+        assert_close(await r.driver.read(), r.driver, TRUTH)
+
+    Rig(vclock, Adxl345Options(range_g, True, 3200.0, 64)).run(go)
+
+
+def test_full_scale_codes_are_the_ends_of_the_output_word() -> None:
+    assert chip.full_scale_codes(10, even=False) == (-512, 511)
+    assert chip.full_scale_codes(13, even=True) == (-4096, 4094)

@@ -501,3 +501,20 @@ def test_a_temperature_whose_code_equals_the_skip_marker_is_data(vclock: Virtual
         assert values["temperature_c"] == t_marker
 
     Rig(vclock).run(go)
+
+
+@pytest.mark.parametrize("code", [0x0000, 0xFFFF])
+def test_humidity_code_at_the_end_of_its_range_is_refused(vclock: VirtualClock, code: int) -> None:
+    """Hostile input: a wet or failed humidity element drives its ADC to an end of the range,
+    which the compensation would report as 0 or 100 %RH."""
+
+    async def go(r: Rig) -> None:
+        await r.driver.open()
+        r.sim.adc_humidity = lambda t_fine: code  # the element fails
+        with pytest.raises(DeviceDataError, match="humidity ADC at the end of its range"):
+            await r.driver.read()
+        del r.sim.adc_humidity  # it dries out
+        r.set(humidity_rh=0.0)  # a dry room reads 0 %RH, well inside the ADC's range
+        assert_close(await r.driver.read(), r.driver, {"humidity_rh": 0.0})
+
+    Rig(vclock).run(go)

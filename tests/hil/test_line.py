@@ -134,12 +134,30 @@ def test_extract_checks_keys_and_numbers() -> None:
     for fields, message in [
         ({"T": "1.5"}, "key 'P' is missing (keys in the line: T)"),
         ({"T": "1.5", "P": "high"}, "P='high' is not a number"),
-        ({"T": "nan", "P": "1"}, "not a finite number"),
-        ({"T": "1", "P": "inf"}, "not a finite number"),
+        ({"T": "nan", "P": "1"}, "T='nan' is not a number"),
+        ({"T": "1", "P": "inf"}, "P='inf' is not a number"),
+        ({"T": "1", "P": "1e999"}, "not a finite number"),
     ]:
         with pytest.raises(LineError) as info:
             extract(fields, keys)
         assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text", ["1_0", "1_000.5", " 1", "1 ", "+-1", "1e", "0x10", "١٢", "Infinity", "-NaN", "."]
+)
+def test_extract_refuses_what_float_takes_but_no_instrument_sends(text: str) -> None:
+    """Attack: digit separators, padding, hex and non-ASCII digits, which Python's float()
+    accepts (``T=1_0`` read as 10.0), are refused as not a number."""
+    with pytest.raises(LineError, match="is not a number"):
+        extract({"T": text}, (LineKey("T", "T"),))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("10", 10.0), ("+.5", 0.5), ("-2.", -2.0), ("1E3", 1e3)]
+)
+def test_extract_takes_decimal_numbers(text: str, value: float) -> None:
+    assert extract({"T": text}, (LineKey("T", "T"),)) == {"T": value}
 
 
 KEY = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ_", min_size=1, max_size=6)

@@ -311,6 +311,26 @@ def test_decode_known_words(register: RegisterSpec, words: tuple[int, ...], valu
     assert encode_value(register, value) == words
 
 
+@pytest.mark.parametrize(
+    ("register", "words", "message"),
+    [
+        (spec("float32"), (0x7FC0, 0x0000), "x: register holds nan"),
+        (spec("float32"), (0x7F80, 0x0000), "x: register holds inf"),
+        (spec("float32", word_order="little"), (0x0000, 0xFF80), "x: register holds -inf"),
+        (
+            spec("float32", scale=1e300),
+            (0x7F7F, 0xFFFF),
+            r"x: 3.4\d*e\+38 \* 1e\+300 \+ 0 overflows",
+        ),
+    ],
+)
+def test_decode_refuses_values_that_are_no_number(
+    register: RegisterSpec, words: tuple[int, ...], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        decode_value(register, words)
+
+
 def test_encode_saturates_integer_types() -> None:
     assert encode_value(spec("u16"), -5.0) == (0,)
     assert encode_value(spec("u16"), 1e9) == (0xFFFF,)
@@ -498,6 +518,25 @@ async def test_round_trip_every_type_scale_and_word_order(rig: Rig, values: dict
         value = values[register.name]
         assert abs(got[register.name] - value) <= bound(register, value), register.name
         assert abs(got[register.name] - value) <= rig.driver.resolution(register.name)
+
+
+@pytest.mark.parametrize(
+    ("words", "shown"),
+    [((0x7FC0, 0x0000), "nan"), ((0x7F80, 0x0000), "inf"), ((0xFF80, 0), "-inf")],
+)
+async def test_float32_nan_or_infinity_is_a_data_error_naming_the_channel(
+    rig: Rig, words: tuple[int, int], shown: str
+) -> None:
+    """Hostile input: a flow meter's "no value" (NaN) or an overrange (inf) in a float32
+    register is refused, never passed on as a measured value."""
+    rig.sim.set_register("input", 0, words[0])
+    rig.sim.set_register("input", 1, words[1])
+    identity = await rig.driver.open()  # the instrument answers: it is there
+    assert "slave 7" in identity.detail
+    with pytest.raises(DeviceDataError, match=f"flow_lpm: register holds {shown}; check"):
+        await rig.driver.read()
+    rig.sim.set_channel("flow_lpm", 12.5)
+    assert (await rig.driver.read())["flow_lpm"] == 12.5
 
 
 async def test_one_read_sends_one_request_per_group(rig: Rig) -> None:
