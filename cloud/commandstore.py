@@ -5,9 +5,11 @@ both databases: the table ``commands``, one row per command sent to a device, ke
 A row is written ``sent`` when an operator sends the command (``edge-agent-cloud commands
 send``, which also sets the desired key) and updated when the device reports its outcome
 (``command/<name>`` in reported state: :meth:`CommandTables.note_command_results`, called where
-reported PUTs are merged). A result for an id the table does not hold (a command an operator set
-as a desired key over the network) is recorded with it, so the history misses nothing the
-device ran. ``args`` and ``result`` are CBOR.
+reported PUTs are merged). Only rows an operator created are updated: a result for an id the
+table does not hold (a device's invention, or a command an operator set as a desired key over
+the network) is dropped with a warning and stays in reported state only, so a device cannot
+write the history or move the next id (:func:`agent.wire.commands.new_id` is above the ids
+operators issued). ``args`` and ``result`` are CBOR.
 
 :class:`CommandTables` is a mixin of :class:`cloud.storesql.SharedStorage` (``_read`` and
 ``_write``); SQLite creates the table with :data:`SQLITE_SCHEMA` at open, PostgreSQL with its
@@ -16,6 +18,7 @@ migration :data:`PG_MIGRATION` (cloud/pgschema.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,6 +29,8 @@ from agent.wire.statedoc import Entry
 from cloud.storebase import Sql, SqlTables, UnknownDevice
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS commands (
@@ -128,7 +133,11 @@ class CommandTables(SqlTables):
         def tx(db: Sql) -> int:
             if db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
                 raise UnknownDevice.of(device)
-            row = db.execute("SELECT max(id) FROM commands WHERE device = ?", (device,))
+            # the operator's own ids only (rows a device made before results were checked
+            # have no ``sent``): a device's word cannot move the next id
+            row = db.execute(
+                "SELECT max(id) FROM commands WHERE device = ? AND sent IS NOT NULL", (device,)
+            )
             found = row.fetchone()
             command_id = wire.new_id(found[0] if found else None, now)
             db.execute(
@@ -168,14 +177,21 @@ class CommandTables(SqlTables):
         def tx(db: Sql) -> int:
             changed = 0
             for name, command_id, status, result, at in found:
-                db.execute(
-                    "INSERT INTO commands (device, id, name, status, result, at, updated)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, id) DO UPDATE"
-                    " SET status = excluded.status, result = excluded.result,"
-                    " at = excluded.at, updated = excluded.updated",
-                    (device, command_id, name, status, result, at, now),
+                cur = db.execute(
+                    "UPDATE commands SET status = ?, result = ?, at = ?, updated = ?"
+                    " WHERE device = ? AND id = ? AND name = ? AND sent IS NOT NULL",
+                    (status, result, at, now, device, command_id, name),
                 )
-                changed += 1
+                if cur.rowcount == 1:
+                    changed += 1
+                else:  # only commands the operator sent have results
+                    log.warning(
+                        "event=command_result_dropped device=%s name=%s id=%d reason=not_sent"
+                        " action=none",
+                        device,
+                        name,
+                        command_id,
+                    )
             return changed
 
         return self._write(tx)

@@ -89,18 +89,32 @@ def _number(value: float) -> Any:
     return value if math.isfinite(value) else str(value)
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _text(cell: str) -> str:
+    """A text cell as CSV carries it: one a spreadsheet would evaluate gets a leading ``'``."""
+    return "'" + cell if cell.startswith(FORMULA_START) else cell
+
+
 def write_csv(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
+    """Rows as CSV; device-chosen text (sensor, channel, text values) is escaped against formula
+    injection (:func:`_text`), numbers are written as numbers (-1.5 stays -1.5)."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(FIELDS)
     count = 0
     for row in rows:
         value = row["value"]
         if isinstance(value, dict | list):
-            value = json.dumps(value, sort_keys=True, separators=(",", ":"))
+            value = _text(json.dumps(value, sort_keys=True, separators=(",", ":")))
         elif isinstance(value, float):
             value = repr(value)
+        elif isinstance(value, str):
+            value = _text(value)
+        sensor, channel = _text(row["sensor"]), _text(row["channel"])
         writer.writerow(
-            [row["seq"], row["kind"], repr(row["time"]), row["sensor"], row["channel"], value]
+            [row["seq"], _text(str(row["kind"])), repr(row["time"]), sensor, channel, value]
         )
         count += 1
     return count

@@ -98,8 +98,11 @@ class Outcome:
     duplicate: int = 0
 
 
-def _held_features(db: Sql, device: str, lo: int, hi: int) -> dict[int, tuple[str, int, bytes]]:
-    """seq -> (sensor, first seq, body) of the stored features records holding seqs in lo..hi."""
+def _held_features(
+    db: Sql, device: str, lo: int, hi: int, only: set[int] | None = None
+) -> dict[int, tuple[str, int, bytes]]:
+    """seq -> (sensor, first seq, body) of the stored features records holding seqs in lo..hi
+    (``only``: just those of these seqs)."""
     rows = db.execute(
         "SELECT sensor, first_seq, body FROM features WHERE device = ? AND first_seq >= ?"
         " AND first_seq <= ? AND last_seq >= ?",
@@ -109,7 +112,7 @@ def _held_features(db: Sql, device: str, lo: int, hi: int) -> dict[int, tuple[st
     for sensor, first, body in rows:
         body = bytes(body)
         for seq in FeaturesBody.from_cbor(body).seqs:
-            if lo <= seq <= hi:
+            if lo <= seq <= hi and (only is None or seq in only):
                 out[seq] = (sensor, first, body)
     return out
 
@@ -151,7 +154,8 @@ def prepass(
     plain = [r for r in records if r.kind != FEATURES]
     if not check or not plain:
         return plain, feats, outcome
-    held = _held_features(db, device, min(r.seq for r in plain), max(r.seq for r in plain))
+    seqs = {r.seq for r in plain}
+    held = _held_features(db, device, min(seqs), max(seqs), seqs)
     if not held:
         return plain, feats, outcome
     kept = []
@@ -179,9 +183,11 @@ def store(db: Sql, device: str, feats: Sequence[WireRecord], now: float, outcome
             outcome.duplicate += body.count
             continue
         by_records = _held_records(db, device, body.first, body.last)
-        wanted = set(body.seqs)
-        held = {s: h[0] for s, h in by_features.items() if s in wanted}
-        held.update({s: h for s, h in by_records.items() if s in wanted})
+        held: dict[int, str | None] = {}
+        if by_features or by_records:  # the seqs as a set only when something is held
+            wanted = set(body.seqs)
+            held = {s: h[0] for s, h in by_features.items() if s in wanted}
+            held.update({s: h for s, h in by_records.items() if s in wanted})
         if not held:
             db.execute(
                 f"INSERT INTO features ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -59,6 +59,15 @@ from agent.wire.learning import QUANTILES, ModelUpdate, ScoreSummary
 THRESHOLD_QUANTILE = 0.9
 #: ... plus this margin (in the features' units).
 THRESHOLD_MARGIN = 0.65
+#: The most a summary's claimed count weighs in the pool (as ``max_samples`` caps FedAvg's
+#: weights: a device summarizes at most agent.learn.local.MAX_WINDOWS windows).
+MAX_SCORE_WEIGHT = 2048
+#: A normal window's score is a residual in the features' units (about 1): a summary with a
+#: statistic above this is not of normal running and is left out of the pool.
+MAX_PLAUSIBLE_SCORE = 1000.0
+#: With 3 or more summaries, one whose quantile at the rule's quantile lies more than this
+#: factor above or below the median device's weighs at most as much as the median device.
+OUTLIER_FACTOR = 4.0
 
 
 class AggregationError(AgentError, ValueError):
@@ -114,6 +123,8 @@ def _cdf_knots(s: ScoreSummary) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _usable(summaries: Sequence[ScoreSummary]) -> list[ScoreSummary]:
+    """The summaries that count: of some scores, plausible, and not outliers (module
+    constants); AggregationError if one is malformed or none is left."""
     used = []
     for i, s in enumerate(summaries):
         values = (*s.quantiles, s.mean, s.std)
@@ -121,11 +132,25 @@ def _usable(summaries: Sequence[ScoreSummary]) -> list[ScoreSummary]:
             raise AggregationError(f"summary {i}: quantiles and moments must be finite")
         if min(values) < 0:
             raise AggregationError(f"summary {i}: scores are >= 0, got a negative statistic")
-        if s.n > 0:
+        if s.n > 0 and max(values) <= MAX_PLAUSIBLE_SCORE:
             used.append(s)
     if not used:
         raise AggregationError("no summary counts any score: no threshold can be set")
     return used
+
+
+def _weights(used: Sequence[ScoreSummary], p: float) -> np.ndarray:
+    """The summaries' counts, each capped at :data:`MAX_SCORE_WEIGHT`; with 3 or more, an
+    outlier's (its ``p`` quantile beyond :data:`OUTLIER_FACTOR` of the median device's) also
+    at the median count, so a device far from its peers holds about 1/k of a pool of k (trimmed
+    weights: honest devices close to each other keep their counts)."""
+    n = np.array([min(s.n, MAX_SCORE_WEIGHT) for s in used], dtype=np.float64)
+    if len(used) < 3:
+        return n
+    at = np.array([np.interp(p, ps, xs) for xs, ps in map(_cdf_knots, used)])
+    mid = float(np.median(at))
+    far = (at > mid * OUTLIER_FACTOR) | (at * OUTLIER_FACTOR < mid)
+    return np.where(far, np.minimum(n, np.median(n)), n)
 
 
 def pooled_quantile(summaries: Sequence[ScoreSummary], p: float) -> float:
@@ -135,7 +160,7 @@ def pooled_quantile(summaries: Sequence[ScoreSummary], p: float) -> float:
         raise AggregationError(f"p must be in (0, 1), got {p}")
     used = _usable(summaries)
     knots = [_cdf_knots(s) for s in used]
-    weights = np.array([s.n for s in used], dtype=np.float64)
+    weights = _weights(used, p)
     weights /= weights.sum()
     grid = np.unique(np.concatenate([xs for xs, _ in knots]))
     cdf = sum(w * np.interp(grid, xs, ps) for w, (xs, ps) in zip(weights, knots, strict=True))
@@ -150,7 +175,7 @@ def pooled_quantile(summaries: Sequence[ScoreSummary], p: float) -> float:
 def pooled_moments(summaries: Sequence[ScoreSummary]) -> tuple[float, float]:
     """Mean and standard deviation of all devices' scores pooled (exact from the moments)."""
     used = _usable(summaries)
-    n = np.array([s.n for s in used], dtype=np.float64)
+    n = _weights(used, THRESHOLD_QUANTILE)
     mean = np.array([s.mean for s in used])
     second = np.array([s.std**2 + s.mean**2 for s in used])
     m = float(np.dot(n, mean) / n.sum())

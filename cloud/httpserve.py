@@ -16,12 +16,15 @@ What it serves (RFC 9110, RFC 9112):
   few seconds; keep-alive would save little and add state.
 - No request bodies: ``Content-Length`` other than 0, or any ``Transfer-Encoding``: 400.
 - The head is bounded: request line at most :data:`MAX_LINE` bytes (414), header section at most
-  :data:`MAX_HEADER_BYTES` bytes and :data:`MAX_HEADERS` fields (431), complete within
-  :data:`HEAD_TIMEOUT` seconds (408). A malformed request line or field, obsolete line folding,
+  :data:`MAX_HEADER_BYTES` bytes and :data:`MAX_HEADERS` fields (431), the request line within
+  :data:`FIRST_LINE_TIMEOUT` seconds and the whole head within :data:`HEAD_TIMEOUT` (408), so an
+  idle connection is let go soon. A malformed request line or field, obsolete line folding,
   whitespace before a colon, a missing or repeated ``Host``: 400. A version other than 1.0/1.1:
   505. A request target that is not origin-form, a path with ``.``/``..`` segments, a backslash,
   a control character or an invalid percent-escape: 400.
-- At most :data:`MAX_CONNECTIONS` connections at once; more get 503 at once.
+- At most :data:`MAX_CONNECTIONS` connections at once, and :data:`MAX_PER_CLIENT` from one
+  client address (so a few idle connections of one peer cannot lock an operator out); more get
+  503 at once.
 - A handler that raises gets 500 and one error line in the log; a peer never sees a traceback,
   and garbage never produces one in the log (bad requests: a rate-limited warning line).
 
@@ -40,6 +43,7 @@ import re
 import ssl
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -52,7 +56,9 @@ MAX_LINE = 8 * 1024  # bytes of the request line and of each header line
 MAX_HEADER_BYTES = 16 * 1024  # bytes of the whole header section
 MAX_HEADERS = 64  # header fields
 MAX_QUERY_FIELDS = 16
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 128
+MAX_PER_CLIENT = 8  # connections at once from one client address
+FIRST_LINE_TIMEOUT = 3.0  # seconds for the request line (a browser sends its head at once)
 HEAD_TIMEOUT = 10.0  # seconds for the whole request head
 HANDLER_TIMEOUT = 30.0  # seconds for the handler's answer (then 503)
 WRITE_TIMEOUT = 30.0  # seconds to hand the answer to the peer
@@ -129,6 +135,7 @@ class HttpServer:
         self._base = dict(base_headers or {})
         self._server: asyncio.Server | None = None
         self._open = 0
+        self._per_client: Counter[str] = Counter()  # open connections by client address
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned = 0
         self._suppressed = 0
@@ -172,9 +179,14 @@ class HttpServer:
         self._tasks.add(task)
         self._open += 1
         peer = _peer(writer)
+        host = peer.rpartition(":")[0]
+        self._per_client[host] += 1
         try:
-            if self._open > MAX_CONNECTIONS:
-                await self._send(writer, HttpError(503, "too many connections").response(), False)
+            if self._open > MAX_CONNECTIONS or self._per_client[host] > MAX_PER_CLIENT:
+                busy = "too many connections" + (
+                    "" if self._open > MAX_CONNECTIONS else " from this address: close some"
+                )
+                await self._send(writer, HttpError(503, busy).response(), False)
                 await _linger(reader, writer)
                 return
             await self._serve_one(reader, writer, peer)
@@ -188,6 +200,9 @@ class HttpServer:
             log.error("event=http_internal_error peer=%s error=%r", peer, _short(err))
         finally:
             self._open -= 1
+            self._per_client[host] -= 1
+            if not self._per_client[host]:
+                del self._per_client[host]
             self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
@@ -199,8 +214,10 @@ class HttpServer:
         head_only = False
         try:
             try:
-                async with asyncio.timeout(HEAD_TIMEOUT):
-                    request = await _read_head(reader, peer)
+                loop = asyncio.get_running_loop()
+                end = loop.time() + HEAD_TIMEOUT
+                async with asyncio.timeout_at(loop.time() + FIRST_LINE_TIMEOUT) as deadline:
+                    request = await _read_head(reader, peer, lambda: deadline.reschedule(end))
             except TimeoutError:
                 raise HttpError(408, "the request head did not arrive in time") from None
             if request is None:  # closed before sending anything
@@ -285,14 +302,18 @@ async def _line(reader: asyncio.StreamReader, too_long: HttpError) -> bytes:
     return line
 
 
-async def _read_head(reader: asyncio.StreamReader, peer: str) -> Request | None:
-    """The request head, parsed and checked; None when the peer closed without a byte."""
+async def _read_head(
+    reader: asyncio.StreamReader, peer: str, got_line: Callable[[], None] = lambda: None
+) -> Request | None:
+    """The request head, parsed and checked; None when the peer closed without a byte.
+    ``got_line`` is called once the request line is in."""
     try:
         first = await _line(reader, HttpError(414, f"request line over {MAX_LINE} bytes"))
     except asyncio.IncompleteReadError as err:
         if not err.partial:
             return None
         raise HttpError(400, "incomplete request line") from None
+    got_line()
     method, target = _request_line(first)
     headers: dict[str, str] = {}
     total = 0

@@ -62,6 +62,9 @@ MAX_ATTEMPTS = 3
 #: The most an update's (un-noised, claimed) sample count weighs in FedAvg: a device trains on at
 #: most agent.learn.local.MAX_WINDOWS windows, so a larger claim is a lie.
 MAX_SAMPLES_WEIGHT = 2048
+#: Standard deviations of the noise's norm above its mean that an honest update may reach: the
+#: norm of P Gaussian coordinates of std sigma is about sigma * sqrt(P), give or take sigma / 2.
+NORM_SLACK = 6.0
 #: Seconds between ticks of :meth:`Coordinator.run`.
 TICK = 1.0
 STATES = ("running", "done", "failed", "stopped")
@@ -341,10 +344,13 @@ class Coordinator:
             uploaded.add(device)
             try:
                 u = ModelUpdate.from_cbor(body, count)
+                error = over_norm(u, spec)  # checked at upload too; kept for older rows
             except LearningError as err:  # stored only after these checks; kept for safety
+                error = str(err)
+            if error:
                 refused.append(device)
                 log.warning(
-                    "event=learn_update_refused job=%d device=%s error=%r", job.id, device, str(err)
+                    "event=learn_update_refused job=%d device=%s error=%r", job.id, device, error
                 )
                 continue
             updates.append(u)
@@ -462,7 +468,31 @@ def accept_upload(storage: Storage, device: str, body: bytes, now: float) -> boo
         raise UploadRefused("4.04", "the round's masters are missing")
     count = parameter_count(Masters.from_cbor(blob).sizes)
     try:
-        ModelUpdate.from_cbor(body, count)
+        update = ModelUpdate.from_cbor(body, count)
     except LearningError as err:
         raise UploadRefused("4.00", str(err)) from None
+    refusal = over_norm(update, job.spec)
+    if refusal:
+        raise UploadRefused("4.00", refusal)
     return storage.put_learn_update(job.id, head.round, device, body, now)
+
+
+def norm_bound(clip: float, noise: float, parameters: int) -> float:
+    """The largest L2 norm an honest update reaches, but with negligible probability: its delta
+    clipped to ``clip``, plus Gaussian noise of std ``noise * clip`` on each of ``parameters``
+    weights (norm about ``noise * clip * sqrt(parameters)``)."""
+    return clip + noise * clip * (math.sqrt(parameters) + NORM_SLACK)
+
+
+def over_norm(update: ModelUpdate, spec: JobSpec) -> str:
+    """Why ``update`` cannot come from a device that followed the round (its norm is beyond
+    :func:`norm_bound`); "" if it can."""
+    delta = np.asarray(update.delta, dtype=np.float64)
+    bound = norm_bound(spec.clip, spec.noise, delta.size)
+    norm = float(np.linalg.norm(delta))
+    if norm <= bound:
+        return ""
+    return (
+        f"the update's L2 norm {norm:.4g} is over {bound:.4g}, what clip {spec.clip} and noise "
+        f"{spec.noise} allow: train with the round's task"
+    )

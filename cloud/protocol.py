@@ -25,6 +25,8 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
 
 from agent.loopfilter import ExceptionFilter
+from agent.wire import features, relay
+from cloud.security import identity
 
 RETRY_AFTER = 10  # Max-Age of a 5.03 answer
 BLOCK1_LIFETIME = 93.0  # RFC 7252 MAX_TRANSMIT_WAIT: an unfinished Block1 upload is dropped
@@ -63,18 +65,52 @@ def _too_large(limit: int, what: str) -> _Failure:
     )
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Size limits (bytes, records). Larger requests get 4.13 with Size1 = the limit."""
+
+    batch_bytes: int = 64 * 1024
+    batch_records: int = 4096
+    state_bytes: int = 8 * 1024
+    reported_keys: int = 256  # keys of reported state kept per device
+    desired_doc_bytes: int = 1024  # a notification must fit one datagram
+    open_uploads: int = 64  # Block1 uploads in progress at once
+    uploads_per_peer: int = 8  # ... of one principal (or address): a device's default 8 lanes
+    relay_bytes: int = relay.MAX_BODY_BYTES  # a /relay request body
+    relay_records: int = 4 * 4096  # records of all the batches of one /relay request
+    batch_readings: int = features.MAX_BATCH_READINGS  # features records of a batch claim
+    relay_readings: int = 4 * features.MAX_BATCH_READINGS  # ... of all batches of a /relay
+
+
+def upload_owner(request: Message) -> str:
+    """Whose Block1 upload this is: the principal, else the peer's address."""
+    who = identity(request)
+    if who is not None:
+        return f"principal:{who}"
+    return f"address:{getattr(request.remote, 'hostinfo', '')}"
+
+
 class _Block1Uploads:
-    """Block1 reassembly (RFC 7959 section 2.5) with a size limit per resource and a limit on
-    uploads in progress. It stands in for aiocoap's own spool (same ``feed_and_take``), which
-    has neither limit."""
+    """Block1 reassembly (RFC 7959 section 2.5) with a size limit per resource, a limit on
+    uploads in progress and a smaller one per owner (a principal, or the peer's address when
+    unauthenticated), so one peer cannot hold every slot. It stands in for aiocoap's own spool
+    (same ``feed_and_take``), which has none of these limits."""
 
     def __init__(
-        self, limit_for: Callable[[Message], int], max_open: int, stats: Counter[str]
+        self,
+        limit_for: Callable[[Message], int],
+        limits: Limits,
+        stats: Counter[str],
+        authorize: Callable[[Message], object],
     ) -> None:
+        """``authorize(request)`` raises the :class:`_Failure` of a peer that may not post to
+        the request's path: every block is checked before anything is spooled."""
         self._limit_for = limit_for
-        self._max_open = max_open
+        self._max_open = limits.open_uploads
+        self._max_per_owner = limits.uploads_per_peer
         self._stats = stats
-        self._open: dict[Any, tuple[Message, float]] = {}
+        self._authorize = authorize
+        self._open: dict[Any, tuple[Message, float, str]] = {}
 
     @staticmethod
     def _key(req: Message) -> Any:
@@ -87,16 +123,32 @@ class _Block1Uploads:
         return (req.remote.blockwise_key, req.code, req.get_cache_key(ignore))
 
     def _expire(self, now: float) -> None:
-        for key in [k for k, (_, t) in self._open.items() if now - t > BLOCK1_LIFETIME]:
+        for key in [k for k, (_, t, _) in self._open.items() if now - t > BLOCK1_LIFETIME]:
             del self._open[key]
+
+    def _refuse_new(self, owner: str) -> None:
+        """5.03 if no upload may open now: all slots taken, or all of ``owner``'s."""
+        if len(self._open) >= self._max_open:
+            reason = "too many uploads in progress"
+        elif sum(o == owner for _, _, o in self._open.values()) >= self._max_per_owner:
+            reason = f"this peer has {self._max_per_owner} uploads in progress: finish one first"
+        else:
+            return
+        self._stats["block1_refused"] += 1
+        raise _RenderedFailure(_Failure(Code.SERVICE_UNAVAILABLE, reason, max_age=RETRY_AFTER))
 
     def feed_and_take(self, req: Message) -> Message:
         block1 = req.opt.block1
         if block1 is None:
             return req
+        try:
+            self._authorize(req)
+        except _Failure as failure:
+            raise _RenderedFailure(failure) from None
         self._stats["block1_blocks"] += 1
         limit = self._limit_for(req)
         key = self._key(req)
+        owner = upload_owner(req)
         now = time.monotonic()
         self._expire(now)
         if block1.block_number == 0:
@@ -105,18 +157,12 @@ class _Block1Uploads:
                 raise _RenderedFailure(_too_large(limit, "the request body (Size1)"))
             if len(req.payload) > limit:
                 raise _RenderedFailure(_too_large(limit, "the request body"))
-            if block1.more and len(self._open) >= self._max_open:
-                raise _RenderedFailure(
-                    _Failure(
-                        Code.SERVICE_UNAVAILABLE,
-                        "too many uploads in progress",
-                        max_age=RETRY_AFTER,
-                    )
-                )
+            if block1.more:
+                self._refuse_new(owner)
             assembled = req
         else:
             try:
-                assembled, _ = self._open.pop(key)
+                assembled, _, _ = self._open.pop(key)
             except KeyError:
                 raise aiocoap.error.RequestEntityIncomplete("no upload in progress") from None
             if len(assembled.payload) + len(req.payload) > limit:
@@ -126,7 +172,7 @@ class _Block1Uploads:
             except ValueError:
                 raise aiocoap.error.RequestEntityIncomplete("block out of order") from None
         if block1.more:
-            self._open[key] = (assembled, now)
+            self._open[key] = (assembled, now, owner)
             raise ContinueException(block1)
         self._stats["block1_uploads"] += 1
         return assembled

@@ -68,7 +68,9 @@ class RelayRoutes:
     def _payload(self, request: Message, formats: Any, limit: int) -> bytes:
         raise NotImplementedError
 
-    def _decode_batch(self, device: str, cf: int | None, payload: bytes) -> list[WireRecord]:
+    def _decode_batch(
+        self, device: str, cf: int | None, payload: bytes, readings: int | None = None
+    ) -> tuple[list[WireRecord], int]:
         raise NotImplementedError
 
     async def _store_batch(self, device: str, records: list[WireRecord]) -> IngestAck:
@@ -114,20 +116,24 @@ class RelayRoutes:
         who = identity(request) or Principal(gateway, "gateway")
         results: list[RelayResult | None] = [None] * len(entries)
         decoded: list[tuple[int, str, list[WireRecord]]] = []
-        budget = self.limits.relay_records
+        budget, readings = self.limits.relay_records, self.limits.relay_readings
         for i, entry in enumerate(entries):
             try:
                 if allowed("ingest", "POST", entry.device, who, self.relays):
                     name = entry.device[:64]  # whatever text it is: the answer stays short
                     raise _Failure(Code.FORBIDDEN, f"{name} is not attached to {gateway}")
                 device = await self._registered(entry.device)
-                batch = self._decode_batch(device, entry.content_format, entry.batch)
+                # the readings left are checked from the headers, before any is expanded
+                batch, claimed = self._decode_batch(
+                    device, entry.content_format, entry.batch, readings
+                )
                 if len(batch) > budget:
                     raise _Failure(
                         Code.REQUEST_ENTITY_TOO_LARGE,
                         f"a relay request holds at most {self.limits.relay_records} records",
                     )
                 budget -= len(batch)
+                readings -= claimed
                 decoded.append((i, device, batch))
             except _Failure as failure:
                 results[i] = self._refused(gateway, entry.device, failure)

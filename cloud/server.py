@@ -33,7 +33,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,7 +46,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from agent.loopfilter import ExceptionFilter
-from agent.wire import codec, records, relay, statedoc
+from agent.wire import codec, features, records, statedoc
 from agent.wire.batch import CF_CBOR, CF_LINK_FORMAT, DEVICE_ID, CodecError, IngestAck, WireRecord
 from agent.wire.credentials import Credential
 from agent.wire.learning import MAX_BODY_BYTES
@@ -67,6 +66,7 @@ from cloud.protocol import (
     _KNOWN_CRITICAL,
     RETRY_AFTER,
     Amplification,
+    Limits,
     PeerLogFilter,
     SecureFront,
     _Block1Uploads,
@@ -126,20 +126,6 @@ RESOURCE_TYPES = {
 }
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Size limits (bytes, records). Larger requests get 4.13 with Size1 = the limit."""
-
-    batch_bytes: int = 64 * 1024
-    batch_records: int = 4096
-    state_bytes: int = 8 * 1024
-    reported_keys: int = 256  # keys of reported state kept per device
-    desired_doc_bytes: int = 1024  # a notification must fit one datagram
-    open_uploads: int = 64  # Block1 uploads in progress at once
-    relay_bytes: int = relay.MAX_BODY_BYTES  # a /relay request body
-    relay_records: int = 4 * 4096  # records of all the batches of one /relay request
-
-
 class _Site(aiocoap.resource.ObservableResource):
     """The endpoint's one resource tree: routes by Uri-Path, checks, and answers. Served through
     aiocoap's public resource API (``render_to_pipe``, ``render``, ``add_observation``)."""
@@ -147,7 +133,9 @@ class _Site(aiocoap.resource.ObservableResource):
     def __init__(self, server: CloudServer) -> None:
         super().__init__()
         self._server = server
-        self._block1 = _Block1Uploads(self._limit_for, server.limits.open_uploads, server.stats)
+        # a peer may not open an upload to a path it may not post to: checked at every block
+        authorize = lambda req: server._authorize(req, server._check(req))  # noqa: E731
+        self._block1 = _Block1Uploads(self._limit_for, server.limits, server.stats, authorize)
 
     def _limit_for(self, req: Message) -> int:
         path = tuple(req.opt.uri_path)
@@ -661,17 +649,27 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
     async def _ingest_post(self, request: Message, route: _Route) -> Message:
         device = await self._device(route)
         cf = request.opt.content_format
-        batch = self._decode_batch(device, None if cf is None else int(cf), request.payload)
+        batch, _ = self._decode_batch(device, None if cf is None else int(cf), request.payload)
         ack = await self._store_batch(device, batch)
         return Message(code=Code.CHANGED, payload=ack.to_cbor(), content_format=CF_CBOR)
 
-    def _decode_batch(self, device: str, cf: int | None, payload: bytes) -> list[WireRecord]:
+    def _decode_batch(
+        self, device: str, cf: int | None, payload: bytes, readings: int | None = None
+    ) -> tuple[list[WireRecord], int]:
         """The records of a batch for ``device`` (/ingest's body, or a /relay entry's), checked
-        as /ingest checks them; else the refusal (a :class:`_Failure`)."""
+        as /ingest checks them, and the readings its features records claim (at most
+        ``readings``, default the batch limit); else the refusal (a :class:`_Failure`)."""
         payload = self._content(cf, payload, codec.content_formats(), self.limits.batch_bytes)
         assert cf is not None
+        cap = self.limits.batch_readings
+        cap = cap if readings is None else min(readings, cap)
         try:
-            named, records = codec.decode_batch(payload, cf)
+            named, records = codec.encoding_for(cf).decode(payload)  # codec.decode_batch, with
+            claimed = features.check_batch(records, cap)  # the limit of the readings claimed
+        except features.FeaturesTooLarge as err:
+            raise _Failure(
+                Code.REQUEST_ENTITY_TOO_LARGE, str(err), size1=self.limits.batch_bytes
+            ) from None
         except CodecError as err:
             raise _Failure(Code.BAD_REQUEST, str(err)) from None
         if named is not None and named != device:
@@ -684,7 +682,7 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
             )
         if self.batch_observer is not None:  # a gateway learns its devices' resolutions
             self.batch_observer(device, cf, payload)
-        return records
+        return records, claimed
 
     async def _store_batch(self, device: str, records: list[WireRecord]) -> IngestAck:
         """Store a decoded batch through the group commit; its ack once committed."""

@@ -36,7 +36,7 @@ from agent.wire import codec, statedoc
 from agent.wire.batch import CF_CBOR, FEATURES, CodecError, IngestAck, WireRecord
 from agent.wire.compact import check_resolution
 from agent.wire.compact_format import CF_COMPACT_DEFLATE
-from agent.wire.features import FeaturesBody
+from agent.wire.features import MAX_BATCH_READINGS, FeaturesBody
 from agent.wire.relay import (
     MAX_BODY_BYTES,
     MAX_ENTRIES,
@@ -54,6 +54,10 @@ RESOLUTIONS_FILE = "resolutions.json"
 REQUEST_DEADLINE = 60.0
 MAX_BATCH_RECORDS = 4096  # per device and entry (the endpoint's limit of a batch)
 RELAY_RECORDS = 4 * 4096  # per /relay request (the endpoint's Limits.relay_records)
+#: Readings the features records of one batch, and of one /relay request, stand for at most (the
+#: endpoint's Limits.batch_readings and relay_readings)
+BATCH_READINGS = MAX_BATCH_READINGS
+RELAY_READINGS = 4 * MAX_BATCH_READINGS
 RELAY_BYTES = MAX_BODY_BYTES - 4096  # batches per /relay request (a body under the limit)
 RELAY_ENTRY_OVERHEAD = 80  # CBOR of an entry around its batch: device name, format, lengths
 
@@ -143,6 +147,26 @@ def _seqs(rec: WireRecord) -> tuple[int, ...]:
     if rec.kind == FEATURES:
         return FeaturesBody.from_cbor(bytes(rec.body)).seqs
     return (rec.seq,)
+
+
+def _claimed(recs: Sequence[WireRecord]) -> int:
+    """The readings ``recs``' features records stand for (the endpoint's limits count these)."""
+    return sum(len(_seqs(r)) for r in recs if r.kind == FEATURES)
+
+
+def _batches(recs: Sequence[WireRecord]) -> list[Sequence[WireRecord]]:
+    """A device's records of a pass cut into batches the endpoint takes: at most
+    MAX_BATCH_RECORDS records whose features records stand for at most BATCH_READINGS readings."""
+    out: list[list[WireRecord]] = []
+    readings = 0
+    for rec in recs:
+        n = _claimed((rec,))
+        if not out or len(out[-1]) >= MAX_BATCH_RECORDS or readings + n > BATCH_READINGS:
+            out.append([])
+            readings = 0
+        out[-1].append(rec)
+        readings += n
+    return list(out)
 
 
 def _pending(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord]]:
@@ -305,9 +329,9 @@ class RecordForwarder:
             if frec is not None:
                 by_device.setdefault(device, []).append(frec)
         parts = [
-            (device, recs[i : i + MAX_BATCH_RECORDS])
+            (device, batch)
             for device, recs in sorted(by_device.items(), key=lambda kv: _first_alert(kv[1]))
-            for i in range(0, len(recs), MAX_BATCH_RECORDS)
+            for batch in _batches(recs)
         ]
         await self.resolutions.save()
         encoded = [(device, recs, self._entry(device, recs)) for device, recs in parts]
@@ -382,21 +406,24 @@ def _requests(
     parts: Sequence[tuple[str, Sequence[WireRecord], RelayEntry]],
 ) -> list[list[tuple[str, Sequence[WireRecord], RelayEntry]]]:
     """The encoded parts of a pass cut into requests the endpoint takes: at most MAX_ENTRIES
-    entries, RELAY_RECORDS records and RELAY_BYTES of batches each (more is refused 4.13)."""
+    entries, RELAY_RECORDS records, RELAY_READINGS readings of features records and RELAY_BYTES
+    of batches each (more is refused 4.13)."""
     out: list[list[tuple[str, Sequence[WireRecord], RelayEntry]]] = []
-    records = size = 0
+    records = size = readings = 0
     for part in parts:
         n, b = len(part[1]), len(part[2].batch) + RELAY_ENTRY_OVERHEAD
+        r = _claimed(part[1])
         if (
             not out
             or len(out[-1]) >= MAX_ENTRIES
             or records + n > RELAY_RECORDS
-            or (size + b > RELAY_BYTES)
+            or size + b > RELAY_BYTES
+            or readings + r > RELAY_READINGS
         ):
             out.append([])
-            records = size = 0
+            records = size = readings = 0
         out[-1].append(part)
-        records, size = records + n, size + b
+        records, size, readings = records + n, size + b, readings + r
     return out
 
 

@@ -82,9 +82,13 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
 
 
 def new_id(last: int | None, now: float | None = None) -> int:
-    """A fresh command id: milliseconds of the wall clock, above ``last``."""
+    """A fresh command id: milliseconds of the wall clock, above ``last`` (the newest id the
+    operator issued: never one a device reported). :class:`CommandError` past :data:`MAX_ID`."""
     ms = int((time.time() if now is None else now) * 1000)
-    return min(MAX_ID, max(ms, (last or 0) + 1))
+    fresh = max(ms, (last or 0) + 1)
+    if fresh > MAX_ID:
+        raise CommandError(f"no command id is left above {last}: check the commands table")
+    return fresh
 
 
 def result_value(command_id: int, status: str, result: dict[str, Any], at: float) -> dict[str, Any]:

@@ -18,12 +18,15 @@ next ``repeat`` seqs each follow the previous one after ``gap`` seqs of other re
 features record travels with ``seq = first`` and ``created = t1`` in both batch encodings.
 
 Everything here is bounded before it is allocated (:data:`MAX_COUNT`, :data:`MAX_SPAN`,
-:data:`MAX_CHANNELS`, :data:`MAX_BANDS`) and every problem is a
-:class:`~agent.wire.batch.CodecError`, which the endpoint answers with 4.00.
+:data:`MAX_CHANNELS`, :data:`MAX_BANDS`; a batch's claims together by
+:data:`MAX_BATCH_READINGS`, read from the headers before any gap run is expanded) and every
+problem is a :class:`~agent.wire.batch.CodecError`, which the endpoint answers with 4.00
+(:class:`FeaturesTooLarge`, a batch claiming too many readings: 4.13).
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,6 +39,11 @@ from agent.wire.packing import _Reader, _varint
 
 #: Readings one features record may stand for.
 MAX_COUNT = 65536
+#: Readings the features records of one batch may stand for together: a batch's record limit
+#: (4,096) times a sensible count of a features record (64: a minute of readings at 1 Hz). A
+#: device's batch claims at most its lease (4,096 readings); a gateway's entry may carry up to
+#: 4,096 of a device's features records. Checked from the headers, before gaps are expanded.
+MAX_BATCH_READINGS = 4096 * 64
 #: ``last - first`` at most: bounds the endpoint's search for records in the range.
 MAX_SPAN = 1 << 24
 #: Channels of one record, and FFT bands of one channel.
@@ -46,6 +54,10 @@ MAX_BODY = 64 * 1024
 MAX_NAME = 255
 #: The statistics of a channel, in body order (then the bands).
 STATS = ("mean", "min", "max", "rms", "std", "kurtosis", "crest")
+
+
+class FeaturesTooLarge(CodecError):
+    """A batch whose features records claim more readings than it may (the endpoint: 4.13)."""
 
 
 @dataclass(frozen=True)
@@ -150,25 +162,12 @@ class FeaturesBody:
     @classmethod
     def from_cbor(cls, data: bytes) -> FeaturesBody:
         """Decode and check a body; :class:`CodecError` (never another exception) if bad."""
-        if len(data) > MAX_BODY:
-            raise CodecError(f"features: body of {len(data)} bytes, at most {MAX_BODY}")
-        try:
-            item = records.loads(bytes(data), max_depth=4)
-        except records.RecordError as err:
-            raise CodecError(f"features: {err}") from None
-        if not isinstance(item, list) or len(item) != 8:
-            raise CodecError("features: expected [sensor, first, last, gaps, t0, t1, count, map]")
+        return cls._from_item(_header(data))
+
+    @classmethod
+    def _from_item(cls, item: list[Any]) -> FeaturesBody:
+        """The body from a list :func:`_header` checked: gaps expanded, channels decoded."""
         sensor, first, last, gaps, t0, t1, count, channels = item
-        if not isinstance(sensor, str):
-            raise CodecError("features: sensor must be a text")
-        if not all(_uint(v) for v in (first, last, count)):
-            raise CodecError("features: first, last and count are unsigned integers")
-        if not first <= last:
-            raise CodecError(f"features: first {first} > last {last}")
-        if not 1 <= count <= MAX_COUNT or last - first > MAX_SPAN:
-            raise CodecError(f"features: count 1..{MAX_COUNT}, last - first <= {MAX_SPAN}")
-        if not isinstance(gaps, bytes):
-            raise CodecError("features: gaps must be a byte string")
         seqs = decode_gaps(first, last, count, gaps)
         if not isinstance(channels, dict) or not 1 <= len(channels) <= MAX_CHANNELS:
             raise CodecError(f"features: channels must be a map of 1..{MAX_CHANNELS} entries")
@@ -180,6 +179,31 @@ class FeaturesBody:
         body = cls(sensor, seqs, _finite(t0, "features.t0"), _finite(t1, "features.t1"), out)
         body.check()
         return body
+
+
+def _header(data: bytes) -> list[Any]:
+    """A body's CBOR item with its header checked (sensor, first <= last, count, span, gaps a
+    byte string): what a batch claims, known before any gap run is expanded."""
+    if len(data) > MAX_BODY:
+        raise CodecError(f"features: body of {len(data)} bytes, at most {MAX_BODY}")
+    try:
+        item = records.loads(bytes(data), max_depth=4)
+    except records.RecordError as err:
+        raise CodecError(f"features: {err}") from None
+    if not isinstance(item, list) or len(item) != 8:
+        raise CodecError("features: expected [sensor, first, last, gaps, t0, t1, count, map]")
+    sensor, first, last, gaps, _t0, _t1, count, _channels = item
+    if not isinstance(sensor, str):
+        raise CodecError("features: sensor must be a text")
+    if not all(_uint(v) for v in (first, last, count)):
+        raise CodecError("features: first, last and count are unsigned integers")
+    if not first <= last:
+        raise CodecError(f"features: first {first} > last {last}")
+    if not 1 <= count <= MAX_COUNT or last - first > MAX_SPAN:
+        raise CodecError(f"features: count 1..{MAX_COUNT}, last - first <= {MAX_SPAN}")
+    if not isinstance(gaps, bytes):
+        raise CodecError("features: gaps must be a byte string")
+    return item
 
 
 def _uint(value: Any) -> bool:
@@ -238,25 +262,52 @@ def decode_gaps(first: int, last: int, count: int, gaps: bytes) -> tuple[int, ..
     return tuple(seqs)
 
 
-def check_batch(recs: Iterable[WireRecord]) -> None:
-    """A decoded batch's features records: each body decodes, its first seq is the record's,
-    and no seq is claimed twice in the batch (by two features records, or by a features record
-    and another record). :class:`CodecError` otherwise (the endpoint answers 4.00)."""
+def check_batch(recs: Iterable[WireRecord], max_readings: int = MAX_BATCH_READINGS) -> int:
+    """A decoded batch's features records: together they claim at most ``max_readings``
+    readings (read from the headers first: :class:`FeaturesTooLarge` otherwise), each body
+    decodes, its first seq is the record's, and no seq is claimed twice in the batch (by two
+    features records, or by a features record and another record). :class:`CodecError`
+    otherwise (the endpoint answers 4.00). The readings the features records claim."""
     recs = list(recs)
-    if not any(r.kind == FEATURES for r in recs):
-        return
-    plain = {r.seq for r in recs if r.kind != FEATURES}
-    claimed: set[int] = set()
-    for rec in recs:
-        if rec.kind != FEATURES:
-            continue
-        body = FeaturesBody.from_cbor(bytes(rec.body))
+    heads = [(rec, _header(bytes(rec.body))) for rec in recs if rec.kind == FEATURES]
+    if not heads:
+        return 0
+    claimed = sum(item[6] for _, item in heads)
+    if claimed > max_readings:
+        raise FeaturesTooLarge(
+            f"features: the batch's features records claim {claimed} readings, at most "
+            f"{max_readings}: send fewer features records in a batch"
+        )
+    bodies = []
+    for rec, item in heads:
+        body = FeaturesBody._from_item(item)
         if body.first != rec.seq:
             raise CodecError(f"features: record seq {rec.seq} is not its first seq {body.first}")
-        seqs = set(body.seqs)
-        if seqs & plain or seqs & claimed:
-            raise CodecError(f"features: seqs of record {rec.seq} are claimed twice in the batch")
-        claimed |= seqs
+        bodies.append(body)
+    _check_disjoint(bodies, sorted({r.seq for r in recs if r.kind != FEATURES}))
+    return claimed
+
+
+def _check_disjoint(bodies: list[FeaturesBody], plain: list[int]) -> None:
+    """No seq of ``bodies`` is another's or in ``plain`` (sorted). Ranges (first, last) are
+    compared; only records whose ranges overlap (interleaved sensors) compare their seqs."""
+    bodies = sorted(bodies, key=lambda b: b.first)
+    cluster: list[FeaturesBody] = []
+    hi = -1
+    for body in [*bodies, None]:
+        if cluster and (body is None or body.first > hi):
+            lo = cluster[0].first
+            inside = plain[bisect.bisect_left(plain, lo) : bisect.bisect_right(plain, hi)]
+            if len(cluster) > 1 or inside:
+                seqs = [*itertools.chain.from_iterable(b.seqs for b in cluster), *inside]
+                if len(set(seqs)) < len(seqs):
+                    raise CodecError(
+                        f"features: seqs of record {lo} are claimed twice in the batch"
+                    )
+            cluster = []
+        if body is not None:
+            cluster.append(body)
+            hi = body.last if len(cluster) == 1 else max(hi, body.last)
 
 
 def covered(recs: Iterable[WireRecord]) -> Iterator[int]:

@@ -4,9 +4,19 @@ an outage is larger than one request; more than that is refused 4.13 and would n
 
 from __future__ import annotations
 
-from agent.gateway.relay import RELAY_BYTES, RELAY_RECORDS, _requests
+from agent.gateway.relay import (
+    BATCH_READINGS,
+    MAX_BATCH_RECORDS,
+    RELAY_BYTES,
+    RELAY_READINGS,
+    RELAY_RECORDS,
+    _batches,
+    _requests,
+)
 from agent.wire.batch import WireRecord
+from agent.wire.features import ChannelFeatures, FeaturesBody
 from agent.wire.relay import MAX_ENTRIES, RelayEntry
+from cloud.protocol import Limits
 
 
 def _part(device: str, records: int, size: int) -> tuple[str, list[WireRecord], RelayEntry]:
@@ -41,3 +51,26 @@ def test_large_batches_are_cut_by_bytes_and_many_devices_by_entries() -> None:
 
 def test_an_empty_pass_is_no_request() -> None:
     assert _requests([]) == []
+
+
+def _features(first: int, count: int) -> WireRecord:
+    cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, ())
+    body = FeaturesBody("vib", tuple(range(first, first + count)), 0.0, 1.0, {"x_g": cf})
+    return body.to_record()
+
+
+def test_features_records_are_cut_by_the_readings_they_stand_for() -> None:
+    """The endpoint takes at most BATCH_READINGS readings of features records in a batch and
+    RELAY_READINGS in a request (4.13 beyond, which would never drain): a gateway holding many
+    of a device's large features records cuts them by readings, not only by records."""
+    assert (Limits().batch_readings, Limits().relay_readings) == (BATCH_READINGS, RELAY_READINGS)
+    count = 16_384  # a features record of 16,384 readings: 16 of them fill a batch
+    recs = [_features(1 + i * count, count) for i in range(40)]
+    batches = _batches(recs)
+    assert [len(b) for b in batches] == [16, 16, 8]
+    assert [r for b in batches for r in b] == recs  # all of them, in order
+    parts = [("d", batches[0], RelayEntry("d", 65001, b"x" * 100))] * 10
+    reqs = _requests(parts)
+    assert [len(r) for r in reqs] == [4, 4, 2]  # 4 batches full of readings per request
+    plain = [WireRecord(i + 1, "telemetry", 0.0, b"\xa0") for i in range(5000)]
+    assert [len(b) for b in _batches(plain)] == [MAX_BATCH_RECORDS, 5000 - MAX_BATCH_RECORDS]

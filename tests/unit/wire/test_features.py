@@ -17,15 +17,18 @@ from agent.wire.compact import COMPACT, COMPACT_DEFLATE, COMPACT_DICT
 from agent.wire.compact_format import FLAG_FEATURES
 from agent.wire.features import (
     MAX_BANDS,
+    MAX_BATCH_READINGS,
     MAX_COUNT,
     MAX_SPAN,
     ChannelFeatures,
     FeaturesBody,
+    FeaturesTooLarge,
     check_batch,
     covered,
     decode_gaps,
     encode_gaps,
 )
+from agent.wire.packing import _varint
 from agent.wire.records import TelemetryBody, dumps
 
 RELAXED = settings(deadline=None, max_examples=150, derandomize=False)
@@ -236,3 +239,66 @@ def test_encoding_refuses_a_body_it_cannot_carry() -> None:
 def test_dumps_is_the_body_encoding() -> None:
     b = body()
     assert b.to_cbor() == dumps(cbor2.loads(b.to_cbor()))
+
+
+def claiming(first: int, count: int, gaps: bytes | None = None) -> WireRecord:
+    """A features record whose header claims ``count`` readings from ``first``; ``gaps`` None:
+    one run (0, count - 1), so a few bytes stand for every seq of the range."""
+    if gaps is None:
+        run = bytearray()
+        if count > 1:
+            _varint(run, 0)
+            _varint(run, count - 1)
+        gaps = bytes(run)
+    data = dumps(["vib", first, first + count - 1, gaps, 1.0, 2.0, count, {"x": CF.to_list()}])
+    return WireRecord(first, FEATURES, 2.0, data)
+
+
+def test_gap_runs_claiming_more_readings_than_a_batch_may_are_refused_from_the_headers() -> None:
+    """Attack: ~75 bytes of gap runs per record claim 65,536 readings each; 800 of them in one
+    62 KB batch claimed 52 M readings (5.2 GB at the endpoint). The sum of the counts is checked
+    before any gap run is expanded: the bodies here have gaps that code too few seqs, and the
+    refusal is still the claim's, not the gaps' (nothing was expanded)."""
+    n = MAX_BATCH_READINGS // MAX_COUNT + 1
+    recs = [claiming(i * MAX_COUNT, MAX_COUNT, b"") for i in range(n)]
+    with pytest.raises(FeaturesTooLarge, match=f"at most {MAX_BATCH_READINGS}"):
+        check_batch(recs)
+    for cf in codec.content_formats():  # the codec's decoder refuses it too
+        with pytest.raises(FeaturesTooLarge):
+            codec.decode_batch(codec.encode_batch(None, recs, cf), cf)
+    whole = [claiming(i * MAX_COUNT, MAX_COUNT) for i in range(n - 1)]
+    assert check_batch(whole) == MAX_BATCH_READINGS  # at the limit: taken
+    with pytest.raises(FeaturesTooLarge, match="at most 100"):
+        check_batch([claiming(0, 60), claiming(60, 41)], 100)
+
+
+def test_interleaved_sensors_overlap_in_range_but_not_in_seqs() -> None:
+    """Two sensors' windows of one lease interleave (odd and even seqs): their ranges overlap
+    and the batch is honest; a third record claiming one of those seqs is refused."""
+    odd = body(seqs=tuple(range(1, 100, 2))).to_record()
+    even = body(sensor="amb", seqs=tuple(range(2, 101, 2))).to_record()
+    alert = WireRecord(101, "alert", 1.0, b"\xa0")
+    assert check_batch([odd, even, alert]) == 100
+    with pytest.raises(CodecError, match="claimed twice"):
+        check_batch(
+            [odd, even, body(sensor="p", seqs=(150, 151)).to_record(), replace(alert, seq=51)]
+        )
+    with pytest.raises(CodecError, match="claimed twice"):
+        check_batch([odd, body(seqs=(97, 99, 300)).to_record()])
+
+
+def test_a_full_lease_folded_into_features_stays_within_the_batch_limit() -> None:
+    """The device side (agent/sync/featurize.py): a lease holds at most MAX_BATCH_RECORDS
+    readings, so what fold makes of the largest lease claims no more than the endpoint takes."""
+    from agent.sync.datapolicy import DataSettings
+    from agent.sync.featurize import fold
+    from agent.sync.uplink import MAX_BATCH_RECORDS
+    from tests.unit.sync.test_featurize import reading
+
+    assert MAX_BATCH_RECORDS <= MAX_BATCH_READINGS and MAX_COUNT <= MAX_BATCH_READINGS
+    lease = [
+        reading(seq, "vib", 1.0 + seq, x=float(seq)) for seq in range(1, MAX_BATCH_RECORDS + 1)
+    ]
+    data = DataSettings(featured={"low": frozenset({"vib"})}, window_samples=MAX_COUNT)
+    wire = fold(lease, data, "low")
+    assert check_batch(wire) == MAX_BATCH_RECORDS

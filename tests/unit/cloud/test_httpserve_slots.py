@@ -1,0 +1,73 @@
+"""cloud/httpserve.py connection slots: a few idle TCP connections of one client cannot lock
+operators out of the dashboard (audit http_slots.py). A real server on loopback; the attacker
+connects from 127.0.0.2, the operator from 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from cloud import httpserve
+from cloud.httpserve import HttpServer, Request, Response
+
+
+async def ok(request: Request) -> Response:
+    return Response(200, b"ok")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[HttpServer]:
+    srv = HttpServer(ok)
+    await srv.start("127.0.0.1", 0)
+    yield srv
+    await srv.stop()
+
+
+async def get(srv: HttpServer, source: str) -> str:
+    r, w = await asyncio.open_connection(srv.host, srv.port, local_addr=(source, 0))
+    w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await w.drain()
+    line = await r.readline()
+    w.close()
+    return line.decode().strip()
+
+
+@pytest.mark.timeout(30)
+async def test_idle_connections_of_one_address_do_not_lock_out_another(
+    server: HttpServer,
+) -> None:
+    """Attack: 32 idle connections (no byte sent) took every slot (32, global) and an
+    operator's GET got 503. Now one address holds at most MAX_PER_CLIENT of them."""
+    held = []
+    for _ in range(32):
+        held.append(
+            await asyncio.open_connection(server.host, server.port, local_addr=("127.0.0.2", 0))
+        )
+    try:
+        assert await get(server, "127.0.0.2") == "HTTP/1.1 503 Service Unavailable"
+        assert await get(server, "127.0.0.1") == "HTTP/1.1 200 OK"
+        # those beyond the address's share were answered 503 at once, the others 408 later
+        answers = await asyncio.gather(*(r.read(12) for r, _ in held))
+        refused = sum(a.startswith(b"HTTP/1.1 503") for a in answers)
+        assert refused == 32 - httpserve.MAX_PER_CLIENT
+    finally:
+        for _, w in held:
+            w.close()
+
+
+@pytest.mark.timeout(30)
+async def test_an_idle_connection_is_let_go_after_the_first_line_timeout(
+    server: HttpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request line is due within FIRST_LINE_TIMEOUT, the head within HEAD_TIMEOUT: an
+    idle connection gets 408 (here HEAD_TIMEOUT is longer than the test may run)."""
+    monkeypatch.setattr(httpserve, "FIRST_LINE_TIMEOUT", 0.2)
+    monkeypatch.setattr(httpserve, "HEAD_TIMEOUT", 600.0)
+    r, w = await asyncio.open_connection(server.host, server.port)
+    try:
+        line = await r.readline()
+        assert line.startswith(b"HTTP/1.1 408")
+    finally:
+        w.close()
