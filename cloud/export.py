@@ -90,11 +90,14 @@ def _number(value: float) -> Any:
 
 
 #: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
 def _text(cell: str) -> str:
-    """A text cell as CSV carries it: one a spreadsheet would evaluate gets a leading ``'``."""
+    """A text cell as CSV carries it: one a spreadsheet would evaluate gets a leading ``'``; a
+    carriage return becomes a line feed (the writer quotes a cell with a line feed, the line
+    ending, but not one with a bare CR, which readers take as the end of the row)."""
+    cell = cell.replace("\r", "\n")
     return "'" + cell if cell.startswith(FORMULA_START) else cell
 
 
