@@ -97,6 +97,9 @@ RELEASES_DIR = "releases"  # the published agent releases, beside it (cloud/rele
 #: table alone.
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 5000
+#: A gateway's table of the highest seq it dropped per device after the cloud stored it
+#: (agent/gateway/relay.py prepare_store); the endpoint's own store has none.
+PRUNED_TABLE = "relay_pruned"
 SYNC_TIMEOUT = 30.0  # seconds StorageThread.call_sync waits for the database thread
 WAL_RETRY = 0.01  # seconds between tries of PRAGMA journal_mode=WAL (see _wal)
 
@@ -167,6 +170,11 @@ CREATE TABLE IF NOT EXISTS window_verdicts (
 """
 
 
+def _held(db: sqlite3.Connection, device: str, seq: int) -> bool:
+    sql = "SELECT 1 FROM records WHERE device = ? AND seq = ?"
+    return db.execute(sql, (device, seq)).fetchone() is not None
+
+
 def _wal(db: sqlite3.Connection) -> None:
     """Put the file in WAL mode. Several processes opening a new file at once may race on it:
     SQLite then answers "database is locked" at once, without its busy handler, so the pragma is
@@ -227,6 +235,14 @@ class SQLiteStorage(SharedStorage):
                     "INSERT OR IGNORE INTO counters (name, value) VALUES ('storage_id', ?)",
                     (secrets.randbits(63),),
                 )
+            # a gateway's store, which drops records the cloud holds (agent/gateway/relay.py):
+            # a record under a seq at or below what it dropped is not taken as new
+            self._floors = (
+                self._db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (PRUNED_TABLE,)
+                ).fetchone()
+                is not None
+            )
         except (sqlite3.Error, OSError) as err:
             raise StorageUnavailable(f"cannot open {self.path}: {err}") from err
 
@@ -354,9 +370,21 @@ class SQLiteStorage(SharedStorage):
     ) -> tuple[IngestResult, int]:
         new = duplicate = 0
         conflicts: list[int] = []
+        floor = self._floor(db, device)
         for rec in records:
             body = bytes(rec.body)
             when = record_time(rec)
+            if rec.seq <= floor and not _held(db, device, rec.seq):
+                # a gateway dropped its records up to ``floor`` once the cloud stored them:
+                # one under such a seq that it does not hold may be another record than the
+                # cloud's (a device that lost its store numbers from 1 again), so it is named
+                # a conflict and the device sends it again under a new number
+                conflicts.append(rec.seq)
+                log.warning(
+                    "event=seq_conflict device=%s seq=%d detail=below_forwarded floor=%d",
+                    device, rec.seq, floor,
+                )  # fmt: skip
+                continue
             cur = db.execute(
                 "INSERT OR IGNORE INTO records (device, seq, kind, created, time, received, "
                 "arrival, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -381,6 +409,14 @@ class SQLiteStorage(SharedStorage):
         seqs = tuple(rec.seq for rec in records)
         result = IngestResult(seqs, new, duplicate, len(conflicts), tuple(conflicts), last)
         return result, arrival
+
+    def _floor(self, db: sqlite3.Connection, device: str) -> int:
+        """The highest seq of ``device`` a gateway's store dropped (-1: none, or no gateway)."""
+        if not self._floors:
+            return -1
+        row = db.execute(f"SELECT through FROM {PRUNED_TABLE} WHERE device = ?", (device,))
+        found = row.fetchone()
+        return int(found[0]) if found else -1
 
     def records(
         self,

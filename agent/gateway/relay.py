@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from agent.wire.relay import (
     encode_relay,
 )
 from agent.wire.statedoc import DesiredDoc, StateError
+from cloud.storage import PRUNED_TABLE
 
 log = logging.getLogger("agent.gateway")
 
@@ -58,6 +61,8 @@ RELAY_RECORDS = 4 * 4096  # per /relay request (the endpoint's Limits.relay_reco
 #: endpoint's Limits.batch_readings and relay_readings)
 BATCH_READINGS = MAX_BATCH_READINGS
 RELAY_READINGS = 4 * MAX_BATCH_READINGS
+PRUNE_BATCH = 20_000  # records dropped in one transaction at most (ingest waits for it)
+KEEP_FORWARDED = 7 * 86400.0  # seconds a forwarded record stays ([gateway] keep_forwarded)
 RELAY_BYTES = MAX_BODY_BYTES - 4096  # batches per /relay request (a body under the limit)
 RELAY_ENTRY_OVERHEAD = 80  # CBOR of an entry around its batch: device name, format, lengths
 
@@ -81,15 +86,19 @@ def _newest_arrival(s: Any) -> int:
 
 def prepare_store(s: Any) -> None:
     """The gateway's own parts of its store (the schema is the endpoint's, cloud/storage.py):
-    an index on ``records.arrival`` for the forwarding passes, and the queue of features records
-    to forward, a row per features record stored, written by a trigger in the ingest's own
-    transaction (the one that acknowledges the record to its device). Created once; the features
-    records stored before it are queued then (an earlier gateway stored them and never forwarded
-    them)."""
+    an index on ``records.arrival`` for the forwarding passes, the highest seq dropped per
+    device (:func:`prune`), and the queue of features records to forward, a row per features
+    record stored, written by a trigger in the ingest's own transaction (the one that
+    acknowledges the record to its device). Created once; the features records stored before
+    it are queued then (an earlier gateway stored them and never forwarded them)."""
     db = s.db
     db.execute("BEGIN IMMEDIATE")
     try:
         db.execute("CREATE INDEX IF NOT EXISTS records_by_arrival ON records (arrival)")
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {PRUNED_TABLE} (device TEXT PRIMARY KEY, "
+            "through INTEGER NOT NULL) WITHOUT ROWID"
+        )
         queued = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_features'"
         ).fetchone()
@@ -111,6 +120,64 @@ def prepare_store(s: Any) -> None:
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BATCH) -> int:
+    """Drop what the cloud acknowledged (arrival up to ``arrival``, features queued up to
+    ``queued``) and the gateway received before ``before`` (``[gateway] keep_forwarded`` ago),
+    at most ``most`` records in one transaction, oldest first. Each device's newest record
+    stays: it is the ``last`` of the device's acks, by which a device that lost its store learns
+    to number above it. The highest seq dropped per device is kept (:data:`PRUNED_TABLE`): a
+    record under a seq at or below it that the store does not hold is answered as a conflict
+    (cloud/storage.py), so the device sends it again under a new number rather than have the
+    cloud keep another record under its number. Returns the records and features dropped."""
+    db = s.db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # records arrive in arrival order, so those old enough are a prefix: where it ends
+        row = db.execute(
+            "SELECT arrival FROM records WHERE arrival <= ? AND received >= ? "
+            "ORDER BY arrival LIMIT 1",
+            (arrival, before),
+        ).fetchone()
+        upto = arrival if row is None else row[0] - 1
+        row = db.execute(
+            "SELECT arrival FROM records WHERE arrival <= ? ORDER BY arrival LIMIT 1 OFFSET ?",
+            (upto, most),
+        ).fetchone()
+        upto = upto if row is None else row[0] - 1
+        newest = "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device)"
+        for device, through in db.execute(
+            f"SELECT device, max(seq) FROM records WHERE arrival <= ? AND {newest} GROUP BY device",
+            (upto,),
+        ).fetchall():
+            db.execute(
+                f"INSERT INTO {PRUNED_TABLE} (device, through) VALUES (?, ?) ON CONFLICT "
+                "(device) DO UPDATE SET through = max(through, excluded.through)",
+                (device, through),
+            )
+        dropped = db.execute(
+            f"DELETE FROM records WHERE arrival <= ? AND {newest}", (upto,)
+        ).rowcount
+        forwarded = (
+            "SELECT q.device, q.first_seq FROM relay_features AS q JOIN features AS f "
+            "ON f.device = q.device AND f.first_seq = q.first_seq "
+            "WHERE q.n <= ? AND f.received < ? ORDER BY q.n LIMIT ?"
+        )
+        dropped += db.execute(
+            f"DELETE FROM features WHERE (device, first_seq) IN ({forwarded})",
+            (queued, before, most),
+        ).rowcount
+        db.execute(
+            "DELETE FROM relay_features WHERE n <= ? AND NOT EXISTS (SELECT 1 FROM features AS f "
+            "WHERE f.device = relay_features.device AND f.first_seq = relay_features.first_seq)",
+            (queued,),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return dropped
 
 
 def _newest_queued(s: Any) -> int:
@@ -249,8 +316,11 @@ class RecordForwarder:
         name: str,
         records: int = 20_000,
         lane: int = 0,
+        keep: float = KEEP_FORWARDED,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.name = name  # the gateway's principal: POST /relay/<name>
+        self.keep, self.wall = keep, wall  # forwarded records are dropped ``keep`` s after
         self.resolutions = Resolutions(data_dir)
         self.db = db
         self.transport = transport
@@ -261,6 +331,7 @@ class RecordForwarder:
         self.cursor, self.features_cursor = self._load()
         self._cursor_checked = False
         self.forwarded = 0  # records the cloud acknowledged (new or duplicate)
+        self.pruned = 0  # records and features records dropped from the store since the start
         self.requests = 0
         self.bytes_up = 0  # request payload bytes sent upstream
         self.conflicts = 0
@@ -342,7 +413,21 @@ class RecordForwarder:
         self.features_cursor = max((n for n, _, _ in feats), default=self.features_cursor)
         await self._save()
         self.forwarded += done
+        await self.prune()
         return done
+
+    async def prune(self) -> int:
+        """Drop from the store what the cloud holds and is older than ``keep`` (:func:`prune`):
+        a gateway's disk holds what it has not forwarded and ``keep`` seconds of the rest. A
+        failure (a full or damaged disk) is said and tried again after the next pass."""
+        arrival, queued, before = self.cursor, self.features_cursor, self.wall() - self.keep
+        try:
+            dropped = int(await self.db(lambda s: prune(s, arrival, queued, before)))
+        except (AgentError, sqlite3.Error) as err:
+            log.warning("event=gateway_prune_failed error=%r", str(err))
+            return 0
+        self.pruned += dropped
+        return dropped
 
     def _entry(self, device: str, recs: Sequence[WireRecord]) -> RelayEntry:
         batch = codec.encode_batch(

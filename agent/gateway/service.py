@@ -26,7 +26,13 @@ from typing import Any
 
 from agent.errors import ConfigError, SyncError
 from agent.gateway.peers import PeerServer, PeerState, PeerSync
-from agent.gateway.relay import RecordForwarder, StateRelay, mirror_desired, run_every
+from agent.gateway.relay import (
+    RecordForwarder,
+    StateRelay,
+    mirror_desired,
+    prepare_store,
+    run_every,
+)
 from agent.gateway.releases import ReleaseMirror
 from agent.gateway.settings import GatewayConfig
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
@@ -107,6 +113,7 @@ class Gateway:
         becomes ``store_id`` (the cloud's) when given. Returns the identity it has."""
         s = SQLiteStorage.in_dir(self.store_dir)
         try:
+            prepare_store(s)  # before the server opens the store (it looks for the floors)
             now = time.time()
             for cred in creds:
                 s.add_device(cred.principal, now)
@@ -163,7 +170,7 @@ class Gateway:
         )
         self.forwarder = RecordForwarder(
             server.db, self.transport, lambda: self.endpoints.current, self.config.data_dir,
-            name=self.config.name, records=g.forward_records, lane=1,
+            name=self.config.name, records=g.forward_records, lane=1, keep=g.keep_forwarded,
         )  # fmt: skip
         server.batch_observer = self.forwarder.resolutions.observe
         self.releases = ReleaseMirror(self.release_fetcher, server.db, self.config.data_dir / "ota")

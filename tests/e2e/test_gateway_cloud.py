@@ -17,7 +17,7 @@ import cbor2
 import pytest
 from aiocoap import Code, Message
 
-from agent.gateway.relay import RecordForwarder
+from agent.gateway.relay import RecordForwarder, prepare_store
 from agent.wire import codec, records
 from agent.wire.batch import IngestAck, WireRecord
 from agent.wire.features import ChannelFeatures, FeaturesBody
@@ -205,6 +205,62 @@ async def test_the_gateways_forwarder_takes_features_records_up_too(
         assert (again.cursor, again.features_cursor) == (1, 2)
         assert await again.forward_once() == 0  # nothing twice after a restart
         assert forwarder.conflicts == 0
+    finally:
+        site.close()
+        await gw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_the_gateway_drops_what_the_cloud_holds_after_keep_forwarded(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """The gateway's store kept every record forever (a disk that fills and then refuses every
+    device). Now what the cloud acknowledged is dropped ``keep_forwarded`` seconds after the
+    gateway received it, each device's newest record kept (its acks' ``last``); a record under
+    a dropped seq that the store does not hold is a conflict, so a device that lost its store
+    sends it again under a new number instead of the cloud keeping its old record in its place;
+    a record the store still holds is a duplicate as before."""
+    await server.add_device(C)
+    gw = await gateway(server, tmp_path, C)
+    first = SQLiteStorage.in_dir(tmp_path / "gw-store")
+    prepare_store(first)  # as the gateway does before its server opens the store
+    first.close()
+    site = SQLiteStorage.in_dir(tmp_path / "gw-store")
+    now = [T0 + 30.0]
+
+    async def db(fn: Callable[[SQLiteStorage], Any]) -> Any:
+        return fn(site)
+
+    def reading(seq: int, value: float = 1.5) -> WireRecord:
+        return WireRecord(seq, "telemetry", T0, TelemetryBody("m", T0, {"a": value}).to_cbor())
+
+    data_dir = tmp_path / "gw-data"
+    data_dir.mkdir()
+    forwarder = RecordForwarder(
+        db, gw.transport, lambda: server.uri, data_dir, name=GW, keep=60.0, wall=lambda: now[0]
+    )
+    try:
+        cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
+        feats = FeaturesBody("vib", (20, 21, 22), T0, T0 + 1, {"x_g": cf}).to_record()
+        site.ingest_many([(C, [*(reading(i) for i in range(1, 6)), feats], True)], T0)
+        assert await forwarder.forward_once() == 6
+        assert await server.seqs(C) == [1, 2, 3, 4, 5]
+        assert site.seqs(C) == [1, 2, 3, 4, 5]  # forwarded, but received 30 s ago only
+        now[0] = T0 + 200.0
+        assert await forwarder.prune() == 5  # 4 records and the features record
+        assert site.seqs(C) == [5]  # the newest stays: the acks' "last"
+        assert site.features(C) == [] and len(await server.db(lambda s: s.features(C))) == 1
+        queue = site.db.execute("SELECT count(*) FROM relay_features").fetchone()[0]
+        assert queue == 0
+        again = site.ingest_many([(C, [reading(5), reading(3), reading(6)], False)], T0 + 201)
+        result = again[0]
+        assert not isinstance(result, Exception)
+        assert (result.new, result.duplicate, result.conflicts) == (1, 1, (3,))
+        assert result.last == 6
+        assert await forwarder.forward_once() == 1  # seq 6 only
+        assert await server.seqs(C) == [1, 2, 3, 4, 5, 6]
+        stored = await server.records(C)
+        assert all(TelemetryBody.from_cbor(r.body).values == {"a": 1.5} for r in stored)
     finally:
         site.close()
         await gw.close()
