@@ -256,6 +256,7 @@ class Agent:
                 "last_seq": stats.last_seq,
                 "salvaged": stats.salvaged,
                 "salvage_lost": stats.salvage_lost,
+                "set_aside": stats.set_aside,  # refused by the endpoint, in DATA/rejected/
             }
         return {
             "device_id": self.config.agent.device_id,

@@ -124,6 +124,7 @@ def format_status(doc: dict[str, Any]) -> str:
         + (", ".join(f"{k} {v}" for k, v in depth.items()) or "n/a")
         + (f"   {queue['bytes'] / 1e6:.2f} MB" if queue.get("bytes") is not None else "")
         + (f"   oldest {_age(queue.get('oldest_age_s'))}" if queue.get("oldest_age_s") else "")
+        + (f"   set aside {queue['set_aside']}" if queue.get("set_aside") else "")
     )
     models = doc.get("models") or {}
     if "error" in models:

@@ -28,7 +28,7 @@ from agent.store.dbfile import (
     move_aside,
     open_error,
 )
-from agent.store.renumber import renumber
+from agent.store.renumber import exhausted, renumber, within_space
 from agent.store.salvage import Damaged, copy
 from agent.store.seqfile import SeqFile, SeqMark
 from agent.store.settings import (
@@ -414,6 +414,23 @@ class Db:
     ) -> _Outcome:
         """One group commit: acks, nacks and all puts in one transaction when possible."""
         acks = acks | self.pending_acks
+        fit = within_space(puts, self.hwm, str(self.path))
+        if len(fit) < len(puts):  # refused alone; the acks and the puts that fit go on
+            done = self.apply(
+                [puts[i] for i in fit],
+                [alert_only[i] for i in fit],
+                acks,
+                nacks,
+                ring_dropped,
+                wall_now,
+            )
+            results: list[list[int] | BaseException | None] = [
+                StoreError(exhausted(str(self.path), self.hwm, len(p))) for p in puts
+            ]
+            for i, res in zip(fit, done.puts, strict=True):
+                results[i] = res
+            done.puts = results
+            return done
         for attempt in range(2):
             try:
                 return self._apply(puts, alert_only, acks, nacks, ring_dropped)
@@ -635,6 +652,8 @@ class Db:
         conn = self._c()
         sizes = [len(r[3]) for r in recs]
         first_seq = d.hwm + 1
+        if d.hwm + len(recs) > MAX_SEQ:  # apply() refuses such puts first; never overflow
+            raise StoreError(exhausted(str(self.path), d.hwm, len(recs)))
         i = 0
         while i < len(recs):
             j, payload = i + 1, sizes[i]

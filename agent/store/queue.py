@@ -47,6 +47,7 @@ from typing import Any
 
 from agent.errors import StoreError, StoreFull
 from agent.store.database import Db
+from agent.store.setaside import SetAside
 from agent.store.settings import (
     CODE_KIND,
     DEFAULT_BY_CODE,
@@ -121,6 +122,8 @@ class StoreStats:
     commits: int  # write transactions committed by this process (group commit joins puts)
     salvaged: int = 0  # rows copied out of corrupt files by this process
     salvage_lost: int = 0  # rows corrupt files held that could not be read (where known)
+    set_aside: int = 0  # records the endpoint refused, kept in the set-aside area
+    set_aside_bytes: int = 0  # of its cap (agent/store/setaside.py)
 
     @property
     def depth(self) -> int:
@@ -159,6 +162,8 @@ class StoreStats:
             "commits": self.commits,
             "salvaged": self.salvaged,
             "salvage_lost": self.salvage_lost,
+            "set_aside": self.set_aside,
+            "set_aside_bytes": self.set_aside_bytes,
         }
 
 
@@ -189,6 +194,7 @@ class Store:
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._db = Db(settings)
+        self._aside = SetAside(settings.set_aside_path)
         self._pending: list[_PutOp | _AckOp] = []
         self._ring: collections.deque[_PutOp] = collections.deque()
         self._ring_records = 0
@@ -265,6 +271,19 @@ class Store:
     async def nack(self, seqs: Iterable[int]) -> None:
         """Not delivered: release the leases now and count an attempt."""
         await self._ack_op(seqs, nack=True)
+
+    async def set_aside(self, records: Sequence[Record], answer: str) -> None:
+        """Move ``records`` (refused by the endpoint on their own) out of the queue: each is
+        written durably to the set-aside area first, then deleted from the queue. Raises
+        :class:`agent.store.setaside.SetAsideFull` when the area has no room for them (they stay
+        queued), StoreError when a file cannot be written (those not written stay queued)."""
+        self._check_open()
+        if not records:
+            return
+        await self._clock.run_blocking(
+            self._executor, self._aside.write, records, answer, self._clock.time()
+        )
+        await self.ack([r.seq for r in records])
 
     async def renumber(self, seqs: Iterable[int], floor: int = 0) -> dict[int, int]:
         """Give the queued records ``seqs`` new sequence numbers above ``floor`` and above every
@@ -473,6 +492,7 @@ class Store:
         raw = await self._clock.run_blocking(
             self._executor, self._db.read, self._db.stats, self._clock.time()
         )
+        aside = await self._clock.run_blocking(self._executor, self._aside.stats)
         return StoreStats(
             path=str(self.settings.path),
             durability=self.settings.durability,
@@ -494,6 +514,8 @@ class Store:
             commits=raw["commits"],
             salvaged=raw["salvaged"],
             salvage_lost=raw["salvage_lost"],
+            set_aside=aside.count,
+            set_aside_bytes=aside.bytes,
         )
 
     async def close(self) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from agent.errors import StoreError, StoreFull
 from agent.store.dbfile import in_chunks, is_full
 from agent.store.seqfile import SeqMark
-from agent.store.settings import SEQ_BLOCK
+from agent.store.settings import SEQ_BLOCK, SEQ_HEADROOM
 from agent.wire.batch import MAX_SEQ
 
 if TYPE_CHECKING:
@@ -28,15 +28,20 @@ def renumber(db: Db, seqs: Sequence[int], floor: int) -> dict[int, int]:
     puts number above them. The new high-water mark is reserved in the side file before the
     commit, as for puts, so no number repeats after a crash or a lost database."""
     conn = db._c()
-    limit = MAX_SEQ - SEQ_BLOCK - len(seqs)
+    limit = MAX_SEQ - SEQ_HEADROOM
     if floor > limit:
         log.error(
-            "event=seq_space_exhausted floor=%d limit=%d action=renumber_above_own",
+            "event=seq_floor_refused floor=%d limit=%d action=renumber_above_own",
             floor,
             limit,
         )
         floor = 0
     base = max(db.hwm, floor)
+    if base + len(seqs) > MAX_SEQ:
+        raise StoreError(
+            f"queue {db.path}: sequence space exhausted (last seq {db.hwm}): cannot renumber "
+            f"{len(seqs)} record(s)"
+        )
     reserved = db.reserved
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -69,3 +74,28 @@ def renumber(db: Db, seqs: Sequence[int], floor: int) -> dict[int, int]:
     for old in moved:
         db.leases.pop(old, None)
     return moved
+
+
+def within_space(puts: Sequence[Sequence[object]], hwm: int, path: str) -> list[int]:
+    """The puts (their indexes) the sequence space above ``hwm`` still has numbers for; the
+    others are said in one line (the store refuses them alone)."""
+    room = MAX_SEQ - hwm
+    fit: list[int] = []
+    for i, recs in enumerate(puts):
+        if len(recs) <= room:
+            fit.append(i)
+            room -= len(recs)
+    if len(fit) < len(puts):
+        refused = sum(len(puts[i]) for i in range(len(puts)) if i not in fit)
+        log.error(
+            "event=seq_space_exhausted path=%s last_seq=%d records_refused=%d", path, hwm, refused
+        )
+    return fit
+
+
+def exhausted(path: str, hwm: int, n: int) -> str:
+    """The refusal of ``n`` records by a queue whose sequence space is used up."""
+    return (
+        f"queue {path}: sequence space exhausted (last seq {hwm} of {MAX_SEQ}); {n} record(s) "
+        "not stored: this queue cannot number more records (docs/store.md, Sequence numbers)"
+    )

@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.errors import StoreError
 from agent.store.dbfile import examine_header, file_size
+from agent.store.setaside import SetAside
 from agent.store.settings import BUSY_TIMEOUT_SECONDS, CODE_KIND, StoreSettings
 from agent.wire.records import Kind
 from drivers.clock import Clock, RealClock
@@ -75,6 +76,7 @@ def read_report(settings: StoreSettings, wall_now: float | None = None) -> dict[
     except sqlite3.Error as err:
         raise StoreError(f"cannot read the queue {path}: {err}") from err
     db_bytes, wal_bytes = file_size(path), file_size(settings.wal_path)
+    aside = SetAside(settings.set_aside_path).stats()
     return {
         "path": str(path),
         "budget_bytes": settings.budget_bytes,
@@ -90,6 +92,8 @@ def read_report(settings: StoreSettings, wall_now: float | None = None) -> dict[
         "wal_bytes": wal_bytes,
         "file_bytes": db_bytes + wal_bytes,
         "free_bytes_in_file": free * page_size,
+        "set_aside": aside.count,
+        "set_aside_path": str(settings.set_aside_path),
     }
 
 
@@ -135,6 +139,11 @@ def format_report(report: Mapping[str, Any]) -> str:
     if report["ring_dropped"]:
         lines.append(
             f"alerts dropped from the memory ring while the disk was full: {report['ring_dropped']}"
+        )
+    if report["set_aside"]:
+        lines.append(
+            f"set aside (refused by the endpoint): {report['set_aside']} in "
+            f"{report['set_aside_path']}"
         )
     return "\n".join(lines)
 

@@ -20,6 +20,9 @@ PAGE_SIZE = 4096
 WAL_FRAME_HEADER = 24
 SEQ_BLOCK = 100_000  # sequence numbers reserved in the side file per fsync of it
 SEQ_EPOCH_SCALE = 1_000_000  # a new sequence epoch starts at the wall clock in microseconds
+#: An epoch never starts with less room than this above it: an endpoint's ``last`` (or a floor)
+#: higher than ``MAX_SEQ - SEQ_HEADROOM`` is not believed (one ack must not use up the space).
+SEQ_HEADROOM = 2**62
 BUSY_TIMEOUT_SECONDS = 5.0  # how long SQLite waits for a lock held by another connection
 RING_RETRY_SECONDS = 1.0  # how often alerts parked in the memory ring retry while the disk is full
 KEEP_CORRUPT = 3  # moved-aside corrupt files kept; older ones are deleted
@@ -107,6 +110,11 @@ class StoreSettings:
     @property
     def lock_path(self) -> Path:
         return self.path.with_name(self.path.name + ".lock")
+
+    @property
+    def set_aside_path(self) -> Path:
+        """Records the endpoint refused, kept out of the queue (agent/store/setaside.py)."""
+        return self.path.with_name("rejected")
 
     @property
     def wal_path(self) -> Path:

@@ -24,6 +24,10 @@ Rules (issue 6, "Routing"):
      digest of the window it sent. Anything else (a verdict on a window someone else posted for
      the same ``seq``, an endpoint that does not bind verdicts) is logged
      (``event=verdict_digest_mismatch``) and treated as no verdict: the request is retried.
+   - *Checked.* Only the verdict's known fields are kept, each of its kind (a finite number, a
+     short text; :func:`checked_verdict`). A verdict that breaks that (a NaN, bytes where text
+     belongs) is refused (``event=verdict_refused``) and its request dropped: the endpoint
+     would answer the same stored verdict again.
    - *Merged.* The verdict is kept with the alert: in :attr:`Router.verdicts` (persisted with
      the pending requests, shown by ``status``) and as an EVENT record ``{type: "verdict", seq,
      ...}`` committed to the store, so the cloud history holds it next to the alert. A crash
@@ -90,6 +94,15 @@ SOURCE_CLOUD = "cloud"
 
 #: Answers after which a validation request is not sent again.
 FINAL_CODES = frozenset({code("4.00"), code("4.05"), code("4.13"), code("4.15")})
+
+#: The fields of a verdict the router keeps (docs/protocol.md, "Cloud inference"), by kind;
+#: any other field is dropped. Text is at most MAX_VERDICT_TEXT characters.
+VERDICT_NUMBERS = ("score", "threshold", "confidence")
+VERDICT_TEXTS = ("verdict", "model", "precision", DIGEST_KEY)
+VERDICT_TEXTS_OR_NULL = ("fault", "classifier")
+MAX_VERDICT_TEXT = 128
+#: A verdict's number is finite and at most this in magnitude (JSON and floats hold it).
+MAX_VERDICT_NUMBER = 1e300
 
 
 class Transport(Protocol):
@@ -206,6 +219,35 @@ def _anomaly_score(model: Any, window: np.ndarray, output: np.ndarray) -> float 
     return float(np.abs(w[-n_ch:] - r[-n_ch:]).max())
 
 
+def checked_verdict(verdict: Mapping[Any, Any]) -> dict[str, Any]:
+    """The known fields of a verdict (the others dropped), each of its kind: a finite number,
+    a short text (or null where the protocol allows it), ``anomalous`` a bool. ValueError names
+    the first field that is not."""
+    out: dict[str, Any] = {"seq": verdict["seq"]}
+    for name, value in verdict.items():
+        if name in VERDICT_NUMBERS:
+            expected = "a finite number"
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and -MAX_VERDICT_NUMBER <= value <= MAX_VERDICT_NUMBER  # NaN compares false
+            )
+        elif name in VERDICT_TEXTS or name in VERDICT_TEXTS_OR_NULL:
+            expected = f"text of at most {MAX_VERDICT_TEXT} characters"
+            ok = (value is None and name in VERDICT_TEXTS_OR_NULL) or (
+                isinstance(value, str) and len(value) <= MAX_VERDICT_TEXT
+            )
+        elif name == "anomalous":
+            expected = "true or false"
+            ok = isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"verdict field {name}: expected {expected}, got {repr(value)[:40]}")
+        out[name] = value
+    return out
+
+
 class Router:
     """Hybrid inference and cloud validation for one device. See the module docstring.
 
@@ -315,10 +357,10 @@ class Router:
             if not self._dirty:
                 return True
             self._dirty = False
-            data = self._document()
             try:
+                data = self._document()  # verdicts are checked: a failure here is a bug
                 await self.clock.run_blocking(None, write_atomic, path, data)
-            except OSError as err:
+            except (OSError, ValueError, TypeError) as err:
                 self._dirty = True
                 log.error("event=routing_state_write_failed path=%s error=%r", path, str(err))
                 return False
@@ -437,6 +479,19 @@ class Router:
                     digest,
                 )
                 self._retry(p, "a verdict on another window")
+                return
+            try:
+                verdict = checked_verdict(verdict)
+            except ValueError as err:
+                # the endpoint answers its stored verdict again: asking again gets it again
+                self.stats.counts["verdicts_refused"] += 1
+                del self.pending[p.seq]
+                log.warning(
+                    "event=verdict_refused seq=%d error=%r action=dropped: the endpoint's "
+                    "verdict does not fit docs/protocol.md; check the endpoint's version",
+                    p.seq,
+                    str(err),
+                )
                 return
             self._merge(p, verdict)
             return

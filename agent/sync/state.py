@@ -12,13 +12,11 @@ observed and applied live, both persisted (docs/protocol.md, "Device state").
   through :meth:`StateHooks.apply`; the observation is registered again after a cancellation, a
   network error, an endpoint switch, when Max-Age runs out without a notification, or when the
   endpoint answers again after an outage (it may have restarted and forgotten its observers).
+  Max-Age counts as at least ``OBSERVE_MIN_MAX_AGE`` and at most ``OBSERVE_STALE_LIMIT``; an
+  observation that ends or lapses within ``OBSERVE_MIN_LIFETIME`` counts as a failure (backoff
+  grows). The pause a 5.03 asks for (its Max-Age) is at most ``BACKOFF_CAP``.
 
-Versions
-    Every reported key carries a version from a hybrid clock, ``max(last + 1, wall-clock ms)``;
-    the last version is persisted, so versions keep increasing across restarts even when the wall
-    clock steps back, and after a lost state file they start again from the wall clock. If the
-    endpoint answers with a higher version than the one sent (our clock was behind), the clock
-    catches up and the key is sent again with a newer version.
+Versions of reported keys: a hybrid clock (:mod:`agent.sync.statedata`).
 
 Merge rules, by key: the endpoint merges reported keys as :mod:`agent.wire.statedoc` says.
 
@@ -35,18 +33,15 @@ failed`` so that the endpoint blocks that version. A refused version is never re
 operator's next assignment (a new version) is tried. A model version the endpoint lists in
 ``blocked`` is not tried either (it failed before, maybe before a reinstall).
 
-The runtime's side is :class:`agent.service.hooks.AgentHooks` (what is reported, how desired
-keys are applied).
+The runtime's side: :class:`agent.service.hooks.AgentHooks` (what is reported, how keys apply).
 
-Persistence: one file (``[state] path``, format in :mod:`agent.sync.statedata`).
-:meth:`StateSync.restore` (at start-up, before the sensors run) applies the persisted desired
-values again, so configuration overrides survive a restart. A crash between applying a key and
-persisting it re-applies that key once after the restart (the same value, so harmless).
+Persistence: one file (``[state] path``; its format, and when it is written, in
+:mod:`agent.sync.statedata`). :meth:`StateSync.restore` (at start-up, before the sensors run)
+applies the persisted desired values again, so configuration overrides survive a restart.
 
-Logging: debug for what happens under perfect conditions (each PUT, each notification, restoring
-at start-up), info for state changes (a desired key applied, observation (re)registered, endpoint
-reachable again), warning for a bad document or a refused value and for an unreachable endpoint,
-error for what loses function (the device is not registered, the state file cannot be written).
+Logging: debug when all goes well (each PUT, notification, restore), info for changes of state
+(a key applied, the observation registered, the endpoint back), warning for a bad document, a
+refused value or an unreachable endpoint, error for lost function (not registered, no state file).
 """
 
 from __future__ import annotations
@@ -64,7 +59,7 @@ from typing import Any
 
 from agent.errors import SyncError
 from agent.files import write_atomic
-from agent.sync.backoff import full_jitter
+from agent.sync.backoff import clamp_hint, full_jitter
 from agent.sync.statedata import (
     Failure,
     StateFileError,
@@ -106,6 +101,9 @@ ENDPOINT_CHECK_INTERVAL = 1.0
 DEFAULT_MAX_AGE = 60.0
 #: The longest silence an observation is trusted for, whatever Max-Age says.
 OBSERVE_STALE_LIMIT = 300.0
+#: The shortest: a smaller Max-Age (0 included) counts as this, so that no endpoint makes the
+#: device register again at once, over and over.
+OBSERVE_MIN_MAX_AGE = 1.0
 #: An observation the endpoint ends sooner than this counts as a failure (backoff grows), so an
 #: endpoint that keeps cancelling never makes a busy loop.
 OBSERVE_MIN_LIFETIME = 10.0
@@ -129,6 +127,13 @@ REV_KEY = "desired/rev"
 def _jitter(failures: int, rng: random.Random) -> float:
     """Backoff before the next attempt after ``failures`` consecutive failures."""
     return full_jitter(failures, BACKOFF_BASE, BACKOFF_CAP, rng, floor=BACKOFF_FLOOR)
+
+
+def _unavailable_pause(resp: Response) -> float:
+    """The pause a 5.03 asks for (its Max-Age, UNAVAILABLE_PAUSE without one), at most
+    BACKOFF_CAP: a Max-Age of years must not stop state sync."""
+    pause = float(resp.max_age) if resp.max_age is not None else UNAVAILABLE_PAUSE
+    return clamp_hint(pause, 0.0, BACKOFF_CAP)
 
 
 class StateSync:
@@ -460,8 +465,7 @@ class StateSync:
             self._retry_at = now + NOT_REGISTERED_PAUSE
             return False
         if resp.code == CODE_UNAVAILABLE:
-            pause = float(resp.max_age) if resp.max_age is not None else UNAVAILABLE_PAUSE
-            self._retry_at = now + max(pause, _jitter(self._failures, self.rng))
+            self._retry_at = now + max(_unavailable_pause(resp), _jitter(self._failures, self.rng))
             return False
         if resp.code >> 5 == 4:
             # the endpoint refuses these entries as they are: resending them unchanged would be
@@ -607,7 +611,8 @@ class StateSync:
                         self._observing = base
                         log.info("event=observing endpoint=%s", base)
                     max_age = float(resp.max_age) if resp.max_age is not None else DEFAULT_MAX_AGE
-                    stale_at = self.clock.monotonic() + min(max_age, OBSERVE_STALE_LIMIT)
+                    max_age = clamp_hint(max_age, OBSERVE_MIN_MAX_AGE, OBSERVE_STALE_LIMIT)
+                    stale_at = self.clock.monotonic() + max_age
                     await self._on_desired(resp.payload, base)
                     continue
                 reason = None
@@ -618,7 +623,9 @@ class StateSync:
                 elif self.endpoints.current != base:
                     reason = "endpoint_switch"
                 elif stale_at is not None and self.clock.monotonic() >= stale_at:
-                    reason = "max_age"
+                    # an observation that lapses soon after it began counts as a failure, so
+                    # a short Max-Age makes renewals back off
+                    return self._observation_ended(base, started, registered, "max_age")
                 if reason is not None:
                     log.info("event=observe_renew endpoint=%s reason=%s", base, reason)
                     self._observe_failures = 0
@@ -674,8 +681,7 @@ class StateSync:
         self._observe_failures += 1
         delay = _jitter(self._observe_failures, self.rng)
         if resp.code == CODE_UNAVAILABLE:
-            pause = float(resp.max_age) if resp.max_age is not None else UNAVAILABLE_PAUSE
-            delay = max(delay, pause)
+            delay = max(delay, _unavailable_pause(resp))
         log.warning(
             "event=observe_refused endpoint=%s code=%s registered=%s backoff=%.2f reason=%r",
             base,
@@ -693,9 +699,13 @@ class StateSync:
         self._last_doc_wall = self.clock.time()
         try:
             doc = parse_desired_document(payload)
-        except StateError as err:
+        except ValueError as err:  # StateError, and any parser error it failed to wrap
             self._documents_rejected += 1
-            log.warning("event=desired_document_rejected endpoint=%s error=%r", base, str(err))
+            log.warning(
+                "event=desired_document_rejected endpoint=%s error=%r action=kept_previous",
+                base,
+                str(err),
+            )
             return
         if not await self.endpoints.check_store(base, doc.store):
             return  # another deployment's desired state: its versions mean nothing here
@@ -742,9 +752,13 @@ class StateSync:
             self._failed.pop(key, None)
             log.info("event=desired_applied key=%s version=%d value=%s", key, version, show(value))
         if doc.rev > self._rev:
+            # reported, and written with the next save (the reporter's, at most one per
+            # min_put_interval): a rev alone need not be durable, and a flood of documents
+            # that change nothing else must not write the file each time
             self._rev = doc.rev
-            changed = True
-        if changed:
+            self._unsaved = True
+            self.changed()
+        if changed:  # what was applied or refused must be on disk before anything else
             await self._persist()
             self.changed()
 

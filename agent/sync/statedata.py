@@ -11,6 +11,18 @@ pending keys change::
      "pending": [* key],                                    ; not yet acknowledged by the endpoint
      "applied": {key => [version, value / null]},           ; desired keys applied
      "failed": {key => [version, error: tstr, name: tstr / null]}}  ; desired versions refused
+
+Versions: every reported key carries a version from a hybrid clock, ``max(last + 1, wall-clock
+ms)``; the last version is persisted (``clock``), so versions keep increasing across restarts
+even when the wall clock steps back, and after a lost state file they start again from the wall
+clock. If the endpoint answers with a higher version than the one sent (our clock was behind),
+the clock catches up and the key is sent again with a newer version.
+
+A crash between applying a key and persisting it re-applies that key once after the restart (the
+same value, so harmless). What was applied or refused is written at once; a document that changes
+only ``rev`` is not (a flood of them would write the file each time): the rev is written with the
+next save, at most one per ``min_put_interval`` when nothing else changes, and a crash before it
+only reports an older rev until the next notification.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import json
 import logging
 import warnings
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,13 @@ ACK_TIMEOUT_MAX = 8.0
 #: number (an endpoint refuses a number below its replay window as a replay, and after a restart
 #: its window starts at the first request that came back with its Echo).
 STALE_RETRIES = 1
+#: The largest answer body a request takes unless it says otherwise (``max_body``). An answer
+#: sent block-wise (RFC 7959) is fetched block by block and the transfer stops beyond it.
+MAX_BODY = 1 << 20
+#: A request body up to this size goes in one message (aiocoap's block size): the Block2 of its
+#: answer is followed here, under ``max_body``; a larger body needs aiocoap's Block1 handling,
+#: which follows Block2 too (its answer's size is checked when it is whole).
+ONE_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -172,17 +179,81 @@ class CoapTransport:
         confirmable: bool = True,
         block2: tuple[int, int] | None = None,
         etags: tuple[bytes, ...] = (),
+        max_body: int = MAX_BODY,
     ) -> Response:
         """One exchange; raises SyncError when it fails or misses its deadline.
         ``etags``: the request's ETag options (a GET answered 2.03 Valid when one is current).
 
-        ``block2``: (block number, szx) asks for that one block (RFC 7959), without aiocoap's
-        automatic block-wise transfer (the default); the answer's Block2 is ``Response.block2``."""
+        ``block2``: (block number, szx) asks for that one block (RFC 7959), without block-wise
+        transfer (the default); the answer's Block2 is ``Response.block2``. Without it an answer
+        sent block-wise is fetched whole, within ``deadline``, and SyncError ends the transfer
+        as soon as the answer (its Size2, or the blocks so far) is larger than ``max_body``."""
+        end = asyncio.get_running_loop().time() + deadline
+        auto = block2 is None and len(payload) > ONE_BLOCK  # aiocoap's Block1 (and Block2)
+
+        async def exchange(body: bytes, block: tuple[int, int] | None) -> Response:
+            # the later blocks' requests keep every option (a server finds the answer it is
+            # sending by them, as aiocoap's Block2Cache does), without the body
+            return await self._exchange(
+                method, uri, body, content_format=content_format, accept=accept, end=end,
+                deadline=deadline, lane=lane, ack_timeout=ack_timeout, confirmable=confirmable,
+                block2=block, etags=etags, blockwise=auto,
+            )  # fmt: skip
+
+        resp = await exchange(payload, block2)
+        if block2 is not None:
+            return resp
+        too_large = f"{method} {uri}: the answer is larger than {max_body} bytes"
+        if auto or resp.block2 is None or not resp.block2[1]:
+            if len(resp.payload) > max_body:
+                raise SyncError(too_large)
+            return replace(resp, block2=None)  # whole, as aiocoap gives a one-block answer
+        if resp.block2[0] != 0:
+            raise SyncError(f"{method} {uri}: the answer starts at block {resp.block2[0]}")
+        if resp.size2 is not None and resp.size2 > max_body:
+            raise SyncError(f"{too_large} (Size2 {resp.size2})")
+        body = bytearray()
+        part = resp
+        while True:
+            assert part.block2 is not None
+            number, more, szx = part.block2
+            size = 16 << szx
+            if number * size != len(body) or (more and len(part.payload) != size):
+                raise SyncError(f"{method} {uri}: block {number} does not follow {len(body)} bytes")
+            if part.etag != resp.etag:
+                raise SyncError(f"{method} {uri}: the resource changed during the transfer")
+            body += part.payload
+            if len(body) > max_body:
+                raise SyncError(too_large)
+            if not more:
+                return replace(resp, payload=bytes(body), block2=None)
+            part = await exchange(b"", (len(body) // size, szx))
+            if part.block2 is None:  # not block-wise any more: that answer stands (as aiocoap)
+                return part
+
+    async def _exchange(
+        self,
+        method: str,
+        uri: str,
+        payload: bytes,
+        *,
+        content_format: int | None,
+        accept: int | None,
+        end: float,
+        deadline: float,
+        lane: int,
+        ack_timeout: float | None,
+        confirmable: bool,
+        block2: tuple[int, int] | None,
+        etags: tuple[bytes, ...],
+        blockwise: bool,
+    ) -> Response:
+        """One request and its answer, by ``end`` (the loop's time); ``blockwise``: aiocoap's
+        block-wise transfer in both directions."""
         import aiocoap
         from aiocoap import error as coap_error
         from aiocoap.optiontypes import BlockOption
 
-        end = asyncio.get_running_loop().time() + deadline
         retries = 0
         while True:
             ctx = await self._context(lane % self.lanes)  # a retry: the lane's current context
@@ -201,7 +272,7 @@ class CoapTransport:
             if etags:
                 msg.opt.etags = etags
             try:
-                req = ctx.request(msg, handle_blockwise=block2 is None)
+                req = ctx.request(msg, handle_blockwise=blockwise)
             except (coap_error.Error, ValueError, OSError) as err:
                 raise SyncError(f"{method} {uri}: {err}") from err
             try:

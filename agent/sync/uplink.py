@@ -21,6 +21,13 @@ Pacing:
 
 Answers other than 2.04 follow the table in docs/protocol.md ("what the device does").
 
+Refused records: after a 4.00 to a batch, its records go one by one; a record refused alone (4.00,
+4.13, or one the encoder refuses) is held back (leased) while the next ones go. It is *set aside*
+(:meth:`agent.store.queue.Store.set_aside`: written to ``DATA/rejected/`` before it leaves the
+queue) only when a record sent alone after it is stored, i.e. when the refusal is isolated.
+When ``REFUSALS_IN_ROW`` are refused one after another, or every record of the round is, the
+endpoint is what is broken: every record stays queued and the uplink backs off.
+
 Conflicts: a seq the ack lists in ``conflicts`` (the endpoint holds another record under it: a
 forged batch, or an earlier life of this device) is never acknowledged. The record stays, is
 counted (``records_conflicted``), logged (``event=ack_conflict``) and moved by
@@ -44,12 +51,20 @@ from typing import Any
 from agent.errors import StoreError, SyncError
 from agent.files import resolve_path
 from agent.store.queue import Record, Store
-from agent.sync.backoff import full_jitter
+from agent.store.settings import SEQ_HEADROOM
+from agent.sync.backoff import clamp_hint, full_jitter
 from agent.sync.datapolicy import DataSettings
 from agent.sync.featurize import fold
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
 from agent.wire import codec
-from agent.wire.batch import CF_SENML_CBOR, CodecError, IngestAck, WireRecord, format_ranges
+from agent.wire.batch import (
+    CF_SENML_CBOR,
+    MAX_SEQ,
+    CodecError,
+    IngestAck,
+    WireRecord,
+    format_ranges,
+)
 from agent.wire.credentials import register_command
 from drivers.base import Options
 from drivers.clock import Clock, wait_event
@@ -69,6 +84,16 @@ LAN_RTT = 0.02
 #: Multiplicative decrease of the congestion window on a loss (CUBIC's beta, RFC 9438).
 BETA = 0.7
 MAX_BATCH_RECORDS = 4096
+#: Records sent alone and refused one after another, none stored in between, after which the
+#: endpoint (not the records) is taken as broken: they all stay queued and the uplink backs off.
+REFUSALS_IN_ROW = 8
+#: Records sent alone after one refused alone outside a split batch (4.13 at one record), to tell
+#: a record no endpoint takes from an endpoint that takes nothing.
+PROBE_SINGLES = 8
+#: Max-Age of a 5.03 that carries none (RFC 7252 section 5.10.5).
+DEFAULT_MAX_AGE = 60.0
+#: The highest endpoint ``last`` believed: an epoch above it would leave less than SEQ_HEADROOM.
+MAX_BELIEVED_LAST = MAX_SEQ - SEQ_HEADROOM
 
 
 def network_time() -> float:
@@ -176,7 +201,7 @@ class UplinkStats:
     batches_acked: int = 0
     batches_failed: int = 0
     records_acked: int = 0
-    records_rejected: int = 0  # records the endpoint refused as undecodable (set aside)
+    records_rejected: int = 0  # records refused alone, isolated, and set aside (DATA/rejected/)
     records_conflicted: int = 0  # records whose seq the endpoint holds another record under
     seq_epochs: int = 0  # times the store moved to a new epoch above the endpoint's last seq
     bytes_sent: int = 0
@@ -185,6 +210,17 @@ class UplinkStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class _Round:
+    """Records sent one by one after a refusal, to tell a bad record from a broken endpoint."""
+
+    uri: str
+    left: int  # records still to send alone in this round
+    accepted: int = 0  # of them stored by the endpoint
+    in_row: int = 0  # refused one after another since the last one stored
+    held: dict[int, tuple[Record, str]] = field(default_factory=dict)  # refused: kept leased
 
 
 class RttEstimator:
@@ -268,9 +304,11 @@ class Uplink:
         # encoded bytes per stored payload byte, learned per content format (the link policy
         # switches formats, and SenML-CBOR and the compact ones differ several-fold)
         self._expansion: dict[int, float] = {}
-        self._singles = 0  # after a 4.00: send this many records one by one to find the bad one
+        self._round: _Round | None = None  # after a refusal: records go one by one
+        self._refusing = False  # the endpoint refused every record sent alone (said once)
+        self._aside_failing = False  # refused records could not be set aside (said once)
         self._fallback_cf = False
-        self._unreachable_last: int | None = None  # an endpoint "last" no epoch can go above
+        self._refused_last: set[str] = set()  # endpoints whose "last" was refused (said once)
         self.online = False
         #: why the last exchange failed ("" after a success): "answer 4.01", "timeout", ...
         self.last_error = ""
@@ -322,8 +360,12 @@ class Uplink:
                 tg.create_task(self._send(batch, lane))
 
     async def _lease(self) -> list[Record]:
-        if self._singles > 0:
-            return await self.store.batch(1, MAX_BATCH_BYTES)
+        r = self._round
+        if r is not None:
+            single = await self.store.batch(1, MAX_BATCH_BYTES)
+            if not single and self.inflight == 0 and self._round is r:
+                await self._end_round(r)  # nothing else to tell the held ones apart with
+            return single
         target = self.policy.batch_bytes
         srtt = self.rtt.srtt
         if srtt is None or srtt > LAN_RTT:
@@ -360,7 +402,7 @@ class Uplink:
                 payload = self._encode(batch, cf)
             except CodecError as err:
                 log.error("event=encode_failed records=%d error=%r", len(batch), str(err))
-                await self._reject(batch)
+                await self._refused(batch, f"not encodable: {err}", uri)
                 return
             stored = sum(len(r.payload) for r in batch) or 1
             ratio = len(payload) / stored
@@ -459,18 +501,24 @@ class Uplink:
             missing = [s for s in seqs if s not in ack and not ack.in_conflict(s)]
             if acked:
                 await self.store.ack(acked)
-            ahead = ack.last is not None and ack.last > self.store.last_seq
-            if conflicts or (ahead and ack.last != self._unreachable_last):
-                await self._new_epoch(conflicts, ack.last, uri)
+            last = self._believed_last(ack.last, uri)
+            if conflicts or (last is not None and last > self.store.last_seq):
+                await self._new_epoch(conflicts, last, uri)
             if missing:
                 await self._nack(missing)
+            if not acked and not conflicts:  # sent again at once, it would spin
+                self._failed(uri, f"ack stored none of the {len(batch)} record(s)", probing_primary)
+                return 0
             self.stats.batches_acked += 1
             self.stats.records_acked += len(acked)
-            if self._singles:
-                self._singles = max(0, self._singles - len(batch))
             self._succeeded(uri, probing_primary)
+            if self._round is not None and len(batch) == 1:
+                await self._single_answered(self._round, stored=bool(acked))
             return len(acked)
         if resp.code == CODE_TOO_LARGE:
+            if len(batch) == 1:  # no batch limit is below one record: this one, or the endpoint
+                await self._refused(batch, _answer(resp), uri)
+                return 0
             await self._nack(seqs)
             self.policy.batch_bytes = max(256, self.policy.batch_bytes // 2)
             self.policy.batch_records = max(1, self.policy.batch_records // 2)
@@ -484,12 +532,7 @@ class Uplink:
             )
             return 0
         if resp.code == CODE_BAD_REQUEST:
-            if len(batch) == 1:
-                await self._reject(batch)
-            else:
-                await self._nack(seqs)
-                self._singles = len(batch)
-                log.error("event=batch_refused records=%d action=send_singly", len(batch))
+            await self._refused(batch, _answer(resp), uri)
             return 0
         await self._nack(seqs)
         if resp.code == CODE_NOT_FOUND:
@@ -506,10 +549,29 @@ class Uplink:
             self.not_registered = True
             self._pause(NOT_REGISTERED_PAUSE)
         elif resp.code == CODE_UNAVAILABLE:
-            self._pause(float(resp.max_age if resp.max_age is not None else 10))
+            hint = DEFAULT_MAX_AGE if resp.max_age is None else float(resp.max_age)
+            delay = clamp_hint(hint, self.settings.backoff_base, self.settings.backoff_max)
+            self.stats.batches_failed += 1
+            self.last_error = f"answer 5.03 (endpoint unavailable), retry in {delay:g}s"
+            self._pause(delay)
         else:
             self._failed(uri, f"answer {resp.dotted}", probing_primary)
         return 0
+
+    def _believed_last(self, last: int | None, uri: str) -> int | None:
+        """The endpoint's ``last``, or None when an epoch above it would leave less than
+        SEQ_HEADROOM of the sequence space (one ack must not use it up)."""
+        if last is None or last <= MAX_BELIEVED_LAST:
+            return last
+        (log.debug if uri in self._refused_last else log.error)(
+            "event=ack_last_refused endpoint=%s last=%d limit=%d action=kept_own_epoch: the "
+            "endpoint claims seqs this device never numbered; check its records of the device",
+            uri,
+            last,
+            MAX_BELIEVED_LAST,
+        )
+        self._refused_last.add(uri)
+        return None
 
     async def _new_epoch(self, conflicts: list[int], last: int | None, uri: str) -> None:
         """The endpoint holds other records under ``conflicts`` (forged, or an earlier life of
@@ -525,9 +587,7 @@ class Uplink:
             log.error("event=renumber_failed records=%d error=%r", len(conflicts), str(err))
             await self._nack(conflicts)
             return
-        if self.store.last_seq < floor:  # beyond the sequence space (the store logged it)
-            self._unreachable_last = floor
-        elif floor > before:
+        if floor > before:
             self.stats.seq_epochs += 1
         if not conflicts:
             log.warning(
@@ -555,14 +615,99 @@ class Uplink:
         except StoreError as err:  # the lease will expire and they come back anyway
             log.warning("event=nack_failed records=%d error=%r", len(seqs), str(err))
 
-    async def _reject(self, batch: list[Record]) -> None:
-        """A record the endpoint cannot decode: set it aside (never resend it as is)."""
-        for r in batch:
+    # -- refused records ---------------------------------------------------------------------
+    async def _refused(self, batch: list[Record], answer: str, uri: str) -> None:
+        """The endpoint (or the encoder) refused ``batch``: a batch goes again one record at a
+        time; a record refused alone is held until the next ones tell whether it is the record
+        or the endpoint."""
+        if len(batch) > 1:
+            await self._nack([r.seq for r in batch])
+            if self._round is None:
+                self._round = _Round(uri, left=len(batch))
+                log.error(
+                    "event=batch_refused endpoint=%s records=%d answer=%r action=send_singly",
+                    uri,
+                    len(batch),
+                    answer,
+                )
+            return
+        (rec,) = batch
+        r = self._round
+        if r is None:  # refused alone outside a split: test it against the next records
+            r = self._round = _Round(uri, left=PROBE_SINGLES)
+        r.held[rec.seq] = (rec, answer)  # stays leased: the next single is another record
+        r.in_row += 1
+        if r.in_row >= REFUSALS_IN_ROW:
+            await self._trip(r)
+        else:
+            await self._single_answered(r, stored=False)
+
+    async def _single_answered(self, r: _Round, *, stored: bool) -> None:
+        r.left -= 1
+        if stored:
+            r.accepted += 1
+            r.in_row = 0
+            await self._set_aside(r)  # refused, then one stored after them: isolated
+        if r.left <= 0 and self._round is r:
+            await self._end_round(r)
+
+    async def _end_round(self, r: _Round) -> None:
+        if r.held and not r.accepted:
+            await self._trip(r)
+            return
+        await self._set_aside(r)
+        if self._round is r:
+            self._round = None
+
+    async def _trip(self, r: _Round) -> None:
+        """Every record sent alone was refused: the endpoint is broken, not the records."""
+        if self._round is r:
+            self._round = None
+        held, r.held = r.held, {}
+        answer = next(iter(held.values()))[1] if held else "?"
+        (log.debug if self._refusing else log.error)(
+            "event=endpoint_refuses_all endpoint=%s refused_in_row=%d answer=%r "
+            "action=kept_records,backoff: the endpoint refuses every record sent alone; check "
+            "its release and its log",
+            r.uri,
+            len(held),
+            answer,
+        )
+        self._refusing = True
+        await self._nack(list(held))
+        self._failed(r.uri, f"endpoint refuses every record ({answer})", False)
+
+    async def _set_aside(self, r: _Round) -> None:
+        """Move the held records to the set-aside area (never deleted without a copy)."""
+        held, r.held = list(r.held.values()), {}  # taken at once: other lanes answer meanwhile
+        for i, (rec, answer) in enumerate(held):
+            try:
+                await self.store.set_aside([rec], answer)
+            except StoreError as err:
+                (log.debug if self._aside_failing else log.error)(
+                    "event=set_aside_failed endpoint=%s records=%d error=%r "
+                    "action=kept_in_queue,backoff",
+                    r.uri,
+                    len(held) - i,
+                    str(err),
+                )
+                self._aside_failing = True  # said once, until a record is set aside again
+                await self._nack([kept.seq for kept, _ in held[i:]])
+                if self._round is r:
+                    self._round = None
+                self._failed(r.uri, f"refused records not set aside: {err}", False)
+                return
+            self.stats.records_rejected += 1
+            self._aside_failing = False
             log.error(
-                "event=record_rejected seq=%d kind=%s bytes=%d", r.seq, r.kind, len(r.payload)
+                "event=record_rejected seq=%d kind=%s bytes=%d answer=%r action=set_aside "
+                "dir=%s: read the file, fix the cause, put the record back if needed",
+                rec.seq,
+                rec.kind,
+                len(rec.payload),
+                answer,
+                self.store.settings.set_aside_path,
             )
-        self.stats.records_rejected += len(batch)
-        await self.store.ack([r.seq for r in batch])
 
     def _report(
         self,
@@ -592,6 +737,7 @@ class Uplink:
         if not self.online:
             log.info("event=uplink_online endpoint=%s", uri)
         self.online = True
+        self._refusing = False
         self.failures = 0
         self.last_error = ""
         self._probing = False
@@ -640,3 +786,9 @@ class Uplink:
 
     def _pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, self.clock.monotonic() + seconds)
+
+
+def _answer(resp: Any) -> str:
+    """An answer for the log and the set-aside file: its code and diagnostic payload."""
+    text = bytes(resp.payload or b"")[:120].decode("utf-8", "replace")
+    return f"{resp.dotted} {text}".strip()

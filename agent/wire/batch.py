@@ -5,6 +5,8 @@ acknowledgement of a batch (:class:`IngestAck`, with the sequence-number ranges 
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +31,12 @@ CF_LINK_FORMAT = 40  # application/link-format
 
 MAX_SEQ = 2**63 - 1  # SQLite INTEGER
 MAX_STORE_ID = 64  # characters of a storage identity in an ack
+#: Ranges an ack may name ("ack" and "conflicts" together): each seq of a batch is in at most one,
+#: and a batch holds at most 4,096 records (the endpoint's limit), so an honest ack needs no more.
+MAX_ACK_RANGES = 4096
+#: The largest ack body decoded: 4,096 ranges of two 9-byte numbers (19 bytes each) and the rest
+#: fit in 80 KiB.
+MAX_ACK_BYTES = 96 * 1024
 
 
 #: A record kind that only travels, never stored on the device: a features record
@@ -160,6 +168,8 @@ class IngestAck:
     last: int | None = field(default=None, compare=False)
     # the identity of the storage behind the endpoint (None: an endpoint that does not say)
     store: str | None = field(default=None, compare=False)
+    _firsts: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _conflict_firsts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     @classmethod
     def for_seqs(
@@ -185,16 +195,27 @@ class IngestAck:
             store,
         )
 
+    def __post_init__(self) -> None:
+        # sorted and disjoint (from_cbor refuses anything else; built by hand, they are made so),
+        # with their first seqs for a binary search
+        for name in ("ranges", "conflicts"):
+            spans = tuple(getattr(self, name))
+            if any(b[0] <= a[1] for a, b in itertools.pairwise(spans)):
+                spans = _merged(spans)
+            object.__setattr__(self, name, spans)
+        object.__setattr__(self, "_firsts", tuple(a for a, _ in self.ranges))
+        object.__setattr__(self, "_conflict_firsts", tuple(a for a, _ in self.conflicts))
+
     def __contains__(self, seq: object) -> bool:
         return (
             isinstance(seq, int)
-            and any(a <= seq <= b for a, b in self.ranges)
+            and _covered(self.ranges, self._firsts, seq)
             and not self.in_conflict(seq)
         )
 
     def in_conflict(self, seq: int) -> bool:
         """The endpoint holds another record under ``seq``: it is not acknowledged."""
-        return any(a <= seq <= b for a, b in self.conflicts)
+        return _covered(self.conflicts, self._conflict_firsts, seq)
 
     def seqs(self) -> Iterator[int]:
         for a, b in self.ranges:
@@ -218,6 +239,8 @@ class IngestAck:
 
     @classmethod
     def from_cbor(cls, data: bytes) -> IngestAck:
+        if len(data) > MAX_ACK_BYTES:
+            raise CodecError(f"ack: {len(data)} bytes, more than {MAX_ACK_BYTES}")
         try:
             doc = records.loads(data, max_depth=8)
         except records.RecordError as err:
@@ -243,8 +266,15 @@ class IngestAck:
                     or not 0 <= pair[0] <= pair[1] <= MAX_SEQ
                 ):
                     raise CodecError(f"ack: each {key} range is [first, last] with first <= last")
+                if out and pair[0] <= out[-1][1]:
+                    raise CodecError(f"ack: {key!r} ranges must be sorted and disjoint")
                 out.append((pair[0], pair[1]))
             return tuple(out)
+
+        raw_ack, raw_conflicts = doc.get("ack"), doc.get("conflicts", [])
+        named = sum(len(r) for r in (raw_ack, raw_conflicts) if isinstance(r, list))
+        if named > MAX_ACK_RANGES:
+            raise CodecError(f"ack: {named} ranges, more than {MAX_ACK_RANGES}")
 
         last = doc.get("last")
         if last is not None and (
@@ -255,14 +285,32 @@ class IngestAck:
         if store is not None and not (isinstance(store, str) and 0 < len(store) <= MAX_STORE_ID):
             raise CodecError(f"ack: store must be a text of 1..{MAX_STORE_ID} characters")
         return cls(
-            ranges("ack", doc.get("ack")),
+            ranges("ack", raw_ack),
             count("new"),
             count("dup"),
             count("conflict"),
-            ranges("conflicts", doc.get("conflicts", [])),
+            ranges("conflicts", raw_conflicts),
             last,
             store,
         )
+
+
+def _merged(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``spans`` sorted, with overlapping or adjacent ones merged."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def _covered(ranges: tuple[tuple[int, int], ...], firsts: tuple[int, ...], seq: int) -> bool:
+    """Whether one of the sorted, disjoint ``ranges`` (``firsts``: their first seqs) holds
+    ``seq``."""
+    i = bisect.bisect_right(firsts, seq) - 1
+    return i >= 0 and seq <= ranges[i][1]
 
 
 #: Times two encodings of one record may disagree by: the compact encodings carry times in whole

@@ -143,11 +143,14 @@ def items(data: bytes, span: Span) -> list[Span]:
 
 def entries(data: bytes, span: Span) -> list[tuple[Span, Span]]:
     """The (key, value) spans of the map at ``span`` (a span :func:`scan` returned), in the
-    order they come."""
+    order they come; :class:`ScanError` for an indefinite-length map of an odd number of items
+    (which :func:`scan` spans without counting)."""
     count, pos = _container(data, span, 5, "a map")
     out: list[tuple[Span, Span]] = []
     while (count == -1 and data[pos] != BREAK) or len(out) < count:
         key = scan(data, pos)
+        if count == -1 and data[key.end] == BREAK:
+            raise ScanError(f"an indefinite-length map of an odd number of items at {span.start}")
         value = scan(data, key.end)
         out.append((key, value))
         pos = value.end

@@ -462,11 +462,12 @@ def _split(data: bytes, span: Span | None, what: str, expected: str) -> list[tup
             span = cborscan.scan(data)
             if span.end != len(data):
                 raise StateError(f"{what}: {len(data) - span.end} bytes after the CBOR item")
+        if data[span.start] >> 5 != 5:
+            raise StateError(f"{what}: expected {expected}")
+        # an indefinite-length map of an odd number of items scans, but is no map
+        return cborscan.entries(data, span)
     except ScanError as err:
         raise StateError(f"{what}: not valid CBOR: {err}") from None
-    if data[span.start] >> 5 != 5:
-        raise StateError(f"{what}: expected {expected}")
-    return cborscan.entries(data, span)
 
 
 def decode_desired_value(key: str, data: bytes, span: Span) -> Any:

@@ -243,6 +243,36 @@ def test_no_document_at_all_is_refused_whole(payload: bytes) -> None:
         parse_desired_document(payload)
 
 
+# an indefinite-length map of an odd number of items: the scanner spans it, but it is no map
+ODD_MAP = b"\xbf\x61k\xff"  # {_ "k" }
+
+
+@pytest.mark.parametrize(
+    ("attack", "payload"),
+    [
+        ("odd_top_level", b"\xbf" + cbor2.dumps({"rev": 1, "keys": {}}) + b"\xff"),
+        ("odd_keys", b"\xa2" + cbor2.dumps("rev") + b"\x01" + cbor2.dumps("keys") + ODD_MAP),
+        ("odd_put_body", b"\xbf" + cbor2.dumps("sensor/motor/interval") + b"\xff"),
+    ],
+)
+def test_odd_indefinite_map_is_refused_as_a_state_error(attack: str, payload: bytes) -> None:
+    """It used to raise cborscan.ScanError, which no caller of these parsers catches."""
+    parse = parse_desired_changes if attack == "odd_put_body" else parse_desired_document
+    with pytest.raises(StateError, match="odd number of items"):
+        parse(payload)
+
+
+def test_odd_indefinite_blocked_map_costs_only_the_blocked_list() -> None:
+    keys = cbor2.dumps({"sensor/a/interval": [1, 2.0]})
+    payload = b"\xa3" + cbor2.dumps("rev") + b"\x01" + cbor2.dumps("keys") + keys
+    payload += cbor2.dumps("blocked") + ODD_MAP
+    doc = parse_desired_document(payload)
+    assert doc.entries == {"sensor/a/interval": Entry(1, 2.0)} and doc.blocked == {}
+    assert [where for where, _ in doc.problems] == ["blocked"]
+    with pytest.raises(StateError, match="odd number of items"):
+        DesiredDoc.from_cbor(payload)  # the endpoint's reading of it
+
+
 def test_stored_value_too_deep_to_decode_is_served_as_its_bytes() -> None:
     raw = deep_array(100)
     value = statedoc.decode_stored(raw)
@@ -313,6 +343,14 @@ def test_scan_agrees_with_cbor2_on_well_formedness(data: bytes) -> None:
 def test_scan_refuses_cbor_bombs_without_recursion(attack: str, data: bytes) -> None:
     with pytest.raises(ScanError):
         cborscan.scan(data)
+
+
+def test_entries_refuses_an_indefinite_map_of_an_odd_number_of_items() -> None:
+    data = b"\xbf\x01\x02\x03\xff"  # {_ 1: 2, 3 }: well-formed to the scanner, no map
+    with pytest.raises(ScanError, match="odd number of items"):
+        cborscan.entries(data, cborscan.scan(data))
+    even = b"\xbf\x01\x02\xff"
+    assert len(cborscan.entries(even, cborscan.scan(even))) == 1
 
 
 def test_scan_walks_a_value_nested_100000_deep_without_recursion() -> None:
