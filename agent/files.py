@@ -30,8 +30,17 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``: temporary file beside it (created with ``mode``), fsync,
-    rename, fsync of the directory. A crash leaves the old file or the new one, never a mix."""
+    rename, fsync of the directory (and of the parent of each directory it had to create, so
+    that a new directory's entry is as durable as the file). A crash leaves the old file or the
+    new one, never a mix."""
+    created = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        created.append(parent)
+        parent = parent.parent
     path.parent.mkdir(parents=True, exist_ok=True)
+    for made in reversed(created):
+        fsync_dir(made.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()  # a leftover of a crash: O_EXCL below must create it anew with ``mode``

@@ -85,6 +85,8 @@ class BusWorker(Executor):
             queue.SimpleQueue()
         )
         self._shutdown = False
+        self.abandoned = False  # left behind by a wedge: its late transfer may not go on
+        self.guard: Any = None  # the bus or port as this worker's transfers see it
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -138,6 +140,29 @@ class BusWorker(Executor):
             self.thread.join()
 
 
+class _Guarded:
+    """The bus or port as one worker's transfers see it. Once the worker is left behind (its
+    transfer missed the deadline and a fresh worker took the bus over), a transfer that returns
+    late and goes on gets an I/O error at its next call, so two threads never drive the bus at
+    once (an address set by one and a read by the other: a wrong reading taken as good)."""
+
+    def __init__(self, target: Any, worker: BusWorker) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_worker", worker)
+
+    def _check(self) -> None:
+        if self._worker.abandoned:
+            raise OSError(errno.EIO, "abandoned transfer: the bus went on with a fresh thread")
+
+    def __getattr__(self, name: str) -> Any:
+        self._check()
+        return getattr(self._target, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._check()
+        setattr(self._target, name, value)
+
+
 class _Worked:
     """The worker thread of a bus or port, replaced when a transfer wedges it."""
 
@@ -145,8 +170,9 @@ class _Worked:
     timeout: float
     _executor: BusWorker
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, target: Any) -> None:
         self._executor = BusWorker(f"bus-{self.name}")
+        self._executor.guard = _Guarded(target, self._executor)
 
     def _wedged(self, worker: BusWorker, device: Any, where: str) -> None:
         """``worker`` missed a deadline: leave it, move the queue to a fresh worker and have the
@@ -161,7 +187,8 @@ class _Worked:
             where,
             self.timeout,
         )
-        self._start_worker()
+        worker.abandoned = True
+        self._start_worker(device)
         reopen = getattr(device, "reopen", None)
         if callable(reopen):  # first, before the transfers that were queued
             self._executor.submit(reopen)
@@ -206,16 +233,17 @@ class AsyncI2C(_Worked):
         self.clock = clock
         self.name = name
         self.timeout = timeout
-        self._start_worker()
+        self._start_worker(bus)
 
     async def transact(self, address: int, fn: Callable[[I2CBus], T]) -> T:
         """Run ``fn(bus)`` on the bus thread; map OS errors to DriverErrors naming the address."""
 
-        def call() -> T:
-            return fn(self.bus)
-
         deadline = asyncio.timeout(self.timeout)
         worker = self._executor
+
+        def call() -> T:
+            return fn(worker.guard)
+
         try:
             async with deadline:
                 return await self.clock.run_blocking(worker, call)
@@ -313,16 +341,17 @@ class AsyncSerial(_Worked):
         self.clock = clock
         self.name = name or getattr(port, "port", None) or "serial"
         self.timeout = timeout
-        self._start_worker()
+        self._start_worker(port)
 
     async def transact(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(port)`` on the port's thread; map serial errors to DriverErrors."""
 
-        def call() -> T:
-            return fn(self.port)
-
         deadline = asyncio.timeout(self.timeout)
         worker = self._executor
+
+        def call() -> T:
+            return fn(worker.guard)
+
         try:
             async with deadline:
                 return await self.clock.run_blocking(worker, call)

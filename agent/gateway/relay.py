@@ -35,7 +35,7 @@ from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.transport import CoapTransport
 from agent.wire import codec, statedoc
-from agent.wire.batch import CF_CBOR, FEATURES, CodecError, IngestAck, WireRecord
+from agent.wire.batch import CF_CBOR, FEATURES, CodecError, IngestAck, WireRecord, format_ranges
 from agent.wire.compact import check_resolution
 from agent.wire.compact_format import CF_COMPACT_DEFLATE
 from agent.wire.features import MAX_BATCH_READINGS, FeaturesBody
@@ -85,12 +85,13 @@ def _newest_arrival(s: Any) -> int:
 
 
 def prepare_store(s: Any) -> None:
-    """The gateway's own parts of its store (the schema is the endpoint's, cloud/storage.py):
-    an index on ``records.arrival`` for the forwarding passes, the highest seq dropped per
-    device (:func:`prune`), and the queue of features records to forward, a row per features
-    record stored, written by a trigger in the ingest's own transaction (the one that
-    acknowledges the record to its device). Created once; the features records stored before
-    it are queued then (an earlier gateway stored them and never forwarded them)."""
+    """The gateway's own parts of its store (the schema is the endpoint's, cloud/storage.py): an
+    index on ``records.arrival`` for the forwarding passes, the highest seq dropped per device
+    and the records the cloud did not take (:func:`prune`), and the queue of features records to
+    forward, a row per features record stored, written by a trigger in the ingest's own
+    transaction (the one that acknowledges the record to its device). Created once; the features
+    records stored before it are queued then (an earlier gateway stored them and never forwarded
+    them)."""
     db = s.db
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -98,6 +99,10 @@ def prepare_store(s: Any) -> None:
         db.execute(
             f"CREATE TABLE IF NOT EXISTS {PRUNED_TABLE} (device TEXT PRIMARY KEY, "
             "through INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS relay_kept (device TEXT NOT NULL, seq INTEGER NOT NULL, "
+            "features INTEGER NOT NULL, PRIMARY KEY (device, seq, features)) WITHOUT ROWID"
         )
         queued = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_features'"
@@ -125,12 +130,14 @@ def prepare_store(s: Any) -> None:
 def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BATCH) -> int:
     """Drop what the cloud acknowledged (arrival up to ``arrival``, features queued up to
     ``queued``) and the gateway received before ``before`` (``[gateway] keep_forwarded`` ago),
-    at most ``most`` records in one transaction, oldest first. Each device's newest record
-    stays: it is the ``last`` of the device's acks, by which a device that lost its store learns
-    to number above it. The highest seq dropped per device is kept (:data:`PRUNED_TABLE`): a
-    record under a seq at or below it that the store does not hold is answered as a conflict
-    (cloud/storage.py), so the device sends it again under a new number rather than have the
-    cloud keep another record under its number. Returns the records and features dropped."""
+    at most ``most`` records in one transaction, oldest first. A record the cloud answered with
+    a conflict (it holds another under its seq) stays (``relay_kept``): the gateway holds the
+    only copy. Each device's newest record stays: it is the ``last`` of the device's acks, by
+    which a device that lost its store learns to number above it. The highest seq dropped per
+    device is kept (:data:`PRUNED_TABLE`): a record under a seq at or below it that the store
+    does not hold is answered as a conflict (cloud/storage.py), so the device sends it again
+    under a new number rather than have the cloud keep another record under its number. Returns
+    the records and features dropped."""
     db = s.db
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -146,7 +153,11 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
             (upto, most),
         ).fetchone()
         upto = upto if row is None else row[0] - 1
-        newest = "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device)"
+        newest = (
+            "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device) AND "
+            "NOT EXISTS (SELECT 1 FROM relay_kept AS k WHERE k.device = records.device AND "
+            "k.seq = records.seq AND k.features = 0)"
+        )
         for device, through in db.execute(
             f"SELECT device, max(seq) FROM records WHERE arrival <= ? AND {newest} GROUP BY device",
             (upto,),
@@ -162,7 +173,9 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
         forwarded = (
             "SELECT q.device, q.first_seq FROM relay_features AS q JOIN features AS f "
             "ON f.device = q.device AND f.first_seq = q.first_seq "
-            "WHERE q.n <= ? AND f.received < ? ORDER BY q.n LIMIT ?"
+            "WHERE q.n <= ? AND f.received < ? AND NOT EXISTS (SELECT 1 FROM relay_kept AS k "
+            "WHERE k.device = q.device AND k.seq = q.first_seq AND k.features = 1) "
+            "ORDER BY q.n LIMIT ?"
         )
         dropped += db.execute(
             f"DELETE FROM features WHERE (device, first_seq) IN ({forwarded})",
@@ -178,6 +191,13 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
         db.execute("ROLLBACK")
         raise
     return dropped
+
+
+def _keep(s: Any, kept: Sequence[tuple[str, int, int]]) -> None:
+    """Mark records (device, seq, 1 for a features record) the cloud did not take: never pruned."""
+    s.db.executemany(
+        "INSERT OR IGNORE INTO relay_kept (device, seq, features) VALUES (?, ?, ?)", kept
+    )
 
 
 def _newest_queued(s: Any) -> int:
@@ -407,8 +427,11 @@ class RecordForwarder:
         await self.resolutions.save()
         encoded = [(device, recs, self._entry(device, recs)) for device, recs in parts]
         done = 0
+        kept: list[tuple[str, int, int]] = []
         for request in _requests(encoded):
-            done += await self._relay(request)
+            done += await self._relay(request, kept)
+        if kept:  # before the cursor passes them, so no prune can take them
+            await self.db(lambda s: _keep(s, kept))
         self.cursor = max((a for a, _, _ in rows), default=self.cursor)
         self.features_cursor = max((n for n, _, _ in feats), default=self.features_cursor)
         await self._save()
@@ -435,7 +458,11 @@ class RecordForwarder:
         )
         return RelayEntry(device, CF_COMPACT_DEFLATE, batch)
 
-    async def _relay(self, parts: Sequence[tuple[str, Sequence[WireRecord], RelayEntry]]) -> int:
+    async def _relay(
+        self,
+        parts: Sequence[tuple[str, Sequence[WireRecord], RelayEntry]],
+        kept: list[tuple[str, int, int]],
+    ) -> int:
         entries = [entry for _, _, entry in parts]
         body = encode_relay(entries)
         uri = f"{self.base()}/relay/{self.name}"
@@ -458,33 +485,47 @@ class RecordForwarder:
                     f"POST {uri}: {device}: {answer.dotted} {answer.message} (its records stay "
                     "at the gateway; attach it: edge-agent-cloud gateways attach)"
                 )
-            done += self._acked(device, recs, answer, uri)
+            done += self._acked(device, recs, answer, uri, kept)
         return done
 
-    def _acked(self, device: str, recs: Sequence[WireRecord], ack: IngestAck, uri: str) -> int:
-        missing = conflicts = 0
+    def _acked(
+        self,
+        device: str,
+        recs: Sequence[WireRecord],
+        ack: IngestAck,
+        uri: str,
+        kept: list[tuple[str, int, int]],
+    ) -> int:
+        """The records the cloud took; those it did not (a conflict) go into ``kept``."""
+        missing = 0
+        conflicted: list[tuple[str, int, int]] = []
         for rec in recs:
             seqs = _seqs(rec)
             taken = [q for q in seqs if q in ack or ack.in_conflict(q)]
             if not taken:
                 missing += 1
             elif any(ack.in_conflict(q) for q in seqs):
-                conflicts += 1
+                conflicted.append((device, rec.seq, int(rec.kind == FEATURES)))
             elif len(taken) < len(seqs):
                 # a features record of which the cloud holds some readings in another form (sent
                 # to it directly): it acknowledges those and, as to a device, not the others,
-                # which only the device could send again. Said, never sent again in a loop.
-                conflicts += 1
+                # which only the device could send again. Said, kept, never sent again in a loop.
+                conflicted.append((device, rec.seq, 1))
                 log.warning(
                     "event=forward_features_partial device=%s first=%d readings=%d taken=%d",
                     device, seqs[0], len(seqs), len(taken),
                 )  # fmt: skip
         if missing:
             raise SyncError(f"POST {uri}: {device}: {missing} records not acknowledged")
-        if conflicts:  # the cloud holds other records under these numbers: it keeps its own
-            self.conflicts += conflicts
-            log.warning("event=forward_conflict device=%s seqs=%d", device, conflicts)
-        return len(recs) - conflicts
+        if conflicted:  # the cloud holds other records under these numbers: it keeps its own
+            self.conflicts += len(conflicted)
+            kept.extend(conflicted)
+            log.error(
+                "event=forward_conflict device=%s seqs=%s action=kept_at_gateway: the cloud "
+                "holds other records under these numbers; the gateway keeps its copies",
+                device, format_ranges(sorted(q for _, q, _ in conflicted)),
+            )  # fmt: skip
+        return len(recs) - len(conflicted)
 
 
 def _requests(

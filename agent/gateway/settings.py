@@ -9,7 +9,7 @@ credential, role ``gateway``) and its own ``[gateway]`` table::
     credentials = "devices"        # the credential files of its devices (relative: data_dir)
     forward_interval = 30.0        # seconds between forwarding passes (alerts: at once)
     forward_records = 20000        # records per pass at most
-    keep_forwarded = 604800.0      # seconds a record stays once the cloud stored it (7 days)
+    keep_forwarded = 604800.0      # seconds a record stays once the cloud stored it (>= 3600)
     desired_poll = 30.0            # seconds between (conditional) looks at desired documents
 
     [gateway.peers]                # optional: the site's replicated state (agent/gateway/peers.py)
@@ -54,7 +54,10 @@ class GatewaySettings:
         interval = opts.number("forward_interval", 30.0, minimum=0.05, maximum=3600.0)
         records = opts.integer("forward_records", 20_000, minimum=1, maximum=100_000)
         poll = opts.number("desired_poll", 30.0, minimum=0.1, maximum=3600.0)
-        keep = opts.number("keep_forwarded", 7 * 86400.0, minimum=0.0, maximum=10 * 365 * 86400.0)
+        # at least an hour: a device sends a record again well within it when an ack was lost
+        keep = opts.number(
+            "keep_forwarded", 7 * 86400.0, minimum=3600.0, maximum=10 * 365 * 86400.0
+        )
         peers = (
             PeerSettings.from_options(opts.table("peers"), data_dir) if opts.has("peers") else None
         )

@@ -21,12 +21,8 @@ Pacing:
 
 Answers other than 2.04 follow the table in docs/protocol.md ("what the device does").
 
-Refused records: after a 4.00 to a batch, its records go one by one; a record refused alone (4.00,
-4.13, or one the encoder refuses) is held back (leased) while the next ones go. It is *set aside*
-(:meth:`agent.store.queue.Store.set_aside`: written to ``DATA/rejected/`` before it leaves the
-queue) only when a record sent alone after it is stored, i.e. when the refusal is isolated.
-When ``REFUSALS_IN_ROW`` are refused one after another, or every record of the round is, the
-endpoint is what is broken: every record stays queued and the uplink backs off.
+Refused records: sent one by one, set aside only when the refusal is isolated
+(:mod:`agent.sync.refusals`).
 
 Conflicts: a seq the ack lists in ``conflicts`` (the endpoint holds another record under it: a
 forged batch, or an earlier life of this device) is never acknowledged. The record stays, is
@@ -55,6 +51,7 @@ from agent.store.settings import SEQ_HEADROOM
 from agent.sync.backoff import clamp_hint, full_jitter
 from agent.sync.datapolicy import DataSettings
 from agent.sync.featurize import fold
+from agent.sync.refusals import RefusedRecords
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
 from agent.wire import codec
 from agent.wire.batch import (
@@ -84,12 +81,6 @@ LAN_RTT = 0.02
 #: Multiplicative decrease of the congestion window on a loss (CUBIC's beta, RFC 9438).
 BETA = 0.7
 MAX_BATCH_RECORDS = 4096
-#: Records sent alone and refused one after another, none stored in between, after which the
-#: endpoint (not the records) is taken as broken: they all stay queued and the uplink backs off.
-REFUSALS_IN_ROW = 8
-#: Records sent alone after one refused alone outside a split batch (4.13 at one record), to tell
-#: a record no endpoint takes from an endpoint that takes nothing.
-PROBE_SINGLES = 8
 #: Max-Age of a 5.03 that carries none (RFC 7252 section 5.10.5).
 DEFAULT_MAX_AGE = 60.0
 #: The highest endpoint ``last`` believed: an epoch above it would leave less than SEQ_HEADROOM.
@@ -212,17 +203,6 @@ class UplinkStats:
         return dict(self.__dict__)
 
 
-@dataclass
-class _Round:
-    """Records sent one by one after a refusal, to tell a bad record from a broken endpoint."""
-
-    uri: str
-    left: int  # records still to send alone in this round
-    accepted: int = 0  # of them stored by the endpoint
-    in_row: int = 0  # refused one after another since the last one stored
-    held: dict[int, tuple[Record, str]] = field(default_factory=dict)  # refused: kept leased
-
-
 class RttEstimator:
     """RFC 6298 smoothed RTT and variance; ``rto`` bounded for CoAP's ACK_TIMEOUT.
 
@@ -259,7 +239,7 @@ class RttEstimator:
         return min(ACK_TIMEOUT_MAX, max(ACK_TIMEOUT_MIN, rto))
 
 
-class Uplink:
+class Uplink(RefusedRecords):
     def __init__(
         self,
         settings: UplinkSettings,
@@ -304,9 +284,7 @@ class Uplink:
         # encoded bytes per stored payload byte, learned per content format (the link policy
         # switches formats, and SenML-CBOR and the compact ones differ several-fold)
         self._expansion: dict[int, float] = {}
-        self._round: _Round | None = None  # after a refusal: records go one by one
-        self._refusing = False  # the endpoint refused every record sent alone (said once)
-        self._aside_failing = False  # refused records could not be set aside (said once)
+        self._init_refusals()
         self._fallback_cf = False
         self._refused_last: set[str] = set()  # endpoints whose "last" was refused (said once)
         self.online = False
@@ -360,6 +338,9 @@ class Uplink:
                 tg.create_task(self._send(batch, lane))
 
     async def _lease(self) -> list[Record]:
+        if self._release:  # a round called off by a failure or a pause: its records go back
+            seqs, self._release = self._release, []
+            await self._nack(seqs)
         r = self._round
         if r is not None:
             single = await self.store.batch(1, MAX_BATCH_BYTES)
@@ -615,100 +596,6 @@ class Uplink:
         except StoreError as err:  # the lease will expire and they come back anyway
             log.warning("event=nack_failed records=%d error=%r", len(seqs), str(err))
 
-    # -- refused records ---------------------------------------------------------------------
-    async def _refused(self, batch: list[Record], answer: str, uri: str) -> None:
-        """The endpoint (or the encoder) refused ``batch``: a batch goes again one record at a
-        time; a record refused alone is held until the next ones tell whether it is the record
-        or the endpoint."""
-        if len(batch) > 1:
-            await self._nack([r.seq for r in batch])
-            if self._round is None:
-                self._round = _Round(uri, left=len(batch))
-                log.error(
-                    "event=batch_refused endpoint=%s records=%d answer=%r action=send_singly",
-                    uri,
-                    len(batch),
-                    answer,
-                )
-            return
-        (rec,) = batch
-        r = self._round
-        if r is None:  # refused alone outside a split: test it against the next records
-            r = self._round = _Round(uri, left=PROBE_SINGLES)
-        r.held[rec.seq] = (rec, answer)  # stays leased: the next single is another record
-        r.in_row += 1
-        if r.in_row >= REFUSALS_IN_ROW:
-            await self._trip(r)
-        else:
-            await self._single_answered(r, stored=False)
-
-    async def _single_answered(self, r: _Round, *, stored: bool) -> None:
-        r.left -= 1
-        if stored:
-            r.accepted += 1
-            r.in_row = 0
-            await self._set_aside(r)  # refused, then one stored after them: isolated
-        if r.left <= 0 and self._round is r:
-            await self._end_round(r)
-
-    async def _end_round(self, r: _Round) -> None:
-        if r.held and not r.accepted:
-            await self._trip(r)
-            return
-        await self._set_aside(r)
-        if self._round is r:
-            self._round = None
-
-    async def _trip(self, r: _Round) -> None:
-        """Every record sent alone was refused: the endpoint is broken, not the records."""
-        if self._round is r:
-            self._round = None
-        held, r.held = r.held, {}
-        answer = next(iter(held.values()))[1] if held else "?"
-        (log.debug if self._refusing else log.error)(
-            "event=endpoint_refuses_all endpoint=%s refused_in_row=%d answer=%r "
-            "action=kept_records,backoff: the endpoint refuses every record sent alone; check "
-            "its release and its log",
-            r.uri,
-            len(held),
-            answer,
-        )
-        self._refusing = True
-        await self._nack(list(held))
-        self._failed(r.uri, f"endpoint refuses every record ({answer})", False)
-
-    async def _set_aside(self, r: _Round) -> None:
-        """Move the held records to the set-aside area (never deleted without a copy)."""
-        held, r.held = list(r.held.values()), {}  # taken at once: other lanes answer meanwhile
-        for i, (rec, answer) in enumerate(held):
-            try:
-                await self.store.set_aside([rec], answer)
-            except StoreError as err:
-                (log.debug if self._aside_failing else log.error)(
-                    "event=set_aside_failed endpoint=%s records=%d error=%r "
-                    "action=kept_in_queue,backoff",
-                    r.uri,
-                    len(held) - i,
-                    str(err),
-                )
-                self._aside_failing = True  # said once, until a record is set aside again
-                await self._nack([kept.seq for kept, _ in held[i:]])
-                if self._round is r:
-                    self._round = None
-                self._failed(r.uri, f"refused records not set aside: {err}", False)
-                return
-            self.stats.records_rejected += 1
-            self._aside_failing = False
-            log.error(
-                "event=record_rejected seq=%d kind=%s bytes=%d answer=%r action=set_aside "
-                "dir=%s: read the file, fix the cause, put the record back if needed",
-                rec.seq,
-                rec.kind,
-                len(rec.payload),
-                answer,
-                self.store.settings.set_aside_path,
-            )
-
     def _report(
         self,
         uri: str,
@@ -758,6 +645,7 @@ class Uplink:
         self.window = self.ssthresh
 
     def _failed(self, uri: str, why: str, probing_primary: bool) -> None:
+        self._call_off_round()
         self.stats.batches_failed += 1
         self.last_error = why
         if probing_primary:
@@ -785,6 +673,7 @@ class Uplink:
         self._pause(delay)
 
     def _pause(self, seconds: float) -> None:
+        self._call_off_round()
         self._paused_until = max(self._paused_until, self.clock.monotonic() + seconds)
 
 

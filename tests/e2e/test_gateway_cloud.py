@@ -261,6 +261,14 @@ async def test_the_gateway_drops_what_the_cloud_holds_after_keep_forwarded(
         assert await server.seqs(C) == [1, 2, 3, 4, 5, 6]
         stored = await server.records(C)
         assert all(TelemetryBody.from_cbor(r.body).values == {"a": 1.5} for r in stored)
+        # a record the cloud holds another under (a conflict) is never dropped: the gateway's
+        # copy is the only one (the device deleted its own at the gateway's ack)
+        await server.db(lambda s: s.ingest(C, [reading(7, 9.0)], T0 + 202))
+        site.ingest_many([(C, [reading(7), reading(8)], False)], T0 + 202)
+        assert await forwarder.forward_once() == 1 and forwarder.conflicts == 1
+        now[0] = T0 + 400.0
+        await forwarder.prune()
+        assert site.seqs(C) == [7, 8]  # 7 kept, 8 the newest
     finally:
         site.close()
         await gw.close()

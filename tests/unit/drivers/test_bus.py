@@ -107,6 +107,47 @@ def test_a_hung_transfer_wedges_its_worker_not_the_bus(caplog: pytest.LogCapture
     assert not stuck.is_alive()  # released, the abandoned worker ends on its own
 
 
+def test_a_late_transfer_of_an_abandoned_worker_cannot_drive_the_bus() -> None:
+    """A transfer that missed its deadline but returns later went on with its next calls beside
+    the fresh worker's transfers: two threads on one bus (one sets an address, the other reads),
+    a reading from the wrong part or register taken as good. Now its next call is an I/O error
+    and touches nothing."""
+    fake = HangsAt(0x77)
+    fake.attach(0x76, Bme280Sim(RealClock()))
+    fake.attach(0x77, Bme280Sim(RealClock()))
+    bus = AsyncI2C(fake, RealClock(), name="i2c-1", timeout=0.2)
+    stuck = bus._executor.thread
+    late: dict[str, object] = {}
+
+    def transaction(b: object, address: int) -> int:
+        b.read_byte_data(address, 0xD0)  # type: ignore[attr-defined]  # hangs
+        try:  # the rest of the transaction, once the hung call returned
+            late["value"] = b.write_byte_data(0x76, 0xF4, 0x27)  # type: ignore[attr-defined]
+        except OSError as err:
+            late["error"] = err
+            raise
+        return 0
+
+    async def go() -> None:
+        with pytest.raises(DeviceTimeout):
+            await bus.device(0x77).transact(transaction)
+        assert await bus.device(0x76).read_u8(0xD0) == 0x60  # the fresh worker's
+
+    try:
+        asyncio.run(go())
+        writes = len(fake.writes) if hasattr(fake, "writes") else None
+        fake.release.set()
+        stuck.join(5)
+        assert not stuck.is_alive()
+        assert isinstance(late.get("error"), OSError) and "value" not in late
+        assert "abandoned transfer" in str(late["error"])
+        if writes is not None:
+            assert len(fake.writes) == writes  # the late write never reached the bus
+    finally:
+        fake.release.set()
+        bus.close()
+
+
 HUNG_AT_EXIT = """
 import asyncio, threading
 from drivers.bus import AsyncI2C

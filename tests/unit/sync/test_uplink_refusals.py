@@ -188,6 +188,44 @@ def test_an_isolated_bad_record_is_set_aside_durably_and_the_others_delivered(
     assert len(errors(caplog, "record_rejected")) == 1
 
 
+def test_a_round_called_off_by_a_pause_sets_nothing_aside(tmp_path: Path) -> None:
+    """A record refused alone was held (leased, in memory) while the next single went; that one
+    got a 5.03 whose pause outlasted the lease, so the held record was leased and sent again
+    after it, stored by an endpoint redeployed meanwhile, and then set aside as refused (an
+    operator putting it back stores it twice). Now a failure or a pause calls the round off:
+    its records go back to the queue and none is set aside."""
+    clock = VirtualClock()
+    state = {"refused": False, "paused": False}
+
+    def rule(recs: list[WireRecord], n: int) -> Response | None:
+        if not state["refused"]:
+            if any(map(is_bad, recs)):
+                state["refused"] = len(recs) == 1
+                return answer("4.00", b"cannot decode")
+            return None
+        if not state["paused"]:
+            state["paused"] = True
+            return answer("5.03", b"redeploying", max_age=200)  # longer than the 60 s lease
+        return None  # the new release takes every record
+
+    endpoint = ScriptedEndpoint(rule)
+
+    async def main() -> None:
+        store = await open_store(tmp_path, clock)
+        good, bad = await queue_with_a_bad_record(store, 5, 10)
+        up = make_uplink(store, endpoint, clock, max_inflight=1)  # the 5.03 comes next
+        await run_for(up, 900.0, endpoint.too_many)
+        stats = await store.stats()
+        assert stats.depth == 0 and stats.set_aside == 0
+        assert sorted(endpoint.stored) == sorted([*good, bad])
+        assert up.stats.records_rejected == 0
+        await store.close()
+
+    clock.run(main())
+    assert state["paused"]
+    assert not (tmp_path / "rejected").exists()
+
+
 def test_a_full_set_aside_area_keeps_the_record_queued(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
