@@ -72,6 +72,25 @@ def run_cli(*argv: str) -> Awaitable[int]:
     return asyncio.to_thread(cli.main, list(argv))
 
 
+def features_record(first: int) -> WireRecord:
+    """A features record of sensor "vib" for the three readings from ``first``."""
+    cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
+    return FeaturesBody("vib", tuple(range(first, first + 3)), T0, T0 + 1, {"x_g": cf}).to_record()
+
+
+def reading(seq: int, value: float = 1.5) -> WireRecord:
+    return WireRecord(seq, "telemetry", T0, TelemetryBody("m", T0, {"a": value}).to_cbor())
+
+
+def on(site: SQLiteStorage) -> Callable[[Callable[[SQLiteStorage], Any]], Awaitable[Any]]:
+    """The forwarder's ``db`` over a gateway's store opened in the test's own thread."""
+
+    async def db(fn: Callable[[SQLiteStorage], Any]) -> Any:
+        return fn(site)
+
+    return db
+
+
 @pytest.mark.timeout(90)
 async def test_a_gateway_ingests_for_an_attached_device_and_nothing_else(
     server: CloudServer, tmp_path: Path
@@ -133,10 +152,8 @@ async def test_relay_answers_each_device_as_ingest_would(
     for device in (A, B, C):
         await server.add_device(device)
     gw = await gateway(server, tmp_path, A, C)
-    cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
-    feats = FeaturesBody("vib", (20, 21, 22), T0, T0 + 1, {"x_g": cf}).to_record()
-    reading = WireRecord(5, "telemetry", T0, TelemetryBody("m", T0, {"a": 1.5}).to_cbor())
-    compact = codec.encode_batch(C, [reading, feats], 65001, resolution=lambda _s, _c: 0.5)
+    feats = features_record(20)
+    compact = codec.encode_batch(C, [reading(5), feats], 65001, resolution=lambda _s, _c: 0.5)
     entries = [senml(A, range(1, 4)), senml(B, range(1, 4)), RelayEntry(C, 65001, compact)]
     try:
         transactions = server.ingest.transactions
@@ -176,27 +193,17 @@ async def test_the_gateways_forwarder_takes_features_records_up_too(
     await server.add_device(C)
     gw = await gateway(server, tmp_path, C)
     site = SQLiteStorage.in_dir(tmp_path / "gw-store")  # the gateway's store, as its server has it
-
-    async def db(fn: Callable[[SQLiteStorage], Any]) -> Any:
-        return fn(site)
-
-    def features(first: int) -> WireRecord:
-        cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
-        return FeaturesBody(
-            "vib", tuple(range(first, first + 3)), T0, T0 + 1, {"x_g": cf}
-        ).to_record()
-
-    reading = WireRecord(5, "telemetry", T0, TelemetryBody("m", T0, {"a": 1.5}).to_cbor())
+    db = on(site)
     data_dir = tmp_path / "gw-data"
     data_dir.mkdir()
     try:
-        site.ingest_many([(C, [reading, features(20)], True)], T0)  # before the queue exists
+        site.ingest_many([(C, [reading(5), features_record(20)], True)], T0)  # no queue yet
         forwarder = RecordForwarder(db, gw.transport, lambda: server.uri, data_dir, name=GW)
         assert await forwarder.forward_once() == 2
         assert await server.seqs(C) == [5]
         stored = await server.db(lambda s: s.features(C))
         assert [(f.first_seq, f.last_seq) for f in stored] == [(20, 22)]
-        site.ingest_many([(C, [features(23)], False)], T0 + 2)  # queued by the trigger
+        site.ingest_many([(C, [features_record(23)], False)], T0 + 2)  # queued by the trigger
         assert await forwarder.forward_once() == 1
         stored = await server.db(lambda s: s.features(C))
         assert [(f.first_seq, f.last_seq) for f in stored] == [(20, 22), (23, 25)]
@@ -227,22 +234,19 @@ async def test_the_gateway_drops_what_the_cloud_holds_after_keep_forwarded(
     first.close()
     site = SQLiteStorage.in_dir(tmp_path / "gw-store")
     now = [T0 + 30.0]
-
-    async def db(fn: Callable[[SQLiteStorage], Any]) -> Any:
-        return fn(site)
-
-    def reading(seq: int, value: float = 1.5) -> WireRecord:
-        return WireRecord(seq, "telemetry", T0, TelemetryBody("m", T0, {"a": value}).to_cbor())
-
     data_dir = tmp_path / "gw-data"
     data_dir.mkdir()
     forwarder = RecordForwarder(
-        db, gw.transport, lambda: server.uri, data_dir, name=GW, keep=60.0, wall=lambda: now[0]
+        on(site),
+        gw.transport,
+        lambda: server.uri,
+        data_dir,
+        name=GW,
+        keep=60.0,
+        wall=lambda: now[0],
     )
     try:
-        cf = ChannelFeatures(1.0, 0.0, 2.0, 1.2, 0.5, 3.0, 1.6, (0.25,))
-        feats = FeaturesBody("vib", (20, 21, 22), T0, T0 + 1, {"x_g": cf}).to_record()
-        site.ingest_many([(C, [*(reading(i) for i in range(1, 6)), feats], True)], T0)
+        site.ingest_many([(C, [*(reading(i) for i in range(1, 6)), features_record(20)], True)], T0)
         assert await forwarder.forward_once() == 6
         assert await server.seqs(C) == [1, 2, 3, 4, 5]
         assert site.seqs(C) == [1, 2, 3, 4, 5]  # forwarded, but received 30 s ago only
