@@ -22,6 +22,10 @@ The outcome is reported as ``command/<name>`` = ``{"id", "status", "result", "at
   without an OSCORE-protected uplink.
 - ``logs``: uploads the log ring's lines since ``args.since`` (agent/service/logring.py) at the
   lowest priority; refused without an uplink.
+- ``requeue``: puts the records set aside as refused by the endpoint (``DATA/rejected/``; all,
+  or the one of ``args.seq``) back into the queue as new records once the cause is fixed
+  (:meth:`agent.store.queue.Store.requeue`) and wakes the uplink; ``failed`` when something
+  stopped it or a file could not be read (such files stay).
 
 A command whose arguments are wrong is reported ``refused`` with the reason, never run.
 """
@@ -87,6 +91,7 @@ class CommandRunner:
         changed: Callable[[], None] = lambda: None,
         ring: logging.Handler | None = None,
         rotator: Rotator | None = None,
+        requeue: Callable[[int | None], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.ring = ring  # installed on the root logger from now until run() ends
         if ring is not None:
@@ -99,6 +104,7 @@ class CommandRunner:
         self.logs = logs
         self.changed = changed
         self.rotator = rotator
+        self.requeue = requeue
         self.done: dict[str, dict[str, Any]] = self._load()
         self._queue: asyncio.Queue[tuple[str, int, dict[str, Any]]] = asyncio.Queue()
         self._queued: dict[str, int] = {}
@@ -185,6 +191,9 @@ class CommandRunner:
             return None
         if name == "logs" and self.logs is not None:
             result = await self.logs(args.get("since"))
+            return ("ok" if not result.get("error") else "failed"), result
+        if name == "requeue" and self.requeue is not None:
+            result = await self.requeue(args.get("seq"))
             return ("ok" if not result.get("error") else "failed"), result
         if name == "rotate" and self.rotator is not None and self.restart is not None:
             return await self._rotate(self.rotator, command_id)
@@ -286,6 +295,36 @@ def flush_probe(
     return flush
 
 
+def requeue_probe(
+    store: Any, poke: Callable[[], None] | None
+) -> Callable[[int | None], Awaitable[dict[str, Any]]]:
+    """The ``requeue`` command's action on the running agent's queue."""
+
+    async def requeue(only: int | None) -> dict[str, Any]:
+        done = await store.requeue(only)
+        if done.moved and poke is not None:
+            poke()
+        result: dict[str, Any] = {
+            "requeued": len(done.moved),
+            "recovered": done.recovered,
+            "unreadable": len(done.unreadable),
+            "left": (await store.stats()).set_aside,
+        }
+        if done.moved:
+            first = min(done.moved)
+            result["first"] = f"seq {first} is now {done.moved[first]}"
+        problems = ([done.error] if done.error else []) + done.unreadable
+        if problems:
+            result["error"] = "; ".join(problems)[: wire.MAX_TEXT]
+        for old, new in sorted(done.moved.items()):
+            log.info("event=record_requeued seq=%d new_seq=%d", old, new)
+        for why in done.unreadable:
+            log.warning("event=set_aside_unreadable file=%r", why[: wire.MAX_TEXT])
+        return result
+
+    return requeue
+
+
 def build_commands(agent: Any) -> CommandRunner:
     """The runner of a running :class:`agent.service.runtime.Agent` (its sampler, store,
     uplink, link status, state sync and stop)."""
@@ -337,6 +376,9 @@ def build_commands(agent: Any) -> CommandRunner:
         changed=lambda: agent.state.changed() if agent.state is not None else None,
         ring=ring,
         rotator=_rotator(agent),
+        requeue=None
+        if agent.store is None
+        else requeue_probe(agent.store, uplink.poke if uplink is not None else None),
     )
 
 

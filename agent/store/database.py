@@ -401,6 +401,19 @@ class Db:
         conn.execute("UPDATE meta SET value = ? WHERE key = 'ring_dropped'", (self.ring_dropped,))
         conn.execute("COMMIT")
 
+    def holding(self, items: list[tuple[int, float, bytes]]) -> list[bool]:
+        """For each (kind code, created, payload), whether a queued record is that one (one scan
+        of the queue: for the rare recovery of an interrupted requeue)."""
+        want: dict[tuple[int, float], list[int]] = {}
+        for i, (code, created, _) in enumerate(items):
+            want.setdefault((code, created), []).append(i)
+        found = [False] * len(items)
+        rows = self._c().execute("SELECT kind, created, payload FROM records")
+        for code, created, payload in rows:
+            for i in want.get((code, created), ()):
+                found[i] = found[i] or items[i][2] == payload
+        return found
+
     # -- writes ----------------------------------------------------------------------------------
 
     def apply(

@@ -42,12 +42,12 @@ import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import StoreError, StoreFull
 from agent.store.database import Db
-from agent.store.setaside import SetAside
+from agent.store.setaside import Kept, SetAside
 from agent.store.settings import (
     CODE_KIND,
     DEFAULT_BY_CODE,
@@ -179,6 +179,22 @@ class _PutOp:
     parked: bool = False  # counted in the memory ring (also while a retry is in flight)
 
 
+#: Set-aside records put back into the queue per transaction (:meth:`Store.requeue`).
+REQUEUE_CHUNK = 256
+
+
+@dataclass
+class Requeued:
+    """What :meth:`Store.requeue` did: ``moved`` {old seq: new seq}; ``recovered`` files of an
+    interrupted requeue whose records were queued already (removed); ``unreadable`` why each
+    file that is no set-aside record is not (left in place); ``error`` what stopped it."""
+
+    moved: dict[int, int] = field(default_factory=dict)
+    recovered: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
 @dataclass
 class _AckOp:
     seqs: set[int]
@@ -284,6 +300,38 @@ class Store:
             self._executor, self._aside.write, records, answer, self._clock.time()
         )
         await self.ack([r.seq for r in records])
+
+    async def requeue(self, only: int | None = None) -> Requeued:
+        """Put the set-aside records (the one of seq ``only``, or all) back into the queue as new
+        records, oldest first, :data:`REQUEUE_CHUNK` at a time: each chunk named in the area's
+        mark, put, committed, then its files removed (agent/store/setaside.py). First, what an
+        interrupted requeue committed already has its files removed. A failure (a full disk)
+        stops there: what was moved is said, the rest stays set aside."""
+        self._check_open()
+
+        async def run(fn: Any, *args: Any) -> Any:
+            return await self._clock.run_blocking(self._executor, fn, *args)
+
+        done = Requeued()
+        try:
+            marked: list[Kept] = await run(self._aside.marked)
+            if marked:
+                items = [(KIND_CODE[k.kind], k.created, k.payload) for k in marked]
+                held = await run(self._db.holding, items)
+                await run(self._aside.remove, [k for k, h in zip(marked, held, strict=True) if h])
+                done.recovered = sum(held)
+            kept, done.unreadable = await run(self._aside.read, only)
+            for i in range(0, len(kept), REQUEUE_CHUNK):
+                part = kept[i : i + REQUEUE_CHUNK]
+                await run(self._aside.mark, part)
+                seqs = await self.put(
+                    [NewRecord(k.kind, k.payload, k.priority, k.created) for k in part]
+                )
+                await run(self._aside.remove, part)
+                done.moved.update(zip((k.seq for k in part), seqs, strict=True))
+        except (StoreError, OSError) as err:
+            done.error = str(err)
+        return done
 
     async def renumber(self, seqs: Iterable[int], floor: int = 0) -> dict[int, int]:
         """Give the queued records ``seqs`` new sequence numbers above ``floor`` and above every

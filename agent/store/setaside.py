@@ -1,6 +1,7 @@
-"""Records set aside: queued records the endpoint refused on their own (docs/protocol.md, "Status
-codes"), moved out of the queue into ``rejected/`` beside it, one file each, so that a record the
-endpoint did not store is never deleted while no copy of it is kept on the device.
+"""Records set aside: queued records the endpoint refused on their own (docs/protocol.md,
+"Delivery semantics", *Set aside*), moved out of the queue into ``rejected/`` beside it, one file
+each, so that a record the endpoint did not store is never deleted while no copy of it is kept on
+the device.
 
 A file is written durably (temporary file, fsync, rename, fsync of the directory) *before* its
 record leaves the queue; a crash in between leaves the record in both places, never in none. The
@@ -15,10 +16,20 @@ File format (``rejected/seq-<seq>.cbor``), one deterministic CBOR map::
 
 ``payload`` is the record's body as the queue held it, ``answer`` what the endpoint said (``"4.00
 ..."``), ``time`` the wall time it was set aside. ``cbor2.loads(path.read_bytes())`` reads it.
+
+**Back into the queue** (the ``requeue`` command, :meth:`agent.store.queue.Store.requeue`): each
+file is read strictly (:meth:`SetAside.read`; a file that is not one stays where it is and is
+counted), put into the queue as a new record (a new seq: its old one may be stored at the endpoint
+as something else), and removed once that put is committed. A crash between the commit and the
+removal would leave the record in both places; so the files of a batch are named in
+``.requeuing`` (written durably) before the put, and the next requeue first removes, of those,
+each whose record (kind, created time and body) is in the queue already.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -29,8 +40,10 @@ from typing import Protocol
 import cbor2
 
 from agent.errors import StoreError, StoreFull
-from agent.files import write_atomic
+from agent.files import fsync_dir, read_json, write_atomic
 from agent.store.dbfile import is_full
+from agent.store.settings import MAX_PRIORITY
+from agent.wire.records import Kind, RecordError, loads_bounded
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +51,8 @@ SET_ASIDE_DIR = "rejected"
 MAX_SET_ASIDE_BYTES = 16 << 20
 BLOCK = 4096  # a file takes at least one block of the disk
 FORMAT_VERSION = 1
+#: The file naming the set-aside files of a requeue in progress (module docstring).
+REQUEUING = ".requeuing"
 
 
 class SetAsideFull(StoreFull):
@@ -52,6 +67,51 @@ class Refused(Protocol):
     priority: int
     created: float
     payload: bytes
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One set-aside record as read back from its file."""
+
+    path: Path
+    seq: int
+    kind: Kind
+    priority: int
+    created: float
+    payload: bytes
+
+
+def _seq_of(name: str) -> int | None:
+    """The seq a set-aside file's name says (``seq-<seq>.cbor``), or None."""
+    if not (name.startswith("seq-") and name.endswith(".cbor")):
+        return None
+    digits = name[4:-5]
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 19:
+        return None
+    return int(digits)
+
+
+def decode_kept(path: Path, data: bytes, cap: int) -> Kept:
+    """A set-aside file's record; :class:`ValueError` says why ``data`` is not one."""
+    try:
+        doc = loads_bounded(data, cap, max_depth=2)
+    except RecordError as err:
+        raise ValueError(str(err)) from None
+    if not isinstance(doc, dict) or doc.get("v") != FORMAT_VERSION:
+        raise ValueError(f"not a set-aside record of version {FORMAT_VERSION}")
+    seq, kind, priority = doc.get("seq"), doc.get("kind"), doc.get("priority")
+    created, payload = doc.get("created"), doc.get("payload")
+    if type(seq) is not int or seq < 1 or seq != _seq_of(path.name):
+        raise ValueError("its seq is not the one its name says")
+    if kind not in {k.value for k in Kind}:
+        raise ValueError(f"unknown kind {str(kind)[:32]!r}")
+    if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be an integer 0..{MAX_PRIORITY}")
+    if type(created) is not float or created != created or abs(created) == float("inf"):
+        raise ValueError("created must be a finite float")
+    if type(payload) is not bytes:
+        raise ValueError("payload must be bytes")
+    return Kept(path, seq, Kind(kind), priority, created, payload)
 
 
 @dataclass(frozen=True)
@@ -108,6 +168,65 @@ class SetAside:
                         f"cannot set record {seq} aside in {self.dir}: the disk is full"
                     ) from err
                 raise StoreError(f"cannot set record {seq} aside in {self.dir}: {err}") from err
+
+    def read(self, only: int | None = None) -> tuple[list[Kept], list[str]]:
+        """The set-aside records (the one of seq ``only``, or all), oldest seq first, and why each
+        file that is not one is not (it stays where it is)."""
+        kept: list[Kept] = []
+        bad: list[str] = []
+        for _, path in self._files(only):
+            try:
+                with open(path, "rb") as f:  # the cap + 1: a larger file is no record of ours
+                    data = f.read(self.cap + 1)
+                kept.append(decode_kept(path, data, self.cap))
+            except (OSError, ValueError) as err:
+                bad.append(f"{path.name}: {err}")
+        return kept, bad
+
+    def _files(self, only: int | None) -> list[tuple[int, Path]]:
+        try:
+            with os.scandir(self.dir) as entries:
+                found = [
+                    (seq, Path(entry.path))
+                    for entry in entries
+                    if (seq := _seq_of(entry.name)) is not None
+                    and (only is None or seq == only)
+                    and entry.is_file(follow_symlinks=False)
+                ]
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            raise StoreError(f"cannot read the set-aside area {self.dir}: {err}") from err
+        return sorted(found)
+
+    def mark(self, kept: Sequence[Kept]) -> None:
+        """Name ``kept`` in :data:`REQUEUING`, durably, before they are put into the queue."""
+        write_atomic(self.dir / REQUEUING, json.dumps([k.path.name for k in kept]).encode())
+
+    def marked(self) -> list[Kept]:
+        """The records of a requeue a crash interrupted (their files still here), else []."""
+        path = self.dir / REQUEUING
+        if not path.exists():
+            return []
+        try:
+            names = read_json(path)
+        except (OSError, ValueError) as err:
+            log.warning("event=requeuing_unreadable path=%s error=%r", path, str(err))
+            return []
+        if not isinstance(names, list):
+            return []
+        wanted = {n for n in names if isinstance(n, str) and _seq_of(n) is not None}
+        kept, _ = self.read()
+        return [k for k in kept if k.path.name in wanted]
+
+    def remove(self, kept: Sequence[Kept]) -> None:
+        """Remove the files of ``kept`` (their records are in the queue) and the mark, durably."""
+        for k in kept:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(k.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.dir / REQUEUING)
+        fsync_dir(self.dir)
 
     @staticmethod
     def _encode(rec: Refused, answer: str, wall_now: float) -> bytes:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 #: The commands a device knows, by name.
-NAMES = ("selftest", "restart", "flush", "rotate", "logs")
+NAMES = ("selftest", "restart", "flush", "rotate", "logs", "requeue")
 STATUSES = ("ok", "failed", "refused")
 MAX_ID = 2**63 - 1
 MAX_ARG_NAME = 32
@@ -31,6 +31,7 @@ ARGS: dict[str, dict[str, str]] = {
     "flush": {},
     "rotate": {},
     "logs": {"since": "a Unix time in seconds (number >= 0)"},
+    "requeue": {"seq": "the seq of one set-aside record (integer >= 1); default: all of them"},
 }
 
 
@@ -78,6 +79,10 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
         ok = isinstance(since, int | float) and not isinstance(since, bool)
         if not ok or not math.isfinite(since) or since < 0:
             raise CommandError(f"logs: since must be {ARGS['logs']['since']}")
+    if name == "requeue" and "seq" in args:
+        seq = args["seq"]
+        if type(seq) is not int or not 1 <= seq <= MAX_ID:
+            raise CommandError(f"requeue: seq must be {ARGS['requeue']['seq']}")
     return dict(args)
 
 

@@ -4,7 +4,8 @@ link that loses 30 % of the datagrams each way, runs once, and its result is sto
 endpoint and printed by ``devices show``; a device's own credential cannot send a command (4.03);
 hostile command values are refused at the endpoint, never a traceback; the ``logs`` command
 uploads the lines since T, which ``logs show`` prints, and hostile log uploads are refused;
-``rotate`` renews the device's credential over OSCORE and restarts the agent into it."""
+``rotate`` renews the device's credential over OSCORE and restarts the agent into it; ``requeue``
+sends a record set aside as refused again."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ from linkem import Impairment, LinkEmulator
 
 from agent.errors import SyncError
 from agent.service.commands import EXIT_RESTART
+from agent.store.queue import Record
+from agent.store.setaside import SetAside
 from agent.sync import state as state_mod
 from agent.sync.rotation import Rotator
 from agent.sync.uplink import UplinkSettings
 from agent.wire import records
 from agent.wire.credentials import Credential
 from agent.wire.logupload import UPLOAD_BODY_BYTES, encode_upload
+from agent.wire.records import EventBody, Kind
 from cloud import cli as cloud_cli
 from cloud.server import CloudServer
 from tests.e2e.test_security import Principal
@@ -264,6 +268,37 @@ async def test_restart_stops_the_agent_with_exit_75_once_and_the_next_start_does
     finally:
         await second.stop()
     assert second.agent.exit_code == 0
+
+
+@pytest.mark.timeout(120)
+async def test_requeue_sends_a_set_aside_record_again_once_and_the_endpoint_stores_it(
+    endpoint: CloudServer, tmp_path: Path
+) -> None:
+    """A record set aside as refused (its file in DATA/rejected/, as the uplink leaves it) goes
+    back into the running agent's queue with ``requeue`` and is stored at the endpoint, once."""
+    server, data = endpoint, tmp_path / "cloud"
+    cfg = agent_config(tmp_path, server.uri)
+    body = EventBody(1_700_000_000.0, {"type": "operator-note", "text": "refused once"}).to_cbor()
+    kept = Record(seq=9, kind=Kind.EVENT, priority=10, created=1.7e9, payload=body, attempts=1)
+    SetAside(cfg.store.set_aside_path).write([kept], "4.00 refused", time.time())
+    agent = RunningAgent(cfg)
+    try:
+        await wait_for(lambda: agent.state().get("observing"), "observing", 60)
+        command_id = await send_command(data, "requeue")
+        await wait_for(lambda: outcome(server, command_id), "requeue result", 60)
+        row = await outcome(server, command_id)
+        assert row.status == "ok", row.result
+        assert row.result["requeued"] == 1 and row.result["left"] == 0
+        new_seq = int(row.result["first"].rpartition(" ")[2])
+
+        async def stored() -> list[int]:
+            return [r.seq for r in await server.records(DEVICE) if r.body == body]
+
+        await wait_for(lambda: stored(), "the requeued record stored", 60)
+        assert await stored() == [new_seq]
+        assert not list(cfg.store.set_aside_path.iterdir())
+    finally:
+        await agent.stop()
 
 
 async def oscore_agent(server: CloudServer, tmp_path: Path) -> tuple[Any, Path, Credential]:
