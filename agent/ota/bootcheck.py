@@ -7,7 +7,7 @@ Layout under the release root (default /opt/edge-agent; docs/ota.md)::
     current -> releases/V    the release the service runs (``venv -> current`` for the unit)
     previous -> releases/U   the release to go back to
     update.json              {"pending", "from", "attempts", "max_attempts", "health_window",
-                              "pending_s", "paused_s", "step", "outcome"}
+                              "pending_s", "paused_s", "step", "switch_id", "outcome"}
 
 Every change is a step that leaves the tree bootable: a symlink is made under a temporary name
 and renamed over the old one (``os.replace``), update.json is written to a temporary file,
@@ -21,6 +21,13 @@ puts ``previous`` back and records ``rolled_back`` with the reason. The agent co
 READY marker written in the data directory (:func:`ready_marker`) counts as a confirmation too,
 for an agent that cannot write the release root. ``failed`` (the OnFailure unit) rolls a pending
 version back at once.
+
+A READY marker counts for the switch it was written in only (:func:`is_ready`): :func:`switch`
+removes the version's marker, durably, before it records anything, and gives each switch a
+random ``switch_id`` that the agent writes into its marker (``<version> <switch_id>``); a
+marker naming another switch is stale and confirms nothing. A marker without an id (an agent of
+an earlier release, which writes only the version) counts, since the switch removed any older
+one.
 
 The health window (``health``, edge-agent-health.timer every ``--interval`` seconds): a pending
 release that starts and keeps running but never confirms (it sends READY=1 and then never gets a
@@ -46,6 +53,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -66,6 +74,8 @@ MIN_HEALTH_WINDOW, MAX_HEALTH_WINDOW = 60, 86400  # [update] health_window_s may
 #: (this module runs with the standard library only, so it keeps its own copy)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 READY_DIR = "ota"  # DATA/ota/ready-<version>: the agent's READY marker
+_SWITCH_ID = re.compile(r"[0-9a-f]{16}")  # update.json switch_id: 8 random bytes in hex
+MAX_MARKER_BYTES = 256  # a READY marker is "<version> <switch_id>\n"; more is not read
 
 
 class BootError(Exception):
@@ -196,17 +206,23 @@ def switch(
     version: str,
     max_attempts: int = MAX_ATTEMPTS,
     health_window: int = HEALTH_WINDOW,
+    data_dir: Path | None = None,
 ) -> None:
     """Make ``version`` (installed and COMPLETE) current, the running one previous, and pending
-    until confirmed. Steps: state ``switching`` -> previous -> current -> state ``switched``."""
+    until confirmed. Steps: the READY marker of ``version`` in ``data_dir`` removed (durably:
+    a marker of an earlier switch to it must never confirm this one) -> state ``switching``
+    (with a new ``switch_id``) -> previous -> current -> state ``switched``."""
     if not is_complete(root, version):
         raise BootError(f"release {version} is not installed completely under {root / RELEASES}")
     running = link_version(root, CURRENT)
     if running == version:
         raise BootError(f"release {version} is already current")
+    if data_dir is not None:
+        drop_ready(data_dir, version)
     doc = load(root)
     doc.update(pending=version, attempts=0, max_attempts=max_attempts, step="switching")
     doc.update(health_window=health_window, pending_s=0, paused_s=0)
+    doc["switch_id"] = os.urandom(8).hex()
     doc["from"] = running
     doc["switched_at"] = time.time()
     save(root, doc)
@@ -229,7 +245,7 @@ def rollback(root: Path, reason: str) -> str | None:
     doc["step"] = "rolling_back"
     save(root, doc)
     set_link(root, CURRENT, f"{RELEASES}/{back}")
-    doc.update(pending=None, attempts=0, step="idle")
+    doc.update(pending=None, attempts=0, step="idle", switch_id=None)
     doc["outcome"] = _outcome(bad, "rolled_back", reason, restored=back)
     save(root, doc)
     _log("release_rolled_back", version=bad, restored=back, reason=reason.replace(" ", "_"))
@@ -240,12 +256,61 @@ def ready_marker(data_dir: Path, version: str) -> Path:
     return data_dir / READY_DIR / f"ready-{version}"
 
 
+def switch_id(doc: Any) -> str | None:
+    """The ``switch_id`` of update.json when it is one (read as :func:`name` reads)."""
+    value = doc.get("switch_id") if isinstance(doc, dict) else None
+    return value if isinstance(value, str) and _SWITCH_ID.fullmatch(value) else None
+
+
+def marker_text(version: str, switch: str | None) -> str:
+    """What the agent on ``version`` writes into its READY marker during ``switch``."""
+    return f"{version} {switch}\n" if switch else f"{version}\n"
+
+
+def drop_ready(data_dir: Path, version: str) -> None:
+    """Remove the READY marker of ``version``, durably (an OSError other than its absence is
+    raised: a switch must not go on beside a marker it could not remove)."""
+    marker = ready_marker(data_dir, version)
+    try:
+        marker.unlink()
+    except FileNotFoundError:
+        return
+    fsync_dir(marker.parent)
+    _log("ready_marker_removed", version=version)
+
+
+def is_ready(data_dir: Path | None, doc: dict[str, Any], version: str) -> bool:
+    """Whether the agent on the pending ``version`` wrote its READY marker in this switch: a
+    regular file (never followed through a link: the data directory is the agent's) that names
+    no switch (an earlier release's agent) or the switch of ``doc``."""
+    if data_dir is None:
+        return False
+    marker = ready_marker(data_dir, version)
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        words = os.read(fd, MAX_MARKER_BYTES).decode("ascii", "replace").split()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    marked = words[1] if len(words) > 1 else None
+    if marked is not None and marked != switch_id(doc):
+        _log("ready_marker_stale", version=version, marker_switch=marked[:32])
+        return False
+    return True
+
+
 def confirm(root: Path, version: str) -> bool:
     """The agent on ``version`` is READY: the pending switch is done. True when it was pending."""
     doc = load(root)
     if name(doc, "pending") != version or link_version(root, CURRENT) != version:
         return False
-    doc.update(pending=None, attempts=0, step="idle")
+    doc.update(pending=None, attempts=0, step="idle", switch_id=None)
     doc["outcome"] = _outcome(version, "updated", previous=doc.get("from"))
     save(root, doc)
     _log("release_confirmed", version=version)
@@ -263,7 +328,7 @@ def resolve(root: Path) -> str | None:
     step = doc.get("step")
     if step == "switching" and pending and current != pending:
         # cut before the current link moved: the old release still runs; forget the switch
-        doc.update(pending=None, attempts=0, step="idle")
+        doc.update(pending=None, attempts=0, step="idle", switch_id=None)
         doc["outcome"] = _outcome(pending, "aborted", "interrupted before the switch")
         save(root, doc)
         _log("release_switch_aborted", version=pending)
@@ -299,7 +364,7 @@ def start(root: Path, data_dir: Path | None = None) -> str | None:
     pending = name(doc, "pending")
     if not pending or pending != current:
         return current
-    if data_dir is not None and ready_marker(data_dir, pending).is_file():
+    if is_ready(data_dir, doc, pending):
         confirm(root, pending)
         return current
     attempts = number(doc, "attempts", 0)
@@ -315,9 +380,10 @@ def start(root: Path, data_dir: Path | None = None) -> str | None:
 def failed(root: Path, data_dir: Path | None = None) -> str | None:
     """OnFailure: the service gave up (start limit, or exit codes that are not restarted)."""
     current = resolve(root)
-    pending = name(load(root), "pending")
+    doc = load(root)
+    pending = name(doc, "pending")
     if pending and pending == current:
-        if data_dir is not None and ready_marker(data_dir, pending).is_file():
+        if is_ready(data_dir, doc, pending):
             confirm(root, pending)
             return current
         return rollback(root, "the service failed while the release was pending")
@@ -350,7 +416,7 @@ def health(
     pending = name(doc, "pending")
     if not pending or pending != current or number(doc, "attempts", 0) < 1:
         return current  # nothing pending, or switched but not started yet
-    if data_dir is not None and ready_marker(data_dir, pending).is_file():
+    if is_ready(data_dir, doc, pending):
         confirm(root, pending)
         return current
     window = number(doc, "health_window", HEALTH_WINDOW)

@@ -9,14 +9,21 @@ model signature can never pass for a release one. The signature covers the canon
 bundle's ``bundle.json`` (arch, python, project wheel, pip wheel, files -> SHA-256).
 
 On the device, :func:`unpack` takes a downloaded file only after the manifest verified and the
-file's SHA-256 matched it; it then refuses any member that is not a plain file named in the
-signed listing, and checks every wheel against its signed SHA-256.
+file's SHA-256 matched it. Before it writes anything it checks every name of the signed listing
+(a plain file name: no path, no ``..``) and every member of the file (a regular file named in the
+listing, once); then it writes each into the fresh directory without following links, and checks
+every wheel against its signed SHA-256.
+
+A manifest is read as hostile input: decoded strictly (agent/wire/records.py :func:`loads`: no
+tags, so no shared or cyclic values), its bundle walked for plain values, and any failure of the
+decoding or of the signature check, whatever its kind, is a :class:`ReleaseError` (a refusal).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import tarfile
 from collections.abc import Mapping
@@ -25,16 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.errors import ModelError
 from agent.files import read_json
 from agent.modelstore.signing import MAX_MANIFEST_BYTES, check_name, digest_and_size, key_id
+from agent.wire.records import loads as strict_loads
 
 SIGNATURE_CONTEXT = "edge-agent release v1"
 BUNDLE_JSON = "bundle.json"
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\Z")
+_PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
 
 
 class ReleaseError(ModelError):
@@ -123,8 +131,15 @@ class ReleaseManifest:
     def verify(self, key: Ed25519PublicKey) -> None:
         """ReleaseError unless the signature verifies with the release public key ``key``."""
         try:
-            key.verify(self.signature, self.signed_bytes())
-        except InvalidSignature:
+            signed = self.signed_bytes()
+        except Exception as err:  # a hostile bundle (a value cbor2 cannot encode): refused
+            raise ReleaseError(
+                f"release {self.version}: the manifest cannot be encoded for its signature "
+                f"check ({type(err).__name__}: {str(err)[:200]}); refused"
+            ) from err
+        try:
+            key.verify(self.signature, signed)
+        except Exception:  # InvalidSignature, or a signature of the wrong type or length
             raise ReleaseError(
                 f"release {self.version}: the signature does not verify with the release "
                 f"public key (key {key_id(key)}; manifest says {self.key or 'unknown'}); refused"
@@ -148,19 +163,36 @@ class ReleaseManifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise ReleaseError(f"{label}: larger than {MAX_MANIFEST_BYTES} bytes")
         try:
-            d = cbor2.loads(data)
+            d = strict_loads(data)
             sha, size = digest_and_size(d)
             bundle = d["bundle"]
             if not isinstance(bundle, dict) or not isinstance(bundle.get("files"), dict):
                 raise ValueError("bundle is not a bundle description")
+            _check_plain(bundle)
             if not isinstance(d["signature"], bytes):
                 raise ValueError("signature is not bytes")
             return cls(
                 check_name("version", d["version"]), size, sha, bundle, d["signature"],
                 str(d.get("key", "")),
             )  # fmt: skip
-        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError, ModelError) as err:
-            raise ReleaseError(f"{label}: malformed release manifest ({err})") from err
+        except Exception as err:  # hostile bytes make a decoder raise many kinds: all refusals
+            raise ReleaseError(f"{label}: malformed release manifest ({str(err)[:300]})") from err
+
+
+def _check_plain(value: Any) -> None:
+    """ValueError unless ``value`` is a tree of plain values (text, numbers, booleans, null,
+    bytes, arrays, maps): no other type, and no container reached twice (a shared or cyclic
+    value, which the signature's encoding could not write). Iterative."""
+    todo, seen = [value], set()
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (dict, list)):
+            if id(item) in seen:
+                raise ValueError("the bundle holds a shared or cyclic value")
+            seen.add(id(item))
+            todo.extend([*item.keys(), *item.values()] if isinstance(item, dict) else item)
+        elif not isinstance(item, _PLAIN_SCALARS):
+            raise ValueError(f"the bundle holds a {type(item).__name__}")
 
 
 def _plain(bundle: Mapping[str, Any]) -> dict[str, Any]:
@@ -177,24 +209,62 @@ def check_file(manifest: ReleaseManifest, file: Path) -> None:
         )
 
 
+def check_listing(manifest: ReleaseManifest) -> dict[str, str]:
+    """The signed listing (file name -> SHA-256), every name a plain file name (no path, no
+    ``..``, not ``bundle.json``) and the project and pip wheels among them; ReleaseError else."""
+    files = manifest.bundle.get("files")
+    if not isinstance(files, Mapping):
+        raise ReleaseError(f"release {manifest.version}: the bundle has no file listing; refused")
+    for name, digest in files.items():
+        if not isinstance(name, str) or not _MEMBER_RE.match(name) or name == BUNDLE_JSON:
+            raise ReleaseError(
+                f"release {manifest.version}: bad file name {str(name)[:100]!r} in the signed "
+                "listing; refused"
+            )
+        if not isinstance(digest, str):
+            raise ReleaseError(f"release {manifest.version}: {name}: no SHA-256; refused")
+    for role in ("project", "pip"):
+        wheel = manifest.bundle.get(role)
+        if not isinstance(wheel, str) or wheel not in files:
+            raise ReleaseError(
+                f"release {manifest.version}: its {role} wheel is not in the signed listing; "
+                "refused"
+            )
+    return dict(files)
+
+
 def unpack(manifest: ReleaseManifest, file: Path, dest: Path) -> None:
-    """Extract the checked release file into ``dest``: the signed files and nothing else."""
+    """Extract the checked release file into ``dest`` (made here; it must not exist): the signed
+    files and nothing else. Every name and member is checked before anything is written."""
     check_file(manifest, file)
-    files: Mapping[str, str] = manifest.bundle["files"]
+    files = check_listing(manifest)
     allowed = {BUNDLE_JSON, *files}
-    dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(file, "r:") as tar:
-            for member in tar.getmembers():
+            members = tar.getmembers()
+            names = [m.name for m in members]
+            for member in members:
                 if not member.isfile() or member.name not in allowed:
                     raise ReleaseError(
-                        f"release {manifest.version}: unexpected member {member.name!r}; refused"
+                        f"release {manifest.version}: unexpected member {member.name[:200]!r}; "
+                        "refused"
                     )
+            if len(set(names)) != len(names):
+                raise ReleaseError(f"release {manifest.version}: a member appears twice; refused")
+            dest.mkdir(parents=True)
+            top = dest.resolve()
+            for member in members:
+                path = top / member.name
+                if path.parent != top:  # names are plain (checked above): never outside dest
+                    raise ReleaseError(f"release {manifest.version}: {member.name!r}; refused")
                 src = tar.extractfile(member)
                 assert src is not None
-                (dest / member.name).write_bytes(src.read())
+                # O_EXCL|O_NOFOLLOW: a name is written once, never through a link
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                with os.fdopen(os.open(path, flags, 0o644), "wb") as out:
+                    out.write(src.read())
     except tarfile.TarError as err:
         raise ReleaseError(f"release {manifest.version}: not a release file ({err})") from err
     got = read_bundle(dest)
-    if got["files"] != dict(files):
+    if got["files"] != files:
         raise ReleaseError(f"release {manifest.version}: the bundle differs from the signed one")

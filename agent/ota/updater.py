@@ -10,9 +10,13 @@ The agent (:func:`stage`; its sandbox cannot write /opt/edge-agent):
 1. the manifest: its version is the one asked for, its signature verifies with the release
    public key (``[update] public_key``), its SHA-256 is the one the operator set;
 2. the disk budget: the file must fit in what the budget and the disk leave;
-3. the download into ``DATA/ota/<version>.part`` (resumed after a cut or a SIGKILL), then its
-   size and SHA-256 against the signed manifest; it becomes ``<version>.release`` beside
-   ``<version>.manifest``, and ``staged.json`` names it.
+3. the download into ``DATA/ota/<version>.part`` (resumed after a cut or a SIGKILL; fsynced
+   every :data:`PART_SYNC_BYTES`), then its size and SHA-256 against the signed manifest; it
+   becomes ``<version>.release`` beside ``<version>.manifest``, and ``staged.json`` names it.
+   A download that resumed a kept partial and then does not match is not a refusal: the partial
+   may have lost blocks in a power cut (they reach the card only when synced, its size may be
+   kept without them), so it is dropped and the file fetched once more from the start; only a
+   whole fresh download that does not match refuses the release.
 
 The root helper (:func:`apply_staged`, ``python -m agent.ota.updater apply`` run by
 edge-agent-update.service when edge-agent-update.path sees ``staged.json``):
@@ -31,6 +35,7 @@ failures raise SyncError (the partial file stays, the next attempt resumes it).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -58,6 +63,7 @@ log = logging.getLogger(__name__)
 
 OTA_DIR = "ota"  # in the agent's data directory: partial downloads, the READY marker
 STAGED_FILE = "staged.json"  # DATA/ota/staged.json: what edge-agent-update.path waits for
+PART_SYNC_BYTES = 4 << 20  # the partial download is fsynced each time this much more is written
 INITIAL_VERSION = "initial"  # the release name of the first install's venv (bootcheck.adopt)
 
 
@@ -93,6 +99,74 @@ def partial_path(data_dir: Path, version: str) -> Path:
     return data_dir / OTA_DIR / f"{version}.part"
 
 
+async def _download(
+    fetcher: ReleaseFetcher, manifest: ReleaseManifest, part: Path, budget_bytes: int | None
+) -> FetchStats:
+    """Download (or resume) ``part`` after the disk budget check; ReleaseError when it is
+    refused (the partial removed), SyncError on a link failure (the partial kept)."""
+    _check_budget(manifest, part, budget_bytes)
+    sync = _PartSync(part)
+    try:
+        return await fetcher.download(manifest, part, sync.on_block)  # type: ignore[arg-type]
+    except ModelError as err:
+        _drop(part)
+        raise err if isinstance(err, ReleaseError) else ReleaseError(str(err)) from err
+    finally:
+        await sync.close()
+
+
+def _check_budget(manifest: ReleaseManifest, part: Path, budget_bytes: int | None) -> None:
+    have = part.stat().st_size if part.exists() else 0
+    if budget_bytes is not None:
+        free = shutil.disk_usage(part.parent).free
+        if manifest.size - have > min(budget_bytes, free):
+            raise ReleaseError(
+                f"release {manifest.version}: {manifest.size} bytes do not fit the disk budget "
+                f"({budget_bytes} bytes, {free} free); refused"
+            )
+    version, size = manifest.version, manifest.size
+    log.info("event=release_download version=%s bytes=%d resume=%d", version, size, have)
+
+
+def _drop(part: Path) -> None:
+    with contextlib.suppress(OSError):
+        part.unlink()
+
+
+class _PartSync:
+    """Fsyncs the partial download every :data:`PART_SYNC_BYTES` written, in a worker thread
+    (a slow card must not hold the event loop), one at a time: a power cut then loses at most
+    the blocks since the last one, not the whole download's."""
+
+    def __init__(self, part: Path) -> None:
+        self.part = part
+        self.synced = 0  # bytes in the partial at the last fsync this download asked for
+        self.task: asyncio.Task[None] | None = None
+
+    def on_block(self, _num: int, have: int) -> None:
+        """The fetcher's callback after each block written (and flushed) in order."""
+        if have - self.synced < PART_SYNC_BYTES or (self.task and not self.task.done()):
+            return
+        self.synced = have
+        self.task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._fsync))
+
+    def _fsync(self) -> None:
+        try:
+            fd = os.open(self.part, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError as err:
+            log.warning("event=release_partial_fsync_failed path=%s error=%s", self.part, err)
+        finally:
+            os.close(fd)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
 async def stage(
     fetcher: ReleaseFetcher,
     *,
@@ -117,26 +191,25 @@ async def stage(
         )
     part = partial_path(data_dir, version)
     part.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.exists() else 0
-    if budget_bytes is not None:
-        free = shutil.disk_usage(part.parent).free
-        if manifest.size - have > min(budget_bytes, free):
-            raise ReleaseError(
-                f"release {version}: {manifest.size} bytes do not fit the disk budget "
-                f"({budget_bytes} bytes, {free} free); refused"
-            )
-    log.info("event=release_download version=%s bytes=%d resume=%d", version, manifest.size, have)
-    try:
-        stats = await fetcher.download(manifest, part)  # type: ignore[arg-type]
-    except ModelError as err:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise err if isinstance(err, ReleaseError) else ReleaseError(str(err)) from err
+    stats = await _download(fetcher, manifest, part, budget_bytes)
     try:
         check_file(manifest, part)
     except ReleaseError:
         part.unlink()
-        raise
+        if not stats.resumed_from:
+            raise
+        # a kept partial, perhaps torn by a power cut: once more from the start, then decide
+        log.warning(
+            "event=release_partial_dropped version=%s resumed_from=%d reason=sha256_mismatch",
+            version,
+            stats.resumed_from,
+        )
+        stats = await _download(fetcher, manifest, part, budget_bytes)
+        try:
+            check_file(manifest, part)
+        except ReleaseError:
+            part.unlink()
+            raise
     ota = data_dir / OTA_DIR
     write_atomic(ota / f"{version}.manifest", manifest.to_cbor())
     file = ota / f"{version}.release"
@@ -194,7 +267,7 @@ def apply_staged(
             bootcheck.adopt(root, INITIAL_VERSION)
         rel = install(root, manifest, file, python=python, site=site)
         _check_data(root, rel, version, data_dir)
-        bootcheck.switch(root, version, max_attempts, health_window)
+        bootcheck.switch(root, version, max_attempts, health_window, data_dir)
     except (ReleaseError, bootcheck.BootError, OSError) as err:
         log.error("event=release_refused version=%s error=%s", version, err)
         doc = bootcheck.load(root)
@@ -257,11 +330,14 @@ def _check_data(root: Path, rel: Path, version: str, data_dir: Path) -> None:
 
 
 def mark_ready(root: Path, data_dir: Path, version: str) -> bool:
-    """The agent on ``version`` is READY: the marker in the data directory, then the
-    confirmation in the release root when it can write there. True when it was pending."""
-    marker = bootcheck.ready_marker(data_dir, version)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(version + "\n")
+    """The agent on ``version`` is READY: the marker in the data directory (naming the switch
+    to ``version`` when it is pending: a marker counts for its own switch only,
+    bootcheck.is_ready), then the confirmation in the release root when it can write there.
+    True when it was pending."""
+    doc = bootcheck.load(root)
+    switch = bootcheck.switch_id(doc) if bootcheck.name(doc, "pending") == version else None
+    text = bootcheck.marker_text(version, switch)
+    write_atomic(bootcheck.ready_marker(data_dir, version), text.encode("ascii"))
     try:
         return bootcheck.confirm(root, version)
     except OSError:

@@ -380,3 +380,114 @@ def test_an_unreadable_state_file_is_said_once_per_process(
     for _ in range(5):
         bc.load(root)
     assert capsys.readouterr().err.count("event=update_state_unreadable") == 1
+
+
+# -- READY markers count for their own switch only -------------------------------------------
+
+
+def confirmed_once_then_back(root: Path, data: Path) -> None:
+    """2.0 ran and reached READY (its marker written by the agent), then 1.0 was switched back
+    to and confirmed: ``DATA/ota/ready-2.0`` of that earlier switch is still on disk."""
+    from agent.ota.updater import mark_ready
+
+    bc.switch(root, "2.0", data_dir=data)
+    bc.start(root, data)
+    assert mark_ready(root, data, "2.0")
+    bc.switch(root, "1.0", data_dir=data)
+    bc.start(root, data)
+    assert mark_ready(root, data, "1.0")
+
+
+@pytest.mark.parametrize("check", ["start", "failed", "health"])
+def test_attack_stale_ready_marker_never_confirms_a_new_switch(
+    root: Path, tmp_path: Path, check: str
+) -> None:
+    """Was: switching again to a release that once reached READY confirmed it at its first
+    ExecStartPre, before it ran, so the boot counter, OnFailure and the health window never
+    rolled it back. Here the stale marker is put back after the switch (a copy restored from
+    a backup, or a switch by an earlier release's helper, which did not remove it): it names
+    the earlier switch and confirms nothing."""
+    data = tmp_path / "data"
+    confirmed_once_then_back(root, data)
+    stale = bc.ready_marker(data, "2.0").read_bytes()
+    bc.switch(root, "2.0", max_attempts=1, health_window=60, data_dir=data)
+    assert not bc.ready_marker(data, "2.0").exists()  # the switch removed it
+    bc.ready_marker(data, "2.0").write_bytes(stale)
+    if check == "start":
+        assert bc.start(root, data) == "2.0"
+        assert bc.load(root)["pending"] == "2.0" and bc.load(root)["attempts"] == 1
+        assert bc.start(root, data) == "1.0"  # the counter runs: rolled back
+    elif check == "failed":
+        bc.start(root, data)
+        assert bc.failed(root, data) == "1.0"
+    else:
+        bc.start(root, data)
+        assert bc.health(root, data, 60) == "1.0"
+    assert bc.load(root)["outcome"]["result"] == "rolled_back"
+    assert running(root) == "1.0"
+
+
+def test_the_switch_removes_the_marker_of_an_earlier_release_agent(
+    root: Path, tmp_path: Path
+) -> None:
+    """An earlier release's agent writes only the version into its marker (no switch id), so
+    such a marker cannot be told from a fresh one: the switch removes it first."""
+    data = tmp_path / "data"
+    write_ready(data, "2.0")  # left from an earlier switch to 2.0
+    bc.switch(root, "2.0", max_attempts=1, data_dir=data)
+    assert bc.start(root, data) == "2.0"
+    assert bc.load(root)["pending"] == "2.0"
+    write_ready(data, "2.0")  # now that agent reaches READY in this switch: it counts
+    assert bc.start(root, data) == "2.0"
+    assert bc.load(root)["outcome"]["result"] == "updated"
+
+
+def test_a_marker_of_this_switch_confirms(root: Path, tmp_path: Path) -> None:
+    from agent.ota.updater import mark_ready
+
+    data = tmp_path / "data"
+    bc.switch(root, "2.0", data_dir=data)
+    bc.start(root, data)
+    doc = bc.load(root)
+    bc.ready_marker(data, "2.0").parent.mkdir(parents=True, exist_ok=True)
+    # the agent cannot write the release root (its sandbox): only the marker is written
+    bc.ready_marker(data, "2.0").write_text(bc.marker_text("2.0", bc.switch_id(doc)))
+    assert bc.failed(root, data) == "2.0"  # READY in this switch: confirmed, not rolled back
+    assert bc.load(root)["outcome"]["result"] == "updated"
+    assert mark_ready(root, data, "2.0") is False  # nothing pending any more
+    assert bc.ready_marker(data, "2.0").read_text() == "2.0\n"
+
+
+def test_attack_a_marker_that_is_a_link_confirms_nothing(root: Path, tmp_path: Path) -> None:
+    """The data directory is the unprivileged agent's; root reads the marker without following
+    a link (to a FIFO or /dev/zero, say)."""
+    data = tmp_path / "data"
+    (data / bc.READY_DIR).mkdir(parents=True)
+    os.mkfifo(tmp_path / "fifo")
+    bc.switch(root, "2.0", max_attempts=1, data_dir=data)
+    bc.ready_marker(data, "2.0").symlink_to(tmp_path / "fifo")
+    assert bc.start(root, data) == "2.0"
+    assert bc.start(root, data) == "1.0"
+
+
+@pytest.mark.parametrize("cut_after", range(5))
+def test_power_cut_during_a_switch_back_never_confirms_by_a_stale_marker(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cut_after: int
+) -> None:
+    data = tmp_path / "data"
+    confirmed_once_then_back(root, data)
+    write_ready(data, "2.0")  # a marker of an earlier release's agent, without a switch id
+    with monkeypatch.context() as m:
+        steps_with_cut(m, cut_after)
+        try:
+            bc.switch(root, "2.0", data_dir=data)
+        except Cut:
+            pass
+    version = bc.start(root, data)
+    doc = bc.load(root)
+    if version == "2.0":  # current moved: counted, not confirmed
+        assert doc["pending"] == "2.0" and doc["attempts"] == 1
+        assert bc.failed(root, data) == "1.0"
+    else:  # current had not moved: 1.0 runs on, and 2.0 was not confirmed
+        assert doc["pending"] is None
+        assert (doc["outcome"]["version"], doc["outcome"]["result"]) != ("2.0", "updated")

@@ -10,6 +10,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -171,3 +172,147 @@ def test_the_reported_update_takes_only_plain_known_fields_of_update_json(tmp_pa
     }
     (root / STATE_FILE).write_text(json.dumps({"outcome": "x"}))
     assert report(root)["outcome"] is None
+
+
+# -- a signed bundle cannot write outside its directory ----------------------------------------
+
+
+def signed_tar(
+    tmp_path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]], listing: dict[str, str]
+) -> tuple[ReleaseManifest, Path]:
+    """A release file of ``members`` (name and bytes, or a TarInfo without data) and a signed
+    manifest whose listing is ``listing``: the signer's word, so only unpack's checks guard."""
+    file = tmp_path / "hostile.tar"
+    with tarfile.open(file, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member in members:
+            if isinstance(member, tarfile.TarInfo):
+                tar.addfile(member)
+                continue
+            info = tarfile.TarInfo(member[0])
+            info.size = len(member[1])
+            tar.addfile(info, io.BytesIO(member[1]))
+    bundle = {"project": "a.whl", "pip": "pip-1.whl", "files": listing}
+    return ReleaseManifest.sign("6.6", file, bundle, Ed25519PrivateKey.generate()), file
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+WHEELS = {"a.whl": b"a", "pip-1.whl": b"p"}
+
+
+@pytest.mark.parametrize("where", ["../ESCAPED", "../../ESCAPED", "ABSOLUTE", "sub/../../E"])
+def test_attack_a_signed_listing_with_a_path_writes_nothing(tmp_path: Path, where: str) -> None:
+    """Was: each listed member was written to ``dest / name`` before the names were checked
+    (as root, in the update helper): ``../x`` above the bundle, an absolute path anywhere."""
+    outside = tmp_path / "outside" / "ABSOLUTE"
+    outside.parent.mkdir()
+    name = str(outside) if where == "ABSOLUTE" else where
+    evil = b"written outside\n"
+    listing = {**{n: sha(d) for n, d in WHEELS.items()}, name: sha(evil)}
+    meta = json.dumps({"files": listing}).encode()
+    manifest, file = signed_tar(
+        tmp_path, [("bundle.json", meta), *WHEELS.items(), (name, evil)], listing
+    )
+    dest = tmp_path / "opt" / "releases" / "6.6" / "bundle"
+    with pytest.raises(ReleaseError, match="bad file name"):
+        unpack(manifest, file, dest)
+    assert not (tmp_path / "opt").exists()  # refused before anything was made
+    assert not outside.exists()
+    assert not list(tmp_path.rglob("ESCAPED")) and not list(tmp_path.rglob("E"))
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE])
+def test_attack_a_listed_name_as_a_link_or_directory_is_refused(
+    tmp_path: Path, kind: bytes
+) -> None:
+    """A member named as a listed wheel but a symlink (to /etc/shadow, say), a hard link or a
+    directory: only regular files are written, and nothing before all are checked."""
+    listing = {n: sha(d) for n, d in WHEELS.items()}
+    link = tarfile.TarInfo("a.whl")
+    link.type, link.linkname = kind, "/etc/shadow"
+    members = [("bundle.json", json.dumps({"files": listing}).encode()), ("pip-1.whl", b"p"), link]
+    manifest, file = signed_tar(tmp_path, members, listing)
+    with pytest.raises(ReleaseError, match=r"unexpected member 'a\.whl'"):
+        unpack(manifest, file, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_attack_a_member_twice_is_refused(tmp_path: Path) -> None:
+    """The second copy of a name would replace the first after its check."""
+    listing = {n: sha(d) for n, d in WHEELS.items()}
+    meta = json.dumps({"files": listing}).encode()
+    members = [("bundle.json", meta), *WHEELS.items(), ("a.whl", b"other")]
+    manifest, file = signed_tar(tmp_path, members, listing)
+    with pytest.raises(ReleaseError, match="appears twice"):
+        unpack(manifest, file, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("role", ["project", "pip"])
+@pytest.mark.parametrize("name", ["../../../usr/lib/pip-evil.whl", ["pip-26.3-py3-none-any.whl"]])
+def test_attack_a_wheel_outside_the_listing_is_refused(
+    signed: tuple, role: str, name: object
+) -> None:
+    """install() runs the pip wheel and installs the project wheel by these names."""
+    manifest, file, key = signed
+    bundle = {**manifest.bundle, role: name}
+    resigned = ReleaseManifest.sign("9.9", file, bundle, key)
+    with pytest.raises(ReleaseError, match=f"its {role} wheel is not in the signed listing"):
+        unpack(resigned, file, file.parent / "out")
+    assert not (file.parent / "out").exists()
+
+
+# -- hostile manifests are refusals, whatever the decoder raises ---------------------------------
+
+
+def manifest_bytes(bundle: object, value_sharing: bool = False, **fields: object) -> bytes:
+    """An unsigned manifest of release 3.0 with ``bundle`` (and ``fields`` over the others)."""
+    doc = {"version": "3.0", "size": 1, "sha256": "00" * 32, "bundle": bundle}
+    doc.update(signature=b"\0" * 64, key="", **fields)
+    return cbor2.dumps(doc, value_sharing=value_sharing)
+
+
+def cyclic_bundle() -> dict:
+    files: dict = {"a.whl": "00" * 32}
+    bundle = {"files": files}
+    files["loop"] = bundle
+    return bundle
+
+
+SHARED: dict = {"a.whl": "00" * 32}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        manifest_bytes(cyclic_bundle(), value_sharing=True),  # tags 28/29: contains itself
+        manifest_bytes({"files": SHARED, "copy": SHARED}, value_sharing=True),  # shared
+        manifest_bytes({"files": {}}, size=2**70),  # a bignum (tag 2)
+        manifest_bytes({"files": {}, "x": cbor2.CBORTag(1234, [1])}),
+        manifest_bytes({"files": {}, "x": cbor2.undefined}),
+        manifest_bytes({"files": {}}) + b"\x00",  # trailing bytes
+        b"\x81" * 1000 + b"\x00",  # nested deep
+    ],
+    ids=["cyclic", "shared", "bignum", "tag", "undefined", "trailing", "deep"],
+)
+def test_attack_a_hostile_manifest_is_a_refusal(data: bytes) -> None:
+    """Was: the cyclic manifest decoded, and verify() re-encoding it raised
+    CBOREncodeValueError (a ValueError, not a refusal): the agent's update stage died."""
+    with pytest.raises(ReleaseError, match="malformed release manifest"):
+        ReleaseManifest.from_cbor(data)
+
+
+def test_attack_verify_of_an_unencodable_bundle_is_a_refusal() -> None:
+    """Whatever the decoder lets through, the signature check refuses instead of raising
+    another kind of error: a cyclic bundle, a value CBOR has no encoding for."""
+    key = Ed25519PrivateKey.generate().public_key()
+    files: dict = {"a.whl": "00" * 32}
+    files["loop"] = files
+    for bundle in ({"files": files}, {"files": {}, "x": object()}):
+        manifest = ReleaseManifest("3.0", 1, "00" * 32, bundle, b"\0" * 64)
+        with pytest.raises(ReleaseError, match="refused"):
+            manifest.verify(key)
+    with pytest.raises(ReleaseError, match="does not verify"):
+        ReleaseManifest("3.0", 1, "00" * 32, {"files": {}}, b"short").verify(key)

@@ -1,0 +1,176 @@
+"""Staging a release on the device (agent/ota/updater.py :func:`stage`) from a real endpoint on
+loopback: a partial download torn by a power cut is fetched again instead of refusing a good
+release; a file that does not match after a fresh download is still refused; the partial is
+fsynced as it grows."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.modelstore.signing import load_public_key
+from agent.ota import updater
+from agent.ota.controller import UpdateController
+from agent.ota.release import ReleaseError
+from agent.ota.settings import UpdateSettings
+from agent.ota.updater import ReleaseFetcher, partial_path, stage
+from agent.sync.transport import CoapTransport
+from cloud.cli import main as cloud_main
+from cloud.server import CloudServer
+from drivers.clock import RealClock
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = {"ack_timeout": 0.2, "block_deadline": 4.0, "manifest_deadline": 8.0}
+BLOCK = 1024  # the fetcher's Block2 size
+
+
+@dataclass
+class Endpoint:
+    server: CloudServer
+    cloud: Path
+    pub: Path
+    file: Path  # the stored release file
+    sha256: str
+
+    def fetcher(self) -> ReleaseFetcher:
+        uri = f"coap://127.0.0.1:{self.server.port}"
+        return ReleaseFetcher(CoapTransport(RealClock(), lanes=2), uri, **FAST)
+
+
+def make_bundle(directory: Path) -> Path:
+    """A bundle of about 40 blocks (the endpoint does not look into the wheels)."""
+    directory.mkdir()
+    wheels = {
+        "edge_agent-9.9-py3-none-any.whl": random.Random(9).randbytes(40 * BLOCK),
+        "pip-26.3-py3-none-any.whl": b"pip wheel",
+    }
+    for name, data in wheels.items():
+        (directory / name).write_bytes(data)
+    files = {name: hashlib.sha256(data).hexdigest() for name, data in wheels.items()}
+    meta = {"arch": "x86_64", "python": "3.11", "files": files}
+    meta.update(project="edge_agent-9.9-py3-none-any.whl", pip="pip-26.3-py3-none-any.whl")
+    (directory / "bundle.json").write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture
+async def endpoint(tmp_path: Path) -> AsyncIterator[Endpoint]:
+    cloud = tmp_path / "cloud"
+    assert cloud_main(["releases", "keygen", "--data", str(cloud)]) == 0
+    bundle = make_bundle(tmp_path / "bundle")
+    assert (
+        cloud_main(["releases", "publish", str(bundle), "--data", str(cloud), "--version", "2"])
+        == 0
+    )
+    file = cloud / "releases" / "2" / "release.tar"
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    server = await CloudServer.start(cloud, "127.0.0.1", 0, allow_plain=True)
+    try:
+        yield Endpoint(server, cloud, cloud / "releases" / "release.key.pub", file, sha)
+    finally:
+        await server.stop()
+
+
+def torn_partial(endpoint: Endpoint, data_dir: Path, blocks: int = 20, lost: int = 5) -> Path:
+    """What a power cut leaves: the partial's size survived, block ``lost`` never reached the
+    card (written, not yet synced) and reads back as zeros."""
+    part = partial_path(data_dir, "2")
+    part.parent.mkdir(parents=True)
+    data = bytearray(endpoint.file.read_bytes()[: blocks * BLOCK])
+    data[lost * BLOCK : (lost + 1) * BLOCK] = bytes(BLOCK)
+    part.write_bytes(bytes(data))
+    return part
+
+
+async def stage_from(endpoint: Endpoint, data_dir: Path) -> updater.Staged:
+    fetcher = endpoint.fetcher()
+    try:
+        return await stage(
+            fetcher,
+            version="2",
+            sha256=endpoint.sha256,
+            key=load_public_key(endpoint.pub),
+            data_dir=data_dir,
+        )
+    finally:
+        await fetcher.close()
+
+
+async def test_attack_power_cut_torn_partial_is_fetched_again_not_refused(
+    endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: the resume trusted the torn blocks, the SHA-256 did not match and the good, signed
+    release was refused (not tried again until the desired value changed)."""
+    data = tmp_path / "data"
+    part = torn_partial(endpoint, data)
+    staged = await stage_from(endpoint, data)
+    assert staged.file.read_bytes() == endpoint.file.read_bytes()
+    assert staged.stats.resumed_from == 0  # the second download started from scratch
+    assert not part.exists()
+    assert "event=release_partial_dropped version=2 resumed_from=20480" in caplog.text
+
+
+async def test_a_fresh_download_that_does_not_match_is_still_refused(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """The endpoint's stored file altered after signing: the resumed download does not match,
+    nor does the fresh one after it; refused, and no partial is left."""
+    data = tmp_path / "data"
+    part = torn_partial(endpoint, data)
+    stored = bytearray(endpoint.file.read_bytes())
+    stored[30 * BLOCK] ^= 0xFF
+    endpoint.file.write_bytes(bytes(stored))
+    with pytest.raises(ReleaseError, match="is not the signed file"):
+        await stage_from(endpoint, data)
+    assert not part.exists()
+    assert not (data / "ota" / updater.STAGED_FILE).exists()
+
+
+async def test_the_controller_stages_a_release_whose_partial_was_torn(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """The agent's update stage: staged, not refused (a refusal is not retried)."""
+    data = tmp_path / "data"
+    torn_partial(endpoint, data)
+    settings = UpdateSettings(root=tmp_path / "opt", public_key=endpoint.pub)
+    ctl = UpdateController(settings, data, endpoint.fetcher, RealClock(), lambda: False)
+    ctl.apply({"version": "2", "sha256": endpoint.sha256})
+    loop = asyncio.create_task(ctl._stage_loop())
+    try:
+        for _ in range(600):  # until the stage loop has an outcome (at most 30 s)
+            if ctl.outcome is not None:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert ctl.outcome is not None and ctl.outcome["result"] == "staged", ctl.outcome
+    assert ctl._refused is None
+
+
+async def test_the_partial_is_fsynced_as_it_grows(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only once at the end: a power cut then loses the blocks since the last sync."""
+    monkeypatch.setattr(updater, "PART_SYNC_BYTES", 8 * BLOCK)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".part"):
+            synced.append(path)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    await stage_from(endpoint, tmp_path / "data")
+    assert len(synced) >= 2  # periodic ones (one at a time: how many varies) and the last
