@@ -20,8 +20,18 @@ starts), and rounds already done are remembered (``learn.json``): a restart or a
 attempt re-sends the same noisy update (no new privacy cost), and a round charged to the privacy
 ledger is never trained twice. The reported key
 ``learn/<model>`` says where the device is: ``{job, round, status[, samples]}``, status one of
-``waiting`` (too few windows yet), ``training``, ``uploading``, ``uploaded``, ``refused``,
-``expired``, ``failed``.
+``waiting`` (too few windows yet, or the masters not served: ``reason`` says which),
+``training``, ``uploading``, ``uploaded``, ``refused``, ``expired``, ``failed``, ``withdrawn``
+(the endpoint withdrew the task while its round ran).
+
+Each model's round runs in a task of its own: a round never waits for another model's, and a
+desired value that replaces or withdraws a task cancels its round at once (cleanly: the training
+process is killed, its job file removed; a round the privacy ledger charged keeps its update file
+for a re-opened attempt, like one that expired). A task's deadline is capped at now +
+:data:`MAX_AHEAD`. Which rounds ended is compared within a job only: job ids name jobs, they do
+not order them (one task with a huge id must not end every later job); the privacy ledger, which
+charges every (job, round) uploaded whatever its id, is what keeps a renamed job from costing
+nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +78,10 @@ WAIT_WINDOWS = 10.0  # between looks at the ring while it holds too few windows
 LAG_PROBE = 0.25  # the event loop's lateness is measured this often
 PAUSE_HOLD = 2.0  # a paused worker stays paused at least this long
 REQUEST_DEADLINE = 60.0
+#: A task's deadline is capped at now + this: the endpoint opens rounds of at most 7 days
+#: (cloud/learning.py, ``--deadline``; docs/learning.md uses 600 s), plus an hour of clock skew.
+#: A task may say up to 2**40 s; a round stuck that long would hold its model's learning.
+MAX_AHEAD = 7 * 86400.0 + 3600.0
 DONE_FILE = "learn.json"
 FINAL = ("uploaded", "refused", "expired", "failed")
 MAX_DETAILS = 16  # keys of one learn.json entry that are read
@@ -104,10 +119,19 @@ class WindowRing:
         return np.concatenate([self._data[self._next :], self._data[: self._next]])
 
 
-def _drop_other_updates(data_dir: Path, keep: Path) -> None:
-    """Updates of earlier rounds kept for a re-opened attempt: a new round ends their use."""
-    for old in data_dir.glob("learn-*-*.cbor"):
-        if old != keep:
+def _round_name(task: RoundTask) -> str:
+    """The name of a round's files in the data directory (``.cbor``: its update; ``.npz``: the
+    training process's job; ``.cbor.tmp``: an update being written)."""
+    return f"learn-{task.job}-{task.round}"
+
+
+def _drop_other_updates(data_dir: Path, keep: Collection[str]) -> None:
+    """Updates of earlier rounds kept for a re-opened attempt: a new round ends their use. The
+    files of the rounds named in ``keep`` (:func:`_round_name`: the rounds running) stay; a job
+    file or a half-written update that a cancelled round or a crash left goes too."""
+    for old in data_dir.glob("learn-*-*"):
+        stem, dot, ext = old.name.partition(".")
+        if dot and ext in ("cbor", "cbor.tmp", "npz") and stem not in keep:
             with contextlib.suppress(OSError):
                 old.unlink()
 
@@ -184,7 +208,10 @@ class LearningClient:
         self.ledger = PrivacyLedger(
             self.data_dir / LEDGER_FILE, settings.epsilon_budget, settings.delta
         )
-        self._tasks: dict[str, RoundTask] = {}
+        self._tasks: dict[str, RoundTask] = {}  # the rounds to take, deadlines capped
+        self._given: dict[str, RoundTask] = {}  # the same as the endpoint wrote them
+        self._rounds: dict[str, tuple[RoundTask, asyncio.Task[None]]] = {}  # running, per model
+        self._why: dict[str, str] = {}  # why a model's round was cancelled
         self._status: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._lag_ms = 0.0
@@ -234,15 +261,24 @@ class LearningClient:
         self.changed()
 
     def _done(self, model: str, task: RoundTask) -> bool:
-        """Whether ``task`` needs nothing more: a later round ended here, or this one did. An
-        attempt of this round that expired or failed is tried again when the endpoint opens the
-        round again (it does, with a later deadline, while too few devices uploaded); an upload
-        or a refusal stands."""
+        """Whether ``task`` needs nothing more: a later round of its job ended here, or this one
+        did. An attempt of this round that expired or failed is tried again when the endpoint
+        opens the round again (it does, with a later deadline, while too few devices uploaded);
+        an upload or a refusal stands.
+
+        Another job than the last one ended is never done: job ids are names the endpoint gives,
+        not an order (a task with a huge id, or an endpoint whose storage started again, must
+        not end every later job; it did, across restarts). A stale round of an earlier job the
+        endpoint sends again is taken: the privacy ledger keeps it from spending anything twice
+        (a charged round whose update is gone fails, :meth:`_round`; an uncharged one is charged
+        in full, as any new round would be)."""
         st = self._status.get(model)
         if st is None or st.get("status") not in FINAL:
             return False
-        if (st["job"], st["round"]) != (task.job, task.round):
-            return bool((st["job"], st["round"]) > (task.job, task.round))
+        if st["job"] != task.job:
+            return False
+        if st["round"] != task.round:
+            return bool(st["round"] > task.round)
         if st["status"] in ("uploaded", "refused"):
             return True
         ended = st.get("deadline")  # absent in a file an older release wrote: that round stands
@@ -270,9 +306,13 @@ class LearningClient:
 
     # -- desired state ---------------------------------------------------------------------------
     def apply(self, model: str, value: Any) -> None:
-        """A desired ``learn/<model>``: None ends taking part; raises ValueError if malformed."""
+        """A desired ``learn/<model>``: None ends taking part; raises ValueError if malformed.
+        A task that replaces the one whose round runs, or None, cancels that round."""
         if value is None:
             self._tasks.pop(model, None)
+            self._given.pop(model, None)
+            self._cancel(model, "withdrawn by the endpoint")
+            self._wake.set()
             return
         if not self.settings.enabled:
             raise ValueError("[learn] enabled = false: this device takes no part in rounds")
@@ -280,22 +320,119 @@ class LearningClient:
             task = RoundTask.from_value(value)
         except LearningError as err:
             raise ValueError(str(err)) from None
-        self._tasks[model] = task
+        if self._given.get(model) == task and model in self._tasks:
+            return  # the same task again: its round goes on
+        latest = float(math.ceil(time.time() + MAX_AHEAD))
+        if task.deadline > latest:
+            log.warning(
+                "event=learn_deadline_capped model=%s job=%d round=%d deadline=%d cap=%d",
+                model,
+                task.job,
+                task.round,
+                task.deadline,
+                latest,
+            )
+        self._given[model] = task
+        self._tasks[model] = replace(task, deadline=min(task.deadline, latest))
+        self._cancel(model, f"replaced by job {task.job} round {task.round}")
         self._wake.set()
+
+    def _cancel(self, model: str, why: str) -> None:
+        """Cancel the round running for ``model`` (it ends at its next await; :meth:`run` starts
+        the model's next one once it did)."""
+        running = self._rounds.get(model)
+        if running is None or running[1].done():
+            return
+        task = running[0]
+        log.info(
+            "event=learn_round_cancelled model=%s job=%d round=%d why=%r",
+            model,
+            task.job,
+            task.round,
+            why,
+        )
+        self._why[model] = why
+        running[1].cancel(why)
 
     # -- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
+        """Start each model's round in a task of its own, one at a time per model, and never two
+        rounds of one (job, round) at once (two models named with one job would otherwise train
+        two noisy updates the ledger charges once)."""
         lag = asyncio.create_task(self._measure_lag())
         try:
             while True:
-                for model, task in list(self._tasks.items()):
-                    if not self._done(model, task):
-                        await self._round(model, task)
                 self._wake.clear()
-                if not any(not self._done(m, t) for m, t in self._tasks.items()):
-                    await self._wake.wait()
+                for model, (_, running) in list(self._rounds.items()):
+                    if running.done():
+                        del self._rounds[model]
+                busy = {(t.job, t.round) for t, _ in self._rounds.values()}
+                for model, task in list(self._tasks.items()):
+                    if model in self._rounds or (task.job, task.round) in busy:
+                        continue
+                    if self._done(model, task):
+                        continue
+                    running = asyncio.create_task(
+                        self._round_task(model, task), name=f"learn-{model}"
+                    )
+                    running.add_done_callback(lambda _: self._wake.set())
+                    self._why.pop(model, None)
+                    self._rounds[model] = (task, running)
+                    busy.add((task.job, task.round))
+                await self._wake.wait()
         finally:
             lag.cancel()
+            rounds = [running for _, running in self._rounds.values()]
+            for running in rounds:
+                running.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*rounds, return_exceptions=True)
+            self._rounds.clear()
+
+    async def _round_task(self, model: str, task: RoundTask) -> None:
+        """One round, ended with a final status whatever happens to it (a round that ended
+        without one would be started again at once)."""
+        try:
+            await self._round(model, task)
+        except asyncio.CancelledError:
+            why = self._why.pop(model, None)  # None: the agent stops
+            st = self._status.get(model, {})
+            mine = (st.get("job"), st.get("round")) == (task.job, task.round)
+            if why is not None and mine and st.get("status") not in FINAL:
+                self._set(model, task, "withdrawn", reason=why)
+            raise
+        except Exception as err:  # a disk error, a bug: this round fails, the others go on
+            log.error(
+                "event=learn_round_error model=%s job=%d round=%d error=%r",
+                model,
+                task.job,
+                task.round,
+                f"{type(err).__name__}: {err}"[:200],
+            )
+            self._set(model, task, "failed", error=f"{type(err).__name__}: {err}"[:120])
+            return
+        st = self._status.get(model, {})
+        if (st.get("job"), st.get("round")) != (task.job, task.round) or st.get(
+            "status"
+        ) not in FINAL:
+            self._set(model, task, "failed", error="the round ended without a result")
+
+    def _reason(self, model: str) -> Any:
+        return self._status.get(model, {}).get("reason")
+
+    def _waiting(self, model: str, task: RoundTask, reason: str, **extra: Any) -> None:
+        """Report the round as waiting for ``reason`` (once per reason: not at every retry)."""
+        st = self._status.get(model, {})
+        now = (st.get("job"), st.get("round"), st.get("status"), st.get("reason"))
+        if now != (task.job, task.round, "waiting", reason):
+            log.info(
+                "event=learn_waiting model=%s job=%d round=%d reason=%r",
+                model,
+                task.job,
+                task.round,
+                reason,
+            )
+            self._set(model, task, "waiting", reason=reason, **extra)
 
     async def _measure_lag(self) -> None:
         loop = asyncio.get_running_loop()
@@ -310,8 +447,9 @@ class LearningClient:
         return time.time() > task.deadline
 
     async def _round(self, model: str, task: RoundTask) -> None:
-        out = self.data_dir / f"learn-{task.job}-{task.round}.cbor"
-        await asyncio.to_thread(_drop_other_updates, self.data_dir, out)
+        out = self.data_dir / f"{_round_name(task)}.cbor"
+        keep = {_round_name(t) for t, _ in self._rounds.values()} | {_round_name(task)}
+        await asyncio.to_thread(_drop_other_updates, self.data_dir, keep)
         try:
             self.ledger.check(task.job, task.round, task.noise)  # before any training
         except BudgetExceeded as err:
@@ -347,8 +485,7 @@ class LearningClient:
             if self._expired(task):
                 self._set(model, task, "expired", windows=len(self.ring))
                 return False
-            if self._status.get(model, {}).get("status") != "waiting":
-                self._set(model, task, "waiting", windows=len(self.ring))
+            self._waiting(model, task, "windows", windows=len(self.ring))
             await self.clock.sleep(WAIT_WINDOWS)
         masters = await self._masters(model, task)
         if masters is None:
@@ -364,27 +501,38 @@ class LearningClient:
             self._set(model, task, "failed", error="the masters do not take these windows")
             return False
         self._set(model, task, "training", windows=len(windows))
-        job = self.data_dir / f"learn-{task.job}-{task.round}.npz"
-        await asyncio.to_thread(
-            write_job,
-            job,
-            masters.weights,
-            masters.sizes,
-            windows.reshape(len(windows), *shape),
-            task.to_value(),
-            secrets.randbits(63),
+        job = self.data_dir / f"{_round_name(task)}.npz"
+        written = asyncio.ensure_future(
+            asyncio.to_thread(
+                write_job,
+                job,
+                masters.weights,
+                masters.sizes,
+                windows.reshape(len(windows), *shape),
+                task.to_value(),
+                secrets.randbits(63),
+            )
         )
         try:
+            await asyncio.shield(written)
             ok = await self._run_worker(task, job, out)
         finally:
-            with contextlib.suppress(OSError):
-                job.unlink()
+            # cancelled (the task replaced or withdrawn): the job file holds the windows, and
+            # its thread may still be writing it; a killed worker may leave a half update
+            with contextlib.suppress(Exception):
+                await written
+            for path in (job, out.with_name(out.name + ".tmp")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
         if not ok:
             self._set(model, task, "expired" if self._expired(task) else "failed")
         return ok
 
     async def _masters(self, model: str, task: RoundTask) -> Masters | None:
+        """The round's masters, asked for until the deadline; while they do not come, the round
+        is reported ``waiting`` with the reason (the endpoint's answer, the link offline)."""
         while not self._expired(task):
+            why = "masters: the link is offline"
             if self.link_state() != "offline":
                 uri = f"{self.endpoints.current}/learn/masters/{task.masters}"
                 try:
@@ -393,12 +541,16 @@ class LearningClient:
                     )
                     if resp.success:
                         return Masters.from_cbor(resp.payload, task.masters)
-                    log.warning("event=learn_masters_refused code=%s", resp.dotted)
+                    why = f"masters: the endpoint answered {resp.dotted}"
+                    level = logging.WARNING if self._reason(model) != why else logging.DEBUG
+                    log.log(level, "event=learn_masters_refused code=%s", resp.dotted)
                 except SyncError as err:
+                    why = f"masters: {err}"[:120]
                     log.info("event=learn_masters_failed error=%r", str(err))
                 except LearningError as err:
                     self._set(model, task, "failed", error=str(err)[:120])
                     return None
+            self._waiting(model, task, why)
             await self.clock.sleep(RETRY)
         self._set(model, task, "expired")
         return None
@@ -433,9 +585,11 @@ class LearningClient:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(PAUSE_HOLD if stopped else LAG_PROBE):
                         await proc.wait()
-        except BaseException:
+        except BaseException:  # cancelled (the task replaced or withdrawn, the agent stopping)
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
+            with contextlib.suppress(Exception):
+                await proc.wait()  # reaped: no half-dead worker beside the next round's
             raise
         finally:
             if stopped and proc.returncode is None:
@@ -452,6 +606,7 @@ class LearningClient:
         body = await asyncio.to_thread(out.read_bytes)
         self._set(model, task, "uploading", bytes=len(body))
         while not self._expired(task):
+            why = "the link is offline"
             if self.link_state() != "offline":
                 uri = f"{self.endpoints.current}/learn/{self.device_id}"
                 try:
@@ -464,6 +619,7 @@ class LearningClient:
                         lane=self.lane,
                     )
                 except SyncError as err:
+                    why = str(err)[:120]
                     log.info("event=learn_upload_failed error=%r", str(err))
                 else:
                     if resp.success:
@@ -481,6 +637,9 @@ class LearningClient:
                         self._set(model, task, "refused", code=resp.dotted, error=why)
                         log.warning("event=learn_upload_refused code=%s error=%r", resp.dotted, why)
                         break
+                    why = f"the endpoint answered {resp.dotted}"
+            if self._reason(model) != why:  # uploading still, retried: why it has not gone yet
+                self._set(model, task, "uploading", bytes=len(body), reason=why)
             await self.clock.sleep(RETRY)
         else:
             # kept: if the endpoint opens the round again, this same update goes (it may have

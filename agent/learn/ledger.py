@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ class PrivacyLedger:
         self.rdp = np.zeros_like(self.orders)
         self.charged: list[str] = []
         self.unreadable: str | None = None
+        self._lock = threading.Lock()  # rounds of several models charge from worker threads
         self._load()
 
     def _load(self) -> None:
@@ -106,16 +108,19 @@ class PrivacyLedger:
             )
 
     def charge(self, job: int, round_: int, noise: float) -> None:
-        """Record the round durably (once); BudgetExceeded when it does not fit."""
-        self.check(job, round_, noise)
-        key = self.key(job, round_)
-        if key in self.charged:
-            return
-        rdp = self.rdp + _round_rdp(self.orders, noise)
-        charged = [*self.charged, key][-MAX_CHARGED:]
-        doc: dict[str, Any] = {"rdp": [float(x) for x in rdp], "charged": charged}
-        write_atomic(self.path, json.dumps(doc).encode(), mode=0o600)  # OSError: not charged
-        self.rdp, self.charged = rdp, charged
+        """Record the round durably (once); BudgetExceeded when it does not fit. Charges are
+        serialized: two rounds charged at once from two threads each add their own (neither is
+        lost by a read-modify-write race)."""
+        with self._lock:
+            self.check(job, round_, noise)
+            key = self.key(job, round_)
+            if key in self.charged:
+                return
+            rdp = self.rdp + _round_rdp(self.orders, noise)
+            charged = [*self.charged, key][-MAX_CHARGED:]
+            doc: dict[str, Any] = {"rdp": [float(x) for x in rdp], "charged": charged}
+            write_atomic(self.path, json.dumps(doc).encode(), mode=0o600)  # OSError: not charged
+            self.rdp, self.charged = rdp, charged
 
 
 def _round_rdp(orders: np.ndarray, noise: float) -> np.ndarray:

@@ -82,3 +82,44 @@ def test_a_charge_that_cannot_be_written_is_not_counted(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         ledger.charge(1, 0, 0.5)
     assert ledger.spent() == 0.0 and ledger.charged == []
+
+
+def test_two_rounds_charged_at_once_from_two_threads_are_both_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rounds of two models charge from worker threads at once (agent/learn/client.py runs each
+    model's round on its own). Was possible: both read the same composed RDP, each wrote its own
+    sum, and one charge was lost (a round released but not counted). The first write here waits
+    until the second charge has checked the ledger (or 2 s, when a lock keeps it out): without
+    the ledger's lock the race is certain, with it the charges follow each other."""
+    import threading
+
+    import agent.learn.ledger as ledger_module
+
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE, budget=1e6, delta=1e-5)
+    first_writing, second_checked = threading.Event(), threading.Event()
+    real_write, real_check = ledger_module.write_atomic, ledger.check
+
+    def slow_write(path: Path, data: bytes, **kw: object) -> None:
+        if not first_writing.is_set():
+            first_writing.set()
+            second_checked.wait(2.0)
+        real_write(path, data, **kw)
+
+    def check(job: int, round_: int, noise: float) -> None:
+        real_check(job, round_, noise)
+        if job == 2:
+            second_checked.set()
+
+    monkeypatch.setattr(ledger_module, "write_atomic", slow_write)
+    monkeypatch.setattr(ledger, "check", check)
+    first = threading.Thread(target=ledger.charge, args=(1, 1, 0.5))
+    first.start()
+    assert first_writing.wait(10.0)  # the first charge is writing its sum
+    ledger.charge(2, 1, 0.5)
+    first.join()
+    reference = Accountant(0.5, 1e-5)
+    reference.step(2)
+    again = PrivacyLedger(tmp_path / LEDGER_FILE, budget=1e6, delta=1e-5)
+    assert sorted(again.charged) == ["1:1", "2:1"]
+    assert again.spent() == pytest.approx(reference.epsilon(), rel=1e-9)
