@@ -6,19 +6,63 @@
 - error: what loses function (a sensor down, a store that cannot write).
 
 One line per event, ``key=value`` fields, so journald and grep both work. No secrets in logs.
+
+A peer's text in a log line is logged with ``%r``. As a second layer, :class:`Formatter` shows
+every control character (C0 but tab, DEL, C1), bidirectional mark and line separator in a
+record's line as ``\\xNN`` / ``\\uNNNN``, so that no text a peer chose can end the line and
+forge the next one, or reach the terminal of whoever reads the log as an escape sequence. A
+traceback (``exc_info``, ``stack_info``) keeps its line breaks, one frame a line, with the rest
+of its control characters escaped the same way.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
+#: What :class:`Formatter` escapes: C0 controls but tab, DEL, C1 controls, the bidirectional
+#: marks (ALM, LRM/RLM, embeddings, overrides, isolates) and the line/paragraph separators.
+UNSAFE = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+#: :data:`UNSAFE` but the line feed (a traceback's lines).
+_UNSAFE_IN_TRACEBACK = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with each character of :data:`UNSAFE` shown as ``\\xNN`` / ``\\uNNNN``."""
+    return UNSAFE.sub(_escape, text)
+
+
+class Formatter(logging.Formatter):
+    """:data:`FORMAT`, one line per record whatever its message holds (:func:`escape`)."""
+
+    def __init__(self, fmt: str = FORMAT) -> None:
+        super().__init__(fmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        return _UNSAFE_IN_TRACEBACK.sub(_escape, super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _UNSAFE_IN_TRACEBACK.sub(_escape, super().formatStack(stack_info))
+
 
 def setup(level: str = "info", stream=None) -> None:  # type: ignore[no-untyped-def]
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(Formatter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

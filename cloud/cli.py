@@ -77,6 +77,7 @@ from cloud import (
     modelcli,
     processes,
     releasecli,
+    terminal,
 )
 from cloud.dashboard import DEFAULT_PORT as HTTP_PORT
 from cloud.dashboard import Dashboard, DashboardRefused
@@ -413,11 +414,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         return EX_OK
     print(f"{'device':<24} {'records':>8} {'last seq':>9} {'desired rev':>11}  last seen")
     for info in infos:
-        seen = (
-            dt.datetime.fromtimestamp(info.last_seen, dt.UTC).isoformat(timespec="seconds")
-            if info.last_seen
-            else "never"
-        )
+        seen = terminal.when(info.last_seen) if info.last_seen else "never"
         last = "-" if info.last_seq is None else str(info.last_seq)
         print(f"{info.id:<24} {info.records:>8} {last:>9} {info.desired_rev:>11}  {seen}")
     return EX_OK
@@ -456,8 +453,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _print_entries(doc: dict[str, Any]) -> None:
-    json.dump(statedoc.to_json(doc), sys.stdout, indent=2, sort_keys=True)
-    print()
+    print(terminal.dumps(doc, indent=2, sort_keys=True))  # whatever a device stored prints
 
 
 def _operator_client(uri: str, credential: str | None) -> Any:
@@ -568,7 +564,7 @@ def cmd_reported(args: argparse.Namespace) -> int:
     try:
         if storage.device(device) is None:
             raise UnknownDevice.of(device, args.data)
-        entries = storage.reported(device)
+        entries = commandcli.reported_entries(storage, device)
     finally:
         storage.close()
     _print_entries({k: [e.version, e.value] for k, e in entries.items()})

@@ -13,7 +13,6 @@ upload; :func:`release_history` is the place for over-the-air updates' history.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from agent.wire import commands as wire
 from agent.wire import statedoc
 from agent.wire.batch import DEVICE_ID
 from agent.wire.logupload import LogUploadError, decode_upload
+from agent.wire.records import RecordError
 from agent.wire.statedoc import Entry
 from cloud import terminal
 from cloud.releasecli import release_lines, release_page
@@ -121,17 +121,11 @@ def cmd_commands(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     if args.json:
-        print(json.dumps([statedoc.to_json(r.to_json()) for r in rows], indent=2))
+        print(terminal.dumps([r.to_json() for r in rows], indent=2))
         return EX_OK
     for line in command_lines(rows):
         print(line)
     return EX_OK
-
-
-def _when(t: float | None) -> str:
-    if t is None:
-        return "-"
-    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
 
 def command_lines(rows: list[Any]) -> list[str]:
@@ -139,10 +133,10 @@ def command_lines(rows: list[Any]) -> list[str]:
         return ["(no commands)"]
     out = [f"{'id':>14} {'command':<9} {'status':<8} {'sent':<25} {'done':<25} result"]
     for r in rows:
-        result = "" if r.result is None else json.dumps(statedoc.to_json(r.result))
+        result = "" if r.result is None else terminal.dumps(r.result)
+        when_sent, when_done = terminal.when(r.sent), terminal.when(r.at)
         out.append(
-            f"{r.id:>14} {r.name:<9} {r.status:<8} {_when(r.sent):<25} {_when(r.at):<25} "
-            f"{result[:200]}"
+            f"{r.id:>14} {r.name:<9} {r.status:<8} {when_sent:<25} {when_done:<25} {result[:200]}"
         )
     return out
 
@@ -152,15 +146,37 @@ def release_history(storage: Any, device: str, reported: dict[str, Entry]) -> di
     return release_page(storage, device, reported)
 
 
+def reported_entries(storage: Any, device: str) -> dict[str, Entry]:
+    """The reported state of ``device`` as stored. When a stored value no longer decodes (one
+    an older endpoint took before the decoder refused it: a CBOR bignum, a shared value), the
+    values are read one by one and that one is shown as its bytes, the others as they are."""
+    try:
+        return dict(storage.reported(device))
+    except RecordError:
+        pass
+    with storage.reader() as db:
+        rows = db.execute(
+            "SELECT key, version, value FROM reported WHERE device = ? ORDER BY key", (device,)
+        ).fetchall()
+    out: dict[str, Entry] = {}
+    for key, version, raw in rows:
+        try:
+            value = statedoc.decode_value(bytes(raw))
+        except RecordError:
+            value = statedoc.RawValue(bytes(raw))
+        out[key] = Entry(version, value)
+    return out
+
+
 def device_page(storage: Any, device: str) -> dict[str, Any]:
     """Everything ``devices show`` prints, as JSON-ready data."""
     info = storage.device(device)
     if info is None:
         raise UnknownDevice.of(device)  # the command line says how to register it
-    reported = storage.reported(device)
+    reported = reported_entries(storage, device)
     version = reported.get("agent/version")
     models = {
-        k.removeprefix("model/"): statedoc.to_json(e.value)
+        k.removeprefix("model/"): terminal.jsonable(e.value)
         for k, e in reported.items()
         if k.startswith("model/")
     }
@@ -171,15 +187,15 @@ def device_page(storage: Any, device: str) -> dict[str, Any]:
         "records": info.records,
         "last_seq": info.last_seq,
         "desired_rev": info.desired_rev,
-        "version": None if version is None else statedoc.to_json(version.value),
+        "version": None if version is None else terminal.jsonable(version.value),
         "models": models,
         "releases": release_history(storage, device, reported),
-        "commands": [statedoc.to_json(r.to_json()) for r in storage.commands(device)],
+        "commands": [terminal.jsonable(r.to_json()) for r in storage.commands(device)],
     }
     logs = getattr(storage, "last_log_upload", None)
     if callable(logs):
         page["last_logs"] = logs(device)
-    return page
+    return terminal.jsonable(page)  # whatever a device stored prints as JSON
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -191,21 +207,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     if args.json:
-        print(json.dumps(page, indent=2, sort_keys=True))
+        print(terminal.dumps(page, indent=2, sort_keys=True))
         return EX_OK
     print(f"device       {device}")
-    print(f"registered   {_when(page['registered'])}")
-    print(f"last seen    {_when(page['last_seen'])}")
+    print(f"registered   {terminal.when(page['registered'])}")
+    print(f"last seen    {terminal.when(page['last_seen'])}")
     print(f"records      {page['records']} (last seq {page['last_seq']})")
     version = page["version"]  # as the device reports it
-    shown = version if isinstance(version, str) else "-" if version is None else json.dumps(version)
+    shown = (
+        version if isinstance(version, str) else "-" if version is None else terminal.dumps(version)
+    )
     print(f"version      {terminal.safe(shown)}")
     for slot, model in sorted(page["models"].items()):
-        print(f"model/{slot:<6} {json.dumps(model)}")
+        print(f"model/{slot:<6} {terminal.dumps(model)}")
     for line in release_lines(page["releases"]):  # cloud/releasecli.py
         print(line)
     if page.get("last_logs"):
-        print(f"last logs    {json.dumps(page['last_logs'])}")
+        print(f"last logs    {terminal.dumps(page['last_logs'])}")
     print("commands")
     for line in command_lines(rows):
         print("  " + line)
@@ -232,11 +250,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise CommandError(EX_DATAERR, f"error: stored upload {upload['n']}: {err}") from None
     if args.json:
         meta = {k: v for k, v in upload.items() if k != "body"}
-        print(json.dumps({**meta, "lines": lines}, indent=2))
+        print(terminal.dumps({**meta, "lines": lines}, indent=2))
         return EX_OK
     print(
-        f"# {device} upload {upload['n']} at {_when(upload['received'])}: {upload['count']} "
-        f"lines since {_when(upload['since'])}, {upload['left_out']} older left out"
+        f"# {device} upload {upload['n']} at {terminal.when(upload['received'])}: "
+        f"{upload['count']} lines since {terminal.when(upload['since'])}, "
+        f"{upload['left_out']} older left out"
     )
     for line in lines:
         print(terminal.safe(line))  # the device's text: no escape sequence reaches the terminal

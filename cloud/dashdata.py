@@ -25,6 +25,7 @@ effect on the device), the desired one, or the one the newest alert carries.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -32,6 +33,8 @@ from agent.wire import statedoc
 from agent.wire.records import AlertBody, RecordError, TelemetryBody
 from cloud import linkhistory
 from cloud.storage import Sql, Storage
+
+log = logging.getLogger(__name__)
 
 MAX_POINTS = 600  # per series
 MAX_SCAN = 10_000  # telemetry records read for one window
@@ -44,15 +47,25 @@ ALERT_DAY = 86_400.0  # the fleet view counts alerts over this many seconds
 #: Reported keys the fleet view shows (prefixes end in "/").
 FLEET_KEYS = ("queue/depth", "agent/version", "link/", "model/", "sensor/", "detect/")
 
+#: What decoding a stored body may raise: a body stored before ingest refused it (a bignum time
+#: or value: OverflowError) is undecodable like a corrupted one.
+UNDECODABLE = (RecordError, OverflowError, ValueError)
+
 # A hash of the seq in 64-bit integer arithmetic (no overflow, the same in SQLite and
 # PostgreSQL): a Lehmer step modulo a prime.
 _HASH = "(((seq % 1048573) * 48271) % 1048573)"
 
 
 def _num(value: Any) -> float | None:
+    """A number as a float; None for what is not one, or none a float holds (not finite, an
+    integer beyond a float's range such as a CBOR bignum)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) else None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _text(value: Any) -> str | None:
@@ -67,6 +80,15 @@ def _label(value: Any) -> str | None:
     return _text(value)
 
 
+def _key(key: Any) -> str:
+    """A map key as text (one that has none, such as an integer of over 4300 digits, as its
+    type's name)."""
+    try:
+        return str(key)[:MAX_TEXT]
+    except ValueError:
+        return f"<{type(key).__name__}>"
+
+
 def _plain(value: Any, depth: int = 0) -> Any:
     """A reported value as JSON: texts cut, non-finite numbers null, at most 2 levels deep."""
     if value is None or isinstance(value, bool):
@@ -77,7 +99,7 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return value[:MAX_TEXT]
     if isinstance(value, dict) and depth < 2:
         items = list(value.items())[:16]
-        return {str(k)[:MAX_TEXT]: _plain(v, depth + 1) for k, v in items}
+        return {_key(k): _plain(v, depth + 1) for k, v in items}
     if isinstance(value, list) and depth < 2:
         return [_plain(v, depth + 1) for v in value[:16]]
     return None
@@ -139,7 +161,7 @@ def _summary(reported: dict[str, Any]) -> dict[str, Any]:
 def _alert_fields(seq: int, time: float, body: bytes) -> dict[str, Any] | None:
     try:
         data = AlertBody.from_cbor(bytes(body)).data
-    except RecordError:
+    except UNDECODABLE:
         return None
     channels = data.get("channels")
     top = []
@@ -193,28 +215,57 @@ def _fleet(db: Sql, now: float) -> dict[str, Any]:
     rows = rows[:MAX_DEVICES]
     reported = _reported(db, None if truncated else [r[0] for r in rows])
     devices = []
+    failed: list[str] = []
     for device, registered, last_seen in rows:
-        (last_seq,) = db.execute(
-            "SELECT max(seq) FROM records WHERE device = ?", (device,)
-        ).fetchone()
-        (alerts,) = db.execute(
-            "SELECT count(*) FROM records WHERE device = ? AND kind = 'alert' AND time >= ?",
-            (device, now - ALERT_DAY),
-        ).fetchone()
-        last = _last_alert(db, device)
-        devices.append(
-            {
-                "id": device,
-                "registered": _num(registered),
-                "last_seen": _num(last_seen),
-                "last_seq": last_seq,
-                "alerts_24h": alerts,
-                "last_alert": last,
-                "alert_active": _active(last),
-                **_summary(reported.get(device, {})),
-            }
+        entry: dict[str, Any] = {
+            "id": device,
+            "registered": _num(registered),
+            "last_seen": _num(last_seen),
+        }
+        for part, build, empty in (
+            ("records", lambda d=device: _records_part(db, d, now), _NO_RECORDS),
+            ("reported", lambda d=device: _summary(reported.get(d, {})), _summary({})),
+        ):
+            try:
+                entry.update(build())
+            except (ArithmeticError, ValueError, TypeError, RecursionError) as err:
+                # one device's data that no view foresaw: its entry shows that part empty
+                entry.update(empty)
+                entry.setdefault("unreadable", []).append(part)
+                failed.append(f"{device}/{part}:{type(err).__name__}")
+        devices.append(entry)
+    if failed:  # one line per request, no traceback: a device's data, not the endpoint, is at fault
+        log.warning(
+            "event=fleet_entry_unreadable count=%d parts=%r action=left_out",
+            len(failed),
+            ",".join(failed[:8]),
         )
     return {"now": now, "devices": devices, "truncated": truncated}
+
+
+#: :func:`_records_part` of a device whose records cannot be read.
+_NO_RECORDS: dict[str, Any] = {
+    "last_seq": None,
+    "alerts_24h": 0,
+    "last_alert": None,
+    "alert_active": False,
+}
+
+
+def _records_part(db: Sql, device: str, now: float) -> dict[str, Any]:
+    """The fleet view's fields from a device's records: its last seq and its alerts."""
+    (last_seq,) = db.execute("SELECT max(seq) FROM records WHERE device = ?", (device,)).fetchone()
+    (alerts,) = db.execute(
+        "SELECT count(*) FROM records WHERE device = ? AND kind = 'alert' AND time >= ?",
+        (device, now - ALERT_DAY),
+    ).fetchone()
+    last = _last_alert(db, device)
+    return {
+        "last_seq": last_seq,
+        "alerts_24h": alerts,
+        "last_alert": last,
+        "alert_active": _active(last),
+    }
 
 
 def registered(storage: Storage, device: str) -> bool:
@@ -318,7 +369,7 @@ def _series(db: Sql, device: str, since: float, until: float) -> dict[str, Any]:
     for time, body in db.execute(sql + " ORDER BY time", args):
         try:
             reading = TelemetryBody.from_cbor(bytes(body))
-        except RecordError:
+        except UNDECODABLE:
             undecodable += 1
             continue
         for channel, value in reading.values.items():

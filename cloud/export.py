@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import heapq
-import json
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
@@ -24,7 +23,7 @@ from typing import Any, TextIO
 from agent.wire.batch import FEATURES, CodecError
 from agent.wire.features import STATS
 from agent.wire.records import Kind, RecordError, TelemetryBody, decode_body
-from agent.wire.statedoc import to_json
+from cloud import terminal
 from cloud.featurestore import StoredFeatures
 from cloud.storage import StoredRecord
 
@@ -70,7 +69,7 @@ def _head(seq: int, kind: str, time: float, sensor: str, channel: str) -> dict[s
 def _record_rows(rec: StoredRecord) -> Iterator[dict[str, Any]]:
     try:
         body = decode_body(rec.kind, rec.body)
-    except RecordError:
+    except (RecordError, OverflowError, ValueError):  # also a bignum stored before it was refused
         yield _row(rec, rec.time, "", "", {"raw": rec.body.hex()})
         return
     if rec.kind == Kind.TELEMETRY:
@@ -78,7 +77,7 @@ def _record_rows(rec: StoredRecord) -> Iterator[dict[str, Any]]:
         for channel, value in sorted(body.values.items()):
             yield _row(rec, body.time, body.sensor, channel, value)
     else:
-        yield _row(rec, body.time, "", "", to_json(body.data))  # type: ignore[union-attr]
+        yield _row(rec, body.time, "", "", terminal.jsonable(body.data))  # type: ignore[union-attr]
 
 
 def _row(rec: StoredRecord, time: float, sensor: str, channel: str, value: Any) -> dict[str, Any]:
@@ -96,8 +95,10 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 def _text(cell: str) -> str:
     """A text cell as CSV carries it: one a spreadsheet would evaluate gets a leading ``'``; a
     carriage return becomes a line feed (the writer quotes a cell with a line feed, the line
-    ending, but not one with a bare CR, which readers take as the end of the row)."""
-    cell = cell.replace("\r", "\n")
+    ending, but not one with a bare CR, which readers take as the end of the row); every other
+    control character and bidirectional mark is shown as ``\\xNN`` / ``\\uNNNN``
+    (cloud/terminal.py), so that a cell printed or opened shows what the device sent."""
+    cell = terminal.safe(cell.replace("\r", "\n"), newlines=True)
     return "'" + cell if cell.startswith(FORMULA_START) else cell
 
 
@@ -110,7 +111,9 @@ def write_csv(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
     for row in rows:
         value = row["value"]
         if isinstance(value, dict | list):
-            value = _text(json.dumps(value, sort_keys=True, separators=(",", ":")))
+            value = _text(terminal.dumps(value, sort_keys=True, separators=(",", ":")))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = terminal.number(value)
         elif isinstance(value, float):
             value = repr(value)
         elif isinstance(value, str):
@@ -131,7 +134,7 @@ def write_json(rows: Iterable[dict[str, Any]], out: TextIO) -> int:
         row = dict(row, time=_number(row["time"]))
         if isinstance(row["value"], float):
             row["value"] = _number(row["value"])
-        out.write(("\n" if count == 0 else ",\n") + json.dumps(row, sort_keys=False))
+        out.write(("\n" if count == 0 else ",\n") + terminal.dumps(row, sort_keys=False))
         count += 1
     out.write("\n]\n" if count else "]\n")
     return count

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 from agent.errors import ModelError
 from agent.exits import EX_NOINPUT, EX_OK, EX_USAGE, CommandError
 from agent.modelstore.signing import load_private_key
-from agent.wire import statedoc
 from cloud import groupcli, modelcli, rollout, terminal
 from cloud.models import Direct
 from cloud.releases import KEY_FILE, RELEASES_DIR, ReleaseRegistry
@@ -205,7 +203,7 @@ def release_page(storage: Any, device: str, reported: dict[str, Any]) -> dict[st
     and its release history (reported outcomes and assignments, newest first)."""
     entry = reported.get("agent/update")
     return {
-        "last_update": None if entry is None else statedoc.to_json(entry.value),
+        "last_update": None if entry is None else terminal.jsonable(entry.value),
         "groups": storage.device_groups(device),
         "history": [row.to_json() for row in storage.release_history(device)],
     }
@@ -215,18 +213,11 @@ def release_lines(page: dict[str, Any]) -> list[str]:
     """``devices show``'s lines for :func:`release_page`."""
     out = [f"groups       {' '.join(page['groups']) or '-'}"]
     if page["last_update"] is not None:
-        out.append(f"last update  {json.dumps(page['last_update'])}")
+        out.append(f"last update  {terminal.dumps(page['last_update'])}")
     out.append("releases" if page["history"] else "releases     (no history)")
     for row in page["history"]:
         when = row["at"] if row["at"] is not None else row["received"]
         reason = terminal.safe(row["reason"] or "")  # the device's words
-        line = f"  {_when(when):<25} {row['version']:<16} {row['result']:<12} {reason}"
+        line = f"  {terminal.when(when):<25} {row['version']:<16} {row['result']:<12} {reason}"
         out.append(line.rstrip())
     return out
-
-
-def _when(t: float) -> str:
-    try:
-        return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
-    except (OverflowError, OSError, ValueError):  # a device's clock far off
-        return f"{t:.0f}"

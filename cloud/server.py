@@ -197,7 +197,7 @@ class _Site(aiocoap.resource.ObservableResource):
                 Code.SERVICE_UNAVAILABLE, "storage unavailable", max_age=RETRY_AFTER
             ).to_message()
         except Exception:
-            log.exception("event=internal_error path=%s", "/".join(request.opt.uri_path))
+            log.exception("event=internal_error path=%r", "/" + "/".join(request.opt.uri_path))
             response = Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error")
         server.responses[str(response.code)] += 1
         return response
@@ -508,11 +508,11 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
     def _bad_request(self, request: Message, failure: _Failure) -> None:
         if self._may_warn():
             log.warning(
-                "event=bad_request peer=%s code=%s method=%s path=/%s reason=%r",
+                "event=bad_request peer=%s code=%s method=%s path=%r reason=%r",
                 getattr(request.remote, "hostinfo", "?"),
                 failure.code,
                 request.code,
-                "/".join(request.opt.uri_path),
+                "/" + "/".join(request.opt.uri_path),  # the peer's text: %r, one line
                 failure.message,
             )
 
@@ -729,6 +729,8 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
             result = await self.db(lambda s: s.put_reported(device, entries, now, limit))
         except DocumentTooLarge as err:
             raise _Failure(Code.REQUEST_ENTITY_TOO_LARGE, str(err)) from None
+        except StateError as err:  # a value the merge refuses (cyclic, invalid): the peer's fault
+            raise _Failure(Code.BAD_REQUEST, str(err)) from None
         if done := commandstore.taken_results(entries, result.versions):  # command history
             await self.db(lambda s: s.note_command_results(device, done, now))
         if result.desired_changed:

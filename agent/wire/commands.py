@@ -13,7 +13,6 @@ value written around the endpoint is answered, never run.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -21,6 +20,10 @@ from typing import Any
 NAMES = ("selftest", "restart", "flush", "rotate", "logs", "requeue")
 STATUSES = ("ok", "failed", "refused")
 MAX_ID = 2**63 - 1
+#: A time a device reports (a result's ``at``, a log window's ``since``) is Unix seconds in
+#: ``[0, MAX_TIME]`` (2**40 s: about the year 36800, as agent/wire/learning.py bounds a
+#: deadline); one outside is taken as absent or refused, never printed or stored as a date.
+MAX_TIME = 2**40
 MAX_ARG_NAME = 32
 #: The text of an argument or a reason is cut to this many characters.
 MAX_TEXT = 200
@@ -30,13 +33,20 @@ ARGS: dict[str, dict[str, str]] = {
     "restart": {},
     "flush": {},
     "rotate": {},
-    "logs": {"since": "a Unix time in seconds (number >= 0)"},
+    "logs": {"since": "a Unix time in seconds (number 0..2**40)"},
     "requeue": {"seq": "the seq of one set-aside record (integer >= 1); default: all of them"},
 }
 
 
 class CommandError(ValueError):
     """A command value or its arguments are not what the command takes."""
+
+
+def is_time(value: Any) -> bool:
+    """``value`` is a Unix time in seconds in ``[0, MAX_TIME]`` (not finite: no)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= MAX_TIME  # false for NaN; a bignum compares without overflow
 
 
 def _is_id(value: Any) -> bool:
@@ -76,8 +86,7 @@ def check_args(name: str, args: Any) -> dict[str, Any]:
             raise CommandError(f"{name}: no argument {str(key)[:MAX_ARG_NAME]!r} (takes: {known})")
     if name == "logs" and "since" in args:
         since = args["since"]
-        ok = isinstance(since, int | float) and not isinstance(since, bool)
-        if not ok or not math.isfinite(since) or since < 0:
+        if not is_time(since):
             raise CommandError(f"logs: since must be {ARGS['logs']['since']}")
     if name == "requeue" and "seq" in args:
         seq = args["seq"]
@@ -109,6 +118,5 @@ def parse_result(value: Any) -> tuple[int, str, Any, float | None] | None:
     status = value.get("status")
     if status not in STATUSES:
         return None
-    at = value.get("at")
-    ok_at = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
-    return value["id"], status, value.get("result"), float(at) if ok_at else None
+    at = value.get("at")  # a time outside [0, MAX_TIME] (a clock far off, 1e300): absent
+    return value["id"], status, value.get("result"), float(at) if is_time(at) else None

@@ -7,6 +7,10 @@ logs"): a CBOR map ::
      "first": float / null, "last": float / null,   ; the times of the first and last line
      "z": bstr}               ; zlib (RFC 1950) of the lines joined by "\\n", UTF-8
 
+A time (``since``, ``first``, ``last``) is Unix seconds; a number outside ``[0, 2**40]``
+(:data:`agent.wire.commands.MAX_TIME`: a device's clock far off, ``1e300``, not finite) is taken
+as absent (null), so the lines still reach the operator and no view has to print such a date.
+
 The text is at most :data:`UPLOAD_TEXT_BYTES` (the device keeps the newest lines that fit), the
 body at most :data:`UPLOAD_BODY_BYTES`; :func:`decode_upload` checks both, and inflates no more
 than the text limit (a zlib bomb costs the endpoint nothing).
@@ -14,12 +18,12 @@ than the text limit (a zlib bomb costs the endpoint nothing).
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from agent.wire import records
+from agent.wire.commands import is_time
 
 #: At most this much log text (before compression) in one upload.
 UPLOAD_TEXT_BYTES = 64 * 1024
@@ -85,9 +89,9 @@ def _time(doc: dict[str, Any], name: str) -> float | None:
     value = doc.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise LogUploadError(f"log upload: {name} must be a time in seconds or null")
-    return float(value)
+    return float(value) if is_time(value) else None  # a clock far off: absent
 
 
 def _count(doc: dict[str, Any], name: str) -> int:

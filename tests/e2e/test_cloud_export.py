@@ -17,6 +17,7 @@ from agent.wire.codec import encode_batch
 from agent.wire.records import AlertBody, EventBody, TelemetryBody
 from cloud import cli
 from cloud.server import CloudServer
+from tests.e2e import older_endpoint
 
 DEVICE = "pump-01"
 T0 = 1_700_000_000.0
@@ -148,6 +149,36 @@ def test_export_to_file_and_errors(
     assert run(capsys, "export", "--data", str(data_dir), "--device=-x")[0] == cli.EX_USAGE
     args = ("export", "--data", str(data_dir), "--device", DEVICE, "--since", "yesterday")
     assert run(capsys, *args)[0] == cli.EX_USAGE
+
+
+def test_export_goes_on_past_stored_bignums(
+    data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Attack: records an older endpoint stored before it refused CBOR bignums: an event whose
+    map holds 2**15000 (an integer of 4516 digits, over Python's printing limit) and 2**70, an
+    alert whose time is 2**1100, a reading whose value is 2**1100. The export writes every row
+    (CSV and JSON, exit 0): the huge integer as text, one beyond 64 bits as its digits, a body no
+    float can read as its raw bytes; the rows before and after are as they were."""
+    huge = 2**15000
+    older_endpoint.put_record(
+        data_dir, DEVICE, 6, "event", T0 + 50, [T0 + 50, {"note": huge, "n": 2**70, "ok": 1}]
+    )
+    older_endpoint.put_record(data_dir, DEVICE, 7, "alert", T0 + 60, [2**1100, {"score": 1.0}])
+    reading = ["motor", T0 + 70, {"current_a": 2**1100}]
+    older_endpoint.put_record(data_dir, DEVICE, 8, "telemetry", T0 + 70, reading)
+    rc, out = run(capsys, "export", "--data", str(data_dir), "--device", DEVICE, "--format", "json")
+    assert rc == 0
+    rows = {r["seq"]: r for r in json.loads(out)}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8]
+    event = rows[6]["value"]
+    # as stored; or its raw bytes where the decoder refuses bignums (agent/wire/records.py)
+    assert event == {"note": "<integer of 15001 bits>", "n": str(2**70), "ok": 1} or "raw" in event
+    assert "raw" in rows[7]["value"] and "raw" in rows[8]["value"]
+    rc, out = run(capsys, "export", "--data", str(data_dir), "--device", DEVICE)
+    assert rc == 0
+    cells = list(csv.DictReader(io.StringIO(out)))
+    assert [c["seq"] for c in cells][-3:] == ["6", "7", "8"] and len(cells) == 9
+    assert json.loads(cells[-3]["value"]) == event
 
 
 def test_devices_add_and_list(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

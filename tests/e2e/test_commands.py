@@ -35,6 +35,7 @@ from agent.wire.logupload import UPLOAD_BODY_BYTES, encode_upload
 from agent.wire.records import EventBody, Kind
 from cloud import cli as cloud_cli
 from cloud.server import CloudServer
+from tests.e2e import older_endpoint
 from tests.e2e.test_security import Principal
 from tests.e2e.test_state_sync import (  # noqa: F401
     DEVICE,
@@ -415,3 +416,121 @@ async def test_a_crash_between_the_commit_and_the_file_replacement_is_settled_at
     finally:
         await third.stop()
     assert third.agent.exit_code == 0
+
+
+@pytest.mark.timeout(90)
+async def test_a_device_clock_far_off_is_taken_as_no_time_and_every_listing_prints(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """Attack: a device reports a command's outcome ``at = 1e300`` and uploads a log window
+    ``since = 1e300`` (a time no date can show). The endpoint takes each as absent (a time
+    outside 0..2**40 s), so ``commands list``, ``devices show`` and ``logs show`` print it as
+    ``-``."""
+    data = tmp_path / "cloud"
+    device = await Principal(server, tmp_path, DEVICE).open()
+    try:
+        code, out = await run_cli(
+            "commands", "send", "--data", str(data), "--device", DEVICE, "selftest"
+        )
+        assert code == 0, out
+        command_id = json.loads(out)["id"]
+        value = {"id": command_id, "status": "ok", "at": 1e300, "result": {"msg": "done"}}
+        doc = {"command/selftest": [int(time.time() * 1000), value]}
+        resp = await device.req("PUT", f"state/{DEVICE}/reported", records.dumps(doc), 60)
+        assert resp.dotted == "2.04", resp.payload
+        body = encode_upload(1e300, [(time.time(), "event=one"), (time.time(), "event=two")], 0)
+        assert (await device.req("POST", f"logs/{DEVICE}", body, 60)).dotted == "2.04"
+    finally:
+        await device.close()
+    row = await outcome(server, command_id)
+    assert row.status == "ok" and row.at is None and row.result == {"msg": "done"}
+    (kept,) = await server.db(lambda s: s.log_uploads(DEVICE))
+    assert kept["since"] is None and kept["count"] == 2
+    for argv in (
+        ("commands", "list", "--data", str(data), "--device", DEVICE),
+        ("devices", "show", "--data", str(data), DEVICE),
+        ("logs", "show", "--data", str(data), "--device", DEVICE),
+    ):
+        code, out = await run_cli(*argv)
+        assert code == 0, (argv, out)
+        assert "1e+300" not in out
+    assert "lines since -" in out and "event=two" in out
+
+
+def _device_data(tmp_path: Path, now: float) -> Path:
+    """A data directory with DEVICE registered and nothing else."""
+    from cloud.storage import SQLiteStorage
+
+    data = tmp_path / "cloud"
+    data.mkdir()
+    storage = SQLiteStorage.in_dir(data)
+    try:
+        storage.add_device(DEVICE, now)
+    finally:
+        storage.close()
+    return data
+
+
+async def _print_all(data: Path, *argvs: tuple[str, ...]) -> dict[str, str]:
+    """Each command line's output (by its words before --data, and --json): exit 0, and what
+    it prints as JSON parses."""
+    texts = {}
+    for argv in argvs:
+        code, out = await run_cli(*argv)
+        assert code == 0, (argv, out)
+        if "--json" in argv or argv[0] == "reported":
+            json.loads(out)
+        texts[" ".join(argv[:2]) + (" --json" if "--json" in argv else "")] = out
+    return texts
+
+
+@pytest.mark.timeout(60)
+async def test_stored_times_no_date_can_show_still_print(tmp_path: Path) -> None:
+    """Attack: times an older endpoint stored before it checked them: a command's outcome at
+    1e300 and another at -1e300, a log window since 1e300. ``commands list``, ``devices show``
+    and ``logs show`` print them as numbers and exit 0."""
+    now = time.time()
+    data = _device_data(tmp_path, now)
+    older_endpoint.put_command(data, DEVICE, 7, "selftest", {"m": "ok"}, 1e300, now)
+    older_endpoint.put_command(data, DEVICE, 8, "logs", {}, -1e300, now)
+    body = encode_upload(None, [(now, "event=one"), (now, "event=two")], 0)
+    older_endpoint.put_log_upload(data, DEVICE, 1e300, body, now)
+    texts = await _print_all(
+        data,
+        ("commands", "list", "--data", str(data), "--device", DEVICE),
+        ("devices", "show", "--data", str(data), DEVICE),
+        ("logs", "show", "--data", str(data), "--device", DEVICE),
+    )
+    assert "1e+300" in texts["commands list"] and "-1e+300" in texts["commands list"]
+    assert "-1e+300" in texts["devices show"]
+    assert "lines since 1e+300" in texts["logs show"] and "event=two" in texts["logs show"]
+
+
+@pytest.mark.timeout(60)
+async def test_stored_integers_no_printer_takes_still_print(tmp_path: Path) -> None:
+    """Attack: integers an older endpoint stored before it refused CBOR bignums: 2**15000 (4516
+    digits, over Python's printing limit) in a command's result, as the reported agent version
+    and a model's version. ``devices show`` (text and --json), ``commands list`` (both) and
+    ``reported show`` print all of it and exit 0, and what they print as JSON parses."""
+    now = time.time()
+    data = _device_data(tmp_path, now)
+    huge = 2**15000
+    older_endpoint.put_command(data, DEVICE, 7, "selftest", {"n": huge, "m": "ok"}, now, now)
+    older_endpoint.put_reported(
+        data, DEVICE, {"agent/version": huge, "model/ae": {"name": "ae", "version": huge}}, now
+    )
+    texts = await _print_all(
+        data,
+        ("devices", "show", "--data", str(data), DEVICE),
+        ("devices", "show", "--data", str(data), DEVICE, "--json"),
+        ("commands", "list", "--data", str(data), "--device", DEVICE),
+        ("commands", "list", "--data", str(data), "--device", DEVICE, "--json"),
+        ("reported", "show", "--data", str(data), "--device", DEVICE),
+    )
+    (listed,) = json.loads(texts["commands list --json"])
+    # the result as stored; or {"undecodable": n} where the decoder refuses bignums
+    stored = {"n": "<integer of 15001 bits>", "m": "ok"}
+    assert listed["result"] == stored or list(listed["result"]) == ["undecodable"]
+    page = json.loads(texts["devices show --json"])
+    assert page["commands"][0]["id"] == 7 and "ae" in page["models"]
+    assert set(json.loads(texts["reported show"])) == {"agent/version", "model/ae"}

@@ -36,6 +36,7 @@ from cloud.dashboard import Dashboard, DashboardRefused, exposure, is_loopback, 
 from cloud.server import CloudServer
 from cloud.webauth import dashboard_token
 from drivers.clock import RealClock
+from tests.e2e import older_endpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -381,6 +382,117 @@ async def test_api_refusals(cloud: Any) -> None:
         assert got == status, (path, got, body)
     summary = await get_json(server, f"/api/devices/{DEVICE}")
     assert summary["id"] == DEVICE and summary["alert_active"] is True
+
+
+# -- hostile stored data --------------------------------------------------------------------------
+
+EVIL = "pump-66"
+BIG = 2**1100  # a CBOR bignum: no float holds it
+
+
+@pytest.fixture
+async def bignums(tmp_path: Path) -> AsyncIterator[CloudServer]:
+    """An endpoint with a dashboard on loopback: DEVICE sent an alert and reported state over
+    CoAP; EVIL's numbers are CBOR bignums (2**1100), stored as an endpoint did before its
+    decoder refused them (tests/e2e/older_endpoint.py)."""
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        await server.add_device(DEVICE)
+        await server.add_device(EVIL)
+        now = time.time()
+        await post_batch(ctx, server, [alert(1, now - 60, "raise", 1.8)])
+        doc = {"queue/depth": 12, "agent/version": "0.1.0"}
+        await put_reported(ctx, server, doc, int(now * 1000))
+        data = tmp_path / "cloud"
+        model = {"name": "ae", "version": BIG, "status": "active", 2**15000: 1}
+        reported = {
+            "queue/depth": BIG,
+            "agent/version": "1.0",
+            "link/state": "high",
+            "link/rtt_ms": BIG,
+            "detect/ae/threshold": BIG,
+            "model/ae": model,
+        }
+        older_endpoint.put_reported(data, EVIL, reported, now)
+        body = {"kind": "raise", "score": BIG, "threshold": 1.0, "channels": [["x", BIG]]}
+        older_endpoint.put_record(data, EVIL, 1, "alert", now - 30, [now - 30, body])
+        reading = ["motor", now - 20, {"current_a": BIG}]
+        older_endpoint.put_record(data, EVIL, 2, "telemetry", now - 20, reading)
+        await Dashboard.start(server, "127.0.0.1", 0)
+        yield server
+    finally:
+        await ctx.shutdown()
+        await server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_one_device_reporting_bignums_cannot_blank_the_fleet_view(
+    bignums: CloudServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack: a device reports its queue depth, link RTT, a threshold and a model version as
+    CBOR bignums (2**1100) and sends an alert scored with one. The fleet view every operator
+    polls, and that device's own views, answer 200: each bad number is left out (null), the
+    rest of its entry is shown, the other device's entry is whole; no traceback is logged."""
+    server = bignums
+    caplog.set_level(logging.WARNING)
+    fleet = await get_json(server, "/api/fleet")
+    by_id = {d["id"]: d for d in fleet["devices"]}
+    good, evil = by_id[DEVICE], by_id[EVIL]
+    assert good["queue_depth"] == 12 and good["agent_version"] == "0.1.0"
+    assert good["alerts_24h"] == 1 and good["last_alert"]["score"] == 1.8
+    assert evil["queue_depth"] is None and evil["agent_version"] == "1.0"
+    assert evil["link"] == {"state": "high", "rtt_ms": None, "loss": None}
+    assert evil["thresholds"].get("ae") is None
+    assert evil["models"].get("ae", {}).get("version") is None
+    assert evil["alerts_24h"] == 1 and (evil["last_alert"] or {}).get("score") is None
+    summary = await get_json(server, f"/api/devices/{EVIL}")
+    assert summary["queue_depth"] is None and summary["link"]["state"] == "high"
+    alerts = await get_json(server, f"/api/devices/{EVIL}/alerts?window=900")
+    assert all(a["score"] is None for a in alerts["alerts"])
+    assert [t for t in alerts["thresholds"] if t["source"] == "reported"] == []  # 2**1100
+    series = await get_json(server, f"/api/devices/{EVIL}/series?window=900")
+    assert series["series"] == [] and series["undecodable"] == 1
+    link = await get_json(server, f"/api/devices/{EVIL}/link?window=900")
+    assert link["current"] == {"state": "high", "rtt_ms": None, "loss": None}
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert not [r for r in caplog.records if "internal_error" in r.getMessage()]
+
+
+@pytest.mark.timeout(30)
+def test_fleet_entry_of_a_device_whose_data_breaks_a_view_goes_without_that_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device's data that a view did not foresee (here: its summary raises) leaves that
+    part of its own entry empty and is logged in one line, without a traceback; the other
+    devices are shown as they are."""
+    from cloud.storage import SQLiteStorage
+
+    storage = SQLiteStorage.in_dir(tmp_path)
+    try:
+        now = time.time()
+        for name in (DEVICE, EVIL):
+            storage.add_device(name, now)
+        older_endpoint.put_reported(tmp_path, DEVICE, {"queue/depth": 3}, now)
+        older_endpoint.put_reported(tmp_path, EVIL, {"queue/depth": 4}, now)
+        summary = dashdata._summary
+
+        def breaks_on_4(reported: dict[str, Any]) -> dict[str, Any]:
+            if reported.get("queue/depth") == 4:
+                raise OverflowError("int too large to convert to float")
+            return summary(reported)
+
+        monkeypatch.setattr(dashdata, "_summary", breaks_on_4)
+        caplog.set_level(logging.WARNING, logger="cloud.dashdata")
+        by_id = {d["id"]: d for d in dashdata.fleet(storage, now)["devices"]}
+    finally:
+        storage.close()
+    assert by_id[DEVICE]["queue_depth"] == 3.0 and "unreadable" not in by_id[DEVICE]
+    assert by_id[EVIL]["unreadable"] == ["reported"] and by_id[EVIL]["queue_depth"] is None
+    assert by_id[EVIL]["registered"] == pytest.approx(now)
+    (line,) = [r for r in caplog.records if r.name == "cloud.dashdata"]
+    assert "event=fleet_entry_unreadable" in line.getMessage() and line.exc_info is None
+    assert f"{EVIL}/reported:OverflowError" in line.getMessage()
 
 
 # -- hostile HTTP ---------------------------------------------------------------------------------

@@ -42,3 +42,26 @@ def test_formula_injection_in_sensor_and_channel_names_is_escaped() -> None:
     assert ',"\'\n=1+1",' in out.getvalue()
     rows = list(csv.DictReader(io.StringIO(out.getvalue())))
     assert [r["channel"] for r in rows] == ["'\n=1+1", "a\nb"]
+
+
+def test_escape_sequences_and_bidi_controls_in_text_cells_are_shown_not_sent() -> None:
+    """Attack: a device names its sensor and channels with terminal escapes (OSC 52 writes the
+    clipboard, CSI moves the cursor and erases a line, OSC 0 sets the title), a right-to-left
+    override and a NUL; the operator prints the CSV or opens it. Each control character is in
+    the cell as visible text (``\\x1b``, ``\\u202e``); the line feed a CSV cell may hold stays,
+    and the formula and CR rules hold as before."""
+    osc52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
+    recs = [
+        stored(1, "pump" + osc52, {"x\x1b[1A\x1b[2K": 1.0, "\u202eevil\u202c": 2.0}),
+        stored(2, "\x00=1+1", {"a\rb\x9b": 3.0, "-\x1b]0;pwned\x07": 4.0}),
+    ]
+    out = io.StringIO()
+    assert write(recs, out, "csv") == 4
+    text = out.getvalue()
+    for raw in ("\x1b", "\x07", "\x00", "\x9b", "\u202e", "\u202c"):
+        assert raw not in text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[0]["sensor"] == "pump\\x1b]52;c;cm0gLXJmIH4K\\x07"
+    assert [r["channel"] for r in rows[:2]] == ["x\\x1b[1A\\x1b[2K", "\\u202eevil\\u202c"]
+    assert rows[2]["sensor"] == "\\x00=1+1"  # starts with a backslash now: no formula
+    assert [r["channel"] for r in rows[2:]] == ["'-\\x1b]0;pwned\\x07", "a\nb\\x9b"]
