@@ -47,6 +47,7 @@ BATCH_MODES = ("resize", "loop")
 MAX_BATCH = 4096  # windows per invoke when draining a backlog
 TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8 of every .tflite file
 MANIFEST_FORMAT = 1
+HASH_CHUNK = 1 << 16  # bytes read at a time when a model file is hashed without being loaded
 
 #: Lines the runtimes' C++ code prints on stderr when an interpreter is made, filtered out.
 NATIVE_BANNER = re.compile(
@@ -346,30 +347,69 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _model_error(path: Path, err: OSError) -> ModelError:
+    if isinstance(err, FileNotFoundError):
+        return ModelError(f"{path}: model file missing; fetch the models again")
+    return ModelError(f"{path}: cannot read the model file ({err})")
+
+
+def _check_size(path: Path, size: int, entry: ModelEntry) -> None:
+    if size != entry.size:
+        what = "truncated" if size < entry.size else "longer than expected"
+        raise ModelError(
+            f"{path}: {what} ({size} bytes, manifest says {entry.size}); fetch the model again"
+        )
+
+
+def _check_digest(path: Path, digest: str, entry: ModelEntry) -> None:
+    if digest != entry.sha256:
+        raise ModelError(
+            f"{path}: SHA-256 {digest[:16]}... does not match the manifest "
+            f"({entry.sha256[:16]}...); the file is corrupt or not the one the manifest names"
+        )
+
+
+def _check_identifier(path: Path, head: bytes) -> None:
+    if len(head) < 8 or head[4:8] != TFLITE_IDENTIFIER:
+        raise ModelError(f"{path}: not a TFLite flatbuffer (no {TFLITE_IDENTIFIER.decode()} id)")
+
+
+def check_model_file(path: Path, entry: ModelEntry) -> None:
+    """:func:`read_model_file`'s checks (size, SHA-256, TFLite identifier) without holding the
+    file: it is hashed in chunks of :data:`HASH_CHUNK` bytes. Raises ModelError."""
+    try:
+        with open(path, "rb") as f:
+            _check_size(path, os.fstat(f.fileno()).st_size, entry)
+            head = f.read(8)
+            h = hashlib.sha256(head)
+            got = len(head)
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+                got += len(chunk)
+    except OSError as err:
+        raise _model_error(path, err) from err
+    _check_size(path, got, entry)  # it changed while it was read
+    _check_digest(path, h.hexdigest(), entry)
+    _check_identifier(path, head)
+
+
 def read_model_file(path: Path, entry: ModelEntry | None = None) -> bytes:
     """The bytes of a model file, checked against ``entry`` (size, SHA-256) and the TFLite
-    identifier. Raises ModelError."""
+    identifier. With ``entry`` the file's size is checked before it is read, and no more than
+    the size it declares is ever read. Raises ModelError."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"{path}: model file missing; fetch the models again") from None
+        with open(path, "rb") as f:
+            if entry is None:
+                data = f.read()
+            else:
+                _check_size(path, os.fstat(f.fileno()).st_size, entry)
+                data = f.read(entry.size + 1)  # one more: a file that grew meanwhile
     except OSError as err:
-        raise ModelError(f"{path}: cannot read the model file ({err})") from err
+        raise _model_error(path, err) from err
     if entry is not None:
-        if len(data) != entry.size:
-            what = "truncated" if len(data) < entry.size else "longer than expected"
-            raise ModelError(
-                f"{path}: {what} ({len(data)} bytes, manifest says {entry.size}); "
-                "fetch the model again"
-            )
-        digest = sha256_bytes(data)
-        if digest != entry.sha256:
-            raise ModelError(
-                f"{path}: SHA-256 {digest[:16]}... does not match the manifest "
-                f"({entry.sha256[:16]}...); the file is corrupt or not the one the manifest names"
-            )
-    if len(data) < 8 or data[4:8] != TFLITE_IDENTIFIER:
-        raise ModelError(f"{path}: not a TFLite flatbuffer (no {TFLITE_IDENTIFIER.decode()} id)")
+        _check_size(path, len(data), entry)
+        _check_digest(path, sha256_bytes(data), entry)
+    _check_identifier(path, data[:8])
     return data
 
 

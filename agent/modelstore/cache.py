@@ -3,7 +3,8 @@
 Two tiers, each bounded and each evicted least-recently-used first:
 
 - **disk**: verified model files under ``cache_dir`` (``files/NAME@VERSION.tflite`` beside the
-  signed manifest ``files/NAME@VERSION.manifest``), bounded by ``disk_budget``;
+  signed manifest ``files/NAME@VERSION.manifest``) and the partial downloads kept for resuming
+  (:mod:`agent.modelstore.partials`; they go before any model), bounded by ``disk_budget``;
 - **memory**: loaded interpreters (:class:`~agent.detect.inference.TFLiteModel`), bounded by
   ``memory_budget``. The memory estimate of a loaded model is its **file size**: the interpreter
   holds a copy of the flatbuffer (``model_content``), and the activation arena of the shipped
@@ -19,16 +20,17 @@ when only such models are left the cache stays over its budget and says so in a 
 2. a model of the shipped directory (``models/manifest.json``) with that name and version is
    used in place (shipped models come with the agent and are trusted like its code; they do not
    count against the disk budget) -- so with an empty cache and no link the agent runs from them;
-3. otherwise the signed manifest is fetched and its Ed25519 signature checked with the public key
-   provisioned on the device (:mod:`agent.modelstore.signing`), then the file is fetched block by
-   block into ``partial/`` (:class:`~agent.modelstore.fetch.ModelFetcher`; an interrupted
-   download, also across a restart, resumes from the last whole block). The whole file is then
-   checked (size, SHA-256 against the signed manifest, TFLite identifier) and installed
-   atomically (fsync, rename, fsync of the directory). Anything that does not verify is refused
-   with a :class:`~agent.errors.ModelError` and nothing already cached or running changes.
+3. otherwise the signed manifest is fetched, decoded strictly and its Ed25519 signature checked
+   with the device's public key (:mod:`agent.modelstore.signing`); a model larger than the disk
+   or the memory budget, or than the free disk space, is refused before a block is fetched. The
+   file is fetched block by block into ``partial/`` (:class:`~agent.modelstore.fetch.ModelFetcher`;
+   an interrupted download, also across a restart, resumes from the last whole block), checked
+   whole (size, SHA-256 hashed in chunks, TFLite identifier) and installed atomically. A resumed
+   download that fails the check is fetched once more from scratch (a power cut may have lost
+   kept blocks); anything else that does not verify is refused, nothing cached or running changes.
 
 Link failures raise :class:`~agent.errors.SyncError` (try again later; the partial file stays);
-refusals raise :class:`~agent.errors.ModelError` (do not retry that version).
+refusals (anything wrong with a manifest or a file) raise :class:`~agent.errors.ModelError`.
 
 The index (``index.json``) is written atomically on every install, eviction and pin change, and
 on :meth:`ModelCache.close` (last use times). A missing or corrupt index is rebuilt from the files:
@@ -45,7 +47,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -57,17 +58,18 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.detect.inference import (
-    TFLITE_IDENTIFIER,
     Manifest,
     ModelEntry,
     TFLiteModel,
+    check_model_file,
     load_manifest,
     read_model_file,
 )
 from agent.errors import ModelError, SyncError
-from agent.files import fsync_dir, read_json, write_atomic
+from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
 from agent.modelstore.listing import cache_listing
+from agent.modelstore.partials import PartialFiles, check_fits
 from agent.modelstore.settings import ModelsSettings
 from agent.modelstore.signing import SignedManifest, check_name, load_public_key
 from drivers.clock import Clock, RealClock
@@ -82,6 +84,7 @@ HISTORY = 32  # refusals kept for status
 
 
 Ref = tuple[str, str]  # (name, version)
+OnBlock = Callable[[int, int], None] | None  # called after each block written: (num, bytes)
 
 
 @dataclass
@@ -183,6 +186,7 @@ class ModelCache:
         self._doomed: list[Path] = []  # files evicted in memory, deleted by the next sync()
         self.files = self.directory / "files"
         self.partial = self.directory / "partial"
+        self.partials = PartialFiles(self.partial)  # interrupted downloads, kept for resuming
         self.index_path = self.directory / "index.json"
         self.memory_budget = memory_budget
         self.disk_budget = disk_budget
@@ -287,6 +291,9 @@ class ModelCache:
                 str(err),
             )
             self._rebuild(missing=False)
+        self.partials.readonly = self.readonly
+        models = sum(r.size for r in self._records.values())
+        self.partials.sweep(set(self._records), time.time(), room=self.disk_budget - models)
         if self.readonly:
             return
         self._sweep_orphans()
@@ -296,22 +303,25 @@ class ModelCache:
     def _rebuild(self, missing: bool) -> None:
         """Rebuild the index from the files, verifying each one (size, SHA-256, signature)."""
         self._records.clear()
-        found = sorted(self.files.glob("*.manifest"), key=lambda p: p.stat().st_mtime)
-        found = [p for p in found if p.is_file()]
+        found = sorted(self.files.glob("*.manifest"), key=lambda p: p.lstat().st_mtime)
         for mpath in found:
-            try:
+            try:  # anything a damaged or hostile file makes go wrong refuses that file only
+                if mpath.is_symlink() or not mpath.is_file():
+                    raise ModelError("not a regular file")
                 manifest = SignedManifest.read(mpath)
+                ref = (manifest.name, manifest.version)
+                if mpath != self._manifest_path(ref):
+                    raise ModelError(f"holds the manifest of {ref[0]} {ref[1]}")
                 # Without a key only the digest is checked (the listing says "unchecked").
                 if self.public_key is not None:
                     manifest.verify(self.public_key, label=str(mpath))
-                path = self._file((manifest.name, manifest.version))
-                read_model_file(path, manifest.model_entry())
-            except (OSError, ModelError) as err:
+                check_model_file(self._file(ref), manifest.model_entry())
+                mtime = mpath.stat().st_mtime
+            except Exception as err:
                 log.warning("model cache file refused path=%s error=%r; deleted", mpath, str(err))
                 self._delete_files(mpath)
                 continue
             self._seq += 1
-            mtime = mpath.stat().st_mtime
             rec = _Record(
                 manifest.name,
                 manifest.version,
@@ -398,12 +408,6 @@ class ModelCache:
     def _manifest_path(self, ref: Ref) -> Path:
         return self.files / f"{ref[0]}@{ref[1]}.manifest"
 
-    def _part(self, ref: Ref) -> Path:
-        return self.partial / f"{ref[0]}@{ref[1]}.part"
-
-    def _part_meta(self, ref: Ref) -> Path:
-        return self.partial / f"{ref[0]}@{ref[1]}.json"
-
     def _delete_files(self, manifest_path: Path) -> None:
         if self.readonly:
             return
@@ -461,10 +465,22 @@ class ModelCache:
 
     @property
     def disk_used(self) -> int:
-        return sum(r.size for r in self._records.values())
+        """Bytes of the cached files and of the kept partial downloads."""
+        return sum(r.size for r in self._records.values()) + self.partials.used
+
+    def _drop_partial_later(self, ref: Ref) -> None:
+        """Forget the kept partial of ``ref`` now, delete it on the I/O thread (in order)."""
+        self.partials.forget(ref)
+        with contextlib.suppress(RuntimeError):  # closed: swept at the next open
+            self._io.submit(self.partials.remove, ref)
 
     def _evict_files(self, keep: Ref | None = None) -> None:
         while self.disk_used > self.disk_budget:
+            idle = self.partials.oldest_idle()
+            if idle is not None:  # a partial download goes before any model
+                log.info("model partial dropped name=%s version=%s reason=disk_budget", *idle)
+                self._drop_partial_later(idle)
+                continue
             victims = [
                 r
                 for r in sorted(self._records.values(), key=lambda r: r.seq)
@@ -600,31 +616,45 @@ class ModelCache:
                 f"{where}); a downloaded model cannot be verified, so it is refused"
             )
         manifest = await self.fetcher.manifest(name, version)
-        manifest.verify(self.public_key)
-        entry = manifest.model_entry()
+        try:
+            manifest.verify(self.public_key)
+            entry = manifest.model_entry()
+        except ModelError:
+            raise
+        except Exception as err:  # whatever a hostile manifest makes go wrong: refused
+            raise ModelError(f"model {name} {version}: malformed manifest ({err!r})") from err
         if sha256 is not None and manifest.sha256 != sha256.lower():
             raise ModelError(
                 f"model {name} {version}: the signed manifest's SHA-256 {manifest.sha256[:16]}... "
                 f"is not the assigned {sha256[:16]}...; refused"
             )
-        part, meta = self._part(ref), self._part_meta(ref)
-        identity = {
-            "name": name,
-            "version": version,
-            "sha256": manifest.sha256,
-            "size": manifest.size,
-        }
-        if not await self.clock.run_blocking(self._io, self._same_partial, meta, identity):
-            # another file under that name, or no record: start over
-            await self.clock.run_blocking(self._io, self._start_partial, part, meta, identity)
+        check_fits(manifest, self.disk_budget, self.memory_budget)
+        for other in self.partials.others_of(ref):  # that model's assignment moved on
+            self._drop_partial_later(other)
+        self.partials.active.add(ref)
         try:
-            fstats = await self.fetcher.download(manifest, part, on_block)
-        except ModelError:
-            await self.clock.run_blocking(self._io, self._drop_partial, ref)
-            raise
+            for fresh in (False, True):
+                fstats = await self._fetch(manifest, on_block, fresh)
+                try:  # hashing and the atomic install (fsync, rename, fsync of the directory)
+                    file, mpath = self._file(ref), self._manifest_path(ref)
+                    await self.clock.run_blocking(
+                        self._io, self.partials.install, manifest, entry, file, mpath
+                    )
+                    break
+                except ModelError as err:
+                    if fresh or not fstats.resumed_from:
+                        raise  # a whole fresh download that does not verify: refused
+                    # the kept blocks may be what is wrong (a power cut lost writes)
+                    log.warning(
+                        "model download resumed from a damaged partial name=%s version=%s "
+                        "error=%r action=fetch_again",
+                        name,
+                        version,
+                        str(err),
+                    )
+        finally:
+            self.partials.active.discard(ref)
         self.stats.last_fetch = fstats
-        # hashing and the atomic install (fsync, rename, fsync of the directory) off the loop
-        await self.clock.run_blocking(self._io, self._install, ref, manifest, entry)
         now = time.time()
         self._seq += 1
         self._records[ref] = _Record(
@@ -645,51 +675,25 @@ class ModelCache:
         )
         return CachedModel(name, version, self._file(ref), entry, "download", manifest)
 
-    @staticmethod
-    def _same_partial(meta: Path, identity: dict[str, Any]) -> bool:
+    async def _fetch(self, manifest: SignedManifest, on_block: OnBlock, fresh: bool) -> FetchStats:
+        """Download into the partial file: resumed if it holds blocks of this file (and not
+        ``fresh``). A refusal deletes it; a link failure or a cancellation keeps it, counted."""
+        assert self.fetcher is not None
+        ref = (manifest.name, manifest.version)
+        self.partials.forget(ref)  # being written: counted again if it stops before the end
+        await self.clock.run_blocking(self._io, self.partials.prepare, manifest, fresh)
         try:
-            return bool(read_json(meta) == identity)
-        except (OSError, ValueError):
-            return False
-
-    @staticmethod
-    def _start_partial(part: Path, meta: Path, identity: dict[str, Any]) -> None:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        write_atomic(meta, json.dumps(identity, sort_keys=True).encode("utf-8"))
-
-    def _install(self, ref: Ref, manifest: SignedManifest, entry: Any) -> None:
-        """On the I/O thread: check the whole downloaded file, then install it atomically."""
-        name, version = ref
-        part, meta = self._part(ref), self._part_meta(ref)
-        try:
-            data = read_model_file(part, entry)
-        except ModelError as err:
-            self._drop_partial(ref)
-            raise ModelError(
-                f"model {name} {version}: {str(err).removeprefix(str(part) + ': ')}"
-                "; refused (tampered or corrupt in transit)"
-            ) from None
-        if data[4:8] != TFLITE_IDENTIFIER:  # read_model_file checks it too; belt and braces
-            self._drop_partial(ref)
-            raise ModelError(f"model {name} {version}: not a TFLite file; refused")
-        # Install: manifest first (an orphan manifest without its file is swept at open),
-        # then the file by rename; the index follows (sync).
-        write_atomic(self._manifest_path(ref), manifest.to_cbor())
-        os.replace(part, self._file(ref))
-        fsync_dir(self.files)
-        with contextlib.suppress(OSError):
-            meta.unlink()
-
-    def _drop_partial(self, ref: Ref) -> None:
-        for p in (self._part(ref), self._part_meta(ref)):
-            with contextlib.suppress(OSError):
-                p.unlink()
+            return await self.fetcher.download(manifest, self.partials.part(ref), on_block)
+        except ModelError:
+            await self.clock.run_blocking(self._io, self.partials.remove, ref)
+            raise
+        except BaseException:
+            self.partials.count(ref, self.partials.bytes(ref))  # one stat
+            raise
 
     def partial_bytes(self, name: str, version: str) -> int:
         """Bytes of an interrupted download kept for resuming (0: none)."""
-        p = self._part((name, version))
-        return p.stat().st_size if p.exists() else 0
+        return self.partials.bytes((name, version))
 
     # -- memory tier ------------------------------------------------------------------------------
 

@@ -6,8 +6,9 @@ and the lane reset after a confirmable request missed its deadline.
 
 The manifest is ``GET /models/NAME/VERSION/manifest`` (block-wise by aiocoap when large). The file
 is ``GET /models/NAME/VERSION/file`` block by block (Block2 by number, RFC 7959): a window of
-blocks in flight, one per lane of the transport, written in order into the partial file. After an
-interruption (or a restart) the download resumes from the last whole block the partial file holds.
+blocks in flight, one per lane of the transport, written in order into the partial file (fsynced
+every :data:`SYNC_EVERY` bytes). After an interruption (or a restart) the download resumes from
+the last whole block the partial file holds.
 
 Link failures raise :class:`~agent.errors.SyncError` (try again later; the partial file stays);
 refusals raise :class:`~agent.errors.ModelError` (do not retry that version).
@@ -35,6 +36,7 @@ BLOCK_SZX = 6  # Block2 size exponent: 2 ** (6 + 4) = 1024-byte blocks
 BLOCK_WINDOW = 2  # blocks in flight at once: the lanes of the fetcher's transport
 BLOCK_DEADLINE = 60.0  # seconds for one block exchange (covers CoAP retransmissions)
 MANIFEST_DEADLINE = 60.0  # seconds for the manifest (block-wise too)
+SYNC_EVERY = 64 * 1024  # bytes written to the partial file between two fsyncs (power cuts)
 
 
 @dataclass
@@ -151,6 +153,7 @@ class ModelFetcher:
         window = self.window
         lanes = list(range(window))
         arrived: dict[int, bytes] = {}
+        unsynced = 0
         try:
             with out:
                 while next_write <= last:
@@ -179,6 +182,11 @@ class ModelFetcher:
                             out.flush()
                             on_block(next_write, have)
                         next_write += 1
+                        unsynced += len(payload)
+                    if unsynced >= SYNC_EVERY:  # what a power cut may lose stays small
+                        out.flush()
+                        await asyncio.to_thread(os.fsync, out.fileno())
+                        unsynced = 0
                 out.flush()
                 await asyncio.to_thread(os.fsync, out.fileno())  # a slow card: off the loop
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from agent.detect.inference import read_model_file
+from agent.detect.inference import check_model_file
 from agent.errors import ModelError
 from agent.modelstore.signing import SignedManifest
 
@@ -65,7 +65,7 @@ def _signature_status(cache: ModelCache, rec: _Record) -> str:
         return f"unchecked (no public key; signed by {manifest.key or '?'})"
     try:
         manifest.verify(cache.public_key)
-        read_model_file(cache._file(rec.ref), manifest.model_entry())
+        check_model_file(cache._file(rec.ref), manifest.model_entry())
     except ModelError as err:
         return f"BAD: {err}"
     return f"ok (key {manifest.key})"

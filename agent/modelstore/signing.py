@@ -27,10 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agent.detect.inference import ModelEntry
 from agent.errors import ModelError
 from agent.files import write_atomic
+from agent.wire.records import loads as strict_loads
 
 SIGNATURE_CONTEXT = "edge-agent model v1"
 CF_OCTET_STREAM = 42  # the Content-Format of a model file resource
 MAX_MANIFEST_BYTES = 64 * 1024
+CBOR_INT_RANGE = (-(2**64), 2**64 - 1)  # the integers CBOR holds without a bignum tag
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 
 
@@ -148,6 +150,38 @@ def digest_and_size(d: Any) -> tuple[str, int]:
     return sha, size
 
 
+_PLAIN_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+def check_plain(item: Any) -> None:
+    """ValueError unless ``item`` is plain CBOR data as a manifest holds it: text, bytes,
+    integers CBOR holds without a bignum tag, floats, booleans, null, and arrays and maps of
+    them (map keys text, bytes or integers), each array or map appearing once. Value sharing
+    (tags 28/29) can make a decoded structure cyclic, and other tags decode to objects (dates,
+    decimals, sets...) that the canonical encoding the signature covers would not give back."""
+    seen: set[int] = set()
+    stack = [item]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind in (list, dict):
+            if id(value) in seen:
+                raise ValueError("a shared or cyclic value (CBOR tags 28/29)")
+            seen.add(id(value))
+            if kind is dict:
+                for key in value:
+                    if type(key) not in (str, bytes, int):
+                        raise ValueError(f"a map key of type {type(key).__name__}")
+                    stack.append(key)
+                stack.extend(value.values())
+            else:
+                stack.extend(value)
+        elif kind not in _PLAIN_SCALARS:
+            raise ValueError(f"a value of type {kind.__name__} (a CBOR tag)")
+        elif kind is int and not CBOR_INT_RANGE[0] <= value <= CBOR_INT_RANGE[1]:
+            raise ValueError("an integer beyond 64 bits (a CBOR bignum)")
+
+
 @dataclass(frozen=True)
 class SignedManifest:
     """One model version as the registry publishes it; see the module docstring."""
@@ -210,13 +244,25 @@ class SignedManifest:
                 f"{where}: the signature does not verify with the provisioned public key "
                 f"(key {key_id(key)}; manifest says {self.key or 'unknown'}); refused"
             ) from None
-        if int(self.entry.get("size", -1)) != self.size or (
-            str(self.entry.get("sha256", "")).lower() != self.sha256
+        except Exception as err:  # a manifest no decoder check caught: refused all the same
+            raise ModelError(f"{where}: malformed model manifest ({err!r}); refused") from err
+        size, sha = self.entry.get("size"), self.entry.get("sha256")
+        if (
+            type(size) is not int
+            or size != self.size
+            or not isinstance(sha, str)
+            or (sha.lower() != self.sha256)
         ):
             raise ModelError(f"{where}: the manifest entry disagrees with its size or SHA-256")
 
     def model_entry(self) -> ModelEntry:
-        return ModelEntry.from_dict(self.entry, label=f"model {self.name} {self.version}")
+        label = f"model {self.name} {self.version}"
+        try:
+            return ModelEntry.from_dict(self.entry, label=label)
+        except ModelError:
+            raise
+        except Exception as err:  # e.g. an infinite size: int() raises OverflowError
+            raise ModelError(f"{label}: malformed model entry ({err!r})") from err
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -234,13 +280,21 @@ class SignedManifest:
 
     @classmethod
     def read(cls, path: Path) -> SignedManifest:
-        """The manifest stored in the file ``path``. Raises OSError or ModelError."""
-        return cls.from_cbor(path.read_bytes(), label=str(path))
+        """The manifest stored in the file ``path`` (at most :data:`MAX_MANIFEST_BYTES` are
+        read). Raises OSError or ModelError."""
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ModelError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+        return cls.from_cbor(data, label=str(path))
 
     @classmethod
     def from_cbor(cls, data: bytes, label: str = "manifest") -> SignedManifest:
+        """Decode strictly (one item, no duplicate keys, bounded nesting, plain data only:
+        :func:`check_plain`). Every problem is a ModelError."""
         try:
-            d = cbor2.loads(data)
+            d = strict_loads(data)
+            check_plain(d)
             sha, size = digest_and_size(d)
             entry = d["entry"]
             if not isinstance(entry, dict):
@@ -257,5 +311,7 @@ class SignedManifest:
                 signature,
                 str(d.get("key", "")),
             )
-        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError) as err:
+        except ModelError:
+            raise
+        except Exception as err:  # hostile bytes make decoders raise many kinds
             raise ModelError(f"{label}: malformed model manifest ({err})") from err
