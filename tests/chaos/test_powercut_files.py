@@ -29,6 +29,7 @@ from tools.powercut import PowerCutFS
 
 pytestmark = pytest.mark.timeout(240)
 CUTS = int(os.environ.get("EDGE_CHAOS_FILE_CUTS", "6"))
+FIRST_REPORT_WITHIN = 60.0  # seconds a worker may take to report its first write
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,13 +81,18 @@ def _run_until_cut(fs: PowerCutFS, target: Any, args: tuple[Any, ...], rng: rand
     proc.start()
     writer.close()
     buf = b""
-    deadline = time.monotonic() + 2.0 + rng.uniform(0.2, 3.0)
+    # The random while counts from the worker's first report (its start-up, imports and setup
+    # take seconds on a loaded host), so that every cut lands while it works.
+    pause = rng.uniform(0.2, 3.0)
+    deadline = time.monotonic() + FIRST_REPORT_WITHIN
     fd = reader.fileno()
     while (left := deadline - time.monotonic()) > 0:
         if select.select([fd], [], [], left)[0]:
             data = os.read(fd, 65536)
             if not data:
                 break
+            if not buf:
+                deadline = time.monotonic() + pause
             buf += data
     fs.cut(kill=[proc.pid])
     proc.join(30)
