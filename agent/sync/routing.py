@@ -466,6 +466,9 @@ class Router:
                 verdict = records.loads(resp.payload)
                 if not isinstance(verdict, dict) or verdict.get("seq") != p.seq:
                     raise records.RecordError("not a verdict for this alert")
+            except records.ForeignValue as err:  # decodes, holds what no verdict has: as below
+                self._refuse_verdict(p, err)
+                return
             except records.RecordError as err:
                 self._retry(p, f"bad verdict: {err}")
                 return
@@ -483,15 +486,7 @@ class Router:
             try:
                 verdict = checked_verdict(verdict)
             except ValueError as err:
-                # the endpoint answers its stored verdict again: asking again gets it again
-                self.stats.counts["verdicts_refused"] += 1
-                del self.pending[p.seq]
-                log.warning(
-                    "event=verdict_refused seq=%d error=%r action=dropped: the endpoint's "
-                    "verdict does not fit docs/protocol.md; check the endpoint's version",
-                    p.seq,
-                    str(err),
-                )
+                self._refuse_verdict(p, err)
                 return
             self._merge(p, verdict)
             return
@@ -548,6 +543,18 @@ class Router:
             verdict.get("fault"),
             edge.get("verdict"),
             p.attempts,
+        )
+
+    def _refuse_verdict(self, p: Any, err: Exception) -> None:
+        """Drop a validation whose verdict does not fit docs/protocol.md: the endpoint answers its
+        stored verdict again, so asking again gets it again."""
+        self.stats.counts["verdicts_refused"] += 1
+        del self.pending[p.seq]
+        log.warning(
+            "event=verdict_refused seq=%d error=%r action=dropped: the endpoint's "
+            "verdict does not fit docs/protocol.md; check the endpoint's version",
+            p.seq,
+            str(err),
         )
 
     async def _commit_verdicts(self) -> None:

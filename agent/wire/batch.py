@@ -105,6 +105,60 @@ class Encoding(Protocol):
         """The device named in the batch (None if it names none) and the records."""
 
 
+#: A sensor's name in a telemetry body: a SenML name part (RFC 8428 section 4.5.1), as the SenML
+#: decoder checks the readings it carries (every configured sensor name is one).
+SENSOR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]*\Z")
+
+
+#: A channel's name in a telemetry body: printable text (str.isprintable: no control, format,
+#: separator or unassigned characters but the space) of at most this many UTF-8 bytes. Not the
+#: SenML name part: a channel may be named "Volume Flow RateRMS" (the SKAB source), which goes as
+#: ``vd``.
+MAX_CHANNEL_NAME = 255
+
+
+def channel_name_ok(name: str) -> bool:
+    """Whether ``name`` is a channel name a record of ours may hold (:data:`MAX_CHANNEL_NAME`)."""
+    return (
+        0 < len(name) <= MAX_CHANNEL_NAME
+        and name.isprintable()
+        and len(name.encode("utf-8", "surrogatepass")) <= MAX_CHANNEL_NAME
+    )
+
+
+def check_telemetry_names(sensor: str, channels: Iterable[str], where: str) -> None:
+    """:class:`CodecError` unless ``sensor`` and ``channels`` are names a record of ours holds
+    (:data:`SENSOR_NAME`, :func:`channel_name_ok`): a name with terminal escapes, bidi
+    controls or NUL is refused by every decoder, whatever carries it."""
+    if not SENSOR_NAME.match(sensor):
+        raise CodecError(f"{where}: sensor name {sensor[:64]!r} is not valid")
+    for name in channels:
+        if not channel_name_ok(name):
+            raise CodecError(f"{where}: channel name {name[:64]!r} is not valid")
+
+
+def check_body(kind: str, body: bytes, where: str) -> None:
+    """:class:`CodecError` when ``body`` holds what no record of ``kind`` of ours holds: a CBOR
+    tag (a bignum, a shared value that may contain itself), a simple value but false, true and
+    null, a number no float holds (:class:`agent.wire.records.ForeignValue`), or, in a telemetry
+    body, a sensor or channel name that is not valid (:func:`check_telemetry_names`). The
+    decoders call this on every body they carry byte for byte.
+
+    A body that does not decode as its kind at all (not CBOR, another shape) is carried as it is,
+    as before: the store may hold one and the endpoint's views show it as undecodable. Features
+    bodies are checked by :func:`agent.wire.features.check_batch`."""
+    if kind == FEATURES:
+        return
+    try:
+        decoded = records.decode_body(kind, bytes(body))
+    except records.ForeignValue as err:
+        raise CodecError(f"{where}: {err}") from None
+    except records.RecordError:
+        return
+    if isinstance(decoded, records.TelemetryBody):
+        check_telemetry_names(decoded.sensor, decoded.values, where)
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

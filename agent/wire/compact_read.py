@@ -8,7 +8,14 @@ import math
 import zlib
 from typing import Any
 
-from agent.wire.batch import DEVICE_ID, MAX_SEQ, CodecError, WireRecord
+from agent.wire.batch import (
+    DEVICE_ID,
+    MAX_SEQ,
+    CodecError,
+    WireRecord,
+    check_body,
+    check_telemetry_names,
+)
 from agent.wire.compact_format import (
     _F64,
     _FIRST_GROUP,
@@ -155,6 +162,7 @@ class CompactDecoding:
                     raise CodecError(f"unknown resolution tag {tag}")
             if not channels:
                 raise CodecError("a group without channels")
+            check_telemetry_names(sensor, channels, "group table")
             table.append((sensor, channels, res, steps))
         return table
 
@@ -232,6 +240,7 @@ class CompactDecoding:
         for i, seq in zip(ids, seqs, strict=True):
             if i < first_group:
                 created, body = next(opaque_iter)
+                check_body(kinds[i], body, f"seq {seq}")  # a body of ours, its names too
                 out.append(WireRecord(seq, kinds[i], created, body))
             else:
                 gi = i - first_group

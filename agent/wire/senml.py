@@ -30,11 +30,13 @@ from agent.wire.batch import (
     DEVICE_ID,
     KINDS,
     MAX_SEQ,
+    SENSOR_NAME,
     CodecError,
     Resolution,
     WireRecord,
     _check_record,
     _number,
+    check_body,
 )
 from agent.wire.records import Kind
 
@@ -54,7 +56,7 @@ L_CREATED = "cr"
 
 
 # RFC 8428 section 4.5.1: names use A-Z a-z 0-9 - : . / _ and start with a letter or digit.
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]*\Z")
+_SEGMENT = SENSOR_NAME
 
 
 _CHANNEL = re.compile(r"^[A-Za-z0-9:./_-]+\Z")
@@ -445,6 +447,7 @@ class SenMLCBOR:
                     dev = bn[:-1]
                 else:
                     raise CodecError(f"record {i}: bn of a data record is '' or 'device/'")
+                check_body(name, body, f"record {i}")  # a body of ours, its names too
                 out.append(WireRecord(seq, name, created, body))
             elif V in rec:
                 value = _float(rec[V], "v", i)

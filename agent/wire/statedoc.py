@@ -167,7 +167,10 @@ def encode_value(value: Any) -> bytes:
 
 
 def decode_value(data: bytes) -> Any:
-    return records.loads(data)
+    """A stored reported value: as :func:`decode_stored` (a value an older endpoint stored that
+    this one would refuse, a bignum say, is a :class:`RawValue`: shown and replaced, never an
+    error at every later report of the key)."""
+    return decode_stored(data)
 
 
 def decode_stored(data: bytes) -> Any:
@@ -222,6 +225,10 @@ def parse_reported(data: bytes) -> dict[str, Entry]:
             raise StateError(f"reported state: {key}: expected [version, value]")
         version = _version(item[0], f"reported state: {key}")
         value = item[1]
+        try:  # the decoder refused tags (bignums, shared values); simple values are left
+            records.check_plain(value, f"reported state: {key}")
+        except records.RecordError as err:
+            raise StateError(str(err)) from None
         rule = rule_for(key)
         if rule is Rule.MAX and not (_number(value) and math.isfinite(value) and value >= 0):
             raise StateError(f"reported state: {key}: a counter is a non-negative number")

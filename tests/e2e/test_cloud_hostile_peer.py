@@ -15,8 +15,9 @@ import pytest
 from aiocoap import Code, Message
 
 from agent import logsetup
-from agent.wire import records
+from agent.wire import records, statedoc
 from cloud.server import CloudServer
+from tests.e2e import older_endpoint
 from tests.e2e.test_security import Principal
 
 DEVICE = "pump-01"
@@ -91,3 +92,30 @@ async def test_a_reported_value_the_merge_cannot_keep_is_4_00_not_a_traceback(
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
     assert server.responses["5.00 Internal Server Error"] == 0
     assert len([r for r in caplog.records if "event=bad_request" in r.getMessage()]) == 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_reported_value_an_older_endpoint_kept_is_replaced_not_an_error_for_ever(
+    server: CloudServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bignum an older endpoint stored as a reported value (its decoder took it; this one
+    refuses such a value): the device's next report of that key is stored (2.04), not 5.00 at
+    every report for ever, and the keys around it read as before."""
+    caplog.set_level(logging.WARNING)
+    assert server.data_dir is not None
+    device = await Principal(server, tmp_path, DEVICE).open()
+    try:
+        older_endpoint.put_reported(
+            server.data_dir, DEVICE, {"queue/depth": 2**1100, "foo/big": 2**1100}, 1.0
+        )
+        version = int(time.time() * 1000)
+        good = records.dumps({"queue/depth": [version, 3]})
+        resp = await device.req("PUT", f"state/{DEVICE}/reported", good, 60)
+        assert resp.dotted == "2.04", resp.payload
+    finally:
+        await device.close()
+    reported = await server.reported(DEVICE)
+    assert reported["queue/depth"].value == 3
+    assert reported["foo/big"].value == statedoc.RawValue(cbor2.dumps(2**1100))
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert server.responses["5.00 Internal Server Error"] == 0

@@ -40,13 +40,6 @@ async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
     await srv.stop()
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiocoap.Context]:
-    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-    yield ctx
-    await ctx.shutdown()
-
-
 async def post(
     ctx: aiocoap.Context, server: CloudServer, payload: bytes, device: str = DEVICE, cf: int = 112
 ) -> Message:

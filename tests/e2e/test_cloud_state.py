@@ -32,13 +32,6 @@ async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
     await srv.stop()
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiocoap.Context]:
-    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-    yield ctx
-    await ctx.shutdown()
-
-
 async def request(
     ctx: aiocoap.Context, code: Code, uri: str, doc: Any = None, **options: Any
 ) -> Message:

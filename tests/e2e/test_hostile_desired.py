@@ -57,13 +57,6 @@ async def server(tmp_path: Path) -> AsyncIterator[CloudServer]:
     await srv.stop()
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[aiocoap.Context]:
-    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
-    yield ctx
-    await ctx.shutdown()
-
-
 def no_tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         f"{r.name}: {r.getMessage()[:120]}"
