@@ -96,7 +96,10 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
     none); ValueError when the file is more than ``limit`` bytes, not UTF-8, not JSON, or nested
     too deep (:func:`loads_json`)."""
     with open(path, "rb") as f:
-        data = f.read(limit + 1)
+        size = os.fstat(f.fileno()).st_size  # read(n) allocates n: a regular file's size + 1
+        data = f.read(min(size, limit) + 1 if size else limit + 1)
+        if size and len(data) > size and len(data) <= limit:  # it grew meanwhile
+            data += f.read(limit + 1 - len(data))
     if len(data) > limit:
         raise ValueError(f"more than {limit} bytes: not a state file")
     return loads_json(data)

@@ -8,7 +8,8 @@ One row of the eight SKAB channels per sample (the agent assembles them at 1 Hz)
 2. **Features.** Causal smoothing, standardisation and a short history window (a model input).
 3. **Anomaly score.** The int8 denoising autoencoder reconstructs the window as normal running
    would look; the score is the largest per-channel residual of the newest step,
-   ``max_c |u_c - r_c|``. The residuals say which channels contribute most.
+   ``max_c |u_c - r_c|`` (``r`` taken as 0 where the model gives NaN or inf). The residuals say
+   which channels contribute most.
 4. **Hysteresis.** ``raise_after`` consecutive scores above the threshold raise an alert,
    ``clear_after`` consecutive scores at or below it clear it.
 5. **Verdict.** On a raise, the fault classifier looks at the same window: ``KNOWN_FAILURE`` with
@@ -64,12 +65,15 @@ NORMAL_CLASS = "normal"
 def newest_residuals(u: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
     """The signed residuals ``u - r`` at the newest step of each window: ``u`` the feature
     vectors of the rows where the windows end, shape ``(n, channels)``; ``reconstruction`` the
-    anomaly model's output for those windows, shape ``(n, steps * channels)``, newest step last."""
+    anomaly model's output for those windows, shape ``(n, steps * channels)``, newest step last.
+    A reconstruction with NaN or inf counts as zeros: that window is scored by its features
+    alone (a model that breaks must not silence the detector)."""
     u = np.asarray(u)
     r = np.asarray(reconstruction)
     if u.ndim != 2 or r.ndim != 2 or len(u) != len(r) or r.shape[1] % max(u.shape[1], 1):
         raise ValueError(f"feature vectors {u.shape} do not match reconstructions {r.shape}")
-    return u - r[:, r.shape[1] - u.shape[1] :]
+    newest = r[:, r.shape[1] - u.shape[1] :]
+    return u - np.where(np.isfinite(newest).all(axis=1, keepdims=True), newest, 0.0)
 
 
 def anomaly_scores(residuals: np.ndarray) -> np.ndarray:

@@ -463,6 +463,7 @@ class TFLiteModel:
             ):
                 _check_tensor(label, what, got, want)
         self._batch = int(self.input.shape[0])
+        self.nonfinite = False  # the last batch's outputs held NaN or inf (said on each change)
 
     @classmethod
     def open(
@@ -554,6 +555,17 @@ class TFLiteModel:
         if len(x) == 0:
             return np.zeros((0, *self.output_shape), dtype=np.float32)
         y = self.output.dequantize(self.invoke_raw(self.input.quantize(x)))
+        if bool(np.isfinite(y).all()) == self.nonfinite:
+            self.nonfinite = not self.nonfinite
+            if self.nonfinite:
+                log.warning(
+                    "event=model_output_not_finite name=%s: the model gives NaN or inf for these "
+                    "inputs (the detector scores such windows without its reconstruction); "
+                    "assign another version",
+                    self.name,
+                )
+            else:
+                log.info("event=model_output_finite name=%s", self.name)
         return y[0] if single else y
 
 

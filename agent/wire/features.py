@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from agent.wire import records
-from agent.wire.batch import FEATURES, MAX_SEQ, CodecError, WireRecord
+from agent.wire.batch import FEATURES, MAX_SEQ, CodecError, WireRecord, check_telemetry_names
 from agent.wire.packing import _Reader, _varint
 
 #: Readings one features record may stand for.
@@ -146,6 +146,9 @@ class FeaturesBody:
     def check(self) -> None:
         if not isinstance(self.sensor, str) or not 0 < len(self.sensor) <= MAX_NAME:
             raise CodecError("features: sensor must be a text of 1..255 characters")
+        if not all(isinstance(name, str) for name in self.channels):
+            raise CodecError("features: channel names are texts of 1..255 characters")
+        check_telemetry_names(self.sensor, self.channels, "features")  # as telemetry's names
         if not 1 <= len(self.seqs) <= MAX_COUNT:
             raise CodecError(f"features: count must be 1..{MAX_COUNT}")
         if not 0 <= self.first <= self.last <= MAX_SEQ or self.last - self.first > MAX_SPAN:

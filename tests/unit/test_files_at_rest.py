@@ -62,6 +62,24 @@ def test_read_json_refuses_deep_large_and_undecodable_files_as_value_error(tmp_p
         loads_json(DEEP)
 
 
+def test_read_json_allocates_for_the_file_not_for_the_limit(tmp_path: Path) -> None:
+    """A state file of a few bytes costs a few bytes to read (read(limit + 1) allocated the 16 MiB
+    limit at every read); a file that reports no size (procfs) is still read."""
+    import tracemalloc
+
+    small = tmp_path / "small.json"
+    small.write_text('{"n": 1}')
+    tracemalloc.start()
+    try:
+        assert read_json(small) == {"n": 1}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    with pytest.raises(ValueError, match="more than 10 bytes"):  # procfs has no size: read on
+        read_json(Path("/proc/self/status"), limit=10)
+
+
 def test_a_config_nested_too_deep_is_one_config_error() -> None:
     """Was a RecursionError traceback and exit 1 (systemd restarts it) instead of exit 78."""
     with pytest.raises(ConfigError, match=r"agent.toml: not valid TOML: nested too deep"):

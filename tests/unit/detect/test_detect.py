@@ -369,3 +369,27 @@ def test_recommission(manifest, models) -> None:
     new_level[:, FLOW] -= 0.15 * LEVEL[FLOW]
     after = det.feed(np.arange(600.0, 1200.0), new_level)
     assert det.commissioned and after.alerts == []
+
+
+def test_a_model_that_gives_nan_still_scores_and_the_fault_still_raises(
+    manifest, models, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signed model can pass the warm-up and give NaN on real inputs (here a real float TFLite
+    model whose weights are +-3e38: sums of mixed signs overflow to inf - inf): NaN > threshold
+    is never true, so the detector would go quiet. Its windows are scored by their features
+    alone instead, said once."""
+    from cloud.tflitepatch import read_float_layers, with_float_layers
+
+    template = (MODELS / "cloud" / "skab-ae.float32.tflite").read_bytes()
+    sign = np.where(np.arange(64 * 64).reshape(64, 64) % 2, 3e38, -3e38).astype(np.float32)
+    layers = [(sign[: w.shape[0], : w.shape[1]], b) for w, b in read_float_layers(template)]
+    broken = TFLiteModel(with_float_layers(template, layers), name="skab-ae")
+    det = make(manifest, (broken, models[1]))
+    rows = fault_run()
+    res = det.feed(np.arange(len(rows), dtype=float) + 1000.0, rows)
+    scored = res.scores[~np.isnan(res.scores)]
+    assert len(scored) == 500 and np.isfinite(scored).all()  # every row after commissioning
+    raised = [a for a in res.alerts if a.kind == AlertKind.RAISE]
+    assert raised and any(500 <= int(a.time) - 1000 < 560 for a in raised)
+    said = [r for r in caplog.records if "event=model_output_not_finite" in r.getMessage()]
+    assert len(said) == 1 and broken.nonfinite

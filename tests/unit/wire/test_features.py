@@ -87,9 +87,10 @@ def features_bodies(draw: st.DrawFn) -> FeaturesBody:
         seqs.append(seqs[-1] + g + 1)
     t0 = draw(st.floats(0, 4e9, allow_nan=False))
     t1 = t0 + draw(st.floats(0, 1e5, allow_nan=False))
-    names = st.text("abcxyz_/", min_size=1, max_size=8)
+    sensors = st.text("abcxyz_.:-", min_size=1, max_size=8).filter(lambda n: n[0].isalnum())
+    names = st.text("abcxyz_/ ", min_size=1, max_size=8)
     chans = draw(st.dictionaries(names, channel_features(), min_size=1, max_size=4))
-    return FeaturesBody(draw(names), tuple(seqs), t0, t1, chans)
+    return FeaturesBody(draw(sensors), tuple(seqs), t0, t1, chans)
 
 
 @RELAXED
@@ -192,6 +193,10 @@ HOSTILE = {
     "trailing bytes": body().to_cbor() + b"\x00",
     "nested too deep": _channel(7, [[[[[1.0]]]]]),
     "over 64 KiB": _with(0, "v" * 70000),
+    "a sensor name with a terminal escape": _with(0, "vib\x1b]52;c;cm0K\x07"),
+    "a sensor name with a slash": _with(0, "a/b"),
+    "a channel name with a bidi override": _with(7, {"x\u202eg": _good()[7]["x_g"]}),
+    "a channel name with a NUL": _with(7, {"x\x00": _good()[7]["x_g"]}),
 }
 
 
