@@ -42,6 +42,14 @@ def add_parser(sub: Any, open_storage: Any, put_desired: Any) -> None:
     q.add_argument("--data", required=True)
     q.add_argument("--version", required=True)
     q.add_argument("--key", help="release key (default: DIR/releases/release.key)")
+    q.add_argument(
+        "--rollback-index",
+        type=int,
+        default=0,
+        metavar="N",
+        help="devices that confirmed a release of index N take no release below N again "
+        "(raise it with a security fix; default 0)",
+    )
     q = dsub.add_parser("list", help="published releases")
     q.add_argument("--data", required=True)
     q.add_argument("--json", action="store_true")
@@ -83,9 +91,12 @@ def cmd_releases(args: argparse.Namespace) -> int:
             if args.action == "publish":
                 version = groupcli.check("release version", args.version)
                 key_path = Path(args.key) if args.key else Path(args.data) / RELEASES_DIR / KEY_FILE
-                m, new = registry.publish(Path(args.bundle), version, load_private_key(key_path))
+                m, new = registry.publish(
+                    Path(args.bundle), version, load_private_key(key_path), args.rollback_index
+                )
                 done = "published release" if new else "already published, the same file:"
-                print(f"{done} {m.version}: {m.size} bytes, sha256 {m.sha256}, key {m.key}")
+                index = f", rollback index {m.rollback_index}" if m.rollback_index else ""
+                print(f"{done} {m.version}: {m.size} bytes, sha256 {m.sha256}, key {m.key}{index}")
                 return EX_OK
             items = registry.list()
     except ModelError as err:

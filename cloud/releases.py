@@ -104,17 +104,18 @@ class ReleaseRegistry:
         return self.cache.version_dir(version)
 
     def publish(
-        self, bundle: Path, version: str, key: Ed25519PrivateKey
+        self, bundle: Path, version: str, key: Ed25519PrivateKey, rollback_index: int = 0
     ) -> tuple[ReleaseManifest, bool]:
         """Pack, sign and store the bundle in ``bundle`` as ``version``: (its manifest, whether
-        it was stored now; False: the same file was published already). Raises ReleaseError
+        it was stored now; False: the same file was published already); ``rollback_index``
+        signed into its bundle (agent/ota/floor.py). Raises ReleaseError
         (not a bundle, too large, the version published with other bytes)."""
         check_name("version", version)
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.directory))
         try:
             meta = pack(bundle, tmp / RELEASE_FILE)
-            manifest = ReleaseManifest.sign(version, tmp / RELEASE_FILE, meta, key)
+            manifest = ReleaseManifest.sign(version, tmp / RELEASE_FILE, meta, key, rollback_index)
             if manifest.size > MAX_RELEASE_BYTES:
                 raise ReleaseError(
                     f"release {version}: {manifest.size} bytes, over the limit of "

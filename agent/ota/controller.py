@@ -151,6 +151,7 @@ class UpdateController:
                 budget_bytes=self.settings.disk_budget,
                 max_attempts=self.settings.max_attempts,
                 health_window=self.settings.health_window,
+                root=self.settings.root,
             )
         finally:
             await fetcher.close()

@@ -14,6 +14,10 @@ file's SHA-256 matched it. Before it writes anything it checks every name of the
 listing, once); then it writes each into the fresh directory without following links, and checks
 every wheel against its signed SHA-256.
 
+A bundle may carry ``rollback_index`` (an integer set at publishing, signed with the rest):
+a device refuses a release whose index is below that of a release it has confirmed
+(agent/ota/floor.py), so a known-vulnerable version cannot be assigned again.
+
 A manifest is read as hostile input: decoded strictly (agent/wire/records.py :func:`loads`: no
 tags, so no shared or cyclic values), its bundle walked for plain values, and any failure of the
 decoding or of the signature check, whatever its kind, is a :class:`ReleaseError` (a refusal).
@@ -43,6 +47,7 @@ SIGNATURE_CONTEXT = "edge-agent release v1"
 BUNDLE_JSON = "bundle.json"
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\Z")
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
+MAX_ROLLBACK_INDEX = 2**31 - 1
 
 
 class ReleaseError(ModelError):
@@ -104,6 +109,13 @@ class ReleaseManifest:
     key: str = ""
     name: str = "edge-agent"
 
+    @property
+    def rollback_index(self) -> int:
+        """The signed ``rollback_index`` of the bundle (0 when absent): a device that confirmed
+        a release of index N takes no release below N again (agent/ota/floor.py)."""
+        value = self.bundle.get("rollback_index", 0)
+        return value if type(value) is int and 0 <= value <= MAX_ROLLBACK_INDEX else 0
+
     def signed_bytes(self) -> bytes:
         return cbor2.dumps(
             [
@@ -118,9 +130,20 @@ class ReleaseManifest:
 
     @classmethod
     def sign(
-        cls, version: str, file: Path, bundle: Mapping[str, Any], key: Ed25519PrivateKey
+        cls,
+        version: str,
+        file: Path,
+        bundle: Mapping[str, Any],
+        key: Ed25519PrivateKey,
+        rollback_index: int = 0,
     ) -> ReleaseManifest:
         check_name("version", version)
+        if type(rollback_index) is not int or not 0 <= rollback_index <= MAX_ROLLBACK_INDEX:
+            raise ReleaseError(f"rollback index must be an integer 0..{MAX_ROLLBACK_INDEX}")
+        bundle = dict(bundle)
+        bundle.pop("rollback_index", None)
+        if rollback_index:  # absent when 0: such a manifest reads as before
+            bundle["rollback_index"] = rollback_index
         size, sha = file.stat().st_size, _sha256(file)
         unsigned = cls(version, size, sha, dict(bundle))
         return cls(
@@ -169,6 +192,9 @@ class ReleaseManifest:
             if not isinstance(bundle, dict) or not isinstance(bundle.get("files"), dict):
                 raise ValueError("bundle is not a bundle description")
             _check_plain(bundle)
+            index = bundle.get("rollback_index", 0)
+            if type(index) is not int or not 0 <= index <= MAX_ROLLBACK_INDEX:
+                raise ValueError(f"rollback_index is not an integer 0..{MAX_ROLLBACK_INDEX}")
             if not isinstance(d["signature"], bytes):
                 raise ValueError("signature is not bytes")
             return cls(

@@ -54,7 +54,7 @@ from agent.errors import ModelError
 from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
 from agent.modelstore.signing import NAME_RE
-from agent.ota import bootcheck
+from agent.ota import bootcheck, floor
 from agent.ota.compat import parse_description, rollback_problems
 from agent.ota.install import install
 from agent.ota.release import ReleaseError, ReleaseManifest, check_file
@@ -177,13 +177,17 @@ async def stage(
     budget_bytes: int | None = None,
     max_attempts: int = bootcheck.MAX_ATTEMPTS,
     health_window: int = bootcheck.HEALTH_WINDOW,
+    root: Path | None = None,
 ) -> Staged:
     """Steps 1-3 of the module docstring, as the agent (unprivileged) does them: the verified
     file ends in ``DATA/ota/<version>.release`` beside its manifest and ``staged.json``, which
     also carries the ``[update]`` limits the root helper's switch records for the boot counter
-    and the health window (the helper does not read agent.toml)."""
+    and the health window (the helper does not read agent.toml). With the release ``root``,
+    a release below the device's rollback floor is refused first (agent/ota/floor.py)."""
     manifest = await fetcher.release_manifest(version)
     manifest.verify(key)
+    if root is not None:
+        floor.check(manifest, root, data_dir)  # before a byte of the file is fetched
     if sha256 is not None and manifest.sha256 != sha256.lower():
         raise ReleaseError(
             f"release {version}: the endpoint serves SHA-256 {manifest.sha256[:16]}..., the "
@@ -262,6 +266,7 @@ def apply_staged(
         if manifest.version != version:
             raise ReleaseError(f"staged release {version}: the manifest is for {manifest.version}")
         manifest.verify(key)
+        floor.check(manifest, root, data_dir)
         check_file(manifest, file)
         if not (root / bootcheck.CURRENT).is_symlink():
             bootcheck.adopt(root, INITIAL_VERSION)

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from agent.modelstore.signing import load_public_key
-from agent.ota import updater
+from agent.ota import bootcheck, updater
 from agent.ota.controller import UpdateController
-from agent.ota.release import ReleaseError
+from agent.ota.install import MANIFEST_FILE
+from agent.ota.release import ReleaseError, ReleaseManifest
 from agent.ota.settings import UpdateSettings
 from agent.ota.updater import ReleaseFetcher, partial_path, stage
 from agent.sync.transport import CoapTransport
@@ -91,7 +92,9 @@ def torn_partial(endpoint: Endpoint, data_dir: Path, blocks: int = 20, lost: int
     return part
 
 
-async def stage_from(endpoint: Endpoint, data_dir: Path) -> updater.Staged:
+async def stage_from(
+    endpoint: Endpoint, data_dir: Path, root: Path | None = None
+) -> updater.Staged:
     fetcher = endpoint.fetcher()
     try:
         return await stage(
@@ -100,6 +103,7 @@ async def stage_from(endpoint: Endpoint, data_dir: Path) -> updater.Staged:
             sha256=endpoint.sha256,
             key=load_public_key(endpoint.pub),
             data_dir=data_dir,
+            root=root,
         )
     finally:
         await fetcher.close()
@@ -174,3 +178,29 @@ async def test_the_partial_is_fsynced_as_it_grows(
     monkeypatch.setattr(os, "fsync", fsync)
     await stage_from(endpoint, tmp_path / "data")
     assert len(synced) >= 2  # periodic ones (one at a time: how many varies) and the last
+
+
+async def test_attack_a_signed_release_below_the_rollback_floor_is_refused_before_a_block(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """Release 2 was published with rollback index 0; the device confirmed a release published
+    with --rollback-index 3 (a security fix): assigning 2 again is refused from its signed
+    manifest, before a byte of the file is fetched."""
+    bundle = make_bundle(tmp_path / "fixed-bundle")
+    argv = ["releases", "publish", str(bundle), "--data", str(endpoint.cloud), "--version", "3"]
+    assert cloud_main([*argv, "--rollback-index", "3"]) == 0
+    fixed = ReleaseManifest.from_cbor(
+        (endpoint.cloud / "releases" / "3" / "manifest.cbor").read_bytes()
+    )
+    assert fixed.rollback_index == 3
+    root, data = tmp_path / "opt", tmp_path / "data"
+    rel = root / bootcheck.RELEASES / "3"
+    rel.mkdir(parents=True)
+    (rel / MANIFEST_FILE).write_bytes(fixed.to_cbor())
+    bootcheck.mark_complete(root, "3")
+    bootcheck.set_link(root, bootcheck.CURRENT, "releases/3")
+    with pytest.raises(ReleaseError, match="rollback index 0 is below this device's floor 3"):
+        await stage_from(endpoint, data, root)
+    assert not partial_path(data, "2").exists()
+    staged = await stage_from(endpoint, tmp_path / "fresh", tmp_path / "fresh-root")
+    assert staged.version == "2"  # a device that never ran 3 takes it
