@@ -28,7 +28,7 @@ from agent.exits import (
     CommandError,
     os_error_code,
 )
-from agent.modelstore.signing import load_private_key, write_keypair
+from agent.modelstore.signing import MAX_ROLLBACK_INDEX, load_private_key, write_keypair
 from cloud.models import Direct, ModelRegistry, entry_for
 from cloud.storage import Storage
 
@@ -49,6 +49,14 @@ def add_parser(sub: Any, open_storage: Any) -> None:
     q.add_argument("--key", help="signing key (default: DIR/models/signing.key)")
     q.add_argument("--manifest", help="manifest.json with the model's entry (default: beside FILE)")
     q.add_argument("--entry", help="the entry's name in that manifest (default: by file name)")
+    q.add_argument(
+        "--rollback-index",
+        type=int,
+        default=None,
+        metavar="N",
+        help="devices that ran a version of index N take no version of this model below N "
+        "again (default: the entry's, else 0)",
+    )
     q = dsub.add_parser("list", help="published model versions")
     q.add_argument("--data", required=True)
     q.add_argument("--json", action="store_true")
@@ -97,6 +105,14 @@ def cmd_models(args: argparse.Namespace) -> int:
                 data = file.read_bytes()
                 manifest_path = Path(args.manifest) if args.manifest else None
                 entry = entry_for(file, manifest_path, args.entry)
+                if args.rollback_index is not None:
+                    if not 0 <= args.rollback_index <= MAX_ROLLBACK_INDEX:
+                        raise CommandError(
+                            EX_USAGE, f"error: --rollback-index must be 0..{MAX_ROLLBACK_INDEX}"
+                        )
+                    entry.pop("rollback_index", None)
+                    if args.rollback_index:
+                        entry["rollback_index"] = args.rollback_index
                 key = load_private_key(signing_key(args))
                 m = registry.publish(data, args.name, args.version, entry, key)
                 sha = f"sha256 {m.sha256}, key {m.key}"

@@ -45,6 +45,7 @@ from agent.detect.detector import CheckedSwap, Detector
 from agent.detect.inference import TFLiteModel
 from agent.errors import ModelError, SyncError
 from agent.modelstore.cache import CachedModel, ModelCache, Ref
+from agent.modelstore.floors import Floors
 from agent.sync.backoff import full_jitter
 from drivers.clock import Clock
 
@@ -149,6 +150,7 @@ class ModelManager:
         self.ready: dict[str, Prepared] = {}  # lightweight models, loaded and warm
         self._committing: Counter[Ref] = Counter()  # pinned beside the running ones meanwhile
         self.stats = ManagerStats()
+        self.floors = Floors(cache.directory)  # rollback protection (agent/modelstore/floors.py)
 
     def started_with(self, role: str, name: str, version: str) -> None:
         """Record a model the detector was built with (from the config), pin and use it."""
@@ -167,6 +169,7 @@ class ModelManager:
         if a.role not in ROLES:
             raise ModelError(f"model/{a.role}: unknown role; use one of {', '.join(ROLES)}")
         cached = await self.cache.get(a.name, a.version, sha256=a.sha256)
+        self.floors.check(cached.name, cached.version, cached.entry.raw)
         kind = cached.entry.kind
         if kind != _KIND[a.role]:
             raise ModelError(
@@ -250,6 +253,10 @@ class ModelManager:
             log.warning(
                 "model cache index not written after a swap role=%s error=%r", role, str(err)
             )
+        try:  # its rollback index is the model's floor from now on (when it is higher)
+            await asyncio.to_thread(self.floors.raise_to, state.name, state.version, p.entry)
+        except (OSError, ModelError) as err:
+            log.warning("event=model_floor_not_written name=%s error=%r", state.name, str(err))
 
     def _done_committing(self, ref: Ref) -> None:
         self._committing[ref] -= 1

@@ -33,6 +33,9 @@ SIGNATURE_CONTEXT = "edge-agent model v1"
 CF_OCTET_STREAM = 42  # the Content-Format of a model file resource
 MAX_MANIFEST_BYTES = 64 * 1024
 CBOR_INT_RANGE = (-(2**64), 2**64 - 1)  # the integers CBOR holds without a bignum tag
+#: A signed entry's (or release bundle's) ``rollback_index`` is an integer 0..this
+#: (agent/modelstore/floors.py).
+MAX_ROLLBACK_INDEX = 2**31 - 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
 
 

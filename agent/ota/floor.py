@@ -5,9 +5,10 @@ A release's signed bundle may carry ``rollback_index`` (``edge-agent-cloud relea
 confirmed (``current`` in the release root and not pending), no release below N is staged or
 switched to again: a signed but known-vulnerable version cannot be assigned back by whoever can
 write the desired state. The floor is the highest index of a release confirmed here, kept in
-``DATA/ota/floor.json`` (``{"index", "version"}``, written atomically) so that it holds after the
-device moved on. A pending release raises nothing (it may still roll back); the boot counter's
-automatic rollback to the previous release is the device's own and never checked against it.
+``DATA/ota/floors.json`` under ``edge-agent`` (agent/modelstore/floors.py, which keeps models'
+floors the same way) so that it holds after the device moved on. A pending release raises
+nothing (it may still roll back); the boot counter's automatic rollback to the previous release
+is the device's own and never checked against it.
 
 To allow an older version again on purpose (its fix is elsewhere, say), publish it again under a
 new version with ``--rollback-index`` at least the floor. A damaged floor file is said and read as
@@ -16,35 +17,16 @@ new version with ``--rollback-index`` at least the floor. A damaged floor file i
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
-from agent.files import read_json, write_atomic
+from agent.modelstore.floors import FLOORS_FILE, Floors
 from agent.ota import bootcheck
 from agent.ota.install import MANIFEST_FILE, release_dir
-from agent.ota.release import MAX_ROLLBACK_INDEX, ReleaseError, ReleaseManifest
+from agent.ota.release import ReleaseError, ReleaseManifest
 
-log = logging.getLogger(__name__)
-
-FLOOR_FILE = "floor.json"  # in DATA/ota/
 OTA_DIR = "ota"
-
-
-def _stored(path: Path) -> tuple[int, str | None]:
-    try:
-        doc = read_json(path, limit=4096)
-    except FileNotFoundError:
-        return 0, None
-    except (OSError, ValueError) as err:
-        log.warning("event=rollback_floor_unreadable path=%s error=%r", path, str(err))
-        return 0, None
-    index = doc.get("index") if isinstance(doc, dict) else None
-    version = doc.get("version") if isinstance(doc, dict) else None
-    if type(index) is not int or not 0 <= index <= MAX_ROLLBACK_INDEX:
-        log.warning("event=rollback_floor_unreadable path=%s error='not an index'", path)
-        return 0, None
-    return index, version if isinstance(version, str) else None
+RELEASE = "edge-agent"  # the floors file's key for agent releases
+FLOOR_FILE = FLOORS_FILE  # in DATA/ota/
 
 
 def confirmed_index(root: Path) -> tuple[int, str | None]:
@@ -64,15 +46,13 @@ def confirmed_index(root: Path) -> tuple[int, str | None]:
 def floor(root: Path, data_dir: Path) -> tuple[int, str | None]:
     """The floor (index, the release that set it): the stored one, raised (and stored) when
     the confirmed current release has a higher index."""
-    path = data_dir / OTA_DIR / FLOOR_FILE
-    stored = _stored(path)
-    current = confirmed_index(root)
-    if current[0] > stored[0]:
-        doc = {"index": current[0], "version": current[1]}
-        write_atomic(path, (json.dumps(doc) + "\n").encode())
-        log.info("event=rollback_floor_raised index=%d version=%s", *current)
-        return current
-    return stored
+    floors = Floors(data_dir / OTA_DIR)
+    index, version = floors.read().get(RELEASE, (0, None))
+    current, by = confirmed_index(root)
+    if current > index and by is not None:
+        floors.raise_to(RELEASE, by, {"rollback_index": current})
+        return current, by
+    return index, version
 
 
 def check(manifest: ReleaseManifest, root: Path, data_dir: Path) -> None:

@@ -40,14 +40,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import ModelError
 from agent.files import read_json
-from agent.modelstore.signing import MAX_MANIFEST_BYTES, check_name, digest_and_size, key_id
+from agent.modelstore.signing import (
+    MAX_MANIFEST_BYTES,
+    MAX_ROLLBACK_INDEX,
+    check_name,
+    digest_and_size,
+    key_id,
+)
 from agent.wire.records import loads as strict_loads
 
 SIGNATURE_CONTEXT = "edge-agent release v1"
 BUNDLE_JSON = "bundle.json"
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\Z")
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
-MAX_ROLLBACK_INDEX = 2**31 - 1
 
 
 class ReleaseError(ModelError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from agent.errors import ModelError, SyncError
 from agent.modelstore.assignment import Assignment, ModelManager
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.modelstore.floors import Floors
 from agent.modelstore.settings import ModelsSettings
 from agent.modelstore.signing import SignedManifest
 from agent.sync.transport import CoapTransport
@@ -645,3 +647,60 @@ public_key = "fleet.pub"
     assert cli.main(["models", "--config", str(config)]) == 0
     text = capsys.readouterr().out
     assert "skab-ae" in text and "pinned" in text
+
+
+async def test_a_version_below_the_models_rollback_floor_is_refused_and_the_floor_holds(rig):
+    """Version 4.0.0 was published with rollback index 2 (a fix) and ran here: 3.0.0 (index 0)
+    is refused when assigned again, the running model stays, and after a restart of the cache
+    the floor holds; 5.0.0 of index 2 is taken. The index is in the signed entry: raised in a
+    stored manifest, the signature does not verify; a damaged floors file is said and read as
+    none."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    fixed = entry_for(FLOAT_AE, None, "skab-ae") | {"rollback_index": 2}
+    rig.registry.publish(FLOAT_AE.read_bytes(), "skab-ae", "4.0.0", fixed, rig.key)
+    rig.registry.publish(FLOAT_AE.read_bytes(), "skab-ae", "5.0.0", fixed, rig.key)
+    cache, det, manager = await _running_manager(rig)
+    assert (await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))).status == "active"
+    assert (await manager.assign(Assignment("anomaly", "skab-ae", "4.0.0"))).status == "active"
+    state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))
+    assert state.status == "failed" and (state.name, state.version) == ("skab-ae", "4.0.0")
+    assert "rollback index 0 is below this device's floor 2" in (state.error or "")
+    await cache.close()
+    cache = rig.cache(rig.server.uri)  # the floor is on disk
+    manager = ModelManager(cache, lambda: det)
+    manager.started_with("anomaly", "skab-ae", "4.0.0")
+    assert (await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))).status == "failed"
+    assert (await manager.assign(Assignment("anomaly", "skab-ae", "5.0.0"))).status == "active"
+    await cache.close()
+    doc = json.loads((rig.tmp / "dev" / "floors.json").read_text())
+    assert doc == {"skab-ae": {"index": 2, "version": "4.0.0"}}
+    stored = SignedManifest.from_cbor(
+        rig.registry.storage.call_sync(lambda s: s.model("skab-ae", "3.0.0")).manifest
+    )
+    forged = replace(stored, entry={**stored.entry, "rollback_index": 9})
+    with pytest.raises(ModelError, match="does not verify"):
+        forged.verify(rig.key.public_key())
+    with pytest.raises(ModelError, match="rollback_index is not an integer"):
+        Floors(rig.tmp).check("skab-ae", "6", {"rollback_index": 2.5})
+    (rig.tmp / "dev" / "floors.json").write_text("[" * 50_000)
+    assert Floors(rig.tmp / "dev").read() == {}
+
+
+def test_models_publish_signs_the_rollback_index_given(tmp_path, capsys):
+    from agent.modelstore.signing import write_keypair
+    from cloud.cli import main as cloud_main
+
+    key, _ = write_keypair(tmp_path / "k.key")
+    argv = ["models", "publish", str(FLOAT_AE), "--data", str(tmp_path / "c"), "--key", str(key)]
+    argv += ["--name", "skab-ae", "--entry", "skab-ae", "--version"]
+    assert cloud_main([*argv, "7", "--rollback-index", "3"]) == 0
+    assert cloud_main([*argv, "8"]) == 0
+    assert cloud_main([*argv, "9", "--rollback-index", "-1"]) == 64
+    assert "--rollback-index must be 0..2147483647" in capsys.readouterr().err
+    registry = ModelRegistry(tmp_path / "c" / "models")
+
+    def entry(version: str) -> dict:
+        stored = registry.storage.call_sync(lambda s: s.model("skab-ae", version))
+        return dict(SignedManifest.from_cbor(stored.manifest).entry)
+
+    assert entry("7")["rollback_index"] == 3 and "rollback_index" not in entry("8")

@@ -64,8 +64,7 @@ def test_a_release_below_the_confirmed_index_is_refused_also_after_moving_on(
         floor.check(old, root, data)
     floor.check(newer, root, data)  # the same index is taken
     assert json.loads((data / "ota" / floor.FLOOR_FILE).read_text()) == {
-        "index": 2,
-        "version": "2.0",
+        "edge-agent": {"index": 2, "version": "2.0"}
     }
     install(root, newer)
     bc.switch(root, "2.1", data_dir=data)
@@ -99,9 +98,10 @@ def test_a_damaged_floor_file_is_said_and_the_confirmed_index_still_holds(
     install(root, manifest(tmp_path, "2.0", 2))
     bc.set_link(root, bc.CURRENT, "releases/2.0")  # confirmed: nothing pending
     (data / "ota").mkdir()
-    for junk in (b"[" * 10_000, b'{"index": 1e999}', b"\xff\xfe", b'{"index": -4}'):
+    junk_files = (b"[" * 10_000, b'{"edge-agent": {"index": 1e999}}', b"\xff\xfe", b"[1]")
+    for junk in junk_files:
         (data / "ota" / floor.FLOOR_FILE).write_bytes(junk)
         caplog.clear()
         with caplog.at_level(logging.WARNING), pytest.raises(ReleaseError, match="floor 2"):
             floor.check(manifest(tmp_path, "1.5", 1), root, data)
-        assert "event=rollback_floor_unreadable" in caplog.text
+        assert "event=floors_unreadable" in caplog.text

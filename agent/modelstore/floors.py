@@ -1,0 +1,91 @@
+"""Rollback protection for models: per model name, the lowest rollback index a version this
+device takes may have.
+
+A model's signed manifest entry may carry ``rollback_index`` (``edge-agent-cloud models publish
+--rollback-index N``; the federated coordinator copies its base version's entry, so the versions
+it publishes keep the index). Once a version of index N of a model has been swapped in here
+(assigned and active), no version of that model below N is taken again: a signed but bad
+version cannot be assigned back by whoever can write the desired state. The floors are kept in
+``floors.json`` in the cache directory (``{name: {"index", "version"}}``, written atomically);
+a damaged file is said and read as empty. The models the config starts with raise nothing.
+
+To allow an older version again on purpose, publish it again under a new version with
+``--rollback-index`` at least the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ModelError
+from agent.files import read_json, write_atomic
+from agent.modelstore.signing import MAX_ROLLBACK_INDEX
+
+log = logging.getLogger(__name__)
+
+FLOORS_FILE = "floors.json"
+MAX_FLOORS_BYTES = 1 << 16
+
+
+def rollback_index(entry: Mapping[str, Any], label: str) -> int:
+    """The signed entry's ``rollback_index`` (0 when absent); ModelError when it is not an
+    integer 0..2**31-1."""
+    value = entry.get("rollback_index", 0)
+    if type(value) is not int or not 0 <= value <= MAX_ROLLBACK_INDEX:
+        raise ModelError(f"{label}: rollback_index is not an integer 0..{MAX_ROLLBACK_INDEX}")
+    return value
+
+
+class Floors:
+    """The floors of one cache directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / FLOORS_FILE
+
+    def read(self) -> dict[str, tuple[int, str]]:
+        try:
+            doc = read_json(self.path, limit=MAX_FLOORS_BYTES)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as err:
+            log.warning("event=floors_unreadable path=%s error=%r", self.path, str(err))
+            return {}
+        if not isinstance(doc, dict):
+            log.warning("event=floors_unreadable path=%s error='not a map'", self.path)
+            return {}
+        out: dict[str, tuple[int, str]] = {}
+        for name, item in doc.items():
+            index = item.get("index") if isinstance(item, dict) else None
+            version = item.get("version") if isinstance(item, dict) else None
+            if type(index) is int and 0 <= index <= MAX_ROLLBACK_INDEX:
+                out[str(name)] = (index, str(version))
+            else:
+                log.warning("event=floors_unreadable path=%s name=%r", self.path, str(name)[:64])
+        return out
+
+    def check(self, name: str, version: str, entry: Mapping[str, Any]) -> None:
+        """ModelError when ``name`` ``version`` (its signed ``entry``) is below the floor."""
+        label = f"model {name} {version}"
+        index = rollback_index(entry, label)
+        floor, by = self.read().get(name, (0, ""))
+        if index < floor:
+            raise ModelError(
+                f"{label}: rollback index {index} is below this device's floor {floor} for "
+                f"{name} (set by version {by}, active here); refused (publish it again under a "
+                f"new version with --rollback-index {floor} or more to allow it)"
+            )
+
+    def raise_to(self, name: str, version: str, entry: Mapping[str, Any]) -> None:
+        """``name`` ``version`` is active: its index becomes the floor when it is higher."""
+        index = rollback_index(entry, f"model {name} {version}")
+        floors = self.read()
+        if index <= floors.get(name, (0, ""))[0]:
+            return
+        floors[name] = (index, version)
+        doc = {n: {"index": i, "version": v} for n, (i, v) in sorted(floors.items())}
+        write_atomic(self.path, (json.dumps(doc) + "\n").encode())
+        log.info("event=model_floor_raised name=%s index=%d version=%s", name, index, version)
