@@ -28,8 +28,8 @@ FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 UNSAFE = re.compile(
     "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
 )
-#: :data:`UNSAFE` but the line feed (a traceback's lines).
-_UNSAFE_IN_TRACEBACK = re.compile(
+#: :data:`UNSAFE` but the line feed (a traceback's lines; a CSV cell, which the writer quotes).
+UNSAFE_BUT_NEWLINE = re.compile(
     "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
 )
 
@@ -39,9 +39,11 @@ def _escape(m: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
-def escape(text: str) -> str:
-    """``text`` with each character of :data:`UNSAFE` shown as ``\\xNN`` / ``\\uNNNN``."""
-    return UNSAFE.sub(_escape, text)
+def escape(text: str, *, newlines: bool = False) -> str:
+    """``text`` with each character of :data:`UNSAFE` shown as ``\\xNN`` / ``\\uNNNN``
+    (``newlines=True``: line feeds are kept). The one definition: cloud/terminal.py shows a
+    device's text to an operator with it too."""
+    return (UNSAFE_BUT_NEWLINE if newlines else UNSAFE).sub(_escape, text)
 
 
 class Formatter(logging.Formatter):
@@ -54,10 +56,10 @@ class Formatter(logging.Formatter):
         return escape(super().formatMessage(record))
 
     def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
-        return _UNSAFE_IN_TRACEBACK.sub(_escape, super().formatException(ei))
+        return escape(super().formatException(ei), newlines=True)
 
     def formatStack(self, stack_info: str) -> str:
-        return _UNSAFE_IN_TRACEBACK.sub(_escape, super().formatStack(stack_info))
+        return escape(super().formatStack(stack_info), newlines=True)
 
 
 def setup(level: str = "info", stream=None) -> None:  # type: ignore[no-untyped-def]

@@ -564,7 +564,7 @@ def cmd_reported(args: argparse.Namespace) -> int:
     try:
         if storage.device(device) is None:
             raise UnknownDevice.of(device, args.data)
-        entries = commandcli.reported_entries(storage, device)
+        entries = storage.reported(device)
     finally:
         storage.close()
     _print_entries({k: [e.version, e.value] for k, e in entries.items()})

@@ -22,7 +22,6 @@ from agent.wire import commands as wire
 from agent.wire import statedoc
 from agent.wire.batch import DEVICE_ID
 from agent.wire.logupload import LogUploadError, decode_upload
-from agent.wire.records import RecordError
 from agent.wire.statedoc import Entry
 from cloud import terminal
 from cloud.releasecli import release_lines, release_page
@@ -146,34 +145,12 @@ def release_history(storage: Any, device: str, reported: dict[str, Entry]) -> di
     return release_page(storage, device, reported)
 
 
-def reported_entries(storage: Any, device: str) -> dict[str, Entry]:
-    """The reported state of ``device`` as stored. When a stored value no longer decodes (one
-    an older endpoint took before the decoder refused it: a CBOR bignum, a shared value), the
-    values are read one by one and that one is shown as its bytes, the others as they are."""
-    try:
-        return dict(storage.reported(device))
-    except RecordError:
-        pass
-    with storage.reader() as db:
-        rows = db.execute(
-            "SELECT key, version, value FROM reported WHERE device = ? ORDER BY key", (device,)
-        ).fetchall()
-    out: dict[str, Entry] = {}
-    for key, version, raw in rows:
-        try:
-            value = statedoc.decode_value(bytes(raw))
-        except RecordError:
-            value = statedoc.RawValue(bytes(raw))
-        out[key] = Entry(version, value)
-    return out
-
-
 def device_page(storage: Any, device: str) -> dict[str, Any]:
     """Everything ``devices show`` prints, as JSON-ready data."""
     info = storage.device(device)
     if info is None:
         raise UnknownDevice.of(device)  # the command line says how to register it
-    reported = reported_entries(storage, device)
+    reported = storage.reported(device)
     version = reported.get("agent/version")
     models = {
         k.removeprefix("model/"): terminal.jsonable(e.value)

@@ -18,22 +18,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import re
 from typing import Any
 
 import cbor2
 
+from agent.logsetup import UNSAFE as UNSAFE  # what safe() shows escaped
+from agent.logsetup import escape
 from agent.wire.statedoc import RawValue
 
-#: C0 controls but tab, DEL, C1 controls, the bidirectional marks (Arabic letter mark, LRM/RLM,
-#: embeddings, overrides, isolates) and the line/paragraph separators.
-UNSAFE = re.compile(
-    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
-)
-#: :data:`UNSAFE` but the line feed (a CSV cell may hold one: the writer quotes it).
-UNSAFE_BUT_NEWLINE = re.compile(
-    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
-)
 #: Integers of this magnitude or more are printed as text: beyond what a JSON reader's 64-bit
 #: integers hold (and Python refuses to print one of more than 4300 digits).
 MAX_INT = 2**64
@@ -43,15 +35,11 @@ MAX_INT_BITS = 1024
 MAX_DEPTH = 32
 
 
-def _escape(m: re.Match[str]) -> str:
-    code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
 def safe(text: str, *, newlines: bool = False) -> str:
-    """``text`` with each character of :data:`UNSAFE` shown as ``\\xNN`` / ``\\uNNNN``
-    (``newlines=True``: line feeds are kept)."""
-    return (UNSAFE_BUT_NEWLINE if newlines else UNSAFE).sub(_escape, text)
+    """``text`` with each control character and bidirectional mark shown as ``\\xNN`` /
+    ``\\uNNNN`` (agent/logsetup.py :func:`~agent.logsetup.escape`; ``newlines=True``: line
+    feeds are kept)."""
+    return escape(text, newlines=newlines)
 
 
 def big_int(n: int) -> str:

@@ -24,7 +24,6 @@ from agent.ota import bootcheck
 from agent.ota.install import MANIFEST_FILE, release_dir
 from agent.ota.release import ReleaseError, ReleaseManifest
 
-OTA_DIR = "ota"
 RELEASE = "edge-agent"  # the floors file's key for agent releases
 FLOOR_FILE = FLOORS_FILE  # in DATA/ota/
 
@@ -46,7 +45,7 @@ def confirmed_index(root: Path) -> tuple[int, str | None]:
 def floor(root: Path, data_dir: Path) -> tuple[int, str | None]:
     """The floor (index, the release that set it): the stored one, raised (and stored) when
     the confirmed current release has a higher index."""
-    floors = Floors(data_dir / OTA_DIR)
+    floors = Floors(data_dir / bootcheck.READY_DIR)  # DATA/ota/
     index, version = floors.read().get(RELEASE, (0, None))
     current, by = confirmed_index(root)
     if current > index and by is not None:
