@@ -33,6 +33,7 @@ from agent.wire import statedoc
 from agent.wire.records import AlertBody, RecordError, TelemetryBody
 from cloud import linkhistory
 from cloud.storage import Sql, Storage
+from cloud.storebase import finite_float
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +57,13 @@ UNDECODABLE = (RecordError, OverflowError, ValueError)
 _HASH = "(((seq % 1048573) * 48271) % 1048573)"
 
 
-def _num(value: Any) -> float | None:
-    """A number as a float; None for what is not one, or none a float holds (not finite, an
-    integer beyond a float's range such as a CBOR bignum)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _text(value: Any) -> str | None:
     return value[:MAX_TEXT] if isinstance(value, str) else None
 
 
 def _label(value: Any) -> str | None:
     """A text, or a number shown as text (a model version may be either)."""
-    number = _num(value)
+    number = finite_float(value)
     if number is not None:
         return str(int(number)) if number.is_integer() else str(number)
     return _text(value)
@@ -94,7 +83,7 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int | float):
-        return _num(value)
+        return finite_float(value)
     if isinstance(value, str):
         return value[:MAX_TEXT]
     if isinstance(value, dict) and depth < 2:
@@ -138,12 +127,12 @@ def _summary(reported: dict[str, Any]) -> dict[str, Any]:
         if key.startswith("sensor/") and key.endswith("/health") and key.count("/") == 2
     }
     return {
-        "queue_depth": _num(reported.get("queue/depth")),
+        "queue_depth": finite_float(reported.get("queue/depth")),
         "agent_version": _text(reported.get("agent/version")),
         "link": {
             "state": _text(reported.get("link/state")),
-            "rtt_ms": _num(reported.get("link/rtt_ms")),
-            "loss": _num(reported.get("link/loss")),
+            "rtt_ms": finite_float(reported.get("link/rtt_ms")),
+            "loss": finite_float(reported.get("link/loss")),
         },
         "models": {
             slot: {k: _label(v.get(k)) for k in ("name", "version", "status", "error")}
@@ -151,7 +140,7 @@ def _summary(reported: dict[str, Any]) -> dict[str, Any]:
         },
         "sensors": {name: _text(v) for name, v in sensors.items()},
         "thresholds": {
-            key.split("/")[1]: _num(value)
+            key.split("/")[1]: finite_float(value)
             for key, value in reported.items()
             if key.startswith("detect/") and key.endswith("/threshold")
         },
@@ -168,16 +157,16 @@ def _alert_fields(seq: int, time: float, body: bytes) -> dict[str, Any] | None:
     if isinstance(channels, list):
         for item in channels[:5]:
             if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str):
-                top.append([item[0][:MAX_TEXT], _num(item[1])])
+                top.append([item[0][:MAX_TEXT], finite_float(item[1])])
     return {
         "seq": seq,
-        "t": _num(time),
+        "t": finite_float(time),
         "kind": _text(data.get("kind")) or "raise",
-        "score": _num(data.get("score")),
-        "threshold": _num(data.get("threshold")),
+        "score": finite_float(data.get("score")),
+        "threshold": finite_float(data.get("threshold")),
         "verdict": _text(data.get("verdict")),
         "fault": _text(data.get("fault")),
-        "confidence": _num(data.get("confidence")),
+        "confidence": finite_float(data.get("confidence")),
         "model": _text(data.get("model")),
         "channels": top,
     }
@@ -219,8 +208,8 @@ def _fleet(db: Sql, now: float) -> dict[str, Any]:
     for device, registered, last_seen in rows:
         entry: dict[str, Any] = {
             "id": device,
-            "registered": _num(registered),
-            "last_seen": _num(last_seen),
+            "registered": finite_float(registered),
+            "last_seen": finite_float(last_seen),
         }
         for part, build, empty in (
             ("records", lambda d=device: _records_part(db, d, now), _NO_RECORDS),
@@ -285,8 +274,8 @@ def device(storage: Storage, device: str, now: float) -> dict[str, Any] | None:
         reported = _reported(db, [device]).get(device, {})
     return {
         "id": row[0],
-        "registered": _num(row[1]),
-        "last_seen": _num(row[2]),
+        "registered": finite_float(row[1]),
+        "last_seen": finite_float(row[2]),
         "desired_rev": row[3],
         "last_alert": last,
         "alert_active": _active(last),
@@ -430,15 +419,16 @@ def thresholds(
     draw."""
     known: list[dict[str, Any]] = []
     for key, value in sorted(reported.items()):
-        if key.startswith("detect/") and key.endswith("/threshold") and _num(value) is not None:
-            known.append({"model": key.split("/")[1], "value": _num(value), "source": "reported"})
+        number = finite_float(value)
+        if key.startswith("detect/") and key.endswith("/threshold") and number is not None:
+            known.append({"model": key.split("/")[1], "value": number, "source": "reported"})
     try:
         desired = storage.desired(device).entries
     except Exception:  # unknown device or a document that does not read: no desired threshold
         desired = {}
     for key, entry in sorted(desired.items()):
         if key.startswith("detect/") and key.endswith("/threshold"):
-            value = _num(entry.value)
+            value = finite_float(entry.value)
             if value is not None:
                 known.append({"model": key.split("/")[1], "value": value, "source": "desired"})
     if newest is not None and newest.get("threshold") is not None:
@@ -463,7 +453,7 @@ def link(storage: Storage, device: str, since: float, until: float) -> dict[str,
         if key == "link/state":
             out[name] = {"t": times, "v": [_text(v) for v in values]}
         else:
-            pairs = [(t, _num(v)) for t, v in zip(times, values, strict=True)]
+            pairs = [(t, finite_float(v)) for t, v in zip(times, values, strict=True)]
             ts = [t for t, v in pairs if v is not None]
             vs = [v for _, v in pairs if v is not None]
             t, v = minmax(ts, vs, since, until, MAX_POINTS)

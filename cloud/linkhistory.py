@@ -19,9 +19,10 @@ keeps a value in one untyped column ``value``, PostgreSQL in ``value_text`` or `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from cloud.storebase import finite_float
 
 if TYPE_CHECKING:
     from cloud.storebase import Sql
@@ -65,9 +66,7 @@ def _keepable(key: str, value: Any) -> Any:
     """The value as stored, or None when it is not kept."""
     if key == "link/state":
         return value if isinstance(value, str) and 0 < len(value) <= MAX_TEXT else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
+    return finite_float(value)
 
 
 def append(db: Sql, device: str, entries: Iterable[tuple[str, int, Any]], now: float) -> int:

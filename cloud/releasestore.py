@@ -27,7 +27,6 @@ cloud/pgschema.py):
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 
 from agent.errors import ModelError
 from agent.modelstore.signing import check_name
-from cloud.storebase import ReleaseVersion, Sql, SqlTables, UnknownDevice
+from cloud.storebase import ReleaseVersion, Sql, SqlTables, UnknownDevice, finite_float
 
 log = logging.getLogger("cloud.storage")
 
@@ -181,10 +180,9 @@ def outcome_row(value: Any) -> tuple[str, str, float | None, str | None] | None:
         return None
     if result not in RESULTS:
         return None
-    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
-        at = None
+    at = finite_float(at)
     text = None if reason is None else str(reason)[:REASON_CHARS]
-    return str(version), str(result), None if at is None else float(at), text
+    return str(version), str(result), at, text
 
 
 def _members(db: Sql, name: str) -> tuple[str, ...]:

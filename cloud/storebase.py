@@ -26,6 +26,7 @@ The contract both keep (tests/unit/cloud/test_storage_contract.py runs it agains
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -610,6 +611,19 @@ def describe(spec: str | Path) -> str:
         return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), ""))
     except ValueError:
         return f"{text.split(':', 1)[0]}://***"
+
+
+def finite_float(value: Any) -> float | None:
+    """A stored or received number as a float; None for what is not one (bool, text) or none a
+    float holds: not finite, or an integer beyond a float's range (a CBOR bignum an older
+    endpoint stored before the strict decoder refused them)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:
