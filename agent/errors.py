@@ -60,3 +60,9 @@ class SyncError(AgentError):
 
 class ModelError(AgentError):
     """A model file is missing, corrupt, unsigned, or does not match what the code expects."""
+
+
+class NotNow(AgentError):
+    """The device cannot take a model or a release now for a cause of its own (not enough free
+    disk space, a write that failed): tried again later, never reported as a refusal (a refusal
+    blocks that version at the endpoint and stops a roll-out)."""

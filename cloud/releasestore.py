@@ -46,7 +46,9 @@ MAX_RELEASE_BYTES = 256 << 20
 #: History rows kept per device (the oldest go).
 HISTORY_KEPT = 50
 #: The outcomes a device reports under ``agent/update`` (agent/ota/controller.py).
-RESULTS = frozenset({"staged", "pending", "updated", "rolled_back", "refused", "aborted"})
+RESULTS = frozenset(
+    {"waiting", "staged", "pending", "updated", "rolled_back", "refused", "aborted"}
+)
 ASSIGNED = "assigned"
 REASON_CHARS = 300
 

@@ -30,7 +30,7 @@ from cloud import terminal
 #: Outcomes after which a roll-out does not go on by itself.
 STOPS = ("rolled_back", "refused")
 #: The order ``releases status`` prints outcomes in; "not assigned" last.
-ORDER = ("updated", "pending", "staged", "assigned", "aborted", "refused", "rolled_back")
+ORDER = ("updated", "pending", "staged", "waiting", "assigned", "aborted", "refused", "rolled_back")
 NOT_ASSIGNED = "not assigned"
 
 
@@ -98,7 +98,9 @@ def summary(version: str, latest: dict[str, Any], devices: Sequence[str] | None)
         "counts": {r: len(by[r]) for r in results},
         "by_result": {r: by[r] for r in results},
         "reasons": {
-            d: row.reason for d, row in sorted(latest.items()) if row.reason and row.result in STOPS
+            d: row.reason
+            for d, row in sorted(latest.items())
+            if row.reason and row.result in (*STOPS, "waiting")
         },
     }
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from agent.detect.detector import CheckedSwap, Detector
 from agent.detect.inference import TFLiteModel
-from agent.errors import ModelError, SyncError
+from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.cache import CachedModel, ModelCache, Ref
 from agent.modelstore.floors import Floors
 from agent.sync.backoff import full_jitter
@@ -281,7 +281,8 @@ class ModelManager:
 
     async def assign(self, a: Assignment) -> RoleState:
         """Apply one assignment. Returns the role's state (``failed`` after a rollback);
-        raises SyncError when the link failed (nothing changed: try again later)."""
+        raises SyncError when the link failed, NotNow when the device cannot take it now
+        (nothing changed: try again later)."""
         previous = self.roles.get(a.role)
         if previous is not None and previous.status == "active":
             version = a.version or previous.version
@@ -333,7 +334,8 @@ class ModelAssignments:
     the task still running for it (a partial download stays in the cache and resumes). Unset
     (None) goes back to the configured model. A link failure (SyncError) is not a refusal: the
     assignment is tried again with exponential backoff and full jitter and reported ``loading``
-    meanwhile, never ``failed`` (a failed report blocks that version at the endpoint). A refused
+    meanwhile, never ``failed`` (a failed report blocks that version at the endpoint); so is one
+    the device cannot take now (NotNow: not enough free disk space, a write that failed). A refused
     model (ModelError) is reported ``failed`` with its desired version, the running model kept.
     """
 
@@ -386,7 +388,7 @@ class ModelAssignments:
             try:
                 state = await self.manager.assign(a)
                 break
-            except SyncError as err:
+            except (SyncError, NotNow) as err:
                 error = str(err)
                 delay = full_jitter(attempt, MODEL_RETRY_BASE, MODEL_RETRY_MAX, self.rng)
                 attempt += 1

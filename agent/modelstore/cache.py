@@ -22,15 +22,16 @@ when only such models are left the cache stays over its budget and says so in a 
    count against the disk budget) -- so with an empty cache and no link the agent runs from them;
 3. otherwise the signed manifest is fetched, decoded strictly and its Ed25519 signature checked
    with the device's public key (:mod:`agent.modelstore.signing`); a model larger than the disk
-   or the memory budget, or than the free disk space, is refused before a block is fetched. The
-   file is fetched block by block into ``partial/`` (:class:`~agent.modelstore.fetch.ModelFetcher`;
-   an interrupted download, also across a restart, resumes from the last whole block), checked
-   whole (size, SHA-256 hashed in chunks, TFLite identifier) and installed atomically. A resumed
-   download that fails the check is fetched once more from scratch (a power cut may have lost
-   kept blocks); anything else that does not verify is refused, nothing cached or running changes.
+   or the memory budget is refused before a block is fetched (one larger than the free space
+   waits for it). The file is fetched block by block into ``partial/`` (an interrupted
+   download, also across a restart, resumes from the last whole block), checked whole (size,
+   SHA-256 hashed in chunks, TFLite identifier) and installed atomically. A resumed download
+   that fails the check is fetched once more from scratch (a power cut may have lost kept
+   blocks); anything else that does not verify is refused, nothing cached or running changes.
 
 Link failures raise :class:`~agent.errors.SyncError` (try again later; the partial file stays);
-refusals (anything wrong with a manifest or a file) raise :class:`~agent.errors.ModelError`.
+refusals (anything wrong with a manifest or a file) raise :class:`~agent.errors.ModelError`;
+the device's own (free space, a failed write) :class:`~agent.errors.NotNow` (try again later).
 
 The index (``index.json``) is written atomically on every install, eviction and pin change, and
 on :meth:`ModelCache.close` (last use times). A missing or corrupt index is rebuilt from the files:
@@ -687,7 +688,7 @@ class ModelCache:
         except ModelError:
             await self.clock.run_blocking(self._io, self.partials.remove, ref)
             raise
-        except BaseException:
+        except BaseException:  # the link, the device's disk (NotNow) or cancelled: kept
             self.partials.count(ref, self.partials.bytes(ref))  # one stat
             raise
 

@@ -11,7 +11,9 @@ every :data:`SYNC_EVERY` bytes). After an interruption (or a restart) the downlo
 the last whole block the partial file holds.
 
 Link failures raise :class:`~agent.errors.SyncError` (try again later; the partial file stays);
-refusals raise :class:`~agent.errors.ModelError` (do not retry that version).
+refusals raise :class:`~agent.errors.ModelError` (do not retry that version); a partial file that
+cannot be written (a full disk, an I/O error) raises :class:`~agent.errors.NotNow` (the device's
+condition: try again later, the blocks written stay).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agent.errors import ModelError, SyncError
+from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.signing import MAX_MANIFEST_BYTES, SignedManifest
 from agent.sync.transport import CoapTransport, Response
 
@@ -132,12 +134,16 @@ class ModelFetcher:
         on_block: Callable[[int, int], None] | None = None,
     ) -> FetchStats:
         """Fetch the file into ``part``, resuming from the whole blocks it already holds.
-        Raises SyncError (link; ``part`` keeps the blocks written in order) or ModelError
-        (refused). ``on_block(num, bytes_written)`` is called after each block is written."""
+        Raises SyncError (link; ``part`` keeps the blocks written in order), NotNow (``part``
+        cannot be written) or ModelError (refused). ``on_block(num, bytes_written)`` is called
+        after each block is written."""
         uri = self.uri(manifest.name, manifest.version, "file")
         bsize = 2 ** (self.szx + 4)
         last = max(0, -(-manifest.size // bsize) - 1)
-        out, have = _open_part(part, bsize, last)
+        try:
+            out, have = _open_part(part, bsize, last)
+        except OSError as err:
+            raise NotNow(f"{part.name}: cannot open the partial download ({err})") from err
         stats = FetchStats(resumed_from=have)
         started = time.perf_counter()
         next_write = next_ask = have // bsize
@@ -189,6 +195,8 @@ class ModelFetcher:
                         unsynced = 0
                 out.flush()
                 await asyncio.to_thread(os.fsync, out.fileno())  # a slow card: off the loop
+        except OSError as err:  # the file, not the link (the transport raises SyncError)
+            raise NotNow(f"{part.name}: cannot write the partial download ({err})") from err
         finally:
             for task in pending:
                 task.cancel()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.detect.inference import ModelEntry, check_model_file
-from agent.errors import ModelError
+from agent.errors import ModelError, NotNow
 from agent.files import fsync_dir, read_json, write_atomic
 from agent.modelstore.signing import SignedManifest, check_name
 
@@ -142,7 +142,9 @@ class PartialFiles:
 
     def prepare(self, manifest: SignedManifest, fresh: bool) -> None:
         """Keep the partial file if it holds blocks of ``manifest``'s file (and not ``fresh``),
-        else start it over; refuse (ModelError) when the disk cannot hold the rest."""
+        else start it over. NotNow when the free space cannot hold the rest or the partial
+        cannot be written: the device's condition, not the model's (it fits the budgets, checked
+        before), so the assignment is tried again later."""
         ref = (manifest.name, manifest.version)
         identity = {
             "name": manifest.name,
@@ -155,14 +157,14 @@ class PartialFiles:
             rest = manifest.size - (self.bytes(ref) if keep else 0)
             free = shutil.disk_usage(self.directory).free
             if rest > free:
-                raise ModelError(
+                raise NotNow(
                     f"model {manifest.name} {manifest.version}: {rest} bytes to fetch, "
-                    f"{free} bytes free in {self.directory}; refused before download"
+                    f"{free} bytes free in {self.directory}; waiting for free space"
                 )
             if not keep:
                 self.start(ref, identity)
         except OSError as err:
-            raise ModelError(
+            raise NotNow(
                 f"model {manifest.name} {manifest.version}: cannot write the partial download "
                 f"in {self.directory} ({err})"
             ) from err
@@ -179,7 +181,7 @@ class PartialFiles:
         """Check the whole downloaded file (size, SHA-256 hashed in chunks, TFLite identifier)
         and install it atomically: the manifest first (an orphan manifest without its file is
         swept at open), then the file renamed to ``dest``, then its directory fsynced. A file
-        that does not verify is deleted and refused (ModelError)."""
+        that does not verify is deleted and refused (ModelError); a write that fails is NotNow."""
         ref = (manifest.name, manifest.version)
         part = self.part(ref)
         try:
@@ -190,9 +192,12 @@ class PartialFiles:
                 f"model {ref[0]} {ref[1]}: {str(err).removeprefix(str(part) + ': ')}"
                 "; refused (tampered or corrupt in transit)"
             ) from None
-        write_atomic(manifest_path, manifest.to_cbor())
-        os.replace(part, dest)
-        fsync_dir(dest.parent)
+        try:
+            write_atomic(manifest_path, manifest.to_cbor())
+            os.replace(part, dest)
+            fsync_dir(dest.parent)
+        except OSError as err:  # the device's disk, not the model: the verified file stays
+            raise NotNow(f"model {ref[0]} {ref[1]}: cannot install ({err})") from err
         with contextlib.suppress(OSError):
             self.meta(ref).unlink()
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ModelError, SyncError
+from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.fetch import BLOCK_WINDOW
 from agent.modelstore.signing import load_public_key
 from agent.ota import bootcheck
@@ -128,7 +128,14 @@ class UpdateController:
                     "at": time.time(),
                 }
                 log.error("event=release_refused version=%s error=%s", wanted[0], err)
-            except (SyncError, ModelError, OSError) as err:
+            except (SyncError, ModelError, NotNow, OSError) as err:
+                if isinstance(err, NotNow):  # said, and tried again: not a refusal
+                    self.outcome = {
+                        "version": wanted[0],
+                        "result": "waiting",
+                        "reason": str(err),
+                        "at": time.time(),
+                    }
                 log.warning("event=release_download_failed version=%s error=%s", wanted[0], err)
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)

@@ -30,7 +30,9 @@ edge-agent-update.service when edge-agent-update.path sees ``staged.json``):
    where the boot counter takes over.
 
 Refusals raise :class:`~agent.ota.release.ReleaseError` (that release is not tried again); link
-failures raise SyncError (the partial file stays, the next attempt resumes it).
+failures raise SyncError (the partial file stays, the next attempt resumes it), and so do the
+device's own conditions as :class:`~agent.errors.NotNow` (not enough free space for the rest of
+the file, a partial that cannot be written).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.errors import ModelError
+from agent.errors import ModelError, NotNow
 from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
 from agent.modelstore.signing import NAME_RE
@@ -116,14 +118,21 @@ async def _download(
 
 
 def _check_budget(manifest: ReleaseManifest, part: Path, budget_bytes: int | None) -> None:
+    """ReleaseError when the release is larger than the disk budget; NotNow when the free space
+    cannot hold the rest of it now (the device's condition: the queue may have filled the disk
+    during an outage; tried again later, never reported as a refusal)."""
     have = part.stat().st_size if part.exists() else 0
-    if budget_bytes is not None:
-        free = shutil.disk_usage(part.parent).free
-        if manifest.size - have > min(budget_bytes, free):
-            raise ReleaseError(
-                f"release {manifest.version}: {manifest.size} bytes do not fit the disk budget "
-                f"({budget_bytes} bytes, {free} free); refused"
-            )
+    if budget_bytes is not None and manifest.size > budget_bytes:
+        raise ReleaseError(
+            f"release {manifest.version}: {manifest.size} bytes do not fit the disk budget "
+            f"({budget_bytes} bytes); refused"
+        )
+    free = shutil.disk_usage(part.parent).free
+    if manifest.size - have > free:
+        raise NotNow(
+            f"release {manifest.version}: {manifest.size - have} bytes to fetch, {free} bytes "
+            f"free in {part.parent}; waiting for free space"
+        )
     version, size = manifest.version, manifest.size
     log.info("event=release_download version=%s bytes=%d resume=%d", version, size, have)
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.detect.detector import Detector, DetectSettings
 from agent.detect.inference import load_manifest, read_model_file
-from agent.errors import ModelError, SyncError
+from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
@@ -180,7 +180,6 @@ def _declared(size: int) -> Callable[[Endpoint], SignedManifest]:
 OVERSIZE = {  # declared size, budgets, what the refusal names
     "disk_budget": (64 * MiB, {"disk_budget": MiB, "memory_budget": 128 * MiB}, "disk budget"),
     "memory_budget": (8 * MiB, {"disk_budget": 64 * MiB, "memory_budget": MiB}, "memory budget"),
-    "free_space": (1 << 61, {"disk_budget": 1 << 62, "memory_budget": 1 << 62}, "bytes free in"),
 }
 
 
@@ -202,6 +201,126 @@ async def test_hostile_signed_model_larger_than_the_device_is_refused_before_a_b
         assert not endpoint.file_blocks("big", "9.9.9")  # not one block asked for
         assert not _partial(tmp_path, "big", "9.9.9").exists()
         assert cache.disk_used == 0 and cache.cached() == []
+    finally:
+        await cache.close()
+
+
+# -- the device's own disk: short of space, a write that fails -----------------------------------
+
+
+def _free(monkeypatch: pytest.MonkeyPatch, free: Callable[[], int]) -> None:
+    """The cache's file system reports ``free()`` bytes free."""
+    import shutil
+
+    from agent.modelstore import partials
+
+    real = shutil.disk_usage
+
+    def usage(path: Any) -> Any:
+        u = real(path)
+        return type(u)(u.total, u.used, free())
+
+    monkeypatch.setattr(partials.shutil, "disk_usage", usage)
+
+
+async def test_modelcache_model_larger_than_the_free_space_waits_for_it_and_is_not_refused(
+    endpoint, tmp_path, monkeypatch
+):
+    """A model within the budgets that the free space cannot hold now (the queue filled the
+    disk during an outage) is the device's condition: not one block is fetched, the role reports
+    ``loading`` with the reason (never ``failed``, which blocks the version at the endpoint), and
+    the assignment is taken once there is room."""
+    from agent.modelstore import assignment
+
+    data = FLOAT_AE.read_bytes()
+    _publish(endpoint, "skab-ae", "6.0.0", data)
+    room = {"free": len(data) - 1}
+    _free(monkeypatch, lambda: room["free"])
+    monkeypatch.setattr(assignment, "MODEL_RETRY_BASE", 0.05)
+    monkeypatch.setattr(assignment, "MODEL_RETRY_MAX", 0.2)
+    cache = _cache(tmp_path, endpoint.uri)
+    manager = _manager(cache)
+    with pytest.raises(NotNow, match="waiting for free space"):
+        await manager.assign(Assignment("anomaly", "skab-ae", "6.0.0"))
+    assert (
+        manager.roles["anomaly"].status == "active" and manager.roles["anomaly"].version == "1.0.0"
+    )
+    assert cache.stats.refused == 0 and not endpoint.file_blocks("skab-ae", "6.0.0")
+
+    assignments = ModelAssignments(
+        manager, RealClock(), configured={}, desired_version=lambda key: 4, changed=lambda: None
+    )
+    try:
+        assignments.apply("anomaly", {"name": "skab-ae", "version": "6.0.0"})
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            report = assignments.reported()["model/anomaly"]
+            if "free space" in report.get("error", ""):
+                break
+        assert report["status"] == "loading" and report["loading"] == "skab-ae 6.0.0", report
+        assert "refused" not in report and report["version"] == "1.0.0"
+        room["free"] = 1 << 40  # the queue drained
+        await asyncio.wait_for(asyncio.shield(assignments.tasks["anomaly"]), 30)
+        report = assignments.reported()["model/anomaly"]
+        assert report["status"] == "active" and report["version"] == "6.0.0", report
+        assert (tmp_path / "dev" / "files" / "skab-ae@6.0.0.tflite").read_bytes() == data
+        assert cache.stats.refused == 0
+    finally:
+        await assignments.close()
+        await cache.close()
+
+
+async def test_modelcache_disk_full_mid_download_keeps_the_blocks_and_resumes(
+    endpoint, tmp_path, monkeypatch
+):
+    """ENOSPC while the partial is written: no traceback, no refusal; the blocks written stay,
+    counted, and the next attempt resumes from them."""
+    import errno
+
+    from agent.modelstore import fetch
+
+    data = FLOAT_AE.read_bytes()
+    _publish(endpoint, "skab-ae", "7.0.0", data)
+    real_open = fetch._open_part
+    full = {"after": 4 * 1024}
+
+    class FullDisk:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def write(self, b: bytes) -> int:
+            if self.f.tell() + len(b) > full["after"]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.f.close()
+
+    def opened(part: Path, bsize: int, last: int) -> tuple[Any, int]:
+        f, have = real_open(part, bsize, last)
+        return FullDisk(f), have
+
+    monkeypatch.setattr(fetch, "_open_part", opened)
+    cache = _cache(tmp_path, endpoint.uri)
+    manager = _manager(cache)
+    try:
+        with pytest.raises(NotNow, match="No space left"):
+            await manager.assign(Assignment("anomaly", "skab-ae", "7.0.0"))
+        assert manager.roles["anomaly"].status == "active"  # nothing refused, 1.0.0 runs
+        assert cache.partial_bytes("skab-ae", "7.0.0") == 4 * 1024
+        assert cache.disk_used == 4 * 1024 and cache.stats.refused == 0
+        full["after"] = 1 << 40
+        state = await manager.assign(Assignment("anomaly", "skab-ae", "7.0.0"))
+        assert state.status == "active" and state.version == "7.0.0"
+        assert cache.stats.last_fetch is not None
+        assert cache.stats.last_fetch.resumed_from == 4 * 1024
+        assert (tmp_path / "dev" / "files" / "skab-ae@7.0.0.tflite").read_bytes() == data
     finally:
         await cache.close()
 

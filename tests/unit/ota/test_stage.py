@@ -13,6 +13,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -139,21 +140,33 @@ async def test_a_fresh_download_that_does_not_match_is_still_refused(
     assert not (data / "ota" / updater.STAGED_FILE).exists()
 
 
+def controller(endpoint: Endpoint, tmp_path: Path) -> UpdateController:
+    """The agent's update stage (data in ``tmp_path / "data"``), release 2 desired."""
+    settings = UpdateSettings(root=tmp_path / "opt", public_key=endpoint.pub)
+    data = tmp_path / "data"
+    ctl = UpdateController(settings, data, endpoint.fetcher, RealClock(), lambda: False)
+    ctl.apply({"version": "2", "sha256": endpoint.sha256})
+    return ctl
+
+
+async def outcome(ctl: UpdateController, but: str | None = None) -> dict[str, Any] | None:
+    """The stage loop's outcome once it has one (other than ``but``), waiting at most 30 s."""
+    for _ in range(600):
+        if ctl.outcome is not None and ctl.outcome["result"] != but:
+            break
+        await asyncio.sleep(0.05)
+    return ctl.outcome
+
+
 async def test_the_controller_stages_a_release_whose_partial_was_torn(
     endpoint: Endpoint, tmp_path: Path
 ) -> None:
     """The agent's update stage: staged, not refused (a refusal is not retried)."""
-    data = tmp_path / "data"
-    torn_partial(endpoint, data)
-    settings = UpdateSettings(root=tmp_path / "opt", public_key=endpoint.pub)
-    ctl = UpdateController(settings, data, endpoint.fetcher, RealClock(), lambda: False)
-    ctl.apply({"version": "2", "sha256": endpoint.sha256})
+    torn_partial(endpoint, tmp_path / "data")
+    ctl = controller(endpoint, tmp_path)
     loop = asyncio.create_task(ctl._stage_loop())
     try:
-        for _ in range(600):  # until the stage loop has an outcome (at most 30 s)
-            if ctl.outcome is not None:
-                break
-            await asyncio.sleep(0.05)
+        await outcome(ctl)
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
@@ -204,3 +217,63 @@ async def test_attack_a_signed_release_below_the_rollback_floor_is_refused_befor
     assert not partial_path(data, "2").exists()
     staged = await stage_from(endpoint, tmp_path / "fresh", tmp_path / "fresh-root")
     assert staged.version == "2"  # a device that never ran 3 takes it
+
+
+async def test_a_release_the_free_space_cannot_hold_waits_and_is_staged_once_there_is_room(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: refused (not tried again until desired agent/version changed, and a refusal stops
+    the group's roll-out) when the queue had filled the disk during an outage. The release fits
+    the budget: the device reports ``waiting`` with the reason, fetches nothing, tries again,
+    and stages it once there is room. Larger than the budget is still a refusal."""
+    from agent.ota import controller as update_stage
+    from cloud import releasestore, rollout
+
+    room = {"free": 1000}
+    real = updater.shutil.disk_usage
+
+    def usage(path: object) -> object:
+        u = real(path)  # type: ignore[arg-type]
+        return type(u)(u.total, u.used, room["free"])
+
+    monkeypatch.setattr(updater.shutil, "disk_usage", usage)
+    monkeypatch.setattr(update_stage, "RETRY_BASE", 0.05)
+    part = partial_path(tmp_path / "data", "2")
+    ctl = controller(endpoint, tmp_path)
+    loop = asyncio.create_task(ctl._stage_loop())
+    try:
+        waiting = await outcome(ctl)
+        assert waiting is not None and waiting["result"] == "waiting", waiting
+        assert "waiting for free space" in waiting["reason"] and ctl._refused is None
+        assert not part.exists() or part.stat().st_size == 0  # nothing fetched
+        room["free"] = 1 << 40  # the queue drained
+        await outcome(ctl, but="waiting")
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert ctl.outcome is not None and ctl.outcome["result"] == "staged", ctl.outcome
+    # The endpoint keeps the outcome, and it does not stop a roll-out.
+    row = releasestore.outcome_row(waiting)
+    assert row is not None and row[:2] == ("2", "waiting")
+    latest = {"pump-1": releasestore.Standing("pump-1", row[1], row[2], row[3])}
+    assert rollout.stoppers(latest) == {}
+    status = rollout.summary("2", latest, None)
+    assert status["counts"] == {"waiting": 1} and "free space" in status["reasons"]["pump-1"]
+
+
+async def test_a_release_larger_than_the_disk_budget_is_still_refused(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    fetcher = endpoint.fetcher()
+    try:
+        with pytest.raises(ReleaseError, match="do not fit the disk budget"):
+            await stage(
+                fetcher,
+                version="2",
+                sha256=endpoint.sha256,
+                key=load_public_key(endpoint.pub),
+                data_dir=tmp_path / "data",
+                budget_bytes=endpoint.file.stat().st_size - 1,
+            )
+    finally:
+        await fetcher.close()
