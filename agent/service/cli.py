@@ -453,8 +453,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "run it as the agent's user (sudo -u edge-agent edge-agent bench --quick) or name "
         "another: --data-dir DIR (results), --dir DIR (where it runs)"
     )
-    results = quickbench.result_path(data_dir)
-    _writable_dir(results.parent, "bench results directory", fix)
+    try:  # by descriptor: as root, DATA/bench may be a link the agent's user planted
+        quickbench.check_result_dir(data_dir)
+    except OSError as err:  # named as the directory (a descriptor's call names "bench")
+        err.filename = str(quickbench.result_path(data_dir).parent)
+        line = os_error_line(err, "bench results directory", fix)
+        raise CommandError(os_error_code(err), "edge-agent bench: " + line) from None
     _writable_dir(where, "bench directory", fix)
     doc = quickbench.run_quick(
         quickbench.QuickSettings(where=where, durability=durability, single_cpu=single_cpu)

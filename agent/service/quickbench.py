@@ -22,7 +22,11 @@ Measured in one run, each headline figure beside a baseline measured in the same
   object per reading. Every batch is decoded again and counted.
 
 Where: a new directory ``bench-quick-*`` in ``--dir`` (default: the agent's data directory),
-removed afterwards. The report names it and its filesystem type (the mount's, from
+removed afterwards. Run as root, where another user can change ``--dir`` or a directory above it
+(the agent's user owns its data directory), the directory is made instead in the nearest directory
+above ``--dir`` on the same filesystem that only root can change (:func:`run_parent`): SQLite and
+the Store open their files by name, and that user could swap a directory of the path for a link
+between two of those opens. The report names it and its filesystem type (the mount's, from
 /proc/self/mountinfo); on tmpfs or ramfs it says that durable there involves no fsync. The process
 runs on one CPU when the agent does (``[agent] cpu_affinity``, agent/service/cpu.py).
 
@@ -33,21 +37,26 @@ The document is written atomically to ``DATA/bench/quick.json`` (DATA: ``[agent]
 decision latency), ``inference.latency_p99_us``, ``codec.bytes_per_reading.LEVEL`` (bytes per
 record: times the profile's channels per record; ``high`` for ``encoding = "senml"``),
 ``store.puts_per_s_batch1`` and ``fsync.per_s``. Run as root, the files it leaves in DATA get the
-data directory's owner, so the agent's user can run the next one.
+data directory's owner, so the agent's user can run the next one; :func:`save` acts on
+descriptors there and follows no link (DATA/bench a link is refused).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import errno
 import json
 import os
 import platform
+import secrets
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +64,7 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.errors import ModelError
-from agent.files import write_atomic
+from agent.errors import AgentError, ModelError
 
 FORMAT = 1
 RESULT_DIR = "bench"  # under the data directory
@@ -484,6 +492,42 @@ def _section(doc: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -
         doc[name] = {"skipped": str(err)}
 
 
+def only_root_changes(directory: Path) -> bool:
+    """Whether no user but root can add, remove or rename entries of ``directory`` (a path
+    without links) or of a directory above it: each is root's and writable by no one else, or
+    sticky (/tmp: another user's entries only)."""
+    for d in (directory, *directory.parents):
+        st = os.lstat(d)
+        if st.st_uid != 0 or not stat.S_ISDIR(st.st_mode):
+            return False
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return False
+    return True
+
+
+def run_parent(where: Path) -> Path:
+    """The directory the run's temporary directory is made in: ``where``; as root, when a user
+    other than root can change ``where`` or a directory above it, the nearest directory above it
+    on the same filesystem that only root can change (the same storage is measured). AgentError
+    when there is none (``where`` is the top of a filesystem that other user owns)."""
+    if os.geteuid() != 0:
+        return where
+    real = Path(os.path.realpath(where))
+    if only_root_changes(real):
+        return real
+    dev = os.stat(real).st_dev
+    for d in real.parents:
+        if os.stat(d).st_dev != dev:
+            break
+        if only_root_changes(d):
+            return d
+    raise AgentError(
+        f"bench: another user can change {where} and no directory above it on its filesystem is "
+        f"root's alone: run the bench as the owner of {where} (sudo -u edge-agent edge-agent bench "
+        "--quick) or give --dir DIR"
+    )
+
+
 def run_quick(s: QuickSettings) -> dict[str, Any]:
     """Measure everything in a new directory in ``s.where`` (removed afterwards); the document."""
     from agent.detect.analyzer import shipped_models_dir
@@ -496,7 +540,7 @@ def run_quick(s: QuickSettings) -> dict[str, Any]:
     rig = s.rig_config or example_config()
     started = time.perf_counter()
     fs_type = filesystem_type(s.where)
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-quick-", dir=s.where))
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-quick-", dir=run_parent(s.where)))
     allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     cpu = pin_to_one_cpu() if s.single_cpu else None
     summary: dict[str, Any] = {}
@@ -529,18 +573,106 @@ def run_quick(s: QuickSettings) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _result_dir(data_dir: Path) -> Iterator[tuple[int, os.stat_result]]:
+    """A descriptor of DATA/bench (made if missing) and DATA's stat, following no link in DATA:
+    ``bench`` is opened with O_NOFOLLOW as a directory that must be root's, this user's or
+    DATA's owner's (else AgentError). A new ``bench`` is fsynced into DATA on the way out."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    dfd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(dfd)
+        try:
+            os.mkdir(RESULT_DIR, 0o755, dir_fd=dfd)
+            made = True
+        except FileExistsError:
+            made = False
+        bfd = _open_result_dir(dfd, result_path(data_dir).parent, owner)
+        try:
+            yield bfd, owner
+        finally:
+            os.close(bfd)
+        if made:
+            _fsync_quietly(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _new_file(bfd: int, name: str) -> int:
+    return os.open(
+        name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=bfd
+    )
+
+
+def check_result_dir(data_dir: Path) -> None:
+    """Before the measurement: DATA/bench can be written (a new file made and removed there,
+    by descriptor, as :func:`save` will); AgentError or OSError when not."""
+    with _result_dir(data_dir) as (bfd, _owner):
+        probe = f".{RESULT_FILE}.{secrets.token_hex(8)}.probe"
+        os.close(_new_file(bfd, probe))
+        os.unlink(probe, dir_fd=bfd)
+
+
 def save(doc: dict[str, Any], data_dir: Path) -> Path:
-    """Write ``doc`` to ``DATA/bench/quick.json`` atomically. As root, the directory and the file
-    get the data directory's owner (the agent's user runs the next bench and reads it)."""
-    path = result_path(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode(), mode=0o644)
-    if os.geteuid() == 0:
-        owner = Path(data_dir).stat()
-        if owner.st_uid != 0:
-            for p in (path.parent, path):
-                os.chown(p, owner.st_uid, owner.st_gid)
-    return path
+    """Write ``doc`` to ``DATA/bench/quick.json`` atomically, following no link in DATA
+    (:func:`_result_dir`): a new file of a random name (O_EXCL, O_NOFOLLOW) in ``bench``,
+    fsynced and renamed, all by descriptor. As root, the directory and the file get the data
+    directory's owner (fchown), so the agent's user can run the next bench and read it."""
+    data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    with _result_dir(data_dir) as (bfd, owner):
+        chown = os.geteuid() == 0 and owner.st_uid != 0
+        tmp = f".{RESULT_FILE}.{secrets.token_hex(8)}.tmp"
+        try:
+            with os.fdopen(_new_file(bfd, tmp), "wb") as out:
+                out.write(data)
+                out.flush()
+                if chown:
+                    os.fchown(out.fileno(), owner.st_uid, owner.st_gid)
+                os.fsync(out.fileno())
+            os.replace(tmp, RESULT_FILE, src_dir_fd=bfd, dst_dir_fd=bfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=bfd)
+            raise
+        bench = os.fstat(bfd)
+        if chown and (bench.st_uid, bench.st_gid) != (owner.st_uid, owner.st_gid):
+            os.fchown(bfd, owner.st_uid, owner.st_gid)
+        _fsync_quietly(bfd)  # the rename
+    return result_path(data_dir)
+
+
+def _fsync_quietly(fd: int) -> None:
+    """fsync of a directory (some filesystems refuse it: ignored, as agent/files.py does)."""
+    with contextlib.suppress(OSError):
+        os.fsync(fd)
+
+
+def _open_result_dir(dfd: int, where: Path, owner: os.stat_result) -> int:
+    """A descriptor of DATA/bench (``where``): not a link, a directory, root's, this user's or
+    DATA's owner's."""
+    fix = "remove it and run again (the bench makes the directory)"
+    try:
+        bfd = os.open(
+            RESULT_DIR,
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            dir_fd=dfd,
+        )
+    except OSError as err:
+        if err.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        what = "not a directory"  # O_DIRECTORY|O_NOFOLLOW gives ENOTDIR for a symlink too
+        with contextlib.suppress(OSError):
+            if stat.S_ISLNK(os.stat(RESULT_DIR, dir_fd=dfd, follow_symlinks=False).st_mode):
+                what = "a symlink: not followed"
+        raise AgentError(f"bench: {where} is {what}; {fix}") from err
+    st = os.fstat(bfd)
+    if st.st_uid not in (0, owner.st_uid, os.geteuid()):
+        os.close(bfd)
+        raise AgentError(
+            f"bench: {where} belongs to uid {st.st_uid}, not to root or the data directory's "
+            f"owner (uid {owner.st_uid}): not written; {fix}"
+        ) from PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(where))
+    return bfd
 
 
 def where_lines(doc: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import AgentError
 from agent.service import cli, quickbench
 from agent.service.quickbench import QuickSettings, filesystem_type, format_report, run_quick
 
@@ -184,3 +185,116 @@ def test_save_as_root_gives_the_files_the_data_dirs_owner(tmp_path: Path) -> Non
     want = (4242, 4343) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
     for p in (path.parent, path):
         assert (p.stat().st_uid, p.stat().st_gid) == want, p
+
+
+# -- hostile: the agent's user owns the data directory and may be compromised ------------------
+# `tools/flash ... --bench` runs `edge-agent bench --quick --data-dir /var/lib/edge-agent` as
+# root. The agent's moves are made directly by this process (as root in CI, for uid 4242): what
+# matters is that the bench, as root, does not follow them.
+AGENT = (4242, 4343) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+
+
+def _meta(p: Path) -> tuple[int, int, int]:
+    st = os.lstat(p)
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def test_save_refuses_a_bench_symlink_the_agent_planted(tmp_path: Path) -> None:
+    """Attack: DATA/bench a symlink to /opt/edge-agent, whose ota-bootcheck.py root runs at
+    boot (was: root chowned /opt/edge-agent to the agent's user and wrote quick.json there)."""
+    opt = tmp_path / "opt-edge-agent"
+    opt.mkdir(mode=0o755)
+    boot = opt / "ota-bootcheck.py"
+    boot.write_text("print('boot')\n")
+    boot.chmod(0o755)
+    before = (_meta(opt), _meta(boot), boot.read_text())
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, *AGENT)
+    (data / "bench").symlink_to(opt)
+    with pytest.raises(AgentError, match=f"^bench: {data}/bench is a symlink: not followed; "):
+        quickbench.save({"summary": {}}, data)
+    assert (_meta(opt), _meta(boot), boot.read_text()) == before
+    assert sorted(p.name for p in opt.iterdir()) == ["ota-bootcheck.py"]
+
+
+def test_save_refuses_a_bench_entry_that_is_not_a_directory_of_the_owner_or_root(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, *AGENT)
+    os.mkfifo(data / "bench")  # its open must not block
+    with pytest.raises(AgentError, match=f"^bench: {data}/bench is not a directory; "):
+        quickbench.save({"summary": {}}, data)
+    if os.geteuid() == 0:  # a directory of a third user (root can make one; the agent cannot)
+        (data / "bench").unlink()
+        (data / "bench").mkdir()
+        os.chown(data / "bench", 4545, 4545)
+        with pytest.raises(AgentError, match="belongs to uid 4545, not to root or the data"):
+            quickbench.save({"summary": {}}, data)
+        assert list((data / "bench").iterdir()) == []
+
+
+def test_save_as_root_into_a_bench_directory_root_made(tmp_path: Path) -> None:
+    """`edge-agent bench` as root makes DATA/bench (its writable check) before the run: the
+    directory and the file end up the data directory's owner's, mode 0755 and 0644."""
+    data = tmp_path / "data"
+    (data / "bench").mkdir(parents=True)
+    os.chown(data, *AGENT)
+    path = quickbench.save({"summary": {"a": 1}}, data)
+    assert json.loads(path.read_text()) == {"summary": {"a": 1}}
+    assert _meta(path.parent) == (*AGENT, 0o755) and _meta(path) == (*AGENT, 0o644)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["quick.json"]
+
+
+def test_run_as_root_stays_out_of_a_directory_another_user_can_change(
+    tmp_path: Path, short: None
+) -> None:
+    """As root, in the agent's data directory, the run's directory (whose files SQLite opens by
+    name) is made in the nearest directory above it that only root can change, on the same
+    filesystem: the agent's user cannot swap it for a link. As that user: in the directory."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, *AGENT)
+    doc = run_quick(QuickSettings(where=data, single_cpu=False))
+    run_dir = Path(doc["dir"])
+    if os.geteuid() == 0:
+        assert run_dir.parent == tmp_path.resolve()
+        assert quickbench.only_root_changes(run_dir.parent)
+        assert not quickbench.only_root_changes(data.resolve())
+    else:
+        assert run_dir.parent == data
+    assert not run_dir.exists() and list(data.iterdir()) == []
+    assert doc["fs_type"] == filesystem_type(data) and doc["summary"]["store"]["puts_batch1"] > 0
+
+
+def test_the_command_refuses_a_planted_bench_link_before_measuring_and_writes_nothing_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`edge-agent bench --quick` checks DATA/bench before the run, by descriptor (was: its
+    writable check made and removed a probe file at the link's target, as root, then ran the
+    whole bench before the save refused)."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, *AGENT)
+    (data / "bench").symlink_to(target)
+    made: list[str] = []
+    real_open = os.open
+
+    def spy(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if flags & os.O_CREAT:
+            made.append(os.path.join(str(kwargs.get("dir_fd", "")), str(path)))
+        return real_open(path, flags, *args, **kwargs)
+
+    def measured(*_a: object, **_k: object) -> dict[str, object]:
+        raise AssertionError("the bench ran before the results directory was checked")
+
+    monkeypatch.setattr(quickbench, "run_quick", measured)
+    monkeypatch.setattr(os, "open", spy)
+    code = cli.main(["bench", "--quick", "--data-dir", str(data)])
+    assert code != cli.EX_OK
+    assert "is a symlink: not followed" in capsys.readouterr().err
+    assert list(target.iterdir()) == [] and made == []
