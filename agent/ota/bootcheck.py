@@ -7,7 +7,8 @@ Layout under the release root (default /opt/edge-agent; docs/ota.md)::
     current -> releases/V    the release the service runs (``venv -> current`` for the unit)
     previous -> releases/U   the release to go back to
     update.json              {"pending", "from", "attempts", "max_attempts", "health_window",
-                              "pending_s", "paused_s", "step", "switch_id", "outcome"}
+                              "pending_s", "paused_s", "step", "switch_id", "pending_index",
+                              "floor", "outcome"}
 
 Every change is a step that leaves the tree bootable: a symlink is made under a temporary name
 and renamed over the old one (``os.replace``), update.json is written to a temporary file,
@@ -43,6 +44,17 @@ not counted, for at most one more window (``paused_s``): the window is the time 
 to prove itself, and a release that stops by itself is still rolled back, after twice the
 window. ``failed`` counts (``OnFailure=`` rolls back at once anyway).
 
+The rollback floor (agent/ota/floor.py) the root helper checks is kept here, in update.json
+(``floor``: ``{"index", "version"}``), never in the data directory: :func:`switch` records the
+signed ``rollback_index`` of the release it switches to (``pending_index``) and :func:`confirm`
+raises the floor to it, so the floor is the highest index of a release confirmed here.
+
+The data directory is the agent's (``edge-agent``, which may be compromised): whatever this
+module and the root helper read or remove there goes through :func:`open_data` and
+:func:`remove_data`, which follow no link in it (every component below the data directory is
+opened with ``O_NOFOLLOW``), never block (``O_NONBLOCK``: a FIFO, a lease), take a regular file
+of one name only and read a bounded number of bytes (:func:`read_data`).
+
 Logging: one ``key=value`` line on stderr per decision (journald keeps it).
 """
 
@@ -50,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import re
@@ -57,7 +70,7 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 STATE_FILE = "update.json"
@@ -76,6 +89,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 READY_DIR = "ota"  # DATA/ota/ready-<version>: the agent's READY marker
 _SWITCH_ID = re.compile(r"[0-9a-f]{16}")  # update.json switch_id: 8 random bytes in hex
 MAX_MARKER_BYTES = 256  # a READY marker is "<version> <switch_id>\n"; more is not read
+MAX_ROLLBACK_INDEX = 2**31 - 1  # agent/modelstore/signing.py's (standard library only: a copy)
+FLOOR = "floor"  # update.json: {"index", "version"}, the root helper's rollback floor
 
 
 class BootError(Exception):
@@ -141,6 +156,102 @@ def mark_complete(root: Path, version: str) -> None:
     fsync_dir(rel)
 
 
+# -- the agent's data directory, as root reads it ----------------------------------------------
+
+#: the last component of a path in the data directory: no link, no blocking on a FIFO or a lease
+DATA_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _data_parent(data_dir: Path, relative: str) -> tuple[int, str]:
+    """An open descriptor of the directory holding ``relative`` (a path below ``data_dir``, each
+    of its directories opened without following a link) and the last name. ``data_dir`` itself
+    is root's setting (its parent is root's), so it is opened as it is."""
+    path = PurePosixPath(relative)
+    if path.is_absolute() or not path.parts or any(p in (".", "..") for p in path.parts):
+        raise OSError(errno.EINVAL, "not a path inside the data directory", relative)
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in path.parts[:-1]:
+            below = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = below
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, path.parts[-1]
+
+
+def open_data(data_dir: Path, relative: str) -> int:
+    """A read-only descriptor of the file ``data_dir/relative``, opened as root opens anything
+    of the agent's: no link followed on the way or at the end (ELOOP, ENOTDIR), without
+    blocking, and only a regular file (EINVAL) that has no other name (EMLINK: a hard link in
+    the data directory to a file elsewhere is not the agent's). FileNotFoundError when there is
+    none."""
+    parent, name = _data_parent(data_dir, relative)
+    try:
+        return open_regular(name, dir_fd=parent, label=str(data_dir / relative))
+    finally:
+        os.close(parent)
+
+
+def open_regular(
+    path: Path | str, *, dir_fd: int | None = None, label: str = "", one_name: bool = True
+) -> int:
+    """A read-only descriptor of ``path`` (relative to ``dir_fd``): not followed when it is a
+    link (ELOOP), opened without blocking, and a regular file (EINVAL) of one name (EMLINK; with
+    ``one_name``), checked on the descriptor (fstat), so what is checked is what is read."""
+    fd = os.open(path, DATA_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", label or str(path))
+        if one_name and st.st_nlink != 1:
+            raise OSError(errno.EMLINK, "a file with another name", label or str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_data(data_dir: Path, relative: str, limit: int) -> bytes:
+    """The bytes of ``data_dir/relative`` (:func:`open_data`), at most ``limit``: a larger
+    file (a sparse one costs the agent nothing) is refused after ``limit + 1`` bytes read, with
+    OSError EFBIG."""
+    fd = open_data(data_dir, relative)
+    chunks, have = [], 0
+    try:
+        while have <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - have))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            have += len(chunk)
+    finally:
+        os.close(fd)
+    if have > limit:
+        raise OSError(errno.EFBIG, f"more than {limit} bytes", str(data_dir / relative))
+    return b"".join(chunks)
+
+
+def remove_data(data_dir: Path, relative: str) -> bool:
+    """Remove the name ``data_dir/relative`` (never through a linked directory: a link itself
+    is removed, not what it names), durably. False when there was none."""
+    try:
+        parent, name = _data_parent(data_dir, relative)
+    except FileNotFoundError:
+        return False
+    try:
+        os.unlink(name, dir_fd=parent)
+        with contextlib.suppress(OSError):
+            os.fsync(parent)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(parent)
+
+
 # -- the state file ---------------------------------------------------------------------------
 
 
@@ -164,6 +275,14 @@ def load(root: Path) -> dict[str, Any]:
 
 
 _SAID: set[str] = set()  # unreadable update.json errors logged by this process
+
+
+def floor_of(doc: Any) -> tuple[int, str | None]:
+    """The root helper's rollback floor in update.json: (index, the release that set it); (0,
+    None) when there is none (read as :func:`number` reads)."""
+    value = doc.get(FLOOR) if isinstance(doc, dict) else None
+    index = number(value, "index", 0, 0, MAX_ROLLBACK_INDEX)
+    return index, name(value, "version") if index else None
 
 
 def save(root: Path, doc: dict[str, Any]) -> None:
@@ -207,11 +326,13 @@ def switch(
     max_attempts: int = MAX_ATTEMPTS,
     health_window: int = HEALTH_WINDOW,
     data_dir: Path | None = None,
+    rollback_index: int = 0,
 ) -> None:
     """Make ``version`` (installed and COMPLETE) current, the running one previous, and pending
     until confirmed. Steps: the READY marker of ``version`` in ``data_dir`` removed (durably:
     a marker of an earlier switch to it must never confirm this one) -> state ``switching``
-    (with a new ``switch_id``) -> previous -> current -> state ``switched``."""
+    (with a new ``switch_id``, and ``rollback_index``, the signed index of ``version`` that
+    :func:`confirm` raises the floor to) -> previous -> current -> state ``switched``."""
     if not is_complete(root, version):
         raise BootError(f"release {version} is not installed completely under {root / RELEASES}")
     running = link_version(root, CURRENT)
@@ -223,6 +344,7 @@ def switch(
     doc.update(pending=version, attempts=0, max_attempts=max_attempts, step="switching")
     doc.update(health_window=health_window, pending_s=0, paused_s=0)
     doc["switch_id"] = os.urandom(8).hex()
+    doc["pending_index"] = max(0, min(int(rollback_index), MAX_ROLLBACK_INDEX))
     doc["from"] = running
     doc["switched_at"] = time.time()
     save(root, doc)
@@ -270,13 +392,8 @@ def marker_text(version: str, switch: str | None) -> str:
 def drop_ready(data_dir: Path, version: str) -> None:
     """Remove the READY marker of ``version``, durably (an OSError other than its absence is
     raised: a switch must not go on beside a marker it could not remove)."""
-    marker = ready_marker(data_dir, version)
-    try:
-        marker.unlink()
-    except FileNotFoundError:
-        return
-    fsync_dir(marker.parent)
-    _log("ready_marker_removed", version=version)
+    if remove_data(data_dir, f"{READY_DIR}/ready-{version}"):
+        _log("ready_marker_removed", version=version)
 
 
 def is_ready(data_dir: Path | None, doc: dict[str, Any], version: str) -> bool:
@@ -285,14 +402,11 @@ def is_ready(data_dir: Path | None, doc: dict[str, Any], version: str) -> bool:
     no switch (an earlier release's agent) or the switch of ``doc``."""
     if data_dir is None:
         return False
-    marker = ready_marker(data_dir, version)
     try:
-        fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = open_data(data_dir, f"{READY_DIR}/ready-{version}")
     except OSError:
         return False
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
         words = os.read(fd, MAX_MARKER_BYTES).decode("ascii", "replace").split()
     except OSError:
         return False
@@ -310,6 +424,10 @@ def confirm(root: Path, version: str) -> bool:
     doc = load(root)
     if name(doc, "pending") != version or link_version(root, CURRENT) != version:
         return False
+    index = number(doc, "pending_index", 0, 0, MAX_ROLLBACK_INDEX)
+    if index > floor_of(doc)[0]:  # the floor: the highest index of a release confirmed here
+        doc[FLOOR] = {"index": index, "version": version}
+        _log("release_floor_raised", version=version, index=index)
     doc.update(pending=None, attempts=0, step="idle", switch_id=None)
     doc["outcome"] = _outcome(version, "updated", previous=doc.get("from"))
     save(root, doc)

@@ -26,6 +26,12 @@ Python (``releases/V/bin/python -I -m agent.ota.compat``):
    writes it (expand, then contract); a release that skips the first step is refused before
    the switch, and the running one stays.
 
+The first question is asked as root, of a data directory the agent owns: ``formats.json`` and
+the queue file it names are read through agent/ota/bootcheck.py :func:`~bootcheck.open_data`
+(no link followed, no FIFO waited on, a regular file, bounded), and the queue it names is read
+only inside the data directory: a path outside it (or through a link) is not read at all, so
+neither the header of a file elsewhere nor a stall on a FIFO can be had by naming it there.
+
 Exit status 0: readable (``--describe``: the JSON printed); 1: not (one line per problem).
 """
 
@@ -34,6 +40,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import stat
 import struct
 import sys
 from pathlib import Path
@@ -41,6 +49,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.files import loads_json, read_json, write_atomic
+from agent.ota import bootcheck
 from agent.store.settings import APPLICATION_ID, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -67,20 +76,35 @@ WRITES: dict[str, int] = {
     "learning": 1,
 }
 MAX_KINDS = 64  # formats.json is the agent's file; a larger map is not one it wrote
+MAX_FORMATS_BYTES = 1 << 16  # formats.json is a few hundred bytes; no more is read
+HEADER_BYTES = 100  # the SQLite header: all that is read of the queue file
 
 
 def _version(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def queue_version(path: Path) -> int | None:
-    """The queue file's schema version; None when there is none (no file, or not the store's)."""
+def queue_version(path: Path, data_dir: Path | None = None) -> int | None:
+    """The queue file's schema version; None when there is none (no file, or not the store's).
+    With ``data_dir``, ``path`` (the agent's record) is read only inside it, without following
+    a link (bootcheck.open_data); a path elsewhere is not read. Either way a regular file only,
+    opened without blocking, and its first :data:`HEADER_BYTES` bytes only."""
     try:
-        with open(path, "rb") as f:
-            header = f.read(100)
+        if data_dir is None:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        else:
+            relative = inside(data_dir, path)
+            if relative is None:
+                log.warning("event=queue_not_read reason=outside_the_data_directory")
+                return None
+            fd = bootcheck.open_data(data_dir, relative)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            header = f.read(HEADER_BYTES)
     except OSError:
         return None
-    if len(header) < 100 or header[:16] != b"SQLite format 3\x00":
+    if len(header) < HEADER_BYTES or header[:16] != b"SQLite format 3\x00":
         return None  # not a database the store can use at all: it moves it aside at start
     version, app = struct.unpack(">I", header[60:64])[0], struct.unpack(">I", header[68:72])[0]
     if app not in (0, APPLICATION_ID):
@@ -88,11 +112,23 @@ def queue_version(path: Path) -> int | None:
     return version
 
 
+def inside(data_dir: Path, path: Path) -> str | None:
+    """``path`` (absolute, or relative to ``data_dir``) as a path relative to ``data_dir``,
+    by its spelling alone (nothing is resolved: links are refused when it is opened); None
+    when it is not below ``data_dir``."""
+    base = os.path.normpath(os.path.abspath(data_dir))
+    relative = os.path.relpath(os.path.normpath(os.path.join(base, path)), base)
+    if relative == os.curdir or relative.split(os.sep)[0] == os.pardir:
+        return None
+    return relative
+
+
 def recorded(data_dir: Path) -> tuple[dict[str, int], Path | None]:
     """``DATA/formats.json``: the versions the last release wrote, and its queue file. Missing
-    or unreadable: nothing recorded (a data directory from before the record, or a fresh one)."""
+    or unreadable (a link, not a regular file, larger than :data:`MAX_FORMATS_BYTES`): nothing
+    recorded (a data directory from before the record, or a fresh one)."""
     try:
-        doc = read_json(data_dir / FORMATS_FILE)
+        doc = loads_json(bootcheck.read_data(data_dir, FORMATS_FILE, MAX_FORMATS_BYTES))
     except (OSError, ValueError):
         return {}, None
     if not isinstance(doc, dict):
@@ -110,10 +146,16 @@ def recorded(data_dir: Path) -> tuple[dict[str, int], Path | None]:
 
 def on_disk(data_dir: Path, queue: Path | None = None) -> tuple[dict[str, int], Path]:
     """The format versions in ``data_dir``: the record, and the queue's own header (which wins:
-    it is the file itself); and the queue file read."""
+    it is the file itself); and the queue file read. ``queue`` is the caller's (the agent's
+    [store] path at its start); the one the record names, or the default, is the data
+    directory's and is read only inside it (:func:`queue_version`)."""
     found, recorded_queue = recorded(data_dir)
-    path = queue or recorded_queue or data_dir / QUEUE_FILE
-    version = queue_version(path)
+    if queue is not None:
+        path, version = queue, queue_version(queue)
+    else:
+        path = recorded_queue or Path(QUEUE_FILE)
+        version = queue_version(path, data_dir)
+        path = data_dir / path
     if version is not None:
         found["queue"] = version
     return found, path
@@ -127,7 +169,8 @@ def problems(data_dir: Path, queue: Path | None = None) -> list[str]:
     for kind, version in sorted(found.items()):
         low, high = READS.get(kind, (version, version))
         if not low <= version <= high:
-            where = f"{path}: queue schema" if kind == "queue" else kind
+            shown = "".join(c if c.isprintable() else "?" for c in str(path))[:200]
+            where = f"{shown}: queue schema" if kind == "queue" else kind
             out.append(f"{where} version {version}, this release reads {low}..{high}")
     return out
 

@@ -8,11 +8,16 @@ model signature can never pass for a release one. The signature covers the canon
 ``["edge-agent release v1", version, size, sha256 (32 bytes), bundle]`` where ``bundle`` is the
 bundle's ``bundle.json`` (arch, python, project wheel, pip wheel, files -> SHA-256).
 
-On the device, :func:`unpack` takes a downloaded file only after the manifest verified and the
-file's SHA-256 matched it. Before it writes anything it checks every name of the signed listing
-(a plain file name: no path, no ``..``) and every member of the file (a regular file named in the
-listing, once); then it writes each into the fresh directory without following links, and checks
-every wheel against its signed SHA-256.
+On the device, the root helper first copies the staged file out of the agent's data directory
+into a file of its own (:func:`take`: opened without following a link, a regular file, hashed as
+it is copied, never more than the signed size read), so the agent can neither swap nor rewrite
+what is unpacked after it was checked. :func:`unpack` opens that copy once, checks its size and
+SHA-256 on that descriptor and reads the tar from the same one. Before it writes anything it
+checks every name of the signed listing (a plain file name: no path, no ``..``) and every member
+of the file (a regular file named in the listing, once, not sparse, no larger than the signed
+file); then it writes each into the fresh directory without following links, in bounded chunks,
+and checks every wheel against its signed SHA-256. On any refusal the directory it made is
+removed.
 
 A bundle may carry ``rollback_index`` (an integer set at publishing, signed with the rest):
 a device refuses a release whose index is below that of a release it has confirmed
@@ -25,15 +30,17 @@ decoding or of the signature check, whatever its kind, is a :class:`ReleaseError
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
+import shutil
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cbor2
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -47,12 +54,14 @@ from agent.modelstore.signing import (
     digest_and_size,
     key_id,
 )
+from agent.ota import bootcheck
 from agent.wire.records import loads as strict_loads
 
 SIGNATURE_CONTEXT = "edge-agent release v1"
 BUNDLE_JSON = "bundle.json"
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,200}\Z")
 _PLAIN_SCALARS = (str, int, float, bool, bytes, type(None))
+CHUNK = 1 << 20  # bytes read and written at a time: hashing, copying, extracting
 
 
 class ReleaseError(ModelError):
@@ -230,14 +239,58 @@ def _plain(bundle: Mapping[str, Any]) -> dict[str, Any]:
     return {k: dict(v) if isinstance(v, Mapping) else v for k, v in bundle.items()}
 
 
-def check_file(manifest: ReleaseManifest, file: Path) -> None:
-    """ReleaseError unless ``file`` is the one the (verified) manifest signs."""
-    size = file.stat().st_size
-    if size != manifest.size or _sha256(file) != manifest.sha256:
+def _checked_copy(
+    manifest: ReleaseManifest, src: BinaryIO, label: str, out: BinaryIO | None = None
+) -> None:
+    """Read ``src`` (at most the signed size and one byte more) into the SHA-256 and into
+    ``out``; ReleaseError unless it is the file the (verified) manifest signs."""
+    size = os.fstat(src.fileno()).st_size
+    digest, have = hashlib.sha256(), 0
+    if size == manifest.size:
+        while have <= manifest.size:
+            block = src.read(min(CHUNK, manifest.size + 1 - have))
+            if not block:
+                break
+            digest.update(block)
+            have += len(block)
+            if out is not None:
+                out.write(block)
+    if size != manifest.size or have != manifest.size or digest.hexdigest() != manifest.sha256:
         raise ReleaseError(
-            f"release {manifest.version}: {file} ({size} bytes) is not the signed file "
+            f"release {manifest.version}: {label} ({size} bytes) is not the signed file "
             f"({manifest.size} bytes, SHA-256 {manifest.sha256[:16]}...); refused"
         )
+
+
+def _open(path: Path) -> BinaryIO:
+    """``path`` for reading: a regular file, not through a link, without blocking."""
+    return os.fdopen(bootcheck.open_regular(path, one_name=False), "rb")
+
+
+def check_file(manifest: ReleaseManifest, file: Path) -> None:
+    """ReleaseError unless ``file`` is the one the (verified) manifest signs."""
+    with _open(file) as src:
+        _checked_copy(manifest, src, str(file))
+
+
+def take(manifest: ReleaseManifest, data_dir: Path, relative: str, dest: Path) -> None:
+    """Copy the staged release file ``data_dir/relative`` (the agent's) into ``dest`` (root's,
+    made here, mode 0600), checked against the (verified) manifest as it is copied: what the
+    root helper unpacks is then its own copy, which the agent can neither swap for another file
+    nor rewrite after the check. ReleaseError (``dest`` removed) when it is not the signed file;
+    OSError when it cannot be read as one (bootcheck.open_data: a link, a FIFO, ...)."""
+    label = str(data_dir / relative)
+    with os.fdopen(bootcheck.open_data(data_dir, relative), "rb") as src:
+        with contextlib.suppress(FileNotFoundError):
+            dest.unlink()  # a leftover of a power cut
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            with os.fdopen(os.open(dest, flags, 0o600), "wb") as out:
+                _checked_copy(manifest, src, label, out)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                dest.unlink()
+            raise
 
 
 def check_listing(manifest: ReleaseManifest) -> dict[str, str]:
@@ -264,38 +317,77 @@ def check_listing(manifest: ReleaseManifest) -> dict[str, str]:
     return dict(files)
 
 
+def _members(
+    manifest: ReleaseManifest, tar: tarfile.TarFile, allowed: set[str]
+) -> list[tarfile.TarInfo]:
+    """Every member, each a regular file named in the signed listing, once, not sparse (a
+    sparse member expands to more than the file holds), and all together no larger than the
+    signed file (the listing has no sizes); ReleaseError else. Nothing is written yet."""
+    members: list[tarfile.TarInfo] = []
+    seen: set[str] = set()
+    total = 0
+    while (member := tar.next()) is not None:
+        if not member.isfile() or member.name not in allowed:
+            raise ReleaseError(
+                f"release {manifest.version}: unexpected member {member.name[:200]!r}; refused"
+            )
+        if member.name in seen:
+            raise ReleaseError(f"release {manifest.version}: a member appears twice; refused")
+        if member.issparse():
+            raise ReleaseError(
+                f"release {manifest.version}: member {member.name!r} is a sparse file; refused"
+            )
+        total += member.size
+        if total > manifest.size:
+            raise ReleaseError(
+                f"release {manifest.version}: member {member.name!r} holds more than the "
+                f"signed file ({manifest.size} bytes); refused"
+            )
+        seen.add(member.name)
+        members.append(member)
+    return members
+
+
 def unpack(manifest: ReleaseManifest, file: Path, dest: Path) -> None:
-    """Extract the checked release file into ``dest`` (made here; it must not exist): the signed
-    files and nothing else. Every name and member is checked before anything is written."""
-    check_file(manifest, file)
-    files = check_listing(manifest)
-    allowed = {BUNDLE_JSON, *files}
-    try:
-        with tarfile.open(file, "r:") as tar:
-            members = tar.getmembers()
-            names = [m.name for m in members]
-            for member in members:
-                if not member.isfile() or member.name not in allowed:
-                    raise ReleaseError(
-                        f"release {manifest.version}: unexpected member {member.name[:200]!r}; "
-                        "refused"
-                    )
-            if len(set(names)) != len(names):
-                raise ReleaseError(f"release {manifest.version}: a member appears twice; refused")
-            dest.mkdir(parents=True)
-            top = dest.resolve()
-            for member in members:
-                path = top / member.name
-                if path.parent != top:  # names are plain (checked above): never outside dest
-                    raise ReleaseError(f"release {manifest.version}: {member.name!r}; refused")
-                src = tar.extractfile(member)
-                assert src is not None
-                # O_EXCL|O_NOFOLLOW: a name is written once, never through a link
-                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-                with os.fdopen(os.open(path, flags, 0o644), "wb") as out:
-                    out.write(src.read())
-    except tarfile.TarError as err:
-        raise ReleaseError(f"release {manifest.version}: not a release file ({err})") from err
+    """Extract the release file into ``dest`` (made here; it must not exist): the signed files
+    and nothing else. The file is opened once (never through a link) and checked against the
+    manifest on that descriptor, which the tar is then read from; every name and member is
+    checked before anything is written; ``dest`` is removed again on any refusal."""
+    with _open(file) as src:
+        _checked_copy(manifest, src, str(file))
+        files = check_listing(manifest)
+        src.seek(0)
+        try:
+            with tarfile.open(fileobj=src, mode="r:") as tar:
+                members = _members(manifest, tar, {BUNDLE_JSON, *files})
+                dest.mkdir(parents=True)
+                try:
+                    _extract(manifest, tar, members, dest, files)
+                except BaseException:
+                    shutil.rmtree(dest, ignore_errors=True)
+                    raise
+        except tarfile.TarError as err:
+            raise ReleaseError(f"release {manifest.version}: not a release file ({err})") from err
+
+
+def _extract(
+    manifest: ReleaseManifest,
+    tar: tarfile.TarFile,
+    members: list[tarfile.TarInfo],
+    dest: Path,
+    files: dict[str, str],
+) -> None:
+    top = dest.resolve()
+    for member in members:
+        path = top / member.name
+        if path.parent != top:  # names are plain (checked above): never outside dest
+            raise ReleaseError(f"release {manifest.version}: {member.name!r}; refused")
+        src = tar.extractfile(member)
+        assert src is not None
+        # O_EXCL|O_NOFOLLOW: a name is written once, never through a link
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(path, flags, 0o644), "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
     got = read_bundle(dest)
     if got["files"] != files:
         raise ReleaseError(f"release {manifest.version}: the bundle differs from the signed one")

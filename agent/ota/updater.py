@@ -53,13 +53,13 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import ModelError, NotNow
-from agent.files import read_json, write_atomic
+from agent.files import loads_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
-from agent.modelstore.signing import NAME_RE
+from agent.modelstore.signing import MAX_MANIFEST_BYTES, NAME_RE
 from agent.ota import bootcheck, floor
 from agent.ota.compat import parse_description, rollback_problems
-from agent.ota.install import install
-from agent.ota.release import ReleaseError, ReleaseManifest, check_file
+from agent.ota.install import install, release_dir
+from agent.ota.release import ReleaseError, ReleaseManifest, check_file, take
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ OTA_DIR = "ota"  # in the agent's data directory: partial downloads, the READY m
 STAGED_FILE = "staged.json"  # DATA/ota/staged.json: what edge-agent-update.path waits for
 PART_SYNC_BYTES = 4 << 20  # the partial download is fsynced each time this much more is written
 INITIAL_VERSION = "initial"  # the release name of the first install's venv (bootcheck.adopt)
+MAX_STAGED_BYTES = 1 << 16  # staged.json is a few dozen bytes; the root helper reads no more
+TAKEN_FILE = ".staged.release"  # in the release root: root's copy of the staged release file
 
 
 class ReleaseFetcher(ModelFetcher):
@@ -243,10 +245,17 @@ def apply_staged(
 ) -> str | None:
     """Steps 4-5, as the root helper does them (edge-agent-update.service): verify the staged
     release again, install it, switch. The version switched to; None when nothing is staged.
-    A refusal is recorded as the outcome ``refused`` and the staged files are removed."""
-    ota = data_dir / OTA_DIR
+    A refusal is recorded as the outcome ``refused``, the staged files are removed and so is
+    a release directory the install left incomplete.
+
+    Everything read in ``DATA/ota`` (the agent's, which may be compromised) is read with
+    bootcheck.read_data (no link followed, no FIFO waited on, a regular file, bounded) and
+    removed with bootcheck.remove_data; the release file is copied into the release root and
+    checked as it is copied (release.take), and only that copy is unpacked. The rollback floor
+    is the release root's own (floor.check_root), never DATA/ota/floors.json."""
+    staged_name = f"{OTA_DIR}/{STAGED_FILE}"
     try:
-        staged = read_json(ota / STAGED_FILE)
+        staged = loads_json(bootcheck.read_data(data_dir, staged_name, MAX_STAGED_BYTES))
         version = staged["version"] if isinstance(staged, dict) else None
         if not isinstance(version, str) or not NAME_RE.match(version):
             # the file names paths this helper (root) reads and removes: only a release name
@@ -254,9 +263,9 @@ def apply_staged(
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError) as err:
-        log.error("event=release_staged_unreadable path=%s error=%s", ota / STAGED_FILE, err)
+        log.error("event=release_staged_unreadable path=%s error=%s", data_dir / staged_name, err)
         with contextlib.suppress(OSError):
-            (ota / STAGED_FILE).unlink()  # the agent stages again when next asked to
+            bootcheck.remove_data(data_dir, staged_name)  # the agent stages again when asked
         return None
     # the agent's [update] limits, within the ranges its settings allow (agent/ota/settings.py)
     max_attempts = bootcheck.number(
@@ -269,21 +278,29 @@ def apply_staged(
         bootcheck.MIN_HEALTH_WINDOW,
         bootcheck.MAX_HEALTH_WINDOW,
     )
-    file = ota / f"{version}.release"
+    names = [f"{OTA_DIR}/{version}.release", f"{OTA_DIR}/{version}.manifest", staged_name]
+    copy = root / TAKEN_FILE  # root's copy of the release file, the one unpacked
     try:
-        manifest = ReleaseManifest.from_cbor((ota / f"{version}.manifest").read_bytes())
+        data = bootcheck.read_data(data_dir, names[1], MAX_MANIFEST_BYTES)
+        manifest = ReleaseManifest.from_cbor(data, f"staged release {version}")
         if manifest.version != version:
             raise ReleaseError(f"staged release {version}: the manifest is for {manifest.version}")
         manifest.verify(key)
-        floor.check(manifest, root, data_dir)
-        check_file(manifest, file)
+        floor.check_root(manifest, root)
+        root.mkdir(parents=True, exist_ok=True)
+        take(manifest, data_dir, names[0], copy)
+        with contextlib.suppress(OSError):
+            bootcheck.remove_data(data_dir, names[0])  # checked and copied: free its space now
         if not (root / bootcheck.CURRENT).is_symlink():
             bootcheck.adopt(root, INITIAL_VERSION)
-        rel = install(root, manifest, file, python=python, site=site)
+        rel = install(root, manifest, copy, python=python, site=site)
         _check_data(root, rel, version, data_dir)
-        bootcheck.switch(root, version, max_attempts, health_window, data_dir)
+        bootcheck.switch(
+            root, version, max_attempts, health_window, data_dir, manifest.rollback_index
+        )
     except (ReleaseError, bootcheck.BootError, OSError) as err:
         log.error("event=release_refused version=%s error=%s", version, err)
+        _drop_incomplete(root, version)
         doc = bootcheck.load(root)
         doc["outcome"] = {
             "version": version,
@@ -295,10 +312,22 @@ def apply_staged(
             bootcheck.save(root, doc)
         return None
     finally:
-        for leftover in (file, ota / f"{version}.manifest", ota / STAGED_FILE):
+        with contextlib.suppress(OSError):
+            copy.unlink()
+        for leftover in names:
             with contextlib.suppress(OSError):
-                leftover.unlink()
+                bootcheck.remove_data(data_dir, leftover)
     return version
+
+
+def _drop_incomplete(root: Path, version: str) -> None:
+    """A refused install leaves nothing: ``releases/<version>`` without COMPLETE is removed (a
+    complete one stays: it may be ``previous``, and a switch to it needs no new install)."""
+    rel = release_dir(root, version)
+    linked = {bootcheck.link_version(root, n) for n in (bootcheck.CURRENT, bootcheck.PREVIOUS)}
+    if rel.exists() and version not in linked and not bootcheck.is_complete(root, version):
+        shutil.rmtree(rel, ignore_errors=True)
+        log.info("event=release_incomplete_removed version=%s path=%s", version, rel)
 
 
 def _ask(python: Path, version: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.ota import bootcheck as bc
-from agent.ota import floor
+from agent.ota import floor, updater
 from agent.ota.install import MANIFEST_FILE
 from agent.ota.release import ReleaseError, ReleaseManifest
 
@@ -105,3 +105,91 @@ def test_a_damaged_floor_file_is_said_and_the_confirmed_index_still_holds(
         with caplog.at_level(logging.WARNING), pytest.raises(ReleaseError, match="floor 2"):
             floor.check(manifest(tmp_path, "1.5", 1), root, data)
         assert "event=floors_unreadable" in caplog.text
+
+
+# -- the root helper's floor is the release root's own ------------------------------------------
+
+
+def stage(data: Path, m: ReleaseManifest, file: bytes) -> None:
+    """What the agent leaves in DATA/ota for the root helper (updater.stage's files)."""
+    ota = data / "ota"
+    ota.mkdir(parents=True, exist_ok=True)
+    (ota / f"{m.version}.release").write_bytes(file)
+    (ota / f"{m.version}.manifest").write_bytes(m.to_cbor())
+    (ota / "staged.json").write_text(json.dumps({"version": m.version}))
+
+
+def outcome(root: Path) -> dict:
+    return json.loads((root / bc.STATE_FILE).read_text())["outcome"]
+
+
+def test_attack_floors_json_deleted_while_pending_the_root_helper_still_refuses(
+    layout: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Was: the root helper's floor was DATA/ota/floors.json (the agent's) and nothing else while
+    a release was pending (confirmed_index() is 0 then): the agent deleted it and staged a signed
+    release below the floor, and root's check passed it. Now root keeps its own floor in
+    update.json: raised here by its run while 2.0 was the confirmed release."""
+    root, data = layout
+    fixed, newer, old = (manifest(tmp_path, v, i) for v, i in (("2.0", 2), ("2.1", 2), ("1.1", 1)))
+    install(root, fixed)
+    bc.set_link(root, bc.CURRENT, "releases/2.0")  # 2.0, the security fix, confirmed
+    # a run of the root helper while 2.0 is the confirmed release (this one refused: its file
+    # is not the signed one); every run holds the floor in the release root
+    stage(data, newer, b"not the signed file")
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert "not the signed file" in outcome(root)["reason"]
+    install(root, newer)
+    bc.switch(root, "2.1", data_dir=data)  # 2.1 pending: it may still roll back
+    stage(data, old, b"1.1")  # manifest() signs a file of the version's bytes
+    (data / "ota" / floor.FLOOR_FILE).unlink(missing_ok=True)  # the agent owns DATA/ota
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    said = outcome(root)
+    assert said["result"] == "refused"
+    assert "rollback index 1 is below this device's floor 2 (set by release 2.0" in said["reason"]
+    assert not (root / bc.RELEASES / "1.1").exists()
+    assert not list((data / "ota").iterdir())  # the staged files removed
+
+
+def test_the_boot_counter_raises_the_root_floor_when_it_confirms(
+    layout: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The switch records the release's signed index; its confirmation (by the boot counter,
+    as root) raises update.json's floor to it; a pending release, or one rolled back, raises
+    nothing; the floor holds once the device runs an older release, whatever DATA/ota holds."""
+    root, data = layout
+    fixed, bad, old = (manifest(tmp_path, v, i) for v, i in (("2.0", 2), ("3.0", 5), ("1.1", 1)))
+    install(root, fixed)
+    bc.switch(root, "2.0", data_dir=data, rollback_index=2)
+    assert floor.root_floor(root) == (0, None)  # pending
+    floor.check_root(old, root)
+    assert bc.confirm(root, "2.0")
+    assert bc.floor_of(bc.load(root)) == (2, "2.0")
+    install(root, bad)
+    bc.switch(root, "3.0", data_dir=data, rollback_index=5)
+    assert bc.start(root, data) == "3.0"
+    assert bc.failed(root, data) == "2.0"  # rolled back: 3.0 was never confirmed
+    assert floor.root_floor(root) == (2, "2.0")
+    bc.set_link(root, bc.CURRENT, "releases/1.0")  # say 1.0 were current again (by hand)
+    with pytest.raises(ReleaseError, match=r"floor 2 \(set by release 2\.0"):
+        floor.check_root(old, root)
+    assert not (data / "ota").exists()  # nothing of it is in the agent's data directory
+
+
+def test_a_release_root_from_before_the_root_floor_takes_the_previous_index_while_pending(
+    layout: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """update.json without ``floor`` (an older helper switched): while the release it switched
+    to is pending, the root helper takes the index of the one it ran before, and keeps it."""
+    root, data = layout
+    fixed, newer, old = (manifest(tmp_path, v, i) for v, i in (("2.0", 2), ("2.1", 2), ("1.1", 1)))
+    for m in (fixed, newer):
+        install(root, m)
+    bc.set_link(root, bc.CURRENT, "releases/2.0")
+    bc.switch(root, "2.1", data_dir=data)  # as an older helper did: no floor, no index
+    doc = bc.load(root)
+    del doc["pending_index"]
+    bc.save(root, doc)
+    with pytest.raises(ReleaseError, match="floor 2"):
+        floor.check_root(old, root)
+    assert bc.floor_of(bc.load(root)) == (2, "2.0")

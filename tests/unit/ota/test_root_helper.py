@@ -1,0 +1,347 @@
+"""The root helper against the agent's data directory (agent/ota/updater.py apply_staged,
+agent/ota/release.py, agent/ota/compat.py, agent/ota/bootcheck.py): the agent (edge-agent, which
+may be compromised) owns DATA and DATA/ota, so every file root reads there may be a link, a FIFO,
+a huge sparse file, or swapped between the check and the use. Each test plants one directly (the
+tests run as root or as one user: no second user is needed to plant a file) and names the
+attack. A FIFO must not park the helper: it is opened without blocking, and each test has a
+timeout should it not be."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent.ota import bootcheck, compat, release, updater
+from agent.ota.release import ReleaseError, ReleaseManifest, pack, unpack
+
+pytestmark = pytest.mark.timeout(20)
+
+KEY = Ed25519PrivateKey.generate()
+PROJECT = "edge_agent-9.9-py3-none-any.whl"
+PIP = "pip-26.3-py3-none-any.whl"
+REPO = Path(__file__).resolve().parents[3]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_bundle(directory: Path, pip: str = PIP) -> Path:
+    directory.mkdir()
+    wheels = {PROJECT: b"agent wheel", pip: b"pip wheel"}
+    for name, data in wheels.items():
+        (directory / name).write_bytes(data)
+    meta = {"arch": "x86_64", "python": "3.11", "project": PROJECT, "pip": pip}
+    meta["files"] = {name: sha(data) for name, data in wheels.items()}
+    (directory / "bundle.json").write_text(json.dumps(meta))
+    return directory
+
+
+def signed_release(tmp_path: Path, pip: str = PIP) -> tuple[ReleaseManifest, bytes]:
+    out = tmp_path / "release.tar"
+    meta = pack(make_bundle(tmp_path / "bundle", pip), out)
+    return ReleaseManifest.sign("9.9", out, meta, KEY), out.read_bytes()
+
+
+def stage(data: Path, m: ReleaseManifest, file: bytes) -> Path:
+    """What the agent leaves for the root helper (updater.stage's files); DATA/ota."""
+    ota = data / updater.OTA_DIR
+    ota.mkdir(parents=True, exist_ok=True)
+    (ota / f"{m.version}.release").write_bytes(file)
+    (ota / f"{m.version}.manifest").write_bytes(m.to_cbor())
+    (ota / updater.STAGED_FILE).write_text(json.dumps({"version": m.version}))
+    return ota
+
+
+def outcome(root: Path) -> dict:
+    return json.loads((root / bootcheck.STATE_FILE).read_text())["outcome"]
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    root, data = tmp_path / "opt", tmp_path / "data"
+    root.mkdir()
+    data.mkdir()
+    return root, data
+
+
+# -- blocking and unbounded reads (finding 4) ---------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_attack_a_fifo_as_staged_json_does_not_park_the_root_helper(
+    dirs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Was: a blocking open(): the helper waited for a writer until TimeoutStartSec."""
+    root, data = dirs
+    (data / "ota").mkdir()
+    os.mkfifo(data / "ota" / "staged.json")
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert "event=release_staged_unreadable" in caplog.text and "not a regular file" in caplog.text
+    assert not os.path.lexists(data / "ota" / "staged.json")
+
+
+@pytest.mark.timeout(60)
+def test_attack_a_huge_sparse_manifest_is_not_read_whole(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Was: the whole file read before the MAX_MANIFEST_BYTES check: 3 GiB of a sparse file
+    (no disk for the agent) in root's memory, a MemoryError on a 1 GiB device. The helper runs
+    as on such a device: its address space limited to 1 GiB."""
+    root, data = dirs
+    ota = data / "ota"
+    ota.mkdir()
+    (ota / "staged.json").write_text(json.dumps({"version": "9.9"}))
+    with open(ota / "9.9.manifest", "wb") as f:
+        f.truncate(3 << 30)
+    pub = tmp_path / "release.pub"
+    pub.write_bytes(KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
+    code = textwrap.dedent(
+        f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+        from agent.ota import updater
+        sys.exit(updater.main(["apply", "--root", {str(root)!r}, "--data-dir", {str(data)!r},
+                               "--public-key", {str(pub)!r}]))
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert "more than 65536 bytes" in outcome(root)["reason"]
+    assert not list(ota.iterdir())
+
+
+# -- links in DATA ------------------------------------------------------------------------------
+
+
+def test_attack_a_linked_ota_directory_is_neither_read_nor_cleaned_through(
+    dirs: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DATA/ota a link to a directory of root's: was read through, and root removed the files
+    there named like the staged ones (``staged.json``, ``V.release``, ``V.manifest``)."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    elsewhere = stage(tmp_path / "roots-own", m, file)
+    (data / "ota").symlink_to(elsewhere)
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert "event=release_staged_unreadable" in caplog.text
+    assert sorted(p.name for p in elsewhere.iterdir()) == [
+        "9.9.manifest",
+        "9.9.release",
+        "staged.json",
+    ]
+    assert (data / "ota").is_symlink()
+    assert not (root / bootcheck.RELEASES).exists()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("plant", "reason"),
+    [("fifo", "not a regular file"), ("link", "Too many levels of symbolic links")],
+)
+def test_attack_a_manifest_that_is_a_fifo_or_a_link_is_refused_not_read(
+    dirs: tuple[Path, Path], tmp_path: Path, plant: str, reason: str
+) -> None:
+    """Was: ``(ota / V.manifest).read_bytes()``: a FIFO parked the root helper until
+    TimeoutStartSec; a link was followed (a root-only file read as the agent's manifest, here
+    the genuine one). Refused, only the planted entry removed, nothing installed."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+    target = tmp_path / "roots-file"
+    target.write_bytes(m.to_cbor())
+    (ota / "9.9.manifest").unlink()
+    if plant == "fifo":
+        os.mkfifo(ota / "9.9.manifest")
+    else:
+        (ota / "9.9.manifest").symlink_to(target)
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert outcome(root)["result"] == "refused"
+    assert reason in outcome(root)["reason"]  # ELOOP for the link: not followed
+    assert not (root / bootcheck.RELEASES / "9.9").exists()  # nothing installed from it
+    assert target.read_bytes() == m.to_cbor()
+    assert not list(ota.iterdir())
+
+
+def test_attack_a_hard_link_to_a_file_elsewhere_is_not_read(dirs: tuple[Path, Path]) -> None:
+    """With fs.protected_hardlinks off the agent can link a file of root's into DATA: a file
+    with a second name is not read as the agent's."""
+    _root, data = dirs
+    (data / "ota").mkdir()
+    outside = data.parent / "roots-staged.json"
+    outside.write_text(json.dumps({"version": "9.9"}))
+    os.link(outside, data / "ota" / "staged.json")
+    with pytest.raises(OSError, match="another name"):
+        bootcheck.read_data(data, "ota/staged.json", 100)
+
+
+def test_attack_a_linked_ota_directory_is_no_ready_marker_and_is_not_cleaned_through(
+    tmp_path: Path,
+) -> None:
+    """bootcheck reads the READY marker and removes it at a switch, as root."""
+    root, data = tmp_path / "opt", tmp_path / "data"
+    for version in ("1.0", "2.0"):
+        (root / bootcheck.RELEASES / version).mkdir(parents=True)
+        bootcheck.mark_complete(root, version)
+    bootcheck.set_link(root, bootcheck.CURRENT, "releases/1.0")
+    elsewhere = tmp_path / "roots-own"
+    elsewhere.mkdir()
+    (elsewhere / "ready-2.0").write_text("2.0\n")
+    data.mkdir()
+    (data / "ota").symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        bootcheck.switch(root, "2.0", data_dir=data)
+    assert (elsewhere / "ready-2.0").exists()
+    assert not bootcheck.is_ready(data, {}, "2.0")
+
+
+# -- the data format check, run as root (compat.py) --------------------------------------------
+
+
+def secret_db(path: Path) -> Path:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("PRAGMA user_version = 31337")
+    conn.commit()
+    conn.close()
+    os.chmod(path, 0o600)
+    return path
+
+
+def record_queue(data: Path, queue: str) -> None:
+    (data / compat.FORMATS_FILE).write_text(json.dumps({"formats": {}, "queue": queue}))
+
+
+@pytest.mark.timeout(10)
+def test_attack_formats_json_naming_a_fifo_as_the_queue_does_not_park_root(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "q.fifo")
+    record_queue(tmp_path, str(tmp_path / "q.fifo"))
+    assert compat.problems(tmp_path) == []
+    (tmp_path / compat.FORMATS_FILE).unlink()
+    os.mkfifo(tmp_path / compat.FORMATS_FILE)
+    assert compat.problems(tmp_path) == []  # formats.json itself a FIFO
+    assert compat.main(["--data-dir", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("how", ["outside", "link", "relative"])
+def test_attack_formats_json_naming_a_file_outside_data_leaks_nothing(
+    tmp_path: Path, how: str
+) -> None:
+    """Was: root opened the path the agent wrote in formats.json, anywhere, and the schema
+    version of a root-only SQLite file came back in the refusal's reason (reported upward)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    secret = secret_db(tmp_path / "root-only.db")
+    if how == "link":
+        (data / "q.db").symlink_to(secret)
+        record_queue(data, str(data / "q.db"))
+    else:
+        record_queue(data, str(secret) if how == "outside" else "../root-only.db")
+    said = compat.problems(data)
+    assert said == [] and "31337" not in "".join(said)
+    assert compat.main(["--data-dir", str(data)]) == 0
+
+
+# -- the release file: swapped after the check, sparse members (finding 5) ---------------------
+
+
+def sparse_tar(tmp_path: Path, fmt: str, name: str, size: int, extra: dict[str, bytes]) -> Path:
+    """A tar (GNU tar's own sparse encoding, ``gnu`` or ``posix``) with ``name`` a sparse file of
+    ``size`` bytes (a few kB in the tar) beside the ``extra`` files."""
+    src = tmp_path / f"sparse-{fmt}"
+    src.mkdir()
+    with open(src / name, "wb") as f:
+        f.truncate(size)
+    for member, data in extra.items():
+        (src / member).write_bytes(data)
+    out = tmp_path / f"sparse-{fmt}.tar"
+    names = sorted([name, *extra])
+    cmd = ["tar", "-S", f"--format={fmt}", "-cf", str(out), "-C", str(src), *names]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_attack_a_signed_sparse_member_is_refused_and_nothing_is_left(
+    tmp_path: Path, fmt: str
+) -> None:
+    """Was: a sparse member (4 MiB from a few kB) written whole; its listed SHA-256 (of the
+    zeros) matched, so it was taken. A member holds no more than the signed file."""
+    size = 4 << 20
+    listing = {PROJECT: sha(bytes(size)), PIP: sha(b"pip wheel")}
+    meta = json.dumps({"files": listing}).encode()
+    out = sparse_tar(tmp_path, fmt, PROJECT, size, {"bundle.json": meta, PIP: b"pip wheel"})
+    assert out.stat().st_size < size // 4
+    bundle = {"project": PROJECT, "pip": PIP, "files": listing}
+    m = ReleaseManifest.sign("6.6", out, bundle, KEY)
+    dest = tmp_path / "opt" / "releases" / "6.6" / "bundle"
+    with pytest.raises(ReleaseError, match="is a sparse file"):
+        unpack(m, out, dest)
+    assert not dest.exists()
+
+
+def test_a_bundle_that_differs_after_extraction_leaves_nothing(tmp_path: Path) -> None:
+    """Was: a refusal after the members were written left them in the release root."""
+    listing = {PROJECT: sha(b"the signed agent wheel"), PIP: sha(b"pip wheel")}
+    out = tmp_path / "r.tar"
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (
+            ("bundle.json", json.dumps({"files": listing}).encode()),
+            (PROJECT, b"another agent wheel"),
+            (PIP, b"pip wheel"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    m = ReleaseManifest.sign("6.6", out, {"project": PROJECT, "pip": PIP, "files": listing}, KEY)
+    dest = tmp_path / "bundle"
+    with pytest.raises(ReleaseError, match="does not match"):
+        unpack(m, out, dest)
+    assert not dest.exists()
+
+
+@pytest.mark.timeout(60)
+def test_attack_the_release_file_swapped_after_the_check_is_never_unpacked(
+    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the file was hashed by path, then opened again by path for the tar: the agent
+    swapped in a tar of its own (here a 64 MiB sparse member of an allowed name) and root wrote
+    it into the release root, where the refused partial stayed. Now root unpacks its own copy,
+    checked as it was copied. The swap runs where it did (deterministically): as the tar is
+    opened. The genuine release's pip wheel is misnamed so the install stops right after the
+    unpack (no venv, no pip)."""
+    root, data = dirs
+    m, file = signed_release(tmp_path, pip="xpip-26.3-py3-none-any.whl")
+    ota = stage(data, m, file)
+    evil = sparse_tar(tmp_path, "gnu", PROJECT, 64 << 20, {})
+    real_open = tarfile.open
+    swapped = []
+
+    def racing_open(*args: object, **kwargs: object) -> tarfile.TarFile:
+        if evil.exists():
+            os.replace(evil, ota / "9.9.release")  # the agent's move, in the window
+            swapped.append(True)
+        return real_open(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(release.tarfile, "open", racing_open)
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert swapped
+    assert "the bundle has no pip wheel" in outcome(root)["reason"]  # the genuine one unpacked
+    assert not (root / bootcheck.RELEASES / "9.9").exists()  # the refused install removed
+    assert not (root / updater.TAKEN_FILE).exists()
+    big = [p for p in root.rglob("*") if p.is_file() and p.stat().st_size > len(file)]
+    assert big == []
