@@ -97,6 +97,7 @@ from cloud.storage import (
     describe_storage,
     open_storage,
 )
+from cloud.storebase import DataRefused
 from cloud.webauth import dashboard_token
 
 DTLS_PORT = 5684  # coaps:// (RFC 7252)
@@ -775,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EX_NOINPUT
-    except (StateError, DocumentTooLarge, CredentialChanged) as err:
+    except (StateError, DocumentTooLarge, CredentialChanged, DataRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return EX_DATAERR
     except StorageUnavailable as err:

@@ -11,6 +11,14 @@ the network) is dropped with a warning and stays in reported state only, so a de
 write the history or move the next id (:func:`agent.wire.commands.new_id` is above the ids
 operators issued). ``args`` and ``result`` are CBOR.
 
+Log uploads (``logs``) are numbered ``n`` per device, the newest :data:`LOGS_KEPT` kept. Both
+numberings read the newest number and write the next one: the device's row is locked first
+(PostgreSQL), as releasestore.py numbers the release history, so concurrent writers (processes,
+hosts) take turns instead of colliding on the key. The protocol gives an upload no id; a device
+encodes its upload once and sends those bytes again after a lost answer, so an upload whose body
+is one of the kept ones is that one (nothing is stored twice; two uploads with one body hold the
+same lines anyway).
+
 :class:`CommandTables` is a mixin of :class:`cloud.storesql.SharedStorage` (``_read`` and
 ``_write``); SQLite creates the table with :data:`SQLITE_SCHEMA` at open, PostgreSQL with its
 migration :data:`PG_MIGRATION` (cloud/pgschema.py).
@@ -131,8 +139,7 @@ class CommandTables(SqlTables):
         :class:`UnknownDevice` if the device is not registered."""
 
         def tx(db: Sql) -> int:
-            if db.execute("SELECT 1 FROM devices WHERE id = ?", (device,)).fetchone() is None:
-                raise UnknownDevice.of(device)
+            _lock_device(db, device)
             # the operator's own ids only (rows a device made before results were checked
             # have no ``sent``): a device's word cannot move the next id
             row = db.execute(
@@ -209,9 +216,18 @@ class CommandTables(SqlTables):
         self, device: str, since: float | None, count: int, left_out: int, body: bytes, now: float
     ) -> int:
         """Keep an upload of ``device`` (its number returned); drops the oldest beyond
-        :data:`LOGS_KEPT`."""
+        :data:`LOGS_KEPT`. The same body again (a resend after a lost answer: the device encodes
+        an upload once) is the upload kept already: its number, nothing stored.
+        :class:`UnknownDevice` if the device is not registered."""
 
         def tx(db: Sql) -> int:
+            _lock_device(db, device)
+            same = db.execute(
+                "SELECT n FROM logs WHERE device = ? AND body = ? ORDER BY n DESC LIMIT 1",
+                (device, body),
+            ).fetchone()
+            if same is not None:
+                return int(same[0])
             row = db.execute("SELECT max(n) FROM logs WHERE device = ?", (device,)).fetchone()
             n = (row[0] or 0) + 1 if row else 1
             db.execute(
@@ -237,6 +253,16 @@ class CommandTables(SqlTables):
             return None
         upload = found[0]
         return {k: v for k, v in upload.items() if k not in ("body", "device")}
+
+
+def _lock_device(db: Sql, device: str) -> None:
+    """Lock the device's row for the transaction (PostgreSQL; SQLite's write transaction holds
+    the whole database), so a number read next (the newest command id, the newest upload) stays
+    the newest until the transaction ends: two processes never take the same one.
+    :class:`UnknownDevice` if the device is not registered."""
+    lock = " FOR UPDATE" if db.dialect == "postgresql" else ""
+    if db.execute(f"SELECT 1 FROM devices WHERE id = ?{lock}", (device,)).fetchone() is None:
+        raise UnknownDevice.of(device)
 
 
 def taken_results(entries: Mapping[str, Entry], versions: Mapping[str, int]) -> dict[str, Entry]:

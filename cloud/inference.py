@@ -63,6 +63,9 @@ DEFAULT_CLASSIFIER = "skab-clf"
 NORMAL_CLASS = "normal"
 MAX_WINDOW = 4096  # values in one window
 MAX_SEQ = 2**63 - 1
+#: ``CloudInference.validation_runs`` keeps the counts of this many (device, seq) at most, the
+#: least recently run dropped first (about 1 MB at most; a device retries an alert in minutes).
+MAX_VALIDATION_RUNS = 4096
 
 #: The verdict of a window the full model does not find anomalous.
 FALSE_ALARM = "false_alarm"
@@ -157,7 +160,9 @@ class CloudInference:
     """The endpoint's full-precision models and its stored validation verdicts.
 
     ``validation_runs`` counts the model runs per ``(device, seq)`` (one per alert and window,
-    however often it is asked); ``infer_runs`` counts the runs of ``/infer``.
+    however often it is asked), for the :data:`MAX_VALIDATION_RUNS` most recently run only (it
+    would otherwise grow with every alert for as long as the endpoint runs); ``infer_runs``
+    counts the runs of ``/infer``.
     """
 
     def __init__(
@@ -297,7 +302,7 @@ class CloudInference:
                 item = (device, req.seq, req.digest, records.dumps(verdict))
                 [kept] = await self._db(lambda s: s.put_verdicts([item]))
                 verdict = dict(records.loads(kept))  # another host's, if it stored one first
-                self.validation_runs[(device, req.seq)] += 1
+                self._count_run((device, req.seq))
                 log.info(
                     "event=verdict device=%s seq=%d digest=%s anomalous=%s verdict=%s score=%.3g",
                     device,
@@ -315,6 +320,12 @@ class CloudInference:
             raise
         finally:
             del self._inflight[key]
+
+    def _count_run(self, key: tuple[str, int]) -> None:
+        runs = self.validation_runs
+        runs[key] = runs.pop(key, 0) + 1  # the most recent last
+        while len(runs) > MAX_VALIDATION_RUNS:
+            del runs[next(iter(runs))]
 
     async def verdict(
         self, device: str, seq: int, digest: str | None = None

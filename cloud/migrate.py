@@ -15,7 +15,9 @@ identity.
 - **Empty targets only**: a target that holds any device, record, credential, state, verdict or
   model is refused (exit 73), so nothing is ever merged into another deployment's data.
 - **Restartable**: the target is marked with the source's id when the copy starts
-  (:meth:`Storage.set_migration`); the same command run again after an interruption reads the
+  (:meth:`Storage.set_migration`: the target checked empty and unmarked, and the mark set only
+  if absent, in one transaction, so of two migrates started at once into one target the second
+  is refused, exit 73); the same command run again after an interruption reads the
   source again and copies only the rows the target does not hold (each chunk is one
   transaction, and a load leaves out keys already there). A target marked by another source is
   refused.
@@ -55,7 +57,7 @@ from agent.ota.release import ReleaseError, check_file
 from cloud.inference import VERDICTS_FILE, import_legacy_verdicts
 from cloud.releases import read_manifest
 from cloud.storage import DB_NAME, Storage, describe_storage, open_storage
-from cloud.storebase import TABLES
+from cloud.storebase import TABLES, MigrationRefused
 from cloud.storesql import key_of
 
 CHUNK = 5000  # rows per transaction
@@ -143,7 +145,13 @@ def migrate(
                 f"error: the target holds data already ({what}); migrate copies into an empty "
                 "storage only (a new database, or sqlite:DIR of an empty directory)",
             )
-        target.set_migration(source_id)
+        try:  # the check again and the mark, in one transaction (another migrate at once)
+            target.set_migration(source_id)
+        except MigrationRefused as err:
+            raise CommandError(
+                EX_CANTCREAT,
+                f"error: {err}; migrate copies into an empty storage only, one migrate at a time",
+            ) from None
     else:
         say(f"resuming the unfinished migrate from storage {source_id}")
     copied = {name: _copy(source, target, name, chunk, say) for name in TABLES}

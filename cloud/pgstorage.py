@@ -12,12 +12,15 @@ installs psycopg, which the agent on a device never needs.
   listening connection outside the pool (autocommit). A pooled connection lost with the server
   fails its call (:class:`StorageUnavailable`, the device retries after the 5.03's Max-Age) and
   the pool replaces it.
-- Every call is one transaction, READ COMMITTED. Ingest inserts the keys of a whole group with one
-  ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING RETURNING`` (keys sorted, so two
-  processes lock them in one order), the bodies with one more, and allocates arrival numbers for
-  the new records in one query. State writes lock the device's row first (``FOR UPDATE``), which
-  orders concurrent merges of one device like SQLite's single writer does. A transaction that
-  meets a deadlock, a serialization failure or a missing partition runs again once.
+- Every call is one transaction, READ COMMITTED. Every write that reads what a device holds
+  before it writes locks the device's row first (``FOR UPDATE``; ingest: the rows of the
+  group's devices, in id order, with the update of their last contact), which orders concurrent
+  writers of one device like SQLite's single writer does: what they read after the lock is what
+  committed before. Ingest then looks up the devices' features records (cloud/featurestore.py),
+  inserts the keys of a whole group with one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT
+  DO NOTHING RETURNING`` (keys sorted), the bodies with one more, and allocates arrival numbers
+  for the new records in one query. A transaction that meets a deadlock, a serialization
+  failure or a missing partition runs again once.
 - Change notices: :meth:`PostgresStorage.put_desired`, :meth:`PostgresStorage.put_reported`
   when it blocks a desired version, :meth:`PostgresStorage.put_credential` and
   :meth:`PostgresStorage.revoke` send ``pg_notify`` inside their transaction (delivered only if
@@ -29,7 +32,12 @@ installs psycopg, which the agent on a device never needs.
   ``synchronous_commit=off``: then these sessions set it back to ``on`` (with a warning), since
   the endpoint acknowledges records only once they are durable.
 - Errors of the database become :class:`StorageUnavailable` with one line (no password: the DSN
-  is shown by :func:`cloud.storebase.describe`).
+  is shown by :func:`cloud.storebase.describe`); a value the database refuses (psycopg's
+  ``DataError`` and its kinds, SQLSTATE class 22: text with a NUL character, a number beyond its
+  column) is the request's fault and becomes :class:`DataRefused` (a kind of it, for the
+  server to answer 4.00: sending it again cannot help), logged here with the storage named.
+  Ingest runs a group whose transaction met one again batch by batch, so only the batch that
+  holds the value is refused (:meth:`PostgresStorage.ingest_many`).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from cloud import featurestore, linkhistory, pgschema, releasestore
 from cloud.pgextra import PostgresExtras
 from cloud.storebase import (
     Batch,
+    DataRefused,
     DeviceInfo,
     DocumentTooLarge,
     DuplicateKeyId,
@@ -75,6 +84,7 @@ from cloud.storebase import (
     merge_reported,
     one_line,
     records_query,
+    time_not_finite,
 )
 
 log = logging.getLogger(__name__)
@@ -186,7 +196,19 @@ class PostgresStorage(PostgresExtras):
         try:
             yield
         except psycopg.Error as err:
-            raise StorageUnavailable(f"{self.where}: {one_line(err)}") from err
+            raise self._failure(err) from err
+
+    def _failure(self, err: psycopg.Error) -> StorageUnavailable:
+        """What a call raises for ``err``: :class:`DataRefused` for a value the database refuses
+        (logged here with the storage named: its text goes to the peer), else
+        :class:`StorageUnavailable`."""
+        if not isinstance(err, psycopg.DataError):
+            return StorageUnavailable(f"{self.where}: {one_line(err)}")
+        diag = getattr(err, "diag", None)
+        primary = diag.message_primary if diag is not None else None
+        reason = " ".join((primary or str(err)).split())[:160] or type(err).__name__
+        log.warning("event=data_refused storage=%s error=%s", self.where, one_line(err))
+        return DataRefused(f"the storage refuses a value of the request: {reason}")
 
     def _run(self, fn: Callable[[Conn], T], before: Callable[[Conn], None] | None = None) -> T:
         """``fn(conn)`` in one transaction on a pooled connection, run again once after a
@@ -205,7 +227,7 @@ class PostgresStorage(PostgresExtras):
             except psycopg.Error as err:
                 again = isinstance(err, _RETRIED) or _no_partition(err)
                 if not again or attempt == RETRIES:
-                    raise StorageUnavailable(f"{self.where}: {one_line(err)}") from err
+                    raise self._failure(err) from err
                 if _no_partition(err):
                     self._days.clear()  # a partition went away: check again
                 log.info("event=transaction_retry storage=%s error=%s", self.where, one_line(err))
@@ -265,15 +287,52 @@ class PostgresStorage(PostgresExtras):
     # -- records ---------------------------------------------------------------------------------
 
     def ingest_many(self, batches: Sequence[Batch], now: float) -> list[IngestResult | AgentError]:
+        """One transaction for all ``batches``; when the database refuses a value in it
+        (:class:`DataRefused`), each batch again in a transaction of its own, so the others
+        are stored and only the batch that holds the value gets the refusal as its result."""
         if not batches:
             return []
-        prepared = [
-            (device, [(rec, bytes(rec.body)) for rec in records], register)
-            for device, records, register in batches
+        prepared = [  # a record whose time is not finite is left out: not stored, not acked
+            (device, [(r, bytes(r.body)) for r in records if not time_not_finite(device, r)], reg)
+            for device, records, reg in batches
         ]
-        return self._run(
-            lambda conn: self._ingest_features(conn, prepared, now), self._ensure_day(now)
-        )
+        before = self._ensure_day(now)
+        try:
+            return self._run(lambda conn: self._ingest_features(conn, prepared, now), before)
+        except DataRefused:
+            if len(prepared) == 1:
+                raise
+        out: list[IngestResult | AgentError] = []
+        for one in prepared:
+            try:
+                out += self._run(lambda conn, b=one: self._ingest_features(conn, [b], now), before)
+            except StorageUnavailable as err:  # DataRefused, or the database went away meanwhile
+                out.append(err)
+        return out
+
+    @staticmethod
+    def _lock_devices(
+        conn: Conn, batches: list[tuple[str, list[tuple[WireRecord, bytes]], bool]], now: float
+    ) -> set[str]:
+        """Register the devices to register, then lock the rows of the batches' devices (in id
+        order: two transactions never wait on each other in a cycle) and set their last contact;
+        the devices that are registered. Every ingest locks them before it reads what the
+        devices hold, so what it reads is what committed before (READ COMMITTED: a statement
+        after the lock sees the transactions that held it)."""
+        register = sorted({device for device, _, reg in batches if reg})
+        if register:
+            conn.execute(
+                "INSERT INTO devices (id, registered) SELECT d, %s FROM unnest(%s::text[]) AS d"
+                " ON CONFLICT DO NOTHING",
+                (now, register),
+            )
+        names = sorted({device for device, _, _ in batches})
+        rows = conn.execute(
+            "UPDATE devices SET last_seen = %s WHERE id IN"
+            " (SELECT id FROM devices WHERE id = ANY(%s) ORDER BY id FOR UPDATE) RETURNING id",
+            (now, names),
+        ).fetchall()
+        return {r[0] for r in rows}
 
     def _ingest_features(
         self,
@@ -282,11 +341,15 @@ class PostgresStorage(PostgresExtras):
         now: float,
     ) -> list[IngestResult | AgentError]:
         """:meth:`_ingest` of the batches' records, features records by the rules of
-        cloud/featurestore.py around it (in the same transaction)."""
+        cloud/featurestore.py around it (in the same transaction). The device rows are locked
+        first (:meth:`_lock_devices`): a features record stored by a transaction that committed
+        meanwhile is seen by the look-up below, so a reading it holds is never stored again as
+        a record, nor a features record over a reading stored meanwhile."""
+        known = self._lock_devices(conn, batches, now)
         db = Sql(conn, "postgresql")
-        featured = featurestore.devices_with_features(db, [b[0] for b in batches])
+        featured = featurestore.devices_with_features(db, sorted(known))
         if not featured and not any(r.kind == FEATURES for _, recs, _ in batches for r, _ in recs):
-            return self._ingest(conn, batches, now)  # the common case: nothing to do
+            return self._ingest(conn, batches, now, known)  # the common case: nothing to do
         passes = []
         plain_batches = []
         for device, recs, register in batches:
@@ -295,7 +358,7 @@ class PostgresStorage(PostgresExtras):
             )
             passes.append((feats, outcome))
             plain_batches.append((device, [(r, bytes(r.body)) for r in plain], register))
-        results = self._ingest(conn, plain_batches, now)
+        results = self._ingest(conn, plain_batches, now, known)
         out: list[IngestResult | AgentError] = []
         for (device, _, _), (feats, outcome), result in zip(batches, passes, results, strict=True):
             if isinstance(result, IngestResult):
@@ -309,19 +372,9 @@ class PostgresStorage(PostgresExtras):
         conn: Conn,
         batches: list[tuple[str, list[tuple[WireRecord, bytes]], bool]],
         now: float,
+        known: set[str],
     ) -> list[IngestResult | AgentError]:
-        register = sorted({device for device, _, reg in batches if reg})
-        if register:
-            conn.execute(
-                "INSERT INTO devices (id, registered) SELECT d, %s FROM unnest(%s::text[]) AS d"
-                " ON CONFLICT DO NOTHING",
-                (now, register),
-            )
-        names = sorted({device for device, _, _ in batches})
-        known = {
-            r[0]
-            for r in conn.execute("SELECT id FROM devices WHERE id = ANY(%s)", (names,)).fetchall()
-        }
+        """The records of ``batches`` whose device is ``known`` (registered, its row locked)."""
         devices = sorted(known)
         # the highest seq of each device before this group (its result's ``last`` grows from it)
         last: dict[str, int | None] = dict(
@@ -377,12 +430,6 @@ class PostgresStorage(PostgresExtras):
                 " %b::text[], %b::float8[], %b::float8[], %b::bigint[], %b::bytea[])"
                 " AS u(d, s, k, c, t, a, b)",
                 (now, *cols),
-            )
-        if devices:
-            conn.execute(
-                "UPDATE devices SET last_seen = %s WHERE id IN"
-                " (SELECT id FROM devices WHERE id = ANY(%s) ORDER BY id FOR UPDATE)",
-                (now, devices),
             )
         out: list[IngestResult | AgentError] = []
         for i, (device, recs, _) in enumerate(batches):

@@ -27,6 +27,7 @@ from aiocoap.numbers.optionnumbers import OptionNumber
 from agent.loopfilter import ExceptionFilter
 from agent.wire import features, relay
 from cloud.security import identity
+from cloud.storebase import DataRefused
 
 RETRY_AFTER = 10  # Max-Age of a 5.03 answer
 BLOCK1_LIFETIME = 93.0  # RFC 7252 MAX_TRANSMIT_WAIT: an unfinished Block1 upload is dropped
@@ -46,6 +47,16 @@ class _Failure(Exception):
         for name, value in self.options.items():
             setattr(msg.opt, name, value)
         return msg
+
+
+def storage_failure(err: Exception) -> _Failure:
+    """The answer to a storage failure: 4.00 for a value the database refuses (the request's
+    fault, :class:`~cloud.storebase.DataRefused`; the storage logged it), else 5.03 with
+    Max-Age (logged here)."""
+    if isinstance(err, DataRefused):
+        return _Failure(Code.BAD_REQUEST, str(err))
+    logging.getLogger("cloud.server").error("event=storage_unavailable error=%s", err)
+    return _Failure(Code.SERVICE_UNAVAILABLE, "storage unavailable", max_age=RETRY_AFTER)
 
 
 class _RenderedFailure(aiocoap.error.RenderableError):

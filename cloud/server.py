@@ -64,7 +64,6 @@ from cloud.logroutes import LogRoutes
 from cloud.models import ModelRegistry, ModelRequestError
 from cloud.protocol import (
     _KNOWN_CRITICAL,
-    RETRY_AFTER,
     Amplification,
     Limits,
     PeerLogFilter,
@@ -78,6 +77,7 @@ from cloud.protocol import (
     _route,
     _too_large,
     datagram_guard,
+    storage_failure,
 )
 from cloud.relayroutes import RelayRoutes
 from cloud.releases import ReleaseRoutes
@@ -101,6 +101,7 @@ from cloud.storage import (
     UnknownDevice,
     open_storage,
 )
+from cloud.storebase import DataRefused
 from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
@@ -191,11 +192,8 @@ class _Site(aiocoap.resource.ObservableResource):
         except _Failure as failure:
             response = failure.to_message()
             server._bad_request(request, failure)
-        except StorageUnavailable as err:
-            log.error("event=storage_unavailable error=%s", err)
-            response = _Failure(
-                Code.SERVICE_UNAVAILABLE, "storage unavailable", max_age=RETRY_AFTER
-            ).to_message()
+        except StorageUnavailable as err:  # 5.03 with Max-Age; 4.00 for a value it refuses
+            response = storage_failure(err).to_message()
         except Exception:
             log.exception("event=internal_error path=%r", "/" + "/".join(request.opt.uri_path))
             response = Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error")
@@ -690,6 +688,8 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
             result = await self.ingest.ingest(device, records)
         except UnknownDevice:
             raise _Failure(Code.NOT_FOUND, "no such device") from None
+        except DataRefused as err:  # 4.00: a relay refuses that entry alone
+            raise storage_failure(err) from None
         # a conflicting seq is never acknowledged: the device must keep that record
         ack = IngestAck.for_seqs(
             result.seqs,

@@ -9,7 +9,9 @@ mode lets it read and write while a server runs on the same file. ``BEGIN IMMEDI
 write transaction exclusive, so ``arrival`` numbers have no gaps here and follow commit order.
 
 Every call that changes something is one transaction. Ingest stores each (device, seq) once:
-a record that is already stored is a duplicate and changes nothing (the first copy stays).
+a record that is already stored is a duplicate and changes nothing (the first copy stays); one
+with a time that is not finite is refused alone (not stored, not acknowledged), not its group.
+A damaged file is refused at open, before any write (:func:`_quick_check`).
 Failures of the database (I/O error, disk full, locked for too long, closed) raise
 :class:`StorageUnavailable`; the server answers those with 5.03 and a Max-Age.
 """
@@ -58,6 +60,7 @@ from cloud.storebase import (
     desired_doc,
     merge_reported,
     records_query,
+    time_not_finite,
 )
 from cloud.storesql import Row, SharedStorage, insert, missing
 from drivers.clock import Clock, RealClock
@@ -175,6 +178,24 @@ def _held(db: sqlite3.Connection, device: str, seq: int) -> bool:
     return db.execute(sql, (device, seq)).fetchone() is not None
 
 
+def _quick_check(db: sqlite3.Connection, path: Path) -> None:
+    """:func:`_damaged` if ``PRAGMA quick_check`` finds a damaged page or b-tree. It reads the
+    whole file (20-45 ms warm, 0.3 s cold for 100,000 records, 11 MB), so it runs at every open:
+    damage at rest follows a clean stop as well as a crash."""
+    rows = db.execute("PRAGMA quick_check(1)").fetchall()
+    text = " ".join(str(rows[0][0]).split()).removeprefix("*** in database main *** ")
+    if text != "ok":
+        raise _damaged(path, text) from sqlite3.DatabaseError(f"disk image is malformed: {text}")
+
+
+def _damaged(path: Path, problem: str) -> StorageUnavailable:
+    """The one line that refuses a damaged file (raised from a "malformed" error: exit 65)."""
+    return StorageUnavailable(
+        f"{path}: the database is damaged ({problem[:160]}); the endpoint will not use it: "
+        'recover it or restore a copy (docs/ops.md "A damaged database")'
+    )
+
+
 def _wal(db: sqlite3.Connection) -> None:
     """Put the file in WAL mode. Several processes opening a new file at once may race on it:
     SQLite then answers "database is locked" at once, without its busy handler, so the pragma is
@@ -203,9 +224,10 @@ class SQLiteStorage(SharedStorage):
         self._store: str | None = None
         self._files: ModelFiles | None = None
         self._releases: ReleaseFiles | None = None
+        self._db: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db: sqlite3.Connection | None = sqlite3.connect(
+            self._db = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
             )
             _wal(self._db)
@@ -217,6 +239,7 @@ class SQLiteStorage(SharedStorage):
                     f"{self.path}: schema version {version} is newer than this endpoint "
                     f"({SCHEMA_VERSION}); upgrade edge-agent"
                 )
+            _quick_check(self._db, self.path)  # before anything is written to it
             with self._tx() as db:
                 schema = (
                     _SCHEMA
@@ -243,8 +266,13 @@ class SQLiteStorage(SharedStorage):
                 ).fetchone()
                 is not None
             )
-        except (sqlite3.Error, OSError) as err:
-            raise StorageUnavailable(f"cannot open {self.path}: {err}") from err
+        except BaseException as err:
+            self.close()
+            if isinstance(err, sqlite3.DatabaseError) and "malformed" in str(err):
+                raise _damaged(self.path, str(err)) from err
+            if isinstance(err, sqlite3.Error | OSError):
+                raise StorageUnavailable(f"cannot open {self.path}: {err}") from err
+            raise
 
     def storage_id(self) -> str:
         with self._errors():
@@ -370,10 +398,13 @@ class SQLiteStorage(SharedStorage):
     ) -> tuple[IngestResult, int]:
         new = duplicate = 0
         conflicts: list[int] = []
+        refused: set[int] = set()
         floor = self._floor(db, device)
         for rec in records:
             body = bytes(rec.body)
-            when = record_time(rec)
+            if time_not_finite(device, rec):  # SQLite would store NaN as NULL
+                refused.add(rec.seq)
+                continue
             if rec.seq <= floor and not _held(db, device, rec.seq):
                 # a gateway dropped its records up to ``floor`` once the cloud stored them:
                 # one under such a seq that it does not hold may be another record than the
@@ -385,10 +416,19 @@ class SQLiteStorage(SharedStorage):
                     device, rec.seq, floor,
                 )  # fmt: skip
                 continue
-            cur = db.execute(
-                "INSERT OR IGNORE INTO records (device, seq, kind, created, time, received, "
-                "arrival, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (device, rec.seq, str(rec.kind), rec.created, when, now, arrival + 1, body),
+            cur = db.execute(  # not OR IGNORE, which would hide a NOT NULL violation too
+                "INSERT INTO records (device, seq, kind, created, time, received, arrival, body) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING",
+                (
+                    device,
+                    rec.seq,
+                    str(rec.kind),
+                    rec.created,
+                    record_time(rec),
+                    now,
+                    arrival + 1,
+                    body,
+                ),
             )
             if cur.rowcount == 1:
                 new += 1
@@ -406,7 +446,7 @@ class SQLiteStorage(SharedStorage):
                 )
         db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
         (last,) = db.execute("SELECT max(seq) FROM records WHERE device = ?", (device,)).fetchone()
-        seqs = tuple(rec.seq for rec in records)
+        seqs = tuple(rec.seq for rec in records if rec.seq not in refused)
         result = IngestResult(seqs, new, duplicate, len(conflicts), tuple(conflicts), last)
         return result, arrival
 

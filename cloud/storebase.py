@@ -38,7 +38,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from agent.errors import AgentError
 from agent.files import loads_json
 from agent.wire import statedoc
-from agent.wire.batch import WireRecord
+from agent.wire.batch import WireRecord, record_time
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, Entry
 
@@ -52,6 +52,18 @@ log = logging.getLogger("cloud.storage")
 
 class StorageUnavailable(AgentError):
     """The database cannot do the work now (I/O error, full disk, locked, closed)."""
+
+
+class DataRefused(StorageUnavailable):
+    """The database refuses a value of the request (PostgreSQL: text with a NUL character, a
+    number beyond its column's range): the request's fault, nothing was stored, and sending it
+    again will not help. The text names the refusal, never the storage (it may go to the peer:
+    the server answers it 4.00). A :class:`StorageUnavailable` for callers that know no better."""
+
+
+class MigrationRefused(AgentError):
+    """A migrate may not start filling this storage: it holds data, or another migrate marked
+    it first (:meth:`Storage.set_migration`); nothing was changed."""
 
 
 class DuplicateKeyId(AgentError):
@@ -624,6 +636,19 @@ def finite_float(value: Any) -> float | None:
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
+
+
+def time_not_finite(device: str, rec: WireRecord) -> bool:
+    """Whether ``rec``'s ``created`` or time is not a finite number (the decoders refuse such
+    records; a storage refuses them again: SQLite would store NaN as NULL, PostgreSQL as NaN).
+    Such a record is refused alone, logged here: not stored, not acknowledged."""
+    if finite_float(rec.created) is not None and finite_float(record_time(rec)) is not None:
+        return False
+    log.warning(
+        "event=record_refused device=%s seq=%d detail=time_not_finite created=%r",
+        device, rec.seq, rec.created,
+    )  # fmt: skip
+    return True
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:

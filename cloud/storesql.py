@@ -41,6 +41,7 @@ from cloud.storebase import (
     CredentialChanged,
     DuplicateKeyId,
     IngestResult,
+    MigrationRefused,
     ModelVersion,
     Sql,
     Table,
@@ -305,22 +306,55 @@ class SharedStorage(LearnTables, RelayTables, CommandTables, ReleaseTables):
         return None if row is None else f"{int(row[0]):016x}"
 
     def set_migration(self, source_id: str, done: bool = False) -> None:
+        """Mark this storage as being filled from ``source_id`` (module docstring of
+        cloud/migrate.py), in ONE transaction with the check that allows it: no mark yet and no
+        data (:data:`TABLES` but the OSCORE counters; PostgreSQL's models and releases too,
+        SQLite keeps those as files, which the caller checks); else :class:`MigrationRefused`
+        and nothing changes. The mark is inserted only if absent, so of two migrates that check
+        at once one marks and the other is refused. ``done``: this storage takes
+        ``source_id`` as its own id and the mark goes."""
         number = id_number(source_id)
-        upsert = (
-            f"INSERT INTO {self._META} (name, value) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-        )
 
         def tx(db: Sql) -> None:
             if done:
-                db.execute(upsert, (STORAGE_ID, number))
+                db.execute(
+                    f"INSERT INTO {self._META} (name, value) VALUES (?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (STORAGE_ID, number),
+                )
                 db.execute(f"DELETE FROM {self._META} WHERE name = ?", (MIGRATING,))
-            else:
-                db.execute(upsert, (MIGRATING, number))
+                return
+            mark = db.execute(
+                f"SELECT value FROM {self._META} WHERE name = ?", (MIGRATING,)
+            ).fetchone()
+            if mark is not None:
+                raise MigrationRefused(
+                    f"a migrate from storage {int(mark[0]):016x} marked the target already"
+                )
+            held = [name for name in _held_tables(db.dialect) if _any_row(db, name)]
+            if held:
+                raise MigrationRefused(f"the target holds data already ({', '.join(held)})")
+            cur = db.execute(
+                f"INSERT INTO {self._META} (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO NOTHING",
+                (MIGRATING, number),
+            )
+            if cur.rowcount != 1:  # PostgreSQL: another migrate's mark committed meanwhile
+                raise MigrationRefused("another migrate marked the target at the same time")
 
         self._write(tx)
         if done:
             self._store = None  # read again: the id taken over
+
+
+def _held_tables(dialect: str) -> list[str]:
+    """The tables (physical names) a migrate's target must not hold rows of."""
+    names = [PHYSICAL.get(n, n) for n in TABLES if n not in ("sequences", "models")]
+    return names + (["models", "releases"] if dialect == "postgresql" else [])
+
+
+def _any_row(db: Sql, name: str) -> bool:
+    return bool(db.execute(f"SELECT EXISTS (SELECT 1 FROM {name})").fetchone()[0])
 
 
 def missing(db: Sql, spec: Table, rows: Sequence[Row]) -> list[Row]:

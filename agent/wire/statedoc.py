@@ -18,6 +18,10 @@ in its key's range (:data:`DESIRED_RANGES`). The endpoint refuses a write that b
 its keys before decoding any value (:func:`parse_desired_document`, with
 :mod:`agent.wire.cborscan`), so a hostile value costs only its own key.
 
+No text in either document (a key or a value, at any depth) holds a NUL (:func:`nul_text`): no
+PostgreSQL text keeps one. Other control characters stay in values (a reason may carry a line
+break; views escape them); keys are names, without any (:data:`REPORTED_KEY`, DESIRED_KEYS).
+
 Merge rules (:class:`Rule`, by key: :func:`rule_for`):
 
 ==========================================  ======  ============================================
@@ -207,6 +211,31 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def nul_text(value: Any) -> str | None:
+    """The first text in ``value`` (a map key or a value, at any depth) that holds a NUL
+    character, or None. Iterative; a value met twice is walked twice (callers refuse shared and
+    cyclic values first: :func:`agent.wire.records.check_plain`, the depth limit)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return item
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list | tuple):
+            todo.extend(item)
+    return None
+
+
+def _nul_refusal(what: str, value: Any) -> StateError | None:
+    text = nul_text(value)
+    if text is None:
+        return None
+    return StateError(f"{what}: the text {show(text)} holds a NUL character (U+0000)")
+
+
 # -- reported ------------------------------------------------------------------------------------
 
 
@@ -229,6 +258,8 @@ def parse_reported(data: bytes) -> dict[str, Entry]:
             records.check_plain(value, f"reported state: {key}")
         except records.RecordError as err:
             raise StateError(str(err)) from None
+        if nul := _nul_refusal(f"reported state: {key}", value):
+            raise nul
         rule = rule_for(key)
         if rule is Rule.MAX and not (_number(value) and math.isfinite(value) and value >= 0):
             raise StateError(f"reported state: {key}: a counter is a non-negative number")
@@ -360,13 +391,17 @@ def agent_version(value: Any) -> str | None:
 
 
 DESIRED_KEYS: tuple[tuple[re.Pattern[str], Any, str], ...] = (
-    (re.compile(rf"^sensor/{_SEG}/enabled$"), _bool, "sensor/<name>/enabled"),
-    (re.compile(rf"^sensor/{_SEG}/interval$"), _interval, "sensor/<name>/interval"),
-    (re.compile(rf"^detect/{_SEG}/threshold$"), _threshold, "detect/<name>/threshold"),
-    (re.compile(rf"^model/{_SEG}$"), _model, "model/<slot>"),
-    (re.compile(rf"^learn/{_SEG}$"), _learn, "learn/<model>"),
+    (re.compile(rf"^sensor/{_SEG}/enabled\Z"), _bool, "sensor/<name>/enabled"),
+    (re.compile(rf"^sensor/{_SEG}/interval\Z"), _interval, "sensor/<name>/interval"),
+    (re.compile(rf"^detect/{_SEG}/threshold\Z"), _threshold, "detect/<name>/threshold"),
+    (re.compile(rf"^model/{_SEG}\Z"), _model, "model/<slot>"),
+    (re.compile(rf"^learn/{_SEG}\Z"), _learn, "learn/<model>"),
     (re.compile(r"^agent/version\Z"), agent_version, "agent/version"),
-    (re.compile(f"^command/({'|'.join(commands.NAMES)})$"), commands.check_value, "command/<name>"),
+    (
+        re.compile(rf"^command/({'|'.join(commands.NAMES)})\Z"),
+        commands.check_value,
+        "command/<name>",
+    ),
 )
 
 
@@ -427,7 +462,7 @@ def check_desired(key: Any, value: Any) -> None:
     depth = _depth(value)
     # the size of a value too deep is not needed (and it may not even encode)
     size = 0 if depth > MAX_VALUE_DEPTH else len(encode_value(value))
-    problem = value_problem(key, size, depth)
+    problem = value_problem(key, size, depth) or _nul_refusal(f"desired state: {key}", value)
     if problem is not None:
         raise problem
     for pattern, check, _ in DESIRED_KEYS:

@@ -206,6 +206,25 @@ async def test_storage_unavailable_is_503_with_max_age_and_serving_goes_on(
         assert (await client.request(gone).response).code == Code.NOT_FOUND
 
 
+async def test_a_value_the_database_refuses_is_400_not_503_and_serving_goes_on(
+    server: CloudServer, client: aiocoap.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value the database refuses (PostgreSQL: text with a NUL) is the request's fault:
+    4.00 with the reason, not a 5.03 the device would retry for ever."""
+    from cloud.storebase import DataRefused
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise DataRefused("a value the database refuses: text with a NUL (0x00) character")
+
+    monkeypatch.setattr(SQLiteStorage, "ingest_many", refuse)
+    response = await post(client, server, encode_batch(DEVICE, [alert(1)]))
+    assert response.code == Code.BAD_REQUEST and response.opt.max_age in (None, 60)
+    assert b"NUL" in response.payload
+    monkeypatch.undo()
+    ok = await post(client, server, encode_batch(DEVICE, [alert(2)]))
+    assert ok.code == Code.CHANGED
+
+
 async def test_device_entry_and_restart_keeps_data(tmp_path: Path, client: aiocoap.Context) -> None:
     srv = await CloudServer.start(tmp_path, "127.0.0.1", 0, allow_plain=True)
     await srv.add_device(DEVICE)

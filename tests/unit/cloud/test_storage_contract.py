@@ -1095,6 +1095,9 @@ def test_log_uploads_are_numbered_per_device_and_the_newest_kept(storage: Storag
     assert storage.last_log_upload(DEV) is None
     for i in range(LOGS_KEPT + 3):
         assert storage.put_log_upload(DEV, T0 + i, i, 0, b"body %d" % i, T0 + 100 + i) == i + 1
+    with pytest.raises(UnknownDevice):  # only a registered device's (the server checks first)
+        storage.put_log_upload("b-2", None, 1, 2, b"other", T0)
+    storage.add_device("b-2", T0)
     storage.put_log_upload("b-2", None, 1, 2, b"other", T0)
     kept = storage.log_uploads(DEV, 100)
     assert [u["n"] for u in kept] == list(range(LOGS_KEPT + 3, 3, -1))
@@ -1223,3 +1226,25 @@ def test_reported_update_outcomes_become_a_bounded_history_once_each(
     report(30, {"result": "staged", "version": "1.3", "at": T0 + 50})
     assert [r.result for r in storage.release_history(DEV)] == ["staged", "assigned", "updated"]
     assert storage.release_history("nobody") == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_a_record_whose_time_is_not_finite_is_refused_alone_and_the_group_commits(
+    storage: Storage, bad: float
+) -> None:
+    """SQLite stores NaN as NULL: under INSERT OR IGNORE the NOT NULL violation was taken for a
+    duplicate and the lookup of the "stored copy" failed the whole group commit; PostgreSQL
+    stored NaN and inf as they were. The decoders refuse such records; the storage again."""
+    other = "pump-02"
+    storage.add_device(other, T0)
+    evil = WireRecord(2, "alert", bad, AlertBody(T0, {"score": 1.0}).to_cbor())
+    results = storage.ingest_many(
+        [(other, [telemetry(1)], False), (DEV, [telemetry(1), evil, telemetry(3)], False)], T0
+    )
+    assert results == [
+        IngestResult((1,), 1, 0, 0, (), 1),
+        IngestResult((1, 3), 2, 0, 0, (), 3),  # seq 2 neither stored nor acknowledged
+    ]
+    assert storage.seqs(other) == [1] and storage.seqs(DEV) == [1, 3]
+    again = storage.ingest(DEV, [evil, telemetry(3)], T0 + 1)  # sent again: refused again
+    assert again == IngestResult((3,), 0, 1, 0, (), 3)
