@@ -250,10 +250,11 @@ async def test_three_rounds_with_a_device_killed_mid_round(tmp_path: Path) -> No
             st = status(agents.config(device))
             # detection went on (the restarted device's counter started again at its restart)
             assert st["detect"]["samples"] > (0 if device == KILLED else before[device])
-            # its last round: uploaded, or refused because the round had closed at its deadline
-            # (training yields to sampling and detection: under load a device can run late)
+            # its last round: uploaded, or it ran late (training yields to sampling and
+            # detection): expired at its deadline on the device, or refused by the endpoint
+            # because the round had closed there first
             last = st["learn"]["models"]["skab-ae"]
-            assert last["status"] == "uploaded" or (
+            assert last["status"] in ("uploaded", "expired") or (
                 last["status"] == "refused" and "is not open" in last.get("error", "")
             ), last
         for device in ("pump-a", "pump-b"):  # alive throughout: scored every row since
