@@ -76,6 +76,7 @@ from cloud import (
     migrate,
     modelcli,
     processes,
+    prunecli,
     releasecli,
     terminal,
 )
@@ -237,6 +238,7 @@ async def _serve(args: argparse.Namespace) -> int:
         print(f"edge-agent-cloud listening on {uris}, {_where(args)}", flush=True)
     if server.dashboard is not None:
         print(f"dashboard on {server.dashboard.url}", flush=True)
+    retention = prunecli.start_serving(args, server.clock)  # --retain-days (cloud/prunecli.py)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -245,6 +247,7 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         await stop.wait()
     finally:
+        await retention.stop()
         await server.stop()
     return EX_OK
 
@@ -277,6 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--allow-any-device"] if args.allow_any_device else []
         argv += ["--insecure"] if args.insecure else []
         argv += ["--no-fast-path"] if args.no_fast_path else []
+        argv += prunecli.worker_argv(args) if index == 0 else []  # one worker prunes
         if index == 0 and args.http is not None:  # one dashboard, in the first worker
             argv += ["--http", args.http]
             argv += ["--http-cert", args.http_cert] if args.http_cert else []
@@ -701,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     commandcli.add_parser(sub, _open)
     releasecli.add_parser(sub, _open, _put_desired)
     groupcli.add_parser(sub, _open)  # groups of devices for releases
+    prunecli.add_parser(sub, _open, sub.choices["serve"])  # prune, serve --retain-days
     _storage_option(parser)
     return parser
 

@@ -172,7 +172,10 @@ def prepass(
 
 
 def store(db: Sql, device: str, feats: Sequence[WireRecord], now: float, outcome: Outcome) -> None:
-    """Apply the features rules to ``feats`` (bodies already checked by the codec)."""
+    """Apply the features rules to ``feats`` (bodies already checked by the codec). A seq at or
+    below the device's pruned floor (cloud/retention.py) that nothing holds counts as held by
+    another record: a conflict, as for a record under it."""
+    floor = _pruned(db, device) if feats else -1
     for rec in feats:
         body = FeaturesBody.from_cbor(bytes(rec.body))
         raw = bytes(rec.body)
@@ -184,10 +187,11 @@ def store(db: Sql, device: str, feats: Sequence[WireRecord], now: float, outcome
             continue
         by_records = _held_records(db, device, body.first, body.last)
         held: dict[int, str | None] = {}
-        if by_features or by_records:  # the seqs as a set only when something is held
+        if by_features or by_records or body.first <= floor:  # the seqs as a set only then
             wanted = set(body.seqs)
             held = {s: h[0] for s, h in by_features.items() if s in wanted}
             held.update({s: h for s, h in by_records.items() if s in wanted})
+            held.update({s: None for s in body.seqs if s <= floor and s not in held})
         if not held:
             db.execute(
                 f"INSERT INTO features ({', '.join(COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -221,6 +225,12 @@ def store(db: Sql, device: str, feats: Sequence[WireRecord], now: float, outcome
             body.last,
             len(held),
         )
+
+
+def _pruned(db: Sql, device: str) -> int:
+    """The device's pruned floor (-1: none)."""
+    row = db.execute("SELECT pruned FROM devices WHERE id = ?", (device,)).fetchone()
+    return -1 if row is None or row[0] is None else int(row[0])
 
 
 def _conflict(outcome: Outcome, device: str, seq: int) -> None:

@@ -3,8 +3,9 @@
 dashboard's reader (a pooled connection in a read-only transaction), loading records (their keys
 in ``record_keys``, the day partitions they need, the ``record_arrival`` SEQUENCE moved past
 what was loaded), the published models (table ``models``, file bytes in ``bytea``: a model
-file is small) and the published releases (:class:`cloud.releasestore.ReleaseBlobs`: in
-blocks). Kept apart so that cloud/pgstorage.py stays about ingest, state and notices.
+file is small), the published releases (:class:`cloud.releasestore.ReleaseBlobs`: in
+blocks) and retention (:class:`cloud.pgretention.PostgresRetention`). Kept apart so that
+cloud/pgstorage.py stays about ingest, state and notices.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 from psycopg import Connection
 
 from cloud import pgschema
+from cloud.pgretention import PostgresRetention
 from cloud.releasestore import ReleaseBlobs
 from cloud.storebase import ModelVersion, Sql, StorageUnavailable
 from cloud.storesql import Row, SharedStorage
@@ -25,7 +27,7 @@ Conn = Connection[Any]
 DIALECT = "postgresql"
 
 
-class PostgresExtras(ReleaseBlobs, SharedStorage):
+class PostgresExtras(PostgresRetention, ReleaseBlobs, SharedStorage):
     """Mixed into :class:`cloud.pgstorage.PostgresStorage`, whose ``_run``, ``_errors``,
     ``_pool`` and ``_days`` it uses."""
 

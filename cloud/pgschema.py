@@ -14,16 +14,18 @@ Records and uniqueness
     ``records`` (the bodies) is partitioned by day of ``received``, the endpoint's clock when it
     stored the record, in UTC: partitions follow the endpoint's clock, not a device's (a device
     with a wrong clock, or a hostile one, cannot make the endpoint create partitions for 1970 or
-    2100), inserts of a day go to one partition (its indexes stay hot), and retention is dropping
-    the partitions of old days. PostgreSQL enforces a unique constraint on a partitioned table
-    only if it contains the partition key, and ``(device, seq, received)`` would let the same
-    record be stored again on another day. So exactly-once is kept by ``record_keys``, a plain
-    table with PRIMARY KEY ``(device, seq)`` written in the same transaction as the body: the
-    insert of a key that exists does nothing, and its body is not written. Two transactions
-    inserting the same key serialize on that index entry (the second waits for the first to commit
-    or roll back), which is the guarantee; ``record_keys`` also carries ``received``, so the
-    stored copy of a duplicate is found in its own partition. Dropping a partition leaves its keys:
-    a record resent after its body expired is still a duplicate, not stored twice.
+    2100), inserts of a day go to one partition (its indexes stay hot), and retention drops the
+    partitions of old days (cloud/pgretention.py). PostgreSQL enforces a unique constraint on a
+    partitioned table only if it contains the partition key, and ``(device, seq, received)``
+    would let the same record be stored again on another day. So exactly-once is kept by
+    ``record_keys``, a plain table with PRIMARY KEY ``(device, seq)`` written in the same
+    transaction as the body: the insert of a key that exists does nothing, and its body is not
+    written. Two transactions inserting the same key serialize on that index entry (the second
+    waits for the first to commit or roll back), which is the guarantee; ``record_keys`` also
+    carries ``received``, so the stored copy of a duplicate is found in its own partition. A
+    prune deletes the keys of a partition before it drops it, once each device's pruned floor
+    covers them: ingest stores no record at or below the floor, so a record resent after it was
+    pruned is a conflict, never stored twice (cloud/retention.py).
 
     There is no DEFAULT partition (attaching a new day would have to scan it): partitions are
     made ahead of time for today and tomorrow at start, and on demand before an insert for a day
@@ -42,7 +44,7 @@ from typing import Any
 
 from psycopg import Connection, sql
 
-from cloud import commandstore, featurestore, learnstore, relaystore, releasestore
+from cloud import commandstore, featurestore, learnstore, relaystore, releasestore, retention
 
 #: Advisory lock keys (pg_advisory_xact_lock): "edgeschm" and "edgepart" as 64-bit numbers.
 MIGRATION_LOCK = int.from_bytes(b"edgeschm", "big") - 2**63
@@ -161,7 +163,10 @@ _V6 = commandstore.PG_MIGRATION
 #: Version 7: agent releases in blocks, groups of devices, release history (cloud/releasestore.py).
 _V7 = releasestore.PG_MIGRATION
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+#: Version 8: retention: each device's pruned floor, verdicts' receiving time (cloud/retention.py).
+_V8 = retention.PG_MIGRATION
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -313,12 +313,13 @@ class PostgresStorage(PostgresExtras):
     @staticmethod
     def _lock_devices(
         conn: Conn, batches: list[tuple[str, list[tuple[WireRecord, bytes]], bool]], now: float
-    ) -> set[str]:
+    ) -> dict[str, int]:
         """Register the devices to register, then lock the rows of the batches' devices (in id
         order: two transactions never wait on each other in a cycle) and set their last contact;
-        the devices that are registered. Every ingest locks them before it reads what the
-        devices hold, so what it reads is what committed before (READ COMMITTED: a statement
-        after the lock sees the transactions that held it)."""
+        the devices that are registered, with their pruned floors (-1: none). Every ingest
+        locks them before it reads what the devices hold, so what it reads is what committed
+        before (READ COMMITTED: a statement after the lock sees the transactions that held it;
+        a prune raises a floor under the same lock: cloud/pgretention.py)."""
         register = sorted({device for device, _, reg in batches if reg})
         if register:
             conn.execute(
@@ -329,10 +330,11 @@ class PostgresStorage(PostgresExtras):
         names = sorted({device for device, _, _ in batches})
         rows = conn.execute(
             "UPDATE devices SET last_seen = %s WHERE id IN"
-            " (SELECT id FROM devices WHERE id = ANY(%s) ORDER BY id FOR UPDATE) RETURNING id",
+            " (SELECT id FROM devices WHERE id = ANY(%s) ORDER BY id FOR UPDATE)"
+            " RETURNING id, coalesce(pruned, -1)",
             (now, names),
         ).fetchall()
-        return {r[0] for r in rows}
+        return {r[0]: int(r[1]) for r in rows}
 
     def _ingest_features(
         self,
@@ -372,16 +374,19 @@ class PostgresStorage(PostgresExtras):
         conn: Conn,
         batches: list[tuple[str, list[tuple[WireRecord, bytes]], bool]],
         now: float,
-        known: set[str],
+        known: dict[str, int],
     ) -> list[IngestResult | AgentError]:
-        """The records of ``batches`` whose device is ``known`` (registered, its row locked)."""
+        """The records of ``batches`` whose device is ``known`` (registered, its row locked;
+        its pruned floor). No key at or below a device's floor is inserted: such a seq is a
+        duplicate when its key is held, else a conflict (cloud/retention.py)."""
         devices = sorted(known)
-        # the highest seq of each device before this group (its result's ``last`` grows from it)
+        # the highest seq of each device before this group, or its pruned floor (its result's
+        # ``last`` grows from it)
         last: dict[str, int | None] = dict(
             conn.execute(
-                "SELECT d, (SELECT max(seq) FROM record_keys WHERE device = d)"
-                " FROM unnest(%s::text[]) AS d",
-                (devices,),
+                "SELECT d, nullif(greatest((SELECT max(seq) FROM record_keys WHERE device = d),"
+                " f), -1) FROM unnest(%s::text[], %s::bigint[]) AS u(d, f)",
+                (devices, [known[d] for d in devices]),
             ).fetchall()
         )
         # the first copy of each (device, seq) in the group is the one that may be new
@@ -390,7 +395,9 @@ class PostgresStorage(PostgresExtras):
             if device in known:
                 for j, (rec, _body) in enumerate(recs):
                     first.setdefault((device, rec.seq), (i, j))
-        keys = sorted(first)
+        below = {k for k in first if k[1] <= known[k[0]]}
+        held_below = self._held_keys(conn, sorted(below)) if below else set()
+        keys = sorted(k for k in first if k not in below)
         inserted: set[tuple[str, int]] = set()
         if keys:
             rows = conn.execute(
@@ -400,7 +407,7 @@ class PostgresStorage(PostgresExtras):
                 (now, [k[0] for k in keys], [k[1] for k in keys]),
             ).fetchall()
             inserted = {(d, int(s)) for d, s in rows}
-        stored = self._stored_copies(conn, [k for k in keys if k not in inserted])
+        stored = self._stored_copies(conn, [k for k in sorted(first) if k not in inserted])
         new = sorted(inserted, key=first.__getitem__)  # in group order
         if new:
             arrivals = sorted(
@@ -443,6 +450,13 @@ class PostgresStorage(PostgresExtras):
                 if key in inserted and first[key] == (i, j):
                     n_new += 1
                     continue
+                if key in below and key not in held_below:  # pruned, or never held: a conflict
+                    conflicts.append(rec.seq)
+                    log.warning(
+                        "event=seq_conflict device=%s seq=%d detail=below_pruned floor=%d",
+                        device, rec.seq, known[device],
+                    )  # fmt: skip
+                    continue
                 duplicate += 1
                 if key in inserted:  # first stored by this group
                     fi, fj = first[key]
@@ -465,6 +479,16 @@ class PostgresStorage(PostgresExtras):
                 IngestResult(seqs, n_new, duplicate, len(conflicts), tuple(conflicts), last[device])
             )
         return out
+
+    @staticmethod
+    def _held_keys(conn: Conn, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Which of ``keys`` (device, seq) are held (in ``record_keys``)."""
+        rows = conn.execute(
+            "SELECT k.device, k.seq FROM unnest(%s::text[], %s::bigint[]) AS u(d, s)"
+            " JOIN record_keys k ON k.device = u.d AND k.seq = u.s",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        ).fetchall()
+        return {(d, int(s)) for d, s in rows}
 
     @staticmethod
     def _stored_copies(

@@ -37,6 +37,7 @@ from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import commandstore, featurestore, learnstore, linkhistory, relaystore, releasestore
+from cloud.retention import SQLiteRetention, floor_of, upgrade_sqlite
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -211,7 +212,7 @@ def _wal(db: sqlite3.Connection) -> None:
             time.sleep(WAL_RETRY)
 
 
-class SQLiteStorage(SharedStorage):
+class SQLiteStorage(SQLiteRetention, SharedStorage):
     """:class:`Storage` on one SQLite file in WAL mode, ``synchronous=FULL``: an acknowledged
     record survives a power cut, which is what lets the device delete it. Published models are
     files in ``models/`` beside it (cloud/modelfiles.py), as they always were."""
@@ -253,6 +254,7 @@ class SQLiteStorage(SharedStorage):
                 for statement in schema.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                upgrade_sqlite(db)  # retention's columns (cloud/retention.py)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 db.execute(
                     "INSERT OR IGNORE INTO counters (name, value) VALUES ('storage_id', ?)",
@@ -399,20 +401,20 @@ class SQLiteStorage(SharedStorage):
         new = duplicate = 0
         conflicts: list[int] = []
         refused: set[int] = set()
-        floor = self._floor(db, device)
+        floor = floor_of(db, device, PRUNED_TABLE if self._floors else None)
         for rec in records:
             body = bytes(rec.body)
             if time_not_finite(device, rec):  # SQLite would store NaN as NULL
                 refused.add(rec.seq)
                 continue
             if rec.seq <= floor and not _held(db, device, rec.seq):
-                # a gateway dropped its records up to ``floor`` once the cloud stored them:
-                # one under such a seq that it does not hold may be another record than the
-                # cloud's (a device that lost its store numbers from 1 again), so it is named
-                # a conflict and the device sends it again under a new number
+                # records up to ``floor`` were pruned (retention) or dropped by a gateway once
+                # the cloud stored them: one under such a seq that is not held may be one
+                # stored before or another record (a device that lost its store numbers from 1
+                # again), so it is named a conflict and the device sends it under a new number
                 conflicts.append(rec.seq)
                 log.warning(
-                    "event=seq_conflict device=%s seq=%d detail=below_forwarded floor=%d",
+                    "event=seq_conflict device=%s seq=%d detail=below_pruned floor=%d",
                     device, rec.seq, floor,
                 )  # fmt: skip
                 continue
@@ -445,18 +447,13 @@ class SQLiteStorage(SharedStorage):
                     "event=seq_conflict device=%s seq=%d detail=kept_first_copy", device, rec.seq
                 )
         db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
-        (last,) = db.execute("SELECT max(seq) FROM records WHERE device = ?", (device,)).fetchone()
+        (last,) = db.execute(  # the floor counts: the device numbers above what was pruned
+            "SELECT nullif(max(coalesce(max(seq), -1), ?), -1) FROM records WHERE device = ?",
+            (floor, device),
+        ).fetchone()
         seqs = tuple(rec.seq for rec in records if rec.seq not in refused)
         result = IngestResult(seqs, new, duplicate, len(conflicts), tuple(conflicts), last)
         return result, arrival
-
-    def _floor(self, db: sqlite3.Connection, device: str) -> int:
-        """The highest seq of ``device`` a gateway's store dropped (-1: none, or no gateway)."""
-        if not self._floors:
-            return -1
-        row = db.execute(f"SELECT through FROM {PRUNED_TABLE} WHERE device = ?", (device,))
-        found = row.fetchone()
-        return int(found[0]) if found else -1
 
     def records(
         self,

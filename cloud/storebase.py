@@ -18,6 +18,11 @@ The contract both keep (tests/unit/cloud/test_storage_contract.py runs it agains
   exception of the database library; the server answers it with 5.03 and a Max-Age.
 - Validation verdicts are stored once per (device, seq, window digest): the first copy stays,
   whichever process or host stored it. Published model versions and agent releases are immutable.
+- Retention (:meth:`Storage.prune`, cloud/retention.py): what was received before a midnight
+  (UTC) goes, records with their keys, features records and verdicts; each device keeps a
+  *pruned floor*, the highest seq removed for it, at or below which ingest stores nothing: a
+  seq there that is held is a duplicate, one that is not is a conflict (never stored twice,
+  never acknowledged unstored), and the ack's ``last`` is at least the floor.
 - :meth:`Storage.dump` and :meth:`Storage.load` copy a storage table by table (:data:`TABLES`,
   the same rows on both) for ``edge-agent-cloud migrate`` (cloud/migrate.py). What both
   implementations do alike is written once, over :class:`Sql`, in cloud/storesql.py.
@@ -45,7 +50,10 @@ from agent.wire.statedoc import DesiredDoc, Entry
 T = TypeVar("T")
 
 if TYPE_CHECKING:
+    import threading
+
     from cloud.featurestore import StoredFeatures
+    from cloud.retention import PruneResult
 
 log = logging.getLogger("cloud.storage")
 
@@ -192,14 +200,15 @@ class Table:
     mutable: bool = False
 
 
-#: Every logical table of a storage, in the order a migrate copies them. ``verdicts``: ``n``
-#: numbers them in the order they were stored (the first verdict of a seq is the lowest);
+#: Every logical table of a storage, in the order a migrate copies them. ``devices``: ``pruned``
+#: is the device's pruned floor (cloud/retention.py); ``verdicts``: ``n`` numbers them in the
+#: order they were stored (the first verdict of a seq is the lowest), ``received`` is when;
 #: ``sequences``: the OSCORE sender sequence counters (:meth:`Storage.reserve_sequence`);
 #: ``link_history``: ``value`` is a text (link/state) or a number.
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
-        Table("devices", ("id", "registered", "last_seen", "desired_rev"), ("id",), True),
+        Table("devices", ("id", "registered", "last_seen", "desired_rev", "pruned"), ("id",), True),
         Table(
             "credentials",
             ("principal", "role", "kid", "doc", "created", "revoked"),
@@ -228,7 +237,7 @@ TABLES: dict[str, Table] = {
             ("device", "key", "time", "version", "value"),
             ("device", "key", "time", "version"),
         ),
-        Table("verdicts", ("n", "device", "seq", "digest", "body"), ("n",)),
+        Table("verdicts", ("n", "device", "seq", "digest", "body", "received"), ("n",)),
         Table("models", ("name", "version", "manifest", "data", "published"), ("name", "version")),
         Table("sequences", ("principal", "reserved"), ("principal",)),
         # features records (cloud/featurestore.py)
@@ -456,10 +465,24 @@ class Storage(Protocol):
         """The stored verdict (its CBOR) of the alert ``seq`` on the window ``digest``; with
         ``digest`` None, the first one stored for the seq."""
 
-    def put_verdicts(self, items: Sequence[Verdict]) -> list[bytes]:
+    def put_verdicts(self, items: Sequence[Verdict], now: float | None = None) -> list[bytes]:
         """Store each (device, seq, digest) verdict once, in ONE transaction: one already stored
         stays (the first copy wins, also when another host stored it meanwhile). Returns, for
-        each item, the verdict that is stored now."""
+        each item, the verdict that is stored now. ``now``: when it was received (retention;
+        None: the wall clock)."""
+
+    # -- retention (cloud/retention.py) ----------------------------------------------------------
+
+    def prune(
+        self, before: float, *, dry_run: bool = False, stop: threading.Event | None = None
+    ) -> PruneResult:
+        """Remove what was received before the midnight (UTC) of ``before``'s day: records (body
+        and key), features records, verdicts; raise each device's pruned floor to the highest
+        seq removed for it first or in the same transaction. In bounded transactions (a server
+        on the same storage goes on meanwhile); ``dry_run``: count only, change nothing;
+        ``stop`` set: end after the transaction running (the result says ``stopped``).
+        :class:`cloud.retention.PruneBusy` when another prune holds the storage's prune lock
+        (PostgreSQL) or a lock it needs was held too long."""
 
     # -- published models (cloud/models.py) ------------------------------------------------------
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -205,14 +206,16 @@ class SharedStorage(LearnTables, RelayTables, CommandTables, ReleaseTables):
         row = self._read(lambda db: db.execute(sql + " ORDER BY n LIMIT 1", args).fetchone())
         return None if row is None else bytes(row[0])
 
-    def put_verdicts(self, items: Sequence[Verdict]) -> list[bytes]:
+    def put_verdicts(self, items: Sequence[Verdict], now: float | None = None) -> list[bytes]:
+        received = time.time() if now is None else now
+
         def tx(db: Sql) -> list[bytes]:
             out = []
             for device, seq, digest, body in items:
                 db.execute(
-                    "INSERT INTO window_verdicts (device, seq, digest, body) VALUES (?, ?, ?, ?)"
-                    " ON CONFLICT DO NOTHING",
-                    (device, seq, digest, body),
+                    "INSERT INTO window_verdicts (device, seq, digest, body, received)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (device, seq, digest, body, received),
                 )
                 row = db.execute(
                     "SELECT body FROM window_verdicts WHERE device = ? AND seq = ? AND digest = ?",
