@@ -158,7 +158,7 @@ class Retainer:
         return RETAIN_INTERVAL
 
     def _prune(self) -> PruneResult:
-        storage = open_storage(self._spec)
+        storage = open_storage(self._spec, check=False)  # checked when serving started
         try:
             return storage.prune(cutoff(self._clock.time(), self._days), stop=self._stop)
         finally:

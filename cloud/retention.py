@@ -18,7 +18,7 @@ The rule, the same on both storages (:meth:`cloud.storebase.Storage.prune`):
   a record never seen before (one left in a device's queue longer than the period) is
   renumbered by the device above the ack's ``"last"`` and stored then, not lost. ``"last"``
   counts the floor, so a device that lost its store numbers above what was pruned too. This is
-  the rule a gateway's store keeps for the records it dropped (cloud/storage.py ``_floor``).
+  the rule a gateway's store keeps for the records it dropped (:func:`floor_of`).
 - The floor is raised in the transaction that removes (SQLite) or committed before anything is
   removed (PostgreSQL, where ingest reads it after locking the device's row): never a moment
   when a removed key is not covered by it.

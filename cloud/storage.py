@@ -11,7 +11,7 @@ write transaction exclusive, so ``arrival`` numbers have no gaps here and follow
 Every call that changes something is one transaction. Ingest stores each (device, seq) once:
 a record that is already stored is a duplicate and changes nothing (the first copy stays); one
 with a time that is not finite is refused alone (not stored, not acknowledged), not its group.
-A damaged file is refused at open, before any write (:func:`_quick_check`).
+A damaged file is refused at open, before any write (cloud/sqlitecheck.py).
 Failures of the database (I/O error, disk full, locked for too long, closed) raise
 :class:`StorageUnavailable`; the server answers those with 5.03 and a Max-Age.
 """
@@ -38,6 +38,7 @@ from agent.wire.credentials import Credential
 from agent.wire.statedoc import DesiredDoc, Entry
 from cloud import commandstore, featurestore, learnstore, linkhistory, relaystore, releasestore
 from cloud.retention import SQLiteRetention, floor_of, upgrade_sqlite
+from cloud.sqlitecheck import damaged, quick_check
 from cloud.storebase import (
     TABLES,
     Batch,
@@ -179,24 +180,6 @@ def _held(db: sqlite3.Connection, device: str, seq: int) -> bool:
     return db.execute(sql, (device, seq)).fetchone() is not None
 
 
-def _quick_check(db: sqlite3.Connection, path: Path) -> None:
-    """:func:`_damaged` if ``PRAGMA quick_check`` finds a damaged page or b-tree. It reads the
-    whole file (20-45 ms warm, 0.3 s cold for 100,000 records, 11 MB), so it runs at every open:
-    damage at rest follows a clean stop as well as a crash."""
-    rows = db.execute("PRAGMA quick_check(1)").fetchall()
-    text = " ".join(str(rows[0][0]).split()).removeprefix("*** in database main *** ")
-    if text != "ok":
-        raise _damaged(path, text) from sqlite3.DatabaseError(f"disk image is malformed: {text}")
-
-
-def _damaged(path: Path, problem: str) -> StorageUnavailable:
-    """The one line that refuses a damaged file (raised from a "malformed" error: exit 65)."""
-    return StorageUnavailable(
-        f"{path}: the database is damaged ({problem[:160]}); the endpoint will not use it: "
-        'recover it or restore a copy (docs/ops.md "A damaged database")'
-    )
-
-
 def _wal(db: sqlite3.Connection) -> None:
     """Put the file in WAL mode. Several processes opening a new file at once may race on it:
     SQLite then answers "database is locked" at once, without its busy handler, so the pragma is
@@ -220,7 +203,8 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
     _DIALECT = "sqlite"
     _META = "counters"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check: bool = True) -> None:
+        """``check``: read the file for damage first (cloud/sqlitecheck.py)."""
         self.path = Path(path)
         self._store: str | None = None
         self._files: ModelFiles | None = None
@@ -240,7 +224,8 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
                     f"{self.path}: schema version {version} is newer than this endpoint "
                     f"({SCHEMA_VERSION}); upgrade edge-agent"
                 )
-            _quick_check(self._db, self.path)  # before anything is written to it
+            if check:
+                quick_check(self._db, self.path)  # before anything is written to it
             with self._tx() as db:
                 schema = (
                     _SCHEMA
@@ -271,7 +256,7 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
         except BaseException as err:
             self.close()
             if isinstance(err, sqlite3.DatabaseError) and "malformed" in str(err):
-                raise _damaged(self.path, str(err)) from err
+                raise damaged(self.path, str(err)) from err
             if isinstance(err, sqlite3.Error | OSError):
                 raise StorageUnavailable(f"cannot open {self.path}: {err}") from err
             raise
@@ -281,8 +266,8 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
             return self._store_id(self.db)
 
     @classmethod
-    def in_dir(cls, data_dir: str | Path) -> SQLiteStorage:
-        return cls(Path(data_dir) / DB_NAME)
+    def in_dir(cls, data_dir: str | Path, check: bool = True) -> SQLiteStorage:
+        return cls(Path(data_dir) / DB_NAME, check)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -772,10 +757,10 @@ describe_storage = describe
 STORAGE_SCHEMES = ("postgresql://", "postgres://")
 
 
-def open_storage(spec: str | Path, pool_size: int | None = None) -> Storage:
+def open_storage(spec: str | Path, pool_size: int | None = None, check: bool = True) -> Storage:
     """The storage ``spec`` names: ``postgresql://...`` or ``postgres://...`` (a libpq URL) is a
     :class:`cloud.pgstorage.PostgresStorage` (``pool_size`` connections at most); ``sqlite:DIR``
-    or a plain directory is the :class:`SQLiteStorage` in that directory."""
+    or a plain directory is the :class:`SQLiteStorage` in that directory (``check``: for damage)."""
     text = str(spec)
     if text.startswith(STORAGE_SCHEMES):
         try:
@@ -794,4 +779,4 @@ def open_storage(spec: str | Path, pool_size: int | None = None) -> Storage:
         text = text[len("sqlite:") :]
     if not text:
         raise StorageUnavailable("no storage given (a directory, sqlite:DIR or postgresql://...)")
-    return SQLiteStorage.in_dir(text)
+    return SQLiteStorage.in_dir(text, check)

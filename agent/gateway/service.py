@@ -108,10 +108,11 @@ class Gateway:
             out.append(cred)
         return out
 
-    def _register(self, creds: list[Credential], store_id: str | None) -> str:
+    def _register(self, creds: list[Credential], store_id: str | None, check: bool = True) -> str:
         """The devices and their credentials into the gateway's store; its storage identity
-        becomes ``store_id`` (the cloud's) when given. Returns the identity it has."""
-        s = SQLiteStorage.in_dir(self.store_dir)
+        becomes ``store_id`` (the cloud's) when given. Returns the identity it has. ``check``:
+        read the store for damage first (the first open of a start: cloud/sqlitecheck.py)."""
+        s = SQLiteStorage.in_dir(self.store_dir, check)
         try:
             prepare_store(s)  # before the server opens the store (it looks for the floors)
             now = time.time()
@@ -153,11 +154,16 @@ class Gateway:
         marker = self.store_dir / "cloud-store"
         if not marker.exists() or marker.read_text(errors="replace").strip() != known:
             store = await self._cloud_store()
-            await asyncio.to_thread(self._register, [], store)
+            await asyncio.to_thread(self._register, [], store, False)
             marker.write_text(store + "\n")
         g = self.config.gateway
         try:
-            self.server = await CloudServer.start(self.store_dir, g.host, g.port)
+            self.server = await CloudServer.start(  # checked for damage by _register
+                self.store_dir,
+                g.host,
+                g.port,
+                storage_factory=lambda: SQLiteStorage.in_dir(self.store_dir, check=False),
+            )
         except OSError as err:
             if err.filename is not None or not err.strerror:
                 raise

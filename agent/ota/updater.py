@@ -104,11 +104,15 @@ def partial_path(data_dir: Path, version: str) -> Path:
 
 
 async def _download(
-    fetcher: ReleaseFetcher, manifest: ReleaseManifest, part: Path, budget_bytes: int | None
+    fetcher: ReleaseFetcher,
+    manifest: ReleaseManifest,
+    part: Path,
+    budget_bytes: int | None,
+    root: Path | None = None,
 ) -> FetchStats:
     """Download (or resume) ``part`` after the disk budget check; ReleaseError when it is
     refused (the partial removed), SyncError on a link failure (the partial kept)."""
-    _check_budget(manifest, part, budget_bytes)
+    _check_budget(manifest, part, budget_bytes, root)
     sync = _PartSync(part)
     try:
         return await fetcher.download(manifest, part, sync.on_block)  # type: ignore[arg-type]
@@ -119,22 +123,34 @@ async def _download(
         await sync.close()
 
 
-def _check_budget(manifest: ReleaseManifest, part: Path, budget_bytes: int | None) -> None:
+def _check_budget(
+    manifest: ReleaseManifest, part: Path, budget_bytes: int | None, root: Path | None = None
+) -> None:
     """ReleaseError when the release is larger than the disk budget; NotNow when the free space
     cannot hold the rest of it now (the device's condition: the queue may have filled the disk
-    during an outage; tried again later, never reported as a refusal)."""
+    during an outage; tried again later, never reported as a refusal). With the release
+    ``root``: also room there for the root helper's copy of the file and its unpacked bundle
+    (twice its size; on one filesystem with DATA, on top of the download)."""
     have = part.stat().st_size if part.exists() else 0
     if budget_bytes is not None and manifest.size > budget_bytes:
         raise ReleaseError(
             f"release {manifest.version}: {manifest.size} bytes do not fit the disk budget "
             f"({budget_bytes} bytes); refused"
         )
-    free = shutil.disk_usage(part.parent).free
-    if manifest.size - have > free:
-        raise NotNow(
-            f"release {manifest.version}: {manifest.size - have} bytes to fetch, {free} bytes "
-            f"free in {part.parent}; waiting for free space"
-        )
+    needs = {part.parent: manifest.size - have}
+    if root is not None and root.exists():  # the root helper's copy and unpacked bundle
+        if os.stat(root).st_dev == os.stat(part.parent).st_dev:
+            needs[part.parent] += 2 * manifest.size
+        else:
+            needs[root] = 2 * manifest.size
+    for where, need in needs.items():
+        free = shutil.disk_usage(where).free
+        if need > free:
+            raise NotNow(
+                f"release {manifest.version}: {need} bytes needed (the download, the root "
+                f"helper's copy and its unpacked bundle), {free} bytes free in {where}; "
+                "waiting for free space"
+            )
     version, size = manifest.version, manifest.size
     log.info("event=release_download version=%s bytes=%d resume=%d", version, size, have)
 
@@ -206,7 +222,7 @@ async def stage(
         )
     part = partial_path(data_dir, version)
     part.parent.mkdir(parents=True, exist_ok=True)
-    stats = await _download(fetcher, manifest, part, budget_bytes)
+    stats = await _download(fetcher, manifest, part, budget_bytes, root)
     try:
         check_file(manifest, part)
     except ReleaseError:
@@ -219,7 +235,7 @@ async def stage(
             version,
             stats.resumed_from,
         )
-        stats = await _download(fetcher, manifest, part, budget_bytes)
+        stats = await _download(fetcher, manifest, part, budget_bytes, root)
         try:
             check_file(manifest, part)
         except ReleaseError:

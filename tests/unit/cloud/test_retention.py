@@ -209,14 +209,17 @@ def test_an_endpoint_ingesting_during_a_prune_goes_on(backend: Backend) -> None:
     thread = threading.Thread(target=prune)
     thread.start()
     sent = []
+    during = 0  # ingests committed while the prune was still running
     seq = 100_000
     while thread.is_alive() or not sent:
         result = server.ingest(DEV, [telemetry(seq)], T0 + len(sent))
         assert result.new == 1
+        during += thread.is_alive()
         sent.append(seq)
         seq += 1
         time.sleep(0.002)  # a busy endpoint, not one that never lets go of the file
     thread.join()
+    assert during > 0  # 40 transactions with pauses between them: the two did overlap
     (done,) = outcome
     assert not isinstance(done, Exception), done
     assert done.records == 2_000  # type: ignore[union-attr]

@@ -177,3 +177,24 @@ async def test_attack_nul_in_a_reported_put_gets_4_00_naming_the_key(tmp_path: P
     finally:
         await transport.close()
         await srv.stop()
+
+
+def test_an_open_told_the_file_was_checked_moments_ago_does_not_read_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check reads the whole file (tens of seconds for a gigabyte on an SD card): the
+    gateway checks its store when it registers its devices, and its server's open right after,
+    like a serving endpoint's daily prune, passes check=False."""
+    from cloud import storage as storage_module
+
+    calls: list[Path] = []
+    real = storage_module.quick_check
+    monkeypatch.setattr(
+        storage_module, "quick_check", lambda db, path: (calls.append(path), real(db, path))
+    )
+    SQLiteStorage.in_dir(tmp_path / "cloud").close()
+    storage_module.open_storage(tmp_path / "cloud").close()
+    assert len(calls) == 2
+    SQLiteStorage.in_dir(tmp_path / "cloud", check=False).close()
+    storage_module.open_storage(tmp_path / "cloud", check=False).close()
+    assert len(calls) == 2

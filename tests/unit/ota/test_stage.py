@@ -277,3 +277,33 @@ async def test_a_release_larger_than_the_disk_budget_is_still_refused(
             )
     finally:
         await fetcher.close()
+
+
+def test_the_free_space_counts_the_root_helpers_copy_and_unpacked_bundle(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root helper copies the release file into the release root and unpacks it there
+    (agent/ota/release.py take, unpack): on one filesystem with DATA that is three times the
+    file, so room for the download alone is `waiting`, not a refusal by the helper later."""
+    from agent.errors import NotNow
+
+    manifest = ReleaseManifest.from_cbor(
+        (endpoint.cloud / "releases" / "2" / "manifest.cbor").read_bytes()
+    )
+    part = partial_path(tmp_path / "data", "2")
+    part.parent.mkdir(parents=True)
+    root = tmp_path / "opt"
+    root.mkdir()
+    room = {"free": 2 * manifest.size}
+    real = updater.shutil.disk_usage
+
+    def usage(path: object) -> object:
+        u = real(path)  # type: ignore[arg-type]
+        return type(u)(u.total, u.used, room["free"])
+
+    monkeypatch.setattr(updater.shutil, "disk_usage", usage)
+    updater._check_budget(manifest, part, None)  # the download alone fits
+    with pytest.raises(NotNow, match="the root helper's copy and its unpacked bundle"):
+        updater._check_budget(manifest, part, None, root)
+    room["free"] = 3 * manifest.size
+    updater._check_budget(manifest, part, None, root)
