@@ -148,6 +148,7 @@ class CoapTransport:
         self._observing: dict[int, int] = {}  # lane -> observations running on it
         self.stale_retries = 0  # requests sent again after an unprotected 4.01 (STALE_RETRIES)
         self._retired: set[asyncio.Task[None]] = set()  # contexts shutting down
+        self._tinydtls_clock: Any = None  # agent/sync/dtlsclient.py, made with the first context
 
     async def _context(self, lane: int) -> Any:
 
@@ -161,6 +162,16 @@ class CoapTransport:
 
         ctx = await aiocoap.Context.create_client_context(transports=self.transports)
         _quiet_aiocoap_races(asyncio.get_running_loop())
+        if self.transports is None or "tinydtls" in self.transports:
+            # aiocoap's DTLS client spins on its handshake retransmissions and keeps a session
+            # the endpoint closed: this context's connections wait on tinydtls's clock, and end
+            # at the endpoint's close_notify
+            from agent.dtlsclock import TinydtlsClock
+            from agent.sync import dtlsclient
+
+            if self._tinydtls_clock is None:
+                self._tinydtls_clock = TinydtlsClock()
+            dtlsclient.install(ctx, self._tinydtls_clock)
         if self.security is not None:
             self.security.configure(ctx)
         return ctx
