@@ -33,7 +33,8 @@ from typing import Any
 from agent.errors import AgentError, ModelError, SyncError
 from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import ModelFetcher
-from agent.sync.transport import CoapTransport
+from agent.sync.statedata import chunks, halves
+from agent.sync.transport import CoapTransport, Response
 from agent.wire import codec, statedoc
 from agent.wire.batch import CF_CBOR, FEATURES, CodecError, IngestAck, WireRecord, format_ranges
 from agent.wire.compact import check_resolution
@@ -65,6 +66,12 @@ PRUNE_BATCH = 20_000  # records dropped in one transaction at most (ingest waits
 KEEP_FORWARDED = 7 * 86400.0  # seconds a forwarded record stays ([gateway] keep_forwarded)
 RELAY_BYTES = MAX_BODY_BYTES - 4096  # batches per /relay request (a body under the limit)
 RELAY_ENTRY_OVERHEAD = 80  # CBOR of an entry around its batch: device name, format, lengths
+#: A device's reported keys go up in PUTs of about this size (the endpoint takes 8 KiB: a device
+#: PUTs up to that to the gateway, many times, so the gateway can hold more)
+STATE_PUT_BYTES = 4096
+#: Answers to a reported PUT that say who may not (the gateway, the device), not what: the keys
+#: are sent again with the next pass, when the operator may have set it right
+STATE_RETRY_LATER = frozenset({"4.01", "4.03", "4.04"})
 
 Db = Callable[
     [Callable[[Any], Any]], Awaitable[Any]
@@ -587,29 +594,82 @@ class StateRelay:
         self.lane = lane
         self._sent: dict[str, dict[str, int]] = {}  # device -> key -> version PUT to the cloud
         self._mirrored: dict[str, bytes] = {}  # device -> ETag of the desired doc mirrored
+        self._refused: dict[str, object] = {}  # device -> the last refusal logged
         self.model_fetches: dict[tuple[str, str], int] = {}  # (name, version) -> downloads
 
     # -- reported: devices -> cloud ------------------------------------------------------------
     async def reported_once(self) -> int:
-        """PUT every reported key whose version the cloud has not had from us; keys sent."""
+        """PUT every reported key whose version the cloud has not had from us; keys sent. A
+        device the cloud refuses (4.xx) costs no other device: keys refused for what they hold
+        are not sent again until their version changes (the device's others go); a refusal of
+        who asks (4.01, 4.03, 4.04) is tried again next pass. A 5.xx or no answer ends the
+        pass (SyncError: it is tried again)."""
         sent = 0
         for device in self.devices():
             entries = await self.db(lambda s, d=device: s.reported(d))
             done = self._sent.setdefault(device, {})
             changed = {k: e for k, e in entries.items() if done.get(k) != e.version}
-            if not changed:
-                continue
             uri = f"{self.base()}/state/{device}/reported"
-            payload = statedoc.encode_reported(changed)
-            resp = await self.transport.request(
-                "PUT", uri, payload, content_format=CF_CBOR, deadline=REQUEST_DEADLINE,
-                lane=self.lane,
-            )  # fmt: skip
-            if not resp.success:
-                raise SyncError(f"PUT {uri}: {resp.dotted}")
-            done.update({k: e.version for k, e in changed.items()})
-            sent += len(changed)
+            for chunk in chunks(changed, STATE_PUT_BYTES):
+                took = await self._put_reported(device, uri, chunk, done)
+                if took is None:
+                    break  # the cloud does not take this device's state from us now
+                sent += took
         return sent
+
+    async def _put_reported(
+        self,
+        device: str,
+        uri: str,
+        chunk: dict[str, statedoc.Entry],
+        done: dict[str, int],
+        splitting: bool = False,
+    ) -> int | None:
+        """PUT ``chunk``; how many keys the cloud took, None if it refused who asks. One value
+        it refuses refuses the whole PUT (4.00: e.g. a text with a NUL that the gateway stored
+        before the decoder refused them): the halves are sent again until the key refused is
+        alone, so that the others go up."""
+        payload = statedoc.encode_reported(chunk)
+        resp = await self.transport.request(
+            "PUT", uri, payload, content_format=CF_CBOR, deadline=REQUEST_DEADLINE,
+            lane=self.lane,
+        )  # fmt: skip
+        if resp.success:
+            done.update({k: e.version for k, e in chunk.items()})
+            self._refused.pop(device, None)
+            return len(chunk)
+        if resp.code >> 5 != 4:  # 5.xx: the cloud cannot now
+            raise SyncError(f"PUT {uri}: {resp.dotted}")
+        if resp.dotted in STATE_RETRY_LATER:
+            self._say_refused(device, chunk, resp, "retry_next_pass")
+            return None
+        split = resp.dotted == "4.00" and len(chunk) > 1
+        if not split:  # sent as it is it would be refused again: it goes when it changes
+            self._say_refused(device, chunk, resp, "not_sent")
+            done.update({k: e.version for k, e in chunk.items()})
+            return 0
+        if not splitting:
+            self._say_refused(device, chunk, resp, "split")
+        a, b = halves(chunk)
+        took = await self._put_reported(device, uri, a, done, True)
+        more = None if took is None else await self._put_reported(device, uri, b, done, True)
+        return None if took is None or more is None else took + more
+
+    def _say_refused(
+        self, device: str, chunk: dict[str, statedoc.Entry], resp: Response, action: str
+    ) -> None:
+        """One line per device, answer and versions (a refusal tried again each pass is said
+        once): a warning when the keys are sent again, an error when they are not."""
+        said = (resp.dotted, tuple((k, e.version) for k, e in chunk.items()))
+        if self._refused.get(device) == said:
+            return
+        self._refused[device] = said
+        log.log(
+            logging.ERROR if action == "not_sent" else logging.WARNING,
+            "event=relay_reported_refused device=%s code=%s keys=%s action=%s reason=%r",
+            device, resp.dotted, ",".join(chunk), action,
+            resp.payload[:200].decode("utf-8", "replace"),
+        )  # fmt: skip
 
     # -- desired: cloud -> gateway -------------------------------------------------------------
     async def desired_once(self) -> int:

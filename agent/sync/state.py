@@ -67,13 +67,15 @@ from agent.sync.statedata import (
     StateSettings,
     chunks,
     decode_state,
+    drop_refused,
     encode_state,
     error_text,
-    errors_report,
+    halves,
     model_name,
     parse_acks,
     parse_desired_document,
     reported_problem,
+    reported_values,
     same_value,
     show,
 )
@@ -117,11 +119,9 @@ PUT_CHUNK_BYTES = 1024
 CF_CBOR = 60
 CODE_CONTENT = code("2.05")
 CODE_CHANGED = code("2.04")
+CODE_BAD_REQUEST = code("4.00")
 CODE_NOT_FOUND = code("4.04")
 CODE_UNAVAILABLE = code("5.03")
-
-ERRORS_KEY = "desired/errors"
-REV_KEY = "desired/rev"
 
 
 def _jitter(failures: int, rng: random.Random) -> float:
@@ -310,6 +310,9 @@ class StateSync:
         self._rev = doc["rev"]
         self._reported = doc["reported"]
         self._pending = doc["pending"] & set(self._reported)
+        for key, problem in drop_refused(self._reported, self._pending).items():
+            self._skip(key, problem)  # saved before the endpoint refused such values
+            self._unsaved = True
         self._applied = doc["applied"]
         self._failed = doc["failed"]
 
@@ -346,23 +349,7 @@ class StateSync:
         except Exception as err:
             log.error("event=reported_hook_failed error=%r", error_text(err))
             values = {}
-        for key, entry in self._applied.items():
-            if entry.value is not None and key not in self._failed:
-                values.setdefault(key, entry.value)
-        values[REV_KEY] = self._rev
-        if self._failed or ERRORS_KEY in self._reported:
-            values[ERRORS_KEY] = errors_report(self._failed)
-        for key, failure in self._failed.items():
-            if statedoc.rule_for(key) is Rule.MODEL:
-                report: dict[str, Any] = {
-                    "status": "failed",
-                    "desired": failure.version,
-                    "error": failure.error,
-                }
-                if failure.name is not None:
-                    report["name"] = failure.name
-                values[key] = report
-        return values
+        return reported_values(values, self._applied, self._failed, self._rev, self._reported)
 
     def _number(self, values: Mapping[str, Any]) -> bool:
         """Give each changed key a new version; True if any changed."""
@@ -373,15 +360,19 @@ class StateSync:
                 continue
             problem = reported_problem(key, value)
             if problem is not None:
-                if self._bad_keys.get(key) != problem:
-                    self._bad_keys[key] = problem
-                    log.warning("event=reported_key_skipped key=%r error=%r", key, problem)
+                self._skip(key, problem)
                 continue
             self._bad_keys.pop(key, None)
             self._reported[key] = Entry(self._next_version(), value)
             self._pending.add(key)
             changed = True
         return changed
+
+    def _skip(self, key: str, problem: str) -> None:
+        """``key``'s value is one the endpoint refuses: it is not sent (said once per problem)."""
+        if self._bad_keys.get(key) != problem:
+            self._bad_keys[key] = problem
+            log.warning("event=reported_key_skipped key=%r error=%r", key, problem)
 
     def _report_due(self) -> float:
         if self._retry_at is not None:
@@ -424,7 +415,7 @@ class StateSync:
                 return False
         return True
 
-    async def _put(self, chunk: dict[str, Entry]) -> bool:
+    async def _put(self, chunk: dict[str, Entry], *, splitting: bool = False) -> bool:
         payload = statedoc.encode_reported(chunk)
         probing = self.endpoints.want_primary()
         base = self.endpoints.uris[0] if probing else self.endpoints.current
@@ -468,15 +459,24 @@ class StateSync:
             self._retry_at = now + max(_unavailable_pause(resp), _jitter(self._failures, self.rng))
             return False
         if resp.code >> 5 == 4:
-            # the endpoint refuses these entries as they are: resending them unchanged would be
-            # refused again. They go out again when they change, or with the next full report.
-            log.error(
-                "event=reported_refused endpoint=%s code=%s keys=%s reason=%r",
-                base,
-                resp.dotted,
-                ",".join(chunk),
-                resp.payload[:200].decode("utf-8", "replace"),
-            )
+            # refused as they are: sent unchanged they would be refused again (they go when they
+            # change, or with the next full report). One value refuses a whole PUT (4.00), also
+            # one the device cannot check (the endpoint's stored value is damaged): the halves
+            # go again until the key refused is alone, so that the others get acknowledged.
+            split = resp.code == CODE_BAD_REQUEST and len(chunk) > 1
+            if not (split and splitting):
+                log.log(
+                    logging.WARNING if split else logging.ERROR,
+                    "event=reported_refused endpoint=%s code=%s keys=%s action=%s reason=%r",
+                    base,
+                    resp.dotted,
+                    ",".join(chunk),
+                    "split" if split else "next_full_report",
+                    resp.payload[:200].decode("utf-8", "replace"),
+                )
+            if split:
+                a, b = halves(chunk)
+                return await self._put(a, splitting=True) and await self._put(b, splitting=True)
             self._pending -= set(chunk)
             await self._persist()
             return True

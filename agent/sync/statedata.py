@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from agent.wire import records, statedoc
 from agent.wire.records import RecordError
-from agent.wire.statedoc import Entry, StateError
+from agent.wire.statedoc import Entry, Rule, StateError
 from drivers.base import Options
 
 #: Longest error text kept and reported for a refused desired value.
@@ -45,6 +45,8 @@ ERROR_TEXT_MAX = 200
 #: document held.
 ERRORS_REPORT_BYTES = 4096
 STATE_FORMAT = 1
+ERRORS_KEY = "desired/errors"
+REV_KEY = "desired/rev"
 #: The state file's default name, relative to the data directory.
 STATE_FILE = "state.cbor"
 
@@ -244,6 +246,46 @@ def reported_problem(key: str, value: Any) -> str | None:
     return None
 
 
+def drop_refused(reported: dict[str, Entry], pending: set[str]) -> dict[str, str]:
+    """Take the entries the endpoint would refuse out of ``reported`` and ``pending`` (values a
+    state file kept from before the endpoint refused them, e.g. a text holding a NUL); the keys
+    taken out, with why."""
+    refused: dict[str, str] = {}
+    for key, entry in list(reported.items()):
+        problem = reported_problem(key, entry.value)
+        if problem is not None:
+            refused[key] = problem
+            del reported[key]
+            pending.discard(key)
+    return refused
+
+
+def reported_values(
+    values: dict[str, Any],
+    applied: Mapping[str, Entry],
+    failed: Mapping[str, Failure],
+    rev: int,
+    reported: Mapping[str, Entry],
+) -> dict[str, Any]:
+    """The values to report: the runtime's ``values``, and the desired values applied that it
+    does not report itself, ``desired/rev``, ``desired/errors`` (once there was an error:
+    :func:`errors_report`) and ``model/<slot>`` with ``status: failed`` for each model version
+    refused (so that the endpoint blocks it). ``reported``: what was numbered so far."""
+    for key, entry in applied.items():
+        if entry.value is not None and key not in failed:
+            values.setdefault(key, entry.value)
+    values[REV_KEY] = rev
+    if failed or ERRORS_KEY in reported:
+        values[ERRORS_KEY] = errors_report(failed)
+    for key, failure in failed.items():
+        if statedoc.rule_for(key) is Rule.MODEL:
+            report = {"status": "failed", "desired": failure.version, "error": failure.error}
+            if failure.name is not None:
+                report["name"] = failure.name
+            values[key] = report
+    return values
+
+
 def chunks(entries: Mapping[str, Entry], limit: int) -> Iterator[dict[str, Entry]]:
     chunk: dict[str, Entry] = {}
     size = 1
@@ -256,6 +298,12 @@ def chunks(entries: Mapping[str, Entry], limit: int) -> Iterator[dict[str, Entry
         size += n
     if chunk:
         yield chunk
+
+
+def halves(chunk: Mapping[str, Entry]) -> tuple[dict[str, Entry], dict[str, Entry]]:
+    """``chunk`` cut in two (a refused PUT is sent again in halves)."""
+    items = list(chunk.items())
+    return dict(items[: len(items) // 2]), dict(items[len(items) // 2 :])
 
 
 def errors_report(failed: Mapping[str, Failure]) -> dict[str, dict[str, Any]]:

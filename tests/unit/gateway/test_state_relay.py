@@ -1,0 +1,156 @@
+"""The gateway's reported-state relay (agent/gateway/relay.py StateRelay.reported_once) against the
+real cloud endpoint on loopback, when the cloud refuses one device's state: that device costs no
+other device and none of its own keys but the refused one.
+
+- A value the gateway stored before the decoder refused it (a text with a NUL) makes the cloud
+  answer 4.00 to the PUT holding it: the halves go again until the key is alone, which is said
+  once and not sent again until the device gives it a new version; the devices after it go on.
+  Before, the pass ended with SyncError at that device, every pass, for ever.
+- A refusal of who asks (4.04: the cloud does not know the device) is said once and tried again
+  each pass; the keys go up once the device is registered.
+- No answer at all ends the pass (SyncError) and marks nothing: everything goes next pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.errors import SyncError
+from agent.gateway import relay as relay_mod
+from agent.gateway.relay import StateRelay
+from agent.sync.transport import CoapTransport
+from agent.wire.statedoc import Entry
+from cloud.server import CloudServer
+from cloud.storage import SQLiteStorage
+from drivers.clock import RealClock
+from tools.ports import free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+A, B, C = "pump-01", "pump-02", "pump-03"
+BAD_KEY = "sensor/bme280/error"
+T = int(time.time() * 1000)
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path) -> AsyncIterator[CloudServer]:
+    srv = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", free_port(), allow_plain=True)
+    for device in (A, B):
+        await srv.add_device(device)
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[SQLiteStorage]:
+    """The gateway's store, holding what its devices PUT (as before the NUL was refused)."""
+    store = SQLiteStorage.in_dir(tmp_path / "gateway")
+    held = {
+        A: {"agent/version": "1.0", BAD_KEY: "i2c\x00garbage", "queue/depth": 3},
+        B: {"agent/version": "1.1", "queue/depth": 1},
+        C: {"agent/version": "1.2"},
+    }
+    for device, values in held.items():
+        store.add_device(device, time.time())
+        entries = {k: Entry(T + i, v) for i, (k, v) in enumerate(values.items())}
+        store.put_reported(device, entries, time.time())
+    yield store
+    store.close()
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[CoapTransport]:
+    t = CoapTransport(RealClock())
+    yield t
+    await t.close()
+
+
+def state_relay(
+    site: SQLiteStorage, transport: CoapTransport, uri: Callable[[], str], *devices: str
+) -> StateRelay:
+    async def db(fn: Callable[[SQLiteStorage], Any]) -> Any:
+        return fn(site)
+
+    async def no_model(*_: Any) -> bool:
+        raise AssertionError("reported_once touches no model")
+
+    fetcher: Any = None  # reported_once fetches no model
+    return StateRelay(
+        db,
+        transport,
+        uri,
+        lambda: devices,
+        on_desired=lambda *_: None,
+        fetcher=fetcher,
+        put_model=no_model,
+        has_model=no_model,
+    )
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in caplog.messages if "event=relay_reported_refused" in m]
+
+
+async def test_attack_a_nul_value_held_by_the_gateway_costs_only_its_key(
+    cloud: CloudServer,
+    site: SQLiteStorage,
+    transport: CoapTransport,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.gateway")
+    relay = state_relay(site, transport, lambda: cloud.uri, A, B)
+    assert await relay.reported_once() == 4  # all but the refused key
+    got_a, got_b = await cloud.reported(A), await cloud.reported(B)
+    assert got_a == {"agent/version": Entry(T, "1.0"), "queue/depth": Entry(T + 2, 3)}
+    assert got_b == {"agent/version": Entry(T, "1.1"), "queue/depth": Entry(T + 1, 1)}
+    said = refusals(caplog)
+    assert len(said) == 2, said
+    assert f"device={A} code=4.00" in said[0] and "action=split" in said[0]
+    assert f"keys={BAD_KEY} action=not_sent" in said[1] and "NUL character" in said[1]
+
+    assert await relay.reported_once() == 0  # its version is settled: not sent, not said again
+    assert len(refusals(caplog)) == 2
+
+    site.put_reported(A, {BAD_KEY: Entry(T + 10, "i2c timeout")}, time.time())
+    assert await relay.reported_once() == 1  # a new version goes up
+    assert (await cloud.reported(A))[BAD_KEY] == Entry(T + 10, "i2c timeout")
+
+
+async def test_a_device_the_cloud_does_not_know_is_tried_again_and_costs_no_other(
+    cloud: CloudServer,
+    site: SQLiteStorage,
+    transport: CoapTransport,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.gateway")
+    relay = state_relay(site, transport, lambda: cloud.uri, C, B)
+    assert await relay.reported_once() == 2  # B's keys; C answered 4.04
+    assert await relay.reported_once() == 0
+    said = refusals(caplog)
+    assert len(said) == 1 and f"device={C} code=4.04" in said[0]  # said once, tried each pass
+    assert "action=retry_next_pass" in said[0]
+    await cloud.add_device(C)
+    assert await relay.reported_once() == 1
+    assert await cloud.reported(C) == {"agent/version": Entry(T, "1.2")}
+
+
+async def test_no_answer_ends_the_pass_and_marks_nothing(
+    cloud: CloudServer,
+    site: SQLiteStorage,
+    transport: CoapTransport,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relay_mod, "REQUEST_DEADLINE", 1.0)
+    nowhere = f"coap://127.0.0.1:{free_port()}"
+    uri = [nowhere]
+    relay = state_relay(site, transport, lambda: uri[0], B)
+    with pytest.raises(SyncError):
+        await relay.reported_once()
+    uri[0] = cloud.uri
+    assert await relay.reported_once() == 2
