@@ -173,8 +173,13 @@ def encode_value(value: Any) -> bytes:
 def decode_value(data: bytes) -> Any:
     """A stored reported value: as :func:`decode_stored` (a value an older endpoint stored that
     this one would refuse, a bignum say, is a :class:`RawValue`: shown and replaced, never an
-    error at every later report of the key)."""
-    return decode_stored(data)
+    error at every later report of the key); bytes that are not CBOR at all (damaged at rest)
+    are a RawValue of a text saying so, replaced by the device's next report of the key too."""
+    try:
+        return decode_stored(data)
+    except StateError:
+        size = len(data) if isinstance(data, bytes) else 0
+        return RawValue(records.dumps(f"unreadable stored value ({size} bytes)"))
 
 
 def decode_stored(data: bytes) -> Any:
@@ -286,8 +291,9 @@ def _valid_model_report(value: Any) -> bool:
 
 
 def merge_reported(stored: Entry | None, incoming: Entry, rule: Rule) -> Entry | None:
-    """The entry to store for a reported key, or None when the stored one stays."""
-    if stored is None:
+    """The entry to store for a reported key, or None when the stored one stays. A stored
+    value this endpoint cannot read (a :class:`RawValue`) is replaced."""
+    if stored is None or isinstance(stored.value, RawValue):
         return incoming
     if rule is Rule.MAX:
         value = max(stored.value, incoming.value)

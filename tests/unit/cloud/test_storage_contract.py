@@ -26,7 +26,7 @@ from agent.wire.batch import WireRecord
 from agent.wire.credentials import Credential
 from agent.wire.features import ChannelFeatures, FeaturesBody
 from agent.wire.records import AlertBody, TelemetryBody
-from agent.wire.statedoc import MAX_VERSION_AHEAD, Entry
+from agent.wire.statedoc import MAX_VERSION_AHEAD, Entry, RawValue
 from cloud.storage import (
     CredentialChanged,
     DocumentTooLarge,
@@ -1248,3 +1248,30 @@ def test_a_record_whose_time_is_not_finite_is_refused_alone_and_the_group_commit
     assert storage.seqs(other) == [1] and storage.seqs(DEV) == [1, 3]
     again = storage.ingest(DEV, [evil, telemetry(3)], T0 + 1)  # sent again: refused again
     assert again == IngestResult((3,), 0, 1, 0, (), 3)
+
+
+@pytest.mark.parametrize(
+    ("key", "stored"),
+    [("queue/depth", "ffff"), ("counter/resets", "c34a010000000000000000")],
+    ids=["not_cbor", "bignum_counter"],
+)
+def test_a_stored_reported_value_this_endpoint_cannot_read_is_replaced_by_the_next_report(
+    backend: Backend, storage: Storage, key: str, stored: str
+) -> None:
+    """A value damaged at rest (not CBOR) answered 4.00 to every later report of its key, and a
+    bignum an older endpoint stored for a counter (merged by the highest value) failed with a
+    TypeError (5.00): the device's report replaced neither, for ever. Now both read back as a
+    raw value and the next report replaces them."""
+    storage.put_reported(DEV, {key: Entry(1, 1)}, T0)
+    backend.sql(
+        f"UPDATE reported SET value = {_hex(backend, stored)} "
+        f"WHERE device = '{DEV}' AND key = '{key}'"
+    )
+    shown = storage.reported(DEV)[key].value
+    assert isinstance(shown, RawValue)
+    storage.put_reported(DEV, {key: Entry(2, 5)}, T0 + 1)
+    assert storage.reported(DEV)[key] == Entry(2, 5)
+
+
+def _hex(backend: Backend, data: str) -> str:
+    return f"X'{data}'" if backend.name == "sqlite" else f"'\\x{data}'::bytea"

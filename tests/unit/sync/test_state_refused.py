@@ -146,12 +146,19 @@ async def test_attack_a_nul_value_saved_before_the_upgrade_is_dropped_at_restore
     assert lines(caplog, "event=reported_refused") == []
 
 
-async def test_attack_a_value_damaged_at_rest_at_the_endpoint_costs_only_its_own_key(
-    server: CloudServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+async def test_attack_a_value_the_endpoints_database_refuses_costs_only_its_own_key(
+    server: CloudServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The endpoint's stored ``queue/depth`` is damaged (not CBOR): it answers 4.00 to every PUT
-    holding that key, which the device cannot foresee. ``link/state`` changes at the same moment
-    and goes in the same PUT: before, both were dropped until they changed again."""
+    """The endpoint's database refuses ``queue/depth``'s new value (DataRefused, as PostgreSQL
+    does a value it cannot hold): 4.00 to every PUT holding that key, which the device cannot
+    foresee. ``link/state`` changes at the same moment and goes in the same PUT: before, both
+    were dropped until they changed again."""
+    from cloud.storage import SQLiteStorage
+    from cloud.storebase import DataRefused
+
     caplog.set_level(logging.INFO, logger="agent.sync.state")
     hooks = Hooks({"agent/version": "1.0", "link/state": "up", "queue/depth": 1})
     async with running(server, tmp_path / "state.cbor", hooks, QUIET) as sync:
@@ -161,18 +168,18 @@ async def test_attack_a_value_damaged_at_rest_at_the_endpoint_costs_only_its_own
 
         await wait_for(settled, "first report", limit=10)
 
-        def damage(s: Any) -> None:
-            with s._tx() as db:
-                db.execute(
-                    "UPDATE reported SET value = ? WHERE device = ? AND key = ?",
-                    (b"\xff\xff", DEVICE, "queue/depth"),
-                )
+        real = SQLiteStorage.put_reported
 
-        await server.db(damage)
+        def refusing(self: Any, device: str, entries: Any, *args: Any, **kw: Any) -> Any:
+            if "queue/depth" in entries:
+                raise DataRefused("queue/depth: a value the database refuses")
+            return real(self, device, entries, *args, **kw)
+
+        monkeypatch.setattr(SQLiteStorage, "put_reported", refusing)
         hooks.values.update({"link/state": "down", "queue/depth": 7})
         sync.changed()
 
-        async def link_down() -> bool:  # read by key: the damaged value does not decode
+        async def link_down() -> bool:
             row = await server.db(
                 lambda s: s.db.execute(
                     "SELECT value FROM reported WHERE device = ? AND key = 'link/state'",
