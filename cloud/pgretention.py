@@ -26,6 +26,8 @@ it with :class:`PruneBusy`: what it did so far is consistent, the next prune fin
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,9 +82,7 @@ class PostgresRetention:
     _kwargs: dict[str, Any]
     _days: set[str]
     where: str
-
-    def _errors(self) -> Any:
-        raise NotImplementedError
+    _errors: Callable[[], AbstractContextManager[None]]
 
     def prune(
         self,

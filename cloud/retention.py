@@ -42,7 +42,8 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -160,12 +161,8 @@ class SQLiteRetention:
     ``db``, ``_tx`` and ``_errors`` it uses (module docstring)."""
 
     db: sqlite3.Connection
-
-    def _tx(self) -> Any:
-        raise NotImplementedError
-
-    def _errors(self) -> Any:
-        raise NotImplementedError
+    _tx: Callable[[], AbstractContextManager[sqlite3.Connection]]
+    _errors: Callable[[], AbstractContextManager[None]]
 
     def prune(
         self,
