@@ -13,7 +13,7 @@ with the keys the issue names, and always ``dir`` and ``fs_type``.
 to the results directory: the tables under the command, the machine and the filesystem, to paste
 into the README's Performance section.
 
-Every run also saves its JSON summary to ``bench-results/NAME.json`` (``NAME.quick.json`` for
+Every run also saves its JSON summary to ``docs/bench-results/NAME.json`` (``NAME.quick.json`` for
 ``--quick`` runs, which are not kept in git): the cost planner (``edge-agent plan``) reads the
 measured latency and bytes from there. ``--no-save`` skips it.
 """
@@ -89,9 +89,9 @@ def render(name: str, result: Result) -> str:
 
 
 def results_dir() -> Path:
-    """Where runs are saved: $EDGE_AGENT_BENCH_RESULTS, else bench-results/ in the checkout."""
+    """Where runs are saved: $EDGE_AGENT_BENCH_RESULTS, else docs/bench-results/ in the checkout."""
     env = os.environ.get("EDGE_AGENT_BENCH_RESULTS")
-    return Path(env) if env else ROOT / "bench-results"
+    return Path(env) if env else ROOT / "docs" / "bench-results"
 
 
 def save(name: str, result: Result, *, quick: bool, elapsed: float) -> Path:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "directory, /var/lib/edge-agent, else /var/tmp)",
     )
     parser.add_argument(
-        "--no-save", action="store_true", help="do not save the summary to bench-results/"
+        "--no-save", action="store_true", help="do not save the summary to docs/bench-results/"
     )
     parser.add_argument(
         "--skip", action="append", metavar="NAME", help="with 'all': leave this bench out"

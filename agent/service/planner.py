@@ -7,9 +7,9 @@ of these sources that has it, and each cites its source in the plan:
 1. this device: the summary ``edge-agent bench --quick`` saved in the agent's data directory
    (``DATA/bench/quick.json``, agent/service/quickbench.py; ``--config FILE`` or ``--data-dir
    DIR`` name it; source "measured on this device TIME: bench --quick KEY");
-2. bundled: the build machine's full runs (``bench-results/NAME.json``, written by ``./tools/dev
-   bench NAME``; the wheel carries them; source "bundled: build machine HOST TIME: bench NAME
-   KEY"), or with ``--measured DIR`` only the runs saved in DIR (no device results).
+2. bundled: the build machine's full runs (``docs/bench-results/NAME.json``, written by
+   ``./tools/dev bench NAME``; the wheel carries them; source "bundled: build machine HOST TIME:
+   bench NAME KEY"), or with ``--measured DIR`` only the runs saved in DIR (no device results).
 
 - edge decision latency (sample in, alert committed): ``detect.latency_p99_ms`` of this device,
   else ``bench inference`` ``detect_latency_p99_ms``; one int8 invoke with (de)quantization
@@ -96,9 +96,9 @@ SPLITS = ("edge-only", "hybrid", "cloud-only")  # tie order: least dependent on 
 
 
 def default_measured_dir() -> Path:
-    """bench-results/ of the checkout this module runs from, else the installed package's: the
+    """docs/bench-results/ of the checkout this module runs from, else the installed package's: the
     build machine's figures, the fallback after this device's own (``DeviceResults``)."""
-    checkout = Path(__file__).resolve().parents[2] / "bench-results"
+    checkout = Path(__file__).resolve().parents[2] / "docs" / "bench-results"
     installed = Path(sys.prefix) / "share" / "edge-agent" / "bench-results"
     return checkout if checkout.is_dir() or not installed.is_dir() else installed
 
@@ -208,8 +208,8 @@ def _read_doc(path: Path) -> dict[str, Any] | None:
 
 
 class Measured:
-    """The benchmarks' saved summaries in a directory (``bench-results/NAME.json``): the bundled
-    ones (``bundled=True``: the build machine's) or those of ``--measured DIR``."""
+    """The benchmarks' saved summaries in a directory (``docs/bench-results/NAME.json``): the
+    bundled ones (``bundled=True``: the build machine's) or those of ``--measured DIR``."""
 
     def __init__(self, directory: Path, *, bundled: bool = False) -> None:
         self.directory = Path(directory)

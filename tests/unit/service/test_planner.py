@@ -344,7 +344,7 @@ def test_planner_falls_back_figure_by_figure(tmp_path: Path) -> None:
     # no device file at all: the fallback alone, and no device line
     p = plan(write_profile(tmp_path), measured, tmp_path / "nowhere" / "quick.json")
     assert p.device_results is None and p.inputs["edge_latency_p99_ms"]["value"] == 16.0
-    # the bundled fallback (the checkout's bench-results/) says whose figures they are
+    # the bundled fallback (the checkout's docs/bench-results/) says whose figures they are
     p = plan(write_profile(tmp_path), None, device)
     assert p.inputs["cloud_inference_ms"]["source"].startswith("bundled: build machine ")
     # figures measured on tmpfs: the plan says that durable there involved no fsync
