@@ -8,6 +8,9 @@ Callers act on each kind differently. OS and library errors are wrapped at the b
 
 from __future__ import annotations
 
+import errno
+import os
+
 from drivers.errors import (
     AgentError,
     DeviceDataError,
@@ -66,3 +69,18 @@ class NotNow(AgentError):
     """The device cannot take a model or a release now for a cause of its own (not enough free
     disk space, a write that failed): tried again later, never reported as a refusal (a refusal
     blocks that version at the endpoint and stops a roll-out)."""
+
+
+#: errno values saying the filesystem (or the user's quota) has no room: a condition of the
+#: device, not of what was being written.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_room(err: BaseException) -> bool:
+    """An OSError saying there is no room (:data:`NO_ROOM`)."""
+    return isinstance(err, OSError) and err.errno in NO_ROOM
+
+
+def says_no_room(text: str) -> bool:
+    """A program's output with the C library's words for :data:`NO_ROOM` (pip, venv)."""
+    return any(os.strerror(code) in text for code in NO_ROOM)

@@ -14,7 +14,9 @@
   ``pending`` while a new release has not confirmed yet).
 
 A refused release (bad signature, wrong SHA-256, over the budget) is not tried again until the
-desired value changes; a link failure is retried with backoff, resuming the download.
+desired value changes; a link failure is retried with backoff, resuming the download. A release
+the root helper had no room to install (its outcome ``waiting``; or taken with no outcome it
+could save on a full disk) is staged again, with backoff, until it is switched to or refused.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from agent.modelstore.signing import load_public_key
 from agent.ota import bootcheck
 from agent.ota.release import ReleaseError
 from agent.ota.settings import UpdateSettings
-from agent.ota.updater import ReleaseFetcher, mark_ready, report, stage
+from agent.ota.updater import OTA_DIR, STAGED_FILE, ReleaseFetcher, mark_ready, report, stage
 from agent.wire.statedoc import agent_version
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,13 @@ log = logging.getLogger(__name__)
 RETRY_BASE = 30.0  # seconds before a failed download is tried again (doubled up to RETRY_MAX)
 RETRY_MAX = 1800.0
 ACK_POLL = 1.0  # seconds between looks at the uplink's acknowledged batches (before READY)
+ROOT_POLL = 30.0  # seconds between looks at what the root helper did with a staged release
+
+
+def _since(outcome: dict[str, Any], version: str, since: float) -> bool:
+    """The root helper's outcome is of ``version``, written at or after ``since``."""
+    at = outcome.get("at")
+    return outcome.get("version") == version and isinstance(at, (int, float)) and at >= since
 
 
 def check_value(value: Any) -> tuple[str, str] | None:
@@ -73,6 +82,8 @@ class UpdateController:
         self._refused: tuple[str, str] | None = None
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
+        self._after: asyncio.Task[None] | None = None  # watching the root helper (_after_root)
+        self._root_delay = RETRY_BASE
         self.outcome: dict[str, Any] | None = None  # this process's last staging outcome
         # the release this process runs: read once, since a switch moves ``current`` under it
         self.running = bootcheck.link_version(settings.root, bootcheck.CURRENT)
@@ -81,6 +92,8 @@ class UpdateController:
         wanted = check_value(value)
         if wanted is not None and self.settings.public_key is None:
             raise ValueError("agent/version: this agent has no [update] public_key")
+        if wanted != self._wanted:
+            self._root_delay = RETRY_BASE
         self._wanted = wanted
         self._wake.set()
 
@@ -109,6 +122,13 @@ class UpdateController:
             log.info("event=release_ready version=%s was_pending=%s", version, pending)
 
     async def _stage_loop(self) -> None:
+        try:
+            await self._stage_forever()
+        finally:
+            if self._after is not None:
+                self._after.cancel()
+
+    async def _stage_forever(self) -> None:
         delay = RETRY_BASE
         while True:
             await self._wake.wait()
@@ -116,9 +136,13 @@ class UpdateController:
             wanted = self._wanted
             if wanted is None or wanted[0] == self.running or wanted == self._refused:
                 continue
+            if self._after is not None:
+                self._after.cancel()
             try:
+                since = time.time()
                 await self._stage(*wanted)
                 delay = RETRY_BASE
+                self._after = asyncio.create_task(self._after_root(wanted, since))
             except ReleaseError as err:
                 self._refused = wanted
                 self.outcome = {
@@ -140,6 +164,38 @@ class UpdateController:
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 self._wake.set()
+
+    async def _after_root(self, wanted: tuple[str, str], since: float) -> None:
+        """What the root helper made of the release staged at ``since``: once it has taken it
+        (``DATA/ota/staged.json`` gone), a switch or a refusal ends this; ``waiting`` (no room
+        to install) or no outcome at all (none it could save on a full disk) stages it again
+        after a backoff that doubles for the same release."""
+        staged = self.data_dir / OTA_DIR / STAGED_FILE
+        while self._wanted == wanted:
+            await self.clock.sleep(ROOT_POLL)
+            if staged.exists():
+                continue
+            state = report(self.settings.root)
+            if state.get("pending") == wanted[0]:
+                return  # switched; the restart follows
+            outcome = state.get("outcome")
+            if not isinstance(outcome, dict) or not _since(outcome, wanted[0], since):
+                outcome = {}  # none for this staging
+            if outcome and outcome.get("result") != "waiting":
+                if outcome.get("result") == "refused":
+                    self._refused = wanted
+                return
+            log.warning(
+                "event=release_install_waiting version=%s retry_in=%gs reason=%s",
+                wanted[0],
+                self._root_delay,
+                outcome.get("reason", "the root helper took it and saved no outcome"),
+            )
+            await self.clock.sleep(self._root_delay)
+            self._root_delay = min(self._root_delay * 2, RETRY_MAX)
+            if self._wanted == wanted:
+                self._wake.set()
+            return
 
     async def _stage(self, version: str, sha256: str) -> None:
         assert self.settings.public_key is not None

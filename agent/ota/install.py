@@ -28,6 +28,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.errors import NotNow, no_room, says_no_room
 from agent.ota import bootcheck
 from agent.ota.release import ReleaseError, ReleaseManifest, unpack
 
@@ -91,10 +92,15 @@ def _run(cmd: list[str], version: str, what: str) -> None:
             cmd, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, env=env, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as err:
+        if no_room(err):
+            raise NotNow(f"release {version}: {what}: {err}; tried again later") from err
         raise ReleaseError(f"release {version}: {what} failed ({err})") from err
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise ReleaseError(f"release {version}: {what} failed: {' | '.join(tail)}")
+        said = " | ".join(tail)
+        if says_no_room((proc.stderr or "") + (proc.stdout or "")):
+            raise NotNow(f"release {version}: {what}: {said}; tried again later")
+        raise ReleaseError(f"release {version}: {what} failed: {said}")
 
 
 def _fsync_tree(top: Path) -> None:

@@ -52,7 +52,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.errors import ModelError, NotNow
+from agent.errors import ModelError, NotNow, no_room
 from agent.files import loads_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
 from agent.modelstore.signing import MAX_MANIFEST_BYTES, NAME_RE
@@ -314,18 +314,24 @@ def apply_staged(
         bootcheck.switch(
             root, version, max_attempts, health_window, data_dir, manifest.rollback_index
         )
-    except (ReleaseError, bootcheck.BootError, OSError) as err:
-        log.error("event=release_refused version=%s error=%s", version, err)
+    except (ReleaseError, bootcheck.BootError, NotNow, OSError) as err:
+        # no room on the device's disk is its own condition: ``waiting``, and the agent stages
+        # the release again later (controller.py); anything else is a refusal
+        result = "waiting" if isinstance(err, NotNow) or no_room(err) else "refused"
+        log.error("event=release_%s version=%s error=%s", result, version, err)
         _drop_incomplete(root, version)
         doc = bootcheck.load(root)
         doc["outcome"] = {
             "version": version,
-            "result": "refused",
+            "result": result,
             "reason": str(err),
             "at": time.time(),
         }
         if root.is_dir():
-            bootcheck.save(root, doc)
+            try:
+                bootcheck.save(root, doc)
+            except OSError as save_err:  # the disk still full: said here, the agent sees no outcome
+                log.error("event=release_outcome_unsaved version=%s error=%s", version, save_err)
         return None
     finally:
         with contextlib.suppress(OSError):

@@ -6,7 +6,6 @@ damaged file aside.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sqlite3
@@ -15,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from agent.errors import StoreError, StoreFull
+from agent.errors import StoreError, StoreFull, no_room
 from agent.files import fsync_dir
 from agent.store.salvage import Damaged
 from agent.store.settings import (
@@ -37,7 +36,7 @@ SQLITE_NOTADB = 26
 
 def is_full(err: BaseException, directory: Path) -> bool:
     if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+        return no_room(err)
     code = getattr(err, "sqlite_errorcode", None)
     if code is None:
         return False

@@ -13,12 +13,12 @@ file that is given back when the disk fills, so the deletes that acks make can s
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 
+from agent.errors import no_room
 from agent.store.settings import MIN_BUDGET_BYTES, StoreSettings
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Reserve:
         except OSError as err:
             with contextlib.suppress(OSError):
                 self.path.unlink()
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not no_room(err):
                 log.warning("event=reserve_failed path=%s error=%s", self.path, err)
             return False
         self.present = True
@@ -115,7 +115,7 @@ class Reserve:
             try:
                 os.posix_fallocate(fd, 0, self.size)
             except OSError as err:  # not supported here: write the blocks
-                if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                if no_room(err):
                     raise
                 zeros = bytes(_CHUNK)
                 left = self.size

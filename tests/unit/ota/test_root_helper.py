@@ -345,3 +345,46 @@ def test_attack_the_release_file_swapped_after_the_check_is_never_unpacked(
     assert not (root / updater.TAKEN_FILE).exists()
     big = [p for p in root.rglob("*") if p.is_file() and p.stat().st_size > len(file)]
     assert big == []
+
+
+# -- no room on the device: waiting, not a refusal -----------------------------------------------
+
+
+def test_pip_or_venv_saying_no_space_is_not_a_refusal() -> None:
+    """pip and venv report a full disk in their output; any other failure is still refused."""
+    from agent.errors import NotNow
+    from agent.ota.install import _run
+
+    full = "import sys; sys.stderr.write('OSError: [Errno 28] No space left on device\\n'); exit(1)"
+    with pytest.raises(NotNow, match="No space left on device; tried again later"):
+        _run([sys.executable, "-c", full], "9.9", "pip install")
+    other = "import sys; sys.stderr.write('ERROR: No matching distribution found\\n'); exit(1)"
+    with pytest.raises(ReleaseError, match="pip install failed: ERROR: No matching distribution"):
+        _run([sys.executable, "-c", other], "9.9", "pip install")
+
+
+def test_a_full_disk_that_cannot_take_the_outcome_either_is_said_not_raised(
+    dirs: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ENOSPC during the copy, then again writing update.json: logged, no traceback, nothing
+    left; the agent sees no outcome and stages the release again (test_stage.py)."""
+    import errno
+
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    stage(data, m, file)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def no_room(*args: object) -> None:
+        raise full
+
+    monkeypatch.setattr(updater, "take", no_room)
+    monkeypatch.setattr(bootcheck, "save", no_room)
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert "event=release_waiting version=9.9" in caplog.text
+    assert "event=release_outcome_unsaved version=9.9" in caplog.text
+    assert not (data / updater.OTA_DIR / updater.STAGED_FILE).exists()
+    assert not (root / bootcheck.RELEASES / "9.9").exists()

@@ -6,6 +6,7 @@ fsynced as it grows."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -307,3 +308,56 @@ def test_the_free_space_counts_the_root_helpers_copy_and_unpacked_bundle(
         updater._check_budget(manifest, part, None, root)
     room["free"] = 3 * manifest.size
     updater._check_budget(manifest, part, None, root)
+
+
+async def until(done: Any, seconds: float = 30.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if done():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {done}")
+
+
+async def test_a_release_the_root_helper_had_no_room_to_install_is_staged_again(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: ENOSPC while the root helper copied or installed a staged release was recorded
+    ``refused`` (a refusal stops the group's roll-out) and the agent never staged it again. Now
+    the helper records ``waiting`` and the agent stages it again after a backoff; a refusal by
+    the helper still ends it. The real helper (apply_staged) runs each time the agent stages."""
+    from agent.ota import controller as update_stage
+
+    monkeypatch.setattr(update_stage, "ROOT_POLL", 0.05)
+    monkeypatch.setattr(update_stage, "RETRY_BASE", 0.05)
+    answers: list[Exception] = [
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        ReleaseError("release 2: refused by the test"),
+    ]
+
+    def take(*args: object) -> None:
+        raise answers.pop(0)
+
+    monkeypatch.setattr(updater, "take", take)
+    root, data = tmp_path / "opt", tmp_path / "data"
+    root.mkdir()
+    key = load_public_key(endpoint.pub)
+    staged = data / "ota" / updater.STAGED_FILE
+    ctl = controller(endpoint, tmp_path)
+    loop = asyncio.create_task(ctl._stage_loop())
+    outcomes = []
+    try:
+        for _ in range(2):
+            await until(staged.exists)
+            assert updater.apply_staged(root, data, key) is None
+            outcomes.append(updater.report(root)["outcome"])
+        await until(lambda: ctl._refused is not None)
+        await asyncio.sleep(0.3)  # several polls: not staged a third time
+        assert not staged.exists()
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert [o["result"] for o in outcomes] == ["waiting", "refused"]  # type: ignore[index]
+    assert os.strerror(errno.ENOSPC) in outcomes[0]["reason"]  # type: ignore[index]
+    assert not (root / updater.TAKEN_FILE).exists()
+    assert not (root / bootcheck.RELEASES / "2").exists()
+    assert ctl._after is not None and ctl._after.done()
