@@ -77,6 +77,7 @@ from cloud import (
     modelcli,
     processes,
     prunecli,
+    ratelimit,
     releasecli,
     terminal,
 )
@@ -219,6 +220,7 @@ async def _serve(args: argparse.Namespace) -> int:
         storage=args.storage,
         worker=args.worker,
         fast_path=not args.no_fast_path,
+        limits=ratelimit.limits_of(args),  # --device-rate, --device-burst
     )
     if http is not None:
         try:
@@ -280,7 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         argv += ["--allow-any-device"] if args.allow_any_device else []
         argv += ["--insecure"] if args.insecure else []
         argv += ["--no-fast-path"] if args.no_fast_path else []
-        argv += prunecli.worker_argv(args) if index == 0 else []  # one worker prunes
+        argv += ratelimit.worker_argv(args) + (prunecli.worker_argv(args) if index == 0 else [])
         if index == 0 and args.http is not None:  # one dashboard, in the first worker
             argv += ["--http", args.http]
             argv += ["--http-cert", args.http_cert] if args.http_cert else []
@@ -338,15 +340,12 @@ def _issue(
     try:
         cred.write(path)
     except OSError as err:  # issued (the old one is replaced): say how to get a file
-        raise CommandError(
-            os_error_code(err),
-            "error: "
-            + os_error_line(
-                err,
-                f"{name}: the credential was issued but not written:",
-                f"fix that, then {args.command} rekey {name} issues one and writes it",
-            ),
-        ) from None
+        line = os_error_line(
+            err,
+            f"{name}: the credential was issued but not written:",
+            f"fix that, then {args.command} rekey {name} issues one and writes it",
+        )
+        raise CommandError(os_error_code(err), f"error: {line}") from None
     print(f"{name}: credential (generation {cred.generation}) written to {path}")
     if len(name.encode()) > PSK_IDENTITY_BYTES:
         print(
@@ -706,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     releasecli.add_parser(sub, _open, _put_desired)
     groupcli.add_parser(sub, _open)  # groups of devices for releases
     prunecli.add_parser(sub, _open, sub.choices["serve"])  # prune, serve --retain-days
+    ratelimit.add_arguments(sub.choices["serve"])  # serve --device-rate, --device-burst
     _storage_option(parser)
     return parser
 

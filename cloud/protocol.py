@@ -36,6 +36,8 @@ BLOCK1_LIFETIME = 93.0  # RFC 7252 MAX_TRANSMIT_WAIT: an unfinished Block1 uploa
 class _Failure(Exception):
     """An error answer: code, diagnostic text, and options."""
 
+    warn = True  # said as a bad request (rate limited); False: its raiser says it its own way
+
     def __init__(self, code: Code, message: str, **options: Any) -> None:
         super().__init__(message)
         self.code = code
@@ -91,6 +93,10 @@ class Limits:
     relay_records: int = 4 * 4096  # records of all the batches of one /relay request
     batch_readings: int = features.MAX_BATCH_READINGS  # features records of a batch claim
     relay_readings: int = 4 * features.MAX_BATCH_READINGS  # ... of all batches of a /relay
+    # records a device may send: a token bucket per device (cloud/ratelimit.py says why these);
+    # more gets 5.03 with Max-Age. 0 = no limit.
+    device_rate: float = 1000.0  # records/s, sustained
+    device_burst: int = 8 * 4096  # records at once: 8 batches in flight of the largest size
 
 
 def upload_owner(request: Message) -> str:

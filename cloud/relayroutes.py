@@ -12,7 +12,9 @@ format, size, records, the device the batch names), and stored through the same 
 (``_store_batch``), so the dedup by (device, seq), the features records and the ack are those of
 ``/ingest``. Every entry of one request is queued before the group commit runs, so they are
 committed together (in request order). A refused entry is ``[code, message]`` in the answer and
-the others go on; only a body that is not an array of entries is refused whole (4.00, 4.13).
+the others go on; only a body that is not an array of entries is refused whole (4.00, 4.13). An
+entry over its device's rate limit (cloud/ratelimit.py, counted per entry against that device's
+bucket) is ``[163, message, max-age]``: the gateway keeps it and sends it again after max-age.
 
 The map of attachments (device -> gateway) is kept in memory, for authorising every request
 without the storage; it is read again whenever credentials are (``reload_principals``: at start,
@@ -156,8 +158,9 @@ class RelayRoutes:
         return Message(code=Code.CHANGED, payload=answer, content_format=CF_CBOR)
 
     def _refused(self, gateway: str, device: str, failure: _Failure) -> RelayRefusal:
-        """An entry's refusal, logged like a bad request (rate limited)."""
-        if self._may_warn():
+        """An entry's refusal, logged like a bad request (rate limited); one over the device's
+        rate limit (cloud/ratelimit.py) is said by the limiter and carries its Max-Age."""
+        if failure.warn and self._may_warn():
             log.warning(
                 "event=relay_entry_refused gateway=%s device=%r code=%s reason=%r",
                 gateway,
@@ -165,4 +168,4 @@ class RelayRoutes:
                 failure.code,
                 failure.message[:200],
             )
-        return RelayRefusal(int(failure.code), failure.message)
+        return RelayRefusal(int(failure.code), failure.message, failure.options.get("max_age"))

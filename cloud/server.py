@@ -79,6 +79,7 @@ from cloud.protocol import (
     datagram_guard,
     storage_failure,
 )
+from cloud.ratelimit import DeviceRateLimit
 from cloud.relayroutes import RelayRoutes
 from cloud.releases import ReleaseRoutes
 from cloud.security import (
@@ -223,7 +224,8 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
         self.clock = clock or RealClock()
         self.limits = limits or Limits()
         self.responses: Counter[str] = Counter()  # answers rendered, by code ("4.00 Bad Request")
-        self.stats: Counter[str] = Counter()  # block1_blocks, block1_uploads
+        self.stats: Counter[str] = Counter()  # block1_blocks, block1_uploads, rate_limited_*
+        self.rate_limit = DeviceRateLimit.of(self.limits, self.clock.monotonic, self.stats)
         self.host = DEFAULT_HOST
         self.port = 0
         self.data_dir: Path | None = None  # set by start() when the storage is SQLite in a dir
@@ -504,7 +506,7 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
         return True
 
     def _bad_request(self, request: Message, failure: _Failure) -> None:
-        if self._may_warn():
+        if failure.warn and self._may_warn():
             log.warning(
                 "event=bad_request peer=%s code=%s method=%s path=%r reason=%r",
                 getattr(request.remote, "hostinfo", "?"),
@@ -683,7 +685,9 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
         return records, claimed
 
     async def _store_batch(self, device: str, records: list[WireRecord]) -> IngestAck:
-        """Store a decoded batch through the group commit; its ack once committed."""
+        """Store a decoded batch through the group commit, if the device's rate limit takes it
+        (else 5.03: cloud/ratelimit.py); its ack once committed."""
+        self.rate_limit.take(device, len(records))
         try:
             result = await self.ingest.ingest(device, records)
         except UnknownDevice:
@@ -702,12 +706,8 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
         )
         log.debug(
             "event=ingest device=%s records=%d new=%d dup=%d conflict=%d",
-            device,
-            len(records),
-            result.new,
-            result.duplicate,
-            result.conflict,
-        )
+            device, len(records), result.new, result.duplicate, result.conflict,
+        )  # fmt: skip
         return ack
 
     async def _reported_get(self, request: Message, route: _Route) -> Message:

@@ -9,7 +9,8 @@ own store and the cloud endpoint (docs/gateway.md).
   transaction (:func:`prepare_store`). The forwarding cursors (the store's arrival counter, the
   queue's number) move, and are written to disk, only after the cloud acknowledged everything
   before them: a SIGKILL or an outage sends some records twice, which the cloud stores once (it
-  deduplicates by device and seq), and never skips one.
+  deduplicates by device and seq), and never skips one. A device's entry the cloud answers
+  "later" (5.03: its rate limit) is kept and sent after max-age (agent/gateway/later.py).
 - :class:`StateRelay`: reported state the devices PUT to the gateway is PUT to the cloud with the
   devices' own versions; each device's desired document is read from the cloud and mirrored into
   the gateway's store with the cloud's versions, revision and storage identity, so a device sees
@@ -32,6 +33,7 @@ from typing import Any
 
 from agent.errors import AgentError, ModelError, SyncError
 from agent.files import read_json, write_atomic
+from agent.gateway import later
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.statedata import chunks, halves
 from agent.sync.transport import CoapTransport, Response
@@ -111,6 +113,7 @@ def prepare_store(s: Any) -> None:
             "CREATE TABLE IF NOT EXISTS relay_kept (device TEXT NOT NULL, seq INTEGER NOT NULL, "
             "features INTEGER NOT NULL, PRIMARY KEY (device, seq, features)) WITHOUT ROWID"
         )
+        later.prepare(db)  # records the cloud asked for later (agent/gateway/later.py)
         queued = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_features'"
         ).fetchone()
@@ -139,8 +142,9 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
     ``queued``) and the gateway received before ``before`` (``[gateway] keep_forwarded`` ago),
     at most ``most`` records in one transaction, oldest first. A record the cloud answered with
     a conflict (it holds another under its seq) stays (``relay_kept``): the gateway holds the
-    only copy. Each device's newest record stays: it is the ``last`` of the device's acks, by
-    which a device that lost its store learns to number above it. The highest seq dropped per
+    only copy; so does one it asked for later (``relay_later``: its device's rate limit). Each
+    device's newest record stays: it is the ``last`` of the device's acks, by which a device
+    that lost its store learns to number above it. The highest seq dropped per
     device is kept (:data:`PRUNED_TABLE`): a record under a seq at or below it that the store
     does not hold is answered as a conflict (cloud/storage.py), so the device sends it again
     under a new number rather than have the cloud keep another record under its number. Returns
@@ -162,7 +166,7 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
         upto = upto if row is None else row[0] - 1
         newest = (
             "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device) AND "
-            "NOT EXISTS (SELECT 1 FROM relay_kept AS k WHERE k.device = records.device AND "
+            "NOT EXISTS (SELECT 1 FROM relay_held AS k WHERE k.device = records.device AND "
             "k.seq = records.seq AND k.features = 0)"
         )
         for device, through in db.execute(
@@ -180,7 +184,7 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
         forwarded = (
             "SELECT q.device, q.first_seq FROM relay_features AS q JOIN features AS f "
             "ON f.device = q.device AND f.first_seq = q.first_seq "
-            "WHERE q.n <= ? AND f.received < ? AND NOT EXISTS (SELECT 1 FROM relay_kept AS k "
+            "WHERE q.n <= ? AND f.received < ? AND NOT EXISTS (SELECT 1 FROM relay_held AS k "
             "WHERE k.device = q.device AND k.seq = q.first_seq AND k.features = 1) "
             "ORDER BY q.n LIMIT ?"
         )
@@ -226,8 +230,7 @@ def _pending_features(s: Any, after: int, limit: int) -> list[tuple[int, str, Wi
         rec = None
         if body is not None:
             try:
-                f = FeaturesBody.from_cbor(bytes(body))  # the device's bytes go, as it sent them
-                rec = WireRecord(f.first, FEATURES, float(f.t1), bytes(body), float(f.t1))
+                rec = later.features_record(bytes(body))  # the device's bytes, as it sent them
             except CodecError as err:  # the store held it decoded once: damaged at rest
                 log.warning(
                     "event=forward_features_unreadable device=%s error=%r", device, str(err)
@@ -362,6 +365,7 @@ class RecordForwarder:
         self.requests = 0
         self.bytes_up = 0  # request payload bytes sent upstream
         self.conflicts = 0
+        self.later = later.Later()  # devices the cloud asked to wait, and their records
 
     def _load(self) -> tuple[int, int]:
         """The cursors saved (arrival, features queue); 0 (forward everything again: the cloud
@@ -417,15 +421,12 @@ class RecordForwarder:
         cursor, fcursor, limit = self.cursor, self.features_cursor, self.records
         rows = await self.db(lambda s: _pending(s, cursor, limit))
         feats = await self.db(lambda s: _pending_features(s, fcursor, limit))
-        if not rows and not feats:
+        due = await self.later.due(self.db, limit)  # held for later, their pause over
+        if not rows and not feats and not due:
             return 0
-        by_device: dict[str, list[WireRecord]] = {}
-        # alerts first: a device's alerts of this pass lead its entry; its features records last
-        for _, device, rec in sorted(rows, key=lambda r: (r[2].kind != "alert", r[0])):
-            by_device.setdefault(device, []).append(rec)
-        for _, device, frec in feats:
-            if frec is not None:
-                by_device.setdefault(device, []).append(frec)
+        held: list[later.Key] = []  # to send later: the cloud said so, or says so now
+        items = [*due, *((d, r) for _, d, r in rows), *((d, r) for _, d, r in feats if r)]
+        by_device = self.later.gather(items, held)  # alerts first, features records last
         parts = [
             (device, batch)
             for device, recs in sorted(by_device.items(), key=lambda kv: _first_alert(kv[1]))
@@ -436,9 +437,10 @@ class RecordForwarder:
         done = 0
         kept: list[tuple[str, int, int]] = []
         for request in _requests(encoded):
-            done += await self._relay(request, kept)
+            done += await self._relay(request, kept, held)
         if kept:  # before the cursor passes them, so no prune can take them
             await self.db(lambda s: _keep(s, kept))
+        await self.later.save(self.db, [later.key(d, r) for d, r in due], held)
         self.cursor = max((a for a, _, _ in rows), default=self.cursor)
         self.features_cursor = max((n for n, _, _ in feats), default=self.features_cursor)
         await self._save()
@@ -469,7 +471,12 @@ class RecordForwarder:
         self,
         parts: Sequence[tuple[str, Sequence[WireRecord], RelayEntry]],
         kept: list[tuple[str, int, int]],
+        held: list[later.Key],
     ) -> int:
+        paused = self.later.paused()  # since an earlier request of this pass: not sent now
+        held += [later.key(d, r) for d, recs, _ in parts if d in paused for r in recs]
+        if not (parts := [p for p in parts if p[0] not in paused]):
+            return 0
         entries = [entry for _, _, entry in parts]
         body = encode_relay(entries)
         uri = f"{self.base()}/relay/{self.name}"
@@ -487,6 +494,10 @@ class RecordForwarder:
             raise SyncError(f"POST {uri}: the answer does not decode: {err}") from None
         done = 0
         for (device, recs, _), answer in zip(parts, answers, strict=True):
+            if isinstance(answer, RelayRefusal) and answer.code == later.CODE_LATER:
+                self.later.pause(device, answer.max_age, len(recs))  # its rate limit
+                held += [later.key(device, r) for r in recs]
+                continue
             if isinstance(answer, RelayRefusal):  # e.g. 4.03: not attached to this gateway
                 raise SyncError(
                     f"POST {uri}: {device}: {answer.dotted} {answer.message} (its records stay "

@@ -12,7 +12,9 @@ in the order of the request::
 
     relay-answer  = [* (ingest-ack / refusal)]
     ingest-ack    = { "ack": ..., "new": ..., ... }   ; agent.wire.batch.IngestAck, as /ingest's
-    refusal       = [code: uint, message: tstr]       ; the CoAP code of /ingest (131 = 4.03)
+    refusal       = [code: uint, message: tstr, ? max-age: uint]  ; the CoAP code of /ingest
+                                                  ; (131 = 4.03); max-age: send it again after
+                                                  ; that many seconds (163 = 5.03)
 
 :func:`encode_relay` and :func:`decode_relay_answer` are the gateway's side, :func:`decode_relay`
 and :func:`encode_relay_answer` the endpoint's. Decoding is strict and bounded: the structure is
@@ -40,6 +42,8 @@ MAX_MESSAGE = 200
 ERROR_CODES = range(128, 192)
 #: The largest content format number (a 16-bit option value).
 MAX_CONTENT_FORMAT = 0xFFFF
+#: The largest max-age of a refusal (as CoAP's Max-Age option: 32 bits).
+MAX_AGE = 0xFFFFFFFF
 
 
 class RelayError(CodecError):
@@ -61,11 +65,14 @@ class RelayEntry:
 
 @dataclass(frozen=True)
 class RelayRefusal:
-    """The endpoint refused one entry: its CoAP code as a number (``class * 32 + detail``) and a
-    short reason. The gateway acts on it as the device would on that code from ``/ingest``."""
+    """The endpoint refused one entry: its CoAP code as a number (``class * 32 + detail``), a
+    short reason, and the seconds after which to send it again (the Max-Age of ``/ingest``'s
+    5.03: the device's rate limit), if any. The gateway acts on it as the device would on that
+    code from ``/ingest``."""
 
     code: int
     message: str
+    max_age: int | None = None
 
     @property
     def dotted(self) -> str:
@@ -152,13 +159,15 @@ def _head(count: int) -> bytes:
 
 def encode_relay_answer(results: Sequence[RelayResult]) -> bytes:
     """The answer body: each ack as :meth:`IngestAck.to_cbor` writes it, each refusal as
-    ``[code, message]`` (the message cut to :data:`MAX_MESSAGE` characters)."""
+    ``[code, message]`` (the message cut to :data:`MAX_MESSAGE` characters), with its max-age
+    third when it has one."""
     parts = [_head(len(results))]
     for result in results:
         if isinstance(result, IngestAck):
             parts.append(result.to_cbor())
         else:
-            parts.append(records.dumps([result.code, result.message[:MAX_MESSAGE]]))
+            age = [] if result.max_age is None else [min(max(result.max_age, 0), MAX_AGE)]
+            parts.append(records.dumps([result.code, result.message[:MAX_MESSAGE], *age]))
     return b"".join(parts)
 
 
@@ -181,12 +190,15 @@ def decode_relay_answer(data: bytes, entries: int | None = None) -> list[RelayRe
         item = _item(data, span, f"result {i}")
         if (
             not isinstance(item, list)
-            or len(item) != 2
+            or len(item) not in (2, 3)
             or not _uint(item[0], ERROR_CODES[-1])
             or item[0] not in ERROR_CODES
             or not isinstance(item[1], str)
             or len(item[1]) > MAX_MESSAGE
+            or not all(_uint(age, MAX_AGE) for age in item[2:])
         ):
-            raise RelayError(f"result {i}: expected an ack or [code: 4.xx/5.xx, message]")
-        out.append(RelayRefusal(item[0], item[1]))
+            raise RelayError(
+                f"result {i}: expected an ack or [code: 4.xx/5.xx, message, ? max-age]"
+            )
+        out.append(RelayRefusal(item[0], item[1], *item[2:]))
     return out

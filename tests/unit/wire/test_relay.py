@@ -13,6 +13,7 @@ from agent.wire import codec
 from agent.wire.batch import IngestAck, WireRecord
 from agent.wire.records import TelemetryBody
 from agent.wire.relay import (
+    MAX_AGE,
     MAX_BODY_BYTES,
     MAX_ENTRIES,
     RelayEntry,
@@ -68,7 +69,23 @@ def test_round_trip(items: list[RelayEntry]) -> None:
     assert decode_relay(encode_relay(items)) == items
 
 
-refusals = st.builds(RelayRefusal, st.integers(128, 191), st.text(max_size=200))
+refusals = st.builds(
+    RelayRefusal,
+    st.integers(128, 191),
+    st.text(max_size=200),
+    st.one_of(st.none(), st.integers(0, MAX_AGE)),
+)
+
+
+def test_a_refusal_to_send_later_carries_its_max_age() -> None:
+    """``[163, message, max-age]``: the entry's device is over its rate limit at the endpoint
+    (cloud/ratelimit.py); the gateway sends it again after max-age seconds."""
+    later = RelayRefusal(163, "later", 4)
+    data = encode_relay_answer([later, RelayRefusal(131, "no")])
+    # [[163, "later", 4], [131, "no"]]
+    assert data.hex() == "82" + "83" + "18a3" + "656c61746572" + "04" + "821883626e6f"
+    assert decode_relay_answer(data, 2) == [later, RelayRefusal(131, "no")]
+    assert later.dotted == "5.03" and RelayRefusal(131, "no").max_age is None
 
 
 @given(st.lists(st.one_of(st.just(ACK), refusals), max_size=30))
@@ -137,6 +154,10 @@ def test_entries_the_endpoint_could_not_read_are_not_encoded() -> None:
         cbor2.dumps([[256, "x"]]),
         cbor2.dumps([[131]]),
         cbor2.dumps([[131, "x" * 201]]),  # a message beyond the limit
+        cbor2.dumps([[163, "x", -1]]),  # a max-age that is not a uint
+        cbor2.dumps([[163, "x", 1 << 32]]),  # ... or beyond 32 bits
+        cbor2.dumps([[163, "x", "4"]]),
+        cbor2.dumps([[163, "x", 4, 4]]),  # four items
         cbor2.dumps([{"ack": [[2, 1]], "new": 0, "dup": 0}]),  # an ack that is not one
         cbor2.dumps([{"ack": [[1, 1]], "new": -1, "dup": 0}]),
         cbor2.dumps(["ack"]),

@@ -1,0 +1,163 @@
+"""Records the cloud asked the gateway to send later (docs/gateway.md "Forwarding", docs/protocol.md
+"Gateways"): a ``/relay`` entry answered ``[163, reason, max-age]`` (5.03: that device is over
+its rate limit at the endpoint, cloud/ratelimit.py) is kept and sent again after max-age, while
+the other devices' records go on and the forwarding cursor moves past it.
+
+- The records of such an entry are written to ``relay_later`` (device, seq, 1 for a features
+  record) in the gateway's store before the cursor passes them; the prune keeps them
+  (``relay_held``: those and the conflicts of ``relay_kept``) until the cloud acknowledges them.
+- The device is paused for max-age (:data:`DEFAULT_PAUSE` without one, as a device does for a
+  5.03 without Max-Age): its new records of a pass are held the same way, not sent.
+- At each pass after the pause, its held records go first (at most the pass's records, oldest
+  first), and each leaves ``relay_later`` once the cloud acknowledged it (or held it as a
+  conflict). A crash between the two writes sends some records twice: the cloud stores each
+  once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
+
+from agent.wire.batch import FEATURES, WireRecord
+from agent.wire.features import FeaturesBody
+
+log = logging.getLogger("agent.gateway")
+
+#: The refusal of an entry that is to be sent again later (5.03 Service Unavailable).
+CODE_LATER = 5 * 32 + 3
+#: Seconds a device is paused after a 5.03 without max-age, and at most.
+DEFAULT_PAUSE = 60.0
+MAX_PAUSE = 3600.0
+
+Key = tuple[str, int, int]  # (device, seq, 1 for a features record)
+
+
+def prepare(db: Any) -> None:
+    """The table and the view the prune reads (in :func:`agent.gateway.relay.prepare_store`'s
+    transaction, after ``relay_kept``)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS relay_later (device TEXT NOT NULL, seq INTEGER NOT NULL, "
+        "features INTEGER NOT NULL, PRIMARY KEY (device, seq, features)) WITHOUT ROWID"
+    )
+    db.execute(
+        "CREATE VIEW IF NOT EXISTS relay_held AS SELECT device, seq, features FROM relay_kept "
+        "UNION ALL SELECT device, seq, features FROM relay_later"
+    )
+
+
+def features_record(body: bytes) -> WireRecord:
+    """A stored features record as the device sent it (its bytes, as they are)."""
+    f = FeaturesBody.from_cbor(body)
+    return WireRecord(f.first, FEATURES, float(f.t1), body, float(f.t1))
+
+
+def key(device: str, rec: WireRecord) -> Key:
+    return device, rec.seq, int(rec.kind == FEATURES)
+
+
+def _order(item: tuple[str, WireRecord]) -> int:
+    """A device's alerts of a pass lead its entry, its features records last."""
+    kind = item[1].kind
+    return 0 if kind == "alert" else 2 if kind == FEATURES else 1
+
+
+def _due(s: Any, paused: Collection[str], limit: int) -> list[tuple[str, WireRecord]]:
+    """Held records of the devices not paused, at most ``limit``, oldest first. A device whose
+    rows name nothing stored any more loses them."""
+    out: list[tuple[str, WireRecord]] = []
+    devices = [d for (d,) in s.db.execute("SELECT DISTINCT device FROM relay_later")]
+    for device in (d for d in devices if d not in paused):
+        if len(out) >= limit:
+            break
+        rows = s.db.execute(
+            "SELECT r.seq, r.kind, r.created, r.body FROM relay_later AS l JOIN records AS r "
+            "ON r.device = l.device AND r.seq = l.seq WHERE l.device = ? AND l.features = 0 "
+            "ORDER BY r.arrival LIMIT ?",
+            (device, limit - len(out)),
+        ).fetchall()
+        found = [(device, WireRecord(int(q), k, float(c), bytes(b))) for q, k, c, b in rows]
+        bodies = s.db.execute(
+            "SELECT f.body FROM relay_later AS l JOIN features AS f ON f.device = l.device AND "
+            "f.first_seq = l.seq WHERE l.device = ? AND l.features = 1 ORDER BY l.seq LIMIT ?",
+            (device, max(0, limit - len(out) - len(found))),
+        ).fetchall()
+        found += [(device, features_record(bytes(b))) for (b,) in bodies]
+        if not found:
+            s.db.execute("DELETE FROM relay_later WHERE device = ?", (device,))
+        out += found
+    return out
+
+
+def _save(s: Any, sent: Iterable[Key], held: Iterable[Key]) -> None:
+    db = s.db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(
+            "DELETE FROM relay_later WHERE device = ? AND seq = ? AND features = ?", sent
+        )
+        db.executemany("INSERT OR IGNORE INTO relay_later VALUES (?, ?, ?)", held)
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+class Later:
+    """The devices paused and the records held for them (module docstring). ``now``: a
+    monotonic clock (tests set it)."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self.now = now
+        self.until: dict[str, float] = {}  # device -> when its pause ends
+        self.entries = 0  # entries the cloud answered "later"
+
+    def paused(self) -> set[str]:
+        """The devices paused now."""
+        now = self.now()
+        for device in [d for d, end in self.until.items() if end <= now]:
+            del self.until[device]
+        return set(self.until)
+
+    def pause(self, device: str, max_age: int | None, records: int) -> None:
+        """The cloud answered an entry of ``device`` with 5.03 and ``max_age``."""
+        self.entries += 1
+        seconds = DEFAULT_PAUSE if max_age is None else min(max(1.0, float(max_age)), MAX_PAUSE)
+        if device not in self.until:
+            log.info(
+                "event=forward_later device=%s records=%d retry_in=%g: the cloud takes this "
+                "device's records more slowly (its rate limit); the gateway keeps them",
+                device, records, seconds,
+            )  # fmt: skip
+        self.until[device] = max(self.until.get(device, 0.0), self.now() + seconds)
+
+    async def due(self, db: Any, limit: int) -> list[tuple[str, WireRecord]]:
+        paused = self.paused()
+        return list(await db(lambda s: _due(s, paused, limit)))
+
+    @staticmethod
+    async def save(db: Any, sent: Sequence[Key], held: Sequence[Key]) -> None:
+        """``sent``: held records sent in this pass; ``held``: those to send later (again)."""
+        if sent or held:
+            await db(lambda s: _save(s, sent, held))
+
+    def gather(
+        self, items: Iterable[tuple[str, WireRecord]], held: list[Key]
+    ) -> dict[str, list[WireRecord]]:
+        """A pass's records by device (alerts first, then in the order given, features records
+        last; each once), those of a paused device set apart in ``held``."""
+        paused = self.paused()
+        by_device: dict[str, list[WireRecord]] = {}
+        seen: set[Key] = set()
+        for device, rec in sorted(items, key=_order):  # stable: the order given within a kind
+            k = key(device, rec)
+            if k in seen:
+                continue
+            seen.add(k)
+            if device in paused:
+                held.append(k)
+            else:
+                by_device.setdefault(device, []).append(rec)
+        return by_device

@@ -1,0 +1,212 @@
+"""The per-device rate limit at a real endpoint on loopback (cloud/ratelimit.py; docs/ops.md "Rate
+limit"): a device over its limit gets 5.03 with Max-Age and nothing of the batch is stored; once
+the time told has passed the same batch is stored, once. Over OSCORE (the fast path) and plain
+CoAP, through ``/relay`` per device (one device over its limit, another not, in one request), and
+the gateway's forwarder, which keeps what the cloud asked for later and lets the other devices'
+records go on. The limiter's clock is a number the tests set (no waiting for refills); the rest
+is real: sockets, OSCORE, SQLite.
+
+Attack named: a compromised device with a valid credential posting records as fast as its link
+allows, to fill the endpoint's disk."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.gateway.relay import RecordForwarder, prepare_store
+from agent.wire.relay import RelayRefusal
+from cloud.server import CloudServer, Limits
+from cloud.storage import SQLiteStorage
+from tests.e2e.test_gateway_cloud import GW, gateway, on, reading, relay, senml
+from tests.e2e.test_security import T0, Principal, batch
+
+A, B = "pump-01", "pump-02"
+RATE, BURST = 10.0, 100  # records/s, records
+
+
+class Clock:
+    """The limiter's monotonic clock (and the gateway's pauses), set by the tests."""
+
+    def __init__(self) -> None:
+        self.t = 5000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+async def limited(tmp_path: Path) -> AsyncIterator[tuple[CloudServer, Clock]]:
+    limits = Limits(device_rate=RATE, device_burst=BURST)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, limits=limits)
+    clock = Clock()
+    server.rate_limit.now = clock
+    yield server, clock
+    await server.stop()
+
+
+async def device(server: CloudServer, tmp_path: Path, name: str) -> Principal:
+    return await Principal(server, tmp_path, name).open()
+
+
+def _503s(server: CloudServer) -> int:
+    return server.responses["5.03 Service Unavailable"]
+
+
+@pytest.mark.timeout(60)
+async def test_a_device_over_its_limit_gets_503_with_max_age_and_nothing_is_stored(
+    limited: tuple[CloudServer, Clock], tmp_path: Path
+) -> None:
+    server, clock = limited
+    dev = await device(server, tmp_path, A)
+    try:
+        first = await dev.req("POST", f"ingest/{A}", batch(A, range(1, 101)), 112)
+        assert first.dotted == "2.04"  # the burst
+        for _ in range(3):  # a device that does not wait: refused each time, nothing taken
+            over = await dev.req("POST", f"ingest/{A}", batch(A, range(101, 131)), 112)
+            assert over.dotted == "5.03" and over.max_age == 3  # 30 records at 10/s
+            assert b"rate limit" in over.payload
+        assert await server.seqs(A) == list(range(1, 101))
+        assert _503s(server) == 3
+        assert server.stats["rate_limited_batches"] == 3
+        assert server.stats["rate_limited_records"] == 90
+        clock.t += 3.0  # the Max-Age told
+        again = await dev.req("POST", f"ingest/{A}", batch(A, range(101, 131)), 112)
+        assert again.dotted == "2.04"
+        assert await server.seqs(A) == list(range(1, 131))  # each once
+        assert len(await server.records(A)) == 130
+        # another device is not slowed by this one
+        other = await device(server, tmp_path, B)
+        try:
+            ok = await other.req("POST", f"ingest/{B}", batch(B, range(1, 101)), 112)
+            assert ok.dotted == "2.04"
+        finally:
+            await other.close()
+    finally:
+        await dev.close()
+
+
+@pytest.mark.timeout(60)
+async def test_plain_coap_and_a_rate_of_zero(tmp_path: Path) -> None:
+    """``--insecure`` endpoints are limited the same way; ``--device-rate 0`` limits nothing."""
+    from aiocoap import Code, Context, Message
+
+    async def post(server: CloudServer, ctx: Context, seqs: range) -> Message:
+        msg = Message(code=Code.POST, uri=f"{server.uri}/ingest/{A}", payload=batch(A, seqs))
+        msg.opt.content_format = 112
+        return await ctx.request(msg).response
+
+    ctx = await Context.create_client_context(transports=["udp6"])
+    for rate, code in ((1.0, Code.SERVICE_UNAVAILABLE), (0.0, Code.CHANGED)):
+        limits = Limits(device_rate=rate, device_burst=10)
+        data = tmp_path / f"cloud-{rate}"
+        server = await CloudServer.start(data, "127.0.0.1", 0, allow_plain=True, limits=limits)
+        try:
+            await server.add_device(A)
+            assert (await post(server, ctx, range(1, 11))).code == Code.CHANGED
+            answer = await post(server, ctx, range(11, 1011))  # Block1: the whole batch counts
+            assert answer.code == code
+            if rate:
+                assert answer.opt.max_age == 10  # the whole burst, refilled at 1/s
+                assert await server.seqs(A) == list(range(1, 11))
+            else:
+                assert len(await server.seqs(A)) == 1010
+        finally:
+            await server.stop()
+    await ctx.shutdown()
+
+
+@pytest.mark.timeout(60)
+async def test_relay_counts_each_entry_against_its_device_and_answers_later_per_entry(
+    limited: tuple[CloudServer, Clock], tmp_path: Path
+) -> None:
+    server, clock = limited
+    await server.add_device(A)
+    await server.add_device(B)
+    gw = await gateway(server, tmp_path, A, B)
+    try:
+        (filled,) = await relay(gw, [senml(A, range(1, 101))])
+        assert not isinstance(filled, RelayRefusal)
+        answers = await relay(gw, [senml(A, range(101, 121)), senml(B, range(1, 51))])
+        refused, taken = answers
+        assert isinstance(refused, RelayRefusal), refused
+        assert (refused.dotted, refused.max_age) == ("5.03", 2)
+        assert not isinstance(taken, RelayRefusal)
+        assert await server.seqs(A) == list(range(1, 101))  # nothing of A's entry
+        assert await server.seqs(B) == list(range(1, 51))  # B's went on
+        clock.t += 2.0
+        (acked,) = await relay(gw, [senml(A, range(101, 121))])
+        assert not isinstance(acked, RelayRefusal)
+        assert await server.seqs(A) == list(range(1, 121))
+        # a device's entries in one request count one after the other against its bucket
+        clock.t += 100.0
+        answers = await relay(gw, [senml(A, range(200, 260)), senml(A, range(260, 320))])
+        assert not isinstance(answers[0], RelayRefusal)
+        assert isinstance(answers[1], RelayRefusal) and answers[1].max_age == 2
+        assert await server.seqs(A) == [*range(1, 121), *range(200, 260)]
+    finally:
+        await gw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_the_gateway_keeps_what_the_cloud_asks_for_later_and_the_others_go_on(
+    limited: tuple[CloudServer, Clock], tmp_path: Path
+) -> None:
+    """The gateway's forwarder: device A's entry answered "later" is kept in the gateway's store
+    (never pruned), A is paused for max-age (its new records held, nothing sent for it), the
+    cursor moves on and B's records are acknowledged in the same pass; after the pause A's
+    records go, each stored once."""
+    server, clock = limited
+    await server.add_device(A)
+    await server.add_device(B)
+    gw = await gateway(server, tmp_path, A, B)
+    first = SQLiteStorage.in_dir(tmp_path / "gw-store")
+    prepare_store(first)
+    first.close()
+    site = SQLiteStorage.in_dir(tmp_path / "gw-store")
+    data_dir = tmp_path / "gw-data"
+    data_dir.mkdir()
+    wall = [T0 + 10_000.0]  # everything is older than keep: the prune takes what it may
+    forwarder = RecordForwarder(
+        on(site), gw.transport, lambda: server.uri, data_dir, name=GW, keep=60.0,
+        wall=lambda: wall[0],
+    )  # fmt: skip
+    forwarder.later.now = clock
+    try:
+        assert server.rate_limit.wait(A, BURST) == 0  # A sent its burst (directly, say)
+        site.ingest_many([(A, [reading(i) for i in range(1, 31)], True)], T0)
+        site.ingest_many([(B, [reading(i) for i in range(1, 11)], True)], T0)
+        assert await forwarder.forward_once() == 10  # B's; A's answered later
+        assert await server.seqs(B) == list(range(1, 11))
+        assert await server.seqs(A) == []
+        assert forwarder.later.entries == 1
+        assert site.seqs(A) == list(range(1, 31))  # kept: the prune did not take them
+        held = site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0]
+        assert held == 30
+        # paused: A's new records are held too, and nothing is sent for A
+        site.ingest_many([(A, [reading(31)], False)], T0 + 1)
+        requests = forwarder.requests
+        assert await forwarder.forward_once() == 0
+        assert forwarder.requests == requests
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 31
+        # B is not held back meanwhile
+        site.ingest_many([(B, [reading(11)], False)], T0 + 1)
+        assert await forwarder.forward_once() == 1
+        assert await server.seqs(B) == list(range(1, 12))
+        clock.t += 3.0  # A's max-age, told for its 30 records: it has 31 now
+        assert await forwarder.forward_once() == 0  # sent, answered later again: held again
+        assert forwarder.later.entries == 2 and await server.seqs(A) == []
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 31
+        clock.t += 1.0
+        assert await forwarder.forward_once() == 31
+        assert await server.seqs(A) == list(range(1, 32))
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 0
+        assert await forwarder.forward_once() == 0  # nothing twice
+        await forwarder.prune()
+        assert site.seqs(A) == [31] and site.seqs(B) == [11]  # forwarded: dropped, newest kept
+        assert len(await server.records(A)) == 31
+    finally:
+        site.close()
+        await gw.close()
