@@ -11,6 +11,8 @@ allows, to fill the endpoint's disk."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 
 from agent.gateway.relay import RecordForwarder, prepare_store
 from agent.wire.relay import RelayRefusal
+from cloud.ratelimit import DeviceRateLimit
 from cloud.server import CloudServer, Limits
 from cloud.storage import SQLiteStorage
 from tests.e2e.test_gateway_cloud import GW, gateway, on, reading, relay, senml
@@ -210,3 +213,63 @@ async def test_the_gateway_keeps_what_the_cloud_asks_for_later_and_the_others_go
     finally:
         site.close()
         await gw.close()
+
+
+@pytest.mark.timeout(240)
+async def test_a_real_agent_over_its_limit_is_slowed_and_every_record_arrives_once(
+    tmp_path: Path,
+) -> None:
+    """``edge-agent run`` on the simulated rig (8x real time: about 15 records/s) against an
+    endpoint that takes 5 records/s from it: it gets 5.03 with Max-Age, keeps its records queued,
+    pauses and sends them again; some go meanwhile (slowed, not stopped). Once the limit is
+    raised (an operator restarting with a larger --device-rate) every record it committed is
+    stored exactly once, none set aside."""
+    from tests.e2e.test_sync_e2e import AgentProcess, committed_in, example_config, strip_tables
+
+    device_id = "pump-rig-01"
+    limits = Limits(device_rate=5.0, device_burst=20)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, limits=limits)
+    (await server.register(device_id)).write(tmp_path / "agent" / "credential.json")
+    text = (
+        strip_tables(example_config().read_text(), "uplink")
+        .replace('data_dir = "/var/lib/edge-agent"', f'data_dir = "{tmp_path / "agent"}"')
+        .replace("interval = 1.0", "interval = 4.0")
+    )
+    text += "commissioning_samples = 60\n"  # the [detect] table ends the example
+    text += f'\n[uplink]\nendpoints = ["{server.uri}"]\nbackoff_max = 10.0\n'
+    config = tmp_path / "agent.toml"
+    config.write_text(text)
+    log = tmp_path / "agent.log"
+    agent = AgentProcess(config, log)
+    try:
+        await agent.start()
+        async with asyncio.timeout(60):  # refused some, stored some: slowed, not stopped
+            while (  # noqa: ASYNC110 - the endpoint is polled
+                server.stats["rate_limited_batches"] < 3 or len(await server.seqs(device_id)) < 40
+            ):
+                await asyncio.sleep(0.5)
+        assert server.responses["5.03 Service Unavailable"] >= 3
+        server.rate_limit = DeviceRateLimit.of(Limits(), time.monotonic, server.stats)
+        async with asyncio.timeout(90):
+            while not (done := committed_in(log)) or not set(done) <= set(  # noqa: ASYNC110
+                await server.seqs(device_id)
+            ):
+                await asyncio.sleep(0.5)
+        assert await agent.stop() == 0
+    finally:
+        if agent.proc is not None and agent.proc.returncode is None:
+            agent.proc.kill()
+            await agent.proc.wait()
+    committed = committed_in(log)
+    try:
+        async with asyncio.timeout(30):  # the last batches it sent before it stopped
+            while not set(committed) <= set(await server.seqs(device_id)):  # noqa: ASYNC110
+                await asyncio.sleep(0.5)
+        stored = await server.seqs(device_id)
+        records = await server.records(device_id)
+    finally:
+        await server.stop()
+    assert len(committed) >= 40  # what phase one saw stored, at least
+    assert set(stored) == set(committed)  # every one, and nothing it did not commit
+    assert len(stored) == len(records) == len(set(stored))  # each once
+    assert "event=record_rejected" not in log.read_text()  # none set aside

@@ -106,6 +106,9 @@ class _Endpoint:
         )
         self.port = _free_udp_port()
         serve = ["serve", "--listen", f"{HOST}:{self.port}", "--data", str(self.data)]
+        # rounds of 20,000 records at loopback speed from one device: the transport is measured,
+        # not the endpoint's per-device rate limit (docs/ops.md "Rate limit")
+        serve += ["--device-rate", "0"]
         self._proc = subprocess.Popen(
             self._cli(*serve, *([] if self.secure else ["--insecure"])),
             stdout=subprocess.PIPE,

@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> Result:
         )
         serve = [sys.executable, "-m", "cloud.cli", "serve", "--listen", f"127.0.0.1:{port}"]
         serve.append("--insecure")  # plain CoAP measured here; bench security compares OSCORE
+        # four drains from one device at loopback speed: the uplink is measured, not the
+        # endpoint's per-device rate limit (docs/ops.md "Rate limit")
+        serve += ["--device-rate", "0"]
         server = subprocess.Popen(
             [*serve, "--data", str(tmp_path / "cloud")],
             stdout=subprocess.DEVNULL,
