@@ -314,6 +314,7 @@ class Gateway:
             "forwarded": f.forwarded if f else 0,
             "requests_up": f.requests if f else 0,
             "bytes_up": f.bytes_up if f else 0,
+            "entries_later": f.later.entries if f else 0,  # over a device's rate limit upstream
             "model_fetches": dict(st.model_fetches) if st else {},
             "release_fetches": dict(self.releases.fetches) if self.releases else {},
         }

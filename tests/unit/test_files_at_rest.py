@@ -270,7 +270,7 @@ async def test_a_forward_cursor_past_the_store_or_unreadable_forwards_everything
         forwarder = RecordForwarder(db, none, lambda: "coap://x", tmp_path, name="gw-1")
         seen: list[int] = []
 
-        async def relay(parts: Any, kept: Any) -> int:
+        async def relay(parts: Any, kept: Any, held: Any) -> int:
             seen.extend(r.seq for _, recs, _ in parts for r in recs)
             return sum(len(recs) for _, recs, _ in parts)
 
