@@ -27,7 +27,7 @@ import math
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.detect.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
@@ -39,7 +39,6 @@ from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManag
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.ota.compat import check_and_stamp
-from agent.ota.controller import UpdateController, build_updates
 from agent.sense.hardware import Hardware
 from agent.sense.ingest import TelemetryWriter
 from agent.sense.sampling import Sampler, channel_resolution
@@ -60,6 +59,9 @@ from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Uplink
 from drivers.base import Reading
 from drivers.clock import Clock, RealClock
+
+if TYPE_CHECKING:
+    from agent.ota.controller import UpdateController
 
 log = logging.getLogger(__name__)
 
@@ -723,6 +725,11 @@ class Agent:
         self.state.restore()
 
     def _build_updates(self) -> UpdateController | None:
+        if self.config.update is None:
+            return None
+        # imported at first use (the running agent's memory): release unpacking, tarfile, install
+        from agent.ota.controller import build_updates
+
         self.updates = build_updates(self)
         return self.updates
 

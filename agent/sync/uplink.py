@@ -50,7 +50,6 @@ from agent.store.queue import Record, Store
 from agent.store.settings import SEQ_HEADROOM
 from agent.sync.backoff import clamp_hint, full_jitter
 from agent.sync.datapolicy import DataSettings
-from agent.sync.featurize import fold
 from agent.sync.refusals import RefusedRecords
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
 from agent.wire import codec
@@ -364,6 +363,9 @@ class Uplink(RefusedRecords):
     def _encode(self, batch: list[Record], cf: int) -> bytes:
         level = self.policy.level
         if self.data is not None and self.data.features_at(level):
+            # imported at first use (the running agent's memory): only a sensor sent as features
+            from agent.sync.featurize import fold
+
             wire = fold(batch, self.data, level)  # the readings' seqs are acked with them
         else:
             wire = [WireRecord(r.seq, r.kind.value, r.created, r.payload) for r in batch]

@@ -159,6 +159,8 @@ ELLIPSE_RATIOS = (1.0, 0.9, 0.8, 0.6, 0.4)
 PHASES = 16
 #: The tuning stops early once the error is below this fraction of the output step.
 GOOD_ENOUGH = 1 / 64
+#: Amplitudes whose orbits the tuning quantises at once (bounds its temporaries).
+TUNE_ROWS = 8
 
 _THETA = 2 * np.pi * np.arange(PERIOD) / PERIOD
 
@@ -203,8 +205,12 @@ def tune_vibration(
         a0 = rms_g * math.sqrt(2 / (1 + ratio * ratio))
         amplitudes = a0 + np.linspace(-span, span, count) * q
         amplitudes = amplitudes[amplitudes >= 0]
-        x, y = _orbit(amplitudes, phases, ratio, static)
-        err = np.abs(_quantized_rms(x, y, scale, step, bits) - rms_g)
+        err = np.empty((len(amplitudes), len(phases)))
+        # A few amplitudes at a time: the orbits of all 121 at once took ~3 MB of temporaries,
+        # the peak memory of an agent on the simulated rig. Row by row, the same values.
+        for lo in range(0, len(amplitudes), TUNE_ROWS):
+            x, y = _orbit(amplitudes[lo : lo + TUNE_ROWS], phases, ratio, static)
+            err[lo : lo + TUNE_ROWS] = np.abs(_quantized_rms(x, y, scale, step, bits) - rms_g)
         i, j = np.unravel_index(int(np.argmin(err)), err.shape)
         if err[i, j] < best[0]:
             best = (float(err[i, j]), float(amplitudes[i]), float(phases[j]), ratio)

@@ -11,7 +11,6 @@ rig started. Signal names are the SKAB column names (``Accelerometer1RMS``, ``Cu
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -65,6 +64,10 @@ class SkabFile:
 
 def read_skab_csv(path: str | Path) -> SkabFile:
     """Read a SKAB CSV (semicolon separated, header row, CRLF). Raises ValueError when malformed."""
+    # imported at first use (the running agent's memory): only a SKAB replay reads CSV, and
+    # agent.detect.features imports this module on every device
+    import csv
+
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter=";")
