@@ -24,7 +24,9 @@ What the short way does, by RFC 7252 and RFC 8613:
   only if it is a POST to ``ingest`` without Block1, Block2, Observe, No-Response or proxy
   options; otherwise the window is put back as it was (``ReplayWindow.state``/``put_back``,
   agent/wire/oscore.py) and the datagram goes to aiocoap, which unprotects it again: nothing is
-  consumed twice.
+  consumed twice. Nor decrypted twice (the blocks of a Block1 transfer, a device's large
+  batches): the context keeps the inner request for aiocoap's unprotect of the same datagram
+  (``PersistentContext.hand_on``), which checks the replay window then as it always does.
 - A window that is not initialised: unprotecting (which decrypts and verifies first) raises
   aiocoap's ``ReplayErrorWithEcho`` unless the request carries the context's Echo value, and
   that error's own protected 4.01 + Echo is the answer, piggybacked on the ACK (whatever the
@@ -181,6 +183,7 @@ class IngestFastPath:
             return False  # aiocoap initialises the window from an earlier request: keep the order
         before, accepted = window.state(), ctx.accepted
         outer.direction = Direction.INCOMING
+        inner = None
         try:
             inner, request_id = ctx.unprotect(outer)
             ok = _plain_ingest(inner)
@@ -188,11 +191,13 @@ class IngestFastPath:
             return self._challenge(ctx, piv, challenge, outer, ancdata, key)
         except Exception:
             ok = False
-        if not ok:  # as if never looked at: aiocoap unprotects it again
+        if not ok:  # as if never looked at: aiocoap unprotects it (its replay check again)
             if before is None and window.is_initialized():  # it came with the Echo
                 self._echo_in_aiocoap.add(ctx)
             window.put_back(before)
             ctx.accepted = accepted
+            if before is not None and inner is not None:  # e.g. a Block1 block: not decrypted
+                ctx.hand_on(outer, inner, request_id)  # twice (PersistentContext.hand_on)
             return False
         remote = UDP6EndpointAddress(address, self._protocol, pktinfo=_pktinfo(ancdata))
         inner.remote = OSCOREAddress(ctx, remote)
