@@ -118,8 +118,12 @@ class ClientSecurity:
         return None if self._client is None else self._client.context
 
     def configure(self, ctx: Any) -> None:
-        """Install the credentials on a new aiocoap client context."""
+        """Install the credentials (and for OSCORE, agent/sync/oscoreclient.py's transport) on a
+        new aiocoap client context."""
         if self.mode == "oscore":
+            from agent.sync import oscoreclient
+
+            oscoreclient.install(ctx)  # aiocoap's OSCORE transport, its tasks named cheaply
             for uri in self.uris:
                 for pattern in uri_patterns(uri):
                     ctx.client_credentials[pattern] = self._client.context

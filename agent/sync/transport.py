@@ -593,6 +593,10 @@ class _LateResponseFilter(logging.Filter):
                 logger.addFilter(cls())
 
 
+#: aiocoap's OSCORE client transport, and the agent's (agent/sync/oscoreclient.py).
+_OSCORE = ("TransportOSCORE", "OscoreRequests")
+
+
 def _quiet_aiocoap_races(loop: asyncio.AbstractEventLoop) -> None:
     """Two aiocoap 0.4.17 failures reach the event loop's exception handler, which logs them with
     a traceback: a late response (``_late_response``), which the UDP transport raises on after
@@ -606,7 +610,7 @@ def _quiet_aiocoap_races(loop: asyncio.AbstractEventLoop) -> None:
         return
     ExceptionFilter(
         lambda error, where: (
-            _late_response(error) or "TransportOSCORE.request.<locals>.done" in where
+            _late_response(error) or any(f"{c}.request.<locals>.done" in where for c in _OSCORE)
         ),
         lambda error: log.debug("event=coap_request_ended_race error=%r", type(error).__name__),
     ).install(loop)

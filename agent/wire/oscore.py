@@ -350,6 +350,26 @@ class PersistentContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityC
             plaintext += b"\xff" + message.payload
         return outer, plaintext
 
+    def _construct_nonce(self, partial_iv_short: bytes, piv_generator_id: bytes, alg: Any) -> bytes:
+        """The AEAD nonce (RFC 8613 section 5.2) as aiocoap builds it, the XOR with the Common IV
+        done as one of integers: aiocoap XORs byte by byte in a generator and formats a debug
+        line of three hex strings, twice per exchange on each side."""
+        components = b"".join(
+            (
+                bytes((len(piv_generator_id),)),
+                b"\0" * (alg.iv_bytes - 6 - len(piv_generator_id)),
+                piv_generator_id,
+                b"\0" * (5 - len(partial_iv_short)),
+                partial_iv_short,
+            )
+        )
+        n = len(components)
+        common_iv = self.common_iv[:n]
+        if len(common_iv) != n:  # aiocoap's refusal of an inconsistent length, as it raises it
+            return super()._construct_nonce(partial_iv_short, piv_generator_id, alg)  # type: ignore[no-any-return]
+        nonce = int.from_bytes(common_iv, "big") ^ int.from_bytes(components, "big")
+        return nonce.to_bytes(n, "big")
+
     def _post_decrypt_checks(
         self, aad: bytes, plaintext: bytes, protected_message: Any, request_id: Any
     ) -> None:
