@@ -51,6 +51,7 @@ from agent.detect.changepoint import ChangeDetector, ChangePoint, ChangeSettings
 from agent.detect.features import Calibration, FeatureSpec, StreamingFeatures, calibrate, transform
 from agent.detect.inference import RUNTIMES, Inference, Manifest, TFLiteModel, load_manifest
 from agent.detect.novelty import NoveltyDetector, NoveltyScore, NoveltySettings
+from agent.detect.swap import CheckedSwap, warm_model, warm_window
 from agent.errors import ModelError
 from drivers.base import Options
 
@@ -295,17 +296,6 @@ class FeedResult:
     scores: np.ndarray
 
 
-@dataclass(frozen=True)
-class CheckedSwap:
-    """Models :meth:`Detector.check_swap` passed, for :meth:`Detector.install`."""
-
-    detector: Detector
-    anomaly: Inference | None
-    threshold: float | None  # None: unchanged
-    classifier: Inference | None
-    classes: tuple[str, ...]
-
-
 class Detector:
     """The streaming detector of one device. See the module docstring.
 
@@ -484,6 +474,7 @@ class Detector:
         classifier: Inference | None = None,
         classes: Sequence[str] | None = None,
         threshold: float | None = None,
+        warm: bool = True,
     ) -> CheckedSwap:
         """Check models for :meth:`install` (which may follow later: the check changes nothing).
 
@@ -494,14 +485,13 @@ class Detector:
 
         Both models are warmed up on the newest model input (zeros before commissioning ends);
         one that raises, or gives output of the wrong shape or non-finite output, is refused.
+        ``warm=False`` leaves the warm-ups to :meth:`warm_up`, one model per call (the
+        detector may score in between: each runs on the input that is newest then).
         ``threshold``: the new anomaly threshold (default: the entry's calibrated one; pass the
         configured override).
         """
-        n_in = self.spec.steps * len(self.spec.channels)
-        window = np.asarray(getattr(self, "last_window", ()), dtype=np.float32).reshape(-1)
-        if window.size != n_in or not np.all(np.isfinite(window)):
-            window = np.zeros(n_in, dtype=np.float32)
         new_threshold = self.threshold
+        cold: list[str] = []
         if anomaly is not None:
             label = f"model {getattr(anomaly, 'name', '?')}"
             if entry is not None:
@@ -518,7 +508,7 @@ class Detector:
                         "(switch tiers or recommission instead)"
                     )
                 new_threshold = entry_threshold
-            _warm(anomaly, window, (n_in,), label)
+            cold.append("anomaly")
         if threshold is not None:
             new_threshold = float(threshold)
         if not new_threshold > 0 or not math.isfinite(new_threshold):
@@ -528,16 +518,41 @@ class Detector:
             label = f"classifier {getattr(classifier, 'name', '?')}"
             if NORMAL_CLASS not in new_classes:
                 raise ModelError(f"{label}: classes must include {NORMAL_CLASS!r}; refused")
-            _warm(classifier, window, (len(new_classes),), label)
+            cold.append("classifier")
         changed = anomaly is not None or threshold is not None
-        return CheckedSwap(
-            self, anomaly, new_threshold if changed else None, classifier, new_classes
+        checked = CheckedSwap(
+            self, anomaly, new_threshold if changed else None, classifier, new_classes, tuple(cold)
         )
+        while warm and checked.cold:
+            checked = self.warm_up(checked)
+        return checked
+
+    def warm_up(self, checked: CheckedSwap) -> CheckedSwap:
+        """The next warm-up a :meth:`check_swap` of this detector left: one invoke of that model
+        on the newest model input. Returns the check with one model fewer to warm up;
+        ModelError refuses the swap."""
+        if checked.detector is not self:
+            raise ValueError("warm_up() takes models checked by this detector")
+        if not checked.cold:
+            return checked
+        n_in = self.spec.steps * len(self.spec.channels)
+        window = warm_window(getattr(self, "last_window", ()), n_in)
+        if checked.cold[0] == "anomaly":
+            assert checked.anomaly is not None
+            name, shape = f"model {getattr(checked.anomaly, 'name', '?')}", (n_in,)
+            warm_model(checked.anomaly, window, shape, name)
+        else:
+            assert checked.classifier is not None
+            name = f"classifier {getattr(checked.classifier, 'name', '?')}"
+            warm_model(checked.classifier, window, (len(checked.classes),), name)
+        return replace(checked, cold=checked.cold[1:])
 
     def install(self, checked: CheckedSwap) -> None:
         """Put in models :meth:`check_swap` of this detector passed: a few assignments, no I/O."""
         if checked.detector is not self:
             raise ValueError("install() takes models checked by this detector")
+        if checked.cold:
+            raise ValueError(f"install() takes models warmed up: {', '.join(checked.cold)} not yet")
         if checked.anomaly is not None:
             old = getattr(self.anomaly, "name", "?")
             self.anomaly = checked.anomaly
@@ -783,17 +798,3 @@ class Detector:
         if cls != NORMAL_CLASS and confidence >= self.classifier_confidence:
             return Verdict.KNOWN_FAILURE, cls, confidence
         return Verdict.NOVEL_ANOMALY, None, confidence
-
-
-def _warm(model: Inference, window: np.ndarray, shape: tuple[int, ...], label: str) -> None:
-    """One invoke on ``window``: ModelError unless it gives finite output of ``shape``."""
-    try:
-        out = np.asarray(model.predict(window[None]))
-    except (ValueError, RuntimeError, ModelError) as err:
-        raise ModelError(f"{label}: failed on the warm-up window ({err}); refused") from err
-    if out.shape != (1, *shape):
-        raise ModelError(
-            f"{label}: warm-up output has shape {out.shape[1:]}, expected {shape}; refused"
-        )
-    if not np.all(np.isfinite(out)):
-        raise ModelError(f"{label}: non-finite output on the warm-up window; refused")

@@ -12,8 +12,9 @@ Desired state carries them as ``model/<role>`` = ``{"name", "version", ? "sha256
 2. **load** -- the interpreter, from the cache's memory tier;
 3. **warm up** -- one invoke on a zero window: finite output of the manifest's shape;
 4. **swap** -- ``anomaly`` and ``classifier`` go into the running detector:
-   :meth:`Detector.check_swap <agent.detect.detector.Detector.check_swap>` warms them up again
-   on the newest real window before the cache index is written, and
+   :meth:`Detector.check_swap <agent.detect.detector.Detector.check_swap>` checks the features
+   and :meth:`Detector.warm_up <agent.detect.detector.Detector.warm_up>` warms the model up again
+   on the newest real window (each a loop step of its own) before the cache index is written, and
    :meth:`Detector.install <agent.detect.detector.Detector.install>` puts them in between two
    feeds; ``lightweight`` is kept loaded and pinned, ready for a tier switch (``on_ready`` tells
    the runtime).
@@ -191,32 +192,37 @@ class ModelManager:
         return Prepared(a, cached, model)
 
     async def commit(self, p: Prepared) -> None:
-        """Swap a prepared model in. Checked first (the detector's warm-up on its newest window),
-        then durable: the new version is pinned beside the running one and the cache index
-        written (off the loop) before the swap, so a failure there, or a cancellation, leaves
-        the previous model running (a failure is reported as a refusal). The swap itself is a
-        few assignments between two detector feeds, and the role's state is recorded with it;
-        what follows is the index written again, and a failure to write it is logged, never
-        reported as ``failed`` for a running version. Each step holds the loop about as long as
-        one row's scoring; the detector scores between them and during the writes."""
+        """Swap a prepared model in. Checked first (the features, then the detector's warm-up
+        on its newest window), then durable: the new version is pinned beside the running one
+        and the cache index written (off the loop) before the swap, so a failure there, or a
+        cancellation, leaves the previous model running (a failure is reported as a refusal).
+        The swap itself is a few assignments between two detector feeds, and the role's state is
+        recorded with it; what follows is the index written again, and a failure to write it is
+        logged, never reported as ``failed`` for a running version. Each loop step is short:
+        the feature check, each warm-up (one invoke on one window, a part of what one row's
+        scoring does), the pins with the index handed to the I/O thread, the swap; the detector
+        scores between them and during the writes."""
         role = p.assignment.role
         classes = p.entry.get("classes")
         if role == "classifier" and not isinstance(classes, list | tuple):
             raise ModelError(f"classifier {p.cached.name}: its entry names no classes; refused")
         override = self._override()
-        checked = self._check(p, self._detector(), override)  # ModelError: nothing changes
+        checked = await self._check(p, self._detector(), override)  # ModelError: nothing changes
         await asyncio.sleep(0)  # the detector scores between the check and the pins
         self._committing[p.ref] += 1  # another role's commit meanwhile keeps it pinned
         self._pin()
         try:
             await self.cache.sync()
-            if checked is not None:
+            while checked is not None:
                 det, now = self._detector(), self._override()
                 # Replaced meanwhile (a tier switch), or the threshold override changed while
-                # the index was written: check again, on the detector running now.
-                if checked.detector is not det or now != override:
-                    checked = self._check(p, det, now)
-                    assert checked is not None
+                # the index was written: check again, on the detector running now (until
+                # neither changed during a check, so the install follows in this step).
+                if checked.detector is det and now == override:
+                    break
+                override = now
+                checked = await self._check(p, det, now)
+                await asyncio.sleep(0)
         except BaseException:  # a refusal, or cancelled: back to the pins of the running models
             self._done_committing(p.ref)  # (on disk at the next sync)
             raise
@@ -267,17 +273,26 @@ class ModelManager:
     def _override(self) -> float | None:
         return self._threshold_override() if self._threshold_override else None
 
-    def _check(self, p: Prepared, det: Detector, override: float | None) -> CheckedSwap | None:
+    async def _check(
+        self, p: Prepared, det: Detector, override: float | None
+    ) -> CheckedSwap | None:
         """``det``'s check of an anomaly model (with the threshold ``override``) or of a
-        classifier; None for another role."""
+        classifier; None for another role. The features first, then the warm-up on the
+        detector's newest window, each a loop step: the detector scores between them. The
+        check changes nothing, so a cancellation meanwhile leaves everything as it was."""
         role = p.assignment.role
         if role == "anomaly":
-            return det.check_swap(p.model, entry=p.entry, threshold=override)
-        if role == "classifier":
+            checked = det.check_swap(p.model, entry=p.entry, threshold=override, warm=False)
+        elif role == "classifier":
             classes = p.entry.get("classes")
             assert isinstance(classes, list | tuple)
-            return det.check_swap(classifier=p.model, classes=classes)
-        return None
+            checked = det.check_swap(classifier=p.model, classes=classes, warm=False)
+        else:
+            return None
+        while checked.cold:
+            await asyncio.sleep(0)
+            checked = det.warm_up(checked)
+        return checked
 
     async def assign(self, a: Assignment) -> RoleState:
         """Apply one assignment. Returns the role's state (``failed`` after a rollback);

@@ -23,7 +23,7 @@ from agent.detect.detector import Detector, DetectSettings
 from agent.detect.features import CHANNELS
 from agent.detect.inference import load_manifest
 from agent.errors import ModelError, SyncError
-from agent.modelstore.assignment import Assignment, ModelManager
+from agent.modelstore.assignment import Assignment, ModelManager, Prepared
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.modelstore.floors import Floors
@@ -504,7 +504,7 @@ async def test_commit_checks_first_and_installs_into_the_detector_running_after_
 
         d.check_swap = check  # type: ignore[method-assign]
     commit = asyncio.ensure_future(manager.commit(prepared))
-    await asyncio.sleep(0)  # the commit checked on det and yields before the pins
+    await asyncio.sleep(0)  # the commit checked det's features and yields before the warm-up
     assert checks == [det]
     detectors.append(other)  # a tier switch before the pins and the index are written
     await commit
@@ -534,7 +534,8 @@ async def test_a_commit_keeps_a_threshold_set_meanwhile_and_a_cancelled_one_its_
     second = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.1"))
 
     commit = asyncio.ensure_future(manager.commit(first))
-    await asyncio.sleep(0)  # checked with no override; yields before the pins
+    await asyncio.sleep(0)  # checked with no override; yields before the warm-up
+    await asyncio.sleep(0)  # warmed up; yields before the pins
     await asyncio.sleep(0)  # pins set, the index on the I/O thread
     assert ("skab-ae", "3.0.0") in cache.pins
     commit.cancel()
@@ -544,7 +545,7 @@ async def test_a_commit_keeps_a_threshold_set_meanwhile_and_a_cancelled_one_its_
     assert manager.roles["anomaly"].version == "1.0.0"
 
     commit = asyncio.ensure_future(manager.commit(first))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # checked with no override
     overrides.append(2.5)  # as a desired threshold is applied while the index is written
     det.threshold = 2.5
     await commit
@@ -565,13 +566,57 @@ async def test_a_commit_keeps_a_threshold_set_meanwhile_and_a_cancelled_one_its_
     rig.publish(MODELS / "skab-clf.tflite", "skab-clf", "2.0.0")
     clf = await manager.prepare(Assignment("classifier", "skab-clf", "2.0.0"))
     commit = asyncio.ensure_future(manager.commit(first))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # 3.0.0 pinned, its index on the I/O thread
+    for _ in range(3):  # checked, warmed up, then 3.0.0 pinned and its index on the I/O thread
+        await asyncio.sleep(0)
     await manager.commit(clf)
     assert ("skab-ae", "3.0.0") in cache.pins
     await commit
     assert {("skab-ae", "3.0.0"), ("skab-clf", "2.0.0")} <= cache.pins
     assert ("skab-ae", "3.0.1") not in cache.pins and not manager._committing
+    await cache.close()
+
+
+async def test_a_commit_cancelled_or_refused_during_its_check_leaves_the_running_model(rig):
+    """The check is two loop steps (the features, then the warm-up on the newest window) and the
+    detector scores between them; a commit cancelled in between, or whose model fails on the
+    warm-up, changes nothing: the running model stays, nothing new is pinned, no state moves."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    cache, det, manager = await _running_manager(rig)
+    running = det.anomaly
+    prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.0"))
+
+    commit = asyncio.ensure_future(manager.commit(prepared))
+    await asyncio.sleep(0)  # the features checked; the warm-up is the next step
+    det.feed([3000.0], _rows(1, seed=5))  # the detector scores between them
+    commit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    assert det.anomaly is running and manager.roles["anomaly"].version == "1.0.0"
+    assert ("skab-ae", "3.0.0") not in cache.pins and not manager._committing
+
+    class FailsOnRealWindows:  # the Inference seam: an interpreter that fails when invoked
+        name = "skab-ae"
+        runtime = "test"
+
+        def __init__(self) -> None:
+            self.windows: list[np.ndarray] = []
+
+        def predict(self, x):
+            self.windows.append(np.array(x))
+            raise RuntimeError("Invoke failed")
+
+    model = FailsOnRealWindows()
+    broken = Prepared(prepared.assignment, prepared.cached, model)  # type: ignore[arg-type]
+    commit = asyncio.ensure_future(manager.commit(broken))
+    await asyncio.sleep(0)
+    det.feed([3001.0], _rows(1, seed=6))
+    with pytest.raises(ModelError, match="failed on the warm-up window"):
+        await commit
+    np.testing.assert_array_equal(model.windows[0][0], det.last_window)  # the newest
+    assert det.anomaly is running and manager.roles["anomaly"].version == "1.0.0"
+    assert ("skab-ae", "3.0.0") not in cache.pins and not manager._committing
+    await manager.commit(prepared)  # and the same version, sound, goes in
+    assert det.anomaly is prepared.model
     await cache.close()
 
 

@@ -393,3 +393,57 @@ def test_a_model_that_gives_nan_still_scores_and_the_fault_still_raises(
     assert raised and any(500 <= int(a.time) - 1000 < 560 for a in raised)
     said = [r for r in caplog.records if "event=model_output_not_finite" in r.getMessage()]
     assert len(said) == 1 and broken.nonfinite
+
+
+# --- hot swap -----------------------------------------------------------------------------------
+class Recording:
+    """The Inference seam: a real model that keeps the inputs it is given."""
+
+    def __init__(self, model: TFLiteModel, fail: bool = False) -> None:
+        self.model, self.fail = model, fail
+        self.name, self.runtime = model.name, model.runtime
+        self.inputs: list[np.ndarray] = []
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        self.inputs.append(np.array(x))
+        if self.fail:
+            raise RuntimeError("Invoke failed")
+        return self.model.predict(x)
+
+
+def test_a_swap_check_leaves_its_warm_ups_for_later_each_on_the_newest_window(
+    manifest, models
+) -> None:
+    """``check_swap(warm=False)`` checks features and threshold without inference; each
+    ``warm_up`` invokes one model on the model input newest then; install takes the check only
+    once both are warm. A model that fails its warm-up is refused there."""
+    det = make(manifest, models)
+    rows = normal_rows(det.spec.commissioning + 3, seed=2)
+    det.feed(np.arange(len(rows) - 2.0), rows[:-2])
+    ae, clf = Recording(models[0]), Recording(models[1])
+    entry, classes = manifest.entry("skab-ae").raw, manifest.entry("skab-clf").raw["classes"]
+    checked = det.check_swap(ae, entry=entry, classifier=clf, classes=classes, warm=False)
+    assert checked.cold == ("anomaly", "classifier") and not ae.inputs and not clf.inputs
+    with pytest.raises(ValueError, match="warmed up"):
+        det.install(checked)
+    with pytest.raises(ValueError, match="checked by this detector"):
+        make(manifest, models).warm_up(checked)
+    det.feed([len(rows) - 2.0], rows[-2:-1])  # the detector scores between the steps
+    checked = det.warm_up(checked)
+    assert checked.cold == ("classifier",) and not clf.inputs
+    np.testing.assert_array_equal(ae.inputs[0][0], det.last_window)
+    det.feed([len(rows) - 1.0], rows[-1:])
+    checked = det.warm_up(checked)
+    np.testing.assert_array_equal(clf.inputs[0][0], det.last_window)
+    assert checked.cold == () and det.warm_up(checked) == checked
+    det.install(checked)
+    assert det.anomaly is ae and det.classifier is clf
+    assert det.check_swap(models[0], entry=entry).cold == ()  # warm=True: all in one call
+
+    broken = Recording(models[0], fail=True)
+    checked = det.check_swap(broken, entry=entry, warm=False)
+    with pytest.raises(ModelError, match="failed on the warm-up window"):
+        det.warm_up(checked)
+    with pytest.raises(ModelError, match="failed on the warm-up window"):
+        det.swap_models(broken, entry=entry)
+    assert det.anomaly is ae
