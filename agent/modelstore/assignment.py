@@ -42,8 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.detect.detector import CheckedSwap, Detector
+from agent.detect.detector import Detector
 from agent.detect.inference import TFLiteModel
+from agent.detect.swap import CheckedSwap
 from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.cache import CachedModel, ModelCache, Ref
 from agent.modelstore.floors import Floors
