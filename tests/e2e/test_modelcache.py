@@ -620,6 +620,34 @@ async def test_a_commit_cancelled_or_refused_during_its_check_leaves_the_running
     await cache.close()
 
 
+async def test_a_threshold_changed_during_the_re_check_is_checked_again_before_the_swap(rig):
+    """The re-check after the index write is steps of its own too: an override that changes
+    during it is checked once more, and the swap installs the latest one."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    cache, det, manager = await _running_manager(rig)
+    overrides: list[float | None] = [None]
+    manager._threshold_override = lambda: overrides[-1]
+    checks: list[float | None] = []
+    inner = det.check_swap
+
+    def check(*a, **kw):
+        checks.append(kw.get("threshold"))
+        checked = inner(*a, **kw)
+        if len(checks) == 2:  # the re-check's feature step; its warm-up is a step of its own
+            overrides.append(3.5)
+        return checked
+
+    det.check_swap = check  # type: ignore[method-assign]
+    prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.0"))
+    commit = asyncio.ensure_future(manager.commit(prepared))
+    await asyncio.sleep(0)
+    overrides.append(2.5)  # while the first check's warm-up and the index write are to come
+    await commit
+    assert checks == [None, 2.5, 3.5]
+    assert det.anomaly is prepared.model and det.threshold == 3.5
+    await cache.close()
+
+
 def test_modelcache_settings_from_config(tmp_path):
     from agent.errors import ConfigError
     from agent.service import config as configmod
