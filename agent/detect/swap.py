@@ -26,15 +26,13 @@ from agent.errors import ModelError
 if TYPE_CHECKING:
     from agent.detect.detector import Detector
 
-ROLES = ("anomaly", "classifier")  # the models of a detector, in the order they are warmed up
-
 
 @dataclass(frozen=True)
 class CheckedSwap:
     """Models :meth:`Detector.check_swap` passed, for :meth:`Detector.install`.
 
-    ``cold``: the roles (of :data:`ROLES`) still to warm up on the detector's newest model input
-    (:meth:`Detector.warm_up`), in order; install refuses a check with any left."""
+    ``cold``: the roles ("anomaly", then "classifier") still to warm up on the detector's newest
+    model input (:meth:`Detector.warm_up`), in order; install refuses a check with any left."""
 
     detector: Detector
     anomaly: Inference | None
