@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
-from agent.wire.batch import FEATURES, WireRecord
+from agent.wire.batch import FEATURES, CodecError, WireRecord
 from agent.wire.features import FeaturesBody
 
 log = logging.getLogger("agent.gateway")
@@ -80,15 +80,31 @@ def _due(s: Any, paused: Collection[str], limit: int) -> list[tuple[str, WireRec
         ).fetchall()
         found = [(device, WireRecord(int(q), k, float(c), bytes(b))) for q, k, c, b in rows]
         bodies = s.db.execute(
-            "SELECT f.body FROM relay_later AS l JOIN features AS f ON f.device = l.device AND "
-            "f.first_seq = l.seq WHERE l.device = ? AND l.features = 1 ORDER BY l.seq LIMIT ?",
+            "SELECT l.seq, f.body FROM relay_later AS l JOIN features AS f ON f.device = "
+            "l.device AND f.first_seq = l.seq WHERE l.device = ? AND l.features = 1 ORDER BY "
+            "l.seq LIMIT ?",
             (device, max(0, limit - len(out) - len(found))),
         ).fetchall()
-        found += [(device, features_record(bytes(b))) for (b,) in bodies]
-        if not found:
+        for first, body in bodies:
+            try:
+                found.append((device, features_record(bytes(body))))
+            except CodecError as err:  # the store held it decoded once: damaged at rest
+                _unreadable(s, device, int(first), err)
+        if not found and not bodies:
             s.db.execute("DELETE FROM relay_later WHERE device = ?", (device,))
         out += found
     return out
+
+
+def _unreadable(s: Any, device: str, first: int, err: CodecError) -> None:
+    """A held features record that does not decode is never sent (as one of the features queue,
+    agent/gateway/relay.py): said, and no longer held."""
+    log.warning(
+        "event=forward_features_unreadable device=%s first=%d error=%r", device, first, str(err)
+    )
+    s.db.execute(
+        "DELETE FROM relay_later WHERE device = ? AND seq = ? AND features = 1", (device, first)
+    )
 
 
 def _save(s: Any, sent: Iterable[Key], held: Iterable[Key]) -> None:

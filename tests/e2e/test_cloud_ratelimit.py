@@ -12,6 +12,7 @@ allows, to fill the endpoint's disk."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,7 +24,15 @@ from agent.wire.relay import RelayRefusal
 from cloud.ratelimit import DeviceRateLimit
 from cloud.server import CloudServer, Limits
 from cloud.storage import SQLiteStorage
-from tests.e2e.test_gateway_cloud import GW, gateway, on, reading, relay, senml
+from tests.e2e.test_gateway_cloud import (
+    GW,
+    features_record,
+    gateway,
+    on,
+    reading,
+    relay,
+    senml,
+)
 from tests.e2e.test_security import T0, Principal, batch
 
 A, B = "pump-01", "pump-02"
@@ -56,6 +65,28 @@ async def device(server: CloudServer, tmp_path: Path, name: str) -> Principal:
 
 def _503s(server: CloudServer) -> int:
     return server.responses["5.03 Service Unavailable"]
+
+
+async def forwarding(
+    server: CloudServer, clock: Clock, tmp_path: Path
+) -> tuple[Principal, SQLiteStorage, RecordForwarder]:
+    """A gateway (A and B attached) and its forwarder over a store of its own, the pauses on
+    ``clock``; everything in the store is older than keep (the prune takes what it may)."""
+    await server.add_device(A)
+    await server.add_device(B)
+    gw = await gateway(server, tmp_path, A, B)
+    first = SQLiteStorage.in_dir(tmp_path / "gw-store")
+    prepare_store(first)
+    first.close()
+    site = SQLiteStorage.in_dir(tmp_path / "gw-store")
+    data_dir = tmp_path / "gw-data"
+    data_dir.mkdir()
+    forwarder = RecordForwarder(
+        on(site), gw.transport, lambda: server.uri, data_dir, name=GW, keep=60.0,
+        wall=lambda: T0 + 10_000.0,
+    )  # fmt: skip
+    forwarder.later.now = clock
+    return gw, site, forwarder
 
 
 @pytest.mark.timeout(60)
@@ -162,21 +193,7 @@ async def test_the_gateway_keeps_what_the_cloud_asks_for_later_and_the_others_go
     cursor moves on and B's records are acknowledged in the same pass; after the pause A's
     records go, each stored once."""
     server, clock = limited
-    await server.add_device(A)
-    await server.add_device(B)
-    gw = await gateway(server, tmp_path, A, B)
-    first = SQLiteStorage.in_dir(tmp_path / "gw-store")
-    prepare_store(first)
-    first.close()
-    site = SQLiteStorage.in_dir(tmp_path / "gw-store")
-    data_dir = tmp_path / "gw-data"
-    data_dir.mkdir()
-    wall = [T0 + 10_000.0]  # everything is older than keep: the prune takes what it may
-    forwarder = RecordForwarder(
-        on(site), gw.transport, lambda: server.uri, data_dir, name=GW, keep=60.0,
-        wall=lambda: wall[0],
-    )  # fmt: skip
-    forwarder.later.now = clock
+    gw, site, forwarder = await forwarding(server, clock, tmp_path)
     try:
         assert server.rate_limit.wait(A, BURST) == 0  # A sent its burst (directly, say)
         site.ingest_many([(A, [reading(i) for i in range(1, 31)], True)], T0)
@@ -210,6 +227,36 @@ async def test_the_gateway_keeps_what_the_cloud_asks_for_later_and_the_others_go
         await forwarder.prune()
         assert site.seqs(A) == [31] and site.seqs(B) == [11]  # forwarded: dropped, newest kept
         assert len(await server.records(A)) == 31
+    finally:
+        site.close()
+        await gw.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_held_features_record_damaged_at_rest_is_said_and_the_rest_go_on(
+    limited: tuple[CloudServer, Clock], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack named: a file corrupted at rest. A features record held for later whose body no
+    longer decodes raised CodecError out of the pass, which the forwarding loop does not retry:
+    its task ended, silently, and no device's records were forwarded any more (after a restart
+    too: the held record goes first in every pass). It is said and skipped, as a damaged one of
+    the features queue is; the device's other held records and the other devices' go on."""
+    server, clock = limited
+    gw, site, forwarder = await forwarding(server, clock, tmp_path)
+    try:
+        assert server.rate_limit.wait(A, BURST) == 0
+        site.ingest_many([(A, [reading(1), features_record(20)], True)], T0)
+        assert await forwarder.forward_once() == 0  # A's answered later: both held
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 2
+        site.db.execute("UPDATE features SET body = x'ff' WHERE device = ?", (A,))
+        site.ingest_many([(B, [reading(1)], True)], T0 + 1)
+        clock.t += 60.0  # the pause is over and A's bucket full again
+        with caplog.at_level(logging.WARNING, logger="agent.gateway"):
+            assert await forwarder.forward_once() == 2  # A's reading and B's
+        assert "event=forward_features_unreadable" in caplog.text
+        assert await server.seqs(A) == [1] and await server.seqs(B) == [1]
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 0
+        assert await forwarder.forward_once() == 0  # not tried again
     finally:
         site.close()
         await gw.close()
