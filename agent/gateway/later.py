@@ -108,17 +108,11 @@ def _unreadable(s: Any, device: str, first: int, err: CodecError) -> None:
 
 
 def _save(s: Any, sent: Iterable[Key], held: Iterable[Key]) -> None:
-    db = s.db
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with s._tx() as db:  # a failed statement (a full disk) may have ended the transaction
         db.executemany(
             "DELETE FROM relay_later WHERE device = ? AND seq = ? AND features = ?", sent
         )
         db.executemany("INSERT OR IGNORE INTO relay_later VALUES (?, ?, ?)", held)
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 class Later:

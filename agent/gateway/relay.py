@@ -438,9 +438,12 @@ class RecordForwarder:
         kept: list[tuple[str, int, int]] = []
         for request in _requests(encoded):
             done += await self._relay(request, kept, held)
-        if kept:  # before the cursor passes them, so no prune can take them
-            await self.db(lambda s: _keep(s, kept))
-        await self.later.save(self.db, [later.key(d, r) for d, r in due], held)
+        try:  # before the cursor passes them, so no prune can take them
+            if kept:
+                await self.db(lambda s: _keep(s, kept))
+            await self.later.save(self.db, [later.key(d, r) for d, r in due], held)
+        except (AgentError, sqlite3.Error) as err:  # a full disk: the pass is tried again
+            raise SyncError(f"the store did not take the records kept or held: {err}") from err
         self.cursor = max((a for a, _, _ in rows), default=self.cursor)
         self.features_cursor = max((n for n, _, _ in feats), default=self.features_cursor)
         await self._save()

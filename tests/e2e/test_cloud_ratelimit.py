@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import SyncError
 from agent.gateway.relay import RecordForwarder, prepare_store
 from agent.wire.relay import RelayRefusal
 from cloud.ratelimit import DeviceRateLimit
@@ -257,6 +258,41 @@ async def test_a_held_features_record_damaged_at_rest_is_said_and_the_rest_go_on
         assert await server.seqs(A) == [1] and await server.seqs(B) == [1]
         assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 0
         assert await forwarder.forward_once() == 0  # not tried again
+    finally:
+        site.close()
+        await gw.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_full_store_when_records_are_held_fails_the_pass_and_loses_nothing(
+    limited: tuple[CloudServer, Clock], tmp_path: Path
+) -> None:
+    """Attack named: a disk that fills. The gateway's store refusing the rows of the records held
+    for later (SQLITE_FULL) raised sqlite3.OperationalError out of the pass: the forwarding loop
+    retries SyncError and OSError only, so its task ended and nothing was forwarded any more,
+    for any device. The pass fails as a SyncError (retried), its cursor unmoved; once the store
+    takes them, every record is stored once."""
+    server, clock = limited
+    gw, site, forwarder = await forwarding(server, clock, tmp_path)
+    try:
+        assert server.rate_limit.wait(A, BURST) == 0
+        site.ingest_many([(A, [reading(i) for i in range(1, 2001)], True)], T0)
+        site.ingest_many([(B, [reading(1)], True)], T0)
+        await forwarder._check_cursor()  # the store's gateway parts, before it is full
+        (pages,) = site.db.execute("PRAGMA page_count").fetchone()
+        site.db.execute(f"PRAGMA max_page_count = {pages}")
+        cursor = forwarder.cursor
+        with pytest.raises(SyncError, match="held"):
+            await forwarder.forward_once()
+        assert forwarder.cursor == cursor  # nothing passed that is not on disk
+        assert await server.seqs(B) == [1]
+        site.db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space freed
+        assert await forwarder.forward_once() == 1  # B's again: stored once; A's held now
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 2000
+        clock.t += 60.0
+        assert await forwarder.forward_once() == 2000
+        assert await server.seqs(A) == list(range(1, 2001))
+        assert len(await server.records(B)) == 1
     finally:
         site.close()
         await gw.close()
