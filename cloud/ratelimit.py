@@ -120,7 +120,8 @@ class DeviceRateLimit:
         if bucket.tokens + EPSILON >= need:
             bucket.tokens -= records
             return 0
-        return max(1, min(MAX_AGE, math.ceil((need - bucket.tokens) / self.rate)))
+        # capped before it is rounded: at a tiny rate the seconds are a float too large for int
+        return max(1, math.ceil(min(MAX_AGE, (need - bucket.tokens) / self.rate)))
 
     def take(self, device: str, records: int) -> None:
         """Take ``records`` tokens of ``device``'s bucket, or raise :class:`RateLimited` (and

@@ -95,9 +95,12 @@ def test_an_empty_batch_and_a_rate_of_zero_take_nothing() -> None:
 
 
 def test_max_age_is_capped() -> None:
-    lim, _ = limiter(rate=0.001, burst=10)
-    assert lim.wait("d", 10) == 0
-    assert lim.wait("d", 10) == MAX_AGE
+    """A rate so small that the wait overflows a float (serve --device-rate 1e-310 is a finite
+    number the command line takes) raised OverflowError, answered 5.00 to every batch."""
+    for rate in (0.001, 1e-310):
+        lim, _ = limiter(rate=rate, burst=10)
+        assert lim.wait("d", 10) == 0
+        assert lim.wait("d", 10) == MAX_AGE
 
 
 def test_the_table_is_bounded_least_recently_used_first() -> None:
