@@ -196,7 +196,8 @@ class ModelManager:
         """Swap a prepared model in. Checked first (the features, then the detector's warm-up
         on its newest window), then durable: the new version is pinned beside the running one
         and the cache index written (off the loop) before the swap, so a failure there, or a
-        cancellation, leaves the previous model running (a failure is reported as a refusal).
+        cancellation, leaves the previous model running (a failure is reported as a refusal;
+        NotNow when the cache evicted the version before it was pinned: fetched again later).
         The swap itself is a few assignments between two detector feeds, and the role's state is
         recorded with it; what follows is the index written again, and a failure to write it is
         logged, never reported as ``failed`` for a running version. Each loop step is short:
@@ -213,6 +214,13 @@ class ModelManager:
         self._committing[p.ref] += 1  # another role's commit meanwhile keeps it pinned
         self._pin()
         try:
+            if p.cached.source != "shipped" and p.ref not in self.cache.cached():
+                # unpinned until now: another role's pins, or a download, evicted it meanwhile
+                # (the cache over its disk budget); its files are gone, so no swap
+                raise NotNow(
+                    f"model {p.cached.name} {p.cached.version}: evicted from the cache before "
+                    "it was pinned (disk budget); tried again later"
+                )
             await self.cache.sync()
             while checked is not None:
                 det, now = self._detector(), self._override()

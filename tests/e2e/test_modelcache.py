@@ -22,7 +22,7 @@ from linkem import Impairment, LinkEmulator
 from agent.detect.detector import Detector, DetectSettings
 from agent.detect.features import CHANNELS
 from agent.detect.inference import load_manifest
-from agent.errors import ModelError, SyncError
+from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.assignment import Assignment, ModelManager, Prepared
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
@@ -646,6 +646,44 @@ async def test_a_threshold_changed_during_the_re_check_is_checked_again_before_t
     assert checks == [None, 2.5, 3.5]
     assert det.anomaly is prepared.model and det.threshold == 3.5
     await cache.close()
+
+
+async def test_modelcache_a_version_evicted_before_its_commit_pinned_it_is_not_swapped_in(rig):
+    """A version fetched for a commit is pinned only after its check (several loop steps): a
+    commit of another role that sets the pins meanwhile, with the cache over its disk budget
+    (only pinned models beside it), evicts it. Was: the commit pinned a version the cache no
+    longer had and swapped it in, its files deleted and the index not naming it (after a
+    restart it was gone). Now that commit is not one (NotNow: tried again later, the running
+    model stays), and the next one fetches it again."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    rig.publish(MODELS / "skab-clf.tflite", "skab-clf", "2.0.0")
+    server = await rig.start()
+    cache = rig.cache(server.uri, disk_budget=13_000)  # 3.0.0 (12,100 bytes) fits alone
+    det = _detector()
+    _commissioned(det)
+    manager = ModelManager(cache, lambda: det)
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+    manager.started_with("classifier", "skab-clf", "1.0.0")
+    assert (await manager.assign(Assignment("classifier", "skab-clf", "2.0.0"))).status == "active"
+    shipped = await manager.prepare(Assignment("classifier", "skab-clf", "1.0.0"))
+    running = det.anomaly
+    prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.0"))
+    assert cache.disk_used > cache.disk_budget  # beside the pinned classifier 2.0.0
+    other = asyncio.ensure_future(manager.commit(shipped))
+    await asyncio.sleep(0)  # the classifier's commit pins while 3.0.0 is checked
+    with pytest.raises(NotNow, match="evicted"):
+        await manager.commit(prepared)
+    await other
+    assert det.anomaly is running and manager.current["anomaly"] == ("skab-ae", "1.0.0")
+    assert ("skab-ae", "3.0.0") not in cache.pins and not manager._committing
+
+    assert (await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))).status == "active"
+    assert det.anomaly is not running and ("skab-ae", "3.0.0") in cache.cached()
+    await cache.close()
+    index = json.loads((rig.tmp / "dev" / "index.json").read_text())
+    pinned = [(m["name"], m["version"]) for m in index["models"] if m["pinned"]]
+    assert pinned == [("skab-ae", "3.0.0")]
+    assert (rig.tmp / "dev" / "files" / "skab-ae@3.0.0.tflite").is_file()
 
 
 def test_modelcache_settings_from_config(tmp_path):
