@@ -22,7 +22,9 @@ Desired state carries them as ``model/<role>`` = ``{"name", "version", ? "sha256
 Any failure before the swap is a **rollback**: the running model stays, nothing is pinned for the
 refused version, and :meth:`ModelManager.reported` says ``status: failed`` with the error (the
 runtime puts it into reported state as ``model/<role>``, so the endpoint blocks that version). A
-link failure is not a refusal: :meth:`assign` raises SyncError and the runtime tries again later.
+link failure is not a refusal: :meth:`assign` raises SyncError and the runtime tries again later;
+nor is the device's own condition (NotNow: e.g. the version evicted under disk pressure before
+its commit pinned it).
 
 The manager pins the models every role uses now, so the cache never evicts them, and marks the
 detector's models in use.
