@@ -134,7 +134,8 @@ class ModelManager:
     ``detector``: gives the detector running now (the analyzer may replace it on a tier
     switch). ``threshold_override``: the configured threshold, if any (it stays over a swap).
     ``on_ready(role, prepared)``: called after a swap (and for ``lightweight``, when the model is
-    ready), so the runtime can update what it keeps (e.g. the analyzer's tier models).
+    ready, before the manager keeps it: a ModelError there refuses it and changes nothing), so the
+    runtime can update what it keeps (e.g. the analyzer's tier models).
     """
 
     def __init__(
@@ -234,6 +235,8 @@ class ModelManager:
                 override = now
                 checked = await self._check(p, det, now)
                 await asyncio.sleep(0)
+            if checked is None and self._on_ready is not None:
+                self._on_ready(role, p)  # lightweight: the runtime may refuse it (ModelError)
         except BaseException:  # a refusal, or cancelled: back to the pins of the running models
             self._done_committing(p.ref)  # (on disk at the next sync)
             raise
@@ -249,7 +252,7 @@ class ModelManager:
                 self.cache.release(old)
         self._done_committing(p.ref)
         self.stats.swaps.append(f"{role}:{p.cached.name}@{p.cached.version}")
-        if self._on_ready is not None:
+        if checked is not None and self._on_ready is not None:
             self._on_ready(role, p)
         state = RoleState(p.cached.name, p.cached.version, desired=p.assignment.desired)
         self.roles[role] = state  # recorded with the swap: a cancellation from here on is late

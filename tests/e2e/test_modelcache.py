@@ -686,6 +686,29 @@ async def test_modelcache_a_version_evicted_before_its_commit_pinned_it_is_not_s
     assert (rig.tmp / "dev" / "files" / "skab-ae@3.0.0.tflite").is_file()
 
 
+async def test_a_lightweight_model_refused_when_ready_leaves_the_pins_of_the_one_kept(rig):
+    """``on_ready`` may refuse a lightweight model (the runtime's _model_ready: channels other
+    than the full tier's). Was: it refused after the commit had made 2.0.0 the role's current
+    and ready model, so the role reported failed with 1.0.0 kept while 2.0.0 stayed pinned,
+    and 1.0.0, which the lite tier still runs, was unpinned. Now the refusal comes before
+    anything changes: the pins are the running models' again."""
+    rig.publish(MODELS / "skab-ae-lite.tflite", "skab-ae-lite", "2.0.0")
+    cache, _, manager = await _running_manager(rig)
+    manager.started_with("lightweight", "skab-ae-lite", "1.0.0")
+
+    def on_ready(role: str, p: Prepared) -> None:  # as the runtime's check of the channels
+        raise ModelError(f"lite model {p.cached.name} {p.cached.version}: channels differ")
+
+    manager._on_ready = on_ready
+    state = await manager.assign(Assignment("lightweight", "skab-ae-lite", "2.0.0"))
+    assert state.status == "failed" and "channels differ" in (state.error or "")
+    assert (state.name, state.version) == ("skab-ae-lite", "1.0.0")
+    assert manager.current["lightweight"] == ("skab-ae-lite", "1.0.0")
+    assert "lightweight" not in manager.ready and not manager._committing
+    assert cache.pins == {("skab-ae", "1.0.0"), ("skab-ae-lite", "1.0.0")}
+    await cache.close()
+
+
 def test_modelcache_settings_from_config(tmp_path):
     from agent.errors import ConfigError
     from agent.service import config as configmod
