@@ -29,6 +29,18 @@ CRED = Credential.generate("pump-01", "device", b"\x01")
 ID_CONTEXT = b"\x11" * 8
 
 
+def _endpoint() -> PersistentContext:
+    """The endpoint's context for :data:`CRED`, its replay window running from 0."""
+    return PersistentContext(
+        CRED,
+        Sequence(0, lambda: None),
+        sender_id=ENDPOINT_KID,
+        recipient_id=CRED.sender_id,
+        id_context=ID_CONTEXT,
+        replay={"index": 0, "bitfield": 0},
+    )
+
+
 def _pair() -> tuple[PersistentContext, PersistentContext]:
     device = PersistentContext(
         CRED,
@@ -38,15 +50,7 @@ def _pair() -> tuple[PersistentContext, PersistentContext]:
         id_context=ID_CONTEXT,
     )
     device.recipient_replay_window.initialize_empty()
-    endpoint = PersistentContext(
-        CRED,
-        Sequence(0, lambda: None),
-        sender_id=ENDPOINT_KID,
-        recipient_id=CRED.sender_id,
-        id_context=ID_CONTEXT,
-        replay={"index": 0, "bitfield": 0},
-    )
-    return device, endpoint
+    return device, _endpoint()
 
 
 def _block(num: int, more: bool, szx: int) -> Any:
@@ -265,18 +269,6 @@ def test_handed_on_requests_are_kept_a_few_at_a_time():
         assert endpoint.unprotect(_decoded(wire))[0] is inner
 
 
-def _twin() -> PersistentContext:
-    """A second endpoint context like :func:`_pair`'s, in the same state: it never hands on."""
-    return PersistentContext(
-        CRED,
-        Sequence(0, lambda: None),
-        sender_id=ENDPOINT_KID,
-        recipient_id=CRED.sender_id,
-        id_context=ID_CONTEXT,
-        replay={"index": 0, "bitfield": 0},
-    )
-
-
 def _short_way(endpoint: PersistentContext, wire: bytes) -> None:
     """What cloud/fastpath.py does with a Block1 block: a sequence number the window refuses goes
     to aiocoap untouched; else it is decrypted, the window and the count are put back and the
@@ -321,7 +313,7 @@ def test_handing_on_changes_no_outcome_of_any_sequence_of_blocks_replays_and_for
     (new blocks, copies of earlier ones in any order, forged bodies): every unprotect gives the
     same request, identifier or error, and the replay windows and accepted counts stay equal."""
     device, handing = _pair()
-    plain = _twin()
+    plain = _endpoint()  # the same state, never hands on
     wires: list[bytes] = []
     for what, forge, n in plan:
         if what == "new" or not wires:
