@@ -116,7 +116,7 @@ class RawClient:
             await asyncio.sleep(0.01)
         return done()
 
-    async def handshake(self, within: float = 5.0) -> bool:
+    async def handshake(self, within: float = 30.0) -> bool:
         self.start()
         return (
             await self.until(
