@@ -24,7 +24,7 @@ refused version, and :meth:`ModelManager.reported` says ``status: failed`` with 
 runtime puts it into reported state as ``model/<role>``, so the endpoint blocks that version). A
 link failure is not a refusal: :meth:`assign` raises SyncError and the runtime tries again later;
 nor is the device's own condition (NotNow: e.g. the version evicted under disk pressure before
-its commit pinned it).
+its commit pinned it, or the cache index that cannot be written: a full disk, an I/O error).
 
 The manager pins the models every role uses now, so the cache never evicts them, and marks the
 detector's models in use.
@@ -199,8 +199,9 @@ class ModelManager:
         """Swap a prepared model in. Checked first (the features, then the detector's warm-up
         on its newest window), then durable: the new version is pinned beside the running one
         and the cache index written (off the loop) before the swap, so a failure there, or a
-        cancellation, leaves the previous model running (a failure is reported as a refusal;
-        NotNow when the cache evicted the version before it was pinned: fetched again later).
+        cancellation, leaves the previous model running (a refusal is reported as such; NotNow,
+        tried again later, when the index cannot be written or the cache evicted the version
+        before it was pinned).
         The swap itself is a few assignments between two detector feeds, and the role's state is
         recorded with it; what follows is the index written again, and a failure to write it is
         logged, never reported as ``failed`` for a running version. Each loop step is short:
@@ -269,7 +270,7 @@ class ModelManager:
         await asyncio.sleep(0)
         try:
             await self.cache.sync()
-        except ModelError as err:  # the new model runs; the index catches up at the next sync
+        except NotNow as err:  # the new model runs; the index catches up at the next sync
             log.warning(
                 "model cache index not written after a swap role=%s error=%r", role, str(err)
             )

@@ -34,9 +34,9 @@ refusals (anything wrong with a manifest or a file) raise :class:`~agent.errors.
 the device's own (free space, a failed write) :class:`~agent.errors.NotNow` (try again later).
 
 The index (``index.json``) is written atomically on every install, eviction and pin change, and
-on :meth:`ModelCache.close` (last use times). A missing or corrupt index is rebuilt from the files:
-each file is verified again (SHA-256, and the signature when a public key is configured) and the
-ones that fail are deleted.
+on :meth:`ModelCache.close` (last use times); a write that fails is NotNow. A missing or corrupt
+index is rebuilt from the files: each file is verified again (SHA-256, and the signature when a
+public key is configured) and the ones that fail are deleted.
 
 Logging policy: info for a model installed, evicted, refused or loaded; warning when the cache
 cannot get under its budget or a cached file fails its check.
@@ -66,7 +66,7 @@ from agent.detect.inference import (
     load_manifest,
     read_model_file,
 )
-from agent.errors import ModelError, SyncError
+from agent.errors import ModelError, NotNow, SyncError
 from agent.files import read_json, write_atomic
 from agent.modelstore.fetch import FetchStats, ModelFetcher
 from agent.modelstore.listing import cache_listing
@@ -366,10 +366,8 @@ class ModelCache:
         ).encode("utf-8")
         try:
             write_atomic(self.index_path, data)
-        except OSError as err:
-            raise ModelError(
-                f"{self.index_path}: cannot write the model cache index ({err})"
-            ) from err
+        except OSError as err:  # the device's disk, not a model: tried again later
+            raise NotNow(f"{self.index_path}: cannot write the model cache index ({err})") from err
 
     def _persist(self, doc: dict[str, Any] | None, doomed: list[Path]) -> None:
         for manifest_path in doomed:
@@ -379,7 +377,7 @@ class ModelCache:
 
     async def sync(self) -> None:
         """Make the disk agree with the cache's state: evicted files deleted, the index written
-        (atomically, on the cache's I/O thread). ModelError when the index cannot be written."""
+        (atomically, on the cache's I/O thread). NotNow when the index cannot be written."""
         if self.readonly or not (self._dirty or self._doomed):
             return
         doc = self._index_doc() if self._dirty else None
@@ -387,14 +385,14 @@ class ModelCache:
         self._dirty = False
         try:
             await self.clock.run_blocking(self._io, self._persist, doc, doomed)
-        except ModelError:
+        except NotNow:
             self._dirty = True
             raise
 
     async def close(self) -> None:
         try:
             await self.sync()
-        except ModelError as err:
+        except NotNow as err:
             log.error("model cache index not written at close error=%r", str(err))
         finally:
             self._io.shutdown(wait=True)

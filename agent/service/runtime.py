@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.detect.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
 from agent.detect.detector import Detector
-from agent.errors import ModelError
+from agent.errors import ModelError, NotNow
 from agent.learn.client import LearningClient
 from agent.metrics import Registry, write_textfile
 from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager, Prepared
@@ -581,7 +581,7 @@ class Agent:
                 num_threads=d.num_threads,
                 batch_mode=d.batch_mode,
             )
-        except ModelError as err:
+        except (ModelError, NotNow) as err:  # NotNow: its index cannot be written
             log.error("event=model_assignment_disabled error=%r", str(err))
             return
         self.model_cache = cache

@@ -23,7 +23,7 @@ from agent.detect.detector import Detector, DetectSettings
 from agent.detect.features import CHANNELS
 from agent.detect.inference import load_manifest
 from agent.errors import ModelError, NotNow, SyncError
-from agent.modelstore.assignment import Assignment, ModelManager, Prepared
+from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager, Prepared
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.modelstore.floors import Floors
@@ -288,30 +288,75 @@ async def test_signature_and_integrity_refusals_keep_the_running_model(rig, case
     await cache.close()
 
 
-async def test_hostile_disk_index_unwritable_reports_failed_only_while_the_old_model_runs(rig):
-    """The cache index cannot be written (here: a directory where index.json goes): the swap
-    does not happen and ``failed`` is true; once the disk is sound the same assignment applies,
-    and what is reported always matches the model that runs."""
+async def test_hostile_disk_index_unwritable_is_not_a_refusal_the_old_model_runs_until_it_is(
+    rig, monkeypatch
+):
+    """The cache index cannot be written before the swap: the device's condition, not the
+    model's. Was: reported ``failed``, which blocks the version at the endpoint. Now NotNow: the
+    swap does not happen, the running model stays, the version is not pinned, and the role is
+    reported ``loading`` with the reason and tried again with backoff until the disk takes it.
+    Here a directory where index.json goes (EISDIR), then a full disk (ENOSPC)."""
+    import errno
+
+    from agent.modelstore import assignment
+    from agent.modelstore import cache as cache_mod
+
     rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
     cache, det, manager = await _running_manager(rig)
     running = det.anomaly
     cache.index_path.unlink(missing_ok=True)
     cache.index_path.mkdir()
 
-    state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0", desired=7))
-    assert state.status == "failed" and "index" in (state.error or "")
-    assert (state.name, state.version) == ("skab-ae", "1.0.0")
-    assert det.anomaly is running  # reported failed: the old model is the one running
-
+    with pytest.raises(NotNow, match="cannot write the model cache index"):
+        await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0", desired=7))
+    assert manager.roles["anomaly"].status == "active"  # nothing refused, 1.0.0 runs
+    assert manager.current["anomaly"] == ("skab-ae", "1.0.0") and det.anomaly is running
+    assert ("skab-ae", "3.0.0") not in cache.pins and not manager._committing
+    assert manager.stats.rolled_back == 0 and "model/anomaly" in manager.reported()
+    assert manager.reported()["model/anomaly"]["status"] == "active"
     cache.index_path.rmdir()
-    state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0", desired=8))
-    assert state.status == "active" and state.version == "3.0.0"
-    assert det.anomaly is not running
-    assert manager.current["anomaly"] == ("skab-ae", "3.0.0")
+
+    full = {"on": True}
+    real_write = cache_mod.write_atomic
+
+    def write_atomic(path, data, **kw):
+        if full["on"] and path == cache.index_path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data, **kw)
+
+    monkeypatch.setattr(cache_mod, "write_atomic", write_atomic)
+    monkeypatch.setattr(assignment, "MODEL_RETRY_BASE", 0.05)
+    monkeypatch.setattr(assignment, "MODEL_RETRY_MAX", 0.2)
+    reports: list[dict[str, Any]] = []
+    assignments = ModelAssignments(
+        manager,
+        RealClock(),
+        configured={},
+        desired_version=lambda key: 8,
+        changed=lambda: reports.append(assignments.reported()["model/anomaly"]),
+    )
+    try:
+        assignments.apply("anomaly", {"name": "skab-ae", "version": "3.0.0"})
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if len([r for r in reports if "No space left" in r.get("error", "")]) >= 2:
+                break
+        report = assignments.reported()["model/anomaly"]
+        assert report["status"] == "loading" and report["loading"] == "skab-ae 3.0.0", report
+        assert "No space left" in report["error"] and report["version"] == "1.0.0"
+        assert det.anomaly is running
+        full["on"] = False  # the disk has room again
+        await asyncio.wait_for(asyncio.shield(assignments.tasks["anomaly"]), 30)
+        report = assignments.reported()["model/anomaly"]
+        assert report == {"name": "skab-ae", "version": "3.0.0", "status": "active", "desired": 8}
+        assert not any(r["status"] == "failed" or "refused" in r for r in reports)
+        assert det.anomaly is not running
+    finally:
+        await assignments.close()
     await cache.close()
     index = json.loads(cache.index_path.read_text())
     pinned = {(m["name"], m["version"]) for m in index["models"] if m["pinned"]}
-    assert ("skab-ae", "3.0.0") in pinned
+    assert pinned == {("skab-ae", "3.0.0")}
 
 
 async def test_signature_missing_public_key_refuses_downloads(rig):
