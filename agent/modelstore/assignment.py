@@ -23,8 +23,9 @@ Any failure before the swap is a **rollback**: the running model stays, nothing 
 refused version, and :meth:`ModelManager.reported` says ``status: failed`` with the error (the
 runtime puts it into reported state as ``model/<role>``, so the endpoint blocks that version). A
 link failure is not a refusal: :meth:`assign` raises SyncError and the runtime tries again later;
-nor is the device's own condition (NotNow: e.g. the version evicted under disk pressure before
-its commit pinned it, or the cache index that cannot be written: a full disk, an I/O error).
+nor is the device's own condition (NotNow: e.g. the version evicted under disk pressure while
+it was loaded or before its commit pinned it, or the cache index that cannot be written: a full
+disk, an I/O error).
 
 The manager pins the models every role uses now, so the cache never evicts them, and marks the
 detector's models in use.
@@ -170,7 +171,8 @@ class ModelManager:
         self.cache.set_pins([*self.current.values(), *self._committing])
 
     async def prepare(self, a: Assignment) -> Prepared:
-        """Fetch, load and warm up; ModelError (refused) or SyncError (link)."""
+        """Fetch, load and warm up; ModelError (refused), SyncError (link) or NotNow (the
+        device's condition: e.g. the version evicted from the cache while it was loaded)."""
         if a.role not in ROLES:
             raise ModelError(f"model/{a.role}: unknown role; use one of {', '.join(ROLES)}")
         cached = await self.cache.get(a.name, a.version, sha256=a.sha256)
@@ -181,7 +183,15 @@ class ModelManager:
                 f"model {cached.name} {cached.version}: a {kind} model cannot take the "
                 f"{a.role} role; refused"
             )
-        model = await self.cache.load_async(cached)
+        try:  # read and built in a worker thread: another task may evict it meanwhile
+            model = await self.cache.load_async(cached)
+        except ModelError as err:
+            if self._evicted(cached):  # its files deleted under disk pressure: not the model's
+                raise NotNow(
+                    f"model {cached.name} {cached.version}: evicted from the cache while it was "
+                    "loaded (disk budget); tried again later"
+                ) from err
+            raise
         x = np.zeros((1, *model.input_shape), dtype=np.float32)
         try:
             out = np.asarray(model.predict(x))
@@ -218,7 +228,7 @@ class ModelManager:
         self._committing[p.ref] += 1  # another role's commit meanwhile keeps it pinned
         self._pin()
         try:
-            if p.cached.source != "shipped" and p.ref not in self.cache.cached():
+            if self._evicted(p.cached):
                 # unpinned until now: another role's pins, or a download, evicted it meanwhile
                 # (the cache over its disk budget); its files are gone, so no swap
                 raise NotNow(
@@ -278,6 +288,11 @@ class ModelManager:
             await asyncio.to_thread(self.floors.raise_to, state.name, state.version, p.entry)
         except (OSError, ModelError) as err:
             log.warning("event=model_floor_not_written name=%s error=%r", state.name, str(err))
+
+    def _evicted(self, cached: CachedModel) -> bool:
+        """A cached (not shipped) version the cache no longer has: evicted over its disk budget
+        while unpinned (its files are deleted); the device's condition, not the model's."""
+        return cached.source != "shipped" and cached.ref not in self.cache.cached()
 
     def _done_committing(self, ref: Ref) -> None:
         self._committing[ref] -= 1

@@ -693,13 +693,11 @@ async def test_a_threshold_changed_during_the_re_check_is_checked_again_before_t
     await cache.close()
 
 
-async def test_modelcache_a_version_evicted_before_its_commit_pinned_it_is_not_swapped_in(rig):
-    """A version fetched for a commit is pinned only after its check (several loop steps): a
-    commit of another role that sets the pins meanwhile, with the cache over its disk budget
-    (only pinned models beside it), evicts it. Was: the commit pinned a version the cache no
-    longer had and swapped it in, its files deleted and the index not naming it (after a
-    restart it was gone). Now that commit is not one (NotNow: tried again later, the running
-    model stays), and the next one fetches it again."""
+async def _tight_disk(rig: Rig) -> tuple[ModelCache, Detector, ModelManager, Prepared]:
+    """skab-ae 3.0.0 published; a cache whose disk budget (13,000 bytes) holds 3.0.0 (12,100)
+    alone, classifier 2.0.0 pinned (so 3.0.0 fetched puts it over), skab-ae 1.0.0 running and
+    the shipped classifier 1.0.0 prepared: its commit sets the pins, which evicts an unpinned
+    3.0.0."""
     rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
     rig.publish(MODELS / "skab-clf.tflite", "skab-clf", "2.0.0")
     server = await rig.start()
@@ -711,6 +709,17 @@ async def test_modelcache_a_version_evicted_before_its_commit_pinned_it_is_not_s
     manager.started_with("classifier", "skab-clf", "1.0.0")
     assert (await manager.assign(Assignment("classifier", "skab-clf", "2.0.0"))).status == "active"
     shipped = await manager.prepare(Assignment("classifier", "skab-clf", "1.0.0"))
+    return cache, det, manager, shipped
+
+
+async def test_modelcache_a_version_evicted_before_its_commit_pinned_it_is_not_swapped_in(rig):
+    """A version fetched for a commit is pinned only after its check (several loop steps): a
+    commit of another role that sets the pins meanwhile, with the cache over its disk budget
+    (only pinned models beside it), evicts it. Was: the commit pinned a version the cache no
+    longer had and swapped it in, its files deleted and the index not naming it (after a
+    restart it was gone). Now that commit is not one (NotNow: tried again later, the running
+    model stays), and the next one fetches it again."""
+    cache, det, manager, shipped = await _tight_disk(rig)
     running = det.anomaly
     prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "3.0.0"))
     assert cache.disk_used > cache.disk_budget  # beside the pinned classifier 2.0.0
@@ -729,6 +738,43 @@ async def test_modelcache_a_version_evicted_before_its_commit_pinned_it_is_not_s
     pinned = [(m["name"], m["version"]) for m in index["models"] if m["pinned"]]
     assert pinned == [("skab-ae", "3.0.0")]
     assert (rig.tmp / "dev" / "files" / "skab-ae@3.0.0.tflite").is_file()
+
+
+async def test_modelcache_a_version_evicted_while_prepare_loads_it_is_not_refused(rig):
+    """prepare reads and builds the model in a worker thread; meanwhile the loop runs on, and a
+    commit of another role that sets the pins, with the cache over its disk budget, evicts the
+    unpinned version and deletes its files. Was: the read then failed with ModelError and the
+    version was reported refused (``failed``: blocked at the endpoint). Now NotNow, as for the
+    window before the commit's pin: nothing refused, tried again later, and the next attempt
+    fetches it again."""
+    import threading
+
+    cache, det, manager, shipped = await _tight_disk(rig)
+    running = det.anomaly
+    entered, go_on = threading.Event(), threading.Event()
+    build = cache._build
+
+    def held_build(model):  # the real read and build, held until the eviction is done
+        entered.set()
+        go_on.wait(10)
+        return build(model)
+
+    cache._build = held_build  # type: ignore[method-assign]
+    assigning = asyncio.ensure_future(manager.assign(Assignment("anomaly", "skab-ae", "3.0.0")))
+    assert await asyncio.to_thread(entered.wait, 10)  # downloaded, now read in the worker
+    assert cache.disk_used > cache.disk_budget  # beside the pinned classifier 2.0.0
+    await manager.commit(shipped)  # its pins evict 3.0.0, its index write deletes the files
+    assert not (rig.tmp / "dev" / "files" / "skab-ae@3.0.0.tflite").exists()
+    go_on.set()
+    with pytest.raises(NotNow, match="evicted from the cache while it was loaded"):
+        await assigning
+    assert manager.roles["anomaly"].status == "active" and manager.stats.rolled_back == 0
+    assert det.anomaly is running and manager.current["anomaly"] == ("skab-ae", "1.0.0")
+
+    cache._build = build  # type: ignore[method-assign]
+    assert (await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))).status == "active"
+    assert det.anomaly is not running and cache.stats.downloads == 3  # fetched again
+    await cache.close()
 
 
 async def test_a_lightweight_model_refused_when_ready_leaves_the_pins_of_the_one_kept(rig):
