@@ -655,7 +655,8 @@ class Agent:
 
     def _model_ready(self, role: str, p: Prepared) -> None:
         """A model was swapped in (or, lightweight, made ready): keep the analyzer's tiers and
-        classifier in step, so a later tier switch uses it, and the router's edge models."""
+        classifier in step, so a later tier switch uses it, and the router's edge models. A lite
+        model is refused (ModelError, nothing changed) for other channels or a failed warm-up."""
         a = self.analyzer
         assert a is not None
         if role == "classifier":
@@ -672,6 +673,14 @@ class Agent:
                         f"lite model {p.cached.name} {p.cached.version}: channels {got} differ "
                         f"from the full tier's {want}; refused"
                     )
+            checked = None
+            if tier == "lite" and a.tier == "lite":  # the running lite detector takes it now
+                with contextlib.suppress(ModelError):  # other features: primed anew, below
+                    checked = a.detector.check_swap(
+                        p.model, entry=p.entry, threshold=a.threshold_override, warm=False
+                    )
+                while checked is not None and checked.cold:  # on its newest real window
+                    checked = a.detector.warm_up(checked)  # ModelError: refused, nothing changed
             value = (entry.get("threshold") or {}).get("value")
             a.tiers[tier] = LoadedModel(
                 name=p.cached.name,
@@ -682,11 +691,10 @@ class Agent:
                 sha256=p.cached.entry.sha256,
                 loaded_at=time.time(),
             )
-            if tier == "lite" and a.tier == "lite":  # the running lite detector takes it now
-                try:
-                    a.detector.swap_models(p.model, entry=p.entry, threshold=a.threshold_override)
-                except ModelError:  # other features: a new detector primed from the kept rows
-                    a.pending_tier = "lite"
+            if checked is not None:
+                a.detector.install(checked)
+            elif tier == "lite" and a.tier == "lite":  # a new detector primed from kept rows
+                a.pending_tier = "lite"
         if self.router is not None:
             self.router.edge = self._edge_models()
         log.info(

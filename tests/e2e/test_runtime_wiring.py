@@ -7,7 +7,8 @@ the simulated rig, the real endpoint on loopback with [uplink], real store, cach
   in without stopping (on the lite tier only the full tier's model changes) and reports it; an
   assignment signed with a key the device does not trust, and one whose file was tampered with,
   are refused, the running model kept and ``failed`` reported with the desired version; a link
-  failure is retried and reported ``loading``, never ``failed``, until the endpoint answers.
+  failure is retried and reported ``loading``, never ``failed``, until the endpoint answers; a
+  lightweight model the running lite detector's warm-up refuses is refused, never installed.
 - ``routing``: with routing set to validate every raised alert, a valve fault on the rig raises
   an alert, exactly one validation reaches the endpoint and the verdict event is committed.
 
@@ -24,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -54,6 +56,7 @@ pytestmark = pytest.mark.timeout(90)
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOAT_AE = ROOT / "models" / "cloud" / "skab-ae.float32.tflite"  # skab-ae's features, float32
+LITE_FLOAT = ROOT / "models" / "cloud" / "skab-ae-lite.float32.tflite"
 DEVICE = "pump-01"
 RATE = 10.0  # agent seconds per real second
 COMMISSIONING = 60
@@ -229,6 +232,58 @@ async def test_hot_swap_of_an_assigned_signed_model_and_refusals_keep_the_runnin
             await wait_for(lambda n=seen: a.frames > n + 5, f"still scoring after {version}")
         assert agent.model_cache.lookup("skab-ae", "3.0.2") is None
         assert agent.snapshot()["model_cache"]["refused"] == 2
+    finally:
+        await running.stop()
+
+
+async def test_hot_swap_a_lightweight_model_its_warm_up_refuses_is_refused_not_installed(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """On the lite tier a lightweight assignment goes into the running lite detector, whose
+    warm-up runs it on the newest real window. A signed model that passes the zero-window
+    warm-up of prepare but gives NaN on real inputs (a real float TFLite model, weights +-3e38,
+    biases 0: sums of mixed signs overflow to inf - inf) is refused there. Was: _model_ready
+    took that refusal for "other features", set pending_tier and built a new lite detector
+    with that very model, reported active. Now it is refused (``failed``, blocked at the
+    endpoint) and the lite tier keeps its model."""
+    from cloud.tflitepatch import read_float_layers, with_float_layers
+
+    template = LITE_FLOAT.read_bytes()
+    sign = np.where(np.arange(64 * 64).reshape(64, 64) % 2, 3e38, -3e38).astype(np.float32)
+    layers = [(sign[: w.shape[0], : w.shape[1]], 0 * b) for w, b in read_float_layers(template)]
+    entry = entry_for(LITE_FLOAT, None, "skab-ae-lite")
+    server.models.publish(
+        with_float_layers(template, layers), "skab-ae-lite", "2.0.0", entry, _key(7)
+    )
+
+    running = RunningAgent(agent_config(tmp_path, server.uri))
+    try:
+        agent = running.agent
+        await wait_for(lambda: agent.analyzer is not None and agent.analyzer.frames > 0, "scoring")
+        a = agent.analyzer
+        assert a is not None
+        await wait_for(lambda: agent.state is not None and agent.state.status["observing"], "obs")
+        a.set_tier("lite")
+        await wait_for(lambda: a.tier == "lite", "lite tier active (primed from kept rows)")
+        lite_detector, lite_model, lite_tier = a.detector, a.detector.anomaly, a.tiers["lite"]
+        doc, _ = await server.set_desired(
+            DEVICE, {"model/lightweight": {"name": "skab-ae-lite", "version": "2.0.0"}}
+        )
+
+        async def settled() -> bool:
+            r = await reported(server, "model/lightweight") or {}
+            return r.get("status") in ("active", "failed") and r.get("desired") == doc.rev
+
+        await wait_for(settled, "2.0.0 applied or refused")
+        report = await reported(server, "model/lightweight")
+        assert report["status"] == "failed", report
+        assert "non-finite output on the warm-up window" in report["error"]
+        assert (report["name"], report["version"]) == ("skab-ae-lite", "1.0.0")  # kept
+        assert (await server.desired(DEVICE)).blocked.get("model/lightweight") == doc.rev
+        frames = a.frames
+        await wait_for(lambda: a.frames > frames + 5, "still scoring on the lite tier")
+        assert a.tier == "lite" and a.pending_tier is None and a.tiers["lite"] is lite_tier
+        assert a.detector is lite_detector and a.detector.anomaly is lite_model
     finally:
         await running.stop()
 
