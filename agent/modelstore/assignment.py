@@ -213,11 +213,12 @@ class ModelManager:
         tried again later, when the index cannot be written or the cache evicted the version
         before it was pinned).
         The swap itself is a few assignments between two detector feeds, and the role's state is
-        recorded with it; what follows is the index written again, and a failure to write it is
-        logged, never reported as ``failed`` for a running version. Each loop step is short:
-        the feature check, each warm-up (one invoke on one window, a part of what one row's
-        scoring does), the pins with the index handed to the I/O thread, the swap; the detector
-        scores between them and during the writes."""
+        recorded with it; what follows is the index written again and the rollback floor raised,
+        completed even when the commit is cancelled meanwhile (the cancellation goes on after
+        them); a failure to write either is logged, never reported as ``failed`` for a running
+        version. Each loop step is short: the feature check, each warm-up (one invoke on one
+        window, a part of what one row's scoring does), the pins with the index handed to the
+        I/O thread, the swap; the detector scores between them and during the writes."""
         role = p.assignment.role
         classes = p.entry.get("classes")
         if role == "classifier" and not isinstance(classes, list | tuple):
@@ -275,8 +276,20 @@ class ModelManager:
             state.version,
             p.cached.source,
         )
-        # The state is whole here; the detector scores before the index is encoded and handed
-        # to the I/O thread (a loop step of its own: a swap holds the loop for the swap only).
+        # The state is whole here. What makes it durable runs in a task of its own, shielded:
+        # a cancellation meanwhile (the agent stopping, the role assigned again) goes on once
+        # it is done, so the index names the running version and the floor holds.
+        durable = asyncio.ensure_future(self._made_durable(role, state, p.entry))
+        try:
+            await asyncio.shield(durable)
+        except asyncio.CancelledError:
+            await asyncio.wait([durable])  # (cancelled again: it finishes on its own)
+            raise
+
+    async def _made_durable(self, role: str, state: RoleState, entry: Mapping[str, Any]) -> None:
+        """After a swap: the index written again (the new pins) and the floor raised. The
+        detector scores before the index is encoded and handed to the I/O thread (a loop step
+        of its own: a swap holds the loop for the swap only)."""
         await asyncio.sleep(0)
         try:
             await self.cache.sync()
@@ -285,7 +298,7 @@ class ModelManager:
                 "model cache index not written after a swap role=%s error=%r", role, str(err)
             )
         try:  # its rollback index is the model's floor from now on (when it is higher)
-            await asyncio.to_thread(self.floors.raise_to, state.name, state.version, p.entry)
+            await asyncio.to_thread(self.floors.raise_to, state.name, state.version, entry)
         except (OSError, ModelError) as err:
             log.warning("event=model_floor_not_written name=%s error=%r", state.name, str(err))
 

@@ -665,6 +665,37 @@ async def test_a_commit_cancelled_or_refused_during_its_check_leaves_the_running
     await cache.close()
 
 
+async def test_a_commit_cancelled_after_its_swap_still_writes_the_index_and_raises_the_floor(rig):
+    """After the swap the commit writes the cache index again (the new pins) and raises the
+    model's rollback floor. Was: a cancellation then (the agent stopping, the role assigned
+    again) skipped both, so the version swapped out still passed the floor check and the index
+    on disk did not say which version runs. Now they are done before the cancellation goes on."""
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    fixed = entry_for(FLOAT_AE, None, "skab-ae") | {"rollback_index": 2}
+    rig.registry.publish(FLOAT_AE.read_bytes(), "skab-ae", "4.0.0", fixed, rig.key)
+    cache, det, manager = await _running_manager(rig)
+    assert (await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))).status == "active"
+    prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "4.0.0"))
+    commit = asyncio.ensure_future(manager.commit(prepared))
+    for _ in range(1_000_000):  # checked, warmed up, pinned and the index written: the swap
+        if det.anomaly is prepared.model:
+            break
+        await asyncio.sleep(0)
+    assert det.anomaly is prepared.model
+    commit.cancel()  # the agent stops, or the role is assigned again
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    assert manager.roles["anomaly"].version == "4.0.0"  # swapped: recorded as running
+    floors = json.loads((rig.tmp / "dev" / "floors.json").read_text())
+    assert floors == {"skab-ae": {"index": 2, "version": "4.0.0"}}
+    index = json.loads(cache.index_path.read_text())  # on disk already, as after a power cut
+    pinned = {(m["name"], m["version"]) for m in index["models"] if m["pinned"]}
+    assert pinned == {("skab-ae", "4.0.0")}
+    state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))
+    assert state.status == "failed" and "below this device's floor 2" in (state.error or "")
+    await cache.close()
+
+
 async def test_a_threshold_changed_during_the_re_check_is_checked_again_before_the_swap(rig):
     """The re-check after the index write is steps of its own too: an override that changes
     during it is checked once more, and the swap installs the latest one."""
