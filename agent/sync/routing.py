@@ -33,9 +33,11 @@ Rules (issue 6, "Routing"):
      ...}`` committed to the store, so the cloud history holds it next to the alert. A crash
      between that commit and the next save of ``routing.json`` can commit the same verdict event
      twice (same ``seq``, same content); consumers key verdicts by ``seq``.
-   - Only while ``link_allows_cloud()`` (the link policy: "high" allows it). Failures are
-     retried with exponential backoff and full jitter, capped; refusals (4.00, 4.13, 4.15, 4.05)
-     are final and logged.
+   - Only while ``link_allows_cloud()`` (the link policy: "high" and "medium" allow it).
+     Failures are retried with exponential backoff and full jitter, capped; refusals (4.00, 4.13,
+     4.15, 4.05) are final and logged.
+   - *Bounded.* At most :data:`MAX_PENDING_VALIDATIONS` requests wait (the newest alerts'); an
+     older one is dropped with a warning and counted (``validations_dropped``).
 3. **Requests are non-confirmable** (NON, RFC 7252 section 4.3), retried by the router itself: a
    confirmable exchange goes on retransmitting after the router's deadline (up to 45 s with
    RFC 7252's defaults) and, with NSTART = 1, holds back every later request to the endpoint
@@ -88,6 +90,11 @@ SAVE_RETRY = 5.0  # after a failed write of the state file
 STATE_FILE = "routing.json"
 STATE_FORMAT = 1
 MAX_VERDICTS_KEPT = 1000  # merged verdicts remembered (newest seqs); older ones are in the cloud
+#: Validations waiting for a verdict, at most (the newest seqs). Without a bound they grew by one
+#: per unsure alert for as long as none completes (a link low or offline for weeks, an endpoint
+#: answering 4.04); the oldest is given up (``event=validation_dropped``): its alert is in the store
+#: anyway.
+MAX_PENDING_VALIDATIONS = 256
 
 SOURCE_EDGE = "edge"
 SOURCE_CLOUD = "cloud"
@@ -307,6 +314,7 @@ class Router:
                 self.verdicts[seq] = dict(v["verdict"])
                 if not v.get("committed", False):
                     self._uncommitted.add(seq)
+            self._trim_pending()
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
@@ -385,11 +393,25 @@ class Router:
             flat = np.asarray(window, dtype=np.float64).reshape(-1)
             self.pending[seq] = _Pending(seq, alert.to_dict(), [float(v) for v in flat])
             self.stats.counts["validations_requested"] += 1
+            self._trim_pending()
             self._dirty = True
             self._wake.set()
             log.debug("event=validation_queued seq=%d confidence=%.3f", seq, alert.confidence)
         except Exception:  # never let the router disturb the alert path
             log.exception("event=routing_listener_failed seq=%s", seq)
+
+    def _trim_pending(self) -> None:
+        """Keep the newest :data:`MAX_PENDING_VALIDATIONS` pending validations."""
+        while len(self.pending) > MAX_PENDING_VALIDATIONS:
+            seq = min(self.pending)
+            del self.pending[seq]
+            self._dirty = True
+            self.stats.counts["validations_dropped"] += 1
+            log.warning(
+                "event=validation_dropped seq=%d pending=%d reason=too_many_waiting",
+                seq,
+                len(self.pending),
+            )
 
     def add_verdict_listener(self, cb: Callable[[int, dict[str, Any]], None]) -> None:
         """``cb(seq, verdict)`` after a verdict is merged (committed as an event)."""
