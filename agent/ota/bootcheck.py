@@ -3,7 +3,8 @@ script with the system's ``python3 -I`` when a release's own Python or venv is b
 
 Layout under the release root (default /opt/edge-agent; docs/ota.md)::
 
-    releases/<version>/      a venv built from the verified bundle, plus COMPLETE when it is whole
+    releases/<version>/      a venv built from the verified bundle, plus COMPLETE when it is whole;
+                             :func:`switch` removes those neither link below names (:func:`prune`)
     current -> releases/V    the release the service runs (``venv -> current`` for the unit)
     previous -> releases/U   the release to go back to
     update.json              {"pending", "from", "attempts", "max_attempts", "health_window",
@@ -66,6 +67,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -354,6 +356,35 @@ def switch(
     doc["step"] = "switched"
     save(root, doc)
     _log("release_switched", version=version, previous=running)
+    prune(root, data_dir)
+
+
+def prune(root: Path, data_dir: Path | None = None) -> list[str]:
+    """Remove every release that neither ``current`` nor ``previous`` names (and its READY
+    marker in ``data_dir``): nothing can switch back to it, and each took a whole venv and its
+    bundle (~200 MB). Without this every update left one behind. ``COMPLETE`` goes first
+    (durably), so a removal a power cut interrupts is never taken for a release; what is left
+    of it is removed by the next switch. A failure is said, not raised: the switch is done."""
+    keep = {link_version(root, CURRENT), link_version(root, PREVIOUS)}
+    removed = []
+    for rel in sorted((root / RELEASES).glob("*")):
+        if rel.name in keep or rel.is_symlink() or not rel.is_dir():
+            continue
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                (rel / COMPLETE).unlink()
+            fsync_dir(rel)
+            shutil.rmtree(rel)
+            fsync_dir(root / RELEASES)
+        except OSError as err:
+            _log("release_remove_failed", version=rel.name, error=str(err)[:200].replace(" ", "_"))
+            continue
+        if data_dir is not None and _NAME.fullmatch(rel.name):
+            with contextlib.suppress(OSError):
+                drop_ready(data_dir, rel.name)
+        removed.append(rel.name)
+        _log("release_removed", version=rel.name)
+    return removed
 
 
 def rollback(root: Path, reason: str) -> str | None:

@@ -491,3 +491,31 @@ def test_power_cut_during_a_switch_back_never_confirms_by_a_stale_marker(
     else:  # current had not moved: 1.0 runs on, and 2.0 was not confirmed
         assert doc["pending"] is None
         assert (doc["outcome"]["version"], doc["outcome"]["result"]) != ("2.0", "updated")
+
+
+def test_releases_switched_away_from_do_not_pile_up(root: Path, tmp_path: Path) -> None:
+    """Each update installs a whole release (a venv and its bundle: ~200 MB with numpy and
+    LiteRT); one that neither ``current`` nor ``previous`` names any more is removed, with its
+    READY marker, so the release root holds two releases however many updates the device took."""
+    data = tmp_path / "data"
+    for n in range(2, 12):
+        version = f"{n}.0"
+        if n > 2:
+            make_release(root, version)
+        bc.switch(root, version, data_dir=data)
+        write_ready(data, version)
+        assert bc.start(root, data) == version
+        assert bc.load(root)["outcome"]["result"] == "updated"
+    assert sorted(p.name for p in (root / bc.RELEASES).iterdir()) == ["10.0", "11.0"]
+    assert sorted(p.name for p in (data / bc.READY_DIR).iterdir()) == ["ready-10.0", "ready-11.0"]
+    assert bc.link_version(root, bc.PREVIOUS) == "10.0"
+    assert bc.rollback(root, "test") == "10.0"  # previous still there to go back to
+    assert running(root) == "10.0"
+
+
+def test_a_rolled_back_release_is_removed_by_the_next_switch(root: Path) -> None:
+    bc.switch(root, "2.0")
+    assert bc.failed(root) == "1.0"  # 2.0 rolled back: current and previous both name 1.0
+    make_release(root, "3.0")
+    bc.switch(root, "3.0")
+    assert sorted(p.name for p in (root / bc.RELEASES).iterdir()) == ["1.0", "3.0"]
