@@ -11,7 +11,9 @@ version asked for and name the SHA-256 the operator set (else it is not fetched:
 would refuse it anyway), the file must be the manifest's (size and SHA-256), and every device
 verifies the manifest's signature with its own release key before it installs anything. The
 download goes to a scratch file in the gateway's data directory (a bundle is tens of MB: never
-in memory, never on a tmpfs) and is resumed after a cut or a restart of the gateway.
+in memory, never on a tmpfs) and is resumed after a cut or a restart of the gateway. One release
+is fetched at a time (the relay reads desired documents one by one): the partials of the others,
+left when an assignment moved on in the middle of a download, are removed before it starts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from agent.errors import ModelError
 from agent.ota.release import ReleaseManifest, check_file
-from agent.ota.updater import ReleaseFetcher
+from agent.ota.updater import MIRROR_PREFIX, ReleaseFetcher, drop_other_partials
 from agent.wire.statedoc import DesiredDoc, agent_version
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ class ReleaseMirror:
         """Download ``manifest``'s file (resuming a partial one), check it, store it."""
         version = manifest.version
         self.scratch.mkdir(parents=True, exist_ok=True)
-        part = self.scratch / f"release-{version}.part"
+        part = self.scratch / f"{MIRROR_PREFIX}{version}.part"
+        drop_other_partials(self.scratch, part, MIRROR_PREFIX)
         try:
             await self.fetcher.download(manifest, part)  # type: ignore[arg-type]
             await asyncio.to_thread(check_file, manifest, part)

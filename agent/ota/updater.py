@@ -11,8 +11,9 @@ The agent (:func:`stage`; its sandbox cannot write /opt/edge-agent):
    public key (``[update] public_key``), its SHA-256 is the one the operator set;
 2. the disk budget: the file must fit in what the budget and the disk leave;
 3. the download into ``DATA/ota/<version>.part`` (resumed after a cut or a SIGKILL; fsynced
-   every :data:`PART_SYNC_BYTES`), then its size and SHA-256 against the signed manifest; it
-   becomes ``<version>.release`` beside ``<version>.manifest``, and ``staged.json`` names it.
+   every :data:`PART_SYNC_BYTES`; the partials of other versions are removed first), then
+   its size and SHA-256 against the signed manifest; it becomes ``<version>.release`` beside
+   ``<version>.manifest``, and ``staged.json`` names it.
    A download that resumed a kept partial and then does not match is not a refusal: the partial
    may have lost blocks in a power cut (they reach the card only when synced, its size may be
    kept without them), so it is dropped and the file fetched once more from the start; only a
@@ -69,6 +70,7 @@ PART_SYNC_BYTES = 4 << 20  # the partial download is fsynced each time this much
 INITIAL_VERSION = "initial"  # the release name of the first install's venv (bootcheck.adopt)
 MAX_STAGED_BYTES = 1 << 16  # staged.json is a few dozen bytes; the root helper reads no more
 TAKEN_FILE = ".staged.release"  # in the release root: root's copy of the staged release file
+MIRROR_PREFIX = "release-"  # DATA/ota/release-V.part: a gateway mirror's (gateway/releases.py)
 
 
 class ReleaseFetcher(ModelFetcher):
@@ -101,6 +103,26 @@ class Staged:
 
 def partial_path(data_dir: Path, version: str) -> Path:
     return data_dir / OTA_DIR / f"{version}.part"
+
+
+def drop_other_partials(directory: Path, keep: Path, prefix: str = "") -> list[str]:
+    """Remove the partial downloads ``<prefix>*.part`` in ``directory`` but ``keep``: those of
+    a release no longer wanted (its assignment moved on, or was withdrawn, while it was being
+    fetched). Nothing else resumes them, and each could hold up to a whole release file (tens
+    of MB) for as long as the device runs. Without a prefix, a gateway mirror's partials
+    (:data:`MIRROR_PREFIX`, in the same directory) are left alone. The names removed."""
+    dropped = []
+    for part in sorted(directory.glob(f"{prefix}*.part")):
+        if part == keep or (not prefix and part.name.startswith(MIRROR_PREFIX)):
+            continue
+        try:
+            part.unlink()
+        except OSError as err:
+            log.warning("event=release_partial_not_removed path=%s error=%s", part, err)
+            continue
+        dropped.append(part.name)
+        log.info("event=release_partial_removed path=%s reason=not_wanted", part)
+    return dropped
 
 
 async def _download(
@@ -222,6 +244,7 @@ async def stage(
         )
     part = partial_path(data_dir, version)
     part.parent.mkdir(parents=True, exist_ok=True)
+    drop_other_partials(part.parent, part)  # one release is staged at a time
     stats = await _download(fetcher, manifest, part, budget_bytes, root)
     try:
         check_file(manifest, part)

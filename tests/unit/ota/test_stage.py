@@ -361,3 +361,49 @@ async def test_a_release_the_root_helper_had_no_room_to_install_is_staged_again(
     assert not (root / updater.TAKEN_FILE).exists()
     assert not (root / bootcheck.RELEASES / "2").exists()
     assert ctl._after is not None and ctl._after.done()
+
+
+async def test_partials_of_releases_no_longer_wanted_do_not_pile_up(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """Each release whose assignment moved on (or was withdrawn) in the middle of its download
+    left ``DATA/ota/<version>.part`` behind, up to a whole release file each, forever: nothing
+    resumes a version that is not wanted. Staging another release removes them; a gateway
+    mirror's partial in the same directory (``release-V.part``) is not the updater's."""
+    data = tmp_path / "data"
+    abandoned = [partial_path(data, f"1.{n}") for n in range(10)]
+    abandoned[0].parent.mkdir(parents=True)
+    for part in abandoned:
+        part.write_bytes(endpoint.file.read_bytes()[: 10 * BLOCK])
+    mirror = data / "ota" / "release-3.part"  # agent/gateway/releases.py names it so
+    mirror.write_bytes(b"x" * BLOCK)
+    staged = await stage_from(endpoint, data)
+    assert staged.file.read_bytes() == endpoint.file.read_bytes()
+    left = sorted(p.name for p in (data / "ota").iterdir())
+    assert left == ["2.manifest", "2.release", mirror.name, updater.STAGED_FILE]
+
+
+async def test_a_gateway_mirror_drops_the_partials_of_releases_no_longer_assigned(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """The same on a gateway (agent/gateway/releases.py): its scratch partials
+    ``release-V.part`` of assignments that moved on mid-download are removed before the next
+    fetch; the device updater's own partials beside them are not the mirror's."""
+    from agent.gateway.releases import ReleaseMirror
+
+    scratch = tmp_path / "gateway" / "ota"
+    scratch.mkdir(parents=True)
+    for n in range(10):
+        (scratch / f"release-1.{n}.part").write_bytes(endpoint.file.read_bytes()[: 10 * BLOCK])
+    own = partial_path(tmp_path / "gateway", "1.9")  # the gateway host's own update
+    own.write_bytes(b"x" * BLOCK)
+    storage = await CloudServer.start(tmp_path / "gateway" / "store", "127.0.0.1", 0)
+    fetcher = endpoint.fetcher()
+    try:
+        mirror = ReleaseMirror(fetcher, storage.db, scratch)
+        await mirror.fetch(await fetcher.release_manifest("2"))
+        assert await storage.db(lambda s: s.release("2")) is not None
+    finally:
+        await fetcher.close()
+        await storage.stop()
+    assert sorted(p.name for p in scratch.iterdir()) == [own.name]
