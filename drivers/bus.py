@@ -9,6 +9,7 @@ A transfer that never returns (a hung adapter) holds only its worker: when a tra
 its deadline the bus is marked wedged, the queued transfers move to a fresh worker, and the bus or
 port is closed so that its next transfer opens it again (when it can: the agent's reopening
 wrappers have ``reopen()``). Workers are daemon threads, so a stuck one never blocks process exit.
+While :data:`MAX_STUCK_WORKERS` of a bus are still stuck, its transfers fail at once.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 
 #: Default deadline for one bus transaction, seconds (a stuck bus must not stall a sensor forever).
 TRANSACTION_TIMEOUT = 2.0
+
+#: Workers of one bus or port left behind in a transfer that never returned, at most: beyond
+#: them a transfer fails at once (DeviceTimeout) instead of starting one more thread that an
+#: adapter still hung would keep too (one per retry of every part on it, for as long as it hangs).
+MAX_STUCK_WORKERS = 4
 
 #: errno values with which Linux i2c-dev reports a part that does not acknowledge its address.
 NACK_ERRNOS = frozenset({errno.EREMOTEIO, errno.ENXIO})
@@ -170,9 +176,22 @@ class _Worked:
     timeout: float
     _executor: BusWorker
 
+    def _init_worker(self, target: Any) -> None:
+        self._stuck: list[BusWorker] = []  # left behind by a wedge, perhaps still in its transfer
+        self._start_worker(target)
+
     def _start_worker(self, target: Any) -> None:
         self._executor = BusWorker(f"bus-{self.name}")
         self._executor.guard = _Guarded(target, self._executor)
+
+    def _refuse_while_stuck(self) -> None:
+        """DeviceTimeout at once while :data:`MAX_STUCK_WORKERS` transfers never returned."""
+        self._stuck = [w for w in self._stuck if w.thread.is_alive()]
+        if len(self._stuck) >= MAX_STUCK_WORKERS:
+            raise DeviceTimeout(
+                f"{self.name}: {len(self._stuck)} transfers never returned; none is started "
+                "until one does: power-cycle the adapter"
+            )
 
     def _wedged(self, worker: BusWorker, device: Any, where: str) -> None:
         """``worker`` missed a deadline: leave it, move the queue to a fresh worker and have the
@@ -188,6 +207,7 @@ class _Worked:
             self.timeout,
         )
         worker.abandoned = True
+        self._stuck.append(worker)
         self._start_worker(device)
         reopen = getattr(device, "reopen", None)
         if callable(reopen):  # first, before the transfers that were queued
@@ -233,11 +253,12 @@ class AsyncI2C(_Worked):
         self.clock = clock
         self.name = name
         self.timeout = timeout
-        self._start_worker(bus)
+        self._init_worker(bus)
 
     async def transact(self, address: int, fn: Callable[[I2CBus], T]) -> T:
         """Run ``fn(bus)`` on the bus thread; map OS errors to DriverErrors naming the address."""
 
+        self._refuse_while_stuck()
         deadline = asyncio.timeout(self.timeout)
         worker = self._executor
 
@@ -341,11 +362,12 @@ class AsyncSerial(_Worked):
         self.clock = clock
         self.name = name or getattr(port, "port", None) or "serial"
         self.timeout = timeout
-        self._start_worker(port)
+        self._init_worker(port)
 
     async def transact(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(port)`` on the port's thread; map serial errors to DriverErrors."""
 
+        self._refuse_while_stuck()
         deadline = asyncio.timeout(self.timeout)
         worker = self._executor
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import DeviceDataError, DeviceIOError, DeviceTimeout
+from drivers import bus as bus_mod
 from drivers.ads1115 import Ads1115
 from drivers.bus import AsyncI2C, AsyncSerial, open_serial
 from drivers.clock import RealClock, VirtualClock
@@ -143,6 +144,38 @@ def test_a_late_transfer_of_an_abandoned_worker_cannot_drive_the_bus() -> None:
         assert "abandoned transfer" in str(late["error"])
         if writes is not None:
             assert len(fake.writes) == writes  # the late write never reached the bus
+    finally:
+        fake.release.set()
+        bus.close()
+
+
+def test_an_adapter_that_stays_hung_leaves_a_bounded_number_of_threads() -> None:
+    """Each deadline missed left its worker thread stuck and started a fresh one, whose next
+    transfer hung too: while the adapter stayed hung, one more thread (and pid) per retry of
+    every part on the bus, for as long as the agent ran (the systemd unit's task limit, or a
+    32-bit Pi's address space, runs out within a day). Now at most MAX_STUCK_WORKERS stuck
+    threads per bus: beyond them a transfer fails at once, and the bus works again as soon
+    as a stuck transfer returns."""
+    fake = HangsAt(0x77)
+    fake.attach(0x77, Bme280Sim(RealClock()))
+    bus = AsyncI2C(fake, RealClock(), name="i2c-1", timeout=0.05)
+
+    def threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "bus-i2c-1"]
+
+    async def go() -> None:
+        for _ in range(30):  # the sampler's retries of a part on a hung adapter
+            with pytest.raises(DeviceTimeout):
+                await bus.device(0x77).read_u8(0xD0)
+
+    try:
+        asyncio.run(go())
+        assert len(threads()) <= bus_mod.MAX_STUCK_WORKERS + 1  # the stuck ones and a fresh one
+        fake.release.set()  # the adapter recovers: the stuck transfers return
+        for t in threads():
+            if t is not bus._executor.thread:
+                t.join(5)
+        assert asyncio.run(bus.device(0x77).read_u8(0xD0)) == 0x60
     finally:
         fake.release.set()
         bus.close()
