@@ -16,22 +16,21 @@ observed and applied live, both persisted (docs/protocol.md, "Device state").
   observation that ends or lapses within ``OBSERVE_MIN_LIFETIME`` counts as a failure (backoff
   grows). The pause a 5.03 asks for (its Max-Age) is at most ``BACKOFF_CAP``.
 
-Versions of reported keys: a hybrid clock (:mod:`agent.sync.statedata`).
-
-Merge rules, by key: the endpoint merges reported keys as :mod:`agent.wire.statedoc` says.
+Versions of reported keys: a hybrid clock (:mod:`agent.sync.statedata`). Merge rules, by key: the
+endpoint merges reported keys as :mod:`agent.wire.statedoc` says.
 
 Desired keys are applied by version, never by order of arrival: a key is applied only when its
 version is higher than the version of that key last applied (or last refused), so a repeated or
 reordered notification, or a restart, never applies a change twice. Sensor enable flags
 (``sensor/<name>/enabled``) are decided by the desired version alone: what the device decides by
-itself (a part that is gone, a sensor that fails) is *reported* health, never a write to the
-desired flag, so device and operator never fight over one LWW key. A value that cannot be applied
-(it does not fit the key, or :meth:`StateHooks.apply` refuses it) keeps the previous configuration
-for that key, is logged as a warning and reported in ``desired/errors`` (``{key: {"version",
-"error"}}``); a ``model/<slot>`` failure is also reported as ``model/<slot>`` with ``status:
-failed`` so that the endpoint blocks that version. A refused version is never retried; the
-operator's next assignment (a new version) is tried. A model version the endpoint lists in
-``blocked`` is not tried either (it failed before, maybe before a reinstall).
+itself (a part that is gone, a sensor that fails) is *reported* health, never a write to the desired
+flag, so device and operator never fight over one LWW key. A value that cannot be applied (it does
+not fit the key, or :meth:`StateHooks.apply` refuses it) keeps the previous configuration for that
+key, is logged as a warning and reported in ``desired/errors`` (``{key: {"version", "error"}}``); a
+``model/<slot>`` failure is also reported as ``model/<slot>`` with ``status: failed`` so that the
+endpoint blocks that version. A refused version is never retried; the operator's next assignment (a
+new version) is tried; a refusal is forgotten once its key leaves the document. A model version the
+endpoint lists in ``blocked`` is not tried either (it failed before, maybe before a reinstall).
 
 The runtime's side: :class:`agent.service.hooks.AgentHooks` (what is reported, how keys apply).
 
@@ -68,6 +67,7 @@ from agent.sync.statedata import (
     chunks,
     decode_state,
     drop_refused,
+    drop_withdrawn,
     encode_state,
     error_text,
     halves,
@@ -758,8 +758,8 @@ class StateSync:
             self._rev = doc.rev
             self._unsaved = True
             self.changed()
-        if changed:  # what was applied or refused must be on disk before anything else
-            await self._persist()
+        if drop_withdrawn(self._failed, doc.entries.keys() | doc.refused.keys()) or changed:
+            await self._persist()  # what was applied, refused or forgotten: on disk before all else
             self.changed()
 
     def _apply(self, key: str, value: Any) -> str | None:

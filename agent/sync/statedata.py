@@ -28,7 +28,7 @@ only reports an older rev until the next notification.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -258,6 +258,17 @@ def drop_refused(reported: dict[str, Entry], pending: set[str]) -> dict[str, str
             del reported[key]
             pending.discard(key)
     return refused
+
+
+def drop_withdrawn(failed: dict[str, Failure], keys: Set[str]) -> bool:
+    """Forget the refusals of keys the endpoint's desired document no longer holds (``keys``:
+    the document's, refused ones included); whether any was forgotten. A refusal stays only
+    while its key is asked for: each key ever refused stayed otherwise (in the state file, on
+    every save), so an endpoint naming new keys grew them without end."""
+    gone = [key for key in failed if key not in keys]
+    for key in gone:
+        del failed[key]
+    return bool(gone)
 
 
 def reported_values(

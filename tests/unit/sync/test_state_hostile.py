@@ -248,3 +248,28 @@ def test_flood_of_rev_only_notifications_does_not_write_the_state_file_each_time
     assert KEY in on_disk["applied"] and on_disk["applied"][KEY].version == flood + 1
     assert count < 10 and len(writes) < 40, (count, len(writes))
     assert decode_state(writes[-1])["rev"] == flood + 1  # the rev is saved too, later
+
+
+# -- keys the endpoint names once ----------------------------------------------------------------
+
+
+def test_refusals_of_keys_no_longer_desired_do_not_pile_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint naming a new key in each document (a typo an operator corrects, or an
+    endpoint that means harm: ``sensor/<any name>/interval`` takes any name): each refusal used
+    to stay for as long as the device ran, in memory and in the state file written on every
+    save (300 documents: 300 refusals). A refusal is kept while its key is in the document,
+    so a version refused is still never tried again."""
+    docs = [content(document(n, {f"sensor/s{n}/interval": [n, -5.0]})) for n in range(1, 301)]
+    again = content(document(301, {"sensor/s300/interval": [300, -5.0]}))
+    endpoint = ScriptedEndpoint(lambda n: [*docs, again] if n == 1 else [])
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
+    clock = VirtualClock()
+    sync, hooks = make_sync(tmp_path, endpoint, clock)
+    clock.run(run_for(sync, 600.0))
+    assert sync.status["documents"] == 301 and hooks.applied == []
+    assert sync.status["desired_failed"] == {"sensor/s300/interval": 300}
+    saved = decode_state((tmp_path / "state.cbor").read_bytes())
+    assert list(saved["failed"]) == ["sensor/s300/interval"]
+    assert caplog.text.count("event=desired_rejected key=sensor/s300/interval ") == 1
