@@ -36,7 +36,7 @@ Key = tuple[str, int, int]  # (device, seq, 1 for a features record)
 
 
 def prepare(db: Any) -> None:
-    """The table and the view the prune reads (in :func:`agent.gateway.relay.prepare_store`'s
+    """The table and the view the prune reads (in :func:`agent.gateway.storeparts.prepare_store`'s
     transaction, after ``relay_kept``)."""
     db.execute(
         "CREATE TABLE IF NOT EXISTS relay_later (device TEXT NOT NULL, seq INTEGER NOT NULL, "

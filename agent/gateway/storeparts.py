@@ -1,0 +1,126 @@
+"""The gateway's own parts of its store (the schema is the endpoint's, cloud/storage.py) and the
+prune of what the cloud acknowledged (docs/gateway.md "What the store keeps"):
+:func:`prepare_store` creates them once, at start; :func:`prune` drops forwarded records
+``[gateway] keep_forwarded`` after the gateway received them, never one the cloud did not take
+nor one held for later (``relay_held``). Used by the forwarder (agent/gateway/relay.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.gateway import later
+from cloud.storage import PRUNED_TABLE
+
+PRUNE_BATCH = 20_000  # records dropped in one transaction at most (ingest waits for it)
+
+
+def prepare_store(s: Any) -> None:
+    """The gateway's own parts of its store (the schema is the endpoint's, cloud/storage.py): an
+    index on ``records.arrival`` for the forwarding passes, the highest seq dropped per device
+    and the records the cloud did not take (:func:`prune`), and the queue of features records to
+    forward, a row per features record stored, written by a trigger in the ingest's own
+    transaction (the one that acknowledges the record to its device). Created once; the features
+    records stored before it are queued then (an earlier gateway stored them and never forwarded
+    them)."""
+    db = s.db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE INDEX IF NOT EXISTS records_by_arrival ON records (arrival)")
+        db.execute(
+            f"CREATE TABLE IF NOT EXISTS {PRUNED_TABLE} (device TEXT PRIMARY KEY, "
+            "through INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS relay_kept (device TEXT NOT NULL, seq INTEGER NOT NULL, "
+            "features INTEGER NOT NULL, PRIMARY KEY (device, seq, features)) WITHOUT ROWID"
+        )
+        later.prepare(db)  # records the cloud asked for later (agent/gateway/later.py)
+        queued = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_features'"
+        ).fetchone()
+        if queued is None:
+            db.execute(
+                "CREATE TABLE relay_features (n INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "device TEXT NOT NULL, first_seq INTEGER NOT NULL)"
+            )
+            db.execute(
+                "INSERT INTO relay_features (device, first_seq) SELECT device, first_seq "
+                "FROM features ORDER BY received, device, first_seq"
+            )
+            db.execute(
+                "CREATE TRIGGER relay_features_queued AFTER INSERT ON features BEGIN "
+                "INSERT INTO relay_features (device, first_seq) VALUES (NEW.device, NEW.first_seq);"
+                " END"
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BATCH) -> int:
+    """Drop what the cloud acknowledged (arrival up to ``arrival``, features queued up to
+    ``queued``) and the gateway received before ``before`` (``[gateway] keep_forwarded`` ago),
+    at most ``most`` records in one transaction, oldest first. A record the cloud answered with
+    a conflict (it holds another under its seq) stays (``relay_kept``): the gateway holds the
+    only copy; so does one it asked for later (``relay_later``: its device's rate limit). Each
+    device's newest record stays: it is the ``last`` of the device's acks, by which a device
+    that lost its store learns to number above it. The highest seq dropped per
+    device is kept (:data:`PRUNED_TABLE`): a record under a seq at or below it that the store
+    does not hold is answered as a conflict (cloud/storage.py), so the device sends it again
+    under a new number rather than have the cloud keep another record under its number. Returns
+    the records and features dropped."""
+    db = s.db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # records arrive in arrival order, so those old enough are a prefix: where it ends
+        row = db.execute(
+            "SELECT arrival FROM records WHERE arrival <= ? AND received >= ? "
+            "ORDER BY arrival LIMIT 1",
+            (arrival, before),
+        ).fetchone()
+        upto = arrival if row is None else row[0] - 1
+        row = db.execute(
+            "SELECT arrival FROM records WHERE arrival <= ? ORDER BY arrival LIMIT 1 OFFSET ?",
+            (upto, most),
+        ).fetchone()
+        upto = upto if row is None else row[0] - 1
+        newest = (
+            "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device) AND "
+            "NOT EXISTS (SELECT 1 FROM relay_held AS k WHERE k.device = records.device AND "
+            "k.seq = records.seq AND k.features = 0)"
+        )
+        for device, through in db.execute(
+            f"SELECT device, max(seq) FROM records WHERE arrival <= ? AND {newest} GROUP BY device",
+            (upto,),
+        ).fetchall():
+            db.execute(
+                f"INSERT INTO {PRUNED_TABLE} (device, through) VALUES (?, ?) ON CONFLICT "
+                "(device) DO UPDATE SET through = max(through, excluded.through)",
+                (device, through),
+            )
+        dropped = db.execute(
+            f"DELETE FROM records WHERE arrival <= ? AND {newest}", (upto,)
+        ).rowcount
+        forwarded = (
+            "SELECT q.device, q.first_seq FROM relay_features AS q JOIN features AS f "
+            "ON f.device = q.device AND f.first_seq = q.first_seq "
+            "WHERE q.n <= ? AND f.received < ? AND NOT EXISTS (SELECT 1 FROM relay_held AS k "
+            "WHERE k.device = q.device AND k.seq = q.first_seq AND k.features = 1) "
+            "ORDER BY q.n LIMIT ?"
+        )
+        dropped += db.execute(
+            f"DELETE FROM features WHERE (device, first_seq) IN ({forwarded})",
+            (queued, before, most),
+        ).rowcount
+        db.execute(
+            "DELETE FROM relay_features WHERE n <= ? AND NOT EXISTS (SELECT 1 FROM features AS f "
+            "WHERE f.device = relay_features.device AND f.first_seq = relay_features.first_seq)",
+            (queued,),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return dropped
