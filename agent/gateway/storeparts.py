@@ -23,9 +23,7 @@ def prepare_store(s: Any) -> None:
     transaction (the one that acknowledges the record to its device). Created once; the features
     records stored before it are queued then (an earlier gateway stored them and never forwarded
     them)."""
-    db = s.db
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with s._tx() as db:  # a failed statement (a full disk) may have ended the transaction
         db.execute("CREATE INDEX IF NOT EXISTS records_by_arrival ON records (arrival)")
         db.execute(
             f"CREATE TABLE IF NOT EXISTS {PRUNED_TABLE} (device TEXT PRIMARY KEY, "
@@ -53,10 +51,6 @@ def prepare_store(s: Any) -> None:
                 "INSERT INTO relay_features (device, first_seq) VALUES (NEW.device, NEW.first_seq);"
                 " END"
             )
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BATCH) -> int:
@@ -71,9 +65,7 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
     does not hold is answered as a conflict (cloud/storage.py), so the device sends it again
     under a new number rather than have the cloud keep another record under its number. Returns
     the records and features dropped."""
-    db = s.db
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with s._tx() as db:  # a failed statement (a full disk) may have ended the transaction
         # records arrive in arrival order, so those old enough are a prefix: where it ends
         row = db.execute(
             "SELECT arrival FROM records WHERE arrival <= ? AND received >= ? "
@@ -119,8 +111,4 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
             "WHERE f.device = relay_features.device AND f.first_seq = relay_features.first_seq)",
             (queued,),
         )
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
     return dropped

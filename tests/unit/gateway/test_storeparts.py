@@ -1,0 +1,72 @@
+"""The gateway's own parts of its store and its prune (agent/gateway/storeparts.py) on a real
+SQLite store that fills.
+
+Attack named: a disk that fills. On SQLITE_FULL SQLite may have rolled the transaction back
+already; a ROLLBACK by hand then raised "cannot rollback - no transaction is active" in place of
+the real error, which the operator never saw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.gateway.storeparts import prepare_store, prune
+from agent.wire.batch import WireRecord
+from agent.wire.records import TelemetryBody
+from cloud.storage import SQLiteStorage
+
+T0 = 1_700_000_000.0
+DEVICES = 3000  # each a row of relay_pruned: more than the store's free pages hold
+
+
+def _reading(seq: int) -> WireRecord:
+    return WireRecord(seq, "telemetry", T0, TelemetryBody("m", T0, {"a": 1.5}).to_cbor())
+
+
+def _full(s: SQLiteStorage) -> int:
+    """No page more for ``s``; the pages it has."""
+    (pages,) = s.db.execute("PRAGMA page_count").fetchone()
+    s.db.execute(f"PRAGMA max_page_count = {pages}")
+    return int(pages)
+
+
+@pytest.mark.timeout(60)
+def test_a_prune_on_a_full_store_raises_the_real_error_and_drops_nothing(tmp_path: Path) -> None:
+    s = SQLiteStorage.in_dir(tmp_path / "store")
+    try:
+        prepare_store(s)
+        devices = [f"d{i}" for i in range(DEVICES)]
+        s.ingest_many([(d, [_reading(1), _reading(2)], True) for d in devices], T0)
+        pages = _full(s)
+        with pytest.raises(Exception, match="full") as raised:
+            prune(s, 10**9, 10**9, T0 + 10)
+        assert "no transaction is active" not in str(raised.value)
+        assert not s.db.in_transaction
+        assert s.db.execute("SELECT count(*) FROM records").fetchone()[0] == 2 * DEVICES
+        assert s.db.execute("SELECT count(*) FROM relay_pruned").fetchone()[0] == 0
+        s.db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space freed
+        assert prune(s, 10**9, 10**9, T0 + 10) == DEVICES  # each device's newest stays
+        assert s.db.execute("SELECT count(*) FROM relay_pruned").fetchone()[0] == DEVICES
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(60)
+def test_prepare_store_on_a_full_store_raises_the_real_error_and_can_run_again(
+    tmp_path: Path,
+) -> None:
+    s = SQLiteStorage.in_dir(tmp_path / "store")
+    try:
+        s.ingest_many([(f"d{i}", [_reading(1), _reading(2)], True) for i in range(DEVICES)], T0)
+        pages = _full(s)
+        with pytest.raises(Exception, match="full") as raised:
+            prepare_store(s)
+        assert "no transaction is active" not in str(raised.value)
+        assert not s.db.in_transaction
+        s.db.execute(f"PRAGMA max_page_count = {pages * 100}")
+        prepare_store(s)
+        queued = s.db.execute("SELECT count(*) FROM relay_features").fetchone()[0]
+        assert queued == 0
+    finally:
+        s.close()
