@@ -1,13 +1,19 @@
 """Records the cloud asked the gateway to send later (docs/gateway.md "Forwarding", docs/protocol.md
 "Gateways"): a ``/relay`` entry answered ``[163, reason, max-age]`` (5.03: that device is over
 its rate limit at the endpoint, cloud/ratelimit.py) is kept and sent again after max-age, while
-the other devices' records go on and the forwarding cursor moves past it.
+the other devices' records go on and the forwarding cursor moves past it. An entry refused with
+any other code (4.03: the device is not attached to this gateway at the cloud, 4.04: the cloud
+does not know it, ...) is kept the same way and its device paused for :data:`REFUSED_PAUSE`,
+doubled at each refusal that follows up to :data:`REFUSED_MAX_PAUSE` (the operator may attach it
+again: its records are never dropped), said once until the cloud takes the device's records.
 
 - The records of such an entry are written to ``relay_later`` (device, seq, 1 for a features
   record) in the gateway's store before the cursor passes them; the prune keeps them
   (``relay_held``: those and the conflicts of ``relay_kept``) until the cloud acknowledges them.
 - The device is paused for max-age (:data:`DEFAULT_PAUSE` without one, as a device does for a
-  5.03 without Max-Age): its new records of a pass are held the same way, not sent.
+  5.03 without Max-Age), or after a refusal as above: its new records of a pass are held the
+  same way, not sent. The pauses are in memory: a restarted gateway sends the held records at
+  its first pass (a device still refused is paused again).
 - At each pass after the pause, its held records go first (at most the pass's records, oldest
   first), and each leaves ``relay_later`` once the cloud acknowledged it (or held it as a
   conflict). A crash between the two writes sends some records twice: the cloud stores each
@@ -17,6 +23,7 @@ the other devices' records go on and the forwarding cursor moves past it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -31,6 +38,15 @@ CODE_LATER = 5 * 32 + 3
 #: Seconds a device is paused after a 5.03 without max-age, and at most.
 DEFAULT_PAUSE = 60.0
 MAX_PAUSE = 3600.0
+#: Seconds a device is paused after the first refusal of another code (4.03, 4.04, ...), and at
+#: most after the refusals that follow (each doubles it)
+REFUSED_PAUSE = 300.0
+REFUSED_MAX_PAUSE = 3600.0
+#: What the operator can do about a refusal, by its code
+REFUSED_HINT = {
+    "4.03": "attach it to this gateway: edge-agent-cloud gateways attach",
+    "4.04": "register it at the cloud: edge-agent-cloud devices add",
+}
 
 Key = tuple[str, int, int]  # (device, seq, 1 for a features record)
 
@@ -123,6 +139,8 @@ class Later:
         self.now = now
         self.until: dict[str, float] = {}  # device -> when its pause ends
         self.entries = 0  # entries the cloud answered "later"
+        self.refused: dict[str, float] = {}  # device refused (another code) -> its last pause
+        self.refusals = 0  # entries the cloud refused with another code
 
     def paused(self) -> set[str]:
         """The devices paused now."""
@@ -142,6 +160,33 @@ class Later:
                 device, records, seconds,
             )  # fmt: skip
         self.until[device] = max(self.until.get(device, 0.0), self.now() + seconds)
+
+    def refuse(self, device: str, code: str, reason: str, records: int) -> None:
+        """The cloud refused an entry of ``device`` with ``code`` (not 5.03): its records are
+        held, the device paused; said at the first refusal of an episode."""
+        self.refusals += 1
+        now = self.now()
+        if self.until.get(device, -math.inf) > now:
+            return  # another entry of this pass: paused already
+        last = self.refused.get(device)
+        seconds = REFUSED_PAUSE if last is None else min(2.0 * last, REFUSED_MAX_PAUSE)
+        if last is None:
+            log.warning(
+                "event=forward_refused device=%s code=%s reason=%r records=%d retry_in=%g: "
+                "the cloud does not take this device's records from this gateway; the gateway "
+                "keeps them (%s)",
+                device, code, reason[:200], records, seconds,
+                REFUSED_HINT.get(code, "see the cloud's reason"),
+            )  # fmt: skip
+        else:
+            log.debug("event=forward_refused_again device=%s code=%s", device, code)
+        self.refused[device] = seconds
+        self.until[device] = now + seconds
+
+    def taken(self, device: str) -> None:
+        """The cloud acknowledged an entry of ``device``: a refusal episode is over."""
+        if self.refused.pop(device, None) is not None:
+            log.info("event=forward_refused_over device=%s: the cloud takes its records", device)
 
     async def due(self, db: Any, limit: int) -> list[tuple[str, WireRecord]]:
         paused = self.paused()

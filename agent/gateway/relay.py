@@ -10,7 +10,9 @@ own store and the cloud endpoint (docs/gateway.md).
   queue's number) move, and are written to disk, only after the cloud acknowledged everything
   before them: a SIGKILL or an outage sends some records twice, which the cloud stores once (it
   deduplicates by device and seq), and never skips one. A device's entry the cloud answers
-  "later" (5.03: its rate limit) is kept and sent after max-age (agent/gateway/later.py).
+  "later" (5.03: its rate limit) is kept and sent after max-age; one it refuses otherwise (4.03:
+  not attached to this gateway, 4.04, ...) is kept and sent again after a pause that grows: the
+  other devices' records go on (agent/gateway/later.py).
 - :class:`StateRelay`: reported state the devices PUT to the gateway is PUT to the cloud with the
   devices' own versions; each device's desired document is read from the cloud and mirrored into
   the gateway's store with the cloud's versions, revision and storage identity, so a device sees
@@ -385,16 +387,15 @@ class RecordForwarder:
             raise SyncError(f"POST {uri}: the answer does not decode: {err}") from None
         done = 0
         for (device, recs, _), answer in zip(parts, answers, strict=True):
-            if isinstance(answer, RelayRefusal) and answer.code == later.CODE_LATER:
-                self.later.pause(device, answer.max_age, len(recs))  # its rate limit
+            if isinstance(answer, RelayRefusal):  # held: the others go on (agent/gateway/later.py)
+                if answer.code == later.CODE_LATER:
+                    self.later.pause(device, answer.max_age, len(recs))  # its rate limit
+                else:  # e.g. 4.03: not attached to this gateway
+                    self.later.refuse(device, answer.dotted, answer.message, len(recs))
                 held += [later.key(device, r) for r in recs]
                 continue
-            if isinstance(answer, RelayRefusal):  # e.g. 4.03: not attached to this gateway
-                raise SyncError(
-                    f"POST {uri}: {device}: {answer.dotted} {answer.message} (its records stay "
-                    "at the gateway; attach it: edge-agent-cloud gateways attach)"
-                )
             done += self._acked(device, recs, answer, uri, kept)
+            self.later.taken(device)
         return done
 
     def _acked(

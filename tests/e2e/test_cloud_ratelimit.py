@@ -2,9 +2,9 @@
 limit"): a device over its limit gets 5.03 with Max-Age and nothing of the batch is stored; once
 the time told has passed the same batch is stored, once. Over OSCORE (the fast path) and plain
 CoAP, through ``/relay`` per device (one device over its limit, another not, in one request), and
-the gateway's forwarder, which keeps what the cloud asked for later and lets the other devices'
-records go on. The limiter's clock is a number the tests set (no waiting for refills); the rest
-is real: sockets, OSCORE, SQLite.
+the gateway's forwarder, which keeps what the cloud asked for later, or refused otherwise (a
+device detached from it: 4.03), and lets the other devices' records go on. The limiter's clock
+is a number the tests set (no waiting for refills); the rest is real: sockets, OSCORE, SQLite.
 
 Attack named: a compromised device with a valid credential posting records as fast as its link
 allows, to fill the endpoint's disk."""
@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import SyncError
+from agent.gateway import later
 from agent.gateway.relay import RecordForwarder, prepare_store
 from agent.wire.relay import RelayRefusal
 from cloud.ratelimit import DeviceRateLimit
@@ -293,6 +294,60 @@ async def test_a_full_store_when_records_are_held_fails_the_pass_and_loses_nothi
         assert await forwarder.forward_once() == 2000
         assert await server.seqs(A) == list(range(1, 2001))
         assert len(await server.records(B)) == 1
+    finally:
+        site.close()
+        await gw.close()
+
+
+@pytest.mark.timeout(120)
+async def test_a_device_the_cloud_refuses_is_held_and_paused_and_the_others_go_on(
+    limited: tuple[CloudServer, Clock], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A relay entry refused for another reason than the rate limit (4.03: the device is no
+    longer attached to this gateway at the cloud) failed the whole pass as a SyncError and held
+    the cursor: every other device behind the gateway stalled for ever. The device's records are
+    held as "later" ones are (never pruned, never dropped), it is paused (REFUSED_PAUSE, doubled
+    at each refusal that follows), said once per episode; the others go on. After a restart the
+    held records are still there; once the device is attached again each is stored once."""
+    server, clock = limited
+    gw, site, forwarder = await forwarding(server, clock, tmp_path)
+    try:
+        await server.detach([A])  # moved away from this gateway at the cloud
+        site.ingest_many([(A, [reading(i) for i in range(1, 6)], True)], T0)
+        site.ingest_many([(B, [reading(i) for i in range(1, 6)], True)], T0)
+        with caplog.at_level(logging.INFO, logger="agent.gateway"):
+            assert await forwarder.forward_once() == 5  # B's; A's refused (4.03): held
+            assert await server.seqs(B) == list(range(1, 6)) and await server.seqs(A) == []
+            assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 5
+            site.ingest_many([(A, [reading(6)], False), (B, [reading(6)], False)], T0 + 1)
+            requests = forwarder.requests
+            assert await forwarder.forward_once() == 1  # B's; A paused: nothing sent for it
+            assert forwarder.requests == requests + 1
+            clock.t += later.REFUSED_PAUSE
+            assert await forwarder.forward_once() == 0  # A's sent again, refused again
+            assert forwarder.later.until[A] == clock.t + 2 * later.REFUSED_PAUSE  # doubled
+        said = [r for r in caplog.records if "event=forward_refused" in r.getMessage()]
+        assert len(said) == 1 and "4.03" in said[0].getMessage()  # once per episode
+        assert forwarder.later.refusals == 2
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 6
+        assert site.seqs(A) == list(range(1, 7))  # the prune takes none of them
+        # a restarted gateway: the held records are on disk, its pauses are not
+        again = RecordForwarder(
+            on(site), gw.transport, lambda: server.uri, tmp_path / "gw-data", name=GW,
+            keep=60.0, wall=lambda: T0 + 10_000.0,
+        )  # fmt: skip
+        again.later.now = clock
+        assert await again.forward_once() == 0  # sent, refused: held again
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 6
+        await server.attach(GW, [A])  # the operator attaches it again
+        clock.t += later.REFUSED_PAUSE
+        with caplog.at_level(logging.INFO, logger="agent.gateway"):
+            assert await again.forward_once() == 6
+        assert "event=forward_refused_over" in caplog.text
+        assert await server.seqs(A) == list(range(1, 7))
+        assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 0
+        assert await again.forward_once() == 0  # nothing twice
+        assert len(await server.records(A)) == 6 and len(await server.records(B)) == 6
     finally:
         site.close()
         await gw.close()
