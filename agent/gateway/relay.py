@@ -252,6 +252,7 @@ class RecordForwarder:
         self._cursor_checked = False
         self.forwarded = 0  # records the cloud acknowledged (new or duplicate)
         self.pruned = 0  # records and features records dropped from the store since the start
+        self._prune_failing = False  # the last prune failed (said once until one works)
         self.requests = 0
         self.bytes_up = 0  # request payload bytes sent upstream
         self.conflicts = 0
@@ -305,7 +306,19 @@ class RecordForwarder:
     async def forward_once(self) -> int:
         """One pass: forward what is pending (at most ``records``) in one ``POST /relay``; the
         records acknowledged. Raises SyncError when the cloud did not take them all (the cursor
-        stays: the next pass sends them again, and the cloud stores each once)."""
+        stays: the next pass sends them again, and the cloud stores each once). The prune
+        follows every pass, one that failed or had nothing to send too: a full store frees what
+        the cloud acknowledged before while the passes fail."""
+        try:
+            done = await self._pass()
+        except Exception:
+            if self._cursor_checked:  # the store's gateway parts are there
+                await self.prune()
+            raise
+        await self.prune()
+        return done
+
+    async def _pass(self) -> int:
         if not self._cursor_checked:
             await self._check_cursor()
         cursor, fcursor, limit = self.cursor, self.features_cursor, self.records
@@ -338,19 +351,23 @@ class RecordForwarder:
         self.features_cursor = max((n for n, _, _ in feats), default=self.features_cursor)
         await self._save()
         self.forwarded += done
-        await self.prune()
         return done
 
     async def prune(self) -> int:
         """Drop from the store what the cloud holds and is older than ``keep`` (:func:`prune`):
         a gateway's disk holds what it has not forwarded and ``keep`` seconds of the rest. A
-        failure (a full or damaged disk) is said and tried again after the next pass."""
+        failure (a full or damaged disk) is said once and tried again after the next pass."""
         arrival, queued, before = self.cursor, self.features_cursor, self.wall() - self.keep
         try:
             dropped = int(await self.db(lambda s: prune(s, arrival, queued, before)))
         except (AgentError, sqlite3.Error) as err:
-            log.warning("event=gateway_prune_failed error=%r", str(err))
+            if not self._prune_failing:
+                log.warning("event=gateway_prune_failed error=%r", str(err))
+            self._prune_failing = True
             return 0
+        if self._prune_failing:
+            log.info("event=gateway_prune_ok dropped=%d", dropped)
+        self._prune_failing = False
         self.pruned += dropped
         return dropped
 

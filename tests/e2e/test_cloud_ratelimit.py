@@ -299,6 +299,47 @@ async def test_a_full_store_when_records_are_held_fails_the_pass_and_loses_nothi
         await gw.close()
 
 
+@pytest.mark.timeout(60)
+async def test_a_full_store_frees_what_the_cloud_holds_while_the_passes_fail(
+    limited: tuple[CloudServer, Clock], tmp_path: Path
+) -> None:
+    """Attack named: a disk that fills. The prune ran only after a pass that succeeded: with the
+    store full, every pass failed (the records held for later did not fit) and the records the
+    cloud had acknowledged long ago were never dropped, so the store could not free itself. The
+    prune runs after a failed pass too, and takes only what the cloud acknowledged: never a
+    record beyond the cursor, held, or a device's newest."""
+    server, clock = limited
+    gw, site, forwarder = await forwarding(server, clock, tmp_path)
+    now = [T0 + 30.0]
+    forwarder.wall = lambda: now[0]
+    try:
+        site.ingest_many([(B, [reading(i) for i in range(1, 11)], True)], T0)
+        assert await forwarder.forward_once() == 10
+        assert site.seqs(B) == list(range(1, 11))  # acknowledged, received 30 s ago only
+        assert server.rate_limit.wait(A, BURST) == 0
+        site.ingest_many([(A, [reading(i) for i in range(1, 2001)], True)], T0 + 31)
+        now[0] = T0 + 200.0  # B's are older than keep now
+        (pages,) = site.db.execute("PRAGMA page_count").fetchone()
+        site.db.execute(f"PRAGMA max_page_count = {pages}")
+        for _ in range(2):
+            with pytest.raises(SyncError, match="held"):
+                await forwarder.forward_once()
+        assert site.seqs(B) == [10]  # dropped: the cloud holds them; the newest stays
+        assert site.seqs(A) == list(range(1, 2001))  # beyond the cursor: none taken
+        site.db.execute(f"PRAGMA max_page_count = {pages * 100}")
+        assert await forwarder.forward_once() == 0  # A's answered later: held
+        now[0] = T0 + 400.0
+        assert await forwarder.forward_once() == 0
+        assert site.seqs(A) == list(range(1, 2001))  # held: never pruned
+        clock.t += 300.0
+        assert await forwarder.forward_once() == 2000
+        assert await server.seqs(A) == list(range(1, 2001))
+        assert await server.seqs(B) == list(range(1, 11))
+    finally:
+        site.close()
+        await gw.close()
+
+
 @pytest.mark.timeout(120)
 async def test_a_device_the_cloud_refuses_is_held_and_paused_and_the_others_go_on(
     limited: tuple[CloudServer, Clock], tmp_path: Path, caplog: pytest.LogCaptureFixture
