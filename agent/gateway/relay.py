@@ -672,19 +672,26 @@ def mirror_desired(s: Any, device: str, doc: DesiredDoc, now: float) -> DesiredD
     return s.desired(device)
 
 
+#: What a gateway loop expects of the cloud, the network and the disk: said once per outage by
+#: :func:`run_every` and tried again at the next round
+RETRIED = (SyncError, ModelError, StateError, OSError)
+
+
 async def run_every(
     seconds: float,
     work: Callable[[], Awaitable[Any]],
     what: str,
     sleep: Callable[[float], Awaitable[None]],
 ) -> None:
-    """``work()`` every ``seconds`` (``sleep``: the clock's); a failure is logged (once per
-    outage) and retried."""
+    """``work()`` every ``seconds`` (``sleep``: the clock's); a failure of :data:`RETRIED` is
+    logged (once per outage) and retried. Anything else (a store that fails to read, a bug) is
+    raised: the gateway's stage supervisor says it and restarts the loop
+    (agent/gateway/service.py)."""
     failing = False
     while True:
         try:
             await work()
-        except (SyncError, ModelError, StateError, OSError) as err:
+        except RETRIED as err:
             if not failing:
                 log.warning("event=gateway_upstream_failed what=%s error=%r", what, str(err))
             failing = True

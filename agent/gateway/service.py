@@ -14,6 +14,10 @@ that device's gateway), so that acks and desired documents name one storage wher
 gets them, and a device can fall back between gateway and cloud. With the cloud unreachable on
 the very first start the gateway waits for it (it has nothing to answer for yet); after that it
 starts and serves from its store whatever the cloud's state.
+
+Running: its loops (records, reported, desired; peers with ``[gateway.peers]``) are stages of
+the agent's supervisor (:class:`Stages`): one that raises what it does not retry is said in one
+line and restarted with backoff, never ends silently, and ``status()["loops"]`` shows it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol
 
 from agent.errors import ConfigError, SyncError
 from agent.gateway.peers import PeerServer, PeerState, PeerSync
 from agent.gateway.relay import (
+    RETRIED,
     RecordForwarder,
     StateRelay,
     mirror_desired,
@@ -44,7 +51,7 @@ from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, StateError
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage
-from drivers.clock import Clock, RealClock
+from drivers.clock import Clock
 
 log = logging.getLogger("agent.gateway")
 
@@ -53,12 +60,28 @@ STORE_DIR = "store"  # the gateway's endpoint data (SQLite, models, OSCORE state
 ALERT_CHECK = 0.5  # seconds between looks for an alert waiting to be forwarded
 
 
-class Gateway:
-    """One gateway process's parts (see the module docstring)."""
+class Stages(Protocol):
+    """What runs the gateway's loops: the agent's stage supervisor
+    (agent.service.supervise.Supervisor, given by the ``edge-agent gateway`` command; this
+    package may not import agent.service). A loop that raises is said in one line (its
+    exception's type and message), restarted with backoff, shown in :meth:`status`, and
+    reported to its health checks when down too long."""
 
-    def __init__(self, config: GatewayConfig, clock: Clock | None = None) -> None:
+    clock: Clock
+
+    def start(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]: ...
+
+    def status(self) -> dict[str, dict[str, object]]: ...
+
+
+class Gateway:
+    """One gateway process's parts (see the module docstring). ``stages`` runs its loops (and
+    gives the clock)."""
+
+    def __init__(self, config: GatewayConfig, stages: Stages) -> None:
         self.config = config
-        self.clock = clock or RealClock()
+        self.stages = stages
+        self.clock = stages.clock
         self.store_dir = config.data_dir / STORE_DIR
         self.server: CloudServer | None = None
         self.devices: list[str] = []
@@ -252,24 +275,29 @@ class Gateway:
         return True
 
     async def _serve(self) -> None:
-        assert self.forwarder is not None and self.state is not None
+        state = self.state
+        assert self.forwarder is not None and state is not None
         g = self.config.gateway
 
         async def desired() -> None:
-            await self.state.desired_once()  # type: ignore[union-attr]
+            await state.desired_once()
             writes, self._writes = self._writes, []
             await asyncio.gather(*writes)
 
         sleep = self.clock.sleep
-        tasks = [
-            asyncio.create_task(run_every(ALERT_CHECK, self._forward, "records", sleep)),
-            asyncio.create_task(
-                run_every(g.forward_interval, self.state.reported_once, "reported", sleep)
-            ),
-            asyncio.create_task(run_every(g.desired_poll, desired, "desired", sleep)),
-        ]
+        every: dict[str, tuple[float, Callable[[], Awaitable[Any]]]] = {
+            "records": (ALERT_CHECK, self._forward),
+            "reported": (g.forward_interval, state.reported_once),
+            "desired": (g.desired_poll, desired),
+        }
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            name: partial(run_every, seconds, work, name, sleep)
+            for name, (seconds, work) in every.items()
+        }
         if self.peer_sync is not None:
-            tasks.append(asyncio.create_task(self.peer_sync.run()))
+            loops["peers"] = self.peer_sync.run
+        # a loop that raises what run_every does not retry is said and restarted, never ends
+        tasks = [self.stages.start(name, run) for name, run in loops.items()]
         try:
             await self._stop.wait()
         finally:
@@ -287,10 +315,16 @@ class Gateway:
             return
         self._last_pass = now
         limit = self.config.gateway.forward_records
-        # one pass per interval (what arrives meanwhile waits for the next: larger batches);
-        # a full pass means a backlog (after an outage): go on until it is drained
-        while await self.forwarder.forward_once() >= limit:
-            pass
+        try:
+            # one pass per interval (what arrives meanwhile waits for the next: larger
+            # batches); a full pass means a backlog (after an outage): go on until it is drained
+            while await self.forwarder.forward_once() >= limit:
+                pass
+        except RETRIED:
+            raise  # run_every says it and tries again after the interval
+        except Exception:
+            self._last_pass = -math.inf  # tried again as soon as the supervisor restarts it
+            raise
 
     def stop(self) -> None:
         self._stop.set()
@@ -310,6 +344,7 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         f, st = self.forwarder, self.state
         return {
+            "loops": self.stages.status(),  # restarts, down, last_error of each loop
             "devices": len(self.devices),
             "forwarded": f.forwarded if f else 0,
             "requests_up": f.requests if f else 0,
@@ -321,14 +356,14 @@ class Gateway:
         }
 
 
-def run_gateway(config: GatewayConfig) -> int:
+def run_gateway(config: GatewayConfig, stages: Stages) -> int:
     """The ``edge-agent gateway`` command: run until SIGINT/SIGTERM; 0 when stopped. An error
     that stops it is raised on: the command line prints it as one line and exits with its code
     (``edge-agent`` main: a port in use 75, a store error 74, ...), as ``run`` does."""
     import signal
 
     async def main() -> None:
-        gw = Gateway(config)
+        gw = Gateway(config, stages)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gw.stop)

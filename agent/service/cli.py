@@ -97,6 +97,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from agent.gateway.service import run_gateway
     from agent.gateway.settings import load_gateway_config
+    from agent.service.notify import Health
+    from agent.service.supervise import Supervisor
 
     try:
         config = load_gateway_config(args.config)
@@ -104,7 +106,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return EX_CONFIG
     logsetup.setup(args.log_level)
-    return run_gateway(config)
+    clock = RealClock()  # the gateway's loops run as the agent's stages (a failing one restarts)
+    return run_gateway(config, Supervisor(clock, Health(clock)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

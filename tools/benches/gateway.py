@@ -384,7 +384,10 @@ async def _fleets(opts: argparse.Namespace, where: Path) -> dict[str, Any]:
     from fleetlib.report import verify
 
     from agent.gateway.service import Gateway
+    from agent.service.notify import Health
+    from agent.service.supervise import Supervisor
     from cloud.storage import SQLiteStorage
+    from drivers.clock import RealClock
 
     site = await asyncio.to_thread(_provision, where, opts.devices)
     cloud = EndpointProcess(site.cloud_dir, insecure=False)
@@ -398,7 +401,9 @@ async def _fleets(opts: argparse.Namespace, where: Path) -> dict[str, Any]:
         for r in (direct_relay, uplink_relay):
             await r.start()
             relays.append(r)
-        gw = Gateway(_gateway_config(site, uplink_relay.port, opts))
+        clock = RealClock()
+        gw_config = _gateway_config(site, uplink_relay.port, opts)
+        gw = Gateway(gw_config, Supervisor(clock, Health(clock)))
         gw_task = asyncio.create_task(gw.run())
 
         async def listening() -> bool:

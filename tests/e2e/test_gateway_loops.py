@@ -1,0 +1,98 @@
+"""The gateway's loops under the agent's stage supervisor (agent/gateway/service.py,
+agent/service/supervise.py): a real gateway in this process, its real store, a real endpoint on
+loopback (OSCORE), the supervisor's timings shortened.
+
+Attack named: a file corrupted at rest. A record of the gateway's store whose ``created`` no
+longer reads as a number made every forwarding pass raise ValueError, which run_every does not
+retry: the "records" task ended, with nothing logged, while the gateway went on taking its
+devices' records until its disk filled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.gateway.service import Gateway
+from agent.gateway.settings import load_gateway_config
+from agent.service import supervise
+from agent.service.notify import Health
+from agent.service.supervise import Supervisor
+from cloud.server import CloudServer
+from cloud.storage import SQLiteStorage
+from drivers.clock import RealClock
+from tests.e2e.test_gateway_cloud import reading
+from tests.e2e.test_security import T0
+
+GW, DEVICE = "gw-1", "pump-01"
+
+
+async def within(seconds: float, check: Callable[[], object], what: str) -> None:
+    async with asyncio.timeout(seconds):
+        while not check():  # noqa: ASYNC110 - the gateway's state is polled
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(90)
+async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(supervise, "RESTART_CAP", 0.5)
+    monkeypatch.setattr(supervise, "HEALTHY_AFTER", 2.0)
+    monkeypatch.setattr(supervise, "DOWN_AFTER", 1.0)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    data = tmp_path / "gateway"
+    (data / "devices").mkdir(parents=True)
+    (await server.register(DEVICE)).write(data / "devices" / f"{DEVICE}.json")
+    (await server.register(GW, "gateway")).write(data / "credential.json")
+    await server.attach(GW, [DEVICE])
+    # longer than HEALTHY_AFTER: a restarted loop that waited for the next interval would count
+    # as healthy, and say its failure again at each pass
+    (tmp_path / "gateway.toml").write_text(
+        f'[agent]\ndevice_id = "{GW}"\ndata_dir = "{data}"\n'
+        f'[uplink]\nendpoints = ["{server.uri}"]\n'
+        '[gateway]\nlisten = "127.0.0.1:0"\nforward_interval = 5.0\ndesired_poll = 1.0\n'
+    )
+    store = SQLiteStorage.in_dir(data / "store")
+    store.ingest_many([(DEVICE, [reading(i) for i in range(1, 4)], True)], T0)
+    store.db.execute("UPDATE records SET created = 'damaged' WHERE seq = 2")
+    clock = RealClock()
+    health = Health(clock)
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, health))
+    running = asyncio.create_task(gw.run())
+    try:
+        with caplog.at_level(logging.INFO):
+
+            def restarts() -> int:
+                loops = gw.status()["loops"]
+                return int(loops["records"]["restarts"]) if "records" in loops else 0
+
+            await within(30.0, lambda: restarts() >= 4, "the records loop restarted")
+            failed = [r for r in caplog.records if "event=stage_failed " in r.getMessage()]
+            assert len(failed) == 1, [r.getMessage() for r in failed]  # one per episode
+            line = failed[0].getMessage()
+            assert "stage=records" in line and "ValueError" in line and "damaged" in line
+            assert failed[0].exc_info is None and "Traceback" not in caplog.text
+            assert "event=stage_recovered" not in caplog.text
+            loop = gw.status()["loops"]["records"]
+            assert loop["down"] is True and "ValueError" in str(loop["last_error"])
+            # down longer than DOWN_AFTER: a watchdog fed from this health would stop
+            await within(10.0, lambda: "records-down" in health.stuck(), "stuck")
+            assert len([r for r in caplog.records if "event=stage_failed " in r.getMessage()]) == 1
+            assert await server.seqs(DEVICE) == []
+            # the loop goes on: once the record reads again, every record goes up, once
+            store.db.execute(f"UPDATE records SET created = {T0} WHERE seq = 2")
+            await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "sent")
+            assert await server.seqs(DEVICE) == [1, 2, 3]
+            await within(10.0, lambda: not gw.status()["loops"]["records"]["down"], "healthy")
+        assert "event=stage_recovered stage=records" in caplog.text
+        assert health.stuck() == []
+        assert not running.done()
+    finally:
+        gw.stop()
+        await running
+        store.close()
+        await server.stop()
