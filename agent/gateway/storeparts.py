@@ -58,7 +58,8 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
     ``queued``) and the gateway received before ``before`` (``[gateway] keep_forwarded`` ago),
     at most ``most`` records in one transaction, oldest first. A record the cloud answered with
     a conflict (it holds another under its seq) stays (``relay_kept``): the gateway holds the
-    only copy; so does one it asked for later (``relay_later``: its device's rate limit). Each
+    only copy; so does one it asked for later or refused (``relay_later``: its device's rate
+    limit, a device not attached to the gateway at the cloud, ...). Each
     device's newest record stays: it is the ``last`` of the device's acks, by which a device
     that lost its store learns to number above it. The highest seq dropped per
     device is kept (:data:`PRUNED_TABLE`): a record under a seq at or below it that the store
