@@ -34,7 +34,9 @@ refusals (anything wrong with a manifest or a file) raise :class:`~agent.errors.
 the device's own (free space, a failed write) :class:`~agent.errors.NotNow` (try again later).
 
 The index (``index.json``) is written atomically on every install, eviction and pin change, and
-on :meth:`ModelCache.close` (last use times); a write that fails is NotNow. A missing or corrupt
+on :meth:`ModelCache.close` (last use times); a write that fails is NotNow. The state stays to be
+written until a write of it succeeded, also when the task awaiting the write was cancelled
+(:mod:`agent.modelstore.indexfile`). A missing or corrupt
 index is rebuilt from the files: each file is verified again (SHA-256, and the signature when a
 public key is configured) and the ones that fail are deleted.
 
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import Counter, deque
@@ -67,8 +68,9 @@ from agent.detect.inference import (
     read_model_file,
 )
 from agent.errors import ModelError, NotNow, SyncError
-from agent.files import read_json, write_atomic
+from agent.files import read_json
 from agent.modelstore.fetch import FetchStats, ModelFetcher
+from agent.modelstore.indexfile import IndexWriter
 from agent.modelstore.listing import cache_listing
 from agent.modelstore.partials import PartialFiles, check_fits
 from agent.modelstore.settings import ModelsSettings
@@ -184,11 +186,13 @@ class ModelCache:
         self.clock = clock or RealClock()
         # disk work (hashing, fsync, index writes, deletes) runs here, in order, off the loop
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-cache-io")
-        self._doomed: list[Path] = []  # files evicted in memory, deleted by the next sync()
         self.files = self.directory / "files"
         self.partial = self.directory / "partial"
         self.partials = PartialFiles(self.partial)  # interrupted downloads, kept for resuming
         self.index_path = self.directory / "index.json"
+        self._index = IndexWriter(  # index.json and the deletes of evicted files
+            self.index_path, self._io, self.clock, doc=self._index_doc, delete=self._delete_files
+        )
         self.memory_budget = memory_budget
         self.disk_budget = disk_budget
         self.public_key = public_key
@@ -206,7 +210,6 @@ class ModelCache:
         self._in_use: Counter[Ref] = Counter()
         self._pins: set[Ref] = set()
         self._seq = 0
-        self._dirty = False
         self._locks: dict[Ref, asyncio.Lock] = {}
         self._known: dict[Ref, CachedModel] = {}  # parsed manifests of cached files
 
@@ -258,6 +261,7 @@ class ModelCache:
     # -- index ------------------------------------------------------------------------------------
 
     def _open(self) -> None:
+        self._index.readonly = self.readonly
         try:
             if not self.readonly:
                 self.files.mkdir(parents=True, exist_ok=True)
@@ -276,7 +280,7 @@ class ModelCache:
                     or self._file(rec.ref).stat().st_size != rec.size
                 ):
                     log.warning("model cache file missing name=%s version=%s; dropped", *rec.ref)
-                    self._dirty = True
+                    self._index.changed()
                     continue
                 self._records[rec.ref] = rec
                 if rec.pinned:
@@ -298,8 +302,8 @@ class ModelCache:
         if self.readonly:
             return
         self._sweep_orphans()
-        if self._dirty:
-            self._write_index()
+        if self._index.dirty:
+            self._index.write()
 
     def _rebuild(self, missing: bool) -> None:
         """Rebuild the index from the files, verifying each one (size, SHA-256, signature)."""
@@ -334,7 +338,7 @@ class ModelCache:
             )
             self._records[rec.ref] = rec
         self.rebuilt = not missing or bool(self._records)
-        self._dirty = True
+        self._index.changed()
         if self.rebuilt:
             log.info("model cache index rebuilt models=%d", len(self._records))
 
@@ -357,37 +361,11 @@ class ModelCache:
             "models": [r.to_dict() for r in sorted(self._records.values(), key=lambda r: r.seq)],
         }
 
-    def _write_index(self, doc: dict[str, Any] | None = None) -> None:
-        """Write the index now (blocking: at open, or on the cache's I/O thread)."""
-        if self.readonly:
-            return
-        data = json.dumps(
-            self._index_doc() if doc is None else doc, sort_keys=True, separators=(",", ":")
-        ).encode("utf-8")
-        try:
-            write_atomic(self.index_path, data)
-        except OSError as err:  # the device's disk, not a model: tried again later
-            raise NotNow(f"{self.index_path}: cannot write the model cache index ({err})") from err
-
-    def _persist(self, doc: dict[str, Any] | None, doomed: list[Path]) -> None:
-        for manifest_path in doomed:
-            self._delete_files(manifest_path)
-        if doc is not None:
-            self._write_index(doc)
-
     async def sync(self) -> None:
         """Make the disk agree with the cache's state: evicted files deleted, the index written
-        (atomically, on the cache's I/O thread). NotNow when the index cannot be written."""
-        if self.readonly or not (self._dirty or self._doomed):
-            return
-        doc = self._index_doc() if self._dirty else None
-        doomed, self._doomed = self._doomed, []
-        self._dirty = False
-        try:
-            await self.clock.run_blocking(self._io, self._persist, doc, doomed)
-        except NotNow:
-            self._dirty = True
-            raise
+        (atomically, on the cache's I/O thread; see :mod:`agent.modelstore.indexfile`). NotNow
+        when the index cannot be written; the state stays to be written until a write succeeds."""
+        await self._index.sync()
 
     async def close(self) -> None:
         try:
@@ -422,7 +400,7 @@ class ModelCache:
         if rec is not None:
             rec.seq = self._seq
             rec.last_used = time.time()
-            self._dirty = True
+            self._index.changed()
         return self._seq
 
     def set_pins(self, refs: Iterable[Ref]) -> None:
@@ -433,7 +411,7 @@ class ModelCache:
         self._pins = pins
         for rec in self._records.values():
             rec.pinned = rec.ref in pins
-        self._dirty = True  # written by the next sync()
+        self._index.changed()  # written by the next sync()
         self._evict_files()
         self._evict_loaded()
 
@@ -497,9 +475,9 @@ class ModelCache:
             del self._records[victim.ref]
             self._loaded.pop(victim.ref, None)
             self._known.pop(victim.ref, None)
-            self._doomed.append(self._manifest_path(victim.ref))
+            self._index.doom(self._manifest_path(victim.ref))
             self.stats.evicted_files += 1
-            self._dirty = True
+            self._index.changed()
             log.info(
                 "model evicted tier=disk name=%s version=%s bytes=%d",
                 victim.name,
@@ -659,7 +637,7 @@ class ModelCache:
         self._records[ref] = _Record(
             name, version, manifest.size, manifest.sha256, now, now, self._seq, ref in self._pins
         )
-        self._dirty = True
+        self._index.changed()
         self._evict_files(keep=ref)
         await self.sync()
         self.stats.downloads += 1

@@ -298,8 +298,7 @@ async def test_hostile_disk_index_unwritable_is_not_a_refusal_the_old_model_runs
     Here a directory where index.json goes (EISDIR), then a full disk (ENOSPC)."""
     import errno
 
-    from agent.modelstore import assignment
-    from agent.modelstore import cache as cache_mod
+    from agent.modelstore import assignment, indexfile
 
     rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
     cache, det, manager = await _running_manager(rig)
@@ -317,14 +316,14 @@ async def test_hostile_disk_index_unwritable_is_not_a_refusal_the_old_model_runs
     cache.index_path.rmdir()
 
     full = {"on": True}
-    real_write = cache_mod.write_atomic
+    real_write = indexfile.write_atomic
 
     def write_atomic(path, data, **kw):
         if full["on"] and path == cache.index_path:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(path, data, **kw)
 
-    monkeypatch.setattr(cache_mod, "write_atomic", write_atomic)
+    monkeypatch.setattr(indexfile, "write_atomic", write_atomic)
     monkeypatch.setattr(assignment, "MODEL_RETRY_BASE", 0.05)
     monkeypatch.setattr(assignment, "MODEL_RETRY_MAX", 0.2)
     reports: list[dict[str, Any]] = []
@@ -357,6 +356,55 @@ async def test_hostile_disk_index_unwritable_is_not_a_refusal_the_old_model_runs
     index = json.loads(cache.index_path.read_text())
     pinned = {(m["name"], m["version"]) for m in index["models"] if m["pinned"]}
     assert pinned == {("skab-ae", "3.0.0")}
+
+
+@pytest.mark.parametrize("write", ["never_ran", "failed"])
+async def test_modelcache_an_index_write_whose_awaiter_was_cancelled_is_not_forgotten(rig, write):
+    """A download is cancelled (a newer assignment, the agent stopping) after its install, while
+    the index write naming the new model waits for the I/O thread. Was: sync() cleared the
+    "needs writing" flag before the write ran, and the cancellation dropped the queued write (or
+    the write failed with nobody awaiting it), so nothing wrote the index until another change:
+    close() wrote nothing and at the next open the installed model's files were deleted as
+    orphans. Now the state stays to be written until a write of it succeeded: the queued write
+    runs anyway, and one that failed is done by the next sync (here close)."""
+    import threading
+
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    gate = threading.Event()
+    install = cache.partials.install
+
+    def install_then_hold(*args):  # the I/O thread is busy after the install: the write waits
+        install(*args)
+        cache._io.submit(gate.wait, 10)
+
+    cache.partials.install = install_then_hold  # type: ignore[method-assign]
+    get = asyncio.ensure_future(cache.get("skab-ae", "3.0.0"))
+    for _ in range(1_000_000):  # installed: its index write is handed on in this step
+        if ("skab-ae", "3.0.0") in cache.cached() or get.done():
+            break
+        await asyncio.sleep(0)
+    assert ("skab-ae", "3.0.0") in cache.cached()
+    get.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await get
+    if write == "failed":  # the disk refuses the write when it runs (EISDIR)
+        cache.index_path.unlink()
+        cache.index_path.mkdir()
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.to_thread(cache._io.submit(lambda: None).result, 10)  # the held write is done
+    if write == "failed":
+        cache.index_path.rmdir()  # writable again
+    await cache.close()
+    index = json.loads(cache.index_path.read_text())
+    assert [(m["name"], m["version"]) for m in index["models"]] == [("skab-ae", "3.0.0")]
+
+    again = rig.cache(None)  # restarted: the model is kept, not swept as an orphan
+    assert again.cached() == [("skab-ae", "3.0.0")]
+    assert (rig.tmp / "dev" / "files" / "skab-ae@3.0.0.tflite").is_file()
+    await again.close()
 
 
 async def test_signature_missing_public_key_refuses_downloads(rig):
