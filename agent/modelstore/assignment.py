@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 ROLES = ("anomaly", "classifier", "lightweight")
 HISTORY = 32  # swaps kept for status
+DURABLE_WAIT = 30.0  # seconds close() waits for the post-swap writes still running
 _KIND = {"anomaly": "anomaly", "classifier": "classifier", "lightweight": "anomaly"}
 
 
@@ -155,6 +156,7 @@ class ModelManager:
         self.current: dict[str, Ref] = {}
         self.ready: dict[str, Prepared] = {}  # lightweight models, loaded and warm
         self._committing: Counter[Ref] = Counter()  # pinned beside the running ones meanwhile
+        self._durable: set[asyncio.Future[None]] = set()  # post-swap writes running
         self.stats = ManagerStats()
         self.floors = Floors(cache.directory)  # rollback protection (agent/modelstore/floors.py)
 
@@ -215,7 +217,8 @@ class ModelManager:
         The swap itself is a few assignments between two detector feeds, and the role's state is
         recorded with it; what follows is the index written again and the rollback floor raised,
         completed even when the commit is cancelled meanwhile (the cancellation goes on after
-        them); a failure to write either is logged, never reported as ``failed`` for a running
+        them; cancelled again, the commit returns first and :meth:`close` waits for them); a
+        failure to write either is logged, never reported as ``failed`` for a running
         version. Each loop step is short: the feature check, each warm-up (one invoke on one
         window, a part of what one row's scoring does), the pins with the index handed to the
         I/O thread, the swap; the detector scores between them and during the writes."""
@@ -280,11 +283,24 @@ class ModelManager:
         # a cancellation meanwhile (the agent stopping, the role assigned again) goes on once
         # it is done, so the index names the running version and the floor holds.
         durable = asyncio.ensure_future(self._made_durable(role, state, p.entry))
+        self._durable.add(durable)
+        durable.add_done_callback(self._durable.discard)
         try:
             await asyncio.shield(durable)
         except asyncio.CancelledError:
-            await asyncio.wait([durable])  # (cancelled again: it finishes on its own)
+            await asyncio.wait([durable])  # (cancelled again: it finishes on its own; close waits)
             raise
+
+    async def close(self) -> None:
+        """Wait, at most :data:`DURABLE_WAIT` seconds, for the post-swap writes still running (a
+        commit cancelled twice returns before its own), so the cache is not closed under them."""
+        if not self._durable:
+            return
+        _, pending = await asyncio.wait(set(self._durable), timeout=DURABLE_WAIT)
+        if pending:
+            log.warning(
+                "event=model_swap_not_durable writes=%d waited=%.0f", len(pending), DURABLE_WAIT
+            )
 
     async def _made_durable(self, role: str, state: RoleState, entry: Mapping[str, Any]) -> None:
         """After a swap: the index written again (the new pins) and the floor raised. The
@@ -511,8 +527,11 @@ class ModelAssignments:
         }
 
     async def close(self) -> None:
+        """Cancel the assignments running, then wait for their post-swap writes
+        (:meth:`ModelManager.close`)."""
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        await self.manager.close()

@@ -713,6 +713,20 @@ async def test_a_commit_cancelled_or_refused_during_its_check_leaves_the_running
     await cache.close()
 
 
+async def _committing_until_swapped(
+    manager: ModelManager, det: Detector, prepared: Prepared
+) -> asyncio.Future[None]:
+    """The commit of ``prepared`` in a task, run until its swap (checked, warmed up, pinned and
+    the index written); its post-swap writes are still to come."""
+    commit = asyncio.ensure_future(manager.commit(prepared))
+    for _ in range(1_000_000):
+        if det.anomaly is prepared.model:
+            break
+        await asyncio.sleep(0)
+    assert det.anomaly is prepared.model
+    return commit
+
+
 async def test_a_commit_cancelled_after_its_swap_still_writes_the_index_and_raises_the_floor(rig):
     """After the swap the commit writes the cache index again (the new pins) and raises the
     model's rollback floor. Was: a cancellation then (the agent stopping, the role assigned
@@ -724,12 +738,7 @@ async def test_a_commit_cancelled_after_its_swap_still_writes_the_index_and_rais
     cache, det, manager = await _running_manager(rig)
     assert (await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))).status == "active"
     prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "4.0.0"))
-    commit = asyncio.ensure_future(manager.commit(prepared))
-    for _ in range(1_000_000):  # checked, warmed up, pinned and the index written: the swap
-        if det.anomaly is prepared.model:
-            break
-        await asyncio.sleep(0)
-    assert det.anomaly is prepared.model
+    commit = await _committing_until_swapped(manager, det, prepared)
     commit.cancel()  # the agent stops, or the role is assigned again
     with pytest.raises(asyncio.CancelledError):
         await commit
@@ -742,6 +751,50 @@ async def test_a_commit_cancelled_after_its_swap_still_writes_the_index_and_rais
     state = await manager.assign(Assignment("anomaly", "skab-ae", "3.0.0"))
     assert state.status == "failed" and "below this device's floor 2" in (state.error or "")
     await cache.close()
+
+
+async def test_a_commit_cancelled_twice_after_its_swap_is_durable_before_assignments_close(rig):
+    """A commit cancelled once after its swap waits for its post-swap task (the index written
+    again, the rollback floor raised); cancelled a second time (the role assigned again, then
+    the agent stopping) it returns before that task is done. Was: ModelAssignments.close()
+    returned at once, and the runtime then closed the cache (its I/O thread) and the loop under
+    that task: the floor could be lost. Now close() waits for the post-swap tasks still running
+    (bounded by assignment.DURABLE_WAIT)."""
+    import threading
+
+    fixed = entry_for(FLOAT_AE, None, "skab-ae") | {"rollback_index": 2}
+    rig.registry.publish(FLOAT_AE.read_bytes(), "skab-ae", "4.0.0", fixed, rig.key)
+    cache, det, manager = await _running_manager(rig)
+    assignments = ModelAssignments(
+        manager, RealClock(), configured={}, desired_version=lambda key: None, changed=lambda: None
+    )
+    gate = threading.Event()
+    raise_to = manager.floors.raise_to
+
+    def held_raise_to(*args):  # the floor's write is slow (a busy disk)
+        gate.wait(10)
+        return raise_to(*args)
+
+    manager.floors.raise_to = held_raise_to  # type: ignore[method-assign]
+    prepared = await manager.prepare(Assignment("anomaly", "skab-ae", "4.0.0"))
+    commit = await _committing_until_swapped(manager, det, prepared)
+    commit.cancel()
+    await asyncio.sleep(0)  # it waits for its post-swap task
+    commit.cancel()  # cancelled again: it returns before that task is done
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    closing = asyncio.ensure_future(assignments.close())
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert not closing.done()  # it waits for the floor
+    gate.set()
+    await closing
+    floors = json.loads((rig.tmp / "dev" / "floors.json").read_text())
+    assert floors == {"skab-ae": {"index": 2, "version": "4.0.0"}}
+    await cache.close()
+    index = json.loads(cache.index_path.read_text())
+    pinned = {(m["name"], m["version"]) for m in index["models"] if m["pinned"]}
+    assert pinned == {("skab-ae", "4.0.0")}
 
 
 async def test_a_threshold_changed_during_the_re_check_is_checked_again_before_the_swap(rig):
