@@ -226,7 +226,9 @@ class ModelCache:
         readonly: bool = False,
         clock: Clock | None = None,
     ) -> ModelCache:
-        """Open (or create) the cache of ``settings``; a corrupt index is rebuilt.
+        """Open (or create) the cache of ``settings``; a corrupt index is rebuilt. NotNow when
+        the device's disk does not let it (the directory cannot be created or read, the index
+        cannot be written); ModelError for a public key that is not one.
         ``readonly``: only look (``edge-agent models``): create, delete and write nothing."""
         key = None
         if settings.public_key is not None and settings.public_key.exists():
@@ -255,7 +257,10 @@ class ModelCache:
         )
         cache.readonly = readonly
         cache.key_path = settings.public_key
-        cache._open()
+        try:
+            cache._open()
+        except OSError as err:  # reading the cache's directory failed (EIO): tried again
+            raise NotNow(f"{settings.cache_dir}: cannot open the model cache ({err})") from err
         return cache
 
     # -- index ------------------------------------------------------------------------------------
@@ -266,8 +271,8 @@ class ModelCache:
             if not self.readonly:
                 self.files.mkdir(parents=True, exist_ok=True)
                 self.partial.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ModelError(f"{self.directory}: cannot create the model cache ({err})") from err
+        except OSError as err:  # the device's disk (full, read-only, failing): tried again
+            raise NotNow(f"{self.directory}: cannot create the model cache ({err})") from err
         try:
             raw = read_json(self.index_path)
             if raw.get("format") != INDEX_FORMAT:

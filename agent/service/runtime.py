@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 from agent import __version__
 from agent.detect.analyzer import CALIBRATION_FILE, Analyzer, LoadedModel
 from agent.detect.detector import Detector
-from agent.errors import ModelError, NotNow
+from agent.errors import ModelError
 from agent.learn.client import LearningClient
 from agent.metrics import Registry, write_textfile
-from agent.modelstore.assignment import Assignment, ModelAssignments, ModelManager, Prepared
+from agent.modelstore.assignment import Prepared
 from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
+from agent.modelstore.stage import AssignmentStage
 from agent.ota.compat import check_and_stamp
 from agent.sense.hardware import Hardware
 from agent.sense.ingest import TelemetryWriter
@@ -121,8 +122,7 @@ class Agent:
         self.router_transport: CoapTransport | None = None
         self.security: ClientSecurity | None = None  # with [uplink]
         self.uplink_disabled: str | None = None  # why the configured uplink is off this run
-        self.model_cache: ModelCache | None = None
-        self.assignments: ModelAssignments | None = None
+        self.assignments: AssignmentStage | None = None  # its cache may open later
         self._status = (
             StatusServer(socket_path(config.agent.data_dir), self.snapshot)
             if status_socket
@@ -379,6 +379,8 @@ class Agent:
                 others.append(sup.start("learn", self.learner.run))
             if self.commands is not None:
                 others.append(sup.start("commands", self.commands.run))
+            if self.assignments is not None:  # the model cache opened again while it cannot
+                others.append(sup.start("model-cache", self.assignments.run))
             if self.updates is not None:
                 others.append(sup.start("update", self.updates.run))
             await self._stop.wait()
@@ -401,10 +403,8 @@ class Agent:
         if self.sampler is not None:
             await self.sampler.close()
         self.hardware.close()
-        if self.assignments is not None:
+        if self.assignments is not None:  # and the model cache
             await self.assignments.close()
-        if self.model_cache is not None:
-            await self.model_cache.close()
         if self.router is not None:  # pending validations and verdicts survive the restart
             await self.router.save()
         if self.router_transport is not None:
@@ -555,10 +555,15 @@ class Agent:
 
         self.health.check("routing", router_busy)
 
+    @property
+    def model_cache(self) -> ModelCache | None:
+        return self.assignments.cache if self.assignments is not None else None
+
     def _build_models(self) -> None:
         """Model assignment (desired ``model/<role>``): signed models fetched from the endpoint
         into the model cache and swapped into the running analyzer; only with [uplink] and a
-        running detector. A cache that cannot be opened disables assignment, not detection."""
+        running detector. A cache the device cannot open now is opened again with backoff
+        (agent/modelstore/stage.py); one refused disables assignment, never detection."""
         a = self.analyzer
         if a is None or self.endpoints is None or self.config.detect is None:
             return
@@ -571,8 +576,8 @@ class Agent:
             lambda: endpoints.current,
             endpoint_path=self.config.models.endpoint_path,
         )
-        try:
-            cache = ModelCache.open(
+        self.assignments = AssignmentStage(
+            lambda: ModelCache.open(
                 self.config.models,
                 clock=self.clock,
                 shipped_dir=d.models_dir,
@@ -580,34 +585,17 @@ class Agent:
                 runtime=d.runtime,
                 num_threads=d.num_threads,
                 batch_mode=d.batch_mode,
-            )
-        except (ModelError, NotNow) as err:  # NotNow: its index cannot be written
-            log.error("event=model_assignment_disabled error=%r", str(err))
-            return
-        self.model_cache = cache
-        manager = ModelManager(
-            cache,
+            ),
+            a,
+            d.classifier,
             self._assignable_detector,
-            threshold_override=lambda: a.threshold_override,
-            on_ready=self._model_ready,
-        )
-        configured: dict[str, Assignment] = {}
-        lite = a.tiers.get("lite")
-        running = [("anomaly", a.tiers["full"].name), ("lightweight", lite.name if lite else "")]
-        if a.classifier is not None and d.classifier:
-            running.append(("classifier", d.classifier))
-        for role, name in running:
-            version = self._shipped_version(cache, name) if name else None
-            if name and version:
-                manager.started_with(role, name, version)
-                configured[role] = Assignment(role, name, version)
-        self.assignments = ModelAssignments(
-            manager,
             self.clock,
-            configured=configured,
+            on_ready=self._model_ready,
             desired_version=self._desired_version,
             changed=self._state_changed,
+            fetcher=fetcher,
         )
+        self.assignments.open()
 
     def _desired_version(self, key: str) -> int | None:
         return self.state.applied_version(key) if self.state is not None else None
@@ -615,16 +603,6 @@ class Agent:
     def _state_changed(self) -> None:
         if self.state is not None:
             self.state.changed()
-
-    @staticmethod
-    def _shipped_version(cache: ModelCache, name: str) -> str | None:
-        if cache.shipped is None:
-            return None
-        try:
-            version = cache.shipped.entry(name).raw.get("version")
-        except (ModelError, KeyError):
-            return None
-        return None if version is None else str(version)
 
     def _assignable_detector(self) -> Detector:
         """The detector a model assignment swaps into. On the full tier the running one. On

@@ -19,6 +19,7 @@ commissioning (60 samples) and the fault take seconds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -39,7 +40,6 @@ from agent.modelstore.cache import ModelCache
 from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.sense.simrig import SimRig
 from agent.service import config as configmod
-from agent.service import runtime
 from agent.service.config import example_config
 from agent.service.runtime import Agent
 from agent.sync import state as state_mod
@@ -288,6 +288,80 @@ async def test_hot_swap_a_lightweight_model_its_warm_up_refuses_is_refused_not_i
         await running.stop()
 
 
+@pytest.mark.parametrize("disk", ["index_unwritable", "directory_uncreatable"])
+async def test_hot_swap_a_model_cache_the_disk_kept_shut_at_start_opens_later_and_takes_models(
+    server: CloudServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    disk: str,
+) -> None:
+    """The model cache cannot open when the agent starts, for a cause of the device's own: its
+    index cannot be written (here a directory where index.json goes: EISDIR; a full disk is the
+    same NotNow) or its directory cannot be created (a file where it goes). Was:
+    event=model_assignment_disabled and no model assignment for the whole run, so a device
+    that booted with a full disk never took a model until restarted. Now the cache is opened
+    again with backoff: an assignment meanwhile is reported ``loading`` with the reason (never
+    ``failed``), and applied once the disk lets the cache open; one warning for the episode."""
+    monkeypatch.setattr("agent.modelstore.stage.OPEN_RETRY_BASE", 0.5)  # agent seconds
+    monkeypatch.setattr("agent.modelstore.stage.OPEN_RETRY_MAX", 2.0)
+    caplog.set_level(logging.DEBUG, logger="agent.modelstore.stage")
+    good = publish(server, "3.0.0", _key(7))
+    cfg = agent_config(tmp_path, server.uri)
+    where = cfg.models.cache_dir
+    if disk == "index_unwritable":
+        (where / "index.json").mkdir(parents=True)
+    else:
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_bytes(b"")
+
+    running = RunningAgent(cfg)
+    try:
+        agent = running.agent
+        await wait_for(lambda: agent.state is not None and agent.state.status["observing"], "obs")
+        a = agent.analyzer
+        assert a is not None and agent.assignments is not None and agent.model_cache is None
+        shipped = await reported(server, "model/anomaly")
+        running_model = a.tiers["full"].model
+        doc, _ = await server.set_desired(
+            DEVICE, {"model/anomaly": {"name": "skab-ae", "version": "3.0.0"}}
+        )
+
+        async def loading() -> bool:
+            r = await reported(server, "model/anomaly") or {}
+            return r.get("status") == "loading" and r.get("desired") == doc.rev
+
+        await wait_for(loading, "3.0.0 reported loading")
+        report = await reported(server, "model/anomaly")
+        assert "cannot" in report["error"] and report["loading"] == "skab-ae 3.0.0", report
+        assert (report["name"], report["version"]) == (shipped["name"], shipped["version"])
+        await wait_for(lambda: agent.assignments.attempts >= 3, "opened again, in vain")
+        assert a.tiers["full"].model is running_model
+
+        if disk == "index_unwritable":  # the disk lets the cache open again
+            (where / "index.json").rmdir()
+        else:
+            where.unlink()
+        want = {"name": "skab-ae", "version": "3.0.0", "status": "active", "desired": doc.rev}
+
+        async def active() -> bool:
+            r = await reported(server, "model/anomaly") or {}
+            return {k: r.get(k) for k in want} == want
+
+        await wait_for(active, "3.0.0 active once the cache opened")
+        assert a.tiers["full"].sha256 == good.sha256 and a.tiers["full"].model is not running_model
+        assert agent.model_cache is not None
+        assert agent.model_cache.lookup("skab-ae", "3.0.0") is not None
+        assert (await server.desired(DEVICE)).blocked.get("model/anomaly") is None
+    finally:
+        await running.stop()
+    warned = [r for r in caplog.records if "model_cache_unavailable" in r.getMessage()]
+    assert [r.levelno for r in warned if r.levelno >= logging.INFO] == [logging.WARNING]
+    assert len(warned) >= 3
+    assert len([r for r in caplog.records if "event=model_cache_opened" in r.getMessage()]) == 1
+    assert not [r for r in caplog.records if "model_assignment_disabled" in r.getMessage()]
+
+
 def _verdict_events(stored: list[Any]) -> list[dict[str, Any]]:
     out = []
     for r in stored:
@@ -367,7 +441,7 @@ async def test_hot_swap_assignment_waits_out_a_link_failure_without_reporting_fa
     manager = ModelManager(cache, lambda: detector)
     manager.started_with("anomaly", "skab-ae", "1.0.0")
     changes: list[dict[str, Any]] = []
-    assignments = runtime.ModelAssignments(
+    assignments = assignment.ModelAssignments(
         manager,
         RealClock(),
         configured={"anomaly": Assignment("anomaly", "skab-ae", "1.0.0")},
