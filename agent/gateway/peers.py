@@ -23,14 +23,12 @@ differs from ours or that we lack; merge them; push the keys the peer lacks or h
 (after our merge, our state of such a key includes the peer's, so one exchange makes both sides
 equal for every key either side held).
 
-Security: the resources are served over plain CoAP to any peer that reaches the port. That is
-acceptable only on a closed site network (loopback, a network namespace, a VLAN of the site's
-gateways), and the server warns at start when it listens anywhere but loopback. Production is meant
-to run this exchange under the agent's own protection: OSCORE, with a context per pair of peers
-derived from a site credential the endpoint issues to the site's gateways (each peer its own sender
-ID: one context shared by all would repeat nonces). Not built yet: :class:`PeerSync` takes any
-:class:`~agent.sync.transport.CoapTransport` (a protected one too), but the site credential and the
-server side's OSCORE wrapper are not part of this module (docs/gateway.md, "Peer state").
+Security: with a site secret (``[gateway.peers] secret``), the resources are served only through
+OSCORE, one context per direction of each pair of peers (agent/gateway/peersecurity.py), and an
+unprotected request gets 4.01; :class:`PeerSync` protects its requests through its transport.
+Without one they are served over plain CoAP to any peer that reaches the port: acceptable only
+on a closed site network (loopback, a network namespace), and the server warns at start when it
+listens anywhere but loopback (docs/gateway.md, "Peer state").
 
 Logging: debug for each exchange, info when a peer becomes reachable or unreachable, warning
 (rate limited) for refused keys and bad messages.
@@ -53,7 +51,9 @@ from typing import Any
 
 import aiocoap
 import aiocoap.resource
+from aiocoap.credentials import CredentialsMap
 from aiocoap.numbers.codes import Code
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from agent.errors import StoreError, SyncError
 from agent.files import resolve_path, write_atomic
@@ -74,6 +74,7 @@ from agent.gateway.crdt import (
     kind_for,
 )
 from agent.gateway.hlc import MAX_DRIFT, ClockError, HybridClock, Timestamp, check_node
+from agent.gateway.peersecurity import STATE_DIR, PeerContexts, PeerSecretError, read_secret
 from agent.sync.transport import CoapTransport, transports_for
 from agent.wire import records
 from cloud.listen import port_to_bind
@@ -106,9 +107,14 @@ class PeerSettings:
 
     [gateway.peers]
     listen = "0.0.0.0:5690"                      # where the peers reach this gateway
-    peers = ["coap://10.0.0.12:5690", "coap://10.0.0.13:5690"]
+    peers = { gw-b = "coap://10.0.0.12:5690", gw-c = "coap://10.0.0.13:5690" }
+    secret = "/etc/edge-agent/site.key"          # the site secret: OSCORE between the peers
     period = 5.0                                 # seconds between exchanges
     state = "peer-state.cbor"                    # relative: the data directory
+
+    ``peers`` is a table of the peers' node names (their ``[agent] device_id``) and URIs; a plain
+    list of URIs is taken without ``secret`` (names unknown). ``secret`` (relative: the data
+    directory) is read and checked here; its contexts' state goes to ``DATA/peer-oscore/``.
     """
 
     host: str = "0.0.0.0"
@@ -116,6 +122,14 @@ class PeerSettings:
     peers: tuple[str, ...] = ()
     period: float = PERIOD
     state: Path = Path("peer-state.cbor")
+    names: tuple[str, ...] = ()  # the peers' node names, as ``peers`` (empty: not given)
+    secret: bytes | None = field(default=None, repr=False)
+    oscore_state: Path | None = None  # the contexts' state (with secret: DATA/peer-oscore)
+
+    @property
+    def named(self) -> dict[str, str]:
+        """Node name -> URI of each peer (empty when the names were not given)."""
+        return dict(zip(self.names, self.peers, strict=True))
 
     @classmethod
     def from_options(cls, opts: Options, data_dir: Path) -> PeerSettings:
@@ -123,15 +137,41 @@ class PeerSettings:
         host, sep, port = listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise opts.error("listen", f"{listen!r}: expected HOST:PORT")
-        peers = opts.strings("peers", ())
+        names: tuple[str, ...] = ()
+        raw = opts.value("peers", ())
+        if isinstance(raw, dict):
+            for name in raw:
+                try:
+                    check_node(name)
+                except ClockError as err:
+                    raise opts.error("peers", str(err)) from None
+            names = tuple(raw)
+            peers = tuple(raw.values())
+            if not all(isinstance(uri, str) for uri in peers):
+                raise opts.error("peers", "expected a table of node name = URI strings")
+        else:
+            peers = opts.strings("peers", ())
         try:
             transports_for(peers)
         except SyncError as err:
             raise opts.error("peers", str(err)) from None
+        secret = None
+        if opts.has("secret"):
+            try:
+                secret = read_secret(resolve_path(data_dir, opts.string("secret")))
+            except PeerSecretError as err:
+                raise opts.error("secret", str(err)) from None
+            if peers and not names:
+                raise opts.error(
+                    "peers", 'with secret, a table of node name = URI: { gw-b = "coap://..." }'
+                )
         period = opts.number("period", PERIOD, minimum=0.05, maximum=3600.0)
         state = resolve_path(data_dir, opts.string("state", "peer-state.cbor"))
         opts.finish()
-        return cls(host.strip("[]"), int(port), peers, period, state)
+        return cls(
+            host.strip("[]"), int(port), peers, period, state, names, secret,
+            None if secret is None else data_dir / STATE_DIR,
+        )  # fmt: skip
 
 
 class _Warnings:
@@ -364,13 +404,18 @@ class PeerSite(aiocoap.resource.Resource):
     """The peer resources of ``state`` as one aiocoap resource (serve it as a context's site).
     Every request it does not understand gets a 4.xx with a one-line diagnostic."""
 
-    def __init__(self, state: PeerState) -> None:
+    def __init__(self, state: PeerState, *, protected: bool = False) -> None:
         super().__init__()
         self.state = state
+        self.protected = protected  # only requests that came through OSCORE
         self.stats: dict[str, int] = {"digest": 0, "fetch": 0, "push": 0, "refused": 0}
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
+        if self.protected and not getattr(request.remote, "authenticated_claims", None):
+            self._refuse(request, "not protected with OSCORE")
+            pipe.add_response(_message(Code.UNAUTHORIZED, b"OSCORE required"), is_last=True)
+            return
         block1 = request.opt.block1
         size1 = request.opt.size1
         if (block1 is not None and block1.block_number * block1.size > MAX_MESSAGE_BYTES) or (
@@ -442,24 +487,39 @@ class PeerServer:
         self.port = port
 
     @classmethod
-    async def start(cls, state: PeerState, host: str = "127.0.0.1", port: int = 0) -> PeerServer:
-        site = PeerSite(state)
+    async def start(
+        cls,
+        state: PeerState,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        contexts: PeerContexts | None = None,
+    ) -> PeerServer:
+        """``contexts``: serve through OSCORE only (the site secret's contexts), else plainly."""
+        site = PeerSite(state, protected=contexts is not None)
+        served: Any = site
+        creds: Any = None
+        if contexts is not None:
+            creds = CredentialsMap()
+            creds[":peers"] = contexts
+            served = OscoreSiteWrapper(site, creds)
         try:
             port = await port_to_bind(host, port)
         except OSError as err:  # one line that names the address and what to do
             raise SyncError(f"cannot serve the peer state: {err.strerror or err}") from err
         try:
             ctx = await aiocoap.Context.create_server_context(
-                site, bind=(host, port), transports=["udp6"]
+                served, bind=(host, port), transports=["udp6"], server_credentials=creds
             )
         except OSError as err:
             raise SyncError(f"cannot serve the peer state on {host}:{port}: {err}") from err
         server = cls(ctx, site, host, port)
         log.info("event=peer_server_listening uri=%s node=%s", server.uri, state.node)
-        if not _loopback(host):
+        if contexts is None and not _loopback(host):
             log.warning(
                 "event=peer_state_unprotected uri=%s: the peer state is served over plain CoAP; "
-                "anyone on this network can read and write it (docs/gateway.md, Peer state)",
+                "anyone on this network can read and write it; set [gateway.peers] secret "
+                "(docs/gateway.md, Peer state)",
                 server.uri,
             )
         return server

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 from agent.errors import ConfigError, SyncError
 from agent.gateway.peers import PeerServer, PeerState, PeerSync
+from agent.gateway.peersecurity import PeerContexts
 from agent.gateway.relay import (
     RETRIED,
     RecordForwarder,
@@ -107,6 +108,7 @@ class Gateway:
         self.peer_server: PeerServer | None = None
         self.peer_sync: PeerSync | None = None
         self.peer_transport: CoapTransport | None = None
+        self.peer_contexts: PeerContexts | None = None  # [gateway.peers] secret
         self.forwarder: RecordForwarder | None = None
         self.state: StateRelay | None = None
         self._stop = asyncio.Event()
@@ -211,8 +213,17 @@ class Gateway:
         if g.peers is not None:
             p = g.peers
             self.peer_state = PeerState(self.config.name, p.state, self.clock)
-            self.peer_server = await PeerServer.start(self.peer_state, p.host, p.port)
-            self.peer_transport = CoapTransport(self.clock, lanes=1, uris=p.peers)
+            # with a site secret: OSCORE between the peers (agent/gateway/peersecurity.py)
+            if p.secret is not None and p.oscore_state is not None:
+                self.peer_contexts = PeerContexts(
+                    self.config.name, p.named, p.secret, p.oscore_state
+                )
+            self.peer_server = await PeerServer.start(
+                self.peer_state, p.host, p.port, contexts=self.peer_contexts
+            )
+            self.peer_transport = CoapTransport(
+                self.clock, lanes=1, uris=p.peers, security=self.peer_contexts
+            )
             self.peer_sync = PeerSync(
                 self.peer_state, p.peers, self.peer_transport, period=p.period
             )
@@ -338,6 +349,8 @@ class Gateway:
             await self.server.stop()
         if self.peer_transport is not None:
             await self.peer_transport.close()
+        if self.peer_contexts is not None:
+            self.peer_contexts.close()
         await self.transport.close()
         await self.fetcher.close()
 

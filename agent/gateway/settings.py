@@ -14,7 +14,8 @@ credential, role ``gateway``) and its own ``[gateway]`` table::
 
     [gateway.peers]                # optional: the site's replicated state (agent/gateway/peers.py)
     listen = "0.0.0.0:5690"
-    peers = ["coap://10.0.0.12:5690"]
+    peers = { gw-b = "coap://10.0.0.12:5690" }   # node name = URI
+    secret = "/etc/edge-agent/site.key"          # OSCORE between the peers (docs/gateway.md)
 
 Every other key is an error (the key's path in the message), as in the agent's config.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 from agent.errors import ConfigError
 from agent.files import read_config_text, resolve_path, toml_document
 from agent.gateway.peers import PeerSettings
+from agent.gateway.peersecurity import peer_ids
 from agent.sync.uplink import UplinkSettings
 from drivers.base import OptionError, Options
 
@@ -93,4 +95,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         top.finish()
     except OptionError as err:
         raise ConfigError(label, err.key, err.message) from None
+    peers = gateway.peers
+    if peers is not None and peers.secret is not None:
+        try:  # each gateway's OSCORE sender ID, from its name: distinct or refused
+            peer_ids(name, peers.named)
+        except ValueError as err:
+            raise ConfigError(label, "gateway.peers.peers", str(err)) from None
     return GatewayConfig(p, name, data_dir, uplink, gateway)

@@ -94,6 +94,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_gateway_secret(args: argparse.Namespace) -> int:
+    """A new site secret for the site's peer gateways (docs/gateway.md, "Peer state")."""
+    from agent.gateway.peersecurity import write_secret
+
+    path = Path(args.file)
+    try:
+        write_secret(path)
+    except FileExistsError as err:
+        raise CommandError(EX_USAGE, f"edge-agent gateway-secret: {err}") from None
+    except OSError as err:
+        raise CommandError(os_error_code(err), os_error_line(err)) from None
+    print(f"{path}: a new site secret (mode 600); copy it to every gateway of the site")
+    return EX_OK
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from agent.gateway.service import run_gateway
     from agent.gateway.settings import load_gateway_config
@@ -542,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser(
+        "gateway-secret", help="make the site secret of the peer gateways ([gateway.peers] secret)"
+    )
+    p.add_argument("file", help="the file to write (refused if it exists)")
+    p.set_defaults(func=cmd_gateway_secret)
 
     p = sub.add_parser("selftest", help="probe every configured sensor once")
     p.add_argument("--config", required=True)

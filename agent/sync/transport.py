@@ -24,12 +24,11 @@ import warnings
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.errors import SyncError
 from agent.files import read_json, write_atomic
 from agent.loopfilter import ExceptionFilter
-from agent.sync.security import ClientSecurity
 from drivers.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -120,6 +119,16 @@ def transports_for(uris: Iterable[str]) -> list[str]:
     return out
 
 
+class Protection(Protocol):
+    """What protects a transport's requests: :class:`~agent.sync.security.ClientSecurity` (the
+    way up), :class:`~agent.gateway.peersecurity.PeerContexts` (the site's peers)."""
+
+    @property
+    def transports(self) -> list[str]: ...
+
+    def configure(self, ctx: Any) -> None: ...
+
+
 class CoapTransport:
     """CoAP client lanes (aiocoap), one client context per lane.
 
@@ -133,7 +142,7 @@ class CoapTransport:
         *,
         lanes: int = 1,
         uris: Iterable[str] = (),
-        security: ClientSecurity | None = None,
+        security: Protection | None = None,
     ) -> None:
         if lanes < 1:
             raise ValueError("at least one lane")
