@@ -147,6 +147,7 @@ async def test_attack_a_gateway_with_a_wrong_secret_can_neither_read_nor_write(
         assert a.state.snapshot() == {"config/secret-plan": "x"}
         assert b.state.snapshot() == {"config/evil": "owned"}
         assert a.server.site.stats["push"] == a.server.site.stats["digest"] == 0
+        assert not (a.dir / "peer-oscore" / "from-gw-b.json").exists()  # no epoch adopted
     finally:
         await a.close()
         await b.close()
@@ -422,5 +423,25 @@ async def test_attack_a_request_of_an_epoch_the_peer_left_is_refused(tmp_path: P
         assert a.state.get("config/rate") == 20
     finally:
         recorder.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_large_state_goes_through_oscore_in_blocks(tmp_path: Path) -> None:
+    """Pushes and fetches of many kilobytes: OSCORE's inner Block1 and Block2, each block a
+    request of its own under a new sequence number."""
+    uris = site_uris("gw-a", "gw-b")
+    a = await start_gw(tmp_path, "gw-a", uris)
+    b = await start_gw(tmp_path, "gw-b", uris)
+    try:
+        for i in range(40):
+            a.state.set(f"config/a{i}", "x" * 4000)
+            b.state.set(f"config/b{i}", "y" * 4000)
+        exchange = await a.sync.sync_once(uris["gw-b"])
+        assert len(exchange.pulled) == len(exchange.pushed) == 40
+        assert a.state.snapshot() == b.state.snapshot()
+        assert len(a.state.snapshot()) == 80
+        assert a.contexts.outgoing["gw-b"].sequence.next > 100  # one number per block
+    finally:
         await a.close()
         await b.close()
