@@ -18,17 +18,18 @@ made with ``edge-agent gateway-secret FILE``). From it and the node names:
   is used twice across restarts, crashes and power cuts.
 - **B's side** (:class:`PeerContexts`, ``DATA/peer-oscore/from-NAME.json``): A's current epoch,
   the replay window (written after each accepted request, so a replayed request is refused
-  after a restart or a crash too) and the epochs A left (:data:`RETIRED` of them): a request
-  under one of those is refused, a request under a new epoch that verifies makes it A's current
-  one. B never numbers a message of its own (its answers reuse A's nonces; a replay gets an
-  unprotected 4.01): its :class:`~agent.wire.oscore.Sequence` refuses to, so B losing its state
-  cannot make it repeat a nonce. What B losing ``from-NAME.json`` does cost: recorded requests
-  of A's current epoch are new to B again, and some could be played to it once each (until A's
-  own requests move the window past them). They carry only state A had (merging is idempotent
-  and monotone, agent/gateway/crdt.py) and their answers are sealed for A; a new site secret
-  ends that too. (The endpoint's Echo round trip, agent/wire/oscore.py, would close it, but
-  aiocoap protects the 4.01 + Echo with the answering side's own sequence number, which is
-  exactly what B must not keep on disk.)
+  after a restart or a crash too), B's own sequence numbers (reserved ahead as A's) and the
+  epochs A left (:data:`RETIRED` of them): a request under one of those is refused, a request
+  under a new epoch that verifies makes it A's current one. B protects every answer under a
+  sequence number of its own, never with the request's nonce (aiocoap's default), because of
+  the one case the window cannot cover: B that lost ``from-NAME.json`` (or could not read it)
+  takes recorded requests of A's current epoch as new, and some could be played to it once
+  each (until A's own requests move the window past them); an answer under the request's nonce
+  would then be a second plaintext under one nonce. B's numbers for an epoch it has none of on
+  disk start at a random point below 2**39, far from any it may have used. What such a replay
+  still does: the merge of state A had (idempotent and monotone, agent/gateway/crdt.py), an
+  answer sealed for A. (The endpoint's Echo round trip, agent/wire/oscore.py, cannot close it:
+  it rests on state of the answering side, which is what was lost.)
 
 The peer resources are then served only through OSCORE; an unprotected request gets 4.01
 (agent/gateway/peers.py :class:`~agent.gateway.peers.PeerSite`).
@@ -71,6 +72,9 @@ CANDIDATES = 4
 #: Epochs a peer left that stay refused (each is a lost state of that peer's side).
 RETIRED = 64
 STATE_DIR = "peer-oscore"
+#: Where the answering side's own sequence numbers start for an epoch it has no numbers of on
+#: disk: a random point below this (2**39: half the space of RFC 8613's 40-bit numbers).
+RANDOM_START = 2**39
 #: The principal name in the credentials built here (only their secrets are used).
 _PRINCIPAL = "site-peer"
 
@@ -163,8 +167,16 @@ def _credential(secret: bytes, sender: bytes, recipient: bytes, salt: bytes) -> 
     )
 
 
-def _no_own_numbers() -> None:
-    raise oscore.ContextUnavailable("a peer's context on the server side sends with its nonces")
+class _AnswerContext(PersistentContext):
+    """The answering side's context: every answer is protected under a sequence number of its
+    own (never the request's nonce), so a request accepted twice (a replay after this side lost
+    its state) is answered under a new nonce, not a second plaintext under the old one."""
+
+    def unprotect(self, protected_message: Any, request_id: Any = None) -> tuple[Any, Any]:
+        message, request_id = super().unprotect(protected_message, request_id)
+        if request_id is not None:
+            request_id.can_reuse_nonce = False
+        return message, request_id
 
 
 class _Incoming:
@@ -186,12 +198,19 @@ class _Incoming:
             doc, retired = None, []
         if doc is not None:
             self.retired = retired[-RETIRED:]
-            self.current = self._make(bytes.fromhex(doc["id_context"]), doc.get("replay"))
+            self.current = self._make(
+                bytes.fromhex(doc["id_context"]), doc.get("replay"), int(doc["seq_reserved"])
+            )
 
-    def _make(self, id_context: bytes, replay: dict[str, int] | None) -> PersistentContext:
-        ctx = PersistentContext(
+    def _make(
+        self, id_context: bytes, replay: dict[str, int] | None, seq: int | None = None
+    ) -> PersistentContext:
+        # an epoch without numbers on disk may be one this side forgot (a lost or unreadable
+        # file): its own numbers start at a random point, far from any it may have used
+        start = secrets.randbelow(RANDOM_START) if seq is None else seq
+        ctx = _AnswerContext(
             self.credential,
-            Sequence(0, _no_own_numbers, reserve=0),
+            Sequence(start, self.save),
             sender_id=self.credential.sender_id,
             recipient_id=self.credential.recipient_id,
             id_context=id_context,
@@ -231,7 +250,7 @@ class _Incoming:
         if ctx is not None:
             write_state(
                 self.path,
-                {"id_context": ctx.id_context.hex(), "seq_reserved": 0,
+                {"id_context": ctx.id_context.hex(), "seq_reserved": ctx.sequence.reserved,
                  "replay": ctx.replay_state(), "retired": [r.hex() for r in self.retired]},
             )  # fmt: skip
 
@@ -287,6 +306,10 @@ class PeerContexts:
         if not 1 <= len(id_context) <= 16:
             return None
         return incoming.context_for(id_context)
+
+    def incoming_context(self, name: str) -> PersistentContext | None:
+        """The context of the peer ``name``'s current epoch here (None: none verified yet)."""
+        return self._incoming[peer_id(name)].current
 
     def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
         return set()

@@ -159,6 +159,7 @@ class Recorder(asyncio.DatagramProtocol):
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
         self.requests: list[bytes] = []
+        self.responses: list[bytes] = []
         self.client: Any = None
         self.transport: Any = None
         self.upstream: Any = None
@@ -172,6 +173,7 @@ class Recorder(asyncio.DatagramProtocol):
 
         class Up(asyncio.DatagramProtocol):
             def datagram_received(self, data: bytes, addr: Any) -> None:
+                relay.responses.append(data)
                 relay.transport.sendto(data, relay.client)
 
         self.upstream, _ = await loop.create_datagram_endpoint(Up, remote_addr=self.target)
@@ -249,12 +251,17 @@ async def test_state_and_sequence_numbers_survive_restarts_and_crashes(tmp_path:
     out = a.contexts.outgoing["gw-b"]
     epoch, used = out.context.id_context, out.sequence.next
     assert used >= 2
+    answers = b.contexts.incoming_context("gw-a")  # b's own numbers, for its answers
+    assert answers is not None
+    answered = answers.sequence.next
 
     await a.close()  # a clean stop: the exact next number on disk
-    await b.close()
+    await b.close(clean=False)  # b crashes: its answers continue above its reservation
     a = await start_gw(tmp_path, "gw-a", uris)
     b = await start_gw(tmp_path, "gw-b", uris)
     assert b.state.get("config/rate") == 10
+    answers = b.contexts.incoming_context("gw-a")
+    assert answers is not None and answers.sequence.next > answered
     out = a.contexts.outgoing["gw-b"]
     assert out.context.id_context == epoch and out.sequence.next >= used
     a.state.set("config/rate", 20)
@@ -443,5 +450,39 @@ async def test_a_large_state_goes_through_oscore_in_blocks(tmp_path: Path) -> No
         assert len(a.state.snapshot()) == 80
         assert a.contexts.outgoing["gw-b"].sequence.next > 100  # one number per block
     finally:
+        await a.close()
+        await b.close()
+
+
+async def test_attack_a_replay_after_the_answering_side_lost_its_state_gets_a_new_nonce(
+    tmp_path: Path,
+) -> None:
+    """gw-a lost ``from-gw-b.json`` (the one case where a recorded request of gw-b's current
+    epoch is new to it again): the replayed request is accepted, but the answer is protected
+    under a sequence number of gw-a's own from a random point, never under the nonce of the
+    original answer (a second plaintext under one nonce would leak both)."""
+    uris = site_uris("gw-a", "gw-b")
+    a = await start_gw(tmp_path, "gw-a", uris)
+    port_a = int(uris["gw-a"].rsplit(":", 1)[1])
+    recorder = Recorder(("127.0.0.1", port_a))
+    relay_uri = f"coap://127.0.0.1:{await recorder.start()}"
+    b = await start_gw(tmp_path, "gw-b", {**uris, "gw-a": relay_uri})
+    try:
+        await b.sync.sync_once(relay_uri)  # GET digest only: both are empty
+        digest_get = recorder.requests[-1]
+        token = aiocoap.Message.decode(digest_get).token
+        (first,) = [m for m in map(aiocoap.Message.decode, recorder.responses) if m.token == token]
+        assert first.code == Code.CHANGED and first.opt.oscore  # OSCORE's outer code
+        await a.close()
+        (a.dir / "peer-oscore" / "from-gw-b.json").unlink()
+        a = await start_gw(tmp_path, "gw-a", uris)
+        a.state.set("config/new", 1)
+        again = await replay(digest_get, port_a)
+        assert again.code == Code.CHANGED  # accepted: documented in docs/gateway.md
+        assert again.opt.oscore and first.opt.oscore
+        assert bytes(again.opt.oscore) != bytes(first.opt.oscore)  # another partial IV
+        assert len(bytes(first.opt.oscore)) > 1  # answers carry a partial IV of their own
+    finally:
+        recorder.close()
         await a.close()
         await b.close()
