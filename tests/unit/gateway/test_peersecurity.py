@@ -208,21 +208,34 @@ async def replay(datagram: bytes, port: int) -> aiocoap.Message:
         sock.close()
 
 
-async def test_attack_a_replayed_protected_post_is_refused_before_and_after_a_restart(
-    tmp_path: Path,
-) -> None:
+async def recorded_pair(tmp: Path) -> tuple[Gw, Gw, Recorder, str, dict[str, str], int]:
+    """gw-a, and gw-b whose requests to gw-a go through a :class:`Recorder`: (a, b, the
+    recorder, gw-a's URI as gw-b knows it, the site's URIs, gw-a's port)."""
     uris = site_uris("gw-a", "gw-b")
-    a = await start_gw(tmp_path, "gw-a", uris)
+    a = await start_gw(tmp, "gw-a", uris)
     port_a = int(uris["gw-a"].rsplit(":", 1)[1])
     recorder = Recorder(("127.0.0.1", port_a))
     relay_uri = f"coap://127.0.0.1:{await recorder.start()}"
-    b = await start_gw(tmp_path, "gw-b", {**uris, "gw-a": relay_uri})
+    b = await start_gw(tmp, "gw-b", {**uris, "gw-a": relay_uri})
+    return a, b, recorder, relay_uri, uris, port_a
+
+
+async def close_recorded(recorder: Recorder, *gws: Gw) -> None:
+    recorder.close()
+    for gw in gws:
+        await gw.close()
+
+
+async def test_attack_a_replayed_protected_post_is_refused_before_and_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    a, b, recorder, relay_uri, uris, port_a = await recorded_pair(tmp_path)
     try:
         b.state.set("config/rate", 10)
         exchange = await b.sync.sync_once(relay_uri)
         assert exchange.pushed == ["config/rate"]
         assert a.state.get("config/rate") == 10
-        post = recorder.requests[-1]  # GET digest, (Echo round trip), POST: the POST is last
+        post = recorder.requests[-1]  # GET digest, then POST: the POST is last
         assert a.server.site.stats["push"] == 1
         answer = await replay(post, port_a)
         assert answer.code == Code.UNAUTHORIZED and b"Replay" in answer.payload
@@ -237,9 +250,7 @@ async def test_attack_a_replayed_protected_post_is_refused_before_and_after_a_re
         assert (await b.sync.sync_once(relay_uri)).pushed == ["config/rate"]
         assert a.state.get("config/rate") == 11
     finally:
-        recorder.close()
-        await a.close()
-        await b.close()
+        await close_recorded(recorder, a, b)
 
 
 async def test_state_and_sequence_numbers_survive_restarts_and_crashes(tmp_path: Path) -> None:
@@ -406,13 +417,8 @@ def test_settings_with_a_secret(tmp_path: Path) -> None:
 async def test_attack_a_request_of_an_epoch_the_peer_left_is_refused(tmp_path: Path) -> None:
     """gw-b lost its context state (a new epoch, new keys); a request recorded under its old
     epoch is refused for good, even though its sequence number is new to the new window."""
-    uris = site_uris("gw-a", "gw-b")
-    a = await start_gw(tmp_path, "gw-a", uris)
-    port_a = int(uris["gw-a"].rsplit(":", 1)[1])
-    recorder = Recorder(("127.0.0.1", port_a))
-    relay_uri = f"coap://127.0.0.1:{await recorder.start()}"
+    a, b, recorder, relay_uri, uris, port_a = await recorded_pair(tmp_path)
     relayed = {**uris, "gw-a": relay_uri}
-    b = await start_gw(tmp_path, "gw-b", relayed)
     try:
         b.state.set("config/rate", 10)
         await b.sync.sync_once(relay_uri)
@@ -429,9 +435,7 @@ async def test_attack_a_request_of_an_epoch_the_peer_left_is_refused(tmp_path: P
         assert a.server.site.stats["push"] == pushes
         assert a.state.get("config/rate") == 20
     finally:
-        recorder.close()
-        await a.close()
-        await b.close()
+        await close_recorded(recorder, a, b)
 
 
 async def test_a_large_state_goes_through_oscore_in_blocks(tmp_path: Path) -> None:
@@ -461,12 +465,7 @@ async def test_attack_a_replay_after_the_answering_side_lost_its_state_gets_a_ne
     epoch is new to it again): the replayed request is accepted, but the answer is protected
     under a sequence number of gw-a's own from a random point, never under the nonce of the
     original answer (a second plaintext under one nonce would leak both)."""
-    uris = site_uris("gw-a", "gw-b")
-    a = await start_gw(tmp_path, "gw-a", uris)
-    port_a = int(uris["gw-a"].rsplit(":", 1)[1])
-    recorder = Recorder(("127.0.0.1", port_a))
-    relay_uri = f"coap://127.0.0.1:{await recorder.start()}"
-    b = await start_gw(tmp_path, "gw-b", {**uris, "gw-a": relay_uri})
+    a, b, recorder, relay_uri, uris, port_a = await recorded_pair(tmp_path)
     try:
         await b.sync.sync_once(relay_uri)  # GET digest only: both are empty
         digest_get = recorder.requests[-1]
@@ -483,6 +482,4 @@ async def test_attack_a_replay_after_the_answering_side_lost_its_state_gets_a_ne
         assert bytes(again.opt.oscore) != bytes(first.opt.oscore)  # another partial IV
         assert len(bytes(first.opt.oscore)) > 1  # answers carry a partial IV of their own
     finally:
-        recorder.close()
-        await a.close()
-        await b.close()
+        await close_recorded(recorder, a, b)
