@@ -19,7 +19,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from agent.errors import ConfigError, SyncError
-from agent.exits import EX_CONFIG
+from agent.exits import EX_CONFIG, EX_USAGE
 from agent.gateway.peers import PeerServer, PeerSettings, PeerState, PeerSync
 from agent.gateway.peersecurity import PeerContexts, peer_id, read_secret, write_secret
 from agent.gateway.settings import load_gateway_config
@@ -304,8 +304,15 @@ async def test_state_and_sequence_numbers_survive_restarts_and_crashes(tmp_path:
 # -- the site secret and the config ------------------------------------------------------------
 
 
-def test_the_secret_file_is_made_and_read(tmp_path: Path) -> None:
+def test_the_secret_file_is_made_and_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "site.key"
+    assert cli.main(["gateway-secret", str(path)]) == 0
+    assert cli.main(["gateway-secret", str(path)]) == EX_USAGE  # never overwritten
+    assert "exists" in capsys.readouterr().err
+    assert len(read_secret(path)) == 32
+    path.unlink()
     write_secret(path)
     assert os.stat(path).st_mode & 0o777 == 0o600
     secret = read_secret(path)
