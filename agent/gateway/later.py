@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
+from agent.gateway import aside
 from agent.wire.batch import FEATURES, CodecError, WireRecord
 from agent.wire.features import FeaturesBody
 
@@ -80,9 +81,12 @@ def _order(item: tuple[str, WireRecord]) -> int:
     return 0 if kind == "alert" else 2 if kind == FEATURES else 1
 
 
-def _due(s: Any, paused: Collection[str], limit: int) -> list[tuple[str, WireRecord]]:
-    """Held records of the devices not paused, at most ``limit``, oldest first. A device whose
-    rows name nothing stored any more loses them."""
+def _due(
+    s: Any, paused: Collection[str], limit: int, damaged: list[aside.Aside]
+) -> list[tuple[str, WireRecord]]:
+    """Held records of the devices not paused, at most ``limit``, oldest first; one damaged at
+    rest goes into ``damaged`` (agent/gateway/aside.py). A device whose rows name nothing
+    stored any more loses them."""
     out: list[tuple[str, WireRecord]] = []
     devices = [d for (d,) in s.db.execute("SELECT DISTINCT device FROM relay_later")]
     for device in (d for d in devices if d not in paused):
@@ -94,7 +98,12 @@ def _due(s: Any, paused: Collection[str], limit: int) -> list[tuple[str, WireRec
             "ORDER BY r.arrival LIMIT ?",
             (device, limit - len(out)),
         ).fetchall()
-        found = [(device, WireRecord(int(q), k, float(c), bytes(b))) for q, k, c, b in rows]
+        found: list[tuple[str, WireRecord]] = []
+        for q, k, c, b in rows:
+            try:
+                found.append((device, aside.record(q, k, c, b)))
+            except ValueError as err:
+                damaged.append((device, q, 0, str(err)))
         bodies = s.db.execute(
             "SELECT l.seq, f.body FROM relay_later AS l JOIN features AS f ON f.device = "
             "l.device AND f.first_seq = l.seq WHERE l.device = ? AND l.features = 1 ORDER BY "
@@ -106,7 +115,7 @@ def _due(s: Any, paused: Collection[str], limit: int) -> list[tuple[str, WireRec
                 found.append((device, features_record(bytes(body))))
             except CodecError as err:  # the store held it decoded once: damaged at rest
                 _unreadable(s, device, int(first), err)
-        if not found and not bodies:
+        if not found and not bodies and not rows:
             s.db.execute("DELETE FROM relay_later WHERE device = ?", (device,))
         out += found
     return out
@@ -188,9 +197,11 @@ class Later:
         if self.refused.pop(device, None) is not None:
             log.info("event=forward_refused_over device=%s: the cloud takes its records", device)
 
-    async def due(self, db: Any, limit: int) -> list[tuple[str, WireRecord]]:
+    async def due(
+        self, db: Any, limit: int, damaged: list[aside.Aside]
+    ) -> list[tuple[str, WireRecord]]:
         paused = self.paused()
-        return list(await db(lambda s: _due(s, paused, limit)))
+        return list(await db(lambda s: _due(s, paused, limit, damaged)))
 
     @staticmethod
     async def save(db: Any, sent: Sequence[Key], held: Sequence[Key]) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from agent.errors import AgentError, ModelError, SyncError
 from agent.files import read_json, write_atomic
-from agent.gateway import later
+from agent.gateway import aside, later
 from agent.gateway.storeparts import prepare_store, prune
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.statedata import chunks, halves
@@ -156,14 +156,31 @@ def _batches(recs: Sequence[WireRecord]) -> list[Sequence[WireRecord]]:
     return list(out)
 
 
-def _pending(s: Any, after: int, limit: int) -> list[tuple[int, str, WireRecord]]:
-    """Records stored after arrival ``after``: (arrival, device, record), in arrival order."""
+def _pending(
+    s: Any, after: int, limit: int, damaged: list[aside.Aside]
+) -> list[tuple[int, str, WireRecord | None]]:
+    """Records stored after arrival ``after``: (arrival, device, record), in arrival order; a
+    row damaged at rest is None there and in ``damaged`` (agent/gateway/aside.py), as is one
+    whose arrival is no number (SQLite orders text after every number: it would come back at
+    every pass, so one set aside before, in ``relay_kept``, is not read again)."""
     rows = s.db.execute(
-        "SELECT arrival, device, seq, kind, created, body FROM records WHERE arrival > ?"
-        " ORDER BY arrival LIMIT ?",
+        "SELECT arrival, device, seq, kind, created, body FROM records WHERE arrival > ? AND "
+        "(typeof(arrival) = 'integer' OR NOT EXISTS (SELECT 1 FROM relay_kept AS k WHERE "
+        "k.device = records.device AND k.seq = records.seq AND k.features = 0)) "
+        "ORDER BY arrival LIMIT ?",
         (after, limit),
     ).fetchall()
-    return [(int(a), d, WireRecord(int(q), k, float(c), bytes(b))) for a, d, q, k, c, b in rows]
+    out: list[tuple[int, str, WireRecord | None]] = []
+    for a, d, q, k, c, b in rows:
+        try:
+            if isinstance(a, bool) or not isinstance(a, int):
+                raise ValueError(f"arrival is not an integer: {a!r:.40}")
+            out.append((a, d, aside.record(q, k, c, b)))
+        except ValueError as err:
+            damaged.append((d, q, 0, str(err)))
+            if isinstance(a, int):
+                out.append((a, d, None))
+    return out
 
 
 class Resolutions:
@@ -256,6 +273,7 @@ class RecordForwarder:
         self.requests = 0
         self.bytes_up = 0  # request payload bytes sent upstream
         self.conflicts = 0
+        self.unreadable = 0  # records damaged at rest, set aside (agent/gateway/aside.py)
         self.later = later.Later()  # devices the cloud asked to wait, and their records
 
     def _load(self) -> tuple[int, int]:
@@ -322,13 +340,14 @@ class RecordForwarder:
         if not self._cursor_checked:
             await self._check_cursor()
         cursor, fcursor, limit = self.cursor, self.features_cursor, self.records
-        rows = await self.db(lambda s: _pending(s, cursor, limit))
+        damaged: list[aside.Aside] = []  # records damaged at rest: set aside (aside.py)
+        rows = await self.db(lambda s: _pending(s, cursor, limit, damaged))
         feats = await self.db(lambda s: _pending_features(s, fcursor, limit))
-        due = await self.later.due(self.db, limit)  # held for later, their pause over
-        if not rows and not feats and not due:
+        due = await self.later.due(self.db, limit, damaged)  # held, their pause over
+        if not rows and not feats and not due and not damaged:
             return 0
         held: list[later.Key] = []  # to send later: the cloud said so, or says so now
-        items = [*due, *((d, r) for _, d, r in rows), *((d, r) for _, d, r in feats if r)]
+        items = [*due, *((d, r) for _, d, r in rows if r), *((d, r) for _, d, r in feats if r)]
         by_device = self.later.gather(items, held)  # alerts first, features records last
         parts = [
             (device, batch)
@@ -336,20 +355,23 @@ class RecordForwarder:
             for batch in _batches(recs)
         ]
         await self.resolutions.save()
-        encoded = [(device, recs, self._entry(device, recs)) for device, recs in parts]
+        encoded = [part for device, recs in parts if (part := self._entry(device, recs, damaged))]
         done = 0
-        kept: list[tuple[str, int, int]] = []
+        kept: list[tuple[str, int, int]] = [(d, q, f) for d, q, f, _ in damaged]
         for request in _requests(encoded):
             done += await self._relay(request, kept, held)
+        sent = [later.key(d, r) for d, r in due] + kept  # held ones set aside leave relay_later
         try:  # before the cursor passes them, so no prune can take them
             if kept:
                 await self.db(lambda s: _keep(s, kept))
-            await self.later.save(self.db, [later.key(d, r) for d, r in due], held)
+            await self.later.save(self.db, sent, held)
         except (AgentError, sqlite3.Error) as err:  # a full disk: the pass is tried again
             raise SyncError(f"the store did not take the records kept or held: {err}") from err
         self.cursor = max((a for a, _, _ in rows), default=self.cursor)
         self.features_cursor = max((n for n, _, _ in feats), default=self.features_cursor)
         await self._save()
+        aside.say(damaged)
+        self.unreadable += len(damaged)
         self.forwarded += done
         return done
 
@@ -371,11 +393,21 @@ class RecordForwarder:
         self.pruned += dropped
         return dropped
 
-    def _entry(self, device: str, recs: Sequence[WireRecord]) -> RelayEntry:
-        batch = codec.encode_batch(
-            None, recs, CF_COMPACT_DEFLATE, resolution=self.resolutions.of(device)
+    def _entry(
+        self, device: str, recs: Sequence[WireRecord], damaged: list[aside.Aside]
+    ) -> tuple[str, Sequence[WireRecord], RelayEntry] | None:
+        """A device's batch of a pass as a relay entry; a record that does not encode is set
+        aside into ``damaged`` (None: none is left)."""
+        steps = self.resolutions.of(device)
+        recs, batch = aside.encodable(
+            device,
+            recs,
+            lambda rs: codec.encode_batch(None, rs, CF_COMPACT_DEFLATE, resolution=steps),
+            damaged,
         )
-        return RelayEntry(device, CF_COMPACT_DEFLATE, batch)
+        return (
+            None if batch is None else (device, recs, RelayEntry(device, CF_COMPACT_DEFLATE, batch))
+        )
 
     async def _relay(
         self,

@@ -91,6 +91,18 @@ async def forwarding(
     return gw, site, forwarder
 
 
+@pytest.fixture
+async def forwarder_of(
+    limited: tuple[CloudServer, Clock], tmp_path: Path
+) -> AsyncIterator[tuple[CloudServer, Clock, SQLiteStorage, RecordForwarder]]:
+    """:func:`forwarding` as a fixture: the cloud, its clock, the gateway's store, its forwarder."""
+    server, clock = limited
+    gw, site, forwarder = await forwarding(server, clock, tmp_path)
+    yield server, clock, site, forwarder
+    site.close()
+    await gw.close()
+
+
 @pytest.mark.timeout(60)
 async def test_a_device_over_its_limit_gets_503_with_max_age_and_nothing_is_stored(
     limited: tuple[CloudServer, Clock], tmp_path: Path
@@ -262,6 +274,68 @@ async def test_a_held_features_record_damaged_at_rest_is_said_and_the_rest_go_on
     finally:
         site.close()
         await gw.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "created = 'damaged'",
+        "created = 9e999",
+        "body = 'text'",
+        "kind = 'bogus'",
+        "seq = 'x'",
+        "arrival = 'x'",
+    ],
+)
+async def test_a_record_damaged_at_rest_is_set_aside_and_the_others_go_on(
+    forwarder_of: tuple[CloudServer, Clock, SQLiteStorage, RecordForwarder],
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    """Attack named: a file corrupted at rest. A record row of the gateway's store that no
+    longer reads as a record (a text or infinite ``created``, a text body, a kind no batch
+    holds) failed every pass (ValueError, TypeError, CodecError): forwarding stopped for every
+    device until someone repaired the row. It is set aside: said once with its device and seq,
+    counted, kept in the store (relay_kept: never pruned, never sent again); the cursor moves
+    past it and the others go, each once."""
+    server, _, site, forwarder = forwarder_of
+    site.ingest_many([(A, [reading(i) for i in range(1, 4)], True)], T0)
+    site.ingest_many([(B, [reading(1)], True)], T0)
+    site.db.execute(f"UPDATE records SET {damage} WHERE device = ? AND seq = 2", (A,))
+    with caplog.at_level(logging.WARNING, logger="agent.gateway"):
+        assert await forwarder.forward_once() == 3  # A's 1 and 3, B's 1
+        assert await forwarder.forward_once() == 0  # not tried again
+    said = [r.getMessage() for r in caplog.records if "forward_record_unreadable" in r.msg]
+    assert len(said) == 1 and f"device={A}" in said[0]
+    assert ("seq=x" if "seq" in damage else "seq=2") in said[0]
+    assert forwarder.unreadable == 1
+    assert await server.seqs(A) == [1, 3] and await server.seqs(B) == [1]
+    newest = "SELECT max(arrival) FROM records WHERE typeof(arrival) = 'integer'"
+    assert forwarder.cursor == site.db.execute(newest).fetchone()[0]
+    assert site.db.execute("SELECT device FROM relay_kept").fetchall() == [(A,)]
+
+
+@pytest.mark.timeout(60)
+async def test_a_held_record_damaged_at_rest_is_set_aside_and_the_rest_go_on(
+    forwarder_of: tuple[CloudServer, Clock, SQLiteStorage, RecordForwarder],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack named: a file corrupted at rest. A record held for later (its device over its
+    rate limit) whose row no longer reads failed every pass once the pause was over: set aside
+    as one of the queue is, it leaves relay_later, and the device's other held records go."""
+    server, clock, site, forwarder = forwarder_of
+    assert server.rate_limit.wait(A, BURST) == 0
+    site.ingest_many([(A, [reading(1), reading(2)], True)], T0)
+    assert await forwarder.forward_once() == 0  # A's answered later: both held
+    site.db.execute("UPDATE records SET created = 'damaged' WHERE device = ? AND seq = 1", (A,))
+    clock.t += 60.0
+    with caplog.at_level(logging.WARNING, logger="agent.gateway"):
+        assert await forwarder.forward_once() == 1
+    assert "event=forward_record_unreadable device=pump-01 seq=1" in caplog.text
+    assert await server.seqs(A) == [2] and forwarder.unreadable == 1
+    assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 0
+    assert await forwarder.forward_once() == 0
 
 
 @pytest.mark.timeout(60)
