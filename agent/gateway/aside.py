@@ -6,6 +6,9 @@ batch. Sending it would fail every pass, for every device; it is said once
 (``relay_kept``: never pruned, never sent again) and the forwarder goes on with the rest: the
 cursor moves past it. Its device had its ack: the record is lost at the gateway unless an
 operator repairs the row and sends it again by hand.
+
+A record the cloud refuses alone (4.00, found by sending a refused entry again in halves,
+:func:`halves_of`) is set aside the same way (``event=forward_record_refused``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.wire.batch import FEATURES, CodecError, WireRecord
 
 log = logging.getLogger("agent.gateway")
+
+#: The answer to a relay entry with a record the cloud refuses for what it holds (4.00)
+BAD_REQUEST = 4 * 32 + 0
+
+T = TypeVar("T")
 
 
 def record(seq: Any, kind: Any, created: Any, body: Any) -> WireRecord:
@@ -53,9 +61,9 @@ def say(aside: Sequence[Aside]) -> None:
 def encodable(
     device: str,
     recs: Sequence[WireRecord],
-    encode: Callable[[Sequence[WireRecord]], bytes],
+    encode: Callable[[Sequence[WireRecord]], T],
     aside: list[Aside],
-) -> tuple[list[WireRecord], bytes | None]:
+) -> tuple[list[WireRecord], T | None]:
     """``recs`` encoded in one batch; when that fails (CodecError: some record does not encode),
     each alone, and those that fail are set aside (into ``aside``). The records that go and
     their batch (None when none is left)."""
@@ -72,3 +80,23 @@ def encodable(
         else:
             good.append(rec)
     return good, (encode(good) if good else None)
+
+
+def halves_of(recs: Sequence[WireRecord]) -> tuple[Sequence[WireRecord], Sequence[WireRecord]]:
+    """A device's records of an entry the cloud refused with 4.00, in two, sent again as two
+    entries: the half that holds no refused record is taken, the other halved again, until the
+    record refused is alone (as agent/sync/state.py does with reported keys)."""
+    n = len(recs) // 2
+    return recs[:n], recs[n:]
+
+
+def refused(device: str, rec: WireRecord, code: str, reason: str) -> tuple[str, int, int]:
+    """A record the cloud refuses alone (4.00: e.g. a body damaged at rest that still encodes,
+    with a CBOR tag in it): said, and its key for ``relay_kept`` (never sent again, never
+    pruned); the device's other records go."""
+    log.warning(
+        "event=forward_record_refused device=%s seq=%d code=%s reason=%r action=kept_at_gateway: "
+        "the cloud refuses this record; the gateway keeps it and sends the device's others",
+        device, rec.seq, code, reason[:200],
+    )  # fmt: skip
+    return device, rec.seq, int(rec.kind == FEATURES)

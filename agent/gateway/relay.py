@@ -12,7 +12,9 @@ own store and the cloud endpoint (docs/gateway.md).
   deduplicates by device and seq), and never skips one. A device's entry the cloud answers
   "later" (5.03: its rate limit) is kept and sent after max-age; one it refuses otherwise (4.03:
   not attached to this gateway, 4.04, ...) is kept and sent again after a pause that grows: the
-  other devices' records go on (agent/gateway/later.py).
+  other devices' records go on (agent/gateway/later.py). One of several records refused 4.00 is
+  sent again in halves until each record refused is alone; those, and records damaged at rest,
+  are set aside (agent/gateway/aside.py) and the rest go.
 - :class:`StateRelay`: reported state the devices PUT to the gateway is PUT to the cloud with the
   devices' own versions; each device's desired document is read from the cloud and mirrored into
   the gateway's store with the cloud's versions, revision and storage identity, so a device sees
@@ -36,6 +38,7 @@ from typing import Any
 from agent.errors import AgentError, ModelError, SyncError
 from agent.files import read_json, write_atomic
 from agent.gateway import aside, later
+from agent.gateway.aside import BAD_REQUEST, halves_of
 from agent.gateway.storeparts import prepare_store, prune
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.statedata import chunks, halves
@@ -274,6 +277,7 @@ class RecordForwarder:
         self.bytes_up = 0  # request payload bytes sent upstream
         self.conflicts = 0
         self.unreadable = 0  # records damaged at rest, set aside (agent/gateway/aside.py)
+        self.refused = 0  # records the cloud refused alone (4.00), set aside (aside.py)
         self.later = later.Later()  # devices the cloud asked to wait, and their records
 
     def _load(self) -> tuple[int, int]:
@@ -398,16 +402,14 @@ class RecordForwarder:
     ) -> tuple[str, Sequence[WireRecord], RelayEntry] | None:
         """A device's batch of a pass as a relay entry; a record that does not encode is set
         aside into ``damaged`` (None: none is left)."""
-        steps = self.resolutions.of(device)
-        recs, batch = aside.encodable(
-            device,
-            recs,
-            lambda rs: codec.encode_batch(None, rs, CF_COMPACT_DEFLATE, resolution=steps),
-            damaged,
+        recs, batch = aside.encodable(device, recs, lambda rs: self._batch(device, rs), damaged)
+        return None if batch is None else (device, recs, batch)
+
+    def _batch(self, device: str, recs: Sequence[WireRecord]) -> RelayEntry:
+        batch = codec.encode_batch(
+            None, recs, CF_COMPACT_DEFLATE, resolution=self.resolutions.of(device)
         )
-        return (
-            None if batch is None else (device, recs, RelayEntry(device, CF_COMPACT_DEFLATE, batch))
-        )
+        return RelayEntry(device, CF_COMPACT_DEFLATE, batch)
 
     async def _relay(
         self,
@@ -435,7 +437,15 @@ class RecordForwarder:
         except AgentError as err:
             raise SyncError(f"POST {uri}: the answer does not decode: {err}") from None
         done = 0
+        split: list[tuple[str, Sequence[WireRecord], RelayEntry]] = []
         for (device, recs, _), answer in zip(parts, answers, strict=True):
+            if isinstance(answer, RelayRefusal) and answer.code == BAD_REQUEST:
+                if len(recs) > 1:  # some record of it is refused: which, the halves tell
+                    split += [(device, h, self._batch(device, h)) for h in halves_of(recs)]
+                else:  # refused alone: set aside, the device's others go
+                    kept.append(aside.refused(device, recs[0], answer.dotted, answer.message))
+                    self.refused += 1
+                continue
             if isinstance(answer, RelayRefusal):  # held: the others go on (agent/gateway/later.py)
                 if answer.code == later.CODE_LATER:
                     self.later.pause(device, answer.max_age, len(recs))  # its rate limit
@@ -445,6 +455,8 @@ class RecordForwarder:
                 continue
             done += self._acked(device, recs, answer, uri, kept)
             self.later.taken(device)
+        for request in _requests(split):  # each round halves them: log2(MAX_BATCH_RECORDS) at most
+            done += await self._relay(request, kept, held)
         return done
 
     def _acked(

@@ -339,6 +339,40 @@ async def test_a_held_record_damaged_at_rest_is_set_aside_and_the_rest_go_on(
 
 
 @pytest.mark.timeout(60)
+async def test_records_the_cloud_refuses_alone_are_set_aside_and_the_device_goes_on(
+    forwarder_of: tuple[CloudServer, Clock, SQLiteStorage, RecordForwarder],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Attack named: a file corrupted at rest. A record body damaged so that it still encodes
+    (raw bytes) but holds what no record of ours holds (a CBOR tag) got the cloud's 4.00 for its
+    device's whole /relay entry: the device was held and paused, 300 s doubling to an hour, for
+    ever, and its later records never went. The entry is sent again in halves until each record
+    refused is alone (one request per round, at most log2 of the entry's records rounds); those
+    are set aside (said, counted, kept in relay_kept) and the device's others go, each once."""
+    server, _, site, forwarder = forwarder_of
+    site.ingest_many([(A, [reading(i) for i in range(1, 65)], True)], T0)
+    site.ingest_many([(B, [reading(1)], True)], T0)
+    bad = (10, 50)
+    site.db.execute(
+        "UPDATE records SET body = x'c24101' WHERE device = ? AND seq IN (10, 50)", (A,)
+    )
+    with caplog.at_level(logging.WARNING, logger="agent.gateway"):
+        assert await forwarder.forward_once() == 63  # A's 62 and B's 1
+    assert forwarder.requests <= 1 + 6  # the first, and a round per halving of 64 records
+    said = [r.getMessage() for r in caplog.records if "forward_record_refused" in r.msg]
+    assert [s.split()[2] for s in said] == ["seq=10", "seq=50"] and "code=4.00" in said[0]
+    assert "event=forward_refused " not in caplog.text  # the device is not held nor paused
+    assert forwarder.refused == 2 and forwarder.later.until == {}
+    assert await server.seqs(A) == [q for q in range(1, 65) if q not in bad]
+    assert await server.seqs(B) == [1]
+    assert site.db.execute("SELECT seq FROM relay_kept ORDER BY seq").fetchall() == [(10,), (50,)]
+    site.ingest_many([(A, [reading(65)], False)], T0 + 1)
+    assert await forwarder.forward_once() == 1  # its later records go
+    assert await server.seqs(A) == [q for q in range(1, 66) if q not in bad]
+    assert len(await server.records(A)) == 63
+
+
+@pytest.mark.timeout(60)
 async def test_a_full_store_when_records_are_held_fails_the_pass_and_loses_nothing(
     limited: tuple[CloudServer, Clock], tmp_path: Path
 ) -> None:
