@@ -39,13 +39,13 @@ from agent.errors import AgentError, ModelError, SyncError
 from agent.files import read_json, write_atomic
 from agent.gateway import aside, later
 from agent.gateway.aside import BAD_REQUEST, halves_of
+from agent.gateway.resolutions import Resolutions
 from agent.gateway.storeparts import prepare_store, prune
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.statedata import chunks, halves
 from agent.sync.transport import CoapTransport, Response
 from agent.wire import codec, statedoc
 from agent.wire.batch import CF_CBOR, FEATURES, CodecError, IngestAck, WireRecord, format_ranges
-from agent.wire.compact import check_resolution
 from agent.wire.compact_format import CF_COMPACT_DEFLATE
 from agent.wire.features import MAX_BATCH_READINGS, FeaturesBody
 from agent.wire.relay import (
@@ -61,7 +61,6 @@ from agent.wire.statedoc import DesiredDoc, StateError
 log = logging.getLogger("agent.gateway")
 
 CURSOR_FILE = "forward.json"
-RESOLUTIONS_FILE = "resolutions.json"
 REQUEST_DEADLINE = 60.0
 MAX_BATCH_RECORDS = 4096  # per device and entry (the endpoint's limit of a batch)
 RELAY_RECORDS = 4 * 4096  # per /relay request (the endpoint's Limits.relay_records)
@@ -184,63 +183,6 @@ def _pending(
             if isinstance(a, int):
                 out.append((a, d, None))
     return out
-
-
-class Resolutions:
-    """The step each device quantizes each channel to, learned from its compact batches
-    (:meth:`CompactDecoding.resolutions`), so the forwarder encodes the same readings as
-    compactly as the device did (values decoded from a device's grid are on it: re-encoding is
-    lossless). A channel never seen in a compact batch is sent exactly. Kept in a file so a
-    restarted gateway need not learn again; losing it costs bytes, never data."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / RESOLUTIONS_FILE
-        self.steps: dict[str, dict[tuple[str, str], float]] = {}
-        self.dirty = False
-        try:
-            raw = read_json(self.path)
-            if not isinstance(raw, dict):
-                raise ValueError("not a JSON object")
-            for device, rows in raw.items():
-                steps = {(str(s), str(c)): v for s, c, v in rows}
-                for (s, c), v in steps.items():  # a step the encoder refuses fails every pass
-                    check_resolution(v, s, c)
-                self.steps[str(device)] = steps
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, TypeError) as err:  # CodecError too: relearned from batches
-            log.warning(
-                "event=gateway_resolutions_unreadable path=%s error=%r", self.path, str(err)
-            )
-            self.steps = {}
-
-    def observe(self, device: str, cf: int, payload: bytes) -> None:
-        """A batch the gateway's server decoded (CloudServer.batch_observer)."""
-        encoding = codec.encoding_for(cf)
-        read = getattr(encoding, "resolutions", None)
-        if read is None:
-            return  # SenML: no resolutions in it
-        try:
-            found = read(payload)
-        except AgentError:
-            return
-        known = self.steps.setdefault(device, {})
-        for key, step in found.items():
-            if known.get(key) != step:
-                known[key] = step
-                self.dirty = True
-
-    def of(self, device: str) -> Callable[[str, str], float | None]:
-        steps = self.steps.get(device, {})
-        return lambda sensor, channel: steps.get((sensor, channel))
-
-    async def save(self) -> None:
-        if not self.dirty:
-            return
-        self.dirty = False
-        doc = {d: [[s, c, v] for (s, c), v in sorted(t.items())] for d, t in self.steps.items()}
-        data = (json.dumps(doc, sort_keys=True) + "\n").encode()
-        await asyncio.to_thread(write_atomic, self.path, data)
 
 
 class RecordForwarder:

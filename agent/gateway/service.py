@@ -366,6 +366,7 @@ class Gateway:
             "entries_refused": f.later.refusals if f else 0,  # refused otherwise (4.03, ...)
             "records_unreadable": f.unreadable if f else 0,  # damaged at rest: set aside
             "records_refused": f.refused if f else 0,  # refused alone (4.00): set aside
+            "resolutions_evicted": f.resolutions.evicted if f else 0,  # steps over the bound
             "model_fetches": dict(st.model_fetches) if st else {},
             "release_fetches": dict(self.releases.fetches) if self.releases else {},
         }

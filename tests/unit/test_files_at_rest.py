@@ -22,7 +22,8 @@ from agent.detect.features import Calibration
 from agent.errors import ConfigError
 from agent.files import loads_json, read_json, toml_document
 from agent.gateway.hlc import HybridClock
-from agent.gateway.relay import CURSOR_FILE, RESOLUTIONS_FILE, RecordForwarder, Resolutions
+from agent.gateway.relay import CURSOR_FILE, RecordForwarder
+from agent.gateway.resolutions import RESOLUTIONS_FILE, Resolutions
 from agent.learn.ledger import LEDGER_FILE, PrivacyLedger
 from agent.ota import compat
 from agent.sync.routing import Router
