@@ -105,6 +105,26 @@ def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
     return loads_json(data)
 
 
+class OpenToOthers(ValueError):
+    """A secret's file that its group or others may read (:func:`read_private`)."""
+
+    def __init__(self, path: Path, mode: int) -> None:
+        super().__init__(f"{path}: readable by group or others (mode {mode:o})")
+        self.mode = mode  # the permission bits
+
+
+def read_private(path: Path, limit: int) -> bytes:
+    """A secret's file (a credential, a site secret): at most ``limit`` + 1 bytes (the caller
+    tells a larger file by the length); OSError as opening raises (FileNotFoundError when there
+    is none); :class:`OpenToOthers` when its mode lets the group or others read it."""
+    with open(path, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        data = f.read(limit + 1)
+    if mode & 0o077:
+        raise OpenToOthers(path, mode & 0o777)
+    return data
+
+
 def toml_document(text: str, label: str) -> dict[str, Any]:
     """The TOML document ``text``; ConfigError ``LABEL: not valid TOML: ...`` when it is not one,
     arrays nested deeper than the parser's stack included (tomllib raises RecursionError)."""

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -49,7 +48,7 @@ from typing import Any
 from aiocoap import oscore
 
 from agent.errors import AgentError
-from agent.files import write_atomic
+from agent.files import OpenToOthers, read_private, write_atomic
 from agent.sync.security import uri_patterns
 from agent.wire.credentials import KID_BYTES, SECRET_BYTES, Credential
 from agent.wire.oscore import (
@@ -91,9 +90,9 @@ def read_secret(path: Path) -> bytes:
     """The site secret in ``path``: :data:`SECRET_BYTES` raw bytes, or as many hex digits (white
     space around them allowed). The file must be readable by its owner only."""
     try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(4 * SECRET_BYTES + 1)
+        data = read_private(path, 4 * SECRET_BYTES)
+    except OpenToOthers as err:
+        raise PeerSecretError(f"{err}; chmod 600 {path}") from None
     except FileNotFoundError:
         raise PeerSecretError(
             f"{path}: no site secret file; make one ({make_secret_command(str(path))}) and copy "
@@ -101,10 +100,6 @@ def read_secret(path: Path) -> bytes:
         ) from None
     except OSError as err:
         raise PeerSecretError(f"{path}: cannot read the site secret: {err}") from None
-    if mode & 0o077:
-        raise PeerSecretError(
-            f"{path}: readable by group or others (mode {mode & 0o777:o}); chmod 600 {path}"
-        )
     if len(data) == SECRET_BYTES:
         return data
     try:

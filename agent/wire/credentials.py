@@ -18,7 +18,6 @@ contexts of the old credential are refused.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
-from agent.files import loads_json, write_atomic
+from agent.files import OpenToOthers, loads_json, read_private, write_atomic
 
 FORMAT = 1
 AEAD = "AES-CCM-16-64-128"
@@ -154,9 +153,11 @@ class Credential:
     def read(cls, path: Path) -> Credential:
         """The credential in ``path``; CredentialError (one line, with the fix) otherwise."""
         try:
-            with open(path, "rb") as f:
-                mode = os.fstat(f.fileno()).st_mode
-                data = f.read(MAX_FILE_BYTES + 1)
+            data = read_private(path, MAX_FILE_BYTES)
+        except OpenToOthers as err:
+            raise CredentialError(
+                f"{path}: readable by others (mode {err.mode:o}); chmod 600"
+            ) from None
         except FileNotFoundError:
             raise CredentialError(
                 f"{path}: no credential file; register the device on the endpoint "
@@ -167,8 +168,6 @@ class Credential:
             raise CredentialError(f"{path}: cannot read the credential: {err}") from None
         if len(data) > MAX_FILE_BYTES:
             raise CredentialError(f"{path}: larger than a credential can be")
-        if mode & 0o077:
-            raise CredentialError(f"{path}: readable by others (mode {mode & 0o777:o}); chmod 600")
         try:
             doc = loads_json(data)
         except ValueError as err:
