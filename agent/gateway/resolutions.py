@@ -45,6 +45,7 @@ class Resolutions:
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / RESOLUTIONS_FILE
         self.steps: dict[str, Steps] = {}  # the device seen least recently first
+        self._count = 0  # steps of all devices
         self.dirty = False
         self.evicted = 0  # steps dropped for the bounds since the start
         try:
@@ -62,7 +63,7 @@ class Resolutions:
             log.warning(
                 "event=gateway_resolutions_unreadable path=%s error=%r", self.path, str(err)
             )
-            self.steps = {}
+            self.steps, self._count = {}, 0
         self.dirty = False
 
     def observe(self, device: str, cf: int, payload: bytes) -> None:
@@ -78,31 +79,33 @@ class Resolutions:
         self._learn(device, found.items())
 
     def _learn(self, device: str, found: Iterable[tuple[tuple[str, str], float]]) -> None:
-        """``found`` becomes the device's most recent steps; then the bounds."""
+        """``found`` becomes the device's most recent steps; then the bounds. It runs for every
+        batch a device sends: its cost is that batch's channels and the steps evicted, not the
+        size of the table (``_count`` keeps the total)."""
         known = self.steps.pop(device, {})
         self.steps[device] = known  # the device seen most recently last
+        self._count -= len(known)
         for key, step in found:
             if known.pop(key, None) != step:
                 self.dirty = True
             known[key] = step  # the channel seen most recently last
-        drop = len(known) - MAX_CHANNELS
-        for key in list(known)[: max(0, drop)]:
-            del known[key]
-        over = sum(len(t) for t in self.steps.values()) - MAX_STEPS
-        for name in list(self.steps):  # the devices seen least recently give up theirs first
-            if over <= 0:
-                break
+        evicted = 0
+        while len(known) > MAX_CHANNELS:
+            del known[next(iter(known))]
+            evicted += 1
+        self._count += len(known)
+        while self._count > MAX_STEPS:  # the devices seen least recently give up theirs first
+            name = next(iter(self.steps))
             table = self.steps[name]
-            for key in list(table)[:over]:
-                del table[key]
-                over -= 1
-                drop += 1
+            del table[next(iter(table))]
+            self._count -= 1
+            evicted += 1
             if not table:
                 del self.steps[name]
-        if drop > 0:
-            self.evicted += drop
+        if evicted:
+            self.evicted += evicted
             self.dirty = True
-            log.debug("event=gateway_resolutions_evicted device=%s steps=%d", device, drop)
+            log.debug("event=gateway_resolutions_evicted device=%s steps=%d", device, evicted)
 
     def of(self, device: str) -> Callable[[str, str], float | None]:
         steps = self.steps.get(device, {})
