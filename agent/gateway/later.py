@@ -65,8 +65,11 @@ def prepare(db: Any) -> None:
     )
 
 
-def features_record(body: bytes) -> WireRecord:
-    """A stored features record as the device sent it (its bytes, as they are)."""
+def features_record(body: Any) -> WireRecord:
+    """A stored features record as the device sent it (its bytes, as they are); CodecError for
+    one damaged at rest (SQLite gives back whatever type the column was given: text too)."""
+    if not isinstance(body, bytes):
+        raise CodecError(f"the features record's body is not bytes: {type(body).__name__}")
     f = FeaturesBody.from_cbor(body)
     return WireRecord(f.first, FEATURES, float(f.t1), body, float(f.t1))
 
@@ -112,7 +115,7 @@ def _due(
         ).fetchall()
         for first, body in bodies:
             try:
-                found.append((device, features_record(bytes(body))))
+                found.append((device, features_record(body)))
             except CodecError as err:  # the store held it decoded once: damaged at rest
                 _unreadable(s, device, int(first), err)
         if not found and not bodies and not rows:

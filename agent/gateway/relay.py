@@ -122,7 +122,7 @@ def _pending_features(s: Any, after: int, limit: int) -> list[tuple[int, str, Wi
         rec = None
         if body is not None:
             try:
-                rec = later.features_record(bytes(body))  # the device's bytes, as it sent them
+                rec = later.features_record(body)  # the device's bytes, as it sent them
             except CodecError as err:  # the store held it decoded once: damaged at rest
                 log.warning(
                     "event=forward_features_unreadable device=%s error=%r", device, str(err)

@@ -247,8 +247,12 @@ async def test_the_gateway_keeps_what_the_cloud_asks_for_later_and_the_others_go
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", ["x'ff'", "'text'"], ids=["not-cbor", "text"])
 async def test_a_held_features_record_damaged_at_rest_is_said_and_the_rest_go_on(
-    limited: tuple[CloudServer, Clock], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    limited: tuple[CloudServer, Clock],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
 ) -> None:
     """Attack named: a file corrupted at rest. A features record held for later whose body no
     longer decodes raised CodecError out of the pass, which the forwarding loop does not retry:
@@ -262,7 +266,7 @@ async def test_a_held_features_record_damaged_at_rest_is_said_and_the_rest_go_on
         site.ingest_many([(A, [reading(1), features_record(20)], True)], T0)
         assert await forwarder.forward_once() == 0  # A's answered later: both held
         assert site.db.execute("SELECT count(*) FROM relay_later").fetchone()[0] == 2
-        site.db.execute("UPDATE features SET body = x'ff' WHERE device = ?", (A,))
+        site.db.execute(f"UPDATE features SET body = {damage} WHERE device = ?", (A,))
         site.ingest_many([(B, [reading(1)], True)], T0 + 1)
         clock.t += 60.0  # the pause is over and A's bucket full again
         with caplog.at_level(logging.WARNING, logger="agent.gateway"):
