@@ -96,6 +96,13 @@ def _newest_arrival(s: Any) -> int:
     return int(row[0]) if row else 0
 
 
+def _waiting(s: Any, after: int) -> int:
+    """Records stored after arrival ``after`` (arrival numbers have no gaps) and records held
+    for later: what waits to be forwarded."""
+    (held,) = s.db.execute("SELECT COUNT(*) FROM relay_later").fetchone()
+    return max(0, _newest_arrival(s) - after) + int(held)
+
+
 def _keep(s: Any, kept: Sequence[tuple[str, int, int]]) -> None:
     """Mark records (device, seq, 1 for a features record) the cloud did not take: never pruned."""
     s.db.executemany(
@@ -266,6 +273,11 @@ class RecordForwarder:
     async def alerts_waiting(self) -> bool:
         cursor = self.cursor
         return bool(await self.db(lambda s: _alerts_waiting(s, cursor)))
+
+    async def waiting(self) -> int:
+        """Records waiting to be forwarded (stored after the cursor, or held for later)."""
+        cursor = self.cursor
+        return int(await self.db(lambda s: _waiting(s, cursor)))
 
     async def forward_once(self) -> int:
         """One pass: forward what is pending (at most ``records``) in one ``POST /relay``; the

@@ -18,11 +18,18 @@ starts and serves from its store whatever the cloud's state.
 Running: its loops (records, reported, desired; peers with ``[gateway.peers]``) are stages of
 the agent's supervisor (:class:`Stages`): one that raises what it does not retry is said in one
 line and restarted with backoff, never ends silently, and ``status()["loops"]`` shows it.
+
+Under systemd (systemd/edge-agent-gateway.service, Type=notify) the command gives an
+:class:`Announcer` (agent.service.notify's): ``READY=1`` once the store is open and the servers
+listen, then ``WATCHDOG=1`` while no loop has been down too long (the supervisor's health), so
+systemd restarts a gateway whose loop stays down; ``STATUS=`` says :meth:`Gateway.status_line`;
+``STOPPING=1`` at SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -59,6 +66,7 @@ log = logging.getLogger("agent.gateway")
 STORE_RETRY = 5.0  # seconds between tries to learn the cloud's storage identity on first start
 STORE_DIR = "store"  # the gateway's endpoint data (SQLite, models, OSCORE state) under data_dir
 ALERT_CHECK = 0.5  # seconds between looks for an alert waiting to be forwarded
+STATS_INTERVAL = 5.0  # seconds between counts of the records waiting (the status line's)
 
 
 class Stages(Protocol):
@@ -75,13 +83,27 @@ class Stages(Protocol):
     def status(self) -> dict[str, dict[str, object]]: ...
 
 
+class Announcer(Protocol):
+    """The service manager's side (agent.service.notify.Announcer, given by the ``edge-agent
+    gateway`` command): :meth:`run` says the gateway is up, then keeps its watchdog fed while
+    no stage is stuck, until cancelled; :meth:`stopping` says it is stopping."""
+
+    async def run(self, status: Callable[[], str]) -> None: ...
+
+    def stopping(self) -> None: ...
+
+
 class Gateway:
     """One gateway process's parts (see the module docstring). ``stages`` runs its loops (and
-    gives the clock)."""
+    gives the clock); ``announcer``, when given, is told when it is up and stopping."""
 
-    def __init__(self, config: GatewayConfig, stages: Stages) -> None:
+    def __init__(
+        self, config: GatewayConfig, stages: Stages, announcer: Announcer | None = None
+    ) -> None:
         self.config = config
         self.stages = stages
+        self.announcer = announcer
+        self.waiting = 0  # records waiting to be forwarded, counted every STATS_INTERVAL
         self.clock = stages.clock
         self.store_dir = config.data_dir / STORE_DIR
         self.server: CloudServer | None = None
@@ -307,14 +329,27 @@ class Gateway:
         }
         if self.peer_sync is not None:
             loops["peers"] = self.peer_sync.run
+        loops["stats"] = self._count_waiting
+        if self.announcer is not None:  # up: the store is open and the servers listen
+            loops["ready-watchdog"] = partial(self.announcer.run, self.status_line)
         # a loop that raises what run_every does not retry is said and restarted, never ends
         tasks = [self.stages.start(name, run) for name, run in loops.items()]
         try:
             await self._stop.wait()
+            if self.announcer is not None:
+                self.announcer.stopping()
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _count_waiting(self) -> None:
+        forwarder = self.forwarder
+        assert forwarder is not None
+        while True:
+            with contextlib.suppress(Exception):  # a store that fails to read: said by "records"
+                self.waiting = await forwarder.waiting()
+            await self.clock.sleep(STATS_INTERVAL)
 
     async def _forward(self) -> None:
         """A pass when ``forward_interval`` has passed since the last (readings merge into
@@ -354,6 +389,14 @@ class Gateway:
         await self.transport.close()
         await self.fetcher.close()
 
+    def status_line(self) -> str:
+        """One line for ``systemctl status`` (STATUS=)."""
+        down = [name for name, s in self.stages.status().items() if s["down"]]
+        return (
+            f"devices {len(self.devices)}; waiting {self.waiting}; "
+            f"loops down: {', '.join(down) if down else 'none'}"
+        )
+
     def status(self) -> dict[str, Any]:
         f, st = self.forwarder, self.state
         return {
@@ -372,14 +415,15 @@ class Gateway:
         }
 
 
-def run_gateway(config: GatewayConfig, stages: Stages) -> int:
-    """The ``edge-agent gateway`` command: run until SIGINT/SIGTERM; 0 when stopped. An error
+def run_gateway(config: GatewayConfig, stages: Stages, announcer: Announcer | None = None) -> int:
+    """The ``edge-agent gateway`` command: run until SIGINT/SIGTERM; 0 when stopped (``announcer``:
+    systemd's notify protocol, :class:`Announcer`). An error
     that stops it is raised on: the command line prints it as one line and exits with its code
     (``edge-agent`` main: a port in use 75, a store error 74, ...), as ``run`` does."""
     import signal
 
     async def main() -> None:
-        gw = Gateway(config, stages)
+        gw = Gateway(config, stages, announcer)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, gw.stop)

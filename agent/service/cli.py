@@ -112,7 +112,7 @@ def cmd_gateway_secret(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from agent.gateway.service import run_gateway
     from agent.gateway.settings import load_gateway_config
-    from agent.service.notify import Health
+    from agent.service.notify import Announcer, Health, Notifier
     from agent.service.supervise import Supervisor
 
     try:
@@ -122,7 +122,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         return EX_CONFIG
     logsetup.setup(args.log_level)
     clock = RealClock()  # the gateway's loops run as the agent's stages (a failing one restarts)
-    return run_gateway(config, Supervisor(clock, Health(clock)))
+    health = Health(clock)  # a loop down too long stops the systemd watchdog, as in the agent
+    return run_gateway(config, Supervisor(clock, health), Announcer(Notifier(), health, clock))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """systemd's notify protocol (sd_notify) and the health-gated watchdog.
 
-``READY=1`` is sent once sensors and models are up; ``WATCHDOG=1`` is sent from the main loop only
-while every stage reports progress within its deadline, so a stuck stage stops the pings and
-systemd restarts the agent; ``STATUS=`` carries a one-line summary for ``systemctl status``.
+``READY=1`` is sent once the service is up (the agent: sensors and models; the gateway: its store
+open and its CoAP servers listening); ``WATCHDOG=1`` is sent from the main loop only while every
+stage reports progress within its deadline, so a stuck stage stops the pings and systemd
+restarts the process; ``STATUS=`` carries a one-line summary for ``systemctl status``.
 Without ``NOTIFY_SOCKET`` (not under systemd) every call is a no-op.
 """
 
@@ -148,3 +149,26 @@ async def run_watchdog(
         await asyncio.Event().wait()  # nothing to do; park until cancelled
         return
     await watchdog_loop(notifier, health, clock, interval, status)
+
+
+async def announce(
+    notifier: Notifier, health: Health, clock: Clock, status: Callable[[], str]
+) -> None:
+    """The service is up: ``READY=1`` with its status line, then :func:`run_watchdog` until
+    cancelled (the agent's and the gateway's start-up end here)."""
+    notifier.ready(status())
+    await run_watchdog(notifier, health, clock, status)
+
+
+class Announcer:
+    """:func:`announce` and ``STOPPING=1`` for a service that does not hold the notifier itself
+    (``edge-agent gateway`` gives one to agent/gateway/service.py, which may not import this)."""
+
+    def __init__(self, notifier: Notifier, health: Health, clock: Clock) -> None:
+        self.notifier, self.health, self.clock = notifier, health, clock
+
+    async def run(self, status: Callable[[], str]) -> None:
+        await announce(self.notifier, self.health, self.clock, status)
+
+    def stopping(self) -> None:
+        self.notifier.stopping()

@@ -48,7 +48,7 @@ from agent.service.agentmetrics import register_metrics
 from agent.service.commands import CommandRunner, build_commands
 from agent.service.config import Config
 from agent.service.hooks import AgentHooks
-from agent.service.notify import Health, Notifier, run_watchdog
+from agent.service.notify import Health, Notifier, announce
 from agent.service.status import StatusServer, socket_path
 from agent.service.supervise import Supervisor
 from agent.store.queue import Store, StoreStats
@@ -181,12 +181,11 @@ class Agent:
         ):
             await self.clock.sleep(0.05)
         self._ready.set()
-        self.notifier.ready(self.status_line())
         if self.updates is not None:
             self.updates.ready()
         log.info("event=ready sensors_ok=%d", self._sensors_ok())
-        # from now on: WATCHDOG=1 while no stage is stuck
-        await run_watchdog(self.notifier, self.health, self.clock, self.status_line)
+        # READY=1, then WATCHDOG=1 while no stage is stuck
+        await announce(self.notifier, self.health, self.clock, self.status_line)
 
     async def _stats_loop(self) -> None:
         while True:

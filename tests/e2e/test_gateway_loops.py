@@ -37,6 +37,27 @@ async def within(seconds: float, check: Callable[[], object], what: str) -> None
             await asyncio.sleep(0.05)
 
 
+async def one_device_gateway(
+    tmp_path: Path, server: CloudServer, forward_interval: float
+) -> SQLiteStorage:
+    """GW serving DEVICE, attached at ``server``: its data directory ``tmp_path/gateway`` with
+    both credentials, its config ``tmp_path/gateway.toml``; returns its store, opened here,
+    holding DEVICE's records 1-3."""
+    data = tmp_path / "gateway"
+    (data / "devices").mkdir(parents=True)
+    (await server.register(DEVICE)).write(data / "devices" / f"{DEVICE}.json")
+    (await server.register(GW, "gateway")).write(data / "credential.json")
+    await server.attach(GW, [DEVICE])
+    (tmp_path / "gateway.toml").write_text(
+        f'[agent]\ndevice_id = "{GW}"\ndata_dir = "{data}"\n'
+        f'[uplink]\nendpoints = ["{server.uri}"]\n[gateway]\nlisten = "127.0.0.1:0"\n'
+        f"forward_interval = {forward_interval}\ndesired_poll = 1.0\n"
+    )
+    store = SQLiteStorage.in_dir(data / "store")
+    store.ingest_many([(DEVICE, [reading(i) for i in range(1, 4)], True)], T0)
+    return store
+
+
 @pytest.mark.timeout(90)
 async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -45,20 +66,9 @@ async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
     monkeypatch.setattr(supervise, "HEALTHY_AFTER", 2.0)
     monkeypatch.setattr(supervise, "DOWN_AFTER", 1.0)
     server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
-    data = tmp_path / "gateway"
-    (data / "devices").mkdir(parents=True)
-    (await server.register(DEVICE)).write(data / "devices" / f"{DEVICE}.json")
-    (await server.register(GW, "gateway")).write(data / "credential.json")
-    await server.attach(GW, [DEVICE])
     # longer than HEALTHY_AFTER: a restarted loop that waited for the next interval would count
     # as healthy, and say its failure again at each pass
-    (tmp_path / "gateway.toml").write_text(
-        f'[agent]\ndevice_id = "{GW}"\ndata_dir = "{data}"\n'
-        f'[uplink]\nendpoints = ["{server.uri}"]\n'
-        '[gateway]\nlisten = "127.0.0.1:0"\nforward_interval = 5.0\ndesired_poll = 1.0\n'
-    )
-    store = SQLiteStorage.in_dir(data / "store")
-    store.ingest_many([(DEVICE, [reading(i) for i in range(1, 4)], True)], T0)
+    store = await one_device_gateway(tmp_path, server, forward_interval=5.0)
     # a table of the store damaged (a damaged record row is set aside instead,
     # tests/e2e/test_cloud_ratelimit.py): every pass fails to read it
     prepare_store(store)
