@@ -245,9 +245,13 @@ def group_members(root: Path, name: str) -> tuple[int, list[str]]:
 
 
 def project_units() -> list[Path]:
-    """The unit files tools/flash must install: every edge-agent unit in systemd/."""
+    """The unit files tools/flash must install on a device: every edge-agent unit in systemd/
+    but the gateway's (edge-agent-gateway*: tests/e2e/test_flash_gateway.py)."""
     return sorted(
-        p for p in SYSTEMD.glob("edge-agent*") if p.suffix in (".service", ".path", ".timer")
+        p
+        for p in SYSTEMD.glob("edge-agent*")
+        if p.suffix in (".service", ".path", ".timer")
+        and not p.name.startswith("edge-agent-gateway")
     )
 
 

@@ -7,6 +7,10 @@
   tools/flash ssh USER@HOST[:PORT] --device-id ID --endpoint URL --credential F [-i KEY]
   tools/flash bundle OUTDIR [--arch aarch64] [--python-version 3.11]
 
+--role gateway (dir, image, ssh) installs a gateway (`edge-agent gateway`, docs/gateway.md)
+instead of the device agent: --device-id is the gateway's name, --credential its file from
+`edge-agent-cloud gateways add`, --devices DIR the credential files of its devices.
+
 URL is coap://HOST:PORT (or coap+tcp://), coaps://HOST:PORT with --security dtls. The credential
 is the device's file from `edge-agent-cloud devices add`; --security none (plain CoAP) needs none.
 
@@ -24,7 +28,8 @@ from pathlib import Path
 
 from flash_lib import bundle as bundlemod
 from flash_lib.errors import FlashError
-from flash_lib.provision import PROJECT_ROOT, RIG, SECURITY, TEMPLATE, Settings, provision
+from flash_lib.provision import PROJECT_ROOT, SECURITY, Settings, provision
+from flash_lib.roles import ROLES
 from flash_lib.sshfs import parse_destination
 from flash_lib.targets import DirTarget, ImageTarget, SshTarget, Target
 
@@ -58,7 +63,28 @@ GONE = ("--psk", "--psk-file", "--psk-identity")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device-id", required=True, help="the device's id (agent.device_id)")
+    p.add_argument(
+        "--role",
+        choices=tuple(ROLES),
+        default="device",
+        help="device (default): the agent beside a machine, edge-agent.service; gateway: "
+        "`edge-agent gateway` for the devices of a site, edge-agent-gateway.service, its own "
+        "user, /etc/edge-agent/gateway.toml and /var/lib/edge-agent-gateway (beside a device "
+        "install on the same machine, if there is one: docs/gateway.md)",
+    )
+    p.add_argument(
+        "--devices",
+        type=Path,
+        metavar="DIR",
+        help="--role gateway: the credential files (*.json) of the gateway's devices, from "
+        "`edge-agent-cloud devices add --credential-out FILE`; installed in "
+        "/var/lib/edge-agent-gateway/devices/ (0700, each file 0600)",
+    )
+    p.add_argument(
+        "--device-id",
+        required=True,
+        help="the device's id (agent.device_id); with --role gateway the gateway's name",
+    )
     p.add_argument(
         "--endpoint",
         required=True,
@@ -78,7 +104,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the device's credential file from `edge-agent-cloud devices add --data DIR ID "
         "--credential-out FILE`; installed as /var/lib/edge-agent/credential.json (0600, "
-        "edge-agent). Required unless --security none",
+        "edge-agent). With --role gateway the gateway's, from `edge-agent-cloud gateways add`, "
+        "in /var/lib/edge-agent-gateway. Required unless --security none",
     )
     p.add_argument(
         "--model-key",
@@ -107,13 +134,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--template",
         type=Path,
-        default=TEMPLATE,
-        help="the agent.toml template (default: systemd/agent.toml.in)",
+        help="the config template (default: systemd/agent.toml.in; with --role gateway "
+        "systemd/gateway.toml.in)",
     )
     p.add_argument(
         "--sensors",
         type=Path,
-        default=RIG,
         help="copy the [[sensor]] tables from this config (default: the reference pump rig, "
         "agent/examples/pump-rig.toml)",
     )
@@ -205,6 +231,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         dry_run=args.dry_run,
         start=not getattr(args, "no_start", False),
         bench=args.bench,
+        role=args.role,
+        devices=args.devices,
     )
 
 

@@ -11,6 +11,11 @@ boot with its nodes in group i2c, and ``dtparam=i2c_arm=on`` in a Pi's config.tx
 built now where the target's python can run (SSH, ``dir --chroot``, ``dir /``), else at first
 boot; on a live system the service is restarted and the enabled ``.path``/``.timer`` units
 started.
+
+With ``--role gateway`` (flash_lib.roles, flash_lib.gateway) the machine gets the gateway
+instead: its own account, config, credential, its devices' credentials and
+edge-agent-gateway.service, beside the same bundle and venv; nothing of the device role is
+written (and nothing of it removed: a machine may be both).
 """
 
 from __future__ import annotations
@@ -25,33 +30,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flash_lib import accounts, bootcfg, ota, units
+from flash_lib import accounts, bootcfg, gateway, ota, units
 from flash_lib import bundle as bundlemod
 from flash_lib.errors import FlashError
 from flash_lib.keys import read_public_key
 from flash_lib.plan import Absent, Change, Dir, Entry, File, Names, apply, reconcile
 from flash_lib.progress import Progress
+from flash_lib.roles import DEVICE, ROLES, Role
 from flash_lib.targets import BootConfig, PythonFacts, Target
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = PROJECT_ROOT / "systemd"
-TEMPLATE = SYSTEMD_DIR / "agent.toml.in"
 RIG = PROJECT_ROOT / "agent" / "examples" / "pump-rig.toml"
 
-USER = "edge-agent"
-GROUPS = ("i2c", "dialout")
-HOME = "/var/lib/edge-agent"  # also the agent's data_dir (the unit's StateDirectory=)
-CREDENTIAL = f"{HOME}/credential.json"
+USER = DEVICE.user
+HOME = DEVICE.home  # also the agent's data_dir (the unit's StateDirectory=)
 OPT = "/opt/edge-agent"
 BUNDLE = f"{OPT}/bundle"
 VENV = f"{OPT}/venv"
 INSTALLER = f"{OPT}/install-venv"
 VENV_STAMP = f"{VENV}/.bundle-id"
 CONF_DIR = "/etc/edge-agent"
-CONF = f"{CONF_DIR}/agent.toml"
+CONF = DEVICE.conf
 MODEL_KEY = f"{CONF_DIR}/models.pub"
 UNIT_DIR = "/etc/systemd/system"
-SERVICE = "edge-agent.service"
 INSTALL_SERVICE = "edge-agent-install.service"
 MODULES_CONF = "/etc/modules-load.d/edge-agent.conf"
 UDEV_RULES = "/etc/udev/rules.d/60-edge-agent-i2c.rules"
@@ -84,8 +86,10 @@ class Settings:
     credential: Path | None = None  # the device's file from `edge-agent-cloud devices add`
     model_key: Path | None = None  # the KEYFILE.pub of `edge-agent-cloud models keygen`
     release_key: Path | None = None  # the KEYFILE.pub of `edge-agent-cloud releases keygen`
-    template: Path = TEMPLATE
-    sensors: Path = RIG  # the [[sensor]] tables come from this config
+    template: Path | None = None  # default: the role's in systemd/ (agent.toml.in)
+    sensors: Path | None = None  # the [[sensor]] tables come from this config (default: RIG)
+    role: str = "device"  # or "gateway" (flash_lib.roles)
+    devices: Path | None = None  # --role gateway: its devices' credential files
     bundle_dir: Path | None = None
     arch: str | None = None
     python: str | None = None
@@ -96,8 +100,18 @@ class Settings:
     bench: bool = False  # run `edge-agent bench --quick` on the device after the install
 
 
+def role_of(s: Settings) -> Role:
+    return ROLES[s.role]
+
+
 def check_settings(s: Settings) -> None:
     """Refuse bad settings (one line each) before the target is touched."""
+    if s.role not in ROLES:
+        raise FlashError(f"--role {s.role!r}: one of {', '.join(ROLES)}")
+    if s.role == "gateway":
+        gateway.check_options(lambda attr: getattr(s, attr))
+    elif s.devices is not None:
+        raise FlashError("--devices: only with --role gateway (a gateway's devices)")
     if not DEVICE_ID.match(s.device_id):
         raise FlashError(
             f"--device-id {s.device_id!r}: 1-63 letters, digits, '_', '-', '.', "
@@ -128,24 +142,50 @@ def check_settings(s: Settings) -> None:
             f"--device-id {s.device_id!r}: longer than {PSK_IDENTITY_BYTES} bytes, the longest "
             "DTLS PSK identity tinydtls takes: use --security oscore"
         )
+    what = role_of(s).principal
     if s.credential is None and s.security != "none":
         raise FlashError(
-            f"--security {s.security} needs the device's credential: register the device with "
-            f"`edge-agent-cloud devices add --data DIR {s.device_id} --credential-out "
+            f"--security {s.security} needs the {what}'s credential: register the {what} with "
+            f"`edge-agent-cloud {what}s add --data DIR {s.device_id} --credential-out "
             f"{s.device_id}.json` and pass --credential {s.device_id}.json"
         )
     read_credential(s)
+    if s.devices is not None:
+        gateway.device_credentials(s.devices, _device_credential)
     ota.read_release_key(s.release_key, read_model_key(s))
 
 
 def read_credential(s: Settings) -> bytes | None:
-    """The credential file's bytes, checked: a device credential of ``s.device_id`` with the
-    secrets ``s.security`` needs (agent/wire/credentials.py has the format)."""
+    """The credential file's bytes, checked: a credential of the role's principal (a device's,
+    or with --role gateway a gateway's) named ``s.device_id`` with the secrets ``s.security``
+    needs (agent/wire/credentials.py has the format)."""
     if s.credential is None:
         return None
-    where = f"--credential {s.credential}"
+    what = role_of(s).principal
+    data, principal, psk = _credential_file(s.credential, f"--credential {s.credential}", what)
+    if principal != s.device_id:
+        raise FlashError(
+            f"--credential {s.credential}: the credential of {principal!r}, not of --device-id "
+            f"{s.device_id!r}: `edge-agent-cloud {what}s add --data DIR {s.device_id}` makes "
+            f"the {what}'s own"
+        )
+    if s.security == "dtls" and not psk:
+        raise FlashError(
+            f"--credential {s.credential}: no DTLS PSK in it: `edge-agent-cloud {what}s rekey "
+            f"--data DIR {s.device_id} --psk-file FILE` makes one with a PSK"
+        )
+    return data
+
+
+def _device_credential(path: Path, role: str) -> tuple[bytes, str]:
+    data, principal, _ = _credential_file(path, f"--devices: {path}", role)
+    return data, principal
+
+
+def _credential_file(path: Path, where: str, want: str) -> tuple[bytes, str, bytes]:
+    """A credential file's bytes, principal and DTLS PSK, checked to be one of role ``want``."""
     try:
-        with open(s.credential, "rb") as f:
+        with open(path, "rb") as f:
             data = f.read(CREDENTIAL_MAX_BYTES + 1)
     except OSError as err:
         raise FlashError(f"{where}: {err.strerror}") from None
@@ -163,19 +203,9 @@ def read_credential(s: Settings) -> bytes | None:
             f"{where}: not a credential file (the JSON file `edge-agent-cloud devices add "
             "--credential-out FILE` writes)"
         ) from None
-    if role != "device":
-        raise FlashError(f"{where}: the credential of {role} {principal!r}, not of a device")
-    if principal != s.device_id:
-        raise FlashError(
-            f"{where}: the credential of {principal!r}, not of --device-id {s.device_id!r}: "
-            f"`edge-agent-cloud devices add --data DIR {s.device_id}` makes the device's own"
-        )
-    if s.security == "dtls" and not psk:
-        raise FlashError(
-            f"{where}: no DTLS PSK in it: `edge-agent-cloud devices rekey --data DIR "
-            f"{s.device_id} --psk-file FILE` makes one with a PSK"
-        )
-    return data
+    if role != want:
+        raise FlashError(f"{where}: the credential of {role} {principal!r}, not of a {want}")
+    return data, principal, psk
 
 
 def read_model_key(s: Settings) -> bytes | None:
@@ -227,7 +257,7 @@ def security_lines(s: Settings) -> str:
     else:
         lines = [f'security = "{s.security}"']
     if s.credential is not None:
-        lines.append(f'credential = "{toml_string(CREDENTIAL)}"')
+        lines.append(f'credential = "{toml_string(role_of(s).credential)}"')
     return "\n".join(lines) + "\n"
 
 
@@ -367,17 +397,35 @@ def _read_optional(target: Target, path: str) -> str | None:
     return target.fs.read(path).decode("utf-8")
 
 
-def _names(group_text: str, uid: int, gid: int) -> Names:
-    groups = {0: "root", gid: USER}
+def _names(group_text: str, uid: int, gid: int, user: str) -> Names:
+    groups = {0: "root", gid: user}
     for line in group_text.splitlines():
         fields = line.split(":")
         if len(fields) >= 3 and fields[2].isdigit():
             groups.setdefault(int(fields[2]), fields[0])
-    return Names(users={0: "root", uid: USER}, groups=groups)
+    return Names(users={0: "root", uid: user}, groups=groups)
+
+
+def _config(s: Settings, role: Role) -> bytes:
+    """The role's config file from its template (the device's with the [[sensor]] tables)."""
+    path = s.template or SYSTEMD_DIR / role.template
+    try:
+        template = path.read_text()
+    except OSError as err:
+        raise FlashError(f"{path}: cannot read the config template: {err.strerror}") from None
+    if not role.hardware:
+        return render_config(template, s).encode()
+    sensors = s.sensors or RIG
+    try:
+        rig = sensors.read_text()
+    except OSError as err:
+        raise FlashError(f"{sensors}: cannot read the sensors: {err.strerror}") from None
+    return render_config(template, s, sensor_section(rig, str(sensors))).encode()
 
 
 def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
     fs = target.fs
+    role = role_of(s)
     arch, python = _facts(target, s, say)
     b = _bundle(s, arch, python, say)
     notes: list[str] = []
@@ -390,14 +438,14 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
     )
     acct = accounts.plan_accounts(
         texts,
-        user=USER,
-        home=HOME,
-        groups=GROUPS,
+        user=role.user,
+        home=role.home,
+        groups=role.groups,
         shell=shell,
         today=int(time.time() // 86400),
     )
     uid, gid = acct.uid, acct.gid
-    names = _names(acct.files.get("/etc/group", texts["/etc/group"] or ""), uid, gid)
+    names = _names(acct.files.get("/etc/group", texts["/etc/group"] or ""), uid, gid, role.user)
     entries: list[Entry] = []
     for path, text in acct.files.items():
         st = fs.stat(path) or {"mode": 0o640 if "shadow" in path else 0o644, "uid": 0, "gid": 0}
@@ -418,31 +466,23 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
     entries.append(File(INSTALLER, installer_script(b).encode(), mode=0o755))
 
     # The configuration: only the service user reads it.
-    try:
-        template = s.template.read_text()
-    except OSError as err:
-        raise FlashError(f"{s.template}: cannot read the config template: {err.strerror}") from None
-    try:
-        rig = s.sensors.read_text()
-    except OSError as err:
-        raise FlashError(f"{s.sensors}: cannot read the sensors: {err.strerror}") from None
-    config = render_config(template, s, sensor_section(rig, str(s.sensors))).encode()
     entries += [
         Dir(CONF_DIR),
-        File(CONF, config, mode=0o600, uid=uid, gid=gid),
+        File(role.conf, _config(s, role), mode=0o600, uid=uid, gid=gid),
     ]
-    model_key = read_model_key(s)
-    if model_key is not None:
-        entries.append(File(MODEL_KEY, model_key, note="model public key"))
-    else:
-        notes.append(
-            "no --model-key: the device refuses model downloads until [models] public_key "
-            "names the KEYFILE.pub of `edge-agent-cloud models keygen`"
-        )
-    release_key = ota.read_release_key(s.release_key, model_key)
-    entries += ota.entries(PROJECT_ROOT, release_key)
-    if release_key is None:
-        notes.append(ota.NO_KEY_NOTE)
+    if role.hardware:  # the device checks models and releases
+        model_key = read_model_key(s)
+        if model_key is not None:
+            entries.append(File(MODEL_KEY, model_key, note="model public key"))
+        else:
+            notes.append(
+                "no --model-key: the device refuses model downloads until [models] public_key "
+                "names the KEYFILE.pub of `edge-agent-cloud models keygen`"
+            )
+        release_key = ota.read_release_key(s.release_key, model_key)
+        entries += ota.entries(PROJECT_ROOT, release_key)
+        if release_key is None:
+            notes.append(ota.NO_KEY_NOTE)
 
     # The device's credential, in the data directory the unit's StateDirectory= makes (made
     # here the way systemd makes it, so that the file is there before the first start).
@@ -453,26 +493,36 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
             f"{VENV} on the device"
         )
     credential = read_credential(s)
-    if credential is not None:
+    devices = (
+        gateway.device_credentials(s.devices, _device_credential) if s.devices is not None else {}
+    )
+    if credential is not None or devices:
         entries += [
             Dir("/var", enforce=False),
             Dir("/var/lib", enforce=False),
-            Dir(HOME, mode=0o755, uid=uid, gid=gid),
-            File(CREDENTIAL, credential, mode=0o600, uid=uid, gid=gid, note="device credential"),
+            Dir(role.home, mode=role.home_mode, uid=uid, gid=gid),
         ]
+    if credential is not None:
+        note = f"{role.principal} credential"
+        entries.append(File(role.credential, credential, mode=0o600, uid=uid, gid=gid, note=note))
+    if devices:
+        entries += gateway.device_entries(devices, uid, gid)
+    elif not role.hardware:
+        notes.append(gateway.NO_DEVICES_NOTE)
 
-    # The units and their drop-ins, enabled the way `systemctl enable` does it.
+    # The role's units and their drop-ins, enabled the way `systemctl enable` does it.
     entries += [Dir("/etc/systemd", enforce=False), Dir(UNIT_DIR, enforce=False)]
-    entries += units.entries(SYSTEMD_DIR, UNIT_DIR)
+    entries += units.entries(SYSTEMD_DIR, UNIT_DIR, role.installs)
 
     # /dev/i2c-*: the kernel module at boot, the nodes in group i2c.
-    entries += [
-        Dir("/etc/modules-load.d", enforce=False),
-        File(MODULES_CONF, MODULES_TEXT.encode()),
-        Dir("/etc/udev", enforce=False),
-        Dir("/etc/udev/rules.d", enforce=False),
-        File(UDEV_RULES, UDEV_TEXT.encode()),
-    ]
+    if role.hardware:
+        entries += [
+            Dir("/etc/modules-load.d", enforce=False),
+            File(MODULES_CONF, MODULES_TEXT.encode()),
+            Dir("/etc/udev", enforce=False),
+            Dir("/etc/udev/rules.d", enforce=False),
+            File(UDEV_RULES, UDEV_TEXT.encode()),
+        ]
 
     # The venv: current, built now, or rebuilt at first boot. A link is the A/B layout of a
     # device that has taken a release over the air (docs/ota.md): the release it runs is left
@@ -501,11 +551,12 @@ def make_plan(target: Target, s: Settings, say: Callable[[str], None]) -> Plan:
 
     changes = reconcile(fs, entries, names)
 
-    # config.txt on a Pi.
+    # config.txt on a Pi (a device's: a gateway needs no I2C).
     boot_change = None
-    boot = target.boot_config()
+    boot = target.boot_config() if role.hardware else None
     if boot is None:
-        notes.append("no config.txt found (not a Pi, or pass --boot DIR): I2C left as it is")
+        if role.hardware:
+            notes.append("no config.txt found (not a Pi, or pass --boot DIR): I2C left as it is")
     else:
         old = boot.read()
         if old is None:
@@ -612,8 +663,9 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
                 f"{need / 1e6:.0f} MB needed: make room (an image can be grown, see docs/device.md)"
             )
         progress = Progress(f"copying to {target.label}", total or None)
+        service = role_of(s).service
         if target.live and plan.build_venv:
-            target.run(["systemctl", "stop", SERVICE])
+            target.run(["systemctl", "stop", service])
         apply(target.fs, plan.changes, progress.advance)
         progress.done()
         if plan.boot is not None:
@@ -624,14 +676,16 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
             _run_checked(target, [target.on_target(INSTALLER)], "building the venv")
         if target.live:
             _run_checked(target, ["systemctl", "daemon-reload"], "systemctl daemon-reload")
-            target.run(["udevadm", "control", "--reload"])
-            target.run(["modprobe", "i2c-dev"])
+            if role_of(s).hardware:
+                target.run(["udevadm", "control", "--reload"])
+                target.run(["modprobe", "i2c-dev"])
         if s.bench:  # before the (re)start: the agent's own load stays out of the figures
             run_bench(target, s, say)
         if target.live and s.start:
-            _run_checked(target, ["systemctl", "restart", SERVICE], "starting edge-agent")
-            say(f"started {SERVICE} (journalctl -u edge-agent -f to follow it)")
-            started = units.triggers(SYSTEMD_DIR)
+            name = service.removesuffix(".service")
+            _run_checked(target, ["systemctl", "restart", service], f"starting {name}")
+            say(f"started {service} (journalctl -u {name} -f to follow it)")
+            started = units.triggers(SYSTEMD_DIR, role_of(s).installs)
             if started:
                 _run_checked(target, ["systemctl", "start", *started], "starting the triggers")
                 say(f"started {', '.join(started)}")

@@ -74,13 +74,13 @@ def seconds(text: str) -> float:
     return total
 
 
-# ---------------------------------------------------------------------------------------------
-@analyze
-def test_systemd_verify_passes_on_both_units(tmp_path: Path) -> None:
-    root = tmp_path / "root"
+def verify_root(root: Path, *unit_files: Path) -> list[str]:
+    """A root tree holding ``unit_files`` in /etc/systemd/system, the ExecStart binaries of the
+    edge-agent units (the venv's edge-agent, the first-boot installer) and the host's targets;
+    returns the ``systemd-analyze verify`` command for it (unit names follow)."""
     units = root / "etc" / "systemd" / "system"
     units.mkdir(parents=True)
-    for unit in (UNIT, INSTALL_UNIT):
+    for unit in unit_files:
         shutil.copy(unit, units / unit.name)
     for exe in ("opt/edge-agent/venv/bin/edge-agent", "opt/edge-agent/install-venv"):
         path = root / exe
@@ -94,12 +94,56 @@ def test_systemd_verify_passes_on_both_units(tmp_path: Path) -> None:
         for target in HOST_UNITS.glob("*.target"):
             shutil.copy(target, dest / target.name)
     cmd = ["systemd-analyze", "verify", f"--root={root}"]
-    cmd += [] if recursive else ["--recursive-errors=no"]
-    proc = subprocess.run(
-        [*cmd, UNIT.name, INSTALL_UNIT.name], capture_output=True, text=True, check=False
-    )
+    return cmd + ([] if recursive else ["--recursive-errors=no"])
+
+
+def verify_clean(cmd: list[str], *unit_files: Path) -> None:
+    """``cmd`` (:func:`verify_root`'s) on the units passes with no warning."""
+    names = [unit.name for unit in unit_files]
+    proc = subprocess.run([*cmd, *names], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", f"systemd-analyze warns:\n{proc.stderr}"
+
+
+def security(unit: Path) -> tuple[float, dict[str, str], str]:
+    """``systemd-analyze security --offline=yes`` of a unit file: its overall exposure, the
+    mark of each check (setting -> "✓" or "✗"), and the whole report."""
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    name = re.escape(unit.name)
+    m = re.search(rf"Overall exposure level for {name}:\s*([0-9.]+)", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    marks = {
+        line.split()[1]: line.split()[0]
+        for line in proc.stdout.splitlines()
+        if len(line.split()) > 1 and line.split()[0] in ("✓", "✗")
+    }
+    return float(m.group(1)), marks, proc.stdout
+
+
+#: What must stay closed in every edge-agent service unit.
+CLOSED = (
+    "User=/DynamicUser=",
+    "MemoryDenyWriteExecute=",
+    "RestrictAddressFamilies=~AF_PACKET",
+    "RestrictAddressFamilies=~AF_NETLINK",
+    "CapabilityBoundingSet=~CAP_SYS_ADMIN",
+    "NoNewPrivileges=",
+    "ProtectSystem=",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+@analyze
+def test_systemd_verify_passes_on_both_units(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    cmd = verify_root(root, UNIT, INSTALL_UNIT)
+    verify_clean(cmd, UNIT, INSTALL_UNIT)
 
     # The same check fails when the ExecStart binary is not there: verify looks into the root.
     (root / "opt/edge-agent/venv/bin/edge-agent").unlink()
@@ -110,35 +154,13 @@ def test_systemd_verify_passes_on_both_units(tmp_path: Path) -> None:
 
 @analyze
 def test_systemd_security_exposure_at_most_2() -> None:
-    proc = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", str(UNIT)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    m = re.search(r"Overall exposure level for edge-agent\.service:\s*([0-9.]+)", proc.stdout)
-    assert m, proc.stdout[-2000:]
-    assert float(m.group(1)) <= EXPOSURE_LIMIT, proc.stdout
+    exposure, marks, report = security(UNIT)
+    assert exposure <= EXPOSURE_LIMIT, report
     # systemd parsed our device allow list (it adds char-rtc:r for ProtectClock=yes).
-    row = next(line for line in proc.stdout.splitlines() if "DeviceAllow=" in line)
+    row = next(line for line in report.splitlines() if "DeviceAllow=" in line)
     for group in ("char-i2c", "char-ttyS", "char-ttyAMA", "char-ttyUSB", "char-ttyACM"):
         assert f"{group}:rw" in row, row
-    # What must stay closed.
-    marks = {
-        line.split()[1]: line.split()[0]
-        for line in proc.stdout.splitlines()
-        if len(line.split()) > 1 and line.split()[0] in ("✓", "✗")
-    }
-    for check in (
-        "User=/DynamicUser=",
-        "MemoryDenyWriteExecute=",
-        "RestrictAddressFamilies=~AF_PACKET",
-        "RestrictAddressFamilies=~AF_NETLINK",
-        "CapabilityBoundingSet=~CAP_SYS_ADMIN",
-        "NoNewPrivileges=",
-        "ProtectSystem=",
-    ):
+    for check in CLOSED:  # what must stay closed
         assert marks.get(check) == "✓", check
 
 
