@@ -628,6 +628,19 @@ def _run_checked(target: Target, argv: list[str], what: str) -> None:
         raise FlashError(f"{what} failed (exit {result['rc']}):\n  {shown}")
 
 
+def _stop_venv_users(target: Target, service: str) -> list[str]:
+    """Stop ``service`` and every other role's service that runs (from the shared venv, about
+    to be rebuilt); the others that ran, to be started again once it is."""
+    others = [
+        r.service
+        for r in ROLES.values()
+        if r.service != service
+        and target.run(["systemctl", "is-active", "--quiet", r.service])["rc"] == 0
+    ]
+    target.run(["systemctl", "stop", service, *others])
+    return others
+
+
 def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -> int:
     """Plan and (unless dry-run) apply; returns the number of changes made."""
     check_settings(s)
@@ -664,8 +677,9 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
             )
         progress = Progress(f"copying to {target.label}", total or None)
         service = role_of(s).service
-        if target.live and plan.build_venv:
-            target.run(["systemctl", "stop", service])
+        # the venv is both roles': every service running from it stops while it is rebuilt, and
+        # the other role's starts again after (the flashed role's is restarted below)
+        others = _stop_venv_users(target, service) if target.live and plan.build_venv else []
         apply(target.fs, plan.changes, progress.advance)
         progress.done()
         if plan.boot is not None:
@@ -689,6 +703,9 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
             if started:
                 _run_checked(target, ["systemctl", "start", *started], "starting the triggers")
                 say(f"started {', '.join(started)}")
+        if others:  # (they ran before: started again whatever --no-start says of this role)
+            _run_checked(target, ["systemctl", "start", *others], "starting " + ", ".join(others))
+            say(f"started {', '.join(others)} again (it runs from the rebuilt venv)")
         n = len(plan.changes) + (plan.boot is not None) + plan.build_venv
         say(f"done: {n} change{'s' if n != 1 else ''} on {target.label}")
         for note in plan.notes:
