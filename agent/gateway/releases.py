@@ -27,7 +27,7 @@ from typing import Any
 
 from agent.errors import ModelError
 from agent.ota.release import ReleaseManifest, check_file
-from agent.ota.updater import MIRROR_PREFIX, ReleaseFetcher, drop_other_partials
+from agent.ota.updater import MIRROR_PREFIX, ReleaseFetcher, drop_unwanted
 from agent.wire.statedoc import DesiredDoc, agent_version
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class ReleaseMirror:
         version = manifest.version
         self.scratch.mkdir(parents=True, exist_ok=True)
         part = self.scratch / f"{MIRROR_PREFIX}{version}.part"
-        drop_other_partials(self.scratch, part, MIRROR_PREFIX)
+        drop_unwanted(self.scratch, f"{MIRROR_PREFIX}{version}", MIRROR_PREFIX)
         try:
             await self.fetcher.download(manifest, part)  # type: ignore[arg-type]
             await asyncio.to_thread(check_file, manifest, part)

@@ -16,7 +16,11 @@
 A refused release (bad signature, wrong SHA-256, over the budget) is not tried again until the
 desired value changes; a link failure is retried with backoff, resuming the download. A release
 the root helper had no room to install (its outcome ``waiting``; or taken with no outcome it
-could save on a full disk) is staged again, with backoff, until it is switched to or refused.
+could save on a full disk) is staged again, with backoff, until it is switched to or refused:
+from the verified file the helper kept in ``DATA/ota`` (its SHA-256 checked again; fetched
+again only when it no longer matches), and only once the release root has more room than when
+it was handed over (until then ``waiting``, saying so). Only the wanted release is kept there:
+the files of any other (no longer desired, refused, or the one running) are removed.
 """
 
 from __future__ import annotations
@@ -34,7 +38,19 @@ from agent.modelstore.signing import load_public_key
 from agent.ota import bootcheck
 from agent.ota.release import ReleaseError
 from agent.ota.settings import UpdateSettings
-from agent.ota.updater import OTA_DIR, STAGED_FILE, ReleaseFetcher, mark_ready, report, stage
+from agent.ota.updater import (
+    KEPT_SUFFIXES,
+    OTA_DIR,
+    STAGED_FILE,
+    ReleaseFetcher,
+    Staged,
+    drop_unwanted,
+    mark_ready,
+    report,
+    root_free,
+    stage,
+    staged_version,
+)
 from agent.wire.statedoc import agent_version
 
 log = logging.getLogger(__name__)
@@ -43,12 +59,18 @@ RETRY_BASE = 30.0  # seconds before a failed download is tried again (doubled up
 RETRY_MAX = 1800.0
 ACK_POLL = 1.0  # seconds between looks at the uplink's acknowledged batches (before READY)
 ROOT_POLL = 30.0  # seconds between looks at what the root helper did with a staged release
+ROOM_GAIN = 1 << 20  # bytes more free in the release root than at a hand-off that had no room
 
 
 def _since(outcome: dict[str, Any], version: str, since: float) -> bool:
     """The root helper's outcome is of ``version``, written at or after ``since``."""
     at = outcome.get("at")
     return outcome.get("version") == version and isinstance(at, (int, float)) and at >= since
+
+
+def _outcome(version: str, result: str, **fields: Any) -> dict[str, Any]:
+    """An outcome of this process for the reported ``agent/update``, stamped now."""
+    return {"version": version, "result": result, **fields, "at": time.time()}
 
 
 def check_value(value: Any) -> tuple[str, str] | None:
@@ -84,6 +106,8 @@ class UpdateController:
         self._ready = asyncio.Event()
         self._after: asyncio.Task[None] | None = None  # watching the root helper (_after_root)
         self._root_delay = RETRY_BASE
+        # (wanted, free bytes in the release root when it was handed over, the helper's reason)
+        self._no_room: tuple[tuple[str, str], int, str] | None = None
         self.outcome: dict[str, Any] | None = None  # this process's last staging outcome
         # the release this process runs: read once, since a switch moves ``current`` under it
         self.running = bootcheck.link_version(settings.root, bootcheck.CURRENT)
@@ -135,41 +159,40 @@ class UpdateController:
             self._wake.clear()
             wanted = self._wanted
             if wanted is None or wanted[0] == self.running or wanted == self._refused:
+                self._drop_unwanted()
                 continue
             if self._after is not None:
                 self._after.cancel()
             try:
                 since = time.time()
-                await self._stage(*wanted)
+                staged = await self._stage(*wanted)
                 delay = RETRY_BASE
-                self._after = asyncio.create_task(self._after_root(wanted, since))
+                self._after = asyncio.create_task(self._after_root(wanted, since, staged.root_free))
             except ReleaseError as err:
                 self._refused = wanted
-                self.outcome = {
-                    "version": wanted[0],
-                    "result": "refused",
-                    "reason": str(err),
-                    "at": time.time(),
-                }
+                self.outcome = _outcome(wanted[0], "refused", reason=str(err))
                 log.error("event=release_refused version=%s error=%s", wanted[0], err)
+                self._drop_unwanted()
             except (SyncError, ModelError, NotNow, OSError) as err:
+                what = "download_failed"
                 if isinstance(err, NotNow):  # said, and tried again: not a refusal
-                    self.outcome = {
-                        "version": wanted[0],
-                        "result": "waiting",
-                        "reason": str(err),
-                        "at": time.time(),
-                    }
-                log.warning("event=release_download_failed version=%s error=%s", wanted[0], err)
+                    self.outcome = _outcome(wanted[0], "waiting", reason=str(err))
+                    what = "waiting"
+                log.warning(
+                    "event=release_%s version=%s retry_in=%gs error=%s", what, wanted[0], delay, err
+                )
                 await self.clock.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
                 self._wake.set()
 
-    async def _after_root(self, wanted: tuple[str, str], since: float) -> None:
-        """What the root helper made of the release staged at ``since``: once it has taken it
-        (``DATA/ota/staged.json`` gone), a switch or a refusal ends this; ``waiting`` (no room
-        to install) or no outcome at all (none it could save on a full disk) stages it again
-        after a backoff that doubles for the same release."""
+    async def _after_root(
+        self, wanted: tuple[str, str], since: float, root_free: int | None
+    ) -> None:
+        """What the root helper made of the release staged at ``since`` (``root_free`` bytes
+        free in the release root then): once it has taken it (``DATA/ota/staged.json`` gone), a
+        switch or a refusal ends this; ``waiting`` (no room to install) or no outcome at all
+        (none it could save on a full disk) stages it again after a backoff that doubles for
+        the same release, once there is more room (:meth:`_wait_for_room`)."""
         staged = self.data_dir / OTA_DIR / STAGED_FILE
         while self._wanted == wanted:
             await self.clock.sleep(ROOT_POLL)
@@ -185,11 +208,14 @@ class UpdateController:
                 if outcome.get("result") == "refused":
                     self._refused = wanted
                 return
+            reason = str(outcome.get("reason", "the root helper took it and saved no outcome"))
+            if root_free is not None:
+                self._no_room = (wanted, root_free, reason)
             log.warning(
                 "event=release_install_waiting version=%s retry_in=%gs reason=%s",
                 wanted[0],
                 self._root_delay,
-                outcome.get("reason", "the root helper took it and saved no outcome"),
+                reason,
             )
             await self.clock.sleep(self._root_delay)
             self._root_delay = min(self._root_delay * 2, RETRY_MAX)
@@ -197,7 +223,32 @@ class UpdateController:
                 self._wake.set()
             return
 
-    async def _stage(self, version: str, sha256: str) -> None:
+    def _wait_for_room(self, wanted: tuple[str, str]) -> None:
+        """NotNow (``waiting``, with the reason) while the release root has no more room (by
+        :data:`ROOM_GAIN`) than when the root helper last had too little for ``wanted``: the
+        kept file is not handed over again for it to fail the same way."""
+        if self._no_room is None or self._no_room[0] != wanted:
+            return
+        _, then, reason = self._no_room
+        free = root_free(self.settings.root)
+        if free is not None and free < then + ROOM_GAIN:
+            raise NotNow(
+                f"release {wanted[0]}: the root helper had no room to install it ({reason}); "
+                f"{free} bytes free in {self.settings.root}, {then} when it tried; waiting for "
+                "free space"
+            )
+        self._no_room = None
+
+    def _drop_unwanted(self) -> None:
+        """Remove what ``DATA/ota`` holds of releases that are not to be staged (a kept release
+        file counts against the disk budget), but the one ``staged.json`` hands to the root
+        helper now."""
+        ota = self.data_dir / OTA_DIR
+        if ota.is_dir():
+            drop_unwanted(ota, staged_version(self.data_dir), suffixes=KEPT_SUFFIXES)
+
+    async def _stage(self, version: str, sha256: str) -> Staged:
+        self._wait_for_room((version, sha256))
         assert self.settings.public_key is not None
         try:
             key = load_public_key(self.settings.public_key)
@@ -218,12 +269,8 @@ class UpdateController:
             )
         finally:
             await fetcher.close()
-        self.outcome = {
-            "version": version,
-            "result": "staged",
-            "bytes": staged.manifest.size,
-            "at": time.time(),
-        }
+        self.outcome = _outcome(version, "staged", bytes=staged.manifest.size)
+        return staged
 
 
 def build_updates(agent: Any) -> UpdateController | None:

@@ -18,6 +18,10 @@ The agent (:func:`stage`; its sandbox cannot write /opt/edge-agent):
    may have lost blocks in a power cut (they reach the card only when synced, its size may be
    kept without them), so it is dropped and the file fetched once more from the start; only a
    whole fresh download that does not match refuses the release.
+   A ``<version>.release`` already there (kept by the root helper, which had no room to install
+   it) is staged again without a block fetched once its size and SHA-256 match the manifest;
+   one that does not is removed and the release fetched again. The files of other versions
+   (partial, kept) are removed first: ``DATA/ota`` holds one release at a time.
 
 The root helper (:func:`apply_staged`, ``python -m agent.ota.updater apply`` run by
 edge-agent-update.service when edge-agent-update.path sees ``staged.json``):
@@ -29,6 +33,10 @@ edge-agent-update.service when edge-agent-update.path sees ``staged.json``):
    strand the data (agent/ota/compat.py);
 5. the switch (agent/ota/bootcheck.py) and a restart of edge-agent.service into the new release,
    where the boot counter takes over.
+
+The staged files in ``DATA/ota`` are removed once the release is switched to or refused; when
+the helper has no room to install it (``waiting``) only ``staged.json`` is, and the checked file
+and manifest stay for the agent to hand over again (agent/ota/controller.py).
 
 Refusals raise :class:`~agent.ota.release.ReleaseError` (that release is not tried again); link
 failures raise SyncError (the partial file stays, the next attempt resumes it), and so do the
@@ -71,6 +79,9 @@ INITIAL_VERSION = "initial"  # the release name of the first install's venv (boo
 MAX_STAGED_BYTES = 1 << 16  # staged.json is a few dozen bytes; the root helper reads no more
 TAKEN_FILE = ".staged.release"  # in the release root: root's copy of the staged release file
 MIRROR_PREFIX = "release-"  # DATA/ota/release-V.part: a gateway mirror's (gateway/releases.py)
+#: what DATA/ota holds of a release: its partial download, its verified file and manifest (kept
+#: while the root helper has no room to install it, and while it is still the one wanted)
+KEPT_SUFFIXES = (".part", ".release", ".manifest")
 
 
 class ReleaseFetcher(ModelFetcher):
@@ -98,31 +109,50 @@ class Staged:
     version: str
     manifest: ReleaseManifest
     file: Path
-    stats: FetchStats
+    stats: FetchStats  # nothing fetched when a kept file was staged again
+    root_free: int | None = None  # free bytes in the release root as it was handed over
 
 
 def partial_path(data_dir: Path, version: str) -> Path:
     return data_dir / OTA_DIR / f"{version}.part"
 
 
-def drop_other_partials(directory: Path, keep: Path, prefix: str = "") -> list[str]:
-    """Remove the partial downloads ``<prefix>*.part`` in ``directory`` but ``keep``: those of
-    a release no longer wanted (its assignment moved on, or was withdrawn, while it was being
-    fetched). Nothing else resumes them, and each could hold up to a whole release file (tens
-    of MB) for as long as the device runs. Without a prefix, a gateway mirror's partials
-    (:data:`MIRROR_PREFIX`, in the same directory) are left alone. The names removed."""
+def drop_unwanted(
+    directory: Path, keep: str | None, prefix: str = "", suffixes: Sequence[str] = (".part",)
+) -> list[str]:
+    """Remove the files ``<prefix>VERSION<suffix>`` in ``directory`` but those of ``keep`` (a
+    ``<prefix>VERSION``): by default the partial downloads of a release no longer wanted (its
+    assignment moved on, or was withdrawn, while it was being fetched); with
+    :data:`KEPT_SUFFIXES` also a verified release file kept for a later install, and its
+    manifest. Nothing else resumes or installs them, and each could hold up to a whole release
+    file (tens of MB) for as long as the device runs. Without a prefix, a gateway mirror's
+    partials (:data:`MIRROR_PREFIX`, in the same directory) are left alone. The names
+    removed."""
     dropped = []
-    for part in sorted(directory.glob(f"{prefix}*.part")):
-        if part == keep or (not prefix and part.name.startswith(MIRROR_PREFIX)):
+    found = sorted(p for suffix in suffixes for p in directory.glob(f"{prefix}*{suffix}"))
+    for path in found:
+        stem = path.name[: -len(path.suffix)]
+        if stem == keep or (not prefix and path.name.startswith(MIRROR_PREFIX)):
             continue
         try:
-            part.unlink()
+            path.unlink()
         except OSError as err:
-            log.warning("event=release_partial_not_removed path=%s error=%s", part, err)
+            log.warning("event=release_partial_not_removed path=%s error=%s", path, err)
             continue
-        dropped.append(part.name)
-        log.info("event=release_partial_removed path=%s reason=not_wanted", part)
+        dropped.append(path.name)
+        what = "partial" if path.suffix == ".part" else "kept"
+        log.info("event=release_%s_removed path=%s reason=not_wanted", what, path)
     return dropped
+
+
+def staged_version(data_dir: Path) -> str | None:
+    """The version ``DATA/ota/staged.json`` hands to the root helper; None without one."""
+    try:
+        staged = loads_json((data_dir / OTA_DIR / STAGED_FILE).read_bytes()[:MAX_STAGED_BYTES])
+    except (OSError, ValueError):
+        return None
+    version = staged.get("version") if isinstance(staged, dict) else None
+    return version if isinstance(version, str) else None
 
 
 async def _download(
@@ -242,36 +272,76 @@ async def stage(
             f"release {version}: the endpoint serves SHA-256 {manifest.sha256[:16]}..., the "
             f"desired agent/version says {sha256[:16]}...; refused"
         )
-    part = partial_path(data_dir, version)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    drop_other_partials(part.parent, part)  # one release is staged at a time
+    ota = data_dir / OTA_DIR
+    ota.mkdir(parents=True, exist_ok=True)
+    drop_unwanted(ota, version, suffixes=KEPT_SUFFIXES)  # one release is staged at a time
+    part, file = partial_path(data_dir, version), ota / f"{version}.release"
+    if await asyncio.to_thread(_kept, manifest, file):
+        _drop(part)
+        _check_budget(manifest, file, budget_bytes, root)  # room for the root helper's part
+        stats = FetchStats()
+    else:
+        stats = await _fetch(fetcher, manifest, part, budget_bytes, root)
+        os.replace(part, file)
+    write_atomic(ota / f"{version}.manifest", manifest.to_cbor())
+    free = root_free(root)  # as it is handed over: a retry waits for more (controller.py)
+    staged = {"version": version, "max_attempts": max_attempts, "health_window": health_window}
+    write_atomic(ota / STAGED_FILE, json.dumps(staged).encode())
+    log.info("event=release_staged version=%s bytes=%d", version, manifest.size)
+    return Staged(version, manifest, file, stats, free)
+
+
+def root_free(root: Path | None) -> int | None:
+    """Free bytes in the release root (as the agent's user may use them); None without one."""
+    return shutil.disk_usage(root).free if root is not None and root.exists() else None
+
+
+def _kept(manifest: ReleaseManifest, file: Path) -> bool:
+    """``file`` is the release the (verified) manifest signs, kept from an earlier staging the
+    root helper had no room to install. One that is there and does not match (rewritten or
+    torn since; or not a regular file) is removed: it is fetched again."""
+    if not os.path.lexists(file):
+        return False
+    try:
+        check_file(manifest, file)
+    except (ReleaseError, OSError) as err:
+        _drop(file)
+        log.warning("event=release_kept_dropped version=%s error=%s", manifest.version, err)
+        return False
+    log.info("event=release_kept version=%s bytes=%d", manifest.version, manifest.size)
+    return True
+
+
+async def _fetch(
+    fetcher: ReleaseFetcher,
+    manifest: ReleaseManifest,
+    part: Path,
+    budget_bytes: int | None,
+    root: Path | None,
+) -> FetchStats:
+    """Download ``part`` (resuming it) and check it against the manifest. A resumed partial
+    that does not match is fetched once more from the start; a fresh one that does not match
+    refuses the release (ReleaseError, the partial removed)."""
     stats = await _download(fetcher, manifest, part, budget_bytes, root)
     try:
         check_file(manifest, part)
     except ReleaseError:
-        part.unlink()
+        _drop(part)
         if not stats.resumed_from:
             raise
         # a kept partial, perhaps torn by a power cut: once more from the start, then decide
         log.warning(
             "event=release_partial_dropped version=%s resumed_from=%d reason=sha256_mismatch",
-            version,
+            manifest.version,
             stats.resumed_from,
         )
         stats = await _download(fetcher, manifest, part, budget_bytes, root)
         try:
             check_file(manifest, part)
         except ReleaseError:
-            part.unlink()
+            _drop(part)
             raise
-    ota = data_dir / OTA_DIR
-    write_atomic(ota / f"{version}.manifest", manifest.to_cbor())
-    file = ota / f"{version}.release"
-    os.replace(part, file)
-    staged = {"version": version, "max_attempts": max_attempts, "health_window": health_window}
-    write_atomic(ota / STAGED_FILE, json.dumps(staged).encode())
-    log.info("event=release_staged version=%s bytes=%d", version, manifest.size)
-    return Staged(version, manifest, file, stats)
+    return stats
 
 
 def apply_staged(
@@ -319,6 +389,7 @@ def apply_staged(
     )
     names = [f"{OTA_DIR}/{version}.release", f"{OTA_DIR}/{version}.manifest", staged_name]
     copy = root / TAKEN_FILE  # root's copy of the release file, the one unpacked
+    leftovers = names  # removed once done: all of them but when there was no room
     try:
         data = bootcheck.read_data(data_dir, names[1], MAX_MANIFEST_BYTES)
         manifest = ReleaseManifest.from_cbor(data, f"staged release {version}")
@@ -328,8 +399,6 @@ def apply_staged(
         floor.check_root(manifest, root)
         root.mkdir(parents=True, exist_ok=True)
         take(manifest, data_dir, names[0], copy)
-        with contextlib.suppress(OSError):
-            bootcheck.remove_data(data_dir, names[0])  # checked and copied: free its space now
         if not (root / bootcheck.CURRENT).is_symlink():
             bootcheck.adopt(root, INITIAL_VERSION)
         rel = install(root, manifest, copy, python=python, site=site)
@@ -341,6 +410,8 @@ def apply_staged(
         # no room on the device's disk is its own condition: ``waiting``, and the agent stages
         # the release again later (controller.py); anything else is a refusal
         result = "waiting" if isinstance(err, NotNow) or no_room(err) else "refused"
+        if result == "waiting":  # the checked file and manifest stay: staged again, not fetched
+            leftovers = names[2:]
         log.error("event=release_%s version=%s error=%s", result, version, err)
         _drop_incomplete(root, version)
         doc = bootcheck.load(root)
@@ -359,7 +430,7 @@ def apply_staged(
     finally:
         with contextlib.suppress(OSError):
             copy.unlink()
-        for leftover in names:
+        for leftover in leftovers:
             with contextlib.suppress(OSError):
                 bootcheck.remove_data(data_dir, leftover)
     return version

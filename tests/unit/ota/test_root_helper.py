@@ -370,7 +370,8 @@ def test_a_full_disk_that_cannot_take_the_outcome_either_is_said_not_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """ENOSPC during the copy, then again writing update.json: logged, no traceback, nothing
-    left; the agent sees no outcome and stages the release again (test_stage.py)."""
+    left in the release root; the agent sees no outcome and stages the release again from the
+    file kept in DATA/ota (test_stage.py)."""
     import errno
 
     root, data = dirs
@@ -387,4 +388,32 @@ def test_a_full_disk_that_cannot_take_the_outcome_either_is_said_not_raised(
     assert "event=release_waiting version=9.9" in caplog.text
     assert "event=release_outcome_unsaved version=9.9" in caplog.text
     assert not (data / updater.OTA_DIR / updater.STAGED_FILE).exists()
+    assert not (root / bootcheck.RELEASES / "9.9").exists()
+
+
+@pytest.mark.parametrize("full_at", ["take", "install"])
+def test_no_room_keeps_the_checked_file_and_manifest_for_the_next_try(
+    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full_at: str
+) -> None:
+    """Was: whatever the outcome, the staged file and its manifest were removed (the file right
+    after root's copy of it): the agent then fetched the whole release again for every retry.
+    Now a ``waiting`` (ENOSPC copying it or installing it) leaves them in DATA/ota as they were,
+    takes staged.json (the helper is not started again until the agent stages it) and leaves
+    nothing in the release root; a refusal still removes them (the tests above)."""
+    import errno
+
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(updater, full_at, no_room)
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert outcome(root)["result"] == "waiting"
+    assert sorted(p.name for p in ota.iterdir()) == ["9.9.manifest", "9.9.release"]
+    assert (ota / "9.9.release").read_bytes() == file
+    assert (ota / "9.9.manifest").read_bytes() == m.to_cbor()
+    assert not (root / updater.TAKEN_FILE).exists()
     assert not (root / bootcheck.RELEASES / "9.9").exists()

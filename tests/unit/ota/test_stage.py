@@ -1,7 +1,8 @@
 """Staging a release on the device (agent/ota/updater.py :func:`stage`) from a real endpoint on
 loopback: a partial download torn by a power cut is fetched again instead of refusing a good
 release; a file that does not match after a fresh download is still refused; the partial is
-fsynced as it grows."""
+fsynced as it grows; a verified release the root helper had no room to install is kept and
+handed over again, not fetched again, once there is more room."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import asyncio
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.modelstore.fetch import FetchStats
 from agent.modelstore.signing import load_public_key
 from agent.ota import bootcheck, updater
 from agent.ota.controller import UpdateController
@@ -28,7 +31,7 @@ from agent.ota.updater import ReleaseFetcher, partial_path, stage
 from agent.sync.transport import CoapTransport
 from cloud.cli import main as cloud_main
 from cloud.server import CloudServer
-from drivers.clock import RealClock
+from drivers.clock import RealClock, ScaledClock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,10 +46,24 @@ class Endpoint:
     pub: Path
     file: Path  # the stored release file
     sha256: str
+    downloads: list[FetchStats] = field(default_factory=list)  # of the release file, by anyone
 
     def fetcher(self) -> ReleaseFetcher:
         uri = f"coap://127.0.0.1:{self.server.port}"
-        return ReleaseFetcher(CoapTransport(RealClock(), lanes=2), uri, **FAST)
+        return CountingFetcher(CoapTransport(RealClock(), lanes=2), uri, self.downloads, **FAST)
+
+
+class CountingFetcher(ReleaseFetcher):
+    """The device's fetcher, counting the downloads of release files it makes."""
+
+    def __init__(self, transport: Any, uri: str, downloads: list[FetchStats], **kw: Any) -> None:
+        super().__init__(transport, uri, **kw)
+        self.downloads = downloads
+
+    async def download(self, *args: Any, **kwargs: Any) -> FetchStats:
+        stats = await super().download(*args, **kwargs)
+        self.downloads.append(stats)
+        return stats
 
 
 def make_bundle(directory: Path) -> Path:
@@ -141,11 +158,12 @@ async def test_a_fresh_download_that_does_not_match_is_still_refused(
     assert not (data / "ota" / updater.STAGED_FILE).exists()
 
 
-def controller(endpoint: Endpoint, tmp_path: Path) -> UpdateController:
+def controller(endpoint: Endpoint, tmp_path: Path, clock: Any = None) -> UpdateController:
     """The agent's update stage (data in ``tmp_path / "data"``), release 2 desired."""
     settings = UpdateSettings(root=tmp_path / "opt", public_key=endpoint.pub)
     data = tmp_path / "data"
-    ctl = UpdateController(settings, data, endpoint.fetcher, RealClock(), lambda: False)
+    clock = clock or RealClock()
+    ctl = UpdateController(settings, data, endpoint.fetcher, clock, lambda: False)
     ctl.apply({"version": "2", "sha256": endpoint.sha256})
     return ctl
 
@@ -231,13 +249,7 @@ async def test_a_release_the_free_space_cannot_hold_waits_and_is_staged_once_the
     from cloud import releasestore, rollout
 
     room = {"free": 1000}
-    real = updater.shutil.disk_usage
-
-    def usage(path: object) -> object:
-        u = real(path)  # type: ignore[arg-type]
-        return type(u)(u.total, u.used, room["free"])
-
-    monkeypatch.setattr(updater.shutil, "disk_usage", usage)
+    no_room_but(room, monkeypatch)
     monkeypatch.setattr(update_stage, "RETRY_BASE", 0.05)
     part = partial_path(tmp_path / "data", "2")
     ctl = controller(endpoint, tmp_path)
@@ -296,13 +308,7 @@ def test_the_free_space_counts_the_root_helpers_copy_and_unpacked_bundle(
     root = tmp_path / "opt"
     root.mkdir()
     room = {"free": 2 * manifest.size}
-    real = updater.shutil.disk_usage
-
-    def usage(path: object) -> object:
-        u = real(path)  # type: ignore[arg-type]
-        return type(u)(u.total, u.used, room["free"])
-
-    monkeypatch.setattr(updater.shutil, "disk_usage", usage)
+    no_room_but(room, monkeypatch)
     updater._check_budget(manifest, part, None)  # the download alone fits
     with pytest.raises(NotNow, match="the root helper's copy and its unpacked bundle"):
         updater._check_budget(manifest, part, None, root)
@@ -318,49 +324,145 @@ async def until(done: Any, seconds: float = 30.0) -> None:
     raise AssertionError(f"not within {seconds} s: {done}")
 
 
-async def test_a_release_the_root_helper_had_no_room_to_install_is_staged_again(
+class RecordingClock(ScaledClock):
+    """The agent's intervals and backoffs at 20,000 times real speed, each one recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(20_000.0)
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await super().sleep(seconds)
+
+
+def no_room_but(room: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``shutil.disk_usage`` says ``room["free"]`` bytes are free, wherever it is asked."""
+    real = updater.shutil.disk_usage
+
+    def usage(path: object) -> object:
+        u = real(path)  # type: ignore[arg-type]
+        return type(u)(u.total, u.used, room["free"])
+
+    monkeypatch.setattr(updater.shutil, "disk_usage", usage)
+
+
+async def test_a_release_the_root_helper_had_no_room_for_is_kept_and_not_fetched_again(
     endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Was: ENOSPC while the root helper copied or installed a staged release was recorded
-    ``refused`` (a refusal stops the group's roll-out) and the agent never staged it again. Now
-    the helper records ``waiting`` and the agent stages it again after a backoff; a refusal by
+    """Was: the root helper removed the verified file, its manifest and staged.json whatever the
+    outcome (the file even before the install, right after its copy), so every ``waiting``
+    (ENOSPC installing) was followed by a download of the whole release again, up to every
+    30 min, on a metered link, with no more room than before. Now the helper keeps the file and
+    its manifest; the agent hands them over again (the SHA-256 checked again, nothing fetched)
+    only once the release root has more room than at the hand-off that failed, and meanwhile
+    reports ``waiting`` saying why, tried again with a backoff capped at RETRY_MAX. A refusal by
     the helper still ends it. The real helper (apply_staged) runs each time the agent stages."""
     from agent.ota import controller as update_stage
 
-    monkeypatch.setattr(update_stage, "ROOT_POLL", 0.05)
-    monkeypatch.setattr(update_stage, "RETRY_BASE", 0.05)
+    room = {"free": 1 << 30}  # enough for the agent's own check (three times the file)
+    no_room_but(room, monkeypatch)
     answers: list[Exception] = [
-        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),  # pip, say, filled the disk
         ReleaseError("release 2: refused by the test"),
     ]
 
-    def take(*args: object) -> None:
+    def install(*args: object, **kwargs: object) -> None:
         raise answers.pop(0)
 
-    monkeypatch.setattr(updater, "take", take)
+    monkeypatch.setattr(updater, "install", install)
     root, data = tmp_path / "opt", tmp_path / "data"
     root.mkdir()
     key = load_public_key(endpoint.pub)
     staged = data / "ota" / updater.STAGED_FILE
-    ctl = controller(endpoint, tmp_path)
+    clock = RecordingClock()
+    ctl = controller(endpoint, tmp_path, clock)
     loop = asyncio.create_task(ctl._stage_loop())
     outcomes = []
     try:
-        for _ in range(2):
-            await until(staged.exists)
-            assert updater.apply_staged(root, data, key) is None
-            outcomes.append(updater.report(root)["outcome"])
+        await until(staged.exists)
+        assert updater.apply_staged(root, data, key) is None
+        outcomes.append(updater.report(root)["outcome"])
+        assert sorted(p.name for p in (data / "ota").iterdir()) == ["2.manifest", "2.release"]
+        # no more room than before: not handed over again, nothing fetched, said, backoff capped
+        await until(lambda: clock.sleeps.count(update_stage.RETRY_MAX) >= 3)
+        assert max(clock.sleeps) == update_stage.RETRY_MAX
+        assert not staged.exists() and len(endpoint.downloads) == 1
+        said = ctl.reported()["agent/update"]
+        assert said["result"] == "waiting", said
+        assert "the root helper had no room to install it" in said["reason"]
+        assert os.strerror(errno.ENOSPC) in said["reason"]
+        room["free"] += update_stage.ROOM_GAIN  # the queue drained, say
+        await until(staged.exists)
+        assert len(endpoint.downloads) == 1  # the kept file, handed over again
+        assert updater.apply_staged(root, data, key) is None
+        outcomes.append(updater.report(root)["outcome"])
         await until(lambda: ctl._refused is not None)
-        await asyncio.sleep(0.3)  # several polls: not staged a third time
-        assert not staged.exists()
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
     assert [o["result"] for o in outcomes] == ["waiting", "refused"]  # type: ignore[index]
     assert os.strerror(errno.ENOSPC) in outcomes[0]["reason"]  # type: ignore[index]
+    assert list((data / "ota").iterdir()) == []
     assert not (root / updater.TAKEN_FILE).exists()
     assert not (root / bootcheck.RELEASES / "2").exists()
     assert ctl._after is not None and ctl._after.done()
+
+
+async def test_a_kept_release_is_staged_again_unfetched_and_one_altered_since_is_fetched(
+    endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Staging a release whose verified file the root helper kept (it had no room) fetches no
+    block; the file's size and SHA-256 are checked again first, and a kept file that no longer
+    matches (altered at rest) is removed and the release fetched again."""
+    caplog.set_level(logging.INFO, logger=updater.__name__)
+    data = tmp_path / "data"
+    ota = data / "ota"
+    size = endpoint.file.stat().st_size
+    await stage_from(endpoint, data)
+    (ota / updater.STAGED_FILE).unlink()  # taken by the root helper, which had no room
+    again = await stage_from(endpoint, data)
+    assert again.stats.bytes == 0 and [d.bytes for d in endpoint.downloads] == [size]
+    assert again.file.read_bytes() == endpoint.file.read_bytes()
+    assert (ota / updater.STAGED_FILE).exists()
+    assert "event=release_kept version=2" in caplog.text
+    (ota / updater.STAGED_FILE).unlink()
+    altered = bytearray(again.file.read_bytes())
+    altered[7 * BLOCK] ^= 0x01
+    again.file.write_bytes(bytes(altered))
+    third = await stage_from(endpoint, data)
+    assert third.stats.bytes == size and third.file.read_bytes() == endpoint.file.read_bytes()
+    assert "event=release_kept_dropped version=2" in caplog.text
+
+
+async def test_a_kept_release_no_longer_wanted_is_removed(
+    endpoint: Endpoint, tmp_path: Path
+) -> None:
+    """A kept release file counts against ``[update] disk_budget_mb``, so only the wanted one
+    stays: staging another removes it, and so does withdrawing the assignment, except while
+    ``staged.json`` still hands it to the root helper."""
+    data = tmp_path / "data"
+    ota = data / "ota"
+    ota.mkdir(parents=True)
+    for name in ("1.5.release", "1.5.manifest"):  # kept, then the assignment moved on to 2
+        (ota / name).write_bytes(b"x" * BLOCK)
+    await stage_from(endpoint, data)
+    assert sorted(p.name for p in ota.iterdir()) == ["2.manifest", "2.release", "staged.json"]
+    ctl = controller(endpoint, tmp_path)
+    ctl.apply(None)  # withdrawn while the root helper has yet to take 2
+    loop = asyncio.create_task(ctl._stage_loop())
+    try:
+        gone = ota / "1.6.part"  # seen gone: the stage loop has looked
+        gone.write_bytes(b"x")
+        await until(lambda: not gone.exists())
+        assert sorted(p.name for p in ota.iterdir()) == ["2.manifest", "2.release", "staged.json"]
+        (ota / updater.STAGED_FILE).unlink()  # taken; it had no room
+        ctl.apply(None)
+        await until(lambda: not (ota / "2.release").exists())
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert list(ota.iterdir()) == []
 
 
 async def test_partials_of_releases_no_longer_wanted_do_not_pile_up(
