@@ -51,10 +51,11 @@ signed ``rollback_index`` of the release it switches to (``pending_index``) and 
 raises the floor to it, so the floor is the highest index of a release confirmed here.
 
 The data directory is the agent's (``edge-agent``, which may be compromised): whatever this
-module and the root helper read or remove there goes through :func:`open_data` and
-:func:`remove_data`, which follow no link in it (every component below the data directory is
-opened with ``O_NOFOLLOW``), never block (``O_NONBLOCK``: a FIFO, a lease), take a regular file
-of one name only and read a bounded number of bytes (:func:`read_data`).
+module and the root helper read, remove or move there goes through :func:`open_data`,
+:func:`remove_data` and :func:`give_data`, which follow no link in it (every component below
+the data directory is opened with ``O_NOFOLLOW``), never block (``O_NONBLOCK``: a FIFO, a
+lease), take a regular file of one name only and read a bounded number of bytes
+(:func:`read_data`).
 
 Logging: one ``key=value`` line on stderr per decision (journald keeps it).
 """
@@ -250,6 +251,46 @@ def remove_data(data_dir: Path, relative: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+    finally:
+        os.close(parent)
+
+
+def data_device(data_dir: Path, relative: str) -> int:
+    """The filesystem (``st_dev``) of the directory holding ``data_dir/relative``, that directory
+    opened as :func:`open_data` opens it (no link followed on the way)."""
+    parent, _ = _data_parent(data_dir, relative)
+    try:
+        return os.fstat(parent).st_dev
+    finally:
+        os.close(parent)
+
+
+def give_data(data_dir: Path, relative: str, src_dir: Path, src: str, mode: int) -> None:
+    """Move root's file ``src_dir/src`` to ``data_dir/relative`` by rename (one filesystem: no
+    room needed, atomic; OSError EXDEV else), into the directory :func:`open_data` would open
+    (no link followed on the way; a link or a file at the last name is replaced, not followed).
+    It gets the data directory's owner (as root) and ``mode`` (permission bits only), and is
+    fsynced before the rename and both directories after it: a power cut leaves the whole file
+    there, or none."""
+    owner = os.stat(data_dir)
+    parent, name = _data_parent(data_dir, relative)
+    try:
+        sfd = os.open(src_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=sfd)
+            try:
+                if os.geteuid() == 0:
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+                os.fchmod(fd, stat.S_IMODE(mode) & 0o777)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(src, name, src_dir_fd=sfd, dst_dir_fd=parent)
+            for directory in (parent, sfd):
+                with contextlib.suppress(OSError):
+                    os.fsync(directory)
+        finally:
+            os.close(sfd)
     finally:
         os.close(parent)
 

@@ -273,14 +273,16 @@ def check_file(manifest: ReleaseManifest, file: Path) -> None:
         _checked_copy(manifest, src, str(file))
 
 
-def take(manifest: ReleaseManifest, data_dir: Path, relative: str, dest: Path) -> None:
+def take(manifest: ReleaseManifest, data_dir: Path, relative: str, dest: Path) -> os.stat_result:
     """Copy the staged release file ``data_dir/relative`` (the agent's) into ``dest`` (root's,
     made here, mode 0600), checked against the (verified) manifest as it is copied: what the
     root helper unpacks is then its own copy, which the agent can neither swap for another file
     nor rewrite after the check. ReleaseError (``dest`` removed) when it is not the signed file;
-    OSError when it cannot be read as one (bootcheck.open_data: a link, a FIFO, ...)."""
+    OSError when it cannot be read as one (bootcheck.open_data: a link, a FIFO, ...). The
+    status of the file copied (its mode goes with the copy when it is given back: updater.py)."""
     label = str(data_dir / relative)
     with os.fdopen(bootcheck.open_data(data_dir, relative), "rb") as src:
+        copied = os.fstat(src.fileno())
         with contextlib.suppress(FileNotFoundError):
             dest.unlink()  # a leftover of a power cut
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -291,6 +293,7 @@ def take(manifest: ReleaseManifest, data_dir: Path, relative: str, dest: Path) -
             with contextlib.suppress(OSError):
                 dest.unlink()
             raise
+    return copied
 
 
 def check_listing(manifest: ReleaseManifest) -> dict[str, str]:

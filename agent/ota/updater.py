@@ -36,7 +36,11 @@ edge-agent-update.service when edge-agent-update.path sees ``staged.json``):
 
 The staged files in ``DATA/ota`` are removed once the release is switched to or refused; when
 the helper has no room to install it (``waiting``) only ``staged.json`` is, and the checked file
-and manifest stay for the agent to hand over again (agent/ota/controller.py).
+and manifest stay for the agent to hand over again (agent/ota/controller.py). Where ``DATA/ota``
+and the release root are one filesystem (the usual device), the agent's file is removed as soon
+as root's checked copy of it is made, so that it does not hold room the install needs; on
+``waiting`` that copy is renamed back to ``DATA/ota/<version>.release`` (no room needed). On two
+filesystems the agent's file stays during the install: it takes no room from the release root.
 
 Refusals raise :class:`~agent.ota.release.ReleaseError` (that release is not tried again); link
 failures raise SyncError (the partial file stays, the next attempt resumes it), and so do the
@@ -360,7 +364,9 @@ def apply_staged(
     Everything read in ``DATA/ota`` (the agent's, which may be compromised) is read with
     bootcheck.read_data (no link followed, no FIFO waited on, a regular file, bounded) and
     removed with bootcheck.remove_data; the release file is copied into the release root and
-    checked as it is copied (release.take), and only that copy is unpacked. The rollback floor
+    checked as it is copied (release.take), and only that copy is unpacked. On one filesystem
+    with the release root, the agent's file is removed right after that copy, and the copy
+    moved back with bootcheck.give_data when there is no room to install it. The rollback floor
     is the release root's own (floor.check_root), never DATA/ota/floors.json."""
     staged_name = f"{OTA_DIR}/{STAGED_FILE}"
     try:
@@ -390,6 +396,7 @@ def apply_staged(
     names = [f"{OTA_DIR}/{version}.release", f"{OTA_DIR}/{version}.manifest", staged_name]
     copy = root / TAKEN_FILE  # root's copy of the release file, the one unpacked
     leftovers = names  # removed once done: all of them but when there was no room
+    freed: int | None = None  # the mode of the agent's file, when it was removed after the copy
     try:
         data = bootcheck.read_data(data_dir, names[1], MAX_MANIFEST_BYTES)
         manifest = ReleaseManifest.from_cbor(data, f"staged release {version}")
@@ -398,7 +405,12 @@ def apply_staged(
         manifest.verify(key)
         floor.check_root(manifest, root)
         root.mkdir(parents=True, exist_ok=True)
-        take(manifest, data_dir, names[0], copy)
+        copied = take(manifest, data_dir, names[0], copy)
+        if one_filesystem(root, data_dir, names[0]):
+            # the agent's file would hold room the install needs: freed now, given back if not
+            with contextlib.suppress(OSError):
+                if bootcheck.remove_data(data_dir, names[0]):
+                    freed = copied.st_mode
         if not (root / bootcheck.CURRENT).is_symlink():
             bootcheck.adopt(root, INITIAL_VERSION)
         rel = install(root, manifest, copy, python=python, site=site)
@@ -412,6 +424,8 @@ def apply_staged(
         result = "waiting" if isinstance(err, NotNow) or no_room(err) else "refused"
         if result == "waiting":  # the checked file and manifest stay: staged again, not fetched
             leftovers = names[2:]
+            if freed is not None:
+                _give_back(root, data_dir, names[0], freed, version)
         log.error("event=release_%s version=%s error=%s", result, version, err)
         _drop_incomplete(root, version)
         doc = bootcheck.load(root)
@@ -434,6 +448,29 @@ def apply_staged(
             with contextlib.suppress(OSError):
                 bootcheck.remove_data(data_dir, leftover)
     return version
+
+
+def one_filesystem(root: Path, data_dir: Path, relative: str) -> bool:
+    """The release root and the directory of ``data_dir/relative`` are one filesystem (the
+    usual device: /opt and /var/lib on the root filesystem); False when either cannot be
+    looked at (the agent's file then stays during the install, which is always safe)."""
+    try:
+        return os.stat(root).st_dev == bootcheck.data_device(data_dir, relative)
+    except OSError:
+        return False
+
+
+def _give_back(root: Path, data_dir: Path, relative: str, mode: int, version: str) -> None:
+    """Root's checked copy of the release becomes the agent's ``data_dir/relative`` again (it
+    was removed after the copy to leave its room to the install, which still had too little),
+    renamed there with the mode it had (bootcheck.give_data). When it cannot be, that is said
+    and the agent fetches the release again."""
+    try:
+        bootcheck.give_data(data_dir, relative, root, TAKEN_FILE, mode)
+    except OSError as err:
+        log.warning("event=release_kept_lost version=%s error=%s", version, err)
+        return
+    log.info("event=release_kept_given_back version=%s path=%s", version, data_dir / relative)
 
 
 def _drop_incomplete(root: Path, version: str) -> None:

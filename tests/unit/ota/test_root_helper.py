@@ -417,3 +417,83 @@ def test_no_room_keeps_the_checked_file_and_manifest_for_the_next_try(
     assert (ota / "9.9.manifest").read_bytes() == m.to_cbor()
     assert not (root / updater.TAKEN_FILE).exists()
     assert not (root / bootcheck.RELEASES / "9.9").exists()
+
+
+def install_without_room(ota: Path, seen: list[bool]) -> object:
+    """An install (updater.install) that runs out of room, noting whether the agent's file was
+    still in DATA/ota meanwhile."""
+    import errno
+
+    def install(*args: object, **kwargs: object) -> None:
+        seen.append(os.path.lexists(ota / "9.9.release"))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return install
+
+
+@pytest.mark.parametrize("one", [True, False], ids=["one_filesystem", "two_filesystems"])
+def test_no_room_on_one_filesystem_frees_the_file_during_the_install_and_gives_it_back(
+    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one: bool
+) -> None:
+    """Was (since the helper kept the file for ``waiting``): the agent's checked file stayed in
+    DATA/ota during the whole install (unpack, venv, pip), on the usual device on the release
+    root's filesystem: a release that just fitted before no longer did, and was ``waiting``
+    for good. Now, on one filesystem, it is removed as soon as root's checked copy is made and
+    that copy is renamed back (the agent's mode, the data directory's owner) when the install
+    has no room; on two filesystems it stays during the install, untouched."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+    (ota / "9.9.release").chmod(0o640)
+    before = (ota / "9.9.release").stat()
+    owner = (4242, 4243) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    if os.geteuid() == 0:
+        os.chown(data, *owner)  # the agent's data directory (edge-agent's on a device)
+    if not one:
+        monkeypatch.setattr(updater, "one_filesystem", lambda *args: False)
+    seen: list[bool] = []
+    monkeypatch.setattr(updater, "install", install_without_room(ota, seen))
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert seen == [not one]  # during the install: freed on one filesystem only
+    assert outcome(root)["result"] == "waiting"
+    assert sorted(p.name for p in ota.iterdir()) == ["9.9.manifest", "9.9.release"]
+    kept = (ota / "9.9.release").stat()
+    assert (ota / "9.9.release").read_bytes() == file
+    assert kept.st_mode & 0o7777 == 0o640
+    if one:
+        assert (kept.st_uid, kept.st_gid) == owner
+    else:
+        assert (kept.st_ino, kept.st_uid) == (before.st_ino, before.st_uid)  # never moved
+    assert not (root / updater.TAKEN_FILE).exists()
+    assert not (root / bootcheck.RELEASES / "9.9").exists()
+
+
+def test_attack_a_linked_ota_directory_planted_during_the_install_gets_no_file(
+    dirs: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent, while root installs, makes DATA/ota a link to a directory of its choosing,
+    where root's copy given back would land (root writing where the agent says). It is not
+    followed: the copy is not given back, that is said (no traceback), the outcome is
+    ``waiting`` as before and the agent fetches the release again (test_stage.py)."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    no_room = install_without_room(ota, [])
+
+    def install(*args: object, **kwargs: object) -> None:
+        ota.rename(data / "moved")
+        ota.symlink_to(elsewhere)
+        no_room()  # type: ignore[operator]
+
+    monkeypatch.setattr(updater, "install", install)
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert outcome(root)["result"] == "waiting"
+    assert "event=release_kept_lost version=9.9" in caplog.text
+    assert list(elsewhere.iterdir()) == []
+    assert sorted(p.name for p in (data / "moved").iterdir()) == ["9.9.manifest", "staged.json"]
+    assert not (root / updater.TAKEN_FILE).exists()

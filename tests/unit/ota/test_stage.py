@@ -435,6 +435,49 @@ async def test_a_kept_release_is_staged_again_unfetched_and_one_altered_since_is
     assert "event=release_kept_dropped version=2" in caplog.text
 
 
+async def test_a_release_freed_during_the_install_is_given_back_and_staged_again_unfetched(
+    endpoint: Endpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """DATA and the release root on one filesystem (the usual device): the real root helper
+    removes the agent's file once its checked copy is made, so the file does not hold room the
+    install needs (was: it stayed during the whole install since the helper kept it for
+    ``waiting``). When the install still has no room the copy is renamed back, and staging
+    again fetches nothing. When it cannot be given back, that is said and the release is
+    fetched again, not refused."""
+    seen: list[bool] = []
+
+    def install(*args: object, **kwargs: object) -> None:
+        seen.append((data / "ota" / "2.release").exists())
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(updater, "install", install)
+    root, data = tmp_path / "opt", tmp_path / "data"
+    key = load_public_key(endpoint.pub)
+    await stage_from(endpoint, data)
+    assert updater.apply_staged(root, data, key) is None
+    assert seen == [False]  # freed for the install
+    assert updater.report(root)["outcome"]["result"] == "waiting"  # type: ignore[index]
+    assert (data / "ota" / "2.release").read_bytes() == endpoint.file.read_bytes()
+    again = await stage_from(endpoint, data)
+    assert again.stats.bytes == 0 and len(endpoint.downloads) == 1  # given back, not fetched
+
+    def lost(*args: object) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(bootcheck, "give_data", lost)
+    assert updater.apply_staged(root, data, key) is None
+    assert updater.report(root)["outcome"]["result"] == "waiting"  # type: ignore[index]
+    assert "event=release_kept_lost version=2" in caplog.text
+    assert not (data / "ota" / "2.release").exists()
+    assert not (root / updater.TAKEN_FILE).exists()
+    third = await stage_from(endpoint, data)
+    assert len(endpoint.downloads) == 2 and third.stats.bytes == endpoint.file.stat().st_size
+    assert third.file.read_bytes() == endpoint.file.read_bytes()
+
+
 async def test_a_kept_release_no_longer_wanted_is_removed(
     endpoint: Endpoint, tmp_path: Path
 ) -> None:
