@@ -15,7 +15,7 @@ import math
 import selectors
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -38,16 +38,8 @@ class Clock(Protocol):
     async def run_blocking(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call on ``executor`` (None: the loop's default) and await its result."""
 
-    def submit_blocking(
-        self, executor: Executor | None, fn: Callable[..., T], *args: Any
-    ) -> asyncio.Future[T]:
-        """Hand a blocking call to ``executor`` and return its future (no task: what the loop
-        runs for it is the done callbacks); :meth:`run_blocking` awaits one."""
 
-
-def _run_in_executor(
-    executor: Executor | None, fn: Callable[..., T], *args: Any
-) -> asyncio.Future[T]:
+def _run_in_executor(executor: Executor | None, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
     loop = asyncio.get_running_loop()
     ctx = contextvars.copy_context()
     return loop.run_in_executor(executor, functools.partial(ctx.run, fn, *args))
@@ -66,12 +58,7 @@ class RealClock:
         await asyncio.sleep(max(0.0, seconds))
 
     async def run_blocking(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
-        return await self.submit_blocking(executor, fn, *args)
-
-    def submit_blocking(
-        self, executor: Executor | None, fn: Callable[..., T], *args: Any
-    ) -> asyncio.Future[T]:
-        return _run_in_executor(executor, fn, *args)
+        return await _run_in_executor(executor, fn, *args)
 
 
 class _VirtualSelector(selectors.BaseSelector):
@@ -142,24 +129,13 @@ class VirtualClock:
         await asyncio.sleep(max(0.0, seconds))
 
     async def run_blocking(self, executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
-        return await self.submit_blocking(executor, fn, *args)
-
-    def submit_blocking(
-        self, executor: Executor | None, fn: Callable[..., T], *args: Any
-    ) -> asyncio.Future[T]:
         with self._lock:
             self._inflight += 1
         try:
-            job = _run_in_executor(executor, fn, *args)
-        except BaseException:
-            self._landed()
-            raise
-        job.add_done_callback(self._landed)  # time holds still until its result is on the loop
-        return job
-
-    def _landed(self, _job: object = None) -> None:
-        with self._lock:
-            self._inflight -= 1
+            return await _run_in_executor(executor, fn, *args)
+        finally:
+            with self._lock:
+                self._inflight -= 1
 
     def new_event_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.SelectorEventLoop()

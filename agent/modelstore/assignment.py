@@ -36,7 +36,6 @@ Logging policy: info for an assignment applied or rolled back.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 from collections import Counter, deque
@@ -280,11 +279,10 @@ class ModelManager:
             state.version,
             p.cached.source,
         )
-        # The state is whole here. What makes it durable is handed to the cache's I/O thread
-        # (no task: the futures of the writes) and awaited shielded: a cancellation meanwhile
-        # (the agent stopping, the role assigned again) goes on once they are done, so the
-        # index names the running version and the floor holds.
-        durable = self._made_durable(role, state, p.entry)
+        # The state is whole here. What makes it durable runs in a task of its own, shielded:
+        # a cancellation meanwhile (the agent stopping, the role assigned again) goes on once
+        # it is done, so the index names the running version and the floor holds.
+        durable = asyncio.ensure_future(self._made_durable(role, state, p.entry))
         self._durable.add(durable)
         durable.add_done_callback(self._durable.discard)
         try:
@@ -304,22 +302,21 @@ class ModelManager:
                 "event=model_swap_not_durable writes=%d waited=%.0f", len(pending), DURABLE_WAIT
             )
 
-    def _made_durable(
-        self, role: str, state: RoleState, entry: Mapping[str, Any]
-    ) -> asyncio.Future[Any]:
-        """After a swap: the index written again (the new pins) and the floor raised, both on
-        the cache's I/O thread, in that order; the future of both. A failure of either is
-        logged (the new model runs; the index catches up at the next sync)."""
-        writes = []
-        index = self.cache.handoff()
-        if index is not None:
-            index.add_done_callback(functools.partial(_index_not_written, role))
-            writes.append(index)
-        # its rollback index is the model's floor from now on (when it is higher)
-        floor = self.cache.submit_io(self.floors.raise_to, state.name, state.version, entry)
-        floor.add_done_callback(functools.partial(_floor_not_written, state.name))
-        writes.append(floor)
-        return asyncio.gather(*writes, return_exceptions=True)
+    async def _made_durable(self, role: str, state: RoleState, entry: Mapping[str, Any]) -> None:
+        """After a swap: the index written again (the new pins) and the floor raised. The
+        detector scores before the index is encoded and handed to the I/O thread (a loop step
+        of its own: a swap holds the loop for the swap only)."""
+        await asyncio.sleep(0)
+        try:
+            await self.cache.sync()
+        except NotNow as err:  # the new model runs; the index catches up at the next sync
+            log.warning(
+                "model cache index not written after a swap role=%s error=%r", role, str(err)
+            )
+        try:  # its rollback index is the model's floor from now on (when it is higher)
+            await asyncio.to_thread(self.floors.raise_to, state.name, state.version, entry)
+        except (OSError, ModelError) as err:
+            log.warning("event=model_floor_not_written name=%s error=%r", state.name, str(err))
 
     def _evicted(self, cached: CachedModel) -> bool:
         """A cached (not shipped) version the cache no longer has: evicted over its disk budget
@@ -538,17 +535,3 @@ class ModelAssignments:
         if tasks:
             await asyncio.wait(tasks)
         await self.manager.close()
-
-
-def _index_not_written(role: str, job: asyncio.Future[None]) -> None:
-    err = None if job.cancelled() else job.exception()
-    if isinstance(err, NotNow):
-        log.warning("model cache index not written after a swap role=%s error=%r", role, str(err))
-    elif err is not None:
-        log.error("model cache index not written after a swap role=%s error=%r", role, repr(err))
-
-
-def _floor_not_written(name: str, job: asyncio.Future[None]) -> None:
-    err = None if job.cancelled() else job.exception()
-    if err is not None:
-        log.warning("event=model_floor_not_written name=%s error=%r", name, str(err))

@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -76,8 +76,6 @@ from agent.modelstore.partials import PartialFiles, check_fits
 from agent.modelstore.settings import ModelsSettings
 from agent.modelstore.signing import SignedManifest, check_name, load_public_key
 from drivers.clock import Clock, RealClock
-
-T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -373,15 +371,6 @@ class ModelCache:
         (atomically, on the cache's I/O thread; see :mod:`agent.modelstore.indexfile`). NotNow
         when the index cannot be written; the state stays to be written until a write succeeds."""
         await self._index.sync()
-
-    def handoff(self) -> asyncio.Future[None] | None:
-        """:meth:`sync` without awaiting: the index as of now handed to the I/O thread, and the
-        future of its write (None when the disk agrees already)."""
-        return self._index.handoff()
-
-    def submit_io(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Another write of the cache's directory on its I/O thread, after those handed on."""
-        return self.clock.submit_blocking(self._io, fn, *args)
 
     async def close(self) -> None:
         try:

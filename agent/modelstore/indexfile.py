@@ -3,11 +3,10 @@ the cache's I/O thread (:class:`IndexWriter`).
 
 Every change of the cache's state (an install, an eviction, a pin, a use) bumps a generation
 (:meth:`IndexWriter.changed`). :meth:`IndexWriter.sync` hands the index as of now, with the files
-evicted meanwhile, to the I/O thread (:meth:`IndexWriter.handoff`, no task of its own: the
-future of the call) and awaits it shielded: the state counts as written only once a write of
-that generation succeeded. A write that fails (NotNow) leaves the state to be written by the next
-sync (and at close); one whose awaiter was cancelled while it waited or ran goes on and counts
-when it succeeds; a change made while a write runs stays to be written too. (The
+evicted meanwhile, to the I/O thread in a task of its own and awaits it shielded: the state
+counts as written only once a write of that generation succeeded. A write that fails (NotNow),
+or one whose awaiter was cancelled while it waited or ran, leaves the state to be written by the
+next sync (and at close), and a change made while a write runs stays to be written too. (The
 index on disk must name every installed model: at the next open, files it does not name are
 deleted as orphans.)
 """
@@ -15,7 +14,6 @@ deleted as orphans.)
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -88,29 +86,27 @@ class IndexWriter:
     async def sync(self) -> None:
         """Make the disk agree with the state as of now: evicted files deleted, the index
         written (atomically, on the I/O thread). NotNow when the index cannot be written."""
-        job = self.handoff()
-        if job is not None:
-            await asyncio.shield(job)
-
-    def handoff(self) -> asyncio.Future[None] | None:
-        """Hand the state as of now to the I/O thread and return the future of that write (the
-        one under way when it writes this generation already), None when the disk agrees. No
-        task runs for it: its done callback records what was written."""
         if self.readonly or not (self.dirty or self._doomed):
-            return None
+            return
         job = self._job
         if job is None or job.done() or self._job_changes != self._changes or self._doomed:
             doc = self._doc() if self.dirty else None
             doomed, self._doomed = self._doomed, []
-            job = self._clock.submit_blocking(self._io, self._persist, doc, doomed)
-            job.add_done_callback(functools.partial(self._landed, doc, self._changes, doomed))
+            job = asyncio.ensure_future(self._run(doc, self._changes, doomed))
+            job.add_done_callback(_retrieved)  # its awaiter may be gone: the next sync retries
             self._job, self._job_changes = job, self._changes
-        return job
+        await asyncio.shield(job)
 
-    def _landed(
-        self, doc: dict[str, Any] | None, changes: int, doomed: list[Path], job: asyncio.Future
-    ) -> None:
-        if job.cancelled() or job.exception() is not None:  # (its awaiter, if any, is told)
+    async def _run(self, doc: dict[str, Any] | None, changes: int, doomed: list[Path]) -> None:
+        try:
+            await self._clock.run_blocking(self._io, self._persist, doc, doomed)
+        except BaseException:
             self._doomed[:0] = doomed  # deleted by the next write (deleting again is harmless)
-        elif doc is not None:
+            raise
+        if doc is not None:
             self._written = max(self._written, changes)
+
+
+def _retrieved(job: asyncio.Future[None]) -> None:
+    if not job.cancelled():
+        job.exception()
