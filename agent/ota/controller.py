@@ -19,8 +19,11 @@ the root helper had no room to install (its outcome ``waiting``; or taken with n
 could save on a full disk) is staged again, with backoff, until it is switched to or refused:
 from the verified file the helper kept in ``DATA/ota`` (its SHA-256 checked again; fetched
 again only when it no longer matches), and only once the release root has more room than when
-it was handed over (until then ``waiting``, saying so). Only the wanted release is kept there:
-the files of any other (no longer desired, refused, or the one running) are removed.
+it was handed over (until then ``waiting``, saying so). A ``waiting`` whose cause is the staged
+file missing (a power cut during an install left the helper neither the agent's file nor a
+checked copy of its own) is not a lack of room: the release is staged again (fetched) after the
+backoff, without waiting for room. Only the wanted release is kept there: the files of any other
+(no longer desired, refused, or the one running) are removed.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from agent.ota.updater import (
     KEPT_SUFFIXES,
     OTA_DIR,
     STAGED_FILE,
+    STAGED_FILE_MISSING,
     ReleaseFetcher,
     Staged,
     drop_unwanted,
@@ -192,7 +196,8 @@ class UpdateController:
         free in the release root then): once it has taken it (``DATA/ota/staged.json`` gone), a
         switch or a refusal ends this; ``waiting`` (no room to install) or no outcome at all
         (none it could save on a full disk) stages it again after a backoff that doubles for
-        the same release, once there is more room (:meth:`_wait_for_room`)."""
+        the same release, once there is more room (:meth:`_wait_for_room`); a ``waiting`` for
+        a missing staged file, after the backoff alone."""
         staged = self.data_dir / OTA_DIR / STAGED_FILE
         while self._wanted == wanted:
             await self.clock.sleep(ROOT_POLL)
@@ -209,7 +214,9 @@ class UpdateController:
                     self._refused = wanted
                 return
             reason = str(outcome.get("reason", "the root helper took it and saved no outcome"))
-            if root_free is not None:
+            if outcome.get("cause") == STAGED_FILE_MISSING:
+                self._no_room = None  # not a lack of room: fetched and staged again
+            elif root_free is not None:
                 self._no_room = (wanted, root_free, reason)
             log.warning(
                 "event=release_install_waiting version=%s retry_in=%gs reason=%s",

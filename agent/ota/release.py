@@ -278,8 +278,10 @@ def take(manifest: ReleaseManifest, data_dir: Path, relative: str, dest: Path) -
     made here, mode 0600), checked against the (verified) manifest as it is copied: what the
     root helper unpacks is then its own copy, which the agent can neither swap for another file
     nor rewrite after the check. ReleaseError (``dest`` removed) when it is not the signed file;
-    OSError when it cannot be read as one (bootcheck.open_data: a link, a FIFO, ...). The
-    status of the file copied (its mode goes with the copy when it is given back: updater.py)."""
+    OSError when it cannot be read as one (bootcheck.open_data: a link, a FIFO, ...), and
+    FileNotFoundError (``dest`` untouched) when there is none. ``dest`` is fsynced (its
+    directory is the caller's). The status of the file copied (its mode goes with the copy
+    when it is given back: updater.py)."""
     label = str(data_dir / relative)
     with os.fdopen(bootcheck.open_data(data_dir, relative), "rb") as src:
         copied = os.fstat(src.fileno())
@@ -289,6 +291,8 @@ def take(manifest: ReleaseManifest, data_dir: Path, relative: str, dest: Path) -
         try:
             with os.fdopen(os.open(dest, flags, 0o600), "wb") as out:
                 _checked_copy(manifest, src, label, out)
+                out.flush()
+                os.fsync(out.fileno())  # the install may go on from it after a power cut
         except BaseException:
             with contextlib.suppress(OSError):
                 dest.unlink()

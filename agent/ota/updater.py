@@ -83,6 +83,13 @@ INITIAL_VERSION = "initial"  # the release name of the first install's venv (boo
 MAX_STAGED_BYTES = 1 << 16  # staged.json is a few dozen bytes; the root helper reads no more
 TAKEN_FILE = ".staged.release"  # in the release root: root's copy of the staged release file
 MIRROR_PREFIX = "release-"  # DATA/ota/release-V.part: a gateway mirror's (gateway/releases.py)
+#: the mode root's copy gets when it goes back to the agent after the agent's file was lost (a
+#: power cut during an install): the agent's own files are 0600 (edge-agent.service UMask=0077)
+KEPT_MODE = 0o600
+#: the ``cause`` of a ``waiting`` outcome: no room to copy or install it, or the staged file gone
+#: (and no copy of root's to go on from); only the first waits for more room (controller.py)
+NO_ROOM = "no_room"
+STAGED_FILE_MISSING = "staged_file_missing"
 #: what DATA/ota holds of a release: its partial download, its verified file and manifest (kept
 #: while the root helper has no room to install it, and while it is still the one wanted)
 KEPT_SUFFIXES = (".part", ".release", ".manifest")
@@ -104,6 +111,12 @@ class ReleaseFetcher(ModelFetcher):
         if m.version != version:
             raise ReleaseError(f"GET {uri}: the manifest is for release {m.version}; refused")
         return m
+
+
+class StagedFileMissing(NotNow):
+    """The file ``staged.json`` names is not in ``DATA/ota`` and root has no checked copy of it
+    to go on from: ``waiting``, and the agent stages it again (not a refusal: a power cut
+    during an install leaves this)."""
 
 
 @dataclass
@@ -366,8 +379,11 @@ def apply_staged(
     removed with bootcheck.remove_data; the release file is copied into the release root and
     checked as it is copied (release.take), and only that copy is unpacked. On one filesystem
     with the release root, the agent's file is removed right after that copy, and the copy
-    moved back with bootcheck.give_data when there is no room to install it. The rollback floor
-    is the release root's own (floor.check_root), never DATA/ota/floors.json."""
+    moved back with bootcheck.give_data when there is no room to install it. When the agent's
+    file is missing (a power cut during an earlier install, after it was removed), the install
+    goes on from root's copy if that is still the signed file, else the outcome is ``waiting``
+    (:class:`StagedFileMissing`). The rollback floor is the release root's own
+    (floor.check_root), never DATA/ota/floors.json."""
     staged_name = f"{OTA_DIR}/{STAGED_FILE}"
     try:
         staged = loads_json(bootcheck.read_data(data_dir, staged_name, MAX_STAGED_BYTES))
@@ -405,9 +421,13 @@ def apply_staged(
         manifest.verify(key)
         floor.check_root(manifest, root)
         root.mkdir(parents=True, exist_ok=True)
-        copied = take(manifest, data_dir, names[0], copy)
-        if one_filesystem(root, data_dir, names[0]):
-            # the agent's file would hold room the install needs: freed now, given back if not
+        copied = _take(manifest, data_dir, names[0], copy)
+        if copied is None:  # the agent's file is gone: root's copy goes back if there is no room
+            freed = KEPT_MODE
+        elif one_filesystem(root, data_dir, names[0]):
+            # the agent's file would hold room the install needs: freed now, given back if not;
+            # root's copy durable first (name and data), so a power cut leaves one of the two
+            bootcheck.fsync_dir(root)
             with contextlib.suppress(OSError):
                 if bootcheck.remove_data(data_dir, names[0]):
                     freed = copied.st_mode
@@ -435,6 +455,9 @@ def apply_staged(
             "reason": str(err),
             "at": time.time(),
         }
+        if result == "waiting":
+            missing = isinstance(err, StagedFileMissing)
+            doc["outcome"]["cause"] = STAGED_FILE_MISSING if missing else NO_ROOM
         if root.is_dir():
             try:
                 bootcheck.save(root, doc)
@@ -448,6 +471,30 @@ def apply_staged(
             with contextlib.suppress(OSError):
                 bootcheck.remove_data(data_dir, leftover)
     return version
+
+
+def _take(
+    manifest: ReleaseManifest, data_dir: Path, relative: str, copy: Path
+) -> os.stat_result | None:
+    """Root's checked copy of the agent's ``data_dir/relative`` in ``copy`` (release.take);
+    the status of the agent's file. When the agent's file is missing, None if ``copy`` is
+    still the file the (verified) manifest signs: an install a power cut interrupted after the
+    agent's file was removed (``staged.json`` goes last) goes on from it; else
+    :class:`StagedFileMissing` (``waiting``: the agent stages it again), never a refusal."""
+    try:
+        return take(manifest, data_dir, relative, copy)
+    except FileNotFoundError as err:
+        gone = err
+    try:
+        check_file(manifest, copy)
+    except (ReleaseError, OSError) as err:
+        why = "is missing" if isinstance(err, FileNotFoundError) else "is not the signed file"
+        raise StagedFileMissing(
+            f"release {manifest.version}: the staged file {data_dir / relative} is missing "
+            f"and root's copy {why}; the agent stages it again"
+        ) from gone
+    log.info("event=release_resumed version=%s path=%s", manifest.version, copy)
+    return None
 
 
 def one_filesystem(root: Path, data_dir: Path, relative: str) -> bool:
@@ -551,7 +598,7 @@ def report(root: Path) -> dict[str, object]:
 
 
 #: The fields of an outcome in update.json (bootcheck._outcome) that are reported
-OUTCOME_FIELDS = ("version", "result", "reason", "at", "restored", "previous")
+OUTCOME_FIELDS = ("version", "result", "reason", "at", "restored", "previous", "cause")
 
 
 def _plain_outcome(outcome: object) -> dict[str, object] | None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -496,4 +499,149 @@ def test_attack_a_linked_ota_directory_planted_during_the_install_gets_no_file(
     assert "event=release_kept_lost version=9.9" in caplog.text
     assert list(elsewhere.iterdir()) == []
     assert sorted(p.name for p in (data / "moved").iterdir()) == ["9.9.manifest", "staged.json"]
+    assert not (root / updater.TAKEN_FILE).exists()
+
+
+# -- a power cut during the install (one filesystem: the agent's file already freed) -------------
+
+
+def cut_in_the_install(root: Path, data: Path) -> None:
+    """The real root helper runs (in a child process) until its install has half built
+    ``releases/9.9``, and the power goes: the process dies there, SIGKILLed, so no handler and
+    no ``finally`` of the helper runs. What it wrote is left as the cut leaves it (the copy it
+    made durable; tests/chaos/test_ota_powercut.py cuts a real filesystem)."""
+
+    def run() -> None:
+        def install(root: Path, manifest: ReleaseManifest, file: Path, **kwargs: object) -> None:
+            (root / bootcheck.RELEASES / manifest.version / "bundle").mkdir(parents=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # unpacking, say: minutes in
+
+        updater.install = install  # type: ignore[assignment]
+        updater.apply_staged(root, data, KEY.public_key())
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    child.join(15)
+    assert child.exitcode == -signal.SIGKILL
+
+
+def boot_install(seen: list[bytes]) -> object:
+    """The install of the helper's next run: the real unpack (every member against its signed
+    SHA-256) of the file it is given, COMPLETE, no venv or pip; notes the file's bytes."""
+
+    def install(root: Path, manifest: ReleaseManifest, file: Path, **kwargs: object) -> Path:
+        seen.append(file.read_bytes())
+        rel = root / bootcheck.RELEASES / manifest.version
+        assert not rel.exists() or not bootcheck.is_complete(root, manifest.version)
+        if rel.exists():
+            shutil.rmtree(rel)  # as install.install does with an interrupted one
+        unpack(manifest, file, rel / "bundle")
+        bootcheck.mark_complete(root, manifest.version)
+        return rel
+
+    return install
+
+
+def next_boot_installs(
+    root: Path, data: Path, file: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper's run at the next boot, after a cut during the install (``staged.json``
+    and the manifest left, the agent's file gone, a half-built release): it installs root's
+    copy, the signed file, and switches to it; nothing of the staging is left."""
+    ota = data / updater.OTA_DIR
+    assert sorted(p.name for p in ota.iterdir()) == ["9.9.manifest", "staged.json"]
+    assert not bootcheck.is_complete(root, "9.9")  # half built, never switched to
+    seen: list[bytes] = []
+    monkeypatch.setattr(updater, "install", boot_install(seen))
+    monkeypatch.setattr(updater, "_check_data", lambda *args: None)  # no venv to ask
+    assert updater.apply_staged(root, data, KEY.public_key()) == "9.9"
+    assert seen == [file]
+    assert bootcheck.link_version(root, bootcheck.CURRENT) == "9.9"
+    assert bootcheck.load(root)["pending"] == "9.9"
+    assert "outcome" not in bootcheck.load(root)  # no refusal, no waiting
+    assert list(ota.iterdir()) == []
+    assert not (root / updater.TAKEN_FILE).exists()
+
+
+def test_power_cut_during_the_install_resumes_from_roots_checked_copy(
+    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the helper had removed the agent's ``DATA/ota/9.9.release`` once its own copy was
+    made (one filesystem); the cut came during the install; at the next boot the path unit
+    started the helper again (``staged.json`` is removed only at the end), which could not
+    open the agent's file and recorded ``refused``: a good release never tried again on this
+    device. Now it goes on from root's copy, checked again against the signed manifest."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    stage(data, m, file)
+    cut_in_the_install(root, data)
+    assert (root / updater.TAKEN_FILE).read_bytes() == file
+    next_boot_installs(root, data, file, monkeypatch)
+
+
+@pytest.mark.parametrize("copy", ["lost", "torn"])
+def test_power_cut_that_lost_roots_copy_is_waiting_for_the_agent_not_refused(
+    dirs: tuple[Path, Path], tmp_path: Path, copy: str
+) -> None:
+    """The same cut, root's copy lost with it or torn (its unsynced pages never reached the
+    card): nothing is installed from it, the half-built release is removed, and the outcome is
+    ``waiting`` saying the staged file is missing (the agent stages it again: test_stage.py),
+    never ``refused``."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+    cut_in_the_install(root, data)
+    taken = root / updater.TAKEN_FILE
+    if copy == "lost":
+        taken.unlink()
+    else:
+        taken.write_bytes(file[:512] + bytes(len(file) - 512))
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    said = outcome(root)
+    assert said["result"] == "waiting", said
+    assert said["cause"] == updater.STAGED_FILE_MISSING
+    assert "9.9.release is missing" in said["reason"]
+    assert not (root / bootcheck.RELEASES / "9.9").exists()
+    assert not taken.exists()
+    assert sorted(p.name for p in ota.iterdir()) == ["9.9.manifest"]  # staged.json taken
+
+
+def test_attack_a_release_file_altered_in_data_after_the_cut_is_not_installed(
+    dirs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the cut, while root's copy is good, the agent puts an altered ``9.9.release`` back
+    in DATA/ota (the agent may be compromised): it is checked like any staged file and
+    refused; neither it nor anything else is installed."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+    cut_in_the_install(root, data)
+    altered = bytearray(file)
+    altered[600] ^= 0x01
+    (ota / "9.9.release").write_bytes(bytes(altered))
+    seen: list[bytes] = []
+    monkeypatch.setattr(updater, "install", boot_install(seen))
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert seen == []
+    assert outcome(root)["result"] == "refused"
+    assert "is not the signed file" in outcome(root)["reason"]
+    assert not (root / bootcheck.RELEASES / "9.9").exists()
+    assert not (root / updater.TAKEN_FILE).exists()
+    assert list(ota.iterdir()) == []
+
+
+def test_power_cut_with_a_bad_manifest_is_still_refused(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Root's good copy does not rescue a manifest that fails its signature: refused."""
+    root, data = dirs
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+    cut_in_the_install(root, data)
+    other = Ed25519PrivateKey.generate()
+    forged = ReleaseManifest.sign("9.9", tmp_path / "release.tar", m.bundle, other)
+    (ota / "9.9.manifest").write_bytes(forged.to_cbor())
+    assert updater.apply_staged(root, data, KEY.public_key()) is None
+    assert outcome(root)["result"] == "refused"
+    assert not (root / bootcheck.RELEASES / "9.9").exists()
     assert not (root / updater.TAKEN_FILE).exists()

@@ -409,6 +409,38 @@ async def test_a_release_the_root_helper_had_no_room_for_is_kept_and_not_fetched
     assert ctl._after is not None and ctl._after.done()
 
 
+async def test_a_staged_file_a_power_cut_took_is_fetched_again_without_waiting_for_room(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut during the root helper's install (one filesystem: the agent's file already
+    removed for it) that took root's copy too: at the next run the helper has neither. Was:
+    ``refused``, the release never tried again on the device. Now the helper says ``waiting``
+    with the cause ``staged_file_missing``, and the agent fetches and stages it again after the
+    backoff, with the free space as it was: the room rule (handed over again only once the
+    release root has ROOM_GAIN more free) is for a helper that had no room, not for this."""
+    room = {"free": 1 << 30}  # enough for the agent's own check, and it never changes
+    no_room_but(room, monkeypatch)
+    root, data = tmp_path / "opt", tmp_path / "data"
+    root.mkdir()
+    key = load_public_key(endpoint.pub)
+    staged = data / "ota" / updater.STAGED_FILE
+    ctl = controller(endpoint, tmp_path, RecordingClock())
+    loop = asyncio.create_task(ctl._stage_loop())
+    try:
+        await until(staged.exists)
+        (data / "ota" / "2.release").unlink()  # freed for the install; the cut took the copy
+        assert updater.apply_staged(root, data, key) is None  # the next boot's run
+        said = updater.report(root)["outcome"]
+        assert said["result"] == "waiting", said  # type: ignore[index]
+        assert said["cause"] == updater.STAGED_FILE_MISSING  # type: ignore[index]
+        await until(lambda: len(endpoint.downloads) == 2 and staged.exists())
+        assert (data / "ota" / "2.release").read_bytes() == endpoint.file.read_bytes()
+        assert ctl._refused is None and ctl._no_room is None
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+
 async def test_a_kept_release_is_staged_again_unfetched_and_one_altered_since_is_fetched(
     endpoint: Endpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
