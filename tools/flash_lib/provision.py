@@ -59,7 +59,7 @@ MODULES_CONF = "/etc/modules-load.d/edge-agent.conf"
 UDEV_RULES = "/etc/udev/rules.d/60-edge-agent-i2c.rules"
 ACCOUNT_FILES = ("/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow")
 
-DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")  # as agent/sense/settings.py
+DEVICE_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}\Z")  # as agent/sense/settings.py
 SECURITY = ("oscore", "dtls", "none")  # [uplink] security (agent/sync/security.py)
 # What the agent's uplink speaks with each (agent/sync/uplink.py).
 ENDPOINT_SCHEMES = {
@@ -205,6 +205,8 @@ def _credential_file(path: Path, where: str, want: str) -> tuple[bytes, str, byt
         ) from None
     if role != want:
         raise FlashError(f"{where}: the credential of {role} {principal!r}, not of a {want}")
+    if not DEVICE_ID.match(principal):  # it names a file flash writes (flash_lib.gateway)
+        raise FlashError(f"{where}: {principal!r} is not a {want} name (agent/wire/credentials.py)")
     return data, principal, psk
 
 
