@@ -44,7 +44,8 @@ def device_credentials(
     """The device credentials in ``folder`` by device name (``read(path, "device")``: a
     credential file's bytes and principal, checked to be of that role)."""
     try:
-        files = sorted(p for p in folder.iterdir() if p.suffix == ".json" and p.is_file())
+        files = sorted(p for p in folder.iterdir() if p.suffix == ".json")  # each read refuses
+        # what is not a regular file of the folder (a link, a FIFO, a directory), never skips it
     except OSError as err:
         raise FlashError(f"--devices {folder}: {err.strerror}") from None
     if not files:

@@ -20,10 +20,12 @@ written (and nothing of it removed: a machine may be both).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,14 +180,27 @@ def read_credential(s: Settings) -> bytes | None:
 
 
 def _device_credential(path: Path, role: str) -> tuple[bytes, str]:
-    data, principal, _ = _credential_file(path, f"--devices: {path}", role)
+    data, principal, _ = _credential_file(path, f"--devices: {path}", role, follow=False)
     return data, principal
 
 
-def _credential_file(path: Path, where: str, want: str) -> tuple[bytes, str, bytes]:
-    """A credential file's bytes, principal and DTLS PSK, checked to be one of role ``want``."""
+def _credential_file(
+    path: Path, where: str, want: str, follow: bool = True
+) -> tuple[bytes, str, bytes]:
+    """A credential file's bytes, principal and DTLS PSK, checked to be one of role ``want``.
+    With ``follow`` False (a file found in a folder, not named by the operator) only a regular
+    file that is not a link, opened without blocking (a FIFO is refused, not waited on)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, flags)
+    except OSError as err:
+        what = "not a regular file (a link)" if err.errno == errno.ELOOP else err.strerror
+        raise FlashError(f"{where}: {what}") from None
+    if not follow and not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FlashError(f"{where}: not a regular file: give the credential file itself")
+    try:
+        with os.fdopen(fd, "rb") as f:
             data = f.read(CREDENTIAL_MAX_BYTES + 1)
     except OSError as err:
         raise FlashError(f"{where}: {err.strerror}") from None

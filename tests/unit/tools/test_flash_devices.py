@@ -5,6 +5,7 @@ under the name of the device it holds)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,4 +60,25 @@ def test_attack_a_device_credential_whose_name_leaves_the_devices_directory(
     outside /var/lib/edge-agent-gateway/devices (a cron job, the gateway's own credential)."""
     folder = folder_with(tmp_path, evil=credential(principal))
     with pytest.raises(FlashError, match="not a device name"):
+        device_credentials(folder, _device_credential)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link"])
+def test_attack_a_devices_entry_that_is_not_a_credential_file_of_the_folder(
+    tmp_path: Path, kind: str
+) -> None:
+    """A ``*.json`` that is a FIFO or a directory was skipped without a word (the gateway then
+    starts without that device), and a link was followed (root reads what it names: another
+    role's secret). Each is refused, naming it, and nothing blocks on the FIFO."""
+    folder = folder_with(tmp_path, a=credential("pump-01"))
+    odd = folder / "pump-02.json"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    elif kind == "directory":
+        odd.mkdir()
+    else:
+        elsewhere = tmp_path / "secret.json"
+        elsewhere.write_bytes(credential("pump-02"))
+        odd.symlink_to(elsewhere)
+    with pytest.raises(FlashError, match=r"pump-02\.json: not a regular file"):
         device_credentials(folder, _device_credential)
