@@ -697,29 +697,35 @@ def provision(target: Target, s: Settings, say: Callable[[str], None] = print) -
         # the venv is both roles': every service running from it stops while it is rebuilt, and
         # the other role's starts again after (the flashed role's is restarted below)
         others = _stop_venv_users(target, service) if target.live and plan.build_venv else []
-        apply(target.fs, plan.changes, progress.advance)
-        progress.done()
-        if plan.boot is not None:
-            boot, data, _ = plan.boot
-            boot.write(data)
-        if plan.build_venv:
-            say(f"building {VENV} on the device (offline pip install; a minute or more) ...")
-            _run_checked(target, [target.on_target(INSTALLER)], "building the venv")
-        if target.live:
-            _run_checked(target, ["systemctl", "daemon-reload"], "systemctl daemon-reload")
-            if role_of(s).hardware:
-                target.run(["udevadm", "control", "--reload"])
-                target.run(["modprobe", "i2c-dev"])
-        if s.bench:  # before the (re)start: the agent's own load stays out of the figures
-            run_bench(target, s, say)
-        if target.live and s.start:
-            name = service.removesuffix(".service")
-            _run_checked(target, ["systemctl", "restart", service], f"starting {name}")
-            say(f"started {service} (journalctl -u {name} -f to follow it)")
-            started = units.triggers(SYSTEMD_DIR, role_of(s).installs)
-            if started:
-                _run_checked(target, ["systemctl", "start", *started], "starting the triggers")
-                say(f"started {', '.join(started)}")
+        try:
+            apply(target.fs, plan.changes, progress.advance)
+            progress.done()
+            if plan.boot is not None:
+                boot, data, _ = plan.boot
+                boot.write(data)
+            if plan.build_venv:
+                say(f"building {VENV} on the device (offline pip install; a minute or more) ...")
+                _run_checked(target, [target.on_target(INSTALLER)], "building the venv")
+            if target.live:
+                _run_checked(target, ["systemctl", "daemon-reload"], "systemctl daemon-reload")
+                if role_of(s).hardware:
+                    target.run(["udevadm", "control", "--reload"])
+                    target.run(["modprobe", "i2c-dev"])
+            if s.bench:  # before the (re)start: the agent's own load stays out of the figures
+                run_bench(target, s, say)
+            if target.live and s.start:
+                name = service.removesuffix(".service")
+                _run_checked(target, ["systemctl", "restart", service], f"starting {name}")
+                say(f"started {service} (journalctl -u {name} -f to follow it)")
+                started = units.triggers(SYSTEMD_DIR, role_of(s).installs)
+                if started:
+                    _run_checked(target, ["systemctl", "start", *started], "starting the triggers")
+                    say(f"started {', '.join(started)}")
+        except BaseException:
+            if others:  # they ran before: a flash that fails does not leave them stopped
+                target.run(["systemctl", "start", *others])
+                say(f"started {', '.join(others)} again (this flash failed: see below)")
+            raise
         if others:  # (they ran before: started again whatever --no-start says of this role)
             _run_checked(target, ["systemctl", "start", *others], "starting " + ", ".join(others))
             say(f"started {', '.join(others)} again (it runs from the rebuilt venv)")
