@@ -29,7 +29,6 @@ systemd restarts a gateway whose loop stays down; ``STATUS=`` says :meth:`Gatewa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -103,7 +102,8 @@ class Gateway:
         self.config = config
         self.stages = stages
         self.announcer = announcer
-        self.waiting = 0  # records waiting to be forwarded, counted every STATS_INTERVAL
+        # records waiting to be forwarded, counted every STATS_INTERVAL (None: the count failed)
+        self.waiting: int | None = 0
         self.clock = stages.clock
         self.store_dir = config.data_dir / STORE_DIR
         self.server: CloudServer | None = None
@@ -344,11 +344,20 @@ class Gateway:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _count_waiting(self) -> None:
+        """The ``stats`` loop. A count that fails (a store that cannot be read: the records
+        loop fails on it too, and that is what the watchdog counts) never stops this loop: the
+        number becomes unknown (``?``) and the failure is said once, until a count succeeds."""
         forwarder = self.forwarder
         assert forwarder is not None
+        failed = ""
         while True:
-            with contextlib.suppress(Exception):  # a store that fails to read: said by "records"
-                self.waiting = await forwarder.waiting()
+            try:
+                self.waiting, failed = await forwarder.waiting(), ""
+            except Exception as err:
+                what = f"{type(err).__name__}: {err}"
+                if what != failed:
+                    log.warning("event=gateway_waiting_unknown error=%r", what)
+                self.waiting, failed = None, what
             await self.clock.sleep(STATS_INTERVAL)
 
     async def _forward(self) -> None:
@@ -392,8 +401,9 @@ class Gateway:
     def status_line(self) -> str:
         """One line for ``systemctl status`` (STATUS=)."""
         down = [name for name, s in self.stages.status().items() if s["down"]]
+        waiting = "?" if self.waiting is None else self.waiting
         return (
-            f"devices {len(self.devices)}; waiting {self.waiting}; "
+            f"devices {len(self.devices)}; waiting {waiting}; "
             f"loops down: {', '.join(down) if down else 'none'}"
         )
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.gateway import service
 from agent.gateway.service import Gateway
 from agent.gateway.settings import load_gateway_config
 from agent.gateway.storeparts import prepare_store
@@ -106,6 +107,42 @@ async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
         assert "event=stage_recovered stage=records" in caplog.text
         assert health.stuck() == []
         assert not running.done()
+    finally:
+        gw.stop()
+        await running
+        store.close()
+        await server.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_a_count_of_waiting_records_that_fails_is_said_and_not_shown_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack named: a file corrupted at rest (a table of the store gone). The ``stats`` loop's
+    count of the records waiting failed without a word, and STATUS= went on saying the last
+    count as if it were true; the failure is now said once and the count shown as unknown."""
+    monkeypatch.setattr(service, "STATS_INTERVAL", 0.05)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    store = await one_device_gateway(tmp_path, server, forward_interval=3600.0)
+    clock = RealClock()
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, Health(clock)))
+    running = asyncio.create_task(gw.run())
+    try:
+        with caplog.at_level(logging.INFO):
+            await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "sent")
+            await within(10.0, lambda: "waiting 0;" in gw.status_line(), "counted")
+            prepare_store(store)
+            (later,) = store.db.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'relay_later'"
+            ).fetchone()
+            store.db.executescript("DROP TABLE relay_later")
+            await within(10.0, lambda: "waiting ?;" in gw.status_line(), "unknown")
+            await asyncio.sleep(0.3)  # counts that fail again are not said again
+            said = [r for r in caplog.records if "event=gateway_waiting_unknown" in r.getMessage()]
+            assert len(said) == 1 and "no such table" in said[0].getMessage()
+            assert said[0].exc_info is None and "Traceback" not in caplog.text
+            store.db.executescript(later)
+            await within(10.0, lambda: "waiting ?;" not in gw.status_line(), "counted again")
     finally:
         gw.stop()
         await running
