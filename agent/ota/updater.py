@@ -143,13 +143,14 @@ def drop_unwanted(
     :data:`KEPT_SUFFIXES` also a verified release file kept for a later install, and its
     manifest. Nothing else resumes or installs them, and each could hold up to a whole release
     file (tens of MB) for as long as the device runs. Without a prefix, a gateway mirror's
-    partials (:data:`MIRROR_PREFIX`, in the same directory) are left alone. The names
-    removed."""
+    partials (:data:`MIRROR_PREFIX`, in the same directory) are left alone; the files a
+    release named ``release-...`` kept are not a mirror's. The names removed."""
     dropped = []
     found = sorted(p for suffix in suffixes for p in directory.glob(f"{prefix}*{suffix}"))
     for path in found:
         stem = path.name[: -len(path.suffix)]
-        if stem == keep or (not prefix and path.name.startswith(MIRROR_PREFIX)):
+        mirrors = path.name.startswith(MIRROR_PREFIX) and path.suffix == ".part"
+        if stem == keep or (not prefix and mirrors):  # a mirror writes only partials
             continue
         try:
             path.unlink()

@@ -584,3 +584,19 @@ async def test_a_gateway_mirror_drops_the_partials_of_releases_no_longer_assigne
         await fetcher.close()
         await storage.stop()
     assert sorted(p.name for p in scratch.iterdir()) == [own.name]
+
+
+def test_a_kept_release_named_like_a_mirror_file_is_dropped_when_not_wanted(
+    tmp_path: Path,
+) -> None:
+    """Disk budget: the agent's kept files of release ``release-1.0`` (a valid release name) were
+    taken for a gateway mirror's and never removed once another release was wanted: up to a
+    whole release file held for as long as the device runs. A mirror writes only partials
+    (``release-V.part``): those alone are left to it."""
+    ota = tmp_path / "ota"
+    ota.mkdir()
+    for name in ("release-1.0.release", "release-1.0.manifest", "release-2.0.part", "staged.json"):
+        (ota / name).write_bytes(b"x")
+    dropped = updater.drop_unwanted(ota, "2.0", suffixes=updater.KEPT_SUFFIXES)
+    assert sorted(dropped) == ["release-1.0.manifest", "release-1.0.release"]
+    assert sorted(p.name for p in ota.iterdir()) == ["release-2.0.part", "staged.json"]
