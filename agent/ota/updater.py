@@ -383,8 +383,10 @@ def apply_staged(
     moved back with bootcheck.give_data when there is no room to install it. When the agent's
     file is missing (a power cut during an earlier install, after it was removed), the install
     goes on from root's copy if that is still the signed file, else the outcome is ``waiting``
-    (:class:`StagedFileMissing`). The rollback floor is the release root's own
-    (floor.check_root), never DATA/ota/floors.json."""
+    (:class:`StagedFileMissing`). When the staged version is already ``current`` (a power cut
+    after the switch, before the cleanup), only the staged files and root's copy are removed:
+    no outcome, the pending switch left to the boot counter, no restart. The rollback floor is
+    the release root's own (floor.check_root), never DATA/ota/floors.json."""
     staged_name = f"{OTA_DIR}/{STAGED_FILE}"
     try:
         staged = loads_json(bootcheck.read_data(data_dir, staged_name, MAX_STAGED_BYTES))
@@ -415,6 +417,11 @@ def apply_staged(
     leftovers = names  # removed once done: all of them but when there was no room
     freed: int | None = None  # the mode of the agent's file, when it was removed after the copy
     try:
+        if bootcheck.link_version(root, bootcheck.CURRENT) == version:
+            # switched to by a run a power cut stopped before its cleanup (below): its files are
+            # left over; the outcome and the pending switch (the boot counter's) are not touched
+            log.info("event=release_leftover_cleaned version=%s reason=already_current", version)
+            return None
         data = bootcheck.read_data(data_dir, names[1], MAX_MANIFEST_BYTES)
         manifest = ReleaseManifest.from_cbor(data, f"staged release {version}")
         if manifest.version != version:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -645,3 +646,89 @@ def test_power_cut_with_a_bad_manifest_is_still_refused(
     assert outcome(root)["result"] == "refused"
     assert not (root / bootcheck.RELEASES / "9.9").exists()
     assert not (root / updater.TAKEN_FILE).exists()
+
+
+# -- a power cut after the switch, before the helper's cleanup ------------------------------------
+
+
+def cut_after_the_switch(root: Path, data: Path, at: str) -> None:
+    """The real root helper runs (in a child process) through its install and the switch to
+    9.9, and the power goes before its cleanup is done: at ``switched`` (nothing removed), or
+    as it is about to remove ``at`` (root's copy and the files before ``at`` already gone)."""
+
+    def run() -> None:
+        real_switch, real_remove = bootcheck.switch, bootcheck.remove_data
+
+        def switch(*args: object, **kwargs: object) -> None:
+            real_switch(*args, **kwargs)  # type: ignore[arg-type]
+            if at == "switched":
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def remove_data(data_dir: Path, relative: str) -> bool:
+            if relative == at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_remove(data_dir, relative)
+
+        bootcheck.switch = switch  # type: ignore[assignment]
+        bootcheck.remove_data = remove_data  # type: ignore[assignment]
+        updater.install = boot_install([])  # type: ignore[assignment]
+        updater._check_data = lambda *args: None  # type: ignore[assignment]  # no venv to ask
+        updater.apply_staged(root, data, KEY.public_key())
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    child.join(15)
+    assert child.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize(
+    ("at", "left"),
+    [
+        ("switched", ["9.9.manifest", "staged.json"]),  # and root's copy
+        ("ota/9.9.manifest", ["9.9.manifest", "staged.json"]),
+        ("ota/staged.json", ["staged.json"]),
+    ],
+)
+def test_power_cut_after_the_switch_only_cleans_up_at_the_next_boot(
+    dirs: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    at: str,
+    left: list[str],
+) -> None:
+    """Was: ``staged.json`` (removed last) survived a cut after the switch, so at the next boot
+    the path unit started the helper again, and it recorded an outcome for 9.9, which is
+    ``current`` and pending its health check: ``refused`` ("release 9.9 is already current",
+    bootcheck.switch) while root's copy was there, or with the manifest gone; ``waiting``
+    (staged_file_missing) with the copy gone. Hidden by ``pending`` until overwritten, but a
+    wrong record, written into update.json beside the boot counter's own writes. Now that run
+    only removes what is left of the staging; update.json is not written, no restart is asked
+    for (None), and the boot counter goes on as before: here to a rollback."""
+    caplog.set_level(logging.INFO, logger=updater.__name__)
+    root, data = dirs
+    (root / bootcheck.RELEASES / "1.0").mkdir(parents=True)
+    bootcheck.mark_complete(root, "1.0")
+    bootcheck.set_link(root, bootcheck.CURRENT, "releases/1.0")
+    bootcheck.save(root, {"outcome": {"version": "1.0", "result": "updated", "at": 1.0}})
+    m, file = signed_release(tmp_path)
+    ota = stage(data, m, file)
+    cut_after_the_switch(root, data, at)
+    assert sorted(p.name for p in ota.iterdir()) == left
+    assert (root / updater.TAKEN_FILE).exists() == (at == "switched")
+    assert bootcheck.link_version(root, bootcheck.CURRENT) == "9.9"
+    state = bootcheck.load(root)
+    assert state["pending"] == "9.9" and state["outcome"]["version"] == "1.0"
+    monkeypatch.setattr(updater, "_check_data", lambda *args: None)  # no venv to ask
+    assert updater.apply_staged(root, data, KEY.public_key()) is None  # the next boot's run
+    assert bootcheck.load(root) == state  # no outcome of its own, pending as it was
+    assert "event=release_leftover_cleaned version=9.9" in caplog.text
+    assert list(ota.iterdir()) == []
+    assert not (root / updater.TAKEN_FILE).exists()
+    assert bootcheck.is_complete(root, "9.9")
+    for attempt in (1, 2, 3):  # the boot counter: 9.9 never reaches READY
+        assert bootcheck.start(root, data) == "9.9"
+        assert bootcheck.load(root)["attempts"] == attempt
+    assert bootcheck.start(root, data) == "1.0"
+    said = outcome(root)
+    assert (said["version"], said["result"], said["restored"]) == ("9.9", "rolled_back", "1.0")
