@@ -23,7 +23,10 @@ it was handed over (until then ``waiting``, saying so). A ``waiting`` whose caus
 file missing (a power cut during an install left the helper neither the agent's file nor a
 checked copy of its own) is not a lack of room: the release is staged again (fetched) after the
 backoff, without waiting for room. Only the wanted release is kept there: the files of any other
-(no longer desired, refused, or the one running) are removed.
+(no longer desired, refused, or the one running) are removed. A release ``staged.json`` already
+hands to the root helper (staged before this process started: a power cut during the helper's
+install, which it resumes from root's copy) is not staged again: this process watches the
+helper's outcome for it, as after a staging of its own.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.fetch import BLOCK_WINDOW
 from agent.modelstore.signing import load_public_key
 from agent.ota import bootcheck
-from agent.ota.release import ReleaseError
+from agent.ota.release import ReleaseError, ReleaseManifest
 from agent.ota.settings import UpdateSettings
 from agent.ota.updater import (
     KEPT_SUFFIXES,
     OTA_DIR,
     STAGED_FILE,
     STAGED_FILE_MISSING,
+    TAKEN_FILE,
     ReleaseFetcher,
     Staged,
     drop_unwanted,
@@ -168,10 +172,13 @@ class UpdateController:
             if self._after is not None:
                 self._after.cancel()
             try:
-                since = time.time()
-                staged = await self._stage(*wanted)
+                since = self._handed_over(wanted)  # after a restart: not downloaded again
+                free: int | None = None
+                if since is None:
+                    since = time.time()
+                    free = (await self._stage(*wanted)).root_free
                 delay = RETRY_BASE
-                self._after = asyncio.create_task(self._after_root(wanted, since, staged.root_free))
+                self._after = asyncio.create_task(self._after_root(wanted, since, free))
             except ReleaseError as err:
                 self._refused = wanted
                 self.outcome = _outcome(wanted[0], "refused", reason=str(err))
@@ -229,6 +236,31 @@ class UpdateController:
             if self._wanted == wanted:
                 self._wake.set()
             return
+
+    def _handed_over(self, wanted: tuple[str, str]) -> float | None:
+        """When ``DATA/ota/staged.json`` already hands ``wanted`` to the root helper (staged
+        by this agent before a restart, e.g. a power cut during the helper's install, which
+        it resumes from root's copy): the time it was handed over, from which the helper's
+        outcome counts (:meth:`_after_root`; not after now, should the clock have been set
+        back at boot); None when it is to be staged. Its manifest must name the wanted
+        SHA-256, and the file be there or root's copy (the helper's) in the release root."""
+        version, sha256 = wanted
+        ota = self.data_dir / OTA_DIR
+        if staged_version(self.data_dir) != version:
+            return None  # nothing staged, or another version (staging the wanted one replaces it)
+        try:
+            manifest = ReleaseManifest.from_cbor((ota / f"{version}.manifest").read_bytes())
+            handed = (ota / STAGED_FILE).stat().st_mtime
+        except (OSError, ModelError):
+            return None
+        if manifest.version != version or manifest.sha256 != sha256.lower():
+            return None
+        taken = self.settings.root / TAKEN_FILE
+        if not (ota / f"{version}.release").exists() and not taken.exists():
+            return None
+        self.outcome = _outcome(version, "staged", bytes=manifest.size)
+        log.info("event=release_already_staged version=%s", version)
+        return min(handed, time.time())
 
     def _wait_for_room(self, wanted: tuple[str, str]) -> None:
         """NotNow (``waiting``, with the reason) while the release root has no more room (by

@@ -600,3 +600,62 @@ def test_a_kept_release_named_like_a_mirror_file_is_dropped_when_not_wanted(
     dropped = updater.drop_unwanted(ota, "2.0", suffixes=updater.KEPT_SUFFIXES)
     assert sorted(dropped) == ["release-1.0.manifest", "release-1.0.release"]
     assert sorted(p.name for p in ota.iterdir()) == ["release-2.0.part", "staged.json"]
+
+
+async def test_after_a_power_cut_in_the_install_the_restarted_agent_does_not_fetch_it_again(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut during the root helper's install (one filesystem: the agent's file already
+    removed, root's checked copy made): at the next boot the helper resumes from its copy
+    (test_root_helper.py) and the agent starts again. Was: the agent staged release 2 again,
+    downloading the whole file (its own was gone) while the helper installed root's copy, and
+    the helper's cleanup then removed that download. Now, ``staged.json`` already naming the
+    wanted release (its manifest, the wanted SHA-256, there; the file there or root's copy),
+    it only watches what the helper makes of it (_after_root), and reports ``staged``. A
+    ``staged.json`` left from a release no longer wanted (1.5, whose install a cut stopped
+    too, then the assignment moved on) does not keep the agent from staging the wanted one."""
+    root, data = tmp_path / "opt", tmp_path / "data"
+    ota = data / "ota"
+    ota.mkdir(parents=True)
+    root.mkdir()
+    (ota / updater.STAGED_FILE).write_text(json.dumps({"version": "1.5"}))
+    (ota / "1.5.manifest").write_bytes(b"x" * BLOCK)
+    (root / updater.TAKEN_FILE).write_bytes(b"x" * BLOCK)  # root's copy of 1.5
+    first = controller(endpoint, tmp_path, RecordingClock())
+    loop = asyncio.create_task(first._stage_loop())
+    try:
+        await until(lambda: first._after is not None)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert len(endpoint.downloads) == 1 and updater.staged_version(data) == "2"
+    assert sorted(p.name for p in ota.iterdir()) == ["2.manifest", "2.release", "staged.json"]
+    # the helper takes it: root's copy made, the agent's file freed; the power goes in the install
+    os.replace(ota / "2.release", root / updater.TAKEN_FILE)
+    (root / bootcheck.RELEASES / "2" / "bundle").mkdir(parents=True)
+    agent = controller(endpoint, tmp_path, RecordingClock())  # the agent's start at the next boot
+    loop = asyncio.create_task(agent._stage_loop())
+    try:
+        await until(lambda: agent._after is not None)
+        assert len(endpoint.downloads) == 1  # not fetched again
+        said = agent.reported()["agent/update"]
+        assert (said["version"], said["result"]) == ("2", "staged"), said
+        installed: list[bytes] = []
+
+        def install(root: Path, manifest: ReleaseManifest, file: Path, **kw: object) -> Path:
+            installed.append(file.read_bytes())
+            bootcheck.mark_complete(root, manifest.version)  # the bundle unpacked, say
+            return root / bootcheck.RELEASES / manifest.version
+
+        monkeypatch.setattr(updater, "install", install)
+        monkeypatch.setattr(updater, "_check_data", lambda *args: None)  # no venv to ask
+        key = load_public_key(endpoint.pub)
+        assert updater.apply_staged(root, data, key) == "2"  # the helper's run at that boot
+        await until(agent._after.done)
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    assert installed == [endpoint.file.read_bytes()]
+    assert len(endpoint.downloads) == 1
+    assert agent.reported()["agent/update"] == {"version": "2", "result": "pending"}
+    assert list(ota.iterdir()) == [] and agent._refused is None
