@@ -341,8 +341,8 @@ async def _fetch(
     that does not match is fetched once more from the start; a fresh one that does not match
     refuses the release (ReleaseError, the partial removed)."""
     stats = await _download(fetcher, manifest, part, budget_bytes, root)
-    try:
-        check_file(manifest, part)
+    try:  # (hashing a release of tens of MB: off the event loop, which samples meanwhile)
+        await asyncio.to_thread(check_file, manifest, part)
     except ReleaseError:
         _drop(part)
         if not stats.resumed_from:
@@ -355,7 +355,7 @@ async def _fetch(
         )
         stats = await _download(fetcher, manifest, part, budget_bytes, root)
         try:
-            check_file(manifest, part)
+            await asyncio.to_thread(check_file, manifest, part)
         except ReleaseError:
             _drop(part)
             raise

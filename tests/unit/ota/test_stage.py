@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,24 @@ async def test_attack_power_cut_torn_partial_is_fetched_again_not_refused(
     assert staged.stats.resumed_from == 0  # the second download started from scratch
     assert not part.exists()
     assert "event=release_partial_dropped version=2 resumed_from=20480" in caplog.text
+
+
+async def test_a_downloaded_release_is_hashed_off_the_event_loop(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the SHA-256 of the whole release file (tens of MB) was computed on the agent's event
+    loop, which samples and detects meanwhile (a Pi Zero hashes about 20 MB/s)."""
+    hashed_on: list[int] = []
+    check = updater.check_file
+
+    def recording(manifest: object, file: Path) -> None:
+        hashed_on.append(threading.get_ident())
+        check(manifest, file)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(updater, "check_file", recording)
+    staged = await stage_from(endpoint, tmp_path / "data")
+    assert staged.file.read_bytes() == endpoint.file.read_bytes()
+    assert hashed_on and threading.get_ident() not in hashed_on
 
 
 async def test_a_fresh_download_that_does_not_match_is_still_refused(
