@@ -680,11 +680,13 @@ async def run_every(
     work: Callable[[], Awaitable[Any]],
     what: str,
     sleep: Callable[[float], Awaitable[None]],
+    beat: Callable[[], None] | None = None,
 ) -> None:
     """``work()`` every ``seconds`` (``sleep``: the clock's); a failure of :data:`RETRIED` is
     logged (once per outage) and retried. Anything else (a store that fails to read, a bug) is
     raised: the gateway's stage supervisor says it and restarts the loop
-    (agent/gateway/service.py)."""
+    (agent/gateway/service.py). ``beat()`` after each round: a round that never ends (a hung
+    store or lock) stops the beats, and the supervisor's health counts the loop stuck."""
     failing = False
     while True:
         try:
@@ -697,4 +699,6 @@ async def run_every(
             if failing:
                 log.info("event=gateway_upstream_ok what=%s", what)
             failing = False
+        if beat is not None:
+            beat()
         await sleep(seconds)

@@ -65,6 +65,9 @@ log = logging.getLogger("agent.gateway")
 STORE_RETRY = 5.0  # seconds between tries to learn the cloud's storage identity on first start
 STORE_DIR = "store"  # the gateway's endpoint data (SQLite, models, OSCORE state) under data_dir
 ALERT_CHECK = 0.5  # seconds between looks for an alert waiting to be forwarded
+#: seconds a loop's round may run before the loop counts as stuck (a forwarding pass of a long
+#: backlog over a slow link is many requests, each with its deadline)
+HUNG_AFTER = 900.0
 STATS_INTERVAL = 5.0  # seconds between counts of the records waiting (the status line's)
 
 
@@ -78,6 +81,10 @@ class Stages(Protocol):
     clock: Clock
 
     def start(self, name: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task[None]: ...
+
+    def heartbeat(self, name: str, deadline: float) -> Callable[[], None]:
+        """A beat for ``name``: stuck to the health once ``deadline`` s pass without one."""
+        ...
 
     def status(self) -> dict[str, dict[str, object]]: ...
 
@@ -323,10 +330,14 @@ class Gateway:
             "reported": (g.forward_interval, state.reported_once),
             "desired": (g.desired_poll, desired),
         }
+        # a round that never ends (a hung store, a lock) stops its loop's beats: stuck
         loops: dict[str, Callable[[], Awaitable[None]]] = {
-            name: partial(run_every, seconds, work, name, sleep)
+            name: partial(
+                run_every, seconds, work, name, sleep,
+                self.stages.heartbeat(f"{name}-hung", max(HUNG_AFTER, 4 * seconds)),
+            )
             for name, (seconds, work) in every.items()
-        }
+        }  # fmt: skip
         if self.peer_sync is not None:
             loops["peers"] = self.peer_sync.run
         loops["stats"] = self._count_waiting

@@ -59,6 +59,11 @@ class Supervisor:
         self.health.check(f"{name}-down", lambda: self._down_too_long(state))
         return asyncio.get_running_loop().create_task(self._supervise(state, run), name=name)
 
+    def heartbeat(self, name: str, deadline: float) -> Callable[[], None]:
+        """A beat a stage calls each time round its loop: without one for ``deadline`` seconds
+        (a round that never ends) the health counts ``name`` stuck."""
+        return self.health.register(name, deadline)
+
     def _down_too_long(self, state: StageState) -> bool:
         since = state.down_since
         return since is not None and self.clock.monotonic() - since > DOWN_AFTER

@@ -148,3 +148,40 @@ async def test_a_count_of_waiting_records_that_fails_is_said_and_not_shown_stale
         await running
         store.close()
         await server.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_a_loop_whose_round_never_ends_counts_as_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that hangs (a store whose read never returns, a lock never released) raised
+    nothing, so the loop was never down and the watchdog went on being fed while nothing was
+    forwarded; its beats stop now and the health counts it stuck (the other loops' beats go
+    on)."""
+    monkeypatch.setattr(service, "HUNG_AFTER", 1.0)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    store = await one_device_gateway(tmp_path, server, forward_interval=0.2)
+    clock = RealClock()
+    health = Health(clock)
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, health))
+    forward, hang = gw._forward, asyncio.Event()
+
+    async def hung_after_the_first_pass() -> None:
+        if hang.is_set():
+            await asyncio.Event().wait()  # never returns
+        await forward()
+
+    monkeypatch.setattr(gw, "_forward", hung_after_the_first_pass)
+    running = asyncio.create_task(gw.run())
+    try:
+        await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "sent")
+        assert health.stuck() == []
+        hang.set()
+        await within(30.0, lambda: "records-hung" in health.stuck(), "stuck")
+        assert health.stuck() == ["records-hung"]  # the loops that still go round are not
+        assert not gw.status()["loops"]["records"]["down"]  # it never raised
+    finally:
+        gw.stop()
+        await running
+        store.close()
+        await server.stop()
