@@ -27,6 +27,15 @@ backoff, without waiting for room. Only the wanted release is kept there: the fi
 hands to the root helper (staged before this process started: a power cut during the helper's
 install, which it resumes from root's copy) is not staged again: this process watches the
 helper's outcome for it, as after a staging of its own.
+
+A release rolled back on this device (the root's last outcome in ``update.json``: ``rolled_back``
+of that version, by the boot counter, the health timer, the OnFailure unit or the operator) is
+tried at most once per assignment: while desired ``agent/version`` still names it, it is not
+staged again, and ``agent/update`` keeps saying ``rolled_back`` with the reason. The assignment
+standing when this process starts (its first :meth:`UpdateController.apply`) counts as the one
+it was rolled back under; each later apply is a new write of the key (the endpoint gives setting
+the same value no new version: an operator withdraws it and assigns it again), which tries it
+once more. Derived from ``update.json`` at each look, so it holds across restarts.
 """
 
 from __future__ import annotations
@@ -110,6 +119,9 @@ class UpdateController:
         self._acked = acked
         self._wanted: tuple[str, str] | None = None
         self._refused: tuple[str, str] | None = None
+        self._applied = False  # an assignment applied: the first is the one standing at start
+        # the rollback (the root's outcome) a later assignment of its version tries once more
+        self._retry: dict[str, Any] | None = None
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._after: asyncio.Task[None] | None = None  # watching the root helper (_after_root)
@@ -126,6 +138,9 @@ class UpdateController:
             raise ValueError("agent/version: this agent has no [update] public_key")
         if wanted != self._wanted:
             self._root_delay = RETRY_BASE
+        # assigned again after a rollback here: tried once more (the module docstring)
+        self._retry = self._rolled_back(wanted[0]) if wanted and self._applied else None
+        self._applied = True
         self._wanted = wanted
         self._wake.set()
 
@@ -166,7 +181,12 @@ class UpdateController:
             await self._wake.wait()
             self._wake.clear()
             wanted = self._wanted
-            if wanted is None or wanted[0] == self.running or wanted == self._refused:
+            if (
+                wanted is None
+                or wanted[0] == self.running
+                or wanted == self._refused
+                or self._held(wanted)
+            ):
                 self._drop_unwanted()
                 continue
             if self._after is not None:
@@ -261,6 +281,27 @@ class UpdateController:
         self.outcome = _outcome(version, "staged", bytes=manifest.size)
         log.info("event=release_already_staged version=%s", version)
         return min(handed, time.time())
+
+    def _rolled_back(self, version: str) -> dict[str, Any] | None:
+        """The root's last outcome (``update.json``) when it is ``version`` rolled back."""
+        outcome = report(self.settings.root).get("outcome")
+        if isinstance(outcome, dict) and outcome.get("result") == "rolled_back":
+            return outcome if outcome.get("version") == version else None
+        return None
+
+    def _held(self, wanted: tuple[str, str]) -> bool:
+        """``wanted`` was rolled back here under this assignment: not staged again (the
+        module docstring)."""
+        back = self._rolled_back(wanted[0])
+        if back is None or back == self._retry:
+            return False
+        log.info(
+            "event=release_held version=%s restored=%s reason=%s",
+            wanted[0],
+            back.get("restored"),
+            back.get("reason"),
+        )
+        return True
 
     def _wait_for_room(self, wanted: tuple[str, str]) -> None:
         """NotNow (``waiting``, with the reason) while the release root has no more room (by
