@@ -10,8 +10,9 @@ devices' records until its disk filled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,22 @@ async def one_device_gateway(
     return store
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    gw: Gateway, store: SQLiteStorage, server: CloudServer
+) -> AsyncIterator[asyncio.Task[None]]:
+    """``gw`` running (its task) until the block ends; then stopped, ``store`` closed and the
+    endpoint ``server`` stopped."""
+    running = asyncio.create_task(gw.run())
+    try:
+        yield running
+    finally:
+        gw.stop()
+        await running
+        store.close()
+        await server.stop()
+
+
 @pytest.mark.timeout(90)
 async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -78,8 +95,7 @@ async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
     clock = RealClock()
     health = Health(clock)
     gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, health))
-    running = asyncio.create_task(gw.run())
-    try:
+    async with serving(gw, store, server) as running:
         with caplog.at_level(logging.INFO):
 
             def restarts() -> int:
@@ -107,11 +123,6 @@ async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
         assert "event=stage_recovered stage=records" in caplog.text
         assert health.stuck() == []
         assert not running.done()
-    finally:
-        gw.stop()
-        await running
-        store.close()
-        await server.stop()
 
 
 @pytest.mark.timeout(90)
@@ -126,8 +137,7 @@ async def test_a_count_of_waiting_records_that_fails_is_said_and_not_shown_stale
     store = await one_device_gateway(tmp_path, server, forward_interval=3600.0)
     clock = RealClock()
     gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, Health(clock)))
-    running = asyncio.create_task(gw.run())
-    try:
+    async with serving(gw, store, server):
         with caplog.at_level(logging.INFO):
             await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "sent")
             await within(10.0, lambda: "waiting 0;" in gw.status_line(), "counted")
@@ -143,11 +153,6 @@ async def test_a_count_of_waiting_records_that_fails_is_said_and_not_shown_stale
             assert said[0].exc_info is None and "Traceback" not in caplog.text
             store.db.executescript(later)
             await within(10.0, lambda: "waiting ?;" not in gw.status_line(), "counted again")
-    finally:
-        gw.stop()
-        await running
-        store.close()
-        await server.stop()
 
 
 @pytest.mark.timeout(90)
@@ -172,16 +177,10 @@ async def test_a_loop_whose_round_never_ends_counts_as_stuck(
         await forward()
 
     monkeypatch.setattr(gw, "_forward", hung_after_the_first_pass)
-    running = asyncio.create_task(gw.run())
-    try:
+    async with serving(gw, store, server):
         await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "sent")
         assert health.stuck() == []
         hang.set()
         await within(30.0, lambda: "records-hung" in health.stuck(), "stuck")
         assert health.stuck() == ["records-hung"]  # the loops that still go round are not
         assert not gw.status()["loops"]["records"]["down"]  # it never raised
-    finally:
-        gw.stop()
-        await running
-        store.close()
-        await server.stop()
