@@ -44,7 +44,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -585,14 +585,17 @@ class PeerSync:
         self._turn += 1
         return peer
 
-    async def run(self) -> None:
+    async def run(self, beat: Callable[[], None] | None = None) -> None:
         """Exchange with one peer per period, forever (cancel to stop). A failed exchange is
-        logged and the next period goes on with the next peer."""
+        logged and the next period goes on with the next peer. ``beat()`` after each exchange
+        (an exchange that never ends stops the beats: the supervisor's health sees it)."""
         if not self.peers:
             log.info("event=peer_sync_idle node=%s reason=no_peers", self.state.node)
             return
         while True:
             await self.try_once(self.next_peer())
+            if beat is not None:
+                beat()
             await self.clock.sleep(self.period * (0.75 + 0.5 * self.rng.random()))
 
     async def try_once(self, peer: str) -> Exchange | None:

@@ -339,7 +339,8 @@ class Gateway:
             for name, (seconds, work) in every.items()
         }  # fmt: skip
         if self.peer_sync is not None:
-            loops["peers"] = self.peer_sync.run
+            hung = max(HUNG_AFTER, 4 * self.peer_sync.period)
+            loops["peers"] = partial(self.peer_sync.run, self.stages.heartbeat("peers-hung", hung))
         loops["stats"] = self._count_waiting
         if self.announcer is not None:  # up: the store is open and the servers listen
             loops["ready-watchdog"] = partial(self.announcer.run, self.status_line)

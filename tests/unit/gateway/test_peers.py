@@ -3,6 +3,7 @@ exchange between two real peers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
-from agent.errors import StoreError
+from agent.errors import StoreError, SyncError
 from agent.gateway.crdt import CrdtError, LWWRegister, PNCounter, decode_digest, decode_entries
 from agent.gateway.hlc import Timestamp
 from agent.gateway.peers import FETCH_KEYS, PeerServer, PeerSettings, PeerState, PeerSync
@@ -254,6 +255,42 @@ async def test_an_unreachable_peer_is_logged_and_skipped(tmp_path: Path) -> None
         assert sync.reachable == {"coap://127.0.0.1:9": False}
         assert await sync.sync_all() == [None]  # and the next round goes on
     finally:
+        await transport.close()
+
+
+async def test_an_exchange_that_never_ends_stops_the_beats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peers loop beats the supervisor's health after each exchange, a failed one too; an
+    exchange that never returns (raising nothing) stops the beats, so the health sees the loop
+    stuck instead of a gateway that looks alive while its site state no longer converges."""
+    clock = RealClock()
+    transport = CoapTransport(clock, uris=["coap://127.0.0.1:9"])
+    sync = PeerSync(PeerState("gw-a", None, clock), ["coap://127.0.0.1:9"], transport, period=0)
+    exchanges, hang = 0, asyncio.Event()
+
+    async def exchange(peer: str) -> None:
+        nonlocal exchanges
+        exchanges += 1
+        if exchanges == 3:
+            hang.set()
+            await asyncio.Event().wait()  # never returns
+        raise SyncError(f"{peer}: no answer")
+
+    monkeypatch.setattr(sync, "sync_once", exchange)
+    beats = 0
+
+    def beat() -> None:
+        nonlocal beats
+        beats += 1
+
+    running = asyncio.create_task(sync.run(beat))
+    try:
+        await asyncio.wait_for(hang.wait(), 30)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert beats == 2 and exchanges == 3  # none since the third began
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
         await transport.close()
 
 
