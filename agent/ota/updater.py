@@ -294,19 +294,40 @@ async def stage(
     ota.mkdir(parents=True, exist_ok=True)
     drop_unwanted(ota, version, suffixes=KEPT_SUFFIXES)  # one release is staged at a time
     part, file = partial_path(data_dir, version), ota / f"{version}.release"
+    fetched: Path | None = None
     if await asyncio.to_thread(_kept, manifest, file):
         _drop(part)
         _check_budget(manifest, file, budget_bytes, root)  # room for the root helper's part
         stats = FetchStats()
     else:
         stats = await _fetch(fetcher, manifest, part, budget_bytes, root)
-        os.replace(part, file)
-    write_atomic(ota / f"{version}.manifest", manifest.to_cbor())
-    free = root_free(root)  # as it is handed over: a retry waits for more (controller.py)
+        fetched = part
     staged = {"version": version, "max_attempts": max_attempts, "health_window": health_window}
-    write_atomic(ota / STAGED_FILE, json.dumps(staged).encode())
+    # (each write an fsync, tens to hundreds of ms on an SD card: off the event loop)
+    free = await asyncio.to_thread(_hand_over, manifest, fetched, file, staged, root)
     log.info("event=release_staged version=%s bytes=%d", version, manifest.size)
     return Staged(version, manifest, file, stats, free)
+
+
+def _hand_over(
+    manifest: ReleaseManifest,
+    part: Path | None,
+    file: Path,
+    staged: dict[str, object],
+    root: Path | None,
+) -> int | None:
+    """The verified release handed to the root helper, in this order: the downloaded ``part``
+    renamed to ``file`` (None: ``file`` is a kept one), the manifest beside it (its directory
+    fsync makes the rename durable too), then ``staged.json``, which starts the helper, last.
+    The free bytes in the release root as it is handed over (a retry waits for more,
+    controller.py)."""
+    ota = file.parent
+    if part is not None:
+        os.replace(part, file)
+    write_atomic(ota / f"{manifest.version}.manifest", manifest.to_cbor())
+    free = root_free(root)
+    write_atomic(ota / STAGED_FILE, json.dumps(staged).encode())
+    return free
 
 
 def root_free(root: Path | None) -> int | None:

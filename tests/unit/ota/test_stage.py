@@ -161,6 +161,29 @@ async def test_a_downloaded_release_is_hashed_off_the_event_loop(
     assert hashed_on and threading.get_ident() not in hashed_on
 
 
+async def test_a_release_is_handed_over_off_the_event_loop(
+    endpoint: Endpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the manifest's and ``staged.json``'s atomic writes (each an fsync: tens to hundreds
+    of ms on an SD card) ran on the agent's event loop, which samples meanwhile. Now they run in
+    a worker thread, in their order: the manifest (and the file) before ``staged.json``, which
+    starts the root helper."""
+    written: list[tuple[str, int]] = []
+    write = updater.write_atomic
+
+    def recording(path: Path, data: bytes, **kw: Any) -> None:
+        written.append((path.name, threading.get_ident()))
+        if path.name == updater.STAGED_FILE:  # the release file is in place by then
+            assert (path.parent / "2.release").read_bytes() == endpoint.file.read_bytes()
+        write(path, data, **kw)
+
+    monkeypatch.setattr(updater, "write_atomic", recording)
+    staged = await stage_from(endpoint, tmp_path / "data")
+    assert staged.file.read_bytes() == endpoint.file.read_bytes()
+    assert [name for name, _ in written] == ["2.manifest", updater.STAGED_FILE]
+    assert threading.get_ident() not in {thread for _, thread in written}
+
+
 async def test_a_fresh_download_that_does_not_match_is_still_refused(
     endpoint: Endpoint, tmp_path: Path
 ) -> None:
