@@ -28,14 +28,21 @@ hands to the root helper (staged before this process started: a power cut during
 install, which it resumes from root's copy) is not staged again: this process watches the
 helper's outcome for it, as after a staging of its own.
 
-A release rolled back on this device (the root's last outcome in ``update.json``: ``rolled_back``
-of that version, by the boot counter, the health timer, the OnFailure unit or the operator) is
-tried at most once per assignment: while desired ``agent/version`` still names it, it is not
-staged again, and ``agent/update`` keeps saying ``rolled_back`` with the reason. The assignment
-standing when this process starts (its first :meth:`UpdateController.apply`) counts as the one
-it was rolled back under; each later apply is a new write of the key (the endpoint gives setting
-the same value no new version: an operator withdraws it and assigns it again), which tries it
-once more. Derived from ``update.json`` at each look, so it holds across restarts.
+A release rolled back or refused on this device by root (the root's last outcome in
+``update.json``, :data:`HELD_RESULTS`: ``rolled_back`` of that version, by the boot counter, the
+health timer, the OnFailure unit or the operator; ``refused`` by the root helper: pip failed, the
+signature, the floor or the data check, a release file not the signed one) is tried at most once
+per assignment: while desired ``agent/version`` still names it, it is not staged again (no
+download), and ``agent/update`` keeps saying ``rolled_back`` or ``refused`` with the reason. The
+assignment standing when this process starts (its first :meth:`UpdateController.apply`) counts
+as the one it ended under; each later apply is a new write of the key (the endpoint gives
+setting the same value no new version: an operator withdraws it and assigns it again), which
+tries it once more. Derived from ``update.json`` at each look, so it holds across restarts. The
+root's ``waiting`` is not held (staged again, as above). A refusal of the agent's own staging
+(the signature, the SHA-256, the floor, the budget: before the root helper sees it) is held by
+this process only (``_refused``), until the desired value changes; after a restart it is tried
+again, and refused again before a block of the file is fetched but for a file that did not
+match.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ RETRY_MAX = 1800.0
 ACK_POLL = 1.0  # seconds between looks at the uplink's acknowledged batches (before READY)
 ROOT_POLL = 30.0  # seconds between looks at what the root helper did with a staged release
 ROOM_GAIN = 1 << 20  # bytes more free in the release root than at a hand-off that had no room
+#: the root's outcomes (update.json) that hold a release while its assignment stands (docstring)
+HELD_RESULTS = ("rolled_back", "refused")
 
 
 def _since(outcome: dict[str, Any], version: str, since: float) -> bool:
@@ -120,7 +129,7 @@ class UpdateController:
         self._wanted: tuple[str, str] | None = None
         self._refused: tuple[str, str] | None = None
         self._applied = False  # an assignment applied: the first is the one standing at start
-        # the rollback (the root's outcome) a later assignment of its version tries once more
+        # the root's rollback or refusal a later assignment of its version tries once more
         self._retry: dict[str, Any] | None = None
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
@@ -138,8 +147,8 @@ class UpdateController:
             raise ValueError("agent/version: this agent has no [update] public_key")
         if wanted != self._wanted:
             self._root_delay = RETRY_BASE
-        # assigned again after a rollback here: tried once more (the module docstring)
-        self._retry = self._rolled_back(wanted[0]) if wanted and self._applied else None
+        # assigned again after a rollback or root's refusal: tried once more (module docstring)
+        self._retry = self._ended(wanted[0]) if wanted and self._applied else None
         self._applied = True
         self._wanted = wanted
         self._wake.set()
@@ -237,9 +246,7 @@ class UpdateController:
             if not isinstance(outcome, dict) or not _since(outcome, wanted[0], since):
                 outcome = {}  # none for this staging
             if outcome and outcome.get("result") != "waiting":
-                if outcome.get("result") == "refused":
-                    self._refused = wanted
-                return
+                return  # a refusal is held from update.json (_held), as a rollback is
             reason = str(outcome.get("reason", "the root helper took it and saved no outcome"))
             if outcome.get("cause") == STAGED_FILE_MISSING:
                 self._no_room = None  # not a lack of room: fetched and staged again
@@ -282,24 +289,26 @@ class UpdateController:
         log.info("event=release_already_staged version=%s", version)
         return min(handed, time.time())
 
-    def _rolled_back(self, version: str) -> dict[str, Any] | None:
-        """The root's last outcome (``update.json``) when it is ``version`` rolled back."""
+    def _ended(self, version: str) -> dict[str, Any] | None:
+        """The root's last outcome (``update.json``) when it ended ``version`` here: rolled
+        back or refused (:data:`HELD_RESULTS`)."""
         outcome = report(self.settings.root).get("outcome")
-        if isinstance(outcome, dict) and outcome.get("result") == "rolled_back":
+        if isinstance(outcome, dict) and outcome.get("result") in HELD_RESULTS:
             return outcome if outcome.get("version") == version else None
         return None
 
     def _held(self, wanted: tuple[str, str]) -> bool:
-        """``wanted`` was rolled back here under this assignment: not staged again (the
-        module docstring)."""
-        back = self._rolled_back(wanted[0])
-        if back is None or back == self._retry:
+        """``wanted`` was rolled back or refused by root here under this assignment: not staged
+        again (the module docstring)."""
+        ended = self._ended(wanted[0])
+        if ended is None or ended == self._retry:
             return False
         log.info(
-            "event=release_held version=%s restored=%s reason=%s",
+            "event=release_held version=%s result=%s restored=%s reason=%s",
             wanted[0],
-            back.get("restored"),
-            back.get("reason"),
+            ended.get("result"),
+            ended.get("restored"),
+            ended.get("reason"),
         )
         return True
 

@@ -1,10 +1,11 @@
-"""A release rolled back on the device is tried at most once per assignment
-(agent/ota/controller.py): the agent, started again on the restored release with desired
-``agent/version`` still naming the rolled-back one, does not stage it again; it keeps reporting
-``rolled_back`` with the reason. Assigning it again (withdrawn, then assigned: a new write of the
-key) tries it once more; another release is staged as usual. The real pieces on each side: a
-loopback endpoint counting downloads, the controller's stage loop, the root helper
-(apply_staged, the install only marked complete), the boot counter and the health timer."""
+"""A release rolled back on the device, or refused by the root helper, is tried at most once per
+assignment (agent/ota/controller.py): the agent, started again with desired ``agent/version``
+still naming it, does not stage it again; it keeps reporting ``rolled_back`` or ``refused`` with
+the reason. Assigning it again (withdrawn, then assigned: a new write of the key) tries it once
+more; another release is staged as usual; the root helper's ``waiting`` is not held. The real
+pieces on each side: a loopback endpoint counting downloads, the controller's stage loop, the
+root helper (apply_staged, the install only marked complete, or failing as pip does), the boot
+counter and the health timer."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from typing import Any
 
 import pytest
 
+from agent.errors import NotNow
 from agent.modelstore.signing import load_public_key
 from agent.ota import bootcheck, updater
 from agent.ota import controller as update_stage
 from agent.ota.controller import UpdateController
-from agent.ota.release import ReleaseManifest
+from agent.ota.release import ReleaseError, ReleaseManifest
 from cloud.cli import main as cloud_main
 from tests.unit.ota import test_stage
 from tests.unit.ota.test_stage import Endpoint, RecordingClock, controller, make_bundle, until
@@ -87,6 +89,28 @@ async def looks(ctl: UpdateController, staged: Path, caplog: pytest.LogCaptureFi
     return HELD not in caplog.text
 
 
+async def assigned_again(
+    ctl: UpdateController, endpoint: Endpoint, staged: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Release 2 withdrawn and assigned again (a new write of the key): staged once more."""
+    caplog.clear()
+    ctl.apply(None)
+    ctl.apply({"version": "2", "sha256": endpoint.sha256})
+    assert await looks(ctl, staged, caplog)
+
+
+async def held_then_assigned_again(
+    endpoint: Endpoint, tmp_path: Path, staged: Path, caplog: pytest.LogCaptureFixture
+) -> UpdateController:
+    """The agent started again (desired still 2) holds release 2; assigned again, it stages it
+    once more. That agent."""
+    caplog.clear()
+    ctl = controller(endpoint, tmp_path, RecordingClock())
+    assert not await looks(ctl, staged, caplog)
+    await assigned_again(ctl, endpoint, staged, caplog)
+    return ctl
+
+
 @pytest.mark.parametrize("how", ["starts", "health"])
 async def test_a_release_rolled_back_here_is_not_staged_again_for_the_same_assignment(
     endpoint: Endpoint,
@@ -131,17 +155,10 @@ async def test_assigning_it_again_tries_it_once_more_and_another_release_is_stag
     withdraw it and assign it again. The agent that sees that write stages 2 once more; rolled
     back again, it is held again at the next start. Another release is staged as usual."""
     root, data, staged, key = device(endpoint, tmp_path, monkeypatch, caplog)
-    two = {"version": "2", "sha256": endpoint.sha256}
     assert await looks(controller(endpoint, tmp_path, RecordingClock()), staged, caplog)
     assert updater.apply_staged(root, data, key) == "2"
     fails(root, data, "starts")
-    caplog.clear()
-    ctl = controller(endpoint, tmp_path, RecordingClock())  # the restored agent
-    assert not await looks(ctl, staged, caplog)
-    caplog.clear()
-    ctl.apply(None)  # withdrawn
-    ctl.apply(two)  # and assigned again
-    assert await looks(ctl, staged, caplog)
+    await held_then_assigned_again(endpoint, tmp_path, staged, caplog)  # the restored agent
     assert len(endpoint.downloads) == 2
     assert updater.apply_staged(root, data, key) == "2"
     fails(root, data, "health")
@@ -166,3 +183,100 @@ async def test_assigning_it_again_tries_it_once_more_and_another_release_is_stag
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
     assert len(endpoint.downloads) == 3
+
+
+def install_fails(monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    """The root helper's install of release 2 raises ``error``: a ReleaseError as a failed pip
+    does (``refused``), NotNow as one with no room does (``waiting``)."""
+
+    def install(root: Path, manifest: ReleaseManifest, file: Path, **kw: object) -> Path:
+        raise error
+
+    monkeypatch.setattr(updater, "install", install)
+
+
+PIP_FAILED = "release 2: pip install failed: ERROR: No matching distribution found for numpy"
+
+
+@pytest.mark.parametrize("why", ["pip", "file"])
+async def test_a_release_the_root_helper_refused_is_not_staged_again_for_the_same_assignment(
+    endpoint: Endpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    why: str,
+) -> None:
+    """Was: the agent remembered a refusal of the root helper (its ``refused`` in update.json:
+    pip failed, the signature or floor check, a release file not the signed one) in memory only,
+    so each start of the agent with desired still 2 downloaded it again (tens of MB, on a
+    metered link) and handed it over again, and the helper refused it again: three starts, three
+    downloads and three refusals. Now it is held, as a rolled-back one is; reported ``refused``
+    with the helper's reason."""
+    root, data, staged, key = device(endpoint, tmp_path, monkeypatch, caplog)
+    if why == "pip":
+        install_fails(monkeypatch, ReleaseError(PIP_FAILED))
+    refused = []
+    for start in range(3):  # the agent's starts on release 1, desired 2 throughout
+        caplog.clear()
+        ctl = controller(endpoint, tmp_path, RecordingClock())
+        if await looks(ctl, staged, caplog):
+            if why == "file":  # the agent's file no longer the signed one (a bad card, a hand)
+                with (data / updater.OTA_DIR / "2.release").open("r+b") as f:
+                    f.write(b"\0")
+            assert updater.apply_staged(root, data, key) is None
+            refused.append(start)
+        else:
+            assert "result=refused" in caplog.text
+        said = ctl.reported()["agent/update"]
+        assert said is not None and (said["version"], said["result"]) == ("2", "refused")
+        assert PIP_FAILED in said["reason"] if why == "pip" else "signed" in said["reason"]
+    assert refused == [0]
+    assert len(endpoint.downloads) == 1
+    assert bootcheck.link_version(root, bootcheck.CURRENT) == "1"
+    assert list((data / updater.OTA_DIR).iterdir()) == []
+
+
+async def test_a_root_refusal_is_tried_once_more_when_assigned_again(
+    endpoint: Endpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The retry rule of a rollback: the operator withdraws 2 and assigns it again; the agent
+    that sees that write stages it once more. Refused again, it is held again, by the same
+    process too (from update.json: nothing of it in memory). The cause fixed (say, the wheel the
+    pip install missed) and assigned again: installed and switched to."""
+    root, data, staged, key = device(endpoint, tmp_path, monkeypatch, caplog)
+    install = updater.install
+    install_fails(monkeypatch, ReleaseError(PIP_FAILED))
+    assert await looks(controller(endpoint, tmp_path, RecordingClock()), staged, caplog)
+    assert updater.apply_staged(root, data, key) is None
+    ctl = await held_then_assigned_again(endpoint, tmp_path, staged, caplog)  # restarted
+    assert len(endpoint.downloads) == 2
+    assert updater.apply_staged(root, data, key) is None  # refused again
+    caplog.clear()
+    ctl._wake.set()  # the same process looks again
+    assert not await looks(ctl, staged, caplog)
+    monkeypatch.setattr(updater, "install", install)  # the cause fixed
+    await assigned_again(ctl, endpoint, staged, caplog)
+    assert updater.apply_staged(root, data, key) == "2"
+    assert len(endpoint.downloads) == 3
+
+
+async def test_a_release_the_root_helper_had_no_room_for_is_not_held(
+    endpoint: Endpoint,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``waiting`` (no room to install it) is retried by design: after a restart the agent
+    hands the kept file over again (no download), it is not held."""
+    root, data, staged, key = device(endpoint, tmp_path, monkeypatch, caplog)
+    install_fails(monkeypatch, NotNow("release 2: pip install: No space left on device"))
+    assert await looks(controller(endpoint, tmp_path, RecordingClock()), staged, caplog)
+    assert updater.apply_staged(root, data, key) is None
+    said = updater.report(root)["outcome"]
+    assert isinstance(said, dict) and said["result"] == "waiting"
+    caplog.clear()
+    assert await looks(controller(endpoint, tmp_path, RecordingClock()), staged, caplog)
+    assert len(endpoint.downloads) == 1  # the kept file handed over again

@@ -437,9 +437,11 @@ async def test_a_release_the_root_helper_had_no_room_for_is_kept_and_not_fetched
         room["free"] += update_stage.ROOM_GAIN  # the queue drained, say
         await until(staged.exists)
         assert len(endpoint.downloads) == 1  # the kept file, handed over again
+        await until(lambda: ctl._after is not None and not ctl._after.done())  # watching it
         assert updater.apply_staged(root, data, key) is None
         outcomes.append(updater.report(root)["outcome"])
-        await until(lambda: ctl._refused is not None)
+        await until(ctl._after.done)  # the refusal ends it, and holds the release (update.json)
+        assert ctl._held(("2", endpoint.sha256)) and ctl._refused is None
     finally:
         loop.cancel()
         await asyncio.gather(loop, return_exceptions=True)
