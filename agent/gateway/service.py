@@ -143,6 +143,7 @@ class Gateway:
         self._stop = asyncio.Event()
         self._writes: list[asyncio.Future[None]] = []  # desired documents being mirrored
         self._last_pass = -math.inf  # monotonic time of the last forwarding pass
+        self._records_beat: Callable[[], None] = lambda: None  # the records loop's (_serve)
 
     # -- start-up -------------------------------------------------------------------------------
     def _credentials(self) -> list[Credential]:
@@ -331,13 +332,15 @@ class Gateway:
             "desired": (g.desired_poll, desired),
         }
         # a round that never ends (a hung store, a lock) stops its loop's beats: stuck
+        beats = {
+            name: self.stages.heartbeat(f"{name}-hung", max(HUNG_AFTER, 4 * seconds))
+            for name, (seconds, _) in every.items()
+        }
+        self._records_beat = beats["records"]  # a backlog's drain beats after each pass too
         loops: dict[str, Callable[[], Awaitable[None]]] = {
-            name: partial(
-                run_every, seconds, work, name, sleep,
-                self.stages.heartbeat(f"{name}-hung", max(HUNG_AFTER, 4 * seconds)),
-            )
+            name: partial(run_every, seconds, work, name, sleep, beats[name])
             for name, (seconds, work) in every.items()
-        }  # fmt: skip
+        }
         if self.peer_sync is not None:
             hung = max(HUNG_AFTER, 4 * self.peer_sync.period)
             loops["peers"] = partial(self.peer_sync.run, self.stages.heartbeat("peers-hung", hung))
@@ -385,8 +388,9 @@ class Gateway:
         try:
             # one pass per interval (what arrives meanwhile waits for the next: larger
             # batches); a full pass means a backlog (after an outage): go on until it is drained
+            # (each pass bounded, so each beats: a drain longer than HUNG_AFTER is not stuck)
             while await self.forwarder.forward_once() >= limit:
-                pass
+                self._records_beat()
         except RETRIED:
             raise  # run_every says it and tries again after the interval
         except Exception:

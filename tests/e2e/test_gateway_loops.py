@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.gateway import service
+from agent.gateway import relay, service
 from agent.gateway.service import Gateway
 from agent.gateway.settings import load_gateway_config
 from agent.gateway.storeparts import prepare_store
@@ -184,3 +184,32 @@ async def test_a_loop_whose_round_never_ends_counts_as_stuck(
         await within(30.0, lambda: "records-hung" in health.stuck(), "stuck")
         assert health.stuck() == ["records-hung"]  # the loops that still go round are not
         assert not gw.status()["loops"]["records"]["down"]  # it never raised
+
+
+@pytest.mark.timeout(90)
+async def test_a_backlog_drained_in_many_passes_is_not_counted_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog after an outage is drained in one round of the records loop, pass after full
+    pass (each bounded: forward_records, requests with their deadline); a drain longer than
+    HUNG_AFTER is no hung round: the systemd watchdog must not kill the gateway mid-drain."""
+    monkeypatch.setattr(service, "HUNG_AFTER", 1.0)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    store = await one_device_gateway(tmp_path, server, forward_interval=0.2)
+    clock = RealClock()
+    health = Health(clock)
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, health))
+    passes, stuck = 0, set()
+
+    async def full_pass(self: object) -> int:  # a pass of a backlog: 0.3 s, full, 10 times
+        nonlocal passes
+        passes += 1
+        await asyncio.sleep(0.3)
+        return gw.config.gateway.forward_records if passes <= 10 else 0
+
+    monkeypatch.setattr(relay.RecordForwarder, "forward_once", full_pass)
+    async with serving(gw, store, server):
+        while passes <= 10:
+            stuck.update(health.stuck())
+            await asyncio.sleep(0.05)
+    assert "records-hung" not in stuck
