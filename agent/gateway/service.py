@@ -84,7 +84,6 @@ class Stages(Protocol):
 
     def heartbeat(self, name: str, deadline: float) -> Callable[[], None]:
         """A beat for ``name``: stuck to the health once ``deadline`` s pass without one."""
-        ...
 
     def status(self) -> dict[str, dict[str, object]]: ...
 

@@ -60,6 +60,15 @@ async def one_device_gateway(
     return store
 
 
+def supervised(tmp_path: Path) -> tuple[Gateway, Health]:
+    """The gateway of ``tmp_path/gateway.toml``, its loops under the agent's stage supervisor
+    (as ``edge-agent gateway`` runs them), and the health the supervisor reports to."""
+    clock = RealClock()
+    health = Health(clock)
+    config = load_gateway_config(tmp_path / "gateway.toml")
+    return Gateway(config, Supervisor(clock, health)), health
+
+
 @contextlib.asynccontextmanager
 async def serving(
     gw: Gateway, store: SQLiteStorage, server: CloudServer
@@ -92,9 +101,7 @@ async def test_a_forwarding_loop_that_raises_is_said_once_restarted_and_goes_on(
     prepare_store(store)
     (kept,) = store.db.execute("SELECT sql FROM sqlite_master WHERE name = 'relay_kept'").fetchone()
     store.db.executescript("DROP TABLE relay_kept; CREATE TABLE relay_kept (damaged)")
-    clock = RealClock()
-    health = Health(clock)
-    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, health))
+    gw, health = supervised(tmp_path)
     async with serving(gw, store, server) as running:
         with caplog.at_level(logging.INFO):
 
@@ -135,8 +142,7 @@ async def test_a_count_of_waiting_records_that_fails_is_said_and_not_shown_stale
     monkeypatch.setattr(service, "STATS_INTERVAL", 0.05)
     server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
     store = await one_device_gateway(tmp_path, server, forward_interval=3600.0)
-    clock = RealClock()
-    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, Health(clock)))
+    gw, _ = supervised(tmp_path)
     async with serving(gw, store, server):
         with caplog.at_level(logging.INFO):
             await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "sent")
@@ -166,9 +172,7 @@ async def test_a_loop_whose_round_never_ends_counts_as_stuck(
     monkeypatch.setattr(service, "HUNG_AFTER", 1.0)
     server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
     store = await one_device_gateway(tmp_path, server, forward_interval=0.2)
-    clock = RealClock()
-    health = Health(clock)
-    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, health))
+    gw, health = supervised(tmp_path)
     forward, hang = gw._forward, asyncio.Event()
 
     async def hung_after_the_first_pass() -> None:
@@ -196,9 +200,7 @@ async def test_a_backlog_drained_in_many_passes_is_not_counted_stuck(
     monkeypatch.setattr(service, "HUNG_AFTER", 1.0)
     server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
     store = await one_device_gateway(tmp_path, server, forward_interval=0.2)
-    clock = RealClock()
-    health = Health(clock)
-    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, health))
+    gw, health = supervised(tmp_path)
     passes, stuck = 0, set()
 
     async def full_pass(self: object) -> int:  # a pass of a backlog: 0.3 s, full, 10 times
