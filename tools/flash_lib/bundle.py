@@ -1,9 +1,10 @@
 """The offline wheel bundle: this project's wheel, every dependency's wheel for the target, and pip.
 
-Built on the build host with pip (``pip wheel`` of this checkout, ``pip download`` of its
-dependencies for the target's architecture and Python), so the device installs with
-``--no-index`` and needs no internet. ``bundle.json`` lists the files with their SHA-256; the
-bundle id is a hash of that list, recorded in the device's venv to tell whether it is current.
+Built on the build host with pip (``pip wheel`` of this checkout, ``pip download`` of the wheels
+the target's lock names, each checked against its SHA-256: tools/flash_lib/lock.py), so the
+device installs with ``--no-index`` and needs no internet, and every device gets the same
+bytes. ``bundle.json`` lists the files with their SHA-256; the bundle id is a hash of that
+list, recorded in the device's venv to tell whether it is current.
 
 The project wheel is built with a fixed SOURCE_DATE_EPOCH so that the same source gives the same
 bytes: a second ``tools/flash`` run then finds nothing to do.
@@ -22,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from flash_lib import lock as lockmod
 from flash_lib.errors import FlashError
 from flash_lib.progress import Progress
 
@@ -170,6 +172,7 @@ def build(
     check = subprocess.run([pip_python, "-m", "pip", "--version"], capture_output=True, check=False)
     if check.returncode != 0:
         raise FlashError(f"no pip for {pip_python}: install pip or pass --pip-python PYTHON")
+    lock = lockmod.lock_for(project_root, arch, python)
     foreign = arch != host_arch() or python != host_python()
     progress = Progress(f"building wheel bundle ({arch}, Python {python})", unit="files")
     with tempfile.TemporaryDirectory(prefix="edge-agent-bundle-") as tmp:
@@ -183,10 +186,25 @@ def build(
         if len(built) != 1:
             raise FlashError(f"pip wheel made {len(built)} wheels from {project_root}, expected 1")
         project_wheel = built[0]
-        args = ["download", "--dest", str(staging), "--only-binary=:all:"]
-        if foreign:
-            args += platform_args(arch, python, glibc or DEFAULT_GLIBC[arch])
-        _pip(pip_python, [*args, str(project_wheel), "pip"], progress)
+        target = platform_args(arch, python, glibc or DEFAULT_GLIBC[arch]) if foreign else []
+        # exactly the locked wheels, each checked against its SHA-256 ...
+        args = ["download", "--dest", str(staging), "--only-binary=:all:", "--no-deps"]
+        _pip(pip_python, [*args, *target, "--require-hashes", "-r", str(lock)], progress)
+        shutil.copy2(project_wheel, staging / project_wheel.name)
+        # ... and the project's requirements resolve from them alone
+        try:
+            _pip(
+                pip_python,
+                ["install", "--dry-run", "--ignore-installed", "--no-index", "--find-links",
+                 str(staging), "--only-binary=:all:", "--target", str(Path(tmp, "t")), *target,
+                 str(project_wheel)],
+                progress,
+            )  # fmt: skip
+        except FlashError as err:
+            raise FlashError(
+                f"the lock {lock} does not hold what the project needs: run ./tools/dev lock "
+                f"({err})"
+            ) from None
         progress.done()
         names = sorted(p.name for p in staging.glob("*.whl"))
         pips = [n for n in names if n.startswith("pip-")]

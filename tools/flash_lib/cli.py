@@ -6,6 +6,7 @@
                             [--release-key F]
   tools/flash ssh USER@HOST[:PORT] --device-id ID --endpoint URL --credential F [-i KEY]
   tools/flash bundle OUTDIR [--arch aarch64] [--python-version 3.11]
+  tools/flash lock          write tools/lock/device-ARCH-pyX.Y.txt again (./tools/dev lock)
 
 --role gateway (dir, image, ssh) installs a gateway (`edge-agent gateway`, docs/gateway.md)
 instead of the device agent: --device-id is the gateway's name, --credential its file from
@@ -27,6 +28,7 @@ import sys
 from pathlib import Path
 
 from flash_lib import bundle as bundlemod
+from flash_lib import lock as lockmod
 from flash_lib.errors import FlashError
 from flash_lib.provision import PROJECT_ROOT, SECURITY, Settings, provision
 from flash_lib.roles import ROLES
@@ -203,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bundle", help="only build the offline wheel bundle into OUTDIR")
     p.add_argument("out", type=Path)
     _bundle_options(p)
+
+    p = sub.add_parser(
+        "lock", help="write the device locks again (tools/lock: every target's wheels and hashes)"
+    )
+    p.add_argument(
+        "--pip-python",
+        metavar="PYTHON",
+        help="the python whose pip resolves (default: .venv/bin/python, else this one)",
+    )
     return parser
 
 
@@ -265,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"bundle: {b.dir} ({b.arch}, Python {b.python}, {len(b.files)} wheels, id {b.id})"
             )
+            return 0
+        if args.command == "lock":
+            pip_python = args.pip_python or bundlemod.pip_python_default(PROJECT_ROOT)
+            lockmod.write(PROJECT_ROOT, pip_python)
             return 0
         settings = _settings(args)
         provision(_target(args), settings, say=lambda line: print(line, flush=True))
