@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from drivers.sim.sources import SKAB_CHANNELS
+from drivers.pump import SKAB_CHANNELS
 
 #: The SKAB channels, in the order of the CSV columns and of every model's last axis.
 CHANNELS: tuple[str, ...] = SKAB_CHANNELS

@@ -20,17 +20,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from drivers.base import Options
+from drivers.pump import SKAB_CHANNELS
 
-SKAB_CHANNELS: tuple[str, ...] = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "Volume Flow RateRMS",
-)
 AMBIENT_CHANNELS: tuple[str, ...] = ("AmbientTemperature", "AmbientHumidity", "AmbientPressure")
 
 

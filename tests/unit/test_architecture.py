@@ -224,6 +224,29 @@ def test_packages_import_only_downwards() -> None:
     assert not wrong, "imports against the package order:\n" + "\n".join(wrong)
 
 
+#: The modules that build the simulated rig (its config, the demo, the on-device quick bench):
+#: the only agent modules that may import the simulator (``drivers.sim``). Detection, the queue,
+#: sync and the rest run on real hardware without it.
+SIM_USERS = {
+    "agent.sense.simrig",
+    "agent.sense.settings",
+    "agent.service.config",
+    "agent.service.quickbench",
+}
+
+
+def test_only_the_simulated_rig_imports_the_simulator() -> None:
+    known, edges = graph()
+    wrong = [
+        f"{known[module].relative_to(ROOT)}:{line}: {module} imports {target}"
+        for module, targets in edges.items()
+        if not module.startswith("drivers.") and module not in SIM_USERS
+        for target, line in targets.items()
+        if target == "drivers.sim" or target.startswith("drivers.sim.")
+    ]
+    assert not wrong, "the simulator imported outside the simulated rig:\n" + "\n".join(wrong)
+
+
 def test_no_import_cycles() -> None:
     _, edges = graph()
     found = cycles(edges)
