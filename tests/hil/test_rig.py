@@ -28,8 +28,11 @@ from drivers.clock import VirtualClock
 from drivers.sim.sources import SKAB_CHANNELS, SkabReplay, read_skab_csv
 
 
-def rig_config(simulation: configmod.SimulationConfig) -> configmod.Config:
-    return configmod.simulated(configmod.load(example_config()), simulation)
+def rig_config(simulation: configmod.SimulationConfig, data_dir: Path) -> configmod.Config:
+    """The example config on the simulated rig, its state in ``data_dir`` (never the example's
+    /var/lib/edge-agent: another run, or a real agent on this machine, holds that queue)."""
+    cfg = configmod.simulated(configmod.load(example_config()), simulation)
+    return configmod.replace_data_dir(cfg, data_dir)
 
 
 def channel_tolerance(cfg: configmod.SensorConfig, driver, channel: str) -> float:
@@ -40,11 +43,11 @@ def channel_tolerance(cfg: configmod.SensorConfig, driver, channel: str) -> floa
 
 
 @pytest.mark.timeout(300)
-def test_skab_replay_reads_back_every_channel_within_resolution(skab_dir: Path):
+def test_skab_replay_reads_back_every_channel_within_resolution(skab_dir: Path, tmp_path: Path):
     csv_path = skab_dir / "valve1" / "0.csv"
     data = read_skab_csv(csv_path)
     sim = configmod.SimulationConfig(source="skab", file=csv_path, loop=False)
-    cfg = rig_config(sim)
+    cfg = rig_config(sim, tmp_path)
     clock = VirtualClock()
     readings: list[Reading] = []
     rows = len(data.rows)
@@ -100,9 +103,9 @@ def test_skab_replay_reads_back_every_channel_within_resolution(skab_dir: Path):
     assert max(worst.values()) <= 1.0
 
 
-def test_sampler_runs_an_hour_of_pump_data_in_virtual_time():
+def test_sampler_runs_an_hour_of_pump_data_in_virtual_time(tmp_path: Path):
     """All eight sensors every 10 s for an hour of virtual time: 2,880 readings in seconds."""
-    cfg = rig_config(configmod.SimulationConfig(source="pump", seed=3))
+    cfg = rig_config(configmod.SimulationConfig(source="pump", seed=3), tmp_path)
     cfg = replace(cfg, sensors=tuple(replace(s, interval=10.0) for s in cfg.sensors))
     clock = VirtualClock()
     readings: list[Reading] = []
@@ -135,8 +138,8 @@ def test_sampler_runs_an_hour_of_pump_data_in_virtual_time():
     )
 
 
-def test_failing_sensor_degrades_backs_off_recovers_and_never_stops_the_others():
-    cfg = rig_config(configmod.SimulationConfig(source="pump", seed=4))
+def test_failing_sensor_degrades_backs_off_recovers_and_never_stops_the_others(tmp_path: Path):
+    cfg = rig_config(configmod.SimulationConfig(source="pump", seed=4), tmp_path)
     clock = VirtualClock()
     readings: list[Reading] = []
     timeline: list[tuple[float, str]] = []
