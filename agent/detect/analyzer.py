@@ -62,7 +62,7 @@ from agent.errors import ModelError, StoreError, StoreFull
 from agent.files import read_json, write_atomic
 from agent.metrics import Registry
 from agent.store.queue import NewRecord, Store
-from agent.wire.records import AlertBody, Kind
+from agent.wire.records import AlertBody, Kind, alert_withheld
 from drivers.base import Options, Reading
 from drivers.clock import Clock
 
@@ -90,8 +90,7 @@ def alert_doc(doc: dict[str, Any], window: Any, private: frozenset[str]) -> dict
     (``window_withheld`` says so)."""
     if not private:
         return {**doc, "window": window.tolist()}
-    channels = [c for c in doc.get("channels", []) if c[0] not in private]
-    return {**doc, "channels": channels, "window_withheld": True}
+    return alert_withheld(doc, private)
 
 
 @dataclass(frozen=True)

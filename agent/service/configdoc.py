@@ -302,7 +302,8 @@ KEYS |= {
     "data.policy": (
         'Channel => `"raw"`, `"features"`, `"local"` or `"drop"`; a key is a channel name (that '
         "channel of every sensor) or `sensor/channel`. Unnamed channels are raw. The channels a "
-        "sensor sends are all features or all raw at each link level."
+        "sensor sends are all features or all raw at each link level. A channel made local or "
+        "drop: what was queued before leaves without it too."
     ),
     "data.window": "Seconds of readings one features record summarizes (windows of the epoch).",
     "data.window_samples": "More than 0: readings per features record instead of `window`.",

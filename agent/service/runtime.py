@@ -298,6 +298,11 @@ class Agent:
             return {"error": self.model_error}
         return {}
 
+    def _private_inputs(self) -> frozenset[str]:
+        """The model channels read from ``local`` channels ([data], [detect.inputs])."""
+        d, local = self.config.detect, self.config.data.local_channels
+        return frozenset(m for m, key in (d.inputs.items() if d else ()) if key in local)
+
     def _load_analyzer(self) -> None:
         """Load the detector's models. A model that cannot be used is logged and reported in
         status; the agent keeps sampling and storing telemetry without detection."""
@@ -313,10 +318,7 @@ class Agent:
                 on_commit=self.uplink.poke if self.uplink else None,
                 calibration_path=self.config.agent.data_dir / CALIBRATION_FILE,
             )
-            local = self.config.data.local_channels
-            self.analyzer.private = frozenset(
-                m for m, key in settings.inputs.items() if key in local
-            )
+            self.analyzer.private = self._private_inputs()
         except ModelError as err:
             self.model_error = str(err)
             log.error("event=detect_disabled error=%r", str(err))
@@ -482,6 +484,7 @@ class Agent:
             resolution=self.resolution,
             data=self.config.data,
         )
+        self.uplink.private = self._private_inputs()  # alerts queued before they were local
         probe = CoapProbe(
             self.transport,
             self.endpoints,

@@ -9,21 +9,28 @@
   that read them);
 - ``drop``: discarded at the source (neither queued nor seen by the detector).
 
-``local`` and ``drop`` are decided once, at the source, whatever the link: a privacy decision
-that followed the link quality would let a channel out whenever the link is good. ``raw`` and
-``features`` may differ per link level (``[data.low] policy = {...}``) and are decided at send
-time by the link level of that moment, so a backlog queued while offline goes as features when
-the link comes back poor and raw when it comes back good. A features record stands for whole
-readings, so at each level the channels a sensor sends are either all ``features`` or all
-``raw`` (a config error otherwise).
+``local`` and ``drop`` are decided at the source, whatever the link: a privacy decision that
+followed the link quality would let a channel out whenever the link is good. They are applied
+again when a record is sent (:meth:`DataSettings.at_send`), so what was queued before a channel
+became ``local`` or ``drop`` (the config changed and the agent restarted, or the set-aside
+records were requeued) leaves without it too: a reading without it, an alert without its window
+and the detail of the model channels read from it; a reading with nothing else is acknowledged
+in the queue unsent, as if it had never been queued.
+
+``raw`` and ``features`` may differ per link level (``[data.low] policy = {...}``) and are
+decided at send time by the link level of that moment, so a backlog queued while offline goes
+as features when the link comes back poor and raw when it comes back good. A features record
+stands for whole readings, so at each level the channels a sensor sends are either all
+``features`` or all ``raw`` (a config error otherwise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agent.wire.records import AlertBody, Kind, RecordError, TelemetryBody, alert_withheld
 from drivers.base import Options, Reading
 
 RAW, FEATURES, LOCAL, DROP = "raw", "features", "local", "drop"
@@ -79,6 +86,32 @@ class DataSettings:
         detect = reading if len(seen) == len(reading.values) else _with(reading, seen)
         queue = detect if len(sent) == len(seen) else _with(reading, sent)
         return (detect if seen else None), (queue if sent else None)
+
+    @property
+    def withholds(self) -> bool:
+        """Some channel is ``local`` or ``drop``."""
+        return any(p in (LOCAL, DROP) for p in self.base.values())
+
+    # -- at send time --------------------------------------------------------------------------
+    def at_send(self, kind: str, payload: bytes, private: Collection[str] = ()) -> bytes | None:
+        """A queued record's body as it may leave now: a reading without its ``local`` and
+        ``drop`` channels (None when it has no other), an alert without what shows the
+        ``private`` model channels; ``payload`` itself when nothing is taken out (a body that
+        does not decode too: the endpoint refuses it)."""
+        try:
+            if kind == Kind.TELEMETRY.value and self.withholds:
+                body = TelemetryBody.from_cbor(payload)
+                sent = {c: v for c, v in body.values.items() if self.policy(body.sensor, c) == RAW}
+                if len(sent) == len(body.values):
+                    return payload
+                return replace(body, values=sent).to_cbor() if sent else None
+            if kind == Kind.ALERT.value and private:
+                alert = AlertBody.from_cbor(payload)
+                shown = alert_withheld(alert.data, private)
+                return payload if shown == alert.data else replace(alert, data=shown).to_cbor()
+        except RecordError:
+            pass
+        return payload
 
     @classmethod
     def from_options(cls, opts: Options, sensors: Iterable[Any] = ()) -> DataSettings:

@@ -40,7 +40,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +261,8 @@ class Uplink(RefusedRecords):
         self.device_id = device_id
         self.resolution = resolution
         self.data = data  # [data]: readings sent as features at some link levels
+        #: model channels read from ``local`` channels: alerts leave without their detail
+        self.private: frozenset[str] = frozenset()
         self.on_exchange = on_exchange
         self.rng = rng or random.Random()
         self.policy = Policy(
@@ -337,6 +339,27 @@ class Uplink(RefusedRecords):
                 tg.create_task(self._send(batch, lane))
 
     async def _lease(self) -> list[Record]:
+        """The next batch, as [data] lets it leave now (a backlog from before a channel became
+        ``local`` or ``drop``: DataSettings.at_send); records of which nothing may leave are
+        acknowledged in the queue unsent."""
+        while True:
+            batch = await self._leased()
+            if self.data is None or not (self.data.withholds or self.private):
+                return batch
+            kept, gone = [], []
+            for r in batch:
+                payload = self.data.at_send(r.kind.value, r.payload, self.private)
+                if payload is None:
+                    gone.append(r.seq)
+                else:
+                    kept.append(r if payload is r.payload else replace(r, payload=payload))
+            if gone:
+                await self.store.ack(gone)
+                log.info("event=withheld_unsent records=%d reason=local_or_drop", len(gone))
+            if kept or not batch:
+                return kept
+
+    async def _leased(self) -> list[Record]:
         if self._release:  # a round called off by a failure or a pause: its records go back
             seqs, self._release = self._release, []
             await self._nack(seqs)

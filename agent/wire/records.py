@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Self
@@ -248,6 +248,17 @@ class AlertBody(_TimedData):
     verdict, fault class, raise/clear)."""
 
     kind: ClassVar[Kind] = Kind.ALERT
+
+
+def alert_withheld(doc: Mapping[Any, Any], private: Collection[str]) -> dict[Any, Any]:
+    """An alert's content with nothing of the ``private`` model channels (read from ``local``
+    sensor channels, docs/protocol.md "Features records"): no window (it holds every channel's
+    model input), no per-channel detail of them; ``window_withheld`` says so."""
+    out = {k: v for k, v in doc.items() if k != "window"}
+    if isinstance(doc.get("channels"), list):
+        shown = [c for c in doc["channels"] if not (isinstance(c, list) and c and c[0] in private)]
+        out["channels"] = shown
+    return {**out, "window_withheld": True}
 
 
 @dataclass(frozen=True)

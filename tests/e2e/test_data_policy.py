@@ -125,14 +125,19 @@ def floats_in(item: Any) -> Iterator[float]:
             yield from floats_in(v)
 
 
-async def test_a_local_channel_never_leaves_the_device(tmp_path: Path) -> None:
+async def relayed_server(tmp_path: Path) -> tuple[CloudServer, Relay, int]:
+    """The endpoint with DEVICE registered, and a relay in front of it (its port)."""
     server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, allow_plain=True)
     await server.add_device(DEVICE)
     loop = asyncio.get_running_loop()
     _, relay = await loop.create_datagram_endpoint(
         lambda: Relay(("127.0.0.1", server.port)), local_addr=("127.0.0.1", 0)
     )
-    port = relay.transport.get_extra_info("sockname")[1]
+    return server, relay, relay.transport.get_extra_info("sockname")[1]
+
+
+async def test_a_local_channel_never_leaves_the_device(tmp_path: Path) -> None:
+    server, relay, port = await relayed_server(tmp_path)
     fault = FaultEvent("valve_closing", at=120.0, ramp=20.0)
     cfg = agent_config(tmp_path, f"coap://127.0.0.1:{port}", fault)
     policy = {f"motor/{c}": "local" for c in LOCAL}
@@ -150,6 +155,7 @@ async def test_a_local_channel_never_leaves_the_device(tmp_path: Path) -> None:
         agent = running.agent
         await wait_for(lambda: agent.analyzer is not None, "the detector")
         assert agent.analyzer is not None and agent.analyzer.private == {"Current", "Voltage"}
+        assert agent.uplink is not None and agent.uplink.private == agent.analyzer.private
 
         async def alert_arrived() -> bool:
             return any(r.kind == "alert" for r in await server.records(DEVICE))
@@ -193,6 +199,91 @@ async def test_a_local_channel_never_leaves_the_device(tmp_path: Path) -> None:
     assert len(formats) >= 1
 
 
+async def drain(
+    uri: str,
+    store: Store,
+    data: DataSettings,
+    within: float,
+    private: frozenset[str] = frozenset(),
+    **policy: Any,
+) -> Uplink:
+    """Run an uplink with ``data`` (``private`` model channels, ``policy``: what the link
+    monitor would set) from ``store`` to ``uri`` until the queue is empty."""
+    clock = RealClock()
+    cfg = UplinkSettings(endpoints=(uri,), security="none", backoff_base=0.05)
+    transport = CoapTransport(clock, lanes=cfg.max_inflight)
+    endpoints = Endpoints(cfg.endpoints, clock)
+    up = Uplink(
+        cfg, store, transport, endpoints, clock, device_id=DEVICE, rng=random.Random(2), data=data
+    )
+    up.private = private
+    for key, value in policy.items():
+        setattr(up.policy, key, value)
+    task = asyncio.create_task(up.run())
+    try:
+        await until(lambda: drained(store), within=within)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await transport.close()
+    return up
+
+
+# -- a backlog queued before the policy changed ----------------------------------------------------
+
+
+class Pump:
+    name, driver, channels = "motor", "ina219", ("current_a", "supply_v", "power_w")
+
+
+async def test_a_backlog_queued_before_a_channel_became_local_leaves_without_it(
+    tmp_path: Path,
+) -> None:
+    """Attack: readings and an alert queued while motor/current_a was raw (or read back from the
+    set-aside area by ``requeue``), then the agent restarted with current_a ``local`` and power_w
+    ``drop``: nothing of them may leave, raw or summarized into features at the low level."""
+    server, relay, port = await relayed_server(tmp_path)
+    store = await Store.open(StoreSettings(path=tmp_path / "queue.db", budget_bytes=64 << 20))
+    secret = [12.345678 + i / 7 for i in range(40)] + [77.125, 0.3125]
+    old = [{"current_a": secret[i], "supply_v": 230.5, "power_w": secret[-2]} for i in range(40)]
+    old.append({"current_a": secret[-1]})  # a reading of the local channel only
+    bodies = [TelemetryBody("motor", T0 + i, v) for i, v in enumerate(old)]
+    alert = {"score": 3.5, "channels": [["Current", 9.75], ["Pressure", 1.5]], "window": secret}
+    await store.put([NewRecord(Kind.TELEMETRY, b.to_cbor(), created=b.time) for b in bodies])
+    await store.put([NewRecord(Kind.ALERT, AlertBody(T0, alert).to_cbor(), created=T0)])
+    raw = {"policy": {"current_a": "local", "power_w": "drop"}, "window": 10.0}
+    raw["low"] = {"policy": {"supply_v": "features"}}
+    data = DataSettings.from_options(Options(raw, "data."), [Pump()])
+    private = frozenset({"Current"})  # the model channel read from current_a
+    try:
+        for level in ("high", "low"):
+            uri = f"coap://127.0.0.1:{port}"
+            await drain(uri, store, data, 30, private, level=level, batch_records=20)
+            if level == "high":  # the same backlog again, sent at the low level
+                await store.put(
+                    [NewRecord(Kind.TELEMETRY, b.to_cbor(), created=b.time) for b in bodies]
+                )
+        feats = await server.db(lambda s: s.features(DEVICE))
+        records = await server.records(DEVICE)
+    finally:
+        await store.close()
+        relay.close()
+        await server.stop()
+    encodings = {struct.pack(f"{e}{t}", v) for v in secret for e in "<>" for t in "df"}
+    for _, data_, _ in relay.captured:
+        assert not any(enc in data_ for enc in encodings)
+    readings = [decode_body(r.kind, r.body) for r in records]
+    sent = [b for b in readings if isinstance(b, TelemetryBody)]
+    assert len(sent) == 40 and all(set(b.values) == {"supply_v"} for b in sent)
+    (alert_sent,) = [b for b in readings if isinstance(b, AlertBody)]
+    assert "window" not in alert_sent.data and alert_sent.data["window_withheld"]
+    assert alert_sent.data["channels"] == [["Pressure", 1.5]]
+    assert feats and all(
+        set(FeaturesBody.from_cbor(f.body).channels) == {"supply_v"} for f in feats
+    )
+
+
 # -- features at the low level ---------------------------------------------------------------------
 
 T0 = 1_700_000_000.0
@@ -234,35 +325,13 @@ async def test_features_at_the_low_level_cover_every_reading_once_through_loss(
         )
     )
     imp = Impairment(delay=0.02, jitter=0.005, loss=0.15, dup=0.3, reorder=0.05)
-    clock = RealClock()
     try:
         async with LinkEmulator(
             listen=("127.0.0.1", 0), target=("127.0.0.1", server.port), impairment=imp, seed=5
         ) as proxy:
-            cfg = UplinkSettings(
-                endpoints=(f"coap://127.0.0.1:{proxy.port}",), security="none", backoff_base=0.05
-            )
-            transport = CoapTransport(clock, lanes=cfg.max_inflight)
-            endpoints = Endpoints(cfg.endpoints, clock)
-            up = Uplink(
-                cfg,
-                store,
-                transport,
-                endpoints,
-                clock,
-                device_id=DEVICE,
-                rng=random.Random(2),
-                data=data,
-            )
-            up.policy.level, up.policy.content_format, up.policy.batch_bytes = "low", 65002, 1024
-            task = asyncio.create_task(up.run())
-            try:
-                await until(lambda: drained(store), within=120)
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await transport.close()
+            uri = f"coap://127.0.0.1:{proxy.port}"
+            policy = {"level": "low", "content_format": 65002, "batch_bytes": 1024}
+            up = await drain(uri, store, data, 120, **policy)
         feats = await server.db(lambda s: s.features(DEVICE))
         records = await server.records(DEVICE)
     finally:

@@ -186,6 +186,26 @@ def test_at_source() -> None:
     assert d.local_channels == {("motor", "current_a")}
 
 
+def test_at_send_takes_out_what_was_queued_before_a_channel_became_local() -> None:
+    d = data({"policy": {"current_a": "local", "supply_v": "drop"}})
+    both = TelemetryBody("motor", 1.0, {"current_a": 1.5, "supply_v": 230.0}).to_cbor()
+    assert d.at_send("telemetry", both) is None  # nothing of it may leave
+    amb = TelemetryBody("ambient", 1.0, {"temperature_c": 20.0}).to_cbor()
+    assert d.at_send("telemetry", amb) is amb
+    d = data({"policy": {"current_a": "local"}})
+    sent = d.at_send("telemetry", both)
+    assert sent is not None and TelemetryBody.from_cbor(sent).values == {"supply_v": 230.0}
+    doc = {"score": 3.0, "channels": [["Current", 2.0], ["Pressure", 1.0]], "window": [0.5]}
+    alert = AlertBody(1.0, doc).to_cbor()
+    assert d.at_send("alert", alert) is alert  # no model channel read from a local one
+    out = d.at_send("alert", alert, {"Current"})
+    assert out is not None
+    shown = AlertBody.from_cbor(out).data
+    assert shown == {"score": 3.0, "channels": [["Pressure", 1.0]], "window_withheld": True}
+    assert d.at_send("alert", out, {"Current"}) is out  # withheld already: sent as it is
+    assert d.at_send("telemetry", b"\xff") == b"\xff"  # undecodable: the endpoint refuses it
+
+
 # -- folding a batch ----------------------------------------------------------------------------
 
 
