@@ -13,6 +13,11 @@ record's line as ``\\xNN`` / ``\\uNNNN``, so that no text a peer chose can end t
 forge the next one, or reach the terminal of whoever reads the log as an escape sequence. A
 traceback (``exc_info``, ``stack_info``) keeps its line breaks, one frame a line, with the rest
 of its control characters escaped the same way.
+
+A line that may quote a reading of a sensor with a ``local`` or ``drop`` channel ([data]: a
+driver's error text quotes a line, an answer, registers) gives, as ``extra={SHIPPED: text}``,
+the line that may leave the device: the log ring (agent/service/logring.py), which the ``logs``
+command uploads, keeps that one; stderr (journald, on the device) keeps the whole line.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import re
 import sys
 
 FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+#: The LogRecord attribute of a line's version that may leave the device (module docstring).
+SHIPPED = "shipped"
 
 #: What :class:`Formatter` escapes: C0 controls but tab, DEL, C1 controls, the bidirectional
 #: marks (ALM, LRM/RLM, embeddings, overrides, isolates) and the line/paragraph separators.

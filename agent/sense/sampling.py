@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import DeviceDataError, DriverError
+from agent.logsetup import SHIPPED
 from agent.sense.settings import SensorConfig
 from agent.wire.predict import quantize
 from drivers.base import Reading
@@ -31,6 +32,8 @@ BACKOFF_BASE = 1.0
 BACKOFF_MAX = 60.0
 #: Consecutive failures after which a degraded sensor is reported as down.
 DOWN_AFTER = 5
+#: What the log ring keeps of a withheld sensor's error text (Sampler._log).
+WITHHELD = "withheld: the sensor has a local or drop channel ([data]); the journal has it"
 
 
 class SensorState(enum.StrEnum):
@@ -144,8 +147,11 @@ class Sampler:
         *,
         backoff_base: float = BACKOFF_BASE,
         backoff_max: float = BACKOFF_MAX,
+        withheld: frozenset[str] = frozenset(),
     ) -> None:
         self.clock = clock
+        #: sensors with a local or drop channel: their error texts stay on the device (_log)
+        self.withheld = withheld
         self.sink = sink
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -190,7 +196,7 @@ class Sampler:
             try:
                 await task.driver.close()
             except Exception as err:  # closing must not stop the others closing
-                log.warning("sensor=%s event=close_failed error=%r", task.cfg.name, str(err))
+                self._log(logging.WARNING, task, "event=close_failed error=%r", str(err))
 
     async def _sleep_until(self, task: SensorTask, deadline: float) -> None:
         """Sleep until ``deadline`` on the clock, or until the task's settings change."""
@@ -284,10 +290,11 @@ class Sampler:
             SensorState.DOWN if health.consecutive_errors >= DOWN_AFTER else SensorState.DEGRADED
         )
         if bug and previous != health.state:
-            log.error(
-                "sensor=%s driver=%s event=driver_bug state=%s errors=%d error=%r: a driver "
+            self._log(
+                logging.ERROR,
+                task,
+                "driver=%s event=driver_bug state=%s errors=%d error=%r: a driver "
                 "bug; the sensor is opened again and retried: report this line",
-                task.cfg.name,
                 task.cfg.driver,
                 health.state.value,
                 health.consecutive_errors,
@@ -295,13 +302,23 @@ class Sampler:
             )
         elif previous != health.state:
             level = logging.ERROR if health.state is SensorState.DOWN else logging.WARNING
-            log.log(
+            self._log(
                 level,
-                "sensor=%s event=%s errors=%d error=%r",
-                task.cfg.name,
+                task,
+                "event=%s errors=%d error=%r",
                 health.state.value,
                 health.consecutive_errors,
                 str(err),
             )
         else:
-            log.debug("sensor=%s event=read_failed error=%r", task.cfg.name, str(err))
+            self._log(logging.DEBUG, task, "event=read_failed error=%r", str(err))
+
+    def _log(self, level: int, task: SensorTask, fmt: str, *args: Any) -> None:
+        """Log ``sensor=NAME`` and ``fmt``, whose last argument, a driver's error text, may
+        quote a reading (a line, an answer, registers): for a sensor with a local or drop
+        channel the log ring, which the ``logs`` command uploads, gets WITHHELD instead
+        (agent/logsetup.py)."""
+        fmt, args = "sensor=%s " + fmt, (task.cfg.name, *args)
+        withheld = task.cfg.name in self.withheld
+        extra = {SHIPPED: fmt % (*args[:-1], WITHHELD)} if withheld else None
+        log.log(level, fmt, *args, extra=extra)

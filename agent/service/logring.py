@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent.logsetup import SHIPPED
 from agent.wire.batch import CF_CBOR
 from agent.wire.logupload import UPLOAD_TEXT_BYTES, encode_upload
 from drivers.base import Options
@@ -203,6 +204,9 @@ class LogRing(logging.Handler):
         super().close()
 
     def emit(self, record: logging.LogRecord) -> None:
+        shipped = getattr(record, SHIPPED, None)  # the line that may leave the device
+        if isinstance(shipped, str):
+            record = logging.makeLogRecord({**record.__dict__, "msg": shipped, "args": None})
         try:
             line = self.format(record).replace("\n", " | ")[:LINE_MAX]
         except Exception:  # a record that does not format must never break the caller

@@ -331,7 +331,8 @@ class Agent:
                 loop.add_signal_handler(sig, self.request_stop)
         check_and_stamp(self.config.agent.data_dir, self.config.store.path)  # docs/ota.md
         self.store = await Store.open(self.config.store, clock=self.clock)
-        self.sampler = Sampler(self.hardware.build(), self.clock, self._sink)
+        withheld = self.config.data.withheld_sensors  # their error texts stay in the journal
+        self.sampler = Sampler(self.hardware.build(), self.clock, self._sink, withheld=withheld)
         self._build_uplink()
         self._load_analyzer()
         self._build_router()

@@ -88,9 +88,14 @@ class DataSettings:
         return (detect if seen else None), (queue if sent else None)
 
     @property
+    def withheld_sensors(self) -> frozenset[str]:
+        """The sensors with a ``local`` or ``drop`` channel."""
+        return frozenset(s for (s, _), p in self.base.items() if p in (LOCAL, DROP))
+
+    @property
     def withholds(self) -> bool:
         """Some channel is ``local`` or ``drop``."""
-        return any(p in (LOCAL, DROP) for p in self.base.values())
+        return bool(self.withheld_sensors)
 
     # -- at send time --------------------------------------------------------------------------
     def at_send(self, kind: str, payload: bytes, private: Collection[str] = ()) -> bytes | None:

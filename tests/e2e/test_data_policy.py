@@ -156,6 +156,7 @@ async def test_a_local_channel_never_leaves_the_device(tmp_path: Path) -> None:
         await wait_for(lambda: agent.analyzer is not None, "the detector")
         assert agent.analyzer is not None and agent.analyzer.private == {"Current", "Voltage"}
         assert agent.uplink is not None and agent.uplink.private == agent.analyzer.private
+        assert agent.sampler is not None and agent.sampler.withheld == {"motor"}
 
         async def alert_arrived() -> bool:
             return any(r.kind == "alert" for r in await server.records(DEVICE))

@@ -13,11 +13,15 @@ import pytest
 from agent.errors import DeviceDataError
 from agent.sense.sampling import DOWN_AFTER, Sampler, SensorState, scale_values
 from agent.sense.settings import Scaling, SensorConfig
+from agent.service.logring import LogRing
 from drivers.base import Identity, Options, Reading
 from drivers.bme280 import Bme280
-from drivers.bus import AsyncI2C
-from drivers.clock import VirtualClock
+from drivers.bus import AsyncI2C, AsyncSerial, open_serial
+from drivers.clock import RealClock, VirtualClock
+from drivers.line import LineSensor
 from drivers.sim.bme280 import Bme280Sim
+from drivers.sim.line import LineSensorSim
+from drivers.sim.serialport import PtyPort
 from drivers.sim.smbus import FakeSMBus
 
 PRESSURE = SensorConfig(
@@ -140,3 +144,50 @@ def test_interrupts_and_cancellation_still_go_through(escape: type[BaseException
 
     clock.run(main())
     assert sampler.health["t"].errors == 0
+
+
+@pytest.mark.parametrize("withheld", [True, False], ids=["local", "raw"])
+async def test_a_sensors_error_text_quoting_a_local_value_stays_out_of_the_log_ring(
+    withheld: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack: a line sensor whose humidity is ``local`` ([data]) sends a line with a bad
+    checksum; the driver's error quotes the line, values included. The log ring (what the
+    ``logs`` command uploads) must not carry them; stderr (journald, on the device) keeps it."""
+    caplog.set_level(logging.INFO, logger="agent.sense.sampling")
+    clock = RealClock()
+    options = LineSensor.parse_options(Options({"keys": ["T", "humidity_pct"], "checksum": "xor"}))
+    sim = LineSensorSim(clock, options)
+    sim.set_channel("humidity_pct", 42.37)
+    sim.faults.bad_crc = 1.0
+    pty = PtyPort(sim, clock)
+    port = AsyncSerial(open_serial(pty.path, baudrate=9600, timeout=1.0), clock)
+    cfg = SensorConfig(
+        name="air", driver="line", interval=0.05, channels=("T", "humidity_pct"), port=pty.path
+    )
+    ring = LogRing()
+    logging.getLogger("agent.sense.sampling").addHandler(ring)
+    sampler = Sampler(
+        [(cfg, LineSensor(port, options))],
+        clock,
+        lambda r: asyncio.sleep(0),
+        withheld=frozenset({"air"} if withheld else ()),
+    )
+    run = asyncio.create_task(sampler.run())
+    try:
+        async with asyncio.timeout(10):
+            while sampler.health["air"].errors == 0:  # noqa: ASYNC110 (the sampler's task)
+                await asyncio.sleep(0.02)
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+        logging.getLogger("agent.sense.sampling").removeHandler(ring)
+        port.close()
+        pty.close()
+    (line,) = [text for _, text in ring.since(None) if "event=degraded" in text]
+    assert line.startswith("20") and "sensor=air event=degraded errors=1" in line
+    assert ("42.37" in line) is not withheld
+    if withheld:
+        assert "error='withheld" in line
+    (kept,) = [r.getMessage() for r in caplog.records if "event=degraded" in r.getMessage()]
+    assert "checksum mismatch" in kept and "42.37" in kept  # the journal on the device keeps it
