@@ -33,7 +33,7 @@ from agent.sense.settings import (
 )
 from agent.service.logring import LogSettings
 from agent.store.settings import StoreSettings
-from agent.sync.datapolicy import DataSettings
+from agent.sync.datapolicy import DROP, DataSettings
 from agent.sync.link import LinkSettings
 from agent.sync.routing import RoutingSettings
 from agent.sync.statedata import StateSettings
@@ -148,6 +148,13 @@ def parse_config(
         if top.has("detect")
         else None
     )
+    for model_channel, (sensor, channel) in (detect.inputs if detect else {}).items():
+        if data.policy(sensor, channel) == DROP:  # the detector would never get a whole row
+            raise OptionError(
+                "data.policy",
+                f"{sensor}/{channel} is 'drop', but [detect] reads it as {model_channel}; give "
+                "it 'local' (the detector reads it, nothing of it leaves the device)",
+            )
     top.finish()
     return Config(
         path=path,

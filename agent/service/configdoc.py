@@ -303,7 +303,8 @@ KEYS |= {
         'Channel => `"raw"`, `"features"`, `"local"` or `"drop"`; a key is a channel name (that '
         "channel of every sensor) or `sensor/channel`. Unnamed channels are raw. The channels a "
         "sensor sends are all features or all raw at each link level. A channel made local or "
-        "drop: what was queued before leaves without it too."
+        "drop: what was queued before leaves without it too. A channel the detector reads may "
+        "be local, not drop."
     ),
     "data.window": "Seconds of readings one features record summarizes (windows of the epoch).",
     "data.window_samples": "More than 0: readings per features record instead of `window`.",

@@ -275,3 +275,21 @@ def test_run_with_bad_config_exits_78(tmp_path: Path):
     assert result.returncode == 78
     assert result.stderr.count("\n") == 1
     assert "sensor[0].interval" in result.stderr
+
+
+@pytest.mark.parametrize("key", ["motor/current_a", "current_a"])
+def test_a_model_input_made_drop_is_refused_naming_local(tmp_path: Path, key: str):
+    """`drop` takes a channel from the detector too: a model input made `drop` would leave
+    detection paused for good (every row incomplete), so the config says to use `local`."""
+    file = tmp_path / "agent.toml"
+    text = example_config().read_text() + f'\n[data]\npolicy = {{ "{key}" = "drop" }}\n'
+    file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(file)
+    assert info.value.path == "data.policy", str(info.value)
+    assert "motor/current_a" in str(info.value) and "'local'" in str(info.value)
+    file.write_text(text.replace('"drop"', '"local"'))
+    assert config.load(file).data.local_channels == {("motor", "current_a")}
+    file.with_name("bad.toml").write_text(text)
+    result = _cli("check-config", str(file.with_name("bad.toml")))
+    assert result.returncode == 78 and "data.policy" in result.stderr
