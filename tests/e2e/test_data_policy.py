@@ -246,13 +246,17 @@ async def test_a_backlog_queued_before_a_channel_became_local_leaves_without_it(
     ``drop``: nothing of them may leave, raw or summarized into features at the low level."""
     server, relay, port = await relayed_server(tmp_path)
     store = await Store.open(StoreSettings(path=tmp_path / "queue.db", budget_bytes=64 << 20))
-    secret = [12.345678 + i / 7 for i in range(40)] + [77.125, 0.3125]
-    old = [{"current_a": secret[i], "supply_v": 230.5, "power_w": secret[-2]} for i in range(40)]
-    old.append({"current_a": secret[-1]})  # a reading of the local channel only
+    secret = [12.345678 + i / 7 for i in range(40)] + [77.125, 0.3125, 55.0625]
+    old = [{"current_a": secret[i], "supply_v": 230.5, "power_w": secret[-3]} for i in range(40)]
+    old.append({"current_a": secret[-2]})  # a reading of the local channel only
     bodies = [TelemetryBody("motor", T0 + i, v) for i, v in enumerate(old)]
     alert = {"score": 3.5, "channels": [["Current", 9.75], ["Pressure", 1.5]], "window": secret}
+    aside = TelemetryBody("motor", T0 - 1, {"current_a": secret[-1], "supply_v": 230.5})
+    await store.put([NewRecord(Kind.TELEMETRY, aside.to_cbor(), created=aside.time)])
+    await store.set_aside(await store.batch(1, 1 << 20), "4.00 refused (then requeued)")
     await store.put([NewRecord(Kind.TELEMETRY, b.to_cbor(), created=b.time) for b in bodies])
     await store.put([NewRecord(Kind.ALERT, AlertBody(T0, alert).to_cbor(), created=T0)])
+    assert len((await store.requeue()).moved) == 1
     raw = {"policy": {"current_a": "local", "power_w": "drop"}, "window": 10.0}
     raw["low"] = {"policy": {"supply_v": "features"}}
     data = DataSettings.from_options(Options(raw, "data."), [Pump()])
@@ -276,7 +280,7 @@ async def test_a_backlog_queued_before_a_channel_became_local_leaves_without_it(
         assert not any(enc in data_ for enc in encodings)
     readings = [decode_body(r.kind, r.body) for r in records]
     sent = [b for b in readings if isinstance(b, TelemetryBody)]
-    assert len(sent) == 40 and all(set(b.values) == {"supply_v"} for b in sent)
+    assert len(sent) == 41 and all(set(b.values) == {"supply_v"} for b in sent)
     (alert_sent,) = [b for b in readings if isinstance(b, AlertBody)]
     assert "window" not in alert_sent.data and alert_sent.data["window_withheld"]
     assert alert_sent.data["channels"] == [["Pressure", 1.5]]
