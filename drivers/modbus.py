@@ -54,8 +54,10 @@ Options (``[sensor.options]``):
 
 - ``slave`` (1..247, default 1); ``timeout``: seconds to wait for an answer (default 0.5, at most
   2); ``retries``: repeats of a request that got no answer, a garbled one or SERVER DEVICE BUSY
-  (default 2); ``max_registers``: most registers per request (default 125); ``word_order``
-  (default "big"): the default for 32-bit registers;
+  (default 2; each is logged as a warning that gives a garbled answer's length, not its bytes,
+  which hold readings; the error of a read that gave up quotes them); ``max_registers``: most
+  registers per request (default 125); ``word_order`` (default "big"): the default for 32-bit
+  registers;
 - ``identity = {table = "holding", address = N, value = M}`` (optional): a register that must
   hold ``M`` when the instrument is opened;
 - ``[[sensor.options.register]]`` (at least one): ``name`` (the channel), ``table`` ("holding",
@@ -581,7 +583,7 @@ class ModbusInstrument(BaseDriver):
                     group.quantity,
                     attempt,
                     attempts,
-                    last,
+                    self._unquoted(last),
                 )
         assert last is not None
         if isinstance(last, ModbusExceptionError):
@@ -639,6 +641,16 @@ class ModbusInstrument(BaseDriver):
             function=group.function,
             code=code,
         )
+
+    def _unquoted(self, err: Exception) -> str:
+        """``err``'s text with the answer's length instead of its bytes, for a retry's warning:
+        the bytes hold the registers' values, and a log line may leave the device (the agent's
+        ``logs`` command) where a channel's values may not. The error of a read that gave up
+        quotes them (the agent withholds that text for such a sensor)."""
+        text, quote = str(err), self._quote()
+        if quote and text.endswith(quote):
+            return f"{text.removesuffix(quote)} (answer of {len(self._line.answer)} bytes)"
+        return text
 
     def _quote(self) -> str:
         answer = self._line.answer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 from dataclasses import dataclass
 
@@ -691,6 +692,27 @@ async def test_intermittent_bad_crc_is_recovered_by_a_retry(rig: Rig) -> None:
     got = await rig.driver.read()
     assert got["pressure_bar"] == pytest.approx(1.5)
     assert len(rig.sim.requests) == 6  # three groups, each answered on its second try
+
+
+async def test_a_retry_warning_does_not_quote_the_answer(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attack on the data policy: a garbled answer holds the registers' values (a `local`
+    channel's among them); the driver's retry warning goes to the log ring, which the `logs`
+    command uploads. It says what was wrong and how long the answer was, not its bytes; the
+    error of a read that gave up quotes them (the sampler withholds it for such a sensor)."""
+    caplog.set_level(logging.WARNING, logger="drivers.modbus")
+    rig.sim.set_channel("pressure_bar", 1.5)  # s16 register 500 = 01 F4
+    rig.sim.faults.bad_crc = 0.5
+    rig.sim.faults.rng = Scripted([0.1, 0.9])  # every other answer corrupted
+    assert (await rig.driver.read())["pressure_bar"] == pytest.approx(1.5)
+    retries = [r.getMessage() for r in caplog.records if "modbus retry" in r.getMessage()]
+    assert len(retries) == 3 and all("CRC mismatch (answer of " in m for m in retries)
+    assert not any("01 f4" in m for m in retries), retries
+    rig.sim.faults.bad_crc = 1.0
+    rig.sim.faults.rng = random.Random(1)
+    with pytest.raises(DeviceDataError, match=r"CRC mismatch \(\d+ bytes: 07 0[34] .*after 3"):
+        await rig.driver.read()
 
 
 async def test_without_retries_one_bad_answer_fails_the_read(make_rig) -> None:
