@@ -192,6 +192,10 @@ KEYS: dict[str, str] = {
         "How long records handed to the uplink stay reserved before they are sent again."
     ),
     "store.memory_ring": "Alerts held in memory while the disk is full.",
+    "store.commit_window": (
+        "Seconds readings gather after the first before one commit: fewer writes to flash; a "
+        "power cut loses the readings of the open window. 0: each reading as it comes."
+    ),
     # [metrics]
     "metrics.textfile": (
         'The `.prom` file, relative to data_dir; `""` turns the metrics file off.'

@@ -338,7 +338,10 @@ class Agent:
         self._build_router()
         self._build_models()
         self.writer = TelemetryWriter(
-            self.store, self.clock, on_commit=self.uplink.poke if self.uplink else None
+            self.store,
+            self.clock,
+            window=self.config.store.commit_window,
+            on_commit=self.uplink.poke if self.uplink else None,
         )
         self._build_state()
         self._stuck_checks()

@@ -30,6 +30,9 @@ MIN_BUDGET_BYTES = 256 * 1024
 DEFAULT_BUDGET_MB = 256.0
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_MEMORY_RING = 1000
+#: Seconds readings gather before one commit (agent/sense/ingest.py): fewer writes to flash.
+DEFAULT_COMMIT_WINDOW = 1.0
+MAX_COMMIT_WINDOW = 60.0
 MIN_WAL_BYTES = 64 * 1024
 MAX_WAL_BYTES = 4 * 1024 * 1024
 RECORD_OVERHEAD = 48  # estimated bytes per row beyond its payload (row header, index entry)
@@ -61,6 +64,7 @@ class StoreSettings:
     durability: str = "full"  # "full" (synchronous=FULL) or "normal" (synchronous=NORMAL)
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     memory_ring: int = DEFAULT_MEMORY_RING  # alert records held in RAM while the disk is full
+    commit_window: float = DEFAULT_COMMIT_WINDOW  # s readings gather before one commit (ingest)
     # Not in the TOML table: overrides for tests and benches.
     wal_bytes: int | None = None  # WAL size kept (None: budget/8 within 64 KiB..4 MiB)
     hard_limit_bytes: int | None = None  # PRAGMA max_page_count on the main file (None: none)
@@ -74,13 +78,16 @@ class StoreSettings:
             raise ValueError("lease_seconds must be positive")
         if self.memory_ring < 0:
             raise ValueError("memory_ring must not be negative")
+        if not 0.0 <= self.commit_window <= MAX_COMMIT_WINDOW:
+            raise ValueError(f"commit_window must be within 0..{MAX_COMMIT_WINDOW:g} s")
 
     @classmethod
     def from_options(cls, opts: Options, data_dir: Path) -> StoreSettings:
         """Validate the ``[store]`` table (errors name the key) and call ``opts.finish()``.
 
         Keys: ``path`` (default ``queue.db``, relative to ``data_dir``), ``budget_mb`` (256),
-        ``durability`` ("full"), ``lease_seconds`` (60), ``memory_ring`` (1000 alerts).
+        ``durability`` ("full"), ``lease_seconds`` (60), ``memory_ring`` (1000 alerts),
+        ``commit_window`` (1 s).
         """
         raw_path = opts.string("path", "queue.db")
         if not raw_path.strip():
@@ -94,6 +101,9 @@ class StoreSettings:
         durability = opts.choice("durability", "full", ("full", "normal"))
         lease = opts.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=1.0, maximum=86400.0)
         ring = opts.integer("memory_ring", DEFAULT_MEMORY_RING, minimum=0, maximum=1_000_000)
+        window = opts.number(
+            "commit_window", DEFAULT_COMMIT_WINDOW, minimum=0.0, maximum=MAX_COMMIT_WINDOW
+        )
         opts.finish()
         return cls(
             path=path,
@@ -101,6 +111,7 @@ class StoreSettings:
             durability=durability,
             lease_seconds=lease,
             memory_ring=ring,
+            commit_window=window,
         )
 
     @property

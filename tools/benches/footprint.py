@@ -24,6 +24,7 @@ OSCORE with the device's credential, as it runs by default), for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ports import free_port
@@ -149,94 +152,104 @@ def _stored(db: Path) -> int:
         return int(conn.execute("SELECT count(*) FROM records").fetchone()[0])
 
 
+@dataclass
+class RigAgent:
+    """An agent process on the simulated reference rig, READY, with its endpoint."""
+
+    proc: subprocess.Popen[bytes]
+    cloud_dir: Path
+    ready_s: float  # process start to READY=1
+    t_ready: float  # perf_counter at READY=1
+    cpu_at_ready: float
+
+
+@contextlib.contextmanager
+def rig_agent(tmp_path: Path, time_scale: float, extra_toml: str = "") -> Iterator[RigAgent]:
+    """A local endpoint (``edge-agent-cloud serve``) and the agent as systemd runs it
+    (``edge-agent run`` with ``NOTIFY_SOCKET``, the packaged reference rig simulated, its models,
+    an OSCORE uplink to the endpoint), started and READY; ``extra_toml`` is appended to its
+    config. Both are stopped on exit (SIGTERM, as systemd stops it)."""
+    agent_cmd, cloud_cmd = _script("edge-agent"), _script("edge-agent-cloud")
+    cloud_dir = tmp_path / "cloud"
+    credential = tmp_path / "credential.json"
+    subprocess.run(
+        [cloud_cmd, "devices", "add", "--data", str(cloud_dir), DEVICE,
+         "--credential-out", str(credential)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    port = _free_udp_port()
+    server = subprocess.Popen(
+        [cloud_cmd, "serve", "--listen", f"127.0.0.1:{port}", "--data", str(cloud_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    text = strip_tables(example_config().read_text(), "uplink")
+    text = text.replace('data_dir = "/var/lib/edge-agent"', f'data_dir = "{tmp_path / "agent"}"')
+    text += f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\ncredential = "{credential}"\n'
+    config = tmp_path / "agent.toml"
+    config.write_text(text + extra_toml)
+    notify_path = str(tmp_path / "notify.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(0.2)
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+    cmd = [agent_cmd, "run", "--config", str(config), "--simulate", "pump"]
+    cmd += ["--time-scale", str(time_scale), "--log-level", "warning"]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = started + 120
+        while time.perf_counter() < deadline and proc.poll() is None:
+            try:
+                msg = notify.recv(4096).decode(errors="replace")
+            except TimeoutError:
+                continue
+            if "READY=1" in msg.split("\n"):
+                t_ready = time.perf_counter()
+                yield RigAgent(proc, cloud_dir, t_ready - started, t_ready, _cpu_seconds(proc.pid))
+                break
+        else:
+            err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None else ""
+            raise SystemExit(f"bench: the agent never sent READY=1\n{err[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        notify.close()
+        server.terminate()
+        server.wait(10)
+
+
+def exited_early(proc: subprocess.Popen[bytes]) -> SystemExit:
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode(errors="replace")
+    return SystemExit(f"bench: the agent exited early\n{err[-2000:]}")
+
+
 def run(args: argparse.Namespace) -> Result:
     parser = argparse.ArgumentParser(prog="bench footprint")
+    parser.add_argument("--dir", help=argparse.SUPPRESS)  # bench.py's, passed on: workdir()
     parser.add_argument("--seconds", type=float, default=30.0 if args.quick else 120.0)
     parser.add_argument("--time-scale", type=float, default=4.0)
     opts = parser.parse_args(args.extra)
-    agent_cmd, cloud_cmd = _script("edge-agent"), _script("edge-agent-cloud")
+    agent_cmd = _script("edge-agent")
     result = Result()
     with workdir(args, "footprint") as wd:
-        tmp = str(wd.path)
-        tmp_path = Path(tmp)
-        cloud_dir = tmp_path / "cloud"
-        credential = tmp_path / "credential.json"
-        subprocess.run(
-            [
-                cloud_cmd,
-                "devices",
-                "add",
-                "--data",
-                str(cloud_dir),
-                DEVICE,
-                "--credential-out",
-                str(credential),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        port = _free_udp_port()
-        server = subprocess.Popen(
-            [cloud_cmd, "serve", "--listen", f"127.0.0.1:{port}", "--data", str(cloud_dir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        text = strip_tables(example_config().read_text(), "uplink")
-        text = text.replace(
-            'data_dir = "/var/lib/edge-agent"', f'data_dir = "{tmp_path / "agent"}"'
-        )
-        text += (
-            f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\ncredential = "{credential}"\n'
-        )
-        config = tmp_path / "agent.toml"
-        config.write_text(text)
-        notify_path = str(tmp_path / "notify.sock")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(notify_path)
-        notify.settimeout(0.2)
-        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
-        cmd = [agent_cmd, "run", "--config", str(config), "--simulate", "pump"]
-        cmd += ["--time-scale", str(opts.time_scale), "--log-level", "warning"]
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        ready_s = cpu_at_ready = None
-        t_ready = 0.0
-        try:
-            deadline = started + 120
-            while ready_s is None and time.perf_counter() < deadline and proc.poll() is None:
-                try:
-                    msg = notify.recv(4096).decode(errors="replace")
-                except TimeoutError:
-                    continue
-                if "READY=1" in msg.split("\n"):
-                    t_ready = time.perf_counter()
-                    ready_s = t_ready - started
-                    cpu_at_ready = _cpu_seconds(proc.pid)
-            if ready_s is None:
-                err = proc.stderr.read().decode(errors="replace") if proc.poll() is not None else ""
-                raise SystemExit(f"bench footprint: the agent never sent READY=1\n{err[-2000:]}")
+        with rig_agent(wd.path, opts.time_scale) as agent:
+            proc, ready_s, t_ready = agent.proc, agent.ready_s, agent.t_ready
             end = t_ready + opts.seconds / opts.time_scale
-            peak_rss = 0
             while time.perf_counter() < end and proc.poll() is None:
                 time.sleep(0.5)
-                peak_rss = max(peak_rss, _status(proc.pid).get("VmRSS", 0))
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")
-                raise SystemExit(f"bench footprint: the agent exited early\n{err[-2000:]}")
+                raise exited_early(proc)
             hwm_kb = _status(proc.pid)["VmHWM"]
-            cpu = _cpu_seconds(proc.pid) - (cpu_at_ready or 0.0)
+            cpu = _cpu_seconds(proc.pid) - agent.cpu_at_ready
             rig_seconds = (time.perf_counter() - t_ready) * opts.time_scale
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            notify.close()
-            stored = _stored(cloud_dir / DB_NAME)
-            server.terminate()
-            server.wait(10)
+        stored = _stored(agent.cloud_dir / DB_NAME)
     import_ms = _median_ms([agent_cmd, "--version"])
     python_ms = _median_ms([sys.executable, "-c", "pass"])
     floor = _dependency_floor()

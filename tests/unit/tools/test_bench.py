@@ -92,3 +92,21 @@ def test_quick_store_bench_reports_dir_fs_type_and_its_sqlite_baseline(
     ):
         assert summary[key] > 0
     assert list(tmp_path.iterdir()) == []  # the bench's directory was removed
+
+
+@pytest.mark.timeout(180)
+def test_wear_bench_runs_both_agents_and_reports_their_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two real agents on the simulated rig, a few seconds each: the windowed one and the one
+    committing each reading; both delivered, the ratio is theirs (no figure is asserted)."""
+    rc = bench.main(["wear", "--json", "--no-save", "--dir", str(tmp_path), "--seconds", "3"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records_stored"] > 0 and summary["records_stored_each_reading"] > 0
+    if not summary.get("no_fsync"):
+        assert summary["bytes_per_day"] > 0 and summary["bytes_per_day_each_reading"] > 0
+        assert summary["ratio_to_each_reading"] == pytest.approx(
+            summary["bytes_per_day"] / summary["bytes_per_day_each_reading"], abs=1e-3
+        )
+    assert list(tmp_path.iterdir()) == []
