@@ -172,14 +172,18 @@ class ScaledClock(RealClock):
         await asyncio.sleep(max(0.0, seconds) / self.rate)
 
 
-async def wait_event(clock: Clock, event: asyncio.Event, seconds: float) -> bool:
-    """Wait until ``event`` is set or ``seconds`` pass on ``clock``. True if the event is set."""
+async def wait_event(
+    clock: Clock, event: asyncio.Event, seconds: float, also: asyncio.Future[Any] | None = None
+) -> bool:
+    """Wait until ``event`` is set or ``seconds`` pass on ``clock`` (or ``also``, left running,
+    is done). True if the event is set."""
     if event.is_set():
         return True
     waiter = asyncio.ensure_future(event.wait())
     sleeper = asyncio.ensure_future(clock.sleep(seconds))
+    waits: set[asyncio.Future[Any]] = {waiter, sleeper} if also is None else {waiter, sleeper, also}
     try:
-        await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiter.cancel()
         sleeper.cancel()

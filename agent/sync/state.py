@@ -51,7 +51,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,7 @@ from agent.sync.statedata import (
     parse_desired_document,
     reported_problem,
     reported_values,
+    rewound_clock,
     same_value,
     show,
 )
@@ -510,10 +511,16 @@ class StateSync:
     def _handle_acks(self, chunk: Mapping[str, Entry], acks: Mapping[str, int]) -> bool:
         """Settle the keys the endpoint acknowledged; True if pending keys changed."""
         changed = False
+        rewind = rewound_clock(chunk, acks, self.clock.time())
+        if rewind is not None:  # numbered while the wall clock ran ahead: refused for years
+            log.warning("event=reported_clock_rewound version=%d to=%d", self._clock_ms, rewind)
+            self._clock_ms, changed = rewind, True
         for key, sent in chunk.items():
             stored = acks.get(key)
-            if stored is None:
-                continue  # not in the answer: stays pending
+            if stored is None:  # not in the answer: stays pending (numbered again after a rewind)
+                if rewind is not None and (current := self._reported.get(key)) is not None:
+                    self._reported[key] = Entry(self._next_version(), current.value)
+                continue
             if stored > self._clock_ms:
                 self._clock_ms = min(stored, statedoc.MAX_VERSION)  # catch up with the endpoint
                 changed = True
@@ -594,7 +601,7 @@ class StateSync:
                 timeout = ENDPOINT_CHECK_INTERVAL
                 if stale_at is not None:
                     timeout = max(0.0, min(timeout, stale_at - now))
-                await _wait_first(self.clock, timeout, pending_next, self._reobserve)
+                await wait_event(self.clock, self._reobserve, timeout, pending_next)
                 if pending_next.done():
                     future, pending_next = pending_next, None
                     try:
@@ -783,18 +790,3 @@ class StateSync:
 async def _anext(stream: Any) -> Response:
     result: Response = await stream.__anext__()
     return result
-
-
-async def _wait_first(
-    clock: Clock, seconds: float, future: Awaitable[Any], event: asyncio.Event
-) -> None:
-    """Wait until ``future`` is done, ``event`` is set, or ``seconds`` pass on ``clock``."""
-    if event.is_set():
-        return
-    waiter = asyncio.ensure_future(event.wait())
-    sleeper = asyncio.ensure_future(clock.sleep(seconds))
-    try:
-        await asyncio.wait({future, waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-        sleeper.cancel()

@@ -16,7 +16,11 @@ Versions: every reported key carries a version from a hybrid clock, ``max(last +
 ms)``; the last version is persisted (``clock``), so versions keep increasing across restarts
 even when the wall clock steps back, and after a lost state file they start again from the wall
 clock. If the endpoint answers with a higher version than the one sent (our clock was behind),
-the clock catches up and the key is sent again with a newer version.
+the clock catches up and the key is sent again with a newer version. If it leaves out a key
+whose version runs more than ``MAX_VERSION_AHEAD`` ahead of the device's own wall clock (numbered
+while that clock ran ahead, years maybe, and since set back), the clock is set back to the wall
+clock (:func:`rewound_clock`) and the key numbered again: the endpoint would refuse that version
+until its own clock reached it.
 
 A crash between applying a key and persisting it re-applies that key once after the restart (the
 same value, so harmless). What was applied or refused is written at once; a document that changes
@@ -216,6 +220,17 @@ def is_version(value: Any) -> bool:
         and not isinstance(value, bool)
         and 0 <= value <= statedoc.MAX_VERSION
     )
+
+
+def rewound_clock(sent: Mapping[str, Entry], acks: Mapping[str, int], wall: float) -> int | None:
+    """The version clock to number from again (ms) when the endpoint left out of ``acks`` (refused)
+    a key of ``sent`` whose version runs more than ``MAX_VERSION_AHEAD`` ahead of the wall clock
+    ``wall`` (s): the wall clock, or the highest version acknowledged if that is higher. None
+    when no such key was left out."""
+    wall_ms = int(wall * 1000)
+    if all(k in acks or e.version <= wall_ms + statedoc.MAX_VERSION_AHEAD for k, e in sent.items()):
+        return None
+    return max([wall_ms, *acks.values()])
 
 
 def parse_acks(payload: bytes) -> dict[str, int]:

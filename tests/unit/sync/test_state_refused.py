@@ -8,6 +8,9 @@ other keys of that PUT.
 - A 4.00 the device cannot foresee (the endpoint's stored value of one key is damaged at rest) is
   answered by sending the halves again until the refused key is alone: the keys that changed at
   the same moment are acknowledged, only the refused one waits.
+- Versions numbered while the device's wall clock ran years ahead (a bad NTP server) are refused
+  by the endpoint's version bound; once the clock is set back, the device numbers from its wall
+  clock again instead of from the versions it issued then.
 """
 
 from __future__ import annotations
@@ -68,11 +71,24 @@ class Hooks:
         raise ValueError("this test applies nothing")
 
 
+class SteppedClock(RealClock):
+    """The real clock, its wall clock set ``offset`` seconds off (NTP or an operator steps it)."""
+
+    offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+
 @contextlib.asynccontextmanager
 async def running(
-    server: CloudServer, path: Path, hooks: Hooks, settings: StateSettings
+    server: CloudServer,
+    path: Path,
+    hooks: Hooks,
+    settings: StateSettings,
+    clock: RealClock | None = None,
 ) -> AsyncIterator[StateSync]:
-    clock = RealClock()
+    clock = clock or RealClock()
     transport = CoapTransport(clock)
     sync = StateSync(
         settings,
@@ -193,3 +209,36 @@ async def test_attack_a_value_the_endpoints_database_refuses_costs_only_its_own_
     assert len(split) == 1 and "keys=link/state,queue/depth" in split[0]
     alone = lines(caplog, "event=reported_refused", "keys=queue/depth ")
     assert len(alone) == 1 and "action=next_full_report" in alone[0]
+
+
+async def test_versions_numbered_while_the_clock_ran_years_ahead_do_not_freeze_reported_state(
+    server: CloudServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The device's wall clock runs two years ahead: its versions are beyond the endpoint's
+    bound (now + 30 days) and refused, as they should be. NTP sets the clock right and the value
+    changes. Before: the version clock (persisted) went on from the versions of two years ahead,
+    so every later version was refused too, for two years; the endpoint never saw the device's
+    state again."""
+    caplog.set_level(logging.INFO, logger="agent.sync.state")
+    clock = SteppedClock()
+    clock.offset = 2 * 365 * 86400.0
+    hooks = Hooks({"link/state": "up"})
+    async with running(server, tmp_path / "state.cbor", hooks, FAST, clock) as sync:
+
+        async def refused() -> bool:
+            return bool(lines(caplog, "event=reported_version_refused", "key=link/state"))
+
+        await wait_for(refused, "the version of two years ahead refused", limit=5)
+        assert "link/state" not in await at_endpoint(server)
+        clock.offset = 0.0  # the clock is set right
+        hooks.values["link/state"] = "down"
+        sync.changed()
+
+        async def stored() -> bool:
+            entry = (await at_endpoint(server)).get("link/state")
+            return entry is not None and entry.value == "down" and sync.status["pending"] == 0
+
+        await wait_for(stored, "link/state stored once the clock is right", limit=10)
+    entry = (await at_endpoint(server))["link/state"]
+    assert entry.version <= int(time.time() * 1000) + 1000  # numbered from the wall clock again
+    assert len(lines(caplog, "event=reported_clock_rewound")) == 1
