@@ -337,9 +337,11 @@ class RecordForwarder:
         """Drop from the store what the cloud holds and is older than ``keep`` (:func:`prune`):
         a gateway's disk holds what it has not forwarded and ``keep`` seconds of the rest. A
         failure (a full or damaged disk) is said once and tried again after the next pass."""
-        arrival, queued, before = self.cursor, self.features_cursor, self.wall() - self.keep
+        arrival, queued, now = self.cursor, self.features_cursor, self.wall()
         try:
-            dropped = int(await self.db(lambda s: prune(s, arrival, queued, before)))
+            dropped = int(
+                await self.db(lambda s: prune(s, arrival, queued, now - self.keep, now=now))
+            )
         except (AgentError, sqlite3.Error) as err:
             if not self._prune_failing:
                 log.warning("event=gateway_prune_failed error=%r", str(err))

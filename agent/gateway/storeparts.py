@@ -7,10 +7,13 @@ nor one held for later (``relay_held``). Used by the forwarder (agent/gateway/re
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from agent.gateway import later
 from cloud.storage import PRUNED_TABLE
+
+log = logging.getLogger(__name__)
 
 PRUNE_BATCH = 20_000  # records dropped in one transaction at most (ingest waits for it)
 
@@ -53,7 +56,9 @@ def prepare_store(s: Any) -> None:
             )
 
 
-def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BATCH) -> int:
+def prune(
+    s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BATCH, *, now: float
+) -> int:
     """Drop what the cloud acknowledged (arrival up to ``arrival``, features queued up to
     ``queued``) and the gateway received before ``before`` (``[gateway] keep_forwarded`` ago),
     at most ``most`` records in one transaction, oldest first. A record the cloud answered with
@@ -64,15 +69,18 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
     that lost its store learns to number above it. The highest seq dropped per
     device is kept (:data:`PRUNED_TABLE`): a record under a seq at or below it that the store
     does not hold is answered as a conflict (cloud/storage.py), so the device sends it again
-    under a new number rather than have the cloud keep another record under its number. Returns
-    the records and features dropped."""
+    under a new number rather than have the cloud keep another record under its number. A time
+    of receipt after ``now`` (the wall clock was set back since) is set to ``now`` first
+    (:func:`_received_since_set_back`). Returns the records and features dropped."""
     with s._tx() as db:  # a failed statement (a full disk) may have ended the transaction
         # records arrive in arrival order, so those old enough are a prefix: where it ends
-        row = db.execute(
-            "SELECT arrival FROM records WHERE arrival <= ? AND received >= ? "
-            "ORDER BY arrival LIMIT 1",
-            (arrival, before),
-        ).fetchone()
+        find = (
+            "SELECT arrival, received FROM records WHERE arrival <= ? AND received >= ? "
+            "ORDER BY arrival LIMIT 1"
+        )
+        row = db.execute(find, (arrival, before)).fetchone()
+        if _received_since_set_back(db, row, now):
+            row = db.execute(find, (arrival, before)).fetchone()
         upto = arrival if row is None else row[0] - 1
         row = db.execute(
             "SELECT arrival FROM records WHERE arrival <= ? ORDER BY arrival LIMIT 1 OFFSET ?",
@@ -113,3 +121,23 @@ def prune(s: Any, arrival: int, queued: int, before: float, most: int = PRUNE_BA
             (queued,),
         )
     return dropped
+
+
+def _received_since_set_back(db: Any, first: tuple[int, float] | None, now: float) -> bool:
+    """When the first record not old enough (``first``: arrival, received) or the first features
+    record queued was received after ``now``, the wall clock was set back since (NTP, an
+    operator, an RTC battery): every time of receipt after ``now`` becomes ``now``, so that what
+    came before the step goes ``keep`` after this prune rather than when the clock reaches its
+    time again (years, maybe: the prefix of records old enough would end at it until then and
+    the store would grow unbounded). Scans both tables, once per step back. True if it did."""
+    feats = db.execute(
+        "SELECT f.received FROM relay_features AS q JOIN features AS f ON f.device = q.device "
+        "AND f.first_seq = q.first_seq ORDER BY q.n LIMIT 1"
+    ).fetchone()
+    if not ((first is not None and first[1] > now) or (feats is not None and feats[0] > now)):
+        return False
+    for table in ("records", "features"):
+        n = db.execute(f"UPDATE {table} SET received = ? WHERE received > ?", (now, now)).rowcount
+        if n:
+            log.warning("event=gateway_clock_set_back table=%s received_after_now=%d", table, n)
+    return True

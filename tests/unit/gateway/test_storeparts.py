@@ -40,13 +40,13 @@ def test_a_prune_on_a_full_store_raises_the_real_error_and_drops_nothing(tmp_pat
         s.ingest_many([(d, [_reading(1), _reading(2)], True) for d in devices], T0)
         pages = _full(s)
         with pytest.raises(Exception, match="full") as raised:
-            prune(s, 10**9, 10**9, T0 + 10)
+            prune(s, 10**9, 10**9, T0 + 10, now=T0 + 10)
         assert "no transaction is active" not in str(raised.value)
         assert not s.db.in_transaction
         assert s.db.execute("SELECT count(*) FROM records").fetchone()[0] == 2 * DEVICES
         assert s.db.execute("SELECT count(*) FROM relay_pruned").fetchone()[0] == 0
         s.db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space freed
-        assert prune(s, 10**9, 10**9, T0 + 10) == DEVICES  # each device's newest stays
+        assert prune(s, 10**9, 10**9, T0 + 10, now=T0 + 10) == DEVICES  # each device's newest stays
         assert s.db.execute("SELECT count(*) FROM relay_pruned").fetchone()[0] == DEVICES
     finally:
         s.close()
@@ -68,5 +68,38 @@ def test_prepare_store_on_a_full_store_raises_the_real_error_and_can_run_again(
         prepare_store(s)
         queued = s.db.execute("SELECT count(*) FROM relay_features").fetchone()[0]
         assert queued == 0
+    finally:
+        s.close()
+
+
+DAY = 86_400.0
+KEEP = 7 * DAY
+
+
+def _count(s: SQLiteStorage, device: str) -> int:
+    return int(
+        s.db.execute("SELECT count(*) FROM records WHERE device = ?", (device,)).fetchone()[0]
+    )
+
+
+@pytest.mark.timeout(60)
+def test_a_clock_set_back_by_years_does_not_stop_the_prune(tmp_path: Path) -> None:
+    """The gateway received records at T0, then its wall clock was set back two years (a bad NTP
+    server, an RTC battery): those records look received in the future. Before: the prune drops
+    a prefix in arrival order up to the first record not yet old enough; one from the future was
+    never old enough, so nothing was dropped for two years and the gateway's disk filled. Now a
+    time of receipt later than the prune's ``now`` counts as ``now``: every record goes ``keep``
+    after the first prune that finds the clock set back."""
+    s = SQLiteStorage.in_dir(tmp_path / "store")
+    try:
+        prepare_store(s)
+        s.ingest_many([("d1", [_reading(q) for q in range(1, 11)], True)], T0)
+        back = T0 - 2 * 365 * DAY  # the clock set back
+        s.ingest_many([("d1", [_reading(q) for q in range(11, 21)], True)], back)
+        s.ingest_many([("d2", [_reading(1), _reading(2)], True)], back)
+        assert prune(s, 10**9, 10**9, back - KEEP, now=back) == 0  # nothing old enough yet
+        later = back + KEEP + DAY  # the cloud took everything; a week and a day later
+        assert prune(s, 10**9, 10**9, later - KEEP, now=later) == 19 + 1
+        assert _count(s, "d1") == 1 and _count(s, "d2") == 1  # each device's newest stays
     finally:
         s.close()
