@@ -11,6 +11,11 @@ the ``logs`` command.
   or a restart can still be sent after it: two segment files of at most ``ring_bytes / 2``
   each, appended line by line (flushed, not fsynced: a process crash keeps every line, a power
   cut may lose the last ones), the older segment truncated and reused when the newer is full.
+  Each segment begins with a line ``#gen N``, N one more than the other segment's when it was
+  begun: which segment is newer is known from N, not from the wall-clock times of the lines
+  (a device without a real-time clock stamps the lines of a boot 1970 until NTP sets the clock;
+  the newer segment then ended earlier than the older one, and was truncated after the next
+  start). Segments without one (an older release's) are ordered by the time of their last line.
   At start the segments are read back into the ring (a torn or malformed line is skipped); a
   disk that fails or fills stops the writing (the ring goes on in memory) and it is tried again
   :data:`PERSIST_RETRY` lines later.
@@ -54,6 +59,8 @@ LOGS_PATH = "logs"
 #: The ring's directory in the data directory, and its files there (module docstring).
 LOG_DIR = "logs"
 SEGMENTS = ("ring.0", "ring.1")
+#: A segment's first line: this and its generation (module docstring); not a line of the ring.
+GEN_MARK = "#gen "
 #: Lines after a failed write before the files are tried again.
 PERSIST_RETRY = 500
 
@@ -79,6 +86,16 @@ FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 def _line_bytes(line: str) -> int:
     return len(line.encode("utf-8", "replace")) + 1
+
+
+def _generation(first: bytes) -> int:
+    """A segment's generation from its first line (``#gen N``); 0 without one."""
+    if not first.startswith(GEN_MARK.encode()):
+        return 0
+    try:
+        return max(0, int(first[len(GEN_MARK) :].strip()))
+    except ValueError:
+        return 0
 
 
 def parse_segment(data: bytes) -> list[tuple[float, str]]:
@@ -111,6 +128,7 @@ class LogRing(logging.Handler):
         self.directory = directory
         self._file: IO[bytes] | None = None
         self._active = 0  # the segment appended to
+        self._gen = 0  # the newest segment's generation (its first line, module docstring)
         self._written = 0  # its size
         self._retry = 0  # lines until the files are tried again after a failure
         self.persist_error: str | None = None  # why the files are not written, if they are not
@@ -129,6 +147,8 @@ class LogRing(logging.Handler):
         for i, name in enumerate(SEGMENTS):
             try:
                 with open(self.directory / name, "rb") as f:
+                    gen = _generation(f.readline(64))
+                    self._gen = max(self._gen, gen)
                     size = f.seek(0, os.SEEK_END)
                     start = max(0, size - self._segment_limit() - LINE_MAX - 64)
                     f.seek(start)
@@ -142,13 +162,13 @@ class LogRing(logging.Handler):
                 continue
             items = parse_segment(data)
             if items:
-                found.append((items[-1][0], i, items))
-        found.sort()  # by the time of its last line: the newest segment last
-        for _, _, items in found:
+                found.append((gen, items[-1][0], i, items))
+        found.sort()  # by generation, then by the time of its last line: the newest last
+        for _, _, _, items in found:
             for created, line in items:
                 self._remember(created, line)
         if found:
-            self._active = found[-1][1]  # appended to from its end on (_open measures it)
+            self._active = found[-1][2]  # appended to from its end on (_open measures it)
         self._open(truncate=False)
 
     def _open(self, truncate: bool) -> None:
@@ -159,6 +179,10 @@ class LogRing(logging.Handler):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o600)
             self._file = os.fdopen(fd, "ab")
             self._written = 0 if truncate else self._file.seek(0, os.SEEK_END)
+            if self._written == 0:  # a segment begun: one generation after the other one
+                self._gen += 1
+                self._file.write(f"{GEN_MARK}{self._gen}\n".encode())
+                self._written = self._file.tell()
             self.persist_error = None
         except OSError as err:
             self._failed(err)

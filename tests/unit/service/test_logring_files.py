@@ -58,6 +58,34 @@ def test_the_files_stay_within_the_ring_and_keep_the_newest(tmp_path: Path) -> N
     back.close()
 
 
+def test_lines_stamped_1970_before_ntp_are_the_newest_after_a_restart(tmp_path: Path) -> None:
+    """A Raspberry Pi without a real-time clock reboots: the agent's lines are stamped 1970 until
+    NTP sets the clock, and it is restarted (a crash) before that. Before: the segments were
+    ordered by the time of their last line, so the older (full) segment counted as the newer
+    one, the next line rotated into the real newer one and truncated it: the lines before the
+    crash (and the last ones before the reboot) were lost, and the ring's order was wrong."""
+    settings = LogSettings(ring_lines=1000, ring_bytes=8192)  # segments of 4 KiB
+    now = 1_796_600_000.0
+    ring = LogRing(settings, tmp_path)
+    for i in range(60):  # fills the first segment and part of the second
+        ring.add(now + i, f"event=before_reboot n={i:02d} " + "x" * 40)
+    ring.close()
+    booted = LogRing(settings, tmp_path)  # the clock reads 1970
+    for i in range(5):
+        booted.add(10.0 + i, f"event=crash n={i}")
+    booted.close()
+    again = LogRing(settings, tmp_path)  # restarted, the clock still at 1970
+    assert [line for _, line in again.since(None)][-5:] == [f"event=crash n={i}" for i in range(5)]
+    again.add(20.0, "event=after_restart " + "y" * 1500)  # more than the older segment has left
+    again.close()
+    lines = [line for _, line in LogRing(settings, tmp_path).since(None)]
+    assert [x for x in lines if x.startswith("event=crash")] == [
+        f"event=crash n={i}" for i in range(5)
+    ]
+    assert lines[-1].startswith("event=after_restart")
+    assert "event=before_reboot n=59 " + "x" * 40 in lines
+
+
 def test_torn_and_hostile_segments_are_read_as_far_as_they_are_whole(tmp_path: Path) -> None:
     (tmp_path / SEGMENTS[0]).write_bytes(
         b"10.0\tevent=a\n"
