@@ -119,6 +119,11 @@ class VirtualClock:
         """Move time forward by hand (for code that is not running on the virtual loop)."""
         self._advance(seconds)
 
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock by ``seconds`` (negative: back), as NTP or an operator does; the
+        monotonic clock runs on."""
+        self._wall_offset += seconds
+
     def monotonic(self) -> float:
         return self._now
 

@@ -51,6 +51,7 @@ from agent.service.hooks import AgentHooks
 from agent.service.notify import Health, Notifier, announce
 from agent.service.status import StatusServer, socket_path
 from agent.service.supervise import Supervisor
+from agent.service.wallclock import WallClockWatch
 from agent.store.queue import Store, StoreStats
 from agent.sync.link import CoapProbe, LinkMonitor
 from agent.sync.routing import Router
@@ -331,6 +332,7 @@ class Agent:
                 loop.add_signal_handler(sig, self.request_stop)
         check_and_stamp(self.config.agent.data_dir, self.config.store.path)  # docs/ota.md
         self.store = await Store.open(self.config.store, clock=self.clock)
+        wall = WallClockWatch(self.store, self.clock)  # before the first put of this run
         withheld = self.config.data.withheld_sensors  # their error texts stay in the journal
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink, withheld=withheld)
         self._build_uplink()
@@ -369,6 +371,7 @@ class Agent:
                 sup.start("ready-watchdog", self._announce_ready),
                 sup.start("metrics", self._metrics_loop),
                 sup.start("stats", self._stats_loop),
+                sup.start("wall-clock", wall.run),
             ]
             others.append(sup.start("uplink-advice", self._advisor().run))
             if self.uplink is not None:

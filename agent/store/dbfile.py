@@ -51,6 +51,19 @@ def is_full(err: BaseException, directory: Path) -> bool:
     return False
 
 
+def txn_failed(
+    conn: sqlite3.Connection, err: BaseException, directory: Path, path: Path, what: str
+) -> StoreError:
+    """After ``err`` in a transaction of ``conn``: rolled back (if SQLite has not already), and
+    the error to raise, StoreFull when the disk of ``directory`` is full."""
+    if conn.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+    if is_full(err, directory):
+        return StoreFull(f"queue {path}: {what}: the disk is full")
+    return StoreError(f"queue {path}: {what} failed: {err}")
+
+
 def is_corrupt(err: BaseException) -> bool:
     code = getattr(err, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)

@@ -47,6 +47,7 @@ from typing import Any
 
 from agent.errors import StoreError, StoreFull
 from agent.store.database import Db
+from agent.store.restamp import restamp
 from agent.store.setaside import Kept, SetAside
 from agent.store.settings import (
     CODE_KIND,
@@ -352,6 +353,16 @@ class Store:
             self._executor, self._db.renumber, wanted, floor
         )
         return moved
+
+    async def restamp(self, shift: float, floor: float, above: int) -> int:
+        """Move the times of the queued records numbered above ``above`` and stamped before
+        ``floor`` by ``shift`` seconds, those never handed out (:func:`agent.store.restamp.
+        restamp`): for records taken before the wall clock was set. Returns how many."""
+        self._check_open()
+        n: int = await self._clock.run_blocking(
+            self._executor, restamp, self._db, shift, floor, above
+        )
+        return n
 
     @property
     def last_seq(self) -> int:

@@ -4,14 +4,13 @@ one transaction (for records the endpoint holds *another* record under: docs/pro
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from agent.errors import StoreError, StoreFull
-from agent.store.dbfile import in_chunks, is_full
+from agent.errors import StoreError
+from agent.store.dbfile import in_chunks, txn_failed
 from agent.store.seqfile import SeqMark
 from agent.store.settings import SEQ_BLOCK, SEQ_HEADROOM
 from agent.wire.batch import MAX_SEQ
@@ -63,12 +62,7 @@ def renumber(db: Db, seqs: Sequence[int], floor: int) -> dict[int, int]:
                 db.seqfile.write(SeqMark(reserved, db.s.durability))
         conn.execute("COMMIT")
     except (sqlite3.Error, OSError) as err:
-        if conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        if is_full(err, db.dir):
-            raise StoreFull(f"queue {db.path}: renumbering: the disk is full") from err
-        raise StoreError(f"queue {db.path}: renumbering failed: {err}") from err
+        raise txn_failed(conn, err, db.dir, db.path, "renumbering") from err
     db.hwm, db.reserved = hwm, reserved
     db.commits += 1
     for old in moved:

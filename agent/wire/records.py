@@ -30,7 +30,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
@@ -301,3 +301,23 @@ def body_time(kind: str, data: bytes, default: float) -> float:
     except (RecordError, OverflowError, ValueError):  # RecordError is one; the rest, in case
         return default
     return time if math.isfinite(time) else default
+
+
+#: The keys of an alert's map that hold wall-clock times too (``Alert.to_dict``).
+ALERT_TIMES = ("time", "change_time")
+
+
+def restamped(kind: str, data: bytes, shift: float) -> bytes:
+    """The body ``data`` of a record of ``kind`` with its time moved by ``shift`` seconds (an
+    alert's :data:`ALERT_TIMES` too), for records stamped before the wall clock was set
+    (docs/store.md); :class:`RecordError` if it does not decode."""
+    body = decode_body(kind, data)
+    if isinstance(body, TelemetryBody):
+        return replace(body, time=body.time + shift).to_cbor()
+    moved = dict(body.data)
+    if kind == Kind.ALERT:
+        for key in ALERT_TIMES:
+            value = moved.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                moved[key] = float(value) + shift
+    return replace(body, time=body.time + shift, data=moved).to_cbor()

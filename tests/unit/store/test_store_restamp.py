@@ -1,0 +1,72 @@
+"""Restamping (agent/store/restamp.py) on real SQLite files: records stamped before the wall
+clock was set get the time they were taken, and only those that cannot have reached the
+endpoint yet (docs/store.md, "Times before the clock is set")."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent.store.queue import NewRecord, Store
+from agent.store.settings import StoreSettings
+from agent.wire.records import AlertBody, EventBody, Kind, TelemetryBody, decode_body
+from drivers.clock import VirtualClock
+
+FLOOR = 1_735_689_600.0
+SHIFT = 1_796_600_000.0
+
+
+def _reading(t: float) -> NewRecord:
+    return NewRecord(Kind.TELEMETRY, TelemetryBody("m", t, {"a": 1.5}).to_cbor(), 5, t)
+
+
+def test_records_taken_before_the_clock_was_set_are_restamped_unless_handed_out(
+    qdir: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = StoreSettings(path=qdir / "queue.db")
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        old = NewRecord(Kind.TELEMETRY, TelemetryBody("m", 5.0, {}).to_cbor(), 9, 5.0)
+        earlier = await st.put([old])  # an earlier run's: its offset is unknown
+        above = st.last_seq
+        alert = {"time": 12.0, "change_time": 11.0, "score": 3.0, "kind": "raise"}
+        seqs = await st.put(
+            [
+                _reading(10.0),  # handed out below, may have reached the endpoint: kept
+                _reading(11.0),
+                NewRecord(Kind.ALERT, AlertBody(12.0, alert).to_cbor(), 5, 12.0),
+                NewRecord(Kind.EVENT, EventBody(13.0, {"x": 1}).to_cbor(), 5, 13.0),
+                NewRecord(Kind.EVENT, b"\xff not cbor", 5, 14.0),  # left as it is
+                _reading(FLOOR + 1.0),  # stamped after the clock was set
+            ]
+        )
+        leased = await st.batch(1, 1 << 20)  # priority 5 before 9, then by seq
+        assert [r.seq for r in leased] == seqs[:1]
+        assert await st.restamp(SHIFT, FLOOR, above) == 3
+        assert await st.restamp(SHIFT, FLOOR, above) == 0  # once
+        await st.nack([r.seq for r in leased])
+        assert await st.restamp(SHIFT, FLOOR, above) == 0  # nacked: it may have got there
+        queued = {r.seq: r for r in await st.batch(100, 1 << 30)}
+        assert queued[earlier[0]].created == 5.0 and queued[seqs[0]].created == 10.0
+        moved = queued[seqs[1]]
+        assert moved.created == 11.0 + SHIFT
+        assert decode_body("telemetry", moved.payload).time == 11.0 + SHIFT
+        body = decode_body("alert", queued[seqs[2]].payload)
+        assert body.time == 12.0 + SHIFT and queued[seqs[2]].created == 12.0 + SHIFT
+        assert body.data["time"] == 12.0 + SHIFT  # type: ignore[union-attr]
+        assert body.data["change_time"] == 11.0 + SHIFT  # type: ignore[union-attr]
+        assert decode_body("event", queued[seqs[3]].payload).time == 13.0 + SHIFT
+        assert queued[seqs[4]].created == 14.0 and queued[seqs[4]].payload == b"\xff not cbor"
+        assert queued[seqs[5]].created == FLOOR + 1.0
+        before = await st.stats()
+        await st.close()
+        caplog.set_level(logging.WARNING, logger="agent.store")
+        again = await Store.open(settings, clock=vclock)  # the kinds' byte counts stayed exact
+        assert (await again.stats()).kinds == before.kinds
+        await again.close()
+
+    vclock.run(main())
+    assert not [r for r in caplog.records if "kind_counts_repaired" in r.getMessage()]
