@@ -213,6 +213,20 @@ def test_a_fault_gives_changes_at_its_start_and_end_and_the_alerts_carry_them(
     assert not any(a.time < 1500.0 for a in res.alerts)  # quiet before the fault
 
 
+def test_a_raise_after_the_wall_clock_was_set_back_still_names_its_change(manifest, models) -> None:
+    """A fault and its raise and clear, then the wall clock is set back a day (NTP, an
+    operator) and a second fault comes. Before: the last transition (a day "ahead") hid every
+    later change, so the raise named none (no change_time, no time_to_detect) until the clock
+    passed it again: a day here, years after a clock that had run years ahead."""
+    det = make(manifest, models)
+    det.feed(np.arange(900.0) + 100_000.0, fault_run(0))
+    res = det.feed(np.arange(900.0) + 100_900.0 - 86_400.0, fault_run(1))
+    raised = next(a for a in res.alerts if a.kind is AlertKind.RAISE)
+    first = next(a for a in res.alerts if a.kind is AlertKind.CHANGE)
+    assert raised.change_time == first.change_time is not None
+    assert raised.time_to_detect is not None and raised.time_to_detect >= 0
+
+
 def test_change_alerts_are_on_by_default_and_the_anomaly_decisions_never_depend_on_them(
     manifest, models
 ) -> None:
