@@ -27,11 +27,11 @@ ledger is never trained twice. The reported key
 Each model's round runs in a task of its own: a round never waits for another model's, and a
 desired value that replaces or withdraws a task cancels its round at once (cleanly: the training
 process is killed, its job file removed; a round the privacy ledger charged keeps its update file
-for a re-opened attempt, like one that expired). A task's deadline is capped at now +
-:data:`MAX_AHEAD`. Which rounds ended is compared within a job only: job ids name jobs, they do
-not order them (one task with a huge id must not end every later job); the privacy ledger, which
-charges every (job, round) uploaded whatever its id, is what keeps a renamed job from costing
-nothing.
+for a re-opened attempt, like one that expired). A task's deadline is capped at
+:data:`MAX_AHEAD` after it came, on the monotonic clock (:meth:`LearningClient._deadline`). Which
+rounds ended is compared within a job only: job ids name jobs, they do not order them (one task
+with a huge id must not end every later job); the privacy ledger, which charges every (job,
+round) uploaded whatever its id, is what keeps a renamed job from costing nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Collection
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +207,8 @@ class LearningClient:
         self.ledger = PrivacyLedger(
             self.data_dir / LEDGER_FILE, settings.epsilon_budget, settings.delta
         )
-        self._tasks: dict[str, RoundTask] = {}  # the rounds to take, deadlines capped
-        self._given: dict[str, RoundTask] = {}  # the same as the endpoint wrote them
+        self._tasks: dict[str, RoundTask] = {}  # the rounds to take, as the endpoint wrote them
+        self._until: dict[tuple[int, int], float] = {}  # (job, round): the cap, time.monotonic()
         self._rounds: dict[str, tuple[RoundTask, asyncio.Task[None]]] = {}  # running, per model
         self._why: dict[str, str] = {}  # why a model's round was cancelled
         self._status: dict[str, dict[str, Any]] = {}
@@ -248,7 +247,7 @@ class LearningClient:
         self._status[model] = {
             "job": task.job,
             "round": task.round,
-            "deadline": math.ceil(task.deadline),
+            "deadline": math.ceil(self._deadline(task)),
             "status": status,
             **extra,
         }
@@ -310,7 +309,6 @@ class LearningClient:
         A task that replaces the one whose round runs, or None, cancels that round."""
         if value is None:
             self._tasks.pop(model, None)
-            self._given.pop(model, None)
             self._cancel(model, "withdrawn by the endpoint")
             self._wake.set()
             return
@@ -320,9 +318,10 @@ class LearningClient:
             task = RoundTask.from_value(value)
         except LearningError as err:
             raise ValueError(str(err)) from None
-        if self._given.get(model) == task and model in self._tasks:
+        if self._tasks.get(model) == task:
             return  # the same task again: its round goes on
         latest = float(math.ceil(time.time() + MAX_AHEAD))
+        self._until[(task.job, task.round)] = time.monotonic() + MAX_AHEAD
         if task.deadline > latest:
             log.warning(
                 "event=learn_deadline_capped model=%s job=%d round=%d deadline=%d cap=%d",
@@ -332,8 +331,9 @@ class LearningClient:
                 task.deadline,
                 latest,
             )
-        self._given[model] = task
-        self._tasks[model] = replace(task, deadline=min(task.deadline, latest))
+        self._tasks[model] = task
+        live = {(t.job, t.round) for t in self._tasks.values()}
+        self._until = {k: v for k, v in self._until.items() if k in live}
         self._cancel(model, f"replaced by job {task.job} round {task.round}")
         self._wake.set()
 
@@ -441,10 +441,16 @@ class LearningClient:
             await asyncio.sleep(LAG_PROBE)
             self._lag_ms = max(0.0, (loop.time() - start - LAG_PROBE) * 1000.0)
 
-    @staticmethod
-    def _expired(task: RoundTask) -> bool:
+    def _deadline(self, task: RoundTask) -> float:
+        """The task's deadline, capped at MAX_AHEAD after it came: that cap is counted on the
+        monotonic clock, so a wall clock set after the task came (it read 1970, or a stale
+        fake-hwclock time) moves the cap with it instead of ending the round at once."""
+        until = self._until.get((task.job, task.round), math.inf)
+        return min(task.deadline, time.time() + until - time.monotonic())
+
+    def _expired(self, task: RoundTask) -> bool:
         # the deadline is the endpoint's wall clock, not the agent's (scaled in simulations)
-        return time.time() > task.deadline
+        return time.time() > self._deadline(task)
 
     async def _round(self, model: str, task: RoundTask) -> None:
         out = self.data_dir / f"{_round_name(task)}.cbor"

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from agent.learn import client as learn_client
 from agent.learn.client import DONE_FILE, LearningClient, _drop_other_updates, _trained
 from agent.learn.settings import LearnSettings
 from agent.wire.learning import ModelUpdate, RoundTask, ScoreSummary
@@ -29,7 +32,7 @@ def client(data_dir: Path) -> LearningClient:
     data_dir.mkdir(exist_ok=True)
     none: Any = None  # the transport and endpoints are not reached here
     return LearningClient(
-        LearnSettings(),
+        LearnSettings(enabled=True),
         none,
         none,
         RealClock(),
@@ -49,6 +52,29 @@ def test_an_attempt_that_expired_or_failed_is_taken_again_when_the_round_reopens
         assert c._done("skab-ae", first)  # the same attempt: nothing more
         assert not c._done("skab-ae", task(deadline=1_015.0))  # the round opened again
         assert not client(tmp_path / status)._done("skab-ae", task(deadline=1_015.0))  # restart
+
+
+@pytest.mark.parametrize("wall", [30.0, -21 * 86_400.0], ids=["1970", "3-weeks-stale"])
+def test_a_task_that_came_before_ntp_set_the_clock_keeps_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wall: float
+) -> None:
+    """A task (a 10-minute round) comes while the device's wall clock reads 1970, or a
+    fake-hwclock time three weeks stale; then NTP sets the clock. Before: the deadline was capped
+    at that wall clock + MAX_AHEAD when the task came, so the round was expired at once once the
+    clock was set, ten minutes before the coordinator's deadline."""
+    now = time.time()
+    c = client(tmp_path)
+    value = task(deadline=now + 600.0).to_value()
+    monkeypatch.setattr(learn_client.time, "time", lambda: wall if wall > 0 else now + wall)
+    c.apply("skab-ae", value)
+    given = c._tasks["skab-ae"]
+    assert not c._expired(given)
+    monkeypatch.setattr(learn_client.time, "time", lambda: now)  # NTP
+    assert not c._expired(given)
+    c._set("skab-ae", given, "training")
+    assert c.reported()["learn/skab-ae"]["deadline"] == math.ceil(now + 600.0)
+    monkeypatch.setattr(learn_client.time, "time", lambda: now + 601.0)
+    assert c._expired(given)
 
 
 def test_an_upload_or_a_refusal_stands_for_every_attempt_of_the_round(tmp_path: Path) -> None:
