@@ -138,6 +138,7 @@ class UpdateController:
         # (wanted, free bytes in the release root when it was handed over, the helper's reason)
         self._no_room: tuple[tuple[str, str], int, str] | None = None
         self.outcome: dict[str, Any] | None = None  # this process's last staging outcome
+        self._root_then: Any = None  # the root's outcome when ``outcome`` was made (reported)
         # the release this process runs: read once, since a switch moves ``current`` under it
         self.running = bootcheck.link_version(settings.root, bootcheck.CURRENT)
 
@@ -159,8 +160,12 @@ class UpdateController:
 
     def reported(self) -> dict[str, Any]:
         state = report(self.settings.root)
-        outcomes = [o for o in (self.outcome, state.get("outcome")) if isinstance(o, dict)]
-        outcome = max(outcomes, key=lambda o: o.get("at") or 0.0) if outcomes else None
+        # the newer of this process's outcome and the root's: the root's once it is another
+        # than when this process made its own (never by their wall-clock times: a device
+        # without an RTC stamps 1970 until NTP, and an outcome stamped then would never show)
+        root = state.get("outcome")
+        mine = self.outcome is not None and (not isinstance(root, dict) or root == self._root_then)
+        outcome = self.outcome if mine else root if isinstance(root, dict) else None
         if state.get("pending"):
             outcome = {"version": state["pending"], "result": "pending"}
         return {"agent/version": self.running, "agent/update": outcome}
@@ -210,13 +215,13 @@ class UpdateController:
                 self._after = asyncio.create_task(self._after_root(wanted, since, free))
             except ReleaseError as err:
                 self._refused = wanted
-                self.outcome = _outcome(wanted[0], "refused", reason=str(err))
+                self._said(_outcome(wanted[0], "refused", reason=str(err)))
                 log.error("event=release_refused version=%s error=%s", wanted[0], err)
                 self._drop_unwanted()
             except (SyncError, ModelError, NotNow, OSError) as err:
                 what = "download_failed"
                 if isinstance(err, NotNow):  # said, and tried again: not a refusal
-                    self.outcome = _outcome(wanted[0], "waiting", reason=str(err))
+                    self._said(_outcome(wanted[0], "waiting", reason=str(err)))
                     what = "waiting"
                 log.warning(
                     "event=release_%s version=%s retry_in=%gs error=%s", what, wanted[0], delay, err
@@ -285,7 +290,7 @@ class UpdateController:
         taken = self.settings.root / TAKEN_FILE
         if not (ota / f"{version}.release").exists() and not taken.exists():
             return None
-        self.outcome = _outcome(version, "staged", bytes=manifest.size)
+        self._said(_outcome(version, "staged", bytes=manifest.size))
         log.info("event=release_already_staged version=%s", version)
         return min(handed, time.time())
 
@@ -344,6 +349,7 @@ class UpdateController:
         except ModelError as err:
             raise ReleaseError(str(err)) from err
         fetcher = self._fetcher()
+        before = report(self.settings.root).get("outcome")  # the helper's may follow the hand-over
         try:
             staged = await stage(
                 fetcher,
@@ -358,8 +364,15 @@ class UpdateController:
             )
         finally:
             await fetcher.close()
-        self.outcome = _outcome(version, "staged", bytes=staged.manifest.size)
+        self._said(_outcome(version, "staged", bytes=staged.manifest.size), before)
         return staged
+
+    def _said(self, outcome: dict[str, Any], root_then: Any = ...) -> None:
+        """``outcome`` is this process's; ``root_then`` the root's outcome it follows (read now
+        when not given): :meth:`reported` shows the root's instead once that is another."""
+        if root_then is ...:
+            root_then = report(self.settings.root).get("outcome")
+        self.outcome, self._root_then = outcome, root_then
 
 
 def build_updates(agent: Any) -> UpdateController | None:

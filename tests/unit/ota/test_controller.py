@@ -3,16 +3,20 @@ are refused by both sides, an agent without a release key refuses any, and what 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.ota import bootcheck as bc
+from agent.ota import controller as controller_mod
 from agent.ota.controller import UpdateController, check_value
 from agent.ota.settings import UpdateSettings
 from agent.wire.statedoc import StateError, check_desired
 from drivers.clock import RealClock
+from tests.unit.ota.test_stage import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -101,3 +105,33 @@ def test_the_newest_outcome_is_reported(tmp_path: Path) -> None:
     doc["outcome"] = {"version": "1.1", "result": "refused", "reason": "bad", "at": 2.0}
     bc.save(root, doc)
     assert c.reported()["agent/update"]["result"] == "refused"
+
+
+async def test_an_outcome_of_this_run_shows_over_an_older_root_one_whatever_the_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root helper's last outcome (1.1 updated) was written before a reboot; the device came
+    back with its wall clock at 1970 (no RTC, no NTP yet) and the agent refused release 1.2 (its
+    key is not there). Before: the newer of the two outcomes was chosen by wall-clock time, so
+    the refusal (stamped 1970) never showed; the cloud, whose roll-out stops on a refusal, saw
+    1.1 updated instead, also after NTP."""
+    root = make_root(tmp_path)
+    doc = bc.load(root)
+    doc["outcome"] = {"version": "1.1", "result": "updated", "previous": "1.0", "at": 1.79e9}
+    bc.save(root, doc)
+    c = controller(tmp_path, tmp_path / "missing.pub")
+    monkeypatch.setattr(controller_mod.time, "time", lambda: 30.0)
+    c.apply({"version": "1.2", "sha256": "ab" * 32})
+    loop = asyncio.create_task(c._stage_loop())
+    try:
+        await until(lambda: c.outcome is not None)
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    got = c.reported()["agent/update"]
+    assert (got["version"], got["result"]) == ("1.2", "refused")
+    doc = bc.load(root)  # the root helper writes an outcome after it: that one shows
+    doc["outcome"] = {"version": "1.2", "result": "refused", "reason": "pip", "at": 31.0}
+    bc.save(root, doc)
+    assert c.reported()["agent/update"]["reason"] == "pip"
