@@ -128,7 +128,10 @@ class ChangeDetector:
         :data:`CAUSE_HORIZON` seconds and after ``since`` (the previous raise or clear): the
         newest, followed back through the changes that continue one another (each estimated to
         start within :data:`CHAIN_SECONDS` of the previous one's raise) to the first of them.
-        None when there is none."""
+        None when there is none. A ``since`` after ``t`` (the wall clock was set back since it)
+        bounds nothing: it would hide every change until the clock is past it again."""
+        if since > t:
+            since = -math.inf
         recent = [c for c in self.history if since < c.time and 0.0 <= t - c.time <= CAUSE_HORIZON]
         if not recent:
             return None

@@ -727,9 +727,7 @@ class Detector:
         if kind is AlertKind.RAISE or self._episode is None:
             self._episode = self._classify(window)
         verdict, fault, confidence = self._episode
-        # the changes since the last raise or clear; all recent ones when the wall clock was
-        # set back since it (that transition would hide every change until the clock is past it)
-        cause = self.changes.cause(t, self._transition if self._transition <= t else -math.inf)
+        cause = self.changes.cause(t, self._transition)
         alert = Alert(
             time=t,
             kind=kind,

@@ -142,6 +142,8 @@ def test_cause_is_the_first_of_a_chain_of_recent_changes_after_the_last_transiti
     assert det.cause(90.0).change_time == 50.0
     # a transition at 70 leaves only the second
     assert det.cause(90.0, since=70.0).change_time == 70.0
+    # a transition after the alert (the wall clock was set back since it) bounds nothing
+    assert det.cause(90.0, since=86_400.0).change_time == 50.0
     # beyond the horizon nothing is a cause
     assert det.cause(86.0 + CAUSE_HORIZON + 1) is None
     assert det.cause(60.0) is None  # nothing raised yet at 60
