@@ -21,6 +21,10 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
+#: 2025-01-01T00:00:00Z: a wall clock that reads earlier is not set yet (a device without a
+#: real-time clock boots at 1970 until NTP sets it); this release is later.
+WALL_FLOOR = 1_735_689_600.0
+
 
 @runtime_checkable
 class Clock(Protocol):

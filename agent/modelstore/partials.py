@@ -7,8 +7,10 @@ resumed. A pair is kept across restarts, and bounded:
 
 - its bytes count against the cache's disk budget (:attr:`PartialFiles.used`);
 - at open (:meth:`PartialFiles.sweep`) a pair is removed when its newest write is older than
-  :data:`PARTIAL_MAX_AGE`, when its model is installed already, when one of the two files is
-  missing or its name is not ``NAME@VERSION``, and any other file there is removed too;
+  :data:`PARTIAL_MAX_AGE` (one written while the wall clock was not set yet, before
+  :data:`drivers.clock.WALL_FLOOR`, has no age: it is kept), when its model is installed already,
+  when one of the two files is missing or its name is not ``NAME@VERSION``, and any other file
+  there is removed too;
 - when a download of ``NAME`` starts, the partials of other versions of ``NAME`` are removed
   (that model's assignment moved on);
 - a cache over its disk budget drops its partials (oldest first) before it evicts a model.
@@ -30,6 +32,7 @@ from agent.detect.inference import ModelEntry, check_model_file
 from agent.errors import ModelError, NotNow
 from agent.files import fsync_dir, read_json, write_atomic
 from agent.modelstore.signing import SignedManifest, check_name
+from drivers.clock import WALL_FLOOR
 
 #: Seconds after its last write that a kept partial download is removed at open (7 days: an
 #: assignment not resumed for that long has most likely been replaced).
@@ -115,7 +118,8 @@ class PartialFiles:
         kept: list[tuple[float, Ref, int]] = []
         for ref, stats in found.items():
             newest = max(st.st_mtime for st in stats.values())
-            if len(stats) == 2 and ref not in installed and now - newest <= PARTIAL_MAX_AGE:
+            fresh = newest < WALL_FLOOR or now - newest <= PARTIAL_MAX_AGE  # no age before it
+            if len(stats) == 2 and ref not in installed and fresh:
                 kept.append((newest, ref, stats[".part"].st_size))
             else:
                 stray.extend(self.directory / f"{ref[0]}@{ref[1]}{s}" for s in stats)

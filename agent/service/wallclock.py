@@ -25,12 +25,12 @@ import logging
 
 from agent.errors import StoreError
 from agent.store.queue import Store
-from drivers.clock import Clock
+from drivers.clock import WALL_FLOOR, Clock
 
 log = logging.getLogger(__name__)
 
-#: 2025-01-01T00:00:00Z: a wall clock before it is not set (this release is later).
-FLOOR = 1_735_689_600.0
+#: A wall clock before it is not set (:data:`drivers.clock.WALL_FLOOR`, 2025-01-01).
+FLOOR = WALL_FLOOR
 #: Seconds between two looks at the wall clock.
 CHECK = 10.0
 #: A change of the wall clock's offset to the monotonic clock larger than this is a step.

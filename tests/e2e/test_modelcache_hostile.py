@@ -451,6 +451,13 @@ async def test_modelcache_kept_partials_count_against_the_disk_budget_and_are_sw
     cache = _cache(tmp_path, endpoint.uri)
     await _interrupted(endpoint, cache, "skab-ae", "3.0.0")
     await cache.close()
+    unset = 600.0  # written while the wall clock read 1970 (no RTC, NTP not yet): no age
+    for suffix in (".part", ".json"):
+        os.utime(_partial(tmp_path, "skab-ae", "3.0.0", suffix), (unset, unset))
+    cache = _cache(tmp_path)  # after NTP: kept for resuming (before, removed as 56 years old)
+    assert cache.partial_bytes("skab-ae", "3.0.0") == kept
+    await cache.close()
+
     old = time.time() - PARTIAL_MAX_AGE - 3600  # not resumed for longer than the bound
     for suffix in (".part", ".json"):
         os.utime(_partial(tmp_path, "skab-ae", "3.0.0", suffix), (old, old))
