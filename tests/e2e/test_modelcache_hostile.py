@@ -449,7 +449,7 @@ async def test_modelcache_kept_partials_count_against_the_disk_budget_and_are_sw
     await cache.close()
 
     cache = _cache(tmp_path, endpoint.uri)
-    await _interrupted(endpoint, cache, "skab-ae", "3.0.0")
+    kept = await _interrupted(endpoint, cache, "skab-ae", "3.0.0")  # as far as this one got
     await cache.close()
     unset = 600.0  # written while the wall clock read 1970 (no RTC, NTP not yet): no age
     for suffix in (".part", ".json"):
