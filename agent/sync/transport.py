@@ -582,14 +582,19 @@ def _late_response(error: BaseException) -> bool:
 class _LateResponseFilter(logging.Filter):
     """aiocoap logs a late response (``_late_response``) with a traceback: the block-wise
     requester from its "should be unreachable" branch, the UDP transport when the error passes
-    through ``dispatch_message``. The agent has already moved on (it re-registers, or asks
-    again); the record becomes one debug line."""
+    through ``dispatch_message``. And without one, as a warning, when the response reaches the
+    request's pipe after the request ended (:data:`ENDED`: the agent cancelled the request, at a
+    stop or a deadline, as the answer was on its way; its records stay unacknowledged and go
+    again). The agent has already moved on (it re-registers, or asks again); the record becomes
+    one debug line."""
 
     LOGGERS = ("coap", "coap.blockwise-requester")
+    #: aiocoap/pipe.py's message for a response added to a pipe that has ended
+    ENDED = "Response %r added after %r has already ended"
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and _late_response(error):
+        if (error is not None and _late_response(error)) or record.msg == self.ENDED:
             log.debug("event=coap_response_after_request_ended logger=%s", record.name)
             return False
         return True

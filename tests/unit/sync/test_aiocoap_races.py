@@ -140,3 +140,25 @@ async def test_other_invalid_state_errors_are_still_logged_with_their_traceback(
         "coap",
         "coap.blockwise-requester",
     ]
+
+
+def test_a_response_to_a_request_that_ended_is_one_debug_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiocoap warns (no traceback) when a response reaches the pipe of a request that already
+    ended: the agent cancelled it at a stop as the answer arrived (seen once in the demo's
+    stderr). Driven through aiocoap's own Pipe; another warning of that logger still shows."""
+    from aiocoap.pipe import Pipe
+
+    from agent.sync.transport import _LateResponseFilter
+
+    _LateResponseFilter.install()
+    coap = logging.getLogger("coap")
+    pipe = Pipe(Message(code=Code.POST, uri="coap://127.0.0.1/records"), coap)
+    pipe.add_response(Message(code=Code.CHANGED), is_last=True)  # answered: the pipe ends
+    with caplog.at_level(logging.DEBUG):
+        pipe.add_response(Message(code=Code.CHANGED), is_last=True)  # a late second answer
+        coap.warning("another warning %s", "shows")
+    shown = [r for r in caplog.records if r.name == "coap"]
+    assert [r.getMessage() for r in shown] == ["another warning shows"]
+    assert any("coap_response_after_request_ended" in r.getMessage() for r in caplog.records)
