@@ -85,6 +85,9 @@ def test_notify_ready_then_watchdog_pings_and_they_stop_when_a_stage_hangs(
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # pings every 0.2 s
     monkeypatch.setattr(runtime_mod, "STUCK_AFTER", 1.0)
     cfg = sim_config(tmp_path)
+    # each reading committed as it comes: the hung put starts when the hang does (a commit
+    # window would start it up to a window later and move the phases below)
+    cfg = replace(cfg, store=replace(cfg.store, commit_window=0.0))
     hang = asyncio.Event()
 
     async def main() -> None:
