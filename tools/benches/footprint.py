@@ -34,6 +34,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,7 +190,9 @@ def rig_agent(tmp_path: Path, time_scale: float, extra_toml: str = "") -> Iterat
     text += f'\n[uplink]\nendpoints = ["coap://127.0.0.1:{port}"]\ncredential = "{credential}"\n'
     config = tmp_path / "agent.toml"
     config.write_text(text + extra_toml)
-    notify_path = str(tmp_path / "notify.sock")
+    # the notify socket in a short directory of its own: a long --dir overflows sun_path
+    sock_dir = tempfile.mkdtemp(prefix="ea-notify-")
+    notify_path = os.path.join(sock_dir, "notify.sock")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
     notify.settimeout(0.2)
@@ -220,6 +223,7 @@ def rig_agent(tmp_path: Path, time_scale: float, extra_toml: str = "") -> Iterat
             except subprocess.TimeoutExpired:
                 proc.kill()
         notify.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
         server.terminate()
         server.wait(10)
 
