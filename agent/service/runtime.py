@@ -336,6 +336,8 @@ class Agent:
         withheld = self.config.data.withheld_sensors  # their error texts stay in the journal
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink, withheld=withheld)
         self._build_uplink()
+        if self.uplink is not None:  # records taken before NTP leave restamped
+            self.uplink.wall_settled = wall.settled
         self._load_analyzer()
         self._build_router()
         self._build_models()

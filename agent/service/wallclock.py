@@ -21,6 +21,7 @@ agent runs meanwhile: its readings, alerts and events are stamped with the wall 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from agent.errors import StoreError
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 FLOOR = WALL_FLOOR
 #: Seconds between two looks at the wall clock.
 CHECK = 10.0
+#: Seconds to the next look while records wait to be restamped (one may still be on its way
+#: into the store: the telemetry writer's commit window).
+SOON = 2.0
 #: A change of the wall clock's offset to the monotonic clock larger than this is a step.
 STEP = 2.0
 
@@ -51,6 +55,12 @@ class WallClockWatch:
         self.unset_offset = self.offset if clock.time() < floor else None
         self.shift: float | None = None  # to add to the times stamped before the floor
         self.restamped = 0
+        #: set once no record of this run waits to be restamped (the wall clock was set at the
+        #: start, or it was set since and the restamping is done): the uplink holds records
+        #: until then (agent/sync/uplink.py WALL_HOLD), so that they leave restamped
+        self.settled = asyncio.Event()
+        if self.unset_offset is None:
+            self.settled.set()
 
     async def run(self) -> None:
         if self.unset_offset is not None:
@@ -61,7 +71,7 @@ class WallClockWatch:
                 self.floor,
             )
         while True:
-            await self.clock.sleep(CHECK)
+            await self.clock.sleep(SOON if self.shift is not None else CHECK)
             await self.look()
 
     async def look(self) -> None:
@@ -88,3 +98,4 @@ class WallClockWatch:
             log.info("event=records_restamped count=%d shift=%.3f", n, self.shift)
         else:
             self.shift = None  # none left: later puts are stamped after the step
+            self.settled.set()

@@ -69,6 +69,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between looks at the store when nobody pokes the uplink (expired leases come back).
 IDLE_POLL = 5.0
+#: At most this many seconds from the start, records wait for the wall clock to be set and this
+#: run's records stamped before it to be restamped (agent/service/wallclock.py), so that a boot
+#: without an RTC does not send its first readings stamped 1970 while NTP has not answered yet.
+WALL_HOLD = 120.0
 #: Pause after the endpoint says the device is not registered (4.04).
 NOT_REGISTERED_PAUSE = 60.0
 #: The endpoint's limits (docs/protocol.md, "Limits and timing").
@@ -263,6 +267,10 @@ class Uplink(RefusedRecords):
         self.data = data  # [data]: readings sent as features at some link levels
         #: model channels read from ``local`` channels: alerts leave without their detail
         self.private: frozenset[str] = frozenset()
+        #: set when the wall clock is (agent/service/wallclock.py); None: never wait for it
+        self.wall_settled: asyncio.Event | None = None
+        self._started = clock.monotonic()
+        self._wall_hold_over = False
         self.on_exchange = on_exchange
         self.rng = rng or random.Random()
         self.policy = Policy(
@@ -318,6 +326,18 @@ class Uplink(RefusedRecords):
         self._wake.clear()
         await wait_event(self.clock, self._wake, seconds)
 
+    def _wall_unsettled(self) -> asyncio.Event | None:
+        """The wall clock's event while records wait for it (:data:`WALL_HOLD`), else None."""
+        settled = self.wall_settled
+        if settled is None or settled.is_set():
+            return None
+        if self.clock.monotonic() - self._started >= WALL_HOLD:
+            if not self._wall_hold_over:
+                self._wall_hold_over = True
+                log.warning("event=uplink_wall_clock_hold_over waited_s=%.0f", WALL_HOLD)
+            return None
+        return settled
+
     # -- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -325,6 +345,9 @@ class Uplink(RefusedRecords):
                 now = self.clock.monotonic()
                 if now < self._paused_until:
                     await self.clock.sleep(self._paused_until - now)
+                    continue
+                if (settled := self._wall_unsettled()) is not None:
+                    await wait_event(self.clock, settled, IDLE_POLL)
                     continue
                 if self.policy.hold or self.inflight >= self._limit() or not self._free_lanes:
                     await self._wait(IDLE_POLL)
