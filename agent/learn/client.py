@@ -283,7 +283,7 @@ class LearningClient:
         ended = st.get("deadline")  # absent in a file an older release wrote: that round stands
         if not isinstance(ended, (int, float)) or isinstance(ended, bool):
             return True
-        return ended >= math.ceil(task.deadline)
+        return ended >= math.ceil(self._deadline(task))  # capped as the status says it
 
     def _epsilon(self) -> float | None:
         spent = self.ledger.spent()

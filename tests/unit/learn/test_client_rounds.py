@@ -5,6 +5,8 @@ ended is kept in its data directory across restarts."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -228,3 +230,32 @@ async def test_an_attempt_that_expired_while_uploading_keeps_its_update_for_the_
     assert _trained(out, task(deadline=2e9))  # the re-opened attempt uploads this one
     _drop_other_updates(tmp_path, {"learn-1-4"})  # the next round
     assert not out.exists()
+
+
+async def test_a_round_that_ended_at_its_capped_deadline_is_not_started_again_and_again(
+    tmp_path: Path,
+) -> None:
+    """Attack: a task whose deadline is years ahead (capped at MAX_AHEAD after it came). Its
+    attempt ends (here it fails at once: the ledger charged the round already) with the capped
+    deadline in its status. Before: :meth:`_done` compared that with the task's own deadline,
+    found the round not ended, and the client started it again at once, and again: a busy loop
+    writing learn.json each time round."""
+    c = client(tmp_path)
+    c.ledger.charge(1, 3, 0.5)
+    attempts = 0
+    real_round = c._round
+
+    async def counted(model: str, t: RoundTask) -> None:
+        nonlocal attempts
+        attempts += 1
+        await real_round(model, t)
+
+    c._round = counted  # type: ignore[method-assign]
+    c.apply("skab-ae", task(deadline=time.time() + 3 * 365 * 86400.0).to_value())
+    running = asyncio.create_task(c.run())
+    await asyncio.sleep(0.5)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    assert c.status()["models"]["skab-ae"]["status"] == "failed"
+    assert attempts == 1, attempts
