@@ -19,8 +19,10 @@ def restamp(db: Db, shift: float, floor: float, above: int) -> int:
     """Add ``shift`` seconds to the time (``created`` and the body's) of every queued record
     numbered above ``above`` and created before ``floor`` that was never handed out (no
     attempt, no lease): one that may have reached the endpoint keeps the bytes it went with, or
-    a copy sent again would conflict with it. A body that does not decode is left as it is.
-    Returns the records restamped."""
+    a copy sent again would conflict with it. A body that does not decode is left as it is, and
+    so is a record the shift leaves before ``floor`` (stamped with another offset, before a
+    step of a clock not set yet): each look would move it again. Returns the records
+    restamped."""
     conn = db._c()
     grown = [0] * len(db.bytes)
     n = 0
@@ -28,8 +30,8 @@ def restamp(db: Db, shift: float, floor: float, above: int) -> int:
         conn.execute("BEGIN IMMEDIATE")
         rows = conn.execute(
             "SELECT seq, kind, created, payload FROM records "
-            "WHERE seq > ? AND created < ? AND attempts = 0",
-            (above, floor),
+            "WHERE seq > ? AND created < ? AND created >= ? AND attempts = 0",
+            (above, floor, floor - shift),
         ).fetchall()
         for seq, code, created, payload in rows:
             if seq in db.leases:

@@ -5,10 +5,12 @@ endpoint yet (docs/store.md, "Times before the clock is set")."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from agent.service.wallclock import CHECK, WallClockWatch
 from agent.store.queue import NewRecord, Store
 from agent.store.settings import StoreSettings
 from agent.wire.records import AlertBody, EventBody, Kind, TelemetryBody, decode_body
@@ -70,3 +72,40 @@ def test_records_taken_before_the_clock_was_set_are_restamped_unless_handed_out(
 
     vclock.run(main())
     assert not [r for r in caplog.records if "kind_counts_repaired" in r.getMessage()]
+
+
+def test_a_record_the_shift_leaves_before_the_floor_is_not_moved_again_at_each_look(
+    qdir: Path,
+) -> None:
+    """The wall clock steps twice: at boot it reads 1970, then a stale fake-hwclock time (still
+    before the floor), then NTP sets it. The readings of the 1970 spell were stamped with an
+    offset the watch no longer knows when NTP sets the clock: the shift leaves them before the
+    floor. Before: each look restamped them again (they still matched ``created < floor``),
+    moving them by the shift every CHECK seconds until they crossed the floor, at a time that
+    is no one's. Now a record the shift does not lift to the floor is left as it is."""
+    clock = VirtualClock(start_wall=30.0, start_monotonic=1000.0)
+    stale = 1_717_200_000.0  # 2024-06-01: a fake-hwclock time, before the floor
+
+    async def main() -> None:
+        st = await Store.open(StoreSettings(path=qdir / "queue.db"), clock=clock)
+        watch = WallClockWatch(st, clock)
+        early = await st.put([_reading(clock.time())])
+        await clock.sleep(CHECK)
+        await watch.look()
+        clock.step_wall(stale - clock.time())
+        await clock.sleep(CHECK)
+        await watch.look()
+        later = await st.put([_reading(clock.time())])
+        clock.step_wall(SHIFT - clock.time())  # NTP
+        created = []
+        for _ in range(5):
+            await clock.sleep(CHECK)
+            await watch.look()
+            with sqlite3.connect(qdir / "queue.db") as db:
+                created.append(dict(db.execute("SELECT seq, created FROM records").fetchall()))
+        await st.close()
+        assert all(c == created[0] for c in created), created  # each record moved once at most
+        assert created[0][early[0]] < FLOOR  # its offset is unknown: as it was stamped
+        assert created[0][later[0]] == pytest.approx(SHIFT)  # the time it was taken
+
+    clock.run(main())
