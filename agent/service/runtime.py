@@ -332,7 +332,9 @@ class Agent:
                 loop.add_signal_handler(sig, self.request_stop)
         check_and_stamp(self.config.agent.data_dir, self.config.store.path)  # docs/ota.md
         self.store = await Store.open(self.config.store, clock=self.clock)
-        wall = WallClockWatch(self.store, self.clock)  # before the first put of this run
+        wall = WallClockWatch(  # before the first put of this run
+            self.store, self.clock, settle=self.config.store.commit_window
+        )
         withheld = self.config.data.withheld_sensors  # their error texts stay in the journal
         self.sampler = Sampler(self.hardware.build(), self.clock, self._sink, withheld=withheld)
         self._build_uplink()

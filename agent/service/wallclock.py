@@ -10,9 +10,11 @@ agent runs meanwhile: its readings, alerts and events are stamped with the wall 
   before the floor it keeps the wall clock's offset to the monotonic clock; once it is set, every
   record this run queued with a time before the floor and that was never handed to the uplink
   gets the time it was taken: its time plus the change of the offset
-  (:meth:`agent.store.queue.Store.restamp`), again at each look until one finds none left (a
-  reading stamped before the step may still be on its way into the store). Records sent before
-  that, and those of an earlier run (another monotonic origin after a reboot), keep their stamps.
+  (:meth:`agent.store.queue.Store.restamp`), again at each look until one finds none left,
+  ``settle`` seconds (the telemetry writer's commit window) or more after the look that saw the
+  clock set (a reading stamped before the step may still be on its way into the store, waiting
+  in the commit window). Records sent before that, and those of an earlier run (another
+  monotonic origin after a reboot), keep their stamps.
 - A step of the wall clock of more than :data:`STEP` seconds is logged
   (``event=wall_clock_stepped``), whichever way: times stamped before it by a clock that was off
   by a plausible amount (fake-hwclock's) cannot be told from right ones, the line says by how much
@@ -46,10 +48,14 @@ class WallClockWatch:
     docstring). Make it right after the store is opened: records numbered above the store's
     last sequence number then are this run's."""
 
-    def __init__(self, store: Store, clock: Clock, *, floor: float = FLOOR) -> None:
+    def __init__(
+        self, store: Store, clock: Clock, *, floor: float = FLOOR, settle: float = 0.0
+    ) -> None:
         self.store = store
         self.clock = clock
         self.floor = floor
+        self.settle = settle  # the commit window: readings wait that long before their commit
+        self.set_at = 0.0  # monotonic time of the look that saw the clock set
         self.above = store.last_seq
         self.offset = clock.time() - clock.monotonic()
         self.unset_offset = self.offset if clock.time() < floor else None
@@ -85,6 +91,7 @@ class WallClockWatch:
             self.unset_offset = offset  # the offset the times before the floor were taken with
         elif self.unset_offset is not None:
             self.shift, self.unset_offset = offset - self.unset_offset, None
+            self.set_at = self.clock.monotonic()
             log.info("event=wall_clock_set shift=%.3f", self.shift)
         if self.shift is None:
             return
@@ -96,6 +103,6 @@ class WallClockWatch:
         self.restamped += n
         if n:
             log.info("event=records_restamped count=%d shift=%.3f", n, self.shift)
-        else:
-            self.shift = None  # none left: later puts are stamped after the step
+        elif self.clock.monotonic() - self.set_at > self.settle:
+            self.shift = None  # none left, none waiting: later puts are stamped after the step
             self.settled.set()

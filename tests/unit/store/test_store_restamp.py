@@ -4,16 +4,20 @@ endpoint yet (docs/store.md, "Times before the clock is set")."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
 from pathlib import Path
 
 import pytest
 
+from agent.sense.ingest import TelemetryWriter
 from agent.service.wallclock import CHECK, WallClockWatch
 from agent.store.queue import NewRecord, Store
 from agent.store.settings import StoreSettings
 from agent.wire.records import AlertBody, EventBody, Kind, TelemetryBody, decode_body
+from drivers.base import Reading
 from drivers.clock import VirtualClock
 
 FLOOR = 1_735_689_600.0
@@ -109,3 +113,38 @@ def test_a_record_the_shift_leaves_before_the_floor_is_not_moved_again_at_each_l
         assert created[0][later[0]] == pytest.approx(SHIFT)  # the time it was taken
 
     clock.run(main())
+
+
+def test_readings_still_in_the_commit_window_when_ntp_sets_the_clock_are_restamped(
+    qdir: Path,
+) -> None:
+    """Offline, the clock at 1970, a reading a second through the telemetry writer with a 30 s
+    commit window (``[store] commit_window`` may be up to 60 s); NTP sets the clock. The look
+    after the step restamps what was committed; the readings waiting in the window are
+    committed up to 30 s after the step. Before: the next look (10 s later) found none left and
+    the watch stopped, so those readings kept their 1970 stamps."""
+    clock = VirtualClock(start_wall=30.0, start_monotonic=1000.0)
+
+    async def main() -> None:
+        st = await Store.open(StoreSettings(path=qdir / "queue.db"), clock=clock)
+        watch = WallClockWatch(st, clock, settle=30.0)
+        writer = TelemetryWriter(st, clock, window=30.0)
+        tasks = [asyncio.create_task(writer.run()), asyncio.create_task(watch.run())]
+        for i in range(150):
+            if i == 75:
+                clock.step_wall(SHIFT - clock.time())  # NTP
+            writer.submit(Reading("m", {"a": 1.5}, i, clock.monotonic(), clock.time()))
+            await clock.sleep(1.0)
+        await clock.sleep(60.0)
+        writer.stop()
+        await tasks[0]
+        tasks[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[1]
+        await st.close()
+
+    clock.run(main())
+    with sqlite3.connect(qdir / "queue.db") as db:
+        created = [c for (c,) in db.execute("SELECT created FROM records ORDER BY seq")]
+    assert len(created) == 150
+    assert all(c >= FLOOR for c in created), [c for c in created if c < FLOOR]
