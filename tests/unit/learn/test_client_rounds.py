@@ -232,14 +232,22 @@ async def test_an_attempt_that_expired_while_uploading_keeps_its_update_for_the_
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("ahead", "wall"), [(3 * 365 * 86400.0, None), (600.0, 30.0)], ids=["years-ahead", "1970"]
+)
 async def test_a_round_that_ended_at_its_capped_deadline_is_not_started_again_and_again(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ahead: float, wall: float | None
 ) -> None:
-    """Attack: a task whose deadline is years ahead (capped at MAX_AHEAD after it came). Its
-    attempt ends (here it fails at once: the ledger charged the round already) with the capped
-    deadline in its status. Before: :meth:`_done` compared that with the task's own deadline,
-    found the round not ended, and the client started it again at once, and again: a busy loop
-    writing learn.json each time round."""
+    """Attack: a task whose deadline is years ahead (capped at MAX_AHEAD after it came); or a
+    10-minute task that comes while the device's wall clock reads 1970 (the cap, 1970 + 7 days
+    on that clock, is before the task's deadline). Its attempt ends (here it fails at once: the
+    ledger charged the round already) with the capped deadline in its status. Before:
+    :meth:`_done` compared that with the task's own deadline, found the round not ended, and
+    the client started it again at once, and again: a busy loop writing learn.json each time
+    round."""
+    value = task(deadline=time.time() + ahead).to_value()
+    if wall is not None:
+        monkeypatch.setattr(learn_client.time, "time", lambda: wall)
     c = client(tmp_path)
     c.ledger.charge(1, 3, 0.5)
     attempts = 0
@@ -251,7 +259,7 @@ async def test_a_round_that_ended_at_its_capped_deadline_is_not_started_again_an
         await real_round(model, t)
 
     c._round = counted  # type: ignore[method-assign]
-    c.apply("skab-ae", task(deadline=time.time() + 3 * 365 * 86400.0).to_value())
+    c.apply("skab-ae", value)
     running = asyncio.create_task(c.run())
     await asyncio.sleep(0.5)
     running.cancel()
