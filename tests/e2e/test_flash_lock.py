@@ -20,7 +20,10 @@ from flash_lib import bundle as bundlemod  # noqa: E402
 from flash_lib import lock as lockmod  # noqa: E402
 from flash_lib.errors import FlashError  # noqa: E402
 
-ARCH, PYTHON = bundlemod.host_arch(), bundlemod.host_python()
+# this host when a lock names it, else a locked target built as a foreign one (platform tags):
+# smbus2 and pip are pure-Python wheels, so either way pip downloads the same files
+HOST = (bundlemod.host_arch(), bundlemod.host_python())
+ARCH, PYTHON = HOST if lockmod.lock_path(ROOT, *HOST).is_file() else ("x86_64", "3.11")
 
 
 def pin_text(pin: lockmod.Pin) -> str:
@@ -31,8 +34,6 @@ def pin_text(pin: lockmod.Pin) -> str:
 
 def project(tmp_path: Path, needs: list[str], locked: list[str], alter: str = "") -> Path:
     """A project needing ``needs`` whose lock pins ``locked`` (as tools/lock pins them)."""
-    if not lockmod.lock_path(ROOT, ARCH, PYTHON).is_file():
-        pytest.skip(f"no device lock for this host ({ARCH}, Python {PYTHON})")
     root = tmp_path / "project"
     (root / "mini").mkdir(parents=True)
     (root / "mini" / "__init__.py").write_text('"""A stand-in."""\n')
