@@ -3,6 +3,7 @@
 
     tools/evaluate.py --data DIR [--task outlier|changepoint] [--model NAME]
                       [--predictions-out OUT] [--plot DIR] [--per-file] [--json]
+                      [--zero-model] [--threshold-rule] [--two-fold]
 
 Every SKAB-format CSV under DIR (recursively; ``;``-separated, a ``datetime`` column and the eight
 sensor columns, optionally ``anomaly`` and ``changepoint``) is replayed sample by sample through
@@ -30,6 +31,17 @@ more; ``--predictions-out`` writes ``datetime;changepoint`` (1 on the rows where
 raised) per input file; ``--per-file`` lists each changepoint with the delay of its first
 detection and every alert (change, raise, clear) with its own time to detect. The anomaly
 decisions, and so the outlier task's scores, are the same either way.
+
+**What the model adds** (outlier task). ``--zero-model`` replaces the anomaly model's
+reconstruction by zeros (:class:`ZeroModel`): the detector then scores the largest scaled feature
+of the newest step, with everything else unchanged (the commissioning scaler, the manifest's
+feature spec and normal scales, hysteresis, reference tracking). ``--threshold-rule`` replays the
+files at each threshold of :data:`THRESHOLDS` and scores at the one the shipped models' rule
+picks (tools/train_models.py: the highest F1 with FAR <= :data:`FAR_CAP` %, ties to the higher
+threshold), so a model and its ablation are compared each at its own threshold; the JSON gives the
+whole sweep. ``--two-fold`` (implies the rule) also picks the threshold on one half of the files
+(alternate files of each folder, as tools/train_models.py splits them) and scores the other:
+held-out thresholds, not a held-out model (the shipped models were trained on every file).
 """
 
 from __future__ import annotations
@@ -43,7 +55,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -56,9 +68,13 @@ import cpscore  # noqa: E402
 from agent.detect.changepoint import ChangeSettings  # noqa: E402
 from agent.detect.detector import Alert, AlertKind, Detector, DetectSettings  # noqa: E402
 from agent.detect.features import CHANNELS  # noqa: E402
-from agent.detect.inference import RUNTIMES, TFLiteModel, load_manifest  # noqa: E402
+from agent.detect.inference import RUNTIMES, Inference, TFLiteModel, load_manifest  # noqa: E402
 
 SKIP_ROWS = 400  # SKAB: the first 400 rows of each file are the training (commissioning) part
+#: The threshold rule of the shipped anomaly models (tools/train_models.py) and of
+#: ``--threshold-rule``: the highest F1 with FAR <= FAR_CAP % over these thresholds.
+FAR_CAP = 10.0
+THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(21))  # 0.50 .. 1.50
 
 #: The SKAB outlier-detection leaderboard as quoted in issue 4 (F1, FAR %, MAR %).
 LEADERBOARD: tuple[tuple[str, float, float, float], ...] = (
@@ -247,6 +263,56 @@ class Report:
 
 
 DetectorFactory = Callable[[], Detector]
+T = TypeVar("T")
+
+
+class ZeroModel:
+    """``--zero-model``: the anomaly model with its reconstruction replaced by zeros, one output
+    per input value as the autoencoder gives (the module docstring, "What the model adds")."""
+
+    def __init__(self, model: Inference) -> None:
+        self.name = f"{model.name}, output zeros"
+        self.runtime = "none"
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        return np.zeros((len(x), int(np.prod(x.shape[1:]))), dtype=np.float32)
+
+
+def alternate_halves(items: Sequence[T], folder: Callable[[T], str]) -> tuple[list[T], list[T]]:
+    """Alternate items of each folder, in the order given: half A (first, third, ...) and B."""
+    a: list[T] = []
+    b: list[T] = []
+    by_folder: dict[str, list[T]] = {}
+    for item in items:
+        by_folder.setdefault(folder(item), []).append(item)
+    for group in by_folder.values():
+        for i, item in enumerate(group):
+            (a if i % 2 == 0 else b).append(item)
+    return a, b
+
+
+@dataclass
+class RuleRun:
+    """The files replayed at each threshold of :data:`THRESHOLDS`; ``threshold`` the rule's
+    pick (None: no threshold keeps FAR <= FAR_CAP) and ``report`` the replay at it."""
+
+    sweep: list[tuple[float, Report]]
+    threshold: float | None
+    report: Report | None
+
+
+def threshold_rule(
+    data: Path, make_at: Callable[[float], DetectorFactory], files: Sequence[Path]
+) -> RuleRun:
+    """Replay ``files`` through a detector at each threshold; the rule's pick (ties: higher)."""
+    sweep = [(thr, evaluate(data, make_at(thr), files=files)) for thr in THRESHOLDS]
+    best: tuple[float, float, Report] | None = None
+    for thr, report in sweep:
+        t = report.total
+        if t.far <= FAR_CAP and (best is None or (t.f1, thr) >= best[:2]):
+            best = (t.f1, thr, report)
+    return RuleRun(sweep, best[1] if best else None, best[2] if best else None)
 
 
 def run_file(make_detector: DetectorFactory, f: SkabFile) -> FileResult:
@@ -408,10 +474,12 @@ def detector_factory(
     classifier: str | None = None,
     threshold: float | None = None,
     changepoint: ChangeSettings | None = None,
+    zero_model: bool = False,
 ) -> DetectorFactory:
     """Load the models once; each call builds a fresh detector (a fresh device) around them.
     Change alerts are on (``changepoint``: the CUSUM's settings; they do not touch the anomaly
-    decisions)."""
+    decisions). ``zero_model``: the anomaly model's output replaced by zeros
+    (:class:`ZeroModel`)."""
     manifest = load_manifest(models)
     settings = DetectSettings(
         models_dir=models,
@@ -422,7 +490,9 @@ def detector_factory(
         threshold=threshold,
         changepoint=changepoint or ChangeSettings(alerts=True),
     )
-    anomaly = TFLiteModel.open(manifest, model, runtime=runtime, num_threads=num_threads)
+    anomaly: Inference = TFLiteModel.open(manifest, model, runtime=runtime, num_threads=num_threads)
+    if zero_model:
+        anomaly = ZeroModel(anomaly)
     clf = None
     classes: Sequence[str] = ()
     if classifier:
@@ -474,22 +544,60 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None, metavar="DIR", help="a PNG per file")
     ap.add_argument("--per-file", action="store_true", help="print counts per file")
     ap.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    ap.add_argument(
+        "--zero-model",
+        action="store_true",
+        help="ablation: the anomaly model's reconstruction replaced by zeros",
+    )
+    ap.add_argument(
+        "--threshold-rule",
+        action="store_true",
+        help=f"replay at thresholds {THRESHOLDS[0]}..{THRESHOLDS[-1]}; score at the best F1 "
+        f"with FAR <= {FAR_CAP:g} %%",
+    )
+    ap.add_argument(
+        "--two-fold",
+        action="store_true",
+        help="with the rule: also pick on one half of the files and score the other",
+    )
     args = ap.parse_args(argv)
     if not args.data.exists():
         ap.error(f"{args.data}: no such file or folder")
+    args.threshold_rule = args.threshold_rule or args.two_fold
+    if args.threshold_rule and (args.threshold is not None or args.task != "outlier"):
+        ap.error("--threshold-rule and --two-fold pick the threshold of the outlier task")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             ap.error("--plot needs matplotlib: pip install -e '.[dev]'")
-    make = detector_factory(
-        args.models,
-        args.model,
-        runtime=args.runtime,
-        num_threads=args.threads,
-        classifier=args.classifier or None,
-        threshold=args.threshold,
-    )
+
+    def make_at(threshold: float | None) -> DetectorFactory:
+        return detector_factory(
+            args.models,
+            args.model,
+            runtime=args.runtime,
+            num_threads=args.threads,
+            classifier=args.classifier or None,
+            threshold=threshold,
+            zero_model=args.zero_model,
+        )
+
+    extra: dict[str, Any] = {"zero_model": args.zero_model}
+    if args.threshold_rule:
+        paths = find_csv(args.data)
+        rule = threshold_rule(args.data, make_at, paths)
+        extra["sweep"] = [_scores(r.total) | {"threshold": thr} for thr, r in rule.sweep]
+        if rule.threshold is None:
+            print(f"no threshold of {THRESHOLDS[0]}..{THRESHOLDS[-1]} keeps FAR <= {FAR_CAP:g} %")
+            _print_rule(extra)
+            if args.json:
+                print(json.dumps(extra | {"model": args.model, "threshold": None}, sort_keys=True))
+            return 1
+        args.threshold = rule.threshold
+        if args.two_fold:
+            extra["two_fold"] = two_fold(args.data, make_at, paths)
+    make = make_at(args.threshold)
     changes = cpscore.ChangeReport() if args.task == "changepoint" else None
     report = evaluate(
         args.data, make, predictions_out=args.predictions_out, plot_dir=args.plot, changes=changes
@@ -507,7 +615,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_file:
         print(format_files(report))
     if report.scored:
-        print(format_table(report, f"{args.model} (int8, this repo)"))
+        label = f"{args.model} (int8, this repo)"
+        if args.zero_model:
+            label = f"{args.model}'s detector, model output zeros (ablation)"
+        if args.threshold_rule:
+            label += f", threshold {args.threshold:g} by the rule"
+        print(format_table(report, label))
+        _print_rule(extra)
     else:
         print("no labelled files: nothing to score")
     if args.predictions_out is not None:
@@ -515,10 +629,57 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         print(f"{len(report.files)} plots written under {args.plot}")
     if args.json:
-        summary = report.summary()
+        summary = report.summary() | extra
         summary["model"] = args.model
+        summary["threshold"] = report.files[0].threshold if report.files else args.threshold
         print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def _scores(t: Confusion) -> dict[str, float | None]:
+    def num(v: float, nd: int) -> float | None:
+        return None if math.isnan(v) else round(v, nd)
+
+    return {"f1": num(t.f1, 4), "far": num(t.far, 2), "mar": num(t.mar, 2)}
+
+
+def two_fold(
+    data: Path, make_at: Callable[[float], DetectorFactory], paths: Sequence[Path]
+) -> dict[str, Any]:
+    """``--two-fold``: the rule's threshold picked on each half of the labelled files, scored on
+    the other half; the two held-out halves' counts summed."""
+    base = data if data.is_dir() else data.parent
+    labelled = []
+    for path in paths:
+        try:
+            if read_skab_csv(path).labels is not None:
+                labelled.append(path)
+        except DataError:
+            continue
+    halves = alternate_halves(labelled, lambda p: p.relative_to(base).parts[0])
+    total = Confusion()
+    thresholds: list[float | None] = []
+    for tune, held in (halves, halves[::-1]):
+        rule = threshold_rule(data, make_at, tune)
+        thresholds.append(rule.threshold)
+        if rule.threshold is None:
+            return {"thresholds": thresholds, "f1": None, "far": None, "mar": None}
+        total = total + evaluate(data, make_at(rule.threshold), files=held).total
+    return _scores(total) | {"thresholds": thresholds, "rows": total.rows}
+
+
+def _print_rule(extra: dict[str, Any]) -> None:
+    if "sweep" in extra:
+        print(
+            "threshold sweep (F1 / FAR %): "
+            + ", ".join(f"{s['threshold']:g}: {s['f1']} / {s['far']}" for s in extra["sweep"])
+        )
+    if "two_fold" in extra:
+        f = extra["two_fold"]
+        print(
+            f"two-fold (threshold picked on one half, scored on the other; thresholds "
+            f"{f['thresholds']}): F1 {f['f1']}, FAR {f['far']} %, MAR {f['mar']} %"
+        )
 
 
 def _report_changes(args: argparse.Namespace, report: Report, changes: cpscore.ChangeReport) -> int:

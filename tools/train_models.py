@@ -51,9 +51,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from evaluate import (  # noqa: E402
+    FAR_CAP,
     SKIP_ROWS,
+    THRESHOLDS,
     Confusion,
     SkabFile,
+    alternate_halves,
     confusion,
     detector_factory,
     evaluate,
@@ -83,8 +86,6 @@ MAX_SHIPPED_BYTES = 256 * 1024
 # Hyperparameters (global; chosen with the two-fold file split, see models/README.md).
 RAISE_AFTER = 5  # consecutive windows above the threshold to raise
 CLEAR_AFTER = 20  # consecutive windows at or below it to clear
-FAR_CAP = 10.0  # threshold rule: the best F1 with FAR <= this on the selection files
-THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(21))  # 0.50 .. 1.50
 NORMAL_QUANTILE = 0.95  # normal_scale: this quantile of |level| in the anomaly-free recording
 AF_HORIZON = 800  # rows after commissioning used from each anomaly-free pseudo-device
 AF_STEP_SCALE = 50  # start spacing of pseudo-devices when learning normal_scale
@@ -151,15 +152,7 @@ def fault_class(skab: Skab, f: SkabFile) -> str:
 
 def halves(skab: Skab) -> tuple[list[SkabFile], list[SkabFile]]:
     """Alternate files of each folder (natural order): half A and half B."""
-    a: list[SkabFile] = []
-    b: list[SkabFile] = []
-    by_folder: dict[str, list[SkabFile]] = {}
-    for f in skab.labelled:
-        by_folder.setdefault(skab.name(f).split("/")[0], []).append(f)
-    for files in by_folder.values():
-        for i, f in enumerate(files):
-            (a if i % 2 == 0 else b).append(f)
-    return a, b
+    return alternate_halves(skab.labelled, lambda f: skab.name(f).split("/")[0])
 
 
 def pseudo_devices(skab: Skab, step: int) -> list[np.ndarray]:

@@ -178,3 +178,80 @@ def test_shipped_model_scores_the_same_with_tflite_runtime(skab_dir: Path) -> No
     assert theirs["f1"] >= 0.80 and theirs["far"] <= 13.5, theirs
     # XNNPACK (litert's default) and tflite-runtime's kernels round a few outputs differently
     assert abs(theirs["f1"] - ours["f1"]) < 0.01 and abs(theirs["far"] - ours["far"]) < 1.0
+
+
+# --- the ablation and the threshold rule ----------------------------------------------------------
+def test_zero_model_outputs_zeros_of_the_reconstructions_shape() -> None:
+    class Model:
+        name, runtime = "m", "litert"
+
+    z = ev.ZeroModel(Model())
+    out = z.predict(np.ones((3, 4, 8), dtype=np.float32))
+    assert out.shape == (3, 32) and out.dtype == np.float32 and not out.any()
+    assert "zeros" in z.name
+
+
+def test_alternate_halves_alternate_within_each_folder_in_order() -> None:
+    items = ["v1/1", "v1/2", "o/1", "v1/3", "o/2", "o/3", "v2/1"]
+    a, b = ev.alternate_halves(items, lambda s: s.split("/")[0])
+    assert a == ["v1/1", "v1/3", "o/1", "o/3", "v2/1"] and b == ["v1/2", "o/2"]
+
+
+@pytest.fixture
+def four(tmp_path: Path) -> Path:
+    """Two labelled files in each of two folders, faults of different depths."""
+    data = tmp_path / "four"
+    for i, (folder, depth) in enumerate((("v", 20.0), ("v", 6.0), ("o", 12.0), ("o", 4.0))):
+        rows, labels = synthetic(1200, 10 + i, (500, 620))
+        rows[500:620, 7] += 20.0 - depth  # synthetic() drops channel 7 by 20
+        write_csv(data / folder / f"{i}.csv", rows, labels)
+    return data
+
+
+def test_threshold_rule_scores_at_the_sweeps_best_threshold_under_the_far_cap(
+    four: Path, capsys
+) -> None:
+    assert ev.main(["--data", str(four), "--two-fold", "--zero-model", "--json"]) == 0
+    zeros = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    sweep = zeros["sweep"]
+    assert [s["threshold"] for s in sweep] == list(ev.THRESHOLDS)
+    ok = [s for s in sweep if s["far"] <= ev.FAR_CAP]
+    best = max(ok, key=lambda s: (s["f1"], s["threshold"]))
+    assert zeros["threshold"] == best["threshold"] and zeros["zero_model"] is True
+    assert (zeros["f1"], zeros["far"]) == (best["f1"], best["far"])  # the replay at the pick
+    fold = zeros["two_fold"]
+    assert len(fold["thresholds"]) == 2 and all(t in ev.THRESHOLDS for t in fold["thresholds"])
+    assert fold["rows"] == zeros["rows"] == 4 * (1200 - 400)  # each file held out once
+    assert ev.main(["--data", str(four), "--threshold-rule", "--json"]) == 0
+    model = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert model["zero_model"] is False and "two_fold" not in model
+    assert [s["f1"] for s in model["sweep"]] != [s["f1"] for s in sweep]  # the model counts
+
+
+def test_threshold_rule_says_when_no_threshold_keeps_the_far_cap(tmp_path: Path, capsys) -> None:
+    # 180 normal rows after a fault that the hysteresis clears 20 rows late: FAR > 10 % at any
+    rows, labels = synthetic(700, 5, (500, 620))
+    write_csv(tmp_path / "d" / "v" / "1.csv", rows, labels)
+    assert ev.main(["--data", str(tmp_path / "d"), "--threshold-rule", "--json"]) == 1
+    out = capsys.readouterr().out
+    s = json.loads(out.strip().splitlines()[-1])
+    assert "keeps FAR <= 10 %" in out and s["threshold"] is None
+    assert len(s["sweep"]) == len(ev.THRESHOLDS) and min(x["far"] for x in s["sweep"]) > 10
+
+
+def test_threshold_rule_refuses_a_fixed_threshold_and_the_changepoint_task(four: Path) -> None:
+    for extra in (["--threshold", "1.0"], ["--task", "changepoint"]):
+        with pytest.raises(SystemExit) as err:
+            ev.main(["--data", str(four), "--threshold-rule", *extra])
+        assert err.value.code == 2
+
+
+@pytest.mark.skab
+def test_threshold_rule_picks_the_shipped_models_threshold(skab_dir: Path, capsys) -> None:
+    # the manifest's threshold came from tools/train_models.py's rule on recorded scores; the
+    # replay at each threshold must pick the same one
+    assert ev.main(["--data", str(skab_dir), "--threshold-rule", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
+    assert s["threshold"] == manifest["models"]["skab-ae"]["threshold"]["value"]
+    assert s["files"] == 25
