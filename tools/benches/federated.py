@@ -19,9 +19,11 @@ on the first 400 rows, hysteresis 5/20, reference tracking), here with the train
 (numpy), point-wise TP/FP/FN/TN summed over the files after row 400.
 
 **Regimes**, all from the *same* fresh initialisation (Glorot, seeded; the shipped masters were
-trained centrally on SKAB, so starting from them measures fine-tuning: ``--from-masters`` adds that
-variant as extra ``*_from_masters`` keys). Each device holds out the newest quarter of its windows
-from training (:func:`agent.learn.local.split`); score summaries are of those held-out windows.
+trained centrally on SKAB, these devices included, so starting from them measures fine-tuning of
+a model that has seen the fleet: ``--from-masters`` adds that variant, one seed, as extra
+``*_from_masters`` keys and the masters untrained as ``f1_masters_as_is``). Each device holds out
+the newest quarter of its windows from training (:func:`agent.learn.local.split`); score
+summaries are of those held-out windows.
 
 - federated: ``ROUNDS`` rounds; each round ``FRACTION`` of the devices drawn at random; each runs
   :func:`agent.learn.local.local_update` (score summary of the round's masters, ``EPOCHS`` epochs
@@ -586,18 +588,25 @@ def _one(
 def from_masters(
     devices: Sequence[Device], entry: dict[str, Any], recipe: Recipe
 ) -> dict[str, Any]:
-    """The three regimes from the shipped float masters (fine-tuning), as extra keys."""
+    """The three regimes from the shipped float masters (fine-tuning), one seed, as extra keys,
+    and the masters as they are (``masters_as_is``: no training, the fleet threshold by the same
+    rule from every device's summary). The masters were trained on these devices' normal rows
+    (tools/train_models.py, every labelled file), so no regime here learns from a device's own
+    data alone: read these keys as fine-tuning of a model that has seen the fleet."""
     masters = load_master_file(FLOAT_MASTERS)
     fed, _ = federated(devices, masters, recipe, Uplink(masters.parameter_count))
+    summaries = [local.score_summary(masters, held_out(d)) for d in devices]
     out: dict[str, Any] = {}
     for name, trained in (
         ("federated", fed),
         ("centralized", centralized(devices, masters, recipe)),
         ("local_only", local_only(devices, masters, recipe)),
+        ("masters_as_is", Trained({"": masters}, {"": fleet_threshold(summaries)})),
     ):
         c = score(devices, entry, trained)
-        out[f"f1_{name}_from_masters"] = _r(c.f1)
-        out[f"far_{name}_from_masters"] = _r(c.far, 2)
+        key = name if name == "masters_as_is" else f"{name}_from_masters"
+        out[f"f1_{key}"] = _r(c.f1)
+        out[f"far_{key}"] = _r(c.far, 2)
     return out
 
 
