@@ -696,14 +696,10 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
             raise storage_failure(err) from None
         # a conflicting seq is never acknowledged: the device must keep that record
         ack = IngestAck.for_seqs(
-            result.seqs,
-            result.new,
-            result.duplicate,
-            result.conflict,
-            conflicts=result.conflicts,
-            last=result.last,
-            store=self.store_id,
-        )
+            result.seqs, result.new, result.duplicate, result.conflict,
+            conflicts=result.conflicts, last=result.last, store=self.store_id,
+            now=self.clock.time(),  # said when set: a device may not know it (docs/protocol.md)
+        )  # fmt: skip
         log.debug(
             "event=ingest device=%s records=%d new=%d dup=%d conflict=%d",
             device, len(records), result.new, result.duplicate, result.conflict,

@@ -59,6 +59,7 @@ from agent.sync.security import ClientSecurity
 from agent.sync.state import StateSync
 from agent.sync.transport import CoapTransport, Endpoints
 from agent.sync.uplink import Uplink
+from agent.sync.walltime import EndpointClock
 from drivers.base import Reading
 from drivers.clock import Clock, RealClock
 
@@ -95,7 +96,7 @@ class Agent:
         status_socket: bool = True,
     ) -> None:
         self.config = config
-        self.clock = clock or RealClock()
+        self.clock = EndpointClock(clock or RealClock())  # learns the time from the endpoint
         self.rig = rig
         self.on_reading = on_reading
         self.notifier = notifier or Notifier()
@@ -340,6 +341,7 @@ class Agent:
         self._build_uplink()
         if self.uplink is not None:  # records taken before NTP leave restamped
             self.uplink.wall_settled = wall.settled
+            self.uplink.endpoint_time = self.clock  # or from the endpoint: agent/sync/walltime.py
         self._load_analyzer()
         self._build_router()
         self._build_models()

@@ -52,6 +52,7 @@ from agent.sync.backoff import clamp_hint, full_jitter
 from agent.sync.datapolicy import DataSettings
 from agent.sync.refusals import RefusedRecords
 from agent.sync.transport import ACK_TIMEOUT_MAX, ACK_TIMEOUT_MIN, CoapTransport, Endpoints, code
+from agent.sync.walltime import ASK_EVERY, EndpointClock, ask_time
 from agent.wire import codec
 from agent.wire.batch import (
     CF_SENML_CBOR,
@@ -72,6 +73,7 @@ IDLE_POLL = 5.0
 #: At most this many seconds from the start, records wait for the wall clock to be set and this
 #: run's records stamped before it to be restamped (agent/service/wallclock.py), so that a boot
 #: without an RTC does not send its first readings stamped 1970 while NTP has not answered yet.
+#: Meanwhile the endpoint is asked for its time (agent/sync/walltime.py), which sets it too.
 WALL_HOLD = 120.0
 #: Pause after the endpoint says the device is not registered (4.04).
 NOT_REGISTERED_PAUSE = 60.0
@@ -271,6 +273,9 @@ class Uplink(RefusedRecords):
         self.wall_settled: asyncio.Event | None = None
         self._started = clock.monotonic()
         self._wall_hold_over = False
+        #: learns the wall time from the endpoint's acks (agent/sync/walltime.py; None: not)
+        self.endpoint_time: EndpointClock | None = None
+        self._next_ask = -math.inf
         self.on_exchange = on_exchange
         self.rng = rng or random.Random()
         self.policy = Policy(
@@ -338,6 +343,16 @@ class Uplink(RefusedRecords):
             return None
         return settled
 
+    async def _ask_time(self) -> None:
+        """While records wait for the wall clock and it is neither set nor learned, ask the
+        endpoint its time (every ASK_EVERY s): held records carry none to it."""
+        src, now = self.endpoint_time, self.clock.monotonic()
+        if src is None or not src.wants_time or now < self._next_ask or not self._free_lanes:
+            return
+        self._next_ask = now + ASK_EVERY
+        lane = self._free_lanes[-1]  # none is busy: nothing leaves while records wait
+        await ask_time(src, self.transport, self.endpoints.current, self.device_id, lane)
+
     # -- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -347,6 +362,7 @@ class Uplink(RefusedRecords):
                     await self.clock.sleep(self._paused_until - now)
                     continue
                 if (settled := self._wall_unsettled()) is not None:
+                    await self._ask_time()
                     await wait_event(self.clock, settled, IDLE_POLL)
                     continue
                 if self.policy.hold or self.inflight >= self._limit() or not self._free_lanes:
@@ -442,7 +458,7 @@ class Uplink(RefusedRecords):
                 self.policy.batch_bytes = max(256, self.policy.batch_bytes // 2)
                 return
             rto = self.rtt.rto
-            started = network_time()
+            started, sent = network_time(), self.clock.monotonic()
             self.stats.batches_sent += 1
             self.stats.bytes_sent += len(payload)
             try:
@@ -460,7 +476,7 @@ class Uplink(RefusedRecords):
                 self._report(uri, False, None, False, len(payload), len(batch), 0)
                 self._failed(uri, f"{err}", probing_primary)
                 return
-            rtt = network_time() - started
+            rtt, received = network_time() - started, self.clock.monotonic()
             # A body over one block goes as Block1 (RFC 7959): one stop-and-wait exchange per
             # block, so the round trip of one message is the exchange's time per block.
             blocks = max(1, math.ceil(len(payload) / BLOCK_SIZE))
@@ -476,7 +492,9 @@ class Uplink(RefusedRecords):
                 self.rtt.retransmitted(rto)
             dotted = resp.dotted
             self.stats.by_code[dotted] = self.stats.by_code.get(dotted, 0) + 1
-            delivered = await self._handle(resp, batch, seqs, uri, probing_primary)
+            delivered = await self._handle(
+                resp, batch, seqs, uri, probing_primary, (sent, received)
+            )
             log.debug(
                 "event=exchange code=%s records=%d bytes=%d rtt=%.3f retransmitted=%s window=%.1f",
                 dotted,
@@ -497,7 +515,13 @@ class Uplink(RefusedRecords):
             self._wake.set()
 
     async def _handle(
-        self, resp: Any, batch: list[Record], seqs: list[int], uri: str, probing_primary: bool
+        self,
+        resp: Any,
+        batch: list[Record],
+        seqs: list[int],
+        uri: str,
+        probing_primary: bool,
+        times: tuple[float, float] = (0.0, math.inf),
     ) -> int:
         if resp.code == CODE_CHANGED:
             try:
@@ -512,6 +536,8 @@ class Uplink(RefusedRecords):
                 await self._nack(seqs)
                 self._failed(uri, f"endpoint of another storage ({ack.store})", probing_primary)
                 return 0
+            if ack.now is not None and self.endpoint_time is not None:
+                self.endpoint_time.learn(ack.now, *times)  # its clock, while ours is not set
             if ack.conflict > sum(b - a + 1 for a, b in ack.conflicts):
                 # counted but not named (an older endpoint): which seqs are ours there is
                 # unknown, so nothing of the batch may be deleted

@@ -18,6 +18,7 @@ import cbor2
 from agent.errors import AgentError
 from agent.wire import records
 from agent.wire.records import Kind
+from drivers.clock import WALL_FLOOR
 
 # CoAP Content-Format numbers (IANA "CoAP Content-Formats" registry).
 CF_CBOR = 60  # application/cbor
@@ -31,6 +32,10 @@ CF_LINK_FORMAT = 40  # application/link-format
 
 MAX_SEQ = 2**63 - 1  # SQLite INTEGER
 MAX_STORE_ID = 64  # characters of a storage identity in an ack
+#: The wall times an ack's ``"now"`` may carry: from 2025-01-01 (drivers.clock.WALL_FLOOR: an
+#: endpoint whose clock reads earlier does not say its time) to before 2100-01-01.
+NOW_MIN = WALL_FLOOR
+NOW_MAX = 4_102_444_800.0
 #: Ranges an ack may name ("ack" and "conflicts" together): each seq of a batch is in at most one,
 #: and a batch holds at most 4,096 records (the endpoint's limit), so an honest ack needs no more.
 MAX_ACK_RANGES = 4096
@@ -210,7 +215,9 @@ class IngestAck:
     copy). ``conflicts`` names those seqs as ranges: they are *not* acknowledged (the endpoint
     holds another record under that number), and a seq in both ``conflicts`` and ``ranges`` is
     a conflict. ``last`` is the highest seq the endpoint holds for the device (None: none, or an
-    endpoint that does not say).
+    endpoint that does not say). ``now`` is the endpoint's wall clock when it answered (None: an
+    endpoint that does not say, or whose clock is not set): a device without a set clock learns
+    the time from it (drivers.clock.EndpointClock).
     """
 
     ranges: tuple[tuple[int, int], ...]
@@ -222,6 +229,8 @@ class IngestAck:
     last: int | None = field(default=None, compare=False)
     # the identity of the storage behind the endpoint (None: an endpoint that does not say)
     store: str | None = field(default=None, compare=False)
+    # the endpoint's wall clock when it answered (seconds since the epoch; None: not said)
+    now: float | None = field(default=None, compare=False)
     _firsts: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _conflict_firsts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -236,8 +245,10 @@ class IngestAck:
         conflicts: Iterable[int] = (),
         last: int | None = None,
         store: str | None = None,
+        now: float | None = None,
     ) -> IngestAck:
-        """The ack of a batch of ``seqs``, of which ``conflicts`` are not acknowledged."""
+        """The ack of a batch of ``seqs``, of which ``conflicts`` are not acknowledged; ``now``:
+        the endpoint's wall clock, said only when it is set (:func:`said_time`)."""
         bad = set(conflicts)
         return cls(
             tuple(seq_ranges(s for s in seqs if s not in bad)),
@@ -247,6 +258,7 @@ class IngestAck:
             tuple(seq_ranges(bad)),
             last,
             store,
+            None if now is None else said_time(now),
         )
 
     def __post_init__(self) -> None:
@@ -289,6 +301,8 @@ class IngestAck:
             doc["last"] = self.last
         if self.store is not None:
             doc["store"] = self.store
+        if self.now is not None:
+            doc["now"] = float(self.now)
         return cbor2.dumps(doc, canonical=True)
 
     @classmethod
@@ -346,7 +360,29 @@ class IngestAck:
             ranges("conflicts", raw_conflicts),
             last,
             store,
+            wall_time(doc.get("now")),
         )
+
+
+def said_time(wall: float) -> float | None:
+    """What an endpoint whose wall clock reads ``wall`` says in its acks' ``"now"``: nothing
+    when its clock is not set (before NOW_MIN), or out of range."""
+    return wall if math.isfinite(wall) and NOW_MIN <= wall < NOW_MAX else None
+
+
+def wall_time(value: Any) -> float | None:
+    """An ack's ``"now"``: None when absent, else a number of seconds from NOW_MIN to NOW_MAX
+    (a bool, NaN, an infinity, a huge integer, a text or a structure: CodecError)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CodecError("ack: now must be a number of seconds since the epoch")
+    if isinstance(value, int) and not NOW_MIN <= value < NOW_MAX:  # before float(): no overflow
+        raise CodecError(f"ack: now must be from {NOW_MIN:.0f} to {NOW_MAX:.0f}")
+    now = float(value)
+    if not (math.isfinite(now) and NOW_MIN <= now < NOW_MAX):
+        raise CodecError(f"ack: now must be from {NOW_MIN:.0f} to {NOW_MAX:.0f}")
+    return now
 
 
 def _merged(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
