@@ -44,8 +44,17 @@ from agent.gateway.storeparts import prepare_store, prune
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.statedata import chunks, halves
 from agent.sync.transport import CoapTransport, Response
+from agent.sync.walltime import ASK_DEADLINE, EMPTY_BATCH, EndpointClock
 from agent.wire import codec, statedoc
-from agent.wire.batch import CF_CBOR, FEATURES, CodecError, IngestAck, WireRecord, format_ranges
+from agent.wire.batch import (
+    CF_CBOR,
+    CF_SENML_CBOR,
+    FEATURES,
+    CodecError,
+    IngestAck,
+    WireRecord,
+    format_ranges,
+)
 from agent.wire.compact_format import CF_COMPACT_DEFLATE
 from agent.wire.features import MAX_BATCH_READINGS, FeaturesBody
 from agent.wire.relay import (
@@ -207,8 +216,13 @@ class RecordForwarder:
         lane: int = 0,
         keep: float = KEEP_FORWARDED,
         wall: Callable[[], float] = time.time,
+        time_from: EndpointClock | None = None,
+        devices: Callable[[], Sequence[str]] = tuple,
     ) -> None:
         self.name = name  # the gateway's principal: POST /relay/<name>
+        #: learns the wall time from the cloud's acks while the gateway's clock is not set (its
+        #: devices get it in theirs: agent/sync/walltime.py); ``devices``: whom to ask it as
+        self.time_from, self.devices = time_from, devices
         self.keep, self.wall = keep, wall  # forwarded records are dropped ``keep`` s after
         self.resolutions = Resolutions(data_dir)
         self.db = db
@@ -303,6 +317,7 @@ class RecordForwarder:
         feats = await self.db(lambda s: _pending_features(s, fcursor, limit))
         due = await self.later.due(self.db, limit, damaged)  # held, their pause over
         if not rows and not feats and not due and not damaged:
+            await self._ask_time()
             return 0
         held: list[later.Key] = []  # to send later: the cloud said so, or says so now
         items = [*due, *((d, r) for _, d, r in rows if r), *((d, r) for _, d, r in feats if r)]
@@ -378,20 +393,8 @@ class RecordForwarder:
         if not (parts := [p for p in parts if p[0] not in paused]):
             return 0
         entries = [entry for _, _, entry in parts]
-        body = encode_relay(entries)
+        answers = await self._post(entries, REQUEST_DEADLINE)
         uri = f"{self.base()}/relay/{self.name}"
-        resp = await self.transport.request(
-            "POST", uri, body, content_format=CF_CBOR, accept=CF_CBOR,
-            deadline=REQUEST_DEADLINE, lane=self.lane,
-        )  # fmt: skip
-        self.requests += 1
-        self.bytes_up += len(body)
-        if not resp.success:
-            raise SyncError(f"POST {uri}: {resp.dotted} {resp.payload[:120]!r}")
-        try:
-            answers = decode_relay_answer(resp.payload, len(entries))
-        except AgentError as err:
-            raise SyncError(f"POST {uri}: the answer does not decode: {err}") from None
         done = 0
         split: list[tuple[str, Sequence[WireRecord], RelayEntry]] = []
         for (device, recs, _), answer in zip(parts, answers, strict=True):
@@ -414,6 +417,41 @@ class RecordForwarder:
         for request in _requests(split):  # each round halves them: log2(MAX_BATCH_RECORDS) at most
             done += await self._relay(request, kept, held)
         return done
+
+    async def _post(
+        self, entries: list[RelayEntry], deadline: float
+    ) -> list[IngestAck | RelayRefusal]:
+        """``POST /relay/<name>`` of ``entries``: one answer per entry (SyncError: none). An ack
+        that says the cloud's time teaches it to ``time_from``."""
+        body = encode_relay(entries)
+        uri = f"{self.base()}/relay/{self.name}"
+        clock = self.time_from
+        sent = 0.0 if clock is None else clock.monotonic()
+        resp = await self.transport.request(
+            "POST", uri, body, content_format=CF_CBOR, accept=CF_CBOR,
+            deadline=deadline, lane=self.lane,
+        )  # fmt: skip
+        received = 0.0 if clock is None else clock.monotonic()
+        self.requests += 1
+        self.bytes_up += len(body)
+        if not resp.success:
+            raise SyncError(f"POST {uri}: {resp.dotted} {resp.payload[:120]!r}")
+        try:
+            answers = decode_relay_answer(resp.payload, len(entries))
+        except AgentError as err:
+            raise SyncError(f"POST {uri}: the answer does not decode: {err}") from None
+        said = [a.now for a in answers if isinstance(a, IngestAck) and a.now is not None]
+        if said and clock is not None:
+            clock.learn(said[0], sent, received)
+        return answers
+
+    async def _ask_time(self) -> None:
+        """Nothing to forward, and the gateway's clock neither set nor learned: one entry of an
+        empty batch (one of its devices'), whose ack says the cloud's time."""
+        names = self.devices()
+        if self.time_from is None or not self.time_from.wants_time or not names:
+            return
+        await self._post([RelayEntry(names[0], CF_SENML_CBOR, EMPTY_BATCH)], ASK_DEADLINE)
 
     def _acked(
         self,

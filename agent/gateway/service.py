@@ -53,6 +53,7 @@ from agent.modelstore.fetch import BLOCK_WINDOW, ModelFetcher
 from agent.ota.updater import ReleaseFetcher
 from agent.sync.security import ClientSecurity
 from agent.sync.transport import CoapTransport, Endpoints
+from agent.sync.walltime import EndpointClock
 from agent.wire.batch import CF_CBOR
 from agent.wire.credentials import Credential, CredentialError
 from agent.wire.statedoc import DesiredDoc, StateError
@@ -110,7 +111,9 @@ class Gateway:
         self.announcer = announcer
         # records waiting to be forwarded, counted every STATS_INTERVAL (None: the count failed)
         self.waiting: int | None = 0
-        self.clock = stages.clock
+        # its own clock, or while that is not set the cloud's time (agent/sync/walltime.py):
+        # its devices get it in their acks
+        self.clock = EndpointClock(stages.clock)
         self.store_dir = config.data_dir / STORE_DIR
         self.server: CloudServer | None = None
         self.devices: list[str] = []
@@ -217,6 +220,7 @@ class Gateway:
                 g.host,
                 g.port,
                 storage_factory=lambda: SQLiteStorage.in_dir(self.store_dir, check=False),
+                clock=self.clock,
             )
         except OSError as err:
             if err.filename is not None or not err.strerror:
@@ -231,6 +235,7 @@ class Gateway:
         self.forwarder = RecordForwarder(
             server.db, self.transport, lambda: self.endpoints.current, self.config.data_dir,
             name=self.config.name, records=g.forward_records, lane=1, keep=g.keep_forwarded,
+            wall=self.clock.time, time_from=self.clock, devices=lambda: self.devices,
         )  # fmt: skip
         server.batch_observer = self.forwarder.resolutions.observe
         self.releases = ReleaseMirror(self.release_fetcher, server.db, self.config.data_dir / "ota")

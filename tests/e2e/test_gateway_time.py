@@ -1,0 +1,105 @@
+"""A gateway whose clock is not set (no RTC, NTP blocked on the plant network) learns the
+cloud's time from its /relay acks and tells its devices in theirs; an endpoint (or gateway)
+whose clock is not set says nothing. A real gateway in this process, its real store, a real
+endpoint on loopback (OSCORE), a real device transport."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.gateway.service import Gateway
+from agent.gateway.settings import load_gateway_config
+from agent.service.notify import Health
+from agent.service.supervise import Supervisor
+from agent.sync.security import ClientSecurity
+from agent.sync.transport import CoapTransport
+from agent.sync.walltime import EMPTY_BATCH, EndpointClock, ask_time
+from agent.wire.batch import CF_SENML_CBOR, IngestAck
+from cloud.server import CloudServer
+from drivers.clock import WALL_FLOOR, RealClock
+
+pytestmark = pytest.mark.timeout(90)
+
+GW, DEVICE = "gw-1", "pump-01"
+
+
+class NotSet(RealClock):
+    """A wall clock never set since a boot at 1970: 1970-01-01T00:00:30Z + uptime."""
+
+    def time(self) -> float:
+        return 30.0 + time.monotonic()
+
+
+async def within(seconds: float, check, what: str) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(seconds):
+        while not check():  # noqa: ASYNC110 - the gateway's state is polled
+            await asyncio.sleep(0.05)
+
+
+async def test_an_endpoint_whose_clock_is_not_set_says_no_time(tmp_path: Path) -> None:
+    server = await CloudServer.start(
+        tmp_path / "cloud", "127.0.0.1", 0, allow_any_device=True, allow_plain=True,
+        clock=NotSet(),
+    )  # fmt: skip
+    transport = CoapTransport(RealClock(), uris=(server.uri,))
+    try:
+        resp = await transport.request(
+            "POST", f"{server.uri}/ingest/{DEVICE}", EMPTY_BATCH, content_format=CF_SENML_CBOR
+        )
+        assert resp.dotted == "2.04"
+        assert IngestAck.from_cbor(resp.payload).now is None
+    finally:
+        await transport.close()
+        await server.stop()
+
+
+async def test_a_gateway_without_a_set_clock_learns_the_clouds_time_and_tells_its_devices(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.sync.walltime")
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    data = tmp_path / "gateway"
+    (data / "devices").mkdir(parents=True)
+    device_cred = data / "devices" / f"{DEVICE}.json"
+    (await server.register(DEVICE)).write(device_cred)
+    (await server.register(GW, "gateway")).write(data / "credential.json")
+    await server.attach(GW, [DEVICE])
+    (tmp_path / "gateway.toml").write_text(
+        f'[agent]\ndevice_id = "{GW}"\ndata_dir = "{data}"\n'
+        f'[uplink]\nendpoints = ["{server.uri}"]\n[gateway]\nlisten = "127.0.0.1:0"\n'
+        "forward_interval = 1.0\ndesired_poll = 1.0\n"
+    )
+    clock = NotSet()
+    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, Health(clock)))
+    assert gw.clock.time() < WALL_FLOOR
+    running = asyncio.create_task(gw.run())
+    transport = security = None
+    try:
+        # nothing to forward: it asks (an entry of an empty batch) and the ack says the time
+        await within(30.0, lambda: gw.clock.offset is not None, "the gateway learned the time")
+        assert abs(gw.clock.time() - time.time()) < 2.0  # the cloud's, within its round trip
+        assert gw.server is not None
+        uri = gw.server.uri
+        security = ClientSecurity.open("oscore", (uri,), device_cred, tmp_path / "dev-oscore.json")
+        transport = CoapTransport(RealClock(), uris=(uri,), security=security)
+        device = EndpointClock(NotSet())
+        for _ in range(3):  # the first exchange of a fresh OSCORE context may take two trips
+            if await ask_time(device, transport, uri, DEVICE, 0):
+                break
+        assert device.offset is not None and device.time() >= WALL_FLOOR
+        assert abs(device.time() - time.time()) < 3.0  # two hops, each within its round trip
+        learned = [r for r in caplog.records if "event=wall_clock_from_endpoint" in r.message]
+        assert len(learned) == 2  # once by the gateway, once by the device
+    finally:
+        gw.stop()
+        await running
+        if transport is not None:
+            await transport.close()
+        if security is not None:
+            security.close()
+        await server.stop()
