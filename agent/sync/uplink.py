@@ -521,7 +521,7 @@ class Uplink(RefusedRecords):
         seqs: list[int],
         uri: str,
         probing_primary: bool,
-        times: tuple[float, float] = (0.0, math.inf),
+        times: tuple[float, float] | None = None,  # clock.monotonic() at the request, answer
     ) -> int:
         if resp.code == CODE_CHANGED:
             try:
@@ -536,7 +536,7 @@ class Uplink(RefusedRecords):
                 await self._nack(seqs)
                 self._failed(uri, f"endpoint of another storage ({ack.store})", probing_primary)
                 return 0
-            if ack.now is not None and self.endpoint_time is not None:
+            if ack.now is not None and self.endpoint_time is not None and times is not None:
                 self.endpoint_time.learn(ack.now, *times)  # its clock, while ours is not set
             if ack.conflict > sum(b - a + 1 for a, b in ack.conflicts):
                 # counted but not named (an older endpoint): which seqs are ours there is
