@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sqlite3
 import tempfile
 import time
@@ -44,7 +45,7 @@ from agent.gateway.storeparts import prepare_store, prune
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.statedata import chunks, halves
 from agent.sync.transport import CoapTransport, Response
-from agent.sync.walltime import ASK_DEADLINE, EMPTY_BATCH, EndpointClock
+from agent.sync.walltime import ASK_DEADLINE, ASK_EVERY, EMPTY_BATCH, EndpointClock
 from agent.wire import codec, statedoc
 from agent.wire.batch import (
     CF_CBOR,
@@ -223,6 +224,7 @@ class RecordForwarder:
         #: learns the wall time from the cloud's acks while the gateway's clock is not set (its
         #: devices get it in theirs: agent/sync/walltime.py); ``devices``: whom to ask it as
         self.time_from, self.devices = time_from, devices
+        self._next_ask = -math.inf  # time_from's monotonic clock: no ask before
         self.keep, self.wall = keep, wall  # forwarded records are dropped ``keep`` s after
         self.resolutions = Resolutions(data_dir)
         self.db = db
@@ -346,6 +348,7 @@ class RecordForwarder:
         aside.say(damaged)
         self.unreadable += len(damaged)
         self.forwarded += done
+        await self._ask_time()  # its acks may have been too slow to teach the time
         return done
 
     async def prune(self) -> int:
@@ -446,12 +449,21 @@ class RecordForwarder:
         return answers
 
     async def _ask_time(self) -> None:
-        """Nothing to forward, and the gateway's clock neither set nor learned: one entry of an
-        empty batch (one of its devices'), whose ack says the cloud's time."""
-        names = self.devices()
-        if self.time_from is None or not self.time_from.wants_time or not names:
+        """At the end of a pass, the gateway's clock neither set nor learned (nothing was
+        forwarded, or the acks came too slowly to teach the time: a body of many Block1 blocks
+        on a slow uplink): one entry of an empty batch (one of its devices'), a single datagram,
+        whose ack says the cloud's time; at most every ASK_EVERY s. A failure changes nothing
+        (the passes say what is wrong with the uplink)."""
+        names, clock = self.devices(), self.time_from
+        if clock is None or not clock.wants_time or not names:
             return
-        await self._post([RelayEntry(names[0], CF_SENML_CBOR, EMPTY_BATCH)], ASK_DEADLINE)
+        if (now := clock.monotonic()) < self._next_ask:
+            return
+        self._next_ask = now + ASK_EVERY
+        try:
+            await self._post([RelayEntry(names[0], CF_SENML_CBOR, EMPTY_BATCH)], ASK_DEADLINE)
+        except SyncError as err:
+            log.debug("event=time_ask_failed error=%r", str(err))
 
     def _acked(
         self,

@@ -18,10 +18,12 @@ from agent.service.notify import Health
 from agent.service.supervise import Supervisor
 from agent.sync.security import ClientSecurity
 from agent.sync.transport import CoapTransport
-from agent.sync.walltime import EMPTY_BATCH, EndpointClock, ask_time
+from agent.sync.walltime import EMPTY_BATCH, RTT_MAX, EndpointClock, ask_time
 from agent.wire.batch import CF_SENML_CBOR, IngestAck
+from agent.wire.relay import decode_relay
 from cloud.server import CloudServer
 from drivers.clock import WALL_FLOOR, RealClock
+from tests.e2e.test_security import batch
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -96,6 +98,84 @@ async def test_a_gateway_without_a_set_clock_learns_the_clouds_time_and_tells_it
         learned = [r for r in caplog.records if "event=wall_clock_from_endpoint" in r.message]
         assert len(learned) == 2  # once by the gateway, once by the device
     finally:
+        gw.stop()
+        await running
+        if transport is not None:
+            await transport.close()
+        if security is not None:
+            security.close()
+        await server.stop()
+
+
+class Switched(RealClock):
+    """The cloud's clock: not set (no "now" in its acks) until ``on``."""
+
+    on = False
+
+    def time(self) -> float:
+        return time.time() if self.on else 30.0 + time.monotonic()
+
+
+async def test_a_busy_gateway_on_a_slow_link_learns_the_time(tmp_path: Path) -> None:
+    """Every pass has records to forward, and each /relay with records takes longer than
+    RTT_MAX (a slow uplink: many Block1 blocks), so none of its acks gives a sample. Before:
+    the gateway asked only on a pass with nothing to forward, which never came, and it never
+    learned the time. Now a pass that did not teach the time ends with an ask (one entry of an
+    empty batch, a single datagram)."""
+    clock = Switched()
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, clock=clock)
+    relay = server._relay_post
+
+    async def slow_with_records(request, route):  # type: ignore[no-untyped-def]
+        if any(e.batch != EMPTY_BATCH for e in decode_relay(request.payload)):
+            await asyncio.sleep(RTT_MAX + 0.5)
+        return await relay(request, route)
+
+    server._relay_post = slow_with_records  # type: ignore[method-assign]
+    data = tmp_path / "gateway"
+    (data / "devices").mkdir(parents=True)
+    device_cred = data / "devices" / f"{DEVICE}.json"
+    (await server.register(DEVICE)).write(device_cred)
+    (await server.register(GW, "gateway")).write(data / "credential.json")
+    await server.attach(GW, [DEVICE])
+    (tmp_path / "gateway.toml").write_text(
+        f'[agent]\ndevice_id = "{GW}"\ndata_dir = "{data}"\n'
+        f'[uplink]\nendpoints = ["{server.uri}"]\n[gateway]\nlisten = "127.0.0.1:0"\n'
+        "forward_interval = 0.5\ndesired_poll = 1.0\n"
+    )
+    gw_clock = NotSet()
+    gw = Gateway(
+        load_gateway_config(tmp_path / "gateway.toml"), Supervisor(gw_clock, Health(gw_clock))
+    )
+    running = asyncio.create_task(gw.run())
+    transport = security = None
+    sending: asyncio.Task[None] | None = None
+    try:
+        await within(30.0, lambda: gw.server is not None and gw.forwarder is not None, "up")
+        assert gw.server is not None and gw.forwarder is not None
+        uri = gw.server.uri
+        security = ClientSecurity.open("oscore", (uri,), device_cred, tmp_path / "dev-oscore.json")
+        transport = CoapTransport(RealClock(), uris=(uri,), security=security)
+
+        async def send() -> None:  # a reading every 0.1 s: no pass without records
+            assert transport is not None
+            for seq in range(1, 10_000):
+                await transport.request(
+                    "POST", f"{uri}/ingest/{DEVICE}", batch(DEVICE, range(seq, seq + 1)),
+                    content_format=CF_SENML_CBOR,
+                )  # fmt: skip
+                await asyncio.sleep(0.1)
+
+        sending = asyncio.create_task(send())
+        forwarder = gw.forwarder
+        await within(30.0, lambda: forwarder.forwarded > 0, "a pass forwarded records")
+        clock.on = True  # from now on the cloud says its time
+        await within(15.0, lambda: gw.clock.offset is not None, "the gateway learned the time")
+        assert abs(gw.clock.time() - time.time()) < 2.0
+    finally:
+        if sending is not None:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
         gw.stop()
         await running
         if transport is not None:
