@@ -32,6 +32,10 @@ def test_fixed_bytes_of_an_empty_ack_with_the_time() -> None:
     data = IngestAck.for_seqs([], 0, 0, now=1_796_600_000.5).to_cbor()
     # {"ack": [], "dup": 0, "new": 0, "now": 1796600000.5}: canonical order, "now" a float64
     assert data.hex() == "a46361636b806364757000636e657700636e6f77fb41dac57c30200000"
+    # a whole second fits a float32 exactly: canonical CBOR sends that (docs/protocol.md)
+    whole = IngestAck.for_seqs([], 0, 0, now=1_800_000_000.0).to_cbor()
+    assert whole.hex().endswith("636e6f77fa4ed693a4")
+    assert IngestAck.from_cbor(whole).now == 1_800_000_000.0
 
 
 def test_an_endpoint_whose_clock_is_not_set_says_nothing() -> None:
