@@ -40,11 +40,11 @@ async def within(seconds: float, check: Callable[[], object], what: str) -> None
 
 
 async def one_device_gateway(
-    tmp_path: Path, server: CloudServer, forward_interval: float
+    tmp_path: Path, server: CloudServer, forward_interval: float, readings: int = 3
 ) -> SQLiteStorage:
     """GW serving DEVICE, attached at ``server``: its data directory ``tmp_path/gateway`` with
     both credentials, its config ``tmp_path/gateway.toml``; returns its store, opened here,
-    holding DEVICE's records 1-3."""
+    holding DEVICE's records 1 to ``readings``."""
     data = tmp_path / "gateway"
     (data / "devices").mkdir(parents=True)
     (await server.register(DEVICE)).write(data / "devices" / f"{DEVICE}.json")
@@ -56,7 +56,8 @@ async def one_device_gateway(
         f"forward_interval = {forward_interval}\ndesired_poll = 1.0\n"
     )
     store = SQLiteStorage.in_dir(data / "store")
-    store.ingest_many([(DEVICE, [reading(i) for i in range(1, 4)], True)], T0)
+    if readings:
+        store.ingest_many([(DEVICE, [reading(i) for i in range(1, readings + 1)], True)], T0)
     return store
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from agent.wire.batch import CF_SENML_CBOR, IngestAck
 from agent.wire.relay import decode_relay
 from cloud.server import CloudServer
 from drivers.clock import WALL_FLOOR, RealClock
+from tests.e2e.test_gateway_loops import one_device_gateway
 from tests.e2e.test_security import batch
 
 pytestmark = pytest.mark.timeout(90)
@@ -41,6 +44,37 @@ async def within(seconds: float, check, what: str) -> None:  # type: ignore[no-u
     async with asyncio.timeout(seconds):
         while not check():  # noqa: ASYNC110 - the gateway's state is polled
             await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def gateway_and_device(
+    server: CloudServer, tmp_path: Path, *, forward_interval: float
+) -> AsyncIterator[tuple[Gateway, CoapTransport, str]]:
+    """A gateway of ``server`` whose clock was never set (DEVICE attached), running, and
+    DEVICE's transport to it (OSCORE) and its URI; all stopped after, ``server`` too."""
+    (await one_device_gateway(tmp_path, server, forward_interval, readings=0)).close()
+    clock = NotSet()
+    config = load_gateway_config(tmp_path / "gateway.toml")
+    gw = Gateway(config, Supervisor(clock, Health(clock)))
+    assert gw.clock.time() < WALL_FLOOR
+    running = asyncio.create_task(gw.run())
+    transport = security = None
+    try:
+        await within(30.0, lambda: gw.server is not None and gw.forwarder is not None, "up")
+        assert gw.server is not None
+        uri = gw.server.uri
+        cred = tmp_path / "gateway" / "devices" / f"{DEVICE}.json"
+        security = ClientSecurity.open("oscore", (uri,), cred, tmp_path / "dev-oscore.json")
+        transport = CoapTransport(RealClock(), uris=(uri,), security=security)
+        yield gw, transport, uri
+    finally:
+        gw.stop()
+        await running
+        if transport is not None:
+            await transport.close()
+        if security is not None:
+            security.close()
+        await server.stop()
 
 
 async def test_an_endpoint_whose_clock_is_not_set_says_no_time(tmp_path: Path) -> None:
@@ -65,30 +99,10 @@ async def test_a_gateway_without_a_set_clock_learns_the_clouds_time_and_tells_it
 ) -> None:
     caplog.set_level(logging.INFO, logger="agent.sync.walltime")
     server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
-    data = tmp_path / "gateway"
-    (data / "devices").mkdir(parents=True)
-    device_cred = data / "devices" / f"{DEVICE}.json"
-    (await server.register(DEVICE)).write(device_cred)
-    (await server.register(GW, "gateway")).write(data / "credential.json")
-    await server.attach(GW, [DEVICE])
-    (tmp_path / "gateway.toml").write_text(
-        f'[agent]\ndevice_id = "{GW}"\ndata_dir = "{data}"\n'
-        f'[uplink]\nendpoints = ["{server.uri}"]\n[gateway]\nlisten = "127.0.0.1:0"\n'
-        "forward_interval = 1.0\ndesired_poll = 1.0\n"
-    )
-    clock = NotSet()
-    gw = Gateway(load_gateway_config(tmp_path / "gateway.toml"), Supervisor(clock, Health(clock)))
-    assert gw.clock.time() < WALL_FLOOR
-    running = asyncio.create_task(gw.run())
-    transport = security = None
-    try:
+    async with gateway_and_device(server, tmp_path, forward_interval=1.0) as (gw, transport, uri):
         # nothing to forward: it asks (an entry of an empty batch) and the ack says the time
         await within(30.0, lambda: gw.clock.offset is not None, "the gateway learned the time")
         assert abs(gw.clock.time() - time.time()) < 2.0  # the cloud's, within its round trip
-        assert gw.server is not None
-        uri = gw.server.uri
-        security = ClientSecurity.open("oscore", (uri,), device_cred, tmp_path / "dev-oscore.json")
-        transport = CoapTransport(RealClock(), uris=(uri,), security=security)
         device = EndpointClock(NotSet())
         for _ in range(3):  # the first exchange of a fresh OSCORE context may take two trips
             if await ask_time(device, transport, uri, DEVICE, 0):
@@ -97,14 +111,6 @@ async def test_a_gateway_without_a_set_clock_learns_the_clouds_time_and_tells_it
         assert abs(device.time() - time.time()) < 3.0  # two hops, each within its round trip
         learned = [r for r in caplog.records if "event=wall_clock_from_endpoint" in r.message]
         assert len(learned) == 2  # once by the gateway, once by the device
-    finally:
-        gw.stop()
-        await running
-        if transport is not None:
-            await transport.close()
-        if security is not None:
-            security.close()
-        await server.stop()
 
 
 class Switched(RealClock):
@@ -132,33 +138,9 @@ async def test_a_busy_gateway_on_a_slow_link_learns_the_time(tmp_path: Path) -> 
         return await relay(request, route)
 
     server._relay_post = slow_with_records  # type: ignore[method-assign]
-    data = tmp_path / "gateway"
-    (data / "devices").mkdir(parents=True)
-    device_cred = data / "devices" / f"{DEVICE}.json"
-    (await server.register(DEVICE)).write(device_cred)
-    (await server.register(GW, "gateway")).write(data / "credential.json")
-    await server.attach(GW, [DEVICE])
-    (tmp_path / "gateway.toml").write_text(
-        f'[agent]\ndevice_id = "{GW}"\ndata_dir = "{data}"\n'
-        f'[uplink]\nendpoints = ["{server.uri}"]\n[gateway]\nlisten = "127.0.0.1:0"\n'
-        "forward_interval = 0.5\ndesired_poll = 1.0\n"
-    )
-    gw_clock = NotSet()
-    gw = Gateway(
-        load_gateway_config(tmp_path / "gateway.toml"), Supervisor(gw_clock, Health(gw_clock))
-    )
-    running = asyncio.create_task(gw.run())
-    transport = security = None
-    sending: asyncio.Task[None] | None = None
-    try:
-        await within(30.0, lambda: gw.server is not None and gw.forwarder is not None, "up")
-        assert gw.server is not None and gw.forwarder is not None
-        uri = gw.server.uri
-        security = ClientSecurity.open("oscore", (uri,), device_cred, tmp_path / "dev-oscore.json")
-        transport = CoapTransport(RealClock(), uris=(uri,), security=security)
+    async with gateway_and_device(server, tmp_path, forward_interval=0.5) as (gw, transport, uri):
 
         async def send() -> None:  # a reading every 0.1 s: no pass without records
-            assert transport is not None
             for seq in range(1, 10_000):
                 await transport.request(
                     "POST", f"{uri}/ingest/{DEVICE}", batch(DEVICE, range(seq, seq + 1)),
@@ -167,19 +149,13 @@ async def test_a_busy_gateway_on_a_slow_link_learns_the_time(tmp_path: Path) -> 
                 await asyncio.sleep(0.1)
 
         sending = asyncio.create_task(send())
-        forwarder = gw.forwarder
-        await within(30.0, lambda: forwarder.forwarded > 0, "a pass forwarded records")
-        clock.on = True  # from now on the cloud says its time
-        await within(15.0, lambda: gw.clock.offset is not None, "the gateway learned the time")
-        assert abs(gw.clock.time() - time.time()) < 2.0
-    finally:
-        if sending is not None:
+        try:
+            forwarder = gw.forwarder
+            assert forwarder is not None
+            await within(30.0, lambda: forwarder.forwarded > 0, "a pass forwarded records")
+            clock.on = True  # from now on the cloud says its time
+            await within(15.0, lambda: gw.clock.offset is not None, "the gateway learned it")
+            assert abs(gw.clock.time() - time.time()) < 2.0
+        finally:
             sending.cancel()
             await asyncio.gather(sending, return_exceptions=True)
-        gw.stop()
-        await running
-        if transport is not None:
-            await transport.close()
-        if security is not None:
-            security.close()
-        await server.stop()
