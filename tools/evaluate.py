@@ -310,6 +310,8 @@ def threshold_rule(
     best: tuple[float, float, Report] | None = None
     for thr, report in sweep:
         t = report.total
+        if math.isnan(t.f1):  # no anomaly rows and no alarms: nothing to rank it by
+            continue
         if t.far <= FAR_CAP and (best is None or (t.f1, thr) >= best[:2]):
             best = (t.f1, thr, report)
     return RuleRun(sweep, best[1] if best else None, best[2] if best else None)

@@ -4,6 +4,7 @@ the real SKAB data with the shipped int8 model."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -255,3 +256,24 @@ def test_threshold_rule_picks_the_shipped_models_threshold(skab_dir: Path, capsy
     manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
     assert s["threshold"] == manifest["models"]["skab-ae"]["threshold"]["value"]
     assert s["files"] == 25
+
+
+def test_threshold_rule_never_picks_a_threshold_whose_f1_is_undefined(tmp_path: Path) -> None:
+    # no anomaly rows: the low thresholds alarm (F1 0, FAR 44 %, over the cap), the high ones
+    # do not (F1 = 0/0, FAR 0): nothing ranks, so no threshold is picked (not the first NaN)
+    def report(c: ev.Confusion) -> ev.Report:
+        return ev.Report([ev.FileResult("a", 9, np.zeros(9), np.zeros(9), 0, c)])
+
+    high, low = report(ev.Confusion(0, 0, 0, 9)), report(ev.Confusion(0, 4, 0, 5))
+
+    def fake_evaluate(data: Path, make, files=None):
+        return high if make >= 1.0 else low
+
+    real = ev.evaluate
+    ev.evaluate = fake_evaluate  # type: ignore[assignment]
+    try:
+        rule = ev.threshold_rule(tmp_path, lambda thr: thr, [])  # type: ignore[arg-type,return-value]
+    finally:
+        ev.evaluate = real  # type: ignore[assignment]
+    assert math.isnan(high.total.f1) and low.total.far > ev.FAR_CAP
+    assert rule.threshold is None and rule.report is None and len(rule.sweep) == len(ev.THRESHOLDS)
