@@ -73,7 +73,8 @@ IDLE_POLL = 5.0
 #: At most this many seconds from the start, records wait for the wall clock to be set and this
 #: run's records stamped before it to be restamped (agent/service/wallclock.py), so that a boot
 #: without an RTC does not send its first readings stamped 1970 while NTP has not answered yet.
-#: Meanwhile the endpoint is asked for its time (agent/sync/walltime.py), which sets it too.
+#: Meanwhile the endpoint is asked for its time (agent/sync/walltime.py), which sets it too; with
+#: that clock the seconds count from the first answer to an ask (nothing could leave before).
 WALL_HOLD = 120.0
 #: Pause after the endpoint says the device is not registered (4.04).
 NOT_REGISTERED_PAUSE = 60.0
@@ -276,6 +277,8 @@ class Uplink(RefusedRecords):
         #: learns the wall time from the endpoint's acks (agent/sync/walltime.py; None: not)
         self.endpoint_time: EndpointClock | None = None
         self._next_ask = -math.inf
+        self._answered_at: float | None = None  # the first answer to an ask (the hold counts)
+        self._wall_hold_unanswered = False
         self.on_exchange = on_exchange
         self.rng = rng or random.Random()
         self.policy = Policy(
@@ -336,7 +339,16 @@ class Uplink(RefusedRecords):
         settled = self.wall_settled
         if settled is None or settled.is_set():
             return None
-        if self.clock.monotonic() - self._started >= WALL_HOLD:
+        now = self.clock.monotonic()
+        since = self._started
+        if self.endpoint_time is not None:  # counted from the first answer to an ask
+            if self._answered_at is None:  # none yet: nothing could leave (agent/sync/walltime.py)
+                if now - since >= WALL_HOLD and not self._wall_hold_unanswered:
+                    self._wall_hold_unanswered = True
+                    log.info("event=uplink_wall_clock_hold_unanswered waited_s=%.0f", WALL_HOLD)
+                return settled
+            since = self._answered_at
+        if now - since >= WALL_HOLD:
             if not self._wall_hold_over:
                 self._wall_hold_over = True
                 log.warning("event=uplink_wall_clock_hold_over waited_s=%.0f", WALL_HOLD)
@@ -351,7 +363,11 @@ class Uplink(RefusedRecords):
             return
         self._next_ask = now + ASK_EVERY
         lane = self._free_lanes[-1]  # none is busy: nothing leaves while records wait
-        await ask_time(src, self.transport, self.endpoints.current, self.device_id, lane)
+        uri = self.endpoints.current
+        if await ask_time(src, self.transport, uri, self.device_id, lane) is None:
+            self.endpoints.failed(uri)  # no answer: the next ask goes to the next endpoint
+        elif self._answered_at is None:
+            self._answered_at = self.clock.monotonic()
 
     # -- main loop ---------------------------------------------------------------------------
     async def run(self) -> None:

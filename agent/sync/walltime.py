@@ -26,7 +26,11 @@ While the uplink holds records for the wall clock (agent/sync/uplink.py WALL_HOL
 batch, so no ack would come: it asks with :func:`ask_time` instead, an empty batch (valid, and
 answered with an empty ack, by every endpoint release), every :data:`ASK_EVERY` seconds until
 the time is learned or the hold is over. An endpoint that does not say its time (an older
-release, a gateway whose clock is not set) answers as before and the hold runs its course.
+release, a gateway whose clock is not set) answers as before and the hold runs its course. The
+hold's 120 s count from the first answer to an ask: while no endpoint answers (a modem that
+attaches minutes after boot, a network that comes up after the device) nothing could be sent
+anyway, and an answer that says the time then restamps every record of the run; an ask that
+gets no answer moves the uplink to the next endpoint, as a batch would.
 """
 
 from __future__ import annotations
@@ -132,10 +136,11 @@ class EndpointClock:
 
 async def ask_time(
     clock: EndpointClock, transport: CoapTransport, uri: str, device_id: str, lane: int
-) -> bool:
+) -> bool | None:
     """Send an empty batch to ``uri``'s ingest resource and learn the time its ack says (module
-    docstring). True if a sample was taken; a failure is logged at debug (the uplink's own
-    exchanges say what is wrong with the link) and changes nothing."""
+    docstring). True if a sample was taken, False if the endpoint answered without one, None if
+    no answer came; a failure is logged at debug (the uplink's own exchanges say what is wrong
+    with the link) and changes nothing."""
     sent = clock.monotonic()
     try:
         resp = await transport.request(
@@ -148,7 +153,7 @@ async def ask_time(
         )
     except SyncError as err:
         log.debug("event=time_ask_failed endpoint=%s error=%r", uri, str(err))
-        return False
+        return None
     received = clock.monotonic()
     if resp.code != CODE_CHANGED:
         log.debug("event=time_ask_failed endpoint=%s answer=%s", uri, resp.dotted)

@@ -16,12 +16,12 @@ from agent.service.wallclock import FLOOR, WallClockWatch
 from agent.store.queue import NewRecord
 from agent.sync import uplink as uplink_mod
 from agent.sync import walltime
-from agent.sync.transport import Response, code
+from agent.sync.transport import Endpoints, Response, code
 from agent.sync.walltime import EndpointClock
 from agent.wire.batch import WireRecord
 from agent.wire.records import Kind, TelemetryBody
 from drivers.clock import VirtualClock
-from tests.unit.sync.test_uplink_refusals import ScriptedEndpoint, make_uplink, open_store
+from tests.unit.sync.test_uplink_refusals import URI, ScriptedEndpoint, make_uplink, open_store
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,11 +58,15 @@ class TimedEndpoint(ScriptedEndpoint):
 
 
 def run(
-    tmp_path: Path, endpoint: TimedEndpoint, base: VirtualClock, seconds: float
+    tmp_path: Path,
+    endpoint: TimedEndpoint,
+    base: VirtualClock,
+    seconds: float,
+    uris: tuple[str, ...] = (),
 ) -> dict[int, tuple[float, WireRecord]]:
     """A reading every second for ``seconds`` while the uplink and the watch run on the clock
-    that learns from the endpoint: the endpoint's time when each was taken, and what it
-    stored."""
+    that learns from the endpoint (``uris``: the uplink's endpoint list, default one): the
+    endpoint's time when each was taken, and what it stored."""
     clock = EndpointClock(base)
     taken: dict[int, float] = {}
 
@@ -72,6 +76,8 @@ def run(
         uplink = make_uplink(store, endpoint, clock)  # type: ignore[arg-type]
         uplink.wall_settled = watch.settled
         uplink.endpoint_time = clock
+        if uris:
+            uplink.endpoints = Endpoints(uris, clock)
         tasks = [asyncio.create_task(uplink.run()), asyncio.create_task(watch.run())]
         for i in range(int(seconds)):
             body = TelemetryBody("motor", clock.time(), {"current_a": float(i)})
@@ -172,30 +178,91 @@ def test_an_endpoint_too_slow_to_tell_the_time_teaches_nothing(tmp_path: Path) -
     assert stored and max(stamped for _, stamped in times(stored)) < FLOOR
 
 
-def test_the_first_ack_after_the_hold_teaches_the_time_when_the_asks_got_no_answer(
-    tmp_path: Path,
-) -> None:
-    """The endpoint was unreachable while the records waited (the asks failed): the records
-    of the hold went as stamped, the first ack said the time, and the readings not yet handed
-    to the uplink were restamped; from then on every reading has the endpoint's time."""
-    base = VirtualClock(start_wall=BOOT, start_monotonic=START)
-    endpoint = TimedEndpoint(base)
-    hold_end = START + uplink_mod.WALL_HOLD
+def unreachable_until(endpoint: TimedEndpoint, base: VirtualClock, until: float) -> None:
+    """``endpoint`` gives no answer (a timeout) before the monotonic time ``until``."""
     inner = endpoint.request
 
-    async def unreachable_first(method: str, uri: str, payload: bytes = b"", **kw) -> Response:
-        if base.monotonic() < hold_end:
+    async def request(method: str, uri: str, payload: bytes = b"", **kw) -> Response:
+        if base.monotonic() < until:
             raise SyncError("timeout")
         return await inner(method, uri, payload, **kw)
 
-    endpoint.request = unreachable_first  # type: ignore[method-assign]
-    stored = run(tmp_path, endpoint, base, uplink_mod.WALL_HOLD + 60.0)
-    assert len(stored) == int(uplink_mod.WALL_HOLD + 60.0)
-    early = [stamped for said, stamped in times(stored) if said < NOW + 60.0]
-    assert early and max(early) < FLOOR  # handed out before the time was known: as stamped
-    late = [
-        (said, stamped)
-        for said, stamped in times(stored)
-        if said > NOW + uplink_mod.WALL_HOLD + 30.0
-    ]
-    assert late and all(abs(stamped - said) <= 1.0 for said, stamped in late)
+    endpoint.request = request  # type: ignore[method-assign]
+
+
+def test_an_endpoint_unreachable_past_the_hold_still_gives_every_reading_its_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The endpoint answers nothing for the first 180 s (a modem that attaches late). Before,
+    the hold ran out at 120 s, the records of the run were handed to the uplink (and failed),
+    and those went stamped 1970 once the link came up. Now the hold counts only once an ask
+    was answered: nothing could leave before anyway, the first answer says the time, and every
+    reading of the run is restamped with it."""
+    caplog.set_level(logging.INFO)
+    base = VirtualClock(start_wall=BOOT, start_monotonic=START)
+    endpoint = TimedEndpoint(base)
+    unreachable_until(endpoint, base, START + uplink_mod.WALL_HOLD + 60.0)
+    seconds = uplink_mod.WALL_HOLD + 120.0
+    stored = run(tmp_path, endpoint, base, seconds)
+    assert len(stored) == int(seconds)
+    for said, stamped in times(stored):
+        assert abs(stamped - said) <= 1.0, (said, stamped)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("event=uplink_wall_clock_hold_unanswered" in m for m in messages) == 1
+    assert not any("event=uplink_wall_clock_hold_over" in m for m in messages)
+
+
+def test_an_older_endpoint_unreachable_at_first_ends_the_hold_after_its_first_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint that does not say its time, unreachable for 180 s: the hold counts from its
+    first answer (NTP may answer now that the network is up), then ends: readings go as
+    stamped, none is lost."""
+    caplog.set_level(logging.INFO)
+    base = VirtualClock(start_wall=BOOT, start_monotonic=START)
+    endpoint = TimedEndpoint(base, say=None)
+    up = uplink_mod.WALL_HOLD + 60.0
+    unreachable_until(endpoint, base, START + up)
+    first = {}
+    inner = endpoint.request
+
+    async def request(method: str, uri: str, payload: bytes = b"", **kw) -> Response:
+        resp = await inner(method, uri, payload, **kw)
+        if payload != b"\x80":
+            first.setdefault("batch", base.monotonic())
+        return resp
+
+    endpoint.request = request  # type: ignore[method-assign]
+    seconds = up + uplink_mod.WALL_HOLD + 30.0
+    stored = run(tmp_path, endpoint, base, seconds)
+    assert len(stored) == int(seconds)
+    assert first["batch"] >= START + up + uplink_mod.WALL_HOLD  # held from the first answer
+    assert max(stamped for _, stamped in times(stored)) < FLOOR
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("event=uplink_wall_clock_hold_over" in m for m in messages)
+
+
+def test_an_ask_without_an_answer_moves_to_the_next_endpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two endpoints, the primary down for good: the asks go on to the fallback (as a batch
+    would) and the time comes from it, within the hold."""
+    caplog.set_level(logging.INFO)
+    base = VirtualClock(start_wall=BOOT, start_monotonic=START)
+    endpoint = TimedEndpoint(base)
+    dead = "coap://127.0.0.2:5683"
+    inner = endpoint.request
+    asked: list[str] = []
+
+    async def request(method: str, uri: str, payload: bytes = b"", **kw) -> Response:
+        asked.append(uri)
+        if uri.startswith(dead):
+            raise SyncError("timeout")
+        return await inner(method, uri, payload, **kw)
+
+    endpoint.request = request  # type: ignore[method-assign]
+    stored = run(tmp_path, endpoint, base, 60.0, uris=(dead, URI))
+    assert len(stored) == 60 and asked[0].startswith(dead)
+    for said, stamped in times(stored):
+        assert abs(stamped - said) <= 1.0, (said, stamped)
+    assert not any("event=uplink_wall_clock_hold" in r.getMessage() for r in caplog.records)
