@@ -225,6 +225,7 @@ class RecordForwarder:
         #: devices get it in theirs: agent/sync/walltime.py); ``devices``: whom to ask it as
         self.time_from, self.devices = time_from, devices
         self._next_ask = -math.inf  # time_from's monotonic clock: no ask before
+        self._asks = 0  # asks made: each asks as the next of its devices
         self.keep, self.wall = keep, wall  # forwarded records are dropped ``keep`` s after
         self.resolutions = Resolutions(data_dir)
         self.db = db
@@ -451,7 +452,8 @@ class RecordForwarder:
     async def _ask_time(self) -> None:
         """At the end of a pass, the gateway's clock neither set nor learned (nothing was
         forwarded, or the acks came too slowly to teach the time: a body of many Block1 blocks
-        on a slow uplink): one entry of an empty batch (one of its devices'), a single datagram,
+        on a slow uplink): one entry of an empty batch (of its devices in turn, so one the cloud
+        refuses, a device removed there, does not stop it), a single datagram,
         whose ack says the cloud's time; at most every ASK_EVERY s. A failure changes nothing
         (the passes say what is wrong with the uplink)."""
         names, clock = self.devices(), self.time_from
@@ -460,8 +462,10 @@ class RecordForwarder:
         if (now := clock.monotonic()) < self._next_ask:
             return
         self._next_ask = now + ASK_EVERY
+        name = names[self._asks % len(names)]  # in turn: the cloud may refuse one of them
+        self._asks += 1
         try:
-            await self._post([RelayEntry(names[0], CF_SENML_CBOR, EMPTY_BATCH)], ASK_DEADLINE)
+            await self._post([RelayEntry(name, CF_SENML_CBOR, EMPTY_BATCH)], ASK_DEADLINE)
         except SyncError as err:
             log.debug("event=time_ask_failed error=%r", str(err))
 
