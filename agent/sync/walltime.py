@@ -81,7 +81,10 @@ class EndpointClock:
 
     def time(self) -> float:
         wall = self.base.time()
-        if self.offset is None or wall >= self.floor:
+        if self.offset is None:
+            return wall
+        if wall >= self.floor:  # set (NTP): what was learned is of no use any more, and would
+            self.offset = None  # be wrong if the clock were ever stepped back below the floor
             return wall
         return wall + self.offset
 

@@ -66,6 +66,10 @@ def test_ntp_setting_the_system_clock_wins_and_nothing_more_is_learned() -> None
     assert clock.time() == base.time()
     assert not exchange(base, clock, rtt=0.2)  # the system clock is set: nothing to learn
     assert clock.time() == base.time()
+    # stepped back below the floor later (an operator, a bad NTP server): the offset learned
+    # before NTP, now wrong by the time since, is not applied again; the clock is unset
+    base.step_wall(BOOT - base.time())
+    assert clock.time() == base.time() < WALL_FLOOR and clock.wants_time
 
 
 def test_a_round_trip_too_long_to_tell_gives_no_time() -> None:
