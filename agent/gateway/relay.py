@@ -453,9 +453,9 @@ class RecordForwarder:
         """At the end of a pass, the gateway's clock neither set nor learned (nothing was
         forwarded, or the acks came too slowly to teach the time: a body of many Block1 blocks
         on a slow uplink): one entry of an empty batch (of its devices in turn, so one the cloud
-        refuses, a device removed there, does not stop it), a single datagram,
-        whose ack says the cloud's time; at most every ASK_EVERY s. A failure changes nothing
-        (the passes say what is wrong with the uplink)."""
+        refuses, a device removed there, does not stop it), a single datagram, whose ack says
+        the cloud's time; at most every ASK_EVERY s. A failure changes nothing (the passes say
+        what is wrong with the uplink)."""
         names, clock = self.devices(), self.time_from
         if clock is None or not clock.wants_time or not names:
             return
