@@ -13,15 +13,15 @@ import pytest
 
 from agent.errors import SyncError
 from agent.service.wallclock import FLOOR, WallClockWatch
-from agent.store.queue import NewRecord
 from agent.sync import uplink as uplink_mod
 from agent.sync import walltime
 from agent.sync.transport import Endpoints, Response, code
 from agent.sync.walltime import EndpointClock
 from agent.wire.batch import WireRecord
-from agent.wire.records import Kind, TelemetryBody
+from agent.wire.records import TelemetryBody
 from drivers.clock import VirtualClock
 from tests.unit.sync.test_uplink_refusals import URI, ScriptedEndpoint, make_uplink, open_store
+from tests.unit.sync.test_uplink_wall_clock import drive
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,18 +78,9 @@ def run(
         uplink.endpoint_time = clock
         if uris:
             uplink.endpoints = Endpoints(uris, clock)
-        tasks = [asyncio.create_task(uplink.run()), asyncio.create_task(watch.run())]
-        for i in range(int(seconds)):
-            body = TelemetryBody("motor", clock.time(), {"current_a": float(i)})
-            taken[i] = endpoint.time()
-            await store.put([NewRecord(Kind.TELEMETRY, body.to_cbor(), created=clock.time())])
-            uplink.poke()
-            await clock.sleep(1.0)
-        await clock.sleep(30.0)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await store.close()
+        await drive(
+            clock, store, uplink, watch, seconds, lambda i: taken.update({i: endpoint.time()})
+        )
 
     base.run(main())
     out = {}

@@ -5,13 +5,16 @@ virtual time with the real store, the real watch and the scripted endpoint."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.service.wallclock import FLOOR, WallClockWatch
-from agent.store.queue import NewRecord
+from agent.store.queue import NewRecord, Store
 from agent.sync import uplink as uplink_mod
+from agent.sync.uplink import Uplink
 from agent.wire.records import Kind, TelemetryBody
 from drivers.clock import VirtualClock
 from tests.unit.sync.test_uplink_refusals import ScriptedEndpoint, make_uplink, open_store
@@ -27,6 +30,30 @@ def reading(clock: VirtualClock, i: int) -> NewRecord:
     return NewRecord(Kind.TELEMETRY, body.to_cbor(), created=clock.time())
 
 
+async def drive(
+    clock: Any,
+    store: Store,
+    uplink: Uplink,
+    watch: WallClockWatch,
+    seconds: float,
+    before: Callable[[int], None] = lambda i: None,
+) -> None:
+    """The uplink and the watch running, a :func:`reading` every second for ``seconds``
+    (``before(i)`` called ahead of reading i), 30 s more to deliver; then both stopped and the
+    store closed."""
+    tasks = [asyncio.create_task(uplink.run()), asyncio.create_task(watch.run())]
+    for i in range(int(seconds)):
+        before(i)
+        await store.put([reading(clock, i)])
+        uplink.poke()
+        await clock.sleep(1.0)
+    await clock.sleep(30.0)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await store.close()
+
+
 def run(tmp_path: Path, ntp_after: float | None, seconds: float) -> list[float]:
     """Readings every second for ``seconds`` while the uplink and the watch run; NTP sets the
     clock after ``ntp_after`` s (None: never). The body times the endpoint stored."""
@@ -38,18 +65,12 @@ def run(tmp_path: Path, ntp_after: float | None, seconds: float) -> list[float]:
         watch = WallClockWatch(store, clock)
         uplink = make_uplink(store, endpoint, clock)
         uplink.wall_settled = watch.settled
-        tasks = [asyncio.create_task(uplink.run()), asyncio.create_task(watch.run())]
-        for i in range(int(seconds)):
+
+        def ntp(i: int) -> None:
             if ntp_after is not None and i == int(ntp_after):
                 clock.step_wall(NOW - clock.time())
-            await store.put([reading(clock, i)])
-            uplink.poke()
-            await clock.sleep(1.0)
-        await clock.sleep(30.0)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await store.close()
+
+        await drive(clock, store, uplink, watch, seconds, ntp)
 
     clock.run(main())
     return [TelemetryBody.from_cbor(bytes(r.body)).time for r in endpoint.stored.values()]
