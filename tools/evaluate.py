@@ -193,6 +193,14 @@ class Confusion:
         d = self.fn + self.tp
         return self.fn / d * 100 if d else math.nan
 
+    def scores(self) -> dict[str, float | None]:
+        """F1, FAR and MAR rounded as the JSON reports them (None where undefined)."""
+
+        def num(v: float, nd: int) -> float | None:
+            return None if math.isnan(v) else round(v, nd)
+
+        return {"f1": num(self.f1, 4), "far": num(self.far, 2), "mar": num(self.mar, 2)}
+
 
 def confusion(labels: np.ndarray, predicted: np.ndarray, skip: int = SKIP_ROWS) -> Confusion:
     """Point-wise confusion counts on rows ``skip`` and later."""
@@ -243,14 +251,7 @@ class Report:
 
     def summary(self) -> dict[str, Any]:
         t = self.total
-
-        def num(v: float, nd: int) -> float | None:
-            return None if math.isnan(v) else round(v, nd)
-
-        return {
-            "f1": num(t.f1, 4),
-            "far": num(t.far, 2),
-            "mar": num(t.mar, 2),
+        return t.scores() | {
             "files": len(self.scored),
             "rows": t.rows,
             "tp": t.tp,
@@ -589,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threshold_rule:
         paths = find_csv(args.data)
         rule = threshold_rule(args.data, make_at, paths)
-        extra["sweep"] = [_scores(r.total) | {"threshold": thr} for thr, r in rule.sweep]
+        extra["sweep"] = [r.total.scores() | {"threshold": thr} for thr, r in rule.sweep]
         if rule.threshold is None:
             print(f"no threshold of {THRESHOLDS[0]}..{THRESHOLDS[-1]} keeps FAR <= {FAR_CAP:g} %")
             _print_rule(extra)
@@ -638,13 +639,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _scores(t: Confusion) -> dict[str, float | None]:
-    def num(v: float, nd: int) -> float | None:
-        return None if math.isnan(v) else round(v, nd)
-
-    return {"f1": num(t.f1, 4), "far": num(t.far, 2), "mar": num(t.mar, 2)}
-
-
 def two_fold(
     data: Path, make_at: Callable[[float], DetectorFactory], paths: Sequence[Path]
 ) -> dict[str, Any]:
@@ -667,7 +661,7 @@ def two_fold(
         if rule.threshold is None:
             return {"thresholds": thresholds, "f1": None, "far": None, "mar": None}
         total = total + evaluate(data, make_at(rule.threshold), files=held).total
-    return _scores(total) | {"thresholds": thresholds, "rows": total.rows}
+    return total.scores() | {"thresholds": thresholds, "rows": total.rows}
 
 
 def _print_rule(extra: dict[str, Any]) -> None:
