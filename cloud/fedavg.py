@@ -48,17 +48,32 @@ The bench reports the held-out half on its own as well.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from agent.errors import AgentError
-from agent.wire.learning import QUANTILES, ModelUpdate, ScoreSummary
 
-#: The fleet threshold rule (module docstring): this quantile of the pooled normal scores ...
-THRESHOLD_QUANTILE = 0.9
-#: ... plus this margin (in the features' units).
-THRESHOLD_MARGIN = 0.65
+# The fleet threshold rule (module docstring): THRESHOLD_QUANTILE of the pooled normal scores
+# plus THRESHOLD_MARGIN (in the features' units); in agent.wire.learning, as devices apply it too
+from agent.wire.learning import (
+    QUANTILES,
+    THRESHOLD_MARGIN,
+    THRESHOLD_QUANTILE,
+    ModelUpdate,
+    Recall,
+    ScoreSummary,
+)
+
+#: The check (cloud/learning.py): a round's model is assigned only if, on the median device, it
+#: detects at least the incumbent's fraction of synthetic faults less this (a job's default,
+#: ``learn start --check-tolerance``). Measured by
+#: ``./tools/dev bench federated`` (seeds 1-10): honest rounds differ from the model before them
+#: by less than 0.01 on the median device; a round poisoned by one device of 26 by more than 0.02.
+CHECK_TOLERANCE = 0.02
 #: The most a summary's claimed count weighs in the pool (as ``max_samples`` caps FedAvg's
 #: weights: a device summarizes at most agent.learn.local.MAX_WINDOWS windows).
 MAX_SCORE_WEIGHT = 2048
@@ -100,6 +115,8 @@ def fedavg(
     total = np.zeros(m.size, dtype=np.float64)
     weight = 0
     for i, u in enumerate(updates):
+        if u.delta is None:
+            raise AggregationError(f"update {i}: no delta (a round that only checks)")
         d = np.asarray(u.delta)
         if d.shape != m.shape:
             raise AggregationError(f"update {i}: {d.size} weights, the masters have {m.size}")
@@ -196,3 +213,40 @@ def fleet_threshold(
     if not threshold > 0:
         raise AggregationError("the devices' normal scores are all 0: no threshold can be set")
     return threshold
+
+
+@dataclass(frozen=True)
+class Check:
+    """The outcome of a round's check: whether the masters may replace the incumbent, and the
+    medians over the devices that answered (``margin``: of the paired differences)."""
+
+    passed: bool
+    devices: int
+    masters: float
+    incumbent: float
+    margin: float
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "devices": self.devices,
+            "recall": round(self.masters, 4),
+            "recall_incumbent": round(self.incumbent, 4),
+            "margin": round(self.margin, 4),
+        }
+
+
+def check(recalls: Sequence[Recall], tolerance: float = CHECK_TOLERANCE) -> Check:
+    """Whether a round's masters detect, on the median device, at least as many synthetic faults
+    as the incumbent less ``tolerance`` (each device's two fractions are of the same faults, so
+    the median of the paired differences decides). A median: a minority of devices that lie
+    cannot pass a model the others find worse, nor fail one they find as good. No answers: not
+    passed."""
+    if not recalls:
+        return Check(False, 0, math.nan, math.nan, math.nan)
+    m = np.array([r.masters for r in recalls])
+    i = np.array([r.incumbent for r in recalls])
+    margin = float(np.median(m - i))
+    return Check(
+        margin >= -tolerance, len(recalls), float(np.median(m)), float(np.median(i)), margin
+    )

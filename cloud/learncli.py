@@ -46,6 +46,18 @@ def add_parser(sub: Any, open_storage: Any, signing_key: Any) -> None:
     q.add_argument("--mu", type=float, default=JobSpec.mu, help="FedProx proximal weight")
     q.add_argument("--clip", type=float, default=JobSpec.clip, help="L2 bound of an update")
     q.add_argument("--noise", type=float, default=JobSpec.noise, help="noise multiplier")
+    q.add_argument(
+        "--no-gate",
+        dest="gate",
+        action="store_false",
+        help="assign each round's model without the check (devices older than the check)",
+    )
+    q.add_argument(
+        "--check-tolerance",
+        type=float,
+        default=JobSpec.tolerance,
+        help="how much lower a model's median recall of synthetic faults may be and pass",
+    )
     q.add_argument("--key", help="signing key (default: DIR/models/signing.key)")
     q.add_argument("--tick", type=float, default=1.0, help=argparse.SUPPRESS)
     q.add_argument("--detach", action="store_true", help="record the job; run it with resume")
@@ -95,11 +107,31 @@ def _print(job: Job) -> None:
         + (f": {st.error}" if st.error else "")
     )
     for h in st.history:
-        print(
-            f"  round {h['round']}: {h['uploads']}/{h['selected']} uploads, "
-            f"{h['samples']} windows, threshold {h['threshold']:.4g}, version {h['version']}"
-            + (f", missing {','.join(h['missing'])}" if h["missing"] else "")
+        parts = _round_parts(h, spec.rounds, bool(st.incumbent))
+        print(f"  round {h['round']}: " + ", ".join(parts))
+
+
+def _round_parts(h: dict[str, Any], rounds: int, checked: bool) -> list[str]:
+    """What ``learn status`` says of one closed round (a history entry, cloud/learning.py)."""
+    parts = [f"{h['uploads']}/{h['selected']} uploads", f"{h['samples']} windows"]
+    check = h.get("check")
+    if check is not None:
+        verdict = "passed" if check["passed"] else "FAILED"
+        parts.append(
+            f"round {check['round']}'s model {verdict} the check (faults detected "
+            f"{check['recall']:.3f} against {check['recall_incumbent']:.3f} for the model the "
+            f"fleet runs, median margin {check['margin']:+.3f} over {check['devices']} devices)"
+            + ("" if check["passed"] else ": not assigned")
         )
+    if "version" in h:
+        parts.append(f"assigned {h['version']} (threshold {h['threshold']:.4g})")
+    if h.get("dropped"):
+        parts.append("trained from a model that failed the check: dropped")
+    elif checked and h["round"] <= rounds:
+        parts.append("its model checked by the next round")
+    if h["missing"]:
+        parts.append(f"missing {','.join(h['missing'])}")
+    return parts
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -143,6 +175,8 @@ def cmd_learn(args: argparse.Namespace) -> int:
                 mu=args.mu,
                 clip=args.clip,
                 noise=args.noise,
+                gate=args.gate,
+                tolerance=args.check_tolerance,
                 devices=tuple(d for d in (args.devices or "").split(",") if d),
             )
             job = coordinator.start(spec, _masters(args))

@@ -31,7 +31,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from agent.errors import AgentError, ModelError
 from agent.learn.autoencoder import DenseAutoencoder
 from agent.wire import records
 from agent.wire.learning import (
+    MAX_ROUND,
     LearningError,
     Masters,
     ModelUpdate,
@@ -49,7 +50,7 @@ from agent.wire.learning import (
     learn_key,
     parameter_count,
 )
-from agent.wire.statedoc import MODEL_NAME
+from agent.wire.statedoc import MAX_VALUE_BYTES, MODEL_NAME
 from cloud import tflitepatch
 from cloud.learnstore import JobRow
 from cloud.models import ModelRegistry
@@ -96,6 +97,12 @@ class JobSpec:
     clip: float = 0.3
     noise: float = 0.5
     devices: tuple[str, ...] = ()  # empty: every registered device
+    #: assign a round's model only if it passes the check (module docstring); False: every
+    #: round's model is assigned when the round closes (devices of releases before the check)
+    gate: bool = True
+    #: how much lower a model's median fraction of detected synthetic faults may be than the
+    #: incumbent's and still pass (cloud/fedavg.py CHECK_TOLERANCE)
+    tolerance: float = 0.02
 
     def check(self) -> None:
         if not MODEL_NAME.match(self.model) or not MODEL_NAME.match(self.base):
@@ -117,6 +124,29 @@ class JobSpec:
             raise JobError(f"the local recipe is out of range: {err}") from None
         if self.noise <= 0:
             raise JobError("noise must be > 0: updates leave devices only with noise added")
+        if not 0.0 <= self.tolerance <= 1.0:
+            raise JobError("the check's tolerance must be in [0, 1]")
+        if self.gate:  # the largest task of a checked job must fit a desired value
+            task = RoundTask(
+                2**32,
+                MAX_ROUND,
+                self.base,
+                "0" * 64,
+                2**40 - 1,
+                self.epochs,
+                self.lr,
+                self.mu,
+                self.clip,
+                self.noise,
+                check="0" * 64,
+            )
+            size = len(records.dumps(task.to_value()))
+            if size > MAX_VALUE_BYTES:
+                raise JobError(
+                    f"version {self.base!r}: a checked round's task would take {size} bytes, "
+                    f"more than a desired value's {MAX_VALUE_BYTES}: a shorter version name, "
+                    "or --no-gate"
+                )
 
 
 @dataclass
@@ -131,6 +161,13 @@ class JobState:
     deadline: float = 0.0
     masters: str = ""  # SHA-256 of the current masters (learn_blobs)
     version: str = ""  # the version assigned after the last closed round ("" before)
+    #: SHA-256 of the weights the fleet runs (the base's masters, then each model that passed
+    #: the check); "" for a job without the check (started before it, or gate off)
+    incumbent: str = ""
+    #: the round whose aggregate the masters are, while they wait for the check (0: none)
+    candidate: int = 0
+    #: that round's devices and samples, for the version's manifest
+    candidate_info: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
 
@@ -200,7 +237,7 @@ class Coordinator:
         doc = masters_of(masters, spec.model)
         sha = doc.sha256()
         self.storage.put_learn_blob(sha, doc.to_cbor())
-        st = JobState(masters=sha)
+        st = JobState(masters=sha, incumbent=sha if spec.gate else "")
         now = self.clock()
         job_id = self.storage.create_learn_job(
             spec.model, lambda n: Job(n, spec, st).to_cbor(), now
@@ -250,10 +287,12 @@ class Coordinator:
             return job
         now = self.clock()
         if not job.st.open:
-            if job.st.round >= job.spec.rounds:
-                job.st.state = "done"
-            else:
+            if job.st.round < job.spec.rounds or (
+                job.st.round == job.spec.rounds and job.st.candidate
+            ):  # a training round, or the round that checks the last one's model
                 self._open(job, job.st.round + 1, 0, now)
+            else:
+                job.st.state = "done"
             self._save(job)
             return self.job(job_id)
         received = set(self.storage.learn_update_devices(job.id, job.st.round))
@@ -306,17 +345,19 @@ class Coordinator:
         want = min(len(pool), max(spec.min_devices, math.ceil(spec.fraction * len(pool))))
         chosen = sorted(random.Random(f"{job.id}:{rnd}:{attempt}").sample(pool, want))
         deadline = now + spec.round_seconds
+        checked = bool(job.st.candidate)  # the masters wait for the check
         task = RoundTask(
             job.id,
             rnd,
             spec.base,
             job.st.masters,
             deadline,
-            spec.epochs,
+            0 if rnd > spec.rounds else spec.epochs,  # after the last round: only the check
             spec.lr,
             spec.mu,
             spec.clip,
             spec.noise,
+            check=job.st.incumbent if checked else None,
         )
         value = task.to_value()
         for device in chosen:
@@ -333,18 +374,18 @@ class Coordinator:
         )
 
     def _close(self, job: Job, now: float) -> None:
-        spec, rnd = job.spec, job.st.round
-        blob = self.storage.learn_blob(job.st.masters)
+        spec, rnd, st = job.spec, job.st.round, job.st
+        blob = self.storage.learn_blob(st.masters)
         if blob is None:
-            raise JobError(f"job {job.id}: the masters {job.st.masters[:12]} are missing")
-        masters = Masters.from_cbor(blob, job.st.masters)
+            raise JobError(f"job {job.id}: the masters {st.masters[:12]} are missing")
+        masters = Masters.from_cbor(blob, st.masters)
         count = parameter_count(masters.sizes)
         updates, refused, uploaded = [], [], set()
         for device, body in self.storage.learn_updates(job.id, rnd):
             uploaded.add(device)
             try:
                 u = ModelUpdate.from_cbor(body, count)
-                error = over_norm(u, spec)  # checked at upload too; kept for older rows
+                error = misfit(u, job)  # checked at upload too; kept for older rows
             except LearningError as err:  # stored only after these checks; kept for safety
                 error = str(err)
             if error:
@@ -355,45 +396,96 @@ class Coordinator:
                 continue
             updates.append(u)
         if not updates:
-            job.st.state, job.st.open, job.st.error = "failed", False, "no usable uploads"
+            st.state, st.open, st.error = "failed", False, "no usable uploads"
             return
         from cloud import fedavg  # numpy-heavy, only when a round closes
 
-        vector = fedavg.fedavg(masters.weights, updates, max_samples=MAX_SAMPLES_WEIGHT)
-        threshold = fedavg.fleet_threshold([u.scores for u in updates])
-        model = DenseAutoencoder.from_vector(vector, masters.sizes)
-        version = version_for(spec.base, job.id, rnd)
-        published = self._publish(spec, model, threshold, version, job.id, rnd, updates)
-        assignment = {"name": spec.model, "version": version, "sha256": published}
-        for device in self.eligible(spec):
-            self.storage.put_desired(device, {f"model/{spec.role}": assignment}, now)
-        new = masters_of(model, spec.model)
-        self.storage.put_learn_blob(new.sha256(), new.to_cbor())
-        job.st.history.append(
-            {
-                "round": rnd,
-                "attempts": job.st.attempt + 1,
-                "selected": len(job.st.selected),
-                "uploads": len(updates),
-                "refused": refused,
-                "missing": sorted(set(job.st.selected) - uploaded),
-                "samples": int(sum(u.samples for u in updates)),
-                "threshold": threshold,
-                "version": version,
-                "closed": now,
-            }
-        )
-        job.st.masters, job.st.version, job.st.open = new.sha256(), version, False
-        if rnd >= spec.rounds:
-            job.st.state = "done"
+        entry: dict[str, Any] = {
+            "round": rnd,
+            "attempts": st.attempt + 1,
+            "selected": len(st.selected),
+            "uploads": len(updates),
+            "refused": refused,
+            "missing": sorted(set(st.selected) - uploaded),
+            "samples": int(sum(u.samples for u in updates)),
+            "closed": now,
+        }
+        if st.candidate:  # this round's uploads checked the masters against the incumbent
+            recalls = [u.recall for u in updates if u.recall is not None]
+            result = fedavg.check(recalls, spec.tolerance)
+            entry["check"] = {"round": st.candidate, **result.to_value()}
+            if result.passed:
+                # the summaries are of these masters: the threshold is the model's own
+                threshold = fedavg.fleet_threshold([u.scores for u in updates])
+                version = version_for(spec.base, job.id, st.candidate)
+                model = DenseAutoencoder.from_vector(masters.weights, masters.sizes)
+                self._assign(spec, model, threshold, version, job.id, st.candidate_info, now)
+                entry["threshold"], entry["version"] = threshold, version
+                st.incumbent, st.version = st.masters, version
+            log.log(
+                logging.INFO if result.passed else logging.WARNING,
+                "event=learn_check job=%d round=%d model_of_round=%d passed=%s devices=%d "
+                "recall=%.4f recall_incumbent=%.4f margin=%.4f",
+                job.id,
+                rnd,
+                st.candidate,
+                result.passed,
+                result.devices,
+                result.masters,
+                result.incumbent,
+                result.margin,
+            )
+            st.candidate, st.candidate_info = 0, {}
+        if rnd <= spec.rounds:  # a training round (the one after the last only checks)
+            info = {"round": rnd, "devices": len(updates), "samples": entry["samples"]}
+            if st.incumbent and st.masters != st.incumbent:
+                # the check failed: the round trained from a model the fleet will not run; its
+                # aggregate is dropped and the next round starts again from the incumbent
+                entry["dropped"] = True
+                st.masters = st.incumbent
+            else:
+                vector = fedavg.fedavg(masters.weights, updates, max_samples=MAX_SAMPLES_WEIGHT)
+                model = DenseAutoencoder.from_vector(vector, masters.sizes)
+                new = masters_of(model, spec.model)
+                self.storage.put_learn_blob(new.sha256(), new.to_cbor())
+                if st.incumbent:  # checked by the next round before any device runs it
+                    st.candidate, st.candidate_info = rnd, info
+                else:  # no check: assigned now, its threshold from the round's summaries
+                    threshold = fedavg.fleet_threshold([u.scores for u in updates])
+                    version = version_for(spec.base, job.id, rnd)
+                    self._assign(spec, model, threshold, version, job.id, info, now)
+                    entry["threshold"], entry["version"] = threshold, version
+                    st.version = version
+                st.masters = new.sha256()
+        st.history.append(entry)
+        st.open = False
+        if rnd >= spec.rounds and not st.candidate:
+            st.state = "done"
         log.info(
-            "event=learn_round_closed job=%d round=%d uploads=%d version=%s threshold=%.4g",
+            "event=learn_round_closed job=%d round=%d uploads=%d version=%s threshold=%s",
             job.id,
             rnd,
             len(updates),
-            version,
-            threshold,
+            entry.get("version", "-"),
+            f"{entry['threshold']:.4g}" if "threshold" in entry else "-",
         )
+
+    def _assign(
+        self,
+        spec: JobSpec,
+        model: DenseAutoencoder,
+        threshold: float,
+        version: str,
+        job: int,
+        info: dict[str, int],
+        now: float,
+    ) -> None:
+        """Publish ``model`` as ``version`` (signed, its threshold in the manifest) and assign it
+        to every eligible device."""
+        published = self._publish(spec, model, threshold, version, job, info)
+        assignment = {"name": spec.model, "version": version, "sha256": published}
+        for device in self.eligible(spec):
+            self.storage.put_desired(device, {f"model/{spec.role}": assignment}, now)
 
     def _publish(
         self,
@@ -402,8 +494,7 @@ class Coordinator:
         threshold: float,
         version: str,
         job: int,
-        rnd: int,
-        updates: Sequence[ModelUpdate],
+        info: dict[str, int],
     ) -> str:
         if self.registry is None or self.key is None:
             raise JobError("closing a round needs the registry and the signing key")
@@ -419,9 +510,9 @@ class Coordinator:
         entry["threshold"] = {**dict(entry.get("threshold", {})), "value": round(threshold, 6)}
         entry["federated"] = {
             "job": job,
-            "round": rnd,
-            "devices": len(updates),
-            "samples": int(sum(u.samples for u in updates)),
+            "round": info.get("round", 0),
+            "devices": info.get("devices", 0),
+            "samples": info.get("samples", 0),
         }
         for stale in ("sha256", "size", "scores"):
             entry.pop(stale, None)
@@ -471,7 +562,7 @@ def accept_upload(storage: Storage, device: str, body: bytes, now: float) -> boo
         update = ModelUpdate.from_cbor(body, count)
     except LearningError as err:
         raise UploadRefused("4.00", str(err)) from None
-    refusal = over_norm(update, job.spec)
+    refusal = misfit(update, job)
     if refusal:
         raise UploadRefused("4.00", refusal)
     return storage.put_learn_update(job.id, head.round, device, body, now)
@@ -484,9 +575,24 @@ def norm_bound(clip: float, noise: float, parameters: int) -> float:
     return clip + noise * clip * (math.sqrt(parameters) + NORM_SLACK)
 
 
+def misfit(update: ModelUpdate, job: Job) -> str:
+    """Why ``update`` is not what the job's open round asked for: weights in a round that only
+    checks or none in a training round, no check in a checked round, or weights beyond
+    :func:`norm_bound` (:func:`over_norm`); "" if it is."""
+    if (update.delta is None) != (job.st.round > job.spec.rounds):
+        if update.delta is None:
+            return f"round {job.st.round} trains: the update has no weights"
+        return f"round {job.st.round} only checks: the update must carry no weights"
+    if job.st.candidate and update.recall is None:
+        return f"round {job.st.round} checks the masters: the update has no recall"
+    return over_norm(update, job.spec)
+
+
 def over_norm(update: ModelUpdate, spec: JobSpec) -> str:
     """Why ``update`` cannot come from a device that followed the round (its norm is beyond
     :func:`norm_bound`); "" if it can."""
+    if update.delta is None:
+        return ""
     delta = np.asarray(update.delta, dtype=np.float64)
     bound = norm_bound(spec.clip, spec.noise, delta.size)
     norm = float(np.linalg.norm(delta))

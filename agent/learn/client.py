@@ -4,13 +4,17 @@ The endpoint selects a device by writing the desired value ``learn/<model>``
 (agent.wire.learning.RoundTask); :meth:`LearningClient.apply` takes it (StateSync calls it like
 any desired key) and :meth:`LearningClient.run` does the round:
 
-1. the masters ``GET /learn/masters/<sha256>``, checked against the SHA-256 the task names;
-2. training on the device's own normal windows: the model inputs of the rows the detector judged
-   normal, the most recent ``[learn] windows`` of them (:class:`WindowRing`, fed by
-   ``Detector.normal_sink``), in a separate process (agent/learn/worker.py) at nice 19 with a
-   bounded address space, paused (SIGSTOP) while the agent's event loop runs late by more than
-   ``max_lag_ms`` and killed at the round's deadline: a round never holds up sampling or
-   detection;
+1. the masters ``GET /learn/masters/<sha256>``, checked against the SHA-256 the task names (in
+   a checked round also the incumbent's weights, by the SHA-256 ``check`` names);
+2. the check, when the task asks for one (the fraction of synthetic faults the masters and the
+   incumbent each detect, agent.learn.local.fault_recall), then training on the device's own
+   normal windows: the model inputs of the rows the detector judged normal, the most recent
+   ``[learn] windows`` of them (:class:`WindowRing`, fed by ``Detector.normal_sink``), in a
+   separate process (agent/learn/worker.py) at nice 19 with a bounded address space, paused
+   (SIGSTOP) while the agent's event loop runs late by more than ``max_lag_ms`` and killed at
+   the round's deadline: a round never holds up sampling or detection; a task with ``epochs`` 0
+   only checks: nothing trained, nothing charged to the privacy ledger, the upload carries the
+   summary and the check and no weights;
 3. the upload ``POST /learn/<device>`` over the same CoAP transport and OSCORE context as
    everything else, only while the link is not offline, retried until the deadline.
 
@@ -456,6 +460,10 @@ class LearningClient:
         out = self.data_dir / f"{_round_name(task)}.cbor"
         keep = {_round_name(t) for t, _ in self._rounds.values()} | {_round_name(task)}
         await asyncio.to_thread(_drop_other_updates, self.data_dir, keep)
+        if task.evaluate:  # only checks: no weights leave, nothing is charged
+            if await asyncio.to_thread(_trained, out, task) or await self._train(model, task, out):
+                await self._upload(model, task, out)
+            return
         try:
             self.ledger.check(task.job, task.round, task.noise)  # before any training
         except BudgetExceeded as err:
@@ -493,9 +501,17 @@ class LearningClient:
                 return False
             self._waiting(model, task, "windows", windows=len(self.ring))
             await self.clock.sleep(WAIT_WINDOWS)
-        masters = await self._masters(model, task)
+        masters = await self._masters(model, task, task.masters)
         if masters is None:
             return False
+        incumbent = None
+        if task.check is not None:
+            incumbent = await self._masters(model, task, task.check)
+            if incumbent is None:
+                return False
+            if incumbent.sizes != masters.sizes:
+                self._set(model, task, "failed", error="the incumbent does not fit the masters")
+                return False
         shape = self.window_shape()
         windows = self.ring.snapshot()
         if len(windows) < self.settings.min_windows:  # the ring started again meanwhile
@@ -517,6 +533,7 @@ class LearningClient:
                 windows.reshape(len(windows), *shape),
                 task.to_value(),
                 secrets.randbits(63),
+                None if incumbent is None else incumbent.weights,
             )
         )
         try:
@@ -534,24 +551,27 @@ class LearningClient:
             self._set(model, task, "expired" if self._expired(task) else "failed")
         return ok
 
-    async def _masters(self, model: str, task: RoundTask) -> Masters | None:
-        """The round's masters, asked for until the deadline; while they do not come, the round
-        is reported ``waiting`` with the reason (the endpoint's answer, the link offline)."""
+    async def _masters(self, model: str, task: RoundTask, sha256: str) -> Masters | None:
+        """The weights whose SHA-256 the task names (the round's masters, or the incumbent a
+        checked round compares them with), asked for until the deadline; while they do not
+        come, the round is reported ``waiting`` with the reason (the endpoint's answer, the link
+        offline)."""
+        what = "masters" if sha256 == task.masters else "incumbent"
         while not self._expired(task):
-            why = "masters: the link is offline"
+            why = f"{what}: the link is offline"
             if self.link_state() != "offline":
-                uri = f"{self.endpoints.current}/learn/masters/{task.masters}"
+                uri = f"{self.endpoints.current}/learn/masters/{sha256}"
                 try:
                     resp = await self.transport.request(
                         "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane
                     )
                     if resp.success:
-                        return Masters.from_cbor(resp.payload, task.masters)
-                    why = f"masters: the endpoint answered {resp.dotted}"
+                        return Masters.from_cbor(resp.payload, sha256)
+                    why = f"{what}: the endpoint answered {resp.dotted}"
                     level = logging.WARNING if self._reason(model) != why else logging.DEBUG
                     log.log(level, "event=learn_masters_refused code=%s", resp.dotted)
                 except SyncError as err:
-                    why = f"masters: {err}"[:120]
+                    why = f"{what}: {err}"[:120]
                     log.info("event=learn_masters_failed error=%r", str(err))
                 except LearningError as err:
                     self._set(model, task, "failed", error=str(err)[:120])

@@ -31,8 +31,15 @@
    trained on (FedAvg's weight). The noise is the device's: a device seeds ``rng`` from OS
    entropy (``numpy.random.default_rng()``), tests and the bench from a fixed seed.
 
-There is no device-side threshold rule: the endpoint sets one fleet threshold from the devices'
-summaries (``cloud.fedavg.fleet_threshold``) and ships it with the model.
+5. **Check** (a task that names an incumbent, ``task.check``): :func:`fault_recall` of the
+   masters and of the incumbent on the same synthetic faults made from the held-out windows,
+   reported as ``recall``. The endpoint assigns a round's model to the fleet only if, on the
+   median device, it detects as many of them as the model the fleet runs (cloud/learning.py).
+   A task with ``epochs`` 0 only checks: no training, no delta, nothing charged to privacy.
+
+The endpoint sets one fleet threshold from the devices' summaries (``cloud.fedavg.
+fleet_threshold``) and ships it with the model; a device applies the same rule to its own scores
+only to count the faults a model detects in the check.
 """
 
 from __future__ import annotations
@@ -45,7 +52,14 @@ from agent.detect.detector import anomaly_scores, newest_residuals
 from agent.detect.features import CHANNELS
 from agent.learn.autoencoder import BATCH_SIZE, DenseAutoencoder, TrainResult
 from agent.learn.privacy import clip_update, privatize
-from agent.wire.learning import ModelUpdate, RoundTask, ScoreSummary
+from agent.wire.learning import (
+    THRESHOLD_MARGIN,
+    THRESHOLD_QUANTILE,
+    ModelUpdate,
+    Recall,
+    RoundTask,
+    ScoreSummary,
+)
 
 #: Most windows one round trains on (the newest): 2048 windows of 32 float32 are 256 KiB, and an
 #: epoch of the 2404-weight autoencoder over them is a few milliseconds of numpy on a Pi.
@@ -61,6 +75,9 @@ CORRUPT_MAX = 10.0
 BLOCK_ROWS = 1 << 16
 #: Model inputs are clipped to +-this (FeatureSpec.clip): so are the corrupted ones.
 INPUT_CLIP = 8.0
+#: The check's synthetic faults: this many corrupted copies of each held-out window, every one
+#: with one channel shifted (as :func:`corrupt`, all rows hit).
+FAULT_COPIES = 4
 
 
 def _check_windows(
@@ -121,14 +138,18 @@ def score_summary(
 
 
 def corrupt(
-    clean: np.ndarray, rng: np.random.Generator, channels: int, clip: float = INPUT_CLIP
+    clean: np.ndarray,
+    rng: np.random.Generator,
+    channels: int,
+    clip: float = INPUT_CLIP,
+    p: float = CORRUPT_P,
 ) -> np.ndarray:
-    """Denoising inputs: in a fraction :data:`CORRUPT_P` of the flat windows ``clean`` (rows of
+    """Denoising inputs: in a fraction ``p`` of the flat windows ``clean`` (rows of
     ``steps * channels``), one channel shifted by a log-uniform offset over all its steps."""
     x = np.array(clean, copy=True)
     n = len(x)
     steps = x.shape[1] // channels
-    hit = rng.random(n) < CORRUPT_P
+    hit = rng.random(n) < p
     ch = rng.integers(0, channels, n)
     mag = np.exp(rng.uniform(0.0, np.log(CORRUPT_MAX), n)) * rng.choice([-1.0, 1.0], n)
     rows = np.nonzero(hit)[0]
@@ -184,6 +205,37 @@ def train_local(
     return TrainResult(current, len(clean), tuple(losses))
 
 
+def fault_recall(
+    models: tuple[DenseAutoencoder, ...],
+    held: np.ndarray,
+    rng: np.random.Generator,
+    channels: int = len(CHANNELS),
+    copies: int = FAULT_COPIES,
+) -> tuple[float, ...]:
+    """For each of ``models``, the fraction of synthetic faults it detects: ``copies`` copies of
+    the held-out windows ``held``, each with one channel shifted by 1 to 10 of the features'
+    units over the whole window (:func:`corrupt`; the same faults for every model), scored as
+    the detector scores a row, counted above the model's threshold by the fleet rule applied to
+    its scores of ``held`` itself (the 0.9 quantile plus the margin).
+
+    A model that copies a shifted channel through to its output (what a denoising autoencoder
+    is trained not to do, and what a poisoned update can teach it) scores those faults low and
+    detects fewer; a model whose normal scores are high (noise) gets a high threshold and
+    detects fewer too."""
+    w = _check_windows(held, models[0], channels)
+    if len(w) == 0:
+        return tuple(0.0 for _ in models)
+    flat = w.reshape(len(w), -1)
+    faults = np.concatenate([corrupt(flat, rng, w.shape[2], p=1.0) for _ in range(copies)])
+    faults = faults.reshape(-1, *w.shape[1:])
+    out = []
+    for model in models:
+        normal = window_scores(model, w)
+        threshold = float(np.quantile(normal, THRESHOLD_QUANTILE)) + THRESHOLD_MARGIN
+        out.append(float(np.mean(window_scores(model, faults) > threshold)))
+    return tuple(out)
+
+
 def local_update(
     masters: DenseAutoencoder,
     windows: np.ndarray,
@@ -195,18 +247,28 @@ def local_update(
     denoise: bool = True,
     batch_size: int = BATCH_SIZE,
     channels: int = len(CHANNELS),
+    incumbent: DenseAutoencoder | None = None,
 ) -> ModelUpdate:
     """The device's upload for ``task``: the score summary of ``masters`` on its held-out
-    windows, then training on the others, clipping and noise (module docstring), from its newest
+    windows, the check against ``incumbent`` when the task names one, then (unless the task
+    only checks) training on the others, clipping and noise (module docstring), from its newest
     ``max_windows`` normal windows.
 
-    Raises ValueError on windows of the wrong shape or none at all (nothing to upload).
+    Raises ValueError on windows of the wrong shape or none at all (nothing to upload), and on a
+    checked task without the incumbent's weights.
     """
     w = recent(_check_windows(windows, masters, channels), max_windows)
     if len(w) == 0:
         raise ValueError("no normal windows to train on: this device has nothing to upload")
+    if (task.check is None) != (incumbent is None):
+        raise ValueError("the incumbent's weights go with a task that checks, and only with one")
     train, held = split(w, holdout)
     summary = score_summary(masters, held)
+    recall = None
+    if incumbent is not None:
+        recall = Recall(*fault_recall((masters, incumbent), held, rng, channels))
+    if task.evaluate:
+        return ModelUpdate(task.job, task.round, len(w), None, summary, 0.0, recall)
     start = masters.astype(np.float32)  # a device trains in float32
     trained = train_local(
         start,
@@ -230,4 +292,5 @@ def local_update(
         delta=delta.astype(np.float32),
         scores=summary,
         loss=max(0.0, float(trained.epoch_losses[-1])),
+        recall=recall,
     )

@@ -3,7 +3,7 @@
 The agent never trains in its own process: numpy's training loop would hold the GIL between
 minibatches and delay the event loop that samples and scores. :class:`agent.learn.client.
 LearningClient` writes the job (an ``.npz``: masters, layer widths, windows, the round task as
-JSON, a seed drawn from OS entropy) and starts this module, which
+CBOR, a seed drawn from OS entropy) and starts this module, which
 
 - lowers its own priority to nice 19 (it runs when the agent does not need the CPU),
 - limits its address space to ``--memory-mb`` (a job that would need more fails, the agent
@@ -19,12 +19,11 @@ Exit status: 0 written, 65 (EX_DATAERR) the job does not decode or has nothing t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from agent.files import loads_json
+from agent.wire.records import dumps, loads
 
 EX_DATAERR, EX_SOFTWARE = 65, 70
 
@@ -44,18 +43,26 @@ def _limit(memory_mb: int) -> None:
 
 
 def write_job(
-    path: Path, masters: object, sizes: tuple[int, ...], windows: object, task: dict, seed: int
+    path: Path,
+    masters: object,
+    sizes: tuple[int, ...],
+    windows: object,
+    task: dict,
+    seed: int,
+    incumbent: object = None,
 ) -> None:
-    """The job file the worker reads (numpy arrays, no pickle)."""
+    """The job file the worker reads (numpy arrays, no pickle); ``incumbent``: the weights a
+    checked round compares the masters with (same widths), None when it checks nothing."""
     import numpy as np
 
     with open(path, "wb") as f:
         np.savez(
             f,
             masters=np.asarray(masters, dtype=np.float32),
+            incumbent=np.asarray([] if incumbent is None else incumbent, dtype=np.float32),
             sizes=np.asarray(sizes, dtype=np.int64),
             windows=np.asarray(windows, dtype=np.float32),
-            task=np.frombuffer(json.dumps(task).encode(), dtype=np.uint8),
+            task=np.frombuffer(dumps(task), dtype=np.uint8),
             seed=np.asarray([seed], dtype=np.uint64),
         )
 
@@ -71,10 +78,13 @@ def run(job: Path, out: Path) -> int:
         with np.load(job, allow_pickle=False) as z:
             sizes = tuple(int(v) for v in z["sizes"])
             masters = DenseAutoencoder.from_vector(z["masters"].astype(np.float32), sizes)
+            raw = z["incumbent"].astype(np.float32)
+            incumbent = DenseAutoencoder.from_vector(raw, sizes) if raw.size else None
             windows = z["windows"].astype(np.float32)
-            task = RoundTask.from_value(loads_json(bytes(z["task"])))
+            task = RoundTask.from_value(loads(bytes(z["task"]), max_depth=2))
             seed = int(z["seed"][0])
-        update = local_update(masters, windows, task, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        update = local_update(masters, windows, task, rng, incumbent=incumbent)
     except (OSError, ValueError, KeyError, LearningError) as err:
         print(f"learn worker: {err}", file=sys.stderr)
         return EX_DATAERR

@@ -2,14 +2,19 @@
 
 - :class:`RoundTask`: the endpoint's desired value ``learn/<model>`` for a selected device: which
   job and round, the model version the round starts from, the SHA-256 of the round's master
-  weights, the deadline and the local training recipe. It fits a desired value
-  (statedoc.MAX_VALUE_BYTES).
+  weights, the deadline and the local training recipe; in a checked round also ``check``, the
+  SHA-256 of the weights the fleet runs (the incumbent), which the device compares the masters
+  with on its own held-out windows (``epochs`` 0: a round that only checks, nothing is
+  trained). It fits a desired value (statedoc.MAX_VALUE_BYTES).
 - :class:`Masters`: the round's global float weights (``GET /learn/masters/<sha256>``),
   content-addressed: the device checks the SHA-256 its task names before it trains on them.
 - :class:`ModelUpdate`: a device's upload (``POST /learn/<device>``): its privatized weight
   update (float16, the order of agent.learn.autoencoder ``to_vector``), how many windows it
   trained on, and a :class:`ScoreSummary` of its anomaly scores on its own normal windows (for the
-  federated threshold: a few quantiles and two moments, never the scores).
+  federated threshold: a few quantiles and two moments, never the scores); in a checked round
+  also ``recall``, the fraction of synthetic faults the masters and the incumbent each detect
+  on the device's held-out windows (agent.learn.local.fault_recall); in a round that only
+  checks, no delta.
 
 Everything is deterministic CBOR (records.dumps) and decoded strictly: a size limit before
 decoding, shapes, ranges and finiteness checked per field, every problem a
@@ -49,6 +54,11 @@ MAX_EPOCHS = 100
 MAX_SAMPLES = 1 << 31
 #: Each weight of an update must lie within this (float16's range is 65504).
 MAX_DELTA = 6.0e4
+#: The fleet threshold rule (cloud/fedavg.py says how it was chosen): this quantile of the pooled
+#: normal scores plus this margin, in the features' units. A device applies the same rule to its
+#: own held-out scores when it counts the synthetic faults a model detects (the check).
+THRESHOLD_QUANTILE = 0.9
+THRESHOLD_MARGIN = 0.65
 
 
 class LearningError(AgentError, ValueError):
@@ -115,9 +125,18 @@ class RoundTask:
     mu: float  # FedProx proximal weight
     clip: float  # L2 bound of the update
     noise: float  # noise multiplier: std of the Gaussian noise is noise * clip
+    #: SHA-256 (hex) of the incumbent's Masters document: the device reports how the masters
+    #: and the incumbent detect synthetic faults (a byte string on the wire: the task must fit a
+    #: desired value). None: nothing to check.
+    check: str | None = None
+
+    @property
+    def evaluate(self) -> bool:
+        """A round that only checks (``epochs`` 0): nothing is trained, no weights leave."""
+        return self.epochs == 0
 
     def to_value(self) -> dict[str, Any]:
-        return {
+        value = {
             "job": self.job,
             "round": self.round,
             "base": self.base,
@@ -129,6 +148,9 @@ class RoundTask:
             "clip": self.clip,
             "noise": self.noise,
         }
+        if self.check is not None:
+            value["check"] = bytes.fromhex(self.check)
+        return value
 
     @classmethod
     def from_value(cls, value: Any) -> Self:
@@ -136,18 +158,24 @@ class RoundTask:
             value,
             "round task",
             ("job", "round", "base", "masters", "deadline", "epochs", "lr", "mu", "clip", "noise"),
+            ("check",),
         )
+        check = d.get("check")
+        if check is not None and (not isinstance(check, bytes) or len(check) != 32):
+            raise LearningError("check: the incumbent's SHA-256 (32 bytes) is required")
+        epochs = _int(d, "epochs", 0 if check is not None else 1, MAX_EPOCHS)
         return cls(
             job=_int(d, "job", 1, 2**62),
             round=_int(d, "round", 1, MAX_ROUND),
             base=_text(d, "base", MODEL_NAME),
             masters=_text(d, "masters", SHA256_HEX),
             deadline=float(_int(d, "deadline", 0, 2**40)),
-            epochs=_int(d, "epochs", 1, MAX_EPOCHS),
+            epochs=epochs,
             lr=_num(d, "lr", 1e-6, 1.0),
             mu=_num(d, "mu", 0.0, 100.0),
             clip=_num(d, "clip", 1e-6, 1e3),
             noise=_num(d, "noise", 0.0, 1e3),
+            check=None if check is None else check.hex(),
         )
 
 
@@ -252,29 +280,55 @@ class ScoreSummary:
         )
 
 
+@dataclass(frozen=True)
+class Recall:
+    """A device's check (a round whose task names an incumbent): the fraction of synthetic
+    faults on its held-out windows that the round's masters and the incumbent each detect."""
+
+    masters: float
+    incumbent: float
+
+    def to_value(self) -> list[float]:
+        return [float(self.masters), float(self.incumbent)]
+
+    @classmethod
+    def from_value(cls, value: Any) -> Self:
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            or not all(0.0 <= v <= 1.0 for v in value)
+        ):
+            raise LearningError("recall: two fractions in [0, 1] are required")
+        return cls(float(value[0]), float(value[1]))
+
+
 @dataclass(frozen=True, eq=False)
 class ModelUpdate:
-    """A device's upload for one round."""
+    """A device's upload for one round (``delta`` None: a round that only checks)."""
 
     job: int
     round: int
     samples: int
-    delta: np.ndarray  # the privatized update, float32 in memory, float16 on the wire
+    delta: np.ndarray | None  # the privatized update, float32 in memory, float16 on the wire
     scores: ScoreSummary
     loss: float  # the local objective after training (mean over the last epoch)
+    recall: Recall | None = None  # a checked round's answer
 
     def to_cbor(self) -> bytes:
-        delta = np.asarray(self.delta, dtype=np.float32)
-        return dumps(
-            {
-                "job": self.job,
-                "round": self.round,
-                "samples": self.samples,
-                "delta": np.clip(delta, -MAX_DELTA, MAX_DELTA).astype("<f2").tobytes(),
-                "scores": self.scores.to_value(),
-                "loss": float(self.loss),
-            }
-        )
+        value: dict[str, Any] = {
+            "job": self.job,
+            "round": self.round,
+            "samples": self.samples,
+            "scores": self.scores.to_value(),
+            "loss": float(self.loss),
+        }
+        if self.delta is not None:
+            delta = np.asarray(self.delta, dtype=np.float32)
+            value["delta"] = np.clip(delta, -MAX_DELTA, MAX_DELTA).astype("<f2").tobytes()
+        if self.recall is not None:
+            value["recall"] = self.recall.to_value()
+        return dumps(value)
 
     @classmethod
     def from_cbor(cls, data: bytes, parameters: int | None = None) -> Self:
@@ -282,16 +336,23 @@ class ModelUpdate:
         d = _map(
             _decode(data, MAX_BODY_BYTES, "update"),
             "update",
-            ("job", "round", "samples", "delta", "scores", "loss"),
+            ("job", "round", "samples", "scores", "loss"),
+            ("delta", "recall"),
         )
-        raw = d["delta"]
-        if not isinstance(raw, bytes) or not 2 <= len(raw) <= 2 * MAX_PARAMETERS or len(raw) % 2:
-            raise LearningError("update: delta must be float16 bytes")
-        delta = np.frombuffer(raw, dtype="<f2").astype(np.float32)
-        if parameters is not None and delta.size != parameters:
-            raise LearningError(f"update: {delta.size} weights, the model has {parameters}")
-        if not np.all(np.isfinite(delta)):
-            raise LearningError("update: delta must be finite")
+        delta = None
+        if "delta" in d:
+            raw = d["delta"]
+            size = len(raw) if isinstance(raw, bytes) else 0
+            if not 2 <= size <= 2 * MAX_PARAMETERS or size % 2:
+                raise LearningError("update: delta must be float16 bytes")
+            delta = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+            if parameters is not None and delta.size != parameters:
+                raise LearningError(f"update: {delta.size} weights, the model has {parameters}")
+            if not np.all(np.isfinite(delta)):
+                raise LearningError("update: delta must be finite")
+        recall = Recall.from_value(d["recall"]) if "recall" in d else None
+        if delta is None and recall is None:
+            raise LearningError("update: neither a delta nor a check")
         return cls(
             job=_int(d, "job", 1, 2**62),
             round=_int(d, "round", 1, MAX_ROUND),
@@ -299,4 +360,5 @@ class ModelUpdate:
             delta=delta,
             scores=ScoreSummary.from_value(d["scores"]),
             loss=_num(d, "loss", 0.0, 1e9),
+            recall=recall,
         )

@@ -2,9 +2,15 @@
 the simulated rig (``edge-agent run``), and the coordinator (``edge-agent-cloud learn start``).
 
 One device is SIGKILLed as the first round opens: that round closes at its deadline with the two
-others (its quorum), the device comes back, and the next rounds take all three. Every round
-publishes a signed int8 version that every device installs; detection never stops (each agent's
-detector keeps scoring rows through all rounds).
+others (its quorum), the device comes back, and the next rounds take all three. Each round's
+model is checked by the devices in the next round (a fourth round after the last only checks)
+and, having passed, published as a signed int8 version that every device installs; detection
+never stops (each agent's detector keeps scoring rows through all rounds).
+
+The job runs with a smaller noise multiplier (:data:`NOISE`) and a wider check tolerance
+(:data:`TOLERANCE`) than the defaults: with three devices, the default recipe's noise (0.5, for
+fleets of tens) makes a model that the check fails now and then, which
+tests/unit/cloud/test_learning_check.py covers; here every round's model must pass.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ DEVICES = ("pump-a", "pump-b", "pump-c")
 KILLED = "pump-c"
 ROUNDS = 3
 DEADLINE = 15  # seconds a round stays open (round 1 waits it out: a device is killed)
+NOISE = 0.2  # the job's noise multiplier: epsilon 79 over three rounds, within the budget
+TOLERANCE = 0.1  # the job's check tolerance (module docstring)
 TIME_SCALE = 5  # the simulated rig runs 5x real time: a row of the detector every 0.2 s
 
 
@@ -190,6 +198,10 @@ async def test_three_rounds_with_a_device_killed_mid_round(tmp_path: Path) -> No
             str(DEADLINE),
             "--epochs",
             "2",
+            "--noise",
+            str(NOISE),
+            "--check-tolerance",
+            str(TOLERANCE),
             "--tick",
             "0.5",
             cwd=ROOT,
@@ -212,19 +224,22 @@ async def test_three_rounds_with_a_device_killed_mid_round(tmp_path: Path) -> No
         assert learn.returncode == 0, text
         job = _job(tmp_path)
         assert job is not None and job.st.state == "done", text
-        assert [h["round"] for h in job.st.history] == [1, 2, 3]
+        history = job.st.history
+        assert [h["round"] for h in history] == [1, 2, 3, 4], text  # 4: only the check
+        assert [h.get("check", {}).get("passed") for h in history] == [None, True, True, True]
+        assert [h.get("version") for h in history] == [None, *(f"1.0.0+fl1.{r}" for r in (1, 2, 3))]
         final = job.st.version
-        assert final == "1.0.0+fl1.3"
+        assert final == "1.0.0+fl1.3", text
         # the new model reaches every device, which reports it active
         s = SQLiteStorage(data / "cloud.sqlite3")
         took_part: set[str] = set()
         try:
-            for rnd in (1, 2, 3):
+            for rnd in (1, 2, 3, 4):
                 for device, body in s.learn_updates(job.id, rnd):
                     u = ModelUpdate.from_cbor(body, 2404)  # only what the format can carry
-                    assert (u.job, u.round) == (job.id, rnd) and u.samples >= 16, (
-                        device
-                    )  # windows less the held-out
+                    assert (u.job, u.round) == (job.id, rnd) and u.samples >= 16, device
+                    # weights in the training rounds, none in the check; a check after round 1
+                    assert (u.delta is None) == (rnd == 4) and (u.recall is None) == (rnd == 1)
                     took_part.add(device)
         finally:
             s.close()

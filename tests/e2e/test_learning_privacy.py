@@ -1,7 +1,7 @@
 """No reading and no model input window leaves a device in a training exchange (docs/learning.md,
 "Privacy"), with real processes: the endpoint (``edge-agent-cloud serve --insecure``), two agents
 on the simulated rig (``edge-agent run --simulate pump``, ``[uplink] security = "none"``) and one
-job of one round (``edge-agent-cloud learn start``). Plain CoAP, so that every byte on the wire can
+job of one round and the round that checks its model (``edge-agent-cloud learn start``). Plain CoAP, so that every byte on the wire can
 be read: both agents talk to the endpoint through the capturing relay of
 tests/e2e/test_data_policy.py, which keeps every datagram.
 
@@ -12,9 +12,11 @@ answers and ``POST /learn/<device>`` (Block1) with its answers, and nothing else
 ``/learn``. The test checks:
 
 - each upload, reassembled, is what the endpoint stored, decodes strictly as a ``ModelUpdate`` of
-  the model's parameter count, and its CBOR map has exactly the format's six keys; the masters,
-  reassembled, are the document built from the shipped float weights alone
-  (``models/cloud/skab-ae.float32.tflite``), before any device took part; every block is its
+  the model's parameter count, and its CBOR map has exactly the format's six keys (the check's
+  upload: its six, two fractions in place of the delta); the masters of round 1, reassembled,
+  are the document built from the shipped float weights alone
+  (``models/cloud/skab-ae.float32.tflite``), before any device took part, and the check fetches
+  those and the round's model, which the endpoint stored; every block is its
   body's bytes at the block's position, and a training datagram holds no CoAP option but its
   path, content format, Block1/Block2 and Size1/Size2;
 - no training datagram, request or answer, any block, holds a value either device measured or
@@ -44,8 +46,9 @@ single values: its encodings are runs of zero bytes.
 Not checked: other encodings (float16, text, scaled integers) and what training derives from the
 windows (the update itself, clipped and noised). That is enough given the format: an upload is
 exactly six fields, decoded strictly, one of which is the fixed-size float16 delta (one value per
-parameter) and the others a count, the seven numbers of a score summary and a loss: raw data has
-no field to travel in but as patterns inside the delta, which the pair search covers.
+parameter) and the others a count, the seven numbers of a score summary and a loss (the check's
+upload: no delta, two fractions of synthetic faults detected): raw data has no field to travel in
+but as patterns inside the delta, which the pair search covers.
 
 The checks cannot pass vacuously: the round completed (round 1 closed with the two uploads),
 upload datagrams were captured, the same search finds reading values in each device's telemetry
@@ -76,7 +79,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber as Opt
 
 from agent.learn.masters import load_master_file
-from agent.wire.learning import ModelUpdate, parameter_count
+from agent.wire.learning import Masters, ModelUpdate, parameter_count
 from agent.wire.records import TelemetryBody, decode_body
 from cloud.learning import masters_of
 from cloud.storage import SQLiteStorage
@@ -89,6 +92,7 @@ pytestmark = pytest.mark.timeout(180)
 DEVICES = ("pump-a", "pump-b")
 MIN_WINDOWS = 32  # the agents' [learn] min_windows (tests/e2e/test_learning.py sets it)
 UPDATE_KEYS = {"job", "round", "samples", "delta", "scores", "loss"}  # the format's six
+CHECK_KEYS = {"job", "round", "samples", "scores", "loss", "recall"}  # the check's, no weights
 MASTERS = ROOT / "models" / "cloud" / "skab-ae.float32.tflite"
 #: Plain CoAP, and SenML in every link state: its floats are plain CBOR floats (the compact
 #: encodings deflate), so the search can show that it finds readings in telemetry.
@@ -183,13 +187,15 @@ def block2_bodies(captured: Captured, prefix: str) -> Iterator[bytes]:
 
 
 def loose_bytes(
-    training: Iterable[tuple[str, bytes]], vectors: dict[tuple[bool, str], tuple[bytes, bytes]]
+    training: Iterable[tuple[str, bytes]],
+    vectors: dict[tuple[bool, str], list[tuple[bytes, bytes]]],
 ) -> Iterator[bytes]:
     """What the training datagrams carry besides CoAP headers and the weight vectors: each body
     around its vector, and any payload that is not a block of a body (an answer's diagnostic).
-    ``vectors`` maps (is a request, path) to (body, the vector in it); every block of a body is
-    checked to be the body's bytes at the block's position."""
-    for body, vector in vectors.values():
+    ``vectors`` maps (is a request, path) to the (body, the vector in it) of each exchange on it
+    (b"" for a body without a vector); every block is checked to be the bytes at the block's
+    position of one of its path's bodies."""
+    for body, vector in itertools.chain.from_iterable(vectors.values()):
         start = body.index(vector)
         yield body[:start]
         yield body[start + len(vector) :]
@@ -203,7 +209,8 @@ def loose_bytes(
             continue
         block = msg.opt.block1 if request else msg.opt.block2
         off = 0 if block is None else block.start
-        assert vectors[(request, path)][0][off : off + len(msg.payload)] == msg.payload
+        bodies = [body for body, _ in vectors[(request, path)]]
+        assert any(b[off : off + len(msg.payload)] == msg.payload for b in bodies), path
 
 
 def singles(values: Iterable[float], formats: str) -> set[bytes]:
@@ -295,21 +302,27 @@ async def test_no_reading_or_window_leaves_in_a_training_exchange(tmp_path: Path
 
     job = _job(tmp_path)
     assert job is not None and job.st.state == "done", ran.stdout
-    assert [(h["round"], h["uploads"]) for h in job.st.history] == [(1, 2)]
+    # the round, then the round that only checks its model
+    assert [(h["round"], h["uploads"]) for h in job.st.history] == [(1, 2), (2, 2)]
     storage = SQLiteStorage.in_dir(data)
     try:
         telemetry = {
             d: [decode_body(r.kind, r.body) for r in storage.records(d) if r.kind == "telemetry"]
             for d in DEVICES
         }
-        stored = dict(storage.learn_updates(job.id, 1))
+        stored = {
+            (device, rnd): body
+            for rnd in (1, 2)
+            for device, body in storage.learn_updates(job.id, rnd)
+        }
+        candidate = Masters.from_cbor(storage.learn_blob(job.st.masters) or b"", job.st.masters)
     finally:
         storage.close()
     windows = {}
     for f in keep.iterdir():
         with np.load(f, allow_pickle=False) as z:
             windows[f.name] = (f.read_bytes(), z["windows"].astype(np.float32))
-    assert sorted(windows) == [f"{d}-learn-{job.id}-1.npz" for d in DEVICES]
+    assert sorted(windows) == [f"{d}-learn-{job.id}-{r}.npz" for d in DEVICES for r in (1, 2)]
 
     # the training exchanges, and what they carried
     captured = relay.captured
@@ -318,27 +331,38 @@ async def test_no_reading_or_window_leaves_in_a_training_exchange(tmp_path: Path
         assert path is not None or Message.decode(data_).code == Code.EMPTY, data_
     training = [(p, d) for p, d in paths if p is not None and p.startswith("learn/")]
     reference = masters_of(load_master_file(MASTERS), "skab-ae")
+    # the masters of round 1 (the shipped weights), then in the check the round's model and the
+    # incumbent (the shipped weights again)
     fetched = list(block2_bodies(captured, "learn/masters/"))
-    assert len(fetched) >= len(DEVICES) and set(fetched) == {reference.to_cbor()}
-    masters_path = f"learn/masters/{reference.sha256()}"
+    assert len(fetched) >= 3 * len(DEVICES)
+    assert set(fetched) == {reference.to_cbor(), candidate.to_cbor()}
+    weights = {f"learn/masters/{m.sha256()}": m for m in (reference, candidate)}
     uploads: dict[str, set[bytes]] = {}
     for path, _, body in requests(captured):
-        if path.startswith("learn/") and path != masters_path:
+        if path.startswith("learn/") and path not in weights:
             uploads.setdefault(path, set()).add(body)
-    assert {p for p, _ in training} == {masters_path} | set(uploads)
+    assert {p for p, _ in training} == set(weights) | set(uploads)
     assert sorted(uploads) == [f"learn/{d}" for d in DEVICES]
     posts = [d for p, d in training if p in uploads and Message.decode(d).code == Code.POST]
     assert len(posts) >= 2 * len(DEVICES)  # Block1: several blocks per upload
-    vectors = {(False, masters_path): (reference.to_cbor(), reference.weights.tobytes())}
+    vectors = {
+        (False, path): [(m.to_cbor(), m.weights.astype("<f4").tobytes())]
+        for path, m in weights.items()
+    }
     for path, bodies in uploads.items():
-        (body,) = bodies  # a retried upload is the same bytes
         device = path.split("/")[1]
-        assert body == stored[device]
-        assert set(cbor2.loads(body)) == UPDATE_KEYS
-        update = ModelUpdate.from_cbor(body, parameter_count(reference.sizes))
-        assert (update.job, update.round) == (job.id, 1)
-        assert 0 < update.samples <= len(windows[f"{device}-learn-{job.id}-1.npz"][1])
-        vectors[(True, path)] = (body, cbor2.loads(body)["delta"])
+        assert len(bodies) == 2  # one per round: a retried upload is the same bytes
+        for body in bodies:
+            update = ModelUpdate.from_cbor(body, parameter_count(reference.sizes))
+            assert update.job == job.id and body == stored[(device, update.round)]
+            if update.round == 1:
+                assert set(cbor2.loads(body)) == UPDATE_KEYS
+                assert 0 < update.samples <= len(windows[f"{device}-learn-{job.id}-1.npz"][1])
+                vector = cbor2.loads(body)["delta"]
+            else:  # the check: two fractions, no weights
+                assert set(cbor2.loads(body)) == CHECK_KEYS and update.delta is None
+                vector = b""
+            vectors.setdefault((True, path), []).append((body, vector))
 
     # the values the devices measured and trained on, and the byte patterns they would leave
     measured = [readings(bodies) for bodies in telemetry.values()]
