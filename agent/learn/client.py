@@ -220,6 +220,9 @@ class LearningClient:
         self._lag_ms = 0.0
         self.paused = 0  # times the worker was paused under load
         self.rounds = 0  # rounds uploaded since start
+        #: the weights fetched last, by SHA-256 (a checked round's incumbent is usually the
+        #: masters of a round this device took before: not fetched again)
+        self._fetched: dict[str, Masters] = {}
         self._load_done()
 
     # -- state -----------------------------------------------------------------------------------
@@ -557,6 +560,8 @@ class LearningClient:
         come, the round is reported ``waiting`` with the reason (the endpoint's answer, the link
         offline)."""
         what = "masters" if sha256 == task.masters else "incumbent"
+        if sha256 in self._fetched:
+            return self._fetched[sha256]
         while not self._expired(task):
             why = f"{what}: the link is offline"
             if self.link_state() != "offline":
@@ -566,7 +571,12 @@ class LearningClient:
                         "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane
                     )
                     if resp.success:
-                        return Masters.from_cbor(resp.payload, sha256)
+                        doc = Masters.from_cbor(resp.payload, sha256)
+                        # kept: this round's two and the last round's masters at most
+                        keep = {task.masters, task.check}
+                        self._fetched = {k: v for k, v in self._fetched.items() if k in keep}
+                        self._fetched[sha256] = doc
+                        return doc
                     why = f"{what}: the endpoint answered {resp.dotted}"
                     level = logging.WARNING if self._reason(model) != why else logging.DEBUG
                     log.log(level, "event=learn_masters_refused code=%s", resp.dotted)

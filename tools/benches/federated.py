@@ -28,7 +28,11 @@ summaries are of those held-out windows.
 - federated: ``ROUNDS`` rounds; each round ``FRACTION`` of the devices drawn at random; each runs
   :func:`agent.learn.local.local_update` (score summary of the round's masters, ``EPOCHS`` epochs
   of denoising FedProx training, update clipped to ``CLIP`` and Gaussian noise ``NOISE * CLIP``);
-  the endpoint averages the decoded uploads (:func:`cloud.fedavg.fedavg`). After the last round
+  the endpoint averages the decoded uploads (:func:`cloud.fedavg.fedavg`). With the endpoint's
+  check, as cloud/learning.py runs it: each round's model is checked by the next round's uploads
+  (``recall``, :func:`agent.learn.local.fault_recall`; :func:`cloud.fedavg.check`) and, when it
+  fails, dropped with that round's updates; a round after the last only checks; the final model
+  is the last that passed (``checks_passed`` of ``checks`` over all seeds). After the last round
   every device reports the :class:`~agent.wire.learning.ScoreSummary` of the final model on its
   held-out windows (in service, round k+1's uploads carry them) and the endpoint sets the fleet
   threshold (:func:`cloud.fedavg.fleet_threshold`).
@@ -45,6 +49,12 @@ summaries are of those held-out windows.
   changes is smaller than one seed's spread. ``f1_federated_minus_local_only`` is the paired
   difference per seed, averaged, with its standard error: the acceptance's "above local only"
   is read against it.
+
+- one poisoning device (``f1_federated_one_poisoner``, and ``..._unchecked`` without the check):
+  the federated run again with the first scored device sending :func:`poisoned_update` (the
+  weight change that teaches the autoencoder to copy a shifted channel through, at the
+  endpoint's norm bound, claiming the most windows, and recall 1 for the masters, 0 for the
+  incumbent in every check). What the check is for: docs/learning.md, "The check".
 
 **Bytes.** Every byte from a device to the endpoint passes through one :class:`Uplink`, which
 decodes each body strictly as a ModelUpdate (``ModelUpdate.from_cbor``, with the model's
