@@ -1,9 +1,9 @@
 """No reading and no model input window leaves a device in a training exchange (docs/learning.md,
 "Privacy"), with real processes: the endpoint (``edge-agent-cloud serve --insecure``), two agents
 on the simulated rig (``edge-agent run --simulate pump``, ``[uplink] security = "none"``) and one
-job of one round and the round that checks its model (``edge-agent-cloud learn start``). Plain CoAP, so that every byte on the wire can
-be read: both agents talk to the endpoint through the capturing relay of
-tests/e2e/test_data_policy.py, which keeps every datagram.
+job of one round and the round that checks its model (``edge-agent-cloud learn start``). Plain
+CoAP, so that every byte on the wire can be read: both agents talk to the endpoint through the
+capturing relay of tests/e2e/test_data_policy.py, which keeps every datagram.
 
 Every datagram is classified by the Uri-Path of its exchange (a request by its own, an answer by
 its request's token, an empty ACK by the message ID it acknowledges; only empty datagrams may be
