@@ -100,7 +100,11 @@ def _masters(args: argparse.Namespace) -> DenseAutoencoder:
 
 def _print(job: Job) -> None:
     st, spec = job.st, job.spec
-    where = f"round {st.round}/{spec.rounds}" + (" open" if st.open else "")
+    where = (
+        f"round {st.round}/{spec.rounds}"
+        if st.round <= spec.rounds
+        else f"round {st.round}, the check of round {spec.rounds}'s model"
+    ) + (" open" if st.open else "")
     print(
         f"job {job.id} {spec.model} from {spec.base}: {st.state}, {where}"
         + (f", model {st.version}" if st.version else "")
