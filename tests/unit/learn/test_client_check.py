@@ -1,0 +1,118 @@
+"""The learning client in a checked round (agent/learn/client.py): it fetches the masters and the
+incumbent by the SHA-256 each has in the task, and a round that only checks (``epochs`` 0)
+sends the check and the summary, no weights, and charges nothing to the privacy ledger. The
+real client, its training process and files, against the scripted endpoint of
+tests/unit/learn/test_client_hostile.py on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiocoap import Code
+
+from agent.learn.autoencoder import DenseAutoencoder
+from agent.learn.ledger import LEDGER_FILE
+from agent.wire.learning import Masters, ModelUpdate, Recall, ScoreSummary
+from tests.unit.learn import test_client_hostile
+from tests.unit.learn.test_client_hostile import DEVICE, Device, Learn, _round_files, task, until
+
+pytestmark = pytest.mark.timeout(90)
+
+endpoint = test_client_hostile.endpoint  # the fixture: a scripted /learn on loopback
+SIZES = (32, 16, 4, 16, 32)
+
+
+def weights(seed: int) -> Masters:
+    return Masters(
+        "skab-ae",
+        SIZES,
+        DenseAutoencoder.initial(32, 16, 4, np.random.default_rng(seed)).to_vector(),
+    )
+
+
+def served(learn: Learn, *docs: Masters) -> list[str]:
+    """Serve ``docs`` at their SHA-256 and accept uploads; their SHA-256s."""
+    learn.routes[DEVICE] = Code.CHANGED
+    for doc in docs:
+        learn.routes[f"masters/{doc.sha256()}"] = doc.to_cbor()
+    return [doc.sha256() for doc in docs]
+
+
+def check_task(masters: str, incumbent: str, *, rnd: int = 4, epochs: int = 0) -> dict:
+    return task(1, masters, rnd=rnd, epochs=epochs, check=bytes.fromhex(incumbent))
+
+
+async def test_a_check_only_round_fetches_both_by_sha256_sends_no_weights_and_charges_nothing(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    uri, learn = endpoint
+    masters, incumbent = served(learn, weights(1), weights(2))
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", check_task(masters, incumbent))
+        await until(lambda: dev.st().get("status") == "uploaded", "the check uploaded")
+        assert learn.asked(masters) == 1 and learn.asked(incumbent) == 1
+        assert len(learn.posts) == 1
+        sent = ModelUpdate.from_cbor(learn.posts[0], weights(1).weights.size)
+        assert (sent.job, sent.round, sent.delta, sent.loss) == (1, 4, None, 0.0)
+        assert isinstance(sent.recall, Recall) and sent.samples == dev.client.ring.capacity
+        assert dev.client.ledger.charged == [] and dev.client.status()["epsilon_spent"] == 0.0
+        assert dev.st()["status"] == "uploaded" and _round_files(tmp_path) == []
+    finally:
+        await dev.stop()
+    assert not (tmp_path / LEDGER_FILE).exists()  # never written
+
+
+async def test_an_incumbent_the_endpoint_does_not_serve_leaves_the_round_waiting(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    uri, learn = endpoint
+    (masters,) = served(learn, weights(1))
+    missing = weights(2).sha256()
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", check_task(masters, missing))
+        await until(lambda: learn.asked(missing) > 1, "the incumbent asked for again")
+        st = dev.st()
+        assert (st["round"], st["status"]) == (4, "waiting")
+        assert st["reason"] == "incumbent: the endpoint answered 4.04"
+        assert learn.asked(masters) == 1 and learn.posts == []
+    finally:
+        await dev.stop()
+
+
+async def test_a_checked_training_round_sends_weights_and_the_check_charged_once(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    uri, learn = endpoint
+    masters, incumbent = served(learn, weights(1), weights(2))
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", check_task(masters, incumbent, rnd=2, epochs=1))
+        await until(lambda: dev.st().get("status") == "uploaded", "the round uploaded")
+        sent = ModelUpdate.from_cbor(learn.posts[0], weights(1).weights.size)
+        assert sent.round == 2 and sent.delta is not None and sent.recall is not None
+        assert dev.client.ledger.charged == ["1:2"]
+    finally:
+        await dev.stop()
+
+
+async def test_a_check_only_update_kept_across_a_restart_is_sent_as_it_is(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """The agent restarted after the check was computed and before it was answered: the same
+    update goes, nothing is fetched, and still nothing is charged."""
+    uri, learn = endpoint
+    masters, incumbent = served(learn, weights(1), weights(2))
+    kept = ModelUpdate(1, 4, 16, None, ScoreSummary.of(np.ones(4)), 0.0, Recall(0.5, 0.25))
+    (tmp_path / "learn-1-4.cbor").write_bytes(kept.to_cbor())
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", check_task(masters, incumbent))
+        await until(lambda: dev.st().get("status") == "uploaded", "the kept check uploaded")
+        assert learn.posts == [kept.to_cbor()] and learn.asked(masters) == 0
+        assert dev.client.ledger.charged == []
+    finally:
+        await dev.stop()
