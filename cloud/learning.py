@@ -126,6 +126,11 @@ class JobSpec:
             raise JobError("noise must be > 0: updates leave devices only with noise added")
         if not 0.0 <= self.tolerance <= 1.0:
             raise JobError("the check's tolerance must be in [0, 1]")
+        if self.gate and self.rounds >= MAX_ROUND:  # the round after the last checks
+            raise JobError(
+                f"rounds must be 1..{MAX_ROUND - 1} with the check: a round after the last "
+                "checks the last one's model (or --no-gate)"
+            )
         if self.gate:  # the largest task of a checked job must fit a desired value
             task = RoundTask(
                 2**32,

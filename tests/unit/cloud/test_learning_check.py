@@ -22,6 +22,8 @@ from agent.learn.masters import load_master_file
 from agent.modelstore.signing import SignedManifest
 from agent.wire import records
 from agent.wire.learning import (
+    MAX_ROUND,
+    LearningError,
     ModelUpdate,
     Recall,
     RoundTask,
@@ -297,6 +299,23 @@ def test_a_base_version_too_long_for_a_checked_task_is_refused_unless_the_gate_i
     with pytest.raises(JobError, match="a shorter version name, or --no-gate"):
         rig.spec(base=base).check()
     rig.spec(base=base, gate=False).check()
+
+
+def test_a_checked_job_leaves_room_for_the_round_after_the_last(rig: Rig) -> None:
+    """A job of MAX_ROUND rounds was accepted with the gate on: its check round, MAX_ROUND + 1,
+    is a task no device decodes, which the endpoint refuses as a desired value: every tick after
+    the last round raised StateError (``learn start`` and ``learn resume`` died there), and the
+    last round's model was never assigned."""
+    with pytest.raises(LearningError, match="round"):
+        RoundTask.from_value(
+            RoundTask(
+                1, MAX_ROUND + 1, BASE, "a" * 64, 0, 0, 2e-3, 0.0, 0.3, 0.5, "b" * 64
+            ).to_value()
+        )
+    with pytest.raises(JobError, match="rounds"):
+        rig.spec(rounds=MAX_ROUND).check()
+    rig.spec(rounds=MAX_ROUND - 1).check()
+    rig.spec(rounds=MAX_ROUND, gate=False).check()  # no round after the last
 
 
 @pytest.mark.parametrize(
