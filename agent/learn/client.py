@@ -141,14 +141,17 @@ def _drop_other_updates(data_dir: Path, keep: Collection[str]) -> None:
 
 def _trained(out: Path, task: RoundTask) -> bool:
     """Whether ``out`` holds this round's update, trained before a restart: it is uploaded as it
-    is. A file that is not one (damaged at rest, another round's) is removed: nothing leaves the
-    device in a training exchange but a checked update."""
+    is. A file that is not one (damaged at rest, another round's, weights for a round that only
+    checks or none for one that trains) is removed: nothing leaves the device in a training
+    exchange but a checked update, and no weights but charged ones."""
     try:
         with open(out, "rb") as f:
             data = f.read(MAX_BODY_BYTES + 1)
         update = ModelUpdate.from_cbor(data)
         if (update.job, update.round) != (task.job, task.round):
             raise LearningError(f"the update of job {update.job} round {update.round}")
+        if (update.delta is None) != task.evaluate:
+            raise LearningError("weights in a round that only checks, or none in one that trains")
         return True
     except FileNotFoundError:
         return False

@@ -13,8 +13,9 @@ import pytest
 from aiocoap import Code
 
 from agent.learn.autoencoder import DenseAutoencoder
+from agent.learn.client import _trained
 from agent.learn.ledger import LEDGER_FILE
-from agent.wire.learning import Masters, ModelUpdate, Recall, ScoreSummary
+from agent.wire.learning import Masters, ModelUpdate, Recall, RoundTask, ScoreSummary
 from tests.unit.learn import test_client_hostile
 from tests.unit.learn.test_client_hostile import DEVICE, Device, Learn, _round_files, task, until
 
@@ -116,3 +117,44 @@ async def test_a_check_only_update_kept_across_a_restart_is_sent_as_it_is(
         assert dev.client.ledger.charged == []
     finally:
         await dev.stop()
+
+
+async def test_a_check_only_task_never_sends_a_training_update_kept_on_disk(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Attack: an uncharged training update of job 1 round 4 is on disk (the agent stopped
+    between the training process writing it and the ledger charging it), and the endpoint sends
+    a task for that round with ``epochs`` 0. Was: the check-only round uploads any update file
+    of its round as it is: the weights left and the ledger charged nothing. Now a kept file
+    that is not a check is dropped and the round computes its check."""
+    uri, learn = endpoint
+    masters, incumbent = served(learn, weights(1), weights(2))
+    size = weights(1).weights.size
+    trained = ModelUpdate(
+        1, 4, 16, np.full(size, 0.01, np.float32), ScoreSummary.of(np.ones(4)), 0.1
+    )
+    (tmp_path / "learn-1-4.cbor").write_bytes(trained.to_cbor())
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", check_task(masters, incumbent))
+        await until(lambda: dev.st().get("status") == "uploaded", "the check uploaded")
+        assert [ModelUpdate.from_cbor(p, size).delta is None for p in learn.posts] == [True]
+        assert dev.client.ledger.charged == []
+    finally:
+        await dev.stop()
+
+
+@pytest.mark.parametrize(
+    ("epochs", "kept_weights"),
+    [(0, True), (1, False)],
+    ids=["weights-for-a-check-only-round", "a-check-for-a-training-round"],
+)
+def test_an_update_kept_of_the_other_kind_is_not_this_rounds(
+    tmp_path: Path, epochs: int, kept_weights: bool
+) -> None:
+    out = tmp_path / "learn-1-4.cbor"
+    delta = np.zeros(8, np.float32) if kept_weights else None
+    summary = ScoreSummary.of(np.ones(4))
+    out.write_bytes(ModelUpdate(1, 4, 10, delta, summary, 0.1, Recall(0.5, 0.5)).to_cbor())
+    kind = RoundTask.from_value(check_task("ab" * 32, "cd" * 32, epochs=epochs))
+    assert _trained(out, kind) is False and not out.exists()
