@@ -121,10 +121,15 @@ def _round_parts(h: dict[str, Any], rounds: int, checked: bool) -> list[str]:
     check = h.get("check")
     if check is not None:
         verdict = "passed" if check["passed"] else "FAILED"
+        found = "no device answered"
+        if check["margin"] is not None:
+            found = (
+                f"faults detected {check['recall']:.3f} against {check['recall_incumbent']:.3f} "
+                f"for the model the fleet runs, median margin {check['margin']:+.3f} over "
+                f"{check['devices']} devices"
+            )
         parts.append(
-            f"round {check['round']}'s model {verdict} the check (faults detected "
-            f"{check['recall']:.3f} against {check['recall_incumbent']:.3f} for the model the "
-            f"fleet runs, median margin {check['margin']:+.3f} over {check['devices']} devices)"
+            f"round {check['round']}'s model {verdict} the check ({found})"
             + ("" if check["passed"] else ": not assigned")
         )
     if "version" in h:

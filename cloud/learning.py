@@ -52,6 +52,7 @@ from agent.wire.learning import (
 )
 from agent.wire.statedoc import MAX_VALUE_BYTES, MODEL_NAME
 from cloud import tflitepatch
+from cloud.fedavg import CHECK_TOLERANCE
 from cloud.learnstore import JobRow
 from cloud.models import ModelRegistry
 from cloud.storebase import Storage
@@ -102,7 +103,7 @@ class JobSpec:
     gate: bool = True
     #: how much lower a model's median fraction of detected synthetic faults may be than the
     #: incumbent's and still pass (cloud/fedavg.py CHECK_TOLERANCE)
-    tolerance: float = 0.02
+    tolerance: float = CHECK_TOLERANCE
 
     def check(self) -> None:
         if not MODEL_NAME.match(self.model) or not MODEL_NAME.match(self.base):
@@ -194,6 +195,7 @@ class Job:
         d = records.loads(row.doc)
         spec = dict(d["spec"])
         spec["devices"] = tuple(spec["devices"])
+        spec.setdefault("gate", False)  # a job stored before the check runs without it
         return cls(row.id, JobSpec(**spec), JobState(**d["state"]), row.rev)
 
     def summary(self) -> dict[str, Any]:

@@ -467,8 +467,7 @@ class LearningClient:
         keep = {_round_name(t) for t, _ in self._rounds.values()} | {_round_name(task)}
         await asyncio.to_thread(_drop_other_updates, self.data_dir, keep)
         if task.evaluate:  # only checks: no weights leave, nothing is charged
-            if await asyncio.to_thread(_trained, out, task) or await self._train(model, task, out):
-                await self._upload(model, task, out)
+            await self._check_only(model, task, out)
             return
         try:
             self.ledger.check(task.job, task.round, task.noise)  # before any training
@@ -485,6 +484,28 @@ class LearningClient:
             return
         try:  # durably charged before the first byte of the update leaves
             await asyncio.to_thread(self.ledger.charge, task.job, task.round, task.noise)
+        except BudgetExceeded as err:
+            self._refuse(model, task, out, str(err))
+            return
+        except OSError as err:
+            log.warning("event=learn_budget_unsaved error=%r", str(err))
+            self._set(model, task, "failed", error=f"privacy ledger not written: {err}")
+            return
+        await self._upload(model, task, out)
+
+    async def _check_only(self, model: str, task: RoundTask, out: Path) -> None:
+        """A round that only checks: taken at most once per round charged (ledger.check_only),
+        recorded durably before its upload leaves."""
+        try:
+            self.ledger.check_only(task.job, task.round)
+        except BudgetExceeded as err:
+            self._refuse(model, task, out, str(err))
+            return
+        done = await asyncio.to_thread(_trained, out, task)
+        if not done and not await self._train(model, task, out):
+            return
+        try:
+            await asyncio.to_thread(self.ledger.check_only, task.job, task.round, True)
         except BudgetExceeded as err:
             self._refuse(model, task, out, str(err))
             return

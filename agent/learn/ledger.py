@@ -10,6 +10,13 @@ and never trained. The charge is written durably *before* the first byte of the 
 once per (job, round): sending the same noisy update again costs nothing more (it is the same
 output), a round charged and then never delivered stays charged (the safe side).
 
+Rounds that only check (the endpoint's check of a round's model, docs/learning.md "The check")
+release no weights and are not charged, but their upload, like a training round's, holds a score
+summary and two fractions of a model the endpoint chose, on the device's newest windows, without
+noise: so that an endpoint cannot ask for those without limit, a device answers at most as many
+such rounds as it has rounds charged (:meth:`PrivacyLedger.check_only`), and records each
+durably before its upload leaves, in the same file.
+
 A ledger that cannot be read (corrupt, foreign) spends the whole budget: the device cannot know
 what it already released, so it takes part in no round until an operator removes the file
 (docs/learning.md says so).
@@ -46,6 +53,7 @@ class PrivacyLedger:
         self.orders = np.asarray(ORDERS, dtype=np.float64)
         self.rdp = np.zeros_like(self.orders)
         self.charged: list[str] = []
+        self.checked: list[str] = []  # rounds that only checked, answered
         self.unreadable: str | None = None
         self._lock = threading.Lock()  # rounds of several models charge from worker threads
         self._load()
@@ -60,6 +68,7 @@ class PrivacyLedger:
             return
         rdp = doc.get("rdp") if isinstance(doc, dict) else None
         charged = doc.get("charged") if isinstance(doc, dict) else None
+        checked = doc.get("checked", []) if isinstance(doc, dict) else None  # absent: none yet
         if (
             not isinstance(rdp, list)
             or len(rdp) != len(self.orders)
@@ -67,11 +76,14 @@ class PrivacyLedger:
             or not all(x >= 0 for x in rdp)
             or not isinstance(charged, list)
             or not all(isinstance(k, str) for k in charged)
+            or not isinstance(checked, list)
+            or not all(isinstance(k, str) for k in checked)
         ):
             self.unreadable = f"{self.path}: not a privacy ledger of this agent"
             return
         self.rdp = np.asarray(rdp, dtype=np.float64)  # inf (a noiseless round) is kept as inf
         self.charged = charged[-MAX_CHARGED:]
+        self.checked = checked[-MAX_CHARGED:]
 
     @staticmethod
     def key(job: int, round_: int) -> str:
@@ -118,9 +130,37 @@ class PrivacyLedger:
                 return
             rdp = self.rdp + _round_rdp(self.orders, noise)
             charged = [*self.charged, key][-MAX_CHARGED:]
-            doc: dict[str, Any] = {"rdp": [float(x) for x in rdp], "charged": charged}
-            write_atomic(self.path, json.dumps(doc).encode(), mode=0o600)  # OSError: not charged
+            self._write(rdp, charged, self.checked)  # OSError: not charged
             self.rdp, self.charged = rdp, charged
+
+    def check_only(self, job: int, round_: int, record: bool = False) -> None:
+        """BudgetExceeded unless the device may answer this round that only checks: answered
+        already, or fewer answered than rounds charged (module docstring). ``record``: write it
+        durably (OSError: not recorded), before its upload leaves."""
+        with self._lock:
+            if self.unreadable is not None:
+                raise BudgetExceeded(
+                    f"privacy ledger unreadable ({self.unreadable}): no round until it is removed"
+                )
+            key = self.key(job, round_)
+            if key in self.checked:
+                return
+            if len(self.checked) >= len(self.charged):
+                raise BudgetExceeded(
+                    f"rounds that only check: {len(self.checked)} answered, as many as the "
+                    f"{len(self.charged)} rounds this device trained (each upload holds a score "
+                    "summary without noise)"
+                )
+            if record:
+                checked = [*self.checked, key][-MAX_CHARGED:]
+                self._write(self.rdp, self.charged, checked)
+                self.checked = checked
+
+    def _write(self, rdp: np.ndarray, charged: list[str], checked: list[str]) -> None:
+        doc: dict[str, Any] = {"rdp": [float(x) for x in rdp], "charged": charged}
+        if checked:
+            doc["checked"] = checked
+        write_atomic(self.path, json.dumps(doc).encode(), mode=0o600)
 
 
 def _round_rdp(orders: np.ndarray, noise: float) -> np.ndarray:

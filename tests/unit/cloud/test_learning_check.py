@@ -278,6 +278,7 @@ def test_a_job_stored_before_the_check_assigns_each_round_at_its_close(rig: Rig)
         return records.dumps(d)
 
     job_id = rig.storage.create_learn_job(MODEL, legacy, rig.now)
+    assert rig.coordinator.job(job_id).spec.gate is False  # learn status --json says so
     for rnd in (1, 2):
         rig.coordinator.tick(job_id)
         t = rig.task(rig.devices[0])
@@ -369,3 +370,13 @@ def test_the_check_passes_at_exactly_the_tolerance_and_fails_without_answers() -
     assert not fedavg.check([Recall(0.5, 1.0)], tolerance=0.25).passed
     none = fedavg.check([])
     assert (none.passed, none.devices) == (False, 0) and np.isnan(none.margin)
+    # in the job's history as None, never NaN (learn status --json stays JSON)
+    assert none.to_value() == {
+        "passed": False,
+        "devices": 0,
+        "recall": None,
+        "recall_incumbent": None,
+        "margin": None,
+    }
+    # fractions k/n whose difference is the tolerance in decimal, not in binary
+    assert 0.88 - 0.90 < -0.02 and fedavg.check([Recall(0.88, 0.90)], tolerance=0.02).passed

@@ -1,11 +1,13 @@
 """The learning client in a checked round (agent/learn/client.py): it fetches the masters and the
 incumbent by the SHA-256 each has in the task, and a round that only checks (``epochs`` 0)
-sends the check and the summary, no weights, and charges nothing to the privacy ledger. The
+sends the check and the summary, no weights, and charges nothing to the privacy ledger, which
+lets a device answer at most as many such rounds as it has rounds charged. The
 real client, its training process and files, against the scripted endpoint of
 tests/unit/learn/test_client_hostile.py on loopback."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +47,20 @@ def check_task(masters: str, incumbent: str, *, rnd: int = 4, epochs: int = 0) -
     return task(1, masters, rnd=rnd, epochs=epochs, check=bytes.fromhex(incumbent))
 
 
+def trained_before(dev: Device) -> None:
+    """The device has one round charged (job 1 round 3): it may answer one round that only
+    checks."""
+    dev.client.ledger.charge(1, 3, 0.5)
+
+
 async def test_a_check_only_round_fetches_both_by_sha256_sends_no_weights_and_charges_nothing(
     endpoint: tuple[str, Learn], tmp_path: Path
 ) -> None:
     uri, learn = endpoint
     masters, incumbent = served(learn, weights(1), weights(2))
     dev = Device(uri, tmp_path).start()
+    trained_before(dev)
+    spent = dev.client.status()["epsilon_spent"]
     try:
         dev.client.apply("skab-ae", check_task(masters, incumbent))
         await until(lambda: dev.st().get("status") == "uploaded", "the check uploaded")
@@ -59,11 +69,46 @@ async def test_a_check_only_round_fetches_both_by_sha256_sends_no_weights_and_ch
         sent = ModelUpdate.from_cbor(learn.posts[0], weights(1).weights.size)
         assert (sent.job, sent.round, sent.delta, sent.loss) == (1, 4, None, 0.0)
         assert isinstance(sent.recall, Recall) and sent.samples == dev.client.ring.capacity
-        assert dev.client.ledger.charged == [] and dev.client.status()["epsilon_spent"] == 0.0
+        assert dev.client.ledger.charged == ["1:3"] and dev.client.ledger.checked == ["1:4"]
+        assert dev.client.status()["epsilon_spent"] == spent  # nothing charged
         assert dev.st()["status"] == "uploaded" and _round_files(tmp_path) == []
     finally:
         await dev.stop()
-    assert not (tmp_path / LEDGER_FILE).exists()  # never written
+    saved = json.loads((tmp_path / LEDGER_FILE).read_text())
+    assert (saved["charged"], saved["checked"]) == (["1:3"], ["1:4"])
+
+
+async def test_a_device_answers_no_more_checks_than_rounds_it_trained(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Attack: an endpoint asks for one check-only round after another (each upload holds a
+    score summary without noise of a model the endpoint chose, on the device's newest windows).
+    A device with no round charged answers none; with one charged, one: the next is refused
+    before anything is fetched. The one it answered, asked again, is answered (the same kept
+    update, recorded once)."""
+    uri, learn = endpoint
+    masters, incumbent = served(learn, weights(1), weights(2))
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", check_task(masters, incumbent, rnd=4))
+        await until(lambda: dev.st().get("status") == "refused", "the check refused")
+        assert "0 answered, as many as the 0 rounds" in dev.st()["error"]
+        assert learn.asked(masters) == 0 and learn.posts == []
+        trained_before(dev)
+        dev.client.apply(
+            "skab-ae", task(2, masters, rnd=4, epochs=0, check=bytes.fromhex(incumbent))
+        )
+        await until(lambda: dev.st().get("status") == "uploaded", "one check answered")
+        dev.client.apply(
+            "skab-ae", task(3, masters, rnd=4, epochs=0, check=bytes.fromhex(incumbent))
+        )
+        await until(
+            lambda: dev.st().get("job") == 3 and dev.st().get("status") == "refused",
+            "the second refused",
+        )
+        assert len(learn.posts) == 1 and dev.client.ledger.checked == ["2:4"]
+    finally:
+        await dev.stop()
 
 
 async def test_an_incumbent_the_endpoint_does_not_serve_leaves_the_round_waiting(
@@ -73,6 +118,7 @@ async def test_an_incumbent_the_endpoint_does_not_serve_leaves_the_round_waiting
     (masters,) = served(learn, weights(1))
     missing = weights(2).sha256()
     dev = Device(uri, tmp_path).start()
+    trained_before(dev)
     try:
         dev.client.apply("skab-ae", check_task(masters, missing))
         await until(lambda: learn.asked(missing) > 1, "the incumbent asked for again")
@@ -110,11 +156,12 @@ async def test_a_check_only_update_kept_across_a_restart_is_sent_as_it_is(
     kept = ModelUpdate(1, 4, 16, None, ScoreSummary.of(np.ones(4)), 0.0, Recall(0.5, 0.25))
     (tmp_path / "learn-1-4.cbor").write_bytes(kept.to_cbor())
     dev = Device(uri, tmp_path).start()
+    trained_before(dev)
     try:
         dev.client.apply("skab-ae", check_task(masters, incumbent))
         await until(lambda: dev.st().get("status") == "uploaded", "the kept check uploaded")
         assert learn.posts == [kept.to_cbor()] and learn.asked(masters) == 0
-        assert dev.client.ledger.charged == []
+        assert dev.client.ledger.charged == ["1:3"] and dev.client.ledger.checked == ["1:4"]
     finally:
         await dev.stop()
 
@@ -135,11 +182,12 @@ async def test_a_check_only_task_never_sends_a_training_update_kept_on_disk(
     )
     (tmp_path / "learn-1-4.cbor").write_bytes(trained.to_cbor())
     dev = Device(uri, tmp_path).start()
+    trained_before(dev)
     try:
         dev.client.apply("skab-ae", check_task(masters, incumbent))
         await until(lambda: dev.st().get("status") == "uploaded", "the check uploaded")
         assert [ModelUpdate.from_cbor(p, size).delta is None for p in learn.posts] == [True]
-        assert dev.client.ledger.charged == []
+        assert dev.client.ledger.charged == ["1:3"]
     finally:
         await dev.stop()
 

@@ -123,3 +123,35 @@ def test_two_rounds_charged_at_once_from_two_threads_are_both_counted(
     again = PrivacyLedger(tmp_path / LEDGER_FILE, budget=1e6, delta=1e-5)
     assert sorted(again.charged) == ["1:1", "2:1"]
     assert again.spent() == pytest.approx(reference.epsilon(), rel=1e-9)
+
+
+def test_rounds_that_only_check_are_answered_at_most_once_per_round_charged(
+    tmp_path: Path,
+) -> None:
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE, budget=1e6, delta=1e-5)
+    with pytest.raises(BudgetExceeded, match="0 answered, as many as the 0 rounds"):
+        ledger.check_only(1, 4)
+    ledger.charge(1, 3, 0.5)
+    ledger.check_only(1, 4)  # may: nothing recorded yet
+    assert ledger.checked == []
+    ledger.check_only(1, 4, record=True)
+    ledger.check_only(1, 4, record=True)  # the same round again: answered already
+    with pytest.raises(BudgetExceeded, match="1 answered, as many as the 1 rounds"):
+        ledger.check_only(2, 4)
+    spent = ledger.spent()
+    again = PrivacyLedger(tmp_path / LEDGER_FILE, budget=1e6, delta=1e-5)  # after a restart
+    assert (again.charged, again.checked, again.spent()) == (["1:3"], ["1:4"], spent)
+    with pytest.raises(BudgetExceeded):
+        again.check_only(2, 4)
+
+
+def test_a_ledger_written_before_the_check_reads_with_no_check_answered(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    ledger = PrivacyLedger(path, budget=1e6, delta=1e-5)
+    ledger.charge(1, 1, 0.5)
+    doc = json.loads(path.read_text())
+    assert set(doc) == {"rdp", "charged"}  # no check answered: the file as before
+    again = PrivacyLedger(path, budget=1e6, delta=1e-5)
+    assert again.unreadable is None and again.checked == [] and again.charged == ["1:1"]
+    path.write_text(json.dumps({**doc, "checked": [4]}))
+    assert PrivacyLedger(path, budget=1e6, delta=1e-5).unreadable is not None
