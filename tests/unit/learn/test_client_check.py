@@ -206,3 +206,26 @@ def test_an_update_kept_of_the_other_kind_is_not_this_rounds(
     out.write_bytes(ModelUpdate(1, 4, 10, delta, summary, 0.1, Recall(0.5, 0.5)).to_cbor())
     kind = RoundTask.from_value(check_task("ab" * 32, "cd" * 32, epochs=epochs))
     assert _trained(out, kind) is False and not out.exists()
+
+
+async def test_the_incumbent_fetched_as_the_last_rounds_masters_is_not_fetched_again(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Round 1 trains from A; round 2 trains from B and checks it against A (the incumbent):
+    A, which the device fetched for round 1, is not asked for again."""
+    uri, learn = endpoint
+    a, b = served(learn, weights(1), weights(2))
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", task(1, a, rnd=1))
+        await until(lambda: dev.st().get("status") == "uploaded", "round 1 uploaded")
+        dev.client.apply("skab-ae", check_task(b, a, rnd=2, epochs=1))
+        await until(
+            lambda: dev.st().get("round") == 2 and dev.st().get("status") == "uploaded",
+            "round 2 uploaded",
+        )
+        assert (learn.asked(a), learn.asked(b)) == (1, 1)
+        sent = ModelUpdate.from_cbor(learn.posts[-1], weights(1).weights.size)
+        assert sent.round == 2 and sent.recall is not None and sent.delta is not None
+    finally:
+        await dev.stop()
