@@ -502,6 +502,11 @@ class LearningClient:
             self._refuse(model, task, out, str(err))
             return
         done = await asyncio.to_thread(_trained, out, task)
+        if not done and self.ledger.key(task.job, task.round) in self.ledger.checked:
+            # answered, so its upload may have left already: another one, of the models this
+            # task names, would be an answer the ledger does not count
+            self._set(model, task, "failed", error="answered already; its upload is gone")
+            return
         if not done and not await self._train(model, task, out):
             return
         try:

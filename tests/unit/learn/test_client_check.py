@@ -229,3 +229,30 @@ async def test_the_incumbent_fetched_as_the_last_rounds_masters_is_not_fetched_a
         assert sent.round == 2 and sent.recall is not None and sent.delta is not None
     finally:
         await dev.stop()
+
+
+async def test_a_check_answered_whose_upload_is_gone_is_not_computed_again(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Attack: the endpoint sends a check-only round the device answered (its upload sent and
+    removed) again, under another model's key (or after another job's task), with other models
+    to compare. Was: the ledger lets a round in ``checked`` through and no update was kept, so
+    the device computed and sent a new summary and check of the endpoint's new models, as many
+    times as it was asked, for one round charged. Now it fails, as a charged training round
+    whose update is gone does."""
+    uri, learn = endpoint
+    masters, incumbent, other, other_incumbent = served(
+        learn, weights(1), weights(2), weights(3), weights(4)
+    )
+    dev = Device(uri, tmp_path).start()
+    trained_before(dev)
+    try:
+        dev.client.apply("skab-ae", check_task(masters, incumbent))
+        await until(lambda: dev.st().get("status") == "uploaded", "the check uploaded")
+        dev.client.apply("skab-ae2", check_task(other, other_incumbent))
+        await until(lambda: dev.st("skab-ae2").get("status") == "failed", "the second failed")
+        assert "answered already" in dev.st("skab-ae2")["error"]
+        assert len(learn.posts) == 1 and learn.asked(other) == 0
+        assert dev.client.ledger.checked == ["1:4"]
+    finally:
+        await dev.stop()
