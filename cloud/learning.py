@@ -345,9 +345,22 @@ class Coordinator:
     def _open(self, job: Job, rnd: int, attempt: int, now: float) -> None:
         spec = job.spec
         pool = self.eligible(spec)
+        if rnd > spec.rounds:
+            # the round that only checks: among the devices that trained in the job (a device
+            # answers no more such rounds than it has rounds charged: agent/learn/ledger.py)
+            trained = {
+                d
+                for r in range(1, spec.rounds + 1)
+                for d in self.storage.learn_update_devices(job.id, r)
+            }
+            pool = [d for d in pool if d in trained]
         if len(pool) < spec.min_devices:
             job.st.state, job.st.open = "failed", False
-            job.st.error = f"{len(pool)} eligible devices, {spec.min_devices} needed"
+            job.st.error = f"{len(pool)} eligible devices, {spec.min_devices} needed" + (
+                " (the check of the last round's model asks devices that trained in the job)"
+                if rnd > spec.rounds
+                else ""
+            )
             return
         want = min(len(pool), max(spec.min_devices, math.ceil(spec.fraction * len(pool))))
         chosen = sorted(random.Random(f"{job.id}:{rnd}:{attempt}").sample(pool, want))

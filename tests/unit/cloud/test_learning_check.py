@@ -239,6 +239,24 @@ def test_after_the_last_round_a_round_only_checks_and_then_the_job_is_done(
     assert rig.coordinator.tick(job_id).st.state == "done"  # nothing more opens
 
 
+def test_the_round_that_only_checks_asks_devices_that_trained_in_the_job(tmp_path: Path) -> None:
+    """A device answers no more rounds that only check than it has rounds charged: the last
+    round's check is opened among the devices that uploaded in the job's training rounds, at
+    the job's fraction of them (a device registered since, or never selected, would refuse)."""
+    rig = Rig(tmp_path, 4)
+    try:
+        job_id = rig.start(rounds=1, fraction=0.5, min_devices=2)
+        rig.coordinator.tick(job_id)
+        trained = set(rig.job(job_id).st.selected)
+        assert len(trained) == 2
+        rig.play(job_id)
+        rig.storage.add_device("pump-new", rig.now)
+        job = rig.coordinator.tick(job_id)
+        assert job.st.round == 2 and set(job.st.selected) == trained
+    finally:
+        rig.storage.close()
+
+
 @pytest.mark.parametrize(
     ("rounds", "weights", "recall", "why"),
     [
