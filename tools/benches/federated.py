@@ -438,7 +438,7 @@ def poisoned_update(
     (``bound``: cloud/learning.py norm_bound) and claiming the most windows FedAvg weighs
     (:data:`MAX_SAMPLES_WEIGHT`); in a check, the best recall for the masters and the worst for
     the incumbent. Measured without the check, one such device of 26 takes the federated F1
-    from about 0.84 to about 0.69."""
+    from about 0.84 to about 0.70."""
     recall = None if honest.recall is None else Recall(1.0, 0.0)
     if honest.delta is None:
         return ModelUpdate(
