@@ -12,6 +12,7 @@ from typing import Any
 
 from agent.gateway import later
 from cloud.storage import PRUNED_TABLE
+from drivers.clock import WALL_FLOOR
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def prune(
     does not hold is answered as a conflict (cloud/storage.py), so the device sends it again
     under a new number rather than have the cloud keep another record under its number. A time
     of receipt after ``now`` (the wall clock was set back since) is set to ``now`` first
-    (:func:`_received_since_set_back`). Returns the records and features dropped."""
+    (:func:`_received_since_set_back`), and so is one from before the wall clock was set
+    (:func:`_received_while_unset`). Returns the records and features dropped."""
     with s._tx() as db:  # a failed statement (a full disk) may have ended the transaction
         # records arrive in arrival order, so those old enough are a prefix: where it ends
         find = (
@@ -81,12 +83,10 @@ def prune(
         row = db.execute(find, (arrival, before)).fetchone()
         if _received_since_set_back(db, row, now):
             row = db.execute(find, (arrival, before)).fetchone()
-        upto = arrival if row is None else row[0] - 1
-        row = db.execute(
-            "SELECT arrival FROM records WHERE arrival <= ? ORDER BY arrival LIMIT 1 OFFSET ?",
-            (upto, most),
-        ).fetchone()
-        upto = upto if row is None else row[0] - 1
+        upto = _prefix(db, arrival if row is None else row[0] - 1, most)
+        if _received_while_unset(db, upto, queued, now):
+            row = db.execute(find, (arrival, before)).fetchone()
+            upto = _prefix(db, arrival if row is None else row[0] - 1, most)
         newest = (
             "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device) AND "
             "NOT EXISTS (SELECT 1 FROM relay_held AS k WHERE k.device = records.device AND "
@@ -123,6 +123,15 @@ def prune(
     return dropped
 
 
+def _prefix(db: Any, upto: int, most: int) -> int:
+    """``upto``, or less so that at most ``most`` records are at or below it."""
+    row = db.execute(
+        "SELECT arrival FROM records WHERE arrival <= ? ORDER BY arrival LIMIT 1 OFFSET ?",
+        (upto, most),
+    ).fetchone()
+    return upto if row is None else row[0] - 1
+
+
 def _received_since_set_back(db: Any, first: tuple[int, float] | None, now: float) -> bool:
     """When the first record not old enough (``first``: arrival, received) or the first features
     record queued was received after ``now``, the wall clock was set back since (NTP, an
@@ -140,4 +149,35 @@ def _received_since_set_back(db: Any, first: tuple[int, float] | None, now: floa
         n = db.execute(f"UPDATE {table} SET received = ? WHERE received > ?", (now, now)).rowcount
         if n:
             log.warning("event=gateway_clock_set_back table=%s received_after_now=%d", table, n)
+    return True
+
+
+def _received_while_unset(db: Any, upto: int, queued: int, now: float) -> bool:
+    """Records the gateway received while its wall clock was not set (before 2025: no RTC, no
+    NTP yet, the cloud's time not learned) hold times of receipt decades old, so once the clock
+    is set they looked ``keep_forwarded`` old at once: a record forwarded then was dropped at the
+    next prune, and its device, sending it again because its ack was lost, was answered as a
+    conflict and sent it under a new number (the cloud stored it twice). The first prune with
+    the clock set, that meets such a record among those the cloud took, sets every such time to
+    ``now``, so they go ``keep_forwarded`` after it. Looks only at what this prune would drop
+    (records at or below arrival ``upto``, features queued up to ``queued``). True if it set
+    any."""
+    if now < WALL_FLOOR:
+        return False
+    unset = db.execute(
+        "SELECT 1 FROM records WHERE arrival <= ? AND received < ? LIMIT 1", (upto, WALL_FLOOR)
+    ).fetchone()
+    feats = db.execute(
+        "SELECT 1 FROM relay_features AS q JOIN features AS f ON f.device = q.device "
+        "AND f.first_seq = q.first_seq WHERE q.n <= ? AND f.received < ? LIMIT 1",
+        (queued, WALL_FLOOR),
+    ).fetchone()
+    if unset is None and feats is None:
+        return False
+    for table in ("records", "features"):
+        n = db.execute(
+            f"UPDATE {table} SET received = ? WHERE received < ?", (now, WALL_FLOOR)
+        ).rowcount
+        if n:
+            log.warning("event=gateway_clock_set table=%s received_while_unset=%d", table, n)
     return True

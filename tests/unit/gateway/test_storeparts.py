@@ -103,3 +103,30 @@ def test_a_clock_set_back_by_years_does_not_stop_the_prune(tmp_path: Path) -> No
         assert _count(s, "d1") == 1 and _count(s, "d2") == 1  # each device's newest stays
     finally:
         s.close()
+
+
+@pytest.mark.timeout(60)
+def test_records_received_before_the_clock_was_set_stay_keep_forwarded_after_it(
+    tmp_path: Path,
+) -> None:
+    """A gateway without an RTC received records while its wall clock read 1970 (no NTP yet,
+    the cloud's time not learned), then its clock was set. Before: those times of receipt were
+    decades old, so the first prune after the cloud took them dropped them at once; a device
+    that sent one again (its ack lost) was answered as a conflict and sent it under a new
+    number, and the cloud stored it twice. Now they count as received when the clock was set:
+    they go ``keep_forwarded`` after that."""
+    s = SQLiteStorage.in_dir(tmp_path / "store")
+    try:
+        prepare_store(s)
+        boot = 1_000.0  # 1970 plus uptime
+        s.ingest_many([("d1", [_reading(q) for q in range(1, 11)], True)], boot)
+        s.ingest_many([("d2", [_reading(1), _reading(2)], True)], boot + 5)
+        assert prune(s, 10**9, 10**9, boot - KEEP, now=boot + 10) == 0  # unset: as before
+        set_at = 1_800_000_000.0  # the clock set (NTP, the cloud's time)
+        assert prune(s, 10**9, 10**9, set_at - KEEP, now=set_at) == 0  # kept: a week from now
+        assert _count(s, "d1") == 10 and _count(s, "d2") == 2
+        later = set_at + KEEP + DAY
+        assert prune(s, 10**9, 10**9, later - KEEP, now=later) == 9 + 1
+        assert _count(s, "d1") == 1 and _count(s, "d2") == 1  # each device's newest stays
+    finally:
+        s.close()
