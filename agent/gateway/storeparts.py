@@ -84,7 +84,7 @@ def prune(
         if _received_since_set_back(db, row, now):
             row = db.execute(find, (arrival, before)).fetchone()
         upto = _prefix(db, arrival if row is None else row[0] - 1, most)
-        if _received_while_unset(db, upto, queued, now):
+        if _received_while_unset(db, upto, now):
             row = db.execute(find, (arrival, before)).fetchone()
             upto = _prefix(db, arrival if row is None else row[0] - 1, most)
         newest = (
@@ -105,16 +105,20 @@ def prune(
             f"DELETE FROM records WHERE arrival <= ? AND {newest}", (upto,)
         ).rowcount
         forwarded = (
-            "SELECT q.device, q.first_seq FROM relay_features AS q JOIN features AS f "
+            "SELECT q.device, q.first_seq, f.received FROM relay_features AS q JOIN features AS f "
             "ON f.device = q.device AND f.first_seq = q.first_seq "
             "WHERE q.n <= ? AND f.received < ? AND NOT EXISTS (SELECT 1 FROM relay_held AS k "
             "WHERE k.device = q.device AND k.seq = q.first_seq AND k.features = 1) "
             "ORDER BY q.n LIMIT ?"
         )
-        dropped += db.execute(
-            f"DELETE FROM features WHERE (device, first_seq) IN ({forwarded})",
-            (queued, before, most),
-        ).rowcount
+        gone = db.execute(forwarded, (queued, before, most)).fetchall()
+        if now >= WALL_FLOOR and any(r[2] < WALL_FLOOR for r in gone):
+            _restamp_unset(db, now)  # received while the clock was not set: kept a while yet
+            gone = db.execute(forwarded, (queued, before, most)).fetchall()
+        for device, first_seq, _ in gone:
+            dropped += db.execute(
+                "DELETE FROM features WHERE device = ? AND first_seq = ?", (device, first_seq)
+            ).rowcount
         db.execute(
             "DELETE FROM relay_features WHERE n <= ? AND NOT EXISTS (SELECT 1 FROM features AS f "
             "WHERE f.device = relay_features.device AND f.first_seq = relay_features.first_seq)",
@@ -152,32 +156,32 @@ def _received_since_set_back(db: Any, first: tuple[int, float] | None, now: floa
     return True
 
 
-def _received_while_unset(db: Any, upto: int, queued: int, now: float) -> bool:
+def _received_while_unset(db: Any, upto: int, now: float) -> bool:
     """Records the gateway received while its wall clock was not set (before 2025: no RTC, no
     NTP yet, the cloud's time not learned) hold times of receipt decades old, so once the clock
     is set they looked ``keep_forwarded`` old at once: a record forwarded then was dropped at the
     next prune, and its device, sending it again because its ack was lost, was answered as a
     conflict and sent it under a new number (the cloud stored it twice). The first prune with
-    the clock set, that meets such a record among those the cloud took, sets every such time to
-    ``now``, so they go ``keep_forwarded`` after it. Looks only at what this prune would drop
-    (records at or below arrival ``upto``, features queued up to ``queued``). True if it set
-    any."""
+    the clock set that meets such a record at or below arrival ``upto`` (what it would drop, at
+    most its batch) sets every such time to ``now`` (:func:`_restamp_unset`), so they go
+    ``keep_forwarded`` after it; the features records the prune would drop are looked at where
+    it selects them. True if it set any."""
     if now < WALL_FLOOR:
         return False
     unset = db.execute(
         "SELECT 1 FROM records WHERE arrival <= ? AND received < ? LIMIT 1", (upto, WALL_FLOOR)
     ).fetchone()
-    feats = db.execute(
-        "SELECT 1 FROM relay_features AS q JOIN features AS f ON f.device = q.device "
-        "AND f.first_seq = q.first_seq WHERE q.n <= ? AND f.received < ? LIMIT 1",
-        (queued, WALL_FLOOR),
-    ).fetchone()
-    if unset is None and feats is None:
+    if unset is None:
         return False
+    _restamp_unset(db, now)
+    return True
+
+
+def _restamp_unset(db: Any, now: float) -> None:
+    """Every time of receipt before 2025, of records and features records, becomes ``now``."""
     for table in ("records", "features"):
         n = db.execute(
             f"UPDATE {table} SET received = ? WHERE received < ?", (now, WALL_FLOOR)
         ).rowcount
         if n:
             log.warning("event=gateway_clock_set table=%s received_while_unset=%d", table, n)
-    return True

@@ -15,6 +15,7 @@ from agent.gateway.storeparts import prepare_store, prune
 from agent.wire.batch import WireRecord
 from agent.wire.records import TelemetryBody
 from cloud.storage import SQLiteStorage
+from tests.unit.gateway.test_forward_requests import _features
 
 T0 = 1_700_000_000.0
 DEVICES = 3000  # each a row of relay_pruned: more than the store's free pages hold
@@ -128,5 +129,28 @@ def test_records_received_before_the_clock_was_set_stay_keep_forwarded_after_it(
         later = set_at + KEEP + DAY
         assert prune(s, 10**9, 10**9, later - KEEP, now=later) == 9 + 1
         assert _count(s, "d1") == 1 and _count(s, "d2") == 1  # each device's newest stays
+    finally:
+        s.close()
+
+
+@pytest.mark.timeout(60)
+def test_features_records_received_before_the_clock_was_set_stay_keep_forwarded_after_it(
+    tmp_path: Path,
+) -> None:
+    """As for readings: a features record the gateway received while its clock read 1970 is
+    dropped ``keep_forwarded`` after the clock was set, not at the first prune after it."""
+    s = SQLiteStorage.in_dir(tmp_path / "store")
+    try:
+        prepare_store(s)
+        boot = 1_000.0
+        s.ingest_many([("d3", [_features(1, 4), _features(5, 4)], True)], boot)
+        stored = "SELECT count(*) FROM features WHERE device = 'd3'"
+        assert s.db.execute(stored).fetchone()[0] == 2
+        set_at = 1_800_000_000.0
+        assert prune(s, 10**9, 10**9, set_at - KEEP, now=set_at) == 0
+        assert s.db.execute(stored).fetchone()[0] == 2
+        later = set_at + KEEP + DAY
+        assert prune(s, 10**9, 10**9, later - KEEP, now=later) == 2
+        assert s.db.execute(stored).fetchone()[0] == 0
     finally:
         s.close()
