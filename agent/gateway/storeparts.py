@@ -115,9 +115,10 @@ def prune(
         if now >= WALL_FLOOR and any(r[2] < WALL_FLOOR for r in gone):
             _restamp_unset(db, now)  # received while the clock was not set: kept a while yet
             gone = db.execute(forwarded, (queued, before, most)).fetchall()
-        for device, first_seq, _ in gone:
-            dropped += db.execute(
-                "DELETE FROM features WHERE device = ? AND first_seq = ?", (device, first_seq)
+        if gone:
+            dropped += db.executemany(
+                "DELETE FROM features WHERE device = ? AND first_seq = ?",
+                [(device, first_seq) for device, first_seq, _ in gone],
             ).rowcount
         db.execute(
             "DELETE FROM relay_features WHERE n <= ? AND NOT EXISTS (SELECT 1 FROM features AS f "
