@@ -17,6 +17,12 @@ from drivers.clock import WALL_FLOOR
 log = logging.getLogger(__name__)
 
 PRUNE_BATCH = 20_000  # records dropped in one transaction at most (ingest waits for it)
+#: A record of the forwarded prefix the prune may drop: not its device's newest, not held.
+DROPPABLE = (
+    "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device) AND "
+    "NOT EXISTS (SELECT 1 FROM relay_held AS k WHERE k.device = records.device AND "
+    "k.seq = records.seq AND k.features = 0)"
+)
 
 
 def prepare_store(s: Any) -> None:
@@ -87,11 +93,7 @@ def prune(
         if _received_while_unset(db, upto, now):
             row = db.execute(find, (arrival, before)).fetchone()
             upto = _prefix(db, arrival if row is None else row[0] - 1, most)
-        newest = (
-            "seq < (SELECT max(r.seq) FROM records AS r WHERE r.device = records.device) AND "
-            "NOT EXISTS (SELECT 1 FROM relay_held AS k WHERE k.device = records.device AND "
-            "k.seq = records.seq AND k.features = 0)"
-        )
+        newest = DROPPABLE
         for device, through in db.execute(
             f"SELECT device, max(seq) FROM records WHERE arrival <= ? AND {newest} GROUP BY device",
             (upto,),
@@ -129,9 +131,12 @@ def prune(
 
 
 def _prefix(db: Any, upto: int, most: int) -> int:
-    """``upto``, or less so that at most ``most`` records are at or below it."""
+    """``upto``, or less so that at most ``most`` records the prune may drop are at or below
+    it. Records it never drops (held, each device's newest) do not count: more than ``most`` of
+    them at the front of the store stopped every prune for good."""
     row = db.execute(
-        "SELECT arrival FROM records WHERE arrival <= ? ORDER BY arrival LIMIT 1 OFFSET ?",
+        f"SELECT arrival FROM records WHERE arrival <= ? AND {DROPPABLE} "
+        "ORDER BY arrival LIMIT 1 OFFSET ?",
         (upto, most),
     ).fetchone()
     return upto if row is None else row[0] - 1

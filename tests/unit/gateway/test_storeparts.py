@@ -154,3 +154,25 @@ def test_features_records_received_before_the_clock_was_set_stay_keep_forwarded_
         assert s.db.execute(stored).fetchone()[0] == 0
     finally:
         s.close()
+
+
+@pytest.mark.timeout(60)
+def test_records_held_at_the_front_do_not_stop_the_prune(tmp_path: Path) -> None:
+    """More records the prune never drops (held: the cloud asked for them later) at the front
+    of the store than one prune's batch. Before: the batch counted them, so every prune's
+    window held only them and nothing behind them was ever dropped (the store grew for good).
+    Now the batch counts only what the prune may drop."""
+    s = SQLiteStorage.in_dir(tmp_path / "store")
+    try:
+        prepare_store(s)
+        s.ingest_many([("held", [_reading(q) for q in range(1, 61)], True)], T0)
+        s.db.executemany(
+            "INSERT INTO relay_later (device, seq, features) VALUES ('held', ?, 0)",
+            [(q,) for q in range(1, 61)],
+        )
+        s.ingest_many([("d1", [_reading(q) for q in range(1, 21)], True)], T0)
+        later = T0 + KEEP + DAY
+        assert prune(s, 10**9, 10**9, later - KEEP, most=50, now=later) == 19
+        assert _count(s, "held") == 60 and _count(s, "d1") == 1
+    finally:
+        s.close()
