@@ -31,7 +31,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -434,14 +434,11 @@ class Coordinator:
             recalls = [u.recall for u in updates if u.recall is not None]
             result = fedavg.check(recalls, spec.tolerance)
             entry["check"] = {"round": st.candidate, **result.to_value()}
-            if result.passed:
-                # the summaries are of these masters: the threshold is the model's own
-                threshold = fedavg.fleet_threshold([u.scores for u in updates])
-                version = version_for(spec.base, job.id, st.candidate)
+            if result.passed:  # the summaries are of these masters: the model's own threshold
                 model = DenseAutoencoder.from_vector(masters.weights, masters.sizes)
-                self._assign(spec, model, threshold, version, job.id, st.candidate_info, now)
-                entry["threshold"], entry["version"] = threshold, version
-                st.incumbent, st.version = st.masters, version
+                info = st.candidate_info
+                st.version = self._assign(job, model, st.candidate, info, updates, entry, now)
+                st.incumbent = st.masters
             log.log(
                 logging.INFO if result.passed else logging.WARNING,
                 "event=learn_check job=%d round=%d model_of_round=%d passed=%s devices=%d "
@@ -471,11 +468,7 @@ class Coordinator:
                 if st.incumbent:  # checked by the next round before any device runs it
                     st.candidate, st.candidate_info = rnd, info
                 else:  # no check: assigned now, its threshold from the round's summaries
-                    threshold = fedavg.fleet_threshold([u.scores for u in updates])
-                    version = version_for(spec.base, job.id, rnd)
-                    self._assign(spec, model, threshold, version, job.id, info, now)
-                    entry["threshold"], entry["version"] = threshold, version
-                    st.version = version
+                    st.version = self._assign(job, model, rnd, info, updates, entry, now)
                 st.masters = new.sha256()
         st.history.append(entry)
         st.open = False
@@ -492,20 +485,29 @@ class Coordinator:
 
     def _assign(
         self,
-        spec: JobSpec,
+        job: Job,
         model: DenseAutoencoder,
-        threshold: float,
-        version: str,
-        job: int,
+        rnd: int,
         info: dict[str, int],
+        updates: Sequence[ModelUpdate],
+        entry: dict[str, Any],
         now: float,
-    ) -> None:
-        """Publish ``model`` as ``version`` (signed, its threshold in the manifest) and assign it
-        to every eligible device."""
-        published = self._publish(spec, model, threshold, version, job, info)
+    ) -> str:
+        """Publish ``model``, the aggregate of round ``rnd`` (``info``: its devices and
+        samples), as ``<base>+fl<job>.<rnd>``, signed, with the fleet threshold from the score
+        summaries of ``updates`` in its manifest; assign it to every eligible device and note
+        both in the round's history ``entry``. Returns the version."""
+        from cloud import fedavg
+
+        spec = job.spec
+        threshold = fedavg.fleet_threshold([u.scores for u in updates])
+        version = version_for(spec.base, job.id, rnd)
+        published = self._publish(spec, model, threshold, version, job.id, info)
         assignment = {"name": spec.model, "version": version, "sha256": published}
         for device in self.eligible(spec):
             self.storage.put_desired(device, {f"model/{spec.role}": assignment}, now)
+        entry["threshold"], entry["version"] = threshold, version
+        return version
 
     def _publish(
         self,

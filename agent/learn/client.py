@@ -51,6 +51,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Collection
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -466,51 +467,32 @@ class LearningClient:
         out = self.data_dir / f"{_round_name(task)}.cbor"
         keep = {_round_name(t) for t, _ in self._rounds.values()} | {_round_name(task)}
         await asyncio.to_thread(_drop_other_updates, self.data_dir, keep)
-        if task.evaluate:  # only checks: no weights leave, nothing is charged
-            await self._check_only(model, task, out)
-            return
+        ledger = self.ledger
+        if task.evaluate:  # only checks: no weights leave, nothing is charged; answered at most
+            # once per round charged (ledger.check_only), recorded before its upload leaves
+            may = partial(ledger.check_only, task.job, task.round)
+            record = partial(ledger.check_only, task.job, task.round, True)
+            spent, gone = "checked", "answered already; its upload is gone"
+        else:  # durably charged before the first byte of the update leaves
+            may = partial(ledger.check, task.job, task.round, task.noise)
+            record = partial(ledger.charge, task.job, task.round, task.noise)
+            spent, gone = "charged", "charged already; its update is gone"
         try:
-            self.ledger.check(task.job, task.round, task.noise)  # before any training
+            may()  # before any training
         except BudgetExceeded as err:
             self._refuse(model, task, out, str(err))
             return
         done = await asyncio.to_thread(_trained, out, task)
-        if not done and self.ledger.key(task.job, task.round) in self.ledger.charged:
-            # charged, so an update of it may have left already: a second one, trained and
-            # noised anew, would spend privacy the ledger does not count
-            self._set(model, task, "failed", error="charged already; its update is gone")
-            return
-        if not done and not await self._train(model, task, out):
-            return
-        try:  # durably charged before the first byte of the update leaves
-            await asyncio.to_thread(self.ledger.charge, task.job, task.round, task.noise)
-        except BudgetExceeded as err:
-            self._refuse(model, task, out, str(err))
-            return
-        except OSError as err:
-            log.warning("event=learn_budget_unsaved error=%r", str(err))
-            self._set(model, task, "failed", error=f"privacy ledger not written: {err}")
-            return
-        await self._upload(model, task, out)
-
-    async def _check_only(self, model: str, task: RoundTask, out: Path) -> None:
-        """A round that only checks: taken at most once per round charged (ledger.check_only),
-        recorded durably before its upload leaves."""
-        try:
-            self.ledger.check_only(task.job, task.round)
-        except BudgetExceeded as err:
-            self._refuse(model, task, out, str(err))
-            return
-        done = await asyncio.to_thread(_trained, out, task)
-        if not done and self.ledger.key(task.job, task.round) in self.ledger.checked:
-            # answered, so its upload may have left already: another one, of the models this
-            # task names, would be an answer the ledger does not count
-            self._set(model, task, "failed", error="answered already; its upload is gone")
+        if not done and ledger.key(task.job, task.round) in getattr(ledger, spent):
+            # charged (answered), so an upload of it may have left already: a second one, made
+            # anew (trained and noised, or checked on the newest windows), would release what
+            # the ledger does not count
+            self._set(model, task, "failed", error=gone)
             return
         if not done and not await self._train(model, task, out):
             return
         try:
-            await asyncio.to_thread(self.ledger.check_only, task.job, task.round, True)
+            await asyncio.to_thread(record)
         except BudgetExceeded as err:
             self._refuse(model, task, out, str(err))
             return
