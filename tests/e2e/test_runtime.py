@@ -169,7 +169,7 @@ def test_status_shows_every_field_of_a_running_agent(tmp_path: Path):
                 )
                 if out.returncode == 0:
                     doc = json.loads(out.stdout)
-                    if doc["ready"] and doc["queue"].get("depth", {}).get("telemetry"):
+                    if doc["ready"] and doc["queue"].get("last_seq"):
                         break
             time.sleep(0.3)
         assert doc is not None
@@ -177,7 +177,9 @@ def test_status_shows_every_field_of_a_running_agent(tmp_path: Path):
             assert key in doc, key
         assert {s["name"] for s in doc["sensors"]} == {s.name for s in cfg.sensors}
         assert all(s["state"] == "ok" for s in doc["sensors"])
-        assert doc["queue"]["depth"]["telemetry"] > 0
+        # readings went through the queue (committed); how many wait in it at one look depends
+        # on when the demo's endpoint on loopback last acknowledged them: often none
+        assert doc["queue"]["last_seq"] > 0 and doc["queue"]["depth"]["telemetry"] >= 0
         text = subprocess.run(
             [sys.executable, "-m", "agent.service.cli", "status", "--socket", str(sock)],
             capture_output=True,
