@@ -137,6 +137,7 @@ from agent.wire.learning import (  # noqa: E402
 from agent.wire.records import RecordError, dumps, loads  # noqa: E402
 from benches import Result, workdir  # noqa: E402
 from cloud.fedavg import (  # noqa: E402
+    CHECK_TOLERANCE,
     THRESHOLD_MARGIN,
     THRESHOLD_QUANTILE,
     check,
@@ -355,7 +356,7 @@ def federated(
     per_round = max(1, round(recipe.fraction * len(devices)))
     masters = init.to_vector().astype(np.float32)
     incumbent, candidate = masters, False  # candidate: the masters wait for the check
-    losses, checks = [], []
+    losses, checks, margins = [], [], []
     bound = norm_bound(recipe.clip, recipe.noise, init.parameter_count)
     r = 0
     while r < recipe.rounds or candidate:  # after the last round, one that only checks
@@ -390,6 +391,7 @@ def federated(
         if candidate:
             result = check([u.recall for u in updates if u.recall is not None])
             checks.append(result.passed)
+            margins.append((result.margin, result.passed))
             if result.passed:
                 incumbent = masters
             candidate = False
@@ -420,6 +422,7 @@ def federated(
         "loss_last_round": losses[-1],
         "checks": len(checks),
         "checks_passed": sum(checks),
+        "check_margins": margins,  # (the median paired difference, passed) of each check
     }
     return Trained({"": final}, {"": fleet_threshold(summaries)}), info
 
@@ -615,6 +618,13 @@ def _mean(
             summary[key] = _r(float(np.mean(values)), 2 if key.startswith("far_") else 4)
         if key.startswith("checks"):  # counts: summed over the seeds
             summary[key] = sum(s[key] for s, _ in runs)
+    margins = [s["check_margin_min"] for s, _ in runs if s["check_margin_min"] is not None]
+    summary["check_margin_min"] = min(margins, default=None)
+    margins = [s["check_margin_max"] for s, _ in runs if s["check_margin_max"] is not None]
+    summary["check_margin_max"] = max(margins, default=None)
+    summary["check_margins_passed_one_poisoner"] = sorted(
+        m for s, _ in runs for m in s["check_margins_passed_one_poisoner"]
+    )
     info = dict(runs[0][1])
     info["loss_last_round"] = float(np.mean([i["loss_last_round"] for _, i in runs]))
     info["loss_first_round"] = float(np.mean([i["loss_first_round"] for _, i in runs]))
@@ -645,6 +655,7 @@ def _one(
     c_att, c_att_open = (score(devices, entry, attacked[g][0]) for g in (True, False))
     h_fed, h_cen, h_loc = (score(devices, entry, t, "B") for t in (fed, cen, loc))
     scored = [d for d in devices if d.file is not None]
+    honest = [m for m, _ in info["check_margins"]]
     summary: dict[str, Any] = {
         "devices": len(devices),
         "devices_scored": len(scored),
@@ -666,6 +677,13 @@ def _one(
         "checks": info["checks"],
         "checks_passed_one_poisoner": attacked[True][1]["checks_passed"],
         "checks_one_poisoner": attacked[True][1]["checks"],
+        # the median paired difference (masters - incumbent) of every honest run's check, and
+        # of each poisoned run's model that passed: how much room the tolerance leaves
+        "check_margin_min": _r(min(honest), 4) if honest else None,
+        "check_margin_max": _r(max(honest), 4) if honest else None,
+        "check_margins_passed_one_poisoner": [
+            _r(m, 4) for m, passed in attacked[True][1]["check_margins"] if passed
+        ],
         "f1_federated_heldout": _r(h_fed.f1),
         "far_federated_heldout": _r(h_fed.far, 2),
         "f1_centralized_heldout": _r(h_cen.f1),
@@ -793,6 +811,12 @@ def _table(result: Result, s: dict[str, Any], info: dict[str, Any]) -> None:
         "checks passed (every round's model, all seeds)",
         f"{s['checks_passed']} of {s['checks']}",
         "assigned only if the median device detects as many synthetic faults as before",
+    )
+    passed = ", ".join(f"{m:+.4f}" for m in s["check_margins_passed_one_poisoner"]) or "none"
+    result.add(
+        "check margins: honest runs (min / max)",
+        f"{s['check_margin_min']:+.4f} / {s['check_margin_max']:+.4f}",
+        f"tolerance -{CHECK_TOLERANCE}; poisoned models that passed: {passed}",
     )
     result.add(
         "one poisoning device of 26: F1 / FAR % with the check",

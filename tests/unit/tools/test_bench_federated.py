@@ -59,6 +59,13 @@ def check(summary: dict[str, Any], devices: int, scored: int, rounds: int) -> No
     for regime in ("federated", "centralized", "local_only", "no_learning"):
         f1 = summary[f"f1_{regime}"]
         assert f1 is None or 0.0 <= f1 <= 1.0
+    # a round checks the model of the round before it (a failed check drops the round trained
+    # from that model, which then has nothing to check), the round after the last only checks
+    assert 1 <= summary["checks"] <= rounds
+    assert -1.0 <= summary["check_margin_min"] <= summary["check_margin_max"] <= 1.0
+    passed = summary["check_margins_passed_one_poisoner"]
+    assert len(passed) == summary["checks_passed_one_poisoner"]
+    assert all(m >= -federated.CHECK_TOLERANCE - 1e-4 for m in passed)
 
 
 def test_bench_on_a_few_skab_files(skab_dir: Path, tmp_path: Path) -> None:
