@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiocoap import Message
 from aiocoap.numbers.codes import Code
@@ -53,10 +53,32 @@ class RouteHost:
         raise NotImplementedError
 
 
+class LearnUpstream(Protocol):
+    """Where a gateway's server sends its devices' learning exchanges (agent/gateway/learnrelay.py):
+    each returns the answer's code ("2.05", "4.04", "5.03", ...) and payload."""
+
+    async def masters(self, sha256: str) -> tuple[str, bytes]: ...
+
+    async def upload(self, device: str, body: bytes) -> tuple[str, bytes]: ...
+
+
+def _answer(answer: tuple[str, bytes], success: Code) -> Message:
+    code, payload = answer
+    if code.startswith("2."):
+        return Message(code=success, payload=payload, content_format=CF_CBOR if payload else None)
+    if code in _REFUSALS:
+        raise _Failure(_REFUSALS[code], payload.decode("utf-8", "replace"))
+    raise _Failure(
+        Code.SERVICE_UNAVAILABLE, payload.decode("utf-8", "replace"), max_age=RETRY_AFTER
+    )
+
+
 class ComputeRoutes(RouteHost):
     """Handlers of the computing resources (see the module docstring)."""
 
     inference: CloudInference
+    #: a gateway's server: its devices' rounds are the cloud's (None: this endpoint's own)
+    learn_upstream: LearnUpstream | None = None
 
     async def _inference_body(self, request: Message) -> Any:
         payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)
@@ -100,6 +122,8 @@ class ComputeRoutes(RouteHost):
     async def _learn_post(self, request: Message, route: _Route) -> Message:
         device = await self._device(route)
         body = self._payload(request, (CF_CBOR,), MAX_BODY_BYTES)
+        if self.learn_upstream is not None:
+            return _answer(await self.learn_upstream.upload(device, body), Code.CHANGED)
         now = self.clock.time()
         try:
             new = await self.db(lambda s: accept_upload(s, device, body, now))
@@ -112,6 +136,8 @@ class ComputeRoutes(RouteHost):
         sha = request.opt.uri_path[-1]
         if not SHA256_HEX.match(sha):
             raise _Failure(Code.BAD_REQUEST, "masters are named by their SHA-256 (64 hex digits)")
+        if self.learn_upstream is not None:
+            return _answer(await self.learn_upstream.masters(sha), Code.CONTENT)
         blob = await self.db(lambda s: s.learn_blob(sha))
         if blob is None or hashlib.sha256(blob).hexdigest() != sha:
             raise _Failure(Code.NOT_FOUND, "no such masters")

@@ -37,6 +37,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from agent.errors import ConfigError, SyncError
+from agent.gateway.learnrelay import LearnRelay
 from agent.gateway.peers import PeerServer, PeerState, PeerSync
 from agent.gateway.peersecurity import PeerContexts
 from agent.gateway.relay import (
@@ -64,6 +65,7 @@ from drivers.clock import Clock
 log = logging.getLogger("agent.gateway")
 
 STORE_RETRY = 5.0  # seconds between tries to learn the cloud's storage identity on first start
+LEARN_LANES = 2  # its devices' learning exchanges with the cloud, at most this many at once
 STORE_DIR = "store"  # the gateway's endpoint data (SQLite, models, OSCORE state) under data_dir
 ALERT_CHECK = 0.5  # seconds between looks for an alert waiting to be forwarded
 #: seconds a loop's round may run before the loop counts as stuck (a forwarding pass of a long
@@ -135,6 +137,11 @@ class Gateway:
         self.fetcher = ModelFetcher(fetch_transport, lambda: self.endpoints.current)
         self.release_fetcher = ReleaseFetcher(fetch_transport, lambda: self.endpoints.current)
         self.releases: ReleaseMirror | None = None
+        # its devices' federated-learning exchanges, passed to the cloud (agent/gateway/learnrelay)
+        self.learn_transport = CoapTransport(
+            self.clock, lanes=LEARN_LANES, uris=up.endpoints, security=self.security
+        )
+        self.learn = LearnRelay(self.learn_transport, lambda: self.endpoints.current, LEARN_LANES)
         self.peer_state: PeerState | None = None  # [gateway.peers]
         self.peer_server: PeerServer | None = None
         self.peer_sync: PeerSync | None = None
@@ -238,6 +245,7 @@ class Gateway:
             wall=self.clock.time, time_from=self.clock, devices=lambda: self.devices,
         )  # fmt: skip
         server.batch_observer = self.forwarder.resolutions.observe
+        server.learn_upstream = self.learn
         self.releases = ReleaseMirror(self.release_fetcher, server.db, self.config.data_dir / "ota")
         self.state = StateRelay(
             server.db, self.transport, lambda: self.endpoints.current, lambda: self.devices,
@@ -416,6 +424,7 @@ class Gateway:
         if self.peer_contexts is not None:
             self.peer_contexts.close()
         await self.transport.close()
+        await self.learn_transport.close()
         await self.fetcher.close()
 
     def status_line(self) -> str:
@@ -441,6 +450,8 @@ class Gateway:
             "records_refused": f.refused if f else 0,  # refused alone (4.00): set aside
             "resolutions_evicted": f.resolutions.evicted if f else 0,  # steps over the bound
             "model_fetches": dict(st.model_fetches) if st else {},
+            "learn_masters_fetched": self.learn.fetches,  # by SHA-256, each once while kept
+            "learn_uploads": self.learn.uploads,  # devices' round uploads the cloud took
             "release_fetches": dict(self.releases.fetches) if self.releases else {},
         }
 

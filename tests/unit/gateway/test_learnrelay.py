@@ -1,0 +1,159 @@
+"""agent/gateway/learnrelay.py: a gateway's devices' learning exchanges passed to the cloud. The
+cloud here is a scripted transport (what it answers, how long it takes); the real exchange with a
+cloud endpoint is tests/e2e/test_gateway_learning.py."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import pytest
+
+from agent.errors import SyncError
+from agent.gateway import learnrelay
+from agent.gateway.learnrelay import LearnRelay
+from agent.sync.transport import Response, code
+
+CLOUD = "coap://cloud"
+
+
+def sha(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+class Cloud:
+    """Answers each request with ``answer(method, path, payload)``: a Response, or an exception
+    to raise; ``gate``, when set, holds every answer until it is set."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.requests: list[tuple[str, str, bytes, int]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def request(self, method: str, uri: str, payload: bytes = b"", **kw: Any) -> Response:
+        self.requests.append((method, uri.removeprefix(CLOUD), payload, kw.get("lane", 0)))
+        if self.gate is not None:
+            await self.gate.wait()
+        out = self.answer(method, uri.removeprefix(CLOUD), payload)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+
+def relay(cloud: Cloud, lanes: int = 2) -> LearnRelay:
+    return LearnRelay(cloud, lambda: CLOUD, lanes)  # type: ignore[arg-type]
+
+
+def blobs(n: int) -> dict[str, bytes]:
+    out = {}
+    for i in range(n):
+        b = f"weights {i}".encode()
+        out[sha(b)] = b
+    return out
+
+
+def serving(store: dict[str, bytes]) -> Any:
+    def answer(method: str, path: str, payload: bytes) -> Response:
+        blob = store.get(path.rsplit("/", 1)[-1])
+        if blob is None:
+            return Response(code("4.04"), b"no such masters")
+        return Response(code("2.05"), blob)
+
+    return answer
+
+
+async def test_devices_asking_at_once_are_served_from_one_fetch_then_from_memory() -> None:
+    store = blobs(1)
+    ((name, blob),) = store.items()
+    cloud = Cloud(serving(store))
+    cloud.gate = asyncio.Event()
+    r = relay(cloud)
+    asking = [asyncio.ensure_future(r.masters(name)) for _ in range(5)]
+    await asyncio.sleep(0)
+    cloud.gate.set()
+    assert await asyncio.gather(*asking) == [("2.05", blob)] * 5
+    assert await r.masters(name) == ("2.05", blob)
+    assert len(cloud.requests) == 1 and r.fetches == 1
+    assert cloud.requests[0][:2] == ("GET", f"/learn/masters/{name}")
+
+
+async def test_weights_that_are_not_the_ones_named_are_neither_served_nor_kept() -> None:
+    """Attack: whoever answers in the cloud's place sends other weights under the name."""
+    name = sha(b"the real weights")
+    cloud = Cloud(lambda *_: Response(code("2.05"), b"other weights"))
+    r = relay(cloud)
+    for _ in range(2):
+        assert (await r.masters(name))[0] == "5.03"
+    assert len(cloud.requests) == 2 and r.fetches == 0  # asked again: nothing was kept
+
+
+async def test_a_slow_fetch_answers_5_03_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(learnrelay, "MASTERS_WAIT", 0.05)
+    store = blobs(1)
+    ((name, blob),) = store.items()
+    cloud = Cloud(serving(store))
+    cloud.gate = asyncio.Event()
+    r = relay(cloud)
+    assert await r.masters(name) == ("5.03", b"fetching the masters from the cloud")
+    cloud.gate.set()
+    await asyncio.sleep(0.01)
+    assert await r.masters(name) == ("2.05", blob)
+    assert len(cloud.requests) == 1
+
+
+async def test_at_most_masters_kept_weights_are_held() -> None:
+    store = blobs(learnrelay.MASTERS_KEPT + 2)
+    names = list(store)
+    cloud = Cloud(serving(store))
+    r = relay(cloud)
+    for name in names:
+        assert (await r.masters(name))[0] == "2.05"
+    assert len(r._kept) == learnrelay.MASTERS_KEPT
+    await r.masters(names[-1])  # held
+    assert len(cloud.requests) == len(names)
+    await r.masters(names[0])  # the least recently asked: dropped, fetched again
+    assert len(cloud.requests) == len(names) + 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        (Response(code("2.04"), b""), ("2.04", b"")),
+        (
+            Response(code("4.03"), b"round 3 closed at its deadline"),
+            ("4.03", b"round 3 closed at its deadline"),
+        ),
+        (
+            Response(code("4.00"), b"update: delta must be finite"),
+            ("4.00", b"update: delta must be finite"),
+        ),
+        (Response(code("4.04"), b"no learning job 9"), ("4.04", b"no learning job 9")),
+        # the gateway's own trouble with the cloud, or the cloud's: the device asks again
+        (Response(code("4.01"), b""), ("5.03", b"the cloud answered 4.01")),
+        (Response(code("4.29"), b""), ("5.03", b"the cloud answered 4.29")),
+        (Response(code("5.03"), b""), ("5.03", b"the cloud answered 5.03")),
+        (SyncError("no answer within 30 s"), ("5.03", b"the cloud did not answer")),
+    ],
+)
+async def test_an_upload_gets_the_clouds_answer_or_5_03(answer: Any, expected: Any) -> None:
+    cloud = Cloud(lambda *_: answer)
+    r = relay(cloud)
+    assert await r.upload("pump-a", b"the update") == expected
+    assert cloud.requests == [("POST", "/learn/pump-a", b"the update", 1)]
+    assert r.uploads == (1 if expected[0] == "2.04" else 0)
+
+
+async def test_a_refusal_is_passed_on_at_most_200_bytes() -> None:
+    cloud = Cloud(lambda *_: Response(code("4.00"), b"x" * 5000))
+    assert await relay(cloud).upload("pump-a", b"u") == ("4.00", b"x" * 200)
+
+
+async def test_exchanges_take_turns_on_the_lanes() -> None:
+    store = blobs(2)
+    cloud = Cloud(serving(store))
+    r = relay(cloud, lanes=2)
+    for name in store:
+        await r.masters(name)
+    await r.upload("pump-a", b"u")
+    assert [lane for *_, lane in cloud.requests] == [1, 0, 1]
