@@ -38,6 +38,9 @@ log = logging.getLogger("agent.gateway.learn")
 UPSTREAM_DEADLINE = 30.0  # one exchange with the cloud (a device waits 60 s for its answer)
 MASTERS_WAIT = 10.0  # a device's GET waits this long for a fetch, then is answered 5.03
 MASTERS_KEPT = 8  # weights kept in memory (a round's masters and incumbent, for a few models)
+#: exchanges with the cloud at once, of all devices: more are answered 5.03 at once (a device
+#: that floods the gateway with uploads or unknown names cannot queue up work without end)
+MAX_IN_FLIGHT = 16
 
 #: What the gateway's server answers: a CoAP code ("2.05", "4.04", "5.03", ...) and the payload
 #: (the weights, or the reason).
@@ -47,6 +50,7 @@ UNAVAILABLE = "5.03"
 #: answer, 4.01 of the gateway's own security context included, is the gateway's to sort out).
 PASSED_ON = ("4.00", "4.03", "4.04")
 NO_ANSWER = (UNAVAILABLE, b"the cloud did not answer")
+BUSY = (UNAVAILABLE, b"the gateway is busy with other learning exchanges")
 
 
 class LearnRelay:
@@ -63,6 +67,7 @@ class LearnRelay:
         self._next_lane = 0
         self.fetches = 0  # weights fetched from the cloud (each SHA-256 once while kept)
         self.uploads = 0  # uploads the cloud took
+        self.in_flight = 0  # exchanges with the cloud under way
         self._failing: str | None = None  # the cloud's last answer that was not one to pass on
 
     def _lane(self) -> int:
@@ -77,13 +82,20 @@ class LearnRelay:
             return "2.05", blob
         task = self._fetching.get(sha256)
         if task is None:
+            if self.in_flight >= MAX_IN_FLIGHT:
+                return BUSY
             task = asyncio.ensure_future(self._fetch(sha256))
             self._fetching[sha256] = task
-            task.add_done_callback(lambda _: self._fetching.pop(sha256, None))
+            self.in_flight += 1
+            task.add_done_callback(lambda _: self._fetched(sha256))
         try:
             return await asyncio.wait_for(asyncio.shield(task), MASTERS_WAIT)
         except TimeoutError:
             return UNAVAILABLE, b"fetching the masters from the cloud"
+
+    def _fetched(self, sha256: str) -> None:
+        self._fetching.pop(sha256, None)
+        self.in_flight -= 1
 
     async def _ask(self, what: str, method: str, path: str, **kw: Any) -> Response | None:
         """One exchange with the cloud; None when it did not answer."""
@@ -119,9 +131,15 @@ class LearnRelay:
 
     async def upload(self, device: str, body: bytes) -> Answer:
         """``device``'s upload sent to the cloud; the cloud's answer, or 5.03."""
-        resp = await self._ask(
-            "upload", "POST", f"/learn/{device}", payload=body, content_format=CF_CBOR
-        )
+        if self.in_flight >= MAX_IN_FLIGHT:
+            return BUSY
+        self.in_flight += 1
+        try:
+            resp = await self._ask(
+                "upload", "POST", f"/learn/{device}", payload=body, content_format=CF_CBOR
+            )
+        finally:
+            self.in_flight -= 1
         if resp is None:
             return NO_ANSWER
         if resp.success:

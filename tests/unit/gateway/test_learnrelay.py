@@ -157,3 +157,25 @@ async def test_exchanges_take_turns_on_the_lanes() -> None:
         await r.masters(name)
     await r.upload("pump-a", b"u")
     assert [lane for *_, lane in cloud.requests] == [1, 0, 1]
+
+
+async def test_a_flood_of_exchanges_is_answered_5_03_beyond_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attack: a device behind the gateway sends many uploads, or asks for many names, at once;
+    the gateway keeps at most MAX_IN_FLIGHT exchanges with the cloud and answers the rest 5.03."""
+    monkeypatch.setattr(learnrelay, "MAX_IN_FLIGHT", 4)
+    cloud = Cloud(lambda *_: Response(code("2.04"), b""))
+    cloud.gate = asyncio.Event()
+    r = relay(cloud)
+    names = [sha(bytes([i])) for i in range(3)]
+    waiting = [asyncio.ensure_future(r.masters(n)) for n in names]
+    waiting += [asyncio.ensure_future(r.upload("pump-a", b"u")) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert r.in_flight == 4
+    done = [w.result() for w in waiting if w.done()]
+    assert done == [learnrelay.BUSY] * 2
+    assert await r.masters(sha(b"another")) == learnrelay.BUSY
+    cloud.gate.set()
+    await asyncio.gather(*waiting)
+    assert r.in_flight == 0 and len(cloud.requests) == 4
