@@ -379,6 +379,13 @@ class Storage(Protocol):
 
     def reported(self, device: str) -> dict[str, Entry]: ...
 
+    def reported_keys(
+        self, devices: Sequence[str], keys: Sequence[str]
+    ) -> dict[str, dict[str, Entry]]:
+        """The entries of ``keys`` each of ``devices`` reported, by device; a device that
+        reported none of them is absent (the learning coordinator's look at the devices of a
+        round: a few keys of many devices, without their whole reported state)."""
+
     def put_reported(
         self, device: str, entries: Mapping[str, Entry], now: float, max_keys: int | None = None
     ) -> ReportedResult:

@@ -28,8 +28,10 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 from agent.errors import AgentError
+from agent.wire import statedoc
 from agent.wire.batch import WireRecord
 from agent.wire.credentials import Credential
+from agent.wire.statedoc import Entry
 from cloud import featurestore, linkhistory
 from cloud.commandstore import CommandTables
 from cloud.featurestore import StoredFeatures
@@ -54,6 +56,9 @@ log = logging.getLogger("cloud.storage")
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
+#: The most parameters one :meth:`SharedStorage.reported_keys` statement takes (SQLite's limit
+#: is 32,766 since 3.32, 999 before).
+REPORTED_KEYS_CHUNK = 900
 #: Logical table -> the table that holds it (where the names differ).
 PHYSICAL = {"verdicts": "window_verdicts", "sequences": "oscore_sequence"}
 MIGRATING = "migrating_from"  # the name of the migration mark among the named numbers
@@ -187,6 +192,38 @@ class SharedStorage(LearnTables, RelayTables, CommandTables, ReleaseTables):
 
     def model_file(self, name: str, version: str) -> bytes | None:
         raise NotImplementedError
+
+    # -- reported state ---------------------------------------------------------------------------
+
+    def reported_keys(
+        self, devices: Sequence[str], keys: Sequence[str]
+    ) -> dict[str, dict[str, Entry]]:
+        """The entries of ``keys`` that each of ``devices`` reported, by device (a device that
+        reported none of them is absent): indexed look-ups by (device, key), however much else
+        the devices report, in one read. Values decode as :meth:`reported`'s do (a stored value
+        this endpoint cannot read is a :class:`agent.wire.statedoc.RawValue`)."""
+        wanted, names = sorted(set(devices)), sorted(set(keys))
+        if not wanted or not names:
+            return {}
+        step = max(1, REPORTED_KEYS_CHUNK // len(names))
+
+        def read(db: Sql) -> list[Row]:
+            rows: list[Row] = []
+            for at in range(0, len(wanted), step):
+                part = wanted[at : at + step]
+                rows += db.execute(
+                    "SELECT device, key, version, value FROM reported"
+                    f" WHERE device IN ({', '.join('?' * len(part))})"
+                    f" AND key IN ({', '.join('?' * len(names))})",
+                    (*part, *names),
+                ).fetchall()
+            return rows
+
+        out: dict[str, dict[str, Entry]] = {}
+        for device, key, version, value in self._read(read):
+            entry = Entry(int(version), statedoc.decode_value(bytes(value)))
+            out.setdefault(device, {})[key] = entry
+        return out
 
     # -- features records (cloud/featurestore.py) ------------------------------------------------
 

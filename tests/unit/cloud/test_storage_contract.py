@@ -351,6 +351,34 @@ def test_reported_merges_by_rule_and_refuses_versions_far_ahead(storage: Storage
         storage.put_reported("stranger", {"link/state": Entry(1, "up")}, T0)
 
 
+def test_reported_keys_reads_a_few_keys_of_many_devices(backend: Backend, storage: Storage) -> None:
+    """What the learning coordinator reads each tick: ``learn/<model>`` and ``desired/errors``
+    of a round's devices (more devices than one statement takes), nothing else; a stored value
+    this endpoint cannot read comes back raw, as from reported()."""
+    devices = [f"d-{i:04d}" for i in range(1000)]
+    for i, d in enumerate(devices):
+        storage.add_device(d, T0)
+        entries = {"link/state": Entry(1, "up"), "learn/m": Entry(2, {"round": i})}
+        if i % 2:
+            entries["desired/errors"] = Entry(3, {"learn/m": {"version": i, "error": "no"}})
+        storage.put_reported(d, entries, T0)
+    backend.sql(
+        f"UPDATE reported SET value = {_hex(backend, 'ffff')} "
+        "WHERE device = 'd-0007' AND key = 'learn/m'"
+    )
+    wanted = [*devices[::-1], "stranger", DEV]
+    got = backend.open().reported_keys(wanted, ["learn/m", "desired/errors", "learn/m"])
+    assert set(got) == set(devices)  # reported none of them: absent
+    assert got["d-0004"] == {"learn/m": Entry(2, {"round": 4})}
+    assert got["d-0999"] == {
+        "learn/m": Entry(2, {"round": 999}),
+        "desired/errors": Entry(3, {"learn/m": {"version": 999, "error": "no"}}),
+    }
+    assert isinstance(got["d-0007"]["learn/m"].value, RawValue)
+    assert storage.reported_keys([], ["learn/m"]) == {}
+    assert storage.reported_keys(devices, []) == {}
+
+
 def test_reported_link_values_go_to_the_link_history(backend: Backend, storage: Storage) -> None:
     storage.put_reported(DEV, {"link/state": Entry(1, "up"), "link/rtt_ms": Entry(1, 40)}, T0)
     storage.put_reported(DEV, {"link/state": Entry(2, "up")}, T0 + 1)  # same value: not kept
