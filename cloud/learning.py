@@ -14,6 +14,10 @@ ends; each tick makes at most one transition:
   ``min_devices`` did (stragglers and devices that went offline are left out; their late uploads
   are refused 4.03). Fewer by the deadline: the round opens again with a new selection (uploads
   already received for it still count), at most :data:`MAX_ATTEMPTS` times, then the job fails.
+  A selected device that says in its own reported state that it will not upload in this attempt
+  (:func:`out_of_round`) is not waited for: the round closes once every selected device uploaded
+  or is out, with ``min_devices`` uploads, and opens again (or fails) as soon as the uploads and
+  the devices that may still upload cannot make ``min_devices``, before the deadline.
 - closing: FedAvg of the uploads weighted by their sample counts (cloud/fedavg.py), the
   federated threshold from their score summaries, the new float weights written into the
   template int8 model (cloud/tflitepatch.py: no TensorFlow), signed and published as version
@@ -31,7 +35,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,7 +55,7 @@ from agent.wire.learning import (
     learn_key,
     parameter_count,
 )
-from agent.wire.statedoc import MAX_VALUE_BYTES, MODEL_NAME
+from agent.wire.statedoc import MAX_VALUE_BYTES, MODEL_NAME, Entry
 from cloud import tflitepatch
 from cloud.fedavg import CHECK_TOLERANCE
 from cloud.learnstore import JobRow
@@ -70,6 +75,17 @@ NORM_SLACK = 6.0
 #: Seconds between ticks of :meth:`Coordinator.run`.
 TICK = 1.0
 STATES = ("running", "done", "failed", "stopped")
+#: The statuses a device reports under ``learn/<model>`` for a round it will not upload in
+#: (agent/learn/client.py ``_set``): a refusal stands for every attempt of its round (the device
+#: never takes that round again, client.py ``_done``); an expired, failed or withdrawn attempt
+#: is taken again when the round opens again, so those count for their own attempt only.
+OUT_STATUSES = ("refused", "expired", "failed", "withdrawn")
+#: Why a device is out when it refused the desired ``learn/<model>`` value itself (its state sync
+#: names the key and the version in ``desired/errors``, agent/sync/statedata.py errors_report;
+#: a refused version is never tried again): a release that does not know the task's ``check``,
+#: ``[learn] enabled = false``, an agent without the learning client.
+NOT_APPLIED = "not_applied"
+DESIRED_ERRORS = "desired/errors"  # agent/sync/statedata.py ERRORS_KEY
 
 
 class JobError(AgentError):
@@ -176,6 +192,14 @@ class JobState:
     candidate_info: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
+    #: the desired version of ``learn/<model>`` written to each selected device in the open
+    #: attempt (a refusal of that version in its ``desired/errors`` takes it out)
+    versions: dict[str, int] = field(default_factory=dict)
+    #: the selected devices of the open attempt that said they will not upload, and why (a
+    #: status of OUT_STATUSES, or NOT_APPLIED)
+    out: dict[str, str] = field(default_factory=dict)
+    #: the open round's earlier attempts: {attempt, uploads, out (counts by why), early}
+    reopened: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -199,7 +223,12 @@ class Job:
         return cls(row.id, JobSpec(**spec), JobState(**d["state"]), row.rev)
 
     def summary(self) -> dict[str, Any]:
-        return {"job": self.id, **asdict(self.spec), **asdict(self.st)}
+        return {
+            "job": self.id,
+            **asdict(self.spec),
+            **asdict(self.st),
+            "out_counts": out_counts(self.st.out),
+        }
 
 
 def masters_of(model: DenseAutoencoder, name: str) -> Masters:
@@ -208,6 +237,65 @@ def masters_of(model: DenseAutoencoder, name: str) -> Masters:
 
 def version_for(base: str, job: int, rnd: int) -> str:
     return f"{base.split('+')[0]}+fl{job}.{rnd}"
+
+
+def out_of_round(
+    reported: Mapping[str, Entry],
+    model: str,
+    job: int,
+    rnd: int,
+    deadline: float,
+    version: int | None,
+) -> str | None:
+    """Why a device selected in the open attempt of round ``rnd`` of ``job`` (its deadline
+    ``deadline``; ``version``: the desired version of ``learn/<model>`` written to it, None if
+    not known) will not upload in it, by its own reported state (``reported``: at least its
+    ``learn/<model>`` and ``desired/errors`` entries); None when it may still upload, or says
+    nothing this endpoint can read.
+
+    - ``learn/<model>`` names this job and round with a status of :data:`OUT_STATUSES`:
+      ``refused`` whatever the attempt (a refusal stands for every attempt of its round), the
+      others only with this attempt's deadline (the device takes a new attempt again; the
+      deadline it reports is the task's, agent/learn/client.py ``_set``);
+    - ``desired/errors`` names ``learn/<model>`` at ``version``: the device refused the task
+      itself (:data:`NOT_APPLIED`; its state sync never tries a refused version again).
+
+    The device wrote these values: anything may be in them (a device can only take itself out
+    of a round). A value of another shape, type or size is not a reason."""
+    key = learn_key(model)
+    entry = reported.get(key)
+    value = entry.value if entry is not None else None
+    if isinstance(value, dict) and _is_int(value.get("job"), job):
+        status = value.get("status")
+        if (
+            isinstance(status, str)
+            and status in OUT_STATUSES
+            and _is_int(value.get("round"), rnd)
+            and (status == "refused" or _is_int(value.get("deadline"), math.ceil(deadline)))
+        ):
+            return status
+    errors = reported.get(DESIRED_ERRORS)
+    refusals = errors.value if errors is not None else None
+    if version is not None and isinstance(refusals, dict):
+        refusal = refusals.get(key)
+        if isinstance(refusal, dict) and _is_int(refusal.get("version"), version):
+            return NOT_APPLIED
+    return None
+
+
+def _is_int(value: Any, expected: int) -> bool:
+    return type(value) is int and value == expected  # not a bool, a float or a bignum's repr
+
+
+def out_counts(out: Mapping[str, str]) -> dict[str, int]:
+    """How many devices are out for each reason, in the order of :data:`OUT_STATUSES`."""
+    counts = Counter(out.values())
+    order = [*OUT_STATUSES, NOT_APPLIED]
+    return {why: counts[why] for why in sorted(counts, key=order.index)}
+
+
+def _why(out: Mapping[str, str], sep: str = ",") -> str:
+    return sep.join(f"{why}:{n}" for why, n in out_counts(out).items()) or "-"
 
 
 class Coordinator:
@@ -302,33 +390,100 @@ class Coordinator:
                 job.st.state = "done"
             self._save(job)
             return self.job(job_id)
-        received = set(self.storage.learn_update_devices(job.id, job.st.round))
-        selected = set(job.st.selected)
-        if selected <= received or (
-            now >= job.st.deadline and len(received) >= job.spec.min_devices
-        ):
-            self._close(job, now)
-        elif now >= job.st.deadline:
-            if job.st.attempt + 1 >= MAX_ATTEMPTS:
-                job.st.state, job.st.open = "failed", False
-                job.st.error = (
-                    f"round {job.st.round}: {len(received)} uploads by the deadline, "
-                    f"{job.spec.min_devices} needed, {MAX_ATTEMPTS} attempts"
+        st, needed = job.st, job.spec.min_devices
+        received = set(self.storage.learn_update_devices(job.id, st.round))
+        selected = set(st.selected)
+        waiting = selected - received
+        out = self._out(job, waiting) if waiting else {}
+        coming = len(waiting) - len(out)  # selected devices that may still upload
+        late = now >= st.deadline
+        if selected <= received or (len(received) >= needed and (late or coming == 0)):
+            st.out = out
+            if out and not late:
+                log.info(
+                    "event=learn_round_closed_early job=%d round=%d attempt=%d uploads=%d "
+                    "out=%d why=%s",
+                    job.id,
+                    st.round,
+                    st.attempt,
+                    len(received),
+                    len(out),
+                    _why(out),
                 )
-                log.warning("event=learn_job_failed job=%d error=%r", job.id, job.st.error)
+            self._close(job, now, early=bool(out) and not late)
+        elif late or len(received) + coming < needed:
+            st.out = out
+            by = "by the deadline" if late else "before the deadline"
+            if st.attempt + 1 >= MAX_ATTEMPTS:
+                st.state, st.open = "failed", False
+                st.error = (
+                    f"round {st.round}: {len(received)} uploads {by}"
+                    + (f", {len(out)} selected devices out ({_why(out, ', ')})" if out else "")
+                    + f", {needed} needed, {MAX_ATTEMPTS} attempts"
+                )
+                log.warning("event=learn_job_failed job=%d error=%r", job.id, st.error)
             else:
                 log.info(
-                    "event=learn_round_reopened job=%d round=%d received=%d needed=%d",
+                    "event=learn_round_reopened job=%d round=%d received=%d needed=%d early=%s "
+                    "out=%d why=%s",
                     job.id,
-                    job.st.round,
+                    st.round,
                     len(received),
-                    job.spec.min_devices,
+                    needed,
+                    str(not late).lower(),
+                    len(out),
+                    _why(out),
                 )
-                self._open(job, job.st.round, job.st.attempt + 1, now)
+                st.reopened.append(
+                    {
+                        "attempt": st.attempt,
+                        "uploads": len(received),
+                        "out": out_counts(out),
+                        "early": not late,
+                    }
+                )
+                # before the deadline, the devices that may still upload are selected again
+                # (their round starts over: no privacy spent twice, a charged update is sent
+                # as it is); left out, one that uploads later would be refused 4.03 and have
+                # spent privacy on nothing
+                keep = () if late else sorted(waiting - set(out))
+                self._open(job, st.round, st.attempt + 1, now, keep)
+        elif out != st.out:  # nothing to do yet, but who is out changed: learn status says so
+            st.out = out
         else:
             return job
         self._save(job)
         return self.job(job_id)
+
+    def _out(self, job: Job, devices: set[str]) -> dict[str, str]:
+        """The ``devices`` (selected in the open attempt, no upload yet) that say in their own
+        reported state that they will not upload in it, and why (:func:`out_of_round`); two
+        reported keys of each, in one read."""
+        key = learn_key(job.spec.model)
+        reports = self.storage.reported_keys(sorted(devices), [key, DESIRED_ERRORS])
+        st, out = job.st, {}
+        for device in sorted(devices):
+            why = out_of_round(
+                reports.get(device, {}),
+                job.spec.model,
+                job.id,
+                st.round,
+                st.deadline,
+                st.versions.get(device),
+            )
+            if why is None:
+                continue
+            out[device] = why
+            if st.out.get(device) != why:
+                log.info(
+                    "event=learn_device_out job=%d round=%d attempt=%d device=%s why=%s",
+                    job.id,
+                    st.round,
+                    st.attempt,
+                    device,
+                    why,
+                )
+        return out
 
     def _save(self, job: Job) -> bool:
         ok = self.storage.update_learn_job(job.id, job.rev, job.to_cbor(), self.clock())
@@ -342,7 +497,9 @@ class Coordinator:
             return sorted(d for d in spec.devices if d in known)
         return sorted(known)
 
-    def _open(self, job: Job, rnd: int, attempt: int, now: float) -> None:
+    def _open(self, job: Job, rnd: int, attempt: int, now: float, keep: Sequence[str] = ()) -> None:
+        """Open attempt ``attempt`` of round ``rnd``: select devices (``keep``, those of them
+        still eligible, and the rest at random) and write each the round's task."""
         spec = job.spec
         pool = self.eligible(spec)
         if rnd > spec.rounds:
@@ -363,8 +520,16 @@ class Coordinator:
             )
             return
         want = min(len(pool), max(spec.min_devices, math.ceil(spec.fraction * len(pool))))
-        chosen = sorted(random.Random(f"{job.id}:{rnd}:{attempt}").sample(pool, want))
+        eligible = set(pool)
+        kept = [d for d in keep if d in eligible][:want]
+        again = set(kept)
+        rest = [d for d in pool if d not in again]
+        drawn = random.Random(f"{job.id}:{rnd}:{attempt}").sample(rest, want - len(kept))
+        chosen = sorted([*kept, *drawn])
         deadline = now + spec.round_seconds
+        if attempt > 0:  # the round again: a later whole second than the attempt before (the
+            # devices report the deadline of the attempt they took: it tells the attempts apart)
+            deadline = max(deadline, math.ceil(job.st.deadline) + 1.0)
         checked = bool(job.st.candidate)  # the masters wait for the check
         task = RoundTask(
             job.id,
@@ -379,11 +544,16 @@ class Coordinator:
             spec.noise,
             check=job.st.incumbent if checked else None,
         )
-        value = task.to_value()
+        value, key = task.to_value(), learn_key(spec.model)
+        versions = {}
         for device in chosen:
-            self.storage.put_desired(device, {learn_key(spec.model): value}, now)
+            doc, _ = self.storage.put_desired(device, {key: value}, now)
+            versions[device] = doc.entries[key].version
+        if attempt == 0:
+            job.st.reopened = []
         job.st.round, job.st.attempt, job.st.open = rnd, attempt, True
         job.st.selected, job.st.deadline = chosen, float(task.deadline)
+        job.st.versions, job.st.out = versions, {}
         log.info(
             "event=learn_round_opened job=%d round=%d attempt=%d selected=%d deadline=%d",
             job.id,
@@ -393,7 +563,7 @@ class Coordinator:
             task.deadline,
         )
 
-    def _close(self, job: Job, now: float) -> None:
+    def _close(self, job: Job, now: float, early: bool = False) -> None:
         spec, rnd, st = job.spec, job.st.round, job.st
         blob = self.storage.learn_blob(st.masters)
         if blob is None:
@@ -430,6 +600,12 @@ class Coordinator:
             "samples": int(sum(u.samples for u in updates)),
             "closed": now,
         }
+        if st.out:  # of the closing attempt; those of earlier attempts in "reopened"
+            entry["out"] = out_counts(st.out)
+        if early:
+            entry["early"] = True
+        if st.reopened:
+            entry["reopened"], st.reopened = st.reopened, []
         if st.candidate:  # this round's uploads checked the masters against the incumbent
             recalls = [u.recall for u in updates if u.recall is not None]
             result = fedavg.check(recalls, spec.tolerance)
