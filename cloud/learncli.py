@@ -20,7 +20,15 @@ from agent.errors import ModelError
 from agent.exits import EX_DATAERR, EX_NOINPUT, EX_OK, EX_SOFTWARE, CommandError
 from agent.learn.autoencoder import DenseAutoencoder
 from cloud import tflitepatch
-from cloud.learning import Coordinator, Job, JobError, JobSpec, UnknownJob
+from cloud.learning import (
+    MAX_ATTEMPTS,
+    Coordinator,
+    Job,
+    JobError,
+    JobSpec,
+    UnknownJob,
+    out_counts,
+)
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models" / "cloud"
 
@@ -105,6 +113,10 @@ def _print(job: Job) -> None:
         if st.round <= spec.rounds
         else f"round {st.round}, the check of round {spec.rounds}'s model"
     ) + (" open" if st.open else "")
+    if st.open and st.attempt:
+        where += f" (attempt {st.attempt + 1} of {MAX_ATTEMPTS})"
+    if st.out and st.open:
+        where += f", {_out_text(out_counts(st.out), len(st.selected))}"
     print(
         f"job {job.id} {spec.model} from {spec.base}: {st.state}, {where}"
         + (f", model {st.version}" if st.version else "")
@@ -138,9 +150,27 @@ def _round_parts(h: dict[str, Any], rounds: int, checked: bool) -> list[str]:
         parts.append("trained from a model that failed the check: dropped")
     elif checked and h["round"] <= rounds:
         parts.append("its model checked by the next round")
+    for r in h.get("reopened", []):  # the attempts before the one that closed
+        when = "before the deadline" if r["early"] else "at the deadline"
+        parts.append(
+            f"attempt {r['attempt'] + 1} ended {when} with {r['uploads']} "
+            + ("upload" if r["uploads"] == 1 else "uploads")
+            + (f", {_out_text(r['out'])}" if r["out"] else "")
+        )
+    if h.get("out"):
+        early = ": closed before the deadline" if h.get("early") else ""
+        parts.append(_out_text(h["out"], h["selected"]) + early)
     if h["missing"]:
         parts.append(f"missing {','.join(h['missing'])}")
     return parts
+
+
+def _out_text(counts: dict[str, int], selected: int | None = None) -> str:
+    """``3/10 selected out (refused 2, not_applied 1)``: devices that said they will not
+    upload, by why (cloud/learning.py out_of_round)."""
+    n = sum(counts.values())
+    of = f"{n}/{selected} selected" if selected is not None else f"{n} selected devices"
+    return f"{of} out (" + ", ".join(f"{why} {k}" for why, k in counts.items()) + ")"
 
 
 def cmd_learn(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """cloud/learncli.py: what ``learn status`` says of each closed round (:func:`_round_parts`), for
 the history entries cloud/learning.py writes: a round whose check passed, one whose check failed,
-the round that only checks, and a round of a job stored before the check."""
+the round that only checks, a round of a job stored before the check, and a round closed before
+its deadline with devices out, after an attempt that ended early."""
 
 from __future__ import annotations
 
@@ -80,8 +81,44 @@ PASSED = (
             False,
             ["3/3 uploads", "600 windows", "assigned 1.0.0+fl1.1 (threshold 0.9877)"],
         ),
+        (
+            entry(
+                1,
+                2,
+                ("pump-c",),
+                threshold=0.98765,
+                version="1.0.0+fl1.1",
+                attempts=2,
+                out={"refused": 1},
+                early=True,
+                reopened=[
+                    {
+                        "attempt": 0,
+                        "uploads": 1,
+                        "out": {"expired": 1, "not_applied": 1},
+                        "early": True,
+                    }
+                ],
+            ),
+            False,
+            [
+                "2/3 uploads",
+                "400 windows",
+                "assigned 1.0.0+fl1.1 (threshold 0.9877)",
+                "attempt 1 ended before the deadline with 1 upload, 2 selected devices out "
+                "(expired 1, not_applied 1)",
+                "1/3 selected out (refused 1): closed before the deadline",
+                "missing pump-c",
+            ],
+        ),
     ],
-    ids=["passed", "failed", "the-round-that-only-checks", "a-job-before-the-check"],
+    ids=[
+        "passed",
+        "failed",
+        "the-round-that-only-checks",
+        "a-job-before-the-check",
+        "devices-out",
+    ],
 )
 def test_learn_status_says_each_rounds_check(h: dict, checked: bool, parts: list[str]) -> None:
     assert _round_parts(h, ROUNDS, checked) == parts

@@ -24,6 +24,7 @@ from agent.wire import learning as wire_learning
 from agent.wire import records
 from agent.wire.learning import LearningError, Recall, learn_key
 from agent.wire.statedoc import Entry, show
+from cloud.learncli import _print
 from cloud.learning import MAX_ATTEMPTS, NOT_APPLIED, out_of_round
 from tests.unit.cloud.test_learning_check import MODEL, Rig
 
@@ -102,6 +103,21 @@ def test_a_round_closes_once_every_selected_device_uploaded_or_is_out(
     h = job.st.history[-1]
     assert (h["uploads"], h["missing"], h["out"], h["early"]) == (2, [c], {"refused": 1}, True)
     assert "event=learn_round_closed_early job=1 round=1 attempt=0 uploads=2 out=1" in caplog.text
+
+
+def test_a_device_out_of_the_round_is_said_while_the_round_is_open(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = rig.devices[2]
+    job_id = rig.start(min_devices=2)
+    reports = Reports(rig)
+    rig.coordinator.tick(job_id)
+    reports.status(c, "failed", error="the masters do not take these windows")
+    job = rig.coordinator.tick(job_id)
+    assert job.st.open and job.st.out == {c: "failed"}
+    assert job.summary()["out_counts"] == {"failed": 1}
+    _print(job)
+    assert "round 1/2 open, 1/3 selected out (failed 1)" in capsys.readouterr().out
 
 
 def test_the_round_opens_again_at_once_when_the_quorum_cannot_be_met(
