@@ -30,12 +30,13 @@ ledger is never trained twice. The reported key
 
 Each model's round runs in a task of its own: a round never waits for another model's, and a
 desired value that replaces or withdraws a task cancels its round at once (cleanly: the training
-process is killed, its job file removed; a round the privacy ledger charged keeps its update file
-for a re-opened attempt, like one that expired). A task's deadline is capped at
-:data:`MAX_AHEAD` after it came, on the monotonic clock (:meth:`LearningClient._deadline`). Which
-rounds ended is compared within a job only: job ids name jobs, they do not order them (one task
-with a huge id must not end every later job); the privacy ledger, which charges every (job,
-round) uploaded whatever its id, is what keeps a renamed job from costing nothing.
+process is killed, its job file removed, and so is an update it wrote that is not charged yet; a
+round the privacy ledger charged keeps its update file for a re-opened attempt, like one that
+expired). A task's deadline is capped at :data:`MAX_AHEAD` after it came, on the monotonic clock
+(:meth:`LearningClient._deadline`). Which rounds ended is compared within a job only: job ids name
+jobs, they do not order them (one task with a huge id must not end every later job); the privacy
+ledger, which charges every (job, round) uploaded whatever its id, is what keeps a renamed job from
+costing nothing.
 """
 
 from __future__ import annotations
@@ -550,15 +551,18 @@ class LearningClient:
                 None if incumbent is None else incumbent.weights,
             )
         )
+        ok = False
         try:
             await asyncio.shield(written)
             ok = await self._run_worker(task, job, out)
         finally:
             # cancelled (the task replaced or withdrawn): the job file holds the windows, and
-            # its thread may still be writing it; a killed worker may leave a half update
+            # its thread may still be writing it; a killed worker may leave a half update, or a
+            # whole one written before the round ended: not charged (recorded), it never leaves
+            # (a task for this round sent again, with another noise, would charge it at its own)
             with contextlib.suppress(Exception):
                 await written
-            for path in (job, out.with_name(out.name + ".tmp")):
+            for path in (job, out.with_name(out.name + ".tmp"), *(() if ok else (out,))):
                 with contextlib.suppress(OSError):
                     path.unlink()
         if not ok:

@@ -242,6 +242,47 @@ async def test_a_round_withdrawn_while_training_kills_its_worker_and_charges_not
     assert PrivacyLedger(tmp_path / "learn-privacy.json", 200.0, 1e-5).charged == []
 
 
+async def test_an_update_trained_but_not_charged_when_its_round_is_replaced_never_leaves(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Attack: the endpoint replaces a round's task (noise 0.5) by one for the same round with
+    more noise (5.0) just as the training process has written its update, before the ledger
+    charged it (the cancellation lands at one of the round's awaits after the worker exited).
+    Was: the update stayed on disk, the new task found it as "trained before a restart", charged
+    the round at noise 5.0 and sent the update noised at 0.5: the ledger counted less privacy
+    than the device released. Now an update not charged goes with its cancelled round, and the
+    new task trains one of its own, at its own noise."""
+    uri, learn = endpoint
+    model = DenseAutoencoder.initial(32, 16, 4, np.random.default_rng(1))
+    masters = Masters("skab-ae", (32, 16, 4, 16, 32), model.to_vector()).to_cbor()
+    sha = hashlib.sha256(masters).hexdigest()
+    learn.routes[f"masters/{sha}"] = masters
+    learn.routes[DEVICE] = Code.CHANGED
+    dev = Device(uri, tmp_path).start()
+    real_worker = dev.client._run_worker
+    trained: list[bytes] = []
+
+    async def worker(t: RoundTask, job: Path, out: Path) -> bool:
+        ok = await real_worker(t, job, out)
+        trained.append(await asyncio.to_thread(out.read_bytes))
+        if len(trained) == 1:  # the endpoint's new task comes as the first update is written
+            dev.client.apply("skab-ae", task(1, sha, noise=5.0))
+            await asyncio.sleep(0)  # cancelled here, before the charge
+        return ok
+
+    dev.client._run_worker = worker  # type: ignore[method-assign]
+    try:
+        dev.client.apply("skab-ae", task(1, sha, noise=0.5))
+        await until(lambda: dev.st().get("status") == "uploaded", "the new task uploaded")
+        assert len(trained) == 2 and learn.posts == [trained[1]]  # noised at 5.0
+        reference = PrivacyLedger(tmp_path / "reference.json", 200.0, 1e-5)
+        reference.charge(1, 1, 5.0)
+        assert dev.client.ledger.charged == ["1:1"]
+        assert np.array_equal(dev.client.ledger.rdp, reference.rdp)
+    finally:
+        await dev.stop()
+
+
 async def test_a_round_replaced_while_uploading_sends_its_charged_update_and_never_trains_again(
     endpoint: tuple[str, Learn], tmp_path: Path
 ) -> None:
