@@ -22,7 +22,8 @@ The upload is kept on disk (``learn-<job>-<round>.cbor`` in the data directory) 
 answered it (an attempt that expired keeps it for the round opened again, until a later round
 starts), and rounds already done are remembered (``learn.json``): a restart or a re-opened
 attempt re-sends the same noisy update (no new privacy cost), and a round charged to the privacy
-ledger is never trained twice. The reported key
+ledger is never trained twice; an update written but never charged (the agent stopped between)
+is made again under the task in force, as nothing of it left. The reported key
 ``learn/<model>`` says where the device is: ``{job, round, status[, samples]}``, status one of
 ``waiting`` (too few windows yet, or the masters not served: ``reason`` says which),
 ``training``, ``uploading``, ``uploaded``, ``refused``, ``expired``, ``failed``, ``withdrawn``
@@ -142,10 +143,10 @@ def _drop_other_updates(data_dir: Path, keep: Collection[str]) -> None:
 
 
 def _trained(out: Path, task: RoundTask) -> bool:
-    """Whether ``out`` holds this round's update, trained before a restart: it is uploaded as it
-    is. A file that is not one (damaged at rest, another round's, weights for a round that only
-    checks or none for one that trains) is removed: nothing leaves the device in a training
-    exchange but a checked update, and no weights but charged ones."""
+    """Whether ``out`` holds this round's update, made before a restart: uploaded as it is once
+    the round is charged (recorded). A file that is not one (damaged at rest, another round's,
+    weights for a round that only checks or none for one that trains) is removed: nothing leaves
+    the device in a training exchange but a checked update, and no weights but charged ones."""
     try:
         with open(out, "rb") as f:
             data = f.read(MAX_BODY_BYTES + 1)
@@ -162,6 +163,11 @@ def _trained(out: Path, task: RoundTask) -> bool:
         with contextlib.suppress(OSError):
             out.unlink()
         return False
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _ended_round(st: dict[str, Any]) -> dict[str, Any] | None:
@@ -484,7 +490,14 @@ class LearningClient:
             self._refuse(model, task, out, str(err))
             return
         done = await asyncio.to_thread(_trained, out, task)
-        if not done and ledger.key(task.job, task.round) in getattr(ledger, spent):
+        charged = ledger.key(task.job, task.round) in getattr(ledger, spent)
+        if done and not charged:
+            # trained before the agent stopped, never recorded, so nothing of it left: the task
+            # in force may not be the one it was trained under (another noise), so it is made
+            # again under this one rather than charged at a noise it was not made with
+            await asyncio.to_thread(_unlink, out)
+            done = False
+        if not done and charged:
             # charged (answered), so an upload of it may have left already: a second one, made
             # anew (trained and noised, or checked on the newest windows), would release what
             # the ledger does not count

@@ -149,7 +149,7 @@ async def test_a_checked_training_round_sends_weights_and_the_check_charged_once
 async def test_a_check_only_update_kept_across_a_restart_is_sent_as_it_is(
     endpoint: tuple[str, Learn], tmp_path: Path
 ) -> None:
-    """The agent restarted after the check was computed and before it was answered: the same
+    """The agent restarted after the check was recorded and before it was answered: the same
     update goes, nothing is fetched, and still nothing is charged."""
     uri, learn = endpoint
     masters, incumbent = served(learn, weights(1), weights(2))
@@ -157,6 +157,7 @@ async def test_a_check_only_update_kept_across_a_restart_is_sent_as_it_is(
     (tmp_path / "learn-1-4.cbor").write_bytes(kept.to_cbor())
     dev = Device(uri, tmp_path).start()
     trained_before(dev)
+    dev.client.ledger.check_only(1, 4, True)  # recorded before the restart
     try:
         dev.client.apply("skab-ae", check_task(masters, incumbent))
         await until(lambda: dev.st().get("status") == "uploaded", "the kept check uploaded")

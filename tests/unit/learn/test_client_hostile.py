@@ -294,7 +294,8 @@ async def test_a_round_replaced_while_uploading_sends_its_charged_update_and_nev
     uri, learn = endpoint
     learn.routes[DEVICE] = Code.SERVICE_UNAVAILABLE
     update = ModelUpdate(1, 3, 10, np.zeros(8, np.float32), ScoreSummary.of(np.ones(20)), 0.1)
-    (tmp_path / "learn-1-3.cbor").write_bytes(update.to_cbor())  # trained before a restart
+    (tmp_path / "learn-1-3.cbor").write_bytes(update.to_cbor())  # charged before a restart
+    PrivacyLedger(tmp_path / "learn-privacy.json", 200.0, 1e-5).charge(1, 3, 0.5)
     dev = Device(uri, tmp_path).start()
     try:
         dev.client.apply("skab-ae", task(1, A, rnd=3))
@@ -314,6 +315,7 @@ async def test_a_round_replaced_while_uploading_sends_its_charged_update_and_nev
         (tmp_path / "learn-1-4.cbor").write_bytes(
             ModelUpdate(1, 4, 10, update.delta, update.scores, 0.1).to_cbor()
         )
+        dev.client.ledger.charge(1, 4, 0.5)  # as if charged before a restart
         dev.client.apply("skab-ae", task(1, A, rnd=4))
         await until(lambda: dev.st().get("reason") == "the endpoint answered 5.03", "round 4")
         dev.client.apply("skab-ae", task(1, B, rnd=5))  # replaced while uploading round 4
@@ -363,7 +365,8 @@ async def test_a_stale_round_of_the_same_job_is_still_skipped(
     uri, learn = endpoint
     learn.routes[DEVICE] = Code.CHANGED
     update = ModelUpdate(1, 3, 10, np.zeros(8, np.float32), ScoreSummary.of(np.ones(20)), 0.1)
-    (tmp_path / "learn-1-3.cbor").write_bytes(update.to_cbor())
+    (tmp_path / "learn-1-3.cbor").write_bytes(update.to_cbor())  # charged before a restart
+    PrivacyLedger(tmp_path / "learn-privacy.json", 200.0, 1e-5).charge(1, 3, 0.5)
     dev = Device(uri, tmp_path).start()
     try:
         dev.client.apply("skab-ae", task(1, A, rnd=3))
@@ -400,3 +403,25 @@ async def test_renaming_a_job_does_not_reset_the_privacy_budget(
             await dev.stop()
     assert learn.asked(A) == 0
     assert PrivacyLedger(tmp_path / "learn-privacy.json", budget, 1e-5).charged == ["1:1"]
+
+
+async def test_an_update_kept_across_a_restart_but_never_charged_is_made_again_under_the_task(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Attack: the agent stopped between its training process writing round 3's update (noised
+    at 0.5) and the ledger charging it; after the restart the endpoint sends round 3 with noise
+    5.0. Was: the kept update was charged at 5.0 and sent, so the ledger counted less than the
+    device released. Now an update never charged (nothing of it left) is made again under the
+    task in force."""
+    uri, learn = endpoint
+    learn.routes[f"masters/{A}"] = Code.SERVICE_UNAVAILABLE  # the new training waits for them
+    update = ModelUpdate(1, 3, 10, np.zeros(8, np.float32), ScoreSummary.of(np.ones(20)), 0.1)
+    (tmp_path / "learn-1-3.cbor").write_bytes(update.to_cbor())  # written, never charged
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", task(1, A, rnd=3, noise=5.0))
+        await until(lambda: learn.asked(A) > 0, "the masters asked for: made again")
+        assert learn.posts == [] and dev.client.ledger.charged == []
+        assert not (tmp_path / "learn-1-3.cbor").exists()
+    finally:
+        await dev.stop()
