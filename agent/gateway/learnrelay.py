@@ -51,6 +51,7 @@ UNAVAILABLE = "5.03"
 PASSED_ON = ("4.00", "4.03", "4.04")
 NO_ANSWER = (UNAVAILABLE, b"the cloud did not answer")
 BUSY = (UNAVAILABLE, b"the gateway is busy with other learning exchanges")
+CLOSED = (UNAVAILABLE, b"the gateway is stopping")
 
 
 class LearnRelay:
@@ -69,6 +70,17 @@ class LearnRelay:
         self.uploads = 0  # uploads the cloud took
         self.in_flight = 0  # exchanges with the cloud under way
         self._failing: str | None = None  # the cloud's last answer that was not one to pass on
+        self._closed = False
+
+    async def close(self) -> None:
+        """End the fetches still under way (a device that timed out left them running), before
+        the transport they use is closed: none is left pending, or opens a new client context
+        on the closed transport for its next block; exchanges asked for after this get 5.03."""
+        self._closed = True
+        tasks = list(self._fetching.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _lane(self) -> int:
         self._next_lane = (self._next_lane + 1) % self.lanes
@@ -82,6 +94,8 @@ class LearnRelay:
             return "2.05", blob
         task = self._fetching.get(sha256)
         if task is None:
+            if self._closed:
+                return CLOSED
             if self.in_flight >= MAX_IN_FLIGHT:
                 return BUSY
             task = asyncio.ensure_future(self._fetch(sha256))
@@ -131,6 +145,8 @@ class LearnRelay:
 
     async def upload(self, device: str, body: bytes) -> Answer:
         """``device``'s upload sent to the cloud; the cloud's answer, or 5.03."""
+        if self._closed:
+            return CLOSED
         if self.in_flight >= MAX_IN_FLIGHT:
             return BUSY
         self.in_flight += 1

@@ -424,6 +424,7 @@ class Gateway:
         if self.peer_contexts is not None:
             self.peer_contexts.close()
         await self.transport.close()
+        await self.learn.close()  # its fetches end before their transport closes
         await self.learn_transport.close()
         await self.fetcher.close()
 

@@ -179,3 +179,25 @@ async def test_a_flood_of_exchanges_is_answered_5_03_beyond_the_bound(
     cloud.gate.set()
     await asyncio.gather(*waiting)
     assert r.in_flight == 0 and len(cloud.requests) == 4
+
+
+async def test_closing_ends_the_fetches_a_timed_out_device_left_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device's GET timed out while the fetch goes on; the gateway stops (agent/gateway/
+    service.py closes the relay before its transport): the fetch ends with it, not left pending
+    to use the closed transport (a new client context for its next block) or to be destroyed
+    pending with the loop; nothing is counted in flight, and a later exchange is answered 5.03."""
+    monkeypatch.setattr(learnrelay, "MASTERS_WAIT", 0.01)
+    store = blobs(1)
+    ((name, _),) = store.items()
+    cloud = Cloud(serving(store))
+    cloud.gate = asyncio.Event()  # the cloud never answers
+    r = relay(cloud)
+    assert (await r.masters(name))[0] == "5.03"
+    (fetch,) = r._fetching.values()
+    await r.close()
+    assert fetch.cancelled() and r.in_flight == 0 and not r._fetching
+    assert (await r.masters(sha(b"other")))[0] == "5.03"
+    assert (await r.upload("pump-a", b"u"))[0] == "5.03"
+    assert len(cloud.requests) == 1
