@@ -77,9 +77,12 @@ TICK = 1.0
 STATES = ("running", "done", "failed", "stopped")
 #: The statuses a device reports under ``learn/<model>`` for a round it will not upload in
 #: (agent/learn/client.py ``_set``): a refusal stands for every attempt of its round (the device
-#: never takes that round again, client.py ``_done``); an expired, failed or withdrawn attempt
-#: is taken again when the round opens again, so those count for their own attempt only.
-OUT_STATUSES = ("refused", "expired", "failed", "withdrawn")
+#: never takes that round again, client.py ``_done``); an expired or failed attempt is taken
+#: again when the round opens again, so those count for their own attempt only. ``withdrawn`` is
+#: not one: in the open attempt it means something other than this coordinator replaced the
+#: device's task (a second coordinator of the job, an operator), and the device goes on with
+#: the task that replaced it, which may well be this round's.
+OUT_STATUSES = ("refused", "expired", "failed")
 #: Why a device is out when it refused the desired ``learn/<model>`` value itself (its state sync
 #: names the key and the version in ``desired/errors``, agent/sync/statedata.py errors_report;
 #: a refused version is never tried again): a release that does not know the task's ``check``,

@@ -310,5 +310,22 @@ def test_a_job_stored_before_this_keeps_running(rig: Rig) -> None:
     written = rig.storage.desired(c).entries[KEY].version
     reports.put(c, "desired/errors", errors_report({KEY: Failure(written, "refused")}))
     assert rig.coordinator.tick(job_id).st.open  # no version known: not out by desired/errors
-    reports.status(c, "withdrawn", reason="withdrawn by the endpoint")
+    reports.status(c, "failed", error="the masters do not take these windows")
     assert not rig.coordinator.tick(job_id).st.open
+
+
+def test_a_device_whose_task_something_else_replaced_is_waited_for(rig: Rig) -> None:
+    """A second coordinator of the job (`learn resume` run twice) or an operator wrote the
+    device's learn/<model> after this coordinator did: the device reports the task it had as
+    ``withdrawn``, with this attempt's deadline, and goes on with the task that replaced it,
+    which may be this very round's. Was: counted out, so the round closed (or opened again)
+    without the upload it was about to get. ``withdrawn`` takes no device out."""
+    a, b, c = rig.devices
+    job_id = rig.start(min_devices=2)
+    reports = Reports(rig)
+    rig.coordinator.tick(job_id)
+    upload(rig, job_id, a)
+    upload(rig, job_id, b)
+    reports.status(c, "withdrawn", reason="withdrawn by the endpoint")
+    job = rig.coordinator.tick(job_id)
+    assert job.st.open and job.st.out == {}
