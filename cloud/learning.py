@@ -198,6 +198,10 @@ class JobState:
     #: the desired version of ``learn/<model>`` written to each selected device in the open
     #: attempt (a refusal of that version in its ``desired/errors`` takes it out)
     versions: dict[str, int] = field(default_factory=dict)
+    #: the open attempt's task was written to its devices: False between the save that opened
+    #: the attempt and the writes (only a coordinator whose save opened it writes them, so a
+    #: second coordinator of the job whose save failed writes no task of its own)
+    written: bool = True
     #: the selected devices of the open attempt that said they will not upload, and why (a
     #: status of OUT_STATUSES, or NOT_APPLIED)
     out: dict[str, str] = field(default_factory=dict)
@@ -384,6 +388,8 @@ class Coordinator:
         if job.st.state != "running":
             return job
         now = self.clock()
+        if job.st.open and not job.st.written:  # opened, and stopped before its tasks went
+            return self._write_tasks(job, now)
         if not job.st.open:
             if job.st.round < job.spec.rounds or (
                 job.st.round == job.spec.rounds and job.st.candidate
@@ -391,8 +397,7 @@ class Coordinator:
                 self._open(job, job.st.round + 1, 0, now)
             else:
                 job.st.state = "done"
-            self._save(job)
-            return self.job(job_id)
+            return self._saved(job, now)
         st, needed = job.st, job.spec.min_devices
         received = set(self.storage.learn_update_devices(job.id, st.round))
         selected = set(st.selected)
@@ -455,8 +460,45 @@ class Coordinator:
             st.out = out
         else:
             return job
+        return self._saved(job, now)
+
+    def _saved(self, job: Job, now: float) -> Job:
+        """``job`` saved (compare-and-set) and read again; an attempt it opened gets its tasks
+        written only once that save succeeded."""
+        if self._save(job) and job.st.open and not job.st.written:
+            return self._write_tasks(self.job(job.id), now)
+        return self.job(job.id)
+
+    def _write_tasks(self, job: Job, now: float) -> Job:
+        """Write the open attempt's task to each of its selected devices (the same value again
+        changes nothing: a desired value's version moves only when it changes), keep the
+        versions written, and save."""
+        st, spec = job.st, job.spec
+        value, key = self._task(job).to_value(), learn_key(spec.model)
+        versions = {}
+        for device in st.selected:
+            doc, _ = self.storage.put_desired(device, {key: value}, now)
+            versions[device] = doc.entries[key].version
+        st.versions, st.written = versions, True
         self._save(job)
-        return self.job(job_id)
+        return self.job(job.id)
+
+    def _task(self, job: Job) -> RoundTask:
+        """The open attempt's task, as the job's state says it."""
+        st, spec = job.st, job.spec
+        return RoundTask(
+            job.id,
+            st.round,
+            spec.base,
+            st.masters,
+            st.deadline,
+            0 if st.round > spec.rounds else spec.epochs,  # after the last round: only the check
+            spec.lr,
+            spec.mu,
+            spec.clip,
+            spec.noise,
+            check=st.incumbent if st.candidate else None,  # the masters wait for the check
+        )
 
     def _out(self, job: Job, devices: set[str]) -> dict[str, str]:
         """The ``devices`` (selected in the open attempt, no upload yet) that say in their own
@@ -502,7 +544,8 @@ class Coordinator:
 
     def _open(self, job: Job, rnd: int, attempt: int, now: float, keep: Sequence[str] = ()) -> None:
         """Open attempt ``attempt`` of round ``rnd``: select devices (``keep``, those of them
-        still eligible, and the rest at random) and write each the round's task."""
+        still eligible, and the rest at random); their tasks are written once the job is saved
+        (:meth:`_saved`)."""
         spec = job.spec
         pool = self.eligible(spec)
         if rnd > spec.rounds:
@@ -533,37 +576,18 @@ class Coordinator:
         if attempt > 0:  # the round again: a later whole second than the attempt before (the
             # devices report the deadline of the attempt they took: it tells the attempts apart)
             deadline = max(deadline, math.ceil(job.st.deadline) + 1.0)
-        checked = bool(job.st.candidate)  # the masters wait for the check
-        task = RoundTask(
-            job.id,
-            rnd,
-            spec.base,
-            job.st.masters,
-            deadline,
-            0 if rnd > spec.rounds else spec.epochs,  # after the last round: only the check
-            spec.lr,
-            spec.mu,
-            spec.clip,
-            spec.noise,
-            check=job.st.incumbent if checked else None,
-        )
-        value, key = task.to_value(), learn_key(spec.model)
-        versions = {}
-        for device in chosen:
-            doc, _ = self.storage.put_desired(device, {key: value}, now)
-            versions[device] = doc.entries[key].version
         if attempt == 0:
             job.st.reopened = []
         job.st.round, job.st.attempt, job.st.open = rnd, attempt, True
-        job.st.selected, job.st.deadline = chosen, float(task.deadline)
-        job.st.versions, job.st.out = versions, {}
+        job.st.selected, job.st.deadline = chosen, float(math.ceil(deadline))
+        job.st.versions, job.st.out, job.st.written = {}, {}, False
         log.info(
             "event=learn_round_opened job=%d round=%d attempt=%d selected=%d deadline=%d",
             job.id,
             rnd,
             attempt,
             len(chosen),
-            task.deadline,
+            job.st.deadline,
         )
 
     def _close(self, job: Job, now: float, early: bool = False) -> None:

@@ -25,7 +25,7 @@ from agent.wire import records
 from agent.wire.learning import LearningError, Recall, learn_key
 from agent.wire.statedoc import Entry, show
 from cloud.learncli import _print
-from cloud.learning import MAX_ATTEMPTS, NOT_APPLIED, out_of_round
+from cloud.learning import MAX_ATTEMPTS, NOT_APPLIED, Coordinator, out_of_round
 from tests.unit.cloud.test_learning_check import MODEL, Rig
 
 KEY = learn_key(MODEL)
@@ -329,3 +329,50 @@ def test_a_device_whose_task_something_else_replaced_is_waited_for(rig: Rig) -> 
     reports.status(c, "withdrawn", reason="withdrawn by the endpoint")
     job = rig.coordinator.tick(job_id)
     assert job.st.open and job.st.out == {}
+
+
+def test_a_second_coordinator_whose_save_fails_writes_no_task(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two coordinators tick one job (`learn resume` run twice): both read it before either
+    saved, and both open round 1 at their own time. Was: each wrote its task (its own deadline)
+    to the devices before its compare-and-set save, so the one whose save failed left the
+    devices with a task the job does not hold (another deadline, another desired version).
+    Now the tasks are written only after the save that opened the attempt succeeded."""
+    job_id = rig.start()
+    stale = rig.job(job_id)
+    other = Coordinator(
+        rig.storage, rig.coordinator.registry, rig.coordinator.key, clock=lambda: rig.now + 30.0
+    )
+    first = rig.coordinator.tick(job_id)  # opens round 1 and writes its tasks
+    assert first.st.open
+    monkeypatch.setattr(other, "job", lambda _id: stale)  # read before the first one saved
+    other.tick(job_id)  # opens it too, at its own time; its save fails
+    job = rig.job(job_id)
+    assert job.rev == first.rev and job.st.deadline == first.st.deadline
+    for device in job.st.selected:
+        assert rig.task(device).deadline == job.st.deadline
+        assert rig.storage.desired(device).entries[KEY].version == job.st.versions[device]
+
+
+def test_a_coordinator_stopped_between_opening_a_round_and_writing_its_tasks_writes_them(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`learn start` killed after the save that opened round 1 and before the tasks went: the
+    next tick (`learn resume`) writes them."""
+    job_id = rig.start()
+
+    def killed(job: Any, now: float) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rig.coordinator, "_write_tasks", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rig.coordinator.tick(job_id)
+    monkeypatch.undo()
+    job = rig.job(job_id)
+    assert job.st.open and not job.st.written
+    assert all(KEY not in rig.storage.desired(d).entries for d in job.st.selected)
+    job = rig.coordinator.tick(job_id)
+    assert job.st.written and job.st.open
+    for device in job.st.selected:
+        assert rig.task(device).deadline == job.st.deadline
