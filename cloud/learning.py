@@ -60,7 +60,7 @@ from cloud import tflitepatch
 from cloud.fedavg import CHECK_TOLERANCE
 from cloud.learnstore import JobRow
 from cloud.models import ModelRegistry
-from cloud.storebase import Storage
+from cloud.storebase import PreconditionFailed, Storage
 
 log = logging.getLogger("cloud.learning")
 
@@ -364,8 +364,11 @@ class Coordinator:
             job = self.job(job_id)
             if job.st.state != "running":
                 return job
+            was_open = job.st.open
             job.st.state, job.st.open, job.st.error = "stopped", False, "stopped by an operator"
             if self._save(job):
+                if was_open:
+                    self._withdraw(job, self.clock())
                 return self.job(job_id)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -398,7 +401,7 @@ class Coordinator:
             else:
                 job.st.state = "done"
             return self._saved(job, now)
-        st, needed = job.st, job.spec.min_devices
+        st, needed, withdraw = job.st, job.spec.min_devices, False
         received = set(self.storage.learn_update_devices(job.id, st.round))
         selected = set(st.selected)
         waiting = selected - received
@@ -423,7 +426,7 @@ class Coordinator:
             st.out = out
             by = "by the deadline" if late else "before the deadline"
             if st.attempt + 1 >= MAX_ATTEMPTS:
-                st.state, st.open = "failed", False
+                st.state, st.open, withdraw = "failed", False, True
                 st.error = (
                     f"round {st.round}: {len(received)} uploads {by}"
                     + (f", {len(out)} selected devices out ({_why(out, ', ')})" if out else "")
@@ -460,14 +463,50 @@ class Coordinator:
             st.out = out
         else:
             return job
-        return self._saved(job, now)
+        return self._saved(job, now, withdraw)
 
-    def _saved(self, job: Job, now: float) -> Job:
+    def _saved(self, job: Job, now: float, withdraw: bool = False) -> Job:
         """``job`` saved (compare-and-set) and read again; an attempt it opened gets its tasks
-        written only once that save succeeded."""
-        if self._save(job) and job.st.open and not job.st.written:
+        written only once that save succeeded, as the tasks of a job it ended (``withdraw``)
+        are withdrawn."""
+        if not self._save(job):
+            return self.job(job.id)
+        if job.st.open and not job.st.written:
             return self._write_tasks(self.job(job.id), now)
+        if withdraw:
+            self._withdraw(job, now)
         return self.job(job.id)
+
+    def _withdraw(self, job: Job, now: float) -> None:
+        """The task of the job's last attempt withdrawn from its selected devices that did not
+        upload (a desired value of null: the device cancels the round, and charges nothing
+        for one not yet uploading), where the device's desired ``learn/<model>`` is still this
+        job's: another job's task for the same model, written meanwhile, stays."""
+        key = learn_key(job.spec.model)
+        uploaded = set(self.storage.learn_update_devices(job.id, job.st.round))
+        withdrawn = 0
+        for device in job.st.selected:
+            if device in uploaded:
+                continue
+            for _ in range(3):  # written meanwhile by someone else: read again
+                doc = self.storage.desired(device)
+                entry = doc.entries.get(key)
+                value = entry.value if entry is not None else None
+                if not isinstance(value, dict) or not _is_int(value.get("job"), job.id):
+                    break
+                try:
+                    self.storage.put_desired(device, {key: None}, now, if_match=[doc.etag()])
+                    withdrawn += 1
+                    break
+                except PreconditionFailed:
+                    continue
+        log.info(
+            "event=learn_tasks_withdrawn job=%d round=%d state=%s devices=%d",
+            job.id,
+            job.st.round,
+            job.st.state,
+            withdrawn,
+        )
 
     def _write_tasks(self, job: Job, now: float) -> Job:
         """Write the open attempt's task to each of its selected devices (the same value again

@@ -11,6 +11,7 @@ them (``put_reported``), their uploads through :func:`cloud.learning.accept_uplo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -376,3 +377,34 @@ def test_a_coordinator_stopped_between_opening_a_round_and_writing_its_tasks_wri
     assert job.st.written and job.st.open
     for device in job.st.selected:
         assert rig.task(device).deadline == job.st.deadline
+
+
+def test_stopping_a_job_withdraws_its_round_from_the_devices_that_did_not_upload(
+    rig: Rig,
+) -> None:
+    """`learn stop` during a round. Was: the selected devices kept its task, trained until its
+    deadline, charged their privacy ledgers and uploaded into a job that refused them (4.03).
+    Now the task is withdrawn (null) from each selected device that did not upload, unless its
+    desired learn/<model> is by then another job's task."""
+    a, b, c = rig.devices
+    job_id = rig.start()
+    rig.coordinator.tick(job_id)
+    upload(rig, job_id, a)
+    theirs = dataclasses.replace(rig.task(c), job=99)  # another job of the same model
+    rig.storage.put_desired(c, {KEY: theirs.to_value()}, rig.now)
+    rig.coordinator.stop(job_id)
+    assert rig.task(a).job == job_id  # uploaded: nothing to cancel
+    assert rig.storage.desired(b).entries[KEY].value is None
+    assert rig.task(c) == theirs
+
+
+def test_a_job_that_fails_withdraws_its_last_attempt(rig: Rig) -> None:
+    job_id = rig.start(min_devices=2)
+    reports = Reports(rig)
+    rig.coordinator.tick(job_id)
+    for device in rig.devices:
+        reports.status(device, "refused", error="privacy budget: 200 spent")
+    for _ in range(MAX_ATTEMPTS):
+        job = rig.coordinator.tick(job_id)
+    assert job.st.state == "failed"
+    assert all(rig.storage.desired(d).entries[KEY].value is None for d in job.st.selected)
