@@ -511,16 +511,25 @@ class Coordinator:
     def _write_tasks(self, job: Job, now: float) -> Job:
         """Write the open attempt's task to each of its selected devices (the same value again
         changes nothing: a desired value's version moves only when it changes), keep the
-        versions written, and save."""
+        versions written, and save. A job that ended meanwhile (``learn stop`` from another
+        process, which withdrew what it found written) gets no task, and the tasks written
+        before its end was seen are withdrawn."""
         st, spec = job.st, job.spec
+        if st.state != "running" or not st.open:
+            return job
         value, key = self._task(job).to_value(), learn_key(spec.model)
         versions = {}
         for device in st.selected:
             doc, _ = self.storage.put_desired(device, {key: value}, now)
             versions[device] = doc.entries[key].version
         st.versions, st.written = versions, True
-        self._save(job)
-        return self.job(job.id)
+        if self._save(job):
+            return self.job(job.id)
+        fresh = self.job(job.id)
+        if fresh.st.state != "running":
+            job.st.state = fresh.st.state
+            self._withdraw(job, now)
+        return fresh
 
     def _task(self, job: Job) -> RoundTask:
         """The open attempt's task, as the job's state says it."""

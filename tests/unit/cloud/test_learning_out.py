@@ -408,3 +408,52 @@ def test_a_job_that_fails_withdraws_its_last_attempt(rig: Rig) -> None:
         job = rig.coordinator.tick(job_id)
     assert job.st.state == "failed"
     assert all(rig.storage.desired(d).entries[KEY].value is None for d in job.st.selected)
+
+
+def test_a_job_stopped_while_its_round_s_tasks_are_written_leaves_no_task(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`learn stop` (another process) runs while the coordinator writes round 1's tasks, after
+    the save that opened it. Was: stop withdrew what was written so far, then the coordinator
+    wrote the rest (its save failing after), so devices held the task of a stopped job: they
+    trained, charged their privacy ledgers and were refused 4.03. Now a coordinator that finds
+    the job ended when it saves withdraws the tasks it wrote."""
+    job_id = rig.start()
+    real = rig.storage.put_desired
+    stopped: list[Any] = []
+
+    def put_desired(device: str, changes: Any, now: float, **kw: Any) -> Any:
+        if KEY in changes and changes[KEY] is not None and not stopped:
+            stopped.append(Coordinator(rig.storage, clock=lambda: rig.now).stop(job_id))
+        return real(device, changes, now, **kw)
+
+    monkeypatch.setattr(rig.storage, "put_desired", put_desired)
+    job = rig.coordinator.tick(job_id)
+    assert stopped and stopped[0].st.state == "stopped"
+    assert job.st.state == "stopped"
+    for device in rig.devices:
+        entry = rig.storage.desired(device).entries.get(KEY)
+        assert entry is None or entry.value is None, device
+
+
+def test_a_coordinator_that_read_the_job_before_it_was_stopped_writes_no_task(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is stopped between the save that opened round 1 and the coordinator's read of it
+    for the writes. Was: the stopped job's tasks were written (and saved as written)."""
+    job_id = rig.start()
+    real_job = rig.coordinator.job
+    reads: list[int] = []
+
+    def job(_id: int) -> Any:
+        reads.append(_id)
+        if len(reads) == 2:  # the read after the save that opened the round
+            Coordinator(rig.storage, clock=lambda: rig.now).stop(_id)
+        return real_job(_id)
+
+    monkeypatch.setattr(rig.coordinator, "job", job)
+    job_ = rig.coordinator.tick(job_id)
+    assert job_.st.state == "stopped"
+    for device in rig.devices:
+        entry = rig.storage.desired(device).entries.get(KEY)
+        assert entry is None or entry.value is None, device
