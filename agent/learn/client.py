@@ -505,8 +505,16 @@ class LearningClient:
             return
         if not done and not await self._train(model, task, out):
             return
+        recorded = asyncio.ensure_future(asyncio.to_thread(record))
         try:
-            await asyncio.to_thread(record)
+            await asyncio.shield(recorded)
+        except asyncio.CancelledError:
+            # cancelled (the task replaced or withdrawn) while the ledger records the round in
+            # its thread, which goes on: the round ends once that did, so that the next round
+            # finds it charged and sends this update (not charged, it makes one of its own)
+            with contextlib.suppress(Exception):
+                await recorded
+            raise
         except BudgetExceeded as err:
             self._refuse(model, task, out, str(err))
             return

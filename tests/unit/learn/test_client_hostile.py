@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -424,4 +425,67 @@ async def test_an_update_kept_across_a_restart_but_never_charged_is_made_again_u
         assert learn.posts == [] and dev.client.ledger.charged == []
         assert not (tmp_path / "learn-1-3.cbor").exists()
     finally:
+        await dev.stop()
+
+
+async def test_a_round_replaced_while_the_ledger_charges_it_sends_the_update_charged(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Attack: the endpoint replaces round 1's task (noise 5.0) by one for the same round with
+    less noise (0.5) while the ledger is writing the charge of the update trained at 5.0 (in
+    its thread: cancelling the round does not stop it). Was: the new round found the update not
+    charged yet, removed it and trained another at 0.5; its charge found the round charged (at
+    5.0, by the thread) and sent the update noised at 0.5: the ledger counted less than the
+    device released. Now a cancelled round ends once its charge is written, and the new round
+    sends the update that charge counts."""
+    uri, learn = endpoint
+    model = DenseAutoencoder.initial(32, 16, 4, np.random.default_rng(1))
+    masters = Masters("skab-ae", (32, 16, 4, 16, 32), model.to_vector()).to_cbor()
+    sha = hashlib.sha256(masters).hexdigest()
+    learn.routes[f"masters/{sha}"] = masters
+    learn.routes[DEVICE] = Code.CHANGED
+    dev = Device(uri, tmp_path).start()
+    ledger = dev.client.ledger
+    real_worker, real_write = dev.client._run_worker, ledger._write
+    trained: list[bytes] = []
+    writing, release = threading.Event(), threading.Event()
+
+    async def worker(t: RoundTask, job: Path, out: Path) -> bool:
+        ok = await real_worker(t, job, out)
+        trained.append(await asyncio.to_thread(out.read_bytes))
+        return ok
+
+    def write(*args: Any) -> None:  # the charge's durable write, under the ledger's lock
+        if not writing.is_set():
+            writing.set()
+            release.wait(3.0)  # released once the new round looked (or after 3 s if it waits)
+        real_write(*args)
+
+    class Looked(list):  # the ledger's charged rounds: the new round's second look releases
+        looks = 0
+
+        def __contains__(self, key: object) -> bool:
+            found = super().__contains__(key)
+            if writing.is_set():
+                Looked.looks += 1
+                if Looked.looks == 2:  # ledger.check, then _round's own look
+                    release.set()
+            return found
+
+    dev.client._run_worker = worker  # type: ignore[method-assign]
+    ledger._write = write  # type: ignore[method-assign]
+    ledger.charged = Looked()
+    try:
+        dev.client.apply("skab-ae", task(1, sha, noise=5.0))
+        await until(writing.is_set, "the charge being written")
+        dev.client.apply("skab-ae", task(1, sha, noise=0.5))
+        await until(lambda: dev.st().get("status") == "uploaded", "round 1 uploaded")
+        reference = PrivacyLedger(tmp_path / "reference.json", 200.0, 1e-5)
+        reference.charge(1, 1, 5.0)
+        assert list(ledger.charged) == ["1:1"]
+        assert np.array_equal(ledger.rdp, reference.rdp)
+        assert learn.posts == [trained[0]]  # the update the ledger charged
+        assert len(trained) == 1
+    finally:
+        release.set()
         await dev.stop()
