@@ -360,8 +360,14 @@ class Coordinator:
         return Job.from_row(row)
 
     def stop(self, job_id: int) -> Job:
+        """Stop a running job and withdraw its open round's tasks. A job stopped or failed
+        already has them withdrawn again (a storage error may have cut the first withdrawal
+        short, after the job was saved as ended: only ``learn stop`` retries it)."""
         while True:
             job = self.job(job_id)
+            if job.st.state in ("stopped", "failed"):
+                self._withdraw(job, self.clock())
+                return job
             if job.st.state != "running":
                 return job
             was_open = job.st.open

@@ -27,6 +27,7 @@ from agent.wire.learning import LearningError, Recall, learn_key
 from agent.wire.statedoc import Entry, show
 from cloud.learncli import _print
 from cloud.learning import MAX_ATTEMPTS, NOT_APPLIED, Coordinator, out_of_round
+from cloud.storebase import StorageUnavailable
 from tests.unit.cloud.test_learning_check import MODEL, Rig
 
 KEY = learn_key(MODEL)
@@ -457,3 +458,26 @@ def test_a_coordinator_that_read_the_job_before_it_was_stopped_writes_no_task(
     for device in rig.devices:
         entry = rig.storage.desired(device).entries.get(KEY)
         assert entry is None or entry.value is None, device
+
+
+def test_learn_stop_again_withdraws_what_a_storage_error_left(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage fails while `learn stop` withdraws the round's tasks, after the job was saved
+    as stopped. Was: running `learn stop` again found the job stopped and did nothing, so the
+    devices not reached kept the task of a stopped job (trained, charged, refused 4.03). Now
+    stopping a job that is stopped or failed withdraws again."""
+    job_id = rig.start()
+    rig.coordinator.tick(job_id)
+    real = rig.storage.put_desired
+
+    def put_desired(device: str, changes: Any, now: float, **kw: Any) -> Any:
+        raise StorageUnavailable("the database is locked")
+
+    monkeypatch.setattr(rig.storage, "put_desired", put_desired)
+    with pytest.raises(StorageUnavailable):
+        rig.coordinator.stop(job_id)
+    monkeypatch.setattr(rig.storage, "put_desired", real)
+    assert rig.job(job_id).st.state == "stopped"
+    assert rig.coordinator.stop(job_id).st.state == "stopped"
+    assert all(rig.storage.desired(d).entries[KEY].value is None for d in rig.devices)
