@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -60,6 +61,7 @@ from cloud import tflitepatch
 from cloud.fedavg import CHECK_TOLERANCE
 from cloud.learnstore import JobRow
 from cloud.models import ModelRegistry
+from cloud.retention import PAUSE
 from cloud.storebase import PreconditionFailed, Storage
 
 log = logging.getLogger("cloud.learning")
@@ -89,6 +91,10 @@ OUT_STATUSES = ("refused", "expired", "failed")
 #: ``[learn] enabled = false``, an agent without the learning client.
 NOT_APPLIED = "not_applied"
 DESIRED_ERRORS = "desired/errors"  # agent/sync/statedata.py ERRORS_KEY
+#: The states a job never leaves (nothing sets a job running again).
+ENDED = ("done", "failed", "stopped")
+#: Uploads :func:`prune_uploads` removes per transaction (about 5 KB each).
+PRUNE_BATCH = 1000
 
 
 class JobError(AgentError):
@@ -805,6 +811,77 @@ def _layers(model: DenseAutoencoder) -> list[tuple[np.ndarray, np.ndarray]]:
     return [
         (np.asarray(w), np.asarray(b)) for w, b in zip(model.weights, model.biases, strict=True)
     ]
+
+
+# -- retention ------------------------------------------------------------------------------------
+def uploads_read_from(job: Job) -> int:
+    """The lowest round of ``job`` whose uploads may still be read: retention removes the old
+    uploads of the rounds below it (:func:`prune_uploads`) and keeps the others, however old.
+
+    - An ended job (:data:`ENDED`): none is read any more; every round (no update names a round
+      above MAX_ROUND).
+    - A running job with the check (``incumbent``): round 1, so none goes. The round after the
+      last, which only checks, is opened (and opened again) among the devices that uploaded in
+      the job's training rounds: :meth:`Coordinator._open` reads which devices those uploads
+      are of, until the job ends.
+    - Any other running job: its current round (``round``, open, or closed and the next not
+      opened yet). Only a round's close reads its uploads (FedAvg, the check), and a close that
+      a crash cut short before its save is run again from the saved document, which still names
+      that round: the document names round r + 1 only after the save that recorded r's close
+      (:meth:`Coordinator.tick` makes one transition per save; the next round opens in a save
+      of its own), and an upload is stored only for the round the document names as open.
+    - A state this code does not know: round 1, nothing goes.
+    """
+    st = job.st
+    if st.state in ENDED:
+        return MAX_ROUND + 1
+    if st.state != "running" or st.incumbent:
+        return 1
+    return max(st.round, 1)
+
+
+def prune_uploads(
+    storage: Storage,
+    before: float,
+    *,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+    batch: int = PRUNE_BATCH,
+    pause: float = PAUSE,
+) -> tuple[int, bool]:
+    """Retention of the devices' uploads (docs/ops.md "Retention"; called by cloud/prunecli.py
+    after :meth:`cloud.storebase.Storage.prune`): remove those received before ``before`` of the
+    rounds below :func:`uploads_read_from` of their job, ``batch`` per transaction with
+    ``pause`` seconds between two (an endpoint writing the same SQLite file goes first).
+    Returns how many (``dry_run``: would go; nothing changes) and whether ``stop`` ended it
+    first. A job document that does not decode keeps its uploads (one warning per prune)."""
+    removed = 0
+    for row in storage.learn_jobs():
+        try:
+            job = Job.from_row(row)
+        except (AgentError, LookupError, TypeError, ValueError, AttributeError) as err:
+            log.warning(
+                "event=learn_prune_skipped job=%d reason=%r",
+                row.id,
+                " ".join(f"{type(err).__name__}: {err}".split())[:200],
+            )
+            continue
+        below = uploads_read_from(job)
+        if below <= 1:
+            continue
+        if dry_run:
+            removed += storage.count_learn_updates(job.id, below, before)
+            continue
+        while True:
+            if stop is not None and stop.is_set():
+                return removed, True
+            n = storage.delete_learn_updates(job.id, below, before, batch)
+            removed += n
+            if n < batch:
+                break
+            if pause > 0:
+                time.sleep(pause)  # a writer waiting in its busy handler takes the lock now
+    return removed, False
 
 
 # -- the device-facing resources ------------------------------------------------------------------

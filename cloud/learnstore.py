@@ -7,7 +7,8 @@
   change).
 - ``learn_blobs``: content-addressed documents (a round's masters), by SHA-256.
 - ``learn_updates``: the devices' uploads, one per (job, round, device): a retried upload is
-  stored once.
+  stored once. Retention removes those no longer read (cloud/learning.py ``prune_uploads``) with
+  :meth:`LearnTables.delete_learn_updates`, a bounded number per transaction.
 
 :class:`LearnTables` is a mixin of :class:`cloud.storesql.SharedStorage` (it uses ``_read`` and
 ``_write``); SQLite creates the tables with :data:`SQLITE_SCHEMA` at open, PostgreSQL with its
@@ -90,6 +91,8 @@ def _job(row: Any) -> JobRow:
 
 
 _JOB_COLUMNS = "id, model, doc, rev, created, updated"
+#: The uploads retention may remove of a job: (job, below_round, received_before).
+_OLD_UPDATES = "job = ? AND round < ? AND received < ?"
 
 
 class LearnTables(SqlTables):
@@ -166,3 +169,23 @@ class LearnTables(SqlTables):
     def learn_update_devices(self, job: int, rnd: int) -> list[str]:
         sql = "SELECT device FROM learn_updates WHERE job = ? AND round = ? ORDER BY device"
         return [r[0] for r in self._read(lambda db: db.execute(sql, (job, rnd)).fetchall())]
+
+    def count_learn_updates(self, job: int, below_round: int, received_before: float) -> int:
+        """How many uploads of ``job``'s rounds below ``below_round`` were received before
+        ``received_before`` (what :meth:`delete_learn_updates` would delete)."""
+        sql = f"SELECT count(*) FROM learn_updates WHERE {_OLD_UPDATES}"
+        row = self._read(lambda db: db.execute(sql, (job, below_round, received_before)).fetchone())
+        return int(row[0])
+
+    def delete_learn_updates(
+        self, job: int, below_round: int, received_before: float, limit: int
+    ) -> int:
+        """Delete at most ``limit`` uploads of ``job``'s rounds below ``below_round`` received
+        before ``received_before``, in one transaction (the lowest rounds first); how many. Fewer
+        than ``limit``: none of them is left."""
+        args = (job, below_round, received_before)
+        sql = (
+            f"DELETE FROM learn_updates WHERE job = ? AND (round, device) IN (SELECT round, device"
+            f" FROM learn_updates WHERE {_OLD_UPDATES} ORDER BY round, device LIMIT ?)"
+        )
+        return self._write(lambda db: int(db.execute(sql, (job, *args, limit)).rowcount))

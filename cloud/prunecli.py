@@ -2,8 +2,9 @@
 (the rule: cloud/retention.py; docs/ops.md "Retention").
 
 ``prune --data DIR|--storage SPEC --older-than-days N [--dry-run] [--json]`` removes what the
-storage received before midnight (UTC) of the day N days ago, records, features records and
-verdicts, and prints what it removed (``--dry-run``: would remove; nothing changes). A server may
+storage received before midnight (UTC) of the day N days ago, records, features records,
+verdicts and the federated-learning uploads no longer read (cloud/learning.py ``prune_uploads``),
+and prints what it removed (``--dry-run``: would remove; nothing changes). A server may
 run on the same storage meanwhile: the prune works in short transactions. Exit codes
 (agent/exits.py): 0 done, 64 usage, 66 no endpoint data in DIR, 69 a database server that does
 not answer, 74 a storage that fails, 75 another prune is running (PostgreSQL) or a lock was held
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -27,8 +29,9 @@ from typing import Any
 
 from agent.errors import AgentError
 from agent.exits import EX_OK, EX_TEMPFAIL, EX_USAGE, CommandError
+from cloud.learning import prune_uploads
 from cloud.retention import PruneBusy, PruneResult, cutoff, describe_result, iso
-from cloud.storage import describe_storage, open_storage
+from cloud.storage import Storage, describe_storage, open_storage
 from drivers.clock import Clock, RealClock
 
 log = logging.getLogger("cloud.retention")
@@ -73,7 +76,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     storage = args.open_storage(args.data, existing=True, storage=args.storage)
     try:
         before = cutoff(RealClock().time(), args.older_than_days)
-        result = storage.prune(before, dry_run=args.dry_run)
+        result = prune(storage, before, dry_run=args.dry_run)
     except PruneBusy as err:
         raise CommandError(EX_TEMPFAIL, f"error: {err}") from None
     finally:
@@ -85,6 +88,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         print("\n".join(report(result, where, args.older_than_days)))
     return EX_OK
+
+
+def prune(
+    storage: Storage,
+    before: float,
+    *,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+) -> PruneResult:
+    """One prune: the storage's (records, features records, verdicts), then the learning uploads
+    no longer read (cloud/learning.py :func:`~cloud.learning.prune_uploads`), unless ``stop``
+    ended the first."""
+    result = storage.prune(before, dry_run=dry_run, stop=stop)
+    if result.stopped:
+        return result
+    uploads, stopped = prune_uploads(storage, result.before, dry_run=dry_run, stop=stop)
+    return dataclasses.replace(result, learn_uploads=uploads, stopped=stopped)
 
 
 def report(result: PruneResult, where: str, days: int) -> list[str]:
@@ -99,6 +119,7 @@ def report(result: PruneResult, where: str, days: int) -> list[str]:
         f"  partitions  {', '.join(result.partitions) or '-'}",
         f"  devices     {result.devices} (pruned floor raised: docs/protocol.md"
         ' "Retention and exactly-once")',
+        f"  learn_uploads {result.learn_uploads} (federated learning, rounds no longer read)",
     ]
     if result.free_bytes is not None:
         lines.append(
@@ -160,7 +181,7 @@ class Retainer:
     def _prune(self) -> PruneResult:
         storage = open_storage(self._spec, check=False)  # checked when serving started
         try:
-            return storage.prune(cutoff(self._clock.time(), self._days), stop=self._stop)
+            return prune(storage, cutoff(self._clock.time(), self._days), stop=self._stop)
         finally:
             storage.close()
 

@@ -9,6 +9,18 @@ The rule, the same on both storages (:meth:`cloud.storebase.Storage.prune`):
   keeps records in one partition per day of ``received`` and drops whole partitions: so a
   record is kept at least N days and removed within N + 1. State, the registry, credentials,
   models, releases, commands and logs are not touched (they are bounded per device already).
+- Federated learning (cloud/learnstore.py): the devices' uploads (``learn_updates``) received
+  before the same midnight that nothing reads any more: every upload of a job that ended (done,
+  failed, stopped), and of a running job those of the rounds before its current one, unless the
+  job has the check (its round after the last is opened among the devices that uploaded in its
+  training rounds: those stay until it ends). The current round's stay whatever their age: its
+  close reads them, also when it is run again after a crash. The rule is decided from the job's
+  document, so it lives in cloud/learning.py (``prune_uploads``, which cloud/prunecli.py calls
+  after :meth:`~cloud.storebase.Storage.prune`; the storage only deletes, a bounded number per
+  transaction); a job whose document does not decode keeps its uploads. Jobs and the masters
+  (``learn_blobs``) stay: a job's history is what ``learn status`` prints, and a masters blob is
+  content-addressed and shared (every job from one base version starts from the same one, so it
+  may be the first masters of a job being started at that moment).
 - Keys go with the bodies: the store's growth is bounded by the period. What keeps
   exactly-once instead is each device's *pruned floor* (``devices.pruned``): the highest seq
   a prune removed for it (of records, and the last seq of features records). Ingest stores no
@@ -79,8 +91,10 @@ class PruneBusy(AgentError):
 @dataclass(frozen=True)
 class PruneResult:
     """What a prune removed (``dry_run``: would remove): rows of each table, the PostgreSQL
-    partitions dropped, how many devices' pruned floors rose, and (SQLite, after a prune) the
-    bytes free inside the file, which later records reuse."""
+    partitions dropped, how many devices' pruned floors rose, (SQLite, after a prune) the bytes
+    free inside the file, which later records reuse, and the learning uploads removed (set by
+    cloud/prunecli.py, which runs cloud/learning.py ``prune_uploads`` after the storage's
+    prune)."""
 
     before: float
     dry_run: bool
@@ -91,6 +105,7 @@ class PruneResult:
     devices: int = 0
     free_bytes: int | None = None
     stopped: bool = False  # ``stop`` was set: it ended early (run it again to finish)
+    learn_uploads: int = 0  # federated-learning uploads (cloud/learning.py prune_uploads)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +117,7 @@ class PruneResult:
             "verdicts": self.verdicts,
             "partitions": list(self.partitions),
             "devices": self.devices,
+            "learn_uploads": self.learn_uploads,
             "free_bytes": self.free_bytes,
             "stopped": self.stopped,
         }
@@ -264,6 +280,7 @@ def describe_result(result: PruneResult, where: str | Path) -> str:
         f"storage={where} before={iso(result.before)} records={result.records}"
         f" features={result.features} verdicts={result.verdicts}"
         f" partitions={len(result.partitions)} devices={result.devices}"
+        f" learn_uploads={result.learn_uploads}"
         + (f" free_bytes={result.free_bytes}" if result.free_bytes is not None else "")
         + (" stopped=true" if result.stopped else "")
     )
