@@ -20,15 +20,8 @@ from agent.errors import ModelError
 from agent.exits import EX_DATAERR, EX_NOINPUT, EX_OK, EX_SOFTWARE, CommandError
 from agent.learn.autoencoder import DenseAutoencoder
 from cloud import tflitepatch
-from cloud.learning import (
-    MAX_ATTEMPTS,
-    Coordinator,
-    Job,
-    JobError,
-    JobSpec,
-    UnknownJob,
-    out_counts,
-)
+from cloud.learning import MAX_ATTEMPTS, Coordinator
+from cloud.learnjob import DamagedJob, Job, JobError, JobSpec, UnknownJob, out_counts
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models" / "cloud"
 
@@ -167,10 +160,17 @@ def _round_parts(h: dict[str, Any], rounds: int, checked: bool) -> list[str]:
 
 def _out_text(counts: dict[str, int], selected: int | None = None) -> str:
     """``3/10 selected out (refused 2, not_applied 1)``: devices that said they will not
-    upload, by why (cloud/learning.py out_of_round)."""
+    upload, by why (cloud/learnjob.py out_of_round)."""
     n = sum(counts.values())
     of = f"{n}/{selected} selected" if selected is not None else f"{n} selected devices"
     return f"{of} out (" + ", ".join(f"{why} {k}" for why, k in counts.items()) + ")"
+
+
+def _summary(job: Job | DamagedJob) -> dict[str, Any]:
+    """A job's entry in ``learn status --json`` (a damaged one: its number and the error)."""
+    if isinstance(job, DamagedJob):
+        return {"job": job.job, "error": str(job)}
+    return job.summary()
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
@@ -180,17 +180,24 @@ def cmd_learn(args: argparse.Namespace) -> int:
     storage = args.open_storage(args.data, existing=True, storage=args.storage)
     try:
         if args.action == "status":
-            jobs = [Job.from_row(r) for r in storage.learn_jobs()]
-            if args.job is not None:
-                jobs = [j for j in jobs if j.id == args.job]
-                if not jobs:
-                    raise CommandError(EX_NOINPUT, f"error: no learning job {args.job}")
+            rows = [r for r in storage.learn_jobs() if args.job is None or r.id == args.job]
+            if args.job is not None and not rows:
+                raise CommandError(EX_NOINPUT, f"error: no learning job {args.job}")
+            jobs: list[Job | DamagedJob] = []
+            for row in rows:
+                try:
+                    jobs.append(Job.from_row(row))
+                except DamagedJob as err:  # said, and the others printed
+                    jobs.append(err)
             if args.json:
-                json.dump([j.summary() for j in jobs], sys.stdout, indent=2)
+                json.dump([_summary(j) for j in jobs], sys.stdout, indent=2)
                 print()
             for j in [] if args.json else jobs:
-                _print(j)
-            return EX_OK
+                if isinstance(j, DamagedJob):
+                    print(f"error: {j}", file=sys.stderr)
+                else:
+                    _print(j)
+            return EX_DATAERR if any(isinstance(j, DamagedJob) for j in jobs) else EX_OK
         if args.action == "stop":
             _print(Coordinator(storage).stop(args.job))
             return EX_OK

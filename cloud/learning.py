@@ -1,5 +1,5 @@
-"""Federated training rounds at the endpoint: the job document, the round coordinator, and the
-two resources devices use (docs/learning.md).
+"""Federated training rounds at the endpoint: the round coordinator (docs/learning.md; the job
+document and the devices' reports: cloud/learnjob.py; their uploads: cloud/learnuploads.py).
 
 A *job* (``edge-agent-cloud learn start``) trains one published model for ``rounds`` rounds. Its
 state is one CBOR document in storage (cloud/learnstore.py), replaced by compare-and-set, so the
@@ -26,7 +26,8 @@ ends; each tick makes at most one transition:
 
 Devices fetch masters with ``GET /learn/masters/<sha256>`` (any device: content-addressed, the
 SHA-256 comes from their authenticated desired state) and upload with ``POST /learn/<device>``
-(the device itself, and only while it is selected in the open round, before the deadline).
+(the device itself, and only while it is selected in the open round, before the deadline:
+cloud/learnuploads.py ``accept_upload``).
 """
 
 from __future__ import annotations
@@ -34,21 +35,16 @@ from __future__ import annotations
 import logging
 import math
 import random
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import AgentError, ModelError
+from agent.errors import ModelError
 from agent.learn.autoencoder import DenseAutoencoder
-from agent.wire import records
 from agent.wire.learning import (
-    MAX_ROUND,
     LearningError,
     Masters,
     ModelUpdate,
@@ -56,12 +52,23 @@ from agent.wire.learning import (
     learn_key,
     parameter_count,
 )
-from agent.wire.statedoc import MAX_VALUE_BYTES, MODEL_NAME, Entry
 from cloud import tflitepatch
-from cloud.fedavg import CHECK_TOLERANCE
-from cloud.learnstore import JobRow
+from cloud.learnjob import (
+    DESIRED_ERRORS,
+    Job,
+    JobError,
+    JobSpec,
+    JobState,
+    UnknownJob,
+    masters_of,
+    out_counts,
+    out_of_round,
+    same_int,
+    version_for,
+    why_text,
+)
+from cloud.learnuploads import misfit
 from cloud.models import ModelRegistry
-from cloud.retention import PAUSE
 from cloud.storebase import PreconditionFailed, Storage
 
 log = logging.getLogger("cloud.learning")
@@ -71,244 +78,8 @@ MAX_ATTEMPTS = 3
 #: The most an update's (un-noised, claimed) sample count weighs in FedAvg: a device trains on at
 #: most agent.learn.local.MAX_WINDOWS windows, so a larger claim is a lie.
 MAX_SAMPLES_WEIGHT = 2048
-#: Standard deviations of the noise's norm above its mean that an honest update may reach: the
-#: norm of P Gaussian coordinates of std sigma is about sigma * sqrt(P), give or take sigma / 2.
-NORM_SLACK = 6.0
 #: Seconds between ticks of :meth:`Coordinator.run`.
 TICK = 1.0
-STATES = ("running", "done", "failed", "stopped")
-#: The statuses a device reports under ``learn/<model>`` for a round it will not upload in
-#: (agent/learn/client.py ``_set``): a refusal stands for every attempt of its round (the device
-#: never takes that round again, client.py ``_done``); an expired or failed attempt is taken
-#: again when the round opens again, so those count for their own attempt only. ``withdrawn`` is
-#: not one: in the open attempt it means something other than this coordinator replaced the
-#: device's task (a second coordinator of the job, an operator), and the device goes on with
-#: the task that replaced it, which may well be this round's.
-OUT_STATUSES = ("refused", "expired", "failed")
-#: Why a device is out when it refused the desired ``learn/<model>`` value itself (its state sync
-#: names the key and the version in ``desired/errors``, agent/sync/statedata.py errors_report;
-#: a refused version is never tried again): a release that does not know the task's ``check``,
-#: ``[learn] enabled = false``, an agent without the learning client.
-NOT_APPLIED = "not_applied"
-DESIRED_ERRORS = "desired/errors"  # agent/sync/statedata.py ERRORS_KEY
-#: The states a job never leaves (nothing sets a job running again).
-ENDED = ("done", "failed", "stopped")
-#: Uploads :func:`prune_uploads` removes per transaction (about 5 KB each).
-PRUNE_BATCH = 1000
-
-
-class JobError(AgentError):
-    """A job cannot start or go on (the message says why)."""
-
-
-class UnknownJob(JobError):
-    """No job has that number."""
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """What an operator asked for."""
-
-    model: str
-    role: str
-    base: str  # the published version the job starts from (its file is the int8 template)
-    rounds: int
-    fraction: float
-    min_devices: int
-    round_seconds: float
-    # the recipe of ./tools/dev bench federated (tools/benches/federated.py says how it was chosen)
-    epochs: int = 10
-    lr: float = 2e-3
-    mu: float = 0.01
-    clip: float = 0.3
-    noise: float = 0.5
-    devices: tuple[str, ...] = ()  # empty: every registered device
-    #: assign a round's model only if it passes the check (module docstring); False: every
-    #: round's model is assigned when the round closes (devices of releases before the check)
-    gate: bool = True
-    #: how much lower a model's median fraction of detected synthetic faults may be than the
-    #: incumbent's and still pass (cloud/fedavg.py CHECK_TOLERANCE)
-    tolerance: float = CHECK_TOLERANCE
-
-    def check(self) -> None:
-        if not MODEL_NAME.match(self.model) or not MODEL_NAME.match(self.base):
-            raise JobError("model and version must be model names")
-        if not 1 <= self.rounds <= 10_000:
-            raise JobError("rounds must be 1..10000")
-        if not 0.0 < self.fraction <= 1.0:
-            raise JobError("fraction must be in (0, 1]")
-        if self.min_devices < 1:
-            raise JobError("min-devices must be at least 1")
-        if not 1.0 <= self.round_seconds <= 7 * 86400:
-            raise JobError("the round deadline must be 1 s .. 7 days")
-        task = RoundTask(
-            1, 1, self.base, "0" * 64, 0, self.epochs, self.lr, self.mu, self.clip, self.noise
-        )
-        try:
-            RoundTask.from_value(task.to_value())
-        except LearningError as err:
-            raise JobError(f"the local recipe is out of range: {err}") from None
-        if self.noise <= 0:
-            raise JobError("noise must be > 0: updates leave devices only with noise added")
-        if not 0.0 <= self.tolerance <= 1.0:
-            raise JobError("the check's tolerance must be in [0, 1]")
-        if self.gate and self.rounds >= MAX_ROUND:  # the round after the last checks
-            raise JobError(
-                f"rounds must be 1..{MAX_ROUND - 1} with the check: a round after the last "
-                "checks the last one's model (or --no-gate)"
-            )
-        if self.gate:  # the largest task of a checked job must fit a desired value
-            task = RoundTask(
-                2**32,
-                MAX_ROUND,
-                self.base,
-                "0" * 64,
-                2**40 - 1,
-                self.epochs,
-                self.lr,
-                self.mu,
-                self.clip,
-                self.noise,
-                check="0" * 64,
-            )
-            size = len(records.dumps(task.to_value()))
-            if size > MAX_VALUE_BYTES:
-                raise JobError(
-                    f"version {self.base!r}: a checked round's task would take {size} bytes, "
-                    f"more than a desired value's {MAX_VALUE_BYTES}: a shorter version name, "
-                    "or --no-gate"
-                )
-
-
-@dataclass
-class JobState:
-    """Where a job is."""
-
-    state: str = "running"
-    round: int = 0  # the open (or last) round; 0 before the first
-    open: bool = False
-    attempt: int = 0
-    selected: list[str] = field(default_factory=list)
-    deadline: float = 0.0
-    masters: str = ""  # SHA-256 of the current masters (learn_blobs)
-    version: str = ""  # the version assigned after the last closed round ("" before)
-    #: SHA-256 of the weights the fleet runs (the base's masters, then each model that passed
-    #: the check); "" for a job without the check (started before it, or gate off)
-    incumbent: str = ""
-    #: the round whose aggregate the masters are, while they wait for the check (0: none)
-    candidate: int = 0
-    #: that round's devices and samples, for the version's manifest
-    candidate_info: dict[str, int] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    error: str = ""
-    #: the desired version of ``learn/<model>`` written to each selected device in the open
-    #: attempt (a refusal of that version in its ``desired/errors`` takes it out)
-    versions: dict[str, int] = field(default_factory=dict)
-    #: the open attempt's task was written to its devices: False between the save that opened
-    #: the attempt and the writes (only a coordinator whose save opened it writes them, so a
-    #: second coordinator of the job whose save failed writes no task of its own)
-    written: bool = True
-    #: the selected devices of the open attempt that said they will not upload, and why (a
-    #: status of OUT_STATUSES, or NOT_APPLIED)
-    out: dict[str, str] = field(default_factory=dict)
-    #: the open round's earlier attempts: {attempt, uploads, out (counts by why), early}
-    reopened: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class Job:
-    id: int
-    spec: JobSpec
-    st: JobState
-    rev: int = 0
-
-    def to_cbor(self) -> bytes:
-        spec = asdict(self.spec)
-        spec["devices"] = list(self.spec.devices)
-        return records.dumps({"spec": spec, "state": asdict(self.st)})
-
-    @classmethod
-    def from_row(cls, row: JobRow) -> Job:
-        d = records.loads(row.doc)
-        spec = dict(d["spec"])
-        spec["devices"] = tuple(spec["devices"])
-        spec.setdefault("gate", False)  # a job stored before the check runs without it
-        return cls(row.id, JobSpec(**spec), JobState(**d["state"]), row.rev)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "job": self.id,
-            **asdict(self.spec),
-            **asdict(self.st),
-            "out_counts": out_counts(self.st.out),
-        }
-
-
-def masters_of(model: DenseAutoencoder, name: str) -> Masters:
-    return Masters(name, model.sizes, model.to_vector().astype(np.float32))
-
-
-def version_for(base: str, job: int, rnd: int) -> str:
-    return f"{base.split('+')[0]}+fl{job}.{rnd}"
-
-
-def out_of_round(
-    reported: Mapping[str, Entry],
-    model: str,
-    job: int,
-    rnd: int,
-    deadline: float,
-    version: int | None,
-) -> str | None:
-    """Why a device selected in the open attempt of round ``rnd`` of ``job`` (its deadline
-    ``deadline``; ``version``: the desired version of ``learn/<model>`` written to it, None if
-    not known) will not upload in it, by its own reported state (``reported``: at least its
-    ``learn/<model>`` and ``desired/errors`` entries); None when it may still upload, or says
-    nothing this endpoint can read.
-
-    - ``learn/<model>`` names this job and round with a status of :data:`OUT_STATUSES`:
-      ``refused`` whatever the attempt (a refusal stands for every attempt of its round), the
-      others only with this attempt's deadline (the device takes a new attempt again; the
-      deadline it reports is the task's, agent/learn/client.py ``_set``);
-    - ``desired/errors`` names ``learn/<model>`` at ``version``: the device refused the task
-      itself (:data:`NOT_APPLIED`; its state sync never tries a refused version again).
-
-    The device wrote these values: anything may be in them (a device can only take itself out
-    of a round). A value of another shape, type or size is not a reason."""
-    key = learn_key(model)
-    entry = reported.get(key)
-    value = entry.value if entry is not None else None
-    if isinstance(value, dict) and _is_int(value.get("job"), job):
-        status = value.get("status")
-        if (
-            isinstance(status, str)
-            and status in OUT_STATUSES
-            and _is_int(value.get("round"), rnd)
-            and (status == "refused" or _is_int(value.get("deadline"), math.ceil(deadline)))
-        ):
-            return status
-    errors = reported.get(DESIRED_ERRORS)
-    refusals = errors.value if errors is not None else None
-    if version is not None and isinstance(refusals, dict):
-        refusal = refusals.get(key)
-        if isinstance(refusal, dict) and _is_int(refusal.get("version"), version):
-            return NOT_APPLIED
-    return None
-
-
-def _is_int(value: Any, expected: int) -> bool:
-    return type(value) is int and value == expected  # not a bool, a float or a bignum's repr
-
-
-def out_counts(out: Mapping[str, str]) -> dict[str, int]:
-    """How many devices are out for each reason, in the order of :data:`OUT_STATUSES`."""
-    counts = Counter(out.values())
-    order = [*OUT_STATUSES, NOT_APPLIED]
-    return {why: counts[why] for why in sorted(counts, key=order.index)}
-
-
-def _why(out: Mapping[str, str], sep: str = ",") -> str:
-    return sep.join(f"{why}:{n}" for why, n in out_counts(out).items()) or "-"
 
 
 class Coordinator:
@@ -431,7 +202,7 @@ class Coordinator:
                     st.attempt,
                     len(received),
                     len(out),
-                    _why(out),
+                    why_text(out),
                 )
             self._close(job, now, early=bool(out) and not late)
         elif late or len(received) + coming < needed:
@@ -441,7 +212,7 @@ class Coordinator:
                 st.state, st.open, withdraw = "failed", False, True
                 st.error = (
                     f"round {st.round}: {len(received)} uploads {by}"
-                    + (f", {len(out)} selected devices out ({_why(out, ', ')})" if out else "")
+                    + (f", {len(out)} selected devices out ({why_text(out, ', ')})" if out else "")
                     + f", {needed} needed, {MAX_ATTEMPTS} attempts"
                 )
                 log.warning("event=learn_job_failed job=%d error=%r", job.id, st.error)
@@ -455,7 +226,7 @@ class Coordinator:
                     needed,
                     str(not late).lower(),
                     len(out),
-                    _why(out),
+                    why_text(out),
                 )
                 st.reopened.append(
                     {
@@ -504,7 +275,7 @@ class Coordinator:
                 doc = self.storage.desired(device)
                 entry = doc.entries.get(key)
                 value = entry.value if entry is not None else None
-                if not isinstance(value, dict) or not _is_int(value.get("job"), job.id):
+                if not isinstance(value, dict) or not same_int(value.get("job"), job.id):
                     break
                 try:
                     self.storage.put_desired(device, {key: None}, now, if_match=[doc.etag()])
@@ -811,150 +582,3 @@ def _layers(model: DenseAutoencoder) -> list[tuple[np.ndarray, np.ndarray]]:
     return [
         (np.asarray(w), np.asarray(b)) for w, b in zip(model.weights, model.biases, strict=True)
     ]
-
-
-# -- retention ------------------------------------------------------------------------------------
-def uploads_read_from(job: Job) -> int:
-    """The lowest round of ``job`` whose uploads may still be read: retention removes the old
-    uploads of the rounds below it (:func:`prune_uploads`) and keeps the others, however old.
-
-    - An ended job (:data:`ENDED`): none is read any more; every round (no update names a round
-      above MAX_ROUND).
-    - A running job with the check (``incumbent``): round 1, so none goes. The round after the
-      last, which only checks, is opened (and opened again) among the devices that uploaded in
-      the job's training rounds: :meth:`Coordinator._open` reads which devices those uploads
-      are of, until the job ends.
-    - Any other running job: its current round (``round``, open, or closed and the next not
-      opened yet). Only a round's close reads its uploads (FedAvg, the check), and a close that
-      a crash cut short before its save is run again from the saved document, which still names
-      that round: the document names round r + 1 only after the save that recorded r's close
-      (:meth:`Coordinator.tick` makes one transition per save; the next round opens in a save
-      of its own), and an upload is stored only for the round the document names as open.
-    - A state this code does not know: round 1, nothing goes.
-    """
-    st = job.st
-    if st.state in ENDED:
-        return MAX_ROUND + 1
-    if st.state != "running" or st.incumbent:
-        return 1
-    return max(st.round, 1)
-
-
-def prune_uploads(
-    storage: Storage,
-    before: float,
-    *,
-    dry_run: bool = False,
-    stop: threading.Event | None = None,
-    batch: int = PRUNE_BATCH,
-    pause: float = PAUSE,
-) -> tuple[int, bool]:
-    """Retention of the devices' uploads (docs/ops.md "Retention"; called by cloud/prunecli.py
-    after :meth:`cloud.storebase.Storage.prune`): remove those received before ``before`` of the
-    rounds below :func:`uploads_read_from` of their job, ``batch`` per transaction with
-    ``pause`` seconds between two (an endpoint writing the same SQLite file goes first).
-    Returns how many (``dry_run``: would go; nothing changes) and whether ``stop`` ended it
-    first. A job document that does not decode keeps its uploads (one warning per prune)."""
-    removed = 0
-    for row in storage.learn_jobs():
-        try:
-            job = Job.from_row(row)
-        except (AgentError, LookupError, TypeError, ValueError, AttributeError) as err:
-            log.warning(
-                "event=learn_prune_skipped job=%d reason=%r",
-                row.id,
-                " ".join(f"{type(err).__name__}: {err}".split())[:200],
-            )
-            continue
-        below = uploads_read_from(job)
-        if below <= 1:
-            continue
-        if dry_run:
-            removed += storage.count_learn_updates(job.id, below, before)
-            continue
-        while True:
-            if stop is not None and stop.is_set():
-                return removed, True
-            n = storage.delete_learn_updates(job.id, below, before, batch)
-            removed += n
-            if n < batch:
-                break
-            if pause > 0:
-                time.sleep(pause)  # a writer waiting in its busy handler takes the lock now
-    return removed, False
-
-
-# -- the device-facing resources ------------------------------------------------------------------
-class UploadRefused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code  # "4.00", "4.03", "4.04"
-        self.message = message
-
-
-def accept_upload(storage: Storage, device: str, body: bytes, now: float) -> bool:
-    """Check and store one upload (blocking; the endpoint's storage thread). True if new.
-    Raises :class:`UploadRefused`."""
-    try:
-        head = ModelUpdate.from_cbor(body)
-    except LearningError as err:
-        raise UploadRefused("4.00", str(err)) from None
-    row = storage.learn_job(head.job)
-    if row is None:
-        raise UploadRefused("4.04", f"no learning job {head.job}")
-    job = Job.from_row(row)
-    st = job.st
-    if st.state != "running" or not st.open or st.round != head.round:
-        raise UploadRefused("4.03", f"job {job.id} round {head.round} is not open")
-    if device not in st.selected:
-        raise UploadRefused("4.03", f"{device} is not selected in round {st.round}")
-    if now > st.deadline:
-        raise UploadRefused("4.03", f"round {st.round} closed at its deadline")
-    blob = storage.learn_blob(st.masters)
-    if blob is None:
-        raise UploadRefused("4.04", "the round's masters are missing")
-    count = parameter_count(Masters.from_cbor(blob).sizes)
-    try:
-        update = ModelUpdate.from_cbor(body, count)
-    except LearningError as err:
-        raise UploadRefused("4.00", str(err)) from None
-    refusal = misfit(update, job)
-    if refusal:
-        raise UploadRefused("4.00", refusal)
-    return storage.put_learn_update(job.id, head.round, device, body, now)
-
-
-def norm_bound(clip: float, noise: float, parameters: int) -> float:
-    """The largest L2 norm an honest update reaches, but with negligible probability: its delta
-    clipped to ``clip``, plus Gaussian noise of std ``noise * clip`` on each of ``parameters``
-    weights (norm about ``noise * clip * sqrt(parameters)``)."""
-    return clip + noise * clip * (math.sqrt(parameters) + NORM_SLACK)
-
-
-def misfit(update: ModelUpdate, job: Job) -> str:
-    """Why ``update`` is not what the job's open round asked for: weights in a round that only
-    checks or none in a training round, no check in a checked round, or weights beyond
-    :func:`norm_bound` (:func:`over_norm`); "" if it is."""
-    if (update.delta is None) != (job.st.round > job.spec.rounds):
-        if update.delta is None:
-            return f"round {job.st.round} trains: the update has no weights"
-        return f"round {job.st.round} only checks: the update must carry no weights"
-    if job.st.candidate and update.recall is None:
-        return f"round {job.st.round} checks the masters: the update has no recall"
-    return over_norm(update, job.spec)
-
-
-def over_norm(update: ModelUpdate, spec: JobSpec) -> str:
-    """Why ``update`` cannot come from a device that followed the round (its norm is beyond
-    :func:`norm_bound`); "" if it can."""
-    if update.delta is None:
-        return ""
-    delta = np.asarray(update.delta, dtype=np.float64)
-    bound = norm_bound(spec.clip, spec.noise, delta.size)
-    norm = float(np.linalg.norm(delta))
-    if norm <= bound:
-        return ""
-    return (
-        f"the update's L2 norm {norm:.4g} is over {bound:.4g}, what clip {spec.clip} and noise "
-        f"{spec.noise} allow: train with the round's task"
-    )

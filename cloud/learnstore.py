@@ -7,7 +7,7 @@
   change).
 - ``learn_blobs``: content-addressed documents (a round's masters), by SHA-256.
 - ``learn_updates``: the devices' uploads, one per (job, round, device): a retried upload is
-  stored once. Retention removes those no longer read (cloud/learning.py ``prune_uploads``) with
+  stored once. Retention removes those no longer read (cloud/learnuploads.py ``prune_uploads``) with
   :meth:`LearnTables.delete_learn_updates`, a bounded number per transaction.
 
 :class:`LearnTables` is a mixin of :class:`cloud.storesql.SharedStorage` (it uses ``_read`` and

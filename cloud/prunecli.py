@@ -2,13 +2,12 @@
 (the rule: cloud/retention.py; docs/ops.md "Retention").
 
 ``prune --data DIR|--storage SPEC --older-than-days N [--dry-run] [--json]`` removes what the
-storage received before midnight (UTC) of the day N days ago, records, features records,
-verdicts and the federated-learning uploads no longer read (cloud/learning.py ``prune_uploads``),
-and prints what it removed (``--dry-run``: would remove; nothing changes). A server may
-run on the same storage meanwhile: the prune works in short transactions. Exit codes
-(agent/exits.py): 0 done, 64 usage, 66 no endpoint data in DIR, 69 a database server that does
-not answer, 74 a storage that fails, 75 another prune is running (PostgreSQL) or a lock was held
-too long: run it again.
+storage received before midnight (UTC) of the day N days ago, records, features records, verdicts
+and the federated-learning uploads no longer read (cloud/learnuploads.py ``prune_uploads``), and
+prints what it removed (``--dry-run``: would remove; nothing changes). A server may run on the same
+storage meanwhile: the prune works in short transactions. Exit codes (agent/exits.py): 0 done, 64
+usage, 66 no endpoint data in DIR, 69 a database server that does not answer, 74 a storage that
+fails, 75 another prune is running (PostgreSQL) or a lock was held too long: run it again.
 
 ``serve --retain-days N`` runs the same prune in a thread of the endpoint, once at start and
 then every :data:`RETAIN_INTERVAL`, each logged as one line (``event=retention_pruned``);
@@ -29,7 +28,7 @@ from typing import Any
 
 from agent.errors import AgentError
 from agent.exits import EX_OK, EX_TEMPFAIL, EX_USAGE, CommandError
-from cloud.learning import prune_uploads
+from cloud.learnuploads import prune_uploads
 from cloud.retention import PruneBusy, PruneResult, cutoff, describe_result, iso
 from cloud.storage import Storage, describe_storage, open_storage
 from drivers.clock import Clock, RealClock
@@ -98,7 +97,7 @@ def prune(
     stop: threading.Event | None = None,
 ) -> PruneResult:
     """One prune: the storage's (records, features records, verdicts), then the learning uploads
-    no longer read (cloud/learning.py :func:`~cloud.learning.prune_uploads`), unless ``stop``
+    no longer read (cloud/learning.py :func:`~cloud.learnuploads.prune_uploads`), unless ``stop``
     ended the first."""
     result = storage.prune(before, dry_run=dry_run, stop=stop)
     if result.stopped:

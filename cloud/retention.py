@@ -93,7 +93,7 @@ class PruneResult:
     """What a prune removed (``dry_run``: would remove): rows of each table, the PostgreSQL
     partitions dropped, how many devices' pruned floors rose, (SQLite, after a prune) the bytes
     free inside the file, which later records reuse, and the learning uploads removed (set by
-    cloud/prunecli.py, which runs cloud/learning.py ``prune_uploads`` after the storage's
+    cloud/prunecli.py, which runs cloud/learnuploads.py ``prune_uploads`` after the storage's
     prune)."""
 
     before: float
@@ -105,7 +105,7 @@ class PruneResult:
     devices: int = 0
     free_bytes: int | None = None
     stopped: bool = False  # ``stop`` was set: it ended early (run it again to finish)
-    learn_uploads: int = 0  # federated-learning uploads (cloud/learning.py prune_uploads)
+    learn_uploads: int = 0  # federated-learning uploads (cloud/learnuploads.py prune_uploads)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -25,7 +25,7 @@ from cloud.inference import (
     NoSuchModel,
     ValidateRequest,
 )
-from cloud.learning import UploadRefused, accept_upload
+from cloud.learnuploads import UploadRefused, accept_upload
 from cloud.protocol import RETRY_AFTER, _Failure, _Route
 
 if TYPE_CHECKING:

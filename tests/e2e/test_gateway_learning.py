@@ -21,7 +21,8 @@ from agent.learn.masters import load_master_file
 from agent.wire.batch import CF_CBOR
 from agent.wire.learning import Masters, ModelUpdate, RoundTask, ScoreSummary, learn_key
 from agent.wire.statedoc import DesiredDoc
-from cloud.learning import Coordinator, JobSpec
+from cloud.learning import Coordinator
+from cloud.learnjob import JobSpec
 from cloud.models import ModelRegistry, entry_for
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage

@@ -27,7 +27,7 @@ import pytest
 
 from agent.modelstore.signing import SignedManifest
 from agent.wire.learning import ModelUpdate
-from cloud.learning import Job
+from cloud.learnjob import Job
 from cloud.storage import SQLiteStorage
 from tests.e2e.test_gateway import until as _until
 from tools.chaos.harness import agent_config, free_udp_port

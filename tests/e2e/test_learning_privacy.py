@@ -82,7 +82,7 @@ from aiocoap.numbers.optionnumbers import OptionNumber as Opt
 from agent.learn.masters import load_master_file
 from agent.wire.learning import Masters, ModelUpdate, parameter_count
 from agent.wire.records import TelemetryBody, decode_body
-from cloud.learning import masters_of
+from cloud.learnjob import masters_of
 from cloud.storage import SQLiteStorage
 from tests.e2e.test_data_policy import Relay, requests
 from tests.e2e.test_learning import ROOT, Agents, _job, _until, cloud, status

@@ -144,7 +144,8 @@ from cloud.fedavg import (  # noqa: E402
     fedavg,
     fleet_threshold,
 )
-from cloud.learning import MAX_SAMPLES_WEIGHT, norm_bound  # noqa: E402
+from cloud.learning import MAX_SAMPLES_WEIGHT  # noqa: E402
+from cloud.learnuploads import norm_bound  # noqa: E402
 
 MEASURES = (
     "F1/FAR on SKAB (each labelled file a device, SKAB protocol) of the autoencoder learned by "
@@ -438,7 +439,7 @@ def poisoned_update(
     change that teaches the autoencoder to copy a shifted channel through (3 epochs from the
     round's masters on its windows with one channel shifted, the shifted window as the target:
     the opposite of denoising), scaled to just under the largest norm the endpoint accepts
-    (``bound``: cloud/learning.py norm_bound) and claiming the most windows FedAvg weighs
+    (``bound``: cloud/learnuploads.py norm_bound) and claiming the most windows FedAvg weighs
     (:data:`MAX_SAMPLES_WEIGHT`); in a check, the best recall for the masters and the worst for
     the incumbent. Measured without the check, one such device of 26 takes the federated F1
     from about 0.84 to about 0.70."""

@@ -6,7 +6,7 @@ check), and a round after the last only checks.
 In process, with the real coordinator on real SQLite storage, a real registry that signs with a
 real key, the shipped int8 template (models/skab-ae.tflite) and float weights
 (models/cloud/skab-ae.float32.tflite); the devices' uploads are built by hand and stored through
-:func:`cloud.learning.accept_upload`, as the endpoint stores them."""
+:func:`cloud.learnuploads.accept_upload`, as the endpoint stores them."""
 
 from __future__ import annotations
 
@@ -31,16 +31,9 @@ from agent.wire.learning import (
     learn_key,
 )
 from cloud import fedavg
-from cloud.learning import (
-    Coordinator,
-    Job,
-    JobError,
-    JobSpec,
-    JobState,
-    UploadRefused,
-    accept_upload,
-    masters_of,
-)
+from cloud.learning import Coordinator
+from cloud.learnjob import Job, JobError, JobSpec, JobState, masters_of
+from cloud.learnuploads import UploadRefused, accept_upload
 from cloud.models import ModelRegistry, entry_for
 from cloud.storage import SQLiteStorage
 

@@ -7,7 +7,7 @@ when the quorum cannot be met any more.
 
 As tests/unit/cloud/test_learning_check.py: the real coordinator on real SQLite storage, real
 signing and the shipped model; the devices' reports go through the storage as the endpoint stores
-them (``put_reported``), their uploads through :func:`cloud.learning.accept_upload`."""
+them (``put_reported``), their uploads through :func:`cloud.learnuploads.accept_upload`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from agent.wire import records
 from agent.wire.learning import LearningError, Recall, learn_key
 from agent.wire.statedoc import Entry, show
 from cloud.learncli import _print
-from cloud.learning import MAX_ATTEMPTS, NOT_APPLIED, Coordinator, out_of_round
+from cloud.learning import MAX_ATTEMPTS, Coordinator
+from cloud.learnjob import NOT_APPLIED, out_of_round
 from cloud.storebase import StorageUnavailable
 from tests.unit.cloud.test_learning_check import MODEL, Rig
 

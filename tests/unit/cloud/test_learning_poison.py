@@ -1,6 +1,6 @@
 """A selected learning device that lies (audit learn_poison.py): its score summary cannot set the
 fleet threshold and its update cannot wreck the published weights (cloud/fedavg.py,
-cloud/learning.py accept_upload). Real SQLite storage, the endpoint's own checks."""
+cloud/learnuploads.py accept_upload). Real SQLite storage, the endpoint's own checks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from agent.learn.privacy import privatize
 from agent.wire.learning import QUANTILES, Masters, ModelUpdate, ScoreSummary, parameter_count
 from cloud import fedavg
-from cloud.learning import Job, JobSpec, JobState, UploadRefused, accept_upload, norm_bound
+from cloud.learnjob import Job, JobSpec, JobState
+from cloud.learnuploads import UploadRefused, accept_upload, norm_bound
 from cloud.storage import SQLiteStorage
 
 SIZES = (8, 4, 8)

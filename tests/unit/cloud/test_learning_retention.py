@@ -1,7 +1,7 @@
-"""Retention of the federated-learning uploads (cloud/learning.py ``prune_uploads``, the storage's
-``delete_learn_updates``; docs/ops.md "Retention"): a prune (cloud/prunecli.py ``prune``, what
-both ``prune`` and ``serve --retain-days`` run) removes the old uploads nothing reads any more and
-keeps those a round's close or the check round may still read.
+"""Retention of the federated-learning uploads (cloud/learnuploads.py ``prune_uploads``, the
+storage's ``delete_learn_updates``; docs/ops.md "Retention"): a prune (cloud/prunecli.py ``prune``,
+what both ``prune`` and ``serve --retain-days`` run) removes the old uploads nothing reads any more
+and keeps those a round's close or the check round may still read.
 
 Job documents are written as the coordinator writes them (``Job.to_cbor``) on both backends (the
 fixtures of tests/unit/cloud/test_storage_contract.py); the coordinator's own rounds run on the
@@ -17,11 +17,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from agent.exits import EX_DATAERR
 from agent.wire import records
+from agent.wire.learning import ModelUpdate, Recall, ScoreSummary
 from cloud import cli, prunecli
-from cloud.learning import Job, JobSpec, JobState, prune_uploads
+from cloud.learning import Coordinator
+from cloud.learnjob import Job, JobError, JobSpec, JobState
+from cloud.learnuploads import UploadRefused, accept_upload, prune_uploads
 from cloud.retention import DAY, PruneResult, day_start
 from cloud.storage import SQLiteStorage, Storage
 from tests.unit.cloud.test_learning_check import AS_GOOD, BASE, Rig, rig
@@ -91,7 +96,7 @@ def test_a_running_job_keeps_its_current_round_and_loses_its_earlier_old_ones(
     s: Storage, open_: bool
 ) -> None:
     """The current round's uploads stay however old (its close reads them, also when a crash
-    makes it run again: cloud/learning.py ``uploads_read_from``); the rounds before it were
+    makes it run again: cloud/learnuploads.py ``uploads_read_from``); the rounds before it were
     closed by a save before the document named this round, so nothing reads theirs."""
     history = [entry(1), entry(2)] + ([] if open_ else [entry(3)])
     job = add_job(s, JobState(round=3, open=open_, selected=list(DEVICES), history=history))
@@ -265,3 +270,32 @@ def test_the_round_that_only_checks_still_finds_the_devices_of_every_training_ro
         assert prunecli.prune(rig.storage, cutoff).learn_uploads == 6
     finally:
         rig.storage.close()
+
+
+def test_learn_status_and_an_upload_with_a_damaged_job_document(
+    s: Storage, backend: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job document corrupted at rest. Was: ``learn status`` ended in a traceback (KeyError)
+    and printed no job; an upload naming that job failed inside the endpoint. Now status prints
+    the other jobs, says which one does not read (text: on stderr; JSON: its number and the
+    error) and exits 65; the upload is refused 4.04 with the reason; resuming it is an error."""
+    broken = s.create_learn_job("skab-ae", lambda n: records.dumps({"spec": 1, "state": []}), OLD)
+    done = add_job(s, JobState(state="done", round=1, history=[entry(1)]))
+    if backend.name == "sqlite":
+        argv = ["--data", str(Path(backend.target).parent)]
+    else:
+        argv = ["--data", str(tmp_path), "--storage", backend.target]
+    assert cli.main(["learn", "status", *argv]) == EX_DATAERR
+    out = capsys.readouterr()
+    assert f"job {done}" in out.out and "Traceback" not in out.err
+    assert f"error: job {broken}: its stored document does not read (" in out.err
+    assert cli.main(["learn", "status", *argv, "--json"]) == EX_DATAERR
+    shown = json.loads(capsys.readouterr().out)
+    assert [j["job"] for j in shown] == [broken, done]
+    assert shown[0]["error"].startswith(f"job {broken}: its stored document does not read")
+    update = ModelUpdate(broken, 1, 10, None, ScoreSummary.of(np.ones(4)), 0.1, Recall(0.5, 0.5))
+    with pytest.raises(UploadRefused) as refused:
+        accept_upload(s, DEVICES[0], update.to_cbor(), T0)
+    assert refused.value.code == "4.04" and "does not read" in refused.value.message
+    with pytest.raises(JobError, match="does not read"):
+        Coordinator(s).job(broken)
