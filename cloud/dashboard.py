@@ -8,9 +8,11 @@ the page polls every few seconds (docs/dashboard.md):
     GET /api/devices/{id}/series?window=S[&until=T]  telemetry, per sensor channel
     GET /api/devices/{id}/alerts?window=S[&until=T]  alerts (score, threshold), the threshold
     GET /api/devices/{id}/link?window=S[&until=T]    link state, RTT and loss over time
+    GET /api/learning                                federated learning jobs, newest first
 
 Reads go through the endpoint's storage thread (``CloudServer.db``) and their answers are
-bounded (cloud/dashdata.py). HTTP is cloud/httpserve.py: GET and HEAD, strict and bounded.
+bounded (cloud/dashdata.py; the learning jobs: cloud/dashlearn.py). HTTP is
+cloud/httpserve.py: GET and HEAD, strict and bounded.
 
 Who may look (:func:`exposure`): on a loopback address anyone on this host, without a password
 (the default, ``127.0.0.1:8080``); the ``Host`` field must then name a loopback host, so a web
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import AgentError
 from agent.exits import EX_DATAERR, EX_USAGE, os_error_code, os_error_line
 from agent.wire.batch import DEVICE_ID
-from cloud import dashdata, webauth
+from cloud import dashdata, dashlearn, webauth
 from cloud.httpserve import HttpError, HttpServer, Request, Response
 from cloud.storage import StorageUnavailable
 
@@ -265,6 +267,8 @@ class Dashboard:
         db = self.server.db
         if parts == ["fleet"]:
             return _json(await db(lambda s: dashdata.fleet(s, now)))
+        if parts == ["learning"]:
+            return _json(await db(lambda s: dashlearn.learning(s, now)))
         if len(parts) not in (2, 3) or parts[0] != "devices" or not DEVICE_ID.match(parts[1]):
             raise HttpError(404, "no such resource")
         device = parts[1]

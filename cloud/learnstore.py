@@ -9,6 +9,11 @@
 - ``learn_updates``: the devices' uploads, one per (job, round, device): a retried upload is
   stored once. Retention removes those no longer read (cloud/learnuploads.py ``prune_uploads``) with
   :meth:`LearnTables.delete_learn_updates`, a bounded number per transaction.
+  On SQLite, the index ``learn_updates_rounds`` counts a round's uploads without reading
+  them: the table keeps its rows (about 5 KB of body each) in its primary key's b-tree, so a
+  count through that key reads a page per upload (the dashboard counts the open round of each
+  job every poll, cloud/dashlearn.py). PostgreSQL keeps such bodies out of line (TOAST): its
+  primary key serves.
 
 :class:`LearnTables` is a mixin of :class:`cloud.storesql.SharedStorage` (it uses ``_read`` and
 ``_write``); SQLite creates the tables with :data:`SQLITE_SCHEMA` at open, PostgreSQL with its
@@ -46,6 +51,7 @@ CREATE TABLE IF NOT EXISTS learn_updates (
     received REAL NOT NULL,
     PRIMARY KEY (job, round, device)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS learn_updates_rounds ON learn_updates (job, round);
 """
 
 PG_MIGRATION = (
