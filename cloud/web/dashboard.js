@@ -1,6 +1,7 @@
-// edge-agent dashboard: the fleet at a glance, and per device live charts from the endpoint's
-// JSON API (docs/dashboard.md). Read-only; polls every POLL_MS; builds the DOM with textContent
-// only (device data is never parsed as HTML). window.dashboard exposes the charts for tests.
+// edge-agent dashboard: the fleet at a glance with its federated learning jobs, and per device
+// live charts from the endpoint's JSON API (docs/dashboard.md). Read-only; polls every POLL_MS;
+// builds the DOM with textContent only (device data is never parsed as HTML). window.dashboard
+// exposes the charts for tests.
 "use strict";
 (function () {
   const POLL_MS = 5000;
@@ -110,7 +111,7 @@
   // -- fleet -----------------------------------------------------------------------------------
 
   async function pollFleet() {
-    const data = await api("/api/fleet");
+    const [data, learning] = await Promise.all([api("/api/fleet"), api("/api/learning")]);
     const now = data.now;
     const cards = $("fleet");
     cards.replaceChildren();
@@ -141,6 +142,87 @@
       tile(alerting, "alerting", alerting ? "bad" : "ok"),
       tile(silent, "silent > 5 min", silent ? "warn" : "ok"),
       tile(offline, "link offline", offline ? "bad" : "ok"));
+    renderLearning(learning);
+  }
+
+  // -- learning --------------------------------------------------------------------------------
+
+  function ahead(t, now) {
+    if (t === null || t === undefined) return "–";
+    const s = t - now;
+    if (s <= 0) return "passed";
+    if (s < 90) return "in " + Math.round(s) + " s";
+    if (s < 5400) return "in " + Math.round(s / 60) + " min";
+    if (s < 172800) return "in " + Math.round(s / 3600) + " h";
+    return "in " + Math.round(s / 86400) + " d";
+  }
+
+  function progress(j) {
+    if (j.round === null || j.rounds === null) return "–";
+    if (j.round === 0) return "not started";
+    const where = j.round <= j.rounds ? "round " + j.round + "/" + j.rounds
+      : "round " + j.round + ", the check of round " + j.rounds + "'s model";
+    return where + (j.open ? " open" : "");
+  }
+
+  function outText(out) {
+    const parts = Object.entries(out || {}).map(([why, n]) => why + " " + n);
+    return parts.length ? parts.join(", ") : "–";
+  }
+
+  function attemptText(a, now) {
+    if (!a) return "–";
+    let s = a.uploads + "/" + (a.selected === null ? "?" : a.selected) + " uploads";
+    if (a.attempt > 1) s += " · attempt " + a.attempt + " of " + a.attempts;
+    return s + " · deadline " + ahead(a.deadline, now);
+  }
+
+  function verdict(passed) {
+    return el("span", { class: "verdict " + (passed ? "passed" : "failed"), text: passed ? "passed" : "failed" });
+  }
+
+  function checkCell(c) {
+    if (!c) return el("td", { text: "–" });
+    return el("td", {}, verdict(c.passed), " round " + c.round + "'s model" +
+      (c.margin === null ? ", no device answered" : ", margin " + (c.margin >= 0 ? "+" : "") + fmt(c.margin) + " over " + c.devices + " devices"));
+  }
+
+  function roundsCell(j) {
+    const td = el("td");
+    if (j.rounds_closed > j.history.length) td.append(el("span", { class: "round", text: "… " }));
+    for (const h of j.history) {
+      const cls = h.check === null ? "" : h.check ? " passed" : " failed";
+      td.append(el("span", { class: "round" + cls, title: h.check === null ? null : "check " + (h.check ? "passed" : "failed") },
+        h.round + ": " + h.uploads + "/" + h.selected, h.check === null ? null : el("b", { text: h.check ? " ✓" : " ✗" }),
+        h.version ? " → " + h.version : null));
+    }
+    if (!j.history.length) td.textContent = "–";
+    return td;
+  }
+
+  function renderLearning(data) {
+    const body = $("learning").querySelector("tbody");
+    body.replaceChildren();
+    for (const j of data.jobs) {
+      if (!("state" in j)) { // a job whose stored document does not read
+        body.append(el("tr", { class: "damaged", "data-job": String(j.id) }, el("td", { text: String(j.id) }),
+          el("td", { colspan: "8" }, el("span", { class: "error", text: j.error }))));
+        continue;
+      }
+      body.append(el("tr", { class: j.state || "", "data-job": String(j.id) },
+        el("td", { text: String(j.id) }),
+        el("td", { text: (j.model || "?") + " from " + (j.base || "?") }),
+        el("td", {}, el("span", { class: "state " + (j.state || ""), text: j.state || "?" }),
+          j.error ? el("span", { class: "error", text: j.error }) : null),
+        el("td", { text: progress(j) }),
+        el("td", { text: attemptText(j.attempt, data.now) }),
+        el("td", { text: j.attempt ? outText(j.attempt.out) : "–" }),
+        checkCell(j.check),
+        el("td", { text: j.version || "–" }),
+        roundsCell(j)));
+    }
+    $("learning-view").hidden = data.jobs.length === 0;
+    $("learning-note").textContent = data.truncated ? "the newest " + data.jobs.length + " jobs" : "";
   }
 
   function tile(n, label, cls) {

@@ -33,7 +33,9 @@ from agent.wire.records import AlertBody, TelemetryBody
 from cloud import dashdata, httpserve, linkhistory
 from cloud.cli import main as cloud_main
 from cloud.dashboard import Dashboard, DashboardRefused, exposure, is_loopback, tls_context
+from cloud.learnjob import Job, JobSpec, JobState
 from cloud.server import CloudServer
+from cloud.storage import Storage
 from cloud.webauth import dashboard_token
 from drivers.clock import RealClock
 from tests.e2e import older_endpoint
@@ -839,11 +841,10 @@ def browser_paths() -> tuple[str, str]:
     return chromium, driver
 
 
-def drive_browser(url: str, shot: Path) -> dict[str, Any]:
-    """Open the fleet view, then the device's; return what the page holds (run in a thread)."""
+def open_browser() -> Any:
+    """Headless Chromium under chromedriver, its console log kept (a ``webdriver.Chrome``)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.support.ui import WebDriverWait
 
     chromium, driver_path = browser_paths()
     options = webdriver.ChromeOptions()
@@ -861,9 +862,17 @@ def drive_browser(url: str, shot: Path) -> dict[str, Any]:
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     browser = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    browser.set_page_load_timeout(BROWSER_WAIT)
+    return browser
+
+
+def drive_browser(url: str, shot: Path) -> dict[str, Any]:
+    """Open the fleet view, then the device's; return what the page holds (run in a thread)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = open_browser()
     out: dict[str, Any] = {}
     try:
-        browser.set_page_load_timeout(BROWSER_WAIT)
         wait = WebDriverWait(browser, BROWSER_WAIT)
         browser.get(url + "#/")
         wait.until(lambda b: b.execute_script("return document.querySelectorAll('.card').length"))
@@ -978,3 +987,123 @@ def assert_not_blank(png: Path) -> None:
         assert ImageStat.Stat(gray).stddev[0] > 10, f"{png.name}: the screenshot is blank"
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert colours is not None and len(colours) > 200, f"{png.name}: too few colours"
+
+
+# -- the learning section -------------------------------------------------------------------------
+
+#: A job's error as the page must show it: as text (documents are the coordinator's; a damaged
+#: one's error quotes what the document held).
+MARKUP = '<img src=x onerror="window.pwned=1">'
+
+
+def learning_jobs(s: Storage, now: float) -> list[int]:
+    """Three jobs as the coordinator stores them: one running (round 2 open, one upload, the
+    other device's attempt expired), one failed after a check passed and one failed (its error
+    with markup), and one whose document is corrupted at rest (a key with markup)."""
+    spec = JobSpec("skab-ae", "anomaly", "1.0.0", 3, 1.0, 1, 600.0)
+    closed = {"attempts": 1, "selected": 2, "uploads": 2, "refused": [], "missing": []}
+    check = {"round": 1, "passed": True, "devices": 2, "recall": 0.9, "recall_incumbent": 0.9}
+    passed = {**closed, "round": 2, "check": {**check, "margin": 0.0}, "version": "1.0.0+fl1.1"}
+    failed = {**closed, "round": 3, "check": {**check, "round": 2, "passed": False}}
+    failed["check"]["margin"] = -0.1
+    running = JobState(
+        round=2,
+        open=True,
+        selected=[DEVICE, IDLE],
+        deadline=now + 300,
+        out={IDLE: "expired"},
+        version="1.0.0+fl1.1",
+        history=[{**closed, "round": 1}],
+    )
+    ended = JobState(
+        state="failed",
+        round=3,
+        version="1.0.0+fl1.1",
+        history=[{**closed, "round": 1}, passed, failed],
+        error=MARKUP,
+    )
+    ids = [
+        s.create_learn_job("skab-ae", lambda n, st=st: Job(n, spec, st).to_cbor(), now)
+        for st in (ended, running)
+    ]
+    s.put_learn_update(ids[1], 2, DEVICE, b"an upload", now)
+    bad = records.dumps({"spec": {"devices": [], MARKUP: 1}, "state": {}})
+    ids.append(s.create_learn_job("skab-ae", lambda n: bad, now))
+    return ids
+
+
+def drive_learning(url: str, shot: Path) -> dict[str, Any]:
+    """Open the fleet view; return the learning table's rows once they show (run in a thread)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = open_browser()
+    out: dict[str, Any] = {}
+    try:
+        browser.get(url + "#/")
+        WebDriverWait(browser, BROWSER_WAIT).until(
+            lambda b: b.execute_script(
+                "return document.querySelectorAll('#learning tbody tr').length >= 3"
+            )
+        )
+        out["rows"] = browser.execute_script(
+            "return [...document.querySelectorAll('#learning tbody tr')]"
+            ".map(r => [r.dataset.job, r.className, [...r.cells].map(c => c.textContent)])"
+        )
+        out["rounds"] = browser.execute_script(
+            "return [...document.querySelectorAll('#learning tbody tr')]"
+            ".map(r => [...r.querySelectorAll('.round')].map(x => [x.className, x.textContent]))"
+        )
+        out["shown"] = browser.execute_script(
+            "return !document.getElementById('learning-view').hidden"
+        )
+        out["elements"] = browser.execute_script(
+            "return document.querySelectorAll('#learning img, #learning script').length"
+        )
+        out["pwned"] = browser.execute_script("return window.pwned === undefined ? null : 1")
+        browser.save_screenshot(str(shot))
+        out["console"] = browser.get_log("browser")
+    finally:
+        browser.quit()
+    return out
+
+
+@pytest.mark.timeout(180)
+async def test_the_learning_section_shows_the_jobs(cloud: Any, tmp_path: Path) -> None:
+    server, times = cloud
+    browser_paths()  # fails (not skips) with what to install
+    assert server.dashboard is not None
+    ended, running, damaged = await server.db(lambda s: learning_jobs(s, times["now"]))
+    answer = await get_json(server, "/api/learning")
+    assert [j["id"] for j in answer["jobs"]] == [damaged, running, ended]
+    assert answer["jobs"][1]["attempt"]["uploads"] == 1
+    assert answer["jobs"][1]["attempt"]["out"] == {"expired": 1}
+    assert answer["jobs"][2]["error"] == MARKUP
+
+    shot = tmp_path / "learning.png"
+    seen = await asyncio.to_thread(drive_learning, server.dashboard.url, shot)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / "learning.png")
+    severe = [e for e in seen["console"] if e.get("level") in ("SEVERE", "ERROR")]
+    assert not severe, severe
+    assert seen["shown"]
+    rows = {int(job): (cls, cells) for job, cls, cells in seen["rows"]}
+    assert list(rows) == [damaged, running, ended]
+    cls, cells = rows[running]
+    assert cls == "running"
+    assert cells[:4] == ["2", "skab-ae from 1.0.0", "running", "round 2/3 open"]
+    assert cells[4].startswith("1/2 uploads · deadline in ")
+    assert cells[5] == "expired 1"
+    assert cells[7] == "1.0.0+fl1.1"
+    cls, cells = rows[ended]
+    assert cls == "failed" and cells[2] == "failed" + MARKUP  # the error, as text
+    assert cells[6] == "failed round 2's model, margin -0.1 over 2 devices"
+    assert seen["rounds"][2] == [
+        ["round", "1: 2/2"],
+        ["round passed", "2: 2/2 ✓ → 1.0.0+fl1.1"],
+        ["round failed", "3: 2/2 ✗"],
+    ]
+    cls, cells = rows[damaged]
+    assert cls == "damaged" and MARKUP in cells[1] and "does not read" in cells[1]
+    # markup from the documents stays text: no element made of it, no script run
+    assert seen["elements"] == 0 and seen["pwned"] is None
+    assert_not_blank(shot)
