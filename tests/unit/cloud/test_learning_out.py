@@ -83,6 +83,12 @@ class Reports:
         self.put(device, "desired/errors", errors_report(failed))
 
 
+def holding_a_task(rig: Rig) -> list[str]:
+    """The devices whose desired learn/<model> holds a task (not absent, not withdrawn)."""
+    held = (rig.storage.desired(d).entries.get(KEY) for d in rig.devices)
+    return [d for d, e in zip(rig.devices, held, strict=True) if e is not None and e.value]
+
+
 def upload(rig: Rig, job_id: int, device: str, recall: Recall | None = None) -> None:
     i = rig.devices.index(device)
     assert rig.upload(job_id, device, rig.update(job_id, i, recall=recall))
@@ -433,9 +439,7 @@ def test_a_job_stopped_while_its_round_s_tasks_are_written_leaves_no_task(
     job = rig.coordinator.tick(job_id)
     assert stopped and stopped[0].st.state == "stopped"
     assert job.st.state == "stopped"
-    for device in rig.devices:
-        entry = rig.storage.desired(device).entries.get(KEY)
-        assert entry is None or entry.value is None, device
+    assert holding_a_task(rig) == []
 
 
 def test_a_coordinator_that_read_the_job_before_it_was_stopped_writes_no_task(
@@ -456,9 +460,7 @@ def test_a_coordinator_that_read_the_job_before_it_was_stopped_writes_no_task(
     monkeypatch.setattr(rig.coordinator, "job", job)
     job_ = rig.coordinator.tick(job_id)
     assert job_.st.state == "stopped"
-    for device in rig.devices:
-        entry = rig.storage.desired(device).entries.get(KEY)
-        assert entry is None or entry.value is None, device
+    assert holding_a_task(rig) == []
 
 
 def test_learn_stop_again_withdraws_what_a_storage_error_left(
@@ -481,4 +483,4 @@ def test_learn_stop_again_withdraws_what_a_storage_error_left(
     monkeypatch.setattr(rig.storage, "put_desired", real)
     assert rig.job(job_id).st.state == "stopped"
     assert rig.coordinator.stop(job_id).st.state == "stopped"
-    assert all(rig.storage.desired(d).entries[KEY].value is None for d in rig.devices)
+    assert holding_a_task(rig) == []

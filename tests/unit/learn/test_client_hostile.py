@@ -135,6 +135,16 @@ async def until(what: Callable[[], object], why: str) -> None:
         await asyncio.sleep(0.01)
 
 
+def serve_masters(learn: Learn) -> str:
+    """A small model's masters served by ``learn`` (uploads answered 2.04); their SHA-256."""
+    model = DenseAutoencoder.initial(32, 16, 4, np.random.default_rng(1))
+    masters = Masters("skab-ae", (32, 16, 4, 16, 32), model.to_vector()).to_cbor()
+    sha = hashlib.sha256(masters).hexdigest()
+    learn.routes[f"masters/{sha}"] = masters
+    learn.routes[DEVICE] = Code.CHANGED
+    return sha
+
+
 def task(job: int, masters: str, *, rnd: int = 1, deadline: float | None = None, **kw: Any) -> dict:
     return {
         "job": job,
@@ -254,11 +264,7 @@ async def test_an_update_trained_but_not_charged_when_its_round_is_replaced_neve
     than the device released. Now an update not charged goes with its cancelled round, and the
     new task trains one of its own, at its own noise."""
     uri, learn = endpoint
-    model = DenseAutoencoder.initial(32, 16, 4, np.random.default_rng(1))
-    masters = Masters("skab-ae", (32, 16, 4, 16, 32), model.to_vector()).to_cbor()
-    sha = hashlib.sha256(masters).hexdigest()
-    learn.routes[f"masters/{sha}"] = masters
-    learn.routes[DEVICE] = Code.CHANGED
+    sha = serve_masters(learn)
     dev = Device(uri, tmp_path).start()
     real_worker = dev.client._run_worker
     trained: list[bytes] = []
@@ -439,11 +445,7 @@ async def test_a_round_replaced_while_the_ledger_charges_it_sends_the_update_cha
     device released. Now a cancelled round ends once its charge is written, and the new round
     sends the update that charge counts."""
     uri, learn = endpoint
-    model = DenseAutoencoder.initial(32, 16, 4, np.random.default_rng(1))
-    masters = Masters("skab-ae", (32, 16, 4, 16, 32), model.to_vector()).to_cbor()
-    sha = hashlib.sha256(masters).hexdigest()
-    learn.routes[f"masters/{sha}"] = masters
-    learn.routes[DEVICE] = Code.CHANGED
+    sha = serve_masters(learn)
     dev = Device(uri, tmp_path).start()
     ledger = dev.client.ledger
     real_worker, real_write = dev.client._run_worker, ledger._write
