@@ -83,6 +83,17 @@ class Reports:
         self.put(device, "desired/errors", errors_report(failed))
 
 
+def two_of_three_uploaded(rig: Rig) -> tuple[int, Reports, str]:
+    """A job needing two uploads, round 1 open, the first two devices uploaded: the job, the
+    reports' writer and the third device."""
+    a, b, c = rig.devices
+    job_id = rig.start(min_devices=2)
+    rig.coordinator.tick(job_id)
+    upload(rig, job_id, a)
+    upload(rig, job_id, b)
+    return job_id, Reports(rig), c
+
+
 def holding_a_task(rig: Rig) -> list[str]:
     """The devices whose desired learn/<model> holds a task (not absent, not withdrawn)."""
     held = (rig.storage.desired(d).entries.get(KEY) for d in rig.devices)
@@ -97,12 +108,7 @@ def upload(rig: Rig, job_id: int, device: str, recall: Recall | None = None) -> 
 def test_a_round_closes_once_every_selected_device_uploaded_or_is_out(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    a, b, c = rig.devices
-    job_id = rig.start(min_devices=2)
-    reports = Reports(rig)
-    rig.coordinator.tick(job_id)
-    upload(rig, job_id, a)
-    upload(rig, job_id, b)
+    job_id, reports, c = two_of_three_uploaded(rig)
     reports.status(c, "training", windows=2048)
     assert rig.coordinator.tick(job_id).st.open  # c may still upload: waited for
     reports.status(c, "refused", error="privacy budget: 200 spent")
@@ -248,12 +254,7 @@ def test_hostile_reported_values_are_not_reasons(
     """A device writes its own reported state: any shape, type or size (within the endpoint's
     limits). The coordinator reads each of them, raises nothing and takes nobody out; then the
     device's own plain refusal closes the round."""
-    a, b, c = rig.devices
-    job_id = rig.start(min_devices=2)
-    reports = Reports(rig)
-    rig.coordinator.tick(job_id)
-    upload(rig, job_id, a)
-    upload(rig, job_id, b)
+    job_id, reports, c = two_of_three_uploaded(rig)
     for value in HOSTILE:
         reports.put(c, KEY, value)
         for errors in HOSTILE_ERRORS:
@@ -329,12 +330,7 @@ def test_a_device_whose_task_something_else_replaced_is_waited_for(rig: Rig) -> 
     ``withdrawn``, with this attempt's deadline, and goes on with the task that replaced it,
     which may be this very round's. Was: counted out, so the round closed (or opened again)
     without the upload it was about to get. ``withdrawn`` takes no device out."""
-    a, b, c = rig.devices
-    job_id = rig.start(min_devices=2)
-    reports = Reports(rig)
-    rig.coordinator.tick(job_id)
-    upload(rig, job_id, a)
-    upload(rig, job_id, b)
+    job_id, reports, c = two_of_three_uploaded(rig)
     reports.status(c, "withdrawn", reason="withdrawn by the endpoint")
     job = rig.coordinator.tick(job_id)
     assert job.st.open and job.st.out == {}
