@@ -23,7 +23,7 @@ import pytest
 from agent.exits import EX_DATAERR
 from agent.wire import records
 from agent.wire.learning import ModelUpdate, Recall, ScoreSummary
-from cloud import cli, prunecli
+from cloud import cli, dashlearn, prunecli
 from cloud.learning import Coordinator
 from cloud.learnjob import Job, JobError, JobSpec, JobState
 from cloud.learnuploads import UploadRefused, accept_upload, prune_uploads
@@ -299,3 +299,17 @@ def test_learn_status_and_an_upload_with_a_damaged_job_document(
     assert refused.value.code == "4.04" and "does not read" in refused.value.message
     with pytest.raises(JobError, match="does not read"):
         Coordinator(s).job(broken)
+
+
+def test_the_dashboard_reads_the_jobs_on_both_storages(s: Storage) -> None:
+    """cloud/dashlearn.py's SQL (the jobs newest first, the open round's upload count) on SQLite
+    and PostgreSQL; the coordinator's rounds themselves: tests/unit/cloud/test_dashlearn.py."""
+    done = add_job(s, JobState(state="done", round=2, history=[entry(1), entry(2)]))
+    running = add_job(s, JobState(round=2, open=True, selected=list(DEVICES), history=[entry(1)]))
+    upload(s, running, 2, T0, DEVICES[:1])
+    upload(s, done, 2, OLD)
+    answer = dashlearn.learning(s, T0)
+    assert [j["id"] for j in answer["jobs"]] == [running, done] and not answer["truncated"]
+    first, second = answer["jobs"]
+    assert first["attempt"]["uploads"] == 1 and first["attempt"]["selected"] == 2
+    assert (second["state"], second["rounds_closed"], second["version"]) == ("done", 2, None)
