@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -192,7 +192,10 @@ class Job:
             spec = dict(d["spec"])
             spec["devices"] = tuple(spec["devices"])
             spec.setdefault("gate", False)  # a job stored before the check runs without it
-            return cls(row.id, JobSpec(**spec), JobState(**d["state"]), row.rev)
+            job = cls(row.id, JobSpec(**spec), JobState(**d["state"]), row.rev)
+            _check_types(job.spec)
+            _check_types(job.st)
+            return job
         except (AgentError, LookupError, TypeError, ValueError, AttributeError) as err:
             why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
             raise DamagedJob(
@@ -206,6 +209,39 @@ class Job:
             **asdict(self.st),
             "out_counts": out_counts(self.st.out),
         }
+
+
+#: What each field type of :class:`JobSpec` and :class:`JobState` (their annotations, as text)
+#: may hold in a stored document: what the coordinator writes (a float may have been written as
+#: an integer; an int is never a bool).
+_FIELD_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: isinstance(v, str),
+    "int": lambda v: type(v) is int,
+    "float": lambda v: type(v) in (int, float),
+    "bool": lambda v: type(v) is bool,
+    "tuple[str, ...]": lambda v: all(isinstance(x, str) for x in v),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "dict[str, int]": lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and type(x) is int for k, x in v.items())
+    ),
+    "dict[str, str]": lambda v: (
+        isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+    ),
+    "list[dict[str, Any]]": lambda v: (
+        isinstance(v, list)
+        and all(isinstance(x, dict) and all(isinstance(k, str) for k in x) for x in v)
+    ),
+}
+
+
+def _check_types(obj: JobSpec | JobState) -> None:
+    """TypeError unless every field of ``obj`` holds what the coordinator writes there (a
+    document that decodes, with a field of another type, would fail later: in a tick, in
+    retention's ``uploads_read_from``, in ``learn status``)."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _FIELD_CHECKS[str(f.type)](value):
+            raise TypeError(f"{f.name} is {type(value).__name__}, not {f.type}")
 
 
 def masters_of(model: DenseAutoencoder, name: str) -> Masters:

@@ -75,7 +75,11 @@ def test_running_finished_and_damaged_jobs_as_the_api_answers(rig: Rig) -> None:
     assert answer["now"] == rig.now and answer["truncated"] is False
     jobs = answer["jobs"]
     assert [j["id"] for j in jobs] == [odd, broken, running, done]  # newest first
-    assert jobs[0] == {"id": odd, "error": f"job {odd}: its stored document does not read as a job"}
+    assert set(jobs[0]) == {"id", "error"} and jobs[0]["id"] == odd  # as learn status says it
+    assert jobs[0]["error"] == (
+        f"job {odd}: its stored document does not read"
+        " (TypeError: history is int, not list[dict[str, Any]])"
+    )
     assert set(jobs[1]) == {"id", "error"} and jobs[1]["id"] == broken
     assert jobs[1]["error"].startswith(f"job {broken}: its stored document does not read (")
     assert MARKUP_KEY in jobs[1]["error"]  # data: the page renders it as text

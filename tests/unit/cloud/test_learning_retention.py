@@ -313,3 +313,31 @@ def test_the_dashboard_reads_the_jobs_on_both_storages(s: Storage) -> None:
     first, second = answer["jobs"]
     assert first["attempt"]["uploads"] == 1 and first["attempt"]["selected"] == 2
     assert (second["state"], second["rounds_closed"], second["version"]) == ("done", 2, None)
+
+
+def test_a_job_document_of_the_wrong_types_reads_as_damaged(
+    s: Storage, backend: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job document that is CBOR with every key of a job, but a field of another type than
+    the coordinator writes (here its round as a text). Was: it read as a job, and the prune
+    ended in a TypeError (``max("2", 1)``) before any other job's uploads went, every time
+    (``serve --retain-days`` too), as did ``learn status``. Now it is a damaged job: its uploads
+    stay, the other jobs are pruned, status prints them and exits 65."""
+    doc = records.loads(Job(0, SPEC, JobState(round=2, open=True)).to_cbor())
+    doc["state"]["round"] = "2"
+    odd = s.create_learn_job("skab-ae", lambda n: records.dumps(doc), OLD)
+    ended = add_job(s, JobState(state="done", round=1, history=[entry(1)]))
+    for job in (odd, ended):
+        upload(s, job, 1, OLD)
+    assert prunecli.prune(s, BEFORE).learn_uploads == 2
+    assert {job for job, _, _ in stored(s)} == {odd}
+    with pytest.raises(JobError, match="does not read"):
+        Coordinator(s).job(odd)
+    if backend.name == "sqlite":
+        argv = ["--data", str(Path(backend.target).parent)]
+    else:
+        argv = ["--data", str(tmp_path), "--storage", backend.target]
+    assert cli.main(["learn", "status", *argv]) == EX_DATAERR
+    out = capsys.readouterr()
+    assert f"job {ended}" in out.out
+    assert f"error: job {odd}: its stored document does not read (" in out.err
