@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -341,3 +342,30 @@ def test_a_job_document_of_the_wrong_types_reads_as_damaged(
     out = capsys.readouterr()
     assert f"job {ended}" in out.out
     assert f"error: job {odd}: its stored document does not read (" in out.err
+
+
+def test_a_prune_that_finds_the_file_locked_too_long_while_removing_uploads_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite, a writer that never lets go (a transaction left open) while the prune removes
+    uploads: as the storage's own prune does, the deletion is tried again ``BUSY_TRIES`` times,
+    then PruneBusy (the command exits 75: run it again). Was: the first busy timeout ended the
+    prune with the storage's error (exit 74, "a storage that fails")."""
+    from cloud import retention
+
+    s = SQLiteStorage(tmp_path / "cloud.sqlite3")
+    try:
+        ended = add_job(s, JobState(state="done", round=1, history=[entry(1)]))
+        upload(s, ended, 1, OLD)
+        s.db.execute("PRAGMA busy_timeout = 10")
+        monkeypatch.setattr(retention, "BUSY_TRIES", 2)
+        other = sqlite3.connect(tmp_path / "cloud.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(retention.PruneBusy, match="stayed locked"):
+            prunecli.prune(s, BEFORE)
+        other.execute("ROLLBACK")
+        other.close()
+        assert stored(s) == {(ended, 1, d) for d in DEVICES}
+        assert prunecli.prune(s, BEFORE).learn_uploads == 2
+    finally:
+        s.close()
