@@ -97,8 +97,8 @@ def prune(
     stop: threading.Event | None = None,
 ) -> PruneResult:
     """One prune: the storage's (records, features records, verdicts), then the learning uploads
-    no longer read (cloud/learning.py :func:`~cloud.learnuploads.prune_uploads`), unless ``stop``
-    ended the first."""
+    no longer read (cloud/learnuploads.py :func:`~cloud.learnuploads.prune_uploads`), unless
+    ``stop`` ended the first."""
     result = storage.prune(before, dry_run=dry_run, stop=stop)
     if result.stopped:
         return result

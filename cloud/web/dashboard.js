@@ -111,7 +111,11 @@
   // -- fleet -----------------------------------------------------------------------------------
 
   async function pollFleet() {
-    const [data, learning] = await Promise.all([api("/api/fleet"), api("/api/learning")]);
+    // the learning jobs' own failure is said in their section: the fleet view goes on
+    const [data, learning] = await Promise.all([
+      api("/api/fleet"),
+      api("/api/learning").catch((err) => ({ failed: String(err.message || err) })),
+    ]);
     const now = data.now;
     const cards = $("fleet");
     cards.replaceChildren();
@@ -202,6 +206,13 @@
 
   function renderLearning(data) {
     const body = $("learning").querySelector("tbody");
+    if (data.failed) { // the jobs shown stay as they were; the note says why they are not new
+      $("learning-note").textContent = "not updated: " + data.failed;
+      $("learning-note").classList.add("error");
+      $("learning-view").hidden = false;
+      return;
+    }
+    $("learning-note").classList.remove("error");
     body.replaceChildren();
     for (const j of data.jobs) {
       if (!("state" in j)) { // a job whose stored document does not read

@@ -30,12 +30,12 @@ from agent.wire import records
 from agent.wire.batch import WireRecord
 from agent.wire.codec import encode_batch
 from agent.wire.records import AlertBody, TelemetryBody
-from cloud import dashdata, httpserve, linkhistory
+from cloud import dashdata, dashlearn, httpserve, linkhistory
 from cloud.cli import main as cloud_main
 from cloud.dashboard import Dashboard, DashboardRefused, exposure, is_loopback, tls_context
 from cloud.learnjob import Job, JobSpec, JobState
 from cloud.server import CloudServer
-from cloud.storage import Storage
+from cloud.storage import Storage, StorageUnavailable
 from cloud.webauth import dashboard_token
 from drivers.clock import RealClock
 from tests.e2e import older_endpoint
@@ -1107,3 +1107,48 @@ async def test_the_learning_section_shows_the_jobs(cloud: Any, tmp_path: Path) -
     # markup from the documents stays text: no element made of it, no script run
     assert seen["elements"] == 0 and seen["pwned"] is None
     assert_not_blank(shot)
+
+
+def drive_learning_failing(url: str) -> dict[str, Any]:
+    """Open the fleet view while ``GET /api/learning`` fails; return the fleet's cards and the
+    learning section's note once it says so (run in a thread)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = open_browser()
+    try:
+        browser.get(url + "#/")
+        WebDriverWait(browser, BROWSER_WAIT).until(
+            lambda b: b.execute_script(
+                "return document.getElementById('learning-note').textContent.length > 0"
+                " && document.querySelectorAll('#fleet .card').length > 0"
+            )
+        )
+        return browser.execute_script(
+            "return {cards: document.querySelectorAll('#fleet .card').length,"
+            " note: document.getElementById('learning-note').textContent,"
+            " shown: !document.getElementById('learning-view').hidden,"
+            " status: document.getElementById('status').className}"
+        )
+    finally:
+        browser.quit()
+
+
+@pytest.mark.timeout(180)
+async def test_the_fleet_view_goes_on_when_the_learning_jobs_cannot_be_read(
+    cloud: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage fails reading the learning jobs (503). Was: the fleet view's poll failed as a
+    whole (both read at once), so the fleet was not shown either. Now the learning section says
+    it is not updated and the fleet is shown."""
+    server, _ = cloud
+    browser_paths()
+    assert server.dashboard is not None
+
+    def failing(s: Storage, now: float) -> Any:
+        raise StorageUnavailable("the database is locked")
+
+    monkeypatch.setattr(dashlearn, "learning", failing)
+    seen = await asyncio.to_thread(drive_learning_failing, server.dashboard.url)
+    assert seen["cards"] == 2 and seen["shown"]
+    assert seen["note"] == "not updated: /api/learning: 503 Service Unavailable"
+    assert seen["status"] == "status live"
