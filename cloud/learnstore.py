@@ -187,8 +187,9 @@ class LearnTables(SqlTables):
         self, job: int, below_round: int, received_before: float, limit: int
     ) -> int:
         """Delete at most ``limit`` uploads of ``job``'s rounds below ``below_round`` received
-        before ``received_before``, in one transaction (the lowest rounds first); how many. Fewer
-        than ``limit``: none of them is left."""
+        before ``received_before``, in one transaction (the lowest rounds first); how many. None
+        deleted: none is left (fewer than ``limit`` may mean another deleter took some of the
+        rows selected, on PostgreSQL)."""
         args = (job, below_round, received_before)
         sql = (
             f"DELETE FROM learn_updates WHERE job = ? AND (round, device) IN (SELECT round, device"

@@ -89,7 +89,8 @@ def prune_uploads(
                 return removed, True
             n = _delete(storage, job.id, below, before, batch)
             removed += n
-            if n < batch:
+            if n == 0:  # not "fewer than batch": a prune running at the same time (PostgreSQL
+                # runs this after its prune lock) may have taken some of this batch's rows
                 break
             if pause > 0:
                 time.sleep(pause)  # a writer waiting in its busy handler takes the lock now

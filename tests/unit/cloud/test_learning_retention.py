@@ -198,6 +198,32 @@ def test_a_prune_removes_a_bounded_number_per_transaction_and_stops_between(s: S
     assert stored(s) == set()
 
 
+def test_a_prune_running_beside_another_removes_every_old_upload(
+    s: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two prunes at once (on PostgreSQL the uploads are removed after the prune lock is
+    released): the other one deletes a row of the batch this one selected, so this batch
+    deletes fewer than it asked for while more remain. Was: taken as "none left", the prune
+    ended with old uploads still there. Now it goes on until a batch finds none."""
+    job = add_job(s, JobState(state="done", round=3))
+    devices = tuple(f"pump-{i:02d}" for i in range(4))
+    for rnd in (1, 2):
+        upload(s, job, rnd, OLD, devices)
+    real = s.delete_learn_updates
+    raced: list[int] = []
+
+    def beside(job_: int, below: int, before: float, limit: int) -> int:
+        if not raced:  # the other prune deletes one of the rows this batch selected
+            raced.append(real(job_, below, before, 1))
+            return real(job_, below, before, limit - 1)
+        return real(job_, below, before, limit)
+
+    monkeypatch.setattr(s, "delete_learn_updates", beside)
+    removed, stopped = prune_uploads(s, BEFORE, batch=4, pause=0)
+    assert (removed, stopped, raced) == (7, False, [1])  # 3 in the first batch, then 4
+    assert stored(s) == set()
+
+
 def test_the_command_and_the_log_line_say_how_many_uploads_went(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
