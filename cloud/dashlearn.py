@@ -21,7 +21,6 @@ counted, not named); texts are cut to :data:`MAX_TEXT` characters (an error to
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from cloud.learning import MAX_ATTEMPTS
@@ -29,8 +28,6 @@ from cloud.learnjob import DamagedJob, Job, out_counts
 from cloud.learnstore import JobRow
 from cloud.storage import Sql, Storage
 from cloud.storebase import finite_float
-
-log = logging.getLogger(__name__)
 
 MAX_JOBS = 50  # the newest jobs shown
 MAX_ROUNDS = 20  # closed rounds shown per job (the newest)
@@ -62,33 +59,26 @@ def _entry(db: Sql, row: Any) -> dict[str, Any]:
     try:
         job = Job.from_row(JobRow(job_id, row[1], bytes(row[2]), int(row[3]), row[4], row[5]))
         return _job(db, job, finite_float(row[5]))
-    except DamagedJob as err:
+    except DamagedJob as err:  # fields of other types than the coordinator writes included
         return {"id": job_id, "error": str(err)[:MAX_ERROR]}
-    except (ArithmeticError, AttributeError, LookupError, TypeError, ValueError) as err:
-        # a document that decodes but holds what the coordinator never writes (learn status
-        # would fail on it too): said as a damaged one is, the other jobs shown
-        log.warning("event=learn_job_unreadable job=%d error=%s", job_id, type(err).__name__)
-        return {"id": job_id, "error": f"job {job_id}: its stored document does not read as a job"}
 
 
 def _job(db: Sql, job: Job, updated: float | None) -> dict[str, Any]:
-    spec, st = job.spec, job.st
-    rnd = _int(st.round)
+    spec, st = job.spec, job.st  # of the types the coordinator writes (Job.from_row checks)
     attempt = None
-    if st.open is True and rnd is not None:
+    if st.open:
         (uploads,) = db.execute(
-            "SELECT count(*) FROM learn_updates WHERE job = ? AND round = ?", (job.id, rnd)
+            "SELECT count(*) FROM learn_updates WHERE job = ? AND round = ?", (job.id, st.round)
         ).fetchone()
-        number = _int(st.attempt)
         attempt = {
-            "attempt": None if number is None else number + 1,
+            "attempt": st.attempt + 1,
             "attempts": MAX_ATTEMPTS,
             "deadline": finite_float(st.deadline),
-            "selected": len(st.selected) if isinstance(st.selected, list) else None,
+            "selected": len(st.selected),
             "uploads": int(uploads),
             "out": out_counts(st.out),
         }
-    history = [h for h in st.history if isinstance(h, dict)]
+    history = st.history
     last_check = None
     for h in reversed(history):
         if isinstance(h.get("check"), dict):
@@ -99,9 +89,9 @@ def _job(db: Sql, job: Job, updated: float | None) -> dict[str, Any]:
         "model": _text(spec.model),
         "base": _text(spec.base),
         "state": _text(st.state),
-        "round": rnd,
-        "rounds": _int(spec.rounds),
-        "open": st.open is True,
+        "round": st.round,
+        "rounds": spec.rounds,
+        "open": st.open,
         "attempt": attempt,
         "version": _text(st.version),
         "check": last_check,

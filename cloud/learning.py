@@ -184,15 +184,15 @@ class Coordinator:
             else:
                 job.st.state = "done"
             return self._saved(job, now)
-        st, needed, withdraw = job.st, job.spec.min_devices, False
+        st, needed = job.st, job.spec.min_devices
         received = set(self.storage.learn_update_devices(job.id, st.round))
         selected = set(st.selected)
         waiting = selected - received
         out = self._out(job, waiting) if waiting else {}
         coming = len(waiting) - len(out)  # selected devices that may still upload
         late = now >= st.deadline
+        was_out, st.out = st.out, out
         if selected <= received or (len(received) >= needed and (late or coming == 0)):
-            st.out = out
             if out and not late:
                 log.info(
                     "event=learn_round_closed_early job=%d round=%d attempt=%d uploads=%d "
@@ -206,10 +206,9 @@ class Coordinator:
                 )
             self._close(job, now, early=bool(out) and not late)
         elif late or len(received) + coming < needed:
-            st.out = out
             by = "by the deadline" if late else "before the deadline"
             if st.attempt + 1 >= MAX_ATTEMPTS:
-                st.state, st.open, withdraw = "failed", False, True
+                st.state, st.open = "failed", False
                 st.error = (
                     f"round {st.round}: {len(received)} uploads {by}"
                     + (f", {len(out)} selected devices out ({why_text(out, ', ')})" if out else "")
@@ -242,21 +241,18 @@ class Coordinator:
                 # spent privacy on nothing
                 keep = () if late else sorted(waiting - set(out))
                 self._open(job, st.round, st.attempt + 1, now, keep)
-        elif out != st.out:  # nothing to do yet, but who is out changed: learn status says so
-            st.out = out
-        else:
+        elif out == was_out:  # nothing to do yet; a change of who is out is saved (learn status)
             return job
-        return self._saved(job, now, withdraw)
+        return self._saved(job, now)
 
-    def _saved(self, job: Job, now: float, withdraw: bool = False) -> Job:
+    def _saved(self, job: Job, now: float) -> Job:
         """``job`` saved (compare-and-set) and read again; an attempt it opened gets its tasks
-        written only once that save succeeded, as the tasks of a job it ended (``withdraw``)
-        are withdrawn."""
+        written only once that save succeeded, as the tasks of a job it failed are withdrawn."""
         if not self._save(job):
             return self.job(job.id)
         if job.st.open and not job.st.written:
             return self._write_tasks(self.job(job.id), now)
-        if withdraw:
+        if job.st.state == "failed":
             self._withdraw(job, now)
         return self.job(job.id)
 

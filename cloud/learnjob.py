@@ -301,10 +301,14 @@ def same_int(value: Any, expected: int) -> bool:
 
 
 def out_counts(out: Mapping[str, str]) -> dict[str, int]:
-    """How many devices are out for each reason, in the order of :data:`OUT_STATUSES`."""
+    """How many devices are out for each reason, in the order of :data:`OUT_STATUSES` (a reason
+    of no release, from a document damaged at rest, after them)."""
     counts = Counter(out.values())
     order = [*OUT_STATUSES, NOT_APPLIED]
-    return {why: counts[why] for why in sorted(counts, key=order.index)}
+    return {
+        why: counts[why]
+        for why in sorted(counts, key=lambda w: (w not in order, w in order and order.index(w), w))
+    }
 
 
 def why_text(out: Mapping[str, str], sep: str = ",") -> str:

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 import threading
 import time
+from functools import partial
 
 import numpy as np
 
-from agent.errors import AgentError
 from agent.wire.learning import MAX_ROUND, LearningError, Masters, ModelUpdate, parameter_count
 from cloud import retention
 from cloud.learnjob import ENDED, DamagedJob, Job, JobSpec
-from cloud.retention import PAUSE, PruneBusy
+from cloud.retention import PAUSE
 from cloud.storebase import Storage
 
 log = logging.getLogger("cloud.learning")
@@ -87,7 +86,8 @@ def prune_uploads(
         while True:
             if stop is not None and stop.is_set():
                 return removed, True
-            n = _delete(storage, job.id, below, before, batch)
+            delete = partial(storage.delete_learn_updates, job.id, below, before, batch)
+            n = retention.busy_retry(delete, "learn_updates")
             removed += n
             if n == 0:  # not "fewer than batch": a prune running at the same time (PostgreSQL
                 # runs this after its prune lock) may have taken some of this batch's rows
@@ -95,26 +95,6 @@ def prune_uploads(
             if pause > 0:
                 time.sleep(pause)  # a writer waiting in its busy handler takes the lock now
     return removed, False
-
-
-def _delete(storage: Storage, job: int, below: int, before: float, batch: int) -> int:
-    """One batch of :func:`prune_uploads`; a SQLite file locked longer than its busy timeout is
-    tried again, :data:`cloud.retention.BUSY_TRIES` times in all, then :class:`PruneBusy` (as
-    the storage's own prune does)."""
-    for attempt in range(1, retention.BUSY_TRIES + 1):
-        try:
-            return storage.delete_learn_updates(job, below, before, batch)
-        except AgentError as err:
-            cause = err.__cause__
-            if not (isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause)):
-                raise
-            if attempt >= retention.BUSY_TRIES:
-                raise PruneBusy(
-                    f"the database stayed locked by other writers ({cause}); what was "
-                    "removed so far is consistent: run the prune again"
-                ) from err
-            log.info("event=prune_waiting table=learn_updates attempt=%d", attempt)
-    raise AssertionError("unreachable")
 
 
 # -- the device-facing resources ------------------------------------------------------------------

@@ -249,29 +249,40 @@ class SQLiteRetention:
         tops: dict[str, int] = {}
         for row in old if sweep.seq is not None else ():
             tops[row[0]] = max(tops.get(row[0], -1), int(row[-1]))
-        for attempt in range(1, BUSY_TRIES + 1):
-            try:
-                with self._errors(), self._tx() as db:
-                    cur = db.executemany(
-                        f"DELETE FROM {sweep.table} WHERE {where} AND received < ?",
-                        [(*row[:n], before) for row in old],
-                    )
-                    db.executemany(
-                        "UPDATE devices SET pruned = max(coalesce(pruned, -1), ?) WHERE id = ?",
-                        [(top, device) for device, top in tops.items()],
-                    )
-                    return int(cur.rowcount)
-            except AgentError as err:
-                cause = err.__cause__
-                if not (isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause)):
-                    raise
-                if attempt == BUSY_TRIES:
-                    raise PruneBusy(
-                        f"the database stayed locked by other writers ({cause}); what was "
-                        "removed so far is consistent: run the prune again"
-                    ) from err
-                log.info("event=prune_waiting table=%s attempt=%d", sweep.table, attempt)
-        raise AssertionError("unreachable")
+
+        def write() -> int:
+            with self._errors(), self._tx() as db:
+                cur = db.executemany(
+                    f"DELETE FROM {sweep.table} WHERE {where} AND received < ?",
+                    [(*row[:n], before) for row in old],
+                )
+                db.executemany(
+                    "UPDATE devices SET pruned = max(coalesce(pruned, -1), ?) WHERE id = ?",
+                    [(top, device) for device, top in tops.items()],
+                )
+                return int(cur.rowcount)
+
+        return busy_retry(write, sweep.table)
+
+
+def busy_retry(write: Callable[[], int], table: str) -> int:
+    """``write()`` (one write transaction of a prune, on ``table``), tried again while the
+    SQLite file stays locked longer than its busy timeout (a writer that never pauses),
+    :data:`BUSY_TRIES` times in all; then :class:`PruneBusy`: run the prune again later."""
+    for attempt in range(1, BUSY_TRIES + 1):
+        try:
+            return write()
+        except AgentError as err:
+            cause = err.__cause__
+            if not (isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause)):
+                raise
+            if attempt == BUSY_TRIES:
+                raise PruneBusy(
+                    f"the database stayed locked by other writers ({cause}); what was "
+                    "removed so far is consistent: run the prune again"
+                ) from err
+            log.info("event=prune_waiting table=%s attempt=%d", table, attempt)
+    raise AssertionError("unreachable")
 
 
 def describe_result(result: PruneResult, where: str | Path) -> str:

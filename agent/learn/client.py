@@ -47,7 +47,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import secrets
 import signal
 import sys
@@ -138,8 +137,7 @@ def _drop_other_updates(data_dir: Path, keep: Collection[str]) -> None:
     for old in data_dir.glob("learn-*-*"):
         stem, dot, ext = old.name.partition(".")
         if dot and ext in ("cbor", "cbor.tmp", "npz") and stem not in keep:
-            with contextlib.suppress(OSError):
-                old.unlink()
+            _unlink(old)
 
 
 def _trained(out: Path, task: RoundTask) -> bool:
@@ -160,12 +158,12 @@ def _trained(out: Path, task: RoundTask) -> bool:
         return False
     except (OSError, LearningError) as err:
         log.warning("event=learn_update_unreadable path=%s error=%r", out, str(err)[:200])
-        with contextlib.suppress(OSError):
-            out.unlink()
+        _unlink(out)
         return False
 
 
 def _unlink(path: Path) -> None:
+    """Remove ``path`` if it is there (gone already, or not removable: nothing to do)."""
     with contextlib.suppress(OSError):
         path.unlink()
 
@@ -527,8 +525,7 @@ class LearningClient:
     def _refuse(self, model: str, task: RoundTask, out: Path, why: str) -> None:
         log.warning("event=learn_round_refused job=%d round=%d error=%r", task.job, task.round, why)
         self._set(model, task, "refused", error=why)
-        with contextlib.suppress(OSError):
-            out.unlink()
+        _unlink(out)
 
     async def _train(self, model: str, task: RoundTask, out: Path) -> bool:
         while len(self.ring) < self.settings.min_windows:
@@ -584,8 +581,7 @@ class LearningClient:
             with contextlib.suppress(Exception):
                 await written
             for path in (job, out.with_name(out.name + ".tmp"), *(() if ok else (out,))):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+                _unlink(path)
         if not ok:
             self._set(model, task, "expired" if self._expired(task) else "failed")
         return ok
@@ -718,5 +714,4 @@ class LearningClient:
             # left already; another one, noised anew, would spend privacy twice)
             self._set(model, task, "expired")
             return
-        with contextlib.suppress(OSError):
-            os.unlink(out)
+        _unlink(out)

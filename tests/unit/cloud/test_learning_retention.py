@@ -74,6 +74,13 @@ def stored(s: Storage) -> set[tuple[int, int, str]]:
     return {(int(r[0]), int(r[1]), r[2]) for r in s.dump("learn_updates", None, 10_000)}
 
 
+def storage_args(backend: Backend, tmp_path: Path) -> list[str]:
+    """The command line's options naming ``backend``'s storage."""
+    if backend.name == "sqlite":
+        return ["--data", str(Path(backend.target).parent)]
+    return ["--data", str(tmp_path), "--storage", backend.target]
+
+
 @pytest.fixture
 def s(backend: Backend) -> Storage:
     return backend.open()
@@ -153,10 +160,7 @@ def test_a_damaged_job_document_keeps_its_uploads(
 
 
 def _status(backend: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    if backend.name == "sqlite":
-        argv = ["--data", str(Path(backend.target).parent)]
-    else:
-        argv = ["--data", str(tmp_path), "--storage", backend.target]
+    argv = storage_args(backend, tmp_path)
     assert cli.main(["learn", "status", *argv]) == 0
     text = capsys.readouterr().out
     assert cli.main(["learn", "status", *argv, "--json"]) == 0
@@ -308,10 +312,7 @@ def test_learn_status_and_an_upload_with_a_damaged_job_document(
     error) and exits 65; the upload is refused 4.04 with the reason; resuming it is an error."""
     broken = s.create_learn_job("skab-ae", lambda n: records.dumps({"spec": 1, "state": []}), OLD)
     done = add_job(s, JobState(state="done", round=1, history=[entry(1)]))
-    if backend.name == "sqlite":
-        argv = ["--data", str(Path(backend.target).parent)]
-    else:
-        argv = ["--data", str(tmp_path), "--storage", backend.target]
+    argv = storage_args(backend, tmp_path)
     assert cli.main(["learn", "status", *argv]) == EX_DATAERR
     out = capsys.readouterr()
     assert f"job {done}" in out.out and "Traceback" not in out.err
@@ -360,10 +361,7 @@ def test_a_job_document_of_the_wrong_types_reads_as_damaged(
     assert {job for job, _, _ in stored(s)} == {odd}
     with pytest.raises(JobError, match="does not read"):
         Coordinator(s).job(odd)
-    if backend.name == "sqlite":
-        argv = ["--data", str(Path(backend.target).parent)]
-    else:
-        argv = ["--data", str(tmp_path), "--storage", backend.target]
+    argv = storage_args(backend, tmp_path)
     assert cli.main(["learn", "status", *argv]) == EX_DATAERR
     out = capsys.readouterr()
     assert f"job {ended}" in out.out
