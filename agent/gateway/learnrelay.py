@@ -15,7 +15,9 @@ gateway holds no job: its server (cloud/server.py) hands both exchanges to :clas
   answer: 2.04, or the cloud's refusal (4.00, 4.03, 4.04 with its reason), or 5.03 when the cloud
   did not answer, after which the device sends it again, as it would to the cloud. Nothing is
   kept on the gateway: the device keeps its update until an endpoint answered, and the cloud
-  stores one upload per device and round.
+  stores one upload per device and round. One upload of a device at a time: another from it
+  while the first is with the cloud is answered 5.03 at once (a device has one update to send;
+  one that floods the gateway takes one of the :data:`MAX_IN_FLIGHT` exchanges, not all).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ UNAVAILABLE = "5.03"
 PASSED_ON = ("4.00", "4.03", "4.04")
 NO_ANSWER = (UNAVAILABLE, b"the cloud did not answer")
 BUSY = (UNAVAILABLE, b"the gateway is busy with other learning exchanges")
+UPLOADING = (UNAVAILABLE, b"an upload of this device is with the cloud")
 CLOSED = (UNAVAILABLE, b"the gateway is stopping")
 
 
@@ -69,6 +72,7 @@ class LearnRelay:
         self.fetches = 0  # weights fetched from the cloud (each SHA-256 once while kept)
         self.uploads = 0  # uploads the cloud took
         self.in_flight = 0  # exchanges with the cloud under way
+        self._uploading: set[str] = set()  # devices whose upload is with the cloud
         self._failing: str | None = None  # the cloud's last answer that was not one to pass on
         self._closed = False
 
@@ -147,15 +151,19 @@ class LearnRelay:
         """``device``'s upload sent to the cloud; the cloud's answer, or 5.03."""
         if self._closed:
             return CLOSED
+        if device in self._uploading:
+            return UPLOADING
         if self.in_flight >= MAX_IN_FLIGHT:
             return BUSY
         self.in_flight += 1
+        self._uploading.add(device)
         try:
             resp = await self._ask(
                 "upload", "POST", f"/learn/{device}", payload=body, content_format=CF_CBOR
             )
         finally:
             self.in_flight -= 1
+            self._uploading.discard(device)
         if resp is None:
             return NO_ANSWER
         if resp.success:

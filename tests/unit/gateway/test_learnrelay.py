@@ -170,7 +170,7 @@ async def test_a_flood_of_exchanges_is_answered_5_03_beyond_the_bound(
     r = relay(cloud)
     names = [sha(bytes([i])) for i in range(3)]
     waiting = [asyncio.ensure_future(r.masters(n)) for n in names]
-    waiting += [asyncio.ensure_future(r.upload("pump-a", b"u")) for _ in range(3)]
+    waiting += [asyncio.ensure_future(r.upload(f"pump-{i}", b"u")) for i in range(3)]
     await asyncio.sleep(0)
     assert r.in_flight == 4
     done = [w.result() for w in waiting if w.done()]
@@ -179,6 +179,31 @@ async def test_a_flood_of_exchanges_is_answered_5_03_beyond_the_bound(
     cloud.gate.set()
     await asyncio.gather(*waiting)
     assert r.in_flight == 0 and len(cloud.requests) == 4
+
+
+async def test_a_device_has_one_upload_with_the_cloud_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attack: one device behind the gateway floods it with uploads while the cloud is slow.
+    Only its first goes to the cloud; the others are answered 5.03 at once, so the gateway's
+    exchanges stay free for the other devices (before, the flood took all MAX_IN_FLIGHT and every
+    other device was answered busy). Once its upload is answered, the device may send again."""
+    monkeypatch.setattr(learnrelay, "MAX_IN_FLIGHT", 4)
+    cloud = Cloud(lambda *_: Response(code("2.04"), b""))
+    cloud.gate = asyncio.Event()
+    r = relay(cloud)
+    flood = [asyncio.ensure_future(r.upload("pump-a", b"u")) for _ in range(6)]
+    await asyncio.sleep(0)
+    assert [f.result() for f in flood if f.done()] == [learnrelay.UPLOADING] * 5
+    others = [asyncio.ensure_future(r.upload(f"pump-{i}", b"u")) for i in range(3)]
+    await asyncio.sleep(0)
+    assert r.in_flight == 4 and not any(o.done() for o in others)
+    cloud.gate.set()
+    assert await asyncio.gather(*others) == [("2.04", b"")] * 3
+    assert (await asyncio.gather(*flood)).count(("2.04", b"")) == 1
+    assert await r.upload("pump-a", b"again") == ("2.04", b"")
+    assert [p for _, p, _, _ in cloud.requests].count("/learn/pump-a") == 2
+    assert r.in_flight == 0 and r.uploads == 5
 
 
 async def test_closing_ends_the_fetches_a_timed_out_device_left_running(
