@@ -38,7 +38,10 @@ on :meth:`ModelCache.close` (last use times); a write that fails is NotNow. The 
 written until a write of it succeeded, also when the task awaiting the write was cancelled
 (:mod:`agent.modelstore.indexfile`). A missing or corrupt
 index is rebuilt from the files: each file is verified again (SHA-256, and the signature when a
-public key is configured) and the ones that fail are deleted.
+public key is configured) and the ones that fail are deleted. A cached copy is checked again
+after its install as well (:mod:`agent.modelstore.atrest`): its stored manifest when it is first
+looked up, its file (size, SHA-256) whenever it is loaded; one damaged at rest is dropped (its
+files deleted) and fetched again: NotNow when found at load, never a refusal of the version.
 
 Logging policy: info for a model installed, evicted, refused or loaded; warning when the cache
 cannot get under its budget or a cached file fails its check.
@@ -51,7 +54,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,14 +66,14 @@ from agent.detect.inference import (
     Manifest,
     ModelEntry,
     TFLiteModel,
-    check_model_file,
     load_manifest,
     read_model_file,
 )
 from agent.errors import ModelError, NotNow, SyncError
 from agent.files import read_json
+from agent.modelstore.atrest import rebuild, stored_manifest
 from agent.modelstore.fetch import FetchStats, ModelFetcher
-from agent.modelstore.indexfile import IndexWriter
+from agent.modelstore.indexfile import IndexWriter, Record
 from agent.modelstore.listing import cache_listing
 from agent.modelstore.partials import PartialFiles, check_fits
 from agent.modelstore.settings import ModelsSettings
@@ -86,42 +89,12 @@ HISTORY = 32  # refusals kept for status
 # -- the cache ------------------------------------------------------------------------------------
 
 
+class DamagedCopy(ModelError):
+    """A cached model file that no longer verifies when it is read to be loaded."""
+
+
 Ref = tuple[str, str]  # (name, version)
 OnBlock = Callable[[int, int], None] | None  # called after each block written: (num, bytes)
-
-
-@dataclass
-class _Record:
-    """One cached file, as the index keeps it."""
-
-    name: str
-    version: str
-    size: int
-    sha256: str
-    installed: float
-    last_used: float
-    seq: int  # the use counter when it was last used (LRU order; wall time may tie or step)
-    pinned: bool = False
-
-    @property
-    def ref(self) -> Ref:
-        return (self.name, self.version)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))  # scalar fields: asdict's deep copy costs 10x on the loop
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> _Record:
-        return cls(
-            name=check_name("name", d["name"]),
-            version=check_name("version", d["version"]),
-            size=int(d["size"]),
-            sha256=str(d["sha256"]),
-            installed=float(d["installed"]),
-            last_used=float(d["last_used"]),
-            seq=int(d["seq"]),
-            pinned=bool(d.get("pinned", False)),
-        )
 
 
 @dataclass(frozen=True)
@@ -205,7 +178,7 @@ class ModelCache:
         self.stats = CacheStats()
         self.rebuilt = False  # the index was rebuilt from the files at open
         self.readonly = False
-        self._records: dict[Ref, _Record] = {}
+        self._records: dict[Ref, Record] = {}
         self._loaded: dict[Ref, _Loaded] = {}
         self._in_use: Counter[Ref] = Counter()
         self._pins: set[Ref] = set()
@@ -277,7 +250,7 @@ class ModelCache:
             raw = read_json(self.index_path)
             if raw.get("format") != INDEX_FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}")
-            records = [_Record.from_dict(d) for d in raw["models"]]
+            records = [Record.from_dict(d) for d in raw["models"]]
             self._seq = int(raw.get("seq", 0))
             for rec in records:
                 if (
@@ -291,7 +264,7 @@ class ModelCache:
                 if rec.pinned:
                     self._pins.add(rec.ref)
         except FileNotFoundError:
-            self._rebuild(missing=True)
+            rebuild(self, missing=True)
         except (
             OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, ModelError
         ) as err:  # fmt: skip
@@ -300,7 +273,7 @@ class ModelCache:
                 self.index_path,
                 str(err),
             )
-            self._rebuild(missing=False)
+            rebuild(self, missing=False)
         self.partials.readonly = self.readonly
         models = sum(r.size for r in self._records.values())
         self.partials.sweep(set(self._records), time.time(), room=self.disk_budget - models)
@@ -309,43 +282,6 @@ class ModelCache:
         self._sweep_orphans()
         if self._index.dirty:
             self._index.write()
-
-    def _rebuild(self, missing: bool) -> None:
-        """Rebuild the index from the files, verifying each one (size, SHA-256, signature)."""
-        self._records.clear()
-        found = sorted(self.files.glob("*.manifest"), key=lambda p: p.lstat().st_mtime)
-        for mpath in found:
-            try:  # anything a damaged or hostile file makes go wrong refuses that file only
-                if mpath.is_symlink() or not mpath.is_file():
-                    raise ModelError("not a regular file")
-                manifest = SignedManifest.read(mpath)
-                ref = (manifest.name, manifest.version)
-                if mpath != self._manifest_path(ref):
-                    raise ModelError(f"holds the manifest of {ref[0]} {ref[1]}")
-                # Without a key only the digest is checked (the listing says "unchecked").
-                if self.public_key is not None:
-                    manifest.verify(self.public_key, label=str(mpath))
-                check_model_file(self._file(ref), manifest.model_entry())
-                mtime = mpath.stat().st_mtime
-            except Exception as err:
-                log.warning("model cache file refused path=%s error=%r; deleted", mpath, str(err))
-                self._delete_files(mpath)
-                continue
-            self._seq += 1
-            rec = _Record(
-                manifest.name,
-                manifest.version,
-                manifest.size,
-                manifest.sha256,
-                mtime,
-                mtime,
-                self._seq,
-            )
-            self._records[rec.ref] = rec
-        self.rebuilt = not missing or bool(self._records)
-        self._index.changed()
-        if self.rebuilt:
-            log.info("model cache index rebuilt models=%d", len(self._records))
 
     def _sweep_orphans(self) -> None:
         """Files the index does not know (a crash between rename and index write)."""
@@ -512,20 +448,37 @@ class ModelCache:
                 return None
             version = max(mine, key=lambda r: r.seq).version
         rec = self._records.get((name, version))
-        if rec is not None:
-            return self._cached_model(rec)
-        return self._shipped(name, version)
+        hit = None if rec is None else self._cached_model(rec)
+        return hit if hit is not None else self._shipped(name, version)
 
-    def _cached_model(self, rec: _Record) -> CachedModel:
+    def _cached_model(self, rec: Record) -> CachedModel | None:
+        """The model of ``rec``; None when its stored manifest no longer verifies (dropped)."""
         known = self._known.get(rec.ref)
         if known is not None:
             return known
-        manifest = SignedManifest.read(self._manifest_path(rec.ref))
-        model = CachedModel(
-            rec.name, rec.version, self._file(rec.ref), manifest.model_entry(), "cache", manifest
-        )
+        try:
+            manifest = stored_manifest(self, rec)
+            entry = manifest.model_entry()
+        except (OSError, ModelError) as err:
+            self._drop_damaged(rec.ref, err)
+            return None
+        model = CachedModel(rec.name, rec.version, self._file(rec.ref), entry, "cache", manifest)
         self._known[rec.ref] = model
         return model
+
+    def _drop_damaged(self, ref: Ref, err: Exception) -> None:
+        """Forget the cached copy of ``ref`` that no longer verifies (damaged at rest: fetched
+        again, never a refusal); its files are deleted on the I/O thread now, in order, so
+        before a download of it installs them again."""
+        if self._records.pop(ref, None) is None:
+            return
+        self._known.pop(ref, None)
+        self._index.changed()
+        log.warning(
+            "event=model_damaged_at_rest name=%s version=%s error=%r action=dropped", *ref, str(err)
+        )
+        with contextlib.suppress(RuntimeError):  # closed: the index names it no more
+            self._io.submit(self._delete_files, self._manifest_path(ref))
 
     async def get(
         self,
@@ -564,9 +517,10 @@ class ModelCache:
         lock = self._locks.setdefault(ref, asyncio.Lock())
         async with lock:
             rec = self._records.get(ref)
-            if rec is not None:  # another task installed it meanwhile
+            hit = None if rec is None else self._cached_model(rec)
+            if hit is not None:  # another task installed it meanwhile
                 self._touch(ref)
-                return self._cached_model(rec)
+                return hit
             try:
                 return await self._download(name, version, sha256, on_block)
             except ModelError as err:
@@ -639,7 +593,7 @@ class ModelCache:
         self.stats.last_fetch = fstats
         now = time.time()
         self._seq += 1
-        self._records[ref] = _Record(
+        self._records[ref] = Record(
             name, version, manifest.size, manifest.sha256, now, now, self._seq, ref in self._pins
         )
         self._index.changed()
@@ -696,8 +650,14 @@ class ModelCache:
         return hit.model
 
     def _build(self, model: CachedModel) -> tuple[TFLiteModel, int]:
-        """Read, verify and build the interpreter (no shared state: runs in a worker thread)."""
-        data = read_model_file(model.path, model.entry)
+        """Read, verify and build the interpreter (no shared state: runs in a worker thread).
+        A cached file that no longer verifies is :class:`DamagedCopy`."""
+        try:
+            data = read_model_file(model.path, model.entry)
+        except ModelError as err:
+            if model.source != "cache":
+                raise
+            raise DamagedCopy(str(err)) from err
         tfl = TFLiteModel(
             data,
             name=model.name,
@@ -714,7 +674,10 @@ class ModelCache:
         hit = self._hit(model.ref)
         if hit is not None:
             return hit
-        return self._register(model, *self._build(model))
+        try:
+            return self._register(model, *self._build(model))
+        except DamagedCopy as err:
+            raise self._damaged(model, err) from err
 
     async def load_async(self, model: CachedModel) -> TFLiteModel:
         """:meth:`load` with the read and the interpreter build in a worker thread, so the
@@ -722,9 +685,24 @@ class ModelCache:
         hit = self._hit(model.ref)
         if hit is not None:
             return hit
-        tfl, size = await asyncio.to_thread(self._build, model)
+        try:
+            tfl, size = await asyncio.to_thread(self._build, model)
+        except DamagedCopy as err:
+            raise self._damaged(model, err) from err
         hit = self._hit(model.ref)
         return hit if hit is not None else self._register(model, tfl, size)
+
+    def _damaged(self, model: CachedModel, err: DamagedCopy) -> ModelError | NotNow:
+        """What a load of a cached file that no longer verifies raises: NotNow, the copy
+        dropped (fetched again later); the error itself when the cache no longer has the
+        version (evicted while it was read: its files deleted, the caller's case)."""
+        if model.ref not in self._records:
+            return err
+        self._drop_damaged(model.ref, err)
+        return NotNow(
+            f"model {model.name} {model.version}: the cached copy no longer verifies ({err}); "
+            "dropped, fetched again"
+        )
 
     def _register(self, model: CachedModel, tfl: TFLiteModel, size: int) -> TFLiteModel:
         ref = model.ref

@@ -15,14 +15,52 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.errors import NotNow
 from agent.files import write_atomic
+from agent.modelstore.signing import check_name
 from drivers.clock import Clock
+
+Ref = tuple[str, str]  # (name, version)
+
+
+@dataclass
+class Record:
+    """One cached file, as the index keeps it."""
+
+    name: str
+    version: str
+    size: int
+    sha256: str
+    installed: float
+    last_used: float
+    seq: int  # the use counter when it was last used (LRU order; wall time may tie or step)
+    pinned: bool = False
+
+    @property
+    def ref(self) -> Ref:
+        return (self.name, self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))  # scalar fields: asdict's deep copy costs 10x on the loop
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Record:
+        return cls(
+            name=check_name("name", d["name"]),
+            version=check_name("version", d["version"]),
+            size=int(d["size"]),
+            sha256=str(d["sha256"]),
+            installed=float(d["installed"]),
+            last_used=float(d["last_used"]),
+            seq=int(d["seq"]),
+            pinned=bool(d.get("pinned", False)),
+        )
 
 
 class IndexWriter:

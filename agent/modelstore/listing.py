@@ -7,10 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from agent.detect.inference import check_model_file
 from agent.errors import ModelError
+from agent.modelstore.indexfile import Record
 from agent.modelstore.signing import SignedManifest
 
 if TYPE_CHECKING:
-    from agent.modelstore.cache import ModelCache, _Record
+    from agent.modelstore.cache import ModelCache
 
 
 def cache_listing(cache: ModelCache, verify: bool) -> list[dict[str, Any]]:
@@ -56,7 +57,7 @@ def cache_listing(cache: ModelCache, verify: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _signature_status(cache: ModelCache, rec: _Record) -> str:
+def _signature_status(cache: ModelCache, rec: Record) -> str:
     try:
         manifest = SignedManifest.read(cache._manifest_path(rec.ref))
     except (OSError, ModelError):

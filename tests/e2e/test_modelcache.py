@@ -407,6 +407,67 @@ async def test_modelcache_an_index_write_whose_awaiter_was_cancelled_is_not_forg
     await again.close()
 
 
+def _flip_file(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _raise_threshold(path: Path) -> None:
+    """The stored manifest's threshold changed, its signature kept (a flip in a float)."""
+    m = SignedManifest.from_cbor(path.read_bytes())
+    threshold = {**m.entry["threshold"], "value": m.entry["threshold"]["value"] * 1e6}
+    path.write_bytes(replace(m, entry={**m.entry, "threshold": threshold}).to_cbor())
+
+
+AT_REST = {  # what is damaged, how; the stored file it is in
+    "model_file_bit_flip": (_flip_file, "tflite"),
+    "manifest_entry_altered": (_raise_threshold, "manifest"),
+    "manifest_torn": (lambda p: p.write_bytes(p.read_bytes()[:40]), "manifest"),
+    "manifest_lost": (lambda p: p.unlink(), "manifest"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AT_REST))
+async def test_hostile_disk_a_cached_copy_damaged_at_rest_is_fetched_again_never_refused(rig, case):
+    """A version verified at install and cached, whose stored file or manifest is damaged at
+    rest before the agent (restarted) is assigned it again. Was: the damaged model file failed
+    its SHA-256 check at load and the version was reported ``failed`` (blocked at the endpoint,
+    for a good signed model), and stayed so, the damaged copy kept; a torn manifest was a
+    refusal too, a lost one an OSError out of the cache (a crash of the assignment), and an
+    entry altered after its signature (here the threshold) was used unverified. Now the copy
+    that no longer verifies is dropped (NotNow: tried again later) and the version is fetched
+    again and swapped in."""
+    damage, suffix = AT_REST[case]
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    cache, det, manager = await _running_manager(rig)
+    await cache.get("skab-ae", "3.0.0")
+    await cache.close()
+    damage(rig.tmp / "dev" / "files" / f"skab-ae@3.0.0.{suffix}")
+
+    cache = rig.cache(rig.server.uri)  # the agent restarts
+    manager = ModelManager(cache, lambda: det)
+    manager.started_with("anomaly", "skab-ae", "1.0.0")
+    running = det.anomaly
+    a = Assignment("anomaly", "skab-ae", "3.0.0", desired=5)
+    if suffix == "tflite":  # found at load: not now, the copy dropped
+        with pytest.raises(NotNow, match="no longer verifies"):
+            await manager.assign(a)
+        assert det.anomaly is running and manager.roles["anomaly"].status == "active"
+        assert cache.lookup("skab-ae", "3.0.0") is None
+    state = await manager.assign(a)
+    assert state.status == "active" and (state.name, state.version) == ("skab-ae", "3.0.0")
+    assert det.anomaly is not running and cache.stats.downloads == 1  # fetched again
+    signed = SignedManifest.from_cbor(
+        rig.version_dir("skab-ae", "3.0.0").joinpath(MANIFEST_FILE).read_bytes()
+    )
+    assert det.threshold == signed.entry["threshold"]["value"]
+    await cache.close()
+    files = rig.tmp / "dev" / "files"
+    assert (files / "skab-ae@3.0.0.tflite").read_bytes() == FLOAT_AE.read_bytes()
+    assert SignedManifest.read(files / "skab-ae@3.0.0.manifest") == signed
+
+
 async def test_signature_missing_public_key_refuses_downloads(rig):
     rig.publish(MODELS / "skab-ae.tflite", "skab-ae", "2.0.0")
     server = await rig.start()
