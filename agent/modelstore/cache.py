@@ -576,6 +576,7 @@ class ModelCache:
                     await self.clock.run_blocking(
                         self._io, self.partials.install, manifest, entry, file, mpath
                     )
+                    self._index.spare(mpath)  # evicted before, its deletion still to be done
                     break
                 except ModelError as err:
                     if fresh or not fstats.resumed_from:

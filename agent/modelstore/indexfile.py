@@ -100,6 +100,11 @@ class IndexWriter:
         """Delete the files of an evicted model (by the next write)."""
         self._doomed.append(manifest_path)
 
+    def spare(self, manifest_path: Path) -> None:
+        """Files installed again at ``manifest_path`` (the model downloaded again since its
+        eviction, whose deletion a failed write left to the next): not to be deleted."""
+        self._doomed = [p for p in self._doomed if p != manifest_path]
+
     def write(self, doc: dict[str, Any] | None = None) -> None:
         """Write the index now (blocking: at open, or on the cache's I/O thread)."""
         if self.readonly:

@@ -407,6 +407,44 @@ async def test_modelcache_an_index_write_whose_awaiter_was_cancelled_is_not_forg
     await again.close()
 
 
+async def test_hostile_disk_a_version_downloaded_again_after_a_failed_index_write_keeps_its_files(
+    rig, monkeypatch
+):
+    """3.0.0 is evicted by the download of 4.0.0 (a disk budget for one model) and the index
+    write that deletes its files fails (a full disk): the deletion stays to be done by the next
+    write. 3.0.0 is then assigned again and downloaded. Was: the next write, the one of its own
+    install, deleted the fresh, verified files, while the index named the version (its load
+    failed: a refusal before the damage-at-rest check, another download after it). Now a
+    version installed again is spared: its files stay, also across a restart."""
+    import errno
+
+    from agent.modelstore import indexfile
+
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    rig.publish(FLOAT_AE, "skab-ae", "4.0.0", entry="skab-ae")
+    server = await rig.start()
+    cache = rig.cache(server.uri, disk_budget=FLOAT_AE.stat().st_size + 100)
+    await cache.get("skab-ae", "3.0.0")
+    real_write = indexfile.write_atomic
+
+    def full_disk(path, data, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(indexfile, "write_atomic", full_disk)
+    with pytest.raises(NotNow, match="No space left"):
+        await cache.get("skab-ae", "4.0.0")  # installed; 3.0.0 evicted
+    monkeypatch.setattr(indexfile, "write_atomic", real_write)  # the disk has room again
+    got = await cache.get("skab-ae", "3.0.0")
+    assert got.source == "download" and cache.cached() == [("skab-ae", "3.0.0")]
+    assert got.path.read_bytes() == FLOAT_AE.read_bytes()
+    assert np.all(np.isfinite(cache.load(got).predict(np.zeros((1, 32), dtype=np.float32))))
+    assert cache.stats.downloads == 2  # (4.0.0's get ended in the failed write)
+    await cache.close()
+    again = rig.cache(None)
+    assert again.cached() == [("skab-ae", "3.0.0")] and got.path.is_file()
+    await again.close()
+
+
 def _flip_file(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
