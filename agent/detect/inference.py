@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,11 +163,24 @@ def make_interpreter(
     return interp, chosen
 
 
+#: Held while fd 2 points at a filter's temporary file: fd 2 is one per process, so two
+#: interpreters built at once (two models loaded in worker threads) take turns. (Were they to
+#: overlap, the second would save the first's temporary file as "stderr" and put it back last.)
+_FD2 = threading.Lock()
+
+
 @contextlib.contextmanager
 def native_banner_filtered() -> Iterator[None]:
     """File descriptor 2 goes to a temporary file for the block; afterwards every line of it
     but :data:`NATIVE_BANNER`'s is written to the real stderr (other threads' output included:
-    delayed, never lost). Without a usable fd 2 the block simply runs."""
+    delayed, never lost). Without a usable fd 2 the block simply runs. One block at a time in
+    the process (:data:`_FD2`)."""
+    with _FD2, _fd2_filtered():
+        yield
+
+
+@contextlib.contextmanager
+def _fd2_filtered() -> Iterator[None]:
     try:
         saved = os.dup(2)
     except OSError:

@@ -308,3 +308,40 @@ def test_model_quantization_matches_its_tensors(manifest) -> None:
     q = m.input.quantize(x)
     assert np.all(np.abs(m.input.dequantize(q) - x) <= m.input.scale / 2 + 1e-6)
     assert m.input == TensorInfo.from_dict(manifest.entry("skab-ae").input.to_dict())
+
+
+def test_two_interpreters_built_at_once_leave_stderr_where_it_was(capfd) -> None:
+    """Two models loaded at once (two roles assigned in one desired document: each built in a
+    worker thread) overlap in :func:`native_banner_filtered`, which points fd 2 at a temporary
+    file: A enters, B enters (saving A's file as "stderr"), A leaves, B leaves. Was: B put
+    back A's temporary file, so from then on everything the process wrote to stderr (its
+    whole log, on journald) went into a deleted file. Now the second waits for the first: fd 2
+    is the real stderr again afterwards, and nothing written meanwhile is lost."""
+    import threading
+
+    from agent.detect.inference import native_banner_filtered
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with native_banner_filtered():
+            a_in.set()
+            b_in.wait(0.5)  # B is inside too (or, waiting for A, never gets in meanwhile)
+            os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\nfrom A\n")
+        a_out.set()
+
+    def second() -> None:
+        a_in.wait(10)
+        with native_banner_filtered():
+            b_in.set()
+            a_out.wait(10)
+            os.write(2, b"from B\n")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    os.write(2, b"after both\n")
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["from A", "from B", "after both"], err
