@@ -401,7 +401,7 @@ class Detector:
             threshold = float(thr["value"]) if s.threshold is None else s.threshold
             raise_after = int(thr["raise_after"]) if s.raise_after is None else s.raise_after
             clear_after = int(thr["clear_after"]) if s.clear_after is None else s.clear_after
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:  # inf: int() raises
             raise ModelError(f"model {entry.get('name')!r}: bad manifest entry ({err!r})") from err
         if s.commissioning_samples is not None:
             try:
@@ -498,7 +498,7 @@ class Detector:
                 try:
                     spec = FeatureSpec.from_dict(entry["features"])
                     entry_threshold = float(entry["threshold"]["value"])
-                except (KeyError, TypeError, ValueError) as err:
+                except (KeyError, TypeError, ValueError, OverflowError) as err:
                     raise ModelError(f"{label}: bad manifest entry ({err!r}); refused") from err
                 if spec.with_commissioning(self.spec.commissioning) != self.spec:
                     raise ModelError(

@@ -526,29 +526,59 @@ def _infinite_entry_size(data: bytes) -> bytes:
 HOSTILE_MANIFESTS = {"shared_values": _cyclic_manifest, "infinite_entry_size": _infinite_entry_size}
 
 
-@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
-async def test_hostile_manifest_is_refused_and_reported_failed_never_a_crash(
-    endpoint, tmp_path, case
-):
-    data = FLOAT_AE.read_bytes()
-    endpoint.routes["/models/skab-ae/5.0.0/manifest"] = HOSTILE_MANIFESTS[case](data)
+async def _assigned(endpoint: Endpoint, tmp: Path, manifest: bytes, data: bytes) -> Any:
+    """skab-ae 5.0.0 served as ``manifest`` and ``data`` and assigned to a device running
+    1.0.0: ``(report, kept)``, its ``model/anomaly`` once the assignment ended and whether the
+    detector still runs the model it ran before."""
+    endpoint.routes["/models/skab-ae/5.0.0/manifest"] = manifest
     endpoint.routes["/models/skab-ae/5.0.0/file"] = data
-    cache = _cache(tmp_path, endpoint.uri)
+    cache = _cache(tmp, endpoint.uri)
     manager = _manager(cache)
+    running = manager._detector().anomaly
     assignments = ModelAssignments(
         manager, RealClock(), configured={}, desired_version=lambda key: 9, changed=lambda: None
     )
     try:
         assignments.apply("anomaly", {"name": "skab-ae", "version": "5.0.0"})
         await asyncio.wait_for(asyncio.shield(assignments.tasks["anomaly"]), 30)
-        report = assignments.reported()["model/anomaly"]
-        assert report["status"] == "failed", report
-        assert report["refused"] == "skab-ae 5.0.0" and report["desired"] == 9
-        assert report["version"] == "1.0.0"
-        assert not endpoint.file_blocks("skab-ae", "5.0.0")
+        return assignments.reported()["model/anomaly"], manager._detector().anomaly is running
     finally:
         await assignments.close()
         await cache.close()
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_MANIFESTS))
+async def test_hostile_manifest_is_refused_and_reported_failed_never_a_crash(
+    endpoint, tmp_path, case
+):
+    data = FLOAT_AE.read_bytes()
+    report, kept = await _assigned(endpoint, tmp_path, HOSTILE_MANIFESTS[case](data), data)
+    assert report["status"] == "failed", report
+    assert report["refused"] == "skab-ae 5.0.0" and report["desired"] == 9
+    assert report["version"] == "1.0.0" and kept
+    assert not endpoint.file_blocks("skab-ae", "5.0.0")
+
+
+async def test_hostile_signed_entry_the_swap_cannot_read_is_refused_never_a_crash(
+    endpoint, tmp_path
+):
+    """A signed manifest (a hostile or broken signer) whose entry's features hold an infinite
+    integer field, which int() refuses with OverflowError. Was: OverflowError out of
+    Detector.check_swap, through the commit, logged as event=model_assignment_crashed with a
+    traceback, the role never reported ``failed`` (and out of Detector.from_entry, which a lite
+    tier primed from such an entry calls). Now a refusal: ``failed`` with the reason, the
+    running model kept; from_entry says ModelError."""
+    data = FLOAT_AE.read_bytes()
+    entry = dict(entry_for(FLOAT_AE, None, "skab-ae"))
+    features = {**entry["features"], "steps": float("inf")}
+    sha = hashlib.sha256(data).hexdigest()
+    manifest = _signed("skab-ae", "5.0.0", len(data), sha, {"features": features})
+    report, kept = await _assigned(endpoint, tmp_path, manifest.to_cbor(), data)
+    assert report["status"] == "failed", report
+    assert "bad manifest entry" in report["error"] and report["version"] == "1.0.0" and kept
+    det = Detector.from_settings(DetectSettings(models_dir=MODELS), load_manifest(MODELS))
+    with pytest.raises(ModelError, match="bad manifest entry"):
+        Detector.from_entry(det.anomaly, {**entry, "features": features})
 
 
 def test_hostile_manifest_values_that_are_not_plain_cbor_are_refused():
