@@ -6,7 +6,8 @@ A model's signed manifest entry may carry ``rollback_index`` (``edge-agent-cloud
 it publishes keep the index). Once a version of index N of a model has been swapped in here
 (assigned and active), no version of that model below N is taken again: a signed but bad
 version cannot be assigned back by whoever can write the desired state. The floors are kept in
-``floors.json`` in the cache directory (``{name: {"index", "version"}}``, written atomically);
+``floors.json`` in the cache directory (``{name: {"index", "version"}}``, written atomically,
+one raise at a time);
 a damaged file is said and read as empty. The models the config starts with raise nothing.
 
 To allow an older version again on purpose, publish it again under a new version with
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,9 @@ class Floors:
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / FLOORS_FILE
+        # raise_to reads, adds and writes the file: two at once (two roles swapped together,
+        # each in a worker thread) would each write what they read, one floor lost
+        self._raising = threading.Lock()
 
     def read(self) -> dict[str, tuple[int, str]]:
         try:
@@ -82,10 +87,11 @@ class Floors:
     def raise_to(self, name: str, version: str, entry: Mapping[str, Any]) -> None:
         """``name`` ``version`` is active: its index becomes the floor when it is higher."""
         index = rollback_index(entry, f"model {name} {version}")
-        floors = self.read()
-        if index <= floors.get(name, (0, ""))[0]:
-            return
-        floors[name] = (index, version)
-        doc = {n: {"index": i, "version": v} for n, (i, v) in sorted(floors.items())}
-        write_atomic(self.path, (json.dumps(doc) + "\n").encode())
+        with self._raising:
+            floors = self.read()
+            if index <= floors.get(name, (0, ""))[0]:
+                return
+            floors[name] = (index, version)
+            doc = {n: {"index": i, "version": v} for n, (i, v) in sorted(floors.items())}
+            write_atomic(self.path, (json.dumps(doc) + "\n").encode())
         log.info("event=model_floor_raised name=%s index=%d version=%s", name, index, version)

@@ -7,6 +7,7 @@ Test names contain ``modelcache``, ``signature`` or ``hot_swap`` (``-k`` selects
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 from dataclasses import replace
@@ -1140,6 +1141,44 @@ async def test_a_version_below_the_models_rollback_floor_is_refused_and_the_floo
         Floors(rig.tmp).check("skab-ae", "6", {"rollback_index": 2.5})
     (rig.tmp / "dev" / "floors.json").write_text("[" * 50_000)
     assert Floors(rig.tmp / "dev").read() == {}
+
+
+async def test_two_roles_swapped_at_once_both_raise_their_models_rollback_floors(rig, monkeypatch):
+    """model/anomaly and model/classifier assigned in one desired document, each a version with
+    a rollback index: the two commits raise their floors at about the same time, each in a
+    worker thread (read floors.json, add its own, write it). Was: both read the file before
+    either wrote it, and the second write dropped the first's floor (or the two writes of the
+    one temporary file failed: event=model_floor_not_written), so the older version of that
+    model could be assigned again. Now the raises take turns: both floors hold. (The writes are
+    held until both raises have read, where the code lets them.)"""
+    import threading
+
+    from agent.modelstore import floors
+
+    fixed = entry_for(FLOAT_AE, None, "skab-ae") | {"rollback_index": 2}
+    rig.registry.publish(FLOAT_AE.read_bytes(), "skab-ae", "4.0.0", fixed, rig.key)
+    clf = entry_for(MODELS / "skab-clf.tflite", None, "skab-clf") | {"rollback_index": 3}
+    rig.registry.publish(
+        (MODELS / "skab-clf.tflite").read_bytes(), "skab-clf", "2.0.0", clf, rig.key
+    )
+    cache, _, manager = await _running_manager(rig)
+    manager.started_with("classifier", "skab-clf", "1.0.0")
+    both_read = threading.Barrier(2, timeout=2)
+    real_write = floors.write_atomic
+
+    def write_when_both_read(path, data, **kw):
+        with contextlib.suppress(threading.BrokenBarrierError):  # the other waits its turn
+            both_read.wait()
+        return real_write(path, data, **kw)
+
+    monkeypatch.setattr(floors, "write_atomic", write_when_both_read)
+    states = await asyncio.gather(
+        manager.assign(Assignment("anomaly", "skab-ae", "4.0.0")),
+        manager.assign(Assignment("classifier", "skab-clf", "2.0.0")),
+    )
+    assert [s.status for s in states] == ["active", "active"]
+    await cache.close()
+    assert Floors(rig.tmp / "dev").read() == {"skab-ae": (2, "4.0.0"), "skab-clf": (3, "2.0.0")}
 
 
 def test_models_publish_signs_the_rollback_index_given(tmp_path, capsys):
