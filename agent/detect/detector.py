@@ -51,7 +51,7 @@ from agent.detect.changepoint import ChangeDetector, ChangePoint, ChangeSettings
 from agent.detect.features import Calibration, FeatureSpec, StreamingFeatures, calibrate, transform
 from agent.detect.inference import RUNTIMES, Inference, Manifest, TFLiteModel, load_manifest
 from agent.detect.novelty import NoveltyDetector, NoveltyScore, NoveltySettings
-from agent.detect.swap import CheckedSwap, warm_model, warm_window
+from agent.detect.swap import CheckedSwap, entry_features, warm_model, warm_window
 from agent.errors import ModelError
 from drivers.base import Options
 
@@ -495,11 +495,7 @@ class Detector:
         if anomaly is not None:
             label = f"model {getattr(anomaly, 'name', '?')}"
             if entry is not None:
-                try:
-                    spec = FeatureSpec.from_dict(entry["features"])
-                    entry_threshold = float(entry["threshold"]["value"])
-                except (KeyError, TypeError, ValueError, OverflowError) as err:
-                    raise ModelError(f"{label}: bad manifest entry ({err!r}); refused") from err
+                spec, entry_threshold = entry_features(entry, label)
                 if spec.with_commissioning(self.spec.commissioning) != self.spec:
                     raise ModelError(
                         f"{label}: its features differ from the running model's (steps "

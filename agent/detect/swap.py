@@ -14,12 +14,13 @@ between the threads costs more than it frees.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from agent.detect.features import FeatureSpec
 from agent.detect.inference import Inference
 from agent.errors import ModelError
 
@@ -40,6 +41,15 @@ class CheckedSwap:
     classifier: Inference | None
     classes: tuple[str, ...]
     cold: tuple[str, ...] = ()
+
+
+def entry_features(entry: Mapping[str, Any], label: str) -> tuple[FeatureSpec, float]:
+    """The features and the calibrated threshold of an anomaly model's manifest ``entry``;
+    ModelError when they do not read (a field missing, of another type, an infinite integer)."""
+    try:
+        return FeatureSpec.from_dict(entry["features"]), float(entry["threshold"]["value"])
+    except (KeyError, TypeError, ValueError, OverflowError) as err:  # inf: int() raises
+        raise ModelError(f"{label}: bad manifest entry ({err!r}); refused") from err
 
 
 def warm_window(last_window: Sequence[float] | np.ndarray, n_in: int) -> np.ndarray:

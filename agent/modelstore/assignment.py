@@ -47,7 +47,7 @@ import numpy as np
 
 from agent.detect.detector import Detector
 from agent.detect.inference import TFLiteModel
-from agent.detect.swap import CheckedSwap
+from agent.detect.swap import CheckedSwap, entry_features
 from agent.errors import ModelError, NotNow, SyncError
 from agent.modelstore.cache import CachedModel, ModelCache, Ref
 from agent.modelstore.floors import Floors
@@ -185,6 +185,8 @@ class ModelManager:
                 f"model {cached.name} {cached.version}: a {kind} model cannot take the "
                 f"{a.role} role; refused"
             )
+        if kind == "anomaly":  # its features and threshold read now, a lightweight's too
+            entry_features(cached.entry.raw, f"model {cached.name} {cached.version}")
         try:  # read and built in a worker thread: another task may evict it meanwhile
             model = await self.cache.load_async(cached)
         except ModelError as err:

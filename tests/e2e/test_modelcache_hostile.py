@@ -526,22 +526,26 @@ def _infinite_entry_size(data: bytes) -> bytes:
 HOSTILE_MANIFESTS = {"shared_values": _cyclic_manifest, "infinite_entry_size": _infinite_entry_size}
 
 
-async def _assigned(endpoint: Endpoint, tmp: Path, manifest: bytes, data: bytes) -> Any:
-    """skab-ae 5.0.0 served as ``manifest`` and ``data`` and assigned to a device running
-    1.0.0: ``(report, kept)``, its ``model/anomaly`` once the assignment ended and whether the
-    detector still runs the model it ran before."""
+async def _assigned(
+    endpoint: Endpoint, tmp: Path, manifest: bytes, data: bytes, role: str = "anomaly"
+) -> Any:
+    """skab-ae 5.0.0 served as ``manifest`` and ``data`` and assigned to ``role`` of a device
+    running skab-ae 1.0.0 (and skab-ae-lite 1.0.0 as its lightweight model): ``(report,
+    kept)``, its ``model/<role>`` once the assignment ended and whether the detector still runs
+    the model it ran before."""
     endpoint.routes["/models/skab-ae/5.0.0/manifest"] = manifest
     endpoint.routes["/models/skab-ae/5.0.0/file"] = data
     cache = _cache(tmp, endpoint.uri)
     manager = _manager(cache)
+    manager.started_with("lightweight", "skab-ae-lite", "1.0.0")
     running = manager._detector().anomaly
     assignments = ModelAssignments(
         manager, RealClock(), configured={}, desired_version=lambda key: 9, changed=lambda: None
     )
     try:
-        assignments.apply("anomaly", {"name": "skab-ae", "version": "5.0.0"})
-        await asyncio.wait_for(asyncio.shield(assignments.tasks["anomaly"]), 30)
-        return assignments.reported()["model/anomaly"], manager._detector().anomaly is running
+        assignments.apply(role, {"name": "skab-ae", "version": "5.0.0"})
+        await asyncio.wait_for(asyncio.shield(assignments.tasks[role]), 30)
+        return assignments.reported()[f"model/{role}"], manager._detector().anomaly is running
     finally:
         await assignments.close()
         await cache.close()
@@ -559,23 +563,28 @@ async def test_hostile_manifest_is_refused_and_reported_failed_never_a_crash(
     assert not endpoint.file_blocks("skab-ae", "5.0.0")
 
 
+@pytest.mark.parametrize("role", ["anomaly", "lightweight"])
 async def test_hostile_signed_entry_the_swap_cannot_read_is_refused_never_a_crash(
-    endpoint, tmp_path
+    endpoint, tmp_path, role
 ):
     """A signed manifest (a hostile or broken signer) whose entry's features hold an infinite
-    integer field, which int() refuses with OverflowError. Was: OverflowError out of
-    Detector.check_swap, through the commit, logged as event=model_assignment_crashed with a
-    traceback, the role never reported ``failed`` (and out of Detector.from_entry, which a lite
-    tier primed from such an entry calls). Now a refusal: ``failed`` with the reason, the
-    running model kept; from_entry says ModelError."""
+    integer field, which int() refuses with OverflowError. Was: as ``anomaly``, OverflowError
+    out of Detector.check_swap, through the commit, logged as event=model_assignment_crashed
+    with a traceback, the role never reported ``failed`` (and out of Detector.from_entry); as
+    ``lightweight``, whose features nothing read before the lite tier switched to it, taken
+    (``active``; the runtime's check then crashed the same way, or the switch to the lite tier
+    failed at each try). Now the features and the threshold of a model for an anomaly role are
+    read when it is prepared: a refusal (``failed``, the reason), the running model kept;
+    Detector.from_entry says ModelError."""
     data = FLOAT_AE.read_bytes()
     entry = dict(entry_for(FLOAT_AE, None, "skab-ae"))
     features = {**entry["features"], "steps": float("inf")}
     sha = hashlib.sha256(data).hexdigest()
     manifest = _signed("skab-ae", "5.0.0", len(data), sha, {"features": features})
-    report, kept = await _assigned(endpoint, tmp_path, manifest.to_cbor(), data)
+    report, kept = await _assigned(endpoint, tmp_path, manifest.to_cbor(), data, role)
     assert report["status"] == "failed", report
-    assert "bad manifest entry" in report["error"] and report["version"] == "1.0.0" and kept
+    assert "bad manifest entry" in report["error"] and kept
+    assert report["refused"] == "skab-ae 5.0.0" and report["version"] == "1.0.0"
     det = Detector.from_settings(DetectSettings(models_dir=MODELS), load_manifest(MODELS))
     with pytest.raises(ModelError, match="bad manifest entry"):
         Detector.from_entry(det.anomaly, {**entry, "features": features})
