@@ -73,7 +73,7 @@ from agent.errors import ModelError, NotNow, SyncError
 from agent.files import read_json
 from agent.modelstore.atrest import rebuild, stored_manifest
 from agent.modelstore.fetch import FetchStats, ModelFetcher
-from agent.modelstore.indexfile import IndexWriter, Record
+from agent.modelstore.indexfile import IndexWriter, Record, Ref
 from agent.modelstore.listing import cache_listing
 from agent.modelstore.partials import PartialFiles, check_fits
 from agent.modelstore.settings import ModelsSettings
@@ -93,7 +93,6 @@ class DamagedCopy(ModelError):
     """A cached model file that no longer verifies when it is read to be loaded."""
 
 
-Ref = tuple[str, str]  # (name, version)
 OnBlock = Callable[[int, int], None] | None  # called after each block written: (num, bytes)
 
 
