@@ -571,11 +571,7 @@ class ModelCache:
             for fresh in (False, True):
                 fstats = await self._fetch(manifest, on_block, fresh)
                 try:  # hashing and the atomic install (fsync, rename, fsync of the directory)
-                    file, mpath = self._file(ref), self._manifest_path(ref)
-                    await self.clock.run_blocking(
-                        self._io, self.partials.install, manifest, entry, file, mpath
-                    )
-                    self._index.spare(mpath)  # evicted before, its deletion still to be done
+                    await self._install(manifest, entry)
                     break
                 except ModelError as err:
                     if fresh or not fstats.resumed_from:
@@ -591,13 +587,6 @@ class ModelCache:
         finally:
             self.partials.active.discard(ref)
         self.stats.last_fetch = fstats
-        now = time.time()
-        self._seq += 1
-        self._records[ref] = Record(
-            name, version, manifest.size, manifest.sha256, now, now, self._seq, ref in self._pins
-        )
-        self._index.changed()
-        self._evict_files(keep=ref)
         await self.sync()
         self.stats.downloads += 1
         log.info(
@@ -610,6 +599,36 @@ class ModelCache:
             manifest.key,
         )
         return CachedModel(name, version, self._file(ref), entry, "download", manifest)
+
+    async def _install(self, manifest: SignedManifest, entry: ModelEntry) -> None:
+        """Check and install the downloaded file on the I/O thread (ModelError: refused), then
+        record it. Cancelled meanwhile, the thread installs it all the same: recorded too
+        (counted against the disk budget, indexed by the next write), then cancelled."""
+        ref = (manifest.name, manifest.version)
+        file, mpath = self._file(ref), self._manifest_path(ref)
+        job = asyncio.ensure_future(
+            self.clock.run_blocking(self._io, self.partials.install, manifest, entry, file, mpath)
+        )
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            await asyncio.wait([job])
+            if job.cancelled() or job.exception() is not None:
+                raise
+            self._record(manifest)
+            raise
+        self._record(manifest)
+
+    def _record(self, manifest: SignedManifest) -> None:
+        """An installed download in the cache's state (the index is written by the next sync)."""
+        ref = (manifest.name, manifest.version)
+        self._index.spare(self._manifest_path(ref))  # evicted before, its deletion still due
+        now = time.time()
+        self._seq += 1
+        size, sha, pinned = manifest.size, manifest.sha256, ref in self._pins
+        self._records[ref] = Record(*ref, size, sha, now, now, self._seq, pinned)
+        self._index.changed()
+        self._evict_files(keep=ref)
 
     async def _fetch(self, manifest: SignedManifest, on_block: OnBlock, fresh: bool) -> FetchStats:
         """Download into the partial file: resumed if it holds blocks of this file (and not

@@ -446,6 +446,44 @@ async def test_hostile_disk_a_version_downloaded_again_after_a_failed_index_writ
     await again.close()
 
 
+async def test_modelcache_a_download_cancelled_while_it_is_installed_is_kept_and_counted(rig):
+    """A download is cancelled (a newer assignment for the role, the agent stopping) while the
+    I/O thread hashes and installs the whole file, which it finishes regardless. Was: the
+    cache never recorded it: the files sat in files/ uncounted against the disk budget, the
+    version was downloaded again when assigned again, and the next open deleted them as
+    orphans. Now the cancelled download records what the I/O thread installed: counted,
+    indexed, kept across a restart."""
+    import threading
+
+    rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
+    server = await rig.start()
+    cache = rig.cache(server.uri)
+    installing, go_on = threading.Event(), threading.Event()
+    install = cache.partials.install
+
+    def held_install(*args):  # the real install, once the download was cancelled
+        installing.set()
+        go_on.wait(10)
+        install(*args)
+
+    cache.partials.install = held_install  # type: ignore[method-assign]
+    get = asyncio.ensure_future(cache.get("skab-ae", "3.0.0"))
+    assert await asyncio.to_thread(installing.wait, 10)
+    get.cancel()
+    await asyncio.sleep(0)
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await get
+    assert cache.cached() == [("skab-ae", "3.0.0")]
+    assert cache.disk_used == FLOAT_AE.stat().st_size
+    hit = await cache.get("skab-ae", "3.0.0")
+    assert hit.source == "cache" and hit.path.read_bytes() == FLOAT_AE.read_bytes()
+    await cache.close()
+    again = rig.cache(None)  # restarted: not swept as an orphan
+    assert again.cached() == [("skab-ae", "3.0.0")] and hit.path.is_file()
+    await again.close()
+
+
 def _flip_file(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
