@@ -350,7 +350,7 @@ class Adxl345(BaseDriver):
         chunks: list[bytes] = []
         have = 0
         lost = 0
-        stall_s = max(STALL_SAMPLE_PERIODS / rate, STALL_MIN_S)
+        stall_s = self._stall_s()
         last_progress = clock.monotonic()
         while have < o.window:
             await clock.sleep(min(o.window - have, DRAIN_ENTRIES) / rate)
@@ -391,6 +391,15 @@ class Adxl345(BaseDriver):
         rms, mx, my, mz = window_stats(codes, self._scale)
         log.debug("adxl345 window device=%s n=%d rms_g=%.5f", dev, len(codes), rms)
         return {"vibration_rms_g": rms, "x_g": mx, "y_g": my, "z_g": mz}
+
+    def _stall_s(self) -> float:
+        """Seconds without a new sample after which a read gives up."""
+        return max(STALL_SAMPLE_PERIODS / self.options.data_rate_hz, STALL_MIN_S)
+
+    def longest_attempt(self) -> float:
+        """A read takes its window of samples (82 s for 1024 at 12.5 Hz), and may wait one stall
+        time more."""
+        return self.options.window / self.options.data_rate_hz + self._stall_s()
 
     # -- resolution ----------------------------------------------------------------------
     def resolution(self, channel: str) -> float:

@@ -235,5 +235,12 @@ class BaseDriver:
         """The channels this part reports with ``options`` (serial instruments: from config)."""
         return cls.channels
 
+    def longest_attempt(self) -> float:
+        """Seconds an :meth:`open` and a :meth:`read` together may take with these options while
+        the part works (0: a moment, within the bus's own per-transfer deadlines). Long windows,
+        line timeouts and retries make it long; the agent counts a sensor's read as stuck only
+        once it has run this much longer than a stage may (agent/sense/sampling.py)."""
+        return 0.0
+
     async def close(self) -> None:
         return None

@@ -346,6 +346,10 @@ class LineSensor(BaseDriver):
         except LineError as err:
             raise DeviceDataError(f"{self}: {err} in {line!r}") from err
 
+    def longest_attempt(self) -> float:
+        """An open reads one line and the read after it another: each may wait its timeout."""
+        return 2 * self.options.timeout
+
     def resolution(self, channel: str) -> float:
         try:
             return self._resolution[channel]

@@ -101,6 +101,8 @@ RETRIES = 2
 CHAR_BITS = 11
 #: Bytes of a read answer besides the register data: slave, function, byte count, CRC (2).
 ANSWER_OVERHEAD = 5
+#: Characters on the line before an answer can begin: the request (8) after the silence t3.5.
+REQUEST_CHARS = 8 + 4
 #: Most answer bytes quoted in an error message.
 QUOTED_BYTES = 16
 
@@ -552,6 +554,17 @@ class ModbusInstrument(BaseDriver):
                         f"{self}: {err}; check the instrument for a fault, and the register map"
                     ) from err
         return {spec.name: values[spec.name] for spec in self.options.registers}
+
+    def longest_attempt(self) -> float:
+        """Each request of an open (the identity register, then the plan's) and of a read, tried
+        ``1 + retries`` times, each time its request and its read deadline."""
+        o = self.options
+        baudrate = _baudrate(self.port.port)
+        quantities = [g.quantity for g in self._plan] * 2 + ([1] if o.identity else [])
+        request = REQUEST_CHARS * CHAR_BITS / baudrate
+        return (1 + o.retries) * sum(
+            request + read_deadline(o.timeout, q, baudrate) for q in quantities
+        )
 
     def resolution(self, channel: str) -> float:
         try:

@@ -121,6 +121,12 @@ def scale_values(cfg: SensorConfig, raw: dict[str, float], driver: Any = None) -
     return out
 
 
+def _allowance(driver: Any) -> float:
+    """The driver's :meth:`~drivers.base.BaseDriver.longest_attempt` (0 if it has none)."""
+    longest = getattr(driver, "longest_attempt", None)
+    return float(longest()) if callable(longest) else 0.0
+
+
 Sink = Callable[[Reading], Awaitable[None]]
 
 
@@ -133,6 +139,7 @@ class SensorTask:
     enabled: bool = True
     opened: bool = False
     busy_since: float | None = None  # clock time the current attempt started
+    allowance: float = 0.0  # seconds an attempt may take by the driver's options
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -156,7 +163,9 @@ class Sampler:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.tasks = {
-            cfg.name: SensorTask(cfg, driver, SensorHealth(cfg.name), cfg.interval)
+            cfg.name: SensorTask(
+                cfg, driver, SensorHealth(cfg.name), cfg.interval, allowance=_allowance(driver)
+            )
             for cfg, driver in sensors
         }
         self._seq = 0
@@ -165,6 +174,15 @@ class Sampler:
     @property
     def health(self) -> dict[str, SensorHealth]:
         return {name: t.health for name, t in self.tasks.items()}
+
+    def stuck(self, after: float) -> bool:
+        """Whether a sensor's attempt (open and read) has run ``after`` seconds longer than its
+        driver's options let one take (an ADXL345 window of 82 s is not stuck at 60 s)."""
+        now = self.clock.monotonic()
+        return any(
+            t.busy_since is not None and now - t.busy_since > after + t.allowance
+            for t in self.tasks.values()
+        )
 
     def set_interval(self, name: str, interval: float) -> None:
         """Change a sensor's interval live (desired state); takes effect at the next slot."""

@@ -158,10 +158,7 @@ class Agent:
 
         def sampler_busy() -> bool:
             assert self.sampler is not None
-            return any(
-                t.busy_since is not None and now() - t.busy_since > STUCK_AFTER
-                for t in self.sampler.tasks.values()
-            )
+            return self.sampler.stuck(STUCK_AFTER)
 
         def writer_busy() -> bool:
             w = self.writer
