@@ -272,6 +272,8 @@ class Sampler:
             return False
         finally:
             task.busy_since = None
+        if not task.enabled:  # disabled while it was read: it stays so, the reading is not wanted
+            return False
         finished = self.clock.monotonic()
         if health.state in (SensorState.DEGRADED, SensorState.DOWN):
             log.info(
@@ -297,11 +299,13 @@ class Sampler:
     def _failed(self, task: SensorTask, err: DriverError | str, *, bug: bool = False) -> None:
         """Count a failed attempt and log the sensor's change of state (``bug``: the driver
         raised something other than a DriverError, said as such)."""
+        task.opened = False  # re-open (re-configure) before the next try
+        if not task.enabled:  # disabled while it was read: it stays so
+            return
         health = task.health
         health.errors += 1
         health.consecutive_errors += 1
         health.last_error = str(err)
-        task.opened = False  # re-open (re-configure) before the next try
         self.last_progress = self.clock.monotonic()
         previous = health.state
         health.state = (

@@ -191,3 +191,56 @@ async def test_a_sensors_error_text_quoting_a_local_value_stays_out_of_the_log_r
         assert "error='withheld" in line
     (kept,) = [r.getMessage() for r in caplog.records if "event=degraded" in r.getMessage()]
     assert "checksum mismatch" in kept and "42.37" in kept  # the journal on the device keeps it
+
+
+class SlowDriver(BuggyDriver):
+    """Every read takes half a second (a long conversion, a slow instrument); ``fail`` makes
+    the reads raise once they are done."""
+
+    def __init__(self, fail: bool) -> None:
+        super().__init__(0)
+        self.fail = fail
+
+    async def read(self) -> dict[str, float]:
+        await asyncio.sleep(0.5)
+        if self.fail:
+            raise DeviceDataError("garbled")
+        return {"T": 21.5}
+
+
+@pytest.mark.parametrize(
+    ("fail", "at"),
+    [(False, 1.2), (True, 1.7)],  # reads at 0 and 1 s; failing: at 0 and 1.5 s (backoff 1 s)
+    ids=["read-ends-well", "read-fails"],
+)
+def test_a_sensor_disabled_while_it_is_read_stays_disabled_and_emits_nothing(
+    fail: bool, at: float
+) -> None:
+    """Desired state disables a sensor while its read is running: the read's end must not
+    report it ok (or degraded), nor hand on a reading taken after it was disabled."""
+    clock = VirtualClock()
+    cfg = SensorConfig(name="t", driver="line", interval=1.0, channels=("T",), port="x")
+    readings: list[Reading] = []
+    states: list[SensorState] = []
+
+    async def sink(reading: Reading) -> None:
+        readings.append(reading)
+
+    async def main() -> None:
+        sampler = Sampler([(cfg, SlowDriver(fail))], clock, sink, backoff_base=1.0)
+        run = asyncio.create_task(sampler.run())
+        try:
+            await clock.sleep(at)  # the second read is under way
+            sampler.set_enabled("t", False)
+            before = len(readings)
+            for _ in range(5):
+                await clock.sleep(1.0)
+                states.append(sampler.health["t"].state)
+            assert len(readings) == before
+        finally:
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+
+    clock.run(main())
+    assert states == [SensorState.DISABLED] * 5
