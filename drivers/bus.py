@@ -82,6 +82,16 @@ def open_i2c_bus(number: int) -> I2CBus:
         ) from err
 
 
+#: ``.worker``: the :class:`BusWorker` whose thread this is (set on each worker's thread).
+_on_worker = threading.local()
+
+
+def _guard() -> Any:
+    """The bus or port as the worker running the calling transfer sees it: a transfer queued
+    behind a wedged one runs on the fresh worker, with the fresh worker's view."""
+    return _on_worker.worker.guard
+
+
 class BusWorker(Executor):
     """One daemon thread that runs a bus's transfers in the order they were submitted."""
 
@@ -104,6 +114,7 @@ class BusWorker(Executor):
         return future
 
     def _run(self) -> None:
+        _on_worker.worker = self
         while (item := self._queue.get()) is not None:
             future, call = item
             if not future.set_running_or_notify_cancel():
@@ -263,7 +274,7 @@ class AsyncI2C(_Worked):
         worker = self._executor
 
         def call() -> T:
-            return fn(worker.guard)
+            return fn(_guard())
 
         try:
             async with deadline:
@@ -372,7 +383,7 @@ class AsyncSerial(_Worked):
         worker = self._executor
 
         def call() -> T:
-            return fn(worker.guard)
+            return fn(_guard())
 
         try:
             async with deadline:

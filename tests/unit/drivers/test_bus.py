@@ -149,6 +149,31 @@ def test_a_late_transfer_of_an_abandoned_worker_cannot_drive_the_bus() -> None:
         bus.close()
 
 
+def test_a_transfer_queued_behind_a_hung_one_runs_on_the_fresh_worker() -> None:
+    """Another part's transfer, waiting behind the one that hung and still within its own
+    deadline, is handed to the fresh worker: it was, but it ran with the abandoned worker's
+    view of the bus and failed as an "abandoned transfer" (EIO), so every part read during
+    a hang on its bus was marked degraded and re-opened."""
+    fake = HangsAt(0x77)
+    fake.attach(0x76, Bme280Sim(RealClock()))
+    fake.attach(0x77, Bme280Sim(RealClock()))
+    bus = AsyncI2C(fake, RealClock(), name="i2c-1", timeout=0.5)
+
+    async def go() -> int:
+        hung = asyncio.create_task(bus.device(0x77).read_u8(0xD0))
+        await asyncio.sleep(0.1)  # the hung transfer has started; this one waits behind it
+        value = await bus.device(0x76).read_u8(0xD0)
+        with pytest.raises(DeviceTimeout):
+            await hung
+        return value
+
+    try:
+        assert asyncio.run(go()) == 0x60  # the BME280's chip id, from the fresh worker
+    finally:
+        fake.release.set()
+        bus.close()
+
+
 def test_an_adapter_that_stays_hung_leaves_a_bounded_number_of_threads() -> None:
     """Each deadline missed left its worker thread stuck and started a fresh one, whose next
     transfer hung too: while the adapter stayed hung, one more thread (and pid) per retry of
