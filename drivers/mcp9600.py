@@ -10,7 +10,10 @@ reads TH, TDelta and TC, and clears the flag as the datasheet describes, so a pa
 converting shows as DeviceTimeout rather than as a frozen value. The Input Range flag (thermocouple
 EMF beyond the selected type's range: an open or shorted thermocouple, or a temperature the type
 cannot measure) raises DeviceDataError. With the digital filter off, TH must equal TDelta + TC
-(datasheet 5.1.1); a transfer that breaks that sum raises DeviceDataError.
+(datasheet 5.1.1); a transfer that breaks that sum raises DeviceDataError. The configuration
+registers are read with the data: a part reset behind the driver (a brown-out) goes on converting
+with its power-on defaults, a type K thermocouple, so a changed configuration raises
+DeviceDataError, and the sampler opens (configures) the part again.
 
 Datasheet: Microchip DS20005426 (MCP9600, rev. C), section 5: 5.1 temperature registers
 (registers 5-2 to 5-4, equations 5-1 to 5-3, table 5-2), 5.2.1 STATUS (register 5-6), the sensor
@@ -22,7 +25,7 @@ Characteristics".
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from drivers.base import BaseDriver, Identity, Options
@@ -204,6 +207,7 @@ class _Raw:
     th: int
     delta: int
     tc: int
+    config: tuple[int, int] | None = None  # sensor and device configuration, read with them
 
 
 def _read(bus: I2CBus, addr: int, reg: Register) -> int:
@@ -223,8 +227,10 @@ def _read_if_updated(bus: I2CBus, addr: int) -> _Raw | None:
     if not F_TH_UPDATE.get(status):
         return None
     raw = _read_temperatures(bus, addr, status)
+    # read back with the data: a part reset behind the driver converts with its defaults
+    config = (_read(bus, addr, SENSOR_CONFIG), _read(bus, addr, DEVICE_CONFIG))
     _write(bus, addr, STATUS, 0x00)  # clear TH Update (and Burst Complete): 5.2.1
-    return raw
+    return replace(raw, config=config)
 
 
 class Mcp9600(BaseDriver):
@@ -314,6 +320,14 @@ class Mcp9600(BaseDriver):
 
     async def read(self) -> dict[str, float]:
         raw = await self._wait_for_update()
+        if raw.config != (self.sensor_config, self.device_config):
+            sensor, device = raw.config or (0, 0)
+            raise DeviceDataError(
+                f"{self.device}: the configuration reads 0x{sensor:02x}/0x{device:02x} where "
+                f"0x{self.sensor_config:02x}/0x{self.device_config:02x} was written: the part "
+                "was reset (a power loss?) and converts with its defaults (a type K "
+                "thermocouple); it is configured again when it is opened"
+            )
         status = decode_status(raw.status)
         self.last_status = status
         if status.input_range:

@@ -29,7 +29,9 @@ and ``set_channel("cold_junction_c", degC)`` (the connector, which the on-chip s
 
 Fault knob beyond the common ones: :attr:`Mcp9600Sim.open_thermocouple`. An open (or shorted)
 thermocouple leaves the ADC input at a rail: the part sets Input Range and TDelta/TH read the top
-of the type's range.
+of the type's range. :attr:`Mcp9600Sim.thermocouple` names the type of the thermocouple wired to
+the part (None: whatever type the part is configured for); a part configured for another type
+(after a power-on reset, say) converts its EMF with the wrong sensitivity.
 
 Modelling choices (the datasheet does not pin these down): the thermocouple EMF is linear in
 (hot - cold) with a nominal sensitivity per type (:data:`SENSITIVITY_UV_PER_C`, NIST ITS-90 values
@@ -128,6 +130,7 @@ class Mcp9600Sim(SimDevice):
         self.hot_c = 25.0  # measuring junction
         self.cold_c = 25.0  # connector / cold junction, read by the on-chip sensor
         self.open_thermocouple = False
+        self.thermocouple: str | None = None  # the type wired to the part (None: as configured)
         self.device_id_word = DEVICE_ID_WORD
         self.conversions = 0
         self._pointer = TH
@@ -208,6 +211,7 @@ class Mcp9600Sim(SimDevice):
         adc_step_uv = ADC_STEP_UV[ADC_BITS[_get(DEVICE_ADC_RES, config)]]
         cold_step = COLD_STEP_C[_get(DEVICE_COLD_RES, config)]
         sensitivity = SENSITIVITY_UV_PER_C[kind]
+        wire = SENSITIVITY_UV_PER_C[self.thermocouple or kind]  # what the junction makes
         low, high = MEASUREMENT_RANGE_C[kind]
 
         # TC: the on-chip sensor at its resolution, 12 data bits (register 5-4).
@@ -218,7 +222,7 @@ class Mcp9600Sim(SimDevice):
         else:
             delta = self.hot_c - self.cold_c
             out_of_range = not low <= self.hot_c <= high
-        emf_uv = round(delta * sensitivity / adc_step_uv) * adc_step_uv  # the digitised EMF
+        emf_uv = round(delta * wire / adc_step_uv) * adc_step_uv  # the digitised EMF
         self._raw = max(-(1 << 23), min((1 << 23) - 1, round(emf_uv / RAW_LSB_UV)))
         self._delta = temperature_counts(emf_uv / sensitivity)
         th = float(max(-(1 << 15), min((1 << 15) - 1, self._delta + self._tc)))

@@ -414,3 +414,30 @@ def test_slow_conversions_wait_or_time_out_then_recover(vclock: VirtualClock) ->
             assert (await r.driver.read())["hot_junction_c"] == pytest.approx(33.0, abs=0.07)
 
     vclock.run(main())
+
+
+def test_a_part_reset_behind_the_driver_is_a_data_error_not_a_wrong_type(
+    vclock: VirtualClock,
+) -> None:
+    """A brown-out resets the part to its power-on configuration (type K, 18 bits) and it goes
+    on converting: a type J thermocouple at 300 degC then read as about 374 degC, and kept so,
+    with nothing wrong in STATUS or in TH = TDelta + TC. Now the read sees the configuration
+    changed, says so, and the part is configured again when it is opened (the sampler does)."""
+
+    async def main() -> None:
+        with rig(vclock, thermocouple="J") as r:
+            r.sim.thermocouple = "J"
+            await r.driver.open()
+            r.sim.set_channel("hot_junction_c", 300.0)
+            assert (await r.driver.read())["hot_junction_c"] == pytest.approx(300.0, abs=0.2)
+            fresh = Mcp9600Sim(vclock)  # the same chip after a power-on reset
+            fresh.thermocouple = "J"
+            fresh.set_channel("hot_junction_c", 300.0)
+            r.smbus.devices[ADDRESS] = fresh
+            await vclock.sleep(1.0)
+            with pytest.raises(DeviceDataError, match="configuration"):
+                await r.driver.read()
+            await r.driver.open()
+            assert (await r.driver.read())["hot_junction_c"] == pytest.approx(300.0, abs=0.2)
+
+    vclock.run(main())
