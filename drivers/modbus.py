@@ -526,7 +526,8 @@ class ModbusInstrument(BaseDriver):
             ) from err
         except DeviceDataError as err:
             raise DeviceNotFound(
-                f"{err}; garbled answers: check the baud rate, parity and bus termination"
+                f"{err}; garbled answers: check the baud rate, the framing (parity) and bus "
+                "termination"
             ) from err
         logger.info(
             "modbus open device=%s registers=%d requests=%d",

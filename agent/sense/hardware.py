@@ -64,17 +64,26 @@ class _ReopeningPort:
     Implements the pyserial methods the serial drivers use.
     """
 
-    def __init__(self, url: str, baudrate: int, timeout: float) -> None:
+    def __init__(self, url: str, baudrate: int, timeout: float, framing: str = "8N1") -> None:
         self.url = url
         self.port = url
         self.name = url
         self.baudrate = baudrate
+        self.framing = framing  # data bits, parity, stop bits: "8E1"
         self._timeout = timeout
         self._serial: Any = None
 
     def _get(self) -> Any:
         if self._serial is None:
-            self._serial = open_serial(self.url, baudrate=self.baudrate, timeout=self._timeout)
+            bits, parity, stop = self.framing
+            self._serial = open_serial(
+                self.url,
+                baudrate=self.baudrate,
+                timeout=self._timeout,
+                bytesize=int(bits),
+                parity=parity,
+                stopbits=int(stop),
+            )
         return self._serial
 
     def _call(self, fn: Any) -> Any:
@@ -158,7 +167,7 @@ class Hardware:
     def serial(self, cfg: SensorConfig, timeout: float = 0.5) -> AsyncSerial:
         assert cfg.port is not None
         url = self.rig.serial_path(cfg.port) if cfg.simulated else cfg.port
-        port = _ReopeningPort(url, cfg.baudrate, timeout)
+        port = _ReopeningPort(url, cfg.baudrate, timeout, cfg.framing)
         wrapped = AsyncSerial(port, self.clock, name=cfg.port)
         self._serial.append(wrapped)
         return wrapped

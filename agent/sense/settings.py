@@ -22,6 +22,8 @@ from drivers.sim.sources import FaultEvent, parse_event
 #: Sensor and device names: a letter, then letters, digits, '_', '-', '.' (63 at most).
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,62}\Z")
 SIM_BUS = "sim"
+#: A serial character frame: data bits, parity (none, even, odd), stop bits.
+FRAMING_RE = re.compile(r"^[78][NEO][12]\Z")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class SensorConfig:
     address: int | None = None  # I2C address
     port: str | None = None  # serial URL or device path; "sim:NAME" for a simulated instrument
     baudrate: int = 9600
+    framing: str = "8N1"  # data bits, parity (N, E, O), stop bits
     required: bool = True
     options: Any = None  # what the driver's parse_options returned
     scaling: dict[str, Scaling] = field(default_factory=dict)
@@ -126,6 +129,7 @@ def parse_sensor(t: Options) -> SensorConfig:
     address: int | None = None
     port: str | None = None
     baudrate = 9600
+    framing = "8N1"
     if cls.transport == "i2c":
         bus_value = t.required("bus")
         if isinstance(bus_value, bool) or not (
@@ -141,6 +145,13 @@ def parse_sensor(t: Options) -> SensorConfig:
         if not port.strip():
             raise t.error("port", "is empty")
         baudrate = t.choice("baudrate", 9600, (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200))
+        framing = t.string("framing", "8N1")
+        if not FRAMING_RE.match(framing):
+            raise t.error(
+                "framing",
+                f"{framing!r} is not data bits (7 or 8), parity (N, E or O) and stop bits "
+                '(1 or 2), such as "8N1" or "8E1" (the Modbus RTU default)',
+            )
         for key in ("address", "bus"):
             if t.has(key):
                 raise t.error(key, f"{driver} is a serial instrument: give port, not {key}")
@@ -188,6 +199,7 @@ def parse_sensor(t: Options) -> SensorConfig:
         address=address,
         port=port,
         baudrate=baudrate,
+        framing=framing,
         required=required,
         options=options,
         scaling=scaling,

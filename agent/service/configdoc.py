@@ -363,6 +363,10 @@ KEYS |= {
         "`/dev/ttyUSB0`, or a pyserial URL."
     ),
     "sensor[].baudrate": "Serial instruments: the line speed.",
+    "sensor[].framing": (
+        'Serial instruments: data bits (7, 8), parity (N, E, O), stop bits (1, 2); "8E1" is '
+        "the Modbus RTU default."
+    ),
     "sensor[].channels": (
         "The channels reported: the part's own, or scaled ones from `[sensor.scaling]`."
     ),

@@ -7,7 +7,8 @@ import asyncio
 import itertools
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +21,7 @@ from agent.errors import (
     DeviceNotFound,
     DeviceTimeout,
 )
+from agent.sense.hardware import Hardware
 from agent.service.config import loads
 from drivers.base import Options
 from drivers.bus import AsyncSerial, open_serial
@@ -453,6 +455,33 @@ def test_bad_register_entries_name_their_path(registers: str, path: str, message
         loads(config_text(registers))
     assert info.value.path == path
     assert message in info.value.message
+
+
+async def test_an_instrument_at_the_modbus_default_framing_8e1_can_be_configured() -> None:
+    """The serial line standard makes even parity the default (SL 2.5.1: 8E1; no parity needs
+    two stop bits), and the driver counts 11 bits a character, but the port always opened 8N1
+    and no key could change it: an instrument at its factory framing never answered, while
+    the error said to check the parity. Now ``framing`` (default "8N1") sets it."""
+    text = config_text(FLOW).replace("baudrate = 19200", 'baudrate = 19200\nframing = "8E1"')
+    sensor = loads(text).sensor("flow")
+    clock = RealClock()
+    sim = ModbusSlaveSim(clock, sensor.options)
+    sim.set_channel("flow_lpm", 12.5)
+    pty = PtyPort(sim, clock)
+    hardware = Hardware(SimpleNamespace(sensors=(sensor,), simulation=None), clock)
+    try:
+        driver = hardware.driver(replace(sensor, port=pty.path))
+        await driver.open()
+        assert (await driver.read())["flow_lpm"] == 12.5
+        line = driver.port.port._serial
+        assert (line.bytesize, line.parity, line.stopbits) == (8, "E", 1)
+    finally:
+        hardware.close()
+        pty.close()
+    for framing in ("8X1", "9N1", "8E3", "8e1"):
+        with pytest.raises(ConfigError) as info:
+            loads(text.replace('"8E1"', f'"{framing}"'))
+        assert info.value.path == "sensor[0].framing"
 
 
 def test_bad_identity_and_slave_name_their_path() -> None:
