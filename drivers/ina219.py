@@ -96,6 +96,9 @@ POWER_DIVISOR = 5000  # 8.5.1 / 8.6.3.3: Power = Current x Bus / 5000
 CURRENT_MAX_COUNTS = 32767  # the current register is signed 16 bit (sign + 15 bits)
 POWER_MAX_COUNTS = 0xFFFF
 
+MIN_SHUNT_OHMS = 1e-6  # smallest shunt_ohms accepted
+MIN_CURRENT_A = 1e-6  # smallest max_current_a accepted
+
 PGA_MV = (40, 80, 160, 320)  # "PG Bit Settings": PG = 0..3 -> gain /1, /2, /4, /8
 BUS_RANGES_V = {16: 0, 32: 1}  # BRNG value per full-scale range
 BUS_FULL_SCALE_COUNTS = {16: 4000, 32: 8000}  # 8.6.3.2: 0x0FA0 at 16 V, 0x1F40 at 32 V
@@ -336,8 +339,10 @@ class Ina219(BaseDriver):
         32), ``pga`` (40, 80, 160, 320 mV or "auto"; "auto"), ``adc_bits`` (9-12; 12),
         ``samples`` (1-128 averaged, needs adc_bits 12; 1), ``mode`` ("continuous" or
         "triggered"; "continuous")."""
-        shunt = opts.number("shunt_ohms", 0.1, above=0.0, maximum=100.0)
-        max_current = opts.number("max_current_a", 3.2, above=0.0, maximum=1000.0)
+        # The floors keep the calibration math in range (no real shunt is below a micro-ohm,
+        # and the part resolves no current below a microampere through 100 ohms).
+        shunt = opts.number("shunt_ohms", 0.1, minimum=MIN_SHUNT_OHMS, maximum=100.0)
+        max_current = opts.number("max_current_a", 3.2, minimum=MIN_CURRENT_A, maximum=1000.0)
         bus_range = int(opts.choice("bus_range_v", 32, (16, 32)))
         pga: Any = opts.choice("pga", "auto", ("auto", *PGA_MV))
         adc_bits = int(opts.choice("adc_bits", 12, tuple(ADC_BITS_CODES)))

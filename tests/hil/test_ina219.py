@@ -156,6 +156,23 @@ def test_options_refuse_the_rig_current_through_a_0_1_ohm_shunt() -> None:
     assert err.value.key == "shunt"
 
 
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"shunt_ohms": 1e-320}, "shunt_ohms"),  # Current_LSB x R_shunt underflowed: 1/0
+        ({"max_current_a": 1e-320}, "max_current_a"),  # its 2**-15 underflowed: log10(0)
+    ],
+)
+def test_options_too_small_to_compute_with_are_refused_naming_the_key(
+    options: dict, key: str
+) -> None:
+    """Both passed validation (finite, above 0) and then ended check-config and start-up in a
+    traceback (ZeroDivisionError, ValueError: math domain error) in the calibration math."""
+    with pytest.raises(OptionError) as err:
+        Ina219.parse_options(Options(options))
+    assert err.value.key == key
+
+
 # --------------------------------------------------------------------------------------------
 # Identity and configuration through the simulated registers
 
