@@ -9,7 +9,9 @@ A transfer that never returns (a hung adapter) holds only its worker: when a tra
 its deadline the bus is marked wedged, the queued transfers move to a fresh worker, and the bus or
 port is closed so that its next transfer opens it again (when it can: the agent's reopening
 wrappers have ``reopen()``). Workers are daemon threads, so a stuck one never blocks process exit.
-While :data:`MAX_STUCK_WORKERS` of a bus are still stuck, its transfers fail at once.
+While :data:`MAX_STUCK_WORKERS` of a bus are still stuck, its transfers fail at once. A transfer
+whose adapter is gone (ENODEV: a USB I2C adapter unplugged) has the bus closed the same way, so
+the adapter is opened anew once it is back.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ MAX_STUCK_WORKERS = 4
 
 #: errno values with which Linux i2c-dev reports a part that does not acknowledge its address.
 NACK_ERRNOS = frozenset({errno.EREMOTEIO, errno.ENXIO})
+#: errno values of a transfer whose adapter is gone (a USB adapter unplugged): the open device
+#: file is dead for good, so the bus is closed and opened anew at its next transfer.
+GONE_ERRNOS = frozenset({errno.ENODEV, errno.ESHUTDOWN})
 
 
 @runtime_checkable
@@ -296,6 +301,12 @@ class AsyncI2C(_Worked):
                 raise DeviceIOError(
                     f"{self.name} 0x{address:02x}: the adapter gave up ({describe_os_error(err)}); "
                     "a part may hold the clock low: check wiring and pull-ups"
+                ) from err
+            if err.errno in GONE_ERRNOS and callable(reopen := getattr(self.bus, "reopen", None)):
+                self._executor.submit(reopen)  # on the bus thread, after what is queued
+                raise DeviceIOError(
+                    f"{self.name} 0x{address:02x}: {describe_os_error(err)}: the adapter is gone "
+                    "(unplugged?); the bus is opened again at its next transfer"
                 ) from err
             raise DeviceIOError(f"{self.name} 0x{address:02x}: {describe_os_error(err)}") from err
 

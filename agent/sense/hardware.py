@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 class _ReopeningBus:
-    """An I2C bus that is opened on first use, and again after it failed to open."""
+    """An I2C bus that is opened on first use, and again after it failed to open, hung or
+    went away (:meth:`reopen`)."""
 
     def __init__(self, number: int) -> None:
         self.number = number

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from agent.errors import DeviceIOError
+from agent.sense import hardware as hardware_mod
 from agent.sense.hardware import Hardware
 from agent.sense.sampling import Sampler, SensorState
 from agent.sense.settings import SIM_BUS, SensorConfig, SimulationConfig
@@ -137,3 +140,60 @@ def test_unplugged_adapter_degrades_its_sensor_only_and_recovers_at_the_same_pat
     assert str(link) in hung_up[0].getMessage()
     assert not [r for r in caplog.records if "driver_bug" in r.getMessage()]
     assert any("sensor=flow event=recovered" in r.getMessage() for r in caplog.records)
+
+
+class UsbAdapter(FakeSMBus):
+    """A USB I2C adapter as an open /dev/i2c-N sees it: once unplugged (``gone``) every
+    transfer on that descriptor fails with ENODEV (the USB core's answer for a device that is
+    gone), for as long as it is held open; plugged back in, it is a new adapter."""
+
+    gone = False
+
+    def _device(self, address: int):  # type: ignore[no-untyped-def]
+        if self.gone:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        return super()._device(address)
+
+
+def test_an_i2c_adapter_unplugged_and_plugged_back_is_opened_anew(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A USB I2C adapter unplugged: transfers on the open /dev/i2c-N fail with ENODEV. The bus
+    was never let go, so its parts kept failing after the adapter came back (and the kernel
+    cannot finish removing an adapter whose device file is held open). Now the bus is closed
+    on such an error and opened again at the next transfer."""
+    clock = VirtualClock()
+    adapters: list[UsbAdapter] = []
+
+    def plug() -> None:
+        adapters.append(UsbAdapter("i2c-3"))
+        adapters[-1].attach(0x76, Bme280Sim(clock))
+
+    monkeypatch.setattr(hardware_mod, "open_i2c_bus", lambda number: adapters[-1])
+    air = SensorConfig(
+        name="air",
+        driver="bme280",
+        interval=1.0,
+        channels=("temperature_c",),
+        bus=3,
+        address=0x76,
+        options=Bme280.parse_options(Options({})),
+    )
+
+    async def main() -> None:
+        hardware = Hardware(Rig((air,)), clock)
+        driver = hardware.driver(air)
+        try:
+            plug()
+            await driver.open()
+            await driver.read()
+            adapters[-1].gone = True  # unplugged
+            with pytest.raises(DeviceIOError, match="ENODEV"):
+                await driver.read()
+            plug()  # plugged back in
+            await driver.open()  # what the sampler does before its next read
+            assert "temperature_c" in await driver.read()
+        finally:
+            hardware.close()
+
+    clock.run(main())
