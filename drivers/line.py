@@ -9,6 +9,9 @@ Two ways to get a line (option ``mode``):
 - ``"stream"``: the sensor sends lines on its own every ``period`` seconds. A read takes the
   newest complete line in the input buffer and drops the older ones, so a slow reader is never
   behind; the first bytes after opening (or after a timeout) are a partial line and are skipped.
+  The kernel hands a reader at most 4 KiB of input at once, its oldest: input of
+  :data:`BEHIND_BYTES` or more means the reader is behind the stream, so it is dropped and the
+  read takes the next whole line instead.
 - ``"poll"``: a read flushes the input, sends ``command`` (default ``"R\\r\\n"``) and reads
   one line.
 
@@ -53,6 +56,10 @@ DEFAULT_RESOLUTION = 0.01
 MAX_LINE = 256
 #: Longest single blocking call on the port's worker thread, seconds.
 HOP = 1.0
+#: Stream input waiting at a read from which the reader counts as behind: Linux hands a reader
+#: at most 4095 bytes at once (its tty buffer), the oldest; the newest lines may wait behind
+#: them, or have been lost when the input overflowed.
+BEHIND_BYTES = 2048
 
 CHECKSUM_MODES = ("none", "xor", "optional")
 MODES = ("stream", "poll")
@@ -392,7 +399,10 @@ class LineSensor(BaseDriver):
     def _stream_hop(self, port: Any, deadline: float) -> bytes | None:
         buffer = self._buffer
         waiting = port.in_waiting
-        if waiting:
+        if waiting >= BEHIND_BYTES:  # what is waiting is old: start afresh at the next line
+            port.reset_input_buffer()
+            buffer.resync()
+        elif waiting:
             buffer.feed(port.read(waiting))
         line = buffer.newest()
         if line is None:

@@ -457,6 +457,23 @@ async def test_stream_skips_a_partial_first_line(stream: Rig) -> None:
     assert (await fresh.read())["temperature_c"] == 7.0
 
 
+async def test_a_reader_slower_than_the_stream_gets_the_newest_line_not_an_old_one(
+    make_rig,
+) -> None:
+    """A stream that outruns the reader (a sensor at 200 lines a second, read after 2 s) leaves
+    more in the input than the kernel's tty buffer hands over at once (4 KiB): the read took the
+    newest line of that first, oldest part, a value seconds old, reported as now, and fell
+    further behind at each read. Now a full buffer is known to be behind: the driver drops the
+    input and takes the next whole line."""
+    rig = make_rig({**STREAM, "period": 0.005, "timeout": TIMEOUT})
+    await rig.driver.open()
+    rig.sim.set_channel("temperature_c", 1.0)
+    await asyncio.sleep(2.0)  # about 9 KiB of lines reading 1.0 wait for the reader
+    rig.sim.set_channel("temperature_c", 2.0)
+    await rig.fresh_line()
+    assert (await rig.driver.read())["temperature_c"] == 2.0
+
+
 # Fault knobs ---------------------------------------------------------------------------------
 
 
