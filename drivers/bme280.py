@@ -434,12 +434,22 @@ class Bme280(BaseDriver):
         else:
             raise DeviceTimeout(f"{dev}: BME280 still copying its NVM after a soft reset")
 
-        def load(bus: I2CBus, addr: int) -> tuple[bytes, bytes]:
-            b1 = bytes(bus.read_i2c_block_data(addr, *CALIB_BLOCK1))
-            b2 = bytes(bus.read_i2c_block_data(addr, *CALIB_BLOCK2))
-            return b1, b2
+        def load(bus: I2CBus, addr: int) -> list[tuple[bytes, bytes]]:
+            # twice: every reading depends on it, and I2C carries no checksum
+            return [
+                (
+                    bytes(bus.read_i2c_block_data(addr, *CALIB_BLOCK1)),
+                    bytes(bus.read_i2c_block_data(addr, *CALIB_BLOCK2)),
+                )
+                for _ in range(2)
+            ]
 
-        block1, block2 = await dev.transact(load)
+        (block1, block2), again = await dev.transact(load)
+        if (block1, block2) != again:
+            raise DeviceDataError(
+                f"{dev}: BME280 calibration NVM reads differently twice: the bus corrupts "
+                "transfers; check the wiring and pull-ups"
+            )
         if all(b == 0x00 for b in block1) or all(b == 0xFF for b in block1):
             raise DeviceDataError(f"{dev}: BME280 calibration NVM reads blank; replace the part")
         try:

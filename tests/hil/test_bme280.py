@@ -62,9 +62,15 @@ DEFAULT_CAL_DRIVER = Calibration(**asdict(DEFAULT_CALIBRATION))
 class Rig:
     """A simulated BME280 on a fake bus, with the driver built on it."""
 
-    def __init__(self, clock: VirtualClock, options: Bme280Options | None = None, **sim: Any):
+    def __init__(
+        self,
+        clock: VirtualClock,
+        options: Bme280Options | None = None,
+        fake: FakeSMBus | None = None,
+        **sim: Any,
+    ):
         self.clock = clock
-        self.fake = FakeSMBus()
+        self.fake = fake if fake is not None else FakeSMBus()
         self.sim = self.fake.attach(ADDR, Bme280Sim(clock, **sim))
         self.bus = AsyncI2C(self.fake, clock)
         self.driver = Bme280(self.bus.device(ADDR), options)
@@ -455,6 +461,36 @@ def test_bit_flips_raise_data_errors_or_read_wrong(vclock: VirtualClock) -> None
     checked, wrong = Rig(vclock).run(go)
     assert checked > 0
     assert wrong > 0
+
+
+class FlipsOnce(FakeSMBus):
+    """A noisy bus that flips one bit of the first read of the calibration block at 0x88:
+    bit 0 of dig_T2's high byte (0x8B), so dig_T2 is off by 256."""
+
+    flipped = False
+
+    def read_i2c_block_data(self, i2c_addr, register, length, force=None):  # type: ignore[no-untyped-def]
+        data = super().read_i2c_block_data(i2c_addr, register, length, force)
+        if register == 0x88 and not self.flipped:
+            self.flipped = True
+            data[0x8B - 0x88] ^= 0x01
+        return data
+
+
+def test_a_calibration_read_corrupted_on_the_bus_is_not_kept(vclock: VirtualClock) -> None:
+    """The calibration is read once, at open, and used for every reading after it: one bit
+    flipped on the way (no CRC on I2C) made every temperature 0.2 degC off, within the
+    plausibility limits, for as long as the agent ran. Now it is read twice and must agree."""
+    truth = {"temperature_c": 21.0, "pressure_hpa": 1005.0, "humidity_rh": 40.0}
+
+    async def go(r: Rig) -> None:
+        r.set(**truth)
+        with pytest.raises(DeviceDataError, match="calibration NVM reads differently"):
+            await r.driver.open()
+        await r.driver.open()  # the sampler opens it again before its next read
+        assert_close(await r.driver.read(), r.driver, truth)
+
+    Rig(vclock, fake=FlipsOnce()).run(go)
 
 
 def test_slow_conversion_is_waited_for_then_times_out(vclock: VirtualClock) -> None:
