@@ -9,9 +9,9 @@ Two ways to get a line (option ``mode``):
 - ``"stream"``: the sensor sends lines on its own every ``period`` seconds. A read takes the
   newest complete line in the input buffer and drops the older ones, so a slow reader is never
   behind; the first bytes after opening (or after a timeout) are a partial line and are skipped.
-  The kernel hands a reader at most 4 KiB of input at once, its oldest: input of
-  :data:`BEHIND_BYTES` or more means the reader is behind the stream, so it is dropped and the
-  read takes the next whole line instead.
+  What has arrived is taken without waiting; :data:`BEHIND_BYTES` of it or more means the reader
+  is behind the stream (the kernel hands over at most 4 KiB at once, its oldest), so it is
+  dropped and the read takes the next whole line instead.
 - ``"poll"``: a read flushes the input, sends ``command`` (default ``"R\\r\\n"``) and reads
   one line.
 
@@ -398,20 +398,26 @@ class LineSensor(BaseDriver):
 
     def _stream_hop(self, port: Any, deadline: float) -> bytes | None:
         buffer = self._buffer
-        waiting = port.in_waiting
-        if waiting >= BEHIND_BYTES:  # what is waiting is old: start afresh at the next line
-            port.reset_input_buffer()
-            buffer.resync()
-        elif waiting:
-            buffer.feed(port.read(waiting))
+        _take_waiting(port, buffer)
         line = buffer.newest()
         if line is None:
             buffer.feed(_read_line(port, deadline, MAX_LINE))
-            waiting = port.in_waiting
-            if waiting:
-                buffer.feed(port.read(waiting))
+            _take_waiting(port, buffer)
             line = buffer.newest()
         return line
+
+
+def _take_waiting(port: Any, buffer: LineBuffer) -> None:
+    """Feed ``buffer`` what has arrived, without waiting (a read with timeout 0: ``in_waiting``
+    says only 0 or 1 on a socket:// port). :data:`BEHIND_BYTES` of it or more is old: it is
+    dropped, and the buffer starts again at the next line end."""
+    _set_timeout(port, 0.0)
+    data = bytes(port.read(BEHIND_BYTES))
+    if len(data) < BEHIND_BYTES:
+        buffer.feed(data)
+    else:
+        port.reset_input_buffer()
+        buffer.resync()
 
 
 def _read_line(port: Any, deadline: float, limit: int) -> bytes:
@@ -425,5 +431,9 @@ def _read_line(port: Any, deadline: float, limit: int) -> bytes:
 
 def _set_timeout(port: Any, seconds: float) -> None:
     """Set the port's read timeout (pyserial reconfigures the tty, so only when it changes)."""
-    if port.timeout is None or abs(port.timeout - seconds) > 1e-3:
+    if (
+        port.timeout is None
+        or abs(port.timeout - seconds) > 1e-3
+        or (seconds == 0) != (port.timeout == 0)
+    ):
         port.timeout = seconds

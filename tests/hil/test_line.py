@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import socket
+import threading
 from dataclasses import dataclass
 
 import pytest
@@ -472,6 +474,57 @@ async def test_a_reader_slower_than_the_stream_gets_the_newest_line_not_an_old_o
     rig.sim.set_channel("temperature_c", 2.0)
     await rig.fresh_line()
     assert (await rig.driver.read())["temperature_c"] == 2.0
+
+
+class TcpStream:
+    """A stream sensor behind a TCP serial server (ser2net style, ``socket://host:port``): it
+    sends ``T=<value>`` lines every ``period`` seconds to the one client."""
+
+    def __init__(self, period: float) -> None:
+        self.value = 0.0
+        self.sent = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"socket://127.0.0.1:{self._server.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        conn, _ = self._server.accept()
+        with conn:
+            while not self._stop.wait(period):
+                try:
+                    conn.sendall(format_line([("T", f"{self.value:.2f}")]))
+                except OSError:
+                    return
+                self.sent += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
+
+
+async def test_a_stream_over_tcp_read_slowly_gets_the_newest_line() -> None:
+    """Over socket:// pyserial's in_waiting says 1 whenever anything is waiting, so a read
+    took one byte and then the oldest line in the socket's buffer: a slow reader got values
+    seconds old, and fell further behind at each read."""
+    sensor = TcpStream(0.002)
+    options = parse({"keys": ["T"], "mode": "stream", "period": 0.002, "timeout": TIMEOUT})
+    port = AsyncSerial(open_serial(sensor.url, timeout=TIMEOUT), RealClock())
+    try:
+        driver = LineSensor(port, options)
+        sensor.value = 1.0
+        await driver.open()
+        await asyncio.sleep(1.0)  # lines reading 1.0 wait for the reader
+        sensor.value = 2.0
+        sent = sensor.sent
+        while sensor.sent < sent + 3:  # noqa: ASYNC110 (the sensor's thread)
+            await asyncio.sleep(0.01)
+        assert (await driver.read())["T"] == 2.0
+    finally:
+        port.close()
+        sensor.close()
 
 
 # Fault knobs ---------------------------------------------------------------------------------
