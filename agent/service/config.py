@@ -8,6 +8,7 @@ Relative paths in the file are taken relative to the file's own directory.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,11 +134,12 @@ def parse_config(
                 f"sensor[{i}].name", f"{s.name!r} is already used by sensor[{seen[s.name]}]"
             )
         seen[s.name] = i
-        key = (s.port, None) if s.port is not None else (s.bus, s.address)
+        key = (port_of(s.port), None) if s.port is not None else (s.bus, s.address)
         if key in places:
             raise OptionError(
                 f"sensor[{i}].{'port' if s.port else 'address'}",
-                f"{s.location} is already used by sensor[{places[key]}]",
+                f"{s.location} is already used by sensor[{places[key]}]"
+                + (f" (both are {key[0]})" if s.port not in (None, key[0]) else ""),
             )
         places[key] = i
         if s.simulated and simulation is None:
@@ -240,6 +242,13 @@ def replace_data_dir(config: Config, data_dir: Path) -> Config:
         routing=routing,
         uplink=uplink,
     )
+
+
+def port_of(port: str) -> str:
+    """The device a serial port path names, links followed (``/dev/serial/by-id/...`` and
+    ``/dev/ttyUSB0`` are one port once the adapter is plugged in); a URL (``socket://``,
+    ``rfc2217://``, ``sim:``) as it is."""
+    return os.path.realpath(port) if port.startswith("/") else port
 
 
 def example_config() -> Path:

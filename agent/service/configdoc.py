@@ -360,7 +360,8 @@ KEYS |= {
     "sensor[].address": "I2C parts: the 7-bit address (`0x48` or 72), one the part can take.",
     "sensor[].port": (
         "Serial instruments (required for them, refused for I2C parts): a device path such as "
-        "`/dev/ttyUSB0`, or a pyserial URL."
+        "`/dev/ttyUSB0`, or a pyserial URL; one port per sensor (a path and a link to it, such "
+        "as `/dev/serial/by-id/...`, are one port)."
     ),
     "sensor[].baudrate": "Serial instruments: the line speed.",
     "sensor[].framing": (

@@ -293,3 +293,25 @@ def test_a_model_input_made_drop_is_refused_naming_local(tmp_path: Path, key: st
     file.with_name("bad.toml").write_text(text)
     result = _cli("check-config", str(file.with_name("bad.toml")))
     assert result.returncode == 78 and "data.policy" in result.stderr
+
+
+def test_one_serial_port_under_two_paths_is_refused(tmp_path: Path):
+    """/dev/ttyUSB0 and its /dev/serial/by-id/... link are one port: two sensors on it would
+    open it twice and read each other's bytes. The check follows links (here a file and a link
+    to it stand for the tty and its by-id name)."""
+    tty = tmp_path / "ttyUSB0"
+    tty.write_text("")
+    by_id = tmp_path / "usb-FTDI_FT232R_A10K-if00-port0"
+    by_id.symlink_to(tty)
+    second = GOOD.split("[[sensor]]")[3].replace('name = "flow"', 'name = "flow2"')
+    text = (
+        GOOD.replace('port = "/dev/ttyUSB0"', f'port = "{tty}"')
+        + "[[sensor]]"
+        + second.replace('port = "/dev/ttyUSB0"', f'port = "{by_id}"')
+    )
+    file = tmp_path / "agent.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(file)
+    assert info.value.path == "sensor[3].port"
+    assert f"{by_id} is already used by sensor[2] (both are {tty})" in str(info.value)
