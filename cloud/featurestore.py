@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.wire.batch import FEATURES, WireRecord
-from agent.wire.features import MAX_SPAN, FeaturesBody
+from agent.wire.batch import FEATURES, CodecError, WireRecord
+from agent.wire.features import MAX_SPAN, FeaturesBody, claimed_seqs
 from agent.wire.records import Kind, RecordError, TelemetryBody
 from cloud.storebase import TABLES, IngestResult, Sql
 
@@ -104,17 +104,32 @@ def _held_features(
     """seq -> (sensor, first seq, body) of the stored features records holding seqs in lo..hi
     (``only``: just those of these seqs)."""
     rows = db.execute(
-        "SELECT sensor, first_seq, body FROM features WHERE device = ? AND first_seq >= ?"
-        " AND first_seq <= ? AND last_seq >= ?",
+        "SELECT sensor, first_seq, last_seq, body FROM features WHERE device = ?"
+        " AND first_seq >= ? AND first_seq <= ? AND last_seq >= ?",
         (device, max(0, lo - MAX_SPAN), hi, lo),
     ).fetchall()
     out: dict[int, tuple[str, int, bytes]] = {}
-    for sensor, first, body in rows:
+    for sensor, first, last, body in rows:
         body = bytes(body)
-        for seq in FeaturesBody.from_cbor(body).seqs:
+        for seq in _stored_seqs(device, int(first), int(last), body):
             if lo <= seq <= hi and (only is None or seq in only):
                 out[seq] = (sensor, first, body)
     return out
+
+
+def _stored_seqs(device: str, first: int, last: int, body: bytes) -> Sequence[int]:
+    """The seqs a stored features record holds. A body today's decoder refuses (stored by a
+    release that checked less, or damaged at rest) is read for its seqs alone, or, when not even
+    those decode, stands for every seq of its row's first..last: it never fails the ingest (of
+    its device, and of the other batches of the transaction)."""
+    try:
+        return FeaturesBody.from_cbor(body).seqs
+    except CodecError as err:  # debug: every ingest of the device near it reads it again
+        log.debug("event=features_undecodable device=%s first=%d error=%r", device, first, str(err))
+    try:
+        return claimed_seqs(body)
+    except CodecError:
+        return range(first, min(last, first + MAX_SPAN) + 1)
 
 
 def _held_records(db: Sql, device: str, lo: int, hi: int) -> dict[int, str | None]:

@@ -265,6 +265,15 @@ def decode_gaps(first: int, last: int, count: int, gaps: bytes) -> tuple[int, ..
     return tuple(seqs)
 
 
+def claimed_seqs(data: bytes) -> tuple[int, ...]:
+    """The seqs a body stands for, from its header and gaps alone (its names and statistics
+    unchecked): what the endpoint reads of a stored body that :meth:`FeaturesBody.from_cbor`
+    refuses today (stored by a release that checked less); :class:`CodecError` if even that
+    does not decode."""
+    _sensor, first, last, gaps, _t0, _t1, count, _channels = _header(data)
+    return decode_gaps(first, last, count, gaps)
+
+
 def check_batch(recs: Iterable[WireRecord], max_readings: int = MAX_BATCH_READINGS) -> int:
     """A decoded batch's features records: together they claim at most ``max_readings``
     readings (read from the headers first: :class:`FeaturesTooLarge` otherwise), each body

@@ -4,8 +4,9 @@ came as a record or inside a features record, and a retry of either is harmless.
 
 from __future__ import annotations
 
+from agent.wire import records
 from agent.wire.batch import WireRecord
-from agent.wire.features import ChannelFeatures, FeaturesBody
+from agent.wire.features import ChannelFeatures, FeaturesBody, encode_gaps
 from agent.wire.records import AlertBody, TelemetryBody
 from cloud.storage import IngestResult, Storage
 from tests.unit.cloud.test_storage_contract import DEV, T0, Backend, backend, storage
@@ -102,3 +103,46 @@ def test_features_records_are_copied_by_dump_and_load(
     assert storage.dump("features", rows[0][:2], 10) == rows[1:]
     other = backend.open()  # the same database: the rows are there already
     assert other.load("features", rows) == 0
+
+
+def _older_body(seqs: tuple[int, ...], channel: str) -> bytes:
+    """A features body as an endpoint before the name checks stored it: a channel name that
+    FeaturesBody.from_cbor refuses now."""
+    head = ["vib", seqs[0], seqs[-1], encode_gaps(seqs), T0, T0 + 5, len(seqs)]
+    return records.dumps([*head, {channel: CF.to_list()}])
+
+
+def _set_body(backend: Backend, body: bytes) -> None:
+    literal = f"X'{body.hex()}'" if backend.name == "sqlite" else f"'\\x{body.hex()}'::bytea"
+    backend.sql(f"UPDATE features SET body = {literal} WHERE device = '{DEV}'")
+
+
+def test_attack_a_stored_features_body_that_no_longer_decodes_fails_no_ingest(
+    backend: Backend, storage: Storage
+) -> None:
+    """A features row whose body today's decoder refuses (stored by an older release) is still
+    read for the seqs it holds: it fails neither the device's ingest nor the other devices'
+    batches committed in the same transaction (which all got the CodecError before)."""
+    storage.add_device("other", T0)
+    storage.ingest(DEV, [features(10, 12, 14)], T0)
+    _set_body(backend, _older_body((10, 12, 14), "x\x1b[2J"))
+    mine, theirs = storage.ingest_many(
+        [(DEV, [reading(12), reading(13), alert(14)], False), ("other", [reading(1)], False)],
+        T0 + 1,
+    )
+    assert isinstance(theirs, IngestResult) and acked(theirs) == [1]
+    assert isinstance(mine, IngestResult)
+    assert acked(mine) == [12, 13] and mine.conflicts == (14,)
+    assert storage.seqs(DEV) == [13]
+    again = storage.ingest(DEV, [features(10, 12, 14)], T0 + 2)  # a retry of the record
+    assert acked(again) == [10, 12, 14] and again.new == 0
+
+
+def test_attack_a_features_body_damaged_at_rest_holds_its_whole_span(
+    backend: Backend, storage: Storage
+) -> None:
+    storage.ingest(DEV, [features(10, 12, 14)], T0)
+    _set_body(backend, b"\xff not cbor")
+    result = storage.ingest(DEV, [reading(11), alert(13), reading(15)], T0 + 1)
+    assert acked(result) == [11, 15] and result.conflicts == (13,)
+    assert storage.seqs(DEV) == [15]
