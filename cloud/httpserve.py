@@ -24,7 +24,8 @@ What it serves (RFC 9110, RFC 9112):
   a control character or an invalid percent-escape: 400.
 - At most :data:`MAX_CONNECTIONS` connections at once, and :data:`MAX_PER_CLIENT` from one
   client address (so a few idle connections of one peer cannot lock an operator out); more get
-  503 at once.
+  503 at once (over TLS: closed at once, before any handshake: a connection is counted, and TLS
+  started on it, as it is accepted, so one in its handshake is held to these limits too).
 - A handler that raises gets 500 and one error line in the log; a peer never sees a traceback,
   and garbage never produces one in the log (bad requests: a rate-limited warning line).
 
@@ -134,6 +135,7 @@ class HttpServer:
         self._handler = handler
         self._base = dict(base_headers or {})
         self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
         self._open = 0
         self._per_client: Counter[str] = Counter()  # open connections by client address
         self._tasks: set[asyncio.Task[None]] = set()
@@ -146,17 +148,14 @@ class HttpServer:
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         try:
+            # TLS starts on a connection once it is counted (_connection): a connection in its
+            # handshake holds a socket too, so it is held to the same limits
             self._server = await asyncio.start_server(
-                self._connection,
-                host,
-                port,
-                limit=MAX_LINE,
-                ssl=tls,
-                ssl_handshake_timeout=HEAD_TIMEOUT if tls is not None else None,
-                reuse_address=True,
+                self._connection, host, port, limit=MAX_LINE, reuse_address=True
             )
         except OSError as err:  # one line naming the address and what to do
             raise listen_failure(host, port, err) from err
+        self._tls = tls
         self.host = host
         self.port = int(self._server.sockets[0].getsockname()[1])
 
@@ -183,12 +182,17 @@ class HttpServer:
         self._per_client[host] += 1
         try:
             if self._open > MAX_CONNECTIONS or self._per_client[host] > MAX_PER_CLIENT:
+                if self._tls is not None:  # no answer before TLS: closed (counted as a 503)
+                    self.answered[503] = self.answered.get(503, 0) + 1
+                    return
                 busy = "too many connections" + (
                     "" if self._open > MAX_CONNECTIONS else " from this address: close some"
                 )
                 await self._send(writer, HttpError(503, busy).response(), False)
                 await _linger(reader, writer)
                 return
+            if self._tls is not None:
+                await writer.start_tls(self._tls, ssl_handshake_timeout=HEAD_TIMEOUT)
             await self._serve_one(reader, writer, peer)
         except (ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as err:
             log.debug("event=http_connection_lost peer=%s error=%s", peer, type(err).__name__)

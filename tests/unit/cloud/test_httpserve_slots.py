@@ -5,12 +5,16 @@ connects from 127.0.0.2, the operator from 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from cloud import httpserve
+from cloud.dashboard import tls_context
 from cloud.httpserve import HttpServer, Request, Response
+from tests.e2e.test_dashboard import self_signed
 
 
 async def ok(request: Request) -> Response:
@@ -71,3 +75,46 @@ async def test_an_idle_connection_is_let_go_after_the_first_line_timeout(
         assert line.startswith(b"HTTP/1.1 408")
     finally:
         w.close()
+
+
+@pytest.mark.timeout(30)
+async def test_attack_idle_connections_that_never_start_tls_are_held_to_their_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack on the dashboard over TLS (the only one served on a network address): 32 idle
+    TCP connections from one address, no ClientHello. The handshake ran before a connection was
+    counted, so each held a socket for the whole handshake timeout, whatever MAX_PER_CLIENT and
+    MAX_CONNECTIONS said (file descriptors without bound). Now the connections beyond the
+    address's share are closed at once, and an operator elsewhere still gets in."""
+    monkeypatch.setattr(httpserve, "HEAD_TIMEOUT", 600.0)  # longer than the test may run
+    cert, key = self_signed(tmp_path)
+    srv = HttpServer(ok)
+    await srv.start("127.0.0.1", 0, tls_context(cert, key))
+    held = []
+    try:
+        for _ in range(32):
+            held.append(
+                await asyncio.open_connection(srv.host, srv.port, local_addr=("127.0.0.2", 0))
+            )
+        reads = [asyncio.ensure_future(r.read(1)) for r, _ in held]
+        done: set[asyncio.Future[bytes]] = set()
+        while len(done) < 32 - httpserve.MAX_PER_CLIENT:
+            finished, _ = await asyncio.wait(
+                [t for t in reads if t not in done], return_when=asyncio.FIRST_COMPLETED
+            )
+            done |= finished
+        assert all(t.result() == b"" for t in done)  # closed, nothing sent
+        client = ssl.create_default_context(cafile=str(cert))
+        client.check_hostname = False
+        r, w = await asyncio.open_connection(
+            srv.host, srv.port, ssl=client, local_addr=("127.0.0.1", 0)
+        )
+        w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await r.readline()).startswith(b"HTTP/1.1 200")
+        w.close()
+        for t in reads:
+            t.cancel()
+    finally:
+        for _, w in held:
+            w.close()
+        await srv.stop()
