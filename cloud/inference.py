@@ -66,6 +66,12 @@ MAX_SEQ = 2**63 - 1
 #: ``CloudInference.validation_runs`` keeps the counts of this many (device, seq) at most, the
 #: least recently run dropped first (about 1 MB at most; a device retries an alert in minutes).
 MAX_VALIDATION_RUNS = 4096
+#: Model runs waiting for (or on) the one worker at most, and of one device: more is refused at
+#: once (:class:`InferenceBusy`, 5.03 with Max-Age), so a device posting windows without pause
+#: cannot queue work and memory without bound, nor keep the other devices' alerts unjudged. An
+#: honest device sends one validation at a time (agent/sync/routing.py) and retries a 5.03.
+MAX_QUEUED = 64
+MAX_QUEUED_PER_DEVICE = 4
 
 #: The verdict of a window the full model does not find anomalous.
 FALSE_ALARM = "false_alarm"
@@ -84,6 +90,11 @@ class InferenceError(ValueError):
 
 class NoSuchModel(InferenceError):
     """The request names a model the endpoint has no full-precision version of (4.04)."""
+
+
+class InferenceBusy(Exception):
+    """The worker has :data:`MAX_QUEUED` runs waiting, or the device :data:`MAX_QUEUED_PER_DEVICE`
+    (the endpoint answers 5.03 with Max-Age; nothing was run)."""
 
 
 def _window(value: Any) -> np.ndarray:
@@ -186,9 +197,24 @@ class CloudInference:
         self._models: dict[str, TFLiteModel] = {}
         self._db: StorageCall = db or _MemoryVerdicts().call
         self._inflight: dict[tuple[str, int, str], asyncio.Future[dict[str, Any]]] = {}
+        self._queued: Counter[str] = Counter()  # runs waiting for (or on) the worker, by device
+        self.refused = 0  # runs refused busy
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _call(self, device: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the worker, if the queue bounds allow (else :class:`InferenceBusy`)."""
+        queued = self._queued
+        if queued.total() >= MAX_QUEUED or queued[device] >= MAX_QUEUED_PER_DEVICE:
+            self.refused += 1
+            raise InferenceBusy(
+                f"{queued[device]} runs of {device} and {queued.total()} in all are waiting"
+            )
+        queued[device] += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            queued[device] -= 1
+            if not queued[device]:
+                del queued[device]
 
     async def start(self) -> None:
         """Import the ``verdicts.db`` of an older endpoint in the data directory, once."""
@@ -277,7 +303,7 @@ class CloudInference:
     async def infer(self, device: str, req: InferRequest) -> dict[str, Any]:
         """Run the full-precision model on a window. Raises InferenceError, NoSuchModel,
         ModelError (the endpoint's own model files)."""
-        result: dict[str, Any] = await self._call(self._run, req.model, req.window)
+        result: dict[str, Any] = await self._call(device, self._run, req.model, req.window)
         self.infer_runs += 1
         log.debug("event=infer device=%s model=%s", device, req.model)
         return result
@@ -298,7 +324,7 @@ class CloudInference:
                 self.repeats += 1
                 verdict = dict(records.loads(stored))
             else:
-                verdict = await self._call(self._validate, req)
+                verdict = await self._call(device, self._validate, req)
                 item = (device, req.seq, req.digest, records.dumps(verdict))
                 [kept] = await self._db(lambda s: s.put_verdicts([item]))
                 verdict = dict(records.loads(kept))  # another host's, if it stored one first

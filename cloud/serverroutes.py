@@ -20,6 +20,7 @@ from agent.wire.learning import MAX_BODY_BYTES
 from agent.wire.statedoc import SHA256_HEX
 from cloud.inference import (
     CloudInference,
+    InferenceBusy,
     InferenceError,
     InferRequest,
     NoSuchModel,
@@ -92,6 +93,8 @@ class ComputeRoutes(RouteHost):
             result = await work
         except NoSuchModel as err:
             raise _Failure(Code.NOT_FOUND, str(err)) from None
+        except InferenceBusy as err:  # the device sends it again after Max-Age
+            raise _Failure(Code.SERVICE_UNAVAILABLE, str(err), max_age=RETRY_AFTER) from None
         except InferenceError as err:
             raise _Failure(Code.BAD_REQUEST, str(err)) from None
         except ModelError as err:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiocoap
 import cbor2
 import numpy as np
 import pytest
@@ -243,3 +245,44 @@ async def test_a_verdict_stored_through_one_host_is_answered_by_another(
     finally:
         for srv in hosts:
             await srv.stop()
+
+
+async def test_attack_a_device_posting_windows_without_pause_queues_a_bounded_amount(
+    server: CloudServer,
+) -> None:
+    """A compromised device posts /infer as fast as its link allows, while the one model worker
+    is busy: every request waited its turn in the worker's queue (work and memory without bound,
+    and every other device's /validate behind them). Now a device has at most
+    MAX_QUEUED_PER_DEVICE runs waiting; the others are answered 5.03 with Max-Age at once, and
+    another device still gets its run."""
+    from cloud import inference
+
+    busy = threading.Event()
+    server.inference._executor.submit(busy.wait)  # the worker on a long run
+    await server.add_device("pump-12")
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        body = cbor2.dumps({"model": "skab-ae", "window": window(1, fault=True)})
+
+        def infer(device: str) -> asyncio.Future[aiocoap.Message]:
+            msg = aiocoap.Message(
+                code=aiocoap.POST, uri=f"{server.uri}/infer/{device}", payload=body
+            )
+            msg.opt.content_format = CF_CBOR
+            return asyncio.ensure_future(ctx.request(msg).response)
+
+        flood = [infer(DEVICE) for _ in range(inference.MAX_QUEUED_PER_DEVICE + 6)]
+        refused = []
+        pending = set(flood)
+        while len(refused) < 6:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            refused += [f.result() for f in done]
+        assert all(str(r.code) == "5.03 Service Unavailable" for r in refused)
+        assert all(r.opt.max_age is not None and r.opt.max_age > 0 for r in refused)
+        other = infer("pump-12")
+        busy.set()
+        answers = await asyncio.gather(*pending, other)
+        assert [str(a.code) for a in answers] == ["2.05 Content"] * len(answers)
+    finally:
+        busy.set()
+        await ctx.shutdown()
