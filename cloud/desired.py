@@ -87,6 +87,15 @@ def _nothing() -> None:
     """The end of an observation that was never one."""
 
 
+def _end(servobs: Any) -> None:
+    """End an observation whose first answer was sent: its last notification (the document, no
+    Observe option), after which aiocoap ends it (and calls its cancellation callback). Not
+    ``deregister()``, which aiocoap 0.4.17 ignores once the first answer went: the observation
+    would stay open, heard of no more, for as long as the endpoint runs."""
+    with contextlib.suppress(Exception):  # aiocoap's own bookkeeping; never fatal here
+        servobs.trigger(is_last=True)
+
+
 class DesiredObservers:
     """The observations of each device's desired state, and the poller (module docstring).
 
@@ -113,16 +122,16 @@ class DesiredObservers:
         """Accept an observation (aiocoap's ServerObservation) of ``device``'s desired state.
 
         A device observes its desired state once: a new registration (after a lost notification,
-        a Max-Age renewal, an endpoint switch) replaces the older ones, which are deregistered.
-        Kept, they would pile up, and notifications would go to tokens the device has given up
-        (it acknowledges them and waits for the new one in vain until its next renewal)."""
+        a Max-Age renewal, an endpoint switch) replaces the older ones, which are ended with a
+        last notification (:func:`_end`). Kept, they would pile up, and notifications would go
+        to tokens the device has given up (it acknowledges them and waits for the new one in
+        vain until its next renewal)."""
         observers = self._observers.setdefault(device, set())
         older = list(observers)
         observers.clear()
         observers.add(servobs)
         for old in older:
-            with contextlib.suppress(Exception):  # aiocoap's own bookkeeping; never fatal here
-                old.deregister()
+            _end(old)
 
         def cancelled() -> None:
             observers.discard(servobs)

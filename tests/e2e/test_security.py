@@ -552,3 +552,39 @@ async def test_protected_request_with_invalid_utf8_inside_gets_4_00_and_no_trace
         await a.close()
     assert [r.getMessage()[:100] for r in caplog.records if r.exc_info] == []
     assert "undecodable request: UnicodeDecodeError" in caplog.text
+
+
+async def _changed_to(observation: AsyncIterator[Response], interval: float) -> None:
+    note = await anext(observation)
+    assert note.dotted == "2.05"
+    assert records.loads(note.payload)["keys"]["sensor/motor/interval"][1] == interval
+
+
+@pytest.mark.timeout(90)
+async def test_a_devices_registration_ends_its_older_observation(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """A device registers its observation again (after a lost notification, a network error):
+    the older one was taken out of the endpoint's set with aiocoap's deregister(), which after
+    the first answer does nothing in aiocoap 0.4.17: the older observation was never ended (its
+    task and pipe stayed for as long as the endpoint ran, one more per registration, and a
+    client still holding it heard nothing). Now it ends with a last notification."""
+    device = await Principal(server, tmp_path, A).open()
+    assert device.transport is not None
+    uri = f"{server.uri}/state/{A}/desired"
+    older = device.transport.observe(uri, deadline=20)
+    newer = device.transport.observe(uri, deadline=20, lane=1)
+    try:
+        assert (await anext(older)).dotted == "2.05"
+        assert (await anext(newer)).dotted == "2.05"
+        async with asyncio.timeout(20):
+            async for _ in older:  # its last notification, then it ends
+                pass
+        assert server.observers(A) == 1
+        await server.set_desired(A, {"sensor/motor/interval": 3.5})
+        async with asyncio.timeout(20):
+            await _changed_to(newer, 3.5)
+    finally:
+        await older.aclose()
+        await newer.aclose()
+        await device.close()
