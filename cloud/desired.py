@@ -111,30 +111,33 @@ class DesiredObservers:
         self._db = db
         self._clock = clock
         self._credentials_changed = credentials_changed
-        self._observers: dict[str, set[Any]] = {}
+        self._observers: dict[str, dict[str | None, Any]] = {}  # device -> owner -> observation
         self._etags: dict[str, bytes] = {}  # the ETag observers of each device saw last
         self._task: asyncio.Task[None] | None = None
         self._failure: str | None = None  # the last poll failure logged (logged once)
 
     # -- observations ----------------------------------------------------------------------------
 
-    def add(self, device: str, servobs: Any) -> None:
-        """Accept an observation (aiocoap's ServerObservation) of ``device``'s desired state.
+    def add(self, device: str, servobs: Any, owner: str | None = None) -> None:
+        """Accept an observation (aiocoap's ServerObservation) of ``device``'s desired state by
+        ``owner`` (the principal asking; None: unauthenticated, on an endpoint that takes plain
+        CoAP).
 
-        A device observes its desired state once: a new registration (after a lost notification,
-        a Max-Age renewal, an endpoint switch) replaces the older ones, which are ended with a
-        last notification (:func:`_end`). Kept, they would pile up, and notifications would go
-        to tokens the device has given up (it acknowledges them and waits for the new one in
-        vain until its next renewal)."""
-        observers = self._observers.setdefault(device, set())
-        older = list(observers)
-        observers.clear()
-        observers.add(servobs)
-        for old in older:
-            _end(old)
+        An owner observes a device's desired state once: a new registration (after a lost
+        notification, a Max-Age renewal, an endpoint switch) replaces the owner's older one,
+        which is ended with a last notification (:func:`_end`). Kept, they would pile up, and
+        notifications would go to tokens the device has given up (it acknowledges them and waits
+        for the new one in vain until its next renewal). Another principal's observation of the
+        same document (an operator's, the device's own beside its gateway's) is left alone."""
+        observers = self._observers.setdefault(device, {})
+        older = observers.get(owner)
+        observers[owner] = servobs
+        if older is not None:
+            _end(older)
 
         def cancelled() -> None:
-            observers.discard(servobs)
+            if observers.get(owner) is servobs:
+                del observers[owner]
             if not observers and self._observers.get(device) is observers:
                 del self._observers[device]
 
@@ -163,7 +166,7 @@ class DesiredObservers:
         if self._etags.get(device) == etag:
             return
         self._etags[device] = etag
-        for servobs in list(self._observers.get(device, ())):
+        for servobs in list(self._observers.get(device, {}).values()):
             servobs.trigger()
 
     # -- the poller ------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ class DesiredObservers:
             if self._clock.monotonic() - last_refresh >= DESIRED_REFRESH:
                 last_refresh = self._clock.monotonic()
                 for observers in list(self._observers.values()):
-                    for servobs in list(observers):
+                    for servobs in list(observers.values()):
                         servobs.trigger()
 
     async def _poll(self, token: object | None) -> object:

@@ -184,7 +184,7 @@ class _Site(aiocoap.resource.ObservableResource):
         if device is None:
             DesiredObservers.refuse(serverobservation)  # render answers it (or the error)
         else:
-            self._server._observers.add(device, serverobservation)
+            self._server._observers.add(device, serverobservation, identity(request))
 
     async def render(self, request: Message) -> Message:
         server = self._server

@@ -561,6 +561,36 @@ async def _changed_to(observation: AsyncIterator[Response], interval: float) -> 
 
 
 @pytest.mark.timeout(90)
+async def test_an_operator_observing_a_devices_desired_state_does_not_end_the_devices_own(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """One observation per device was kept: any new registration of a device's desired state
+    replaced the older ones, whoever made them. An operator watching a device's desired state
+    (it may read it) took the device's own observation, which then heard of no change until its
+    Max-Age ran out (300 s), and the device's registration again took the operator's. Now a
+    registration replaces only those of the same principal: both hear of the change."""
+    device = await Principal(server, tmp_path, A).open()
+    operator = await Principal(server, tmp_path, "alice").open("operator")
+    assert device.transport is not None and operator.transport is not None
+    uri = f"{server.uri}/state/{A}/desired"
+    mine = device.transport.observe(uri, deadline=20)
+    theirs = operator.transport.observe(uri, deadline=20)
+    try:
+        assert (await anext(mine)).dotted == "2.05"
+        assert (await anext(theirs)).dotted == "2.05"
+        assert server.observers(A) == 2
+        await server.set_desired(A, {"sensor/motor/interval": 2.5})
+        async with asyncio.timeout(20):
+            await _changed_to(mine, 2.5)
+            await _changed_to(theirs, 2.5)
+    finally:
+        await mine.aclose()
+        await theirs.aclose()
+        await device.close()
+        await operator.close()
+
+
+@pytest.mark.timeout(90)
 async def test_a_devices_registration_ends_its_older_observation(
     server: CloudServer, tmp_path: Path
 ) -> None:
