@@ -102,7 +102,7 @@ from cloud.storage import (
     UnknownDevice,
     open_storage,
 )
-from cloud.storebase import DataRefused
+from cloud.storebase import DataRefused, device_ids
 from drivers.clock import Clock, RealClock
 
 log = logging.getLogger(__name__)
@@ -613,16 +613,16 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
             return Message(
                 code=Code.CONTENT, payload=b"</.well-known/core>", content_format=CF_LINK_FORMAT
             )
-        devices = await self.db(lambda s: s.devices())
-        if who is not None and who.role == "device":
-            devices = [d for d in devices if d.id == who]
-        elif who is not None and who.role == "gateway":  # its devices' resources, and its relay
-            devices = [d for d in devices if self.relays.get(d.id) == who]
+        if who is not None and who.role == "device":  # its own links: nothing of the others read
+            ids = [str(who)] if await self._known(who) else []
+        else:  # the ids alone (a registry entry counts the device's records)
+            ids = await self.db(device_ids)
+            if who is not None and who.role == "gateway":  # its devices', and its relay
+                ids = [d for d in ids if self.relays.get(d) == who]
         links = []
         cfs = codec.content_formats()
         formats: int | str = cfs[0] if len(cfs) == 1 else " ".join(str(f) for f in cfs)
-        for info in devices:
-            d = info.id
+        for d in ids:
             links += [
                 {"href": f"/ingest/{d}", "rt": RESOURCE_TYPES["ingest"], "ct": formats},
                 {"href": f"/state/{d}/reported", "rt": RESOURCE_TYPES["reported"], "ct": CF_CBOR},

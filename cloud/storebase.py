@@ -687,6 +687,13 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text}"[:limit] if text else type(err).__name__
 
 
+def device_ids(storage: Storage) -> list[str]:
+    """The registered devices' ids, in order: what discovery lists, without the registry
+    entries' counts of records (:meth:`Storage.devices`), which read every device's records."""
+    with storage.reader() as db:
+        return [row[0] for row in db.execute("SELECT id FROM devices ORDER BY id").fetchall()]
+
+
 def records_query(
     mark: str, device: str, since: float | None, limit: int | None, by_arrival: bool
 ) -> tuple[str, list[Any]]:

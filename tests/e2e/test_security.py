@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 import pytest
@@ -292,6 +293,7 @@ class Recorder:
 _DEVICE_SCRIPT = r"""
 import asyncio, sys
 from pathlib import Path
+from typing import Any
 from agent.errors import SyncError
 from agent.sync.security import ClientSecurity
 from agent.sync.transport import CoapTransport
@@ -618,3 +620,41 @@ async def test_a_devices_registration_ends_its_older_observation(
         await older.aclose()
         await newer.aclose()
         await device.close()
+
+
+@pytest.mark.timeout(90)
+async def test_attack_a_devices_discovery_reads_no_other_devices_records(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """GET /.well-known/core by a device: the endpoint read the registry entry of every device,
+    each with a count of its records (SQLite: a count over every device's records, PostgreSQL
+    the same over record_keys), on its one storage thread, to answer the device with its own
+    links. Any device could make it scan every record of the fleet, as often as it liked, with
+    a 20-byte request, and every ingest of that process waited behind it. Now a device's
+    discovery reads nothing of the others, and no discovery counts records: the statements
+    run do not grow with the fleet."""
+    a = await Principal(server, tmp_path, A).open()
+    statements: list[str] = []
+
+    def trace(storage: Any) -> None:
+        storage.db.set_trace_callback(statements.append)
+
+    async def discovery() -> tuple[str, list[str]]:
+        statements.clear()
+        response = await a.req("GET", ".well-known/core")
+        assert response.dotted == "2.05"
+        return response.payload.decode(), [s for s in statements if "records" in s]
+
+    try:
+        await server.db(trace)
+        for i in range(3):
+            await server.add_device(f"other-{i}")
+        small, read_small = await discovery()
+        for i in range(3, 40):
+            await server.add_device(f"other-{i}")
+        large, read_large = await discovery()
+        assert small == large and f"</ingest/{A}>" in large and "other-" not in large
+        assert read_small == read_large == []
+    finally:
+        await server.db(lambda s: s.db.set_trace_callback(None))
+        await a.close()
