@@ -202,7 +202,7 @@ class PrincipalPsks(CredentialsMap):
         if len(psk) > PSK_BYTES:  # tinydtls would overrun its 16-byte buffer: never hand it over
             self._refuse(ident, f"PSK longer than {PSK_BYTES} bytes")
             raise KeyError(ident)
-        return psk, Principal(cred.principal, cred.role)
+        return psk, Principal(cred.principal, cred.role, cred.generation)
 
     def _refuse(self, ident: bytes, why: str) -> None:
         self.refused += 1

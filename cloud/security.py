@@ -72,13 +72,16 @@ CLEAN_STOP_MAX_BYTES = 64 * 1024 * 1024
 
 
 class Principal(str):
-    """An authenticated identity: the principal's name (a str) and its role."""
+    """An authenticated identity: the principal's name (a str), its role, and the generation of
+    the credential it authenticated with (None: not known, not checked)."""
 
     role: str
+    generation: int | None
 
-    def __new__(cls, name: str, role: str) -> Principal:
+    def __new__(cls, name: str, role: str, generation: int | None = None) -> Principal:
         obj = super().__new__(cls, name)
         obj.role = role
+        obj.generation = generation
         return obj
 
     def __repr__(self) -> str:
@@ -216,7 +219,7 @@ class _PrincipalState:
             id_context=id_context,
             replay=replay,
             on_accept=self._accepted,
-            claims=[Principal(cred.principal, cred.role)],
+            claims=[Principal(cred.principal, cred.role, cred.generation)],
             echo=self._echo,
             echo_epoch=self.epoch,
         )
@@ -330,6 +333,15 @@ class Principals:
     def credential(self, name: str) -> Credential | None:
         entry = self._by_name.get(name)
         return None if entry is None or entry.revoked else entry.credential
+
+    def current(self, who: Principal) -> bool:
+        """Whether ``who`` authenticated with its principal's credential as registered now: not
+        revoked, re-keyed or rotated since (a request or an observation decrypted before the
+        change is not taken as it: the endpoint answers 4.01, which ends an observation)."""
+        cred = self.credential(who)
+        return (
+            cred is not None and cred.role == who.role and who.generation in (None, cred.generation)
+        )
 
     def psk(self, identity_: bytes) -> bytes | None:
         """The DTLS PSK of the principal named ``identity_``, or None."""

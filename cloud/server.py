@@ -588,6 +588,8 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
         who = identity(request)
         if who is None and self.allow_plain:
             return None
+        if who is not None and not self.principals.current(who):  # revoked or re-keyed since
+            raise _Failure(Code.UNAUTHORIZED, "credential no longer valid")
         refusal = allowed(route.name, str(request.code.name), route.device, who, self.relays)
         if refusal == 401:
             raise _Failure(Code.UNAUTHORIZED, "")

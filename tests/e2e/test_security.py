@@ -6,6 +6,7 @@ agent's real transport and security code, raw UDP for the attacker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -657,4 +658,33 @@ async def test_attack_a_devices_discovery_reads_no_other_devices_records(
         assert read_small == read_large == []
     finally:
         await server.db(lambda s: s.db.set_trace_callback(None))
+        await a.close()
+
+
+@pytest.mark.timeout(90)
+async def test_attack_a_revoked_device_hears_nothing_more_of_its_desired_state(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """A stolen device is revoked while it observes its desired state. Its requests were
+    refused from then on, but the observation it had went on: every change (and the refresh
+    every 240 s) was rendered and sent to it, protected under the revoked credential, for as
+    long as it acknowledged them. Now a request or notification under a credential that is no
+    longer the principal's (revoked, re-keyed, rotated) is answered 4.01, which ends the
+    observation."""
+    a = await Principal(server, tmp_path, A).open()
+    assert a.transport is not None
+    mine = a.transport.observe(f"{server.uri}/state/{A}/desired", deadline=20)
+    try:
+        assert (await anext(mine)).dotted == "2.05"
+        await server.revoke(A)
+        await server.set_desired(A, {"sensor/motor/interval": 4.5})
+        heard = []
+        async with asyncio.timeout(20):
+            with contextlib.suppress(SyncError):
+                async for note in mine:
+                    heard.append(note.dotted)
+                    assert note.dotted != "2.05", "a revoked device heard its desired state"
+        assert heard in ([], ["4.01"])
+    finally:
+        await mine.aclose()
         await a.close()
