@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from aiocoap import Message, oscore
 from aiocoap.blockwise import ContinueException
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.optionnumbers import OptionNumber
+from aiocoap.optiontypes import BlockOption
 
 from agent.loopfilter import ExceptionFilter
 from agent.wire import features, relay
@@ -89,6 +90,8 @@ class Limits:
     desired_doc_bytes: int = 1024  # a notification must fit one datagram
     open_uploads: int = 64  # Block1 uploads in progress at once
     uploads_per_peer: int = 8  # ... of one principal (or address): a device's default 8 lanes
+    held_responses: int = 64  # answers larger than a block, held for their later blocks
+    responses_per_peer: int = 8  # ... of one principal (or address); its oldest goes first
     relay_bytes: int = relay.MAX_BODY_BYTES  # a /relay request body
     relay_records: int = 4 * 4096  # records of all the batches of one /relay request
     batch_readings: int = features.MAX_BATCH_READINGS  # features records of a batch claim
@@ -193,6 +196,59 @@ class _Block1Uploads:
             raise ContinueException(block1)
         self._stats["block1_uploads"] += 1
         return assembled
+
+
+class _Block2Responses:
+    """Answers larger than one block, held for the requests of their later blocks (RFC 7959
+    section 2.4), at most ``held_responses`` of them and ``responses_per_peer`` of one owner (a
+    principal, or the peer's address when unauthenticated), each for :data:`BLOCK1_LIFETIME`.
+    Over a bound the owner's oldest goes (else the oldest of all): a request for a later block
+    of it gets 4.08 and the client starts over. It stands in for aiocoap's Block2Cache (same
+    ``extract_or_insert``), which holds every such answer for 93 to 186 s, as many as peers
+    ask for with requests that differ in any elective option."""
+
+    def __init__(self, limits: Limits, stats: Counter[str]) -> None:
+        self._max = limits.held_responses
+        self._max_per_owner = limits.responses_per_peer
+        self._stats = stats
+        self._held: dict[Any, tuple[Message, float, str]] = {}  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def extract_or_insert(
+        self, req: Message, build: Callable[[], Awaitable[Message]]
+    ) -> Message:
+        key = _Block1Uploads._key(req)
+        block2 = req.opt.block2
+        now = time.monotonic()
+        for old in [k for k, (_, t, _) in self._held.items() if now - t > BLOCK1_LIFETIME]:
+            del self._held[old]
+        if block2 is None or block2.block_number == 0:
+            whole = await build()
+        else:
+            try:
+                whole = self._held[key][0]
+            except KeyError:
+                raise aiocoap.error.RequestEntityIncomplete("no such answer held") from None
+        size = req.remote.maximum_payload_size
+        if len(whole.payload) <= size and (block2 is None or len(whole.payload) <= block2.size):
+            return whole
+        if block2 is None or block2.block_number == 0:
+            self._hold(key, whole, now, upload_owner(req))
+        block2 = block2 or BlockOption.BlockwiseTuple(0, False, req.remote.maximum_block_size_exp)
+        return whole._extract_block(block2.block_number, block2.size_exponent, size)
+
+    def _hold(self, key: Any, whole: Message, now: float, owner: str) -> None:
+        self._held.pop(key, None)
+        mine = [k for k, (_, _, o) in self._held.items() if o == owner]
+        while mine and len(mine) >= self._max_per_owner:
+            del self._held[mine.pop(0)]
+            self._stats["block2_dropped"] += 1
+        while self._held and len(self._held) >= self._max:
+            del self._held[next(iter(self._held))]
+            self._stats["block2_dropped"] += 1
+        self._held[key] = (whole, now, owner)
 
 
 # Critical options (RFC 7252 section 5.4.1) this endpoint understands somewhere. Others: 4.02.

@@ -69,6 +69,7 @@ from cloud.protocol import (
     PeerLogFilter,
     SecureFront,
     _Block1Uploads,
+    _Block2Responses,
     _Failure,
     _is_desired_get,
     _link,
@@ -138,6 +139,7 @@ class _Site(aiocoap.resource.ObservableResource):
         # a peer may not open an upload to a path it may not post to: checked at every block
         authorize = lambda req: server._authorize(req, server._check(req))  # noqa: E731
         self._block1 = _Block1Uploads(self._limit_for, server.limits, server.stats, authorize)
+        self._block2 = _Block2Responses(server.limits, server.stats)
 
     def _limit_for(self, req: Message) -> int:
         path = tuple(req.opt.uri_path)

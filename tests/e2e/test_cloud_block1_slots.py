@@ -10,6 +10,7 @@ import aiocoap
 import pytest
 from aiocoap.optiontypes import BlockOption
 
+from agent.wire import records
 from agent.wire.batch import CF_SENML_CBOR
 from cloud.server import CloudServer, Limits
 from tests.e2e.test_security import Principal
@@ -45,6 +46,47 @@ async def test_one_device_cannot_hold_every_upload_slot(tmp_path: Path) -> None:
         own = [str((await block0(a, f"ingest/{A}", i)).code) for i in range(5)]
         assert own == ["2.31 Continue"] * 4 + ["5.03 Service Unavailable"]
         assert str((await block0(b, f"ingest/{B}", 0)).code) == "2.31 Continue"
+    finally:
+        await a.close()
+        await b.close()
+        await server.stop()
+
+
+async def read_block(p: Principal, tag: int, number: int) -> aiocoap.Message:
+    """Block ``number`` (64 bytes) of the device's reported state, told apart by Request-Tag."""
+    assert p.transport is not None
+    ctx = await p.transport._context(0)
+    m = aiocoap.Message(code=aiocoap.GET, uri=f"{p.server.uri}/state/{p.name}/reported")
+    m.opt.block2 = BlockOption.BlockwiseTuple(number, False, 2)
+    m.opt.request_tag = [tag.to_bytes(2, "big")]
+    return await asyncio.wait_for(ctx.request(m, handle_blockwise=False).response, 20)
+
+
+@pytest.mark.timeout(60)
+async def test_one_device_cannot_make_the_endpoint_hold_its_answers_without_bound(
+    tmp_path: Path,
+) -> None:
+    """Attack: an answer larger than a block was kept whole by aiocoap (its Block2Cache) for
+    93 to 186 s, for every request that differed in an elective option, without any bound: a
+    device that made its reported state large (256 keys of up to 8 KiB each: 2 MiB) and asked
+    for it again and again with a new Request-Tag made the endpoint hold every copy. Now at
+    most ``responses_per_peer`` answers of one principal are held (its oldest goes first) and
+    ``held_responses`` in all; another device's answer stays."""
+    limits = Limits(held_responses=6, responses_per_peer=4)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, limits=limits)
+    a = await Principal(server, tmp_path, A).open()
+    b = await Principal(server, tmp_path, B).open()
+    try:
+        for p in (a, b):
+            big = records.dumps({f"note/{i}": [1, "x" * 200] for i in range(4)})
+            assert (await p.req("PUT", f"state/{p.name}/reported", big, 60)).dotted == "2.04"
+        assert str((await read_block(b, 0, 0)).code) == "2.05 Content"
+        firsts = [await read_block(a, tag, 0) for tag in range(6)]
+        assert all(m.opt.block2 is not None and m.opt.block2.more for m in firsts)
+        # its two oldest answers were let go: the client starts over (RFC 7959 2.9.2: 4.08)
+        assert str((await read_block(a, 0, 1)).code) == "4.08 Request Entity Incomplete"
+        assert str((await read_block(a, 5, 1)).code) == "2.05 Content"
+        assert str((await read_block(b, 0, 1)).code) == "2.05 Content"
     finally:
         await a.close()
         await b.close()
