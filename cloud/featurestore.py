@@ -111,7 +111,10 @@ def _held_features(
     out: dict[int, tuple[str, int, bytes]] = {}
     for sensor, first, last, body in rows:
         body = bytes(body)
-        for seq in _stored_seqs(device, int(first), int(last), body):
+        seqs = _stored_seqs(device, int(first), int(last), body)
+        if isinstance(seqs, range) and only is not None:  # a whole span: the few wanted in it
+            seqs = [s for s in only if s in seqs]
+        for seq in seqs:
             if lo <= seq <= hi and (only is None or seq in only):
                 out[seq] = (sensor, first, body)
     return out
@@ -194,7 +197,8 @@ def store(db: Sql, device: str, feats: Sequence[WireRecord], now: float, outcome
     for rec in feats:
         body = FeaturesBody.from_cbor(bytes(rec.body))
         raw = bytes(rec.body)
-        by_features = _held_features(db, device, body.first, body.last)
+        wanted = set(body.seqs)
+        by_features = _held_features(db, device, body.first, body.last, wanted)
         same = any(f == body.first and b == raw for _, f, b in by_features.values())
         if same:
             outcome.acked.extend(body.seqs)
@@ -202,8 +206,7 @@ def store(db: Sql, device: str, feats: Sequence[WireRecord], now: float, outcome
             continue
         by_records = _held_records(db, device, body.first, body.last)
         held: dict[int, str | None] = {}
-        if by_features or by_records or body.first <= floor:  # the seqs as a set only then
-            wanted = set(body.seqs)
+        if by_features or by_records or body.first <= floor:
             held = {s: h[0] for s, h in by_features.items() if s in wanted}
             held.update({s: h for s, h in by_records.items() if s in wanted})
             held.update({s: None for s in body.seqs if s <= floor and s not in held})
