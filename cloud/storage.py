@@ -326,8 +326,13 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
             return self._info(row)
 
     def _info(self, row: tuple[Any, ...]) -> DeviceInfo:
-        count, last = self.db.execute(
-            "SELECT count(*), max(seq) FROM records WHERE device = ?", (row[0],)
+        # two queries: together, max(seq) is taken along the count's scan of the covering index
+        # (twice the time); alone it is one seek of the primary key
+        (count,) = self.db.execute(
+            "SELECT count(*) FROM records WHERE device = ?", (row[0],)
+        ).fetchone()
+        (last,) = self.db.execute(
+            "SELECT max(seq) FROM records WHERE device = ?", (row[0],)
         ).fetchone()
         return DeviceInfo(row[0], row[1], row[2], count, last, row[3])
 
