@@ -29,7 +29,7 @@ from agent.store.dbfile import (
     open_error,
 )
 from agent.store.renumber import exhausted, renumber, within_space
-from agent.store.salvage import Damaged, copy
+from agent.store.salvage import Damaged, copy, pending
 from agent.store.seqfile import SeqFile, SeqMark
 from agent.store.settings import (
     BUSY_TIMEOUT_SECONDS,
@@ -150,12 +150,13 @@ class Db:
                 fresh = not self.path.exists()
                 try:
                     if fresh:
-                        create(self.path)
+                        create(self.path, damaged)
                     self._connect()
                     if not self._load():
                         self._quick_check()
-                    recovered = self._salvage(damaged, None)
-                    self._start_sequence(mark, fresh, recovered, wall_now)
+                    salvaging = pending(self._c(), self.dir)  # a salvage cut short goes on too
+                    recovered = self._salvage(salvaging, None)
+                    self._start_sequence(mark, fresh or bool(salvaging), recovered, wall_now)
                     self.reserve.ensure(time.monotonic())
                     return
                 except StoreFull:
@@ -181,7 +182,7 @@ class Db:
         queued (at run time), when the files' own counters cannot say."""
         hwm: int | None = None
         for d in damaged:
-            got = copy(d.path, MAX_SEQ if d.hwm is None else d.hwm, self._c())
+            got = copy(d, self._c())
             lost = got.lost if got.lost is not None or known is None else known - got.salvaged
             hwm = max_opt(max_opt(hwm, d.hwm), got.hwm)
             self.salvaged += got.salvaged
@@ -356,7 +357,7 @@ class Db:
         one, and go on."""
         self._close_conn()
         damaged = move_aside(self.path, self.s.wal_path, f"runtime: {err}", wall_now)
-        create(self.path)
+        create(self.path, [damaged])
         self._connect()
         known = sum(self.depth)
         hwm = max(self.hwm, self.reserved)

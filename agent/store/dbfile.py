@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.errors import StoreError, StoreFull, no_room
 from agent.files import fsync_dir
-from agent.store.salvage import Damaged
+from agent.store.salvage import Damaged, readable_hwm
 from agent.store.settings import (
     APPLICATION_ID,
     BUSY_TIMEOUT_SECONDS,
@@ -163,36 +163,11 @@ _SCHEMA = (
 )
 
 
-def _recover_hwm(path: Path) -> int | None:
-    """The highest sequence number readable from a damaged file, if any."""
-    best: int | None = None
-    try:
-        conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
-        )
-    except sqlite3.Error:
-        return None
-    try:
-        for query in (
-            "SELECT value FROM meta WHERE key = 'seq_hwm'",
-            "SELECT max(seq) FROM records",
-        ):
-            try:
-                row = conn.execute(query).fetchone()
-            except sqlite3.Error:
-                continue
-            if row and isinstance(row[0], int):
-                best = max_opt(best, row[0])
-    finally:
-        conn.close()
-    return best
-
-
 def move_aside(path: Path, wal: Path, reason: str, wall_now: float) -> Damaged:
     """Move a damaged queue file (and its WAL) aside as ``<name>.corrupt-<UTC time>``; returns
     where it went and the highest sequence number still readable from it (for
     :mod:`agent.store.salvage`)."""
-    recovered = _recover_hwm(path)
+    recovered = readable_hwm(path)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(wall_now))
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     n = 1
@@ -231,8 +206,10 @@ def _prune_corrupt(path: Path) -> None:
                 log.warning("event=corrupt_copy_deleted path=%s keep=%d", p, KEEP_CORRUPT)
 
 
-def create(path: Path) -> None:
-    """Build a new empty queue beside ``path`` and rename it into place."""
+def create(path: Path, salvaging: Sequence[Damaged] = ()) -> None:
+    """Build a new empty queue beside ``path`` and rename it into place; it holds the mark of
+    each damaged file whose rows are to be salvaged into it (agent/store/salvage.py), so a
+    salvage cut short goes on at the next open."""
     tmp = path.with_name(path.name + ".new")
     for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
@@ -250,7 +227,8 @@ def create(path: Path) -> None:
             conn.executemany("INSERT INTO kinds VALUES (?, 0, 0, 0)", [(c,) for c in CODE_KIND])
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
-                [("seq_hwm", 0), ("clean", 1), ("ring_dropped", 0)],
+                [("seq_hwm", 0), ("clean", 1), ("ring_dropped", 0)]
+                + [(d.mark, d.start) for d in salvaging],
             )
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

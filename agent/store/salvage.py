@@ -10,6 +10,11 @@ operator who wants to look at it.
 
 Salvaged rows keep their sequence numbers: a row that the endpoint already stored under its number
 is deduplicated there, and one that it did not is delivered once.
+
+A salvage may be cut short (a crash or a power cut while it copies, a disk that fills). The new
+queue is created holding a mark per damaged file (``meta`` key ``salvage:<file name>``, its value
+the last sequence number copied), advanced in the transaction of each chunk and removed in the
+one that ends the copy, so the next open goes on from where it stopped (:func:`pending`).
 """
 
 from __future__ import annotations
@@ -38,12 +43,64 @@ _SELECT = f"{_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?"
 _ONE = f"{_COLUMNS} WHERE seq = ?"
 
 
+MARK = "salvage:"  # meta key prefix of a salvage not finished yet (+ the damaged file's name)
+
+
 @dataclass(frozen=True)
 class Damaged:
     """A queue file moved aside: where it went and what its metadata still says."""
 
     path: Path  # the moved-aside copy (its WAL, if any, beside it as ``<name>-wal``)
     hwm: int | None  # the highest sequence number readable from it
+    start: int = 0  # rows up to this sequence number were copied already (a resumed salvage)
+
+    @property
+    def mark(self) -> str:
+        return MARK + self.path.name
+
+
+def _answers(path: Path, *queries: str) -> list[int]:
+    """The integer answers of ``queries`` (each its first value) that the damaged file at
+    ``path`` still gives; a query it cannot answer gives none."""
+    found: list[int] = []
+    try:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
+        )
+    except sqlite3.Error:
+        return found
+    try:
+        for query in queries:
+            try:
+                row = conn.execute(query).fetchone()
+            except sqlite3.Error:
+                continue
+            if row and isinstance(row[0], int):
+                found.append(row[0])
+    finally:
+        conn.close()
+    return found
+
+
+def readable_hwm(path: Path) -> int | None:
+    """The highest sequence number readable from a damaged file, if any."""
+    found = _answers(
+        path, "SELECT value FROM meta WHERE key = 'seq_hwm'", "SELECT max(seq) FROM records"
+    )
+    return max(found, default=None)
+
+
+def pending(conn: sqlite3.Connection, directory: Path) -> list[Damaged]:
+    """The salvages into the queue of ``conn`` that a crash, a power cut or a full disk cut
+    short: each damaged file (in ``directory``) with where its copy stopped."""
+    rows = conn.execute(
+        "SELECT key, value FROM meta WHERE key >= ? AND key < ?", (MARK, MARK[:-1] + ";")
+    ).fetchall()
+    out = []
+    for key, start in rows:
+        path = directory / key[len(MARK) :]
+        out.append(Damaged(path, readable_hwm(path), int(start)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -156,34 +213,43 @@ def _untruncate(path: Path) -> None:
         log.warning("event=salvage_untruncate_failed path=%s error=%s", path, err)
 
 
-def copy(path: Path, stop: int, into: sqlite3.Connection) -> Salvage:
-    """Copy every valid row readable from the damaged queue file at ``path`` (sequence numbers up
-    to ``stop``) into the new queue ``into``, streaming (a committed transaction per chunk, so
-    memory stays bounded and a disk that fills keeps what went in), then bring the new queue's
-    per-kind counters and high-water mark up to date. The read-only connections' shared memory
-    file is removed afterwards."""
+def copy(damaged: Damaged, into: sqlite3.Connection) -> Salvage:
+    """Copy every valid row readable from the damaged queue file (sequence numbers above
+    ``damaged.start``, up to its high-water mark where known) into the new queue ``into``,
+    streaming (a committed transaction per chunk, each advancing the file's mark, so memory
+    stays bounded and a crash or a disk that fills keeps what went in and the next open goes on
+    from there), then bring the new queue's per-kind counters and high-water mark up to date and,
+    when the copy got to the end, remove the mark. The read-only connections' shared memory file
+    is removed afterwards."""
+    path = damaged.path
     _untruncate(path)
     done = spans = 0
     hwm: int | None = None
+    finished = False
     try:
         with _reader(path) as conn:
             if conn is not None:
-                scan = _Scan(conn, stop)
+                scan = _Scan(conn, MAX_SEQ if damaged.hwm is None else damaged.hwm, damaged.start)
                 try:
                     for chunk in scan:
-                        if not _insert(into, chunk):
+                        if not _insert(into, chunk, damaged.mark):
                             break
                         done += len(chunk)
                         hwm = max(hwm or 0, chunk[-1][0])
+                    else:
+                        finished = True
                 except sqlite3.Error as err:  # not a page error: give up on the rest
                     log.warning("event=salvage_stopped path=%s error=%s", path, err)
+                    finished = True
                 spans = scan.spans
+            else:
+                finished = True
         expected = expected_rows(path)
     finally:
         with contextlib.suppress(OSError):
             path.with_name(path.name + "-shm").unlink()
-    _recount(into)
-    lost = None if expected is None else max(0, expected - done)
+    _recount(into, damaged.mark if finished else None)
+    lost = None if expected is None or damaged.start else max(0, expected - done)
     return Salvage(done, lost, spans, hwm)
 
 
@@ -191,9 +257,10 @@ class _Scan:
     """The rows of a damaged file in sequence order, in chunks; ``spans`` counts the damaged
     places skipped."""
 
-    def __init__(self, conn: sqlite3.Connection, stop: int) -> None:
+    def __init__(self, conn: sqlite3.Connection, stop: int, start: int = 0) -> None:
         self.conn = conn
         self.stop = stop
+        self.start = start  # rows up to this one were copied already
         self.spans = 0
 
     def __iter__(self) -> Iterator[list[Row]]:
@@ -207,6 +274,7 @@ class _Scan:
             pos = max(0, self.stop - MAX_LOOKUPS)
         else:
             pos = 0
+        pos = max(pos, self.start)
         self.stop = max(self.stop, last or 0)
         single = 0  # after a failed range read: rows read one at a time, to find the damage
         while self.spans < MAX_SPANS:
@@ -263,24 +331,13 @@ def _reader(path: Path) -> Iterator[sqlite3.Connection | None]:
 
 def expected_rows(path: Path) -> int | None:
     """How many records the file's own per-kind counters say it held, if they are readable."""
-    try:
-        conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
-        )
-    except sqlite3.Error:
-        return None
-    try:
-        row = conn.execute("SELECT sum(depth) FROM kinds").fetchone()
-        return int(row[0]) if row and isinstance(row[0], int) else None
-    except sqlite3.Error:
-        return None
-    finally:
-        conn.close()
+    found = _answers(path, "SELECT sum(depth) FROM kinds")
+    return found[0] if found else None
 
 
-def _insert(conn: sqlite3.Connection, chunk: list[Row]) -> bool:
-    """One committed chunk of salvaged rows; False when the disk is full or failing (what went
-    in stays)."""
+def _insert(conn: sqlite3.Connection, chunk: list[Row], mark: str) -> bool:
+    """One committed chunk of salvaged rows, the file's mark advanced to its last; False when
+    the disk is full or failing (what went in stays)."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(
@@ -288,6 +345,7 @@ def _insert(conn: sqlite3.Connection, chunk: list[Row]) -> bool:
             "VALUES (?, ?, ?, ?, ?, ?)",
             chunk,
         )
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (chunk[-1][0], mark))
         conn.execute("COMMIT")
     except sqlite3.OperationalError as err:
         if conn.in_transaction:
@@ -298,8 +356,11 @@ def _insert(conn: sqlite3.Connection, chunk: list[Row]) -> bool:
     return True
 
 
-def _recount(conn: sqlite3.Connection) -> None:
+def _recount(conn: sqlite3.Connection, done: str | None) -> None:
+    """The counters and the high-water mark from the rows; the mark ``done`` removed."""
     conn.execute("BEGIN IMMEDIATE")
+    if done is not None:
+        conn.execute("DELETE FROM meta WHERE key = ?", (done,))
     conn.execute(
         "UPDATE kinds SET depth = (SELECT count(*) FROM records r WHERE r.kind = kinds.kind), "
         "bytes = (SELECT coalesce(sum(length(payload)), 0) FROM records r "

@@ -172,3 +172,53 @@ def test_a_main_file_shorter_than_its_header_with_the_wal_beside_it_is_not_corru
 
     vclock.run(main())
     assert not [r for r in caplog.records if "queue_corrupt" in r.getMessage()]
+
+
+_CUT_SALVAGE = """
+import asyncio, os, sys
+from pathlib import Path
+import agent.store.salvage as salvage
+from agent.store.queue import Store
+from agent.store.settings import StoreSettings
+
+chunks = [0]
+insert = salvage._insert
+
+def cut(*args):
+    done = insert(*args)
+    chunks[0] += 1
+    if chunks[0] == 2:
+        os._exit(9)  # the power goes (or SIGKILL) with two chunks of the old file copied
+    return done
+
+salvage._insert = cut
+asyncio.run(Store.open(StoreSettings(path=Path(sys.argv[1]))))
+"""
+
+
+def test_a_salvage_cut_short_by_a_crash_goes_on_at_the_next_start(
+    qdir: Path, vclock: VirtualClock
+) -> None:
+    """Hostile disk, then a crash: the queue is found corrupt, moved aside, and the process dies
+    while its rows are being copied into the new file. The next start finds a sound (new) queue
+    file; the rows not copied yet must still come back from the moved-aside copy, and the new
+    queue must number above every seq the old one issued."""
+    import subprocess
+    import sys
+
+    settings = StoreSettings(path=qdir / "queue.db")
+    put = _fill(settings, vclock, 2000)
+    _smash(settings.path, _page_of(settings.path, "meta"))  # every records page is intact
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", _CUT_SALVAGE, str(settings.path)], cwd=root)
+    assert done.returncode == 9
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        got = await st.batch(10_000, 1 << 30)
+        assert {r.seq: r.payload for r in got} == put
+        new = await st.put([NewRecord(Kind.ALERT, b"after")])
+        assert new[0] > max(put)
+        await st.close()
+
+    vclock.run(main())
