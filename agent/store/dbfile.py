@@ -64,6 +64,25 @@ def txn_failed(
     return StoreError(f"queue {path}: {what} failed: {err}")
 
 
+@contextlib.contextmanager
+def durably(conn: sqlite3.Connection, durability: str) -> Iterator[None]:
+    """Commit what runs inside with ``synchronous = FULL`` whatever the queue's durability: for
+    a change the endpoint hears of at once (a renumbering, a restamping), which a power cut must
+    not take back in a NORMAL queue, or the record would reach the endpoint twice. The WAL's
+    fsync at that commit makes the earlier commits durable too."""
+    if durability == "full":
+        yield
+        return
+    conn.execute("PRAGMA synchronous = FULL")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            if conn.in_transaction:  # failed: the level cannot change inside a transaction
+                conn.execute("ROLLBACK")
+            conn.execute("PRAGMA synchronous = NORMAL")
+
+
 def is_corrupt(err: BaseException) -> bool:
     code = getattr(err, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB)

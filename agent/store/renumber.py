@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from agent.errors import StoreError
-from agent.store.dbfile import in_chunks, txn_failed
+from agent.store.dbfile import durably, in_chunks, txn_failed
 from agent.store.seqfile import SeqMark
 from agent.store.settings import SEQ_BLOCK, SEQ_HEADROOM
 from agent.wire.batch import MAX_SEQ
@@ -43,24 +43,25 @@ def renumber(db: Db, seqs: Sequence[int], floor: int) -> dict[int, int]:
         )
     reserved = db.reserved
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        present: list[int] = []
-        for chunk in in_chunks(sorted(set(seqs))):
-            marks = ",".join("?" * len(chunk))
-            rows = conn.execute(f"SELECT seq FROM records WHERE seq IN ({marks})", chunk)
-            present += [row[0] for row in rows]
-        moved = {old: base + i for i, old in enumerate(sorted(present), 1)}
-        conn.executemany(
-            "UPDATE records SET seq = ?, attempts = attempts + 1 WHERE seq = ?",
-            [(new, old) for old, new in moved.items()],
-        )
-        hwm = base + len(moved)
-        if hwm != db.hwm:
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'seq_hwm'", (hwm,))
-            if hwm > reserved:
-                reserved = hwm + SEQ_BLOCK
-                db.seqfile.write(SeqMark(reserved, db.s.durability))
-        conn.execute("COMMIT")
+        with durably(conn, db.s.durability):
+            conn.execute("BEGIN IMMEDIATE")
+            present: list[int] = []
+            for chunk in in_chunks(sorted(set(seqs))):
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT seq FROM records WHERE seq IN ({marks})", chunk)
+                present += [row[0] for row in rows]
+            moved = {old: base + i for i, old in enumerate(sorted(present), 1)}
+            conn.executemany(
+                "UPDATE records SET seq = ?, attempts = attempts + 1 WHERE seq = ?",
+                [(new, old) for old, new in moved.items()],
+            )
+            hwm = base + len(moved)
+            if hwm != db.hwm:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'seq_hwm'", (hwm,))
+                if hwm > reserved:
+                    reserved = hwm + SEQ_BLOCK
+                    db.seqfile.write(SeqMark(reserved, db.s.durability))
+            conn.execute("COMMIT")
     except (sqlite3.Error, OSError) as err:
         raise txn_failed(conn, err, db.dir, db.path, "renumbering") from err
     db.hwm, db.reserved = hwm, reserved

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING
 
-from agent.store.dbfile import txn_failed
+from agent.store.dbfile import durably, txn_failed
 from agent.store.settings import CODE_KIND
 from agent.wire.records import RecordError, restamped
 
@@ -27,29 +27,30 @@ def restamp(db: Db, shift: float, floor: float, above: int) -> int:
     grown = [0] * len(db.bytes)
     n = 0
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        rows = conn.execute(
-            "SELECT seq, kind, created, payload FROM records "
-            "WHERE seq > ? AND created < ? AND created >= ? AND attempts = 0",
-            (above, floor, floor - shift),
-        ).fetchall()
-        for seq, code, created, payload in rows:
-            if seq in db.leases:
-                continue
-            try:
-                body = restamped(CODE_KIND[code], payload, shift)
-            except RecordError:
-                continue
-            conn.execute(
-                "UPDATE records SET created = ?, payload = ? WHERE seq = ?",
-                (created + shift, body, seq),
-            )
-            grown[code] += len(body) - len(payload)
-            n += 1
-        for code, delta in enumerate(grown):
-            if delta:
-                conn.execute("UPDATE kinds SET bytes = bytes + ? WHERE kind = ?", (delta, code))
-        conn.execute("COMMIT")
+        with durably(conn, db.s.durability):
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(
+                "SELECT seq, kind, created, payload FROM records "
+                "WHERE seq > ? AND created < ? AND created >= ? AND attempts = 0",
+                (above, floor, floor - shift),
+            ).fetchall()
+            for seq, code, created, payload in rows:
+                if seq in db.leases:
+                    continue
+                try:
+                    body = restamped(CODE_KIND[code], payload, shift)
+                except RecordError:
+                    continue
+                conn.execute(
+                    "UPDATE records SET created = ?, payload = ? WHERE seq = ?",
+                    (created + shift, body, seq),
+                )
+                grown[code] += len(body) - len(payload)
+                n += 1
+            for code, delta in enumerate(grown):
+                if delta:
+                    conn.execute("UPDATE kinds SET bytes = bytes + ? WHERE kind = ?", (delta, code))
+            conn.execute("COMMIT")
     except (sqlite3.Error, OSError) as err:
         raise txn_failed(conn, err, db.dir, db.path, "restamping") from err
     for code, delta in enumerate(grown):
