@@ -386,11 +386,14 @@ class Db:
                 self._c().execute("PRAGMA wal_checkpoint(RESTART)")
         return set()
 
-    def _checkpoint_truncate(self) -> None:
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the main file and truncate it; synced, so NORMAL commits are durable
+        after it. False when it could not."""
         try:
-            self._c().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return bool(self._c().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0)
         except sqlite3.Error as err:
             log.warning("event=checkpoint_failed path=%s error=%s", self.path, err)
+            return False
 
     def _write_counters(self) -> None:
         conn = self._c()
@@ -505,7 +508,7 @@ class Db:
                     self.pending_acks.clear()
                     ring_dropped = 0
                     if attempt:  # written with the reserve's room: give the WAL's space back
-                        self._checkpoint_truncate()
+                        self.checkpoint()
                     break
                 except _Full:
                     if attempt == 0 and acks and self.reserve.release():

@@ -328,6 +328,9 @@ class Store:
                 seqs = await self.put(
                     [NewRecord(k.kind, k.payload, k.priority, k.created) for k in part]
                 )
+                # a NORMAL commit is not durable yet: a power cut would lose them from both
+                if self.settings.durability == "normal" and not await run(self._db.checkpoint):
+                    raise StoreError(f"queue {self.settings.path}: the requeue is not durable")
                 await run(self._aside.remove, part)
                 done.moved.update(zip((k.seq for k in part), seqs, strict=True))
         except (StoreError, OSError) as err:

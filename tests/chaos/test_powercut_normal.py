@@ -4,8 +4,11 @@ renumbering or a restamping: the record goes to the endpoint under its new numbe
 new times) at once, so a cut that brought back the old number (or bytes) makes the endpoint hold
 the record twice: the old number conflicts again and is renumbered a second time.
 
-Attack: a power cut that loses unsynced writes, right after ``renumber()`` / ``restamp()``
-returned.
+The same for ``requeue()``: a set-aside record's file is removed once its record is back in the
+queue; in a NORMAL queue that put must be durable first, or a cut loses the record from both.
+
+Attack: a power cut that loses unsynced writes, right after ``renumber()`` / ``restamp()`` /
+``requeue()`` returned.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ async def main(path, what):
     if what == "renumber":
         moved = await st.renumber([seq], floor=seq + 1000)
         print("done", seq, moved[seq], flush=True)
+    elif what == "requeue":
+        await st.set_aside(await st.batch(1, 1 << 20), "4.00 refused")
+        await st.close()  # set aside for good: the file, and the record gone from the queue
+        st = await Store.open(settings)
+        done = await st.requeue()
+        print("done", seq, done.moved[seq], flush=True)
     else:
         n = await st.restamp(1.8e9, 1.7e9, 0)
         print("done", seq, n, flush=True)
@@ -51,8 +60,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-@pytest.mark.parametrize("what", ["renumber", "restamp"])
-def test_a_power_cut_after_a_renumbering_or_restamping_of_a_normal_queue_keeps_it(
+@pytest.mark.parametrize("what", ["renumber", "restamp", "requeue"])
+def test_a_power_cut_after_a_renumbering_restamping_or_requeue_of_a_normal_queue_keeps_it(
     powercut: PowerCutFS, what: str
 ) -> None:
     path = powercut.mountpoint / "queue.db"
@@ -81,6 +90,9 @@ def test_a_power_cut_after_a_renumbering_or_restamping_of_a_normal_queue_keeps_i
     got = asyncio.run(queued())
     if what == "renumber":
         assert got == {int(result): 1000.0}  # under its new number, as it went out
+    elif what == "requeue":  # back in the queue, or still set aside: never in neither
+        aside = list((powercut.mountpoint / "rejected").glob("seq-*.cbor"))
+        assert got == {int(result): 1000.0} or (got == {} and len(aside) == 1), (got, aside)
     else:
         assert int(result) == 1
         assert got == {int(seq): 1000.0 + 1.8e9}  # with its new times, as it went out
