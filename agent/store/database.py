@@ -29,7 +29,7 @@ from agent.store.dbfile import (
     open_error,
 )
 from agent.store.renumber import exhausted, renumber, within_space
-from agent.store.salvage import Damaged, copy, pending
+from agent.store.salvage import Damaged, adopt, copy
 from agent.store.seqfile import SeqFile, SeqMark
 from agent.store.settings import (
     BUSY_TIMEOUT_SECONDS,
@@ -142,19 +142,18 @@ class Db:
             if free is not None and free < self.reserve.size:  # a full disk: open with its room
                 self.reserve.release()
             mark = self.seqfile.read()
-            damaged: list[Damaged] = []
             corrupt_reason = examine(self.path)
-            if corrupt_reason is not None:
-                damaged.append(move_aside(self.path, self.s.wal_path, corrupt_reason, wall_now))
+            if corrupt_reason is not None:  # noted: the queue made next salvages it (adopt)
+                move_aside(self.path, self.s.wal_path, corrupt_reason, wall_now)
             for attempt in range(4):
                 fresh = not self.path.exists()
                 try:
                     if fresh:
-                        create(self.path, damaged)
+                        create(self.path)
                     self._connect()
                     if not self._load():
                         self._quick_check()
-                    salvaging = pending(self._c(), self.dir)  # a salvage cut short goes on too
+                    salvaging = adopt(self._c(), self.path)  # a salvage cut short goes on too
                     recovered = self._salvage(salvaging, None)
                     self._start_sequence(mark, fresh or bool(salvaging), recovered, wall_now)
                     self.reserve.ensure(time.monotonic())
@@ -171,7 +170,7 @@ class Db:
                             continue
                         raise open_error(self.path, err) from err
                     self._close_conn()
-                    damaged.append(move_aside(self.path, self.s.wal_path, str(err), wall_now))
+                    move_aside(self.path, self.s.wal_path, str(err), wall_now)
         except BaseException:
             self.close_quietly()
             raise
@@ -356,15 +355,15 @@ class Db:
         """The open database went corrupt: move it aside, salvage its readable rows into a new
         one, and go on."""
         self._close_conn()
-        damaged = move_aside(self.path, self.s.wal_path, f"runtime: {err}", wall_now)
-        create(self.path, [damaged])
+        move_aside(self.path, self.s.wal_path, f"runtime: {err}", wall_now)
+        create(self.path)
         self._connect()
         known = sum(self.depth)
         hwm = max(self.hwm, self.reserved)
         evicted, ring_dropped = list(self.evicted), self.ring_dropped
         self.leases.clear()
         self._load()
-        salvaged_hwm = self._salvage([damaged], known)
+        salvaged_hwm = self._salvage(adopt(self._c(), self.path), known)
         self.evicted, self.ring_dropped = evicted, ring_dropped
         self._start_sequence(
             SeqMark(max(hwm, salvaged_hwm or 0), self.s.durability), True, None, wall_now

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.errors import StoreError, StoreFull, no_room
 from agent.files import fsync_dir
-from agent.store.salvage import Damaged, readable_hwm
+from agent.store.salvage import Damaged, note_aside, readable_hwm
 from agent.store.settings import (
     APPLICATION_ID,
     BUSY_TIMEOUT_SECONDS,
@@ -194,6 +194,7 @@ def move_aside(path: Path, wal: Path, reason: str, wall_now: float) -> Damaged:
         n += 1
         target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     try:
+        note_aside(path, target)  # until the new queue holds its mark (salvage.adopt)
         os.replace(path, target)
         if wal.exists():
             os.replace(wal, target.with_name(target.name + "-wal"))
@@ -225,10 +226,8 @@ def _prune_corrupt(path: Path) -> None:
                 log.warning("event=corrupt_copy_deleted path=%s keep=%d", p, KEEP_CORRUPT)
 
 
-def create(path: Path, salvaging: Sequence[Damaged] = ()) -> None:
-    """Build a new empty queue beside ``path`` and rename it into place; it holds the mark of
-    each damaged file whose rows are to be salvaged into it (agent/store/salvage.py), so a
-    salvage cut short goes on at the next open."""
+def create(path: Path) -> None:
+    """Build a new empty queue beside ``path`` and rename it into place."""
     tmp = path.with_name(path.name + ".new")
     for p in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
@@ -246,8 +245,7 @@ def create(path: Path, salvaging: Sequence[Damaged] = ()) -> None:
             conn.executemany("INSERT INTO kinds VALUES (?, 0, 0, 0)", [(c,) for c in CODE_KIND])
             conn.executemany(
                 "INSERT INTO meta VALUES (?, ?)",
-                [("seq_hwm", 0), ("clean", 1), ("ring_dropped", 0)]
-                + [(d.mark, d.start) for d in salvaging],
+                [("seq_hwm", 0), ("clean", 1), ("ring_dropped", 0)],
             )
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -11,15 +11,19 @@ operator who wants to look at it.
 Salvaged rows keep their sequence numbers: a row that the endpoint already stored under its number
 is deduplicated there, and one that it did not is delivered once.
 
-A salvage may be cut short (a crash or a power cut while it copies, a disk that fills). The new
-queue is created holding a mark per damaged file (``meta`` key ``salvage:<file name>``, its value
-the last sequence number copied), advanced in the transaction of each chunk and removed in the
-one that ends the copy, so the next open goes on from where it stopped (:func:`pending`).
+A salvage may be cut short (a crash or a power cut while it copies, a disk that fills). Before a
+damaged file is moved aside its new name is noted durably in ``<queue>.salvage``
+(:func:`note_aside`); the new queue then takes a mark per noted file (``meta`` key
+``salvage:<file name>``, its value the last sequence number copied) and the note is removed
+(:func:`adopt`); the mark is advanced in the transaction of each chunk and removed in the one
+that ends the copy. So a crash at any step, or a new queue that could not be created (a full
+disk), leaves the next open a damaged file to salvage, from where the last copy stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 import struct
@@ -27,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.files import fsync_dir, read_json, write_atomic
 from agent.store.settings import BUSY_TIMEOUT_SECONDS, CODE_KIND
 from agent.wire.batch import MAX_SEQ
 
@@ -90,17 +95,45 @@ def readable_hwm(path: Path) -> int | None:
     return max(found, default=None)
 
 
-def pending(conn: sqlite3.Connection, directory: Path) -> list[Damaged]:
-    """The salvages into the queue of ``conn`` that a crash, a power cut or a full disk cut
-    short: each damaged file (in ``directory``) with where its copy stopped."""
+def _note(queue: Path) -> Path:
+    return queue.with_name(queue.name + ".salvage")
+
+
+def _noted(queue: Path) -> list[str]:
+    """The names of the damaged files moved aside (or about to be) and not adopted yet."""
+    try:
+        names = read_json(_note(queue))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as err:
+        log.warning("event=salvage_note_unreadable path=%s error=%s", _note(queue), err)
+        return []
+    ok = isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names)
+    return names if ok else []
+
+
+def note_aside(queue: Path, target: Path) -> None:
+    """Note, durably, that the damaged ``queue`` goes to ``target`` (before it is moved)."""
+    write_atomic(_note(queue), json.dumps([*_noted(queue), target.name]).encode())
+
+
+def adopt(conn: sqlite3.Connection, queue: Path) -> list[Damaged]:
+    """Every salvage the queue of ``conn`` (at ``queue``) has to do: the damaged files noted
+    (:func:`note_aside`) are marked in it first, then the note is removed; returns each file
+    with where its copy stopped (a crash, a power cut or a full disk may have cut it short)."""
+    names = [n for n in _noted(queue) if (queue.parent / n).exists()]
+    if names:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, 0)", [(MARK + n,) for n in names])
+        conn.execute("COMMIT")
+    if _note(queue).exists():
+        _note(queue).unlink()
+        fsync_dir(queue.parent)
     rows = conn.execute(
         "SELECT key, value FROM meta WHERE key >= ? AND key < ?", (MARK, MARK[:-1] + ";")
     ).fetchall()
-    out = []
-    for key, start in rows:
-        path = directory / key[len(MARK) :]
-        out.append(Damaged(path, readable_hwm(path), int(start)))
-    return out
+    paths = [(queue.parent / key[len(MARK) :], int(start)) for key, start in rows]
+    return [Damaged(path, readable_hwm(path), start) for path, start in paths]
 
 
 @dataclass(frozen=True)

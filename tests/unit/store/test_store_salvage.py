@@ -177,6 +177,7 @@ def test_a_main_file_shorter_than_its_header_with_the_wal_beside_it_is_not_corru
 _CUT_SALVAGE = """
 import asyncio, os, sys
 from pathlib import Path
+import agent.store.database as database
 import agent.store.salvage as salvage
 from agent.store.queue import Store
 from agent.store.settings import StoreSettings
@@ -184,25 +185,34 @@ from agent.store.settings import StoreSettings
 chunks = [0]
 insert = salvage._insert
 
-def cut(*args):
+def mid_copy(*args):
     done = insert(*args)
     chunks[0] += 1
     if chunks[0] == 2:
         os._exit(9)  # the power goes (or SIGKILL) with two chunks of the old file copied
     return done
 
-salvage._insert = cut
+def before_create(*args):
+    os._exit(9)  # the power goes (or the disk is full) once the damaged file is moved aside
+
+if sys.argv[2] == "mid_copy":
+    salvage._insert = mid_copy
+else:
+    database.create = before_create
 asyncio.run(Store.open(StoreSettings(path=Path(sys.argv[1]))))
 """
 
 
+@pytest.mark.parametrize("cut", ["mid_copy", "before_create"])
 def test_a_salvage_cut_short_by_a_crash_goes_on_at_the_next_start(
-    qdir: Path, vclock: VirtualClock
+    qdir: Path, vclock: VirtualClock, cut: str
 ) -> None:
-    """Hostile disk, then a crash: the queue is found corrupt, moved aside, and the process dies
-    while its rows are being copied into the new file. The next start finds a sound (new) queue
-    file; the rows not copied yet must still come back from the moved-aside copy, and the new
-    queue must number above every seq the old one issued."""
+    """Hostile disk, then a crash: the queue is found corrupt and moved aside, and the process
+    dies while its rows are being copied into the new file (``mid_copy``: the next start finds a
+    sound new queue file), or before the new file is made (``before_create``, as when a full
+    disk fails it: the next start finds no queue file at all). The rows not copied yet must
+    still come back from the moved-aside copy, and the new queue must number above every seq
+    the old one issued."""
     import subprocess
     import sys
 
@@ -210,8 +220,9 @@ def test_a_salvage_cut_short_by_a_crash_goes_on_at_the_next_start(
     put = _fill(settings, vclock, 2000)
     _smash(settings.path, _page_of(settings.path, "meta"))  # every records page is intact
     root = Path(__file__).resolve().parents[3]
-    done = subprocess.run([sys.executable, "-c", _CUT_SALVAGE, str(settings.path)], cwd=root)
+    done = subprocess.run([sys.executable, "-c", _CUT_SALVAGE, str(settings.path), cut], cwd=root)
     assert done.returncode == 9
+    assert settings.path.exists() == (cut == "mid_copy")
 
     async def main() -> None:
         st = await Store.open(settings, clock=vclock)
