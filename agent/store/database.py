@@ -19,6 +19,7 @@ from typing import Any
 from agent.errors import StoreError, StoreFull
 from agent.store.dbfile import (
     create,
+    durably,
     examine,
     file_size,
     in_chunks,
@@ -153,7 +154,7 @@ class Db:
                     self._connect()
                     if not self._load():
                         self._quick_check()
-                    salvaging = adopt(self._c(), self.path)  # a salvage cut short goes on too
+                    salvaging = self._adopt()  # a salvage cut short goes on too
                     recovered = self._salvage(salvaging, None)
                     self._start_sequence(mark, fresh or bool(salvaging), recovered, wall_now)
                     self.reserve.ensure(time.monotonic())
@@ -197,6 +198,9 @@ class Db:
             self._load()
         return hwm
 
+    def _adopt(self) -> list[Damaged]:
+        return adopt(self._c(), self.path, durably(self._c(), self.s.durability))
+
     def _lock(self) -> None:
         fd = os.open(self.s.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -227,14 +231,11 @@ class Db:
             if code in CODE_KIND:
                 self.depth[code], self.bytes[code], self.evicted[code] = depth, nbytes, evicted
         self.meta_hwm = int(meta.get("seq_hwm", 0))
-        self.hwm = max(self.meta_hwm, self._max_seq())
+        top = conn.execute("SELECT max(seq) FROM records").fetchone()[0]
+        self.hwm = max(self.meta_hwm, top or 0)
         self.ring_dropped = int(meta.get("ring_dropped", 0))
         self.clean = bool(meta.get("clean", 0))
         return self.clean
-
-    def _max_seq(self) -> int:
-        row = self._c().execute("SELECT max(seq) FROM records").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
 
     def _quick_check(self) -> None:
         rows = self._c().execute("PRAGMA quick_check").fetchall()
@@ -363,7 +364,7 @@ class Db:
         evicted, ring_dropped = list(self.evicted), self.ring_dropped
         self.leases.clear()
         self._load()
-        salvaged_hwm = self._salvage(adopt(self._c(), self.path), known)
+        salvaged_hwm = self._salvage(self._adopt(), known)
         self.evicted, self.ring_dropped = evicted, ring_dropped
         self._start_sequence(
             SeqMark(max(hwm, salvaged_hwm or 0), self.s.durability), True, None, wall_now

@@ -117,15 +117,21 @@ def note_aside(queue: Path, target: Path) -> None:
     write_atomic(_note(queue), json.dumps([*_noted(queue), target.name]).encode())
 
 
-def adopt(conn: sqlite3.Connection, queue: Path) -> list[Damaged]:
+def adopt(
+    conn: sqlite3.Connection, queue: Path, durable: contextlib.AbstractContextManager[None]
+) -> list[Damaged]:
     """Every salvage the queue of ``conn`` (at ``queue``) has to do: the damaged files noted
-    (:func:`note_aside`) are marked in it first, then the note is removed; returns each file
-    with where its copy stopped (a crash, a power cut or a full disk may have cut it short)."""
+    (:func:`note_aside`) are marked in it first, in a transaction run within ``durable`` (synced
+    whatever the queue's durability: dbfile.durably), then the note is removed; returns each
+    file with where its copy stopped (a crash, a power cut or a full disk may have cut it
+    short)."""
     names = [n for n in _noted(queue) if (queue.parent / n).exists()]
     if names:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, 0)", [(MARK + n,) for n in names])
-        conn.execute("COMMIT")
+        with durable:
+            conn.execute("BEGIN IMMEDIATE")
+            marks = [(MARK + n,) for n in names]
+            conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, 0)", marks)
+            conn.execute("COMMIT")
     if _note(queue).exists():
         _note(queue).unlink()
         fsync_dir(queue.parent)

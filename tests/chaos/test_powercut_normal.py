@@ -6,9 +6,11 @@ the record twice: the old number conflicts again and is renumbered a second time
 
 The same for ``requeue()``: a set-aside record's file is removed once its record is back in the
 queue; in a NORMAL queue that put must be durable first, or a cut loses the record from both.
+And for a salvage: once the moved-aside file is no longer noted for it, the new queue's mark of
+it must be durable, or a cut loses every row of the damaged file.
 
 Attack: a power cut that loses unsynced writes, right after ``renumber()`` / ``restamp()`` /
-``requeue()`` returned.
+``requeue()`` returned, or after a damaged NORMAL queue was opened (salvaged).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]
 
 _WORKER = """
-import asyncio, sys, time
+import asyncio, os, sqlite3, sys, time
 from pathlib import Path
 from agent.store.queue import NewRecord, Store
 from agent.store.settings import StoreSettings
@@ -45,6 +47,18 @@ async def main(path, what):
     if what == "renumber":
         moved = await st.renumber([seq], floor=seq + 1000)
         print("done", seq, moved[seq], flush=True)
+    elif what == "salvage":
+        await st.put([NewRecord(Kind.EVENT, body, created=1000.0) for _ in range(99)])
+        await st.close()
+        conn = sqlite3.connect(path)
+        (page,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'meta'").fetchone()
+        conn.close()
+        with open(path, "r+b") as f:  # damaged at rest: every records page is intact
+            f.seek((page - 1) * 4096)
+            f.write(b"\\xa5" * 4096)
+            os.fsync(f.fileno())
+        st = await Store.open(settings)  # moved aside, salvaged into a new queue
+        print("done", seq, (await st.stats()).depth, flush=True)
     elif what == "requeue":
         await st.set_aside(await st.batch(1, 1 << 20), "4.00 refused")
         await st.close()  # set aside for good: the file, and the record gone from the queue
@@ -60,8 +74,8 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-@pytest.mark.parametrize("what", ["renumber", "restamp", "requeue"])
-def test_a_power_cut_after_a_renumbering_restamping_or_requeue_of_a_normal_queue_keeps_it(
+@pytest.mark.parametrize("what", ["renumber", "restamp", "requeue", "salvage"])
+def test_a_power_cut_after_a_renumbering_restamping_requeue_or_salvage_in_a_normal_queue(
     powercut: PowerCutFS, what: str
 ) -> None:
     path = powercut.mountpoint / "queue.db"
@@ -90,6 +104,9 @@ def test_a_power_cut_after_a_renumbering_restamping_or_requeue_of_a_normal_queue
     got = asyncio.run(queued())
     if what == "renumber":
         assert got == {int(result): 1000.0}  # under its new number, as it went out
+    elif what == "salvage":
+        assert int(result) == 100
+        assert len(got) == 100
     elif what == "requeue":  # back in the queue, or still set aside: never in neither
         aside = list((powercut.mountpoint / "rejected").glob("seq-*.cbor"))
         assert got == {int(result): 1000.0} or (got == {} and len(aside) == 1), (got, aside)
