@@ -304,16 +304,11 @@ class _Scan:
 
     def __iter__(self) -> Iterator[list[Row]]:
         conn = self.conn
-        # start just below the smallest key and end at the largest, where they can be read:
-        # sequence numbers start at an epoch (about 2**50), far from 0
+        # start just below the smallest key and end at the largest, where they can be read;
+        # an unreadable smallest one: from 0, the first seek that works again is found past the
+        # damage (sequence numbers start at an epoch, about 2**50, so that takes ~100 seeks)
         first, last = _bound(conn, "min"), _bound(conn, "max")
-        if first is not None:
-            pos = first - 1
-        elif self.stop < MAX_SEQ:  # the high-water mark is known: the keys lie just below it
-            pos = max(0, self.stop - MAX_LOOKUPS)
-        else:
-            pos = 0
-        pos = max(pos, self.start)
+        pos = max(0 if first is None else first - 1, self.start)
         self.stop = max(self.stop, last or 0)
         single = 0  # after a failed range read: rows read one at a time, to find the damage
         while self.spans < MAX_SPANS:
@@ -326,13 +321,12 @@ class _Scan:
                     continue
                 self.spans += 1
                 resume = _skip(conn, pos, self.stop)
-                # the damaged keys lie just above pos and just below resume (dense numbering)
-                if resume is None:
-                    found = _lookups(conn, pos + 1, min(self.stop, pos + MAX_LOOKUPS))
-                else:
-                    found = _lookups(conn, pos + 1, min(resume, pos + MAX_LOOKUPS // 2))
-                    low = max(pos + MAX_LOOKUPS // 2 + 1, resume - MAX_LOOKUPS // 2 + 1)
-                    found += _lookups(conn, low, resume)
+                # the damaged keys lie just above pos and just below resume, or the high-water
+                # mark when no seek works any more (dense numbering)
+                top = self.stop if resume is None else resume
+                found = _lookups(conn, pos + 1, min(top, pos + MAX_LOOKUPS // 2))
+                low = max(pos + MAX_LOOKUPS // 2 + 1, top - MAX_LOOKUPS // 2 + 1)
+                found += _lookups(conn, low, top)
                 if found:
                     yield found
                 if resume is None:
