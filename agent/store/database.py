@@ -43,7 +43,7 @@ from agent.store.settings import (
     SEQ_EPOCH_SCALE,
     StoreSettings,
 )
-from agent.store.space import Reserve, cap_budget, free_bytes, reserve_path
+from agent.store.space import OPEN_ROOM, Reserve, cap_budget, free_bytes, reserve_path
 from agent.wire.batch import MAX_SEQ
 from agent.wire.records import Kind
 
@@ -126,7 +126,7 @@ class Db:
         # One record never needs more than half a WAL share, so the WAL stays in its share.
         self.max_record_bytes = max(PAGE_SIZE, min(settings.db_target() // 16, self.wal_limit // 2))
         self.keep_free_pages = max(16, self.target_pages // 4)
-        self.reserve = Reserve(reserve_path(settings), self.wal_limit)
+        self.reserve = Reserve(reserve_path(settings), self.wal_limit, OPEN_ROOM)
 
     # -- open / create / recover -----------------------------------------------------------------
 
@@ -141,7 +141,7 @@ class Db:
             self._derive()
             free = free_bytes(self.dir)
             if free is not None and free < self.reserve.size:  # a full disk: open with its room
-                self.reserve.release()
+                self.reserve.open_room()
             mark = self.seqfile.read()
             corrupt_reason = examine(self.path)
             if corrupt_reason is not None:  # noted: the queue made next salvages it (adopt)
@@ -162,11 +162,11 @@ class Db:
                 except StoreFull:
                     # a full disk at start: the reserve gives the room to open (once)
                     self._close_conn()
-                    if attempt == 3 or not self.reserve.release():
+                    if attempt == 3 or not self.reserve.open_room():
                         raise
                 except (sqlite3.DatabaseError, _Corrupt) as err:
                     if attempt == 3 or not (isinstance(err, _Corrupt) or is_corrupt(err)):
-                        if is_full(err, self.dir) and attempt < 3 and self.reserve.release():
+                        if is_full(err, self.dir) and attempt < 3 and self.reserve.open_room():
                             self._close_conn()
                             continue
                         raise open_error(self.path, err) from err

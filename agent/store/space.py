@@ -8,6 +8,10 @@ file that is given back when the disk fills, so the deletes that acks make can s
   room. SQLite needs free pages to delete rows in WAL mode; when an ack finds the disk full, the
   reserve is deleted, the ack is written, and the WAL is checkpointed and truncated, so a full disk
   drains as soon as the endpoint answers. The reserve is recreated once the disk has room again.
+- A second, small one (``queue.db.reserve-open``, :data:`OPEN_ROOM`) is given back only by an
+  open that finds the disk full and the first one spent: the room to open the queue (SQLite's
+  shared-memory file, the first WAL frames), so an agent restarted on a disk that stayed full
+  runs (alerts wait in memory, acks drain the queue) instead of exiting at every start.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 FS_SHARE = 0.8  # of the filesystem's room the queue's budget may take
 RESERVE_RETRY_SECONDS = 10.0  # how often a missing reserve is tried again
 _CHUNK = 64 * 1024
+OPEN_ROOM = 128 * 1024  # the shared-memory file (32 KiB) and the first WAL frames, with margin
 
 
 def free_bytes(directory: Path) -> int | None:
@@ -44,7 +49,8 @@ def room_for(settings: StoreSettings) -> int | None:
     if free is None:
         return None
     ours = 0
-    for p in (settings.path, settings.wal_path, reserve_path(settings)):
+    spare = reserve_path(settings).with_name(reserve_path(settings).name + "-open")
+    for p in (settings.path, settings.wal_path, reserve_path(settings), spare):
         with contextlib.suppress(OSError):
             ours += p.stat().st_size
     return free + ours
@@ -77,15 +83,20 @@ def reserve_path(settings: StoreSettings) -> Path:
 class Reserve:
     """A file of ``size`` allocated bytes, deleted to give SQLite room on a full disk."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, spare: int = 0) -> None:
         self.path = path
         self.size = size
         self.present = False
         self._next_try = 0.0
+        #: the room to open the queue on a full disk (:meth:`open_room`)
+        self.spare = Reserve(path.with_name(path.name + "-open"), spare) if spare else None
 
     def ensure(self, now: float) -> bool:
-        """Make the reserve exist (at most every :data:`RESERVE_RETRY_SECONDS` after a failure,
-        and only with twice its size free, so it never takes the last space a put needs)."""
+        """Make the reserve (its spare first) exist (at most every
+        :data:`RESERVE_RETRY_SECONDS` after a failure, and only with twice its size free, so it
+        never takes the last space a put needs)."""
+        if self.spare is not None:
+            self.spare.ensure(now)
         if self.present:
             return True
         if now < self._next_try:
@@ -124,6 +135,11 @@ class Reserve:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def open_room(self) -> bool:
+        """At an open that finds the disk full: the reserve, or once it is spent its spare; True
+        when there was one to give back."""
+        return self.release() or (self.spare is not None and self.spare.release())
 
     def release(self) -> bool:
         """Delete the reserve; True when there was one to give back."""

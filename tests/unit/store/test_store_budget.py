@@ -401,3 +401,40 @@ def test_hostile_disk_a_queue_opens_on_a_disk_another_program_filled(
         await st.close()
 
     vclock.run(main())
+
+
+def test_hostile_disk_a_queue_opens_on_a_full_disk_after_its_reserve_was_spent(
+    tiny_fs: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another program filled the disk; an ack spent the reserve (it cannot be made again while
+    the disk is full); then the agent restarts (a reboot, an update). Its queue must open, with
+    alerts waiting in memory and acks draining it, not exit at every start (under systemd: a
+    restart loop that samples nothing and never drains the queue that would free the space)."""
+    settings = StoreSettings(path=tiny_fs / "queue.db")
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        seqs = await st.put([NewRecord(Kind.EVENT, os.urandom(1500)) for _ in range(40)])
+        _fill_disk(tiny_fs / "ballast")
+        acked = 0
+        while (tiny_fs / "queue.db.reserve").exists() and acked < 20:
+            await st.ack([seqs[acked]])  # one finds the disk full: through the reserve's room
+            acked += 1
+            _fill_disk(tiny_fs / "ballast")
+        assert not (tiny_fs / "queue.db.reserve").exists()
+        await st.close()
+        _fill_disk(tiny_fs / "ballast")
+        with caplog.at_level(logging.WARNING, logger="agent.store"):
+            st = await Store.open(settings, clock=vclock)
+        assert [r.seq for r in await st.batch(100, 1 << 20)] == seqs[acked:]
+        await st.ack(seqs[acked:])  # written, or held until there is room: never sent again
+        assert await st.batch(100, 1 << 20) == []
+        alert = asyncio.ensure_future(st.put([NewRecord(Kind.ALERT, b"a")]))
+        await asyncio.sleep(0)
+        (tiny_fs / "ballast").unlink()  # space returns
+        (seq,) = await alert
+        assert [r.seq for r in await st.batch(100, 1 << 20)] == [seq]
+        assert (await st.stats()).depth == 1
+        await st.close()
+
+    vclock.run(main())
