@@ -32,6 +32,7 @@ from agent.store.dbfile import (
 from agent.store.renumber import exhausted, renumber, within_space
 from agent.store.salvage import Damaged, adopt, copy
 from agent.store.seqfile import SeqFile, SeqMark
+from agent.store.setaside import holding
 from agent.store.settings import (
     BUSY_TIMEOUT_SECONDS,
     CODE_KIND,
@@ -321,6 +322,11 @@ class Db:
         )
 
     def _c(self) -> sqlite3.Connection:
+        if self.conn is None and self.lock_fd is not None:  # a recovery a full disk stopped
+            try:
+                self._renew(time.time())
+            except StoreError as err:  # not StoreFull: callers try again (alerts are not dropped)
+                raise StoreError(f"the queue {self.path} is not back yet: {err}") from err
         if self.conn is None:
             raise StoreError(f"the queue {self.path} is closed")
         return self.conn
@@ -357,7 +363,12 @@ class Db:
         one, and go on."""
         self._close_conn()
         move_aside(self.path, self.s.wal_path, f"runtime: {err}", wall_now)
-        create(self.path)
+        self._renew(wall_now)
+
+    def _renew(self, wall_now: float) -> None:
+        """A new queue for the one moved aside (again at its next use if a full disk stopped it)"""
+        if not self.path.exists():
+            create(self.path)
         self._connect()
         known = sum(self.depth)
         hwm = max(self.hwm, self.reserved)
@@ -406,17 +417,7 @@ class Db:
         conn.execute("COMMIT")
 
     def holding(self, items: list[tuple[int, float, bytes]]) -> list[bool]:
-        """For each (kind code, created, payload), whether a queued record is that one (one scan
-        of the queue: for the rare recovery of an interrupted requeue)."""
-        want: dict[tuple[int, float], list[int]] = {}
-        for i, (code, created, _) in enumerate(items):
-            want.setdefault((code, created), []).append(i)
-        found = [False] * len(items)
-        rows = self._c().execute("SELECT kind, created, payload FROM records")
-        for code, created, payload in rows:
-            for i in want.get((code, created), ()):
-                found[i] = found[i] or items[i][2] == payload
-        return found
+        return holding(self._c(), items)  # agent/store/setaside.py
 
     # -- writes ----------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,20 @@ def decode_kept(path: Path, data: bytes, cap: int) -> Kept:
     if type(payload) is not bytes:
         raise ValueError("payload must be bytes")
     return Kept(path, seq, Kind(kind), priority, created, payload)
+
+
+def holding(conn: sqlite3.Connection, items: list[tuple[int, float, bytes]]) -> list[bool]:
+    """For each (kind code, created, payload), whether a record the queue of ``conn`` holds is
+    that one (one scan of the queue: for the rare recovery of an interrupted requeue)."""
+    want: dict[tuple[int, float], list[int]] = {}
+    for i, (code, created, _) in enumerate(items):
+        want.setdefault((code, created), []).append(i)
+    found = [False] * len(items)
+    rows = conn.execute("SELECT kind, created, payload FROM records")
+    for code, created, payload in rows:
+        for i in want.get((code, created), ()):
+            found[i] = found[i] or items[i][2] == payload
+    return found
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from agent.store.settings import DEFAULT_PRIORITY, StoreSettings
 from agent.wire.records import Kind
 from drivers.base import OptionError, Options
 from drivers.clock import VirtualClock
+from tests.unit.store.damage import corrupt_under_the_store
 
 
 @pytest.fixture(params=["full", "normal"])
@@ -542,15 +543,7 @@ def test_corruption_found_while_running_replaces_the_file_and_keeps_going(
         old = []
         for _ in range(30):
             old += await st.put([rec(Kind.TELEMETRY, os.urandom(300)) for _ in range(20)])
-        # Another connection checkpoints, the pages are overwritten with garbage, and a write
-        # from that connection makes ours drop its page cache.
-        conn = sqlite3.connect(settings.path)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        with settings.path.open("r+b") as f:
-            f.seek(4096 * 8)
-            f.write(b"\x5a" * (settings.path.stat().st_size - 4096 * 8))
-        conn.execute("PRAGMA user_version = 1")
-        conn.close()
+        corrupt_under_the_store(settings.path)
         with caplog.at_level(logging.ERROR, logger="agent.store"):
             got = await st.batch(10_000, 1 << 30)
         # the rows on the pages that were not overwritten are salvaged, under their numbers

@@ -14,6 +14,7 @@ telemetry, and with none left wait in the memory ring until space returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import StoreFull
+from agent.errors import StoreError, StoreFull
 from agent.store.queue import NewRecord, Store
 from agent.store.report import read_report
 from agent.store.settings import StoreSettings
 from agent.wire.records import Kind
 from drivers.clock import VirtualClock
+from tests.unit.store.damage import corrupt_under_the_store
 
 MIB = 1024 * 1024
 BUDGET = MIB
@@ -435,6 +437,32 @@ def test_hostile_disk_a_queue_opens_on_a_full_disk_after_its_reserve_was_spent(
         (seq,) = await alert
         assert [r.seq for r in await st.batch(100, 1 << 20)] == [seq]
         assert (await st.stats()).depth == 1
+        await st.close()
+
+    vclock.run(main())
+
+
+def test_hostile_disk_corruption_found_on_a_full_disk_recovers_once_space_returns(
+    tiny_fs: Path, vclock: VirtualClock
+) -> None:
+    """The queue is found corrupt while running, on a disk another program filled: the damaged
+    file cannot be moved aside and a new one made then. The store must try again, and keep
+    going once the disk has room, not stay closed until the agent restarts."""
+    settings = StoreSettings(path=tiny_fs / "queue.db")
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        for _ in range(10):
+            await st.put([NewRecord(Kind.TELEMETRY, os.urandom(300)) for _ in range(20)])
+        corrupt_under_the_store(settings.path)
+        _fill_disk(tiny_fs / "ballast")
+        with contextlib.suppress(StoreError):
+            await st.batch(10_000, 1 << 30)  # finds the damage with no room to recover
+        (tiny_fs / "ballast").unlink()  # space returns
+        got = await st.batch(10_000, 1 << 30)
+        new = await st.put([NewRecord(Kind.ALERT, b"after")])
+        assert [r.seq for r in await st.batch(10, 1 << 20)] == new
+        assert {r.seq for r in got} and (await st.stats()).depth == len(got) + 1
         await st.close()
 
     vclock.run(main())
