@@ -164,6 +164,28 @@ def exception_name(code: int) -> str:
     return EXCEPTION_NAMES.get(code, f"UNKNOWN EXCEPTION 0x{code:02X}")
 
 
+#: What an exception answer at open asks the operator to look at, by code (V1.1b3 7): only
+#: 0x01..0x03 are about the request the register map makes.
+EXCEPTION_HINTS: dict[int, str] = {
+    0x01: "the instrument does not serve this table: check each register's table in "
+    "[sensor.options]",
+    0x02: "check the register map in [sensor.options] (addresses)",
+    0x03: "check the register map in [sensor.options] (types and counts)",
+    0x04: "the instrument reports a fault of its own: check the instrument",
+    0x05: "the instrument is busy with a long command: it is opened again later",
+    0x06: "the instrument is busy: it is opened again later",
+    0x07: "the instrument refused the request: check its manual for this exception",
+    0x08: "the instrument reports a memory fault: check the instrument",
+    0x0A: "a Modbus gateway answered: check the gateway's routing to this slave id",
+    0x0B: "a Modbus gateway answered for a slave that did not: check the slave id, and the "
+    "instrument's wiring and power behind the gateway",
+}
+
+
+def exception_hint(code: int) -> str:
+    return EXCEPTION_HINTS.get(code, "check the instrument's manual and the register map")
+
+
 def read_deadline(timeout: float, quantity: int, baudrate: int) -> float:
     """Seconds one read may take: ``timeout`` plus the answer's time on the wire."""
     return timeout + (ANSWER_OVERHEAD + 2 * quantity) * CHAR_BITS / baudrate
@@ -519,7 +541,7 @@ class ModbusInstrument(BaseDriver):
             for group in self._plan:  # every request answers (a NaN value is read()'s to report)
                 await self._request(group)
         except ModbusExceptionError as err:
-            raise DeviceNotFound(f"{err}; check the register map in [sensor.options]") from err
+            raise DeviceNotFound(f"{err}; {exception_hint(err.code)}") from err
         except DeviceTimeout as err:
             raise DeviceNotFound(
                 f"{err}; check wiring, power, the slave id and the baud rate"

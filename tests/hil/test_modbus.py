@@ -250,6 +250,31 @@ async def test_exception_answers_are_reported_by_name(make_rig, code: int) -> No
     assert "input registers 10..10" in str(err)
 
 
+@pytest.mark.parametrize(
+    ("code", "hint"),
+    [
+        (0x01, "table"),
+        (0x02, "register map"),
+        (0x04, "fault of its own"),
+        (0x06, "busy"),
+        (0x0B, "gateway"),
+        (0x09, "manual"),
+    ],
+)
+async def test_an_exception_at_open_says_what_to_look_at_for_its_code(
+    make_rig, code: int, hint: str
+) -> None:
+    """An exception answer at open is said with what its code points at: a slave device failure
+    or a busy instrument is not a wrong register map (the hint said so for every code)."""
+    rig = make_rig({**MAP, "register": [REGISTERS[3]], "retries": 0, "timeout": SHORT})
+    rig.sim.refuse_with = code
+    with pytest.raises(DeviceNotFound) as info:
+        await rig.driver.open()
+    text = str(info.value)
+    assert f"exception 0x{code:02X}" in text and hint in text.rpartition(";")[2]
+    assert ("register map" in text) == (code in (0x02, 0x03, 0x09))
+
+
 def test_exception_names_follow_the_spec() -> None:
     assert EXCEPTION_NAMES[0x01] == "ILLEGAL FUNCTION"
     assert EXCEPTION_NAMES[0x02] == "ILLEGAL DATA ADDRESS"
