@@ -88,6 +88,9 @@ class InferenceError(ValueError):
     """A request that does not fit the schema (the endpoint answers 4.00)."""
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class NoSuchModel(InferenceError):
     """The request names a model the endpoint has no full-precision version of (4.04)."""
 
@@ -104,9 +107,13 @@ def _window(value: Any) -> np.ndarray:
         raise InferenceError(f"window holds {len(value)} values, at most {MAX_WINDOW}")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
         raise InferenceError("window must hold numbers only")
-    arr = np.asarray(value, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise InferenceError("window values must be finite")
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64 (CBOR's decoder takes none: a caller's)
+        raise InferenceError("window values must be finite float32 numbers") from None
+    # the models run in float32: a value beyond its range would become an infinity there
+    if not np.all(np.isfinite(arr)) or np.any(np.abs(arr) > FLOAT32_MAX):
+        raise InferenceError("window values must be finite float32 numbers")
     return arr.astype(np.float32)
 
 

@@ -43,3 +43,14 @@ async def test_attack_fresh_seqs_do_not_grow_the_run_counts_past_their_bound(
     await cloud.validate(DEVICE, request(3, seed=1))  # another window of seq 3: a second run
     await cloud.validate(DEVICE, request(6))  # drops the least recently run: seq 4
     assert cloud.validation_runs == {(DEVICE, 5): 1, (DEVICE, 3): 2, (DEVICE, 6): 1}
+
+
+@pytest.mark.parametrize("value", [1e39, -3.5e38, 10**400])
+def test_attack_a_window_value_beyond_float32_is_refused(value: float) -> None:
+    """The models run in float32: a finite value beyond its range became an infinity there, and
+    the verdict stored for the alert a NaN score (an integer beyond float64, which only a caller
+    other than the CBOR decoder can hand over, raised OverflowError). Refused as not finite."""
+    alert: dict[str, Any] = {"model": "skab-ae", "threshold": 1.0, "score": 1.4}
+    body = {"seq": 1, "alert": alert, "window": [0.5] * 31 + [value]}
+    with pytest.raises(inference.InferenceError, match="finite float32"):
+        ValidateRequest.parse(body)
