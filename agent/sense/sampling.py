@@ -209,12 +209,18 @@ class Sampler:
 
     async def close(self) -> None:
         for task in self.tasks.values():
-            if not task.opened:
-                continue
-            try:
-                await task.driver.close()
-            except Exception as err:  # closing must not stop the others closing
-                self._log(logging.WARNING, task, "event=close_failed error=%r", str(err))
+            await self._close(task)
+
+    async def _close(self, task: SensorTask) -> None:
+        """Close ``task``'s part if it is open (asleep where it has a low-power mode); opened
+        (configured) again before its next read."""
+        if not task.opened:
+            return
+        task.opened = False
+        try:
+            await task.driver.close()
+        except Exception as err:  # closing must not stop the others closing
+            self._log(logging.WARNING, task, "event=close_failed error=%r", str(err))
 
     async def _sleep_until(self, task: SensorTask, deadline: float) -> None:
         """Sleep until ``deadline`` on the clock, or until the task's settings change."""
@@ -227,8 +233,8 @@ class Sampler:
     async def _run_sensor(self, task: SensorTask) -> None:
         next_slot = self.clock.monotonic()
         while True:
-            if not task.enabled:
-                task.opened = False
+            if not task.enabled:  # the part sleeps while its sensor is disabled
+                await self._close(task)
                 task.wake.clear()
                 if not task.enabled:
                     await task.wake.wait()

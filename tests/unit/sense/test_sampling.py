@@ -244,3 +244,43 @@ def test_a_sensor_disabled_while_it_is_read_stays_disabled_and_emits_nothing(
 
     clock.run(main())
     assert states == [SensorState.DISABLED] * 5
+
+
+def test_a_disabled_sensor_s_part_is_closed_and_opened_again_when_enabled() -> None:
+    """Disabling a sensor (desired state) closes its part: asleep where it has a low-power mode
+    (an ADXL345 stopped measuring, an INA219 powered down), where before it went on converting
+    for as long as the sensor stayed disabled, and was never closed, at shutdown either.
+    Enabled again, it is opened (configured) before its next read."""
+    clock = VirtualClock()
+    cfg = SensorConfig(name="t", driver="line", interval=1.0, channels=("T",), port="x")
+    readings: list[Reading] = []
+    driver = BuggyDriver(0)
+    closes: list[float] = []
+
+    async def close() -> None:
+        closes.append(clock.monotonic())
+
+    driver.close = close  # type: ignore[method-assign]
+
+    async def sink(reading: Reading) -> None:
+        readings.append(reading)
+
+    async def main() -> None:
+        sampler = Sampler([(cfg, driver)], clock, sink)
+        run = asyncio.create_task(sampler.run())
+        try:
+            await clock.sleep(2.5)
+            sampler.set_enabled("t", False)
+            await clock.sleep(3.0)
+            assert (len(closes), driver.opens, len(readings)) == (1, 1, 3)
+            sampler.set_enabled("t", True)
+            await clock.sleep(0.5)
+            assert (driver.opens, len(readings)) == (2, 4)
+        finally:
+            run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run
+            await sampler.close()
+        assert len(closes) == 2  # at shutdown, the enabled part
+
+    clock.run(main())
