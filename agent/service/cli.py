@@ -184,12 +184,14 @@ async def selftest(cfg: configmod.Config, clock: Clock, rig: Any = None) -> list
                 row["ok"] = True
             except DriverError as err:
                 row["error"] = str(err)
+            except Exception as err:  # a driver's bug, as the sampler says it: the others go on
+                row["error"] = f"{type(err).__name__}: {err} (a driver bug: report this line)"
             finally:
                 row["latency_ms"] = (time.perf_counter() - started) * 1000
                 if driver is not None:
                     try:
                         await driver.close()
-                    except DriverError as err:
+                    except Exception as err:
                         log.warning("sensor=%s event=close_failed error=%r", scfg.name, str(err))
             rows.append(row)
     finally:

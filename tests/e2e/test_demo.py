@@ -187,3 +187,35 @@ def test_selftest_fails_when_a_required_part_is_missing():
     assert all(r["ok"] for n, r in by_name.items() if n not in ("loop", "ambient"))
     failed_required = [r for r in rows if r["required"] and not r["ok"]]
     assert [r["sensor"] for r in failed_required] == ["loop"]
+
+
+def test_selftest_reports_a_driver_bug_as_its_sensor_s_error_and_probes_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A driver whose read raises what no driver should (an IndexError of a parser that met an
+    answer it did not expect): selftest said nothing of the other sensors and ended in a
+    traceback; now that sensor's row says it, as the sampler does, and the others are probed."""
+    from drivers.ads1115 import Ads1115
+
+    async def buggy(self: Ads1115) -> dict[str, float]:
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(Ads1115, "read", buggy)
+    cfg = configmod.simulated(
+        configmod.load(example_config()), configmod.SimulationConfig(source="pump")
+    )
+
+    async def main() -> list[dict]:
+        clock = RealClock()
+        rig = SimRig(cfg, clock)
+        try:
+            return await selftest(cfg, clock, rig)
+        finally:
+            rig.close()
+
+    by_name = {r["sensor"]: r for r in asyncio.run(main())}
+    assert not by_name["loop"]["ok"]
+    assert by_name["loop"]["error"] == (
+        "IndexError: list index out of range (a driver bug: report this line)"
+    )
+    assert all(r["ok"] for n, r in by_name.items() if n != "loop")
