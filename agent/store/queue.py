@@ -47,6 +47,7 @@ from typing import Any
 
 from agent.errors import StoreError, StoreFull
 from agent.store.database import Db
+from agent.store.renumber import moved_alerts
 from agent.store.restamp import restamp
 from agent.store.setaside import Kept, SetAside
 from agent.store.settings import (
@@ -221,6 +222,7 @@ class Store:
         self._closed = False
         self._disk_full = False
         self._rejected = [0, 0, 0, 0]
+        self.renumberings = 0  # renumberings that moved records (Store.moved)
 
     @classmethod
     async def open(cls, settings: StoreSettings, *, clock: Clock | None = None) -> Store:
@@ -355,7 +357,21 @@ class Store:
         moved: dict[int, int] = await self._clock.run_blocking(
             self._executor, self._db.renumber, wanted, floor
         )
+        if moved:
+            self.renumberings += 1
         return moved
+
+    async def moved(self, seqs: Iterable[int]) -> dict[int, int]:
+        """``{old: new}`` for the alert records ``seqs`` that were renumbered (also before this
+        process: kept in the queue, :func:`agent.store.renumber.moved_alerts`), ``new`` their
+        number now. ``renumberings`` counts this process's renumberings: ask again when it
+        changed."""
+        self._check_open()
+        wanted = sorted({int(s) for s in seqs})
+        out: dict[int, int] = await self._clock.run_blocking(
+            self._executor, moved_alerts, self._db, wanted
+        )
+        return out
 
     async def restamp(self, shift: float, floor: float, above: int) -> int:
         """Move the times of the queued records numbered above ``above`` and stamped before

@@ -15,6 +15,10 @@ Rules (issue 6, "Routing"):
      the requests still to make in ``routing.json`` in the data directory (written atomically:
      temporary file, fsync, rename, fsync of the directory) before it sends them, so they
      survive a restart; acked and deleted alert records do not take them along.
+   - *Renumbered.* An alert record the store renumbered (the endpoint holds another record
+     under its seq: agent/store/renumber.py) is held by the endpoint under its new seq only; its
+     validation and verdict follow it there (:meth:`Router._follow`, from the moves the store
+     keeps durably), before each request, after each answer and after a restart.
    - *Once.* One worker sends one request at a time, so a validation in flight is never sent
      twice by this process; after a restart, or when an answer is lost, the request is sent
      again with the same ``seq`` and the endpoint answers its stored verdict without running the
@@ -294,6 +298,7 @@ class Router:
         self._wake = asyncio.Event()
         self._dirty = False
         self._save_lock = asyncio.Lock()
+        self._renumberings: int | None = None  # the store's count last followed (None: ask)
         self.busy_since: float | None = None  # for the runtime's stuck-stage check
         if settings.state_path is not None:
             self._load(settings.state_path)
@@ -392,6 +397,7 @@ class Router:
                 return
             flat = np.asarray(window, dtype=np.float64).reshape(-1)
             self.pending[seq] = _Pending(seq, alert.to_dict(), [float(v) for v in flat])
+            self._renumberings = None  # it may have been renumbered already
             self.stats.counts["validations_requested"] += 1
             self._trim_pending()
             self._dirty = True
@@ -444,6 +450,7 @@ class Router:
     async def step(self) -> None:
         """One pass: save the state, commit merged verdicts, send the validations that are due
         (one at a time) while the link allows it."""
+        await self._follow()
         if not await self.save():
             return  # not durable yet: send nothing that could not be resumed after a crash
         await self._commit_verdicts()
@@ -455,9 +462,45 @@ class Router:
                 continue
             if not self.link_allows_cloud():
                 return
+            await self._follow()
+            if self.pending.get(p.seq) is not p:
+                continue
             await self._validate(p)
             await self.save()
             await self._commit_verdicts()
+
+    async def _follow(self) -> None:
+        """Name the alerts the store renumbered (agent/store/renumber.py: the endpoint holds
+        another record under their seq) by their new seqs: their pending validations, and their
+        verdicts, which are committed again under the new seq (the endpoint holds the alert
+        under that one only; an event committed under the old seq names another record). Asks
+        the store after each of its renumberings, and once after a start: routing.json may
+        have been saved before the last ones."""
+        store = self.store
+        if store is None or self._renumberings == store.renumberings:
+            return
+        seen = store.renumberings
+        if not self.pending and not self.verdicts:
+            self._renumberings = seen
+            return
+        try:
+            moves = await store.moved(set(self.pending) | set(self.verdicts))
+        except StoreError as err:
+            log.error("event=renumbered_alerts_unreadable error=%r action=retry", str(err))
+            return
+        self._renumberings = seen
+        for old, new in sorted(moves.items()):
+            p = self.pending.pop(old, None)
+            if p is not None:
+                p.seq, p.next_try = new, 0.0
+                self.pending[new] = p
+            verdict = self.verdicts.pop(old, None)
+            if verdict is not None:
+                self.verdicts[new] = {**verdict, "seq": new}
+                self._uncommitted.discard(old)
+                self._uncommitted.add(new)
+            self._dirty = True
+            log.warning("event=validation_renumbered seq=%d new_seq=%d", old, new)
 
     def _backoff(self, attempts: int) -> float:
         return full_jitter(
@@ -493,6 +536,12 @@ class Router:
                 return
             except records.RecordError as err:
                 self._retry(p, f"bad verdict: {err}")
+                return
+            asked = p.seq
+            await self._follow()
+            if p.seq != asked:  # renumbered meanwhile: the endpoint holds the alert there
+                self._retry(p, f"alert renumbered to {p.seq} meanwhile")
+                p.next_try = 0.0
                 return
             digest = window_digest(p.window)
             if verdict.get(DIGEST_KEY) != digest:

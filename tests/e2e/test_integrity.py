@@ -38,7 +38,7 @@ from agent.sync.uplink import Uplink, UplinkSettings
 from agent.wire import statedoc
 from agent.wire.batch import CodecError, IngestAck, WireRecord
 from agent.wire.codec import encode_batch
-from agent.wire.records import AlertBody, Kind, TelemetryBody
+from agent.wire.records import AlertBody, EventBody, Kind, TelemetryBody
 from agent.wire.validation import window_digest
 from cloud.server import CloudServer
 from drivers.clock import Clock, RealClock
@@ -289,7 +289,9 @@ def model_window(seed: int, fault: bool) -> list[float]:
     return [float(v) for v in w.reshape(-1).astype(np.float32)]
 
 
-def router(tmp_path: Path, uri: str, transport: CoapTransport) -> Router:
+def router(
+    tmp_path: Path, uri: str, transport: CoapTransport, store: Store | None = None
+) -> Router:
     cfg = RoutingSettings(
         validation_deadline=2.0,
         backoff_base=0.05,
@@ -299,7 +301,7 @@ def router(tmp_path: Path, uri: str, transport: CoapTransport) -> Router:
     return Router(
         cfg,
         device_id=DEVICE,
-        store=None,
+        store=store,
         transport=transport,
         endpoint=uri,
         clock=RealClock(),
@@ -339,6 +341,43 @@ async def test_a_verdict_on_another_window_for_the_same_seq_never_reaches_the_de
     assert server.inference.validation_runs == {(DEVICE, 7): 2}
     assert await server.inference.verdict(DEVICE, 7, window_digest(benign)) == planted
     assert rt.stats.counts["verdicts_unbound"] == 0
+
+
+async def test_the_verdict_on_a_renumbered_alert_names_the_alert_as_the_endpoint_holds_it(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """The endpoint holds another record under the alert's seq (forged, or an earlier life of
+    the device): the alert is renumbered and stored under its new seq. Its validation and its
+    verdict event used to keep the old seq, so the endpoint kept the verdict under the forged
+    record's seq, and the history's verdict event named that record."""
+    window = model_window(2, fault=True)
+    store = await open_store(tmp_path / "queue.db")
+    transport = CoapTransport(RealClock(), lanes=1)
+    run = Running(store, server.uri, RealClock(), backoff_base=0.05)
+    try:
+        body = AlertBody(T0, {**an_alert().to_dict(), "window": window})
+        [seq] = await store.put([NewRecord(Kind.ALERT, body.to_cbor(), created=T0)])
+        await forge(server, [seq])
+        rt = router(tmp_path, server.uri, transport, store)
+        rt.on_alert(an_alert(), seq, np.asarray(window))
+        await drain(store, run)  # the alert: a conflict, then stored under a new seq
+        async with asyncio.timeout(30):
+            while not rt.verdicts:
+                await rt.step()
+                await asyncio.sleep(0.02)
+        await drain(store, run)  # the verdict event
+    finally:
+        await run.stop()
+        await transport.close()
+        await store.close()
+    stored = {r.seq: r for r in await server.records(DEVICE)}
+    [new] = [s for s, r in stored.items() if r.kind == "alert"]
+    assert new > seq
+    events = [EventBody.from_cbor(r.body).data for r in stored.values() if r.kind == "event"]
+    assert [e["seq"] for e in events if e["type"] == "verdict"] == [new]
+    assert await server.inference.verdict(DEVICE, seq) is None
+    assert (await server.inference.verdict(DEVICE, new, window_digest(window)))["seq"] == new
+    assert sorted(rt.verdicts) == [new]
 
 
 class _UnboundVerdicts(aiocoap.resource.Resource):

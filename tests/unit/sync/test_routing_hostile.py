@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from aiocoap import Code, Message
 
-from agent.detect.detector import Alert, AlertKind, Verdict
 from agent.sync.routing import Router, RoutingSettings, checked_verdict
 from agent.sync.transport import CoapTransport
 from agent.wire import records
-from agent.wire.validation import DIGEST_KEY, window_digest
+from agent.wire.validation import DIGEST_KEY
 from drivers.clock import RealClock
+from tests.unit.sync.helpers import an_alert, honest_verdict
 from tools.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,20 +48,7 @@ class HostileValidate(aiocoap.resource.Resource):
     async def render_post(self, request: Message) -> Message:
         self.requests += 1
         req = records.loads(request.payload)
-        verdict = {
-            "seq": req["seq"],
-            "anomalous": True,
-            "score": 2.5,
-            "threshold": 1.0,
-            "verdict": "known_failure",
-            "fault": "valve",
-            "confidence": 0.9,
-            "model": "skab-ae",
-            "classifier": None,
-            "precision": "float32",
-            DIGEST_KEY: window_digest(req["window"]),
-            **self.extra,
-        }
+        verdict = {**honest_verdict(req), **self.extra}
         return Message(code=Code.CONTENT, payload=records.dumps(verdict), content_format=60)
 
 
@@ -76,19 +63,6 @@ async def endpoint() -> AsyncIterator[tuple[str, HostileValidate]]:
     )
     yield f"coap://127.0.0.1:{port}", resource
     await ctx.shutdown()
-
-
-def an_alert() -> Alert:
-    return Alert(
-        time=1.0,
-        kind=AlertKind.RAISE,
-        score=1.5,
-        threshold=1.0,
-        channels=(("Volume Flow RateRMS", 1.5),),
-        verdict=Verdict.NOVEL_ANOMALY,
-        confidence=0.2,
-        model="skab-ae",
-    )
 
 
 async def validate_once(state: Path, uri: str, seq: int, steps: int = 1) -> Router:
