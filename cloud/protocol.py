@@ -201,17 +201,18 @@ class _Block1Uploads:
 class _Block2Responses:
     """Answers larger than one block, held for the requests of their later blocks (RFC 7959
     section 2.4), at most ``held_responses`` of them and ``responses_per_peer`` of one owner (a
-    principal, or the peer's address when unauthenticated), each for :data:`BLOCK1_LIFETIME`.
-    Over a bound the owner's oldest goes (else the oldest of all): a request for a later block
-    of it gets 4.08 and the client starts over. It stands in for aiocoap's Block2Cache (same
-    ``extract_or_insert``), which holds every such answer for 93 to 186 s, as many as peers
-    ask for with requests that differ in any elective option."""
+    principal, or the peer's address when unauthenticated), each for :data:`BLOCK1_LIFETIME`
+    after its last block was asked for (as aiocoap's: a slow transfer is served to its end).
+    Over a bound the owner's least recently used goes (else the least recently used of all): a
+    request for a later block of it gets 4.08 and the client starts over. It stands in for
+    aiocoap's Block2Cache (same ``extract_or_insert``), which holds every such answer for 93 to
+    186 s, as many as peers ask for with requests that differ in any elective option."""
 
     def __init__(self, limits: Limits, stats: Counter[str]) -> None:
         self._max = limits.held_responses
         self._max_per_owner = limits.responses_per_peer
         self._stats = stats
-        self._held: dict[Any, tuple[Message, float, str]] = {}  # oldest first
+        self._held: dict[Any, tuple[Message, float, str]] = {}  # least recently used first
 
     def __len__(self) -> int:
         return len(self._held)
@@ -228,9 +229,10 @@ class _Block2Responses:
             whole = await build()
         else:
             try:
-                whole = self._held[key][0]
+                whole, _, owner = self._held.pop(key)
             except KeyError:
                 raise aiocoap.error.RequestEntityIncomplete("no such answer held") from None
+            self._held[key] = (whole, now, owner)  # in use: 93 s from now, the newest again
         size = req.remote.maximum_payload_size
         if len(whole.payload) <= size and (block2 is None or len(whole.payload) <= block2.size):
             return whole

@@ -4,6 +4,7 @@ endpoint's uploads in progress. Real endpoint (OSCORE), each device with its own
 from __future__ import annotations
 
 import asyncio
+import types
 from pathlib import Path
 
 import aiocoap
@@ -90,4 +91,34 @@ async def test_one_device_cannot_make_the_endpoint_hold_its_answers_without_boun
     finally:
         await a.close()
         await b.close()
+        await server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_a_block2_transfer_slower_than_93_s_in_all_is_served_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held answer lives for 93 s after its last block was asked for, not after its first
+    (aiocoap's Block2Cache refreshed it at every block too): a large answer fetched over a slow
+    link, a block every 60 s here, is served to its end instead of 4.08 at the same block at
+    every start over. The owner's answer in use is not the oldest to go either."""
+    now = [1000.0]
+    monkeypatch.setattr("cloud.protocol.time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    limits = Limits(held_responses=6, responses_per_peer=2)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, limits=limits)
+    a = await Principal(server, tmp_path, A).open()
+    try:
+        big = records.dumps({f"note/{i}": [1, "x" * 200] for i in range(4)})
+        assert (await a.req("PUT", f"state/{a.name}/reported", big, 60)).dotted == "2.04"
+        assert (await read_block(a, 0, 0)).opt.block2.more
+        for number in (1, 2):
+            now[0] += 60
+            assert str((await read_block(a, 0, number)).code) == "2.05 Content"
+        assert (await read_block(a, 1, 0)).opt.block2.more  # a second answer of the owner's
+        assert str((await read_block(a, 0, 3)).code) == "2.05 Content"
+        assert (await read_block(a, 2, 0)).opt.block2.more  # a third: the least used one goes
+        assert str((await read_block(a, 0, 4)).code) == "2.05 Content"
+        assert str((await read_block(a, 1, 1)).code) == "4.08 Request Entity Incomplete"
+    finally:
+        await a.close()
         await server.stop()
