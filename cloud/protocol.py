@@ -546,3 +546,9 @@ def _is_desired_get(request: Message) -> bool:
     return (
         request.code == Code.GET and len(path) == 3 and (path[0], path[2]) == ("state", "desired")
     )
+
+
+def _is_masters_get(request: Message) -> bool:
+    """A GET of a round's masters (``/learn/masters/<sha256>``: never changes once named)."""
+    path = request.opt.uri_path
+    return request.code == Code.GET and len(path) == 3 and path[:2] == ("learn", "masters")

@@ -72,6 +72,7 @@ from cloud.protocol import (
     _Block2Responses,
     _Failure,
     _is_desired_get,
+    _is_masters_get,
     _link,
     _link_matches,
     _Route,
@@ -152,12 +153,12 @@ class _Site(aiocoap.resource.ObservableResource):
         return self._server.limits.state_bytes
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
-        # Model files answer any Block2 number themselves (stateless, resumable); so does desired
-        # state (cloud/desired.py), whose notifications may be block-wise too.
+        # Model files answer any Block2 number themselves (stateless, resumable); so do masters
+        # (never changed) and desired state (cloud/desired.py; its notifications too).
         path = tuple(request.opt.uri_path)
         if path[-1:] == ("file",) and path[:1] in (("models",), ("releases",)):
             return False
-        return not _is_desired_get(request)
+        return not (_is_desired_get(request) or _is_masters_get(request))
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request

@@ -18,6 +18,7 @@ from agent.wire import records
 from agent.wire.batch import CF_CBOR
 from agent.wire.learning import MAX_BODY_BYTES
 from agent.wire.statedoc import SHA256_HEX
+from cloud.desired import blockwise
 from cloud.inference import (
     CloudInference,
     InferenceBusy,
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
     from drivers.clock import Clock
 
 log = logging.getLogger("cloud.server")
+
+#: Masters kept in memory for their blocks (a round's and its check's, with room): each is read
+#: from the storage once, not at every block.
+MASTERS_KEPT = 4
 
 _REFUSALS = {"4.00": Code.BAD_REQUEST, "4.03": Code.FORBIDDEN, "4.04": Code.NOT_FOUND}
 
@@ -80,6 +85,7 @@ class ComputeRoutes(RouteHost):
     inference: CloudInference
     #: a gateway's server: its devices' rounds are the cloud's (None: this endpoint's own)
     learn_upstream: LearnUpstream | None = None
+    _masters_kept: dict[str, bytes] | None = None  # sha256 -> masters, the most recent last
 
     async def _inference_body(self, request: Message) -> Any:
         payload = self._payload(request, (CF_CBOR,), self.limits.state_bytes)
@@ -139,9 +145,20 @@ class ComputeRoutes(RouteHost):
         sha = request.opt.uri_path[-1]
         if not SHA256_HEX.match(sha):
             raise _Failure(Code.BAD_REQUEST, "masters are named by their SHA-256 (64 hex digits)")
+        # every block is cut from the masters as stored (they never change: no copy is held per
+        # peer, so a round's devices fetching at once never void each other's transfers)
         if self.learn_upstream is not None:
-            return _answer(await self.learn_upstream.masters(sha), Code.CONTENT)
-        blob = await self.db(lambda s: s.learn_blob(sha))
-        if blob is None or hashlib.sha256(blob).hexdigest() != sha:
-            raise _Failure(Code.NOT_FOUND, "no such masters")
-        return Message(code=Code.CONTENT, payload=blob, content_format=CF_CBOR)
+            answer = _answer(await self.learn_upstream.masters(sha), Code.CONTENT)
+            return blockwise(request, answer)
+        if self._masters_kept is None:
+            self._masters_kept = {}
+        kept = self._masters_kept
+        blob = kept.pop(sha, None)
+        if blob is None:
+            blob = await self.db(lambda s: s.learn_blob(sha))
+            if blob is None or hashlib.sha256(blob).hexdigest() != sha:
+                raise _Failure(Code.NOT_FOUND, "no such masters")
+        kept[sha] = blob  # the most recent last: a round's masters and its check's, read once
+        while len(kept) > MASTERS_KEPT:
+            del kept[next(iter(kept))]
+        return blockwise(request, Message(code=Code.CONTENT, payload=blob, content_format=CF_CBOR))

@@ -4,6 +4,7 @@ endpoint's uploads in progress. Real endpoint (OSCORE), each device with its own
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import types
 from pathlib import Path
 
@@ -121,4 +122,48 @@ async def test_a_block2_transfer_slower_than_93_s_in_all_is_served_to_its_end(
         assert str((await read_block(a, 1, 1)).code) == "4.08 Request Entity Incomplete"
     finally:
         await a.close()
+        await server.stop()
+
+
+async def read_masters_block(p: Principal, sha: str, number: int) -> aiocoap.Message:
+    """Block ``number`` (64 bytes) of the masters named ``sha``."""
+    assert p.transport is not None
+    ctx = await p.transport._context(0)
+    m = aiocoap.Message(code=aiocoap.GET, uri=f"{p.server.uri}/learn/masters/{sha}")
+    m.opt.block2 = BlockOption.BlockwiseTuple(number, False, 2)
+    return await asyncio.wait_for(ctx.request(m, handle_blockwise=False).response, 20)
+
+
+@pytest.mark.timeout(60)
+async def test_a_rounds_masters_fetched_by_more_devices_than_answers_are_held(
+    tmp_path: Path,
+) -> None:
+    """A round's masters are fetched by every device of the round at once (their desired state
+    names them in the same moment). Held once per device as any large answer, more devices than
+    ``held_responses`` made the endpoint let go of the earlier ones' copies: their next block
+    was 4.08, and so was every start over that other devices' fetches overtook. The masters are
+    named by their SHA-256 and never change, so every block is served from them as they are
+    stored, whoever fetched before."""
+    limits = Limits(held_responses=1, responses_per_peer=1)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0, limits=limits)
+    a = await Principal(server, tmp_path, A).open()
+    b = await Principal(server, tmp_path, B).open()
+    blob = bytes(range(256)) * 2
+    sha = hashlib.sha256(blob).hexdigest()
+    try:
+        await server.db(lambda s: s.put_learn_blob(sha, blob))
+        got = {}
+        for p in (a, b):
+            first = await read_masters_block(p, sha, 0)
+            assert str(first.code) == "2.05 Content" and first.opt.block2.more
+            got[p.name] = first.payload
+        for number in range(1, 8):
+            for p in (a, b):
+                m = await read_masters_block(p, sha, number)
+                assert str(m.code) == "2.05 Content"
+                got[p.name] += m.payload
+        assert got == {A: blob, B: blob}
+    finally:
+        await a.close()
+        await b.close()
         await server.stop()
