@@ -54,13 +54,18 @@ async def test_one_device_cannot_hold_every_upload_slot(tmp_path: Path) -> None:
         await server.stop()
 
 
-async def read_block(p: Principal, tag: int, number: int) -> aiocoap.Message:
-    """Block ``number`` (64 bytes) of the device's reported state, told apart by Request-Tag."""
+async def read_block(
+    p: Principal, tag: int | None, number: int, path: str | None = None
+) -> aiocoap.Message:
+    """Block ``number`` (64 bytes) of ``path`` (the device's reported state), told apart by
+    Request-Tag ``tag`` (None: none)."""
     assert p.transport is not None
     ctx = await p.transport._context(0)
-    m = aiocoap.Message(code=aiocoap.GET, uri=f"{p.server.uri}/state/{p.name}/reported")
+    path = path or f"state/{p.name}/reported"
+    m = aiocoap.Message(code=aiocoap.GET, uri=f"{p.server.uri}/{path}")
     m.opt.block2 = BlockOption.BlockwiseTuple(number, False, 2)
-    m.opt.request_tag = [tag.to_bytes(2, "big")]
+    if tag is not None:
+        m.opt.request_tag = [tag.to_bytes(2, "big")]
     return await asyncio.wait_for(ctx.request(m, handle_blockwise=False).response, 20)
 
 
@@ -127,11 +132,7 @@ async def test_a_block2_transfer_slower_than_93_s_in_all_is_served_to_its_end(
 
 async def read_masters_block(p: Principal, sha: str, number: int) -> aiocoap.Message:
     """Block ``number`` (64 bytes) of the masters named ``sha``."""
-    assert p.transport is not None
-    ctx = await p.transport._context(0)
-    m = aiocoap.Message(code=aiocoap.GET, uri=f"{p.server.uri}/learn/masters/{sha}")
-    m.opt.block2 = BlockOption.BlockwiseTuple(number, False, 2)
-    return await asyncio.wait_for(ctx.request(m, handle_blockwise=False).response, 20)
+    return await read_block(p, None, number, f"learn/masters/{sha}")
 
 
 @pytest.mark.timeout(60)

@@ -579,8 +579,7 @@ async def test_an_operator_observing_a_devices_desired_state_does_not_end_the_de
     mine = device.transport.observe(uri, deadline=20)
     theirs = operator.transport.observe(uri, deadline=20)
     try:
-        assert (await anext(mine)).dotted == "2.05"
-        assert (await anext(theirs)).dotted == "2.05"
+        await _registered(mine, theirs)
         assert server.observers(A) == 2
         await server.set_desired(A, {"sensor/motor/interval": 2.5})
         async with asyncio.timeout(20):
@@ -591,6 +590,12 @@ async def test_an_operator_observing_a_devices_desired_state_does_not_end_the_de
         await theirs.aclose()
         await device.close()
         await operator.close()
+
+
+async def _registered(*observations: Any) -> None:
+    """Each observation's first answer: its registration taken, 2.05 with the document."""
+    for observation in observations:
+        assert (await anext(observation)).dotted == "2.05"
 
 
 @pytest.mark.timeout(90)
@@ -608,8 +613,7 @@ async def test_a_devices_registration_ends_its_older_observation(
     older = device.transport.observe(uri, deadline=20)
     newer = device.transport.observe(uri, deadline=20, lane=1)
     try:
-        assert (await anext(older)).dotted == "2.05"
-        assert (await anext(newer)).dotted == "2.05"
+        await _registered(older, newer)
         async with asyncio.timeout(20):
             async for _ in older:  # its last notification, then it ends
                 pass
