@@ -15,8 +15,9 @@ A salvage may be cut short (a crash or a power cut while it copies, a disk that 
 damaged file is moved aside its new name is noted durably in ``<queue>.salvage``
 (:func:`note_aside`); the new queue then takes a mark per noted file (``meta`` key
 ``salvage:<file name>``, its value the last sequence number copied) and the note is removed
-(:func:`adopt`); the mark is advanced in the transaction of each chunk and removed in the one
-that ends the copy. So a crash at any step, or a new queue that could not be created (a full
+(:func:`adopt`, which also takes over the marks a noted file holds: a queue damaged before the
+salvage it held was done); the mark is advanced in the transaction of each chunk and removed in
+the one that ends the copy. So a crash at any step, or a new queue that could not be created (a full
 disk), leaves the next open a damaged file to salvage, from where the last copy stopped.
 """
 
@@ -67,7 +68,12 @@ class Damaged:
 def _answers(path: Path, *queries: str) -> list[int]:
     """The integer answers of ``queries`` (each its first value) that the damaged file at
     ``path`` still gives; a query it cannot answer gives none."""
-    found: list[int] = []
+    return [row[0] for row in _rows(path, *queries) if isinstance(row[0], int)]
+
+
+def _rows(path: Path, *queries: str) -> list[tuple[object, ...]]:
+    """Every row the damaged file at ``path`` still gives for ``queries``."""
+    found: list[tuple[object, ...]] = []
     try:
         conn = sqlite3.connect(
             f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS
@@ -76,12 +82,8 @@ def _answers(path: Path, *queries: str) -> list[int]:
         return found
     try:
         for query in queries:
-            try:
-                row = conn.execute(query).fetchone()
-            except sqlite3.Error:
-                continue
-            if row and isinstance(row[0], int):
-                found.append(row[0])
+            with contextlib.suppress(sqlite3.Error):
+                found += conn.execute(query).fetchall()
     finally:
         conn.close()
     return found
@@ -127,10 +129,13 @@ def adopt(
     short)."""
     names = [n for n in _noted(queue) if (queue.parent / n).exists()]
     if names:
+        # and the salvages a noted file had not finished itself (its own marks): their rows
+        # past the mark are in no other file
+        marks = [(MARK + n, 0) for n in names]
+        marks += [m for n in names for m in _marks(queue.parent / n)]
         with durable:
             conn.execute("BEGIN IMMEDIATE")
-            marks = [(MARK + n,) for n in names]
-            conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, 0)", marks)
+            conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", marks)
             conn.execute("COMMIT")
     if _note(queue).exists():
         _note(queue).unlink()
@@ -140,6 +145,19 @@ def adopt(
     ).fetchall()
     paths = [(queue.parent / key[len(MARK) :], int(start)) for key, start in rows]
     return [Damaged(path, readable_hwm(path), start) for path, start in paths]
+
+
+def _marks(damaged: Path) -> list[tuple[str, int]]:
+    """The salvage marks a damaged queue file still holds, of files that are still there."""
+    rows = _rows(damaged, f"SELECT key, value FROM meta WHERE key LIKE '{MARK}%'")
+    return [
+        (key, start)
+        for key, start in rows
+        if isinstance(key, str)
+        and isinstance(start, int)
+        and "/" not in key
+        and (damaged.parent / key[len(MARK) :]).is_file()
+    ]
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,18 @@ asyncio.run(Store.open(StoreSettings(path=Path(sys.argv[1]))))
 """
 
 
+def _crash_in_salvage(path: Path, cut: str) -> None:
+    """The queue at ``path`` damaged (its meta page: every records page intact), then opened by
+    a child process that dies at ``cut`` (see _CUT_SALVAGE)."""
+    import subprocess
+    import sys
+
+    _smash(path, _page_of(path, "meta"))
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", _CUT_SALVAGE, str(path), cut], cwd=root)
+    assert done.returncode == 9
+
+
 @pytest.mark.parametrize("cut", ["mid_copy", "before_create"])
 def test_a_salvage_cut_short_by_a_crash_goes_on_at_the_next_start(
     qdir: Path, vclock: VirtualClock, cut: str
@@ -213,15 +225,9 @@ def test_a_salvage_cut_short_by_a_crash_goes_on_at_the_next_start(
     disk fails it: the next start finds no queue file at all). The rows not copied yet must
     still come back from the moved-aside copy, and the new queue must number above every seq
     the old one issued."""
-    import subprocess
-    import sys
-
     settings = StoreSettings(path=qdir / "queue.db")
     put = _fill(settings, vclock, 2000)
-    _smash(settings.path, _page_of(settings.path, "meta"))  # every records page is intact
-    root = Path(__file__).resolve().parents[3]
-    done = subprocess.run([sys.executable, "-c", _CUT_SALVAGE, str(settings.path), cut], cwd=root)
-    assert done.returncode == 9
+    _crash_in_salvage(settings.path, cut)
     assert settings.path.exists() == (cut == "mid_copy")
 
     async def main() -> None:
@@ -287,6 +293,34 @@ def test_hostile_disk_a_deep_queue_whose_first_leaf_is_damaged_salvages_every_re
         st = await Store.open(settings, clock=vclock)
         got = await st.batch(200_000, 1 << 30)
         assert {r.seq: r.payload for r in got} == readable
+        await st.close()
+
+    vclock.run(main())
+
+
+def test_a_salvage_cut_short_goes_on_when_the_queue_holding_its_mark_is_damaged_too(
+    qdir: Path, vclock: VirtualClock
+) -> None:
+    """Hostile disk twice: a damaged queue's salvage is cut short (a crash after two chunks), so
+    the new queue holds the mark of the moved-aside file; then that new queue is damaged too (its
+    header says it is cut short) before the next start. Its own rows are salvaged, and the first
+    file's salvage must go on as well: its rows past the mark are in no other file."""
+    settings = StoreSettings(path=qdir / "queue.db")
+    put = _fill(settings, vclock, 2000)
+    _crash_in_salvage(settings.path, "mid_copy")
+    conn = sqlite3.connect(settings.path)  # the new queue, with the first two chunks
+    marks = conn.execute("SELECT key FROM meta WHERE key LIKE 'salvage:%'").fetchall()
+    copied = [r[0] for r in conn.execute("SELECT seq FROM records ORDER BY seq")]
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    assert len(marks) == 1 and 0 < len(copied) < len(put)
+    with settings.path.open("ab") as f:
+        f.write(b"\xa5" * 100)  # cut short, as seen at open: moved aside before anything else
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        got = await st.batch(10_000, 1 << 30)
+        assert {r.seq: r.payload for r in got} == put
         await st.close()
 
     vclock.run(main())
