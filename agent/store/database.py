@@ -353,14 +353,14 @@ class Db:
 
     def close_quietly(self) -> None:
         self._close_conn()
+        self.reserve.spare_back()  # the room the WAL and shared memory had, for the next open
         if self.lock_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.lock_fd)
             self.lock_fd = None
 
     def _recover_runtime(self, err: BaseException, wall_now: float) -> None:
-        """The open database went corrupt: move it aside, salvage its readable rows into a new
-        one, and go on."""
+        """The open database went corrupt: move it aside, salvage it into a new one, go on."""
         self._close_conn()
         move_aside(self.path, self.s.wal_path, f"runtime: {err}", wall_now)
         self._renew(wall_now)

@@ -91,10 +91,10 @@ class Reserve:
         #: the room to open the queue on a full disk (:meth:`open_room`)
         self.spare = Reserve(path.with_name(path.name + "-open"), spare) if spare else None
 
-    def ensure(self, now: float) -> bool:
+    def ensure(self, now: float, room: int | None = None) -> bool:
         """Make the reserve (its spare first) exist (at most every
-        :data:`RESERVE_RETRY_SECONDS` after a failure, and only with twice its size free, so it
-        never takes the last space a put needs)."""
+        :data:`RESERVE_RETRY_SECONDS` after a failure, and only with ``room`` free, by default
+        twice its size, so it never takes the last space a put needs)."""
         if self.spare is not None:
             self.spare.ensure(now)
         if self.present:
@@ -107,7 +107,7 @@ class Reserve:
                 self.present = True
                 return True
             free = free_bytes(self.path.parent)
-            if free is None or free < 2 * self.size:
+            if free is None or free < (2 * self.size if room is None else room):
                 return False
             self._write()
         except OSError as err:
@@ -135,6 +135,14 @@ class Reserve:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def spare_back(self) -> None:
+        """Once the queue's connection is closed (its WAL and shared-memory file deleted): the
+        spare made again if an open gave it back, from that room (its size free is enough), so
+        the next start on a disk that stayed full finds it too."""
+        if self.spare is not None and not self.spare.present:
+            self.spare._next_try = 0.0
+            self.spare.ensure(0.0, room=self.spare.size)
 
     def open_room(self) -> bool:
         """At an open that finds the disk full: the reserve, or once it is spent its spare; True

@@ -405,6 +405,26 @@ def test_hostile_disk_a_queue_opens_on_a_disk_another_program_filled(
     vclock.run(main())
 
 
+async def _spend_the_reserve(
+    settings: StoreSettings, vclock: VirtualClock
+) -> tuple[list[int], int]:
+    """40 records queued, the disk filled by another program, acks until one spent the reserve
+    (it cannot be made again while the disk is full), then a clean stop: the seqs, how many
+    were acked."""
+    st = await Store.open(settings, clock=vclock)
+    seqs = await st.put([NewRecord(Kind.EVENT, os.urandom(1500)) for _ in range(40)])
+    ballast = settings.path.with_name("ballast")
+    _fill_disk(ballast)
+    acked = 0
+    while settings.path.with_name("queue.db.reserve").exists() and acked < 20:
+        await st.ack([seqs[acked]])  # one finds the disk full: through the reserve's room
+        acked += 1
+        _fill_disk(ballast)
+    assert not settings.path.with_name("queue.db.reserve").exists()
+    await st.close()
+    return seqs, acked
+
+
 def test_hostile_disk_a_queue_opens_on_a_full_disk_after_its_reserve_was_spent(
     tiny_fs: Path, vclock: VirtualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -415,16 +435,7 @@ def test_hostile_disk_a_queue_opens_on_a_full_disk_after_its_reserve_was_spent(
     settings = StoreSettings(path=tiny_fs / "queue.db")
 
     async def main() -> None:
-        st = await Store.open(settings, clock=vclock)
-        seqs = await st.put([NewRecord(Kind.EVENT, os.urandom(1500)) for _ in range(40)])
-        _fill_disk(tiny_fs / "ballast")
-        acked = 0
-        while (tiny_fs / "queue.db.reserve").exists() and acked < 20:
-            await st.ack([seqs[acked]])  # one finds the disk full: through the reserve's room
-            acked += 1
-            _fill_disk(tiny_fs / "ballast")
-        assert not (tiny_fs / "queue.db.reserve").exists()
-        await st.close()
+        seqs, acked = await _spend_the_reserve(settings, vclock)
         _fill_disk(tiny_fs / "ballast")
         with caplog.at_level(logging.WARNING, logger="agent.store"):
             st = await Store.open(settings, clock=vclock)
@@ -438,6 +449,29 @@ def test_hostile_disk_a_queue_opens_on_a_full_disk_after_its_reserve_was_spent(
         assert [r.seq for r in await st.batch(100, 1 << 20)] == [seq]
         assert (await st.stats()).depth == 1
         await st.close()
+
+    vclock.run(main())
+
+
+def test_hostile_disk_a_queue_opens_again_and_again_on_a_disk_that_stays_full(
+    tiny_fs: Path, vclock: VirtualClock
+) -> None:
+    """Another program filled the disk and keeps it full; an ack spent the reserve, and the
+    agent restarts, then restarts again (a crash, an update, a reboot) with the disk still full.
+    Every start must open the queue as the first did, not exit (a restart loop)."""
+    settings = StoreSettings(path=tiny_fs / "queue.db")
+
+    async def main() -> None:
+        seqs, acked = await _spend_the_reserve(settings, vclock)
+        for _ in range(3):
+            _fill_disk(tiny_fs / "ballast")  # the other program takes what was given back
+            st = await Store.open(settings, clock=vclock)
+            with contextlib.suppress(StoreFull):
+                await st.put([NewRecord(Kind.EVENT, os.urandom(1500))])  # the disk stays full
+            assert [r.seq for r in await st.batch(100, 1 << 20)][:2] == seqs[acked : acked + 2]
+            await st.ack([seqs[acked]])
+            acked += 1
+            await st.close()
 
     vclock.run(main())
 
