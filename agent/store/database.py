@@ -178,9 +178,8 @@ class Db:
             raise
 
     def _salvage(self, damaged: list[Damaged], known: int | None) -> int | None:
-        """Copy every readable row of the moved-aside files into the open (new) queue; returns
-        the highest sequence number seen in them. ``known``: records the caller knows were
-        queued (at run time), when the files' own counters cannot say."""
+        """Copy every readable row of the moved-aside files into the open queue; the highest seq
+        seen in them. ``known``: records queued (at run time), when the files cannot say."""
         hwm: int | None = None
         for d in damaged:
             got = copy(d, self._c())
@@ -323,10 +322,7 @@ class Db:
 
     def _c(self) -> sqlite3.Connection:
         if self.conn is None and self.lock_fd is not None:  # a recovery a full disk stopped
-            try:
-                self._renew(time.time())
-            except StoreError as err:  # not StoreFull: callers try again (alerts are not dropped)
-                raise StoreError(f"the queue {self.path} is not back yet: {err}") from err
+            self._renew(time.time())
         if self.conn is None:
             raise StoreError(f"the queue {self.path} is closed")
         return self.conn
@@ -366,21 +362,25 @@ class Db:
         self._renew(wall_now)
 
     def _renew(self, wall_now: float) -> None:
-        """A new queue for the one moved aside (again at its next use if a full disk stopped it)"""
-        if not self.path.exists():
-            create(self.path)
-        self._connect()
-        known = sum(self.depth)
-        hwm = max(self.hwm, self.reserved)
-        evicted, ring_dropped = list(self.evicted), self.ring_dropped
-        self.leases.clear()
-        self._load()
-        salvaged_hwm = self._salvage(self._adopt(), known)
-        self.evicted, self.ring_dropped = evicted, ring_dropped
-        self._start_sequence(
-            SeqMark(max(hwm, salvaged_hwm or 0), self.s.durability), True, None, wall_now
-        )
-        self._write_counters()
+        """A new queue for the one moved aside. Stopped part-way (a full disk): no connection, the
+        mirror as it was (never numbering from the new file's counter), tried again at the next
+        use; StoreError meanwhile, not StoreFull (callers try again, alerts are not dropped)."""
+        mirror = self.hwm, list(self.depth), list(self.bytes), list(self.evicted), self.ring_dropped
+        try:
+            if not self.path.exists():
+                create(self.path)
+            self._connect()
+            self.leases.clear()
+            self._load()
+            salvaged_hwm = self._salvage(self._adopt(), sum(mirror[1]))
+            self.evicted, self.ring_dropped = list(mirror[3]), mirror[4]
+            mark = SeqMark(max(mirror[0], self.reserved, salvaged_hwm or 0), self.s.durability)
+            self._start_sequence(mark, True, None, wall_now)
+            self._write_counters()
+        except (sqlite3.Error, OSError, StoreError) as err:
+            self._close_conn()
+            self.hwm, self.depth, self.bytes, self.evicted, self.ring_dropped = mirror
+            raise StoreError(f"the queue {self.path} is not back yet: {err}") from err
         log.error("event=queue_recreated path=%s", self.path)
 
     def _acks_in_steps(self, acks: set[int]) -> set[int]:

@@ -500,3 +500,38 @@ def test_hostile_disk_corruption_found_on_a_full_disk_recovers_once_space_return
         await st.close()
 
     vclock.run(main())
+
+
+def test_hostile_disk_a_recovery_a_full_disk_cuts_short_never_numbers_below_issued_seqs(
+    tiny_fs: Path, vclock: VirtualClock
+) -> None:
+    """The queue is found corrupt while running on a disk another program nearly filled, with
+    every amount of room from none to a few dozen pages: the new queue's creation, its salvage
+    or the start of its sequence may fail part-way. Once space returns, a new record must get a
+    number above every one issued before (acked or not): a number the endpoint already holds
+    would make it drop the new record as a duplicate."""
+    settings = StoreSettings(path=tiny_fs / "queue.db")
+    ballast = tiny_fs / "ballast"
+
+    async def once(pages: int) -> None:
+        st = await Store.open(settings, clock=vclock)
+        seqs: list[int] = []
+        for _ in range(10):
+            seqs += await st.put([NewRecord(Kind.TELEMETRY, os.urandom(300)) for _ in range(20)])
+        await st.ack(seqs[-100:])  # the newest went out: the queue holds numbers below them
+        corrupt_under_the_store(settings.path)
+        _fill_disk(ballast)
+        os.truncate(ballast, max(0, ballast.stat().st_size - pages * 4096))
+        with contextlib.suppress(StoreError):
+            await st.batch(10_000, 1 << 30)  # finds the damage with little room to recover
+        with contextlib.suppress(StoreError):
+            await st.put([NewRecord(Kind.ALERT, b"meanwhile")])
+        ballast.unlink()  # space returns
+        new = await st.put([NewRecord(Kind.ALERT, b"after")])
+        assert new[0] > max(seqs), f"with {pages} pages free"
+        await st.close()
+
+    for pages in range(0, 40):
+        for p in tiny_fs.iterdir():
+            p.unlink()
+        vclock.run(once(pages))
