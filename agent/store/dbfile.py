@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.errors import StoreError, StoreFull, no_room
 from agent.files import fsync_dir
-from agent.store.salvage import Damaged, note_aside, readable_hwm
+from agent.store.salvage import Damaged, note_aside, pending, readable_hwm
 from agent.store.settings import (
     APPLICATION_ID,
     BUSY_TIMEOUT_SECONDS,
@@ -216,11 +216,17 @@ def move_aside(path: Path, wal: Path, reason: str, wall_now: float) -> Damaged:
 
 
 def _prune_corrupt(path: Path) -> None:
-    aside = sorted(
-        p for p in path.parent.glob(f"{path.name}.corrupt-*") if not p.name.endswith("-wal")
-    )
-    for old in aside[: -max(1, KEEP_CORRUPT)]:  # the newest stays until it is salvaged
-        for p in (old, old.with_name(old.name + "-wal")):
+    """The oldest copies by name beyond KEEP_CORRUPT deleted; never one whose salvage is not
+    done (the one just moved aside may be named by an earlier clock: a boot before it is set)."""
+    copies = [
+        p
+        for p in path.parent.glob(f"{path.name}.corrupt-*")
+        if not p.name.endswith(("-wal", "-shm"))
+    ]
+    keep = pending(path)
+    done = sorted(p for p in copies if p.name not in keep)
+    for old in done[: max(0, len(copies) - KEEP_CORRUPT)]:
+        for p in (old, old.with_name(old.name + "-wal"), old.with_name(old.name + "-shm")):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 log.warning("event=corrupt_copy_deleted path=%s keep=%d", p, KEEP_CORRUPT)

@@ -114,6 +114,13 @@ def _noted(queue: Path) -> list[str]:
     return names if ok else []
 
 
+def pending(queue: Path) -> set[str]:
+    """The names of the damaged files whose salvage is not done: noted, or marked in a noted
+    file (the queue being moved aside)."""
+    names = _noted(queue)
+    return {*names, *(key[len(MARK) :] for n in names for key, _ in _marks(queue.parent / n))}
+
+
 def note_aside(queue: Path, target: Path) -> None:
     """Note, durably, that the damaged ``queue`` goes to ``target`` (before it is moved)."""
     write_atomic(_note(queue), json.dumps([*_noted(queue), target.name]).encode())

@@ -38,6 +38,18 @@ def _fill(settings: StoreSettings, vclock: VirtualClock, n: int) -> dict[int, by
     return vclock.run(main())
 
 
+def _queued(settings: StoreSettings, vclock: VirtualClock) -> dict[int, bytes]:
+    """What the queue holds after an open (and its salvage), by seq."""
+
+    async def main() -> dict[int, bytes]:
+        st = await Store.open(settings, clock=vclock)
+        got = await st.batch(1_000_000, 1 << 40)
+        await st.close()
+        return {r.seq: r.payload for r in got}
+
+    return vclock.run(main())
+
+
 def _page_of(path: Path, table: str) -> int:
     conn = sqlite3.connect(path)
     try:
@@ -289,13 +301,7 @@ def test_hostile_disk_a_deep_queue_whose_first_leaf_is_damaged_salvages_every_re
     readable = _readable(settings.path, put, tmp_path)
     assert len(put) - 1000 < len(readable) < len(put)  # one leaf's rows are gone
 
-    async def main() -> None:
-        st = await Store.open(settings, clock=vclock)
-        got = await st.batch(200_000, 1 << 30)
-        assert {r.seq: r.payload for r in got} == readable
-        await st.close()
-
-    vclock.run(main())
+    assert _queued(settings, vclock) == readable
 
 
 def test_a_salvage_cut_short_goes_on_when_the_queue_holding_its_mark_is_damaged_too(
@@ -317,10 +323,20 @@ def test_a_salvage_cut_short_goes_on_when_the_queue_holding_its_mark_is_damaged_
     with settings.path.open("ab") as f:
         f.write(b"\xa5" * 100)  # cut short, as seen at open: moved aside before anything else
 
-    async def main() -> None:
-        st = await Store.open(settings, clock=vclock)
-        got = await st.batch(10_000, 1 << 30)
-        assert {r.seq: r.payload for r in got} == put
-        await st.close()
+    assert _queued(settings, vclock) == put
 
-    vclock.run(main())
+
+def test_hostile_disk_a_damaged_queue_moved_aside_under_an_earlier_clock_is_not_pruned(
+    qdir: Path, vclock: VirtualClock
+) -> None:
+    """Three damaged copies are kept from earlier years (the newest three are kept); then the
+    queue is found damaged at a boot before the clock is set (a device without a real-time
+    clock starts at 1970, or a clock stepped back): its copy is named by that earlier time.
+    It must be salvaged, not deleted as the oldest copy before its rows were read."""
+    settings = StoreSettings(path=qdir / "queue.db")
+    put = _fill(settings, vclock, 2000)  # the virtual clock is at 2023
+    for year in (2024, 2025, 2026):
+        settings.path.with_name(f"queue.db.corrupt-{year}0101T000000Z").write_bytes(b"x" * 4096)
+    _smash(settings.path, _page_of(settings.path, "meta"))  # every records page is intact
+
+    assert _queued(settings, vclock) == put
