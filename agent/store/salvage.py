@@ -110,15 +110,29 @@ def _noted(queue: Path) -> list[str]:
     except (OSError, ValueError) as err:
         log.warning("event=salvage_note_unreadable path=%s error=%s", _note(queue), err)
         return []
-    ok = isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names)
-    return names if ok else []
+    names = names if isinstance(names, list) else []
+    return [n for n in names if _aside(queue, n)]
+
+
+def _aside(queue: Path, name: object) -> bool:
+    """A name :func:`note_aside` writes (``<queue>.corrupt-...``): never the live queue's own
+    files, nor one the filesystem refuses (a garbled or forged note)."""
+    return (
+        isinstance(name, str)
+        and name.startswith(queue.name + ".corrupt-")
+        and not name.endswith(("-wal", "-shm"))
+        and "/" not in name
+        and "\0" not in name
+        and len(name.encode("utf-8", "replace")) <= 255
+    )
 
 
 def pending(queue: Path) -> set[str]:
     """The names of the damaged files whose salvage is not done: noted, or marked in a noted
     file (the queue being moved aside)."""
     names = _noted(queue)
-    return {*names, *(key[len(MARK) :] for n in names for key, _ in _marks(queue.parent / n))}
+    marks = (key for n in names for key, _ in _marks(queue, queue.parent / n))
+    return {*names, *(key[len(MARK) :] for key in marks)}
 
 
 def note_aside(queue: Path, target: Path) -> None:
@@ -139,7 +153,7 @@ def adopt(
         # and the salvages a noted file had not finished itself (its own marks): their rows
         # past the mark are in no other file
         marks = [(MARK + n, 0) for n in names]
-        marks += [m for n in names for m in _marks(queue.parent / n)]
+        marks += [m for n in names for m in _marks(queue, queue.parent / n)]
         with durable:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", marks)
@@ -154,7 +168,7 @@ def adopt(
     return [Damaged(path, readable_hwm(path), start) for path, start in paths]
 
 
-def _marks(damaged: Path) -> list[tuple[str, int]]:
+def _marks(queue: Path, damaged: Path) -> list[tuple[str, int]]:
     """The salvage marks a damaged queue file still holds, of files that are still there."""
     rows = _rows(damaged, f"SELECT key, value FROM meta WHERE key LIKE '{MARK}%'")
     return [
@@ -162,7 +176,7 @@ def _marks(damaged: Path) -> list[tuple[str, int]]:
         for key, start in rows
         if isinstance(key, str)
         and isinstance(start, int)
-        and "/" not in key
+        and _aside(queue, key[len(MARK) :])
         and (damaged.parent / key[len(MARK) :]).is_file()
     ]
 

@@ -340,3 +340,28 @@ def test_hostile_disk_a_damaged_queue_moved_aside_under_an_earlier_clock_is_not_
     _smash(settings.path, _page_of(settings.path, "meta"))  # every records page is intact
 
     assert _queued(settings, vclock) == put
+
+
+@pytest.mark.parametrize(
+    "note", ['["' + "q" * 300 + '"]', '["queue.db", "queue.db.seq"]', '{"a": 1}', "[1, 2"]
+)
+def test_hostile_disk_a_garbled_salvage_note_does_not_stop_the_queue(
+    qdir: Path, vclock: VirtualClock, note: str
+) -> None:
+    """The note of damaged files to salvage (queue.db.salvage) corrupted at rest or written by
+    someone else: a name too long for the filesystem, the live queue's own files, not a list,
+    not JSON. The queue opens with its records (never a traceback at every start: a restart
+    loop), treats no file but a moved-aside copy as damaged, and drops the note."""
+    settings = StoreSettings(path=qdir / "queue.db")
+    put = _fill(settings, vclock, 100)
+    settings.path.with_name("queue.db.salvage").write_text(note)
+
+    async def main() -> None:
+        st = await Store.open(settings, clock=vclock)
+        got = await st.batch(1000, 1 << 30)
+        assert {r.seq: r.payload for r in got} == put
+        assert (await st.stats()).salvaged == 0
+        await st.close()
+
+    vclock.run(main())
+    assert not settings.path.with_name("queue.db.salvage").exists()
