@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -18,7 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -866,16 +867,32 @@ def open_browser() -> Any:
     return browser
 
 
-def drive_browser(url: str, shot: Path) -> dict[str, Any]:
-    """Open the fleet view, then the device's; return what the page holds (run in a thread)."""
+@contextlib.contextmanager
+def fleet_page(url: str, ready: str) -> Iterator[tuple[Any, Any]]:
+    """The fleet view in a headless Chromium once the script ``ready`` returns true; yields the
+    browser and its wait (BROWSER_WAIT); the browser is closed after."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser = open_browser()
-    out: dict[str, Any] = {}
     try:
         wait = WebDriverWait(browser, BROWSER_WAIT)
         browser.get(url + "#/")
-        wait.until(lambda b: b.execute_script("return document.querySelectorAll('.card').length"))
+        wait.until(lambda b: b.execute_script(ready))
+        yield browser, wait
+    finally:
+        browser.quit()
+
+
+def finish(browser: Any, shot: Path, out: dict[str, Any]) -> dict[str, Any]:
+    """``out`` with the browser's console log, the page's screenshot saved as ``shot``."""
+    browser.save_screenshot(str(shot))
+    return {**out, "console": browser.get_log("browser")}
+
+
+def drive_browser(url: str, shot: Path) -> dict[str, Any]:
+    """Open the fleet view, then the device's; return what the page holds (run in a thread)."""
+    out: dict[str, Any] = {}
+    with fleet_page(url, "return document.querySelectorAll('.card').length") as (browser, wait):
         browser.save_screenshot(str(shot.with_name("fleet.png")))
         out["cards"] = browser.execute_script(
             "return [...document.querySelectorAll('.card')]"
@@ -924,11 +941,7 @@ def drive_browser(url: str, shot: Path) -> dict[str, Any]:
             return red;
             """
         )
-        browser.save_screenshot(str(shot))
-        out["console"] = browser.get_log("browser")
-    finally:
-        browser.quit()
-    return out
+        return finish(browser, shot, out)
 
 
 @pytest.mark.timeout(180)
@@ -1034,17 +1047,9 @@ def learning_jobs(s: Storage, now: float) -> list[int]:
 
 def drive_learning(url: str, shot: Path) -> dict[str, Any]:
     """Open the fleet view; return the learning table's rows once they show (run in a thread)."""
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser = open_browser()
     out: dict[str, Any] = {}
-    try:
-        browser.get(url + "#/")
-        WebDriverWait(browser, BROWSER_WAIT).until(
-            lambda b: b.execute_script(
-                "return document.querySelectorAll('#learning tbody tr').length >= 3"
-            )
-        )
+    ready = "return document.querySelectorAll('#learning tbody tr').length >= 3"
+    with fleet_page(url, ready) as (browser, _):
         out["rows"] = browser.execute_script(
             "return [...document.querySelectorAll('#learning tbody tr')]"
             ".map(r => [r.dataset.job, r.className, [...r.cells].map(c => c.textContent)])"
@@ -1060,11 +1065,7 @@ def drive_learning(url: str, shot: Path) -> dict[str, Any]:
             "return document.querySelectorAll('#learning img, #learning script').length"
         )
         out["pwned"] = browser.execute_script("return window.pwned === undefined ? null : 1")
-        browser.save_screenshot(str(shot))
-        out["console"] = browser.get_log("browser")
-    finally:
-        browser.quit()
-    return out
+        return finish(browser, shot, out)
 
 
 @pytest.mark.timeout(180)
@@ -1112,25 +1113,17 @@ async def test_the_learning_section_shows_the_jobs(cloud: Any, tmp_path: Path) -
 def drive_learning_failing(url: str) -> dict[str, Any]:
     """Open the fleet view while ``GET /api/learning`` fails; return the fleet's cards and the
     learning section's note once it says so (run in a thread)."""
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser = open_browser()
-    try:
-        browser.get(url + "#/")
-        WebDriverWait(browser, BROWSER_WAIT).until(
-            lambda b: b.execute_script(
-                "return document.getElementById('learning-note').textContent.length > 0"
-                " && document.querySelectorAll('#fleet .card').length > 0"
-            )
-        )
+    ready = (
+        "return document.getElementById('learning-note').textContent.length > 0"
+        " && document.querySelectorAll('#fleet .card').length > 0"
+    )
+    with fleet_page(url, ready) as (browser, _):
         return browser.execute_script(
             "return {cards: document.querySelectorAll('#fleet .card').length,"
             " note: document.getElementById('learning-note').textContent,"
             " shown: !document.getElementById('learning-view').hidden,"
             " status: document.getElementById('status').className}"
         )
-    finally:
-        browser.quit()
 
 
 @pytest.mark.timeout(180)
