@@ -206,9 +206,15 @@ class _Block2Responses:
     Over a bound the owner's least recently used goes (else the least recently used of all): a
     request for a later block of it gets 4.08 and the client starts over. It stands in for
     aiocoap's Block2Cache (same ``extract_or_insert``), which holds every such answer for 93 to
-    186 s, as many as peers ask for with requests that differ in any elective option."""
+    186 s, as many as peers ask for with requests that differ in any elective option.
+    ``authorize(request)`` is asked again at every later block (raises the :class:`_Failure` of
+    a peer that may no longer read the answer: revoked, re-keyed since its first block), as
+    render asks it at the first: a refused peer's held answer goes."""
 
-    def __init__(self, limits: Limits, stats: Counter[str]) -> None:
+    def __init__(
+        self, limits: Limits, stats: Counter[str], authorize: Callable[[Message], object]
+    ) -> None:
+        self._authorize = authorize
         self._max = limits.held_responses
         self._max_per_owner = limits.responses_per_peer
         self._stats = stats
@@ -232,6 +238,10 @@ class _Block2Responses:
                 whole, _, owner = self._held.pop(key)
             except KeyError:
                 raise aiocoap.error.RequestEntityIncomplete("no such answer held") from None
+            try:
+                self._authorize(req)
+            except _Failure as failure:
+                raise _RenderedFailure(failure) from None
             self._held[key] = (whole, now, owner)  # in use: 93 s from now, the newest again
         size = req.remote.maximum_payload_size
         if len(whole.payload) <= size and (block2 is None or len(whole.payload) <= block2.size):

@@ -137,10 +137,10 @@ class _Site(aiocoap.resource.ObservableResource):
     def __init__(self, server: CloudServer) -> None:
         super().__init__()
         self._server = server
-        # a peer may not open an upload to a path it may not post to: checked at every block
+        # a peer may not upload to a path it may not post to, nor read a held answer: each block
         authorize = lambda req: server._authorize(req, server._check(req))  # noqa: E731
         self._block1 = _Block1Uploads(self._limit_for, server.limits, server.stats, authorize)
-        self._block2 = _Block2Responses(server.limits, server.stats)
+        self._block2 = _Block2Responses(server.limits, server.stats, authorize)
 
     def _limit_for(self, req: Message) -> int:
         path = tuple(req.opt.uri_path)
