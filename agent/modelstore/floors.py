@@ -7,8 +7,10 @@ it publishes keep the index). Once a version of index N of a model has been swap
 (assigned and active), no version of that model below N is taken again: a signed but bad
 version cannot be assigned back by whoever can write the desired state. The floors are kept in
 ``floors.json`` in the cache directory (``{name: {"index", "version"}}``, written atomically,
-one raise at a time);
-a damaged file is said and read as empty. The models the config starts with raise nothing.
+one raise at a time) and again in ``floors.copy.json``, written after it; a floor is the higher
+of the two files' (a raise cut between the two writes is in the first). A damaged or missing
+file is said (damaged) and the other holds the floors: corruption at rest of one file does not
+lower a floor; both damaged read as none. The models the config starts with raise nothing.
 
 To allow an older version again on purpose, publish it again under a new version with
 ``--rollback-index`` at least the floor.
@@ -30,6 +32,7 @@ from agent.modelstore.signing import MAX_ROLLBACK_INDEX
 log = logging.getLogger(__name__)
 
 FLOORS_FILE = "floors.json"
+FLOORS_COPY = "floors.copy.json"  # the same floors again (module docstring)
 MAX_FLOORS_BYTES = 1 << 16
 
 
@@ -47,20 +50,30 @@ class Floors:
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / FLOORS_FILE
+        self.copy = Path(directory) / FLOORS_COPY
         # raise_to reads, adds and writes the file: two at once (two roles swapped together,
         # each in a worker thread) would each write what they read, one floor lost
         self._raising = threading.Lock()
 
     def read(self) -> dict[str, tuple[int, str]]:
+        """Each name's floor: the higher of the two files'."""
+        out = self._read(self.path)
+        for name, floor in self._read(self.copy).items():
+            if floor[0] > out.get(name, (-1, ""))[0]:
+                out[name] = floor
+        return out
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, tuple[int, str]]:
         try:
-            doc = read_json(self.path, limit=MAX_FLOORS_BYTES)
+            doc = read_json(path, limit=MAX_FLOORS_BYTES)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as err:
-            log.warning("event=floors_unreadable path=%s error=%r", self.path, str(err))
+            log.warning("event=floors_unreadable path=%s error=%r", path, str(err))
             return {}
         if not isinstance(doc, dict):
-            log.warning("event=floors_unreadable path=%s error='not a map'", self.path)
+            log.warning("event=floors_unreadable path=%s error='not a map'", path)
             return {}
         out: dict[str, tuple[int, str]] = {}
         for name, item in doc.items():
@@ -69,7 +82,7 @@ class Floors:
             if type(index) is int and 0 <= index <= MAX_ROLLBACK_INDEX:
                 out[str(name)] = (index, str(version))
             else:
-                log.warning("event=floors_unreadable path=%s name=%r", self.path, str(name)[:64])
+                log.warning("event=floors_unreadable path=%s name=%r", path, str(name)[:64])
         return out
 
     def check(self, name: str, version: str, entry: Mapping[str, Any]) -> None:
@@ -93,5 +106,7 @@ class Floors:
                 return
             floors[name] = (index, version)
             doc = {n: {"index": i, "version": v} for n, (i, v) in sorted(floors.items())}
-            write_atomic(self.path, (json.dumps(doc) + "\n").encode())
+            data = (json.dumps(doc) + "\n").encode()
+            write_atomic(self.path, data)
+            write_atomic(self.copy, data)
         log.info("event=model_floor_raised name=%s index=%d version=%s", name, index, version)

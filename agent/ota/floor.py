@@ -26,8 +26,9 @@ the first time the root helper looks: the confirmed current release's index, or,
 release is pending, the index of ``previous`` (the release the device ran before the switch).
 
 To allow an older version again on purpose (its fix is elsewhere, say), publish it again under a
-new version with ``--rollback-index`` at least the floor. A damaged floor file is said and read as
-0 (the confirmed release's own index and the root's floor still hold).
+new version with ``--rollback-index`` at least the floor. A damaged floor file is said and its
+copy holds (agent/modelstore/floors.py); both damaged read as 0 (the confirmed release's own
+index and the root's floor still hold).
 """
 
 from __future__ import annotations

@@ -1148,8 +1148,8 @@ async def test_a_version_below_the_models_rollback_floor_is_refused_and_the_floo
     """Version 4.0.0 was published with rollback index 2 (a fix) and ran here: 3.0.0 (index 0)
     is refused when assigned again, the running model stays, and after a restart of the cache
     the floor holds; 5.0.0 of index 2 is taken. The index is in the signed entry: raised in a
-    stored manifest, the signature does not verify; a damaged floors file is said and read as
-    none."""
+    stored manifest, the signature does not verify; a damaged floors file is said and its copy
+    holds the floor (both damaged read as none)."""
     rig.publish(FLOAT_AE, "skab-ae", "3.0.0", entry="skab-ae")
     fixed = entry_for(FLOAT_AE, None, "skab-ae") | {"rollback_index": 2}
     rig.registry.publish(FLOAT_AE.read_bytes(), "skab-ae", "4.0.0", fixed, rig.key)
@@ -1177,7 +1177,9 @@ async def test_a_version_below_the_models_rollback_floor_is_refused_and_the_floo
         forged.verify(rig.key.public_key())
     with pytest.raises(ModelError, match="rollback_index is not an integer"):
         Floors(rig.tmp).check("skab-ae", "6", {"rollback_index": 2.5})
-    (rig.tmp / "dev" / "floors.json").write_text("[" * 50_000)
+    (rig.tmp / "dev" / "floors.json").write_text("[" * 50_000)  # damaged: the copy holds
+    assert Floors(rig.tmp / "dev").read() == {"skab-ae": (2, "4.0.0")}
+    (rig.tmp / "dev" / "floors.copy.json").write_text("{")
     assert Floors(rig.tmp / "dev").read() == {}
 
 

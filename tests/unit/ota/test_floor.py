@@ -13,6 +13,8 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.errors import ModelError
+from agent.modelstore.floors import Floors
 from agent.ota import bootcheck as bc
 from agent.ota import floor, updater
 from agent.ota.install import MANIFEST_FILE
@@ -193,3 +195,41 @@ def test_a_release_root_from_before_the_root_floor_takes_the_previous_index_whil
     with pytest.raises(ReleaseError, match="floor 2"):
         floor.check_root(old, root)
     assert bc.floor_of(bc.load(root)) == (2, "2.0")
+
+
+# -- the floors file kept twice ------------------------------------------------------------------
+
+
+def test_a_floor_holds_when_one_of_its_two_files_is_damaged_at_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect: the floors were one file, and a damaged file (corruption at rest) read as no
+    floors at all, so a model version below its floor was taken again. The floors are now
+    written to two files, one after the other; either one damaged or missing, the other holds
+    them, and the next raise writes both whole again. Both damaged read as none."""
+    floors = Floors(tmp_path)
+    floors.raise_to("skab-ae", "4.0.0", {"rollback_index": 2})
+    floors.raise_to("skab-cls", "1.1.0", {"rollback_index": 1})
+    want = {"skab-ae": (2, "4.0.0"), "skab-cls": (1, "1.1.0")}
+    for index, (damaged, other) in enumerate(
+        ((floors.path, floors.copy), (floors.copy, floors.path))
+    ):
+        damaged.write_bytes(b"\x00" * 37)  # a block of zeros
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert Floors(tmp_path).read() == want
+            with pytest.raises(ModelError, match="below this device's floor"):
+                Floors(tmp_path).check("skab-ae", "3.0.0", {"rollback_index": 0})
+        assert "event=floors_unreadable" in caplog.text
+        want["skab-ae"] = (3 + index, f"{5 + index}.0.0")
+        floors.raise_to("skab-ae", want["skab-ae"][1], {"rollback_index": 3 + index})
+        assert json.loads(damaged.read_bytes()) == json.loads(other.read_bytes())  # both whole
+        damaged.unlink()  # missing: the other holds them
+        assert Floors(tmp_path).read() == want
+        damaged.write_bytes(other.read_bytes())
+    # a raise cut between its two writes: the first file has it, the copy not yet
+    floors.path.write_bytes(b'{"skab-ae": {"index": 9, "version": "9.0.0"}}')
+    assert floors.read()["skab-ae"] == (9, "9.0.0")
+    floors.path.write_bytes(b"[" * 50_000)
+    floors.copy.write_bytes(b"{")
+    assert floors.read() == {}
