@@ -44,7 +44,15 @@ from typing import Any
 
 from psycopg import Connection, sql
 
-from cloud import commandstore, featurestore, learnstore, relaystore, releasestore, retention
+from cloud import (
+    commandstore,
+    devicecount,
+    featurestore,
+    learnstore,
+    relaystore,
+    releasestore,
+    retention,
+)
 
 #: Advisory lock keys (pg_advisory_xact_lock): "edgeschm" and "edgepart" as 64-bit numbers.
 MIGRATION_LOCK = int.from_bytes(b"edgeschm", "big") - 2**63
@@ -166,7 +174,10 @@ _V7 = releasestore.PG_MIGRATION
 #: Version 8: retention: each device's pruned floor, verdicts' receiving time (cloud/retention.py).
 _V8 = retention.PG_MIGRATION
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
+#: Version 9: each device's count of records, kept by triggers (cloud/devicecount.py).
+_V9 = devicecount.PG_MIGRATION
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -254,8 +254,7 @@ class PostgresStorage(PostgresExtras):
         return self._run(tx)
 
     _DEVICE_SQL = (
-        "SELECT d.id, d.registered, d.last_seen, d.desired_rev,"
-        " (SELECT count(*) FROM record_keys k WHERE k.device = d.id),"
+        "SELECT d.id, d.registered, d.last_seen, d.desired_rev, d.records,"  # cloud/devicecount.py
         " (SELECT max(seq) FROM record_keys k WHERE k.device = d.id)"
         " FROM devices d"
     )

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
+from cloud import devicecount
 
 log = logging.getLogger("cloud.storage")
 
@@ -252,15 +253,18 @@ class SQLiteRetention:
 
         def write() -> int:
             with self._errors(), self._tx() as db:
-                cur = db.executemany(
-                    f"DELETE FROM {sweep.table} WHERE {where} AND received < ?",
-                    [(*row[:n], before) for row in old],
-                )
+                delete = f"DELETE FROM {sweep.table} WHERE {where} AND received < ?"
+                if sweep.table == "records":  # each device's count (cloud/devicecount.py)
+                    gone = [r[0] for r in old if db.execute(delete, (*r[:n], before)).rowcount]
+                    devicecount.add(db, gone, -1)
+                    removed = len(gone)
+                else:
+                    removed = db.executemany(delete, [(*r[:n], before) for r in old]).rowcount
                 db.executemany(
                     "UPDATE devices SET pruned = max(coalesce(pruned, -1), ?) WHERE id = ?",
                     [(top, device) for device, top in tops.items()],
                 )
-                return int(cur.rowcount)
+                return int(removed)
 
         return busy_retry(write, sweep.table)
 

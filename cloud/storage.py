@@ -36,7 +36,15 @@ from agent.wire import statedoc
 from agent.wire.batch import WireRecord, record_time, same_record
 from agent.wire.credentials import Credential
 from agent.wire.statedoc import DesiredDoc, Entry
-from cloud import commandstore, featurestore, learnstore, linkhistory, relaystore, releasestore
+from cloud import (
+    commandstore,
+    devicecount,
+    featurestore,
+    learnstore,
+    linkhistory,
+    relaystore,
+    releasestore,
+)
 from cloud.retention import SQLiteRetention, floor_of, upgrade_sqlite
 from cloud.sqlitecheck import damaged, quick_check
 from cloud.storebase import (
@@ -99,8 +107,9 @@ MODELS_DIR = "models"  # the published models, beside the database (cloud/modelf
 RELEASES_DIR = "releases"  # the published agent releases, beside it (cloud/releasefiles.py)
 #: PRAGMA user_version. A table added with CREATE TABLE IF NOT EXISTS (oscore_sequence,
 #: window_verdicts) needs no new version: an older endpoint still opens the file and leaves that
-#: table alone.
-SCHEMA_VERSION = 1
+#: table alone. Version 2: each device's count of records (cloud/devicecount.py), which an older
+#: endpoint would not keep: it refuses the file.
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 #: A gateway's table of the highest seq it dropped per device after the cloud stored it
 #: (agent/gateway/relay.py prepare_store); the endpoint's own store has none.
@@ -240,6 +249,7 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
                     if statement.strip():
                         db.execute(statement)
                 upgrade_sqlite(db)  # retention's columns (cloud/retention.py)
+                devicecount.upgrade_sqlite(db)  # each device's count (cloud/devicecount.py)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 db.execute(
                     "INSERT OR IGNORE INTO counters (name, value) VALUES ('storage_id', ?)",
@@ -318,7 +328,7 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
     def device(self, device: str) -> DeviceInfo | None:
         with self._errors():
             row = self.db.execute(
-                "SELECT id, registered, last_seen, desired_rev FROM devices WHERE id = ?",
+                "SELECT id, registered, last_seen, desired_rev, records FROM devices WHERE id = ?",
                 (device,),
             ).fetchone()
             if row is None:
@@ -326,20 +336,16 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
             return self._info(row)
 
     def _info(self, row: tuple[Any, ...]) -> DeviceInfo:
-        # two queries: together, max(seq) is taken along the count's scan of the covering index
-        # (twice the time); alone it is one seek of the primary key
-        (count,) = self.db.execute(
-            "SELECT count(*) FROM records WHERE device = ?", (row[0],)
-        ).fetchone()
+        # the count is the device row's (cloud/devicecount.py); max(seq) one seek of the key
         (last,) = self.db.execute(
             "SELECT max(seq) FROM records WHERE device = ?", (row[0],)
         ).fetchone()
-        return DeviceInfo(row[0], row[1], row[2], count, last, row[3])
+        return DeviceInfo(row[0], row[1], row[2], row[4], last, row[3])
 
     def devices(self) -> list[DeviceInfo]:
         with self._errors():
             rows = self.db.execute(
-                "SELECT id, registered, last_seen, desired_rev FROM devices ORDER BY id"
+                "SELECT id, registered, last_seen, desired_rev, records FROM devices ORDER BY id"
             ).fetchall()
             return [self._info(row) for row in rows]
 
@@ -436,7 +442,10 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
                 log.warning(
                     "event=seq_conflict device=%s seq=%d detail=kept_first_copy", device, rec.seq
                 )
-        db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device))
+        db.execute(  # the count: cloud/devicecount.py
+            "UPDATE devices SET last_seen = ?, records = records + ? WHERE id = ?",
+            (now, new, device),
+        )
         (last,) = db.execute(  # the floor counts: the device numbers above what was pruned
             "SELECT nullif(max(coalesce(max(seq), -1), ?), -1) FROM records WHERE device = ?",
             (floor, device),
@@ -631,6 +640,7 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
         def tx(db: Sql) -> int:
             new = missing(db, TABLES["records"], rows)
             insert(db, "records", ", ".join(TABLES["records"].columns), new)
+            devicecount.add(db.conn, (row[0] for row in new))
             top = max(row[6] for row in rows)
             db.execute(
                 "INSERT INTO counters (name, value) VALUES ('arrival', ?)"

@@ -94,8 +94,9 @@ def prune(
             row = db.execute(find, (arrival, before)).fetchone()
             upto = _prefix(db, arrival if row is None else row[0] - 1, most)
         newest = DROPPABLE
-        for device, through in db.execute(
-            f"SELECT device, max(seq) FROM records WHERE arrival <= ? AND {newest} GROUP BY device",
+        for device, through, count in db.execute(
+            f"SELECT device, max(seq), count(*) FROM records WHERE arrival <= ? AND {newest}"
+            " GROUP BY device",
             (upto,),
         ).fetchall():
             db.execute(
@@ -103,6 +104,8 @@ def prune(
                 "(device) DO UPDATE SET through = max(through, excluded.through)",
                 (device, through),
             )
+            # the device's count of records (cloud/devicecount.py): these go below
+            db.execute("UPDATE devices SET records = records - ? WHERE id = ?", (count, device))
         dropped = db.execute(
             f"DELETE FROM records WHERE arrival <= ? AND {newest}", (upto,)
         ).rowcount

@@ -48,6 +48,8 @@ def put_record(data: Path, device: str, seq: int, kind: str, time: float, body: 
         db.execute(
             "INSERT OR REPLACE INTO counters (name, value) VALUES ('arrival', ?)", (arrival,)
         )
+        # counted as the upgrade that opened the file counted it (cloud/devicecount.py)
+        db.execute("UPDATE devices SET records = records + 1 WHERE id = ?", (device,))
     finally:
         db.close()
 

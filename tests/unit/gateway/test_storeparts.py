@@ -49,6 +49,7 @@ def test_a_prune_on_a_full_store_raises_the_real_error_and_drops_nothing(tmp_pat
         s.db.execute(f"PRAGMA max_page_count = {pages * 100}")  # space freed
         assert prune(s, 10**9, 10**9, T0 + 10, now=T0 + 10) == DEVICES  # each device's newest stays
         assert s.db.execute("SELECT count(*) FROM relay_pruned").fetchone()[0] == DEVICES
+        assert {i.records for i in s.devices()} == {1}
     finally:
         s.close()
 
@@ -78,9 +79,12 @@ KEEP = 7 * DAY
 
 
 def _count(s: SQLiteStorage, device: str) -> int:
-    return int(
-        s.db.execute("SELECT count(*) FROM records WHERE device = ?", (device,)).fetchone()[0]
-    )
+    """The device's records, which its row's count (cloud/devicecount.py) says too: the prune
+    subtracts what it drops (before, the row kept counting them)."""
+    n = int(s.db.execute("SELECT count(*) FROM records WHERE device = ?", (device,)).fetchone()[0])
+    info = s.device(device)
+    assert info is not None and info.records == n
+    return n
 
 
 @pytest.mark.timeout(60)
