@@ -52,7 +52,7 @@ from agent.wire.learning import (
     learn_key,
     parameter_count,
 )
-from cloud import tflitepatch
+from cloud import fedavg, tflitepatch
 from cloud.learnjob import (
     DESIRED_ERRORS,
     Job,
@@ -204,7 +204,15 @@ class Coordinator:
                     len(out),
                     why_text(out),
                 )
-            self._close(job, now, early=bool(out) and not late)
+            try:
+                self._close(job, now, early=bool(out) and not late)
+            except fedavg.AggregationError as err:  # the uploads' summaries set no threshold for
+                # the model the close publishes (none counts a plausible score): what the close
+                # changed is dropped and the job fails, rather than raise at every tick
+                job = self.job(job.id)
+                job.st.state, job.st.open = "failed", False
+                job.st.error = f"round {job.st.round}: {err}"
+                log.warning("event=learn_job_failed job=%d error=%r", job.id, job.st.error)
         elif late or len(received) + coming < needed:
             by = "by the deadline" if late else "before the deadline"
             if st.attempt + 1 >= MAX_ATTEMPTS:
@@ -442,8 +450,6 @@ class Coordinator:
         if not updates:
             st.state, st.open, st.error = "failed", False, "no usable uploads"
             return
-        from cloud import fedavg  # numpy-heavy, only when a round closes
-
         entry: dict[str, Any] = {
             "round": rnd,
             "attempts": st.attempt + 1,
@@ -527,8 +533,6 @@ class Coordinator:
         samples), as ``<base>+fl<job>.<rnd>``, signed, with the fleet threshold from the score
         summaries of ``updates`` in its manifest; assign it to every eligible device and note
         both in the round's history ``entry``. Returns the version."""
-        from cloud import fedavg
-
         spec = job.spec
         threshold = fedavg.fleet_threshold([u.scores for u in updates])
         version = version_for(spec.base, job.id, rnd)

@@ -85,3 +85,38 @@ def test_honest_privatized_updates_stay_within_the_bound() -> None:
         for _ in range(200):
             delta = privatize(rng.normal(0, 10, p), 0.3, 0.5, rng).astype(np.float16)
             assert np.linalg.norm(delta.astype(np.float64)) < bound
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_hostile_summaries_that_set_no_threshold_fail_the_job_rather_than_every_tick(
+    tmp_path: Path, gate: bool
+) -> None:
+    """Attack: every selected device uploads a well-formed update whose score summary counts no
+    score (n 0; or each statistic above MAX_PLAUSIBLE_SCORE). The round's close found no
+    threshold for the model it publishes: AggregationError out of tick, at every tick and
+    every ``learn resume``, the job stuck running. Now the job fails, saying why, with nothing
+    published or assigned."""
+    from tests.unit.cloud.test_learning_check import AS_GOOD, BASE, Rig
+
+    rig = Rig(tmp_path, 2)
+    try:
+        job_id = rig.start(gate=gate, rounds=1)
+        rig.coordinator.tick(job_id)
+        if gate:  # round 1 trains honestly; round 2 checks its model, with hostile summaries
+            rig.play(job_id)
+            rig.coordinator.tick(job_id)
+        st = rig.job(job_id).st
+        void = ScoreSummary(0, tuple(0.1 for _ in QUANTILES), 0.1, 0.0)
+        huge = ScoreSummary(200, tuple(2000.0 for _ in QUANTILES), 2000.0, 0.0)
+        for i, (device, summary) in enumerate(zip(st.selected, (void, huge), strict=True)):
+            u = rig.update(job_id, i, weights=not gate, recall=AS_GOOD if gate else None)
+            hostile = ModelUpdate(u.job, u.round, u.samples, u.delta, summary, u.loss, u.recall)
+            assert rig.upload(job_id, device, hostile)
+        for _ in range(2):  # and again, as a resumed coordinator ticks it
+            job = rig.coordinator.tick(job_id)
+        assert job.st.state == "failed" and not job.st.open
+        assert "no summary counts any score" in job.st.error
+        assert rig.published() == [BASE]
+        assert all(rig.assigned(d) is None for d in rig.devices)
+    finally:
+        rig.storage.close()
