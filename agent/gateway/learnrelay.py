@@ -32,7 +32,7 @@ from typing import Any
 from agent.errors import SyncError
 from agent.sync.transport import CoapTransport, Response
 from agent.wire.batch import CF_CBOR
-from agent.wire.learning import MAX_BODY_BYTES
+from agent.wire.learning import MAX_MASTERS_BYTES
 
 log = logging.getLogger("agent.gateway.learn")
 
@@ -131,7 +131,7 @@ class LearnRelay:
 
     async def _fetch(self, sha256: str) -> Answer:
         resp = await self._ask(
-            "masters", "GET", f"/learn/masters/{sha256}", accept=CF_CBOR, max_body=MAX_BODY_BYTES
+            "masters", "GET", f"/learn/masters/{sha256}", accept=CF_CBOR, max_body=MAX_MASTERS_BYTES
         )
         if resp is None:
             return NO_ANSWER

@@ -8,12 +8,14 @@ import asyncio
 import hashlib
 from typing import Any
 
+import numpy as np
 import pytest
 
 from agent.errors import SyncError
 from agent.gateway import learnrelay
 from agent.gateway.learnrelay import LearnRelay
-from agent.sync.transport import Response, code
+from agent.sync.transport import MAX_BODY, Response, code
+from agent.wire.learning import MAX_PARAMETERS, Masters, parameter_count
 
 CLOUD = "coap://cloud"
 
@@ -38,6 +40,8 @@ class Cloud:
         out = self.answer(method, uri.removeprefix(CLOUD), payload)
         if isinstance(out, Exception):
             raise out
+        if len(out.payload) > kw.get("max_body", MAX_BODY):  # as CoapTransport.request ends it
+            raise SyncError(f"{method} {uri}: the answer is larger than {kw['max_body']} bytes")
         return out
 
 
@@ -100,6 +104,17 @@ async def test_a_slow_fetch_answers_5_03_and_goes_on(monkeypatch: pytest.MonkeyP
     await asyncio.sleep(0.01)
     assert await r.masters(name) == ("2.05", blob)
     assert len(cloud.requests) == 1
+
+
+async def test_the_masters_of_a_model_as_large_as_the_wire_allows_are_relayed() -> None:
+    """A model of 51,528 weights (the wire allows 65,536): its masters are 206 KB. The gateway
+    fetched at most an update's size (MAX_BODY_BYTES, 135 KB), so every device behind it was
+    answered 5.03 until the round's deadline, while a device of the cloud itself got them."""
+    sizes = (128, 200, 128)
+    assert parameter_count(sizes) <= MAX_PARAMETERS
+    blob = Masters("wide-ae", sizes, np.zeros(parameter_count(sizes), np.float32)).to_cbor()
+    cloud = Cloud(serving({sha(blob): blob}))
+    assert await relay(cloud).masters(sha(blob)) == ("2.05", blob)
 
 
 async def test_at_most_masters_kept_weights_are_held() -> None:
