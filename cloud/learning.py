@@ -373,8 +373,8 @@ class Coordinator:
 
     def eligible(self, spec: JobSpec) -> list[str]:
         known = {d.id for d in self.storage.devices()}
-        if spec.devices:
-            return sorted(d for d in spec.devices if d in known)
+        if spec.devices:  # a device named twice is one device (of the quorum too)
+            return sorted(set(spec.devices) & known)
         return sorted(known)
 
     def _open(self, job: Job, rnd: int, attempt: int, now: float, keep: Sequence[str] = ()) -> None:

@@ -391,3 +391,17 @@ def test_the_check_passes_at_exactly_the_tolerance_and_fails_without_answers() -
     }
     # fractions k/n whose difference is the tolerance in decimal, not in binary
     assert 0.88 - 0.90 < -0.02 and fedavg.check([Recall(0.88, 0.90)], tolerance=0.02).passed
+
+
+def test_a_device_named_twice_in_devices_is_one_device_of_the_quorum(rig: Rig) -> None:
+    """``--devices pump-00,pump-00 --min-devices 2``: the eligible list held pump-00 twice, so
+    the round selected it twice, closed on its one upload and published a model of one
+    device's update, under a quorum of 2. Now a device counts once: 1 eligible device, 2
+    needed, the job fails as with any fleet too small for its quorum."""
+    twice = (rig.devices[0], rig.devices[0])
+    job_id = rig.start(gate=False, rounds=1, min_devices=2, devices=twice)
+    job = rig.coordinator.tick(job_id)
+    assert job.st.state == "failed" and job.st.error == "1 eligible devices, 2 needed"
+    assert rig.published() == [BASE]
+    spec = rig.spec(min_devices=1, devices=(*twice, rig.devices[1], "pump-99"))
+    assert rig.coordinator.eligible(spec) == rig.devices[:2]
