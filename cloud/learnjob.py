@@ -22,7 +22,7 @@ from agent.errors import AgentError
 from agent.learn.autoencoder import DenseAutoencoder
 from agent.wire import records
 from agent.wire.learning import MAX_ROUND, LearningError, Masters, RoundTask, learn_key
-from agent.wire.statedoc import MAX_VALUE_BYTES, MODEL_NAME, Entry
+from agent.wire.statedoc import MAX_VALUE_BYTES, MODEL_NAME, Entry, StateError, check_desired
 from cloud.fedavg import CHECK_TOLERANCE
 from cloud.learnstore import JobRow
 
@@ -89,6 +89,14 @@ class JobSpec:
     def check(self) -> None:
         if not MODEL_NAME.match(self.model) or not MODEL_NAME.match(self.base):
             raise JobError("model and version must be model names")
+        for what, name, key in (
+            ("model", self.model, learn_key(self.model)),
+            ("role", self.role, f"model/{self.role}"),
+        ):  # the desired keys the job writes: a round's task, a new version's assignment
+            try:
+                check_desired(key, None)
+            except StateError as err:
+                raise JobError(f"--{what} {name!r}: {err}") from None
         if not 1 <= self.rounds <= 10_000:
             raise JobError("rounds must be 1..10000")
         if not 0.0 < self.fraction <= 1.0:

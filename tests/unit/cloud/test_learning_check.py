@@ -405,3 +405,17 @@ def test_a_device_named_twice_in_devices_is_one_device_of_the_quorum(rig: Rig) -
     assert rig.published() == [BASE]
     spec = rig.spec(min_devices=1, devices=(*twice, rig.devices[1], "pump-99"))
     assert rig.coordinator.eligible(spec) == rig.devices[:2]
+
+
+@pytest.mark.parametrize(("field", "name"), [("role", "a b"), ("role", ""), ("model", "9skab")])
+def test_a_role_or_model_no_desired_key_can_name_is_refused_at_start(
+    rig: Rig, field: str, name: str
+) -> None:
+    """``learn start --role 'a b'`` (or a model named ``9skab``, a valid model name) was
+    accepted; the desired key ``model/a b`` (``learn/9skab``) is none a device can be given, so
+    the round's close published the version and then raised StateError at the assignment (the
+    first tick, writing ``learn/9skab``), at that tick and at every ``learn resume``: the job
+    stuck running, its devices' privacy spent on a round that never ended. Now refused first."""
+    spec = rig.spec(gate=False, **{field: name})
+    with pytest.raises(JobError, match=f"--{field}"):
+        spec.check()
