@@ -121,6 +121,12 @@ class JobSpec:
                 f"rounds must be 1..{MAX_ROUND - 1} with the check: a round after the last "
                 "checks the last one's model (or --no-gate)"
             )
+        longest = version_for(self.base, 2**32, self.rounds)  # what a round's close publishes
+        if not MODEL_NAME.match(longest):
+            raise JobError(
+                f"version {self.base!r}: the versions this job publishes ({longest!r}) would "
+                "be longer than a model version may be: a shorter version name"
+            )
         if self.gate:  # the largest task of a checked job must fit a desired value
             task = RoundTask(
                 2**32,

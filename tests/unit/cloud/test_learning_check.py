@@ -419,3 +419,14 @@ def test_a_role_or_model_no_desired_key_can_name_is_refused_at_start(
     spec = rig.spec(gate=False, **{field: name})
     with pytest.raises(JobError, match=f"--{field}"):
         spec.check()
+
+
+def test_a_base_version_too_long_for_the_versions_a_job_publishes_is_refused(rig: Rig) -> None:
+    """With --no-gate a 64-character base version passed: the first round's close then made
+    ``<base>+fl<job>.<round>``, longer than a version may be, and raised ModelError at its
+    publish, at that tick and at every ``learn resume`` (the job stuck after its devices had
+    trained and spent privacy). Now refused at start, as the check's task size is."""
+    base = "1.0." + "9" * 60  # 64 characters, a valid version name
+    with pytest.raises(JobError, match="a shorter version name"):
+        rig.spec(base=base, gate=False).check()
+    rig.spec(base="1.0." + "9" * 40, gate=False).check()  # room for +fl<job>.<round>
