@@ -32,7 +32,7 @@ from typing import Any
 from agent.errors import SyncError
 from agent.sync.transport import CoapTransport, Response
 from agent.wire.batch import CF_CBOR
-from agent.wire.learning import MAX_MASTERS_BYTES
+from agent.wire.learning import MAX_MASTERS_BYTES, REFUSALS
 
 log = logging.getLogger("agent.gateway.learn")
 
@@ -50,7 +50,7 @@ Answer = tuple[str, bytes]
 UNAVAILABLE = "5.03"
 #: The cloud's refusals of a round's exchange, passed on: the device gives the round up (any other
 #: answer, 4.01 of the gateway's own security context included, is the gateway's to sort out).
-PASSED_ON = ("4.00", "4.03", "4.04")
+PASSED_ON = REFUSALS
 NO_ANSWER = (UNAVAILABLE, b"the cloud did not answer")
 BUSY = (UNAVAILABLE, b"the gateway is busy with other learning exchanges")
 UPLOADING = (UNAVAILABLE, b"an upload of this device is with the cloud")

@@ -68,6 +68,7 @@ from agent.wire.batch import CF_CBOR
 from agent.wire.learning import (
     KEY_PREFIX,
     MAX_BODY_BYTES,
+    REFUSALS,
     LearningError,
     Masters,
     ModelUpdate,
@@ -700,7 +701,7 @@ class LearningClient:
                             len(body),
                         )
                         break
-                    if 128 <= resp.code < 160:  # 4.xx: this round will not take it
+                    if resp.dotted in REFUSALS:  # this round will not take it
                         why = resp.payload.decode("utf-8", "replace")[:120]
                         self._set(model, task, "refused", code=resp.dotted, error=why)
                         log.warning("event=learn_upload_refused code=%s error=%r", resp.dotted, why)

@@ -54,6 +54,10 @@ MAX_EPOCHS = 100
 MAX_SAMPLES = 1 << 31
 #: Each weight of an update must lie within this (float16's range is 65504).
 MAX_DELTA = 6.0e4
+#: The endpoint's answers that refuse a round's upload for good (cloud/learnuploads.py): a device
+#: gives the round up. Any other answer (4.08 of a Block1 transfer cut short, 5.03) is sent again
+#: until the deadline.
+REFUSALS = ("4.00", "4.03", "4.04")
 #: The fleet threshold rule (cloud/fedavg.py says how it was chosen): this quantile of the pooled
 #: normal scores plus this margin, in the features' units. A device applies the same rule to its
 #: own held-out scores when it counts the synthetic faults a model detects (the check).

@@ -491,3 +491,28 @@ async def test_a_round_replaced_while_the_ledger_charges_it_sends_the_update_cha
     finally:
         release.set()
         await dev.stop()
+
+
+async def test_an_upload_cut_short_by_4_08_is_sent_again_not_given_up(
+    endpoint: tuple[str, Learn], tmp_path: Path
+) -> None:
+    """Fault: the endpoint restarted (or its Block1 state expired on a slow link) while the
+    update's blocks were on their way: the later block is answered 4.08, no upload in progress
+    (cloud/protocol.py _Block1Uploads). Was: any 4.xx ended the round ``refused``, a status that
+    stands for every attempt: the update charged to the ledger never delivered, the device out
+    of the round. Now only the endpoint's refusals (4.00, 4.03, 4.04) end it; this answer is
+    the reason of an ``uploading`` round, sent again until the deadline."""
+    uri, learn = endpoint
+    sha = serve_masters(learn)
+    learn.routes[DEVICE] = Code.REQUEST_ENTITY_INCOMPLETE
+    dev = Device(uri, tmp_path).start()
+    try:
+        dev.client.apply("skab-ae", task(1, sha))
+        await until(lambda: learn.posts or dev.st().get("status") == "failed", "an upload")
+        learn.routes[DEVICE] = Code.CHANGED  # the endpoint takes the next one
+        ended = lambda: dev.st().get("status") in ("uploaded", "refused")  # noqa: E731
+        await until(ended, "the round ended")
+        assert dev.st()["status"] == "uploaded" and len(learn.posts) >= 2
+        assert dev.client.ledger.charged == ["1:1"]
+    finally:
+        await dev.stop()
