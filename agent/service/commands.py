@@ -11,7 +11,8 @@ The outcome is reported as ``command/<name>`` = ``{"id", "status", "result", "at
   sensors stay open: a second opening of a serial port or a bus would disturb the running
   reads), the queue depth and the link state; ``failed`` when a required sensor is not ok.
 - ``restart``: recorded as done *before* the agent stops with :data:`EXIT_RESTART` (75,
-  EX_TEMPFAIL), which systemd's ``Restart=on-failure`` restarts; so it can never loop.
+  EX_TEMPFAIL), which systemd's ``Restart=on-failure`` restarts; so it can never loop (a
+  record that cannot be written, a full disk: ``failed``, and the agent goes on).
 - ``flush``: wakes the uplink now and reports the queue depth before and after (at most
   :data:`FLUSH_WAIT` seconds later).
 - ``rotate``: the device makes a new credential itself (new random secrets, generation + 1),
@@ -186,7 +187,8 @@ class CommandRunner:
             return "ok", await self.flush()
         if name == "restart" and self.restart is not None:
             # done before the stop: the restarted agent sees this id done and never loops
-            self._finish(name, command_id, "ok", {"restarting": True})
+            if not self._finish(name, command_id, "ok", {"restarting": True}):
+                return "failed", {"error": f"{COMMANDS_FILE} not written: not restarting"}
             self.restart()
             return None
         if name == "logs" and self.logs is not None:
@@ -218,12 +220,14 @@ class CommandRunner:
         self.restart()
         return None
 
-    def _finish(self, name: str, command_id: int, status: str, result: dict[str, Any]) -> None:
+    def _finish(self, name: str, command_id: int, status: str, result: dict[str, Any]) -> bool:
+        """Record the outcome; False when it could not be written (a full disk)."""
         self.done[name] = wire.result_value(command_id, status, result, round(self.time(), 3))
         self._queued.pop(name, None)
-        self._save()
+        saved = self._save()
         log.info("event=command_done name=%s id=%d status=%s", name, command_id, status)
         self.changed()
+        return saved
 
     # -- persistence -----------------------------------------------------------------------------
     def _load(self) -> dict[str, dict[str, Any]]:
@@ -241,12 +245,14 @@ class CommandRunner:
                     out[name] = value
         return out
 
-    def _save(self) -> None:
+    def _save(self) -> bool:
         data = json.dumps(self.done, sort_keys=True).encode()
         try:
             write_atomic(self.path, data, mode=0o600)
         except OSError as err:
             log.error("event=commands_file_failed path=%s error=%r", self.path, str(err))
+            return False
+        return True
 
 
 def selftest_probe(sampler: Any, depth: Callable[[], int | None], link: Callable[[], Any]) -> Probe:

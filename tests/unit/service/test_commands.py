@@ -60,6 +60,23 @@ async def test_restart_is_recorded_done_before_the_stop_and_never_runs_again(
     assert again == [1]
 
 
+async def test_hostile_disk_a_restart_that_cannot_be_recorded_does_not_stop_the_agent(
+    tmp_path: Path,
+) -> None:
+    """A full disk (here commands.json a directory, so its replacement fails): the agent, once
+    restarted, would find the id not done and restart again, until systemd's start limit gives
+    the unit up. The restart is reported failed instead, and the agent keeps running."""
+    (tmp_path / cmd.COMMANDS_FILE).mkdir()
+    stops: list[int] = []
+    r = runner(tmp_path, restart=lambda: stops.append(1))
+    r.apply("restart", {"id": 41})
+    await drain(r)
+    assert stops == []
+    outcome = r.reported()["command/restart"]
+    assert outcome["id"] == 41 and outcome["status"] == "failed"
+    assert "not restarting" in outcome["result"]["error"]
+
+
 async def test_each_id_runs_once_and_the_outcome_is_reported(tmp_path: Path) -> None:
     runs: list[int] = []
     changed: list[int] = []
