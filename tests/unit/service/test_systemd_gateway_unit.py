@@ -75,11 +75,15 @@ def test_gateway_unit_has_the_agent_units_service_directives() -> None:
         ("Service", "MemoryDenyWriteExecute"),
         ("Service", "ProtectSystem"),
         ("Service", "CapabilityBoundingSet"),
-        ("Service", "SystemCallFilter"),
         ("Service", "ConfigurationDirectoryMode"),  # one directory, the same mode from both
         ("Install", "WantedBy"),
     ):
         assert values(GW_UNIT, section, key) == values(UNIT, section, key), key
+    # the agent's filter without its last line: the two calls only the device agent makes (its
+    # CPU pinning, its training process's nice 19)
+    agent_filter = values(UNIT, "Service", "SystemCallFilter")
+    assert agent_filter[-1] == "sched_setaffinity setpriority"
+    assert values(GW_UNIT, "Service", "SystemCallFilter") == agent_filter[:-1]
     assert one(GW_UNIT, "Service", "DevicePolicy") == "closed"
     assert one(GW_UNIT, "Service", "PrivateDevices") == "yes"
     keys = {k for _, k, _ in directives(GW_UNIT)}

@@ -199,6 +199,49 @@ def test_systemd_unit_has_the_required_directives() -> None:
     assert one(UNIT, "Install", "WantedBy") == "multi-user.target"
 
 
+def syscall_set(name: str) -> set[str]:
+    """The system calls of ``name``: a call, or a ``@group`` as this host's systemd defines it
+    (nested groups expanded)."""
+    if not name.startswith("@"):
+        return {name}
+    proc = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "--no-pager", name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out: set[str] = set()
+    for line in proc.stdout.splitlines()[1:]:
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            out |= syscall_set(entry)
+    return out
+
+
+def allowed_syscalls(path: Path) -> set[str]:
+    """The calls a unit's SystemCallFilter= lines allow, merged in order as systemd.exec(5) says:
+    the first line is an allow list; a later one adds its calls, a later ``~`` one removes
+    them."""
+    allowed: set[str] = set()
+    for value in values(path, "Service", "SystemCallFilter"):
+        deny = value.startswith("~")
+        calls = set().union(*(syscall_set(n) for n in value.removeprefix("~").split()))
+        allowed = allowed - calls if deny else allowed | calls
+    return allowed
+
+
+@analyze
+def test_systemd_filter_allows_what_the_agent_does_on_purpose() -> None:
+    """The agent pins itself to one CPU by default (agent/service/cpu.py: sched_setaffinity)
+    and its training process lowers its priority (agent/learn/worker.py: os.nice ->
+    setpriority). Both are in @resources, which the filter takes away: EPERM, caught, so the
+    agent ran on every CPU and trained at the agent's own priority under the service."""
+    allowed = allowed_syscalls(UNIT)
+    assert {"read", "mmap", "prlimit64", "sched_getaffinity"} <= allowed  # the merge is right
+    assert not {"reboot", "setrlimit", "sched_setscheduler", "mount"} & allowed
+    assert {"sched_setaffinity", "setpriority"} <= allowed
+
+
 def test_systemd_install_unit_runs_once_before_the_agent() -> None:
     conditions = values(INSTALL_UNIT, "Unit", "ConditionPathExists")
     assert "!/opt/edge-agent/venv/bin/edge-agent" in conditions
