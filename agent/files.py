@@ -9,9 +9,12 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from drivers.base import Options
 
 #: The largest JSON state file read whole (the agent's are kilobytes): a larger one is refused as
 #: unreadable instead of read into memory.
@@ -62,6 +65,16 @@ def resolve_path(base: Path, value: str) -> Path:
     """``value`` (``~`` expanded) relative to ``base`` unless it is absolute."""
     p = Path(value).expanduser()
     return p if p.is_absolute() else (base / p)
+
+
+def config_path_exists(opts: Options, key: str, path: Path) -> bool:
+    """Whether the file that config key ``key`` names is there; a path the system cannot look up
+    (a name longer than the filesystem takes, a directory this user may not enter) is that key's
+    error (:class:`~drivers.base.OptionError`), not an OSError out of the parser."""
+    try:
+        return path.exists()
+    except OSError as err:
+        raise opts.error(key, f"cannot be looked up: {err.strerror}") from None
 
 
 def ensure_writable_dir(path: Path) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ModelError
-from agent.files import resolve_path
+from agent.files import config_path_exists, resolve_path
 from agent.modelstore.signing import NAME_RE, load_public_key
 from drivers.base import Options
 
@@ -45,7 +45,8 @@ class ModelsSettings:
             key = Path(opts.string("public_key")).expanduser()
             if base_dir is not None and not key.is_absolute():
                 key = base_dir / key
-            if key.exists():  # a key not there yet: downloads are refused until it is
+            # a key not there yet: downloads are refused until it is
+            if config_path_exists(opts, "public_key", key):
                 if not key.is_file():
                     raise opts.error("public_key", f"{key} is not a file")
                 try:

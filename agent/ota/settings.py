@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ModelError
-from agent.files import resolve_path
+from agent.files import config_path_exists, resolve_path
 from agent.modelstore.signing import load_public_key
 from agent.ota.bootcheck import (
     HEALTH_WINDOW,
@@ -48,7 +48,7 @@ class UpdateSettings:
         public_key = None
         if opts.has("public_key"):
             key = resolve_path(base, opts.string("public_key"))
-            if key.exists():
+            if config_path_exists(opts, "public_key", key):
                 try:
                     load_public_key(key)
                 except ModelError as err:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import StoreError, SyncError
-from agent.files import resolve_path
+from agent.files import config_path_exists, resolve_path
 from agent.store.queue import Record, Store
 from agent.store.settings import SEQ_HEADROOM
 from agent.sync.backoff import clamp_hint, full_jitter
@@ -147,6 +147,8 @@ class UplinkSettings:
             if opts.has("credential")
             else data_dir / "credential.json"
         )
+        if opts.has("credential"):  # it may come later, but under a name the system can look up
+            config_path_exists(opts, "credential", credential)
         settings = cls(
             endpoints=endpoints,
             batch_records=opts.integer("batch_records", 1000, minimum=1, maximum=MAX_BATCH_RECORDS),

@@ -81,6 +81,7 @@ def _replace(old: str, new: str) -> str:
     return GOOD.replace(old, new, 1)
 
 
+LONG_NAME = "k" * 300 + ".pub"  # longer than a file name may be (255 bytes)
 BAD = [
     ("not toml", "[agent\n", "", "not valid TOML"),
     (
@@ -217,6 +218,24 @@ BAD = [
         GOOD + "\n[state]\nreport_interval = 0\n",
         "state.report_interval",
         "below the minimum",
+    ),
+    (  # a name longer than the filesystem takes: the lookup's OSError was no key's error
+        "model key name too long",
+        GOOD + f'\n[models]\npublic_key = "{LONG_NAME}"\n',
+        "models.public_key",
+        "cannot be looked up",
+    ),
+    (
+        "release key name too long",
+        GOOD + f'\n[update]\npublic_key = "{LONG_NAME}"\n',
+        "update.public_key",
+        "cannot be looked up",
+    ),
+    (
+        "credential name too long",
+        GOOD + f'\n[uplink]\nendpoints = ["coap://127.0.0.1:5683"]\ncredential = "{LONG_NAME}"\n',
+        "uplink.credential",
+        "cannot be looked up",
     ),
     (
         "state coalescing above the period",
