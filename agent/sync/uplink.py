@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.errors import StoreError, SyncError
 from agent.files import config_path_exists, resolve_path
@@ -142,6 +143,15 @@ class UplinkSettings:
                 )
             if uri.rstrip("/") != uri:
                 raise opts.error(f"endpoints[{i}]", "give the endpoint without a trailing '/'")
+            try:  # a port out of range or not a number raises only when it is asked for
+                parts = urlsplit(uri)
+                good = bool(parts.hostname) and parts.port != 0
+            except ValueError:
+                good = False
+            if not good:
+                raise opts.error(
+                    f"endpoints[{i}]", f"{uri!r}: not a CoAP URI with a host and a port 1-65535"
+                )
         credential = (
             resolve_path(base or Path("."), opts.string("credential"))
             if opts.has("credential")

@@ -237,6 +237,15 @@ BAD = [
         "uplink.credential",
         "cannot be looked up",
     ),
+    *(  # check-config said ok; at run time link, state, uplink and advice failed in a loop
+        (
+            f"endpoint {uri}",
+            GOOD + f'\n[uplink]\nendpoints = ["{uri}"]\nsecurity = "none"\n',
+            "uplink.endpoints[0]",
+            "not a CoAP URI with a host and a port 1-65535",
+        )
+        for uri in ("coap://127.0.0.1:99999", "coap://host:abc", "coap://:5683", "coap://[::1")
+    ),
     (
         "state coalescing above the period",
         GOOD + "\n[state]\nreport_interval = 10\nmin_put_interval = 60\n",
