@@ -16,9 +16,10 @@ the ``logs`` command.
   (a device without a real-time clock stamps the lines of a boot 1970 until NTP sets the clock;
   the newer segment then ended earlier than the older one, and was truncated after the next
   start). Segments without one (an older release's) are ordered by the time of their last line.
-  At start the segments are read back into the ring (a torn or malformed line is skipped); a
-  disk that fails or fills stops the writing (the ring goes on in memory) and it is tried again
-  :data:`PERSIST_RETRY` lines later.
+  At start the segments are read back into the ring (a torn or malformed line is skipped, and
+  a torn last line is cut off before the segment is appended to); a disk that fails or fills
+  stops the writing (the ring goes on in memory) and it is tried again :data:`PERSIST_RETRY`
+  lines later.
 - :class:`LogUploader` sends the lines since a time: the newest that fit
   :data:`UPLOAD_TEXT_BYTES` (older ones are left out and counted), zlib-compressed, in one CBOR
   body, ``POST /logs/<device>`` (Block1 when it is larger than a block). It is the lowest
@@ -113,6 +114,17 @@ def parse_segment(data: bytes) -> list[tuple[float, str]]:
     return out
 
 
+def _cut_torn_tail(fd: int) -> None:
+    """Cut a segment back to its last whole line (a power cut or a full disk may have torn the
+    last one), so that the next line appended starts a line of its own."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    start = max(0, size - 4 * LINE_MAX - 64)  # more than the longest line a ring writes
+    tail = os.pread(fd, size - start, start)
+    if tail and not tail.endswith(b"\n"):
+        newline = tail.rfind(b"\n")
+        os.ftruncate(fd, start + newline + 1 if newline >= 0 else start)
+
+
 class LogRing(logging.Handler):
     """The last lines logged, bounded by count and by bytes of text; also on disk when given a
     directory (module docstring)."""
@@ -176,7 +188,12 @@ class LogRing(logging.Handler):
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = self.directory / SEGMENTS[self._active]
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0), 0o600)
+            try:
+                _cut_torn_tail(fd)
+            except OSError:
+                os.close(fd)
+                raise
             self._file = os.fdopen(fd, "ab")
             self._written = 0 if truncate else self._file.seek(0, os.SEEK_END)
             if self._written == 0:  # a segment begun: one generation after the other one

@@ -112,6 +112,21 @@ def test_torn_and_hostile_segments_are_read_as_far_as_they_are_whole(tmp_path: P
     ring.close()
 
 
+def test_a_line_torn_by_a_power_cut_does_not_swallow_the_next_start_s_first_line(
+    tmp_path: Path,
+) -> None:
+    """The torn tail is skipped when read back, and the segment is appended to after it: the
+    first line of the next run must not be glued to it (one garbled line, its own lost)."""
+    (tmp_path / SEGMENTS[0]).write_bytes(b"#gen 1\n10.0\tevent=a\n11.0\tevent=tor")
+    ring = LogRing(LogSettings(ring_lines=100, ring_bytes=8192), tmp_path)
+    assert ring.since(None) == [(10.0, "event=a")]
+    ring.add(20.0, "event=started")
+    ring.close()
+    back = LogRing(LogSettings(ring_lines=100, ring_bytes=8192), tmp_path)
+    assert back.since(None) == [(10.0, "event=a"), (20.0, "event=started")]
+    back.close()
+
+
 def test_a_failing_disk_stops_only_the_writing_and_it_is_tried_again(tmp_path: Path) -> None:
     blocker = tmp_path / "logs"
     blocker.write_text("a file where the directory should be")
