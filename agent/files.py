@@ -149,6 +149,10 @@ def toml_document(text: str, label: str) -> dict[str, Any]:
         raise ConfigError(label, "", "not valid TOML: nested too deep") from None
 
 
+#: The largest disk or memory budget a config may give, in MB (1 TiB): its byte count must stay a
+#: finite integer (1e308 MB is not)
+MAX_BUDGET_MB = 1 << 20
+
 #: The largest config file read (the packaged one is a few kilobytes): /dev/zero, or a log file
 #: named by mistake, is refused instead of read into memory
 MAX_CONFIG_BYTES = 1 << 20

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ModelError
-from agent.files import config_path_exists, resolve_path
+from agent.files import MAX_BUDGET_MB, config_path_exists, resolve_path
 from agent.modelstore.signing import NAME_RE, load_public_key
 from drivers.base import Options
 
@@ -38,8 +38,12 @@ class ModelsSettings:
         if not raw.strip():
             raise opts.error("cache_dir", "is empty")
         cache_dir = resolve_path(Path(data_dir), raw)
-        memory = opts.number("memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB, above=0.0)
-        disk = opts.number("disk_budget_mb", DEFAULT_DISK_BUDGET_MB, above=0.0)
+        memory = opts.number(
+            "memory_budget_mb", DEFAULT_MEMORY_BUDGET_MB, above=0.0, maximum=MAX_BUDGET_MB
+        )
+        disk = opts.number(
+            "disk_budget_mb", DEFAULT_DISK_BUDGET_MB, above=0.0, maximum=MAX_BUDGET_MB
+        )
         public_key = None
         if opts.has("public_key"):
             key = Path(opts.string("public_key")).expanduser()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import ModelError
-from agent.files import config_path_exists, resolve_path
+from agent.files import MAX_BUDGET_MB, config_path_exists, resolve_path
 from agent.modelstore.signing import load_public_key
 from agent.ota.bootcheck import (
     HEALTH_WINDOW,
@@ -54,7 +54,9 @@ class UpdateSettings:
                 except ModelError as err:
                     raise opts.error("public_key", str(err)) from None
             public_key = key
-        disk = opts.number("disk_budget_mb", DEFAULT_DISK_BUDGET_MB, above=0.0)
+        disk = opts.number(
+            "disk_budget_mb", DEFAULT_DISK_BUDGET_MB, above=0.0, maximum=MAX_BUDGET_MB
+        )
         attempts = opts.integer("max_attempts", MAX_ATTEMPTS, minimum=1, maximum=MAX_ATTEMPTS_LIMIT)
         window = opts.integer(
             "health_window_s", HEALTH_WINDOW, minimum=MIN_HEALTH_WINDOW, maximum=MAX_HEALTH_WINDOW

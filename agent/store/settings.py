@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.files import MAX_BUDGET_MB
 from agent.wire.records import Kind  # what a record is: decides default priority and eviction order
 from drivers.base import Options
 
@@ -96,7 +97,10 @@ class StoreSettings:
         if not path.is_absolute():
             path = Path(data_dir) / path
         budget_mb = opts.number(
-            "budget_mb", DEFAULT_BUDGET_MB, minimum=MIN_BUDGET_BYTES / (1024 * 1024)
+            "budget_mb",
+            DEFAULT_BUDGET_MB,
+            minimum=MIN_BUDGET_BYTES / (1024 * 1024),
+            maximum=MAX_BUDGET_MB,
         )
         durability = opts.choice("durability", "full", ("full", "normal"))
         lease = opts.number("lease_seconds", DEFAULT_LEASE_SECONDS, minimum=1.0, maximum=86400.0)

@@ -246,6 +246,15 @@ BAD = [
         )
         for uri in ("coap://127.0.0.1:99999", "coap://host:abc", "coap://:5683", "coap://[::1")
     ),
+    *(  # MB times 2**20 is inf, int(inf) an OverflowError: a traceback, not the key
+        (f"{table}.{key} huge", GOOD + f"\n[{table}]\n{key} = 1e308\n", f"{table}.{key}", "above")
+        for table, key in (
+            ("store", "budget_mb"),
+            ("models", "memory_budget_mb"),
+            ("models", "disk_budget_mb"),
+            ("update", "disk_budget_mb"),
+        )
+    ),
     (
         "state coalescing above the period",
         GOOD + "\n[state]\nreport_interval = 10\nmin_put_interval = 60\n",
