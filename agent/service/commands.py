@@ -10,7 +10,8 @@ The outcome is reported as ``command/<name>`` = ``{"id", "status", "result", "at
 - ``selftest``: the running agent's probe: every sensor's health as the sampler sees it (the
   sensors stay open: a second opening of a serial port or a bus would disturb the running
   reads), the queue depth and the link state; ``failed`` when a required sensor is not ok.
-- ``restart``: recorded as done *before* the agent stops with :data:`EXIT_RESTART` (75,
+- ``restart``: refused until the agent has run :data:`RESTART_SETTLE` seconds (systemd's start
+  limit); then recorded as done *before* the agent stops with :data:`EXIT_RESTART` (75,
   EX_TEMPFAIL), which systemd's ``Restart=on-failure`` restarts; so it can never loop (a
   record that cannot be written, a full disk: ``failed``, and the agent goes on).
 - ``flush``: wakes the uplink now and reports the queue depth before and after (at most
@@ -60,6 +61,11 @@ log = logging.getLogger(__name__)
 EXIT_RESTART = EX_TEMPFAIL
 #: The file, in the data directory, of the last command done per name.
 COMMANDS_FILE = "commands.json"
+#: Seconds the agent must have run before a ``restart`` stops it: systemd starts the unit at most
+#: StartLimitBurst=5 times in StartLimitIntervalSec=10min (systemd/edge-agent.service), restarts
+#: included, so faster restarts would leave it stopped for good, with nothing left to take a
+#: command. 10 min / (5 - 1).
+RESTART_SETTLE = 150.0
 #: Seconds a ``flush`` waits for the queue to drain before it reports.
 FLUSH_WAIT = 30.0
 FLUSH_POLL = 0.5
@@ -93,6 +99,7 @@ class CommandRunner:
         ring: logging.Handler | None = None,
         rotator: Rotator | None = None,
         requeue: Callable[[int | None], Awaitable[dict[str, Any]]] | None = None,
+        uptime: Callable[[], float] | None = None,
     ) -> None:
         self.ring = ring  # installed on the root logger from now until run() ends
         if ring is not None:
@@ -106,6 +113,7 @@ class CommandRunner:
         self.changed = changed
         self.rotator = rotator
         self.requeue = requeue
+        self.uptime = uptime  # seconds since this process started (None: not known)
         self.done: dict[str, dict[str, Any]] = self._load()
         self._queue: asyncio.Queue[tuple[str, int, dict[str, Any]]] = asyncio.Queue()
         self._queued: dict[str, int] = {}
@@ -186,6 +194,13 @@ class CommandRunner:
         if name == "flush" and self.flush is not None:
             return "ok", await self.flush()
         if name == "restart" and self.restart is not None:
+            ran = self.uptime() if self.uptime is not None else RESTART_SETTLE
+            if ran < RESTART_SETTLE:
+                return "refused", {
+                    "error": f"the agent started {ran:.0f} s ago: systemd gives up after 5 starts "
+                    f"in 10 minutes, so a restart waits {RESTART_SETTLE:g} s after a start; send "
+                    f"it again in {RESTART_SETTLE - ran:.0f} s"
+                }
             # done before the stop: the restarted agent sees this id done and never loops
             if not self._finish(name, command_id, "ok", {"restarting": True}):
                 return "failed", {"error": f"{COMMANDS_FILE} not written: not restarting"}
@@ -385,6 +400,7 @@ def build_commands(agent: Any) -> CommandRunner:
         requeue=None
         if agent.store is None
         else requeue_probe(agent.store, uplink.poke if uplink is not None else None),
+        uptime=lambda: agent.clock.monotonic() - agent.started,
     )
 
 

@@ -23,6 +23,7 @@ import pytest
 from linkem import Impairment, LinkEmulator
 
 from agent.errors import SyncError
+from agent.service import commands as commands_mod
 from agent.service.commands import EXIT_RESTART
 from agent.store.queue import Record
 from agent.store.setaside import SetAside
@@ -246,8 +247,10 @@ async def test_hostile_log_uploads_are_refused(server: CloudServer, tmp_path: Pa
 
 @pytest.mark.timeout(120)
 async def test_restart_stops_the_agent_with_exit_75_once_and_the_next_start_does_not_loop(
-    endpoint: CloudServer, tmp_path: Path
+    endpoint: CloudServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # taken at once (a restart soon after a start is refused: tests/unit/service/test_commands.py)
+    monkeypatch.setattr(commands_mod, "RESTART_SETTLE", 0.0)
     server, data = endpoint, tmp_path / "cloud"
     cfg = agent_config(tmp_path, server.uri)
     first = RunningAgent(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,6 +76,33 @@ async def test_hostile_disk_a_restart_that_cannot_be_recorded_does_not_stop_the_
     outcome = r.reported()["command/restart"]
     assert outcome["id"] == 41 and outcome["status"] == "failed"
     assert "not restarting" in outcome["result"]["error"]
+
+
+async def test_restarts_faster_than_systemd_s_start_limit_are_refused(tmp_path: Path) -> None:
+    """systemd starts the unit at most StartLimitBurst times in StartLimitIntervalSec, restarts
+    by command included: restart commands sent one after the other would leave the agent
+    stopped for good (and its pending release rolled back), with nothing left on the device to
+    take the next command. A restart is taken only once the agent has run RESTART_SETTLE."""
+    unit = (Path(__file__).parents[3] / "systemd" / "edge-agent.service").read_text()
+    burst, minutes = (
+        int(m.group(1)) if (m := re.search(rf"^{key}=(\d+)(min)?$", unit, re.M)) else 0
+        for key in ("StartLimitBurst", "StartLimitIntervalSec")
+    )
+    assert burst > 1 and minutes > 0
+    assert cmd.RESTART_SETTLE * (burst - 1) >= minutes * 60  # the limit is never reached
+
+    stops: list[int] = []
+    uptime = [12.0]
+    r = runner(tmp_path, restart=lambda: stops.append(1), uptime=lambda: uptime[0])
+    r.apply("restart", {"id": 7})
+    await drain(r)
+    assert stops == []
+    outcome = r.reported()["command/restart"]
+    assert outcome["status"] == "refused" and "send it again in 138 s" in outcome["result"]["error"]
+    uptime[0] = cmd.RESTART_SETTLE
+    r.apply("restart", {"id": 8})
+    await drain(r)
+    assert stops == [1] and r.reported()["command/restart"]["status"] == "ok"
 
 
 async def test_each_id_runs_once_and_the_outcome_is_reported(tmp_path: Path) -> None:
