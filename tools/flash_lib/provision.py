@@ -126,11 +126,11 @@ def check_settings(s: Settings) -> None:
         port = parts.port
     except ValueError:
         port = -1
-    if (
+    if (  # as the agent's [uplink] endpoints takes it (agent/sync/uplink.py): no '/' after it
         parts.scheme not in ENDPOINT_SCHEMES[s.security]
         or not parts.hostname
-        or port == -1
-        or parts.path not in ("", "/")
+        or port in (-1, 0)
+        or parts.path
         or any(c.isspace() or ord(c) < 32 for c in s.endpoint)
     ):
         want = (

@@ -34,7 +34,13 @@ HOST_UNITS = Path("/usr/lib/systemd/system")
 EXPOSURE_LIMIT = 2.0
 
 sys.path.insert(0, str(ROOT / "tools"))
-from flash_lib.provision import Settings, render_config, sensor_section  # noqa: E402
+from flash_lib.errors import FlashError  # noqa: E402
+from flash_lib.provision import (  # noqa: E402
+    Settings,
+    check_settings,
+    render_config,
+    sensor_section,
+)
 
 analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
@@ -512,6 +518,26 @@ def test_flash_template_is_a_valid_agent_config(tmp_path: Path) -> None:
         )
         uplink = config.load(path).uplink
         assert uplink is not None and uplink.security == mode
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["coap://cloud.example:5683/", "coap://cloud.example:0", "coap://cloud.example"]
+)
+def test_an_endpoint_tools_flash_takes_is_one_the_agent_starts_with(
+    tmp_path: Path, endpoint: str
+) -> None:
+    """tools/flash refuses an endpoint before it touches the device, or writes one the agent
+    takes: a config the agent refuses (exit 78) leaves a flashed device that never starts."""
+    from agent.service import config
+
+    settings = Settings(device_id="pump-07", endpoint=endpoint, security="none")
+    try:
+        check_settings(settings)
+    except FlashError:
+        return
+    path = tmp_path / "agent.toml"
+    path.write_text(render_config(TEMPLATE.read_text(), settings, sensor_section(RIG.read_text())))
+    assert config.load(path).uplink is not None
 
 
 def test_flash_sensor_section_takes_only_the_sensor_tables() -> None:
