@@ -37,6 +37,9 @@ CBOR_INT_RANGE = (-(2**64), 2**64 - 1)  # the integers CBOR holds without a bign
 #: (agent/modelstore/floors.py).
 MAX_ROLLBACK_INDEX = 2**31 - 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
+#: The largest key file read (a PEM key is some hundred bytes): a path to anything else (a
+#: bundle, a log, /dev/zero) is refused, not read whole into memory
+MAX_KEY_BYTES = 16 << 10
 
 
 # -- keys -----------------------------------------------------------------------------------------
@@ -54,9 +57,12 @@ def _load_key(
     """A key of ``kind`` ("public"/"private") from a PEM file, 32 raw bytes or 64 hex digits."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            data = f.read(MAX_KEY_BYTES + 1)
     except OSError as err:
         raise ModelError(f"{p}: cannot read the {what} ({err})") from err
+    if len(data) > MAX_KEY_BYTES:
+        raise ModelError(f"{p}: larger than a key can be ({MAX_KEY_BYTES} bytes): not the {what}")
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
             key = from_pem(data)

@@ -352,3 +352,21 @@ def test_one_serial_port_under_two_paths_is_refused(tmp_path: Path):
         config.load(file)
     assert info.value.path == "sensor[3].port"
     assert f"{by_id} is already used by sensor[2] (both are {tty})" in str(info.value)
+
+
+@pytest.mark.parametrize("table", ["models", "update"])
+def test_a_key_file_larger_than_a_key_is_refused_without_reading_it_whole(
+    tmp_path: Path, table: str
+):
+    """A public key is some hundred bytes: a path to something else (a release bundle, a log,
+    /dev/zero) was read whole into memory at every start, without end for /dev/zero."""
+    big = tmp_path / "bundle.tar"
+    with open(big, "wb") as f:
+        f.truncate(32 << 20)  # sparse: 32 MiB that take no disk
+    for path in [big] + ([Path("/dev/zero")] if table == "update" else []):
+        file = tmp_path / "agent.toml"
+        file.write_text(GOOD + f'\n[{table}]\npublic_key = "{path}"\n')
+        with pytest.raises(ConfigError) as info:
+            config.load(file)
+        assert info.value.path == f"{table}.public_key"
+        assert "larger than a key" in str(info.value)
