@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from agent.detect.analyzer import AnalyzerSettings
 from agent.errors import ConfigError
 from agent.exits import EX_USAGE, CommandError
-from agent.files import read_config_text, resolve_path, toml_document
+from agent.files import config_path_exists, read_config_text, resolve_path, toml_document
 from agent.learn.settings import LearnSettings
 from agent.metrics import MetricsSettings
 from agent.modelstore.settings import ModelsSettings
@@ -183,6 +183,7 @@ def _parse_agent(t: Options, base: Path) -> AgentSection:
     if not NAME_RE.match(device_id):
         raise t.error("device_id", f"{device_id!r} must be 1-63 letters, digits, '_', '-', '.'")
     data_dir = resolve_path(base, t.string("data_dir", "/var/lib/edge-agent"))
+    config_path_exists(t, "data_dir", data_dir)  # made at start: a name the system can look up
     level = t.choice("log_level", "info", ("debug", "info", "warning", "error"))
     affinity = t.choice("cpu_affinity", "single", ("single", "all"))
     t.finish()

@@ -232,6 +232,12 @@ BAD = [
         "cannot be looked up",
     ),
     (
+        "data dir name too long",
+        _replace('data_dir = "state"', f'data_dir = "{LONG_NAME}"'),
+        "agent.data_dir",
+        "cannot be looked up",
+    ),
+    (
         "credential name too long",
         GOOD + f'\n[uplink]\nendpoints = ["coap://127.0.0.1:5683"]\ncredential = "{LONG_NAME}"\n',
         "uplink.credential",
