@@ -31,7 +31,10 @@ What it serves (RFC 9110, RFC 9112):
 
 After the answer the server closes its sending side and discards what the peer still sends for
 up to :data:`LINGER` seconds ("lingering close"), so that an unread request does not turn into a
-TCP reset that destroys the answer on its way.
+TCP reset that destroys the answer on its way. A connection keeps its place under the limits
+until its socket is closed: an answer the peer has not taken within :data:`WRITE_TIMEOUT` is
+dropped and the connection reset (closing a socket waits for its unsent bytes, for as long as
+the peer does not read).
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ class HttpServer:
         peer = _peer(writer)
         host = peer.rpartition(":")[0]
         self._per_client[host] += 1
+        abort = False
         try:
             if self._open > MAX_CONNECTIONS or self._per_client[host] > MAX_PER_CLIENT:
                 if self._tls is not None:  # no answer before TLS: closed (counted as a 503)
@@ -192,25 +196,32 @@ class HttpServer:
                 await _linger(reader, writer)
                 return
             if self._tls is not None:
+                abort = True  # no answer goes out before TLS (and no close waits on it)
                 await writer.start_tls(self._tls, ssl_handshake_timeout=HEAD_TIMEOUT)
+                abort = False
             await self._serve_one(reader, writer, peer)
         except (ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError) as err:
             log.debug("event=http_connection_lost peer=%s error=%s", peer, type(err).__name__)
+            abort = True  # lost, or its answer not taken in time: nothing more to deliver
         except asyncio.CancelledError:
             # stop(): the connection ends here. Not re-raised: Python 3.11's stream server logs
             # a traceback for a connection task that ends cancelled.
             log.debug("event=http_connection_closed peer=%s reason=stopping", peer)
+            abort = True  # stopping waits for no peer
         except Exception as err:  # never a traceback: one line, the connection goes
             log.error("event=http_internal_error peer=%s error=%r", peer, _short(err))
         finally:
-            self._open -= 1
-            self._per_client[host] -= 1
-            if not self._per_client[host]:
-                del self._per_client[host]
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), LINGER)
+            try:
+                if abort:
+                    writer.transport.abort()
+                else:
+                    await _close(writer)
+            finally:  # the slot is given back once the socket is gone
+                self._open -= 1
+                self._per_client[host] -= 1
+                if not self._per_client[host]:
+                    del self._per_client[host]
+                self._tasks.discard(task)
 
     async def _serve_one(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
@@ -419,6 +430,18 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
                 if not chunk:
                     break
                 discarded += len(chunk)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close the connection once what was written to it has gone; reset it when the peer does
+    not take that within :data:`WRITE_TIMEOUT` (or the server stops): closing waits for unsent
+    bytes, so a peer that never reads would otherwise keep the socket, and the answer, for good."""
+    writer.close()
+    try:
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.wait_closed()
+    except (Exception, asyncio.CancelledError):  # stop(): not re-raised, see _connection
+        writer.transport.abort()
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -5,6 +5,8 @@ connects from 127.0.0.2, the operator from 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -117,4 +119,45 @@ async def test_attack_idle_connections_that_never_start_tls_are_held_to_their_sh
     finally:
         for _, w in held:
             w.close()
+        await srv.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_attack_a_client_that_never_reads_its_answer_does_not_keep_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attack: ask for a large answer and never read it. The server gave up after WRITE_TIMEOUT
+    and stopped counting the connection, but closing it waited for the unsent answer to go, so
+    the socket and the answer's bytes were held for as long as the peer kept its window shut:
+    an address could hold any number of them beyond MAX_PER_CLIENT, one every WRITE_TIMEOUT per
+    slot (the peer, reading once the server was done, still got the whole 16 MB answer). Now a
+    connection whose answer is not taken in time is reset before its slot is given back."""
+    monkeypatch.setattr(httpserve, "WRITE_TIMEOUT", 0.2)
+    monkeypatch.setattr(httpserve, "LINGER", 0.1)
+    body = b"x" * (16 << 20)  # more than the sockets' buffers hold
+    asked = asyncio.Event()
+
+    async def large(request: Request) -> Response:
+        asked.set()
+        return Response(200, body)
+
+    srv = HttpServer(large)
+    await srv.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, (srv.host, srv.port))
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(asked.wait(), 10)
+        await asyncio.gather(*srv._tasks)  # the server is done with the connection
+        assert srv._open == 0
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := await loop.sock_recv(sock, 1 << 20):
+                received += len(chunk)
+        assert received < len(body)
+    finally:
+        sock.close()
         await srv.stop()
