@@ -94,16 +94,16 @@ def _plain(value: Any, depth: int = 0) -> Any:
     return None
 
 
-def _reported(db: Sql, devices: list[str] | None) -> dict[str, dict[str, Any]]:
-    """Reported values of :data:`FLEET_KEYS`, per device (values that do not decode: left out)."""
-    if devices == []:  # "IN ()" is SQLite's only
+def _reported(db: Sql, devices: list[str]) -> dict[str, dict[str, Any]]:
+    """Reported values of :data:`FLEET_KEYS` of ``devices``, per device (values that do not
+    decode: left out)."""
+    if not devices:  # "IN ()" is SQLite's only
         return {}
     where = " OR ".join("key LIKE ?" if k.endswith("/") else "key = ?" for k in FLEET_KEYS)
     args: list[Any] = [k + "%" if k.endswith("/") else k for k in FLEET_KEYS]
     sql = f"SELECT device, key, value FROM reported WHERE ({where})"
-    if devices is not None:
-        sql += f" AND device IN ({','.join('?' * len(devices))})"
-        args += devices
+    sql += f" AND device IN ({','.join('?' * len(devices))})"
+    args += devices
     out: dict[str, dict[str, Any]] = {}
     for device, key, raw in db.execute(sql, args):
         try:
@@ -202,7 +202,7 @@ def _fleet(db: Sql, now: float) -> dict[str, Any]:
     ).fetchall()
     truncated = len(rows) > MAX_DEVICES
     rows = rows[:MAX_DEVICES]
-    reported = _reported(db, None if truncated else [r[0] for r in rows])
+    reported = _reported(db, [r[0] for r in rows])  # of the shown devices only
     devices = []
     failed: list[str] = []
     for device, registered, last_seen in rows:
