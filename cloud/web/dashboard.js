@@ -462,11 +462,14 @@
   }
 
   async function pollDevice() {
+    const shown = current();
     const id = encodeURIComponent(state.device);
     const base = "/api/devices/" + id;
     const [head, series] = await Promise.all([api(base), api(base + "/series?window=" + state.window)]);
+    if (!shown()) return; // the page went to another device or window meanwhile: not drawn
     const q = "?window=" + state.window + "&until=" + series.until;
     const [alerts, link] = await Promise.all([api(base + "/alerts" + q), api(base + "/link" + q)]);
+    if (!shown()) return;
     state.since = series.since;
     state.until = series.until;
     state.now = series.now;
@@ -532,20 +535,26 @@
     }
   }
 
+  function current() {
+    // whether the page still shows what it showed when this was called
+    const view = state.view, device = state.device, win = state.window;
+    return () => view === state.view && device === state.device && win === state.window;
+  }
+
   async function poll() {
     clearTimeout(state.timer);
-    const view = state.view, device = state.device;
+    const shown = current();
     try {
-      if (view === "fleet") await pollFleet();
+      if (state.view === "fleet") await pollFleet();
       else await pollDevice();
-      if (view === state.view && device === state.device) {
+      if (shown()) {
         state.polls++;
         setStatus(true, "live · updated " + new Date().toLocaleTimeString());
       }
     } catch (err) {
-      setStatus(false, String(err.message || err));
+      if (shown()) setStatus(false, String(err.message || err));
     }
-    if (view === state.view && device === state.device) state.timer = setTimeout(poll, POLL_MS);
+    if (shown()) state.timer = setTimeout(poll, POLL_MS);
   }
 
   window.addEventListener("hashchange", route);
