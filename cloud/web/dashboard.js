@@ -467,7 +467,7 @@
     const base = "/api/devices/" + id;
     const [head, series] = await Promise.all([api(base), api(base + "/series?window=" + state.window)]);
     if (!shown()) return; // the page went to another device or window meanwhile: not drawn
-    const q = "?window=" + state.window + "&until=" + series.until;
+    const q = "?window=" + state.window + "&until=" + encodeURIComponent(series.until); // -1e+21
     const [alerts, link] = await Promise.all([api(base + "/alerts" + q), api(base + "/link" + q)]);
     if (!shown()) return;
     state.since = series.since;

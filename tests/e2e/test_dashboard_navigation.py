@@ -1,7 +1,7 @@
-"""The dashboard page in headless Chromium while the operator moves on: a poll that was on its
-way when the page went to another device (or window) must not draw what it brings. The
-endpoint and its data are tests/e2e/test_dashboard.py's (``cloud``: DEVICE sent telemetry and
-alerts, IDLE sent nothing)."""
+"""The dashboard page in headless Chromium: a poll that was on its way when the page went to
+another device (or window) must not draw what it brings, and the page's own requests carry
+what a device's data puts in them intact. The endpoint and its data are
+tests/e2e/test_dashboard.py's (``cloud``: DEVICE sent telemetry and alerts, IDLE sent nothing)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from agent.wire.batch import WireRecord
+from agent.wire.records import TelemetryBody
 from tests.e2e.test_dashboard import DEVICE, IDLE, browser_paths, cloud, fleet_page
 
 __all__ = ["cloud"]  # the fixture
@@ -86,3 +88,36 @@ async def test_a_poll_of_the_device_left_does_not_draw_over_the_device_shown(clo
     assert seen["head"] == IDLE  # was DEVICE
     assert seen["sensors"] == [] and seen["alerts"] == 0  # IDLE sent nothing
     assert not [name for name in seen["charts"] if name.startswith("telemetry:")]
+
+
+def open_device(url: str, device: str) -> dict[str, Any]:
+    """Open ``device``'s view; return the status once its first poll ended (run in a thread)."""
+    with fleet_page(url, "return document.querySelectorAll('.card').length") as (browser, wait):
+        browser.execute_script(f"location.hash = '#/device/{device}?window=900'")
+        wait.until(
+            lambda b: b.execute_script(
+                "const s = document.getElementById('status').className;"
+                "return window.dashboard.state.polls >= 1 || s.includes('error')"
+            )
+        )
+        return browser.execute_script(
+            "return {status: document.getElementById('status').className,"
+            " text: document.getElementById('status').textContent}"
+        )
+
+
+@pytest.mark.timeout(180)
+async def test_a_device_whose_newest_reading_is_far_off_in_time_still_shows(cloud: Any) -> None:
+    """A device's clock far off: its newest reading at -1e21 (a body time the endpoint stores,
+    any finite number). The window then ends at that reading, and the page sent it as the alerts'
+    and link's ``until`` unencoded: JavaScript writes it -1e+21, the query's + is a space, and
+    the endpoint answered 400 at every poll (the device's view showed an error and nothing
+    else). Now the page encodes it."""
+    server, times = cloud
+    browser_paths()  # fails (not skips) with what to install
+    assert server.dashboard is not None
+    reading = TelemetryBody("motor", -1e21, {"current_a": 1.5})
+    record = WireRecord(0, "telemetry", times["now"], reading.to_cbor())
+    await server.db(lambda s: s.ingest(IDLE, [record], times["now"]))
+    seen = await asyncio.to_thread(open_device, server.dashboard.url, IDLE)
+    assert seen["status"] == "status live", seen["text"]
