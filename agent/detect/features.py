@@ -230,7 +230,12 @@ def calibrate(spec: FeatureSpec, rows: Any) -> Calibration:
     second = np.abs(_raw(spec, a, first.mean, first.std)[half:] / first.smooth_std)
     drift = second.max(axis=0)
     scale = np.maximum(spec.floor_factor * np.asarray(spec.normal_scale), spec.drift_factor * drift)
-    return Calibration(full.mean, full.std, full.smooth_std, drift, scale, samples=n)
+    cal = Calibration(full.mean, full.std, full.smooth_std, drift, scale, samples=n)
+    if not all(np.all(np.isfinite(getattr(cal, k))) for k in _CAL_ARRAYS):
+        # a value near the float range (a sensor glitch) overflows the spread: such a
+        # calibration would read that channel as 0 for good
+        raise ValueError("commissioning rows too large to scale (a reading near the float range?)")
+    return cal
 
 
 def levels(spec: FeatureSpec, cal: Calibration, rows: Any) -> np.ndarray:

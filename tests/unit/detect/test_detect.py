@@ -371,6 +371,24 @@ def test_recommission(manifest, models) -> None:
     assert det.commissioned and after.alerts == []
 
 
+def test_a_reading_too_large_to_scale_during_commissioning_starts_it_over(manifest, models) -> None:
+    """A glitch of 1e308 among the commissioning rows overflows the channel's spread to inf: a
+    calibration that divides that channel by inf reads it as 0 forever, so a fault on it is
+    never raised. Commissioning starts over from the next rows instead."""
+    det = make(manifest, models)
+    n = det.spec.commissioning
+    rows = np.vstack([normal_rows(n, seed=5), fault_run(seed=6, start=n + 200, end=n + 400)])
+    rows[100, FLOW] = 1e308
+    with np.errstate(over="ignore"):
+        det.feed(np.arange(n, dtype=float), rows[:n])
+        assert not det.commissioned
+        res = det.feed(np.arange(n, len(rows), dtype=float), rows[n:])
+    cal = det.calibration
+    assert cal is not None and all(np.isfinite(x).all() for x in (cal.mean, cal.std, cal.scale))
+    raised = [a for a in res.alerts if a.kind is AlertKind.RAISE]
+    assert raised and raised[0].channels[0][0] == CHANNELS[FLOW]
+
+
 def test_a_model_that_gives_nan_still_scores_and_the_fault_still_raises(
     manifest, models, caplog: pytest.LogCaptureFixture
 ) -> None:
