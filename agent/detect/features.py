@@ -51,6 +51,10 @@ RATE_CHANNELS: tuple[str, ...] = ("Temperature", "Thermocouple")
 
 _REL_STD_FLOOR = 1e-3  # a channel's std is at least 0.1 % of its mean level ...
 _ABS_STD_FLOOR = 1e-6  # ... and never zero (a constant channel during commissioning)
+#: A reading further than this many standard deviations from its channel's mean counts as this
+#: far: a value near the float range (a glitch) would overflow to inf, and inf - inf (a rate
+#: channel) to NaN, which no threshold or CUSUM sum ever crosses again.
+_Z_LIMIT = 1e9
 
 
 @dataclass(frozen=True)
@@ -189,8 +193,14 @@ def _moving_mean(z: np.ndarray, w: int) -> np.ndarray:
     return (c[hi] - c[lo]) / (hi - lo)[:, None]
 
 
+def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(x - mean) / std``, within +-:data:`_Z_LIMIT`."""
+    with np.errstate(over="ignore"):
+        return np.clip((x - mean) / std, -_Z_LIMIT, _Z_LIMIT)
+
+
 def _raw(spec: FeatureSpec, rows: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    m = _moving_mean((rows - mean) / std, spec.smooth)
+    m = _moving_mean(_standardise(rows, mean, std), spec.smooth)
     d = spec.rate_lag
     rate = np.empty_like(m)
     rate[d:] = m[d:] - m[:-d]
@@ -292,7 +302,7 @@ class StreamingFeatures:
     def push(self, row: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Add one row; returns its ``u`` vector and the model input ending there (or None)."""
         x = np.asarray(row, dtype=np.float64)
-        self._z.append((x - self.cal.mean) / self.cal.std)
+        self._z.append(_standardise(x, self.cal.mean, self.cal.std))
         m = np.mean(np.stack(self._z), axis=0)
         self._m.append(m)
         f = m.copy()

@@ -270,6 +270,20 @@ def test_a_model_swap_relearns_the_reference(manifest, models) -> None:
     assert not any(a.kind is AlertKind.CHANGE for a in after)
 
 
+def test_one_reading_near_the_float_range_does_not_stop_the_cusum_for_good(
+    manifest, models
+) -> None:
+    """A glitch of 1e308 on the flow: its standard score overflowed to inf, the reference took
+    inf at the change it raised and NaN at the next sample, and the flow's CUSUM never raised
+    again (a later fault on it gave no change). It counts as a large finite value instead."""
+    det = make(manifest, models)
+    rows = np.vstack([fault_run(seed=5)[:500], fault_run(seed=6)])
+    rows[450, FLOW] = 1e308
+    res = det.feed(np.arange(len(rows), dtype=float), rows)
+    at_fault = [a for a in res.alerts if a.kind is AlertKind.CHANGE and 1000 <= a.time < 1015]
+    assert at_fault and at_fault[0].channels[0][0] == "Volume Flow RateRMS"
+
+
 def test_a_change_alert_round_trips() -> None:
     a = Alert(
         time=1.5e9 + 20,

@@ -389,6 +389,24 @@ def test_a_reading_too_large_to_scale_during_commissioning_starts_it_over(manife
     assert raised and raised[0].channels[0][0] == CHANNELS[FLOW]
 
 
+def test_a_temperature_reading_near_the_float_range_does_not_clear_an_alert(
+    manifest, models
+) -> None:
+    """During a flow fault the temperature reads 1e308 for 100 s: its rate feature was inf - inf
+    = NaN, the score NaN, and NaN > threshold is never true, so the hysteresis counted those rows
+    as normal and cleared the alert while the flow was still down. The reading counts as a large
+    finite value instead: the episode stays raised until the flow recovers."""
+    det = make(manifest, models)
+    rows = fault_run(seed=7, end=1200, n=1400)
+    rows[600:700, CHANNELS.index("Temperature")] = 1e308
+    res = det.feed(np.arange(len(rows), dtype=float), rows)
+    assert np.isfinite(res.scores[400:]).all()
+    assert [(a.kind, a.time >= 1200) for a in res.alerts] == [
+        (AlertKind.RAISE, False),
+        (AlertKind.CLEAR, True),
+    ]
+
+
 def test_a_model_that_gives_nan_still_scores_and_the_fault_still_raises(
     manifest, models, caplog: pytest.LogCaptureFixture
 ) -> None:
