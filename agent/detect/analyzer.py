@@ -6,6 +6,9 @@ reported ``sensor/channel``). Every ``period`` seconds the stage assembles one r
 values and pushes it through the :class:`~agent.detect.detector.Detector`. A row is assembled
 only when every input has a value younger than ``max_age``; otherwise it is skipped and counted
 (``frames_incomplete``), so a sensor that is down never feeds the model stale numbers for long.
+After a gap in the rows longer than the detector's history (an input away, the process suspended),
+the detector fills its window again from new rows before it scores (about half a minute): a rate
+or a window across the gap would read what changed during it as a jump.
 
 Alerts (raise and clear) are committed to the store as ALERT records, the kind with the highest
 priority, so they leave the device ahead of queued telemetry. The body is ``Alert.to_dict()``
@@ -232,6 +235,7 @@ class Analyzer:
         self.frames = 0
         self.frames_incomplete = 0
         self._complete = True
+        self._row_at: float | None = None  # monotonic time of the last row pushed
         self.alerts = 0
         self.alerts_committed = 0
         self.last_alert: dict[str, Any] | None = None
@@ -477,8 +481,10 @@ class Analyzer:
         if not self._complete:
             log.info("event=detect_resumed")
             self._complete = True
+        self._refill_after_gap(now)
         t0 = time.perf_counter()
         alerts = self.detector.push(wall, row)
+        self._row_at = now
         self.inference_seconds.append(time.perf_counter() - t0)
         self.frames += 1
         if len(self.tiers) > 1:
@@ -491,6 +497,17 @@ class Analyzer:
                 self.alerts += 1
                 self._pending.put_nowait((alert, window))
         return alerts
+
+    def _refill_after_gap(self, now: float) -> None:
+        """Before a row that follows a gap longer than the detector's history, let the detector
+        fill its window again (its calibration, hysteresis, novelty and CUSUM carry on)."""
+        det, cal = self.detector, self.detector.calibration
+        if self._row_at is None or cal is None:
+            return
+        gap = now - self._row_at
+        if gap > det.spec.history * self.settings.period:
+            log.info("event=detect_refill gap=%.0f rows=%d", gap, det.spec.history + 1)
+            det.restore(cal)
 
     def _stale(self, key: tuple[str, str], now: float) -> bool:
         got = self._latest.get(key)

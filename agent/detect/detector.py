@@ -569,17 +569,18 @@ class Detector:
             )
 
     def restore(self, cal: Calibration) -> None:
-        """Start from a calibration this device saved earlier (a restart): instead of commissioning
-        again, the detector only fills its window (``warmup_samples`` rows) and then scores."""
-        if self.commissioned or self._commissioning:
-            raise ValueError("restore() before the first sample")
+        """Start from a calibration this device saved earlier (a restart), or from its own after a
+        gap in the rows: instead of commissioning again, the detector only fills its window
+        (``warmup_samples`` rows) and then scores; hysteresis, novelty and CUSUM carry on."""
+        if self._commissioning:
+            raise ValueError("restore() between commissioning rows")
         n = len(self.spec.channels)
         arrays = (cal.mean, cal.std, cal.smooth_std, cal.drift, cal.scale)
         if any(np.shape(x) != (n,) or not np.all(np.isfinite(x)) for x in arrays):
             raise ValueError(f"calibration does not fit {n} channels")
         if not all(np.all(x > 0) for x in (cal.std, cal.smooth_std, cal.scale)):
             raise ValueError("calibration divides by a scale that is not positive")
-        self._restored = cal
+        self._restored, self.calibration = cal, None
 
     @property
     def warmup_samples(self) -> int:
