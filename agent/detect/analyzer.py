@@ -32,8 +32,9 @@ logged and counted (``errors``), the row is skipped, and the stage returns to th
 
 Calibration survives restarts: once commissioning is done, and every ``SAVE_EVERY`` seconds while
 reference tracking moves it, the full tier's calibration is written atomically to
-``calibration_path`` (with the model's sha256 and the inputs it was learnt from). At start a saved
-calibration that matches is restored: the detector only refills its window (about half a minute)
+``calibration_path`` (with the features it scales and the inputs it was learnt from; a hot swap
+keeps the features, so it holds for every model swapped in). At start a saved calibration that
+matches is restored: the detector only refills its window (about half a minute)
 instead of commissioning again, which matters when the machine is already misbehaving at the
 restart. A file that does not match or does not decode is logged and ignored.
 
@@ -309,9 +310,9 @@ class Analyzer:
 
     # -- calibration across restarts ------------------------------------------------------------
     def _calibration_key(self) -> dict[str, Any]:
-        full = self.tiers["full"]
+        """What a saved calibration must match: the full tier's features and the inputs."""
         inputs = {c: f"{s}/{ch}" for c, (s, ch) in self.settings.inputs.items()}
-        return {"model": full.name, "sha256": full.sha256, "inputs": inputs}
+        return {"features": self.detector.spec.to_dict(), "inputs": inputs}
 
     def restore_calibration(self) -> bool:
         """Start the full tier from the saved calibration if it matches (see the module doc)."""
@@ -322,8 +323,12 @@ class Analyzer:
             doc = read_json(path)
             if not isinstance(doc, dict) or not isinstance(doc.get("calibration"), dict):
                 raise ValueError("not a calibration document")
-            if {k: doc.get(k) for k in ("model", "sha256", "inputs")} != self._calibration_key():
-                log.info("event=calibration_ignored path=%s reason=other model or inputs", path)
+            key = self._calibration_key()
+            if "features" not in doc:  # saved by an earlier release: under the model's sha256
+                full = self.tiers["full"]
+                key = {"model": full.name, "sha256": full.sha256, "inputs": key["inputs"]}
+            if {k: doc.get(k) for k in key} != key:
+                log.info("event=calibration_ignored path=%s reason=other features or inputs", path)
                 return False
             self.detector.restore(Calibration.from_dict(doc["calibration"]))
         except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
@@ -346,7 +351,14 @@ class Analyzer:
         if path is None or cal is None or self.tier != "full":
             return
         self._saved_at = self.clock.monotonic()
-        doc = {**self._calibration_key(), "saved": self.clock.time(), "calibration": cal.to_dict()}
+        full = self.tiers["full"]
+        doc = {
+            **self._calibration_key(),
+            "model": full.name,  # for information: the model it was saved under
+            "sha256": full.sha256,
+            "saved": self.clock.time(),
+            "calibration": cal.to_dict(),
+        }
         try:
             await self.clock.run_blocking(None, write_atomic, path, json.dumps(doc).encode())
         except OSError as err:

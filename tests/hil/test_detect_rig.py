@@ -173,9 +173,10 @@ def test_calibration_survives_a_restart_so_a_fault_soon_after_is_caught(tmp_path
     t0 = agent.clock.time() - (agent.clock.monotonic() - agent.started)
     raises = [a for _, a in stored_alerts(cfg) if a["kind"] == "raise"]
     assert raises and 60 <= raises[0]["time"] - t0 < COMMISSIONING
-    # a calibration of another model or other inputs is not used
+    # a calibration of other features or other inputs is not used
     good = saved.read_text()
-    saved.write_text(good.replace('"sha256": "', '"sha256": "00'))
+    assert '"smooth": 10' in good
+    saved.write_text(good.replace('"smooth": 10', '"smooth": 11'))
     agent = run(rig(tmp_path), 30)
     assert agent.analyzer is not None and not agent.analyzer.detector.commissioned
     # nor a file of another shape (was an AttributeError at every start: a crash loop), nor one

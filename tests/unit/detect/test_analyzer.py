@@ -3,7 +3,9 @@ shipped int8 models, one ``step`` per period on a hand-driven clock."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from agent.detect.detector import AlertKind, Detector, DetectSettings
 from agent.detect.features import CHANNELS
 from agent.detect.inference import TFLiteModel, load_manifest
 from drivers.base import Reading
+from drivers.clock import RealClock
 
 ROOT = Path(__file__).resolve().parents[3]
 LEVEL = np.array([0.21, 0.27, 2.4, 0.1, 89.0, 28.0, 229.0, 125.0])
@@ -28,16 +31,19 @@ def manifest():
     return load_manifest(ROOT / "models")
 
 
-def analyzer(manifest) -> Analyzer:
+def analyzer(manifest, calibration_path: Path | None = None) -> Analyzer:
     ae = TFLiteModel.open(manifest, "skab-ae")
     entry = manifest.entry("skab-ae").raw
     detect = DetectSettings(classifier="", changepoint=ChangeSettings(alerts=False))
     settings = AnalyzerSettings(
         inputs={c: ("pump", c) for c in CHANNELS}, detect=detect, max_age=3.0, lite_model=""
     )
-    full = LoadedModel("skab-ae", ae, entry, 1.0, 0, "", 0.0)
+    full = LoadedModel("skab-ae", ae, entry, 1.0, 0, "0" * 64, 0.0)
     det = Detector.from_entry(ae, entry, settings=detect)
-    return Analyzer(settings, det, {"full": full}, store=None, clock=None)  # type: ignore[arg-type]
+    store: Any = None  # step() only queues alerts; nothing here commits them
+    return Analyzer(
+        settings, det, {"full": full}, store, RealClock(), calibration_path=calibration_path
+    )
 
 
 def run(a: Analyzer, start: int, rows: np.ndarray) -> list[tuple[int, AlertKind]]:
@@ -69,3 +75,31 @@ def test_rows_after_an_input_was_away_for_an_hour_are_not_scored_against_rows_be
     alerts = run(a, 4600, after)
     assert alerts and alerts[0][1] is AlertKind.RAISE and 4900 <= alerts[0][0] < 4930
     assert a.frames_incomplete == 3600 - 3  # the last readings stand for max_age (3 s)
+
+
+async def test_a_calibration_saved_after_a_model_swap_is_restored_at_the_next_start(
+    manifest, tmp_path: Path
+) -> None:
+    """A device commissions on the shipped model, is assigned another version (a hot swap needs
+    the same features, so the calibration holds for both) and saves its calibration under it.
+    At the next start the agent loads the shipped model again (the assignment is swapped in
+    later): the file named the other model's sha256 and was ignored, so every restart after a
+    model assignment commissioned from scratch, 400 s without alerts."""
+    path = tmp_path / "detect-calibration.json"
+    a = analyzer(manifest, path)
+    run(a, 0, LEVEL + np.random.default_rng(4).normal(size=(450, len(LEVEL))) * NOISE)
+    full = a.tiers["full"]
+    a.tiers["full"] = LoadedModel("skab-ae", full.model, full.entry, 1.0, 0, "f" * 64, 0.0)
+    await a.save_calibration()  # as the runtime does after the swap (_model_ready)
+    again = analyzer(manifest, path)
+    assert again.restore_calibration()
+    assert again.detector.warmup_samples == again.detector.spec.history + 1
+    # a file an earlier release saved (keyed by the model's sha256 only) is still restored
+    doc = json.loads(path.read_text())
+    del doc["features"]
+    doc["sha256"] = "0" * 64
+    path.write_text(json.dumps(doc))
+    assert analyzer(manifest, path).restore_calibration()
+    doc["sha256"] = "f" * 64  # ... when it is the model loaded
+    path.write_text(json.dumps(doc))
+    assert not analyzer(manifest, path).restore_calibration()
