@@ -501,13 +501,13 @@ class Analyzer:
         self.frames += 1
         if len(self.tiers) > 1:
             self._history.append((wall, row))
-        if self.pending_tier is not None:
-            self._switch()
-        if alerts:
+        if alerts:  # with the window of the detector that raised them, before a switch
             window = self.detector.last_window
             for alert in alerts:
                 self.alerts += 1
                 self._pending.put_nowait((alert, window))
+        if self.pending_tier is not None:
+            self._switch()
         return alerts
 
     def _refill_after_gap(self, now: float) -> None:

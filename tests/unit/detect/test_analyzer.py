@@ -31,19 +31,35 @@ def manifest():
     return load_manifest(ROOT / "models")
 
 
-def analyzer(manifest, calibration_path: Path | None = None) -> Analyzer:
+def analyzer(
+    manifest, calibration_path: Path | None = None, lite: dict[str, Any] | None = None
+) -> Analyzer:
+    """The stage on skab-ae; with ``lite`` (skab-ae-lite's manifest entry) a lite tier too."""
     ae = TFLiteModel.open(manifest, "skab-ae")
     entry = manifest.entry("skab-ae").raw
     detect = DetectSettings(classifier="", changepoint=ChangeSettings(alerts=False))
     settings = AnalyzerSettings(
-        inputs={c: ("pump", c) for c in CHANNELS}, detect=detect, max_age=3.0, lite_model=""
+        inputs={c: ("pump", c) for c in CHANNELS},
+        detect=detect,
+        max_age=3.0,
+        lite_model="skab-ae-lite" if lite else "",
     )
-    full = LoadedModel("skab-ae", ae, entry, 1.0, 0, "0" * 64, 0.0)
+    tiers = {"full": LoadedModel("skab-ae", ae, entry, 1.0, 0, "0" * 64, 0.0)}
+    if lite is not None:
+        model = TFLiteModel.open(manifest, "skab-ae-lite")
+        tiers["lite"] = LoadedModel("skab-ae-lite", model, lite, 0.9, 0, "1" * 64, 0.0)
     det = Detector.from_entry(ae, entry, settings=detect)
     store: Any = None  # step() only queues alerts; nothing here commits them
-    return Analyzer(
-        settings, det, {"full": full}, store, RealClock(), calibration_path=calibration_path
-    )
+    return Analyzer(settings, det, tiers, store, RealClock(), calibration_path=calibration_path)
+
+
+def queued(a: Analyzer) -> list[tuple[str, int]]:
+    """The kind and window length of each alert the stage queued for the store."""
+    out = []
+    while not a._pending.empty():
+        alert, window = a._pending.get_nowait()
+        out.append((alert.kind.value, len(window)))
+    return out
 
 
 def run(a: Analyzer, start: int, rows: np.ndarray) -> list[tuple[int, AlertKind]]:
@@ -103,3 +119,19 @@ async def test_a_calibration_saved_after_a_model_swap_is_restored_at_the_next_st
     doc["sha256"] = "f" * 64  # ... when it is the model loaded
     path.write_text(json.dumps(doc))
     assert not analyzer(manifest, path).restore_calibration()
+
+
+def test_an_alert_raised_as_a_tier_switch_completes_carries_the_window_it_was_raised_on(
+    manifest,
+) -> None:
+    """The link asks for the lite tier before the stage keeps enough rows to prime it; the
+    switch completes after the row at which the full tier raises. That raise was queued with
+    the newest window of the detector running after the row, the lite one (8 values instead of
+    the 32 of skab-ae, which the record names), so the endpoint could not check it."""
+    a = analyzer(manifest, lite=manifest.entry("skab-ae-lite").raw)
+    a.set_tier("lite")
+    assert a.pending_tier == "lite"
+    rows = LEVEL + np.random.default_rng(5).normal(size=(421, len(LEVEL))) * NOISE
+    rows[416:, FLOW] -= 0.3 * LEVEL[FLOW]
+    assert run(a, 0, rows) == [(420, AlertKind.RAISE)]
+    assert a.tier == "lite" and queued(a) == [("raise", 32)]
