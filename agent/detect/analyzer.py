@@ -46,6 +46,7 @@ themselves are logged by the detector; warning when a frame cannot be assembled 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -375,18 +376,46 @@ class Analyzer:
         self._switch()
 
     def _switch(self) -> None:
-        """Make ``pending_tier`` active once the kept rows can commission its detector."""
+        """Make ``pending_tier`` active once the kept rows can commission its detector. A model
+        no detector can be made of, or that fails on the kept rows, is refused: ModelError, said
+        once, and the running tier stays (the link may ask again)."""
         tier = self.pending_tier
         if tier is None:
             return
         loaded = self.tiers[tier]
+        try:
+            det = self._primed(loaded)
+        except (ModelError, ValueError, RuntimeError) as err:
+            self.pending_tier = None
+            log.warning(
+                "event=model_tier_refused tier=%s model=%s error=%r", tier, loaded.name, str(err)
+            )
+            raise ModelError(f"model {loaded.name!r}: refused for the {tier} tier ({err})") from err
+        if det is None:
+            return  # not enough rows yet: try again after the next sample
+        if self.threshold_override is not None:
+            det.threshold = self.threshold_override
+        if self.detector.anomalous and not det.anomalous:
+            # the episode the old tier raised is still open: the new tier carries it on
+            det.hysteresis.active = True
+        elif det.anomalous and not self.detector.anomalous:
+            det.hysteresis.active = False  # raised in the replay: raise it again if it persists
+        log.info("event=model_tier from=%s to=%s model=%s", self.tier, tier, loaded.name)
+        det.normal_sink = self.detector.normal_sink  # federated learning's windows go on
+        self.detector = det
+        self.tier = tier
+        self.pending_tier = None
+
+    def _primed(self, loaded: LoadedModel) -> Detector | None:
+        """A detector of ``loaded`` commissioned and primed from the kept rows (None while they
+        are too few)."""
         try:
             spec = FeatureSpec.from_dict(loaded.entry["features"])
         except (KeyError, TypeError, ValueError) as err:
             raise ModelError(f"model {loaded.name!r}: bad features in its manifest entry") from err
         needed = self._rows_to_prime(spec)
         if len(self._history) < min(needed, self._history.maxlen or needed):
-            return  # not enough rows yet: try again after the next sample
+            return None
         clf = self.classifier
         fits = clf is not None and tuple(clf.input_shape) == tuple(loaded.model.input_shape)
         det = Detector.from_entry(
@@ -400,18 +429,7 @@ class Analyzer:
         det.log_alerts = False  # the replay's alerts are about the past: discarded, not logged
         det.feed(times, np.asarray([row for _, row in self._history], dtype=np.float64))
         det.log_alerts = True
-        if self.threshold_override is not None:
-            det.threshold = self.threshold_override
-        if self.detector.anomalous and not det.anomalous:
-            # the episode the old tier raised is still open: the new tier carries it on
-            det.hysteresis.active = True
-        elif det.anomalous and not self.detector.anomalous:
-            det.hysteresis.active = False  # raised in the replay: raise it again if it persists
-        log.info("event=model_tier from=%s to=%s model=%s", self.tier, tier, loaded.name)
-        det.normal_sink = self.detector.normal_sink  # federated learning's windows go on
-        self.detector = det
-        self.tier = tier
-        self.pending_tier = None
+        return det
 
     def _rows_to_prime(self, spec: FeatureSpec) -> int:
         """Rows that commission a detector of ``spec`` and leave it one row to score."""
@@ -507,7 +525,8 @@ class Analyzer:
                 self.alerts += 1
                 self._pending.put_nowait((alert, window))
         if self.pending_tier is not None:
-            self._switch()
+            with contextlib.suppress(ModelError):  # refused and said: the tier stays
+                self._switch()
         return alerts
 
     def _refill_after_gap(self, now: float) -> None:

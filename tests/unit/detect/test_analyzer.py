@@ -15,6 +15,7 @@ from agent.detect.changepoint import ChangeSettings
 from agent.detect.detector import AlertKind, Detector, DetectSettings
 from agent.detect.features import CHANNELS
 from agent.detect.inference import TFLiteModel, load_manifest
+from agent.errors import ModelError
 from drivers.base import Reading
 from drivers.clock import RealClock
 
@@ -135,3 +136,26 @@ def test_an_alert_raised_as_a_tier_switch_completes_carries_the_window_it_was_ra
     rows[416:, FLOW] -= 0.3 * LEVEL[FLOW]
     assert run(a, 0, rows) == [(420, AlertKind.RAISE)]
     assert a.tier == "lite" and queued(a) == [("raise", 32)]
+
+
+def test_a_lite_model_no_detector_can_be_made_of_is_refused_once_and_the_full_tier_goes_on(
+    manifest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lightweight model assigned with a threshold of -1 (its features read, so it was taken):
+    the switch the link asked for failed when the stage had rows enough to prime it, and again
+    at every row after, each time a ValueError out of step (a traceback a second in the journal
+    for as long as the link stayed poor). It is refused once, said once; the full tier scores on
+    and raises."""
+    lite = dict(manifest.entry("skab-ae-lite").raw)
+    lite["threshold"] = {**lite["threshold"], "value": -1.0}
+    a = analyzer(manifest, lite=lite)
+    a.set_tier("lite")
+    rows = LEVEL + np.random.default_rng(5).normal(size=(600, len(LEVEL))) * NOISE
+    rows[500:, FLOW] -= 0.3 * LEVEL[FLOW]
+    assert run(a, 0, rows) == [(504, AlertKind.RAISE)]
+    assert a.tier == "full" and a.pending_tier is None and a.detector.anomalous
+    refused = [r for r in caplog.records if "event=model_tier_refused" in r.getMessage()]
+    assert len(refused) == 1
+    with pytest.raises(ModelError, match="skab-ae-lite"):  # asked again: refused again
+        a.set_tier("lite")
+    assert a.tier == "full" and a.pending_tier is None
