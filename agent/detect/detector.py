@@ -444,7 +444,7 @@ class Detector:
             win = np.zeros(self.spec.steps * len(self.spec.channels), dtype=np.float32)
             alerts.append(self._alert(t, AlertKind.CLEAR, score, resid, win, None))
         self.hysteresis = Hysteresis(self.hysteresis.raise_after, self.hysteresis.clear_after)
-        self.calibration = None
+        self.calibration = self._restored = None
         self._stream = None
         self._commissioning = []
         self._since_adapt = 0

@@ -371,6 +371,20 @@ def test_recommission(manifest, models) -> None:
     assert det.commissioned and after.alerts == []
 
 
+def test_a_recommission_while_the_window_refills_commissions_anew(manifest, models) -> None:
+    """An operator recommissions (the machine was changed) within the half minute a detector
+    restored from its saved calibration fills its window (after a restart, or a gap in the
+    rows): the old calibration was still waiting and came back after 36 rows, so the changed
+    machine was scored against the old one. Recommissioning forgets it."""
+    det = make(manifest, models)
+    det.feed(np.arange(400.0), normal_rows(400, seed=3))
+    det.restore(det.calibration)  # a gap: the window fills again
+    det.feed(np.arange(400.0, 410.0), normal_rows(10, seed=4))
+    det.recommission(410.0)
+    det.feed(np.arange(410.0, 460.0), normal_rows(50, seed=5))
+    assert not det.commissioned and det.warmup_samples == det.spec.commissioning
+
+
 def test_a_reading_too_large_to_scale_during_commissioning_starts_it_over(manifest, models) -> None:
     """A glitch of 1e308 among the commissioning rows overflows the channel's spread to inf: a
     calibration that divides that channel by inf reads it as 0 forever, so a fault on it is
