@@ -278,7 +278,7 @@ def _novelty_from_options(opts: Options) -> NoveltySettings:
     d = NoveltySettings()
     enabled = opts.boolean("enabled", d.enabled)
     variance = opts.number("variance", d.variance, above=0.0, maximum=0.999)
-    alpha = opts.number("alpha", d.alpha, minimum=0.5, maximum=0.99999)
+    alpha = opts.number("alpha", d.alpha, above=0.5, maximum=0.99999)
     min_samples = opts.integer("min_samples", d.min_samples, minimum=10)
     buffer = opts.integer("buffer", max(d.buffer, min_samples), minimum=min_samples)
     retrain_every = opts.integer("retrain_every", d.retrain_every, minimum=1)

@@ -296,6 +296,7 @@ def test_settings_defaults_and_full_table(tmp_path: Path) -> None:
         ({"classifier_confidence": 1.5}, "detect.classifier_confidence"),
         ({"track_samples": 10}, "detect.track_samples"),
         ({"novelty": {"alpha": 2.0}}, "detect.novelty.alpha"),
+        ({"novelty": {"alpha": 0.5}}, "detect.novelty.alpha"),  # was a bare ValueError
         ({"novelty": {"min_samples": 100, "buffer": 50}}, "detect.novelty.buffer"),
         ({"novelty": {"bogus": 1}}, "detect.novelty.bogus"),
         ({"modle": "x"}, "detect.modle"),
