@@ -395,10 +395,12 @@ class Analyzer:
             return  # not enough rows yet: try again after the next sample
         if self.threshold_override is not None:
             det.threshold = self.threshold_override
-        if self.detector.anomalous and not det.anomalous:
-            # the episode the old tier raised is still open: the new tier carries it on
+        if self.detector.anomalous:
+            # the episode the old tier raised is still open: the new tier carries it on, and
+            # its verdict (the clear repeats it)
             det.hysteresis.active = True
-        elif det.anomalous and not self.detector.anomalous:
+            det._episode = self.detector._episode
+        elif det.anomalous:
             det.hysteresis.active = False  # raised in the replay: raise it again if it persists
         log.info("event=model_tier from=%s to=%s model=%s", self.tier, tier, loaded.name)
         det.normal_sink = self.detector.normal_sink  # federated learning's windows go on

@@ -12,7 +12,7 @@ import pytest
 
 from agent.detect.analyzer import Analyzer, AnalyzerSettings, LoadedModel
 from agent.detect.changepoint import ChangeSettings
-from agent.detect.detector import AlertKind, Detector, DetectSettings
+from agent.detect.detector import AlertKind, Detector, DetectSettings, Verdict
 from agent.detect.features import CHANNELS
 from agent.detect.inference import TFLiteModel, load_manifest
 from agent.errors import ModelError
@@ -33,12 +33,20 @@ def manifest():
 
 
 def analyzer(
-    manifest, calibration_path: Path | None = None, lite: dict[str, Any] | None = None
+    manifest,
+    calibration_path: Path | None = None,
+    lite: dict[str, Any] | None = None,
+    classifier: bool = False,
 ) -> Analyzer:
-    """The stage on skab-ae; with ``lite`` (skab-ae-lite's manifest entry) a lite tier too."""
+    """The stage on skab-ae; with ``lite`` (skab-ae-lite's manifest entry) a lite tier too; with
+    ``classifier`` skab-clf, any fault class it prefers taken as known."""
     ae = TFLiteModel.open(manifest, "skab-ae")
     entry = manifest.entry("skab-ae").raw
-    detect = DetectSettings(classifier="", changepoint=ChangeSettings(alerts=False))
+    detect = DetectSettings(
+        classifier="skab-clf" if classifier else "",
+        classifier_confidence=0.0,
+        changepoint=ChangeSettings(alerts=False),
+    )
     settings = AnalyzerSettings(
         inputs={c: ("pump", c) for c in CHANNELS},
         detect=detect,
@@ -49,7 +57,9 @@ def analyzer(
     if lite is not None:
         model = TFLiteModel.open(manifest, "skab-ae-lite")
         tiers["lite"] = LoadedModel("skab-ae-lite", model, lite, 0.9, 0, "1" * 64, 0.0)
-    det = Detector.from_entry(ae, entry, settings=detect)
+    clf = TFLiteModel.open(manifest, "skab-clf") if classifier else None
+    classes = manifest.entry("skab-clf").raw["classes"] if classifier else ()
+    det = Detector.from_entry(ae, entry, settings=detect, classifier=clf, classes=classes)
     store: Any = None  # step() only queues alerts; nothing here commits them
     return Analyzer(settings, det, tiers, store, RealClock(), calibration_path=calibration_path)
 
@@ -159,3 +169,22 @@ def test_a_lite_model_no_detector_can_be_made_of_is_refused_once_and_the_full_ti
     with pytest.raises(ModelError, match="skab-ae-lite"):  # asked again: refused again
         a.set_tier("lite")
     assert a.tier == "full" and a.pending_tier is None
+
+
+def test_an_episode_carried_over_a_tier_switch_clears_with_its_verdict(manifest) -> None:
+    """The full tier raises a known failure, the link switches to the lite tier (no classifier:
+    it reads the full model's window) while the fault goes on, and the fault ends. The lite
+    detector carried the episode on but not its verdict, so the clear classified anew and said
+    novel_anomaly, no fault, where docs/detection.md says a clear repeats its episode's
+    verdict."""
+    a = analyzer(manifest, lite=manifest.entry("skab-ae-lite").raw, classifier=True)
+    rows = LEVEL + np.random.default_rng(5).normal(size=(1100, len(LEVEL))) * NOISE
+    rows[500:800, FLOW] -= 0.3 * LEVEL[FLOW]
+    assert [k for _, k in run(a, 0, rows[:600])] == [AlertKind.RAISE]
+    a.set_tier("lite")
+    assert a.tier == "lite" and a.detector.anomalous
+    assert [k for _, k in run(a, 600, rows[600:])] == [AlertKind.CLEAR]
+    raised, cleared = (alert for alert, _ in (a._pending.get_nowait() for _ in range(2)))
+    assert raised.verdict is Verdict.KNOWN_FAILURE and raised.model == "skab-ae"
+    assert cleared.model == "skab-ae-lite"
+    assert (cleared.verdict, cleared.fault) == (raised.verdict, raised.fault)
