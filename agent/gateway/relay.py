@@ -569,6 +569,7 @@ class StateRelay:
         self._sent: dict[str, dict[str, int]] = {}  # device -> key -> version PUT to the cloud
         self._mirrored: dict[str, bytes] = {}  # device -> ETag of the desired doc mirrored
         self._refused: dict[str, object] = {}  # device -> the last refusal logged
+        self._desired_refused: dict[str, object] = {}  # the same, of desired documents
         self.model_fetches: dict[tuple[str, str], int] = {}  # (name, version) -> downloads
 
     # -- reported: devices -> cloud ------------------------------------------------------------
@@ -647,33 +648,59 @@ class StateRelay:
 
     # -- desired: cloud -> gateway -------------------------------------------------------------
     async def desired_once(self) -> int:
-        """Read each device's desired document from the cloud; mirror those that changed."""
+        """Read each device's desired document from the cloud; mirror those that changed. A
+        device the cloud refuses (4.xx: not attached to this gateway, not registered), or whose
+        document assigns a model or release the cloud does not serve (ModelError), costs no
+        other device: said once, not mirrored, tried again next round. A 5.xx or no answer ends
+        the pass (SyncError: it is tried again)."""
         changed = 0
         for device in self.devices():
-            uri = f"{self.base()}/state/{device}/desired"
-            mirrored = self._mirrored.get(device)
-            resp = await self.transport.request(
-                "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane,
-                etags=(mirrored,) if mirrored else (),
-            )  # fmt: skip
-            if resp.dotted == "2.03":  # Valid: the document mirrored is the cloud's
-                continue
-            if not resp.success:
-                raise SyncError(f"GET {uri}: {resp.dotted}")
             try:
-                doc = DesiredDoc.from_cbor(resp.payload)
-            except StateError as err:
-                log.warning("event=desired_refused device=%s error=%r", device, str(err))
-                continue
-            if self._mirrored.get(device) == doc.etag():
-                continue
-            await self._models_of(doc)  # before the devices see the assignment
-            if self.releases is not None:
-                await self.releases(doc)
-            self.on_desired(device, doc)
-            self._mirrored[device] = doc.etag()
-            changed += 1
+                changed += await self._desired_of(device)
+            except ModelError as err:
+                self._say_desired_refused(device, "-", str(err))
         return changed
+
+    async def _desired_of(self, device: str) -> int:
+        """1 if ``device``'s document changed and was mirrored, else 0."""
+        uri = f"{self.base()}/state/{device}/desired"
+        mirrored = self._mirrored.get(device)
+        resp = await self.transport.request(
+            "GET", uri, accept=CF_CBOR, deadline=REQUEST_DEADLINE, lane=self.lane,
+            etags=(mirrored,) if mirrored else (),
+        )  # fmt: skip
+        if resp.dotted == "2.03":  # Valid: the document mirrored is the cloud's
+            return 0
+        if resp.code >> 5 == 4:  # who asks, not the link: the other devices go on
+            reason = resp.payload[:200].decode("utf-8", "replace")
+            self._say_desired_refused(device, resp.dotted, reason)
+            return 0
+        if not resp.success:
+            raise SyncError(f"GET {uri}: {resp.dotted}")
+        try:
+            doc = DesiredDoc.from_cbor(resp.payload)
+        except StateError as err:
+            log.warning("event=desired_refused device=%s error=%r", device, str(err))
+            return 0
+        if self._mirrored.get(device) == doc.etag():
+            return 0
+        await self._models_of(doc)  # before the devices see the assignment
+        if self.releases is not None:
+            await self.releases(doc)
+        self.on_desired(device, doc)
+        self._mirrored[device] = doc.etag()
+        self._desired_refused.pop(device, None)
+        return 1
+
+    def _say_desired_refused(self, device: str, code: str, reason: str) -> None:
+        """Once per device and refusal (it is tried again each round)."""
+        if self._desired_refused.get(device) == (code, reason):
+            return
+        self._desired_refused[device] = (code, reason)
+        log.warning(
+            "event=relay_desired_refused device=%s code=%s action=retry_next_pass reason=%r",
+            device, code, reason[:200],
+        )  # fmt: skip
 
     async def _models_of(self, doc: DesiredDoc) -> None:
         for key, entry in doc.entries.items():

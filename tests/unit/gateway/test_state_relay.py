@@ -24,6 +24,7 @@ import pytest
 from agent.errors import SyncError
 from agent.gateway import relay as relay_mod
 from agent.gateway.relay import StateRelay
+from agent.modelstore.fetch import ModelFetcher
 from agent.sync.transport import CoapTransport
 from agent.wire.statedoc import Entry
 from cloud.server import CloudServer
@@ -154,3 +155,59 @@ async def test_no_answer_ends_the_pass_and_marks_nothing(
         await relay.reported_once()
     uri[0] = cloud.uri
     assert await relay.reported_once() == 2
+
+
+def desired_relay(
+    transport: CoapTransport, uri: str, mirrored: dict[str, Any], *devices: str
+) -> StateRelay:
+    """A relay of desired documents: ``mirrored`` gets each document mirrored; the cloud's
+    registry is the fetcher's (the models a document assigns are fetched from it)."""
+
+    async def no_model(*_: Any) -> bool:
+        return False
+
+    async def db(fn: Callable[[Any], Any]) -> Any:
+        raise AssertionError("desired_once reads nothing of the gateway's store")
+
+    return StateRelay(
+        db,
+        transport,
+        lambda: uri,
+        lambda: devices,
+        on_desired=lambda device, doc: mirrored.__setitem__(device, doc),
+        fetcher=ModelFetcher(transport, uri),
+        put_model=no_model,
+        has_model=no_model,
+    )
+
+
+async def test_a_device_whose_desired_document_the_cloud_refuses_costs_no_other(
+    cloud: CloudServer, transport: CoapTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.gateway")
+    await cloud.set_desired(B, {"detect/anomaly/threshold": 0.7})
+    mirrored: dict[str, Any] = {}
+    relay = desired_relay(transport, cloud.uri, mirrored, C, B)  # C: 4.04 at the cloud
+    assert await relay.desired_once() == 1
+    assert mirrored[B].entries["detect/anomaly/threshold"].value == 0.7
+    assert C not in mirrored
+    assert await relay.desired_once() == 0  # tried again; said once
+    said = [m for m in caplog.messages if "event=relay_desired_refused" in m]
+    assert len(said) == 1 and f"device={C} code=4.04" in said[0], said
+    await cloud.add_device(C)
+    assert await relay.desired_once() == 1
+    assert C in mirrored
+
+
+async def test_attack_an_assigned_model_the_registry_lacks_costs_no_other_device(
+    cloud: CloudServer, transport: CoapTransport, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.gateway")
+    await cloud.set_desired(A, {"model/anomaly": {"name": "ghost", "version": "9.9"}})
+    await cloud.set_desired(B, {"detect/anomaly/threshold": 0.7})
+    mirrored: dict[str, Any] = {}
+    relay = desired_relay(transport, cloud.uri, mirrored, A, B)
+    assert await relay.desired_once() == 1
+    assert list(mirrored) == [B]  # A's assignment waits for a model the gateway has
+    said = [m for m in caplog.messages if "event=relay_desired_refused" in m]
+    assert len(said) == 1 and f"device={A}" in said[0] and "ghost" in said[0], said
