@@ -549,7 +549,7 @@ class StateRelay:
         base: Callable[[], str],
         devices: Callable[[], Sequence[str]],
         *,
-        on_desired: Callable[[str, DesiredDoc], None],
+        on_desired: Callable[[str, DesiredDoc], Awaitable[None]],
         fetcher: ModelFetcher,
         put_model: Callable[[str, str, bytes, bytes], Awaitable[bool]],
         has_model: Callable[[str, str], Awaitable[bool]],
@@ -687,7 +687,7 @@ class StateRelay:
         await self._models_of(doc)  # before the devices see the assignment
         if self.releases is not None:
             await self.releases(doc)
-        self.on_desired(device, doc)
+        await self.on_desired(device, doc)  # in the store: the ETag is mirrored only then
         self._mirrored[device] = doc.etag()
         self._desired_refused.pop(device, None)
         return 1

@@ -150,7 +150,6 @@ class Gateway:
         self.forwarder: RecordForwarder | None = None
         self.state: StateRelay | None = None
         self._stop = asyncio.Event()
-        self._writes: list[asyncio.Future[None]] = []  # desired documents being mirrored
         self._last_pass = -math.inf  # monotonic time of the last forwarding pass
         self._records_beat: Callable[[], None] = lambda: None  # the records loop's (_serve)
 
@@ -285,18 +284,14 @@ class Gateway:
         now = time.time()
         return bool(await self.server.db(lambda s: s.put_model(name, version, manifest, data, now)))
 
-    def _mirror(self, device: str, doc: DesiredDoc) -> None:
+    async def _mirror(self, device: str, doc: DesiredDoc) -> None:
         server = self.server
         assert server is not None
-
-        async def write() -> None:
-            served = await server.db(lambda s: mirror_desired(s, device, doc, time.time()))
-            server._observers.changed(device, served.etag())
-            log.info(
-                "event=gateway_desired device=%s rev=%d keys=%d", device, doc.rev, len(doc.entries)
-            )
-
-        self._writes.append(asyncio.ensure_future(write()))
+        served = await server.db(lambda s: mirror_desired(s, device, doc, time.time()))
+        server._observers.changed(device, served.etag())
+        log.info(
+            "event=gateway_desired device=%s rev=%d keys=%d", device, doc.rev, len(doc.entries)
+        )
 
     # -- running --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -332,16 +327,11 @@ class Gateway:
         assert self.forwarder is not None and state is not None
         g = self.config.gateway
 
-        async def desired() -> None:
-            await state.desired_once()
-            writes, self._writes = self._writes, []
-            await asyncio.gather(*writes)
-
         sleep = self.clock.sleep
         every: dict[str, tuple[float, Callable[[], Awaitable[Any]]]] = {
             "records": (ALERT_CHECK, self._forward),
             "reported": (g.forward_interval, state.reported_once),
-            "desired": (g.desired_poll, desired),
+            "desired": (g.desired_poll, state.desired_once),
         }
         # a round that never ends (a hung store, a lock) stops its loop's beats: stuck
         beats = {

@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ from agent.service.notify import Health
 from agent.service.supervise import Supervisor
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage
+from cloud.storebase import StorageUnavailable
 from drivers.clock import RealClock
 from tests.e2e.test_gateway_cloud import reading
 from tests.e2e.test_security import T0
@@ -216,3 +218,35 @@ async def test_a_backlog_drained_in_many_passes_is_not_counted_stuck(
             stuck.update(health.stuck())
             await asyncio.sleep(0.05)
     assert "records-hung" not in stuck
+
+
+@pytest.mark.timeout(90)
+async def test_a_desired_document_whose_mirror_write_failed_is_mirrored_at_the_next_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack named: a disk that fills. The write that mirrors a device's desired document into
+    the gateway's store failed (StorageUnavailable: a full disk, a locked store) after the
+    relay had noted the document's ETag as mirrored, so every later poll was answered 2.03 Valid
+    and the device never saw that document until the operator changed it again at the cloud."""
+    monkeypatch.setattr(supervise, "RESTART_CAP", 0.5)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    store = await one_device_gateway(tmp_path, server, forward_interval=3600.0, readings=0)
+    await server.set_desired(DEVICE, {"detect/anomaly/threshold": 0.7})
+    failed = asyncio.Event()
+
+    def full_disk_once(s: Any, *args: Any) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise StorageUnavailable("database or disk is full")
+        return relay.mirror_desired(s, *args)
+
+    monkeypatch.setattr(service, "mirror_desired", full_disk_once)
+    gw, _ = supervised(tmp_path)
+
+    def served() -> object:
+        return store.desired(DEVICE).entries.get("detect/anomaly/threshold")
+
+    async with serving(gw, store, server):
+        await within(30.0, failed.is_set, "the write failed")
+        await within(30.0, served, "mirrored after all")
+        assert served().value == 0.7  # type: ignore[attr-defined]

@@ -26,7 +26,7 @@ from agent.gateway import relay as relay_mod
 from agent.gateway.relay import StateRelay
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.transport import CoapTransport
-from agent.wire.statedoc import Entry
+from agent.wire.statedoc import DesiredDoc, Entry
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage
 from drivers.clock import RealClock
@@ -87,7 +87,7 @@ def state_relay(
         transport,
         uri,
         lambda: devices,
-        on_desired=lambda *_: None,
+        on_desired=no_model,
         fetcher=fetcher,
         put_model=no_model,
         has_model=no_model,
@@ -169,12 +169,15 @@ def desired_relay(
     async def db(fn: Callable[[Any], Any]) -> Any:
         raise AssertionError("desired_once reads nothing of the gateway's store")
 
+    async def mirror(device: str, doc: DesiredDoc) -> None:
+        mirrored[device] = doc
+
     return StateRelay(
         db,
         transport,
         lambda: uri,
         lambda: devices,
-        on_desired=lambda device, doc: mirrored.__setitem__(device, doc),
+        on_desired=mirror,
         fetcher=ModelFetcher(transport, uri),
         put_model=no_model,
         has_model=no_model,
