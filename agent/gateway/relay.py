@@ -73,6 +73,7 @@ log = logging.getLogger("agent.gateway")
 CURSOR_FILE = "forward.json"
 REQUEST_DEADLINE = 60.0
 MAX_BATCH_RECORDS = 4096  # per device and entry (the endpoint's limit of a batch)
+BATCH_BYTES = 64 * 1024  # an entry's encoded batch, at most (the endpoint's Limits.batch_bytes)
 RELAY_RECORDS = 4 * 4096  # per /relay request (the endpoint's Limits.relay_records)
 #: Readings the features records of one batch, and of one /relay request, stand for at most (the
 #: endpoint's Limits.batch_readings and relay_readings)
@@ -331,7 +332,7 @@ class RecordForwarder:
             for batch in _batches(recs)
         ]
         await self.resolutions.save()
-        encoded = [part for device, recs in parts if (part := self._entry(device, recs, damaged))]
+        encoded = [part for device, recs in parts for part in self._entry(device, recs, damaged)]
         done = 0
         kept: list[tuple[str, int, int]] = [(d, q, f) for d, q, f, _ in damaged]
         for request in _requests(encoded):
@@ -374,11 +375,14 @@ class RecordForwarder:
 
     def _entry(
         self, device: str, recs: Sequence[WireRecord], damaged: list[aside.Aside]
-    ) -> tuple[str, Sequence[WireRecord], RelayEntry] | None:
-        """A device's batch of a pass as a relay entry; a record that does not encode is set
-        aside into ``damaged`` (None: none is left)."""
+    ) -> list[tuple[str, Sequence[WireRecord], RelayEntry]]:
+        """A device's batch of a pass as relay entries, in halves while larger than BATCH_BYTES
+        (readings sent exactly take more than the device's own batches did); a record that does
+        not encode is set aside into ``damaged`` (none left: no entry)."""
         recs, batch = aside.encodable(device, recs, lambda rs: self._batch(device, rs), damaged)
-        return None if batch is None else (device, recs, batch)
+        if batch is None or len(batch.batch) <= BATCH_BYTES or len(recs) == 1:
+            return [] if batch is None else [(device, recs, batch)]
+        return [p for half in halves_of(recs) for p in self._entry(device, half, damaged)]
 
     def _batch(self, device: str, recs: Sequence[WireRecord]) -> RelayEntry:
         batch = codec.encode_batch(
