@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import sqlite3
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 from agent.errors import AgentError, ModelError, SyncError
 from agent.files import read_json, write_atomic
-from agent.gateway import aside, later
+from agent.gateway import aside, later, modelparts
 from agent.gateway.aside import BAD_REQUEST, halves_of
 from agent.gateway.resolutions import Resolutions
 from agent.gateway.storeparts import prepare_store, prune
@@ -559,6 +558,7 @@ class StateRelay:
         has_model: Callable[[str, str], Awaitable[bool]],
         releases: Callable[[DesiredDoc], Awaitable[None]] | None = None,
         lane: int = 0,
+        scratch: Path,
     ) -> None:
         self.db = db
         self.transport = transport
@@ -569,6 +569,7 @@ class StateRelay:
         self.put_model = put_model
         self.has_model = has_model
         self.releases = releases  # the release a document assigns (agent/gateway/releases.py)
+        self.scratch = scratch  # the models' partial downloads (agent/gateway/modelparts.py)
         self.lane = lane
         self._sent: dict[str, dict[str, int]] = {}  # device -> key -> version PUT to the cloud
         self._mirrored: dict[str, bytes] = {}  # device -> ETag of the desired doc mirrored
@@ -719,13 +720,13 @@ class StateRelay:
             await self.fetch_model(name, version)
 
     async def fetch_model(self, name: str, version: str) -> None:
-        """One download of a version from the cloud into the gateway's registry."""
+        """One download of a version from the cloud into the gateway's registry, resumed from
+        its partial in ``scratch`` (agent/gateway/modelparts.py)."""
         manifest = await self.fetcher.manifest(name, version)
-        with tempfile.TemporaryDirectory(prefix="edge-gateway-model-") as tmp:
-            part = Path(tmp) / "file.part"
-            await self.fetcher.download(manifest, part)
-            data = await asyncio.to_thread(part.read_bytes)
-        if await self.put_model(name, version, manifest.to_cbor(), data):
+        part, data = await modelparts.download(self.fetcher, manifest, self.scratch)
+        stored = await self.put_model(name, version, manifest.to_cbor(), data)
+        await asyncio.to_thread(modelparts.done, part)
+        if stored:
             key = (name, version)
             self.model_fetches[key] = self.model_fetches.get(key, 0) + 1
             log.info(

@@ -66,6 +66,7 @@ log = logging.getLogger("agent.gateway")
 
 STORE_RETRY = 5.0  # seconds between tries to learn the cloud's storage identity on first start
 LEARN_LANES = 2  # its devices' learning exchanges with the cloud, at most this many at once
+MODEL_PARTS = "model-downloads"  # the partial downloads of models (gateway/modelparts.py)
 STORE_DIR = "store"  # the gateway's endpoint data (SQLite, models, OSCORE state) under data_dir
 ALERT_CHECK = 0.5  # seconds between looks for an alert waiting to be forwarded
 #: seconds a loop's round may run before the loop counts as stuck (a forwarding pass of a long
@@ -250,6 +251,7 @@ class Gateway:
             server.db, self.transport, lambda: self.endpoints.current, lambda: self.devices,
             on_desired=self._mirror, fetcher=self.fetcher, put_model=self._put_model,
             has_model=self._has_model, releases=self.releases.of, lane=2,
+            scratch=self.config.data_dir / MODEL_PARTS,
         )  # fmt: skip
         if g.peers is not None:
             p = g.peers

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.errors import SyncError
 from agent.gateway import relay as relay_mod
@@ -27,10 +28,13 @@ from agent.gateway.relay import StateRelay
 from agent.modelstore.fetch import ModelFetcher
 from agent.sync.transport import CoapTransport
 from agent.wire.statedoc import DesiredDoc, Entry
+from cloud.models import entry_for
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage
 from drivers.clock import RealClock
 from tools.ports import free_port
+
+ROOT = Path(__file__).resolve().parents[3]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -91,6 +95,7 @@ def state_relay(
         fetcher=fetcher,
         put_model=no_model,
         has_model=no_model,
+        scratch=Path("/nonexistent"),  # reported_once fetches no model
     )
 
 
@@ -158,7 +163,7 @@ async def test_no_answer_ends_the_pass_and_marks_nothing(
 
 
 def desired_relay(
-    transport: CoapTransport, uri: str, mirrored: dict[str, Any], *devices: str
+    transport: CoapTransport, uri: str, mirrored: dict[str, Any], scratch: Path, *devices: str
 ) -> StateRelay:
     """A relay of desired documents: ``mirrored`` gets each document mirrored; the cloud's
     registry is the fetcher's (the models a document assigns are fetched from it)."""
@@ -181,16 +186,17 @@ def desired_relay(
         fetcher=ModelFetcher(transport, uri),
         put_model=no_model,
         has_model=no_model,
+        scratch=scratch,
     )
 
 
 async def test_a_device_whose_desired_document_the_cloud_refuses_costs_no_other(
-    cloud: CloudServer, transport: CoapTransport, caplog: pytest.LogCaptureFixture
+    cloud: CloudServer, transport: CoapTransport, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="agent.gateway")
     await cloud.set_desired(B, {"detect/anomaly/threshold": 0.7})
     mirrored: dict[str, Any] = {}
-    relay = desired_relay(transport, cloud.uri, mirrored, C, B)  # C: 4.04 at the cloud
+    relay = desired_relay(transport, cloud.uri, mirrored, tmp_path, C, B)  # C: 4.04 at the cloud
     assert await relay.desired_once() == 1
     assert mirrored[B].entries["detect/anomaly/threshold"].value == 0.7
     assert C not in mirrored
@@ -203,14 +209,58 @@ async def test_a_device_whose_desired_document_the_cloud_refuses_costs_no_other(
 
 
 async def test_attack_an_assigned_model_the_registry_lacks_costs_no_other_device(
-    cloud: CloudServer, transport: CoapTransport, caplog: pytest.LogCaptureFixture
+    cloud: CloudServer, transport: CoapTransport, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="agent.gateway")
     await cloud.set_desired(A, {"model/anomaly": {"name": "ghost", "version": "9.9"}})
     await cloud.set_desired(B, {"detect/anomaly/threshold": 0.7})
     mirrored: dict[str, Any] = {}
-    relay = desired_relay(transport, cloud.uri, mirrored, A, B)
+    relay = desired_relay(transport, cloud.uri, mirrored, tmp_path, A, B)
     assert await relay.desired_once() == 1
     assert list(mirrored) == [B]  # A's assignment waits for a model the gateway has
     said = [m for m in caplog.messages if "event=relay_desired_refused" in m]
     assert len(said) == 1 and f"device={A}" in said[0] and "ghost" in said[0], said
+
+
+async def test_a_model_download_cut_by_the_uplink_resumes_where_it_stopped(
+    cloud: CloudServer, transport: CoapTransport, tmp_path: Path
+) -> None:
+    """docs/gateway.md: a model version is fetched by the gateway once (Block2, resumable).
+    Before, each try downloaded into a new temporary directory: a download the uplink cut
+    started again from the first block at the next poll (a model larger than what a poor
+    uplink carries between two cuts never arrived, and its devices never saw the assignment)."""
+    file = ROOT / "models" / "cloud" / "skab-ae.float32.tflite"
+    assert cloud.models is not None
+    cloud.models.publish(
+        file.read_bytes(), "skab-ae", "9", entry_for(file, entry_name="skab-ae"),
+        Ed25519PrivateKey.generate(),
+    )  # fmt: skip
+    stored: dict[tuple[str, str], bytes] = {}
+
+    async def put_model(name: str, version: str, manifest: bytes, data: bytes) -> bool:
+        stored[(name, version)] = data
+        return True
+
+    relay = desired_relay(transport, cloud.uri, {}, tmp_path / "scratch", A)
+    relay.put_model = put_model
+    asked: list[int] = []
+    cut = [True]
+    get = relay.fetcher._get
+
+    async def cut_at_block_5(uri: str, deadline: float, block: int | None = None, lane: int = 0):
+        if block is not None:
+            asked.append(block)
+        if block == 5 and cut:
+            cut.clear()
+            raise SyncError(f"GET {uri}: the uplink is down")
+        return await get(uri, deadline, block, lane)
+
+    relay.fetcher._get = cut_at_block_5  # type: ignore[method-assign]
+    with pytest.raises(SyncError):
+        await relay.fetch_model("skab-ae", "9")
+    assert asked == [0, 1, 2, 3, 4, 5]
+    asked.clear()
+    await relay.fetch_model("skab-ae", "9")
+    assert asked == list(range(5, 12))  # from where the cut left it
+    assert stored[("skab-ae", "9")] == file.read_bytes()
+    assert list(relay.scratch.iterdir()) == []  # the partial gone once the model is kept
