@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
@@ -69,6 +70,23 @@ MAX_MESSAGE_BYTES = 1 << 20  # one message between peers
 MAX_COUNT = (1 << 63) - 1  # one node's total increments (or decrements) of one counter
 MAX_DOT = (1 << 64) - 1  # a version vector entry or a dot's counter (a packed timestamp)
 DIGEST_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The per-key limits a state is decoded under: a peer's message's (:data:`PEER`), or
+    this gateway's own state file's (:data:`HELD`)."""
+
+    entry_bytes: int = MAX_ENTRY_BYTES
+    nodes: int = MAX_NODES  # in a counter or a set's version vector; dots of a set's element
+    elements: int = MAX_ELEMENTS
+
+
+PEER = Bounds()
+#: A merge is not held to the per-key limits (a merged state beyond them stays on the gateway
+#: that holds it, refused by the peers), so the state file reads back whatever the gateway held:
+#: the file's size bounds it (agent/gateway/peers.py MAX_FILE_BYTES).
+HELD = Bounds(sys.maxsize, sys.maxsize, sys.maxsize)
 
 KEY = re.compile(r"[a-z]+/[\x21-\x7e]+\Z")  # prefix/name, printable ASCII, no spaces
 
@@ -97,9 +115,11 @@ def _node(value: Any) -> str:
         raise CrdtError(str(err)) from None
 
 
-def _node_map(value: Any, what: str, limit: int = MAX_COUNT) -> dict[str, int]:
-    if not isinstance(value, dict) or len(value) > MAX_NODES:
-        raise CrdtError(f"{what} must be a map of at most {MAX_NODES} node ids to counts")
+def _node_map(
+    value: Any, what: str, limit: int = MAX_COUNT, nodes: int = MAX_NODES
+) -> dict[str, int]:
+    if not isinstance(value, dict) or len(value) > nodes:
+        raise CrdtError(f"{what} must be a map of at most {nodes} node ids to counts")
     return {_node(k): _count(v, f"{what} count", limit) for k, v in value.items()}
 
 
@@ -142,7 +162,7 @@ class Crdt:
         raise NotImplementedError
 
     @classmethod
-    def from_item(cls, item: Any) -> Self:
+    def from_item(cls, item: Any, bounds: Bounds = PEER) -> Self:
         raise NotImplementedError
 
     def merge(self, other: Self) -> Self:
@@ -183,7 +203,7 @@ class LWWRegister(Crdt):
         return [self.ts.to_item(), self.data]
 
     @classmethod
-    def from_item(cls, item: Any) -> Self:
+    def from_item(cls, item: Any, bounds: Bounds = PEER) -> Self:
         if not isinstance(item, list) or len(item) != 2:
             raise CrdtError("lww: expected [timestamp, value]")
         try:
@@ -219,10 +239,14 @@ class PNCounter(Crdt):
         return [dict(self.p), dict(self.n)]
 
     @classmethod
-    def from_item(cls, item: Any) -> Self:
+    def from_item(cls, item: Any, bounds: Bounds = PEER) -> Self:
         if not isinstance(item, list) or len(item) != 2:
             raise CrdtError("counter: expected [increments, decrements]")
-        return cls(_node_map(item[0], "counter increments"), _node_map(item[1], "decrements"))
+        n = bounds.nodes
+        return cls(
+            _node_map(item[0], "counter increments", nodes=n),
+            _node_map(item[1], "decrements", nodes=n),
+        )
 
     def merge(self, other: Self) -> Self:
         return type(self)(_max_maps(self.p, other.p), _max_maps(self.n, other.n))
@@ -263,18 +287,18 @@ class ORSet(Crdt):
         ]
 
     @classmethod
-    def from_item(cls, item: Any) -> Self:
+    def from_item(cls, item: Any, bounds: Bounds = PEER) -> Self:
         if not isinstance(item, list) or len(item) != 2:
             raise CrdtError("set: expected [clock, entries]")
-        clock = _node_map(item[0], "set clock", MAX_DOT)
+        clock = _node_map(item[0], "set clock", MAX_DOT, bounds.nodes)
         raw = item[1]
-        if not isinstance(raw, dict) or len(raw) > MAX_ELEMENTS:
-            raise CrdtError(f"set: entries must be a map of at most {MAX_ELEMENTS} elements")
+        if not isinstance(raw, dict) or len(raw) > bounds.elements:
+            raise CrdtError(f"set: entries must be a map of at most {bounds.elements} elements")
         entries: dict[str, frozenset[Dot]] = {}
         for element, dots in raw.items():
             _element(element)
-            if not isinstance(dots, list) or not 0 < len(dots) <= MAX_NODES:
-                raise CrdtError(f"set: element {element!r} needs 1 to {MAX_NODES} dots")
+            if not isinstance(dots, list) or not 0 < len(dots) <= bounds.nodes:
+                raise CrdtError(f"set: element {element!r} needs 1 to {bounds.nodes} dots")
             parsed: set[Dot] = set()
             for dot in dots:
                 if not isinstance(dot, list) or len(dot) != 2:
@@ -360,9 +384,9 @@ def kind_for(key: str) -> type[Crdt]:
     return KINDS[check_key(key).partition("/")[0]]
 
 
-def decode_entry(key: str, item: Any) -> Crdt:
+def decode_entry(key: str, item: Any, bounds: Bounds = PEER) -> Crdt:
     """One key's state from its CBOR item; :class:`CrdtError` when it is not one of its kind."""
-    return kind_for(key).from_item(item)
+    return kind_for(key).from_item(item, bounds)
 
 
 class SiteState:
@@ -453,11 +477,14 @@ class Decoded:
 
 
 def decode_entries(
-    data: bytes, max_keys: int = MAX_KEYS, max_bytes: int = MAX_MESSAGE_BYTES
+    data: bytes,
+    max_keys: int = MAX_KEYS,
+    max_bytes: int = MAX_MESSAGE_BYTES,
+    bounds: Bounds = PEER,
 ) -> Decoded:
-    """A message ``{ key => state item }`` from a peer (or the state file), judged one key at a
-    time. :class:`CrdtError` only when the message as a whole is unusable (more than
-    ``max_bytes`` or ``max_keys``, not one CBOR map)."""
+    """A message ``{ key => state item }`` from a peer (or the state file: ``bounds`` HELD),
+    judged one key at a time. :class:`CrdtError` only when the message as a whole is unusable
+    (more than ``max_bytes`` or ``max_keys``, not one CBOR map)."""
     if len(data) > max_bytes:
         raise CrdtError(f"the message has {len(data)} bytes, at most {max_bytes}")
     try:
@@ -479,11 +506,12 @@ def decode_entries(
             name = key
             if key in out.entries or key in out.refused:
                 raise CrdtError("the key comes twice")
-            if len(vspan) > MAX_ENTRY_BYTES:
-                raise CrdtError(f"the state has {len(vspan)} bytes, at most {MAX_ENTRY_BYTES}")
+            if len(vspan) > bounds.entry_bytes:
+                raise CrdtError(f"the state has {len(vspan)} bytes, at most {bounds.entry_bytes}")
             if vspan.depth > MAX_ENTRY_DEPTH:
                 raise CrdtError(f"the state nests {vspan.depth} deep, at most {MAX_ENTRY_DEPTH}")
-            out.entries[key] = decode_entry(key, _load(vspan.of(data), MAX_ENTRY_DEPTH + 1))
+            item = _load(vspan.of(data), MAX_ENTRY_DEPTH + 1)
+            out.entries[key] = decode_entry(key, item, bounds)
         except CrdtError as err:
             out.entries.pop(name, None)  # a key that comes twice keeps neither
             out.refused[name] = str(err)

@@ -58,6 +58,7 @@ from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from agent.errors import StoreError, SyncError
 from agent.files import resolve_path, write_atomic
 from agent.gateway.crdt import (
+    HELD,
     LOCAL_ENTRY_BYTES,
     MAX_KEYS,
     MAX_MESSAGE_BYTES,
@@ -363,7 +364,7 @@ class PeerState:
         except OSError as err:
             raise StoreError(f"{self.path}: cannot read the peer state: {err}") from err
         try:
-            decoded = decode_entries(data, max_bytes=MAX_FILE_BYTES)
+            decoded = decode_entries(data, max_bytes=MAX_FILE_BYTES, bounds=HELD)
         except CrdtError as err:
             aside = self.path.with_name(f"{self.path.name}.corrupt")
             with contextlib.suppress(OSError):

@@ -15,7 +15,14 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
 from agent.errors import StoreError, SyncError
-from agent.gateway.crdt import CrdtError, LWWRegister, PNCounter, decode_digest, decode_entries
+from agent.gateway.crdt import (
+    MAX_ENTRY_BYTES,
+    CrdtError,
+    LWWRegister,
+    PNCounter,
+    decode_digest,
+    decode_entries,
+)
 from agent.gateway.hlc import Timestamp
 from agent.gateway.peers import FETCH_KEYS, PeerServer, PeerSettings, PeerState, PeerSync
 from agent.sync.transport import CoapTransport
@@ -88,6 +95,26 @@ def test_attack_one_bad_key_in_the_state_file_loses_only_that_key(tmp_path: Path
     path.write_bytes(cbor2.dumps({"count/good": good, "count/bad": [{"gw-1": -5}, {}]}))
     state = PeerState("gw-1", path, SetClock(T0))
     assert state.snapshot() == {"count/good": 4}
+
+
+def test_a_merged_state_beyond_the_peer_limits_survives_a_restart(tmp_path: Path) -> None:
+    """Three gateways acknowledge 150 alerts of one pump each, every local write within the
+    limits; merged, the key holds 450 elements (about 24 KiB), more than a peer's message may
+    carry for a key. The gateway keeps it (docs/gateway.md "Limits and hostile input"); before,
+    its state file was read back under the peer limits, so a restart (a site's power cut: every
+    gateway) dropped the whole key, every acknowledgement of it gone."""
+    clock = SetClock(T0)
+    path = tmp_path / "peer-state.cbor"
+    state = PeerState("gw-1", path, clock)
+    for node in ("gw-2", "gw-3", "gw-4"):
+        peer = PeerState(node, None, clock)
+        for i in range(150):
+            peer.add("ack/pump-1", f"alert-{node}-{i:04d}-{'x' * 20}")
+        assert peer.encode(["ack/pump-1"]) and not state.merge_from(peer.encode()).refused
+    held = state.get("ack/pump-1")
+    assert len(held) == 450 and len(state.encode()) > MAX_ENTRY_BYTES
+    state.save()
+    assert PeerState("gw-1", path, clock).get("ack/pump-1") == held
 
 
 async def test_attack_a_state_file_that_cannot_be_written(
