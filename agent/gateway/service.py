@@ -191,9 +191,13 @@ class Gateway:
             s.close()
 
     async def _cloud_store(self) -> str:
-        """The cloud's storage identity, from a desired document read upstream."""
+        """The cloud's storage identity, from a desired document read upstream, as each of its
+        devices in turn (the cloud may refuse one: detached, or moved to another gateway)."""
+        tries = 0
         while True:
-            uri = f"{self.endpoints.current}/state/{self.devices[0]}/desired"
+            device = self.devices[tries % len(self.devices)]
+            tries += 1
+            uri = f"{self.endpoints.current}/state/{device}/desired"
             try:
                 resp = await self.transport.request("GET", uri, accept=CF_CBOR, deadline=30.0)
                 if resp.success:

@@ -250,3 +250,24 @@ async def test_a_desired_document_whose_mirror_write_failed_is_mirrored_at_the_n
         await within(30.0, failed.is_set, "the write failed")
         await within(30.0, served, "mirrored after all")
         assert served().value == 0.7  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(90)
+async def test_a_first_start_does_not_wait_on_a_device_the_cloud_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first start reads a desired document from the cloud to learn its storage identity.
+    It asked always as the first device of its credentials (by file name): one the cloud
+    refuses (detached, moved to another gateway: 4.03) kept the gateway from ever starting,
+    retried every STORE_RETRY s, though its other devices were attached. Now each try asks as
+    the next device in turn."""
+    monkeypatch.setattr(service, "STORE_RETRY", 0.05)
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    store = await one_device_gateway(tmp_path, server, forward_interval=0.2)
+    moved = "pump-00"  # sorted first; registered, not attached to this gateway
+    (await server.register(moved)).write(tmp_path / "gateway" / "devices" / f"{moved}.json")
+    gw, _ = supervised(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="agent.gateway"):
+        async with serving(gw, store, server):
+            await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "started")
+    assert f"/state/{moved}/desired code=4.03" in caplog.text  # it was asked, and refused
