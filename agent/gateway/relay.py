@@ -685,7 +685,7 @@ class StateRelay:
         try:
             doc = DesiredDoc.from_cbor(resp.payload)
         except StateError as err:
-            log.warning("event=desired_refused device=%s error=%r", device, str(err))
+            self._say_desired_refused(device, resp.dotted, str(err))
             return 0
         if self._mirrored.get(device) == doc.etag():
             return 0

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiocoap
+import aiocoap.resource
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -264,3 +266,32 @@ async def test_a_model_download_cut_by_the_uplink_resumes_where_it_stopped(
     assert asked == list(range(5, 12))  # from where the cut left it
     assert stored[("skab-ae", "9")] == file.read_bytes()
     assert list(relay.scratch.iterdir()) == []  # the partial gone once the model is kept
+
+
+class _Garbled(aiocoap.resource.Resource):
+    """A desired document that does not parse (a damaged or foreign endpoint's answer)."""
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=aiocoap.CONTENT, payload=b"\x81\x01", content_format=60)
+
+
+async def test_attack_a_desired_document_that_does_not_parse_is_said_once(
+    transport: CoapTransport, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A document the gateway cannot read was said as a warning at every poll (every 30 s,
+    per device, for as long as the endpoint serves it); now once, as a refusal."""
+    site = aiocoap.resource.Site()
+    site.add_resource(["state", A, "desired"], _Garbled())
+    port = free_port()
+    server = await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+    try:
+        mirrored: dict[str, Any] = {}
+        relay = desired_relay(transport, f"coap://127.0.0.1:{port}", mirrored, tmp_path, A)
+        caplog.set_level(logging.INFO, logger="agent.gateway")
+        for _ in range(3):
+            assert await relay.desired_once() == 0
+        assert mirrored == {}
+        said = [m for m in caplog.messages if f"device={A}" in m]
+        assert len(said) == 1 and "expected {rev, keys" in said[0], said
+    finally:
+        await server.shutdown()
