@@ -173,9 +173,11 @@ class Gateway:
         return out
 
     def _register(self, creds: list[Credential], store_id: str | None, check: bool = True) -> str:
-        """The devices and their credentials into the gateway's store; its storage identity
-        becomes ``store_id`` (the cloud's) when given. Returns the identity it has. ``check``:
-        read the store for damage first (the first open of a start: cloud/sqlitecheck.py)."""
+        """The devices and their credentials into the gateway's store (given ``creds``, a
+        device's credential stored at an earlier start whose file is gone is revoked: the
+        gateway refuses it, 4.01); its storage identity becomes ``store_id`` (the cloud's) when
+        given. Returns the identity it has. ``check``: read the store for damage first (the
+        first open of a start: cloud/sqlitecheck.py)."""
         s = SQLiteStorage.in_dir(self.store_dir, check)
         try:
             prepare_store(s)  # before the server opens the store (it looks for the floors)
@@ -183,6 +185,15 @@ class Gateway:
             for cred in creds:
                 s.add_device(cred.principal, now)
                 s.put_credential(cred, now)
+            named = {cred.principal for cred in creds}
+            for old, revoked in s.credentials() if creds else ():
+                if old.role == "device" and not revoked and old.principal not in named:
+                    s.revoke(old.principal, now)
+                    log.warning(
+                        "event=gateway_device_removed device=%s: its credential file is gone "
+                        "from %s; the gateway refuses it", old.principal,
+                        self.config.gateway.credentials,
+                    )  # fmt: skip
             if store_id is not None and s.storage_id() != store_id:
                 s.set_migration(store_id, done=True)
                 log.info("event=gateway_storage store=%s (the cloud's)", store_id)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent.errors import SyncError
 from agent.gateway import relay, service
 from agent.gateway.service import Gateway
 from agent.gateway.settings import load_gateway_config
@@ -25,12 +26,14 @@ from agent.gateway.storeparts import prepare_store
 from agent.service import supervise
 from agent.service.notify import Health
 from agent.service.supervise import Supervisor
+from agent.sync.security import ClientSecurity
+from agent.sync.transport import CoapTransport
 from cloud.server import CloudServer
 from cloud.storage import SQLiteStorage
 from cloud.storebase import StorageUnavailable
 from drivers.clock import RealClock
 from tests.e2e.test_gateway_cloud import reading
-from tests.e2e.test_security import T0
+from tests.e2e.test_security import T0, batch
 
 GW, DEVICE = "gw-1", "pump-01"
 
@@ -271,3 +274,60 @@ async def test_a_first_start_does_not_wait_on_a_device_the_cloud_refuses(
         async with serving(gw, store, server):
             await within(30.0, lambda: gw.forwarder and gw.forwarder.forwarded >= 3, "started")
     assert f"/state/{moved}/desired code=4.03" in caplog.text  # it was asked, and refused
+
+
+@pytest.mark.timeout(90)
+async def test_a_device_whose_credential_file_is_removed_is_refused_by_the_gateway(
+    tmp_path: Path,
+) -> None:
+    """Attack named: a stolen device. The operator revokes it at the cloud and removes its
+    credential file from the gateway's devices folder (docs/gateway.md: the folder holds the
+    credentials of the gateway's devices); before, the gateway kept the credential it had copied
+    into its store at an earlier start and went on taking the device's records (acknowledged,
+    then held for a cloud that refuses them, never dropped: its disk filled at the device's
+    rate). Now a start revokes, in its store, every device credential whose file is gone."""
+    server = await CloudServer.start(tmp_path / "cloud", "127.0.0.1", 0)
+    store = await one_device_gateway(tmp_path, server, forward_interval=3600.0, readings=0)
+    stolen = "pump-02"
+    cred = await server.register(stolen)
+    cred.write(tmp_path / "gateway" / "devices" / f"{stolen}.json")
+    (tmp_path / "device").mkdir()
+    cred.write(tmp_path / "device" / "credential.json")
+    await server.attach(GW, [stolen])
+
+    async def post_as_device(gw: Gateway, seq: int) -> str:
+        assert gw.server is not None
+        uris = (gw.server.uri,)
+        where = tmp_path / "device"
+        security = ClientSecurity.open(
+            "oscore", uris, where / "credential.json", where / "oscore.json"
+        )
+        transport = CoapTransport(RealClock(), uris=uris, security=security)
+        try:
+            resp = await transport.request(
+                "POST", f"{gw.server.uri}/ingest/{stolen}", batch(stolen, range(seq, seq + 1)),
+                content_format=112, deadline=10,
+            )  # fmt: skip
+            return resp.dotted
+        except SyncError as err:  # the refusal of its context comes unprotected
+            return "4.01" if "answer 4.01 without OSCORE" in str(err) else str(err)
+        finally:
+            await transport.close()
+            security.close()
+
+    try:
+        for removed in (False, True):
+            if removed:
+                (tmp_path / "gateway" / "devices" / f"{stolen}.json").unlink()
+            gw, _ = supervised(tmp_path)
+            running = asyncio.create_task(gw.run())
+            try:
+                await within(30.0, lambda g=gw: g.forwarder is not None, "listening")
+                answer = await post_as_device(gw, 1 + int(removed))
+            finally:
+                gw.stop()
+                await running
+            assert answer == ("4.01" if removed else "2.04"), (removed, answer)
+    finally:
+        store.close()
+        await server.stop()
