@@ -123,7 +123,9 @@ class RelayRoutes:
             try:
                 if allowed("ingest", "POST", entry.device, who, self.relays):
                     name = entry.device[:64]  # whatever text it is: the answer stays short
-                    raise _Failure(Code.FORBIDDEN, f"{name} is not attached to {gateway}")
+                    raise _Failure(
+                        Code.FORBIDDEN, f"{name} is not attached to {gateway} (or is revoked)"
+                    )
                 device = await self._registered(entry.device)
                 # the readings left are checked from the headers, before any is expanded
                 batch, claimed = self._decode_batch(

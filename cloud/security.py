@@ -334,6 +334,15 @@ class Principals:
         entry = self._by_name.get(name)
         return None if entry is None or entry.revoked else entry.credential
 
+    def acting(self, relays: Mapping[str, str]) -> dict[str, str]:
+        """``relays`` (device -> its gateway, as stored) without the devices whose own credential
+        is revoked: a gateway acts for no such device (docs/security.md "Revocation")."""
+        return {
+            device: gateway
+            for device, gateway in relays.items()
+            if not ((entry := self._by_name.get(device)) is not None and entry.revoked)
+        }
+
     def current(self, who: Principal) -> bool:
         """Whether ``who`` authenticated with its principal's credential as registered now: not
         revoked, re-keyed or rotated since (a request or an observation decrypted before the

@@ -435,7 +435,7 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
     async def reload_principals(self) -> None:
         """Credentials and gateway attachments, as the storage holds them now."""
         gone = self.principals.load(await self.db(lambda s: s.credentials()))
-        self.relays = await self.db(lambda s: s.relays())
+        self.relays = self.principals.acting(await self.db(lambda s: s.relays()))
         if gone and self.dtls is not None:
             self.dtls.end_sessions(gone)  # sessions made with a key that is no longer valid
 
@@ -620,7 +620,7 @@ class CloudServer(ComputeRoutes, RelayRoutes, ReleaseRoutes, LogRoutes, Credenti
             )
         if who is not None and who.role == "device":  # its own links: nothing of the others read
             ids = [str(who)] if await self._known(who) else []
-        else:  # the ids alone (a registry entry counts the device's records)
+        else:  # the ids alone
             ids = await self.db(device_ids)
             if who is not None and who.role == "gateway":  # its devices', and its relay
                 ids = [d for d in ids if self.relays.get(d) == who]

@@ -143,6 +143,44 @@ async def test_a_gateway_ingests_for_an_attached_device_and_nothing_else(
 
 
 @pytest.mark.timeout(90)
+async def test_a_gateway_acts_for_no_device_whose_credential_is_revoked(
+    server: CloudServer, tmp_path: Path
+) -> None:
+    """Attack: a device stolen from behind a gateway is revoked at the cloud. Before, the
+    gateway's posts for it (/relay, /ingest, state) were taken as before: the endpoint checked
+    only that the device was attached. Now a revoked device is acted for by no gateway (4.03)
+    until it is given a credential again; the attachment stays."""
+    for device in (A, B):
+        await server.add_device(device)
+    gw = await gateway(server, tmp_path, A, B)
+    dev_a = await Principal(server, tmp_path, A).open()  # A's own credential, issued
+    await dev_a.close()
+    try:
+        first = await relay(gw, [senml(A, range(1, 3)), senml(B, range(1, 3))])
+        assert all(isinstance(r, IngestAck) for r in first)
+        assert await server.revoke(A)
+        after = await relay(gw, [senml(A, range(3, 5)), senml(B, range(3, 5))])
+        assert isinstance(after[0], RelayRefusal) and after[0].dotted == "4.03", after[0]
+        assert "revoked" in after[0].message
+        assert isinstance(after[1], IngestAck) and after[1].new == 2  # B goes on
+        for method, path, body, cf in [
+            ("POST", f"ingest/{A}", batch(A, range(5, 7)), 112),
+            ("PUT", f"state/{A}/reported", records.dumps({"queue/depth": [1, 5]}), 60),
+            ("GET", f"state/{A}/desired", b"", None),
+        ]:
+            resp = await gw.req(method, path, body, cf)
+            assert resp.dotted == "4.03", (method, path, resp.dotted, resp.payload)
+        assert await server.seqs(A) == [1, 2]
+        assert server.relays.get(B) == GW and (await server.db(lambda s: s.relays())).get(A) == GW
+        again = await Principal(server, tmp_path / "new", A).open()  # a new credential
+        await again.close()
+        back = await relay(gw, [senml(A, range(3, 5))])
+        assert isinstance(back[0], IngestAck) and back[0].new == 2
+    finally:
+        await gw.close()
+
+
+@pytest.mark.timeout(90)
 async def test_relay_answers_each_device_as_ingest_would(
     server: CloudServer, tmp_path: Path
 ) -> None:
