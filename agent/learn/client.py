@@ -637,6 +637,9 @@ class LearningClient:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
+        # read as it comes (a worker whose stderr fills the pipe would block until the deadline),
+        # the last STDERR_KEPT bytes kept
+        said = asyncio.create_task(_tail(proc.stderr))
         stopped = False
         try:
             while proc.returncode is None:
@@ -655,6 +658,7 @@ class LearningClient:
                     async with asyncio.timeout(PAUSE_HOLD if stopped else LAG_PROBE):
                         await proc.wait()
         except BaseException:  # cancelled (the task replaced or withdrawn, the agent stopping)
+            said.cancel()
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             with contextlib.suppress(Exception):
@@ -664,8 +668,8 @@ class LearningClient:
             if stopped and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGCONT)
-        err = (await proc.stderr.read()).decode("utf-8", "replace").strip() if proc.stderr else ""
         code = await proc.wait()
+        err = (await said).decode("utf-8", "replace").strip()
         if code != 0 or not await asyncio.to_thread(out.exists):
             log.warning("event=learn_training_failed code=%s error=%r", code, err[-200:])
             return False
@@ -716,3 +720,15 @@ class LearningClient:
             self._set(model, task, "expired")
             return
         _unlink(out)
+
+
+STDERR_KEPT = 4096  # bytes of a training worker's stderr kept for the log (its last line or so)
+
+
+async def _tail(stream: asyncio.StreamReader | None) -> bytes:
+    """The last :data:`STDERR_KEPT` bytes of ``stream``, read to its end."""
+    kept = bytearray()
+    while stream is not None and (chunk := await stream.read(65536)):
+        kept += chunk
+        del kept[:-STDERR_KEPT]
+    return bytes(kept)

@@ -516,3 +516,43 @@ async def test_an_upload_cut_short_by_4_08_is_sent_again_not_given_up(
         assert dev.client.ledger.charged == ["1:1"]
     finally:
         await dev.stop()
+
+
+async def test_a_training_worker_that_writes_much_to_stderr_is_not_blocked_by_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect: the worker's stderr was a pipe read only after the worker exited; a worker that
+    wrote more than the pipe holds (64 KiB: warnings of a library, a long traceback) blocked on
+    it and the round waited until its deadline, then failed. Now it is read as it comes; the
+    last 4 KiB are kept for the log line."""
+    real = asyncio.create_subprocess_exec
+    script = (
+        "import pathlib, sys; sys.stderr.write('x' * 1_000_000 + 'the last line'); "
+        "sys.stderr.flush(); pathlib.Path(sys.argv[2]).write_bytes(b'update')"
+    )
+
+    async def worker(program: str, *args: str, **kw: Any) -> Any:  # argv: -m module job out ...
+        return await real(program, "-c", script, args[2], args[3], **kw)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", worker)
+    dev = Device("coap://127.0.0.1:9", tmp_path)
+    try:
+        rt = RoundTask.from_value(task(1, "0" * 64))
+        out = tmp_path / "update.bin"
+        done = await asyncio.wait_for(dev.client._run_worker(rt, tmp_path / "job", out), WAIT)
+        assert done and out.read_bytes() == b"update"
+        kept = await learn_client._tail(_Stream(b"y" * 10_000 + b"end"))  # type: ignore[arg-type]
+        assert len(kept) == learn_client.STDERR_KEPT and kept.endswith(b"yend")
+    finally:
+        await dev.stop()
+
+
+class _Stream:
+    """A stream of ``data`` read in pieces."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def read(self, n: int) -> bytes:
+        piece, self.data = self.data[:1000], self.data[1000:]
+        return piece
