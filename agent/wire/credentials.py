@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +66,11 @@ class Credential:
 
     principal: str
     role: str
-    master_secret: bytes
+    master_secret: bytes = field(repr=False)  # never in a log line or a traceback's locals
     master_salt: bytes
     sender_id: bytes
     recipient_id: bytes = ENDPOINT_KID
-    psk: bytes = b""
+    psk: bytes = field(default=b"", repr=False)
     generation: int = 1
     aead: str = AEAD
     hkdf: str = HKDF

@@ -117,3 +117,13 @@ def test_hostile_bodies_are_refused_with_the_reason(body: bytes, why: str) -> No
     with pytest.raises(RotationBodyError, match=why) as err:
         decode_rotation(body)
     assert SECRET.hex() not in str(err.value) and PSK.decode() not in str(err.value)
+
+
+def test_a_credentials_text_form_holds_no_secret() -> None:
+    """Defect (latent): the dataclass's repr held the master secret and the PSK, so any log
+    line, error message or traceback that showed a credential would have written them out."""
+    cred = Credential.generate("pump-01", "device", b"\x01\x02")
+    shown = repr(cred) + str(cred)
+    assert "pump-01" in shown
+    for secret in (cred.master_secret, cred.psk):
+        assert secret and repr(secret) not in shown and secret.hex() not in shown
