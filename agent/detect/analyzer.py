@@ -216,6 +216,7 @@ class Analyzer:
         self.classifier_info: dict[str, Any] = {}  # name, version, sha256, bytes of the shipped one
         self.errors = 0
         self.tiers = dict(tiers)
+        self._refused: dict[str, tuple[LoadedModel, str]] = {}  # tier -> the model refused, why
         self.store = store
         self.clock = clock
         self.on_commit = on_commit
@@ -383,6 +384,10 @@ class Analyzer:
         if tier is None:
             return
         loaded = self.tiers[tier]
+        refused = self._refused.get(tier)
+        if refused is not None and refused[0] is loaded:  # asked again: not primed again
+            self.pending_tier = None
+            raise ModelError(refused[1])
         try:
             det = self._primed(loaded)
         except (ModelError, ValueError, RuntimeError) as err:
@@ -390,7 +395,9 @@ class Analyzer:
             log.warning(
                 "event=model_tier_refused tier=%s model=%s error=%r", tier, loaded.name, str(err)
             )
-            raise ModelError(f"model {loaded.name!r}: refused for the {tier} tier ({err})") from err
+            why = f"model {loaded.name!r}: refused for the {tier} tier ({err})"
+            self._refused[tier] = (loaded, why)  # until another model is loaded for the tier
+            raise ModelError(why) from err
         if det is None:
             return  # not enough rows yet: try again after the next sample
         if self.threshold_override is not None:

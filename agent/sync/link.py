@@ -275,6 +275,7 @@ class LinkMonitor:
         self._pending: str | None = None
         self._pending_count = 0
         self._tier_applied: str | None = None
+        self._tier_error: str | None = None  # the last refusal of the tier, said once
         self._wake = asyncio.Event()
         self._apply()
 
@@ -452,9 +453,12 @@ class LinkMonitor:
         try:
             set_tier(self.tier)
         except Exception as err:  # the detector keeps its model; the link goes on
-            log.warning("event=model_tier_failed tier=%s error=%r", self.tier, str(err))
+            why = f"{self.tier}: {err}"
+            if why != self._tier_error:  # said once; asked again at each state change or probe
+                log.warning("event=model_tier_failed tier=%s error=%r", self.tier, str(err))
+            self._tier_error = why
             return
-        self._tier_applied = self.tier
+        self._tier_applied, self._tier_error = self.tier, None
 
     # -- probing ------------------------------------------------------------------------------
     async def run(self) -> None:

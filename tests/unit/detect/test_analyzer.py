@@ -3,6 +3,7 @@ shipped int8 models, one ``step`` per period on a hand-driven clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -166,9 +167,17 @@ def test_a_lite_model_no_detector_can_be_made_of_is_refused_once_and_the_full_ti
     assert a.tier == "full" and a.pending_tier is None and a.detector.anomalous
     refused = [r for r in caplog.records if "event=model_tier_refused" in r.getMessage()]
     assert len(refused) == 1
-    with pytest.raises(ModelError, match="skab-ae-lite"):  # asked again: refused again
-        a.set_tier("lite")
+    for _ in range(3):  # asked again (the link, at each probe): refused, not primed again
+        with pytest.raises(ModelError, match="skab-ae-lite"):
+            a.set_tier("lite")
     assert a.tier == "full" and a.pending_tier is None
+    refused = [r for r in caplog.records if "event=model_tier_refused" in r.getMessage()]
+    assert len(refused) == 1
+    a.tiers["lite"] = dataclasses.replace(a.tiers["lite"])  # another model loaded: tried anew
+    with pytest.raises(ModelError, match="skab-ae-lite"):
+        a.set_tier("lite")
+    refused = [r for r in caplog.records if "event=model_tier_refused" in r.getMessage()]
+    assert len(refused) == 2
 
 
 def test_an_episode_carried_over_a_tier_switch_clears_with_its_verdict(manifest) -> None:

@@ -143,3 +143,36 @@ async def test_a_state_change_applies_the_policy_to_the_uplink(tmp_path: Path):
     finally:
         await transport.close()
         await store.close()
+
+
+def test_a_tier_the_analyzer_refuses_is_said_once_and_asked_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A lightweight model the analyzer refuses (agent/detect/analyzer.py: it is not primed
+    again until another is loaded): the link asks again at each state change and probe, as it
+    should (another model may have come), but said the refusal at each of them, a warning every
+    30 s for as long as the link stayed poor. Now once per refusal; a new one is said again."""
+    asked: list[str] = []
+    why = ["model 'lite': refused"]
+
+    class Analyzer:
+        def set_tier(self, tier: str) -> None:
+            asked.append(tier)
+            if why[0]:
+                raise ValueError(why[0])
+
+    m = LinkMonitor(LinkSettings(), VirtualClock(), analyzer=Analyzer)
+    lite = next(s for s in (HIGH, MEDIUM, LOW) if m.settings.policy(s).model == "lite")
+    m.state = lite
+    asked.clear()  # (the initial state's tier, asked at start)
+    caplog.clear()
+    for _ in range(3):
+        m._apply_tier()
+    why[0] = "model 'lite 2': refused"
+    m._apply_tier()
+    said = [r for r in caplog.records if "event=model_tier_failed" in r.getMessage()]
+    assert len(asked) == 4 and len(said) == 2
+    why[0] = ""
+    m._apply_tier()
+    m._apply_tier()  # applied: not asked again
+    assert len(asked) == 5
