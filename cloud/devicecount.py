@@ -49,10 +49,9 @@ def add(db: sqlite3.Connection, devices: Iterable[str], sign: int = 1) -> None:
     )
 
 
-#: PostgreSQL schema version 9 (cloud/pgschema.py): the column, counted once, and the triggers.
+#: PostgreSQL schema version 9 (cloud/pgschema.py): the column, the triggers, then the count.
 PG_MIGRATION = (
     "ALTER TABLE devices ADD COLUMN records BIGINT NOT NULL DEFAULT 0",
-    "UPDATE devices d SET records = (SELECT count(*) FROM record_keys k WHERE k.device = d.id)",
     """CREATE FUNCTION count_keys_added() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         UPDATE devices d SET records = d.records + n.c
@@ -69,4 +68,7 @@ PG_MIGRATION = (
     " FOR EACH STATEMENT EXECUTE FUNCTION count_keys_added()",
     "CREATE TRIGGER record_keys_removed AFTER DELETE ON record_keys"
     " REFERENCING OLD TABLE AS removed FOR EACH STATEMENT EXECUTE FUNCTION count_keys_removed()",
+    # counted once the triggers are there: making them waits for the statements that change
+    # the keys (an older endpoint's prune does not lock the device rows), so none is missed
+    "UPDATE devices d SET records = (SELECT count(*) FROM record_keys k WHERE k.device = d.id)",
 )

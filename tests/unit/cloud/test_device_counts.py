@@ -22,6 +22,7 @@ from tests.unit.cloud.test_storage_contract import (
     storage,
     telemetry,
 )
+from tests.unit.cloud.test_storage_races import Meanwhile, wait_for_lock
 
 __all__ = ["backend", "empty", "storage"]  # the fixtures, used by name
 
@@ -111,14 +112,15 @@ def test_a_sqlite_file_made_before_the_count_is_counted_once_at_open(tmp_path: P
         s.close()
 
 
-def test_a_postgresql_database_of_schema_8_is_counted_by_the_migration(pg_dsn: str) -> None:
+def _schema_8(pg_dsn: str) -> Backend:
+    """A database of two devices' records, back at schema version 8 (an older endpoint's)."""
     from cloud.pgstorage import PostgresStorage
 
     s = PostgresStorage(pg_dsn)
     fill(s)
     s.close()
     b = Backend("postgresql", pg_dsn)
-    for statement in (  # back to schema version 8, as an older endpoint left it
+    for statement in (
         "DROP TRIGGER record_keys_added ON record_keys",
         "DROP TRIGGER record_keys_removed ON record_keys",
         "DROP FUNCTION count_keys_added",
@@ -127,11 +129,48 @@ def test_a_postgresql_database_of_schema_8_is_counted_by_the_migration(pg_dsn: s
         "DELETE FROM schema_version WHERE version = 9",
     ):
         b.sql(statement)
+    return b
+
+
+def test_a_postgresql_database_of_schema_8_is_counted_by_the_migration(pg_dsn: str) -> None:
+    from cloud.pgstorage import PostgresStorage
+
+    _schema_8(pg_dsn)
     s = PostgresStorage(pg_dsn)
     try:
         assert counted(s) == {DEV: 9, "b-2": 2}
         s.ingest("b-2", [telemetry(50)], T0)
         assert counted(s) == {DEV: 9, "b-2": 3}
+    finally:
+        s.close()
+
+
+def test_keys_an_older_endpoint_removes_while_the_migration_counts_are_not_counted(
+    pg_dsn: str,
+) -> None:
+    """Defect: migration 9 counted the keys before it made the triggers. An endpoint of an
+    earlier release still running (an upgrade one process at a time) prunes without locking
+    the device rows: keys its statement removed and committed after the count's snapshot, and
+    before the trigger was there, stayed counted for good (b-2 counted 2 with no record). Now
+    the triggers are made first: making them waits for the statement, the count after sees it."""
+    import psycopg
+
+    from cloud.pgstorage import PostgresStorage
+
+    b = _schema_8(pg_dsn)
+    old = psycopg.connect(pg_dsn)  # the older endpoint's prune, its delete not committed yet
+    try:
+        old.execute("DELETE FROM record_keys WHERE device = 'b-2'")
+        opened = Meanwhile(lambda: PostgresStorage(pg_dsn))  # this release's first start
+        try:
+            wait_for_lock(b)
+        finally:
+            old.commit()
+        s = opened.join()
+    finally:
+        old.close()
+    try:
+        assert counted(s) == {DEV: 9, "b-2": 0}
     finally:
         s.close()
 
