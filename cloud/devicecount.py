@@ -15,9 +15,10 @@ the device's index entries: 31 ms per million records on SQLite, per probe.
 - PostgreSQL (schema version 9, :data:`PG_MIGRATION`): statement-level triggers on
   ``record_keys`` (one key per stored record; ingest, load and prune insert and delete keys
   only) add and subtract the rows each statement inserted or deleted, grouped by device: every
-  process of a fleet counts, of whatever release, from the migration on. Ingest has locked the
-  device rows it updates (in id order, cloud/pgstorage.py) before it inserts keys; a prune's
-  delete waits for those locks and never holds one that ingest waits for.
+  process of a fleet counts, of whatever release, from the migration on. Each trigger locks the
+  device rows in id order before it updates them, as ingest does (cloud/pgstorage.py: ingest
+  holds them already when it inserts keys), so a prune's delete waits for a row an ingest holds
+  without holding one that the ingest waits for.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ PG_MIGRATION = (
     "ALTER TABLE devices ADD COLUMN records BIGINT NOT NULL DEFAULT 0",
     """CREATE FUNCTION count_keys_added() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
+        PERFORM 1 FROM devices WHERE id IN (SELECT device FROM added) ORDER BY id FOR UPDATE;
         UPDATE devices d SET records = d.records + n.c
         FROM (SELECT device, count(*) AS c FROM added GROUP BY device) n WHERE d.id = n.device;
         RETURN NULL;
     END $$""",
     """CREATE FUNCTION count_keys_removed() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
+        PERFORM 1 FROM devices WHERE id IN (SELECT device FROM removed) ORDER BY id FOR UPDATE;
         UPDATE devices d SET records = d.records - n.c
         FROM (SELECT device, count(*) AS c FROM removed GROUP BY device) n WHERE d.id = n.device;
         RETURN NULL;

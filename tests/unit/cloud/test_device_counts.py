@@ -19,12 +19,13 @@ from tests.unit.cloud.test_storage_contract import (
     backend,
     copy_all,
     empty,
+    pg,
     storage,
     telemetry,
 )
 from tests.unit.cloud.test_storage_races import Meanwhile, wait_for_lock
 
-__all__ = ["backend", "empty", "storage"]  # the fixtures, used by name
+__all__ = ["backend", "empty", "pg", "storage"]  # the fixtures, used by name
 
 
 def counted(s: Storage) -> dict[str, int]:
@@ -173,6 +174,34 @@ def test_keys_an_older_endpoint_removes_while_the_migration_counts_are_not_count
         assert counted(s) == {DEV: 9, "b-2": 0}
     finally:
         s.close()
+
+
+def test_a_prunes_count_locks_the_device_rows_in_id_order_as_ingest_does(pg: Backend) -> None:
+    """Defect: the trigger of a prune's key delete updated the devices' rows in the order its
+    plan met them (here c-3 before b-2), while ingest locks them in id order: with b-2 locked by
+    an ingest of both devices (its first lock), the prune took c-3 and waited for b-2; the
+    ingest, locking c-3 next, waited for the prune: a deadlock, and PostgreSQL aborted one of
+    them. Now the trigger locks the rows in id order first: it waits for b-2 holding nothing,
+    and the ingest goes on."""
+    import psycopg
+
+    s = pg.open()
+    for device in ("c-3", "b-2"):
+        s.add_device(device, OLD)
+        s.ingest(device, [telemetry(1), telemetry(2)], OLD)
+    ingest = psycopg.connect(pg.target)  # an ingest of both devices, between its two locks
+    try:
+        ingest.execute("SELECT 1 FROM devices WHERE id = 'b-2' FOR UPDATE")
+        prune = Meanwhile(lambda: pg.sql("DELETE FROM record_keys WHERE seq = 1"))
+        try:
+            wait_for_lock(pg)
+            ingest.execute("SELECT 1 FROM devices WHERE id = 'c-3' FOR UPDATE")
+        finally:
+            ingest.commit()
+        prune.join()
+    finally:
+        ingest.close()
+    assert counted(s) == {"b-2": 1, "c-3": 1}
 
 
 def test_reading_a_devices_count_does_not_scan_its_records(tmp_path: Path) -> None:
