@@ -11,7 +11,9 @@ the device's index entries: 31 ms per million records on SQLite, per probe.
   (cloud/retention.py) subtracts what each of its deletes removed, each in the transaction that
   changes the records. The column is added to a file made before it and counted once then
   (:func:`upgrade_sqlite`); the file's schema version is 2 from then on, which an endpoint
-  release from before it refuses to open (it would store records without counting them).
+  release from before it refuses to open (it would store records without counting them). A
+  gateway's store stays at version 1 and is counted again at each gateway start
+  (:func:`stamp`).
 - PostgreSQL (schema version 9, :data:`PG_MIGRATION`): statement-level triggers on
   ``record_keys`` (one key per stored record; ingest, load and prune insert and delete keys
   only) add and subtract the rows each statement inserted or deleted, grouped by device: every
@@ -28,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 COLUMN = ("devices", "records", "INTEGER NOT NULL DEFAULT 0")
+GATEWAY_VERSION = 1  # a gateway's store: the version the gateway release before the count opens
 
 _RECOUNT = (
     "UPDATE devices SET records = (SELECT count(*) FROM records r WHERE r.device = devices.id)"
@@ -40,6 +43,26 @@ def upgrade_sqlite(db: sqlite3.Connection) -> None:
     if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
         db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         db.execute(_RECOUNT)
+
+
+def stamp(db: sqlite3.Connection, version: int, gateway_table: str) -> None:
+    """The schema version a SQLite file is given at open: ``version``, but
+    :data:`GATEWAY_VERSION` in a gateway's store (it has ``gateway_table``): on a machine of
+    both roles the gateway runs the release the agent's update installs and rolls back (one
+    venv, docs/ota.md), and the release before the count refuses a version above it. Such a
+    store is counted again at each gateway start (:func:`recount`, agent/gateway/storeparts.py),
+    so what that release stored without counting is counted then."""
+    found = db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (gateway_table,)
+    ).fetchone()
+    db.execute(f"PRAGMA user_version={version if found is None else GATEWAY_VERSION}")
+
+
+def recount(db: sqlite3.Connection) -> None:
+    """Each device's count taken again from its records (a gateway's store, at start), and the
+    file at :data:`GATEWAY_VERSION` (its first open had it at the endpoint's version)."""
+    db.execute(_RECOUNT)
+    db.execute(f"PRAGMA user_version={GATEWAY_VERSION}")
 
 
 def add(db: sqlite3.Connection, devices: Iterable[str], sign: int = 1) -> None:

@@ -108,7 +108,7 @@ RELEASES_DIR = "releases"  # the published agent releases, beside it (cloud/rele
 #: PRAGMA user_version. A table added with CREATE TABLE IF NOT EXISTS (oscore_sequence,
 #: window_verdicts) needs no new version: an older endpoint still opens the file and leaves that
 #: table alone. Version 2: each device's count of records (cloud/devicecount.py), which an older
-#: endpoint would not keep: it refuses the file.
+#: endpoint would not keep: it refuses the file (a gateway's store stays at 1: devicecount.py).
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 #: A gateway's table of the highest seq it dropped per device after the cloud stored it
@@ -250,7 +250,7 @@ class SQLiteStorage(SQLiteRetention, SharedStorage):
                         db.execute(statement)
                 upgrade_sqlite(db)  # retention's columns (cloud/retention.py)
                 devicecount.upgrade_sqlite(db)  # each device's count (cloud/devicecount.py)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                devicecount.stamp(db, SCHEMA_VERSION, PRUNED_TABLE)  # PRAGMA user_version
                 db.execute(
                     "INSERT OR IGNORE INTO counters (name, value) VALUES ('storage_id', ?)",
                     (secrets.randbits(63),),

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from agent.gateway import later
+from cloud import devicecount
 from cloud.storage import PRUNED_TABLE
 from drivers.clock import WALL_FLOOR
 
@@ -44,6 +45,7 @@ def prepare_store(s: Any) -> None:
             "features INTEGER NOT NULL, PRIMARY KEY (device, seq, features)) WITHOUT ROWID"
         )
         later.prepare(db)  # records the cloud asked for later (agent/gateway/later.py)
+        devicecount.recount(db)  # the release before kept no count (cloud/devicecount.py)
         queued = db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_features'"
         ).fetchone()

@@ -7,6 +7,7 @@ the real error, which the operator never saw."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from agent.gateway.storeparts import prepare_store, prune
 from agent.wire.batch import WireRecord
 from agent.wire.records import TelemetryBody
-from cloud.storage import SQLiteStorage
+from cloud.storage import DB_NAME, SQLiteStorage
 from tests.unit.gateway.test_forward_requests import _features
 
 T0 = 1_700_000_000.0
@@ -178,5 +179,36 @@ def test_records_held_at_the_front_do_not_stop_the_prune(tmp_path: Path) -> None
         later = T0 + KEEP + DAY
         assert prune(s, 10**9, 10**9, later - KEEP, most=50, now=later) == 19
         assert _count(s, "held") == 60 and _count(s, "d1") == 1
+    finally:
+        s.close()
+
+
+def test_a_gateway_store_stays_open_to_the_release_before_the_count(tmp_path: Path) -> None:
+    """Defect: the store's schema version went to 2 at the gateway's first start with each
+    device's count of records (cloud/devicecount.py), and the release before refuses a version
+    above 1; on a machine of both roles the gateway runs the release the agent's update installs
+    (docs/ota.md: one venv), so an update rolled back left a gateway that no longer opened its
+    store at its next start. Now a gateway's store stays at version 1 and the count is taken
+    again at each start, so what the release before stored uncounted is counted."""
+    s = SQLiteStorage.in_dir(tmp_path)
+    prepare_store(s)  # the gateway's start
+    s.ingest_many([("d1", [_reading(1), _reading(2)], True)], T0)
+    s.close()
+    SQLiteStorage.in_dir(tmp_path, check=False).close()  # the server's
+    db = sqlite3.connect(tmp_path / DB_NAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # what the release reads
+        db.execute(  # a record the release before stored, not counted
+            "INSERT INTO records (device, seq, kind, created, time, received, arrival, body)"
+            " VALUES ('d1', 3, 'telemetry', ?, ?, ?, 3, x'')",
+            (T0, T0, T0),
+        )
+        db.commit()
+    finally:
+        db.close()
+    s = SQLiteStorage.in_dir(tmp_path)
+    try:
+        prepare_store(s)
+        assert [i.records for i in s.devices()] == [3]
     finally:
         s.close()
