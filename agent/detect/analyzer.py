@@ -540,14 +540,14 @@ class Analyzer:
 
     def _refill_after_gap(self, now: float) -> None:
         """Before a row that follows a gap longer than the detector's history, let the detector
-        fill its window again (its calibration, hysteresis, novelty and CUSUM carry on)."""
-        det, cal = self.detector, self.detector.calibration
-        if self._row_at is None or cal is None:
-            return
-        gap = now - self._row_at
-        if gap > det.spec.history * self.settings.period:
-            log.info("event=detect_refill gap=%.0f rows=%d", gap, det.spec.history + 1)
-            det.restore(cal)
+        fill its window again (its calibration, hysteresis, novelty and CUSUM carry on); after
+        one while the window refills, the refill starts over."""
+        det = self.detector
+        gap = None if self._row_at is None else now - self._row_at
+        if gap is not None and gap > det.spec.history * self.settings.period:
+            with contextlib.suppress(ValueError):  # commissioning: no calibration to refill for
+                det.restore()
+                log.info("event=detect_refill gap=%.0f rows=%d", gap, det.spec.history + 1)
 
     def _stale(self, key: tuple[str, str], now: float) -> bool:
         got = self._latest.get(key)

@@ -568,26 +568,25 @@ class Detector:
                 "model swapped role=classifier to=%s", getattr(checked.classifier, "name", "?")
             )
 
-    def restore(self, cal: Calibration) -> None:
-        """Start from a calibration this device saved earlier (a restart), or from its own after a
-        gap in the rows: instead of commissioning again, the detector only fills its window
-        (``warmup_samples`` rows) and then scores; hysteresis, novelty and CUSUM carry on."""
-        if self._commissioning:
-            raise ValueError("restore() between commissioning rows")
+    def restore(self, cal: Calibration | None = None) -> None:
+        """Start from a calibration this device saved earlier (a restart), or (None) from its own
+        after a gap in the rows, also while the window refills (it starts over): the detector only
+        fills its window (``warmup_samples`` rows), then scores; hysteresis, novelty, CUSUM stay."""
+        cal = cal or self.calibration or self._restored
+        if cal is None or (self._commissioning and self._restored is None):
+            raise ValueError("restore() without a calibration or between commissioning rows")
         n = len(self.spec.channels)
         arrays = (cal.mean, cal.std, cal.smooth_std, cal.drift, cal.scale)
         if any(np.shape(x) != (n,) or not np.all(np.isfinite(x)) for x in arrays):
             raise ValueError(f"calibration does not fit {n} channels")
         if not all(np.all(x > 0) for x in (cal.std, cal.smooth_std, cal.scale)):
             raise ValueError("calibration divides by a scale that is not positive")
-        self._restored, self.calibration = cal, None
+        self._restored, self.calibration, self._commissioning = cal, None, []
 
     @property
     def warmup_samples(self) -> int:
         """Rows needed before scoring: commissioning, or only the window after :meth:`restore`."""
-        if self._restored is None:
-            return self.spec.commissioning
-        return self.spec.history + 1
+        return self.spec.commissioning if self._restored is None else self.spec.history + 1
 
     # --- processing -----------------------------------------------------------------------------
     def push(self, t: float, row: Sequence[float]) -> list[Alert]:

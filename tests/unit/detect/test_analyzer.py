@@ -83,6 +83,20 @@ def run(a: Analyzer, start: int, rows: np.ndarray) -> list[tuple[int, AlertKind]
     return out
 
 
+def _away(a: Analyzer, start: int, end: int) -> None:
+    for i in range(start, end):  # unplugged: no readings, every step skipped
+        assert a.step(float(i), WALL + i) == []
+
+
+def _commissioned_then_away(manifest, rng: np.random.Generator) -> Analyzer:
+    """Commissioned on 1000 rows, then every input away for an hour (rows 1000 to 4600)."""
+    a = analyzer(manifest)
+    assert run(a, 0, LEVEL + rng.normal(size=(1000, len(LEVEL))) * NOISE) == []
+    assert a.detector.commissioned
+    _away(a, 1000, 4600)
+    return a
+
+
 def test_rows_after_an_input_was_away_for_an_hour_are_not_scored_against_rows_before_it(
     manifest,
 ) -> None:
@@ -91,12 +105,8 @@ def test_rows_after_an_input_was_away_for_an_hour_are_not_scored_against_rows_be
     in again. The rate of a temperature is taken over 10 rows: across the hour it read the whole
     drift as a jump in 10 s, a false raise the moment the sensor was back. The window is filled
     again from rows after the gap before the detector scores; a fault after that still raises."""
-    a = analyzer(manifest)
     rng = np.random.default_rng(3)
-    before = LEVEL + rng.normal(size=(1000, len(LEVEL))) * NOISE
-    assert run(a, 0, before) == [] and a.detector.commissioned
-    for i in range(1000, 4600):  # unplugged: no readings, every step skipped
-        assert a.step(float(i), WALL + i) == []
+    a = _commissioned_then_away(manifest, rng)
     after = LEVEL + rng.normal(size=(600, len(LEVEL))) * NOISE
     after[:, TEMPERATURE] += 0.5
     after[300:, FLOW] -= 0.15 * LEVEL[FLOW]  # a fault, 5 minutes after the sensor is back
@@ -197,3 +207,24 @@ def test_an_episode_carried_over_a_tier_switch_clears_with_its_verdict(manifest)
     assert raised.verdict is Verdict.KNOWN_FAILURE and raised.model == "skab-ae"
     assert cleared.model == "skab-ae-lite"
     assert (cleared.verdict, cleared.fault) == (raised.verdict, raised.fault)
+
+
+def test_an_input_away_again_while_the_window_refills_is_not_scored_across_that_gap(
+    manifest,
+) -> None:
+    """The pump's sensors come back after an hour away for half a minute only, then are away
+    another hour (a loose connector), the temperature drifting half a degree each hour. The
+    window that refilled after the first gap kept the rows before the second: the detector
+    scored across that gap, as it did before it refilled after one. The refill starts over
+    after a gap in it; a fault after that still raises."""
+    rng = np.random.default_rng(3)
+    a = _commissioned_then_away(manifest, rng)
+    back = LEVEL + rng.normal(size=(30, len(LEVEL))) * NOISE
+    back[:, TEMPERATURE] += 0.5
+    assert run(a, 4600, back) == []  # refilling: nothing scored
+    _away(a, 4600 + 30, 8200)  # away again
+    after = LEVEL + rng.normal(size=(600, len(LEVEL))) * NOISE
+    after[:, TEMPERATURE] += 1.0
+    after[300:, FLOW] -= 0.15 * LEVEL[FLOW]  # a fault, 5 minutes after the sensor is back
+    alerts = run(a, 8200, after)
+    assert alerts and alerts[0][1] is AlertKind.RAISE and 8500 <= alerts[0][0] < 8530, alerts[:2]
