@@ -292,6 +292,7 @@ class StreamingFeatures:
         self._m = deque(maxlen=self.spec.rate_lag + 1)
         self._u = deque(maxlen=self.spec.span + 1)
         self._mask = self.spec.rate_mask
+        self._bounds: tuple[Calibration, np.ndarray, np.ndarray] | None = None
 
     def prime(self, rows: Any) -> None:
         """Feed rows (the commissioning tail) without producing inputs."""
@@ -302,7 +303,14 @@ class StreamingFeatures:
     def push(self, row: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Add one row; returns its ``u`` vector and the model input ending there (or None)."""
         x = np.asarray(row, dtype=np.float64)
-        self._z.append(_standardise(x, self.cal.mean, self.cal.std))
+        cal = self.cal
+        if self._bounds is None or self._bounds[0] is not cal:  # per calibration, not per row
+            with np.errstate(over="ignore"):
+                spread = _Z_LIMIT * cal.std
+                self._bounds = (cal, cal.mean - spread, cal.mean + spread)
+        _, lo, hi = self._bounds
+        # as _standardise (within +-_Z_LIMIT), at a third of its cost per row
+        self._z.append((np.minimum(np.maximum(x, lo), hi) - cal.mean) / cal.std)
         m = np.mean(np.stack(self._z), axis=0)
         self._m.append(m)
         f = m.copy()

@@ -248,6 +248,7 @@ def test_threshold_rule_refuses_a_fixed_threshold_and_the_changepoint_task(four:
 
 
 @pytest.mark.skab
+@pytest.mark.timeout(360)  # 22 replays of every SKAB file: about 90 s on one core alone
 def test_threshold_rule_picks_the_shipped_models_threshold(skab_dir: Path, capsys) -> None:
     # the manifest's threshold came from tools/train_models.py's rule on recorded scores; the
     # replay at each threshold must pick the same one
