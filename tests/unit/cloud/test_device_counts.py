@@ -5,13 +5,12 @@ before it. Both storages (the fixtures of tests/unit/cloud/test_storage_contract
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from cloud.storage import SQLiteStorage, Storage, StorageUnavailable
-from tests.unit.cloud.test_retention import BEFORE, OLD, fill
+from tests.unit.cloud.test_retention import BEFORE, OLD, as_older, fill
 from tests.unit.cloud.test_storage_contract import (
     DEV,
     T0,
@@ -100,11 +99,7 @@ def test_a_sqlite_file_made_before_the_count_is_counted_once_at_open(tmp_path: P
     s = SQLiteStorage(path)
     fill(s)
     s.close()
-    db = sqlite3.connect(path)
-    db.execute("ALTER TABLE devices DROP COLUMN records")
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
+    as_older(path, "ALTER TABLE devices DROP COLUMN records", "PRAGMA user_version = 1")
     s = SQLiteStorage(path)
     try:
         assert counted(s) == {DEV: 9, "b-2": 2}

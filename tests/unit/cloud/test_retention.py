@@ -257,15 +257,24 @@ def test_the_floors_travel_with_a_migrate(storage: Storage, empty: Storage) -> N
     assert empty.ingest(DEV, [telemetry(60)], T0).new == 1
 
 
+def as_older(path: Path, *statements: str) -> None:
+    """Make the SQLite file at ``path`` look as an older endpoint left it: ``statements``."""
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+
+
 def test_a_sqlite_file_of_an_older_endpoint_gets_the_columns(tmp_path: Path) -> None:
     path = tmp_path / "cloud.sqlite3"
     SQLiteStorage(path).close()
-    db = sqlite3.connect(path)
-    db.execute("ALTER TABLE devices DROP COLUMN pruned")
-    db.execute("ALTER TABLE window_verdicts DROP COLUMN received")
-    db.execute("INSERT INTO window_verdicts (device, seq, digest, body) VALUES ('d', 1, 'a', x'')")
-    db.commit()
-    db.close()
+    as_older(
+        path,
+        "ALTER TABLE devices DROP COLUMN pruned",
+        "ALTER TABLE window_verdicts DROP COLUMN received",
+        "INSERT INTO window_verdicts (device, seq, digest, body) VALUES ('d', 1, 'a', x'')",
+    )
     s = SQLiteStorage(path)
     try:
         (row,) = s.dump("verdicts", None, 10)
