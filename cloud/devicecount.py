@@ -2,8 +2,8 @@
 (``devices.records``), so that reading it costs one row and not a scan of the device's records.
 
 ``GET /devices/{id}`` answers it (docs/protocol.md), and a device asks that resource as its link
-probe every 30 s when idle (agent/sync/link.py); ``edge-agent-cloud devices``, the dashboard and
-the federated coordinator list every device with it. Counted with ``count(*)``, each read scanned
+probe every 30 s when idle (agent/sync/link.py); ``edge-agent-cloud devices`` and the federated
+coordinator list every device with it. Counted with ``count(*)``, each read scanned
 the device's index entries: 31 ms per million records on SQLite, per probe.
 
 - SQLite (cloud/storage.py): ingest adds the records it stored to the row it already updates
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 COLUMN = ("devices", "records", "INTEGER NOT NULL DEFAULT 0")
 GATEWAY_VERSION = 1  # a gateway's store: the version the gateway release before the count opens
@@ -67,9 +67,14 @@ def recount(db: sqlite3.Connection) -> None:
 
 def add(db: sqlite3.Connection, devices: Iterable[str], sign: int = 1) -> None:
     """Add (``sign`` -1: subtract) one record to each device for each time it is in ``devices``."""
+    change(db, {device: sign * n for device, n in Counter(devices).items()})
+
+
+def change(db: sqlite3.Connection, counts: Mapping[str, int]) -> None:
+    """Add ``counts[device]`` (negative: subtract) to each device's count."""
     db.executemany(
         "UPDATE devices SET records = records + ? WHERE id = ?",
-        [(sign * n, device) for device, n in Counter(devices).items()],
+        [(n, device) for device, n in counts.items()],
     )
 
 

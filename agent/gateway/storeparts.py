@@ -106,8 +106,7 @@ def prune(
                 "(device) DO UPDATE SET through = max(through, excluded.through)",
                 (device, through),
             )
-            # the device's count of records (cloud/devicecount.py): these go below
-            db.execute("UPDATE devices SET records = records - ? WHERE id = ?", (count, device))
+            devicecount.change(db, {device: -count})  # these go below (cloud/devicecount.py)
         dropped = db.execute(
             f"DELETE FROM records WHERE arrival <= ? AND {newest}", (upto,)
         ).rowcount
